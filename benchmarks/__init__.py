@@ -1,0 +1,1 @@
+"""offloop benchmarks: offloop and its peers measured side by side in one process."""

@@ -1,0 +1,90 @@
+"""Shared benchmark machinery: interleaved rounds, medians and ratio tables.
+
+This machine is shared and noisy, so absolute times mean little. Every case of
+a benchmark runs in the same process, round after round in interleaved order,
+and the table reports each case's median and its ratio to the others.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+ROUNDS = int(os.environ.get("OFFLOOP_BENCH_ROUNDS", "5"))
+
+
+@dataclass
+class Result:
+    """The per-round figures of one case (seconds per operation, or any unit)."""
+
+    name: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def interleaved(
+    cases: dict[str, Callable[[], float]], rounds: int = ROUNDS, *, warmup: bool = True
+) -> dict[str, Result]:
+    """Run every case once per round, in rotating order, and collect its figures.
+
+    Each case is a callable returning one figure (e.g. seconds per call).
+    """
+    names = list(cases)
+    results = {name: Result(name) for name in names}
+    if warmup:
+        for name in names:
+            cases[name]()
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            gc.collect()
+            results[name].samples.append(cases[name]())
+    return results
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:8.2f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:8.2f} ms"
+    return f"{seconds:8.2f} s "
+
+
+def table(
+    title: str, results: dict[str, Result], *, reference: str, unit: Callable[[float], str] = fmt_time
+) -> None:
+    """Print medians and ratios against ``reference`` (ratio > 1: reference is faster)."""
+    ref = results[reference].median
+    print(f"\n## {title}  (median of {len(results[reference].samples)} interleaved rounds)")
+    print(f"{'case':<44} {'median':>12}  {'x ' + reference:>14}")
+    for name, res in sorted(results.items(), key=lambda kv: kv[1].median):
+        ratio = res.median / ref if ref else float("nan")
+        print(f"{name:<44} {unit(res.median):>12}  {ratio:13.2f}x")
+    sys.stdout.flush()
+
+
+def check(label: str, ok: bool, detail: str) -> bool:
+    """Print one target line: MET or MISSED with the measured figure."""
+    print(f"target {'MET   ' if ok else 'MISSED'} {label}: {detail}")
+    return ok
+
+
+def ratio(results: dict[str, Result], slow: str, fast: str) -> float:
+    """How many times ``fast`` beats ``slow`` (median over median)."""
+    return results[slow].median / results[fast].median
+
+
+def percentiles(values: Sequence[float], ps: Sequence[float] = (50, 99)) -> list[float]:
+    data = sorted(values)
+    out = []
+    for p in ps:
+        k = min(len(data) - 1, max(0, round(p / 100 * (len(data) - 1))))
+        out.append(data[k])
+    return out

@@ -1,0 +1,58 @@
+"""offloop: run blocking code beside your asyncio event loop, without stalling it.
+
+The four quadrants of mixing blocking and async code, one call each:
+
+=====================  ================================================
+sync code in a loop    ``await offloop.to_thread(fn, *args)`` / ``ThreadPool``
+async code from sync   ``offloop.from_thread(async_fn, *args)``
+blocking coroutine     ``await offloop.to_loop(async_fn, *args)`` / ``LoopThread``
+CPU-bound sync code    ``await offloop.to_process(fn, *args)`` / ``ProcessPool``
+=====================  ================================================
+
+Long-lived blocking parts (a Flask server, a file watcher, a ``while True``
+loop) run as services under a :class:`Supervisor`.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    CallerGoneError,
+    LoopBlockedError,
+    MissingExtraError,
+    NotPicklableError,
+    OffloopError,
+    PoolClosedError,
+    ServiceFailed,
+    WorkerCrashed,
+    WouldDeadlockError,
+)
+from ._token import StopToken, current_token
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallerGoneError",
+    "LoopBlockedError",
+    "MissingExtraError",
+    "NotPicklableError",
+    "OffloopError",
+    "PoolClosedError",
+    "ServiceFailed",
+    "StopToken",
+    "WorkerCrashed",
+    "WouldDeadlockError",
+    "__version__",
+    "current_token",
+]
+
+
+def _fix_module_names() -> None:
+    # Show the public path (offloop.ThreadPool) in reprs, tracebacks and docs,
+    # not the private module that happens to define the name.
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("offloop._"):
+            obj.__module__ = "offloop"
+
+
+_fix_module_names()

@@ -1,0 +1,7 @@
+"""``python -m offloop``: the command line."""
+
+from __future__ import annotations
+
+from ._cli import main
+
+raise SystemExit(main())

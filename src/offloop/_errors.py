@@ -1,0 +1,90 @@
+"""Every exception offloop raises, under one base.
+
+Each subclass also inherits the builtin exception that carries its meaning, so
+code that already catches ``RuntimeError`` or ``ImportError`` keeps working::
+
+    OffloopError(Exception)
+    ├── PoolClosedError(RuntimeError)      run() on a pool that is closing or closed
+    ├── WouldDeadlockError(RuntimeError)   a blocking crossing called on a running loop's thread
+    ├── CallerGoneError(RuntimeError)      the side waiting for a crossing went away
+    ├── WorkerCrashed(RuntimeError)        the process running a call died
+    ├── NotPicklableError(TypeError)       a process call's function, argument or result can't pickle
+    ├── ServiceFailed(RuntimeError)        a supervised service failed beyond its restart policy
+    ├── LoopBlockedError(AssertionError)   the pytest plugin saw the loop block
+    └── MissingExtraError(ImportError)     an optional integration is not installed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CallerGoneError",
+    "LoopBlockedError",
+    "MissingExtraError",
+    "NotPicklableError",
+    "OffloopError",
+    "PoolClosedError",
+    "ServiceFailed",
+    "WorkerCrashed",
+    "WouldDeadlockError",
+]
+
+
+class OffloopError(Exception):
+    """Base class of every exception raised by offloop itself."""
+
+
+class PoolClosedError(OffloopError, RuntimeError):
+    """Raised by ``run()`` on a pool that is closing or already closed."""
+
+
+class WouldDeadlockError(OffloopError, RuntimeError):
+    """Raised when a blocking call is made on the thread of a running event loop.
+
+    Blocking there would stop the very loop that has to do the work, so the call
+    could never finish. ``await`` the coroutine instead.
+    """
+
+
+class CallerGoneError(OffloopError, RuntimeError):
+    """Raised in a worker whose awaiting side went away (cancelled or its loop closed)."""
+
+
+class WorkerCrashed(OffloopError, RuntimeError):
+    """Raised for the call whose worker process died while running it.
+
+    Attributes:
+        exitcode: the worker's exit code, negative for the signal that killed it.
+        pid: the process id of the dead worker.
+    """
+
+    def __init__(self, message: str, *, exitcode: int | None = None, pid: int | None = None):
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.pid = pid
+
+
+class NotPicklableError(OffloopError, TypeError):
+    """Raised when a process call's function, argument or result cannot be pickled."""
+
+
+class ServiceFailed(OffloopError, RuntimeError):
+    """Raised when a supervised service failed beyond its restart policy.
+
+    Attributes:
+        service: the name of the service that failed.
+    """
+
+    def __init__(self, message: str, *, service: str):
+        super().__init__(message)
+        self.service = service
+
+
+class LoopBlockedError(OffloopError, AssertionError):
+    """Raised by the pytest plugin when the event loop blocked longer than allowed."""
+
+
+class MissingExtraError(OffloopError, ImportError):
+    """Raised when an integration's optional dependency is not installed.
+
+    The message names the extra to install, e.g. ``pip install 'offloop[flask]'``.
+    """

@@ -1,0 +1,133 @@
+"""Cooperative stop tokens and the per-thread record of the call a worker runs.
+
+A :class:`StopToken` is created for every offloaded call, so it must be cheap:
+it is a flag, and the ``threading.Event`` behind :meth:`StopToken.wait` is only
+built the first time somebody waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Final, final
+
+__all__ = ["StopToken", "current_token"]
+
+# One lock for the lazy creation of every token's Event: creation is rare
+# (only waiters need it), so contention is not a concern.
+_EVENT_LOCK: Final = threading.Lock()
+
+
+@final
+class StopToken:
+    """A flag that tells a blocking function it should stop.
+
+    Every call sent to a worker gets its own token; inside the worker,
+    :func:`current_token` returns it. offloop sets it when the awaiting task is
+    cancelled, when the pool closes, or when a service must stop. Long-running
+    functions poll it::
+
+        def crunch(items):
+            token = offloop.current_token()
+            for item in items:
+                if token:          # same as token.is_set()
+                    return None    # stop early, cooperatively
+                work(item)
+
+    Tokens can also be created and set by hand, e.g. to stop a thread service.
+    """
+
+    __slots__ = ("__weakref__", "_event", "_flag", "_reason")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: threading.Event | None = None
+        self._reason: str | None = None
+
+    def set(self, reason: str | None = None) -> None:
+        """Ask the holder to stop. Thread-safe; setting twice keeps the first reason."""
+        if not self._flag:
+            self._reason = reason
+        # The flag is written before the event is read, and wait() creates the
+        # event before reading the flag, so one of the two always sees the other.
+        self._flag = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def is_set(self) -> bool:
+        """Return ``True`` once the holder has been asked to stop."""
+        return self._flag
+
+    def __bool__(self) -> bool:
+        return self._flag
+
+    @property
+    def reason(self) -> str | None:
+        """Why the token was set (e.g. ``"cancelled"``), or ``None``."""
+        return self._reason
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the token is set or ``timeout`` seconds pass.
+
+        Returns ``True`` if the token is set. Use it instead of ``time.sleep``
+        in a loop so a stop request ends the sleep at once.
+        """
+        if self._flag:
+            return True
+        event = self._event
+        if event is None:
+            with _EVENT_LOCK:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+                    if self._flag:
+                        event.set()
+        return event.wait(timeout)
+
+    def __repr__(self) -> str:
+        if self._flag:
+            return f"<StopToken set reason={self._reason!r}>"
+        return "<StopToken not set>"
+
+
+class WorkerCall:
+    """What a worker thread is running now: its token and the loop that sent it.
+
+    Kept in a thread-local so :func:`current_token` and ``from_thread`` can
+    find the caller's loop without the user passing it around.
+    """
+
+    __slots__ = ("fn", "loop", "token")
+
+    def __init__(
+        self, fn: object, loop: asyncio.AbstractEventLoop | None, token: StopToken
+    ) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.token = token
+
+
+class _ThreadState(threading.local):
+    call: WorkerCall | None = None
+
+
+thread_state: Final = _ThreadState()
+
+
+def current_call() -> WorkerCall | None:
+    """The offloop call running on this thread, or ``None`` outside offloop workers."""
+    return thread_state.call
+
+
+def current_token() -> StopToken:
+    """Return the :class:`StopToken` of the offloaded call running on this thread.
+
+    Outside an offloop worker (e.g. in a plain thread or on the event loop) it
+    returns a fresh token that is never set, so library code can poll it
+    unconditionally.
+    """
+    call = thread_state.call
+    if call is None:
+        return StopToken()
+    return call.token

@@ -1,0 +1,85 @@
+"""Argument checks shared by every offload entry point.
+
+They run on the hot path, so the common case (a plain function) is decided by
+one flag test before anything slower is tried.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import FunctionType
+from typing import Any, Final
+
+_CO_COROUTINE: Final = inspect.CO_COROUTINE
+_CO_ASYNC_GENERATOR: Final = inspect.CO_ASYNC_GENERATOR
+
+
+def describe(obj: object) -> str:
+    """A short description of ``obj`` for error messages."""
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if name:
+        return f"{type(obj).__name__} {name!r}"
+    text = repr(obj)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(obj).__name__} {text}"
+
+
+def check_sync_callable(fn: Any, where: str, async_alternative: str) -> None:
+    """Reject what cannot run as a sync function in a worker.
+
+    ``where`` names the call (``"offloop.to_thread()"``) and
+    ``async_alternative`` the call to use for coroutines.
+    """
+    if type(fn) is FunctionType:
+        if not fn.__code__.co_flags & (_CO_COROUTINE | _CO_ASYNC_GENERATOR):
+            return
+    elif callable(fn):
+        if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            return
+    if inspect.iscoroutine(fn):
+        fn.close()  # no "coroutine was never awaited" warning on top of our error
+        raise TypeError(
+            f"{where} got a coroutine object ({describe(fn)}), not a function. "
+            f"A coroutine does not block a thread: 'await' it directly, or pass the "
+            f"coroutine function itself to {async_alternative} to run it on another loop."
+        )
+    if callable(fn):
+        raise TypeError(
+            f"{where} got the coroutine function {describe(fn)}, which would only create a "
+            f"coroutine in the worker and never run it. 'await {_name(fn)}(...)' directly, "
+            f"or use {async_alternative} to run it on an isolated loop."
+        )
+    raise TypeError(
+        f"{where} needs a callable as its first argument (fn), but got {describe(fn)}. "
+        f"Pass the function itself and its arguments separately: {where.rstrip('()')}(fn, *args)."
+    )
+
+
+def check_async_callable(fn: Any, where: str) -> None:
+    """Reject what is not a coroutine function for entry points that take one."""
+    if inspect.iscoroutine(fn):
+        fn.close()
+        raise TypeError(
+            f"{where} needs the coroutine function and its arguments, but got a coroutine "
+            f"object ({describe(fn)}). Write {where.rstrip('()')}(fn, *args) instead of "
+            f"{where.rstrip('()')}(fn(*args))."
+        )
+    if not callable(fn):
+        raise TypeError(
+            f"{where} needs a coroutine function as its first argument, but got {describe(fn)}."
+        )
+
+
+def check_positive_int(value: object, name: str, *, allow_none: bool = True) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is an int >= 1."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {describe(value)}.")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}.")
+
+
+def _name(fn: Any) -> str:
+    return str(getattr(fn, "__name__", "fn"))

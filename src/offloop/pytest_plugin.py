@@ -1,0 +1,1 @@
+"""pytest plugin: fail tests whose event loop blocks (registered as ``pytest11``)."""

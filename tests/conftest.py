@@ -1,0 +1,109 @@
+"""Shared test machinery.
+
+- Every ``async def`` test runs on each loop kind: plain asyncio, asyncio in
+  debug mode, and uvloop. ``@pytest.mark.loops("asyncio")`` narrows that.
+- Every test checks that it leaked no thread and no child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+LOOP_KINDS = ("asyncio", "debug", "uvloop")
+
+# Threads that live for the whole process by design: the default pools and the
+# shared background loop are reused across tests (they are daemon threads).
+LONG_LIVED_THREAD_PREFIXES = (
+    "offloop-default-",
+    "offloop-process-default",
+    "offloop-shared-loop",
+    "asyncio_",  # asyncio's own default executor, used by peers in some tests
+)
+
+LEAK_WAIT = 10.0
+
+
+def run_on(kind: str, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` to completion on a fresh loop of the given kind."""
+    if kind == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    with asyncio.Runner(debug=kind == "debug") as runner:
+        return runner.run(coro)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if inspect.iscoroutinefunction(metafunc.function) and "loop_kind" not in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("loops")
+        kinds = marker.args if marker else LOOP_KINDS
+        metafunc.fixturenames.append("loop_kind")
+        metafunc.parametrize("loop_kind", kinds)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    fn = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(fn):
+        return None
+    kind = pyfuncitem.funcargs["loop_kind"]
+    sig = inspect.signature(fn)
+    kwargs = {name: pyfuncitem.funcargs[name] for name in sig.parameters}
+    run_on(str(kind), fn(**kwargs))
+    return True
+
+
+@pytest.fixture
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """The loop kind an async test runs on (parametrized by the hook above)."""
+    return str(getattr(request, "param", "asyncio"))
+
+
+def _leftover_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [
+        t
+        for t in threading.enumerate()
+        if t not in before
+        and t.is_alive()
+        and not t.name.startswith(LONG_LIVED_THREAD_PREFIXES)
+    ]
+
+
+def _children() -> set[int]:
+    try:
+        return {
+            p.pid for p in psutil.Process().children(recursive=True) if p.status() != "zombie"
+        }
+    except psutil.Error:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a thread or child process running after it ends."""
+    if request.node.get_closest_marker("allow_leaks"):
+        yield
+        return
+    threads_before = set(threading.enumerate())
+    children_before = _children()
+    yield
+    deadline = time.monotonic() + LEAK_WAIT
+    while True:
+        threads = _leftover_threads(threads_before)
+        children = _children() - children_before
+        if not threads and not children:
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    names = [t.name for t in threads]
+    pytest.fail(f"test leaked threads {names} and child processes {sorted(children)}")

@@ -55,7 +55,8 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     fn = pyfuncitem.obj
     if not inspect.iscoroutinefunction(fn):
         return None
-    kind = pyfuncitem.funcargs["loop_kind"]
+    callspec = getattr(pyfuncitem, "callspec", None)
+    kind = callspec.params.get("loop_kind", "asyncio") if callspec else "asyncio"
     sig = inspect.signature(fn)
     kwargs = {name: pyfuncitem.funcargs[name] for name in sig.parameters}
     run_on(str(kind), fn(**kwargs))

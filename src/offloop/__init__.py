@@ -26,6 +26,12 @@ from ._errors import (
     WorkerCrashed,
     WouldDeadlockError,
 )
+from ._iterate import ThreadedIterator, iterate, threaded
+from ._offload import OffloadFuture
+from ._service import Service
+from ._status import ServiceState, ServiceStatus, SupervisorState
+from ._supervisor import Supervisor
+from ._threadpool import ThreadPool, to_thread
 from ._token import StopToken, current_token
 
 __version__ = "0.1.0"
@@ -35,14 +41,25 @@ __all__ = [
     "LoopBlockedError",
     "MissingExtraError",
     "NotPicklableError",
+    "OffloadFuture",
     "OffloopError",
     "PoolClosedError",
+    "Service",
     "ServiceFailed",
+    "ServiceState",
+    "ServiceStatus",
     "StopToken",
+    "Supervisor",
+    "SupervisorState",
+    "ThreadPool",
+    "ThreadedIterator",
     "WorkerCrashed",
     "WouldDeadlockError",
     "__version__",
     "current_token",
+    "iterate",
+    "threaded",
+    "to_thread",
 ]
 
 

@@ -5,10 +5,10 @@ code that already catches ``RuntimeError`` or ``ImportError`` keeps working::
 
     OffloopError(Exception)
     ├── PoolClosedError(RuntimeError)      run() on a pool that is closing or closed
-    ├── WouldDeadlockError(RuntimeError)   a blocking crossing called on a running loop's thread
+    ├── WouldDeadlockError(RuntimeError)   a blocking crossing made on a running loop's thread
     ├── CallerGoneError(RuntimeError)      the side waiting for a crossing went away
     ├── WorkerCrashed(RuntimeError)        the process running a call died
-    ├── NotPicklableError(TypeError)       a process call's function, argument or result can't pickle
+    ├── NotPicklableError(TypeError)       a call's function, argument or result won't pickle
     ├── ServiceFailed(RuntimeError)        a supervised service failed beyond its restart policy
     ├── LoopBlockedError(AssertionError)   the pytest plugin saw the loop block
     └── MissingExtraError(ImportError)     an optional integration is not installed

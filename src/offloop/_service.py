@@ -3,6 +3,18 @@
 A service is restartable: after it stopped or crashed, ``start()`` may be
 called again and must build fresh runtime resources (a new server, a new
 observer). All four coroutines are awaited on the supervisor's event loop.
+
+Note (supervisor engineer): the contract below is unchanged since the
+skeleton; only this paragraph was added, to pin down how the Supervisor
+calls the methods, so adapters can rely on it:
+
+- ``start()``, then ``wait()`` once it returned. After ``wait()`` returns or
+  raises, the next call (if any) is ``start()`` again: ``stop()`` is *not*
+  called after a crash, so ``wait()`` must leave nothing running when it raises.
+- ``stop()`` is called while ``wait()`` is pending, or after a ``start()``
+  the shutdown cancelled midway (to clean up what it began). It is cancelled
+  when the grace period runs out, and then ``kill()`` is called once.
+- If ``start()`` raises, that counts as a crash; it is retried per the policy.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ built the first time somebody waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from typing import Final, final
+from collections.abc import Callable
+from typing import Any, Final, Protocol, final
 
 __all__ = ["StopToken", "current_token"]
 
@@ -37,12 +39,13 @@ class StopToken:
     Tokens can also be created and set by hand, e.g. to stop a thread service.
     """
 
-    __slots__ = ("__weakref__", "_event", "_flag", "_reason")
+    __slots__ = ("__weakref__", "_callbacks", "_event", "_flag", "_reason")
 
     def __init__(self) -> None:
         self._flag = False
         self._event: threading.Event | None = None
         self._reason: str | None = None
+        self._callbacks: list[Callable[[StopToken], object]] | None = None
 
     def set(self, reason: str | None = None) -> None:
         """Ask the holder to stop. Thread-safe; setting twice keeps the first reason."""
@@ -54,6 +57,33 @@ class StopToken:
         event = self._event
         if event is not None:
             event.set()
+        # Taken after the flag is written: add_callback() checks the flag under
+        # this lock, so a callback is either swapped out here or run at once there.
+        with _EVENT_LOCK:
+            callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            callback(self)
+
+    def add_callback(self, callback: Callable[[StopToken], object]) -> None:
+        """Call ``callback(token)`` once when the token is set (at once if it already is).
+
+        The callback runs in the thread that sets the token, so it must be
+        quick and thread-safe, e.g. ``loop.call_soon_threadsafe(...)``.
+        """
+        with _EVENT_LOCK:
+            if not self._flag:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def remove_callback(self, callback: Callable[[StopToken], object]) -> None:
+        """Forget a callback added with :meth:`add_callback`; unknown callbacks are ignored."""
+        with _EVENT_LOCK:
+            if self._callbacks is not None:
+                with contextlib.suppress(ValueError):
+                    self._callbacks.remove(callback)
 
     def is_set(self) -> bool:
         """Return ``True`` once the holder has been asked to stop."""
@@ -81,7 +111,8 @@ class StopToken:
                 event = self._event
                 if event is None:
                     event = self._event = threading.Event()
-                    if self._flag:
+                    # set() may have run since the check above.
+                    if self.is_set():
                         event.set()
         return event.wait(timeout)
 
@@ -91,8 +122,24 @@ class StopToken:
         return "<StopToken not set>"
 
 
+class CallInfo(Protocol):
+    """What a worker thread is running now, as ``from_thread`` and tokens see it."""
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The function being run."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop that sent the work (``None`` when no loop did)."""
+
+    @property
+    def token(self) -> StopToken:
+        """The call's stop token."""
+
+
 class WorkerCall:
-    """What a worker thread is running now: its token and the loop that sent it.
+    """A plain :class:`CallInfo`: its token and the loop that sent it.
 
     Kept in a thread-local so :func:`current_token` and ``from_thread`` can
     find the caller's loop without the user passing it around.
@@ -101,7 +148,7 @@ class WorkerCall:
     __slots__ = ("fn", "loop", "token")
 
     def __init__(
-        self, fn: object, loop: asyncio.AbstractEventLoop | None, token: StopToken
+        self, fn: Callable[..., Any], loop: asyncio.AbstractEventLoop | None, token: StopToken
     ) -> None:
         self.fn = fn
         self.loop = loop
@@ -109,13 +156,13 @@ class WorkerCall:
 
 
 class _ThreadState(threading.local):
-    call: WorkerCall | None = None
+    call: CallInfo | None = None
 
 
 thread_state: Final = _ThreadState()
 
 
-def current_call() -> WorkerCall | None:
+def current_call() -> CallInfo | None:
     """The offloop call running on this thread, or ``None`` outside offloop workers."""
     return thread_state.call
 

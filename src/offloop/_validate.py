@@ -7,11 +7,13 @@ one flag test before anything slower is tried.
 from __future__ import annotations
 
 import inspect
-from types import FunctionType
+from types import BuiltinFunctionType, BuiltinMethodType, FunctionType, MethodWrapperType
 from typing import Any, Final
 
 _CO_COROUTINE: Final = inspect.CO_COROUTINE
 _CO_ASYNC_GENERATOR: Final = inspect.CO_ASYNC_GENERATOR
+# Callables implemented in C: never coroutine functions, no need to inspect.
+_PLAIN_CALLABLES: Final = frozenset({BuiltinFunctionType, BuiltinMethodType, MethodWrapperType})
 
 
 def describe(obj: object) -> str:
@@ -31,12 +33,12 @@ def check_sync_callable(fn: Any, where: str, async_alternative: str) -> None:
     ``where`` names the call (``"offloop.to_thread()"``) and
     ``async_alternative`` the call to use for coroutines.
     """
-    if type(fn) is FunctionType:
+    kind = type(fn)
+    if kind is FunctionType:
         if not fn.__code__.co_flags & (_CO_COROUTINE | _CO_ASYNC_GENERATOR):
             return
-    elif callable(fn):
-        if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
-            return
+    elif kind in _PLAIN_CALLABLES or _is_sync_callable(fn):
+        return
     if inspect.iscoroutine(fn):
         fn.close()  # no "coroutine was never awaited" warning on top of our error
         raise TypeError(
@@ -79,6 +81,10 @@ def check_positive_int(value: object, name: str, *, allow_none: bool = True) -> 
         raise TypeError(f"{name} must be a positive int, got {describe(value)}.")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}.")
+
+
+def _is_sync_callable(fn: Any) -> bool:
+    return callable(fn) and not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
 
 
 def _name(fn: Any) -> str:

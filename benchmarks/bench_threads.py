@@ -1,0 +1,192 @@
+"""Thread offload: offloop against asyncio, anyio, aiomisc, asgiref and the CPython floor.
+
+Cases, each measured in the same process with interleaved rounds:
+- sequential round trip of a trivial function (await one call after another);
+- throughput of a 500-wide ``asyncio.gather``;
+- both again on uvloop;
+- RSS growth over 1,000,000 sequential offloop calls.
+
+Run: ``make bench`` or ``.venv/bin/python -m benchmarks.bench_threads``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import os
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import aiomisc
+import anyio.to_thread
+import psutil
+import uvloop
+from asgiref.sync import sync_to_async
+
+import offloop
+
+from ._common import check, interleaved, ratio, table
+
+SEQ_CALLS = int(os.environ.get("OFFLOOP_BENCH_SEQ", "3000"))
+GATHER_WIDTH = 500
+GATHER_REPEATS = int(os.environ.get("OFFLOOP_BENCH_GATHER", "6"))
+MEMORY_CALLS = int(os.environ.get("OFFLOOP_BENCH_MEMORY_CALLS", "1000000"))
+
+
+def trivial() -> int:
+    return 1
+
+
+class Floor:
+    """The CPython floor: one worker on a SimpleQueue completing an asyncio future."""
+
+    def __init__(self) -> None:
+        self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            loop, fut, fn = item
+            loop.call_soon_threadsafe(_set_result, fut, fn())
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+
+    def run(self, fn: Callable[[], Any]) -> Awaitable[Any]:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.q.put((loop, fut, fn))
+        return fut
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+Offload = Callable[[], Awaitable[Any]]
+
+
+def make_offloads() -> tuple[dict[str, Callable[[], Offload]], Callable[[], None]]:
+    """Each entry builds, on the running loop, a zero-arg coroutine maker."""
+    floor = Floor()
+    pool = offloop.ThreadPool(name="bench")
+    stdlib_pool = ThreadPoolExecutor()
+    aiomisc_pool = aiomisc.ThreadPoolExecutor()
+    asgiref_fn = sync_to_async(trivial, thread_sensitive=False)
+
+    def run_in_executor() -> Offload:
+        loop = asyncio.get_running_loop()
+        return functools.partial(loop.run_in_executor, stdlib_pool, trivial)
+
+    def aiomisc_case() -> Offload:
+        loop = asyncio.get_running_loop()
+        return functools.partial(loop.run_in_executor, aiomisc_pool, trivial)
+
+    offloads: dict[str, Callable[[], Offload]] = {
+        "offloop.to_thread": lambda: functools.partial(offloop.to_thread, trivial),
+        "offloop ThreadPool.run": lambda: functools.partial(pool.run, trivial),
+        "floor (SimpleQueue + call_soon_threadsafe)": lambda: functools.partial(
+            floor.run, trivial
+        ),
+        "asyncio.to_thread": lambda: functools.partial(asyncio.to_thread, trivial),
+        "loop.run_in_executor": run_in_executor,
+        "anyio.to_thread.run_sync": lambda: functools.partial(anyio.to_thread.run_sync, trivial),
+        "aiomisc ThreadPoolExecutor": aiomisc_case,
+        "asgiref sync_to_async": lambda: asgiref_fn,
+    }
+
+    def close() -> None:
+        floor.close()
+        pool.close()
+        stdlib_pool.shutdown()
+        aiomisc_pool.shutdown()
+
+    return offloads, close
+
+
+def sequential(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Callable[[], float]:
+    async def body() -> float:
+        call = make()
+        for _ in range(50):
+            await call()
+        t0 = time.perf_counter()
+        for _ in range(SEQ_CALLS):
+            await call()
+        return (time.perf_counter() - t0) / SEQ_CALLS
+
+    return lambda: asyncio.Runner(loop_factory=loop_factory).run(body())
+
+
+def gathered(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Callable[[], float]:
+    async def body() -> float:
+        call = make()
+        await asyncio.gather(*[call() for _ in range(GATHER_WIDTH)])
+        t0 = time.perf_counter()
+        for _ in range(GATHER_REPEATS):
+            await asyncio.gather(*[call() for _ in range(GATHER_WIDTH)])
+        return (time.perf_counter() - t0) / (GATHER_REPEATS * GATHER_WIDTH)
+
+    return lambda: asyncio.Runner(loop_factory=loop_factory).run(body())
+
+
+def memory() -> float:
+    async def body() -> float:
+        run = offloop.to_thread
+        for _ in range(10_000):
+            await run(trivial)
+        gc.collect()
+        before = psutil.Process().memory_info().rss
+        for _ in range(MEMORY_CALLS):
+            await run(trivial)
+        gc.collect()
+        return (psutil.Process().memory_info().rss - before) / 2**20
+
+    return asyncio.run(body())
+
+
+def main() -> None:
+    offloads, close = make_offloads()
+    loops: dict[str, Callable[[], Any]] = {
+        "asyncio": asyncio.new_event_loop,
+        "uvloop": uvloop.new_event_loop,
+    }
+    ok = True
+    try:
+        for loop_name, factory in loops.items():
+            seq = interleaved({n: sequential(m, factory) for n, m in offloads.items()})
+            table(f"sequential round trip, {loop_name}", seq, reference="offloop.to_thread")
+            gat = interleaved({n: gathered(m, factory) for n, m in offloads.items()})
+            table(f"{GATHER_WIDTH}-wide gather, per call, {loop_name}", gat,
+                  reference="offloop.to_thread")
+            s = ratio(seq, "asyncio.to_thread", "offloop.to_thread")
+            ok &= check(f"[{loop_name}] sequential >= 1.8x asyncio.to_thread", s >= 1.8, f"{s:.2f}x")
+            f = ratio(seq, "offloop.to_thread", "floor (SimpleQueue + call_soon_threadsafe)")
+            ok &= check(f"[{loop_name}] sequential within 1.3x of the floor", f <= 1.3, f"{f:.2f}x")
+            g = ratio(gat, "asyncio.to_thread", "offloop.to_thread")
+            ok &= check(f"[{loop_name}] gather >= 8x asyncio.to_thread", g >= 8, f"{g:.2f}x")
+            a = ratio(gat, "aiomisc ThreadPoolExecutor", "offloop.to_thread")
+            ok &= check(f"[{loop_name}] gather >= 2x aiomisc", a >= 2, f"{a:.2f}x")
+        growth = memory()
+        ok &= check(
+            f"RSS growth after {MEMORY_CALLS:,} sequential calls < 5 MB",
+            growth < 5,
+            f"{growth:.2f} MB",
+        )
+    finally:
+        close()
+    print("\nall thread-offload targets met" if ok else "\nsome thread-offload targets missed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""``offloop run module:attr``: run a Supervisor defined in a module, like uvicorn runs an app.
+
+In a terminal it shows a live table of the services (with the ``[rich]``
+extra); otherwise, or with ``--plain``, the supervisor's log lines.
+``--status-port N`` serves the status as JSON on 127.0.0.1: ``GET /status``,
+and ``GET /healthz`` (200 only while every service is running, else 503).
+The server is a few lines of asyncio streams on the supervisor's own loop, so
+the core keeps to the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from ._errors import ServiceFailed
+from ._signals import run_with_signals
+from ._status import ServiceState, SupervisorState
+from ._supervisor import Supervisor
+from ._validate import describe
+
+__all__ = ["load_supervisor", "register", "render_table", "start_status_server", "status_json"]
+
+logger: Final = logging.getLogger("offloop.cli")
+
+#: A status client that sends nothing is dropped after this long.
+REQUEST_TIMEOUT: Final = 5.0
+LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class UsageError(Exception):
+    """A command-line argument cannot be used; the message says why (exit code 2)."""
+
+
+class TargetError(UsageError):
+    """The MODULE:ATTR argument does not lead to a Supervisor (message says why)."""
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``run`` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "run",
+        help="run the Supervisor found at MODULE:ATTR",
+        description=(
+            "Import MODULE from the current directory and run the offloop.Supervisor named "
+            "ATTR (or returned by calling ATTR with no arguments) until Ctrl-C. The first "
+            "Ctrl-C/SIGTERM stops the services gracefully; a second one exits at once."
+        ),
+    )
+    parser.add_argument("target", metavar="MODULE:ATTR", help="e.g. 'app:sv' or 'pkg.app:make'")
+    parser.add_argument(
+        "--status-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve GET /status (JSON) and GET /healthz on 127.0.0.1:N (0: any free port)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="log lines only, no live table, even in a terminal",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="level of the log lines (default: info)",
+    )
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the ``run`` subcommand; return the exit code."""
+    if args.status_port is not None and not 0 <= args.status_port <= 65535:
+        print(
+            f"offloop run: error: --status-port must be between 0 and 65535, "
+            f"got {args.status_port}.",
+            file=sys.stderr,
+        )
+        return 2
+    use_table = (
+        not args.plain and sys.stdout.isatty() and importlib.util.find_spec("rich") is not None
+    )
+    try:
+        sv = load_supervisor(args.target)
+        console = _setup_logging(args.log_level.upper(), use_table)
+        return run_with_signals(sv, lambda: _serve(sv, args.status_port, console))
+    except UsageError as exc:
+        print(f"offloop run: error: {exc}", file=sys.stderr)
+        return 2
+    except ServiceFailed as exc:
+        logger.error("%s", exc)
+        return 1
+
+
+def load_supervisor(target: str) -> Supervisor:
+    """Import ``module:attr`` from the current directory and return its Supervisor.
+
+    ``attr`` may be dotted (``app:services.sv``) and may name a zero-argument
+    callable that returns the Supervisor.
+
+    Raises:
+        TargetError: the target is malformed, missing, or not a Supervisor.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise TargetError(
+            f"expected MODULE:ATTR (e.g. 'app:sv'), got {target!r}. MODULE is imported from "
+            f"the current directory and ATTR names the offloop.Supervisor in it."
+        )
+    # Like uvicorn: the user's module lives where they run the command, which
+    # the console script (unlike 'python -m') does not put on sys.path.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise  # the module exists but imports something missing: show that traceback
+        raise TargetError(
+            f"could not import the module {module_name!r}: there is no such module in {cwd} "
+            f"or on the Python path. Run the command from the directory that holds it."
+        ) from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            found = [n for n, v in vars(module).items() if isinstance(v, Supervisor)]
+            hint = f" Supervisors in it: {', '.join(found)}." if found else ""
+            raise TargetError(
+                f"the module {module_name!r} has no attribute {attr!r}.{hint}"
+            ) from None
+    if isinstance(obj, Supervisor):
+        return obj
+    if callable(obj):
+        result = obj()
+        if isinstance(result, Supervisor):
+            return result
+        raise TargetError(
+            f"{target!r} is a callable, but calling it returned {describe(result)}, "
+            f"not an offloop.Supervisor."
+        )
+    raise TargetError(
+        f"{target!r} is {describe(obj)}, not an offloop.Supervisor (or a function that "
+        f"returns one)."
+    )
+
+
+def _setup_logging(level: str, use_table: bool) -> Any:
+    root = logging.getLogger()
+    root.setLevel(level)
+    if use_table:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        console = Console()
+        root.addHandler(RichHandler(console=console, show_path=False))
+        return console
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    return None
+
+
+async def _serve(sv: Supervisor, status_port: int | None, console: Any) -> None:
+    server = None
+    if status_port is not None:
+        try:
+            server = await start_status_server(sv, status_port)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot serve the status on 127.0.0.1:{status_port} ({exc.strerror or exc}); "
+                f"pick another --status-port, or 0 for any free port."
+            ) from exc
+        port = server.sockets[0].getsockname()[1]
+        print(f"offloop: status on http://127.0.0.1:{port}/status", file=sys.stderr, flush=True)
+    live = None
+    if console is not None:
+        from rich.live import Live
+
+        live = Live(
+            get_renderable=lambda: render_table(sv),
+            console=console,
+            refresh_per_second=2,
+        )
+        live.start()
+    try:
+        await sv.serve()
+    finally:
+        if live is not None:
+            live.stop()
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+
+# -- status as JSON ----------------------------------------------------------------------
+
+
+def status_json(sv: Supervisor) -> dict[str, Any]:
+    """The supervisor's state and every service's status, JSON-ready."""
+    return {
+        "supervisor": sv.name,
+        "state": sv.state.value,
+        "services": {name: st.to_dict() for name, st in sv.status().items()},
+    }
+
+
+def _healthz(sv: Supervisor) -> tuple[int, dict[str, Any]]:
+    not_running = [n for n, st in sv.status().items() if st.state is not ServiceState.RUNNING]
+    healthy = sv.state is SupervisorState.RUNNING and not not_running
+    return (200 if healthy else 503), {
+        "healthy": healthy,
+        "state": sv.state.value,
+        "not_running": not_running,
+    }
+
+
+async def start_status_server(sv: Supervisor, port: int) -> asyncio.Server:
+    """Serve ``GET /status`` and ``GET /healthz`` for ``sv`` on 127.0.0.1:``port``.
+
+    Raises:
+        OSError: the port cannot be bound.
+    """
+    routes: dict[str, Callable[[], tuple[int, dict[str, Any]]]] = {
+        "/status": lambda: (200, status_json(sv)),
+        "/healthz": lambda: _healthz(sv),
+    }
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            method, target, *_ = [*head.split(b"\r\n", 1)[0].decode("latin-1").split(" "), ""]
+            path = target.split("?", 1)[0]
+            if path not in routes:
+                code, body = 404, {"error": f"no such path {path!r}; try /status or /healthz"}
+            elif method not in ("GET", "HEAD"):
+                code, body = 405, {"error": f"method {method} not allowed; use GET"}
+            else:
+                code, body = routes[path]()
+            payload = json.dumps(body, indent=2).encode() + b"\n"
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(
+                code, "Service Unavailable"
+            )
+            writer.write(
+                f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + (payload if method != "HEAD" else b"")
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+            pass  # a client that hung up or sent garbage gets nothing
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+# -- live table ----------------------------------------------------------------------------
+
+_STATE_STYLE: Final = {
+    "pending": "dim",
+    "starting": "yellow",
+    "running": "green",
+    "restarting": "yellow",
+    "stopping": "yellow",
+    "stopped": "dim",
+    "failed": "bold red",
+}
+
+
+def render_table(sv: Supervisor) -> Any:
+    """A ``rich.table.Table`` of the services (needs the ``[rich]`` extra)."""
+    from rich.table import Table
+
+    table = Table(title=f"{sv.name} ({sv.state.value})", title_justify="left")
+    for column in ("service", "state", "restarts", "uptime", "last error"):
+        table.add_column(column, justify="right" if column == "restarts" else "left")
+    now = time.time()
+    for name, st in sv.status().items():
+        uptime = ""
+        if st.state is ServiceState.RUNNING and st.started_at is not None:
+            uptime = f"{now - st.started_at:.0f}s"
+        error = st.to_dict()["last_error"] or ""
+        style = _STATE_STYLE.get(st.state.value, "")
+        table.add_row(name, f"[{style}]{st.state.value}[/]", str(st.restarts), uptime, error[:60])
+    return table

@@ -1,0 +1,350 @@
+"""Services made from plain functions by ``@Supervisor.service``.
+
+- :class:`TaskService`: an ``async def`` run as a task on the supervisor's loop.
+- :class:`ThreadService`: a plain ``def`` run in its own thread, stopped
+  through a :class:`~offloop.StopToken`.
+- :class:`LoopService`: an ``async def`` on its own event loop in its own
+  thread (``isolate="loop"``), for coroutines that block their loop.
+- :class:`ProcessService` (in ``_procservice``): either kind in a child process.
+
+Each run gets fresh runtime state from ``start()``, so the supervisor can
+restart them. Their threads are daemon threads named
+``offloop-service-<name>``: a thread that ignores its token can then be
+abandoned at shutdown instead of hanging the interpreter's exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import inspect
+import io
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
+
+from ._errors import OffloopError
+from ._service import Service
+from ._token import StopToken, WorkerCall, thread_state
+from ._validate import describe
+
+__all__ = [
+    "FnState",
+    "LoopService",
+    "TaskService",
+    "ThreadService",
+    "describe_thread",
+    "make_fn_service",
+    "takes_token",
+]
+
+AsyncFn = Callable[[], Coroutine[Any, Any, object]]
+Isolate = Literal["thread", "loop", "process"]
+
+
+class FnState(enum.Enum):
+    """Lifecycle of one run of a function service: IDLE -> RUNNING -> ENDED."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    ENDED = "ended"
+
+
+def takes_token(fn: Callable[..., object], where: str) -> bool:
+    """Whether a service function wants the StopToken (one required parameter).
+
+    Raises:
+        TypeError: the function needs more than one argument.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: call them bare
+        return False
+    required = [
+        p
+        for p in sig.parameters.values()
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if len(required) > 1 or any(p.kind is p.KEYWORD_ONLY for p in required):
+        names = ", ".join(p.name for p in required)
+        raise TypeError(
+            f"{where} got {describe(fn)}, which needs the arguments ({names}). A service "
+            f"function takes no argument, or exactly one: the offloop.StopToken that is set "
+            f"when it must stop. Bind other arguments first, e.g. with functools.partial."
+        )
+    return len(required) == 1
+
+
+def describe_thread(thread: threading.Thread) -> str:
+    """The thread's name and its current stack, for the 'abandoned' log line."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    if frame is None:
+        return f"thread {thread.name!r} (no stack: it is not running Python code)"
+    # threading's bootstrap and offloop's own frames say nothing about why it hangs.
+    frames = [
+        f
+        for f in traceback.extract_stack(frame)
+        if not f.filename.endswith(("threading.py", "_fnservices.py"))
+    ]
+    stack = "".join(traceback.format_list(frames)).rstrip()
+    return f"thread {thread.name!r}, currently at:\n{stack}"
+
+
+def _illegal(service: Service, action: str, state: FnState) -> RuntimeError:
+    messages = {
+        ("start", FnState.RUNNING): "it is already running; stop it before starting it again.",
+        ("start", FnState.STOPPING): "it is still stopping; wait for stop() to return first.",
+        ("wait", FnState.IDLE): "it has not been started; call start() first.",
+    }
+    return RuntimeError(f"Cannot {action} {service!r}: {messages[(action, state)]}")
+
+
+class _FnService(Service):
+    """What the function services share: a name, a state and the loop-side future."""
+
+    def __init__(self, fn: Callable[..., object], name: str) -> None:
+        self.fn = fn
+        self.name = name
+        self.state = FnState.IDLE
+        self._done: asyncio.Future[None] | None = None
+
+    def _begin(self) -> asyncio.Future[None]:
+        if self.state in (FnState.RUNNING, FnState.STOPPING):
+            raise _illegal(self, "start", self.state)
+        self.state = FnState.RUNNING
+        self._done = asyncio.get_running_loop().create_future()
+        return self._done
+
+    async def wait(self) -> None:
+        done = self._done
+        if done is None:
+            raise _illegal(self, "wait", self.state)
+        # asyncio.wait, not await: cancelling the waiter must not cancel the run.
+        await asyncio.wait({done})
+        done.result()
+
+    def _finish(self, done: asyncio.Future[None], exc: BaseException | None) -> None:
+        self.state = FnState.ENDED
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def __repr__(self) -> str:
+        kind = type(self).__name__
+        return f"<{kind} {self.name!r} {self.state.value} fn={describe(self.fn)}>"
+
+
+class TaskService(_FnService):
+    """An ``async def`` run as a task on the supervisor's loop; stopped by cancellation."""
+
+    def __init__(self, fn: AsyncFn, name: str) -> None:
+        super().__init__(fn, name)
+        self._async_fn = fn
+        self._task: asyncio.Task[object] | None = None
+
+    async def start(self) -> None:
+        done = self._begin()
+        task = asyncio.get_running_loop().create_task(
+            self._async_fn(), name=f"offloop-service-{self.name}"
+        )
+        self._task = task
+
+        def on_done(t: asyncio.Task[object]) -> None:
+            # A cancelled task is a stopped service, not a crash.
+            exc = None if t.cancelled() else t.exception()
+            self._finish(done, exc)
+
+        task.add_done_callback(on_done)
+
+    async def stop(self) -> None:
+        task = self._task
+        if task is None or task.done():
+            return
+        self.state = FnState.STOPPING
+        task.cancel("offloop service stopping")
+        await asyncio.wait({task})
+
+    def kill(self) -> list[str]:
+        task = self._task
+        if task is None or task.done():
+            return []
+        task.cancel("offloop service killed")
+        out = io.StringIO()
+        task.print_stack(file=out)
+        return [f"task {task.get_name()!r} (it ignores cancellation):\n{out.getvalue().rstrip()}"]
+
+
+class ThreadService(_FnService):
+    """A plain ``def`` run in its own thread; ``stop()`` sets its StopToken.
+
+    The function receives the token when it takes a parameter; it can also
+    reach it with :func:`offloop.current_token`.
+    """
+
+    def __init__(self, fn: Callable[..., object], name: str, *, pass_token: bool) -> None:
+        super().__init__(fn, name)
+        self.pass_token = pass_token
+        self._token: StopToken | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        done = self._begin()
+        loop = asyncio.get_running_loop()
+        token = self._token = StopToken()
+        thread = threading.Thread(
+            target=self._main,
+            args=(loop, done, token),
+            name=f"offloop-service-{self.name}",
+            daemon=True,
+        )
+        self._thread = thread
+        thread.start()
+
+    def _body(self, token: StopToken) -> None:
+        if self.pass_token:
+            self.fn(token)
+        else:
+            self.fn()
+
+    def _main(
+        self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], token: StopToken
+    ) -> None:
+        thread_state.call = WorkerCall(self.fn, loop, token)
+        exc: BaseException | None = None
+        try:
+            self._body(token)
+        except Exception as e:
+            exc = e
+        except BaseException as e:  # SystemExit etc.: a crash of this service only
+            exc = OffloopError(f"service {self.name!r} raised {e!r} in its thread")
+            exc.__cause__ = e
+        finally:
+            thread_state.call = None
+        # RuntimeError: the loop is closed, the supervisor abandoned this thread long ago.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._finish, done, exc)
+        del exc  # no reference cycle through the traceback's frames
+
+    async def stop(self) -> None:
+        token, done = self._token, self._done
+        if token is None or done is None or done.done():
+            return
+        self.state = FnState.STOPPING
+        token.set("service stopping")
+        await asyncio.wait({done})
+
+    def kill(self) -> list[str]:
+        if self._token is not None:
+            self._token.set("service killed")
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return []
+        return [describe_thread(thread)]
+
+
+class LoopService(ThreadService):
+    """An ``async def`` on its own event loop in its own thread (``isolate="loop"``).
+
+    A coroutine that blocks its loop (a ``time.sleep``, a busy ``while True``)
+    only stalls this private loop. ``stop()`` cancels the coroutine there.
+    """
+
+    def __init__(self, fn: AsyncFn, name: str) -> None:
+        super().__init__(fn, name, pass_token=False)
+        self._async_fn = fn
+
+    def _body(self, token: StopToken) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            task = loop.create_task(self._async_fn(), name=f"offloop-service-{self.name}")
+
+            def cancel(_: StopToken) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop already finished
+                    loop.call_soon_threadsafe(task.cancel, "offloop service stopping")
+
+            token.add_callback(cancel)
+            try:
+                loop.run_until_complete(task)
+            except asyncio.CancelledError:
+                if not token:
+                    raise
+            finally:
+                token.remove_callback(cancel)
+                _cancel_leftovers(loop)
+                loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    # What asyncio.run() does: tasks the coroutine spawned end with it, instead
+    # of being destroyed pending when the private loop closes.
+    leftovers = asyncio.all_tasks(loop)
+    for task in leftovers:
+        task.cancel()
+    if leftovers:
+        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+
+
+def make_fn_service(fn: Any, isolate: Isolate | None, name: str | None) -> Service:
+    """Wrap a function in the service that runs it where ``isolate`` says.
+
+    Raises:
+        TypeError, ValueError, NotPicklableError: as documented on ``Supervisor.service``.
+    """
+    where = "@Supervisor.service"
+    if inspect.iscoroutine(fn):
+        fn.close()
+        raise TypeError(
+            f"{where} needs a function, but got a coroutine object ({describe(fn)}). "
+            f"Decorate the 'async def' function itself, without calling it."
+        )
+    if not callable(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"{where} needs an 'async def' or plain 'def' function, got {describe(fn)}."
+        )
+    if isolate not in (None, "thread", "loop", "process"):
+        raise ValueError(f"isolate must be None, 'thread', 'loop' or 'process', got {isolate!r}.")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"name must be a non-empty str, got {describe(name)}.")
+    svc_name = name or str(getattr(fn, "__name__", None) or type(fn).__name__)
+    is_async = inspect.iscoroutinefunction(fn)
+    pass_token = False
+    if is_async:
+        if isolate == "thread":
+            raise TypeError(
+                f"{where} got the coroutine function {describe(fn)} with "
+                f"isolate='thread'. A coroutine runs on an event loop: use isolate='loop' "
+                f"to give it its own loop in its own thread."
+            )
+        if inspect.signature(fn).parameters and any(
+            p.default is p.empty for p in inspect.signature(fn).parameters.values()
+        ):
+            raise TypeError(
+                f"{where} got {describe(fn)}, which needs arguments. An 'async def' "
+                f"service takes none: it is stopped by cancellation. Bind arguments "
+                f"first, e.g. with functools.partial."
+            )
+    else:
+        if isolate == "loop":
+            raise TypeError(
+                f"{where} got the plain function {describe(fn)} with isolate='loop', "
+                f"which is for coroutine functions. A plain 'def' already runs in its "
+                f"own thread; use isolate=None (or 'thread')."
+            )
+        pass_token = takes_token(fn, where)
+    if isolate == "process":
+        # Imported here: multiprocessing is only paid for by those who use it.
+        from ._procservice import ProcessService
+
+        return ProcessService(fn, svc_name, is_async=is_async, pass_token=pass_token)
+    if is_async:
+        return LoopService(fn, svc_name) if isolate == "loop" else TaskService(fn, svc_name)
+    return ThreadService(fn, svc_name, pass_token=pass_token)

@@ -1,0 +1,272 @@
+"""``threaded`` and ``iterate``: sync functions and iterators, made awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from types import TracebackType
+from typing import Any, Final, Generic, ParamSpec, TypeVar, final, overload
+
+from ._errors import PoolClosedError
+from ._offload import OffloadFuture
+from ._threadpool import ThreadPool, default_pool
+from ._token import StopToken, current_token
+from ._validate import check_positive_int, check_sync_callable, describe
+
+__all__ = ["ThreadedIterator", "iterate", "threaded"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+#: Items a producer thread may run ahead of the consumer by default.
+DEFAULT_BUFFER: Final = 16
+
+
+@overload
+def threaded(fn: Callable[P, R], /) -> Callable[P, OffloadFuture[R]]: ...
+
+
+@overload
+def threaded(
+    *, pool: ThreadPool | None = None
+) -> Callable[[Callable[P, R]], Callable[P, OffloadFuture[R]]]: ...
+
+
+def threaded(
+    fn: Callable[P, R] | None = None, /, *, pool: ThreadPool | None = None
+) -> Callable[P, OffloadFuture[R]] | Callable[[Callable[P, R]], Callable[P, OffloadFuture[R]]]:
+    """Decorate a blocking function so that calling it returns an awaitable.
+
+    ::
+
+        @offloop.threaded
+        def read_config(path: str) -> dict[str, str]: ...
+
+        config = await read_config("app.toml")   # runs in a worker thread
+
+    ``@offloop.threaded(pool=my_pool)`` sends the calls to ``my_pool`` instead
+    of the default pool. The signature is kept for type checkers; the result is
+    an :class:`OffloadFuture`, exactly what :func:`to_thread` returns.
+
+    Raises:
+        TypeError: the decorated object is not callable, or is a coroutine function.
+    """
+    if pool is not None and not isinstance(pool, ThreadPool):
+        raise TypeError(f"offloop.threaded(pool=...) needs a ThreadPool, got {describe(pool)}.")
+
+    def decorate(func: Callable[P, R]) -> Callable[P, OffloadFuture[R]]:
+        check_sync_callable(func, "offloop.threaded", "offloop.to_loop()")
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
+            return (pool or default_pool()).run(func, *args, **kwargs)
+
+        return wrapper
+
+    if fn is None:
+        return decorate
+    return decorate(fn)
+
+
+# What the producer thread hands to the loop.
+_ITEM: Final = 0
+_END: Final = 1
+_ERROR: Final = 2
+
+
+class _Shared(Generic[T]):
+    """State shared by the consumer and the producer thread.
+
+    The producer holds only this, never the public iterator, so dropping the
+    iterator (``break`` out of ``async for``) lets its ``__del__`` stop the
+    producer even though the producer is still running.
+    """
+
+    def __init__(self, iterable: Iterable[T], buffer: int) -> None:
+        self.iterable = iterable
+        self.space = threading.Semaphore(buffer)
+        self.stop = False
+        self.items: deque[tuple[int, Any]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.finished = False
+        self.token: StopToken | None = None
+
+    def request_stop(self) -> None:
+        if not self.stop:
+            self.stop = True
+            self.space.release()  # wake the producer if it waits for room
+            token = self.token
+            if token is not None:
+                token.set("iterator closed")  # and a source that polls its token
+
+    def produce(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        post = loop.call_soon_threadsafe
+        token = self.token = current_token()
+        token.add_callback(lambda _: self.request_stop())
+        iterator = None
+        try:
+            iterator = iter(self.iterable)
+            while True:
+                self.space.acquire()
+                if self.stop:
+                    return
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    post(self.deliver, _END, None)
+                    return
+                post(self.deliver, _ITEM, item)
+                del item
+        except BaseException as exc:  # handed to the consumer, like an item
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody to tell
+                post(self.deliver, _ERROR, exc)
+        finally:
+            # Runs the generator's own ``finally`` here, in the thread that ran it.
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def deliver(self, kind: int, value: Any) -> None:
+        self.items.append((kind, value))
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def producer_done(self, fut: OffloadFuture[None]) -> None:
+        # The producer reports the end itself; this covers what it could not:
+        # the pool closing before it started, or its call being cancelled.
+        if fut.cancelled():
+            exc: BaseException | None = asyncio.CancelledError()
+        else:
+            exc = fut.exception()
+        if exc is not None and not self.finished:
+            if isinstance(exc, PoolClosedError | asyncio.CancelledError):
+                exc = PoolClosedError(
+                    f"The thread producing items for offloop.iterate() stopped before the "
+                    f"source was exhausted ({type(exc).__name__}); create a new iterator."
+                )
+            self.deliver(_ERROR, exc)
+        elif not self.finished:
+            self.deliver(_END, None)
+
+
+@final
+class ThreadedIterator(AsyncIterator[T]):
+    """The async iterator returned by :func:`iterate`.
+
+    Use it with ``async for``; ``aclose()`` (or ``async with``) stops the
+    producer thread and waits until the source's ``finally`` has run.
+    """
+
+    def __init__(self, iterable: Iterable[T], buffer: int, pool: ThreadPool | None) -> None:
+        self._shared: _Shared[T] = _Shared(iterable, buffer)
+        self._pool = pool
+        self._producer: OffloadFuture[None] | None = None
+
+    def __aiter__(self) -> ThreadedIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        shared = self._shared
+        if shared.finished:
+            raise StopAsyncIteration
+        if self._producer is None:
+            shared.loop = asyncio.get_running_loop()
+            self._producer = (self._pool or default_pool()).run(shared.produce)
+            self._producer.add_done_callback(shared.producer_done)
+        while not shared.items:
+            if self._shared.finished:
+                raise StopAsyncIteration
+            waiter = shared.waiter = shared.loop.create_future()  # type: ignore[union-attr]
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                shared.request_stop()
+                self._shared.finished = True
+                raise
+            finally:
+                shared.waiter = None
+        kind, value = shared.items.popleft()
+        if kind == _ITEM:
+            shared.space.release()
+            return value  # type: ignore[no-any-return]
+        self._shared.finished = True
+        shared.request_stop()
+        if kind == _END:
+            raise StopAsyncIteration
+        raise value
+
+    async def aclose(self) -> None:
+        """Stop the producer and wait until the source's ``finally`` has run."""
+        self._shared.finished = True
+        self._shared.request_stop()
+        producer = self._producer
+        if producer is not None and not producer.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(producer)
+
+    async def __aenter__(self) -> ThreadedIterator[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # ``break`` out of ``async for`` drops the iterator: stop the producer
+        # (it closes the source in its own thread, no loop needed).
+        shared = getattr(self, "_shared", None)
+        if shared is not None:
+            shared.request_stop()
+
+    def __repr__(self) -> str:
+        state = (
+            "finished" if self._shared.finished else "running" if self._producer else "not started"
+        )
+        return f"<ThreadedIterator {state}, {len(self._shared.items)} buffered>"
+
+
+def iterate(
+    iterable: Iterable[T], *, buffer: int = DEFAULT_BUFFER, pool: ThreadPool | None = None
+) -> ThreadedIterator[T]:
+    """Iterate a blocking iterable or generator from async code.
+
+    A worker thread pulls items and runs at most ``buffer`` items ahead of the
+    consumer (backpressure)::
+
+        async for line in offloop.iterate(open("big.log")):
+            await handle(line)
+
+    Breaking out of the loop, cancelling the consuming task or calling
+    ``aclose()`` stops the producer, closes a generator source (its
+    ``finally`` runs, in the worker) and frees the worker. Exceptions raised
+    by the source propagate to the consumer.
+
+    Raises:
+        TypeError: ``iterable`` is not iterable, or ``buffer`` is not an int.
+        ValueError: ``buffer`` is less than 1.
+    """
+    check_positive_int(buffer, "offloop.iterate(buffer=...)", allow_none=False)
+    source: object = iterable  # checked at run time whatever the annotation says
+    if not isinstance(source, Iterable):
+        if hasattr(source, "__aiter__"):
+            raise TypeError(
+                f"offloop.iterate() takes a sync iterable, but got the async iterable "
+                f"{describe(iterable)}: use 'async for' on it directly."
+            )
+        raise TypeError(f"offloop.iterate() needs an iterable, got {describe(iterable)}.")
+    if pool is not None and not isinstance(pool, ThreadPool):
+        raise TypeError(f"offloop.iterate(pool=...) needs a ThreadPool, got {describe(pool)}.")
+    return ThreadedIterator(iterable, buffer, pool)

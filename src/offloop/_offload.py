@@ -1,0 +1,208 @@
+"""The pieces every pool shares: the call record, the result channel, the future.
+
+A call costs one ``SimpleQueue.put`` on the loop side, one ``get`` in the
+worker, and at most one ``call_soon_threadsafe`` per *batch* of results:
+workers append finished calls to a per-loop :class:`Channel` and only wake the
+loop when the channel was empty, so a burst of 500 calls finishing together
+costs a handful of wake-ups instead of 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Protocol, TypeVar
+
+from ._token import StopToken
+
+__all__ = ["CancelHandler", "Channel", "OffloadFuture", "channel_for", "new_call", "running_loop"]
+
+R = TypeVar("R")
+
+# Lifecycle of one call; plain ints because they are compared on the hot path.
+QUEUED: Final = 0
+RUNNING: Final = 1
+ABANDONED: Final = 2  # still running, but its awaiter was cancelled
+SKIPPED: Final = 3  # cancelled (or pool closed) before a worker started it
+DONE: Final = 4
+
+
+class CancelHandler(Protocol):
+    """What an :class:`OffloadFuture` asks when it is cancelled (the pool)."""
+
+    def _cancel(self, call: OffloadFuture[Any]) -> bool:
+        """Apply the pool's cancel policy; return whether the future cancels now."""
+        ...
+
+
+class Channel:
+    """Delivers finished calls to one event loop, batching the wake-ups."""
+
+    __slots__ = ("call_soon_threadsafe", "loop", "pending", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: deque[OffloadFuture[Any]] = deque()
+        self.scheduled = False
+        self.call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def post(self, call: OffloadFuture[Any]) -> None:
+        """Hand a finished call to the loop (called from worker threads)."""
+        self.pending.append(call)
+        # drain() clears the flag before it pops, so a call appended while it
+        # runs is either popped by it or triggers a new drain: never lost.
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                self.call_soon_threadsafe(self.drain)
+            except RuntimeError:
+                # The loop is closed: nobody is left to receive the result.
+                self.pending.clear()
+
+    def drain(self) -> None:
+        """Complete the futures of every posted call (runs on the loop)."""
+        self.scheduled = False
+        pop = self.pending.popleft
+        while True:
+            try:
+                call = pop()
+            except IndexError:
+                return
+            if not call.done():
+                if call._error is None:
+                    call.set_result(call._value)
+                else:
+                    call.set_exception(call._error)
+            # Break the cycle exception -> traceback -> frame -> call early.
+            call._error = call._value = None
+
+
+class _LoopLocal(threading.local):
+    channel: Channel | None = None
+
+
+_loop_local: Final = _LoopLocal()
+
+
+def channel_for(loop: asyncio.AbstractEventLoop) -> Channel:
+    # Kept per thread: a thread runs one loop at a time, and a thread-local
+    # read is cheaper than a lookup keyed by the loop.
+    channel = _loop_local.channel
+    if channel is None or channel.loop is not loop:
+        channel = _loop_local.channel = Channel(loop)
+    return channel
+
+
+_TOKEN_LOCK: Final = threading.Lock()
+
+
+class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
+    """The awaitable returned by :meth:`ThreadPool.run` and :func:`to_thread`.
+
+    It is an ``asyncio.Future`` (so ``gather`` and ``wait_for`` use it without
+    wrapping it in a Task, which is most of the cost of an offload) and also
+    implements the coroutine protocol (so ``asyncio.create_task`` accepts it).
+    The call is already queued when you get it. Cancelling it (directly, by
+    cancelling the awaiting task, or by a ``wait_for`` timeout) sets the call's
+    :class:`StopToken` and follows the pool's ``on_cancel`` policy.
+    """
+
+    # The future is also the call's record (one object per call instead of
+    # three). Its fields are set by the pool that creates it, not by an
+    # __init__, which would cost a Python-level call on the hot path. Names
+    # avoid the C Future's own _state/_result/_exception attributes.
+    __slots__ = (
+        "_args",
+        "_channel",
+        "_ctx",
+        "_error",
+        "_kwargs",
+        "_owner",
+        "_phase",
+        "_token",
+        "_value",
+        "fn",
+        "loop",
+    )
+
+    fn: Callable[..., Any]
+    loop: asyncio.AbstractEventLoop
+    _args: tuple[Any, ...]
+    _kwargs: dict[str, Any]
+    _ctx: contextvars.Context | None
+    _phase: int
+    _error: BaseException | None
+    _value: Any
+    _channel: Channel
+    _owner: CancelHandler
+    _token: StopToken | None
+
+    @property
+    def token(self) -> StopToken:
+        """The call's :class:`StopToken` (created on first use)."""
+        token = self._token
+        if token is None:
+            with _TOKEN_LOCK:
+                token = self._token
+                if token is None:
+                    token = self._token = StopToken()
+        return token
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the call; see the pool's ``on_cancel`` for what happens to the thread."""
+        if self.done() or not self._owner._cancel(self):
+            return False
+        return super().cancel(msg)
+
+    # The coroutine protocol. A fresh future iterator per step is exactly the
+    # generator a Task would drive: it yields the future while pending and
+    # returns (or raises) its outcome once done, so no iterator is stored.
+    def send(self, value: None) -> Any:
+        """Part of the coroutine protocol (used by ``asyncio.Task``)."""
+        return self.__await__().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        """Part of the coroutine protocol (used by ``asyncio.Task``)."""
+        if val is None and tb is None:
+            return self.__await__().throw(typ)
+        return self.__await__().throw(typ, val, tb)
+
+    def close(self) -> None:
+        """Part of the coroutine protocol; closing does not cancel the call."""
+
+
+def new_call(
+    owner: CancelHandler,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    loop: asyncio.AbstractEventLoop,
+) -> OffloadFuture[Any]:
+    """Build the future that records one call, queued for ``owner``."""
+    fut: OffloadFuture[Any] = OffloadFuture(loop=loop)
+    fut.fn = fn
+    fut.loop = loop
+    fut._args = args
+    fut._kwargs = kwargs
+    fut._ctx = contextvars.copy_context()
+    fut._phase = QUEUED
+    fut._error = None
+    fut._value = None
+    fut._channel = channel_for(loop)
+    fut._owner = owner
+    fut._token = None
+    return fut
+
+
+def running_loop(where: str) -> asyncio.AbstractEventLoop:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            f"{where} was called with no event loop running in this thread. "
+            f"Call it from a coroutine ('await offloop.to_thread(fn)'); in plain sync code "
+            f"call the function directly."
+        ) from None

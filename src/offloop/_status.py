@@ -1,0 +1,98 @@
+"""The states a supervisor and its services go through, and the status snapshot.
+
+Both enums subclass ``str`` so a status compares equal to its plain name
+(``status.state == "running"``) and serializes to JSON as that name.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ServiceState", "ServiceStatus", "SupervisorState"]
+
+
+class ServiceState(str, enum.Enum):
+    """Where one supervised service is in its life.
+
+    ``pending`` (not started yet) -> ``starting`` -> ``running`` ->
+    ``stopping`` -> ``stopped``; a crash goes through ``restarting`` back to
+    ``starting``, or ends in ``failed`` when the restart policy is exhausted.
+    """
+
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SupervisorState(str, enum.Enum):
+    """Where a :class:`~offloop.Supervisor` is in its (single) life."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """A snapshot of one service, as returned by :meth:`Supervisor.status`.
+
+    Attributes:
+        name: the service's name.
+        state: a :class:`ServiceState`; compares equal to its name, e.g. ``"running"``.
+        restarts: how many times the supervisor restarted it.
+        started_at: the wall-clock time (``time.time()``) it last became ready,
+            or ``None`` if it never did.
+        last_error: the exception of its last crash, or ``None``.
+    """
+
+    name: str
+    state: ServiceState
+    restarts: int
+    started_at: float | None
+    last_error: BaseException | None
+
+    @property
+    def uptime(self) -> float | None:
+        """Seconds since the service last became ready, while it is running."""
+        if self.state is not ServiceState.RUNNING or self.started_at is None:
+            return None
+        return max(0.0, time.time() - self.started_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the error becomes its one-line description)."""
+        error = None
+        if self.last_error is not None:
+            error = "".join(
+                traceback.format_exception_only(type(self.last_error), self.last_error)
+            ).strip()
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "restarts": self.restarts,
+            "started_at": self.started_at,
+            "uptime": self.uptime,
+            "last_error": error,
+        }
+
+    def __repr__(self) -> str:
+        parts = [f"{self.name!r} {self.state.value}", f"restarts={self.restarts}"]
+        if self.last_error is not None:
+            parts.append(f"last_error={self.last_error!r}")
+        return f"<ServiceStatus {' '.join(parts)}>"

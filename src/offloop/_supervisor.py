@@ -1,0 +1,607 @@
+"""The Supervisor: runs services side by side, restarts them, stops them in bounded time.
+
+One *runner* task per service drives it through ``start()`` / ``wait()`` and
+applies its restart policy. Shutdown is a single task that stops the services
+in reverse order against one shared deadline (``grace``), then kills and
+abandons whatever is left, so it always ends in about ``grace`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final, TypeVar, cast, overload
+
+from ._errors import ServiceFailed
+from ._fnservices import Isolate, make_fn_service
+from ._restart import RestartMode, RestartPolicy, RestartTracker, check_seconds
+from ._service import Service
+from ._status import ServiceState, ServiceStatus, SupervisorState
+from ._validate import describe
+
+__all__ = ["Supervisor"]
+
+logger: Final = logging.getLogger("offloop.supervisor")
+
+F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound=Service)
+
+#: Every service gets at least this long to stop politely, even when an
+#: earlier one used up the whole grace period: a well-behaved service that
+#: stops in a millisecond should not be abandoned because a neighbour hung.
+LAST_CHANCE: Final = 0.1
+
+_counter = itertools.count(1)
+_ST = ServiceState
+_SV = SupervisorState
+
+
+class _Entry:
+    """The supervisor's record of one service: its policy and its live state."""
+
+    def __init__(self, service: Service, policy: RestartPolicy) -> None:
+        self.service = service
+        self.name: str = service.name
+        self.policy = policy
+        self.tracker = RestartTracker(policy)
+        self.state = _ST.PENDING
+        self.restarts = 0
+        self.started_at: float | None = None
+        self.last_error: BaseException | None = None
+        self.runner: asyncio.Task[None] | None = None
+        self.ready: asyncio.Future[None] | None = None
+        self.stopping = False
+
+    def status(self) -> ServiceStatus:
+        return ServiceStatus(self.name, self.state, self.restarts, self.started_at, self.last_error)
+
+
+class Supervisor:
+    """Runs services side by side: restarts them when they crash, stops them in bounded time.
+
+    Register ``async def`` / ``def`` functions with :meth:`service` and
+    adapters (or your own :class:`~offloop.Service` subclasses) with
+    :meth:`add`, then run them with ``async with sv:``, ``await sv.serve()`` or,
+    from a script, ``sv.run()``. A supervisor runs once.
+
+    Args:
+        grace: seconds the whole shutdown may take. Services are asked to stop
+            politely in reverse order; what is still running when the time is
+            up is killed (tasks cancelled, processes terminated, threads
+            abandoned and reported with their stack).
+        name: shown in logs and reprs.
+
+    Raises:
+        TypeError, ValueError: ``grace`` is not a number of seconds >= 0.
+    """
+
+    def __init__(self, *, grace: float = 5.0, name: str | None = None) -> None:
+        self.grace = check_seconds(grace, "grace", positive=False)
+        self.name = name if name is not None else f"supervisor-{next(_counter)}"
+        self._entries: dict[str, _Entry] = {}
+        self._state = _SV.NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._shutdown_requested: asyncio.Future[None] | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._failure: ServiceFailed | None = None
+        self._host_task: asyncio.Task[Any] | None = None
+        self._in_body = False
+        self._serving = 0
+        self._host_cancelled = False
+        self._stop_early = False
+
+    # -- registration ------------------------------------------------------------------
+
+    @overload
+    def service(self, fn: F, /) -> F: ...
+
+    @overload
+    def service(
+        self,
+        /,
+        *,
+        restart: RestartMode = ...,
+        backoff: float = ...,
+        max_backoff: float = ...,
+        max_restarts: int | None = ...,
+        restart_window: float = ...,
+        isolate: Isolate | None = ...,
+        name: str | None = ...,
+    ) -> Callable[[F], F]: ...
+
+    def service(
+        self,
+        fn: Any = None,
+        /,
+        *,
+        restart: RestartMode = "on-failure",
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_restarts: int | None = 5,
+        restart_window: float = 60.0,
+        isolate: Isolate | None = None,
+        name: str | None = None,
+    ) -> Any:
+        """Decorator: supervise a function as a service; the function is returned unchanged.
+
+        An ``async def`` runs as a task on the supervisor's loop and is stopped
+        by cancellation; with ``isolate="loop"`` it runs on its own event loop
+        in its own thread (for coroutines that block their loop). A plain
+        ``def`` runs in its own thread named ``offloop-service-<name>``; if it
+        takes a parameter, it receives an :class:`~offloop.StopToken` that is
+        set when it must stop. ``isolate="process"`` runs either kind in a
+        child process (the function must be defined at a module's top level).
+
+        Args:
+            restart: ``"on-failure"`` (default) restarts after a crash,
+                ``"always"`` also after the function returned, ``"no"`` never
+                (a crash then fails the supervisor).
+            backoff, max_backoff: the restart delay starts at ``backoff`` and
+                doubles, with jitter, up to ``max_backoff`` seconds.
+            max_restarts, restart_window: more than ``max_restarts`` restarts
+                within ``restart_window`` seconds mark the service failed, and
+                the supervisor stops with :class:`~offloop.ServiceFailed`.
+            isolate: where the function runs (see above).
+            name: the service's name; defaults to the function's name.
+
+        Raises:
+            TypeError: ``fn`` is not a function, takes more than the token,
+                or ``isolate`` does not fit the function's kind.
+            ValueError: a policy value is out of range, or the name is taken.
+            NotPicklableError: ``isolate="process"`` with a function a child
+                process cannot import.
+            RuntimeError: the supervisor has already started.
+        """
+        policy = RestartPolicy(restart, backoff, max_backoff, max_restarts, restart_window)
+
+        def register(f: F) -> F:
+            self._add(make_fn_service(f, isolate, name), policy)
+            return f
+
+        if fn is None:
+            return register
+        return register(fn)
+
+    def add(
+        self,
+        service: S,
+        /,
+        *,
+        restart: RestartMode = "on-failure",
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_restarts: int | None = 5,
+        restart_window: float = 60.0,
+    ) -> S:
+        """Supervise ``service`` (an adapter or a :class:`~offloop.Service` subclass); return it.
+
+        The restart options mean the same as for :meth:`service`.
+
+        Raises:
+            TypeError: ``service`` is not a :class:`~offloop.Service`.
+            ValueError: a policy value is out of range, or the name is taken.
+            RuntimeError: the supervisor has already started.
+        """
+        if not isinstance(cast(object, service), Service):  # untyped callers exist
+            hint = (
+                " To supervise a function, decorate it with @sv.service instead."
+                if callable(service)
+                else ""
+            )
+            raise TypeError(
+                f"Supervisor.add() needs an offloop.Service (e.g. offloop.WSGIService(app)), "
+                f"got {describe(service)}.{hint}"
+            )
+        policy = RestartPolicy(restart, backoff, max_backoff, max_restarts, restart_window)
+        self._add(service, policy)
+        return service
+
+    def _add(self, service: Service, policy: RestartPolicy) -> None:
+        name = getattr(service, "name", None)
+        if self._state is not _SV.NEW:
+            raise RuntimeError(
+                f"Cannot add the service {name!r} to {self!r}: it has already started. "
+                f"Add every service before entering it (or calling serve() or run())."
+            )
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"{service!r} has no usable name (got {describe(name)}); a service needs a "
+                f"non-empty str 'name' attribute."
+            )
+        if any(e.service is service for e in self._entries.values()):
+            raise ValueError(f"{service!r} is already supervised by {self!r}.")
+        if name in self._entries:
+            raise ValueError(
+                f"{self!r} already has a service named {name!r}; pass name=... to give "
+                f"this one another name."
+            )
+        self._entries[name] = _Entry(service, policy)
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def state(self) -> SupervisorState:
+        """The supervisor's :class:`~offloop.SupervisorState`."""
+        return self._state
+
+    @property
+    def services(self) -> dict[str, Service]:
+        """The supervised services by name, in start order."""
+        return {name: e.service for name, e in self._entries.items()}
+
+    def status(self) -> dict[str, ServiceStatus]:
+        """A snapshot of every service's :class:`~offloop.ServiceStatus`, by name, in start order.
+
+        Safe to call from any thread.
+        """
+        return {name: e.status() for name, e in list(self._entries.items())}
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for e in list(self._entries.values()):
+            counts[e.state.value] = counts.get(e.state.value, 0) + 1
+        detail = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no services"
+        return f"<Supervisor {self.name!r} {self._state.value} ({detail}) grace={self.grace:g}>"
+
+    # -- running -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Supervisor:
+        """Start every service in order, each once it is ready; return the supervisor.
+
+        Raises:
+            ServiceFailed: a service failed beyond its restart policy while
+                starting (the ones already started are stopped first).
+            RuntimeError: the supervisor was already entered or has run before.
+        """
+        if self._state is not _SV.NEW:
+            raise RuntimeError(self._illegal_start("enter"))
+        loop = asyncio.get_running_loop()
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        self._host_task = asyncio.current_task()
+        self._shutdown_requested = loop.create_future()
+        self._state = _SV.STARTING
+        logger.info("%s: starting %d service(s)", self.name, len(self._entries))
+        if self._stop_early:
+            self._request_shutdown("stop requested before start")
+        try:
+            for entry in self._entries.values():
+                if self._shutdown_requested.done():
+                    break
+                entry.ready = loop.create_future()
+                entry.runner = loop.create_task(
+                    self._supervise(entry), name=f"offloop-supervise-{entry.name}"
+                )
+                entry.runner.add_done_callback(self._runner_done)
+                await asyncio.wait(
+                    {entry.ready, self._shutdown_requested}, return_when=asyncio.FIRST_COMPLETED
+                )
+        except BaseException:
+            # Cancelled while starting (Ctrl-C under asyncio.run): leave nothing behind.
+            await self._finish_shutdown(self._request_shutdown("start was interrupted"))
+            raise
+        if self._shutdown_requested.done():
+            await self._finish_shutdown(self._request_shutdown("stopping"))
+            if self._failure is not None:
+                raise self._failure
+        else:
+            self._state = _SV.RUNNING
+            logger.info("%s: all %d service(s) ready", self.name, len(self._entries))
+            self._check_all_ended()
+        self._in_body = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop every service in reverse order, in about ``grace`` seconds at most.
+
+        Raises:
+            ServiceFailed: a service failed beyond its restart policy (unless
+                the block raised an exception of its own, which then propagates).
+        """
+        self._in_body = False
+        await self._finish_shutdown(self._request_shutdown("leaving 'async with'"))
+        if self._failure is not None and (
+            exc_type is None or (self._host_cancelled and exc_type is asyncio.CancelledError)
+        ):
+            if self._host_cancelled and self._host_task is not None:
+                uncancel = getattr(self._host_task, "uncancel", None)  # Python >= 3.11
+                if uncancel is not None:
+                    uncancel()
+            raise self._failure
+
+    async def serve(self) -> None:
+        """Run the services until :meth:`stop` is called, every service ended, or one failed.
+
+        Starts and stops them itself when called on a new supervisor; inside
+        ``async with sv:`` it just waits.
+
+        Raises:
+            ServiceFailed: a service failed beyond its restart policy.
+            RuntimeError: the supervisor has already run.
+        """
+        if self._state is _SV.NEW:
+            async with self:
+                await self._serve_inside()
+            return
+        if not self._in_body:
+            raise RuntimeError(self._illegal_start("serve"))
+        await self._serve_inside()
+
+    async def _serve_inside(self) -> None:
+        assert self._shutdown_requested is not None
+        self._serving += 1
+        try:
+            await asyncio.wait({self._shutdown_requested})
+            assert self._shutdown_task is not None
+            await self._finish_shutdown(self._shutdown_task)
+        finally:
+            self._serving -= 1
+        if self._failure is not None:
+            raise self._failure
+
+    def run(self) -> int:
+        """Run the services on a new event loop until stopped; the blocking entry point for scripts.
+
+        Installs SIGINT and SIGTERM handlers (in the main thread): the first
+        signal stops the services gracefully (within ``grace`` seconds) and
+        ``run()`` returns 0; a second one exits the process at once with code
+        ``128 + signal number``.
+
+        Returns:
+            0 once every service has stopped.
+
+        Raises:
+            ServiceFailed: a service failed beyond its restart policy.
+            RuntimeError: called from a running event loop (use ``await
+                sv.serve()`` there), or the supervisor has already run.
+        """
+        from ._signals import run_with_signals
+
+        return run_with_signals(self, self.serve)
+
+    def stop(self) -> None:
+        """Ask the supervisor to stop every service; returns at once. Thread-safe.
+
+        Stopping an already stopping or stopped supervisor does nothing.
+
+        Raises:
+            RuntimeError: the supervisor has not started yet.
+        """
+        if self._state is _SV.NEW:
+            raise RuntimeError(
+                f"Cannot stop {self!r}: it has not started. Enter it with 'async with', or "
+                f"call serve() or run(), first."
+            )
+        self._request_stop_threadsafe("stop() was called")
+
+    def _request_stop_threadsafe(self, reason: str) -> None:
+        loop = self._loop
+        if loop is None:  # a signal before the loop started: stop as soon as it does
+            self._stop_early = True
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._request_shutdown(reason)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: all stopped already
+            loop.call_soon_threadsafe(self._request_shutdown, reason)
+
+    def _illegal_start(self, action: str) -> str:
+        if self._state in (_SV.STARTING, _SV.RUNNING):
+            if action == "enter":
+                return (
+                    f"Cannot enter {self!r} again: it is already running. A supervisor is "
+                    f"entered once; use a second Supervisor for a second set of services."
+                )
+            return f"Cannot serve() {self!r} while it is still starting; await __aenter__ first."
+        if self._state is _SV.STOPPING:
+            return f"Cannot {action} {self!r}: it is stopping."
+        return (
+            f"Cannot {action} {self!r}: it has already run and stopped. A supervisor runs "
+            f"once; create a new Supervisor to run the services again."
+        )
+
+    # -- one service ---------------------------------------------------------------------
+
+    async def _supervise(self, e: _Entry) -> None:
+        loop = asyncio.get_running_loop()
+        svc = e.service
+        while True:
+            e.state = _ST.STARTING
+            logger.info("%s: starting service %r", self.name, e.name)
+            crash: Exception | None = None
+            try:
+                await svc.start()
+            except Exception as exc:
+                crash = exc
+            else:
+                e.state, e.started_at = _ST.RUNNING, time.time()
+                logger.info("%s: service %r is ready", self.name, e.name)
+                if e.ready is not None and not e.ready.done():
+                    e.ready.set_result(None)
+                try:
+                    await svc.wait()
+                except Exception as exc:
+                    crash = exc
+            if e.stopping:
+                return  # the shutdown owns the state from here
+            if self._shutting_down():
+                # Shutting down, not yet this service's turn: an end or crash now
+                # is final, never a reason to start it again.
+                if crash is not None:
+                    e.last_error = crash
+                    logger.error(
+                        "%s: service %r crashed while stopping: %r",
+                        self.name,
+                        e.name,
+                        crash,
+                        exc_info=crash,
+                    )
+                self._end_entry(e, _ST.STOPPED)
+                return
+            if crash is None:
+                if not e.policy.restarts_after(crashed=False):
+                    logger.info("%s: service %r returned; it is stopped", self.name, e.name)
+                    self._end_entry(e, _ST.STOPPED)
+                    self._check_all_ended()
+                    return
+                logger.info("%s: service %r returned (restart='always')", self.name, e.name)
+            else:
+                e.last_error = crash
+                logger.error("%s: service %r crashed: %r", self.name, e.name, crash, exc_info=crash)
+                if not e.policy.restarts_after(crashed=True):
+                    self._fail(e, crash, "it crashed and its policy is restart='no'")
+                    return
+            delay = e.tracker.next_delay(loop.time())
+            if delay is None:
+                p = e.policy
+                why = (
+                    f"it needed more than max_restarts={p.max_restarts} restarts within "
+                    f"restart_window={p.restart_window:g}s"
+                )
+                self._fail(e, crash, why)
+                return
+            e.state = _ST.RESTARTING
+            e.restarts += 1
+            logger.warning(
+                "%s: restarting service %r in %.2fs (restart #%d)",
+                self.name,
+                e.name,
+                delay,
+                e.restarts,
+            )
+            await asyncio.sleep(delay)
+            if self._shutting_down():
+                self._end_entry(e, _ST.STOPPED)
+                return
+
+    def _shutting_down(self) -> bool:
+        return self._shutdown_task is not None
+
+    def _runner_done(self, runner: asyncio.Task[None]) -> None:
+        # Service errors are handled inside the runner; anything escaping it is
+        # a bug in offloop, reported instead of vanishing with the task.
+        if not runner.cancelled() and runner.exception() is not None:
+            logger.error(
+                "%s: supervision task %s crashed",
+                self.name,
+                runner.get_name(),
+                exc_info=runner.exception(),
+            )
+
+    def _end_entry(self, e: _Entry, state: ServiceState) -> None:
+        e.state = state
+        if e.ready is not None and not e.ready.done():
+            e.ready.set_result(None)
+
+    def _fail(self, e: _Entry, crash: Exception | None, why: str) -> None:
+        self._end_entry(e, _ST.FAILED)
+        if self._failure is not None:
+            return  # the first failure is the one reported
+        last = f"; last error: {crash!r}" if crash is not None else ""
+        failure = ServiceFailed(f"Service {e.name!r} failed: {why}{last}.", service=e.name)
+        failure.__cause__ = crash
+        self._failure = failure
+        logger.error("%s: %s Stopping the other services.", self.name, failure)
+        self._request_shutdown(f"service {e.name!r} failed")
+        host = self._host_task
+        if self._in_body and not self._serving and host is not None and not host.done():
+            # Like a TaskGroup: interrupt the 'async with' body so the failure surfaces now.
+            self._host_cancelled = True
+            host.cancel(f"offloop: service {e.name!r} failed")
+
+    def _check_all_ended(self) -> None:
+        if self._state is _SV.RUNNING and all(
+            e.state in (_ST.STOPPED, _ST.FAILED) for e in self._entries.values()
+        ):
+            self._request_shutdown("every service has ended")
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def _request_shutdown(self, reason: str) -> asyncio.Task[None]:
+        if self._shutdown_task is None:
+            loop = self._loop
+            assert loop is not None
+            assert self._shutdown_requested is not None
+            if self._state is not _SV.STOPPED:
+                self._state = _SV.STOPPING
+            logger.info("%s: stopping (%s), grace %gs", self.name, reason, self.grace)
+            self._shutdown_task = loop.create_task(
+                self._shutdown(), name=f"offloop-shutdown-{self.name}"
+            )
+            self._shutdown_requested.set_result(None)
+        return self._shutdown_task
+
+    async def _finish_shutdown(self, task: asyncio.Task[None]) -> None:
+        # The shutdown is bounded by grace, so waiting it out even when we are
+        # cancelled keeps "no service outlives the supervisor" true.
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait({task})
+            raise
+
+    async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace
+        for e in reversed(list(self._entries.values())):
+            await self._stop_entry(e, deadline)
+        self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
+        logger.info("%s: stopped", self.name)
+
+    async def _stop_entry(self, e: _Entry, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        runner = e.runner
+        if runner is None:  # never started
+            self._end_entry(e, _ST.STOPPED)
+            return
+        if runner.done():
+            return
+        e.stopping = True
+        if e.state is _ST.RESTARTING:  # sleeping before a restart: nothing runs
+            runner.cancel()
+            await asyncio.wait({runner})
+            self._end_entry(e, _ST.STOPPED)
+            logger.info("%s: service %r stopped", self.name, e.name)
+            return
+        was_starting = e.state is _ST.STARTING
+        e.state = _ST.STOPPING
+        logger.info("%s: stopping service %r", self.name, e.name)
+        if was_starting:
+            runner.cancel()  # interrupt start(); stop() below cleans up what it began
+        polite = False
+        try:
+            await asyncio.wait_for(e.service.stop(), max(deadline - loop.time(), LAST_CHANCE))
+            await asyncio.wait({runner}, timeout=max(deadline - loop.time(), LAST_CHANCE))
+            polite = runner.done()
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+        except Exception:
+            logger.exception("%s: stopping service %r raised", self.name, e.name)
+        if not polite:
+            try:
+                abandoned = e.service.kill()
+            except Exception:
+                logger.exception("%s: killing service %r raised", self.name, e.name)
+                abandoned = []
+            logger.warning(
+                "%s: service %r did not stop within the grace period; killed it",
+                self.name,
+                e.name,
+            )
+            for what in abandoned:
+                logger.warning("%s: service %r abandoned %s", self.name, e.name, what)
+            runner.cancel()
+            await asyncio.wait({runner}, timeout=LAST_CHANCE)
+        self._end_entry(e, _ST.STOPPED)
+        logger.info("%s: service %r stopped", self.name, e.name)

@@ -1,0 +1,557 @@
+"""Thread pools: run blocking sync functions without stalling the event loop.
+
+This is offloop's hot path; the call record, result channel and future it
+uses live in ``_offload``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import enum
+import logging
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+from time import monotonic
+from types import CoroutineType, TracebackType
+from typing import Any, Final, Literal, ParamSpec, TypeVar, final
+
+from ._errors import PoolClosedError
+from ._offload import (
+    ABANDONED,
+    DONE,
+    QUEUED,
+    RUNNING,
+    SKIPPED,
+    OffloadFuture,
+    new_call,
+    running_loop,
+)
+from ._token import thread_state
+from ._validate import check_positive_int, check_sync_callable, describe
+
+__all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool", "default_pool", "to_thread"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger: Final = logging.getLogger("offloop")
+
+#: Default bound on a pool's threads. Blocking calls are usually I/O waits, so
+#: more threads than cores pay off; 40 matches anyio's default limiter and is
+#: low enough that a flood of calls queues instead of spawning hundreds of threads.
+DEFAULT_MAX_WORKERS: Final = 40
+
+#: Seconds an idle worker waits for work before its thread exits.
+IDLE_TIMEOUT: Final = 30.0
+
+#: How often (seconds) a pool with queued calls checks whether its threads are
+#: stuck. Calls beyond the idle threads first queue behind the busy ones: for
+#: short functions one warm thread beats many threads fighting over the GIL.
+#: A thread whose call has run longer than this counts as blocked, and the pool
+#: adds one thread per blocked thread (doubling at most), so truly blocking
+#: calls reach max_workers within a few periods and a call that waits for
+#: another queued call (a nested offload) never deadlocks below max_workers.
+GROWTH_PERIOD: Final = 0.001
+
+OnCancel = Literal["abandon", "wait"]
+
+
+class PoolState(enum.Enum):
+    """Lifecycle of a pool: OPEN -> CLOSING -> CLOSED."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Worker:
+    """A worker thread and the call it runs now (read by close() and at exit)."""
+
+    __slots__ = ("call", "started", "thread")
+
+    def __init__(self) -> None:
+        self.call: OffloadFuture[Any] | None = None
+        self.started = 0.0
+        self.thread: threading.Thread | None = None
+
+
+_pools: Final[weakref.WeakSet[ThreadPool]] = weakref.WeakSet()
+_pool_numbers: Final = iter(range(1, 1 << 62))
+
+
+@final
+class ThreadPool:
+    """A named, bounded pool of worker threads: a bulkhead for blocking calls.
+
+    ``await pool.run(fn, *args, **kwargs)`` runs ``fn(*args, **kwargs)`` in one
+    of at most ``max_workers`` threads and returns its result, without blocking
+    the event loop. Threads start on demand, are named ``offloop-<name>-<n>``
+    and exit after 30 s idle. Calls beyond ``max_workers`` wait in a queue.
+    Several event loops in several threads may share one pool.
+
+    Args:
+        max_workers: the most threads the pool runs at once (default
+            :data:`DEFAULT_MAX_WORKERS`, 40). It is a true bound: a call whose
+            awaiter was cancelled keeps its thread until the function returns.
+        name: used in thread names, ``repr`` and log messages.
+        on_cancel: what cancelling the awaiting task does. ``"abandon"``
+            (default): the task gets ``CancelledError`` at once, the call's
+            :class:`StopToken` is set, and the function keeps its thread until
+            it returns. ``"wait"``: the token is set, and the cancellation is
+            delivered only once the function has returned.
+
+    Example::
+
+        async with offloop.ThreadPool(4, name="db") as pool:
+            rows = await pool.run(query, "select 1", timeout=5)
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        name: str | None = None,
+        on_cancel: OnCancel = "abandon",
+    ) -> None:
+        check_positive_int(max_workers, "ThreadPool(max_workers=...)")
+        if on_cancel not in ("abandon", "wait"):
+            raise ValueError(
+                f"ThreadPool(on_cancel=...) must be 'abandon' or 'wait', got {on_cancel!r}."
+            )
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"ThreadPool(name=...) must be a str, got {describe(name)}.")
+        self._name = name or f"pool{next(_pool_numbers)}"
+        self._max_workers = max_workers or DEFAULT_MAX_WORKERS
+        self._wait_on_cancel = on_cancel == "wait"
+        self._on_cancel = on_cancel
+        self._state = PoolState.OPEN
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[OffloadFuture[Any] | None] = queue.SimpleQueue()
+        self._workers: list[_Worker] = []
+        self._thread_numbers = iter(range(1, 1 << 62))
+        # Counters, guarded by _lock. _idle counts waiting threads no queued
+        # call has claimed yet; _backlog counts queued calls no thread has
+        # claimed (both only steer spawning: any thread takes any call).
+        self._idle = 0
+        self._backlog = 0
+        self._queued = 0
+        self._running = 0
+        self._abandoned = 0
+        self._completed = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._growth_loop: asyncio.AbstractEventLoop | None = None
+        self._closed_waiters: list[asyncio.Future[None]] = []
+        _pools.add(self)
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The pool's name, as used in thread names."""
+        return self._name
+
+    @property
+    def max_workers(self) -> int:
+        """The most threads this pool runs at once."""
+        return self._max_workers
+
+    @property
+    def state(self) -> PoolState:
+        """Where the pool is in its lifecycle."""
+        return self._state
+
+    def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
+        """Run ``fn(*args, **kwargs)`` in a worker thread; await the result.
+
+        The call is queued at once (like ``loop.run_in_executor``) and the
+        returned :class:`OffloadFuture` resolves to its result: ``await`` it,
+        or pass it to ``asyncio.gather``, ``asyncio.wait_for`` or
+        ``asyncio.create_task``. The caller's context variables are visible in
+        the worker. Exceptions propagate with their type and traceback.
+
+        Raises:
+            TypeError: ``fn`` is not callable, or is a coroutine function.
+            RuntimeError: no event loop is running in this thread.
+            PoolClosedError: the pool is closing or closed.
+        """
+        check_sync_callable(fn, f"{self._name}.run()", "offloop.to_loop()")
+        loop = running_loop(f"ThreadPool {self._name!r}: run()")
+        call: OffloadFuture[R] = new_call(self, fn, args, kwargs, loop)
+        self._submit(call)
+        return call
+
+    def statistics(self) -> dict[str, int | str]:
+        """A snapshot of the pool's counters.
+
+        Keys: ``state``, ``max_workers``, ``threads``, ``idle``, ``running``
+        (including abandoned calls), ``abandoned`` (cancelled by their awaiter
+        but still running), ``queued``, ``completed``, ``failed``, ``cancelled``.
+        """
+        with self._lock:
+            return {
+                "state": self._state.value,
+                "max_workers": self._max_workers,
+                "threads": len(self._workers),
+                "idle": self._idle,
+                "running": self._running,
+                "abandoned": self._abandoned,
+                "queued": self._queued,
+                "completed": self._completed,
+                "failed": self._failed,
+                "cancelled": self._cancelled,
+            }
+
+    async def aclose(self, *, timeout: float | None = None) -> None:
+        """Close the pool and wait for its threads to exit.
+
+        New calls are refused with :class:`PoolClosedError`. Calls still queued
+        are not started: their awaiters get ``PoolClosedError``. Running calls
+        get their :class:`StopToken` set and are waited for, up to ``timeout``
+        seconds (``None``: as long as they take). Threads still busy after the
+        timeout are abandoned (they are daemon threads, so they never keep the
+        process alive) and logged with the function they run.
+
+        Closing twice is allowed; the second call waits like the first.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._begin_close(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            self._report_stuck(f"after waiting {timeout} s in aclose()")
+            with self._lock:
+                self._state = PoolState.CLOSED
+            return
+        self._join_threads()
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Close the pool from sync code (not from a running loop's thread).
+
+        Same semantics as :meth:`aclose`, blocking the calling thread.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError(
+                f"{self!r}.close() blocks, and was called on a running event loop's thread. "
+                f"Use 'await pool.aclose()' there instead."
+            )
+        done = threading.Event()
+        self._begin_close(done)
+        if not done.wait(timeout):
+            self._report_stuck(f"after waiting {timeout} s in close()")
+            with self._lock:
+                self._state = PoolState.CLOSED
+            return
+        self._join_threads()
+
+    async def __aenter__(self) -> ThreadPool:
+        if self._state is not PoolState.OPEN:
+            raise PoolClosedError(
+                f"{self!r} cannot be entered because it is {self._state.value}; "
+                f"create a new ThreadPool instead."
+            )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        with self._lock:
+            return self._describe()
+
+    def _describe(self) -> str:
+        # The repr without taking _lock, for messages built while holding it.
+        abandoned = f" ({self._abandoned} abandoned)" if self._abandoned else ""
+        return (
+            f"<ThreadPool {self._name!r} {self._state.value}: {self._running} running"
+            f"{abandoned}, {self._queued} queued, "
+            f"{len(self._workers)}/{self._max_workers} threads>"
+        )
+
+    # -- internals ----------------------------------------------------------
+
+    def _submit(self, call: OffloadFuture[Any]) -> None:
+        spawn = False
+        with self._lock:
+            if self._state is not PoolState.OPEN:
+                raise PoolClosedError(
+                    f"{self._describe()} is {self._state.value} and takes no new calls; "
+                    f"create a new ThreadPool or use offloop.to_thread()."
+                )
+            self._queued += 1
+            if self._idle > 0:
+                self._idle -= 1
+            elif not self._workers:
+                spawn = True
+                worker = _Worker()
+                self._workers.append(worker)
+            else:
+                self._backlog += 1
+                growth_loop = self._growth_loop
+                if len(self._workers) < self._max_workers and (
+                    growth_loop is None or growth_loop.is_closed()
+                ):
+                    self._growth_loop = call.loop
+                    call.loop.call_later(GROWTH_PERIOD, self._check_growth)
+        self._queue.put(call)
+        if spawn:
+            self._start_thread(worker)
+
+    def _check_growth(self) -> None:
+        # Runs on the loop that armed it, every GROWTH_PERIOD while calls queue.
+        new: list[_Worker] = []
+        with self._lock:
+            room = self._max_workers - len(self._workers)
+            if self._state is not PoolState.OPEN or self._backlog == 0 or room <= 0:
+                self._growth_loop = None
+                return
+            stale = monotonic() - GROWTH_PERIOD
+            blocked = sum(1 for w in self._workers if w.call is not None and w.started < stale)
+            for _ in range(min(self._backlog, room, blocked)):
+                worker = _Worker()
+                self._workers.append(worker)
+                new.append(worker)
+            self._backlog -= len(new)
+            loop = self._growth_loop
+        for worker in new:
+            self._start_thread(worker)
+        if loop is not None:
+            loop.call_later(GROWTH_PERIOD, self._check_growth)
+
+    def _start_thread(self, worker: _Worker) -> None:
+        thread = threading.Thread(
+            target=self._work,
+            args=(worker,),
+            name=f"offloop-{self._name}-{next(self._thread_numbers)}",
+            daemon=True,
+        )
+        worker.thread = thread
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._workers.remove(worker)
+                self._backlog += 1  # its claimed call waits for the next free thread
+            raise
+
+    def _work(self, worker: _Worker) -> None:
+        get = self._queue.get
+        lock = self._lock
+        local = thread_state
+        while True:
+            try:
+                call = get(timeout=IDLE_TIMEOUT)
+            except queue.Empty:
+                with lock:
+                    # Exit only if this thread is unclaimed: a claimed one has
+                    # a call on its way.
+                    if self._idle > 0 and self._state is PoolState.OPEN:
+                        self._idle -= 1
+                        self._workers.remove(worker)
+                        return
+                continue
+            if call is None:
+                break
+            with lock:
+                if call._phase is QUEUED and self._state is not PoolState.OPEN:
+                    call._phase = SKIPPED
+                    self._queued -= 1
+                    self._cancelled += 1
+                    call._error = PoolClosedError(
+                        f"{self._describe()} closed before this call of {describe(call.fn)} "
+                        f"started."
+                    )
+                if call._phase is SKIPPED:
+                    self._free_slot()
+                    skipped = True
+                else:
+                    skipped = False
+                    call._phase = RUNNING
+                    self._queued -= 1
+                    self._running += 1
+                    worker.call = call
+                    worker.started = monotonic()
+            if skipped:
+                if call._error is not None:
+                    call._channel.post(call)
+                continue
+            local.call = call
+            result: Any = None
+            try:
+                result = call._ctx.run(call.fn, *call._args, **call._kwargs)  # type: ignore[union-attr]
+                if type(result) is CoroutineType:
+                    result.close()
+                    raise TypeError(
+                        f"{describe(call.fn)} returned a coroutine instead of a result, so it "
+                        f"is async code: 'await' it directly or use offloop.to_loop()."
+                    )
+                call._value = result
+            except BaseException as exc:  # delivered to the awaiter, like any result
+                call._error = exc
+            local.call = None
+            with lock:
+                worker.call = None
+                self._running -= 1
+                if call._phase is ABANDONED:
+                    self._abandoned -= 1
+                if call._error is None:
+                    self._completed += 1
+                else:
+                    self._failed += 1
+                call._phase = DONE
+                self._free_slot()
+            call._channel.post(call)
+            del call, result
+        self._thread_exited(worker)
+
+    def _free_slot(self) -> None:
+        # Called under _lock by a thread that is about to take the next call.
+        if self._backlog > 0:
+            self._backlog -= 1
+        else:
+            self._idle += 1
+
+    def _cancel(self, call: OffloadFuture[Any]) -> bool:
+        """Handle ``cancel()`` of a call's future; returns whether to cancel it now."""
+        first = not call.token.is_set()
+        call.token.set("cancelled")
+        with self._lock:
+            if call._phase is QUEUED:
+                call._phase = SKIPPED
+                self._queued -= 1
+                self._cancelled += 1
+                return True
+            if call._phase is not RUNNING:
+                return True  # finished, result in flight: the awaiter is gone anyway
+            self._cancelled += first
+            if self._wait_on_cancel:
+                # Refusing makes a Task deliver CancelledError once the
+                # function returns, which is exactly what on_cancel="wait" means.
+                return False
+            call._phase = ABANDONED
+            self._abandoned += 1
+            return True
+
+    def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
+        with self._lock:
+            if self._state is PoolState.OPEN:
+                self._state = PoolState.CLOSING
+                for worker in self._workers:
+                    if worker.call is not None:
+                        worker.call.token.set("pool closing")
+                    self._queue.put(None)
+            if not self._workers:
+                self._state = PoolState.CLOSED
+                _set_waiter(waiter)
+                return
+            self._closed_waiters.append(waiter)  # type: ignore[arg-type]
+
+    def _thread_exited(self, worker: _Worker) -> None:
+        with self._lock:
+            self._workers.remove(worker)
+            if self._workers:
+                return
+            self._state = PoolState.CLOSED
+            waiters, self._closed_waiters = self._closed_waiters, []
+        for waiter in waiters:
+            _set_waiter(waiter)
+
+    def _join_threads(self) -> None:
+        # Every worker has signalled its exit; what is left of its thread is
+        # returning from _work, so these joins take microseconds.
+        for thread in [w.thread for w in list(self._workers)]:
+            if thread is not None:
+                thread.join()
+
+    def _stuck_calls(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return [
+                (w.thread.name if w.thread else "?", describe(w.call.fn))
+                for w in self._workers
+                if w.call is not None
+            ]
+
+    def _report_stuck(self, when: str) -> None:
+        for thread_name, fn in self._stuck_calls():
+            logger.warning(
+                "offloop: %s in thread %s of pool %r is still running %s and was abandoned; "
+                "it cannot be stopped from outside. Poll offloop.current_token() in long "
+                "functions so they can stop when asked.",
+                fn,
+                thread_name,
+                self._name,
+                when,
+            )
+
+
+def _set_waiter(waiter: asyncio.Future[None] | threading.Event) -> None:
+    if isinstance(waiter, threading.Event):
+        waiter.set()
+        return
+
+    def complete() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    # A closed loop means nobody waits any more.
+    with contextlib.suppress(RuntimeError):
+        waiter.get_loop().call_soon_threadsafe(complete)
+
+
+_default: ThreadPool | None = None
+_default_lock: Final = threading.Lock()
+
+
+def default_pool() -> ThreadPool:
+    """The process-wide pool behind :func:`to_thread` (created on first use)."""
+    global _default
+    pool = _default
+    if pool is None or pool._state is not PoolState.OPEN:
+        with _default_lock:
+            pool = _default
+            if pool is None or pool._state is not PoolState.OPEN:
+                pool = _default = ThreadPool(name="default")
+    return pool
+
+
+def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
+    """Run the blocking ``fn(*args, **kwargs)`` in offloop's default thread pool.
+
+    These two lines do the same, but the second does not stall the loop::
+
+        result = fn(*args, **kwargs)
+        result = await offloop.to_thread(fn, *args, **kwargs)
+
+    The call starts at once; the returned :class:`OffloadFuture` works with
+    plain ``await``, ``asyncio.create_task``, ``asyncio.gather`` and
+    ``asyncio.wait_for``. A timeout or cancellation returns control at once; the
+    function keeps its thread until it returns, with its
+    :func:`~offloop.current_token` set so it can stop early.
+
+    Raises:
+        TypeError: ``fn`` is not callable, or is a coroutine function.
+        RuntimeError: no event loop is running in this thread.
+    """
+    return default_pool().run(fn, *args, **kwargs)
+
+
+@atexit.register
+def _warn_stuck_at_exit() -> None:
+    # Worker threads are daemons, so a stuck call cannot hang interpreter exit
+    # (asyncio.to_thread's executor can); say what was left behind instead.
+    for pool in list(_pools):
+        pool._report_stuck("at interpreter exit")

@@ -1,0 +1,261 @@
+"""``python -m offloop run module:attr``: a real subprocess, real HTTP, real signals."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import requests
+
+from offloop import Supervisor
+from offloop._cli import main as cli_main
+from offloop._cli_run import TargetError, load_supervisor, render_table, status_json
+from tests.test_supervisor_signals import Proc
+
+HTTP_TIMEOUT = 5.0
+
+APP = '''
+import asyncio
+import os
+
+import offloop
+
+sv = offloop.Supervisor(grace=2, name="app")
+
+
+class Gate(offloop.Service):
+    """Ready only once the test creates the file 'open' (to observe 'starting')."""
+
+    name = "gate"
+
+    async def start(self):
+        while not os.path.exists("open"):
+            await asyncio.sleep(0.01)
+        self._stopped = asyncio.Event()
+
+    async def wait(self):
+        await self._stopped.wait()
+
+    async def stop(self):
+        self._stopped.set()
+
+
+@sv.service
+async def bot():
+    while True:
+        await asyncio.sleep(3600)
+
+
+@sv.service
+def worker(token):
+    token.wait()
+    print("worker saw its token", flush=True)
+
+
+sv.add(Gate())
+
+
+def make_failing():
+    failing = offloop.Supervisor(name="failing")
+
+    @failing.service(restart="no")
+    def crash():
+        raise RuntimeError("cannot connect to the database")
+
+    return failing
+
+
+number = 42
+
+
+class registry:
+    main = sv
+
+
+def make_nothing():
+    return None
+'''
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "cli_app.py").write_text(textwrap.dedent(APP))
+    return tmp_path
+
+
+def _get(port: int, path: str) -> requests.Response:
+    return requests.get(f"http://127.0.0.1:{port}{path}", timeout=HTTP_TIMEOUT)
+
+
+def test_run_serves_status_and_healthz_and_stops_on_sigint(app_dir: Path) -> None:
+    args = ["-m", "offloop", "run", "cli_app:sv", "--status-port", "0"]
+    with Proc(args, app_dir) as proc:
+        port = int(proc.wait_for(r"status on http://127\.0\.0\.1:(\d+)/status").group(1))
+        proc.wait_for("starting service 'gate'")
+        # The gate holds the start-up: the supervisor is alive but not healthy yet.
+        unhealthy = _get(port, "/healthz")
+        assert unhealthy.status_code == 503
+        assert unhealthy.json() == {"healthy": False, "state": "starting", "not_running": ["gate"]}
+        starting = _get(port, "/status").json()
+        assert starting["services"]["gate"]["state"] == "starting"
+        assert starting["services"]["bot"]["state"] == "running"
+
+        (app_dir / "open").touch()
+        proc.wait_for("all 3 service")
+        healthy = _get(port, "/healthz")
+        assert healthy.status_code == 200
+        assert healthy.json() == {"healthy": True, "state": "running", "not_running": []}
+        status = _get(port, "/status").json()
+        assert status["supervisor"] == "app"
+        assert status["state"] == "running"
+        assert list(status["services"]) == ["bot", "worker", "gate"]
+        for name, st in status["services"].items():
+            assert st["name"] == name
+            assert st["state"] == "running"
+            assert st["restarts"] == 0
+            assert st["last_error"] is None
+        assert _get(port, "/nope").status_code == 404
+        post = requests.post(f"http://127.0.0.1:{port}/status", timeout=HTTP_TIMEOUT)
+        assert post.status_code == 405
+
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert "offloop.supervisor: app: received SIGINT, stopping gracefully within 2s" in out
+    assert "worker saw its token" in out
+    assert "app: service 'gate' stopped" in out
+    assert out.rstrip().endswith("app: stopped")
+
+
+def test_run_calls_a_factory_and_exits_1_when_a_service_fails(app_dir: Path) -> None:
+    with Proc(["-m", "offloop", "run", "cli_app:make_failing"], app_dir) as proc:
+        assert proc.exit_code() == 1
+        out = proc.output
+    assert "failing: service 'crash' crashed: RuntimeError('cannot connect to the database')" in out
+    assert "Traceback (most recent call last)" in out  # the crash is logged with its traceback
+    assert "Service 'crash' failed: it crashed and its policy is restart='no'" in out
+
+
+def test_second_signal_forces_the_cli_out(app_dir: Path) -> None:
+    (app_dir / "stuck.py").write_text(
+        textwrap.dedent(
+            """
+            import threading
+            import offloop
+
+            sv = offloop.Supervisor(grace=3600, name="stuck")
+
+            @sv.service
+            def deaf():
+                threading.Event().wait()
+            """
+        )
+    )
+    with Proc(["-m", "offloop", "run", "stuck:sv"], app_dir) as proc:
+        proc.wait_for("all 1 service")
+        proc.send(signal.SIGINT)
+        proc.wait_for("stopping service 'deaf'")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 128 + signal.SIGINT
+    assert "received SIGINT again, exiting now" in proc.output
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("cli_app", "expected MODULE:ATTR (e.g. 'app:sv'), got 'cli_app'."),
+        ("no_such_module:sv", "could not import the module 'no_such_module': there is no such"),
+        ("cli_app:svv", "the module 'cli_app' has no attribute 'svv'. Supervisors in it: sv."),
+        ("cli_app:number", "'cli_app:number' is int 42, not an offloop.Supervisor"),
+        ("cli_app:make_nothing", "calling it returned NoneType None, not an offloop.Supervisor"),
+    ],
+)
+def test_bad_targets_are_explained(
+    app_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+    message: str,
+) -> None:
+    monkeypatch.chdir(app_dir)
+    monkeypatch.syspath_prepend(str(app_dir))
+    monkeypatch.delitem(sys.modules, "cli_app", raising=False)
+    with pytest.raises(TargetError) as info:
+        load_supervisor(target)
+    assert message in str(info.value)
+    # The command line turns it into exit code 2 and one line on stderr.
+    assert cli_main(["run", target]) == 2
+    assert capsys.readouterr().err == f"offloop run: error: {info.value}\n"
+    monkeypatch.delitem(sys.modules, "cli_app", raising=False)
+
+
+def test_load_supervisor_finds_dotted_attributes(
+    app_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(app_dir)
+    monkeypatch.syspath_prepend(str(app_dir))
+    monkeypatch.delitem(sys.modules, "cli_app", raising=False)
+    sv = load_supervisor("cli_app:sv")
+    assert isinstance(sv, Supervisor)
+    assert list(sv.services) == ["bot", "worker", "gate"]
+    assert load_supervisor("cli_app:registry.main") is sv
+    monkeypatch.delitem(sys.modules, "cli_app", raising=False)
+
+
+def test_live_table_renders_every_service() -> None:
+    from rich.console import Console
+
+    sv = Supervisor(name="tbl")
+
+    @sv.service
+    def worker() -> None:
+        pass
+
+    @sv.service
+    async def bot() -> None:
+        pass
+
+    console = Console(record=True, width=100, color_system=None)
+    console.print(render_table(sv))
+    text = console.export_text()
+    assert "tbl (new)" in text
+    assert "worker" in text
+    assert "bot" in text
+    assert text.count("pending") == 2
+    assert status_json(sv) == {
+        "supervisor": "tbl",
+        "state": "new",
+        "services": {
+            name: {
+                "name": name,
+                "state": "pending",
+                "restarts": 0,
+                "started_at": None,
+                "uptime": None,
+                "last_error": None,
+            }
+            for name in ("worker", "bot")
+        },
+    }
+
+
+def test_status_port_in_use_is_refused(app_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["-m", "offloop", "run", "cli_app:sv", "--status-port", str(port)]
+        with Proc(args, app_dir) as proc:
+            assert proc.exit_code() == 2
+    assert f"offloop run: error: cannot serve the status on 127.0.0.1:{port}" in proc.output
+    assert "pick another --status-port" in proc.output
+    assert "starting service" not in proc.output  # nothing was started
+
+
+def test_status_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["run", "x:y", "--status-port", "70000"]) == 2
+    assert "--status-port must be between 0 and 65535, got 70000" in capsys.readouterr().err

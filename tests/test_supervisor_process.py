@@ -1,0 +1,161 @@
+"""isolate="process": services in real child processes, stopped by SIGTERM, killed if deaf."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from offloop import NotPicklableError, ServiceFailed, StopToken, Supervisor, WorkerCrashed
+from tests.helpers import await_until, bounded
+
+WAIT = 10.0  # a spawned child imports the interpreter afresh; generous, never waited out
+
+
+# Service functions live at module level: the spawned child imports them by name.
+
+
+def polite_child(path: str, token: StopToken) -> None:
+    Path(path).write_text(f"running {os.getpid()}")
+    token.wait()
+    Path(path).write_text(f"stopped because {token.reason}")
+
+
+def _mark(path: str, text: str) -> None:
+    # A tiny local write; the child's loop has nothing else to do meanwhile.
+    Path(path).write_text(text)
+
+
+async def async_child(path: str) -> None:
+    _mark(path, f"running {os.getpid()}")
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        _mark(path, "cancelled")
+
+
+def crashing_child() -> None:
+    raise ValueError("bad config")
+
+
+def dying_child() -> None:
+    os._exit(3)
+
+
+def deaf_child(path: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(path).write_text("ignoring SIGTERM")
+    time.sleep(3600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _resource_tracker() -> None:
+    # multiprocessing's spawn start method launches one resource-tracker process
+    # per interpreter, meant to live as long as it. Start it before the leak
+    # check takes its "children before" snapshot, so only real leaks count.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+def _pid_from(path: Path) -> int:
+    return int(path.read_text().split()[1])
+
+
+@bounded(30)
+async def test_sync_and_async_functions_run_in_child_processes(tmp_path: Path) -> None:
+    sv = Supervisor(name="procs")
+    sync_file, async_file = tmp_path / "sync", tmp_path / "async"
+    sv.service(isolate="process", name="sync")(functools.partial(polite_child, str(sync_file)))
+    sv.service(isolate="process", name="async")(functools.partial(async_child, str(async_file)))
+    async with sv:
+        await await_until(sync_file.exists, WAIT, "the sync child to run")
+        await await_until(async_file.exists, WAIT, "the async child to run")
+        pids = {_pid_from(sync_file), _pid_from(async_file)}
+        assert os.getpid() not in pids
+        assert len(pids) == 2
+        assert repr(sv.services["sync"]).startswith("<ProcessService 'sync' running pid=")
+        assert {st.state for st in sv.status().values()} == {"running"}
+    # SIGTERM was the polite stop: the token was set, the coroutine cancelled.
+    assert sync_file.read_text() == "stopped because terminated"
+    assert async_file.read_text() == "cancelled"
+    assert {st.state for st in sv.status().values()} == {"stopped"}
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_child_exception_crosses_back_with_its_traceback() -> None:
+    sv = Supervisor()
+    sv.service(isolate="process", restart="no")(crashing_child)
+    with pytest.raises(ServiceFailed, match="'crashing_child' failed") as info:
+        await sv.serve()
+    error = info.value.__cause__
+    assert isinstance(error, ValueError)
+    assert str(error) == "bad config"
+    assert error.__cause__ is not None
+    assert "(in the service process)" in str(error.__cause__)
+    assert 'raise ValueError("bad config")' in str(error.__cause__)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_child_that_dies_is_restarted_then_fails_with_worker_crashed() -> None:
+    sv = Supervisor()
+    sv.service(isolate="process", backoff=0, max_backoff=0, max_restarts=1)(dying_child)
+    with pytest.raises(ServiceFailed) as info:
+        await sv.serve()
+    error = info.value.__cause__
+    assert isinstance(error, WorkerCrashed)
+    assert error.exitcode == 3
+    assert "died with exit code 3" in str(error)
+    assert sv.status()["dying_child"].restarts == 1
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_child_that_ignores_sigterm_is_killed_after_grace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sv = Supervisor(grace=0.3)
+    marker = tmp_path / "deaf"
+    sv.service(isolate="process", name="deaf")(functools.partial(deaf_child, str(marker)))
+    async with sv:
+        await await_until(marker.exists, WAIT, "the child to ignore SIGTERM")
+    assert sv.status()["deaf"].state == "stopped"
+    assert any("'deaf' did not stop within the grace period" in m for m in caplog.messages)
+    # The no-leak fixture checks that the child is gone (SIGKILL cannot be ignored).
+
+
+def test_unpicklable_function_is_refused_up_front() -> None:
+    sv = Supervisor()
+
+    def local() -> None:
+        pass
+
+    with pytest.raises(NotPicklableError) as info:
+        sv.service(isolate="process")(local)
+    assert "Service 'local' uses isolate='process'" in str(info.value)
+    assert "Define it at the top level of an importable module" in str(info.value)
+    assert sv.services == {}
+
+
+def exiting_child() -> None:
+    raise SystemExit(4)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_system_exit_in_the_child_is_a_crash_not_an_exit_of_the_parent() -> None:
+    sv = Supervisor()
+    sv.service(isolate="process", restart="no")(exiting_child)
+    with pytest.raises(ServiceFailed) as info:
+        await sv.serve()
+    error = info.value.__cause__
+    assert error is not None
+    assert str(error) == "the process of service 'exiting_child' raised SystemExit(4)"
+    assert isinstance(error.__cause__, SystemExit)

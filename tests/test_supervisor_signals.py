@@ -1,0 +1,210 @@
+"""sv.run() in a real subprocess, stopped by real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+
+WAIT = 15.0  # bound on the child's start-up and exit; never reached when things work
+
+
+class Proc:
+    """A real child process whose merged output is read line by line as it comes."""
+
+    def __init__(self, args: Sequence[str], cwd: Path) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="test-proc-reader")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
+        """Wait for an output line matching ``pattern``; fail with the output so far."""
+        regex = re.compile(pattern)
+        with self._changed:
+            ok = self._changed.wait_for(
+                lambda: (
+                    any(regex.search(line) for line in self.lines) or self.popen.poll() is not None
+                ),
+                timeout,
+            )
+            for line in self.lines:
+                match = regex.search(line)
+                if match:
+                    return match
+        state = "timed out" if not ok else f"exited with {self.popen.returncode}"
+        pytest.fail(f"{state} waiting for {pattern!r}; output:\n{self.output}")
+
+    def send(self, sig: signal.Signals) -> None:
+        self.popen.send_signal(sig)
+
+    def exit_code(self, timeout: float = WAIT) -> int:
+        """Wait for the exit (bounded) and for the last output line."""
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the process did not exit within {timeout}s; output:\n{self.output}")
+        self._reader.join(timeout)
+        return code
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(WAIT)
+        self._reader.join(WAIT)
+        assert self.popen.stdout is not None
+        self.popen.stdout.close()
+
+
+SCRIPT = """
+import logging
+import sys
+import threading
+
+import offloop
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sv = offloop.Supervisor(grace=float(sys.argv[1]), name="script")
+
+
+@sv.service
+def worker(token):
+    print("worker running", flush=True)
+    token.wait()
+    print("worker got its token", flush=True)
+
+
+@sv.service
+async def bot():
+    import asyncio
+
+    while True:
+        await asyncio.sleep(3600)
+
+
+if "--deaf" in sys.argv:
+
+    @sv.service
+    def deaf():
+        print("deaf running", flush=True)
+        threading.Event().wait()  # ignores its token: only abandoning it ends the run
+
+
+code = sv.run()
+print(f"run() returned {code}", flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(SCRIPT))
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_first_signal_stops_gracefully_with_exit_code_0(script: Path, sig: signal.Signals) -> None:
+    with Proc([str(script), "5"], script.parent) as proc:
+        proc.wait_for("script: all 2 service")
+        proc.send(sig)
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert f"WARNING script: received {sig.name}, stopping gracefully within 5s" in out
+    assert "worker got its token" in out
+    assert "INFO script: service 'bot' stopped" in out
+    assert out.endswith("INFO script: stopped\nrun() returned 0")
+
+
+def test_shutdown_is_bounded_by_grace_and_names_the_abandoned_thread(script: Path) -> None:
+    with Proc([str(script), "0.3", "--deaf"], script.parent) as proc:
+        proc.wait_for("script: all 3 service")
+        proc.send(signal.SIGINT)
+        # The deaf thread never returns: only the grace bound lets the process exit.
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert "WARNING script: service 'deaf' did not stop within the grace period" in out
+    assert "script: service 'deaf' abandoned thread 'offloop-service-deaf', currently at:" in out
+    assert "in deaf\n    threading.Event().wait()" in out
+    assert "worker got its token" in out  # the others were still stopped politely
+    assert "run() returned 0" in out
+
+
+def test_second_signal_exits_at_once_with_non_zero_code(script: Path) -> None:
+    with Proc([str(script), "3600", "--deaf"], script.parent) as proc:
+        proc.wait_for("script: all 3 service")
+        proc.send(signal.SIGINT)
+        proc.wait_for("stopping service 'deaf'")  # stuck there for up to an hour of grace
+        proc.send(signal.SIGTERM)
+        assert proc.exit_code() == 128 + signal.SIGTERM
+        out = proc.output
+    assert "ERROR script: received SIGTERM again, exiting now" in out
+    assert "run() returned" not in out
+
+
+def test_ctrl_c_under_plain_asyncio_run_still_stops_every_service(tmp_path: Path) -> None:
+    script = tmp_path / "plain.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            import offloop
+
+            sv = offloop.Supervisor(name="plain")
+
+            @sv.service
+            def worker(token):
+                print("worker running", flush=True)
+                token.wait()
+                print("worker got its token", flush=True)
+
+            try:
+                asyncio.run(sv.serve())
+            except KeyboardInterrupt:
+                print("KeyboardInterrupt after", sv.state, sv.status()["worker"].state, flush=True)
+            """
+        )
+    )
+    with Proc([str(script)], tmp_path) as proc:
+        proc.wait_for("worker running")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+    assert "worker got its token" in proc.output
+    assert "KeyboardInterrupt after stopped stopped" in proc.output

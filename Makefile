@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP_DEV := $(VENV)/.stamp-dev
 STAMP_BENCH := $(VENV)/.stamp-bench
 STAMP_BASE := $(VENV)/.stamp-base
+LINT_DIRS := $(wildcard src tests benchmarks examples)
 
 .PHONY: demo test lint typecheck pytest bench clean
 
@@ -29,8 +30,8 @@ demo: $(STAMP_BASE)
 	$(BIN)/python -m offloop demo
 
 lint: $(STAMP_DEV)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 
 typecheck: $(STAMP_DEV)
 	$(BIN)/mypy

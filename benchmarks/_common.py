@@ -58,7 +58,11 @@ def fmt_time(seconds: float) -> str:
 
 
 def table(
-    title: str, results: dict[str, Result], *, reference: str, unit: Callable[[float], str] = fmt_time
+    title: str,
+    results: dict[str, Result],
+    *,
+    reference: str,
+    unit: Callable[[float], str] = fmt_time,
 ) -> None:
     """Print medians and ratios against ``reference`` (ratio > 1: reference is faster)."""
     ref = results[reference].median

@@ -96,9 +96,7 @@ def make_offloads() -> tuple[dict[str, Callable[[], Offload]], Callable[[], None
     offloads: dict[str, Callable[[], Offload]] = {
         "offloop.to_thread": lambda: functools.partial(offloop.to_thread, trivial),
         "offloop ThreadPool.run": lambda: functools.partial(pool.run, trivial),
-        "floor (SimpleQueue + call_soon_threadsafe)": lambda: functools.partial(
-            floor.run, trivial
-        ),
+        "floor (SimpleQueue + call_soon_threadsafe)": lambda: functools.partial(floor.run, trivial),
         "asyncio.to_thread": lambda: functools.partial(asyncio.to_thread, trivial),
         "loop.run_in_executor": run_in_executor,
         "anyio.to_thread.run_sync": lambda: functools.partial(anyio.to_thread.run_sync, trivial),
@@ -167,10 +165,15 @@ def main() -> None:
             seq = interleaved({n: sequential(m, factory) for n, m in offloads.items()})
             table(f"sequential round trip, {loop_name}", seq, reference="offloop.to_thread")
             gat = interleaved({n: gathered(m, factory) for n, m in offloads.items()})
-            table(f"{GATHER_WIDTH}-wide gather, per call, {loop_name}", gat,
-                  reference="offloop.to_thread")
+            table(
+                f"{GATHER_WIDTH}-wide gather, per call, {loop_name}",
+                gat,
+                reference="offloop.to_thread",
+            )
             s = ratio(seq, "asyncio.to_thread", "offloop.to_thread")
-            ok &= check(f"[{loop_name}] sequential >= 1.8x asyncio.to_thread", s >= 1.8, f"{s:.2f}x")
+            ok &= check(
+                f"[{loop_name}] sequential >= 1.8x asyncio.to_thread", s >= 1.8, f"{s:.2f}x"
+            )
             f = ratio(seq, "offloop.to_thread", "floor (SimpleQueue + call_soon_threadsafe)")
             ok &= check(f"[{loop_name}] sequential within 1.3x of the floor", f <= 1.3, f"{f:.2f}x")
             g = ratio(gat, "asyncio.to_thread", "offloop.to_thread")

@@ -32,14 +32,34 @@ LEAK_WAIT = 10.0
 
 
 def run_on(kind: str, coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coro`` to completion on a fresh loop of the given kind."""
+    """Run ``coro`` to completion on a fresh loop of the given kind.
+
+    Does what ``asyncio.run`` does (cancel leftovers, shut down async
+    generators and the default executor, close the loop), with a choice of loop.
+    """
+    loop: asyncio.AbstractEventLoop
     if kind == "uvloop":
         import uvloop
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(coro)
-    with asyncio.Runner(debug=kind == "debug") as runner:
-        return runner.run(coro)
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+        loop.set_debug(kind == "debug")
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -73,17 +93,13 @@ def _leftover_threads(before: set[threading.Thread]) -> list[threading.Thread]:
     return [
         t
         for t in threading.enumerate()
-        if t not in before
-        and t.is_alive()
-        and not t.name.startswith(LONG_LIVED_THREAD_PREFIXES)
+        if t not in before and t.is_alive() and not t.name.startswith(LONG_LIVED_THREAD_PREFIXES)
     ]
 
 
 def _children() -> set[int]:
     try:
-        return {
-            p.pid for p in psutil.Process().children(recursive=True) if p.status() != "zombie"
-        }
+        return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != "zombie"}
     except psutil.Error:
         return set()
 

@@ -26,9 +26,7 @@ def test_stuck_worker_does_not_hang_interpreter_exit(tmp_path: Path) -> None:
     script.write_text(textwrap.dedent(STUCK_PROGRAM))
     # asyncio.to_thread would keep this process alive for the full 60 s
     # (asyncio.run joins the default executor); the bound below is far shorter.
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=30
-    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["gave up waiting", "loop finished"]
     assert "builtin_function_or_method 'sleep'" in proc.stderr

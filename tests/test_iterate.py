@@ -56,7 +56,8 @@ def test_threaded_rejects_coroutine_functions_and_bad_pools() -> None:
 
 async def test_iterate_yields_every_item_in_order() -> None:
     assert [x async for x in offloop.iterate(range(100), buffer=4)] == list(range(100))
-    assert [x async for x in offloop.iterate([])] == []
+    nothing: list[int] = []
+    assert [x async for x in offloop.iterate(nothing)] == []
 
 
 async def test_iterate_pulls_in_a_worker_thread() -> None:
@@ -181,9 +182,13 @@ async def test_exceptions_from_the_source_propagate() -> None:
         raise KeyError("missing")
 
     got: list[int] = []
-    with pytest.raises(KeyError, match="missing"):
+
+    async def consume() -> None:
         async for x in offloop.iterate(source()):
             got.append(x)
+
+    with pytest.raises(KeyError, match="missing"):
+        await consume()
     assert got == [1]
 
 
@@ -196,5 +201,5 @@ async def test_iterate_input_errors() -> None:
     async def agen() -> object:
         yield 1
 
-    with pytest.raises(TypeError, match="async iterable .*'async for' on it directly"):
+    with pytest.raises(TypeError, match=r"async iterable .*'async for' on it directly"):
         offloop.iterate(agen())  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -48,10 +49,8 @@ async def main(seconds: float, interval: float) -> int:
         stop.set()
         service.cancel()  # sets the service's token; "wait" lets it finish its tick
         bot_ticks = await bot
-        try:
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled while still queued
             await service
-        except asyncio.CancelledError:
-            pass
     print(f"done: bot ticked {bot_ticks} times while the blocking service ran beside it")
     return 0
 

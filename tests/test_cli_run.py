@@ -259,3 +259,32 @@ def test_status_port_in_use_is_refused(app_dir: Path) -> None:
 def test_status_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["run", "x:y", "--status-port", "70000"]) == 2
     assert "--status-port must be between 0 and 65535, got 70000" in capsys.readouterr().err
+
+
+def test_detect_blocking_logs_the_line_that_blocked_the_loop(tmp_path: Path) -> None:
+    (tmp_path / "hoggy.py").write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            import time
+            import offloop
+
+            sv = offloop.Supervisor(name="hoggy")
+
+            @sv.service
+            async def hog():
+                await asyncio.sleep(0)
+                time.sleep(0.5)  # the line to name
+                print("hog done blocking", flush=True)
+                await asyncio.sleep(3600)
+            """
+        )
+    )
+    args = ["-m", "offloop", "run", "hoggy:sv", "--detect-blocking", "0.05"]
+    with Proc(args, tmp_path) as proc:
+        proc.wait_for("hog done blocking")
+        proc.wait_for(r"offloop\.detector")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+    assert "hoggy.py:11" in proc.output
+    assert "time.sleep(0.5)  # the line to name" in proc.output

@@ -1,4 +1,4 @@
-"""Supervisor: running services side by side, restarts, failure, bounded shutdown."""
+"""Supervisor: running services side by side, restarts, failure, status, blocking detection."""
 
 from __future__ import annotations
 
@@ -317,106 +317,6 @@ async def test_restart_always_restarts_after_a_normal_return() -> None:
 
 @pytest.mark.loops("asyncio")
 @bounded(10)
-async def test_stop_during_restart_backoff_does_not_wait_for_it() -> None:
-    sv = Supervisor()
-
-    @sv.service(backoff=3600, max_backoff=3600)
-    async def broken() -> None:
-        raise ValueError("nope")
-
-    async with sv:
-        await await_until(lambda: sv.status()["broken"].state == "restarting", WAIT)
-    assert sv.status()["broken"].state == "stopped"
-
-
-@bounded(10)
-async def test_stop_is_thread_safe() -> None:
-    sv = Supervisor()
-    running = threading.Event()
-
-    @sv.service
-    def worker(token: StopToken) -> None:
-        running.set()
-        token.wait()
-
-    def stop_from_a_thread() -> None:
-        assert running.wait(WAIT)
-        sv.stop()
-
-    thread = threading.Thread(target=stop_from_a_thread)
-    thread.start()
-    try:
-        await sv.serve()
-    finally:
-        thread.join(WAIT)
-    assert sv.state == "stopped"
-    sv.stop()  # stopping a stopped supervisor does nothing
-
-
-@pytest.mark.loops("asyncio")
-@pytest.mark.allow_leaks  # checks the abandoned thread itself, then ends it
-@bounded(10)
-async def test_shutdown_is_bounded_and_reports_an_abandoned_thread(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.INFO, logger="offloop")
-    sv = Supervisor(grace=0.2, name="sv")
-    started = threading.Event()
-    release = threading.Event()
-
-    @sv.service
-    def deaf() -> None:
-        started.set()
-        release.wait(WAIT)  # ignores its token on purpose
-
-    @sv.service
-    def polite(token: StopToken) -> None:
-        token.wait()
-
-    try:
-        async with sv:
-            await await_until(started.is_set, WAIT)
-        abandoned = [t for t in threading.enumerate() if t.name == "offloop-service-deaf"]
-        assert len(abandoned) == 1
-        assert abandoned[0].is_alive()
-        assert abandoned[0].daemon
-        assert sv.status()["polite"].state == "stopped"  # still stopped after the grace ran out
-        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert "sv: service 'deaf' did not stop within the grace period; killed it" in warnings
-        report = next(w for w in warnings if "abandoned" in w)
-        assert report.startswith("sv: service 'deaf' abandoned thread 'offloop-service-deaf'")
-        assert "in deaf\n    release.wait(WAIT)" in report  # its current stack
-    finally:
-        release.set()
-    abandoned[0].join(WAIT)
-    assert not abandoned[0].is_alive()
-
-
-@pytest.mark.loops("asyncio")
-@bounded(10)
-async def test_coroutine_that_swallows_cancellation_is_killed(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    sv = Supervisor(grace=0.1)
-    swallowed = 0
-
-    @sv.service
-    async def sulky() -> None:
-        nonlocal swallowed
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            swallowed += 1
-        await asyncio.sleep(3600)  # the second cancellation (kill) ends it
-
-    async with sv:
-        pass
-    assert swallowed == 1
-    assert any("'sulky' did not stop within the grace period" in m for m in caplog.messages)
-
-
-@pytest.mark.loops("asyncio")
-@bounded(10)
 async def test_status_snapshot() -> None:
     sv = Supervisor()
 
@@ -443,186 +343,6 @@ async def test_status_snapshot() -> None:
     assert str(st.state) == "stopped"
 
 
-def test_decorator_returns_the_function_and_names_the_service() -> None:
-    sv = Supervisor()
-
-    def plain() -> int:
-        return 42
-
-    assert sv.service(plain) is plain
-    assert sv.service(name="second")(plain) is plain
-    assert plain() == 42
-    assert list(sv.services) == ["plain", "second"]
-    assert repr(sv.services["plain"]).startswith("<ThreadService 'plain' idle fn=function")
-
-
-async def _never() -> None:
-    await asyncio.sleep(3600)
-
-
-def _two_args(a: int, b: int) -> None:
-    pass
-
-
-@pytest.mark.parametrize(
-    ("register", "error", "message"),
-    [
-        (lambda sv: sv.service(42), TypeError, "needs an 'async def' or plain 'def' function"),
-        (lambda sv: sv.service(_two_args), TypeError, "which needs the arguments (a, b)"),
-        (
-            lambda sv: sv.service(isolate="thread")(_never),
-            TypeError,
-            "use isolate='loop' to give it its own loop",
-        ),
-        (
-            lambda sv: sv.service(isolate="loop")(_two_args),
-            TypeError,
-            "isolate='loop', which is for coroutine functions",
-        ),
-        (lambda sv: sv.service(isolate="gpu")(_never), ValueError, "isolate must be None,"),
-        (lambda sv: sv.service(backoff=-1)(_never), ValueError, "backoff must be at least 0"),
-        (
-            lambda sv: sv.add(_never),
-            TypeError,
-            "needs an offloop.Service (e.g. offloop.WSGIService(app)), got function '_never'. "
-            "To supervise a function, decorate it with @sv.service instead.",
-        ),
-        (lambda sv: sv.service(name="")(_never), TypeError, "name must be a non-empty str"),
-    ],
-)
-def test_bad_registrations_are_explained(
-    register: object, error: type[Exception], message: str
-) -> None:
-    sv = Supervisor()
-    with pytest.raises(error) as info:
-        register(sv)  # type: ignore[operator]
-    assert message in str(info.value)
-    # A rejected registration leaves the supervisor usable.
-    sv.service(_never)
-    assert list(sv.services) == ["_never"]
-
-
-def test_coroutine_object_is_rejected_without_a_warning() -> None:
-    sv = Supervisor()
-    with pytest.raises(TypeError, match="Decorate the 'async def' function itself"):
-        sv.service(_never())  # type: ignore[call-overload]
-
-
-def test_duplicate_names_and_services_are_rejected() -> None:
-    sv = Supervisor(name="dup")
-    svc = sv.add(Recorder("api", []))
-    with pytest.raises(ValueError, match=r"already has a service named 'api'; pass name="):
-        sv.add(Recorder("api", []))
-    with pytest.raises(ValueError, match=r"<Recorder 'api'> is already supervised by <Supervisor"):
-        sv.add(svc)
-    with pytest.raises(TypeError, match="grace must be a number of seconds"):
-        Supervisor(grace="5")  # type: ignore[arg-type]
-
-
-@pytest.mark.loops("asyncio")
-@bounded(10)
-async def test_illegal_transitions_have_their_own_messages() -> None:
-    sv = Supervisor(name="once")
-    with pytest.raises(RuntimeError) as info:
-        sv.stop()
-    assert str(info.value) == (
-        "Cannot stop <Supervisor 'once' new (no services) grace=5>: it has not started. "
-        "Enter it with 'async with', or call serve() or run(), first."
-    )
-    sv.add(Recorder("api", []))
-    async with sv:
-        with pytest.raises(RuntimeError, match=r"Cannot enter <Supervisor 'once' running"):
-            await sv.__aenter__()
-        with pytest.raises(RuntimeError, match="Cannot add the service 'late' to <Supervisor"):
-            sv.add(Recorder("late", []))
-        with pytest.raises(RuntimeError, match=r"\.run\(\) was called from a running event loop"):
-            sv.run()
-    with pytest.raises(RuntimeError, match=r"it has already run and stopped\. A supervisor runs"):
-        await sv.serve()
-    with pytest.raises(RuntimeError, match="Cannot enter <Supervisor 'once' stopped"):
-        async with sv:
-            pass
-
-
-@pytest.mark.loops("asyncio")
-@bounded(10)
-async def test_function_service_lifecycle_errors() -> None:
-    sv = Supervisor()
-
-    @sv.service
-    def idle(token: StopToken) -> None:
-        token.wait()
-
-    svc = sv.services["idle"]
-    with pytest.raises(RuntimeError, match=r"Cannot wait <ThreadService 'idle' idle .* start\(\)"):
-        await svc.wait()
-    await svc.start()
-    with pytest.raises(RuntimeError, match="it is already running; stop it before"):
-        await svc.start()
-    assert repr(svc).startswith("<ThreadService 'idle' running")
-    await asyncio.wait_for(svc.stop(), WAIT)
-    await svc.wait()
-    assert repr(svc).startswith("<ThreadService 'idle' ended")
-    # Restartable: a fresh run after the stop.
-    await svc.start()
-    await asyncio.wait_for(svc.stop(), WAIT)
-    assert svc.kill() == []
-
-
-class SlowStop(Service):
-    """Takes its time to stop, so the test can act while the shutdown is under way."""
-
-    name = "slow"
-
-    def __init__(self) -> None:
-        self.stopping = asyncio.Event()
-        self.release = asyncio.Event()
-        self._ended = asyncio.Event()
-
-    async def start(self) -> None:
-        self._ended.clear()
-
-    async def wait(self) -> None:
-        await self._ended.wait()
-
-    async def stop(self) -> None:
-        self.stopping.set()
-        await self.release.wait()
-        self._ended.set()
-
-
-@pytest.mark.loops("asyncio")
-@bounded(10)
-async def test_a_crash_during_shutdown_is_not_restarted(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    sv = Supervisor(name="sv")
-    crash_now = threading.Event()
-
-    @sv.service(backoff=0, max_backoff=0)
-    def early(token: StopToken) -> None:
-        crash_now.wait(WAIT)
-        raise ValueError("late crash")
-
-    slow = sv.add(SlowStop())
-
-    async def run() -> None:
-        async with sv:
-            pass
-
-    task = asyncio.create_task(run())
-    await asyncio.wait_for(slow.stopping.wait(), WAIT)  # the shutdown is stopping 'slow'
-    crash_now.set()
-    await await_until(lambda: sv.status()["early"].state == "stopped", WAIT)
-    slow.release.set()
-    await asyncio.wait_for(task, WAIT)
-    status = sv.status()["early"]
-    assert status.restarts == 0
-    assert repr(status.last_error) == "ValueError('late crash')"
-    assert "sv: service 'early' crashed while stopping: ValueError('late crash')" in caplog.messages
-    assert sv.state == "stopped"
-
-
 @pytest.mark.loops("asyncio")
 @bounded(10)
 async def test_loop_service_cancels_the_tasks_it_spawned() -> None:
@@ -647,3 +367,32 @@ async def test_loop_service_cancels_the_tasks_it_spawned() -> None:
         await await_until(spawned_running.is_set, WAIT)
         assert not spawned_cancelled.is_set()
     assert spawned_cancelled.is_set()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_detect_blocking_names_the_service_that_blocks_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sv = Supervisor(detect_blocking=0.05)
+    blocked = asyncio.Event()
+
+    @sv.service
+    async def hog() -> None:
+        # Blocks the supervisor's loop on purpose: the detector must name this line.
+        time.sleep(0.4)  # noqa: ASYNC251
+        blocked.set()
+        await asyncio.sleep(3600)
+
+    async with sv:
+        await asyncio.wait_for(blocked.wait(), WAIT)
+        detector = sv.detector
+        assert detector is not None
+        assert detector.threshold == 0.05
+        assert " running: threshold 50 ms" in repr(detector)
+    assert detector.state.value == "stopped"  # no monitor thread outlives the supervisor
+    sites = detector.report()
+    assert [s.function.rsplit(".", 1)[-1] for s in sites] == ["hog"]
+    assert sites[0].file.endswith("test_supervisor.py")
+    assert sites[0].max_ms >= 200
+    assert any(r.name == "offloop.detector" for r in caplog.records)

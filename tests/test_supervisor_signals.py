@@ -208,3 +208,31 @@ def test_ctrl_c_under_plain_asyncio_run_still_stops_every_service(tmp_path: Path
         assert proc.exit_code() == 0
     assert "worker got its token" in proc.output
     assert "KeyboardInterrupt after stopped stopped" in proc.output
+
+
+def test_run_raises_service_failed_out_of_the_script(tmp_path: Path) -> None:
+    script = tmp_path / "failing.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import offloop
+
+            sv = offloop.Supervisor(name="failing")
+
+            @sv.service(restart="no")
+            def config_loader():
+                raise KeyError("DATABASE_URL")
+
+            sv.run()
+            """
+        )
+    )
+    with Proc([str(script)], tmp_path) as proc:
+        assert proc.exit_code() == 1
+    out = proc.output
+    assert "KeyError: 'DATABASE_URL'" in out
+    assert "The above exception was the direct cause of the following exception" in out
+    assert out.rstrip().endswith(
+        "offloop.ServiceFailed: Service 'config_loader' failed: it crashed and its policy is "
+        "restart='no'; last error: KeyError('DATABASE_URL')."
+    )

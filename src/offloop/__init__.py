@@ -15,6 +15,15 @@ loop) run as services under a :class:`Supervisor`.
 
 from __future__ import annotations
 
+from ._aiohttp_service import AiohttpService
+from ._asgi import ASGIService
+from ._detector import (
+    BlockEvent,
+    BlockingDetector,
+    BlockSite,
+    DetectorState,
+    detect_blocking,
+)
 from ._errors import (
     CallerGoneError,
     LoopBlockedError,
@@ -33,11 +42,19 @@ from ._status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor import Supervisor
 from ._threadpool import ThreadPool, to_thread
 from ._token import StopToken, current_token
+from ._watch import WatchService
+from ._wsgi import WSGIService
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASGIService",
+    "AiohttpService",
+    "BlockEvent",
+    "BlockSite",
+    "BlockingDetector",
     "CallerGoneError",
+    "DetectorState",
     "LoopBlockedError",
     "MissingExtraError",
     "NotPicklableError",
@@ -53,10 +70,13 @@ __all__ = [
     "SupervisorState",
     "ThreadPool",
     "ThreadedIterator",
+    "WSGIService",
+    "WatchService",
     "WorkerCrashed",
     "WouldDeadlockError",
     "__version__",
     "current_token",
+    "detect_blocking",
     "iterate",
     "threaded",
     "to_thread",

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 # Order is the order of ``offloop --help``.
-_SUBCOMMAND_MODULES = ("offloop._cli_run", "offloop._demo")
+_SUBCOMMAND_MODULES = ("offloop._cli_run", "offloop._cli_check", "offloop._demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,6 +66,16 @@ def register(subparsers: Any) -> None:
         help="serve GET /status (JSON) and GET /healthz on 127.0.0.1:N (0: any free port)",
     )
     parser.add_argument(
+        "--detect-blocking",
+        type=float,
+        nargs="?",
+        const=0.1,
+        default=None,
+        metavar="SECONDS",
+        help="log every block of the event loop longer than SECONDS (default 0.1) with the "
+        "line that blocked it",
+    )
+    parser.add_argument(
         "--plain",
         action="store_true",
         help="log lines only, no live table, even in a terminal",
@@ -81,6 +91,13 @@ def register(subparsers: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the ``run`` subcommand; return the exit code."""
+    if args.detect_blocking is not None and not args.detect_blocking > 0:
+        print(
+            f"offloop run: error: --detect-blocking must be a positive number of seconds, "
+            f"got {args.detect_blocking}.",
+            file=sys.stderr,
+        )
+        return 2
     if args.status_port is not None and not 0 <= args.status_port <= 65535:
         print(
             f"offloop run: error: --status-port must be between 0 and 65535, "
@@ -94,7 +111,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         sv = load_supervisor(args.target)
         console = _setup_logging(args.log_level.upper(), use_table)
-        return run_with_signals(sv, lambda: _serve(sv, args.status_port, console))
+        return run_with_signals(
+            sv, lambda: _serve(sv, args.status_port, console, args.detect_blocking)
+        )
     except UsageError as exc:
         print(f"offloop run: error: {exc}", file=sys.stderr)
         return 2
@@ -175,8 +194,16 @@ def _setup_logging(level: str, use_table: bool) -> Any:
     return None
 
 
-async def _serve(sv: Supervisor, status_port: int | None, console: Any) -> None:
+async def _serve(
+    sv: Supervisor, status_port: int | None, console: Any, block_threshold: float | None
+) -> None:
     server = None
+    detector = None
+    # A supervisor built with detect_blocking=... already watches its own loop.
+    if block_threshold is not None and sv._block_threshold is None:
+        from ._detector import BlockingDetector
+
+        detector = BlockingDetector(threshold=block_threshold).start()
     if status_port is not None:
         try:
             server = await start_status_server(sv, status_port)
@@ -200,6 +227,8 @@ async def _serve(sv: Supervisor, status_port: int | None, console: Any) -> None:
     try:
         await sv.serve()
     finally:
+        if detector is not None:
+            detector.stop()
         if live is not None:
             live.stop()
         if server is not None:

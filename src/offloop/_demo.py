@@ -1,69 +1,78 @@
-"""``offloop demo``: the seed's program, done right.
+"""``offloop demo``: the seed's program, done right (source: ``examples/seed_app.py``).
 
-A bot coroutine ticks on the event loop while a blocking "http service" (a
-``while True`` loop with ``time.sleep``) runs in a worker thread through
-``offloop.to_thread``. Both print ticks side by side; after a few seconds the
-service is asked to stop through its token and everything ends cleanly.
+A chat-bot coroutine, a Flask app served through :class:`~offloop.WSGIService`,
+an aiohttp app, a :class:`~offloop.WatchService` on a temporary folder and the
+seed's ``while True`` loop in a thread, all under one
+:class:`~offloop.Supervisor`. Ctrl-C stops it within a second; ``--seconds N``
+stops it by itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import time
-from typing import Any
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Final
 
-import offloop
+#: The program lives in the repository's examples/, where users read it.
+SEED_APP: Final = Path(__file__).resolve().parents[2] / "examples" / "seed_app.py"
 
-
-def http_service(interval: float) -> int:
-    """A blocking service loop, as in the seed: ``while True`` + ``time.sleep``."""
-    token = offloop.current_token()
-    ticks = 0
-    while not token:
-        time.sleep(interval)  # blocking on purpose: this is what the thread absorbs
-        ticks += 1
-        print(f"  http service tick {ticks} (worker thread)", flush=True)
-    print("  http service: stop requested, leaving the loop", flush=True)
-    return ticks
+#: What the demo shows, and the extra each part needs.
+NEEDS: Final = {"flask": "flask", "aiohttp": "aiohttp", "watchdog": "watch"}
 
 
-async def bot_start(interval: float, stop: asyncio.Event) -> int:
-    """The chat bot: a coroutine that must keep ticking."""
-    ticks = 0
-    while not stop.is_set():
-        await asyncio.sleep(interval)
-        ticks += 1
-        print(f"bot tick {ticks} (event loop)", flush=True)
-    return ticks
+def load_seed_app(path: Path = SEED_APP) -> ModuleType:
+    """Import ``examples/seed_app.py`` by its path.
 
+    Raises:
+        FileNotFoundError: offloop was installed without its examples folder.
+        MissingExtraError: a package the demo shows is not installed.
+    """
+    from ._extras import require
 
-async def main(seconds: float, interval: float) -> int:
-    """Run the bot and the blocking service side by side for ``seconds``."""
-    stop = asyncio.Event()
-    async with offloop.ThreadPool(1, name="http", on_cancel="wait") as pool:
-        service = pool.run(http_service, interval)
-        bot = asyncio.create_task(bot_start(interval, stop))
-        await asyncio.sleep(seconds)
-        stop.set()
-        service.cancel()  # sets the service's token; "wait" lets it finish its tick
-        bot_ticks = await bot
-        with contextlib.suppress(asyncio.CancelledError):  # cancelled while still queued
-            await service
-    print(f"done: bot ticked {bot_ticks} times while the blocking service ran beside it")
-    return 0
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The demo's program {str(path)!r} is not there: the demo runs from a source "
+            f"checkout of offloop (git clone, then 'make demo')."
+        )
+    for package, extra in NEEDS.items():
+        require(package, extra, feature="offloop demo")
+    spec = importlib.util.spec_from_file_location("offloop_seed_app", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _handle(args: argparse.Namespace) -> int:
-    return asyncio.run(main(args.seconds, args.interval))
+    from ._errors import MissingExtraError
+
+    try:
+        seed_app = load_seed_app()
+    except (FileNotFoundError, MissingExtraError) as exc:
+        print(f"offloop demo: {exc}", file=sys.stderr)
+        return 2
+    return int(seed_app.run(seconds=args.seconds, interval=args.interval))
 
 
 def register(subparsers: Any) -> None:
     """Add the ``demo`` subcommand."""
     parser = subparsers.add_parser(
-        "demo", help="run the seed's bot + blocking service program, done right"
+        "demo",
+        help="run the seed's program: a bot, Flask, aiohttp, a file watcher and a while-True loop",
+        description=__doc__.splitlines()[0] if __doc__ else None,
     )
-    parser.add_argument("--seconds", type=float, default=3.0, help="how long to run (3)")
-    parser.add_argument("--interval", type=float, default=0.5, help="tick interval (0.5)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        metavar="N",
+        help="stop by itself after N seconds (default: run until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--interval", type=float, default=0.5, help="seconds between ticks (default 0.5)"
+    )
     parser.set_defaults(handler=_handle)

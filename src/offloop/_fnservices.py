@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import inspect
 import io
 import sys
@@ -208,10 +209,14 @@ class ThreadService(_FnService):
         thread.start()
 
     def _body(self, token: StopToken) -> None:
-        if self.pass_token:
-            self.fn(token)
-        else:
-            self.fn()
+        result = self.fn(token) if self.pass_token else self.fn()
+        if inspect.iscoroutine(result):
+            result.close()  # no "never awaited" warning on top of this error
+            raise TypeError(
+                f"Service {self.name!r}: {describe(self.fn)} returned a coroutine, so it is "
+                f"asynchronous, but it does not look like a coroutine function. Define it "
+                f"with 'async def' so the supervisor runs it on an event loop."
+            )
 
     def _main(
         self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], token: StopToken
@@ -314,7 +319,9 @@ def make_fn_service(fn: Any, isolate: Isolate | None, name: str | None) -> Servi
         raise ValueError(f"isolate must be None, 'thread', 'loop' or 'process', got {isolate!r}.")
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError(f"name must be a non-empty str, got {describe(name)}.")
-    svc_name = name or str(getattr(fn, "__name__", None) or type(fn).__name__)
+    # functools.partial has no __name__: name it after the function it wraps.
+    named = fn.func if isinstance(fn, functools.partial) else fn
+    svc_name = name or str(getattr(named, "__name__", None) or type(named).__name__)
     is_async = inspect.iscoroutinefunction(fn)
     pass_token = False
     if is_async:

@@ -13,17 +13,20 @@ import contextlib
 import itertools
 import logging
 import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, overload
 
 from ._errors import ServiceFailed
 from ._fnservices import Isolate, make_fn_service
-from ._restart import RestartMode, RestartPolicy, RestartTracker, check_seconds
+from ._restart import RestartMode, RestartPolicy, check_seconds
 from ._service import Service
 from ._status import ServiceState, ServiceStatus, SupervisorState
+from ._supervised import Supervised
 from ._validate import describe
+
+if TYPE_CHECKING:
+    from ._detector import BlockingDetector
 
 __all__ = ["Supervisor"]
 
@@ -32,34 +35,12 @@ logger: Final = logging.getLogger("offloop.supervisor")
 F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", bound=Service)
 
-#: Every service gets at least this long to stop politely, even when an
-#: earlier one used up the whole grace period: a well-behaved service that
-#: stops in a millisecond should not be abandoned because a neighbour hung.
-LAST_CHANCE: Final = 0.1
+#: The threshold behind ``detect_blocking=True``; the detector's own default.
+DEFAULT_BLOCK_THRESHOLD: Final = 0.1
 
 _counter = itertools.count(1)
 _ST = ServiceState
 _SV = SupervisorState
-
-
-class _Entry:
-    """The supervisor's record of one service: its policy and its live state."""
-
-    def __init__(self, service: Service, policy: RestartPolicy) -> None:
-        self.service = service
-        self.name: str = service.name
-        self.policy = policy
-        self.tracker = RestartTracker(policy)
-        self.state = _ST.PENDING
-        self.restarts = 0
-        self.started_at: float | None = None
-        self.last_error: BaseException | None = None
-        self.runner: asyncio.Task[None] | None = None
-        self.ready: asyncio.Future[None] | None = None
-        self.stopping = False
-
-    def status(self) -> ServiceStatus:
-        return ServiceStatus(self.name, self.state, self.restarts, self.started_at, self.last_error)
 
 
 class Supervisor:
@@ -76,15 +57,33 @@ class Supervisor:
             up is killed (tasks cancelled, processes terminated, threads
             abandoned and reported with their stack).
         name: shown in logs and reprs.
+        detect_blocking: watch the supervisor's event loop with an
+            :class:`~offloop.BlockingDetector` while it runs: ``True`` for the
+            default threshold (0.1 s), or the threshold in seconds. Each block
+            is logged with the line that blocked (``offloop.detector`` logger);
+            :attr:`detector` gives the report afterwards.
 
     Raises:
-        TypeError, ValueError: ``grace`` is not a number of seconds >= 0.
+        TypeError, ValueError: ``grace`` is not a number of seconds >= 0, or
+            ``detect_blocking`` is neither a bool nor a positive number of seconds.
     """
 
-    def __init__(self, *, grace: float = 5.0, name: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        grace: float = 5.0,
+        name: str | None = None,
+        detect_blocking: bool | float | None = None,
+    ) -> None:
         self.grace = check_seconds(grace, "grace", positive=False)
+        self._block_threshold: float | None = None
+        if detect_blocking is True:
+            self._block_threshold = DEFAULT_BLOCK_THRESHOLD
+        elif detect_blocking is not None and detect_blocking is not False:
+            self._block_threshold = check_seconds(detect_blocking, "detect_blocking", positive=True)
+        self._detector: BlockingDetector | None = None
         self.name = name if name is not None else f"supervisor-{next(_counter)}"
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Supervised] = {}
         self._state = _SV.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -222,7 +221,7 @@ class Supervisor:
                 f"{self!r} already has a service named {name!r}; pass name=... to give "
                 f"this one another name."
             )
-        self._entries[name] = _Entry(service, policy)
+        self._entries[name] = Supervised(service, policy, self)
 
     # -- introspection -------------------------------------------------------------------
 
@@ -230,6 +229,15 @@ class Supervisor:
     def state(self) -> SupervisorState:
         """The supervisor's :class:`~offloop.SupervisorState`."""
         return self._state
+
+    @property
+    def detector(self) -> BlockingDetector | None:
+        """The :class:`~offloop.BlockingDetector` watching the loop (``detect_blocking``), or None.
+
+        It exists from the start of the run on and keeps its
+        :meth:`~offloop.BlockingDetector.report` after the supervisor stopped.
+        """
+        return self._detector
 
     @property
     def services(self) -> dict[str, Service]:
@@ -267,6 +275,10 @@ class Supervisor:
         self._host_task = asyncio.current_task()
         self._shutdown_requested = loop.create_future()
         self._state = _SV.STARTING
+        if self._block_threshold is not None:
+            from ._detector import BlockingDetector
+
+            self._detector = BlockingDetector(loop, threshold=self._block_threshold).start()
         logger.info("%s: starting %d service(s)", self.name, len(self._entries))
         if self._stop_early:
             self._request_shutdown("stop requested before start")
@@ -276,7 +288,7 @@ class Supervisor:
                     break
                 entry.ready = loop.create_future()
                 entry.runner = loop.create_task(
-                    self._supervise(entry), name=f"offloop-supervise-{entry.name}"
+                    entry.supervise(), name=f"offloop-supervise-{entry.name}"
                 )
                 entry.runner.add_done_callback(self._runner_done)
                 await asyncio.wait(
@@ -411,81 +423,8 @@ class Supervisor:
             f"once; create a new Supervisor to run the services again."
         )
 
-    # -- one service ---------------------------------------------------------------------
-
-    async def _supervise(self, e: _Entry) -> None:
-        loop = asyncio.get_running_loop()
-        svc = e.service
-        while True:
-            e.state = _ST.STARTING
-            logger.info("%s: starting service %r", self.name, e.name)
-            crash: Exception | None = None
-            try:
-                await svc.start()
-            except Exception as exc:
-                crash = exc
-            else:
-                e.state, e.started_at = _ST.RUNNING, time.time()
-                logger.info("%s: service %r is ready", self.name, e.name)
-                if e.ready is not None and not e.ready.done():
-                    e.ready.set_result(None)
-                try:
-                    await svc.wait()
-                except Exception as exc:
-                    crash = exc
-            if e.stopping:
-                return  # the shutdown owns the state from here
-            if self._shutting_down():
-                # Shutting down, not yet this service's turn: an end or crash now
-                # is final, never a reason to start it again.
-                if crash is not None:
-                    e.last_error = crash
-                    logger.error(
-                        "%s: service %r crashed while stopping: %r",
-                        self.name,
-                        e.name,
-                        crash,
-                        exc_info=crash,
-                    )
-                self._end_entry(e, _ST.STOPPED)
-                return
-            if crash is None:
-                if not e.policy.restarts_after(crashed=False):
-                    logger.info("%s: service %r returned; it is stopped", self.name, e.name)
-                    self._end_entry(e, _ST.STOPPED)
-                    self._check_all_ended()
-                    return
-                logger.info("%s: service %r returned (restart='always')", self.name, e.name)
-            else:
-                e.last_error = crash
-                logger.error("%s: service %r crashed: %r", self.name, e.name, crash, exc_info=crash)
-                if not e.policy.restarts_after(crashed=True):
-                    self._fail(e, crash, "it crashed and its policy is restart='no'")
-                    return
-            delay = e.tracker.next_delay(loop.time())
-            if delay is None:
-                p = e.policy
-                why = (
-                    f"it needed more than max_restarts={p.max_restarts} restarts within "
-                    f"restart_window={p.restart_window:g}s"
-                )
-                self._fail(e, crash, why)
-                return
-            e.state = _ST.RESTARTING
-            e.restarts += 1
-            logger.warning(
-                "%s: restarting service %r in %.2fs (restart #%d)",
-                self.name,
-                e.name,
-                delay,
-                e.restarts,
-            )
-            await asyncio.sleep(delay)
-            if self._shutting_down():
-                self._end_entry(e, _ST.STOPPED)
-                return
-
     def _shutting_down(self) -> bool:
+        """Whether the shutdown has begun (it is never undone)."""
         return self._shutdown_task is not None
 
     def _runner_done(self, runner: asyncio.Task[None]) -> None:
@@ -499,13 +438,10 @@ class Supervisor:
                 exc_info=runner.exception(),
             )
 
-    def _end_entry(self, e: _Entry, state: ServiceState) -> None:
-        e.state = state
-        if e.ready is not None and not e.ready.done():
-            e.ready.set_result(None)
+    # -- called by the Supervised records ---------------------------------------------------
 
-    def _fail(self, e: _Entry, crash: Exception | None, why: str) -> None:
-        self._end_entry(e, _ST.FAILED)
+    def _fail(self, e: Supervised, crash: Exception | None, why: str) -> None:
+        e.end(_ST.FAILED)
         if self._failure is not None:
             return  # the first failure is the one reported
         last = f"; last error: {crash!r}" if crash is not None else ""
@@ -555,53 +491,10 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace
         for e in reversed(list(self._entries.values())):
-            await self._stop_entry(e, deadline)
+            await e.stop(deadline)
+        if self._detector is not None:
+            # Joins the monitor thread, which only sleeps between heartbeats:
+            # it wakes on the stop request, so the loop waits a moment at most.
+            self._detector.stop()
         self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
         logger.info("%s: stopped", self.name)
-
-    async def _stop_entry(self, e: _Entry, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        runner = e.runner
-        if runner is None:  # never started
-            self._end_entry(e, _ST.STOPPED)
-            return
-        if runner.done():
-            return
-        e.stopping = True
-        if e.state is _ST.RESTARTING:  # sleeping before a restart: nothing runs
-            runner.cancel()
-            await asyncio.wait({runner})
-            self._end_entry(e, _ST.STOPPED)
-            logger.info("%s: service %r stopped", self.name, e.name)
-            return
-        was_starting = e.state is _ST.STARTING
-        e.state = _ST.STOPPING
-        logger.info("%s: stopping service %r", self.name, e.name)
-        if was_starting:
-            runner.cancel()  # interrupt start(); stop() below cleans up what it began
-        polite = False
-        try:
-            await asyncio.wait_for(e.service.stop(), max(deadline - loop.time(), LAST_CHANCE))
-            await asyncio.wait({runner}, timeout=max(deadline - loop.time(), LAST_CHANCE))
-            polite = runner.done()
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
-        except Exception:
-            logger.exception("%s: stopping service %r raised", self.name, e.name)
-        if not polite:
-            try:
-                abandoned = e.service.kill()
-            except Exception:
-                logger.exception("%s: killing service %r raised", self.name, e.name)
-                abandoned = []
-            logger.warning(
-                "%s: service %r did not stop within the grace period; killed it",
-                self.name,
-                e.name,
-            )
-            for what in abandoned:
-                logger.warning("%s: service %r abandoned %s", self.name, e.name, what)
-            runner.cancel()
-            await asyncio.wait({runner}, timeout=LAST_CHANCE)
-        self._end_entry(e, _ST.STOPPED)
-        logger.info("%s: service %r stopped", self.name, e.name)

@@ -159,6 +159,9 @@ class ThreadPool:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[OffloadFuture[Any] | None] = queue.SimpleQueue()
         self._workers: list[_Worker] = []
+        # Threads that left _workers but may still be returning from _work:
+        # close() joins them so that none outlives the pool.
+        self._leaving: list[threading.Thread] = []
         self._thread_numbers = iter(range(1, 1 << 62))
         # Counters, guarded by _lock. _idle counts waiting threads no queued
         # call has claimed yet; _backlog counts queued calls no thread has
@@ -402,6 +405,10 @@ class ThreadPool:
                         if self._idle > 0 and self._state is PoolState.OPEN:
                             self._idle -= 1
                             self._workers.remove(worker)
+                            # Forget threads that are gone, so a long-lived
+                            # pool does not collect them forever.
+                            self._leaving = [t for t in self._leaving if t.is_alive()]
+                            self._leaving.append(threading.current_thread())
                             return
                     continue
             if call is None:
@@ -503,6 +510,7 @@ class ThreadPool:
     def _thread_exited(self, worker: _Worker) -> None:
         with self._lock:
             self._workers.remove(worker)
+            self._leaving.append(threading.current_thread())
             if self._workers:
                 return
             self._state = PoolState.CLOSED
@@ -513,9 +521,10 @@ class ThreadPool:
     def _join_threads(self) -> None:
         # Every worker has signalled its exit; what is left of its thread is
         # returning from _work, so these joins take microseconds.
-        for thread in [w.thread for w in list(self._workers)]:
-            if thread is not None:
-                thread.join()
+        with self._lock:
+            leaving, self._leaving = self._leaving, []
+        for thread in leaving:
+            thread.join()
 
     def _stuck_calls(self) -> list[tuple[str, str]]:
         with self._lock:

@@ -1,0 +1,181 @@
+"""``ASGIService``: an ASGI app (Starlette, FastAPI, ...) under uvicorn on the supervisor's loop.
+
+``uvicorn.Server.serve()`` installs its own SIGINT/SIGTERM handlers, which
+would fight the supervisor's, and calls ``sys.exit`` when the port is taken or
+the app's startup fails. So the adapter drives uvicorn through its public
+steps instead: ``startup(sockets=...)`` on a socket offloop bound itself (no
+signal handlers are ever installed), ``main_loop()`` as a task, and
+``shutdown()`` (stop listening, let requests in flight finish, run the
+lifespan shutdown) once ``stop()`` sets ``should_exit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Literal
+
+from ._adapters import AdapterState, NetworkAdapter, check_host_port, check_name
+from ._extras import require
+from ._validate import describe
+
+__all__ = ["ASGIService"]
+
+Lifespan = Literal["auto", "on", "off"]
+
+
+class ASGIService(NetworkAdapter):
+    """Serve an ASGI app with uvicorn on the supervisor's event loop.
+
+    uvicorn's own signal handlers are never installed: Ctrl-C belongs to the
+    supervisor. The app's lifespan is honoured: ``start()`` returns after its
+    startup completed, ``stop()`` after its shutdown.
+
+    Args:
+        app: the ASGI application (e.g. a ``starlette.applications.Starlette``).
+        host, port: where to listen; ``port=0`` picks a free port, read it
+            back from :attr:`port` or :attr:`url` once started.
+        lifespan: uvicorn's lifespan mode: ``"auto"`` (run it if the app
+            supports it), ``"on"`` (a startup failure fails ``start()``) or ``"off"``.
+        log_level: the level of uvicorn's loggers (``"warning"`` by default,
+            so the supervisor's log is not drowned). Their handlers are left
+            to the program's own logging configuration.
+        access_log: log one line per request (``uvicorn.access``).
+        name: the service's name (default ``"asgi"``).
+
+    Raises:
+        TypeError, ValueError: an argument has the wrong type or value.
+        MissingExtraError: uvicorn is not installed (the ``[asgi]`` extra; on ``start()``).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        lifespan: Lifespan = "auto",
+        log_level: str = "warning",
+        access_log: bool = True,
+        name: str | None = None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"ASGIService(app) needs an ASGI application (an async callable taking scope, "
+                f"receive and send), got {describe(app)}."
+            )
+        host, port = check_host_port(host, port, "ASGIService")
+        if lifespan not in ("auto", "on", "off"):
+            raise ValueError(
+                f"ASGIService(lifespan=...) must be 'auto', 'on' or 'off', got {lifespan!r}."
+            )
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if not isinstance(log_level, str) or log_level.lower() not in levels:
+            raise ValueError(
+                f"ASGIService(log_level=...) must be one of {', '.join(levels)}, got {log_level!r}."
+            )
+        super().__init__(check_name(name, "asgi", "ASGIService"), host, port)
+        self.app = app
+        self.lifespan = lifespan
+        self.log_level = log_level.lower()
+        self.access_log = bool(access_log)
+        self._server: Any = None
+        self._main: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        where = self._where()
+        return f"<ASGIService {self.name!r} {self._state.value} {where} lifespan={self.lifespan}>"
+
+    async def start(self) -> None:
+        """Bind the socket, run the lifespan startup and start serving; return once listening.
+
+        Raises:
+            OSError: the address cannot be bound.
+            RuntimeError: the app's lifespan startup failed (see the
+                ``uvicorn.error`` log for its error), or the service is
+                already running or still stopping.
+            MissingExtraError: uvicorn is not installed.
+        """
+        done = self._begin()
+        try:
+            uvicorn = require("uvicorn", "asgi", feature="ASGIService")
+            sock = self._listen()
+            port = sock.getsockname()[1]
+            config = uvicorn.Config(
+                self.app,
+                host=self.host,
+                port=port,
+                lifespan=self.lifespan,
+                log_level=self.log_level,
+                log_config=None,  # the program's logging configuration stays as it is
+                access_log=self.access_log,
+            )
+            server = uvicorn.Server(config)
+            try:
+                await self._startup(server, config, sock)
+            except BaseException:
+                sock.close()
+                raise
+        except BaseException:
+            self._state, self._done = AdapterState.CRASHED, None
+            raise
+        self._server = server
+        self._bound_port = port
+        self._main = asyncio.get_running_loop().create_task(
+            self._serve(server, sock, done), name=f"offloop-asgi-{self.name}"
+        )
+        self._ready()
+
+    async def _startup(self, server: Any, config: Any, sock: Any) -> None:
+        try:
+            if not config.loaded:
+                config.load()
+            server.lifespan = config.lifespan_class(config)
+            await server.startup(sockets=[sock])
+        except SystemExit as exc:  # uvicorn's way to give up; not ours to exit the process
+            raise RuntimeError(
+                f"{self!r} could not start: uvicorn gave up (exit code {exc.code}), most likely "
+                f"because the app's lifespan startup failed; its error is in the "
+                f"'uvicorn.error' log."
+            ) from None
+        except BaseException:
+            if getattr(server, "started", False) or getattr(server, "servers", None):
+                with contextlib.suppress(Exception):
+                    await server.shutdown(sockets=[sock])
+            raise
+
+    async def _serve(self, server: Any, sock: Any, done: asyncio.Future[None]) -> None:
+        exc: BaseException | None = None
+        try:
+            await server.main_loop()  # returns once should_exit is set
+        except Exception as e:
+            exc = e
+        finally:
+            try:
+                await server.shutdown(sockets=[sock])
+            except Exception as e:
+                exc = exc or e
+            self._finish(done, exc)
+
+    async def stop(self) -> None:
+        """Stop listening, let requests in flight finish, run the lifespan shutdown."""
+        done = self._mark_stopping()
+        server, main = self._server, self._main
+        if done is None or server is None or main is None:
+            return
+        server.should_exit = True
+        await asyncio.wait({main})
+
+    def kill(self) -> list[str]:
+        """Skip the graceful part: drop open connections and the lifespan shutdown."""
+        server, main, done = self._server, self._main, self._done
+        if server is not None:
+            server.force_exit = True
+            for conn in list(server.server_state.connections):
+                with contextlib.suppress(Exception):
+                    conn.transport.abort()
+        if main is not None and not main.done():
+            main.cancel("offloop service killed")
+        if done is not None:
+            self._finish(done)
+        return []

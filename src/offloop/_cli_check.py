@@ -1,0 +1,213 @@
+"""``offloop check script.py [args...]``: run a script and report what blocked its loops.
+
+The script runs in this process as ``__main__`` with its own ``sys.argv``,
+exactly as ``python script.py args...`` would run it, while a
+:class:`~offloop._detector_hook.LoopWatch` attaches a blocking detector to
+every event loop it starts (asyncio or uvloop, in any thread). Afterwards the
+blocking sites are printed as a table, or as JSON with ``--json``.
+
+Exit code: 3 if any block exceeded the threshold (so it fails a CI job), 2 for
+a bad command line, otherwise the script's own exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import runpy
+import sys
+import traceback
+from typing import Any, Final, TextIO
+
+from ._detector_hook import LoopWatch
+from ._detector_report import BlockEvent, BlockSite
+
+__all__ = ["BLOCKED_EXIT_CODE", "register", "render_report", "run_script"]
+
+#: Exit code of ``offloop check`` when the event loop blocked.
+BLOCKED_EXIT_CODE: Final = 3
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``check`` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "check",
+        help="run a script and report the lines that block its event loops",
+        description=(
+            "Run SCRIPT (as __main__, with ARGS) with a blocking detector on every event loop "
+            "it starts, then print the lines that blocked a loop for longer than the threshold. "
+            f"Exits with {BLOCKED_EXIT_CODE} if any did, otherwise with the script's exit code."
+        ),
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.1,
+        metavar="S",
+        help="seconds a loop may go without coming back before it counts as blocked (default: 0.1)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the report as JSON instead of a table"
+    )
+    parser.add_argument(
+        "--stacks", action="store_true", help="print the stack of each site under the table"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        default=None,
+        help="write the report to FILE instead of standard output",
+    )
+    parser.add_argument("script", metavar="SCRIPT", help="the Python file to run")
+    parser.add_argument(
+        "args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script"
+    )
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the ``check`` subcommand; return the exit code."""
+    threshold = args.threshold
+    if not threshold > 0 or threshold == float("inf"):
+        return _usage(f"--threshold must be a positive number of seconds, got {threshold}.")
+    if not os.path.isfile(args.script):
+        return _usage(
+            f"there is no file {args.script!r} (from {os.getcwd()}); pass the path of the "
+            f"Python script to run."
+        )
+    with LoopWatch(threshold=threshold, on_block=_announce_ongoing) as watch:
+        code = run_script(args.script, args.args)
+    sys.stdout.flush()
+    sites = [_trim(site, os.path.abspath(args.script)) for site in watch.report()]
+    if args.json:
+        document = {
+            "threshold": threshold,
+            "loops": watch.loops,
+            "blocks": sum(s.count for s in sites),
+            "exit_code": code,
+            "sites": [s.to_dict() for s in sites],
+        }
+        text = json.dumps(document, indent=2) + "\n"
+    else:
+        text = render_report(sites, threshold, watch.loops, stacks=args.stacks)
+    if args.output is not None:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    else:
+        _write(sys.stdout, text)
+    return BLOCKED_EXIT_CODE if sites else code
+
+
+def run_script(path: str, argv: list[str]) -> int:
+    """Run ``path`` as ``__main__`` with ``sys.argv = [path, *argv]``; return its exit code.
+
+    Like the interpreter: the script's directory comes first on ``sys.path``,
+    an uncaught exception prints its traceback and gives 1, ``SystemExit``
+    gives its code, Ctrl-C gives 130.
+    """
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [path, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        runpy.run_path(os.path.abspath(path), run_name="__main__")
+    except SystemExit as exc:
+        return _exit_code(exc.code)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt", file=sys.stderr)
+        return 130
+    except BaseException as exc:
+        _print_script_traceback(exc, path)
+        return 1
+    finally:
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
+    return 0
+
+
+def render_report(
+    sites: list[BlockSite], threshold: float, loops: int, *, stacks: bool = False
+) -> str:
+    """The human-readable report: a table of sites, most total time first."""
+    limit = f"{threshold * 1e3:g} ms"
+    if not sites:
+        return (
+            f"offloop check: no event loop blocked for more than {limit} "
+            f"({loops} event loop(s) watched).\n"
+        )
+    blocks = sum(s.count for s in sites)
+    where = [f"{_short(s.file)}:{s.line}" for s in sites]
+    width = max(len("path:line"), *(len(w) for w in where))
+    fn_width = max(len("function"), *(len(s.function) for s in sites))
+    lines = [
+        f"offloop check: {blocks} block(s) over {limit} at {len(sites)} site(s) "
+        f"({loops} event loop(s) watched):",
+        "",
+        f"{'path:line':<{width}}  {'function':<{fn_width}}  {'count':>5}  "
+        f"{'total ms':>9}  {'max ms':>9}",
+    ]
+    for site, at in zip(sites, where, strict=True):
+        lines.append(
+            f"{at:<{width}}  {site.function:<{fn_width}}  {site.count:>5}  "
+            f"{site.total_ms:>9.1f}  {site.max_ms:>9.1f}"
+        )
+    if stacks:
+        for site, at in zip(sites, where, strict=True):
+            lines += ["", f"Stack of the longest block at {at} (most recent call last):"]
+            lines += [f"  {entry}" for entry in site.stack]
+    else:
+        lines += ["", "Run with --stacks to see each site's stack, or --json for everything."]
+    return "\n".join(lines) + "\n"
+
+
+def _trim(site: BlockSite, script: str) -> BlockSite:
+    # Frames above the script's first one are offloop check's and runpy's own.
+    for n, entry in enumerate(site.stack):
+        if entry.startswith(f"{script}:"):
+            return dataclasses.replace(site, stack=site.stack[n:])
+    return site
+
+
+def _announce_ongoing(event: BlockEvent) -> None:
+    # A script whose loop never comes back would otherwise show nothing
+    # until it is interrupted: say where it is stuck as soon as it is clear.
+    if event.ongoing:
+        print(f"offloop check: {event}", file=sys.stderr, flush=True)
+
+
+def _short(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if rel.startswith(os.pardir) else rel
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _print_script_traceback(exc: BaseException, path: str) -> None:
+    # Show the traceback from the script's first frame on, as `python script.py` would.
+    tb = exc.__traceback__
+    target = os.path.abspath(path)
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != target:
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
+
+
+def _usage(message: str) -> int:
+    print(f"offloop check: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _write(stream: TextIO, text: str) -> None:
+    stream.write(text)
+    stream.flush()

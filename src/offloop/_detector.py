@@ -1,0 +1,417 @@
+"""The blocking detector: a watchdog thread that names the line blocking a loop.
+
+How it works, and why it costs the loop almost nothing: every ``interval`` the
+monitor thread posts one tiny callback (a *heartbeat*) with
+``loop.call_soon_threadsafe``. The heartbeat stores a timestamp and the loop's
+thread id; that is the whole loop-side cost, a few microseconds per interval.
+If a heartbeat has not run ``threshold`` seconds after it was posted while the
+loop is running, the loop is blocked: the monitor then samples the loop
+thread's stack with ``sys._current_frames()`` every ``interval`` until the
+heartbeat finally runs, so the samples show the line *during* the block (asyncio
+debug mode can only say afterwards which callback was slow). The block's
+duration is heartbeat-run minus heartbeat-posted.
+
+Unlike a SIGALRM watchdog this works for any loop in any thread (uvloop
+too), never raises into user code, and catches C extensions and CPU loops that
+no monkey-patching of known blocking functions would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import math
+import threading
+from collections.abc import Callable
+from time import monotonic
+from types import TracebackType
+from typing import Final, final
+
+from ._detector_report import (
+    BlockEvent,
+    BlockSite,
+    Sample,
+    SiteTable,
+    log_block,
+    logger,
+    make_event,
+    sample_thread,
+)
+from ._validate import describe
+
+__all__ = [
+    "BlockEvent",
+    "BlockSite",
+    "BlockingDetector",
+    "DetectorState",
+    "detect_blocking",
+    "log_block",
+]
+
+#: Seconds stop() waits for the monitor thread to record a block in progress
+#: and exit. It only waits longer than a moment if on_block is slow.
+JOIN_TIMEOUT: Final = 2.0
+
+#: A block still going on after this many thresholds is reported early (with
+#: ``ongoing=True``): a loop that never comes back (the server started on the
+#: loop's thread) must not stay silent.
+ONGOING_AFTER_THRESHOLDS: Final = 10
+
+OnBlock = Callable[[BlockEvent], object]
+
+_numbers: Final = itertools.count(1)
+
+
+class DetectorState(enum.Enum):
+    """Lifecycle of a detector: NEW -> RUNNING -> STOPPED."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+def _check_seconds(value: object, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{where} needs {name} as a number of seconds (e.g. {name}=0.1), got {describe(value)}."
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where} needs {name} to be a positive number of seconds, got {value!r}.")
+    return float(value)
+
+
+class _Block:
+    """A block in progress, as the monitor sees it."""
+
+    __slots__ = ("noticed", "posted_at", "samples")
+
+    def __init__(self, posted_at: float) -> None:
+        self.posted_at = posted_at
+        self.samples: list[Sample] = []
+        self.noticed = False  # the early "ongoing" event was sent
+
+
+@final
+class BlockingDetector:
+    """Watch an event loop from a monitor thread and record every block.
+
+    ``BlockingDetector(loop, threshold=0.1).start()`` attaches to ``loop``
+    (running or not yet, in any thread; asyncio or uvloop). A monitor thread
+    named ``offloop-detector-<n>`` (a daemon: it never keeps the process alive)
+    notices when the loop has not come back for ``threshold`` seconds, samples
+    the loop thread's stack while it is still blocked, and records the block's
+    site: the innermost frame that is not in the standard library,
+    site-packages or offloop. ``on_block(event)`` is called from the monitor
+    thread for each block (default: :func:`log_block`, a WARNING with the stack
+    on the ``offloop.detector`` logger); exceptions it raises are logged, never
+    raised into the loop. :meth:`report` aggregates the blocks by site.
+
+    The detector stops by itself when its loop is closed. Use it as a context
+    manager (``with`` or ``async with``) or call :meth:`start` and
+    :meth:`stop`.
+
+    Args:
+        loop: the loop to watch; defaults to the loop running in this thread.
+        threshold: seconds the loop may go without coming back before it counts
+            as blocked.
+        interval: seconds between heartbeats and between stack samples
+            (default ``threshold / 4``).
+        on_block: called with a :class:`BlockEvent` for each block, from the
+            monitor thread. Keep it quick and never wait for the loop there.
+
+    Raises:
+        RuntimeError: no loop was given and none is running in this thread.
+        TypeError: an argument has the wrong type.
+        ValueError: ``threshold`` or ``interval`` is not positive.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        threshold: float = 0.1,
+        interval: float | None = None,
+        on_block: OnBlock | None = None,
+    ) -> None:
+        where = "BlockingDetector()"
+        self._threshold = _check_seconds(threshold, "threshold", where)
+        self._interval = (
+            self._threshold / 4 if interval is None else _check_seconds(interval, "interval", where)
+        )
+        if on_block is not None and not callable(on_block):
+            raise TypeError(
+                f"{where} needs on_block to be a function taking a BlockEvent (or None to log "
+                f"each block), got {describe(on_block)}."
+            )
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError(
+                    f"{where} was given no loop and no event loop is running in this thread. "
+                    f"Pass the loop to watch, BlockingDetector(loop), or create the detector "
+                    f"inside a coroutine."
+                ) from None
+        elif not isinstance(loop, asyncio.AbstractEventLoop):
+            raise TypeError(f"{where} needs an asyncio event loop as loop, got {describe(loop)}.")
+        self._loop: asyncio.AbstractEventLoop = loop
+        self._on_block: OnBlock = on_block if on_block is not None else log_block
+        self._name = f"offloop-detector-{next(_numbers)}"
+        self._state = DetectorState.NEW
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._table = SiteTable()
+        # Written by the heartbeat on the loop's thread, read by the monitor.
+        self._loop_thread: int | None = None
+        self._acked = 0
+        self._acked_at = 0.0
+
+    # -- public ------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The name of the monitor thread, ``offloop-detector-<n>``."""
+        return self._name
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop being watched."""
+        return self._loop
+
+    @property
+    def threshold(self) -> float:
+        """Seconds the loop may go without coming back before it counts as blocked."""
+        return self._threshold
+
+    @property
+    def interval(self) -> float:
+        """Seconds between heartbeats and between stack samples."""
+        return self._interval
+
+    @property
+    def state(self) -> DetectorState:
+        """The detector's :class:`DetectorState`."""
+        return self._state
+
+    @property
+    def blocks(self) -> int:
+        """How many finished blocks were recorded so far."""
+        return self._table.blocks
+
+    def report(self) -> list[BlockSite]:
+        """The blocking sites seen so far, most total time first.
+
+        Safe to call from any thread, while running or after :meth:`stop`.
+        """
+        return self._table.report()
+
+    def start(self) -> BlockingDetector:
+        """Start the monitor thread; return the detector.
+
+        Raises:
+            RuntimeError: the detector is already running or was stopped (a
+                detector runs once), or its loop is closed.
+        """
+        with self._lock:
+            if self._state is DetectorState.RUNNING:
+                raise RuntimeError(f"{self._describe()} is already running; stop() it first.")
+            if self._state is DetectorState.STOPPED:
+                raise RuntimeError(
+                    f"{self._describe()} was stopped and cannot start again; "
+                    f"create a new BlockingDetector."
+                )
+            if self._loop.is_closed():
+                raise RuntimeError(
+                    f"{self._describe()} cannot start: its event loop is closed. Attach the "
+                    f"detector to a loop that is running or about to run."
+                )
+            if asyncio._get_running_loop() is self._loop:
+                self._loop_thread = threading.get_ident()
+            elif self._loop.is_running():
+                # Learn the loop's thread before anything else runs on it, so
+                # a block that starts right away can be sampled.
+                self._loop.call_soon_threadsafe(self._heartbeat, 0)
+            self._thread = threading.Thread(target=self._monitor, name=self._name, daemon=True)
+            self._state = DetectorState.RUNNING
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the monitor thread, recording a block in progress; idempotent.
+
+        Returns once the monitor has exited (or after a bounded wait if
+        ``on_block`` is slow), so :meth:`report` is complete afterwards.
+        """
+        with self._lock:
+            if self._state is DetectorState.NEW:
+                self._state = DetectorState.STOPPED
+                return
+            self._state = DetectorState.STOPPED
+            self._stopping.set()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(JOIN_TIMEOUT)
+
+    def __enter__(self) -> BlockingDetector:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> BlockingDetector:
+        return self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return self._describe()
+
+    def _describe(self) -> str:
+        sites = len(self._table)
+        return (
+            f"<BlockingDetector {self._name!r} {self._state.value}: threshold "
+            f"{self._threshold * 1e3:g} ms, {self._table.blocks} block(s) at {sites} site(s)>"
+        )
+
+    # -- loop side ---------------------------------------------------------------------
+
+    def _heartbeat(self, seq: int) -> None:
+        # Runs on the loop: keep it to a few stores. The stamp goes first, so
+        # the monitor never pairs a new sequence number with an old stamp.
+        self._loop_thread = threading.get_ident()
+        if seq > self._acked:
+            self._acked_at = monotonic()
+            self._acked = seq
+
+    # -- monitor side ------------------------------------------------------------------
+
+    def _monitor(self) -> None:
+        try:
+            self._watch()
+        except Exception:  # a bug here must not take anything else down
+            logger.exception("%r: the monitor thread failed; blocks are no longer detected", self)
+        finally:
+            with self._lock:
+                self._state = DetectorState.STOPPED
+
+    def _watch(self) -> None:
+        loop = self._loop
+        threshold = self._threshold
+        ongoing_after = threshold * ONGOING_AFTER_THRESHOLDS
+        seq = 0
+        posted_at: float | None = None
+        block: _Block | None = None
+        while True:
+            stopping = self._stopping.wait(self._interval)
+            now = monotonic()
+            if posted_at is not None and self._acked >= seq:
+                if block is not None:
+                    self._finish(block, self._acked_at - block.posted_at)
+                    block = None
+                posted_at = None
+            if stopping or loop.is_closed():
+                # Stopped from the loop's own thread in the middle of a block
+                # (a sync `with` around the blocking call): it ends now.
+                if block is not None:
+                    self._finish(block, now - block.posted_at)
+                return
+            running = loop.is_running()
+            if not running:
+                # Our heartbeat waits in a loop that has stopped: not a block.
+                # A block in progress ended when the loop stopped, about now.
+                if block is not None:
+                    self._finish(block, now - block.posted_at)
+                    block = None
+                posted_at = None
+                continue
+            if posted_at is None:
+                seq += 1
+                posted_at = monotonic()
+                try:
+                    loop.call_soon_threadsafe(self._heartbeat, seq)
+                except RuntimeError:  # closed meanwhile; seen on the next turn
+                    posted_at = None
+                continue
+            lag = now - posted_at
+            if lag < threshold:
+                continue
+            if block is None:
+                block = _Block(posted_at)
+            sample = sample_thread(self._loop_ident())
+            if sample is not None:
+                block.samples.append(sample)
+            if not block.noticed and lag >= ongoing_after:
+                block.noticed = True
+                self._emit(make_event(block.samples, lag, ongoing=True))
+
+    def _loop_ident(self) -> int | None:
+        # asyncio's own loops know their thread exactly (it can change between
+        # runs); for others (uvloop) the last heartbeat told us.
+        ident = getattr(self._loop, "_thread_id", None)
+        return ident if isinstance(ident, int) else self._loop_thread
+
+    def _finish(self, block: _Block, duration: float) -> None:
+        event = make_event(block.samples, duration, ongoing=False)
+        self._table.add(event)
+        self._emit(event)
+
+    def _emit(self, event: BlockEvent) -> None:
+        try:
+            self._on_block(event)
+        except Exception:
+            logger.exception("%r: on_block raised while handling: %s", self, event)
+
+
+def detect_blocking(
+    *,
+    threshold: float = 0.1,
+    interval: float | None = None,
+    on_block: OnBlock | None = None,
+) -> BlockingDetector:
+    """Detect blocks of the running event loop for the duration of a ``with`` block.
+
+    Use it inside a coroutine, as ``with`` or ``async with``; it yields the
+    :class:`BlockingDetector`, whose :meth:`~BlockingDetector.report` lists the
+    sites after (or during) the block::
+
+        async with offloop.detect_blocking(threshold=0.05) as det:
+            await handler()
+        for site in det.report():
+            print(site)
+
+    Args:
+        threshold: seconds the loop may go without coming back before it counts
+            as blocked.
+        interval: seconds between heartbeats and stack samples (default
+            ``threshold / 4``).
+        on_block: called with each :class:`BlockEvent` from the monitor thread
+            (default: log it with its stack on the ``offloop.detector`` logger).
+
+    Raises:
+        RuntimeError: no event loop is running in this thread (to watch a loop
+            from elsewhere, use ``BlockingDetector(loop).start()``).
+        TypeError: an argument has the wrong type.
+        ValueError: ``threshold`` or ``interval`` is not positive.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            "offloop.detect_blocking() must be used inside a running event loop (in a "
+            "coroutine). To watch a loop from another thread, use "
+            "offloop.BlockingDetector(loop).start()."
+        ) from None
+    return BlockingDetector(loop, threshold=threshold, interval=interval, on_block=on_block)

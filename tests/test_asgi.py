@@ -1,0 +1,120 @@
+"""ASGIService: a real Starlette app under uvicorn on the supervisor's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from offloop import ASGIService, Supervisor
+from tests.helpers import bounded
+
+WAIT = 5.0
+
+
+def make_app(journal: list[str], *, fail_startup: bool = False) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        journal.append("startup")
+        if fail_startup:
+            raise ConnectionError("database is down")
+        yield
+        journal.append("shutdown")
+
+    async def index(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("hello asgi")
+
+    return Starlette(routes=[Route("/", index)], lifespan=lifespan)
+
+
+async def get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, await resp.text()
+
+
+def refuses(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@bounded(20)
+async def test_lifespan_is_honoured_and_the_port_closes_on_stop() -> None:
+    journal: list[str] = []
+    svc = ASGIService(make_app(journal), port=0, name="asgi-api", access_log=False)
+    assert repr(svc) == "<ASGIService 'asgi-api' idle 127.0.0.1:0 lifespan=auto>"
+    await svc.start()
+    assert journal == ["startup"]  # start() returns after the lifespan startup
+    assert svc.port != 0
+    assert repr(svc) == f"<ASGIService 'asgi-api' running url={svc.url} lifespan=auto>"
+    assert await get(svc.url) == (200, "hello asgi")
+    waiter = asyncio.ensure_future(svc.wait())
+    await svc.stop()
+    await asyncio.wait_for(waiter, WAIT)
+    assert journal == ["startup", "shutdown"]  # stop() returns after the lifespan shutdown
+    assert refuses(svc.port)
+    await svc.start()  # restartable, on the same port
+    assert await get(svc.url) == (200, "hello asgi")
+    await svc.stop()
+    assert journal == ["startup", "shutdown", "startup", "shutdown"]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_uvicorn_installs_no_signal_handler() -> None:
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    svc = ASGIService(make_app([]), port=0, access_log=False)
+    await svc.start()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    await svc.stop()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_failing_lifespan_startup_fails_start_without_exiting() -> None:
+    journal: list[str] = []
+    svc = ASGIService(make_app(journal, fail_startup=True), port=0, lifespan="on", name="api")
+    # uvicorn would sys.exit(3) here; the service raises instead.
+    with pytest.raises(
+        RuntimeError, match=r"<ASGIService 'api' .* could not start: uvicorn gave up"
+    ):
+        await svc.start()
+    assert journal == ["startup"]
+    assert svc.state.value == "crashed"
+    assert refuses(svc.port)
+
+
+def test_bad_arguments_are_named() -> None:
+    app = make_app([])
+    with pytest.raises(TypeError, match=r"ASGIService\(app\) needs an ASGI application"):
+        ASGIService("main:app")
+    with pytest.raises(ValueError, match=r"lifespan=\.\.\.\) must be 'auto', 'on' or 'off'"):
+        ASGIService(app, lifespan="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"log_level=\.\.\.\) must be one of"):
+        ASGIService(app, log_level="loud")
+
+
+@pytest.mark.loops("asyncio", "uvloop")
+@bounded(20)
+async def test_under_a_supervisor() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="site", grace=2.0)
+    api = sv.add(ASGIService(make_app(journal), port=0, name="api", access_log=False))
+    async with sv:
+        assert sv.status()["api"].state == "running"
+        assert await get(api.url) == (200, "hello asgi")
+    assert journal == ["startup", "shutdown"]
+    assert sv.status()["api"].state == "stopped"
+    assert refuses(api.port)

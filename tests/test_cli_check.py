@@ -1,0 +1,235 @@
+"""``python -m offloop check``: real subprocesses running small scripts from tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from offloop._cli import build_parser
+from offloop._cli_check import BLOCKED_EXIT_CODE
+
+TIMEOUT = 60
+
+
+def check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "offloop", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=tmp_path,
+    )
+
+
+def write(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def line_of(path: Path, marker: str) -> int:
+    lines = path.read_text().splitlines()
+    hits = [n for n, text in enumerate(lines, 1) if text.rstrip().endswith(f"# {marker}")]
+    assert len(hits) == 1, f"{marker!r} found {len(hits)} times in {path}"
+    return hits[0]
+
+
+def test_check_names_the_blocking_line_and_fails_the_run(tmp_path: Path) -> None:
+    app = write(
+        tmp_path / "app.py",
+        """\
+        import asyncio
+        import time
+
+
+        async def handler():
+            time.sleep(0.3)  # BLOCK
+
+
+        async def main():
+            await handler()
+            await asyncio.sleep(0)
+
+
+        asyncio.run(main())
+        """,
+    )
+    proc = check(tmp_path, "--threshold", "0.05", app.name)
+    assert proc.returncode == BLOCKED_EXIT_CODE, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(n for n, text in enumerate(lines) if text.startswith("path:line"))
+    assert header > 0
+    assert "over 50 ms at 1 site(s)" in lines[0]
+    assert lines[header].split() == ["path:line", "function", "count", "total", "ms", "max", "ms"]
+    row = lines[header + 1].split()
+    assert row[:2] == [f"app.py:{line_of(app, 'BLOCK')}", "handler"]
+    assert int(row[2]) >= 1
+
+
+def test_json_report_shows_the_helper_module_and_the_chain(tmp_path: Path) -> None:
+    helpers = write(
+        tmp_path / "helpers.py",
+        """\
+        import time
+
+
+        def load_settings():
+            time.sleep(0.3)  # BLOCK
+        """,
+    )
+    app = write(
+        tmp_path / "app.py",
+        """\
+        import asyncio
+
+        import helpers  # found next to the script, as with 'python app.py'
+
+
+        async def main():
+            helpers.load_settings()  # CALL
+            await asyncio.sleep(0)
+
+
+        asyncio.run(main())  # RUN
+        """,
+    )
+    proc = check(tmp_path, "--json", "--threshold", "0.05", "app.py")
+    assert proc.returncode == BLOCKED_EXIT_CODE, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["exit_code"] == 0
+    assert report["threshold"] == 0.05
+    assert report["loops"] == 1
+    (site,) = report["sites"]
+    assert set(site) == {"file", "line", "function", "count", "total_ms", "max_ms", "stack"}
+    assert (site["file"], site["line"], site["function"]) == (
+        str(helpers),
+        line_of(helpers, "BLOCK"),
+        "load_settings",
+    )
+    assert site["count"] >= 1
+    assert site["total_ms"] >= site["max_ms"] > 0
+    # The stack starts at the script (offloop's and runpy's frames are trimmed)
+    # and shows the chain down to the helper.
+    stack = [entry.split(" in ")[0] for entry in site["stack"]]
+    assert stack[0] == f"{app}:{line_of(app, 'RUN')}"
+    assert stack[-2:] == [f"{app}:{line_of(app, 'CALL')}", f"{helpers}:{line_of(helpers, 'BLOCK')}"]
+
+
+def test_a_clean_script_reports_nothing_and_keeps_its_exit_code_and_args(tmp_path: Path) -> None:
+    write(
+        tmp_path / "clean.py",
+        """\
+        import asyncio
+        import sys
+        import time
+
+
+        async def main():
+            await asyncio.to_thread(time.sleep, 0.3)
+            print("argv", sys.argv[1:], flush=True)
+
+
+        asyncio.run(main())
+        sys.exit(int(sys.argv[1]))
+        """,
+    )
+    proc = check(tmp_path, "clean.py", "0", "--json")  # options after the script are its own
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "argv ['0', '--json']",
+        "offloop check: no event loop blocked for more than 100 ms (1 event loop(s) watched).",
+    ]
+    out = tmp_path / "report.json"
+    proc = check(tmp_path, "--json", "-o", str(out), "clean.py", "5")
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == "argv ['5']\n"
+    assert json.loads(out.read_text())["sites"] == []
+
+
+def test_uvloop_and_a_loop_in_another_thread_are_both_watched(tmp_path: Path) -> None:
+    app = write(
+        tmp_path / "loops.py",
+        """\
+        import asyncio
+        import threading
+        import time
+
+        import uvloop
+
+
+        async def worker():
+            time.sleep(0.3)  # WORKER
+
+
+        async def main():
+            end = time.monotonic() + 0.3
+            sum(1 for _ in iter(lambda: time.monotonic() < end, False))  # MAIN
+
+
+        thread = threading.Thread(target=lambda: asyncio.run(worker()))
+        thread.start()
+        uvloop.run(main())
+        thread.join()
+        """,
+    )
+    proc = check(tmp_path, "--json", "--threshold", "0.05", "loops.py")
+    assert proc.returncode == BLOCKED_EXIT_CODE, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["loops"] == 2
+    assert sorted(s["line"] for s in report["sites"]) == sorted(
+        [line_of(app, "WORKER"), line_of(app, "MAIN")]
+    )
+
+
+def test_a_failing_script_shows_its_traceback_and_exit_code(tmp_path: Path) -> None:
+    write(
+        tmp_path / "broken.py",
+        """\
+        import asyncio
+
+
+        async def main():
+            raise ValueError("no such table: users")
+
+
+        asyncio.run(main())
+        """,
+    )
+    proc = check(tmp_path, "broken.py")
+    assert proc.returncode == 1
+    assert "ValueError: no such table: users" in proc.stderr
+    assert 'broken.py", line 8, in <module>' in proc.stderr
+    assert "runpy" not in proc.stderr  # the traceback starts at the script
+    assert "no event loop blocked" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threshold", "0", "x.py"], "--threshold must be a positive number of seconds, got 0.0"),
+        (["--threshold", "-1", "x.py"], "--threshold must be a positive number"),
+        (["missing.py"], "there is no file 'missing.py'"),
+    ],
+)
+def test_bad_command_lines_exit_2_with_a_message(
+    tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from offloop._cli import main
+
+    (tmp_path / "x.py").write_text("")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["check", *args]) == 2
+    finally:
+        os.chdir(cwd)
+    assert message in capsys.readouterr().err
+
+
+def test_check_is_listed_in_the_help() -> None:
+    assert "check" in build_parser().format_help()

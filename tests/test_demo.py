@@ -1,0 +1,114 @@
+"""``python -m offloop demo``: the seed's full program, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 20.0  # bound on start-up and shutdown of the whole program: a hang fails loudly
+
+
+def demo_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "offloop", "demo", "--interval", "0.2", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def test_demo_runs_every_part_and_stops_by_itself() -> None:
+    proc = subprocess.run(
+        demo_command("--seconds", "3"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env(),
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"{out}\n{proc.stderr}"
+    urls = re.findall(r"open (http://127\.0\.0\.1:\d+)/", out)
+    assert len(urls) == 2  # it tells the user where Flask and aiohttp listen
+    assert re.search(r"^bot +\| tick 2 \(event loop\)$", out, re.M)
+    # Both web apps answered the bot's requests, Flask from offloop's request threads.
+    assert re.search(
+        r"^flask +\| GET .* -> 200, thread='offloop-wsgi-flask-request-\d+'$", out, re.M
+    )
+    assert re.search(r"^aiohttp +\| GET .* -> 200, files_seen=\d+$", out, re.M)
+    # The while-True loop wrote files in its thread and the watcher saw them on the loop.
+    assert re.search(r"^loop +\| wrote note-1\.txt \(thread offloop-service-loop\)$", out, re.M)
+    assert re.search(r"^watcher +\| saw note-1\.txt created$", out, re.M)
+    assert "3 seconds are up: stopping" in out
+    assert re.search(r"^loop +\| stop requested: leaving the while loop$", out, re.M)
+    assert re.search(r"stopped cleanly: bot ticked [1-9]\d* times, [1-9]\d* HTTP requests", out)
+    states = re.search(r"final states: (.*)$", out, re.M)
+    assert states is not None
+    assert set(re.findall(r"=(\w+)", states.group(1))) == {"stopped"}
+    # The supervisor told its own story on stderr, through logging.
+    assert "service 'flask' is ready" in proc.stderr
+    assert "abandoned" not in proc.stderr
+
+
+def _read_lines(stream: object, lines: queue.Queue[str | None]) -> None:
+    assert hasattr(stream, "readline")
+    for line in iter(stream.readline, ""):
+        lines.put(line)
+    lines.put(None)
+
+
+def test_ctrl_c_stops_the_demo_cleanly() -> None:
+    proc = subprocess.Popen(
+        demo_command(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env(),
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), name="test-reader")
+    reader.start()
+    seen: list[str] = []
+    try:
+        while True:
+            line = lines.get(timeout=WAIT)
+            assert line is not None, f"the demo ended before it was ready:\n{''.join(seen)}"
+            seen.append(line)
+            if line.startswith("bot") and "tick 1" in line:  # ready, and ticking
+                break
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=WAIT)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        reader.join(WAIT)
+        assert proc.stderr is not None
+        stderr = proc.stderr.read()
+        proc.stderr.close()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    while (line := lines.get_nowait()) is not None:
+        seen.append(line)
+    out = "".join(seen)
+    assert code == 0, f"{out}\n{stderr}"
+    assert "received SIGINT, stopping gracefully" in stderr
+    assert "stopped cleanly" in out
+    assert "abandoned" not in stderr
+
+
+def test_a_missing_program_is_a_clear_error(tmp_path: Path) -> None:
+    from offloop._demo import load_seed_app
+
+    with pytest.raises(FileNotFoundError, match="runs from a source checkout"):
+        load_seed_app(tmp_path / "seed_app.py")

@@ -1,0 +1,117 @@
+"""How a stack becomes a site, and how blocks add up into the report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+import offloop
+from offloop._detector_report import (
+    BlockEvent,
+    Sample,
+    SiteTable,
+    is_library_file,
+    make_event,
+    sample_thread,
+)
+
+USER = str(Path(__file__).parent / "app.py")
+
+
+@pytest.mark.parametrize(
+    ("filename", "library"),
+    [
+        (asyncio.__file__, True),  # the standard library
+        (pytest.__file__, True),  # site-packages
+        (offloop.__file__, True),  # offloop's own frames are never the user's to fix
+        ("<frozen runpy>", True),
+        (__file__, False),
+        (USER, False),
+        ("<string>", False),  # exec'd code is the user's
+        ("/srv/app/venv/lib/python3.11/site-packages/requests/api.py", True),
+    ],
+)
+def test_library_files_are_told_apart_from_user_code(filename: str, library: bool) -> None:
+    assert is_library_file(filename) is library
+
+
+def test_a_sample_names_the_innermost_user_frame() -> None:
+    ready = threading.Event()
+    release = threading.Event()
+
+    def user_code() -> None:
+        ready.set()
+        release.wait(10)  # SAMPLED
+
+    thread = threading.Thread(target=user_code)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        sample = sample_thread(thread.ident)
+    finally:
+        release.set()
+        thread.join(10)
+    assert sample is not None
+    line = next(
+        n
+        for n, text in enumerate(Path(__file__).read_text().splitlines(), 1)
+        if text.endswith("# SAMPLED")
+    )
+    # Innermost is threading.Event.wait (stdlib); the site is the user's frame.
+    assert is_library_file(sample.frames[-1][0])
+    assert sample.site == (__file__, line, user_code.__qualname__)
+    assert sample.frames[0][0] == threading.__file__  # outermost first
+
+
+def test_sampling_an_unknown_or_missing_thread_gives_nothing() -> None:
+    assert sample_thread(None) is None
+    assert sample_thread(-1) is None
+
+
+def test_the_site_seen_most_often_names_the_event() -> None:
+    a, b = (USER, 10, "first"), (USER, 20, "second")
+    outer = ("/nonexistent/python3.11/asyncio/events.py", 80, "Handle._run")
+    samples = [Sample(a, (outer, a)), Sample(b, (outer, b)), Sample(b, (outer, b))]
+    event = make_event(samples, 0.25, ongoing=False)
+    assert (event.file, event.line, event.function) == b
+    assert event.samples == 3
+    assert event.duration_ms == pytest.approx(250)
+    assert event.stack == (f"{outer[0]}:80 in Handle._run", f"{USER}:20 in second")
+
+
+def test_a_block_without_samples_has_an_unknown_site() -> None:
+    event = make_event([], 0.2, ongoing=True)
+    assert (event.file, event.line, event.stack, event.ongoing) == ("<unknown>", 0, (), True)
+
+
+def test_the_table_adds_up_blocks_by_site_most_time_first() -> None:
+    table = SiteTable()
+
+    def event(line: int, ms: float, *, ongoing: bool = False) -> BlockEvent:
+        return BlockEvent(USER, line, "handler", ms, (f"stack of {ms}",), 1, ongoing)
+
+    for e in (event(1, 100), event(2, 150), event(1, 120), event(2, 900, ongoing=True)):
+        table.add(e)
+    sites = table.report()
+    assert [(s.line, s.count, s.total_ms, s.max_ms) for s in sites] == [
+        (1, 2, 220, 120),
+        (2, 1, 150, 150),
+    ]
+    assert sites[0].stack == ("stack of 120",)  # the longest block's stack
+    assert table.blocks == 3
+    assert len(table) == 2
+    as_json = json.loads(json.dumps(sites[0].to_dict()))
+    assert as_json == {
+        "file": USER,
+        "line": 1,
+        "function": "handler",
+        "count": 2,
+        "total_ms": 220,
+        "max_ms": 120,
+        "stack": ["stack of 120"],
+    }
+    assert str(sites[0]) == f"{USER}:1 in handler: 2 block(s), 220 ms in total, longest 120 ms"

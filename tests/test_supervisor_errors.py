@@ -1,0 +1,169 @@
+"""Supervisor: bad registrations and illegal transitions, each with its own message."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import pytest
+
+from offloop import ServiceFailed, StopToken, Supervisor
+from tests.helpers import bounded
+from tests.test_supervisor import Recorder
+
+WAIT = 5.0  # bound on every wait that should end at once; a hang fails loudly
+
+
+def test_decorator_returns_the_function_and_names_the_service() -> None:
+    sv = Supervisor()
+
+    def plain() -> int:
+        return 42
+
+    assert sv.service(plain) is plain
+    assert sv.service(name="second")(plain) is plain
+    assert plain() == 42
+    assert list(sv.services) == ["plain", "second"]
+    assert repr(sv.services["plain"]).startswith("<ThreadService 'plain' idle fn=function")
+
+
+async def _never() -> None:
+    await asyncio.sleep(3600)
+
+
+def _two_args(a: int, b: int) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("register", "error", "message"),
+    [
+        (lambda sv: sv.service(42), TypeError, "needs an 'async def' or plain 'def' function"),
+        (lambda sv: sv.service(_two_args), TypeError, "which needs the arguments (a, b)"),
+        (
+            lambda sv: sv.service(isolate="thread")(_never),
+            TypeError,
+            "use isolate='loop' to give it its own loop",
+        ),
+        (
+            lambda sv: sv.service(isolate="loop")(_two_args),
+            TypeError,
+            "isolate='loop', which is for coroutine functions",
+        ),
+        (lambda sv: sv.service(isolate="gpu")(_never), ValueError, "isolate must be None,"),
+        (lambda sv: sv.service(backoff=-1)(_never), ValueError, "backoff must be at least 0"),
+        (
+            lambda sv: sv.add(_never),
+            TypeError,
+            "needs an offloop.Service (e.g. offloop.WSGIService(app)), got function '_never'. "
+            "To supervise a function, decorate it with @sv.service instead.",
+        ),
+        (lambda sv: sv.service(name="")(_never), TypeError, "name must be a non-empty str"),
+    ],
+)
+def test_bad_registrations_are_explained(
+    register: object, error: type[Exception], message: str
+) -> None:
+    sv = Supervisor()
+    with pytest.raises(error) as info:
+        register(sv)  # type: ignore[operator]
+    assert message in str(info.value)
+    # A rejected registration leaves the supervisor usable.
+    sv.service(_never)
+    assert list(sv.services) == ["_never"]
+
+
+def test_coroutine_object_is_rejected_without_a_warning() -> None:
+    sv = Supervisor()
+    with pytest.raises(TypeError, match="Decorate the 'async def' function itself"):
+        sv.service(_never())  # type: ignore[call-overload]
+
+
+def test_duplicate_names_and_services_are_rejected() -> None:
+    sv = Supervisor(name="dup")
+    svc = sv.add(Recorder("api", []))
+    with pytest.raises(ValueError, match=r"already has a service named 'api'; pass name="):
+        sv.add(Recorder("api", []))
+    with pytest.raises(ValueError, match=r"<Recorder 'api'> is already supervised by <Supervisor"):
+        sv.add(svc)
+    with pytest.raises(TypeError, match="grace must be a number of seconds"):
+        Supervisor(grace="5")  # type: ignore[arg-type]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_illegal_transitions_have_their_own_messages() -> None:
+    sv = Supervisor(name="once")
+    with pytest.raises(RuntimeError) as info:
+        sv.stop()
+    assert str(info.value) == (
+        "Cannot stop <Supervisor 'once' new (no services) grace=5>: it has not started. "
+        "Enter it with 'async with', or call serve() or run(), first."
+    )
+    sv.add(Recorder("api", []))
+    async with sv:
+        with pytest.raises(RuntimeError, match=r"Cannot enter <Supervisor 'once' running"):
+            await sv.__aenter__()
+        with pytest.raises(RuntimeError, match="Cannot add the service 'late' to <Supervisor"):
+            sv.add(Recorder("late", []))
+        with pytest.raises(RuntimeError, match=r"\.run\(\) was called from a running event loop"):
+            sv.run()
+    with pytest.raises(RuntimeError, match=r"it has already run and stopped\. A supervisor runs"):
+        await sv.serve()
+    with pytest.raises(RuntimeError, match="Cannot enter <Supervisor 'once' stopped"):
+        async with sv:
+            pass
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_function_service_lifecycle_errors() -> None:
+    sv = Supervisor()
+
+    @sv.service
+    def idle(token: StopToken) -> None:
+        token.wait()
+
+    svc = sv.services["idle"]
+    with pytest.raises(RuntimeError, match=r"Cannot wait <ThreadService 'idle' idle .* start\(\)"):
+        await svc.wait()
+    await svc.start()
+    with pytest.raises(RuntimeError, match="it is already running; stop it before"):
+        await svc.start()
+    assert repr(svc).startswith("<ThreadService 'idle' running")
+    await asyncio.wait_for(svc.stop(), WAIT)
+    await svc.wait()
+    assert repr(svc).startswith("<ThreadService 'idle' ended")
+    # Restartable: a fresh run after the stop.
+    await svc.start()
+    await asyncio.wait_for(svc.stop(), WAIT)
+    assert svc.kill() == []
+
+
+class AsyncCallable:
+    """Callable objects hide their async nature from iscoroutinefunction()."""
+
+    async def __call__(self) -> None:
+        await asyncio.sleep(0)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_hidden_coroutine_function_is_a_clear_crash_and_partials_are_named() -> None:
+    sv = Supervisor()
+    sv.service(restart="no", name="hidden")(AsyncCallable())
+    sv.service(functools.partial(_two_args, 1, 2))
+    assert list(sv.services) == ["hidden", "_two_args"]
+    with pytest.raises(ServiceFailed) as info:
+        await sv.serve()
+    assert isinstance(info.value.__cause__, TypeError)
+    assert "returned a coroutine, so it is asynchronous" in str(info.value.__cause__)
+
+
+def test_detect_blocking_values_are_checked() -> None:
+    assert Supervisor(detect_blocking=False).detector is None
+    assert Supervisor(detect_blocking=True).detector is None  # created when the run starts
+    with pytest.raises(ValueError, match="detect_blocking must be greater than 0 seconds"):
+        Supervisor(detect_blocking=0)
+    with pytest.raises(TypeError, match="detect_blocking must be a number of seconds, got str"):
+        Supervisor(detect_blocking="fast")  # type: ignore[arg-type]

@@ -1,0 +1,190 @@
+"""Supervisor: stopping is thread-safe, bounded by grace, and never restarts anything."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+
+from offloop import Service, StopToken, Supervisor
+from tests.helpers import await_until, bounded
+
+WAIT = 5.0  # bound on every wait that should end at once; a hang fails loudly
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_stop_during_restart_backoff_does_not_wait_for_it() -> None:
+    sv = Supervisor()
+
+    @sv.service(backoff=3600, max_backoff=3600)
+    async def broken() -> None:
+        raise ValueError("nope")
+
+    async with sv:
+        await await_until(lambda: sv.status()["broken"].state == "restarting", WAIT)
+    assert sv.status()["broken"].state == "stopped"
+
+
+@bounded(10)
+async def test_stop_is_thread_safe() -> None:
+    sv = Supervisor()
+    running = threading.Event()
+
+    @sv.service
+    def worker(token: StopToken) -> None:
+        running.set()
+        token.wait()
+
+    def stop_from_a_thread() -> None:
+        assert running.wait(WAIT)
+        sv.stop()
+
+    thread = threading.Thread(target=stop_from_a_thread)
+    thread.start()
+    try:
+        await sv.serve()
+    finally:
+        thread.join(WAIT)
+    assert sv.state == "stopped"
+    sv.stop()  # stopping a stopped supervisor does nothing
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.allow_leaks  # checks the abandoned thread itself, then ends it
+@bounded(10)
+async def test_shutdown_is_bounded_and_reports_an_abandoned_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="offloop")
+    sv = Supervisor(grace=0.2, name="sv")
+    started = threading.Event()
+    release = threading.Event()
+
+    @sv.service
+    def deaf() -> None:
+        started.set()
+        release.wait(WAIT)  # ignores its token on purpose
+
+    @sv.service
+    def polite(token: StopToken) -> None:
+        token.wait()
+
+    try:
+        async with sv:
+            await await_until(started.is_set, WAIT)
+        abandoned = [t for t in threading.enumerate() if t.name == "offloop-service-deaf"]
+        assert len(abandoned) == 1
+        assert abandoned[0].is_alive()
+        assert abandoned[0].daemon
+        assert sv.status()["polite"].state == "stopped"  # still stopped after the grace ran out
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "sv: service 'deaf' did not stop within the grace period; killed it" in warnings
+        report = next(w for w in warnings if "abandoned" in w)
+        assert report.startswith("sv: service 'deaf' abandoned thread 'offloop-service-deaf'")
+        assert "in deaf\n    release.wait(WAIT)" in report  # its current stack
+    finally:
+        release.set()
+    abandoned[0].join(WAIT)
+    assert not abandoned[0].is_alive()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_coroutine_that_swallows_cancellation_is_killed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sv = Supervisor(grace=0.1)
+    swallowed = 0
+
+    @sv.service
+    async def sulky() -> None:
+        nonlocal swallowed
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed += 1
+        await asyncio.sleep(3600)  # the second cancellation (kill) ends it
+
+    async with sv:
+        pass
+    assert swallowed == 1
+    assert any("'sulky' did not stop within the grace period" in m for m in caplog.messages)
+
+
+class SlowStop(Service):
+    """Takes its time to stop, so the test can act while the shutdown is under way."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.stopping = asyncio.Event()
+        self.release = asyncio.Event()
+        self._ended = asyncio.Event()
+
+    async def start(self) -> None:
+        self._ended.clear()
+
+    async def wait(self) -> None:
+        await self._ended.wait()
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await self.release.wait()
+        self._ended.set()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_crash_during_shutdown_is_not_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sv = Supervisor(name="sv")
+    crash_now = threading.Event()
+
+    @sv.service(backoff=0, max_backoff=0)
+    def early(token: StopToken) -> None:
+        crash_now.wait(WAIT)
+        raise ValueError("late crash")
+
+    slow = sv.add(SlowStop())
+
+    async def run() -> None:
+        async with sv:
+            pass
+
+    task = asyncio.create_task(run())
+    await asyncio.wait_for(slow.stopping.wait(), WAIT)  # the shutdown is stopping 'slow'
+    crash_now.set()
+    await await_until(lambda: sv.status()["early"].state == "stopped", WAIT)
+    slow.release.set()
+    await asyncio.wait_for(task, WAIT)
+    status = sv.status()["early"]
+    assert status.restarts == 0
+    assert repr(status.last_error) == "ValueError('late crash')"
+    assert "sv: service 'early' crashed while stopping: ValueError('late crash')" in caplog.messages
+    assert sv.state == "stopped"
+
+
+@bounded(10)
+async def test_services_stop_even_when_their_runner_tasks_were_cancelled() -> None:
+    # What asyncio.run() does on Python 3.10 at Ctrl-C: it cancels every task.
+    sv = Supervisor()
+    got_token = threading.Event()
+
+    @sv.service
+    def worker(token: StopToken) -> None:
+        token.wait()
+        got_token.set()
+
+    async with sv:
+        runners = {t for t in asyncio.all_tasks() if t.get_name() == "offloop-supervise-worker"}
+        assert len(runners) == 1
+        for task in runners:
+            task.cancel()
+        await asyncio.wait(runners)
+        assert not got_token.is_set()
+    assert got_token.is_set()
+    assert sv.status()["worker"].state == "stopped"

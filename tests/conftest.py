@@ -98,10 +98,20 @@ def _leftover_threads(before: set[threading.Thread]) -> list[threading.Thread]:
 
 
 def _children() -> set[int]:
+    # multiprocessing starts one resource-tracker process per interpreter on
+    # first use of "spawn"/"forkserver"; it lives as long as the interpreter.
+    pids = set()
     try:
-        return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != "zombie"}
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.status() == "zombie" or "resource_tracker" in " ".join(p.cmdline()):
+                    continue
+            except psutil.Error:
+                continue
+            pids.add(p.pid)
     except psutil.Error:
-        return set()
+        pass
+    return pids
 
 
 @pytest.fixture(autouse=True)

@@ -102,7 +102,7 @@ async def test_async_thread_and_loop_services_run_side_by_side() -> None:
     assert seen == {
         "worker thread": "offloop-service-worker",
         "worker token is current": True,
-        "loop thread": "offloop-service-stubborn_coroutine",
+        "loop thread": "offloop-loop-service-stubborn_coroutine",
         "worker stopped because": "service stopping",
     }
 
@@ -392,7 +392,8 @@ async def test_detect_blocking_names_the_service_that_blocks_the_loop(
         assert " running: threshold 50 ms" in repr(detector)
     assert detector.state.value == "stopped"  # no monitor thread outlives the supervisor
     sites = detector.report()
-    assert [s.function.rsplit(".", 1)[-1] for s in sites] == ["hog"]
+    # Most total time first; a loaded machine may add short unrelated blocks after it.
+    assert sites[0].function.rsplit(".", 1)[-1] == "hog"
     assert sites[0].file.endswith("test_supervisor.py")
     assert sites[0].max_ms >= 200
     assert any(r.name == "offloop.detector" for r in caplog.records)

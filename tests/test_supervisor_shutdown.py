@@ -188,3 +188,36 @@ async def test_services_stop_even_when_their_runner_tasks_were_cancelled() -> No
         assert not got_token.is_set()
     assert got_token.is_set()
     assert sv.status()["worker"].state == "stopped"
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.allow_leaks  # checks the abandoned loop thread itself, then ends it
+@bounded(10)
+async def test_loop_service_blocked_in_sync_code_is_abandoned_with_its_stack(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sv = Supervisor(grace=0.2, name="sv")
+    blocking = threading.Event()
+    release = threading.Event()
+
+    @sv.service(isolate="loop")
+    async def frozen() -> None:
+        blocking.set()
+        release.wait(WAIT)  # blocks its own loop: cancellation cannot reach it
+
+    try:
+        async with sv:
+            await await_until(blocking.is_set, WAIT)
+        report = next(m for m in caplog.messages if "abandoned" in m)
+        assert report.startswith(
+            "sv: service 'frozen' abandoned thread 'offloop-loop-service-frozen', currently at:"
+        )
+        assert "in frozen\n    release.wait(WAIT)" in report
+        assert "asyncio" not in report  # only the user's frames
+        assert sv.status()["frozen"].state == "stopped"
+    finally:
+        release.set()
+    stuck = [t for t in threading.enumerate() if t.name == "offloop-loop-service-frozen"]
+    for thread in stuck:
+        thread.join(WAIT)
+        assert not thread.is_alive()

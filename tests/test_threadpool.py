@@ -390,7 +390,7 @@ async def test_aclose_timeout_abandons_a_stuck_call_and_logs_it(
 
 
 def test_one_pool_shared_by_loops_in_several_threads() -> None:
-    pool = offloop.ThreadPool(4, name="shared")
+    pool = offloop.ThreadPool(4, name="several")
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
 
@@ -412,7 +412,7 @@ def test_one_pool_shared_by_loops_in_several_threads() -> None:
     assert results == {n: [n**i for i in range(200)] for n in range(2, 6)}
     assert pool.statistics()["completed"] == 800
     pool.close()
-    assert pool_threads("shared") == []
+    assert pool_threads("several") == []
 
 
 async def test_blocking_calls_grow_the_pool_up_to_the_bound() -> None:

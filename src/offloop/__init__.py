@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ._aiohttp_service import AiohttpService
 from ._asgi import ASGIService
+from ._dask import DaskPool
 from ._detector import (
     BlockEvent,
     BlockingDetector,
@@ -35,8 +36,11 @@ from ._errors import (
     WorkerCrashed,
     WouldDeadlockError,
 )
+from ._fromthread import from_thread
 from ._iterate import ThreadedIterator, iterate, threaded
+from ._loopthread import LoopThread, LoopThreadState, to_loop
 from ._offload import OffloadFuture
+from ._processpool import ProcessPool, to_process
 from ._service import Service
 from ._status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor import Supervisor
@@ -54,13 +58,17 @@ __all__ = [
     "BlockSite",
     "BlockingDetector",
     "CallerGoneError",
+    "DaskPool",
     "DetectorState",
     "LoopBlockedError",
+    "LoopThread",
+    "LoopThreadState",
     "MissingExtraError",
     "NotPicklableError",
     "OffloadFuture",
     "OffloopError",
     "PoolClosedError",
+    "ProcessPool",
     "Service",
     "ServiceFailed",
     "ServiceState",
@@ -77,8 +85,11 @@ __all__ = [
     "__version__",
     "current_token",
     "detect_blocking",
+    "from_thread",
     "iterate",
     "threaded",
+    "to_loop",
+    "to_process",
     "to_thread",
 ]
 

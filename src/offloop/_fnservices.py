@@ -21,13 +21,15 @@ import enum
 import functools
 import inspect
 import io
+import os
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from ._errors import OffloopError
+from ._loopthread import LoopThread
 from ._service import Service
 from ._token import StopToken, WorkerCall, thread_state
 from ._validate import describe
@@ -80,17 +82,22 @@ def takes_token(fn: Callable[..., object], where: str) -> bool:
     return len(required) == 1
 
 
+_MACHINERY: Final = (
+    threading.__file__,
+    os.path.dirname(asyncio.__file__) + os.sep,
+    os.path.dirname(__file__) + os.sep,
+)
+
+
 def describe_thread(thread: threading.Thread) -> str:
     """The thread's name and its current stack, for the 'abandoned' log line."""
     frame = sys._current_frames().get(thread.ident or -1)
     if frame is None:
         return f"thread {thread.name!r} (no stack: it is not running Python code)"
-    # threading's bootstrap and offloop's own frames say nothing about why it hangs.
-    frames = [
-        f
-        for f in traceback.extract_stack(frame)
-        if not f.filename.endswith(("threading.py", "_fnservices.py"))
-    ]
+    # threading's bootstrap, asyncio's loop and offloop's own frames say nothing
+    # about why it hangs; the user's frames do.
+    every = traceback.extract_stack(frame)
+    frames = [f for f in every if not f.filename.startswith(_MACHINERY)] or every[-1:]
     stack = "".join(traceback.format_list(frames)).rstrip()
     return f"thread {thread.name!r}, currently at:\n{stack}"
 
@@ -153,7 +160,7 @@ class TaskService(_FnService):
     async def start(self) -> None:
         done = self._begin()
         task = asyncio.get_running_loop().create_task(
-            self._async_fn(), name=f"offloop-service-{self.name}"
+            self._coroutine(), name=f"offloop-service-{self.name}"
         )
         self._task = task
 
@@ -163,6 +170,9 @@ class TaskService(_FnService):
             self._finish(done, exc)
 
         task.add_done_callback(on_done)
+
+    def _coroutine(self) -> Coroutine[Any, Any, object]:
+        return self._async_fn()
 
     async def stop(self) -> None:
         task = self._task
@@ -248,54 +258,49 @@ class ThreadService(_FnService):
     def kill(self) -> list[str]:
         if self._token is not None:
             self._token.set("service killed")
-        thread = self._thread
-        if thread is None or not thread.is_alive():
+        thread, done = self._thread, self._done
+        # A finished run's thread may still be alive for a few instructions
+        # after handing its outcome to the loop: that is not an abandoned thread.
+        if thread is None or not thread.is_alive() or (done is not None and done.done()):
             return []
         return [describe_thread(thread)]
 
 
-class LoopService(ThreadService):
-    """An ``async def`` on its own event loop in its own thread (``isolate="loop"``).
+class LoopService(TaskService):
+    """An ``async def`` on its own :class:`~offloop.LoopThread` (``isolate="loop"``).
 
     A coroutine that blocks its loop (a ``time.sleep``, a busy ``while True``)
-    only stalls this private loop. ``stop()`` cancels the coroutine there.
+    only stalls that private loop, in the thread ``offloop-loop-service-<name>``.
+    ``stop()`` cancels the coroutine there and closes the loop thread; one
+    that stays blocked in sync code is abandoned by ``kill()``.
     """
 
     def __init__(self, fn: AsyncFn, name: str) -> None:
-        super().__init__(fn, name, pass_token=False)
-        self._async_fn = fn
+        super().__init__(fn, name)
+        self._loop_thread: LoopThread | None = None
 
-    def _body(self, token: StopToken) -> None:
-        loop = asyncio.new_event_loop()
+    def _coroutine(self) -> Coroutine[Any, Any, object]:
+        lt = self._loop_thread = LoopThread(name=f"service-{self.name}").start()
+        return self._run_there(lt)
+
+    async def _run_there(self, lt: LoopThread) -> object:
         try:
-            task = loop.create_task(self._async_fn(), name=f"offloop-service-{self.name}")
-
-            def cancel(_: StopToken) -> None:
-                with contextlib.suppress(RuntimeError):  # the loop already finished
-                    loop.call_soon_threadsafe(task.cancel, "offloop service stopping")
-
-            token.add_callback(cancel)
-            try:
-                loop.run_until_complete(task)
-            except asyncio.CancelledError:
-                if not token:
-                    raise
-            finally:
-                token.remove_callback(cancel)
-                _cancel_leftovers(loop)
-                loop.run_until_complete(loop.shutdown_asyncgens())
+            return await lt.run(self._async_fn)
         finally:
-            loop.close()
+            # Cancelled or not, the remote task is finished or cancelled: join
+            # the thread. A coroutine blocked in sync code holds this up until
+            # the supervisor's grace runs out and kill() abandons it.
+            await lt.aclose()
 
-
-def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
-    # What asyncio.run() does: tasks the coroutine spawned end with it, instead
-    # of being destroyed pending when the private loop closes.
-    leftovers = asyncio.all_tasks(loop)
-    for task in leftovers:
-        task.cancel()
-    if leftovers:
-        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+    def kill(self) -> list[str]:
+        task, lt = self._task, self._loop_thread
+        if task is not None:
+            task.cancel("offloop service killed")
+        name = f"offloop-loop-service-{self.name}"
+        stuck = [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+        if lt is None or not stuck:
+            return []
+        return [describe_thread(thread) for thread in stuck]
 
 
 def make_fn_service(fn: Any, isolate: Isolate | None, name: str | None) -> Service:

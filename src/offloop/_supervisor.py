@@ -131,8 +131,8 @@ class Supervisor:
         """Decorator: supervise a function as a service; the function is returned unchanged.
 
         An ``async def`` runs as a task on the supervisor's loop and is stopped
-        by cancellation; with ``isolate="loop"`` it runs on its own event loop
-        in its own thread (for coroutines that block their loop). A plain
+        by cancellation; with ``isolate="loop"`` it runs on its own
+        :class:`~offloop.LoopThread` (for coroutines that block their loop). A plain
         ``def`` runs in its own thread named ``offloop-service-<name>``; if it
         takes a parameter, it receives an :class:`~offloop.StopToken` that is
         set when it must stop. ``isolate="process"`` runs either kind in a

@@ -95,6 +95,34 @@ class PoolState(enum.Enum):
     CLOSED = "closed"
 
 
+_PoolT = TypeVar("_PoolT", bound="PoolContext")
+
+
+class PoolContext:
+    """``async with pool:`` for every pool: refuses a pool that is not open, closes it on exit."""
+
+    _state: PoolState
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: _PoolT) -> _PoolT:
+        if self._state is not PoolState.OPEN:
+            raise PoolClosedError(
+                f"{self!r} cannot be entered because it is {self._state.value}; "
+                f"create a new {type(self).__name__} instead."
+            )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
 class _Worker:
     """A worker thread and the call it runs now (read by close() and at exit)."""
 
@@ -111,7 +139,7 @@ _pool_numbers: Final = iter(range(1, 1 << 62))
 
 
 @final
-class ThreadPool:
+class ThreadPool(PoolContext):
     """A named, bounded pool of worker threads: a bulkhead for blocking calls.
 
     ``await pool.run(fn, *args, **kwargs)`` runs ``fn(*args, **kwargs)`` in one
@@ -282,22 +310,6 @@ class ThreadPool:
                 self._state = PoolState.CLOSED
             return
         self._join_threads()
-
-    async def __aenter__(self) -> ThreadPool:
-        if self._state is not PoolState.OPEN:
-            raise PoolClosedError(
-                f"{self!r} cannot be entered because it is {self._state.value}; "
-                f"create a new ThreadPool instead."
-            )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         with self._lock:

@@ -1,0 +1,188 @@
+"""Process offload: offloop against ProcessPoolExecutor, anyio and loky; loop lag.
+
+Cases, each measured in the same process and on one event loop (anyio keeps
+its workers per loop), with interleaved rounds:
+- sequential round trip of a trivial function;
+- throughput of 200 concurrent small CPU tasks (``asyncio.gather``);
+- event-loop lag: how late a 1 ms ``asyncio.sleep`` wakes while pure-Python
+  CPU work runs back to back in a thread (``offloop.to_thread``) or in a
+  worker process (``ProcessPool.run``), against an idle loop.
+
+Every pool has 2 workers (this machine has 2 cores), started before timing.
+
+Run: ``make bench`` or ``.venv/bin/python -m benchmarks.bench_process``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import anyio.to_process
+import loky
+
+import offloop
+
+# Absolute, not relative: anyio's workers run this file again as a script.
+from benchmarks._common import check, interleaved, percentiles, ratio, table
+
+WORKERS = 2
+SEQ_CALLS = int(os.environ.get("OFFLOOP_BENCH_PROCESS_SEQ", "1000"))
+TASKS = 200
+TASK_LOOPS = 20_000  # ~0.5 ms of pure Python per task here
+LAG_SECONDS = float(os.environ.get("OFFLOOP_BENCH_LAG_SECONDS", "1.0"))
+BURN_SECONDS = 0.02
+
+
+def trivial() -> int:
+    return 1
+
+
+def small_cpu_task(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def burn(seconds: float) -> int:
+    # Pure Python: holds the GIL of whichever process runs it.
+    end = time.perf_counter() + seconds
+    spins = 0
+    while time.perf_counter() < end:
+        spins += 1
+    return spins
+
+
+Submit = Callable[..., Awaitable[Any]]
+
+
+def make_submitters(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[dict[str, Submit], Callable[[], None]]:
+    pool = offloop.ProcessPool(WORKERS, name="bench")
+    stdlib = ProcessPoolExecutor(WORKERS)
+    loky_pool = loky.get_reusable_executor(max_workers=WORKERS)
+    limiter = anyio.CapacityLimiter(WORKERS)
+
+    def in_executor(executor: Any) -> Submit:
+        return functools.partial(loop.run_in_executor, executor)
+
+    async def anyio_run(fn: Callable[..., Any], *args: Any) -> Any:
+        return await anyio.to_process.run_sync(fn, *args, limiter=limiter)
+
+    submitters: dict[str, Submit] = {
+        "offloop ProcessPool.run": pool.run,
+        "loop.run_in_executor(ProcessPoolExecutor)": in_executor(stdlib),
+        "anyio.to_process.run_sync": anyio_run,
+        "loky reusable executor": in_executor(loky_pool),
+    }
+
+    def close() -> None:
+        loop.run_until_complete(pool.aclose())
+        stdlib.shutdown()
+        loky_pool.shutdown()
+
+    return submitters, close
+
+
+def sequential(loop: asyncio.AbstractEventLoop, submit: Submit) -> Callable[[], float]:
+    async def body() -> float:
+        t0 = time.perf_counter()
+        for _ in range(SEQ_CALLS):
+            await submit(trivial)
+        return (time.perf_counter() - t0) / SEQ_CALLS
+
+    return lambda: loop.run_until_complete(body())
+
+
+def throughput(loop: asyncio.AbstractEventLoop, submit: Submit) -> Callable[[], float]:
+    async def body() -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(submit(small_cpu_task, TASK_LOOPS) for _ in range(TASKS)))
+        return (time.perf_counter() - t0) / TASKS
+
+    return lambda: loop.run_until_complete(body())
+
+
+def lag(loop: asyncio.AbstractEventLoop, submit: Submit | None, samples: list[float]) -> None:
+    async def cpu_work(stop: asyncio.Event) -> None:
+        assert submit is not None
+        while not stop.is_set():
+            await submit(burn, BURN_SECONDS)
+
+    async def body() -> None:
+        stop = asyncio.Event()
+        worker = asyncio.ensure_future(cpu_work(stop)) if submit else None
+        await asyncio.sleep(0.05)  # let the work start
+        end = time.perf_counter() + LAG_SECONDS
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.001)
+            samples.append(time.perf_counter() - t0 - 0.001)
+        stop.set()
+        if worker is not None:
+            await worker
+
+    loop.run_until_complete(body())
+
+
+def main() -> None:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    submitters, close = make_submitters(loop)
+    ok = True
+    try:
+        seq = interleaved({n: sequential(loop, s) for n, s in submitters.items()})
+        table("sequential round trip", seq, reference="offloop ProcessPool.run")
+        gat = interleaved({n: throughput(loop, s) for n, s in submitters.items()})
+        table(
+            f"{TASKS} concurrent small CPU tasks, per task",
+            gat,
+            reference="offloop ProcessPool.run",
+        )
+        r = ratio(seq, "loop.run_in_executor(ProcessPoolExecutor)", "offloop ProcessPool.run")
+        ok &= check(
+            "round trip >= 1.5x run_in_executor(ProcessPoolExecutor)", r >= 1.5, f"{r:.2f}x"
+        )
+
+        lag_pool = offloop.ProcessPool(1, name="lag")
+        lag_cases: dict[str, Submit | None] = {
+            "idle loop (no CPU work)": None,
+            "CPU work via offloop.to_thread": offloop.to_thread,
+            "CPU work via offloop ProcessPool.run": lag_pool.run,
+        }
+        lateness: dict[str, list[float]] = {name: [] for name in lag_cases}
+        lag(loop, lag_pool.run, [])  # start the worker
+        for r_ in range(3):
+            names = list(lag_cases)
+            for name in names[r_ % len(names) :] + names[: r_ % len(names)]:
+                lag(loop, lag_cases[name], lateness[name])
+        loop.run_until_complete(lag_pool.aclose())
+        print(
+            f"\n## event-loop lag: lateness of asyncio.sleep(0.001), {3 * LAG_SECONDS:.0f} s each"
+        )
+        print(f"{'case':<44} {'p50':>10} {'p99':>10} {'max':>10}")
+        for name, values in lateness.items():
+            p50, p99, worst = (v * 1e3 for v in percentiles(values, (50, 99, 100)))
+            print(f"{name:<44} {p50:7.3f} ms {p99:7.3f} ms {worst:7.3f} ms")
+        p99 = percentiles(lateness["CPU work via offloop ProcessPool.run"], (99,))[0]
+        ok &= check("loop lag p99 with to_process < 1 ms", p99 < 1e-3, f"{p99 * 1e3:.3f} ms")
+    finally:
+        close()
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    print("\nall process-offload targets met" if ok else "\nsome process-offload targets missed")
+
+
+if __name__ == "__main__":
+    main()

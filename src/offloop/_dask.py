@@ -1,0 +1,227 @@
+"""``DaskPool``: the same ``run()`` as the local pools, on a Dask cluster.
+
+It talks to the cluster through ``distributed``'s asyncio client
+(``asynchronous=True``): awaiting a call awaits the client's future on the
+event loop, so no thread is blocked waiting for the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, ParamSpec, TypedDict, TypeVar, final
+
+from ._errors import PoolClosedError, WorkerCrashed
+from ._extras import require
+from ._pickling import encode_call
+from ._threadpool import PoolContext, PoolState
+from ._validate import check_sync_callable, describe
+
+__all__ = ["DaskPool"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_FEATURE: Final = "DaskPool"
+
+
+class DaskPoolStatistics(TypedDict):
+    """What :meth:`DaskPool.statistics` returns."""
+
+    state: str
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
+@final
+class DaskPool(PoolContext):
+    """Run blocking or CPU-bound functions on a Dask ``distributed`` cluster.
+
+    ``await pool.run(fn, *args, **kwargs)`` submits ``fn(*args, **kwargs)`` to
+    the cluster and returns its result; exceptions keep their type and the
+    worker's traceback. Functions and arguments travel with cloudpickle, so
+    lambdas and closures work; an argument that cannot be pickled raises
+    :class:`NotPicklableError` naming it before anything is sent.
+
+    Two ways to connect; neither starts a cluster behind your back:
+
+    - ``DaskPool("tcp://scheduler:8786")``: the pool opens an asynchronous
+      ``distributed.Client`` on first use and closes it in :meth:`aclose`.
+    - ``DaskPool(client=client)``: use a client you created with
+      ``asynchronous=True`` (e.g. on a ``LocalCluster``); you close it.
+
+    The pool belongs to the event loop its client runs on.
+
+    Raises:
+        MissingExtraError: ``distributed`` is not installed (``offloop[dask]``).
+        TypeError: neither or both of ``address`` and ``client`` were given, or
+            the client is not asynchronous.
+    """
+
+    def __init__(self, address: str | None = None, *, client: Any = None) -> None:
+        distributed = require("distributed", "dask", feature=_FEATURE)
+        if (address is None) == (client is None):
+            raise TypeError(
+                "DaskPool() needs exactly one of address= (a scheduler address such as "
+                "'tcp://127.0.0.1:8786') or client= (a distributed.Client created with "
+                f"asynchronous=True); got address={address!r} and client={client!r}. "
+                "It never starts a cluster itself: for one machine, start a "
+                "distributed.LocalCluster and pass its scheduler_address."
+            )
+        if client is not None:
+            if not isinstance(client, distributed.Client):
+                raise TypeError(
+                    f"DaskPool(client=...) needs a distributed.Client, got {describe(client)}."
+                )
+            if not client.asynchronous:
+                raise TypeError(
+                    f"DaskPool(client=...) needs a client created with asynchronous=True, "
+                    f"got the blocking client {client!r}; a blocking client would stall the "
+                    f"event loop on every call."
+                )
+        elif not isinstance(address, str):
+            raise TypeError(f"DaskPool(address=...) must be a str, got {describe(address)}.")
+        self._distributed = distributed
+        self._address = address
+        self._client = client
+        self._owns_client = client is None
+        self._connecting: asyncio.Future[Any] | None = None
+        self._state = PoolState.OPEN
+        self._running = 0
+        self._completed = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._idle: asyncio.Event | None = None
+        self._chores: set[asyncio.Task[Any]] = set()
+
+    @property
+    def state(self) -> PoolState:
+        """Where the pool is in its lifecycle (OPEN, CLOSING, CLOSED)."""
+        return self._state
+
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` in use (``None`` until the first call connects)."""
+        return self._client
+
+    async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn(*args, **kwargs)`` on a cluster worker and return its result.
+
+        ``fn``'s keyword arguments are passed through untouched (none of them
+        is taken as a Dask option). Cancelling the awaiting task cancels the
+        task on the cluster.
+
+        Raises:
+            TypeError: ``fn`` is not callable, or is a coroutine function.
+            NotPicklableError: the function or an argument cannot be pickled.
+            WorkerCrashed: the task's workers kept dying (Dask's ``KilledWorker``).
+            PoolClosedError: the pool is closing or closed.
+        """
+        check_sync_callable(fn, "DaskPool.run()", "offloop.to_loop()")
+        self._check_open()
+        # Check here, where the culprit can be named; Dask would only log the
+        # whole task graph as unserializable.
+        encode_call(fn, args, kwargs, "DaskPool.run()")
+        client = self._client if self._client is not None else await self._connect()
+        self._check_open()
+        self._running += 1
+        future = None
+        try:
+            # A partial keeps the user's kwargs out of submit()'s own options
+            # (key=, workers=, retries=, ...).
+            future = client.submit(functools.partial(fn, *args, **kwargs), pure=False)
+            result: R = await future
+        except asyncio.CancelledError:
+            self._cancelled += 1
+            if future is not None:
+                self._chore(client.cancel([future]))
+            raise
+        except self._distributed.KilledWorker as exc:
+            self._failed += 1
+            raise WorkerCrashed(
+                f"{self!r}: the workers running {describe(fn)} died while running it, as many "
+                f"times as the scheduler allows ({exc}). Look at the workers' logs for what "
+                f"killed them (memory limit, segfault)."
+            ) from exc
+        except BaseException:
+            self._failed += 1
+            raise
+        else:
+            self._completed += 1
+            return result
+        finally:
+            self._running -= 1
+            if self._running == 0 and self._idle is not None:
+                self._idle.set()
+
+    def statistics(self) -> DaskPoolStatistics:
+        """Counters of this pool's calls.
+
+        Keys: ``state``, ``running``, ``completed``, ``failed``, ``cancelled``.
+        """
+        return {
+            "state": self._state.value,
+            "running": self._running,
+            "completed": self._completed,
+            "failed": self._failed,
+            "cancelled": self._cancelled,
+        }
+
+    async def aclose(self) -> None:
+        """Refuse new calls, wait for running ones, and close the client if the pool opened it.
+
+        A client passed as ``client=`` is left open. Closing twice is allowed.
+        """
+        if self._state is PoolState.OPEN:
+            self._state = PoolState.CLOSING
+        if self._running:
+            self._idle = asyncio.Event()
+            while self._running:
+                await self._idle.wait()
+                self._idle.clear()
+        while self._chores:
+            await asyncio.gather(*self._chores, return_exceptions=True)
+        if self._connecting is not None and not self._connecting.done():
+            with contextlib.suppress(BaseException):
+                await self._connecting
+        if self._owns_client and self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+        self._state = PoolState.CLOSED
+
+    def __repr__(self) -> str:
+        where = self._address
+        if where is None and self._client is not None:
+            where = getattr(self._client.scheduler, "address", None) or "client"
+        return (
+            f"<DaskPool {where!r} {self._state.value}: {self._running} running, "
+            f"{self._completed} completed, {self._failed} failed>"
+        )
+
+    def _check_open(self) -> None:
+        if self._state is not PoolState.OPEN:
+            raise PoolClosedError(
+                f"{self!r} is {self._state.value} and takes no new calls; create a new DaskPool."
+            )
+
+    async def _connect(self) -> Any:
+        # One connection for concurrent first calls: they all await the same future.
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(
+                self._distributed.Client(self._address, asynchronous=True)
+            )
+        try:
+            self._client = await asyncio.shield(self._connecting)
+        except Exception:
+            self._connecting = None  # the next call tries again
+            raise
+        return self._client
+
+    def _chore(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)

@@ -1,0 +1,573 @@
+"""Event loops in threads of their own: ``LoopThread``, the shared ones, ``to_loop``.
+
+The crossings into them (how a coroutine is sent there and its outcome
+brought back) live in ``_crossing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import contextvars
+import enum
+import logging
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from time import monotonic
+from types import TracebackType
+from typing import Any, Final, ParamSpec, TypeVar, final
+
+from ._crossing import (
+    Remote,
+    Reply,
+    refuse_on_running_loop,
+    start_async,
+    start_sync,
+    wait_reply,
+)
+from ._errors import CallerGoneError, PoolClosedError, WouldDeadlockError
+from ._token import StopToken, thread_state
+from ._validate import check_async_callable, describe
+
+__all__ = ["LoopThread", "LoopThreadState", "SharedLoopThread", "block_on", "to_loop"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger: Final = logging.getLogger("offloop")
+
+_numbers: Final = iter(range(1, 1 << 62))
+
+
+class LoopThreadState(enum.Enum):
+    """Lifecycle of a :class:`LoopThread`: CREATED -> RUNNING -> CLOSING -> CLOSED."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_CREATED: Final = LoopThreadState.CREATED
+_RUNNING: Final = LoopThreadState.RUNNING
+_CLOSING: Final = LoopThreadState.CLOSING
+_CLOSED: Final = LoopThreadState.CLOSED
+
+
+def block_on(
+    target: LoopThread | SharedLoopThread | asyncio.AbstractEventLoop,
+    token: StopToken | None,
+    where: str,
+    async_fn: Callable[..., Awaitable[R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> R:
+    """Run ``async_fn(*args, **kwargs)`` on ``target``'s loop; block for the outcome.
+
+    With a ``token`` (the calling worker's), setting it stops the wait with
+    :class:`CallerGoneError` and cancels the coroutine.
+    """
+    ctx = contextvars.copy_context()
+    if isinstance(target, asyncio.AbstractEventLoop):
+        reply = Reply(target, None)
+        try:
+            target.call_soon_threadsafe(start_sync, reply, async_fn, args, kwargs, context=ctx)
+        except RuntimeError:
+            raise CallerGoneError(
+                f"{where} cannot run {describe(async_fn)}: the event loop that sent this work "
+                f"to the thread ({target!r}) is closed, so nobody is left to run the coroutine "
+                f"or use its result. Return from the worker function."
+            ) from None
+    else:
+        while True:
+            lt = target.get() if isinstance(target, SharedLoopThread) else target
+            if lt._state is _CREATED:
+                lt.start()
+            reply = Reply(lt._loop, lt)  # type: ignore[arg-type]
+            try:
+                lt._submit(start_sync, reply, async_fn, args, kwargs, ctx)
+            except PoolClosedError:
+                if lt._retired and isinstance(target, SharedLoopThread):
+                    continue  # it retired after idling; nothing was sent: take the next one
+                raise
+            break
+    return wait_reply(reply, token, where, async_fn)  # type: ignore[no-any-return]
+
+
+@final
+class LoopThread:
+    """A dedicated event loop running in a thread of its own.
+
+    Coroutines sent there run beside the caller's loop instead of on it, so a
+    coroutine that blocks (``time.sleep``, a sync driver, a framework that
+    calls blocking code inside ``async def``) stalls only this thread::
+
+        with offloop.LoopThread(name="legacy") as lt:
+            lt.call(fetch, url)                 # from sync code: blocks for the result
+
+        async with offloop.LoopThread() as lt:
+            await lt.run(fetch, url)            # from another loop: awaits the result
+
+    The thread starts on first use (or with :meth:`start`), is named
+    ``offloop-loop-<name>``, and runs until :meth:`close` / :meth:`aclose`,
+    which cancel what still runs there, shut down async generators, close the
+    loop and join the thread. Context variables are copied into every call.
+
+    Args:
+        name: used in the thread name and ``repr`` (default: a number).
+        loop_factory: a zero-argument callable returning a new event loop,
+            e.g. ``uvloop.new_event_loop`` (default: ``asyncio.new_event_loop``).
+
+    Raises:
+        TypeError: ``name`` is not a str or ``loop_factory`` is not callable.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    ) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"LoopThread(name=...) must be a str, got {describe(name)}.")
+        if loop_factory is not None and not callable(loop_factory):
+            raise TypeError(
+                f"LoopThread(loop_factory=...) must be a callable returning a new event loop "
+                f"(e.g. uvloop.new_event_loop), got {describe(loop_factory)}."
+            )
+        self._name = name or str(next(_numbers))
+        self._thread_name = f"offloop-loop-{self._name}"
+        self._loop_factory = loop_factory
+        self._state = _CREATED
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._active = 0  # calls submitted and not finished; guarded by _lock
+        self._last_used = monotonic()
+        self._closed_waiters: list[asyncio.Future[None]] = []
+        # Only shared loop threads retire by themselves after idling this long.
+        self._idle_timeout: float | None = None
+        self._retired = False
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The loop thread's name, as used in its thread's name."""
+        return self._name
+
+    @property
+    def state(self) -> LoopThreadState:
+        """Where the loop thread is in its lifecycle."""
+        return self._state
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop (``None`` before the thread starts)."""
+        return self._loop
+
+    def start(self) -> LoopThread:
+        """Create the loop and start its thread; returns ``self``. Starting twice is a no-op.
+
+        Raises:
+            PoolClosedError: the loop thread is closing or closed.
+            Exception: whatever ``loop_factory`` raised.
+        """
+        with self._lock:
+            if self._state is _RUNNING:
+                return self
+            if self._state is not _CREATED:
+                raise PoolClosedError(
+                    f"{self._describe()} cannot start because it is {self._state.value}; a "
+                    f"LoopThread runs once, so create a new one."
+                )
+            factory = self._loop_factory or asyncio.new_event_loop
+            loop = factory()
+            if not isinstance(loop, asyncio.AbstractEventLoop):
+                raise TypeError(
+                    f"LoopThread(loop_factory=...) must return an event loop, but "
+                    f"{describe(factory)} returned {describe(loop)}."
+                )
+            thread = threading.Thread(
+                target=self._main, args=(loop,), name=self._thread_name, daemon=True
+            )
+            self._loop = loop
+            self._thread = thread
+            self._state = _RUNNING
+            try:
+                thread.start()
+            except BaseException:
+                self._state = _CLOSED
+                loop.close()
+                raise
+            if self._idle_timeout is not None:
+                loop.call_soon_threadsafe(self._check_idle)
+        return self
+
+    def call(self, async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``async_fn(*args, **kwargs)`` on this loop from sync code; block for the result.
+
+        Starts the thread if needed. Returns the coroutine's result or raises
+        its exception. Called from an offloop worker thread whose awaiting task
+        is cancelled, it cancels the coroutine and raises :class:`CallerGoneError`.
+
+        Raises:
+            WouldDeadlockError: called on a thread that runs an event loop
+                (there, ``await lt.run(...)`` instead).
+            PoolClosedError: the loop thread is closing or closed, or closed
+                while the coroutine ran (the coroutine was cancelled).
+            TypeError: ``async_fn`` is not a coroutine function.
+        """
+        refuse_on_running_loop(
+            f"{self._describe()}.call()", "In async code use 'await lt.run(async_fn, ...)'."
+        )
+        check_async_callable(async_fn, "LoopThread.call()")
+        call = thread_state.call
+        return block_on(
+            self, call.token if call is not None else None, "LoopThread.call()", async_fn, args,
+            kwargs,
+        )  # fmt: skip
+
+    async def run(
+        self, async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Run ``async_fn(*args, **kwargs)`` on this loop and await the result from another loop.
+
+        Cancelling the awaiting task cancels the remote task (and returns at
+        once, even if the remote coroutine is blocked); the remote task's own
+        exception or cancellation reaches the awaiter. Starts the thread if needed.
+
+        Raises:
+            PoolClosedError: the loop thread is closing or closed, or closed
+                while the coroutine ran.
+            TypeError: ``async_fn`` is not a coroutine function.
+        """
+        check_async_callable(async_fn, "LoopThread.run()")
+        caller = asyncio.get_running_loop()
+        if caller is self._loop:
+            return await async_fn(*args, **kwargs)  # already on this loop: no crossing
+        return await self._send(caller, async_fn, args, kwargs).receive()  # type: ignore[no-any-return]
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Stop the loop from sync code and join its thread.
+
+        Tasks still running there are cancelled (their callers get
+        :class:`PoolClosedError`), async generators are shut down and the loop
+        is closed. A coroutine blocked in sync code ends only when it next
+        awaits: with ``timeout``, give up after that many seconds and log the
+        stuck thread (a daemon, so it never keeps the process alive). Closing
+        twice is allowed.
+
+        Raises:
+            WouldDeadlockError: called on a running event loop's thread
+                (there, ``await lt.aclose()`` instead).
+        """
+        refuse_on_running_loop(
+            f"{self._describe()}.close()", "In async code use 'await lt.aclose()'."
+        )
+        thread = self._begin_close()
+        if thread is None:
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            self._report_stuck(timeout)
+
+    async def aclose(self, *, timeout: float | None = None) -> None:
+        """Like :meth:`close`, awaited from another event loop.
+
+        Raises:
+            WouldDeadlockError: awaited on this loop thread's own loop.
+        """
+        caller = asyncio.get_running_loop()
+        if caller is self._loop:
+            raise WouldDeadlockError(
+                f"{self._describe()}.aclose() was awaited on its own loop, which cannot wait "
+                f"for itself to stop. Close it from another thread or loop."
+            )
+        waiter: asyncio.Future[None] = caller.create_future()
+        with self._lock:
+            # The thread takes the waiters under this lock as it ends, so one
+            # registered while the state is not CLOSED is always woken.
+            if self._state is not _CLOSED:
+                self._closed_waiters.append(waiter)
+        thread = self._begin_close()
+        if thread is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except asyncio.TimeoutError:
+                self._report_stuck(timeout)
+                return
+        with self._lock:
+            if waiter in self._closed_waiters:  # closed before it ever started
+                self._closed_waiters.remove(waiter)
+        if self._thread is not None:
+            self._thread.join()  # it has signalled its end: this takes microseconds
+
+    def __enter__(self) -> LoopThread:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> LoopThread:
+        return self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return self._describe()
+
+    # -- internals ----------------------------------------------------------
+
+    def _describe(self) -> str:
+        tasks = self._active
+        loop = type(self._loop).__name__ if self._loop is not None else "no loop"
+        return (
+            f"<LoopThread {self._name!r} {self._state.value}: {tasks} "
+            f"task{'' if tasks == 1 else 's'}, {loop}>"
+        )
+
+    def _cancel_error(self, coro: Coroutine[Any, Any, Any]) -> PoolClosedError | None:
+        # A cancellation while closing is the close's doing: say so.
+        if self._state is _RUNNING:
+            return None
+        return PoolClosedError(
+            f"{self._describe()} was closed while {describe(coro)} ran there, so it was "
+            f"cancelled. Close the loop thread only after its calls are done."
+        )
+
+    def _submit(self, start: Callable[..., None], *args: Any) -> None:
+        # args ends with the context the start function runs in.
+        with self._lock:
+            state = self._state
+            if state is _RUNNING:
+                self._active += 1
+                self._loop.call_soon_threadsafe(start, *args[:-1], context=args[-1])  # type: ignore[union-attr]
+                return
+        raise PoolClosedError(
+            f"{self._describe()} is {state.value} and takes no new calls; create a new "
+            f"LoopThread (or use offloop.to_loop())."
+        )
+
+    def _send(
+        self,
+        caller: asyncio.AbstractEventLoop,
+        async_fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Remote:
+        # Schedules the call; raises PoolClosedError before anything ran.
+        if self._state is _CREATED:
+            self.start()
+        remote = Remote(caller, self._loop, self)  # type: ignore[arg-type]
+        self._submit(start_async, remote, async_fn, args, kwargs, contextvars.copy_context())
+        return remote
+
+    def _call_finished(self) -> None:
+        # On the loop thread, once per submitted call.
+        with self._lock:
+            self._active -= 1
+            self._last_used = monotonic()
+
+    def _begin_close(self) -> threading.Thread | None:
+        with self._lock:
+            state = self._state
+            if state is _CREATED:
+                self._state = _CLOSED
+                return None
+            if state is _CLOSED:
+                return None
+            thread = self._thread
+            if state is _RUNNING:
+                self._state = _CLOSING
+                self._loop.call_soon_threadsafe(self._loop.stop)  # type: ignore[union-attr]
+        if thread is threading.current_thread():
+            raise WouldDeadlockError(
+                f"{self._describe()} was closed from its own thread, which cannot wait for "
+                f"itself to stop. Close it from another thread."
+            )
+        return thread
+
+    def _check_idle(self) -> None:
+        # Shared loop threads only: retire after idling, started again on next use.
+        loop = self._loop
+        timeout = self._idle_timeout
+        assert loop is not None
+        assert timeout is not None
+        with self._lock:
+            if self._state is not _RUNNING:
+                return
+            if self._active == 0 and monotonic() - self._last_used >= timeout:
+                self._state = _CLOSING
+                self._retired = True
+                loop.stop()
+                return
+        loop.call_later(timeout / 4, self._check_idle)
+
+    def _main(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            _shutdown(loop)
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+            with self._lock:
+                self._state = _CLOSED
+                waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                _wake(waiter)
+
+    def _report_stuck(self, timeout: float | None) -> None:
+        logger.warning(
+            "offloop: %r did not stop within %s s: a coroutine there is blocked in sync code "
+            "and cannot be cancelled until it awaits. Its daemon thread %s was abandoned.",
+            self,
+            timeout,
+            self._thread_name,
+        )
+
+
+def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
+    # What asyncio.run does after the main coroutine: cancel leftovers and let
+    # them run their cleanup, then async generators and the default executor.
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        gathered = asyncio.gather(*tasks, return_exceptions=True)
+        loop.run_until_complete(gathered)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                loop.call_exception_handler(
+                    {
+                        "message": "unhandled exception in a task cancelled by LoopThread.close()",
+                        "exception": task.exception(),
+                        "task": task,
+                    }
+                )
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    def complete() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    # A closed loop means nobody waits any more.
+    with contextlib.suppress(RuntimeError):
+        waiter.get_loop().call_soon_threadsafe(complete)
+
+
+# -- shared loop threads -----------------------------------------------------
+
+
+@final
+class SharedLoopThread:
+    """A process-wide loop thread, started on first use and retired when idle.
+
+    It counts the calls in flight (the loop thread's ``_active``); once none
+    has run for ``idle_timeout`` seconds the thread stops by itself, and the
+    next call starts a new one. At interpreter exit it is closed with a
+    bounded wait. Its thread is a daemon, so it never keeps the process alive.
+    """
+
+    def __init__(self, thread_name: str, idle_timeout: float) -> None:
+        self.thread_name = thread_name
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._current: LoopThread | None = None
+        _shared.append(self)
+
+    def get(self) -> LoopThread:
+        """The running shared loop thread, started if needed."""
+        lt = self._current
+        if lt is not None and lt._state is _RUNNING:
+            return lt
+        with self._lock:
+            lt = self._current
+            if lt is None or lt._state is not _RUNNING:
+                lt = LoopThread(name=self.thread_name)
+                lt._thread_name = self.thread_name
+                lt._idle_timeout = self.idle_timeout
+                lt.start()
+                self._current = lt
+        return lt
+
+    @property
+    def current(self) -> LoopThread | None:
+        """The loop thread now in use, if any."""
+        return self._current
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close the current loop thread (the next :meth:`get` starts a new one)."""
+        with self._lock:
+            lt, self._current = self._current, None
+        if lt is not None:
+            lt.close(timeout=timeout)
+
+
+_shared: Final[list[SharedLoopThread]] = []
+
+#: Seconds a shared loop thread stays up with no call before its thread exits.
+SHARED_IDLE_TIMEOUT: Final = 30.0
+
+#: Seconds interpreter exit waits for a shared loop thread to stop.
+EXIT_TIMEOUT: Final = 2.0
+
+_isolated: Final = SharedLoopThread("offloop-shared-loop-to_loop", SHARED_IDLE_TIMEOUT)
+
+
+@atexit.register
+def _close_shared_at_exit() -> None:
+    for holder in _shared:
+        try:
+            holder.close(timeout=EXIT_TIMEOUT)
+        except Exception as exc:  # never fail interpreter exit over a loop thread
+            print(f"offloop: closing {holder.thread_name} at exit failed: {exc!r}", file=sys.stderr)
+
+
+async def to_loop(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run the coroutine ``async_fn(*args, **kwargs)`` on an isolated loop thread; await it.
+
+    For a coroutine that blocks (calls ``time.sleep``, a sync client, or a
+    framework doing sync I/O inside ``async def``): it stalls the isolated
+    loop, not yours. All ``to_loop`` calls share one background loop thread
+    (``offloop-shared-loop-to_loop``), so a coroutine that blocks there also
+    delays the other ``to_loop`` calls; give a long-running or often-blocking
+    coroutine its own :class:`LoopThread`. For plain sync functions prefer
+    :func:`to_thread`: it runs many of them at once in a thread pool.
+
+    Cancelling the awaiting task cancels the coroutine; its exception or
+    cancellation reaches the awaiter. Context variables are copied.
+
+    Raises:
+        TypeError: ``async_fn`` is not a coroutine function.
+    """
+    check_async_callable(async_fn, "offloop.to_loop()")
+    caller = asyncio.get_running_loop()
+    while True:
+        lt = _isolated.get()
+        if caller is lt._loop:
+            return await async_fn(*args, **kwargs)  # nested to_loop: already isolated
+        try:
+            remote = lt._send(caller, async_fn, args, kwargs)
+        except PoolClosedError:
+            if lt._retired:
+                continue  # it retired after idling; nothing was sent, so take the next one
+            raise
+        return await remote.receive()  # type: ignore[no-any-return]

@@ -1,0 +1,138 @@
+"""The code that runs inside a :class:`~offloop.ProcessPool` worker process.
+
+A worker serves one call at a time over its own pipe: it reads a pickled
+``(fn, args, kwargs)``, runs it, and writes one reply (see ``_pickling``). An
+empty message, or the pipe closing, tells it to exit.
+
+A worker must not outlive its parent, even one killed with SIGKILL that had no
+chance to clean up. On Linux the kernel sends the worker SIGKILL when the
+parent's thread that started it dies (``prctl(PR_SET_PDEATHSIG)``; the pool
+starts workers from its manager thread, which lives as long as the pool).
+Elsewhere, or if ``prctl`` is unavailable, a daemon thread polls
+``os.getppid()``: a reparented worker sees another parent pid and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from types import CoroutineType
+from typing import Final
+
+from ._pickling import INIT_FAILED, LOAD_FAILED, encode_error, encode_result
+from ._token import StopToken, WorkerCall, thread_state
+from ._validate import describe
+
+__all__ = ["worker_main"]
+
+_PR_SET_PDEATHSIG: Final = 1
+#: Seconds between two checks of the parent pid by the fallback watcher.
+PARENT_POLL: Final = 0.2
+
+
+def worker_main(
+    conn: Connection, parent_pid: int, init: bytes | None, max_tasks: int | None, pdeathsig: bool
+) -> None:
+    """Serve calls from ``conn`` until told to stop (the target of every worker process)."""
+    _die_with_parent(parent_pid, pdeathsig)
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides
+    # what happens to its workers, so a worker does not print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if init is not None and not _initialize(conn, init):
+        return
+    recv = conn.recv_bytes
+    send = conn.send_bytes
+    done = 0
+    while True:
+        try:
+            data = recv()
+        except (EOFError, OSError):
+            return  # the parent closed the pipe, or is gone
+        if not data:
+            return  # the parent's "stop"
+        send(_serve(data))
+        done += 1
+        if max_tasks is not None and done >= max_tasks:
+            return
+
+
+def _serve(data: bytes) -> bytes:
+    try:
+        fn, args, kwargs = pickle.loads(data)
+    except BaseException as exc:
+        return pickle.dumps(
+            (LOAD_FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc()),
+            pickle.HIGHEST_PROTOCOL,
+        )
+    # current_token() works in the worker too; nothing sets this token yet,
+    # since cancellation either abandons the call or kills the process.
+    thread_state.call = WorkerCall(fn, None, StopToken())
+    try:
+        result = fn(*args, **kwargs)
+        if type(result) is CoroutineType:
+            result.close()
+            raise TypeError(
+                f"{describe(fn)} returned a coroutine instead of a result, so it is async "
+                f"code: 'await' it directly or use offloop.to_loop()."
+            )
+    except BaseException as exc:  # delivered to the awaiter, like any result
+        # Drop this frame from the text: the user wants their function's lines.
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))  # type: ignore[union-attr]
+        return encode_error(exc, tb)
+    finally:
+        thread_state.call = None
+    return encode_result(result, fn)
+
+
+def _initialize(conn: Connection, init: bytes) -> bool:
+    fn = None
+    try:
+        fn, args, kwargs = pickle.loads(init)
+        fn(*args, **kwargs)
+    except BaseException as exc:
+        summary = f"{describe(fn) if fn else 'the initializer'} raised {type(exc).__name__}: {exc}"
+        tb = traceback.format_exc()
+        try:
+            data = pickle.dumps((INIT_FAILED, exc, summary, tb), pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            data = pickle.dumps((INIT_FAILED, None, summary, tb), pickle.HIGHEST_PROTOCOL)
+        with contextlib.suppress(OSError):
+            # The parent sent (or will send) a first call; answer it with this.
+            conn.recv_bytes()
+            conn.send_bytes(data)
+        return False
+    return True
+
+
+def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
+    armed = pdeathsig and _set_pdeathsig()
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before the signal was armed
+    if not armed:
+        threading.Thread(
+            target=_watch_parent, args=(parent_pid,), name="offloop-parent-watch", daemon=True
+        ).start()
+
+
+def _set_pdeathsig() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    wait = threading.Event().wait
+    while os.getppid() == parent_pid:
+        wait(PARENT_POLL)
+    os._exit(1)

@@ -1,0 +1,371 @@
+"""The worker half of a ProcessPool: its processes, their pipes, and the manager thread.
+
+:class:`WorkerSet` owns the state both halves share (the lock, the workers,
+the queue, the counters) and everything that runs on the manager thread:
+starting workers, reading replies, handing freed workers their next call, and
+turning a worker's death into :class:`WorkerCrashed` for its call alone.
+:class:`~offloop._processpool.ProcessPool` adds the public API, cancellation
+and closing on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import selectors
+import signal
+import threading
+from collections import deque
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any, TypedDict
+
+from ._errors import PoolClosedError, WorkerCrashed
+from ._offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
+from ._pickling import InitFailure, RemoteTraceback, decode_reply
+from ._process_worker import worker_main
+from ._threadpool import PoolState
+from ._validate import describe
+
+__all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet", "complete_waiter"]
+
+
+class ProcessPoolStatistics(TypedDict):
+    """What :meth:`ProcessPool.statistics` returns."""
+
+    state: str
+    max_workers: int
+    processes: int
+    idle: int
+    running: int
+    abandoned: int
+    queued: int
+    completed: int
+    failed: int
+    cancelled: int
+    crashed: int
+
+
+class ProcessCall(OffloadFuture[Any]):
+    # The future of a process call: the shared OffloadFuture plus the pickled
+    # request and the worker running it.
+    __slots__ = ("_payload", "_worker")
+
+    _payload: bytes | None
+    _worker: Worker | None
+
+
+class Worker:
+    """One worker process, its pipe, and the call it runs (guarded by the pool's lock)."""
+
+    __slots__ = ("call", "conn", "dead", "doomed", "pid", "process", "tasks")
+
+    def __init__(self, call: ProcessCall | None) -> None:
+        self.call = call
+        self.process: BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.pid: int | None = None
+        self.tasks = 0
+        # Doomed: must not get another call (killed, retiring after
+        # max_tasks_per_worker, or told to stop). Dead: its process exited.
+        self.doomed = False
+        self.dead = False
+
+
+class WorkerSet:
+    """Shared state of a process pool, and the manager thread that runs its workers."""
+
+    _pdeathsig = True  # tests switch it off to exercise the fallback watcher
+
+    def __init__(
+        self,
+        name: str,
+        max_workers: int,
+        ctx: BaseContext,
+        init: bytes | None,
+        max_tasks: int | None,
+    ) -> None:
+        self._name = name
+        self._max_workers = max_workers
+        self._ctx = ctx
+        self._init = init
+        self._max_tasks = max_tasks
+        self._where = f"ProcessPool {name!r}"
+        self._state = PoolState.OPEN
+        self._lock = threading.Lock()
+        self._workers: list[Worker] = []
+        self._idle: list[Worker] = []
+        self._pending: deque[ProcessCall] = deque()
+        self._manager: threading.Thread | None = None
+        self._wake_fds: tuple[int, int] | None = None
+        self._closed_waiters: list[asyncio.Future[None]] = []
+        self._queued = 0
+        self._running = 0
+        self._abandoned = 0
+        self._completed = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._crashed = 0
+
+    def _describe(self) -> str:
+        abandoned = f" ({self._abandoned} abandoned)" if self._abandoned else ""
+        crashed = f", {self._crashed} crashed" if self._crashed else ""
+        return (
+            f"<ProcessPool {self._name!r} {self._state.value}: {self._running} running"
+            f"{abandoned}, {self._queued} queued, "
+            f"{len(self._workers)}/{self._max_workers} processes{crashed}>"
+        )
+
+    # -- calls (any thread; _assign and _next_pending under _lock) ------------
+
+    def _assign(self, worker: Worker, call: ProcessCall) -> None:
+        worker.call = call
+        call._worker = worker
+        call._phase = RUNNING
+        self._running += 1
+
+    def _next_pending(self) -> ProcessCall | None:
+        pending = self._pending
+        while pending:
+            call = pending.popleft()
+            if call._phase is QUEUED:
+                self._queued -= 1
+                return call
+        return None
+
+    def _send(self, worker: Worker, call: ProcessCall) -> None:
+        payload, call._payload = call._payload, None
+        # If the worker just died, the manager fails this call as crashed.
+        with contextlib.suppress(OSError, ValueError):
+            worker.conn.send_bytes(payload)  # type: ignore[union-attr, arg-type]
+
+    def _stop(self, worker: Worker) -> None:
+        # An empty message asks an idle worker to exit.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            worker.conn.send_bytes(b"")  # type: ignore[union-attr]
+
+    # -- the manager thread ------------------------------------------------------
+
+    def _manage(self) -> None:
+        assert self._wake_fds is not None
+        wake_fd, wake_write_fd = self._wake_fds
+        selector = selectors.DefaultSelector()
+        selector.register(wake_fd, selectors.EVENT_READ, None)
+        try:
+            while True:
+                for key, _ in selector.select():
+                    data = key.data
+                    if data is None:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(wake_fd, 4096)
+                    elif data[1]:
+                        self._on_reply(data[0], selector)
+                    else:
+                        self._on_exit(data[0], selector)
+                if self._maintain(selector):
+                    return
+        finally:
+            selector.close()
+            with self._lock:
+                self._wake_fds = None
+            os.close(wake_fd)
+            os.close(wake_write_fd)
+
+    def _maintain(self, selector: selectors.BaseSelector) -> bool:
+        """Start workers for queued calls; finish closing. Returns True to exit."""
+        while True:
+            with self._lock:
+                if self._state is not PoolState.OPEN:
+                    if self._workers:
+                        return False
+                    self._state = PoolState.CLOSED
+                    waiters, self._closed_waiters = self._closed_waiters, []
+                    for waiter in waiters:
+                        complete_waiter(waiter)
+                    return True
+                if len(self._workers) >= self._max_workers:
+                    return False
+                call = self._next_pending()
+                if call is None:
+                    return False
+                worker = Worker(None)
+                self._workers.append(worker)
+                self._assign(worker, call)
+            self._spawn(worker, call, selector)
+
+    def _spawn(self, worker: Worker, call: ProcessCall, selector: selectors.BaseSelector) -> None:
+        try:
+            parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+            process = self._ctx.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                args=(child_conn, os.getpid(), self._init, self._max_tasks, self._pdeathsig),
+                name=f"offloop-process-{self._name}",
+            )
+            process.start()
+        except BaseException as exc:
+            with self._lock:
+                self._workers.remove(worker)
+                self._finish(worker, call, ok=False)
+            call._error = exc
+            call._channel.post(call)
+            return
+        # Without the parent's copy of the child's end, the worker's death
+        # shows as end-of-file on ours.
+        child_conn.close()
+        with self._lock:
+            worker.process = process
+            worker.conn = parent_conn
+            worker.pid = process.pid
+            kill = worker.doomed
+        selector.register(parent_conn.fileno(), selectors.EVENT_READ, (worker, True))
+        selector.register(process.sentinel, selectors.EVENT_READ, (worker, False))
+        if kill:
+            # kill_on_cancel or aclose's timeout fired while the process started.
+            with contextlib.suppress(OSError, ValueError):
+                process.kill()
+        else:
+            self._send(worker, call)
+
+    def _finish(self, worker: Worker, call: ProcessCall, *, ok: bool) -> None:
+        # Under _lock: the call left its worker, with a result or not.
+        worker.call = None
+        call._worker = None
+        self._running -= 1
+        if call._phase is ABANDONED:
+            self._abandoned -= 1
+        if ok:
+            self._completed += 1
+        else:
+            self._failed += 1
+        call._phase = DONE
+
+    def _on_reply(self, worker: Worker, selector: selectors.BaseSelector) -> None:
+        conn = worker.conn
+        if conn is None:
+            return  # its exit, handled earlier in the same batch, closed the pipe
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            # The process is exiting; its sentinel reports how.
+            selector.unregister(conn.fileno())
+            worker.conn = None
+            conn.close()
+            return
+        call = worker.call
+        if call is None:
+            return  # cannot happen: a worker only speaks when spoken to
+        ok, outcome = decode_reply(data, call.fn, f"{self._name}.run()")
+        if not ok and isinstance(outcome, InitFailure):
+            outcome = self._init_failure(worker, call, outcome)
+            worker.doomed = True  # it exits after this reply
+        with self._lock:
+            self._finish(worker, call, ok=ok)
+            worker.tasks += 1
+            if self._max_tasks is not None and worker.tasks >= self._max_tasks:
+                worker.doomed = True  # exits on its own after this reply
+            following = None
+            stop = False
+            if not worker.doomed:
+                if self._state is PoolState.OPEN:
+                    following = self._next_pending()
+                    if following is not None:
+                        self._assign(worker, following)
+                    else:
+                        self._idle.append(worker)
+                else:
+                    worker.doomed = stop = True
+        if following is not None:
+            self._send(worker, following)
+        elif stop:
+            self._stop(worker)
+        if ok:
+            call._value = outcome
+        else:
+            call._error = outcome
+        call._channel.post(call)
+
+    def _init_failure(
+        self, worker: Worker, call: ProcessCall, failure: InitFailure
+    ) -> WorkerCrashed:
+        error = WorkerCrashed(
+            f"A new worker process (pid {worker.pid}) of {self._where} could not start: its "
+            f"initializer {failure.summary}. The call of {describe(call.fn)} it was started "
+            f"for did not run; fix the initializer (the next call starts another worker).",
+            pid=worker.pid,
+        )
+        cause: BaseException = RemoteTraceback(failure.tb)
+        if failure.exc is not None:
+            failure.exc.__cause__ = cause
+            cause = failure.exc
+        error.__cause__ = cause
+        return error
+
+    def _on_exit(self, worker: Worker, selector: selectors.BaseSelector) -> None:
+        # A reply written just before the exit is still in the pipe: read it
+        # first (max_tasks_per_worker exits right after its last reply).
+        worker.dead = True
+        with self._lock:
+            worker.doomed = True
+            with contextlib.suppress(ValueError):
+                self._idle.remove(worker)
+        while worker.conn is not None and worker.call is not None and worker.conn.poll(0):
+            self._on_reply(worker, selector)
+        process = worker.process
+        assert process is not None
+        selector.unregister(process.sentinel)
+        process.join()
+        exitcode = process.exitcode
+        process.close()
+        if worker.conn is not None:
+            selector.unregister(worker.conn.fileno())
+            worker.conn.close()
+            worker.conn = None
+        with self._lock:
+            self._workers.remove(worker)
+            call = worker.call
+            if call is None:
+                return
+            cancelled = call._phase is ABANDONED
+            closing = self._state is not PoolState.OPEN
+            if not cancelled and not closing:
+                self._crashed += 1
+            self._finish(worker, call, ok=False)
+        if cancelled:
+            return  # killed on cancel, or died after its awaiter left
+        if closing:
+            call._error = PoolClosedError(
+                f"{self._describe()} killed the worker running {describe(call.fn)} because "
+                f"aclose() timed out before the call finished."
+            )
+        else:
+            call._error = WorkerCrashed(
+                f"The worker process (pid {worker.pid}) of {self._where} running "
+                f"{describe(call.fn)} died {_exit_reason(exitcode)}. Only this call failed: "
+                f"the pool has dropped that worker and keeps serving.",
+                exitcode=exitcode,
+                pid=worker.pid,
+            )
+        call._channel.post(call)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "for an unknown reason"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"from {name} (exit code {exitcode})"
+    return f"with exit code {exitcode}"
+
+
+def complete_waiter(waiter: asyncio.Future[None]) -> None:
+    def complete() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        waiter.get_loop().call_soon_threadsafe(complete)

@@ -1,0 +1,156 @@
+"""offloop.DaskPool on a real distributed.LocalCluster (process workers, loopback only).
+
+One cluster serves the whole module: it is started before the first test's
+leak snapshot and closed after the last test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import offloop
+from offloop._threadpool import PoolState
+
+distributed = pytest.importorskip("distributed")
+
+WAIT = 20.0  # bound on every wait: a hang fails the test instead of stalling it
+
+pytestmark = pytest.mark.loops("asyncio")
+
+
+def add(a: int, b: int, *, key: str = "") -> tuple[int, str, int]:
+    # ``key`` is also an option of Client.submit: it must reach this function.
+    return a + b, key, os.getpid()
+
+
+class Rejected(LookupError):
+    pass
+
+
+def reject(what: str) -> None:
+    raise Rejected(f"no {what}")
+
+
+def wait_for_file(gate: str, started: str) -> str:
+    Path(started).touch()
+    deadline = time.monotonic() + WAIT
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate} never appeared")
+        time.sleep(0.005)
+    return "released"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    cluster = distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    )
+    # distributed starts a process-wide helper thread on first use and keeps
+    # it; start it here, before any test's leak snapshot.
+    distributed.utils._offload_executor.submit(int).result(WAIT)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+async def test_run_by_address_returns_results_and_closes_its_client(cluster: Any) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+    async with pool:
+        total, key, pid = await asyncio.wait_for(pool.run(add, 2, 3, key="mine"), WAIT)
+        assert (total, key) == (5, "mine")
+        assert pid != os.getpid()  # a worker process of the cluster
+        results = await asyncio.wait_for(
+            asyncio.gather(*(pool.run(add, i, i) for i in range(20))), WAIT
+        )
+        assert [r[0] for r in results] == [2 * i for i in range(20)]
+        offset = 7
+        assert await asyncio.wait_for(pool.run(lambda x: x + offset, 1), WAIT) == 8
+        client = pool.client
+        assert client.status == "running"
+        assert repr(pool) == (
+            f"<DaskPool {cluster.scheduler_address!r} open: 0 running, 22 completed, 0 failed>"
+        )
+    assert client.status == "closed"  # the pool opened it, the pool closed it
+    assert pool.statistics() == {
+        "state": "closed",
+        "running": 0,
+        "completed": 22,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    with pytest.raises(offloop.PoolClosedError, match="closed and takes no new calls"):
+        await pool.run(add, 1, 1)
+
+
+async def test_errors_keep_their_type_and_the_pool_keeps_working(cluster: Any) -> None:
+    async with (
+        distributed.Client(cluster.scheduler_address, asynchronous=True) as client,
+        offloop.DaskPool(client=client) as pool,
+    ):
+        with pytest.raises(Rejected, match="no entry"):
+            await asyncio.wait_for(pool.run(reject, "entry"), WAIT)
+        lock = threading.Lock()
+        with pytest.raises(offloop.NotPicklableError, match=r"argument 0 \(lock"):
+            await pool.run(add, lock, 1)  # type: ignore[arg-type]
+        assert (await asyncio.wait_for(pool.run(add, 1, 1), WAIT))[0] == 2
+        assert pool.statistics()["failed"] == 1
+    assert client.status == "closed"  # closed by its own async with, not by the pool
+
+
+async def test_client_passed_in_is_left_open(cluster: Any) -> None:
+    async with distributed.Client(cluster.scheduler_address, asynchronous=True) as client:
+        pool = offloop.DaskPool(client=client)
+        assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+        await pool.aclose()
+        assert client.status == "running"
+        assert pool.state is PoolState.CLOSED
+
+
+async def test_cancelling_the_awaiter_cancels_the_task(cluster: Any, tmp_path: Path) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        gate, started = tmp_path / "gate", tmp_path / "started"
+        call = asyncio.ensure_future(pool.run(wait_for_file, str(gate), str(started)))
+        deadline = time.monotonic() + WAIT
+        while not started.exists():
+            assert time.monotonic() < deadline, "the task never started on the cluster"
+            await asyncio.sleep(0.005)
+        assert pool.statistics()["running"] == 1
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # The client let go of the task: the scheduler forgets it.
+        deadline = time.monotonic() + WAIT
+        while pool.client.futures:
+            assert time.monotonic() < deadline, "the cancelled task is still held"
+            await asyncio.sleep(0.005)
+        gate.touch()
+        assert pool.statistics()["cancelled"] == 1
+        assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4
+
+
+async def test_bad_construction_is_refused() -> None:
+    with pytest.raises(TypeError, match="exactly one of address="):
+        offloop.DaskPool()
+    with pytest.raises(TypeError, match=r"needs a distributed\.Client"):
+        offloop.DaskPool(client=object())
+
+
+def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import fails
+    with pytest.raises(offloop.MissingExtraError, match=r"offloop\[dask\]"):
+        offloop.DaskPool("tcp://127.0.0.1:1")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import offloop
-from offloop._threadpool import PoolState
+from offloop._poolbase import PoolState
 
 distributed = pytest.importorskip("distributed")
 

@@ -379,9 +379,42 @@ async def test_aclose_timeout_kills_a_stuck_call(tmp_path: Path) -> None:
     stuck = pool.run(sleep_long, str(started))
     await await_until(started.exists, WAIT, "the call to start")
     await asyncio.wait_for(pool.aclose(timeout=0.1), WAIT)
-    with pytest.raises(offloop.PoolClosedError, match="aclose\\(\\) timed out"):
+    with pytest.raises(offloop.PoolClosedError, match=r"close\(\) or aclose\(\) timed out"):
         await stuck
     assert pool.statistics()["processes"] == 0
+
+
+def test_close_from_sync_code_stops_every_worker(tmp_path: Path) -> None:
+    before = children()
+    pool = ProcessPool(2, name="sync-close")
+    started = tmp_path / "started"
+
+    async def use() -> None:
+        assert await asyncio.wait_for(pool.run(square, 4), WAIT) == 16
+        pool.run(sleep_long, str(started))  # left running when the loop ends
+        await await_until(started.exists, WAIT, "the long call to start")
+
+    asyncio.run(use())
+    workers = children() - before
+    assert workers, "the pool started no worker process"
+    closer = threading.Thread(target=pool.close, kwargs={"timeout": 0.1})
+    closer.start()
+    closer.join(WAIT)
+    assert not closer.is_alive(), "close(timeout=0.1) did not return"
+    assert all(gone(pid) for pid in workers)
+    assert pool.statistics()["processes"] == 0
+    assert repr(pool) == "<ProcessPool 'sync-close' closed: 0 running, 0 queued, 0/2 processes>"
+    assert not [t for t in threading.enumerate() if t.name == "offloop-process-sync-close"]
+    pool.close()  # twice is fine
+
+
+@pytest.mark.loops("asyncio")
+async def test_close_on_a_running_loop_says_to_await_aclose() -> None:
+    pool = ProcessPool(1)
+    with pytest.raises(RuntimeError, match=r"Use 'await pool.aclose\(\)' there instead"):
+        pool.close()
+    assert pool.statistics()["state"] == "open"
+    await pool.aclose()
 
 
 @pytest.mark.loops("asyncio")

@@ -16,7 +16,7 @@ from typing import Any, Final, ParamSpec, TypedDict, TypeVar, final
 from ._errors import PoolClosedError, WorkerCrashed
 from ._extras import require
 from ._pickling import encode_call
-from ._threadpool import PoolContext, PoolState
+from ._poolbase import PoolContext, PoolState
 from ._validate import check_sync_callable, describe
 
 __all__ = ["DaskPool"]

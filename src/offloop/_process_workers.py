@@ -25,8 +25,8 @@ from typing import Any, TypedDict
 from ._errors import PoolClosedError, WorkerCrashed
 from ._offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
 from ._pickling import InitFailure, RemoteTraceback, decode_reply
+from ._poolbase import PoolState
 from ._process_worker import worker_main
-from ._threadpool import PoolState
 from ._validate import describe
 
 __all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet", "complete_waiter"]
@@ -100,7 +100,7 @@ class WorkerSet:
         self._pending: deque[ProcessCall] = deque()
         self._manager: threading.Thread | None = None
         self._wake_fds: tuple[int, int] | None = None
-        self._closed_waiters: list[asyncio.Future[None]] = []
+        self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
         self._queued = 0
         self._running = 0
         self._abandoned = 0
@@ -337,7 +337,7 @@ class WorkerSet:
         if closing:
             call._error = PoolClosedError(
                 f"{self._describe()} killed the worker running {describe(call.fn)} because "
-                f"aclose() timed out before the call finished."
+                f"close() or aclose() timed out before the call finished."
             )
         else:
             call._error = WorkerCrashed(
@@ -362,7 +362,11 @@ def _exit_reason(exitcode: int | None) -> str:
     return f"with exit code {exitcode}"
 
 
-def complete_waiter(waiter: asyncio.Future[None]) -> None:
+def complete_waiter(waiter: asyncio.Future[None] | threading.Event) -> None:
+    if isinstance(waiter, threading.Event):
+        waiter.set()  # close() waiting in sync code
+        return
+
     def complete() -> None:
         if not waiter.done():
             waiter.set_result(None)

@@ -34,6 +34,7 @@ from ._errors import PoolClosedError
 from ._offload import ABANDONED, QUEUED, RUNNING, SKIPPED, OffloadFuture, channel_for
 from ._offload import running_loop as _running_loop
 from ._pickling import encode_call, main_reaches_children
+from ._poolbase import PoolContext, PoolState
 from ._process_workers import (
     ProcessCall,
     ProcessPoolStatistics,
@@ -41,7 +42,6 @@ from ._process_workers import (
     WorkerSet,
     complete_waiter,
 )
-from ._threadpool import PoolContext, PoolState
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
@@ -260,6 +260,32 @@ class ProcessPool(WorkerSet, PoolContext):
             await asyncio.wait_for(asyncio.shield(waiter), _REAP_TIMEOUT)
         self._join_manager()
 
+    def close(self, *, timeout: float | None = None) -> None:
+        """Close the pool from sync code (not from a running loop's thread).
+
+        Same semantics as :meth:`aclose`, blocking the calling thread until
+        every worker process has exited.
+
+        Raises:
+            RuntimeError: called on a thread whose event loop is running; use
+                ``await pool.aclose()`` there.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError(
+                f"{self!r}.close() blocks, and was called on a running event loop's thread. "
+                f"Use 'await pool.aclose()' there instead."
+            )
+        done = threading.Event()
+        self._begin_close(done)
+        if not done.wait(timeout):
+            self._kill_all()
+            done.wait(_REAP_TIMEOUT)
+        self._join_manager()
+
     def __repr__(self) -> str:
         with self._lock:
             return self._describe()
@@ -311,7 +337,7 @@ class ProcessPool(WorkerSet, PoolContext):
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.write(fds[1], b"\0")
 
-    def _begin_close(self, waiter: asyncio.Future[None]) -> None:
+    def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
         stopping: list[Worker] = []
         skipped: list[ProcessCall] = []
         with self._lock:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import enum
+import inspect
 import logging
 import os
 import queue
@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Callable
 from time import monotonic
-from types import CoroutineType, TracebackType
+from types import CoroutineType, FunctionType
 from typing import Any, Final, Literal, ParamSpec, TypedDict, TypeVar, final
 
 from ._errors import PoolClosedError
@@ -32,6 +32,7 @@ from ._offload import (
     new_call,
     running_loop,
 )
+from ._poolbase import PoolContext, PoolState
 from ._token import thread_state
 from ._validate import check_positive_int, check_sync_callable, describe
 
@@ -46,6 +47,9 @@ logger: Final = logging.getLogger("offloop")
 #: more threads than cores pay off; 40 matches anyio's default limiter and is
 #: low enough that a flood of calls queues instead of spawning hundreds of threads.
 DEFAULT_MAX_WORKERS: Final = 40
+
+_get_running_loop: Final = asyncio.get_running_loop
+_ASYNC_CODE: Final = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 #: Seconds an idle worker waits for work before its thread exits.
 IDLE_TIMEOUT: Final = 30.0
@@ -85,42 +89,6 @@ class ThreadPoolStatistics(TypedDict):
     completed: int
     failed: int
     cancelled: int
-
-
-class PoolState(enum.Enum):
-    """Lifecycle of a pool: OPEN -> CLOSING -> CLOSED."""
-
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-_PoolT = TypeVar("_PoolT", bound="PoolContext")
-
-
-class PoolContext:
-    """``async with pool:`` for every pool: refuses a pool that is not open, closes it on exit."""
-
-    _state: PoolState
-
-    async def aclose(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self: _PoolT) -> _PoolT:
-        if self._state is not PoolState.OPEN:
-            raise PoolClosedError(
-                f"{self!r} cannot be entered because it is {self._state.value}; "
-                f"create a new {type(self).__name__} instead."
-            )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class _Worker:
@@ -237,8 +205,13 @@ class ThreadPool(PoolContext):
             RuntimeError: no event loop is running in this thread.
             PoolClosedError: the pool is closing or closed.
         """
-        check_sync_callable(fn, f"{self._name}.run()", "offloop.to_loop()")
-        loop = running_loop(f"ThreadPool {self._name!r}: run()")
+        # Messages are formatted only on the error path: this runs per call.
+        if type(fn) is not FunctionType or fn.__code__.co_flags & _ASYNC_CODE:
+            check_sync_callable(fn, f"{self._name}.run()", "offloop.to_loop()")
+        try:
+            loop = _get_running_loop()
+        except RuntimeError:
+            loop = running_loop(f"ThreadPool {self._name!r}: run()")
         call: OffloadFuture[R] = new_call(self, fn, args, kwargs, loop)
         self._submit(call)
         return call
@@ -607,7 +580,10 @@ def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offlo
         TypeError: ``fn`` is not callable, or is a coroutine function.
         RuntimeError: no event loop is running in this thread.
     """
-    return default_pool().run(fn, *args, **kwargs)
+    pool = _default
+    if pool is None or pool._state is not PoolState.OPEN:
+        pool = default_pool()
+    return pool.run(fn, *args, **kwargs)
 
 
 @atexit.register

@@ -110,5 +110,26 @@ def test_ctrl_c_stops_the_demo_cleanly() -> None:
 def test_a_missing_program_is_a_clear_error(tmp_path: Path) -> None:
     from offloop._demo import load_seed_app
 
-    with pytest.raises(FileNotFoundError, match="runs from a source checkout"):
+    with pytest.raises(FileNotFoundError, match="or run the demo from a source checkout"):
         load_seed_app(tmp_path / "seed_app.py")
+
+
+def test_without_a_checkout_the_demo_loads_the_installed_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wheel puts examples/seed_app.py under <data>/share/offloop/examples
+    # (pyproject's data-files); the demo falls back to it outside a checkout.
+    import sysconfig
+
+    from offloop import _demo
+
+    pyproject = (_demo.SEED_APP.parents[1] / "pyproject.toml").read_text()
+    assert '"share/offloop/examples" = ["examples/seed_app.py"]' in pyproject
+    installed = tmp_path / "share" / "offloop" / "examples" / "seed_app.py"
+    installed.parent.mkdir(parents=True)
+    installed.write_text(_demo.SEED_APP.read_text() + "\nINSTALLED_COPY = True\n")
+    monkeypatch.setattr(_demo, "SEED_APP", tmp_path / "no-checkout" / "seed_app.py")
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *scheme: str(tmp_path))
+    module = _demo.load_seed_app()
+    assert module.INSTALLED_COPY is True
+    assert callable(module.run)

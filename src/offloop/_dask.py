@@ -99,11 +99,6 @@ class DaskPool(PoolContext):
         self._chores: set[asyncio.Task[Any]] = set()
 
     @property
-    def state(self) -> PoolState:
-        """Where the pool is in its lifecycle (OPEN, CLOSING, CLOSED)."""
-        return self._state
-
-    @property
     def client(self) -> Any:
         """The ``distributed.Client`` in use (``None`` until the first call connects)."""
         return self._client

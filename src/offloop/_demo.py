@@ -11,20 +11,37 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
+import sysconfig
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
-#: The program lives in the repository's examples/, where users read it.
+#: The program lives in the repository's examples/, where users read it; a
+#: wheel installs the same file under <data>/share/offloop/examples/.
 SEED_APP: Final = Path(__file__).resolve().parents[2] / "examples" / "seed_app.py"
+_INSTALLED: Final = Path("share", "offloop", "examples", "seed_app.py")
+
+
+def seed_app_candidates() -> list[Path]:
+    """Where the demo's program may be: the source checkout, then installed data dirs."""
+    found = [SEED_APP]
+    for scheme in (None, f"{os.name}_user"):
+        try:
+            data = sysconfig.get_path("data", scheme) if scheme else sysconfig.get_path("data")
+        except KeyError:
+            continue
+        found.append(Path(data) / _INSTALLED)
+    return found
+
 
 #: What the demo shows, and the extra each part needs.
 NEEDS: Final = {"flask": "flask", "aiohttp": "aiohttp", "watchdog": "watch"}
 
 
-def load_seed_app(path: Path = SEED_APP) -> ModuleType:
-    """Import ``examples/seed_app.py`` by its path.
+def load_seed_app(path: Path | None = None) -> ModuleType:
+    """Import ``examples/seed_app.py`` by its path (by default, the first that exists).
 
     Raises:
         FileNotFoundError: offloop was installed without its examples folder.
@@ -32,10 +49,13 @@ def load_seed_app(path: Path = SEED_APP) -> ModuleType:
     """
     from ._extras import require
 
+    candidates = [path] if path is not None else seed_app_candidates()
+    path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         raise FileNotFoundError(
-            f"The demo's program {str(path)!r} is not there: the demo runs from a source "
-            f"checkout of offloop (git clone, then 'make demo')."
+            f"The demo's program is not in {', '.join(repr(str(c)) for c in candidates)}: "
+            f"install offloop from its wheel, or run the demo from a source checkout of "
+            f"offloop (git clone, then 'make demo')."
         )
     for package, extra in NEEDS.items():
         require(package, extra, feature="offloop demo")

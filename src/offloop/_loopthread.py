@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import contextvars
 import enum
 import logging
@@ -28,6 +27,7 @@ from ._crossing import (
     wait_reply,
 )
 from ._errors import CallerGoneError, PoolClosedError, WouldDeadlockError
+from ._poolbase import complete_waiter
 from ._token import StopToken, thread_state
 from ._validate import check_async_callable, describe
 
@@ -429,7 +429,7 @@ class LoopThread:
                 self._state = _CLOSED
                 waiters, self._closed_waiters = self._closed_waiters, []
             for waiter in waiters:
-                _wake(waiter)
+                complete_waiter(waiter)
 
     def _report_stuck(self, timeout: float | None) -> None:
         logger.warning(
@@ -461,16 +461,6 @@ def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
                 )
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.run_until_complete(loop.shutdown_default_executor())
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    def complete() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    # A closed loop means nobody waits any more.
-    with contextlib.suppress(RuntimeError):
-        waiter.get_loop().call_soon_threadsafe(complete)
 
 
 # -- shared loop threads -----------------------------------------------------

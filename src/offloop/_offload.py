@@ -174,20 +174,28 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
         """Part of the coroutine protocol; closing does not cancel the call."""
 
 
+F = TypeVar("F", bound="OffloadFuture[Any]")
+
+
 def new_call(
     owner: CancelHandler,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     loop: asyncio.AbstractEventLoop,
-) -> OffloadFuture[Any]:
-    """Build the future that records one call, queued for ``owner``."""
-    fut: OffloadFuture[Any] = OffloadFuture(loop=loop)
+    kind: type[F] = OffloadFuture,  # type: ignore[assignment]
+    carry_context: bool = True,
+) -> F:
+    """Build the future (an instance of ``kind``) that records one call, queued for ``owner``.
+
+    With ``carry_context`` the call runs in a copy of the caller's context.
+    """
+    fut = kind(loop=loop)
     fut.fn = fn
     fut.loop = loop
     fut._args = args
     fut._kwargs = kwargs
-    fut._ctx = contextvars.copy_context()
+    fut._ctx = contextvars.copy_context() if carry_context else None
     fut._phase = QUEUED
     fut._error = None
     fut._value = None

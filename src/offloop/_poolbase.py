@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import threading
+from collections.abc import Callable
 from types import TracebackType
-from typing import TypeVar
+from typing import Generic, TypedDict, TypeVar
 
 from ._errors import PoolClosedError
 
@@ -17,6 +21,20 @@ class PoolState(enum.Enum):
     CLOSED = "closed"
 
 
+class CallCounters(TypedDict):
+    """The counters every worker pool's ``statistics()`` reports."""
+
+    state: str
+    max_workers: int
+    idle: int
+    running: int
+    abandoned: int
+    queued: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
 _PoolT = TypeVar("_PoolT", bound="PoolContext")
 
 
@@ -24,6 +42,11 @@ class PoolContext:
     """``async with pool:`` for every pool: refuses a pool that is not open, closes it on exit."""
 
     _state: PoolState
+
+    @property
+    def state(self) -> PoolState:
+        """Where the pool is in its lifecycle (OPEN, CLOSING, CLOSED)."""
+        return self._state
 
     async def aclose(self) -> None:
         raise NotImplementedError
@@ -43,3 +66,42 @@ class PoolContext:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def complete_waiter(waiter: asyncio.Future[None] | threading.Event) -> None:
+    """Wake whoever waits for a pool to close: ``close()`` (an Event) or ``aclose()`` (a future)."""
+    if isinstance(waiter, threading.Event):
+        waiter.set()
+        return
+
+    def complete() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    # A closed loop means nobody waits any more.
+    with contextlib.suppress(RuntimeError):
+        waiter.get_loop().call_soon_threadsafe(complete)
+
+
+class DefaultPool(Generic[_PoolT]):
+    """The process-wide pool behind a shortcut (``to_thread``, ``to_process``).
+
+    Created on first use, and created anew after someone closed it, so a
+    shortcut never fails because a test or a shutdown closed the last one.
+    """
+
+    def __init__(self, make: Callable[[], _PoolT]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        #: The current pool; read directly by hot paths, which call get() when it is not open.
+        self.pool: _PoolT | None = None
+
+    def get(self) -> _PoolT:
+        """The open default pool, created if there is none."""
+        pool = self.pool
+        if pool is None or pool._state is not PoolState.OPEN:
+            with self._lock:
+                pool = self.pool
+                if pool is None or pool._state is not PoolState.OPEN:
+                    pool = self.pool = self._make()
+        return pool

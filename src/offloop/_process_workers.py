@@ -20,31 +20,22 @@ from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any, TypedDict
+from typing import Any
 
 from ._errors import PoolClosedError, WorkerCrashed
 from ._offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
 from ._pickling import InitFailure, RemoteTraceback, decode_reply
-from ._poolbase import PoolState
+from ._poolbase import CallCounters, PoolState, complete_waiter
 from ._process_worker import worker_main
 from ._validate import describe
 
-__all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet", "complete_waiter"]
+__all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet"]
 
 
-class ProcessPoolStatistics(TypedDict):
+class ProcessPoolStatistics(CallCounters):
     """What :meth:`ProcessPool.statistics` returns."""
 
-    state: str
-    max_workers: int
     processes: int
-    idle: int
-    running: int
-    abandoned: int
-    queued: int
-    completed: int
-    failed: int
-    cancelled: int
     crashed: int
 
 
@@ -360,16 +351,3 @@ def _exit_reason(exitcode: int | None) -> str:
             name = f"signal {-exitcode}"
         return f"from {name} (exit code {exitcode})"
     return f"with exit code {exitcode}"
-
-
-def complete_waiter(waiter: asyncio.Future[None] | threading.Event) -> None:
-    if isinstance(waiter, threading.Event):
-        waiter.set()  # close() waiting in sync code
-        return
-
-    def complete() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-        waiter.get_loop().call_soon_threadsafe(complete)

@@ -31,17 +31,11 @@ from multiprocessing.context import BaseContext
 from typing import Any, Final, ParamSpec, TypeVar, final
 
 from ._errors import PoolClosedError
-from ._offload import ABANDONED, QUEUED, RUNNING, SKIPPED, OffloadFuture, channel_for
+from ._offload import ABANDONED, QUEUED, RUNNING, SKIPPED, OffloadFuture, new_call
 from ._offload import running_loop as _running_loop
 from ._pickling import encode_call, main_reaches_children
-from ._poolbase import PoolContext, PoolState
-from ._process_workers import (
-    ProcessCall,
-    ProcessPoolStatistics,
-    Worker,
-    WorkerSet,
-    complete_waiter,
-)
+from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter
+from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
@@ -155,11 +149,6 @@ class ProcessPool(WorkerSet, PoolContext):
         """The most processes this pool runs at once."""
         return self._max_workers
 
-    @property
-    def state(self) -> PoolState:
-        """Where the pool is in its lifecycle (OPEN, CLOSING, CLOSED)."""
-        return self._state
-
     def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
         """Run ``fn(*args, **kwargs)`` in a worker process; await the result.
 
@@ -182,18 +171,7 @@ class ProcessPool(WorkerSet, PoolContext):
         payload = encode_call(
             fn, args, kwargs, f"{self._name}.run()", main_by_value=self._main_by_value
         )
-        call = ProcessCall(loop=loop)
-        call.fn = fn
-        call.loop = loop
-        call._args = ()
-        call._kwargs = {}
-        call._ctx = None
-        call._phase = QUEUED
-        call._error = None
-        call._value = None
-        call._channel = channel_for(loop)
-        call._owner = self
-        call._token = None
+        call = new_call(self, fn, (), {}, loop, ProcessCall, carry_context=False)
         call._payload = payload
         call._worker = None
         with self._lock:
@@ -384,20 +362,12 @@ class ProcessPool(WorkerSet, PoolContext):
             manager.join()
 
 
-_default: ProcessPool | None = None
-_default_lock: Final = threading.Lock()
+_default: Final = DefaultPool(lambda: ProcessPool(name="default"))
 
 
 def default_process_pool() -> ProcessPool:
     """The process-wide pool behind :func:`to_process`, sized to ``os.cpu_count()``."""
-    global _default
-    pool = _default
-    if pool is None or pool._state is not PoolState.OPEN:
-        with _default_lock:
-            pool = _default
-            if pool is None or pool._state is not PoolState.OPEN:
-                pool = _default = ProcessPool(name="default")
-    return pool
+    return _default.get()
 
 
 def to_process(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import inspect
 import logging
 import os
@@ -19,7 +18,7 @@ import weakref
 from collections.abc import Callable
 from time import monotonic
 from types import CoroutineType, FunctionType
-from typing import Any, Final, Literal, ParamSpec, TypedDict, TypeVar, final
+from typing import Any, Final, Literal, ParamSpec, TypeVar, final
 
 from ._errors import PoolClosedError
 from ._offload import (
@@ -32,7 +31,7 @@ from ._offload import (
     new_call,
     running_loop,
 )
-from ._poolbase import PoolContext, PoolState
+from ._poolbase import CallCounters, DefaultPool, PoolContext, PoolState, complete_waiter
 from ._token import thread_state
 from ._validate import check_positive_int, check_sync_callable, describe
 
@@ -76,19 +75,10 @@ GROWTH_PERIOD: Final = 0.001
 OnCancel = Literal["abandon", "wait"]
 
 
-class ThreadPoolStatistics(TypedDict):
+class ThreadPoolStatistics(CallCounters):
     """What :meth:`ThreadPool.statistics` returns."""
 
-    state: str
-    max_workers: int
     threads: int
-    idle: int
-    running: int
-    abandoned: int
-    queued: int
-    completed: int
-    failed: int
-    cancelled: int
 
 
 class _Worker:
@@ -185,11 +175,6 @@ class ThreadPool(PoolContext):
     def max_workers(self) -> int:
         """The most threads this pool runs at once."""
         return self._max_workers
-
-    @property
-    def state(self) -> PoolState:
-        """Where the pool is in its lifecycle."""
-        return self._state
 
     def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
         """Run ``fn(*args, **kwargs)`` in a worker thread; await the result.
@@ -488,7 +473,7 @@ class ThreadPool(PoolContext):
                     self._queue.put(None)
             if not self._workers:
                 self._state = PoolState.CLOSED
-                _set_waiter(waiter)
+                complete_waiter(waiter)
                 return
             self._closed_waiters.append(waiter)  # type: ignore[arg-type]
 
@@ -501,7 +486,7 @@ class ThreadPool(PoolContext):
             self._state = PoolState.CLOSED
             waiters, self._closed_waiters = self._closed_waiters, []
         for waiter in waiters:
-            _set_waiter(waiter)
+            complete_waiter(waiter)
 
     def _join_threads(self) -> None:
         # Every worker has signalled its exit; what is left of its thread is
@@ -532,34 +517,12 @@ class ThreadPool(PoolContext):
             )
 
 
-def _set_waiter(waiter: asyncio.Future[None] | threading.Event) -> None:
-    if isinstance(waiter, threading.Event):
-        waiter.set()
-        return
-
-    def complete() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    # A closed loop means nobody waits any more.
-    with contextlib.suppress(RuntimeError):
-        waiter.get_loop().call_soon_threadsafe(complete)
-
-
-_default: ThreadPool | None = None
-_default_lock: Final = threading.Lock()
+_default: Final = DefaultPool(lambda: ThreadPool(name="default"))
 
 
 def default_pool() -> ThreadPool:
     """The process-wide pool behind :func:`to_thread` (created on first use)."""
-    global _default
-    pool = _default
-    if pool is None or pool._state is not PoolState.OPEN:
-        with _default_lock:
-            pool = _default
-            if pool is None or pool._state is not PoolState.OPEN:
-                pool = _default = ThreadPool(name="default")
-    return pool
+    return _default.get()
 
 
 def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
@@ -580,9 +543,9 @@ def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offlo
         TypeError: ``fn`` is not callable, or is a coroutine function.
         RuntimeError: no event loop is running in this thread.
     """
-    pool = _default
+    pool = _default.pool
     if pool is None or pool._state is not PoolState.OPEN:
-        pool = default_pool()
+        pool = _default.get()
     return pool.run(fn, *args, **kwargs)
 
 

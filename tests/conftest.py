@@ -31,11 +31,13 @@ LONG_LIVED_THREAD_PREFIXES = (
 LEAK_WAIT = 10.0
 
 
-def run_on(kind: str, coro: Coroutine[Any, Any, Any]) -> Any:
+def run_on(kind: str, coro: Coroutine[Any, Any, Any], leftovers: list[str] | None = None) -> Any:
     """Run ``coro`` to completion on a fresh loop of the given kind.
 
     Does what ``asyncio.run`` does (cancel leftovers, shut down async
-    generators and the default executor, close the loop), with a choice of loop.
+    generators and the default executor, close the loop), with a choice of
+    loop. The names of tasks still pending when ``coro`` returned are
+    appended to ``leftovers``.
     """
     loop: asyncio.AbstractEventLoop
     if kind == "uvloop":
@@ -50,11 +52,13 @@ def run_on(kind: str, coro: Coroutine[Any, Any, Any]) -> Any:
         return loop.run_until_complete(coro)
     finally:
         try:
-            leftovers = asyncio.all_tasks(loop)
-            for task in leftovers:
+            pending = asyncio.all_tasks(loop)
+            if leftovers is not None:
+                leftovers += sorted(repr(task) for task in pending)
+            for task in pending:
                 task.cancel()
-            if leftovers:
-                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
@@ -79,7 +83,11 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     kind = callspec.params.get("loop_kind", "asyncio") if callspec else "asyncio"
     sig = inspect.signature(fn)
     kwargs = {name: pyfuncitem.funcargs[name] for name in sig.parameters}
-    run_on(str(kind), fn(**kwargs))
+    leftovers: list[str] = []
+    run_on(str(kind), fn(**kwargs), leftovers)
+    # No task may outlive the test (a supervisor, pool or service that forgot one).
+    if leftovers and pyfuncitem.get_closest_marker("allow_leaks") is None:
+        pytest.fail(f"test left tasks pending on its loop: {leftovers}")
     return True
 
 

@@ -24,7 +24,11 @@ def make_app(journal: list[str], gate: asyncio.Event | None = None) -> web.Appli
     async def slow(request: web.Request) -> web.Response:
         journal.append("slow entered")
         assert gate is not None
-        await gate.wait()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            journal.append("slow cancelled")
+            raise
         return web.Response(text="slow done")
 
     async def on_startup(app: web.Application) -> None:
@@ -151,5 +155,7 @@ async def test_under_a_supervisor_and_killed_when_a_handler_hangs() -> None:
     # The handler never finished: after the grace period its connection was dropped.
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(hanging, WAIT)
+    # ...and the handler itself was cancelled, not left running on the loop.
+    await await_until(lambda: "slow cancelled" in journal, WAIT, "the hung handler to be cancelled")
     assert sv.status()["api"].state == "stopped"
     assert refuses(api.port)

@@ -225,14 +225,14 @@ def test_live_table_renders_every_service() -> None:
     assert "tbl (new)" in text
     assert "worker" in text
     assert "bot" in text
-    assert text.count("pending") == 2
+    assert text.count("stopped") == 2
     assert status_json(sv) == {
         "supervisor": "tbl",
         "state": "new",
         "services": {
             name: {
                 "name": name,
-                "state": "pending",
+                "state": "stopped",
                 "restarts": 0,
                 "started_at": None,
                 "uptime": None,

@@ -49,7 +49,7 @@ async def test_services_start_in_order_and_stop_in_reverse() -> None:
     sv = Supervisor(name="ordered")
     services = [sv.add(Recorder(n, journal)) for n in ("db", "api", "bot")]
     assert sv.services == {s.name: s for s in services}
-    assert repr(sv) == "<Supervisor 'ordered' new (3 pending) grace=5>"
+    assert repr(sv) == "<Supervisor 'ordered' new (3 stopped) grace=5>"
     async with sv:
         assert journal == ["start db", "start api", "start bot"]
         assert {n: st.state for n, st in sv.status().items()} == dict.fromkeys(
@@ -317,6 +317,28 @@ async def test_restart_always_restarts_after_a_normal_return() -> None:
 
 @pytest.mark.loops("asyncio")
 @bounded(10)
+async def test_failing_after_normal_returns_still_chains_the_last_crash() -> None:
+    sv = Supervisor()
+    runs = 0
+
+    @sv.service(restart="always", backoff=0, max_backoff=0, max_restarts=2)
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise ConnectionError("database went away")
+        # later runs return at once: restart="always" restarts them until the limit
+
+    with pytest.raises(ServiceFailed) as info:
+        async with sv:
+            await asyncio.wait_for(sv.serve(), WAIT)
+    assert runs == 3
+    assert isinstance(info.value.__cause__, ConnectionError)
+    assert "last error: ConnectionError('database went away')" in str(info.value)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
 async def test_status_snapshot() -> None:
     sv = Supervisor()
 
@@ -324,7 +346,8 @@ async def test_status_snapshot() -> None:
     async def bot() -> None:
         await asyncio.sleep(3600)
 
-    assert sv.status()["bot"].state == "pending"
+    assert sv.status()["bot"].state == "stopped"
+    assert sv.status()["bot"].started_at is None
     before = time.time()
     async with sv:
         st = sv.status()["bot"]

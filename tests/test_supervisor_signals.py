@@ -179,6 +179,64 @@ def test_second_signal_exits_at_once_with_non_zero_code(script: Path) -> None:
     assert "run() returned" not in out
 
 
+BLOCKING = """
+import logging
+import sys
+import time
+
+import offloop
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sv = offloop.Supervisor(grace=float(sys.argv[1]), name="blocked")
+
+
+@sv.service
+async def http_service():
+    print("blocking the loop", flush=True)
+    while True:
+        time.sleep(0.05)  # the seed's bug: blocking inside async def
+
+
+sys.exit(sv.run())
+"""
+
+
+@pytest.fixture
+def blocking_script(tmp_path: Path) -> Path:
+    path = tmp_path / "blocking.py"
+    path.write_text(textwrap.dedent(BLOCKING))
+    return path
+
+
+def test_second_signal_exits_at_once_even_while_a_coroutine_blocks_the_loop(
+    blocking_script: Path,
+) -> None:
+    with Proc([str(blocking_script), "3600"], blocking_script.parent) as proc:
+        proc.wait_for("blocking the loop")
+        proc.send(signal.SIGINT)
+        # Logged by the handler's watchdog thread, so it shows while the loop is blocked
+        # (and a second signal sent before the first is handled would merge with it).
+        proc.wait_for("received SIGINT, stopping gracefully")
+        proc.send(signal.SIGINT)
+        # Handlers on the loop would never run: the loop never gets a turn.
+        assert proc.exit_code(timeout=5.0) == 128 + signal.SIGINT
+    assert "ERROR blocked: received SIGINT again, exiting now" in proc.output
+
+
+def test_a_blocked_loop_still_exits_after_grace_naming_the_blocking_line(
+    blocking_script: Path,
+) -> None:
+    from offloop._signals import FORCE_MARGIN
+
+    with Proc([str(blocking_script), "0.2"], blocking_script.parent) as proc:
+        proc.wait_for("blocking the loop")
+        proc.send(signal.SIGTERM)
+        assert proc.exit_code(timeout=0.2 + FORCE_MARGIN + 5.0) == 128 + signal.SIGTERM
+        out = proc.output
+    assert f"blocked: still not stopped {0.2 + FORCE_MARGIN:g}s after SIGTERM" in out
+    assert "in http_service\n    time.sleep(0.05)  # the seed's bug" in out
+
+
 def test_ctrl_c_under_plain_asyncio_run_still_stops_every_service(tmp_path: Path) -> None:
     script = tmp_path / "plain.py"
     script.write_text(

@@ -122,7 +122,7 @@ class AiohttpService(NetworkAdapter):
         self._finish(done)
 
     def kill(self) -> list[str]:
-        """Drop every open connection now (their handlers see the connection lost)."""
+        """Drop every open connection now and cancel the handlers still running on them."""
         done = self._done
         for conn in list(getattr(self._server_of(), "connections", ())):
             with contextlib.suppress(Exception):
@@ -130,6 +130,12 @@ class AiohttpService(NetworkAdapter):
                 transport = conn.transport
                 if transport is not None:
                     transport.abort()
+            # aiohttp lets a handler run on after its client is gone (unless the
+            # app opted into handler_cancellation): a killed service must not
+            # leave it behind on the loop, so cancel the connection's task.
+            task = getattr(conn, "_task_handler", None)
+            if isinstance(task, asyncio.Task) and not task.done():
+                task.cancel()
         self._runner = None
         if done is not None:
             self._finish(done)

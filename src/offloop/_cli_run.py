@@ -305,7 +305,6 @@ async def start_status_server(sv: Supervisor, port: int) -> asyncio.Server:
 # -- live table ----------------------------------------------------------------------------
 
 _STATE_STYLE: Final = {
-    "pending": "dim",
     "starting": "yellow",
     "running": "green",
     "restarting": "yellow",

@@ -83,13 +83,14 @@ class RestartPolicy:
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """The delay before restart number ``attempt`` (0-based) in the current window.
 
-        It doubles with every attempt up to ``max_backoff``; "equal jitter"
-        picks it at random in the upper half of that step, never below
-        ``backoff``, so services that crashed together do not restart in
-        lockstep.
+        "Equal jitter": it is picked at random in the upper half of a step that
+        doubles with every attempt, starting at ``2 * backoff`` and capped at
+        ``max_backoff``, and never below ``backoff``. So the first delay is
+        between ``backoff`` and ``2 * backoff``, and services that crashed
+        together do not restart in lockstep, not even the first time.
         """
         # Cap the exponent: 2**1100 overflows a float long before anyone waits that long.
-        step = min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 64))
+        step = min(self.max_backoff, self.backoff * 2.0 ** min(attempt + 1, 64))
         low = max(self.backoff, step / 2)
         return (rng or random).uniform(low, step)
 

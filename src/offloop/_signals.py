@@ -3,6 +3,13 @@
 The first signal asks the supervisor to stop (bounded by its ``grace``); a
 second one means the user has run out of patience, so the process exits at
 once with ``128 + signal number`` (the shell's convention for "killed by").
+
+The handlers are plain ``signal.signal`` handlers, not the loop's: those run
+only when the loop gets a turn, so a coroutine blocking the loop (the seed's
+very bug) would make the process deaf to Ctrl-C. A Python handler runs on
+the main thread between bytecodes even then; and a watchdog thread ends the
+process if the stop has not finished ``grace`` (plus a margin) after the
+first signal, naming the line the loop is stuck on.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
@@ -28,6 +37,10 @@ SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 #: How long leftover tasks (ones that ignore cancellation) get when the loop closes.
 LEFTOVER_WAIT: Final = 1.0
+
+#: Seconds past ``grace`` before a stop that has not finished ends the process:
+#: the supervisor's own bound (grace, then abandoning) plus the leftover wait.
+FORCE_MARGIN: Final = LEFTOVER_WAIT + 1.0
 
 
 def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int:
@@ -47,31 +60,55 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
         )
     loop = asyncio.new_event_loop()
     received: list[int] = []
+    finished = threading.Event()
+    watchdogs: list[threading.Thread] = []
+    main_ident = threading.get_ident()
 
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        name = signal.Signals(signum).name
-        if len(received) == 1:
-            logger.warning(
-                "%s: received %s, stopping gracefully within %gs (send it again to exit at once)",
-                sv.name,
-                name,
-                sv.grace,
-            )
-            sv._request_stop_threadsafe(f"received {name}")
+    def watchdog(signum: int) -> None:  # on its own thread, started by the first signal
+        # Logged here, not in the handler (which may interrupt a log call) nor
+        # on the loop (which may be blocked), so the message always appears.
+        logger.warning(
+            "%s: received %s, stopping gracefully within %gs (send it again to exit at once)",
+            sv.name,
+            signal.Signals(signum).name,
+            sv.grace,
+        )
+        if finished.wait(sv.grace + FORCE_MARGIN):
             return
-        logger.error("%s: received %s again, exiting now", sv.name, name)
+        frame = sys._current_frames().get(main_ident)
+        where = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)\n"
+        logger.error(
+            "%s: still not stopped %gs after %s; the event loop is probably blocked, "
+            "exiting now. The main thread is at:\n%s",
+            sv.name,
+            sv.grace + FORCE_MARGIN,
+            signal.Signals(signum).name,
+            where.rstrip(),
+        )
         _flush()
         os._exit(128 + signum)
 
-    installed: list[signal.Signals] = []
+    def on_signal(signum: int, frame: FrameType | None) -> None:  # on the main thread
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            # Only schedules the stop on the loop and wakes it: safe in a handler.
+            sv._request_stop_threadsafe(f"received {name}", defer=True)
+            thread = threading.Thread(
+                target=watchdog, args=(signum,), name="offloop-signal-watchdog", daemon=True
+            )
+            watchdogs.append(thread)
+            thread.start()
+            return
+        with contextlib.suppress(Exception):
+            logger.error("%s: received %s again, exiting now", sv.name, name)
+        _flush()
+        os._exit(128 + signum)
+
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
-            try:
-                loop.add_signal_handler(sig, on_signal, sig)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
-                signal.signal(sig, lambda s, _f: loop.call_soon_threadsafe(on_signal, s))
-            installed.append(sig)
+            previous[sig] = signal.signal(sig, on_signal)
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main())
@@ -81,11 +118,11 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             _cancel_leftovers(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
-            for sig in installed:
-                try:
-                    loop.remove_signal_handler(sig)
-                except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
-                    signal.signal(sig, signal.SIG_DFL)
+            finished.set()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for thread in watchdogs:
+                thread.join()  # it saw `finished` and returns now
             asyncio.set_event_loop(None)
             loop.close()
 

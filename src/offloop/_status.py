@@ -18,12 +18,13 @@ __all__ = ["ServiceState", "ServiceStatus", "SupervisorState"]
 class ServiceState(str, enum.Enum):
     """Where one supervised service is in its life.
 
-    ``pending`` (not started yet) -> ``starting`` -> ``running`` ->
+    ``stopped`` (not started yet) -> ``starting`` -> ``running`` ->
     ``stopping`` -> ``stopped``; a crash goes through ``restarting`` back to
     ``starting``, or ends in ``failed`` when the restart policy is exhausted.
+    A service that has not started yet is ``stopped`` with ``started_at``
+    ``None``.
     """
 
-    PENDING = "pending"
     STARTING = "starting"
     RUNNING = "running"
     RESTARTING = "restarting"

@@ -49,7 +49,7 @@ class Supervised:
         self.policy = policy
         self.owner = owner
         self.tracker = RestartTracker(policy)
-        self.state = _ST.PENDING
+        self.state = _ST.STOPPED  # not started yet
         self.restarts = 0
         self.started_at: float | None = None
         self.last_error: BaseException | None = None

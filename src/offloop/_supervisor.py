@@ -397,12 +397,14 @@ class Supervisor:
             )
         self._request_stop_threadsafe("stop() was called")
 
-    def _request_stop_threadsafe(self, reason: str) -> None:
+    def _request_stop_threadsafe(self, reason: str, *, defer: bool = False) -> None:
+        # defer: always go through the loop (a signal handler must not run
+        # the shutdown in the middle of whatever the loop was doing).
         loop = self._loop
         if loop is None:  # a signal before the loop started: stop as soon as it does
             self._stop_early = True
             return
-        if threading.get_ident() == self._loop_thread:
+        if not defer and threading.get_ident() == self._loop_thread:
             self._request_shutdown(reason)
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: all stopped already
@@ -440,10 +442,12 @@ class Supervisor:
 
     # -- called by the Supervised records ---------------------------------------------------
 
-    def _fail(self, e: Supervised, crash: Exception | None, why: str) -> None:
+    def _fail(self, e: Supervised, crash: BaseException | None, why: str) -> None:
         e.end(_ST.FAILED)
         if self._failure is not None:
             return  # the first failure is the one reported
+        if crash is None:
+            crash = e.last_error  # ended normally this time, but crashed before
         last = f"; last error: {crash!r}" if crash is not None else ""
         failure = ServiceFailed(f"Service {e.name!r} failed: {why}{last}.", service=e.name)
         failure.__cause__ = crash

@@ -37,8 +37,13 @@ import offloop
 
 
 def say(who: str, message: str) -> None:
-    """One line of the demo's story, flushed at once (the output may be a pipe)."""
-    print(f"{who:<8}| {message}", flush=True)
+    """One line of the demo's story, flushed at once (the output may be a pipe).
+
+    One write per line: print() writes the text and the newline separately, so
+    lines from the loop thread and the event loop could interleave.
+    """
+    sys.stdout.write(f"{who:<8}| {message}\n")
+    sys.stdout.flush()
 
 
 def build(

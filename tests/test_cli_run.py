@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -28,7 +29,7 @@ sv = offloop.Supervisor(grace=2, name="app")
 
 
 class Gate(offloop.Service):
-    """Ready only once the test creates the file 'open' (to observe 'starting')."""
+    """Ready once the test creates the file 'open'; ends when it creates 'close'."""
 
     name = "gate"
 
@@ -38,7 +39,8 @@ class Gate(offloop.Service):
         self._stopped = asyncio.Event()
 
     async def wait(self):
-        await self._stopped.wait()
+        while not (self._stopped.is_set() or os.path.exists("close")):
+            await asyncio.sleep(0.01)
 
     async def stop(self):
         self._stopped.set()
@@ -122,13 +124,39 @@ def test_run_serves_status_and_healthz_and_stops_on_sigint(app_dir: Path) -> Non
         post = requests.post(f"http://127.0.0.1:{port}/status", timeout=HTTP_TIMEOUT)
         assert post.status_code == 405
 
+        # A service that ends makes the process unhealthy while the others run on.
+        (app_dir / "close").touch()
+        proc.wait_for("app: service 'gate' returned; it is stopped")
+        ended = _get(port, "/healthz")
+        assert ended.status_code == 503
+        assert ended.json() == {"healthy": False, "state": "running", "not_running": ["gate"]}
+        assert _get(port, "/status").json()["services"]["gate"]["state"] == "stopped"
+
         proc.send(signal.SIGINT)
         assert proc.exit_code() == 0
         out = proc.output
     assert "offloop.supervisor: app: received SIGINT, stopping gracefully within 2s" in out
     assert "worker saw its token" in out
-    assert "app: service 'gate' stopped" in out
+    assert "app: service 'gate' returned; it is stopped" in out
     assert out.rstrip().endswith("app: stopped")
+
+
+def test_the_console_script_imports_the_target_from_the_current_directory(
+    app_dir: Path,
+) -> None:
+    # The `offloop` script's own folder, not the current one, is first on its
+    # sys.path: finding cli_app.py proves the CLI adds the current directory.
+    script = Path(sys.executable).parent / "offloop"
+    assert script.is_file(), "the [project.scripts] entry point is not installed"
+    done = subprocess.run(
+        [str(script), "run", "cli_app:make_failing"],
+        cwd=app_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Service 'crash' failed: it crashed and its policy is restart='no'" in done.stderr
 
 
 def test_run_calls_a_factory_and_exits_1_when_a_service_fails(app_dir: Path) -> None:

@@ -19,7 +19,7 @@ from offloop import Supervisor, WSGIService
 from offloop._wsgi import WSGIServer as WSGIServerName
 from tests.helpers import bounded
 
-REQUESTS = 2000
+REQUESTS = 3000  # "a few thousand"
 CLIENTS = 8
 QUARTERS = 4
 

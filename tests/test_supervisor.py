@@ -109,6 +109,24 @@ async def test_async_thread_and_loop_services_run_side_by_side() -> None:
 
 @pytest.mark.loops("asyncio")
 @bounded(10)
+async def test_isolate_thread_is_the_explicit_spelling_of_a_thread_service() -> None:
+    sv = Supervisor(name="explicit")
+    seen: list[str] = []
+
+    @sv.service(isolate="thread", name="poller")
+    def poll(token: StopToken) -> None:
+        seen.append(threading.current_thread().name)
+        token.wait()
+        seen.append(f"stopped: {token.reason}")
+
+    async with sv:
+        await await_until(lambda: bool(seen), WAIT, "the thread service to start")
+        assert sv.status()["poller"].state == "running"
+    assert seen == ["offloop-service-poller", "stopped: service stopping"]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
 async def test_thread_service_without_parameter_polls_current_token() -> None:
     sv = Supervisor()
     running = threading.Event()

@@ -126,16 +126,20 @@ async def test_stop_waits_for_a_handler_in_flight(tmp_path: Path) -> None:
 
 
 @pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("kind", ["async", "plain"])
 @bounded(20)
-async def test_a_raising_handler_crashes_the_service(tmp_path: Path) -> None:
+async def test_a_raising_handler_crashes_the_service(tmp_path: Path, kind: str) -> None:
     calls: list[str] = []
 
-    async def handler(event: Any) -> None:
+    def check(event: Any) -> None:
         calls.append(event.src_path)
         if str(event.src_path).endswith("bad.txt"):
             raise ValueError(f"cannot parse {event.src_path}")
 
-    svc = WatchService(tmp_path, handler, name="parser")
+    async def async_check(event: Any) -> None:
+        check(event)
+
+    svc = WatchService(tmp_path, async_check if kind == "async" else check, name="parser")
     await svc.start()
     (tmp_path / "bad.txt").write_text("x")
     with pytest.raises(ValueError, match=r"cannot parse .*bad\.txt"):

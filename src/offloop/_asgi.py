@@ -45,7 +45,7 @@ class ASGIService(NetworkAdapter):
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or value.
-        MissingExtraError: uvicorn is not installed (the ``[asgi]`` extra; on ``start()``).
+        MissingExtraError: uvicorn is not installed (the ``[asgi]`` extra).
     """
 
     def __init__(
@@ -69,6 +69,8 @@ class ASGIService(NetworkAdapter):
             raise ValueError(
                 f"ASGIService(lifespan=...) must be 'auto', 'on' or 'off', got {lifespan!r}."
             )
+        # Fail here, where the service is written, not when the supervisor starts it.
+        require("uvicorn", "asgi", feature="ASGIService")
         levels = ("critical", "error", "warning", "info", "debug", "trace")
         if not isinstance(log_level, str) or log_level.lower() not in levels:
             raise ValueError(

@@ -74,7 +74,7 @@ class WatchService(ServiceAdapter):
 
     Raises:
         TypeError: an argument has the wrong type.
-        MissingExtraError: watchdog is not installed (the ``[watch]`` extra; on ``start()``).
+        MissingExtraError: watchdog is not installed (the ``[watch]`` extra).
     """
 
     def __init__(
@@ -102,6 +102,8 @@ class WatchService(ServiceAdapter):
             raise TypeError(
                 f"WatchService(patterns=...) must be a list of str glob patterns, got {patterns!r}."
             )
+        # Fail here, where the service is written, not when the supervisor starts it.
+        require("watchdog.observers", "watch", feature="WatchService")
         super().__init__(check_name(name, "watch", "WatchService"))
         self.path = Path(path)
         self.handler = handler

@@ -83,7 +83,7 @@ class WSGIService(NetworkAdapter):
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or value.
-        MissingExtraError: the chosen server is not installed (on ``start()``).
+        MissingExtraError: the chosen server is not installed.
     """
 
     def __init__(
@@ -108,6 +108,11 @@ class WSGIService(NetworkAdapter):
                 f"WSGIService(server=...) must be 'werkzeug' or 'waitress', got {server!r}."
             )
         check_positive_int(threads, "WSGIService(threads=...)")
+        # Fail here, where the service is written, not when the supervisor starts it.
+        if server == "werkzeug":
+            require("werkzeug.serving", "flask", feature="WSGIService(server='werkzeug')")
+        else:
+            require("waitress", "waitress", feature="WSGIService(server='waitress')")
         super().__init__(check_name(name, "wsgi", "WSGIService"), host, port)
         self.app = app
         self.server = server

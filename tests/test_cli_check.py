@@ -134,8 +134,10 @@ def test_a_clean_script_reports_nothing_and_keeps_its_exit_code_and_args(tmp_pat
             print("argv", sys.argv[1:], flush=True)
 
 
-        asyncio.run(main())
-        sys.exit(int(sys.argv[1]))
+        if __name__ == "__main__":  # run as the main program, like python script.py
+            asyncio.run(main())
+            sys.exit(int(sys.argv[1]))
+        print("imported instead of run: __name__ is", __name__)
         """,
     )
     proc = check(tmp_path, "clean.py", "0", "--json")  # options after the script are its own

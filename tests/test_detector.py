@@ -84,6 +84,19 @@ async def test_names_the_line_of_time_sleep_in_a_coroutine() -> None:
 
 @pytest.mark.loops("asyncio")
 @bounded(10)
+async def test_interval_defaults_to_a_quarter_of_the_threshold_and_can_be_set() -> None:
+    async with detect_blocking(threshold=THRESHOLD) as default:
+        assert default.interval == THRESHOLD / 4
+    async with detect_blocking(threshold=THRESHOLD, interval=THRESHOLD / 10) as det:
+        assert det.interval == THRESHOLD / 10
+        time.sleep(BLOCK)  # BLOCK:interval
+        await asyncio.sleep(0)
+    site = only_site(det)
+    assert (site.file, site.line) == (__file__, line_of("BLOCK:interval"))
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
 async def test_names_the_line_of_a_pure_python_cpu_loop() -> None:
     end = time.monotonic() + BLOCK
     async with detect_blocking(threshold=THRESHOLD, on_block=lambda e: None) as det:

@@ -67,6 +67,23 @@ def test_a_sample_names_the_innermost_user_frame() -> None:
     assert sample.frames[0][0] == threading.__file__  # outermost first
 
 
+def test_a_stack_of_library_code_only_falls_back_to_the_innermost_frame() -> None:
+    # The thread runs Event.wait straight from threading: from its start until
+    # release, every frame of its stack is library code.
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, args=(10,))
+    thread.start()  # returns once the thread runs (in threading's bootstrap)
+    try:
+        sample = sample_thread(thread.ident)
+    finally:
+        release.set()
+        thread.join(10)
+    assert sample is not None
+    assert all(is_library_file(file) for file, _, _ in sample.frames)
+    assert sample.site == sample.frames[-1]  # the innermost frame
+    assert sample.site[0] == threading.__file__
+
+
 def test_sampling_an_unknown_or_missing_thread_gives_nothing() -> None:
     assert sample_thread(None) is None
     assert sample_thread(-1) is None

@@ -439,15 +439,21 @@ PARENT = textwrap.dedent(
     import asyncio, os, sys, time
     from offloop._processpool import ProcessPool
 
+    def say(line):
+        # One write and one flush per line: parent and worker share the pipe,
+        # and print() would write the words separately, interleaving them.
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
+
     def block():
-        print("busy", os.getpid(), flush=True)
+        say(f"busy {os.getpid()}")
         time.sleep(60)
 
     async def main():
         ProcessPool._pdeathsig = sys.argv[1] == "1"
         pool = ProcessPool(2)
         pool.run(block)
-        print("idle", await pool.run(os.getpid), flush=True)
+        say(f"idle {await pool.run(os.getpid)}")
         await asyncio.sleep(60)
 
     if __name__ == "__main__":

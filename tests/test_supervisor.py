@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import threading
@@ -437,4 +438,11 @@ async def test_detect_blocking_names_the_service_that_blocks_the_loop(
     assert sites[0].function.rsplit(".", 1)[-1] == "hog"
     assert sites[0].file.endswith("test_supervisor.py")
     assert sites[0].max_ms >= 200
-    assert any(r.name == "offloop.detector" for r in caplog.records)
+    # Each block is logged with its site (file:line in function) and the stack.
+    lines, first = inspect.getsourcelines(hog)
+    line = first + next(n for n, text in enumerate(lines) if "time.sleep(0.4)" in text)
+    logged = [r.getMessage() for r in caplog.records if r.name == "offloop.detector"]
+    assert any(
+        f"test_supervisor.py:{line} in " in text and "hog" in text and "Stack" in text
+        for text in logged
+    ), logged

@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol, TypeVar
 
 from ._token import StopToken
+from ._validate import describe
 
 __all__ = ["CancelHandler", "Channel", "OffloadFuture", "channel_for", "new_call", "running_loop"]
 
@@ -72,12 +73,26 @@ class Channel:
             except IndexError:
                 return
             if not call.done():
-                if call._error is None:
+                error = call._error
+                if error is None:
                     call.set_result(call._value)
                 else:
-                    call.set_exception(call._error)
+                    if isinstance(error, StopIteration):
+                        error = _stop_iteration(call, error)
+                    call.set_exception(error)
             # Break the cycle exception -> traceback -> frame -> call early.
             call._error = call._value = None
+
+
+def _stop_iteration(call: OffloadFuture[Any], error: StopIteration) -> RuntimeError:
+    # A future cannot carry StopIteration (it would end the awaiting
+    # coroutine as if it returned); turn it into what PEP 479 turns it into.
+    wrapped = RuntimeError(
+        f"{describe(call.fn)} raised StopIteration, which cannot cross into a coroutine; "
+        f"catch it in the function, or use next(iterator, default)."
+    )
+    wrapped.__cause__ = error
+    return wrapped
 
 
 class _LoopLocal(threading.local):

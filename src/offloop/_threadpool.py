@@ -160,7 +160,10 @@ class ThreadPool(PoolContext):
         self._completed = 0
         self._failed = 0
         self._cancelled = 0
-        self._growth_loop: asyncio.AbstractEventLoop | None = None
+        # Loops with a growth check armed. Each loop that queues calls behind
+        # busy threads arms its own, so a loop that stopped or blocks cannot
+        # keep the pool from growing for the others.
+        self._growth_loops: set[asyncio.AbstractEventLoop] = set()
         self._closed_waiters: list[asyncio.Future[None]] = []
         _pools.add(self)
 
@@ -301,23 +304,22 @@ class ThreadPool(PoolContext):
                 self._workers.append(worker)
             else:
                 self._backlog += 1
-                growth_loop = self._growth_loop
-                if len(self._workers) < self._max_workers and (
-                    growth_loop is None or growth_loop.is_closed()
-                ):
-                    self._growth_loop = call.loop
-                    call.loop.call_later(GROWTH_PERIOD, self._check_growth)
+                loop = call.loop
+                if len(self._workers) < self._max_workers and loop not in self._growth_loops:
+                    self._growth_loops = {x for x in self._growth_loops if not x.is_closed()}
+                    self._growth_loops.add(loop)
+                    loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
         self._queue.put(call)
         if spawn:
             self._start_thread(worker)
 
-    def _check_growth(self) -> None:
-        # Runs on the loop that armed it, every GROWTH_PERIOD while calls queue.
+    def _check_growth(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Runs on ``loop``, every GROWTH_PERIOD while calls queue.
         new: list[_Worker] = []
         with self._lock:
             room = self._max_workers - len(self._workers)
             if self._state is not PoolState.OPEN or self._backlog == 0 or room <= 0:
-                self._growth_loop = None
+                self._growth_loops.discard(loop)
                 return
             stale = monotonic() - GROWTH_PERIOD
             blocked = sum(1 for w in self._workers if w.call is not None and w.started < stale)
@@ -326,11 +328,9 @@ class ThreadPool(PoolContext):
                 self._workers.append(worker)
                 new.append(worker)
             self._backlog -= len(new)
-            loop = self._growth_loop
         for worker in new:
             self._start_thread(worker)
-        if loop is not None:
-            loop.call_later(GROWTH_PERIOD, self._check_growth)
+        loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
 
     def _start_thread(self, worker: _Worker) -> None:
         thread = threading.Thread(

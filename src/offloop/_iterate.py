@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -18,6 +19,8 @@ from ._token import StopToken, current_token
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ThreadedIterator", "iterate", "threaded"]
+
+logger: Final = logging.getLogger("offloop")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -96,6 +99,9 @@ class _Shared(Generic[T]):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished = False
         self.token: StopToken | None = None
+        # Set by aclose(), which then raises a failure of the source's close();
+        # without it (the iterator was dropped), producer_done() logs it.
+        self.close_awaited = False
 
     def request_stop(self) -> None:
         if not self.stop:
@@ -156,6 +162,14 @@ class _Shared(Generic[T]):
             self.deliver(_ERROR, exc)
         elif not self.finished:
             self.deliver(_END, None)
+        elif (
+            exc is not None
+            and not self.close_awaited
+            and not isinstance(exc, PoolClosedError | asyncio.CancelledError)
+        ):
+            logger.error(
+                "offloop.iterate(): closing the source %r raised", self.iterable, exc_info=exc
+            )
 
 
 @final
@@ -205,13 +219,22 @@ class ThreadedIterator(AsyncIterator[T]):
         raise value
 
     async def aclose(self) -> None:
-        """Stop the producer and wait until the source's ``finally`` has run."""
-        self._shared.finished = True
-        self._shared.request_stop()
+        """Stop the producer and wait until the source's ``finally`` has run.
+
+        An exception raised while closing the source (in a generator's
+        ``finally``) is raised here, as ``generator.close()`` would raise it.
+        """
+        shared = self._shared
+        shared.finished = True
+        shared.request_stop()
         producer = self._producer
-        if producer is not None and not producer.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(producer)
+        if producer is None or shared.close_awaited:
+            return
+        shared.close_awaited = True
+        if not producer.done():
+            await asyncio.shield(producer)
+        elif not producer.cancelled():
+            producer.result()
 
     async def __aenter__(self) -> ThreadedIterator[T]:
         return self
@@ -229,6 +252,7 @@ class ThreadedIterator(AsyncIterator[T]):
         # (it closes the source in its own thread, no loop needed).
         shared = getattr(self, "_shared", None)
         if shared is not None:
+            shared.finished = True  # nobody reads items any more
             shared.request_stop()
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ import atexit
 import contextvars
 import enum
 import logging
+import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -482,6 +483,13 @@ class SharedLoopThread:
         self._lock = threading.Lock()
         self._current: LoopThread | None = None
         _shared.append(self)
+        if hasattr(os, "register_at_fork"):  # POSIX
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        # The loop thread is the parent's: the child starts its own on first use.
+        self._lock = threading.Lock()
+        self._current = None
 
     def get(self) -> LoopThread:
         """The running shared loop thread, started if needed."""

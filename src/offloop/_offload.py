@@ -29,6 +29,7 @@ RUNNING: Final = 1
 ABANDONED: Final = 2  # still running, but its awaiter was cancelled
 SKIPPED: Final = 3  # cancelled (or pool closed) before a worker started it
 DONE: Final = 4
+CANCELLING: Final = 5  # still running; its future is cancelled once it returns (on_cancel="wait")
 
 
 class CancelHandler(Protocol):
@@ -76,6 +77,9 @@ class Channel:
                 error = call._error
                 if error is None:
                     call.set_result(call._value)
+                elif isinstance(error, asyncio.CancelledError):
+                    # A cancellation deferred until the function returned.
+                    asyncio.Future.cancel(call)
                 else:
                     if isinstance(error, StopIteration):
                         error = _stop_iteration(call, error)
@@ -167,10 +171,17 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
         return token
 
     def cancel(self, msg: Any | None = None) -> bool:
-        """Cancel the call; see the pool's ``on_cancel`` for what happens to the thread."""
-        if self.done() or not self._owner._cancel(self):
+        """Cancel the call; see the pool's ``on_cancel`` for what happens to the thread.
+
+        With ``on_cancel="wait"`` the cancellation is accepted (``True``) but
+        delivered when the function returns: the future stays pending until
+        then, and is cancelled instead of getting the function's result.
+        """
+        if self.done():
             return False
-        return super().cancel(msg)
+        if self._owner._cancel(self):
+            return super().cancel(msg)
+        return True
 
     # The coroutine protocol. A fresh future iterator per step is exactly the
     # generator a Task would drive: it yields the future while pending and
@@ -181,6 +192,16 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         """Part of the coroutine protocol (used by ``asyncio.Task``)."""
+        # A task cancelled before its first step throws CancelledError in
+        # without ever calling cancel(): apply the pool's policy here too.
+        exc = typ if val is None else val
+        if not self.done() and (
+            isinstance(exc, asyncio.CancelledError)
+            or (isinstance(exc, type) and issubclass(exc, asyncio.CancelledError))
+        ):
+            self.cancel()
+            if not self.done():  # on_cancel="wait": wait until the function returns
+                return self.__await__().send(None)
         if val is None and tb is None:
             return self.__await__().throw(typ)
         return self.__await__().throw(typ, val, tb)

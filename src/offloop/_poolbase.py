@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -90,11 +91,19 @@ class DefaultPool(Generic[_PoolT]):
     shortcut never fails because a test or a shutdown closed the last one.
     """
 
-    def __init__(self, make: Callable[[], _PoolT]) -> None:
+    def __init__(self, make: Callable[[], _PoolT], *, new_after_fork: bool = False) -> None:
         self._make = make
         self._lock = threading.Lock()
         #: The current pool; read directly by hot paths, which call get() when it is not open.
         self.pool: _PoolT | None = None
+        if hasattr(os, "register_at_fork"):  # POSIX
+            os.register_at_fork(after_in_child=lambda: self._after_fork(new_after_fork))
+
+    def _after_fork(self, new_pool: bool) -> None:
+        # The lock may have been held by another thread at the fork.
+        self._lock = threading.Lock()
+        if new_pool:
+            self.pool = None  # the child makes its own on first use
 
     def get(self) -> _PoolT:
         """The open default pool, created if there is none."""

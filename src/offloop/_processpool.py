@@ -318,6 +318,7 @@ class ProcessPool(WorkerSet, PoolContext):
     def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
         stopping: list[Worker] = []
         skipped: list[ProcessCall] = []
+        running: list[ProcessCall] = []
         with self._lock:
             if self._state is PoolState.OPEN:
                 self._state = PoolState.CLOSING
@@ -332,9 +333,7 @@ class ProcessPool(WorkerSet, PoolContext):
                 stopping, self._idle = self._idle, []
                 for worker in stopping:
                     worker.doomed = True
-                for worker in self._workers:
-                    if worker.call is not None:
-                        worker.call.token.set("pool closing")
+                running = [w.call for w in self._workers if w.call is not None]
             if self._state is PoolState.CLOSED or self._manager is None:
                 self._state = PoolState.CLOSED
                 complete_waiter(waiter)
@@ -342,6 +341,9 @@ class ProcessPool(WorkerSet, PoolContext):
                 self._closed_waiters.append(waiter)
         for call in skipped:
             call._channel.post(call)
+        # Outside the lock: token callbacks are user code that may look at the pool.
+        for call in running:
+            call.token.set("pool closing")
         for worker in stopping:
             self._stop(worker)
         self._wake()
@@ -362,7 +364,26 @@ class ProcessPool(WorkerSet, PoolContext):
             manager.join()
 
 
-_default: Final = DefaultPool(lambda: ProcessPool(name="default"))
+_default: Final = DefaultPool(lambda: ProcessPool(name="default"), new_after_fork=True)
+
+
+def _disown_workers_after_fork() -> None:
+    # A child made by os.fork() shares nothing with its parent's workers: its
+    # copies of the pools must never send them calls, nor kill them at exit.
+    for pool in list(_pools):
+        pool._lock = threading.Lock()
+        pool._workers = []
+        pool._idle = []
+        pool._pending.clear()
+        pool._manager = None
+        pool._wake_fds = None
+        pool._closed_waiters = []
+        pool._queued = pool._running = pool._abandoned = 0
+        pool._state = PoolState.CLOSED
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_disown_workers_after_fork)
 
 
 def default_process_pool() -> ProcessPool:

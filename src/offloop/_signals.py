@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -106,9 +107,11 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
         os._exit(128 + signum)
 
     previous: dict[signal.Signals, Any] = {}
+    wakeup = None
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             previous[sig] = signal.signal(sig, on_signal)
+        wakeup = _Wakeup(loop)
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main())
@@ -121,10 +124,42 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             finished.set()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if wakeup is not None:
+                wakeup.close()
             for thread in watchdogs:
                 thread.join()  # it saw `finished` and returns now
             asyncio.set_event_loop(None)
             loop.close()
+
+
+class _Wakeup:
+    """Wakes the idle loop when a signal arrives, whichever thread the kernel picked.
+
+    A Python signal handler runs only when the main thread executes bytecode.
+    A process-directed signal may land on another thread, leaving the main
+    thread asleep in the selector: the wakeup fd (written by the C-level
+    handler) makes the selector return, and the handler then runs.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        loop.add_reader(self.reader.fileno(), self._drain)
+        self.previous = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+
+    def _drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while self.reader.recv(4096):
+                pass
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self.previous)
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.reader.fileno())
+        self.reader.close()
+        self.writer.close()
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

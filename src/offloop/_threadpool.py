@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, ParamSpec, TypeVar, final
 from ._errors import PoolClosedError
 from ._offload import (
     ABANDONED,
+    CANCELLING,
     DONE,
     QUEUED,
     RUNNING,
@@ -164,7 +165,7 @@ class ThreadPool(PoolContext):
         # busy threads arms its own, so a loop that stopped or blocks cannot
         # keep the pool from growing for the others.
         self._growth_loops: set[asyncio.AbstractEventLoop] = set()
-        self._closed_waiters: list[asyncio.Future[None]] = []
+        self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
         _pools.add(self)
 
     # -- public API ---------------------------------------------------------
@@ -429,6 +430,8 @@ class ThreadPool(PoolContext):
                     self._completed += 1
                 else:
                     self._failed += 1
+                if call._phase is CANCELLING:
+                    call._error = asyncio.CancelledError()  # delivered as the cancellation
                 call._phase = DONE
                 self._free_slot()
             call._channel.post(call)
@@ -452,30 +455,61 @@ class ThreadPool(PoolContext):
                 self._queued -= 1
                 self._cancelled += 1
                 return True
+            if call._phase is CANCELLING:
+                return False  # already deferred
             if call._phase is not RUNNING:
                 return True  # finished, result in flight: the awaiter is gone anyway
             self._cancelled += first
             if self._wait_on_cancel:
-                # Refusing makes a Task deliver CancelledError once the
-                # function returns, which is exactly what on_cancel="wait" means.
+                # Deferred: the worker turns the outcome into the cancellation
+                # once the function returns, which is what on_cancel="wait" means.
+                call._phase = CANCELLING
                 return False
             call._phase = ABANDONED
             self._abandoned += 1
             return True
 
     def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
+        running: list[OffloadFuture[Any]] = []
+        skipped: list[OffloadFuture[Any]] = []
         with self._lock:
             if self._state is PoolState.OPEN:
                 self._state = PoolState.CLOSING
+                # Fail queued calls now: with every thread busy or stuck, no
+                # worker might ever dequeue them, and their awaiters would hang.
+                while True:
+                    try:
+                        call = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if call is not None and call._phase is QUEUED:
+                        call._phase = SKIPPED
+                        self._queued -= 1
+                        self._cancelled += 1
+                        call._error = PoolClosedError(
+                            f"{self._describe()} closed before this call of {describe(call.fn)} "
+                            f"started."
+                        )
+                        skipped.append(call)
+                self._backlog = 0  # nothing is queued any more
                 for worker in self._workers:
                     if worker.call is not None:
-                        worker.call.token.set("pool closing")
+                        running.append(worker.call)
                     self._queue.put(None)
-            if not self._workers:
+            closed = not self._workers
+            if closed:
                 self._state = PoolState.CLOSED
-                complete_waiter(waiter)
-                return
-            self._closed_waiters.append(waiter)  # type: ignore[arg-type]
+                self._idle = 0
+            else:
+                self._closed_waiters.append(waiter)
+        for call in skipped:
+            call._channel.post(call)
+        # Outside the lock: a token's callbacks are user code, which may well
+        # look at the pool (repr, statistics) and would deadlock under it.
+        for call in running:
+            call.token.set("pool closing")
+        if closed:
+            complete_waiter(waiter)
 
     def _thread_exited(self, worker: _Worker) -> None:
         with self._lock:
@@ -484,6 +518,7 @@ class ThreadPool(PoolContext):
             if self._workers:
                 return
             self._state = PoolState.CLOSED
+            self._idle = 0
             waiters, self._closed_waiters = self._closed_waiters, []
         for waiter in waiters:
             complete_waiter(waiter)
@@ -495,6 +530,22 @@ class ThreadPool(PoolContext):
             leaving, self._leaving = self._leaving, []
         for thread in leaving:
             thread.join()
+
+    def _forget_threads(self) -> None:
+        """In a child made by ``os.fork()``: start over with no threads.
+
+        Only the forking thread exists in the child; the parent's workers,
+        queue and lock (maybe held at the fork) are not this process's.
+        """
+        self._lock = threading.Lock()
+        self._queue = queue.SimpleQueue()
+        self._workers = []
+        self._leaving = []
+        self._idle = self._backlog = self._running = self._abandoned = self._queued = 0
+        self._growth_loops = set()
+        self._closed_waiters = []
+        if self._state is not PoolState.OPEN:
+            self._state = PoolState.CLOSED
 
     def _stuck_calls(self) -> list[tuple[str, str]]:
         with self._lock:
@@ -547,6 +598,15 @@ def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offlo
     if pool is None or pool._state is not PoolState.OPEN:
         pool = _default.get()
     return pool.run(fn, *args, **kwargs)
+
+
+def _forget_threads_after_fork() -> None:
+    for pool in list(_pools):
+        pool._forget_threads()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_threads_after_fork)
 
 
 @atexit.register

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any, Final, Protocol, final
+
+logger: Final = logging.getLogger("offloop")
 
 __all__ = ["StopToken", "current_token"]
 
@@ -62,13 +65,14 @@ class StopToken:
         with _EVENT_LOCK:
             callbacks, self._callbacks = self._callbacks, None
         for callback in callbacks or ():
-            callback(self)
+            self._run_callback(callback)
 
     def add_callback(self, callback: Callable[[StopToken], object]) -> None:
         """Call ``callback(token)`` once when the token is set (at once if it already is).
 
         The callback runs in the thread that sets the token, so it must be
-        quick and thread-safe, e.g. ``loop.call_soon_threadsafe(...)``.
+        quick and thread-safe, e.g. ``loop.call_soon_threadsafe(...)``. An
+        exception it raises is logged (``offloop`` logger) and ignored.
         """
         with _EVENT_LOCK:
             if not self._flag:
@@ -76,7 +80,16 @@ class StopToken:
                     self._callbacks = []
                 self._callbacks.append(callback)
                 return
-        callback(self)
+        self._run_callback(callback)
+
+    def _run_callback(self, callback: Callable[[StopToken], object]) -> None:
+        # Whoever sets the token (a cancellation, a pool closing) must not get
+        # a callback's exception instead of finishing its own work, and the
+        # other callbacks must still run: log it instead.
+        try:
+            callback(self)
+        except Exception:
+            logger.exception("offloop: a StopToken callback %r raised; it was ignored", callback)
 
     def remove_callback(self, callback: Callable[[StopToken], object]) -> None:
         """Forget a callback added with :meth:`add_callback`; unknown callbacks are ignored."""

@@ -1,0 +1,136 @@
+"""Edge cases of the thread pool found by trying to break it: closing, cancelling, callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import offloop
+
+from .helpers import await_until
+
+WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_stop_callback_that_looks_at_the_pool_does_not_deadlock_its_close() -> None:
+    pool = offloop.ThreadPool(2, name="lookback")
+    seen: list[str] = []
+    started = threading.Event()
+
+    def work() -> None:
+        token = offloop.current_token()
+        token.add_callback(lambda _: seen.append(repr(pool)))  # takes the pool's lock
+        started.set()
+        token.wait(WAIT)
+
+    call = pool.run(work)
+    assert await asyncio.to_thread(started.wait, WAIT)
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    await call
+    assert len(seen) == 1
+    assert seen[0].startswith("<ThreadPool 'lookback' closing")
+
+
+@pytest.mark.loops("asyncio")
+async def test_close_with_every_thread_stuck_fails_the_queued_calls_at_once() -> None:
+    pool = offloop.ThreadPool(1, name="stuck-close")
+    release = threading.Event()
+    stuck = pool.run(release.wait, WAIT)
+    await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+    queued = pool.run(abs, -1)
+    try:
+        await asyncio.wait_for(pool.aclose(timeout=0.01), WAIT)
+        with pytest.raises(offloop.PoolClosedError, match="closed before this call of"):
+            await asyncio.wait_for(queued, WAIT)  # not left waiting behind the stuck call
+        assert pool.statistics()["queued"] == 0
+    finally:
+        release.set()
+    assert await asyncio.wait_for(stuck, WAIT) is True
+
+
+@pytest.mark.loops("asyncio")
+async def test_wait_policy_delivers_a_timeout_not_the_result() -> None:
+    # asyncio.wait_for on 3.10/3.11 returned the result when cancel() was refused.
+    async with offloop.ThreadPool(1, name="waiting", on_cancel="wait") as pool:
+        finished: list[bool] = []
+
+        def cooperative() -> str:
+            stopped = offloop.current_token().wait(WAIT)
+            finished.append(stopped)
+            return "partial result"
+
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.run(cooperative), 0.05)
+        assert finished == [True]  # the function returned before the timeout surfaced
+        fut = pool.run(cooperative)
+        await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+        assert fut.cancel() is True  # accepted, delivered when the function returns
+        with pytest.raises(asyncio.CancelledError):
+            await fut
+        assert fut.cancelled()
+        assert pool.statistics()["cancelled"] == 2
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("policy", ["abandon", "wait"])
+async def test_a_task_cancelled_before_its_first_step_cancels_the_call(policy: str) -> None:
+    async with offloop.ThreadPool(1, name="early", on_cancel=policy) as pool:  # type: ignore[arg-type]
+        release = threading.Event()
+        blocker = pool.run(release.wait, WAIT)
+        fut = pool.run(abs, -1)  # queued behind the blocker
+        task = asyncio.create_task(fut)
+        task.cancel()  # before the task ever ran: it throws into the future
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fut.cancelled()
+        assert fut.token.is_set()
+        release.set()
+        await blocker
+        assert pool.statistics()["cancelled"] == 1
+
+
+def test_a_raising_stop_callback_is_logged_and_the_others_still_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    token = offloop.StopToken()
+    ran: list[str] = []
+    token.add_callback(lambda _: 1 / 0)
+    token.add_callback(lambda _: ran.append("second"))
+    with caplog.at_level(logging.ERROR, logger="offloop"):
+        token.set("stop")  # does not raise into whoever sets it
+    assert ran == ["second"]
+    assert "StopToken callback" in caplog.text
+    assert "ZeroDivisionError" in caplog.text
+
+
+def failing_cleanup() -> Iterator[int]:
+    try:
+        yield from range(100)
+    finally:
+        raise RuntimeError("could not release the cursor")
+
+
+@pytest.mark.loops("asyncio")
+async def test_iterate_aclose_raises_what_closing_the_source_raised() -> None:
+    it = offloop.iterate(failing_cleanup(), buffer=2)
+    async for _ in it:
+        break
+    with pytest.raises(RuntimeError, match="could not release the cursor"):
+        await asyncio.wait_for(it.aclose(), WAIT)
+    await it.aclose()  # reported once
+
+
+@pytest.mark.loops("asyncio")
+async def test_iterate_dropped_logs_what_closing_the_source_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="offloop"):
+        async for _ in offloop.iterate(failing_cleanup(), buffer=2):
+            break  # the iterator is dropped: nobody awaits aclose()
+        await await_until(lambda: "closing the source" in caplog.text, WAIT, "the log line")
+    assert "could not release the cursor" in caplog.text

@@ -221,3 +221,41 @@ async def test_loop_service_blocked_in_sync_code_is_abandoned_with_its_stack(
     for thread in stuck:
         thread.join(WAIT)
         assert not thread.is_alive()
+
+
+class BrokenStop(Service):
+    """A service whose stop() raises instead of stopping."""
+
+    name = "broken"
+
+    async def start(self) -> None:
+        self._ended = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._ended.wait()
+
+    async def stop(self) -> None:
+        raise OSError("the socket was already gone")
+
+    def kill(self) -> list[str]:
+        self._ended.set()
+        return []
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_stop_that_raises_is_logged_as_such_and_the_service_killed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sv = Supervisor(name="broken-stop", grace=5)
+    sv.add(BrokenStop())
+    with caplog.at_level(logging.INFO, logger="offloop"):
+        async with sv:
+            pass
+    assert sv.status()["broken"].state == "stopped"
+    assert "stopping service 'broken' raised" in caplog.text
+    assert "OSError: the socket was already gone" in caplog.text
+    assert "service 'broken' could not be stopped politely (its stop() raised); killed it" in (
+        caplog.text
+    )
+    assert "grace period" not in caplog.text  # it did not wait out the 5 s grace either

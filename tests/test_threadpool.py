@@ -128,8 +128,22 @@ async def test_non_callable_is_rejected_naming_it() -> None:
 
 
 def test_to_thread_outside_a_loop_says_what_to_do() -> None:
-    with pytest.raises(RuntimeError, match=r"run\(\) was called with no event loop running"):
+    with pytest.raises(
+        RuntimeError, match=r"^offloop\.to_thread\(\) was called with no event loop running"
+    ):
         offloop.to_thread(print)
+    with pytest.raises(
+        RuntimeError, match=r"^ThreadPool 'named'\.run\(\) was called with no event loop"
+    ):
+        offloop.ThreadPool(name="named").run(print)
+
+
+async def test_errors_from_to_thread_name_to_thread_not_the_default_pool() -> None:
+    async def coroutine_function() -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"^offloop\.to_thread\(\) got the coroutine function"):
+        offloop.to_thread(coroutine_function)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,23 @@ async def test_a_raising_handler_crashes_the_service(tmp_path: Path, kind: str) 
     target.write_text("x")
     await next_event_for(queue, target, [])
     await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_deleting_the_watched_folder_crashes_the_service(tmp_path: Path) -> None:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    svc = WatchService(folder, lambda event: None, name="inbox")
+    await svc.start()
+    await asyncio.to_thread(shutil.rmtree, folder)
+    # watchdog stops watching a deleted root: the service must not go on "running".
+    with pytest.raises(
+        FileNotFoundError, match=r"stopped watching: the folder .*inbox' was deleted"
+    ):
+        await asyncio.wait_for(svc.wait(), WAIT)
+    assert svc.state.value == "crashed"
+    assert watch_threads() == []
 
 
 @pytest.mark.loops("asyncio")

@@ -84,6 +84,8 @@ class WorkerSet:
         self._init = init
         self._max_tasks = max_tasks
         self._where = f"ProcessPool {name!r}"
+        #: How error messages name the call (the default pool says offloop.to_process()).
+        self._run_name = f"{self._where}.run()"
         self._state = PoolState.OPEN
         self._lock = threading.Lock()
         self._workers: list[Worker] = []

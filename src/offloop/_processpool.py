@@ -166,11 +166,9 @@ class ProcessPool(WorkerSet, PoolContext):
             RuntimeError: no event loop is running in this thread.
             PoolClosedError: the pool is closing or closed.
         """
-        check_sync_callable(fn, f"{self._name}.run()", "offloop.to_loop()")
-        loop = _running_loop(f"{self._where}: run()")
-        payload = encode_call(
-            fn, args, kwargs, f"{self._name}.run()", main_by_value=self._main_by_value
-        )
+        check_sync_callable(fn, self._run_name, "offloop.to_loop()")
+        loop = _running_loop(self._run_name)
+        payload = encode_call(fn, args, kwargs, self._run_name, main_by_value=self._main_by_value)
         call = new_call(self, fn, (), {}, loop, ProcessCall, carry_context=False)
         call._payload = payload
         call._worker = None
@@ -364,7 +362,13 @@ class ProcessPool(WorkerSet, PoolContext):
             manager.join()
 
 
-_default: Final = DefaultPool(lambda: ProcessPool(name="default"), new_after_fork=True)
+def _make_default() -> ProcessPool:
+    pool = ProcessPool(name="default")
+    pool._run_name = "offloop.to_process()"
+    return pool
+
+
+_default: Final = DefaultPool(_make_default, new_after_fork=True)
 
 
 def _disown_workers_after_fork() -> None:

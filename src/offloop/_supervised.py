@@ -172,6 +172,7 @@ class Supervised:
         if was_starting:
             runner.cancel()  # interrupt start(); stop() below cleans up what it began
         polite = False
+        why = "did not stop within the grace period"
         try:
             await asyncio.wait_for(self.service.stop(), max(deadline - loop.time(), LAST_CHANCE))
             await asyncio.wait({runner}, timeout=max(deadline - loop.time(), LAST_CHANCE))
@@ -179,19 +180,18 @@ class Supervised:
         except (asyncio.TimeoutError, TimeoutError):
             pass
         except Exception:
-            logger.exception("%s: stopping service %r raised; killing it", sv, self.name)
+            logger.exception("%s: stopping service %r raised", sv, self.name)
+            why = "could not be stopped politely (its stop() raised)"
         if not polite:
-            self._kill()
+            self._kill(why)
             runner.cancel()
             await asyncio.wait({runner}, timeout=LAST_CHANCE)
         self.end(_ST.STOPPED)
         logger.info("%s: service %r stopped", sv, self.name)
 
-    def _kill(self) -> None:
+    def _kill(self, why: str) -> None:
         sv = self.owner.name
-        logger.warning(
-            "%s: service %r did not stop within the grace period; killed it", sv, self.name
-        )
+        logger.warning("%s: service %r %s; killed it", sv, self.name, why)
         try:
             abandoned = self.service.kill()
         except Exception:

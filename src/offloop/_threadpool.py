@@ -139,6 +139,8 @@ class ThreadPool(PoolContext):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"ThreadPool(name=...) must be a str, got {describe(name)}.")
         self._name = name or f"pool{next(_pool_numbers)}"
+        #: How error messages name the call (the default pool says offloop.to_thread()).
+        self._run_name = f"ThreadPool {self._name!r}.run()"
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
         self._wait_on_cancel = on_cancel == "wait"
         self._on_cancel = on_cancel
@@ -196,11 +198,11 @@ class ThreadPool(PoolContext):
         """
         # Messages are formatted only on the error path: this runs per call.
         if type(fn) is not FunctionType or fn.__code__.co_flags & _ASYNC_CODE:
-            check_sync_callable(fn, f"{self._name}.run()", "offloop.to_loop()")
+            check_sync_callable(fn, self._run_name, "offloop.to_loop()")
         try:
             loop = _get_running_loop()
         except RuntimeError:
-            loop = running_loop(f"ThreadPool {self._name!r}: run()")
+            loop = running_loop(self._run_name)
         call: OffloadFuture[R] = new_call(self, fn, args, kwargs, loop)
         self._submit(call)
         return call
@@ -568,7 +570,13 @@ class ThreadPool(PoolContext):
             )
 
 
-_default: Final = DefaultPool(lambda: ThreadPool(name="default"))
+def _make_default() -> ThreadPool:
+    pool = ThreadPool(name="default")
+    pool._run_name = "offloop.to_thread()"
+    return pool
+
+
+_default: Final = DefaultPool(_make_default)
 
 
 def default_pool() -> ThreadPool:

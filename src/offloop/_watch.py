@@ -170,6 +170,14 @@ class WatchService(ServiceAdapter):
         class Forward(events.FileSystemEventHandler):  # type: ignore[misc,name-defined]  # lazy
             def dispatch(self, event: Any) -> None:
                 # Runs in the observer thread: filter here, handle on the loop.
+                if event.event_type in ("deleted", "moved") and _same_path(
+                    event.src_path, service.path
+                ):
+                    # watchdog stops watching a root that is gone: crash, so the
+                    # restart policy applies and the status stops saying "running".
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(service._lost_root, run, event.event_type)
+                    return
                 if service.matches(event.src_path, getattr(event, "dest_path", None)):
                     # RuntimeError: the loop is closed, nobody to deliver to.
                     with contextlib.suppress(RuntimeError):
@@ -196,6 +204,15 @@ class WatchService(ServiceAdapter):
             task = asyncio.ensure_future(result)
             run.tasks.add(task)
             task.add_done_callback(lambda t: self._task_done(run, t))
+
+    def _lost_root(self, run: _Run, how: str) -> None:
+        self._crash(
+            run,
+            FileNotFoundError(
+                f"{self!r} stopped watching: the folder {str(self.path)!r} was {how}. "
+                f"Recreate it; the restart policy restarts the service."
+            ),
+        )
 
     def _task_done(self, run: _Run, task: asyncio.Future[Any]) -> None:
         run.tasks.discard(task)
@@ -265,3 +282,8 @@ def _close_locked(run: _Run) -> None:
     observer.stop()  # also stops and joins the emitters and the inotify thread
     if observer.ident is not None:  # it was started
         observer.join()
+
+
+def _same_path(reported: str | bytes, watched: Path) -> bool:
+    path = os.fsdecode(reported)
+    return os.path.normpath(path) == os.path.normpath(str(watched))

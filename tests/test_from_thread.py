@@ -38,7 +38,8 @@ def in_plain_thread(fn: Callable[[], T], timeout: float = 10.0) -> T:
         except BaseException as exc:
             results.put((False, exc))
 
-    thread = threading.Thread(target=target, name="plain-caller")
+    # A daemon: if the code under test hangs, the test fails instead of the run hanging.
+    thread = threading.Thread(target=target, name="plain-caller", daemon=True)
     thread.start()
     thread.join(timeout)
     assert not thread.is_alive(), f"{fn} did not finish within {timeout}s (deadlock?)"

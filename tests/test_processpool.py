@@ -76,6 +76,26 @@ def die(how: str) -> None:
     time.sleep(WAIT)
 
 
+class BadStr(Exception):
+    """Unpicklable (a lock) and its str() raises: the worker must still answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def __str__(self) -> str:
+        raise RuntimeError("str() explodes")
+
+
+class BadReduce(Exception):
+    def __reduce__(self) -> Any:
+        raise KeyboardInterrupt("reduce raises a BaseException")
+
+
+def raise_odd(kind: str) -> None:
+    raise BadStr() if kind == "badstr" else BadReduce("x")
+
+
 def make_lock() -> threading.Lock:
     return threading.Lock()
 
@@ -325,7 +345,7 @@ async def test_cancel_abandons_a_running_call_and_skips_a_queued_one(tmp_path: P
 @pytest.mark.loops("asyncio")
 async def test_max_tasks_per_worker_replaces_workers_without_errors() -> None:
     async with ProcessPool(1, max_tasks_per_worker=2) as pool:
-        pids = [(await pool.run(pid_and_token))[0] for _ in range(5)]
+        pids = [(await asyncio.wait_for(pool.run(pid_and_token), WAIT))[0] for _ in range(5)]
         assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
         assert pool.statistics()["crashed"] == 0
 
@@ -340,6 +360,18 @@ async def test_initializer_runs_once_in_each_worker() -> None:
             await asyncio.wait_for(pool.run(square, 2), WAIT)
         assert "LookupError: no config" in str(info.value)
         assert isinstance(info.value.__cause__, LookupError)
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("kind", ["badstr", "badreduce"])
+async def test_an_exception_that_cannot_be_pickled_or_printed_is_still_reported(
+    shared: ProcessPool, kind: str
+) -> None:
+    name = "BadStr: <BadStr whose str\\(\\) raised>" if kind == "badstr" else "BadReduce: x"
+    with pytest.raises(offloop.NotPicklableError, match=name):
+        await asyncio.wait_for(shared.run(raise_odd, kind), WAIT)
+    assert shared.statistics()["crashed"] == 0  # reported, not a dead worker
+    assert await asyncio.wait_for(shared.run(square, 3), WAIT) == 9
 
 
 @pytest.mark.loops("asyncio")

@@ -109,7 +109,7 @@ class Reply(list[Any]):
     every poster releases the waiter's lock (a second release is harmless).
     """
 
-    __slots__ = ("lock", "loop", "owner", "task")
+    __slots__ = ("lock", "loop", "owner", "started", "task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, owner: Owner | None) -> None:
         self.lock = allocate_lock()
@@ -117,6 +117,7 @@ class Reply(list[Any]):
         self.loop = loop
         self.owner = owner
         self.task: asyncio.Task[None] | None = None
+        self.started = False
 
     def post(self, outcome: object) -> None:
         self.append(outcome)
@@ -160,10 +161,27 @@ def start_sync(
             owner._call_finished()
         reply.post((False, exc))
         return
-    reply.task = reply.loop.create_task(_run_sync(reply, coro))
+    reply.task = task = reply.loop.create_task(_run_sync(reply, coro))
+    task.add_done_callback(lambda t: _sync_never_ran(t, reply, coro))
+
+
+def _sync_never_ran(task: asyncio.Task[None], reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
+    # A task cancelled before its first step (its loop closing, its caller
+    # gone) never runs _run_sync's body, the one place that reports the
+    # outcome and settles the owner's count: do both here instead.
+    if reply.started or not task.cancelled():
+        return
+    coro.close()  # never awaited: no warning about it
+    owner = reply.owner
+    error: BaseException | None = None
+    if owner is not None:
+        owner._call_finished()
+        error = owner._cancel_error(coro)
+    reply.post((False, error or _cancelled_on_loop(reply, coro, asyncio.CancelledError())))
 
 
 async def _run_sync(reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
+    reply.started = True
     owner = reply.owner
     try:
         value = await coro
@@ -173,6 +191,8 @@ async def _run_sync(reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
             owner._call_finished()
             if isinstance(exc, asyncio.CancelledError):
                 error = owner._cancel_error(coro) or exc
+        elif isinstance(exc, asyncio.CancelledError):
+            error = _cancelled_on_loop(reply, coro, exc)
         reply.post((False, error))
         if not isinstance(exc, (Exception, asyncio.CancelledError)):
             raise  # KeyboardInterrupt, SystemExit: let them stop the loop too
@@ -180,6 +200,21 @@ async def _run_sync(reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
         if owner is not None:
             owner._call_finished()
         reply.post((True, value))
+
+
+def _cancelled_on_loop(
+    reply: Reply, coro: Coroutine[Any, Any, Any], exc: asyncio.CancelledError
+) -> CallerGoneError:
+    # The coroutine ran on the loop that sent the work to this worker, and was
+    # cancelled there (typically asyncio.run() ending). A bare CancelledError
+    # is a BaseException that `except Exception` in the worker would miss.
+    error = CallerGoneError(
+        f"{describe(coro)} was cancelled on the event loop that sent this work to the "
+        f"thread ({reply.loop!r}); it is probably shutting down. Return from the worker "
+        f"function."
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _spin(lock: Any) -> bool:
@@ -251,7 +286,7 @@ def wait_reply(
 class Remote:
     """One async crossing: the caller's future and the task running on the other loop."""
 
-    __slots__ = ("caller", "finished", "future", "loop", "owner", "task")
+    __slots__ = ("caller", "finished", "future", "loop", "owner", "started", "task")
 
     def __init__(
         self,
@@ -264,6 +299,7 @@ class Remote:
         self.future: asyncio.Future[Any] = caller.create_future()
         self.owner = owner
         self.finished = False
+        self.started = False
         self.task: asyncio.Task[None] | None = None
 
     def cancel_remote(self) -> None:
@@ -303,10 +339,24 @@ def start_async(
         owner._call_finished()
         _deliver_threadsafe(remote, (False, exc))
         return
-    remote.task = remote.loop.create_task(_run_async(remote, coro))
+    remote.task = task = remote.loop.create_task(_run_async(remote, coro))
+    task.add_done_callback(lambda t: _async_never_ran(t, remote, coro))
+
+
+def _async_never_ran(
+    task: asyncio.Task[None], remote: Remote, coro: Coroutine[Any, Any, Any]
+) -> None:
+    # As _sync_never_ran: cancelled before _run_async's body ever ran.
+    if remote.started or not task.cancelled():
+        return
+    coro.close()
+    remote.owner._call_finished()
+    error = remote.owner._cancel_error(coro) or asyncio.CancelledError()
+    _deliver_threadsafe(remote, (False, error))
 
 
 async def _run_async(remote: Remote, coro: Coroutine[Any, Any, Any]) -> None:
+    remote.started = True
     owner = remote.owner
     try:
         value = await coro

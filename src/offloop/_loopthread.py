@@ -248,7 +248,9 @@ class LoopThread:
         check_async_callable(async_fn, "LoopThread.run()")
         caller = asyncio.get_running_loop()
         if caller is self._loop:
-            return await async_fn(*args, **kwargs)  # already on this loop: no crossing
+            # Already on this loop: no crossing, but a task of its own, so the
+            # coroutine runs in a copy of the context like every other crossing.
+            return await asyncio.ensure_future(async_fn(*args, **kwargs))
         return await self._send(caller, async_fn, args, kwargs).receive()  # type: ignore[no-any-return]
 
     def close(self, *, timeout: float | None = None) -> None:
@@ -421,8 +423,17 @@ class LoopThread:
     def _main(self, loop: asyncio.AbstractEventLoop) -> None:
         asyncio.set_event_loop(loop)
         try:
-            loop.run_forever()
-            _shutdown(loop)
+            try:
+                loop.run_forever()
+            except (SystemExit, KeyboardInterrupt):
+                pass  # delivered to the call whose coroutine raised it; the thread ends
+            finally:
+                # Also when a coroutine's SystemExit or KeyboardInterrupt ended
+                # the loop: the calls still there must get their answer.
+                with self._lock:
+                    if self._state is _RUNNING:
+                        self._state = _CLOSING
+                _shutdown(loop)
         finally:
             asyncio.set_event_loop(None)
             loop.close()
@@ -561,7 +572,8 @@ async def to_loop(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwarg
     while True:
         lt = _isolated.get()
         if caller is lt._loop:
-            return await async_fn(*args, **kwargs)  # nested to_loop: already isolated
+            # Nested to_loop: already isolated; a task copies the context, as crossings do.
+            return await asyncio.ensure_future(async_fn(*args, **kwargs))
         try:
             remote = lt._send(caller, async_fn, args, kwargs)
         except PoolClosedError:

@@ -169,17 +169,25 @@ def encode_error(exc: BaseException, tb: str) -> bytes:
         # fine but fail to unpickle; find out here, where the text is at hand.
         pickle.loads(data)
         return data
-    except Exception:
-        return pickle.dumps((RAISED_TEXT, _qualname(type(exc)), str(exc), tb), PROTOCOL)
+    except BaseException:  # a __reduce__ may raise anything; the worker must answer
+        return pickle.dumps((RAISED_TEXT, _qualname(type(exc)), _safe_str(exc), tb), PROTOCOL)
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # an exception whose __str__ raises: still report its type
+        return f"<{type(exc).__name__} whose str() raised>"
 
 
 def encode_result(value: object, fn: Callable[..., Any]) -> bytes:
     """A worker's reply carrying the function's return value."""
     try:
         return dumps((OK, value))
-    except Exception as exc:
+    except BaseException as exc:  # a __reduce__ may raise anything; the worker must answer
         return pickle.dumps(
-            (RESULT_UNPICKLABLE, describe(value), f"{type(exc).__name__}: {exc}"), PROTOCOL
+            (RESULT_UNPICKLABLE, describe(value), f"{type(exc).__name__}: {_safe_str(exc)}"),
+            PROTOCOL,
         )
 
 

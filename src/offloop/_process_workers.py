@@ -130,8 +130,9 @@ class WorkerSet:
 
     def _send(self, worker: Worker, call: ProcessCall) -> None:
         payload, call._payload = call._payload, None
-        # If the worker just died, the manager fails this call as crashed.
-        with contextlib.suppress(OSError, ValueError):
+        # If the worker just died, the manager fails this call as crashed (and
+        # may already have dropped its pipe: conn is None, hence AttributeError).
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             worker.conn.send_bytes(payload)  # type: ignore[union-attr, arg-type]
 
     def _stop(self, worker: Worker) -> None:

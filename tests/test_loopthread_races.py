@@ -1,0 +1,186 @@
+"""LoopThread races: calls whose remote task is cancelled before its first step."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from typing import Any
+
+import pytest
+
+import offloop
+from offloop import LoopThread, LoopThreadState, PoolClosedError
+
+from .helpers import await_until, wait_until
+
+WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
+
+
+async def hold(release: threading.Event) -> None:
+    release.wait(WAIT)  # blocks the loop thread in sync code, on purpose
+
+
+async def quick() -> str:
+    return "quick"
+
+
+async def let_run_send(n: int = 3) -> None:
+    # lt.run() schedules its start on the loop thread in its first steps.
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_call_started_as_the_loop_thread_closes_gets_an_answer() -> None:
+    lt = LoopThread(name="close-race").start()
+    release = threading.Event()
+    holder = asyncio.ensure_future(lt.run(hold, release))
+    victim = asyncio.ensure_future(lt.run(quick))  # its start waits behind the holder
+    await let_run_send()
+    closer = threading.Thread(target=lt.close, name="test-closer")
+    closer.start()
+    await await_until(lambda: lt.state is not LoopThreadState.RUNNING, WAIT, "closing")
+    release.set()
+    try:
+        # It used to wait forever. Depending on where the close stands when the
+        # start runs, the call completes or is refused; either way it answers.
+        (answer,) = await asyncio.wait_for(asyncio.gather(victim, return_exceptions=True), WAIT)
+        if isinstance(answer, PoolClosedError):
+            assert "was closed while coroutine 'quick' ran" in str(answer)
+        else:
+            assert answer == "quick"
+        # The holder was running when the close began: finished or cancelled, it answers.
+        await asyncio.wait_for(asyncio.gather(holder, return_exceptions=True), WAIT)
+    finally:
+        closer.join(WAIT)
+    assert lt.state is LoopThreadState.CLOSED
+
+
+@pytest.mark.loops("asyncio")
+async def test_cancelling_before_the_remote_task_ran_settles_the_task_count() -> None:
+    async with LoopThread(name="cancel-race") as lt:
+        release = threading.Event()
+        holder = asyncio.ensure_future(lt.run(hold, release))
+        await let_run_send()
+        victims = [asyncio.ensure_future(lt.run(quick)) for _ in range(5)]
+        await let_run_send()  # their starts, then their cancels, queue behind the holder
+        for victim in victims:
+            victim.cancel()
+        release.set()
+        for victim in victims:
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(victim, WAIT)
+        await asyncio.wait_for(holder, WAIT)
+        # Every call was accounted for: the count drops back to 0 (a leak kept
+        # the shared to_loop thread from ever retiring).
+        await await_until(lambda: " 0 tasks" in repr(lt), WAIT, "the task count to settle")
+        assert await lt.run(quick) == "quick"
+
+
+def test_a_sync_call_started_as_the_loop_thread_closes_gets_pool_closed() -> None:
+    lt = LoopThread(name="sync-race").start()
+    release = threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def call(key: str, async_fn: Any, *args: Any) -> None:
+        try:
+            outcomes[key] = lt.call(async_fn, *args)
+        except BaseException as exc:  # recorded for the assertions below
+            outcomes[key] = exc
+
+    threads = [threading.Thread(target=call, args=("holder", hold, release), name="test-holder")]
+    threads[0].start()
+    wait_until(lambda: " 1 task" in repr(lt), WAIT, "the holder to run")
+    threads.append(threading.Thread(target=call, args=("victim", quick), name="test-victim"))
+    threads[1].start()
+    wait_until(lambda: " 2 tasks" in repr(lt), WAIT, "the victim to be sent")
+    closer = threading.Thread(target=lt.close, name="test-closer")
+    closer.start()
+    try:
+        wait_until(lambda: lt.state is not LoopThreadState.RUNNING, WAIT, "closing")
+        release.set()
+        for thread in threads:
+            thread.join(WAIT)
+            assert not thread.is_alive()
+        # Completed, or refused with the documented error (not CallerGoneError
+        # after polling a closed loop).
+        victim = outcomes["victim"]
+        assert victim == "quick" or isinstance(victim, PoolClosedError), outcomes
+    finally:
+        release.set()
+        closer.join(WAIT)
+
+
+def test_from_thread_gets_caller_gone_when_the_sending_loop_shuts_down() -> None:
+    started = threading.Event()
+    outcome: list[BaseException | str] = []
+    worker_done = threading.Event()
+
+    async def long_wait() -> str:
+        started.set()
+        await asyncio.sleep(WAIT)
+        return "finished"
+
+    def worker() -> None:
+        try:
+            outcome.append(offloop.from_thread(long_wait))
+        except BaseException as exc:  # recorded for the assertions below
+            outcome.append(exc)
+        finally:
+            worker_done.set()
+
+    async def main() -> None:
+        offloop.to_thread(worker)  # left running when main() returns
+        await asyncio.to_thread(started.wait, WAIT)
+
+    asyncio.run(main())  # cancels long_wait, which runs on this loop
+    assert worker_done.wait(WAIT)
+    # Not a bare CancelledError, which `except Exception` in the worker would miss.
+    assert isinstance(outcome[0], offloop.CallerGoneError), outcome
+    assert "cancelled on the event loop that sent this work" in str(outcome[0])
+    assert isinstance(outcome[0].__cause__, asyncio.CancelledError)
+
+
+@pytest.mark.loops("asyncio")
+async def test_system_exit_in_one_coroutine_still_answers_the_others() -> None:
+    lt = LoopThread(name="exiting").start()
+    forever = asyncio.Event()
+    other = asyncio.ensure_future(lt.run(forever.wait))
+    await await_until(lambda: " 1 task" in repr(lt), WAIT, "the other call to run")
+
+    async def leave() -> None:
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit):
+        await asyncio.to_thread(lt.call, leave)  # it ends the loop thread, as it should
+    # ...but the call still there gets an answer instead of waiting forever.
+    with pytest.raises(PoolClosedError, match="was closed while coroutine"):
+        await asyncio.wait_for(other, WAIT)
+    await asyncio.wait_for(lt.aclose(), WAIT)
+    assert lt.state is LoopThreadState.CLOSED
+
+
+TAG: contextvars.ContextVar[str] = contextvars.ContextVar("TAG", default="unset")
+
+
+async def read_and_change() -> str:
+    seen = TAG.get()
+    TAG.set("changed inside")
+    return seen
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_crossing_onto_the_loop_it_is_on_still_copies_the_context() -> None:
+    async def nested_to_loop() -> tuple[str, str]:
+        TAG.set("outer")
+        return await offloop.to_loop(read_and_change), TAG.get()
+
+    assert await offloop.to_loop(nested_to_loop) == ("outer", "outer")
+    async with LoopThread(name="nested-ctx") as lt:
+
+        async def nested_run() -> tuple[str, str]:
+            TAG.set("outer")
+            return await lt.run(read_and_change), TAG.get()
+
+        assert await lt.run(nested_run) == ("outer", "outer")

@@ -150,6 +150,28 @@ async def test_bad_construction_is_refused() -> None:
         offloop.DaskPool(client=object())
 
 
+@pytest.mark.loops("asyncio")
+async def test_no_scheduler_at_the_address_is_a_clear_error(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    # A loopback port nobody listens on: bound, then closed.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pool = offloop.DaskPool(f"tcp://127.0.0.1:{port}", connect_timeout=0.5)
+    try:
+        with pytest.raises(ConnectionError, match=rf"at 'tcp://127.0.0.1:{port}' within 0.5 s"):
+            await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
+    finally:
+        await pool.aclose()
+    # The half-open client was closed, not left with a never-awaited close().
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+    with pytest.raises(ValueError, match=r"connect_timeout=\.\.\.\) must be a positive"):
+        offloop.DaskPool("tcp://127.0.0.1:1", connect_timeout=0)
+
+
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)  # import fails
     with pytest.raises(offloop.MissingExtraError, match=r"offloop\[dask\]"):

@@ -184,3 +184,24 @@ async def test_a_crossing_onto_the_loop_it_is_on_still_copies_the_context() -> N
             return await lt.run(read_and_change), TAG.get()
 
         assert await lt.run(nested_run) == ("outer", "outer")
+
+
+def test_close_from_the_loops_own_executor_is_refused_and_the_close_still_ends() -> None:
+    lt = LoopThread(name="self-close").start()
+    refused: list[BaseException] = []
+
+    def close_here() -> None:
+        try:
+            lt.close()  # would wait for the executor, which waits for this thread
+        except offloop.WouldDeadlockError as exc:
+            refused.append(exc)
+
+    async def close_from_executor() -> None:
+        await asyncio.get_running_loop().run_in_executor(None, close_here)
+
+    with pytest.raises(PoolClosedError):
+        lt.call(close_from_executor)  # the close cancels the very call that asked for it
+    wait_until(lambda: lt.state is LoopThreadState.CLOSED, WAIT, "the loop thread to close")
+    assert len(refused) == 1
+    assert "default executor" in str(refused[0])
+    lt.close()  # closed: returns at once

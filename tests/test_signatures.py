@@ -53,7 +53,10 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
             ("name", KW, None),
         ],
     ),
-    "DaskPool": (offloop.DaskPool, [("address", ANY, None), ("client", KW, None)]),
+    "DaskPool": (
+        offloop.DaskPool,
+        [("address", ANY, None), ("client", KW, None), ("connect_timeout", KW, 30.0)],
+    ),
     "LoopThread": (offloop.LoopThread, [("name", KW, None), ("loop_factory", KW, None)]),
     "Supervisor": (
         offloop.Supervisor,

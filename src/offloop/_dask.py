@@ -60,9 +60,15 @@ class DaskPool(PoolContext):
         MissingExtraError: ``distributed`` is not installed (``offloop[dask]``).
         TypeError: neither or both of ``address`` and ``client`` were given, or
             the client is not asynchronous.
+        ValueError: ``connect_timeout`` is not a positive number.
+
+    The first :meth:`run` raises ``ConnectionError`` naming the address when
+    no scheduler answers there within ``connect_timeout`` seconds.
     """
 
-    def __init__(self, address: str | None = None, *, client: Any = None) -> None:
+    def __init__(
+        self, address: str | None = None, *, client: Any = None, connect_timeout: float = 30.0
+    ) -> None:
         distributed = require("distributed", "dask", feature=_FEATURE)
         if (address is None) == (client is None):
             raise TypeError(
@@ -85,6 +91,16 @@ class DaskPool(PoolContext):
                 )
         elif not isinstance(address, str):
             raise TypeError(f"DaskPool(address=...) must be a str, got {describe(address)}.")
+        if (
+            isinstance(connect_timeout, bool)
+            or not isinstance(connect_timeout, int | float)
+            or not connect_timeout > 0
+        ):
+            raise ValueError(
+                f"DaskPool(connect_timeout=...) must be a positive number of seconds, "
+                f"got {connect_timeout!r}."
+            )
+        self._connect_timeout = float(connect_timeout)
         self._distributed = distributed
         self._address = address
         self._client = client
@@ -206,15 +222,29 @@ class DaskPool(PoolContext):
     async def _connect(self) -> Any:
         # One connection for concurrent first calls: they all await the same future.
         if self._connecting is None:
-            self._connecting = asyncio.ensure_future(
-                self._distributed.Client(self._address, asynchronous=True)
-            )
+            self._connecting = asyncio.ensure_future(self._open_client())
         try:
             self._client = await asyncio.shield(self._connecting)
         except Exception:
             self._connecting = None  # the next call tries again
             raise
         return self._client
+
+    async def _open_client(self) -> Any:
+        client = self._distributed.Client(
+            self._address, asynchronous=True, timeout=self._connect_timeout
+        )
+        try:
+            return await client
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await client.close()  # the half-open client, or its close is never awaited
+            raise ConnectionError(
+                f"DaskPool could not connect to a Dask scheduler at {self._address!r} within "
+                f"{self._connect_timeout:g} s ({type(exc).__name__}: {exc}). Check that a "
+                f"scheduler listens there: for one machine start a distributed.LocalCluster "
+                f"and pass its scheduler_address; the next call tries again."
+            ) from exc
 
     def _chore(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextvars
 import enum
 import logging
@@ -191,6 +192,13 @@ class LoopThread:
                     f"LoopThread(loop_factory=...) must return an event loop, but "
                     f"{describe(factory)} returned {describe(loop)}."
                 )
+            # Its own named default executor: close() recognises its threads
+            # (closing from one would wait for itself) and leak reports name them.
+            loop.set_default_executor(
+                concurrent.futures.ThreadPoolExecutor(
+                    thread_name_prefix=f"{self._thread_name}-executor"
+                )
+            )
             thread = threading.Thread(
                 target=self._main, args=(loop,), name=self._thread_name, daemon=True
             )
@@ -397,10 +405,18 @@ class LoopThread:
             if state is _RUNNING:
                 self._state = _CLOSING
                 self._loop.call_soon_threadsafe(self._loop.stop)  # type: ignore[union-attr]
-        if thread is threading.current_thread():
+        current = threading.current_thread()
+        if thread is current:
             raise WouldDeadlockError(
                 f"{self._describe()} was closed from its own thread, which cannot wait for "
                 f"itself to stop. Close it from another thread."
+            )
+        # Closing shuts the loop's default executor down, which waits for this thread.
+        if current.name.startswith(f"{self._thread_name}-executor_"):
+            raise WouldDeadlockError(
+                f"{self._describe()} was closed from a thread of its own loop's default "
+                f"executor (run_in_executor(None, ...)), which the close waits for. It is "
+                f"closing now; close it from another thread to wait for the end."
             )
         return thread
 

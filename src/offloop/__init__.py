@@ -44,8 +44,9 @@ from ._processpool import ProcessPool, to_process
 from ._service import Service
 from ._status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor import Supervisor
-from ._threadpool import ThreadPool, to_thread
+from ._threadpool import ThreadPool
 from ._token import StopToken, current_token
+from ._tothread import to_thread
 from ._watch import WatchService
 from ._wsgi import WSGIService
 

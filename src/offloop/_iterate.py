@@ -14,8 +14,9 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar, final, overload
 
 from ._errors import PoolClosedError
 from ._offload import OffloadFuture
-from ._threadpool import ThreadPool, default_pool
+from ._threadpool import ThreadPool
 from ._token import StopToken, current_token
+from ._tothread import default_pool
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ThreadedIterator", "iterate", "threaded"]

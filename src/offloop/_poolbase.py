@@ -114,3 +114,19 @@ class DefaultPool(Generic[_PoolT]):
                 if pool is None or pool._state is not PoolState.OPEN:
                     pool = self.pool = self._make()
         return pool
+
+
+def refuse_blocking_close(pool: object) -> None:
+    """Refuse a blocking ``close()`` on a thread whose event loop is running.
+
+    Raises:
+        RuntimeError: saying to ``await pool.aclose()`` there instead.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"{pool!r}.close() blocks, and was called on a running event loop's thread. "
+        f"Use 'await pool.aclose()' there instead."
+    )

@@ -34,7 +34,7 @@ from ._errors import PoolClosedError
 from ._offload import ABANDONED, QUEUED, RUNNING, SKIPPED, OffloadFuture, new_call
 from ._offload import running_loop as _running_loop
 from ._pickling import encode_call, main_reaches_children
-from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter
+from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter, refuse_blocking_close
 from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
 from ._validate import check_positive_int, check_sync_callable, describe
 
@@ -246,15 +246,7 @@ class ProcessPool(WorkerSet, PoolContext):
             RuntimeError: called on a thread whose event loop is running; use
                 ``await pool.aclose()`` there.
         """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise RuntimeError(
-                f"{self!r}.close() blocks, and was called on a running event loop's thread. "
-                f"Use 'await pool.aclose()' there instead."
-            )
+        refuse_blocking_close(self)
         done = threading.Event()
         self._begin_close(done)
         if not done.wait(timeout):

@@ -7,7 +7,6 @@ uses live in ``_offload``.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import inspect
 import logging
 import os
@@ -32,11 +31,17 @@ from ._offload import (
     new_call,
     running_loop,
 )
-from ._poolbase import CallCounters, DefaultPool, PoolContext, PoolState, complete_waiter
+from ._poolbase import (
+    CallCounters,
+    PoolContext,
+    PoolState,
+    complete_waiter,
+    refuse_blocking_close,
+)
 from ._token import thread_state
 from ._validate import check_positive_int, check_sync_callable, describe
 
-__all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool", "default_pool", "to_thread"]
+__all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool", "ThreadPoolStatistics"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -257,15 +262,7 @@ class ThreadPool(PoolContext):
 
         Same semantics as :meth:`aclose`, blocking the calling thread.
         """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise RuntimeError(
-                f"{self!r}.close() blocks, and was called on a running event loop's thread. "
-                f"Use 'await pool.aclose()' there instead."
-            )
+        refuse_blocking_close(self)
         done = threading.Event()
         self._begin_close(done)
         if not done.wait(timeout):
@@ -388,13 +385,7 @@ class ThreadPool(PoolContext):
                 break
             with lock:
                 if call._phase is QUEUED and self._state is not PoolState.OPEN:
-                    call._phase = SKIPPED
-                    self._queued -= 1
-                    self._cancelled += 1
-                    call._error = PoolClosedError(
-                        f"{self._describe()} closed before this call of {describe(call.fn)} "
-                        f"started."
-                    )
+                    self._skip_closed(call)
                 if call._phase is SKIPPED:
                     self._free_slot()
                     skipped = True
@@ -439,6 +430,15 @@ class ThreadPool(PoolContext):
             call._channel.post(call)
             del call, result
         self._thread_exited(worker)
+
+    def _skip_closed(self, call: OffloadFuture[Any]) -> None:
+        # Under _lock: a queued call the closing pool will not start.
+        call._phase = SKIPPED
+        self._queued -= 1
+        self._cancelled += 1
+        call._error = PoolClosedError(
+            f"{self._describe()} closed before this call of {describe(call.fn)} started."
+        )
 
     def _free_slot(self) -> None:
         # Called under _lock by a thread that is about to take the next call.
@@ -485,13 +485,7 @@ class ThreadPool(PoolContext):
                     except queue.Empty:
                         break
                     if call is not None and call._phase is QUEUED:
-                        call._phase = SKIPPED
-                        self._queued -= 1
-                        self._cancelled += 1
-                        call._error = PoolClosedError(
-                            f"{self._describe()} closed before this call of {describe(call.fn)} "
-                            f"started."
-                        )
+                        self._skip_closed(call)
                         skipped.append(call)
                 self._backlog = 0  # nothing is queued any more
                 for worker in self._workers:
@@ -568,58 +562,3 @@ class ThreadPool(PoolContext):
                 self._name,
                 when,
             )
-
-
-def _make_default() -> ThreadPool:
-    pool = ThreadPool(name="default")
-    pool._run_name = "offloop.to_thread()"
-    return pool
-
-
-_default: Final = DefaultPool(_make_default)
-
-
-def default_pool() -> ThreadPool:
-    """The process-wide pool behind :func:`to_thread` (created on first use)."""
-    return _default.get()
-
-
-def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
-    """Run the blocking ``fn(*args, **kwargs)`` in offloop's default thread pool.
-
-    These two lines do the same, but the second does not stall the loop::
-
-        result = fn(*args, **kwargs)
-        result = await offloop.to_thread(fn, *args, **kwargs)
-
-    The call starts at once; the returned :class:`OffloadFuture` works with
-    plain ``await``, ``asyncio.create_task``, ``asyncio.gather`` and
-    ``asyncio.wait_for``. A timeout or cancellation returns control at once; the
-    function keeps its thread until it returns, with its
-    :func:`~offloop.current_token` set so it can stop early.
-
-    Raises:
-        TypeError: ``fn`` is not callable, or is a coroutine function.
-        RuntimeError: no event loop is running in this thread.
-    """
-    pool = _default.pool
-    if pool is None or pool._state is not PoolState.OPEN:
-        pool = _default.get()
-    return pool.run(fn, *args, **kwargs)
-
-
-def _forget_threads_after_fork() -> None:
-    for pool in list(_pools):
-        pool._forget_threads()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_forget_threads_after_fork)
-
-
-@atexit.register
-def _warn_stuck_at_exit() -> None:
-    # Worker threads are daemons, so a stuck call cannot hang interpreter exit
-    # (asyncio.to_thread's executor can); say what was left behind instead.
-    for pool in list(_pools):
-        pool._report_stuck("at interpreter exit")

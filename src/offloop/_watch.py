@@ -22,8 +22,8 @@ from typing import Any
 from ._adapters import AdapterState, ServiceAdapter, check_name
 from ._extras import require
 from ._fnservices import describe_thread
-from ._threadpool import to_thread
 from ._token import current_token
+from ._tothread import to_thread
 from ._validate import describe
 
 __all__ = ["WatchService"]

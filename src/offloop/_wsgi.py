@@ -30,8 +30,8 @@ from ._adapters import AdapterState, NetworkAdapter, check_host_port, check_name
 from ._errors import OffloopError
 from ._extras import require
 from ._fnservices import describe_thread
-from ._threadpool import to_thread
 from ._token import StopToken, WorkerCall, thread_state
+from ._tothread import to_thread
 from ._validate import check_positive_int, describe
 
 __all__ = ["WSGIService"]

@@ -89,10 +89,12 @@ async def test_a_failing_lifespan_startup_fails_start_without_exiting() -> None:
     # uvicorn would sys.exit(3) here; the service raises instead.
     with pytest.raises(
         RuntimeError, match=r"<ASGIService 'api' .* could not start: uvicorn gave up"
-    ):
+    ) as info:
         await svc.start()
     assert journal == ["startup"]
     assert svc.state.value == "crashed"
+    assert svc.port != 0  # the port it had bound, named in the error too
+    assert f"127.0.0.1:{svc.port}" in str(info.value)
     assert refuses(svc.port)
 
 

@@ -102,7 +102,7 @@ class ASGIService(NetworkAdapter):
         try:
             uvicorn = require("uvicorn", "asgi", feature="ASGIService")
             sock = self._listen()
-            port = sock.getsockname()[1]
+            port = self._bound_port = sock.getsockname()[1]  # named in start-up errors too
             config = uvicorn.Config(
                 self.app,
                 host=self.host,
@@ -122,7 +122,6 @@ class ASGIService(NetworkAdapter):
             self._state, self._done = AdapterState.CRASHED, None
             raise
         self._server = server
-        self._bound_port = port
         self._main = asyncio.get_running_loop().create_task(
             self._serve(server, sock, done), name=f"offloop-asgi-{self.name}"
         )

@@ -222,14 +222,16 @@ class WorkerSet:
         else:
             self._send(worker, call)
 
-    def _finish(self, worker: Worker, call: ProcessCall, *, ok: bool) -> None:
+    def _finish(self, worker: Worker, call: ProcessCall, *, ok: bool, count: bool = True) -> None:
         # Under _lock: the call left its worker, with a result or not.
         worker.call = None
         call._worker = None
         self._running -= 1
         if call._phase is ABANDONED:
             self._abandoned -= 1
-        if ok:
+        if not count:
+            pass
+        elif ok:
             self._completed += 1
         else:
             self._failed += 1
@@ -325,7 +327,9 @@ class WorkerSet:
             closing = self._state is not PoolState.OPEN
             if not cancelled and not closing:
                 self._crashed += 1
-            self._finish(worker, call, ok=False)
+            # A call whose worker died after it was cancelled (killed on cancel,
+            # most often) is counted as cancelled only, not also as failed.
+            self._finish(worker, call, ok=False, count=not cancelled)
         if cancelled:
             return  # killed on cancel, or died after its awaiter left
         if closing:

@@ -102,6 +102,22 @@ class WorkerSet:
         self._cancelled = 0
         self._crashed = 0
 
+    def _disown_workers(self) -> None:
+        """In a child made by ``os.fork()``: forget the parent's workers and close.
+
+        The child's copy of the pool must never send them calls, nor kill
+        them at exit; it is closed, and a new pool works as usual.
+        """
+        self._lock = threading.Lock()
+        self._workers = []
+        self._idle = []
+        self._pending.clear()
+        self._manager = None
+        self._wake_fds = None
+        self._closed_waiters = []
+        self._queued = self._running = self._abandoned = 0
+        self._state = PoolState.CLOSED
+
     def _describe(self) -> str:
         abandoned = f" ({self._abandoned} abandoned)" if self._abandoned else ""
         crashed = f", {self._crashed} crashed" if self._crashed else ""

@@ -364,18 +364,8 @@ _default: Final = DefaultPool(_make_default, new_after_fork=True)
 
 
 def _disown_workers_after_fork() -> None:
-    # A child made by os.fork() shares nothing with its parent's workers: its
-    # copies of the pools must never send them calls, nor kill them at exit.
     for pool in list(_pools):
-        pool._lock = threading.Lock()
-        pool._workers = []
-        pool._idle = []
-        pool._pending.clear()
-        pool._manager = None
-        pool._wake_fds = None
-        pool._closed_waiters = []
-        pool._queued = pool._running = pool._abandoned = 0
-        pool._state = PoolState.CLOSED
+        pool._disown_workers()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX

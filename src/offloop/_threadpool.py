@@ -7,7 +7,6 @@ uses live in ``_offload``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import queue
@@ -39,7 +38,7 @@ from ._poolbase import (
     refuse_blocking_close,
 )
 from ._token import thread_state
-from ._validate import check_positive_int, check_sync_callable, describe
+from ._validate import ASYNC_CODE_FLAGS, check_positive_int, check_sync_callable, describe
 
 __all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool", "ThreadPoolStatistics"]
 
@@ -54,7 +53,6 @@ logger: Final = logging.getLogger("offloop")
 DEFAULT_MAX_WORKERS: Final = 40
 
 _get_running_loop: Final = asyncio.get_running_loop
-_ASYNC_CODE: Final = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 #: Seconds an idle worker waits for work before its thread exits.
 IDLE_TIMEOUT: Final = 30.0
@@ -202,7 +200,7 @@ class ThreadPool(PoolContext):
             PoolClosedError: the pool is closing or closed.
         """
         # Messages are formatted only on the error path: this runs per call.
-        if type(fn) is not FunctionType or fn.__code__.co_flags & _ASYNC_CODE:
+        if type(fn) is not FunctionType or fn.__code__.co_flags & ASYNC_CODE_FLAGS:
             check_sync_callable(fn, self._run_name, "offloop.to_loop()")
         try:
             loop = _get_running_loop()

@@ -10,8 +10,8 @@ import inspect
 from types import BuiltinFunctionType, BuiltinMethodType, FunctionType, MethodWrapperType
 from typing import Any, Final
 
-_CO_COROUTINE: Final = inspect.CO_COROUTINE
-_CO_ASYNC_GENERATOR: Final = inspect.CO_ASYNC_GENERATOR
+#: Code flags of functions that return a coroutine or an async generator.
+ASYNC_CODE_FLAGS: Final = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 # Callables implemented in C: never coroutine functions, no need to inspect.
 _PLAIN_CALLABLES: Final = frozenset({BuiltinFunctionType, BuiltinMethodType, MethodWrapperType})
 
@@ -35,7 +35,7 @@ def check_sync_callable(fn: Any, where: str, async_alternative: str) -> None:
     """
     kind = type(fn)
     if kind is FunctionType:
-        if not fn.__code__.co_flags & (_CO_COROUTINE | _CO_ASYNC_GENERATOR):
+        if not fn.__code__.co_flags & ASYNC_CODE_FLAGS:
             return
     elif kind in _PLAIN_CALLABLES or _is_sync_callable(fn):
         return

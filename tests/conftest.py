@@ -23,6 +23,7 @@ LOOP_KINDS = ("asyncio", "debug", "uvloop")
 # shared background loop are reused across tests (they are daemon threads).
 LONG_LIVED_THREAD_PREFIXES = (
     "offloop-default-",
+    "offloop-services-",
     "offloop-process-default",
     "offloop-shared-loop",
     "asyncio_",  # asyncio's own default executor, used by peers in some tests

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 
 import pytest
 
+import offloop
 from offloop import ServiceFailed, StopToken, Supervisor
 from tests.helpers import bounded
 from tests.test_supervisor import Recorder
@@ -94,12 +96,6 @@ def test_duplicate_names_and_services_are_rejected() -> None:
 @bounded(10)
 async def test_illegal_transitions_have_their_own_messages() -> None:
     sv = Supervisor(name="once")
-    with pytest.raises(RuntimeError) as info:
-        sv.stop()
-    assert str(info.value) == (
-        "Cannot stop <Supervisor 'once' new (no services) grace=5>: it has not started. "
-        "Enter it with 'async with', or call serve() or run(), first."
-    )
     sv.add(Recorder("api", []))
     async with sv:
         with pytest.raises(RuntimeError, match=r"Cannot enter <Supervisor 'once' running"):
@@ -167,3 +163,31 @@ def test_detect_blocking_values_are_checked() -> None:
         Supervisor(detect_blocking=0)
     with pytest.raises(TypeError, match="detect_blocking must be a number of seconds, got str"):
         Supervisor(detect_blocking="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_stop_before_start_is_kept_and_no_service_starts() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="early")
+    sv.add(Recorder("api", journal))
+    sv.stop()  # e.g. from another thread, just before the thread running sv.run() gets going
+    assert sv.state is offloop.SupervisorState.NEW
+    await asyncio.wait_for(sv.serve(), WAIT)
+    assert journal == []
+    assert str(sv.state) == "stopped"
+
+
+def test_a_stop_racing_run_in_another_thread_is_never_lost() -> None:
+    # Whichever thread gets there first, run() returns: repeat to cover both orders.
+    for n in range(20):
+        journal: list[str] = []
+        sv = Supervisor(name=f"race-{n}")
+        sv.add(Recorder("api", journal))
+        outcome: list[object] = []
+        thread = threading.Thread(target=lambda: outcome.append(sv.run()))  # noqa: B023
+        thread.start()
+        sv.stop()
+        thread.join(WAIT)
+        assert not thread.is_alive(), f"run() ignored a stop() sent while it started (round {n})"
+        assert outcome == [0]

@@ -385,25 +385,24 @@ class Supervisor:
     def stop(self) -> None:
         """Ask the supervisor to stop every service; returns at once. Thread-safe.
 
-        Stopping an already stopping or stopped supervisor does nothing.
-
-        Raises:
-            RuntimeError: the supervisor has not started yet.
+        Stopping an already stopping or stopped supervisor does nothing. A stop
+        asked before the supervisor has started is kept: it stops as soon as
+        it starts, before starting any service. So ``sv.stop()`` from another
+        thread just after ``Thread(target=sv.run).start()`` is never lost,
+        whichever thread gets there first.
         """
-        if self._state is _SV.NEW:
-            raise RuntimeError(
-                f"Cannot stop {self!r}: it has not started. Enter it with 'async with', or "
-                f"call serve() or run(), first."
-            )
         self._request_stop_threadsafe("stop() was called")
 
     def _request_stop_threadsafe(self, reason: str, *, defer: bool = False) -> None:
         # defer: always go through the loop (a signal handler must not run
         # the shutdown in the middle of whatever the loop was doing).
         loop = self._loop
-        if loop is None:  # a signal before the loop started: stop as soon as it does
+        if loop is None:  # not started yet: stop as soon as it does
             self._stop_early = True
-            return
+            loop = self._loop
+            if loop is None:
+                return
+            # The start got its loop meanwhile and may have checked the flag already.
         if not defer and threading.get_ident() == self._loop_thread:
             self._request_shutdown(reason)
             return

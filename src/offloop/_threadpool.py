@@ -216,6 +216,11 @@ class ThreadPool(PoolContext):
         Keys: ``state``, ``max_workers``, ``threads``, ``idle``, ``running``
         (including abandoned calls), ``abandoned`` (cancelled by their awaiter
         but still running), ``queued``, ``completed``, ``failed``, ``cancelled``.
+
+        ``cancelled`` counts awaiters cancelled; ``completed`` and ``failed``
+        count functions that returned or raised. So an abandoned call whose
+        function later returns is counted in ``cancelled`` and in
+        ``completed``: its thread did the whole work, nobody used the result.
         """
         with self._lock:
             return {

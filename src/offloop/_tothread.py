@@ -16,7 +16,7 @@ from ._offload import OffloadFuture
 from ._poolbase import DefaultPool, PoolState
 from ._threadpool import ThreadPool, _pools
 
-__all__ = ["default_pool", "to_thread"]
+__all__ = ["default_pool", "service_pool", "to_thread"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -34,6 +34,22 @@ _default: Final = DefaultPool(_make_default)
 def default_pool() -> ThreadPool:
     """The process-wide pool behind :func:`to_thread` (created on first use)."""
     return _default.get()
+
+
+def _make_services() -> ThreadPool:
+    return ThreadPool(name="services")
+
+
+_services: Final = DefaultPool(_make_services)
+
+
+def service_pool() -> ThreadPool:
+    """The private pool offloop's own services start and stop their servers in.
+
+    Not the default pool: user calls stuck there (all 40 threads blocked) must
+    not queue a service's stop until the supervisor's grace runs out.
+    """
+    return _services.get()
 
 
 def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:

@@ -23,7 +23,7 @@ from ._adapters import AdapterState, ServiceAdapter, check_name
 from ._extras import require
 from ._fnservices import describe_thread
 from ._token import current_token
-from ._tothread import to_thread
+from ._tothread import service_pool
 from ._validate import describe
 
 __all__ = ["WatchService"]
@@ -146,10 +146,10 @@ class WatchService(ServiceAdapter):
             require("watchdog.observers", "watch", feature="WatchService")
             # Building the observer starts its inotify thread, and starting it adds a
             # watch per sub-folder (blocking on a big tree): both happen off the loop.
-            await to_thread(self._open, run, asyncio.get_running_loop())
+            await service_pool().run(self._open, run, asyncio.get_running_loop())
         except BaseException:
             self._state, self._done = AdapterState.CRASHED, None
-            await to_thread(_close, run)  # whatever the worker opened (it may still run)
+            await service_pool().run(_close, run)  # whatever the worker opened (it may still run)
             raise
         self._run = run
         self._ready()
@@ -235,7 +235,7 @@ class WatchService(ServiceAdapter):
     async def _end(self, run: _Run, exc: Exception | None) -> None:
         """Stop the observer, settle the handler tasks, end the run (with ``exc`` if it crashed)."""
         try:
-            await to_thread(_close, run)
+            await service_pool().run(_close, run)
             if exc is not None:  # a crash: the other handlers are not waited for
                 for task in run.tasks:
                     task.cancel()

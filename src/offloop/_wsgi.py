@@ -31,7 +31,7 @@ from ._errors import OffloopError
 from ._extras import require
 from ._fnservices import describe_thread
 from ._token import StopToken, WorkerCall, thread_state
-from ._tothread import to_thread
+from ._tothread import service_pool
 from ._validate import check_positive_int, describe
 
 __all__ = ["WSGIService"]
@@ -198,9 +198,9 @@ class WSGIService(NetworkAdapter):
             return
         run.token.set("service stopping")
         if self.server == "werkzeug":
-            await to_thread(run.server.shutdown)  # blocks until serve_forever has returned
+            await service_pool().run(run.server.shutdown)  # blocks until serve_forever has returned
         else:
-            await to_thread(_stop_waitress, run.server)
+            await service_pool().run(_stop_waitress, run.server)
         await asyncio.wait({done})
 
     def kill(self) -> list[str]:

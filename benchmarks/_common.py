@@ -85,6 +85,21 @@ def ratio(results: dict[str, Result], slow: str, fast: str) -> float:
     return results[slow].median / results[fast].median
 
 
+def round_ratios(results: dict[str, Result], slow: str, fast: str) -> str:
+    """The same ratio round by round (min / median / max): how much the noise moves it.
+
+    Interleaved rounds pair up, so a machine that slows down for a while slows
+    both cases of a round; the spread shows what one run's median can be off by.
+    """
+    per_round = sorted(
+        s / f for s, f in zip(results[slow].samples, results[fast].samples, strict=True)
+    )
+    return (
+        f"per round min {per_round[0]:.2f}x / median {statistics.median(per_round):.2f}x / "
+        f"max {per_round[-1]:.2f}x"
+    )
+
+
 def percentiles(values: Sequence[float], ps: Sequence[float] = (50, 99)) -> list[float]:
     data = sorted(values)
     out = []

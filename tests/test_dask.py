@@ -7,10 +7,12 @@ leak snapshot and closed after the last test.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,15 @@ def reject(what: str) -> None:
     raise Rejected(f"no {what}")
 
 
+def draw(tag: str) -> str:
+    # A new value every time it runs: equal results mean one run was shared.
+    return f"{tag} {uuid.uuid4()}"
+
+
+def die_now() -> None:
+    os._exit(3)  # the worker process dies in the middle of the call
+
+
 def wait_for_file(gate: str, started: str) -> str:
     Path(started).touch()
     deadline = time.monotonic() + WAIT
@@ -51,17 +62,23 @@ def wait_for_file(gate: str, started: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
+def offload_thread() -> None:
+    # distributed starts a process-wide helper thread on first use and keeps
+    # it; start it here, before any test's leak snapshot.
+    distributed.utils._offload_executor.submit(int).result(WAIT)
+
+
+@pytest.fixture(scope="module")
+def cluster(offload_thread: None) -> Iterator[Any]:
     cluster = distributed.LocalCluster(
         n_workers=1,
         threads_per_worker=2,
         processes=True,
         host="127.0.0.1",
         dashboard_address=None,
+        # Its HTTP server (up even without a dashboard) on any free port, not 8787.
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
     )
-    # distributed starts a process-wide helper thread on first use and keeps
-    # it; start it here, before any test's leak snapshot.
-    distributed.utils._offload_executor.submit(int).result(WAIT)
     try:
         yield cluster
     finally:
@@ -176,3 +193,85 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)  # import fails
     with pytest.raises(offloop.MissingExtraError, match=r"offloop\[dask\]"):
         offloop.DaskPool("tcp://127.0.0.1:1")
+
+
+async def test_a_worker_dying_in_a_call_is_worker_crashed(offload_thread: None) -> None:
+    # A cluster of its own: the dead worker's replacement is a new child process.
+    async with (
+        distributed.LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            asynchronous=True,
+            # KilledWorker at the first death; the HTTP server on any free port
+            # (by default it wants 8787, which the module's cluster holds).
+            scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
+        ) as cluster,
+        distributed.Client(cluster, asynchronous=True) as client,
+        offloop.DaskPool(client=client) as pool,
+    ):
+        with pytest.raises(offloop.WorkerCrashed, match="running function 'die_now' died") as info:
+            await asyncio.wait_for(pool.run(die_now), WAIT)
+        assert isinstance(info.value.__cause__, distributed.KilledWorker)
+        stats = pool.statistics()
+        assert (stats["failed"], stats["running"], stats["completed"]) == (1, 0, 0)
+
+
+async def test_calls_with_equal_arguments_each_run(cluster: Any) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        # Submitted together, while each other's futures are alive: Dask would
+        # hand one shared result to all three if their keys were equal.
+        drawn = await asyncio.wait_for(
+            asyncio.gather(*(pool.run(draw, "x") for _ in range(3))), WAIT
+        )
+        assert len(set(drawn)) == 3, drawn
+        again = await asyncio.wait_for(pool.run(draw, "x"), WAIT)
+        assert again not in drawn
+        assert pool.statistics()["completed"] == 4
+
+
+def test_a_blocking_client_is_refused(cluster: Any) -> None:
+    with distributed.Client(cluster.scheduler_address) as client:
+        assert not client.asynchronous
+        with pytest.raises(TypeError, match=r"client created with asynchronous=True, got the bl"):
+            offloop.DaskPool(client=client)
+
+
+@pytest.fixture
+def client_only_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A module that only this process can import.
+
+    The cluster's workers started before its folder was put on sys.path, as
+    with code that exists on the client's machine only.
+    """
+    name = f"client_only_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(
+        "def double(x):\n    return 2 * x\n\n\nclass Point:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        del sys.modules[name]
+
+
+async def test_a_function_the_workers_cannot_import_is_not_picklable_there(
+    cluster: Any, client_only_module: Any
+) -> None:
+    name = client_only_module.__name__
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        # Functions and classes travel by reference, by their module's name.
+        with pytest.raises(
+            offloop.NotPicklableError,
+            match=rf"could not unpickle the call of function 'double' \(ModuleNotFoundError: "
+            rf"No module named '{name}'\)",
+        ) as info:
+            await asyncio.wait_for(pool.run(client_only_module.double, 2), WAIT)
+        assert "Traceback" in str(info.value.__cause__)  # the worker's
+        with pytest.raises(offloop.NotPicklableError, match=rf"No module named '{name}'"):
+            await asyncio.wait_for(pool.run(repr, client_only_module.Point()), WAIT)
+        # The worker was not cut off from the scheduler: the next call runs.
+        assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4
+        assert pool.statistics()["failed"] == 2

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -373,3 +373,41 @@ def test_many_plain_threads_share_the_background_loop() -> None:
         assert not thread.is_alive(), "a from_thread caller is stuck"
     collected = sorted(results.get_nowait() for _ in threads)
     assert collected == [[n * 100 + j for j in range(20)] for n in range(12)]
+
+
+# -- other offloop workers: thread services and iterate() sources --------------
+
+
+async def loop_and_thread(tag: str) -> tuple[str, asyncio.AbstractEventLoop, str]:
+    await asyncio.sleep(0)
+    return tag, asyncio.get_running_loop(), threading.current_thread().name
+
+
+async def test_thread_service_calls_back_into_the_supervisors_loop() -> None:
+    sv = offloop.Supervisor(name="callbacks")
+    seen: list[tuple[str, asyncio.AbstractEventLoop, str]] = []
+    reported = threading.Event()
+
+    @sv.service
+    def poller(token: offloop.StopToken) -> None:
+        seen.append(from_thread(loop_and_thread, "service"))
+        reported.set()
+        token.wait()
+
+    async with sv:
+        await await_until(reported.is_set, what="the thread service's from_thread call")
+    ((tag, loop, thread_name),) = seen
+    assert tag == "service"
+    assert loop is asyncio.get_running_loop()  # the supervisor's loop, not the shared one
+    assert thread_name == threading.current_thread().name
+
+
+async def test_iterated_generator_calls_back_into_the_consumers_loop() -> None:
+    def source() -> Iterator[tuple[str, asyncio.AbstractEventLoop, str]]:
+        for i in range(3):
+            yield from_thread(loop_and_thread, f"item {i}")
+
+    items = [item async for item in offloop.iterate(source(), buffer=1)]
+    assert [tag for tag, _, _ in items] == ["item 0", "item 1", "item 2"]
+    assert all(loop is asyncio.get_running_loop() for _, loop, _ in items)
+    assert {name for _, _, name in items} == {threading.current_thread().name}

@@ -334,3 +334,81 @@ async def test_to_loop_cancellation_context_and_nesting() -> None:
     assert await offloop.to_loop(nested) == ("offloop-shared-loop-to_loop", "t1")
     with pytest.raises(TypeError, match="coroutine object"):
         await offloop.to_loop(where_am_i())  # type: ignore[arg-type]
+
+
+def test_close_waits_for_default_executor_jobs_and_leaves_no_executor_thread() -> None:
+    shutting_down = threading.Event()
+    job_started = threading.Event()
+    job_done = threading.Event()
+
+    class RecordingLoop(asyncio.SelectorEventLoop):
+        async def shutdown_default_executor(self, *args: Any, **kwargs: Any) -> None:
+            shutting_down.set()
+            await super().shutdown_default_executor(*args, **kwargs)
+
+    def job() -> None:
+        job_started.set()
+        # Holds its executor thread until close() shuts the executor down: a
+        # close that skipped that step would return with the job still running.
+        assert shutting_down.wait(10), "close() never shut the default executor down"
+        job_done.set()
+
+    jobs: list[asyncio.Future[None]] = []
+
+    async def start_job() -> None:
+        # Left running on purpose: nothing awaits it, close() must still wait for it.
+        jobs.append(asyncio.get_running_loop().run_in_executor(None, job))
+
+    lt = LoopThread(name="executor", loop_factory=RecordingLoop)
+    try:
+        lt.call(start_job)
+        assert job_started.wait(10)
+        (executor_thread,) = [
+            t for t in threading.enumerate() if t.name.startswith("offloop-loop-executor-executor_")
+        ]
+        lt.close()
+        assert job_done.is_set()
+        assert not executor_thread.is_alive()
+        assert jobs[0].done()
+        assert jobs[0].result() is None
+        assert state(lt) == "closed"
+    finally:
+        shutting_down.set()  # lets the job end if the close did not wait for it
+        lt.close()
+
+
+async def test_call_from_a_worker_whose_awaiter_is_cancelled_raises_caller_gone() -> None:
+    started = threading.Event()
+    remote_cancelled = threading.Event()
+    outcomes: list[BaseException | str] = []
+
+    async def wait_forever() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            remote_cancelled.set()
+            raise
+        return "never"
+
+    async with LoopThread(name="worker-caller") as lt:
+
+        def worker() -> None:
+            try:
+                outcomes.append(lt.call(wait_forever))
+            except BaseException as exc:  # recorded for the assertions below
+                outcomes.append(exc)
+
+        task = asyncio.ensure_future(offloop.to_thread(worker))
+        await await_until(started.is_set, what="the coroutine to start on the loop thread")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await await_until(lambda: bool(outcomes), what="the worker's call to return")
+        (error,) = outcomes
+        assert isinstance(error, offloop.CallerGoneError), outcomes
+        assert str(error).startswith("LoopThread.call() of function")
+        assert "wait_forever' was abandoned" in str(error)
+        await await_until(remote_cancelled.is_set, what="the coroutine's cancellation")
+        await await_until(lambda: " 0 tasks" in repr(lt), what="the task count to drop")
+        assert await lt.run(asyncio.sleep, 0, "still works") == "still works"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, ParamSpec, TypedDict, TypeVar, final
 
-from ._errors import PoolClosedError, WorkerCrashed
+from ._errors import NotPicklableError, PoolClosedError, WorkerCrashed
 from ._extras import require
-from ._pickling import encode_call
+from ._pickling import LOAD_FAILED, OK, RemoteTraceback, encode_call
 from ._poolbase import PoolContext, PoolState
 from ._validate import check_sync_callable, describe
 
@@ -25,6 +25,30 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _FEATURE: Final = "DaskPool"
+
+
+def _make_runner() -> Callable[[bytes], tuple[Any, ...]]:
+    # Defined in a function so that Dask pickles it by value: the workers need
+    # not have offloop installed, only what the call itself needs.
+    ok, load_failed = OK, LOAD_FAILED
+
+    def offloop_dask_call(data: bytes) -> tuple[Any, ...]:
+        # The call is unpickled here, inside the task, rather than by Dask's
+        # message layer: there a function the worker cannot import broke the
+        # worker's stream to the scheduler, and the call waited forever.
+        import pickle
+        import traceback
+
+        try:
+            fn, args, kwargs = pickle.loads(data)
+        except BaseException as exc:
+            return (load_failed, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        return (ok, fn(*args, **kwargs))
+
+    return offloop_dask_call
+
+
+_run_call: Final = _make_runner()
 
 
 class DaskPoolStatistics(TypedDict):
@@ -102,6 +126,8 @@ class DaskPool(PoolContext):
             )
         self._connect_timeout = float(connect_timeout)
         self._distributed = distributed
+        dask_utils = require("dask.utils", "dask", feature=_FEATURE)
+        self._funcname: Callable[[Any], str] = dask_utils.funcname
         self._address = address
         self._client = client
         self._owns_client = client is None
@@ -128,24 +154,31 @@ class DaskPool(PoolContext):
 
         Raises:
             TypeError: ``fn`` is not callable, or is a coroutine function.
-            NotPicklableError: the function or an argument cannot be pickled.
+            NotPicklableError: the function or an argument cannot be pickled,
+                or cannot be unpickled on the worker (its module is not
+                importable there).
             WorkerCrashed: the task's workers kept dying (Dask's ``KilledWorker``).
             PoolClosedError: the pool is closing or closed.
         """
         check_sync_callable(fn, "DaskPool.run()", "offloop.to_loop()")
         self._check_open()
-        # Check here, where the culprit can be named; Dask would only log the
-        # whole task graph as unserializable.
-        encode_call(fn, args, kwargs, "DaskPool.run()")
+        # Pickled here, where the culprit can be named (Dask would only log the
+        # whole task graph as unserializable), and sent as bytes: the user's
+        # kwargs stay out of submit()'s own options (key=, workers=, ...).
+        data = encode_call(fn, args, kwargs, "DaskPool.run()")
         client = self._client if self._client is not None else await self._connect()
         self._check_open()
         self._running += 1
         future = None
         try:
-            # A partial keeps the user's kwargs out of submit()'s own options
-            # (key=, workers=, retries=, ...).
-            future = client.submit(functools.partial(fn, *args, **kwargs), pure=False)
-            result: R = await future
+            # A key of its own per call, named after the function as Dask
+            # names tasks: equal calls each run, none shares another's result.
+            key = f"{self._funcname(fn)}-{uuid.uuid4()}"
+            future = client.submit(_run_call, data, key=key)
+            reply = await future
+            if reply[0] != OK:
+                raise self._load_failed(fn, reply)
+            result: R = reply[1]
         except asyncio.CancelledError:
             self._cancelled += 1
             if future is not None:
@@ -212,6 +245,16 @@ class DaskPool(PoolContext):
             f"<DaskPool {where!r} {self._state.value}: {self._running} running, "
             f"{self._completed} completed, {self._failed} failed>"
         )
+
+    def _load_failed(self, fn: Callable[..., Any], reply: tuple[Any, ...]) -> NotPicklableError:
+        error = NotPicklableError(
+            f"{self!r}: the Dask worker could not unpickle the call of {describe(fn)} "
+            f"({reply[1]}). Functions and classes are sent by reference: their module must be "
+            f"importable on the workers (install it there, or send it with "
+            f"client.upload_file())."
+        )
+        error.__cause__ = RemoteTraceback(reply[2])
+        return error
 
     def _check_open(self) -> None:
         if self._state is not PoolState.OPEN:

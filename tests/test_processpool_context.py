@@ -1,0 +1,61 @@
+"""ProcessPool(mp_context=...): a multiprocessing context object, or a start method's name."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from multiprocessing.context import BaseContext, SpawnContext, SpawnProcess
+
+import pytest
+
+from offloop import ProcessPool
+
+WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
+
+pytestmark = pytest.mark.loops("asyncio")
+
+# Names of the processes the recording context below started (in this process).
+started: list[str] = []
+
+
+class RecordingProcess(SpawnProcess):
+    """A spawn process that notes its start; the worker sees its own type too."""
+
+    def start(self) -> None:
+        started.append(self.name)
+        super().start()
+
+
+class RecordingSpawnContext(SpawnContext):
+    Process = RecordingProcess
+
+
+def worker_process() -> tuple[int, str]:
+    # Runs in the worker: which process is this, and of which Process class?
+    return os.getpid(), type(multiprocessing.current_process()).__name__
+
+
+async def test_workers_are_started_from_the_context_object_given() -> None:
+    started.clear()
+    pool = ProcessPool(1, mp_context=RecordingSpawnContext(), name="recording")
+    try:
+        pid, kind = await asyncio.wait_for(pool.run(worker_process), WAIT)
+    finally:
+        await asyncio.wait_for(pool.aclose(), WAIT)
+    assert pid != os.getpid()
+    assert kind == "RecordingProcess"
+    assert len(started) == 1
+
+
+@pytest.mark.parametrize(
+    "mp_context",
+    [multiprocessing.get_context("spawn"), "spawn"],
+    ids=["spawn context object", "spawn method name"],
+)
+async def test_spawn_as_a_context_object_or_a_name(mp_context: BaseContext | str) -> None:
+    async with ProcessPool(1, mp_context=mp_context, name="spawned") as pool:
+        pid, kind = await asyncio.wait_for(pool.run(worker_process), WAIT)
+        assert await asyncio.wait_for(pool.run(divmod, 7, 2), WAIT) == (3, 1)
+    assert pid != os.getpid()
+    assert kind == "SpawnProcess"

@@ -6,7 +6,11 @@ its workers per loop), with interleaved rounds:
 - throughput of 200 concurrent small CPU tasks (``asyncio.gather``);
 - event-loop lag: how late a 1 ms ``asyncio.sleep`` wakes while pure-Python
   CPU work runs back to back in a thread (``offloop.to_thread``) or in a
-  worker process (``ProcessPool.run``), against an idle loop.
+  worker process (``ProcessPool.run``), against an idle loop;
+- event-loop lag while 20 calls with a 10 MB argument are sent, one after
+  another and all at once. Every library pickles the argument (~4 ms here);
+  offloop does it in ``run()``, on the loop's thread, so that an unpicklable
+  argument fails there, and writes the bytes from its writer thread.
 
 Every pool has 2 workers (this machine has 2 cores), started before timing.
 
@@ -37,6 +41,9 @@ TASKS = 200
 TASK_LOOPS = 20_000  # ~0.5 ms of pure Python per task here
 LAG_SECONDS = float(os.environ.get("OFFLOOP_BENCH_LAG_SECONDS", "1.0"))
 BURN_SECONDS = 0.02
+BIG_CALLS = 20
+BIG_ARG = 10 << 20
+BIG_ROUNDS = 2
 
 
 def trivial() -> int:
@@ -57,6 +64,10 @@ def burn(seconds: float) -> int:
     while time.perf_counter() < end:
         spins += 1
     return spins
+
+
+def size(data: bytes) -> int:
+    return len(data)
 
 
 Submit = Callable[..., Awaitable[Any]]
@@ -132,6 +143,58 @@ def lag(loop: asyncio.AbstractEventLoop, submit: Submit | None, samples: list[fl
     loop.run_until_complete(body())
 
 
+def big_arg_lag(
+    loop: asyncio.AbstractEventLoop,
+    submit: Submit,
+    data: bytes,
+    samples: list[float],
+    *,
+    at_once: bool,
+) -> None:
+    async def ticker(done: asyncio.Event) -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.001)
+            samples.append(time.perf_counter() - t0 - 0.001)
+
+    async def body() -> None:
+        done = asyncio.Event()
+        ticks = asyncio.ensure_future(ticker(done))
+        await asyncio.sleep(0.005)
+        if at_once:
+            sizes = await asyncio.gather(*(submit(size, data) for _ in range(BIG_CALLS)))
+        else:
+            sizes = [await submit(size, data) for _ in range(BIG_CALLS)]
+        assert sizes == [len(data)] * BIG_CALLS
+        done.set()
+        await ticks
+
+    loop.run_until_complete(body())
+
+
+def big_arg_lag_table(loop: asyncio.AbstractEventLoop, submitters: dict[str, Submit]) -> None:
+    names = [
+        "offloop ProcessPool.run",
+        "loop.run_in_executor(ProcessPoolExecutor)",
+        "anyio.to_process.run_sync",
+    ]
+    data = os.urandom(BIG_ARG)
+    for at_once in (False, True):
+        lateness: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(BIG_ROUNDS):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                big_arg_lag(loop, submitters[name], data, lateness[name], at_once=at_once)
+        how = "all at once (gather)" if at_once else "one after another"
+        print(
+            f"\n## event-loop lag: lateness of asyncio.sleep(0.001) while sending "
+            f"{BIG_CALLS} calls with a {BIG_ARG >> 20} MB argument, {how}, {BIG_ROUNDS} rounds"
+        )
+        print(f"{'case':<44} {'p50':>10} {'p99':>10} {'max':>10}")
+        for name, values in lateness.items():
+            p50, p99, worst = (v * 1e3 for v in percentiles(values, (50, 99, 100)))
+            print(f"{name:<44} {p50:7.3f} ms {p99:7.3f} ms {worst:7.3f} ms")
+
+
 def main() -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -173,6 +236,8 @@ def main() -> None:
             print(f"{name:<44} {p50:7.3f} ms {p99:7.3f} ms {worst:7.3f} ms")
         p99 = percentiles(lateness["CPU work via offloop ProcessPool.run"], (99,))[0]
         ok &= check("loop lag p99 with to_process < 1 ms", p99 < 1e-3, f"{p99 * 1e3:.3f} ms")
+
+        big_arg_lag_table(loop, submitters)
     finally:
         close()
         tasks = asyncio.all_tasks(loop)

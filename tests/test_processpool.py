@@ -27,6 +27,7 @@ import pytest
 import offloop
 from offloop import _pickling
 from offloop._pickling import RemoteTraceback
+from offloop._process_writer import LARGE_PAYLOAD
 from offloop._processpool import ProcessPool, default_process_pool
 
 from .helpers import await_until, wait_until
@@ -151,8 +152,9 @@ def shared() -> Iterator[ProcessPool]:
     pool = ProcessPool(2, name="shared")
 
     async def warm() -> None:
-        # Two calls at once start both workers.
+        # Two calls at once start both workers; a large one starts the writer thread.
         await asyncio.gather(pool.run(square, 1), pool.run(square, 2))
+        assert await pool.run(len, bytes(LARGE_PAYLOAD + 1)) == LARGE_PAYLOAD + 1
 
     asyncio.run(warm())
     assert pool.statistics()["processes"] == 2
@@ -250,6 +252,8 @@ async def test_bad_arguments_are_refused_before_anything_runs(shared: ProcessPoo
         ProcessPool(0)
     with pytest.raises(ValueError, match="unknown start method 'nope'"):
         ProcessPool(mp_context="nope")
+    with pytest.raises(TypeError, match=r"mp_context=\.\.\.\) must be a multiprocessing context"):
+        ProcessPool(mp_context=3)  # type: ignore[arg-type]
     with pytest.raises(offloop.NotPicklableError, match="initializer"):
         ProcessPool(initializer=remember, initargs=(threading.Lock(),))
 

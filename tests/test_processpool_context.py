@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import subprocess
+import sys
 from multiprocessing.context import BaseContext, SpawnContext, SpawnProcess
 
 import pytest
@@ -59,3 +61,32 @@ async def test_spawn_as_a_context_object_or_a_name(mp_context: BaseContext | str
         assert await asyncio.wait_for(pool.run(divmod, 7, 2), WAIT) == (3, 1)
     assert pid != os.getpid()
     assert kind == "SpawnProcess"
+
+
+# A script run with ``python -c``: a spawned child cannot import its __main__,
+# so what __main__ defines must travel by value, arguments included.
+MAIN_CLASS_ARGUMENT = """
+import asyncio, offloop
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+async def main():
+    async with offloop.ProcessPool(1, mp_context="spawn") as pool:
+        print(await pool.run(vars, Point(3)))
+
+asyncio.run(main())
+"""
+
+
+def test_an_argument_of_a_class_defined_in_an_unimportable_main_is_sent_by_value() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", MAIN_CLASS_ARGUMENT],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 3,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "{'x': 3}"

@@ -50,7 +50,11 @@ class CallerGoneError(OffloopError, RuntimeError):
 
 
 class WorkerCrashed(OffloopError, RuntimeError):
-    """Raised for the call whose worker process died while running it.
+    """Raised for the call whose worker process died while running it, or while starting to.
+
+    The message says which: a worker that dies before it is ready (its
+    initializer exits or crashes, a spawned child cannot import the main
+    module) is reported as dying at start-up.
 
     Attributes:
         exitcode: the worker's exit code, negative for the signal that killed it.

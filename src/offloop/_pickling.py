@@ -113,7 +113,14 @@ def encode_call(
             cp = cloudpickle()
             if cp is not None:
                 return cp.dumps((fn, args, kwargs), PROTOCOL)  # type: ignore[no-any-return]
-        return dumps((fn, args, kwargs))
+        data = dumps((fn, args, kwargs))
+        # An argument of a class defined in __main__ is pickled by reference
+        # too (distributed makes the same check before it falls back).
+        if main_by_value and b"__main__" in data:
+            cp = cloudpickle()
+            if cp is not None:
+                return cp.dumps((fn, args, kwargs), PROTOCOL)  # type: ignore[no-any-return]
+        return data
     except Exception as exc:
         raise _diagnose(fn, args, kwargs, where, exc) from exc
 

@@ -2,7 +2,8 @@
 
 A worker serves one call at a time over its own pipe: it reads a pickled
 ``(fn, args, kwargs)``, runs it, and writes one reply (see ``_pickling``). An
-empty message, or the pipe closing, tells it to exit.
+empty message, or the pipe closing, tells it to exit. Its first message, once
+started (and initialized), is an empty one saying it is ready.
 
 A worker must not outlive its parent, even one killed with SIGKILL that had no
 chance to clean up. On Linux the kernel sends the worker SIGKILL when the
@@ -47,6 +48,12 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if init is not None and not _initialize(conn, init):
         return
+    try:
+        # Tell the pool that start-up is over: a death from now on happens
+        # while running a call, not while importing or initializing.
+        conn.send_bytes(b"")
+    except OSError:
+        return  # the parent is gone
     recv = conn.recv_bytes
     send = conn.send_bytes
     done = 0

@@ -27,6 +27,7 @@ from ._offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
 from ._pickling import InitFailure, RemoteTraceback, decode_reply
 from ._poolbase import CallCounters, PoolState, complete_waiter
 from ._process_worker import worker_main
+from ._process_writer import LARGE_PAYLOAD, PayloadWriter
 from ._validate import describe
 
 __all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet"]
@@ -51,7 +52,7 @@ class ProcessCall(OffloadFuture[Any]):
 class Worker:
     """One worker process, its pipe, and the call it runs (guarded by the pool's lock)."""
 
-    __slots__ = ("call", "conn", "dead", "doomed", "pid", "process", "tasks")
+    __slots__ = ("call", "conn", "dead", "doomed", "pid", "process", "ready", "tasks")
 
     def __init__(self, call: ProcessCall | None) -> None:
         self.call = call
@@ -63,6 +64,8 @@ class Worker:
         # max_tasks_per_worker, or told to stop). Dead: its process exited.
         self.doomed = False
         self.dead = False
+        # Ready: it said so once its start-up (imports, initializer) was over.
+        self.ready = False
 
 
 class WorkerSet:
@@ -94,6 +97,7 @@ class WorkerSet:
         self._manager: threading.Thread | None = None
         self._wake_fds: tuple[int, int] | None = None
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
+        self._writer = PayloadWriter(f"offloop-process-{name}-writer")
         self._queued = 0
         self._running = 0
         self._abandoned = 0
@@ -115,6 +119,9 @@ class WorkerSet:
         self._manager = None
         self._wake_fds = None
         self._closed_waiters = []
+        # The parent's writer thread does not exist here; its pending
+        # descriptors are the child's copies, like every other inherited one.
+        self._writer = PayloadWriter(f"offloop-process-{self._name}-writer")
         self._queued = self._running = self._abandoned = 0
         self._state = PoolState.CLOSED
 
@@ -145,11 +152,34 @@ class WorkerSet:
         return None
 
     def _send(self, worker: Worker, call: ProcessCall) -> None:
+        # On the manager thread, or from run() for a small call.
         payload, call._payload = call._payload, None
+        assert payload is not None
+        if len(payload) > LARGE_PAYLOAD:
+            self._send_later(self._dup_pipe(worker), payload)
+            return
         # If the worker just died, the manager fails this call as crashed (and
         # may already have dropped its pipe: conn is None, hence AttributeError).
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            worker.conn.send_bytes(payload)  # type: ignore[union-attr, arg-type]
+            worker.conn.send_bytes(payload)  # type: ignore[union-attr]
+
+    def _dup_pipe(self, worker: Worker) -> int | None:
+        # On the manager thread, which alone closes pipes, or under _lock,
+        # since the manager detaches a pipe under it before closing it: so the
+        # descriptor is this worker's, not a closed or reused one.
+        conn = worker.conn
+        if conn is None:
+            return None  # it died; the manager fails its call
+        try:
+            return os.dup(conn.fileno())
+        except OSError:
+            return None
+
+    def _send_later(self, fd: int | None, payload: bytes) -> None:
+        # A large call goes to the writer thread: the worker may take long to
+        # read it, and neither the loop's thread nor the manager may wait.
+        if fd is not None:
+            self._writer.submit(fd, payload)
 
     def _stop(self, worker: Worker) -> None:
         # An empty message asks an idle worker to exit.
@@ -182,6 +212,8 @@ class WorkerSet:
                 self._wake_fds = None
             os.close(wake_fd)
             os.close(wake_write_fd)
+            # Every worker is gone, so no write is waited for.
+            self._writer.stop()
 
     def _maintain(self, selector: selectors.BaseSelector) -> bool:
         """Start workers for queued calls; finish closing. Returns True to exit."""
@@ -261,9 +293,10 @@ class WorkerSet:
             data = conn.recv_bytes()
         except (EOFError, OSError):
             # The process is exiting; its sentinel reports how.
-            selector.unregister(conn.fileno())
-            worker.conn = None
-            conn.close()
+            self._drop_pipe(worker, selector)
+            return
+        if not data:
+            worker.ready = True  # its start-up is over; a call follows
             return
         call = worker.call
         if call is None:
@@ -314,6 +347,15 @@ class WorkerSet:
         error.__cause__ = cause
         return error
 
+    def _drop_pipe(self, worker: Worker, selector: selectors.BaseSelector) -> None:
+        conn = worker.conn
+        if conn is None:
+            return
+        selector.unregister(conn.fileno())
+        with self._lock:  # see _dup_pipe
+            worker.conn = None
+        conn.close()
+
     def _on_exit(self, worker: Worker, selector: selectors.BaseSelector) -> None:
         # A reply written just before the exit is still in the pipe: read it
         # first (max_tasks_per_worker exits right after its last reply).
@@ -330,10 +372,7 @@ class WorkerSet:
         process.join()
         exitcode = process.exitcode
         process.close()
-        if worker.conn is not None:
-            selector.unregister(worker.conn.fileno())
-            worker.conn.close()
-            worker.conn = None
+        self._drop_pipe(worker, selector)
         with self._lock:
             self._workers.remove(worker)
             call = worker.call
@@ -352,6 +391,18 @@ class WorkerSet:
             call._error = PoolClosedError(
                 f"{self._describe()} killed the worker running {describe(call.fn)} because "
                 f"close() or aclose() timed out before the call finished."
+            )
+        elif not worker.ready:
+            call._error = WorkerCrashed(
+                f"A new worker process (pid {worker.pid}) of {self._where} died while "
+                f"starting, {_exit_reason(exitcode)}, before it ran the call of "
+                f"{describe(call.fn)}. Only this call failed; the next call starts another "
+                f"worker. Check that the pool's initializer does not exit or crash, and, with "
+                f"the 'spawn' or 'forkserver' start method, that the main module can be "
+                f"imported again in a new process: guard the script's entry point with "
+                f"'if __name__ == \"__main__\":'.",
+                exitcode=exitcode,
+                pid=worker.pid,
             )
         else:
             call._error = WorkerCrashed(

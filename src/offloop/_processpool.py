@@ -9,12 +9,14 @@ Threads and wake-ups, per pool: one manager thread, named
 ``offloop-process-<pool>``, waits (epoll) on every worker's pipe and process
 sentinel. It reads results, hands the freed worker its next queued call, and
 completes futures through the loop's batching channel (one
-``call_soon_threadsafe`` per burst). ``run()`` writes a call straight to an
-idle worker's pipe from the event loop's thread, so a round trip costs two
+``call_soon_threadsafe`` per burst). ``run()`` writes a small call straight to
+an idle worker's pipe from the event loop's thread, so a round trip costs two
 pipe writes and two wake-ups; the stdlib pool adds a feeder thread and a
-management thread hop on each side. The manager thread also starts every
-worker, which matters on Linux: the parent-death signal is tied to the thread
-that forked the child.
+management thread hop on each side. A large call (over 64 KiB pickled) would
+block whoever writes it until the worker has read it, so a second thread,
+``offloop-process-<pool>-writer``, writes those (see ``_process_writer``).
+The manager thread also starts every worker, which matters on Linux: the
+parent-death signal is tied to the thread that forked the child.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ._offload import running_loop as _running_loop
 from ._pickling import encode_call, main_reaches_children
 from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter, refuse_blocking_close
 from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
+from ._process_writer import LARGE_PAYLOAD
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
@@ -70,6 +73,10 @@ class ProcessPool(WorkerSet, PoolContext):
     A worker that dies while running a call (a segfault, ``os._exit``, the OOM
     killer) fails that call alone with :class:`WorkerCrashed`; calls in other
     workers finish, and the pool starts a new worker for the next call.
+
+    Large arguments do not hold up the event loop: ``run()`` pickles the call,
+    and a call over 64 KiB pickled is written to its worker by the pool's
+    writer thread, however long the worker takes to read it.
 
     Args:
         max_workers: the most processes at once (default ``os.cpu_count()``).
@@ -124,6 +131,12 @@ class ProcessPool(WorkerSet, PoolContext):
                     f"ProcessPool(mp_context=...) got the unknown start method {method!r}; "
                     f"use one of {multiprocessing.get_all_start_methods()}."
                 ) from None
+        elif not isinstance(mp_context, BaseContext):
+            raise TypeError(
+                f"ProcessPool(mp_context=...) must be a multiprocessing context (e.g. "
+                f"multiprocessing.get_context('spawn')) or a start method name, got "
+                f"{describe(mp_context)}."
+            )
         super().__init__(
             name or f"pool{next(_pool_numbers)}",
             max_workers or os.cpu_count() or 1,
@@ -172,6 +185,8 @@ class ProcessPool(WorkerSet, PoolContext):
         call = new_call(self, fn, (), {}, loop, ProcessCall, carry_context=False)
         call._payload = payload
         call._worker = None
+        large = len(payload) > LARGE_PAYLOAD
+        fd = None
         with self._lock:
             if self._state is not PoolState.OPEN:
                 raise PoolClosedError(
@@ -181,15 +196,20 @@ class ProcessPool(WorkerSet, PoolContext):
             worker = self._idle.pop() if self._idle else None
             if worker is not None:
                 self._assign(worker, call)
+                if large:
+                    call._payload = None
+                    fd = self._dup_pipe(worker)
             else:
                 self._queued += 1
                 self._pending.append(call)
                 if self._manager is None:
                     self._start_manager()
-        if worker is not None:
-            self._send(worker, call)
-        else:
+        if worker is None:
             self._wake()
+        elif large:
+            self._send_later(fd, payload)
+        else:
+            self._send(worker, call)
         return call
 
     def statistics(self) -> ProcessPoolStatistics:

@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import functools
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,3 +60,36 @@ async def await_until(predicate: Callable[[], bool], timeout: float = 10.0, what
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(0.005)
+
+
+def wait_for_file(gate: str, started: str | None = None, timeout: float = 10.0) -> int:
+    """Worker-side gate: touch ``started``, wait until ``gate`` exists; return this pid.
+
+    A file is the one signal a test, a worker process and a Dask worker all
+    see. Polls briefly (the workers cannot share an Event) and fails loudly
+    after ``timeout``.
+    """
+    if started is not None:
+        with open(started, "a"):
+            pass
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate} never appeared")
+        time.sleep(0.002)
+    return os.getpid()
+
+
+def run_script(
+    folder: Path, name: str, text: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Write ``text`` to ``folder/name`` and run it with this Python, in ``folder``.
+
+    Output is captured as text; a script that hangs fails the test after
+    ``timeout`` seconds (``subprocess.TimeoutExpired``).
+    """
+    script = folder / name
+    script.write_text(text)
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, cwd=folder
+    )

@@ -21,6 +21,7 @@ import pytest
 
 import offloop
 from offloop._poolbase import PoolState
+from tests.helpers import wait_for_file
 
 distributed = pytest.importorskip("distributed")
 
@@ -49,16 +50,6 @@ def draw(tag: str) -> str:
 
 def die_now() -> None:
     os._exit(3)  # the worker process dies in the middle of the call
-
-
-def wait_for_file(gate: str, started: str) -> str:
-    Path(started).touch()
-    deadline = time.monotonic() + WAIT
-    while not os.path.exists(gate):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{gate} never appeared")
-        time.sleep(0.005)
-    return "released"
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import psutil
+
+from tests.helpers import run_script
 
 WAIT = 30.0  # bound on each child's run: a hang at exit fails the test
 
@@ -34,11 +34,7 @@ SHARED_LOOP = textwrap.dedent(
 
 
 def test_exit_closes_the_shared_loop_and_runs_its_finally_blocks(tmp_path: Path) -> None:
-    script = tmp_path / "shared_loop.py"
-    script.write_text(SHARED_LOOP)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=WAIT
-    )
+    done = run_script(tmp_path, "shared_loop.py", SHARED_LOOP, WAIT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["exiting", "cleaned up on the shared loop"]
 
@@ -67,11 +63,7 @@ BUSY_WORKER = textwrap.dedent(
 
 
 def test_exit_kills_busy_process_workers_instead_of_waiting(tmp_path: Path) -> None:
-    script = tmp_path / "busy.py"
-    script.write_text(BUSY_WORKER)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=WAIT, cwd=tmp_path
-    )
+    done = run_script(tmp_path, "busy.py", BUSY_WORKER, WAIT)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "exiting\n"
     pid = int((tmp_path / "worker.pid").read_text())

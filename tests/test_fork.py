@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_script
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
 
@@ -56,10 +56,6 @@ SCRIPT = textwrap.dedent(
 
 
 def test_pools_work_in_a_forked_child_and_the_parent_keeps_its_own(tmp_path: Path) -> None:
-    script = tmp_path / "forking.py"
-    script.write_text(SCRIPT)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
+    done = run_script(tmp_path, "forking.py", SCRIPT, 120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["child ok", "parent ok"]

@@ -30,7 +30,7 @@ from offloop._pickling import RemoteTraceback
 from offloop._process_writer import LARGE_PAYLOAD
 from offloop._processpool import ProcessPool, default_process_pool
 
-from .helpers import await_until, wait_until
+from .helpers import await_until, wait_for_file, wait_until
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 
@@ -45,17 +45,6 @@ def square(x: int, *, plus: int = 0) -> int:
 def pid_and_token() -> tuple[int, bool, str]:
     token = offloop.current_token()
     return os.getpid(), token.is_set(), type(token).__name__
-
-
-def wait_for_file(gate: str, started: str | None = None) -> int:
-    if started is not None:
-        Path(started).touch()
-    deadline = time.monotonic() + WAIT
-    while not os.path.exists(gate):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{gate} never appeared")
-        time.sleep(0.002)
-    return os.getpid()
 
 
 def touch(path: str) -> None:

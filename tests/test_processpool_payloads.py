@@ -16,11 +16,8 @@ import hashlib
 import multiprocessing.resource_tracker
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +28,7 @@ import offloop
 from offloop._process_writer import LARGE_PAYLOAD
 from offloop._processpool import ProcessPool
 
-from .helpers import await_until
+from .helpers import await_until, run_script, wait_for_file
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP (POSIX)")
 
@@ -56,12 +53,7 @@ def hold_first_worker(claim: str, gate: str, started: str) -> None:
         os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return
-    Path(started).touch()
-    deadline = time.monotonic() + WAIT
-    while not os.path.exists(gate):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{gate} never appeared")
-        time.sleep(0.002)
+    wait_for_file(gate, started, WAIT)
 
 
 def exit_at_start() -> None:
@@ -315,11 +307,7 @@ FORKING = textwrap.dedent(
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
 def test_a_forked_child_neither_uses_nor_waits_for_its_parents_writer(tmp_path: Path) -> None:
-    script = tmp_path / "forking.py"
-    script.write_text(FORKING)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
-    )
+    done = run_script(tmp_path, "forking.py", FORKING, 60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["child ok", "parent ok"]
 
@@ -367,11 +355,7 @@ UNGUARDED = textwrap.dedent(
 def test_a_spawned_worker_that_cannot_import_main_is_reported_as_dying_at_start(
     tmp_path: Path,
 ) -> None:
-    script = tmp_path / "unguarded.py"
-    script.write_text(UNGUARDED)
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
-    )
+    done = run_script(tmp_path, "unguarded.py", UNGUARDED, 60)
     assert done.returncode == 0, done.stderr
     assert "died while starting, with exit code 1" in done.stdout, done.stdout + done.stderr
     assert 'if __name__ == "__main__":' in done.stdout

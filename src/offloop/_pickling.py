@@ -109,18 +109,16 @@ def encode_call(
         NotPicklableError: naming the function or the argument that would not pickle.
     """
     try:
-        if main_by_value and getattr(fn, "__module__", None) == "__main__":
+        # A __main__ function goes by value without a first try by reference.
+        main_fn = main_by_value and getattr(fn, "__module__", None) == "__main__"
+        data = None if main_fn else dumps((fn, args, kwargs))
+        # What else __main__ defines (an argument's class) is pickled by
+        # reference too: distributed makes the same check before it falls back.
+        if main_by_value and (data is None or b"__main__" in data):
             cp = cloudpickle()
             if cp is not None:
                 return cp.dumps((fn, args, kwargs), PROTOCOL)  # type: ignore[no-any-return]
-        data = dumps((fn, args, kwargs))
-        # An argument of a class defined in __main__ is pickled by reference
-        # too (distributed makes the same check before it falls back).
-        if main_by_value and b"__main__" in data:
-            cp = cloudpickle()
-            if cp is not None:
-                return cp.dumps((fn, args, kwargs), PROTOCOL)  # type: ignore[no-any-return]
-        return data
+        return data if data is not None else dumps((fn, args, kwargs))
     except Exception as exc:
         raise _diagnose(fn, args, kwargs, where, exc) from exc
 

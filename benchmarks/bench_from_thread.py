@@ -8,6 +8,8 @@ blocks the calling thread for its result, one call after another:
   ``BlockingPortal.call``, asgiref ``async_to_sync``, aiomisc
   ``wait_coroutine``, ``LoopThread.call``, and the CPython floor: one
   ``call_soon_threadsafe`` that creates the task, a ``SimpleQueue`` reply;
+  and, as a yardstick, two plain threads handing a lock back and forth (the
+  machine's own cost of waking a thread and being woken back);
 - from a worker thread back into the loop that sent the work:
   ``offloop.from_thread`` in ``offloop.to_thread`` and ``anyio.from_thread.run``
   in ``anyio.to_thread.run_sync``.
@@ -71,6 +73,40 @@ def floor_call(loop: asyncio.AbstractEventLoop, fn: Callable[[], Coroutine[Any, 
     return reply.get()
 
 
+class PingPong:
+    """Two plain threads handing a lock back and forth: no event loop at all.
+
+    Every sync -> async round trip wakes the other thread and is woken back,
+    so this is the least one can cost on this machine; it tells how much of
+    a case's time is the machine's wake-ups and how much is the code.
+    """
+
+    def __init__(self) -> None:
+        self._ping = threading.Lock()
+        self._pong = threading.Lock()
+        self._ping.acquire()
+        self._pong.acquire()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="bench-pong", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            self._ping.acquire()
+            if self._stopping:
+                return
+            self._pong.release()
+
+    def call(self) -> None:
+        self._ping.release()
+        self._pong.acquire()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._ping.release()
+        self._thread.join(10)
+
+
 def timed(body: Callable[[], None], calls: int) -> float:
     start = time.perf_counter()
     body()
@@ -121,6 +157,7 @@ def main() -> None:
     portal_cm = anyio.from_thread.start_blocking_portal()
     own_portal = portal_cm.__enter__()
     sync_trivial = async_to_sync(trivial)
+    pingpong = PingPong()
 
     def loop_of(call: Callable[[], Any], n: int = CALLS) -> Callable[[], None]:
         def body() -> None:
@@ -148,6 +185,7 @@ def main() -> None:
     floor = "floor (call_soon_threadsafe + SimpleQueue)"
     rcts = "asyncio.run_coroutine_threadsafe().result()"
     portal = "anyio BlockingPortal.call"
+    pingpong_case = "bare lock ping-pong between two threads"
     cases: dict[str, Callable[[], float]] = {
         ours: lambda: timed(loop_of(lambda: offloop.from_thread(trivial)), CALLS),
         floor: lambda: timed(loop_of(lambda: floor_call(shared, trivial)), CALLS),
@@ -167,6 +205,7 @@ def main() -> None:
         "asgiref async_to_sync (plain thread)": lambda: timed(
             loop_of(sync_trivial, ASGIREF_CALLS), ASGIREF_CALLS
         ),
+        pingpong_case: lambda: timed(loop_of(pingpong.call), CALLS),
         "offloop.from_thread (in offloop worker)": in_offloop_worker,
         "anyio.from_thread.run (in anyio worker)": in_anyio_worker,
     }
@@ -174,6 +213,7 @@ def main() -> None:
         results = interleaved(cases)
     finally:
         portal_cm.__exit__(None, None, None)
+        pingpong.close()
         hosted.close(shared)
         lt.close()
         bg.close()
@@ -195,6 +235,13 @@ def main() -> None:
         "plain thread >= 2.5x faster than anyio BlockingPortal.call",
         portal_ratio >= 2.5,
         f"{portal_ratio:.2f}x ({round_ratios(results, portal, ours)})",
+    )
+    # Not a target: how many bare wake-up round trips each costs, to tell the
+    # machine's share of a figure from the code's.
+    print(
+        f"in bare ping-pongs: offloop.from_thread {ratio(results, ours, pingpong_case):.2f}, "
+        f"run_coroutine_threadsafe {ratio(results, rcts, pingpong_case):.2f}, "
+        f"anyio BlockingPortal.call {ratio(results, portal, pingpong_case):.2f}"
     )
     check(
         "plain thread within 1.3x of the floor",

@@ -75,6 +75,41 @@ def test_call_starts_lazily_and_propagates_results_errors_and_context() -> None:
         lazy.close()
 
 
+async def before_any_await() -> tuple[bool, str, str]:
+    # Everything here runs in the task's first step, which a crossing onto an
+    # asyncio loop takes at once (_crossing._step_now) instead of next iteration.
+    task = asyncio.current_task()
+    assert task is not None
+    assert not task.done()
+    tenant.set("changed in the coroutine")  # must not leak back to the caller
+    return task is asyncio.current_task(), threading.current_thread().name, tenant.get()
+
+
+async def fail_at_once() -> None:
+    raise KeyError("at once")
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("loop_factory", [None, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+async def test_a_coroutine_finishing_in_its_first_step_runs_as_a_task(loop_factory: Any) -> None:
+    tenant.set("caller")
+    async with LoopThread(name="first", loop_factory=loop_factory) as lt:
+        expected = (True, "offloop-loop-first", "changed in the coroutine")
+        assert await asyncio.to_thread(lt.call, before_any_await) == expected
+        assert await asyncio.wait_for(lt.run(before_any_await), 10) == expected
+        with pytest.raises(KeyError, match="at once"):
+            await asyncio.to_thread(lt.call, fail_at_once)
+        with pytest.raises(KeyError, match="at once"):
+            await asyncio.wait_for(lt.run(fail_at_once), 10)
+        assert await asyncio.wait_for(lt.run(quick_tenant), 10) == "caller"
+        assert " 0 tasks" in repr(lt)
+    assert tenant.get() == "caller"
+
+
+async def quick_tenant() -> str:
+    return tenant.get()
+
+
 def test_closed_loop_thread_refuses_with_its_state_in_the_message() -> None:
     lt = LoopThread(name="done")
     lt.close()  # never started: closes at once, no thread

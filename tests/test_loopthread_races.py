@@ -1,4 +1,9 @@
-"""LoopThread races: calls whose remote task is cancelled before its first step."""
+"""LoopThread races: calls whose remote task is cancelled before its first step.
+
+On asyncio's own loops a crossing's task takes its first step at once (see
+``_crossing._step_now``); on other loops (uvloop) it waits for the loop's
+next iteration, so the races run on both.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import threading
 from typing import Any
 
 import pytest
+import uvloop
 
 import offloop
 from offloop import LoopThread, LoopThreadState, PoolClosedError
@@ -25,6 +31,33 @@ async def quick() -> str:
     return "quick"
 
 
+def _nothing() -> None:
+    pass
+
+
+def deferred_step_loop() -> asyncio.AbstractEventLoop:
+    """An asyncio loop whose new tasks wait for the next iteration, as uvloop's do."""
+    loop = asyncio.new_event_loop()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        loop.call_soon(_nothing)  # the task's step is no longer last in the ready queue
+        return task
+
+    loop.set_task_factory(factory)
+    return loop
+
+
+#: The loops a LoopThread runs the races on: asyncio's (first step taken at
+#: once), and two where it waits for the next iteration.
+LOOPS = pytest.mark.parametrize(
+    "loop_factory",
+    [None, uvloop.new_event_loop, deferred_step_loop],
+    ids=["asyncio", "uvloop", "deferred-step"],
+)
+LoopFactory = Any
+
+
 async def let_run_send(n: int = 3) -> None:
     # lt.run() schedules its start on the loop thread in its first steps.
     for _ in range(n):
@@ -32,8 +65,11 @@ async def let_run_send(n: int = 3) -> None:
 
 
 @pytest.mark.loops("asyncio")
-async def test_a_call_started_as_the_loop_thread_closes_gets_an_answer() -> None:
-    lt = LoopThread(name="close-race").start()
+@LOOPS
+async def test_a_call_started_as_the_loop_thread_closes_gets_an_answer(
+    loop_factory: LoopFactory,
+) -> None:
+    lt = LoopThread(name="close-race", loop_factory=loop_factory).start()
     release = threading.Event()
     holder = asyncio.ensure_future(lt.run(hold, release))
     victim = asyncio.ensure_future(lt.run(quick))  # its start waits behind the holder
@@ -58,8 +94,11 @@ async def test_a_call_started_as_the_loop_thread_closes_gets_an_answer() -> None
 
 
 @pytest.mark.loops("asyncio")
-async def test_cancelling_before_the_remote_task_ran_settles_the_task_count() -> None:
-    async with LoopThread(name="cancel-race") as lt:
+@LOOPS
+async def test_cancelling_before_the_remote_task_ran_settles_the_task_count(
+    loop_factory: LoopFactory,
+) -> None:
+    async with LoopThread(name="cancel-race", loop_factory=loop_factory) as lt:
         release = threading.Event()
         holder = asyncio.ensure_future(lt.run(hold, release))
         await let_run_send()
@@ -78,8 +117,11 @@ async def test_cancelling_before_the_remote_task_ran_settles_the_task_count() ->
         assert await lt.run(quick) == "quick"
 
 
-def test_a_sync_call_started_as_the_loop_thread_closes_gets_pool_closed() -> None:
-    lt = LoopThread(name="sync-race").start()
+@LOOPS
+def test_a_sync_call_started_as_the_loop_thread_closes_gets_pool_closed(
+    loop_factory: LoopFactory,
+) -> None:
+    lt = LoopThread(name="sync-race", loop_factory=loop_factory).start()
     release = threading.Event()
     outcomes: dict[str, object] = {}
 
@@ -205,3 +247,69 @@ def test_close_from_the_loops_own_executor_is_refused_and_the_close_still_ends()
     assert len(refused) == 1
     assert "default executor" in str(refused[0])
     lt.close()  # closed: returns at once
+
+
+@pytest.mark.parametrize(
+    ("loop_factory", "stepped_at_once"),
+    [(None, True), (deferred_step_loop, False)],
+    ids=["asyncio", "deferred-step"],
+)
+def test_a_start_just_before_the_close_finishes_only_if_stepped_at_once(
+    loop_factory: LoopFactory, stepped_at_once: bool
+) -> None:
+    # The victim's start and the close's stop queue up, in that order, while
+    # the holder blocks the loop. Stepped at once, the victim finishes inside
+    # its start; otherwise its first step would come after the stop, so the
+    # close cancels a task that never ran, and the caller must hear why.
+    lt = LoopThread(name="first-step", loop_factory=loop_factory).start()
+    holding, release = threading.Event(), threading.Event()
+    outcomes: dict[str, object] = {}
+
+    async def hold_loop() -> None:
+        holding.set()
+        release.wait(WAIT)
+
+    def call(key: str, async_fn: Any) -> None:
+        try:
+            outcomes[key] = lt.call(async_fn)
+        except BaseException as exc:  # recorded for the assertions below
+            outcomes[key] = exc
+
+    threads = [threading.Thread(target=call, args=("holder", hold_loop), name="test-holder")]
+    threads[0].start()
+    closer = threading.Thread(target=lt.close, name="test-closer")
+    try:
+        assert holding.wait(WAIT), "the holder never ran"
+        threads.append(threading.Thread(target=call, args=("victim", quick), name="test-victim"))
+        threads[1].start()
+        wait_until(lambda: " 2 tasks" in repr(lt), WAIT, "the victim to be sent")
+        closer.start()
+        wait_until(lambda: lt.state is not LoopThreadState.RUNNING, WAIT, "closing")
+    finally:
+        release.set()
+        for thread in [*threads, closer]:
+            if thread.ident is not None:
+                thread.join(WAIT)
+                assert not thread.is_alive(), thread
+    assert outcomes["holder"] is None
+    victim = outcomes["victim"]
+    if stepped_at_once:
+        assert victim == "quick", outcomes
+    else:
+        assert isinstance(victim, PoolClosedError), outcomes
+        assert "was closed while coroutine 'quick' ran there" in str(victim)
+    assert lt.state is LoopThreadState.CLOSED
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_start_run_inside_a_task_leaves_the_first_step_queued() -> None:
+    # Starts run as plain loop callbacks; should one ever run inside a task,
+    # taking the new task's step there would fail ("Cannot enter into task")
+    # and strand the caller. It must fall back to the next iteration instead.
+    from offloop._crossing import Reply, start_sync
+
+    reply = Reply(asyncio.get_running_loop(), None)
+    start_sync(reply, quick, (), {})
+    assert not reply, "the step ran inside the current task"
+    await asyncio.to_thread(reply.lock.acquire, True, WAIT)
+    assert reply == [(True, "quick")]

@@ -39,6 +39,7 @@ __all__ = [
 R = TypeVar("R")
 
 _get_running_loop: Final = asyncio._get_running_loop
+_current_task: Final = asyncio.current_task
 
 #: Seconds between checks, while a sync caller waits, that the target loop
 #: still exists. A loop closed under a waiting caller never answers; this
@@ -161,8 +162,32 @@ def start_sync(
             owner._call_finished()
         reply.post((False, exc))
         return
-    reply.task = task = reply.loop.create_task(_run_sync(reply, coro))
-    task.add_done_callback(lambda t: _sync_never_ran(t, reply, coro))
+    loop = reply.loop
+    reply.task = task = loop.create_task(_run_sync(reply, coro))
+    if not _step_now(loop, task):
+        task.add_done_callback(lambda t: _sync_never_ran(t, reply, coro))
+
+
+def _step_now(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> bool:
+    """Run ``task``'s first step now, as Python 3.12's eager tasks do; True if it ran.
+
+    A new task's first step waits for the loop's next iteration: one more
+    ``epoll_wait`` per crossing, and a done callback to catch a task
+    cancelled before that step. Taking the step off the ready queue and
+    running it here saves both, which makes a sync round trip on this
+    2-core VM about a fifth faster (``benchmarks.bench_from_thread``). Only
+    asyncio's own loops keep a ``_ready`` deque; on others (uvloop) or with
+    a task factory that schedules differently, the step is left where it is.
+    """
+    ready = getattr(loop, "_ready", None)
+    # Inside a running task the step could not enter its own: leave it queued.
+    if ready and _current_task(loop) is None:
+        handle = ready[-1]
+        if getattr(getattr(handle, "_callback", None), "__self__", None) is task:
+            ready.pop()
+            handle._run()
+            return True
+    return False
 
 
 def _sync_never_ran(task: asyncio.Task[None], reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
@@ -339,8 +364,10 @@ def start_async(
         owner._call_finished()
         _deliver_threadsafe(remote, (False, exc))
         return
-    remote.task = task = remote.loop.create_task(_run_async(remote, coro))
-    task.add_done_callback(lambda t: _async_never_ran(t, remote, coro))
+    loop = remote.loop
+    remote.task = task = loop.create_task(_run_async(remote, coro))
+    if not _step_now(loop, task):
+        task.add_done_callback(lambda t: _async_never_ran(t, remote, coro))
 
 
 def _async_never_ran(

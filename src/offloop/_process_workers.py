@@ -152,7 +152,7 @@ class WorkerSet:
         return None
 
     def _send(self, worker: Worker, call: ProcessCall) -> None:
-        # On the manager thread, or from run() for a small call.
+        # On the manager thread, or from run() under _lock for a small call.
         payload, call._payload = call._payload, None
         assert payload is not None
         if len(payload) > LARGE_PAYLOAD:

@@ -199,6 +199,12 @@ class ProcessPool(WorkerSet, PoolContext):
                 if large:
                     call._payload = None
                     fd = self._dup_pipe(worker)
+                else:
+                    # Under _lock, like _dup_pipe: the manager detaches a dead
+                    # worker's pipe under it before closing it, so this write
+                    # cannot land on a closed descriptor that was reused. An
+                    # idle worker's pipe is empty and takes a small call whole.
+                    self._send(worker, call)
             else:
                 self._queued += 1
                 self._pending.append(call)
@@ -208,8 +214,6 @@ class ProcessPool(WorkerSet, PoolContext):
             self._wake()
         elif large:
             self._send_later(fd, payload)
-        else:
-            self._send(worker, call)
         return call
 
     def statistics(self) -> ProcessPoolStatistics:

@@ -206,6 +206,8 @@ async def test_a_worker_dying_in_a_call_is_worker_crashed(offload_thread: None) 
         with pytest.raises(offloop.WorkerCrashed, match="running function 'die_now' died") as info:
             await asyncio.wait_for(pool.run(die_now), WAIT)
         assert isinstance(info.value.__cause__, distributed.KilledWorker)
+        # Named without counters, which would still count the failed call as running.
+        assert str(info.value).startswith(f"DaskPool {cluster.scheduler_address!r}: the workers")
         stats = pool.statistics()
         assert (stats["failed"], stats["running"], stats["completed"]) == (1, 0, 0)
 
@@ -261,6 +263,7 @@ async def test_a_function_the_workers_cannot_import_is_not_picklable_there(
         ) as info:
             await asyncio.wait_for(pool.run(client_only_module.double, 2), WAIT)
         assert "Traceback" in str(info.value.__cause__)  # the worker's
+        assert str(info.value).startswith(f"DaskPool {cluster.scheduler_address!r}: the Dask")
         with pytest.raises(offloop.NotPicklableError, match=rf"No module named '{name}'"):
             await asyncio.wait_for(pool.run(repr, client_only_module.Point()), WAIT)
         # The worker was not cut off from the scheduler: the next call runs.

@@ -187,9 +187,9 @@ class DaskPool(PoolContext):
         except self._distributed.KilledWorker as exc:
             self._failed += 1
             raise WorkerCrashed(
-                f"{self!r}: the workers running {describe(fn)} died while running it, as many "
-                f"times as the scheduler allows ({exc}). Look at the workers' logs for what "
-                f"killed them (memory limit, segfault)."
+                f"{self._named()}: the workers running {describe(fn)} died while running it, "
+                f"as many times as the scheduler allows ({exc}). Look at the workers' logs for "
+                f"what killed them (memory limit, segfault)."
             ) from exc
         except BaseException:
             self._failed += 1
@@ -238,17 +238,24 @@ class DaskPool(PoolContext):
         self._state = PoolState.CLOSED
 
     def __repr__(self) -> str:
-        where = self._address
-        if where is None and self._client is not None:
-            where = getattr(self._client.scheduler, "address", None) or "client"
         return (
-            f"<DaskPool {where!r} {self._state.value}: {self._running} running, "
+            f"<DaskPool {self._where()!r} {self._state.value}: {self._running} running, "
             f"{self._completed} completed, {self._failed} failed>"
         )
 
+    def _where(self) -> str | None:
+        where = self._address
+        if where is None and self._client is not None:
+            where = getattr(self._client.scheduler, "address", None) or "client"
+        return where
+
+    def _named(self) -> str:
+        # For errors about one call: the counters would still count it as running.
+        return f"DaskPool {self._where()!r}"
+
     def _load_failed(self, fn: Callable[..., Any], reply: tuple[Any, ...]) -> NotPicklableError:
         error = NotPicklableError(
-            f"{self!r}: the Dask worker could not unpickle the call of {describe(fn)} "
+            f"{self._named()}: the Dask worker could not unpickle the call of {describe(fn)} "
             f"({reply[1]}). Functions and classes are sent by reference: their module must be "
             f"importable on the workers (install it there, or send it with "
             f"client.upload_file())."

@@ -28,6 +28,7 @@ from types import CoroutineType
 from typing import Final
 
 from ._pickling import INIT_FAILED, LOAD_FAILED, encode_error, encode_result
+from ._process_message import HEAD, MARK, attach, read_count
 from ._token import StopToken, WorkerCall, thread_state
 from ._validate import describe
 
@@ -58,21 +59,31 @@ def worker_main(
     send = conn.send_bytes
     done = 0
     while True:
+        buffers: list[bytes] | None = None
         try:
             data = recv()
+            if data[:1] == MARK:
+                buffers = [recv() for _ in range(read_count(data))]
+                data = data[HEAD:]
         except (EOFError, OSError):
             return  # the parent closed the pipe, or is gone
         if not data:
             return  # the parent's "stop"
-        send(_serve(data))
+        reply = _serve(data, buffers)
+        # An idle worker must not keep the last call's arguments alive.
+        data = b""
+        buffers = None
+        send(reply)
         done += 1
         if max_tasks is not None and done >= max_tasks:
             return
 
 
-def _serve(data: bytes) -> bytes:
+def _serve(data: bytes, buffers: list[bytes] | None) -> bytes:
     try:
         fn, args, kwargs = pickle.loads(data)
+        if buffers is not None:
+            args, kwargs = attach(args, kwargs, buffers)
     except BaseException as exc:
         return pickle.dumps(
             (LOAD_FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc()),

@@ -27,7 +27,7 @@ from ._offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
 from ._pickling import InitFailure, RemoteTraceback, decode_reply
 from ._poolbase import CallCounters, PoolState, complete_waiter
 from ._process_worker import worker_main
-from ._process_writer import LARGE_PAYLOAD, PayloadWriter
+from ._process_writer import LARGE_PAYLOAD, Payload, PayloadWriter
 from ._validate import describe
 
 __all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet"]
@@ -45,7 +45,7 @@ class ProcessCall(OffloadFuture[Any]):
     # request and the worker running it.
     __slots__ = ("_payload", "_worker")
 
-    _payload: bytes | None
+    _payload: Payload | None
     _worker: Worker | None
 
 
@@ -155,7 +155,7 @@ class WorkerSet:
         # On the manager thread, or from run() under _lock for a small call.
         payload, call._payload = call._payload, None
         assert payload is not None
-        if len(payload) > LARGE_PAYLOAD:
+        if type(payload) is not bytes or len(payload) > LARGE_PAYLOAD:
             self._send_later(self._dup_pipe(worker), payload)
             return
         # If the worker just died, the manager fails this call as crashed (and
@@ -175,7 +175,7 @@ class WorkerSet:
         except OSError:
             return None
 
-    def _send_later(self, fd: int | None, payload: bytes) -> None:
+    def _send_later(self, fd: int | None, payload: Payload) -> None:
         # A large call goes to the writer thread: the worker may take long to
         # read it, and neither the loop's thread nor the manager may wait.
         if fd is not None:

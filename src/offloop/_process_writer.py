@@ -12,7 +12,9 @@ So a call above :data:`LARGE_PAYLOAD` goes to this pool's writer thread,
 without blocking on any of them (``MSG_DONTWAIT``, waiting on writability with
 one selector), so a worker that is slow to read delays only its own call.
 Small calls keep the direct write: they fit in the pipe, and a round trip
-through another thread would cost more than the write itself.
+through another thread would cost more than the write itself. A call with
+big ``bytes`` arguments sent out of band (``_process_message``) is always
+large: the writer sends the call's message and then those objects themselves.
 
 The writer works on its own duplicate of each pipe's descriptor. The manager
 thread closes a dead worker's pipe whenever it sees the death, and a write in
@@ -30,9 +32,14 @@ import socket
 import struct
 import sys
 import threading
-from typing import Final
+from typing import Final, TypeAlias
 
-__all__ = ["LARGE_PAYLOAD", "PayloadWriter"]
+from ._process_message import OutOfBandCall
+
+__all__ = ["LARGE_PAYLOAD", "Payload", "PayloadWriter"]
+
+#: A call as written to a worker: one pickled message, or one with buffers after it.
+Payload: TypeAlias = "bytes | OutOfBandCall"
 
 #: Calls larger than this (bytes) are written by the writer thread. A Linux
 #: pipe holds 64 KiB, and a worker's socket pair at least that much, so a
@@ -80,9 +87,12 @@ class _Write:
 
     __slots__ = ("parts", "sock")
 
-    def __init__(self, sock: socket.socket, payload: bytes) -> None:
+    def __init__(self, sock: socket.socket, payload: Payload) -> None:
         self.sock = sock
-        self.parts = [memoryview(_header(len(payload))), memoryview(payload)]
+        messages = [payload] if type(payload) is bytes else payload.messages()  # type: ignore[union-attr]
+        self.parts = [
+            memoryview(part) for message in messages for part in (_header(len(message)), message)
+        ]
 
     def advance(self) -> bool:
         """Write what the pipe takes now. True when finished: written, or the worker is gone."""
@@ -115,13 +125,16 @@ class PayloadWriter:
     def __init__(self, thread_name: str) -> None:
         self._thread_name = thread_name
         self._lock = threading.Lock()
-        self._incoming: list[tuple[int, bytes]] = []
+        self._incoming: list[tuple[int, Payload]] = []
         self._thread: threading.Thread | None = None
         self._wake_fds: tuple[int, int] | None = None
         self._stopped = False
 
-    def submit(self, fd: int, payload: bytes) -> None:
-        """Write ``payload`` as one message to ``fd``, which this writer now owns and closes.
+    def submit(self, fd: int, payload: Payload) -> None:
+        """Write ``payload`` to ``fd``, which this writer now owns and closes.
+
+        A ``bytes`` payload is one message; an :class:`OutOfBandCall` is the
+        call's message and then one per buffer, written back to back.
 
         ``fd`` must be a duplicate of a worker pipe's descriptor, taken while
         that pipe was known to be open. Once stopped, the writer drops it.

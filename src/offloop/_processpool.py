@@ -37,8 +37,9 @@ from ._offload import ABANDONED, QUEUED, RUNNING, SKIPPED, OffloadFuture, new_ca
 from ._offload import running_loop as _running_loop
 from ._pickling import encode_call, main_reaches_children
 from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter, refuse_blocking_close
+from ._process_message import OutOfBandCall, detach
 from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
-from ._process_writer import LARGE_PAYLOAD
+from ._process_writer import LARGE_PAYLOAD, Payload
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
@@ -181,11 +182,25 @@ class ProcessPool(WorkerSet, PoolContext):
         """
         check_sync_callable(fn, self._run_name, "offloop.to_loop()")
         loop = _running_loop(self._run_name)
-        payload = encode_call(fn, args, kwargs, self._run_name, main_by_value=self._main_by_value)
+        payload: Payload
+        # Big bytes arguments are sent as they are, not copied into the pickle
+        # on this (the event loop's) thread: see _process_message.
+        detached = detach(args, kwargs, LARGE_PAYLOAD)
+        if detached is None:
+            payload = encode_call(
+                fn, args, kwargs, self._run_name, main_by_value=self._main_by_value
+            )
+            large = len(payload) > LARGE_PAYLOAD
+        else:
+            small_args, small_kwargs, buffers = detached
+            pickled = encode_call(
+                fn, small_args, small_kwargs, self._run_name, main_by_value=self._main_by_value
+            )
+            payload = OutOfBandCall(pickled, buffers)
+            large = True
         call = new_call(self, fn, (), {}, loop, ProcessCall, carry_context=False)
         call._payload = payload
         call._worker = None
-        large = len(payload) > LARGE_PAYLOAD
         fd = None
         with self._lock:
             if self._state is not PoolState.OPEN:

@@ -223,6 +223,9 @@ async def test_big_bytes_arguments_travel_beside_the_call_and_arrive_whole(
     ]
     assert isinstance(sent_kwargs["key"], Detached)
     assert sent_kwargs["flag"] == 7
+    # The object passed twice was sent once: both placeholders name buffer 0.
+    assert [a.index for a in sent_args if isinstance(a, Detached)] == [0, 0]
+    assert sent_kwargs["key"].index == 1
 
 
 @pytest.mark.loops("asyncio")

@@ -79,11 +79,15 @@ def detach(
         else:
             return None
     buffers: list[bytes] = []
+    placeholders: dict[int, Detached] = {}  # the same object passed twice is sent once
 
     def swap(value: Any) -> Any:
         if type(value) is bytes and len(value) >= threshold:
-            buffers.append(value)
-            return Detached(len(buffers) - 1)
+            placeholder = placeholders.get(id(value))
+            if placeholder is None:
+                placeholder = placeholders[id(value)] = Detached(len(buffers))
+                buffers.append(value)
+            return placeholder
         return value
 
     new_args = tuple(swap(value) for value in args)

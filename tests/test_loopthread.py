@@ -371,12 +371,15 @@ async def test_to_loop_cancellation_context_and_nesting() -> None:
         await offloop.to_loop(where_am_i())  # type: ignore[arg-type]
 
 
-def test_close_waits_for_default_executor_jobs_and_leaves_no_executor_thread() -> None:
+@pytest.mark.parametrize(
+    "base", [asyncio.SelectorEventLoop, uvloop.Loop], ids=["asyncio", "uvloop"]
+)
+def test_close_waits_for_default_executor_jobs_and_leaves_no_executor_thread(base: Any) -> None:
     shutting_down = threading.Event()
     job_started = threading.Event()
     job_done = threading.Event()
 
-    class RecordingLoop(asyncio.SelectorEventLoop):
+    class RecordingLoop(base):  # type: ignore[misc]
         async def shutdown_default_executor(self, *args: Any, **kwargs: Any) -> None:
             shutting_down.set()
             await super().shutdown_default_executor(*args, **kwargs)

@@ -16,6 +16,7 @@ SCRIPT = textwrap.dedent(
     """
     import asyncio, os, sys, warnings
     import offloop
+    from offloop._tothread import service_pool  # where services start and stop servers
 
     warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, Python 3.12+
 
@@ -24,10 +25,9 @@ SCRIPT = textwrap.dedent(
 
     async def use():
         # Bounded: a pool that lost its threads in the fork would hang here.
-        return (
-            await asyncio.wait_for(offloop.to_thread(os.getpid), 10),
-            await asyncio.wait_for(offloop.to_process(os.getppid), 30),
-        )
+        in_thread = await asyncio.wait_for(offloop.to_thread(os.getpid), 10)
+        assert await asyncio.wait_for(service_pool().run(os.getpid), 10) == in_thread
+        return in_thread, await asyncio.wait_for(offloop.to_process(os.getppid), 30)
 
     def crossing():
         return offloop.from_thread(ping)

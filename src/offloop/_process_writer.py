@@ -89,7 +89,7 @@ class _Write:
 
     def __init__(self, sock: socket.socket, payload: Payload) -> None:
         self.sock = sock
-        messages = [payload] if type(payload) is bytes else payload.messages()  # type: ignore[union-attr]
+        messages = payload.messages() if isinstance(payload, OutOfBandCall) else [payload]
         self.parts = [
             memoryview(part) for message in messages for part in (_header(len(message)), message)
         ]

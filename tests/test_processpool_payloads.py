@@ -20,14 +20,11 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
 import offloop
-from offloop import _processpool
-from offloop._process_message import Detached
 from offloop._process_writer import LARGE_PAYLOAD
 from offloop._processpool import ProcessPool
 
@@ -61,30 +58,6 @@ def hold_first_worker(claim: str, gate: str, started: str) -> None:
 
 def exit_at_start() -> None:
     os._exit(3)
-
-
-def fingerprint(value: object) -> object:
-    """Type and content of an argument, as the worker received it."""
-    if isinstance(value, (bytes, bytearray)):
-        return type(value).__name__, len(value), digest(value)
-    if isinstance(value, list):
-        return [fingerprint(item) for item in value]
-    return type(value).__name__, value
-
-
-def fingerprints(*args: object, **kwargs: object) -> tuple[object, object]:
-    return [fingerprint(arg) for arg in args], {k: fingerprint(v) for k, v in kwargs.items()}
-
-
-def _refuse_to_load() -> None:
-    raise RuntimeError("this argument refuses to be unpickled")
-
-
-class Unloadable:
-    """Pickles fine in the parent; unpickling it in the worker raises."""
-
-    def __reduce__(self) -> tuple[object, tuple[()]]:
-        return _refuse_to_load, ()
 
 
 # -- fixtures and helpers -------------------------------------------------------
@@ -188,70 +161,6 @@ async def test_only_calls_over_the_threshold_go_through_the_writer_thread() -> N
         assert await asyncio.wait_for(pool.run(digest, large), WAIT) == digest(large)
         assert writer_threads(pool)
     assert not writer_threads(pool)
-
-
-@pytest.mark.loops("asyncio")
-async def test_big_bytes_arguments_travel_beside_the_call_and_arrive_whole(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    pickled: list[tuple[tuple[object, ...], dict[str, object]]] = []
-    encode_call = _processpool.encode_call  # type: ignore[attr-defined]
-
-    def spy(fn: Any, args: Any, kwargs: Any, *rest: Any, **options: Any) -> bytes:
-        pickled.append((args, kwargs))
-        return encode_call(fn, args, kwargs, *rest, **options)
-
-    monkeypatch.setattr(_processpool, "encode_call", spy)
-    big, key = os.urandom(3 * LARGE_PAYLOAD), os.urandom(LARGE_PAYLOAD)
-    mutable, nested = bytearray(os.urandom(2 * LARGE_PAYLOAD)), [os.urandom(LARGE_PAYLOAD)]
-    args = (big, b"small", mutable, nested, big)
-    async with ProcessPool(1, name="oob") as pool:
-        got = await asyncio.wait_for(pool.run(fingerprints, *args, key=key, flag=7), WAIT)
-        assert got == fingerprints(*args, key=key, flag=7)
-        # The worker put each buffer back and dropped nothing: the next calls run.
-        assert await asyncio.wait_for(pool.run(square, 6), WAIT) == 36
-        assert await asyncio.wait_for(pool.run(digest, key), WAIT) == digest(key)
-    # run() pickled placeholders for the top-level bytes, not the bytes
-    # themselves; what may change (bytearray) or is nested was pickled whole.
-    sent_args, sent_kwargs = pickled[0]
-    assert [type(a).__name__ for a in sent_args] == [
-        "Detached",
-        "bytes",
-        "bytearray",
-        "list",
-        "Detached",
-    ]
-    assert isinstance(sent_kwargs["key"], Detached)
-    assert sent_kwargs["flag"] == 7
-    # The object passed twice was sent once: both placeholders name buffer 0.
-    assert [a.index for a in sent_args if isinstance(a, Detached)] == [0, 0]
-    assert sent_kwargs["key"].index == 1
-
-
-@pytest.mark.loops("asyncio")
-async def test_a_buffer_changed_after_run_returns_does_not_reach_the_call() -> None:
-    async with ProcessPool(1, name="snapshot") as pool:
-        pid = await started_worker(pool)
-        buffer = bytearray(BIG)
-        expected = digest(bytes(buffer))
-        with stopped(pid):
-            call = pool.run(digest, buffer)
-            buffer[:] = b"\xff" * BIG  # before the worker has read a byte of the call
-        assert await asyncio.wait_for(call, WAIT) == expected
-
-
-@pytest.mark.loops("asyncio")
-async def test_a_call_whose_buffers_arrived_but_that_will_not_unpickle_fails_alone(
-    blob: bytes,
-) -> None:
-    async with ProcessPool(1, name="unloadable") as pool:
-        pid = await started_worker(pool)
-        with pytest.raises(offloop.NotPicklableError, match="refuses to be unpickled"):
-            await asyncio.wait_for(pool.run(digest, blob, Unloadable()), WAIT)
-        # The worker read the call's buffers before failing: the same worker
-        # reads the next calls from the right place in its pipe.
-        assert await asyncio.wait_for(pool.run(digest, blob), WAIT) == digest(blob)
-        assert await asyncio.wait_for(pool.run(os.getpid), WAIT) == pid
 
 
 @pytest.mark.loops("asyncio")

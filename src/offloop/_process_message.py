@@ -48,17 +48,23 @@ class Detached:
 
 
 class OutOfBandCall:
-    """A pickled call (``head``, marked and counted) and the ``bytes`` sent after it."""
+    """A pickled call and the ``bytes`` sent after it.
 
-    __slots__ = ("buffers", "head")
+    The call's message is ``prefix`` (:data:`MARK` and the buffer count) then
+    ``pickled``, kept apart so that no one copies the pickle to join them: it
+    can be big too, when it holds a mutable buffer.
+    """
+
+    __slots__ = ("buffers", "pickled", "prefix")
 
     def __init__(self, pickled: bytes, buffers: list[bytes]) -> None:
-        self.head = MARK + _COUNT.pack(len(buffers)) + pickled
+        self.prefix = MARK + _COUNT.pack(len(buffers))
+        self.pickled = pickled
         self.buffers = buffers
 
-    def messages(self) -> list[bytes]:
-        """The messages to write, in order: the call, then each buffer."""
-        return [self.head, *self.buffers]
+    def messages(self) -> list[tuple[bytes, ...]]:
+        """The messages to write, in order, each as its parts: the call, then each buffer."""
+        return [(self.prefix, self.pickled), *((buffer,) for buffer in self.buffers)]
 
 
 def detach(

@@ -64,16 +64,16 @@ def worker_main(
             data = recv()
             if data[:1] == MARK:
                 buffers = [recv() for _ in range(read_count(data))]
-                data = data[HEAD:]
         except (EOFError, OSError):
             return  # the parent closed the pipe, or is gone
         if not data:
             return  # the parent's "stop"
         reply = _serve(data, buffers)
-        # An idle worker must not keep the last call's arguments alive.
+        # An idle worker keeps neither the last call's arguments nor its result.
         data = b""
         buffers = None
         send(reply)
+        del reply
         done += 1
         if max_tasks is not None and done >= max_tasks:
             return
@@ -81,8 +81,10 @@ def worker_main(
 
 def _serve(data: bytes, buffers: list[bytes] | None) -> bytes:
     try:
-        fn, args, kwargs = pickle.loads(data)
-        if buffers is not None:
+        if buffers is None:
+            fn, args, kwargs = pickle.loads(data)
+        else:  # the pickle follows the mark and the count; a view does not copy it
+            fn, args, kwargs = pickle.loads(memoryview(data)[HEAD:])
             args, kwargs = attach(args, kwargs, buffers)
     except BaseException as exc:
         return pickle.dumps(

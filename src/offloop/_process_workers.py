@@ -274,6 +274,7 @@ class WorkerSet:
         # Under _lock: the call left its worker, with a result or not.
         worker.call = None
         call._worker = None
+        call._payload = None  # it may not have been sent (start-up failed, worker died)
         self._running -= 1
         if call._phase is ABANDONED:
             self._abandoned -= 1

@@ -39,7 +39,7 @@ from ._process_message import OutOfBandCall
 __all__ = ["LARGE_PAYLOAD", "Payload", "PayloadWriter"]
 
 #: A call as written to a worker: one pickled message, or one with buffers after it.
-Payload: TypeAlias = "bytes | OutOfBandCall"
+Payload: TypeAlias = bytes | OutOfBandCall
 
 #: Calls larger than this (bytes) are written by the writer thread. A Linux
 #: pipe holds 64 KiB, and a worker's socket pair at least that much, so a
@@ -89,10 +89,11 @@ class _Write:
 
     def __init__(self, sock: socket.socket, payload: Payload) -> None:
         self.sock = sock
-        messages = payload.messages() if isinstance(payload, OutOfBandCall) else [payload]
-        self.parts = [
-            memoryview(part) for message in messages for part in (_header(len(message)), message)
-        ]
+        messages = payload.messages() if isinstance(payload, OutOfBandCall) else [(payload,)]
+        self.parts = []
+        for message in messages:
+            self.parts.append(memoryview(_header(sum(map(len, message)))))
+            self.parts.extend(map(memoryview, message))
 
     def advance(self) -> bool:
         """Write what the pipe takes now. True when finished: written, or the worker is gone."""
@@ -117,6 +118,19 @@ class _Write:
     def close(self) -> None:
         self.parts = []
         self.sock.close()
+
+
+def _start(new: list[tuple[int, Payload]], selector: selectors.BaseSelector) -> None:
+    # Write what each new call's pipe takes now; wait for the rest.
+    for fd, payload in new:
+        sock = _open(fd)
+        if sock is None:
+            continue
+        write = _Write(sock, payload)
+        if write.advance():
+            write.close()
+        else:
+            selector.register(write.sock, selectors.EVENT_WRITE, write)
 
 
 class PayloadWriter:
@@ -200,15 +214,10 @@ class PayloadWriter:
                         if key.data is not None:
                             key.data.close()
                     return
-                for fd, payload in new:
-                    sock = _open(fd)
-                    if sock is None:
-                        continue
-                    write = _Write(sock, payload)
-                    if write.advance():
-                        write.close()
-                    else:
-                        selector.register(write.sock, selectors.EVENT_WRITE, write)
+                _start(new, selector)
+                # While it waits, the thread must hold no call's data: big
+                # bytes arguments are the caller's own objects.
+                new = []
                 for key, _ in selector.select():
                     write = key.data
                     if write is None:

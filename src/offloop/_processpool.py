@@ -305,6 +305,8 @@ class ProcessPool(WorkerSet, PoolContext):
         with self._lock:
             if call._phase is QUEUED:
                 call._phase = SKIPPED
+                if isinstance(call, ProcessCall):  # it stays queued until a worker frees up
+                    call._payload = None
                 self._queued -= 1
                 self._cancelled += 1
                 return True
@@ -353,6 +355,7 @@ class ProcessPool(WorkerSet, PoolContext):
                 self._state = PoolState.CLOSING
                 while (call := self._next_pending()) is not None:
                     call._phase = SKIPPED
+                    call._payload = None
                     self._cancelled += 1
                     call._error = PoolClosedError(
                         f"{self._describe()} closed before this call of {describe(call.fn)} "

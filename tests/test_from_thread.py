@@ -411,3 +411,28 @@ async def test_iterated_generator_calls_back_into_the_consumers_loop() -> None:
     assert [tag for tag, _, _ in items] == ["item 0", "item 1", "item 2"]
     assert all(loop is asyncio.get_running_loop() for _, loop, _ in items)
     assert {name for _, _, name in items} == {threading.current_thread().name}
+
+
+async def anyio_scopes() -> tuple[int, bool]:
+    # anyio's task groups and cancel scopes need a real current task from the
+    # coroutine's first line on (a crossing takes that step at once).
+    anyio = pytest.importorskip("anyio")
+    done = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(asyncio.sleep, 0)
+            done.append(1)
+    with anyio.move_on_after(0.01) as scope:
+        await anyio.sleep(10)
+    return len(done), scope.cancelled_caught
+
+
+@pytest.mark.loops("asyncio")
+async def test_anyio_task_groups_and_timeouts_work_across_every_crossing() -> None:
+    expected = (1, True)
+    assert await asyncio.wait_for(offloop.to_loop(anyio_scopes), 10) == expected
+    assert await asyncio.wait_for(offloop.to_thread(from_thread, anyio_scopes), 10) == expected
+    assert in_plain_thread(lambda: from_thread(anyio_scopes)) == expected
+    async with offloop.LoopThread(name="anyio") as lt:
+        assert await asyncio.wait_for(lt.run(anyio_scopes), 10) == expected
+        assert await asyncio.to_thread(lt.call, anyio_scopes) == expected

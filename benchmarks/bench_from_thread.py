@@ -218,8 +218,8 @@ def main() -> None:
         lt.close()
         bg.close()
     table(
-        f"sync -> async round trip of a trivial coroutine ({CALLS} sequential calls; the first "
-        f"five cases run on the same loop thread)",
+        f"sync -> async round trip of a trivial coroutine ({CALLS} sequential calls; every "
+        f"plain-thread case but the 'own thread' ones runs on the same loop thread)",
         results,
         reference=ours,
     )

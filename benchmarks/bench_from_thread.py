@@ -218,8 +218,8 @@ def main() -> None:
         lt.close()
         bg.close()
     table(
-        f"sync -> async round trip of a trivial coroutine ({CALLS} sequential calls; every "
-        f"plain-thread case but the 'own thread' ones runs on the same loop thread)",
+        f"sync -> async round trip of a trivial coroutine ({CALLS} sequential calls; "
+        f"from_thread, floor, run_coroutine_threadsafe, the portal and aiomisc share one loop)",
         results,
         reference=ours,
     )

@@ -27,7 +27,7 @@ from ._offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
 from ._pickling import InitFailure, RemoteTraceback, decode_reply
 from ._poolbase import CallCounters, PoolState, complete_waiter
 from ._process_worker import worker_main
-from ._process_writer import LARGE_PAYLOAD, Payload, PayloadWriter
+from ._process_writer import Payload, PayloadWriter, is_small
 from ._validate import describe
 
 __all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet"]
@@ -155,7 +155,7 @@ class WorkerSet:
         # On the manager thread, or from run() under _lock for a small call.
         payload, call._payload = call._payload, None
         assert payload is not None
-        if type(payload) is not bytes or len(payload) > LARGE_PAYLOAD:
+        if not is_small(payload):
             self._send_later(self._dup_pipe(worker), payload)
             return
         # If the worker just died, the manager fails this call as crashed (and

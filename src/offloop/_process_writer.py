@@ -32,11 +32,11 @@ import socket
 import struct
 import sys
 import threading
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeGuard
 
 from ._process_message import OutOfBandCall
 
-__all__ = ["LARGE_PAYLOAD", "Payload", "PayloadWriter"]
+__all__ = ["LARGE_PAYLOAD", "Payload", "PayloadWriter", "is_small"]
 
 #: A call as written to a worker: one pickled message, or one with buffers after it.
 Payload: TypeAlias = bytes | OutOfBandCall
@@ -46,6 +46,15 @@ Payload: TypeAlias = bytes | OutOfBandCall
 #: smaller call written to a worker that is waiting for it never blocks.
 #: Windows pipes are not sockets: there every call keeps the direct write.
 LARGE_PAYLOAD: Final = 64 * 1024 if os.name == "posix" else sys.maxsize
+
+
+def is_small(payload: Payload) -> TypeGuard[bytes]:
+    """Whether ``payload`` is written directly, not by the writer thread.
+
+    A call with buffers beside it never is.
+    """
+    return type(payload) is bytes and len(payload) <= LARGE_PAYLOAD
+
 
 # Never block (the thread serves every worker), and get EPIPE rather than a
 # SIGPIPE that kills the program if it reset SIGPIPE to its default.

@@ -39,7 +39,7 @@ from ._pickling import encode_call, main_reaches_children
 from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter, refuse_blocking_close
 from ._process_message import OutOfBandCall, detach
 from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
-from ._process_writer import LARGE_PAYLOAD, Payload
+from ._process_writer import LARGE_PAYLOAD, Payload, is_small
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
@@ -182,22 +182,15 @@ class ProcessPool(WorkerSet, PoolContext):
         """
         check_sync_callable(fn, self._run_name, "offloop.to_loop()")
         loop = _running_loop(self._run_name)
-        payload: Payload
         # Big bytes arguments are sent as they are, not copied into the pickle
         # on this (the event loop's) thread: see _process_message.
         detached = detach(args, kwargs, LARGE_PAYLOAD)
-        if detached is None:
-            payload = encode_call(
-                fn, args, kwargs, self._run_name, main_by_value=self._main_by_value
-            )
-            large = len(payload) > LARGE_PAYLOAD
-        else:
-            small_args, small_kwargs, buffers = detached
-            pickled = encode_call(
-                fn, small_args, small_kwargs, self._run_name, main_by_value=self._main_by_value
-            )
-            payload = OutOfBandCall(pickled, buffers)
-            large = True
+        send_args, send_kwargs = (args, kwargs) if detached is None else detached[:2]
+        pickled = encode_call(
+            fn, send_args, send_kwargs, self._run_name, main_by_value=self._main_by_value
+        )
+        payload: Payload = pickled if detached is None else OutOfBandCall(pickled, detached[2])
+        large = not is_small(payload)
         call = new_call(self, fn, (), {}, loop, ProcessCall, carry_context=False)
         call._payload = payload
         call._worker = None

@@ -216,7 +216,7 @@ async def test_cancelled_awaiter_cancels_the_coroutine_and_frees_the_worker() ->
     await await_until(lambda: not errors.empty(), what="the worker's error")
     error = errors.get_nowait()
     assert isinstance(error, CallerGoneError)
-    assert "was abandoned" in str(error)
+    assert "the task awaiting this worker was cancelled" in str(error)
     assert "wait_forever" in str(error)
     await await_until(coroutine_cancelled.is_set, what="the coroutine's cancellation")
     # The pool and the loop still work.
@@ -436,3 +436,32 @@ async def test_anyio_task_groups_and_timeouts_work_across_every_crossing() -> No
     async with offloop.LoopThread(name="anyio") as lt:
         assert await asyncio.wait_for(lt.run(anyio_scopes), 10) == expected
         assert await asyncio.to_thread(lt.call, anyio_scopes) == expected
+
+
+@pytest.mark.loops("asyncio")
+async def test_from_thread_in_a_worker_of_a_closing_pool_says_the_pool_is_closing() -> None:
+    pool = offloop.ThreadPool(1, name="closing-crossing")
+    started = asyncio.Event()
+
+    async def wait_forever() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    call = pool.run(from_thread, wait_forever)
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(pool.aclose(), 10)  # sets the running call's token
+    # The awaiter is still there and gets the error as the call's outcome.
+    with pytest.raises(CallerGoneError, match=r"'pool closing'.*its pool is closing"):
+        await call
+
+
+def test_an_async_generator_function_is_refused_with_how_to_wrap_it() -> None:
+    async def rows() -> Any:
+        yield 1
+
+    with pytest.raises(
+        TypeError, match=r"\.rows' is an async generator function.*async def collect"
+    ):
+        from_thread(rows)
+    with offloop.LoopThread(name="agen") as lt, pytest.raises(TypeError, match="async generator"):
+        lt.call(rows)

@@ -52,6 +52,18 @@ def test_threaded_rejects_coroutine_functions_and_bad_pools() -> None:
 
     with pytest.raises(TypeError, match=r"threaded\(pool=...\) needs a ThreadPool"):
         offloop.threaded(pool="default")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"decorates a function, but got int 5\. Put @offloop"):
+        offloop.threaded(5)  # type: ignore[call-overload]
+
+
+def test_a_threaded_function_called_outside_a_loop_says_how_to_call_it() -> None:
+    @offloop.threaded
+    def read_config(path: str) -> str:
+        return path
+
+    with pytest.raises(RuntimeError, match=r"'await read_config\(\.\.\.\)'.*__wrapped__"):
+        read_config("app.toml")
+    assert read_config.__wrapped__("app.toml") == "app.toml"  # type: ignore[attr-defined]
 
 
 async def test_iterate_yields_every_item_in_order() -> None:
@@ -203,3 +215,115 @@ async def test_iterate_input_errors() -> None:
 
     with pytest.raises(TypeError, match=r"async iterable .*'async for' on it directly"):
         offloop.iterate(agen())  # type: ignore[arg-type]
+
+
+def _until_stopped() -> Iterator[int]:
+    # Yields once, then waits (bounded) until its stop token is set.
+    yield 1
+    offloop.current_token().wait(WAIT)
+
+
+async def test_a_pool_closing_under_the_iterator_raises_instead_of_a_quiet_end() -> None:
+    def endless() -> Iterator[int]:
+        n = 0
+        while True:
+            yield n
+            n += 1
+
+    pool = offloop.ThreadPool(1, name="closing-under")
+    it = offloop.iterate(endless(), buffer=1, pool=pool)
+    assert await it.__anext__() == 0
+    closing = asyncio.ensure_future(pool.aclose())
+    got: list[int] = []
+
+    async def drain() -> None:
+        async for x in it:  # what was buffered, then the error, never a quiet end
+            got.append(x)
+            assert len(got) < 10, "the producer kept going after its pool closed"
+
+    with pytest.raises(offloop.PoolClosedError, match="stopped before the source was exhausted"):
+        await asyncio.wait_for(drain(), WAIT)
+    await asyncio.wait_for(closing, WAIT)
+
+
+async def test_aclose_ends_the_iteration_of_a_task_waiting_for_an_item() -> None:
+    pool = offloop.ThreadPool(1, name="busy-producer")
+    release = threading.Event()
+    busy = pool.run(release.wait, WAIT)  # the producer queues behind it
+    it = offloop.iterate(range(5), pool=pool)
+
+    async def consume() -> list[int]:
+        return [x async for x in it]
+
+    consumer = asyncio.create_task(consume())
+    await await_until(lambda: it._shared.waiter is not None, WAIT)
+    closing = asyncio.ensure_future(it.aclose())
+    try:
+        assert await asyncio.wait_for(consumer, WAIT) == []  # woken, and finished cleanly
+    finally:
+        release.set()
+    await asyncio.wait_for(closing, WAIT)
+    assert await busy is True
+    await asyncio.wait_for(pool.aclose(), WAIT)
+
+
+async def test_two_tasks_awaiting_one_iterator_is_an_error_not_a_hang() -> None:
+    it = offloop.iterate(_until_stopped())
+    assert await it.__anext__() == 1
+    first = asyncio.create_task(it.__anext__())
+    await await_until(lambda: it._shared.waiter is not None, WAIT)
+    with pytest.raises(RuntimeError, match="already awaited by another task"):
+        await it.__anext__()
+    await asyncio.wait_for(it.aclose(), WAIT)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(first, WAIT)
+
+
+@pytest.mark.parametrize("how", ["break", "aclose"])
+async def test_the_source_cleanup_can_call_back_into_the_loop(how: str) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def release(n: int) -> tuple[int, bool]:
+        await asyncio.sleep(0)
+        return n, asyncio.get_running_loop() is loop
+
+    released: list[object] = []
+
+    def rows() -> Iterator[int]:
+        try:
+            yield from range(100)
+        finally:
+            released.append(offloop.from_thread(release, 7))
+
+    it = offloop.iterate(rows())
+    async with it:
+        async for n in it:
+            if n == 2:
+                if how == "aclose":
+                    await asyncio.wait_for(it.aclose(), WAIT)
+                break
+    assert released == [(7, True)]
+
+
+async def test_a_stuck_source_is_named_in_the_pool_s_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = threading.Event()
+
+    def tail_log() -> Iterator[str]:
+        release.wait(WAIT)
+        yield "line"
+
+    pool = offloop.ThreadPool(1, name="stuck-source")
+    it = offloop.iterate(tail_log(), pool=pool)
+    first = asyncio.ensure_future(it.__anext__())
+    await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+    try:
+        await asyncio.wait_for(pool.aclose(timeout=0.01), WAIT)
+    finally:
+        release.set()
+    assert (
+        ".tail_log (iterated by offloop.iterate())' in thread offloop-stuck-source" in caplog.text
+    )
+    assert await asyncio.wait_for(first, WAIT) == "line"
+    await asyncio.wait_for(it.aclose(), WAIT)

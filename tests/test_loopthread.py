@@ -125,6 +125,10 @@ def test_closed_loop_thread_refuses_with_its_state_in_the_message() -> None:
 def test_bad_constructor_arguments() -> None:
     with pytest.raises(TypeError, match=r"name=\.\.\.\) must be a str, got int"):
         LoopThread(name=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"LoopThread\(name=\.\.\.\) must not be empty"):
+        LoopThread(name="")
+    with pytest.raises(ValueError, match=r"ThreadPool\(name=\.\.\.\) must not be empty"):
+        offloop.ThreadPool(name="")
     with pytest.raises(TypeError, match=r"loop_factory=\.\.\.\) must be a callable"):
         LoopThread(loop_factory="uvloop")  # type: ignore[arg-type]
     lt = LoopThread(loop_factory=lambda: "not a loop")  # type: ignore[arg-type, return-value]
@@ -144,9 +148,9 @@ def test_blocking_calls_refused_on_the_loop_thread_itself() -> None:
 
         with pytest.raises(WouldDeadlockError, match=r"\.call\(\) was called on the thread"):
             lt.call(call_itself)
-        with pytest.raises(WouldDeadlockError, match=r"\.close\(\) was called on the thread"):
+        with pytest.raises(WouldDeadlockError, match=r"\.close\(\) was called on the loop thread"):
             lt.call(close_itself)
-        assert lt.call(where_am_i)[0] == "offloop-loop-self"
+        assert lt.call(where_am_i)[0] == "offloop-loop-self"  # refused before closing anything
 
 
 @pytest.mark.loops("asyncio")
@@ -415,6 +419,45 @@ def test_close_waits_for_default_executor_jobs_and_leaves_no_executor_thread(bas
         lt.close()
 
 
+def test_close_waits_for_the_executor_where_no_thread_may_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Python 3.12.0 and 3.12.1 refuse new threads in atexit handlers, where the
+    # shared loop threads close, and shutdown_default_executor() needs one.
+    release = threading.Event()
+    job_started = threading.Event()
+
+    class NoThreadAtExitLoop(asyncio.SelectorEventLoop):
+        async def shutdown_default_executor(self, *args: Any, **kwargs: Any) -> None:
+            release.set()  # the job ends only once the close got this far
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    def job() -> str:
+        job_started.set()
+        assert release.wait(10), "close() never got to the executor"
+        return "done"
+
+    jobs: list[asyncio.Future[str]] = []
+
+    async def start_job() -> None:
+        jobs.append(asyncio.get_running_loop().run_in_executor(None, job))
+
+    lt = LoopThread(name="nothread", loop_factory=NoThreadAtExitLoop)
+    try:
+        lt.call(start_job)
+        assert job_started.wait(10)
+        (executor_thread,) = [
+            t for t in threading.enumerate() if t.name.startswith("offloop-loop-nothread-executor_")
+        ]
+        lt.close(timeout=10)
+        assert not executor_thread.is_alive()  # waited for, on the loop's own thread
+        assert state(lt) == "closed"
+        assert "did not stop" not in caplog.text
+    finally:
+        release.set()
+        lt.close()
+
+
 async def test_call_from_a_worker_whose_awaiter_is_cancelled_raises_caller_gone() -> None:
     started = threading.Event()
     remote_cancelled = threading.Event()
@@ -446,7 +489,7 @@ async def test_call_from_a_worker_whose_awaiter_is_cancelled_raises_caller_gone(
         (error,) = outcomes
         assert isinstance(error, offloop.CallerGoneError), outcomes
         assert str(error).startswith("LoopThread.call() of function")
-        assert "wait_forever' was abandoned" in str(error)
+        assert "wait_forever' was stopped, and the coroutine cancelled" in str(error)
         await await_until(remote_cancelled.is_set, what="the coroutine's cancellation")
         await await_until(lambda: " 0 tasks" in repr(lt), what="the task count to drop")
         assert await lt.run(asyncio.sleep, 0, "still works") == "still works"

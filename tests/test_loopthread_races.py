@@ -83,7 +83,7 @@ async def test_a_call_started_as_the_loop_thread_closes_gets_an_answer(
         # start runs, the call completes or is refused; either way it answers.
         (answer,) = await asyncio.wait_for(asyncio.gather(victim, return_exceptions=True), WAIT)
         if isinstance(answer, PoolClosedError):
-            assert "was closed while coroutine 'quick' ran" in str(answer)
+            assert "before function 'quick' started there" in str(answer)
         else:
             assert answer == "quick"
         # The holder was running when the close began: finished or cancelled, it answers.
@@ -250,17 +250,14 @@ def test_close_from_the_loops_own_executor_is_refused_and_the_close_still_ends()
 
 
 @pytest.mark.parametrize(
-    ("loop_factory", "stepped_at_once"),
-    [(None, True), (deferred_step_loop, False)],
-    ids=["asyncio", "deferred-step"],
+    "loop_factory", [None, deferred_step_loop], ids=["asyncio", "deferred-step"]
 )
-def test_a_start_just_before_the_close_finishes_only_if_stepped_at_once(
-    loop_factory: LoopFactory, stepped_at_once: bool
+def test_a_start_queued_before_the_close_is_refused_on_every_loop(
+    loop_factory: LoopFactory,
 ) -> None:
     # The victim's start and the close's stop queue up, in that order, while
-    # the holder blocks the loop. Stepped at once, the victim finishes inside
-    # its start; otherwise its first step would come after the stop, so the
-    # close cancels a task that never ran, and the caller must hear why.
+    # the holder blocks the loop. Whether a task's first step is taken at once
+    # or not, the victim never starts once the close began, and hears why.
     lt = LoopThread(name="first-step", loop_factory=loop_factory).start()
     holding, release = threading.Event(), threading.Event()
     outcomes: dict[str, object] = {}
@@ -293,11 +290,8 @@ def test_a_start_just_before_the_close_finishes_only_if_stepped_at_once(
                 assert not thread.is_alive(), thread
     assert outcomes["holder"] is None
     victim = outcomes["victim"]
-    if stepped_at_once:
-        assert victim == "quick", outcomes
-    else:
-        assert isinstance(victim, PoolClosedError), outcomes
-        assert "was closed while coroutine 'quick' ran there" in str(victim)
+    assert isinstance(victim, PoolClosedError), outcomes
+    assert "before function 'quick' started there, so it never ran" in str(victim)
     assert lt.state is LoopThreadState.CLOSED
 
 
@@ -313,3 +307,42 @@ async def test_a_start_run_inside_a_task_leaves_the_first_step_queued() -> None:
     assert not reply, "the step ran inside the current task"
     await asyncio.to_thread(reply.lock.acquire, True, WAIT)
     assert reply == [(True, "quick")]
+
+
+@pytest.mark.loops("asyncio")
+@LOOPS
+async def test_a_call_queued_behind_a_system_exit_is_refused_not_left_waiting(
+    loop_factory: LoopFactory,
+) -> None:
+    lt = LoopThread(name="exit-queue", loop_factory=loop_factory).start()
+    holding, release = threading.Event(), threading.Event()
+
+    async def hold_then_exit() -> None:
+        holding.set()
+        release.wait(WAIT)  # blocks the loop while the victim's start queues up
+        raise SystemExit(3)
+
+    async def run_exiting() -> BaseException | None:
+        try:
+            await lt.run(hold_then_exit)
+        except SystemExit as exc:  # caught here: escaping a task would stop this loop
+            return exc
+        return None
+
+    exiting = asyncio.ensure_future(run_exiting())
+    try:
+        assert await asyncio.to_thread(holding.wait, WAIT), "the holder never ran"
+        victim = asyncio.ensure_future(lt.run(quick))
+        await await_until(lambda: " 2 tasks" in repr(lt), WAIT, "the victim to be sent")
+    finally:
+        release.set()
+    assert isinstance(await asyncio.wait_for(exiting, WAIT), SystemExit)
+    # Its start ran while the loop was closing: it used to create a task that
+    # the close never cancelled, and the caller waited forever. (uvloop may
+    # still run the start before its loop stops; then the close cancels it.)
+    started = "before function 'quick' started there|was closed while coroutine 'quick' ran"
+    with pytest.raises(PoolClosedError, match=started):
+        await asyncio.wait_for(victim, WAIT)
+    await asyncio.wait_for(lt.aclose(), WAIT)
+    assert lt.state is LoopThreadState.CLOSED
+    assert " 0 tasks" in repr(lt)

@@ -438,7 +438,9 @@ def test_close_from_sync_code_stops_every_worker(tmp_path: Path) -> None:
 @pytest.mark.loops("asyncio")
 async def test_close_on_a_running_loop_says_to_await_aclose() -> None:
     pool = ProcessPool(1)
-    with pytest.raises(RuntimeError, match=r"Use 'await pool.aclose\(\)' there instead"):
+    with pytest.raises(
+        offloop.WouldDeadlockError, match=r"Use 'await pool.aclose\(\)' there instead"
+    ):
         pool.close()
     assert pool.statistics()["state"] == "open"
     await pool.aclose()

@@ -134,3 +134,56 @@ async def test_iterate_dropped_logs_what_closing_the_source_raised(
             break  # the iterator is dropped: nobody awaits aclose()
         await await_until(lambda: "closing the source" in caplog.text, WAIT, "the log line")
     assert "could not release the cursor" in caplog.text
+
+
+@pytest.mark.loops("asyncio")
+async def test_close_from_one_of_its_own_workers_is_refused_not_a_hang() -> None:
+    pool = offloop.ThreadPool(2, name="selfclose")
+
+    def closer() -> None:
+        pool.close(timeout=WAIT)  # would wait for this very thread to exit
+
+    with pytest.raises(offloop.WouldDeadlockError, match="own worker threads"):
+        await asyncio.wait_for(pool.run(closer), WAIT)
+    assert await pool.run(abs, -2) == 2  # refused before anything changed
+    await asyncio.wait_for(pool.aclose(), WAIT)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_thread_that_fails_to_start_leaves_its_call_unrun(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_start = threading.Thread.start
+    failures = [RuntimeError("can't start new thread")]
+
+    def flaky_start(thread: threading.Thread) -> None:
+        if failures and thread.name.startswith("offloop-nostart-"):
+            raise failures.pop()
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", flaky_start)
+    ran: list[str] = []
+    pool = offloop.ThreadPool(2, name="nostart")
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pool.run(ran.append, "told it failed")
+    assert pool.statistics()["queued"] == 0
+    await asyncio.wait_for(pool.run(ran.append, "second"), WAIT)
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    assert ran == ["second"]  # the call whose run() raised never ran
+    stats = pool.statistics()
+    assert (stats["completed"], stats["queued"], stats["threads"]) == (1, 0, 0)
+
+
+@pytest.mark.loops("asyncio")
+async def test_an_awaiter_cancelled_while_the_pool_closes_counts_as_cancelled() -> None:
+    pool = offloop.ThreadPool(1, name="cancelclosing")
+    release = threading.Event()
+    call = pool.run(release.wait, WAIT)
+    await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+    closing = asyncio.ensure_future(pool.aclose())
+    await await_until(lambda: pool.statistics()["state"] == "closing", WAIT)
+    assert call.cancel()
+    stats = pool.statistics()
+    assert (stats["abandoned"], stats["cancelled"]) == (1, 1)
+    release.set()
+    await asyncio.wait_for(closing, WAIT)

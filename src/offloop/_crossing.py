@@ -68,15 +68,22 @@ class Owner(Protocol):
     def _cancel_error(self, coro: Coroutine[Any, Any, Any]) -> BaseException | None:
         """The error to report instead of a cancellation caused by closing, if any."""
 
+    def _start_refused(self, async_fn: Callable[..., Any]) -> BaseException | None:
+        """The error to report instead of starting a call, if the owner is closing."""
 
-def refuse_on_running_loop(where: str, instead: str) -> None:
+
+_BLOCKS: Final = (
+    "It blocks until the coroutine finishes, and blocking here would deadlock the loop that "
+    "has to run it (or stall every other task on it)."
+)
+
+
+def refuse_on_running_loop(where: str, instead: str, *, why: str = _BLOCKS) -> None:
     """Raise :class:`WouldDeadlockError` when this thread runs an event loop."""
     loop = _get_running_loop()
     if loop is not None:
         raise WouldDeadlockError(
-            f"{where} was called on the thread of a running event loop ({loop!r}). It blocks "
-            f"until the coroutine finishes, and blocking here would deadlock the loop that "
-            f"has to run it (or stall every other task on it). {instead}"
+            f"{where} was called on the thread of a running event loop ({loop!r}). {why} {instead}"
         )
 
 
@@ -84,11 +91,17 @@ def _coroutine(
     async_fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Coroutine[Any, Any, Any]:
     # Called on the target loop, inside the caller's copied context.
-    coro = async_fn(*args, **kwargs)
+    coro: object = async_fn(*args, **kwargs)  # whatever the annotation promised
     if type(coro) is CoroutineType:
         return coro
     if inspect.isawaitable(coro):
         return _await(coro)
+    if inspect.isasyncgen(coro):
+        raise TypeError(
+            f"{describe(async_fn)} is an async generator function: it returns an async iterator to "
+            f"'async for' over, not a coroutine to run. Wrap the iteration in a coroutine "
+            f"(e.g. 'async def collect(): return [x async for x in gen()]') and pass that."
+        )
     raise TypeError(
         f"{describe(async_fn)} returned {describe(coro)}, not a coroutine or awaitable, so it "
         f"is sync code: call it directly, or use offloop.to_thread() if it blocks."
@@ -156,6 +169,11 @@ def start_sync(
             owner._call_finished()
         return
     try:
+        # A start still queued when the loop began closing (a coroutine's
+        # SystemExit stopped it) must not create a task the close never sees.
+        refused = owner._start_refused(async_fn) if owner is not None else None
+        if refused is not None:
+            raise refused
         coro = _coroutine(async_fn, args, kwargs)
     except BaseException as exc:
         if owner is not None:
@@ -294,15 +312,22 @@ def wait_reply(
     if outcome == TOKEN_SET:
         reason = token.reason if token is not None else None
         raise CallerGoneError(
-            f"{where} of {describe(async_fn)} was abandoned: the task awaiting this worker "
-            f"thread went away (its stop token was set: {reason!r}), so nobody is left to use "
-            f"the result. The coroutine was cancelled. Return from the worker function; poll "
-            f"offloop.current_token() to stop early."
+            f"{where} of {describe(async_fn)} was stopped, and the coroutine cancelled, "
+            f"because this worker's stop token was set ({reason!r}): {_why_stopped(reason)} "
+            f"Return from the worker function; poll offloop.current_token() to stop early."
         )
     raise CallerGoneError(
         f"{where} of {describe(async_fn)} cannot finish: the event loop it runs on "
         f"({loop!r}) was closed while this thread waited. Return from the worker function."
     )
+
+
+def _why_stopped(reason: str | None) -> str:
+    if reason == "cancelled":
+        return "the task awaiting this worker was cancelled, so nobody uses the result."
+    if reason == "pool closing":
+        return "its pool is closing and asks its running calls to stop."
+    return "the worker was asked to stop (its awaiter cancelled, or its pool or service stopping)."
 
 
 # -- async callers -----------------------------------------------------------
@@ -359,6 +384,9 @@ def start_async(
         owner._call_finished()
         return
     try:
+        refused = owner._start_refused(async_fn)  # as in start_sync
+        if refused is not None:
+            raise refused
         coro = _coroutine(async_fn, args, kwargs)
     except BaseException as exc:
         owner._call_finished()

@@ -15,13 +15,15 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar, final, overload
 from ._errors import PoolClosedError
 from ._offload import OffloadFuture
 from ._threadpool import ThreadPool
-from ._token import StopToken, current_token
+from ._token import StopToken, current_token, thread_state
 from ._tothread import default_pool
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ThreadedIterator", "iterate", "threaded"]
 
 logger: Final = logging.getLogger("offloop")
+
+_get_running_loop: Final = asyncio._get_running_loop
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -64,10 +66,25 @@ def threaded(
         raise TypeError(f"offloop.threaded(pool=...) needs a ThreadPool, got {describe(pool)}.")
 
     def decorate(func: Callable[P, R]) -> Callable[P, OffloadFuture[R]]:
+        if not callable(func):
+            raise TypeError(
+                f"offloop.threaded decorates a function, but got {describe(func)}. Put "
+                f"@offloop.threaded (or @offloop.threaded(pool=...)) above a 'def'; for a "
+                f"single call use 'await offloop.to_thread(fn, *args)'."
+            )
         check_sync_callable(func, "offloop.threaded", "offloop.to_loop()")
 
         @functools.wraps(func)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
+            if _get_running_loop() is None:
+                name = getattr(func, "__name__", "fn")
+                raise RuntimeError(
+                    f"{describe(func)} is decorated with @offloop.threaded, so calling it "
+                    f"returns an awaitable that runs it in a worker thread, and it was called "
+                    f"with no event loop running in this thread. Call it from a coroutine "
+                    f"('await {name}(...)'); in sync code call the undecorated function, "
+                    f"{name}.__wrapped__(...)."
+                )
             return (pool or default_pool()).run(func, *args, **kwargs)
 
         return wrapper
@@ -76,6 +93,9 @@ def threaded(
         return decorate
     return decorate(fn)
 
+
+#: The stop token's reason when the consumer closed the iterator.
+_CLOSED: Final = "iterator closed"
 
 # What the producer thread hands to the loop.
 _ITEM: Final = 0
@@ -110,7 +130,18 @@ class _Shared(Generic[T]):
             self.space.release()  # wake the producer if it waits for room
             token = self.token
             if token is not None:
-                token.set("iterator closed")  # and a source that polls its token
+                token.set(_CLOSED)  # and a source that polls its token
+
+    def producer(self) -> Callable[[], None]:
+        """The function the worker runs, named after the source for logs and messages."""
+
+        def produce() -> None:
+            self.produce()
+
+        source = self.iterable
+        name = getattr(source, "__qualname__", None) or type(source).__name__
+        produce.__qualname__ = produce.__name__ = f"{name} (iterated by offloop.iterate())"
+        return produce
 
     def produce(self) -> None:
         loop = self.loop
@@ -124,6 +155,12 @@ class _Shared(Generic[T]):
             while True:
                 self.space.acquire()
                 if self.stop:
+                    if not self.finished:  # not the consumer's doing: its pool is closing
+                        post(
+                            self.deliver,
+                            _ERROR,
+                            _stopped_early(f"its stop token was set: {token.reason!r}"),
+                        )
                     return
                 try:
                     item = next(iterator)
@@ -139,6 +176,14 @@ class _Shared(Generic[T]):
             # Runs the generator's own ``finally`` here, in the thread that ran it.
             close = getattr(iterator, "close", None)
             if close is not None:
+                if token.reason == _CLOSED:
+                    # The consumer closed the iterator and waits for this
+                    # cleanup, which may need the loop (from_thread): give it a
+                    # token that only the pool closing or the wait's
+                    # cancellation sets, not the close that asked for it.
+                    call = thread_state.call
+                    if isinstance(call, OffloadFuture):
+                        call._token = StopToken()
                 close()
 
     def deliver(self, kind: int, value: Any) -> None:
@@ -156,10 +201,7 @@ class _Shared(Generic[T]):
             exc = fut.exception()
         if exc is not None and not self.finished:
             if isinstance(exc, PoolClosedError | asyncio.CancelledError):
-                exc = PoolClosedError(
-                    f"The thread producing items for offloop.iterate() stopped before the "
-                    f"source was exhausted ({type(exc).__name__}); create a new iterator."
-                )
+                exc = _stopped_early(type(exc).__name__)
             self.deliver(_ERROR, exc)
         elif not self.finished:
             self.deliver(_END, None)
@@ -171,6 +213,13 @@ class _Shared(Generic[T]):
             logger.error(
                 "offloop.iterate(): closing the source %r raised", self.iterable, exc_info=exc
             )
+
+
+def _stopped_early(why: str) -> PoolClosedError:
+    return PoolClosedError(
+        f"The thread producing items for offloop.iterate() stopped before the source was "
+        f"exhausted ({why}); create a new iterator, on an open pool."
+    )
 
 
 @final
@@ -195,11 +244,17 @@ class ThreadedIterator(AsyncIterator[T]):
             raise StopAsyncIteration
         if self._producer is None:
             shared.loop = asyncio.get_running_loop()
-            self._producer = (self._pool or default_pool()).run(shared.produce)
+            self._producer = (self._pool or default_pool()).run(shared.producer())
             self._producer.add_done_callback(shared.producer_done)
         while not shared.items:
             if self._shared.finished:
                 raise StopAsyncIteration
+            if shared.waiter is not None:
+                raise RuntimeError(
+                    f"{self!r} is already awaited by another task: two tasks cannot take "
+                    f"items from one iterator at once. Give each task its own "
+                    f"offloop.iterate(), or hand items out through an asyncio.Queue."
+                )
             waiter = shared.waiter = shared.loop.create_future()  # type: ignore[union-attr]
             try:
                 await waiter
@@ -228,6 +283,9 @@ class ThreadedIterator(AsyncIterator[T]):
         shared = self._shared
         shared.finished = True
         shared.request_stop()
+        waiter = shared.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # a task waiting for the next item ends its iteration
         producer = self._producer
         if producer is None or shared.close_awaited:
             return

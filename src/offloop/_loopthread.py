@@ -134,6 +134,11 @@ class LoopThread:
     ) -> None:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"LoopThread(name=...) must be a str, got {describe(name)}.")
+        if name == "":
+            raise ValueError(
+                "LoopThread(name=...) must not be empty: it names the threads. Pass a name, or "
+                "None for a numbered one."
+            )
         if loop_factory is not None and not callable(loop_factory):
             raise TypeError(
                 f"LoopThread(loop_factory=...) must be a callable returning a new event loop "
@@ -194,13 +199,12 @@ class LoopThread:
                 )
             # Its own named default executor: close() recognises its threads
             # (closing from one would wait for itself) and leak reports name them.
-            loop.set_default_executor(
-                concurrent.futures.ThreadPoolExecutor(
-                    thread_name_prefix=f"{self._thread_name}-executor"
-                )
+            executor = concurrent.futures.ThreadPoolExecutor(
+                thread_name_prefix=f"{self._thread_name}-executor"
             )
+            loop.set_default_executor(executor)
             thread = threading.Thread(
-                target=self._main, args=(loop,), name=self._thread_name, daemon=True
+                target=self._main, args=(loop, executor), name=self._thread_name, daemon=True
             )
             self._loop = loop
             self._thread = thread
@@ -275,8 +279,17 @@ class LoopThread:
             WouldDeadlockError: called on a running event loop's thread
                 (there, ``await lt.aclose()`` instead).
         """
+        if self._thread is not None and self._thread is threading.current_thread():
+            raise WouldDeadlockError(
+                f"{self._describe()}.close() was called on the loop thread itself (from a "
+                f"coroutine or callback running there). It waits for that thread to end, "
+                f"which cannot happen while it waits. Close the loop thread from another "
+                f"thread, or with 'await lt.aclose()' from another event loop."
+            )
         refuse_on_running_loop(
-            f"{self._describe()}.close()", "In async code use 'await lt.aclose()'."
+            f"{self._describe()}.close()",
+            "In async code use 'await lt.aclose()'.",
+            why="It blocks until the loop thread has stopped, which would stall this loop.",
         )
         thread = self._begin_close()
         if thread is None:
@@ -360,6 +373,16 @@ class LoopThread:
             f"cancelled. Close the loop thread only after its calls are done."
         )
 
+    def _start_refused(self, async_fn: Callable[..., Any]) -> PoolClosedError | None:
+        # On the loop thread, as a submitted call is about to start.
+        if self._state is _RUNNING:
+            return None
+        return PoolClosedError(
+            f"{self._describe()} began closing (close() was called, or a coroutine's "
+            f"SystemExit or KeyboardInterrupt stopped its loop) before {describe(async_fn)} "
+            f"started there, so it never ran. Send calls to a LoopThread that is running."
+        )
+
     def _submit(self, start: Callable[..., None], *args: Any) -> None:
         # args ends with the context the start function runs in.
         with self._lock:
@@ -436,7 +459,9 @@ class LoopThread:
                 return
         loop.call_later(timeout / 4, self._check_idle)
 
-    def _main(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _main(
+        self, loop: asyncio.AbstractEventLoop, executor: concurrent.futures.ThreadPoolExecutor
+    ) -> None:
         asyncio.set_event_loop(loop)
         try:
             try:
@@ -449,7 +474,7 @@ class LoopThread:
                 with self._lock:
                     if self._state is _RUNNING:
                         self._state = _CLOSING
-                _shutdown(loop)
+                _shutdown(loop, executor)
         finally:
             asyncio.set_event_loop(None)
             loop.close()
@@ -469,7 +494,9 @@ class LoopThread:
         )
 
 
-def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
+def _shutdown(
+    loop: asyncio.AbstractEventLoop, executor: concurrent.futures.ThreadPoolExecutor
+) -> None:
     # What asyncio.run does after the main coroutine: cancel leftovers and let
     # them run their cleanup, then async generators and the default executor.
     tasks = asyncio.all_tasks(loop)
@@ -488,7 +515,12 @@ def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
                     }
                 )
     loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.run_until_complete(loop.shutdown_default_executor())
+    try:
+        loop.run_until_complete(loop.shutdown_default_executor())
+    except RuntimeError:
+        # It waits in a new thread, and Python 3.12.0 and 3.12.1 start none
+        # in atexit handlers, where the shared loop threads close: wait here.
+        executor.shutdown(wait=True)
 
 
 # -- shared loop threads -----------------------------------------------------

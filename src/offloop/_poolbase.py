@@ -11,7 +11,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, TypedDict, TypeVar
 
-from ._errors import PoolClosedError
+from ._errors import PoolClosedError, WouldDeadlockError
 
 
 class PoolState(enum.Enum):
@@ -120,13 +120,12 @@ def refuse_blocking_close(pool: object) -> None:
     """Refuse a blocking ``close()`` on a thread whose event loop is running.
 
     Raises:
-        RuntimeError: saying to ``await pool.aclose()`` there instead.
+        WouldDeadlockError: saying to ``await pool.aclose()`` there instead.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    raise RuntimeError(
-        f"{pool!r}.close() blocks, and was called on a running event loop's thread. "
-        f"Use 'await pool.aclose()' there instead."
-    )
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        raise WouldDeadlockError(
+            f"{pool!r}.close() blocks until the pool's calls finish, and was called on the "
+            f"thread of a running event loop ({loop!r}): the loop would stall, or deadlock if "
+            f"a call needs it. Use 'await pool.aclose()' there instead."
+        )

@@ -18,7 +18,7 @@ from time import monotonic
 from types import CoroutineType, FunctionType
 from typing import Any, Final, Literal, ParamSpec, TypeVar, final
 
-from ._errors import PoolClosedError
+from ._errors import PoolClosedError, WouldDeadlockError
 from ._offload import (
     ABANDONED,
     CANCELLING,
@@ -141,6 +141,11 @@ class ThreadPool(PoolContext):
             )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"ThreadPool(name=...) must be a str, got {describe(name)}.")
+        if name == "":
+            raise ValueError(
+                "ThreadPool(name=...) must not be empty: it names the threads. Pass a name, or "
+                "None for a numbered one."
+            )
         self._name = name or f"pool{next(_pool_numbers)}"
         #: How error messages name the call (the default pool says offloop.to_thread()).
         self._run_name = f"ThreadPool {self._name!r}.run()"
@@ -264,8 +269,14 @@ class ThreadPool(PoolContext):
         """Close the pool from sync code (not from a running loop's thread).
 
         Same semantics as :meth:`aclose`, blocking the calling thread.
+
+        Raises:
+            WouldDeadlockError: called on a running event loop's thread, or
+                from one of this pool's own worker threads (it would wait for
+                itself to exit).
         """
         refuse_blocking_close(self)
+        self._refuse_own_thread("close()")
         done = threading.Event()
         self._begin_close(done)
         if not done.wait(timeout):
@@ -289,6 +300,18 @@ class ThreadPool(PoolContext):
         )
 
     # -- internals ----------------------------------------------------------
+
+    def _refuse_own_thread(self, what: str) -> None:
+        current = threading.current_thread()
+        with self._lock:
+            own = any(w.thread is current for w in self._workers)
+        if own:
+            raise WouldDeadlockError(
+                f"{self!r}.{what} was called from one of the pool's own worker threads. It "
+                f"waits until every worker has exited, this one included, so it would wait "
+                f"forever. Close the pool from outside it ('await pool.aclose()' on the event "
+                f"loop), or return from this function and close it afterwards."
+            )
 
     def _submit(self, call: OffloadFuture[Any]) -> None:
         spawn = False
@@ -314,7 +337,18 @@ class ThreadPool(PoolContext):
                     loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
         self._queue.put(call)
         if spawn:
-            self._start_thread(worker)
+            try:
+                self._start_thread(worker)
+            except BaseException:
+                with self._lock:
+                    taken = call._phase is not QUEUED  # by a thread another call started
+                    if not taken:
+                        # run() raises, so the call must never run: a later
+                        # thread takes it off the queue and drops it.
+                        call._phase = SKIPPED
+                        self._queued -= 1
+                if not taken:
+                    raise
 
     def _check_growth(self, loop: asyncio.AbstractEventLoop) -> None:
         # Runs on ``loop``, every GROWTH_PERIOD while calls queue.
@@ -331,9 +365,13 @@ class ThreadPool(PoolContext):
                 self._workers.append(worker)
                 new.append(worker)
             self._backlog -= len(new)
-        for worker in new:
-            self._start_thread(worker)
         loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
+        for worker in new:
+            try:
+                self._start_thread(worker)
+            except Exception:
+                # The queued calls wait for a thread that is free or starts later.
+                logger.exception("offloop: pool %r could not start a worker thread", self._name)
 
     def _start_thread(self, worker: _Worker) -> None:
         thread = threading.Thread(
@@ -349,6 +387,12 @@ class ThreadPool(PoolContext):
             with self._lock:
                 self._workers.remove(worker)
                 self._backlog += 1  # its claimed call waits for the next free thread
+                waiters: list[asyncio.Future[None] | threading.Event] = []
+                if self._state is not PoolState.OPEN and not self._workers:
+                    self._state = PoolState.CLOSED  # a close waits for no thread now
+                    waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                complete_waiter(waiter)
             raise
 
     def _work(self, worker: _Worker) -> None:
@@ -452,7 +496,6 @@ class ThreadPool(PoolContext):
 
     def _cancel(self, call: OffloadFuture[Any]) -> bool:
         """Handle ``cancel()`` of a call's future; returns whether to cancel it now."""
-        first = not call.token.is_set()
         call.token.set("cancelled")
         with self._lock:
             if call._phase is QUEUED:
@@ -464,7 +507,7 @@ class ThreadPool(PoolContext):
                 return False  # already deferred
             if call._phase is not RUNNING:
                 return True  # finished, result in flight: the awaiter is gone anyway
-            self._cancelled += first
+            self._cancelled += 1  # once: the phase is no longer RUNNING after this
             if self._wait_on_cancel:
                 # Deferred: the worker turns the outcome into the cancellation
                 # once the function returns, which is what on_cancel="wait" means.

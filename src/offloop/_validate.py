@@ -48,7 +48,7 @@ def check_sync_callable(fn: Any, where: str, async_alternative: str) -> None:
         )
     if callable(fn):
         raise TypeError(
-            f"{where} got the coroutine function {describe(fn)}, which would only create a "
+            f"{where} got {describe(fn)}, a coroutine function, which would only create a "
             f"coroutine in the worker and never run it. 'await {_name(fn)}(...)' directly, "
             f"or use {async_alternative} to run it on an isolated loop."
         )

@@ -187,3 +187,14 @@ async def test_an_awaiter_cancelled_while_the_pool_closes_counts_as_cancelled() 
     assert (stats["abandoned"], stats["cancelled"]) == (1, 1)
     release.set()
     await asyncio.wait_for(closing, WAIT)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_function_raising_cancelled_error_reaches_the_awaiter_as_that_error() -> None:
+    def give_up() -> None:
+        raise asyncio.CancelledError("the function's own")
+
+    # As with asyncio.to_thread: the exception itself, message and traceback kept.
+    with pytest.raises(asyncio.CancelledError, match="the function's own") as info:
+        await asyncio.wait_for(offloop.to_thread(give_up), WAIT)
+    assert info.traceback[-1].name == "give_up"

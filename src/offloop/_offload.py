@@ -19,7 +19,15 @@ from typing import Any, Final, Protocol, TypeVar
 from ._token import StopToken
 from ._validate import describe
 
-__all__ = ["CancelHandler", "Channel", "OffloadFuture", "channel_for", "new_call", "running_loop"]
+__all__ = [
+    "CancelHandler",
+    "Channel",
+    "DeferredCancel",
+    "OffloadFuture",
+    "channel_for",
+    "new_call",
+    "running_loop",
+]
 
 R = TypeVar("R")
 
@@ -30,6 +38,15 @@ ABANDONED: Final = 2  # still running, but its awaiter was cancelled
 SKIPPED: Final = 3  # cancelled (or pool closed) before a worker started it
 DONE: Final = 4
 CANCELLING: Final = 5  # still running; its future is cancelled once it returns (on_cancel="wait")
+
+
+class DeferredCancel(asyncio.CancelledError):
+    """The outcome of a call cancelled with ``on_cancel="wait"``, once its function returned.
+
+    Its own type, so that a function which itself raises ``CancelledError``
+    reaches the awaiter as that exception, message and traceback included, as
+    with ``asyncio.to_thread``.
+    """
 
 
 class CancelHandler(Protocol):
@@ -77,7 +94,7 @@ class Channel:
                 error = call._error
                 if error is None:
                     call.set_result(call._value)
-                elif isinstance(error, asyncio.CancelledError):
+                elif type(error) is DeferredCancel:
                     # A cancellation deferred until the function returned.
                     asyncio.Future.cancel(call)
                 else:

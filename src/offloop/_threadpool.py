@@ -26,6 +26,7 @@ from ._offload import (
     QUEUED,
     RUNNING,
     SKIPPED,
+    DeferredCancel,
     OffloadFuture,
     new_call,
     running_loop,
@@ -471,7 +472,7 @@ class ThreadPool(PoolContext):
                 else:
                     self._failed += 1
                 if call._phase is CANCELLING:
-                    call._error = asyncio.CancelledError()  # delivered as the cancellation
+                    call._error = DeferredCancel()  # delivered as the cancellation
                 call._phase = DONE
                 self._free_slot()
             call._channel.post(call)

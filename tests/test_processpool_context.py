@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from multiprocessing.context import BaseContext, SpawnContext, SpawnProcess
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,45 @@ def test_an_argument_of_a_class_defined_in_an_unimportable_main_is_sent_by_value
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "{'x': 3}"
+
+
+# The classic initializer pattern: set a global of the main script once per
+# worker, read it in later calls. The initializer must reach the same module
+# as the calls (by reference), not a copy of it sent by value.
+INITIALIZER_SETS_MAIN_GLOBALS = """
+import asyncio, sys, offloop
+
+CONFIG = {}
+
+def init(value):
+    CONFIG["value"] = value
+
+def read():
+    return CONFIG.get("value")
+
+async def main():
+    pool = offloop.ProcessPool(1, initializer=init, initargs=(42,), mp_context=sys.argv[1])
+    async with pool:
+        print(await asyncio.wait_for(pool.run(read), 30))
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_an_initializer_in_the_main_script_sets_the_globals_calls_see(
+    method: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "init_main.py"
+    script.write_text(INITIALIZER_SETS_MAIN_GLOBALS)
+    done = subprocess.run(
+        [sys.executable, str(script), method],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 6,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "42"

@@ -120,9 +120,6 @@ class ProcessPool(WorkerSet, PoolContext):
             raise TypeError(f"ProcessPool(name=...) must be a str, got {describe(name)}.")
         if initializer is not None:
             check_sync_callable(initializer, "ProcessPool(initializer=...)", "a sync initializer")
-        init = None
-        if initializer is not None:
-            init = encode_call(initializer, tuple(initargs), {}, "ProcessPool(initializer=...)")
         if mp_context is None or isinstance(mp_context, str):
             method = mp_context or DEFAULT_START_METHOD
             try:
@@ -138,6 +135,20 @@ class ProcessPool(WorkerSet, PoolContext):
                 f"multiprocessing.get_context('spawn')) or a start method name, got "
                 f"{describe(mp_context)}."
             )
+        # Cloudpickle sends __main__'s functions by value, slowly; by
+        # reference is enough when the workers import __main__ themselves. The
+        # initializer too: by value it would set globals of a copy of __main__,
+        # not the ones the calls see.
+        main_by_value = not main_reaches_children(mp_context.get_start_method())
+        init = None
+        if initializer is not None:
+            init = encode_call(
+                initializer,
+                tuple(initargs),
+                {},
+                "ProcessPool(initializer=...)",
+                main_by_value=main_by_value,
+            )
         super().__init__(
             name or f"pool{next(_pool_numbers)}",
             max_workers or os.cpu_count() or 1,
@@ -145,9 +156,7 @@ class ProcessPool(WorkerSet, PoolContext):
             init,
             max_tasks_per_worker,
         )
-        # Cloudpickle sends __main__'s functions by value, slowly; by
-        # reference is enough when the workers import __main__ themselves.
-        self._main_by_value = not main_reaches_children(mp_context.get_start_method())
+        self._main_by_value = main_by_value
         self._kill_on_cancel = bool(kill_on_cancel)
         _pools.add(self)
 

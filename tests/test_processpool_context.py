@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import subprocess
 import sys
@@ -34,6 +36,15 @@ class RecordingSpawnContext(SpawnContext):
     Process = RecordingProcess
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _helper_processes() -> None:
+    # multiprocessing starts these on first use and keeps them for the life of
+    # the interpreter; start them before any test's leak snapshot so that they
+    # are not taken for leaked workers.
+    multiprocessing.resource_tracker.ensure_running()
+    multiprocessing.forkserver.ensure_running()
+
+
 def worker_process() -> tuple[int, str]:
     # Runs in the worker: which process is this, and of which Process class?
     return os.getpid(), type(multiprocessing.current_process()).__name__
@@ -62,6 +73,19 @@ async def test_spawn_as_a_context_object_or_a_name(mp_context: BaseContext | str
         assert await asyncio.wait_for(pool.run(divmod, 7, 2), WAIT) == (3, 1)
     assert pid != os.getpid()
     assert kind == "SpawnProcess"
+
+
+async def test_forkserver_workers_run_calls() -> None:
+    # A forkserver worker's parent is the fork server, not this process: its
+    # check that the pool's process is alive must not take that for a death.
+    async with ProcessPool(2, mp_context="forkserver", name="forked") as pool:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(pool.run(worker_process) for _ in range(4))), WAIT
+        )
+        assert await asyncio.wait_for(pool.run(divmod, 7, 2), WAIT) == (3, 1)
+        assert pool.statistics()["crashed"] == 0
+    assert {kind for _, kind in results} == {"ForkServerProcess"}
+    assert os.getpid() not in {pid for pid, _ in results}
 
 
 # A script run with ``python -c``: a spawned child cannot import its __main__,
@@ -117,7 +141,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("method", ["spawn", "fork"])
+@pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
 def test_an_initializer_in_the_main_script_sets_the_globals_calls_see(
     method: str, tmp_path: Path
 ) -> None:

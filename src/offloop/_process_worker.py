@@ -5,12 +5,17 @@ A worker serves one call at a time over its own pipe: it reads a pickled
 empty message, or the pipe closing, tells it to exit. Its first message, once
 started (and initialized), is an empty one saying it is ready.
 
-A worker must not outlive its parent, even one killed with SIGKILL that had no
-chance to clean up. On Linux the kernel sends the worker SIGKILL when the
+A worker must not outlive the pool's process, even one killed with SIGKILL that
+had no chance to clean up. On Linux the kernel sends the worker SIGKILL when the
 parent's thread that started it dies (``prctl(PR_SET_PDEATHSIG)``; the pool
 starts workers from its manager thread, which lives as long as the pool).
 Elsewhere, or if ``prctl`` is unavailable, a daemon thread polls
 ``os.getppid()``: a reparented worker sees another parent pid and exits.
+
+With the "forkserver" start method the worker's parent is the fork server, not
+the pool's process, and the server can outlive it (any process that inherited
+its "alive" pipe keeps it running). Such a worker watches the pool's process
+itself: a pidfd that becomes readable when it exits, or else polling its pid.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import contextlib
 import ctypes
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from types import CoroutineType
 from typing import Final
@@ -133,12 +140,20 @@ def _initialize(conn: Connection, init: bytes) -> bool:
 
 def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
     armed = pdeathsig and _set_pdeathsig()
-    if os.getppid() != parent_pid:
-        os._exit(1)  # the parent died before the signal was armed
-    if not armed:
-        threading.Thread(
-            target=_watch_parent, args=(parent_pid,), name="offloop-parent-watch", daemon=True
-        ).start()
+    if os.getppid() == parent_pid:
+        if not armed:
+            _start_watch(_watch_parent, parent_pid)
+        return
+    # Started by a fork server, or the pool's process died before the signal
+    # was armed (the worker was reparented): only the pool's process tells.
+    pidfd = _open_pidfd(parent_pid)
+    if pidfd is None and not _alive(parent_pid):
+        os._exit(1)
+    _start_watch(_watch_pool, parent_pid, pidfd)
+
+
+def _start_watch(target: Callable[..., None], *args: object) -> None:
+    threading.Thread(target=target, args=args, name="offloop-parent-watch", daemon=True).start()
 
 
 def _set_pdeathsig() -> bool:
@@ -155,4 +170,35 @@ def _watch_parent(parent_pid: int) -> None:
     wait = threading.Event().wait
     while os.getppid() == parent_pid:
         wait(PARENT_POLL)
+    os._exit(1)
+
+
+def _open_pidfd(pid: int) -> int | None:
+    # A pidfd names one process for good (a pid can be reused once it is
+    # reaped); it becomes readable when that process exits.
+    try:
+        return os.pidfd_open(pid)  # Linux 5.3+, Python 3.9+
+    except ProcessLookupError:
+        os._exit(1)  # the pool's process is gone already
+    except (AttributeError, OSError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, run by another user: not ours, but not gone
+    return True
+
+
+def _watch_pool(pool_pid: int, pidfd: int | None) -> None:
+    if pidfd is not None:
+        select.select([pidfd], [], [])
+    else:
+        wait = threading.Event().wait
+        while _alive(pool_pid):
+            wait(PARENT_POLL)
     os._exit(1)

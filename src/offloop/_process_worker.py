@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from types import CoroutineType
-from typing import Final
+from typing import Any, Final
 
 from ._pickling import INIT_FAILED, LOAD_FAILED, encode_error, encode_result
 from ._process_message import HEAD, MARK, attach, read_count
@@ -47,9 +47,18 @@ PARENT_POLL: Final = 0.2
 
 
 def worker_main(
-    conn: Connection, parent_pid: int, init: bytes | None, max_tasks: int | None, pdeathsig: bool
+    conn: Connection,
+    parent_pid: int,
+    init: bytes | None,
+    max_tasks: int | None,
+    pdeathsig: bool,
+    received: Any,
 ) -> None:
-    """Serve calls from ``conn`` until told to stop (the target of every worker process)."""
+    """Serve calls from ``conn`` until told to stop (the target of every worker process).
+
+    ``received`` (a shared ``c_uint64``) counts the calls taken from the pipe:
+    if this process dies, the pool sends again a call it never took.
+    """
     _die_with_parent(parent_pid, pdeathsig)
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # what happens to its workers, so a worker does not print a traceback.
@@ -69,6 +78,7 @@ def worker_main(
         buffers: list[bytes] | None = None
         try:
             data = recv()
+            received.value += 1
             if data[:1] == MARK:
                 buffers = [recv() for _ in range(read_count(data))]
         except (EOFError, OSError):

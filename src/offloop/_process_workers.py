@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import selectors
 import signal
@@ -43,16 +44,30 @@ class ProcessPoolStatistics(CallCounters):
 class ProcessCall(OffloadFuture[Any]):
     # The future of a process call: the shared OffloadFuture plus the pickled
     # request and the worker running it.
-    __slots__ = ("_payload", "_worker")
+    __slots__ = ("_payload", "_requeued", "_worker")
 
+    # A small call's payload stays until the call is over: if its worker dies
+    # before taking it from the pipe, it is sent again (once, see _requeue).
     _payload: Payload | None
     _worker: Worker | None
+    _requeued: bool
 
 
 class Worker:
     """One worker process, its pipe, and the call it runs (guarded by the pool's lock)."""
 
-    __slots__ = ("call", "conn", "dead", "doomed", "pid", "process", "ready", "tasks")
+    __slots__ = (
+        "call",
+        "conn",
+        "dead",
+        "doomed",
+        "pid",
+        "process",
+        "ready",
+        "received",
+        "sent",
+        "tasks",
+    )
 
     def __init__(self, call: ProcessCall | None) -> None:
         self.call = call
@@ -66,6 +81,10 @@ class Worker:
         self.dead = False
         # Ready: it said so once its start-up (imports, initializer) was over.
         self.ready = False
+        # Calls given to it, and (shared memory the worker writes) calls it
+        # took from its pipe: a call it never took did not start.
+        self.sent = 0
+        self.received: Any = None
 
 
 class WorkerSet:
@@ -138,6 +157,7 @@ class WorkerSet:
 
     def _assign(self, worker: Worker, call: ProcessCall) -> None:
         worker.call = call
+        worker.sent += 1
         call._worker = worker
         call._phase = RUNNING
         self._running += 1
@@ -153,13 +173,19 @@ class WorkerSet:
 
     def _send(self, worker: Worker, call: ProcessCall) -> None:
         # On the manager thread, or from run() under _lock for a small call.
-        payload, call._payload = call._payload, None
+        payload = call._payload
         assert payload is not None
         if not is_small(payload):
-            self._send_later(self._dup_pipe(worker), payload)
+            # A large payload is not kept: only a call that could not be
+            # handed to the writer (its worker is dead) can be sent again.
+            fd = self._dup_pipe(worker)
+            if fd is not None:
+                call._payload = None
+            self._send_later(fd, payload)
             return
-        # If the worker just died, the manager fails this call as crashed (and
-        # may already have dropped its pipe: conn is None, hence AttributeError).
+        # If the worker just died (the manager may already have dropped its
+        # pipe: conn is None, AttributeError), the manager sees the death and
+        # queues the call again.
         with contextlib.suppress(OSError, ValueError, AttributeError):
             worker.conn.send_bytes(payload)  # type: ignore[union-attr]
 
@@ -169,10 +195,15 @@ class WorkerSet:
         # descriptor is this worker's, not a closed or reused one.
         conn = worker.conn
         if conn is None:
-            return None  # it died; the manager fails its call
+            return None  # it died; the manager handles its call
         try:
+            # A worker speaks only to answer a call, and its answer to the
+            # last one was read: a pipe with something to read is at its end,
+            # the worker is dead.
+            if conn.poll(0):
+                return None
             return os.dup(conn.fileno())
-        except OSError:
+        except (OSError, ValueError):
             return None
 
     def _send_later(self, fd: int | None, payload: Payload) -> None:
@@ -240,9 +271,17 @@ class WorkerSet:
     def _spawn(self, worker: Worker, call: ProcessCall, selector: selectors.BaseSelector) -> None:
         try:
             parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+            received = self._ctx.RawValue(ctypes.c_uint64, 0)
             process = self._ctx.Process(  # type: ignore[attr-defined]
                 target=worker_main,
-                args=(child_conn, os.getpid(), self._init, self._max_tasks, self._pdeathsig),
+                args=(
+                    child_conn,
+                    os.getpid(),
+                    self._init,
+                    self._max_tasks,
+                    self._pdeathsig,
+                    received,
+                ),
                 name=f"offloop-process-{self._name}",
             )
             process.start()
@@ -260,6 +299,7 @@ class WorkerSet:
             worker.process = process
             worker.conn = parent_conn
             worker.pid = process.pid
+            worker.received = received
             kill = worker.doomed
         selector.register(parent_conn.fileno(), selectors.EVENT_READ, (worker, True))
         selector.register(process.sentinel, selectors.EVENT_READ, (worker, False))
@@ -332,6 +372,34 @@ class WorkerSet:
             call._error = outcome
         call._channel.post(call)
 
+    def _requeue(self, worker: Worker, call: ProcessCall) -> bool:
+        """Queue again, first in line, a call its dead worker never took.
+
+        Under _lock. That worker died idle (kill -9, the OOM killer) before
+        the manager noticed, and run() or the manager gave it the call. Only
+        once: a call whose very reading kills workers (a huge message) must
+        fail, not kill them forever. A worker that died while starting keeps
+        its error, for the same reason.
+        """
+        if (
+            call._payload is None
+            or call._requeued
+            or not worker.ready
+            or call._phase is not RUNNING
+            or self._state is not PoolState.OPEN
+            or worker.received is None
+            or worker.received.value >= worker.sent
+        ):
+            return False
+        call._requeued = True
+        worker.call = None
+        call._worker = None
+        call._phase = QUEUED
+        self._running -= 1
+        self._queued += 1
+        self._pending.appendleft(call)
+        return True
+
     def _init_failure(
         self, worker: Worker, call: ProcessCall, failure: InitFailure
     ) -> WorkerCrashed:
@@ -379,6 +447,8 @@ class WorkerSet:
             call = worker.call
             if call is None:
                 return
+            if self._requeue(worker, call):
+                return  # _maintain, next, starts a worker for it
             cancelled = call._phase is ABANDONED
             closing = self._state is not PoolState.OPEN
             if not cancelled and not closing:

@@ -203,6 +203,7 @@ class ProcessPool(WorkerSet, PoolContext):
         call = new_call(self, fn, (), {}, loop, ProcessCall, carry_context=False)
         call._payload = payload
         call._worker = None
+        call._requeued = False
         fd = None
         with self._lock:
             if self._state is not PoolState.OPEN:
@@ -214,8 +215,9 @@ class ProcessPool(WorkerSet, PoolContext):
             if worker is not None:
                 self._assign(worker, call)
                 if large:
-                    call._payload = None
                     fd = self._dup_pipe(worker)
+                    if fd is not None:  # else kept: the manager queues it again
+                        call._payload = None
                 else:
                     # Under _lock, like _dup_pipe: the manager detaches a dead
                     # worker's pipe under it before closing it, so this write

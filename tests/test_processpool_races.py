@@ -1,0 +1,87 @@
+"""ProcessPool races between the event loop's thread and the manager thread.
+
+Each test holds the manager thread at one point (a gate on one of its
+methods) to make a race that is rare in the wild happen every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import multiprocessing.resource_tracker
+import os
+import selectors
+import signal
+import threading
+
+import psutil
+import pytest
+
+from offloop._process_workers import Worker
+from offloop._process_writer import LARGE_PAYLOAD
+from offloop._processpool import ProcessPool
+
+from .helpers import wait_until
+
+WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
+
+pytestmark = pytest.mark.loops("asyncio")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _resource_tracker() -> None:
+    # Started with the first spawned child, it lives as long as the
+    # interpreter: start it before any test's leak snapshot.
+    multiprocessing.resource_tracker.ensure_running()
+
+
+def exited(pid: int) -> bool:
+    # A zombie: its pipe is closed, but the manager thread has not reaped it.
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+async def test_a_call_given_to_an_idle_worker_that_died_unnoticed_runs_on_a_new_one(
+    size: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An idle worker killed from outside (OOM killer, kill -9): run() may hand
+    # it the next call before the manager thread has seen it die. That call
+    # never reached the worker; it must run elsewhere, not fail as crashed.
+    argument = bytes(LARGE_PAYLOAD + 1 if size == "large" else 10)
+    async with ProcessPool(1, name="idle-kill") as pool:
+        handle_exit = pool._on_exit
+        for _ in range(3):
+            pid = await asyncio.wait_for(pool.run(os.getpid), WAIT)
+            gate = threading.Event()
+
+            def held(
+                worker: Worker, selector: selectors.BaseSelector, gate: threading.Event = gate
+            ) -> None:
+                gate.wait(WAIT)
+                handle_exit(worker, selector)
+
+            monkeypatch.setattr(pool, "_on_exit", held)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                wait_until(functools.partial(exited, pid), WAIT, "the killed worker to exit")
+                call = pool.run(len, argument)
+            finally:
+                monkeypatch.undo()
+                gate.set()
+            assert await asyncio.wait_for(call, WAIT) == len(argument)
+        assert pool.statistics()["crashed"] == 0
+
+
+async def test_a_call_made_right_after_its_idle_worker_was_killed_runs_on_a_new_one() -> None:
+    # No gate: the call goes to the killed worker's pipe while that process
+    # is still dying. A SIGKILLed process runs no more code, so it never
+    # takes the call from its pipe: every call must succeed.
+    async with ProcessPool(1, name="idle-kill-now") as pool:
+        for _ in range(5):
+            pid = await asyncio.wait_for(pool.run(os.getpid), WAIT)
+            os.kill(pid, signal.SIGKILL)
+            assert await asyncio.wait_for(pool.run(os.getpid), WAIT) != pid
+        assert pool.statistics()["crashed"] == 0

@@ -17,6 +17,7 @@ import threading
 import psutil
 import pytest
 
+import offloop
 from offloop._process_workers import Worker
 from offloop._process_writer import LARGE_PAYLOAD
 from offloop._processpool import ProcessPool
@@ -33,6 +34,27 @@ def _resource_tracker() -> None:
     # Started with the first spawned child, it lives as long as the
     # interpreter: start it before any test's leak snapshot.
     multiprocessing.resource_tracker.ensure_running()
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def rebuild() -> str:
+    # Unpickling a result runs this on the manager thread of the pool's
+    # process; only there does it raise, and a BaseException at that.
+    if multiprocessing.parent_process() is None:
+        raise KeyboardInterrupt("raised while unpickling in the parent")
+    return "rebuilt"
+
+
+class RaisesWhenUnpickled:
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return rebuild, ()
+
+
+def make_raising_result() -> RaisesWhenUnpickled:
+    return RaisesWhenUnpickled()
 
 
 def exited(pid: int) -> bool:
@@ -85,3 +107,37 @@ async def test_a_call_made_right_after_its_idle_worker_was_killed_runs_on_a_new_
             os.kill(pid, signal.SIGKILL)
             assert await asyncio.wait_for(pool.run(os.getpid), WAIT) != pid
         assert pool.statistics()["crashed"] == 0
+
+
+async def test_a_result_whose_unpickling_raises_a_base_exception_fails_only_its_call() -> None:
+    async with ProcessPool(1, name="odd-result") as pool:
+        with pytest.raises(offloop.NotPicklableError, match="KeyboardInterrupt") as info:
+            await asyncio.wait_for(pool.run(make_raising_result), WAIT)
+        assert "could not be unpickled here" in str(info.value)
+        assert isinstance(info.value.__cause__, KeyboardInterrupt)
+        assert await asyncio.wait_for(pool.run(square, 3), WAIT) == 9
+
+
+async def test_a_failing_manager_thread_closes_the_pool_and_fails_every_call(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Whatever escapes the manager thread (a bug, a MemoryError) must not
+    # leave calls and aclose() waiting forever for a thread that is gone.
+    pool = ProcessPool(1, name="broken")
+
+    def fail(worker: Worker, selector: selectors.BaseSelector) -> None:
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(pool, "_on_reply", fail)  # runs on the worker's first message
+    running, queued = pool.run(square, 2), pool.run(square, 3)
+    for call in (running, queued):
+        with pytest.raises(offloop.PoolClosedError, match="manager thread failed") as info:
+            await asyncio.wait_for(call, WAIT)
+        assert "RuntimeError: injected failure" in str(info.value)
+        assert isinstance(info.value.__cause__, RuntimeError)
+    assert pool.statistics()["state"] == "closed"
+    assert pool.statistics()["processes"] == 0
+    assert "manager thread of ProcessPool 'broken' failed" in caplog.text
+    with pytest.raises(offloop.PoolClosedError):
+        pool.run(square, 4)
+    await asyncio.wait_for(pool.aclose(timeout=1), WAIT)

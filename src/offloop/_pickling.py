@@ -200,7 +200,7 @@ def decode_reply(data: bytes, fn: Callable[..., Any], where: str) -> tuple[bool,
     """Turn a worker's reply into ``(True, value)`` or ``(False, exception)``."""
     try:
         reply = pickle.loads(data)
-    except Exception as exc:
+    except BaseException as exc:  # a __reduce__ may raise anything; it is this call's outcome
         error = NotPicklableError(
             f"{where}: the outcome of {describe(fn)} came back from the worker process but "
             f"could not be unpickled here ({type(exc).__name__}: {exc})."

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import selectors
 import signal
@@ -21,7 +22,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Final
 
 from ._errors import PoolClosedError, WorkerCrashed
 from ._offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
@@ -32,6 +33,8 @@ from ._process_writer import Payload, PayloadWriter, is_small
 from ._validate import describe
 
 __all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet"]
+
+logger: Final = logging.getLogger("offloop")
 
 
 class ProcessPoolStatistics(CallCounters):
@@ -237,6 +240,10 @@ class WorkerSet:
                         self._on_exit(data[0], selector)
                 if self._maintain(selector):
                     return
+        except BaseException as exc:
+            # A bug, or a failure of this process (MemoryError): without this
+            # thread nothing would ever complete a call or close the pool.
+            self._abort(exc)
         finally:
             selector.close()
             with self._lock:
@@ -484,6 +491,50 @@ class WorkerSet:
                 pid=worker.pid,
             )
         call._channel.post(call)
+
+    def _abort(self, exc: BaseException) -> None:
+        """Close the pool at once after its manager thread failed; fail every call."""
+        logger.error(
+            "The manager thread of %s failed; the pool is closed.", self._where, exc_info=exc
+        )
+        with self._lock:
+            self._state = PoolState.CLOSED
+            calls = []
+            while (call := self._next_pending()) is not None:
+                calls.append(call)
+                call._phase = DONE
+                call._payload = None
+                self._failed += 1
+            self._pending.clear()
+            workers, self._workers, self._idle = self._workers, [], []
+            for worker in workers:
+                call = worker.call
+                if call is not None:
+                    calls.append(call)
+                    # An abandoned call was counted as cancelled already.
+                    self._finish(worker, call, ok=False, count=call._phase is not ABANDONED)
+            waiters, self._closed_waiters = self._closed_waiters, []
+        for worker in workers:
+            process = worker.process
+            with contextlib.suppress(Exception):
+                if process is not None:
+                    process.kill()
+                    process.join()
+                    process.close()
+                if worker.conn is not None:
+                    worker.conn.close()
+        for call in calls:
+            call._error = PoolClosedError(
+                f"{self._where} broke while running or queueing the call of "
+                f"{describe(call.fn)}: its manager thread failed ({type(exc).__name__}: {exc}), "
+                f"so the pool closed itself and killed its workers. Create a new ProcessPool; "
+                f"please report this as a bug in offloop if it was not caused by the process "
+                f"running out of memory."
+            )
+            call._error.__cause__ = exc
+            call._channel.post(call)
+        for waiter in waiters:
+            complete_waiter(waiter)
 
 
 def _exit_reason(exitcode: int | None) -> str:

@@ -13,6 +13,7 @@ import os
 import selectors
 import signal
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -22,7 +23,7 @@ from offloop._process_workers import Worker
 from offloop._process_writer import LARGE_PAYLOAD
 from offloop._processpool import ProcessPool
 
-from .helpers import wait_until
+from .helpers import await_until, wait_for_file, wait_until
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 
@@ -38,6 +39,10 @@ def _resource_tracker() -> None:
 
 def square(x: int) -> int:
     return x * x
+
+
+def touch(path: str) -> None:
+    Path(path).touch()
 
 
 def rebuild() -> str:
@@ -141,3 +146,22 @@ async def test_a_failing_manager_thread_closes_the_pool_and_fails_every_call(
     with pytest.raises(offloop.PoolClosedError):
         pool.run(square, 4)
     await asyncio.wait_for(pool.aclose(timeout=1), WAIT)
+
+
+async def test_a_call_cancelled_while_its_worker_starts_never_runs(tmp_path: Path) -> None:
+    # A slow initializer (loading a model): the call that started the worker
+    # is cancelled before the worker is ready. Like a queued call, it must
+    # never start, though kill_on_cancel=False leaves the worker alone.
+    gate, started, ran = tmp_path / "gate", tmp_path / "started", tmp_path / "ran"
+    pool = ProcessPool(1, initializer=wait_for_file, initargs=(str(gate), str(started)))
+    async with pool:
+        call = pool.run(touch, str(ran))
+        await await_until(started.exists, WAIT, "the initializer to start")
+        call.cancel()
+        gate.touch()
+        # One worker, one call at a time: had the cancelled call been sent,
+        # it would have run before this one.
+        assert await asyncio.wait_for(pool.run(square, 3), WAIT) == 9
+        assert not ran.exists()
+        stats = pool.statistics()
+        assert (stats["cancelled"], stats["completed"], stats["running"]) == (1, 1, 0)

@@ -3,7 +3,9 @@
 A worker serves one call at a time over its own pipe: it reads a pickled
 ``(fn, args, kwargs)``, runs it, and writes one reply (see ``_pickling``). An
 empty message, or the pipe closing, tells it to exit. Its first message, once
-started (and initialized), is an empty one saying it is ready.
+started (and initialized), is an empty one saying it is ready; the pool sends
+its first call only then, so a call cancelled meanwhile never starts. If the
+initializer fails, that failure is its first message instead.
 
 A worker must not outlive the pool's process, even one killed with SIGKILL that
 had no chance to clean up. On Linux the kernel sends the worker SIGKILL when the
@@ -141,8 +143,7 @@ def _initialize(conn: Connection, init: bytes) -> bool:
         except Exception:
             data = pickle.dumps((INIT_FAILED, None, summary, tb), pickle.HIGHEST_PROTOCOL)
         with contextlib.suppress(OSError):
-            # The parent sent (or will send) a first call; answer it with this.
-            conn.recv_bytes()
+            # Instead of "ready": the parent fails the call it started this worker for.
             conn.send_bytes(data)
         return False
     return True

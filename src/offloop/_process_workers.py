@@ -314,8 +314,7 @@ class WorkerSet:
             # kill_on_cancel or aclose's timeout fired while the process started.
             with contextlib.suppress(OSError, ValueError):
                 process.kill()
-        else:
-            self._send(worker, call)
+        # Else the call is sent once the worker says it is ready (_start_first).
 
     def _finish(self, worker: Worker, call: ProcessCall, *, ok: bool, count: bool = True) -> None:
         # Under _lock: the call left its worker, with a result or not.
@@ -344,7 +343,8 @@ class WorkerSet:
             self._drop_pipe(worker, selector)
             return
         if not data:
-            worker.ready = True  # its start-up is over; a call follows
+            worker.ready = True  # its start-up is over
+            self._start_first(worker)
             return
         call = worker.call
         if call is None:
@@ -358,17 +358,7 @@ class WorkerSet:
             worker.tasks += 1
             if self._max_tasks is not None and worker.tasks >= self._max_tasks:
                 worker.doomed = True  # exits on its own after this reply
-            following = None
-            stop = False
-            if not worker.doomed:
-                if self._state is PoolState.OPEN:
-                    following = self._next_pending()
-                    if following is not None:
-                        self._assign(worker, following)
-                    else:
-                        self._idle.append(worker)
-                else:
-                    worker.doomed = stop = True
+            following, stop = self._free(worker)
         if following is not None:
             self._send(worker, following)
         elif stop:
@@ -378,6 +368,42 @@ class WorkerSet:
         else:
             call._error = outcome
         call._channel.post(call)
+
+    def _free(self, worker: Worker) -> tuple[ProcessCall | None, bool]:
+        """Under _lock: give a worker whose call is over its next call, or make it idle.
+
+        Returns the call to send it, and whether to tell it to stop.
+        """
+        if worker.doomed:
+            return None, False
+        if self._state is not PoolState.OPEN:
+            worker.doomed = True
+            return None, True
+        following = self._next_pending()
+        if following is not None:
+            self._assign(worker, following)
+        else:
+            self._idle.append(worker)
+        return following, False
+
+    def _start_first(self, worker: Worker) -> None:
+        # The first call waits until the worker is ready rather than in its
+        # pipe: one cancelled while the worker started (a slow initializer)
+        # is then never run, like any call that was still queued.
+        call = worker.call
+        if call is None:
+            return
+        with self._lock:
+            if call._phase is not ABANDONED:
+                following: ProcessCall | None = call
+                stop = False
+            else:
+                self._finish(worker, call, ok=False, count=False)  # counted as cancelled
+                following, stop = self._free(worker)
+        if following is not None:
+            self._send(worker, following)
+        elif stop:
+            self._stop(worker)
 
     def _requeue(self, worker: Worker, call: ProcessCall) -> bool:
         """Queue again, first in line, a call its dead worker never took.

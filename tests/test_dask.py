@@ -105,6 +105,20 @@ async def test_run_by_address_returns_results_and_closes_its_client(cluster: Any
         await pool.run(add, 1, 1)
 
 
+async def test_aclose_during_the_first_connect_closes_the_client_it_opened(
+    cluster: Any,
+) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+    call = asyncio.ensure_future(pool.run(add, 1, 2))
+    await asyncio.sleep(0)  # one step: run() now waits for the connection
+    assert pool._connecting is not None
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    with pytest.raises(offloop.PoolClosedError):
+        await asyncio.wait_for(call, WAIT)
+    assert pool.client is None
+    assert pool._connecting.result().status == "closed"
+
+
 async def test_errors_keep_their_type_and_the_pool_keeps_working(cluster: Any) -> None:
     async with (
         distributed.Client(cluster.scheduler_address, asynchronous=True) as client,

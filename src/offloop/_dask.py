@@ -274,18 +274,17 @@ class DaskPool(PoolContext):
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open_client())
         try:
-            self._client = await asyncio.shield(self._connecting)
+            return await asyncio.shield(self._connecting)
         except Exception:
             self._connecting = None  # the next call tries again
             raise
-        return self._client
 
     async def _open_client(self) -> Any:
         client = self._distributed.Client(
             self._address, asynchronous=True, timeout=self._connect_timeout
         )
         try:
-            return await client
+            await client
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await client.close()  # the half-open client, or its close is never awaited
@@ -295,6 +294,10 @@ class DaskPool(PoolContext):
                 f"scheduler listens there: for one machine start a distributed.LocalCluster "
                 f"and pass its scheduler_address; the next call tries again."
             ) from exc
+        # Stored here, not by the run() that awaits this: an aclose() that
+        # awaited the connection must find the client to close it.
+        self._client = client
+        return client
 
     def _chore(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)

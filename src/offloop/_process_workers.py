@@ -349,7 +349,7 @@ class WorkerSet:
         call = worker.call
         if call is None:
             return  # cannot happen: a worker only speaks when spoken to
-        ok, outcome = decode_reply(data, call.fn, f"{self._name}.run()")
+        ok, outcome = decode_reply(data, call.fn, self._run_name)
         if not ok and isinstance(outcome, InitFailure):
             outcome = self._init_failure(worker, call, outcome)
             worker.doomed = True  # it exits after this reply

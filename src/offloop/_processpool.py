@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import inspect
+import math
 import multiprocessing
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.context import BaseContext
 from typing import Any, Final, ParamSpec, TypeVar, final
 
@@ -40,6 +42,7 @@ from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter, ref
 from ._process_message import OutOfBandCall, detach
 from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
 from ._process_writer import LARGE_PAYLOAD, Payload, is_small
+from ._restart import check_seconds
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
@@ -118,8 +121,7 @@ class ProcessPool(WorkerSet, PoolContext):
         check_positive_int(max_tasks_per_worker, "ProcessPool(max_tasks_per_worker=...)")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"ProcessPool(name=...) must be a str, got {describe(name)}.")
-        if initializer is not None:
-            check_sync_callable(initializer, "ProcessPool(initializer=...)", "a sync initializer")
+        initargs = _check_initializer(initializer, initargs)
         if mp_context is None or isinstance(mp_context, str):
             method = mp_context or DEFAULT_START_METHOD
             try:
@@ -144,7 +146,7 @@ class ProcessPool(WorkerSet, PoolContext):
         if initializer is not None:
             init = encode_call(
                 initializer,
-                tuple(initargs),
+                initargs,
                 {},
                 "ProcessPool(initializer=...)",
                 main_by_value=main_by_value,
@@ -269,6 +271,7 @@ class ProcessPool(WorkerSet, PoolContext):
         ``PoolClosedError``. Idle workers exit at once. Closing twice is
         allowed; the second call waits like the first.
         """
+        timeout = _check_timeout(timeout, "aclose")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._begin_close(waiter)
@@ -289,6 +292,7 @@ class ProcessPool(WorkerSet, PoolContext):
             RuntimeError: called on a thread whose event loop is running; use
                 ``await pool.aclose()`` there.
         """
+        timeout = _check_timeout(timeout, "close")
         refuse_blocking_close(self)
         done = threading.Event()
         self._begin_close(done)
@@ -398,6 +402,37 @@ class ProcessPool(WorkerSet, PoolContext):
         if manager is not None and manager is not threading.current_thread():
             # It has completed the waiters and only returns now: microseconds.
             manager.join()
+
+
+def _check_initializer(initializer: object, initargs: object) -> tuple[Any, ...]:
+    """Validate ``initializer`` and ``initargs``; return the arguments as a tuple."""
+    where = "ProcessPool(initializer=...)"
+    if initializer is not None:
+        if not callable(initializer):
+            raise TypeError(
+                f"{where} must be a function, called as initializer(*initargs) once in each new "
+                f"worker, got {describe(initializer)}."
+            )
+        if inspect.iscoroutinefunction(initializer) or inspect.isasyncgenfunction(initializer):
+            raise TypeError(
+                f"{where} got the coroutine function {describe(initializer)}, which would only "
+                f"create a coroutine in each worker and never run it. Pass a plain function; "
+                f"it may call asyncio.run() on the coroutine."
+            )
+    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
+        raise TypeError(
+            f"ProcessPool(initargs=...) must be a tuple of the initializer's arguments, got "
+            f"{describe(initargs)}; for a single argument write initargs=(value,)."
+        )
+    return tuple(initargs)
+
+
+def _check_timeout(timeout: object, method: str) -> float | None:
+    # Checked before the pool changes state: a bad timeout must not leave it half closed.
+    if timeout is None:
+        return None
+    seconds = check_seconds(timeout, f"ProcessPool.{method}(timeout=...)", positive=False)
+    return None if math.isinf(seconds) else seconds  # Event.wait() refuses inf
 
 
 def _make_default() -> ProcessPool:

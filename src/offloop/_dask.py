@@ -156,7 +156,7 @@ class DaskPool(PoolContext):
             TypeError: ``fn`` is not callable, or is a coroutine function.
             NotPicklableError: the function or an argument cannot be pickled,
                 or cannot be unpickled on the worker (its module is not
-                importable there).
+                importable there), or the result cannot be pickled.
             WorkerCrashed: the task's workers kept dying (Dask's ``KilledWorker``).
             PoolClosedError: the pool is closing or closed.
         """
@@ -175,7 +175,18 @@ class DaskPool(PoolContext):
             # names tasks: equal calls each run, none shares another's result.
             key = f"{self._funcname(fn)}-{uuid.uuid4()}"
             future = client.submit(_run_call, data, key=key)
-            reply = await future
+            try:
+                reply = await future
+            except TypeError as exc:
+                # A task that finished but whose result would not come back:
+                # it cannot be pickled (Dask says so in a TypeError).
+                if future.status != "finished":
+                    raise
+                raise NotPicklableError(
+                    f"{self._named()}: {describe(fn)} ran on a Dask worker, but its result "
+                    f"cannot be pickled to send it back ({_last_line(exc)}). Return plain data "
+                    f"instead (e.g. a path instead of an open file)."
+                ) from exc
             if reply[0] != OK:
                 raise self._load_failed(fn, reply)
             result: R = reply[1]
@@ -303,3 +314,9 @@ class DaskPool(PoolContext):
         task = asyncio.ensure_future(coro)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
+
+
+def _last_line(exc: BaseException) -> str:
+    # Dask's message ends with the pickler's own error, after a traceback.
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -245,6 +245,13 @@ class ProcessPool(WorkerSet, PoolContext):
         (cancelled by their awaiter, still running), ``queued``, ``completed``,
         ``failed`` (raised, or lost to a crash), ``cancelled``, ``crashed``
         (workers that died while running a call).
+
+        As in :meth:`ThreadPool.statistics`, ``cancelled`` counts awaiters
+        cancelled, and ``completed`` and ``failed`` count functions that
+        returned or raised: an abandoned call whose function later returns is
+        counted in both ``cancelled`` and ``completed`` (its worker did the
+        whole work; nobody used the result). A cancelled call that never ran,
+        or whose worker was killed on cancel, is counted as ``cancelled`` only.
         """
         with self._lock:
             return {

@@ -105,6 +105,36 @@ async def test_run_by_address_returns_results_and_closes_its_client(cluster: Any
         await pool.run(add, 1, 1)
 
 
+async def test_aclose_during_the_first_connect_closes_the_client_it_opened(
+    cluster: Any,
+) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+    call = asyncio.ensure_future(pool.run(add, 1, 2))
+    await asyncio.sleep(0)  # one step: run() now waits for the connection
+    assert pool._connecting is not None
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    with pytest.raises(offloop.PoolClosedError):
+        await asyncio.wait_for(call, WAIT)
+    assert pool.client is None
+    assert pool._connecting.result().status == "closed"
+
+
+def make_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+async def test_a_result_that_cannot_be_pickled_is_named(cluster: Any) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        with pytest.raises(
+            offloop.NotPicklableError, match=r"its result cannot be pickled"
+        ) as info:
+            await asyncio.wait_for(pool.run(make_lock), WAIT)
+        assert "(TypeError: cannot pickle '_thread.lock' object)" in str(info.value)
+        assert isinstance(info.value, TypeError)
+        assert (await asyncio.wait_for(pool.run(add, 1, 1), WAIT))[0] == 2
+        assert (pool.statistics()["failed"], pool.statistics()["completed"]) == (1, 1)
+
+
 async def test_errors_keep_their_type_and_the_pool_keeps_working(cluster: Any) -> None:
     async with (
         distributed.Client(cluster.scheduler_address, asynchronous=True) as client,

@@ -480,7 +480,7 @@ PARENT = textwrap.dedent(
 
     async def main():
         ProcessPool._pdeathsig = sys.argv[1] == "1"
-        pool = ProcessPool(2)
+        pool = ProcessPool(2, mp_context=sys.argv[2])
         pool.run(block)
         say(f"idle {await pool.run(os.getpid)}")
         await asyncio.sleep(60)
@@ -491,12 +491,17 @@ PARENT = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
 @pytest.mark.parametrize("pdeathsig", [True, False], ids=["pdeathsig", "watcher"])
-def test_workers_exit_when_their_parent_is_killed(pdeathsig: bool, tmp_path: Path) -> None:
+def test_workers_exit_when_their_parent_is_killed(
+    pdeathsig: bool, method: str, tmp_path: Path
+) -> None:
+    # A forkserver worker's parent is the fork server: it must watch the
+    # pool's process instead (the "watcher" case has no PDEATHSIG to help).
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
     parent = subprocess.Popen(
-        [sys.executable, str(script), "1" if pdeathsig else "0"],
+        [sys.executable, str(script), "1" if pdeathsig else "0", method],
         stdout=subprocess.PIPE,
         text=True,
         cwd=tmp_path,

@@ -237,18 +237,14 @@ async def test_a_cancelled_large_call_is_abandoned_like_a_running_one(blob: byte
 
 
 @pytest.mark.loops("asyncio")
-async def test_aclose_with_a_large_write_in_progress_stops_the_writer(
-    blob: bytes, tmp_path: Path
-) -> None:
-    claim, gate, started = tmp_path / "claim", tmp_path / "gate", tmp_path / "started"
-    pool = ProcessPool(
-        1, name="closewrite", initializer=hold_first_worker, initargs=(claim, gate, started)
-    )
-    big = pool.run(digest, blob)
-    await await_until(started.exists, WAIT, "the worker's initializer")
-    await await_until(lambda: bool(writer_threads(pool)), WAIT, "the writer thread")
-    # The worker never reads: the timeout kills it, and the write is dropped.
-    await asyncio.wait_for(pool.aclose(timeout=0.1), WAIT)
+async def test_aclose_with_a_large_write_in_progress_stops_the_writer(blob: bytes) -> None:
+    pool = ProcessPool(1, name="closewrite")
+    pid = await started_worker(pool)
+    with stopped(pid):
+        big = pool.run(digest, blob)
+        await await_until(lambda: bool(writer_threads(pool)), WAIT, "the writer thread")
+        # The worker never reads: the timeout kills it, and the write is dropped.
+        await asyncio.wait_for(pool.aclose(timeout=0.1), WAIT)
     with pytest.raises(offloop.PoolClosedError, match=r"close\(\) or aclose\(\) timed out"):
         await big
     assert not writer_threads(pool)

@@ -156,7 +156,7 @@ class DaskPool(PoolContext):
             TypeError: ``fn`` is not callable, or is a coroutine function.
             NotPicklableError: the function or an argument cannot be pickled,
                 or cannot be unpickled on the worker (its module is not
-                importable there).
+                importable there), or the result cannot be pickled.
             WorkerCrashed: the task's workers kept dying (Dask's ``KilledWorker``).
             PoolClosedError: the pool is closing or closed.
         """
@@ -175,7 +175,18 @@ class DaskPool(PoolContext):
             # names tasks: equal calls each run, none shares another's result.
             key = f"{self._funcname(fn)}-{uuid.uuid4()}"
             future = client.submit(_run_call, data, key=key)
-            reply = await future
+            try:
+                reply = await future
+            except TypeError as exc:
+                # A task that finished but whose result would not come back:
+                # it cannot be pickled (Dask says so in a TypeError).
+                if future.status != "finished":
+                    raise
+                raise NotPicklableError(
+                    f"{self._named()}: {describe(fn)} ran on a Dask worker, but its result "
+                    f"cannot be pickled to send it back ({_last_line(exc)}). Return plain data "
+                    f"instead (e.g. a path instead of an open file)."
+                ) from exc
             if reply[0] != OK:
                 raise self._load_failed(fn, reply)
             result: R = reply[1]
@@ -274,18 +285,17 @@ class DaskPool(PoolContext):
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open_client())
         try:
-            self._client = await asyncio.shield(self._connecting)
+            return await asyncio.shield(self._connecting)
         except Exception:
             self._connecting = None  # the next call tries again
             raise
-        return self._client
 
     async def _open_client(self) -> Any:
         client = self._distributed.Client(
             self._address, asynchronous=True, timeout=self._connect_timeout
         )
         try:
-            return await client
+            await client
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await client.close()  # the half-open client, or its close is never awaited
@@ -295,8 +305,18 @@ class DaskPool(PoolContext):
                 f"scheduler listens there: for one machine start a distributed.LocalCluster "
                 f"and pass its scheduler_address; the next call tries again."
             ) from exc
+        # Stored here, not by the run() that awaits this: an aclose() that
+        # awaited the connection must find the client to close it.
+        self._client = client
+        return client
 
     def _chore(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
+
+
+def _last_line(exc: BaseException) -> str:
+    # Dask's message ends with the pickler's own error, after a traceback.
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -262,8 +262,9 @@ def running_loop(where: str) -> asyncio.AbstractEventLoop:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
+        example = f"{where[:-1]}fn)" if where.startswith("offloop.") else "pool.run(fn)"
         raise RuntimeError(
             f"{where} was called with no event loop running in this thread. "
-            f"Call it from a coroutine ('await offloop.to_thread(fn)'); in plain sync code "
+            f"Call it from a coroutine ('await {example}'); in plain sync code "
             f"call the function directly."
         ) from None

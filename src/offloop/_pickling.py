@@ -37,7 +37,9 @@ PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 # Reply kinds, first item of every worker message.
 OK: Final = 0  # (OK, value)
 RAISED: Final = 1  # (RAISED, exception, traceback text)
-RAISED_TEXT: Final = 2  # (RAISED_TEXT, type name, message, traceback text): exception won't pickle
+# (RAISED_TEXT, type name, message, traceback text, why, error text): the exception won't
+# pickle (why = "pickle") or won't be rebuilt from its pickle (why = "unpickle").
+RAISED_TEXT: Final = 2
 RESULT_UNPICKLABLE: Final = 3  # (RESULT_UNPICKLABLE, result description, error text)
 LOAD_FAILED: Final = 4  # (LOAD_FAILED, error text, traceback text): call won't unpickle there
 INIT_FAILED: Final = 5  # (INIT_FAILED, exception or None, summary, traceback text)
@@ -168,14 +170,19 @@ class RemoteTraceback(Exception):
 
 def encode_error(exc: BaseException, tb: str) -> bytes:
     """A worker's reply for an exception raised by the user's function."""
+    why = "pickle"
     try:
         data = dumps((RAISED, exc, tb))
         # Exceptions whose __init__ needs other arguments than .args pickle
         # fine but fail to unpickle; find out here, where the text is at hand.
+        why = "unpickle"
         pickle.loads(data)
         return data
-    except BaseException:  # a __reduce__ may raise anything; the worker must answer
-        return pickle.dumps((RAISED_TEXT, _qualname(type(exc)), _safe_str(exc), tb), PROTOCOL)
+    except BaseException as failure:  # a __reduce__ may raise anything; the worker must answer
+        error = f"{type(failure).__name__}: {_safe_str(failure)}"
+        return pickle.dumps(
+            (RAISED_TEXT, _qualname(type(exc)), _safe_str(exc), tb, why, error), PROTOCOL
+        )
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -200,7 +207,7 @@ def decode_reply(data: bytes, fn: Callable[..., Any], where: str) -> tuple[bool,
     """Turn a worker's reply into ``(True, value)`` or ``(False, exception)``."""
     try:
         reply = pickle.loads(data)
-    except Exception as exc:
+    except BaseException as exc:  # a __reduce__ may raise anything; it is this call's outcome
         error = NotPicklableError(
             f"{where}: the outcome of {describe(fn)} came back from the worker process but "
             f"could not be unpickled here ({type(exc).__name__}: {exc})."
@@ -215,10 +222,22 @@ def decode_reply(data: bytes, fn: Callable[..., Any], where: str) -> tuple[bool,
         raised.__cause__ = RemoteTraceback(reply[2])
         return False, raised
     if kind == RAISED_TEXT:
+        if reply[4] == "pickle":
+            what = "could not be pickled"
+            advice = (
+                "Keep the exception's attributes to plain data (or give its class a "
+                "__reduce__) to keep its type."
+            )
+        else:
+            what = "pickles, but could not be rebuilt from its pickle"
+            advice = (
+                "Give the exception class an __init__ that accepts its .args (or a "
+                "__reduce__) to keep its type."
+            )
         error = NotPicklableError(
-            f"{describe(fn)} raised {reply[1]}: {reply[2]} in the worker process; that "
-            f"exception could not be pickled, so it is reported as this error instead. "
-            f"Give exception classes an __init__ that accepts their .args to keep their type."
+            f"{where}: {describe(fn)} raised {reply[1]}: {reply[2]} in the worker process; "
+            f"that exception {what} ({reply[5]}), so it is reported as this error instead. "
+            f"{advice}"
         )
         error.__cause__ = RemoteTraceback(reply[3])
         return False, error
@@ -254,4 +273,8 @@ class InitFailure:
 
 def _qualname(cls: type) -> str:
     module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+    if module == "builtins":
+        return cls.__qualname__
+    if module == "__mp_main__":  # the main script, as a spawned worker names it
+        module = "__main__"
+    return f"{module}.{cls.__qualname__}"

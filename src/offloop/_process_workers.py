@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import logging
 import os
 import selectors
 import signal
@@ -20,7 +22,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Final
 
 from ._errors import PoolClosedError, WorkerCrashed
 from ._offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
@@ -31,6 +33,8 @@ from ._process_writer import Payload, PayloadWriter, is_small
 from ._validate import describe
 
 __all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet"]
+
+logger: Final = logging.getLogger("offloop")
 
 
 class ProcessPoolStatistics(CallCounters):
@@ -43,16 +47,30 @@ class ProcessPoolStatistics(CallCounters):
 class ProcessCall(OffloadFuture[Any]):
     # The future of a process call: the shared OffloadFuture plus the pickled
     # request and the worker running it.
-    __slots__ = ("_payload", "_worker")
+    __slots__ = ("_payload", "_requeued", "_worker")
 
+    # A small call's payload stays until the call is over: if its worker dies
+    # before taking it from the pipe, it is sent again (once, see _requeue).
     _payload: Payload | None
     _worker: Worker | None
+    _requeued: bool
 
 
 class Worker:
     """One worker process, its pipe, and the call it runs (guarded by the pool's lock)."""
 
-    __slots__ = ("call", "conn", "dead", "doomed", "pid", "process", "ready", "tasks")
+    __slots__ = (
+        "call",
+        "conn",
+        "dead",
+        "doomed",
+        "pid",
+        "process",
+        "ready",
+        "received",
+        "sent",
+        "tasks",
+    )
 
     def __init__(self, call: ProcessCall | None) -> None:
         self.call = call
@@ -66,6 +84,10 @@ class Worker:
         self.dead = False
         # Ready: it said so once its start-up (imports, initializer) was over.
         self.ready = False
+        # Calls given to it, and (shared memory the worker writes) calls it
+        # took from its pipe: a call it never took did not start.
+        self.sent = 0
+        self.received: Any = None
 
 
 class WorkerSet:
@@ -138,6 +160,7 @@ class WorkerSet:
 
     def _assign(self, worker: Worker, call: ProcessCall) -> None:
         worker.call = call
+        worker.sent += 1
         call._worker = worker
         call._phase = RUNNING
         self._running += 1
@@ -153,13 +176,19 @@ class WorkerSet:
 
     def _send(self, worker: Worker, call: ProcessCall) -> None:
         # On the manager thread, or from run() under _lock for a small call.
-        payload, call._payload = call._payload, None
+        payload = call._payload
         assert payload is not None
         if not is_small(payload):
-            self._send_later(self._dup_pipe(worker), payload)
+            # A large payload is not kept: only a call that could not be
+            # handed to the writer (its worker is dead) can be sent again.
+            fd = self._dup_pipe(worker)
+            if fd is not None:
+                call._payload = None
+            self._send_later(fd, payload)
             return
-        # If the worker just died, the manager fails this call as crashed (and
-        # may already have dropped its pipe: conn is None, hence AttributeError).
+        # If the worker just died (the manager may already have dropped its
+        # pipe: conn is None, AttributeError), the manager sees the death and
+        # queues the call again.
         with contextlib.suppress(OSError, ValueError, AttributeError):
             worker.conn.send_bytes(payload)  # type: ignore[union-attr]
 
@@ -169,10 +198,15 @@ class WorkerSet:
         # descriptor is this worker's, not a closed or reused one.
         conn = worker.conn
         if conn is None:
-            return None  # it died; the manager fails its call
+            return None  # it died; the manager handles its call
         try:
+            # A worker speaks only to answer a call, and its answer to the
+            # last one was read: a pipe with something to read is at its end,
+            # the worker is dead.
+            if conn.poll(0):
+                return None
             return os.dup(conn.fileno())
-        except OSError:
+        except (OSError, ValueError):
             return None
 
     def _send_later(self, fd: int | None, payload: Payload) -> None:
@@ -206,6 +240,10 @@ class WorkerSet:
                         self._on_exit(data[0], selector)
                 if self._maintain(selector):
                     return
+        except BaseException as exc:
+            # A bug, or a failure of this process (MemoryError): without this
+            # thread nothing would ever complete a call or close the pool.
+            self._abort(exc)
         finally:
             selector.close()
             with self._lock:
@@ -240,9 +278,17 @@ class WorkerSet:
     def _spawn(self, worker: Worker, call: ProcessCall, selector: selectors.BaseSelector) -> None:
         try:
             parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+            received = self._ctx.RawValue(ctypes.c_uint64, 0)
             process = self._ctx.Process(  # type: ignore[attr-defined]
                 target=worker_main,
-                args=(child_conn, os.getpid(), self._init, self._max_tasks, self._pdeathsig),
+                args=(
+                    child_conn,
+                    os.getpid(),
+                    self._init,
+                    self._max_tasks,
+                    self._pdeathsig,
+                    received,
+                ),
                 name=f"offloop-process-{self._name}",
             )
             process.start()
@@ -260,6 +306,7 @@ class WorkerSet:
             worker.process = process
             worker.conn = parent_conn
             worker.pid = process.pid
+            worker.received = received
             kill = worker.doomed
         selector.register(parent_conn.fileno(), selectors.EVENT_READ, (worker, True))
         selector.register(process.sentinel, selectors.EVENT_READ, (worker, False))
@@ -267,8 +314,7 @@ class WorkerSet:
             # kill_on_cancel or aclose's timeout fired while the process started.
             with contextlib.suppress(OSError, ValueError):
                 process.kill()
-        else:
-            self._send(worker, call)
+        # Else the call is sent once the worker says it is ready (_start_first).
 
     def _finish(self, worker: Worker, call: ProcessCall, *, ok: bool, count: bool = True) -> None:
         # Under _lock: the call left its worker, with a result or not.
@@ -297,12 +343,13 @@ class WorkerSet:
             self._drop_pipe(worker, selector)
             return
         if not data:
-            worker.ready = True  # its start-up is over; a call follows
+            worker.ready = True  # its start-up is over
+            self._start_first(worker)
             return
         call = worker.call
         if call is None:
             return  # cannot happen: a worker only speaks when spoken to
-        ok, outcome = decode_reply(data, call.fn, f"{self._name}.run()")
+        ok, outcome = decode_reply(data, call.fn, self._run_name)
         if not ok and isinstance(outcome, InitFailure):
             outcome = self._init_failure(worker, call, outcome)
             worker.doomed = True  # it exits after this reply
@@ -311,17 +358,7 @@ class WorkerSet:
             worker.tasks += 1
             if self._max_tasks is not None and worker.tasks >= self._max_tasks:
                 worker.doomed = True  # exits on its own after this reply
-            following = None
-            stop = False
-            if not worker.doomed:
-                if self._state is PoolState.OPEN:
-                    following = self._next_pending()
-                    if following is not None:
-                        self._assign(worker, following)
-                    else:
-                        self._idle.append(worker)
-                else:
-                    worker.doomed = stop = True
+            following, stop = self._free(worker)
         if following is not None:
             self._send(worker, following)
         elif stop:
@@ -331,6 +368,70 @@ class WorkerSet:
         else:
             call._error = outcome
         call._channel.post(call)
+
+    def _free(self, worker: Worker) -> tuple[ProcessCall | None, bool]:
+        """Under _lock: give a worker whose call is over its next call, or make it idle.
+
+        Returns the call to send it, and whether to tell it to stop.
+        """
+        if worker.doomed:
+            return None, False
+        if self._state is not PoolState.OPEN:
+            worker.doomed = True
+            return None, True
+        following = self._next_pending()
+        if following is not None:
+            self._assign(worker, following)
+        else:
+            self._idle.append(worker)
+        return following, False
+
+    def _start_first(self, worker: Worker) -> None:
+        # The first call waits until the worker is ready rather than in its
+        # pipe: one cancelled while the worker started (a slow initializer)
+        # is then never run, like any call that was still queued.
+        call = worker.call
+        if call is None:
+            return
+        with self._lock:
+            if call._phase is not ABANDONED:
+                following: ProcessCall | None = call
+                stop = False
+            else:
+                self._finish(worker, call, ok=False, count=False)  # counted as cancelled
+                following, stop = self._free(worker)
+        if following is not None:
+            self._send(worker, following)
+        elif stop:
+            self._stop(worker)
+
+    def _requeue(self, worker: Worker, call: ProcessCall) -> bool:
+        """Queue again, first in line, a call its dead worker never took.
+
+        Under _lock. That worker died idle (kill -9, the OOM killer) before
+        the manager noticed, and run() or the manager gave it the call. Only
+        once: a call whose very reading kills workers (a huge message) must
+        fail, not kill them forever. A worker that died while starting keeps
+        its error, for the same reason.
+        """
+        if (
+            call._payload is None
+            or call._requeued
+            or not worker.ready
+            or call._phase is not RUNNING
+            or self._state is not PoolState.OPEN
+            or worker.received is None
+            or worker.received.value >= worker.sent
+        ):
+            return False
+        call._requeued = True
+        worker.call = None
+        call._worker = None
+        call._phase = QUEUED
+        self._running -= 1
+        self._queued += 1
+        self._pending.appendleft(call)
+        return True
 
     def _init_failure(
         self, worker: Worker, call: ProcessCall, failure: InitFailure
@@ -379,6 +480,8 @@ class WorkerSet:
             call = worker.call
             if call is None:
                 return
+            if self._requeue(worker, call):
+                return  # _maintain, next, starts a worker for it
             cancelled = call._phase is ABANDONED
             closing = self._state is not PoolState.OPEN
             if not cancelled and not closing:
@@ -414,6 +517,50 @@ class WorkerSet:
                 pid=worker.pid,
             )
         call._channel.post(call)
+
+    def _abort(self, exc: BaseException) -> None:
+        """Close the pool at once after its manager thread failed; fail every call."""
+        logger.error(
+            "The manager thread of %s failed; the pool is closed.", self._where, exc_info=exc
+        )
+        with self._lock:
+            self._state = PoolState.CLOSED
+            calls = []
+            while (call := self._next_pending()) is not None:
+                calls.append(call)
+                call._phase = DONE
+                call._payload = None
+                self._failed += 1
+            self._pending.clear()
+            workers, self._workers, self._idle = self._workers, [], []
+            for worker in workers:
+                call = worker.call
+                if call is not None:
+                    calls.append(call)
+                    # An abandoned call was counted as cancelled already.
+                    self._finish(worker, call, ok=False, count=call._phase is not ABANDONED)
+            waiters, self._closed_waiters = self._closed_waiters, []
+        for worker in workers:
+            process = worker.process
+            with contextlib.suppress(Exception):
+                if process is not None:
+                    process.kill()
+                    process.join()
+                    process.close()
+                if worker.conn is not None:
+                    worker.conn.close()
+        for call in calls:
+            call._error = PoolClosedError(
+                f"{self._where} broke while running or queueing the call of "
+                f"{describe(call.fn)}: its manager thread failed ({type(exc).__name__}: {exc}), "
+                f"so the pool closed itself and killed its workers. Create a new ProcessPool; "
+                f"please report this as a bug in offloop if it was not caused by the process "
+                f"running out of memory."
+            )
+            call._error.__cause__ = exc
+            call._channel.post(call)
+        for waiter in waiters:
+            complete_waiter(waiter)
 
 
 def _exit_reason(exitcode: int | None) -> str:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import inspect
+import math
 import multiprocessing
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.context import BaseContext
 from typing import Any, Final, ParamSpec, TypeVar, final
 
@@ -40,6 +42,7 @@ from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter, ref
 from ._process_message import OutOfBandCall, detach
 from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
 from ._process_writer import LARGE_PAYLOAD, Payload, is_small
+from ._restart import check_seconds
 from ._validate import check_positive_int, check_sync_callable, describe
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
@@ -118,11 +121,7 @@ class ProcessPool(WorkerSet, PoolContext):
         check_positive_int(max_tasks_per_worker, "ProcessPool(max_tasks_per_worker=...)")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"ProcessPool(name=...) must be a str, got {describe(name)}.")
-        if initializer is not None:
-            check_sync_callable(initializer, "ProcessPool(initializer=...)", "a sync initializer")
-        init = None
-        if initializer is not None:
-            init = encode_call(initializer, tuple(initargs), {}, "ProcessPool(initializer=...)")
+        initargs = _check_initializer(initializer, initargs)
         if mp_context is None or isinstance(mp_context, str):
             method = mp_context or DEFAULT_START_METHOD
             try:
@@ -138,6 +137,20 @@ class ProcessPool(WorkerSet, PoolContext):
                 f"multiprocessing.get_context('spawn')) or a start method name, got "
                 f"{describe(mp_context)}."
             )
+        # Cloudpickle sends __main__'s functions by value, slowly; by
+        # reference is enough when the workers import __main__ themselves. The
+        # initializer too: by value it would set globals of a copy of __main__,
+        # not the ones the calls see.
+        main_by_value = not main_reaches_children(mp_context.get_start_method())
+        init = None
+        if initializer is not None:
+            init = encode_call(
+                initializer,
+                initargs,
+                {},
+                "ProcessPool(initializer=...)",
+                main_by_value=main_by_value,
+            )
         super().__init__(
             name or f"pool{next(_pool_numbers)}",
             max_workers or os.cpu_count() or 1,
@@ -145,9 +158,7 @@ class ProcessPool(WorkerSet, PoolContext):
             init,
             max_tasks_per_worker,
         )
-        # Cloudpickle sends __main__'s functions by value, slowly; by
-        # reference is enough when the workers import __main__ themselves.
-        self._main_by_value = not main_reaches_children(mp_context.get_start_method())
+        self._main_by_value = main_by_value
         self._kill_on_cancel = bool(kill_on_cancel)
         _pools.add(self)
 
@@ -194,6 +205,7 @@ class ProcessPool(WorkerSet, PoolContext):
         call = new_call(self, fn, (), {}, loop, ProcessCall, carry_context=False)
         call._payload = payload
         call._worker = None
+        call._requeued = False
         fd = None
         with self._lock:
             if self._state is not PoolState.OPEN:
@@ -205,8 +217,9 @@ class ProcessPool(WorkerSet, PoolContext):
             if worker is not None:
                 self._assign(worker, call)
                 if large:
-                    call._payload = None
                     fd = self._dup_pipe(worker)
+                    if fd is not None:  # else kept: the manager queues it again
+                        call._payload = None
                 else:
                     # Under _lock, like _dup_pipe: the manager detaches a dead
                     # worker's pipe under it before closing it, so this write
@@ -232,6 +245,13 @@ class ProcessPool(WorkerSet, PoolContext):
         (cancelled by their awaiter, still running), ``queued``, ``completed``,
         ``failed`` (raised, or lost to a crash), ``cancelled``, ``crashed``
         (workers that died while running a call).
+
+        As in :meth:`ThreadPool.statistics`, ``cancelled`` counts awaiters
+        cancelled, and ``completed`` and ``failed`` count functions that
+        returned or raised: an abandoned call whose function later returns is
+        counted in both ``cancelled`` and ``completed`` (its worker did the
+        whole work; nobody used the result). A cancelled call that never ran,
+        or whose worker was killed on cancel, is counted as ``cancelled`` only.
         """
         with self._lock:
             return {
@@ -258,6 +278,7 @@ class ProcessPool(WorkerSet, PoolContext):
         ``PoolClosedError``. Idle workers exit at once. Closing twice is
         allowed; the second call waits like the first.
         """
+        timeout = _check_timeout(timeout, "aclose")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._begin_close(waiter)
@@ -278,6 +299,7 @@ class ProcessPool(WorkerSet, PoolContext):
             RuntimeError: called on a thread whose event loop is running; use
                 ``await pool.aclose()`` there.
         """
+        timeout = _check_timeout(timeout, "close")
         refuse_blocking_close(self)
         done = threading.Event()
         self._begin_close(done)
@@ -387,6 +409,37 @@ class ProcessPool(WorkerSet, PoolContext):
         if manager is not None and manager is not threading.current_thread():
             # It has completed the waiters and only returns now: microseconds.
             manager.join()
+
+
+def _check_initializer(initializer: object, initargs: object) -> tuple[Any, ...]:
+    """Validate ``initializer`` and ``initargs``; return the arguments as a tuple."""
+    where = "ProcessPool(initializer=...)"
+    if initializer is not None:
+        if not callable(initializer):
+            raise TypeError(
+                f"{where} must be a function, called as initializer(*initargs) once in each new "
+                f"worker, got {describe(initializer)}."
+            )
+        if inspect.iscoroutinefunction(initializer) or inspect.isasyncgenfunction(initializer):
+            raise TypeError(
+                f"{where} got the coroutine function {describe(initializer)}, which would only "
+                f"create a coroutine in each worker and never run it. Pass a plain function; "
+                f"it may call asyncio.run() on the coroutine."
+            )
+    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
+        raise TypeError(
+            f"ProcessPool(initargs=...) must be a tuple of the initializer's arguments, got "
+            f"{describe(initargs)}; for a single argument write initargs=(value,)."
+        )
+    return tuple(initargs)
+
+
+def _check_timeout(timeout: object, method: str) -> float | None:
+    # Checked before the pool changes state: a bad timeout must not leave it half closed.
+    if timeout is None:
+        return None
+    seconds = check_seconds(timeout, f"ProcessPool.{method}(timeout=...)", positive=False)
+    return None if math.isinf(seconds) else seconds  # Event.wait() refuses inf
 
 
 def _make_default() -> ProcessPool:

@@ -18,7 +18,7 @@ import pytest
 
 import offloop
 from offloop import CallerGoneError, WouldDeadlockError, from_thread
-from offloop._loopthread import SharedLoopThread, block_on
+from offloop._sharedloop import SharedLoopThread, block_on
 from offloop._token import StopToken, WorkerCall, thread_state
 
 from .helpers import await_until, wait_until

@@ -38,10 +38,11 @@ from ._errors import (
 )
 from ._fromthread import from_thread
 from ._iterate import ThreadedIterator, iterate, threaded
-from ._loopthread import LoopThread, LoopThreadState, to_loop
+from ._loopthread import LoopThread, LoopThreadState
 from ._offload import OffloadFuture
 from ._processpool import ProcessPool, to_process
 from ._service import Service
+from ._sharedloop import to_loop
 from ._status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor import Supervisor
 from ._threadpool import ThreadPool

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final, ParamSpec, TypeVar
 
 from ._crossing import refuse_on_running_loop
-from ._loopthread import SHARED_IDLE_TIMEOUT, SharedLoopThread, block_on
+from ._sharedloop import SHARED_IDLE_TIMEOUT, SharedLoopThread, block_on
 from ._token import thread_state
 from ._validate import check_async_callable
 

@@ -1,19 +1,17 @@
-"""Event loops in threads of their own: ``LoopThread``, the shared ones, ``to_loop``.
+"""Event loops in threads of their own: ``LoopThread``.
 
 The crossings into them (how a coroutine is sent there and its outcome
-brought back) live in ``_crossing``.
+brought back) live in ``_crossing``; the shared loop threads behind
+``from_thread`` and ``to_loop`` in ``_sharedloop``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import contextvars
 import enum
 import logging
-import os
-import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from time import monotonic
@@ -28,12 +26,12 @@ from ._crossing import (
     start_sync,
     wait_reply,
 )
-from ._errors import CallerGoneError, PoolClosedError, WouldDeadlockError
+from ._errors import PoolClosedError, WouldDeadlockError
 from ._poolbase import complete_waiter
-from ._token import StopToken, thread_state
+from ._token import thread_state
 from ._validate import check_async_callable, describe
 
-__all__ = ["LoopThread", "LoopThreadState", "SharedLoopThread", "block_on", "to_loop"]
+__all__ = ["LoopThread", "LoopThreadState"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -56,46 +54,6 @@ _CREATED: Final = LoopThreadState.CREATED
 _RUNNING: Final = LoopThreadState.RUNNING
 _CLOSING: Final = LoopThreadState.CLOSING
 _CLOSED: Final = LoopThreadState.CLOSED
-
-
-def block_on(
-    target: LoopThread | SharedLoopThread | asyncio.AbstractEventLoop,
-    token: StopToken | None,
-    where: str,
-    async_fn: Callable[..., Awaitable[R]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> R:
-    """Run ``async_fn(*args, **kwargs)`` on ``target``'s loop; block for the outcome.
-
-    With a ``token`` (the calling worker's), setting it stops the wait with
-    :class:`CallerGoneError` and cancels the coroutine.
-    """
-    ctx = contextvars.copy_context()
-    if isinstance(target, asyncio.AbstractEventLoop):
-        reply = Reply(target, None)
-        try:
-            target.call_soon_threadsafe(start_sync, reply, async_fn, args, kwargs, context=ctx)
-        except RuntimeError:
-            raise CallerGoneError(
-                f"{where} cannot run {describe(async_fn)}: the event loop that sent this work "
-                f"to the thread ({target!r}) is closed, so nobody is left to run the coroutine "
-                f"or use its result. Return from the worker function."
-            ) from None
-    else:
-        while True:
-            lt = target.get() if isinstance(target, SharedLoopThread) else target
-            if lt._state is _CREATED:
-                lt.start()
-            reply = Reply(lt._loop, lt)  # type: ignore[arg-type]
-            try:
-                lt._submit(start_sync, reply, async_fn, args, kwargs, ctx)
-            except PoolClosedError:
-                if lt._retired and isinstance(target, SharedLoopThread):
-                    continue  # it retired after idling; nothing was sent: take the next one
-                raise
-            break
-    return wait_reply(reply, token, where, async_fn)  # type: ignore[no-any-return]
 
 
 @final
@@ -238,10 +196,9 @@ class LoopThread:
         )
         check_async_callable(async_fn, "LoopThread.call()")
         call = thread_state.call
-        return block_on(
-            self, call.token if call is not None else None, "LoopThread.call()", async_fn, args,
-            kwargs,
-        )  # fmt: skip
+        reply = self._send_sync(async_fn, args, kwargs, contextvars.copy_context())
+        token = call.token if call is not None else None
+        return wait_reply(reply, token, "LoopThread.call()", async_fn)  # type: ignore[no-any-return]
 
     async def run(
         self, async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
@@ -396,6 +353,20 @@ class LoopThread:
             f"LoopThread (or use offloop.to_loop())."
         )
 
+    def _send_sync(
+        self,
+        async_fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ctx: contextvars.Context,
+    ) -> Reply:
+        # Schedules a sync caller's call; raises PoolClosedError before anything ran.
+        if self._state is _CREATED:
+            self.start()
+        reply = Reply(self._loop, self)  # type: ignore[arg-type]
+        self._submit(start_sync, reply, async_fn, args, kwargs, ctx)
+        return reply
+
     def _send(
         self,
         caller: asyncio.AbstractEventLoop,
@@ -521,111 +492,3 @@ def _shutdown(
         # It waits in a new thread, and Python 3.12.0 and 3.12.1 start none
         # in atexit handlers, where the shared loop threads close: wait here.
         executor.shutdown(wait=True)
-
-
-# -- shared loop threads -----------------------------------------------------
-
-
-@final
-class SharedLoopThread:
-    """A process-wide loop thread, started on first use and retired when idle.
-
-    It counts the calls in flight (the loop thread's ``_active``); once none
-    has run for ``idle_timeout`` seconds the thread stops by itself, and the
-    next call starts a new one. At interpreter exit it is closed with a
-    bounded wait. Its thread is a daemon, so it never keeps the process alive.
-    """
-
-    def __init__(self, thread_name: str, idle_timeout: float) -> None:
-        self.thread_name = thread_name
-        self.idle_timeout = idle_timeout
-        self._lock = threading.Lock()
-        self._current: LoopThread | None = None
-        _shared.append(self)
-        if hasattr(os, "register_at_fork"):  # POSIX
-            os.register_at_fork(after_in_child=self._after_fork)
-
-    def _after_fork(self) -> None:
-        # The loop thread is the parent's: the child starts its own on first use.
-        self._lock = threading.Lock()
-        self._current = None
-
-    def get(self) -> LoopThread:
-        """The running shared loop thread, started if needed."""
-        lt = self._current
-        if lt is not None and lt._state is _RUNNING:
-            return lt
-        with self._lock:
-            lt = self._current
-            if lt is None or lt._state is not _RUNNING:
-                lt = LoopThread(name=self.thread_name)
-                lt._thread_name = self.thread_name
-                lt._idle_timeout = self.idle_timeout
-                lt.start()
-                self._current = lt
-        return lt
-
-    @property
-    def current(self) -> LoopThread | None:
-        """The loop thread now in use, if any."""
-        return self._current
-
-    def close(self, timeout: float | None = None) -> None:
-        """Close the current loop thread (the next :meth:`get` starts a new one)."""
-        with self._lock:
-            lt, self._current = self._current, None
-        if lt is not None:
-            lt.close(timeout=timeout)
-
-
-_shared: Final[list[SharedLoopThread]] = []
-
-#: Seconds a shared loop thread stays up with no call before its thread exits.
-SHARED_IDLE_TIMEOUT: Final = 30.0
-
-#: Seconds interpreter exit waits for a shared loop thread to stop.
-EXIT_TIMEOUT: Final = 2.0
-
-_isolated: Final = SharedLoopThread("offloop-shared-loop-to_loop", SHARED_IDLE_TIMEOUT)
-
-
-@atexit.register
-def _close_shared_at_exit() -> None:
-    for holder in _shared:
-        try:
-            holder.close(timeout=EXIT_TIMEOUT)
-        except Exception as exc:  # never fail interpreter exit over a loop thread
-            print(f"offloop: closing {holder.thread_name} at exit failed: {exc!r}", file=sys.stderr)
-
-
-async def to_loop(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
-    """Run the coroutine ``async_fn(*args, **kwargs)`` on an isolated loop thread; await it.
-
-    For a coroutine that blocks (calls ``time.sleep``, a sync client, or a
-    framework doing sync I/O inside ``async def``): it stalls the isolated
-    loop, not yours. All ``to_loop`` calls share one background loop thread
-    (``offloop-shared-loop-to_loop``), so a coroutine that blocks there also
-    delays the other ``to_loop`` calls; give a long-running or often-blocking
-    coroutine its own :class:`LoopThread`. For plain sync functions prefer
-    :func:`to_thread`: it runs many of them at once in a thread pool.
-
-    Cancelling the awaiting task cancels the coroutine; its exception or
-    cancellation reaches the awaiter. Context variables are copied.
-
-    Raises:
-        TypeError: ``async_fn`` is not a coroutine function.
-    """
-    check_async_callable(async_fn, "offloop.to_loop()")
-    caller = asyncio.get_running_loop()
-    while True:
-        lt = _isolated.get()
-        if caller is lt._loop:
-            # Nested to_loop: already isolated; a task copies the context, as crossings do.
-            return await asyncio.ensure_future(async_fn(*args, **kwargs))
-        try:
-            remote = lt._send(caller, async_fn, args, kwargs)
-        except PoolClosedError:
-            if lt._retired:
-                continue  # it retired after idling; nothing was sent, so take the next one
-            raise
-        return await remote.receive()  # type: ignore[no-any-return]

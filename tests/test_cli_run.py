@@ -316,3 +316,29 @@ def test_detect_blocking_logs_the_line_that_blocked_the_loop(tmp_path: Path) -> 
         assert proc.exit_code() == 0
     assert "hoggy.py:11" in proc.output
     assert "time.sleep(0.5)  # the line to name" in proc.output
+
+
+def test_many_deaf_services_still_stop_gracefully_with_exit_code_0(app_dir: Path) -> None:
+    # Their last chances used to add up past the watchdog's margin: a forced exit, 130.
+    (app_dir / "many.py").write_text(
+        textwrap.dedent(
+            """
+            import threading
+            import offloop
+
+            sv = offloop.Supervisor(grace=1, name="many")
+            for i in range(30):
+                def deaf():
+                    threading.Event().wait()  # ignores its token
+
+                sv.service(deaf, name=f"deaf{i}")
+            """
+        )
+    )
+    with Proc(["-m", "offloop", "run", "many:sv", "--plain"], app_dir) as proc:
+        proc.wait_for("all 30 service")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert "many: stopped" in out
+    assert "still not stopped" not in out

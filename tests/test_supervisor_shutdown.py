@@ -357,3 +357,35 @@ async def test_a_stop_that_raises_becomes_the_last_error() -> None:
     async with sv:
         pass
     assert repr(sv.status()["broken"].last_error) == "OSError('the socket was already gone')"
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.allow_leaks  # abandons deaf threads on purpose, then ends them itself
+@bounded(20)
+async def test_many_stuck_services_still_stop_in_about_grace() -> None:
+    # Each stuck service used to get its last chance after the one before: 0.1 s apiece.
+    count, grace = 30, 0.3
+    sv = Supervisor(grace=grace, name="sv")
+    release = threading.Event()
+    started: list[str] = []
+
+    def deaf() -> None:
+        started.append("one more")
+        release.wait(WAIT)  # ignores its token on purpose
+
+    for i in range(count):
+        sv.service(deaf, name=f"deaf{i}")
+    try:
+        async with sv:
+            await await_until(lambda: len(started) == count, WAIT)
+            began = asyncio.get_running_loop().time()
+        took = asyncio.get_running_loop().time() - began
+        assert all(st.state == "stopped" for st in sv.status().values())
+        # The bound is grace + SHUTDOWN_OVERRUN (0.3 s); the rest is slack for a loaded
+        # machine. 30 last chances one after another would take 3 s more.
+        assert took < grace + 1.0, took
+    finally:
+        release.set()
+    for thread in [t for t in threading.enumerate() if t.name.startswith("offloop-service-deaf")]:
+        thread.join(WAIT)
+        assert not thread.is_alive()

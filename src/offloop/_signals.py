@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
+from ._supervised import SHUTDOWN_OVERRUN
+
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
 
@@ -40,8 +42,10 @@ SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 LEFTOVER_WAIT: Final = 1.0
 
 #: Seconds past ``grace`` before a stop that has not finished ends the process:
-#: the supervisor's own bound (grace, then abandoning) plus the leftover wait.
-FORCE_MARGIN: Final = LEFTOVER_WAIT + 1.0
+#: the supervisor's own overrun (the last chances and kills after grace), the
+#: leftover wait, and a second for a loaded machine. No slower shutdown is
+#: graceful any more, so it is taken for a blocked loop.
+FORCE_MARGIN: Final = SHUTDOWN_OVERRUN + LEFTOVER_WAIT + 1.0
 
 
 def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -9,12 +10,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
 from offloop import Supervisor
 from offloop._cli import main as cli_main
 from offloop._cli_run import TargetError, load_supervisor, render_table, status_json
+from tests.helpers import wait_until
 from tests.test_supervisor_signals import Proc
 
 HTTP_TIMEOUT = 5.0
@@ -342,3 +345,75 @@ def test_many_deaf_services_still_stop_gracefully_with_exit_code_0(app_dir: Path
         out = proc.output
     assert "many: stopped" in out
     assert "still not stopped" not in out
+
+
+ORPHANS = """
+import asyncio
+import os
+import threading
+import time
+
+import offloop
+
+sv = offloop.Supervisor(grace=float(os.environ["GRACE"]), name="orphans")
+
+
+def child(token):
+    print(f"child pid {os.getpid()}", flush=True)
+    token.wait()
+
+
+# Registered first, so stopped last: the shutdown is still busy with the next one.
+sv.service(child, isolate="process")
+
+
+if os.environ["HOW"] == "watchdog":
+
+    @sv.service
+    async def hog():
+        await asyncio.sleep(0)
+        print("blocking the loop", flush=True)
+        time.sleep(3600)  # only the watchdog's forced exit ends this
+
+else:
+
+    @sv.service
+    def hog():
+        threading.Event().wait()  # ignores its token: the shutdown waits out the grace
+"""
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("how", ["second-signal", "watchdog", "parent-killed"])
+def test_a_forced_exit_leaves_no_process_service_child_behind(
+    app_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    (app_dir / "orphans.py").write_text(textwrap.dedent(ORPHANS))
+    monkeypatch.setenv("GRACE", "0.2" if how == "watchdog" else "3600")
+    monkeypatch.setenv("HOW", how)
+    with Proc(["-m", "offloop", "run", "orphans:sv", "--plain"], app_dir) as proc:
+        pid = int(proc.wait_for(r"child pid (\d+)").group(1))
+        try:
+            proc.wait_for("blocking the loop" if how == "watchdog" else "all 2 service")
+            if how == "parent-killed":
+                proc.send(signal.SIGKILL)  # no handler runs: only the child can notice
+                assert proc.exit_code() == -signal.SIGKILL
+            elif how == "second-signal":
+                proc.send(signal.SIGINT)
+                proc.wait_for("stopping service 'hog'")
+                proc.send(signal.SIGINT)
+                assert proc.exit_code() == 128 + signal.SIGINT
+            else:
+                proc.send(signal.SIGINT)
+                assert proc.exit_code() == 128 + signal.SIGINT
+                assert "still not stopped" in proc.output
+            wait_until(lambda: _dead(pid), 10.0, f"the service's child {pid} to die")
+        finally:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()  # the old behaviour: do not leak it into other tests

@@ -91,6 +91,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             where.rstrip(),
         )
         _flush()
+        _kill_service_children()
         os._exit(128 + signum)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:  # on the main thread
@@ -108,6 +109,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
         with contextlib.suppress(Exception):
             logger.error("%s: received %s again, exiting now", sv.name, name)
         _flush()
+        _kill_service_children()
         os._exit(128 + signum)
 
     previous: dict[signal.Signals, Any] = {}
@@ -182,6 +184,16 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
             )
     for task in pending:
         logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
+
+
+def _kill_service_children() -> None:
+    # os._exit skips every cleanup: without this, isolate="process" children
+    # would run on as orphans (they ignore SIGINT, so Ctrl-C no longer reaches
+    # them). Only looked up, never imported: no process service, no children.
+    procservice = sys.modules.get("offloop._procservice")
+    if procservice is not None:
+        with contextlib.suppress(Exception):
+            procservice.kill_children()
 
 
 def _flush() -> None:

@@ -83,6 +83,10 @@ class registry:
 
 def make_nothing():
     return None
+
+
+def make_for(env):
+    return sv
 '''
 
 
@@ -203,6 +207,16 @@ def test_second_signal_forces_the_cli_out(app_dir: Path) -> None:
         ("cli_app:svv", "the module 'cli_app' has no attribute 'svv'. Supervisors in it: sv."),
         ("cli_app:number", "'cli_app:number' is int 42, not an offloop.Supervisor"),
         ("cli_app:make_nothing", "calling it returned NoneType None, not an offloop.Supervisor"),
+        (
+            "cli_app:make_for",
+            "'cli_app:make_for' is function 'make_for', which cannot be called without "
+            "arguments (missing a required argument: 'env'). Name an offloop.Supervisor, or a "
+            "function that takes no arguments and returns one.",
+        ),
+        (
+            "toolsapp:sv",
+            "could not import the module 'toolsapp': it needs the module 'tools' (imported at ",
+        ),
     ],
 )
 def test_bad_targets_are_explained(
@@ -212,6 +226,8 @@ def test_bad_targets_are_explained(
     target: str,
     message: str,
 ) -> None:
+    # Exists, but imports a missing module whose name is a prefix of its own.
+    (app_dir / "toolsapp.py").write_text("import tools\n")
     monkeypatch.chdir(app_dir)
     monkeypatch.syspath_prepend(str(app_dir))
     monkeypatch.delitem(sys.modules, "cli_app", raising=False)

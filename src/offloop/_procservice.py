@@ -102,6 +102,9 @@ class ProcessService(_FnService):
             await ready
         except BaseException:
             self._reap(kill=True)
+            # Cancelled while the child was starting (a stop), or the child
+            # ended: either way this run is over, whatever the repr said.
+            self._finish(done, None)
             raise
 
     def _on_message(self, ready: asyncio.Future[None], done: asyncio.Future[None]) -> None:

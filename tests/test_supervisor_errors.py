@@ -220,3 +220,19 @@ async def test_system_exit_in_an_async_service_is_a_crash_of_that_service_only(
     assert cause.__cause__ is error
     assert stopped_politely.is_set()
     assert sv.status()["neighbour"].state == "stopped"
+
+
+@pytest.mark.parametrize("grace", [float("inf"), float("nan")], ids=repr)
+def test_grace_must_be_finite(grace: float) -> None:
+    # inf crashed the signal watchdog at the first Ctrl-C ("timestamp out of range").
+    with pytest.raises(ValueError, match=r"^grace must be ") as info:
+        Supervisor(grace=grace)
+    assert repr(grace) in str(info.value)
+    with pytest.raises(ValueError, match=r"^detect_blocking must be "):
+        Supervisor(detect_blocking=grace)
+
+
+def test_restart_durations_may_still_be_infinite() -> None:
+    # The shared check_seconds() refuses infinity only where something waits it out.
+    sv = Supervisor()
+    sv.service(max_backoff=float("inf"), restart_window=float("inf"))(_never)

@@ -374,7 +374,7 @@ async def test_many_stuck_services_still_stop_in_about_grace() -> None:
         release.wait(WAIT)  # ignores its token on purpose
 
     for i in range(count):
-        sv.service(deaf, name=f"deaf{i}")
+        sv.service(name=f"deaf{i}")(deaf)
     try:
         async with sv:
             await await_until(lambda: len(started) == count, WAIT)

@@ -120,3 +120,33 @@ async def test_under_a_supervisor() -> None:
     assert journal == ["startup", "shutdown"]
     assert sv.status()["api"].state == "stopped"
     assert refuses(api.port)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_kill_cancels_the_requests_and_the_lifespan_left_on_the_loop() -> None:
+    journal: list[str] = []
+    entered = asyncio.Event()
+    ours = asyncio.all_tasks()  # the test's own (bounded() runs it in a second task)
+
+    async def hang(request: Request) -> PlainTextResponse:
+        entered.set()
+        await asyncio.sleep(3600)  # outlives the grace period
+        return PlainTextResponse("late")
+
+    app = make_app(journal)
+    app.router.routes.append(Route("/hang", hang))
+    svc = ASGIService(app, port=0, name="asgi-hang", access_log=False)
+    sv = Supervisor(grace=0.2, name="sv")
+    sv.add(svc)
+    async with sv:
+        _, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(entered.wait(), WAIT)
+    writer.close()
+    assert sv.status()["asgi-hang"].state == "stopped"
+    assert journal == ["startup"]  # killed: no lifespan shutdown
+    # kill() cancelled the request and the lifespan; each ends on its next step.
+    left = asyncio.all_tasks() - ours
+    await asyncio.wait_for(asyncio.gather(*left, return_exceptions=True), WAIT)
+    assert asyncio.all_tasks() - ours == set()

@@ -235,3 +235,16 @@ def test_bad_command_lines_exit_2_with_a_message(
 
 def test_check_is_listed_in_the_help() -> None:
     assert "check" in build_parser().format_help()
+
+
+@pytest.mark.parametrize("output", ["missing-dir/report.txt", "."], ids=["no-dir", "a-dir"])
+def test_an_unwritable_output_is_refused_before_the_script_runs(
+    tmp_path: Path, output: str
+) -> None:
+    script = write(tmp_path / "app.py", 'open("ran", "w").close()\n')
+    result = check(tmp_path, "-o", output, str(script))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"offloop check: error: cannot write the report to {output!r}")
+    assert "Pass the path of a file in an existing directory to --output." in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "ran").exists()  # refused up front, not after running it

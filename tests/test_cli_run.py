@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -9,12 +10,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
 from offloop import Supervisor
 from offloop._cli import main as cli_main
 from offloop._cli_run import TargetError, load_supervisor, render_table, status_json
+from tests.helpers import wait_until
 from tests.test_supervisor_signals import Proc
 
 HTTP_TIMEOUT = 5.0
@@ -80,6 +83,10 @@ class registry:
 
 def make_nothing():
     return None
+
+
+def make_for(env):
+    return sv
 '''
 
 
@@ -200,6 +207,16 @@ def test_second_signal_forces_the_cli_out(app_dir: Path) -> None:
         ("cli_app:svv", "the module 'cli_app' has no attribute 'svv'. Supervisors in it: sv."),
         ("cli_app:number", "'cli_app:number' is int 42, not an offloop.Supervisor"),
         ("cli_app:make_nothing", "calling it returned NoneType None, not an offloop.Supervisor"),
+        (
+            "cli_app:make_for",
+            "'cli_app:make_for' is function 'make_for', which cannot be called without "
+            "arguments (missing a required argument: 'env'). Name an offloop.Supervisor, or a "
+            "function that takes no arguments and returns one.",
+        ),
+        (
+            "toolsapp:sv",
+            "could not import the module 'toolsapp': it needs the module 'tools' (imported at ",
+        ),
     ],
 )
 def test_bad_targets_are_explained(
@@ -209,6 +226,8 @@ def test_bad_targets_are_explained(
     target: str,
     message: str,
 ) -> None:
+    # Exists, but imports a missing module whose name is a prefix of its own.
+    (app_dir / "toolsapp.py").write_text("import tools\n")
     monkeypatch.chdir(app_dir)
     monkeypatch.syspath_prepend(str(app_dir))
     monkeypatch.delitem(sys.modules, "cli_app", raising=False)
@@ -316,3 +335,101 @@ def test_detect_blocking_logs_the_line_that_blocked_the_loop(tmp_path: Path) -> 
         assert proc.exit_code() == 0
     assert "hoggy.py:11" in proc.output
     assert "time.sleep(0.5)  # the line to name" in proc.output
+
+
+def test_many_deaf_services_still_stop_gracefully_with_exit_code_0(app_dir: Path) -> None:
+    # Their last chances used to add up past the watchdog's margin: a forced exit, 130.
+    (app_dir / "many.py").write_text(
+        textwrap.dedent(
+            """
+            import threading
+            import offloop
+
+            sv = offloop.Supervisor(grace=1, name="many")
+            for i in range(30):
+                def deaf():
+                    threading.Event().wait()  # ignores its token
+
+                sv.service(deaf, name=f"deaf{i}")
+            """
+        )
+    )
+    with Proc(["-m", "offloop", "run", "many:sv", "--plain"], app_dir) as proc:
+        proc.wait_for("all 30 service")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert "many: stopped" in out
+    assert "still not stopped" not in out
+
+
+ORPHANS = """
+import asyncio
+import os
+import threading
+import time
+
+import offloop
+
+sv = offloop.Supervisor(grace=float(os.environ["GRACE"]), name="orphans")
+
+
+def child(token):
+    print(f"child pid {os.getpid()}", flush=True)
+    token.wait()
+
+
+# Registered first, so stopped last: the shutdown is still busy with the next one.
+sv.service(child, isolate="process")
+
+
+if os.environ["HOW"] == "watchdog":
+
+    @sv.service
+    async def hog():
+        await asyncio.sleep(0)
+        print("blocking the loop", flush=True)
+        time.sleep(3600)  # only the watchdog's forced exit ends this
+
+else:
+
+    @sv.service
+    def hog():
+        threading.Event().wait()  # ignores its token: the shutdown waits out the grace
+"""
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("how", ["second-signal", "watchdog", "parent-killed"])
+def test_a_forced_exit_leaves_no_process_service_child_behind(
+    app_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    (app_dir / "orphans.py").write_text(textwrap.dedent(ORPHANS))
+    monkeypatch.setenv("GRACE", "0.2" if how == "watchdog" else "3600")
+    monkeypatch.setenv("HOW", how)
+    with Proc(["-m", "offloop", "run", "orphans:sv", "--plain"], app_dir) as proc:
+        pid = int(proc.wait_for(r"child pid (\d+)").group(1))
+        try:
+            proc.wait_for("blocking the loop" if how == "watchdog" else "all 2 service")
+            if how == "parent-killed":
+                proc.send(signal.SIGKILL)  # no handler runs: only the child can notice
+                assert proc.exit_code() == -signal.SIGKILL
+            elif how == "second-signal":
+                proc.send(signal.SIGINT)
+                proc.wait_for("stopping service 'hog'")
+                proc.send(signal.SIGINT)
+                assert proc.exit_code() == 128 + signal.SIGINT
+            else:
+                proc.send(signal.SIGINT)
+                assert proc.exit_code() == 128 + signal.SIGINT
+                assert "still not stopped" in proc.output
+            wait_until(lambda: _dead(pid), 10.0, f"the service's child {pid} to die")
+        finally:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()  # the old behaviour: do not leak it into other tests

@@ -136,3 +136,26 @@ def test_without_a_checkout_the_demo_loads_the_installed_copy(
     module = _demo.load_seed_app()
     assert module.INSTALLED_COPY is True
     assert callable(module.run)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--interval", "0"),
+        ("--interval", "-1"),
+        ("--interval", "nan"),
+        ("--seconds", "-1"),
+        ("--seconds", "nan"),
+    ],
+    ids=" ".join,
+)
+def test_bad_durations_are_usage_errors(
+    args: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from offloop._cli import main
+
+    assert main(["demo", *args]) == 2  # refused before anything starts
+    flag, value = args
+    assert capsys.readouterr().err == (
+        f"offloop demo: error: {flag} must be a positive number of seconds, got {float(value)}.\n"
+    )

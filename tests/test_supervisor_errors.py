@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import offloop
-from offloop import ServiceFailed, StopToken, Supervisor
+from offloop import OffloopError, ServiceFailed, StopToken, Supervisor
 from tests.helpers import bounded
 from tests.test_supervisor import Recorder
 
@@ -191,3 +191,48 @@ def test_a_stop_racing_run_in_another_thread_is_never_lost() -> None:
         thread.join(WAIT)
         assert not thread.is_alive(), f"run() ignored a stop() sent while it started (round {n})"
         assert outcome == [0]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()], ids=repr)
+async def test_system_exit_in_an_async_service_is_a_crash_of_that_service_only(
+    error: BaseException,
+) -> None:
+    # A task lets these escape through the event loop: the supervisor itself would end.
+    sv = Supervisor(name="sv")
+    stopped_politely = threading.Event()
+
+    @sv.service
+    def neighbour(token: StopToken) -> None:
+        token.wait()
+        stopped_politely.set()
+
+    @sv.service(restart="no")
+    async def quitter() -> None:
+        raise error
+
+    with pytest.raises(ServiceFailed) as info:
+        await sv.serve()
+    cause = info.value.__cause__
+    assert isinstance(cause, OffloopError)
+    assert str(cause) == f"service 'quitter' raised {error!r}"
+    assert cause.__cause__ is error
+    assert stopped_politely.is_set()
+    assert sv.status()["neighbour"].state == "stopped"
+
+
+@pytest.mark.parametrize("grace", [float("inf"), float("nan")], ids=repr)
+def test_grace_must_be_finite(grace: float) -> None:
+    # inf crashed the signal watchdog at the first Ctrl-C ("timestamp out of range").
+    with pytest.raises(ValueError, match=r"^grace must be ") as info:
+        Supervisor(grace=grace)
+    assert repr(grace) in str(info.value)
+    with pytest.raises(ValueError, match=r"^detect_blocking must be "):
+        Supervisor(detect_blocking=grace)
+
+
+def test_restart_durations_may_still_be_infinite() -> None:
+    # The shared check_seconds() refuses infinity only where something waits it out.
+    sv = Supervisor()
+    sv.service(max_backoff=float("inf"), restart_window=float("inf"))(_never)

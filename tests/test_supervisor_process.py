@@ -159,3 +159,45 @@ async def test_system_exit_in_the_child_is_a_crash_not_an_exit_of_the_parent() -
     assert error is not None
     assert str(error) == "the process of service 'exiting_child' raised SystemExit(4)"
     assert isinstance(error.__cause__, SystemExit)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_kill_children_kills_every_live_child_for_a_forced_exit(tmp_path: Path) -> None:
+    # What the signal handler and the watchdog call just before os._exit.
+    from offloop._procservice import kill_children
+
+    sv = Supervisor(name="procs")
+    marker = tmp_path / "child"
+    sv.service(isolate="process", name="child", backoff=3600, max_backoff=3600)(
+        functools.partial(polite_child, str(marker))
+    )
+    async with sv:
+        await await_until(marker.exists, WAIT, "the child to run")
+        kill_children()
+        # SIGKILL, not the polite SIGTERM: the token was never set.
+        await await_until(lambda: sv.status()["child"].state == "restarting", WAIT)
+        assert isinstance(sv.status()["child"].last_error, WorkerCrashed)
+        assert marker.read_text().startswith("running")
+    kill_children()  # nothing left to kill: the reaped pid is forgotten
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_a_service_stopped_while_its_child_starts_no_longer_says_running(
+    tmp_path: Path,
+) -> None:
+    from offloop._procservice import ProcessService
+
+    marker = tmp_path / "child"
+    svc = ProcessService(
+        functools.partial(polite_child, str(marker)), "slow", is_async=False, pass_token=True
+    )
+    start = asyncio.create_task(svc.start())
+    await await_until(lambda: svc.pid is not None, WAIT, "the child to be spawned")
+    # The spawned child is still importing the interpreter: far from ready.
+    start.cancel()
+    await asyncio.wait({start})
+    assert start.cancelled()
+    assert repr(svc).startswith("<ProcessService 'slow' ended fn=")
+    assert svc._process is None  # reaped: the leak check sees no child either

@@ -259,3 +259,133 @@ async def test_a_stop_that_raises_is_logged_as_such_and_the_service_killed(
         caplog.text
     )
     assert "grace period" not in caplog.text  # it did not wait out the 5 s grace either
+
+
+class DeafStop(Service):
+    """A stop() that swallows its cancellation and ends only once kill() was called."""
+
+    name = "deaf-stop"
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+
+    async def start(self) -> None:
+        self._ended = asyncio.Event()
+        self.killed = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._ended.wait()
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled += 1  # e.g. a client library that retries on cancellation
+        await self.killed.wait()
+
+    def kill(self) -> list[str]:
+        self.killed.set()
+        self._ended.set()
+        return []
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_stop_that_swallows_its_cancellation_does_not_hold_up_the_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Waiting for the cancelled stop() to end would deadlock: it only ends once killed.
+    sv = Supervisor(grace=0.2, name="sv")
+    svc = sv.add(DeafStop())
+    async with sv:
+        pass
+    assert svc.cancelled == 1
+    assert sv.status()["deaf-stop"].state == "stopped"
+    assert "sv: service 'deaf-stop' did not stop within the grace period; killed it" in (
+        caplog.messages
+    )
+    # The abandoned stop() ends once killed: nothing is left on the loop.
+    stoppers = [t for t in asyncio.all_tasks() if t.get_name() == "offloop-stop-deaf-stop"]
+    await asyncio.wait_for(asyncio.gather(*stoppers), WAIT)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_errors_raised_while_stopping_are_recorded_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sv = Supervisor(grace=5, name="sv")
+    running = threading.Event()
+    entered = asyncio.Event()
+
+    @sv.service
+    def flusher(token: StopToken) -> None:
+        running.set()
+        token.wait()
+        raise OSError("could not flush the buffer")
+
+    @sv.service
+    async def closer() -> None:
+        try:
+            entered.set()
+            await asyncio.sleep(3600)
+        finally:
+            raise RuntimeError("could not close the connection")
+
+    with caplog.at_level(logging.INFO, logger="offloop"):
+        async with sv:
+            await await_until(running.is_set, WAIT)
+            await asyncio.wait_for(entered.wait(), WAIT)
+    status = sv.status()
+    assert repr(status["flusher"].last_error) == "OSError('could not flush the buffer')"
+    assert repr(status["closer"].last_error) == "RuntimeError('could not close the connection')"
+    assert status["flusher"].state == status["closer"].state == "stopped"
+    crashed = [m for m in caplog.messages if "crashed while stopping" in m]
+    assert sorted(crashed) == [
+        "sv: service 'closer' crashed while stopping: "
+        "RuntimeError('could not close the connection')",
+        "sv: service 'flusher' crashed while stopping: OSError('could not flush the buffer')",
+    ]
+    assert sv.state == "stopped"
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_stop_that_raises_becomes_the_last_error() -> None:
+    sv = Supervisor(name="broken-stop", grace=5)
+    sv.add(BrokenStop())
+    async with sv:
+        pass
+    assert repr(sv.status()["broken"].last_error) == "OSError('the socket was already gone')"
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.allow_leaks  # abandons deaf threads on purpose, then ends them itself
+@bounded(20)
+async def test_many_stuck_services_still_stop_in_about_grace() -> None:
+    # Each stuck service used to get its last chance after the one before: 0.1 s apiece.
+    count, grace = 30, 0.3
+    sv = Supervisor(grace=grace, name="sv")
+    release = threading.Event()
+    started: list[str] = []
+
+    def deaf() -> None:
+        started.append("one more")
+        release.wait(WAIT)  # ignores its token on purpose
+
+    for i in range(count):
+        sv.service(name=f"deaf{i}")(deaf)
+    try:
+        async with sv:
+            await await_until(lambda: len(started) == count, WAIT)
+            began = asyncio.get_running_loop().time()
+        took = asyncio.get_running_loop().time() - began
+        assert all(st.state == "stopped" for st in sv.status().values())
+        # The bound is grace + SHUTDOWN_OVERRUN (0.3 s); the rest is slack for a loaded
+        # machine. 30 last chances one after another would take 3 s more.
+        assert took < grace + 1.0, took
+    finally:
+        release.set()
+    for thread in [t for t in threading.enumerate() if t.name.startswith("offloop-service-deaf")]:
+        thread.join(WAIT)
+        assert not thread.is_alive()

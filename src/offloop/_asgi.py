@@ -83,6 +83,7 @@ class ASGIService(NetworkAdapter):
         self.access_log = bool(access_log)
         self._server: Any = None
         self._main: asyncio.Task[None] | None = None
+        self._lifespan_task: asyncio.Task[Any] | None = None
 
     def __repr__(self) -> str:
         where = self._where()
@@ -131,7 +132,8 @@ class ASGIService(NetworkAdapter):
         try:
             if not config.loaded:
                 config.load()
-            server.lifespan = config.lifespan_class(config)
+            server.lifespan = lifespan = config.lifespan_class(config)
+            self._track_lifespan(lifespan)
             await server.startup(sockets=[sock])
         except SystemExit as exc:  # uvicorn's way to give up; not ours to exit the process
             raise RuntimeError(
@@ -144,6 +146,20 @@ class ASGIService(NetworkAdapter):
                 with contextlib.suppress(Exception):
                     await server.shutdown(sockets=[sock])
             raise
+
+    def _track_lifespan(self, lifespan: Any) -> None:
+        # uvicorn starts the app's lifespan as a task it keeps no handle to;
+        # kill() must cancel it, so its main() records the task it runs in.
+        main = getattr(lifespan, "main", None)
+        if main is None:  # lifespan="off": no task
+            self._lifespan_task = None
+            return
+
+        async def tracked_main() -> None:
+            self._lifespan_task = asyncio.current_task()
+            await main()
+
+        lifespan.main = tracked_main
 
     async def _serve(self, server: Any, sock: Any, done: asyncio.Future[None]) -> None:
         exc: BaseException | None = None
@@ -168,15 +184,25 @@ class ASGIService(NetworkAdapter):
         await asyncio.wait({main})
 
     def kill(self) -> list[str]:
-        """Skip the graceful part: drop open connections and the lifespan shutdown."""
+        """Skip the graceful part: drop open connections, cancel the requests and the lifespan."""
         server, main, done = self._server, self._main, self._done
+        # A request handler runs on after its client is gone, and the lifespan
+        # waits for a shutdown message that never comes: a killed service must
+        # not leave them behind on the loop.
+        leftovers: list[asyncio.Task[Any]] = []
         if server is not None:
             server.force_exit = True
             for conn in list(server.server_state.connections):
                 with contextlib.suppress(Exception):
                     conn.transport.abort()
-        if main is not None and not main.done():
-            main.cancel("offloop service killed")
+            leftovers += list(server.server_state.tasks)
+        if self._lifespan_task is not None:
+            leftovers.append(self._lifespan_task)
+        if main is not None:
+            leftovers.append(main)
+        for task in leftovers:
+            if not task.done():
+                task.cancel("offloop service killed")
         if done is not None:
             self._finish(done)
         return []

@@ -78,6 +78,13 @@ def main(args: argparse.Namespace) -> int:
             f"there is no file {args.script!r} (from {os.getcwd()}); pass the path of the "
             f"Python script to run."
         )
+    problem = None if args.output is None else _unwritable(args.output)
+    if problem is not None:
+        # Checked before the script runs: its report must not be lost at the end.
+        return _usage(
+            f"cannot write the report to {args.output!r}: {problem}. Pass the path of a file "
+            f"in an existing directory to --output."
+        )
     with LoopWatch(threshold=threshold, on_block=_announce_ongoing) as watch:
         code = run_script(args.script, args.args)
     sys.stdout.flush()
@@ -201,6 +208,16 @@ def _print_script_traceback(exc: BaseException, path: str) -> None:
     while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != target:
         tb = tb.tb_next
     traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
+
+
+def _unwritable(path: str) -> str | None:
+    """Why the report cannot be written to ``path``, or None if it looks writable."""
+    if os.path.isdir(path):
+        return "it is a directory"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"there is no directory {folder!r}"
+    return None
 
 
 def _usage(message: str) -> int:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -129,7 +130,8 @@ def load_supervisor(target: str) -> Supervisor:
     callable that returns the Supervisor.
 
     Raises:
-        TargetError: the target is malformed, missing, or not a Supervisor.
+        TargetError: the target is malformed, missing, not a Supervisor, a
+            factory that needs arguments, or its module imports a missing module.
     """
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
@@ -145,8 +147,16 @@ def load_supervisor(target: str) -> Supervisor:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is None or not module_name.startswith(exc.name):
-            raise  # the module exists but imports something missing: show that traceback
+        # Only the target itself (or a package above it) missing means a wrong
+        # target; 'mytools' missing while importing 'mytoolsapp' is a missing
+        # dependency, whose traceback says what to install.
+        missing = exc.name
+        if missing is None or not (module_name == missing or module_name.startswith(missing + ".")):
+            raise TargetError(
+                f"could not import the module {module_name!r}: it needs the module "
+                f"{missing!r}{_where(exc)}, which is not installed. Install it (or fix the "
+                f"import) and run the command again."
+            ) from exc
         raise TargetError(
             f"could not import the module {module_name!r}: there is no such module in {cwd} "
             f"or on the Python path. Run the command from the directory that holds it."
@@ -164,6 +174,7 @@ def load_supervisor(target: str) -> Supervisor:
     if isinstance(obj, Supervisor):
         return obj
     if callable(obj):
+        _check_factory(obj, target)
         result = obj()
         if isinstance(result, Supervisor):
             return result
@@ -175,6 +186,32 @@ def load_supervisor(target: str) -> Supervisor:
         f"{target!r} is {describe(obj)}, not an offloop.Supervisor (or a function that "
         f"returns one)."
     )
+
+
+def _where(exc: BaseException) -> str:
+    # The last frame of the user's own code: where the missing module was imported.
+    tb, where = exc.__traceback__, ""
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith("<frozen "):
+            where = f" (imported at {filename}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
+
+
+def _check_factory(factory: Any, target: str) -> None:
+    # Checked before the call, not by catching its TypeError: that would also
+    # swallow a TypeError raised inside a factory that takes no arguments.
+    try:
+        inspect.signature(factory).bind()
+    except ValueError:  # no signature to check (some builtins): just call it
+        return
+    except TypeError as exc:
+        raise TargetError(
+            f"{target!r} is {describe(factory)}, which cannot be called without arguments "
+            f"({exc}). Name an offloop.Supervisor, or a function that takes no arguments and "
+            f"returns one."
+        ) from None
 
 
 def _setup_logging(level: str, use_table: bool) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import sysconfig
@@ -69,6 +70,15 @@ def load_seed_app(path: Path | None = None) -> ModuleType:
 
 def _handle(args: argparse.Namespace) -> int:
     from ._errors import MissingExtraError
+
+    # A zero interval would tick in a busy loop; NaN and negative values make no sense.
+    for flag, value in (("--seconds", args.seconds), ("--interval", args.interval)):
+        if value is not None and not (0 < value < math.inf):
+            print(
+                f"offloop demo: error: {flag} must be a positive number of seconds, got {value}.",
+                file=sys.stderr,
+            )
+            return 2
 
     try:
         seed_app = load_seed_app()

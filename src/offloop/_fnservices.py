@@ -160,7 +160,7 @@ class TaskService(_FnService):
     async def start(self) -> None:
         done = self._begin()
         task = asyncio.get_running_loop().create_task(
-            self._coroutine(), name=f"offloop-service-{self.name}"
+            self._guarded(), name=f"offloop-service-{self.name}"
         )
         self._task = task
 
@@ -173,6 +173,16 @@ class TaskService(_FnService):
 
     def _coroutine(self) -> Coroutine[Any, Any, object]:
         return self._async_fn()
+
+    async def _guarded(self) -> object:
+        try:
+            return await self._coroutine()
+        except (SystemExit, KeyboardInterrupt) as e:
+            # A task lets these two escape through the event loop, ending the
+            # whole supervisor at once; like in a ThreadService, they are a
+            # crash of this service only.
+            exc = OffloopError(f"service {self.name!r} raised {e!r}")
+            raise exc from e
 
     async def stop(self) -> None:
         task = self._task

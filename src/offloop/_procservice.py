@@ -6,12 +6,19 @@ SIGINT (Ctrl-C in a terminal reaches the whole process group; the parent
 decides what happens) and treats SIGTERM as the polite stop: an ``async def``
 is cancelled, a ``def`` taking a parameter gets its StopToken set, a ``def``
 without one is simply terminated.
+
+No child outlives its parent: a forced exit (a second Ctrl-C, the signal
+watchdog) SIGKILLs the live children before ``os._exit`` (:func:`kill_children`),
+and a child also dies with a parent killed outright, like a ProcessPool worker
+(``PR_SET_PDEATHSIG`` on Linux, else polling its parent's pid).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
+import os
 import pickle
 import signal
 import sys
@@ -25,9 +32,24 @@ from ._fnservices import FnState, _FnService
 from ._token import StopToken
 from ._validate import describe
 
-__all__ = ["ProcessService"]
+__all__ = ["ProcessService", "kill_children"]
 
 _KILL_JOIN = 2.0  # SIGKILL cannot be ignored; this only covers the kernel reaping it
+
+#: Pids of the service children not yet reaped. A pid leaves only once joined,
+#: so it can never name a recycled process.
+_live_children: set[int] = set()
+
+
+def kill_children() -> None:
+    """SIGKILL every live service child now; for a forced exit, which skips all cleanup.
+
+    Safe from a signal handler and from any thread: it only copies a set and
+    sends signals.
+    """
+    for pid in list(_live_children):
+        with contextlib.suppress(OSError):
+            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 class ProcessService(_FnService):
@@ -63,7 +85,7 @@ class ProcessService(_FnService):
         reader, writer = ctx.Pipe(duplex=False)
         process = ctx.Process(
             target=_child_main,
-            args=(self.fn, self.is_async, self.pass_token, writer),
+            args=(self.fn, self.is_async, self.pass_token, writer, os.getpid()),
             name=f"offloop-service-{self.name}",
             daemon=True,
         )
@@ -71,6 +93,8 @@ class ProcessService(_FnService):
             process.start()
         finally:
             writer.close()  # only the child writes; EOF then means it is gone
+        assert process.pid is not None
+        _live_children.add(process.pid)
         self._process, self._conn, self.pid = process, reader, process.pid
         ready: asyncio.Future[None] = loop.create_future()
         loop.add_reader(reader.fileno(), self._on_message, ready, done)
@@ -78,6 +102,9 @@ class ProcessService(_FnService):
             await ready
         except BaseException:
             self._reap(kill=True)
+            # Cancelled while the child was starting (a stop), or the child
+            # ended: either way this run is over, whatever the repr said.
+            self._finish(done, None)
             raise
 
     def _on_message(self, ready: asyncio.Future[None], done: asyncio.Future[None]) -> None:
@@ -157,6 +184,7 @@ class ProcessService(_FnService):
         process.join(_KILL_JOIN)
         exitcode = process.exitcode
         if exitcode is not None:
+            _live_children.discard(process.pid)
             process.close()
             self._process = None
         return exitcode
@@ -187,7 +215,13 @@ class ProcessService(_FnService):
         return f"<ProcessService {self.name!r} {self.state.value}{pid} fn={describe(self.fn)}>"
 
 
-def _child_main(fn: Callable[..., Any], is_async: bool, pass_token: bool, conn: Connection) -> None:
+def _child_main(
+    fn: Callable[..., Any], is_async: bool, pass_token: bool, conn: Connection, parent_pid: int
+) -> None:
+    # Imported here: the parent has no use for the worker module.
+    from ._process_worker import _die_with_parent
+
+    _die_with_parent(parent_pid, pdeathsig=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     token = StopToken()
     try:

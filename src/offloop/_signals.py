@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
+from ._supervised import SHUTDOWN_OVERRUN
+
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
 
@@ -40,8 +42,10 @@ SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 LEFTOVER_WAIT: Final = 1.0
 
 #: Seconds past ``grace`` before a stop that has not finished ends the process:
-#: the supervisor's own bound (grace, then abandoning) plus the leftover wait.
-FORCE_MARGIN: Final = LEFTOVER_WAIT + 1.0
+#: the supervisor's own overrun (the last chances and kills after grace), the
+#: leftover wait, and a second for a loaded machine. No slower shutdown is
+#: graceful any more, so it is taken for a blocked loop.
+FORCE_MARGIN: Final = SHUTDOWN_OVERRUN + LEFTOVER_WAIT + 1.0
 
 
 def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int:
@@ -87,6 +91,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             where.rstrip(),
         )
         _flush()
+        _kill_service_children()
         os._exit(128 + signum)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:  # on the main thread
@@ -104,6 +109,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
         with contextlib.suppress(Exception):
             logger.error("%s: received %s again, exiting now", sv.name, name)
         _flush()
+        _kill_service_children()
         os._exit(128 + signum)
 
     previous: dict[signal.Signals, Any] = {}
@@ -178,6 +184,16 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
             )
     for task in pending:
         logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
+
+
+def _kill_service_children() -> None:
+    # os._exit skips every cleanup: without this, isolate="process" children
+    # would run on as orphans (they ignore SIGINT, so Ctrl-C no longer reaches
+    # them). Only looked up, never imported: no process service, no children.
+    procservice = sys.modules.get("offloop._procservice")
+    if procservice is not None:
+        with contextlib.suppress(Exception):
+            procservice.kill_children()
 
 
 def _flush() -> None:

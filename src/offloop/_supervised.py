@@ -16,7 +16,7 @@ from ._restart import RestartPolicy, RestartTracker
 from ._service import Service
 from ._status import ServiceState, ServiceStatus
 
-__all__ = ["LAST_CHANCE", "Owner", "Supervised"]
+__all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "Owner", "Supervised"]
 
 logger: Final = logging.getLogger("offloop.supervisor")
 
@@ -24,6 +24,11 @@ logger: Final = logging.getLogger("offloop.supervisor")
 #: earlier one used up the whole grace period: a well-behaved service that
 #: stops in a millisecond should not be abandoned because a neighbour hung.
 LAST_CHANCE: Final = 0.1
+
+#: How far past ``grace`` a whole shutdown may run, however many services hang:
+#: the last chance of the one being stopped when the time ran out, then one
+#: last chance shared by all the others, then the wait for their runners.
+SHUTDOWN_OVERRUN: Final = 3 * LAST_CHANCE
 
 _ST = ServiceState
 
@@ -94,19 +99,16 @@ class Supervised:
                 except Exception as exc:
                     crash = exc
             if self.stopping:
-                return  # the shutdown owns the state from here
+                # The shutdown owns the state from here, but an error on the way
+                # out (a cleanup that failed) is still worth knowing about.
+                if crash is not None:
+                    self._crashed_while_stopping(crash)
+                return
             if self.owner._shutting_down():
                 # Shutting down, not yet this service's turn: an end or crash now
                 # is final, never a reason to start it again.
                 if crash is not None:
-                    self.last_error = crash
-                    logger.error(
-                        "%s: service %r crashed while stopping: %r",
-                        sv,
-                        self.name,
-                        crash,
-                        exc_info=crash,
-                    )
+                    self._crashed_while_stopping(crash)
                 self.end(_ST.STOPPED)
                 return
             if crash is None:
@@ -145,10 +147,24 @@ class Supervised:
                 self.end(_ST.STOPPED)
                 return
 
+    def _crashed_while_stopping(self, crash: BaseException) -> None:
+        self.last_error = crash
+        logger.error(
+            "%s: service %r crashed while stopping: %r",
+            self.owner.name,
+            self.name,
+            crash,
+            exc_info=crash,
+        )
+
     # -- the stop --------------------------------------------------------------------------
 
     async def stop(self, deadline: float) -> None:
-        """Stop the service politely by ``deadline`` (loop time), else kill it; never raises."""
+        """Stop the service politely by ``deadline`` (loop time), else kill it; never raises.
+
+        Returns by ``max(deadline, now + LAST_CHANCE) + LAST_CHANCE`` whatever the
+        service's ``stop()`` does: one that ignores its cancellation is left behind.
+        """
         loop = asyncio.get_running_loop()
         sv, runner = self.owner.name, self.runner
         if self.state in (_ST.STOPPED, _ST.FAILED):
@@ -173,21 +189,43 @@ class Supervised:
             runner.cancel()  # interrupt start(); stop() below cleans up what it began
         polite = False
         why = "did not stop within the grace period"
+        # A task, not wait_for(): on timeout, wait_for() waits for the cancelled
+        # stop() to end, which is forever if it swallows the cancellation.
+        stopper = loop.create_task(self.service.stop(), name=f"offloop-stop-{self.name}")
         try:
-            await asyncio.wait_for(self.service.stop(), max(deadline - loop.time(), LAST_CHANCE))
+            await asyncio.wait({stopper}, timeout=max(deadline - loop.time(), LAST_CHANCE))
+        except BaseException:  # the shutdown itself is cancelled: take the stop along
+            stopper.cancel()
+            raise
+        if not stopper.done():
+            stopper.cancel()
+            stopper.add_done_callback(self._late_stop_done)
+        elif stopper.cancelled():
+            pass  # stop() gave up by itself: no polite stop
+        elif (error := stopper.exception()) is not None:
+            self.last_error = error
+            logger.error("%s: stopping service %r raised", sv, self.name, exc_info=error)
+            why = "could not be stopped politely (its stop() raised)"
+        else:
             await asyncio.wait({runner}, timeout=max(deadline - loop.time(), LAST_CHANCE))
             polite = runner.done()
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
-        except Exception:
-            logger.exception("%s: stopping service %r raised", sv, self.name)
-            why = "could not be stopped politely (its stop() raised)"
         if not polite:
             self._kill(why)
             runner.cancel()
             await asyncio.wait({runner}, timeout=LAST_CHANCE)
         self.end(_ST.STOPPED)
         logger.info("%s: service %r stopped", sv, self.name)
+
+    def _late_stop_done(self, stopper: asyncio.Task[None]) -> None:
+        # The stop() that outlived the grace period ended after all; its error
+        # still belongs in the log (and must not be reported as never retrieved).
+        if not stopper.cancelled() and (error := stopper.exception()) is not None:
+            logger.error(
+                "%s: stopping service %r raised after it was killed",
+                self.owner.name,
+                self.name,
+                exc_info=error,
+            )
 
     def _kill(self, why: str) -> None:
         sv = self.owner.name

@@ -64,8 +64,9 @@ class Supervisor:
             :attr:`detector` gives the report afterwards.
 
     Raises:
-        TypeError, ValueError: ``grace`` is not a number of seconds >= 0, or
-            ``detect_blocking`` is neither a bool nor a positive number of seconds.
+        TypeError, ValueError: ``grace`` is not a finite number of seconds >= 0,
+            or ``detect_blocking`` is neither a bool nor a positive, finite number
+            of seconds.
     """
 
     def __init__(
@@ -75,12 +76,16 @@ class Supervisor:
         name: str | None = None,
         detect_blocking: bool | float | None = None,
     ) -> None:
-        self.grace = check_seconds(grace, "grace", positive=False)
+        # Finite: the signal watchdog waits grace plus a margin, and the
+        # shutdown's deadline is computed from it.
+        self.grace = check_seconds(grace, "grace", positive=False, finite=True)
         self._block_threshold: float | None = None
         if detect_blocking is True:
             self._block_threshold = DEFAULT_BLOCK_THRESHOLD
         elif detect_blocking is not None and detect_blocking is not False:
-            self._block_threshold = check_seconds(detect_blocking, "detect_blocking", positive=True)
+            self._block_threshold = check_seconds(
+                detect_blocking, "detect_blocking", positive=True, finite=True
+            )
         self._detector: BlockingDetector | None = None
         self.name = name if name is not None else f"supervisor-{next(_counter)}"
         self._entries: dict[str, Supervised] = {}
@@ -493,8 +498,14 @@ class Supervisor:
     async def _shutdown(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace
-        for e in reversed(list(self._entries.values())):
-            await e.stop(deadline)
+        left = list(reversed(self._entries.values()))
+        while left and loop.time() < deadline:
+            await left.pop(0).stop(deadline)
+        if left:
+            # The grace period is used up: the rest get their last chance side by
+            # side, so the overrun is one LAST_CHANCE, not one per service.
+            now = loop.time()
+            await asyncio.gather(*(e.stop(now) for e in left))
         if self._detector is not None:
             # Joins the monitor thread, which only sleeps between heartbeats:
             # it wakes on the stop request, so the loop waits a moment at most.

@@ -236,3 +236,26 @@ def test_restart_durations_may_still_be_infinite() -> None:
     # The shared check_seconds() refuses infinity only where something waits it out.
     sv = Supervisor()
     sv.service(max_backoff=float("inf"), restart_window=float("inf"))(_never)
+
+
+@bounded()
+async def test_a_detector_that_cannot_start_leaves_the_supervisor_enterable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from offloop._detector import BlockingDetector
+
+    real_start = BlockingDetector.start
+
+    def refuse(self: BlockingDetector) -> BlockingDetector:
+        raise RuntimeError("detector refused")
+
+    sv = Supervisor(name="det", detect_blocking=0.5, grace=1)
+    monkeypatch.setattr(BlockingDetector, "start", refuse)
+    with pytest.raises(RuntimeError, match="detector refused"):
+        async with sv:
+            pass
+    assert sv.state is offloop.SupervisorState.NEW
+    monkeypatch.setattr(BlockingDetector, "start", real_start)
+    async with sv:  # it used to be stuck "starting", refusing as "already running"
+        assert sv.detector is not None
+    assert sv.state is offloop.SupervisorState.STOPPED

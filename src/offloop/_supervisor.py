@@ -278,12 +278,14 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._loop, self._loop_thread = loop, threading.get_ident()
         self._host_task = asyncio.current_task()
-        self._shutdown_requested = loop.create_future()
-        self._state = _SV.STARTING
         if self._block_threshold is not None:
             from ._detector import BlockingDetector
 
+            # Before the state changes: a detector that cannot start leaves the
+            # supervisor as it was, so it can be fixed and entered again.
             self._detector = BlockingDetector(loop, threshold=self._block_threshold).start()
+        self._shutdown_requested = loop.create_future()
+        self._state = _SV.STARTING
         logger.info("%s: starting %d service(s)", self.name, len(self._entries))
         if self._stop_early:
             self._request_shutdown("stop requested before start")

@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 
 from ._errors import OffloopError
 from ._loopthread import LoopThread
-from ._service import Service
+from ._service import Service, ServiceInterrupted
 from ._token import StopToken, WorkerCall, thread_state
 from ._validate import describe
 
@@ -177,12 +177,22 @@ class TaskService(_FnService):
     async def _guarded(self) -> object:
         try:
             return await self._coroutine()
-        except (SystemExit, KeyboardInterrupt) as e:
-            # A task lets these two escape through the event loop, ending the
-            # whole supervisor at once; like in a ThreadService, they are a
-            # crash of this service only.
-            exc = OffloopError(f"service {self.name!r} raised {e!r}")
-            raise exc from e
+        # A task lets these two escape through the event loop, which ends the
+        # whole supervisor at once, with no grace for the other services.
+        except KeyboardInterrupt as e:
+            # Ctrl-C on Python 3.10 lands in whatever code runs: stop everything
+            # gracefully, as the supervisor's own Ctrl-C handling does.
+            raise ServiceInterrupted(
+                f"Service {self.name!r} raised KeyboardInterrupt, so its supervisor stops "
+                f"every service, as on Ctrl-C."
+            ) from e
+        except SystemExit as e:
+            # Like in a ThreadService: a crash of this service only.
+            raise OffloopError(
+                f"Service {self.name!r} raised {e!r}, which would have ended the whole event "
+                f"loop at once; it counts as a crash of this service. Return from the "
+                f"coroutine to end the service, or call the supervisor's stop() to end them all."
+            ) from e
 
     async def stop(self) -> None:
         task = self._task

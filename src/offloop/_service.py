@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import abc
 
+from ._errors import OffloopError
+
 
 class Service(abc.ABC):
     """Base class of everything a :class:`~offloop.Supervisor` can run.
@@ -68,3 +70,10 @@ class Service(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {getattr(self, 'name', '?')!r}>"
+
+
+class ServiceInterrupted(OffloopError):
+    """A service's own code raised ``KeyboardInterrupt``: its supervisor stops, as on Ctrl-C.
+
+    Private: the supervisor records it as the service's ``last_error``.
+    """

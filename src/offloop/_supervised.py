@@ -13,7 +13,7 @@ import time
 from typing import Final, Protocol
 
 from ._restart import RestartPolicy, RestartTracker
-from ._service import Service
+from ._service import Service, ServiceInterrupted
 from ._status import ServiceState, ServiceStatus
 
 __all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "Owner", "Supervised"]
@@ -43,6 +43,8 @@ class Owner(Protocol):
     def _shutting_down(self) -> bool: ...
 
     def _check_all_ended(self) -> None: ...
+
+    def _interrupted(self, e: Supervised) -> None: ...
 
 
 class Supervised:
@@ -118,6 +120,12 @@ class Supervised:
                     self.owner._check_all_ended()
                     return
                 logger.info("%s: service %r returned (restart='always')", sv, self.name)
+            elif isinstance(crash, ServiceInterrupted):
+                self.last_error = crash
+                logger.warning("%s: %s", sv, crash)
+                self.end(_ST.STOPPED)
+                self.owner._interrupted(self)
+                return
             else:
                 self.last_error = crash
                 logger.error("%s: service %r crashed: %r", sv, self.name, crash, exc_info=crash)

@@ -466,6 +466,9 @@ class Supervisor:
             self._host_cancelled = True
             host.cancel(f"offloop: service {e.name!r} failed")
 
+    def _interrupted(self, e: Supervised) -> None:
+        self._request_shutdown(f"service {e.name!r} raised KeyboardInterrupt")
+
     def _check_all_ended(self) -> None:
         if self._state is _SV.RUNNING and all(
             e.state in (_ST.STOPPED, _ST.FAILED) for e in self._entries.values()

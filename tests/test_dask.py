@@ -299,3 +299,42 @@ async def test_a_function_the_workers_cannot_import_is_not_picklable_there(
         # The worker was not cut off from the scheduler: the next call runs.
         assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4
         assert pool.statistics()["failed"] == 2
+
+
+async def test_a_pool_used_on_another_loop_says_to_create_one_per_loop(cluster: Any) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+
+        def from_another_loop() -> None:
+            asyncio.run(pool.run(add, 1, 1))
+
+        # It used to fail deep inside distributed ("IOLoop is closed" and the like).
+        with pytest.raises(RuntimeError, match=r"another event loop .*one DaskPool per loop"):
+            await asyncio.wait_for(asyncio.to_thread(from_another_loop), WAIT)
+        assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4  # still fine here
+
+
+def test_a_pool_whose_loop_is_gone_closes_from_another_loop(cluster: Any) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+
+    async def use() -> Any:
+        result = await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
+        await pool.client.close()  # what the end of the first asyncio.run() leaves behind
+        return result
+
+    assert asyncio.run(use())[0] == 3
+    # The audit's case: aclose() on a new loop raised "IOLoop is closed".
+    asyncio.run(asyncio.wait_for(pool.aclose(), WAIT))
+    assert pool.statistics()["state"] == "closed"
+
+
+async def test_a_client_closed_under_the_pool_is_pool_closed(cluster: Any) -> None:
+    distributed = pytest.importorskip("distributed")
+    client = await distributed.Client(cluster.scheduler_address, asynchronous=True)
+    pool = offloop.DaskPool(client=client)
+    assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+    await client.close()
+    with pytest.raises(offloop.PoolClosedError, match=r"its distributed\.Client was closed"):
+        await asyncio.wait_for(pool.run(add, 1, 1), WAIT)
+    assert cluster.scheduler_address in repr(pool)  # not just 'client'
+    await pool.aclose()

@@ -139,6 +139,8 @@ class DaskPool(PoolContext):
         self._cancelled = 0
         self._idle: asyncio.Event | None = None
         self._chores: set[asyncio.Task[Any]] = set()
+        # The loop of the first call: an asynchronous Client lives on one loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def client(self) -> Any:
@@ -162,6 +164,7 @@ class DaskPool(PoolContext):
         """
         check_sync_callable(fn, "DaskPool.run()", "offloop.to_loop()")
         self._check_open()
+        self._check_loop("run()")
         # Pickled here, where the culprit can be named (Dask would only log the
         # whole task graph as unserializable), and sent as bytes: the user's
         # kwargs stay out of submit()'s own options (key=, workers=, ...).
@@ -195,6 +198,13 @@ class DaskPool(PoolContext):
             if future is not None:
                 self._chore(client.cancel([future]))
             raise
+        except self._distributed.client.ClosedClientError as exc:
+            self._failed += 1
+            raise PoolClosedError(
+                f"{self._named()}: its distributed.Client was closed, so {describe(fn)} cannot "
+                f"run. Close the pool before its client, or create a new DaskPool with an "
+                f"open client."
+            ) from exc
         except self._distributed.KilledWorker as exc:
             self._failed += 1
             raise WorkerCrashed(
@@ -231,6 +241,13 @@ class DaskPool(PoolContext):
 
         A client passed as ``client=`` is left open. Closing twice is allowed.
         """
+        home = self._loop
+        if home is not None and home.is_closed():
+            # The client's connections ended with its loop: nothing is left to close.
+            self._state = PoolState.CLOSED
+            self._client = None
+            return
+        self._check_loop("aclose()")
         if self._state is PoolState.OPEN:
             self._state = PoolState.CLOSING
         if self._running:
@@ -257,7 +274,10 @@ class DaskPool(PoolContext):
     def _where(self) -> str | None:
         where = self._address
         if where is None and self._client is not None:
-            where = getattr(self._client.scheduler, "address", None) or "client"
+            where = getattr(self._client.scheduler, "address", None)
+            if where is None:
+                return "client"
+            self._address = where  # kept: a closed client forgets it
         return where
 
     def _named(self) -> str:
@@ -273,6 +293,21 @@ class DaskPool(PoolContext):
         )
         error.__cause__ = RemoteTraceback(reply[2])
         return error
+
+    def _check_loop(self, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        home = self._loop
+        if home is None:
+            self._loop = loop
+            self._where()  # a client given as client= forgets its address once closed
+        elif home is not loop:
+            closed = " (closed now)" if home.is_closed() else ""
+            raise RuntimeError(
+                f"{self._named()}.{what} was called on another event loop ({loop!r}) than the "
+                f"one the pool was first used on ({home!r}{closed}). A Dask asynchronous "
+                f"client lives on one loop: create one DaskPool per loop, e.g. inside the "
+                f"coroutine you pass to asyncio.run()."
+            )
 
     def _check_open(self) -> None:
         if self._state is not PoolState.OPEN:

@@ -22,15 +22,17 @@ import asyncio
 import enum
 import itertools
 import math
+import sys
 import threading
 from collections.abc import Callable
 from time import monotonic
-from types import TracebackType
+from types import CodeType, TracebackType
 from typing import Final, final
 
 from ._detector_report import (
     BlockEvent,
     BlockSite,
+    Dispatch,
     Sample,
     SiteTable,
     log_block,
@@ -61,6 +63,9 @@ ONGOING_AFTER_THRESHOLDS: Final = 10
 OnBlock = Callable[[BlockEvent], object]
 
 _numbers: Final = itertools.count(1)
+
+#: Every callback of an asyncio loop runs from Handle._run (TimerHandle inherits it).
+_ASYNCIO_DISPATCH: Final[Dispatch] = (asyncio.events.Handle._run.__code__, -1)
 
 
 class DetectorState(enum.Enum):
@@ -163,8 +168,9 @@ class BlockingDetector:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._table = SiteTable()
-        # Written by the heartbeat on the loop's thread, read by the monitor.
-        self._loop_thread: int | None = None
+        # Written by the heartbeat on the loop's thread, read by the monitor:
+        # the loop's thread and where it runs callbacks, if known.
+        self._dispatch: tuple[int | None, CodeType | None, int] = (None, None, -1)
         self._acked = 0
         self._acked_at = 0.0
 
@@ -228,7 +234,7 @@ class BlockingDetector:
                     f"detector to a loop that is running or about to run."
                 )
             if asyncio._get_running_loop() is self._loop:
-                self._loop_thread = threading.get_ident()
+                self._ran_on(threading.get_ident())
             elif self._loop.is_running():
                 # Learn the loop's thread before anything else runs on it, so
                 # a block that starts right away can be sampled.
@@ -288,10 +294,22 @@ class BlockingDetector:
 
     # -- loop side ---------------------------------------------------------------------
 
+    def _ran_on(self, ident: int) -> None:
+        # The loop is about to run, or running, on this thread (called there).
+        self._dispatch = (ident, None, -1)
+
     def _heartbeat(self, seq: int) -> None:
-        # Runs on the loop: keep it to a few stores. The stamp goes first, so
-        # the monitor never pairs a new sequence number with an old stamp.
-        self._loop_thread = threading.get_ident()
+        # Runs on the loop: keep it to a few stores. The caller's frame is
+        # where this loop runs callbacks (see Dispatch); one tuple, so the
+        # monitor never pairs one run's thread with another run's frame. The
+        # stamp goes before the sequence number, so the monitor never pairs a
+        # new sequence number with an old stamp.
+        try:
+            caller = sys._getframe(1)
+        except ValueError:  # a loop run from C with no Python frame: only the thread
+            self._dispatch = (threading.get_ident(), None, -1)
+        else:
+            self._dispatch = (threading.get_ident(), caller.f_code, caller.f_lasti)
         if seq > self._acked:
             self._acked_at = monotonic()
             self._acked = seq
@@ -315,12 +333,23 @@ class BlockingDetector:
         posted_at: float | None = None
         block: _Block | None = None
         while True:
+            due = monotonic() + self._interval
             stopping = self._stopping.wait(self._interval)
             now = monotonic()
-            if posted_at is not None and self._acked >= seq:
+            acked = self._acked
+            # This thread needs the GIL to wake up, so a loop thread inside a C
+            # call that holds it (sorted(), json.loads, re) stops this thread
+            # too: it wakes late, as the call returns, and by its next turn the
+            # loop may have moved on. Look at the loop thread at once: it is
+            # still at the line of the call.
+            blind = now - due
+            glimpse = self._sample() if blind >= threshold and block is None else None
+            if posted_at is not None and acked >= seq:
                 if block is not None:
                     self._finish(block, self._acked_at - block.posted_at)
                     block = None
+                elif blind >= threshold:
+                    self._finish_unseen(posted_at, self._acked_at, now - due, glimpse)
                 posted_at = None
             if stopping or loop.is_closed():
                 # Stopped from the loop's own thread in the middle of a block
@@ -350,18 +379,45 @@ class BlockingDetector:
                 continue
             if block is None:
                 block = _Block(posted_at)
-            sample = sample_thread(self._loop_ident())
+            sample = glimpse if glimpse is not None else self._sample()
             if sample is not None:
                 block.samples.append(sample)
             if not block.noticed and lag >= ongoing_after:
                 block.noticed = True
                 self._emit(make_event(block.samples, lag, ongoing=True))
 
-    def _loop_ident(self) -> int | None:
+    def _finish_unseen(
+        self, posted_at: float, acked_at: float, blind: float, glimpse: Sample | None
+    ) -> None:
+        # The monitor could not run for `blind` seconds and the heartbeat has
+        # run since: a block is over that it could only see afterwards.
+        if acked_at - posted_at >= self._threshold:
+            # The heartbeat itself waited: the loop ran nothing from its
+            # posting until it ran. The glimpse came after, so it is not the site.
+            block = _Block(posted_at)
+            self._finish(block, acked_at - posted_at)
+        elif glimpse is not None and glimpse.busy:
+            # The heartbeat ran before the monitor went blind; the loop thread,
+            # caught in the middle of a callback as the monitor woke, is what
+            # kept it from running. Had a heartbeat been posted when the
+            # monitor was due, it would have waited `blind` seconds.
+            block = _Block(acked_at)
+            block.samples.append(glimpse)
+            self._finish(block, blind)
+
+    def _sample(self) -> Sample | None:
+        ident, dispatch = self._where()
+        return sample_thread(ident, dispatch)
+
+    def _where(self) -> tuple[int | None, Dispatch | None]:
+        ident, code, lasti = self._dispatch
         # asyncio's own loops know their thread exactly (it can change between
-        # runs); for others (uvloop) the last heartbeat told us.
-        ident = getattr(self._loop, "_thread_id", None)
-        return ident if isinstance(ident, int) else self._loop_thread
+        # runs) and run every callback from Handle._run; for others (uvloop)
+        # the last heartbeat told both.
+        loop_ident = getattr(self._loop, "_thread_id", None)
+        if isinstance(loop_ident, int):
+            return loop_ident, _ASYNCIO_DISPATCH
+        return ident, None if code is None else (code, lasti)
 
     def _finish(self, block: _Block, duration: float) -> None:
         event = make_event(block.samples, duration, ongoing=False)

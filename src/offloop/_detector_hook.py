@@ -123,7 +123,7 @@ class LoopWatch:
                 det.start()
                 self._detectors[id(loop)] = det
                 self.loops += 1
-            det._loop_thread = threading.get_ident()
+            det._ran_on(threading.get_ident())
 
     def _record(self, event: BlockEvent) -> None:
         if not event.ongoing:

@@ -19,11 +19,13 @@ import sys
 import sysconfig
 import threading
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, Final
 
 __all__ = [
     "BlockEvent",
     "BlockSite",
+    "Dispatch",
     "Sample",
     "SiteTable",
     "is_library_file",
@@ -35,6 +37,12 @@ logger: Final = logging.getLogger("offloop.detector")
 
 #: One frame: (file, line, function), outermost first in a stack.
 Frame = tuple[str, int, str]
+
+#: Where a loop runs its callbacks: the code of the frame a callback is called
+#: from, and that frame's current instruction (-1: any instruction). A thread
+#: is running one of the loop's callbacks while this frame is on its stack
+#: with frames above it.
+Dispatch = tuple[CodeType, int]
 
 _UNKNOWN: Final[Frame] = ("<unknown>", 0, "<unknown>")
 
@@ -86,34 +94,46 @@ def is_library_file(filename: str) -> bool:
 
 @dataclass(frozen=True)
 class Sample:
-    """One look at the loop thread: its stack (outermost first) and its site."""
+    """One look at the loop thread: its stack (outermost first) and its site.
+
+    ``busy`` is False when the thread was idle in the loop itself (waiting for
+    I/O) rather than running one of its callbacks; True when that is unknown.
+    """
 
     site: Frame
     frames: tuple[Frame, ...]
+    busy: bool = True
 
 
-def sample_thread(ident: int | None) -> Sample | None:
+def sample_thread(ident: int | None, dispatch: Dispatch | None = None) -> Sample | None:
     """The current stack of the thread ``ident``, or None if it is not running.
 
-    The frames are copied into tuples at once: holding frame objects would keep
-    the user's locals alive.
+    With ``dispatch`` (see :data:`Dispatch`), the sample says whether the
+    thread is running one of the loop's callbacks. The frames are copied into
+    tuples at once: holding frame objects would keep the user's locals alive.
     """
     if ident is None:
         return None
     frame = sys._current_frames().get(ident)
     frames: list[Frame] = []
+    loop_code, loop_lasti = dispatch if dispatch is not None else (None, -1)
+    busy = dispatch is None
+    depth = 0
     while frame is not None:
         code = frame.f_code
+        if not busy and code is loop_code and loop_lasti in (-1, frame.f_lasti):
+            busy = depth > 0
         if code.co_filename not in _HIDDEN_FILES:
             name = getattr(code, "co_qualname", code.co_name)  # co_qualname: Python 3.11+
             frames.append((code.co_filename, frame.f_lineno or 0, name))
         frame = frame.f_back
+        depth += 1
     del frame
     if not frames:
         return None
     site_frame = next((f for f in frames if not is_library_file(f[0])), frames[0])
     frames.reverse()
-    return Sample(site_frame, tuple(frames))
+    return Sample(site_frame, tuple(frames), busy)
 
 
 def format_frame(frame: Frame) -> str:
@@ -133,8 +153,9 @@ class BlockEvent:
         line: its line number (0 if the loop thread could not be sampled).
         function: its function (qualified name).
         duration_ms: how long the loop was blocked, measured from when the
-            monitor's heartbeat was posted until it ran (so it can be short by
-            up to one ``interval``).
+            monitor's heartbeat was posted until it ran, or for a block that
+            held the GIL from when the monitor was due to wake until it could
+            (so it can be short by up to one ``interval``).
         stack: the loop thread's stack at the site, outermost frame first, each
             ``"path:line in function: source"``.
         samples: how many stack samples were taken during the block; the site

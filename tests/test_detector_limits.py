@@ -4,13 +4,20 @@ Every block lasts ten times the threshold or waits for the detector itself, so
 the assertions are about what was reported, with wide margins on durations.
 """
 
+# The tests block their own loop on purpose: that is what is being detected.
+# ruff: noqa: ASYNC251
+
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import threading
+import time
 from pathlib import Path
 
-from offloop import BlockEvent, detect_blocking
+import pytest
+
+from offloop import BlockEvent, BlockingDetector, BlockSite, detect_blocking
 from tests.helpers import bounded
 
 HERE = Path(__file__)
@@ -59,3 +66,78 @@ async def test_a_block_that_holds_the_gil_is_reported_with_its_duration() -> Non
         ("<unknown>", 0),
     }
     assert det.blocks == 1
+
+
+# -- the loop's thread, when the detector is attached from elsewhere -----------------------
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+async def first_callback_blocks() -> None:
+    time.sleep(BLOCK)  # BLOCK:first
+
+
+def run_in_thread(loop: asyncio.AbstractEventLoop, name: str) -> None:
+    thread = threading.Thread(
+        target=loop.run_until_complete, args=(first_callback_blocks(),), name=name
+    )
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_a_loop_whose_first_callback_blocks_in_another_thread_is_sampled(kind: str) -> None:
+    loop = new_loop(kind)
+    try:
+        det = BlockingDetector(loop, threshold=THRESHOLD, on_block=lambda e: None).start()
+        run_in_thread(loop, "test-first-callback")
+        det.stop()
+    finally:
+        loop.close()
+    assert [(s.line, s.function) for s in det.report()] == [
+        (line_of("BLOCK:first"), "first_callback_blocks")
+    ]
+
+
+def unrelated_main_thread_work(done: threading.Event) -> None:
+    assert done.wait(30)  # NOT-THE-LOOP
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_a_loop_run_again_in_another_thread_never_blames_the_first_thread(kind: str) -> None:
+    loop = new_loop(kind)
+    done = threading.Event()
+    try:
+        det = BlockingDetector(loop, threshold=THRESHOLD, on_block=lambda e: None).start()
+        # First run here, long enough for heartbeats to learn this thread.
+        loop.run_until_complete(asyncio.sleep(4 * THRESHOLD))
+
+        def run_then_signal() -> None:
+            try:
+                loop.run_until_complete(first_callback_blocks())
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=run_then_signal, name="test-second-run")
+        thread.start()
+        unrelated_main_thread_work(done)
+        thread.join(30)
+        assert not thread.is_alive()
+        det.stop()
+    finally:
+        loop.close()
+    sites: list[BlockSite] = det.report()
+    assert len(sites) == 1, sites
+    # asyncio knows its thread; uvloop's is learned from a callback, so its
+    # site may be unknown until one runs there, but never this thread's code.
+    expected = {(line_of("BLOCK:first"), "first_callback_blocks")}
+    if kind == "uvloop":
+        expected.add((0, "<unknown>"))
+    assert (sites[0].line, sites[0].function) in expected

@@ -235,9 +235,11 @@ class BlockingDetector:
                 )
             if asyncio._get_running_loop() is self._loop:
                 self._ran_on(threading.get_ident())
-            elif self._loop.is_running():
-                # Learn the loop's thread before anything else runs on it, so
-                # a block that starts right away can be sampled.
+            else:
+                # Running elsewhere or about to run (maybe in another thread):
+                # learn the loop's thread from its next callback, before
+                # anything queued after it, so a block that starts right away
+                # can be sampled.
                 self._loop.call_soon_threadsafe(self._heartbeat, 0)
             self._thread = threading.Thread(target=self._monitor, name=self._name, daemon=True)
             self._state = DetectorState.RUNNING
@@ -406,18 +408,19 @@ class BlockingDetector:
             self._finish(block, blind)
 
     def _sample(self) -> Sample | None:
-        ident, dispatch = self._where()
-        return sample_thread(ident, dispatch)
-
-    def _where(self) -> tuple[int | None, Dispatch | None]:
-        ident, code, lasti = self._dispatch
         # asyncio's own loops know their thread exactly (it can change between
-        # runs) and run every callback from Handle._run; for others (uvloop)
-        # the last heartbeat told both.
+        # runs) and run every callback from Handle._run. For others (uvloop)
+        # the last heartbeat told both, but the loop may have been run in
+        # another thread since: the thread is sampled only if it is still in
+        # the frame the heartbeat ran from (an unknown site beats blaming
+        # whatever that thread does now).
         loop_ident = getattr(self._loop, "_thread_id", None)
         if isinstance(loop_ident, int):
-            return loop_ident, _ASYNCIO_DISPATCH
-        return ident, None if code is None else (code, lasti)
+            return sample_thread(loop_ident, _ASYNCIO_DISPATCH)
+        ident, code, lasti = self._dispatch
+        if code is None:  # learned on the loop's thread as it started: current
+            return sample_thread(ident)
+        return sample_thread(ident, (code, lasti), verify=True)
 
     def _finish(self, block: _Block, duration: float) -> None:
         event = make_event(block.samples, duration, ongoing=False)

@@ -105,31 +105,36 @@ class Sample:
     busy: bool = True
 
 
-def sample_thread(ident: int | None, dispatch: Dispatch | None = None) -> Sample | None:
+def sample_thread(
+    ident: int | None, dispatch: Dispatch | None = None, *, verify: bool = False
+) -> Sample | None:
     """The current stack of the thread ``ident``, or None if it is not running.
 
     With ``dispatch`` (see :data:`Dispatch`), the sample says whether the
-    thread is running one of the loop's callbacks. The frames are copied into
-    tuples at once: holding frame objects would keep the user's locals alive.
+    thread is running one of the loop's callbacks; with ``verify`` too, there
+    is no sample unless the dispatch frame is on the thread's stack (the
+    thread no longer runs the loop: its stack would blame unrelated code). The
+    frames are copied into tuples at once: holding frame objects would keep
+    the user's locals alive.
     """
     if ident is None:
         return None
     frame = sys._current_frames().get(ident)
     frames: list[Frame] = []
     loop_code, loop_lasti = dispatch if dispatch is not None else (None, -1)
-    busy = dispatch is None
+    found = busy = dispatch is None
     depth = 0
     while frame is not None:
         code = frame.f_code
-        if not busy and code is loop_code and loop_lasti in (-1, frame.f_lasti):
-            busy = depth > 0
+        if not found and code is loop_code and loop_lasti in (-1, frame.f_lasti):
+            found, busy = True, depth > 0
         if code.co_filename not in _HIDDEN_FILES:
             name = getattr(code, "co_qualname", code.co_name)  # co_qualname: Python 3.11+
             frames.append((code.co_filename, frame.f_lineno or 0, name))
         frame = frame.f_back
         depth += 1
     del frame
-    if not frames:
+    if not frames or (verify and not found):
         return None
     site_frame = next((f for f in frames if not is_library_file(f[0])), frames[0])
     frames.reverse()

@@ -34,6 +34,7 @@ from ._detector_report import (
     BlockSite,
     Dispatch,
     Sample,
+    SampleTally,
     SiteTable,
     log_block,
     logger,
@@ -93,7 +94,7 @@ class _Block:
 
     def __init__(self, posted_at: float) -> None:
         self.posted_at = posted_at
-        self.samples: list[Sample] = []
+        self.samples = SampleTally()
         self.noticed = False  # the early "ongoing" event was sent
 
 
@@ -383,7 +384,7 @@ class BlockingDetector:
                 block = _Block(posted_at)
             sample = glimpse if glimpse is not None else self._sample()
             if sample is not None:
-                block.samples.append(sample)
+                block.samples.add(sample)
             if not block.noticed and lag >= ongoing_after:
                 block.noticed = True
                 self._emit(make_event(block.samples, lag, ongoing=True))
@@ -404,7 +405,7 @@ class BlockingDetector:
             # kept it from running. Had a heartbeat been posted when the
             # monitor was due, it would have waited `blind` seconds.
             block = _Block(acked_at)
-            block.samples.append(glimpse)
+            block.samples.add(glimpse)
             self._finish(block, blind)
 
     def _sample(self) -> Sample | None:

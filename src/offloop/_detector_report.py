@@ -9,7 +9,6 @@ requests/sessions.py" does not tell anyone which line of theirs to fix.
 
 from __future__ import annotations
 
-import collections
 import functools
 import linecache
 import logging
@@ -18,15 +17,18 @@ import site
 import sys
 import sysconfig
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any, Final
 
 __all__ = [
+    "MAX_SITES_PER_BLOCK",
     "BlockEvent",
     "BlockSite",
     "Dispatch",
     "Sample",
+    "SampleTally",
     "SiteTable",
     "is_library_file",
     "log_block",
@@ -164,7 +166,9 @@ class BlockEvent:
         stack: the loop thread's stack at the site, outermost frame first, each
             ``"path:line in function: source"``.
         samples: how many stack samples were taken during the block; the site
-            is the one seen most often.
+            is the one seen most often (among the first
+            :data:`MAX_SITES_PER_BLOCK` sites seen, each kept with one stack,
+            so a block that never ends does not use more and more memory).
         ongoing: True for the early notice of a block still going on after
             ten times the threshold (its ``duration_ms`` is the time so far); a
             final event with ``ongoing=False`` follows when the loop comes back.
@@ -232,22 +236,56 @@ class BlockSite:
         )
 
 
-def make_event(samples: list[Sample], duration: float, *, ongoing: bool) -> BlockEvent:
+#: Sites one block keeps a stack for. A block that never ends (a server run on
+#: the loop's thread) is sampled every interval for as long as it lasts, so
+#: its samples are kept as a count per site plus the first stack seen there;
+#: samples at sites beyond this many are counted, but cannot name the block.
+MAX_SITES_PER_BLOCK: Final = 64
+
+
+class SampleTally:
+    """The samples of one block, in memory that does not grow with its length."""
+
+    __slots__ = ("counts", "stacks", "total")
+
+    def __init__(self, samples: Iterable[Sample] = ()) -> None:
+        self.total = 0
+        self.counts: dict[Frame, int] = {}  # insertion order: first seen first
+        self.stacks: dict[Frame, tuple[Frame, ...]] = {}
+        for sample in samples:
+            self.add(sample)
+
+    def add(self, sample: Sample) -> None:
+        """Count one sample; keep its stack if it is the first at its site."""
+        self.total += 1
+        site = sample.site
+        count = self.counts.get(site)
+        if count is None:
+            if len(self.counts) >= MAX_SITES_PER_BLOCK:
+                return
+            self.stacks[site] = sample.frames
+            count = 0
+        self.counts[site] = count + 1
+
+
+def make_event(
+    samples: SampleTally | Iterable[Sample], duration: float, *, ongoing: bool
+) -> BlockEvent:
     """The event for a block from its samples: the site seen most often wins.
 
     A block is usually one call, but a coroutine that sleeps and then loops
     spends its time at several lines; naming the one where most of the time
     went is what a sampling profiler would do. Ties go to the first seen.
     """
-    if not samples:
+    tally = samples if isinstance(samples, SampleTally) else SampleTally(samples)
+    if not tally.counts:
         file, line, function = _UNKNOWN
-        return BlockEvent(file, line, function, duration * 1e3, (), 0, ongoing)
-    counts = collections.Counter(s.site for s in samples)
+        return BlockEvent(file, line, function, duration * 1e3, (), tally.total, ongoing)
+    counts = tally.counts
     best = max(counts, key=lambda key: counts[key])  # max keeps the first of equals
-    first = next(s for s in samples if s.site == best)
     file, line, function = best
-    stack = tuple(format_frame(f) for f in first.frames)
-    return BlockEvent(file, line, function, duration * 1e3, stack, len(samples), ongoing)
+    stack = tuple(format_frame(f) for f in tally.stacks[best])
+    return BlockEvent(file, line, function, duration * 1e3, stack, tally.total, ongoing)
 
 
 class _Site:

@@ -216,6 +216,8 @@ def test_a_failing_script_shows_its_traceback_and_exit_code(tmp_path: Path) -> N
         (["--threshold", "0", "x.py"], "--threshold must be a positive number of seconds, got 0.0"),
         (["--threshold", "-1", "x.py"], "--threshold must be a positive number"),
         (["missing.py"], "there is no file 'missing.py'"),
+        (["--threshold", "1e300", "x.py"], "--threshold must be between 0.01 and 86400 seconds"),
+        (["--threshold", "0.001", "x.py"], "--threshold must be between 0.01 and 86400 seconds"),
     ],
 )
 def test_bad_command_lines_exit_2_with_a_message(

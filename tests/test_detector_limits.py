@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from offloop import BlockEvent, BlockingDetector, BlockSite, detect_blocking
+from offloop import BlockEvent, BlockingDetector, BlockSite, DetectorState, detect_blocking
+from offloop._detector import MAX_THRESHOLD
+from offloop._detector_hook import LoopWatch
 from tests.helpers import bounded
 
 HERE = Path(__file__)
@@ -141,3 +143,58 @@ def test_a_loop_run_again_in_another_thread_never_blames_the_first_thread(kind: 
     if kind == "uvloop":
         expected.add((0, "<unknown>"))
     assert (sites[0].line, sites[0].function) in expected
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"threshold": 0.05, "interval": 1.0},
+            ValueError,
+            r"interval to be at most threshold, got interval=1\.0 and threshold=0\.05: "
+            r"the loop is looked at once per interval",
+        ),
+        (
+            {"threshold": 10**400},
+            ValueError,
+            "threshold to be at most 86400 seconds, got a 401-digit number",
+        ),
+        (
+            {"threshold": 1e300},
+            ValueError,
+            r"threshold to be at most 86400 seconds, got 1e\+300\. Pass",
+        ),
+        ({"threshold": float("inf")}, ValueError, "threshold to be at most 86400 seconds"),
+        ({"threshold": -(10**400)}, ValueError, "threshold to be a positive number"),
+        ({"threshold": 1e-6}, ValueError, "threshold to be at least 0.01 seconds.*idle loop"),
+        ({"threshold": 0.05, "interval": 1e-6}, ValueError, "interval to be at least 0.001"),
+        ({"threshold": 0.05, "interval": 10**400}, ValueError, "interval to be at most 86400"),
+        ({"threshold": 0.05, "interval": "0.01"}, TypeError, "interval as a number of seconds"),
+    ],
+)
+def test_out_of_range_thresholds_and_intervals_are_rejected_with_both_named(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(error, match=f"BlockingDetector\\(\\) needs {match}"):
+            BlockingDetector(loop, **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(error, match=f"LoopWatch\\(\\) needs {match}"):
+            LoopWatch(**kwargs)  # type: ignore[arg-type]
+    finally:
+        loop.close()
+
+
+def test_the_largest_threshold_keeps_the_monitor_running(caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        det = BlockingDetector(loop, threshold=MAX_THRESHOLD, interval=MAX_THRESHOLD).start()
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert det.state is DetectorState.RUNNING
+        det.stop()
+    finally:
+        loop.close()
+    assert [r for r in caplog.records if r.name == "offloop.detector"] == []

@@ -23,6 +23,7 @@ import threading
 import traceback
 from typing import Any, Final, TextIO
 
+from ._detector import MAX_THRESHOLD, MIN_THRESHOLD
 from ._detector_hook import LoopWatch
 from ._detector_report import BlockEvent, BlockSite
 
@@ -48,7 +49,10 @@ def register(subparsers: Any) -> None:
         type=float,
         default=0.1,
         metavar="S",
-        help="seconds a loop may go without coming back before it counts as blocked (default: 0.1)",
+        help=(
+            "seconds a loop may go without coming back before it counts as blocked, "
+            f"from {MIN_THRESHOLD:g} to {MAX_THRESHOLD:g} (default: 0.1)"
+        ),
     )
     parser.add_argument(
         "--json", action="store_true", help="print the report as JSON instead of a table"
@@ -73,8 +77,13 @@ def register(subparsers: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the ``check`` subcommand; return the exit code."""
     threshold = args.threshold
-    if not threshold > 0 or threshold == float("inf"):
+    if not threshold > 0:
         return _usage(f"--threshold must be a positive number of seconds, got {threshold}.")
+    if not MIN_THRESHOLD <= threshold <= MAX_THRESHOLD:
+        return _usage(
+            f"--threshold must be between {MIN_THRESHOLD:g} and {MAX_THRESHOLD:g} seconds, "
+            f"got {threshold:g}."
+        )
     if not os.path.isfile(args.script):
         return _usage(
             f"there is no file {args.script!r} (from {os.getcwd()}); pass the path of the "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
-import math
 import sys
 import threading
 from collections.abc import Callable
@@ -77,14 +76,81 @@ class DetectorState(enum.Enum):
     STOPPED = "stopped"
 
 
-def _check_seconds(value: object, name: str, where: str) -> float:
+#: The smallest threshold: a thread that wants the GIL may wait for one switch
+#: interval (sys.getswitchinterval(), 5 ms) while another runs Python, so with
+#: a threshold near that an idle loop, woken by the heartbeat, looks blocked.
+MIN_THRESHOLD: Final = 0.01
+
+#: The largest threshold, one day: far beyond any useful one, and far within
+#: what the monitor's waits (threading.TIMEOUT_MAX) can take.
+MAX_THRESHOLD: Final = 86400.0
+
+#: The smallest interval: the monitor wakes every interval, and below this it
+#: would take a CPU core to itself.
+MIN_INTERVAL: Final = 0.001
+
+
+def _show(value: float) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"a {len(text.lstrip('-'))}-digit number"
+
+
+def _check_seconds(value: object, name: str, where: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"{where} needs {name} as a number of seconds (e.g. {name}=0.1), got {describe(value)}."
         )
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{where} needs {name} to be a positive number of seconds, got {value!r}.")
+    if not value > 0:  # NaN too
+        raise ValueError(
+            f"{where} needs {name} to be a positive number of seconds, got {_show(value)}."
+        )
+    if value < low:
+        raise ValueError(
+            f"{where} needs {name} to be at least {low:g} seconds, got {_show(value)}: "
+            + (
+                "below that an idle loop itself looks blocked, since a thread may wait "
+                "5 ms for the GIL"
+                if name == "threshold"
+                else "the monitor thread would keep a CPU core busy"
+            )
+            + f". Pass {name}={low:g} or more."
+        )
+    if value > high:
+        raise ValueError(
+            f"{where} needs {name} to be at most {high:g} seconds, got {_show(value)}. "
+            f"Pass a number of seconds up to {high:g}."
+        )
     return float(value)
+
+
+def check_threshold(value: object, where: str) -> float:
+    """``value`` as a valid threshold in seconds; the errors name ``where``.
+
+    Raises:
+        TypeError: not a number.
+        ValueError: not between :data:`MIN_THRESHOLD` and :data:`MAX_THRESHOLD`.
+    """
+    return _check_seconds(value, "threshold", where, MIN_THRESHOLD, MAX_THRESHOLD)
+
+
+def check_interval(value: object, threshold: float, where: str) -> float:
+    """``value`` as a valid interval for ``threshold`` (None: a quarter of it).
+
+    Raises:
+        TypeError: not a number.
+        ValueError: below :data:`MIN_INTERVAL`, or above ``threshold``.
+    """
+    if value is None:
+        return threshold / 4
+    interval = _check_seconds(value, "interval", where, MIN_INTERVAL, MAX_THRESHOLD)
+    if interval > threshold:
+        raise ValueError(
+            f"{where} needs interval to be at most threshold, got interval={_show(interval)} "
+            f"and threshold={_show(threshold)}: the loop is looked at once per interval, so a "
+            f"longer interval misses blocks over the threshold. Leave interval out (it is "
+            f"threshold / 4) or pass one up to the threshold."
+        )
+    return interval
 
 
 class _Block:
@@ -120,16 +186,18 @@ class BlockingDetector:
     Args:
         loop: the loop to watch; defaults to the loop running in this thread.
         threshold: seconds the loop may go without coming back before it counts
-            as blocked.
+            as blocked, from 0.01 to 86400.
         interval: seconds between heartbeats and between stack samples
-            (default ``threshold / 4``).
+            (default ``threshold / 4``), from 0.001 to ``threshold``.
         on_block: called with a :class:`BlockEvent` for each block, from the
             monitor thread. Keep it quick and never wait for the loop there.
 
     Raises:
         RuntimeError: no loop was given and none is running in this thread.
         TypeError: an argument has the wrong type.
-        ValueError: ``threshold`` or ``interval`` is not positive.
+        ValueError: ``threshold`` is not between 0.01 s (:data:`MIN_THRESHOLD`)
+            and one day (:data:`MAX_THRESHOLD`), ``interval`` is below 1 ms or
+            above ``threshold``.
     """
 
     def __init__(
@@ -141,10 +209,8 @@ class BlockingDetector:
         on_block: OnBlock | None = None,
     ) -> None:
         where = "BlockingDetector()"
-        self._threshold = _check_seconds(threshold, "threshold", where)
-        self._interval = (
-            self._threshold / 4 if interval is None else _check_seconds(interval, "interval", where)
-        )
+        self._threshold = check_threshold(threshold, where)
+        self._interval = check_interval(interval, self._threshold, where)
         if on_block is not None and not callable(on_block):
             raise TypeError(
                 f"{where} needs on_block to be a function taking a BlockEvent (or None to log "
@@ -464,7 +530,8 @@ def detect_blocking(
         RuntimeError: no event loop is running in this thread (to watch a loop
             from elsewhere, use ``BlockingDetector(loop).start()``).
         TypeError: an argument has the wrong type.
-        ValueError: ``threshold`` or ``interval`` is not positive.
+        ValueError: ``threshold`` is not between 0.01 s and one day, or
+            ``interval`` is below 1 ms or above ``threshold``.
     """
     try:
         loop = asyncio.get_running_loop()

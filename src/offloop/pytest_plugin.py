@@ -11,7 +11,9 @@ line::
 
     def test_app(no_blocking): ...   # default threshold 0.1 s
 
-The plugin is loaded into every pytest run once offloop is installed, so for
+The plugin is loaded into every pytest run once offloop is installed (the
+``pytest11`` entry point is named ``offloop``: ``-p offloop`` loads it when
+autoloading is disabled; naming the module as well registers it twice), so for
 tests that use neither it does nothing but look for the marker: no patching,
 no thread (the loop hook is imported only when a test asks for it).
 """

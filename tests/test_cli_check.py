@@ -216,6 +216,8 @@ def test_a_failing_script_shows_its_traceback_and_exit_code(tmp_path: Path) -> N
         (["--threshold", "0", "x.py"], "--threshold must be a positive number of seconds, got 0.0"),
         (["--threshold", "-1", "x.py"], "--threshold must be a positive number"),
         (["missing.py"], "there is no file 'missing.py'"),
+        (["--threshold", "1e300", "x.py"], "--threshold must be between 0.01 and 86400 seconds"),
+        (["--threshold", "0.001", "x.py"], "--threshold must be between 0.01 and 86400 seconds"),
     ],
 )
 def test_bad_command_lines_exit_2_with_a_message(
@@ -248,3 +250,75 @@ def test_an_unwritable_output_is_refused_before_the_script_runs(
     assert "Pass the path of a file in an existing directory to --output." in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "ran").exists()  # refused up front, not after running it
+
+
+def test_loops_in_threads_that_outlive_the_script_are_watched(tmp_path: Path) -> None:
+    app = write(
+        tmp_path / "background.py",
+        """\
+        import asyncio
+        import concurrent.futures
+        import threading
+        import time
+
+        module_done = threading.Event()
+
+
+        async def worker():
+            time.sleep(0.5)  # BLOCK
+            print("worker done", flush=True)
+
+
+        def run():
+            # Only once the module has returned: `python background.py` waits
+            # for this thread, and so must offloop check.
+            assert module_done.wait(30)
+            asyncio.run(worker())
+
+
+        threading.Thread(target=run).start()
+        # An executor never shut down: its idle worker must not be waited for
+        # forever (the interpreter tells it to exit first).
+        concurrent.futures.ThreadPoolExecutor(1).submit(print, "executor ran", flush=True).result()
+        module_done.set()
+        """,
+    )
+    proc = check(tmp_path, "--json", "--threshold", "0.05", app.name)
+    assert proc.returncode == BLOCKED_EXIT_CODE, proc.stderr
+    head, _, document = proc.stdout.partition("worker done\n")
+    assert head == "executor ran\n"
+    report = json.loads(document)
+    assert report["loops"] == 1
+    assert [(s["line"], s["function"]) for s in report["sites"]] == [
+        (line_of(app, "BLOCK"), "worker")
+    ]
+
+
+def test_a_script_that_changes_directory_keeps_its_report_and_paths(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    app = write(
+        tmp_path / "daemon.py",
+        """\
+        import asyncio
+        import os
+        import time
+
+        os.chdir("elsewhere")  # as daemons and some servers do
+
+
+        async def main():
+            time.sleep(0.5)  # BLOCK
+
+
+        asyncio.run(main())  # RUN
+        """,
+    )
+    proc = check(tmp_path, "--stacks", "--threshold", "0.05", "-o", "report.txt", app.name)
+    assert proc.returncode == BLOCKED_EXIT_CODE, proc.stderr
+    assert not (tmp_path / "elsewhere" / "report.txt").exists()
+    lines = (tmp_path / "report.txt").read_text().splitlines()
+    at = f"daemon.py:{line_of(app, 'BLOCK')}"
+    assert any(text.split()[:2] == [at, "main"] for text in lines), lines
+    # The stack is trimmed to start at the script, as without the chdir.
+    header = lines.index(f"Stack of the longest block at {at} (most recent call last):")
+    assert lines[header + 1].startswith(f"  {app}:{line_of(app, 'RUN')} in <module>")

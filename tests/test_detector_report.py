@@ -11,8 +11,10 @@ import pytest
 
 import offloop
 from offloop._detector_report import (
+    MAX_SITES_PER_BLOCK,
     BlockEvent,
     Sample,
+    SampleTally,
     SiteTable,
     is_library_file,
     make_event,
@@ -132,3 +134,22 @@ def test_the_table_adds_up_blocks_by_site_most_time_first() -> None:
         "stack": ["stack of 120"],
     }
     assert str(sites[0]) == f"{USER}:1 in handler: 2 block(s), 220 ms in total, longest 120 ms"
+
+
+def test_a_long_block_keeps_one_stack_per_site_for_a_bounded_number_of_sites() -> None:
+    outer = ("/nonexistent/python3.11/asyncio/events.py", 80, "Handle._run")
+    stuck = (USER, 7, "serve_forever")
+    tally = SampleTally()
+    # A block that never ends is sampled every interval: memory must not grow
+    # with the number of samples, nor with the number of lines it visits.
+    for n in range(10_000):
+        tally.add(Sample(stuck, (outer, (USER, n, "caller"), stuck)))
+    for line in range(1000, 1000 + 2 * MAX_SITES_PER_BLOCK):
+        site = (USER, line, "elsewhere")
+        tally.add(Sample(site, (outer, site)))
+    assert tally.total == 10_000 + 2 * MAX_SITES_PER_BLOCK
+    assert len(tally.counts) == len(tally.stacks) == MAX_SITES_PER_BLOCK
+    event = make_event(tally, 60.0, ongoing=True)
+    assert (event.file, event.line, event.function) == stuck
+    assert event.samples == tally.total
+    assert event.stack[-2] == f"{USER}:0 in caller"  # the first stack seen at the site

@@ -138,7 +138,22 @@ def test_the_marker_is_registered(pytester: pytest.Pytester) -> None:
     ("marker", "message"),
     [
         ("no_blocking(threshold=-1)", "threshold to be a positive number of seconds, got -1"),
-        ("no_blocking('fast')", "threshold to be a positive number of seconds, got 'fast'"),
+        (
+            "no_blocking('fast')",
+            "TypeError: @pytest.mark.no_blocking needs threshold as a number of seconds "
+            "(e.g. threshold=0.1), got str 'fast'",
+        ),
+        (
+            "no_blocking(threshold='0.1')",
+            "TypeError: @pytest.mark.no_blocking needs threshold as a number of seconds",
+        ),
+        (
+            "no_blocking(0.05, threshold=0.2)",
+            "TypeError: @pytest.mark.no_blocking was given threshold twice, as 0.05 and as "
+            "threshold=0.2",
+        ),
+        ("no_blocking(threshold=1e-6)", "needs threshold to be at least 0.01 seconds"),
+        ("no_blocking(threshold=float('nan'))", "threshold to be a positive number"),
         ("no_blocking(0.1, 0.2)", "takes one argument, threshold (seconds)"),
         ("no_blocking(limit=0.1)", "takes one argument, threshold (seconds)"),
     ],

@@ -1,7 +1,8 @@
 """``offloop check script.py [args...]``: run a script and report what blocked its loops.
 
 The script runs in this process as ``__main__`` with its own ``sys.argv``,
-exactly as ``python script.py args...`` would run it, while a
+exactly as ``python script.py args...`` would run it (including the wait for
+its non-daemon threads at the end), while a
 :class:`~offloop._detector_hook.LoopWatch` attaches a blocking detector to
 every event loop it starts (asyncio or uvloop, in any thread). Afterwards the
 blocking sites are printed as a table, or as JSON with ``--json``.
@@ -18,13 +19,15 @@ import json
 import os
 import runpy
 import sys
+import threading
 import traceback
 from typing import Any, Final, TextIO
 
+from ._detector import MAX_THRESHOLD, MIN_THRESHOLD
 from ._detector_hook import LoopWatch
 from ._detector_report import BlockEvent, BlockSite
 
-__all__ = ["BLOCKED_EXIT_CODE", "register", "render_report", "run_script"]
+__all__ = ["BLOCKED_EXIT_CODE", "register", "render_report", "run_script", "wait_for_threads"]
 
 #: Exit code of ``offloop check`` when the event loop blocked.
 BLOCKED_EXIT_CODE: Final = 3
@@ -46,7 +49,10 @@ def register(subparsers: Any) -> None:
         type=float,
         default=0.1,
         metavar="S",
-        help="seconds a loop may go without coming back before it counts as blocked (default: 0.1)",
+        help=(
+            "seconds a loop may go without coming back before it counts as blocked, "
+            f"from {MIN_THRESHOLD:g} to {MAX_THRESHOLD:g} (default: 0.1)"
+        ),
     )
     parser.add_argument(
         "--json", action="store_true", help="print the report as JSON instead of a table"
@@ -71,8 +77,13 @@ def register(subparsers: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the ``check`` subcommand; return the exit code."""
     threshold = args.threshold
-    if not threshold > 0 or threshold == float("inf"):
+    if not threshold > 0:
         return _usage(f"--threshold must be a positive number of seconds, got {threshold}.")
+    if not MIN_THRESHOLD <= threshold <= MAX_THRESHOLD:
+        return _usage(
+            f"--threshold must be between {MIN_THRESHOLD:g} and {MAX_THRESHOLD:g} seconds, "
+            f"got {threshold:g}."
+        )
     if not os.path.isfile(args.script):
         return _usage(
             f"there is no file {args.script!r} (from {os.getcwd()}); pass the path of the "
@@ -85,10 +96,19 @@ def main(args: argparse.Namespace) -> int:
             f"cannot write the report to {args.output!r}: {problem}. Pass the path of a file "
             f"in an existing directory to --output."
         )
+    # Resolved now: the script may change directory.
+    cwd = os.getcwd()
+    script = os.path.abspath(args.script)
+    output = None if args.output is None else os.path.abspath(args.output)
     with LoopWatch(threshold=threshold, on_block=_announce_ongoing) as watch:
         code = run_script(args.script, args.args)
+        try:
+            wait_for_threads()
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", file=sys.stderr)
+            code = 130
     sys.stdout.flush()
-    sites = [_trim(site, os.path.abspath(args.script)) for site in watch.report()]
+    sites = [_trim(site, script) for site in watch.report()]
     if args.json:
         document = {
             "threshold": threshold,
@@ -99,9 +119,9 @@ def main(args: argparse.Namespace) -> int:
         }
         text = json.dumps(document, indent=2) + "\n"
     else:
-        text = render_report(sites, threshold, watch.loops, stacks=args.stacks)
-    if args.output is not None:
-        with open(args.output, "w", encoding="utf-8") as out:
+        text = render_report(sites, threshold, watch.loops, stacks=args.stacks, start=cwd)
+    if output is not None:
+        with open(output, "w", encoding="utf-8") as out:
             out.write(text)
     else:
         _write(sys.stdout, text)
@@ -115,18 +135,19 @@ def run_script(path: str, argv: list[str]) -> int:
     an uncaught exception prints its traceback and gives 1, ``SystemExit``
     gives its code, Ctrl-C gives 130.
     """
+    target = os.path.abspath(path)  # before the script can change directory
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [path, *argv]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    sys.path.insert(0, os.path.dirname(target))
     try:
-        runpy.run_path(os.path.abspath(path), run_name="__main__")
+        runpy.run_path(target, run_name="__main__")
     except SystemExit as exc:
         return _exit_code(exc.code)
     except KeyboardInterrupt:
         print("KeyboardInterrupt", file=sys.stderr)
         return 130
     except BaseException as exc:
-        _print_script_traceback(exc, path)
+        _print_script_traceback(exc, target)
         return 1
     finally:
         sys.argv = saved_argv
@@ -134,10 +155,42 @@ def run_script(path: str, argv: list[str]) -> int:
     return 0
 
 
+def wait_for_threads() -> None:
+    """Wait for every non-daemon thread, as the interpreter does before it exits.
+
+    The script is not over when its module returns: a loop may still run in
+    one of its threads. First the callbacks registered for this moment run
+    (they tell idle ``concurrent.futures`` workers to exit, which would
+    otherwise be waited for forever), then the threads are joined, again if
+    they started new ones.
+    """
+    for callback in reversed(list(getattr(threading, "_threading_atexits", ()))):
+        try:
+            callback()
+        except Exception:
+            traceback.print_exc()
+    me = threading.current_thread()
+    while True:
+        alive = [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
+        if not alive:
+            return
+        for thread in alive:
+            thread.join()
+
+
 def render_report(
-    sites: list[BlockSite], threshold: float, loops: int, *, stacks: bool = False
+    sites: list[BlockSite],
+    threshold: float,
+    loops: int,
+    *,
+    stacks: bool = False,
+    start: str | None = None,
 ) -> str:
-    """The human-readable report: a table of sites, most total time first."""
+    """The human-readable report: a table of sites, most total time first.
+
+    Paths are shown relative to ``start`` (default: the current directory)
+    when they are under it.
+    """
     limit = f"{threshold * 1e3:g} ms"
     if not sites:
         return (
@@ -145,7 +198,7 @@ def render_report(
             f"({loops} event loop(s) watched).\n"
         )
     blocks = sum(s.count for s in sites)
-    where = [f"{_short(s.file)}:{s.line}" for s in sites]
+    where = [f"{_short(s.file, start)}:{s.line}" for s in sites]
     width = max(len("path:line"), *(len(w) for w in where))
     fn_width = max(len("function"), *(len(s.function) for s in sites))
     lines = [
@@ -184,9 +237,9 @@ def _announce_ongoing(event: BlockEvent) -> None:
         print(f"offloop check: {event}", file=sys.stderr, flush=True)
 
 
-def _short(path: str) -> str:
+def _short(path: str, start: str | None) -> str:
     try:
-        rel = os.path.relpath(path)
+        rel = os.path.relpath(path, start)
     except ValueError:  # another drive on Windows
         return path
     return path if rel.startswith(os.pardir) else rel
@@ -201,10 +254,9 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _print_script_traceback(exc: BaseException, path: str) -> None:
+def _print_script_traceback(exc: BaseException, target: str) -> None:
     # Show the traceback from the script's first frame on, as `python script.py` would.
     tb = exc.__traceback__
-    target = os.path.abspath(path)
     while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != target:
         tb = tb.tb_next
     traceback.print_exception(type(exc), exc, tb or exc.__traceback__)

@@ -21,17 +21,19 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
-import math
+import sys
 import threading
 from collections.abc import Callable
 from time import monotonic
-from types import TracebackType
+from types import CodeType, TracebackType
 from typing import Final, final
 
 from ._detector_report import (
     BlockEvent,
     BlockSite,
+    Dispatch,
     Sample,
+    SampleTally,
     SiteTable,
     log_block,
     logger,
@@ -62,6 +64,9 @@ OnBlock = Callable[[BlockEvent], object]
 
 _numbers: Final = itertools.count(1)
 
+#: Every callback of an asyncio loop runs from Handle._run (TimerHandle inherits it).
+_ASYNCIO_DISPATCH: Final[Dispatch] = (asyncio.events.Handle._run.__code__, -1)
+
 
 class DetectorState(enum.Enum):
     """Lifecycle of a detector: NEW -> RUNNING -> STOPPED."""
@@ -71,14 +76,81 @@ class DetectorState(enum.Enum):
     STOPPED = "stopped"
 
 
-def _check_seconds(value: object, name: str, where: str) -> float:
+#: The smallest threshold: a thread that wants the GIL may wait for one switch
+#: interval (sys.getswitchinterval(), 5 ms) while another runs Python, so with
+#: a threshold near that an idle loop, woken by the heartbeat, looks blocked.
+MIN_THRESHOLD: Final = 0.01
+
+#: The largest threshold, one day: far beyond any useful one, and far within
+#: what the monitor's waits (threading.TIMEOUT_MAX) can take.
+MAX_THRESHOLD: Final = 86400.0
+
+#: The smallest interval: the monitor wakes every interval, and below this it
+#: would take a CPU core to itself.
+MIN_INTERVAL: Final = 0.001
+
+
+def _show(value: float) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"a {len(text.lstrip('-'))}-digit number"
+
+
+def _check_seconds(value: object, name: str, where: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"{where} needs {name} as a number of seconds (e.g. {name}=0.1), got {describe(value)}."
         )
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{where} needs {name} to be a positive number of seconds, got {value!r}.")
+    if not value > 0:  # NaN too
+        raise ValueError(
+            f"{where} needs {name} to be a positive number of seconds, got {_show(value)}."
+        )
+    if value < low:
+        raise ValueError(
+            f"{where} needs {name} to be at least {low:g} seconds, got {_show(value)}: "
+            + (
+                "below that an idle loop itself looks blocked, since a thread may wait "
+                "5 ms for the GIL"
+                if name == "threshold"
+                else "the monitor thread would keep a CPU core busy"
+            )
+            + f". Pass {name}={low:g} or more."
+        )
+    if value > high:
+        raise ValueError(
+            f"{where} needs {name} to be at most {high:g} seconds, got {_show(value)}. "
+            f"Pass a number of seconds up to {high:g}."
+        )
     return float(value)
+
+
+def check_threshold(value: object, where: str) -> float:
+    """``value`` as a valid threshold in seconds; the errors name ``where``.
+
+    Raises:
+        TypeError: not a number.
+        ValueError: not between :data:`MIN_THRESHOLD` and :data:`MAX_THRESHOLD`.
+    """
+    return _check_seconds(value, "threshold", where, MIN_THRESHOLD, MAX_THRESHOLD)
+
+
+def check_interval(value: object, threshold: float, where: str) -> float:
+    """``value`` as a valid interval for ``threshold`` (None: a quarter of it).
+
+    Raises:
+        TypeError: not a number.
+        ValueError: below :data:`MIN_INTERVAL`, or above ``threshold``.
+    """
+    if value is None:
+        return threshold / 4
+    interval = _check_seconds(value, "interval", where, MIN_INTERVAL, MAX_THRESHOLD)
+    if interval > threshold:
+        raise ValueError(
+            f"{where} needs interval to be at most threshold, got interval={_show(interval)} "
+            f"and threshold={_show(threshold)}: the loop is looked at once per interval, so a "
+            f"longer interval misses blocks over the threshold. Leave interval out (it is "
+            f"threshold / 4) or pass one up to the threshold."
+        )
+    return interval
 
 
 class _Block:
@@ -88,7 +160,7 @@ class _Block:
 
     def __init__(self, posted_at: float) -> None:
         self.posted_at = posted_at
-        self.samples: list[Sample] = []
+        self.samples = SampleTally()
         self.noticed = False  # the early "ongoing" event was sent
 
 
@@ -114,16 +186,18 @@ class BlockingDetector:
     Args:
         loop: the loop to watch; defaults to the loop running in this thread.
         threshold: seconds the loop may go without coming back before it counts
-            as blocked.
+            as blocked, from 0.01 to 86400.
         interval: seconds between heartbeats and between stack samples
-            (default ``threshold / 4``).
+            (default ``threshold / 4``), from 0.001 to ``threshold``.
         on_block: called with a :class:`BlockEvent` for each block, from the
             monitor thread. Keep it quick and never wait for the loop there.
 
     Raises:
         RuntimeError: no loop was given and none is running in this thread.
         TypeError: an argument has the wrong type.
-        ValueError: ``threshold`` or ``interval`` is not positive.
+        ValueError: ``threshold`` is not between 0.01 s (:data:`MIN_THRESHOLD`)
+            and one day (:data:`MAX_THRESHOLD`), ``interval`` is below 1 ms or
+            above ``threshold``.
     """
 
     def __init__(
@@ -135,10 +209,8 @@ class BlockingDetector:
         on_block: OnBlock | None = None,
     ) -> None:
         where = "BlockingDetector()"
-        self._threshold = _check_seconds(threshold, "threshold", where)
-        self._interval = (
-            self._threshold / 4 if interval is None else _check_seconds(interval, "interval", where)
-        )
+        self._threshold = check_threshold(threshold, where)
+        self._interval = check_interval(interval, self._threshold, where)
         if on_block is not None and not callable(on_block):
             raise TypeError(
                 f"{where} needs on_block to be a function taking a BlockEvent (or None to log "
@@ -163,8 +235,9 @@ class BlockingDetector:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._table = SiteTable()
-        # Written by the heartbeat on the loop's thread, read by the monitor.
-        self._loop_thread: int | None = None
+        # Written by the heartbeat on the loop's thread, read by the monitor:
+        # the loop's thread and where it runs callbacks, if known.
+        self._dispatch: tuple[int | None, CodeType | None, int] = (None, None, -1)
         self._acked = 0
         self._acked_at = 0.0
 
@@ -228,10 +301,12 @@ class BlockingDetector:
                     f"detector to a loop that is running or about to run."
                 )
             if asyncio._get_running_loop() is self._loop:
-                self._loop_thread = threading.get_ident()
-            elif self._loop.is_running():
-                # Learn the loop's thread before anything else runs on it, so
-                # a block that starts right away can be sampled.
+                self._ran_on(threading.get_ident())
+            else:
+                # Running elsewhere or about to run (maybe in another thread):
+                # learn the loop's thread from its next callback, before
+                # anything queued after it, so a block that starts right away
+                # can be sampled.
                 self._loop.call_soon_threadsafe(self._heartbeat, 0)
             self._thread = threading.Thread(target=self._monitor, name=self._name, daemon=True)
             self._state = DetectorState.RUNNING
@@ -288,10 +363,22 @@ class BlockingDetector:
 
     # -- loop side ---------------------------------------------------------------------
 
+    def _ran_on(self, ident: int) -> None:
+        # The loop is about to run, or running, on this thread (called there).
+        self._dispatch = (ident, None, -1)
+
     def _heartbeat(self, seq: int) -> None:
-        # Runs on the loop: keep it to a few stores. The stamp goes first, so
-        # the monitor never pairs a new sequence number with an old stamp.
-        self._loop_thread = threading.get_ident()
+        # Runs on the loop: keep it to a few stores. The caller's frame is
+        # where this loop runs callbacks (see Dispatch); one tuple, so the
+        # monitor never pairs one run's thread with another run's frame. The
+        # stamp goes before the sequence number, so the monitor never pairs a
+        # new sequence number with an old stamp.
+        try:
+            caller = sys._getframe(1)
+        except ValueError:  # a loop run from C with no Python frame: only the thread
+            self._dispatch = (threading.get_ident(), None, -1)
+        else:
+            self._dispatch = (threading.get_ident(), caller.f_code, caller.f_lasti)
         if seq > self._acked:
             self._acked_at = monotonic()
             self._acked = seq
@@ -315,12 +402,23 @@ class BlockingDetector:
         posted_at: float | None = None
         block: _Block | None = None
         while True:
+            due = monotonic() + self._interval
             stopping = self._stopping.wait(self._interval)
             now = monotonic()
-            if posted_at is not None and self._acked >= seq:
+            acked = self._acked
+            # This thread needs the GIL to wake up, so a loop thread inside a C
+            # call that holds it (sorted(), json.loads, re) stops this thread
+            # too: it wakes late, as the call returns, and by its next turn the
+            # loop may have moved on. Look at the loop thread at once: it is
+            # still at the line of the call.
+            blind = now - due
+            glimpse = self._sample() if blind >= threshold and block is None else None
+            if posted_at is not None and acked >= seq:
                 if block is not None:
                     self._finish(block, self._acked_at - block.posted_at)
                     block = None
+                elif blind >= threshold:
+                    self._finish_unseen(posted_at, self._acked_at, now - due, glimpse)
                 posted_at = None
             if stopping or loop.is_closed():
                 # Stopped from the loop's own thread in the middle of a block
@@ -350,18 +448,46 @@ class BlockingDetector:
                 continue
             if block is None:
                 block = _Block(posted_at)
-            sample = sample_thread(self._loop_ident())
+            sample = glimpse if glimpse is not None else self._sample()
             if sample is not None:
-                block.samples.append(sample)
+                block.samples.add(sample)
             if not block.noticed and lag >= ongoing_after:
                 block.noticed = True
                 self._emit(make_event(block.samples, lag, ongoing=True))
 
-    def _loop_ident(self) -> int | None:
+    def _finish_unseen(
+        self, posted_at: float, acked_at: float, blind: float, glimpse: Sample | None
+    ) -> None:
+        # The monitor could not run for `blind` seconds and the heartbeat has
+        # run since: a block is over that it could only see afterwards.
+        if acked_at - posted_at >= self._threshold:
+            # The heartbeat itself waited: the loop ran nothing from its
+            # posting until it ran. The glimpse came after, so it is not the site.
+            block = _Block(posted_at)
+            self._finish(block, acked_at - posted_at)
+        elif glimpse is not None and glimpse.busy:
+            # The heartbeat ran before the monitor went blind; the loop thread,
+            # caught in the middle of a callback as the monitor woke, is what
+            # kept it from running. Had a heartbeat been posted when the
+            # monitor was due, it would have waited `blind` seconds.
+            block = _Block(acked_at)
+            block.samples.add(glimpse)
+            self._finish(block, blind)
+
+    def _sample(self) -> Sample | None:
         # asyncio's own loops know their thread exactly (it can change between
-        # runs); for others (uvloop) the last heartbeat told us.
-        ident = getattr(self._loop, "_thread_id", None)
-        return ident if isinstance(ident, int) else self._loop_thread
+        # runs) and run every callback from Handle._run. For others (uvloop)
+        # the last heartbeat told both, but the loop may have been run in
+        # another thread since: the thread is sampled only if it is still in
+        # the frame the heartbeat ran from (an unknown site beats blaming
+        # whatever that thread does now).
+        loop_ident = getattr(self._loop, "_thread_id", None)
+        if isinstance(loop_ident, int):
+            return sample_thread(loop_ident, _ASYNCIO_DISPATCH)
+        ident, code, lasti = self._dispatch
+        if code is None:  # learned on the loop's thread as it started: current
+            return sample_thread(ident)
+        return sample_thread(ident, (code, lasti), verify=True)
 
     def _finish(self, block: _Block, duration: float) -> None:
         event = make_event(block.samples, duration, ongoing=False)
@@ -404,7 +530,8 @@ def detect_blocking(
         RuntimeError: no event loop is running in this thread (to watch a loop
             from elsewhere, use ``BlockingDetector(loop).start()``).
         TypeError: an argument has the wrong type.
-        ValueError: ``threshold`` or ``interval`` is not positive.
+        ValueError: ``threshold`` is not between 0.01 s and one day, or
+            ``interval`` is below 1 ms or above ``threshold``.
     """
     try:
         loop = asyncio.get_running_loop()

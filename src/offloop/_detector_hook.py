@@ -26,7 +26,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
-from ._detector import BlockingDetector, DetectorState, OnBlock, _check_seconds
+from ._detector import (
+    BlockingDetector,
+    DetectorState,
+    OnBlock,
+    check_interval,
+    check_threshold,
+)
 from ._detector_report import BlockEvent, BlockSite, SiteTable, logger
 from ._validate import describe
 
@@ -54,9 +60,9 @@ class LoopWatch:
         interval: float | None = None,
         on_block: OnBlock | None = None,
     ) -> None:
-        self.threshold = _check_seconds(threshold, "threshold", "LoopWatch()")
+        self.threshold = check_threshold(threshold, "LoopWatch()")
         self.interval = (
-            None if interval is None else _check_seconds(interval, "interval", "LoopWatch()")
+            None if interval is None else check_interval(interval, self.threshold, "LoopWatch()")
         )
         if on_block is not None and not callable(on_block):
             raise TypeError(f"LoopWatch() needs on_block to be callable, got {describe(on_block)}.")
@@ -123,7 +129,7 @@ class LoopWatch:
                 det.start()
                 self._detectors[id(loop)] = det
                 self.loops += 1
-            det._loop_thread = threading.get_ident()
+            det._ran_on(threading.get_ident())
 
     def _record(self, event: BlockEvent) -> None:
         if not event.ongoing:

@@ -9,7 +9,6 @@ requests/sessions.py" does not tell anyone which line of theirs to fix.
 
 from __future__ import annotations
 
-import collections
 import functools
 import linecache
 import logging
@@ -18,13 +17,18 @@ import site
 import sys
 import sysconfig
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, Final
 
 __all__ = [
+    "MAX_SITES_PER_BLOCK",
     "BlockEvent",
     "BlockSite",
+    "Dispatch",
     "Sample",
+    "SampleTally",
     "SiteTable",
     "is_library_file",
     "log_block",
@@ -35,6 +39,12 @@ logger: Final = logging.getLogger("offloop.detector")
 
 #: One frame: (file, line, function), outermost first in a stack.
 Frame = tuple[str, int, str]
+
+#: Where a loop runs its callbacks: the code of the frame a callback is called
+#: from, and that frame's current instruction (-1: any instruction). A thread
+#: is running one of the loop's callbacks while this frame is on its stack
+#: with frames above it.
+Dispatch = tuple[CodeType, int]
 
 _UNKNOWN: Final[Frame] = ("<unknown>", 0, "<unknown>")
 
@@ -86,34 +96,51 @@ def is_library_file(filename: str) -> bool:
 
 @dataclass(frozen=True)
 class Sample:
-    """One look at the loop thread: its stack (outermost first) and its site."""
+    """One look at the loop thread: its stack (outermost first) and its site.
+
+    ``busy`` is False when the thread was idle in the loop itself (waiting for
+    I/O) rather than running one of its callbacks; True when that is unknown.
+    """
 
     site: Frame
     frames: tuple[Frame, ...]
+    busy: bool = True
 
 
-def sample_thread(ident: int | None) -> Sample | None:
+def sample_thread(
+    ident: int | None, dispatch: Dispatch | None = None, *, verify: bool = False
+) -> Sample | None:
     """The current stack of the thread ``ident``, or None if it is not running.
 
-    The frames are copied into tuples at once: holding frame objects would keep
+    With ``dispatch`` (see :data:`Dispatch`), the sample says whether the
+    thread is running one of the loop's callbacks; with ``verify`` too, there
+    is no sample unless the dispatch frame is on the thread's stack (the
+    thread no longer runs the loop: its stack would blame unrelated code). The
+    frames are copied into tuples at once: holding frame objects would keep
     the user's locals alive.
     """
     if ident is None:
         return None
     frame = sys._current_frames().get(ident)
     frames: list[Frame] = []
+    loop_code, loop_lasti = dispatch if dispatch is not None else (None, -1)
+    found = busy = dispatch is None
+    depth = 0
     while frame is not None:
         code = frame.f_code
+        if not found and code is loop_code and loop_lasti in (-1, frame.f_lasti):
+            found, busy = True, depth > 0
         if code.co_filename not in _HIDDEN_FILES:
             name = getattr(code, "co_qualname", code.co_name)  # co_qualname: Python 3.11+
             frames.append((code.co_filename, frame.f_lineno or 0, name))
         frame = frame.f_back
+        depth += 1
     del frame
-    if not frames:
+    if not frames or (verify and not found):
         return None
     site_frame = next((f for f in frames if not is_library_file(f[0])), frames[0])
     frames.reverse()
-    return Sample(site_frame, tuple(frames))
+    return Sample(site_frame, tuple(frames), busy)
 
 
 def format_frame(frame: Frame) -> str:
@@ -133,12 +160,15 @@ class BlockEvent:
         line: its line number (0 if the loop thread could not be sampled).
         function: its function (qualified name).
         duration_ms: how long the loop was blocked, measured from when the
-            monitor's heartbeat was posted until it ran (so it can be short by
-            up to one ``interval``).
+            monitor's heartbeat was posted until it ran, or for a block that
+            held the GIL from when the monitor was due to wake until it could
+            (so it can be short by up to one ``interval``).
         stack: the loop thread's stack at the site, outermost frame first, each
             ``"path:line in function: source"``.
         samples: how many stack samples were taken during the block; the site
-            is the one seen most often.
+            is the one seen most often (among the first
+            :data:`MAX_SITES_PER_BLOCK` sites seen, each kept with one stack,
+            so a block that never ends does not use more and more memory).
         ongoing: True for the early notice of a block still going on after
             ten times the threshold (its ``duration_ms`` is the time so far); a
             final event with ``ongoing=False`` follows when the loop comes back.
@@ -206,22 +236,56 @@ class BlockSite:
         )
 
 
-def make_event(samples: list[Sample], duration: float, *, ongoing: bool) -> BlockEvent:
+#: Sites one block keeps a stack for. A block that never ends (a server run on
+#: the loop's thread) is sampled every interval for as long as it lasts, so
+#: its samples are kept as a count per site plus the first stack seen there;
+#: samples at sites beyond this many are counted, but cannot name the block.
+MAX_SITES_PER_BLOCK: Final = 64
+
+
+class SampleTally:
+    """The samples of one block, in memory that does not grow with its length."""
+
+    __slots__ = ("counts", "stacks", "total")
+
+    def __init__(self, samples: Iterable[Sample] = ()) -> None:
+        self.total = 0
+        self.counts: dict[Frame, int] = {}  # insertion order: first seen first
+        self.stacks: dict[Frame, tuple[Frame, ...]] = {}
+        for sample in samples:
+            self.add(sample)
+
+    def add(self, sample: Sample) -> None:
+        """Count one sample; keep its stack if it is the first at its site."""
+        self.total += 1
+        site = sample.site
+        count = self.counts.get(site)
+        if count is None:
+            if len(self.counts) >= MAX_SITES_PER_BLOCK:
+                return
+            self.stacks[site] = sample.frames
+            count = 0
+        self.counts[site] = count + 1
+
+
+def make_event(
+    samples: SampleTally | Iterable[Sample], duration: float, *, ongoing: bool
+) -> BlockEvent:
     """The event for a block from its samples: the site seen most often wins.
 
     A block is usually one call, but a coroutine that sleeps and then loops
     spends its time at several lines; naming the one where most of the time
     went is what a sampling profiler would do. Ties go to the first seen.
     """
-    if not samples:
+    tally = samples if isinstance(samples, SampleTally) else SampleTally(samples)
+    if not tally.counts:
         file, line, function = _UNKNOWN
-        return BlockEvent(file, line, function, duration * 1e3, (), 0, ongoing)
-    counts = collections.Counter(s.site for s in samples)
+        return BlockEvent(file, line, function, duration * 1e3, (), tally.total, ongoing)
+    counts = tally.counts
     best = max(counts, key=lambda key: counts[key])  # max keeps the first of equals
-    first = next(s for s in samples if s.site == best)
     file, line, function = best
-    stack = tuple(format_frame(f) for f in first.frames)
-    return BlockEvent(file, line, function, duration * 1e3, stack, len(samples), ongoing)
+    stack = tuple(format_frame(f) for f in tally.stacks[best])
+    return BlockEvent(file, line, function, duration * 1e3, stack, tally.total, ongoing)
 
 
 class _Site:

@@ -11,7 +11,9 @@ line::
 
     def test_app(no_blocking): ...   # default threshold 0.1 s
 
-The plugin is loaded into every pytest run once offloop is installed, so for
+The plugin is loaded into every pytest run once offloop is installed (the
+``pytest11`` entry point is named ``offloop``: ``-p offloop`` loads it when
+autoloading is disabled; naming the module as well registers it twice), so for
 tests that use neither it does nothing but look for the marker: no patching,
 no thread (the loop hook is imported only when a test asks for it).
 """
@@ -90,21 +92,23 @@ def _threshold(item: pytest.Item) -> float:
     marker = item.get_closest_marker(MARKER)
     if marker is None:
         return DEFAULT_THRESHOLD
+    where = f"@pytest.mark.{MARKER}"
     if len(marker.args) > 1 or set(marker.kwargs) - {"threshold"}:
         raise TypeError(
-            f"@pytest.mark.{MARKER} takes one argument, threshold (seconds), got "
-            f"args={marker.args!r} kwargs={marker.kwargs!r}; write "
-            f"@pytest.mark.{MARKER}(threshold=0.05)."
+            f"{where} takes one argument, threshold (seconds), got "
+            f"args={marker.args!r} kwargs={marker.kwargs!r}; write {where}(threshold=0.05)."
+        )
+    if marker.args and "threshold" in marker.kwargs:
+        raise TypeError(
+            f"{where} was given threshold twice, as {marker.args[0]!r} and as "
+            f"threshold={marker.kwargs['threshold']!r}; write {where}(threshold=0.05)."
         )
     value: Any = marker.kwargs.get("threshold", marker.args[0] if marker.args else None)
     if value is None:
         return DEFAULT_THRESHOLD
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
-        raise ValueError(
-            f"@pytest.mark.{MARKER} needs threshold to be a positive number of seconds, "
-            f"got {value!r}; e.g. @pytest.mark.{MARKER}(threshold=0.05)."
-        )
-    return float(value)
+    from ._detector import check_threshold
+
+    return check_threshold(value, where)
 
 
 def _ignore(_event: object) -> None:

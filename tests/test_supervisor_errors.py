@@ -259,6 +259,13 @@ def test_grace_must_be_finite(grace: float) -> None:
         Supervisor(detect_blocking=grace)
 
 
+@pytest.mark.parametrize("threshold", [0.005, 86401.0], ids=repr)
+def test_detect_blocking_outside_the_detector_range_is_refused_at_once(threshold: float) -> None:
+    # It used to pass here and fail only when the supervisor started.
+    with pytest.raises(ValueError, match=r"^detect_blocking must be a threshold from 0\.01 to"):
+        Supervisor(detect_blocking=threshold)
+
+
 def test_restart_durations_may_still_be_infinite() -> None:
     # The shared check_seconds() refuses infinity only where something waits it out.
     sv = Supervisor()

@@ -59,14 +59,15 @@ class Supervisor:
         name: shown in logs and reprs.
         detect_blocking: watch the supervisor's event loop with an
             :class:`~offloop.BlockingDetector` while it runs: ``True`` for the
-            default threshold (0.1 s), or the threshold in seconds. Each block
+            default threshold (0.1 s), or the threshold in seconds (0.01 to
+            86400, the detector's range). Each block
             is logged with the line that blocked (``offloop.detector`` logger);
             :attr:`detector` gives the report afterwards.
 
     Raises:
         TypeError, ValueError: ``grace`` is not a finite number of seconds >= 0,
-            or ``detect_blocking`` is neither a bool nor a positive, finite number
-            of seconds.
+            or ``detect_blocking`` is neither a bool nor a number of seconds
+            from 0.01 to 86400.
     """
 
     def __init__(
@@ -86,6 +87,16 @@ class Supervisor:
             self._block_threshold = check_seconds(
                 detect_blocking, "detect_blocking", positive=True, finite=True
             )
+            from ._detector import MAX_THRESHOLD, MIN_THRESHOLD
+
+            # The detector's own range, checked now rather than when it starts.
+            if not MIN_THRESHOLD <= self._block_threshold <= MAX_THRESHOLD:
+                raise ValueError(
+                    f"detect_blocking must be a threshold from {MIN_THRESHOLD:g} to "
+                    f"{MAX_THRESHOLD:g} seconds (or True for the default), got "
+                    f"{detect_blocking!r}. Below {MIN_THRESHOLD:g} s even an idle loop looks "
+                    f"blocked."
+                )
         self._detector: BlockingDetector | None = None
         self.name = name if name is not None else f"supervisor-{next(_counter)}"
         self._entries: dict[str, Supervised] = {}

@@ -308,6 +308,15 @@ def test_status_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str])
     assert "--status-port must be between 0 and 65535, got 70000" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0.005", "-1", "nan"])
+def test_detect_blocking_outside_the_detector_range_is_refused(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 0.005 used to pass here and crash the run when the detector started.
+    assert cli_main(["run", "x:y", "--detect-blocking", value]) == 2
+    assert "offloop run --detect-blocking needs threshold" in capsys.readouterr().err
+
+
 def test_detect_blocking_logs_the_line_that_blocked_the_loop(tmp_path: Path) -> None:
     (tmp_path / "hoggy.py").write_text(
         textwrap.dedent(

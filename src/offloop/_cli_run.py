@@ -92,13 +92,14 @@ def register(subparsers: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the ``run`` subcommand; return the exit code."""
-    if args.detect_blocking is not None and not args.detect_blocking > 0:
-        print(
-            f"offloop run: error: --detect-blocking must be a positive number of seconds, "
-            f"got {args.detect_blocking}.",
-            file=sys.stderr,
-        )
-        return 2
+    if args.detect_blocking is not None:
+        from ._detector import check_threshold
+
+        try:
+            check_threshold(args.detect_blocking, "offloop run --detect-blocking")
+        except ValueError as exc:
+            print(f"offloop run: error: {exc}", file=sys.stderr)
+            return 2
     if args.status_port is not None and not 0 <= args.status_port <= 65535:
         print(
             f"offloop run: error: --status-port must be between 0 and 65535, "

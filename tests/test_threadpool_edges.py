@@ -198,3 +198,32 @@ async def test_a_function_raising_cancelled_error_reaches_the_awaiter_as_that_er
     with pytest.raises(asyncio.CancelledError, match="the function's own") as info:
         await asyncio.wait_for(offloop.to_thread(give_up), WAIT)
     assert info.traceback[-1].name == "give_up"
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_growth_thread_that_fails_to_start_is_logged_and_its_call_waits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def flaky_start(thread: threading.Thread) -> None:
+        if thread.name.startswith("offloop-nogrow-") and thread.name != "offloop-nogrow-1":
+            refused.append(thread.name)  # every thread growth adds
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", flaky_start)
+    pool = offloop.ThreadPool(2, name="nogrow")
+    release = threading.Event()
+    busy = pool.run(release.wait, WAIT)
+    await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+    queued = pool.run(abs, -5)  # queues behind the busy thread: growth tries a second one
+    await await_until(lambda: bool(refused), WAIT, "the growth check to try a thread")
+    assert "could not start a worker thread" in caplog.text
+    assert pool.statistics()["threads"] == 1  # no thread-less worker left behind
+    assert refused == ["offloop-nogrow-2"]  # not retried every period, nor logged each time
+    release.set()
+    assert await asyncio.wait_for(queued, WAIT) == 5  # run by the first thread once free
+    assert await busy is True
+    await asyncio.wait_for(pool.aclose(), WAIT)  # waits for no thread that never started

@@ -366,13 +366,21 @@ class ThreadPool(PoolContext):
                 self._workers.append(worker)
                 new.append(worker)
             self._backlog -= len(new)
-        loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
-        for worker in new:
+        for i, worker in enumerate(new):
             try:
                 self._start_thread(worker)
             except Exception:
-                # The queued calls wait for a thread that is free or starts later.
                 logger.exception("offloop: pool %r could not start a worker thread", self._name)
+                # The queued calls wait for a busy thread to come free. No retry
+                # every period (and a log line each time): the next call that
+                # queues arms the check again.
+                with self._lock:
+                    for unstarted in new[i + 1 :]:
+                        self._workers.remove(unstarted)
+                        self._backlog += 1
+                    self._growth_loops.discard(loop)
+                return
+        loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
 
     def _start_thread(self, worker: _Worker) -> None:
         thread = threading.Thread(

@@ -21,7 +21,7 @@ import pytest
 
 import offloop
 from offloop._poolbase import PoolState
-from tests.helpers import wait_for_file
+from tests.helpers import await_until, wait_for_file
 
 distributed = pytest.importorskip("distributed")
 
@@ -338,3 +338,34 @@ async def test_a_client_closed_under_the_pool_is_pool_closed(cluster: Any) -> No
         await asyncio.wait_for(pool.run(add, 1, 1), WAIT)
     assert cluster.scheduler_address in repr(pool)  # not just 'client'
     await pool.aclose()
+
+
+async def test_a_client_closed_during_a_call_is_pool_closed(cluster: Any, tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    client = await distributed.Client(cluster.scheduler_address, asynchronous=True)
+    pool = offloop.DaskPool(client=client)
+    call = asyncio.ensure_future(pool.run(wait_for_file, str(gate), str(started)))
+    try:
+        await await_until(started.exists, WAIT, "the call to start on the worker")
+        await client.close()
+        # It was Dask's FutureCancelledError, "cancelled for reason: unknown".
+        with pytest.raises(offloop.PoolClosedError, match=r"its distributed\.Client was closed"):
+            await asyncio.wait_for(call, WAIT)
+    finally:
+        gate.touch()
+    await pool.aclose()
+
+
+async def test_a_call_cancelled_while_the_pool_connects_counts_as_cancelled(
+    cluster: Any,
+) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+    call = asyncio.ensure_future(pool.run(add, 1, 2))
+    await asyncio.sleep(0)  # one step: run() now waits for the connection
+    assert pool._connecting is not None
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert pool.statistics()["cancelled"] == 1
+    await asyncio.wait_for(pool.aclose(), WAIT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing.resource_tracker
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -35,6 +35,10 @@ class NeedsTwoArgs(Exception):
 
 def fail(kind: str) -> None:
     raise HoldsALock("query failed") if kind == "lock" else NeedsTwoArgs("x", "y")
+
+
+async def async_gen_init() -> AsyncIterator[None]:
+    yield None
 
 
 async def async_init() -> None:
@@ -101,7 +105,9 @@ def test_a_class_of_the_main_script_is_named_as_in_the_script() -> None:
         ({"initargs": 5}, r"^ProcessPool\(initargs=\.\.\.\) must be a tuple .* got int 5; .*"),
         ({"initargs": "ab"}, r"^ProcessPool\(initargs=\.\.\.\) must be a tuple"),
         ({"initializer": 5}, r"^ProcessPool\(initializer=\.\.\.\) must be a function, .*int 5\.$"),
-        ({"initializer": async_init}, r"coroutine function .*Pass a plain function"),
+        ({"initializer": async_init}, r"'async_init', a coroutine function, .*Pass a plain"),
+        ({"initializer": async_gen_init}, r"'async_gen_init', an async generator function"),
+        ({"initargs": {"a": 1}}, r"^ProcessPool\(initargs=\.\.\.\) must be a tuple .*dict"),
     ],
 )
 def test_bad_initializer_options_are_named(options: dict[str, object], error: str) -> None:
@@ -127,6 +133,12 @@ def test_a_bad_close_timeout_is_refused_before_the_pool_closes() -> None:
         pool.close(timeout="2")  # type: ignore[arg-type]
     assert pool.statistics()["state"] == "open"
     pool.close(timeout=float("inf"))
+    assert pool.statistics()["state"] == "closed"
+
+
+def test_a_timeout_beyond_what_a_wait_takes_means_no_timeout() -> None:
+    pool = ProcessPool(1, name="hugetimeout")
+    pool.close(timeout=1e10)  # above threading.TIMEOUT_MAX: it raised OverflowError, half closed
     assert pool.statistics()["state"] == "closed"
 
 

@@ -165,3 +165,71 @@ async def test_a_call_cancelled_while_its_worker_starts_never_runs(tmp_path: Pat
         assert not ran.exists()
         stats = pool.statistics()
         assert (stats["cancelled"], stats["completed"], stats["running"]) == (1, 1, 0)
+
+
+def record_then_die(path: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    os._exit(7)
+
+
+def die_at(gate: str, started: str) -> None:
+    wait_for_file(gate, started)
+    os._exit(3)
+
+
+def fail_to_start(gate: str, started: str) -> None:
+    wait_for_file(gate, started)
+    raise ValueError("bad config")
+
+
+async def test_a_call_that_kills_a_worker_whose_first_call_was_cancelled_runs_once(
+    tmp_path: Path,
+) -> None:
+    # The cancelled first call was counted as sent but never written: the
+    # worker's counts then looked one call behind, so a later call that
+    # crashed it was taken for one it never read, and run again.
+    gate, started, runs = tmp_path / "gate", tmp_path / "started", tmp_path / "runs"
+    pool = ProcessPool(1, initializer=wait_for_file, initargs=(str(gate), str(started)))
+    async with pool:
+        first = pool.run(square, 2)
+        await await_until(started.exists, WAIT, "the initializer to start")
+        first.cancel()
+        gate.touch()
+        await await_until(lambda: pool.statistics()["idle"] == 1, WAIT, "the worker to be ready")
+        with pytest.raises(offloop.WorkerCrashed, match="died with exit code 7"):
+            await asyncio.wait_for(pool.run(record_then_die, str(runs)), WAIT)
+        assert len(runs.read_text().split()) == 1  # it ran once
+        stats = pool.statistics()
+        assert (stats["cancelled"], stats["crashed"]) == (1, 1)
+
+
+async def test_a_worker_crashing_while_the_pool_closes_is_a_crash_not_a_close(
+    tmp_path: Path,
+) -> None:
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    pool = ProcessPool(1)
+    call = pool.run(die_at, str(gate), str(started))
+    await await_until(started.exists, WAIT, "the call to start")
+    closing = asyncio.ensure_future(pool.aclose())  # no timeout: nothing is killed
+    await await_until(lambda: pool.statistics()["state"] == "closing", WAIT)
+    gate.touch()
+    with pytest.raises(offloop.WorkerCrashed, match="died with exit code 3"):
+        await asyncio.wait_for(call, WAIT)  # it used to blame a close timeout
+    await asyncio.wait_for(closing, WAIT)
+    assert pool.statistics()["crashed"] == 1
+
+
+async def test_a_cancelled_first_call_whose_worker_fails_to_start_counts_as_cancelled_only(
+    tmp_path: Path,
+) -> None:
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    pool = ProcessPool(1, initializer=fail_to_start, initargs=(str(gate), str(started)))
+    async with pool:
+        call = pool.run(square, 2)
+        await await_until(started.exists, WAIT, "the initializer to start")
+        call.cancel()
+        gate.touch()
+        await await_until(lambda: pool.statistics()["processes"] == 0, WAIT, "the worker to exit")
+        stats = pool.statistics()
+        assert (stats["cancelled"], stats["failed"], stats["completed"]) == (1, 0, 0)

@@ -160,7 +160,8 @@ class DaskPool(PoolContext):
                 or cannot be unpickled on the worker (its module is not
                 importable there), or the result cannot be pickled.
             WorkerCrashed: the task's workers kept dying (Dask's ``KilledWorker``).
-            PoolClosedError: the pool is closing or closed.
+            PoolClosedError: the pool is closing or closed, or its client was closed.
+            RuntimeError: called on another event loop than the pool's first call.
         """
         check_sync_callable(fn, "DaskPool.run()", "offloop.to_loop()")
         self._check_open()
@@ -169,7 +170,13 @@ class DaskPool(PoolContext):
         # whole task graph as unserializable), and sent as bytes: the user's
         # kwargs stay out of submit()'s own options (key=, workers=, ...).
         data = encode_call(fn, args, kwargs, "DaskPool.run()")
-        client = self._client if self._client is not None else await self._connect()
+        client = self._client
+        if client is None:
+            try:
+                client = await self._connect()
+            except asyncio.CancelledError:
+                self._cancelled += 1  # cancelled before it was sent: counted like the others
+                raise
         self._check_open()
         self._running += 1
         future = None
@@ -198,12 +205,19 @@ class DaskPool(PoolContext):
             if future is not None:
                 self._chore(client.cancel([future]))
             raise
-        except self._distributed.client.ClosedClientError as exc:
+        except (
+            self._distributed.client.ClosedClientError,
+            self._distributed.client.FutureCancelledError,
+        ) as exc:
             self._failed += 1
+            if isinstance(exc, self._distributed.client.FutureCancelledError) and (
+                client.status not in ("closing", "closed")
+            ):
+                raise  # cancelled on the cluster by someone else: Dask's own error says so
             raise PoolClosedError(
                 f"{self._named()}: its distributed.Client was closed, so {describe(fn)} cannot "
-                f"run. Close the pool before its client, or create a new DaskPool with an "
-                f"open client."
+                f"run or finish. Close the pool before its client, or create a new DaskPool "
+                f"with an open client."
             ) from exc
         except self._distributed.KilledWorker as exc:
             self._failed += 1

@@ -127,6 +127,8 @@ class WorkerSet:
         self._failed = 0
         self._cancelled = 0
         self._crashed = 0
+        # Set once close()/aclose() timed out and killed the workers.
+        self._killed_all = False
 
     def _disown_workers(self) -> None:
         """In a child made by ``os.fork()``: forget the parent's workers and close.
@@ -350,11 +352,14 @@ class WorkerSet:
         if call is None:
             return  # cannot happen: a worker only speaks when spoken to
         ok, outcome = decode_reply(data, call.fn, self._run_name)
+        count = True
         if not ok and isinstance(outcome, InitFailure):
             outcome = self._init_failure(worker, call, outcome)
             worker.doomed = True  # it exits after this reply
+            # A call cancelled while its worker started never ran: counted as cancelled only.
+            count = call._phase is not ABANDONED
         with self._lock:
-            self._finish(worker, call, ok=ok)
+            self._finish(worker, call, ok=ok, count=count)
             worker.tasks += 1
             if self._max_tasks is not None and worker.tasks >= self._max_tasks:
                 worker.doomed = True  # exits on its own after this reply
@@ -399,6 +404,7 @@ class WorkerSet:
                 stop = False
             else:
                 self._finish(worker, call, ok=False, count=False)  # counted as cancelled
+                worker.sent -= 1  # assigned, never written: not a call the worker may take
                 following, stop = self._free(worker)
         if following is not None:
             self._send(worker, following)
@@ -483,15 +489,16 @@ class WorkerSet:
             if self._requeue(worker, call):
                 return  # _maintain, next, starts a worker for it
             cancelled = call._phase is ABANDONED
-            closing = self._state is not PoolState.OPEN
-            if not cancelled and not closing:
+            # Killed by a close that timed out, not a crash of its own.
+            killed = self._killed_all
+            if not cancelled and not killed:
                 self._crashed += 1
             # A call whose worker died after it was cancelled (killed on cancel,
             # most often) is counted as cancelled only, not also as failed.
             self._finish(worker, call, ok=False, count=not cancelled)
         if cancelled:
             return  # killed on cancel, or died after its awaiter left
-        if closing:
+        if killed:
             call._error = PoolClosedError(
                 f"{self._describe()} killed the worker running {describe(call.fn)} because "
                 f"close() or aclose() timed out before the call finished."

@@ -25,7 +25,6 @@ import asyncio
 import atexit
 import contextlib
 import inspect
-import math
 import multiprocessing
 import os
 import threading
@@ -397,6 +396,7 @@ class ProcessPool(WorkerSet, PoolContext):
 
     def _kill_all(self) -> None:
         with self._lock:
+            self._killed_all = True
             victims = [w.process for w in self._workers if w.process is not None]
             for worker in self._workers:
                 worker.doomed = True
@@ -420,13 +420,22 @@ def _check_initializer(initializer: object, initargs: object) -> tuple[Any, ...]
                 f"{where} must be a function, called as initializer(*initargs) once in each new "
                 f"worker, got {describe(initializer)}."
             )
-        if inspect.iscoroutinefunction(initializer) or inspect.isasyncgenfunction(initializer):
+        kind = (
+            "a coroutine function"
+            if inspect.iscoroutinefunction(initializer)
+            else "an async generator function"
+            if inspect.isasyncgenfunction(initializer)
+            else None
+        )
+        if kind is not None:
             raise TypeError(
-                f"{where} got the coroutine function {describe(initializer)}, which would only "
-                f"create a coroutine in each worker and never run it. Pass a plain function; "
-                f"it may call asyncio.run() on the coroutine."
+                f"{where} got {describe(initializer)}, {kind}, which would only create an "
+                f"object in each worker and never run it. Pass a plain function; it may call "
+                f"asyncio.run() on a coroutine."
             )
-    if isinstance(initargs, (str, bytes)) or not isinstance(initargs, Iterable):
+    if isinstance(initargs, (str, bytes, dict, set, frozenset)) or not isinstance(
+        initargs, Iterable
+    ):
         raise TypeError(
             f"ProcessPool(initargs=...) must be a tuple of the initializer's arguments, got "
             f"{describe(initargs)}; for a single argument write initargs=(value,)."
@@ -439,7 +448,8 @@ def _check_timeout(timeout: object, method: str) -> float | None:
     if timeout is None:
         return None
     seconds = check_seconds(timeout, f"ProcessPool.{method}(timeout=...)", positive=False)
-    return None if math.isinf(seconds) else seconds  # Event.wait() refuses inf
+    # Event.wait() refuses inf, and anything above TIMEOUT_MAX (about 49 days).
+    return None if seconds > threading.TIMEOUT_MAX else seconds
 
 
 def _make_default() -> ProcessPool:

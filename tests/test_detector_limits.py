@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from offloop import BlockEvent, BlockingDetector, BlockSite, DetectorState, detect_blocking
-from offloop._detector import MAX_THRESHOLD
+from offloop._detector import MAX_THRESHOLD, _RunQueueClock
 from offloop._detector_hook import LoopWatch
 from tests.helpers import bounded
 
@@ -68,6 +68,33 @@ async def test_a_block_that_holds_the_gil_is_reported_with_its_duration() -> Non
         ("<unknown>", 0),
     }
     assert det.blocks == 1
+
+
+@bounded(20)
+async def test_a_monitor_late_only_for_want_of_a_cpu_reports_no_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Other processes taking every CPU make the monitor wake late too, with
+    # the loop caught mid-callback: that alone is no block. Here the run
+    # queue is said to have held the monitor the whole time.
+    monkeypatch.setattr(_RunQueueClock, "since", lambda self, before: float("inf"))
+    events: list[BlockEvent] = []
+    async with detect_blocking(threshold=THRESHOLD, on_block=events.append):
+        await asyncio.sleep(2 * THRESHOLD)
+        hold_the_gil(BLOCK)
+        await asyncio.sleep(0)
+    assert events == []
+
+
+def test_the_run_queue_clock_reads_this_thread_s_waits() -> None:
+    clock = _RunQueueClock()
+    try:
+        before = clock.read()
+        assert before >= 0.0
+        assert clock.since(before) >= 0.0
+    finally:
+        clock.close()
+    assert clock.since(0.0) == float("inf")  # closed, or no /proc: every late wake was queued
 
 
 # -- the loop's thread, when the detector is attached from elsewhere -----------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -162,6 +163,42 @@ class _Block:
         self.posted_at = posted_at
         self.samples = SampleTally()
         self.noticed = False  # the early "ongoing" event was sent
+
+
+class _RunQueueClock:
+    """Seconds the calling thread spent ready to run but waiting for a CPU (Linux).
+
+    Read from ``/proc/thread-self/schedstat``, opened in the monitor thread. A
+    monitor that wakes late because other processes took the CPUs waited in
+    the run queue; one kept out by a loop thread holding the GIL slept. Where
+    the file does not exist, every late wake counts as queued, so a block the
+    monitor could not watch is reported only on its heartbeat's evidence.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def read(self) -> float:
+        if self._fd is None:
+            return 0.0
+        try:
+            return int(os.pread(self._fd, 64, 0).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def since(self, before: float) -> float:
+        """Queued seconds since ``before`` (all of them where it cannot tell)."""
+        if self._fd is None:
+            return float("inf")
+        return self.read() - before
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @final
@@ -401,78 +438,87 @@ class BlockingDetector:
         seq = 0
         posted_at: float | None = None
         block: _Block | None = None
-        while True:
-            due = monotonic() + self._interval
-            stopping = self._stopping.wait(self._interval)
-            now = monotonic()
-            acked = self._acked
-            # This thread needs the GIL to wake up, so a loop thread inside a C
-            # call that holds it (sorted(), json.loads, re) stops this thread
-            # too: it wakes late, as the call returns, and by its next turn the
-            # loop may have moved on. Look at the loop thread at once: it is
-            # still at the line of the call.
-            blind = now - due
-            glimpse = self._sample() if blind >= threshold and block is None else None
-            if posted_at is not None and acked >= seq:
-                if block is not None:
-                    self._finish(block, self._acked_at - block.posted_at)
-                    block = None
-                elif blind >= threshold:
-                    self._finish_unseen(posted_at, self._acked_at, now - due, glimpse)
-                posted_at = None
-            if stopping or loop.is_closed():
-                # Stopped from the loop's own thread in the middle of a block
-                # (a sync `with` around the blocking call): it ends now.
-                if block is not None:
-                    self._finish(block, now - block.posted_at)
-                return
-            running = loop.is_running()
-            if not running:
-                # Our heartbeat waits in a loop that has stopped: not a block.
-                # A block in progress ended when the loop stopped, about now.
-                if block is not None:
-                    self._finish(block, now - block.posted_at)
-                    block = None
-                posted_at = None
-                continue
-            if posted_at is None:
-                seq += 1
-                posted_at = monotonic()
-                try:
-                    loop.call_soon_threadsafe(self._heartbeat, seq)
-                except RuntimeError:  # closed meanwhile; seen on the next turn
+        queued = _RunQueueClock()
+        try:
+            while True:
+                due = monotonic() + self._interval
+                queued_before = queued.read()
+                stopping = self._stopping.wait(self._interval)
+                now = monotonic()
+                acked = self._acked
+                # This thread needs the GIL to wake up, so a loop thread inside a
+                # C call that holds it (sorted(), json.loads, re) stops this
+                # thread too: it wakes late, as the call returns, and by its
+                # next turn the loop may have moved on. Look at the loop thread
+                # at once: it is still at the line of the call.
+                blind = now - due
+                glimpse = self._sample() if blind >= threshold and block is None else None
+                if posted_at is not None and acked >= seq:
+                    if block is not None:
+                        self._finish(block, self._acked_at - block.posted_at)
+                        block = None
+                    elif blind >= threshold:
+                        # Late for want of a CPU (other processes) is no block:
+                        # only the time spent waiting, not queued, was the GIL.
+                        held = blind - queued.since(queued_before)
+                        self._finish_unseen(posted_at, self._acked_at, held, glimpse)
                     posted_at = None
-                continue
-            lag = now - posted_at
-            if lag < threshold:
-                continue
-            if block is None:
-                block = _Block(posted_at)
-            sample = glimpse if glimpse is not None else self._sample()
-            if sample is not None:
-                block.samples.add(sample)
-            if not block.noticed and lag >= ongoing_after:
-                block.noticed = True
-                self._emit(make_event(block.samples, lag, ongoing=True))
+                if stopping or loop.is_closed():
+                    # Stopped from the loop's own thread in the middle of a block
+                    # (a sync `with` around the blocking call): it ends now.
+                    if block is not None:
+                        self._finish(block, now - block.posted_at)
+                    return
+                running = loop.is_running()
+                if not running:
+                    # Our heartbeat waits in a loop that has stopped: not a block.
+                    # A block in progress ended when the loop stopped, about now.
+                    if block is not None:
+                        self._finish(block, now - block.posted_at)
+                        block = None
+                    posted_at = None
+                    continue
+                if posted_at is None:
+                    seq += 1
+                    posted_at = monotonic()
+                    try:
+                        loop.call_soon_threadsafe(self._heartbeat, seq)
+                    except RuntimeError:  # closed meanwhile; seen on the next turn
+                        posted_at = None
+                    continue
+                lag = now - posted_at
+                if lag < threshold:
+                    continue
+                if block is None:
+                    block = _Block(posted_at)
+                sample = glimpse if glimpse is not None else self._sample()
+                if sample is not None:
+                    block.samples.add(sample)
+                if not block.noticed and lag >= ongoing_after:
+                    block.noticed = True
+                    self._emit(make_event(block.samples, lag, ongoing=True))
+        finally:
+            queued.close()
 
     def _finish_unseen(
-        self, posted_at: float, acked_at: float, blind: float, glimpse: Sample | None
+        self, posted_at: float, acked_at: float, held: float, glimpse: Sample | None
     ) -> None:
-        # The monitor could not run for `blind` seconds and the heartbeat has
-        # run since: a block is over that it could only see afterwards.
+        # The monitor woke late, kept from running for `held` seconds (not
+        # counting time it waited for a CPU), and the heartbeat has run since:
+        # a block is over that it could only see afterwards.
         if acked_at - posted_at >= self._threshold:
             # The heartbeat itself waited: the loop ran nothing from its
             # posting until it ran. The glimpse came after, so it is not the site.
             block = _Block(posted_at)
             self._finish(block, acked_at - posted_at)
-        elif glimpse is not None and glimpse.busy:
+        elif held >= self._threshold and glimpse is not None and glimpse.busy:
             # The heartbeat ran before the monitor went blind; the loop thread,
             # caught in the middle of a callback as the monitor woke, is what
             # kept it from running. Had a heartbeat been posted when the
-            # monitor was due, it would have waited `blind` seconds.
+            # monitor was due, it would have waited `held` seconds.
             block = _Block(acked_at)
             block.samples.add(glimpse)
-            self._finish(block, blind)
+            self._finish(block, held)
 
     def _sample(self) -> Sample | None:
         # asyncio's own loops know their thread exactly (it can change between

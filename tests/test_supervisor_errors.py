@@ -293,3 +293,23 @@ async def test_a_detector_that_cannot_start_leaves_the_supervisor_enterable(
     async with sv:  # it used to be stuck "starting", refusing as "already running"
         assert sv.detector is not None
     assert sv.state.value == "stopped"  # (mypy narrowed the state to NEW above)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_keyboard_interrupt_in_a_service_cuts_the_async_with_body_short() -> None:
+    sv = Supervisor(name="sv", grace=5)
+    body_went_on = asyncio.Event()
+
+    @sv.service
+    async def interrupted() -> None:
+        await asyncio.sleep(0)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:  # as Ctrl-C would end it
+        async with sv:
+            await asyncio.sleep(WAIT)  # cut short, not waited out
+            body_went_on.set()
+    assert not body_went_on.is_set()
+    assert "raised KeyboardInterrupt" in str(info.value.__cause__)
+    assert sv.status()["interrupted"].state == "stopped"

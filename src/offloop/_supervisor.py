@@ -106,6 +106,8 @@ class Supervisor:
         self._shutdown_requested: asyncio.Future[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
         self._failure: ServiceFailed | None = None
+        # A service's KeyboardInterrupt: raised again from 'async with', as Ctrl-C would be.
+        self._interrupt: BaseException | None = None
         self._host_task: asyncio.Task[Any] | None = None
         self._in_body = False
         self._serving = 0
@@ -341,14 +343,19 @@ class Supervisor:
         """
         self._in_body = False
         await self._finish_shutdown(self._request_shutdown("leaving 'async with'"))
-        if self._failure is not None and (
-            exc_type is None or (self._host_cancelled and exc_type is asyncio.CancelledError)
-        ):
+        cancelled_here = self._host_cancelled and exc_type is asyncio.CancelledError
+        failed = self._failure is not None and (exc_type is None or cancelled_here)
+        # A service's KeyboardInterrupt ends a body it cut short as Ctrl-C would;
+        # a body that ended by itself (serve() returned) ends normally.
+        interrupted = self._interrupt is not None and cancelled_here
+        if failed or interrupted:
             if self._host_cancelled and self._host_task is not None:
                 uncancel = getattr(self._host_task, "uncancel", None)  # Python >= 3.11
                 if uncancel is not None:
                     uncancel()
-            raise self._failure
+            if self._failure is not None:
+                raise self._failure
+            raise KeyboardInterrupt from self._interrupt
 
     async def serve(self) -> None:
         """Run the services until :meth:`stop` is called, every service ended, or one failed.
@@ -478,7 +485,15 @@ class Supervisor:
             host.cancel(f"offloop: service {e.name!r} failed")
 
     def _interrupted(self, e: Supervised) -> None:
+        if self._failure is not None or self._interrupt is not None:
+            return  # already stopping for a reason reported first
+        self._interrupt = e.last_error
         self._request_shutdown(f"service {e.name!r} raised KeyboardInterrupt")
+        host = self._host_task
+        if self._in_body and not self._serving and host is not None and not host.done():
+            # As Ctrl-C does: the 'async with' body stops now, not when it ends.
+            self._host_cancelled = True
+            host.cancel(f"offloop: service {e.name!r} raised KeyboardInterrupt")
 
     def _check_all_ended(self) -> None:
         if self._state is _SV.RUNNING and all(

@@ -306,10 +306,13 @@ async def test_keyboard_interrupt_in_a_service_cuts_the_async_with_body_short() 
         await asyncio.sleep(0)
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt) as info:  # as Ctrl-C would end it
+    async def body() -> None:
         async with sv:
             await asyncio.sleep(WAIT)  # cut short, not waited out
             body_went_on.set()
+
+    with pytest.raises(KeyboardInterrupt) as info:  # as Ctrl-C would end it
+        await body()
     assert not body_went_on.is_set()
     assert "raised KeyboardInterrupt" in str(info.value.__cause__)
     assert sv.status()["interrupted"].state == "stopped"

@@ -26,9 +26,9 @@ logger: Final = logging.getLogger("offloop.supervisor")
 LAST_CHANCE: Final = 0.1
 
 #: How far past ``grace`` a whole shutdown may run, however many services hang:
-#: the last chance of the one being stopped when the time ran out, then one
-#: last chance shared by all the others, then the wait for their runners.
-SHUTDOWN_OVERRUN: Final = 3 * LAST_CHANCE
+#: the one being stopped when the time ran out gets its last chance and a
+#: moment to end once killed, then all the others together get the same.
+SHUTDOWN_OVERRUN: Final = 4 * LAST_CHANCE
 
 _ST = ServiceState
 
@@ -200,8 +200,11 @@ class Supervised:
         # A task, not wait_for(): on timeout, wait_for() waits for the cancelled
         # stop() to end, which is forever if it swallows the cancellation.
         stopper = loop.create_task(self.service.stop(), name=f"offloop-stop-{self.name}")
+        # One cutoff for the polite part, stop() and then the runner: each wait
+        # starting its own last chance made one service overrun by several.
+        cutoff = max(deadline, loop.time() + LAST_CHANCE)
         try:
-            await asyncio.wait({stopper}, timeout=max(deadline - loop.time(), LAST_CHANCE))
+            await asyncio.wait({stopper}, timeout=cutoff - loop.time())
         except BaseException:  # the shutdown itself is cancelled: take the stop along
             stopper.cancel()
             raise
@@ -215,7 +218,7 @@ class Supervised:
             logger.error("%s: stopping service %r raised", sv, self.name, exc_info=error)
             why = "could not be stopped politely (its stop() raised)"
         else:
-            await asyncio.wait({runner}, timeout=max(deadline - loop.time(), LAST_CHANCE))
+            await asyncio.wait({runner}, timeout=max(cutoff - loop.time(), 0))
             polite = runner.done()
         if not polite:
             self._kill(why)

@@ -322,3 +322,35 @@ def test_a_script_that_changes_directory_keeps_its_report_and_paths(tmp_path: Pa
     # The stack is trimmed to start at the script, as without the chdir.
     header = lines.index(f"Stack of the longest block at {at} (most recent call last):")
     assert lines[header + 1].startswith(f"  {app}:{line_of(app, 'RUN')} in <module>")
+
+
+def test_a_read_only_directory_is_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from offloop._cli_check import _unwritable
+
+    real_access = os.access
+    # Root may write anywhere: make the directory read-only in the eyes of os.access.
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode)
+    )
+    assert (
+        _unwritable(str(tmp_path / "r.txt")) == f"the directory {str(tmp_path)!r} is not writable"
+    )
+
+
+def test_a_report_that_cannot_be_written_after_the_run_is_printed_instead(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    script = write(
+        tmp_path / "app.py",
+        f"""\
+        import shutil
+        shutil.rmtree({str(out)!r})  # the report's directory is gone by the end
+        """,
+    )
+    result = check(tmp_path, "-o", str(out / "report.txt"), str(script))
+    assert result.returncode == 2
+    assert "no event loop blocked" in result.stdout  # the report, not lost
+    assert "it was printed above instead" in result.stderr
+    assert "Traceback" not in result.stderr

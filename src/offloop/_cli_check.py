@@ -121,8 +121,16 @@ def main(args: argparse.Namespace) -> int:
     else:
         text = render_report(sites, threshold, watch.loops, stacks=args.stacks, start=cwd)
     if output is not None:
-        with open(output, "w", encoding="utf-8") as out:
-            out.write(text)
+        try:
+            with open(output, "w", encoding="utf-8") as out:
+                out.write(text)
+        except OSError as exc:
+            # Checked up front, but the script ran since: keep the report anyway.
+            _write(sys.stdout, text)
+            return _usage(
+                f"cannot write the report to {args.output!r} ({exc.strerror or exc}); it was "
+                f"printed above instead."
+            )
     else:
         _write(sys.stdout, text)
     return BLOCKED_EXIT_CODE if sites else code
@@ -269,6 +277,11 @@ def _unwritable(path: str) -> str | None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         return f"there is no directory {folder!r}"
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            return "the file is not writable"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        return f"the directory {folder!r} is not writable"
     return None
 
 

@@ -314,7 +314,7 @@ def test_detect_blocking_outside_the_detector_range_is_refused(
 ) -> None:
     # 0.005 used to pass here and crash the run when the detector started.
     assert cli_main(["run", "x:y", "--detect-blocking", value]) == 2
-    assert "offloop run --detect-blocking needs threshold" in capsys.readouterr().err
+    assert "--detect-blocking must be between 0.01 and 86400 seconds" in capsys.readouterr().err
 
 
 def test_detect_blocking_logs_the_line_that_blocked_the_loop(tmp_path: Path) -> None:

@@ -146,6 +146,7 @@ def test_without_a_checkout_the_demo_loads_the_installed_copy(
         ("--interval", "nan"),
         ("--seconds", "-1"),
         ("--seconds", "nan"),
+        ("--seconds", "inf"),
     ],
     ids=" ".join,
 )
@@ -157,5 +158,6 @@ def test_bad_durations_are_usage_errors(
     assert main(["demo", *args]) == 2  # refused before anything starts
     flag, value = args
     assert capsys.readouterr().err == (
-        f"offloop demo: error: {flag} must be a positive number of seconds, got {float(value)}.\n"
+        f"offloop demo: error: {flag} must be a positive, finite number of seconds, got "
+        f"{float(value)}; for example {flag} 5.\n"
     )

@@ -93,12 +93,15 @@ def register(subparsers: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the ``run`` subcommand; return the exit code."""
     if args.detect_blocking is not None:
-        from ._detector import check_threshold
+        from ._detector import MAX_THRESHOLD, MIN_THRESHOLD
 
-        try:
-            check_threshold(args.detect_blocking, "offloop run --detect-blocking")
-        except ValueError as exc:
-            print(f"offloop run: error: {exc}", file=sys.stderr)
+        if not MIN_THRESHOLD <= args.detect_blocking <= MAX_THRESHOLD:  # NaN too
+            print(
+                f"offloop run: error: --detect-blocking must be between {MIN_THRESHOLD:g} and "
+                f"{MAX_THRESHOLD:g} seconds, got {args.detect_blocking:g}; pass for example "
+                f"--detect-blocking 0.1.",
+                file=sys.stderr,
+            )
             return 2
     if args.status_port is not None and not 0 <= args.status_port <= 65535:
         print(

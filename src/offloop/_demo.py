@@ -75,7 +75,8 @@ def _handle(args: argparse.Namespace) -> int:
     for flag, value in (("--seconds", args.seconds), ("--interval", args.interval)):
         if value is not None and not (0 < value < math.inf):
             print(
-                f"offloop demo: error: {flag} must be a positive number of seconds, got {value}.",
+                f"offloop demo: error: {flag} must be a positive, finite number of seconds, "
+                f"got {value}; for example {flag} 5.",
                 file=sys.stderr,
             )
             return 2

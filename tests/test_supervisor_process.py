@@ -201,3 +201,37 @@ async def test_a_service_stopped_while_its_child_starts_no_longer_says_running(
     assert start.cancelled()
     assert repr(svc).startswith("<ProcessService 'slow' ended fn=")
     assert svc._process is None  # reaped: the leak check sees no child either
+
+
+def quick_child(path: str) -> None:
+    _mark(path, "done")
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_kill_children_never_signals_a_child_reaped_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # multiprocessing reaps finished children in active_children() and in any
+    # start(); the pid may then name another process, which must not be hit.
+    import multiprocessing
+
+    from offloop._procservice import kill_children
+
+    sv = Supervisor(name="reaped")
+    marker = tmp_path / "child"
+    sv.service(isolate="process", name="child", restart="no")(
+        functools.partial(quick_child, str(marker))
+    )
+    async with sv:
+        await await_until(marker.exists, WAIT, "the child to run")
+        # The loop stays busy here, as in a forced exit: the supervisor cannot reap it.
+        deadline = time.monotonic() + WAIT
+        while multiprocessing.active_children():  # reaps it once it exited
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)  # noqa: ASYNC251 - the loop must not run: it would reap the child
+        signalled: list[int] = []
+        monkeypatch.setattr(os, "kill", lambda pid, sig: signalled.append(pid))
+        kill_children()
+        monkeypatch.undo()
+        assert signalled == []

@@ -36,9 +36,10 @@ __all__ = ["ProcessService", "kill_children"]
 
 _KILL_JOIN = 2.0  # SIGKILL cannot be ignored; this only covers the kernel reaping it
 
-#: Pids of the service children not yet reaped. A pid leaves only once joined,
-#: so it can never name a recycled process.
-_live_children: set[int] = set()
+#: The service children not yet joined. The process objects, not their pids:
+#: multiprocessing may reap a child elsewhere (active_children(), any new
+#: start()), and its pid may then name another process.
+_live_children: set[multiprocessing.process.BaseProcess] = set()
 
 
 def kill_children() -> None:
@@ -47,9 +48,12 @@ def kill_children() -> None:
     Safe from a signal handler and from any thread: it only copies a set and
     sends signals.
     """
-    for pid in list(_live_children):
-        with contextlib.suppress(OSError):
-            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    for process in list(_live_children):
+        # exitcode polls the child: one already reaped is not signalled, so its
+        # recycled pid is never hit. kill() sends nothing once it is known gone.
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            if process.exitcode is None:
+                process.kill()
 
 
 class ProcessService(_FnService):
@@ -94,7 +98,7 @@ class ProcessService(_FnService):
         finally:
             writer.close()  # only the child writes; EOF then means it is gone
         assert process.pid is not None
-        _live_children.add(process.pid)
+        _live_children.add(process)
         self._process, self._conn, self.pid = process, reader, process.pid
         ready: asyncio.Future[None] = loop.create_future()
         loop.add_reader(reader.fileno(), self._on_message, ready, done)
@@ -184,7 +188,7 @@ class ProcessService(_FnService):
         process.join(_KILL_JOIN)
         exitcode = process.exitcode
         if exitcode is not None:
-            _live_children.discard(process.pid)
+            _live_children.discard(process)
             process.close()
             self._process = None
         return exitcode

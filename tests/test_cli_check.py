@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -355,3 +358,51 @@ def test_a_report_that_cannot_be_written_after_the_run_is_printed_instead(tmp_pa
     assert "no event loop blocked" in result.stdout  # the report, not lost
     assert "it was printed above instead" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_wait_for_the_script_s_threads_says_what_it_waits_for(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    app = write(
+        tmp_path / "lingers.py",
+        f"""\
+        import os
+        import threading
+        import time
+
+
+        def linger():
+            deadline = time.monotonic() + 30
+            while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+        threading.Thread(target=linger, name="gatekeeper").start()
+        """,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read_errors(stream: IO[str]) -> None:
+        for line in stream:
+            lines.put(line)
+
+    with subprocess.Popen(
+        [sys.executable, "-m", "offloop", "check", app.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    ) as proc:
+        assert proc.stderr is not None
+        assert proc.stdout is not None
+        reader = threading.Thread(target=read_errors, args=(proc.stderr,), name="test-stderr")
+        reader.start()
+        try:
+            notice = lines.get(timeout=TIMEOUT)  # it says so instead of looking hung
+            assert "waiting for its thread(s) 'gatekeeper' to end, as Python would" in notice
+            gate.touch()
+            assert proc.wait(TIMEOUT) == 0
+            assert "no event loop blocked" in proc.stdout.read()
+        finally:
+            gate.touch()
+            proc.kill()
+            reader.join(TIMEOUT)

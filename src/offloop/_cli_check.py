@@ -161,6 +161,10 @@ def run_script(path: str, argv: list[str]) -> int:
     return 0
 
 
+#: Seconds wait_for_threads() waits before it says which threads it waits for.
+THREAD_NOTICE_AFTER: Final = 2.0
+
+
 def wait_for_threads() -> None:
     """Wait for every non-daemon thread, as the interpreter does before it exits.
 
@@ -176,12 +180,23 @@ def wait_for_threads() -> None:
         except Exception:
             traceback.print_exc()
     me = threading.current_thread()
+    told = False
     while True:
         alive = [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
         if not alive:
             return
         for thread in alive:
-            thread.join()
+            thread.join(None if told else THREAD_NOTICE_AFTER)
+            if thread.is_alive() and not told:
+                # A wait that looks like a hang must say what it waits for.
+                told = True
+                names = ", ".join(repr(t.name) for t in alive if t.is_alive())
+                print(
+                    f"offloop check: the script has returned; waiting for its thread(s) {names} "
+                    f"to end, as Python would. Ctrl-C stops the wait and prints the report.",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 def render_report(

@@ -138,6 +138,16 @@ def test_bad_arguments_are_named() -> None:
         AiohttpService(make_app)
     with pytest.raises(ValueError, match=r"AiohttpService\(port=\.\.\.\) must be between"):
         AiohttpService(web.Application(), port=-1)
+    # A port written into the host used to fail only at start(), with a resolver error.
+    with pytest.raises(ValueError, match=r"without a port, got '127\.0\.0\.1:8000'; pass the"):
+        AiohttpService(web.Application(), host="127.0.0.1:8000")
+
+
+def test_ipv6_hosts_are_bracketed_wherever_a_port_follows() -> None:
+    svc = AiohttpService(web.Application(), host="[::1]", port=8080)  # as written in a URL
+    assert svc.host == "::1"
+    assert svc.url == "http://[::1]:8080"
+    assert "[::1]:8080" in repr(svc)
 
 
 @pytest.mark.loops("asyncio", "uvloop")

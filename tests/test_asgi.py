@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -21,7 +22,9 @@ from tests.helpers import bounded
 WAIT = 5.0
 
 
-def make_app(journal: list[str], *, fail_startup: bool = False) -> Starlette:
+def make_app(
+    journal: list[str], *, fail_startup: bool = False, fail_shutdown: bool = False
+) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         journal.append("startup")
@@ -29,6 +32,8 @@ def make_app(journal: list[str], *, fail_startup: bool = False) -> Starlette:
             raise ConnectionError("database is down")
         yield
         journal.append("shutdown")
+        if fail_shutdown:
+            raise OSError("flush failed")
 
     async def index(request: Request) -> PlainTextResponse:
         return PlainTextResponse("hello asgi")
@@ -95,7 +100,22 @@ async def test_a_failing_lifespan_startup_fails_start_without_exiting() -> None:
     assert svc.state.value == "crashed"
     assert svc.port != 0  # the port it had bound, named in the error too
     assert f"127.0.0.1:{svc.port}" in str(info.value)
+    # The app's own error, not only "see the log".
+    assert "lifespan startup failed (ConnectionError: database is down)" in str(info.value)
     assert refuses(svc.port)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_failing_lifespan_shutdown_is_reported_by_wait() -> None:
+    journal: list[str] = []
+    svc = ASGIService(make_app(journal, fail_shutdown=True), port=0, lifespan="on", name="api")
+    await svc.start()
+    await svc.stop()
+    assert journal == ["startup", "shutdown"]
+    # uvicorn only logged it, and the service ended as if all went well.
+    with pytest.raises(RuntimeError, match=r"lifespan shutdown failed \(OSError: flush failed\)"):
+        await svc.wait()
 
 
 def test_bad_arguments_are_named() -> None:
@@ -150,3 +170,30 @@ async def test_kill_cancels_the_requests_and_the_lifespan_left_on_the_loop() -> 
     left = asyncio.all_tasks() - ours
     await asyncio.wait_for(asyncio.gather(*left, return_exceptions=True), WAIT)
     assert asyncio.all_tasks() - ours == set()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_access_logs_and_levels_are_per_service_not_process_wide(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    error_logger = logging.getLogger("uvicorn.error")
+    before = error_logger.level
+    error_logger.setLevel(logging.INFO)  # the program's own choice
+    try:
+        loud = ASGIService(make_app([]), port=0, name="loud", lifespan="off")
+        quiet = ASGIService(make_app([]), port=0, name="quiet", lifespan="off", access_log=False)
+        with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+            await loud.start()
+            await quiet.start()  # used to drop the access log's handlers for everyone
+            try:
+                assert await get(loud.url + "/") == (200, "hello asgi")
+                assert await get(quiet.url + "/") == (200, "hello asgi")
+            finally:
+                await quiet.stop()
+                await loud.stop()
+        access = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+        assert len(access) == 1, access  # the loud service's request only
+        assert error_logger.level == logging.INFO  # not reset to the services' "warning"
+    finally:
+        error_logger.setLevel(before)

@@ -84,6 +84,17 @@ def check_host_port(host: object, port: object, where: str) -> tuple[str, int]:
         )
     if not host:
         raise ValueError(f"{where}(host=...) must not be empty; use '127.0.0.1' or '0.0.0.0'.")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # '[::1]', as written in URLs
+    if ":" in host:
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
+            # 'localhost:8000' and the like: a port written into the host.
+            raise ValueError(
+                f"{where}(host=...) must be a host name or an IP address without a port, got "
+                f"{host!r}; pass the port separately, e.g. host='127.0.0.1', port=8000."
+            ) from None
     if isinstance(port, bool) or not isinstance(port, int):
         raise TypeError(f"{where}(port=...) must be an int, got {describe(port)}.")
     if not 0 <= port <= 65535:
@@ -110,8 +121,14 @@ def listen_socket(host: str, port: int, service: Service) -> socket.socket:
             else ""
         )
         raise OSError(
-            exc.errno, f"{service!r} cannot listen on {host}:{port}: {exc.strerror or exc}.{hint}"
+            exc.errno,
+            f"{service!r} cannot listen on {_host_port(host, port)}: {exc.strerror or exc}.{hint}",
         ) from exc
+
+
+def _host_port(host: str, port: int) -> str:
+    # IPv6 addresses are bracketed, so the port stays readable: [::1]:8000.
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ServiceAdapter(Service):
@@ -215,8 +232,7 @@ class NetworkAdapter(ServiceAdapter):
     @property
     def url(self) -> str:
         """``http://host:port``, with the bound port once started."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{_host_port(self.host, self.port)}"
 
     def _listen(self) -> socket.socket:
         """Bind a fresh listening socket for a run.
@@ -234,4 +250,4 @@ class NetworkAdapter(ServiceAdapter):
     def _where(self) -> str:
         if self._state in (AdapterState.RUNNING, AdapterState.STOPPING):
             return f"url={self.url}"
-        return f"{self.host}:{self.port}"
+        return _host_port(self.host, self.port)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any, Literal
 
 from ._adapters import AdapterState, NetworkAdapter, check_host_port, check_name
@@ -37,10 +38,14 @@ class ASGIService(NetworkAdapter):
             back from :attr:`port` or :attr:`url` once started.
         lifespan: uvicorn's lifespan mode: ``"auto"`` (run it if the app
             supports it), ``"on"`` (a startup failure fails ``start()``) or ``"off"``.
-        log_level: the level of uvicorn's loggers (``"warning"`` by default,
-            so the supervisor's log is not drowned). Their handlers are left
-            to the program's own logging configuration.
-        access_log: log one line per request (``uvicorn.access``).
+        log_level: the level given to uvicorn's ``uvicorn.error`` and
+            ``uvicorn.asgi`` loggers if nothing set one before (``"warning"``
+            by default, so the supervisor's log is not drowned). They are
+            shared by every server in the process, so a level your logging
+            configuration or an earlier service set stays; their handlers are
+            always left to the program's own configuration.
+        access_log: log one line per request of this service (``uvicorn.access``,
+            at INFO); other services' access lines are not affected.
         name: the service's name (default ``"asgi"``).
 
     Raises:
@@ -84,6 +89,8 @@ class ASGIService(NetworkAdapter):
         self._server: Any = None
         self._main: asyncio.Task[None] | None = None
         self._lifespan_task: asyncio.Task[Any] | None = None
+        # Why a lifespan phase failed ("startup", "shutdown"), as the app said.
+        self._lifespan_failures: dict[str, str] = {}
 
     def __repr__(self) -> str:
         where = self._where()
@@ -104,15 +111,19 @@ class ASGIService(NetworkAdapter):
             uvicorn = require("uvicorn", "asgi", feature="ASGIService")
             sock = self._listen()
             port = self._bound_port = sock.getsockname()[1]  # named in start-up errors too
+            # uvicorn's loggers are process-wide, and Config would set their
+            # levels and drop the access log's handlers for every server in
+            # the process: leave them alone, and do both per service below.
             config = uvicorn.Config(
                 self.app,
                 host=self.host,
                 port=port,
                 lifespan=self.lifespan,
-                log_level=self.log_level,
+                log_level=None,
                 log_config=None,  # the program's logging configuration stays as it is
-                access_log=self.access_log,
+                access_log=True,
             )
+            _default_levels(self.log_level)
             server = uvicorn.Server(config)
             try:
                 await self._startup(server, config, sock)
@@ -132,14 +143,21 @@ class ASGIService(NetworkAdapter):
         try:
             if not config.loaded:
                 config.load()
+            if not self.access_log:
+                config.http_protocol_class = _without_access_log(config.http_protocol_class)
             server.lifespan = lifespan = config.lifespan_class(config)
             self._track_lifespan(lifespan)
             await server.startup(sockets=[sock])
         except SystemExit as exc:  # uvicorn's way to give up; not ours to exit the process
+            failure = self._lifespan_failures.get("startup")
+            why = (
+                f"the app's lifespan startup failed ({failure})"
+                if failure
+                else "most likely because the app's lifespan startup failed"
+            )
             raise RuntimeError(
-                f"{self!r} could not start: uvicorn gave up (exit code {exc.code}), most likely "
-                f"because the app's lifespan startup failed; its error is in the "
-                f"'uvicorn.error' log."
+                f"{self!r} could not start: uvicorn gave up (exit code {exc.code}), {why}. The "
+                f"full traceback is in the 'uvicorn.error' log."
             ) from None
         except BaseException:
             if getattr(server, "started", False) or getattr(server, "servers", None):
@@ -150,6 +168,7 @@ class ASGIService(NetworkAdapter):
     def _track_lifespan(self, lifespan: Any) -> None:
         # uvicorn starts the app's lifespan as a task it keeps no handle to;
         # kill() must cancel it, so its main() records the task it runs in.
+        self._lifespan_failures = {}
         main = getattr(lifespan, "main", None)
         if main is None:  # lifespan="off": no task
             self._lifespan_task = None
@@ -160,6 +179,19 @@ class ASGIService(NetworkAdapter):
             await main()
 
         lifespan.main = tracked_main
+        # uvicorn only logs why a lifespan phase failed; keep the reason for
+        # our own errors. The app's message ends with its exception's line.
+        send = lifespan.send
+        failures = self._lifespan_failures
+
+        async def tracked_send(message: Any) -> None:
+            kind = message.get("type", "")
+            if kind in ("lifespan.startup.failed", "lifespan.shutdown.failed"):
+                lines = str(message.get("message") or "").strip().splitlines()
+                failures[kind.split(".")[1]] = lines[-1] if lines else "no message"
+            await send(message)
+
+        lifespan.send = tracked_send
 
     async def _serve(self, server: Any, sock: Any, done: asyncio.Future[None]) -> None:
         exc: BaseException | None = None
@@ -172,6 +204,13 @@ class ASGIService(NetworkAdapter):
                 await server.shutdown(sockets=[sock])
             except Exception as e:
                 exc = exc or e
+            failure = self._lifespan_failures.get("shutdown")
+            if exc is None and failure is not None:
+                # uvicorn logs it and carries on: wait() says so instead.
+                exc = RuntimeError(
+                    f"{self!r}: the app's lifespan shutdown failed ({failure}), so its cleanup "
+                    f"may not have finished. The full traceback is in the 'uvicorn.error' log."
+                )
             self._finish(done, exc)
 
     async def stop(self) -> None:
@@ -206,3 +245,23 @@ class ASGIService(NetworkAdapter):
         if done is not None:
             self._finish(done)
         return []
+
+
+def _default_levels(level: str) -> None:
+    # Only loggers nobody configured: the program's own levels win, and a
+    # second service does not reset what the first one (or the user) set.
+    for name in ("uvicorn.error", "uvicorn.asgi"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level.upper() if level != "trace" else 5)
+
+
+def _without_access_log(protocol: type[Any]) -> type[Any]:
+    # uvicorn decides per connection from its shared logger's handlers; this
+    # service's connections skip the access line whatever the others do.
+    class QuietProtocol(protocol):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.access_log = False
+
+    return QuietProtocol

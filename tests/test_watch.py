@@ -175,6 +175,30 @@ async def test_deleting_the_watched_folder_crashes_the_service(tmp_path: Path) -
 
 @pytest.mark.loops("asyncio")
 @bounded(20)
+@pytest.mark.parametrize("recreate", [False, True], ids=["renamed", "renamed-and-recreated"])
+async def test_renaming_the_watched_folder_away_crashes_the_service(
+    tmp_path: Path, recreate: bool
+) -> None:
+    # watchdog reports no move for the root itself, and its events went on
+    # under the old name; a folder made again at the path was never watched.
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    svc = WatchService(folder, lambda event: None, name="inbox")
+    await svc.start()
+    folder.rename(tmp_path / "elsewhere")
+    if recreate:
+        folder.mkdir()
+    how = "replaced by another folder" if recreate else "deleted or moved away"
+    with pytest.raises(
+        FileNotFoundError, match=rf"stopped watching: the folder .*inbox' was {how}"
+    ):
+        await asyncio.wait_for(svc.wait(), WAIT)
+    assert svc.state.value == "crashed"
+    assert watch_threads() == []
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
 async def test_a_missing_folder_fails_start_clearly(tmp_path: Path) -> None:
     missing = tmp_path / "later"
     svc = WatchService(missing, print, name="later")

@@ -30,6 +30,10 @@ __all__ = ["WatchService"]
 
 EventHandler = Callable[[Any], object]
 
+#: Seconds between checks that the watched root is still the folder the
+#: service started on (it may be renamed away without a single event).
+ROOT_CHECK_INTERVAL = 1.0
+
 
 class _Run:
     """One start() .. stop(): its observer, its handler tasks, its end."""
@@ -44,6 +48,10 @@ class _Run:
         # Held while the observer is built and started, or stopped, in a worker thread.
         self.lock = threading.Lock()
         self.closed = False
+        # The watched root's (device, inode): a root renamed away keeps sending
+        # events under its old name, and watchdog reports no move for it.
+        self.root: tuple[int, int] | None = None
+        self.check: asyncio.TimerHandle | None = None
 
     def threads(self) -> list[threading.Thread]:
         observer = self.observer
@@ -58,9 +66,12 @@ class WatchService(ServiceAdapter):
     ``handler(event)`` receives watchdog's ``FileSystemEvent`` (``event_type``,
     ``src_path``, ``dest_path``, ``is_directory``). A coroutine function is
     awaited as a task on the supervisor's loop, a plain function is called
-    there, so handlers never need locks. A handler that raises crashes the
-    service (the supervisor's restart policy then applies). ``stop()`` stops
-    the observer, then waits for the handler tasks still running.
+    there, so handlers never need locks, and a plain one must be quick: it
+    blocks the loop while it runs, once per event (one file write is several
+    events). A handler that raises crashes the service (the supervisor's
+    restart policy then applies), and so does the folder being deleted,
+    renamed away or replaced. ``stop()`` stops the observer, then waits for
+    the handler tasks still running.
 
     Args:
         path: the folder (or file) to watch; it must exist when the service starts.
@@ -153,10 +164,24 @@ class WatchService(ServiceAdapter):
             raise
         self._run = run
         self._ready()
+        self._check_root(run)
+
+    def _check_root(self, run: _Run) -> None:
+        # A root renamed away or replaced may send no event at all any more.
+        if run.done.done() or run.crashed or run.ending is not None:
+            return
+        how = _root_change(self.path, run.root)
+        if how is not None:
+            self._lost_root(run, how)
+            return
+        run.check = asyncio.get_running_loop().call_later(
+            ROOT_CHECK_INTERVAL, self._check_root, run
+        )
 
     def _open(self, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
         """Build and start the run's observer (in a worker thread); undo it if start() gave up."""
         with run.lock:
+            run.root = _identity(self.path)
             run.observer = self._observer(run, loop)
             run.observer.start()
             if current_token():  # the awaiting start() was cancelled: nobody else will stop it
@@ -170,13 +195,18 @@ class WatchService(ServiceAdapter):
         class Forward(events.FileSystemEventHandler):  # type: ignore[misc,name-defined]  # lazy
             def dispatch(self, event: Any) -> None:
                 # Runs in the observer thread: filter here, handle on the loop.
+                how = None
                 if event.event_type in ("deleted", "moved") and _same_path(
                     event.src_path, service.path
                 ):
+                    how = event.event_type
+                else:
+                    how = _root_change(service.path, run.root)
+                if how is not None:
                     # watchdog stops watching a root that is gone: crash, so the
                     # restart policy applies and the status stops saying "running".
                     with contextlib.suppress(RuntimeError):
-                        loop.call_soon_threadsafe(service._lost_root, run, event.event_type)
+                        loop.call_soon_threadsafe(service._lost_root, run, how)
                     return
                 if service.matches(event.src_path, getattr(event, "dest_path", None)):
                     # RuntimeError: the loop is closed, nobody to deliver to.
@@ -234,6 +264,8 @@ class WatchService(ServiceAdapter):
 
     async def _end(self, run: _Run, exc: Exception | None) -> None:
         """Stop the observer, settle the handler tasks, end the run (with ``exc`` if it crashed)."""
+        if run.check is not None:
+            run.check.cancel()
         try:
             await service_pool().run(_close, run)
             if exc is not None:  # a crash: the other handlers are not waited for
@@ -263,6 +295,8 @@ class WatchService(ServiceAdapter):
             return []
         for task in list(run.tasks):
             task.cancel()
+        if run.check is not None:
+            run.check.cancel()
         abandoned = [describe_thread(t) for t in run.threads()]
         self._finish(run.done)
         return abandoned
@@ -282,6 +316,22 @@ def _close_locked(run: _Run) -> None:
     observer.stop()  # also stops and joins the emitters and the inotify thread
     if observer.ident is not None:  # it was started
         observer.join()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _root_change(path: Path, root: tuple[int, int] | None) -> str | None:
+    # How the watched root changed since the start, if it did.
+    now = _identity(path)
+    if now == root:
+        return None
+    return "deleted or moved away" if now is None else "replaced by another folder"
 
 
 def _same_path(reported: str | bytes, watched: Path) -> bool:

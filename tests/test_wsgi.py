@@ -9,6 +9,8 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flask
 import pytest
@@ -300,3 +302,61 @@ def _fetch_ignoring_errors(url: str) -> str:
         return fetch(url)[1]
     except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
         return repr(exc)
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("server", SERVERS)
+@bounded(20)
+async def test_a_streaming_response_sees_the_stop_token(server: WSGIServerName) -> None:
+    app = flask.Flask("offloop_test")
+    streaming = threading.Event()
+    tokens: dict[str, offloop.StopToken] = {}
+
+    @app.get("/stream")
+    def stream() -> flask.Response:
+        tokens["view"] = offloop.current_token()
+
+        def body() -> Iterator[bytes]:
+            # Runs while the server sends the body, after the view has returned.
+            token = tokens["body"] = offloop.current_token()
+            yield b"streaming\n"
+            streaming.set()
+            yield b"stopped\n" if token.wait(WAIT / 2) else b"never stopped\n"
+
+        return flask.Response(body())
+
+    svc = WSGIService(app, port=0, server=server, access_log=False)
+    await svc.start()
+    request = offloop.to_thread(fetch, svc.url + "/stream")
+    assert await offloop.to_thread(streaming.wait, WAIT)
+    await asyncio.wait_for(svc.stop(), WAIT)
+    assert await asyncio.wait_for(request, WAIT) == (200, "streaming\nstopped\n")
+    assert tokens["body"] is tokens["view"]
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("server", SERVERS)
+@bounded(20)
+async def test_a_response_body_is_closed_with_the_service_token(server: WSGIServerName) -> None:
+    tokens: dict[str, offloop.StopToken] = {}
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            tokens["iter"] = offloop.current_token()
+            yield b"body"
+
+        def close(self) -> None:
+            tokens["close"] = offloop.current_token()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Body:
+        tokens["app"] = offloop.current_token()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body()
+
+    svc = WSGIService(app, port=0, server=server, access_log=False)
+    await svc.start()
+    assert await offloop.to_thread(fetch, svc.url) == (200, "body")
+    await svc.stop()
+    assert tokens["iter"] is tokens["app"]
+    assert tokens["close"] is tokens["app"]
+    assert tokens["close"].is_set()  # the service's token: set by stop()

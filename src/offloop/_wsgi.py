@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Literal
 
 from ._adapters import AdapterState, NetworkAdapter, check_host_port, check_name
@@ -231,18 +231,66 @@ def _as_crash(service: WSGIService, exc: BaseException) -> BaseException:
 
 
 def _with_call(app: WSGIApp, loop: asyncio.AbstractEventLoop, token: StopToken) -> WSGIApp:
-    """Wrap ``app`` so request threads know the service's loop and token, like offloop workers."""
+    """Wrap ``app`` so request threads know the service's loop and token, like offloop workers.
+
+    The server iterates the returned body after the app has returned, so a
+    streaming response's generator (and its ``close()``) runs outside the app
+    call: the body is wrapped too, or ``current_token()`` there would be a
+    fresh token that is never set.
+    """
     call = WorkerCall(app, loop, token)
 
     def offloop_wsgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        previous = thread_state.call
-        thread_state.call = call
-        try:
-            return app(environ, start_response)
-        finally:
-            thread_state.call = previous
+        with _calling(call):
+            body = app(environ, start_response)
+        if isinstance(body, (bytes, list, tuple)):
+            return body  # no app code runs while it is sent
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
+            return body  # waitress sends it from its own loop, unwrapped (no app code either)
+        return (_SizedBody if hasattr(body, "__len__") else _Body)(body, call)
 
     return offloop_wsgi_app
+
+
+@contextlib.contextmanager
+def _calling(call: WorkerCall) -> Iterator[None]:
+    previous = thread_state.call
+    thread_state.call = call
+    try:
+        yield
+    finally:
+        thread_state.call = previous
+
+
+class _Body:
+    """A response body whose iteration and ``close()`` see the service's call and token."""
+
+    def __init__(self, body: Iterable[bytes], call: WorkerCall) -> None:
+        self._body = body
+        self._call = call
+        self._iterator: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        with _calling(self._call):
+            if self._iterator is None:
+                self._iterator = iter(self._body)
+            return next(self._iterator)
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            with _calling(self._call):
+                close()
+
+
+class _SizedBody(_Body):
+    # waitress sets Content-Length itself for a one-chunk body it can len().
+    def __len__(self) -> int:
+        return len(self._body)  # type: ignore[arg-type]
 
 
 # -- werkzeug ----------------------------------------------------------------------------

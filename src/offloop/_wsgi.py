@@ -42,10 +42,6 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 #: How often werkzeug's serve loop checks for shutdown(): the stop latency.
 POLL_INTERVAL: Final = 0.05
 
-#: Upper bound for waitress to let requests in flight finish; the supervisor's
-#: grace period is the real bound (stop() is cancelled when it runs out).
-WAITRESS_DRAIN: Final = 3600.0
-
 
 class _Run:
     """The resources of one start() .. stop(): fresh on every start."""
@@ -181,7 +177,7 @@ class WSGIService(NetworkAdapter):
         finally:
             wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
             wasyncore.close_all(server._map, ignore_all=True)
-            server.task_dispatcher.shutdown(cancel_pending=True, timeout=WAITRESS_DRAIN)
+            server.task_dispatcher.offloop_shutdown()
         self._finish_threadsafe(run.done, exc)
         del exc
 
@@ -216,6 +212,7 @@ class WSGIService(NetworkAdapter):
         if self.server == "werkzeug":
             server.offloop_close_connections(everything=True)
         else:
+            server.task_dispatcher.offloop_kill()  # ends the waits of stop() and the serve thread
             _close_waitress_channels(server)
         abandoned = [describe_thread(t) for t in run.threads()]
         self._finish(run.done)  # a restart must not wait for abandoned threads
@@ -414,6 +411,7 @@ def _waitress_server(service: WSGIService, sock: socket.socket, app: WSGIApp) ->
         def __init__(self) -> None:
             super().__init__()
             self.offloop_threads: list[threading.Thread] = []
+            self.offloop_killed = threading.Event()
 
         def start_new_thread(self, target: Callable[[int], None], thread_no: int) -> None:
             # waitress's version, with offloop's thread names and a record for kill().
@@ -423,6 +421,23 @@ def _waitress_server(service: WSGIService, sock: socket.socket, app: WSGIApp) ->
             self.offloop_threads = [t for t in self.offloop_threads if t.is_alive()]
             self.offloop_threads.append(thread)
             thread.start()
+
+        def offloop_shutdown(self) -> None:
+            # shutdown() with no timeout of its own: the supervisor's grace is the
+            # bound, and kill() must end this wait for a worker stuck in app code.
+            self.set_thread_count(0)
+            with self.lock:
+                self.thread_exit_cv.wait_for(
+                    lambda: not self.threads or self.offloop_killed.is_set()
+                )
+                while self.queue:  # as shutdown(cancel_pending=True) does
+                    self.queue.popleft().cancel()
+                self.queue_cv.notify_all()
+
+        def offloop_kill(self) -> None:
+            with self.lock:
+                self.offloop_killed.set()
+                self.thread_exit_cv.notify_all()
 
     dispatcher = Dispatcher()
     dispatcher.set_thread_count(service.threads)
@@ -448,7 +463,7 @@ def _stop_waitress(server: Any) -> None:
 
     _pull(server, close_listener)
     # Requests in flight finish (their channels still flush), queued ones are cancelled.
-    server.task_dispatcher.shutdown(cancel_pending=True, timeout=WAITRESS_DRAIN)
+    server.task_dispatcher.offloop_shutdown()
     _close_waitress_channels(server)
 
 

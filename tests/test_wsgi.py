@@ -360,3 +360,103 @@ async def test_a_response_body_is_closed_with_the_service_token(server: WSGIServ
     assert tokens["iter"] is tokens["app"]
     assert tokens["close"] is tokens["app"]
     assert tokens["close"].is_set()  # the service's token: set by stop()
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("server", SERVERS)
+@bounded(20)
+async def test_stop_waits_until_a_large_response_is_sent(server: WSGIServerName) -> None:
+    size = 8 * 1024 * 1024  # far more than the sockets buffer: most is still in the server
+    app = flask.Flask("offloop_test")
+    app.get("/big")(lambda: b"x" * size)
+    svc = WSGIService(app, port=0, server=server, access_log=False)
+    await svc.start()
+    reading, go = threading.Event(), threading.Event()
+
+    def download() -> tuple[int, int]:
+        conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=WAIT)
+        try:
+            conn.request("GET", "/big")
+            resp = conn.getresponse()
+            received = len(resp.read(65536))
+            reading.set()
+            go.wait(WAIT)  # the rest is read only once stop() is under way
+            try:
+                received += len(resp.read())
+            except http.client.IncompleteRead as exc:
+                received += len(exc.partial)
+            return resp.status, received
+        finally:
+            conn.close()
+
+    downloading = offloop.to_thread(download)
+    stopping = None
+    try:
+        assert await offloop.to_thread(reading.wait, WAIT)
+        stopping = asyncio.ensure_future(svc.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=0.5)
+        assert not done, "stop() returned while most of a response was still unsent"
+    finally:
+        go.set()
+        assert await asyncio.wait_for(downloading, WAIT) == (200, size)
+        if stopping is not None:
+            await asyncio.wait_for(stopping, WAIT)
+    assert wsgi_threads() == []
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("server", SERVERS)
+@bounded(20)
+async def test_stop_answers_a_request_whose_body_is_still_arriving(
+    server: WSGIServerName,
+) -> None:
+    size = 1024 * 1024
+    app = flask.Flask("offloop_test")
+    app.post("/upload")(lambda: str(len(flask.request.get_data())))
+    svc = WSGIService(app, port=0, server=server, access_log=False)
+    await svc.start()
+    half_sent, go = threading.Event(), threading.Event()
+
+    def upload() -> bytes:
+        with socket.create_connection(("127.0.0.1", svc.port), timeout=WAIT) as sock:
+            head = f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n"
+            sock.sendall(f"{head}Expect: 100-continue\r\n\r\n".encode())
+            # The interim answer proves that the server has read the headers.
+            assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 100 ")
+            sock.sendall(b"a" * (size // 2))
+            half_sent.set()
+            go.wait(WAIT)  # the rest is sent only once stop() is under way
+            try:
+                sock.sendall(b"a" * (size // 2))
+                return _read_until(sock, b"")
+            except OSError as exc:
+                return repr(exc).encode()
+
+    uploading = offloop.to_thread(upload)
+    stopping = None
+    try:
+        assert await offloop.to_thread(half_sent.wait, WAIT)
+        stopping = asyncio.ensure_future(svc.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=0.5)
+        assert not done, "stop() returned while a request's body was still arriving"
+    finally:
+        go.set()
+        reply = await asyncio.wait_for(uploading, WAIT)
+        if stopping is not None:
+            await asyncio.wait_for(stopping, WAIT)
+    while reply.startswith(b"HTTP/1.1 100 "):  # werkzeug sends two (http.server's and its own)
+        reply = reply.split(b"\r\n\r\n", 1)[1]
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+    assert reply.endswith(b"\r\n\r\n" + str(size).encode())
+    assert wsgi_threads() == []
+
+
+def _read_until(sock: socket.socket, end: bytes) -> bytes:
+    """Read up to and including ``end``, or until the server closes if ``end`` is empty."""
+    data = b""
+    while not end or end not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data

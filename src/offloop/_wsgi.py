@@ -8,8 +8,10 @@ the server is built with the servers' own stoppable APIs:
   stopped by ``shutdown()``; idle keep-alive connections are closed, requests
   in flight finish and their threads are joined.
 - waitress: ``create_server`` + ``run()``; the listening socket is closed
-  first (in waitress's own loop thread, through its trigger), the task
-  dispatcher lets requests in flight finish, then every channel is closed.
+  first (in waitress's own loop thread, through its trigger), then each
+  channel closes once it is done: idle ones at once, a request being
+  received once it is answered, a response once it is sent (waitress's
+  ``close_when_flushed``). Only then are the worker threads stopped.
 
 The listening socket is bound by offloop before the server is built, so
 ``start()`` returns once it listens, ``port=0`` works, and a port in use is
@@ -39,8 +41,12 @@ __all__ = ["WSGIService"]
 WSGIServer = Literal["werkzeug", "waitress"]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-#: How often werkzeug's serve loop checks for shutdown(): the stop latency.
+#: How often werkzeug's serve loop checks for shutdown(), and how often a
+#: stopping waitress server is checked for channels still busy: the stop latency.
 POLL_INTERVAL: Final = 0.05
+
+#: How long kill() waits for idle waitress workers to exit (they do so at once).
+IDLE_EXIT: Final = 0.1
 
 
 class _Run:
@@ -435,9 +441,16 @@ def _waitress_server(service: WSGIService, sock: socket.socket, app: WSGIApp) ->
                 self.queue_cv.notify_all()
 
         def offloop_kill(self) -> None:
+            self.set_thread_count(0)
             with self.lock:
                 self.offloop_killed.set()
                 self.thread_exit_cv.notify_all()
+                # Idle workers exit within moments; wait for them (briefly: this
+                # runs on the loop) so that only workers in app code are reported
+                # as abandoned. active_count counts the workers not idle.
+                self.thread_exit_cv.wait_for(
+                    lambda: len(self.threads) <= self.active_count, timeout=IDLE_EXIT
+                )
 
     dispatcher = Dispatcher()
     dispatcher.set_thread_count(service.threads)
@@ -455,14 +468,37 @@ def _waitress_server(service: WSGIService, sock: socket.socket, app: WSGIApp) ->
 def _stop_waitress(server: Any) -> None:
     """Stop a running waitress server gracefully (blocking: run off the loop)."""
     wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
+    killed: threading.Event = server.task_dispatcher.offloop_killed
+    drained = threading.Event()
 
     def close_listener() -> None:
         # Runs in waitress's loop thread: its socket map is not thread-safe.
         server.accepting = False
         wasyncore.dispatcher.close(server)  # not server.close(): keep the trigger
 
+    def close_finished_channels() -> None:
+        # Runs in waitress's loop thread, which alone receives requests and
+        # closes channels; requests_lock keeps a worker's service() out.
+        for channel in list(server.active_channels.values()):
+            with channel.requests_lock:
+                receiving = channel.request is not None and channel.request.headers_finished
+                if channel.requests or receiving:
+                    continue  # an answer is due: queued, running, or its body still arriving
+                # Idle, or its response written: close once the output is sent
+                # and read no further request. A connection still sending its
+                # headers is closed too: nothing says its request will ever end.
+                channel.close_when_flushed = True
+        if not server.active_channels:
+            drained.set()
+
     _pull(server, close_listener)
-    # Requests in flight finish (their channels still flush), queued ones are cancelled.
+    # A worker stops at its next task even with tasks queued: drain the
+    # channels first, so every request already received is answered and sent.
+    while not killed.is_set():
+        if not _pull(server, close_finished_channels):
+            break  # the serve loop has ended: nothing left to send
+        if drained.wait(POLL_INTERVAL):
+            break
     server.task_dispatcher.offloop_shutdown()
     _close_waitress_channels(server)
 
@@ -473,10 +509,16 @@ def _close_waitress_channels(server: Any) -> None:
     _pull(server, lambda: wasyncore.close_all(server._map, ignore_all=True))
 
 
-def _pull(server: Any, thunk: Callable[[], None]) -> None:
-    """Run ``thunk`` in waitress's loop thread, unless that loop has already ended."""
+def _pull(server: Any, thunk: Callable[[], None]) -> bool:
+    """Run ``thunk`` in waitress's loop thread, unless that loop has already ended.
+
+    Returns whether ``thunk`` was handed to the loop.
+    """
     trigger = server.trigger
     if trigger._closed:  # its pipe is closed: writing to the old descriptor is unsafe
-        return
-    with contextlib.suppress(OSError):  # closed in the meantime: run() has returned
+        return False
+    try:
         trigger.pull_trigger(thunk)
+    except OSError:  # closed in the meantime: run() has returned
+        return False
+    return True

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import threading
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 
 import offloop
 from offloop import WatchService, WSGIService
-from offloop._tothread import default_pool
+from offloop._tothread import default_pool, service_pool
 from tests.helpers import await_until, bounded
 
 WAIT = 5.0
@@ -62,3 +64,46 @@ async def test_a_watch_service_starts_and_stops_while_the_default_pool_is_full(
         await asyncio.wait_for(svc.stop(), WAIT)
         assert svc.state.value == "stopped"
         assert default_pool().statistics()["queued"] == 1
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_killed_waitress_service_frees_its_services_pool_thread() -> None:
+    entered, release = threading.Event(), threading.Event()
+    app = flask.Flask("offloop_test")
+
+    @app.get("/stubborn")
+    def stubborn() -> str:
+        entered.set()
+        release.wait(WAIT * 2)  # ignores the stop token
+        return "finally"
+
+    def fetch_ignoring_errors(url: str) -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            urllib.request.urlopen(url, timeout=WAIT).read()
+
+    sv = offloop.Supervisor(name="impatient", grace=0.2)
+    web = sv.add(WSGIService(app, port=0, server="waitress", name="web", access_log=False))
+    request = None
+    try:
+        async with sv:
+            request = offloop.to_thread(fetch_ignoring_errors, web.url + "/stubborn")
+            assert await offloop.to_thread(entered.wait, WAIT)
+        # stop() ran out of grace and the service was killed: the stop that was
+        # still waiting for the stubborn view in a services-pool thread ends too.
+        await await_until(
+            lambda: service_pool().statistics()["running"] == 0, WAIT, "the stop to give up"
+        )
+        assert not release.is_set()  # the view is still running: only kill() ended the wait
+        # The serve thread and the idle workers end as well; only the stubborn one is left.
+        await await_until(lambda: len(wsgi_threads()) == 1, WAIT, "all but one thread to end")
+        assert "-worker-" in wsgi_threads()[0]
+    finally:
+        release.set()
+        if request is not None:
+            await asyncio.wait_for(request, WAIT)
+    await await_until(lambda: wsgi_threads() == [], WAIT, "the abandoned worker to end")
+
+
+def wsgi_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("offloop-wsgi-")]

@@ -9,6 +9,8 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flask
 import pytest
@@ -300,3 +302,161 @@ def _fetch_ignoring_errors(url: str) -> str:
         return fetch(url)[1]
     except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
         return repr(exc)
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("server", SERVERS)
+@bounded(20)
+async def test_a_streaming_response_sees_the_stop_token(server: WSGIServerName) -> None:
+    app = flask.Flask("offloop_test")
+    streaming = threading.Event()
+    tokens: dict[str, offloop.StopToken] = {}
+
+    @app.get("/stream")
+    def stream() -> flask.Response:
+        tokens["view"] = offloop.current_token()
+
+        def body() -> Iterator[bytes]:
+            # Runs while the server sends the body, after the view has returned.
+            token = tokens["body"] = offloop.current_token()
+            yield b"streaming\n"
+            streaming.set()
+            yield b"stopped\n" if token.wait(WAIT / 2) else b"never stopped\n"
+
+        return flask.Response(body())
+
+    svc = WSGIService(app, port=0, server=server, access_log=False)
+    await svc.start()
+    request = offloop.to_thread(fetch, svc.url + "/stream")
+    assert await offloop.to_thread(streaming.wait, WAIT)
+    await asyncio.wait_for(svc.stop(), WAIT)
+    assert await asyncio.wait_for(request, WAIT) == (200, "streaming\nstopped\n")
+    assert tokens["body"] is tokens["view"]
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("server", SERVERS)
+@bounded(20)
+async def test_a_response_body_is_closed_with_the_service_token(server: WSGIServerName) -> None:
+    tokens: dict[str, offloop.StopToken] = {}
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            tokens["iter"] = offloop.current_token()
+            yield b"body"
+
+        def close(self) -> None:
+            tokens["close"] = offloop.current_token()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Body:
+        tokens["app"] = offloop.current_token()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body()
+
+    svc = WSGIService(app, port=0, server=server, access_log=False)
+    await svc.start()
+    assert await offloop.to_thread(fetch, svc.url) == (200, "body")
+    await svc.stop()
+    assert tokens["iter"] is tokens["app"]
+    assert tokens["close"] is tokens["app"]
+    assert tokens["close"].is_set()  # the service's token: set by stop()
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("server", SERVERS)
+@bounded(20)
+async def test_stop_waits_until_a_large_response_is_sent(server: WSGIServerName) -> None:
+    size = 8 * 1024 * 1024  # far more than the sockets buffer: most is still in the server
+    app = flask.Flask("offloop_test")
+    app.get("/big")(lambda: b"x" * size)
+    svc = WSGIService(app, port=0, server=server, access_log=False)
+    await svc.start()
+    reading, go = threading.Event(), threading.Event()
+
+    def download() -> tuple[int, int]:
+        conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=WAIT)
+        try:
+            conn.request("GET", "/big")
+            resp = conn.getresponse()
+            received = len(resp.read(65536))
+            reading.set()
+            go.wait(WAIT)  # the rest is read only once stop() is under way
+            try:
+                received += len(resp.read())
+            except http.client.IncompleteRead as exc:
+                received += len(exc.partial)
+            return resp.status, received
+        finally:
+            conn.close()
+
+    downloading = offloop.to_thread(download)
+    stopping = None
+    try:
+        assert await offloop.to_thread(reading.wait, WAIT)
+        stopping = asyncio.ensure_future(svc.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=0.5)
+        assert not done, "stop() returned while most of a response was still unsent"
+    finally:
+        go.set()
+        assert await asyncio.wait_for(downloading, WAIT) == (200, size)
+        if stopping is not None:
+            await asyncio.wait_for(stopping, WAIT)
+    assert wsgi_threads() == []
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("server", SERVERS)
+@bounded(20)
+async def test_stop_answers_a_request_whose_body_is_still_arriving(
+    server: WSGIServerName,
+) -> None:
+    size = 1024 * 1024
+    app = flask.Flask("offloop_test")
+    app.post("/upload")(lambda: str(len(flask.request.get_data())))
+    svc = WSGIService(app, port=0, server=server, access_log=False)
+    await svc.start()
+    half_sent, go = threading.Event(), threading.Event()
+
+    def upload() -> bytes:
+        with socket.create_connection(("127.0.0.1", svc.port), timeout=WAIT) as sock:
+            head = f"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n"
+            sock.sendall(f"{head}Expect: 100-continue\r\n\r\n".encode())
+            # The interim answer proves that the server has read the headers.
+            assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 100 ")
+            sock.sendall(b"a" * (size // 2))
+            half_sent.set()
+            go.wait(WAIT)  # the rest is sent only once stop() is under way
+            try:
+                sock.sendall(b"a" * (size // 2))
+                return _read_until(sock, b"")
+            except OSError as exc:
+                return repr(exc).encode()
+
+    uploading = offloop.to_thread(upload)
+    stopping = None
+    try:
+        assert await offloop.to_thread(half_sent.wait, WAIT)
+        stopping = asyncio.ensure_future(svc.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=0.5)
+        assert not done, "stop() returned while a request's body was still arriving"
+    finally:
+        go.set()
+        reply = await asyncio.wait_for(uploading, WAIT)
+        if stopping is not None:
+            await asyncio.wait_for(stopping, WAIT)
+    while reply.startswith(b"HTTP/1.1 100 "):  # werkzeug sends two (http.server's and its own)
+        reply = reply.split(b"\r\n\r\n", 1)[1]
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+    assert reply.endswith(b"\r\n\r\n" + str(size).encode())
+    assert wsgi_threads() == []
+
+
+def _read_until(sock: socket.socket, end: bytes) -> bytes:
+    """Read up to and including ``end``, or until the server closes if ``end`` is empty."""
+    data = b""
+    while not end or end not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -8,8 +8,10 @@ the server is built with the servers' own stoppable APIs:
   stopped by ``shutdown()``; idle keep-alive connections are closed, requests
   in flight finish and their threads are joined.
 - waitress: ``create_server`` + ``run()``; the listening socket is closed
-  first (in waitress's own loop thread, through its trigger), the task
-  dispatcher lets requests in flight finish, then every channel is closed.
+  first (in waitress's own loop thread, through its trigger), then each
+  channel closes once it is done: idle ones at once, a request being
+  received once it is answered, a response once it is sent (waitress's
+  ``close_when_flushed``). Only then are the worker threads stopped.
 
 The listening socket is bound by offloop before the server is built, so
 ``start()`` returns once it listens, ``port=0`` works, and a port in use is
@@ -23,7 +25,7 @@ import contextlib
 import itertools
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Literal
 
 from ._adapters import AdapterState, NetworkAdapter, check_host_port, check_name
@@ -39,12 +41,12 @@ __all__ = ["WSGIService"]
 WSGIServer = Literal["werkzeug", "waitress"]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-#: How often werkzeug's serve loop checks for shutdown(): the stop latency.
+#: How often werkzeug's serve loop checks for shutdown(), and how often a
+#: stopping waitress server is checked for channels still busy: the stop latency.
 POLL_INTERVAL: Final = 0.05
 
-#: Upper bound for waitress to let requests in flight finish; the supervisor's
-#: grace period is the real bound (stop() is cancelled when it runs out).
-WAITRESS_DRAIN: Final = 3600.0
+#: How long kill() waits for idle waitress workers to exit (they do so at once).
+IDLE_EXIT: Final = 0.1
 
 
 class _Run:
@@ -181,7 +183,7 @@ class WSGIService(NetworkAdapter):
         finally:
             wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
             wasyncore.close_all(server._map, ignore_all=True)
-            server.task_dispatcher.shutdown(cancel_pending=True, timeout=WAITRESS_DRAIN)
+            server.task_dispatcher.offloop_shutdown()
         self._finish_threadsafe(run.done, exc)
         del exc
 
@@ -216,6 +218,7 @@ class WSGIService(NetworkAdapter):
         if self.server == "werkzeug":
             server.offloop_close_connections(everything=True)
         else:
+            server.task_dispatcher.offloop_kill()  # ends the waits of stop() and the serve thread
             _close_waitress_channels(server)
         abandoned = [describe_thread(t) for t in run.threads()]
         self._finish(run.done)  # a restart must not wait for abandoned threads
@@ -231,18 +234,66 @@ def _as_crash(service: WSGIService, exc: BaseException) -> BaseException:
 
 
 def _with_call(app: WSGIApp, loop: asyncio.AbstractEventLoop, token: StopToken) -> WSGIApp:
-    """Wrap ``app`` so request threads know the service's loop and token, like offloop workers."""
+    """Wrap ``app`` so request threads know the service's loop and token, like offloop workers.
+
+    The server iterates the returned body after the app has returned, so a
+    streaming response's generator (and its ``close()``) runs outside the app
+    call: the body is wrapped too, or ``current_token()`` there would be a
+    fresh token that is never set.
+    """
     call = WorkerCall(app, loop, token)
 
     def offloop_wsgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        previous = thread_state.call
-        thread_state.call = call
-        try:
-            return app(environ, start_response)
-        finally:
-            thread_state.call = previous
+        with _calling(call):
+            body = app(environ, start_response)
+        if isinstance(body, (bytes, list, tuple)):
+            return body  # no app code runs while it is sent
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
+            return body  # waitress sends it from its own loop, unwrapped (no app code either)
+        return (_SizedBody if hasattr(body, "__len__") else _Body)(body, call)
 
     return offloop_wsgi_app
+
+
+@contextlib.contextmanager
+def _calling(call: WorkerCall) -> Iterator[None]:
+    previous = thread_state.call
+    thread_state.call = call
+    try:
+        yield
+    finally:
+        thread_state.call = previous
+
+
+class _Body:
+    """A response body whose iteration and ``close()`` see the service's call and token."""
+
+    def __init__(self, body: Iterable[bytes], call: WorkerCall) -> None:
+        self._body = body
+        self._call = call
+        self._iterator: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        with _calling(self._call):
+            if self._iterator is None:
+                self._iterator = iter(self._body)
+            return next(self._iterator)
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            with _calling(self._call):
+                close()
+
+
+class _SizedBody(_Body):
+    # waitress sets Content-Length itself for a one-chunk body it can len().
+    def __len__(self) -> int:
+        return len(self._body)  # type: ignore[arg-type]
 
 
 # -- werkzeug ----------------------------------------------------------------------------
@@ -366,6 +417,7 @@ def _waitress_server(service: WSGIService, sock: socket.socket, app: WSGIApp) ->
         def __init__(self) -> None:
             super().__init__()
             self.offloop_threads: list[threading.Thread] = []
+            self.offloop_killed = threading.Event()
 
         def start_new_thread(self, target: Callable[[int], None], thread_no: int) -> None:
             # waitress's version, with offloop's thread names and a record for kill().
@@ -375,6 +427,30 @@ def _waitress_server(service: WSGIService, sock: socket.socket, app: WSGIApp) ->
             self.offloop_threads = [t for t in self.offloop_threads if t.is_alive()]
             self.offloop_threads.append(thread)
             thread.start()
+
+        def offloop_shutdown(self) -> None:
+            # shutdown() with no timeout of its own: the supervisor's grace is the
+            # bound, and kill() must end this wait for a worker stuck in app code.
+            self.set_thread_count(0)
+            with self.lock:
+                self.thread_exit_cv.wait_for(
+                    lambda: not self.threads or self.offloop_killed.is_set()
+                )
+                while self.queue:  # as shutdown(cancel_pending=True) does
+                    self.queue.popleft().cancel()
+                self.queue_cv.notify_all()
+
+        def offloop_kill(self) -> None:
+            self.set_thread_count(0)
+            with self.lock:
+                self.offloop_killed.set()
+                self.thread_exit_cv.notify_all()
+                # Idle workers exit within moments; wait for them (briefly: this
+                # runs on the loop) so that only workers in app code are reported
+                # as abandoned. active_count counts the workers not idle.
+                self.thread_exit_cv.wait_for(
+                    lambda: len(self.threads) <= self.active_count, timeout=IDLE_EXIT
+                )
 
     dispatcher = Dispatcher()
     dispatcher.set_thread_count(service.threads)
@@ -392,15 +468,38 @@ def _waitress_server(service: WSGIService, sock: socket.socket, app: WSGIApp) ->
 def _stop_waitress(server: Any) -> None:
     """Stop a running waitress server gracefully (blocking: run off the loop)."""
     wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
+    killed: threading.Event = server.task_dispatcher.offloop_killed
+    drained = threading.Event()
 
     def close_listener() -> None:
         # Runs in waitress's loop thread: its socket map is not thread-safe.
         server.accepting = False
         wasyncore.dispatcher.close(server)  # not server.close(): keep the trigger
 
+    def close_finished_channels() -> None:
+        # Runs in waitress's loop thread, which alone receives requests and
+        # closes channels; requests_lock keeps a worker's service() out.
+        for channel in list(server.active_channels.values()):
+            with channel.requests_lock:
+                receiving = channel.request is not None and channel.request.headers_finished
+                if channel.requests or receiving:
+                    continue  # an answer is due: queued, running, or its body still arriving
+                # Idle, or its response written: close once the output is sent
+                # and read no further request. A connection still sending its
+                # headers is closed too: nothing says its request will ever end.
+                channel.close_when_flushed = True
+        if not server.active_channels:
+            drained.set()
+
     _pull(server, close_listener)
-    # Requests in flight finish (their channels still flush), queued ones are cancelled.
-    server.task_dispatcher.shutdown(cancel_pending=True, timeout=WAITRESS_DRAIN)
+    # A worker stops at its next task even with tasks queued: drain the
+    # channels first, so every request already received is answered and sent.
+    while not killed.is_set():
+        if not _pull(server, close_finished_channels):
+            break  # the serve loop has ended: nothing left to send
+        if drained.wait(POLL_INTERVAL):
+            break
+    server.task_dispatcher.offloop_shutdown()
     _close_waitress_channels(server)
 
 
@@ -410,10 +509,16 @@ def _close_waitress_channels(server: Any) -> None:
     _pull(server, lambda: wasyncore.close_all(server._map, ignore_all=True))
 
 
-def _pull(server: Any, thunk: Callable[[], None]) -> None:
-    """Run ``thunk`` in waitress's loop thread, unless that loop has already ended."""
+def _pull(server: Any, thunk: Callable[[], None]) -> bool:
+    """Run ``thunk`` in waitress's loop thread, unless that loop has already ended.
+
+    Returns whether ``thunk`` was handed to the loop.
+    """
     trigger = server.trigger
     if trigger._closed:  # its pipe is closed: writing to the old descriptor is unsafe
-        return
-    with contextlib.suppress(OSError):  # closed in the meantime: run() has returned
+        return False
+    try:
         trigger.pull_trigger(thunk)
+    except OSError:  # closed in the meantime: run() has returned
+        return False
+    return True

@@ -122,6 +122,12 @@ def test_bad_arguments_are_named() -> None:
     app = make_app([])
     with pytest.raises(TypeError, match=r"ASGIService\(app\) needs an ASGI application"):
         ASGIService("main:app")
+
+    def create_app() -> Starlette:
+        return make_app([])
+
+    with pytest.raises(TypeError, match=r"app\(scope, receive, send\), but function"):
+        ASGIService(create_app)
     with pytest.raises(ValueError, match=r"lifespan=\.\.\.\) must be 'auto', 'on' or 'off'"):
         ASGIService(app, lifespan="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"log_level=\.\.\.\) must be one of"):

@@ -223,6 +223,13 @@ def test_bad_arguments_are_named() -> None:
     app = make_app()
     with pytest.raises(TypeError, match=r"WSGIService\(app\) needs a WSGI application"):
         WSGIService("app:app")  # type: ignore[arg-type]
+
+    # A factory used to be accepted, and every request then failed with a 500.
+    def create_app() -> flask.Flask:
+        return make_app()
+
+    with pytest.raises(TypeError, match=r"create_app' cannot take those .*create_app\(\)\)"):
+        WSGIService(create_app)  # type: ignore[arg-type]
     with pytest.raises(
         ValueError, match=r"server=\.\.\.\) must be 'werkzeug' or 'waitress', got 'gunicorn'"
     ):

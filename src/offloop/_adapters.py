@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import socket
 import threading
-from typing import Final
+from typing import Any, Final
 
 from ._service import Service
 from ._validate import describe
@@ -23,6 +24,7 @@ __all__ = [
     "AdapterState",
     "NetworkAdapter",
     "ServiceAdapter",
+    "check_app_signature",
     "check_host_port",
     "check_name",
     "listen_socket",
@@ -69,6 +71,27 @@ def check_name(name: object, default: str, where: str) -> str:
     if not isinstance(name, str) or not name:
         raise TypeError(f"{where}(name=...) must be a non-empty str, got {describe(name)}.")
     return name
+
+
+def check_app_signature(app: Any, arguments: str, count: int, where: str) -> None:
+    """Refuse an app that cannot be called with its protocol's ``count`` arguments.
+
+    Most often an app factory (``create_app``) passed instead of the app it
+    builds, which would otherwise fail every request with a 500.
+
+    Raises:
+        TypeError: saying to pass what the factory returns.
+    """
+    try:
+        inspect.signature(app).bind(*range(count))
+    except TypeError:
+        raise TypeError(
+            f"{where}(app) needs an application called as app({arguments}), but "
+            f"{describe(app)} cannot take those arguments. If it is an app factory, pass "
+            f"the app it returns: {where}(create_app())."
+        ) from None
+    except ValueError:  # no signature to read (a builtin): trust it
+        pass
 
 
 def check_host_port(host: object, port: object, where: str) -> tuple[str, int]:

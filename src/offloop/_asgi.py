@@ -16,7 +16,13 @@ import contextlib
 import logging
 from typing import Any, Literal
 
-from ._adapters import AdapterState, NetworkAdapter, check_host_port, check_name
+from ._adapters import (
+    AdapterState,
+    NetworkAdapter,
+    check_app_signature,
+    check_host_port,
+    check_name,
+)
 from ._extras import require
 from ._validate import describe
 
@@ -69,6 +75,7 @@ class ASGIService(NetworkAdapter):
                 f"ASGIService(app) needs an ASGI application (an async callable taking scope, "
                 f"receive and send), got {describe(app)}."
             )
+        check_app_signature(app, "scope, receive, send", 3, "ASGIService")
         host, port = check_host_port(host, port, "ASGIService")
         if lifespan not in ("auto", "on", "off"):
             raise ValueError(

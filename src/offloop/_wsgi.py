@@ -28,7 +28,13 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Literal
 
-from ._adapters import AdapterState, NetworkAdapter, check_host_port, check_name
+from ._adapters import (
+    AdapterState,
+    NetworkAdapter,
+    check_app_signature,
+    check_host_port,
+    check_name,
+)
 from ._errors import OffloopError
 from ._extras import require
 from ._fnservices import describe_thread
@@ -104,6 +110,7 @@ class WSGIService(NetworkAdapter):
                 f"WSGIService(app) needs a WSGI application (a callable such as a flask.Flask "
                 f"instance), got {describe(app)}."
             )
+        check_app_signature(app, "environ, start_response", 2, "WSGIService")
         host, port = check_host_port(host, port, "WSGIService")
         if server not in ("werkzeug", "waitress"):
             raise ValueError(

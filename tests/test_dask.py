@@ -105,17 +105,23 @@ async def test_run_by_address_returns_results_and_closes_its_client(cluster: Any
         await pool.run(add, 1, 1)
 
 
+async def first_call_waiting_for_the_connection(pool: offloop.DaskPool) -> asyncio.Future[Any]:
+    call = asyncio.ensure_future(pool.run(add, 1, 2))
+    await asyncio.sleep(0)  # one step: run() now waits for the connection
+    assert pool._connecting is not None
+    return call
+
+
 async def test_aclose_during_the_first_connect_closes_the_client_it_opened(
     cluster: Any,
 ) -> None:
     pool = offloop.DaskPool(cluster.scheduler_address)
-    call = asyncio.ensure_future(pool.run(add, 1, 2))
-    await asyncio.sleep(0)  # one step: run() now waits for the connection
-    assert pool._connecting is not None
+    call = await first_call_waiting_for_the_connection(pool)
     await asyncio.wait_for(pool.aclose(), WAIT)
     with pytest.raises(offloop.PoolClosedError):
         await asyncio.wait_for(call, WAIT)
     assert pool.client is None
+    assert pool._connecting is not None
     assert pool._connecting.result().status == "closed"
 
 
@@ -361,9 +367,7 @@ async def test_a_call_cancelled_while_the_pool_connects_counts_as_cancelled(
     cluster: Any,
 ) -> None:
     pool = offloop.DaskPool(cluster.scheduler_address)
-    call = asyncio.ensure_future(pool.run(add, 1, 2))
-    await asyncio.sleep(0)  # one step: run() now waits for the connection
-    assert pool._connecting is not None
+    call = await first_call_waiting_for_the_connection(pool)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call

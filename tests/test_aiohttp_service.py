@@ -148,6 +148,8 @@ def test_ipv6_hosts_are_bracketed_wherever_a_port_follows() -> None:
     assert svc.host == "::1"
     assert svc.url == "http://[::1]:8080"
     assert "[::1]:8080" in repr(svc)
+    # A scoped link-local address is an address, not a host with a port.
+    assert AiohttpService(web.Application(), host="fe80::1%lo", port=8080).host == "fe80::1%lo"
 
 
 @pytest.mark.loops("asyncio", "uvloop")

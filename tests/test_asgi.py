@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -203,3 +204,45 @@ async def test_access_logs_and_levels_are_per_service_not_process_wide(
         assert error_logger.level == logging.INFO  # not reset to the services' "warning"
     finally:
         error_logger.setLevel(before)
+
+
+class Asgi2App:
+    """An ASGI 2 app: constructed with the scope, then called with receive and send."""
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self.scope = scope
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"asgi2 ok"})
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_an_asgi2_app_is_served_not_taken_for_a_factory() -> None:
+    svc = ASGIService(Asgi2App, port=0, lifespan="off", access_log=False)
+    await svc.start()
+    try:
+        assert await get(svc.url + "/") == (200, "asgi2 ok")
+    finally:
+        await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_log_level_applies_to_loggers_nobody_configured() -> None:
+    names = ("uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        svc = ASGIService(make_app([]), port=0, lifespan="off", log_level="info")
+        await svc.start()
+        await svc.stop()
+        # The access log too: log_level="info" shows the access lines, as before.
+        assert {name: logging.getLogger(name).level for name in names} == dict.fromkeys(
+            names, logging.INFO
+        )
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
 
@@ -316,3 +317,22 @@ async def test_keyboard_interrupt_in_a_service_cuts_the_async_with_body_short() 
     assert not body_went_on.is_set()
     assert "raised KeyboardInterrupt" in str(info.value.__cause__)
     assert sv.status()["interrupted"].state == "stopped"
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_service_s_keyboard_interrupt_is_raised_even_if_the_body_caught_its_cut() -> None:
+    sv = Supervisor(name="sv", grace=5)
+
+    @sv.service
+    async def interrupted() -> None:
+        await asyncio.sleep(0)
+        raise KeyboardInterrupt
+
+    async def body() -> None:
+        async with sv:
+            with contextlib.suppress(asyncio.CancelledError):  # a body that cleans up
+                await asyncio.sleep(WAIT)
+
+    with pytest.raises(KeyboardInterrupt):  # it used to be lost
+        await body()

@@ -254,3 +254,57 @@ async def test_a_start_cancelled_midway_leaves_no_observer_behind(tmp_path: Path
             await svc.stop()
     await svc.start()  # and the next start works
     await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_watched_file_saved_by_replacement_keeps_the_service_running(
+    tmp_path: Path,
+) -> None:
+    # Editors write a temporary file and rename it over the target: a new
+    # inode each save, which is no reason to crash a service watching a file.
+    target = tmp_path / "config.toml"
+    target.write_text("a = 1\n")
+    events: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(target, events.put_nowait, name="config")
+    await svc.start()
+    try:
+        tmp = tmp_path / "config.toml.tmp"
+        tmp.write_text("a = 2\n")
+        tmp.replace(target)
+        seen: list[Any] = []
+        await asyncio.wait_for(_event_of(events, "moved", seen), WAIT)
+        await asyncio.sleep(0)  # let a crash (it used to be one) land first
+        assert svc.state.value == "running", seen
+    finally:
+        await svc.stop()
+
+
+async def _event_of(queue: asyncio.Queue[Any], kind: str, seen: list[Any]) -> Any:
+    while True:
+        event = await queue.get()
+        seen.append(event)
+        if event.event_type == kind:
+            return event
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_relative_folder_still_watched_after_the_program_changes_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    events: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService("data", events.put_nowait, name="data")
+    await svc.start()
+    try:
+        monkeypatch.chdir(tmp_path.parent)  # "data" now names nothing here
+        await asyncio.sleep(0)
+        svc._check_root(svc._run)  # type: ignore[arg-type]  # the periodic check, now
+        (tmp_path / "data" / "new.txt").write_text("x")
+        created = await asyncio.wait_for(_event_of(events, "created", []), WAIT)
+        assert Path(created.src_path).name == "new.txt"  # relative, as it was given
+        assert svc.state.value == "running"  # it used to crash: "'data' was deleted"
+    finally:
+        await svc.stop()

@@ -467,3 +467,26 @@ def _read_until(sock: socket.socket, end: bytes) -> bytes:
             break
         data += chunk
     return data
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_waitress_stop_ends_for_a_client_that_never_reads() -> None:
+    # waitress's own idle timeout stops with its listener: the drain applies it.
+    size = 8 * 1024 * 1024
+    app = flask.Flask("offloop_test")
+    answered = threading.Event()
+
+    @app.get("/big")
+    def big() -> bytes:
+        answered.set()
+        return b"x" * size
+
+    svc = WSGIService(app, port=0, server="waitress", access_log=False)
+    await svc.start()
+    svc._run.server.adj.channel_timeout = 0.5  # type: ignore[union-attr]  # 120 s by default
+    with socket.create_connection(("127.0.0.1", svc.port), timeout=WAIT) as client:
+        client.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        assert await offloop.to_thread(answered.wait, WAIT)
+        await asyncio.wait_for(svc.stop(), WAIT)  # it used to wait forever
+    assert wsgi_threads() == []

@@ -73,8 +73,8 @@ def check_name(name: object, default: str, where: str) -> str:
     return name
 
 
-def check_app_signature(app: Any, arguments: str, count: int, where: str) -> None:
-    """Refuse an app that cannot be called with its protocol's ``count`` arguments.
+def check_app_signature(app: Any, arguments: str, counts: tuple[int, ...], where: str) -> None:
+    """Refuse an app that cannot be called with any of its protocol's argument ``counts``.
 
     Most often an app factory (``create_app``) passed instead of the app it
     builds, which would otherwise fail every request with a 500.
@@ -83,15 +83,20 @@ def check_app_signature(app: Any, arguments: str, count: int, where: str) -> Non
         TypeError: saying to pass what the factory returns.
     """
     try:
-        inspect.signature(app).bind(*range(count))
-    except TypeError:
-        raise TypeError(
-            f"{where}(app) needs an application called as app({arguments}), but "
-            f"{describe(app)} cannot take those arguments. If it is an app factory, pass "
-            f"the app it returns: {where}(create_app())."
-        ) from None
-    except ValueError:  # no signature to read (a builtin): trust it
-        pass
+        signature = inspect.signature(app)
+    except (TypeError, ValueError):  # no signature to read (a builtin): trust it
+        return
+    for count in counts:
+        try:
+            signature.bind(*range(count))
+        except TypeError:
+            continue
+        return
+    raise TypeError(
+        f"{where}(app) needs an application called as app({arguments}), but "
+        f"{describe(app)} cannot take those arguments. If it is an app factory, pass "
+        f"the app it returns: {where}(create_app())."
+    )
 
 
 def check_host_port(host: object, port: object, where: str) -> tuple[str, int]:
@@ -111,7 +116,7 @@ def check_host_port(host: object, port: object, where: str) -> tuple[str, int]:
         host = host[1:-1]  # '[::1]', as written in URLs
     if ":" in host:
         try:
-            socket.inet_pton(socket.AF_INET6, host)
+            socket.inet_pton(socket.AF_INET6, host.partition("%")[0])  # 'fe80::1%eth0'
         except OSError:
             # 'localhost:8000' and the like: a port written into the host.
             raise ValueError(

@@ -75,7 +75,8 @@ class ASGIService(NetworkAdapter):
                 f"ASGIService(app) needs an ASGI application (an async callable taking scope, "
                 f"receive and send), got {describe(app)}."
             )
-        check_app_signature(app, "scope, receive, send", 3, "ASGIService")
+        # ASGI 3 (scope, receive, send), or ASGI 2 (scope), which uvicorn also serves.
+        check_app_signature(app, "scope, receive, send", (3, 1), "ASGIService")
         host, port = check_host_port(host, port, "ASGIService")
         if lifespan not in ("auto", "on", "off"):
             raise ValueError(
@@ -257,7 +258,7 @@ class ASGIService(NetworkAdapter):
 def _default_levels(level: str) -> None:
     # Only loggers nobody configured: the program's own levels win, and a
     # second service does not reset what the first one (or the user) set.
-    for name in ("uvicorn.error", "uvicorn.asgi"):
+    for name in ("uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(level.upper() if level != "trace" else 5)

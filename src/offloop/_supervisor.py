@@ -345,9 +345,14 @@ class Supervisor:
         await self._finish_shutdown(self._request_shutdown("leaving 'async with'"))
         cancelled_here = self._host_cancelled and exc_type is asyncio.CancelledError
         failed = self._failure is not None and (exc_type is None or cancelled_here)
-        # A service's KeyboardInterrupt ends a body it cut short as Ctrl-C would;
-        # a body that ended by itself (serve() returned) ends normally.
-        interrupted = self._interrupt is not None and cancelled_here
+        # A service's KeyboardInterrupt ends a body it cut short as Ctrl-C would,
+        # even one that caught the cancellation; a body that ended by itself
+        # (serve() returned, so it was never cut short) ends normally.
+        interrupted = (
+            self._interrupt is not None
+            and self._host_cancelled
+            and exc_type in (None, asyncio.CancelledError)
+        )
         if failed or interrupted:
             if self._host_cancelled and self._host_task is not None:
                 uncancel = getattr(self._host_task, "uncancel", None)  # Python >= 3.11

@@ -51,6 +51,7 @@ class _Run:
         # The watched root's (device, inode): a root renamed away keeps sending
         # events under its old name, and watchdog reports no move for it.
         self.root: tuple[int, int] | None = None
+        self.path: Path | None = None
         self.check: asyncio.TimerHandle | None = None
 
     def threads(self) -> list[threading.Thread]:
@@ -170,7 +171,7 @@ class WatchService(ServiceAdapter):
         # A root renamed away or replaced may send no event at all any more.
         if run.done.done() or run.crashed or run.ending is not None:
             return
-        how = _root_change(self.path, run.root)
+        how = _root_change(run)
         if how is not None:
             self._lost_root(run, how)
             return
@@ -181,7 +182,10 @@ class WatchService(ServiceAdapter):
     def _open(self, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
         """Build and start the run's observer (in a worker thread); undo it if start() gave up."""
         with run.lock:
-            run.root = _identity(self.path)
+            # Absolute: the program may change directory. Folders only: an
+            # editor saving a watched file replaces it (a new inode) every time.
+            run.path = Path(os.path.abspath(self.path))
+            run.root = _identity(run.path) if run.path.is_dir() else None
             run.observer = self._observer(run, loop)
             run.observer.start()
             if current_token():  # the awaiting start() was cancelled: nobody else will stop it
@@ -201,7 +205,7 @@ class WatchService(ServiceAdapter):
                 ):
                     how = event.event_type
                 else:
-                    how = _root_change(service.path, run.root)
+                    how = _root_change(run)
                 if how is not None:
                     # watchdog stops watching a root that is gone: crash, so the
                     # restart policy applies and the status stops saying "running".
@@ -326,10 +330,12 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _root_change(path: Path, root: tuple[int, int] | None) -> str | None:
-    # How the watched root changed since the start, if it did.
-    now = _identity(path)
-    if now == root:
+def _root_change(run: _Run) -> str | None:
+    # How the watched folder changed since the start, if it did.
+    if run.root is None or run.path is None:  # a file, or not started yet
+        return None
+    now = _identity(run.path)
+    if now == run.root:
         return None
     return "deleted or moved away" if now is None else "replaced by another folder"
 

@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Literal
 
@@ -110,7 +111,7 @@ class WSGIService(NetworkAdapter):
                 f"WSGIService(app) needs a WSGI application (a callable such as a flask.Flask "
                 f"instance), got {describe(app)}."
             )
-        check_app_signature(app, "environ, start_response", 2, "WSGIService")
+        check_app_signature(app, "environ, start_response", (2,), "WSGIService")
         host, port = check_host_port(host, port, "WSGIService")
         if server not in ("werkzeug", "waitress"):
             raise ValueError(
@@ -486,7 +487,19 @@ def _stop_waitress(server: Any) -> None:
     def close_finished_channels() -> None:
         # Runs in waitress's loop thread, which alone receives requests and
         # closes channels; requests_lock keeps a worker's service() out.
+        # The closed listener no longer runs waitress's idle timeout: do it
+        # here, or a client that stops reading (or sending) holds stop() forever.
+        stale = time.time() - server.adj.channel_timeout
         for channel in list(server.active_channels.values()):
+            with channel.requests_lock:
+                if not channel.requests and channel.last_activity < stale:
+                    channel.will_close = True
+                    abandoned = True
+                else:
+                    abandoned = False
+            if abandoned:
+                channel.handle_close()
+                continue
             with channel.requests_lock:
                 receiving = channel.request is not None and channel.request.headers_finished
                 if channel.requests or receiving:

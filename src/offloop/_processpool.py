@@ -295,8 +295,8 @@ class ProcessPool(WorkerSet, PoolContext):
         every worker process has exited.
 
         Raises:
-            RuntimeError: called on a thread whose event loop is running; use
-                ``await pool.aclose()`` there.
+            WouldDeadlockError: called on a thread whose event loop is running;
+                use ``await pool.aclose()`` there.
         """
         timeout = _check_timeout(timeout, "close")
         refuse_blocking_close(self)

@@ -233,8 +233,8 @@ class LoopThread:
         twice is allowed.
 
         Raises:
-            WouldDeadlockError: called on a running event loop's thread
-                (there, ``await lt.aclose()`` instead).
+            WouldDeadlockError: called on the loop thread itself, or on another
+                running event loop's thread (there, ``await lt.aclose()`` instead).
         """
         if self._thread is not None and self._thread is threading.current_thread():
             raise WouldDeadlockError(

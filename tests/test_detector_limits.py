@@ -225,3 +225,11 @@ def test_the_largest_threshold_keeps_the_monitor_running(caplog: pytest.LogCaptu
     finally:
         loop.close()
     assert [r for r in caplog.records if r.name == "offloop.detector"] == []
+
+
+@bounded(10)
+async def test_detect_blocking_errors_name_detect_blocking() -> None:
+    # They named BlockingDetector(), which the user never called.
+    with pytest.raises(ValueError, match=r"^offloop\.detect_blocking\(\) needs threshold"):
+        async with detect_blocking(threshold=0.001):
+            pass

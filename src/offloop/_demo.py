@@ -94,7 +94,8 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the seed's program: a bot, Flask, aiohttp, a file watcher and a while-True loop",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        # The docstring's reST quotes read as noise in a terminal.
+        description=__doc__.splitlines()[0].replace("``", "") if __doc__ else None,
     )
     parser.add_argument(
         "--seconds",

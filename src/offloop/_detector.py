@@ -579,6 +579,8 @@ def detect_blocking(
         ValueError: ``threshold`` is not between 0.01 s and one day, or
             ``interval`` is below 1 ms or above ``threshold``.
     """
+    # Checked here too, so that errors name the function the user called.
+    check_interval(interval, check_threshold(threshold, _DETECT), _DETECT)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -588,3 +590,6 @@ def detect_blocking(
             "offloop.BlockingDetector(loop).start()."
         ) from None
     return BlockingDetector(loop, threshold=threshold, interval=interval, on_block=on_block)
+
+
+_DETECT: Final = "offloop.detect_blocking()"

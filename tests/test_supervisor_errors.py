@@ -194,18 +194,25 @@ def test_a_stop_racing_run_in_another_thread_is_never_lost() -> None:
         assert outcome == [0]
 
 
-@pytest.mark.loops("asyncio")
-@bounded(10)
-async def test_system_exit_in_an_async_service_is_a_crash_of_that_service_only() -> None:
-    # A task lets it escape through the event loop: the supervisor itself would end.
-    error = SystemExit(3)
-    sv = Supervisor(name="sv")
+def add_polite_neighbour(sv: Supervisor) -> threading.Event:
+    """A thread service that stops when asked; the event says it did."""
     stopped_politely = threading.Event()
 
     @sv.service
     def neighbour(token: StopToken) -> None:
         token.wait()
         stopped_politely.set()
+
+    return stopped_politely
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_system_exit_in_an_async_service_is_a_crash_of_that_service_only() -> None:
+    # A task lets it escape through the event loop: the supervisor itself would end.
+    error = SystemExit(3)
+    sv = Supervisor(name="sv")
+    stopped_politely = add_polite_neighbour(sv)
 
     @sv.service(restart="no")
     async def quitter() -> None:
@@ -227,13 +234,8 @@ async def test_keyboard_interrupt_in_an_async_service_stops_the_supervisor_grace
     # Ctrl-C on Python 3.10 lands in whatever code runs: a restart would make
     # it impossible to stop the program, and escaping the loop skips the grace.
     sv = Supervisor(name="sv", grace=5)
-    stopped_politely = threading.Event()
+    stopped_politely = add_polite_neighbour(sv)
     starts: list[int] = []
-
-    @sv.service
-    def neighbour(token: StopToken) -> None:
-        token.wait()
-        stopped_politely.set()
 
     @sv.service(restart="always")
     async def interrupted() -> None:

@@ -29,7 +29,7 @@ from ._crossing import (
 from ._errors import PoolClosedError, WouldDeadlockError
 from ._poolbase import complete_waiter
 from ._token import thread_state
-from ._validate import check_async_callable, describe
+from ._validate import check_async_callable, check_thread_name, describe
 
 __all__ = ["LoopThread", "LoopThreadState"]
 
@@ -90,13 +90,7 @@ class LoopThread:
         name: str | None = None,
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     ) -> None:
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"LoopThread(name=...) must be a str, got {describe(name)}.")
-        if name == "":
-            raise ValueError(
-                "LoopThread(name=...) must not be empty: it names the threads. Pass a name, or "
-                "None for a numbered one."
-            )
+        check_thread_name(name, "LoopThread")
         if loop_factory is not None and not callable(loop_factory):
             raise TypeError(
                 f"LoopThread(loop_factory=...) must be a callable returning a new event loop "

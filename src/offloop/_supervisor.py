@@ -483,22 +483,23 @@ class Supervisor:
         self._failure = failure
         logger.error("%s: %s Stopping the other services.", self.name, failure)
         self._request_shutdown(f"service {e.name!r} failed")
-        host = self._host_task
-        if self._in_body and not self._serving and host is not None and not host.done():
-            # Like a TaskGroup: interrupt the 'async with' body so the failure surfaces now.
-            self._host_cancelled = True
-            host.cancel(f"offloop: service {e.name!r} failed")
+        # Like a TaskGroup: interrupt the 'async with' body so the failure surfaces now.
+        self._cut_body_short(f"service {e.name!r} failed")
 
     def _interrupted(self, e: Supervised) -> None:
         if self._failure is not None or self._interrupt is not None:
             return  # already stopping for a reason reported first
         self._interrupt = e.last_error
         self._request_shutdown(f"service {e.name!r} raised KeyboardInterrupt")
+        # As Ctrl-C does: the 'async with' body stops now, not when it ends.
+        self._cut_body_short(f"service {e.name!r} raised KeyboardInterrupt")
+
+    def _cut_body_short(self, why: str) -> None:
+        # Only a body that waits on its own: serve() ends with the shutdown anyway.
         host = self._host_task
         if self._in_body and not self._serving and host is not None and not host.done():
-            # As Ctrl-C does: the 'async with' body stops now, not when it ends.
             self._host_cancelled = True
-            host.cancel(f"offloop: service {e.name!r} raised KeyboardInterrupt")
+            host.cancel(f"offloop: {why}")
 
     def _check_all_ended(self) -> None:
         if self._state is _SV.RUNNING and all(

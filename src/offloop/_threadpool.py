@@ -39,7 +39,13 @@ from ._poolbase import (
     refuse_blocking_close,
 )
 from ._token import thread_state
-from ._validate import ASYNC_CODE_FLAGS, check_positive_int, check_sync_callable, describe
+from ._validate import (
+    ASYNC_CODE_FLAGS,
+    check_positive_int,
+    check_sync_callable,
+    check_thread_name,
+    describe,
+)
 
 __all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool", "ThreadPoolStatistics"]
 
@@ -140,13 +146,7 @@ class ThreadPool(PoolContext):
             raise ValueError(
                 f"ThreadPool(on_cancel=...) must be 'abandon' or 'wait', got {on_cancel!r}."
             )
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"ThreadPool(name=...) must be a str, got {describe(name)}.")
-        if name == "":
-            raise ValueError(
-                "ThreadPool(name=...) must not be empty: it names the threads. Pass a name, or "
-                "None for a numbered one."
-            )
+        check_thread_name(name, "ThreadPool")
         self._name = name or f"pool{next(_pool_numbers)}"
         #: How error messages name the call (the default pool says offloop.to_thread()).
         self._run_name = f"ThreadPool {self._name!r}.run()"
@@ -396,10 +396,8 @@ class ThreadPool(PoolContext):
             with self._lock:
                 self._workers.remove(worker)
                 self._backlog += 1  # its claimed call waits for the next free thread
-                waiters: list[asyncio.Future[None] | threading.Event] = []
-                if self._state is not PoolState.OPEN and not self._workers:
-                    self._state = PoolState.CLOSED  # a close waits for no thread now
-                    waiters, self._closed_waiters = self._closed_waiters, []
+                # A close may now wait for no thread at all.
+                waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
             for waiter in waiters:
                 complete_waiter(waiter)
             raise
@@ -566,13 +564,19 @@ class ThreadPool(PoolContext):
         with self._lock:
             self._workers.remove(worker)
             self._leaving.append(threading.current_thread())
-            if self._workers:
-                return
-            self._state = PoolState.CLOSED
-            self._idle = 0
-            waiters, self._closed_waiters = self._closed_waiters, []
+            waiters = self._closed_if_no_worker()
         for waiter in waiters:
             complete_waiter(waiter)
+
+    def _closed_if_no_worker(self) -> list[asyncio.Future[None] | threading.Event]:
+        # Under _lock, while closing: once no worker is left the pool is closed;
+        # returns the waiters to complete (outside the lock).
+        if self._workers:
+            return []
+        self._state = PoolState.CLOSED
+        self._idle = 0
+        waiters, self._closed_waiters = self._closed_waiters, []
+        return waiters
 
     def _join_threads(self) -> None:
         # Every worker has signalled its exit; what is left of its thread is

@@ -89,3 +89,20 @@ def _is_sync_callable(fn: Any) -> bool:
 
 def _name(fn: Any) -> str:
     return str(getattr(fn, "__name__", "fn"))
+
+
+def check_thread_name(name: object, where: str) -> str | None:
+    """Validate the optional ``name`` of a pool or loop thread; ``where`` names the class.
+
+    Raises:
+        TypeError: ``name`` is neither None nor a str.
+        ValueError: ``name`` is empty.
+    """
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"{where}(name=...) must be a str, got {describe(name)}.")
+    if name == "":
+        raise ValueError(
+            f"{where}(name=...) must not be empty: it names the threads. Pass a name, or "
+            f"None for a numbered one."
+        )
+    return name

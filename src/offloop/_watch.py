@@ -199,7 +199,6 @@ class WatchService(ServiceAdapter):
         class Forward(events.FileSystemEventHandler):  # type: ignore[misc,name-defined]  # lazy
             def dispatch(self, event: Any) -> None:
                 # Runs in the observer thread: filter here, handle on the loop.
-                how = None
                 if event.event_type in ("deleted", "moved") and _same_path(
                     event.src_path, service.path
                 ):

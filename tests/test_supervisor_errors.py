@@ -298,16 +298,23 @@ async def test_a_detector_that_cannot_start_leaves_the_supervisor_enterable(
     assert sv.state.value == "stopped"  # (mypy narrowed the state to NEW above)
 
 
-@pytest.mark.loops("asyncio")
-@bounded(10)
-async def test_keyboard_interrupt_in_a_service_cuts_the_async_with_body_short() -> None:
+def supervisor_with_an_interrupting_service() -> Supervisor:
+    """A supervisor whose one service, 'interrupted', raises KeyboardInterrupt at once."""
     sv = Supervisor(name="sv", grace=5)
-    body_went_on = asyncio.Event()
 
     @sv.service
     async def interrupted() -> None:
         await asyncio.sleep(0)
         raise KeyboardInterrupt
+
+    return sv
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_keyboard_interrupt_in_a_service_cuts_the_async_with_body_short() -> None:
+    sv = supervisor_with_an_interrupting_service()
+    body_went_on = asyncio.Event()
 
     async def body() -> None:
         async with sv:
@@ -324,12 +331,7 @@ async def test_keyboard_interrupt_in_a_service_cuts_the_async_with_body_short() 
 @pytest.mark.loops("asyncio")
 @bounded(10)
 async def test_a_service_s_keyboard_interrupt_is_raised_even_if_the_body_caught_its_cut() -> None:
-    sv = Supervisor(name="sv", grace=5)
-
-    @sv.service
-    async def interrupted() -> None:
-        await asyncio.sleep(0)
-        raise KeyboardInterrupt
+    sv = supervisor_with_an_interrupting_service()
 
     async def body() -> None:
         async with sv:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import threading
 from typing import Any
 
@@ -346,3 +347,39 @@ async def test_a_call_queued_behind_a_system_exit_is_refused_not_left_waiting(
     await asyncio.wait_for(lt.aclose(), WAIT)
     assert lt.state is LoopThreadState.CLOSED
     assert " 0 tasks" in repr(lt)
+
+
+@pytest.mark.loops("asyncio")
+@LOOPS
+@pytest.mark.parametrize("crossing", ["call", "run"])
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+async def test_an_exit_exception_reaches_its_caller_and_leaves_no_unretrieved_task(
+    loop_factory: LoopFactory,
+    crossing: str,
+    exc_type: type[BaseException],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lt = LoopThread(name="exit-log", loop_factory=loop_factory).start()
+
+    async def leave() -> None:
+        raise exc_type
+
+    async def run_leaving() -> BaseException | None:
+        try:
+            await lt.run(leave)
+        except exc_type as exc:  # caught here: escaping a task would stop this loop
+            return exc
+        return None
+
+    if crossing == "call":
+        with pytest.raises(exc_type):
+            await asyncio.to_thread(lt.call, leave)
+    else:
+        assert isinstance(await asyncio.wait_for(run_leaving(), WAIT), exc_type)
+    # It still ends the loop thread, as it ends asyncio.run()...
+    await asyncio.wait_for(lt.aclose(), WAIT)
+    assert lt.state is LoopThreadState.CLOSED
+    # ...but its caller has it, so the task it ended in is not reported as
+    # "Task exception was never retrieved" when collected.
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

@@ -71,6 +71,14 @@ class Owner(Protocol):
     def _start_refused(self, async_fn: Callable[..., Any]) -> BaseException | None:
         """The error to report instead of starting a call, if the owner is closing."""
 
+    def _exiting(self, task: asyncio.Task[Any] | None) -> None:
+        """A call's coroutine raised SystemExit or KeyboardInterrupt in ``task``.
+
+        It stops the owner's loop, and its caller has it already: the owner
+        marks it retrieved so the task is not logged as "Task exception was
+        never retrieved" when collected.
+        """
+
 
 _BLOCKS: Final = (
     "It blocks until the coroutine finishes, and blocking here would deadlock the loop that "
@@ -238,7 +246,11 @@ async def _run_sync(reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
             error = _cancelled_on_loop(reply, coro, exc)
         reply.post((False, error))
         if not isinstance(exc, (Exception, asyncio.CancelledError)):
-            raise  # KeyboardInterrupt, SystemExit: let them stop the loop too
+            # KeyboardInterrupt, SystemExit: let them stop the loop too, at
+            # once, as in asyncio (the calls queued behind them never start).
+            if owner is not None:
+                owner._exiting(asyncio.current_task())
+            raise
     else:
         if owner is not None:
             owner._call_finished()
@@ -422,6 +434,7 @@ async def _run_async(remote: Remote, coro: Coroutine[Any, Any, Any]) -> None:
             error = owner._cancel_error(coro) or exc
         _deliver_threadsafe(remote, (False, error))
         if not isinstance(exc, (Exception, asyncio.CancelledError)):
+            owner._exiting(asyncio.current_task())
             raise
     else:
         owner._call_finished()

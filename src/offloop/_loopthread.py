@@ -109,6 +109,8 @@ class LoopThread:
         # Only shared loop threads retire by themselves after idling this long.
         self._idle_timeout: float | None = None
         self._retired = False
+        # The task whose SystemExit or KeyboardInterrupt stopped the loop.
+        self._exit_task: asyncio.Task[Any] | None = None
 
     # -- public API ---------------------------------------------------------
 
@@ -381,6 +383,10 @@ class LoopThread:
             self._active -= 1
             self._last_used = monotonic()
 
+    def _exiting(self, task: asyncio.Task[Any] | None) -> None:
+        # On the loop thread, just before the exception stops the loop.
+        self._exit_task = task
+
     def _begin_close(self) -> threading.Thread | None:
         with self._lock:
             state = self._state
@@ -432,7 +438,11 @@ class LoopThread:
             try:
                 loop.run_forever()
             except (SystemExit, KeyboardInterrupt):
-                pass  # delivered to the call whose coroutine raised it; the thread ends
+                # Delivered to the call whose coroutine raised it; the thread
+                # ends. Its task must not be logged as never retrieved.
+                task, self._exit_task = self._exit_task, None
+                if task is not None and task.done() and not task.cancelled():
+                    task.exception()
             finally:
                 # Also when a coroutine's SystemExit or KeyboardInterrupt ended
                 # the loop: the calls still there must get their answer.

@@ -326,6 +326,38 @@ async def test_on_cancel_wait_delivers_cancellation_after_the_function_returns()
         assert await pool.run(int, "5") == 5
 
 
+@pytest.mark.parametrize("how", ["task", "future", "before-first-step"])
+async def test_on_cancel_wait_keeps_the_cancel_message(how: str) -> None:
+    entered = threading.Event()
+
+    def until_stopped() -> str:
+        entered.set()
+        assert offloop.current_token().wait(WAIT)
+        return "result nobody wants"
+
+    async with offloop.ThreadPool(1, name="patient", on_cancel="wait") as pool:
+        if how == "future":
+            future = pool.run(until_stopped)
+            assert await asyncio.to_thread(entered.wait, WAIT)
+            future.cancel("shutting down")
+            with pytest.raises(asyncio.CancelledError) as info:
+                await asyncio.wait_for(future, WAIT)
+        else:
+            task = asyncio.create_task(pool.run(until_stopped))
+            if how == "task":
+                assert await asyncio.to_thread(entered.wait, WAIT)
+            else:
+                # The call is queued at once and its function may start, but
+                # the task's first step still lies ahead: cancel throws in.
+                assert not task.done()
+            task.cancel("shutting down")
+            with pytest.raises(asyncio.CancelledError) as info:
+                await asyncio.wait_for(task, WAIT)
+        # It used to arrive as a bare CancelledError() once the function returned.
+        assert info.value.args == ("shutting down",)
+        assert await pool.run(int, "5") == 5
+
+
 async def test_cancelling_a_queued_call_never_runs_it() -> None:
     release = threading.Event()
     ran = threading.Event()

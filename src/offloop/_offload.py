@@ -96,7 +96,7 @@ class Channel:
                     call.set_result(call._value)
                 elif type(error) is DeferredCancel:
                     # A cancellation deferred until the function returned.
-                    asyncio.Future.cancel(call)
+                    asyncio.Future.cancel(call, getattr(call, "_cancel_msg", None))
                 else:
                     if isinstance(error, StopIteration):
                         error = _stop_iteration(call, error)
@@ -152,6 +152,7 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
     # avoid the C Future's own _state/_result/_exception attributes.
     __slots__ = (
         "_args",
+        "_cancel_msg",
         "_channel",
         "_ctx",
         "_error",
@@ -175,6 +176,9 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
     _channel: Channel
     _owner: CancelHandler
     _token: StopToken | None
+    # Set only by a deferred cancel (on_cancel="wait"), so the hot path never
+    # pays for it: read with getattr and a default.
+    _cancel_msg: Any
 
     @property
     def token(self) -> StopToken:
@@ -198,6 +202,9 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
             return False
         if self._owner._cancel(self):
             return super().cancel(msg)
+        # Delivered with the cancellation once the function returns; both run
+        # on the awaiter's loop, so it is stored before the delivery reads it.
+        self._cancel_msg = msg
         return True
 
     # The coroutine protocol. A fresh future iterator per step is exactly the
@@ -216,7 +223,7 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
             isinstance(exc, asyncio.CancelledError)
             or (isinstance(exc, type) and issubclass(exc, asyncio.CancelledError))
         ):
-            self.cancel()
+            self.cancel(exc.args[0] if isinstance(exc, BaseException) and exc.args else None)
             if not self.done():  # on_cancel="wait": wait until the function returns
                 return self.__await__().send(None)
         if val is None and tb is None:

@@ -1,32 +1,29 @@
 """Thread pools: run blocking sync functions without stalling the event loop.
 
-This is offloop's hot path; the call record, result channel and future it
-uses live in ``_offload``.
+This is offloop's hot path: the pool's bookkeeping is here, the loop its
+threads run is in ``_threadworker``, and the call record, result channel and
+future it uses live in ``_offload``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from time import monotonic
-from types import CoroutineType, FunctionType
+from types import FunctionType
 from typing import Any, Final, Literal, ParamSpec, TypeVar, final
 
 from ._errors import PoolClosedError, WouldDeadlockError
 from ._offload import (
     ABANDONED,
     CANCELLING,
-    DONE,
     QUEUED,
     RUNNING,
     SKIPPED,
-    DeferredCancel,
     OffloadFuture,
     new_call,
     running_loop,
@@ -38,7 +35,7 @@ from ._poolbase import (
     complete_waiter,
     refuse_blocking_close,
 )
-from ._token import thread_state
+from ._threadworker import Worker, work
 from ._validate import (
     ASYNC_CODE_FLAGS,
     check_positive_int,
@@ -61,19 +58,6 @@ DEFAULT_MAX_WORKERS: Final = 40
 
 _get_running_loop: Final = asyncio.get_running_loop
 
-#: Seconds an idle worker waits for work before its thread exits.
-IDLE_TIMEOUT: Final = 30.0
-
-#: Seconds a worker keeps polling for its next call before it sleeps on the
-#: queue. Waking a sleeping thread costs ~20 us here (a futex wake plus the
-#: scheduler); a worker that is still polling when the next call of a
-#: sequential ``await`` loop arrives takes it at once. Measured on this 2-core
-#: machine: round trip 24 us with the poll versus 48 us without. Polling
-#: yields the CPU and the GIL on every turn, and is bounded by this window.
-SPIN_WINDOW: Final = 50e-6
-
-_yield_cpu: Final[Callable[[], object]] = getattr(os, "sched_yield", lambda: time.sleep(0))
-
 #: How often (seconds) a pool with queued calls checks whether its threads are
 #: stuck. Calls beyond the idle threads first queue behind the busy ones: for
 #: short functions one warm thread beats many threads fighting over the GIL.
@@ -90,17 +74,6 @@ class ThreadPoolStatistics(CallCounters):
     """What :meth:`ThreadPool.statistics` returns."""
 
     threads: int
-
-
-class _Worker:
-    """A worker thread and the call it runs now (read by close() and at exit)."""
-
-    __slots__ = ("call", "started", "thread")
-
-    def __init__(self) -> None:
-        self.call: OffloadFuture[Any] | None = None
-        self.started = 0.0
-        self.thread: threading.Thread | None = None
 
 
 _pools: Final[weakref.WeakSet[ThreadPool]] = weakref.WeakSet()
@@ -156,8 +129,8 @@ class ThreadPool(PoolContext):
         self._state = PoolState.OPEN
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[OffloadFuture[Any] | None] = queue.SimpleQueue()
-        self._workers: list[_Worker] = []
-        # Threads that left _workers but may still be returning from _work:
+        self._workers: list[Worker] = []
+        # Threads that left _workers but may still be returning from work():
         # close() joins them so that none outlives the pool.
         self._leaving: list[threading.Thread] = []
         self._thread_numbers = iter(range(1, 1 << 62))
@@ -327,7 +300,7 @@ class ThreadPool(PoolContext):
                 self._idle -= 1
             elif not self._workers:
                 spawn = True
-                worker = _Worker()
+                worker = Worker()
                 self._workers.append(worker)
             else:
                 self._backlog += 1
@@ -353,7 +326,7 @@ class ThreadPool(PoolContext):
 
     def _check_growth(self, loop: asyncio.AbstractEventLoop) -> None:
         # Runs on ``loop``, every GROWTH_PERIOD while calls queue.
-        new: list[_Worker] = []
+        new: list[Worker] = []
         with self._lock:
             room = self._max_workers - len(self._workers)
             if self._state is not PoolState.OPEN or self._backlog == 0 or room <= 0:
@@ -362,7 +335,7 @@ class ThreadPool(PoolContext):
             stale = monotonic() - GROWTH_PERIOD
             blocked = sum(1 for w in self._workers if w.call is not None and w.started < stale)
             for _ in range(min(self._backlog, room, blocked)):
-                worker = _Worker()
+                worker = Worker()
                 self._workers.append(worker)
                 new.append(worker)
             self._backlog -= len(new)
@@ -382,10 +355,10 @@ class ThreadPool(PoolContext):
                 return
         loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
 
-    def _start_thread(self, worker: _Worker) -> None:
+    def _start_thread(self, worker: Worker) -> None:
         thread = threading.Thread(
-            target=self._work,
-            args=(worker,),
+            target=work,
+            args=(self, worker),
             name=f"offloop-{self._name}-{next(self._thread_numbers)}",
             daemon=True,
         )
@@ -401,89 +374,6 @@ class ThreadPool(PoolContext):
             for waiter in waiters:
                 complete_waiter(waiter)
             raise
-
-    def _work(self, worker: _Worker) -> None:
-        get = self._queue.get
-        get_nowait = self._queue.get_nowait
-        lock = self._lock
-        local = thread_state
-        while True:
-            deadline = monotonic() + SPIN_WINDOW
-            polled = False
-            while True:
-                try:
-                    call = get_nowait()
-                    polled = True
-                    break
-                except queue.Empty:
-                    if monotonic() > deadline:
-                        break
-                    _yield_cpu()
-            if not polled:
-                try:
-                    call = get(timeout=IDLE_TIMEOUT)
-                except queue.Empty:
-                    with lock:
-                        # Exit only if this thread is unclaimed: a claimed one
-                        # has a call on its way.
-                        if self._idle > 0 and self._state is PoolState.OPEN:
-                            self._idle -= 1
-                            self._workers.remove(worker)
-                            # Forget threads that are gone, so a long-lived
-                            # pool does not collect them forever.
-                            self._leaving = [t for t in self._leaving if t.is_alive()]
-                            self._leaving.append(threading.current_thread())
-                            return
-                    continue
-            if call is None:
-                break
-            with lock:
-                if call._phase is QUEUED and self._state is not PoolState.OPEN:
-                    self._skip_closed(call)
-                if call._phase is SKIPPED:
-                    self._free_slot()
-                    skipped = True
-                else:
-                    skipped = False
-                    call._phase = RUNNING
-                    self._queued -= 1
-                    self._running += 1
-                    worker.call = call
-                    worker.started = monotonic()
-            if skipped:
-                if call._error is not None:
-                    call._channel.post(call)
-                continue
-            local.call = call
-            result: Any = None
-            try:
-                result = call._ctx.run(call.fn, *call._args, **call._kwargs)  # type: ignore[union-attr]
-                if type(result) is CoroutineType:
-                    result.close()
-                    raise TypeError(
-                        f"{describe(call.fn)} returned a coroutine instead of a result, so it "
-                        f"is async code: 'await' it directly or use offloop.to_loop()."
-                    )
-                call._value = result
-            except BaseException as exc:  # delivered to the awaiter, like any result
-                call._error = exc
-            local.call = None
-            with lock:
-                worker.call = None
-                self._running -= 1
-                if call._phase is ABANDONED:
-                    self._abandoned -= 1
-                if call._error is None:
-                    self._completed += 1
-                else:
-                    self._failed += 1
-                if call._phase is CANCELLING:
-                    call._error = DeferredCancel()  # delivered as the cancellation
-                call._phase = DONE
-                self._free_slot()
-            call._channel.post(call)
-            del call, result
-        self._thread_exited(worker)
 
     def _skip_closed(self, call: OffloadFuture[Any]) -> None:
         # Under _lock: a queued call the closing pool will not start.
@@ -560,7 +450,7 @@ class ThreadPool(PoolContext):
         if closed:
             complete_waiter(waiter)
 
-    def _thread_exited(self, worker: _Worker) -> None:
+    def _thread_exited(self, worker: Worker) -> None:
         with self._lock:
             self._workers.remove(worker)
             self._leaving.append(threading.current_thread())
@@ -580,7 +470,7 @@ class ThreadPool(PoolContext):
 
     def _join_threads(self) -> None:
         # Every worker has signalled its exit; what is left of its thread is
-        # returning from _work, so these joins take microseconds.
+        # returning from work(), so these joins take microseconds.
         with self._lock:
             leaving, self._leaving = self._leaving, []
         for thread in leaving:

@@ -217,7 +217,11 @@ def test_a_failing_script_shows_its_traceback_and_exit_code(tmp_path: Path) -> N
     ("args", "message"),
     [
         (["--threshold", "0", "x.py"], "--threshold must be between 0.01 and 86400 seconds, got 0"),
-        (["--threshold", "-1", "x.py"], "got -1; pass for example --threshold 0.1 (the default)."),
+        (
+            ["--threshold", "-1", "x.py"],
+            "got -1; below 0.01 s even an idle loop looks blocked. "
+            "Pass for example --threshold 0.1 (the default).",
+        ),
         (["--threshold", "nan", "x.py"], "--threshold must be between 0.01 and 86400 seconds"),
         (["missing.py"], "there is no file 'missing.py'"),
         (["--threshold", "1e300", "x.py"], "--threshold must be between 0.01 and 86400 seconds"),

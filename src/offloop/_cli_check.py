@@ -23,7 +23,7 @@ import threading
 import traceback
 from typing import Any, Final, TextIO
 
-from ._detector import MAX_THRESHOLD, MIN_THRESHOLD
+from ._detector import MAX_THRESHOLD, MIN_THRESHOLD, threshold_out_of_range
 from ._detector_hook import LoopWatch
 from ._detector_report import BlockEvent, BlockSite
 
@@ -77,11 +77,9 @@ def register(subparsers: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the ``check`` subcommand; return the exit code."""
     threshold = args.threshold
-    if not MIN_THRESHOLD <= threshold <= MAX_THRESHOLD:  # NaN too
-        return _usage(
-            f"--threshold must be between {MIN_THRESHOLD:g} and {MAX_THRESHOLD:g} seconds, "
-            f"got {threshold:g}; pass for example --threshold 0.1 (the default)."
-        )
+    problem = threshold_out_of_range(threshold, "--threshold")
+    if problem is not None:
+        return _usage(f"{problem}. Pass for example --threshold 0.1 (the default).")
     if not os.path.isfile(args.script):
         return _usage(
             f"there is no file {args.script!r} (from {os.getcwd()}); pass the path of the "

@@ -93,13 +93,12 @@ def register(subparsers: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the ``run`` subcommand; return the exit code."""
     if args.detect_blocking is not None:
-        from ._detector import MAX_THRESHOLD, MIN_THRESHOLD
+        from ._detector import threshold_out_of_range
 
-        if not MIN_THRESHOLD <= args.detect_blocking <= MAX_THRESHOLD:  # NaN too
+        problem = threshold_out_of_range(args.detect_blocking, "--detect-blocking")
+        if problem is not None:
             print(
-                f"offloop run: error: --detect-blocking must be between {MIN_THRESHOLD:g} and "
-                f"{MAX_THRESHOLD:g} seconds, got {args.detect_blocking:g}; pass for example "
-                f"--detect-blocking 0.1.",
+                f"offloop run: error: {problem}. Pass for example --detect-blocking 0.1.",
                 file=sys.stderr,
             )
             return 2

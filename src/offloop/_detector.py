@@ -124,6 +124,23 @@ def _check_seconds(value: object, name: str, where: str, low: float, high: float
     return float(value)
 
 
+def threshold_out_of_range(value: float, name: str) -> str | None:
+    """Why ``value``, given as ``name``, is not a usable threshold; ``None`` if it is.
+
+    For the options that pass a threshold on (``offloop run --detect-blocking``,
+    ``offloop check --threshold``, ``Supervisor(detect_blocking=...)``): each
+    checks it when given, with this one wording, rather than when the
+    detector starts.
+    """
+    if MIN_THRESHOLD <= value <= MAX_THRESHOLD:  # NaN is refused too
+        return None
+    shown = f"{value:g}" if isinstance(value, float) else _show(value)
+    return (
+        f"{name} must be between {MIN_THRESHOLD:g} and {MAX_THRESHOLD:g} seconds, got "
+        f"{shown}; below {MIN_THRESHOLD:g} s even an idle loop looks blocked"
+    )
+
+
 def check_threshold(value: object, where: str) -> float:
     """``value`` as a valid threshold in seconds; the errors name ``where``.
 

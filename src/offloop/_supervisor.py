@@ -87,16 +87,12 @@ class Supervisor:
             self._block_threshold = check_seconds(
                 detect_blocking, "detect_blocking", positive=True, finite=True
             )
-            from ._detector import MAX_THRESHOLD, MIN_THRESHOLD
+            from ._detector import threshold_out_of_range
 
             # The detector's own range, checked now rather than when it starts.
-            if not MIN_THRESHOLD <= self._block_threshold <= MAX_THRESHOLD:
-                raise ValueError(
-                    f"detect_blocking must be a threshold from {MIN_THRESHOLD:g} to "
-                    f"{MAX_THRESHOLD:g} seconds (or True for the default), got "
-                    f"{detect_blocking!r}. Below {MIN_THRESHOLD:g} s even an idle loop looks "
-                    f"blocked."
-                )
+            problem = threshold_out_of_range(self._block_threshold, "detect_blocking")
+            if problem is not None:
+                raise ValueError(f"{problem}. Pass True for the default (0.1 s).")
         self._detector: BlockingDetector | None = None
         self.name = name if name is not None else f"supervisor-{next(_counter)}"
         self._entries: dict[str, Supervised] = {}

@@ -129,6 +129,60 @@ def test_the_plugin_leaves_nothing_behind(pytester: pytest.Pytester) -> None:
     assert not hasattr(asyncio.BaseEventLoop.run_forever, "__offloop_original__")
 
 
+ONE_BLOCKING_TEST = textwrap.dedent(
+    """\
+    import asyncio
+    import time
+
+    import pytest
+
+
+    @pytest.mark.no_blocking(threshold=0.05)
+    def test_blocks():
+        async def main():
+            time.sleep(0.2)
+        asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("autoload", "conftest", "args"),
+    [
+        (True, False, []),
+        (True, True, []),
+        (True, False, ["-p", "offloop.pytest_plugin"]),
+        (False, True, []),
+        (False, False, ["-p", "offloop.pytest_plugin"]),
+    ],
+    ids=["autoload", "conftest", "-p", "conftest-no-autoload", "-p-no-autoload"],
+)
+def test_every_documented_way_of_loading_the_plugin_works(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    autoload: bool,
+    conftest: bool,
+    args: list[str],
+) -> None:
+    # Naming the module used to stop pytest with "Plugin already registered
+    # under a different name" when the entry point had loaded it as "offloop".
+    if not autoload:
+        monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    if conftest:
+        pytester.makeconftest('pytest_plugins = ["offloop.pytest_plugin"]')
+    pytester.makepyfile(test_one=ONE_BLOCKING_TEST)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-q", *args)
+    result.assert_outcomes(failed=1)
+    assert "LoopBlockedError: the event loop blocked for " in result.stdout.str()
+
+
+def test_the_plugin_can_be_switched_off_by_its_name(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_one=ONE_BLOCKING_TEST)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-q", "-p", "no:offloop.pytest_plugin")
+    result.assert_outcomes(passed=1)
+    assert "LoopBlockedError" not in result.stdout.str()
+
+
 def test_the_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.no_blocking(threshold=0.1): fail the test if *"])

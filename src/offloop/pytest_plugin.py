@@ -12,10 +12,12 @@ line::
     def test_app(no_blocking): ...   # default threshold 0.1 s
 
 The plugin is loaded into every pytest run once offloop is installed (the
-``pytest11`` entry point is named ``offloop``: ``-p offloop`` loads it when
-autoloading is disabled; naming the module as well registers it twice), so for
-tests that use neither it does nothing but look for the marker: no patching,
-no thread (the loop hook is imported only when a test asks for it).
+``pytest11`` entry point is named after this module, so
+``-p offloop.pytest_plugin`` or ``pytest_plugins = ["offloop.pytest_plugin"]``
+load it when autoloading is disabled, and name the same plugin when it is on).
+For tests that use neither the marker nor the fixture it does nothing but look
+for the marker: no patching, no thread (the loop hook is imported only when a
+test asks for it).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from ._crossing import (
     wait_reply,
 )
 from ._errors import PoolClosedError, WouldDeadlockError
+from ._hotloop import new_loop
 from ._poolbase import complete_waiter
 from ._token import thread_state
 from ._validate import check_async_callable, check_thread_name, describe
@@ -144,7 +145,7 @@ class LoopThread:
                     f"{self._describe()} cannot start because it is {self._state.value}; a "
                     f"LoopThread runs once, so create a new one."
                 )
-            factory = self._loop_factory or asyncio.new_event_loop
+            factory = self._loop_factory or new_loop
             loop = factory()
             if not isinstance(loop, asyncio.AbstractEventLoop):
                 raise TypeError(

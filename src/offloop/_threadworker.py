@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ._offload import OffloadFuture
     from ._threadpool import ThreadPool
 
-__all__ = ["IDLE_TIMEOUT", "SPIN_WINDOW", "Worker", "work"]
+__all__ = ["IDLE_TIMEOUT", "SPIN_WINDOW", "Worker", "work", "yield_cpu"]
 
 #: Seconds an idle worker waits for work before its thread exits.
 IDLE_TIMEOUT: Final = 30.0
@@ -37,7 +37,7 @@ IDLE_TIMEOUT: Final = 30.0
 #: yields the CPU and the GIL on every turn, and is bounded by this window.
 SPIN_WINDOW: Final = 50e-6
 
-_yield_cpu: Final[Callable[[], object]] = getattr(os, "sched_yield", lambda: time.sleep(0))
+yield_cpu: Final[Callable[[], object]] = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 class Worker:
@@ -68,7 +68,7 @@ def work(pool: ThreadPool, worker: Worker) -> None:
             except queue.Empty:
                 if monotonic() > deadline:
                     break
-                _yield_cpu()
+                yield_cpu()
         if not polled:
             try:
                 call = get(timeout=IDLE_TIMEOUT)

@@ -148,6 +148,29 @@ def test_run_serves_status_and_healthz_and_stops_on_sigint(app_dir: Path) -> Non
     assert out.rstrip().endswith("app: stopped")
 
 
+def test_an_idle_status_client_neither_holds_up_nor_spoils_the_stop(app_dir: Path) -> None:
+    # A TCP health check that connects and has sent nothing yet when Ctrl-C
+    # comes: its connection is ended with the server. Before, Python 3.11
+    # logged its cancelled handler as an asyncio ERROR, and Python >= 3.12
+    # waited for it in wait_closed() until the watchdog exited with 130,
+    # blaming a blocked event loop.
+    args = ["-m", "offloop", "run", "cli_app:sv", "--status-port", "0"]
+    with Proc(args, app_dir) as proc:
+        port = int(proc.wait_for(r"status on http://127\.0\.0\.1:(\d+)/status").group(1))
+        (app_dir / "open").touch()
+        proc.wait_for("all 3 service")
+        with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT) as idle:
+            # Accepted in order: once a later client is answered, the idle one is being served.
+            assert _get(port, "/healthz").status_code == 200
+            proc.send(signal.SIGINT)
+            assert proc.exit_code() == 0
+            assert idle.recv(1) == b""  # closed without an answer
+        out = proc.output
+    assert "ERROR" not in out
+    assert "Traceback" not in out
+    assert out.rstrip().endswith("app: stopped")
+
+
 def test_the_console_script_imports_the_target_from_the_current_directory(
     app_dir: Path,
 ) -> None:

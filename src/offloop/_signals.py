@@ -10,6 +10,11 @@ very bug) would make the process deaf to Ctrl-C. A Python handler runs on
 the main thread between bytecodes even then; and a watchdog thread ends the
 process if the stop has not finished ``grace`` (plus a margin) after the
 first signal, naming the line the loop is stuck on.
+
+The loop's default executor (``asyncio.to_thread``, ``run_in_executor(None,
+...)``) is an offloop pool of daemon threads: a call stuck there when the
+loop closes is abandoned and logged, instead of keeping the process alive
+after ``run()`` returned, as asyncio's executor would.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
+from ._loopexecutor import PoolExecutor
 from ._supervised import SHUTDOWN_OVERRUN
 
 if TYPE_CHECKING:
@@ -64,6 +70,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             f"that loop. Use 'await sv.serve()' in async code instead."
         )
     loop = asyncio.new_event_loop()
+    loop.set_default_executor(PoolExecutor("executor"))
     received: list[int] = []
     finished = threading.Event()
     watchdogs: list[threading.Thread] = []

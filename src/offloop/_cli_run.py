@@ -44,6 +44,8 @@ logger: Final = logging.getLogger("offloop.cli")
 #: A status client that sends nothing is dropped after this long.
 REQUEST_TIMEOUT: Final = 5.0
 LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+#: The terminal control sequence that shows the cursor again (DECTCEM).
+SHOW_CURSOR: Final = b"\x1b[?25h"
 
 
 class UsageError(Exception):
@@ -124,7 +126,9 @@ def main(args: argparse.Namespace) -> int:
         sv = load_supervisor(args.target)
         console = _setup_logging(args.log_level.upper(), use_table)
         return run_with_signals(
-            sv, lambda: _serve(sv, args.status_port, console, args.detect_blocking)
+            sv,
+            lambda: _serve(sv, args.status_port, console, args.detect_blocking),
+            on_forced_exit=None if console is None else _show_cursor_now(),
         )
     except UsageError as exc:
         print(f"offloop run: error: {exc}", file=sys.stderr)
@@ -240,6 +244,22 @@ def _setup_logging(level: str, use_table: bool) -> Any:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
     return None
+
+
+def _show_cursor_now() -> Callable[[], None]:
+    """What a forced exit does for the live table, which hides the terminal's cursor.
+
+    ``Live.stop()`` would show it again, but a forced exit skips it: without
+    this the user's shell is left with no cursor. One write to the terminal's
+    file descriptor, taken now (the live display redirects ``sys.stdout``), and
+    no lock: the forced exit may interrupt the table's own drawing.
+    """
+    fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+
+    def show() -> None:
+        os.write(fd, SHOW_CURSOR)
+
+    return show
 
 
 async def _serve(

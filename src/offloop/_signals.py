@@ -54,8 +54,18 @@ LEFTOVER_WAIT: Final = 1.0
 FORCE_MARGIN: Final = SHUTDOWN_OVERRUN + LEFTOVER_WAIT + 1.0
 
 
-def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int:
+def run_with_signals(
+    sv: Supervisor,
+    main: Callable[[], Awaitable[None]],
+    *,
+    on_forced_exit: Callable[[], None] | None = None,
+) -> int:
     """Run ``main()`` on a new loop with SIGINT/SIGTERM stopping ``sv``; return 0.
+
+    ``on_forced_exit`` runs just before a forced exit (a second signal, or the
+    watchdog), which skips every cleanup: say, to show the terminal's cursor
+    again. It runs in a signal handler or the watchdog thread, so it must not
+    take a lock (the loop's thread may hold it); its errors are ignored.
 
     Raises:
         RuntimeError: called from a thread whose event loop is running.
@@ -97,9 +107,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             signal.Signals(signum).name,
             where.rstrip(),
         )
-        _flush()
-        _kill_service_children()
-        os._exit(128 + signum)
+        _force_exit(signum, on_forced_exit)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:  # on the main thread
         received.append(signum)
@@ -115,9 +123,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             return
         with contextlib.suppress(Exception):
             logger.error("%s: received %s again, exiting now", sv.name, name)
-        _flush()
-        _kill_service_children()
-        os._exit(128 + signum)
+        _force_exit(signum, on_forced_exit)
 
     previous: dict[signal.Signals, Any] = {}
     wakeup = None
@@ -191,6 +197,15 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
             )
     for task in pending:
         logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
+
+
+def _force_exit(signum: int, on_forced_exit: Callable[[], None] | None) -> None:
+    _flush()
+    if on_forced_exit is not None:
+        with contextlib.suppress(Exception):
+            on_forced_exit()
+    _kill_service_children()
+    os._exit(128 + signum)
 
 
 def _kill_service_children() -> None:

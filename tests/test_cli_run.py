@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import pty
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import psutil
@@ -146,6 +149,100 @@ def test_run_serves_status_and_healthz_and_stops_on_sigint(app_dir: Path) -> Non
     assert "worker saw its token" in out
     assert "app: service 'gate' returned; it is stopped" in out
     assert out.rstrip().endswith("app: stopped")
+
+
+def test_an_idle_status_client_neither_holds_up_nor_spoils_the_stop(app_dir: Path) -> None:
+    # A TCP health check that connects and has sent nothing yet when Ctrl-C
+    # comes: its connection is ended with the server. Before, Python 3.11
+    # logged its cancelled handler as an asyncio ERROR, and Python >= 3.12
+    # waited for it in wait_closed() until the watchdog exited with 130,
+    # blaming a blocked event loop.
+    args = ["-m", "offloop", "run", "cli_app:sv", "--status-port", "0"]
+    with Proc(args, app_dir) as proc:
+        port = int(proc.wait_for(r"status on http://127\.0\.0\.1:(\d+)/status").group(1))
+        (app_dir / "open").touch()
+        proc.wait_for("all 3 service")
+        with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT) as idle:
+            # Accepted in order: once a later client is answered, the idle one is being served.
+            assert _get(port, "/healthz").status_code == 200
+            proc.send(signal.SIGINT)
+            assert proc.exit_code() == 0
+            assert idle.recv(1) == b""  # closed without an answer
+        out = proc.output
+    assert "ERROR" not in out
+    assert "Traceback" not in out
+    assert out.rstrip().endswith("app: stopped")
+
+
+DEAF_APP = """
+import threading
+
+import offloop
+
+sv = offloop.Supervisor(grace=3600, name="deafapp")
+
+
+@sv.service
+def deaf():
+    print("deaf running", flush=True)
+    threading.Event().wait()  # ignores its token: only a forced exit ends the run
+"""
+
+
+def test_a_forced_exit_from_the_live_table_shows_the_terminal_cursor_again(
+    tmp_path: Path,
+) -> None:
+    # In a terminal the live table hides the cursor; a second Ctrl-C exits with
+    # os._exit, which skipped Live.stop(), so the user's shell had no cursor.
+    (tmp_path / "deaf_app.py").write_text(textwrap.dedent(DEAF_APP))
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offloop", "run", "deaf_app:sv"],
+        cwd=tmp_path,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    os.close(terminal)
+    shown = bytearray()
+    changed = threading.Condition()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the child is gone
+                return
+            if not chunk:
+                return
+            with changed:
+                shown.extend(chunk)
+                changed.notify_all()
+
+    reader = threading.Thread(target=read, name="test-pty-reader")
+    reader.start()
+
+    def wait_for(text: bytes) -> None:
+        with changed:
+            if not changed.wait_for(lambda: text in shown, HTTP_TIMEOUT * 3):
+                pytest.fail(f"no {text!r} on the terminal; it shows:\n{bytes(shown)!r}")
+
+    try:
+        wait_for(b"deaf running")
+        proc.send_signal(signal.SIGINT)
+        wait_for(b"stopping gracefully")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(HTTP_TIMEOUT * 3) == 128 + signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(HTTP_TIMEOUT * 3)
+        os.close(controller)
+    hidden = shown.rfind(b"\x1b[?25l")
+    assert hidden >= 0, "the live table never hid the cursor: is rich installed?"
+    assert shown.rfind(b"\x1b[?25h") > hidden
 
 
 def test_the_console_script_imports_the_target_from_the_current_directory(

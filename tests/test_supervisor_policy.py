@@ -27,6 +27,14 @@ def test_zero_backoff_restarts_at_once() -> None:
     assert RestartPolicy(backoff=0, max_backoff=0).delay(5) == 0.0
 
 
+def test_an_infinite_backoff_is_an_infinite_delay_not_nan() -> None:
+    inf = float("inf")
+    assert RestartPolicy(backoff=inf, max_backoff=inf).delay(0) == inf
+    # Finite, but doubling it overflows: the delay is as long as a float goes.
+    assert RestartPolicy(backoff=1e308, max_backoff=inf).delay(0) == inf
+    assert RestartPolicy(backoff=1e308, max_backoff=1e308).delay(3) == 1e308
+
+
 def test_tracker_counts_restarts_in_the_sliding_window() -> None:
     tracker = RestartTracker(
         RestartPolicy(backoff=1, max_backoff=1, max_restarts=2, restart_window=10),

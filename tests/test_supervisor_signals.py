@@ -295,3 +295,57 @@ def test_run_raises_service_failed_out_of_the_script(tmp_path: Path) -> None:
         "offloop.ServiceFailed: Service 'config_loader' failed: it crashed and its policy is "
         "restart='no'; last error: KeyError('DATABASE_URL')."
     )
+
+
+EXECUTOR = """
+import asyncio
+import contextvars
+import logging
+import threading
+
+import offloop
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sv = offloop.Supervisor(grace=0.3, name="executor")
+var = contextvars.ContextVar("var")
+
+
+def stuck_client_call():
+    threading.Event().wait()  # a blocking call without a timeout
+
+
+@sv.service
+async def poller():
+    var.set("from the task")
+    assert await asyncio.to_thread(var.get) == "from the task"
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, int, "not a number")
+    except ValueError:
+        print("the default executor works", flush=True)
+    await asyncio.to_thread(stuck_client_call)
+
+
+print(f"run() returned {sv.run()}", flush=True)
+"""
+
+
+def test_a_call_stuck_in_the_default_executor_does_not_keep_the_process_alive(
+    tmp_path: Path,
+) -> None:
+    # asyncio.to_thread() and run_in_executor(None, ...) in a service: asyncio's
+    # executor threads are joined at exit, so run() returned and the process
+    # then hung until the stuck call returned (here: never).
+    script = tmp_path / "executor.py"
+    script.write_text(textwrap.dedent(EXECUTOR))
+    with Proc([str(script)], tmp_path) as proc:
+        proc.wait_for("the default executor works")
+        proc.wait_for("executor: all 1 service")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert "run() returned 0" in out
+    assert (
+        "function 'stuck_client_call' in thread offloop-executor-1 of pool 'executor' is still "
+        "running after waiting 0.1 s in close() and was abandoned" in out
+    )

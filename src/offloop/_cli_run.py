@@ -30,13 +30,22 @@ from ._status import ServiceState, SupervisorState
 from ._supervisor import Supervisor
 from ._validate import describe
 
-__all__ = ["load_supervisor", "register", "render_table", "start_status_server", "status_json"]
+__all__ = [
+    "StatusServer",
+    "load_supervisor",
+    "register",
+    "render_table",
+    "start_status_server",
+    "status_json",
+]
 
 logger: Final = logging.getLogger("offloop.cli")
 
 #: A status client that sends nothing is dropped after this long.
 REQUEST_TIMEOUT: Final = 5.0
 LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+#: The terminal control sequence that shows the cursor again (DECTCEM).
+SHOW_CURSOR: Final = b"\x1b[?25h"
 
 
 class UsageError(Exception):
@@ -116,7 +125,9 @@ def main(args: argparse.Namespace) -> int:
         sv = load_supervisor(args.target)
         console = _setup_logging(args.log_level.upper(), use_table)
         return run_with_signals(
-            sv, lambda: _serve(sv, args.status_port, console, args.detect_blocking)
+            sv,
+            lambda: _serve(sv, args.status_port, console, args.detect_blocking),
+            on_forced_exit=None if console is None else _show_cursor_now(),
         )
     except UsageError as exc:
         print(f"offloop run: error: {exc}", file=sys.stderr)
@@ -234,6 +245,22 @@ def _setup_logging(level: str, use_table: bool) -> Any:
     return None
 
 
+def _show_cursor_now() -> Callable[[], None]:
+    """What a forced exit does for the live table, which hides the terminal's cursor.
+
+    ``Live.stop()`` would show it again, but a forced exit skips it: without
+    this the user's shell is left with no cursor. One write to the terminal's
+    file descriptor, taken now (the live display redirects ``sys.stdout``), and
+    no lock: the forced exit may interrupt the table's own drawing.
+    """
+    fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+
+    def show() -> None:
+        os.write(fd, SHOW_CURSOR)
+
+    return show
+
+
 async def _serve(
     sv: Supervisor, status_port: int | None, console: Any, block_threshold: float | None
 ) -> None:
@@ -252,8 +279,9 @@ async def _serve(
                 f"cannot serve the status on 127.0.0.1:{status_port} ({exc.strerror or exc}); "
                 f"pick another --status-port, or 0 for any free port."
             ) from exc
-        port = server.sockets[0].getsockname()[1]
-        print(f"offloop: status on http://127.0.0.1:{port}/status", file=sys.stderr, flush=True)
+        print(
+            f"offloop: status on http://127.0.0.1:{server.port}/status", file=sys.stderr, flush=True
+        )
     live = None
     if console is not None:
         from rich.live import Live
@@ -272,8 +300,7 @@ async def _serve(
         if live is not None:
             live.stop()
         if server is not None:
-            server.close()
-            await server.wait_closed()
+            await server.aclose()
 
 
 # -- status as JSON ----------------------------------------------------------------------
@@ -298,48 +325,103 @@ def _healthz(sv: Supervisor) -> tuple[int, dict[str, Any]]:
     }
 
 
-async def start_status_server(sv: Supervisor, port: int) -> asyncio.Server:
-    """Serve ``GET /status`` and ``GET /healthz`` for ``sv`` on 127.0.0.1:``port``.
+class StatusServer:
+    """The ``--status-port`` server on the supervisor's loop, and the connections it serves.
 
-    Raises:
-        OSError: the port cannot be bound.
+    :meth:`aclose` also ends the connections still open: a client that
+    connected but has sent nothing yet (a TCP health check) would otherwise
+    hold the stop for up to :data:`REQUEST_TIMEOUT` (Python >= 3.12 waits for
+    every connection in ``Server.wait_closed()``), or have its handler
+    cancelled with the loop, which asyncio logs as an error.
     """
-    routes: dict[str, Callable[[], tuple[int, dict[str, Any]]]] = {
-        "/status": lambda: (200, status_json(sv)),
-        "/healthz": lambda: _healthz(sv),
-    }
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, sv: Supervisor) -> None:
+        self._routes: dict[str, Callable[[], tuple[int, dict[str, Any]]]] = {
+            "/status": lambda: (200, status_json(sv)),
+            "/healthz": lambda: _healthz(sv),
+        }
+        self._server: asyncio.Server | None = None
+        self._open: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one picked by the system for port 0)."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self, port: int) -> StatusServer:
+        """Listen on 127.0.0.1:``port``; return the server.
+
+        Raises:
+            OSError: the port cannot be bound.
+        """
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+        return self
+
+    async def aclose(self) -> None:
+        """Stop listening, end the open connections and wait for their handlers."""
+        if self._server is None:
+            return
+        self._server.close()
+        handlers = set(self._open.values())
+        for writer in list(self._open):
+            # The reader sees the end of the stream: a handler waiting for a
+            # request returns, one writing an answer gets ConnectionError.
+            writer.close()
+        if handlers:
+            # They end on the next loop iterations; the bound only guards a bug.
+            _, stuck = await asyncio.wait(handlers, timeout=REQUEST_TIMEOUT)
+            for task in stuck:
+                task.cancel()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[writer] = task
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-            method, target, *_ = [*head.split(b"\r\n", 1)[0].decode("latin-1").split(" "), ""]
-            path = target.split("?", 1)[0]
-            if path not in routes:
-                code, body = 404, {"error": f"no such path {path!r}; try /status or /healthz"}
-            elif method not in ("GET", "HEAD"):
-                code, body = 405, {"error": f"method {method} not allowed; use GET"}
-            else:
-                code, body = routes[path]()
-            payload = json.dumps(body, indent=2).encode() + b"\n"
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(
-                code, "Service Unavailable"
-            )
-            writer.write(
-                f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-                + (payload if method != "HEAD" else b"")
-            )
-            await writer.drain()
+            await self._answer(reader, writer)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
             pass  # a client that hung up or sent garbage gets nothing
         except ConnectionError:
             pass
         finally:
+            del self._open[writer]
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    return await asyncio.start_server(handle, "127.0.0.1", port)
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+        method, target, *_ = [*head.split(b"\r\n", 1)[0].decode("latin-1").split(" "), ""]
+        path = target.split("?", 1)[0]
+        if path not in self._routes:
+            code, body = 404, {"error": f"no such path {path!r}; try /status or /healthz"}
+        elif method not in ("GET", "HEAD"):
+            code, body = 405, {"error": f"method {method} not allowed; use GET"}
+        else:
+            code, body = self._routes[path]()
+        payload = json.dumps(body, indent=2).encode() + b"\n"
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(
+            code, "Service Unavailable"
+        )
+        writer.write(
+            f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + (payload if method != "HEAD" else b"")
+        )
+        await writer.drain()
+
+
+async def start_status_server(sv: Supervisor, port: int) -> StatusServer:
+    """Serve ``GET /status`` and ``GET /healthz`` for ``sv`` on 127.0.0.1:``port``.
+
+    Close it with :meth:`StatusServer.aclose`.
+
+    Raises:
+        OSError: the port cannot be bound.
+    """
+    return await StatusServer(sv).start(port)
 
 
 # -- live table ----------------------------------------------------------------------------

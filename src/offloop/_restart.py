@@ -100,6 +100,10 @@ class RestartPolicy:
         """
         # Cap the exponent: 2**1100 overflows a float long before anyone waits that long.
         step = min(self.max_backoff, self.backoff * 2.0 ** min(attempt + 1, 64))
+        if math.isinf(step):
+            # An infinite backoff (or one that doubles past the largest float):
+            # uniform() would make it NaN, logged as "restarting in nans".
+            return step
         low = max(self.backoff, step / 2)
         return (rng or random).uniform(low, step)
 

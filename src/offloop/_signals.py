@@ -10,6 +10,11 @@ very bug) would make the process deaf to Ctrl-C. A Python handler runs on
 the main thread between bytecodes even then; and a watchdog thread ends the
 process if the stop has not finished ``grace`` (plus a margin) after the
 first signal, naming the line the loop is stuck on.
+
+The loop's default executor (``asyncio.to_thread``, ``run_in_executor(None,
+...)``) is an offloop pool of daemon threads: a call stuck there when the
+loop closes is abandoned and logged, instead of keeping the process alive
+after ``run()`` returned, as asyncio's executor would.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
+from ._loopexecutor import PoolExecutor
 from ._supervised import SHUTDOWN_OVERRUN
 
 if TYPE_CHECKING:
@@ -48,8 +54,18 @@ LEFTOVER_WAIT: Final = 1.0
 FORCE_MARGIN: Final = SHUTDOWN_OVERRUN + LEFTOVER_WAIT + 1.0
 
 
-def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int:
+def run_with_signals(
+    sv: Supervisor,
+    main: Callable[[], Awaitable[None]],
+    *,
+    on_forced_exit: Callable[[], None] | None = None,
+) -> int:
     """Run ``main()`` on a new loop with SIGINT/SIGTERM stopping ``sv``; return 0.
+
+    ``on_forced_exit`` runs just before a forced exit (a second signal, or the
+    watchdog), which skips every cleanup: say, to show the terminal's cursor
+    again. It runs in a signal handler or the watchdog thread, so it must not
+    take a lock (the loop's thread may hold it); its errors are ignored.
 
     Raises:
         RuntimeError: called from a thread whose event loop is running.
@@ -64,6 +80,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             f"that loop. Use 'await sv.serve()' in async code instead."
         )
     loop = asyncio.new_event_loop()
+    loop.set_default_executor(PoolExecutor("executor"))
     received: list[int] = []
     finished = threading.Event()
     watchdogs: list[threading.Thread] = []
@@ -90,9 +107,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             signal.Signals(signum).name,
             where.rstrip(),
         )
-        _flush()
-        _kill_service_children()
-        os._exit(128 + signum)
+        _force_exit(signum, on_forced_exit)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:  # on the main thread
         received.append(signum)
@@ -108,9 +123,7 @@ def run_with_signals(sv: Supervisor, main: Callable[[], Awaitable[None]]) -> int
             return
         with contextlib.suppress(Exception):
             logger.error("%s: received %s again, exiting now", sv.name, name)
-        _flush()
-        _kill_service_children()
-        os._exit(128 + signum)
+        _force_exit(signum, on_forced_exit)
 
     previous: dict[signal.Signals, Any] = {}
     wakeup = None
@@ -184,6 +197,15 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
             )
     for task in pending:
         logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
+
+
+def _force_exit(signum: int, on_forced_exit: Callable[[], None] | None) -> None:
+    _flush()
+    if on_forced_exit is not None:
+        with contextlib.suppress(Exception):
+            on_forced_exit()
+    _kill_service_children()
+    os._exit(128 + signum)
 
 
 def _kill_service_children() -> None:

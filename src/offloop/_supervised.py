@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Final, Protocol
 
@@ -143,13 +144,22 @@ class Supervised:
                 return
             self.state = _ST.RESTARTING
             self.restarts += 1
-            logger.warning(
-                "%s: restarting service %r in %.2fs (restart #%d)",
-                sv,
-                self.name,
-                delay,
-                self.restarts,
-            )
+            if delay < math.inf:
+                logger.warning(
+                    "%s: restarting service %r in %.2fs (restart #%d)",
+                    sv,
+                    self.name,
+                    delay,
+                    self.restarts,
+                )
+            else:
+                logger.warning(
+                    "%s: service %r waits for the supervisor to stop: its backoff is "
+                    "infinite, so restart #%d never comes",
+                    sv,
+                    self.name,
+                    self.restarts,
+                )
             await asyncio.sleep(delay)
             if self.owner._shutting_down():
                 self.end(_ST.STOPPED)

@@ -21,10 +21,14 @@ WAIT = 15.0  # bound on the child's start-up and exit; never reached when things
 class Proc:
     """A real child process whose merged output is read line by line as it comes."""
 
-    def __init__(self, args: Sequence[str], cwd: Path) -> None:
+    def __init__(self, args: Sequence[str], cwd: Path, *, ignore_sigint: bool = False) -> None:
         self.popen = subprocess.Popen(
             [sys.executable, *args],
             cwd=cwd,
+            # As nohup or a non-interactive shell's background job would start it.
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+            if ignore_sigint
+            else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -151,6 +155,19 @@ def test_first_signal_stops_gracefully_with_exit_code_0(script: Path, sig: signa
     assert "worker got its token" in out
     assert "INFO script: service 'bot' stopped" in out
     assert out.endswith("INFO script: stopped\nrun() returned 0")
+
+
+def test_a_sigint_ignored_when_the_process_started_stays_ignored(script: Path) -> None:
+    with Proc([str(script), "5"], script.parent, ignore_sigint=True) as proc:
+        proc.wait_for("script: all 2 service")
+        # Both are pending before the child runs again, and SIGINT is handled
+        # first: it used to start the stop, and SIGTERM then forced the exit.
+        proc.send(signal.SIGINT)
+        proc.send(signal.SIGTERM)
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert "WARNING script: received SIGTERM, stopping gracefully within 5s" in out
+    assert "SIGINT" not in out
 
 
 def test_shutdown_is_bounded_by_grace_and_names_the_abandoned_thread(script: Path) -> None:

@@ -129,7 +129,11 @@ def run_with_signals(
     wakeup = None
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
-            previous[sig] = signal.signal(sig, on_signal)
+            # Ignored when the process started (nohup, a background job of a
+            # non-interactive shell): the parent meant it, so it stays ignored,
+            # as Python itself keeps an ignored SIGINT ignored.
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, on_signal)
         wakeup = _Wakeup(loop)
     try:
         asyncio.set_event_loop(loop)

@@ -25,7 +25,10 @@ async def test_stop_during_restart_backoff_does_not_wait_for_it() -> None:
 
     async with sv:
         await await_until(lambda: sv.status()["broken"].state == "restarting", WAIT)
+        assert sv.status()["broken"].restarts == 0  # the restart is still to come
     assert sv.status()["broken"].state == "stopped"
+    # It never came, so it is not counted (it used to say restarts=1).
+    assert sv.status()["broken"].restarts == 0
 
 
 @bounded(10)

@@ -57,7 +57,8 @@ class ServiceStatus:
     Attributes:
         name: the service's name.
         state: a :class:`ServiceState`; compares equal to its name, e.g. ``"running"``.
-        restarts: how many times the supervisor restarted it.
+        restarts: how many times the supervisor restarted it (a restart still
+            waiting out its backoff is not counted yet).
         started_at: the wall-clock time (``time.time()``) it last became ready,
             or ``None`` if it never did.
         last_error: the exception of its last crash, or ``None``.

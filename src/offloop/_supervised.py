@@ -143,14 +143,15 @@ class Supervised:
                 self.owner._fail(self, crash, why)
                 return
             self.state = _ST.RESTARTING
-            self.restarts += 1
+            # Counted once it happens: a stop during the backoff cancels it.
+            upcoming = self.restarts + 1
             if delay < math.inf:
                 logger.warning(
                     "%s: restarting service %r in %.2fs (restart #%d)",
                     sv,
                     self.name,
                     delay,
-                    self.restarts,
+                    upcoming,
                 )
             else:
                 logger.warning(
@@ -158,12 +159,13 @@ class Supervised:
                     "infinite, so restart #%d never comes",
                     sv,
                     self.name,
-                    self.restarts,
+                    upcoming,
                 )
             await asyncio.sleep(delay)
             if self.owner._shutting_down():
                 self.end(_ST.STOPPED)
                 return
+            self.restarts = upcoming
 
     def _crashed_while_stopping(self, crash: BaseException) -> None:
         self.last_error = crash

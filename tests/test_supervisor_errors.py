@@ -140,21 +140,27 @@ async def test_function_service_lifecycle_errors() -> None:
 class AsyncCallable:
     """Callable objects hide their async nature from iscoroutinefunction()."""
 
+    def __init__(self) -> None:
+        self.ran_on: asyncio.AbstractEventLoop | None = None
+
     async def __call__(self) -> None:
-        await asyncio.sleep(0)
+        self.ran_on = asyncio.get_running_loop()
 
 
 @pytest.mark.loops("asyncio")
-@bounded(10)
-async def test_hidden_coroutine_function_is_a_clear_crash_and_partials_are_named() -> None:
+async def test_an_object_with_an_async_call_runs_as_an_async_service_and_partials_are_named() -> (
+    None
+):
     sv = Supervisor()
-    sv.service(restart="no", name="hidden")(AsyncCallable())
+    hidden = AsyncCallable()
+    sv.service(restart="no", name="hidden")(hidden)
     sv.service(functools.partial(_two_args, 1, 2))
     assert list(sv.services) == ["hidden", "_two_args"]
-    with pytest.raises(ServiceFailed) as info:
-        await sv.serve()
-    assert isinstance(info.value.__cause__, TypeError)
-    assert "returned a coroutine, so it is asynchronous" in str(info.value.__cause__)
+    await asyncio.wait_for(sv.serve(), WAIT)
+    # It used to run in a thread and crash with "returned a coroutine".
+    assert hidden.ran_on is asyncio.get_running_loop()
+    assert sv.status()["hidden"].state == "stopped"
+    assert sv.status()["hidden"].last_error is None
 
 
 def test_detect_blocking_values_are_checked() -> None:

@@ -47,7 +47,7 @@ _REAP_WAIT: Final = 5.0
 
 def pool_dropped(drop_fd: int, where: str, workers: list[Worker]) -> None:
     """The finalizer of an open pool that was garbage collected: wake its manager, warn."""
-    # Takes no lock: it runs on any thread, maybe one holding the pool's.
+    # Takes no lock and blocks on nothing: it runs on any thread, maybe one holding some lock.
     count = len(workers)
     with contextlib.suppress(OSError):
         os.write(drop_fd, b"\0")

@@ -3,7 +3,8 @@
 :class:`WorkerSet` owns the state both halves share (the lock, the workers,
 the queue, the counters) and everything that runs on the manager thread:
 starting workers, reading replies, handing freed workers their next call, and
-turning a worker's death into :class:`WorkerCrashed` for its call alone.
+turning a worker's death into :class:`WorkerCrashed` for its call alone. The
+thread's loop, which holds the pool only weakly, is ``_process_manager``.
 :class:`~offloop._processpool.ProcessPool` adds the public API, cancellation
 and closing on top.
 """
@@ -18,6 +19,7 @@ import os
 import selectors
 import signal
 import threading
+import weakref
 from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -118,6 +120,8 @@ class WorkerSet:
         self._pending: deque[ProcessCall] = deque()
         self._manager: threading.Thread | None = None
         self._wake_fds: tuple[int, int] | None = None
+        #: Set with the manager thread: stops it, and warns, if the pool is dropped unclosed.
+        self._finalizer: weakref.finalize[..., Any] | None = None
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
         self._writer = PayloadWriter(f"offloop-process-{name}-writer")
         self._queued = 0
@@ -140,6 +144,9 @@ class WorkerSet:
         self._workers = []
         self._idle = []
         self._pending.clear()
+        if self._finalizer is not None:
+            # The parent's manager thread is not here to stop, nor its workers.
+            self._finalizer.detach()
         self._manager = None
         self._wake_fds = None
         self._closed_waiters = []
@@ -224,36 +231,31 @@ class WorkerSet:
 
     # -- the manager thread ------------------------------------------------------
 
-    def _manage(self) -> None:
-        assert self._wake_fds is not None
-        wake_fd, wake_write_fd = self._wake_fds
-        selector = selectors.DefaultSelector()
-        selector.register(wake_fd, selectors.EVENT_READ, None)
-        try:
-            while True:
-                for key, _ in selector.select():
-                    data = key.data
-                    if data is None:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(wake_fd, 4096)
-                    elif data[1]:
-                        self._on_reply(data[0], selector)
-                    else:
-                        self._on_exit(data[0], selector)
-                if self._maintain(selector):
-                    return
-        except BaseException as exc:
-            # A bug, or a failure of this process (MemoryError): without this
-            # thread nothing would ever complete a call or close the pool.
-            self._abort(exc)
-        finally:
-            selector.close()
-            with self._lock:
-                self._wake_fds = None
-            os.close(wake_fd)
-            os.close(wake_write_fd)
-            # Every worker is gone, so no write is waited for.
-            self._writer.stop()
+    def _on_events(
+        self, events: list[tuple[selectors.SelectorKey, int]], selector: selectors.BaseSelector
+    ) -> bool:
+        """Handle one batch of the manager thread's events. Returns True once the pool closed.
+
+        The loop around it (``_process_manager.manage``) holds the pool only
+        for the batch.
+        """
+        for key, _ in events:
+            data = key.data
+            if data is None:  # the wake pipe (or the drop pipe of a pool alive after all)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(key.fd, 4096)
+            elif data[1]:
+                self._on_reply(data[0], selector)
+            else:
+                self._on_exit(data[0], selector)
+        return self._maintain(selector)
+
+    def _close_wake_pipe(self) -> None:
+        # On the manager thread as it exits. Under _lock: see ProcessPool._wake.
+        with self._lock:
+            fds, self._wake_fds = self._wake_fds, None
+        for fd in fds or ():
+            os.close(fd)
 
     def _maintain(self, selector: selectors.BaseSelector) -> bool:
         """Start workers for queued calls; finish closing. Returns True to exit."""

@@ -38,6 +38,7 @@ from ._offload import ABANDONED, QUEUED, RUNNING, SKIPPED, OffloadFuture, new_ca
 from ._offload import running_loop as _running_loop
 from ._pickling import encode_call, main_reaches_children
 from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter, refuse_blocking_close
+from ._process_manager import manage, pool_dropped
 from ._process_message import OutOfBandCall, detach
 from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
 from ._process_writer import LARGE_PAYLOAD, Payload, is_small
@@ -80,6 +81,16 @@ class ProcessPool(WorkerSet, PoolContext):
     Large arguments do not hold up the event loop: ``run()`` pickles the call,
     and a call over 64 KiB pickled is written to its worker by the pool's
     writer thread, however long the worker takes to read it.
+
+    Close a pool when done with it: ``async with ProcessPool(...) as pool:``,
+    ``await pool.aclose()`` or ``pool.close()``. A pool that started workers
+    and is dropped unclosed (no reference left to it, and no call in flight:
+    a call's future keeps its pool alive until the call is over) is stopped
+    when it is garbage collected: a :class:`ResourceWarning` names it, its
+    idle workers are asked to exit and killed if they have not within 2 s,
+    and its threads exit. A pool that never started a worker holds no
+    process, thread or pipe, and is collected silently. A pool still open at
+    interpreter exit has its workers killed by an exit hook, without a warning.
 
     Args:
         max_workers: the most processes at once (default ``os.cpu_count()``).
@@ -346,8 +357,26 @@ class ProcessPool(WorkerSet, PoolContext):
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         self._wake_fds = (read_fd, write_fd)
+        # The finalizer's own pipe: see _process_manager.
+        drop_read_fd, drop_write_fd = os.pipe()
+        os.set_blocking(drop_read_fd, False)
+        os.set_blocking(drop_write_fd, False)
+        finalizer = weakref.finalize(self, pool_dropped, drop_write_fd, self._where, self._workers)
+        # A pool still open at exit is the exit hook's (_stop_workers_at_exit), not the finalizer's.
+        finalizer.atexit = False
+        self._finalizer = finalizer
+        # The thread gets no strong reference to the pool: it must not keep it alive.
         self._manager = threading.Thread(
-            target=self._manage, name=f"offloop-process-{self._name}", daemon=True
+            target=manage,
+            args=(
+                weakref.ref(self),
+                self._wake_fds,
+                (drop_read_fd, drop_write_fd),
+                finalizer,
+                self._writer,
+            ),
+            name=f"offloop-process-{self._name}",
+            daemon=True,
         )
         self._manager.start()
 
@@ -503,6 +532,8 @@ def _stop_workers_at_exit() -> None:
     # would otherwise wait for busy workers forever.
     processes = []
     for pool in list(_pools):
+        if pool._finalizer is not None:
+            pool._finalizer.detach()  # stopped here, not warned about at teardown
         with pool._lock:
             pool._state = PoolState.CLOSING if pool._state is PoolState.OPEN else pool._state
             processes += [w.process for w in pool._workers if w.process is not None]

@@ -129,6 +129,9 @@ def test_bad_constructor_arguments() -> None:
         LoopThread(name="")
     with pytest.raises(ValueError, match=r"ThreadPool\(name=\.\.\.\) must not be empty"):
         offloop.ThreadPool(name="")
+    # It used to be numbered silently, unlike the other two.
+    with pytest.raises(ValueError, match=r"ProcessPool\(name=\.\.\.\) must not be empty"):
+        offloop.ProcessPool(name="")
     with pytest.raises(TypeError, match=r"loop_factory=\.\.\.\) must be a callable"):
         LoopThread(loop_factory="uvloop")  # type: ignore[arg-type]
     lt = LoopThread(loop_factory=lambda: "not a loop")  # type: ignore[arg-type, return-value]

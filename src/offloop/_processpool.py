@@ -43,7 +43,7 @@ from ._process_message import OutOfBandCall, detach
 from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
 from ._process_writer import LARGE_PAYLOAD, Payload, is_small
 from ._restart import check_seconds
-from ._validate import check_positive_int, check_sync_callable, describe
+from ._validate import check_positive_int, check_sync_callable, check_thread_name, describe
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
 
@@ -129,8 +129,7 @@ class ProcessPool(WorkerSet, PoolContext):
     ) -> None:
         check_positive_int(max_workers, "ProcessPool(max_workers=...)")
         check_positive_int(max_tasks_per_worker, "ProcessPool(max_tasks_per_worker=...)")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"ProcessPool(name=...) must be a str, got {describe(name)}.")
+        check_thread_name(name, "ProcessPool")
         initargs = _check_initializer(initializer, initargs)
         if mp_context is None or isinstance(mp_context, str):
             method = mp_context or DEFAULT_START_METHOD

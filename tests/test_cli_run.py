@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pty
@@ -19,7 +20,13 @@ import requests
 
 from offloop import Supervisor
 from offloop._cli import main as cli_main
-from offloop._cli_run import TargetError, load_supervisor, render_table, status_json
+from offloop._cli_run import (
+    TargetError,
+    load_supervisor,
+    render_table,
+    start_status_server,
+    status_json,
+)
 from tests.helpers import wait_until
 from tests.test_supervisor_signals import Proc
 
@@ -539,3 +546,42 @@ def test_a_forced_exit_leaves_no_process_service_child_behind(
         finally:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()  # the old behaviour: do not leak it into other tests
+
+
+async def _raw_request(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), HTTP_TIMEOUT)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.mark.loops("asyncio")
+async def test_the_status_server_answers_bare_lf_oversized_heads_and_names_allowed_methods() -> (
+    None
+):
+    sv = Supervisor(name="raw")
+    server = await start_status_server(sv, 0)
+    try:
+        # Lines ending in a bare LF (RFC 9112 lets a server accept them): it used
+        # to wait for CRLF CRLF until its timeout, then hang up without an answer.
+        bare = await _raw_request(server.port, b"GET /healthz HTTP/1.0\nHost: x\n\n")
+        assert bare.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), bare
+        assert b'"healthy": false' in bare
+        # A head too big to read: 431, not a silently closed connection.
+        for pad in (20_000, 100_000):  # over the limit; over the stream reader's line limit
+            huge = b"GET /status HTTP/1.1\r\nX-Pad: " + b"a" * pad + b"\r\n\r\n"
+            too_big = await _raw_request(server.port, huge)
+            assert too_big.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+        # A 405 says which methods are allowed, as RFC 9110 requires.
+        post = await _raw_request(server.port, b"POST /status HTTP/1.1\r\n\r\n")
+        assert post.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), post
+        assert b"\r\nAllow: GET, HEAD\r\n" in post
+        ok = await _raw_request(server.port, b"\r\nGET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.1 200 OK\r\n"), ok
+    finally:
+        await server.aclose()

@@ -392,25 +392,68 @@ class StatusServer:
                 await writer.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-        method, target, *_ = [*head.split(b"\r\n", 1)[0].decode("latin-1").split(" "), ""]
-        path = target.split("?", 1)[0]
-        if path not in self._routes:
-            code, body = 404, {"error": f"no such path {path!r}; try /status or /healthz"}
-        elif method not in ("GET", "HEAD"):
-            code, body = 405, {"error": f"method {method} not allowed; use GET"}
+        request_line = await asyncio.wait_for(_read_head(reader), REQUEST_TIMEOUT)
+        allow = ""
+        if request_line is None:
+            code, body = 431, {"error": f"request head over {MAX_HEAD} bytes"}
+            method = "GET"
         else:
-            code, body = self._routes[path]()
+            method, target, *_ = [*request_line.decode("latin-1").split(" "), ""]
+            path = target.split("?", 1)[0]
+            if path not in self._routes:
+                code, body = 404, {"error": f"no such path {path!r}; try /status or /healthz"}
+            elif method not in ("GET", "HEAD"):
+                code, body = 405, {"error": f"method {method} not allowed; use GET"}
+                allow = "Allow: GET, HEAD\r\n"
+            else:
+                code, body = self._routes[path]()
         payload = json.dumps(body, indent=2).encode() + b"\n"
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(
-            code, "Service Unavailable"
-        )
         writer.write(
-            f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
+            f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: application/json\r\n{allow}"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
             + (payload if method != "HEAD" else b"")
         )
         await writer.drain()
+
+
+_REASONS: Final = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+#: The most bytes of request line and headers the status server reads.
+MAX_HEAD: Final = 16384
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+    """The request line of a request head (read to its empty line); None if it is too long.
+
+    Lines may end in CRLF or a bare LF, as RFC 9112 lets a server accept. A
+    head over :data:`MAX_HEAD` is still read to its end (up to a limit), so
+    that closing the connection does not reset it before the 431 arrives.
+
+    Raises:
+        asyncio.IncompleteReadError: the client hung up first.
+    """
+    first: bytes | None = None
+    size = 0
+    while size <= 64 * MAX_HEAD:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:  # one line over the reader's limit
+            size += len(await reader.readexactly(exc.consumed))
+            first = b""
+            continue
+        size += len(line)
+        line = line.rstrip(b"\r\n")
+        if line:
+            first = line if first is None else first
+        elif first is not None:  # RFC 9112: empty lines before the request line are ignored
+            return first if size <= MAX_HEAD and first else None
+    return None
 
 
 async def start_status_server(sv: Supervisor, port: int) -> StatusServer:

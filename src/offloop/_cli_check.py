@@ -23,9 +23,9 @@ import threading
 import traceback
 from typing import Any, Final, TextIO
 
-from ._detector import MAX_THRESHOLD, MIN_THRESHOLD, threshold_out_of_range
 from ._detector_hook import LoopWatch
 from ._detector_report import BlockEvent, BlockSite
+from ._thresholds import MAX_THRESHOLD, MIN_THRESHOLD, threshold_out_of_range
 
 __all__ = ["BLOCKED_EXIT_CODE", "register", "render_report", "run_script", "wait_for_threads"]
 

@@ -102,7 +102,7 @@ def register(subparsers: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the ``run`` subcommand; return the exit code."""
     if args.detect_blocking is not None:
-        from ._detector import threshold_out_of_range
+        from ._thresholds import threshold_out_of_range
 
         problem = threshold_out_of_range(args.detect_blocking, "--detect-blocking")
         if problem is not None:

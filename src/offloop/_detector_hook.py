@@ -26,14 +26,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
-from ._detector import (
-    BlockingDetector,
-    DetectorState,
-    OnBlock,
-    check_interval,
-    check_threshold,
-)
+from ._detector import BlockingDetector, DetectorState, OnBlock
 from ._detector_report import BlockEvent, BlockSite, SiteTable, logger
+from ._thresholds import check_interval, check_threshold
 from ._validate import describe
 
 __all__ = ["LoopWatch"]

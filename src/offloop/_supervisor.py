@@ -87,7 +87,7 @@ class Supervisor:
             self._block_threshold = check_seconds(
                 detect_blocking, "detect_blocking", positive=True, finite=True
             )
-            from ._detector import threshold_out_of_range
+            from ._thresholds import threshold_out_of_range
 
             # The detector's own range, checked now rather than when it starts.
             problem = threshold_out_of_range(self._block_threshold, "detect_blocking")

@@ -108,7 +108,7 @@ def _threshold(item: pytest.Item) -> float:
     value: Any = marker.kwargs.get("threshold", marker.args[0] if marker.args else None)
     if value is None:
         return DEFAULT_THRESHOLD
-    from ._detector import check_threshold
+    from ._thresholds import check_threshold
 
     return check_threshold(value, where)
 

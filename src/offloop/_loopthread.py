@@ -3,6 +3,17 @@
 The crossings into them (how a coroutine is sent there and its outcome
 brought back) live in ``_crossing``; the shared loop threads behind
 ``from_thread`` and ``to_loop`` in ``_sharedloop``.
+
+The loop thread must not keep its LoopThread alive, or one dropped unclosed
+would run, with its loop and executor, until the interpreter exits. So the
+thread (:func:`_serve`) holds it only weakly while the loop runs; a call in
+flight holds it (its ``Reply`` or ``Remote``), so such calls finish first.
+Collected unclosed, it runs :func:`_dropped` (``weakref.finalize``) on
+whichever thread dropped it, maybe the loop thread or one holding its lock:
+that takes no lock, asks the loop to stop and warns (``ResourceWarning``);
+the thread then shuts the loop down as ``close()`` does. Every other way the
+loop stops (closing, retiring, a coroutine's SystemExit) detaches the
+finalizer first, while the LoopThread is certainly alive.
 """
 
 from __future__ import annotations
@@ -12,7 +23,10 @@ import concurrent.futures
 import contextvars
 import enum
 import logging
+import os
 import threading
+import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from time import monotonic
 from types import TracebackType
@@ -75,6 +89,9 @@ class LoopThread:
     ``offloop-loop-<name>``, and runs until :meth:`close` / :meth:`aclose`,
     which cancel what still runs there, shut down async generators, close the
     loop and join the thread. Context variables are copied into every call.
+    A started LoopThread that is garbage collected unclosed warns
+    (``ResourceWarning``) and stops its loop and thread the same way; a call
+    in flight keeps it alive until that call is over.
 
     Args:
         name: used in the thread name and ``repr`` (default: a number).
@@ -115,6 +132,8 @@ class LoopThread:
         self._retired = False
         # The task whose SystemExit or KeyboardInterrupt stopped the loop.
         self._exit_task: asyncio.Task[Any] | None = None
+        # Stops the loop if this is collected while it runs (see _dropped).
+        self._finalizer: weakref.finalize[..., LoopThread] | None = None
 
     # -- public API ---------------------------------------------------------
 
@@ -161,8 +180,13 @@ class LoopThread:
                 thread_name_prefix=f"{self._thread_name}-executor"
             )
             loop.set_default_executor(executor)
+            # The thread gets no strong reference to self: see the module docstring.
+            serving = [True]
             thread = threading.Thread(
-                target=self._main, args=(loop, executor), name=self._thread_name, daemon=True
+                target=_serve,
+                args=(weakref.ref(self), loop, executor, serving),
+                name=self._thread_name,
+                daemon=True,
             )
             self._loop = loop
             self._thread = thread
@@ -173,6 +197,12 @@ class LoopThread:
                 self._state = _CLOSED
                 loop.close()
                 raise
+            finalizer = weakref.finalize(
+                self, _dropped, loop, serving, self._name, self._thread_name, os.getpid()
+            )
+            # One still open at exit is a daemon thread that simply ends there.
+            finalizer.atexit = False
+            self._finalizer = finalizer
             if self._idle_timeout is not None:
                 loop.call_soon_threadsafe(self._check_idle)
         return self
@@ -390,6 +420,12 @@ class LoopThread:
     def _exiting(self, task: asyncio.Task[Any] | None) -> None:
         # On the loop thread, just before the exception stops the loop.
         self._exit_task = task
+        self._detach()
+
+    def _detach(self) -> None:
+        # The loop is stopping for a reason of its own: dropping self now is no leak.
+        if self._finalizer is not None:
+            self._finalizer.detach()
 
     def _begin_close(self) -> threading.Thread | None:
         with self._lock:
@@ -402,6 +438,7 @@ class LoopThread:
             thread = self._thread
             if state is _RUNNING:
                 self._state = _CLOSING
+                self._detach()
                 self._loop.call_soon_threadsafe(self._loop.stop)  # type: ignore[union-attr]
         current = threading.current_thread()
         if thread is current:
@@ -430,38 +467,33 @@ class LoopThread:
             if self._active == 0 and monotonic() - self._last_used >= timeout:
                 self._state = _CLOSING
                 self._retired = True
+                self._detach()
                 loop.stop()
                 return
         loop.call_later(timeout / 4, self._check_idle)
 
-    def _main(
-        self, loop: asyncio.AbstractEventLoop, executor: concurrent.futures.ThreadPoolExecutor
-    ) -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            try:
-                loop.run_forever()
-            except (SystemExit, KeyboardInterrupt):
-                # Delivered to the call whose coroutine raised it; the thread
-                # ends. Its task must not be logged as never retrieved.
-                task, self._exit_task = self._exit_task, None
-                if task is not None and task.done() and not task.cancelled():
-                    task.exception()
-            finally:
-                # Also when a coroutine's SystemExit or KeyboardInterrupt ended
-                # the loop: the calls still there must get their answer.
-                with self._lock:
-                    if self._state is _RUNNING:
-                        self._state = _CLOSING
-                _shutdown(loop, executor)
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
-            with self._lock:
-                self._state = _CLOSED
-                waiters, self._closed_waiters = self._closed_waiters, []
-            for waiter in waiters:
-                complete_waiter(waiter)
+    def _loop_stopped(self, exited: bool) -> None:
+        # On the loop thread, once its loop stopped for any reason but a drop.
+        self._detach()
+        if exited:
+            # A coroutine's SystemExit or KeyboardInterrupt, delivered to its
+            # call: its task must not be logged as never retrieved.
+            task, self._exit_task = self._exit_task, None
+            if task is not None and task.done() and not task.cancelled():
+                task.exception()
+        # Also when a coroutine's SystemExit or KeyboardInterrupt ended the
+        # loop: the calls still there must get their answer.
+        with self._lock:
+            if self._state is _RUNNING:
+                self._state = _CLOSING
+
+    def _loop_closed(self) -> None:
+        # On the loop thread, as it ends.
+        with self._lock:
+            self._state = _CLOSED
+            waiters, self._closed_waiters = self._closed_waiters, []
+        for waiter in waiters:
+            complete_waiter(waiter)
 
     def _report_stuck(self, timeout: float | None) -> None:
         logger.warning(
@@ -471,6 +503,66 @@ class LoopThread:
             timeout,
             self._thread_name,
         )
+
+
+def _serve(
+    ref: weakref.ref[LoopThread],
+    loop: asyncio.AbstractEventLoop,
+    executor: concurrent.futures.ThreadPoolExecutor,
+    serving: list[bool],
+) -> None:
+    # The loop thread. It holds its LoopThread only for a moment, after the
+    # loop stopped: a frame local here would keep a dropped one alive.
+    asyncio.set_event_loop(loop)
+    try:
+        exited = False
+        try:
+            loop.run_forever()
+        except (SystemExit, KeyboardInterrupt):
+            exited = True  # delivered to the call whose coroutine raised it
+        finally:
+            # A late stop from the finalizer must not cut the shutdown short.
+            serving[0] = False
+            lt = ref()
+            if lt is not None:  # else it was dropped: nobody is left to tell
+                lt._loop_stopped(exited)
+            del lt
+            _shutdown(loop, executor)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+        lt = ref()
+        if lt is not None:
+            lt._loop_closed()
+
+
+def _dropped(
+    loop: asyncio.AbstractEventLoop, serving: list[bool], name: str, thread_name: str, pid: int
+) -> None:
+    """The finalizer of a started LoopThread collected unclosed: stop its loop, warn."""
+    # Takes no lock and waits for nothing: it runs on any thread, maybe the
+    # loop thread itself or one holding the LoopThread's lock.
+    if os.getpid() != pid:
+        return  # a forked child's copy: the loop thread is the parent's
+    try:
+        loop.call_soon_threadsafe(_stop_serving, loop, serving)
+    except RuntimeError:  # the loop is closed: its thread has ended
+        return
+    warnings.warn(
+        f"LoopThread {name!r} was garbage collected without being closed; its thread "
+        f"{thread_name} and its event loop are being stopped now (tasks still there are "
+        f"cancelled). Close a loop thread when done with it: 'with LoopThread(...) as lt:' "
+        f"or 'async with', or call 'lt.close()' ('await lt.aclose()' in async code).",
+        ResourceWarning,
+        # Past weakref.finalize: the line that dropped the LoopThread, or gc.collect().
+        stacklevel=3,
+    )
+
+
+def _stop_serving(loop: asyncio.AbstractEventLoop, serving: list[bool]) -> None:
+    # On the loop thread: stop run_forever(), not the shutdown's run_until_complete().
+    if serving[0]:
+        loop.stop()
 
 
 def _shutdown(

@@ -38,6 +38,10 @@ def selector_of(loop: asyncio.AbstractEventLoop) -> _hotloop._HotSelector:
     return selector
 
 
+def is_hot(selector: _hotloop._HotSelector) -> bool:
+    return selector._hot
+
+
 def test_only_a_wake_up_from_another_thread_makes_it_poll(
     hot_loop: asyncio.AbstractEventLoop,
 ) -> None:
@@ -49,13 +53,13 @@ def test_only_a_wake_up_from_another_thread_makes_it_poll(
         b.send(b"x")  # a socket of its own: not another thread's call
         hot_loop.run_until_complete(asyncio.sleep(0))
         hot_loop.run_until_complete(asyncio.sleep(0.001))
-        assert not selector._hot
+        assert not is_hot(selector)
         woken = threading.Thread(target=hot_loop.call_soon_threadsafe, args=(lambda: None,))
         woken.start()
         woken.join(WAIT)
         events = selector.select(0)
         assert [key.fd for key, _ in events] == [selector.wake_fd]
-        assert selector._hot
+        assert is_hot(selector)
         hot_loop.remove_reader(a.fileno())
     finally:
         a.close()
@@ -70,7 +74,7 @@ def test_a_polling_loop_still_sleeps_until_its_timeout(hot_loop: asyncio.Abstrac
     assert selector.select(timeout) == []
     # Not a speed bound: it must neither return early nor stay hot.
     assert time.monotonic() - start >= timeout
-    assert not selector._hot
+    assert not is_hot(selector)
 
 
 def test_timers_and_calls_from_threads_run_on_a_hot_loop(

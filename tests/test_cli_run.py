@@ -22,6 +22,7 @@ from offloop import Supervisor
 from offloop._cli import main as cli_main
 from offloop._cli_run import (
     TargetError,
+    _read_head,
     load_supervisor,
     render_table,
     start_status_server,
@@ -585,3 +586,15 @@ async def test_the_status_server_answers_bare_lf_oversized_heads_and_names_allow
         assert ok.startswith(b"HTTP/1.1 200 OK\r\n"), ok
     finally:
         await server.aclose()
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("pad", [20_000, 100_000], ids=["over-the-limit", "over-a-line-limit"])
+async def test_an_oversized_head_is_read_to_its_end(pad: int) -> None:
+    # Read to its blank line, so closing after the 431 resets nothing; a line
+    # over the stream's own limit used to end the head at that line's end.
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * pad + b"\r\nX-After: 1\r\n\r\nNEXT")
+    reader.feed_eof()
+    assert await _read_head(reader) is None
+    assert await reader.read() == b"NEXT"

@@ -174,14 +174,14 @@ def test_a_loop_thread_dropped_on_its_own_thread_holding_its_lock_stops_there(
     # the loop thread, in a callback, while that thread holds the LoopThread's
     # lock. A finalizer that took the lock or waited for the loop would hang.
     finalized_on: list[str] = []
-    dropped = getattr(_loopthread, "_dropped", None)
+    dropped = getattr(_loopthread, "dropped", None)
 
     def spy(*args: Any) -> None:
         finalized_on.append(threading.current_thread().name)
         assert dropped is not None
         dropped(*args)
 
-    monkeypatch.setattr(_loopthread, "_dropped", spy, raising=False)
+    monkeypatch.setattr(_loopthread, "dropped", spy, raising=False)
     lt = LoopThread(name="dropped-on-loop").start()
     loop, lock = lt.loop, lt._lock
     assert loop is not None
@@ -228,3 +228,37 @@ def test_only_a_started_unclosed_loop_thread_warns() -> None:
         wait_until(lambda: all(map(collected, refs)), WAIT, "the LoopThreads to be collected")
     the_warning(found, "dropped-among-others")
     join_all(threads)
+
+
+async def _raises() -> None:
+    raise ValueError("from the loop thread")
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("crossing", ["call", "run"])
+async def test_a_loop_thread_whose_last_call_raised_is_freed_as_soon_as_it_is_dropped(
+    crossing: str,
+) -> None:
+    # The error's traceback holds the frame that ran the coroutine: if that
+    # frame also held the error, the cycle kept the LoopThread (its loop, thread
+    # and executor) alive until the garbage collector happened to run.
+    name = f"raised-{crossing}"
+    lt = LoopThread(name=name).start()
+    if crossing == "call":
+        with pytest.raises(ValueError, match="from the loop thread"):
+            await asyncio.to_thread(lt.call, _raises)
+    else:
+        with pytest.raises(ValueError, match="from the loop thread"):
+            await lt.run(_raises)
+    ref = weakref.ref(lt)
+    gc.disable()
+    try:
+        # The loop still holds the handle that woke this task, with the future
+        # holding the error, until this step ends.
+        await asyncio.sleep(0)
+        with pytest.warns(ResourceWarning, match=WARNING.format(name=name)):
+            del lt
+        assert ref() is None
+    finally:
+        gc.enable()
+    await asyncio.to_thread(wait_until, lambda: not loop_threads(name), WAIT, "the thread to end")

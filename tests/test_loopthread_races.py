@@ -383,3 +383,40 @@ async def test_an_exit_exception_reaches_its_caller_and_leaves_no_unretrieved_ta
     # "Task exception was never retrieved" when collected.
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_coroutine_started_while_the_close_waits_for_the_executor_is_cancelled() -> None:
+    lt = LoopThread(name="late-start").start()
+    executor_busy, release = threading.Event(), threading.Event()
+    first_sweep_done = threading.Event()
+
+    def busy() -> None:
+        executor_busy.set()
+        release.wait(WAIT)
+
+    async def start_busy_and_linger() -> None:
+        asyncio.get_running_loop().run_in_executor(None, busy)
+        try:
+            await asyncio.Event().wait()
+        finally:  # cancelled by the close's first sweep
+            first_sweep_done.set()
+
+    loop = lt.loop
+    assert loop is not None
+    lingering = asyncio.ensure_future(lt.run(start_busy_and_linger))
+    closing = None
+    try:
+        assert await asyncio.to_thread(executor_busy.wait, WAIT)
+        closing = asyncio.ensure_future(asyncio.to_thread(lt.close))
+        assert await asyncio.to_thread(first_sweep_done.wait, WAIT)
+        # The close now waits for the default executor, its loop still running:
+        # a coroutine sent through the public .loop starts there.
+        late = asyncio.run_coroutine_threadsafe(asyncio.Event().wait(), loop)
+    finally:
+        release.set()
+    await asyncio.wait_for(closing, WAIT)
+    # It used to be left pending when the loop closed, its caller waiting forever.
+    assert late.cancelled()
+    with pytest.raises(PoolClosedError):
+        await asyncio.wait_for(lingering, WAIT)

@@ -268,12 +268,19 @@ def test_grace_must_be_finite(grace: float) -> None:
         Supervisor(detect_blocking=grace)
 
 
-@pytest.mark.parametrize("threshold", [0.005, 86401.0], ids=repr)
-def test_detect_blocking_outside_the_detector_range_is_refused_at_once(threshold: float) -> None:
+@pytest.mark.parametrize(
+    ("threshold", "why"),
+    [(0.005, "below 0.01 s even an idle loop looks blocked"), (86401.0, "one day is the longest")],
+    ids=repr,
+)
+def test_detect_blocking_outside_the_detector_range_is_refused_at_once(
+    threshold: float, why: str
+) -> None:
     # It used to pass here and fail only when the supervisor started.
     expected = r"^detect_blocking must be between 0\.01 and 86400 seconds"
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(ValueError, match=expected) as info:
         Supervisor(detect_blocking=threshold)
+    assert why in str(info.value)  # a value too large was told about the lower bound
 
 
 def test_restart_durations_may_still_be_infinite() -> None:

@@ -440,14 +440,19 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
     """
     first: bytes | None = None
     size = 0
+    rest_of_long_line = False
     while size <= 64 * MAX_HEAD:
         try:
             line = await reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as exc:  # one line over the reader's limit
             size += len(await reader.readexactly(exc.consumed))
             first = b""
+            rest_of_long_line = True  # what follows is that line's end, not a new line
             continue
         size += len(line)
+        if rest_of_long_line:
+            rest_of_long_line = False
+            continue
         line = line.rstrip(b"\r\n")
         if line:
             first = line if first is None else first

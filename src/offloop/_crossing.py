@@ -237,24 +237,36 @@ async def _run_sync(reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
     try:
         value = await coro
     except BaseException as exc:
-        error: BaseException | None = exc
-        if owner is not None:
-            owner._call_finished()
-            if isinstance(exc, asyncio.CancelledError):
-                error = owner._cancel_error(coro) or exc
-        elif isinstance(exc, asyncio.CancelledError):
-            error = _cancelled_on_loop(reply, coro, exc)
-        reply.post((False, error))
-        if not isinstance(exc, (Exception, asyncio.CancelledError)):
+        reply.post((False, _sync_error(reply, coro, exc)))
+        exiting = not isinstance(exc, (Exception, asyncio.CancelledError))
+        if exiting and owner is not None:
+            owner._exiting(asyncio.current_task())
+        # The error's traceback holds this frame. Holding the reply too would
+        # make a cycle (error -> frame -> reply -> error), and holding the
+        # owner would keep a dropped LoopThread alive as long as the error.
+        del reply, owner, coro
+        if exiting:
             # KeyboardInterrupt, SystemExit: let them stop the loop too, at
             # once, as in asyncio (the calls queued behind them never start).
-            if owner is not None:
-                owner._exiting(asyncio.current_task())
             raise
     else:
         if owner is not None:
             owner._call_finished()
         reply.post((True, value))
+
+
+def _sync_error(
+    reply: Reply, coro: Coroutine[Any, Any, Any], exc: BaseException
+) -> BaseException | None:
+    # What the sync caller gets for the coroutine's exception; counts the call done.
+    owner = reply.owner
+    if owner is not None:
+        owner._call_finished()
+        if isinstance(exc, asyncio.CancelledError):
+            return owner._cancel_error(coro) or exc
+    elif isinstance(exc, asyncio.CancelledError):
+        return _cancelled_on_loop(reply, coro, exc)
+    return exc
 
 
 def _cancelled_on_loop(
@@ -382,6 +394,12 @@ class Remote:
                 with contextlib.suppress(RuntimeError):
                     self.loop.call_soon_threadsafe(self.cancel_remote)
             raise
+        except BaseException:
+            # The error's traceback holds this frame, which holds self: were
+            # self to keep the future holding the error, that would be a cycle
+            # (and the owner it reaches freed only by the garbage collector).
+            del self.future
+            raise
 
 
 def start_async(
@@ -429,12 +447,20 @@ async def _run_async(remote: Remote, coro: Coroutine[Any, Any, Any]) -> None:
         value = await coro
     except BaseException as exc:
         owner._call_finished()
-        error: BaseException = exc
-        if isinstance(exc, asyncio.CancelledError):
-            error = owner._cancel_error(coro) or exc
-        _deliver_threadsafe(remote, (False, error))
-        if not isinstance(exc, (Exception, asyncio.CancelledError)):
+        _deliver_threadsafe(
+            remote,
+            (
+                False,
+                (owner._cancel_error(coro) or exc)
+                if isinstance(exc, asyncio.CancelledError)
+                else exc,
+            ),
+        )
+        exiting = not isinstance(exc, (Exception, asyncio.CancelledError))
+        if exiting:
             owner._exiting(asyncio.current_task())
+        del remote, owner, coro  # the error's traceback holds this frame: see _run_sync
+        if exiting:
             raise
     else:
         owner._call_finished()

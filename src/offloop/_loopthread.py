@@ -6,9 +6,9 @@ brought back) live in ``_crossing``; the shared loop threads behind
 
 The loop thread must not keep its LoopThread alive, or one dropped unclosed
 would run, with its loop and executor, until the interpreter exits. So the
-thread (:func:`_serve`) holds it only weakly while the loop runs; a call in
+thread (``_loopserve.serve``) holds it only weakly while the loop runs; a call in
 flight holds it (its ``Reply`` or ``Remote``), so such calls finish first.
-Collected unclosed, it runs :func:`_dropped` (``weakref.finalize``) on
+Collected unclosed, it runs ``_loopserve.dropped`` (``weakref.finalize``) on
 whichever thread dropped it, maybe the loop thread or one holding its lock:
 that takes no lock, asks the loop to stop and warns (``ResourceWarning``);
 the thread then shuts the loop down as ``close()`` does. Every other way the
@@ -25,7 +25,6 @@ import enum
 import logging
 import os
 import threading
-import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from time import monotonic
@@ -42,6 +41,7 @@ from ._crossing import (
 )
 from ._errors import PoolClosedError, WouldDeadlockError
 from ._hotloop import new_loop
+from ._loopserve import dropped, serve
 from ._poolbase import complete_waiter
 from ._token import thread_state
 from ._validate import check_async_callable, check_thread_name, describe
@@ -132,7 +132,7 @@ class LoopThread:
         self._retired = False
         # The task whose SystemExit or KeyboardInterrupt stopped the loop.
         self._exit_task: asyncio.Task[Any] | None = None
-        # Stops the loop if this is collected while it runs (see _dropped).
+        # Stops the loop if this is collected while it runs (see _loopserve.dropped).
         self._finalizer: weakref.finalize[..., LoopThread] | None = None
 
     # -- public API ---------------------------------------------------------
@@ -149,7 +149,12 @@ class LoopThread:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
-        """The event loop (``None`` before the thread starts)."""
+        """The event loop (``None`` before the thread starts).
+
+        Keep the LoopThread referenced while using its loop directly (e.g. with
+        ``asyncio.run_coroutine_threadsafe``): one collected unclosed stops
+        its loop and cancels what runs there.
+        """
         return self._loop
 
     def start(self) -> LoopThread:
@@ -183,7 +188,7 @@ class LoopThread:
             # The thread gets no strong reference to self: see the module docstring.
             serving = [True]
             thread = threading.Thread(
-                target=_serve,
+                target=serve,
                 args=(weakref.ref(self), loop, executor, serving),
                 name=self._thread_name,
                 daemon=True,
@@ -198,7 +203,7 @@ class LoopThread:
                 loop.close()
                 raise
             finalizer = weakref.finalize(
-                self, _dropped, loop, serving, self._name, self._thread_name, os.getpid()
+                self, dropped, loop, serving, self._name, self._thread_name, os.getpid()
             )
             # One still open at exit is a daemon thread that simply ends there.
             finalizer.atexit = False
@@ -503,92 +508,3 @@ class LoopThread:
             timeout,
             self._thread_name,
         )
-
-
-def _serve(
-    ref: weakref.ref[LoopThread],
-    loop: asyncio.AbstractEventLoop,
-    executor: concurrent.futures.ThreadPoolExecutor,
-    serving: list[bool],
-) -> None:
-    # The loop thread. It holds its LoopThread only for a moment, after the
-    # loop stopped: a frame local here would keep a dropped one alive.
-    asyncio.set_event_loop(loop)
-    try:
-        exited = False
-        try:
-            loop.run_forever()
-        except (SystemExit, KeyboardInterrupt):
-            exited = True  # delivered to the call whose coroutine raised it
-        finally:
-            # A late stop from the finalizer must not cut the shutdown short.
-            serving[0] = False
-            lt = ref()
-            if lt is not None:  # else it was dropped: nobody is left to tell
-                lt._loop_stopped(exited)
-            del lt
-            _shutdown(loop, executor)
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
-        lt = ref()
-        if lt is not None:
-            lt._loop_closed()
-
-
-def _dropped(
-    loop: asyncio.AbstractEventLoop, serving: list[bool], name: str, thread_name: str, pid: int
-) -> None:
-    """The finalizer of a started LoopThread collected unclosed: stop its loop, warn."""
-    # Takes no lock and waits for nothing: it runs on any thread, maybe the
-    # loop thread itself or one holding the LoopThread's lock.
-    if os.getpid() != pid:
-        return  # a forked child's copy: the loop thread is the parent's
-    try:
-        loop.call_soon_threadsafe(_stop_serving, loop, serving)
-    except RuntimeError:  # the loop is closed: its thread has ended
-        return
-    warnings.warn(
-        f"LoopThread {name!r} was garbage collected without being closed; its thread "
-        f"{thread_name} and its event loop are being stopped now (tasks still there are "
-        f"cancelled). Close a loop thread when done with it: 'with LoopThread(...) as lt:' "
-        f"or 'async with', or call 'lt.close()' ('await lt.aclose()' in async code).",
-        ResourceWarning,
-        # Past weakref.finalize: the line that dropped the LoopThread, or gc.collect().
-        stacklevel=3,
-    )
-
-
-def _stop_serving(loop: asyncio.AbstractEventLoop, serving: list[bool]) -> None:
-    # On the loop thread: stop run_forever(), not the shutdown's run_until_complete().
-    if serving[0]:
-        loop.stop()
-
-
-def _shutdown(
-    loop: asyncio.AbstractEventLoop, executor: concurrent.futures.ThreadPoolExecutor
-) -> None:
-    # What asyncio.run does after the main coroutine: cancel leftovers and let
-    # them run their cleanup, then async generators and the default executor.
-    tasks = asyncio.all_tasks(loop)
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        gathered = asyncio.gather(*tasks, return_exceptions=True)
-        loop.run_until_complete(gathered)
-        for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                loop.call_exception_handler(
-                    {
-                        "message": "unhandled exception in a task cancelled by LoopThread.close()",
-                        "exception": task.exception(),
-                        "task": task,
-                    }
-                )
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    try:
-        loop.run_until_complete(loop.shutdown_default_executor())
-    except RuntimeError:
-        # It waits in a new thread, and Python 3.12.0 and 3.12.1 start none
-        # in atexit handlers, where the shared loop threads close: wait here.
-        executor.shutdown(wait=True)

@@ -77,9 +77,16 @@ def threshold_out_of_range(value: float, name: str) -> str | None:
     if MIN_THRESHOLD <= value <= MAX_THRESHOLD:  # NaN is refused too
         return None
     shown = f"{value:g}" if isinstance(value, float) else _show(value)
+    why = (
+        f"below {MIN_THRESHOLD:g} s even an idle loop looks blocked"
+        if value < MIN_THRESHOLD
+        else "one day is the longest"
+        if value > MAX_THRESHOLD
+        else "it is not a number"
+    )
     return (
         f"{name} must be between {MIN_THRESHOLD:g} and {MAX_THRESHOLD:g} seconds, got "
-        f"{shown}; below {MIN_THRESHOLD:g} s even an idle loop looks blocked"
+        f"{shown}; {why}"
     )
 
 

@@ -69,7 +69,8 @@ def dropped(
         f"cancelled). Close a loop thread when done with it: 'with LoopThread(...) as lt:' "
         f"or 'async with', or call 'lt.close()' ('await lt.aclose()' in async code).",
         ResourceWarning,
-        # Past weakref.finalize: the line that dropped the LoopThread, or gc.collect().
+        # Past weakref.finalize: where the last reference went (the user's line, the
+        # event loop ending the step that held the last call, or gc.collect()).
         stacklevel=3,
     )
 

@@ -58,7 +58,8 @@ def pool_dropped(drop_fd: int, where: str, workers: list[Worker]) -> None:
         f"'async with ProcessPool(...) as pool:', or 'await pool.aclose()' "
         f"('pool.close()' in sync code).",
         ResourceWarning,
-        # Past weakref.finalize: the line that dropped the pool, or gc.collect().
+        # Past weakref.finalize: where the last reference went (the user's line, the
+        # event loop ending the step that held the last call, or gc.collect()).
         stacklevel=3,
     )
 

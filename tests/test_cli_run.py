@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -21,6 +22,7 @@ import requests
 from offloop import Supervisor
 from offloop._cli import main as cli_main
 from offloop._cli_run import (
+    StatusServer,
     TargetError,
     _read_head,
     load_supervisor,
@@ -28,7 +30,7 @@ from offloop._cli_run import (
     start_status_server,
     status_json,
 )
-from tests.helpers import wait_until
+from tests.helpers import await_until, wait_until
 from tests.test_supervisor_signals import Proc
 
 HTTP_TIMEOUT = 5.0
@@ -598,3 +600,36 @@ async def test_an_oversized_head_is_read_to_its_end(pad: int) -> None:
     reader.feed_eof()
     assert await _read_head(reader) is None
     assert await reader.read() == b"NEXT"
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_connection_accepted_just_before_the_status_server_closes_ends_with_it() -> None:
+    # Its handler's first step comes after aclose() looked at the open
+    # connections: it used to wait up to 5 s for a request, after the close.
+    server = StatusServer(Supervisor(name="late"))
+    gate = asyncio.Event()
+    handlers: list[asyncio.Task[Any]] = []
+    handle = server._handle
+
+    async def late_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
+        await gate.wait()
+        await handle(reader, writer)
+
+    server._handle = late_handle  # type: ignore[method-assign]
+    await server.start(0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        await await_until(lambda: bool(handlers), HTTP_TIMEOUT, "the connection to be accepted")
+        closing = asyncio.ensure_future(server.aclose())
+        await asyncio.sleep(0)  # aclose() has taken its snapshot: no handler yet
+        gate.set()
+        await asyncio.wait_for(closing, HTTP_TIMEOUT)
+        await asyncio.wait_for(handlers[0], 1.0)  # ended by the close, not by a timeout
+        assert await asyncio.wait_for(reader.read(), HTTP_TIMEOUT) == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()

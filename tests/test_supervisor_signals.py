@@ -328,6 +328,7 @@ var = contextvars.ContextVar("var")
 
 
 def stuck_client_call():
+    print("the stuck call started", flush=True)
     threading.Event().wait()  # a blocking call without a timeout
 
 
@@ -358,6 +359,8 @@ def test_a_call_stuck_in_the_default_executor_does_not_keep_the_process_alive(
     with Proc([str(script)], tmp_path) as proc:
         proc.wait_for("the default executor works")
         proc.wait_for("executor: all 1 service")
+        # Not before: a stop that came first would leave nothing stuck.
+        proc.wait_for("the stuck call started")
         proc.send(signal.SIGINT)
         assert proc.exit_code() == 0
         out = proc.output

@@ -342,6 +342,7 @@ class StatusServer:
         }
         self._server: asyncio.Server | None = None
         self._open: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
+        self._closing = False
 
     @property
     def port(self) -> int:
@@ -362,6 +363,7 @@ class StatusServer:
         """Stop listening, end the open connections and wait for their handlers."""
         if self._server is None:
             return
+        self._closing = True
         self._server.close()
         handlers = set(self._open.values())
         for writer in list(self._open):
@@ -380,6 +382,8 @@ class StatusServer:
         assert task is not None
         self._open[writer] = task
         try:
+            if self._closing:
+                return  # accepted just before aclose(), which did not see it
             await self._answer(reader, writer)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
             pass  # a client that hung up or sent garbage gets nothing

@@ -280,6 +280,33 @@ async def test_a_watched_file_saved_by_replacement_keeps_the_service_running(
         await svc.stop()
 
 
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_watched_file_gets_only_its_own_events_save_after_save(tmp_path: Path) -> None:
+    # watchdog < 7 (the newest on Python 3.10) watched the file's inode: the
+    # first save ended the watch. The events of the folder's other files
+    # (here a sibling written first, and the temporary files) are not the
+    # file's: in order, they would come before the first move.
+    target = tmp_path / "config.toml"
+    target.write_text("a = 0\n")
+    events: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(target, events.put_nowait, name="config")
+    await svc.start()
+    try:
+        (tmp_path / "other.toml").write_text("b = 1\n")
+        seen: list[Any] = []
+        for n in (1, 2):
+            tmp = tmp_path / f"config.toml.{n}.tmp"
+            tmp.write_text(f"a = {n}\n")
+            tmp.replace(target)
+            moved = await asyncio.wait_for(_event_of(events, "moved", seen), WAIT)
+            assert (Path(moved.src_path), Path(moved.dest_path)) == (tmp, target)
+        assert all(target in (Path(e.src_path), Path(e.dest_path or e.src_path)) for e in seen)
+        assert svc.state.value == "running"
+    finally:
+        await svc.stop()
+
+
 async def _event_of(queue: asyncio.Queue[Any], kind: str, seen: list[Any]) -> Any:
     while True:
         event = await queue.get()

@@ -194,11 +194,23 @@ class WatchService(ServiceAdapter):
     def _observer(self, run: _Run, loop: asyncio.AbstractEventLoop) -> Any:
         observers = require("watchdog.observers", "watch", feature="WatchService")
         events = require("watchdog.events", "watch", feature="WatchService")
+        version = require("watchdog.version", "watch", feature="WatchService")
         service = self
+        watched, only = str(self.path), None
+        if version.VERSION_MAJOR < 7 and run.path is not None and not run.path.is_dir():
+            # watchdog < 7 (the newest for Python 3.10) watches a file's inode:
+            # an editor's save, a new file renamed over it, ends the watch with
+            # a "deleted" event. Watch its folder and keep the file's events.
+            watched, only = str(self.path.parent), self.path
 
         class Forward(events.FileSystemEventHandler):  # type: ignore[misc,name-defined]  # lazy
             def dispatch(self, event: Any) -> None:
                 # Runs in the observer thread: filter here, handle on the loop.
+                if only is not None and not any(
+                    path and _same_path(path, only)
+                    for path in (event.src_path, getattr(event, "dest_path", None))
+                ):
+                    return
                 if event.event_type in ("deleted", "moved") and _same_path(
                     event.src_path, service.path
                 ):
@@ -218,7 +230,7 @@ class WatchService(ServiceAdapter):
 
         observer = observers.Observer()
         observer.name = f"offloop-watch-{self.name}"
-        observer.schedule(Forward(), str(self.path), recursive=self.recursive)
+        observer.schedule(Forward(), watched, recursive=self.recursive and only is None)
         for n, emitter in enumerate(observer.emitters, 1):
             emitter.name = f"offloop-watch-{self.name}-emitter-{n}"
         return observer

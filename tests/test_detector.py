@@ -376,8 +376,11 @@ def test_one_detector_per_loop_in_several_threads_at_once() -> None:
     assert [(s.line, s.function) for s in reports["asyncio"]] == [
         (line_of("BLOCK:thread-a"), "block_in_thread_a")
     ]
-    assert [(s.line, s.function.split(".")[0]) for s in reports["uvloop"]] == [
-        (line_of("BLOCK:thread-b"), "block_in_thread_b")
+    # Python 3.10 code objects have no qualified name: the bare name of the
+    # innermost frame there, the generator expression or the lambda it calls.
+    outer = {"block_in_thread_b"} if sys.version_info >= (3, 11) else {"<genexpr>", "<lambda>"}
+    assert [(s.line, s.function.split(".")[0] in outer) for s in reports["uvloop"]] == [
+        (line_of("BLOCK:thread-b"), True)
     ]
 
 

@@ -158,7 +158,8 @@ class BlockEvent:
     Attributes:
         file: the file of the blocking site (the innermost frame of user code).
         line: its line number (0 if the loop thread could not be sampled).
-        function: its function (qualified name).
+        function: its function (qualified name; the bare name on Python 3.10,
+            whose code objects have none).
         duration_ms: how long the loop was blocked, measured from when the
             monitor's heartbeat was posted until it ran, or for a block that
             held the GIL from when the monitor was due to wake until it could

@@ -7,7 +7,7 @@ STAMP_BENCH := $(VENV)/.stamp-bench
 STAMP_BASE := $(VENV)/.stamp-base
 LINT_DIRS := $(wildcard src tests benchmarks examples)
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest test-versions bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,22 @@ pytest: $(STAMP_DEV)
 
 test: lint typecheck pytest
 
+# The suite on Pythons other than CI's 3.11, each in its own .venv-X.Y (not part of `test`):
+#   make test-versions TEST_PYTHONS="$HOME/.pyenv/versions/3.10.13/bin/python python3.13"
+TEST_PYTHONS ?= python3.10 python3.12 python3.13
+PYTEST_ARGS ?=
+
+test-versions:
+	@set -e; for py in $(TEST_PYTHONS); do \
+		v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+		[ -x .venv-$$v/bin/python ] || $$py -m venv .venv-$$v; \
+		.venv-$$v/bin/python -m pip install --quiet -e '.[dev]'; \
+		echo "== Python $$v"; \
+		.venv-$$v/bin/python -m pytest -q $(PYTEST_ARGS); \
+	done
+
 bench: $(STAMP_BENCH)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-*/ build *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

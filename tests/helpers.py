@@ -6,13 +6,16 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 
@@ -93,3 +96,26 @@ def run_script(
     return subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, cwd=folder
     )
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open."""
+    return psutil.Process().num_fds()
+
+
+@contextlib.contextmanager
+def resource_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record ResourceWarnings from any thread (a finalizer's thread varies)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        found: list[warnings.WarningMessage] = []
+        yield found
+        found += [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def the_warning(found: list[warnings.WarningMessage], pattern: str) -> str:
+    """The one warning recorded, whose message matches ``pattern``; its message."""
+    assert len(found) == 1, [str(w.message) for w in found]
+    message = str(found[0].message)
+    assert re.match(pattern, message), message
+    return message

@@ -10,23 +10,19 @@ is over.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
-import re
 import threading
-import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import psutil
 import pytest
 import uvloop
 
 from offloop import _loopthread
 from offloop._loopthread import LoopThread
 
-from .helpers import wait_until
+from .helpers import open_fds, resource_warnings, the_warning, wait_until
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 
@@ -52,27 +48,6 @@ def loop_threads(name: str) -> list[threading.Thread]:
     """The loop thread ``offloop-loop-<name>`` and its executor's threads."""
     prefix = f"offloop-loop-{name}"
     return [t for t in threading.enumerate() if t.name.startswith(prefix)]
-
-
-def the_warning(found: list[warnings.WarningMessage], name: str) -> None:
-    """The one ResourceWarning recorded is about the loop thread ``name``."""
-    assert len(found) == 1, [str(w.message) for w in found]
-    message = str(found[0].message)
-    assert re.match(WARNING.format(name=name), message), message
-
-
-def open_fds() -> int:
-    return psutil.Process().num_fds()
-
-
-@contextlib.contextmanager
-def resource_warnings() -> Iterator[list[warnings.WarningMessage]]:
-    """Record ResourceWarnings from any thread (the finalizer's thread varies)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ResourceWarning)
-        found: list[warnings.WarningMessage] = []
-        yield found
-        found += [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 def join_all(threads: list[threading.Thread]) -> None:
@@ -118,7 +93,7 @@ def test_a_dropped_running_loop_thread_warns_and_stops_its_loop_and_thread(
     with resource_warnings() as found:
         del lt
         wait_until(lambda: collected(ref), WAIT, "the dropped LoopThread to be collected")
-    the_warning(found, "dropped")
+    the_warning(found, WARNING.format(name="dropped"))
     join_all(threads)
     assert loop.is_closed()
     assert cleaned_up.is_set(), "the task still pending on the loop was not cancelled"
@@ -158,7 +133,7 @@ def test_a_loop_thread_dropped_during_a_call_lives_until_the_call_returns() -> N
         assert not caller.is_alive(), "the call never returned"
         assert results == ["done"]
         wait_until(lambda: collected(ref), WAIT, "the dropped LoopThread to be collected")
-    the_warning(found, "dropped-busy")
+    the_warning(found, WARNING.format(name="dropped-busy"))
     join_all(threads)
     assert loop.is_closed()
 
@@ -198,7 +173,7 @@ def test_a_loop_thread_dropped_on_its_own_thread_holding_its_lock_stops_there(
     with resource_warnings() as found:
         loop.call_soon_threadsafe(drop)
         join_all(threads)
-    the_warning(found, "dropped-on-loop")
+    the_warning(found, WARNING.format(name="dropped-on-loop"))
     assert finalized_on == ["offloop-loop-dropped-on-loop"]
     assert ref() is None
     assert loop.is_closed()
@@ -226,7 +201,7 @@ def test_only_a_started_unclosed_loop_thread_warns() -> None:
     with resource_warnings() as found:
         del never_started, closed, exited, dropped
         wait_until(lambda: all(map(collected, refs)), WAIT, "the LoopThreads to be collected")
-    the_warning(found, "dropped-among-others")
+    the_warning(found, WARNING.format(name="dropped-among-others"))
     join_all(threads)
 
 

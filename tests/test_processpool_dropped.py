@@ -14,12 +14,9 @@ import ctypes
 import gc
 import multiprocessing.resource_tracker
 import os
-import re
 import signal
 import threading
-import warnings
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -30,7 +27,14 @@ from offloop._process_workers import WorkerSet
 from offloop._process_writer import LARGE_PAYLOAD
 from offloop._processpool import ProcessPool
 
-from .helpers import await_until, wait_for_file, wait_until
+from .helpers import (
+    await_until,
+    open_fds,
+    resource_warnings,
+    the_warning,
+    wait_for_file,
+    wait_until,
+)
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 
@@ -69,28 +73,6 @@ def touch(path: str) -> None:
     Path(path).touch()
 
 
-def the_warning(found: list[warnings.WarningMessage], name: str) -> str:
-    """The one ResourceWarning recorded, about the pool ``name``; its message."""
-    assert len(found) == 1, [str(w.message) for w in found]
-    message = str(found[0].message)
-    assert re.match(WARNING.format(name=name), message), message
-    return message
-
-
-def open_fds() -> int:
-    return psutil.Process().num_fds()
-
-
-@contextlib.contextmanager
-def resource_warnings() -> Iterator[list[warnings.WarningMessage]]:
-    """Record ResourceWarnings from any thread (the finalizer's thread varies)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ResourceWarning)
-        found: list[warnings.WarningMessage] = []
-        yield found
-        found += [w for w in caught if issubclass(w.category, ResourceWarning)]
-
-
 async def test_a_dropped_open_pool_warns_and_stops_its_workers_and_threads() -> None:
     fds_before = open_fds()
     pool = ProcessPool(2, name="dropped")
@@ -110,7 +92,7 @@ async def test_a_dropped_open_pool_warns_and_stops_its_workers_and_threads() -> 
     with resource_warnings() as found:
         del pool, results
         await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
-    message = the_warning(found, "dropped")
+    message = the_warning(found, WARNING.format(name="dropped"))
     assert "its manager thread and 2 worker processes are being stopped now" in message
     for thread in threads:
         thread.join(WAIT)
@@ -138,7 +120,7 @@ async def test_a_dropped_pool_with_a_call_running_lives_until_the_call_is_done(
     with resource_warnings() as found:
         del call  # the last reference: the call's future holds its pool
         await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
-    the_warning(found, "dropped-busy")
+    the_warning(found, WARNING.format(name="dropped-busy"))
     for thread in threads:
         thread.join(WAIT)
         assert not thread.is_alive(), f"{thread.name} still runs"
@@ -175,7 +157,7 @@ async def test_a_pool_dropped_on_its_own_manager_thread_stops_there(
         release.set()
         manager.join(WAIT)
         assert not manager.is_alive(), "the manager thread of a dropped pool still runs"
-    the_warning(found, "dropped-on-manager")
+    the_warning(found, WARNING.format(name="dropped-on-manager"))
     # Warned on the manager thread, as it let go of the pool after its batch.
     assert found[0].filename == _process_manager.__file__
     assert ref() is None
@@ -195,7 +177,7 @@ async def test_a_dropped_pool_kills_a_worker_that_does_not_exit_when_asked(
         with resource_warnings() as found:
             del pool
             await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
-        the_warning(found, "dropped-stuck")
+        the_warning(found, WARNING.format(name="dropped-stuck"))
         manager.join(WAIT)
         assert not manager.is_alive(), "the manager thread of a dropped pool still runs"
         wait_until(lambda: gone(pid), WAIT, f"worker {pid} to be killed")

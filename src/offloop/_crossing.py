@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
-import time
 from _thread import allocate_lock
 from collections.abc import Awaitable, Callable, Coroutine
 from time import monotonic
@@ -23,6 +21,7 @@ from types import CoroutineType
 from typing import Any, Final, Protocol, TypeVar
 
 from ._errors import CallerGoneError, WouldDeadlockError
+from ._threadworker import yield_cpu
 from ._token import StopToken
 from ._validate import describe
 
@@ -51,7 +50,6 @@ POLL_INTERVAL: Final = 0.25
 #: ~28 us to ~14 us when the caller is still polling as the reply lands.
 SPIN_WINDOW: Final = 50e-6
 
-_yield_cpu: Final[Callable[[], object]] = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 # Why a sync caller stopped waiting before the coroutine's outcome arrived.
 TOKEN_SET: Final = "token set"
@@ -293,7 +291,7 @@ def _spin(lock: Any) -> bool:
     while not acquire(False):
         if monotonic() > deadline:
             return False
-        _yield_cpu()
+        yield_cpu()
     return True
 
 

@@ -32,6 +32,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final
 
+from ._process_workers import ask_to_exit
 from ._process_writer import PayloadWriter
 
 if TYPE_CHECKING:
@@ -128,9 +129,7 @@ def _stop_workers(selector: selectors.BaseSelector) -> None:
             if worker.process is not None:
                 stopping[id(worker)] = worker, worker.process
     for worker, _ in stopping.values():
-        # An empty message asks a worker to exit; so does its pipe closing.
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            worker.conn.send_bytes(b"")  # type: ignore[union-attr]
+        ask_to_exit(worker)
     running = {process.sentinel: process for _, process in stopping.values()}
     deadline = time.monotonic() + STOP_GRACE
     while running and (left := deadline - time.monotonic()) > 0:

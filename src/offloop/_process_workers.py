@@ -92,6 +92,12 @@ class Worker:
         self.received: Any = None
 
 
+def ask_to_exit(worker: Worker) -> None:
+    """Ask an idle worker to exit: an empty message (its pipe closing does too)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        worker.conn.send_bytes(b"")  # type: ignore[union-attr]
+
+
 class WorkerSet:
     """Shared state of a process pool, and the manager thread that runs its workers."""
 
@@ -223,11 +229,6 @@ class WorkerSet:
         # read it, and neither the loop's thread nor the manager may wait.
         if fd is not None:
             self._writer.submit(fd, payload)
-
-    def _stop(self, worker: Worker) -> None:
-        # An empty message asks an idle worker to exit.
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            worker.conn.send_bytes(b"")  # type: ignore[union-attr]
 
     # -- the manager thread ------------------------------------------------------
 
@@ -369,7 +370,7 @@ class WorkerSet:
         if following is not None:
             self._send(worker, following)
         elif stop:
-            self._stop(worker)
+            ask_to_exit(worker)
         if ok:
             call._value = outcome
         else:
@@ -411,7 +412,7 @@ class WorkerSet:
         if following is not None:
             self._send(worker, following)
         elif stop:
-            self._stop(worker)
+            ask_to_exit(worker)
 
     def _requeue(self, worker: Worker, call: ProcessCall) -> bool:
         """Queue again, first in line, a call its dead worker never took.

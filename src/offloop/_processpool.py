@@ -40,7 +40,13 @@ from ._pickling import encode_call, main_reaches_children
 from ._poolbase import DefaultPool, PoolContext, PoolState, complete_waiter, refuse_blocking_close
 from ._process_manager import manage, pool_dropped
 from ._process_message import OutOfBandCall, detach
-from ._process_workers import ProcessCall, ProcessPoolStatistics, Worker, WorkerSet
+from ._process_workers import (
+    ProcessCall,
+    ProcessPoolStatistics,
+    Worker,
+    WorkerSet,
+    ask_to_exit,
+)
 from ._process_writer import LARGE_PAYLOAD, Payload, is_small
 from ._restart import check_seconds
 from ._validate import check_positive_int, check_sync_callable, check_thread_name, describe
@@ -352,15 +358,10 @@ class ProcessPool(WorkerSet, PoolContext):
 
     def _start_manager(self) -> None:
         # Under _lock, on the first call that needs a worker.
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        self._wake_fds = (read_fd, write_fd)
+        self._wake_fds = _nonblocking_pipe()
         # The finalizer's own pipe: see _process_manager.
-        drop_read_fd, drop_write_fd = os.pipe()
-        os.set_blocking(drop_read_fd, False)
-        os.set_blocking(drop_write_fd, False)
-        finalizer = weakref.finalize(self, pool_dropped, drop_write_fd, self._where, self._workers)
+        drop_fds = _nonblocking_pipe()
+        finalizer = weakref.finalize(self, pool_dropped, drop_fds[1], self._where, self._workers)
         # A pool still open at exit is the exit hook's (_stop_workers_at_exit), not the finalizer's.
         finalizer.atexit = False
         self._finalizer = finalizer
@@ -370,7 +371,7 @@ class ProcessPool(WorkerSet, PoolContext):
             args=(
                 weakref.ref(self),
                 self._wake_fds,
-                (drop_read_fd, drop_write_fd),
+                drop_fds,
                 finalizer,
                 self._writer,
             ),
@@ -419,7 +420,7 @@ class ProcessPool(WorkerSet, PoolContext):
         for call in running:
             call.token.set("pool closing")
         for worker in stopping:
-            self._stop(worker)
+            ask_to_exit(worker)
         self._wake()
 
     def _kill_all(self) -> None:
@@ -523,6 +524,13 @@ def to_process(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offl
         RuntimeError: no event loop is running in this thread.
     """
     return default_process_pool().run(fn, *args, **kwargs)
+
+
+def _nonblocking_pipe() -> tuple[int, int]:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    return read_fd, write_fd
 
 
 @atexit.register

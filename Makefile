@@ -32,6 +32,7 @@ demo: $(STAMP_BASE)
 lint: $(STAMP_DEV)
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/ruff format --check $(LINT_DIRS)
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP_DEV)
 	$(BIN)/mypy

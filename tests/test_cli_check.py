@@ -14,8 +14,8 @@ from typing import IO
 
 import pytest
 
-from offloop._cli import build_parser
-from offloop._cli_check import BLOCKED_EXIT_CODE
+from offloop._cli.check import BLOCKED_EXIT_CODE
+from offloop._cli.main import build_parser
 
 TIMEOUT = 60
 
@@ -231,7 +231,7 @@ def test_a_failing_script_shows_its_traceback_and_exit_code(tmp_path: Path) -> N
 def test_bad_command_lines_exit_2_with_a_message(
     tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from offloop._cli import main
+    from offloop._cli.main import main
 
     (tmp_path / "x.py").write_text("")
     cwd = os.getcwd()
@@ -335,7 +335,7 @@ def test_a_script_that_changes_directory_keeps_its_report_and_paths(tmp_path: Pa
 def test_a_read_only_directory_is_refused_up_front(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from offloop._cli_check import _unwritable
+    from offloop._cli.check import _unwritable
 
     real_access = os.access
     # Root may write anywhere: make the directory read-only in the eyes of os.access.

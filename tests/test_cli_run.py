@@ -20,8 +20,8 @@ import pytest
 import requests
 
 from offloop import Supervisor
-from offloop._cli import main as cli_main
-from offloop._cli_run import (
+from offloop._cli.main import main as cli_main
+from offloop._cli.run import (
     StatusServer,
     TargetError,
     _read_head,

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import offloop
-from offloop._poolbase import PoolState
+from offloop._core.poolbase import PoolState
 from tests.helpers import await_until, wait_for_file
 
 distributed = pytest.importorskip("distributed")

@@ -111,7 +111,7 @@ def test_ctrl_c_stops_the_demo_cleanly() -> None:
 
 
 def test_a_missing_program_is_a_clear_error(tmp_path: Path) -> None:
-    from offloop._demo import load_seed_app
+    from offloop._cli.demo import load_seed_app
 
     with pytest.raises(FileNotFoundError, match="or run the demo from a source checkout"):
         load_seed_app(tmp_path / "seed_app.py")
@@ -124,7 +124,7 @@ def test_without_a_checkout_the_demo_loads_the_installed_copy(
     # (pyproject's data-files); the demo falls back to it outside a checkout.
     import sysconfig
 
-    from offloop import _demo
+    from offloop._cli import demo as _demo
 
     pyproject = (_demo.SEED_APP.parents[1] / "pyproject.toml").read_text()
     assert '"share/offloop/examples" = ["examples/seed_app.py"]' in pyproject
@@ -153,7 +153,7 @@ def test_without_a_checkout_the_demo_loads_the_installed_copy(
 def test_bad_durations_are_usage_errors(
     args: tuple[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from offloop._cli import main
+    from offloop._cli.main import main
 
     assert main(["demo", *args]) == 2  # refused before anything starts
     flag, value = args

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from offloop import BlockEvent, BlockingDetector, BlockSite, DetectorState, detect_blocking
-from offloop._detector import _RunQueueClock
-from offloop._detector_hook import LoopWatch
-from offloop._thresholds import MAX_THRESHOLD
+from offloop._detect.detector import _RunQueueClock
+from offloop._detect.hook import LoopWatch
+from offloop._detect.thresholds import MAX_THRESHOLD
 from tests.helpers import bounded
 
 HERE = Path(__file__)

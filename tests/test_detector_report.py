@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import offloop
-from offloop._detector_report import (
+from offloop._detect.report import (
     MAX_SITES_PER_BLOCK,
     BlockEvent,
     Sample,

@@ -43,7 +43,7 @@ BUSY_WORKER = textwrap.dedent(
     """
     import asyncio, os, pathlib, sys, time
     import offloop
-    from offloop._processpool import ProcessPool
+    from offloop._process.pool import ProcessPool
 
     def busy():
         pathlib.Path("worker.pid").write_text(str(os.getpid()))

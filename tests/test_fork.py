@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     """
     import asyncio, os, sys, warnings
     import offloop
-    from offloop._tothread import service_pool  # where services start and stop servers
+    from offloop._threads.tothread import service_pool  # where services start and stop servers
 
     warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, Python 3.12+
 

@@ -18,8 +18,8 @@ import pytest
 
 import offloop
 from offloop import CallerGoneError, WouldDeadlockError, from_thread
-from offloop._sharedloop import SharedLoopThread, block_on
-from offloop._token import StopToken, WorkerCall, thread_state
+from offloop._core.token import StopToken, WorkerCall, thread_state
+from offloop._loops.shared import SharedLoopThread, block_on
 
 from .helpers import await_until, wait_until
 

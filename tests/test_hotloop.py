@@ -17,8 +17,8 @@ import pytest
 import uvloop
 
 import offloop
-from offloop import _hotloop
-from offloop._hotloop import HOT_WINDOW, new_loop
+from offloop._loops import hotloop as _hotloop
+from offloop._loops.hotloop import HOT_WINDOW, new_loop
 
 WAIT = 10.0
 

@@ -16,7 +16,7 @@ import pytest
 
 import offloop
 from offloop import Supervisor, WSGIService
-from offloop._wsgi import WSGIServer as WSGIServerName
+from offloop._services.wsgi import WSGIServer as WSGIServerName
 from tests.helpers import bounded
 
 REQUESTS = 3000  # "a few thousand"

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from offloop import _loopthread
-from offloop._loopthread import LoopThread
+from offloop._loops import loopthread as _loopthread
+from offloop._loops.loopthread import LoopThread
 
 from .helpers import open_fds, resource_warnings, the_warning, wait_until
 

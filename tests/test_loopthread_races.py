@@ -301,7 +301,7 @@ async def test_a_start_run_inside_a_task_leaves_the_first_step_queued() -> None:
     # Starts run as plain loop callbacks; should one ever run inside a task,
     # taking the new task's step there would fail ("Cannot enter into task")
     # and strand the caller. It must fall back to the next iteration instead.
-    from offloop._crossing import Reply, start_sync
+    from offloop._loops.crossing import Reply, start_sync
 
     reply = Reply(asyncio.get_running_loop(), None)
     start_sync(reply, quick, (), {})

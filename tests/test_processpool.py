@@ -25,10 +25,10 @@ import psutil
 import pytest
 
 import offloop
-from offloop import _pickling
-from offloop._pickling import RemoteTraceback
-from offloop._process_writer import LARGE_PAYLOAD
-from offloop._processpool import ProcessPool, default_process_pool
+from offloop._process import pickling as _pickling
+from offloop._process.pickling import RemoteTraceback
+from offloop._process.pool import ProcessPool, default_process_pool
+from offloop._process.writer import LARGE_PAYLOAD
 
 from .helpers import await_until, wait_for_file, wait_until
 
@@ -466,7 +466,7 @@ async def test_to_process_uses_the_default_pool() -> None:
 PARENT = textwrap.dedent(
     """
     import asyncio, os, sys, time
-    from offloop._processpool import ProcessPool
+    from offloop._process.pool import ProcessPool
 
     def say(line):
         # One write and one flush per line: parent and worker share the pipe,

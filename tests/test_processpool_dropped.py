@@ -22,10 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from offloop import _process_manager
-from offloop._process_workers import WorkerSet
-from offloop._process_writer import LARGE_PAYLOAD
-from offloop._processpool import ProcessPool
+from offloop._process import manager as _process_manager
+from offloop._process.pool import ProcessPool
+from offloop._process.workers import WorkerSet
+from offloop._process.writer import LARGE_PAYLOAD
 
 from .helpers import (
     await_until,

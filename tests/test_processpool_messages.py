@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 import offloop
-from offloop import _pickling
-from offloop._processpool import ProcessPool, default_process_pool
+from offloop._process import pickling as _pickling
+from offloop._process.pool import ProcessPool, default_process_pool
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 

@@ -2,7 +2,7 @@
 
 ``run()`` replaces a top-level ``bytes`` argument of ``LARGE_PAYLOAD`` bytes or
 more by a placeholder and the writer thread sends the object itself after the
-call (``offloop._process_message``): no copy on the event loop's thread.
+call (``offloop._process.message``): no copy on the event loop's thread.
 Mutable buffers are still pickled in ``run()``, which is the call's snapshot.
 These tests also check that neither side keeps a call's data alive after it.
 """
@@ -19,10 +19,10 @@ import psutil
 import pytest
 
 import offloop
-from offloop import _processpool
-from offloop._process_message import Detached
-from offloop._process_writer import LARGE_PAYLOAD
-from offloop._processpool import ProcessPool
+from offloop._process import pool as _processpool
+from offloop._process.message import Detached
+from offloop._process.pool import ProcessPool
+from offloop._process.writer import LARGE_PAYLOAD
 
 from .helpers import await_until
 from .test_processpool_payloads import BIG, WAIT, digest, square, started_worker, stopped

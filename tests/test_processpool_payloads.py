@@ -25,8 +25,8 @@ import psutil
 import pytest
 
 import offloop
-from offloop._process_writer import LARGE_PAYLOAD
-from offloop._processpool import ProcessPool
+from offloop._process.pool import ProcessPool
+from offloop._process.writer import LARGE_PAYLOAD
 
 from .helpers import await_until, run_script, wait_for_file
 
@@ -268,7 +268,7 @@ FORKING = textwrap.dedent(
     """
     import asyncio, os, sys, warnings
     import offloop
-    from offloop._processpool import ProcessPool
+    from offloop._process.pool import ProcessPool
 
     warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, Python 3.12+
     BIG = 1 << 20
@@ -332,7 +332,7 @@ UNGUARDED = textwrap.dedent(
     """
     import asyncio
     import offloop
-    from offloop._processpool import ProcessPool
+    from offloop._process.pool import ProcessPool
 
     if __name__ != "__main__":
         # What a spawned worker sees when it imports this script again: a

@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 import offloop
-from offloop._process_workers import Worker
-from offloop._process_writer import LARGE_PAYLOAD
-from offloop._processpool import ProcessPool
+from offloop._process.pool import ProcessPool
+from offloop._process.workers import Worker
+from offloop._process.writer import LARGE_PAYLOAD
 
 from .helpers import await_until, wait_for_file, wait_until
 

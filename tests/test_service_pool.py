@@ -19,7 +19,7 @@ import pytest
 
 import offloop
 from offloop import WatchService, WSGIService
-from offloop._tothread import default_pool, service_pool
+from offloop._threads.tothread import default_pool, service_pool
 from tests.helpers import await_until, bounded
 
 WAIT = 5.0

@@ -293,7 +293,7 @@ def test_restart_durations_may_still_be_infinite() -> None:
 async def test_a_detector_that_cannot_start_leaves_the_supervisor_enterable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from offloop._detector import BlockingDetector
+    from offloop._detect.detector import BlockingDetector
 
     real_start = BlockingDetector.start
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from offloop._restart import RestartPolicy, RestartTracker
+from offloop._core.restart import RestartPolicy, RestartTracker
 
 
 def test_delays_double_with_jitter_between_backoff_and_max_backoff() -> None:

@@ -165,7 +165,7 @@ async def test_system_exit_in_the_child_is_a_crash_not_an_exit_of_the_parent() -
 @bounded(30)
 async def test_kill_children_kills_every_live_child_for_a_forced_exit(tmp_path: Path) -> None:
     # What the signal handler and the watchdog call just before os._exit.
-    from offloop._procservice import kill_children
+    from offloop._services.process import kill_children
 
     sv = Supervisor(name="procs")
     marker = tmp_path / "child"
@@ -187,7 +187,7 @@ async def test_kill_children_kills_every_live_child_for_a_forced_exit(tmp_path: 
 async def test_a_service_stopped_while_its_child_starts_no_longer_says_running(
     tmp_path: Path,
 ) -> None:
-    from offloop._procservice import ProcessService
+    from offloop._services.process import ProcessService
 
     marker = tmp_path / "child"
     svc = ProcessService(
@@ -216,7 +216,7 @@ async def test_kill_children_never_signals_a_child_reaped_elsewhere(
     # start(); the pid may then name another process, which must not be hit.
     import multiprocessing
 
-    from offloop._procservice import kill_children
+    from offloop._services.process import kill_children
 
     sv = Supervisor(name="reaped")
     marker = tmp_path / "child"

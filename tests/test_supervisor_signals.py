@@ -244,7 +244,7 @@ def test_second_signal_exits_at_once_even_while_a_coroutine_blocks_the_loop(
 def test_a_blocked_loop_still_exits_after_grace_naming_the_blocking_line(
     blocking_script: Path,
 ) -> None:
-    from offloop._signals import FORCE_MARGIN
+    from offloop._supervisor.signals import FORCE_MARGIN
 
     with Proc([str(blocking_script), "0.2"], blocking_script.parent) as proc:
         proc.wait_for("blocking the loop")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import offloop
-from offloop._threadpool import DEFAULT_MAX_WORKERS
-from offloop._tothread import default_pool
+from offloop._threads.pool import DEFAULT_MAX_WORKERS
+from offloop._threads.tothread import default_pool
 
 from .helpers import await_until, wait_until
 

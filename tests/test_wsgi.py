@@ -17,7 +17,7 @@ import pytest
 
 import offloop
 from offloop import Supervisor, WSGIService
-from offloop._wsgi import WSGIServer as WSGIServerName
+from offloop._services.wsgi import WSGIServer as WSGIServerName
 from tests.helpers import await_until, bounded
 
 WAIT = 5.0

@@ -15,17 +15,7 @@ loop) run as services under a :class:`Supervisor`.
 
 from __future__ import annotations
 
-from ._aiohttp_service import AiohttpService
-from ._asgi import ASGIService
-from ._dask import DaskPool
-from ._detector import (
-    BlockEvent,
-    BlockingDetector,
-    BlockSite,
-    DetectorState,
-    detect_blocking,
-)
-from ._errors import (
+from ._core.errors import (
     CallerGoneError,
     LoopBlockedError,
     MissingExtraError,
@@ -36,20 +26,30 @@ from ._errors import (
     WorkerCrashed,
     WouldDeadlockError,
 )
-from ._fromthread import from_thread
-from ._iterate import ThreadedIterator, iterate, threaded
-from ._loopthread import LoopThread, LoopThreadState
-from ._offload import OffloadFuture
-from ._processpool import ProcessPool, to_process
-from ._service import Service
-from ._sharedloop import to_loop
-from ._status import ServiceState, ServiceStatus, SupervisorState
-from ._supervisor import Supervisor
-from ._threadpool import ThreadPool
-from ._token import StopToken, current_token
-from ._tothread import to_thread
-from ._watch import WatchService
-from ._wsgi import WSGIService
+from ._core.offload import OffloadFuture
+from ._core.token import StopToken, current_token
+from ._detect.detector import (
+    BlockEvent,
+    BlockingDetector,
+    BlockSite,
+    DetectorState,
+    detect_blocking,
+)
+from ._loops.fromthread import from_thread
+from ._loops.loopthread import LoopThread, LoopThreadState
+from ._loops.shared import to_loop
+from ._process.dask import DaskPool
+from ._process.pool import ProcessPool, to_process
+from ._services.aiohttp_app import AiohttpService
+from ._services.asgi import ASGIService
+from ._services.base import Service
+from ._services.watch import WatchService
+from ._services.wsgi import WSGIService
+from ._supervisor.status import ServiceState, ServiceStatus, SupervisorState
+from ._supervisor.supervisor import Supervisor
+from ._threads.iterate import ThreadedIterator, iterate, threaded
+from ._threads.pool import ThreadPool
+from ._threads.tothread import to_thread
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from ._detector_hook import LoopWatch
+    from ._detect.hook import LoopWatch
 
 __all__ = ["no_blocking"]
 
@@ -72,7 +72,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
         result = yield
     sites = watch.report()
     if sites:
-        from ._errors import LoopBlockedError
+        from ._core.errors import LoopBlockedError
 
         __tracebackhide__ = True  # the message says it all; the plugin's frame does not
 
@@ -83,7 +83,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
 def _watch_for(item: pytest.Item) -> LoopWatch:
     watch = item.stash.get(_WATCH, None)
     if watch is None:
-        from ._detector_hook import LoopWatch
+        from ._detect.hook import LoopWatch
 
         watch = LoopWatch(threshold=_threshold(item), on_block=_ignore)
         item.stash[_WATCH] = watch
@@ -108,7 +108,7 @@ def _threshold(item: pytest.Item) -> float:
     value: Any = marker.kwargs.get("threshold", marker.args[0] if marker.args else None)
     if value is None:
         return DEFAULT_THRESHOLD
-    from ._thresholds import check_threshold
+    from ._detect.thresholds import check_threshold
 
     return check_threshold(value, where)
 

@@ -1,0 +1,506 @@
+"""``offloop run module:attr``: run a Supervisor defined in a module, like uvicorn runs an app.
+
+In a terminal it shows a live table of the services (with the ``[rich]``
+extra); otherwise, or with ``--plain``, the supervisor's log lines.
+``--status-port N`` serves the status as JSON on 127.0.0.1: ``GET /status``,
+and ``GET /healthz`` (200 only while every service is running, else 503).
+The server is a few lines of asyncio streams on the supervisor's own loop, so
+the core keeps to the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from .._core.errors import ServiceFailed
+from .._core.validate import describe
+from .._supervisor.signals import run_with_signals
+from .._supervisor.status import ServiceState, SupervisorState
+from .._supervisor.supervisor import Supervisor
+
+__all__ = [
+    "StatusServer",
+    "load_supervisor",
+    "register",
+    "render_table",
+    "start_status_server",
+    "status_json",
+]
+
+logger: Final = logging.getLogger("offloop.cli")
+
+#: A status client that sends nothing is dropped after this long.
+REQUEST_TIMEOUT: Final = 5.0
+LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+#: The terminal control sequence that shows the cursor again (DECTCEM).
+SHOW_CURSOR: Final = b"\x1b[?25h"
+
+
+class UsageError(Exception):
+    """A command-line argument cannot be used; the message says why (exit code 2)."""
+
+
+class TargetError(UsageError):
+    """The MODULE:ATTR argument does not lead to a Supervisor (message says why)."""
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``run`` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "run",
+        help="run the Supervisor found at MODULE:ATTR",
+        description=(
+            "Import MODULE from the current directory and run the offloop.Supervisor named "
+            "ATTR (or returned by calling ATTR with no arguments) until Ctrl-C. The first "
+            "Ctrl-C/SIGTERM stops the services gracefully; a second one exits at once."
+        ),
+    )
+    parser.add_argument("target", metavar="MODULE:ATTR", help="e.g. 'app:sv' or 'pkg.app:make'")
+    parser.add_argument(
+        "--status-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve GET /status (JSON) and GET /healthz on 127.0.0.1:N (0: any free port)",
+    )
+    parser.add_argument(
+        "--detect-blocking",
+        type=float,
+        nargs="?",
+        const=0.1,
+        default=None,
+        metavar="SECONDS",
+        help="log every block of the event loop longer than SECONDS (default 0.1) with the "
+        "line that blocked it",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="log lines only, no live table, even in a terminal",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="level of the log lines (default: info)",
+    )
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the ``run`` subcommand; return the exit code."""
+    if args.detect_blocking is not None:
+        from .._detect.thresholds import threshold_out_of_range
+
+        problem = threshold_out_of_range(args.detect_blocking, "--detect-blocking")
+        if problem is not None:
+            print(
+                f"offloop run: error: {problem}. Pass for example --detect-blocking 0.1.",
+                file=sys.stderr,
+            )
+            return 2
+    if args.status_port is not None and not 0 <= args.status_port <= 65535:
+        print(
+            f"offloop run: error: --status-port must be between 0 and 65535, "
+            f"got {args.status_port}.",
+            file=sys.stderr,
+        )
+        return 2
+    use_table = (
+        not args.plain and sys.stdout.isatty() and importlib.util.find_spec("rich") is not None
+    )
+    try:
+        sv = load_supervisor(args.target)
+        console = _setup_logging(args.log_level.upper(), use_table)
+        return run_with_signals(
+            sv,
+            lambda: _serve(sv, args.status_port, console, args.detect_blocking),
+            on_forced_exit=None if console is None else _show_cursor_now(),
+        )
+    except UsageError as exc:
+        print(f"offloop run: error: {exc}", file=sys.stderr)
+        return 2
+    except ServiceFailed as exc:
+        logger.error("%s", exc)
+        return 1
+
+
+def load_supervisor(target: str) -> Supervisor:
+    """Import ``module:attr`` from the current directory and return its Supervisor.
+
+    ``attr`` may be dotted (``app:services.sv``) and may name a zero-argument
+    callable that returns the Supervisor.
+
+    Raises:
+        TargetError: the target is malformed, missing, not a Supervisor, a
+            factory that needs arguments, or its module imports a missing module.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise TargetError(
+            f"expected MODULE:ATTR (e.g. 'app:sv'), got {target!r}. MODULE is imported from "
+            f"the current directory and ATTR names the offloop.Supervisor in it."
+        )
+    # Like uvicorn: the user's module lives where they run the command, which
+    # the console script (unlike 'python -m') does not put on sys.path.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the target itself (or a package above it) missing means a wrong
+        # target; 'mytools' missing while importing 'mytoolsapp' is a missing
+        # dependency, whose traceback says what to install.
+        missing = exc.name
+        if missing is None or not (module_name == missing or module_name.startswith(missing + ".")):
+            raise TargetError(
+                f"could not import the module {module_name!r}: it needs the module "
+                f"{missing!r}{_where(exc)}, which is not installed. Install it (or fix the "
+                f"import) and run the command again."
+            ) from exc
+        raise TargetError(
+            f"could not import the module {module_name!r}: there is no such module in {cwd} "
+            f"or on the Python path. Run the command from the directory that holds it."
+        ) from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            found = [n for n, v in vars(module).items() if isinstance(v, Supervisor)]
+            hint = f" Supervisors in it: {', '.join(found)}." if found else ""
+            raise TargetError(
+                f"the module {module_name!r} has no attribute {attr!r}.{hint}"
+            ) from None
+    if isinstance(obj, Supervisor):
+        return obj
+    if callable(obj):
+        _check_factory(obj, target)
+        result = obj()
+        if isinstance(result, Supervisor):
+            return result
+        raise TargetError(
+            f"{target!r} is a callable, but calling it returned {describe(result)}, "
+            f"not an offloop.Supervisor."
+        )
+    raise TargetError(
+        f"{target!r} is {describe(obj)}, not an offloop.Supervisor (or a function that "
+        f"returns one)."
+    )
+
+
+def _where(exc: BaseException) -> str:
+    # The last frame of the user's own code: where the missing module was imported.
+    tb, where = exc.__traceback__, ""
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith("<frozen "):
+            where = f" (imported at {filename}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
+
+
+def _check_factory(factory: Any, target: str) -> None:
+    # Checked before the call, not by catching its TypeError: that would also
+    # swallow a TypeError raised inside a factory that takes no arguments.
+    try:
+        inspect.signature(factory).bind()
+    except ValueError:  # no signature to check (some builtins): just call it
+        return
+    except TypeError as exc:
+        raise TargetError(
+            f"{target!r} is {describe(factory)}, which cannot be called without arguments "
+            f"({exc}). Name an offloop.Supervisor, or a function that takes no arguments and "
+            f"returns one."
+        ) from None
+
+
+def _setup_logging(level: str, use_table: bool) -> Any:
+    root = logging.getLogger()
+    root.setLevel(level)
+    if use_table:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        console = Console()
+        root.addHandler(RichHandler(console=console, show_path=False))
+        return console
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    return None
+
+
+def _show_cursor_now() -> Callable[[], None]:
+    """What a forced exit does for the live table, which hides the terminal's cursor.
+
+    ``Live.stop()`` would show it again, but a forced exit skips it: without
+    this the user's shell is left with no cursor. One write to the terminal's
+    file descriptor, taken now (the live display redirects ``sys.stdout``), and
+    no lock: the forced exit may interrupt the table's own drawing.
+    """
+    fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+
+    def show() -> None:
+        os.write(fd, SHOW_CURSOR)
+
+    return show
+
+
+async def _serve(
+    sv: Supervisor, status_port: int | None, console: Any, block_threshold: float | None
+) -> None:
+    server = None
+    detector = None
+    # A supervisor built with detect_blocking=... already watches its own loop.
+    if block_threshold is not None and sv._block_threshold is None:
+        from .._detect.detector import BlockingDetector
+
+        detector = BlockingDetector(threshold=block_threshold).start()
+    if status_port is not None:
+        try:
+            server = await start_status_server(sv, status_port)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot serve the status on 127.0.0.1:{status_port} ({exc.strerror or exc}); "
+                f"pick another --status-port, or 0 for any free port."
+            ) from exc
+        print(
+            f"offloop: status on http://127.0.0.1:{server.port}/status", file=sys.stderr, flush=True
+        )
+    live = None
+    if console is not None:
+        from rich.live import Live
+
+        live = Live(
+            get_renderable=lambda: render_table(sv),
+            console=console,
+            refresh_per_second=2,
+        )
+        live.start()
+    try:
+        await sv.serve()
+    finally:
+        if detector is not None:
+            detector.stop()
+        if live is not None:
+            live.stop()
+        if server is not None:
+            await server.aclose()
+
+
+# -- status as JSON ----------------------------------------------------------------------
+
+
+def status_json(sv: Supervisor) -> dict[str, Any]:
+    """The supervisor's state and every service's status, JSON-ready."""
+    return {
+        "supervisor": sv.name,
+        "state": sv.state.value,
+        "services": {name: st.to_dict() for name, st in sv.status().items()},
+    }
+
+
+def _healthz(sv: Supervisor) -> tuple[int, dict[str, Any]]:
+    not_running = [n for n, st in sv.status().items() if st.state is not ServiceState.RUNNING]
+    healthy = sv.state is SupervisorState.RUNNING and not not_running
+    return (200 if healthy else 503), {
+        "healthy": healthy,
+        "state": sv.state.value,
+        "not_running": not_running,
+    }
+
+
+class StatusServer:
+    """The ``--status-port`` server on the supervisor's loop, and the connections it serves.
+
+    :meth:`aclose` also ends the connections still open: a client that
+    connected but has sent nothing yet (a TCP health check) would otherwise
+    hold the stop for up to :data:`REQUEST_TIMEOUT` (Python >= 3.12 waits for
+    every connection in ``Server.wait_closed()``), or have its handler
+    cancelled with the loop, which asyncio logs as an error.
+    """
+
+    def __init__(self, sv: Supervisor) -> None:
+        self._routes: dict[str, Callable[[], tuple[int, dict[str, Any]]]] = {
+            "/status": lambda: (200, status_json(sv)),
+            "/healthz": lambda: _healthz(sv),
+        }
+        self._server: asyncio.Server | None = None
+        self._open: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
+        self._closing = False
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one picked by the system for port 0)."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self, port: int) -> StatusServer:
+        """Listen on 127.0.0.1:``port``; return the server.
+
+        Raises:
+            OSError: the port cannot be bound.
+        """
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+        return self
+
+    async def aclose(self) -> None:
+        """Stop listening, end the open connections and wait for their handlers."""
+        if self._server is None:
+            return
+        self._closing = True
+        self._server.close()
+        handlers = set(self._open.values())
+        for writer in list(self._open):
+            # The reader sees the end of the stream: a handler waiting for a
+            # request returns, one writing an answer gets ConnectionError.
+            writer.close()
+        if handlers:
+            # They end on the next loop iterations; the bound only guards a bug.
+            _, stuck = await asyncio.wait(handlers, timeout=REQUEST_TIMEOUT)
+            for task in stuck:
+                task.cancel()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[writer] = task
+        try:
+            if self._closing:
+                return  # accepted just before aclose(), which did not see it
+            await self._answer(reader, writer)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+            pass  # a client that hung up or sent garbage gets nothing
+        except ConnectionError:
+            pass
+        finally:
+            del self._open[writer]
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_line = await asyncio.wait_for(_read_head(reader), REQUEST_TIMEOUT)
+        allow = ""
+        if request_line is None:
+            code, body = 431, {"error": f"request head over {MAX_HEAD} bytes"}
+            method = "GET"
+        else:
+            method, target, *_ = [*request_line.decode("latin-1").split(" "), ""]
+            path = target.split("?", 1)[0]
+            if path not in self._routes:
+                code, body = 404, {"error": f"no such path {path!r}; try /status or /healthz"}
+            elif method not in ("GET", "HEAD"):
+                code, body = 405, {"error": f"method {method} not allowed; use GET"}
+                allow = "Allow: GET, HEAD\r\n"
+            else:
+                code, body = self._routes[path]()
+        payload = json.dumps(body, indent=2).encode() + b"\n"
+        writer.write(
+            f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: application/json\r\n{allow}"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + (payload if method != "HEAD" else b"")
+        )
+        await writer.drain()
+
+
+_REASONS: Final = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+#: The most bytes of request line and headers the status server reads.
+MAX_HEAD: Final = 16384
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+    """The request line of a request head (read to its empty line); None if it is too long.
+
+    Lines may end in CRLF or a bare LF, as RFC 9112 lets a server accept. A
+    head over :data:`MAX_HEAD` is still read to its end (up to a limit), so
+    that closing the connection does not reset it before the 431 arrives.
+
+    Raises:
+        asyncio.IncompleteReadError: the client hung up first.
+    """
+    first: bytes | None = None
+    size = 0
+    rest_of_long_line = False
+    while size <= 64 * MAX_HEAD:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:  # one line over the reader's limit
+            size += len(await reader.readexactly(exc.consumed))
+            first = b""
+            rest_of_long_line = True  # what follows is that line's end, not a new line
+            continue
+        size += len(line)
+        if rest_of_long_line:
+            rest_of_long_line = False
+            continue
+        line = line.rstrip(b"\r\n")
+        if line:
+            first = line if first is None else first
+        elif first is not None:  # RFC 9112: empty lines before the request line are ignored
+            return first if size <= MAX_HEAD and first else None
+    return None
+
+
+async def start_status_server(sv: Supervisor, port: int) -> StatusServer:
+    """Serve ``GET /status`` and ``GET /healthz`` for ``sv`` on 127.0.0.1:``port``.
+
+    Close it with :meth:`StatusServer.aclose`.
+
+    Raises:
+        OSError: the port cannot be bound.
+    """
+    return await StatusServer(sv).start(port)
+
+
+# -- live table ----------------------------------------------------------------------------
+
+_STATE_STYLE: Final = {
+    "starting": "yellow",
+    "running": "green",
+    "restarting": "yellow",
+    "stopping": "yellow",
+    "stopped": "dim",
+    "failed": "bold red",
+}
+
+
+def render_table(sv: Supervisor) -> Any:
+    """A ``rich.table.Table`` of the services (needs the ``[rich]`` extra)."""
+    from rich.table import Table
+
+    table = Table(title=f"{sv.name} ({sv.state.value})", title_justify="left")
+    for column in ("service", "state", "restarts", "uptime", "last error"):
+        table.add_column(column, justify="right" if column == "restarts" else "left")
+    now = time.time()
+    for name, st in sv.status().items():
+        uptime = ""
+        if st.state is ServiceState.RUNNING and st.started_at is not None:
+            uptime = f"{now - st.started_at:.0f}s"
+        error = st.to_dict()["last_error"] or ""
+        style = _STATE_STYLE.get(st.state.value, "")
+        table.add_row(name, f"[{style}]{st.state.value}[/]", str(st.restarts), uptime, error[:60])
+    return table

@@ -1,0 +1,133 @@
+"""Restart policy of a supervised service: when to restart and how long to wait.
+
+The decision is pure (time and randomness are passed in), so it is tested
+without sleeping.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from .validate import describe
+
+__all__ = ["RestartMode", "RestartPolicy", "RestartTracker", "check_seconds"]
+
+RestartMode = Literal["no", "on-failure", "always"]
+_MODES: tuple[str, ...] = get_args(RestartMode)
+
+
+def check_seconds(value: object, name: str, *, positive: bool, finite: bool = False) -> float:
+    """Return ``value`` as float seconds, or raise TypeError/ValueError naming ``name``.
+
+    ``finite=True`` also refuses infinity, for durations something waits out
+    (a grace period); a restart window or backoff may well be infinite.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {describe(value)}.")
+    if math.isnan(value) or value < 0 or (positive and value == 0):
+        bound = "greater than 0" if positive else "at least 0"
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}.")
+    if finite and math.isinf(value):
+        raise ValueError(
+            f"{name} must be a finite number of seconds, got {value!r}. For a very long "
+            f"wait, pass a large number instead (for example 86400 for a day)."
+        )
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How a service is restarted after it ends or crashes.
+
+    Attributes:
+        restart: ``"no"`` (never), ``"on-failure"`` (after a crash) or
+            ``"always"`` (also after the service returned on its own).
+        backoff: the first delay before a restart, in seconds.
+        max_backoff: the largest delay; delays double up to it, with jitter.
+        max_restarts: how many restarts are allowed within ``restart_window``
+            seconds; one more crash marks the service failed. ``None``: no limit.
+        restart_window: the sliding window, in seconds, restarts are counted in.
+
+    Raises:
+        TypeError, ValueError: an argument has the wrong type or range (the
+            message names it).
+    """
+
+    restart: RestartMode = "on-failure"
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_restarts: int | None = 5
+    restart_window: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.restart not in _MODES:
+            raise ValueError(
+                f"restart must be one of {', '.join(map(repr, _MODES))}, got {self.restart!r}."
+            )
+        check_seconds(self.backoff, "backoff", positive=False)
+        check_seconds(self.max_backoff, "max_backoff", positive=False)
+        check_seconds(self.restart_window, "restart_window", positive=True)
+        if self.max_backoff < self.backoff:
+            raise ValueError(
+                f"max_backoff ({self.max_backoff!r}) must not be smaller than "
+                f"backoff ({self.backoff!r})."
+            )
+        mr = self.max_restarts
+        if mr is not None:
+            if isinstance(mr, bool) or not isinstance(mr, int):
+                raise TypeError(f"max_restarts must be an int or None, got {describe(mr)}.")
+            if mr < 0:
+                raise ValueError(f"max_restarts must be at least 0 (or None), got {mr}.")
+
+    def restarts_after(self, *, crashed: bool) -> bool:
+        """Whether this policy wants a restart after a crash (or a normal end)."""
+        if self.restart == "always":
+            return True
+        return crashed and self.restart == "on-failure"
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The delay before restart number ``attempt`` (0-based) in the current window.
+
+        "Equal jitter": it is picked at random in the upper half of a step that
+        doubles with every attempt, starting at ``2 * backoff`` and capped at
+        ``max_backoff``, and never below ``backoff``. So the first delay is
+        between ``backoff`` and ``2 * backoff``, and services that crashed
+        together do not restart in lockstep, not even the first time.
+        """
+        # Cap the exponent: 2**1100 overflows a float long before anyone waits that long.
+        step = min(self.max_backoff, self.backoff * 2.0 ** min(attempt + 1, 64))
+        if math.isinf(step):
+            # An infinite backoff (or one that doubles past the largest float):
+            # uniform() would make it NaN, logged as "restarting in nans".
+            return step
+        low = max(self.backoff, step / 2)
+        return (rng or random).uniform(low, step)
+
+
+class RestartTracker:
+    """Counts one service's restarts in the sliding window and picks each delay."""
+
+    def __init__(self, policy: RestartPolicy, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self._rng = rng
+        self._times: collections.deque[float] = collections.deque()
+
+    def recent(self, now: float) -> int:
+        """How many restarts happened within the window ending at ``now``."""
+        window_start = now - self.policy.restart_window
+        while self._times and self._times[0] <= window_start:
+            self._times.popleft()
+        return len(self._times)
+
+    def next_delay(self, now: float) -> float | None:
+        """Record a restart at ``now`` and return its delay, or ``None`` if it is one too many."""
+        recent = self.recent(now)
+        limit = self.policy.max_restarts
+        if limit is not None and recent >= limit:
+            return None
+        self._times.append(now)
+        return self.policy.delay(recent, self._rng)

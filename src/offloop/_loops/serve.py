@@ -1,0 +1,129 @@
+"""The body of a LoopThread's thread, its shutdown, and its finalizer.
+
+:func:`serve` runs the loop until it stops, then shuts it down the way
+``asyncio.run`` does; it holds its LoopThread only weakly (see ``_loopthread``).
+:func:`dropped` is the finalizer of a LoopThread collected unclosed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import warnings
+import weakref
+from typing import Final, Protocol
+
+__all__ = ["LoopOwner", "dropped", "serve"]
+
+
+class LoopOwner(Protocol):
+    """What :func:`serve` tells the LoopThread it serves (if it is still alive)."""
+
+    def _loop_stopped(self, exited: bool) -> None: ...
+
+    def _loop_closed(self) -> None: ...
+
+
+def serve(
+    ref: weakref.ref[LoopOwner],
+    loop: asyncio.AbstractEventLoop,
+    executor: concurrent.futures.ThreadPoolExecutor,
+    serving: list[bool],
+) -> None:
+    # The loop thread. It holds its LoopThread only for a moment, after the
+    # loop stopped: a frame local here would keep a dropped one alive.
+    asyncio.set_event_loop(loop)
+    try:
+        exited = False
+        try:
+            loop.run_forever()
+        except (SystemExit, KeyboardInterrupt):
+            exited = True  # delivered to the call whose coroutine raised it
+        finally:
+            # A late stop from the finalizer must not cut the shutdown short.
+            serving[0] = False
+            lt = ref()
+            if lt is not None:  # else it was dropped: nobody is left to tell
+                lt._loop_stopped(exited)
+            del lt
+            _shutdown(loop, executor)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+        lt = ref()
+        if lt is not None:
+            lt._loop_closed()
+
+
+def dropped(
+    loop: asyncio.AbstractEventLoop, serving: list[bool], name: str, thread_name: str, pid: int
+) -> None:
+    """The finalizer of a started LoopThread collected unclosed: stop its loop, warn."""
+    # Takes no lock and waits for nothing: it runs on any thread, maybe the
+    # loop thread itself or one holding the LoopThread's lock.
+    if os.getpid() != pid:
+        return  # a forked child's copy: the loop thread is the parent's
+    try:
+        loop.call_soon_threadsafe(_stop_serving, loop, serving)
+    except RuntimeError:  # the loop is closed: its thread has ended
+        return
+    warnings.warn(
+        f"LoopThread {name!r} was garbage collected without being closed; its thread "
+        f"{thread_name} and its event loop are being stopped now (tasks still there are "
+        f"cancelled). Close a loop thread when done with it: 'with LoopThread(...) as lt:' "
+        f"or 'async with', or call 'lt.close()' ('await lt.aclose()' in async code).",
+        ResourceWarning,
+        # Past weakref.finalize: where the last reference went (the user's line, the
+        # event loop ending the step that held the last call, or gc.collect()).
+        stacklevel=3,
+    )
+
+
+def _stop_serving(loop: asyncio.AbstractEventLoop, serving: list[bool]) -> None:
+    # On the loop thread: stop run_forever(), not the shutdown's run_until_complete().
+    if serving[0]:
+        loop.stop()
+
+
+#: How many times the close cancels the loop's tasks again while cancelling
+#: them starts new ones (a task's cleanup that creates tasks).
+_CANCEL_SWEEPS: Final = 5
+
+
+def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    for _ in range(_CANCEL_SWEEPS):
+        tasks = asyncio.all_tasks(loop)
+        if not tasks:
+            return
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                loop.call_exception_handler(
+                    {
+                        "message": "unhandled exception in a task cancelled by LoopThread.close()",
+                        "exception": task.exception(),
+                        "task": task,
+                    }
+                )
+
+
+def _shutdown(
+    loop: asyncio.AbstractEventLoop, executor: concurrent.futures.ThreadPoolExecutor
+) -> None:
+    # What asyncio.run does after the main coroutine: cancel leftovers and let
+    # them run their cleanup, then async generators and the default executor.
+    _cancel_tasks(loop)
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    try:
+        loop.run_until_complete(loop.shutdown_default_executor())
+    except RuntimeError:
+        # It waits in a new thread, and Python 3.12.0 and 3.12.1 start none
+        # in atexit handlers, where the shared loop threads close: wait here.
+        executor.shutdown(wait=True)
+    # Tasks started meanwhile (by run_coroutine_threadsafe on .loop, or by the
+    # cleanup itself) would otherwise be closed with the loop, never cancelled,
+    # their callers waiting forever.
+    _cancel_tasks(loop)

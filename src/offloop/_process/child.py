@@ -1,0 +1,215 @@
+"""The code that runs inside a :class:`~offloop.ProcessPool` worker process.
+
+A worker serves one call at a time over its own pipe: it reads a pickled
+``(fn, args, kwargs)``, runs it, and writes one reply (see ``_pickling``). An
+empty message, or the pipe closing, tells it to exit. Its first message, once
+started (and initialized), is an empty one saying it is ready; the pool sends
+its first call only then, so a call cancelled meanwhile never starts. If the
+initializer fails, that failure is its first message instead.
+
+A worker must not outlive the pool's process, even one killed with SIGKILL that
+had no chance to clean up. On Linux the kernel sends the worker SIGKILL when the
+parent's thread that started it dies (``prctl(PR_SET_PDEATHSIG)``; the pool
+starts workers from its manager thread, which lives as long as the pool).
+Elsewhere, or if ``prctl`` is unavailable, a daemon thread polls
+``os.getppid()``: a reparented worker sees another parent pid and exits.
+
+With the "forkserver" start method the worker's parent is the fork server, not
+the pool's process, and the server can outlive it (any process that inherited
+its "alive" pipe keeps it running). Such a worker watches the pool's process
+itself: a pidfd that becomes readable when it exits, or else polling its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from types import CoroutineType
+from typing import Any, Final
+
+from .._core.token import StopToken, WorkerCall, thread_state
+from .._core.validate import describe
+from .message import HEAD, MARK, attach, read_count
+from .pickling import INIT_FAILED, LOAD_FAILED, encode_error, encode_result
+
+__all__ = ["worker_main"]
+
+_PR_SET_PDEATHSIG: Final = 1
+#: Seconds between two checks of the parent pid by the fallback watcher.
+PARENT_POLL: Final = 0.2
+
+
+def worker_main(
+    conn: Connection,
+    parent_pid: int,
+    init: bytes | None,
+    max_tasks: int | None,
+    pdeathsig: bool,
+    received: Any,
+) -> None:
+    """Serve calls from ``conn`` until told to stop (the target of every worker process).
+
+    ``received`` (a shared ``c_uint64``) counts the calls taken from the pipe:
+    if this process dies, the pool sends again a call it never took.
+    """
+    _die_with_parent(parent_pid, pdeathsig)
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides
+    # what happens to its workers, so a worker does not print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if init is not None and not _initialize(conn, init):
+        return
+    try:
+        # Tell the pool that start-up is over: a death from now on happens
+        # while running a call, not while importing or initializing.
+        conn.send_bytes(b"")
+    except OSError:
+        return  # the parent is gone
+    recv = conn.recv_bytes
+    send = conn.send_bytes
+    done = 0
+    while True:
+        buffers: list[bytes] | None = None
+        try:
+            data = recv()
+            received.value += 1
+            if data[:1] == MARK:
+                buffers = [recv() for _ in range(read_count(data))]
+        except (EOFError, OSError):
+            return  # the parent closed the pipe, or is gone
+        if not data:
+            return  # the parent's "stop"
+        reply = _serve(data, buffers)
+        # An idle worker keeps neither the last call's arguments nor its result.
+        data = b""
+        buffers = None
+        send(reply)
+        del reply
+        done += 1
+        if max_tasks is not None and done >= max_tasks:
+            return
+
+
+def _serve(data: bytes, buffers: list[bytes] | None) -> bytes:
+    try:
+        if buffers is None:
+            fn, args, kwargs = pickle.loads(data)
+        else:  # the pickle follows the mark and the count; a view does not copy it
+            fn, args, kwargs = pickle.loads(memoryview(data)[HEAD:])
+            args, kwargs = attach(args, kwargs, buffers)
+    except BaseException as exc:
+        return pickle.dumps(
+            (LOAD_FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc()),
+            pickle.HIGHEST_PROTOCOL,
+        )
+    # current_token() works in the worker too; nothing sets this token yet,
+    # since cancellation either abandons the call or kills the process.
+    thread_state.call = WorkerCall(fn, None, StopToken())
+    try:
+        result = fn(*args, **kwargs)
+        if type(result) is CoroutineType:
+            result.close()
+            raise TypeError(
+                f"{describe(fn)} returned a coroutine instead of a result, so it is async "
+                f"code: 'await' it directly or use offloop.to_loop()."
+            )
+    except BaseException as exc:  # delivered to the awaiter, like any result
+        # Drop this frame from the text: the user wants their function's lines.
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))  # type: ignore[union-attr]
+        return encode_error(exc, tb)
+    finally:
+        thread_state.call = None
+    return encode_result(result, fn)
+
+
+def _initialize(conn: Connection, init: bytes) -> bool:
+    fn = None
+    try:
+        fn, args, kwargs = pickle.loads(init)
+        fn(*args, **kwargs)
+    except BaseException as exc:
+        summary = f"{describe(fn) if fn else 'the initializer'} raised {type(exc).__name__}: {exc}"
+        tb = traceback.format_exc()
+        try:
+            data = pickle.dumps((INIT_FAILED, exc, summary, tb), pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            data = pickle.dumps((INIT_FAILED, None, summary, tb), pickle.HIGHEST_PROTOCOL)
+        with contextlib.suppress(OSError):
+            # Instead of "ready": the parent fails the call it started this worker for.
+            conn.send_bytes(data)
+        return False
+    return True
+
+
+def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
+    armed = pdeathsig and _set_pdeathsig()
+    if os.getppid() == parent_pid:
+        if not armed:
+            _start_watch(_watch_parent, parent_pid)
+        return
+    # Started by a fork server, or the pool's process died before the signal
+    # was armed (the worker was reparented): only the pool's process tells.
+    pidfd = _open_pidfd(parent_pid)
+    if pidfd is None and not _alive(parent_pid):
+        os._exit(1)
+    _start_watch(_watch_pool, parent_pid, pidfd)
+
+
+def _start_watch(target: Callable[..., None], *args: object) -> None:
+    threading.Thread(target=target, args=args, name="offloop-parent-watch", daemon=True).start()
+
+
+def _set_pdeathsig() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    wait = threading.Event().wait
+    while os.getppid() == parent_pid:
+        wait(PARENT_POLL)
+    os._exit(1)
+
+
+def _open_pidfd(pid: int) -> int | None:
+    # A pidfd names one process for good (a pid can be reused once it is
+    # reaped); it becomes readable when that process exits.
+    try:
+        return os.pidfd_open(pid)  # Linux 5.3+, Python 3.9+
+    except ProcessLookupError:
+        os._exit(1)  # the pool's process is gone already
+    except (AttributeError, OSError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, run by another user: not ours, but not gone
+    return True
+
+
+def _watch_pool(pool_pid: int, pidfd: int | None) -> None:
+    if pidfd is not None:
+        select.select([pidfd], [], [])
+    else:
+        wait = threading.Event().wait
+        while _alive(pool_pid):
+            wait(PARENT_POLL)
+    os._exit(1)

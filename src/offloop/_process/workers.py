@@ -1,0 +1,585 @@
+"""The worker half of a ProcessPool: its processes, their pipes, and the manager thread.
+
+:class:`WorkerSet` owns the state both halves share (the lock, the workers,
+the queue, the counters) and everything that runs on the manager thread:
+starting workers, reading replies, handing freed workers their next call, and
+turning a worker's death into :class:`WorkerCrashed` for its call alone. The
+thread's loop, which holds the pool only weakly, is ``_process_manager``.
+:class:`~offloop._process.pool.ProcessPool` adds the public API, cancellation
+and closing on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import selectors
+import signal
+import threading
+import weakref
+from collections import deque
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any, Final
+
+from .._core.errors import PoolClosedError, WorkerCrashed
+from .._core.offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
+from .._core.poolbase import CallCounters, PoolState, complete_waiter
+from .._core.validate import describe
+from .child import worker_main
+from .pickling import InitFailure, RemoteTraceback, decode_reply
+from .writer import Payload, PayloadWriter, is_small
+
+__all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet"]
+
+logger: Final = logging.getLogger("offloop")
+
+
+class ProcessPoolStatistics(CallCounters):
+    """What :meth:`ProcessPool.statistics` returns."""
+
+    processes: int
+    crashed: int
+
+
+class ProcessCall(OffloadFuture[Any]):
+    # The future of a process call: the shared OffloadFuture plus the pickled
+    # request and the worker running it.
+    __slots__ = ("_payload", "_requeued", "_worker")
+
+    # A small call's payload stays until the call is over: if its worker dies
+    # before taking it from the pipe, it is sent again (once, see _requeue).
+    _payload: Payload | None
+    _worker: Worker | None
+    _requeued: bool
+
+
+class Worker:
+    """One worker process, its pipe, and the call it runs (guarded by the pool's lock)."""
+
+    __slots__ = (
+        "call",
+        "conn",
+        "dead",
+        "doomed",
+        "pid",
+        "process",
+        "ready",
+        "received",
+        "sent",
+        "tasks",
+    )
+
+    def __init__(self, call: ProcessCall | None) -> None:
+        self.call = call
+        self.process: BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.pid: int | None = None
+        self.tasks = 0
+        # Doomed: must not get another call (killed, retiring after
+        # max_tasks_per_worker, or told to stop). Dead: its process exited.
+        self.doomed = False
+        self.dead = False
+        # Ready: it said so once its start-up (imports, initializer) was over.
+        self.ready = False
+        # Calls given to it, and (shared memory the worker writes) calls it
+        # took from its pipe: a call it never took did not start.
+        self.sent = 0
+        self.received: Any = None
+
+
+def ask_to_exit(worker: Worker) -> None:
+    """Ask an idle worker to exit: an empty message (its pipe closing does too)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        worker.conn.send_bytes(b"")  # type: ignore[union-attr]
+
+
+class WorkerSet:
+    """Shared state of a process pool, and the manager thread that runs its workers."""
+
+    _pdeathsig = True  # tests switch it off to exercise the fallback watcher
+
+    def __init__(
+        self,
+        name: str,
+        max_workers: int,
+        ctx: BaseContext,
+        init: bytes | None,
+        max_tasks: int | None,
+    ) -> None:
+        self._name = name
+        self._max_workers = max_workers
+        self._ctx = ctx
+        self._init = init
+        self._max_tasks = max_tasks
+        self._where = f"ProcessPool {name!r}"
+        #: How error messages name the call (the default pool says offloop.to_process()).
+        self._run_name = f"{self._where}.run()"
+        self._state = PoolState.OPEN
+        self._lock = threading.Lock()
+        self._workers: list[Worker] = []
+        self._idle: list[Worker] = []
+        self._pending: deque[ProcessCall] = deque()
+        self._manager: threading.Thread | None = None
+        self._wake_fds: tuple[int, int] | None = None
+        #: Set with the manager thread: stops it, and warns, if the pool is dropped unclosed.
+        self._finalizer: weakref.finalize[..., Any] | None = None
+        self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
+        self._writer = PayloadWriter(f"offloop-process-{name}-writer")
+        self._queued = 0
+        self._running = 0
+        self._abandoned = 0
+        self._completed = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._crashed = 0
+        # Set once close()/aclose() timed out and killed the workers.
+        self._killed_all = False
+
+    def _disown_workers(self) -> None:
+        """In a child made by ``os.fork()``: forget the parent's workers and close.
+
+        The child's copy of the pool must never send them calls, nor kill
+        them at exit; it is closed, and a new pool works as usual.
+        """
+        self._lock = threading.Lock()
+        self._workers = []
+        self._idle = []
+        self._pending.clear()
+        if self._finalizer is not None:
+            # The parent's manager thread is not here to stop, nor its workers.
+            self._finalizer.detach()
+        self._manager = None
+        self._wake_fds = None
+        self._closed_waiters = []
+        # The parent's writer thread does not exist here; its pending
+        # descriptors are the child's copies, like every other inherited one.
+        self._writer = PayloadWriter(f"offloop-process-{self._name}-writer")
+        self._queued = self._running = self._abandoned = 0
+        self._state = PoolState.CLOSED
+
+    def _describe(self) -> str:
+        abandoned = f" ({self._abandoned} abandoned)" if self._abandoned else ""
+        crashed = f", {self._crashed} crashed" if self._crashed else ""
+        return (
+            f"<ProcessPool {self._name!r} {self._state.value}: {self._running} running"
+            f"{abandoned}, {self._queued} queued, "
+            f"{len(self._workers)}/{self._max_workers} processes{crashed}>"
+        )
+
+    # -- calls (any thread; _assign and _next_pending under _lock) ------------
+
+    def _assign(self, worker: Worker, call: ProcessCall) -> None:
+        worker.call = call
+        worker.sent += 1
+        call._worker = worker
+        call._phase = RUNNING
+        self._running += 1
+
+    def _next_pending(self) -> ProcessCall | None:
+        pending = self._pending
+        while pending:
+            call = pending.popleft()
+            if call._phase is QUEUED:
+                self._queued -= 1
+                return call
+        return None
+
+    def _send(self, worker: Worker, call: ProcessCall) -> None:
+        # On the manager thread, or from run() under _lock for a small call.
+        payload = call._payload
+        assert payload is not None
+        if not is_small(payload):
+            # A large payload is not kept: only a call that could not be
+            # handed to the writer (its worker is dead) can be sent again.
+            fd = self._dup_pipe(worker)
+            if fd is not None:
+                call._payload = None
+            self._send_later(fd, payload)
+            return
+        # If the worker just died (the manager may already have dropped its
+        # pipe: conn is None, AttributeError), the manager sees the death and
+        # queues the call again.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            worker.conn.send_bytes(payload)  # type: ignore[union-attr]
+
+    def _dup_pipe(self, worker: Worker) -> int | None:
+        # On the manager thread, which alone closes pipes, or under _lock,
+        # since the manager detaches a pipe under it before closing it: so the
+        # descriptor is this worker's, not a closed or reused one.
+        conn = worker.conn
+        if conn is None:
+            return None  # it died; the manager handles its call
+        try:
+            # A worker speaks only to answer a call, and its answer to the
+            # last one was read: a pipe with something to read is at its end,
+            # the worker is dead.
+            if conn.poll(0):
+                return None
+            return os.dup(conn.fileno())
+        except (OSError, ValueError):
+            return None
+
+    def _send_later(self, fd: int | None, payload: Payload) -> None:
+        # A large call goes to the writer thread: the worker may take long to
+        # read it, and neither the loop's thread nor the manager may wait.
+        if fd is not None:
+            self._writer.submit(fd, payload)
+
+    # -- the manager thread ------------------------------------------------------
+
+    def _on_events(
+        self, events: list[tuple[selectors.SelectorKey, int]], selector: selectors.BaseSelector
+    ) -> bool:
+        """Handle one batch of the manager thread's events. Returns True once the pool closed.
+
+        The loop around it (``_process_manager.manage``) holds the pool only
+        for the batch.
+        """
+        for key, _ in events:
+            data = key.data
+            if data is None:  # the wake pipe (or the drop pipe of a pool alive after all)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(key.fd, 4096)
+            elif data[1]:
+                self._on_reply(data[0], selector)
+            else:
+                self._on_exit(data[0], selector)
+        return self._maintain(selector)
+
+    def _close_wake_pipe(self) -> None:
+        # On the manager thread as it exits. Under _lock: see ProcessPool._wake.
+        with self._lock:
+            fds, self._wake_fds = self._wake_fds, None
+        for fd in fds or ():
+            os.close(fd)
+
+    def _maintain(self, selector: selectors.BaseSelector) -> bool:
+        """Start workers for queued calls; finish closing. Returns True to exit."""
+        while True:
+            with self._lock:
+                if self._state is not PoolState.OPEN:
+                    if self._workers:
+                        return False
+                    self._state = PoolState.CLOSED
+                    waiters, self._closed_waiters = self._closed_waiters, []
+                    for waiter in waiters:
+                        complete_waiter(waiter)
+                    return True
+                if len(self._workers) >= self._max_workers:
+                    return False
+                call = self._next_pending()
+                if call is None:
+                    return False
+                worker = Worker(None)
+                self._workers.append(worker)
+                self._assign(worker, call)
+            self._spawn(worker, call, selector)
+
+    def _spawn(self, worker: Worker, call: ProcessCall, selector: selectors.BaseSelector) -> None:
+        try:
+            parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+            received = self._ctx.RawValue(ctypes.c_uint64, 0)
+            process = self._ctx.Process(  # type: ignore[attr-defined]
+                target=worker_main,
+                args=(
+                    child_conn,
+                    os.getpid(),
+                    self._init,
+                    self._max_tasks,
+                    self._pdeathsig,
+                    received,
+                ),
+                name=f"offloop-process-{self._name}",
+            )
+            process.start()
+        except BaseException as exc:
+            with self._lock:
+                self._workers.remove(worker)
+                self._finish(worker, call, ok=False)
+            call._error = exc
+            call._channel.post(call)
+            return
+        # Without the parent's copy of the child's end, the worker's death
+        # shows as end-of-file on ours.
+        child_conn.close()
+        with self._lock:
+            worker.process = process
+            worker.conn = parent_conn
+            worker.pid = process.pid
+            worker.received = received
+            kill = worker.doomed
+        selector.register(parent_conn.fileno(), selectors.EVENT_READ, (worker, True))
+        selector.register(process.sentinel, selectors.EVENT_READ, (worker, False))
+        if kill:
+            # kill_on_cancel or aclose's timeout fired while the process started.
+            with contextlib.suppress(OSError, ValueError):
+                process.kill()
+        # Else the call is sent once the worker says it is ready (_start_first).
+
+    def _finish(self, worker: Worker, call: ProcessCall, *, ok: bool, count: bool = True) -> None:
+        # Under _lock: the call left its worker, with a result or not.
+        worker.call = None
+        call._worker = None
+        call._payload = None  # it may not have been sent (start-up failed, worker died)
+        self._running -= 1
+        if call._phase is ABANDONED:
+            self._abandoned -= 1
+        if not count:
+            pass
+        elif ok:
+            self._completed += 1
+        else:
+            self._failed += 1
+        call._phase = DONE
+
+    def _on_reply(self, worker: Worker, selector: selectors.BaseSelector) -> None:
+        conn = worker.conn
+        if conn is None:
+            return  # its exit, handled earlier in the same batch, closed the pipe
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            # The process is exiting; its sentinel reports how.
+            self._drop_pipe(worker, selector)
+            return
+        if not data:
+            worker.ready = True  # its start-up is over
+            self._start_first(worker)
+            return
+        call = worker.call
+        if call is None:
+            return  # cannot happen: a worker only speaks when spoken to
+        ok, outcome = decode_reply(data, call.fn, self._run_name)
+        count = True
+        if not ok and isinstance(outcome, InitFailure):
+            outcome = self._init_failure(worker, call, outcome)
+            worker.doomed = True  # it exits after this reply
+            # A call cancelled while its worker started never ran: counted as cancelled only.
+            count = call._phase is not ABANDONED
+        with self._lock:
+            self._finish(worker, call, ok=ok, count=count)
+            worker.tasks += 1
+            if self._max_tasks is not None and worker.tasks >= self._max_tasks:
+                worker.doomed = True  # exits on its own after this reply
+            following, stop = self._free(worker)
+        if following is not None:
+            self._send(worker, following)
+        elif stop:
+            ask_to_exit(worker)
+        if ok:
+            call._value = outcome
+        else:
+            call._error = outcome
+        call._channel.post(call)
+
+    def _free(self, worker: Worker) -> tuple[ProcessCall | None, bool]:
+        """Under _lock: give a worker whose call is over its next call, or make it idle.
+
+        Returns the call to send it, and whether to tell it to stop.
+        """
+        if worker.doomed:
+            return None, False
+        if self._state is not PoolState.OPEN:
+            worker.doomed = True
+            return None, True
+        following = self._next_pending()
+        if following is not None:
+            self._assign(worker, following)
+        else:
+            self._idle.append(worker)
+        return following, False
+
+    def _start_first(self, worker: Worker) -> None:
+        # The first call waits until the worker is ready rather than in its
+        # pipe: one cancelled while the worker started (a slow initializer)
+        # is then never run, like any call that was still queued.
+        call = worker.call
+        if call is None:
+            return
+        with self._lock:
+            if call._phase is not ABANDONED:
+                following: ProcessCall | None = call
+                stop = False
+            else:
+                self._finish(worker, call, ok=False, count=False)  # counted as cancelled
+                worker.sent -= 1  # assigned, never written: not a call the worker may take
+                following, stop = self._free(worker)
+        if following is not None:
+            self._send(worker, following)
+        elif stop:
+            ask_to_exit(worker)
+
+    def _requeue(self, worker: Worker, call: ProcessCall) -> bool:
+        """Queue again, first in line, a call its dead worker never took.
+
+        Under _lock. That worker died idle (kill -9, the OOM killer) before
+        the manager noticed, and run() or the manager gave it the call. Only
+        once: a call whose very reading kills workers (a huge message) must
+        fail, not kill them forever. A worker that died while starting keeps
+        its error, for the same reason.
+        """
+        if (
+            call._payload is None
+            or call._requeued
+            or not worker.ready
+            or call._phase is not RUNNING
+            or self._state is not PoolState.OPEN
+            or worker.received is None
+            or worker.received.value >= worker.sent
+        ):
+            return False
+        call._requeued = True
+        worker.call = None
+        call._worker = None
+        call._phase = QUEUED
+        self._running -= 1
+        self._queued += 1
+        self._pending.appendleft(call)
+        return True
+
+    def _init_failure(
+        self, worker: Worker, call: ProcessCall, failure: InitFailure
+    ) -> WorkerCrashed:
+        error = WorkerCrashed(
+            f"A new worker process (pid {worker.pid}) of {self._where} could not start: its "
+            f"initializer {failure.summary}. The call of {describe(call.fn)} it was started "
+            f"for did not run; fix the initializer (the next call starts another worker).",
+            pid=worker.pid,
+        )
+        cause: BaseException = RemoteTraceback(failure.tb)
+        if failure.exc is not None:
+            failure.exc.__cause__ = cause
+            cause = failure.exc
+        error.__cause__ = cause
+        return error
+
+    def _drop_pipe(self, worker: Worker, selector: selectors.BaseSelector) -> None:
+        conn = worker.conn
+        if conn is None:
+            return
+        selector.unregister(conn.fileno())
+        with self._lock:  # see _dup_pipe
+            worker.conn = None
+        conn.close()
+
+    def _on_exit(self, worker: Worker, selector: selectors.BaseSelector) -> None:
+        # A reply written just before the exit is still in the pipe: read it
+        # first (max_tasks_per_worker exits right after its last reply).
+        worker.dead = True
+        with self._lock:
+            worker.doomed = True
+            with contextlib.suppress(ValueError):
+                self._idle.remove(worker)
+        while worker.conn is not None and worker.call is not None and worker.conn.poll(0):
+            self._on_reply(worker, selector)
+        process = worker.process
+        assert process is not None
+        selector.unregister(process.sentinel)
+        process.join()
+        exitcode = process.exitcode
+        process.close()
+        self._drop_pipe(worker, selector)
+        with self._lock:
+            self._workers.remove(worker)
+            call = worker.call
+            if call is None:
+                return
+            if self._requeue(worker, call):
+                return  # _maintain, next, starts a worker for it
+            cancelled = call._phase is ABANDONED
+            # Killed by a close that timed out, not a crash of its own.
+            killed = self._killed_all
+            if not cancelled and not killed:
+                self._crashed += 1
+            # A call whose worker died after it was cancelled (killed on cancel,
+            # most often) is counted as cancelled only, not also as failed.
+            self._finish(worker, call, ok=False, count=not cancelled)
+        if cancelled:
+            return  # killed on cancel, or died after its awaiter left
+        if killed:
+            call._error = PoolClosedError(
+                f"{self._describe()} killed the worker running {describe(call.fn)} because "
+                f"close() or aclose() timed out before the call finished."
+            )
+        elif not worker.ready:
+            call._error = WorkerCrashed(
+                f"A new worker process (pid {worker.pid}) of {self._where} died while "
+                f"starting, {_exit_reason(exitcode)}, before it ran the call of "
+                f"{describe(call.fn)}. Only this call failed; the next call starts another "
+                f"worker. Check that the pool's initializer does not exit or crash, and, with "
+                f"the 'spawn' or 'forkserver' start method, that the main module can be "
+                f"imported again in a new process: guard the script's entry point with "
+                f"'if __name__ == \"__main__\":'.",
+                exitcode=exitcode,
+                pid=worker.pid,
+            )
+        else:
+            call._error = WorkerCrashed(
+                f"The worker process (pid {worker.pid}) of {self._where} running "
+                f"{describe(call.fn)} died {_exit_reason(exitcode)}. Only this call failed: "
+                f"the pool has dropped that worker and keeps serving.",
+                exitcode=exitcode,
+                pid=worker.pid,
+            )
+        call._channel.post(call)
+
+    def _abort(self, exc: BaseException) -> None:
+        """Close the pool at once after its manager thread failed; fail every call."""
+        logger.error(
+            "The manager thread of %s failed; the pool is closed.", self._where, exc_info=exc
+        )
+        with self._lock:
+            self._state = PoolState.CLOSED
+            calls = []
+            while (call := self._next_pending()) is not None:
+                calls.append(call)
+                call._phase = DONE
+                call._payload = None
+                self._failed += 1
+            self._pending.clear()
+            workers, self._workers, self._idle = self._workers, [], []
+            for worker in workers:
+                call = worker.call
+                if call is not None:
+                    calls.append(call)
+                    # An abandoned call was counted as cancelled already.
+                    self._finish(worker, call, ok=False, count=call._phase is not ABANDONED)
+            waiters, self._closed_waiters = self._closed_waiters, []
+        for worker in workers:
+            process = worker.process
+            with contextlib.suppress(Exception):
+                if process is not None:
+                    process.kill()
+                    process.join()
+                    process.close()
+                if worker.conn is not None:
+                    worker.conn.close()
+        for call in calls:
+            call._error = PoolClosedError(
+                f"{self._where} broke while running or queueing the call of "
+                f"{describe(call.fn)}: its manager thread failed ({type(exc).__name__}: {exc}), "
+                f"so the pool closed itself and killed its workers. Create a new ProcessPool; "
+                f"please report this as a bug in offloop if it was not caused by the process "
+                f"running out of memory."
+            )
+            call._error.__cause__ = exc
+            call._channel.post(call)
+        for waiter in waiters:
+            complete_waiter(waiter)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "for an unknown reason"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"from {name} (exit code {exitcode})"
+    return f"with exit code {exitcode}"

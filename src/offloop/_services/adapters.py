@@ -1,0 +1,281 @@
+"""What the service adapters (WSGI, aiohttp, ASGI, watch) share.
+
+Each adapter is a :class:`~offloop.Service` that goes through the same
+lifecycle (:class:`AdapterState`), checks its arguments the same way, and, for
+the network ones, binds its listening socket itself: the bind error then comes
+from offloop with a message that names the service and the fix, instead of a
+``sys.exit(1)`` from deep inside a server (werkzeug and uvicorn both do that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import inspect
+import socket
+import threading
+from typing import Any, Final
+
+from .._core.validate import describe
+from .base import Service
+
+__all__ = [
+    "AdapterState",
+    "NetworkAdapter",
+    "ServiceAdapter",
+    "check_app_signature",
+    "check_host_port",
+    "check_name",
+    "listen_socket",
+]
+
+#: How long the loop may wait for a thread that has signalled its end to return.
+#: It only has to leave its function, so this is never reached in practice.
+JOIN_BOUND: Final = 1.0
+
+#: The listen backlog of every adapter's socket (werkzeug's and uvicorn's default).
+BACKLOG: Final = 128
+
+
+class AdapterState(enum.Enum):
+    """Lifecycle of an adapter: IDLE -> STARTING -> RUNNING -> STOPPING -> STOPPED.
+
+    A crash ends in CRASHED; from STOPPED or CRASHED, ``start()`` builds fresh
+    resources and runs it again.
+    """
+
+    IDLE = "idle"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
+_START_ERRORS: Final = {
+    AdapterState.STARTING: "it is already starting.",
+    AdapterState.RUNNING: "it is already running; stop it before starting it again.",
+    AdapterState.STOPPING: "it is still stopping; wait for stop() to return first.",
+}
+
+
+def check_name(name: object, default: str, where: str) -> str:
+    """The service name: ``name`` if given, else ``default``.
+
+    Raises:
+        TypeError: ``name`` is neither ``None`` nor a non-empty str.
+    """
+    if name is None:
+        return default
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{where}(name=...) must be a non-empty str, got {describe(name)}.")
+    return name
+
+
+def check_app_signature(app: Any, arguments: str, counts: tuple[int, ...], where: str) -> None:
+    """Refuse an app that cannot be called with any of its protocol's argument ``counts``.
+
+    Most often an app factory (``create_app``) passed instead of the app it
+    builds, which would otherwise fail every request with a 500.
+
+    Raises:
+        TypeError: saying to pass what the factory returns.
+    """
+    try:
+        signature = inspect.signature(app)
+    except (TypeError, ValueError):  # no signature to read (a builtin): trust it
+        return
+    for count in counts:
+        try:
+            signature.bind(*range(count))
+        except TypeError:
+            continue
+        return
+    raise TypeError(
+        f"{where}(app) needs an application called as app({arguments}), but "
+        f"{describe(app)} cannot take those arguments. If it is an app factory, pass "
+        f"the app it returns: {where}(create_app())."
+    )
+
+
+def check_host_port(host: object, port: object, where: str) -> tuple[str, int]:
+    """Validate the address a network adapter listens on.
+
+    Raises:
+        TypeError: ``host`` is not a str or ``port`` is not an int.
+        ValueError: ``host`` is empty or ``port`` is outside 0..65535.
+    """
+    if not isinstance(host, str):
+        raise TypeError(
+            f"{where}(host=...) must be a str such as '127.0.0.1', got {describe(host)}."
+        )
+    if not host:
+        raise ValueError(f"{where}(host=...) must not be empty; use '127.0.0.1' or '0.0.0.0'.")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # '[::1]', as written in URLs
+    if ":" in host:
+        try:
+            socket.inet_pton(socket.AF_INET6, host.partition("%")[0])  # 'fe80::1%eth0'
+        except OSError:
+            # 'localhost:8000' and the like: a port written into the host.
+            raise ValueError(
+                f"{where}(host=...) must be a host name or an IP address without a port, got "
+                f"{host!r}; pass the port separately, e.g. host='127.0.0.1', port=8000."
+            ) from None
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"{where}(port=...) must be an int, got {describe(port)}.")
+    if not 0 <= port <= 65535:
+        raise ValueError(
+            f"{where}(port=...) must be between 0 and 65535 (0 picks any free port), got {port}."
+        )
+    return host, port
+
+
+def listen_socket(host: str, port: int, service: Service) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not a local address);
+            the message names the service and what to do.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=BACKLOG)
+    except OSError as exc:
+        hint = (
+            " Stop the program using it, pick another port, or pass port=0 for any free one."
+            if port
+            else ""
+        )
+        raise OSError(
+            exc.errno,
+            f"{service!r} cannot listen on {_host_port(host, port)}: {exc.strerror or exc}.{hint}",
+        ) from exc
+
+
+def _host_port(host: str, port: int) -> str:
+    # IPv6 addresses are bracketed, so the port stays readable: [::1]:8000.
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ServiceAdapter(Service):
+    """An adapter's lifecycle: the state, the future ``wait()`` watches, the illegal moves.
+
+    A subclass implements ``_start()`` (build fresh resources, return once
+    ready) and ``_stop()``, and calls :meth:`_finish` from the loop when the
+    run ends (with the error if it crashed).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._state = AdapterState.IDLE
+        self._done: asyncio.Future[None] | None = None
+
+    @property
+    def state(self) -> AdapterState:
+        """Where the adapter is in its lifecycle (an :class:`AdapterState`)."""
+        return self._state
+
+    def _begin(self) -> asyncio.Future[None]:
+        message = _START_ERRORS.get(self._state)
+        if message is not None:
+            raise RuntimeError(f"Cannot start {self!r}: {message}")
+        self._state = AdapterState.STARTING
+        self._done = asyncio.get_running_loop().create_future()
+        return self._done
+
+    def _ready(self) -> None:
+        self._state = AdapterState.RUNNING
+
+    def _finish(self, done: asyncio.Future[None], exc: BaseException | None = None) -> None:
+        """End the run ``done`` belongs to (call on the loop); a stale run is ignored."""
+        if done.done():
+            return
+        if done is self._done:
+            self._state = AdapterState.STOPPED if exc is None else AdapterState.CRASHED
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def _finish_threadsafe(self, done: asyncio.Future[None], exc: BaseException | None) -> None:
+        """:meth:`_finish` from the run's own thread, as its very last step.
+
+        The loop joins the thread before ending the run, so once ``wait()``
+        returns the thread is gone (it only had to return from its function).
+        A closed loop means nobody waits any more.
+        """
+        # The run's own loop: the service may have been restarted on another one since.
+        loop = done.get_loop()
+        # RuntimeError: the loop is closed, the supervisor is long gone.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._finish_joined, done, exc, threading.current_thread())
+
+    def _finish_joined(
+        self, done: asyncio.Future[None], exc: BaseException | None, thread: threading.Thread
+    ) -> None:
+        thread.join(JOIN_BOUND)
+        self._finish(done, exc)
+
+    async def wait(self) -> None:
+        """Return when the service has stopped; raise the error it crashed with.
+
+        Raises:
+            RuntimeError: the service has never been started.
+            Exception: whatever made the service crash.
+        """
+        done = self._done
+        if done is None:
+            raise RuntimeError(f"Cannot wait for {self!r}: it has not been started; call start().")
+        # asyncio.wait, not await: cancelling the waiter must not cancel the run.
+        await asyncio.wait({done})
+        done.result()
+
+    def _mark_stopping(self) -> asyncio.Future[None] | None:
+        """Move to STOPPING; return the run's future, or ``None`` if nothing runs."""
+        done = self._done
+        if done is None or done.done():
+            if self._state is AdapterState.STARTING:  # start() was interrupted
+                self._state = AdapterState.STOPPED
+            return None
+        self._state = AdapterState.STOPPING
+        return done
+
+
+class NetworkAdapter(ServiceAdapter):
+    """An adapter that listens on ``host:port``: the bound port and the URL."""
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        super().__init__(name)
+        self.host = host
+        self._requested_port = port
+        self._bound_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the service listens on: the bound one once started (so ``port=0`` works)."""
+        return self._bound_port if self._bound_port is not None else self._requested_port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``, with the bound port once started."""
+        return f"http://{_host_port(self.host, self.port)}"
+
+    def _listen(self) -> socket.socket:
+        """Bind a fresh listening socket for a run.
+
+        With ``port=0``, a restart binds the port of the previous run again, so
+        the URL stays the same; if that port was taken meanwhile, any free one.
+        """
+        if self._requested_port == 0 and self._bound_port is not None:
+            try:
+                return listen_socket(self.host, self._bound_port, self)
+            except OSError:
+                pass
+        return listen_socket(self.host, self._requested_port, self)
+
+    def _where(self) -> str:
+        if self._state in (AdapterState.RUNNING, AdapterState.STOPPING):
+            return f"url={self.url}"
+        return _host_port(self.host, self.port)

@@ -1,0 +1,146 @@
+"""``AiohttpService``: an aiohttp ``web.Application`` on the supervisor's own loop.
+
+aiohttp is already asynchronous, so no thread is involved: the app runs under
+an ``AppRunner`` on a socket offloop binds itself (so ``start()`` returns once
+it listens and ``port=0`` works), and ``stop()`` is aiohttp's graceful
+``runner.cleanup()``: stop listening, let handlers in flight finish, run the
+app's ``on_shutdown`` and ``on_cleanup`` hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from .._core.extras import require
+from .._core.validate import describe
+from .adapters import AdapterState, NetworkAdapter, check_host_port, check_name
+
+__all__ = ["AiohttpService"]
+
+
+class AiohttpService(NetworkAdapter):
+    """Serve an aiohttp ``web.Application`` on the supervisor's event loop.
+
+    The app's ``on_startup`` hooks have run when ``start()`` returns; on
+    ``stop()`` the server stops listening, lets handlers in flight finish and
+    runs ``on_shutdown`` / ``on_cleanup``. A restart runs them again on a
+    fresh runner (on the same event loop: aiohttp binds an app to one loop).
+
+    Args:
+        app: an ``aiohttp.web.Application``.
+        host, port: where to listen; ``port=0`` picks a free port, read it
+            back from :attr:`port` or :attr:`url` once started.
+        access_log: log one line per request (aiohttp's access log).
+        name: the service's name (default ``"aiohttp"``).
+
+    Raises:
+        TypeError, ValueError: an argument has the wrong type or value.
+        MissingExtraError: aiohttp is not installed (the ``[aiohttp]`` extra).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        access_log: bool = True,
+        name: str | None = None,
+    ) -> None:
+        web = require("aiohttp.web", "aiohttp", feature="AiohttpService")
+        if not isinstance(app, web.Application):
+            hint = (
+                " Pass the application itself, not the function that builds it."
+                if callable(app)
+                else ""
+            )
+            raise TypeError(
+                f"AiohttpService(app) needs an aiohttp.web.Application, got {describe(app)}.{hint}"
+            )
+        host, port = check_host_port(host, port, "AiohttpService")
+        super().__init__(check_name(name, "aiohttp", "AiohttpService"), host, port)
+        self.app = app
+        self.access_log = bool(access_log)
+        self._runner: Any = None
+
+    def __repr__(self) -> str:
+        return f"<AiohttpService {self.name!r} {self._state.value} {self._where()}>"
+
+    async def start(self) -> None:
+        """Bind the socket, run the app's startup hooks and start serving; return once listening.
+
+        Raises:
+            OSError: the address cannot be bound.
+            RuntimeError: the service is already running or still stopping.
+            Exception: whatever an ``on_startup`` hook raised.
+        """
+        self._begin()
+        web = require("aiohttp.web", "aiohttp", feature="AiohttpService")
+        kwargs: dict[str, Any] = {} if self.access_log else {"access_log": None}
+        runner = web.AppRunner(self.app, handle_signals=False, **kwargs)
+        try:
+            sock = self._listen()
+            try:
+                port = sock.getsockname()[1]
+                await runner.setup()
+                site = web.SockSite(runner, sock)
+                await site.start()
+            except BaseException:
+                sock.close()
+                raise
+        except BaseException:
+            self._state, self._done = AdapterState.CRASHED, None
+            # Undo what setup() did (startup hooks ran: run the cleanup ones).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(runner.cleanup())
+            raise
+        self._runner = runner
+        self._bound_port = port
+        self._ready()
+
+    async def stop(self) -> None:
+        """Stop listening, let handlers in flight finish, run the shutdown and cleanup hooks.
+
+        Raises:
+            Exception: whatever an ``on_shutdown`` or ``on_cleanup`` hook raised
+                (the service is stopped all the same).
+        """
+        done = self._mark_stopping()
+        runner = self._runner
+        if done is None or runner is None:
+            return
+        try:
+            await runner.cleanup()
+        except Exception:
+            self._finish(done)  # wait() ends: the server no longer serves
+            raise
+        finally:
+            if runner.server is None:  # cleanup got through (kill() needs it otherwise)
+                self._runner = None
+        self._finish(done)
+
+    def kill(self) -> list[str]:
+        """Drop every open connection now and cancel the handlers still running on them."""
+        done = self._done
+        for conn in list(getattr(self._server_of(), "connections", ())):
+            with contextlib.suppress(Exception):
+                conn.force_close()
+                transport = conn.transport
+                if transport is not None:
+                    transport.abort()
+            # aiohttp lets a handler run on after its client is gone (unless the
+            # app opted into handler_cancellation): a killed service must not
+            # leave it behind on the loop, so cancel the connection's task.
+            task = getattr(conn, "_task_handler", None)
+            if isinstance(task, asyncio.Task) and not task.done():
+                task.cancel()
+        self._runner = None
+        if done is not None:
+            self._finish(done)
+        return []
+
+    def _server_of(self) -> Any:
+        runner = self._runner
+        return None if runner is None else runner.server

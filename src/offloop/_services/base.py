@@ -1,0 +1,79 @@
+"""The contract between the Supervisor and the things it supervises.
+
+A service is restartable: after it stopped or crashed, ``start()`` may be
+called again and must build fresh runtime resources (a new server, a new
+observer). All four coroutines are awaited on the supervisor's event loop.
+
+Note (supervisor engineer): the contract below is unchanged since the
+skeleton; only this paragraph was added, to pin down how the Supervisor
+calls the methods, so adapters can rely on it:
+
+- ``start()``, then ``wait()`` once it returned. After ``wait()`` returns or
+  raises, the next call (if any) is ``start()`` again: ``stop()`` is *not*
+  called after a crash, so ``wait()`` must leave nothing running when it raises.
+- ``stop()`` is called while ``wait()`` is pending, or after a ``start()``
+  the shutdown cancelled midway (to clean up what it began). It is cancelled
+  when the grace period runs out, and then ``kill()`` is called once.
+- If ``start()`` raises, that counts as a crash; it is retried per the policy.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from .._core.errors import OffloopError
+
+
+class Service(abc.ABC):
+    """Base class of everything a :class:`~offloop.Supervisor` can run.
+
+    The supervisor drives one service through ``start()`` (returns once the
+    service is ready: its socket listens, its observer runs), ``wait()``
+    (returns when the service ends on its own, raises its error when it
+    crashes), ``stop()`` (asks politely and returns once it has stopped) and,
+    only when ``stop()`` did not finish within the grace period, ``kill()``.
+
+    Subclass it to supervise something offloop has no adapter for.
+    """
+
+    #: The name used in logs, :meth:`Supervisor.status` and errors.
+    name: str
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the service and return once it is ready to do its job.
+
+        Raises whatever made the start fail; the supervisor treats that as a
+        crash and applies the restart policy.
+        """
+
+    @abc.abstractmethod
+    async def wait(self) -> None:
+        """Return when the service has ended on its own; raise its error if it crashed."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Ask the service to stop and return once it has.
+
+        The supervisor bounds this with its ``grace`` period and calls
+        :meth:`kill` when it runs out.
+        """
+
+    def kill(self) -> list[str]:
+        """Force the service down now, without waiting.
+
+        Returns a description (name and current stack) of every thread or
+        process that could not be stopped and was abandoned, for the log.
+        The default abandons nothing.
+        """
+        return []
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {getattr(self, 'name', '?')!r}>"
+
+
+class ServiceInterrupted(OffloopError):
+    """A service's own code raised ``KeyboardInterrupt``: its supervisor stops, as on Ctrl-C.
+
+    Private: the supervisor records it as the service's ``last_error``.
+    """

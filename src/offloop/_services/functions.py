@@ -1,0 +1,322 @@
+"""Services made from plain functions by ``@Supervisor.service``.
+
+- :class:`TaskService`: an ``async def`` run as a task on the supervisor's loop.
+- :class:`ThreadService`: a plain ``def`` run in its own thread, stopped
+  through a :class:`~offloop.StopToken`.
+- :class:`LoopService`: an ``async def`` on its own event loop in its own
+  thread (``isolate="loop"``), for coroutines that block their loop.
+- :class:`~offloop._services.process.ProcessService` (in ``process.py``): either kind
+  in a child process; :func:`~offloop._services.make.make_fn_service` picks one.
+
+Each run gets fresh runtime state from ``start()``, so the supervisor can
+restart them. Their threads are daemon threads named
+``offloop-service-<name>``: a thread that ignores its token can then be
+abandoned at shutdown instead of hanging the interpreter's exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import inspect
+import io
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
+
+from .._core.errors import OffloopError
+from .._core.token import StopToken, WorkerCall, thread_state
+from .._core.validate import describe
+from .._loops.loopthread import LoopThread
+from .base import Service, ServiceInterrupted
+
+__all__ = [
+    "FnState",
+    "LoopService",
+    "TaskService",
+    "ThreadService",
+    "describe_thread",
+    "takes_token",
+]
+
+AsyncFn = Callable[[], Coroutine[Any, Any, object]]
+
+
+class FnState(enum.Enum):
+    """Lifecycle of one run of a function service: IDLE -> RUNNING -> ENDED."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    ENDED = "ended"
+
+
+def takes_token(fn: Callable[..., object], where: str) -> bool:
+    """Whether a service function wants the StopToken (one required parameter).
+
+    Raises:
+        TypeError: the function needs more than one argument.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: call them bare
+        return False
+    required = [
+        p
+        for p in sig.parameters.values()
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if len(required) > 1 or any(p.kind is p.KEYWORD_ONLY for p in required):
+        names = ", ".join(p.name for p in required)
+        raise TypeError(
+            f"{where} got {describe(fn)}, which needs the arguments ({names}). A service "
+            f"function takes no argument, or exactly one: the offloop.StopToken that is set "
+            f"when it must stop. Bind other arguments first, e.g. with functools.partial."
+        )
+    return len(required) == 1
+
+
+_MACHINERY: Final = (
+    threading.__file__,
+    os.path.dirname(asyncio.__file__) + os.sep,
+    # offloop itself: this module is in its _services subpackage.
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+)
+
+
+def describe_thread(thread: threading.Thread) -> str:
+    """The thread's name and its current stack, for the 'abandoned' log line."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    if frame is None:
+        return f"thread {thread.name!r} (no stack: it is not running Python code)"
+    # threading's bootstrap, asyncio's loop and offloop's own frames say nothing
+    # about why it hangs; the user's frames do.
+    every = traceback.extract_stack(frame)
+    frames = [f for f in every if not f.filename.startswith(_MACHINERY)] or every[-1:]
+    stack = "".join(traceback.format_list(frames)).rstrip()
+    return f"thread {thread.name!r}, currently at:\n{stack}"
+
+
+def _illegal(service: Service, action: str, state: FnState) -> RuntimeError:
+    messages = {
+        ("start", FnState.RUNNING): "it is already running; stop it before starting it again.",
+        ("start", FnState.STOPPING): "it is still stopping; wait for stop() to return first.",
+        ("wait", FnState.IDLE): "it has not been started; call start() first.",
+    }
+    return RuntimeError(f"Cannot {action} {service!r}: {messages[(action, state)]}")
+
+
+class _FnService(Service):
+    """What the function services share: a name, a state and the loop-side future."""
+
+    def __init__(self, fn: Callable[..., object], name: str) -> None:
+        self.fn = fn
+        self.name = name
+        self.state = FnState.IDLE
+        self._done: asyncio.Future[None] | None = None
+
+    def _begin(self) -> asyncio.Future[None]:
+        if self.state in (FnState.RUNNING, FnState.STOPPING):
+            raise _illegal(self, "start", self.state)
+        self.state = FnState.RUNNING
+        self._done = asyncio.get_running_loop().create_future()
+        return self._done
+
+    async def wait(self) -> None:
+        done = self._done
+        if done is None:
+            raise _illegal(self, "wait", self.state)
+        # asyncio.wait, not await: cancelling the waiter must not cancel the run.
+        await asyncio.wait({done})
+        done.result()
+
+    def _finish(self, done: asyncio.Future[None], exc: BaseException | None) -> None:
+        self.state = FnState.ENDED
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def __repr__(self) -> str:
+        kind = type(self).__name__
+        return f"<{kind} {self.name!r} {self.state.value} fn={describe(self.fn)}>"
+
+
+class TaskService(_FnService):
+    """An ``async def`` run as a task on the supervisor's loop; stopped by cancellation."""
+
+    def __init__(self, fn: AsyncFn, name: str) -> None:
+        super().__init__(fn, name)
+        self._async_fn = fn
+        self._task: asyncio.Task[object] | None = None
+
+    async def start(self) -> None:
+        done = self._begin()
+        task = asyncio.get_running_loop().create_task(
+            self._guarded(), name=f"offloop-service-{self.name}"
+        )
+        self._task = task
+
+        def on_done(t: asyncio.Task[object]) -> None:
+            # A cancelled task is a stopped service, not a crash.
+            exc = None if t.cancelled() else t.exception()
+            self._finish(done, exc)
+
+        task.add_done_callback(on_done)
+
+    def _coroutine(self) -> Coroutine[Any, Any, object]:
+        return self._async_fn()
+
+    async def _guarded(self) -> object:
+        try:
+            return await self._coroutine()
+        # A task lets these two escape through the event loop, which ends the
+        # whole supervisor at once, with no grace for the other services.
+        except KeyboardInterrupt as e:
+            # Ctrl-C on Python 3.10 lands in whatever code runs: stop everything
+            # gracefully, as the supervisor's own Ctrl-C handling does.
+            raise ServiceInterrupted(
+                f"Service {self.name!r} raised KeyboardInterrupt, so its supervisor stops "
+                f"every service, as on Ctrl-C."
+            ) from e
+        except SystemExit as e:
+            # Like in a ThreadService: a crash of this service only.
+            raise OffloopError(
+                f"Service {self.name!r} raised {e!r}, which would have ended the whole event "
+                f"loop at once; it counts as a crash of this service. Return from the "
+                f"coroutine to end the service, or call the supervisor's stop() to end them all."
+            ) from e
+
+    async def stop(self) -> None:
+        task = self._task
+        if task is None or task.done():
+            return
+        self.state = FnState.STOPPING
+        task.cancel("offloop service stopping")
+        await asyncio.wait({task})
+
+    def kill(self) -> list[str]:
+        task = self._task
+        if task is None or task.done():
+            return []
+        task.cancel("offloop service killed")
+        out = io.StringIO()
+        task.print_stack(file=out)
+        return [f"task {task.get_name()!r} (it ignores cancellation):\n{out.getvalue().rstrip()}"]
+
+
+class ThreadService(_FnService):
+    """A plain ``def`` run in its own thread; ``stop()`` sets its StopToken.
+
+    The function receives the token when it takes a parameter; it can also
+    reach it with :func:`offloop.current_token`.
+    """
+
+    def __init__(self, fn: Callable[..., object], name: str, *, pass_token: bool) -> None:
+        super().__init__(fn, name)
+        self.pass_token = pass_token
+        self._token: StopToken | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        done = self._begin()
+        loop = asyncio.get_running_loop()
+        token = self._token = StopToken()
+        thread = threading.Thread(
+            target=self._main,
+            args=(loop, done, token),
+            name=f"offloop-service-{self.name}",
+            daemon=True,
+        )
+        self._thread = thread
+        thread.start()
+
+    def _body(self, token: StopToken) -> None:
+        result = self.fn(token) if self.pass_token else self.fn()
+        if inspect.iscoroutine(result):
+            result.close()  # no "never awaited" warning on top of this error
+            raise TypeError(
+                f"Service {self.name!r}: {describe(self.fn)} returned a coroutine, so it is "
+                f"asynchronous, but it does not look like a coroutine function. Define it "
+                f"with 'async def' so the supervisor runs it on an event loop."
+            )
+
+    def _main(
+        self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], token: StopToken
+    ) -> None:
+        thread_state.call = WorkerCall(self.fn, loop, token)
+        exc: BaseException | None = None
+        try:
+            self._body(token)
+        except Exception as e:
+            exc = e
+        except BaseException as e:  # SystemExit etc.: a crash of this service only
+            exc = OffloopError(f"service {self.name!r} raised {e!r} in its thread")
+            exc.__cause__ = e
+        finally:
+            thread_state.call = None
+        # RuntimeError: the loop is closed, the supervisor abandoned this thread long ago.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._finish, done, exc)
+        del exc  # no reference cycle through the traceback's frames
+
+    async def stop(self) -> None:
+        token, done = self._token, self._done
+        if token is None or done is None or done.done():
+            return
+        self.state = FnState.STOPPING
+        token.set("service stopping")
+        await asyncio.wait({done})
+
+    def kill(self) -> list[str]:
+        if self._token is not None:
+            self._token.set("service killed")
+        thread, done = self._thread, self._done
+        # A finished run's thread may still be alive for a few instructions
+        # after handing its outcome to the loop: that is not an abandoned thread.
+        if thread is None or not thread.is_alive() or (done is not None and done.done()):
+            return []
+        return [describe_thread(thread)]
+
+
+class LoopService(TaskService):
+    """An ``async def`` on its own :class:`~offloop.LoopThread` (``isolate="loop"``).
+
+    A coroutine that blocks its loop (a ``time.sleep``, a busy ``while True``)
+    only stalls that private loop, in the thread ``offloop-loop-service-<name>``.
+    ``stop()`` cancels the coroutine there and closes the loop thread; one
+    that stays blocked in sync code is abandoned by ``kill()``.
+    """
+
+    def __init__(self, fn: AsyncFn, name: str) -> None:
+        super().__init__(fn, name)
+        self._loop_thread: LoopThread | None = None
+
+    def _coroutine(self) -> Coroutine[Any, Any, object]:
+        lt = self._loop_thread = LoopThread(name=f"service-{self.name}").start()
+        return self._run_there(lt)
+
+    async def _run_there(self, lt: LoopThread) -> object:
+        try:
+            return await lt.run(self._async_fn)
+        finally:
+            # Cancelled or not, the remote task is finished or cancelled: join
+            # the thread. A coroutine blocked in sync code holds this up until
+            # the supervisor's grace runs out and kill() abandons it.
+            await lt.aclose()
+
+    def kill(self) -> list[str]:
+        task, lt = self._task, self._loop_thread
+        if task is not None:
+            task.cancel("offloop service killed")
+        name = f"offloop-loop-service-{self.name}"
+        stuck = [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+        if lt is None or not stuck:
+            return []
+        return [describe_thread(thread) for thread in stuck]

@@ -1,0 +1,291 @@
+"""A function service in a child process (``isolate="process"``).
+
+The child is started with the ``spawn`` method, so the function must be
+importable by reference (defined at a module's top level). The child ignores
+SIGINT (Ctrl-C in a terminal reaches the whole process group; the parent
+decides what happens) and treats SIGTERM as the polite stop: an ``async def``
+is cancelled, a ``def`` taking a parameter gets its StopToken set, a ``def``
+without one is simply terminated.
+
+No child outlives its parent: a forced exit (a second Ctrl-C, the signal
+watchdog) SIGKILLs the live children before ``os._exit`` (:func:`kill_children`),
+and a child also dies with a parent killed outright, like a ProcessPool worker
+(``PR_SET_PDEATHSIG`` on Linux, else polling its parent's pid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .._core.errors import NotPicklableError, OffloopError, WorkerCrashed
+from .._core.forcedexit import on_forced_exit
+from .._core.token import StopToken
+from .._core.validate import describe
+from .functions import FnState, _FnService
+
+__all__ = ["ProcessService", "kill_children"]
+
+_KILL_JOIN = 2.0  # SIGKILL cannot be ignored; this only covers the kernel reaping it
+
+#: The service children not yet joined. The process objects, not their pids:
+#: multiprocessing may reap a child elsewhere (active_children(), any new
+#: start()), and its pid may then name another process.
+_live_children: set[multiprocessing.process.BaseProcess] = set()
+
+
+def kill_children() -> None:
+    """SIGKILL every live service child now; for a forced exit, which skips all cleanup.
+
+    Safe from a signal handler and from any thread: it only copies a set and
+    sends signals.
+    """
+    for process in list(_live_children):
+        # exitcode polls the child: one already reaped is not signalled, so its
+        # recycled pid is never hit. kill() sends nothing once it is known gone.
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            if process.exitcode is None:
+                process.kill()
+
+
+on_forced_exit(kill_children)
+
+
+class ProcessService(_FnService):
+    """Runs ``fn`` in a fresh child process; ready once the child has imported it.
+
+    Raises:
+        NotPicklableError: (from the constructor) ``fn`` cannot be sent to a
+            child process.
+    """
+
+    def __init__(
+        self, fn: Callable[..., object], name: str, *, is_async: bool, pass_token: bool
+    ) -> None:
+        super().__init__(fn, name)
+        try:
+            pickle.dumps(fn)
+        except Exception as exc:
+            raise NotPicklableError(
+                f"Service {name!r} uses isolate='process', but its function {describe(fn)} "
+                f"cannot be sent to a child process ({exc}). Define it at the top level of an "
+                f"importable module (not inside a function, not a lambda)."
+            ) from exc
+        self.is_async = is_async
+        self.pass_token = pass_token
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self.pid: int | None = None
+
+    async def start(self) -> None:
+        done = self._begin()
+        loop = asyncio.get_running_loop()
+        ctx = multiprocessing.get_context("spawn")
+        reader, writer = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=_child_main,
+            args=(self.fn, self.is_async, self.pass_token, writer, os.getpid()),
+            name=f"offloop-service-{self.name}",
+            daemon=True,
+        )
+        try:
+            process.start()
+        finally:
+            writer.close()  # only the child writes; EOF then means it is gone
+        assert process.pid is not None
+        _live_children.add(process)
+        self._process, self._conn, self.pid = process, reader, process.pid
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(reader.fileno(), self._on_message, ready, done)
+        try:
+            await ready
+        except BaseException:
+            self._reap(kill=True)
+            # Cancelled while the child was starting (a stop), or the child
+            # ended: either way this run is over, whatever the repr said.
+            self._finish(done, None)
+            raise
+
+    def _on_message(self, ready: asyncio.Future[None], done: asyncio.Future[None]) -> None:
+        conn = self._conn
+        assert conn is not None
+        message: tuple[str, Any]
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            message = ("exit", None)
+        except Exception as e:  # the child's exception does not unpickle here
+            bad = OffloopError(f"the process of service {self.name!r} sent an unreadable error")
+            bad.__cause__ = e
+            message = ("error", (bad, ""))
+        kind: str = message[0]
+        payload: Any = message[1]
+        if kind == "ready":
+            if not ready.done():
+                ready.set_result(None)
+            return
+        # "ok", "error" or EOF: the child is ending. Wait for its exit without
+        # blocking the loop in join(): its sentinel becomes readable when it is gone.
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(conn.fileno())
+        process = self._process
+        assert process is not None
+        exc: BaseException | None = None
+        if kind == "error":
+            exc, remote_tb = payload
+            assert exc is not None
+            if remote_tb:
+                exc.__cause__ = _RemoteTraceback(remote_tb)
+            if not isinstance(exc, Exception):
+                # SystemExit & co. must not escape into the supervisor's loop:
+                # in the child they ended the service, which is a crash here.
+                wrapped = OffloopError(f"the process of service {self.name!r} raised {exc!r}")
+                wrapped.__cause__ = exc
+                exc = wrapped
+        loop.add_reader(process.sentinel, self._on_exit, ready, done, kind, exc)
+
+    def _on_exit(
+        self,
+        ready: asyncio.Future[None],
+        done: asyncio.Future[None],
+        kind: str,
+        exc: BaseException | None,
+    ) -> None:
+        process = self._process
+        assert process is not None
+        asyncio.get_running_loop().remove_reader(process.sentinel)
+        exitcode = self._reap(kill=False)
+        if kind not in ("ok", "error") and self.state is not FnState.STOPPING:
+            exc = WorkerCrashed(
+                f"The process of service {self.name!r} (pid {self.pid}) died with exit code "
+                f"{exitcode}.",
+                exitcode=exitcode,
+                pid=self.pid,
+            )
+        if not ready.done():
+            ready.set_exception(exc or OffloopError(f"service {self.name!r} ended while starting"))
+            ready.exception()  # start() may be gone (cancelled); nothing else retrieves it
+        self._finish(done, exc)
+
+    def _reap(self, *, kill: bool) -> int | None:
+        process, conn = self._process, self._conn
+        loop = asyncio.get_running_loop()
+        if conn is not None:
+            loop.remove_reader(conn.fileno())
+            conn.close()
+            self._conn = None
+        if process is None:
+            return None
+        loop.remove_reader(process.sentinel)
+        if kill and process.is_alive():
+            process.kill()
+        # Without kill, the child's sentinel said it is gone, so this join is immediate.
+        process.join(_KILL_JOIN)
+        exitcode = process.exitcode
+        if exitcode is not None:
+            _live_children.discard(process)
+            process.close()
+            self._process = None
+        return exitcode
+
+    async def stop(self) -> None:
+        process, done = self._process, self._done
+        if process is None or done is None or done.done():
+            return
+        self.state = FnState.STOPPING
+        process.terminate()
+        await asyncio.wait({done})
+
+    def kill(self) -> list[str]:
+        process = self._process
+        if process is None:
+            return []
+        pid = process.pid
+        exitcode = self._reap(kill=True)
+        done = self._done
+        if done is not None and not done.done():
+            self._finish(done, None)
+        if exitcode is None:
+            return [f"process {process.name!r} (pid {pid}) survived SIGKILL"]
+        return []
+
+    def __repr__(self) -> str:
+        pid = f" pid={self.pid}" if self.pid is not None and self._process is not None else ""
+        return f"<ProcessService {self.name!r} {self.state.value}{pid} fn={describe(self.fn)}>"
+
+
+def _child_main(
+    fn: Callable[..., Any], is_async: bool, pass_token: bool, conn: Connection, parent_pid: int
+) -> None:
+    # Imported here: the parent has no use for the worker module.
+    from .._process.child import _die_with_parent
+
+    _die_with_parent(parent_pid, pdeathsig=True)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    token = StopToken()
+    try:
+        if is_async:
+            asyncio.run(_child_async(fn, conn))
+        else:
+            if pass_token:
+                signal.signal(signal.SIGTERM, lambda *_: token.set("terminated"))
+            conn.send(("ready", None))
+            if pass_token:
+                fn(token)
+            else:
+                fn()
+    except BaseException as exc:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        conn.send(("error", (_portable(exc, text), text)))
+        conn.close()
+        sys.exit(1)
+    conn.send(("ok", None))
+    conn.close()
+
+
+async def _child_async(fn: Callable[[], Any], conn: Connection) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_term() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+    conn.send(("ready", None))
+    try:
+        await fn()
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+
+
+def _portable(exc: BaseException, text: str) -> BaseException:
+    """The exception itself if it survives pickling, else a stand-in naming it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return OffloopError(f"the service process raised {exc!r}, which cannot be pickled")
+    return exc
+
+
+class _RemoteTraceback(Exception):
+    """Carries the child's traceback text as the cause of the re-raised error."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\n(in the service process)\n{self.tb}"

@@ -1,0 +1,356 @@
+"""``WatchService``: watchdog file events delivered on the supervisor's event loop.
+
+watchdog calls its handlers in its own observer thread, where an ``async``
+handler cannot run and a plain one races with the loop's data. The adapter
+hands every event over to the loop with ``call_soon_threadsafe``: a coroutine
+function is run as a task there (tracked, so ``stop()`` waits for it), a
+plain function is called there. The observer thread and its emitter threads
+are stopped and joined on ``stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePath
+from typing import Any
+
+from .._core.extras import require
+from .._core.token import current_token
+from .._core.validate import describe
+from .._threads.tothread import service_pool
+from .adapters import AdapterState, ServiceAdapter, check_name
+from .functions import describe_thread
+
+__all__ = ["WatchService"]
+
+EventHandler = Callable[[Any], object]
+
+#: Seconds between checks that the watched root is still the folder the
+#: service started on (it may be renamed away without a single event).
+ROOT_CHECK_INTERVAL = 1.0
+
+
+class _Run:
+    """One start() .. stop(): its observer, its handler tasks, its end."""
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.observer: Any = None
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self.ending: asyncio.Task[None] | None = None
+        self.crashed = False
+        self.error: Exception | None = None
+        # Held while the observer is built and started, or stopped, in a worker thread.
+        self.lock = threading.Lock()
+        self.closed = False
+        # The watched root's (device, inode): a root renamed away keeps sending
+        # events under its old name, and watchdog reports no move for it.
+        self.root: tuple[int, int] | None = None
+        self.path: Path | None = None
+        self.check: asyncio.TimerHandle | None = None
+
+    def threads(self) -> list[threading.Thread]:
+        observer = self.observer
+        if observer is None:
+            return []
+        return [t for t in [observer, *observer.emitters] if t.is_alive()]
+
+
+class WatchService(ServiceAdapter):
+    """Watch a folder with watchdog; deliver every file event to ``handler`` on the loop.
+
+    ``handler(event)`` receives watchdog's ``FileSystemEvent`` (``event_type``,
+    ``src_path``, ``dest_path``, ``is_directory``). A coroutine function is
+    awaited as a task on the supervisor's loop, a plain function is called
+    there, so handlers never need locks, and a plain one must be quick: it
+    blocks the loop while it runs, once per event (one file write is several
+    events). A handler that raises crashes the service (the supervisor's
+    restart policy then applies), and so does the folder being deleted,
+    renamed away or replaced. ``stop()`` stops the observer, then waits for
+    the handler tasks still running.
+
+    Args:
+        path: the folder (or file) to watch; it must exist when the service starts.
+        handler: called with each event, see above.
+        recursive: watch sub-folders too.
+        patterns: glob patterns such as ``["*.txt"]``; an event is delivered
+            when its path (or, for a move, its destination) matches one,
+            matched from the right like :meth:`pathlib.PurePath.match`.
+            ``None`` delivers every event.
+        name: the service's name (default ``"watch"``).
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        MissingExtraError: watchdog is not installed (the ``[watch]`` extra).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        handler: EventHandler,
+        *,
+        recursive: bool = True,
+        patterns: Sequence[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"WatchService(path) must be a str or a path, got {describe(path)}.")
+        if not callable(handler):
+            raise TypeError(
+                f"WatchService(handler) must be a function taking the event (plain or "
+                f"'async def'), got {describe(handler)}."
+            )
+        if isinstance(patterns, str):
+            raise TypeError(
+                f"WatchService(patterns=...) must be a list of glob patterns, got the str "
+                f"{patterns!r}; write patterns=[{patterns!r}]."
+            )
+        if patterns is not None and not all(isinstance(p, str) for p in patterns):
+            raise TypeError(
+                f"WatchService(patterns=...) must be a list of str glob patterns, got {patterns!r}."
+            )
+        # Fail here, where the service is written, not when the supervisor starts it.
+        require("watchdog.observers", "watch", feature="WatchService")
+        super().__init__(check_name(name, "watch", "WatchService"))
+        self.path = Path(path)
+        self.handler = handler
+        self.recursive = bool(recursive)
+        self.patterns = None if patterns is None else tuple(patterns)
+        self._run: _Run | None = None
+
+    def __repr__(self) -> str:
+        patterns = f" patterns={list(self.patterns)}" if self.patterns else ""
+        return f"<WatchService {self.name!r} {self._state.value} path={str(self.path)!r}{patterns}>"
+
+    def matches(self, *paths: str | bytes | None) -> bool:
+        """Whether an event on these paths passes the ``patterns`` filter."""
+        if self.patterns is None:
+            return True
+        for raw in paths:
+            if not raw:
+                continue
+            path = PurePath(os.fsdecode(raw))
+            if any(path.match(pattern) for pattern in self.patterns):
+                return True
+        return False
+
+    async def start(self) -> None:
+        """Start a fresh observer on ``path``; return once it watches.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            MissingExtraError: watchdog is not installed.
+            RuntimeError: the service is already running or still stopping.
+        """
+        done = self._begin()
+        run = _Run(done)
+        try:
+            if not self.path.exists():
+                raise FileNotFoundError(
+                    f"{self!r} cannot watch {str(self.path)!r}: it does not exist. Create it "
+                    f"before the service starts."
+                )
+            require("watchdog.observers", "watch", feature="WatchService")
+            # Building the observer starts its inotify thread, and starting it adds a
+            # watch per sub-folder (blocking on a big tree): both happen off the loop.
+            await service_pool().run(self._open, run, asyncio.get_running_loop())
+        except BaseException:
+            self._state, self._done = AdapterState.CRASHED, None
+            await service_pool().run(_close, run)  # whatever the worker opened (it may still run)
+            raise
+        self._run = run
+        self._ready()
+        self._check_root(run)
+
+    def _check_root(self, run: _Run) -> None:
+        # A root renamed away or replaced may send no event at all any more.
+        if run.done.done() or run.crashed or run.ending is not None:
+            return
+        how = _root_change(run)
+        if how is not None:
+            self._lost_root(run, how)
+            return
+        run.check = asyncio.get_running_loop().call_later(
+            ROOT_CHECK_INTERVAL, self._check_root, run
+        )
+
+    def _open(self, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
+        """Build and start the run's observer (in a worker thread); undo it if start() gave up."""
+        with run.lock:
+            # Absolute: the program may change directory. Folders only: an
+            # editor saving a watched file replaces it (a new inode) every time.
+            run.path = Path(os.path.abspath(self.path))
+            run.root = _identity(run.path) if run.path.is_dir() else None
+            run.observer = self._observer(run, loop)
+            run.observer.start()
+            if current_token():  # the awaiting start() was cancelled: nobody else will stop it
+                _close_locked(run)
+
+    def _observer(self, run: _Run, loop: asyncio.AbstractEventLoop) -> Any:
+        observers = require("watchdog.observers", "watch", feature="WatchService")
+        events = require("watchdog.events", "watch", feature="WatchService")
+        version = require("watchdog.version", "watch", feature="WatchService")
+        service = self
+        watched, only = str(self.path), None
+        if version.VERSION_MAJOR < 7 and run.path is not None and not run.path.is_dir():
+            # watchdog < 7 (the newest for Python 3.10) watches a file's inode:
+            # an editor's save, a new file renamed over it, ends the watch with
+            # a "deleted" event. Watch its folder and keep the file's events.
+            watched, only = str(self.path.parent), self.path
+
+        class Forward(events.FileSystemEventHandler):  # type: ignore[misc,name-defined]  # lazy
+            def dispatch(self, event: Any) -> None:
+                # Runs in the observer thread: filter here, handle on the loop.
+                if only is not None and not any(
+                    path and _same_path(path, only)
+                    for path in (event.src_path, getattr(event, "dest_path", None))
+                ):
+                    return
+                if event.event_type in ("deleted", "moved") and _same_path(
+                    event.src_path, service.path
+                ):
+                    how = event.event_type
+                else:
+                    how = _root_change(run)
+                if how is not None:
+                    # watchdog stops watching a root that is gone: crash, so the
+                    # restart policy applies and the status stops saying "running".
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(service._lost_root, run, how)
+                    return
+                if service.matches(event.src_path, getattr(event, "dest_path", None)):
+                    # RuntimeError: the loop is closed, nobody to deliver to.
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(service._deliver, run, event)
+
+        observer = observers.Observer()
+        observer.name = f"offloop-watch-{self.name}"
+        observer.schedule(Forward(), watched, recursive=self.recursive and only is None)
+        for n, emitter in enumerate(observer.emitters, 1):
+            emitter.name = f"offloop-watch-{self.name}-emitter-{n}"
+        return observer
+
+    # -- on the loop ---------------------------------------------------------------------
+
+    def _deliver(self, run: _Run, event: Any) -> None:
+        if run.done.done() or run.crashed:
+            return  # the run has ended, or is ending after a crash: drop the event
+        try:
+            result = self.handler(event)
+        except Exception as exc:
+            self._crash(run, exc)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            run.tasks.add(task)
+            task.add_done_callback(lambda t: self._task_done(run, t))
+
+    def _lost_root(self, run: _Run, how: str) -> None:
+        self._crash(
+            run,
+            FileNotFoundError(
+                f"{self!r} stopped watching: the folder {str(self.path)!r} was {how}. "
+                f"Recreate it; the restart policy restarts the service."
+            ),
+        )
+
+    def _task_done(self, run: _Run, task: asyncio.Future[Any]) -> None:
+        run.tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and isinstance(exc, Exception):
+            self._crash(run, exc)
+
+    def _crash(self, run: _Run, exc: Exception) -> None:
+        if not run.crashed and not run.done.done():
+            run.crashed = True
+            if run.ending is not None:  # stopping already: the stop ends with this error
+                run.error = exc
+                return
+            run.ending = asyncio.get_running_loop().create_task(
+                self._end(run, exc), name=f"offloop-watch-{self.name}-crash"
+            )
+
+    async def _end(self, run: _Run, exc: Exception | None) -> None:
+        """Stop the observer, settle the handler tasks, end the run (with ``exc`` if it crashed)."""
+        if run.check is not None:
+            run.check.cancel()
+        try:
+            await service_pool().run(_close, run)
+            if exc is not None:  # a crash: the other handlers are not waited for
+                for task in run.tasks:
+                    task.cancel()
+            while run.tasks:
+                await asyncio.wait(set(run.tasks))
+        finally:
+            self._finish(run.done, exc if exc is not None else run.error)
+
+    async def stop(self) -> None:
+        """Stop and join the observer, then wait for the handler tasks still running."""
+        done = self._mark_stopping()
+        run = self._run
+        if done is None or run is None:
+            return
+        if run.ending is None:
+            run.ending = asyncio.get_running_loop().create_task(
+                self._end(run, None), name=f"offloop-watch-{self.name}-stop"
+            )
+        await asyncio.wait({run.ending})
+
+    def kill(self) -> list[str]:
+        """Cancel the handler tasks; report the observer threads that have not stopped yet."""
+        run = self._run
+        if run is None:
+            return []
+        for task in list(run.tasks):
+            task.cancel()
+        if run.check is not None:
+            run.check.cancel()
+        abandoned = [describe_thread(t) for t in run.threads()]
+        self._finish(run.done)
+        return abandoned
+
+
+def _close(run: _Run) -> None:
+    """Stop the run's observer and join its threads (blocking: run off the loop)."""
+    with run.lock:  # waits for an _open() still in progress
+        _close_locked(run)
+
+
+def _close_locked(run: _Run) -> None:
+    observer = run.observer
+    if observer is None or run.closed:
+        return
+    run.closed = True
+    observer.stop()  # also stops and joins the emitters and the inotify thread
+    if observer.ident is not None:  # it was started
+        observer.join()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _root_change(run: _Run) -> str | None:
+    # How the watched folder changed since the start, if it did.
+    if run.root is None or run.path is None:  # a file, or not started yet
+        return None
+    now = _identity(run.path)
+    if now == run.root:
+        return None
+    return "deleted or moved away" if now is None else "replaced by another folder"
+
+
+def _same_path(reported: str | bytes, watched: Path) -> bool:
+    path = os.fsdecode(reported)
+    return os.path.normpath(path) == os.path.normpath(str(watched))

@@ -1,0 +1,544 @@
+"""``WSGIService``: a WSGI app (Flask) served from a thread, with a server that really stops.
+
+``threading.Thread(target=app.run)`` cannot be stopped: werkzeug removed its
+shutdown hook, so the thread outlives everything and Ctrl-C hangs on it. Here
+the server is built with the servers' own stoppable APIs:
+
+- werkzeug: ``make_server``-style ``ThreadedWSGIServer`` + ``serve_forever``,
+  stopped by ``shutdown()``; idle keep-alive connections are closed, requests
+  in flight finish and their threads are joined.
+- waitress: ``create_server`` + ``run()``; the listening socket is closed
+  first (in waitress's own loop thread, through its trigger), then each
+  channel closes once it is done: idle ones at once, a request being
+  received once it is answered, a response once it is sent (waitress's
+  ``close_when_flushed``). Only then are the worker threads stopped.
+
+The listening socket is bound by offloop before the server is built, so
+``start()`` returns once it listens, ``port=0`` works, and a port in use is
+an ``OSError`` that names the service (werkzeug would ``sys.exit(1)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final, Literal
+
+from .._core.errors import OffloopError
+from .._core.extras import require
+from .._core.token import StopToken, WorkerCall, thread_state
+from .._core.validate import check_positive_int, describe
+from .._threads.tothread import service_pool
+from .adapters import (
+    AdapterState,
+    NetworkAdapter,
+    check_app_signature,
+    check_host_port,
+    check_name,
+)
+from .functions import describe_thread
+
+__all__ = ["WSGIService"]
+
+WSGIServer = Literal["werkzeug", "waitress"]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+#: How often werkzeug's serve loop checks for shutdown(), and how often a
+#: stopping waitress server is checked for channels still busy: the stop latency.
+POLL_INTERVAL: Final = 0.05
+
+#: How long kill() waits for idle waitress workers to exit (they do so at once).
+IDLE_EXIT: Final = 0.1
+
+
+class _Run:
+    """The resources of one start() .. stop(): fresh on every start."""
+
+    def __init__(self, done: asyncio.Future[None], token: StopToken) -> None:
+        self.done = done
+        self.token = token
+        self.server: Any = None
+        self.thread: threading.Thread | None = None
+
+    def threads(self) -> list[threading.Thread]:
+        extra: list[threading.Thread] = list(getattr(self.server, "offloop_threads", ()))
+        return [t for t in [self.thread, *extra] if t is not None and t.is_alive()]
+
+
+class WSGIService(NetworkAdapter):
+    """Serve a WSGI app (e.g. Flask) from a thread, with a server that can be stopped.
+
+    ``start()`` returns once the socket listens; requests are handled in
+    threads named ``offloop-wsgi-<name>-...``, so the supervisor's event loop
+    never runs app code. ``stop()`` stops accepting, lets requests in flight
+    finish and joins every thread. Inside a request, :func:`offloop.current_token`
+    returns a token that is set when the service stops.
+
+    Args:
+        app: the WSGI application, e.g. a ``flask.Flask`` instance.
+        host, port: where to listen; ``port=0`` picks a free port, read it
+            back from :attr:`port` or :attr:`url` once started.
+        server: ``"werkzeug"`` (the ``[flask]`` extra; a thread per
+            connection) or ``"waitress"`` (the ``[waitress]`` extra; a fixed
+            pool of ``threads`` worker threads).
+        threads: waitress's worker threads (ignored by werkzeug).
+        access_log: log one line per request (werkzeug's request log).
+        name: the service's name (default ``"wsgi"``).
+
+    Raises:
+        TypeError, ValueError: an argument has the wrong type or value.
+        MissingExtraError: the chosen server is not installed.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        server: WSGIServer = "werkzeug",
+        threads: int = 4,
+        access_log: bool = True,
+        name: str | None = None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"WSGIService(app) needs a WSGI application (a callable such as a flask.Flask "
+                f"instance), got {describe(app)}."
+            )
+        check_app_signature(app, "environ, start_response", (2,), "WSGIService")
+        host, port = check_host_port(host, port, "WSGIService")
+        if server not in ("werkzeug", "waitress"):
+            raise ValueError(
+                f"WSGIService(server=...) must be 'werkzeug' or 'waitress', got {server!r}."
+            )
+        check_positive_int(threads, "WSGIService(threads=...)")
+        # Fail here, where the service is written, not when the supervisor starts it.
+        if server == "werkzeug":
+            require("werkzeug.serving", "flask", feature="WSGIService(server='werkzeug')")
+        else:
+            require("waitress", "waitress", feature="WSGIService(server='waitress')")
+        super().__init__(check_name(name, "wsgi", "WSGIService"), host, port)
+        self.app = app
+        self.server = server
+        self.threads = threads
+        self.access_log = bool(access_log)
+        self._run: _Run | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<WSGIService {self.name!r} {self._state.value} {self._where()} server={self.server}>"
+        )
+
+    async def start(self) -> None:
+        """Bind the socket, build a fresh server and serve from a thread; return once it listens.
+
+        Raises:
+            OSError: the address cannot be bound.
+            MissingExtraError: the chosen server's package is not installed.
+            RuntimeError: the service is already running or still stopping.
+        """
+        done = self._begin()
+        run = _Run(done, StopToken())
+        try:
+            factory = _werkzeug_server if self.server == "werkzeug" else _waitress_server
+            sock = self._listen()
+            try:
+                port = sock.getsockname()[1]
+                app = _with_call(self.app, asyncio.get_running_loop(), run.token)
+                run.server = factory(self, sock, app)
+            except BaseException:
+                sock.close()
+                raise
+        except BaseException:
+            self._state, self._done = AdapterState.CRASHED, None
+            raise
+        self._bound_port = port
+        target = self._serve_werkzeug if self.server == "werkzeug" else self._serve_waitress
+        run.thread = threading.Thread(
+            target=target, args=(run,), name=f"offloop-wsgi-{self.name}", daemon=True
+        )
+        self._run = run
+        run.thread.start()
+        self._ready()
+
+    # -- the serve threads ---------------------------------------------------------------
+
+    def _serve_werkzeug(self, run: _Run) -> None:
+        server = run.server
+        exc: BaseException | None = None
+        try:
+            server.serve_forever(poll_interval=POLL_INTERVAL)  # closes the socket when it ends
+        except BaseException as e:
+            exc = _as_crash(self, e)
+        finally:
+            server.offloop_drain()
+        self._finish_threadsafe(run.done, exc)
+        del exc  # no reference cycle through the traceback's frames
+
+    def _serve_waitress(self, run: _Run) -> None:
+        server = run.server
+        exc: BaseException | None = None
+        try:
+            server.run()  # returns once every channel is closed (see _stop_waitress)
+        except BaseException as e:
+            exc = _as_crash(self, e)
+        finally:
+            wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
+            wasyncore.close_all(server._map, ignore_all=True)
+            server.task_dispatcher.offloop_shutdown()
+        self._finish_threadsafe(run.done, exc)
+        del exc
+
+    # -- stopping ------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish, join every thread.
+
+        Bounded by the supervisor's grace period; :meth:`kill` follows if it runs out.
+        """
+        done = self._mark_stopping()
+        run = self._run
+        if done is None or run is None:
+            return
+        run.token.set("service stopping")
+        if self.server == "werkzeug":
+            await service_pool().run(run.server.shutdown)  # blocks until serve_forever has returned
+        else:
+            await service_pool().run(_stop_waitress, run.server)
+        await asyncio.wait({done})
+
+    def kill(self) -> list[str]:
+        """Close every connection now and abandon the threads that still run app code.
+
+        Returns a description (name and stack) of each abandoned thread.
+        """
+        run = self._run
+        if run is None:
+            return []
+        run.token.set("service killed")
+        server = run.server
+        if self.server == "werkzeug":
+            server.offloop_close_connections(everything=True)
+        else:
+            server.task_dispatcher.offloop_kill()  # ends the waits of stop() and the serve thread
+            _close_waitress_channels(server)
+        abandoned = [describe_thread(t) for t in run.threads()]
+        self._finish(run.done)  # a restart must not wait for abandoned threads
+        return abandoned
+
+
+def _as_crash(service: WSGIService, exc: BaseException) -> BaseException:
+    if isinstance(exc, Exception):
+        return exc
+    crash = OffloopError(f"the server of {service!r} raised {exc!r} in its thread")
+    crash.__cause__ = exc
+    return crash
+
+
+def _with_call(app: WSGIApp, loop: asyncio.AbstractEventLoop, token: StopToken) -> WSGIApp:
+    """Wrap ``app`` so request threads know the service's loop and token, like offloop workers.
+
+    The server iterates the returned body after the app has returned, so a
+    streaming response's generator (and its ``close()``) runs outside the app
+    call: the body is wrapped too, or ``current_token()`` there would be a
+    fresh token that is never set.
+    """
+    call = WorkerCall(app, loop, token)
+
+    def offloop_wsgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        with _calling(call):
+            body = app(environ, start_response)
+        if isinstance(body, (bytes, list, tuple)):
+            return body  # no app code runs while it is sent
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
+            return body  # waitress sends it from its own loop, unwrapped (no app code either)
+        return (_SizedBody if hasattr(body, "__len__") else _Body)(body, call)
+
+    return offloop_wsgi_app
+
+
+@contextlib.contextmanager
+def _calling(call: WorkerCall) -> Iterator[None]:
+    previous = thread_state.call
+    thread_state.call = call
+    try:
+        yield
+    finally:
+        thread_state.call = previous
+
+
+class _Body:
+    """A response body whose iteration and ``close()`` see the service's call and token."""
+
+    def __init__(self, body: Iterable[bytes], call: WorkerCall) -> None:
+        self._body = body
+        self._call = call
+        self._iterator: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        with _calling(self._call):
+            if self._iterator is None:
+                self._iterator = iter(self._body)
+            return next(self._iterator)
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            with _calling(self._call):
+                close()
+
+
+class _SizedBody(_Body):
+    # waitress sets Content-Length itself for a one-chunk body it can len().
+    def __len__(self) -> int:
+        return len(self._body)  # type: ignore[arg-type]
+
+
+# -- werkzeug ----------------------------------------------------------------------------
+
+_werkzeug_classes: tuple[type[Any], type[Any]] | None = None
+
+
+def _werkzeug_server(service: WSGIService, sock: socket.socket, app: WSGIApp) -> Any:
+    global _werkzeug_classes
+    if _werkzeug_classes is None:
+        _werkzeug_classes = _build_werkzeug_classes()
+    server_cls, handler_cls = _werkzeug_classes
+    # werkzeug dup()s the descriptor; the caller's socket is closed right after.
+    server = server_cls(sock, app, handler_cls, f"offloop-wsgi-{service.name}", service.access_log)
+    sock.close()
+    return server
+
+
+def _build_werkzeug_classes() -> tuple[type[Any], type[Any]]:
+    serving = require("werkzeug.serving", "flask", feature="WSGIService(server='werkzeug')")
+
+    class Handler(serving.WSGIRequestHandler):  # type: ignore[misc,name-defined]  # lazy import
+        server: Any
+
+        def run_wsgi(self) -> None:
+            server = self.server
+            with server.offloop_lock:
+                server.offloop_busy.add(self.connection)
+            try:
+                super().run_wsgi()
+            finally:
+                with server.offloop_lock:
+                    server.offloop_busy.discard(self.connection)
+                if server.offloop_closing:
+                    self.close_connection = True  # no keep-alive while stopping
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            if self.server.offloop_access_log:
+                super().log_request(code, size)
+
+    class Server(serving.ThreadedWSGIServer):  # type: ignore[misc,name-defined]  # lazy import
+        def __init__(
+            self,
+            sock: socket.socket,
+            app: WSGIApp,
+            handler: type[Any],
+            prefix: str,
+            access_log: bool,
+        ) -> None:
+            host, port = sock.getsockname()[:2]
+            super().__init__(host, port, app, handler, fd=sock.fileno())
+            self.offloop_prefix = prefix
+            self.offloop_access_log = access_log
+            self.offloop_lock = threading.Lock()
+            self.offloop_connections: set[socket.socket] = set()
+            self.offloop_busy: set[socket.socket] = set()
+            self.offloop_threads: set[threading.Thread] = set()
+            self.offloop_closing = False
+            self.offloop_numbers = itertools.count(1)
+
+        def process_request(self, request: socket.socket, client_address: Any) -> None:
+            # socketserver's version, with named and tracked threads: stop() joins them.
+            thread = threading.Thread(
+                target=self.process_request_thread,
+                args=(request, client_address),
+                name=f"{self.offloop_prefix}-request-{next(self.offloop_numbers)}",
+                daemon=True,
+            )
+            with self.offloop_lock:
+                self.offloop_connections.add(request)
+                self.offloop_threads.add(thread)
+            thread.start()
+
+        def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                with self.offloop_lock:
+                    self.offloop_connections.discard(request)
+                    self.offloop_threads.discard(threading.current_thread())
+
+        def offloop_close_connections(self, *, everything: bool) -> None:
+            # Shutting down the read side ends a keep-alive connection waiting
+            # for its next request; a busy one still writes its response.
+            with self.offloop_lock:
+                self.offloop_closing = True
+                conns = set(self.offloop_connections)
+                if not everything:
+                    conns -= self.offloop_busy
+            how = socket.SHUT_RDWR if everything else socket.SHUT_RD
+            for conn in conns:
+                with contextlib.suppress(OSError):  # already closed by its handler
+                    conn.shutdown(how)
+
+        def offloop_drain(self) -> None:
+            """After serve_forever: end idle connections, wait for requests in flight."""
+            self.offloop_close_connections(everything=False)
+            while True:
+                with self.offloop_lock:
+                    threads = [t for t in self.offloop_threads if t.is_alive()]
+                if not threads:
+                    return
+                for thread in threads:
+                    thread.join()
+                # A request that finished meanwhile may have been keep-alive and idle now.
+                self.offloop_close_connections(everything=False)
+
+    return Server, Handler
+
+
+# -- waitress ----------------------------------------------------------------------------
+
+
+def _waitress_server(service: WSGIService, sock: socket.socket, app: WSGIApp) -> Any:
+    feature = "WSGIService(server='waitress')"
+    waitress = require("waitress", "waitress", feature=feature)
+    task = require("waitress.task", "waitress", feature=feature)
+    prefix = f"offloop-wsgi-{service.name}-worker"
+
+    class Dispatcher(task.ThreadedTaskDispatcher):  # type: ignore[misc,name-defined]  # lazy
+        def __init__(self) -> None:
+            super().__init__()
+            self.offloop_threads: list[threading.Thread] = []
+            self.offloop_killed = threading.Event()
+
+        def start_new_thread(self, target: Callable[[int], None], thread_no: int) -> None:
+            # waitress's version, with offloop's thread names and a record for kill().
+            thread = threading.Thread(
+                target=target, name=f"{prefix}-{thread_no}", args=(thread_no,), daemon=True
+            )
+            self.offloop_threads = [t for t in self.offloop_threads if t.is_alive()]
+            self.offloop_threads.append(thread)
+            thread.start()
+
+        def offloop_shutdown(self) -> None:
+            # shutdown() with no timeout of its own: the supervisor's grace is the
+            # bound, and kill() must end this wait for a worker stuck in app code.
+            self.set_thread_count(0)
+            with self.lock:
+                self.thread_exit_cv.wait_for(
+                    lambda: not self.threads or self.offloop_killed.is_set()
+                )
+                while self.queue:  # as shutdown(cancel_pending=True) does
+                    self.queue.popleft().cancel()
+                self.queue_cv.notify_all()
+
+        def offloop_kill(self) -> None:
+            self.set_thread_count(0)
+            with self.lock:
+                self.offloop_killed.set()
+                self.thread_exit_cv.notify_all()
+                # Idle workers exit within moments; wait for them (briefly: this
+                # runs on the loop) so that only workers in app code are reported
+                # as abandoned. active_count counts the workers not idle.
+                self.thread_exit_cv.wait_for(
+                    lambda: len(self.threads) <= self.active_count, timeout=IDLE_EXIT
+                )
+
+    dispatcher = Dispatcher()
+    dispatcher.set_thread_count(service.threads)
+    try:
+        server = waitress.create_server(
+            app, sockets=[sock], threads=service.threads, _dispatcher=dispatcher
+        )
+    except BaseException:
+        dispatcher.shutdown(timeout=1.0)
+        raise
+    server.offloop_threads = dispatcher.offloop_threads
+    return server
+
+
+def _stop_waitress(server: Any) -> None:
+    """Stop a running waitress server gracefully (blocking: run off the loop)."""
+    wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
+    killed: threading.Event = server.task_dispatcher.offloop_killed
+    drained = threading.Event()
+
+    def close_listener() -> None:
+        # Runs in waitress's loop thread: its socket map is not thread-safe.
+        server.accepting = False
+        wasyncore.dispatcher.close(server)  # not server.close(): keep the trigger
+
+    def close_finished_channels() -> None:
+        # Runs in waitress's loop thread, which alone receives requests and
+        # closes channels; requests_lock keeps a worker's service() out.
+        # The closed listener no longer runs waitress's idle timeout: do it
+        # here, or a client that stops reading (or sending) holds stop() forever.
+        stale = time.time() - server.adj.channel_timeout
+        for channel in list(server.active_channels.values()):
+            with channel.requests_lock:
+                if not channel.requests and channel.last_activity < stale:
+                    channel.will_close = True
+                    abandoned = True
+                else:
+                    abandoned = False
+            if abandoned:
+                channel.handle_close()
+                continue
+            with channel.requests_lock:
+                receiving = channel.request is not None and channel.request.headers_finished
+                if channel.requests or receiving:
+                    continue  # an answer is due: queued, running, or its body still arriving
+                # Idle, or its response written: close once the output is sent
+                # and read no further request. A connection still sending its
+                # headers is closed too: nothing says its request will ever end.
+                channel.close_when_flushed = True
+        if not server.active_channels:
+            drained.set()
+
+    _pull(server, close_listener)
+    # A worker stops at its next task even with tasks queued: drain the
+    # channels first, so every request already received is answered and sent.
+    while not killed.is_set():
+        if not _pull(server, close_finished_channels):
+            break  # the serve loop has ended: nothing left to send
+        if drained.wait(POLL_INTERVAL):
+            break
+    server.task_dispatcher.offloop_shutdown()
+    _close_waitress_channels(server)
+
+
+def _close_waitress_channels(server: Any) -> None:
+    wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
+    # Closing every channel (and the trigger itself) empties the map: run() returns.
+    _pull(server, lambda: wasyncore.close_all(server._map, ignore_all=True))
+
+
+def _pull(server: Any, thunk: Callable[[], None]) -> bool:
+    """Run ``thunk`` in waitress's loop thread, unless that loop has already ended.
+
+    Returns whether ``thunk`` was handed to the loop.
+    """
+    trigger = server.trigger
+    if trigger._closed:  # its pipe is closed: writing to the old descriptor is unsafe
+        return False
+    try:
+        trigger.pull_trigger(thunk)
+    except OSError:  # closed in the meantime: run() has returned
+        return False
+    return True

@@ -1,0 +1,229 @@
+"""The blocking entry point: own an event loop, turn SIGINT/SIGTERM into a graceful stop.
+
+The first signal asks the supervisor to stop (bounded by its ``grace``); a
+second one means the user has run out of patience, so the process exits at
+once with ``128 + signal number`` (the shell's convention for "killed by").
+
+The handlers are plain ``signal.signal`` handlers, not the loop's: those run
+only when the loop gets a turn, so a coroutine blocking the loop (the seed's
+very bug) would make the process deaf to Ctrl-C. A Python handler runs on
+the main thread between bytecodes even then; and a watchdog thread ends the
+process if the stop has not finished ``grace`` (plus a margin) after the
+first signal, naming the line the loop is stuck on.
+
+The loop's default executor (``asyncio.to_thread``, ``run_in_executor(None,
+...)``) is an offloop pool of daemon threads: a call stuck there when the
+loop closes is abandoned and logged, instead of keeping the process alive
+after ``run()`` returned, as asyncio's executor would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any, Final, Protocol
+
+from .._core.forcedexit import run_forced_exit_hooks
+from .._threads.executor import PoolExecutor
+from .supervised import SHUTDOWN_OVERRUN
+
+__all__ = ["SignalTarget", "run_with_signals"]
+
+logger: Final = logging.getLogger("offloop.supervisor")
+
+SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+
+#: How long leftover tasks (ones that ignore cancellation) get when the loop closes.
+LEFTOVER_WAIT: Final = 1.0
+
+#: Seconds past ``grace`` before a stop that has not finished ends the process:
+#: the supervisor's own overrun (the last chances and kills after grace), the
+#: leftover wait, and a second for a loaded machine. No slower shutdown is
+#: graceful any more, so it is taken for a blocked loop.
+FORCE_MARGIN: Final = SHUTDOWN_OVERRUN + LEFTOVER_WAIT + 1.0
+
+
+class SignalTarget(Protocol):
+    """What ``run_with_signals`` needs of the Supervisor it stops on a signal."""
+
+    name: str
+    grace: float
+
+    def _request_stop_threadsafe(self, reason: str, *, defer: bool = False) -> None: ...
+
+
+def run_with_signals(
+    sv: SignalTarget,
+    main: Callable[[], Awaitable[None]],
+    *,
+    on_forced_exit: Callable[[], None] | None = None,
+) -> int:
+    """Run ``main()`` on a new loop with SIGINT/SIGTERM stopping ``sv``; return 0.
+
+    ``on_forced_exit`` runs just before a forced exit (a second signal, or the
+    watchdog), which skips every cleanup: say, to show the terminal's cursor
+    again. It runs in a signal handler or the watchdog thread, so it must not
+    take a lock (the loop's thread may hold it); its errors are ignored.
+
+    Raises:
+        RuntimeError: called from a thread whose event loop is running.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            f"{sv!r}.run() was called from a running event loop; it would need to block "
+            f"that loop. Use 'await sv.serve()' in async code instead."
+        )
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(PoolExecutor("executor"))
+    received: list[int] = []
+    finished = threading.Event()
+    watchdogs: list[threading.Thread] = []
+    main_ident = threading.get_ident()
+
+    def watchdog(signum: int) -> None:  # on its own thread, started by the first signal
+        # Logged here, not in the handler (which may interrupt a log call) nor
+        # on the loop (which may be blocked), so the message always appears.
+        logger.warning(
+            "%s: received %s, stopping gracefully within %gs (send it again to exit at once)",
+            sv.name,
+            signal.Signals(signum).name,
+            sv.grace,
+        )
+        if finished.wait(sv.grace + FORCE_MARGIN):
+            return
+        frame = sys._current_frames().get(main_ident)
+        where = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)\n"
+        logger.error(
+            "%s: still not stopped %gs after %s; the event loop is probably blocked, "
+            "exiting now. The main thread is at:\n%s",
+            sv.name,
+            sv.grace + FORCE_MARGIN,
+            signal.Signals(signum).name,
+            where.rstrip(),
+        )
+        _force_exit(signum, on_forced_exit)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:  # on the main thread
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            # Only schedules the stop on the loop and wakes it: safe in a handler.
+            sv._request_stop_threadsafe(f"received {name}", defer=True)
+            thread = threading.Thread(
+                target=watchdog, args=(signum,), name="offloop-signal-watchdog", daemon=True
+            )
+            watchdogs.append(thread)
+            thread.start()
+            return
+        with contextlib.suppress(Exception):
+            logger.error("%s: received %s again, exiting now", sv.name, name)
+        _force_exit(signum, on_forced_exit)
+
+    previous: dict[signal.Signals, Any] = {}
+    wakeup = None
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            # Ignored when the process started (nohup, a background job of a
+            # non-interactive shell): the parent meant it, so it stays ignored,
+            # as Python itself keeps an ignored SIGINT ignored.
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, on_signal)
+        wakeup = _Wakeup(loop)
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main())
+        return 0
+    finally:
+        try:
+            _cancel_leftovers(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            finished.set()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if wakeup is not None:
+                wakeup.close()
+            for thread in watchdogs:
+                thread.join()  # it saw `finished` and returns now
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+class _Wakeup:
+    """Wakes the idle loop when a signal arrives, whichever thread the kernel picked.
+
+    A Python signal handler runs only when the main thread executes bytecode.
+    A process-directed signal may land on another thread, leaving the main
+    thread asleep in the selector: the wakeup fd (written by the C-level
+    handler) makes the selector return, and the handler then runs.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        loop.add_reader(self.reader.fileno(), self._drain)
+        self.previous = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+
+    def _drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while self.reader.recv(4096):
+                pass
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self.previous)
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.reader.fileno())
+        self.reader.close()
+        self.writer.close()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    # Bounded, unlike asyncio.run(): a task that swallows cancellation must not
+    # keep the process alive after the supervisor said it stopped.
+    done, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=LEFTOVER_WAIT))
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "task %s raised while stopping", task.get_name(), exc_info=task.exception()
+            )
+    for task in pending:
+        logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
+
+
+def _force_exit(signum: int, on_forced_exit: Callable[[], None] | None) -> None:
+    _flush()
+    if on_forced_exit is not None:
+        with contextlib.suppress(Exception):
+            on_forced_exit()
+    # Kills isolate='process' children, among others: os._exit skips every cleanup.
+    run_forced_exit_hooks()
+    os._exit(128 + signum)
+
+
+def _flush() -> None:
+    for handler in logging.getLogger().handlers + logging.getLogger("offloop").handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()

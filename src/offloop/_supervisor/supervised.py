@@ -1,0 +1,262 @@
+"""One service under supervision: its runner (start, wait, restart) and its bounded stop.
+
+The :class:`~offloop.Supervisor` keeps one :class:`Supervised` record per
+service and talks to it through the small :class:`Owner` protocol, so the
+per-service policy lives here and the supervisor's own lifecycle there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Final, Protocol
+
+from .._core.restart import RestartPolicy, RestartTracker
+from .._services.base import Service, ServiceInterrupted
+from .status import ServiceState, ServiceStatus
+
+__all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "Owner", "Supervised"]
+
+logger: Final = logging.getLogger("offloop.supervisor")
+
+#: Every service gets at least this long to stop politely, even when an
+#: earlier one used up the whole grace period: a well-behaved service that
+#: stops in a millisecond should not be abandoned because a neighbour hung.
+LAST_CHANCE: Final = 0.1
+
+#: How far past ``grace`` a whole shutdown may run, however many services hang:
+#: the one being stopped when the time ran out gets its last chance and a
+#: moment to end once killed, then all the others together get the same.
+SHUTDOWN_OVERRUN: Final = 4 * LAST_CHANCE
+
+_ST = ServiceState
+
+
+class Owner(Protocol):
+    """What a :class:`Supervised` record needs from its supervisor."""
+
+    name: str
+
+    def _fail(self, e: Supervised, crash: Exception | None, why: str) -> None: ...
+
+    def _shutting_down(self) -> bool: ...
+
+    def _check_all_ended(self) -> None: ...
+
+    def _interrupted(self, e: Supervised) -> None: ...
+
+
+class Supervised:
+    """The supervisor's record of one service: its policy, live state and runner task."""
+
+    def __init__(self, service: Service, policy: RestartPolicy, owner: Owner) -> None:
+        self.service = service
+        self.name: str = service.name
+        self.policy = policy
+        self.owner = owner
+        self.tracker = RestartTracker(policy)
+        self.state = _ST.STOPPED  # not started yet
+        self.restarts = 0
+        self.started_at: float | None = None
+        self.last_error: BaseException | None = None
+        self.runner: asyncio.Task[None] | None = None
+        self.ready: asyncio.Future[None] | None = None
+        self.stopping = False
+
+    def status(self) -> ServiceStatus:
+        """A snapshot for :meth:`Supervisor.status`."""
+        return ServiceStatus(self.name, self.state, self.restarts, self.started_at, self.last_error)
+
+    def end(self, state: ServiceState) -> None:
+        """Enter a final state; whoever waits for readiness stops waiting."""
+        self.state = state
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_result(None)
+
+    def __repr__(self) -> str:
+        return f"<Supervised {self.name!r} {self.state.value} restarts={self.restarts}>"
+
+    # -- the runner ------------------------------------------------------------------------
+
+    async def supervise(self) -> None:
+        """Run the service until it ends for good: start, wait, apply the restart policy."""
+        loop = asyncio.get_running_loop()
+        sv, svc = self.owner.name, self.service
+        while True:
+            self.state = _ST.STARTING
+            logger.info("%s: starting service %r", sv, self.name)
+            crash: Exception | None = None
+            try:
+                await svc.start()
+            except Exception as exc:
+                crash = exc
+            else:
+                self.state, self.started_at = _ST.RUNNING, time.time()
+                logger.info("%s: service %r is ready", sv, self.name)
+                if self.ready is not None and not self.ready.done():
+                    self.ready.set_result(None)
+                try:
+                    await svc.wait()
+                except Exception as exc:
+                    crash = exc
+            if self.stopping:
+                # The shutdown owns the state from here, but an error on the way
+                # out (a cleanup that failed) is still worth knowing about.
+                if crash is not None:
+                    self._crashed_while_stopping(crash)
+                return
+            if self.owner._shutting_down():
+                # Shutting down, not yet this service's turn: an end or crash now
+                # is final, never a reason to start it again.
+                if crash is not None:
+                    self._crashed_while_stopping(crash)
+                self.end(_ST.STOPPED)
+                return
+            if crash is None:
+                if not self.policy.restarts_after(crashed=False):
+                    logger.info("%s: service %r returned; it is stopped", sv, self.name)
+                    self.end(_ST.STOPPED)
+                    self.owner._check_all_ended()
+                    return
+                logger.info("%s: service %r returned (restart='always')", sv, self.name)
+            elif isinstance(crash, ServiceInterrupted):
+                self.last_error = crash
+                logger.warning("%s: %s", sv, crash)
+                self.end(_ST.STOPPED)
+                self.owner._interrupted(self)
+                return
+            else:
+                self.last_error = crash
+                logger.error("%s: service %r crashed: %r", sv, self.name, crash, exc_info=crash)
+                if not self.policy.restarts_after(crashed=True):
+                    self.owner._fail(self, crash, "it crashed and its policy is restart='no'")
+                    return
+            delay = self.tracker.next_delay(loop.time())
+            if delay is None:
+                p = self.policy
+                why = (
+                    f"it needed more than max_restarts={p.max_restarts} restarts within "
+                    f"restart_window={p.restart_window:g}s"
+                )
+                self.owner._fail(self, crash, why)
+                return
+            self.state = _ST.RESTARTING
+            # Counted once it happens: a stop during the backoff cancels it.
+            upcoming = self.restarts + 1
+            if delay < math.inf:
+                logger.warning(
+                    "%s: restarting service %r in %.2fs (restart #%d)",
+                    sv,
+                    self.name,
+                    delay,
+                    upcoming,
+                )
+            else:
+                logger.warning(
+                    "%s: service %r waits for the supervisor to stop: its backoff is "
+                    "infinite, so restart #%d never comes",
+                    sv,
+                    self.name,
+                    upcoming,
+                )
+            await asyncio.sleep(delay)
+            if self.owner._shutting_down():
+                self.end(_ST.STOPPED)
+                return
+            self.restarts = upcoming
+
+    def _crashed_while_stopping(self, crash: BaseException) -> None:
+        self.last_error = crash
+        logger.error(
+            "%s: service %r crashed while stopping: %r",
+            self.owner.name,
+            self.name,
+            crash,
+            exc_info=crash,
+        )
+
+    # -- the stop --------------------------------------------------------------------------
+
+    async def stop(self, deadline: float) -> None:
+        """Stop the service politely by ``deadline`` (loop time), else kill it; never raises.
+
+        Returns by ``max(deadline, now + LAST_CHANCE) + LAST_CHANCE`` whatever the
+        service's ``stop()`` does: one that ignores its cancellation is left behind.
+        """
+        loop = asyncio.get_running_loop()
+        sv, runner = self.owner.name, self.runner
+        if self.state in (_ST.STOPPED, _ST.FAILED):
+            return
+        if runner is None:  # never started
+            self.end(_ST.STOPPED)
+            return
+        # The runner may already be done with the service still up: asyncio.run()
+        # on Python 3.10 cancels every task on Ctrl-C, runners included. So the
+        # state decides what to stop, not the runner.
+        self.stopping = True
+        if self.state is _ST.RESTARTING:  # sleeping before a restart: nothing runs
+            runner.cancel()
+            await asyncio.wait({runner})
+            self.end(_ST.STOPPED)
+            logger.info("%s: service %r stopped", sv, self.name)
+            return
+        was_starting = self.state is _ST.STARTING
+        self.state = _ST.STOPPING
+        logger.info("%s: stopping service %r", sv, self.name)
+        if was_starting:
+            runner.cancel()  # interrupt start(); stop() below cleans up what it began
+        polite = False
+        why = "did not stop within the grace period"
+        # A task, not wait_for(): on timeout, wait_for() waits for the cancelled
+        # stop() to end, which is forever if it swallows the cancellation.
+        stopper = loop.create_task(self.service.stop(), name=f"offloop-stop-{self.name}")
+        # One cutoff for the polite part, stop() and then the runner: each wait
+        # starting its own last chance made one service overrun by several.
+        cutoff = max(deadline, loop.time() + LAST_CHANCE)
+        try:
+            await asyncio.wait({stopper}, timeout=cutoff - loop.time())
+        except BaseException:  # the shutdown itself is cancelled: take the stop along
+            stopper.cancel()
+            raise
+        if not stopper.done():
+            stopper.cancel()
+            stopper.add_done_callback(self._late_stop_done)
+        elif stopper.cancelled():
+            pass  # stop() gave up by itself: no polite stop
+        elif (error := stopper.exception()) is not None:
+            self.last_error = error
+            logger.error("%s: stopping service %r raised", sv, self.name, exc_info=error)
+            why = "could not be stopped politely (its stop() raised)"
+        else:
+            await asyncio.wait({runner}, timeout=max(cutoff - loop.time(), 0))
+            polite = runner.done()
+        if not polite:
+            self._kill(why)
+            runner.cancel()
+            await asyncio.wait({runner}, timeout=LAST_CHANCE)
+        self.end(_ST.STOPPED)
+        logger.info("%s: service %r stopped", sv, self.name)
+
+    def _late_stop_done(self, stopper: asyncio.Task[None]) -> None:
+        # The stop() that outlived the grace period ended after all; its error
+        # still belongs in the log (and must not be reported as never retrieved).
+        if not stopper.cancelled() and (error := stopper.exception()) is not None:
+            logger.error(
+                "%s: stopping service %r raised after it was killed",
+                self.owner.name,
+                self.name,
+                exc_info=error,
+            )
+
+    def _kill(self, why: str) -> None:
+        sv = self.owner.name
+        logger.warning("%s: service %r %s; killed it", sv, self.name, why)
+        try:
+            abandoned = self.service.kill()
+        except Exception:
+            logger.exception("%s: killing service %r raised", sv, self.name)
+            return
+        for what in abandoned:
+            logger.warning("%s: service %r abandoned %s", sv, self.name, what)

@@ -1,0 +1,547 @@
+"""The Supervisor: runs services side by side, restarts them, stops them in bounded time.
+
+One *runner* task per service drives it through ``start()`` / ``wait()`` and
+applies its restart policy. Shutdown is a single task that stops the services
+in reverse order against one shared deadline (``grace``), then kills and
+abandons whatever is left, so it always ends in about ``grace`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, overload
+
+from .._core.errors import ServiceFailed
+from .._core.restart import RestartMode, RestartPolicy, check_seconds
+from .._core.validate import describe
+from .._services.base import Service
+from .._services.make import Isolate, make_fn_service
+from .status import ServiceState, ServiceStatus, SupervisorState
+from .supervised import Supervised
+
+if TYPE_CHECKING:
+    from .._detect.detector import BlockingDetector
+
+__all__ = ["Supervisor"]
+
+logger: Final = logging.getLogger("offloop.supervisor")
+
+F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound=Service)
+
+#: The threshold behind ``detect_blocking=True``; the detector's own default.
+DEFAULT_BLOCK_THRESHOLD: Final = 0.1
+
+_counter = itertools.count(1)
+_ST = ServiceState
+_SV = SupervisorState
+
+
+class Supervisor:
+    """Runs services side by side: restarts them when they crash, stops them in bounded time.
+
+    Register ``async def`` / ``def`` functions with :meth:`service` and
+    adapters (or your own :class:`~offloop.Service` subclasses) with
+    :meth:`add`, then run them with ``async with sv:``, ``await sv.serve()`` or,
+    from a script, ``sv.run()``. A supervisor runs once.
+
+    Args:
+        grace: seconds the whole shutdown may take. Services are asked to stop
+            politely in reverse order; what is still running when the time is
+            up is killed (tasks cancelled, processes terminated, threads
+            abandoned and reported with their stack).
+        name: shown in logs and reprs.
+        detect_blocking: watch the supervisor's event loop with an
+            :class:`~offloop.BlockingDetector` while it runs: ``True`` for the
+            default threshold (0.1 s), or the threshold in seconds (0.01 to
+            86400, the detector's range). Each block
+            is logged with the line that blocked (``offloop.detector`` logger);
+            :attr:`detector` gives the report afterwards.
+
+    Raises:
+        TypeError, ValueError: ``grace`` is not a finite number of seconds >= 0,
+            or ``detect_blocking`` is neither a bool nor a number of seconds
+            from 0.01 to 86400.
+    """
+
+    def __init__(
+        self,
+        *,
+        grace: float = 5.0,
+        name: str | None = None,
+        detect_blocking: bool | float | None = None,
+    ) -> None:
+        # Finite: the signal watchdog waits grace plus a margin, and the
+        # shutdown's deadline is computed from it.
+        self.grace = check_seconds(grace, "grace", positive=False, finite=True)
+        self._block_threshold: float | None = None
+        if detect_blocking is True:
+            self._block_threshold = DEFAULT_BLOCK_THRESHOLD
+        elif detect_blocking is not None and detect_blocking is not False:
+            self._block_threshold = check_seconds(
+                detect_blocking, "detect_blocking", positive=True, finite=True
+            )
+            from .._detect.thresholds import threshold_out_of_range
+
+            # The detector's own range, checked now rather than when it starts.
+            problem = threshold_out_of_range(self._block_threshold, "detect_blocking")
+            if problem is not None:
+                raise ValueError(f"{problem}. Pass True for the default (0.1 s).")
+        self._detector: BlockingDetector | None = None
+        self.name = name if name is not None else f"supervisor-{next(_counter)}"
+        self._entries: dict[str, Supervised] = {}
+        self._state = _SV.NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._shutdown_requested: asyncio.Future[None] | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._failure: ServiceFailed | None = None
+        # A service's KeyboardInterrupt: raised again from 'async with', as Ctrl-C would be.
+        self._interrupt: BaseException | None = None
+        self._host_task: asyncio.Task[Any] | None = None
+        self._in_body = False
+        self._serving = 0
+        self._host_cancelled = False
+        self._stop_early = False
+
+    # -- registration ------------------------------------------------------------------
+
+    @overload
+    def service(self, fn: F, /) -> F: ...
+
+    @overload
+    def service(
+        self,
+        /,
+        *,
+        restart: RestartMode = ...,
+        backoff: float = ...,
+        max_backoff: float = ...,
+        max_restarts: int | None = ...,
+        restart_window: float = ...,
+        isolate: Isolate | None = ...,
+        name: str | None = ...,
+    ) -> Callable[[F], F]: ...
+
+    def service(
+        self,
+        fn: Any = None,
+        /,
+        *,
+        restart: RestartMode = "on-failure",
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_restarts: int | None = 5,
+        restart_window: float = 60.0,
+        isolate: Isolate | None = None,
+        name: str | None = None,
+    ) -> Any:
+        """Decorator: supervise a function as a service; the function is returned unchanged.
+
+        An ``async def`` runs as a task on the supervisor's loop and is stopped
+        by cancellation; with ``isolate="loop"`` it runs on its own
+        :class:`~offloop.LoopThread` (for coroutines that block their loop). A plain
+        ``def`` runs in its own thread named ``offloop-service-<name>``; if it
+        takes a parameter, it receives an :class:`~offloop.StopToken` that is
+        set when it must stop. ``isolate="process"`` runs either kind in a
+        child process (the function must be defined at a module's top level).
+
+        Args:
+            restart: ``"on-failure"`` (default) restarts after a crash,
+                ``"always"`` also after the function returned, ``"no"`` never
+                (a crash then fails the supervisor).
+            backoff, max_backoff: the restart delay starts at ``backoff`` and
+                doubles, with jitter, up to ``max_backoff`` seconds.
+            max_restarts, restart_window: more than ``max_restarts`` restarts
+                within ``restart_window`` seconds mark the service failed, and
+                the supervisor stops with :class:`~offloop.ServiceFailed`.
+            isolate: where the function runs (see above).
+            name: the service's name; defaults to the function's name.
+
+        Raises:
+            TypeError: ``fn`` is not a function, takes more than the token,
+                or ``isolate`` does not fit the function's kind.
+            ValueError: a policy value is out of range, or the name is taken.
+            NotPicklableError: ``isolate="process"`` with a function a child
+                process cannot import.
+            RuntimeError: the supervisor has already started.
+        """
+        policy = RestartPolicy(restart, backoff, max_backoff, max_restarts, restart_window)
+
+        def register(f: F) -> F:
+            self._add(make_fn_service(f, isolate, name), policy)
+            return f
+
+        if fn is None:
+            return register
+        return register(fn)
+
+    def add(
+        self,
+        service: S,
+        /,
+        *,
+        restart: RestartMode = "on-failure",
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_restarts: int | None = 5,
+        restart_window: float = 60.0,
+    ) -> S:
+        """Supervise ``service`` (an adapter or a :class:`~offloop.Service` subclass); return it.
+
+        The restart options mean the same as for :meth:`service`.
+
+        Raises:
+            TypeError: ``service`` is not a :class:`~offloop.Service`.
+            ValueError: a policy value is out of range, or the name is taken.
+            RuntimeError: the supervisor has already started.
+        """
+        if not isinstance(cast(object, service), Service):  # untyped callers exist
+            hint = (
+                " To supervise a function, decorate it with @sv.service instead."
+                if callable(service)
+                else ""
+            )
+            raise TypeError(
+                f"Supervisor.add() needs an offloop.Service (e.g. offloop.WSGIService(app)), "
+                f"got {describe(service)}.{hint}"
+            )
+        policy = RestartPolicy(restart, backoff, max_backoff, max_restarts, restart_window)
+        self._add(service, policy)
+        return service
+
+    def _add(self, service: Service, policy: RestartPolicy) -> None:
+        name = getattr(service, "name", None)
+        if self._state is not _SV.NEW:
+            raise RuntimeError(
+                f"Cannot add the service {name!r} to {self!r}: it has already started. "
+                f"Add every service before entering it (or calling serve() or run())."
+            )
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"{service!r} has no usable name (got {describe(name)}); a service needs a "
+                f"non-empty str 'name' attribute."
+            )
+        if any(e.service is service for e in self._entries.values()):
+            raise ValueError(f"{service!r} is already supervised by {self!r}.")
+        if name in self._entries:
+            raise ValueError(
+                f"{self!r} already has a service named {name!r}; pass name=... to give "
+                f"this one another name."
+            )
+        self._entries[name] = Supervised(service, policy, self)
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def state(self) -> SupervisorState:
+        """The supervisor's :class:`~offloop.SupervisorState`."""
+        return self._state
+
+    @property
+    def detector(self) -> BlockingDetector | None:
+        """The :class:`~offloop.BlockingDetector` watching the loop (``detect_blocking``), or None.
+
+        It exists from the start of the run on and keeps its
+        :meth:`~offloop.BlockingDetector.report` after the supervisor stopped.
+        """
+        return self._detector
+
+    @property
+    def services(self) -> dict[str, Service]:
+        """The supervised services by name, in start order."""
+        return {name: e.service for name, e in self._entries.items()}
+
+    def status(self) -> dict[str, ServiceStatus]:
+        """A snapshot of every service's :class:`~offloop.ServiceStatus`, by name, in start order.
+
+        Safe to call from any thread.
+        """
+        return {name: e.status() for name, e in list(self._entries.items())}
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for e in list(self._entries.values()):
+            counts[e.state.value] = counts.get(e.state.value, 0) + 1
+        detail = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no services"
+        return f"<Supervisor {self.name!r} {self._state.value} ({detail}) grace={self.grace:g}>"
+
+    # -- running -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Supervisor:
+        """Start every service in order, each once it is ready; return the supervisor.
+
+        Raises:
+            ServiceFailed: a service failed beyond its restart policy while
+                starting (the ones already started are stopped first).
+            RuntimeError: the supervisor was already entered or has run before.
+        """
+        if self._state is not _SV.NEW:
+            raise RuntimeError(self._illegal_start("enter"))
+        loop = asyncio.get_running_loop()
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        self._host_task = asyncio.current_task()
+        if self._block_threshold is not None:
+            from .._detect.detector import BlockingDetector
+
+            # Before the state changes: a detector that cannot start leaves the
+            # supervisor as it was, so it can be fixed and entered again.
+            self._detector = BlockingDetector(loop, threshold=self._block_threshold).start()
+        self._shutdown_requested = loop.create_future()
+        self._state = _SV.STARTING
+        logger.info("%s: starting %d service(s)", self.name, len(self._entries))
+        if self._stop_early:
+            self._request_shutdown("stop requested before start")
+        try:
+            for entry in self._entries.values():
+                if self._shutdown_requested.done():
+                    break
+                entry.ready = loop.create_future()
+                entry.runner = loop.create_task(
+                    entry.supervise(), name=f"offloop-supervise-{entry.name}"
+                )
+                entry.runner.add_done_callback(self._runner_done)
+                await asyncio.wait(
+                    {entry.ready, self._shutdown_requested}, return_when=asyncio.FIRST_COMPLETED
+                )
+        except BaseException:
+            # Cancelled while starting (Ctrl-C under asyncio.run): leave nothing behind.
+            await self._finish_shutdown(self._request_shutdown("start was interrupted"))
+            raise
+        if self._shutdown_requested.done():
+            await self._finish_shutdown(self._request_shutdown("stopping"))
+            if self._failure is not None:
+                raise self._failure
+        else:
+            self._state = _SV.RUNNING
+            logger.info("%s: all %d service(s) ready", self.name, len(self._entries))
+            self._check_all_ended()
+        self._in_body = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop every service in reverse order, in about ``grace`` seconds at most.
+
+        Raises:
+            ServiceFailed: a service failed beyond its restart policy (unless
+                the block raised an exception of its own, which then propagates).
+        """
+        self._in_body = False
+        await self._finish_shutdown(self._request_shutdown("leaving 'async with'"))
+        cancelled_here = self._host_cancelled and exc_type is asyncio.CancelledError
+        failed = self._failure is not None and (exc_type is None or cancelled_here)
+        # A service's KeyboardInterrupt ends a body it cut short as Ctrl-C would,
+        # even one that caught the cancellation; a body that ended by itself
+        # (serve() returned, so it was never cut short) ends normally.
+        interrupted = (
+            self._interrupt is not None
+            and self._host_cancelled
+            and exc_type in (None, asyncio.CancelledError)
+        )
+        if failed or interrupted:
+            if self._host_cancelled and self._host_task is not None:
+                uncancel = getattr(self._host_task, "uncancel", None)  # Python >= 3.11
+                if uncancel is not None:
+                    uncancel()
+            if self._failure is not None:
+                raise self._failure
+            raise KeyboardInterrupt from self._interrupt
+
+    async def serve(self) -> None:
+        """Run the services until :meth:`stop` is called, every service ended, or one failed.
+
+        Starts and stops them itself when called on a new supervisor; inside
+        ``async with sv:`` it just waits.
+
+        Raises:
+            ServiceFailed: a service failed beyond its restart policy.
+            RuntimeError: the supervisor has already run.
+        """
+        if self._state is _SV.NEW:
+            async with self:
+                await self._serve_inside()
+            return
+        if not self._in_body:
+            raise RuntimeError(self._illegal_start("serve"))
+        await self._serve_inside()
+
+    async def _serve_inside(self) -> None:
+        assert self._shutdown_requested is not None
+        self._serving += 1
+        try:
+            await asyncio.wait({self._shutdown_requested})
+            assert self._shutdown_task is not None
+            await self._finish_shutdown(self._shutdown_task)
+        finally:
+            self._serving -= 1
+        if self._failure is not None:
+            raise self._failure
+
+    def run(self) -> int:
+        """Run the services on a new event loop until stopped; the blocking entry point for scripts.
+
+        Installs SIGINT and SIGTERM handlers (in the main thread): the first
+        signal stops the services gracefully (within ``grace`` seconds) and
+        ``run()`` returns 0; a second one exits the process at once with code
+        ``128 + signal number``.
+
+        Returns:
+            0 once every service has stopped.
+
+        Raises:
+            ServiceFailed: a service failed beyond its restart policy.
+            RuntimeError: called from a running event loop (use ``await
+                sv.serve()`` there), or the supervisor has already run.
+        """
+        from .signals import run_with_signals
+
+        return run_with_signals(self, self.serve)
+
+    def stop(self) -> None:
+        """Ask the supervisor to stop every service; returns at once. Thread-safe.
+
+        Stopping an already stopping or stopped supervisor does nothing. A stop
+        asked before the supervisor has started is kept: it stops as soon as
+        it starts, before starting any service. So ``sv.stop()`` from another
+        thread just after ``Thread(target=sv.run).start()`` is never lost,
+        whichever thread gets there first.
+        """
+        self._request_stop_threadsafe("stop() was called")
+
+    def _request_stop_threadsafe(self, reason: str, *, defer: bool = False) -> None:
+        # defer: always go through the loop (a signal handler must not run
+        # the shutdown in the middle of whatever the loop was doing).
+        loop = self._loop
+        if loop is None:  # not started yet: stop as soon as it does
+            self._stop_early = True
+            loop = self._loop
+            if loop is None:
+                return
+            # The start got its loop meanwhile and may have checked the flag already.
+        if not defer and threading.get_ident() == self._loop_thread:
+            self._request_shutdown(reason)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: all stopped already
+            loop.call_soon_threadsafe(self._request_shutdown, reason)
+
+    def _illegal_start(self, action: str) -> str:
+        if self._state in (_SV.STARTING, _SV.RUNNING):
+            if action == "enter":
+                return (
+                    f"Cannot enter {self!r} again: it is already running. A supervisor is "
+                    f"entered once; use a second Supervisor for a second set of services."
+                )
+            return f"Cannot serve() {self!r} while it is still starting; await __aenter__ first."
+        if self._state is _SV.STOPPING:
+            return f"Cannot {action} {self!r}: it is stopping."
+        return (
+            f"Cannot {action} {self!r}: it has already run and stopped. A supervisor runs "
+            f"once; create a new Supervisor to run the services again."
+        )
+
+    def _shutting_down(self) -> bool:
+        """Whether the shutdown has begun (it is never undone)."""
+        return self._shutdown_task is not None
+
+    def _runner_done(self, runner: asyncio.Task[None]) -> None:
+        # Service errors are handled inside the runner; anything escaping it is
+        # a bug in offloop, reported instead of vanishing with the task.
+        if not runner.cancelled() and runner.exception() is not None:
+            logger.error(
+                "%s: supervision task %s crashed",
+                self.name,
+                runner.get_name(),
+                exc_info=runner.exception(),
+            )
+
+    # -- called by the Supervised records ---------------------------------------------------
+
+    def _fail(self, e: Supervised, crash: BaseException | None, why: str) -> None:
+        e.end(_ST.FAILED)
+        if self._failure is not None:
+            return  # the first failure is the one reported
+        if crash is None:
+            crash = e.last_error  # ended normally this time, but crashed before
+        last = f"; last error: {crash!r}" if crash is not None else ""
+        failure = ServiceFailed(f"Service {e.name!r} failed: {why}{last}.", service=e.name)
+        failure.__cause__ = crash
+        self._failure = failure
+        logger.error("%s: %s Stopping the other services.", self.name, failure)
+        self._request_shutdown(f"service {e.name!r} failed")
+        # Like a TaskGroup: interrupt the 'async with' body so the failure surfaces now.
+        self._cut_body_short(f"service {e.name!r} failed")
+
+    def _interrupted(self, e: Supervised) -> None:
+        if self._failure is not None or self._interrupt is not None:
+            return  # already stopping for a reason reported first
+        self._interrupt = e.last_error
+        self._request_shutdown(f"service {e.name!r} raised KeyboardInterrupt")
+        # As Ctrl-C does: the 'async with' body stops now, not when it ends.
+        self._cut_body_short(f"service {e.name!r} raised KeyboardInterrupt")
+
+    def _cut_body_short(self, why: str) -> None:
+        # Only a body that waits on its own: serve() ends with the shutdown anyway.
+        host = self._host_task
+        if self._in_body and not self._serving and host is not None and not host.done():
+            self._host_cancelled = True
+            host.cancel(f"offloop: {why}")
+
+    def _check_all_ended(self) -> None:
+        if self._state is _SV.RUNNING and all(
+            e.state in (_ST.STOPPED, _ST.FAILED) for e in self._entries.values()
+        ):
+            self._request_shutdown("every service has ended")
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def _request_shutdown(self, reason: str) -> asyncio.Task[None]:
+        if self._shutdown_task is None:
+            loop = self._loop
+            assert loop is not None
+            assert self._shutdown_requested is not None
+            if self._state is not _SV.STOPPED:
+                self._state = _SV.STOPPING
+            logger.info("%s: stopping (%s), grace %gs", self.name, reason, self.grace)
+            self._shutdown_task = loop.create_task(
+                self._shutdown(), name=f"offloop-shutdown-{self.name}"
+            )
+            self._shutdown_requested.set_result(None)
+        return self._shutdown_task
+
+    async def _finish_shutdown(self, task: asyncio.Task[None]) -> None:
+        # The shutdown is bounded by grace, so waiting it out even when we are
+        # cancelled keeps "no service outlives the supervisor" true.
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait({task})
+            raise
+
+    async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace
+        left = list(reversed(self._entries.values()))
+        while left and loop.time() < deadline:
+            await left.pop(0).stop(deadline)
+        if left:
+            # The grace period is used up: the rest get their last chance side by
+            # side, so the overrun is one LAST_CHANCE, not one per service.
+            now = loop.time()
+            await asyncio.gather(*(e.stop(now) for e in left))
+        if self._detector is not None:
+            # Joins the monitor thread, which only sleeps between heartbeats:
+            # it wakes on the stop request, so the loop waits a moment at most.
+            self._detector.stop()
+        self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
+        logger.info("%s: stopped", self.name)

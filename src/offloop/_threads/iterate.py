@@ -1,0 +1,355 @@
+"""``threaded`` and ``iterate``: sync functions and iterators, made awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from types import TracebackType
+from typing import Any, Final, Generic, ParamSpec, TypeVar, final, overload
+
+from .._core.errors import PoolClosedError
+from .._core.offload import OffloadFuture
+from .._core.token import StopToken, current_token, thread_state
+from .._core.validate import check_positive_int, check_sync_callable, describe
+from .pool import ThreadPool
+from .tothread import default_pool
+
+__all__ = ["ThreadedIterator", "iterate", "threaded"]
+
+logger: Final = logging.getLogger("offloop")
+
+_get_running_loop: Final = asyncio._get_running_loop
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+#: Items a producer thread may run ahead of the consumer by default.
+DEFAULT_BUFFER: Final = 16
+
+
+@overload
+def threaded(fn: Callable[P, R], /) -> Callable[P, OffloadFuture[R]]: ...
+
+
+@overload
+def threaded(
+    *, pool: ThreadPool | None = None
+) -> Callable[[Callable[P, R]], Callable[P, OffloadFuture[R]]]: ...
+
+
+def threaded(
+    fn: Callable[P, R] | None = None, /, *, pool: ThreadPool | None = None
+) -> Callable[P, OffloadFuture[R]] | Callable[[Callable[P, R]], Callable[P, OffloadFuture[R]]]:
+    """Decorate a blocking function so that calling it returns an awaitable.
+
+    ::
+
+        @offloop.threaded
+        def read_config(path: str) -> dict[str, str]: ...
+
+        config = await read_config("app.toml")   # runs in a worker thread
+
+    ``@offloop.threaded(pool=my_pool)`` sends the calls to ``my_pool`` instead
+    of the default pool. The signature is kept for type checkers; the result is
+    an :class:`OffloadFuture`, exactly what :func:`to_thread` returns.
+
+    Raises:
+        TypeError: the decorated object is not callable, or is a coroutine function.
+    """
+    if pool is not None and not isinstance(pool, ThreadPool):
+        raise TypeError(f"offloop.threaded(pool=...) needs a ThreadPool, got {describe(pool)}.")
+
+    def decorate(func: Callable[P, R]) -> Callable[P, OffloadFuture[R]]:
+        if not callable(func):
+            raise TypeError(
+                f"offloop.threaded decorates a function, but got {describe(func)}. Put "
+                f"@offloop.threaded (or @offloop.threaded(pool=...)) above a 'def'; for a "
+                f"single call use 'await offloop.to_thread(fn, *args)'."
+            )
+        check_sync_callable(func, "offloop.threaded", "offloop.to_loop()")
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
+            if _get_running_loop() is None:
+                name = getattr(func, "__name__", "fn")
+                raise RuntimeError(
+                    f"{describe(func)} is decorated with @offloop.threaded, so calling it "
+                    f"returns an awaitable that runs it in a worker thread, and it was called "
+                    f"with no event loop running in this thread. Call it from a coroutine "
+                    f"('await {name}(...)'); in sync code call the undecorated function, "
+                    f"{name}.__wrapped__(...)."
+                )
+            return (pool or default_pool()).run(func, *args, **kwargs)
+
+        return wrapper
+
+    if fn is None:
+        return decorate
+    return decorate(fn)
+
+
+#: The stop token's reason when the consumer closed the iterator.
+_CLOSED: Final = "iterator closed"
+
+# What the producer thread hands to the loop.
+_ITEM: Final = 0
+_END: Final = 1
+_ERROR: Final = 2
+
+
+class _Shared(Generic[T]):
+    """State shared by the consumer and the producer thread.
+
+    The producer holds only this, never the public iterator, so dropping the
+    iterator (``break`` out of ``async for``) lets its ``__del__`` stop the
+    producer even though the producer is still running.
+    """
+
+    def __init__(self, iterable: Iterable[T], buffer: int) -> None:
+        self.iterable = iterable
+        self.space = threading.Semaphore(buffer)
+        self.stop = False
+        self.items: deque[tuple[int, Any]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.finished = False
+        self.token: StopToken | None = None
+        # Set by aclose(), which then raises a failure of the source's close();
+        # without it (the iterator was dropped), producer_done() logs it.
+        self.close_awaited = False
+
+    def request_stop(self) -> None:
+        if not self.stop:
+            self.stop = True
+            self.space.release()  # wake the producer if it waits for room
+            token = self.token
+            if token is not None:
+                token.set(_CLOSED)  # and a source that polls its token
+
+    def producer(self) -> Callable[[], None]:
+        """The function the worker runs, named after the source for logs and messages."""
+
+        def produce() -> None:
+            self.produce()
+
+        source = self.iterable
+        name = getattr(source, "__qualname__", None) or type(source).__name__
+        produce.__qualname__ = produce.__name__ = f"{name} (iterated by offloop.iterate())"
+        return produce
+
+    def produce(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        post = loop.call_soon_threadsafe
+        token = self.token = current_token()
+        token.add_callback(lambda _: self.request_stop())
+        iterator = None
+        try:
+            iterator = iter(self.iterable)
+            while True:
+                self.space.acquire()
+                if self.stop:
+                    if not self.finished:  # not the consumer's doing: its pool is closing
+                        post(
+                            self.deliver,
+                            _ERROR,
+                            _stopped_early(f"its stop token was set: {token.reason!r}"),
+                        )
+                    return
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    post(self.deliver, _END, None)
+                    return
+                post(self.deliver, _ITEM, item)
+                del item
+        except BaseException as exc:  # handed to the consumer, like an item
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody to tell
+                post(self.deliver, _ERROR, exc)
+        finally:
+            # Runs the generator's own ``finally`` here, in the thread that ran it.
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                if token.reason == _CLOSED:
+                    # The consumer closed the iterator and waits for this
+                    # cleanup, which may need the loop (from_thread): give it a
+                    # token that only the pool closing or the wait's
+                    # cancellation sets, not the close that asked for it.
+                    call = thread_state.call
+                    if isinstance(call, OffloadFuture):
+                        call._token = StopToken()
+                close()
+
+    def deliver(self, kind: int, value: Any) -> None:
+        self.items.append((kind, value))
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def producer_done(self, fut: OffloadFuture[None]) -> None:
+        # The producer reports the end itself; this covers what it could not:
+        # the pool closing before it started, or its call being cancelled.
+        if fut.cancelled():
+            exc: BaseException | None = asyncio.CancelledError()
+        else:
+            exc = fut.exception()
+        if exc is not None and not self.finished:
+            if isinstance(exc, PoolClosedError | asyncio.CancelledError):
+                exc = _stopped_early(type(exc).__name__)
+            self.deliver(_ERROR, exc)
+        elif not self.finished:
+            self.deliver(_END, None)
+        elif (
+            exc is not None
+            and not self.close_awaited
+            and not isinstance(exc, PoolClosedError | asyncio.CancelledError)
+        ):
+            logger.error(
+                "offloop.iterate(): closing the source %r raised", self.iterable, exc_info=exc
+            )
+
+
+def _stopped_early(why: str) -> PoolClosedError:
+    return PoolClosedError(
+        f"The thread producing items for offloop.iterate() stopped before the source was "
+        f"exhausted ({why}); create a new iterator, on an open pool."
+    )
+
+
+@final
+class ThreadedIterator(AsyncIterator[T]):
+    """The async iterator returned by :func:`iterate`.
+
+    Use it with ``async for``; ``aclose()`` (or ``async with``) stops the
+    producer thread and waits until the source's ``finally`` has run.
+    """
+
+    def __init__(self, iterable: Iterable[T], buffer: int, pool: ThreadPool | None) -> None:
+        self._shared: _Shared[T] = _Shared(iterable, buffer)
+        self._pool = pool
+        self._producer: OffloadFuture[None] | None = None
+
+    def __aiter__(self) -> ThreadedIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        shared = self._shared
+        if shared.finished:
+            raise StopAsyncIteration
+        if self._producer is None:
+            shared.loop = asyncio.get_running_loop()
+            self._producer = (self._pool or default_pool()).run(shared.producer())
+            self._producer.add_done_callback(shared.producer_done)
+        while not shared.items:
+            if self._shared.finished:
+                raise StopAsyncIteration
+            if shared.waiter is not None:
+                raise RuntimeError(
+                    f"{self!r} is already awaited by another task: two tasks cannot take "
+                    f"items from one iterator at once. Give each task its own "
+                    f"offloop.iterate(), or hand items out through an asyncio.Queue."
+                )
+            waiter = shared.waiter = shared.loop.create_future()  # type: ignore[union-attr]
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                shared.request_stop()
+                self._shared.finished = True
+                raise
+            finally:
+                shared.waiter = None
+        kind, value = shared.items.popleft()
+        if kind == _ITEM:
+            shared.space.release()
+            return value  # type: ignore[no-any-return]
+        self._shared.finished = True
+        shared.request_stop()
+        if kind == _END:
+            raise StopAsyncIteration
+        raise value
+
+    async def aclose(self) -> None:
+        """Stop the producer and wait until the source's ``finally`` has run.
+
+        An exception raised while closing the source (in a generator's
+        ``finally``) is raised here, as ``generator.close()`` would raise it.
+        """
+        shared = self._shared
+        shared.finished = True
+        shared.request_stop()
+        waiter = shared.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # a task waiting for the next item ends its iteration
+        producer = self._producer
+        if producer is None or shared.close_awaited:
+            return
+        shared.close_awaited = True
+        if not producer.done():
+            await asyncio.shield(producer)
+        elif not producer.cancelled():
+            producer.result()
+
+    async def __aenter__(self) -> ThreadedIterator[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # ``break`` out of ``async for`` drops the iterator: stop the producer
+        # (it closes the source in its own thread, no loop needed).
+        shared = getattr(self, "_shared", None)
+        if shared is not None:
+            shared.finished = True  # nobody reads items any more
+            shared.request_stop()
+
+    def __repr__(self) -> str:
+        state = (
+            "finished" if self._shared.finished else "running" if self._producer else "not started"
+        )
+        return f"<ThreadedIterator {state}, {len(self._shared.items)} buffered>"
+
+
+def iterate(
+    iterable: Iterable[T], *, buffer: int = DEFAULT_BUFFER, pool: ThreadPool | None = None
+) -> ThreadedIterator[T]:
+    """Iterate a blocking iterable or generator from async code.
+
+    A worker thread pulls items and runs at most ``buffer`` items ahead of the
+    consumer (backpressure)::
+
+        async for line in offloop.iterate(open("big.log")):
+            await handle(line)
+
+    Breaking out of the loop, cancelling the consuming task or calling
+    ``aclose()`` stops the producer, closes a generator source (its
+    ``finally`` runs, in the worker) and frees the worker. Exceptions raised
+    by the source propagate to the consumer.
+
+    Raises:
+        TypeError: ``iterable`` is not iterable, or ``buffer`` is not an int.
+        ValueError: ``buffer`` is less than 1.
+    """
+    check_positive_int(buffer, "offloop.iterate(buffer=...)", allow_none=False)
+    source: object = iterable  # checked at run time whatever the annotation says
+    if not isinstance(source, Iterable):
+        if hasattr(source, "__aiter__"):
+            raise TypeError(
+                f"offloop.iterate() takes a sync iterable, but got the async iterable "
+                f"{describe(iterable)}: use 'async for' on it directly."
+            )
+        raise TypeError(f"offloop.iterate() needs an iterable, got {describe(iterable)}.")
+    if pool is not None and not isinstance(pool, ThreadPool):
+        raise TypeError(f"offloop.iterate(pool=...) needs a ThreadPool, got {describe(pool)}.")
+    return ThreadedIterator(iterable, buffer, pool)

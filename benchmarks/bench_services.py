@@ -1,12 +1,12 @@
 """The bot's tick lateness while Flask serves a burst of requests, and what stopping costs.
 
-The seed's program: a bot coroutine ticks every millisecond on the event loop
+A chat-bot program: a bot coroutine ticks every millisecond on the event loop
 while 8 client threads send ``REQUESTS`` real HTTP requests to a Flask app in
 the same process. Cases, interleaved round after round in one process:
 
 - Flask through ``offloop.WSGIService`` (werkzeug, then waitress) under an
   ``offloop.Supervisor``;
-- the seed's naive recipe, ``threading.Thread(target=app.run, daemon=True)``
+- the naive recipe, ``threading.Thread(target=app.run, daemon=True)``
   (it cannot be stopped: every round leaves its server thread behind, which
   is the point);
 - the bot alone, without any load (the floor).

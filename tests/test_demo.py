@@ -1,4 +1,4 @@
-"""``python -m offloop demo``: the seed's full program, run as a real subprocess."""
+"""``python -m offloop demo``: the chat-bot program of examples/, run as a real subprocess."""
 
 from __future__ import annotations
 
@@ -111,29 +111,29 @@ def test_ctrl_c_stops_the_demo_cleanly() -> None:
 
 
 def test_a_missing_program_is_a_clear_error(tmp_path: Path) -> None:
-    from offloop._cli.demo import load_seed_app
+    from offloop._cli.demo import load_demo_program
 
     with pytest.raises(FileNotFoundError, match="or run the demo from a source checkout"):
-        load_seed_app(tmp_path / "seed_app.py")
+        load_demo_program(tmp_path / "chatbot.py")
 
 
 def test_without_a_checkout_the_demo_loads_the_installed_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A wheel puts examples/seed_app.py under <data>/share/offloop/examples
+    # A wheel puts examples/chatbot.py under <data>/share/offloop/examples
     # (pyproject's data-files); the demo falls back to it outside a checkout.
     import sysconfig
 
     from offloop._cli import demo as _demo
 
-    pyproject = (_demo.SEED_APP.parents[1] / "pyproject.toml").read_text()
-    assert '"share/offloop/examples" = ["examples/seed_app.py"]' in pyproject
-    installed = tmp_path / "share" / "offloop" / "examples" / "seed_app.py"
+    pyproject = (_demo.DEMO_PROGRAM.parents[1] / "pyproject.toml").read_text()
+    assert '"share/offloop/examples" = ["examples/chatbot.py"]' in pyproject
+    installed = tmp_path / "share" / "offloop" / "examples" / "chatbot.py"
     installed.parent.mkdir(parents=True)
-    installed.write_text(_demo.SEED_APP.read_text() + "\nINSTALLED_COPY = True\n")
-    monkeypatch.setattr(_demo, "SEED_APP", tmp_path / "no-checkout" / "seed_app.py")
+    installed.write_text(_demo.DEMO_PROGRAM.read_text() + "\nINSTALLED_COPY = True\n")
+    monkeypatch.setattr(_demo, "DEMO_PROGRAM", tmp_path / "no-checkout" / "chatbot.py")
     monkeypatch.setattr(sysconfig, "get_path", lambda name, *scheme: str(tmp_path))
-    module = _demo.load_seed_app()
+    module = _demo.load_demo_program()
     assert module.INSTALLED_COPY is True
     assert callable(module.run)
 

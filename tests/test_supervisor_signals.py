@@ -212,7 +212,7 @@ sv = offloop.Supervisor(grace=float(sys.argv[1]), name="blocked")
 async def http_service():
     print("blocking the loop", flush=True)
     while True:
-        time.sleep(0.05)  # the seed's bug: blocking inside async def
+        time.sleep(0.05)  # the bug: blocking inside async def
 
 
 sys.exit(sv.run())
@@ -252,7 +252,7 @@ def test_a_blocked_loop_still_exits_after_grace_naming_the_blocking_line(
         assert proc.exit_code(timeout=0.2 + FORCE_MARGIN + 5.0) == 128 + signal.SIGTERM
         out = proc.output
     assert f"blocked: still not stopped {0.2 + FORCE_MARGIN:g}s after SIGTERM" in out
-    assert "in http_service\n    time.sleep(0.05)  # the seed's bug" in out
+    assert "in http_service\n    time.sleep(0.05)  # the bug" in out
 
 
 def test_ctrl_c_under_plain_asyncio_run_still_stops_every_service(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
-"""``offloop demo``: the seed's program, done right (source: ``examples/seed_app.py``).
+"""``offloop demo``: a chat-bot program, done right (source: ``examples/chatbot.py``).
 
 A chat-bot coroutine, a Flask app served through :class:`~offloop.WSGIService`,
-an aiohttp app, a :class:`~offloop.WatchService` on a temporary folder and the
-seed's ``while True`` loop in a thread, all under one
+an aiohttp app, a :class:`~offloop.WatchService` on a temporary folder and a
+``while True`` loop in a thread, all under one
 :class:`~offloop.Supervisor`. Ctrl-C stops it within a second; ``--seconds N``
 stops it by itself.
 """
@@ -21,13 +21,13 @@ from typing import Any, Final
 
 #: The program lives in the repository's examples/, where users read it; a
 #: wheel installs the same file under <data>/share/offloop/examples/.
-SEED_APP: Final = Path(__file__).resolve().parents[3] / "examples" / "seed_app.py"
-_INSTALLED: Final = Path("share", "offloop", "examples", "seed_app.py")
+DEMO_PROGRAM: Final = Path(__file__).resolve().parents[3] / "examples" / "chatbot.py"
+_INSTALLED: Final = Path("share", "offloop", "examples", "chatbot.py")
 
 
-def seed_app_candidates() -> list[Path]:
+def demo_program_candidates() -> list[Path]:
     """Where the demo's program may be: the source checkout, then installed data dirs."""
-    found = [SEED_APP]
+    found = [DEMO_PROGRAM]
     for scheme in (None, f"{os.name}_user"):
         try:
             data = sysconfig.get_path("data", scheme) if scheme else sysconfig.get_path("data")
@@ -41,8 +41,8 @@ def seed_app_candidates() -> list[Path]:
 NEEDS: Final = {"flask": "flask", "aiohttp": "aiohttp", "watchdog": "watch"}
 
 
-def load_seed_app(path: Path | None = None) -> ModuleType:
-    """Import ``examples/seed_app.py`` by its path (by default, the first that exists).
+def load_demo_program(path: Path | None = None) -> ModuleType:
+    """Import ``examples/chatbot.py`` by its path (by default, the first that exists).
 
     Raises:
         FileNotFoundError: offloop was installed without its examples folder.
@@ -50,7 +50,7 @@ def load_seed_app(path: Path | None = None) -> ModuleType:
     """
     from .._core.extras import require
 
-    candidates = [path] if path is not None else seed_app_candidates()
+    candidates = [path] if path is not None else demo_program_candidates()
     path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         raise FileNotFoundError(
@@ -60,7 +60,7 @@ def load_seed_app(path: Path | None = None) -> ModuleType:
         )
     for package, extra in NEEDS.items():
         require(package, extra, feature="offloop demo")
-    spec = importlib.util.spec_from_file_location("offloop_seed_app", path)
+    spec = importlib.util.spec_from_file_location("offloop_demo_chatbot", path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -82,18 +82,18 @@ def _handle(args: argparse.Namespace) -> int:
             return 2
 
     try:
-        seed_app = load_seed_app()
+        program = load_demo_program()
     except (FileNotFoundError, MissingExtraError) as exc:
         print(f"offloop demo: {exc}", file=sys.stderr)
         return 2
-    return int(seed_app.run(seconds=args.seconds, interval=args.interval))
+    return int(program.run(seconds=args.seconds, interval=args.interval))
 
 
 def register(subparsers: Any) -> None:
     """Add the ``demo`` subcommand."""
     parser = subparsers.add_parser(
         "demo",
-        help="run the seed's program: a bot, Flask, aiohttp, a file watcher and a while-True loop",
+        help="run the demo program: a bot, Flask, aiohttp, a file watcher and a while-True loop",
         # The docstring's reST quotes read as noise in a terminal.
         description=__doc__.splitlines()[0].replace("``", "") if __doc__ else None,
     )

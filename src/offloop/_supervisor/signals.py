@@ -5,8 +5,8 @@ second one means the user has run out of patience, so the process exits at
 once with ``128 + signal number`` (the shell's convention for "killed by").
 
 The handlers are plain ``signal.signal`` handlers, not the loop's: those run
-only when the loop gets a turn, so a coroutine blocking the loop (the seed's
-very bug) would make the process deaf to Ctrl-C. A Python handler runs on
+only when the loop gets a turn, so a coroutine blocking the loop (the very
+bug offloop exists for) would make the process deaf to Ctrl-C. A Python handler runs on
 the main thread between bytecodes even then; and a watchdog thread ends the
 process if the stop has not finished ``grace`` (plus a margin) after the
 first signal, naming the line the loop is stuck on.

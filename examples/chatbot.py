@@ -1,4 +1,4 @@
-"""The seed's program, done right: a bot, Flask, aiohttp, a file watcher and a ``while True`` loop.
+"""A chat-bot program, done right: a bot, Flask, aiohttp, a file watcher and a ``while True`` loop.
 
 One process runs, side by side and under one :class:`offloop.Supervisor`:
 
@@ -8,13 +8,13 @@ One process runs, side by side and under one :class:`offloop.Supervisor`:
 - ``aiohttp``: an aiohttp app on the same event loop (:class:`offloop.AiohttpService`);
 - ``watcher``: a watchdog observer on a folder (:class:`offloop.WatchService`),
   its events handled by an ``async def`` on the loop;
-- ``loop``: the seed's ``while True`` + ``time.sleep`` loop, in its own thread,
+- ``loop``: a ``while True`` + ``time.sleep`` loop, in its own thread,
   writing a file into the watched folder on every turn; its
   :class:`offloop.StopToken` replaces the sleep so it stops at once.
 
 Ctrl-C stops everything within a second (``grace=1``). Run it with
-``python -m offloop demo`` or ``python examples/seed_app.py [--seconds N]``,
-or under the CLI with ``python -m offloop run examples.seed_app:build``.
+``python -m offloop demo`` or ``python examples/chatbot.py [--seconds N]``,
+or under the CLI with ``python -m offloop run examples.chatbot:build``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def say(who: str, message: str) -> None:
 def build(
     folder: Path | None = None, *, interval: float = 0.5, seconds: float | None = None
 ) -> offloop.Supervisor:
-    """The supervisor with every part of the seed's program.
+    """The supervisor with every part of the program.
 
     Args:
         folder: the folder the loop writes to and the watcher watches (a new
@@ -65,11 +65,11 @@ def build_with_stats(
     folder: Path, *, interval: float, seconds: float | None
 ) -> tuple[offloop.Supervisor, dict[str, int]]:
     """:func:`build`, plus the counters the parts update (for the final summary)."""
-    sv = offloop.Supervisor(grace=1.0, name="seed")
+    sv = offloop.Supervisor(grace=1.0, name="chatbot")
     stats = {"bot_ticks": 0, "files_written": 0, "files_seen": 0, "requests_ok": 0}
 
     # -- Flask: blocking WSGI code, served from threads --------------------------------
-    flask_app = flask.Flask("seed_app")
+    flask_app = flask.Flask("chatbot")
 
     @flask_app.get("/")
     def hello() -> dict[str, Any]:
@@ -98,7 +98,7 @@ def build_with_stats(
 
     sv.add(offloop.WatchService(folder, on_file, patterns=["*.txt"], name="watcher"))
 
-    # -- the seed's `while True` loop, in its own thread, stoppable --------------------
+    # -- a `while True` loop, in its own thread, stoppable -----------------------------
     @sv.service(name="loop")
     def write_notes(token: offloop.StopToken) -> None:
         n = 0

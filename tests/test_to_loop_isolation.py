@@ -1,11 +1,12 @@
-"""The seed's async program: an ``http_service`` coroutine that blocks, and ``bot_start``.
+"""``to_loop`` isolates a coroutine that blocks: an ``http_service`` beside a ``bot_start``.
 
-The seed runs ``await http_service()`` and then ``bot_start()`` on one loop;
-its fix, ``asyncio.run_coroutine_threadsafe(http_service(), loop)`` on the
-*same* loop, isolates nothing. Both starve the bot while the service blocks.
-With ``offloop.to_loop`` the service blocks its own loop thread and both tick
-side by side. Ticks are counted instead of printed, and each side waits for
-the other to make progress, so the test is bounded and never depends on timing.
+A program that runs ``await http_service()`` and then ``bot_start()`` on one
+loop, or the common recipe ``asyncio.run_coroutine_threadsafe(http_service(),
+loop)`` on the *same* loop, isolates nothing: both starve the bot while the
+service blocks. With ``offloop.to_loop`` the service blocks its own loop
+thread and both tick side by side. Ticks are counted instead of printed, and
+each side waits for the other to make progress, so the test is bounded and
+never depends on timing.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Ticks:
 async def http_service(ticks: Ticks, until_bot_ticks: int, deadline: float) -> None:
     # Blocks like a sync web framework inside ``async def``: time.sleep, no await.
     while (ticks.bot < until_bot_ticks or ticks.http < TICKS) and time.monotonic() < deadline:
-        time.sleep(0.005)  # noqa: ASYNC251 - the seed's blocking service, on purpose
+        time.sleep(0.005)  # noqa: ASYNC251 - a blocking service, on purpose
         ticks.http += 1
         ticks.bot_seen_by_http.append(ticks.bot)
 
@@ -65,22 +66,22 @@ async def test_without_offloop_the_blocking_coroutine_starves_the_bot() -> None:
     ticks = Ticks()
     deadline = time.monotonic() + 10
     bot = asyncio.ensure_future(bot_start(ticks, 1, deadline))
-    # The seed: 'await http_service()' on the same loop. The bot task exists
-    # but cannot run a single tick until the service gives the loop back (here
-    # after 50 ms; the seed's never does).
+    # Without offloop: 'await http_service()' on the same loop. The bot task
+    # exists but cannot run a single tick until the service gives the loop back
+    # (here after 50 ms; a real service never does).
     await http_service(ticks, until_bot_ticks=1, deadline=time.monotonic() + 0.05)
     assert ticks.http > 0
     assert ticks.bot_seen_by_http == [0] * ticks.http
     await asyncio.wait_for(bot, 10)
 
 
-def test_the_seeds_run_coroutine_threadsafe_recipe_isolates_nothing() -> None:
+def test_the_run_coroutine_threadsafe_recipe_isolates_nothing() -> None:
     ticks = Ticks()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         bot = asyncio.ensure_future(bot_start(ticks, 1, time.monotonic() + 10))
-        # The seed's fix schedules the service on the very loop it should avoid.
+        # The recipe schedules the service on the very loop it should avoid.
         future = asyncio.run_coroutine_threadsafe(
             http_service(ticks, until_bot_ticks=1, deadline=time.monotonic() + 0.05), loop
         )

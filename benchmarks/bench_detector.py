@@ -160,7 +160,7 @@ def main() -> None:
     )
     print(f"blocks reported by the detector during the runs: {len(blocks)}")
     if not ok:
-        print("(a MISSED target on this shared 2-core machine is worth a rerun before a fix)")
+        print("(a MISSED target on a shared machine is worth a rerun before a fix)")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from ._common import check, interleaved, ratio, round_ratios, table
 
 CALLS = int(os.environ.get("OFFLOOP_BENCH_FROM_THREAD_CALLS", "2000"))
 # More rounds than the other benchmarks: a round trip is a few thread wake-ups,
-# whose cost on this shared VM drifts from round to round by more than the
+# whose cost on a shared machine drifts from round to round by more than the
 # differences measured, and the median of 9 rounds drifts less than of 5.
 ROUNDS = int(os.environ.get("OFFLOOP_BENCH_FROM_THREAD_ROUNDS", "9"))
 # asgiref starts a new event loop per call from a plain thread: far slower.
@@ -81,7 +81,7 @@ class PingPong:
     """Two plain threads handing a lock back and forth: no event loop at all.
 
     Every sync -> async round trip wakes the other thread and is woken back,
-    so this is the least one can cost on this machine; it tells how much of
+    so this is the least one can cost on the machine that runs it; it tells how much of
     a case's time is the machine's wake-ups and how much is the code.
     """
 
@@ -124,9 +124,9 @@ async def _running_loop() -> asyncio.AbstractEventLoop:
 class HostedPortal:
     """An anyio ``BlockingPortal`` served by offloop's shared loop thread.
 
-    The scheduler places each thread on a CPU of its own choosing, and on this
-    VM a round trip costs about half as much when the loop thread happens to
-    share the caller's CPU. Serving every plain-thread case from one and the
+    The scheduler places each thread on a CPU of its own choosing, and a round
+    trip can cost about half as much when the loop thread happens to share
+    the caller's CPU (no cross-CPU wake-up). Serving every plain-thread case from one and the
     same loop thread gives them all the same placement, so their ratios
     measure the code, not the luck of the draw. A plain thread holds the
     portal open through ``offloop.from_thread``, so the shared loop counts it
@@ -158,7 +158,7 @@ def main() -> None:
     shared = offloop.from_thread(_running_loop)  # the loop thread from_thread uses
     hosted = HostedPortal()
     lt = offloop.LoopThread(name="bench").start()
-    # The same, on asyncio's plain loop: what the polling loop (_hotloop) saves.
+    # The same, on asyncio's plain loop: what the polling loop (_loops/hotloop.py) saves.
     plain_lt = offloop.LoopThread(name="bench-plain", loop_factory=asyncio.new_event_loop).start()
     portal_cm = anyio.from_thread.start_blocking_portal()
     own_portal = portal_cm.__enter__()

@@ -8,11 +8,11 @@ its workers per loop), with interleaved rounds:
   CPU work runs back to back in a thread (``offloop.to_thread``) or in a
   worker process (``ProcessPool.run``), against an idle loop;
 - event-loop lag while 20 calls with a 10 MB argument are sent, one after
-  another and all at once. Every library pickles the argument (~4 ms here);
+  another and all at once. Every library pickles the argument;
   offloop does it in ``run()``, on the loop's thread, so that an unpicklable
   argument fails there, and writes the bytes from its writer thread.
 
-Every pool has 2 workers (this machine has 2 cores), started before timing.
+Every pool has 2 workers (the machines this project targets have 2 cores), started before timing.
 
 Run: ``make bench`` or ``.venv/bin/python -m benchmarks.bench_process``.
 """
@@ -38,7 +38,7 @@ from benchmarks._common import check, interleaved, percentiles, ratio, table
 WORKERS = 2
 SEQ_CALLS = int(os.environ.get("OFFLOOP_BENCH_PROCESS_SEQ", "1000"))
 TASKS = 200
-TASK_LOOPS = 20_000  # ~0.5 ms of pure Python per task here
+TASK_LOOPS = 20_000  # pure Python, enough that a task costs more than its round trip
 LAG_SECONDS = float(os.environ.get("OFFLOOP_BENCH_LAG_SECONDS", "1.0"))
 BURN_SECONDS = 0.02
 BIG_CALLS = 20

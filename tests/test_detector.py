@@ -54,7 +54,7 @@ def only_site(det: BlockingDetector) -> BlockSite:
 
 
 def pbkdf2_iterations(seconds: float) -> int:
-    """Iterations of pbkdf2_hmac that take about ``seconds`` on this machine."""
+    """Iterations of pbkdf2_hmac that take about ``seconds`` on the machine running the test."""
     n = 20_000
     start = time.perf_counter()
     hashlib.pbkdf2_hmac("sha256", b"password", b"salt", n)
@@ -208,7 +208,7 @@ async def test_a_loop_whose_blocking_work_is_offloaded_reports_nothing() -> None
         for _ in range(50):
             await asyncio.sleep(0)
 
-    # A generous threshold: a busy 2-core machine may delay a healthy loop a little.
+    # A generous threshold: a busy machine may delay a healthy loop a little.
     async with detect_blocking(threshold=0.25, on_block=events.append) as det:
         await asyncio.gather(offloop.to_thread(time.sleep, BLOCK), *(chatter() for _ in range(50)))
     assert det.report() == []

@@ -77,7 +77,7 @@ def test_call_starts_lazily_and_propagates_results_errors_and_context() -> None:
 
 async def before_any_await() -> tuple[bool, str, str]:
     # Everything here runs in the task's first step, which a crossing onto an
-    # asyncio loop takes at once (_crossing._step_now) instead of next iteration.
+    # asyncio loop takes at once (_loops/crossing.py's _step_now) instead of next iteration.
     task = asyncio.current_task()
     assert task is not None
     assert not task.done()

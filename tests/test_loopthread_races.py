@@ -1,7 +1,7 @@
 """LoopThread races: calls whose remote task is cancelled before its first step.
 
 On asyncio's own loops a crossing's task takes its first step at once (see
-``_crossing._step_now``); on other loops (uvloop) it waits for the loop's
+``_loops/crossing.py``'s ``_step_now``); on other loops (uvloop) it waits for the loop's
 next iteration, so the races run on both.
 """
 

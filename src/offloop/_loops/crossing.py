@@ -46,8 +46,8 @@ _current_task: Final = asyncio.current_task
 POLL_INTERVAL: Final = 0.25
 
 #: Seconds a sync caller polls for the reply before it sleeps on its lock.
-#: Measured on this 2-core machine: a sequential round trip drops from
-#: ~28 us to ~14 us when the caller is still polling as the reply lands.
+#: A reply that lands while the caller still polls saves the caller's thread
+#: wake-up, about half of a sequential round trip (``benchmarks.bench_from_thread``).
 SPIN_WINDOW: Final = 50e-6
 
 
@@ -198,8 +198,8 @@ def _step_now(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> bool:
     A new task's first step waits for the loop's next iteration: one more
     ``epoll_wait`` per crossing, and a done callback to catch a task
     cancelled before that step. Taking the step off the ready queue and
-    running it here saves both, which makes a sync round trip on this
-    2-core VM about a fifth faster (``benchmarks.bench_from_thread``). Only
+    running it here saves both, a sizeable share of a sync round trip
+    (``benchmarks.bench_from_thread`` shows it). Only
     asyncio's own loops keep a ``_ready`` deque; on others (uvloop) or with
     a task factory that schedules differently, the step is left where it is.
     """

@@ -1,7 +1,7 @@
 """The body of a LoopThread's thread, its shutdown, and its finalizer.
 
 :func:`serve` runs the loop until it stops, then shuts it down the way
-``asyncio.run`` does; it holds its LoopThread only weakly (see ``_loopthread``).
+``asyncio.run`` does; it holds its LoopThread only weakly (see ``loopthread.py``).
 :func:`dropped` is the finalizer of a LoopThread collected unclosed.
 """
 

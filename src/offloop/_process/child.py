@@ -1,7 +1,7 @@
 """The code that runs inside a :class:`~offloop.ProcessPool` worker process.
 
 A worker serves one call at a time over its own pipe: it reads a pickled
-``(fn, args, kwargs)``, runs it, and writes one reply (see ``_pickling``). An
+``(fn, args, kwargs)``, runs it, and writes one reply (see ``pickling.py``). An
 empty message, or the pipe closing, tells it to exit. Its first message, once
 started (and initialized), is an empty one saying it is ready; the pool sends
 its first call only then, so a call cancelled meanwhile never starts. If the

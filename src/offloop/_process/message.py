@@ -1,7 +1,7 @@
 """Big ``bytes`` arguments travel to a process worker beside the pickled call.
 
-Pickling copies a ``bytes`` argument into the pickle: about 10 ms for 10 MB on
-this machine, spent on the event loop's thread in ``run()``, and twenty such
+Pickling copies a ``bytes`` argument into the pickle, on the event loop's
+thread in ``run()``: a 10 MB argument is a 10 MB copy, and twenty such
 calls sent at once (``asyncio.gather``) stall the loop for their sum. A
 ``bytes`` object cannot change, so the call needs no copy of it to be a
 snapshot: ``run()`` puts a :class:`Detached` placeholder in its place, pickles

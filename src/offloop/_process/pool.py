@@ -14,7 +14,7 @@ an idle worker's pipe from the event loop's thread, so a round trip costs two
 pipe writes and two wake-ups; the stdlib pool adds a feeder thread and a
 management thread hop on each side. A large call (over 64 KiB pickled) would
 block whoever writes it until the worker has read it, so a second thread,
-``offloop-process-<pool>-writer``, writes those (see ``_process_writer``).
+``offloop-process-<pool>-writer``, writes those (see ``writer.py``).
 The manager thread also starts every worker, which matters on Linux: the
 parent-death signal is tied to the thread that forked the child.
 """
@@ -66,7 +66,7 @@ R = TypeVar("R")
 #: process that runs threads (the event loop's, the pool's manager), which can
 #: deadlock the child on a lock some thread held; "forkserver" keeps a server
 #: process alive for the rest of the program. "spawn" starts a fresh
-#: interpreter: slower to start (~50 ms), but safe everywhere.
+#: interpreter: slower to start (it imports the program again), but safe everywhere.
 DEFAULT_START_METHOD: Final = "spawn"
 
 #: Seconds aclose() gives exited workers to be reaped, after any kill.
@@ -215,7 +215,7 @@ class ProcessPool(WorkerSet, PoolContext):
         check_sync_callable(fn, self._run_name, "offloop.to_loop()")
         loop = _running_loop(self._run_name)
         # Big bytes arguments are sent as they are, not copied into the pickle
-        # on this (the event loop's) thread: see _process_message.
+        # on this (the event loop's) thread: see message.py.
         detached = detach(args, kwargs, LARGE_PAYLOAD)
         send_args, send_kwargs = (args, kwargs) if detached is None else detached[:2]
         pickled = encode_call(
@@ -365,7 +365,7 @@ class ProcessPool(WorkerSet, PoolContext):
     def _start_manager(self) -> None:
         # Under _lock, on the first call that needs a worker.
         self._wake_fds = _nonblocking_pipe()
-        # The finalizer's own pipe: see _process_manager.
+        # The finalizer's own pipe: see manager.py.
         drop_fds = _nonblocking_pipe()
         finalizer = weakref.finalize(self, pool_dropped, drop_fds[1], self._where, self._workers)
         # A pool still open at exit is the exit hook's (_stop_workers_at_exit), not the finalizer's.

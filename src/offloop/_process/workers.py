@@ -4,7 +4,7 @@
 the queue, the counters) and everything that runs on the manager thread:
 starting workers, reading replies, handing freed workers their next call, and
 turning a worker's death into :class:`WorkerCrashed` for its call alone. The
-thread's loop, which holds the pool only weakly, is ``_process_manager``.
+thread's loop, which holds the pool only weakly, is in ``manager.py``.
 :class:`~offloop._process.pool.ProcessPool` adds the public API, cancellation
 and closing on top.
 """
@@ -237,7 +237,7 @@ class WorkerSet:
     ) -> bool:
         """Handle one batch of the manager thread's events. Returns True once the pool closed.
 
-        The loop around it (``_process_manager.manage``) holds the pool only
+        The loop around it (``manager.manage``) holds the pool only
         for the batch.
         """
         for key, _ in events:

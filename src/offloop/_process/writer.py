@@ -13,7 +13,7 @@ without blocking on any of them (``MSG_DONTWAIT``, waiting on writability with
 one selector), so a worker that is slow to read delays only its own call.
 Small calls keep the direct write: they fit in the pipe, and a round trip
 through another thread would cost more than the write itself. A call with
-big ``bytes`` arguments sent out of band (``_process_message``) is always
+big ``bytes`` arguments sent out of band (``message.py``) is always
 large: the writer sends the call's message and then those objects themselves.
 
 The writer works on its own duplicate of each pipe's descriptor. The manager

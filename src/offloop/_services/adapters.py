@@ -162,8 +162,9 @@ def _host_port(host: str, port: int) -> str:
 class ServiceAdapter(Service):
     """An adapter's lifecycle: the state, the future ``wait()`` watches, the illegal moves.
 
-    A subclass implements ``_start()`` (build fresh resources, return once
-    ready) and ``_stop()``, and calls :meth:`_finish` from the loop when the
+    A subclass's ``start()`` calls :meth:`_begin`, builds fresh resources and
+    calls :meth:`_ready` once ready; its ``stop()`` begins with
+    :meth:`_mark_stopping`; it calls :meth:`_finish` from the loop when the
     run ends (with the error if it crashed).
     """
 

@@ -610,7 +610,7 @@ def test_token_is_visible_through_wait_in_other_thread_before_set() -> None:
 
 async def test_asyncio_wait_takes_it_through_create_task_and_as_completed_takes_it_bare() -> None:
     # OffloadFuture is a coroutine too (for create_task), so asyncio.wait
-    # refuses it bare, as the README says, and takes it wrapped in a task.
+    # refuses it bare, as docs/threads.md says, and takes it wrapped in a task.
     bare = offloop.to_thread(abs, -1)
     if sys.version_info >= (3, 11):
         with pytest.raises(TypeError, match="Passing coroutines is forbidden"):

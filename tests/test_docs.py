@@ -1,17 +1,23 @@
 """Every ```python block of the README and docs/ runs as a script and exits 0.
 
 Blocks fenced as ```python run; use ```py or ```text for snippets that are not
-meant to run on their own.
+meant to run on their own. Also: docs/architecture.md's table names the module
+that defines each public name.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+
+import offloop
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -46,3 +52,35 @@ def test_readme_starts_with_the_two_commands() -> None:
     head = (ROOT / "README.md").read_text().splitlines()[:12]
     commands = [line.split("#")[0].strip() for line in head if line.strip().startswith("make ")]
     assert commands[:2] == ["make demo", "make test"], head
+
+
+# A row of the table "public name -> module" in docs/architecture.md.
+TABLE_ROW = re.compile(r"^\| `offloop\.(\w+)` \| `(offloop(?:\.\w+)*)` \|$", re.MULTILINE)
+
+
+def names_defined_in(module: types.ModuleType) -> set[str]:
+    """The names ``module``'s own source defines or assigns at top level (imports excluded)."""
+    assert module.__file__ is not None
+    names: set[str] = set()
+    for node in ast.parse(Path(module.__file__).read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def test_architecture_table_finds_the_module_behind_every_public_name() -> None:
+    rows = TABLE_ROW.findall((ROOT / "docs" / "architecture.md").read_text())
+    listed = [name for name, _ in rows]
+    assert sorted(listed) == sorted(offloop.__all__), "the table and offloop.__all__ differ"
+    assert len(listed) == len(set(listed)), "a name is listed twice"
+    for name, module_name in rows:
+        module = importlib.import_module(module_name)
+        # offloop/__init__.py rewrites __module__ to "offloop", so compare objects.
+        assert getattr(module, name, None) is getattr(offloop, name), (
+            f"{module_name}.{name} is not offloop.{name}"
+        )
+        assert name in names_defined_in(module), f"{module_name} imports {name}, not defines it"

@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 STAMP_DEV := $(VENV)/.stamp-dev
 STAMP_BENCH := $(VENV)/.stamp-bench
 STAMP_BASE := $(VENV)/.stamp-base
-LINT_DIRS := $(wildcard src tests benchmarks examples)
+LINT_DIRS := $(wildcard src tests benchmarks examples tools)
 
-.PHONY: demo test lint typecheck pytest test-versions bench clean
+.PHONY: demo test lint typecheck docs pytest test-versions bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,16 @@ lint: $(STAMP_DEV)
 typecheck: $(STAMP_DEV)
 	$(BIN)/mypy
 
+# The documentation site, into site/: the guides of docs/ and the API reference
+# from the docstrings. --strict turns every warning (a broken link, a docstring
+# griffe cannot parse) into a failure.
+docs: $(STAMP_DEV)
+	$(BIN)/mkdocs build --strict
+
 pytest: $(STAMP_DEV)
 	$(BIN)/python -m pytest
 
-test: lint typecheck pytest
+test: lint typecheck docs pytest
 
 # The suite on Pythons other than CI's 3.11, each in its own .venv-X.Y (not part of `test`):
 #   make test-versions TEST_PYTHONS="$HOME/.pyenv/versions/3.10.13/bin/python python3.13"
@@ -60,4 +66,4 @@ bench: $(STAMP_BENCH)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) .venv-*/ build *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-*/ build site *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

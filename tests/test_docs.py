@@ -84,3 +84,10 @@ def test_architecture_table_finds_the_module_behind_every_public_name() -> None:
             f"{module_name}.{name} is not offloop.{name}"
         )
         assert name in names_defined_in(module), f"{module_name} imports {name}, not defines it"
+
+
+def test_the_api_reference_documents_every_public_name() -> None:
+    reference = (ROOT / "docs" / "reference.md").read_text()
+    documented = re.findall(r"^::: offloop\.(\w+)$", reference, re.MULTILINE)
+    public = [name for name in offloop.__all__ if name != "__version__"]
+    assert sorted(documented) == sorted(public)

@@ -30,7 +30,8 @@ class AiohttpService(NetworkAdapter):
 
     Args:
         app: an ``aiohttp.web.Application``.
-        host, port: where to listen; ``port=0`` picks a free port, read it
+        host: the address to listen on.
+        port: the port to listen on; ``port=0`` picks a free port, read it
             back from :attr:`port` or :attr:`url` once started.
         access_log: log one line per request (aiohttp's access log).
         name: the service's name (default ``"aiohttp"``).

@@ -40,7 +40,8 @@ class ASGIService(NetworkAdapter):
 
     Args:
         app: the ASGI application (e.g. a ``starlette.applications.Starlette``).
-        host, port: where to listen; ``port=0`` picks a free port, read it
+        host: the address to listen on.
+        port: the port to listen on; ``port=0`` picks a free port, read it
             back from :attr:`port` or :attr:`url` once started.
         lifespan: uvicorn's lifespan mode: ``"auto"`` (run it if the app
             supports it), ``"on"`` (a startup failure fails ``start()``) or ``"off"``.

@@ -81,7 +81,8 @@ class WSGIService(NetworkAdapter):
 
     Args:
         app: the WSGI application, e.g. a ``flask.Flask`` instance.
-        host, port: where to listen; ``port=0`` picks a free port, read it
+        host: the address to listen on.
+        port: the port to listen on; ``port=0`` picks a free port, read it
             back from :attr:`port` or :attr:`url` once started.
         server: ``"werkzeug"`` (the ``[flask]`` extra; a thread per
             connection) or ``"waitress"`` (the ``[waitress]`` extra; a fixed

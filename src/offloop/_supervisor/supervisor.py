@@ -156,11 +156,14 @@ class Supervisor:
             restart: ``"on-failure"`` (default) restarts after a crash,
                 ``"always"`` also after the function returned, ``"no"`` never
                 (a crash then fails the supervisor).
-            backoff, max_backoff: the restart delay starts at ``backoff`` and
-                doubles, with jitter, up to ``max_backoff`` seconds.
-            max_restarts, restart_window: more than ``max_restarts`` restarts
-                within ``restart_window`` seconds mark the service failed, and
-                the supervisor stops with :class:`~offloop.ServiceFailed`.
+            backoff: the first restart delay, in seconds; it doubles, with
+                jitter, for each restart that follows.
+            max_backoff: the longest restart delay, in seconds.
+            max_restarts: more than this many restarts within
+                ``restart_window`` seconds mark the service failed, and the
+                supervisor stops with :class:`~offloop.ServiceFailed`.
+            restart_window: the sliding window, in seconds, that
+                ``max_restarts`` counts restarts in.
             isolate: where the function runs (see above).
             name: the service's name; defaults to the function's name.
 

@@ -9,28 +9,35 @@ through that module's ``Channel``.
 
 One call, in order::
 
-    run()           loop thread: a future in phase QUEUED; _submit() claims a
-                    thread for it (an idle one, a new one, or the backlog) and
-                    puts it on the queue
+    run()           loop thread: a future in phase QUEUED; _submit() dispatches
+                    it (puts it on the queue, with a thread claimed for it) if
+                    a CPU slot is free, else it waits in _pending
     _work()         worker: takes it (QUEUED -> RUNNING), runs fn in the
-                    caller's copied context, records the outcome, frees its
-                    slot (RUNNING -> DONE), then posts the call to the Channel
+                    caller's copied context, records the outcome (-> DONE),
+                    takes the next pending call if a slot is free, then posts
+                    the finished call to the Channel
     Channel.drain() loop thread: sets the future's result or exception
+    _rebalance()    loop thread, every GROWTH_PERIOD while calls are pending:
+                    marks running calls that wait (workers.py) and dispatches
+                    pending calls into the CPU slots they free
 
 Counters, all guarded by ``_lock``, and what stays true between two
 critical sections:
 
 - ``len(_workers)`` threads are started and have not exited; never more
   than ``max_workers``.
-- ``_queued`` calls are in the queue in phase QUEUED; ``_running`` calls are
-  in a worker, in phase RUNNING, ABANDONED or CANCELLING; ``_abandoned`` of
-  them in phase ABANDONED.
-- ``_idle`` threads wait for a call that no queued call has claimed, and
-  ``_backlog`` queued calls have claimed no thread. A call claims a thread
-  when it is submitted (``_idle -= 1``, or a new thread), else it joins the
-  backlog; a thread that finishes a call claims a backlogged call, else it
-  becomes idle (:meth:`ThreadPool._free_slot`). Claims only steer spawning:
-  any thread takes any call off the queue.
+- ``_queued`` calls are in phase QUEUED: ``_ready`` of them dispatched (on the
+  queue), the others in ``_pending``. ``_running`` calls are in a worker, in
+  phase RUNNING, ABANDONED or CANCELLING; ``_abandoned`` of them ABANDONED;
+  ``_waiting`` of them marked as waiting (their worker's ``waiting``).
+- ``_ready + _running - _waiting``, the calls that may use the CPU, grows
+  past ``_cpu_slots`` only when a call marked waiting turns out to compute.
+- ``_idle`` threads wait for a call and are claimed by none; a dispatched
+  call claims an idle thread or a new one. ``_backlog`` dispatched calls lost
+  the thread they claimed (it failed to start): the next thread that comes
+  free takes them off the queue instead of becoming idle.
+- A cancelled call stays in ``_pending`` or the queue in phase SKIPPED until
+  whoever pops it drops it.
 """
 
 from __future__ import annotations
@@ -40,12 +47,13 @@ import logging
 import queue
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from time import monotonic
 from types import CoroutineType, FunctionType
 from typing import Any, Final, Literal, ParamSpec, TypeVar, final
 
-from .._core.errors import PoolClosedError, WouldDeadlockError
+from .._core.errors import PoolClosedError
 from .._core.offload import (
     ABANDONED,
     CANCELLING,
@@ -60,10 +68,8 @@ from .._core.offload import (
 )
 from .._core.poolbase import (
     CallCounters,
-    PoolContext,
     PoolState,
     complete_waiter,
-    refuse_blocking_close,
 )
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
@@ -74,6 +80,8 @@ from .._core.validate import (
     check_thread_name,
     describe,
 )
+from .lifecycle import ThreadPoolLifecycle
+from .workers import DEFAULT_CPU_SLOTS, Worker
 
 __all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool", "ThreadPoolStatistics"]
 
@@ -89,13 +97,14 @@ DEFAULT_MAX_WORKERS: Final = 40
 
 _get_running_loop: Final = asyncio.get_running_loop
 
-#: How often (seconds) a pool with queued calls checks whether its threads are
-#: stuck. Calls beyond the idle threads first queue behind the busy ones: for
-#: short functions one warm thread beats many threads fighting over the GIL.
-#: A thread whose call has run longer than this counts as blocked, and the pool
-#: adds one thread per blocked thread (doubling at most), so truly blocking
+#: How often (seconds) a pool with pending calls looks at its running ones.
+#: Calls beyond the idle threads first wait behind the busy ones: for short
+#: functions one warm thread beats many threads fighting over the GIL. A call
+#: that has run longer than this and waits (see ``workers.py``) gives its CPU
+#: slot to a pending call, in a thread of its own if need be, so blocking
 #: calls reach max_workers within a few periods and a call that waits for
-#: another queued call (a nested offload) never deadlocks below max_workers.
+#: another pending call (a nested offload) never deadlocks below max_workers.
+#: Calls that compute keep their slots: at most ``cpu_slots`` run at once.
 GROWTH_PERIOD: Final = 0.001
 
 #: Seconds an idle worker waits for work before its thread exits.
@@ -109,24 +118,20 @@ IDLE_TIMEOUT: Final = 30.0
 #: short enough that an idle pool costs nothing measurable.
 SPIN_WINDOW: Final = 50e-6
 
+#: Seconds late past which a pool's check takes its loop to be starved (see
+#: _rebalance): well under the lag a user notices, well over a timer's jitter.
+LAG_LIMIT: Final = 0.004
+
 OnCancel = Literal["abandon", "wait"]
-
-
-class Worker:
-    """A worker thread and the call it runs now (read by close() and at exit)."""
-
-    __slots__ = ("call", "started", "thread")
-
-    def __init__(self) -> None:
-        self.call: OffloadFuture[Any] | None = None
-        self.started = 0.0
-        self.thread: threading.Thread | None = None
 
 
 class ThreadPoolStatistics(CallCounters):
     """What :meth:`ThreadPool.statistics` returns."""
 
     threads: int
+    #: Running calls that wait (I/O, sleep, locks) and hold no CPU slot.
+    waiting: int
+    cpu_slots: int
 
 
 _pools: Final[weakref.WeakSet[ThreadPool]] = weakref.WeakSet()
@@ -134,7 +139,7 @@ _pool_numbers: Final = iter(range(1, 1 << 62))
 
 
 @final
-class ThreadPool(PoolContext):
+class ThreadPool(ThreadPoolLifecycle):
     """A named, bounded pool of worker threads: a bulkhead for blocking calls.
 
     ``await pool.run(fn, *args, **kwargs)`` runs ``fn(*args, **kwargs)`` in one
@@ -177,11 +182,16 @@ class ThreadPool(PoolContext):
         #: How error messages name the call (the default pool says offloop.to_thread()).
         self._run_name = f"ThreadPool {self._name!r}.run()"
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
+        #: The most calls that run at once while they use the CPU (see workers.py).
+        self._cpu_slots = min(self._max_workers, DEFAULT_CPU_SLOTS)
         self._wait_on_cancel = on_cancel == "wait"
         self._on_cancel = on_cancel
         self._state = PoolState.OPEN
         self._lock = threading.Lock()
+        # Dispatched calls, each with a thread claimed for it, and the None
+        # that tells a worker to exit; calls wait in _pending until dispatched.
         self._queue: queue.SimpleQueue[OffloadFuture[Any] | None] = queue.SimpleQueue()
+        self._pending: deque[OffloadFuture[Any]] = deque()
         self._workers: list[Worker] = []
         # Threads that left _workers but may still be returning from work():
         # close() joins them so that none outlives the pool.
@@ -192,14 +202,19 @@ class ThreadPool(PoolContext):
         self._idle = 0
         self._backlog = 0
         self._queued = 0
+        self._ready = 0
         self._running = 0
+        self._waiting = 0
+        # Set by a worker that finished a call shorter than GROWTH_PERIOD while
+        # calls were pending; read and cleared by _rebalance.
+        self._short = False
         self._abandoned = 0
         self._completed = 0
         self._failed = 0
         self._cancelled = 0
-        # Loops with a growth check armed. Each loop that queues calls behind
-        # busy threads arms its own, so a loop that stopped or blocks cannot
-        # keep the pool from growing for the others.
+        # Loops with a rebalancing check armed. Each loop whose calls wait in
+        # _pending arms its own, so a loop that stopped or blocks cannot keep
+        # the pool from dispatching for the others.
         self._growth_loops: set[asyncio.AbstractEventLoop] = set()
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
         _pools.add(self)
@@ -245,8 +260,11 @@ class ThreadPool(PoolContext):
         """A snapshot of the pool's counters.
 
         Keys: ``state``, ``max_workers``, ``threads``, ``idle``, ``running``
-        (including abandoned calls), ``abandoned`` (cancelled by their awaiter
-        but still running), ``queued``, ``completed``, ``failed``, ``cancelled``.
+        (including abandoned calls), ``waiting`` (running, but blocked in I/O,
+        a sleep or a lock, so holding no CPU slot), ``cpu_slots`` (the most
+        calls that run at once while using the CPU), ``abandoned`` (cancelled
+        by their awaiter but still running), ``queued`` (not started yet),
+        ``completed``, ``failed``, ``cancelled``.
 
         ``cancelled`` counts awaiters cancelled; ``completed`` and ``failed``
         count functions that returned or raised. So an abandoned call whose
@@ -260,57 +278,14 @@ class ThreadPool(PoolContext):
                 "threads": len(self._workers),
                 "idle": self._idle,
                 "running": self._running,
+                "waiting": self._waiting,
+                "cpu_slots": self._cpu_slots,
                 "abandoned": self._abandoned,
                 "queued": self._queued,
                 "completed": self._completed,
                 "failed": self._failed,
                 "cancelled": self._cancelled,
             }
-
-    async def aclose(self, *, timeout: float | None = None) -> None:
-        """Close the pool and wait for its threads to exit.
-
-        New calls are refused with :class:`PoolClosedError`. Calls still queued
-        are not started: their awaiters get ``PoolClosedError``. Running calls
-        get their :class:`StopToken` set and are waited for, up to ``timeout``
-        seconds (``None``: as long as they take). Threads still busy after the
-        timeout are abandoned (they are daemon threads, so they never keep the
-        process alive) and logged with the function they run.
-
-        Closing twice is allowed; the second call waits like the first.
-        """
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._begin_close(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except asyncio.TimeoutError:
-            self._report_stuck(f"after waiting {timeout} s in aclose()")
-            with self._lock:
-                self._state = PoolState.CLOSED
-            return
-        self._join_threads()
-
-    def close(self, *, timeout: float | None = None) -> None:
-        """Close the pool from sync code (not from a running loop's thread).
-
-        Same semantics as :meth:`aclose`, blocking the calling thread.
-
-        Raises:
-            WouldDeadlockError: called on a running event loop's thread, or
-                from one of this pool's own worker threads (it would wait for
-                itself to exit).
-        """
-        refuse_blocking_close(self)
-        self._refuse_own_thread("close()")
-        done = threading.Event()
-        self._begin_close(done)
-        if not done.wait(timeout):
-            self._report_stuck(f"after waiting {timeout} s in close()")
-            with self._lock:
-                self._state = PoolState.CLOSED
-            return
-        self._join_threads()
 
     def __repr__(self) -> str:
         with self._lock:
@@ -325,22 +300,10 @@ class ThreadPool(PoolContext):
             f"{len(self._workers)}/{self._max_workers} threads>"
         )
 
-    # -- internals ----------------------------------------------------------
-
-    def _refuse_own_thread(self, what: str) -> None:
-        current = threading.current_thread()
-        with self._lock:
-            own = any(w.thread is current for w in self._workers)
-        if own:
-            raise WouldDeadlockError(
-                f"{self!r}.{what} was called from one of the pool's own worker threads. It "
-                f"waits until every worker has exited, this one included, so it would wait "
-                f"forever. Close the pool from outside it ('await pool.aclose()' on the event "
-                f"loop), or return from this function and close it afterwards."
-            )
+    # -- how calls flow ----------------------------------------------------
 
     def _submit(self, call: OffloadFuture[Any]) -> None:
-        spawn = False
+        spawn = dispatch = False
         with self._lock:
             if self._state is not PoolState.OPEN:
                 raise PoolClosedError(
@@ -348,19 +311,37 @@ class ThreadPool(PoolContext):
                     f"create a new ThreadPool or use offloop.to_thread()."
                 )
             self._queued += 1
-            if self._idle > 0:
-                self._idle -= 1
-            elif not self._workers:
-                spawn = True
-                worker = Worker()
-                self._workers.append(worker)
+            if (
+                not self._pending
+                and self._ready + self._running - self._waiting < self._cpu_slots
+                and (self._idle > 0 or not self._workers)
+            ):
+                # A free CPU slot and a thread for it: dispatch now. A new
+                # thread only for the first call; later ones come from
+                # _rebalance, once the running calls have shown that they
+                # are long (for short calls one warm thread is fastest).
+                dispatch = True
+                self._ready += 1
+                if self._idle > 0:
+                    self._idle -= 1
+                else:
+                    spawn = True
+                    worker = Worker()
+                    self._workers.append(worker)
             else:
-                self._backlog += 1
+                self._pending.append(call)
                 loop = call.loop
-                if len(self._workers) < self._max_workers and loop not in self._growth_loops:
+                if loop not in self._growth_loops:
                     self._growth_loops = {x for x in self._growth_loops if not x.is_closed()}
                     self._growth_loops.add(loop)
-                    loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
+                    loop.call_at(
+                        loop.time() + GROWTH_PERIOD,
+                        self._rebalance,
+                        loop,
+                        loop.time() + GROWTH_PERIOD,
+                    )
+        if not dispatch:
+            return
         self._queue.put(call)
         if spawn:
             try:
@@ -376,96 +357,145 @@ class ThreadPool(PoolContext):
                 if not taken:
                     raise
 
-    def _check_growth(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Runs on ``loop``, every GROWTH_PERIOD while calls queue.
-        new: list[Worker] = []
+    def _rebalance(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        # Runs on ``loop`` every GROWTH_PERIOD while calls are pending: finds
+        # the running calls that wait, and dispatches pending calls into the
+        # CPU slots they leave, starting threads up to max_workers.
+        to_start: list[Worker] = []
+        to_put: list[OffloadFuture[Any]] = []
         with self._lock:
-            room = self._max_workers - len(self._workers)
-            if self._state is not PoolState.OPEN or self._backlog == 0 or room <= 0:
+            if self._state is not PoolState.OPEN or not self._pending:
                 self._growth_loops.discard(loop)
                 return
-            stale = monotonic() - GROWTH_PERIOD
-            blocked = sum(1 for w in self._workers if w.call is not None and w.started < stale)
-            for _ in range(min(self._backlog, room, blocked)):
-                worker = Worker()
-                self._workers.append(worker)
-                new.append(worker)
-            self._backlog -= len(new)
-        for i, worker in enumerate(new):
+            now = monotonic()
+            newly_waiting = 0
+            for w in self._workers:
+                waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
+                if waiting is not w.waiting:
+                    w.waiting = waiting
+                    self._waiting += 1 if waiting else -1
+                    newly_waiting += waiting
+            free = self._cpu_slots - (self._ready + self._running - self._waiting)
+            if loop.time() - due > LAG_LIMIT:
+                # The loop itself runs late. Calls that look blocked may be
+                # waiting for the GIL that a computing call holds (C code
+                # such as zlib keeps it for its whole run): starting more
+                # would delay the loop further, so none starts until it keeps
+                # time again. Pending calls still start as running ones end.
+                free = 0
+            elif free > 0:
+                # Each call just found waiting lets one more start at once: a
+                # flood of blocking calls then doubles its threads every few
+                # periods instead of adding cpu_slots each time. If the new
+                # calls compute instead, the slots are over-full for a while
+                # and nothing more starts until enough of them end.
+                free += newly_waiting
+            # A call that ended within a period since the last look means a
+            # thread cycles through short calls: it takes the pending ones
+            # itself, faster than new threads would, so none is started.
+            room = self._idle + (0 if self._short else self._max_workers - len(self._workers))
+            self._short = False
+            while free > 0 and room > 0 and self._pending:
+                call = self._pending.popleft()
+                if call._phase is not QUEUED:
+                    continue  # cancelled while pending
+                to_put.append(call)
+                self._ready += 1
+                free -= 1
+                room -= 1
+                if self._idle > 0:
+                    self._idle -= 1
+                else:
+                    worker = Worker()
+                    self._workers.append(worker)
+                    to_start.append(worker)
+        for call in to_put:
+            self._queue.put(call)
+        for i, worker in enumerate(to_start):
             try:
                 self._start_thread(worker)
             except Exception:
                 logger.exception("offloop: pool %r could not start a worker thread", self._name)
-                # The queued calls wait for a busy thread to come free. No retry
+                # Their calls wait in the queue for a busy thread to come
+                # free (_start_thread counted each in _backlog). No retry
                 # every period (and a log line each time): the next call that
-                # queues arms the check again.
+                # waits arms the check again.
                 with self._lock:
-                    for unstarted in new[i + 1 :]:
+                    for unstarted in to_start[i + 1 :]:
                         self._workers.remove(unstarted)
                         self._backlog += 1
                     self._growth_loops.discard(loop)
                 return
-        loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
+        due = loop.time() + GROWTH_PERIOD
+        loop.call_at(due, self._rebalance, loop, due)
 
     # -- the worker thread ----------------------------------------------------
 
     def _work(self, worker: Worker) -> None:
-        """The body of a worker thread: take calls off the queue and run them."""
+        """The body of a worker thread: take calls and run them."""
         get = self._queue.get
         get_nowait = self._queue.get_nowait
         lock = self._lock
         local = thread_state
+        worker.tid = threading.get_native_id()
+        # The next call to run, taken from _pending when the last one ended;
+        # None: take one off the queue.
+        call: OffloadFuture[Any] | None = None
         while True:
-            # Poll first (see SPIN_WINDOW), then sleep on the queue.
-            deadline = monotonic() + SPIN_WINDOW
-            polled = False
-            while True:
-                try:
-                    call = get_nowait()
-                    polled = True
-                    break
-                except queue.Empty:
-                    if monotonic() > deadline:
+            if call is None:
+                # Poll first (see SPIN_WINDOW), then sleep on the queue.
+                deadline = monotonic() + SPIN_WINDOW
+                polled = False
+                while True:
+                    try:
+                        call = get_nowait()
+                        polled = True
                         break
-                    yield_cpu()
-            if not polled:
-                try:
-                    call = get(timeout=IDLE_TIMEOUT)
-                except queue.Empty:
-                    with lock:
-                        # Exit only if this thread is unclaimed: a claimed one
-                        # has a call on its way.
-                        if self._idle > 0 and self._state is PoolState.OPEN:
-                            self._idle -= 1
-                            self._workers.remove(worker)
-                            # Forget threads that are gone, so a long-lived
-                            # pool does not collect them forever.
-                            self._leaving = [t for t in self._leaving if t.is_alive()]
-                            self._leaving.append(threading.current_thread())
-                            return
+                    except queue.Empty:
+                        if monotonic() > deadline:
+                            break
+                        yield_cpu()
+                if not polled:
+                    try:
+                        call = get(timeout=IDLE_TIMEOUT)
+                    except queue.Empty:
+                        with lock:
+                            # Exit only if this thread is unclaimed: a claimed
+                            # one has a call on its way.
+                            if self._idle > 0 and self._state is PoolState.OPEN:
+                                self._idle -= 1
+                                self._workers.remove(worker)
+                                worker.close()
+                                # Forget threads that are gone, so a long-lived
+                                # pool does not collect them forever.
+                                self._leaving = [t for t in self._leaving if t.is_alive()]
+                                self._leaving.append(threading.current_thread())
+                                return
+                        continue
+                if call is None:  # close() puts one None per worker
+                    break
+                # The phase is read under the lock: cancel() and close() change
+                # it under the same lock, so a call is either taken here or
+                # skipped there, never both.
+                with lock:
+                    self._ready -= 1
+                    if call._phase is QUEUED and self._state is not PoolState.OPEN:
+                        self._skip_closed(call)
+                    if call._phase is SKIPPED:
+                        self._free_slot()
+                        skipped = True
+                    else:
+                        skipped = False
+                        call._phase = RUNNING
+                        self._queued -= 1
+                        self._running += 1
+                        worker.call = call
+                        worker.started = monotonic()
+                if skipped:
+                    if call._error is not None:  # closed before it started: tell the awaiter
+                        call._channel.post(call)
+                    call = None
                     continue
-            if call is None:  # close() puts one None per worker
-                break
-            # The phase is read under the lock: cancel() and close() change it
-            # under the same lock, so a call is either taken here or skipped
-            # there, never both.
-            with lock:
-                if call._phase is QUEUED and self._state is not PoolState.OPEN:
-                    self._skip_closed(call)
-                if call._phase is SKIPPED:
-                    self._free_slot()
-                    skipped = True
-                else:
-                    skipped = False
-                    call._phase = RUNNING
-                    self._queued -= 1
-                    self._running += 1
-                    worker.call = call
-                    worker.started = monotonic()
-            if skipped:
-                if call._error is not None:  # closed before it started: tell the awaiter
-                    call._channel.post(call)
-                continue
             # Set before the call, so current_token() and from_thread() in the
             # function find the call they belong to.
             local.call = call
@@ -485,6 +515,9 @@ class ThreadPool(PoolContext):
             with lock:
                 worker.call = None
                 self._running -= 1
+                if worker.waiting:
+                    worker.waiting = False
+                    self._waiting -= 1
                 if call._phase is ABANDONED:
                     self._abandoned -= 1
                 if call._error is None:
@@ -496,14 +529,37 @@ class ThreadPool(PoolContext):
                 call._phase = DONE
                 # The slot is freed before the result is posted: the awaiter
                 # may submit its next call as soon as it wakes, and must then
-                # find this thread idle, not spawn another one for a
+                # find this thread free, not start another one for a
                 # sequential caller.
-                self._free_slot()
+                nxt = self._next_pending(worker) if self._pending else None
+                if nxt is None:
+                    self._free_slot()
             call._channel.post(call)
             # An idle worker must not keep its last call's result, arguments
             # and context alive for up to IDLE_TIMEOUT.
-            del call, result
+            del result
+            call = nxt
         self._thread_exited(worker)
+
+    def _next_pending(self, worker: Worker) -> OffloadFuture[Any] | None:
+        # Under _lock, by a worker whose call just ended: take the next pending
+        # call if a CPU slot is free, and run it without a trip through the
+        # queue. A dispatched call waiting for a thread (_backlog) goes first.
+        if self._backlog > 0 or self._ready + self._running - self._waiting >= self._cpu_slots:
+            return None
+        now = monotonic()
+        if now - worker.started < GROWTH_PERIOD:
+            self._short = True
+        while self._pending:
+            call = self._pending.popleft()
+            if call._phase is QUEUED:  # else cancelled while pending
+                call._phase = RUNNING
+                self._queued -= 1
+                self._running += 1
+                worker.call = call
+                worker.started = now
+                return call
+        return None
 
     def _start_thread(self, worker: Worker) -> None:
         thread = threading.Thread(
@@ -524,15 +580,6 @@ class ThreadPool(PoolContext):
             for waiter in waiters:
                 complete_waiter(waiter)
             raise
-
-    def _skip_closed(self, call: OffloadFuture[Any]) -> None:
-        # Under _lock: a queued call the closing pool will not start.
-        call._phase = SKIPPED
-        self._queued -= 1
-        self._cancelled += 1
-        call._error = PoolClosedError(
-            f"{self._describe()} closed before this call of {describe(call.fn)} started."
-        )
 
     def _free_slot(self) -> None:
         # Called under _lock by a thread that is about to take the next call.
@@ -563,101 +610,3 @@ class ThreadPool(PoolContext):
             call._phase = ABANDONED
             self._abandoned += 1
             return True
-
-    def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
-        running: list[OffloadFuture[Any]] = []
-        skipped: list[OffloadFuture[Any]] = []
-        with self._lock:
-            if self._state is PoolState.OPEN:
-                self._state = PoolState.CLOSING
-                # Fail queued calls now: with every thread busy or stuck, no
-                # worker might ever dequeue them, and their awaiters would hang.
-                while True:
-                    try:
-                        call = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if call is not None and call._phase is QUEUED:
-                        self._skip_closed(call)
-                        skipped.append(call)
-                self._backlog = 0  # nothing is queued any more
-                for worker in self._workers:
-                    if worker.call is not None:
-                        running.append(worker.call)
-                    self._queue.put(None)
-            closed = not self._workers
-            if closed:
-                self._state = PoolState.CLOSED
-                self._idle = 0
-            else:
-                self._closed_waiters.append(waiter)
-        for call in skipped:
-            call._channel.post(call)
-        # Outside the lock: a token's callbacks are user code, which may well
-        # look at the pool (repr, statistics) and would deadlock under it.
-        for call in running:
-            call.token.set("pool closing")
-        if closed:
-            complete_waiter(waiter)
-
-    def _thread_exited(self, worker: Worker) -> None:
-        with self._lock:
-            self._workers.remove(worker)
-            self._leaving.append(threading.current_thread())
-            waiters = self._closed_if_no_worker()
-        for waiter in waiters:
-            complete_waiter(waiter)
-
-    def _closed_if_no_worker(self) -> list[asyncio.Future[None] | threading.Event]:
-        # Under _lock, while closing: once no worker is left the pool is closed;
-        # returns the waiters to complete (outside the lock).
-        if self._workers:
-            return []
-        self._state = PoolState.CLOSED
-        self._idle = 0
-        waiters, self._closed_waiters = self._closed_waiters, []
-        return waiters
-
-    def _join_threads(self) -> None:
-        # Every worker has signalled its exit; what is left of its thread is
-        # returning from work(), so these joins take microseconds.
-        with self._lock:
-            leaving, self._leaving = self._leaving, []
-        for thread in leaving:
-            thread.join()
-
-    def _forget_threads(self) -> None:
-        """In a child made by ``os.fork()``: start over with no threads.
-
-        Only the forking thread exists in the child; the parent's workers,
-        queue and lock (maybe held at the fork) are not this process's.
-        """
-        self._lock = threading.Lock()
-        self._queue = queue.SimpleQueue()
-        self._workers = []
-        self._leaving = []
-        self._idle = self._backlog = self._running = self._abandoned = self._queued = 0
-        self._growth_loops = set()
-        self._closed_waiters = []
-        if self._state is not PoolState.OPEN:
-            self._state = PoolState.CLOSED
-
-    def _stuck_calls(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return [
-                (w.thread.name if w.thread else "?", describe(w.call.fn))
-                for w in self._workers
-                if w.call is not None
-            ]
-
-    def _report_stuck(self, when: str) -> None:
-        for thread_name, fn in self._stuck_calls():
-            logger.warning(
-                "offloop: %s in thread %s of pool %r is still running %s and was abandoned; "
-                "it cannot be stopped from outside. Poll offloop.current_token() in long "
-                "functions so they can stop when asked.",
-                fn,
-                thread_name,
-                self._name,
-                when,
-            )

@@ -1,0 +1,229 @@
+"""How a ThreadPool closes, reports stuck calls, and starts over after ``fork()``.
+
+The other half of :class:`~offloop.ThreadPool`, which inherits it: ``pool.py``
+holds how calls flow through the pool, this module how the pool ends. Both
+halves work on the same state under the same lock; ``pool.py`` describes the
+state and its invariants, and sets it up in ``ThreadPool.__init__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from typing import Any, Final
+
+from .._core.errors import PoolClosedError, WouldDeadlockError
+from .._core.offload import QUEUED, SKIPPED, OffloadFuture
+from .._core.poolbase import PoolContext, PoolState, complete_waiter, refuse_blocking_close
+from .._core.validate import describe
+from .workers import Worker
+
+__all__ = ["ThreadPoolLifecycle"]
+
+logger: Final = logging.getLogger("offloop")
+
+
+class ThreadPoolLifecycle(PoolContext):
+    """Closing, stuck-call reports and fork handling of :class:`~offloop.ThreadPool`."""
+
+    # Set up by ThreadPool.__init__; see pool.py for what each one holds.
+    _name: str
+    _lock: threading.Lock
+    _queue: queue.SimpleQueue[OffloadFuture[Any] | None]
+    _pending: deque[OffloadFuture[Any]]
+    _workers: list[Worker]
+    _leaving: list[threading.Thread]
+    _closed_waiters: list[asyncio.Future[None] | threading.Event]
+    _growth_loops: set[asyncio.AbstractEventLoop]
+    _idle: int
+    _backlog: int
+    _queued: int
+    _ready: int
+    _running: int
+    _waiting: int
+    _abandoned: int
+    _short: bool
+    _cancelled: int
+
+    def _describe(self) -> str:
+        raise NotImplementedError  # pool.py's: the repr without the lock
+
+    def _skip_closed(self, call: OffloadFuture[Any]) -> None:
+        # Under _lock: a queued call the closing pool will not start.
+        call._phase = SKIPPED
+        self._queued -= 1
+        self._cancelled += 1
+        call._error = PoolClosedError(
+            f"{self._describe()} closed before this call of {describe(call.fn)} started."
+        )
+
+    async def aclose(self, *, timeout: float | None = None) -> None:
+        """Close the pool and wait for its threads to exit.
+
+        New calls are refused with :class:`PoolClosedError`. Calls still queued
+        are not started: their awaiters get ``PoolClosedError``. Running calls
+        get their :class:`StopToken` set and are waited for, up to ``timeout``
+        seconds (``None``: as long as they take). Threads still busy after the
+        timeout are abandoned (they are daemon threads, so they never keep the
+        process alive) and logged with the function they run.
+
+        Closing twice is allowed; the second call waits like the first.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._begin_close(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except asyncio.TimeoutError:
+            self._report_stuck(f"after waiting {timeout} s in aclose()")
+            with self._lock:
+                self._state = PoolState.CLOSED
+            return
+        self._join_threads()
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Close the pool from sync code (not from a running loop's thread).
+
+        Same semantics as :meth:`aclose`, blocking the calling thread.
+
+        Raises:
+            WouldDeadlockError: called on a running event loop's thread, or
+                from one of this pool's own worker threads (it would wait for
+                itself to exit).
+        """
+        refuse_blocking_close(self)
+        self._refuse_own_thread("close()")
+        done = threading.Event()
+        self._begin_close(done)
+        if not done.wait(timeout):
+            self._report_stuck(f"after waiting {timeout} s in close()")
+            with self._lock:
+                self._state = PoolState.CLOSED
+            return
+        self._join_threads()
+
+    def _refuse_own_thread(self, what: str) -> None:
+        current = threading.current_thread()
+        with self._lock:
+            own = any(w.thread is current for w in self._workers)
+        if own:
+            raise WouldDeadlockError(
+                f"{self!r}.{what} was called from one of the pool's own worker threads. It "
+                f"waits until every worker has exited, this one included, so it would wait "
+                f"forever. Close the pool from outside it ('await pool.aclose()' on the event "
+                f"loop), or return from this function and close it afterwards."
+            )
+
+    def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
+        running: list[OffloadFuture[Any]] = []
+        skipped: list[OffloadFuture[Any]] = []
+        with self._lock:
+            if self._state is PoolState.OPEN:
+                self._state = PoolState.CLOSING
+                # Fail queued calls now: with every thread busy or stuck, no
+                # worker might ever dequeue them, and their awaiters would hang.
+                while True:
+                    try:
+                        call = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if call is not None:
+                        self._ready -= 1
+                        if call._phase is QUEUED:
+                            self._skip_closed(call)
+                            skipped.append(call)
+                for call in self._pending:
+                    if call._phase is QUEUED:
+                        self._skip_closed(call)
+                        skipped.append(call)
+                self._pending.clear()
+                self._backlog = 0  # nothing is queued any more
+                for worker in self._workers:
+                    if worker.call is not None:
+                        running.append(worker.call)
+                    self._queue.put(None)
+            closed = not self._workers
+            if closed:
+                self._state = PoolState.CLOSED
+                self._idle = 0
+            else:
+                self._closed_waiters.append(waiter)
+        for call in skipped:
+            call._channel.post(call)
+        # Outside the lock: a token's callbacks are user code, which may well
+        # look at the pool (repr, statistics) and would deadlock under it.
+        for call in running:
+            call.token.set("pool closing")
+        if closed:
+            complete_waiter(waiter)
+
+    def _thread_exited(self, worker: Worker) -> None:
+        with self._lock:
+            self._workers.remove(worker)
+            worker.close()
+            self._leaving.append(threading.current_thread())
+            waiters = self._closed_if_no_worker()
+        for waiter in waiters:
+            complete_waiter(waiter)
+
+    def _closed_if_no_worker(self) -> list[asyncio.Future[None] | threading.Event]:
+        # Under _lock, while closing: once no worker is left the pool is closed;
+        # returns the waiters to complete (outside the lock).
+        if self._workers:
+            return []
+        self._state = PoolState.CLOSED
+        self._idle = 0
+        waiters, self._closed_waiters = self._closed_waiters, []
+        return waiters
+
+    def _join_threads(self) -> None:
+        # Every worker has signalled its exit; what is left of its thread is
+        # returning from work(), so these joins take microseconds.
+        with self._lock:
+            leaving, self._leaving = self._leaving, []
+        for thread in leaving:
+            thread.join()
+
+    def _forget_threads(self) -> None:
+        """In a child made by ``os.fork()``: start over with no threads.
+
+        Only the forking thread exists in the child; the parent's workers,
+        queue and lock (maybe held at the fork) are not this process's.
+        """
+        self._lock = threading.Lock()
+        self._queue = queue.SimpleQueue()
+        for worker in self._workers:
+            worker.close()  # the parent's threads' files, inherited
+        self._workers = []
+        self._leaving = []
+        self._idle = self._backlog = self._running = self._abandoned = self._queued = 0
+        self._ready = self._waiting = 0
+        self._pending = deque()
+        self._short = False
+        self._growth_loops = set()
+        self._closed_waiters = []
+        if self._state is not PoolState.OPEN:
+            self._state = PoolState.CLOSED
+
+    def _stuck_calls(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return [
+                (w.thread.name if w.thread else "?", describe(w.call.fn))
+                for w in self._workers
+                if w.call is not None
+            ]
+
+    def _report_stuck(self, when: str) -> None:
+        for thread_name, fn in self._stuck_calls():
+            logger.warning(
+                "offloop: %s in thread %s of pool %r is still running %s and was abandoned; "
+                "it cannot be stopped from outside. Poll offloop.current_token() in long "
+                "functions so they can stop when asked.",
+                fn,
+                thread_name,
+                self._name,
+                when,
+            )

@@ -1,0 +1,167 @@
+"""A thread pool's record of each worker thread, and whether its call uses the CPU.
+
+A pool lets at most ``cpu_slots`` calls run at once while they use the CPU;
+a call that waits (in I/O, a sleep, a lock, a nested offload) does not count.
+This is what keeps the event loop responsive under heavy offload: every
+runnable thread competes with the loop's thread for the cores and, for Python
+code, for the GIL, so forty busy threads on two cores delay the loop by
+dozens of scheduler slices and switch intervals, while forty threads blocked
+in ``recv`` cost it nothing.
+
+Whether a call waits is read from the kernel's scheduler statistics of its
+thread (Linux's ``/proc/self/task/<tid>/schedstat``): the time it ran plus the
+time it sat runnable waiting for a core. A thread blocked in I/O or a lock
+adds to neither; a thread that computes adds to one or the other, however
+loaded the machine is (CPU time alone would make a thread starved of cores
+look idle, and the pool would add threads exactly when the cores are
+scarcest). A thread waiting for the GIL sleeps like a blocked one, but it
+gets its turn: over a window of several switch intervals each of ``n``
+contenders runs for about ``1/n`` of the time, so a call counts as waiting
+only below half of that share (:func:`waiting_share`).
+
+Where the kernel offers no such statistics, a call that has run for a growth
+period counts as waiting, which is how the pool grew before it looked at the
+CPU: blocking calls still reach ``max_workers``, CPU-bound ones are not held
+back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from .._core.offload import OffloadFuture
+
+__all__ = ["DEFAULT_CPU_SLOTS", "WINDOW", "Worker", "waiting_share"]
+
+
+def _available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may run on
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+#: Default bound on the calls of one pool that run at once while using the
+#: CPU: one per CPU this process may use. More would not finish the work
+#: sooner, only make the event loop's thread wait longer for a core and the GIL.
+DEFAULT_CPU_SLOTS: Final = _available_cpus()
+
+#: Seconds of a call's recent past that decide whether it waits (see Worker.is_waiting).
+WINDOW: Final = 0.05
+
+#: Seconds of readings before a call is first judged: a thread that waits for
+#: the GIL waits about a switch interval per thread ahead of it, and must not be
+#: taken for a blocked one meanwhile.
+JUDGE_AFTER: Final = sys.getswitchinterval()
+
+_SCHEDSTAT: Final = "/proc/self/task/{}/schedstat"
+_HAS_SCHEDSTAT: Final = os.path.exists(_SCHEDSTAT.format(threading.get_native_id()))
+
+
+def waiting_share(running: int) -> float:
+    """Below this share of its time running or runnable, a call counts as waiting.
+
+    Half the share each of ``running`` GIL contenders (plus the loop's
+    thread) gets, so a Python thread that waits for the GIL is not taken for
+    a blocked one; threads blocked in I/O stay far below it.
+    """
+    return 0.5 / (running + 1)
+
+
+class Worker:
+    """A worker thread, the call it runs now, and what the pool measured of that call.
+
+    ``call``, ``started``, ``thread`` and ``tid`` are set by the worker; the
+    rest belongs to the pool's rebalancing check. All of it is read and
+    written under the pool's lock.
+    """
+
+    __slots__ = (
+        "base_busy",
+        "base_wall",
+        "call",
+        "fd",
+        "prev_busy",
+        "prev_wall",
+        "seen",
+        "started",
+        "thread",
+        "tid",
+        "waiting",
+    )
+
+    def __init__(self) -> None:
+        self.call: OffloadFuture[Any] | None = None
+        #: When the current call started (monotonic); it also tells calls apart.
+        self.started = 0.0
+        self.thread: threading.Thread | None = None
+        #: The thread's id in the kernel, set by the thread itself.
+        self.tid = 0
+        #: The thread's schedstat file, opened on the first look, closed at exit.
+        self.fd = -1
+        #: ``started`` of the call the readings below belong to.
+        self.seen = -1.0
+        # Two readings of (busy seconds, wall time): the start of the current
+        # window and of the one before (prev_wall < 0: there is none yet).
+        self.base_busy = self.base_wall = 0.0
+        self.prev_busy = self.prev_wall = 0.0
+        #: Whether the current call counts as waiting (holds no CPU slot).
+        self.waiting = False
+
+    def busy(self) -> float | None:
+        """Seconds the thread has run or waited for a core; None where unknown."""
+        if not _HAS_SCHEDSTAT or not self.tid:
+            return None
+        try:
+            if self.fd < 0:
+                self.fd = os.open(_SCHEDSTAT.format(self.tid), os.O_RDONLY | os.O_CLOEXEC)
+            fields = os.pread(self.fd, 64, 0).split()
+            return (int(fields[0]) + int(fields[1])) * 1e-9
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def close(self) -> None:
+        """Close the schedstat file (when the thread leaves the pool)."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+    def is_waiting(self, now: float, period: float, running: int) -> bool:
+        """Whether the current call waits rather than computes.
+
+        A call younger than ``period`` computes, as far as anyone knows. Then
+        the time its thread was busy since an earlier reading is compared with
+        the time that passed: since the call's first reading at first, then
+        over the last one to two :data:`WINDOW` s, so that a call that
+        computed for a while and then blocks gives its slot back.
+        """
+        if self.call is None or now - self.started < period:
+            return False
+        busy = self.busy()
+        if busy is None:
+            return True  # nothing to tell by: a long call is taken to be blocked
+        if self.seen != self.started:
+            self.mark(busy, now)
+            return False
+        if self.prev_wall >= 0:
+            ref_busy, ref_wall = self.prev_busy, self.prev_wall
+        elif now - self.base_wall < JUDGE_AFTER:
+            return self.waiting  # too soon to tell a GIL wait from a blocking one
+        else:
+            ref_busy, ref_wall = self.base_busy, self.base_wall
+        waiting = busy - ref_busy < waiting_share(running) * (now - ref_wall)
+        if now - self.base_wall >= WINDOW:
+            self.prev_busy, self.prev_wall = self.base_busy, self.base_wall
+            self.base_busy, self.base_wall = busy, now
+        return waiting
+
+    def mark(self, busy: float, now: float) -> None:
+        """Take the first reading of the current call."""
+        self.seen = self.started
+        self.base_busy, self.base_wall = busy, now
+        self.prev_wall = -1.0

@@ -15,7 +15,7 @@ from typing import Any
 
 from .._core.extras import require
 from .._core.validate import describe
-from .adapters import AdapterState, NetworkAdapter, check_host_port, check_name
+from .adapters import NetworkAdapter, check_host_port, check_name
 
 __all__ = ["AiohttpService"]
 
@@ -91,7 +91,7 @@ class AiohttpService(NetworkAdapter):
                 sock.close()
                 raise
         except BaseException:
-            self._state, self._done = AdapterState.CRASHED, None
+            self._start_failed()
             # Undo what setup() did (startup hooks ran: run the cleanup ones).
             with contextlib.suppress(Exception):
                 await asyncio.shield(runner.cleanup())

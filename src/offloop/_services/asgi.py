@@ -19,7 +19,6 @@ from typing import Any, Literal
 from .._core.extras import require
 from .._core.validate import describe
 from .adapters import (
-    AdapterState,
     NetworkAdapter,
     check_app_signature,
     check_host_port,
@@ -139,7 +138,7 @@ class ASGIService(NetworkAdapter):
                 sock.close()
                 raise
         except BaseException:
-            self._state, self._done = AdapterState.CRASHED, None
+            self._start_failed()
             raise
         self._server = server
         self._main = asyncio.get_running_loop().create_task(

@@ -35,7 +35,6 @@ from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import check_positive_int, describe
 from .._threads.tothread import service_pool
 from .adapters import (
-    AdapterState,
     NetworkAdapter,
     check_app_signature,
     check_host_port,
@@ -56,8 +55,8 @@ POLL_INTERVAL: Final = 0.05
 IDLE_EXIT: Final = 0.1
 
 
-class _Run:
-    """The resources of one start() .. stop(): fresh on every start."""
+class _ServerRun:
+    """One run of a WSGIService, start() .. its end: its server and its serve thread."""
 
     def __init__(self, done: asyncio.Future[None], token: StopToken) -> None:
         self.done = done
@@ -128,7 +127,7 @@ class WSGIService(NetworkAdapter):
         self.server = server
         self.threads = threads
         self.access_log = bool(access_log)
-        self._run: _Run | None = None
+        self._run: _ServerRun | None = None
 
     def __repr__(self) -> str:
         return (
@@ -144,7 +143,7 @@ class WSGIService(NetworkAdapter):
             RuntimeError: the service is already running or still stopping.
         """
         done = self._begin()
-        run = _Run(done, StopToken())
+        run = _ServerRun(done, StopToken())
         try:
             factory = _werkzeug_server if self.server == "werkzeug" else _waitress_server
             sock = self._listen()
@@ -156,7 +155,7 @@ class WSGIService(NetworkAdapter):
                 sock.close()
                 raise
         except BaseException:
-            self._state, self._done = AdapterState.CRASHED, None
+            self._start_failed()
             raise
         self._bound_port = port
         target = self._serve_werkzeug if self.server == "werkzeug" else self._serve_waitress
@@ -169,7 +168,7 @@ class WSGIService(NetworkAdapter):
 
     # -- the serve threads ---------------------------------------------------------------
 
-    def _serve_werkzeug(self, run: _Run) -> None:
+    def _serve_werkzeug(self, run: _ServerRun) -> None:
         server = run.server
         exc: BaseException | None = None
         try:
@@ -181,7 +180,7 @@ class WSGIService(NetworkAdapter):
         self._finish_threadsafe(run.done, exc)
         del exc  # no reference cycle through the traceback's frames
 
-    def _serve_waitress(self, run: _Run) -> None:
+    def _serve_waitress(self, run: _ServerRun) -> None:
         server = run.server
         exc: BaseException | None = None
         try:

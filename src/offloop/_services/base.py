@@ -3,10 +3,10 @@
 A service is restartable: after it stopped or crashed, ``start()`` may be
 called again and must build fresh runtime resources (a new server, a new
 observer). All four coroutines are awaited on the supervisor's event loop.
+offloop's own services share one lifecycle on top of this contract
+(``lifecycle.py``).
 
-Note (supervisor engineer): the contract below is unchanged since the
-skeleton; only this paragraph was added, to pin down how the Supervisor
-calls the methods, so adapters can rely on it:
+How the Supervisor calls the methods, which services can rely on:
 
 - ``start()``, then ``wait()`` once it returned. After ``wait()`` returns or
   raises, the next call (if any) is ``start()`` again: ``stop()`` is *not*

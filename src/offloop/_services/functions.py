@@ -9,7 +9,8 @@
   in a child process; :func:`~offloop._services.make.make_fn_service` picks one.
 
 Each run gets fresh runtime state from ``start()``, so the supervisor can
-restart them. Their threads are daemon threads named
+restart them; :class:`FunctionService` gives them the shared lifecycle, a run
+ending ENDED (returned or stopped) or CRASHED. Their threads are daemon threads named
 ``offloop-service-<name>``: a thread that ignores its token can then be
 abandoned at shutdown instead of hanging the interpreter's exit.
 """

@@ -1,63 +1,33 @@
-"""What the service adapters (WSGI, aiohttp, ASGI, watch) share.
+"""What the service adapters (WSGI, aiohttp, ASGI, watch) share besides their lifecycle.
 
-Each adapter is a :class:`~offloop.Service` that goes through the same
-lifecycle (:class:`AdapterState`), checks its arguments the same way, and, for
-the network ones, binds its listening socket itself: the bind error then comes
-from offloop with a message that names the service and the fix, instead of a
-``sys.exit(1)`` from deep inside a server (werkzeug and uvicorn both do that).
+The lifecycle itself is :class:`~offloop._services.lifecycle.LifecycleService`.
+Here: the argument checks every adapter makes the same way, and
+:class:`NetworkAdapter`, the base of the servers, which binds its listening
+socket itself: the bind error then comes from offloop with a message that
+names the service and the fix, instead of a ``sys.exit(1)`` from deep inside a
+server (werkzeug and uvicorn both do that).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import enum
 import inspect
 import socket
-import threading
 from typing import Any, Final
 
 from .._core.validate import describe
 from .base import Service
+from .lifecycle import LifecycleService, LifecycleState
 
 __all__ = [
-    "AdapterState",
     "NetworkAdapter",
-    "ServiceAdapter",
     "check_app_signature",
     "check_host_port",
     "check_name",
     "listen_socket",
 ]
 
-#: How long the loop may wait for a thread that has signalled its end to return.
-#: It only has to leave its function, so this is never reached in practice.
-JOIN_BOUND: Final = 1.0
-
 #: The listen backlog of every adapter's socket (werkzeug's and uvicorn's default).
 BACKLOG: Final = 128
-
-
-class AdapterState(enum.Enum):
-    """Lifecycle of an adapter: IDLE -> STARTING -> RUNNING -> STOPPING -> STOPPED.
-
-    A crash ends in CRASHED; from STOPPED or CRASHED, ``start()`` builds fresh
-    resources and runs it again.
-    """
-
-    IDLE = "idle"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    CRASHED = "crashed"
-
-
-_START_ERRORS: Final = {
-    AdapterState.STARTING: "it is already starting.",
-    AdapterState.RUNNING: "it is already running; stop it before starting it again.",
-    AdapterState.STOPPING: "it is still stopping; wait for stop() to return first.",
-}
 
 
 def check_name(name: object, default: str, where: str) -> str:
@@ -159,92 +129,7 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class ServiceAdapter(Service):
-    """An adapter's lifecycle: the state, the future ``wait()`` watches, the illegal moves.
-
-    A subclass's ``start()`` calls :meth:`_begin`, builds fresh resources and
-    calls :meth:`_ready` once ready; its ``stop()`` begins with
-    :meth:`_mark_stopping`; it calls :meth:`_finish` from the loop when the
-    run ends (with the error if it crashed).
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._state = AdapterState.IDLE
-        self._done: asyncio.Future[None] | None = None
-
-    @property
-    def state(self) -> AdapterState:
-        """Where the adapter is in its lifecycle (an :class:`AdapterState`)."""
-        return self._state
-
-    def _begin(self) -> asyncio.Future[None]:
-        message = _START_ERRORS.get(self._state)
-        if message is not None:
-            raise RuntimeError(f"Cannot start {self!r}: {message}")
-        self._state = AdapterState.STARTING
-        self._done = asyncio.get_running_loop().create_future()
-        return self._done
-
-    def _ready(self) -> None:
-        self._state = AdapterState.RUNNING
-
-    def _finish(self, done: asyncio.Future[None], exc: BaseException | None = None) -> None:
-        """End the run ``done`` belongs to (call on the loop); a stale run is ignored."""
-        if done.done():
-            return
-        if done is self._done:
-            self._state = AdapterState.STOPPED if exc is None else AdapterState.CRASHED
-        if exc is None:
-            done.set_result(None)
-        else:
-            done.set_exception(exc)
-
-    def _finish_threadsafe(self, done: asyncio.Future[None], exc: BaseException | None) -> None:
-        """:meth:`_finish` from the run's own thread, as its very last step.
-
-        The loop joins the thread before ending the run, so once ``wait()``
-        returns the thread is gone (it only had to return from its function).
-        A closed loop means nobody waits any more.
-        """
-        # The run's own loop: the service may have been restarted on another one since.
-        loop = done.get_loop()
-        # RuntimeError: the loop is closed, the supervisor is long gone.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._finish_joined, done, exc, threading.current_thread())
-
-    def _finish_joined(
-        self, done: asyncio.Future[None], exc: BaseException | None, thread: threading.Thread
-    ) -> None:
-        thread.join(JOIN_BOUND)
-        self._finish(done, exc)
-
-    async def wait(self) -> None:
-        """Return when the service has stopped; raise the error it crashed with.
-
-        Raises:
-            RuntimeError: the service has never been started.
-            Exception: whatever made the service crash.
-        """
-        done = self._done
-        if done is None:
-            raise RuntimeError(f"Cannot wait for {self!r}: it has not been started; call start().")
-        # asyncio.wait, not await: cancelling the waiter must not cancel the run.
-        await asyncio.wait({done})
-        done.result()
-
-    def _mark_stopping(self) -> asyncio.Future[None] | None:
-        """Move to STOPPING; return the run's future, or ``None`` if nothing runs."""
-        done = self._done
-        if done is None or done.done():
-            if self._state is AdapterState.STARTING:  # start() was interrupted
-                self._state = AdapterState.STOPPED
-            return None
-        self._state = AdapterState.STOPPING
-        return done
-
-
-class NetworkAdapter(ServiceAdapter):
+class NetworkAdapter(LifecycleService):
     """An adapter that listens on ``host:port``: the bound port and the URL."""
 
     def __init__(self, name: str, host: str, port: int) -> None:
@@ -277,6 +162,6 @@ class NetworkAdapter(ServiceAdapter):
         return listen_socket(self.host, self._requested_port, self)
 
     def _where(self) -> str:
-        if self._state in (AdapterState.RUNNING, AdapterState.STOPPING):
+        if self._state in (LifecycleState.RUNNING, LifecycleState.STOPPING):
             return f"url={self.url}"
         return _host_port(self.host, self.port)

@@ -4,7 +4,9 @@ aiohttp is already asynchronous, so no thread is involved: the app runs under
 an ``AppRunner`` on a socket offloop binds itself (so ``start()`` returns once
 it listens and ``port=0`` works), and ``stop()`` is aiohttp's graceful
 ``runner.cleanup()``: stop listening, let handlers in flight finish, run the
-app's ``on_shutdown`` and ``on_cleanup`` hooks.
+app's ``on_shutdown`` and ``on_cleanup`` hooks. ``kill()`` drops the
+connections and cancels their handlers, which aiohttp would let run on
+(``_thirdparty.aiohttp_drop_connections``: no public API does it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 from .._core.extras import require
 from .._core.validate import describe
-from .adapters import AdapterState, NetworkAdapter, check_host_port, check_name
+from ._thirdparty import aiohttp_drop_connections
+from .adapters import NetworkAdapter, check_host_port, check_name
 
 __all__ = ["AiohttpService"]
 
@@ -92,7 +95,7 @@ class AiohttpService(NetworkAdapter):
                 sock.close()
                 raise
         except BaseException:
-            self._state, self._done = AdapterState.CRASHED, None
+            self._start_failed()
             # Undo what setup() did (startup hooks ran: run the cleanup ones).
             with contextlib.suppress(Exception):
                 await asyncio.shield(runner.cleanup())
@@ -124,24 +127,10 @@ class AiohttpService(NetworkAdapter):
 
     def kill(self) -> list[str]:
         """Drop every open connection now and cancel the handlers still running on them."""
-        done = self._done
-        for conn in list(getattr(self._server_of(), "connections", ())):
-            with contextlib.suppress(Exception):
-                conn.force_close()
-                transport = conn.transport
-                if transport is not None:
-                    transport.abort()
-            # aiohttp lets a handler run on after its client is gone (unless the
-            # app opted into handler_cancellation): a killed service must not
-            # leave it behind on the loop, so cancel the connection's task.
-            task = getattr(conn, "_task_handler", None)
-            if isinstance(task, asyncio.Task) and not task.done():
-                task.cancel()
+        done, runner = self._done, self._runner
+        if runner is not None and runner.server is not None:
+            aiohttp_drop_connections(runner.server)
         self._runner = None
         if done is not None:
             self._finish(done)
         return []
-
-    def _server_of(self) -> Any:
-        runner = self._runner
-        return None if runner is None else runner.server

@@ -1,25 +1,34 @@
 """``ASGIService``: an ASGI app (Starlette, FastAPI, ...) under uvicorn on the supervisor's loop.
 
-``uvicorn.Server.serve()`` installs its own SIGINT/SIGTERM handlers, which
-would fight the supervisor's, and calls ``sys.exit`` when the port is taken or
-the app's startup fails. So the adapter drives uvicorn through its public
-steps instead: ``startup(sockets=...)`` on a socket offloop bound itself (no
-signal handlers are ever installed), ``main_loop()`` as a task, and
-``shutdown()`` (stop listening, let requests in flight finish, run the
-lifespan shutdown) once ``stop()`` sets ``should_exit``.
+The adapter runs uvicorn's own ``Server.serve(sockets=[...])`` as a task, on
+a socket offloop bound itself (so a port in use is an ``OSError`` naming the
+service, not uvicorn's ``sys.exit(1)``). Three things are changed in it, in
+``_thirdparty.py``: its signal capture is a no-op (serve() would take SIGINT
+and SIGTERM from the supervisor), its ``startup()`` tells ``start()`` when
+the socket is served, and the app's lifespan reports its task (for ``kill()``)
+and why a phase failed. ``stop()`` sets ``should_exit``: serve() then stops
+listening, lets requests in flight finish and runs the lifespan shutdown. A
+failed lifespan startup is a ``RuntimeError`` from ``start()``, not uvicorn's
+``sys.exit(3)``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import socket
 from typing import Any, Literal
 
 from .._core.extras import require
 from .._core.validate import describe
+from ._thirdparty import (
+    uvicorn_abandon,
+    uvicorn_close_listeners,
+    uvicorn_exit,
+    uvicorn_prepare,
+    uvicorn_server,
+)
 from .adapters import (
-    AdapterState,
     NetworkAdapter,
     check_app_signature,
     check_host_port,
@@ -133,94 +142,101 @@ class ASGIService(NetworkAdapter):
                 access_log=True,
             )
             _default_levels(self.log_level)
-            server = uvicorn.Server(config)
-            try:
-                await self._startup(server, config, sock)
-            except BaseException:
-                sock.close()
-                raise
+            server, main = await self._serve_until_listening(config, sock, done)
         except BaseException:
-            self._state, self._done = AdapterState.CRASHED, None
+            self._start_failed()
             raise
-        self._server = server
-        self._main = asyncio.get_running_loop().create_task(
-            self._serve(server, sock, done), name=f"offloop-asgi-{self.name}"
-        )
+        self._server, self._main = server, main
         self._ready()
 
-    async def _startup(self, server: Any, config: Any, sock: Any) -> None:
+    async def _serve_until_listening(
+        self, config: Any, sock: socket.socket, done: asyncio.Future[None]
+    ) -> tuple[Any, asyncio.Task[None]]:
+        """Start ``serve()`` as a task; return it once the socket is served."""
+        loop = asyncio.get_running_loop()
+        listening: asyncio.Future[None] = loop.create_future()
         try:
-            if not config.loaded:
-                config.load()
-            if not self.access_log:
-                config.http_protocol_class = _without_access_log(config.http_protocol_class)
-            server.lifespan = lifespan = config.lifespan_class(config)
-            self._track_lifespan(lifespan)
-            await server.startup(sockets=[sock])
-        except SystemExit as exc:  # uvicorn's way to give up; not ours to exit the process
-            failure = self._lifespan_failures.get("startup")
-            why = (
-                f"the app's lifespan startup failed ({failure})"
-                if failure
-                else "most likely because the app's lifespan startup failed"
+            self._lifespan_task, self._lifespan_failures = None, {}
+            uvicorn_prepare(
+                config,
+                access_log=self.access_log,
+                on_lifespan_task=self._on_lifespan_task,
+                lifespan_failures=self._lifespan_failures,
             )
-            raise RuntimeError(
-                f"{self!r} could not start: uvicorn gave up (exit code {exc.code}), {why}. The "
-                f"full traceback is in the 'uvicorn.error' log."
-            ) from None
+
+            def on_listening() -> None:
+                if not listening.done():
+                    listening.set_result(None)
+
+            server = uvicorn_server(config, on_listening)
         except BaseException:
-            if getattr(server, "started", False) or getattr(server, "servers", None):
-                with contextlib.suppress(Exception):
-                    await server.shutdown(sockets=[sock])
+            sock.close()
             raise
+        main = loop.create_task(
+            self._serve(server, sock, listening, done), name=f"offloop-asgi-{self.name}"
+        )
+        try:
+            await asyncio.wait({listening, main}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: undo what serve() has begun
+            if listening.done():
+                uvicorn_exit(server)  # listening: a graceful shutdown closes it all
+            else:
+                main.cancel()  # still in the lifespan startup: nothing listens yet
+            await asyncio.wait({main})
+            if done.done():
+                done.exception()  # nobody will wait() for this run; uvicorn logged any error
+            raise
+        if not listening.done():  # serve() gave up before it listened
+            main.result()  # its error, if it raised one
+            raise self._startup_failure(None)
+        return server, main
 
-    def _track_lifespan(self, lifespan: Any) -> None:
-        # uvicorn starts the app's lifespan as a task it keeps no handle to;
-        # kill() must cancel it, so its main() records the task it runs in.
-        self._lifespan_failures = {}
-        main = getattr(lifespan, "main", None)
-        if main is None:  # lifespan="off": no task
-            self._lifespan_task = None
-            return
+    def _on_lifespan_task(self, task: asyncio.Task[Any] | None) -> None:
+        self._lifespan_task = task
 
-        async def tracked_main() -> None:
-            self._lifespan_task = asyncio.current_task()
-            await main()
+    def _startup_failure(self, code: object) -> RuntimeError:
+        failure = self._lifespan_failures.get("startup")
+        why = (
+            f"the app's lifespan startup failed ({failure})"
+            if failure
+            else "most likely because the app's lifespan startup failed"
+        )
+        how = "" if code is None else f" (exit code {code})"
+        return RuntimeError(
+            f"{self!r} could not start: uvicorn gave up{how}, {why}. The full traceback is in "
+            f"the 'uvicorn.error' log."
+        )
 
-        lifespan.main = tracked_main
-        # uvicorn only logs why a lifespan phase failed; keep the reason for
-        # our own errors. The app's message ends with its exception's line.
-        send = lifespan.send
-        failures = self._lifespan_failures
-
-        async def tracked_send(message: Any) -> None:
-            kind = message.get("type", "")
-            if kind in ("lifespan.startup.failed", "lifespan.shutdown.failed"):
-                lines = str(message.get("message") or "").strip().splitlines()
-                failures[kind.split(".")[1]] = lines[-1] if lines else "no message"
-            await send(message)
-
-        lifespan.send = tracked_send
-
-    async def _serve(self, server: Any, sock: Any, done: asyncio.Future[None]) -> None:
+    async def _serve(
+        self,
+        server: Any,
+        sock: socket.socket,
+        listening: asyncio.Future[None],
+        done: asyncio.Future[None],
+    ) -> None:
         exc: BaseException | None = None
         try:
-            await server.main_loop()  # returns once should_exit is set
+            await server.serve(sockets=[sock])  # returns after its shutdown
+        except SystemExit as e:  # uvicorn's way to give up; not ours to exit the process
+            exc = self._startup_failure(e.code)
         except Exception as e:
             exc = e
         finally:
-            try:
-                await server.shutdown(sockets=[sock])
-            except Exception as e:
-                exc = exc or e
-            failure = self._lifespan_failures.get("shutdown")
-            if exc is None and failure is not None:
-                # uvicorn logs it and carries on: wait() says so instead.
-                exc = RuntimeError(
-                    f"{self!r}: the app's lifespan shutdown failed ({failure}), so its cleanup "
-                    f"may not have finished. The full traceback is in the 'uvicorn.error' log."
-                )
-            self._finish(done, exc)
+            # Both done by uvicorn's shutdown, unless serve() ended some other way.
+            uvicorn_close_listeners(server)
+            sock.close()
+        if not listening.done():  # start() reports it
+            if exc is not None:
+                raise exc
+            return
+        failure = self._lifespan_failures.get("shutdown")
+        if exc is None and failure is not None:
+            # uvicorn logs it and carries on: wait() says so instead.
+            exc = RuntimeError(
+                f"{self!r}: the app's lifespan shutdown failed ({failure}), so its cleanup "
+                f"may not have finished. The full traceback is in the 'uvicorn.error' log."
+            )
+        self._finish(done, exc)
 
     async def stop(self) -> None:
         """Stop listening, let requests in flight finish, run the lifespan shutdown."""
@@ -228,7 +244,7 @@ class ASGIService(NetworkAdapter):
         server, main = self._server, self._main
         if done is None or server is None or main is None:
             return
-        server.should_exit = True
+        uvicorn_exit(server)
         await asyncio.wait({main})
 
     def kill(self) -> list[str]:
@@ -239,11 +255,7 @@ class ASGIService(NetworkAdapter):
         # not leave them behind on the loop.
         leftovers: list[asyncio.Task[Any]] = []
         if server is not None:
-            server.force_exit = True
-            for conn in list(server.server_state.connections):
-                with contextlib.suppress(Exception):
-                    conn.transport.abort()
-            leftovers += list(server.server_state.tasks)
+            leftovers += uvicorn_abandon(server)
         if self._lifespan_task is not None:
             leftovers.append(self._lifespan_task)
         if main is not None:
@@ -263,14 +275,3 @@ def _default_levels(level: str) -> None:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(level.upper() if level != "trace" else 5)
-
-
-def _without_access_log(protocol: type[Any]) -> type[Any]:
-    # uvicorn decides per connection from its shared logger's handlers; this
-    # service's connections skip the access line whatever the others do.
-    class QuietProtocol(protocol):  # type: ignore[misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.access_log = False
-
-    return QuietProtocol

@@ -2,10 +2,11 @@
 
 A service is restartable: after it stopped or crashed, ``start()`` may be
 called again and must build fresh runtime resources (a new server, a new
-observer). ``start()``, ``wait()`` and ``stop()`` are awaited, and ``kill()``
-called, on the supervisor's event loop.
+observer). All four coroutines are awaited on the supervisor's event loop.
+offloop's own services share one lifecycle on top of this contract
+(``lifecycle.py``).
 
-How the Supervisor calls the methods, so that adapters can rely on it:
+How the Supervisor calls the methods, which services can rely on:
 
 - ``start()``, then ``wait()`` once it returned. After ``wait()`` returns or
   raises, the next call (if any) is ``start()`` again: ``stop()`` is *not*

@@ -9,7 +9,8 @@
   in a child process; :func:`~offloop._services.make.make_fn_service` picks one.
 
 Each run gets fresh runtime state from ``start()``, so the supervisor can
-restart them. Their threads are daemon threads named
+restart them; :class:`FunctionService` gives them the shared lifecycle, a run
+ending ENDED (returned or stopped) or CRASHED. Their threads are daemon threads named
 ``offloop-service-<name>``: a thread that ignores its token can then be
 abandoned at shutdown instead of hanging the interpreter's exit.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import inspect
 import io
 import os
@@ -32,10 +32,11 @@ from .._core.errors import OffloopError
 from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
 from .._loops.loopthread import LoopThread
-from .base import Service, ServiceInterrupted
+from .base import ServiceInterrupted
+from .lifecycle import LifecycleService, LifecycleState
 
 __all__ = [
-    "FnState",
+    "FunctionService",
     "LoopService",
     "TaskService",
     "ThreadService",
@@ -44,15 +45,6 @@ __all__ = [
 ]
 
 AsyncFn = Callable[[], Coroutine[Any, Any, object]]
-
-
-class FnState(enum.Enum):
-    """Lifecycle of one run of a function service: IDLE -> RUNNING -> ENDED."""
-
-    IDLE = "idle"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    ENDED = "ended"
 
 
 def takes_token(fn: Callable[..., object], where: str) -> bool:
@@ -101,54 +93,27 @@ def describe_thread(thread: threading.Thread) -> str:
     return f"thread {thread.name!r}, currently at:\n{stack}"
 
 
-def _illegal(service: Service, action: str, state: FnState) -> RuntimeError:
-    messages = {
-        ("start", FnState.RUNNING): "it is already running; stop it before starting it again.",
-        ("start", FnState.STOPPING): "it is still stopping; wait for stop() to return first.",
-        ("wait", FnState.IDLE): "it has not been started; call start() first.",
-    }
-    return RuntimeError(f"Cannot {action} {service!r}: {messages[(action, state)]}")
+class FunctionService(LifecycleService):
+    """What the function services share: the function, and the lifecycle of its runs.
 
+    A run ends ENDED when the function returned or was stopped, CRASHED when
+    it raised.
+    """
 
-class _FnService(Service):
-    """What the function services share: a name, a state and the loop-side future."""
+    _CLEAN_END = LifecycleState.ENDED
+    # "Cannot wait <ThreadService ...>": the wording callers of these services match on.
+    _WAIT_VERB = "wait"
 
     def __init__(self, fn: Callable[..., object], name: str) -> None:
+        super().__init__(name)
         self.fn = fn
-        self.name = name
-        self.state = FnState.IDLE
-        self._done: asyncio.Future[None] | None = None
-
-    def _begin(self) -> asyncio.Future[None]:
-        if self.state in (FnState.RUNNING, FnState.STOPPING):
-            raise _illegal(self, "start", self.state)
-        self.state = FnState.RUNNING
-        self._done = asyncio.get_running_loop().create_future()
-        return self._done
-
-    async def wait(self) -> None:
-        done = self._done
-        if done is None:
-            raise _illegal(self, "wait", self.state)
-        # asyncio.wait, not await: cancelling the waiter must not cancel the run.
-        await asyncio.wait({done})
-        done.result()
-
-    def _finish(self, done: asyncio.Future[None], exc: BaseException | None) -> None:
-        self.state = FnState.ENDED
-        if done.done():
-            return
-        if exc is None:
-            done.set_result(None)
-        else:
-            done.set_exception(exc)
 
     def __repr__(self) -> str:
         kind = type(self).__name__
-        return f"<{kind} {self.name!r} {self.state.value} fn={describe(self.fn)}>"
+        return f"<{kind} {self.name!r} {self._state.value} fn={describe(self.fn)}>"
 
 
-class TaskService(_FnService):
+class TaskService(FunctionService):
     """An ``async def`` run as a task on the supervisor's loop; stopped by cancellation."""
 
     def __init__(self, fn: AsyncFn, name: str) -> None:
@@ -169,6 +134,7 @@ class TaskService(_FnService):
             self._finish(done, exc)
 
         task.add_done_callback(on_done)
+        self._ready()
 
     def _coroutine(self) -> Coroutine[Any, Any, object]:
         return self._async_fn()
@@ -195,9 +161,8 @@ class TaskService(_FnService):
 
     async def stop(self) -> None:
         task = self._task
-        if task is None or task.done():
+        if task is None or task.done() or self._mark_stopping() is None:
             return
-        self.state = FnState.STOPPING
         task.cancel("offloop service stopping")
         await asyncio.wait({task})
 
@@ -211,7 +176,7 @@ class TaskService(_FnService):
         return [f"task {task.get_name()!r} (it ignores cancellation):\n{out.getvalue().rstrip()}"]
 
 
-class ThreadService(_FnService):
+class ThreadService(FunctionService):
     """A plain ``def`` run in its own thread; ``stop()`` sets its StopToken.
 
     The function receives the token when it takes a parameter; it can also
@@ -236,6 +201,7 @@ class ThreadService(_FnService):
         )
         self._thread = thread
         thread.start()
+        self._ready()
 
     def _body(self, token: StopToken) -> None:
         result = self.fn(token) if self.pass_token else self.fn()
@@ -267,10 +233,9 @@ class ThreadService(_FnService):
         del exc  # no reference cycle through the traceback's frames
 
     async def stop(self) -> None:
-        token, done = self._token, self._done
-        if token is None or done is None or done.done():
+        token, done = self._token, self._mark_stopping()
+        if token is None or done is None:
             return
-        self.state = FnState.STOPPING
         token.set("service stopping")
         await asyncio.wait({done})
 

@@ -31,7 +31,8 @@ from .._core.errors import NotPicklableError, OffloopError, WorkerCrashed
 from .._core.forcedexit import on_forced_exit
 from .._core.token import StopToken
 from .._core.validate import describe
-from .functions import FnState, _FnService
+from .functions import FunctionService
+from .lifecycle import LifecycleState
 
 __all__ = ["ProcessService", "kill_children"]
 
@@ -60,7 +61,7 @@ def kill_children() -> None:
 on_forced_exit(kill_children)
 
 
-class ProcessService(_FnService):
+class ProcessService(FunctionService):
     """Runs ``fn`` in a fresh child process; ready once the child has imported it.
 
     Raises:
@@ -108,6 +109,7 @@ class ProcessService(_FnService):
         loop.add_reader(reader.fileno(), self._on_message, ready, done)
         try:
             await ready
+            self._ready()
         except BaseException:
             self._reap(kill=True)
             # Cancelled while the child was starting (a stop), or the child
@@ -164,7 +166,7 @@ class ProcessService(_FnService):
         assert process is not None
         asyncio.get_running_loop().remove_reader(process.sentinel)
         exitcode = self._reap(kill=False)
-        if kind not in ("ok", "error") and self.state is not FnState.STOPPING:
+        if kind not in ("ok", "error") and self._state is not LifecycleState.STOPPING:
             exc = WorkerCrashed(
                 f"The process of service {self.name!r} (pid {self.pid}) died with exit code "
                 f"{exitcode}.",
@@ -198,10 +200,9 @@ class ProcessService(_FnService):
         return exitcode
 
     async def stop(self) -> None:
-        process, done = self._process, self._done
-        if process is None or done is None or done.done():
+        process, done = self._process, self._mark_stopping()
+        if process is None or done is None:
             return
-        self.state = FnState.STOPPING
         process.terminate()
         await asyncio.wait({done})
 
@@ -220,7 +221,7 @@ class ProcessService(_FnService):
 
     def __repr__(self) -> str:
         pid = f" pid={self.pid}" if self.pid is not None and self._process is not None else ""
-        return f"<ProcessService {self.name!r} {self.state.value}{pid} fn={describe(self.fn)}>"
+        return f"<ProcessService {self.name!r} {self._state.value}{pid} fn={describe(self.fn)}>"
 
 
 def _child_main(

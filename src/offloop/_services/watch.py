@@ -23,8 +23,9 @@ from .._core.extras import require
 from .._core.token import current_token
 from .._core.validate import describe
 from .._threads.tothread import service_pool
-from .adapters import AdapterState, ServiceAdapter, check_name
+from .adapters import check_name
 from .functions import describe_thread
+from .lifecycle import LifecycleService
 
 __all__ = ["WatchService"]
 
@@ -35,8 +36,8 @@ EventHandler = Callable[[Any], object]
 ROOT_CHECK_INTERVAL = 1.0
 
 
-class _Run:
-    """One start() .. stop(): its observer, its handler tasks, its end."""
+class _WatchRun:
+    """One run of a WatchService, start() .. its end: its observer, its handler tasks."""
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.done = done
@@ -61,7 +62,7 @@ class _Run:
         return [t for t in [observer, *observer.emitters] if t.is_alive()]
 
 
-class WatchService(ServiceAdapter):
+class WatchService(LifecycleService):
     """Watch a folder with watchdog; deliver every file event to ``handler`` on the loop.
 
     ``handler(event)`` receives watchdog's ``FileSystemEvent`` (``event_type``,
@@ -121,7 +122,7 @@ class WatchService(ServiceAdapter):
         self.handler = handler
         self.recursive = bool(recursive)
         self.patterns = None if patterns is None else tuple(patterns)
-        self._run: _Run | None = None
+        self._run: _WatchRun | None = None
 
     def __repr__(self) -> str:
         patterns = f" patterns={list(self.patterns)}" if self.patterns else ""
@@ -148,7 +149,7 @@ class WatchService(ServiceAdapter):
             RuntimeError: the service is already running or still stopping.
         """
         done = self._begin()
-        run = _Run(done)
+        run = _WatchRun(done)
         try:
             if not self.path.exists():
                 raise FileNotFoundError(
@@ -160,14 +161,14 @@ class WatchService(ServiceAdapter):
             # watch per sub-folder (blocking on a big tree): both happen off the loop.
             await service_pool().run(self._open, run, asyncio.get_running_loop())
         except BaseException:
-            self._state, self._done = AdapterState.CRASHED, None
+            self._start_failed()
             await service_pool().run(_close, run)  # whatever the worker opened (it may still run)
             raise
         self._run = run
         self._ready()
         self._check_root(run)
 
-    def _check_root(self, run: _Run) -> None:
+    def _check_root(self, run: _WatchRun) -> None:
         # A root renamed away or replaced may send no event at all any more.
         if run.done.done() or run.crashed or run.ending is not None:
             return
@@ -179,7 +180,7 @@ class WatchService(ServiceAdapter):
             ROOT_CHECK_INTERVAL, self._check_root, run
         )
 
-    def _open(self, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
+    def _open(self, run: _WatchRun, loop: asyncio.AbstractEventLoop) -> None:
         """Build and start the run's observer (in a worker thread); undo it if start() gave up."""
         with run.lock:
             # Absolute: the program may change directory. Folders only: an
@@ -191,7 +192,7 @@ class WatchService(ServiceAdapter):
             if current_token():  # the awaiting start() was cancelled: nobody else will stop it
                 _close_locked(run)
 
-    def _observer(self, run: _Run, loop: asyncio.AbstractEventLoop) -> Any:
+    def _observer(self, run: _WatchRun, loop: asyncio.AbstractEventLoop) -> Any:
         observers = require("watchdog.observers", "watch", feature="WatchService")
         events = require("watchdog.events", "watch", feature="WatchService")
         version = require("watchdog.version", "watch", feature="WatchService")
@@ -237,7 +238,7 @@ class WatchService(ServiceAdapter):
 
     # -- on the loop ---------------------------------------------------------------------
 
-    def _deliver(self, run: _Run, event: Any) -> None:
+    def _deliver(self, run: _WatchRun, event: Any) -> None:
         if run.done.done() or run.crashed:
             return  # the run has ended, or is ending after a crash: drop the event
         try:
@@ -250,7 +251,7 @@ class WatchService(ServiceAdapter):
             run.tasks.add(task)
             task.add_done_callback(lambda t: self._task_done(run, t))
 
-    def _lost_root(self, run: _Run, how: str) -> None:
+    def _lost_root(self, run: _WatchRun, how: str) -> None:
         self._crash(
             run,
             FileNotFoundError(
@@ -259,7 +260,7 @@ class WatchService(ServiceAdapter):
             ),
         )
 
-    def _task_done(self, run: _Run, task: asyncio.Future[Any]) -> None:
+    def _task_done(self, run: _WatchRun, task: asyncio.Future[Any]) -> None:
         run.tasks.discard(task)
         if task.cancelled():
             return
@@ -267,7 +268,7 @@ class WatchService(ServiceAdapter):
         if exc is not None and isinstance(exc, Exception):
             self._crash(run, exc)
 
-    def _crash(self, run: _Run, exc: Exception) -> None:
+    def _crash(self, run: _WatchRun, exc: Exception) -> None:
         if not run.crashed and not run.done.done():
             run.crashed = True
             if run.ending is not None:  # stopping already: the stop ends with this error
@@ -277,7 +278,7 @@ class WatchService(ServiceAdapter):
                 self._end(run, exc), name=f"offloop-watch-{self.name}-crash"
             )
 
-    async def _end(self, run: _Run, exc: Exception | None) -> None:
+    async def _end(self, run: _WatchRun, exc: Exception | None) -> None:
         """Stop the observer, settle the handler tasks, end the run (with ``exc`` if it crashed)."""
         if run.check is not None:
             run.check.cancel()
@@ -317,13 +318,13 @@ class WatchService(ServiceAdapter):
         return abandoned
 
 
-def _close(run: _Run) -> None:
+def _close(run: _WatchRun) -> None:
     """Stop the run's observer and join its threads (blocking: run off the loop)."""
     with run.lock:  # waits for an _open() still in progress
         _close_locked(run)
 
 
-def _close_locked(run: _Run) -> None:
+def _close_locked(run: _WatchRun) -> None:
     observer = run.observer
     if observer is None or run.closed:
         return
@@ -341,7 +342,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _root_change(run: _Run) -> str | None:
+def _root_change(run: _WatchRun) -> str | None:
     # How the watched folder changed since the start, if it did.
     if run.root is None or run.path is None:  # a file, or not started yet
         return None

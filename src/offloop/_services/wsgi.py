@@ -2,7 +2,7 @@
 
 ``threading.Thread(target=app.run)`` cannot be stopped: werkzeug removed its
 shutdown hook, so the thread outlives everything and Ctrl-C hangs on it. Here
-the server is built with the servers' own stoppable APIs:
+each server is built to stop gracefully:
 
 - werkzeug: ``make_server``-style ``ThreadedWSGIServer`` + ``serve_forever``,
   stopped by ``shutdown()``; idle keep-alive connections are closed, requests
@@ -11,7 +11,12 @@ the server is built with the servers' own stoppable APIs:
   first (in waitress's own loop thread, through its trigger), then each
   channel closes once it is done: idle ones at once, a request being
   received once it is answered, a response once it is sent (waitress's
-  ``close_when_flushed``). Only then are the worker threads stopped.
+  ``close_when_flushed``). Only then are the worker threads stopped. waitress
+  has no public API for any of it: that code is ``_thirdparty.WaitressServer``,
+  with every waitress internal it uses.
+
+Both servers are driven through the same five calls (:class:`_Server`), so
+the service itself does not care which one runs.
 
 The listening socket is bound by offloop before the server is built, so
 ``start()`` returns once it listens, ``port=0`` works, and a port in use is
@@ -25,17 +30,16 @@ import contextlib
 import itertools
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from .._core.errors import OffloopError
 from .._core.extras import require
 from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import check_positive_int, describe
 from .._threads.tothread import service_pool
+from ._thirdparty import WaitressServer
 from .adapters import (
-    AdapterState,
     NetworkAdapter,
     check_app_signature,
     check_host_port,
@@ -52,22 +56,44 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 #: stopping waitress server is checked for channels still busy: the stop latency.
 POLL_INTERVAL: Final = 0.05
 
-#: How long kill() waits for idle waitress workers to exit (they do so at once).
-IDLE_EXIT: Final = 0.1
+
+class _Server(Protocol):
+    """What the service needs of a server, werkzeug's or waitress's.
+
+    Prefixed: on werkzeug's server these are methods of a subclass, where a
+    plain name could one day mean something else.
+    """
+
+    def offloop_serve(self) -> None:
+        """Serve (in the serve thread) until :meth:`offloop_stop` or :meth:`offloop_kill`."""
+
+    def offloop_drain(self) -> None:
+        """After :meth:`offloop_serve`, in the serve thread: wait for the requests in flight."""
+
+    def offloop_stop(self) -> None:
+        """Stop gracefully (blocking: off the loop); returns once :meth:`offloop_serve` has."""
+
+    def offloop_kill(self) -> None:
+        """Close every connection now; end the waits of the stop and of the drain."""
+
+    def offloop_threads(self) -> list[threading.Thread]:
+        """The request (or worker) threads it started."""
 
 
-class _Run:
-    """The resources of one start() .. stop(): fresh on every start."""
+class _ServerRun:
+    """One run of a WSGIService, start() .. its end: its server and its serve thread."""
 
-    def __init__(self, done: asyncio.Future[None], token: StopToken) -> None:
+    def __init__(self, done: asyncio.Future[None], token: StopToken, driver: _Server) -> None:
         self.done = done
         self.token = token
-        self.server: Any = None
+        self.driver = driver
+        # The server itself, werkzeug's or waitress's (for a debugger, or a test).
+        self.server: Any = driver.server if isinstance(driver, WaitressServer) else driver
         self.thread: threading.Thread | None = None
 
     def threads(self) -> list[threading.Thread]:
-        extra: list[threading.Thread] = list(getattr(self.server, "offloop_threads", ()))
-        return [t for t in [self.thread, *extra] if t is not None and t.is_alive()]
+        every = [self.thread, *self.driver.offloop_threads()]
+        return [t for t in every if t is not None and t.is_alive()]
 
 
 class WSGIService(NetworkAdapter):
@@ -129,7 +155,7 @@ class WSGIService(NetworkAdapter):
         self.server = server
         self.threads = threads
         self.access_log = bool(access_log)
-        self._run: _Run | None = None
+        self._run: _ServerRun | None = None
 
     def __repr__(self) -> str:
         return (
@@ -145,56 +171,50 @@ class WSGIService(NetworkAdapter):
             RuntimeError: the service is already running or still stopping.
         """
         done = self._begin()
-        run = _Run(done, StopToken())
+        token = StopToken()
         try:
-            factory = _werkzeug_server if self.server == "werkzeug" else _waitress_server
             sock = self._listen()
             try:
                 port = sock.getsockname()[1]
-                app = _with_call(self.app, asyncio.get_running_loop(), run.token)
-                run.server = factory(self, sock, app)
+                app = _with_call(self.app, asyncio.get_running_loop(), token)
+                server = self._build_server(sock, app)
             except BaseException:
                 sock.close()
                 raise
         except BaseException:
-            self._state, self._done = AdapterState.CRASHED, None
+            self._start_failed()
             raise
         self._bound_port = port
-        target = self._serve_werkzeug if self.server == "werkzeug" else self._serve_waitress
+        run = _ServerRun(done, token, server)
         run.thread = threading.Thread(
-            target=target, args=(run,), name=f"offloop-wsgi-{self.name}", daemon=True
+            target=self._serve, args=(run,), name=f"offloop-wsgi-{self.name}", daemon=True
         )
         self._run = run
         run.thread.start()
         self._ready()
 
-    # -- the serve threads ---------------------------------------------------------------
+    def _build_server(self, sock: socket.socket, app: WSGIApp) -> _Server:
+        if self.server == "werkzeug":
+            return _werkzeug_server(self, sock, app)
+        return WaitressServer(
+            app,
+            sock,
+            threads=self.threads,
+            thread_prefix=f"offloop-wsgi-{self.name}-worker",
+            poll_interval=POLL_INTERVAL,
+        )
 
-    def _serve_werkzeug(self, run: _Run) -> None:
-        server = run.server
+    def _serve(self, run: _ServerRun) -> None:
+        # The serve thread.
         exc: BaseException | None = None
         try:
-            server.serve_forever(poll_interval=POLL_INTERVAL)  # closes the socket when it ends
+            run.driver.offloop_serve()
         except BaseException as e:
             exc = _as_crash(self, e)
         finally:
-            server.offloop_drain()
+            run.driver.offloop_drain()
         self._finish_threadsafe(run.done, exc)
         del exc  # no reference cycle through the traceback's frames
-
-    def _serve_waitress(self, run: _Run) -> None:
-        server = run.server
-        exc: BaseException | None = None
-        try:
-            server.run()  # returns once every channel is closed (see _stop_waitress)
-        except BaseException as e:
-            exc = _as_crash(self, e)
-        finally:
-            wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
-            wasyncore.close_all(server._map, ignore_all=True)
-            server.task_dispatcher.offloop_shutdown()
-        self._finish_threadsafe(run.done, exc)
-        del exc
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -208,10 +228,7 @@ class WSGIService(NetworkAdapter):
         if done is None or run is None:
             return
         run.token.set("service stopping")
-        if self.server == "werkzeug":
-            await service_pool().run(run.server.shutdown)  # blocks until serve_forever has returned
-        else:
-            await service_pool().run(_stop_waitress, run.server)
+        await service_pool().run(run.driver.offloop_stop)
         await asyncio.wait({done})
 
     def kill(self) -> list[str]:
@@ -223,12 +240,7 @@ class WSGIService(NetworkAdapter):
         if run is None:
             return []
         run.token.set("service killed")
-        server = run.server
-        if self.server == "werkzeug":
-            server.offloop_close_connections(everything=True)
-        else:
-            server.task_dispatcher.offloop_kill()  # ends the waits of stop() and the serve thread
-            _close_waitress_channels(server)
+        run.driver.offloop_kill()
         abandoned = [describe_thread(t) for t in run.threads()]
         self._finish(run.done)  # a restart must not wait for abandoned threads
         return abandoned
@@ -310,13 +322,15 @@ class _SizedBody(_Body):
 _werkzeug_classes: tuple[type[Any], type[Any]] | None = None
 
 
-def _werkzeug_server(service: WSGIService, sock: socket.socket, app: WSGIApp) -> Any:
+def _werkzeug_server(service: WSGIService, sock: socket.socket, app: WSGIApp) -> _Server:
     global _werkzeug_classes
     if _werkzeug_classes is None:
         _werkzeug_classes = _build_werkzeug_classes()
     server_cls, handler_cls = _werkzeug_classes
     # werkzeug dup()s the descriptor; the caller's socket is closed right after.
-    server = server_cls(sock, app, handler_cls, f"offloop-wsgi-{service.name}", service.access_log)
+    server: _Server = server_cls(
+        sock, app, handler_cls, f"offloop-wsgi-{service.name}", service.access_log
+    )
     sock.close()
     return server
 
@@ -359,7 +373,7 @@ def _build_werkzeug_classes() -> tuple[type[Any], type[Any]]:
             self.offloop_lock = threading.Lock()
             self.offloop_connections: set[socket.socket] = set()
             self.offloop_busy: set[socket.socket] = set()
-            self.offloop_threads: set[threading.Thread] = set()
+            self.offloop_request_threads: set[threading.Thread] = set()
             self.offloop_closing = False
             self.offloop_numbers = itertools.count(1)
 
@@ -373,7 +387,7 @@ def _build_werkzeug_classes() -> tuple[type[Any], type[Any]]:
             )
             with self.offloop_lock:
                 self.offloop_connections.add(request)
-                self.offloop_threads.add(thread)
+                self.offloop_request_threads.add(thread)
             thread.start()
 
         def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
@@ -382,7 +396,20 @@ def _build_werkzeug_classes() -> tuple[type[Any], type[Any]]:
             finally:
                 with self.offloop_lock:
                     self.offloop_connections.discard(request)
-                    self.offloop_threads.discard(threading.current_thread())
+                    self.offloop_request_threads.discard(threading.current_thread())
+
+        def offloop_serve(self) -> None:
+            self.serve_forever(poll_interval=POLL_INTERVAL)  # closes the socket when it ends
+
+        def offloop_stop(self) -> None:
+            self.shutdown()  # blocks until serve_forever has returned
+
+        def offloop_kill(self) -> None:
+            self.offloop_close_connections(everything=True)
+
+        def offloop_threads(self) -> list[threading.Thread]:
+            with self.offloop_lock:
+                return list(self.offloop_request_threads)
 
         def offloop_close_connections(self, *, everything: bool) -> None:
             # Shutting down the read side ends a keep-alive connection waiting
@@ -402,7 +429,7 @@ def _build_werkzeug_classes() -> tuple[type[Any], type[Any]]:
             self.offloop_close_connections(everything=False)
             while True:
                 with self.offloop_lock:
-                    threads = [t for t in self.offloop_threads if t.is_alive()]
+                    threads = [t for t in self.offloop_request_threads if t.is_alive()]
                 if not threads:
                     return
                 for thread in threads:
@@ -411,135 +438,3 @@ def _build_werkzeug_classes() -> tuple[type[Any], type[Any]]:
                 self.offloop_close_connections(everything=False)
 
     return Server, Handler
-
-
-# -- waitress ----------------------------------------------------------------------------
-
-
-def _waitress_server(service: WSGIService, sock: socket.socket, app: WSGIApp) -> Any:
-    feature = "WSGIService(server='waitress')"
-    waitress = require("waitress", "waitress", feature=feature)
-    task = require("waitress.task", "waitress", feature=feature)
-    prefix = f"offloop-wsgi-{service.name}-worker"
-
-    class Dispatcher(task.ThreadedTaskDispatcher):  # type: ignore[misc,name-defined]  # lazy
-        def __init__(self) -> None:
-            super().__init__()
-            self.offloop_threads: list[threading.Thread] = []
-            self.offloop_killed = threading.Event()
-
-        def start_new_thread(self, target: Callable[[int], None], thread_no: int) -> None:
-            # waitress's version, with offloop's thread names and a record for kill().
-            thread = threading.Thread(
-                target=target, name=f"{prefix}-{thread_no}", args=(thread_no,), daemon=True
-            )
-            self.offloop_threads = [t for t in self.offloop_threads if t.is_alive()]
-            self.offloop_threads.append(thread)
-            thread.start()
-
-        def offloop_shutdown(self) -> None:
-            # shutdown() with no timeout of its own: the supervisor's grace is the
-            # bound, and kill() must end this wait for a worker stuck in app code.
-            self.set_thread_count(0)
-            with self.lock:
-                self.thread_exit_cv.wait_for(
-                    lambda: not self.threads or self.offloop_killed.is_set()
-                )
-                while self.queue:  # as shutdown(cancel_pending=True) does
-                    self.queue.popleft().cancel()
-                self.queue_cv.notify_all()
-
-        def offloop_kill(self) -> None:
-            self.set_thread_count(0)
-            with self.lock:
-                self.offloop_killed.set()
-                self.thread_exit_cv.notify_all()
-                # Idle workers exit within moments; wait for them (briefly: this
-                # runs on the loop) so that only workers in app code are reported
-                # as abandoned. active_count counts the workers not idle.
-                self.thread_exit_cv.wait_for(
-                    lambda: len(self.threads) <= self.active_count, timeout=IDLE_EXIT
-                )
-
-    dispatcher = Dispatcher()
-    dispatcher.set_thread_count(service.threads)
-    try:
-        server = waitress.create_server(
-            app, sockets=[sock], threads=service.threads, _dispatcher=dispatcher
-        )
-    except BaseException:
-        dispatcher.shutdown(timeout=1.0)
-        raise
-    server.offloop_threads = dispatcher.offloop_threads
-    return server
-
-
-def _stop_waitress(server: Any) -> None:
-    """Stop a running waitress server gracefully (blocking: run off the loop)."""
-    wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
-    killed: threading.Event = server.task_dispatcher.offloop_killed
-    drained = threading.Event()
-
-    def close_listener() -> None:
-        # Runs in waitress's loop thread: its socket map is not thread-safe.
-        server.accepting = False
-        wasyncore.dispatcher.close(server)  # not server.close(): keep the trigger
-
-    def close_finished_channels() -> None:
-        # Runs in waitress's loop thread, which alone receives requests and
-        # closes channels; requests_lock keeps a worker's service() out.
-        # The closed listener no longer runs waitress's idle timeout: do it
-        # here, or a client that stops reading (or sending) holds stop() forever.
-        stale = time.time() - server.adj.channel_timeout
-        for channel in list(server.active_channels.values()):
-            with channel.requests_lock:
-                if not channel.requests and channel.last_activity < stale:
-                    channel.will_close = True
-                    abandoned = True
-                else:
-                    abandoned = False
-            if abandoned:
-                channel.handle_close()
-                continue
-            with channel.requests_lock:
-                receiving = channel.request is not None and channel.request.headers_finished
-                if channel.requests or receiving:
-                    continue  # an answer is due: queued, running, or its body still arriving
-                # Idle, or its response written: close once the output is sent
-                # and read no further request. A connection still sending its
-                # headers is closed too: nothing says its request will ever end.
-                channel.close_when_flushed = True
-        if not server.active_channels:
-            drained.set()
-
-    _pull(server, close_listener)
-    # A worker stops at its next task even with tasks queued: drain the
-    # channels first, so every request already received is answered and sent.
-    while not killed.is_set():
-        if not _pull(server, close_finished_channels):
-            break  # the serve loop has ended: nothing left to send
-        if drained.wait(POLL_INTERVAL):
-            break
-    server.task_dispatcher.offloop_shutdown()
-    _close_waitress_channels(server)
-
-
-def _close_waitress_channels(server: Any) -> None:
-    wasyncore = require("waitress.wasyncore", "waitress", feature="WSGIService")
-    # Closing every channel (and the trigger itself) empties the map: run() returns.
-    _pull(server, lambda: wasyncore.close_all(server._map, ignore_all=True))
-
-
-def _pull(server: Any, thunk: Callable[[], None]) -> bool:
-    """Run ``thunk`` in waitress's loop thread, unless that loop has already ended.
-
-    Returns whether ``thunk`` was handed to the loop.
-    """
-    trigger = server.trigger
-    if trigger._closed:  # its pipe is closed: writing to the old descriptor is unsafe
-        return False
-    try:
-        trigger.pull_trigger(thunk)
-    except OSError:  # closed in the meantime: run() has returned
-        return False
-    return True

@@ -1,0 +1,169 @@
+"""The one lifecycle every offloop service goes through: its states and its illegal moves.
+
+:class:`LifecycleState` is the state enum of the adapters (WSGI, aiohttp,
+ASGI, watch) and of the function services (task, thread, loop, process);
+:class:`LifecycleService` is their base class. It keeps the state and the
+future of the current run, which ``wait()`` watches, and :meth:`_refusal` is
+the one place where each illegal transition gets its own message, naming the
+service with its ``repr``.
+
+A run is ``start()`` .. its end: ``_begin()`` opens it (STARTING) and returns
+its future, ``_ready()`` marks it RUNNING, ``_mark_stopping()`` STOPPING, and
+``_finish(done, exc)`` ends it; ``_start_failed()`` records a ``start()`` that
+raised. A stale run (one a restart has replaced) may still end late: its
+future is settled but the state, which belongs to the new run, is left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import threading
+from typing import ClassVar, Final, Literal
+
+from .base import Service
+
+__all__ = ["JOIN_BOUND", "LifecycleService", "LifecycleState"]
+
+#: How long the loop may wait for a thread that has signalled its end to return.
+#: It only has to leave its function, so this is never reached in practice.
+JOIN_BOUND: Final = 1.0
+
+Action = Literal["start", "wait"]
+
+
+class LifecycleState(enum.Enum):
+    """Lifecycle of a service: IDLE -> STARTING -> RUNNING -> STOPPING -> its end.
+
+    A server adapter ends STOPPED; a function service ENDED (its function
+    returned, or was stopped); either ends CRASHED when its run raised or its
+    ``start()`` failed. From any end, ``start()`` builds fresh resources and
+    runs it again.
+    """
+
+    IDLE = "idle"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    ENDED = "ended"
+    CRASHED = "crashed"
+
+
+_S = LifecycleState
+
+#: Why each illegal transition is refused: (what was asked, the state it was asked in).
+_REFUSALS: Final[dict[tuple[Action, LifecycleState], str]] = {
+    ("start", _S.STARTING): "it is already starting; wait for that start() to return.",
+    ("start", _S.RUNNING): "it is already running; stop it before starting it again.",
+    ("start", _S.STOPPING): "it is still stopping; wait for stop() to return first.",
+    ("wait", _S.IDLE): "it has not been started; call start() first.",
+    ("wait", _S.CRASHED): "it has not been started: its last start() failed; call start() again.",
+}
+
+
+class LifecycleService(Service):
+    """A service with an explicit :class:`LifecycleState` and one future per run.
+
+    A subclass implements ``start()`` (``_begin()``, build fresh resources,
+    ``_ready()``), ``stop()`` (``_mark_stopping()``, then ask its run to end)
+    and ``kill()``, and calls :meth:`_finish` on the loop when a run ends.
+    """
+
+    #: The state a run that ended without an error leaves the service in.
+    _CLEAN_END: ClassVar[LifecycleState] = LifecycleState.STOPPED
+    #: How the refusal of an early ``wait()`` is worded for this kind of service.
+    _WAIT_VERB: ClassVar[str] = "wait for"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._state = LifecycleState.IDLE
+        self._done: asyncio.Future[None] | None = None
+
+    @property
+    def state(self) -> LifecycleState:
+        """Where the service is in its lifecycle (a :class:`LifecycleState`)."""
+        return self._state
+
+    def _refusal(self, action: Action) -> RuntimeError:
+        """The error for ``action`` asked in the current state, which does not allow it."""
+        verb = self._WAIT_VERB if action == "wait" else action
+        why = _REFUSALS.get((action, self._state), f"not while it is {self._state.value}.")
+        return RuntimeError(f"Cannot {verb} {self!r}: {why}")
+
+    def _begin(self) -> asyncio.Future[None]:
+        """Open a run (STARTING) and return the future that ends with it.
+
+        Raises:
+            RuntimeError: the service is starting, running or stopping.
+        """
+        if ("start", self._state) in _REFUSALS:
+            raise self._refusal("start")
+        self._state = LifecycleState.STARTING
+        self._done = asyncio.get_running_loop().create_future()
+        return self._done
+
+    def _ready(self) -> None:
+        """The run has started (unless it already ended or is being stopped)."""
+        if self._state is LifecycleState.STARTING:
+            self._state = LifecycleState.RUNNING
+
+    def _start_failed(self) -> None:
+        """``start()`` raised: no run is left to wait for or to stop."""
+        self._state, self._done = LifecycleState.CRASHED, None
+
+    def _finish(self, done: asyncio.Future[None], exc: BaseException | None = None) -> None:
+        """End the run ``done`` belongs to (call on the loop); a settled run is left as it is."""
+        if done.done():
+            return
+        if done is self._done:
+            self._state = self._CLEAN_END if exc is None else LifecycleState.CRASHED
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def _finish_threadsafe(self, done: asyncio.Future[None], exc: BaseException | None) -> None:
+        """:meth:`_finish` from the run's own thread, as its very last step.
+
+        The loop joins the thread before ending the run, so once ``wait()``
+        returns the thread is gone (it only had to return from its function).
+        A closed loop means nobody waits any more.
+        """
+        # The run's own loop: the service may have been restarted on another one since.
+        loop = done.get_loop()
+        # RuntimeError: the loop is closed, the supervisor is long gone.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._finish_joined, done, exc, threading.current_thread())
+
+    def _finish_joined(
+        self, done: asyncio.Future[None], exc: BaseException | None, thread: threading.Thread
+    ) -> None:
+        thread.join(JOIN_BOUND)
+        self._finish(done, exc)
+
+    async def wait(self) -> None:
+        """Return when the run has ended; raise the error it crashed with.
+
+        Raises:
+            RuntimeError: the service has never been started, or its last
+                ``start()`` failed.
+            Exception: whatever made the run crash.
+        """
+        done = self._done
+        if done is None:
+            raise self._refusal("wait")
+        # asyncio.wait, not await: cancelling the waiter must not cancel the run.
+        await asyncio.wait({done})
+        done.result()
+
+    def _mark_stopping(self) -> asyncio.Future[None] | None:
+        """Move to STOPPING; return the run's future, or ``None`` if no run is left to stop."""
+        done = self._done
+        if done is None or done.done():
+            if self._state is LifecycleState.STARTING:  # start() was interrupted
+                self._state = self._CLEAN_END
+            return None
+        self._state = LifecycleState.STOPPING
+        return done

@@ -21,6 +21,7 @@ import pytest
 
 import offloop
 from offloop._core.poolbase import PoolState
+from offloop._process.pickling import RemoteTraceback
 from tests.helpers import await_until, wait_for_file
 
 distributed = pytest.importorskip("distributed")
@@ -298,7 +299,8 @@ async def test_a_function_the_workers_cannot_import_is_not_picklable_there(
             rf"No module named '{name}'\)",
         ) as info:
             await asyncio.wait_for(pool.run(client_only_module.double, 2), WAIT)
-        assert "Traceback" in str(info.value.__cause__)  # the worker's
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert str(info.value.__cause__).startswith('\n(in the Dask worker)\n"""\nTraceback')
         assert str(info.value).startswith(f"DaskPool {cluster.scheduler_address!r}: the Dask")
         with pytest.raises(offloop.NotPicklableError, match=rf"No module named '{name}'"):
             await asyncio.wait_for(pool.run(repr, client_only_module.Point()), WAIT)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from offloop import NotPicklableError, ServiceFailed, StopToken, Supervisor, WorkerCrashed
+from offloop._process.pickling import RemoteTraceback
 from tests.helpers import await_until, bounded
 
 WAIT = 10.0  # a spawned child imports the interpreter afresh; generous, never waited out
@@ -97,7 +98,7 @@ async def test_child_exception_crosses_back_with_its_traceback() -> None:
     error = info.value.__cause__
     assert isinstance(error, ValueError)
     assert str(error) == "bad config"
-    assert error.__cause__ is not None
+    assert isinstance(error.__cause__, RemoteTraceback)  # the same type as ProcessPool's
     assert "(in the service process)" in str(error.__cause__)
     assert 'raise ValueError("bad config")' in str(error.__cause__)
 

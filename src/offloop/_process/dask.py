@@ -305,7 +305,7 @@ class DaskPool(PoolContext):
             f"importable on the workers (install it there, or send it with "
             f"client.upload_file())."
         )
-        error.__cause__ = RemoteTraceback(reply[2])
+        error.__cause__ = RemoteTraceback(reply[2], "the Dask worker")
         return error
 
     def _check_loop(self, what: str) -> None:

@@ -451,7 +451,7 @@ class WorkerSet:
             f"for did not run; fix the initializer (the next call starts another worker).",
             pid=worker.pid,
         )
-        cause: BaseException = RemoteTraceback(failure.tb)
+        cause: BaseException = RemoteTraceback(failure.tb, "the worker process")
         if failure.exc is not None:
             failure.exc.__cause__ = cause
             cause = failure.exc

@@ -213,8 +213,14 @@ async def test_no_scheduler_at_the_address_is_a_clear_error(
         await pool.aclose()
     # The half-open client was closed, not left with a never-awaited close().
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
-    with pytest.raises(ValueError, match=r"connect_timeout=\.\.\.\) must be a positive"):
+    with pytest.raises(
+        ValueError,
+        match=r"^DaskPool\(connect_timeout=\.\.\.\) must be greater than 0 seconds, got 0\.$",
+    ):
         offloop.DaskPool("tcp://127.0.0.1:1", connect_timeout=0)
+    # Not a number is a TypeError, as for every other duration offloop takes.
+    with pytest.raises(TypeError, match=r"connect_timeout=\.\.\.\) must be a number of seconds"):
+        offloop.DaskPool("tcp://127.0.0.1:1", connect_timeout="5")  # type: ignore[arg-type]
 
 
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,8 +43,13 @@ from .._core.poolbase import (
     complete_waiter,
     refuse_blocking_close,
 )
-from .._core.restart import check_seconds
-from .._core.validate import check_positive_int, check_sync_callable, check_thread_name, describe
+from .._core.validate import (
+    check_positive_int,
+    check_seconds,
+    check_sync_callable,
+    check_thread_name,
+    describe,
+)
 from .manager import manage, pool_dropped
 from .message import OutOfBandCall, detach
 from .pickling import encode_call, main_reaches_children

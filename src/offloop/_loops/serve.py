@@ -12,7 +12,9 @@ import concurrent.futures
 import os
 import warnings
 import weakref
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
+
+from .shutdown import shut_down
 
 __all__ = ["LoopOwner", "dropped", "serve"]
 
@@ -47,7 +49,9 @@ def serve(
             if lt is not None:  # else it was dropped: nobody is left to tell
                 lt._loop_stopped(exited)
             del lt
-            _shutdown(loop, executor)
+            # What asyncio.run does after the main coroutine, waiting for every
+            # task as it does: a LoopThread's callers wait for their outcomes.
+            shut_down(loop, sweeps=_CANCEL_SWEEPS, on_raised=_report_raised, executor=executor)
     finally:
         asyncio.set_event_loop(None)
         loop.close()
@@ -91,39 +95,11 @@ def _stop_serving(loop: asyncio.AbstractEventLoop, serving: list[bool]) -> None:
 _CANCEL_SWEEPS: Final = 5
 
 
-def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    for _ in range(_CANCEL_SWEEPS):
-        tasks = asyncio.all_tasks(loop)
-        if not tasks:
-            return
-        for task in tasks:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                loop.call_exception_handler(
-                    {
-                        "message": "unhandled exception in a task cancelled by LoopThread.close()",
-                        "exception": task.exception(),
-                        "task": task,
-                    }
-                )
-
-
-def _shutdown(
-    loop: asyncio.AbstractEventLoop, executor: concurrent.futures.ThreadPoolExecutor
-) -> None:
-    # What asyncio.run does after the main coroutine: cancel leftovers and let
-    # them run their cleanup, then async generators and the default executor.
-    _cancel_tasks(loop)
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    try:
-        loop.run_until_complete(loop.shutdown_default_executor())
-    except RuntimeError:
-        # It waits in a new thread, and Python 3.12.0 and 3.12.1 start none
-        # in atexit handlers, where the shared loop threads close: wait here.
-        executor.shutdown(wait=True)
-    # Tasks started meanwhile (by run_coroutine_threadsafe on .loop, or by the
-    # cleanup itself) would otherwise be closed with the loop, never cancelled,
-    # their callers waiting forever.
-    _cancel_tasks(loop)
+def _report_raised(task: asyncio.Task[Any]) -> None:
+    task.get_loop().call_exception_handler(
+        {
+            "message": "unhandled exception in a task cancelled by LoopThread.close()",
+            "exception": task.exception(),
+            "task": task,
+        }
+    )

@@ -56,7 +56,7 @@ from .pickling import encode_call, main_reaches_children
 from .workers import (
     ProcessCall,
     ProcessPoolStatistics,
-    Worker,
+    ProcessWorker,
     WorkerSet,
     ask_to_exit,
 )
@@ -401,7 +401,7 @@ class ProcessPool(WorkerSet, PoolContext):
                     os.write(fds[1], b"\0")
 
     def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
-        stopping: list[Worker] = []
+        stopping: list[ProcessWorker] = []
         skipped: list[ProcessCall] = []
         running: list[ProcessCall] = []
         with self._lock:

@@ -6,7 +6,7 @@ the next call at once. A loop asleep in ``epoll_wait`` by then pays a thread
 wake-up per call; one still polling takes the call at once. So after a wake-up
 from another thread the loop polls its selector, without blocking, for up to
 :data:`HOT_WINDOW` before it sleeps. The calling side does the same while it
-waits for the reply (``_crossing._spin``), and a ThreadPool's workers while
+waits for the reply (``crossing._spin``), and a ThreadPool's workers while
 they wait for the next call (``_threadworker``): a sequential round trip then
 needs no thread wake-up at all.
 """

@@ -1,14 +1,14 @@
 """Event loops in threads of their own: ``LoopThread``.
 
 The crossings into them (how a coroutine is sent there and its outcome
-brought back) live in ``_crossing``; the shared loop threads behind
-``from_thread`` and ``to_loop`` in ``_sharedloop``.
+brought back) live in ``crossing``; the shared loop threads behind
+``from_thread`` and ``to_loop`` in ``shared``.
 
 The loop thread must not keep its LoopThread alive, or one dropped unclosed
 would run, with its loop and executor, until the interpreter exits. So the
-thread (``_loopserve.serve``) holds it only weakly while the loop runs; a call in
+thread (``serve.serve``) holds it only weakly while the loop runs; a call in
 flight holds it (its ``Reply`` or ``Remote``), so such calls finish first.
-Collected unclosed, it runs ``_loopserve.dropped`` (``weakref.finalize``) on
+Collected unclosed, it runs ``serve.dropped`` (``weakref.finalize``) on
 whichever thread dropped it, maybe the loop thread or one holding its lock:
 that takes no lock, asks the loop to stop and warns (``ResourceWarning``);
 the thread then shuts the loop down as ``close()`` does. Every other way the
@@ -44,7 +44,7 @@ from .crossing import (
     wait_reply,
 )
 from .hotloop import new_loop
-from .serve import dropped, serve
+from .serve import Serving, dropped, serve
 
 __all__ = ["LoopThread", "LoopThreadState"]
 
@@ -132,7 +132,7 @@ class LoopThread:
         self._retired = False
         # The task whose SystemExit or KeyboardInterrupt stopped the loop.
         self._exit_task: asyncio.Task[Any] | None = None
-        # Stops the loop if this is collected while it runs (see _loopserve.dropped).
+        # Stops the loop if this is collected while it runs (see serve.dropped).
         self._finalizer: weakref.finalize[..., LoopThread] | None = None
 
     # -- public API ---------------------------------------------------------
@@ -186,7 +186,7 @@ class LoopThread:
             )
             loop.set_default_executor(executor)
             # The thread gets no strong reference to self: see the module docstring.
-            serving = [True]
+            serving = Serving()
             thread = threading.Thread(
                 target=serve,
                 args=(weakref.ref(self), loop, executor, serving),

@@ -16,7 +16,19 @@ from typing import Any, Final, Protocol
 
 from .shutdown import shut_down
 
-__all__ = ["LoopOwner", "dropped", "serve"]
+__all__ = ["LoopOwner", "Serving", "dropped", "serve"]
+
+
+class Serving:
+    """Whether a loop thread's loop still runs ``run_forever()``, not yet its shutdown.
+
+    Set and read only on the loop thread, so a plain attribute is enough.
+    """
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = True
 
 
 class LoopOwner(Protocol):
@@ -31,7 +43,7 @@ def serve(
     ref: weakref.ref[LoopOwner],
     loop: asyncio.AbstractEventLoop,
     executor: concurrent.futures.ThreadPoolExecutor,
-    serving: list[bool],
+    serving: Serving,
 ) -> None:
     # The loop thread. It holds its LoopThread only for a moment, after the
     # loop stopped: a frame local here would keep a dropped one alive.
@@ -44,7 +56,7 @@ def serve(
             exited = True  # delivered to the call whose coroutine raised it
         finally:
             # A late stop from the finalizer must not cut the shutdown short.
-            serving[0] = False
+            serving.on = False
             lt = ref()
             if lt is not None:  # else it was dropped: nobody is left to tell
                 lt._loop_stopped(exited)
@@ -61,7 +73,7 @@ def serve(
 
 
 def dropped(
-    loop: asyncio.AbstractEventLoop, serving: list[bool], name: str, thread_name: str, pid: int
+    loop: asyncio.AbstractEventLoop, serving: Serving, name: str, thread_name: str, pid: int
 ) -> None:
     """The finalizer of a started LoopThread collected unclosed: stop its loop, warn."""
     # Takes no lock and waits for nothing: it runs on any thread, maybe the
@@ -84,9 +96,9 @@ def dropped(
     )
 
 
-def _stop_serving(loop: asyncio.AbstractEventLoop, serving: list[bool]) -> None:
+def _stop_serving(loop: asyncio.AbstractEventLoop, serving: Serving) -> None:
     # On the loop thread: stop run_forever(), not the shutdown's run_until_complete().
-    if serving[0]:
+    if serving.on:
         loop.stop()
 
 

@@ -21,6 +21,7 @@ import pytest
 
 import offloop
 from offloop._core.poolbase import PoolState
+from offloop._process.pickling import RemoteTraceback
 from tests.helpers import await_until, wait_for_file
 
 distributed = pytest.importorskip("distributed")
@@ -212,8 +213,14 @@ async def test_no_scheduler_at_the_address_is_a_clear_error(
         await pool.aclose()
     # The half-open client was closed, not left with a never-awaited close().
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
-    with pytest.raises(ValueError, match=r"connect_timeout=\.\.\.\) must be a positive"):
+    with pytest.raises(
+        ValueError,
+        match=r"^DaskPool\(connect_timeout=\.\.\.\) must be greater than 0 seconds, got 0\.$",
+    ):
         offloop.DaskPool("tcp://127.0.0.1:1", connect_timeout=0)
+    # Not a number is a TypeError, as for every other duration offloop takes.
+    with pytest.raises(TypeError, match=r"connect_timeout=\.\.\.\) must be a number of seconds"):
+        offloop.DaskPool("tcp://127.0.0.1:1", connect_timeout="5")  # type: ignore[arg-type]
 
 
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -298,7 +305,8 @@ async def test_a_function_the_workers_cannot_import_is_not_picklable_there(
             rf"No module named '{name}'\)",
         ) as info:
             await asyncio.wait_for(pool.run(client_only_module.double, 2), WAIT)
-        assert "Traceback" in str(info.value.__cause__)  # the worker's
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert str(info.value.__cause__).startswith('\n(in the Dask worker)\n"""\nTraceback')
         assert str(info.value).startswith(f"DaskPool {cluster.scheduler_address!r}: the Dask")
         with pytest.raises(offloop.NotPicklableError, match=rf"No module named '{name}'"):
             await asyncio.wait_for(pool.run(repr, client_only_module.Point()), WAIT)

@@ -496,3 +496,29 @@ async def test_call_from_a_worker_whose_awaiter_is_cancelled_raises_caller_gone(
         await await_until(remote_cancelled.is_set, what="the coroutine's cancellation")
         await await_until(lambda: " 0 tasks" in repr(lt), what="the task count to drop")
         assert await lt.run(asyncio.sleep, 0, "still works") == "still works"
+
+
+def test_close_reports_a_task_whose_cleanup_raises_to_the_loops_exception_handler() -> None:
+    contexts: list[dict[str, Any]] = []
+    keep: list[asyncio.Task[None]] = []
+
+    async def raises_when_cancelled() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise ValueError("cleanup failed") from None
+
+    async def leave_a_task() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: contexts.append(context))
+        keep.append(loop.create_task(raises_when_cancelled(), name="raiser"))
+
+    lt = LoopThread(name="reports")
+    try:
+        lt.call(leave_a_task)
+    finally:
+        lt.close()
+    (context,) = contexts
+    assert context["message"] == "unhandled exception in a task cancelled by LoopThread.close()"
+    assert isinstance(context["exception"], ValueError)
+    assert context["task"] is keep[0]

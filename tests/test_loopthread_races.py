@@ -305,9 +305,28 @@ async def test_a_start_run_inside_a_task_leaves_the_first_step_queued() -> None:
 
     reply = Reply(asyncio.get_running_loop(), None)
     start_sync(reply, quick, (), {})
-    assert not reply, "the step ran inside the current task"
-    await asyncio.to_thread(reply.lock.acquire, True, WAIT)
-    assert reply == [(True, "quick")]
+    assert not reply.claim.locked(), "the step ran inside the current task"
+    assert await asyncio.to_thread(reply.lock.acquire, True, WAIT)
+    assert reply.outcome == (True, "quick")
+
+
+def test_the_first_outcome_posted_to_a_reply_wins_and_wakes_the_caller_once() -> None:
+    # The loop's result and a stop path (token set, loop closed) may race to post.
+    from offloop._loops.crossing import TOKEN_SET, Reply
+
+    loop = asyncio.new_event_loop()
+    try:
+        reply = Reply(loop, None)
+        assert not reply.lock.acquire(False)  # the caller's lock starts taken
+        reply.post((True, 1))
+        reply.post(TOKEN_SET)
+        assert reply.outcome == (True, 1)
+        assert reply.lock.acquire(False)
+        reply.post((True, 2))  # late: must neither change the outcome nor wake anyone
+        assert not reply.lock.acquire(False)
+        assert reply.outcome == (True, 1)
+    finally:
+        loop.close()
 
 
 @pytest.mark.loops("asyncio")

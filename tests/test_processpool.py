@@ -222,6 +222,7 @@ async def test_remote_exception_keeps_its_type_with_the_remote_traceback(
         await shared.run(explode, "boom")
     cause = info.value.__cause__
     assert isinstance(cause, RemoteTraceback)
+    assert str(cause).startswith('\n(in the worker process)\n"""\nTraceback')
     assert "in explode" in str(cause)
     assert 'raise Boom("the worker says no")' in str(cause)
     # An exception that cannot be rebuilt here is reported, not lost.

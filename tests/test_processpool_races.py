@@ -20,7 +20,7 @@ import pytest
 
 import offloop
 from offloop._process.pool import ProcessPool
-from offloop._process.workers import Worker
+from offloop._process.workers import ProcessWorker
 from offloop._process.writer import LARGE_PAYLOAD
 
 from .helpers import await_until, wait_for_file, wait_until
@@ -85,7 +85,9 @@ async def test_a_call_given_to_an_idle_worker_that_died_unnoticed_runs_on_a_new_
             gate = threading.Event()
 
             def held(
-                worker: Worker, selector: selectors.BaseSelector, gate: threading.Event = gate
+                worker: ProcessWorker,
+                selector: selectors.BaseSelector,
+                gate: threading.Event = gate,
             ) -> None:
                 gate.wait(WAIT)
                 handle_exit(worker, selector)
@@ -130,7 +132,7 @@ async def test_a_failing_manager_thread_closes_the_pool_and_fails_every_call(
     # leave calls and aclose() waiting forever for a thread that is gone.
     pool = ProcessPool(1, name="broken")
 
-    def fail(worker: Worker, selector: selectors.BaseSelector) -> None:
+    def fail(worker: ProcessWorker, selector: selectors.BaseSelector) -> None:
         raise RuntimeError("injected failure")
 
     monkeypatch.setattr(pool, "_on_reply", fail)  # runs on the worker's first message

@@ -91,6 +91,8 @@ def test_duplicate_names_and_services_are_rejected() -> None:
         sv.add(svc)
     with pytest.raises(TypeError, match="grace must be a number of seconds"):
         Supervisor(grace="5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^grace must be a number of seconds a float can hold"):
+        Supervisor(grace=10**400)
 
 
 @pytest.mark.loops("asyncio")

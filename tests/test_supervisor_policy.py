@@ -91,6 +91,12 @@ def test_restarts_after() -> None:
         ({"max_restarts": 2.5}, TypeError, "max_restarts must be an int or None, got float"),
         ({"max_restarts": True}, TypeError, "max_restarts must be an int or None, got bool"),
         ({"restart_window": 0}, ValueError, "restart_window must be greater than 0 seconds"),
+        (
+            {"max_backoff": 10**400},
+            ValueError,
+            "max_backoff must be a number of seconds a float can hold, got a 401-digit number. "
+            "Pass float('inf') instead.",
+        ),
     ],
 )
 def test_bad_policy_values_are_named(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from offloop import NotPicklableError, ServiceFailed, StopToken, Supervisor, WorkerCrashed
+from offloop._process.pickling import RemoteTraceback
 from tests.helpers import await_until, bounded
 
 WAIT = 10.0  # a spawned child imports the interpreter afresh; generous, never waited out
@@ -20,15 +21,18 @@ WAIT = 10.0  # a spawned child imports the interpreter afresh; generous, never w
 # Service functions live at module level: the spawned child imports them by name.
 
 
-def polite_child(path: str, token: StopToken) -> None:
-    Path(path).write_text(f"running {os.getpid()}")
-    token.wait()
-    Path(path).write_text(f"stopped because {token.reason}")
-
-
 def _mark(path: str, text: str) -> None:
-    # A tiny local write; the child's loop has nothing else to do meanwhile.
-    Path(path).write_text(text)
+    # Written beside it, then renamed over it: the test waits for the file to
+    # exist, and must never read it between its creation and its write.
+    # A tiny local write; an async child's loop has nothing else to do meanwhile.
+    Path(f"{path}.tmp").write_text(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def polite_child(path: str, token: StopToken) -> None:
+    _mark(path, f"running {os.getpid()}")
+    token.wait()
+    _mark(path, f"stopped because {token.reason}")
 
 
 async def async_child(path: str) -> None:
@@ -49,7 +53,7 @@ def dying_child() -> None:
 
 def deaf_child(path: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    Path(path).write_text("ignoring SIGTERM")
+    _mark(path, "ignoring SIGTERM")
     time.sleep(3600)
 
 
@@ -97,7 +101,7 @@ async def test_child_exception_crosses_back_with_its_traceback() -> None:
     error = info.value.__cause__
     assert isinstance(error, ValueError)
     assert str(error) == "bad config"
-    assert error.__cause__ is not None
+    assert isinstance(error.__cause__, RemoteTraceback)  # the same type as ProcessPool's
     assert "(in the service process)" in str(error.__cause__)
     assert 'raise ValueError("bad config")' in str(error.__cause__)
 

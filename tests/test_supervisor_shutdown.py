@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 
 import pytest
 
 from offloop import Service, StopToken, Supervisor
+from offloop._supervisor import signals
 from tests.helpers import await_until, bounded
 
 WAIT = 5.0  # bound on every wait that should end at once; a hang fails loudly
@@ -392,3 +394,41 @@ async def test_many_stuck_services_still_stop_in_about_grace() -> None:
     for thread in [t for t in threading.enumerate() if t.name.startswith("offloop-service-deaf")]:
         thread.join(WAIT)
         assert not thread.is_alive()
+
+
+def test_run_logs_leftover_tasks_that_raise_or_ignore_their_cancellation(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stubborn task never ends, so the whole wait is spent: keep it short.
+    monkeypatch.setattr(signals, "LEFTOVER_WAIT", 0.1)
+    keep: list[asyncio.Task[None]] = []
+
+    async def raises_when_cancelled() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise ValueError("cleanup failed") from None
+
+    async def ignores_its_cancellation() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await asyncio.Event().wait()
+
+    sv = Supervisor(name="leftovers")
+
+    @sv.service(restart="no")
+    async def leaves_tasks() -> None:
+        keep.append(asyncio.create_task(raises_when_cancelled(), name="raiser"))
+        keep.append(asyncio.create_task(ignores_its_cancellation(), name="stubborn"))
+
+    with caplog.at_level(logging.WARNING, logger="offloop.supervisor"):
+        assert sv.run() == 0
+    raised = [r for r in caplog.records if r.getMessage() == "task raiser raised while stopping"]
+    assert len(raised) == 1
+    assert raised[0].exc_info is not None
+    assert isinstance(raised[0].exc_info[1], ValueError)
+    assert "abandoned task stubborn, which ignores cancellation" in caplog.messages
+    assert keep[0].done()
+    assert not keep[1].done()
+    # Abandoned by design, on a loop now closed: no "destroyed but pending" at exit.
+    keep[1]._log_destroy_pending = False  # type: ignore[attr-defined]

@@ -12,31 +12,12 @@ import random
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from .validate import describe
+from .validate import check_seconds, describe
 
-__all__ = ["RestartMode", "RestartPolicy", "RestartTracker", "check_seconds"]
+__all__ = ["RestartMode", "RestartPolicy", "RestartTracker"]
 
 RestartMode = Literal["no", "on-failure", "always"]
 _MODES: tuple[str, ...] = get_args(RestartMode)
-
-
-def check_seconds(value: object, name: str, *, positive: bool, finite: bool = False) -> float:
-    """Return ``value`` as float seconds, or raise TypeError/ValueError naming ``name``.
-
-    ``finite=True`` also refuses infinity, for durations something waits out
-    (a grace period); a restart window or backoff may well be infinite.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {describe(value)}.")
-    if math.isnan(value) or value < 0 or (positive and value == 0):
-        bound = "greater than 0" if positive else "at least 0"
-        raise ValueError(f"{name} must be {bound} seconds, got {value!r}.")
-    if finite and math.isinf(value):
-        raise ValueError(
-            f"{name} must be a finite number of seconds, got {value!r}. For a very long "
-            f"wait, pass a large number instead (for example 86400 for a day)."
-        )
-    return float(value)
 
 
 @dataclass(frozen=True)

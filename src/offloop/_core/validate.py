@@ -1,4 +1,4 @@
-"""Argument checks shared by every offload entry point.
+"""Argument checks shared by every entry point: callables, counts, names, seconds.
 
 They run on the hot path, so the common case (a plain function) is decided by
 one flag test before anything slower is tried.
@@ -7,6 +7,7 @@ one flag test before anything slower is tried.
 from __future__ import annotations
 
 import inspect
+import math
 from types import BuiltinFunctionType, BuiltinMethodType, FunctionType, MethodWrapperType
 from typing import Any, Final
 
@@ -81,6 +82,77 @@ def check_positive_int(value: object, name: str, *, allow_none: bool = True) -> 
         raise TypeError(f"{name} must be a positive int, got {describe(value)}.")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}.")
+
+
+def show_number(value: object) -> str:
+    """``repr(value)``, or its digit count when too long to quote in a message."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"a {len(text.lstrip('-'))}-digit number"
+
+
+def check_seconds(
+    value: object,
+    name: str,
+    *,
+    where: str | None = None,
+    positive: bool,
+    finite: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    why_low: str = "",
+) -> float:
+    """Return ``value`` (an int or float, not a bool) as float seconds, or raise naming ``name``.
+
+    NaN and negative values are always refused; ``positive=True`` refuses 0
+    too. ``finite=True`` refuses infinity, for durations something waits out
+    (a grace period); a restart window or backoff may well be infinite.
+    ``low``/``high`` bound the range, ``why_low`` says why less than ``low``
+    is refused.
+
+    The messages say ``"{name} must be ..."``, or, given ``where`` (the call,
+    such as ``"LoopWatch()"``), ``"{where} needs {name} to be ..."``.
+
+    Raises:
+        TypeError: ``value`` is not a number.
+        ValueError: ``value`` is out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if where is None:
+            raise TypeError(f"{name} must be a number of seconds, got {describe(value)}.")
+        raise TypeError(
+            f"{where} needs {name} as a number of seconds (e.g. {name}=0.1), got {describe(value)}."
+        )
+    must = f"{name} must be" if where is None else f"{where} needs {name} to be"
+    shown = show_number(value)
+    if not (value > 0 if positive else value >= 0):  # NaN too
+        if not positive:
+            bound = "at least 0"
+        else:  # each wording reads on from its voice's verb
+            bound = "greater than 0" if where is None else "a positive number of"
+        raise ValueError(f"{must} {bound} seconds, got {shown}.")
+    if low is not None and value < low:
+        why = f": {why_low}" if why_low else ""
+        raise ValueError(
+            f"{must} at least {low:g} seconds, got {shown}{why}. Pass {name}={low:g} or more."
+        )
+    if high is not None and value > high:
+        raise ValueError(
+            f"{must} at most {high:g} seconds, got {shown}. Pass a number of seconds up to "
+            f"{high:g}."
+        )
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int with more than about 308 digits
+        instead = "a large number (for example 86400 for a day)" if finite else "float('inf')"
+        raise ValueError(
+            f"{must} a number of seconds a float can hold, got {shown}. Pass {instead} instead."
+        ) from None
+    if finite and math.isinf(seconds):
+        raise ValueError(
+            f"{must} a finite number of seconds, got {shown}. For a very long wait, pass a "
+            f"large number instead (for example 86400 for a day)."
+        )
+    return seconds
 
 
 def _is_sync_callable(fn: Any) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from .._core.validate import describe
+from .._core.validate import check_seconds, show_number
 
 __all__ = [
     "MAX_THRESHOLD",
@@ -33,39 +33,6 @@ MAX_THRESHOLD: Final = 86400.0
 MIN_INTERVAL: Final = 0.001
 
 
-def _show(value: float) -> str:
-    text = repr(value)
-    return text if len(text) <= 24 else f"a {len(text.lstrip('-'))}-digit number"
-
-
-def _check_seconds(value: object, name: str, where: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{where} needs {name} as a number of seconds (e.g. {name}=0.1), got {describe(value)}."
-        )
-    if not value > 0:  # NaN too
-        raise ValueError(
-            f"{where} needs {name} to be a positive number of seconds, got {_show(value)}."
-        )
-    if value < low:
-        raise ValueError(
-            f"{where} needs {name} to be at least {low:g} seconds, got {_show(value)}: "
-            + (
-                "below that an idle loop itself looks blocked, since a thread may wait "
-                "5 ms for the GIL"
-                if name == "threshold"
-                else "the monitor thread would keep a CPU core busy"
-            )
-            + f". Pass {name}={low:g} or more."
-        )
-    if value > high:
-        raise ValueError(
-            f"{where} needs {name} to be at most {high:g} seconds, got {_show(value)}. "
-            f"Pass a number of seconds up to {high:g}."
-        )
-    return float(value)
-
-
 def threshold_out_of_range(value: float, name: str) -> str | None:
     """Why ``value``, given as ``name``, is not a usable threshold; ``None`` if it is.
 
@@ -76,7 +43,7 @@ def threshold_out_of_range(value: float, name: str) -> str | None:
     """
     if MIN_THRESHOLD <= value <= MAX_THRESHOLD:  # NaN is refused too
         return None
-    shown = f"{value:g}" if isinstance(value, float) else _show(value)
+    shown = f"{value:g}" if isinstance(value, float) else show_number(value)
     why = (
         f"below {MIN_THRESHOLD:g} s even an idle loop looks blocked"
         if value < MIN_THRESHOLD
@@ -97,7 +64,16 @@ def check_threshold(value: object, where: str) -> float:
         TypeError: not a number.
         ValueError: not between :data:`MIN_THRESHOLD` and :data:`MAX_THRESHOLD`.
     """
-    return _check_seconds(value, "threshold", where, MIN_THRESHOLD, MAX_THRESHOLD)
+    return check_seconds(
+        value,
+        "threshold",
+        where=where,
+        positive=True,
+        low=MIN_THRESHOLD,
+        high=MAX_THRESHOLD,
+        why_low="below that an idle loop itself looks blocked, since a thread may wait 5 ms "
+        "for the GIL",
+    )
 
 
 def check_interval(value: object, threshold: float, where: str) -> float:
@@ -109,12 +85,20 @@ def check_interval(value: object, threshold: float, where: str) -> float:
     """
     if value is None:
         return threshold / 4
-    interval = _check_seconds(value, "interval", where, MIN_INTERVAL, MAX_THRESHOLD)
+    interval = check_seconds(
+        value,
+        "interval",
+        where=where,
+        positive=True,
+        low=MIN_INTERVAL,
+        high=MAX_THRESHOLD,
+        why_low="the monitor thread would keep a CPU core busy",
+    )
     if interval > threshold:
         raise ValueError(
-            f"{where} needs interval to be at most threshold, got interval={_show(interval)} "
-            f"and threshold={_show(threshold)}: the loop is looked at once per interval, so a "
-            f"longer interval misses blocks over the threshold. Leave interval out (it is "
-            f"threshold / 4) or pass one up to the threshold."
+            f"{where} needs interval to be at most threshold, got "
+            f"interval={show_number(interval)} and threshold={show_number(threshold)}: the loop "
+            f"is looked at once per interval, so a longer interval misses blocks over the "
+            f"threshold. Leave interval out (it is threshold / 4) or pass one up to the threshold."
         )
     return interval

@@ -26,7 +26,7 @@ from .._core.token import StopToken
 from .._core.validate import describe
 
 __all__ = [
-    "Owner",
+    "CallHost",
     "Remote",
     "Reply",
     "refuse_on_running_loop",
@@ -57,22 +57,25 @@ LOOP_CLOSED: Final = "loop closed"
 INTERRUPTED: Final = "interrupted"
 
 
-class Owner(Protocol):
-    """The loop thread a crossing was submitted to (``None`` for a bare loop)."""
+class CallHost(Protocol):
+    """The loop thread a crossing was submitted to, which counts and may refuse its calls.
+
+    ``None`` stands for it when a crossing targets a bare loop (``to_loop``).
+    """
 
     def _call_finished(self) -> None:
-        """Count the call as done (runs on the owner's loop)."""
+        """Count the call as done (runs on the host's loop)."""
 
     def _cancel_error(self, coro: Coroutine[Any, Any, Any]) -> BaseException | None:
         """The error to report instead of a cancellation caused by closing, if any."""
 
     def _start_refused(self, async_fn: Callable[..., Any]) -> BaseException | None:
-        """The error to report instead of starting a call, if the owner is closing."""
+        """The error to report instead of starting a call, if the host is closing."""
 
     def _exiting(self, task: asyncio.Task[Any] | None) -> None:
         """A call's coroutine raised SystemExit or KeyboardInterrupt in ``task``.
 
-        It stops the owner's loop, and its caller has it already: the owner
+        It stops the host's loop, and its caller has it already: the host
         marks it retrieved so the task is not logged as "Task exception was
         never retrieved" when collected.
         """
@@ -121,30 +124,35 @@ async def _await(awaitable: Awaitable[R]) -> R:
 # -- sync callers ------------------------------------------------------------
 
 
-class Reply(list[Any]):
-    """One sync crossing: the first item appended is its outcome.
+class Reply:
+    """One sync crossing: the lock its caller waits on and the outcome it wakes up to.
 
-    ``list.append`` is atomic, so the loop side (the result) and the stop
-    paths (token set, loop closed) may race: whoever appends first wins, and
-    every poster releases the waiter's lock (a second release is harmless).
+    The loop side (the result) and the stop paths (token set, loop closed,
+    interrupted) may race to post. ``claim`` settles it: only the first
+    poster takes it (``acquire(False)`` is atomic), stores its outcome and
+    releases ``lock``, the caller's, so the caller reads the winner's outcome.
+    A taken ``claim`` also tells a start still queued on the loop that the
+    caller is gone.
     """
 
-    __slots__ = ("lock", "loop", "owner", "started", "task")
+    __slots__ = ("claim", "host", "lock", "loop", "outcome", "started", "task")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, owner: Owner | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: CallHost | None) -> None:
         self.lock = allocate_lock()
         self.lock.acquire()
+        self.claim = allocate_lock()
+        #: What the first poster stored: ``(True, value)``, ``(False, exception)``
+        #: or why the caller stopped waiting (``TOKEN_SET``, ...).
+        self.outcome: object = None
         self.loop = loop
-        self.owner = owner
+        self.host = host
         self.task: asyncio.Task[None] | None = None
         self.started = False
 
     def post(self, outcome: object) -> None:
-        self.append(outcome)
-        try:  # noqa: SIM105 - hot path: try/except costs less than contextlib.suppress
+        if self.claim.acquire(False):  # else another poster won: its outcome stands
+            self.outcome = outcome
             self.lock.release()
-        except RuntimeError:  # already released by the other side: it won
-            pass
 
     def on_token(self, token: StopToken) -> None:
         # Runs in whichever thread sets the worker's token.
@@ -169,21 +177,21 @@ def start_sync(
     kwargs: dict[str, Any],
 ) -> None:
     """Start a sync crossing's coroutine (runs on the target loop, in the caller's context)."""
-    owner = reply.owner
-    if reply:  # the caller stopped waiting before we got here
-        if owner is not None:
-            owner._call_finished()
+    host = reply.host
+    if reply.claim.locked():  # the caller stopped waiting before we got here
+        if host is not None:
+            host._call_finished()
         return
     try:
         # A start still queued when the loop began closing (a coroutine's
         # SystemExit stopped it) must not create a task the close never sees.
-        refused = owner._start_refused(async_fn) if owner is not None else None
+        refused = host._start_refused(async_fn) if host is not None else None
         if refused is not None:
             raise refused
         coro = _coroutine(async_fn, args, kwargs)
     except BaseException as exc:
-        if owner is not None:
-            owner._call_finished()
+        if host is not None:
+            host._call_finished()
         reply.post((False, exc))
         return
     loop = reply.loop
@@ -217,39 +225,39 @@ def _step_now(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> bool:
 def _sync_never_ran(task: asyncio.Task[None], reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
     # A task cancelled before its first step (its loop closing, its caller
     # gone) never runs _run_sync's body, the one place that reports the
-    # outcome and settles the owner's count: do both here instead.
+    # outcome and settles the host's count: do both here instead.
     if reply.started or not task.cancelled():
         return
     coro.close()  # never awaited: no warning about it
-    owner = reply.owner
+    host = reply.host
     error: BaseException | None = None
-    if owner is not None:
-        owner._call_finished()
-        error = owner._cancel_error(coro)
+    if host is not None:
+        host._call_finished()
+        error = host._cancel_error(coro)
     reply.post((False, error or _cancelled_on_loop(reply, coro, asyncio.CancelledError())))
 
 
 async def _run_sync(reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
     reply.started = True
-    owner = reply.owner
+    host = reply.host
     try:
         value = await coro
     except BaseException as exc:
         reply.post((False, _sync_error(reply, coro, exc)))
         exiting = not isinstance(exc, (Exception, asyncio.CancelledError))
-        if exiting and owner is not None:
-            owner._exiting(asyncio.current_task())
+        if exiting and host is not None:
+            host._exiting(asyncio.current_task())
         # The error's traceback holds this frame. Holding the reply too would
         # make a cycle (error -> frame -> reply -> error), and holding the
-        # owner would keep a dropped LoopThread alive as long as the error.
-        del reply, owner, coro
+        # host would keep a dropped LoopThread alive as long as the error.
+        del reply, host, coro
         if exiting:
             # KeyboardInterrupt, SystemExit: let them stop the loop too, at
             # once, as in asyncio (the calls queued behind them never start).
             raise
     else:
-        if owner is not None:
-            owner._call_finished()
+        if host is not None:
+            host._call_finished()
         reply.post((True, value))
 
 
@@ -257,11 +265,11 @@ def _sync_error(
     reply: Reply, coro: Coroutine[Any, Any, Any], exc: BaseException
 ) -> BaseException | None:
     # What the sync caller gets for the coroutine's exception; counts the call done.
-    owner = reply.owner
-    if owner is not None:
-        owner._call_finished()
+    host = reply.host
+    if host is not None:
+        host._call_finished()
         if isinstance(exc, asyncio.CancelledError):
-            return owner._cancel_error(coro) or exc
+            return host._cancel_error(coro) or exc
     elif isinstance(exc, asyncio.CancelledError):
         return _cancelled_on_loop(reply, coro, exc)
     return exc
@@ -318,11 +326,10 @@ def wait_reply(
     finally:
         if token is not None:
             token.remove_callback(reply.on_token)
-    outcome = reply[0]
-    # Drop the outcome (an exception's traceback would keep frames alive) but
-    # keep the list non-empty: a start still queued on the loop must see that
-    # the caller is gone and not run the coroutine.
-    reply[0] = None
+    outcome = reply.outcome
+    # Dropped: an exception's traceback would keep frames alive. The claim
+    # stays taken, so a start still queued on the loop sees the caller gone.
+    reply.outcome = None
     if type(outcome) is tuple:
         ok, value = outcome
         if ok:
@@ -358,18 +365,18 @@ def _why_stopped(reason: str | None) -> str:
 class Remote:
     """One async crossing: the caller's future and the task running on the other loop."""
 
-    __slots__ = ("caller", "finished", "future", "loop", "owner", "started", "task")
+    __slots__ = ("caller", "finished", "future", "host", "loop", "started", "task")
 
     def __init__(
         self,
         caller: asyncio.AbstractEventLoop,
         loop: asyncio.AbstractEventLoop,
-        owner: Owner,
+        host: CallHost,
     ) -> None:
         self.caller = caller
         self.loop = loop
         self.future: asyncio.Future[Any] = caller.create_future()
-        self.owner = owner
+        self.host = host
         self.finished = False
         self.started = False
         self.task: asyncio.Task[None] | None = None
@@ -395,7 +402,7 @@ class Remote:
         except BaseException:
             # The error's traceback holds this frame, which holds self: were
             # self to keep the future holding the error, that would be a cycle
-            # (and the owner it reaches freed only by the garbage collector).
+            # (and the host it reaches freed only by the garbage collector).
             del self.future
             raise
 
@@ -407,17 +414,17 @@ def start_async(
     kwargs: dict[str, Any],
 ) -> None:
     """Start an async crossing's coroutine (runs on the target loop, in the caller's context)."""
-    owner = remote.owner
+    host = remote.host
     if remote.finished:
-        owner._call_finished()
+        host._call_finished()
         return
     try:
-        refused = owner._start_refused(async_fn)  # as in start_sync
+        refused = host._start_refused(async_fn)  # as in start_sync
         if refused is not None:
             raise refused
         coro = _coroutine(async_fn, args, kwargs)
     except BaseException as exc:
-        owner._call_finished()
+        host._call_finished()
         _deliver_threadsafe(remote, (False, exc))
         return
     loop = remote.loop
@@ -433,35 +440,35 @@ def _async_never_ran(
     if remote.started or not task.cancelled():
         return
     coro.close()
-    remote.owner._call_finished()
-    error = remote.owner._cancel_error(coro) or asyncio.CancelledError()
+    remote.host._call_finished()
+    error = remote.host._cancel_error(coro) or asyncio.CancelledError()
     _deliver_threadsafe(remote, (False, error))
 
 
 async def _run_async(remote: Remote, coro: Coroutine[Any, Any, Any]) -> None:
     remote.started = True
-    owner = remote.owner
+    host = remote.host
     try:
         value = await coro
     except BaseException as exc:
-        owner._call_finished()
+        host._call_finished()
         _deliver_threadsafe(
             remote,
             (
                 False,
-                (owner._cancel_error(coro) or exc)
+                (host._cancel_error(coro) or exc)
                 if isinstance(exc, asyncio.CancelledError)
                 else exc,
             ),
         )
         exiting = not isinstance(exc, (Exception, asyncio.CancelledError))
         if exiting:
-            owner._exiting(asyncio.current_task())
-        del remote, owner, coro  # the error's traceback holds this frame: see _run_sync
+            host._exiting(asyncio.current_task())
+        del remote, host, coro  # the error's traceback holds this frame: see _run_sync
         if exiting:
             raise
     else:
-        owner._call_finished()
+        host._call_finished()
         _deliver_threadsafe(remote, (True, value))
 
 

@@ -44,7 +44,7 @@ from .crossing import (
     wait_reply,
 )
 from .hotloop import new_loop
-from .serve import dropped, serve
+from .serve import Serving, dropped, serve
 
 __all__ = ["LoopThread", "LoopThreadState"]
 
@@ -186,7 +186,7 @@ class LoopThread:
             )
             loop.set_default_executor(executor)
             # The thread gets no strong reference to self: see the module docstring.
-            serving = [True]
+            serving = Serving()
             thread = threading.Thread(
                 target=serve,
                 args=(weakref.ref(self), loop, executor, serving),

@@ -12,9 +12,23 @@ import concurrent.futures
 import os
 import warnings
 import weakref
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
-__all__ = ["LoopOwner", "dropped", "serve"]
+from .shutdown import shut_down
+
+__all__ = ["LoopOwner", "Serving", "dropped", "serve"]
+
+
+class Serving:
+    """Whether a loop thread's loop still runs ``run_forever()``, not yet its shutdown.
+
+    Set and read only on the loop thread, so a plain attribute is enough.
+    """
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = True
 
 
 class LoopOwner(Protocol):
@@ -29,7 +43,7 @@ def serve(
     ref: weakref.ref[LoopOwner],
     loop: asyncio.AbstractEventLoop,
     executor: concurrent.futures.ThreadPoolExecutor,
-    serving: list[bool],
+    serving: Serving,
 ) -> None:
     # The loop thread. It holds its LoopThread only for a moment, after the
     # loop stopped: a frame local here would keep a dropped one alive.
@@ -42,12 +56,14 @@ def serve(
             exited = True  # delivered to the call whose coroutine raised it
         finally:
             # A late stop from the finalizer must not cut the shutdown short.
-            serving[0] = False
+            serving.on = False
             lt = ref()
             if lt is not None:  # else it was dropped: nobody is left to tell
                 lt._loop_stopped(exited)
             del lt
-            _shutdown(loop, executor)
+            # What asyncio.run does after the main coroutine, waiting for every
+            # task as it does: a LoopThread's callers wait for their outcomes.
+            shut_down(loop, sweeps=_CANCEL_SWEEPS, on_raised=_report_raised, executor=executor)
     finally:
         asyncio.set_event_loop(None)
         loop.close()
@@ -57,7 +73,7 @@ def serve(
 
 
 def dropped(
-    loop: asyncio.AbstractEventLoop, serving: list[bool], name: str, thread_name: str, pid: int
+    loop: asyncio.AbstractEventLoop, serving: Serving, name: str, thread_name: str, pid: int
 ) -> None:
     """The finalizer of a started LoopThread collected unclosed: stop its loop, warn."""
     # Takes no lock and waits for nothing: it runs on any thread, maybe the
@@ -80,9 +96,9 @@ def dropped(
     )
 
 
-def _stop_serving(loop: asyncio.AbstractEventLoop, serving: list[bool]) -> None:
+def _stop_serving(loop: asyncio.AbstractEventLoop, serving: Serving) -> None:
     # On the loop thread: stop run_forever(), not the shutdown's run_until_complete().
-    if serving[0]:
+    if serving.on:
         loop.stop()
 
 
@@ -91,39 +107,11 @@ def _stop_serving(loop: asyncio.AbstractEventLoop, serving: list[bool]) -> None:
 _CANCEL_SWEEPS: Final = 5
 
 
-def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    for _ in range(_CANCEL_SWEEPS):
-        tasks = asyncio.all_tasks(loop)
-        if not tasks:
-            return
-        for task in tasks:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                loop.call_exception_handler(
-                    {
-                        "message": "unhandled exception in a task cancelled by LoopThread.close()",
-                        "exception": task.exception(),
-                        "task": task,
-                    }
-                )
-
-
-def _shutdown(
-    loop: asyncio.AbstractEventLoop, executor: concurrent.futures.ThreadPoolExecutor
-) -> None:
-    # What asyncio.run does after the main coroutine: cancel leftovers and let
-    # them run their cleanup, then async generators and the default executor.
-    _cancel_tasks(loop)
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    try:
-        loop.run_until_complete(loop.shutdown_default_executor())
-    except RuntimeError:
-        # It waits in a new thread, and Python 3.12.0 and 3.12.1 start none
-        # in atexit handlers, where the shared loop threads close: wait here.
-        executor.shutdown(wait=True)
-    # Tasks started meanwhile (by run_coroutine_threadsafe on .loop, or by the
-    # cleanup itself) would otherwise be closed with the loop, never cancelled,
-    # their callers waiting forever.
-    _cancel_tasks(loop)
+def _report_raised(task: asyncio.Task[Any]) -> None:
+    task.get_loop().call_exception_handler(
+        {
+            "message": "unhandled exception in a task cancelled by LoopThread.close()",
+            "exception": task.exception(),
+            "task": task,
+        }
+    )

@@ -16,7 +16,7 @@ from typing import Any, Final, ParamSpec, TypedDict, TypeVar, final
 from .._core.errors import NotPicklableError, PoolClosedError, WorkerCrashed
 from .._core.extras import require
 from .._core.poolbase import PoolContext, PoolState
-from .._core.validate import check_sync_callable, describe
+from .._core.validate import check_seconds, check_sync_callable, describe
 from .pickling import LOAD_FAILED, OK, RemoteTraceback, encode_call
 
 __all__ = ["DaskPool"]
@@ -84,7 +84,7 @@ class DaskPool(PoolContext):
         MissingExtraError: ``distributed`` is not installed (``offloop[dask]``).
         TypeError: neither or both of ``address`` and ``client`` were given, or
             the client is not asynchronous.
-        ValueError: ``connect_timeout`` is not a positive number.
+        TypeError, ValueError: ``connect_timeout`` is not a number of seconds > 0.
 
     The first :meth:`run` raises ``ConnectionError`` naming the address when
     no scheduler answers there within ``connect_timeout`` seconds.
@@ -115,16 +115,9 @@ class DaskPool(PoolContext):
                 )
         elif not isinstance(address, str):
             raise TypeError(f"DaskPool(address=...) must be a str, got {describe(address)}.")
-        if (
-            isinstance(connect_timeout, bool)
-            or not isinstance(connect_timeout, int | float)
-            or not connect_timeout > 0
-        ):
-            raise ValueError(
-                f"DaskPool(connect_timeout=...) must be a positive number of seconds, "
-                f"got {connect_timeout!r}."
-            )
-        self._connect_timeout = float(connect_timeout)
+        self._connect_timeout = check_seconds(
+            connect_timeout, "DaskPool(connect_timeout=...)", positive=True
+        )
         self._distributed = distributed
         dask_utils = require("dask.utils", "dask", feature=_FEATURE)
         self._funcname: Callable[[Any], str] = dask_utils.funcname
@@ -305,7 +298,7 @@ class DaskPool(PoolContext):
             f"importable on the workers (install it there, or send it with "
             f"client.upload_file())."
         )
-        error.__cause__ = RemoteTraceback(reply[2])
+        error.__cause__ = RemoteTraceback(reply[2], "the Dask worker")
         return error
 
     def _check_loop(self, what: str) -> None:

@@ -36,7 +36,7 @@ from .workers import ask_to_exit
 from .writer import PayloadWriter
 
 if TYPE_CHECKING:
-    from .workers import Worker, WorkerSet
+    from .workers import ProcessWorker, WorkerSet
 
 __all__ = ["manage", "pool_dropped"]
 
@@ -46,7 +46,7 @@ STOP_GRACE: Final = 2.0
 _REAP_WAIT: Final = 5.0
 
 
-def pool_dropped(drop_fd: int, where: str, workers: list[Worker]) -> None:
+def pool_dropped(drop_fd: int, where: str, workers: list[ProcessWorker]) -> None:
     """The finalizer of an open pool that was garbage collected: wake its manager, warn."""
     # Takes no lock and blocks on nothing: it runs on any thread, maybe one holding some lock.
     count = len(workers)
@@ -122,7 +122,7 @@ def _stop_workers(selector: selectors.BaseSelector) -> None:
 
     Each is idle or exiting: a worker running a call would have kept the pool alive.
     """
-    stopping: dict[int, tuple[Worker, BaseProcess]] = {}
+    stopping: dict[int, tuple[ProcessWorker, BaseProcess]] = {}
     for key in selector.get_map().values():
         if key.data is not None:
             worker = key.data[0]

@@ -154,18 +154,21 @@ def _diagnose(
 
 
 class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker process.
+    """The traceback of an exception raised in another process.
 
     Attached as ``__cause__`` of the re-raised exception, so the report shows
-    where it happened in the worker as well as where it was awaited.
+    where it happened over there as well as where it was awaited here.
+    ``where`` names that process (``"the worker process"``, ``"the service
+    process"``) in the report, which otherwise reads as if it were this one's.
     """
 
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
+    def __init__(self, tb: str, where: str) -> None:
+        super().__init__(tb, where)
         self.tb = tb
+        self.where = where
 
     def __str__(self) -> str:
-        return f'\n"""\n{self.tb}"""'
+        return f'\n(in {self.where})\n"""\n{self.tb}"""'
 
 
 def encode_error(exc: BaseException, tb: str) -> bytes:
@@ -219,7 +222,7 @@ def decode_reply(data: bytes, fn: Callable[..., Any], where: str) -> tuple[bool,
         return True, reply[1]
     if kind == RAISED:
         raised: BaseException = reply[1]
-        raised.__cause__ = RemoteTraceback(reply[2])
+        raised.__cause__ = RemoteTraceback(reply[2], "the worker process")
         return False, raised
     if kind == RAISED_TEXT:
         if reply[4] == "pickle":
@@ -239,7 +242,7 @@ def decode_reply(data: bytes, fn: Callable[..., Any], where: str) -> tuple[bool,
             f"that exception {what} ({reply[5]}), so it is reported as this error instead. "
             f"{advice}"
         )
-        error.__cause__ = RemoteTraceback(reply[3])
+        error.__cause__ = RemoteTraceback(reply[3], "the worker process")
         return False, error
     if kind == RESULT_UNPICKLABLE:
         return False, NotPicklableError(
@@ -253,7 +256,7 @@ def decode_reply(data: bytes, fn: Callable[..., Any], where: str) -> tuple[bool,
             f"({reply[1]}). Functions sent by reference must be importable in the worker: "
             f"define them at the top level of a module, not in an interactive session."
         )
-        error.__cause__ = RemoteTraceback(reply[2])
+        error.__cause__ = RemoteTraceback(reply[2], "the worker process")
         return False, error
     if kind == INIT_FAILED:
         return False, InitFailure(reply[1], reply[2], reply[3])

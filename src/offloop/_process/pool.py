@@ -43,15 +43,20 @@ from .._core.poolbase import (
     complete_waiter,
     refuse_blocking_close,
 )
-from .._core.restart import check_seconds
-from .._core.validate import check_positive_int, check_sync_callable, check_thread_name, describe
+from .._core.validate import (
+    check_positive_int,
+    check_seconds,
+    check_sync_callable,
+    check_thread_name,
+    describe,
+)
 from .manager import manage, pool_dropped
 from .message import OutOfBandCall, detach
 from .pickling import encode_call, main_reaches_children
 from .workers import (
     ProcessCall,
     ProcessPoolStatistics,
-    Worker,
+    ProcessWorker,
     WorkerSet,
     ask_to_exit,
 )
@@ -396,7 +401,7 @@ class ProcessPool(WorkerSet, PoolContext):
                     os.write(fds[1], b"\0")
 
     def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
-        stopping: list[Worker] = []
+        stopping: list[ProcessWorker] = []
         skipped: list[ProcessCall] = []
         running: list[ProcessCall] = []
         with self._lock:

@@ -34,7 +34,7 @@ from .child import worker_main
 from .pickling import InitFailure, RemoteTraceback, decode_reply
 from .writer import Payload, PayloadWriter, is_small
 
-__all__ = ["ProcessCall", "ProcessPoolStatistics", "Worker", "WorkerSet"]
+__all__ = ["ProcessCall", "ProcessPoolStatistics", "ProcessWorker", "WorkerSet"]
 
 logger: Final = logging.getLogger("offloop")
 
@@ -54,11 +54,11 @@ class ProcessCall(OffloadFuture[Any]):
     # A small call's payload stays until the call is over: if its worker dies
     # before taking it from the pipe, it is sent again (once, see _requeue).
     _payload: Payload | None
-    _worker: Worker | None
+    _worker: ProcessWorker | None
     _requeued: bool
 
 
-class Worker:
+class ProcessWorker:
     """One worker process, its pipe, and the call it runs (guarded by the pool's lock)."""
 
     __slots__ = (
@@ -92,7 +92,7 @@ class Worker:
         self.received: Any = None
 
 
-def ask_to_exit(worker: Worker) -> None:
+def ask_to_exit(worker: ProcessWorker) -> None:
     """Ask an idle worker to exit: an empty message (its pipe closing does too)."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         worker.conn.send_bytes(b"")  # type: ignore[union-attr]
@@ -121,8 +121,8 @@ class WorkerSet:
         self._run_name = f"{self._where}.run()"
         self._state = PoolState.OPEN
         self._lock = threading.Lock()
-        self._workers: list[Worker] = []
-        self._idle: list[Worker] = []
+        self._workers: list[ProcessWorker] = []
+        self._idle: list[ProcessWorker] = []
         self._pending: deque[ProcessCall] = deque()
         self._manager: threading.Thread | None = None
         self._wake_fds: tuple[int, int] | None = None
@@ -173,7 +173,7 @@ class WorkerSet:
 
     # -- calls (any thread; _assign and _next_pending under _lock) ------------
 
-    def _assign(self, worker: Worker, call: ProcessCall) -> None:
+    def _assign(self, worker: ProcessWorker, call: ProcessCall) -> None:
         worker.call = call
         worker.sent += 1
         call._worker = worker
@@ -189,7 +189,7 @@ class WorkerSet:
                 return call
         return None
 
-    def _send(self, worker: Worker, call: ProcessCall) -> None:
+    def _send(self, worker: ProcessWorker, call: ProcessCall) -> None:
         # On the manager thread, or from run() under _lock for a small call.
         payload = call._payload
         assert payload is not None
@@ -207,7 +207,7 @@ class WorkerSet:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             worker.conn.send_bytes(payload)  # type: ignore[union-attr]
 
-    def _dup_pipe(self, worker: Worker) -> int | None:
+    def _dup_pipe(self, worker: ProcessWorker) -> int | None:
         # On the manager thread, which alone closes pipes, or under _lock,
         # since the manager detaches a pipe under it before closing it: so the
         # descriptor is this worker's, not a closed or reused one.
@@ -275,12 +275,14 @@ class WorkerSet:
                 call = self._next_pending()
                 if call is None:
                     return False
-                worker = Worker(None)
+                worker = ProcessWorker(None)
                 self._workers.append(worker)
                 self._assign(worker, call)
             self._spawn(worker, call, selector)
 
-    def _spawn(self, worker: Worker, call: ProcessCall, selector: selectors.BaseSelector) -> None:
+    def _spawn(
+        self, worker: ProcessWorker, call: ProcessCall, selector: selectors.BaseSelector
+    ) -> None:
         try:
             parent_conn, child_conn = self._ctx.Pipe(duplex=True)
             received = self._ctx.RawValue(ctypes.c_uint64, 0)
@@ -321,7 +323,9 @@ class WorkerSet:
                 process.kill()
         # Else the call is sent once the worker says it is ready (_start_first).
 
-    def _finish(self, worker: Worker, call: ProcessCall, *, ok: bool, count: bool = True) -> None:
+    def _finish(
+        self, worker: ProcessWorker, call: ProcessCall, *, ok: bool, count: bool = True
+    ) -> None:
         # Under _lock: the call left its worker, with a result or not.
         worker.call = None
         call._worker = None
@@ -337,7 +341,7 @@ class WorkerSet:
             self._failed += 1
         call._phase = DONE
 
-    def _on_reply(self, worker: Worker, selector: selectors.BaseSelector) -> None:
+    def _on_reply(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:
         conn = worker.conn
         if conn is None:
             return  # its exit, handled earlier in the same batch, closed the pipe
@@ -377,7 +381,7 @@ class WorkerSet:
             call._error = outcome
         call._channel.post(call)
 
-    def _free(self, worker: Worker) -> tuple[ProcessCall | None, bool]:
+    def _free(self, worker: ProcessWorker) -> tuple[ProcessCall | None, bool]:
         """Under _lock: give a worker whose call is over its next call, or make it idle.
 
         Returns the call to send it, and whether to tell it to stop.
@@ -394,7 +398,7 @@ class WorkerSet:
             self._idle.append(worker)
         return following, False
 
-    def _start_first(self, worker: Worker) -> None:
+    def _start_first(self, worker: ProcessWorker) -> None:
         # The first call waits until the worker is ready rather than in its
         # pipe: one cancelled while the worker started (a slow initializer)
         # is then never run, like any call that was still queued.
@@ -414,7 +418,7 @@ class WorkerSet:
         elif stop:
             ask_to_exit(worker)
 
-    def _requeue(self, worker: Worker, call: ProcessCall) -> bool:
+    def _requeue(self, worker: ProcessWorker, call: ProcessCall) -> bool:
         """Queue again, first in line, a call its dead worker never took.
 
         Under _lock. That worker died idle (kill -9, the OOM killer) before
@@ -443,7 +447,7 @@ class WorkerSet:
         return True
 
     def _init_failure(
-        self, worker: Worker, call: ProcessCall, failure: InitFailure
+        self, worker: ProcessWorker, call: ProcessCall, failure: InitFailure
     ) -> WorkerCrashed:
         error = WorkerCrashed(
             f"A new worker process (pid {worker.pid}) of {self._where} could not start: its "
@@ -451,14 +455,14 @@ class WorkerSet:
             f"for did not run; fix the initializer (the next call starts another worker).",
             pid=worker.pid,
         )
-        cause: BaseException = RemoteTraceback(failure.tb)
+        cause: BaseException = RemoteTraceback(failure.tb, "the worker process")
         if failure.exc is not None:
             failure.exc.__cause__ = cause
             cause = failure.exc
         error.__cause__ = cause
         return error
 
-    def _drop_pipe(self, worker: Worker, selector: selectors.BaseSelector) -> None:
+    def _drop_pipe(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:
         conn = worker.conn
         if conn is None:
             return
@@ -467,7 +471,7 @@ class WorkerSet:
             worker.conn = None
         conn.close()
 
-    def _on_exit(self, worker: Worker, selector: selectors.BaseSelector) -> None:
+    def _on_exit(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:
         # A reply written just before the exit is still in the pipe: read it
         # first (max_tasks_per_worker exits right after its last reply).
         worker.dead = True

@@ -31,6 +31,7 @@ from .._core.errors import NotPicklableError, OffloopError, WorkerCrashed
 from .._core.forcedexit import on_forced_exit
 from .._core.token import StopToken
 from .._core.validate import describe
+from .._process.pickling import RemoteTraceback
 from .functions import FunctionService
 from .lifecycle import LifecycleState
 
@@ -146,7 +147,7 @@ class ProcessService(FunctionService):
             exc, remote_tb = payload
             assert exc is not None
             if remote_tb:
-                exc.__cause__ = _RemoteTraceback(remote_tb)
+                exc.__cause__ = RemoteTraceback(remote_tb, "the service process")
             if not isinstance(exc, Exception):
                 # SystemExit & co. must not escape into the supervisor's loop:
                 # in the child they ended the service, which is a crash here.
@@ -279,14 +280,3 @@ def _portable(exc: BaseException, text: str) -> BaseException:
     except Exception:
         return OffloopError(f"the service process raised {exc!r}, which cannot be pickled")
     return exc
-
-
-class _RemoteTraceback(Exception):
-    """Carries the child's traceback text as the cause of the re-raised error."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return f"\n\n(in the service process)\n{self.tb}"

@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Any, Final, Protocol
 
 from .._core.forcedexit import run_forced_exit_hooks
+from .._loops.shutdown import shut_down
 from .._threads.executor import PoolExecutor
 from .supervised import SHUTDOWN_OVERRUN
 
@@ -148,8 +149,17 @@ def run_with_signals(
         return 0
     finally:
         try:
-            _cancel_leftovers(loop)
-            loop.run_until_complete(loop.shutdown_asyncgens())
+            # Bounded, unlike asyncio.run(): a task that swallows cancellation
+            # must not keep the process alive after the supervisor said it
+            # stopped. Nor is the default executor waited for (see the module
+            # docstring): loop.close() abandons its stuck calls.
+            shut_down(
+                loop,
+                sweeps=1,
+                on_raised=_log_raised,
+                wait=LEFTOVER_WAIT,
+                on_ignored=_log_abandoned,
+            )
         finally:
             finished.set()
             for sig, handler in previous.items():
@@ -192,22 +202,12 @@ class _Wakeup:
         self.writer.close()
 
 
-def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
-    tasks = asyncio.all_tasks(loop)
-    if not tasks:
-        return
-    for task in tasks:
-        task.cancel()
-    # Bounded, unlike asyncio.run(): a task that swallows cancellation must not
-    # keep the process alive after the supervisor said it stopped.
-    done, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=LEFTOVER_WAIT))
-    for task in done:
-        if not task.cancelled() and task.exception() is not None:
-            logger.error(
-                "task %s raised while stopping", task.get_name(), exc_info=task.exception()
-            )
-    for task in pending:
-        logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
+def _log_raised(task: asyncio.Task[Any]) -> None:
+    logger.error("task %s raised while stopping", task.get_name(), exc_info=task.exception())
+
+
+def _log_abandoned(task: asyncio.Task[Any]) -> None:
+    logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
 
 
 def _force_exit(signum: int, on_forced_exit: Callable[[], None] | None) -> None:

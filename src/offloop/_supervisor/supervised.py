@@ -1,7 +1,7 @@
 """One service under supervision: its runner (start, wait, restart) and its bounded stop.
 
 The :class:`~offloop.Supervisor` keeps one :class:`Supervised` record per
-service and talks to it through the small :class:`Owner` protocol, so the
+service and talks to it through the small :class:`RecordKeeper` protocol, so the
 per-service policy lives here and the supervisor's own lifecycle there.
 """
 
@@ -17,7 +17,7 @@ from .._core.restart import RestartPolicy, RestartTracker
 from .._services.base import Service, ServiceInterrupted
 from .status import ServiceState, ServiceStatus
 
-__all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "Owner", "Supervised"]
+__all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "RecordKeeper", "Supervised"]
 
 logger: Final = logging.getLogger("offloop.supervisor")
 
@@ -34,8 +34,12 @@ SHUTDOWN_OVERRUN: Final = 4 * LAST_CHANCE
 _ST = ServiceState
 
 
-class Owner(Protocol):
-    """What a :class:`Supervised` record needs from its supervisor."""
+class RecordKeeper(Protocol):
+    """The supervisor keeping a :class:`Supervised` record, as the record sees it.
+
+    The record asks it whether a shutdown is under way and tells it when its
+    service failed beyond its policy, was interrupted, or ended.
+    """
 
     name: str
 
@@ -51,11 +55,11 @@ class Owner(Protocol):
 class Supervised:
     """The supervisor's record of one service: its policy, live state and runner task."""
 
-    def __init__(self, service: Service, policy: RestartPolicy, owner: Owner) -> None:
+    def __init__(self, service: Service, policy: RestartPolicy, supervisor: RecordKeeper) -> None:
         self.service = service
         self.name: str = service.name
         self.policy = policy
-        self.owner = owner
+        self.supervisor = supervisor
         self.tracker = RestartTracker(policy)
         self.state = _ST.STOPPED  # not started yet
         self.restarts = 0
@@ -83,7 +87,7 @@ class Supervised:
     async def supervise(self) -> None:
         """Run the service until it ends for good: start, wait, apply the restart policy."""
         loop = asyncio.get_running_loop()
-        sv, svc = self.owner.name, self.service
+        sv, svc = self.supervisor.name, self.service
         while True:
             self.state = _ST.STARTING
             logger.info("%s: starting service %r", sv, self.name)
@@ -107,7 +111,7 @@ class Supervised:
                 if crash is not None:
                     self._crashed_while_stopping(crash)
                 return
-            if self.owner._shutting_down():
+            if self.supervisor._shutting_down():
                 # Shutting down, not yet this service's turn: an end or crash now
                 # is final, never a reason to start it again.
                 if crash is not None:
@@ -118,20 +122,20 @@ class Supervised:
                 if not self.policy.restarts_after(crashed=False):
                     logger.info("%s: service %r returned; it is stopped", sv, self.name)
                     self.end(_ST.STOPPED)
-                    self.owner._check_all_ended()
+                    self.supervisor._check_all_ended()
                     return
                 logger.info("%s: service %r returned (restart='always')", sv, self.name)
             elif isinstance(crash, ServiceInterrupted):
                 self.last_error = crash
                 logger.warning("%s: %s", sv, crash)
                 self.end(_ST.STOPPED)
-                self.owner._interrupted(self)
+                self.supervisor._interrupted(self)
                 return
             else:
                 self.last_error = crash
                 logger.error("%s: service %r crashed: %r", sv, self.name, crash, exc_info=crash)
                 if not self.policy.restarts_after(crashed=True):
-                    self.owner._fail(self, crash, "it crashed and its policy is restart='no'")
+                    self.supervisor._fail(self, crash, "it crashed and its policy is restart='no'")
                     return
             delay = self.tracker.next_delay(loop.time())
             if delay is None:
@@ -140,7 +144,7 @@ class Supervised:
                     f"it needed more than max_restarts={p.max_restarts} restarts within "
                     f"restart_window={p.restart_window:g}s"
                 )
-                self.owner._fail(self, crash, why)
+                self.supervisor._fail(self, crash, why)
                 return
             self.state = _ST.RESTARTING
             # Counted once it happens: a stop during the backoff cancels it.
@@ -162,7 +166,7 @@ class Supervised:
                     upcoming,
                 )
             await asyncio.sleep(delay)
-            if self.owner._shutting_down():
+            if self.supervisor._shutting_down():
                 self.end(_ST.STOPPED)
                 return
             self.restarts = upcoming
@@ -171,7 +175,7 @@ class Supervised:
         self.last_error = crash
         logger.error(
             "%s: service %r crashed while stopping: %r",
-            self.owner.name,
+            self.supervisor.name,
             self.name,
             crash,
             exc_info=crash,
@@ -186,7 +190,7 @@ class Supervised:
         service's ``stop()`` does: one that ignores its cancellation is left behind.
         """
         loop = asyncio.get_running_loop()
-        sv, runner = self.owner.name, self.runner
+        sv, runner = self.supervisor.name, self.runner
         if self.state in (_ST.STOPPED, _ST.FAILED):
             return
         if runner is None:  # never started
@@ -245,13 +249,13 @@ class Supervised:
         if not stopper.cancelled() and (error := stopper.exception()) is not None:
             logger.error(
                 "%s: stopping service %r raised after it was killed",
-                self.owner.name,
+                self.supervisor.name,
                 self.name,
                 exc_info=error,
             )
 
     def _kill(self, why: str) -> None:
-        sv = self.owner.name
+        sv = self.supervisor.name
         logger.warning("%s: service %r %s; killed it", sv, self.name, why)
         try:
             abandoned = self.service.kill()

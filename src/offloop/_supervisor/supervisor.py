@@ -18,8 +18,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, overload
 
 from .._core.errors import ServiceFailed
-from .._core.restart import RestartMode, RestartPolicy, check_seconds
-from .._core.validate import describe
+from .._core.restart import RestartMode, RestartPolicy
+from .._core.validate import check_seconds, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
 from .status import ServiceState, ServiceStatus, SupervisorState

@@ -135,8 +135,7 @@ async def main() -> int:
             p50, p99, top = percentiles(lags[work, name], (50, 99, 100))
             rate = statistics.median(rates[work, name])
             print(
-                f"{name:<36} {p50 * 1e3:7.2f}ms {p99 * 1e3:7.2f}ms {top * 1e3:7.1f}ms "
-                f"{rate:9.0f}"
+                f"{name:<36} {p50 * 1e3:7.2f}ms {p99 * 1e3:7.2f}ms {top * 1e3:7.1f}ms {rate:9.0f}"
             )
         our_p99 = percentiles(lags[work, ours], (99,))[0]
         their_p99 = percentiles(lags[work, "asyncio.to_thread"], (99,))[0]

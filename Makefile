@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP_DEV := $(VENV)/.stamp-dev
 STAMP_BENCH := $(VENV)/.stamp-bench
 STAMP_BASE := $(VENV)/.stamp-base
-LINT_DIRS := $(wildcard src tests benchmarks examples tools)
+LINT_DIRS := $(wildcard src tests benchmarks examples docs/_ext)
 
 .PHONY: demo test lint typecheck docs pytest test-versions bench clean
 

@@ -46,7 +46,10 @@ BUSY_WORKER = textwrap.dedent(
     from offloop._process.pool import ProcessPool
 
     def busy():
-        pathlib.Path("worker.pid").write_text(str(os.getpid()))
+        # Written whole, then renamed into place: the parent may see the file
+        # (and exit, killing this worker) the moment it exists.
+        pathlib.Path("worker.pid.tmp").write_text(str(os.getpid()))
+        os.replace("worker.pid.tmp", "worker.pid")
         time.sleep(60)
 
     async def main():

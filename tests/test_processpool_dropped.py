@@ -92,11 +92,12 @@ async def test_a_dropped_open_pool_warns_and_stops_its_workers_and_threads() -> 
     with resource_warnings() as found:
         del pool, results
         await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
+        # The manager thread warns once the finalizer woke it, then exits.
+        for thread in threads:
+            thread.join(WAIT)
+            assert not thread.is_alive(), f"{thread.name} still runs"
     message = the_warning(found, WARNING.format(name="dropped"))
     assert "its manager thread and 2 worker processes are being stopped now" in message
-    for thread in threads:
-        thread.join(WAIT)
-        assert not thread.is_alive(), f"{thread.name} still runs"
     wait_until(lambda: not any(map(psutil.pid_exists, pids)), WAIT, f"workers {pids} to exit")
     assert open_fds() <= fds_before
 

@@ -43,6 +43,7 @@ critical sections:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -117,6 +118,9 @@ IDLE_TIMEOUT: Final = 30.0
 #: takes it at once. Each turn yields the CPU and the GIL, and the window is
 #: short enough that an idle pool costs nothing measurable.
 SPIN_WINDOW: Final = 50e-6
+
+#: The most functions a pool remembers as waiting or computing (see _learn).
+MAX_LEARNED: Final = 1024
 
 #: Seconds late past which a pool's check takes its loop to be starved (see
 #: _rebalance): well under the lag a user notices, well over a timer's jitter.
@@ -208,6 +212,9 @@ class ThreadPool(ThreadPoolLifecycle):
         # Set by a worker that finished a call shorter than GROWTH_PERIOD while
         # calls were pending; read and cleared by _rebalance.
         self._short = False
+        # Whether the last call of a function (by code object) was found
+        # waiting: see _learn.
+        self._waits: dict[object, bool] = {}
         self._abandoned = 0
         self._completed = 0
         self._failed = 0
@@ -321,6 +328,16 @@ class ThreadPool(ThreadPoolLifecycle):
                 # _rebalance, once the running calls have shown that they
                 # are long (for short calls one warm thread is fastest).
                 dispatch = True
+            elif (
+                self._waits
+                and self._waits.get(getattr(call.fn, "__code__", None), False)
+                and (self._idle > 0 or len(self._workers) < self._max_workers)
+            ):
+                # Its function's last call was found waiting: like that one,
+                # it will hold no CPU slot, so it takes a thread at once (one
+                # of its own if need be), as a pool without slots would.
+                dispatch = True
+            if dispatch:
                 self._ready += 1
                 if self._idle > 0:
                     self._idle -= 1
@@ -368,28 +385,21 @@ class ThreadPool(ThreadPoolLifecycle):
                 self._growth_loops.discard(loop)
                 return
             now = monotonic()
-            newly_waiting = 0
             for w in self._workers:
                 waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
                 if waiting is not w.waiting:
                     w.waiting = waiting
                     self._waiting += 1 if waiting else -1
-                    newly_waiting += waiting
+                    if not waiting:
+                        self._learn(w.call, False)
             free = self._cpu_slots - (self._ready + self._running - self._waiting)
             if loop.time() - due > LAG_LIMIT:
                 # The loop itself runs late. Calls that look blocked may be
                 # waiting for the GIL that a computing call holds (C code
-                # such as zlib keeps it for its whole run): starting more
-                # would delay the loop further, so none starts until it keeps
-                # time again. Pending calls still start as running ones end.
-                free = 0
-            elif free > 0:
-                # Each call just found waiting lets one more start at once: a
-                # flood of blocking calls then doubles its threads every few
-                # periods instead of adding cpu_slots each time. If the new
-                # calls compute instead, the slots are over-full for a while
-                # and nothing more starts until enough of them end.
-                free += newly_waiting
+                # such as zlib keeps it for its whole run): until the loop
+                # keeps time again, only slots that no running call holds
+                # are filled, none that a waiting one left.
+                free = min(free, self._cpu_slots - (self._ready + self._running))
             # A call that ended within a period since the last look means a
             # thread cycles through short calls: it takes the pending ones
             # itself, faster than new threads would, so none is started.
@@ -491,6 +501,8 @@ class ThreadPool(ThreadPoolLifecycle):
                         self._running += 1
                         worker.call = call
                         worker.started = monotonic()
+                        if self._waits:
+                            self._presume(worker, call)
                 if skipped:
                     if call._error is not None:  # closed before it started: tell the awaiter
                         call._channel.post(call)
@@ -518,6 +530,10 @@ class ThreadPool(ThreadPoolLifecycle):
                 if worker.waiting:
                     worker.waiting = False
                     self._waiting -= 1
+                    if worker.judged and worker.seen == worker.started:
+                        # Measured waiting when it ended: its function's
+                        # next calls take a thread without a slot.
+                        self._learn(call, True)
                 if call._phase is ABANDONED:
                     self._abandoned -= 1
                 if call._error is None:
@@ -541,6 +557,26 @@ class ThreadPool(ThreadPoolLifecycle):
             call = nxt
         self._thread_exited(worker)
 
+    def _learn(self, call: OffloadFuture[Any] | None, waiting: bool) -> None:
+        # Under _lock: remember whether calls of this function wait (learnt
+        # from a call that ended waiting) or compute (from any call found
+        # computing), so that the next ones take a thread at once or wait
+        # for a slot. Learning "waits" only from a whole call keeps a GIL
+        # wait that looked like a blocked call from being learnt.
+        code = getattr(call.fn, "__code__", None) if call is not None else None
+        if code is None:
+            return
+        if len(self._waits) >= MAX_LEARNED and code not in self._waits:
+            self._waits.clear()  # a bound, not a cache policy: rarely reached
+        self._waits[code] = waiting
+
+    def _presume(self, worker: Worker, call: OffloadFuture[Any]) -> None:
+        # Under _lock, as the worker starts ``call``: a function whose last
+        # call waited holds no slot until the check finds otherwise.
+        if self._waits.get(getattr(call.fn, "__code__", None), False):
+            worker.waiting = True
+            self._waiting += 1
+
     def _next_pending(self, worker: Worker) -> OffloadFuture[Any] | None:
         # Under _lock, by a worker whose call just ended: take the next pending
         # call if a CPU slot is free, and run it without a trip through the
@@ -558,6 +594,8 @@ class ThreadPool(ThreadPoolLifecycle):
                 self._running += 1
                 worker.call = call
                 worker.started = now
+                if self._waits:
+                    self._presume(worker, call)
                 return call
         return None
 
@@ -596,6 +634,9 @@ class ThreadPool(ThreadPoolLifecycle):
                 call._phase = SKIPPED
                 self._queued -= 1
                 self._cancelled += 1
+                # Not kept until a slot frees: its arguments may be large.
+                with contextlib.suppress(ValueError):  # dispatched: in the queue
+                    self._pending.remove(call)
                 return True
             if call._phase is CANCELLING:
                 return False  # already deferred

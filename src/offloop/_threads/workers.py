@@ -85,6 +85,7 @@ class Worker:
         "base_wall",
         "call",
         "fd",
+        "judged",
         "prev_busy",
         "prev_wall",
         "seen",
@@ -111,6 +112,8 @@ class Worker:
         self.prev_busy = self.prev_wall = 0.0
         #: Whether the current call counts as waiting (holds no CPU slot).
         self.waiting = False
+        #: Whether ``waiting`` was measured for the current call, not presumed.
+        self.judged = False
 
     def busy(self) -> float | None:
         """Seconds the thread has run or waited for a core; None where unknown."""
@@ -134,20 +137,23 @@ class Worker:
     def is_waiting(self, now: float, period: float, running: int) -> bool:
         """Whether the current call waits rather than computes.
 
-        A call younger than ``period`` computes, as far as anyone knows. Then
+        A call younger than ``period`` is what the pool presumed when it
+        started (computing, unless its function's last call waited). Then
         the time its thread was busy since an earlier reading is compared with
         the time that passed: since the call's first reading at first, then
         over the last one to two :data:`WINDOW` s, so that a call that
         computed for a while and then blocks gives its slot back.
         """
-        if self.call is None or now - self.started < period:
+        if self.call is None:
             return False
+        if now - self.started < period:
+            return self.waiting  # as presumed when it started (see ThreadPool._presume)
         busy = self.busy()
         if busy is None:
             return True  # nothing to tell by: a long call is taken to be blocked
         if self.seen != self.started:
             self.mark(busy, now)
-            return False
+            return self.waiting
         if self.prev_wall >= 0:
             ref_busy, ref_wall = self.prev_busy, self.prev_wall
         elif now - self.base_wall < JUDGE_AFTER:
@@ -155,6 +161,7 @@ class Worker:
         else:
             ref_busy, ref_wall = self.base_busy, self.base_wall
         waiting = busy - ref_busy < waiting_share(running) * (now - ref_wall)
+        self.judged = True
         if now - self.base_wall >= WINDOW:
             self.prev_busy, self.prev_wall = self.base_busy, self.base_wall
             self.base_busy, self.base_wall = busy, now
@@ -165,3 +172,4 @@ class Worker:
         self.seen = self.started
         self.base_busy, self.base_wall = busy, now
         self.prev_wall = -1.0
+        self.judged = False

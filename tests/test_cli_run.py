@@ -21,12 +21,10 @@ import requests
 
 from offloop import Supervisor
 from offloop._cli.main import main as cli_main
-from offloop._cli.run import (
+from offloop._cli.run import TargetError, load_supervisor, render_table
+from offloop._supervisor.statusserver import (
     StatusServer,
-    TargetError,
     _read_head,
-    load_supervisor,
-    render_table,
     start_status_server,
     status_json,
 )

@@ -5,29 +5,35 @@ while every service is running, else 503. ``offloop run --status-port`` serves
 it on the supervisor's loop.
 
 Why a hand-written ``asyncio.Protocol`` on the supervisor's own loop, and not
-``http.server`` in a thread or ``aiohttp`` (``benchmarks/bench_status.py``
-measures all of them in one process):
+``http.server`` in a thread, ``aiohttp``, or asyncio streams
+(``benchmarks/bench_status.py`` measures all of them in one process):
 
 - Liveness. A health check must fail when the loop stops responding. Every
   answer here is built by the loop, so a blocked loop gets no answer. A server
-  thread can only tell by asking the loop for each answer, which adds a
-  thread hop to every request and still needs the loop.
-- The loop's lag. A server thread competes with the loop for the GIL on every
-  request, and the thread that asks the loop waits for the loop on top: under
-  load it lags the loop no less than this server, and with a busy loop its
-  tail latency is several times this server's. ``aiohttp`` lags the loop the
-  most of the three (its request machinery is heavier than this parser), and
-  it is an extra, which the core must not need.
-- A busy loop. With a loop that computes between awaits, a request costs as
-  many loop iterations as it takes steps on the loop. A protocol takes a
-  handful of callbacks and no task; asyncio streams (``start_server``) add a
-  task per connection and a stream reader, close to twice the iterations, so
-  about twice the latency on a busy loop.
+  thread can only tell by asking the loop for each answer; one that does not
+  answers 200 beside a blocked loop.
+- A busy loop. On a loop that computes between awaits, a server thread
+  competes with it for the GIL at every step of a request (accept, read,
+  parse, write), each wait up to a switch interval: the thread that asks the
+  loop has a lower median there than any server on the loop (one loop
+  callback per request) but a tail several times this server's, and the tail
+  is what times a probe out. On the loop, a request waits for as many
+  iterations as it takes steps: this
+  protocol answers in five and creates no task; streams (``start_server``)
+  take eight (a task and a stream reader per connection), and so 1.5 to 2
+  times the latency; ``aiohttp`` does more per request still. Idle, all of
+  them answer alike.
+- The loop's lag under a stream of requests. A server on the loop does the
+  socket work there, so it can lag the loop somewhat more than a thread that
+  only asks the loop to build the answer; the difference is small (and within
+  the noise of a shared machine) next to that thread's tail on a busy loop.
+  ``aiohttp`` lags the loop the most.
+- ``aiohttp`` is an extra, which the core must not need, and it wins nothing.
 - Bounded work. A protocol sees each read once: the head is searched with
   ``bytes.find`` (no Python loop over its lines), at most :data:`MAX_HEAD`
   bytes are kept, a client that keeps sending after its answer is drained for
   at most :data:`MAX_DRAIN` bytes, and every connection ends within
-  :data:`REQUEST_TIMEOUT`. A client sending blank lines costs each read a
+  :data:`REQUEST_TIMEOUT`. A client sending empty lines costs each read one
   ``lstrip`` and gets 400 after a few of them.
 """
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pty
@@ -13,7 +12,6 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -21,16 +19,11 @@ import requests
 
 from offloop import Supervisor
 from offloop._cli.main import main as cli_main
-from offloop._cli.run import (
-    StatusServer,
-    TargetError,
-    _read_head,
-    load_supervisor,
-    render_table,
-    start_status_server,
+from offloop._cli.run import TargetError, load_supervisor, render_table
+from offloop._supervisor.statusserver import (
     status_json,
 )
-from tests.helpers import await_until, wait_until
+from tests.helpers import wait_until
 from tests.test_supervisor_signals import Proc
 
 HTTP_TIMEOUT = 5.0
@@ -549,87 +542,3 @@ def test_a_forced_exit_leaves_no_process_service_child_behind(
         finally:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()  # the old behaviour: do not leak it into other tests
-
-
-async def _raw_request(port: int, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), HTTP_TIMEOUT)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-@pytest.mark.loops("asyncio")
-async def test_the_status_server_answers_bare_lf_oversized_heads_and_names_allowed_methods() -> (
-    None
-):
-    sv = Supervisor(name="raw")
-    server = await start_status_server(sv, 0)
-    try:
-        # Lines ending in a bare LF (RFC 9112 lets a server accept them): it used
-        # to wait for CRLF CRLF until its timeout, then hang up without an answer.
-        bare = await _raw_request(server.port, b"GET /healthz HTTP/1.0\nHost: x\n\n")
-        assert bare.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), bare
-        assert b'"healthy": false' in bare
-        # A head too big to read: 431, not a silently closed connection.
-        for pad in (20_000, 100_000):  # over the limit; over the stream reader's line limit
-            huge = b"GET /status HTTP/1.1\r\nX-Pad: " + b"a" * pad + b"\r\n\r\n"
-            too_big = await _raw_request(server.port, huge)
-            assert too_big.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
-        # A 405 says which methods are allowed, as RFC 9110 requires.
-        post = await _raw_request(server.port, b"POST /status HTTP/1.1\r\n\r\n")
-        assert post.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), post
-        assert b"\r\nAllow: GET, HEAD\r\n" in post
-        ok = await _raw_request(server.port, b"\r\nGET /status HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert ok.startswith(b"HTTP/1.1 200 OK\r\n"), ok
-    finally:
-        await server.aclose()
-
-
-@pytest.mark.loops("asyncio")
-@pytest.mark.parametrize("pad", [20_000, 100_000], ids=["over-the-limit", "over-a-line-limit"])
-async def test_an_oversized_head_is_read_to_its_end(pad: int) -> None:
-    # Read to its blank line, so closing after the 431 resets nothing; a line
-    # over the stream's own limit used to end the head at that line's end.
-    reader = asyncio.StreamReader()
-    reader.feed_data(b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * pad + b"\r\nX-After: 1\r\n\r\nNEXT")
-    reader.feed_eof()
-    assert await _read_head(reader) is None
-    assert await reader.read() == b"NEXT"
-
-
-@pytest.mark.loops("asyncio")
-async def test_a_connection_accepted_just_before_the_status_server_closes_ends_with_it() -> None:
-    # Its handler's first step comes after aclose() looked at the open
-    # connections: it used to wait up to 5 s for a request, after the close.
-    server = StatusServer(Supervisor(name="late"))
-    gate = asyncio.Event()
-    handlers: list[asyncio.Task[Any]] = []
-    handle = server._handle
-
-    async def late_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.append(task)
-        await gate.wait()
-        await handle(reader, writer)
-
-    server._handle = late_handle  # type: ignore[method-assign]
-    await server.start(0)
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    try:
-        await await_until(lambda: bool(handlers), HTTP_TIMEOUT, "the connection to be accepted")
-        closing = asyncio.ensure_future(server.aclose())
-        await asyncio.sleep(0)  # aclose() has taken its snapshot: no handler yet
-        gate.set()
-        await asyncio.wait_for(closing, HTTP_TIMEOUT)
-        await asyncio.wait_for(handlers[0], 1.0)  # ended by the close, not by a timeout
-        assert await asyncio.wait_for(reader.read(), HTTP_TIMEOUT) == b""
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()

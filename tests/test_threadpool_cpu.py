@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sys
+import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -46,7 +46,7 @@ def measure_as(monkeypatch: pytest.MonkeyPatch, computing: bool) -> None:
 
 
 @pytest.fixture
-def rebalances(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], Any]]:
+def rebalances(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Any]:
     """A waiter for the pool's rebalancing check to have run ``n`` more times."""
     count = [0]
     original = pool_module.ThreadPool._rebalance
@@ -61,7 +61,7 @@ def rebalances(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], Any]
         target = count[0] + n
         await await_until(lambda: count[0] >= target, WAIT, f"{n} rebalancing checks")
 
-    yield wait_for
+    return wait_for
 
 
 def gated(gate: threading.Event, started: list[int]) -> Callable[[int], int]:
@@ -84,7 +84,8 @@ async def test_computing_calls_beyond_the_cpu_slots_wait_and_no_thread_is_added(
         await rebalances(REBALANCES)
         stats = pool.statistics()
         assert (stats["running"], stats["queued"], stats["threads"]) == (SLOTS, 2 * SLOTS, SLOTS)
-        assert stats["waiting"] == 0 and stats["cpu_slots"] == SLOTS
+        assert stats["waiting"] == 0
+        assert stats["cpu_slots"] == SLOTS
         assert sorted(started) == [0, 1]  # in order: the first two
         gate.set()
         assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(3 * SLOTS))
@@ -100,7 +101,8 @@ async def test_waiting_calls_hold_no_slot_so_the_pool_grows_to_max_workers(
         calls = [pool.run(gated(gate, started), i) for i in range(8)]
         await await_until(lambda: pool.statistics()["running"] == 6, WAIT, "six calls to run")
         stats = pool.statistics()
-        assert stats["threads"] == 6 and stats["queued"] == 2
+        assert stats["threads"] == 6
+        assert stats["queued"] == 2
         assert stats["waiting"] >= 6 - SLOTS  # the ones that let the others in
         gate.set()
         assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(8))
@@ -228,10 +230,9 @@ async def test_the_kernel_tells_a_blocked_call_from_a_computing_one(two_slots: N
 
 
 def test_the_default_cpu_slots_are_the_cpus_this_process_may_use() -> None:
-    expected = (
-        len(__import__("os").sched_getaffinity(0))
-        if sys.platform.startswith("linux")
-        else __import__("os").cpu_count()
-    )
-    assert workers_module.DEFAULT_CPU_SLOTS == expected
+    if hasattr(os, "sched_getaffinity"):
+        expected = len(os.sched_getaffinity(0))
+    else:
+        expected = os.cpu_count() or 1
+    assert expected == workers_module.DEFAULT_CPU_SLOTS
     assert offloop.ThreadPool(1).statistics()["cpu_slots"] == 1  # never more than max_workers

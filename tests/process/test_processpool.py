@@ -29,8 +29,7 @@ from offloop._process import pickling as _pickling
 from offloop._process.pickling import RemoteTraceback
 from offloop._process.pool import ProcessPool, default_process_pool
 from offloop._process.writer import LARGE_PAYLOAD
-
-from .helpers import await_until, wait_for_file, wait_until
+from tests.helpers import await_until, wait_for_file, wait_until
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 

@@ -20,8 +20,7 @@ import offloop
 from offloop import CallerGoneError, WouldDeadlockError, from_thread
 from offloop._core.token import StopToken, WorkerCall, thread_state
 from offloop._loops.shared import SharedLoopThread, block_on
-
-from .helpers import await_until, wait_until
+from tests.helpers import await_until, wait_until
 
 T = TypeVar("T")
 

@@ -14,8 +14,7 @@ import uvloop
 
 import offloop
 from offloop import LoopThread, LoopThreadState, PoolClosedError, WouldDeadlockError
-
-from .helpers import await_until
+from tests.helpers import await_until
 
 tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="none")
 

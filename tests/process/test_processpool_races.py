@@ -22,8 +22,7 @@ import offloop
 from offloop._process.pool import ProcessPool
 from offloop._process.workers import Worker
 from offloop._process.writer import LARGE_PAYLOAD
-
-from .helpers import await_until, wait_for_file, wait_until
+from tests.helpers import await_until, wait_for_file, wait_until
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 

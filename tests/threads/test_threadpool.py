@@ -15,8 +15,7 @@ import pytest
 import offloop
 from offloop._threads.pool import DEFAULT_MAX_WORKERS
 from offloop._threads.tothread import default_pool
-
-from .helpers import await_until, wait_until
+from tests.helpers import await_until, wait_until
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 

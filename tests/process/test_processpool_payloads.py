@@ -27,8 +27,7 @@ import pytest
 import offloop
 from offloop._process.pool import ProcessPool
 from offloop._process.writer import LARGE_PAYLOAD
-
-from .helpers import await_until, run_script, wait_for_file
+from tests.helpers import await_until, run_script, wait_for_file
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP (POSIX)")
 

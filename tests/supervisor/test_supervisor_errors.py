@@ -12,7 +12,7 @@ import pytest
 import offloop
 from offloop import OffloopError, ServiceFailed, StopToken, Supervisor
 from tests.helpers import bounded
-from tests.test_supervisor import Recorder
+from tests.supervisor.test_supervisor import Recorder
 
 WAIT = 5.0  # bound on every wait that should end at once; a hang fails loudly
 

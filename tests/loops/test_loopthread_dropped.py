@@ -21,8 +21,7 @@ import uvloop
 
 from offloop._loops import loopthread as _loopthread
 from offloop._loops.loopthread import LoopThread
-
-from .helpers import open_fds, resource_warnings, the_warning, wait_until
+from tests.helpers import open_fds, resource_warnings, the_warning, wait_until
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 

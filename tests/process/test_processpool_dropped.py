@@ -26,8 +26,7 @@ from offloop._process import manager as _process_manager
 from offloop._process.pool import ProcessPool
 from offloop._process.workers import WorkerSet
 from offloop._process.writer import LARGE_PAYLOAD
-
-from .helpers import (
+from tests.helpers import (
     await_until,
     open_fds,
     resource_warnings,

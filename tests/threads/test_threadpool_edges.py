@@ -10,8 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 import offloop
-
-from .helpers import await_until
+from tests.helpers import await_until
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 

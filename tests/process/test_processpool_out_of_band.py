@@ -23,9 +23,15 @@ from offloop._process import pool as _processpool
 from offloop._process.message import Detached
 from offloop._process.pool import ProcessPool
 from offloop._process.writer import LARGE_PAYLOAD
-
-from .helpers import await_until
-from .test_processpool_payloads import BIG, WAIT, digest, square, started_worker, stopped
+from tests.helpers import await_until
+from tests.process.test_processpool_payloads import (
+    BIG,
+    WAIT,
+    digest,
+    square,
+    started_worker,
+    stopped,
+)
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="out of band on POSIX only")
 

@@ -31,7 +31,7 @@ from offloop._cli.run import (
     status_json,
 )
 from tests.helpers import await_until, wait_until
-from tests.test_supervisor_signals import Proc
+from tests.supervisor.test_supervisor_signals import Proc
 
 HTTP_TIMEOUT = 5.0
 

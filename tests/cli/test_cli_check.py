@@ -16,6 +16,7 @@ import pytest
 
 from offloop._cli.check import BLOCKED_EXIT_CODE
 from offloop._cli.main import build_parser
+from tests.helpers import line_of
 
 TIMEOUT = 60
 
@@ -33,13 +34,6 @@ def check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def write(path: Path, source: str) -> Path:
     path.write_text(textwrap.dedent(source))
     return path
-
-
-def line_of(path: Path, marker: str) -> int:
-    lines = path.read_text().splitlines()
-    hits = [n for n, text in enumerate(lines, 1) if text.rstrip().endswith(f"# {marker}")]
-    assert len(hits) == 1, f"{marker!r} found {len(hits)} times in {path}"
-    return hits[0]
 
 
 def test_check_names_the_blocking_line_and_fails_the_run(tmp_path: Path) -> None:
@@ -70,7 +64,7 @@ def test_check_names_the_blocking_line_and_fails_the_run(tmp_path: Path) -> None
     assert "over 50 ms at 1 site(s)" in lines[0]
     assert lines[header].split() == ["path:line", "function", "count", "total", "ms", "max", "ms"]
     row = lines[header + 1].split()
-    assert row[:2] == [f"app.py:{line_of(app, 'BLOCK')}", "handler"]
+    assert row[:2] == [f"app.py:{line_of('BLOCK', app)}", "handler"]
     assert int(row[2]) >= 1
 
 
@@ -111,7 +105,7 @@ def test_json_report_shows_the_helper_module_and_the_chain(tmp_path: Path) -> No
     assert set(site) == {"file", "line", "function", "count", "total_ms", "max_ms", "stack"}
     assert (site["file"], site["line"], site["function"]) == (
         str(helpers),
-        line_of(helpers, "BLOCK"),
+        line_of("BLOCK", helpers),
         "load_settings",
     )
     assert site["count"] >= 1
@@ -119,8 +113,8 @@ def test_json_report_shows_the_helper_module_and_the_chain(tmp_path: Path) -> No
     # The stack starts at the script (offloop's and runpy's frames are trimmed)
     # and shows the chain down to the helper.
     stack = [entry.split(" in ")[0] for entry in site["stack"]]
-    assert stack[0] == f"{app}:{line_of(app, 'RUN')}"
-    assert stack[-2:] == [f"{app}:{line_of(app, 'CALL')}", f"{helpers}:{line_of(helpers, 'BLOCK')}"]
+    assert stack[0] == f"{app}:{line_of('RUN', app)}"
+    assert stack[-2:] == [f"{app}:{line_of('CALL', app)}", f"{helpers}:{line_of('BLOCK', helpers)}"]
 
 
 def test_a_clean_script_reports_nothing_and_keeps_its_exit_code_and_args(tmp_path: Path) -> None:
@@ -187,7 +181,7 @@ def test_uvloop_and_a_loop_in_another_thread_are_both_watched(tmp_path: Path) ->
     report = json.loads(proc.stdout)
     assert report["loops"] == 2
     assert sorted(s["line"] for s in report["sites"]) == sorted(
-        [line_of(app, "WORKER"), line_of(app, "MAIN")]
+        [line_of("WORKER", app), line_of("MAIN", app)]
     )
 
 
@@ -298,7 +292,7 @@ def test_loops_in_threads_that_outlive_the_script_are_watched(tmp_path: Path) ->
     report = json.loads(document)
     assert report["loops"] == 1
     assert [(s["line"], s["function"]) for s in report["sites"]] == [
-        (line_of(app, "BLOCK"), "worker")
+        (line_of("BLOCK", app), "worker")
     ]
 
 
@@ -325,11 +319,11 @@ def test_a_script_that_changes_directory_keeps_its_report_and_paths(tmp_path: Pa
     assert proc.returncode == BLOCKED_EXIT_CODE, proc.stderr
     assert not (tmp_path / "elsewhere" / "report.txt").exists()
     lines = (tmp_path / "report.txt").read_text().splitlines()
-    at = f"daemon.py:{line_of(app, 'BLOCK')}"
+    at = f"daemon.py:{line_of('BLOCK', app)}"
     assert any(text.split()[:2] == [at, "main"] for text in lines), lines
     # The stack is trimmed to start at the script, as without the chdir.
     header = lines.index(f"Stack of the longest block at {at} (most recent call last):")
-    assert lines[header + 1].startswith(f"  {app}:{line_of(app, 'RUN')} in <module>")
+    assert lines[header + 1].startswith(f"  {app}:{line_of('RUN', app)} in <module>")
 
 
 def test_a_read_only_directory_is_refused_up_front(

@@ -30,8 +30,7 @@ from offloop._cli.run import (
     start_status_server,
     status_json,
 )
-from tests.helpers import await_until, wait_until
-from tests.supervisor.test_supervisor_signals import Proc
+from tests.helpers import Proc, await_until, wait_until
 
 HTTP_TIMEOUT = 5.0
 

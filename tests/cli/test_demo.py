@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SPAWN_WAIT as WAIT
+
 ROOT = Path(__file__).resolve().parents[2]
-WAIT = 20.0  # bound on start-up and shutdown of the whole program: a hang fails loudly
 # Ctrl-C is promised to stop the demo within a second; 3 s leaves room for a
 # loaded machine and still fails a stop that sits out a grace period (5 s).
 STOP_BOUND = 3.0

@@ -28,19 +28,11 @@ import pytest
 import offloop
 from offloop import BlockEvent, BlockingDetector, BlockSite, DetectorState, detect_blocking
 from tests.conftest import run_on
-from tests.helpers import bounded, wait_until
+from tests.helpers import bounded, line_of, wait_until
 
 HERE = Path(__file__)
 BLOCK = 0.3
 THRESHOLD = 0.05
-
-
-def line_of(marker: str, path: Path = HERE) -> int:
-    """The line of ``path`` that ends with the comment ``# <marker>``."""
-    lines = path.read_text().splitlines()
-    hits = [n for n, text in enumerate(lines, 1) if text.rstrip().endswith(f"# {marker}")]
-    assert len(hits) == 1, f"marker {marker!r} found {len(hits)} times in {path}"
-    return hits[0]
 
 
 def state(det: BlockingDetector) -> DetectorState:
@@ -71,7 +63,7 @@ async def test_names_the_line_of_time_sleep_in_a_coroutine() -> None:
         time.sleep(BLOCK)  # BLOCK:sleep
         await asyncio.sleep(0)
     site = only_site(det)
-    assert (site.file, site.line) == (__file__, line_of("BLOCK:sleep"))
+    assert (site.file, site.line) == (__file__, line_of("BLOCK:sleep", HERE))
     assert site.function == "test_names_the_line_of_time_sleep_in_a_coroutine"
     assert site.count == 1
     assert site.max_ms >= THRESHOLD * 1e3
@@ -92,7 +84,7 @@ async def test_interval_defaults_to_a_quarter_of_the_threshold_and_can_be_set() 
         time.sleep(BLOCK)  # BLOCK:interval
         await asyncio.sleep(0)
     site = only_site(det)
-    assert (site.file, site.line) == (__file__, line_of("BLOCK:interval"))
+    assert (site.file, site.line) == (__file__, line_of("BLOCK:interval", HERE))
 
 
 @pytest.mark.loops("asyncio")
@@ -104,7 +96,7 @@ async def test_names_the_line_of_a_pure_python_cpu_loop() -> None:
         await asyncio.sleep(0)
     assert spins > 0
     site = only_site(det)
-    assert (site.file, site.line) == (__file__, line_of("BLOCK:cpu"))
+    assert (site.file, site.line) == (__file__, line_of("BLOCK:cpu", HERE))
 
 
 @pytest.mark.loops("asyncio")
@@ -115,7 +107,7 @@ async def test_names_the_line_of_a_c_extension_call() -> None:
         hashlib.pbkdf2_hmac("sha256", b"password", b"salt", iterations)  # BLOCK:pbkdf2
         await asyncio.sleep(0)
     site = only_site(det)
-    assert (site.file, site.line) == (__file__, line_of("BLOCK:pbkdf2"))
+    assert (site.file, site.line) == (__file__, line_of("BLOCK:pbkdf2", HERE))
     assert "pbkdf2_hmac" in site.stack[-1]
 
 
@@ -160,7 +152,7 @@ async def test_names_the_deepest_user_frame_in_another_module(tmp_path: Path) ->
     # The stack shows the chain, outermost first: this test, then the helpers.
     chain = [entry.split(" in ")[0] for entry in site.stack[-3:]]
     assert chain == [
-        f"{__file__}:{line_of('BLOCK:calls-helper')}",
+        f"{__file__}:{line_of('BLOCK:calls-helper', HERE)}",
         f"{helper}:5",
         f"{helper}:{line_of('BLOCK:helper', helper)}",
     ]
@@ -174,7 +166,7 @@ async def test_a_sync_with_that_ends_inside_the_block_still_records_it() -> None
     # stop() ran on the loop's thread before the loop came back.
     assert det.state is DetectorState.STOPPED
     site = only_site(det)
-    assert site.line == line_of("BLOCK:inside-with")
+    assert site.line == line_of("BLOCK:inside-with", HERE)
 
 
 @pytest.mark.loops("asyncio")
@@ -189,8 +181,8 @@ async def test_blocks_at_several_sites_are_counted_and_sorted() -> None:
     assert det.blocks == 3
     sites = det.report()
     assert [(s.line, s.count) for s in sites] == [
-        (line_of("BLOCK:twice"), 2),
-        (line_of("BLOCK:once"), 1),
+        (line_of("BLOCK:twice", HERE), 2),
+        (line_of("BLOCK:once", HERE), 1),
     ]
     assert sites[0].total_ms >= sites[0].max_ms
     assert "3 block(s) at 2 site(s)" in repr(det)
@@ -249,7 +241,9 @@ async def test_an_exception_in_on_block_is_logged_never_raised(
             for _ in range(2):
                 time.sleep(BLOCK)  # BLOCK:raising-callback
                 await asyncio.sleep(0)
-    assert [(s.line, s.count) for s in det.report()] == [(line_of("BLOCK:raising-callback"), 2)]
+    assert [(s.line, s.count) for s in det.report()] == [
+        (line_of("BLOCK:raising-callback", HERE), 2)
+    ]
     errors = [r for r in caplog.records if "on_block raised" in r.getMessage()]
     assert len(errors) == 2
     assert errors[0].exc_info is not None
@@ -267,7 +261,7 @@ async def test_the_default_on_block_logs_the_site_and_stack(
             await asyncio.sleep(0)
     (record,) = [r for r in caplog.records if r.name == "offloop.detector"]
     text = record.getMessage()
-    assert f"{__file__}:{line_of('BLOCK:logged')} in " in text.splitlines()[0]
+    assert f"{__file__}:{line_of('BLOCK:logged', HERE)} in " in text.splitlines()[0]
     assert "Stack of the loop thread" in text
     assert "time.sleep(BLOCK)" in text.splitlines()[-1]
 
@@ -287,7 +281,7 @@ async def test_a_block_that_goes_on_is_reported_while_it_lasts() -> None:
     async with detect_blocking(threshold=0.02, on_block=on_block) as det:
         assert noticed.wait(10)  # BLOCK:stuck
         await asyncio.sleep(0)
-    line = line_of("BLOCK:stuck")
+    line = line_of("BLOCK:stuck", HERE)
     assert [(e.line, e.ongoing) for e in events] == [(line, True), (line, False)]
     assert "still blocked" in str(events[0])
     assert events[1].duration_ms >= events[0].duration_ms
@@ -333,7 +327,7 @@ def test_attaches_from_another_thread_to_a_running_loop(kind: str) -> None:
     finally:
         stop_loop_thread(loop, thread)
     site = only_site(det)
-    assert (site.line, site.function) == (line_of("BLOCK:remote"), "block_remotely")
+    assert (site.line, site.function) == (line_of("BLOCK:remote", HERE), "block_remotely")
 
 
 def block_in_thread_a() -> None:
@@ -374,13 +368,13 @@ def test_one_detector_per_loop_in_several_threads_at_once() -> None:
         t.join(20)
     assert not failures
     assert [(s.line, s.function) for s in reports["asyncio"]] == [
-        (line_of("BLOCK:thread-a"), "block_in_thread_a")
+        (line_of("BLOCK:thread-a", HERE), "block_in_thread_a")
     ]
     # Python 3.10 code objects have no qualified name: the bare name of the
     # innermost frame there, the generator expression or the lambda it calls.
     outer = {"block_in_thread_b"} if sys.version_info >= (3, 11) else {"<genexpr>", "<lambda>"}
     assert [(s.line, s.function.split(".")[0] in outer) for s in reports["uvloop"]] == [
-        (line_of("BLOCK:thread-b"), True)
+        (line_of("BLOCK:thread-b", HERE), True)
     ]
 
 

@@ -21,7 +21,7 @@ from offloop import BlockEvent, BlockingDetector, BlockSite, DetectorState, dete
 from offloop._detect.detector import _RunQueueClock
 from offloop._detect.hook import LoopWatch
 from offloop._detect.thresholds import MAX_THRESHOLD
-from tests.helpers import bounded
+from tests.helpers import bounded, line_of
 
 HERE = Path(__file__)
 THRESHOLD = 0.05
@@ -30,14 +30,6 @@ BLOCK = 10 * THRESHOLD
 # A PyDLL call keeps the GIL for its whole duration, like a C extension that
 # never releases it (sorted() of a big list, json.loads of a huge string).
 _GIL_HOLDING_LIBC = ctypes.PyDLL(None)
-
-
-def line_of(marker: str, path: Path = HERE) -> int:
-    """The line of ``path`` that ends with the comment ``# <marker>``."""
-    lines = path.read_text().splitlines()
-    hits = [n for n, text in enumerate(lines, 1) if text.rstrip().endswith(f"# {marker}")]
-    assert len(hits) == 1, f"marker {marker!r} found {len(hits)} times in {path}"
-    return hits[0]
 
 
 def hold_the_gil(seconds: float) -> None:
@@ -65,7 +57,7 @@ async def test_a_block_that_holds_the_gil_is_reported_with_its_duration() -> Non
     # Attribution is a glimpse taken as the call returns: the line of the call
     # (or, had the loop already moved on, nothing rather than a wrong line).
     assert (event.function, event.line) in {
-        ("hold_the_gil", line_of("BLOCK:gil")),
+        ("hold_the_gil", line_of("BLOCK:gil", HERE)),
         ("<unknown>", 0),
     }
     assert det.blocks == 1
@@ -132,7 +124,7 @@ def test_a_loop_whose_first_callback_blocks_in_another_thread_is_sampled(kind: s
     finally:
         loop.close()
     assert [(s.line, s.function) for s in det.report()] == [
-        (line_of("BLOCK:first"), "first_callback_blocks")
+        (line_of("BLOCK:first", HERE), "first_callback_blocks")
     ]
 
 
@@ -167,7 +159,7 @@ def test_a_loop_run_again_in_another_thread_never_blames_the_first_thread(kind: 
     assert len(sites) == 1, sites
     # asyncio knows its thread; uvloop's is learned from a callback, so its
     # site may be unknown until one runs there, but never this thread's code.
-    expected = {(line_of("BLOCK:first"), "first_callback_blocks")}
+    expected = {(line_of("BLOCK:first", HERE), "first_callback_blocks")}
     if kind == "uvloop":
         expected.add((0, "<unknown>"))
     assert (sites[0].line, sites[0].function) in expected

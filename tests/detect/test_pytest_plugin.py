@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 
+from tests.helpers import line_of
+
 pytest_plugins = ["pytester"]
 
 BLOCKING_TESTS = textwrap.dedent(
@@ -79,11 +81,6 @@ BLOCKING_TESTS = textwrap.dedent(
 )
 
 
-def line_of(marker: str) -> int:
-    lines = BLOCKING_TESTS.splitlines()
-    return next(n for n, text in enumerate(lines, 1) if text.endswith(f"# BLOCK:{marker}"))
-
-
 def test_marked_tests_and_the_fixture_fail_with_the_blocking_line(
     pytester: pytest.Pytester,
 ) -> None:
@@ -108,12 +105,14 @@ def test_marked_tests_and_the_fixture_fail_with_the_blocking_line(
         text = failures[test]
         first = next(x for x in text.splitlines() if "LoopBlockedError" in x)
         assert "LoopBlockedError: the event loop blocked for " in first
-        assert f"(threshold {threshold} ms) at {path}:{line_of(marker)} in " in first
+        assert (
+            f"(threshold {threshold} ms) at {path}:{line_of('BLOCK:' + marker, path)} in " in first
+        )
         # The stack starts at the test file and ends at the blocking line.
         section = text.split("Stack of the longest block (most recent call last):")[1]
         stack = section.split("Move the blocking call")[0].strip().splitlines()
         assert stack[0].strip().startswith(f"{path}:")
-        assert stack[-1].strip().startswith(f"{path}:{line_of(marker)} in ")
+        assert stack[-1].strip().startswith(f"{path}:{line_of('BLOCK:' + marker, path)} in ")
         assert "await offloop.to_thread(fn, ...)" in text
         assert "pytest_plugin.py" not in text  # the plugin's own frame is hidden
     assert "the test's own failure" in failures["test_own_failure_wins"]

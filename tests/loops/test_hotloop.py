@@ -19,8 +19,7 @@ import uvloop
 import offloop
 from offloop._loops import hotloop as _hotloop
 from offloop._loops.hotloop import HOT_WINDOW, new_loop
-
-WAIT = 10.0
+from tests.helpers import WAIT
 
 
 @pytest.fixture

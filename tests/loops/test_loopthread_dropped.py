@@ -21,9 +21,7 @@ import uvloop
 
 from offloop._loops import loopthread as _loopthread
 from offloop._loops.loopthread import LoopThread
-from tests.helpers import open_fds, resource_warnings, the_warning, wait_until
-
-WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
+from tests.helpers import WAIT, collected, open_fds, resource_warnings, the_warning, wait_until
 
 WARNING = (
     r"LoopThread '{name}' was garbage collected without being closed; its thread "
@@ -36,11 +34,6 @@ def _uvloop_opened() -> None:
     # uvloop's first loop opens descriptors that live as long as the process:
     # open them before any test's leak snapshot.
     uvloop.new_event_loop().close()
-
-
-def collected(ref: weakref.ref[LoopThread]) -> bool:
-    gc.collect()
-    return ref() is None
 
 
 def loop_threads(name: str) -> list[threading.Thread]:

@@ -21,11 +21,11 @@ import pytest
 
 import offloop
 from offloop._core.poolbase import PoolState
+from tests.helpers import SPAWN_WAIT as WAIT
 from tests.helpers import await_until, wait_for_file
 
 distributed = pytest.importorskip("distributed")
 
-WAIT = 20.0  # bound on every wait: a hang fails the test instead of stalling it
 
 pytestmark = pytest.mark.loops("asyncio")
 

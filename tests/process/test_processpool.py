@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import multiprocessing.resource_tracker
 import os
 import signal
 import subprocess
@@ -29,9 +28,9 @@ from offloop._process import pickling as _pickling
 from offloop._process.pickling import RemoteTraceback
 from offloop._process.pool import ProcessPool, default_process_pool
 from offloop._process.writer import LARGE_PAYLOAD
-from tests.helpers import await_until, wait_for_file, wait_until
+from tests.helpers import WAIT, await_until, gone, wait_for_file, wait_until
 
-WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
+pytestmark = pytest.mark.usefixtures("resource_tracker")
 
 
 # -- functions run in the workers (module level: sent by reference) ----------
@@ -126,14 +125,6 @@ async def coroutine_function() -> None:
 # -- fixtures ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _resource_tracker() -> None:
-    # multiprocessing starts this helper process with the first spawned child
-    # and keeps it for the life of the interpreter; start it before any test's
-    # leak snapshot so that it is not taken for a leaked worker.
-    multiprocessing.resource_tracker.ensure_running()
-
-
 @pytest.fixture(scope="module")
 def shared() -> Iterator[ProcessPool]:
     """A 2-process pool, both workers started before any test's leak snapshot."""
@@ -152,13 +143,6 @@ def shared() -> Iterator[ProcessPool]:
 
 def children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 # -- results, pickling, errors ------------------------------------------------

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from offloop import ProcessPool
-
-WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
+from tests.helpers import WAIT
 
 pytestmark = pytest.mark.loops("asyncio")
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
-import multiprocessing.resource_tracker
+import multiprocessing
 import os
 import signal
 import threading
@@ -27,15 +27,15 @@ from offloop._process.pool import ProcessPool
 from offloop._process.workers import WorkerSet
 from offloop._process.writer import LARGE_PAYLOAD
 from tests.helpers import (
+    WAIT,
     await_until,
+    collected,
     open_fds,
     resource_warnings,
     the_warning,
     wait_for_file,
     wait_until,
 )
-
-WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 
 WARNING = (
     r"ProcessPool '{name}' was garbage collected without being closed; .* 'await pool.aclose\(\)'"
@@ -45,11 +45,10 @@ pytestmark = pytest.mark.loops("asyncio")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _resource_tracker() -> None:
-    # Started with the first spawned child, it lives as long as the
-    # interpreter: start it before any test's leak snapshot. So does the
-    # shared memory arena that each worker's counter lives in (two fds).
-    multiprocessing.resource_tracker.ensure_running()
+def _counter_arena(resource_tracker: None) -> None:
+    # The shared memory arena that each worker's counter lives in (two fds)
+    # lives as long as the interpreter, like the resource tracker: create it
+    # before any test's fd count.
     multiprocessing.get_context("spawn").RawValue(ctypes.c_uint64, 0)
 
 
@@ -61,11 +60,6 @@ def pool_threads(name: str) -> list[threading.Thread]:
 def gone(pid: int) -> bool:
     # Reaped, not a zombie: the pool joined it.
     return not psutil.pid_exists(pid)
-
-
-def collected(ref: weakref.ref[ProcessPool]) -> bool:
-    gc.collect()
-    return ref() is None
 
 
 def touch(path: str) -> None:

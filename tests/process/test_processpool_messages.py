@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing.resource_tracker
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,8 +11,9 @@ import pytest
 import offloop
 from offloop._process import pickling as _pickling
 from offloop._process.pool import ProcessPool, default_process_pool
+from tests.helpers import WAIT
 
-WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
+pytestmark = pytest.mark.usefixtures("resource_tracker")
 
 
 def make_lock() -> threading.Lock:
@@ -43,11 +43,6 @@ async def async_gen_init() -> AsyncIterator[None]:
 
 async def async_init() -> None:
     pass
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _resource_tracker() -> None:
-    multiprocessing.resource_tracker.ensure_running()  # before any leak snapshot
 
 
 @pytest.fixture(scope="module")

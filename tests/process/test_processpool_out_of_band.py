@@ -23,10 +23,9 @@ from offloop._process import pool as _processpool
 from offloop._process.message import Detached
 from offloop._process.pool import ProcessPool
 from offloop._process.writer import LARGE_PAYLOAD
-from tests.helpers import await_until
+from tests.helpers import WAIT, await_until
 from tests.process.test_processpool_payloads import (
     BIG,
-    WAIT,
     digest,
     square,
     started_worker,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import multiprocessing.resource_tracker
 import os
 import signal
 import textwrap
@@ -21,17 +20,18 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 import offloop
 from offloop._process.pool import ProcessPool
 from offloop._process.writer import LARGE_PAYLOAD
-from tests.helpers import await_until, run_script, wait_for_file
+from tests.helpers import WAIT, await_until, gone, run_script, wait_for_file
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP (POSIX)")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP (POSIX)"),
+    pytest.mark.usefixtures("resource_tracker"),
+]
 
-WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 BIG = 8 << 20  # far more than a worker's pipe holds
 
 
@@ -62,13 +62,6 @@ def exit_at_start() -> None:
 # -- fixtures and helpers -------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _resource_tracker() -> None:
-    # Started with the first spawned child and kept for the interpreter's
-    # life: start it before any leak snapshot (see test_processpool.py).
-    multiprocessing.resource_tracker.ensure_running()
-
-
 @pytest.fixture(scope="module", params=["bytes", "bytearray"])
 def blob(request: pytest.FixtureRequest) -> bytes:
     # bytes travel beside the pickled call (out of band); a bytearray is
@@ -80,13 +73,6 @@ def blob(request: pytest.FixtureRequest) -> bytes:
 def writer_threads(pool: ProcessPool) -> list[threading.Thread]:
     name = f"offloop-process-{pool.name}-writer"
     return [t for t in threading.enumerate() if t.name == name]
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @contextlib.contextmanager

@@ -22,18 +22,9 @@ import offloop
 from offloop._process.pool import ProcessPool
 from offloop._process.workers import Worker
 from offloop._process.writer import LARGE_PAYLOAD
-from tests.helpers import await_until, wait_for_file, wait_until
+from tests.helpers import WAIT, await_until, wait_for_file, wait_until
 
-WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
-
-pytestmark = pytest.mark.loops("asyncio")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _resource_tracker() -> None:
-    # Started with the first spawned child, it lives as long as the
-    # interpreter: start it before any test's leak snapshot.
-    multiprocessing.resource_tracker.ensure_running()
+pytestmark = [pytest.mark.loops("asyncio"), pytest.mark.usefixtures("resource_tracker")]
 
 
 def square(x: int) -> int:

@@ -10,9 +10,8 @@ import pytest
 from aiohttp import web
 
 from offloop import AiohttpService, Supervisor
-from tests.helpers import await_until, bounded
-
-WAIT = 5.0
+from tests.helpers import QUICK_WAIT as WAIT
+from tests.helpers import await_until, bounded, http_get, refuses
 
 
 def make_app(journal: list[str], gate: asyncio.Event | None = None) -> web.Application:
@@ -44,19 +43,6 @@ def make_app(journal: list[str], gate: asyncio.Event | None = None) -> web.Appli
     return app
 
 
-async def get(url: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        return resp.status, await resp.text()
-
-
-def refuses(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 @bounded(20)
 async def test_app_is_served_on_the_loop_and_stopped_gracefully() -> None:
     journal: list[str] = []
@@ -66,7 +52,7 @@ async def test_app_is_served_on_the_loop_and_stopped_gracefully() -> None:
     assert journal == ["startup"]
     assert svc.port != 0
     assert repr(svc) == f"<AiohttpService 'api' running url=http://127.0.0.1:{svc.port}>"
-    assert await get(svc.url) == (200, "hello aiohttp")
+    assert await http_get(svc.url) == (200, "hello aiohttp")
     waiter = asyncio.ensure_future(svc.wait())
     await svc.stop()
     await asyncio.wait_for(waiter, WAIT)
@@ -82,7 +68,7 @@ async def test_a_request_in_flight_finishes_during_stop() -> None:
     gate = asyncio.Event()
     svc = AiohttpService(make_app(journal, gate), port=0, access_log=False)
     await svc.start()
-    request = asyncio.ensure_future(get(svc.url + "/slow"))
+    request = asyncio.ensure_future(http_get(svc.url + "/slow"))
     await await_until(lambda: "slow entered" in journal, WAIT, "the handler to start")
     stopping = asyncio.ensure_future(svc.stop())
     await await_until(lambda: refuses(svc.port), WAIT, "the listener to close")
@@ -103,7 +89,7 @@ async def test_restart_runs_the_hooks_again_on_the_same_port() -> None:
     await svc.stop()
     await svc.start()
     assert svc.port == port
-    assert await get(svc.url) == (200, "hello aiohttp")
+    assert await http_get(svc.url) == (200, "hello aiohttp")
     await svc.stop()
     assert journal == ["startup", "cleanup", "startup", "cleanup"]
 
@@ -161,8 +147,8 @@ async def test_under_a_supervisor_and_killed_when_a_handler_hangs() -> None:
     api = sv.add(AiohttpService(make_app(journal, never), port=0, name="api", access_log=False))
     async with sv:
         assert sv.status()["api"].state == "running"
-        assert await get(api.url) == (200, "hello aiohttp")
-        hanging = asyncio.ensure_future(get(api.url + "/slow"))
+        assert await http_get(api.url) == (200, "hello aiohttp")
+        hanging = asyncio.ensure_future(http_get(api.url + "/slow"))
         await await_until(lambda: "slow entered" in journal, WAIT, "the handler to start")
     # The handler never finished: after the grace period its connection was dropped.
     with pytest.raises(aiohttp.ClientError):

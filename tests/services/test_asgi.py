@@ -6,11 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -18,9 +16,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from offloop import ASGIService, Supervisor
-from tests.helpers import bounded
-
-WAIT = 5.0
+from tests.helpers import QUICK_WAIT as WAIT
+from tests.helpers import bounded, http_get, refuses
 
 
 def make_app(
@@ -42,19 +39,6 @@ def make_app(
     return Starlette(routes=[Route("/", index)], lifespan=lifespan)
 
 
-async def get(url: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        return resp.status, await resp.text()
-
-
-def refuses(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 @bounded(20)
 async def test_lifespan_is_honoured_and_the_port_closes_on_stop() -> None:
     journal: list[str] = []
@@ -64,14 +48,14 @@ async def test_lifespan_is_honoured_and_the_port_closes_on_stop() -> None:
     assert journal == ["startup"]  # start() returns after the lifespan startup
     assert svc.port != 0
     assert repr(svc) == f"<ASGIService 'asgi-api' running url={svc.url} lifespan=auto>"
-    assert await get(svc.url) == (200, "hello asgi")
+    assert await http_get(svc.url) == (200, "hello asgi")
     waiter = asyncio.ensure_future(svc.wait())
     await svc.stop()
     await asyncio.wait_for(waiter, WAIT)
     assert journal == ["startup", "shutdown"]  # stop() returns after the lifespan shutdown
     assert refuses(svc.port)
     await svc.start()  # restartable, on the same port
-    assert await get(svc.url) == (200, "hello asgi")
+    assert await http_get(svc.url) == (200, "hello asgi")
     await svc.stop()
     assert journal == ["startup", "shutdown", "startup", "shutdown"]
 
@@ -143,7 +127,7 @@ async def test_under_a_supervisor() -> None:
     api = sv.add(ASGIService(make_app(journal), port=0, name="api", access_log=False))
     async with sv:
         assert sv.status()["api"].state == "running"
-        assert await get(api.url) == (200, "hello asgi")
+        assert await http_get(api.url) == (200, "hello asgi")
     assert journal == ["startup", "shutdown"]
     assert sv.status()["api"].state == "stopped"
     assert refuses(api.port)
@@ -194,8 +178,8 @@ async def test_access_logs_and_levels_are_per_service_not_process_wide(
             await loud.start()
             await quiet.start()  # used to drop the access log's handlers for everyone
             try:
-                assert await get(loud.url + "/") == (200, "hello asgi")
-                assert await get(quiet.url + "/") == (200, "hello asgi")
+                assert await http_get(loud.url + "/") == (200, "hello asgi")
+                assert await http_get(quiet.url + "/") == (200, "hello asgi")
             finally:
                 await quiet.stop()
                 await loud.stop()
@@ -223,7 +207,7 @@ async def test_an_asgi2_app_is_served_not_taken_for_a_factory() -> None:
     svc = ASGIService(Asgi2App, port=0, lifespan="off", access_log=False)
     await svc.start()
     try:
-        assert await get(svc.url + "/") == (200, "asgi2 ok")
+        assert await http_get(svc.url + "/") == (200, "asgi2 ok")
     finally:
         await svc.stop()
 

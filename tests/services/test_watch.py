@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 
 from offloop import Supervisor, WatchService
+from tests.helpers import QUICK_WAIT as WAIT
 from tests.helpers import await_until, bounded
-
-WAIT = 5.0
 
 
 def watch_threads() -> list[str]:

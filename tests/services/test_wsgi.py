@@ -18,9 +18,9 @@ import pytest
 import offloop
 from offloop import Supervisor, WSGIService
 from offloop._services.wsgi import WSGIServer as WSGIServerName
-from tests.helpers import await_until, bounded
+from tests.helpers import QUICK_WAIT as WAIT
+from tests.helpers import await_until, bounded, refuses, wsgi_threads
 
-WAIT = 5.0
 SERVERS = ("werkzeug", "waitress")
 
 
@@ -60,18 +60,6 @@ def make_app(
 def fetch(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=WAIT) as resp:
         return resp.status, resp.read().decode()
-
-
-def refuses(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
-def wsgi_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("offloop-wsgi-")]
 
 
 @pytest.mark.loops("asyncio")

@@ -13,9 +13,8 @@ import pytest
 
 import offloop
 from offloop import Service, ServiceFailed, StopToken, Supervisor
+from tests.helpers import QUICK_WAIT as WAIT
 from tests.helpers import await_until, bounded
-
-WAIT = 5.0  # bound on every wait that should end at once; a hang fails loudly
 
 
 class Recorder(Service):

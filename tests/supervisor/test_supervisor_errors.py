@@ -11,10 +11,9 @@ import pytest
 
 import offloop
 from offloop import OffloopError, ServiceFailed, StopToken, Supervisor
+from tests.helpers import QUICK_WAIT as WAIT
 from tests.helpers import bounded
 from tests.supervisor.test_supervisor import Recorder
-
-WAIT = 5.0  # bound on every wait that should end at once; a hang fails loudly
 
 
 def test_decorator_returns_the_function_and_names_the_service() -> None:

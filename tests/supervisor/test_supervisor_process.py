@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from offloop import NotPicklableError, ServiceFailed, StopToken, Supervisor, WorkerCrashed
-from tests.helpers import await_until, bounded
+from tests.helpers import WAIT, await_until, bounded
 
-WAIT = 10.0  # a spawned child imports the interpreter afresh; generous, never waited out
+pytestmark = pytest.mark.usefixtures("resource_tracker")
 
 
 # Service functions live at module level: the spawned child imports them by name.
@@ -51,16 +51,6 @@ def deaf_child(path: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     Path(path).write_text("ignoring SIGTERM")
     time.sleep(3600)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _resource_tracker() -> None:
-    # multiprocessing's spawn start method launches one resource-tracker process
-    # per interpreter, meant to live as long as it. Start it before the leak
-    # check takes its "children before" snapshot, so only real leaks count.
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()
 
 
 def _pid_from(path: Path) -> int:

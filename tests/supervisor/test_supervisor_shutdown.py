@@ -9,9 +9,8 @@ import threading
 import pytest
 
 from offloop import Service, StopToken, Supervisor
+from tests.helpers import QUICK_WAIT as WAIT
 from tests.helpers import await_until, bounded
-
-WAIT = 5.0  # bound on every wait that should end at once; a hang fails loudly
 
 
 @pytest.mark.loops("asyncio")

@@ -2,100 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import textwrap
-import threading
-from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
-WAIT = 15.0  # bound on the child's start-up and exit; never reached when things work
-
-
-class Proc:
-    """A real child process whose merged output is read line by line as it comes."""
-
-    def __init__(self, args: Sequence[str], cwd: Path, *, ignore_sigint: bool = False) -> None:
-        self.popen = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=cwd,
-            # As nohup or a non-interactive shell's background job would start it.
-            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-            if ignore_sigint
-            else None,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name="test-proc-reader")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        """Wait for an output line matching ``pattern``; fail with the output so far."""
-        regex = re.compile(pattern)
-        with self._changed:
-            ok = self._changed.wait_for(
-                lambda: (
-                    any(regex.search(line) for line in self.lines) or self.popen.poll() is not None
-                ),
-                timeout,
-            )
-            for line in self.lines:
-                match = regex.search(line)
-                if match:
-                    return match
-        state = "timed out" if not ok else f"exited with {self.popen.returncode}"
-        pytest.fail(f"{state} waiting for {pattern!r}; output:\n{self.output}")
-
-    def send(self, sig: signal.Signals) -> None:
-        self.popen.send_signal(sig)
-
-    def exit_code(self, timeout: float = WAIT) -> int:
-        """Wait for the exit (bounded) and for the last output line."""
-        try:
-            code = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the process did not exit within {timeout}s; output:\n{self.output}")
-        self._reader.join(timeout)
-        return code
-
-    def __enter__(self) -> Proc:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(WAIT)
-        self._reader.join(WAIT)
-        assert self.popen.stdout is not None
-        self.popen.stdout.close()
-
+from tests.helpers import Proc
 
 SCRIPT = """
 import logging

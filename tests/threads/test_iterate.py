@@ -10,9 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 import offloop
-from tests.helpers import await_until
-
-WAIT = 10.0
+from tests.helpers import WAIT, await_until
 
 
 async def test_threaded_keeps_the_signature_and_runs_in_a_worker() -> None:

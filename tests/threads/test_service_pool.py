@@ -20,9 +20,8 @@ import pytest
 import offloop
 from offloop import WatchService, WSGIService
 from offloop._threads.tothread import default_pool, service_pool
-from tests.helpers import await_until, bounded
-
-WAIT = 5.0
+from tests.helpers import QUICK_WAIT as WAIT
+from tests.helpers import await_until, bounded, wsgi_threads
 
 
 @contextlib.asynccontextmanager
@@ -103,7 +102,3 @@ async def test_a_killed_waitress_service_frees_its_services_pool_thread() -> Non
         if request is not None:
             await asyncio.wait_for(request, WAIT)
     await await_until(lambda: wsgi_threads() == [], WAIT, "the abandoned worker to end")
-
-
-def wsgi_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("offloop-wsgi-")]

@@ -15,9 +15,7 @@ import pytest
 import offloop
 from offloop._threads.pool import DEFAULT_MAX_WORKERS
 from offloop._threads.tothread import default_pool
-from tests.helpers import await_until, wait_until
-
-WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
+from tests.helpers import WAIT, await_until, wait_until
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
 

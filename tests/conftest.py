@@ -3,12 +3,14 @@
 - Every ``async def`` test runs on each loop kind: plain asyncio, asyncio in
   debug mode, and uvloop. ``@pytest.mark.loops("asyncio")`` narrows that.
 - Every test checks that it leaked no thread and no child process.
+- Tests that spawn processes request ``resource_tracker`` (see its docstring).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import multiprocessing.resource_tracker
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -121,6 +123,18 @@ def _children() -> set[int]:
     except psutil.Error:
         pass
     return pids
+
+
+@pytest.fixture(scope="module")
+def resource_tracker() -> None:
+    """Start multiprocessing's resource tracker before the module's first leak snapshot.
+
+    multiprocessing starts this helper process with the first spawned child and
+    keeps it for the life of the interpreter; started early, it is not taken for
+    a worker that a test leaked. A module that spawns processes asks for it with
+    ``pytestmark = pytest.mark.usefixtures("resource_tracker")``.
+    """
+    multiprocessing.resource_tracker.ensure_running()
 
 
 @pytest.fixture(autouse=True)

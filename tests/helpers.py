@@ -1,22 +1,43 @@
-"""Helpers for tests: bounded waits that fail loudly instead of hanging."""
+"""Helpers shared by the test files: bounded waits that fail loudly instead of hanging,
+real servers and child processes to talk to, and what a leak check looks at."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine, Iterator
+import weakref
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import psutil
 import pytest
+
+# Bounds on waits that end at once when things work: a hang fails the test with a
+# message instead of stalling the suite, and a passing test never waits one out.
+# Each is a name of its own because what bounds it differs:
+#
+# WAIT: a thread, a loop, a pool's worker or a server in this process.
+WAIT = 10.0
+# QUICK_WAIT: the service and supervisor tests run their bodies under @bounded(10)
+# or @bounded(20); a wait there must run out, with its own message, before that.
+QUICK_WAIT = 5.0
+# SPAWN_WAIT: a child Python program (a subprocess, a Dask cluster) starts an
+# interpreter and imports offloop afresh before it answers, sometimes twice (it
+# spawns workers); still well inside pytest's per-test timeout (60 s).
+SPAWN_WAIT = 30.0
 
 
 def bounded(timeout: float = 10.0) -> Callable[..., Any]:
@@ -47,7 +68,7 @@ def env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
     """Poll ``predicate`` from a sync test until true; fail loudly after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -56,7 +77,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         time.sleep(0.005)
 
 
-async def await_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+async def await_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
     """Poll ``predicate`` from async code until true; fail loudly after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -65,7 +86,7 @@ async def await_until(predicate: Callable[[], bool], timeout: float = 10.0, what
         await asyncio.sleep(0.005)
 
 
-def wait_for_file(gate: str, started: str | None = None, timeout: float = 10.0) -> int:
+def wait_for_file(gate: str, started: str | None = None, timeout: float = WAIT) -> int:
     """Worker-side gate: touch ``started``, wait until ``gate`` exists; return this pid.
 
     A file is the one signal a test, a worker process and a Dask worker all
@@ -119,3 +140,126 @@ def the_warning(found: list[warnings.WarningMessage], pattern: str) -> str:
     message = str(found[0].message)
     assert re.match(pattern, message), message
     return message
+
+
+def line_of(marker: str, path: Path) -> int:
+    """The line of ``path`` that ends with the comment ``# <marker>``; there must be one."""
+    lines = path.read_text().splitlines()
+    hits = [n for n, text in enumerate(lines, 1) if text.rstrip().endswith(f"# {marker}")]
+    assert len(hits) == 1, f"marker {marker!r} found {len(hits)} times in {path}"
+    return hits[0]
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def collected(ref: weakref.ref[Any]) -> bool:
+    """Whether the object behind ``ref`` is gone after a full garbage collection."""
+    gc.collect()
+    return ref() is None
+
+
+def wsgi_threads() -> list[str]:
+    """The names of the live threads of WSGI services (serve threads and workers)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("offloop-wsgi-")]
+
+
+def refuses(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=QUICK_WAIT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def http_get(url: str) -> tuple[int, str]:
+    """GET ``url`` with aiohttp on the running loop: the status and the text."""
+    import aiohttp  # here, not at the top: every test file imports this module
+
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, await resp.text()
+
+
+class Proc:
+    """A real child process whose merged output is read line by line as it comes."""
+
+    def __init__(self, args: Sequence[str], cwd: Path, *, ignore_sigint: bool = False) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd,
+            # As nohup or a non-interactive shell's background job would start it.
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+            if ignore_sigint
+            else None,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="test-proc-reader")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = SPAWN_WAIT) -> re.Match[str]:
+        """Wait for an output line matching ``pattern``; fail with the output so far."""
+        regex = re.compile(pattern)
+        with self._changed:
+            ok = self._changed.wait_for(
+                lambda: (
+                    any(regex.search(line) for line in self.lines) or self.popen.poll() is not None
+                ),
+                timeout,
+            )
+            for line in self.lines:
+                match = regex.search(line)
+                if match:
+                    return match
+        state = "timed out" if not ok else f"exited with {self.popen.returncode}"
+        pytest.fail(f"{state} waiting for {pattern!r}; output:\n{self.output}")
+
+    def send(self, sig: signal.Signals) -> None:
+        self.popen.send_signal(sig)
+
+    def exit_code(self, timeout: float = SPAWN_WAIT) -> int:
+        """Wait for the exit (bounded) and for the last output line."""
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the process did not exit within {timeout}s; output:\n{self.output}")
+        self._reader.join(timeout)
+        return code
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(SPAWN_WAIT)
+        self._reader.join(SPAWN_WAIT)
+        assert self.popen.stdout is not None
+        self.popen.stdout.close()

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.helpers import SPAWN_WAIT as WAIT
 from tests.helpers import run_script
-
-WAIT = 30.0  # bound on each child's run: a hang at exit fails the test
 
 SHARED_LOOP = textwrap.dedent(
     """

@@ -1,0 +1,383 @@
+"""offloop.DaskPool on a real distributed.LocalCluster (process workers, loopback only).
+
+One cluster serves the whole module: it is started before the first test's
+leak snapshot and closed after the last test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import offloop
+from offloop._core.poolbase import PoolState
+from offloop._process.pickling import RemoteTraceback
+from tests.helpers import SPAWN_WAIT as WAIT
+from tests.helpers import await_until, wait_for_file
+
+distributed = pytest.importorskip("distributed")
+
+
+pytestmark = pytest.mark.loops("asyncio")
+
+
+def add(a: int, b: int, *, key: str = "") -> tuple[int, str, int]:
+    # ``key`` is also an option of Client.submit: it must reach this function.
+    return a + b, key, os.getpid()
+
+
+class Rejected(LookupError):
+    pass
+
+
+def reject(what: str) -> None:
+    raise Rejected(f"no {what}")
+
+
+def draw(tag: str) -> str:
+    # A new value every time it runs: equal results mean one run was shared.
+    return f"{tag} {uuid.uuid4()}"
+
+
+def die_now() -> None:
+    os._exit(3)  # the worker process dies in the middle of the call
+
+
+@pytest.fixture(scope="module")
+def offload_thread() -> None:
+    # distributed starts a process-wide helper thread on first use and keeps
+    # it; start it here, before any test's leak snapshot.
+    distributed.utils._offload_executor.submit(int).result(WAIT)
+
+
+@pytest.fixture(scope="module")
+def cluster(offload_thread: None) -> Iterator[Any]:
+    cluster = distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        # Its HTTP server (up even without a dashboard) on any free port, not 8787.
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+async def test_run_by_address_returns_results_and_closes_its_client(cluster: Any) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+    async with pool:
+        total, key, pid = await asyncio.wait_for(pool.run(add, 2, 3, key="mine"), WAIT)
+        assert (total, key) == (5, "mine")
+        assert pid != os.getpid()  # a worker process of the cluster
+        results = await asyncio.wait_for(
+            asyncio.gather(*(pool.run(add, i, i) for i in range(20))), WAIT
+        )
+        assert [r[0] for r in results] == [2 * i for i in range(20)]
+        offset = 7
+        assert await asyncio.wait_for(pool.run(lambda x: x + offset, 1), WAIT) == 8
+        client = pool.client
+        assert client.status == "running"
+        assert repr(pool) == (
+            f"<DaskPool {cluster.scheduler_address!r} open: 0 running, 22 completed, 0 failed>"
+        )
+    assert client.status == "closed"  # the pool opened it, the pool closed it
+    assert pool.statistics() == {
+        "state": "closed",
+        "running": 0,
+        "completed": 22,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    with pytest.raises(offloop.PoolClosedError, match="closed and takes no new calls"):
+        await pool.run(add, 1, 1)
+
+
+async def first_call_waiting_for_the_connection(pool: offloop.DaskPool) -> asyncio.Future[Any]:
+    call = asyncio.ensure_future(pool.run(add, 1, 2))
+    await asyncio.sleep(0)  # one step: run() now waits for the connection
+    assert pool._connecting is not None
+    return call
+
+
+async def test_aclose_during_the_first_connect_closes_the_client_it_opened(
+    cluster: Any,
+) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+    call = await first_call_waiting_for_the_connection(pool)
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    with pytest.raises(offloop.PoolClosedError):
+        await asyncio.wait_for(call, WAIT)
+    assert pool.client is None
+    assert pool._connecting is not None
+    assert pool._connecting.result().status == "closed"
+
+
+def make_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+async def test_a_result_that_cannot_be_pickled_is_named(cluster: Any) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        with pytest.raises(
+            offloop.NotPicklableError, match=r"its result cannot be pickled"
+        ) as info:
+            await asyncio.wait_for(pool.run(make_lock), WAIT)
+        assert "(TypeError: cannot pickle '_thread.lock' object)" in str(info.value)
+        assert isinstance(info.value, TypeError)
+        assert (await asyncio.wait_for(pool.run(add, 1, 1), WAIT))[0] == 2
+        assert (pool.statistics()["failed"], pool.statistics()["completed"]) == (1, 1)
+
+
+async def test_errors_keep_their_type_and_the_pool_keeps_working(cluster: Any) -> None:
+    async with (
+        distributed.Client(cluster.scheduler_address, asynchronous=True) as client,
+        offloop.DaskPool(client=client) as pool,
+    ):
+        with pytest.raises(Rejected, match="no entry"):
+            await asyncio.wait_for(pool.run(reject, "entry"), WAIT)
+        lock = threading.Lock()
+        with pytest.raises(offloop.NotPicklableError, match=r"argument 0 \(lock"):
+            await pool.run(add, lock, 1)  # type: ignore[arg-type]
+        assert (await asyncio.wait_for(pool.run(add, 1, 1), WAIT))[0] == 2
+        assert pool.statistics()["failed"] == 1
+    assert client.status == "closed"  # closed by its own async with, not by the pool
+
+
+async def test_client_passed_in_is_left_open(cluster: Any) -> None:
+    async with distributed.Client(cluster.scheduler_address, asynchronous=True) as client:
+        pool = offloop.DaskPool(client=client)
+        assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+        await pool.aclose()
+        assert client.status == "running"
+        assert pool.state is PoolState.CLOSED
+
+
+async def test_cancelling_the_awaiter_cancels_the_task(cluster: Any, tmp_path: Path) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        gate, started = tmp_path / "gate", tmp_path / "started"
+        call = asyncio.ensure_future(pool.run(wait_for_file, str(gate), str(started)))
+        deadline = time.monotonic() + WAIT
+        while not started.exists():
+            assert time.monotonic() < deadline, "the task never started on the cluster"
+            await asyncio.sleep(0.005)
+        assert pool.statistics()["running"] == 1
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # The client let go of the task: the scheduler forgets it.
+        deadline = time.monotonic() + WAIT
+        while pool.client.futures:
+            assert time.monotonic() < deadline, "the cancelled task is still held"
+            await asyncio.sleep(0.005)
+        gate.touch()
+        assert pool.statistics()["cancelled"] == 1
+        assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4
+
+
+async def test_bad_construction_is_refused() -> None:
+    with pytest.raises(TypeError, match="exactly one of address="):
+        offloop.DaskPool()
+    with pytest.raises(TypeError, match=r"needs a distributed\.Client"):
+        offloop.DaskPool(client=object())
+
+
+@pytest.mark.loops("asyncio")
+async def test_no_scheduler_at_the_address_is_a_clear_error(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    # A loopback port nobody listens on: bound, then closed.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pool = offloop.DaskPool(f"tcp://127.0.0.1:{port}", connect_timeout=0.5)
+    try:
+        with pytest.raises(ConnectionError, match=rf"at 'tcp://127.0.0.1:{port}' within 0.5 s"):
+            await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
+    finally:
+        await pool.aclose()
+    # The half-open client was closed, not left with a never-awaited close().
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+    with pytest.raises(
+        ValueError,
+        match=r"^DaskPool\(connect_timeout=\.\.\.\) must be greater than 0 seconds, got 0\.$",
+    ):
+        offloop.DaskPool("tcp://127.0.0.1:1", connect_timeout=0)
+    # Not a number is a TypeError, as for every other duration offloop takes.
+    with pytest.raises(TypeError, match=r"connect_timeout=\.\.\.\) must be a number of seconds"):
+        offloop.DaskPool("tcp://127.0.0.1:1", connect_timeout="5")  # type: ignore[arg-type]
+
+
+def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import fails
+    with pytest.raises(offloop.MissingExtraError, match=r"offloop\[dask\]"):
+        offloop.DaskPool("tcp://127.0.0.1:1")
+
+
+async def test_a_worker_dying_in_a_call_is_worker_crashed(offload_thread: None) -> None:
+    # A cluster of its own: the dead worker's replacement is a new child process.
+    async with (
+        distributed.LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            asynchronous=True,
+            # KilledWorker at the first death; the HTTP server on any free port
+            # (by default it wants 8787, which the module's cluster holds).
+            scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
+        ) as cluster,
+        distributed.Client(cluster, asynchronous=True) as client,
+        offloop.DaskPool(client=client) as pool,
+    ):
+        with pytest.raises(offloop.WorkerCrashed, match="running function 'die_now' died") as info:
+            await asyncio.wait_for(pool.run(die_now), WAIT)
+        assert isinstance(info.value.__cause__, distributed.KilledWorker)
+        # Named without counters, which would still count the failed call as running.
+        assert str(info.value).startswith(f"DaskPool {cluster.scheduler_address!r}: the workers")
+        stats = pool.statistics()
+        assert (stats["failed"], stats["running"], stats["completed"]) == (1, 0, 0)
+
+
+async def test_calls_with_equal_arguments_each_run(cluster: Any) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        # Submitted together, while each other's futures are alive: Dask would
+        # hand one shared result to all three if their keys were equal.
+        drawn = await asyncio.wait_for(
+            asyncio.gather(*(pool.run(draw, "x") for _ in range(3))), WAIT
+        )
+        assert len(set(drawn)) == 3, drawn
+        again = await asyncio.wait_for(pool.run(draw, "x"), WAIT)
+        assert again not in drawn
+        assert pool.statistics()["completed"] == 4
+
+
+def test_a_blocking_client_is_refused(cluster: Any) -> None:
+    with distributed.Client(cluster.scheduler_address) as client:
+        assert not client.asynchronous
+        with pytest.raises(TypeError, match=r"client created with asynchronous=True, got the bl"):
+            offloop.DaskPool(client=client)
+
+
+@pytest.fixture
+def client_only_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A module that only this process can import.
+
+    The cluster's workers started before its folder was put on sys.path, as
+    with code that exists on the client's machine only.
+    """
+    name = f"client_only_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(
+        "def double(x):\n    return 2 * x\n\n\nclass Point:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        del sys.modules[name]
+
+
+async def test_a_function_the_workers_cannot_import_is_not_picklable_there(
+    cluster: Any, client_only_module: Any
+) -> None:
+    name = client_only_module.__name__
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        # Functions and classes travel by reference, by their module's name.
+        with pytest.raises(
+            offloop.NotPicklableError,
+            match=rf"could not unpickle the call of function 'double' \(ModuleNotFoundError: "
+            rf"No module named '{name}'\)",
+        ) as info:
+            await asyncio.wait_for(pool.run(client_only_module.double, 2), WAIT)
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert str(info.value.__cause__).startswith('\n(in the Dask worker)\n"""\nTraceback')
+        assert str(info.value).startswith(f"DaskPool {cluster.scheduler_address!r}: the Dask")
+        with pytest.raises(offloop.NotPicklableError, match=rf"No module named '{name}'"):
+            await asyncio.wait_for(pool.run(repr, client_only_module.Point()), WAIT)
+        # The worker was not cut off from the scheduler: the next call runs.
+        assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4
+        assert pool.statistics()["failed"] == 2
+
+
+async def test_a_pool_used_on_another_loop_says_to_create_one_per_loop(cluster: Any) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+
+        def from_another_loop() -> None:
+            asyncio.run(pool.run(add, 1, 1))
+
+        # It used to fail deep inside distributed ("IOLoop is closed" and the like).
+        with pytest.raises(RuntimeError, match=r"another event loop .*one DaskPool per loop"):
+            await asyncio.wait_for(asyncio.to_thread(from_another_loop), WAIT)
+        assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4  # still fine here
+
+
+def test_a_pool_whose_loop_is_gone_closes_from_another_loop(cluster: Any) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+
+    async def use() -> Any:
+        result = await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
+        await pool.client.close()  # what the end of the first asyncio.run() leaves behind
+        return result
+
+    assert asyncio.run(use())[0] == 3
+    # The audit's case: aclose() on a new loop raised "IOLoop is closed".
+    asyncio.run(asyncio.wait_for(pool.aclose(), WAIT))
+    assert pool.statistics()["state"] == "closed"
+
+
+async def test_a_client_closed_under_the_pool_is_pool_closed(cluster: Any) -> None:
+    distributed = pytest.importorskip("distributed")
+    client = await distributed.Client(cluster.scheduler_address, asynchronous=True)
+    pool = offloop.DaskPool(client=client)
+    assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+    await client.close()
+    with pytest.raises(offloop.PoolClosedError, match=r"its distributed\.Client was closed"):
+        await asyncio.wait_for(pool.run(add, 1, 1), WAIT)
+    assert cluster.scheduler_address in repr(pool)  # not just 'client'
+    await pool.aclose()
+
+
+async def test_a_client_closed_during_a_call_is_pool_closed(cluster: Any, tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    client = await distributed.Client(cluster.scheduler_address, asynchronous=True)
+    pool = offloop.DaskPool(client=client)
+    call = asyncio.ensure_future(pool.run(wait_for_file, str(gate), str(started)))
+    try:
+        await await_until(started.exists, WAIT, "the call to start on the worker")
+        await client.close()
+        # It was Dask's FutureCancelledError, "cancelled for reason: unknown".
+        with pytest.raises(offloop.PoolClosedError, match=r"its distributed\.Client was closed"):
+            await asyncio.wait_for(call, WAIT)
+    finally:
+        gate.touch()
+    await pool.aclose()
+
+
+async def test_a_call_cancelled_while_the_pool_connects_counts_as_cancelled(
+    cluster: Any,
+) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+    call = await first_call_waiting_for_the_connection(pool)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert pool.statistics()["cancelled"] == 1
+    await asyncio.wait_for(pool.aclose(), WAIT)

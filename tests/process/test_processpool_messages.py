@@ -1,0 +1,144 @@
+"""ProcessPool error messages: they name the call, the argument, and the fix."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import offloop
+from offloop._process import pickling as _pickling
+from offloop._process.pool import ProcessPool, default_process_pool
+from tests.helpers import WAIT
+
+pytestmark = pytest.mark.usefixtures("resource_tracker")
+
+
+def make_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+class HoldsALock(Exception):
+    """Its __init__ takes its .args, but an attribute cannot be pickled."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def fail(kind: str) -> None:
+    raise HoldsALock("query failed") if kind == "lock" else NeedsTwoArgs("x", "y")
+
+
+async def async_gen_init() -> AsyncIterator[None]:
+    yield None
+
+
+async def async_init() -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ProcessPool]:
+    pool = ProcessPool(1, name="p")
+
+    async def start() -> None:  # its worker predates the leak snapshots
+        await asyncio.wait_for(pool.run(int), WAIT)
+
+    asyncio.run(start())
+    yield pool
+    pool.close(timeout=WAIT)
+
+
+@pytest.mark.loops("asyncio")
+async def test_errors_made_from_a_reply_name_the_call_as_the_user_wrote_it(
+    pool: ProcessPool,
+) -> None:
+    with pytest.raises(offloop.NotPicklableError, match=r"^ProcessPool 'p'\.run\(\): "):
+        await asyncio.wait_for(pool.run(make_lock), WAIT)
+    try:
+        with pytest.raises(offloop.NotPicklableError, match=r"^offloop\.to_process\(\): "):
+            await asyncio.wait_for(offloop.to_process(make_lock), WAIT)
+    finally:
+        await asyncio.wait_for(default_process_pool().aclose(), WAIT)
+
+
+@pytest.mark.loops("asyncio")
+async def test_an_exception_that_cannot_cross_is_reported_with_the_real_reason(
+    pool: ProcessPool,
+) -> None:
+    with pytest.raises(offloop.NotPicklableError) as info:
+        await asyncio.wait_for(pool.run(fail, "lock"), WAIT)
+    text = str(info.value)
+    assert "HoldsALock: query failed" in text
+    assert "could not be pickled (TypeError: cannot pickle '_thread.lock' object)" in text
+    assert "__init__" not in text  # its __init__ is fine: that advice would mislead
+    with pytest.raises(offloop.NotPicklableError) as info:
+        await asyncio.wait_for(pool.run(fail, "args"), WAIT)
+    text = str(info.value)
+    assert "NeedsTwoArgs: x/y" in text
+    assert "could not be rebuilt from its pickle (TypeError: " in text
+    assert "an __init__ that accepts its .args" in text
+
+
+def test_a_class_of_the_main_script_is_named_as_in_the_script() -> None:
+    # A spawned worker imports the main script as __mp_main__.
+    cls = type("DbError", (Exception,), {"__module__": "__mp_main__"})
+    assert _pickling._qualname(cls) == "__main__.DbError"
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"initargs": 5}, r"^ProcessPool\(initargs=\.\.\.\) must be a tuple .* got int 5; .*"),
+        ({"initargs": "ab"}, r"^ProcessPool\(initargs=\.\.\.\) must be a tuple"),
+        ({"initializer": 5}, r"^ProcessPool\(initializer=\.\.\.\) must be a function, .*int 5\.$"),
+        ({"initializer": async_init}, r"'async_init', a coroutine function, .*Pass a plain"),
+        ({"initializer": async_gen_init}, r"'async_gen_init', an async generator function"),
+        ({"initargs": {"a": 1}}, r"^ProcessPool\(initargs=\.\.\.\) must be a tuple .*dict"),
+    ],
+)
+def test_bad_initializer_options_are_named(options: dict[str, object], error: str) -> None:
+    with pytest.raises(TypeError, match=error):
+        ProcessPool(1, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_bad_aclose_timeout_is_refused_before_the_pool_closes() -> None:
+    pool = ProcessPool(1, name="timeouts")
+    for timeout, error in [("2", TypeError), (-1, ValueError), (float("nan"), ValueError)]:
+        with pytest.raises(error, match=r"^ProcessPool\.aclose\(timeout=\.\.\.\) must be"):
+            await pool.aclose(timeout=timeout)  # type: ignore[arg-type]
+        assert pool.statistics()["state"] == "open"
+    assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2
+    await asyncio.wait_for(pool.aclose(timeout=float("inf")), WAIT)
+    assert pool.statistics()["state"] == "closed"
+
+
+def test_a_bad_close_timeout_is_refused_before_the_pool_closes() -> None:
+    pool = ProcessPool(1, name="synctimeouts")
+    with pytest.raises(TypeError, match=r"^ProcessPool\.close\(timeout=\.\.\.\) must be"):
+        pool.close(timeout="2")  # type: ignore[arg-type]
+    assert pool.statistics()["state"] == "open"
+    pool.close(timeout=float("inf"))
+    assert pool.statistics()["state"] == "closed"
+
+
+def test_a_timeout_beyond_what_a_wait_takes_means_no_timeout() -> None:
+    pool = ProcessPool(1, name="hugetimeout")
+    pool.close(timeout=1e10)  # above threading.TIMEOUT_MAX: it raised OverflowError, half closed
+    assert pool.statistics()["state"] == "closed"
+
+
+def test_to_process_outside_a_running_loop_shows_how_to_await_it() -> None:
+    with pytest.raises(RuntimeError, match="no event loop running") as info:
+        offloop.to_process(abs, -1)
+    assert "'await offloop.to_process(fn)'" in str(info.value)
+    assert "to_thread" not in str(info.value)

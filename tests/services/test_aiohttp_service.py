@@ -1,0 +1,159 @@
+"""AiohttpService: a real aiohttp app on the supervisor's loop, real HTTP requests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from offloop import AiohttpService, Supervisor
+from tests.helpers import QUICK_WAIT as WAIT
+from tests.helpers import await_until, bounded, http_get, refuses
+
+
+def make_app(journal: list[str], gate: asyncio.Event | None = None) -> web.Application:
+    app = web.Application()
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text="hello aiohttp")
+
+    async def slow(request: web.Request) -> web.Response:
+        journal.append("slow entered")
+        assert gate is not None
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            journal.append("slow cancelled")
+            raise
+        return web.Response(text="slow done")
+
+    async def on_startup(app: web.Application) -> None:
+        journal.append("startup")
+
+    async def on_cleanup(app: web.Application) -> None:
+        journal.append("cleanup")
+
+    app.router.add_get("/", index)
+    app.router.add_get("/slow", slow)
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+@bounded(20)
+async def test_app_is_served_on_the_loop_and_stopped_gracefully() -> None:
+    journal: list[str] = []
+    svc = AiohttpService(make_app(journal), port=0, name="api", access_log=False)
+    assert repr(svc) == "<AiohttpService 'api' idle 127.0.0.1:0>"
+    await svc.start()
+    assert journal == ["startup"]
+    assert svc.port != 0
+    assert repr(svc) == f"<AiohttpService 'api' running url=http://127.0.0.1:{svc.port}>"
+    assert await http_get(svc.url) == (200, "hello aiohttp")
+    waiter = asyncio.ensure_future(svc.wait())
+    await svc.stop()
+    await asyncio.wait_for(waiter, WAIT)
+    assert journal == ["startup", "cleanup"]
+    assert repr(svc) == f"<AiohttpService 'api' stopped 127.0.0.1:{svc.port}>"
+    assert refuses(svc.port)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_request_in_flight_finishes_during_stop() -> None:
+    journal: list[str] = []
+    gate = asyncio.Event()
+    svc = AiohttpService(make_app(journal, gate), port=0, access_log=False)
+    await svc.start()
+    request = asyncio.ensure_future(http_get(svc.url + "/slow"))
+    await await_until(lambda: "slow entered" in journal, WAIT, "the handler to start")
+    stopping = asyncio.ensure_future(svc.stop())
+    await await_until(lambda: refuses(svc.port), WAIT, "the listener to close")
+    assert not stopping.done()  # waits for the handler in flight
+    gate.set()
+    assert await asyncio.wait_for(request, WAIT) == (200, "slow done")
+    await asyncio.wait_for(stopping, WAIT)
+    assert journal[-1] == "cleanup"
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_restart_runs_the_hooks_again_on_the_same_port() -> None:
+    journal: list[str] = []
+    svc = AiohttpService(make_app(journal), port=0, access_log=False)
+    await svc.start()
+    port = svc.port
+    await svc.stop()
+    await svc.start()
+    assert svc.port == port
+    assert await http_get(svc.url) == (200, "hello aiohttp")
+    await svc.stop()
+    assert journal == ["startup", "cleanup", "startup", "cleanup"]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_failing_startup_hook_fails_start_and_releases_the_port() -> None:
+    attempts: list[int] = []
+    app = web.Application()
+
+    async def flaky_startup(app: web.Application) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("database is down")
+
+    app.on_startup.append(flaky_startup)
+    blocker = socket.create_server(("127.0.0.1", 0))
+    port = blocker.getsockname()[1]
+    blocker.close()
+    svc = AiohttpService(app, port=port, access_log=False)
+    with pytest.raises(ConnectionError, match="database is down"):
+        await svc.start()
+    assert svc.state.value == "crashed"
+    assert refuses(port)
+    await svc.start()  # the next start works on the same port
+    assert svc.port == port
+    await svc.stop()
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(TypeError, match=r"needs an aiohttp\.web\.Application.*not the function"):
+        AiohttpService(make_app)
+    with pytest.raises(ValueError, match=r"AiohttpService\(port=\.\.\.\) must be between"):
+        AiohttpService(web.Application(), port=-1)
+    # A port written into the host used to fail only at start(), with a resolver error.
+    with pytest.raises(ValueError, match=r"without a port, got '127\.0\.0\.1:8000'; pass the"):
+        AiohttpService(web.Application(), host="127.0.0.1:8000")
+
+
+def test_ipv6_hosts_are_bracketed_wherever_a_port_follows() -> None:
+    svc = AiohttpService(web.Application(), host="[::1]", port=8080)  # as written in a URL
+    assert svc.host == "::1"
+    assert svc.url == "http://[::1]:8080"
+    assert "[::1]:8080" in repr(svc)
+    # A scoped link-local address is an address, not a host with a port.
+    assert AiohttpService(web.Application(), host="fe80::1%lo", port=8080).host == "fe80::1%lo"
+
+
+@pytest.mark.loops("asyncio", "uvloop")
+@bounded(20)
+async def test_under_a_supervisor_and_killed_when_a_handler_hangs() -> None:
+    journal: list[str] = []
+    never = asyncio.Event()
+    sv = Supervisor(name="site", grace=0.3)
+    api = sv.add(AiohttpService(make_app(journal, never), port=0, name="api", access_log=False))
+    async with sv:
+        assert sv.status()["api"].state == "running"
+        assert await http_get(api.url) == (200, "hello aiohttp")
+        hanging = asyncio.ensure_future(http_get(api.url + "/slow"))
+        await await_until(lambda: "slow entered" in journal, WAIT, "the handler to start")
+    # The handler never finished: after the grace period its connection was dropped.
+    with pytest.raises(aiohttp.ClientError):
+        await asyncio.wait_for(hanging, WAIT)
+    # ...and the handler itself was cancelled, not left running on the loop.
+    await await_until(lambda: "slow cancelled" in journal, WAIT, "the hung handler to be cancelled")
+    assert sv.status()["api"].state == "stopped"
+    assert refuses(api.port)

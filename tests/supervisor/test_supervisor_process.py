@@ -1,0 +1,231 @@
+"""isolate="process": services in real child processes, stopped by SIGTERM, killed if deaf."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from offloop import NotPicklableError, ServiceFailed, StopToken, Supervisor, WorkerCrashed
+from offloop._process.pickling import RemoteTraceback
+from tests.helpers import WAIT, await_until, bounded
+
+pytestmark = pytest.mark.usefixtures("resource_tracker")
+
+
+# Service functions live at module level: the spawned child imports them by name.
+
+
+def _mark(path: str, text: str) -> None:
+    # Written beside it, then renamed over it: the test waits for the file to
+    # exist, and must never read it between its creation and its write.
+    # A tiny local write; an async child's loop has nothing else to do meanwhile.
+    Path(f"{path}.tmp").write_text(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def polite_child(path: str, token: StopToken) -> None:
+    _mark(path, f"running {os.getpid()}")
+    token.wait()
+    _mark(path, f"stopped because {token.reason}")
+
+
+async def async_child(path: str) -> None:
+    _mark(path, f"running {os.getpid()}")
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        _mark(path, "cancelled")
+
+
+def crashing_child() -> None:
+    raise ValueError("bad config")
+
+
+def dying_child() -> None:
+    os._exit(3)
+
+
+def deaf_child(path: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _mark(path, "ignoring SIGTERM")
+    time.sleep(3600)
+
+
+def _pid_from(path: Path) -> int:
+    return int(path.read_text().split()[1])
+
+
+@bounded(30)
+async def test_sync_and_async_functions_run_in_child_processes(tmp_path: Path) -> None:
+    sv = Supervisor(name="procs")
+    sync_file, async_file = tmp_path / "sync", tmp_path / "async"
+    sv.service(isolate="process", name="sync")(functools.partial(polite_child, str(sync_file)))
+    sv.service(isolate="process", name="async")(functools.partial(async_child, str(async_file)))
+    async with sv:
+        await await_until(sync_file.exists, WAIT, "the sync child to run")
+        await await_until(async_file.exists, WAIT, "the async child to run")
+        pids = {_pid_from(sync_file), _pid_from(async_file)}
+        assert os.getpid() not in pids
+        assert len(pids) == 2
+        assert repr(sv.services["sync"]).startswith("<ProcessService 'sync' running pid=")
+        assert {st.state for st in sv.status().values()} == {"running"}
+    # SIGTERM was the polite stop: the token was set, the coroutine cancelled.
+    assert sync_file.read_text() == "stopped because terminated"
+    assert async_file.read_text() == "cancelled"
+    assert {st.state for st in sv.status().values()} == {"stopped"}
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_child_exception_crosses_back_with_its_traceback() -> None:
+    sv = Supervisor()
+    sv.service(isolate="process", restart="no")(crashing_child)
+    with pytest.raises(ServiceFailed, match="'crashing_child' failed") as info:
+        await sv.serve()
+    error = info.value.__cause__
+    assert isinstance(error, ValueError)
+    assert str(error) == "bad config"
+    assert isinstance(error.__cause__, RemoteTraceback)  # the same type as ProcessPool's
+    assert "(in the service process)" in str(error.__cause__)
+    assert 'raise ValueError("bad config")' in str(error.__cause__)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_child_that_dies_is_restarted_then_fails_with_worker_crashed() -> None:
+    sv = Supervisor()
+    sv.service(isolate="process", backoff=0, max_backoff=0, max_restarts=1)(dying_child)
+    with pytest.raises(ServiceFailed) as info:
+        await sv.serve()
+    error = info.value.__cause__
+    assert isinstance(error, WorkerCrashed)
+    assert error.exitcode == 3
+    assert "died with exit code 3" in str(error)
+    assert sv.status()["dying_child"].restarts == 1
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_child_that_ignores_sigterm_is_killed_after_grace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sv = Supervisor(grace=0.3)
+    marker = tmp_path / "deaf"
+    sv.service(isolate="process", name="deaf")(functools.partial(deaf_child, str(marker)))
+    async with sv:
+        await await_until(marker.exists, WAIT, "the child to ignore SIGTERM")
+    assert sv.status()["deaf"].state == "stopped"
+    assert any("'deaf' did not stop within the grace period" in m for m in caplog.messages)
+    # The no-leak fixture checks that the child is gone (SIGKILL cannot be ignored).
+
+
+def test_unpicklable_function_is_refused_up_front() -> None:
+    sv = Supervisor()
+
+    def local() -> None:
+        pass
+
+    with pytest.raises(NotPicklableError) as info:
+        sv.service(isolate="process")(local)
+    assert "Service 'local' uses isolate='process'" in str(info.value)
+    assert "Define it at the top level of an importable module" in str(info.value)
+    assert sv.services == {}
+
+
+def exiting_child() -> None:
+    raise SystemExit(4)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_system_exit_in_the_child_is_a_crash_not_an_exit_of_the_parent() -> None:
+    sv = Supervisor()
+    sv.service(isolate="process", restart="no")(exiting_child)
+    with pytest.raises(ServiceFailed) as info:
+        await sv.serve()
+    error = info.value.__cause__
+    assert error is not None
+    assert str(error) == "the process of service 'exiting_child' raised SystemExit(4)"
+    assert isinstance(error.__cause__, SystemExit)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_kill_children_kills_every_live_child_for_a_forced_exit(tmp_path: Path) -> None:
+    # What the signal handler and the watchdog call just before os._exit.
+    from offloop._services.process import kill_children
+
+    sv = Supervisor(name="procs")
+    marker = tmp_path / "child"
+    sv.service(isolate="process", name="child", backoff=3600, max_backoff=3600)(
+        functools.partial(polite_child, str(marker))
+    )
+    async with sv:
+        await await_until(marker.exists, WAIT, "the child to run")
+        kill_children()
+        # SIGKILL, not the polite SIGTERM: the token was never set.
+        await await_until(lambda: sv.status()["child"].state == "restarting", WAIT)
+        assert isinstance(sv.status()["child"].last_error, WorkerCrashed)
+        assert marker.read_text().startswith("running")
+    kill_children()  # nothing left to kill: the reaped pid is forgotten
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_a_service_stopped_while_its_child_starts_no_longer_says_running(
+    tmp_path: Path,
+) -> None:
+    from offloop._services.process import ProcessService
+
+    marker = tmp_path / "child"
+    svc = ProcessService(
+        functools.partial(polite_child, str(marker)), "slow", is_async=False, pass_token=True
+    )
+    start = asyncio.create_task(svc.start())
+    await await_until(lambda: svc.pid is not None, WAIT, "the child to be spawned")
+    # The spawned child is still importing the interpreter: far from ready.
+    start.cancel()
+    await asyncio.wait({start})
+    assert start.cancelled()
+    assert repr(svc).startswith("<ProcessService 'slow' ended fn=")
+    assert svc._process is None  # reaped: the leak check sees no child either
+
+
+def quick_child(path: str) -> None:
+    _mark(path, "done")
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_kill_children_never_signals_a_child_reaped_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # multiprocessing reaps finished children in active_children() and in any
+    # start(); the pid may then name another process, which must not be hit.
+    import multiprocessing
+
+    from offloop._services.process import kill_children
+
+    sv = Supervisor(name="reaped")
+    marker = tmp_path / "child"
+    sv.service(isolate="process", name="child", restart="no")(
+        functools.partial(quick_child, str(marker))
+    )
+    async with sv:
+        await await_until(marker.exists, WAIT, "the child to run")
+        # The loop stays busy here, as in a forced exit: the supervisor cannot reap it.
+        deadline = time.monotonic() + WAIT
+        while multiprocessing.active_children():  # reaps it once it exited
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)  # noqa: ASYNC251 - the loop must not run: it would reap the child
+        signalled: list[int] = []
+        monkeypatch.setattr(os, "kill", lambda pid, sig: signalled.append(pid))
+        kill_children()
+        monkeypatch.undo()
+        assert signalled == []

@@ -1,0 +1,284 @@
+"""sv.run() in a real subprocess, stopped by real signals."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Proc
+
+SCRIPT = """
+import logging
+import sys
+import threading
+
+import offloop
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sv = offloop.Supervisor(grace=float(sys.argv[1]), name="script")
+
+
+@sv.service
+def worker(token):
+    print("worker running", flush=True)
+    token.wait()
+    print("worker got its token", flush=True)
+
+
+@sv.service
+async def bot():
+    import asyncio
+
+    while True:
+        await asyncio.sleep(3600)
+
+
+if "--deaf" in sys.argv:
+
+    @sv.service
+    def deaf():
+        print("deaf running", flush=True)
+        threading.Event().wait()  # ignores its token: only abandoning it ends the run
+
+
+code = sv.run()
+print(f"run() returned {code}", flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(SCRIPT))
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_first_signal_stops_gracefully_with_exit_code_0(script: Path, sig: signal.Signals) -> None:
+    with Proc([str(script), "5"], script.parent) as proc:
+        proc.wait_for("script: all 2 service")
+        proc.send(sig)
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert f"WARNING script: received {sig.name}, stopping gracefully within 5s" in out
+    assert "worker got its token" in out
+    assert "INFO script: service 'bot' stopped" in out
+    assert out.endswith("INFO script: stopped\nrun() returned 0")
+
+
+def test_a_sigint_ignored_when_the_process_started_stays_ignored(script: Path) -> None:
+    with Proc([str(script), "5"], script.parent, ignore_sigint=True) as proc:
+        proc.wait_for("script: all 2 service")
+        # Both are pending before the child runs again, and SIGINT is handled
+        # first: it used to start the stop, and SIGTERM then forced the exit.
+        proc.send(signal.SIGINT)
+        proc.send(signal.SIGTERM)
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert "WARNING script: received SIGTERM, stopping gracefully within 5s" in out
+    assert "SIGINT" not in out
+
+
+def test_shutdown_is_bounded_by_grace_and_names_the_abandoned_thread(script: Path) -> None:
+    with Proc([str(script), "0.3", "--deaf"], script.parent) as proc:
+        proc.wait_for("script: all 3 service")
+        proc.send(signal.SIGINT)
+        # The deaf thread never returns: only the grace bound lets the process exit,
+        # about 0.3 s later (3 s of slack for a loaded machine; the default wait is 15 s).
+        assert proc.exit_code(timeout=0.3 + 3.0) == 0
+        out = proc.output
+    assert "WARNING script: service 'deaf' did not stop within the grace period" in out
+    assert "script: service 'deaf' abandoned thread 'offloop-service-deaf', currently at:" in out
+    assert "in deaf\n    threading.Event().wait()" in out
+    assert "worker got its token" in out  # the others were still stopped politely
+    assert "run() returned 0" in out
+
+
+def test_second_signal_exits_at_once_with_non_zero_code(script: Path) -> None:
+    with Proc([str(script), "3600", "--deaf"], script.parent) as proc:
+        proc.wait_for("script: all 3 service")
+        proc.send(signal.SIGINT)
+        proc.wait_for("stopping service 'deaf'")  # stuck there for up to an hour of grace
+        proc.send(signal.SIGTERM)
+        assert proc.exit_code() == 128 + signal.SIGTERM
+        out = proc.output
+    assert "ERROR script: received SIGTERM again, exiting now" in out
+    assert "run() returned" not in out
+
+
+BLOCKING = """
+import logging
+import sys
+import time
+
+import offloop
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sv = offloop.Supervisor(grace=float(sys.argv[1]), name="blocked")
+
+
+@sv.service
+async def http_service():
+    print("blocking the loop", flush=True)
+    while True:
+        time.sleep(0.05)  # the bug: blocking inside async def
+
+
+sys.exit(sv.run())
+"""
+
+
+@pytest.fixture
+def blocking_script(tmp_path: Path) -> Path:
+    path = tmp_path / "blocking.py"
+    path.write_text(textwrap.dedent(BLOCKING))
+    return path
+
+
+def test_second_signal_exits_at_once_even_while_a_coroutine_blocks_the_loop(
+    blocking_script: Path,
+) -> None:
+    with Proc([str(blocking_script), "3600"], blocking_script.parent) as proc:
+        proc.wait_for("blocking the loop")
+        proc.send(signal.SIGINT)
+        # Logged by the handler's watchdog thread, so it shows while the loop is blocked
+        # (and a second signal sent before the first is handled would merge with it).
+        proc.wait_for("received SIGINT, stopping gracefully")
+        proc.send(signal.SIGINT)
+        # Handlers on the loop would never run: the loop never gets a turn.
+        assert proc.exit_code(timeout=5.0) == 128 + signal.SIGINT
+    assert "ERROR blocked: received SIGINT again, exiting now" in proc.output
+
+
+def test_a_blocked_loop_still_exits_after_grace_naming_the_blocking_line(
+    blocking_script: Path,
+) -> None:
+    from offloop._supervisor.signals import FORCE_MARGIN
+
+    with Proc([str(blocking_script), "0.2"], blocking_script.parent) as proc:
+        proc.wait_for("blocking the loop")
+        proc.send(signal.SIGTERM)
+        assert proc.exit_code(timeout=0.2 + FORCE_MARGIN + 5.0) == 128 + signal.SIGTERM
+        out = proc.output
+    assert f"blocked: still not stopped {0.2 + FORCE_MARGIN:g}s after SIGTERM" in out
+    assert "in http_service\n    time.sleep(0.05)  # the bug" in out
+
+
+def test_ctrl_c_under_plain_asyncio_run_still_stops_every_service(tmp_path: Path) -> None:
+    script = tmp_path / "plain.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            import offloop
+
+            sv = offloop.Supervisor(name="plain")
+
+            @sv.service
+            def worker(token):
+                print("worker running", flush=True)
+                token.wait()
+                print("worker got its token", flush=True)
+
+            try:
+                asyncio.run(sv.serve())
+            except KeyboardInterrupt:
+                print("KeyboardInterrupt after", sv.state, sv.status()["worker"].state, flush=True)
+            """
+        )
+    )
+    with Proc([str(script)], tmp_path) as proc:
+        proc.wait_for("worker running")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+    assert "worker got its token" in proc.output
+    assert "KeyboardInterrupt after stopped stopped" in proc.output
+
+
+def test_run_raises_service_failed_out_of_the_script(tmp_path: Path) -> None:
+    script = tmp_path / "failing.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import offloop
+
+            sv = offloop.Supervisor(name="failing")
+
+            @sv.service(restart="no")
+            def config_loader():
+                raise KeyError("DATABASE_URL")
+
+            sv.run()
+            """
+        )
+    )
+    with Proc([str(script)], tmp_path) as proc:
+        assert proc.exit_code() == 1
+    out = proc.output
+    assert "KeyError: 'DATABASE_URL'" in out
+    assert "The above exception was the direct cause of the following exception" in out
+    assert out.rstrip().endswith(
+        "offloop.ServiceFailed: Service 'config_loader' failed: it crashed and its policy is "
+        "restart='no'; last error: KeyError('DATABASE_URL')."
+    )
+
+
+EXECUTOR = """
+import asyncio
+import contextvars
+import logging
+import threading
+
+import offloop
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sv = offloop.Supervisor(grace=0.3, name="executor")
+var = contextvars.ContextVar("var")
+
+
+def stuck_client_call():
+    print("the stuck call started", flush=True)
+    threading.Event().wait()  # a blocking call without a timeout
+
+
+@sv.service
+async def poller():
+    var.set("from the task")
+    assert await asyncio.to_thread(var.get) == "from the task"
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, int, "not a number")
+    except ValueError:
+        print("the default executor works", flush=True)
+    await asyncio.to_thread(stuck_client_call)
+
+
+print(f"run() returned {sv.run()}", flush=True)
+"""
+
+
+def test_a_call_stuck_in_the_default_executor_does_not_keep_the_process_alive(
+    tmp_path: Path,
+) -> None:
+    # asyncio.to_thread() and run_in_executor(None, ...) in a service: asyncio's
+    # executor threads are joined at exit, so run() returned and the process
+    # then hung until the stuck call returned (here: never).
+    script = tmp_path / "executor.py"
+    script.write_text(textwrap.dedent(EXECUTOR))
+    with Proc([str(script)], tmp_path) as proc:
+        proc.wait_for("the default executor works")
+        proc.wait_for("executor: all 1 service")
+        # Not before: a stop that came first would leave nothing stuck.
+        proc.wait_for("the stuck call started")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+        out = proc.output
+    assert "run() returned 0" in out
+    assert (
+        "function 'stuck_client_call' in thread offloop-executor-1 of pool 'executor' is still "
+        "running after waiting 0.1 s in close() and was abandoned" in out
+    )

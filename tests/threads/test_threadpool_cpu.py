@@ -1,0 +1,236 @@
+"""CPU slots: a pool runs at most ``cpu_slots`` computing calls at once; waiting calls hold none.
+
+The policy tests replace the kernel's measurement (``Worker.busy``) with a
+fixed answer, so what they assert does not depend on how loaded the machine
+is; one test per answer checks the real measurement on a real thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import offloop
+from offloop._threads import pool as pool_module
+from offloop._threads import workers as workers_module
+from offloop._threads.workers import Worker
+from tests.helpers import WAIT, await_until
+
+SLOTS = 2
+REBALANCES = 30  # looks the pool takes at its running calls before a test says "it did not grow"
+
+pytestmark = pytest.mark.loops("asyncio")
+
+
+@pytest.fixture
+def two_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "DEFAULT_CPU_SLOTS", SLOTS)
+
+
+def measure_as(monkeypatch: pytest.MonkeyPatch, computing: bool) -> None:
+    """Make every worker thread look always busy (computing) or never busy (waiting)."""
+    if computing:
+        monkeypatch.setattr(Worker, "busy", lambda self: time.monotonic())
+    else:
+        monkeypatch.setattr(Worker, "busy", lambda self: 0.0)
+
+
+@pytest.fixture
+def rebalances(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Any]:
+    """A waiter for the pool's rebalancing check to have run ``n`` more times."""
+    count = [0]
+    original = pool_module.ThreadPool._rebalance
+
+    def counting(self: Any, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        count[0] += 1
+        original(self, loop, due)
+
+    monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", counting)
+
+    async def wait_for(n: int) -> None:
+        target = count[0] + n
+        await await_until(lambda: count[0] >= target, WAIT, f"{n} rebalancing checks")
+
+    return wait_for
+
+
+def gated(gate: threading.Event, started: list[int]) -> Callable[[int], int]:
+    def work(i: int) -> int:
+        started.append(i)
+        gate.wait(WAIT)
+        return i
+
+    return work
+
+
+async def test_computing_calls_beyond_the_cpu_slots_wait_and_no_thread_is_added(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+) -> None:
+    measure_as(monkeypatch, computing=True)
+    gate, started = threading.Event(), list[int]()
+    async with offloop.ThreadPool(8, name="cpu-bound") as pool:
+        calls = [pool.run(gated(gate, started), i) for i in range(3 * SLOTS)]
+        await await_until(lambda: pool.statistics()["running"] == SLOTS, WAIT, "two calls to run")
+        await rebalances(REBALANCES)
+        stats = pool.statistics()
+        assert (stats["running"], stats["queued"], stats["threads"]) == (SLOTS, 2 * SLOTS, SLOTS)
+        assert stats["waiting"] == 0
+        assert stats["cpu_slots"] == SLOTS
+        assert sorted(started) == [0, 1]  # in order: the first two
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(3 * SLOTS))
+        assert pool.statistics()["threads"] == SLOTS  # never grew past the slots
+
+
+async def test_waiting_calls_hold_no_slot_so_the_pool_grows_to_max_workers(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measure_as(monkeypatch, computing=False)
+    gate, started = threading.Event(), list[int]()
+    async with offloop.ThreadPool(6, name="io-bound") as pool:
+        calls = [pool.run(gated(gate, started), i) for i in range(8)]
+        await await_until(lambda: pool.statistics()["running"] == 6, WAIT, "six calls to run")
+        stats = pool.statistics()
+        assert stats["threads"] == 6
+        assert stats["queued"] == 2
+        assert stats["waiting"] >= 6 - SLOTS  # the ones that let the others in
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(8))
+
+
+async def test_a_function_whose_call_ended_waiting_gets_threads_at_once_next_time(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+) -> None:
+    measure_as(monkeypatch, computing=False)
+    gate, started = threading.Event(), list[int]()
+    work = gated(gate, started)
+    async with offloop.ThreadPool(8, name="learns") as pool:
+        # Two calls fill the slots; the check finds them waiting (while
+        # others are pending, so that it looks) and starts the others.
+        first = [pool.run(work, i) for i in range(4)]
+        await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four calls to run")
+        await await_until(lambda: pool.statistics()["waiting"] >= 2, WAIT, "two found waiting")
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*first), WAIT)
+        gate.clear()
+        # Now the function is known to wait: new calls start without a check.
+        monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", lambda *a: None)
+        second = [pool.run(work, i) for i in range(4, 9)]
+        await await_until(lambda: pool.statistics()["running"] == 5, WAIT, "five calls to run")
+        assert pool.statistics()["queued"] == 0
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*second), WAIT) == list(range(4, 9))
+
+
+async def test_the_check_starts_nothing_while_the_loop_runs_late(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+) -> None:
+    measure_as(monkeypatch, computing=False)
+    gate, started = threading.Event(), list[int]()
+    async with offloop.ThreadPool(8, name="late") as pool:
+        # Every check looks as if it ran far past its due time.
+        original = pool_module.ThreadPool._rebalance
+        monkeypatch.setattr(
+            pool_module.ThreadPool,
+            "_rebalance",
+            lambda self, loop, due: original(self, loop, due - 1.0),
+        )
+        calls = [pool.run(gated(gate, started), i) for i in range(4)]
+        # The free slot is still filled: no running call held it.
+        await await_until(lambda: pool.statistics()["waiting"] == SLOTS, WAIT, "both found waiting")
+        await rebalances(REBALANCES)
+        assert pool.statistics()["running"] == SLOTS
+        monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", original)
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(4))
+
+
+async def test_a_cancelled_pending_call_lets_go_of_its_arguments(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measure_as(monkeypatch, computing=True)
+
+    class Big:
+        pass
+
+    gate, started = threading.Event(), list[int]()
+    work = gated(gate, started)
+    async with offloop.ThreadPool(4, name="drops") as pool:
+        running = [pool.run(work, i) for i in range(SLOTS)]
+        await await_until(lambda: pool.statistics()["running"] == SLOTS, WAIT, "slots to fill")
+        big = Big()
+        ref = weakref.ref(big)
+        pending = pool.run(lambda arg: 0, big)
+        del big
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        del pending
+        gc.collect()
+        assert ref() is None, "a cancelled pending call kept its argument alive"
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*running), WAIT)
+
+
+async def test_closing_fails_the_pending_calls_at_once(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measure_as(monkeypatch, computing=True)
+    gate, started = threading.Event(), list[int]()
+    pool = offloop.ThreadPool(4, name="closes")
+    calls = [pool.run(gated(gate, started), i) for i in range(4)]
+    await await_until(lambda: pool.statistics()["running"] == SLOTS, WAIT, "slots to fill")
+    closing = asyncio.ensure_future(pool.aclose())
+    for call in calls[SLOTS:]:
+        with pytest.raises(offloop.PoolClosedError, match="closed before this call"):
+            await asyncio.wait_for(call, WAIT)
+    gate.set()
+    await asyncio.wait_for(closing, WAIT)
+    assert await asyncio.wait_for(asyncio.gather(*calls[:SLOTS]), WAIT) == [0, 1]
+
+
+@pytest.mark.skipif(not workers_module._HAS_SCHEDSTAT, reason="needs Linux's schedstat")
+async def test_the_kernel_tells_a_blocked_call_from_a_computing_one(two_slots: None) -> None:
+    stop = threading.Event()
+
+    def spin() -> int:
+        n = 0
+        while not stop.is_set():
+            n += 1
+        return n
+
+    gate, started = threading.Event(), list[int]()
+    async with offloop.ThreadPool(4, name="kernel") as pool:
+        busy = pool.run(spin)
+        blocked = pool.run(gated(gate, started), 0)
+        queued = pool.run(gated(gate, started), 1)  # keeps the check looking
+        try:
+            await await_until(lambda: pool.statistics()["running"] >= 2, WAIT, "both to run")
+            await await_until(lambda: pool.statistics()["waiting"] >= 1, WAIT, "one found waiting")
+            with pool._lock:
+                waiting = [w.call for w in pool._workers if w.waiting]
+            assert blocked in waiting
+            assert busy not in waiting
+            # The blocked one's slot went to the queued call.
+            await await_until(lambda: sorted(started) == [0, 1], WAIT, "the third call to start")
+        finally:
+            stop.set()
+            gate.set()
+        await asyncio.wait_for(asyncio.gather(busy, blocked, queued), WAIT)
+
+
+def test_the_default_cpu_slots_are_the_cpus_this_process_may_use() -> None:
+    if hasattr(os, "sched_getaffinity"):
+        expected = len(os.sched_getaffinity(0))
+    else:
+        expected = os.cpu_count() or 1
+    assert expected == workers_module.DEFAULT_CPU_SLOTS
+    assert offloop.ThreadPool(1).statistics()["cpu_slots"] == 1  # never more than max_workers

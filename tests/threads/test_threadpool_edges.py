@@ -1,0 +1,226 @@
+"""Edge cases of the thread pool found by trying to break it: closing, cancelling, callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import offloop
+from tests.helpers import WAIT, await_until
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_stop_callback_that_looks_at_the_pool_does_not_deadlock_its_close() -> None:
+    pool = offloop.ThreadPool(2, name="lookback")
+    seen: list[str] = []
+    started = threading.Event()
+
+    def work() -> None:
+        token = offloop.current_token()
+        token.add_callback(lambda _: seen.append(repr(pool)))  # takes the pool's lock
+        started.set()
+        token.wait(WAIT)
+
+    call = pool.run(work)
+    assert await asyncio.to_thread(started.wait, WAIT)
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    await call
+    assert len(seen) == 1
+    assert seen[0].startswith("<ThreadPool 'lookback' closing")
+
+
+@pytest.mark.loops("asyncio")
+async def test_close_with_every_thread_stuck_fails_the_queued_calls_at_once() -> None:
+    pool = offloop.ThreadPool(1, name="stuck-close")
+    release = threading.Event()
+    stuck = pool.run(release.wait, WAIT)
+    await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+    queued = pool.run(abs, -1)
+    try:
+        await asyncio.wait_for(pool.aclose(timeout=0.01), WAIT)
+        with pytest.raises(offloop.PoolClosedError, match="closed before this call of"):
+            await asyncio.wait_for(queued, WAIT)  # not left waiting behind the stuck call
+        assert pool.statistics()["queued"] == 0
+    finally:
+        release.set()
+    assert await asyncio.wait_for(stuck, WAIT) is True
+
+
+@pytest.mark.loops("asyncio")
+async def test_wait_policy_delivers_a_timeout_not_the_result() -> None:
+    # asyncio.wait_for on 3.10/3.11 returned the result when cancel() was refused.
+    async with offloop.ThreadPool(1, name="waiting", on_cancel="wait") as pool:
+        finished: list[bool] = []
+
+        def cooperative() -> str:
+            stopped = offloop.current_token().wait(WAIT)
+            finished.append(stopped)
+            return "partial result"
+
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.run(cooperative), 0.05)
+        assert finished == [True]  # the function returned before the timeout surfaced
+        fut = pool.run(cooperative)
+        await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+        assert fut.cancel() is True  # accepted, delivered when the function returns
+        with pytest.raises(asyncio.CancelledError):
+            await fut
+        assert fut.cancelled()
+        assert pool.statistics()["cancelled"] == 2
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("policy", ["abandon", "wait"])
+async def test_a_task_cancelled_before_its_first_step_cancels_the_call(policy: str) -> None:
+    async with offloop.ThreadPool(1, name="early", on_cancel=policy) as pool:  # type: ignore[arg-type]
+        release = threading.Event()
+        blocker = pool.run(release.wait, WAIT)
+        fut = pool.run(abs, -1)  # queued behind the blocker
+        task = asyncio.create_task(fut)
+        task.cancel()  # before the task ever ran: it throws into the future
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fut.cancelled()
+        assert fut.token.is_set()
+        release.set()
+        await blocker
+        assert pool.statistics()["cancelled"] == 1
+
+
+def test_a_raising_stop_callback_is_logged_and_the_others_still_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    token = offloop.StopToken()
+    ran: list[str] = []
+    token.add_callback(lambda _: 1 / 0)
+    token.add_callback(lambda _: ran.append("second"))
+    with caplog.at_level(logging.ERROR, logger="offloop"):
+        token.set("stop")  # does not raise into whoever sets it
+    assert ran == ["second"]
+    assert "StopToken callback" in caplog.text
+    assert "ZeroDivisionError" in caplog.text
+
+
+def failing_cleanup() -> Iterator[int]:
+    try:
+        yield from range(100)
+    finally:
+        raise RuntimeError("could not release the cursor")
+
+
+@pytest.mark.loops("asyncio")
+async def test_iterate_aclose_raises_what_closing_the_source_raised() -> None:
+    it = offloop.iterate(failing_cleanup(), buffer=2)
+    async for _ in it:
+        break
+    with pytest.raises(RuntimeError, match="could not release the cursor"):
+        await asyncio.wait_for(it.aclose(), WAIT)
+    await it.aclose()  # reported once
+
+
+@pytest.mark.loops("asyncio")
+async def test_iterate_dropped_logs_what_closing_the_source_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="offloop"):
+        async for _ in offloop.iterate(failing_cleanup(), buffer=2):
+            break  # the iterator is dropped: nobody awaits aclose()
+        await await_until(lambda: "closing the source" in caplog.text, WAIT, "the log line")
+    assert "could not release the cursor" in caplog.text
+
+
+@pytest.mark.loops("asyncio")
+async def test_close_from_one_of_its_own_workers_is_refused_not_a_hang() -> None:
+    pool = offloop.ThreadPool(2, name="selfclose")
+
+    def closer() -> None:
+        pool.close(timeout=WAIT)  # would wait for this very thread to exit
+
+    with pytest.raises(offloop.WouldDeadlockError, match="own worker threads"):
+        await asyncio.wait_for(pool.run(closer), WAIT)
+    assert await pool.run(abs, -2) == 2  # refused before anything changed
+    await asyncio.wait_for(pool.aclose(), WAIT)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_thread_that_fails_to_start_leaves_its_call_unrun(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_start = threading.Thread.start
+    failures = [RuntimeError("can't start new thread")]
+
+    def flaky_start(thread: threading.Thread) -> None:
+        if failures and thread.name.startswith("offloop-nostart-"):
+            raise failures.pop()
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", flaky_start)
+    ran: list[str] = []
+    pool = offloop.ThreadPool(2, name="nostart")
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pool.run(ran.append, "told it failed")
+    assert pool.statistics()["queued"] == 0
+    await asyncio.wait_for(pool.run(ran.append, "second"), WAIT)
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    assert ran == ["second"]  # the call whose run() raised never ran
+    stats = pool.statistics()
+    assert (stats["completed"], stats["queued"], stats["threads"]) == (1, 0, 0)
+
+
+@pytest.mark.loops("asyncio")
+async def test_an_awaiter_cancelled_while_the_pool_closes_counts_as_cancelled() -> None:
+    pool = offloop.ThreadPool(1, name="cancelclosing")
+    release = threading.Event()
+    call = pool.run(release.wait, WAIT)
+    await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+    closing = asyncio.ensure_future(pool.aclose())
+    await await_until(lambda: pool.statistics()["state"] == "closing", WAIT)
+    assert call.cancel()
+    stats = pool.statistics()
+    assert (stats["abandoned"], stats["cancelled"]) == (1, 1)
+    release.set()
+    await asyncio.wait_for(closing, WAIT)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_function_raising_cancelled_error_reaches_the_awaiter_as_that_error() -> None:
+    def give_up() -> None:
+        raise asyncio.CancelledError("the function's own")
+
+    # As with asyncio.to_thread: the exception itself, message and traceback kept.
+    with pytest.raises(asyncio.CancelledError, match="the function's own") as info:
+        await asyncio.wait_for(offloop.to_thread(give_up), WAIT)
+    assert info.traceback[-1].name == "give_up"
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_growth_thread_that_fails_to_start_is_logged_and_its_call_waits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def flaky_start(thread: threading.Thread) -> None:
+        if thread.name.startswith("offloop-nogrow-") and thread.name != "offloop-nogrow-1":
+            refused.append(thread.name)  # every thread growth adds
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", flaky_start)
+    pool = offloop.ThreadPool(2, name="nogrow")
+    release = threading.Event()
+    busy = pool.run(release.wait, WAIT)
+    await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+    queued = pool.run(abs, -5)  # queues behind the busy thread: growth tries a second one
+    await await_until(lambda: bool(refused), WAIT, "the growth check to try a thread")
+    assert "could not start a worker thread" in caplog.text
+    assert pool.statistics()["threads"] == 1  # no thread-less worker left behind
+    assert refused == ["offloop-nogrow-2"]  # not retried every period, nor logged each time
+    release.set()
+    assert await asyncio.wait_for(queued, WAIT) == 5  # run by the first thread once free
+    assert await busy is True
+    await asyncio.wait_for(pool.aclose(), WAIT)  # waits for no thread that never started

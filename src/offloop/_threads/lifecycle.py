@@ -46,6 +46,8 @@ class ThreadPoolLifecycle(PoolContext):
     _waiting: int
     _abandoned: int
     _short: bool
+    _unstarted: list[Worker]
+    _starting: bool
     _cancelled: int
 
     def _describe(self) -> str:
@@ -203,6 +205,8 @@ class ThreadPoolLifecycle(PoolContext):
         self._ready = self._waiting = 0
         self._pending = deque()
         self._short = False
+        self._unstarted = []
+        self._starting = False
         self._growth_loops = set()
         self._closed_waiters = []
         if self._state is not PoolState.OPEN:

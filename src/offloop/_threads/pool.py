@@ -212,6 +212,10 @@ class ThreadPool(ThreadPoolLifecycle):
         # Set by a worker that finished a call shorter than GROWTH_PERIOD while
         # calls were pending; read and cleared by _rebalance.
         self._short = False
+        # Workers whose threads are wanted but not started yet, and whether a
+        # thread is starting them (see _want_started).
+        self._unstarted: list[Worker] = []
+        self._starting = False
         # Whether the last call of a function (by code object) was found
         # waiting: see _learn.
         self._waits: dict[object, bool] = {}
@@ -310,7 +314,8 @@ class ThreadPool(ThreadPoolLifecycle):
     # -- how calls flow ----------------------------------------------------
 
     def _submit(self, call: OffloadFuture[Any]) -> None:
-        spawn = dispatch = False
+        dispatch = False
+        starter: Worker | None = None
         with self._lock:
             if self._state is not PoolState.OPEN:
                 raise PoolClosedError(
@@ -342,9 +347,9 @@ class ThreadPool(ThreadPoolLifecycle):
                 if self._idle > 0:
                     self._idle -= 1
                 else:
-                    spawn = True
                     worker = Worker()
                     self._workers.append(worker)
+                    starter = self._want_started([worker])
             else:
                 self._pending.append(call)
                 loop = call.loop
@@ -360,11 +365,12 @@ class ThreadPool(ThreadPoolLifecycle):
         if not dispatch:
             return
         self._queue.put(call)
-        if spawn:
+        if starter is not None:
             try:
-                self._start_thread(worker)
+                self._start_thread(starter, starts_others=True)
             except BaseException:
                 with self._lock:
+                    self._give_up_starting()
                     taken = call._phase is not QUEUED  # by a thread another call started
                     if not taken:
                         # run() raises, so the call must never run: a later
@@ -380,6 +386,7 @@ class ThreadPool(ThreadPoolLifecycle):
         # CPU slots they leave, starting threads up to max_workers.
         to_start: list[Worker] = []
         to_put: list[OffloadFuture[Any]] = []
+        starter: Worker | None = None
         with self._lock:
             if self._state is not PoolState.OPEN or not self._pending:
                 self._growth_loops.discard(loop)
@@ -419,11 +426,12 @@ class ThreadPool(ThreadPoolLifecycle):
                     worker = Worker()
                     self._workers.append(worker)
                     to_start.append(worker)
+            starter = self._want_started(to_start) if to_start else None
         for call in to_put:
             self._queue.put(call)
-        for i, worker in enumerate(to_start):
+        if starter is not None:
             try:
-                self._start_thread(worker)
+                self._start_thread(starter, starts_others=True)
             except Exception:
                 logger.exception("offloop: pool %r could not start a worker thread", self._name)
                 # Their calls wait in the queue for a busy thread to come
@@ -431,9 +439,7 @@ class ThreadPool(ThreadPoolLifecycle):
                 # every period (and a log line each time): the next call that
                 # waits arms the check again.
                 with self._lock:
-                    for unstarted in to_start[i + 1 :]:
-                        self._workers.remove(unstarted)
-                        self._backlog += 1
+                    self._give_up_starting()
                     self._growth_loops.discard(loop)
                 return
         due = loop.time() + GROWTH_PERIOD
@@ -441,8 +447,10 @@ class ThreadPool(ThreadPoolLifecycle):
 
     # -- the worker thread ----------------------------------------------------
 
-    def _work(self, worker: Worker) -> None:
+    def _work(self, worker: Worker, starts_others: bool = False) -> None:
         """The body of a worker thread: take calls and run them."""
+        if starts_others:
+            self._start_others()
         get = self._queue.get
         get_nowait = self._queue.get_nowait
         lock = self._lock
@@ -599,10 +607,49 @@ class ThreadPool(ThreadPoolLifecycle):
                 return call
         return None
 
-    def _start_thread(self, worker: Worker) -> None:
+    def _want_started(self, workers: list[Worker]) -> Worker | None:
+        # Under _lock: threads for these new workers are wanted. Returns the
+        # one the caller must start, or None if a thread that starts the
+        # others is already at it. Thread.start() waits until the new thread
+        # has run, and under GIL contention that takes several switch
+        # intervals: starting forty threads on the loop's thread would stall
+        # it for seconds. So the loop starts one, which starts the rest.
+        self._unstarted.extend(workers)
+        if self._starting:
+            return None
+        self._starting = True
+        return self._unstarted.pop(0)
+
+    def _start_others(self) -> None:
+        # In a thread started with starts_others: start the workers that
+        # were wanted meanwhile, then serve calls like any other.
+        while True:
+            with self._lock:
+                if not self._unstarted:
+                    self._starting = False
+                    return
+                worker = self._unstarted.pop(0)
+            try:
+                self._start_thread(worker)
+            except Exception:
+                logger.exception("offloop: pool %r could not start a worker thread", self._name)
+                with self._lock:
+                    self._give_up_starting()
+                return
+
+    def _give_up_starting(self) -> None:
+        # Under _lock, when a thread failed to start: so will the others, most
+        # likely; their calls wait for a busy thread to come free.
+        for worker in self._unstarted:
+            self._workers.remove(worker)
+            self._backlog += 1
+        self._unstarted.clear()
+        self._starting = False
+
+    def _start_thread(self, worker: Worker, *, starts_others: bool = False) -> None:
         thread = threading.Thread(
             target=self._work,
-            args=(worker,),
+            args=(worker, starts_others),
             name=f"offloop-{self._name}-{next(self._thread_numbers)}",
             daemon=True,
         )

@@ -39,7 +39,7 @@ from ._loops.fromthread import from_thread
 from ._loops.loopthread import LoopThread, LoopThreadState
 from ._loops.shared import to_loop
 from ._process.dask import DaskPool
-from ._process.pool import ProcessPool, to_process
+from ._process.pool import ProcessPool, default_process_pool, to_process
 from ._services.aiohttp_app import AiohttpService
 from ._services.asgi import ASGIService
 from ._services.base import Service
@@ -49,7 +49,7 @@ from ._supervisor.status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor.supervisor import Supervisor
 from ._threads.iterate import ThreadedIterator, iterate, threaded
 from ._threads.pool import ThreadPool
-from ._threads.tothread import to_thread
+from ._threads.tothread import default_thread_pool, to_thread
 
 __version__ = "0.1.0"
 
@@ -86,6 +86,8 @@ __all__ = [
     "WouldDeadlockError",
     "__version__",
     "current_token",
+    "default_process_pool",
+    "default_thread_pool",
     "detect_blocking",
     "from_thread",
     "iterate",

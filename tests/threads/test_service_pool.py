@@ -19,7 +19,7 @@ import pytest
 
 import offloop
 from offloop import WatchService, WSGIService
-from offloop._threads.tothread import default_pool, service_pool
+from offloop._threads.tothread import default_thread_pool, service_pool
 from tests.helpers import QUICK_WAIT as WAIT
 from tests.helpers import await_until, bounded, wsgi_threads
 
@@ -28,7 +28,7 @@ from tests.helpers import await_until, bounded, wsgi_threads
 async def saturated_default_pool() -> AsyncIterator[None]:
     """Every thread of the default pool blocked in user code, and one more call queued."""
     release = threading.Event()
-    pool = default_pool()
+    pool = default_thread_pool()
     calls = [offloop.to_thread(release.wait, WAIT * 4) for _ in range(pool.max_workers + 1)]
     try:
         await await_until(lambda: pool.statistics()["running"] == pool.max_workers, WAIT)
@@ -49,7 +49,9 @@ async def test_a_wsgi_service_stops_while_the_default_pool_is_full(server: str) 
     async with saturated_default_pool():
         await asyncio.wait_for(svc.stop(), WAIT)
         assert svc.state.value == "stopped"
-        assert default_pool().statistics()["queued"] == 1  # still stuck: the stop did not need it
+        assert (
+            default_thread_pool().statistics()["queued"] == 1
+        )  # still stuck: the stop did not need it
 
 
 @pytest.mark.loops("asyncio")
@@ -62,7 +64,7 @@ async def test_a_watch_service_starts_and_stops_while_the_default_pool_is_full(
         await asyncio.wait_for(svc.start(), WAIT)
         await asyncio.wait_for(svc.stop(), WAIT)
         assert svc.state.value == "stopped"
-        assert default_pool().statistics()["queued"] == 1
+        assert default_thread_pool().statistics()["queued"] == 1
 
 
 @pytest.mark.loops("asyncio")

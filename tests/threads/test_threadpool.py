@@ -14,7 +14,7 @@ import pytest
 
 import offloop
 from offloop._threads.pool import DEFAULT_MAX_WORKERS
-from offloop._threads.tothread import default_pool
+from offloop._threads.tothread import default_thread_pool
 from tests.helpers import WAIT, await_until, wait_until
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
@@ -547,7 +547,7 @@ async def test_short_calls_reuse_a_few_warm_threads() -> None:
 
 
 def test_default_pool_is_bounded_and_named() -> None:
-    pool = default_pool()
+    pool = default_thread_pool()
     assert pool.name == "default"
     assert pool.max_workers == DEFAULT_MAX_WORKERS == 40
 

@@ -234,3 +234,34 @@ def test_the_default_cpu_slots_are_the_cpus_this_process_may_use() -> None:
         expected = os.cpu_count() or 1
     assert expected == workers_module.DEFAULT_CPU_SLOTS
     assert offloop.ThreadPool(1).statistics()["cpu_slots"] == 1  # never more than max_workers
+
+
+async def test_max_workers_can_be_raised_and_lowered_while_the_pool_runs(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measure_as(monkeypatch, computing=False)
+    gate, started = threading.Event(), list[int]()
+    async with offloop.ThreadPool(2, name="resized") as pool:
+        calls = [pool.run(gated(gate, started), i) for i in range(5)]
+        await await_until(lambda: pool.statistics()["running"] == 2, WAIT, "two calls to run")
+        pool.max_workers = 4
+        await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four calls to run")
+        assert pool.statistics()["threads"] == 4
+        pool.max_workers = 1
+        assert pool.statistics()["cpu_slots"] == 1
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(5))
+        assert pool.statistics()["threads"] <= 4  # none started above the new bound
+        with pytest.raises(ValueError, match=r"ThreadPool.max_workers = ... must be at least 1"):
+            pool.max_workers = 0
+        with pytest.raises(TypeError, match="must be a positive int"):
+            pool.max_workers = 2.5  # type: ignore[assignment]
+        assert pool.max_workers == 1
+
+
+async def test_the_default_pools_are_public_for_sizing_and_statistics() -> None:
+    pool = offloop.default_thread_pool()
+    assert await offloop.to_thread(threading.get_ident) != threading.get_ident()
+    assert pool is offloop.default_thread_pool()
+    assert pool.statistics()["completed"] >= 1
+    assert offloop.default_process_pool().max_workers >= 1

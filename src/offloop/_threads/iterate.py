@@ -17,7 +17,7 @@ from .._core.offload import OffloadFuture
 from .._core.token import StopToken, current_token, thread_state
 from .._core.validate import check_positive_int, check_sync_callable, describe
 from .pool import ThreadPool
-from .tothread import default_pool
+from .tothread import default_thread_pool
 
 __all__ = ["ThreadedIterator", "iterate", "threaded"]
 
@@ -85,7 +85,7 @@ def threaded(
                     f"('await {name}(...)'); in sync code call the undecorated function, "
                     f"{name}.__wrapped__(...)."
                 )
-            return (pool or default_pool()).run(func, *args, **kwargs)
+            return (pool or default_thread_pool()).run(func, *args, **kwargs)
 
         return wrapper
 
@@ -244,7 +244,7 @@ class ThreadedIterator(AsyncIterator[T]):
             raise StopAsyncIteration
         if self._producer is None:
             shared.loop = asyncio.get_running_loop()
-            self._producer = (self._pool or default_pool()).run(shared.producer())
+            self._producer = (self._pool or default_thread_pool()).run(shared.producer())
             self._producer.add_done_callback(shared.producer_done)
         while not shared.items:
             if self._shared.finished:

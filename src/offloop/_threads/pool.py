@@ -239,8 +239,24 @@ class ThreadPool(ThreadPoolLifecycle):
 
     @property
     def max_workers(self) -> int:
-        """The most threads this pool runs at once."""
+        """The most threads this pool runs at once; settable while it runs.
+
+        Raising it lets pending calls start more threads at the next check;
+        lowering it starts no new thread until fewer run (threads above it
+        end like any other, after 30 s idle). ``cpu_slots`` follows it when
+        it drops below the number of CPUs.
+
+        Raises:
+            TypeError, ValueError: (on set) not a positive int.
+        """
         return self._max_workers
+
+    @max_workers.setter
+    def max_workers(self, value: int) -> None:
+        check_positive_int(value, "ThreadPool.max_workers = ...", allow_none=False)
+        with self._lock:
+            self._max_workers = value
+            self._cpu_slots = min(value, DEFAULT_CPU_SLOTS)
 
     def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
         """Run ``fn(*args, **kwargs)`` in a worker thread; await the result.
@@ -410,7 +426,9 @@ class ThreadPool(ThreadPoolLifecycle):
             # A call that ended within a period since the last look means a
             # thread cycles through short calls: it takes the pending ones
             # itself, faster than new threads would, so none is started.
-            room = self._idle + (0 if self._short else self._max_workers - len(self._workers))
+            room = self._idle + (
+                0 if self._short else max(0, self._max_workers - len(self._workers))
+            )
             self._short = False
             while free > 0 and room > 0 and self._pending:
                 call = self._pending.popleft()

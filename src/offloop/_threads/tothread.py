@@ -16,7 +16,7 @@ from .._core.offload import OffloadFuture
 from .._core.poolbase import DefaultPool, PoolState
 from .pool import ThreadPool, _pools
 
-__all__ = ["default_pool", "service_pool", "to_thread"]
+__all__ = ["default_thread_pool", "service_pool", "to_thread"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -31,8 +31,15 @@ def _make_default() -> ThreadPool:
 _default: Final = DefaultPool(_make_default)
 
 
-def default_pool() -> ThreadPool:
-    """The process-wide pool behind :func:`to_thread` (created on first use)."""
+def default_thread_pool() -> ThreadPool:
+    """The process-wide pool behind :func:`to_thread` (created on first use).
+
+    Read its :meth:`~ThreadPool.statistics`, or size it::
+
+        offloop.default_thread_pool().max_workers = 8
+
+    It is created anew (with the default size) if someone closes it.
+    """
     return _default.get()
 
 

@@ -6,14 +6,44 @@ one flag test before anything slower is tried.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import sys
+from collections.abc import Callable
 from types import BuiltinFunctionType, BuiltinMethodType, FunctionType, MethodWrapperType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Code flags of functions that return a coroutine or an async generator.
 ASYNC_CODE_FLAGS: Final = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 # Callables implemented in C: never coroutine functions, no need to inspect.
 _PLAIN_CALLABLES: Final = frozenset({BuiltinFunctionType, BuiltinMethodType, MethodWrapperType})
+
+
+if sys.version_info >= (3, 12):
+
+    def mark_coroutine_function(fn: F) -> F:
+        """Make ``inspect.iscoroutinefunction(fn)`` (and asyncio's) true for ``fn``.
+
+        For a sync function that returns an awaitable: frameworks that ask
+        (Starlette, FastAPI, bot libraries) then await it instead of running it
+        in a thread pool of their own, where no event loop runs.
+        """
+        return inspect.markcoroutinefunction(fn)
+
+else:
+    # Before 3.12 inspect.iscoroutinefunction looks only at the code flags, so
+    # nothing can make it true for a sync function; asyncio.iscoroutinefunction,
+    # which Starlette uses on these versions, accepts this private marker, the
+    # same one asgiref's markcoroutinefunction sets. The one use of the name,
+    # checked by tests/test_iterate.py.
+    _IS_COROUTINE: Final[object] = getattr(asyncio.coroutines, "_is_coroutine")  # noqa: B009
+
+    def mark_coroutine_function(fn: F) -> F:
+        """Make ``asyncio.iscoroutinefunction(fn)`` true for ``fn`` (see the 3.12+ version)."""
+        fn._is_coroutine = _IS_COROUTINE  # type: ignore[attr-defined]
+        return fn
 
 
 def describe(obj: object) -> str:

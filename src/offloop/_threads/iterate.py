@@ -15,7 +15,12 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar, final, overload
 from .._core.errors import PoolClosedError
 from .._core.offload import OffloadFuture
 from .._core.token import StopToken, current_token, thread_state
-from .._core.validate import check_positive_int, check_sync_callable, describe
+from .._core.validate import (
+    check_positive_int,
+    check_sync_callable,
+    describe,
+    mark_coroutine_function,
+)
 from .pool import ThreadPool
 from .tothread import default_pool
 
@@ -59,6 +64,11 @@ def threaded(
     of the default pool. The signature is kept for type checkers; the result is
     an :class:`OffloadFuture`, exactly what :func:`to_thread` returns.
 
+    The decorated function counts as a coroutine function
+    (``asyncio.iscoroutinefunction``, and ``inspect.iscoroutinefunction`` on
+    Python 3.12+), so frameworks that check, like Starlette and FastAPI,
+    await it instead of running it in a thread pool of their own.
+
     Raises:
         TypeError: the decorated object is not callable, or is a coroutine function.
     """
@@ -87,7 +97,8 @@ def threaded(
                 )
             return (pool or default_pool()).run(func, *args, **kwargs)
 
-        return wrapper
+        # Calling it returns an awaitable: frameworks that check must await it.
+        return mark_coroutine_function(wrapper)
 
     if fn is None:
         return decorate

@@ -396,3 +396,46 @@ async def test_a_threaded_starlette_endpoint_is_awaited_not_run_in_starlettes_po
     # Awaited by Starlette, so the body ran in offloop's pool; run in
     # Starlette's pool it would have found no running loop and failed.
     assert sent[1]["body"].decode().startswith("offloop-default-")
+
+
+class _Methods:
+    base = 10
+
+    def __init__(self) -> None:
+        self.base = 100
+
+    @offloop.threaded
+    @staticmethod
+    def static_above(x: int) -> int:
+        return x + 1
+
+    @staticmethod
+    @offloop.threaded
+    def static_below(x: int) -> int:
+        return x + 2
+
+    @offloop.threaded
+    @classmethod
+    def class_above(cls, x: int) -> int:
+        return cls.base + x
+
+    @classmethod
+    @offloop.threaded
+    def class_below(cls, x: int) -> int:
+        return cls.base + x
+
+    @offloop.threaded
+    def method(self, x: int) -> int:
+        return self.base + x
+
+
+async def test_threaded_works_with_staticmethod_and_classmethod_in_either_order() -> None:
+    obj = _Methods()
+    for owner in (_Methods, obj):
+        assert await owner.static_above(1) == 2
+        assert await owner.static_below(1) == 3
+        assert await owner.class_above(1) == 11
+        assert await owner.class_below(1) == 11
+    assert await obj.method(1) == 101
+    assert asyncio.iscoroutinefunction(_Methods.static_above)
+    assert asyncio.iscoroutinefunction(obj.class_above)

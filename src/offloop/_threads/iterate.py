@@ -64,6 +64,7 @@ def threaded(
     of the default pool. The signature is kept for type checkers; the result is
     an :class:`OffloadFuture`, exactly what :func:`to_thread` returns.
 
+    It may sit above or below ``@staticmethod`` and ``@classmethod``.
     The decorated function counts as a coroutine function
     (``asyncio.iscoroutinefunction``, and ``inspect.iscoroutinefunction`` on
     Python 3.12+), so frameworks that check, like Starlette and FastAPI,
@@ -76,6 +77,14 @@ def threaded(
         raise TypeError(f"offloop.threaded(pool=...) needs a ThreadPool, got {describe(pool)}.")
 
     def decorate(func: Callable[P, R]) -> Callable[P, OffloadFuture[R]]:
+        # Above @staticmethod or @classmethod: decorate the function inside and
+        # wrap the result the same way, so the descriptor still binds (no
+        # instance passed to a static method, the class passed to a class one).
+        method: Any = func
+        if isinstance(method, staticmethod | classmethod):
+            kind: Any = type(method)
+            inner: Any = method.__func__
+            return kind(decorate(inner))  # type: ignore[no-any-return]
         if not callable(func):
             raise TypeError(
                 f"offloop.threaded decorates a function, but got {describe(func)}. Put "

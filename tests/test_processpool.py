@@ -124,6 +124,10 @@ async def coroutine_function() -> None:
     pass
 
 
+def generator_function() -> Iterator[int]:
+    yield 1
+
+
 # -- fixtures ------------------------------------------------------------------
 
 
@@ -235,6 +239,10 @@ async def test_remote_exception_keeps_its_type_with_the_remote_traceback(
 async def test_bad_arguments_are_refused_before_anything_runs(shared: ProcessPool) -> None:
     with pytest.raises(TypeError, match="coroutine function"):
         shared.run(coroutine_function)
+    # Only the generator's creation would run there, and a generator cannot
+    # be sent back: refused before anything is sent.
+    with pytest.raises(TypeError, match="a generator function"):
+        shared.run(generator_function)
     with pytest.raises(TypeError, match="needs a callable"):
         shared.run(42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"ProcessPool\(max_workers=...\) must be at least 1"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -227,3 +228,32 @@ async def test_a_growth_thread_that_fails_to_start_is_logged_and_its_call_waits(
     assert await asyncio.wait_for(queued, WAIT) == 5  # run by the first thread once free
     assert await busy is True
     await asyncio.wait_for(pool.aclose(), WAIT)  # waits for no thread that never started
+
+
+class _Lines:
+    def lines(self) -> Iterator[str]:
+        yield "a"
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_generator_function_is_refused_with_a_pointer_to_iterate() -> None:
+    # In a worker only the generator's creation would run; its blocking body
+    # would run later, on the loop's thread, wherever it is iterated.
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    with pytest.raises(
+        TypeError,
+        match=r"^offloop\.to_thread\(\) got function .*numbers', a generator function.*"
+        r"offloop\.iterate\(numbers\(\.\.\.\)\)",
+    ):
+        offloop.to_thread(numbers)
+    async with offloop.ThreadPool(1, name="gens") as pool:
+        for fn in (_Lines().lines, functools.partial(numbers)):
+            with pytest.raises(TypeError, match=r"a generator function.*offloop\.iterate"):
+                pool.run(fn)
+        assert pool.statistics()["threads"] == 0  # nothing was queued
+    with pytest.raises(TypeError, match=r"^offloop\.threaded got .*, a generator function"):
+        offloop.threaded(numbers)
+    with pytest.raises(TypeError, match=r"got a generator object.*offloop\.iterate"):
+        offloop.to_thread(numbers())  # type: ignore[arg-type]

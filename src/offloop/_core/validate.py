@@ -17,6 +17,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: Code flags of functions that return a coroutine or an async generator.
 ASYNC_CODE_FLAGS: Final = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+#: Code flags of functions a worker must not be given: async ones, and
+#: generator functions, of which a worker would run only the creation (their
+#: body runs later, wherever the generator is iterated: on the event loop).
+#: One flag test on the hot path; :func:`check_sync_callable` says which it is.
+REFUSED_CODE_FLAGS: Final = ASYNC_CODE_FLAGS | inspect.CO_GENERATOR
 # Callables implemented in C: never coroutine functions, no need to inspect.
 _PLAIN_CALLABLES: Final = frozenset({BuiltinFunctionType, BuiltinMethodType, MethodWrapperType})
 
@@ -60,15 +65,31 @@ def describe(obj: object) -> str:
 def check_sync_callable(fn: Any, where: str, async_alternative: str) -> None:
     """Reject what cannot run as a sync function in a worker.
 
+    Refused: non-callables, coroutine and async generator functions (and
+    coroutine objects), generator functions (and generator objects).
+
     ``where`` names the call (``"offloop.to_thread()"``) and
     ``async_alternative`` the call to use for coroutines.
     """
     kind = type(fn)
     if kind is FunctionType:
-        if not fn.__code__.co_flags & ASYNC_CODE_FLAGS:
+        if not fn.__code__.co_flags & REFUSED_CODE_FLAGS:
             return
     elif kind in _PLAIN_CALLABLES or _is_sync_callable(fn):
         return
+    if inspect.isgeneratorfunction(fn):
+        raise TypeError(
+            f"{where} got {describe(fn)}, a generator function: the worker would only create "
+            f"the generator, and its body would then run on the event loop as it is iterated, "
+            f"blocking it. Iterate it from async code with 'async for item in "
+            f"offloop.iterate({_name(fn)}(...))', or offload a function that returns "
+            f"list({_name(fn)}(...))."
+        )
+    if inspect.isgenerator(fn):
+        raise TypeError(
+            f"{where} got a generator object ({describe(fn)}), not a function. Iterate it "
+            f"from async code with 'async for item in offloop.iterate(generator)'."
+        )
     if inspect.iscoroutine(fn):
         fn.close()  # no "coroutine was never awaited" warning on top of our error
         raise TypeError(
@@ -114,7 +135,11 @@ def check_positive_int(value: object, name: str, *, allow_none: bool = True) -> 
 
 
 def _is_sync_callable(fn: Any) -> bool:
-    return callable(fn) and not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
+    return callable(fn) and not (
+        inspect.iscoroutinefunction(fn)
+        or inspect.isasyncgenfunction(fn)
+        or inspect.isgeneratorfunction(fn)
+    )
 
 
 def _name(fn: Any) -> str:

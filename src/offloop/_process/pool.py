@@ -205,7 +205,7 @@ class ProcessPool(WorkerSet, PoolContext):
         ``__cause__``. Context variables are not carried to the worker.
 
         Raises:
-            TypeError: ``fn`` is not callable, or is a coroutine function.
+            TypeError: ``fn`` is not callable, or is a coroutine or generator function.
             NotPicklableError: the function or an argument cannot be pickled
                 (raised here), or the result cannot (raised by the await).
             WorkerCrashed: (by the await) the worker died while running the call.
@@ -524,7 +524,7 @@ def to_process(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offl
     crashes and cancellation.
 
     Raises:
-        TypeError: ``fn`` is not callable, or is a coroutine function.
+        TypeError: ``fn`` is not callable, or is a coroutine or generator function.
         NotPicklableError: the function, an argument or the result cannot be pickled.
         WorkerCrashed: the worker process died while running the call.
         RuntimeError: no event loop is running in this thread.

@@ -71,7 +71,7 @@ def threaded(
     await it instead of running it in a thread pool of their own.
 
     Raises:
-        TypeError: the decorated object is not callable, or is a coroutine function.
+        TypeError: the decorated object is not callable, or is a coroutine or generator function.
     """
     if pool is not None and not isinstance(pool, ThreadPool):
         raise TypeError(f"offloop.threaded(pool=...) needs a ThreadPool, got {describe(pool)}.")

@@ -68,7 +68,7 @@ from .._core.poolbase import (
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
-    ASYNC_CODE_FLAGS,
+    REFUSED_CODE_FLAGS,
     check_positive_int,
     check_sync_callable,
     check_thread_name,
@@ -226,12 +226,12 @@ class ThreadPool(PoolContext):
         the worker. Exceptions propagate with their type and traceback.
 
         Raises:
-            TypeError: ``fn`` is not callable, or is a coroutine function.
+            TypeError: ``fn`` is not callable, or is a coroutine or generator function.
             RuntimeError: no event loop is running in this thread.
             PoolClosedError: the pool is closing or closed.
         """
         # Messages are formatted only on the error path: this runs per call.
-        if type(fn) is not FunctionType or fn.__code__.co_flags & ASYNC_CODE_FLAGS:
+        if type(fn) is not FunctionType or fn.__code__.co_flags & REFUSED_CODE_FLAGS:
             check_sync_callable(fn, self._run_name, "offloop.to_loop()")
         try:
             loop = _get_running_loop()

@@ -107,7 +107,7 @@ def test_bad_arguments_raise_clear_type_errors() -> None:
     def sync_fn() -> int:
         return 1
 
-    with pytest.raises(TypeError, match="not a coroutine or awaitable, so it is sync code"):
+    with pytest.raises(TypeError, match="which is sync code"):
         from_thread(sync_fn)  # type: ignore[arg-type, unused-ignore]
     with pytest.raises(TypeError, match="positional argument"):
         from_thread(where_am_i, "unexpected")  # type: ignore[call-arg]
@@ -465,3 +465,60 @@ def test_an_async_generator_function_is_refused_with_how_to_wrap_it() -> None:
         from_thread(rows)
     with offloop.LoopThread(name="agen") as lt, pytest.raises(TypeError, match="async generator"):
         lt.call(rows)
+
+
+def test_a_sync_function_is_refused_before_it_runs_anywhere() -> None:
+    ran: list[str] = []
+
+    def sync_fn() -> int:
+        ran.append(threading.current_thread().name)
+        return 1
+
+    class Callable_:
+        def __call__(self) -> int:
+            ran.append("object")
+            return 3
+
+    for fn in (sync_fn, functools.partial(sync_fn), Callable_(), len, lambda: sync_fn()):
+        with pytest.raises(TypeError, match=r"from_thread\(\) needs a coroutine function.*sync"):
+            from_thread(fn)  # type: ignore[arg-type]
+    with offloop.LoopThread(name="refuses") as lt:
+        with pytest.raises(TypeError, match=r"LoopThread\.call\(\) needs a coroutine function"):
+            lt.call(sync_fn)  # type: ignore[arg-type]
+
+        async def from_a_loop() -> None:
+            with pytest.raises(TypeError, match=r"to_loop\(\) needs a coroutine function"):
+                await offloop.to_loop(sync_fn)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match=r"LoopThread\.run\(\) needs a coroutine function"):
+                await lt.run(sync_fn)  # type: ignore[arg-type]
+
+        asyncio.run(from_a_loop())
+        assert " 0 tasks" in repr(lt)
+    assert ran == []
+
+
+def test_what_returns_a_coroutine_is_still_accepted() -> None:
+    async def double(x: int) -> int:
+        return 2 * x
+
+    @functools.wraps(double)
+    def sync_decorator(x: int) -> Any:  # a decorator that is not async itself
+        return double(x)
+
+    class AsyncCallable:
+        async def __call__(self, x: int) -> int:
+            return 3 * x
+
+    class Holder:
+        async def method(self, x: int) -> int:
+            return 4 * x
+
+    @offloop.threaded
+    def in_a_worker(x: int) -> int:
+        return 5 * x
+
+    assert from_thread(functools.partial(double, 1)) == 2
+    assert from_thread(sync_decorator, 1) == 2
+    assert from_thread(AsyncCallable(), 1) == 3
+    assert from_thread(Holder().method, 1) == 4
+    assert from_thread(in_a_worker, 1) == 5

@@ -7,6 +7,7 @@ one flag test before anything slower is tried.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -37,6 +38,10 @@ if sys.version_info >= (3, 12):
         """
         return inspect.markcoroutinefunction(fn)
 
+    def is_coroutine_function(fn: object) -> bool:
+        """``inspect.iscoroutinefunction``, which sees the marker above."""
+        return inspect.iscoroutinefunction(fn)
+
 else:
     # Before 3.12 inspect.iscoroutinefunction looks only at the code flags, so
     # nothing can make it true for a sync function; asyncio.iscoroutinefunction,
@@ -49,6 +54,11 @@ else:
         """Make ``asyncio.iscoroutinefunction(fn)`` true for ``fn`` (see the 3.12+ version)."""
         fn._is_coroutine = _IS_COROUTINE  # type: ignore[attr-defined]
         return fn
+
+    def is_coroutine_function(fn: object) -> bool:
+        """``inspect.iscoroutinefunction``, or marked as one (what asyncio's accepts)."""
+        marker = getattr(fn, "_is_coroutine", None)
+        return inspect.iscoroutinefunction(fn) or marker is _IS_COROUTINE
 
 
 def describe(obj: object) -> str:
@@ -110,7 +120,11 @@ def check_sync_callable(fn: Any, where: str, async_alternative: str) -> None:
 
 
 def check_async_callable(fn: Any, where: str) -> None:
-    """Reject what is not a coroutine function for entry points that take one."""
+    """Reject what is not a coroutine function for entry points that take one.
+
+    Checked before anything is sent to the target loop: a sync function must
+    not run there first and be refused after.
+    """
     if inspect.iscoroutine(fn):
         fn.close()
         raise TypeError(
@@ -122,6 +136,60 @@ def check_async_callable(fn: Any, where: str) -> None:
         raise TypeError(
             f"{where} needs a coroutine function as its first argument, but got {describe(fn)}."
         )
+    if type(fn) is FunctionType and fn.__code__.co_flags & inspect.CO_COROUTINE:
+        return  # the common case, decided by one flag test
+    target = _innermost(fn)
+    if inspect.isasyncgenfunction(target):
+        raise TypeError(
+            f"{where} needs a coroutine function, but {describe(fn)} is an async generator "
+            f"function: it returns an async iterator to 'async for' over, not a coroutine to "
+            f"run. Wrap the iteration in a coroutine (e.g. 'async def collect(): return "
+            f"[x async for x in gen()]') and pass that."
+        )
+    if _is_sync_function(fn, target):
+        raise TypeError(
+            f"{where} needs a coroutine function as its first argument, but got {describe(fn)}, "
+            f"which is sync code: it would run on the event loop's thread, not return a "
+            f"coroutine. Call it directly, or use offloop.to_thread() if it blocks."
+        )
+
+
+#: How deep _innermost follows wrappers: a cycle of ``__wrapped__`` must end.
+_MAX_WRAPPERS: Final = 100
+
+
+def _innermost(fn: Any) -> Any:
+    # What a partial, a bound method or a functools.wraps decorator wraps.
+    for _ in range(_MAX_WRAPPERS):
+        if is_coroutine_function(fn):
+            return fn
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif inspect.ismethod(fn):
+            fn = fn.__func__
+        elif getattr(fn, "__wrapped__", None) is not None:
+            fn = fn.__wrapped__
+        else:
+            return fn
+    return fn
+
+
+def _is_sync_function(fn: Any, target: Any) -> bool:
+    """Whether ``fn`` is certainly sync code (a plain function, a C function).
+
+    What cannot be told without calling it (a class, an object whose
+    ``__call__`` is not Python code, a Cython coroutine function) is let
+    through: the crossing checks what the call returned.
+    """
+    if is_coroutine_function(target) or is_coroutine_function(fn):
+        return False
+    kind = type(target)
+    if kind is FunctionType or kind in _PLAIN_CALLABLES:
+        return True
+    if isinstance(target, type):
+        return False
+    call = getattr(kind, "__call__", None)  # noqa: B004 - the class's, not the instance's
+    return type(call) is FunctionType and not is_coroutine_function(call)
 
 
 def check_positive_int(value: object, name: str, *, allow_none: bool = True) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import gc
 import queue
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 import offloop
 from offloop import CallerGoneError, WouldDeadlockError, from_thread
 from offloop._core.token import StopToken, WorkerCall, thread_state
+from offloop._loops.fromthread import _shared as shared_loop_thread
 from offloop._loops.shared import SharedLoopThread, block_on
 
 from .helpers import await_until, wait_until
@@ -522,3 +524,41 @@ def test_what_returns_a_coroutine_is_still_accepted() -> None:
     assert from_thread(AsyncCallable(), 1) == 3
     assert from_thread(Holder().method, 1) == 4
     assert from_thread(in_a_worker, 1) == 5
+
+
+class Fatal(BaseException):
+    """A BaseException that is neither SystemExit nor KeyboardInterrupt."""
+
+
+async def fatal() -> None:
+    await asyncio.sleep(0)
+    raise Fatal("from the coroutine")
+
+
+@pytest.mark.loops("asyncio", "uvloop")
+async def test_a_base_exception_reaches_the_worker_and_is_not_logged_as_never_retrieved() -> None:
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda loop, context: reported.append(context))
+
+    def worker() -> str:
+        try:
+            from_thread(fatal)
+        except Fatal as exc:
+            return str(exc)
+        return "no exception"
+
+    # And from a plain thread, onto the shared loop thread.
+    shared_reported: list[dict[str, Any]] = []
+    shared = shared_loop_thread.get().loop
+    assert shared is not None
+    shared.set_exception_handler(lambda loop, context: shared_reported.append(context))
+    try:
+        assert await offloop.to_thread(worker) == "from the coroutine"
+        assert await asyncio.to_thread(worker) == "from the coroutine"
+        gc.collect()  # a task with an exception nobody retrieved is reported when collected
+        assert reported == []
+        assert shared_reported == []
+    finally:
+        loop.set_exception_handler(None)
+        shared.set_exception_handler(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -496,3 +497,34 @@ async def test_call_from_a_worker_whose_awaiter_is_cancelled_raises_caller_gone(
         await await_until(remote_cancelled.is_set, what="the coroutine's cancellation")
         await await_until(lambda: " 0 tasks" in repr(lt), what="the task count to drop")
         assert await lt.run(asyncio.sleep, 0, "still works") == "still works"
+
+
+class Fatal(BaseException):
+    """A BaseException that is neither SystemExit nor KeyboardInterrupt."""
+
+
+async def fatal() -> None:
+    await asyncio.sleep(0)
+    raise Fatal("from the coroutine")
+
+
+def test_a_base_exception_reaches_its_caller_and_is_not_logged_as_never_retrieved() -> None:
+    reported: list[dict[str, Any]] = []
+    with LoopThread(name="base-exception") as lt:
+        assert lt.loop is not None
+        lt.loop.set_exception_handler(lambda loop, context: reported.append(context))
+        with pytest.raises(Fatal, match="from the coroutine"):
+            lt.call(fatal)
+
+        async def from_another_loop() -> None:
+            with pytest.raises(Fatal, match="from the coroutine"):
+                await lt.run(fatal)
+
+        asyncio.run(from_another_loop())
+        # Unlike SystemExit, it does not stop the loop: the loop thread still
+        # runs, and is still stopped if dropped unclosed.
+        assert lt.call(where_am_i)[0] == "offloop-loop-base-exception"
+        assert lt._finalizer is not None
+        assert lt._finalizer.alive
+    gc.collect()  # a task with an exception nobody retrieved is reported when collected
+    assert reported == []

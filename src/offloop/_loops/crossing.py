@@ -236,7 +236,10 @@ async def _run_sync(reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
         value = await coro
     except BaseException as exc:
         reply.post((False, _sync_error(reply, coro, exc)))
-        exiting = not isinstance(exc, (Exception, asyncio.CancelledError))
+        # Only these stop a loop (asyncio re-raises them from the task); any
+        # other exception the caller now has, so the task ends quietly, not
+        # with an exception logged as never retrieved.
+        exiting = isinstance(exc, (SystemExit, KeyboardInterrupt))
         if exiting and owner is not None:
             owner._exiting(asyncio.current_task())
         # The error's traceback holds this frame. Holding the reply too would
@@ -454,7 +457,7 @@ async def _run_async(remote: Remote, coro: Coroutine[Any, Any, Any]) -> None:
                 else exc,
             ),
         )
-        exiting = not isinstance(exc, (Exception, asyncio.CancelledError))
+        exiting = isinstance(exc, (SystemExit, KeyboardInterrupt))  # as in _run_sync
         if exiting:
             owner._exiting(asyncio.current_task())
         del remote, owner, coro  # the error's traceback holds this frame: see _run_sync

@@ -528,3 +528,46 @@ def test_a_base_exception_reaches_its_caller_and_is_not_logged_as_never_retrieve
         assert lt._finalizer.alive
     gc.collect()  # a task with an exception nobody retrieved is reported when collected
     assert reported == []
+
+
+async def cancelled_on_its_loop() -> str:
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()  # by something on the loop, not by the caller
+    await asyncio.sleep(0)
+    return "not cancelled"
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_coroutine_cancelled_on_its_loop_is_caller_gone_for_every_sync_caller() -> None:
+    # One meaning, one type: a sync caller is no task, and a bare CancelledError
+    # (a BaseException) would slip past its `except Exception`.
+    def outcome(call: Any) -> BaseException:
+        try:
+            call()
+        except BaseException as exc:  # recorded for the assertions below
+            return exc
+        raise AssertionError("no exception")
+
+    async with LoopThread(name="self-cancel") as lt:
+        errors = {
+            "LoopThread.call": await asyncio.to_thread(
+                outcome, lambda: lt.call(cancelled_on_its_loop)
+            ),
+            "from_thread, plain thread": await asyncio.to_thread(
+                outcome, lambda: offloop.from_thread(cancelled_on_its_loop)
+            ),
+            "from_thread, worker": await offloop.to_thread(
+                outcome, lambda: offloop.from_thread(cancelled_on_its_loop)
+            ),
+            "LoopThread.call, worker": await offloop.to_thread(
+                outcome, lambda: lt.call(cancelled_on_its_loop)
+            ),
+        }
+        for where, error in errors.items():
+            assert isinstance(error, offloop.CallerGoneError), (where, error)
+            assert "cancelled_on_its_loop' was cancelled on the event loop" in str(error), where
+            assert isinstance(error.__cause__, asyncio.CancelledError), where
+        # An async caller is a task: it gets the cancellation, as from any awaited task.
+        with pytest.raises(asyncio.CancelledError):
+            await lt.run(cancelled_on_its_loop)

@@ -263,24 +263,30 @@ def _sync_error(
     owner = reply.owner
     if owner is not None:
         owner._call_finished()
-        if isinstance(exc, asyncio.CancelledError):
-            return owner._cancel_error(coro) or exc
-    elif isinstance(exc, asyncio.CancelledError):
-        return _cancelled_on_loop(reply, coro, exc)
+    if isinstance(exc, asyncio.CancelledError):
+        closing = owner._cancel_error(coro) if owner is not None else None
+        return closing or _cancelled_on_loop(reply, coro, exc)
     return exc
 
 
 def _cancelled_on_loop(
     reply: Reply, coro: Coroutine[Any, Any, Any], exc: asyncio.CancelledError
 ) -> CallerGoneError:
-    # The coroutine ran on the loop that sent the work to this worker, and was
-    # cancelled there (typically asyncio.run() ending). A bare CancelledError
-    # is a BaseException that `except Exception` in the worker would miss.
-    error = CallerGoneError(
-        f"{describe(coro)} was cancelled on the event loop that sent this work to the "
-        f"thread ({reply.loop!r}); it is probably shutting down. Return from the worker "
-        f"function."
-    )
+    # The coroutine was cancelled on its loop, not by the sync caller (whose
+    # own stop ends the wait first, with its own message). Every sync caller
+    # gets this one type for it: a caller is no task, and a bare
+    # CancelledError is a BaseException that `except Exception` would miss.
+    if reply.owner is None:
+        why = (
+            f"the event loop that sent this work to the thread ({reply.loop!r}); it is "
+            f"probably shutting down. Return from the worker function."
+        )
+    else:
+        why = (
+            f"the event loop it ran on ({reply.loop!r}), by something there (a task.cancel(), "
+            f"a timeout), not by this caller, so it has no result."
+        )
+    error = CallerGoneError(f"{describe(coro)} was cancelled on {why}")
     error.__cause__ = exc
     return error
 

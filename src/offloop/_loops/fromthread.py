@@ -61,7 +61,8 @@ def from_thread(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs:
         WouldDeadlockError: called on a thread whose event loop is running
             (from inside async code): blocking there would deadlock the loop.
         CallerGoneError: the worker's stop token was set (its awaiting task was
-            cancelled, or its pool is closing), or its loop closed.
+            cancelled, or its pool is closing), or its loop closed; or the
+            coroutine was cancelled on its loop, not by this caller.
         TypeError: ``async_fn`` is not a coroutine function.
     """
     refuse_on_running_loop(_WHERE, _INSTEAD)

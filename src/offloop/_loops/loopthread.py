@@ -224,6 +224,9 @@ class LoopThread:
                 (there, ``await lt.run(...)`` instead).
             PoolClosedError: the loop thread is closing or closed, or closed
                 while the coroutine ran (the coroutine was cancelled).
+            CallerGoneError: the coroutine was cancelled on the loop by
+                something else than this caller (its ``__cause__`` is the
+                ``CancelledError``), or this worker's stop token was set.
             TypeError: ``async_fn`` is not a coroutine function.
         """
         refuse_on_running_loop(

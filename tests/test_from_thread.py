@@ -562,3 +562,31 @@ async def test_a_base_exception_reaches_the_worker_and_is_not_logged_as_never_re
     finally:
         loop.set_exception_handler(None)
         shared.set_exception_handler(None)
+
+
+class FactoryRefused(Exception):
+    pass
+
+
+def refusing_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+    coro.close()
+    raise FactoryRefused("no tasks today")
+
+
+@pytest.mark.loops("asyncio", "uvloop")
+async def test_a_task_factory_that_raises_reaches_the_worker_instead_of_hanging_it() -> None:
+    loop = asyncio.get_running_loop()
+
+    def worker() -> str:
+        try:
+            from_thread(where_am_i)
+        except FactoryRefused as exc:
+            return str(exc)
+        return "no exception"
+
+    loop.set_task_factory(refusing_factory)
+    try:
+        outcome = await asyncio.wait_for(offloop.to_thread(worker), 10)
+    finally:
+        loop.set_task_factory(None)
+    assert outcome == "no tasks today"

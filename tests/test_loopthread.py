@@ -571,3 +571,26 @@ async def test_a_coroutine_cancelled_on_its_loop_is_caller_gone_for_every_sync_c
         # An async caller is a task: it gets the cancellation, as from any awaited task.
         with pytest.raises(asyncio.CancelledError):
             await lt.run(cancelled_on_its_loop)
+
+
+class FactoryRefused(Exception):
+    pass
+
+
+def refusing_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+    coro.close()
+    raise FactoryRefused("no tasks today")
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_task_factory_that_raises_reaches_the_caller() -> None:
+    async with LoopThread(name="no-tasks") as lt:
+        assert lt.loop is not None
+        lt.loop.set_task_factory(refusing_factory)
+        with pytest.raises(FactoryRefused, match="no tasks today"):
+            await asyncio.wait_for(asyncio.to_thread(lt.call, where_am_i), 10)
+        with pytest.raises(FactoryRefused, match="no tasks today"):
+            await asyncio.wait_for(lt.run(where_am_i), 10)
+        assert " 0 tasks" in repr(lt)  # both counted as finished
+        lt.loop.set_task_factory(None)
+        assert (await lt.run(where_am_i))[0] == "offloop-loop-no-tasks"

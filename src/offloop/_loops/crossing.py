@@ -187,9 +187,33 @@ def start_sync(
         reply.post((False, exc))
         return
     loop = reply.loop
-    reply.task = task = loop.create_task(_run_sync(reply, coro))
+    try:
+        reply.task = task = _create_task(loop, _run_sync(reply, coro), coro)
+    except BaseException as exc:
+        # A task factory that raises: the caller gets its error, as from
+        # run_coroutine_threadsafe, instead of waiting for a task never made.
+        if owner is not None:
+            owner._call_finished()
+        reply.post((False, exc))
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        return
     if not _step_now(loop, task):
         task.add_done_callback(lambda t: _sync_never_ran(t, reply, coro))
+
+
+def _create_task(
+    loop: asyncio.AbstractEventLoop,
+    runner: Coroutine[Any, Any, None],
+    coro: Coroutine[Any, Any, Any],
+) -> asyncio.Task[None]:
+    """``loop.create_task(runner)``; if that raises, both coroutines are closed first."""
+    try:
+        return loop.create_task(runner)
+    except BaseException:
+        runner.close()  # never awaited: no warnings about either
+        coro.close()
+        raise
 
 
 def _step_now(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> bool:
@@ -430,7 +454,14 @@ def start_async(
         _deliver_threadsafe(remote, (False, exc))
         return
     loop = remote.loop
-    remote.task = task = loop.create_task(_run_async(remote, coro))
+    try:
+        remote.task = task = _create_task(loop, _run_async(remote, coro), coro)
+    except BaseException as exc:  # as in start_sync
+        owner._call_finished()
+        _deliver_threadsafe(remote, (False, exc))
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        return
     if not _step_now(loop, task):
         task.add_done_callback(lambda t: _async_never_ran(t, remote, coro))
 

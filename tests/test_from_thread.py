@@ -19,6 +19,7 @@ import pytest
 
 import offloop
 from offloop import CallerGoneError, WouldDeadlockError, from_thread
+from offloop._core import token as token_module
 from offloop._core.token import StopToken, WorkerCall, thread_state
 from offloop._loops.fromthread import _shared as shared_loop_thread
 from offloop._loops.shared import SharedLoopThread, block_on
@@ -26,6 +27,8 @@ from offloop._loops.shared import SharedLoopThread, block_on
 from .helpers import await_until, wait_until
 
 T = TypeVar("T")
+
+WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
@@ -590,3 +593,147 @@ async def test_a_task_factory_that_raises_reaches_the_worker_instead_of_hanging_
     finally:
         loop.set_task_factory(None)
     assert outcome == "no tasks today"
+
+
+# -- a worker's stop token and its crossing: the outcome on every interleaving --
+
+CALLS: dict[str, Callable[[offloop.LoopThread, Callable[[], Any]], Any]] = {
+    "from_thread": lambda lt, async_fn: from_thread(async_fn),
+    "LoopThread.call": lambda lt, async_fn: lt.call(async_fn),
+}
+
+
+def as_worker(
+    lt: offloop.LoopThread, token: StopToken, call: Callable[[], Any]
+) -> Callable[[], Any]:
+    """``call`` run as an offloop worker sent by ``lt``'s loop, with ``token``."""
+
+    def worker() -> Any:
+        thread_state.call = WorkerCall(worker, lt.loop, token)
+        try:
+            return call()
+        finally:
+            thread_state.call = None
+
+    return worker
+
+
+@pytest.mark.parametrize("via", CALLS)
+def test_a_token_set_before_the_call_refuses_it_on_every_interleaving(via: str) -> None:
+    ran = threading.Event()
+    either = threading.Event()  # the coroutine ran, or the caller got its outcome
+
+    async def record() -> str:
+        ran.set()
+        either.set()
+        return "ran"
+
+    token = StopToken()
+    token.set("cancelled")
+    outcome: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    with offloop.LoopThread(name="pre-set") as lt:
+        worker = as_worker(lt, token, lambda: CALLS[via](lt, record))
+
+        def caller() -> None:
+            try:
+                outcome.put(worker())
+            except BaseException as exc:  # recorded for the assertions below
+                outcome.put(exc)
+            either.set()
+
+        # A caller that sent the call first and only then looked at its token
+        # stalls on the token's lock here while the loop starts the coroutine;
+        # refused up front, it never gets that far.
+        with token_module._EVENT_LOCK:
+            thread = threading.Thread(target=caller, daemon=True)
+            thread.start()
+            assert either.wait(WAIT)
+        first = outcome.get(timeout=WAIT)
+        thread.join(WAIT)
+        assert lt.call(asyncio.sleep, 0, "idle") == "idle"  # whatever was sent has run
+    assert not ran.is_set()
+    assert isinstance(first, CallerGoneError), first
+    assert "'cancelled'" in str(first)
+
+
+@pytest.mark.parametrize("via", CALLS)
+@pytest.mark.parametrize("completes", [True, False], ids=["completes", "pending"])
+def test_a_token_set_while_the_coroutine_runs_cancels_it_unless_it_completed(
+    via: str, completes: bool
+) -> None:
+    in_step = threading.Event()
+    release = threading.Event()
+    cancelled = threading.Event()
+
+    async def last_step() -> str:
+        in_step.set()
+        assert release.wait(WAIT)  # holds the loop thread mid-step, on purpose
+        if not completes:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return "completed"
+
+    token = StopToken()
+    with offloop.LoopThread(name="late-stop") as lt:
+        worker = as_worker(lt, token, lambda: CALLS[via](lt, last_step))
+        outcome: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def caller() -> None:
+            try:
+                outcome.put(worker())
+            except BaseException as exc:  # recorded for the assertions below
+                outcome.put(exc)
+
+        thread = threading.Thread(target=caller, daemon=True)
+        thread.start()
+        assert in_step.wait(WAIT)
+        token.set("cancelled")  # while the coroutine runs, before it completes or awaits
+        release.set()
+        result = outcome.get(timeout=WAIT)
+        thread.join(WAIT)
+    if completes:
+        # It completed before the stop reached its loop: its work is done,
+        # and the caller gets its result.
+        assert result == "completed"
+    else:
+        assert isinstance(result, CallerGoneError), result
+        assert cancelled.is_set()
+
+
+def test_a_token_set_while_the_loop_does_not_run_ends_the_wait() -> None:
+    # The stop is decided on the coroutine's loop; one that is not running
+    # cannot decide it (nor run the coroutine), so the caller stops waiting.
+    loop = asyncio.new_event_loop()
+    ran = threading.Event()
+    waiting = threading.Event()
+
+    async def never() -> None:
+        ran.set()
+
+    token = StopToken()
+
+    def worker() -> None:
+        thread_state.call = WorkerCall(worker, loop, token)
+        waiting.set()
+        try:
+            from_thread(never)
+        finally:
+            thread_state.call = None
+
+    def stop_once_waiting() -> None:
+        assert waiting.wait(WAIT)
+        token.set("pool closing")
+
+    stopper = threading.Thread(target=stop_once_waiting)
+    stopper.start()
+    try:
+        with pytest.raises(CallerGoneError, match="'pool closing'"):
+            in_plain_thread(worker)
+        loop.run_until_complete(asyncio.sleep(0))  # run what was scheduled
+        assert not ran.is_set()
+    finally:
+        stopper.join(WAIT)
+        loop.close()

@@ -30,6 +30,7 @@ __all__ = [
     "Remote",
     "Reply",
     "refuse_on_running_loop",
+    "refuse_when_stopped",
     "start_async",
     "start_sync",
     "wait_reply",
@@ -147,8 +148,19 @@ class Reply(list[Any]):
             pass
 
     def on_token(self, token: StopToken) -> None:
-        # Runs in whichever thread sets the worker's token.
-        self.gone(TOKEN_SET)
+        # Runs in whichever thread sets the worker's token. Decided on the
+        # loop, where the coroutine's outcome is posted: a coroutine that
+        # completed before the stop got there gives its result, any other is
+        # cancelled and the caller stopped.
+        try:
+            self.loop.call_soon_threadsafe(self.stop_on_loop)
+        except RuntimeError:  # the loop is closed: nothing runs there any more
+            self.post(TOKEN_SET)
+
+    def stop_on_loop(self) -> None:
+        if not self:  # no outcome yet: the coroutine has not completed
+            self.post(TOKEN_SET)
+        self.cancel_remote()  # a no-op on a task that completed
 
     def gone(self, why: str) -> None:
         self.post(why)
@@ -334,7 +346,8 @@ def wait_reply(
     """Block until ``reply`` has its outcome; return the result or raise the error.
 
     With a ``token`` (the calling worker's), setting it ends the wait with
-    :class:`CallerGoneError` and cancels the coroutine.
+    :class:`CallerGoneError` and cancels the coroutine, unless the coroutine
+    completed before the stop reached its loop: then its outcome is returned.
     """
     lock = reply.lock
     loop = reply.loop
@@ -345,6 +358,10 @@ def wait_reply(
             while not lock.acquire(True, POLL_INTERVAL):
                 if loop.is_closed():
                     reply.gone(LOOP_CLOSED)
+                elif token is not None and token.is_set() and not loop.is_running():
+                    # A stopped loop cannot decide the stop (nor complete
+                    # the coroutine): the caller is gone, the wait ends.
+                    reply.gone(TOKEN_SET)
     except BaseException:  # e.g. KeyboardInterrupt in the main thread
         reply.gone(INTERRUPTED)
         raise
@@ -375,6 +392,22 @@ def wait_reply(
         f"{where} of {describe(async_fn)} cannot finish: the event loop it runs on "
         f"({loop!r}) was closed while this thread waited. Return from the worker function."
     )
+
+
+def refuse_when_stopped(token: StopToken | None, where: str, async_fn: Callable[..., Any]) -> None:
+    """Raise :class:`CallerGoneError`, before anything is sent, if the worker's token is set.
+
+    Its awaiter is gone (or its pool closing): nobody would use the result,
+    so the coroutine is not run at all, as trio's ``from_thread.run`` refuses
+    after a cancellation.
+    """
+    if token is not None and token.is_set():
+        reason = token.reason
+        raise CallerGoneError(
+            f"{where} of {describe(async_fn)} was refused, and the coroutine not run, because "
+            f"this worker's stop token is set ({reason!r}): {_why_stopped(reason)} Return "
+            f"from the worker function; poll offloop.current_token() to stop early."
+        )
 
 
 def _why_stopped(reason: str | None) -> str:

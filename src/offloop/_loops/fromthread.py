@@ -48,8 +48,10 @@ def from_thread(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs:
       sent the work, so it may use that loop's connections, locks and tasks.
       If the task awaiting the worker is cancelled (the call's
       :class:`StopToken` is set), the coroutine is cancelled and the worker
-      gets :class:`CallerGoneError` instead of waiting forever; the same
-      happens if that loop is closed.
+      gets :class:`CallerGoneError` instead of waiting forever, unless the
+      coroutine completed first (then its result is returned); the same
+      happens if that loop is closed. Called with the token already set, it
+      raises :class:`CallerGoneError` without running the coroutine.
     - In any other thread it runs on a shared background loop thread
       (``offloop-shared-loop``), started on first use and stopped after 30 s
       without calls and at interpreter exit; it never keeps the process alive.

@@ -39,6 +39,7 @@ from .crossing import (
     Remote,
     Reply,
     refuse_on_running_loop,
+    refuse_when_stopped,
     start_async,
     start_sync,
     wait_reply,
@@ -234,8 +235,9 @@ class LoopThread:
         )
         check_async_callable(async_fn, "LoopThread.call()")
         call = thread_state.call
-        reply = self._send_sync(async_fn, args, kwargs, contextvars.copy_context())
         token = call.token if call is not None else None
+        refuse_when_stopped(token, "LoopThread.call()", async_fn)
+        reply = self._send_sync(async_fn, args, kwargs, contextvars.copy_context())
         return wait_reply(reply, token, "LoopThread.call()", async_fn)  # type: ignore[no-any-return]
 
     async def run(

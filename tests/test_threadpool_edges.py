@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 
 import pytest
 
 import offloop
 
-from .helpers import await_until
+from .helpers import await_until, wait_until
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
 
@@ -257,3 +259,72 @@ async def test_a_generator_function_is_refused_with_a_pointer_to_iterate() -> No
         offloop.threaded(numbers)
     with pytest.raises(TypeError, match=r"got a generator object.*offloop\.iterate"):
         offloop.to_thread(numbers())  # type: ignore[arg-type]
+
+
+def test_the_loop_of_a_finished_asyncio_run_is_not_kept_alive() -> None:
+    # A thread that ran asyncio.run() and then does something else (or
+    # nothing) must not keep the closed loop, and all it references, alive.
+    refs: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        refs.append(weakref.ref(asyncio.get_running_loop()))
+        assert await offloop.to_thread(len, "abc") == 3
+        async with offloop.ThreadPool(1, name="collectable") as pool:
+            assert await pool.run(len, "ab") == 2
+            assert [x async for x in offloop.iterate(range(3), pool=pool)] == [0, 1, 2]
+
+    asyncio.run(main())
+    gc.collect()
+    assert refs[0]() is None, gc.get_referrers(refs[0]())
+
+
+def test_a_closed_loop_that_left_calls_running_is_not_kept_alive() -> None:
+    # Calls still running when their loop closes finish later; their results
+    # reach nobody and must not keep the closed loop alive.
+    loop = asyncio.new_event_loop()
+    ref = weakref.ref(loop)
+    first = threading.Event()
+    others = threading.Event()
+    pool = offloop.ThreadPool(1, name="left-running")
+
+    async def start() -> None:
+        pool.run(first.wait, WAIT)
+        pool.run(others.wait, WAIT)
+        pool.run(others.wait, WAIT)
+
+    try:
+        loop.run_until_complete(start())
+        # The first result's delivery is scheduled on the loop, which is
+        # closed before it runs again; the next two arrive after the close.
+        first.set()
+        wait_until(lambda: pool.statistics()["completed"] == 1, WAIT, "the first call")
+        loop.close()
+        del loop
+        others.set()
+        wait_until(lambda: pool.statistics()["completed"] == 3, WAIT, "the other calls")
+        gc.collect()
+        assert ref() is None, gc.get_referrers(ref())
+    finally:
+        pool.close()
+
+
+def test_a_pool_that_grew_for_a_loop_does_not_keep_it_alive() -> None:
+    # A loop that queued calls behind busy threads arms the pool's growth
+    # check; closed with the check still armed, it must not stay referenced.
+    release = threading.Event()
+    pool = offloop.ThreadPool(2, name="grew")
+    refs: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        refs.append(weakref.ref(asyncio.get_running_loop()))
+        pool.run(release.wait, WAIT)
+        pool.run(release.wait, WAIT)  # queued behind the first: the check is armed
+
+    try:
+        asyncio.run(main())
+        release.set()
+        wait_until(lambda: pool.statistics()["completed"] == 2, WAIT, "the calls to finish")
+        gc.collect()
+        assert refs[0]() is None, gc.get_referrers(refs[0]())
+    finally:
+        pool.close()

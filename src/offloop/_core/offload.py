@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import enum
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol, TypeVar
@@ -90,15 +91,20 @@ class CancelHandler(Protocol):
 
 
 class Channel:
-    """Delivers finished calls to one event loop, batching the wake-ups."""
+    """Delivers finished calls to one event loop, batching the wake-ups.
 
-    __slots__ = ("call_soon_threadsafe", "loop", "pending", "scheduled")
+    It holds its loop only weakly: the per-thread cache in
+    :func:`channel_for` keeps the last channel after ``asyncio.run()``
+    returns, and must not keep the closed loop (and all it references) alive
+    with it. The calls in flight hold the loop, so it is alive while they are.
+    """
+
+    __slots__ = ("loop_ref", "pending", "scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop_ref = weakref.ref(loop)
         self.pending: deque[OffloadFuture[Any]] = deque()
         self.scheduled = False
-        self.call_soon_threadsafe = loop.call_soon_threadsafe
 
     def post(self, call: OffloadFuture[Any]) -> None:
         """Hand a finished call to the loop (called from worker threads)."""
@@ -108,10 +114,14 @@ class Channel:
         if not self.scheduled:
             self.scheduled = True
             try:
-                self.call_soon_threadsafe(self.drain)
+                call.loop.call_soon_threadsafe(self.drain)
             except RuntimeError:
                 # The loop is closed: nobody is left to receive the result.
                 self.pending.clear()
+        elif call.loop.is_closed():
+            # It closed before the scheduled drain ran, so none will: these
+            # results reach nobody, and kept here they would keep it alive.
+            self.pending.clear()
 
     def drain(self) -> None:
         """Complete the futures of every posted call (runs on the loop)."""
@@ -159,7 +169,7 @@ def channel_for(loop: asyncio.AbstractEventLoop) -> Channel:
     # Kept per thread: a thread runs one loop at a time, and a thread-local
     # read is cheaper than a lookup keyed by the loop.
     channel = _loop_local.channel
-    if channel is None or channel.loop is not loop:
+    if channel is None or channel.loop_ref() is not loop:
         channel = _loop_local.channel = Channel(loop)
     return channel
 

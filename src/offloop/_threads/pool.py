@@ -200,7 +200,8 @@ class ThreadPool(PoolContext):
         # Loops with a growth check armed. Each loop that queues calls behind
         # busy threads arms its own, so a loop that stopped or blocks cannot
         # keep the pool from growing for the others.
-        self._growth_loops: set[asyncio.AbstractEventLoop] = set()
+        # Weak: a loop closed with its check armed must not stay alive here.
+        self._growth_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
         _pools.add(self)
 
@@ -358,7 +359,6 @@ class ThreadPool(PoolContext):
                 self._backlog += 1
                 loop = call.loop
                 if len(self._workers) < self._max_workers and loop not in self._growth_loops:
-                    self._growth_loops = {x for x in self._growth_loops if not x.is_closed()}
                     self._growth_loops.add(loop)
                     loop.call_later(GROWTH_PERIOD, self._check_growth, loop)
         self._queue.put(call)
@@ -637,7 +637,7 @@ class ThreadPool(PoolContext):
         self._workers = []
         self._leaving = []
         self._idle = self._backlog = self._running = self._abandoned = self._queued = 0
-        self._growth_loops = set()
+        self._growth_loops = weakref.WeakSet()
         self._closed_waiters = []
         if self._state is not PoolState.OPEN:
             self._state = PoolState.CLOSED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import gc
 import logging
@@ -328,3 +329,43 @@ def test_a_pool_that_grew_for_a_loop_does_not_keep_it_alive() -> None:
         assert refs[0]() is None, gc.get_referrers(refs[0]())
     finally:
         pool.close()
+
+
+class Payload:
+    """An argument, keyword or context value whose lifetime the tests watch."""
+
+
+payload_var: contextvars.ContextVar[Payload | None] = contextvars.ContextVar(
+    "payload_var", default=None
+)
+
+
+@pytest.mark.loops("asyncio", "uvloop")
+async def test_a_finished_call_does_not_keep_its_arguments_and_context_alive() -> None:
+    def use(arg: Payload, *, kw: Payload) -> str:
+        return type(arg).__name__
+
+    arg, kw, in_context = Payload(), Payload(), Payload()
+    refs = [weakref.ref(x) for x in (arg, kw, in_context)]
+    payload_var.set(in_context)
+    done = offloop.to_thread(use, arg, kw=kw)
+    payload_var.set(None)
+    del arg, kw, in_context
+    assert await done == "Payload"
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]  # while `done` is still referenced
+
+    # A call cancelled before it started never runs: dropped at once too.
+    release = threading.Event()
+    async with offloop.ThreadPool(1, name="drops") as pool:
+        blocker = pool.run(release.wait, WAIT)
+        queued_arg = Payload()
+        queued_ref = weakref.ref(queued_arg)
+        queued = pool.run(use, queued_arg, kw=queued_arg)
+        del queued_arg
+        queued.cancel()
+        gc.collect()
+        assert queued_ref() is None
+        release.set()
+        assert await blocker
+    assert queued.cancelled()

@@ -143,8 +143,17 @@ class Channel:
                     if isinstance(error, StopIteration):
                         error = _stop_iteration(call, error)
                     call.set_exception(error)
-            # Break the cycle exception -> traceback -> frame -> call early.
-            call._error = call._value = None
+            # Break the cycle exception -> traceback -> frame -> call early,
+            # and let go of what only the worker needed: a future kept after
+            # its call (in a list, by gather) must not keep its arguments and
+            # the caller's context alive. fn stays, for messages.
+            call._error = call._value = call._ctx = None
+            call._args = ()
+            call._kwargs = _NO_KWARGS
+
+
+#: What a finished call's keyword arguments become (never mutated).
+_NO_KWARGS: Final[dict[str, Any]] = {}
 
 
 def _stop_iteration(call: OffloadFuture[Any], error: StopIteration) -> RuntimeError:
@@ -243,6 +252,10 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
         if self.done():
             return False
         if self._owner._cancel(self):
+            if self._phase is SKIPPED:  # it will never run: nothing reads these
+                self._ctx = None
+                self._args = ()
+                self._kwargs = _NO_KWARGS
             return super().cancel(msg)
         # Delivered with the cancellation once the function returns; both run
         # on the awaiter's loop, so it is stored before the delivery reads it.

@@ -594,3 +594,20 @@ async def test_a_task_factory_that_raises_reaches_the_caller() -> None:
         assert " 0 tasks" in repr(lt)  # both counted as finished
         lt.loop.set_task_factory(None)
         assert (await lt.run(where_am_i))[0] == "offloop-loop-no-tasks"
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_bad_close_timeout_is_refused_before_the_loop_thread_closes() -> None:
+    lt = LoopThread(name="timeouts").start()
+    try:
+        for timeout, error in [("x", TypeError), (-1, ValueError), (float("nan"), ValueError)]:
+            with pytest.raises(error, match=r"^LoopThread\.aclose\(timeout=\.\.\.\) must be"):
+                await lt.aclose(timeout=timeout)  # type: ignore[arg-type]
+            with pytest.raises(error, match=r"^LoopThread\.close\(timeout=\.\.\.\) must be"):
+                await asyncio.to_thread(lt.close, timeout=timeout)  # type: ignore[arg-type]
+            assert state(lt) == "running"
+        assert (await lt.run(where_am_i))[0] == "offloop-loop-timeouts"
+        await asyncio.to_thread(lt.close, timeout=1e10)  # beyond a wait's maximum: no timeout
+        assert state(lt) == "closed"
+    finally:
+        await lt.aclose()

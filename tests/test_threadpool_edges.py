@@ -369,3 +369,45 @@ async def test_a_finished_call_does_not_keep_its_arguments_and_context_alive() -
         release.set()
         assert await blocker
     assert queued.cancelled()
+
+
+BAD_TIMEOUTS = [
+    ("x", TypeError, r"must be a number of seconds or None, got str 'x'\. Pass"),
+    (-1, ValueError, r"must be at least 0 seconds, got -1\. Pass 0"),
+    (float("nan"), ValueError, r"must be at least 0 seconds, got nan"),
+    (True, TypeError, r"must be a number of seconds or None, got bool"),
+]
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_bad_close_timeout_is_refused_before_the_pool_closes() -> None:
+    pool = offloop.ThreadPool(1, name="timeouts")
+    for timeout, error, match in BAD_TIMEOUTS:
+        with pytest.raises(error, match=r"^ThreadPool\.aclose\(timeout=\.\.\.\) " + match):
+            await pool.aclose(timeout=timeout)  # type: ignore[arg-type]
+        assert pool.statistics()["state"] == "open"
+        with pytest.raises(error, match=r"^ThreadPool\.close\(timeout=\.\.\.\) " + match):
+            await asyncio.to_thread(pool.close, timeout=timeout)  # type: ignore[arg-type]
+        assert pool.statistics()["state"] == "open"
+    assert await pool.run(abs, -2) == 2
+    # Beyond what a wait can take (threading.TIMEOUT_MAX): no timeout.
+    await asyncio.to_thread(pool.close, timeout=1e10)
+    assert pool.statistics()["state"] == "closed"
+
+
+@pytest.mark.loops("asyncio")
+async def test_an_object_with_an_async_call_is_refused_when_sent_not_when_awaited() -> None:
+    class Handler:
+        async def __call__(self) -> int:
+            return 1
+
+    class Lines:
+        def __call__(self) -> Iterator[str]:
+            yield "a"
+
+    with pytest.raises(
+        TypeError, match=r"^offloop\.to_thread\(\) got Handler .*whose __call__ is a coroutine"
+    ):
+        offloop.to_thread(Handler())
+    with pytest.raises(TypeError, match=r"whose __call__ is a generator function.*iterate"):
+        offloop.to_thread(Lines())

@@ -9,9 +9,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import math
 import sys
+import threading
 from collections.abc import Callable
-from types import BuiltinFunctionType, BuiltinMethodType, FunctionType, MethodWrapperType
+from types import (
+    BuiltinFunctionType,
+    BuiltinMethodType,
+    FunctionType,
+    MethodType,
+    MethodWrapperType,
+)
 from typing import Any, Final, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -85,11 +93,24 @@ def check_sync_callable(fn: Any, where: str, async_alternative: str) -> None:
     if kind is FunctionType:
         if not fn.__code__.co_flags & REFUSED_CODE_FLAGS:
             return
-    elif kind in _PLAIN_CALLABLES or _is_sync_callable(fn):
+        target = fn
+    elif kind in _PLAIN_CALLABLES:
         return
-    if inspect.isgeneratorfunction(fn):
+    elif (
+        kind is MethodType
+        and type(fn.__func__) is FunctionType
+        and not fn.__func__.__code__.co_flags & REFUSED_CODE_FLAGS
+    ):
+        return  # a bound method, as common as a function: no predicate needed
+    else:
+        target = _call_of(fn)
+        if _is_sync_callable(fn, target):
+            return
+    # How the message names what is refused: the function, or an object's __call__.
+    is_a = ", a" if target is fn else ", whose __call__ is a"
+    if inspect.isgeneratorfunction(target):
         raise TypeError(
-            f"{where} got {describe(fn)}, a generator function: the worker would only create "
+            f"{where} got {describe(fn)}{is_a} generator function: the worker would only create "
             f"the generator, and its body would then run on the event loop as it is iterated, "
             f"blocking it. Iterate it from async code with 'async for item in "
             f"offloop.iterate({_name(fn)}(...))', or offload a function that returns "
@@ -109,7 +130,7 @@ def check_sync_callable(fn: Any, where: str, async_alternative: str) -> None:
         )
     if callable(fn):
         raise TypeError(
-            f"{where} got {describe(fn)}, a coroutine function, which would only create a "
+            f"{where} got {describe(fn)}{is_a} coroutine function, which would only create a "
             f"coroutine in the worker and never run it. 'await {_name(fn)}(...)' directly, "
             f"or use {async_alternative} to run it on an isolated loop."
         )
@@ -202,11 +223,19 @@ def check_positive_int(value: object, name: str, *, allow_none: bool = True) -> 
         raise ValueError(f"{name} must be at least 1, got {value}.")
 
 
-def _is_sync_callable(fn: Any) -> bool:
-    return callable(fn) and not (
-        inspect.iscoroutinefunction(fn)
-        or inspect.isasyncgenfunction(fn)
-        or inspect.isgeneratorfunction(fn)
+def _call_of(fn: Any) -> Any:
+    # What runs when an object is called: its class's __call__, which the
+    # inspect predicates do not look at for an instance.
+    if isinstance(fn, type | functools.partial) or inspect.isroutine(fn):
+        return fn
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the instance's
+    return call if type(call) is FunctionType else fn
+
+
+def _is_sync_callable(fn: Any, target: Any) -> bool:
+    return callable(fn) and not any(
+        is_coroutine_function(x) or inspect.isasyncgenfunction(x) or inspect.isgeneratorfunction(x)
+        for x in ((fn,) if target is fn else (fn, target))
     )
 
 
@@ -214,18 +243,64 @@ def _name(fn: Any) -> str:
     return str(getattr(fn, "__name__", "fn"))
 
 
-def check_thread_name(name: object, where: str) -> str | None:
-    """Validate the optional ``name`` of a pool or loop thread; ``where`` names the class.
+def check_thread_name(name: object, where: str, *, names: str = "the threads") -> str | None:
+    """Validate the optional ``name`` of a pool, loop thread or supervisor.
+
+    ``where`` names the class, ``names`` what the name is used for.
 
     Raises:
         TypeError: ``name`` is neither None nor a str.
         ValueError: ``name`` is empty.
     """
     if name is not None and not isinstance(name, str):
-        raise TypeError(f"{where}(name=...) must be a str, got {describe(name)}.")
+        raise TypeError(
+            f"{where}(name=...) must be a str, got {describe(name)}. Pass a name "
+            f"such as 'db', or None for a numbered one."
+        )
     if name == "":
         raise ValueError(
-            f"{where}(name=...) must not be empty: it names the threads. Pass a name, or "
+            f"{where}(name=...) must not be empty: it names {names}. Pass a name, or "
             f"None for a numbered one."
         )
     return name
+
+
+def check_bool(value: object, name: str, meaning: str) -> bool:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is True or False.
+
+    A truthy string such as ``"no"`` must not silently mean True; ``meaning``
+    says what True does, for the message.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{name} must be True or False, got {describe(value)}. Pass True to {meaning}, "
+            f"or False (the default) not to."
+        )
+    return value
+
+
+def check_close_timeout(timeout: object, where: str) -> float | None:
+    """Validate the ``timeout`` of a ``close()``/``aclose()``; ``where`` is the method.
+
+    Checked before the close changes anything: a bad timeout must not leave
+    the pool half closed. A timeout beyond what a wait can take
+    (``threading.TIMEOUT_MAX``, about 49 days, or infinity) means none.
+
+    Raises:
+        TypeError: ``timeout`` is neither None nor a number.
+        ValueError: ``timeout`` is negative or NaN.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"{where}(timeout=...) must be a number of seconds or None, got "
+            f"{describe(timeout)}. Pass how long to wait for the running calls, or None to "
+            f"wait as long as they take."
+        )
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(
+            f"{where}(timeout=...) must be at least 0 seconds, got {timeout!r}. Pass 0 not "
+            f"to wait, or None to wait as long as the running calls take."
+        )
+    return None if timeout > threading.TIMEOUT_MAX else float(timeout)

@@ -34,7 +34,12 @@ from typing import Any, Final, ParamSpec, TypeVar, final
 from .._core.errors import PoolClosedError, WouldDeadlockError
 from .._core.poolbase import complete_waiter
 from .._core.token import thread_state
-from .._core.validate import check_async_callable, check_thread_name, describe
+from .._core.validate import (
+    check_async_callable,
+    check_close_timeout,
+    check_thread_name,
+    describe,
+)
 from .crossing import (
     Remote,
     Reply,
@@ -276,6 +281,7 @@ class LoopThread:
             WouldDeadlockError: called on the loop thread itself, or on another
                 running event loop's thread (there, ``await lt.aclose()`` instead).
         """
+        timeout = check_close_timeout(timeout, "LoopThread.close")
         if self._thread is not None and self._thread is threading.current_thread():
             raise WouldDeadlockError(
                 f"{self._describe()}.close() was called on the loop thread itself (from a "
@@ -301,6 +307,7 @@ class LoopThread:
         Raises:
             WouldDeadlockError: awaited on this loop thread's own loop.
         """
+        timeout = check_close_timeout(timeout, "LoopThread.aclose")
         caller = asyncio.get_running_loop()
         if caller is self._loop:
             raise WouldDeadlockError(

@@ -43,8 +43,14 @@ from .._core.poolbase import (
     complete_waiter,
     refuse_blocking_close,
 )
-from .._core.restart import check_seconds
-from .._core.validate import check_positive_int, check_sync_callable, check_thread_name, describe
+from .._core.validate import (
+    check_bool,
+    check_close_timeout,
+    check_positive_int,
+    check_sync_callable,
+    check_thread_name,
+    describe,
+)
 from .manager import manage, pool_dropped
 from .message import OutOfBandCall, detach
 from .pickling import encode_call, main_reaches_children
@@ -142,6 +148,11 @@ class ProcessPool(WorkerSet, PoolContext):
         check_positive_int(max_workers, "ProcessPool(max_workers=...)")
         check_positive_int(max_tasks_per_worker, "ProcessPool(max_tasks_per_worker=...)")
         check_thread_name(name, "ProcessPool")
+        check_bool(
+            kill_on_cancel,
+            "ProcessPool(kill_on_cancel=...)",
+            "kill a call's worker process when its awaiter is cancelled",
+        )
         initargs = _check_initializer(initializer, initargs)
         if mp_context is None or isinstance(mp_context, str):
             method = mp_context or DEFAULT_START_METHOD
@@ -180,7 +191,7 @@ class ProcessPool(WorkerSet, PoolContext):
             max_tasks_per_worker,
         )
         self._main_by_value = main_by_value
-        self._kill_on_cancel = bool(kill_on_cancel)
+        self._kill_on_cancel = kill_on_cancel
         _pools.add(self)
 
     # -- public API ---------------------------------------------------------
@@ -299,7 +310,7 @@ class ProcessPool(WorkerSet, PoolContext):
         ``PoolClosedError``. Idle workers exit at once. Closing twice is
         allowed; the second call waits like the first.
         """
-        timeout = _check_timeout(timeout, "aclose")
+        timeout = check_close_timeout(timeout, "ProcessPool.aclose")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._begin_close(waiter)
@@ -320,7 +331,7 @@ class ProcessPool(WorkerSet, PoolContext):
             WouldDeadlockError: called on a thread whose event loop is running;
                 use ``await pool.aclose()`` there.
         """
-        timeout = _check_timeout(timeout, "close")
+        timeout = check_close_timeout(timeout, "ProcessPool.close")
         refuse_blocking_close(self)
         done = threading.Event()
         self._begin_close(done)
@@ -476,15 +487,6 @@ def _check_initializer(initializer: object, initargs: object) -> tuple[Any, ...]
             f"{describe(initargs)}; for a single argument write initargs=(value,)."
         )
     return tuple(initargs)
-
-
-def _check_timeout(timeout: object, method: str) -> float | None:
-    # Checked before the pool changes state: a bad timeout must not leave it half closed.
-    if timeout is None:
-        return None
-    seconds = check_seconds(timeout, f"ProcessPool.{method}(timeout=...)", positive=False)
-    # Event.wait() refuses inf, and anything above TIMEOUT_MAX (about 49 days).
-    return None if seconds > threading.TIMEOUT_MAX else seconds
 
 
 def _make_default() -> ProcessPool:

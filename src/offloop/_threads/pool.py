@@ -69,6 +69,7 @@ from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
     REFUSED_CODE_FLAGS,
+    check_close_timeout,
     check_positive_int,
     check_sync_callable,
     check_thread_name,
@@ -280,6 +281,7 @@ class ThreadPool(PoolContext):
 
         Closing twice is allowed; the second call waits like the first.
         """
+        timeout = check_close_timeout(timeout, "ThreadPool.aclose")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._begin_close(waiter)
@@ -302,6 +304,7 @@ class ThreadPool(PoolContext):
                 from one of this pool's own worker threads (it would wait for
                 itself to exit).
         """
+        timeout = check_close_timeout(timeout, "ThreadPool.close")
         refuse_blocking_close(self)
         self._refuse_own_thread("close()")
         done = threading.Event()

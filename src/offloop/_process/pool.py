@@ -28,6 +28,7 @@ import inspect
 import multiprocessing
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.context import BaseContext
@@ -74,6 +75,9 @@ R = TypeVar("R")
 #: process alive for the rest of the program. "spawn" starts a fresh
 #: interpreter: slower to start (~50 ms), but safe everywhere.
 DEFAULT_START_METHOD: Final = "spawn"
+
+#: Seconds interpreter exit waits for the pools' killed workers to be reaped.
+_EXIT_WAIT: Final = 2.0
 
 #: Seconds aclose() gives exited workers to be reaped, after any kill.
 _REAP_TIMEOUT: Final = 10.0
@@ -544,17 +548,24 @@ def _nonblocking_pipe() -> tuple[int, int]:
 @atexit.register
 def _stop_workers_at_exit() -> None:
     # Runs before multiprocessing's own exit hook (registered earlier), which
-    # would otherwise wait for busy workers forever.
-    processes = []
+    # would otherwise wait for busy workers forever. Each pool closes as
+    # close(timeout=0) would: its workers are killed, and its manager thread
+    # reaps them and ends. Reaping them here too would race that thread: of
+    # two threads waiting for one child, the one that lost saw it gone yet
+    # "still running" (Process.close) and failed the pool with an ERROR.
+    closing: list[tuple[ProcessPool, threading.Event]] = []
     for pool in list(_pools):
         if pool._finalizer is not None:
             pool._finalizer.detach()  # stopped here, not warned about at teardown
-        with pool._lock:
-            pool._state = PoolState.CLOSING if pool._state is PoolState.OPEN else pool._state
-            processes += [w.process for w in pool._workers if w.process is not None]
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.kill()
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.join(2.0)
+        closed = threading.Event()
+        with contextlib.suppress(Exception):  # never fail interpreter exit over a pool
+            pool._begin_close(closed)
+            pool._kill_all()
+            closing.append((pool, closed))
+    deadline = time.monotonic() + _EXIT_WAIT
+    for pool, closed in closing:
+        if closed.wait(max(0.0, deadline - time.monotonic())):
+            manager = pool._manager
+            if manager is not None:
+                # It completed the waiters and only returns now.
+                manager.join(max(0.0, deadline - time.monotonic()))

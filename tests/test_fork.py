@@ -59,3 +59,50 @@ def test_pools_work_in_a_forked_child_and_the_parent_keeps_its_own(tmp_path: Pat
     done = run_script(tmp_path, "forking.py", SCRIPT, 120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == ["child ok", "parent ok"]
+
+
+FORK_IN_A_WORKER = textwrap.dedent(
+    """
+    import asyncio, os, sys, time, warnings
+    import offloop
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, Python 3.12+
+
+    async def ping():
+        return os.getpid()
+
+    def fork_and_cross():
+        pid = os.fork()
+        if pid == 0:
+            # The worker's call (its token, its parent's loop) is the parent's.
+            try:
+                ok = offloop.from_thread(ping) == os.getpid()
+                print("child from_thread", "ok" if ok else "wrong loop", flush=True)
+                print("child token", offloop.current_token(), flush=True)
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 10  # bounded: the child used to block forever
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return "the child hung"
+            time.sleep(0.01)
+        return "parent ok"
+
+    async def main():
+        return await offloop.to_thread(fork_and_cross)
+
+    print(asyncio.run(main()), flush=True)
+    """
+)
+
+
+def test_a_child_forked_in_a_worker_can_cross_into_async_code(tmp_path: Path) -> None:
+    done = run_script(tmp_path, "fork_in_worker.py", FORK_IN_A_WORKER, 60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        "child from_thread ok",
+        "child token <StopToken not set>",
+        "parent ok",
+    ], done.stdout + done.stderr

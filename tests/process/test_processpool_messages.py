@@ -142,3 +142,12 @@ def test_to_process_outside_a_running_loop_shows_how_to_await_it() -> None:
         offloop.to_process(abs, -1)
     assert "'await offloop.to_process(fn)'" in str(info.value)
     assert "to_thread" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_kill_on_cancel_must_be_a_bool(value: object) -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"^ProcessPool\(kill_on_cancel=\.\.\.\) must be True or False, got .*\. Pass True",
+    ):
+        ProcessPool(1, kill_on_cancel=value)  # type: ignore[arg-type]

@@ -355,3 +355,16 @@ async def test_a_service_s_keyboard_interrupt_is_raised_even_if_the_body_caught_
 
     with pytest.raises(KeyboardInterrupt):  # it used to be lost
         await body()
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "match"),
+    [
+        (5, TypeError, r"^Supervisor\(name=\.\.\.\) must be a str, got int 5\. Pass"),
+        (b"api", TypeError, r"^Supervisor\(name=\.\.\.\) must be a str, got bytes"),
+        ("", ValueError, r"^Supervisor\(name=\.\.\.\) must not be empty.*Pass a name"),
+    ],
+)
+def test_a_bad_supervisor_name_is_refused(name: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        Supervisor(name=name)  # type: ignore[arg-type]

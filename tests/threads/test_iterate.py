@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import pytest
 
@@ -324,3 +326,113 @@ async def test_a_stuck_source_is_named_in_the_pool_s_report(
     )
     assert await asyncio.wait_for(first, WAIT) == "line"
     await asyncio.wait_for(it.aclose(), WAIT)
+
+
+def test_a_threaded_function_counts_as_a_coroutine_function() -> None:
+    # Frameworks (Starlette, FastAPI, bot libraries) decide with these checks
+    # whether to await an endpoint or run it in their own thread pool.
+    @offloop.threaded
+    def work() -> int:
+        return 1
+
+    assert asyncio.iscoroutinefunction(work)
+    if sys.version_info >= (3, 12):
+        assert inspect.iscoroutinefunction(work)
+    # The undecorated function is untouched.
+    assert not asyncio.iscoroutinefunction(work.__wrapped__)  # type: ignore[attr-defined]
+
+
+def test_the_coroutine_marker_offloop_relies_on_exists() -> None:
+    # The contract behind mark_coroutine_function: the public marker from 3.12
+    # on, asyncio's private one (what asgiref sets) before.
+    if sys.version_info >= (3, 12):
+        assert callable(inspect.markcoroutinefunction)
+    else:
+        import asyncio.coroutines
+
+        from offloop._core.validate import _IS_COROUTINE
+
+        assert _IS_COROUTINE is asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+
+
+async def test_a_threaded_starlette_endpoint_is_awaited_not_run_in_starlettes_pool() -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    @offloop.threaded
+    def endpoint(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(threading.current_thread().name)
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), WAIT)
+    assert sent[0]["status"] == 200
+    # Awaited by Starlette, so the body ran in offloop's pool; run in
+    # Starlette's pool it would have found no running loop and failed.
+    assert sent[1]["body"].decode().startswith("offloop-default-")
+
+
+class _Methods:
+    base = 10
+
+    def __init__(self) -> None:
+        self.base = 100
+
+    @offloop.threaded
+    @staticmethod
+    def static_above(x: int) -> int:
+        return x + 1
+
+    @staticmethod
+    @offloop.threaded
+    def static_below(x: int) -> int:
+        return x + 2
+
+    @offloop.threaded
+    @classmethod
+    def class_above(cls, x: int) -> int:
+        return cls.base + x
+
+    @classmethod
+    @offloop.threaded
+    def class_below(cls, x: int) -> int:
+        return cls.base + x
+
+    @offloop.threaded
+    def method(self, x: int) -> int:
+        return self.base + x
+
+
+async def test_threaded_works_with_staticmethod_and_classmethod_in_either_order() -> None:
+    obj = _Methods()
+    for owner in (_Methods, obj):
+        assert await owner.static_above(1) == 2
+        assert await owner.static_below(1) == 3
+        assert await owner.class_above(1) == 11
+        assert await owner.class_below(1) == 11
+    assert await obj.method(1) == 101
+    assert asyncio.iscoroutinefunction(_Methods.static_above)
+    assert asyncio.iscoroutinefunction(obj.class_above)

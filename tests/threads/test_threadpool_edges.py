@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+import gc
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 
 import pytest
 
 import offloop
-from tests.helpers import WAIT, await_until
+from tests.helpers import WAIT, await_until, wait_until
 
 
 @pytest.mark.loops("asyncio")
@@ -224,3 +228,183 @@ async def test_a_growth_thread_that_fails_to_start_is_logged_and_its_call_waits(
     assert await asyncio.wait_for(queued, WAIT) == 5  # run by the first thread once free
     assert await busy is True
     await asyncio.wait_for(pool.aclose(), WAIT)  # waits for no thread that never started
+
+
+class _Lines:
+    def lines(self) -> Iterator[str]:
+        yield "a"
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_generator_function_is_refused_with_a_pointer_to_iterate() -> None:
+    # In a worker only the generator's creation would run; its blocking body
+    # would run later, on the loop's thread, wherever it is iterated.
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    with pytest.raises(
+        TypeError,
+        match=r"^offloop\.to_thread\(\) got function .*numbers', a generator function.*"
+        r"offloop\.iterate\(numbers\(\.\.\.\)\)",
+    ):
+        offloop.to_thread(numbers)
+    async with offloop.ThreadPool(1, name="gens") as pool:
+        for fn in (_Lines().lines, functools.partial(numbers)):
+            with pytest.raises(TypeError, match=r"a generator function.*offloop\.iterate"):
+                pool.run(fn)
+        assert pool.statistics()["threads"] == 0  # nothing was queued
+    with pytest.raises(TypeError, match=r"^offloop\.threaded got .*, a generator function"):
+        offloop.threaded(numbers)
+    with pytest.raises(TypeError, match=r"got a generator object.*offloop\.iterate"):
+        offloop.to_thread(numbers())  # type: ignore[arg-type]
+
+
+def test_the_loop_of_a_finished_asyncio_run_is_not_kept_alive() -> None:
+    # A thread that ran asyncio.run() and then does something else (or
+    # nothing) must not keep the closed loop, and all it references, alive.
+    refs: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        refs.append(weakref.ref(asyncio.get_running_loop()))
+        assert await offloop.to_thread(len, "abc") == 3
+        async with offloop.ThreadPool(1, name="collectable") as pool:
+            assert await pool.run(len, "ab") == 2
+            assert [x async for x in offloop.iterate(range(3), pool=pool)] == [0, 1, 2]
+
+    asyncio.run(main())
+    gc.collect()
+    assert refs[0]() is None, gc.get_referrers(refs[0]())
+
+
+def test_a_closed_loop_that_left_calls_running_is_not_kept_alive() -> None:
+    # Calls still running when their loop closes finish later; their results
+    # reach nobody and must not keep the closed loop alive.
+    loop = asyncio.new_event_loop()
+    ref = weakref.ref(loop)
+    first = threading.Event()
+    others = threading.Event()
+    pool = offloop.ThreadPool(1, name="left-running")
+
+    async def start() -> None:
+        pool.run(first.wait, WAIT)
+        pool.run(others.wait, WAIT)
+        pool.run(others.wait, WAIT)
+
+    try:
+        loop.run_until_complete(start())
+        # The first result's delivery is scheduled on the loop, which is
+        # closed before it runs again; the next two arrive after the close.
+        first.set()
+        wait_until(lambda: pool.statistics()["completed"] == 1, WAIT, "the first call")
+        loop.close()
+        del loop
+        others.set()
+        wait_until(lambda: pool.statistics()["completed"] == 3, WAIT, "the other calls")
+        gc.collect()
+        assert ref() is None, gc.get_referrers(ref())
+    finally:
+        pool.close()
+
+
+def test_a_pool_that_grew_for_a_loop_does_not_keep_it_alive() -> None:
+    # A loop that queued calls behind busy threads arms the pool's growth
+    # check; closed with the check still armed, it must not stay referenced.
+    release = threading.Event()
+    pool = offloop.ThreadPool(2, name="grew")
+    refs: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        refs.append(weakref.ref(asyncio.get_running_loop()))
+        pool.run(release.wait, WAIT)
+        pool.run(release.wait, WAIT)  # queued behind the first: the check is armed
+
+    try:
+        asyncio.run(main())
+        release.set()
+        wait_until(lambda: pool.statistics()["completed"] == 2, WAIT, "the calls to finish")
+        gc.collect()
+        assert refs[0]() is None, gc.get_referrers(refs[0]())
+    finally:
+        pool.close()
+
+
+class Payload:
+    """An argument, keyword or context value whose lifetime the tests watch."""
+
+
+payload_var: contextvars.ContextVar[Payload | None] = contextvars.ContextVar(
+    "payload_var", default=None
+)
+
+
+@pytest.mark.loops("asyncio", "uvloop")
+async def test_a_finished_call_does_not_keep_its_arguments_and_context_alive() -> None:
+    def use(arg: Payload, *, kw: Payload) -> str:
+        return type(arg).__name__
+
+    arg, kw, in_context = Payload(), Payload(), Payload()
+    refs = [weakref.ref(x) for x in (arg, kw, in_context)]
+    payload_var.set(in_context)
+    done = offloop.to_thread(use, arg, kw=kw)
+    payload_var.set(None)
+    del arg, kw, in_context
+    assert await done == "Payload"
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]  # while `done` is still referenced
+
+    # A call cancelled before it started never runs: dropped at once too.
+    release = threading.Event()
+    async with offloop.ThreadPool(1, name="drops") as pool:
+        blocker = pool.run(release.wait, WAIT)
+        queued_arg = Payload()
+        queued_ref = weakref.ref(queued_arg)
+        queued = pool.run(use, queued_arg, kw=queued_arg)
+        del queued_arg
+        queued.cancel()
+        gc.collect()
+        assert queued_ref() is None
+        release.set()
+        assert await blocker
+    assert queued.cancelled()
+
+
+BAD_TIMEOUTS = [
+    ("x", TypeError, r"must be a number of seconds or None, got str 'x'\. Pass"),
+    (-1, ValueError, r"must be at least 0 seconds, got -1\. Pass 0"),
+    (float("nan"), ValueError, r"must be at least 0 seconds, got nan"),
+    (True, TypeError, r"must be a number of seconds or None, got bool"),
+]
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_bad_close_timeout_is_refused_before_the_pool_closes() -> None:
+    pool = offloop.ThreadPool(1, name="timeouts")
+    for timeout, error, match in BAD_TIMEOUTS:
+        with pytest.raises(error, match=r"^ThreadPool\.aclose\(timeout=\.\.\.\) " + match):
+            await pool.aclose(timeout=timeout)  # type: ignore[arg-type]
+        assert pool.statistics()["state"] == "open"
+        with pytest.raises(error, match=r"^ThreadPool\.close\(timeout=\.\.\.\) " + match):
+            await asyncio.to_thread(pool.close, timeout=timeout)  # type: ignore[arg-type]
+        assert pool.statistics()["state"] == "open"
+    assert await pool.run(abs, -2) == 2
+    # Beyond what a wait can take (threading.TIMEOUT_MAX): no timeout.
+    await asyncio.to_thread(pool.close, timeout=1e10)
+    assert pool.statistics()["state"] == "closed"
+
+
+@pytest.mark.loops("asyncio")
+async def test_an_object_with_an_async_call_is_refused_when_sent_not_when_awaited() -> None:
+    class Handler:
+        async def __call__(self) -> int:
+            return 1
+
+    class Lines:
+        def __call__(self) -> Iterator[str]:
+            yield "a"
+
+    with pytest.raises(
+        TypeError, match=r"^offloop\.to_thread\(\) got Handler .*whose __call__ is a coroutine"
+    ):
+        offloop.to_thread(Handler())
+    with pytest.raises(TypeError, match=r"whose __call__ is a generator function.*iterate"):
+        offloop.to_thread(Lines())

@@ -46,7 +46,13 @@ class WouldDeadlockError(OffloopError, RuntimeError):
 
 
 class CallerGoneError(OffloopError, RuntimeError):
-    """Raised in a worker whose awaiting side went away (cancelled or its loop closed)."""
+    """Raised in a sync caller whose crossing's other side went away.
+
+    A worker whose awaiting task was cancelled or whose loop closed; and any
+    sync caller (``from_thread``, ``LoopThread.call``) whose coroutine was
+    cancelled on its own loop, not by the caller (the ``CancelledError`` is
+    its ``__cause__``).
+    """
 
 
 class WorkerCrashed(OffloopError, RuntimeError):

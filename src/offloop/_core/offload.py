@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import enum
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol, TypeVar
@@ -90,15 +91,20 @@ class CancelHandler(Protocol):
 
 
 class Channel:
-    """Delivers finished calls to one event loop, batching the wake-ups."""
+    """Delivers finished calls to one event loop, batching the wake-ups.
 
-    __slots__ = ("call_soon_threadsafe", "loop", "pending", "scheduled")
+    It holds its loop only weakly: the per-thread cache in
+    :func:`channel_for` keeps the last channel after ``asyncio.run()``
+    returns, and must not keep the closed loop (and all it references) alive
+    with it. The calls in flight hold the loop, so it is alive while they are.
+    """
+
+    __slots__ = ("loop_ref", "pending", "scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop_ref = weakref.ref(loop)
         self.pending: deque[OffloadFuture[Any]] = deque()
         self.scheduled = False
-        self.call_soon_threadsafe = loop.call_soon_threadsafe
 
     def post(self, call: OffloadFuture[Any]) -> None:
         """Hand a finished call to the loop (called from worker threads)."""
@@ -108,10 +114,14 @@ class Channel:
         if not self.scheduled:
             self.scheduled = True
             try:
-                self.call_soon_threadsafe(self.drain)
+                call.loop.call_soon_threadsafe(self.drain)
             except RuntimeError:
                 # The loop is closed: nobody is left to receive the result.
                 self.pending.clear()
+        elif call.loop.is_closed():
+            # It closed before the scheduled drain ran, so none will: these
+            # results reach nobody, and kept here they would keep it alive.
+            self.pending.clear()
 
     def drain(self) -> None:
         """Complete the futures of every posted call (runs on the loop)."""
@@ -133,8 +143,17 @@ class Channel:
                     if isinstance(error, StopIteration):
                         error = _stop_iteration(call, error)
                     call.set_exception(error)
-            # Break the cycle exception -> traceback -> frame -> call early.
-            call._error = call._value = None
+            # Break the cycle exception -> traceback -> frame -> call early,
+            # and let go of what only the worker needed: a future kept after
+            # its call (in a list, by gather) must not keep its arguments and
+            # the caller's context alive. fn stays, for messages.
+            call._error = call._value = call._ctx = None
+            call._args = ()
+            call._kwargs = _NO_KWARGS
+
+
+#: What a finished call's keyword arguments become (never mutated).
+_NO_KWARGS: Final[dict[str, Any]] = {}
 
 
 def _stop_iteration(call: OffloadFuture[Any], error: StopIteration) -> RuntimeError:
@@ -159,7 +178,7 @@ def channel_for(loop: asyncio.AbstractEventLoop) -> Channel:
     # Kept per thread: a thread runs one loop at a time, and a thread-local
     # read is cheaper than a lookup keyed by the loop.
     channel = _loop_local.channel
-    if channel is None or channel.loop is not loop:
+    if channel is None or channel.loop_ref() is not loop:
         channel = _loop_local.channel = Channel(loop)
     return channel
 
@@ -233,6 +252,10 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
         if self.done():
             return False
         if self._owner._cancel(self):
+            if self._phase is SKIPPED:  # it will never run: nothing reads these
+                self._ctx = None
+                self._args = ()
+                self._kwargs = _NO_KWARGS
             return super().cancel(msg)
         # Delivered with the cancellation once the function returns; both run
         # on the awaiter's loop, so it is stored before the delivery reads it.

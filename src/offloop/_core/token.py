@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, Final, Protocol, final
@@ -173,6 +174,18 @@ class _ThreadState(threading.local):
 
 
 thread_state: Final = _ThreadState()
+
+
+def _forget_call_after_fork() -> None:
+    # In a child made by os.fork() from a worker thread, the forking thread
+    # (the child's only one) still holds the worker's call: its token and the
+    # loop that sent it are the parent's, and from_thread() would wait forever
+    # on a copy of that loop nobody runs. The child is no worker.
+    thread_state.call = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_call_after_fork)
 
 
 def current_call() -> CallInfo | None:

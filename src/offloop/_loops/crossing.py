@@ -30,6 +30,7 @@ __all__ = [
     "Remote",
     "Reply",
     "refuse_on_running_loop",
+    "refuse_when_stopped",
     "start_async",
     "start_sync",
     "wait_reply",
@@ -155,8 +156,19 @@ class Reply:
             self.lock.release()
 
     def on_token(self, token: StopToken) -> None:
-        # Runs in whichever thread sets the worker's token.
-        self.gone(TOKEN_SET)
+        # Runs in whichever thread sets the worker's token. Decided on the
+        # loop, where the coroutine's outcome is posted: a coroutine that
+        # completed before the stop got there gives its result, any other is
+        # cancelled and the caller stopped.
+        try:
+            self.loop.call_soon_threadsafe(self.stop_on_loop)
+        except RuntimeError:  # the loop is closed: nothing runs there any more
+            self.post(TOKEN_SET)
+
+    def stop_on_loop(self) -> None:
+        if not self:  # no outcome yet: the coroutine has not completed
+            self.post(TOKEN_SET)
+        self.cancel_remote()  # a no-op on a task that completed
 
     def gone(self, why: str) -> None:
         self.post(why)
@@ -195,9 +207,33 @@ def start_sync(
         reply.post((False, exc))
         return
     loop = reply.loop
-    reply.task = task = loop.create_task(_run_sync(reply, coro))
+    try:
+        reply.task = task = _create_task(loop, _run_sync(reply, coro), coro)
+    except BaseException as exc:
+        # A task factory that raises: the caller gets its error, as from
+        # run_coroutine_threadsafe, instead of waiting for a task never made.
+        if host is not None:
+            host._call_finished()
+        reply.post((False, exc))
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        return
     if not _step_now(loop, task):
         task.add_done_callback(lambda t: _sync_never_ran(t, reply, coro))
+
+
+def _create_task(
+    loop: asyncio.AbstractEventLoop,
+    runner: Coroutine[Any, Any, None],
+    coro: Coroutine[Any, Any, Any],
+) -> asyncio.Task[None]:
+    """``loop.create_task(runner)``; if that raises, both coroutines are closed first."""
+    try:
+        return loop.create_task(runner)
+    except BaseException:
+        runner.close()  # never awaited: no warnings about either
+        coro.close()
+        raise
 
 
 def _step_now(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> bool:
@@ -244,7 +280,10 @@ async def _run_sync(reply: Reply, coro: Coroutine[Any, Any, Any]) -> None:
         value = await coro
     except BaseException as exc:
         reply.post((False, _sync_error(reply, coro, exc)))
-        exiting = not isinstance(exc, (Exception, asyncio.CancelledError))
+        # Only these stop a loop (asyncio re-raises them from the task); any
+        # other exception the caller now has, so the task ends quietly, not
+        # with an exception logged as never retrieved.
+        exiting = isinstance(exc, (SystemExit, KeyboardInterrupt))
         if exiting and host is not None:
             host._exiting(asyncio.current_task())
         # The error's traceback holds this frame. Holding the reply too would
@@ -268,24 +307,30 @@ def _sync_error(
     host = reply.host
     if host is not None:
         host._call_finished()
-        if isinstance(exc, asyncio.CancelledError):
-            return host._cancel_error(coro) or exc
-    elif isinstance(exc, asyncio.CancelledError):
-        return _cancelled_on_loop(reply, coro, exc)
+    if isinstance(exc, asyncio.CancelledError):
+        closing = host._cancel_error(coro) if host is not None else None
+        return closing or _cancelled_on_loop(reply, coro, exc)
     return exc
 
 
 def _cancelled_on_loop(
     reply: Reply, coro: Coroutine[Any, Any, Any], exc: asyncio.CancelledError
 ) -> CallerGoneError:
-    # The coroutine ran on the loop that sent the work to this worker, and was
-    # cancelled there (typically asyncio.run() ending). A bare CancelledError
-    # is a BaseException that `except Exception` in the worker would miss.
-    error = CallerGoneError(
-        f"{describe(coro)} was cancelled on the event loop that sent this work to the "
-        f"thread ({reply.loop!r}); it is probably shutting down. Return from the worker "
-        f"function."
-    )
+    # The coroutine was cancelled on its loop, not by the sync caller (whose
+    # own stop ends the wait first, with its own message). Every sync caller
+    # gets this one type for it: a caller is no task, and a bare
+    # CancelledError is a BaseException that `except Exception` would miss.
+    if reply.host is None:
+        why = (
+            f"the event loop that sent this work to the thread ({reply.loop!r}); it is "
+            f"probably shutting down. Return from the worker function."
+        )
+    else:
+        why = (
+            f"the event loop it ran on ({reply.loop!r}), by something there (a task.cancel(), "
+            f"a timeout), not by this caller, so it has no result."
+        )
+    error = CallerGoneError(f"{describe(coro)} was cancelled on {why}")
     error.__cause__ = exc
     return error
 
@@ -309,7 +354,8 @@ def wait_reply(
     """Block until ``reply`` has its outcome; return the result or raise the error.
 
     With a ``token`` (the calling worker's), setting it ends the wait with
-    :class:`CallerGoneError` and cancels the coroutine.
+    :class:`CallerGoneError` and cancels the coroutine, unless the coroutine
+    completed before the stop reached its loop: then its outcome is returned.
     """
     lock = reply.lock
     loop = reply.loop
@@ -320,6 +366,10 @@ def wait_reply(
             while not lock.acquire(True, POLL_INTERVAL):
                 if loop.is_closed():
                     reply.gone(LOOP_CLOSED)
+                elif token is not None and token.is_set() and not loop.is_running():
+                    # A stopped loop cannot decide the stop (nor complete
+                    # the coroutine): the caller is gone, the wait ends.
+                    reply.gone(TOKEN_SET)
     except BaseException:  # e.g. KeyboardInterrupt in the main thread
         reply.gone(INTERRUPTED)
         raise
@@ -349,6 +399,22 @@ def wait_reply(
         f"{where} of {describe(async_fn)} cannot finish: the event loop it runs on "
         f"({loop!r}) was closed while this thread waited. Return from the worker function."
     )
+
+
+def refuse_when_stopped(token: StopToken | None, where: str, async_fn: Callable[..., Any]) -> None:
+    """Raise :class:`CallerGoneError`, before anything is sent, if the worker's token is set.
+
+    Its awaiter is gone (or its pool closing): nobody would use the result,
+    so the coroutine is not run at all, as trio's ``from_thread.run`` refuses
+    after a cancellation.
+    """
+    if token is not None and token.is_set():
+        reason = token.reason
+        raise CallerGoneError(
+            f"{where} of {describe(async_fn)} was refused, and the coroutine not run, because "
+            f"this worker's stop token is set ({reason!r}): {_why_stopped(reason)} Return "
+            f"from the worker function; poll offloop.current_token() to stop early."
+        )
 
 
 def _why_stopped(reason: str | None) -> str:
@@ -428,7 +494,14 @@ def start_async(
         _deliver_threadsafe(remote, (False, exc))
         return
     loop = remote.loop
-    remote.task = task = loop.create_task(_run_async(remote, coro))
+    try:
+        remote.task = task = _create_task(loop, _run_async(remote, coro), coro)
+    except BaseException as exc:  # as in start_sync
+        host._call_finished()
+        _deliver_threadsafe(remote, (False, exc))
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        return
     if not _step_now(loop, task):
         task.add_done_callback(lambda t: _async_never_ran(t, remote, coro))
 
@@ -461,7 +534,7 @@ async def _run_async(remote: Remote, coro: Coroutine[Any, Any, Any]) -> None:
                 else exc,
             ),
         )
-        exiting = not isinstance(exc, (Exception, asyncio.CancelledError))
+        exiting = isinstance(exc, (SystemExit, KeyboardInterrupt))  # as in _run_sync
         if exiting:
             host._exiting(asyncio.current_task())
         del remote, host, coro  # the error's traceback holds this frame: see _run_sync

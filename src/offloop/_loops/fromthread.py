@@ -48,8 +48,10 @@ def from_thread(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs:
       sent the work, so it may use that loop's connections, locks and tasks.
       If the task awaiting the worker is cancelled (the call's
       :class:`StopToken` is set), the coroutine is cancelled and the worker
-      gets :class:`CallerGoneError` instead of waiting forever; the same
-      happens if that loop is closed.
+      gets :class:`CallerGoneError` instead of waiting forever, unless the
+      coroutine completed first (then its result is returned); the same
+      happens if that loop is closed. Called with the token already set, it
+      raises :class:`CallerGoneError` without running the coroutine.
     - In any other thread it runs on a shared background loop thread
       (``offloop-shared-loop``), started on first use and stopped after 30 s
       without calls and at interpreter exit; it never keeps the process alive.
@@ -61,7 +63,8 @@ def from_thread(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs:
         WouldDeadlockError: called on a thread whose event loop is running
             (from inside async code): blocking there would deadlock the loop.
         CallerGoneError: the worker's stop token was set (its awaiting task was
-            cancelled, or its pool is closing), or its loop closed.
+            cancelled, or its pool is closing), or its loop closed; or the
+            coroutine was cancelled on its loop, not by this caller.
         TypeError: ``async_fn`` is not a coroutine function.
     """
     refuse_on_running_loop(_WHERE, _INSTEAD)

@@ -34,11 +34,17 @@ from typing import Any, Final, ParamSpec, TypeVar, final
 from .._core.errors import PoolClosedError, WouldDeadlockError
 from .._core.poolbase import complete_waiter
 from .._core.token import thread_state
-from .._core.validate import check_async_callable, check_thread_name, describe
+from .._core.validate import (
+    check_async_callable,
+    check_close_timeout,
+    check_thread_name,
+    describe,
+)
 from .crossing import (
     Remote,
     Reply,
     refuse_on_running_loop,
+    refuse_when_stopped,
     start_async,
     start_sync,
     wait_reply,
@@ -224,6 +230,9 @@ class LoopThread:
                 (there, ``await lt.run(...)`` instead).
             PoolClosedError: the loop thread is closing or closed, or closed
                 while the coroutine ran (the coroutine was cancelled).
+            CallerGoneError: the coroutine was cancelled on the loop by
+                something else than this caller (its ``__cause__`` is the
+                ``CancelledError``), or this worker's stop token was set.
             TypeError: ``async_fn`` is not a coroutine function.
         """
         refuse_on_running_loop(
@@ -231,8 +240,9 @@ class LoopThread:
         )
         check_async_callable(async_fn, "LoopThread.call()")
         call = thread_state.call
-        reply = self._send_sync(async_fn, args, kwargs, contextvars.copy_context())
         token = call.token if call is not None else None
+        refuse_when_stopped(token, "LoopThread.call()", async_fn)
+        reply = self._send_sync(async_fn, args, kwargs, contextvars.copy_context())
         return wait_reply(reply, token, "LoopThread.call()", async_fn)  # type: ignore[no-any-return]
 
     async def run(
@@ -271,6 +281,7 @@ class LoopThread:
             WouldDeadlockError: called on the loop thread itself, or on another
                 running event loop's thread (there, ``await lt.aclose()`` instead).
         """
+        timeout = check_close_timeout(timeout, "LoopThread.close")
         if self._thread is not None and self._thread is threading.current_thread():
             raise WouldDeadlockError(
                 f"{self._describe()}.close() was called on the loop thread itself (from a "
@@ -296,6 +307,7 @@ class LoopThread:
         Raises:
             WouldDeadlockError: awaited on this loop thread's own loop.
         """
+        timeout = check_close_timeout(timeout, "LoopThread.aclose")
         caller = asyncio.get_running_loop()
         if caller is self._loop:
             raise WouldDeadlockError(

@@ -18,7 +18,7 @@ from typing import Any, Final, ParamSpec, TypeVar, final
 from .._core.errors import CallerGoneError, PoolClosedError
 from .._core.token import StopToken
 from .._core.validate import check_async_callable, describe
-from .crossing import Reply, start_sync, wait_reply
+from .crossing import Reply, refuse_when_stopped, start_sync, wait_reply
 from .loopthread import _RUNNING, LoopThread
 
 __all__ = ["EXIT_TIMEOUT", "SHARED_IDLE_TIMEOUT", "SharedLoopThread", "block_on", "to_loop"]
@@ -38,8 +38,10 @@ def block_on(
     """Run ``async_fn(*args, **kwargs)`` on ``target``'s loop; block for the outcome.
 
     With a ``token`` (the calling worker's), setting it stops the wait with
-    :class:`CallerGoneError` and cancels the coroutine.
+    :class:`CallerGoneError` and cancels the coroutine, unless the coroutine
+    completed first; already set, the coroutine is not run at all.
     """
+    refuse_when_stopped(token, where, async_fn)
     ctx = contextvars.copy_context()
     if isinstance(target, asyncio.AbstractEventLoop):
         reply = Reply(target, None)

@@ -148,7 +148,7 @@ class DaskPool(PoolContext):
         task on the cluster.
 
         Raises:
-            TypeError: ``fn`` is not callable, or is a coroutine function.
+            TypeError: ``fn`` is not callable, or is a coroutine or generator function.
             NotPicklableError: the function or an argument cannot be pickled,
                 or cannot be unpickled on the worker (its module is not
                 importable there), or the result cannot be pickled.

@@ -28,6 +28,7 @@ import inspect
 import multiprocessing
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.context import BaseContext
@@ -44,8 +45,9 @@ from .._core.poolbase import (
     refuse_blocking_close,
 )
 from .._core.validate import (
+    check_bool,
+    check_close_timeout,
     check_positive_int,
-    check_seconds,
     check_sync_callable,
     check_thread_name,
     describe,
@@ -73,6 +75,9 @@ R = TypeVar("R")
 #: process alive for the rest of the program. "spawn" starts a fresh
 #: interpreter: slower to start (it imports the program again), but safe everywhere.
 DEFAULT_START_METHOD: Final = "spawn"
+
+#: Seconds interpreter exit waits for the pools' killed workers to be reaped.
+_EXIT_WAIT: Final = 2.0
 
 #: Seconds aclose() gives exited workers to be reaped, after any kill.
 _REAP_TIMEOUT: Final = 10.0
@@ -147,6 +152,11 @@ class ProcessPool(WorkerSet, PoolContext):
         check_positive_int(max_workers, "ProcessPool(max_workers=...)")
         check_positive_int(max_tasks_per_worker, "ProcessPool(max_tasks_per_worker=...)")
         check_thread_name(name, "ProcessPool")
+        check_bool(
+            kill_on_cancel,
+            "ProcessPool(kill_on_cancel=...)",
+            "kill a call's worker process when its awaiter is cancelled",
+        )
         initargs = _check_initializer(initializer, initargs)
         if mp_context is None or isinstance(mp_context, str):
             method = mp_context or DEFAULT_START_METHOD
@@ -185,7 +195,7 @@ class ProcessPool(WorkerSet, PoolContext):
             max_tasks_per_worker,
         )
         self._main_by_value = main_by_value
-        self._kill_on_cancel = bool(kill_on_cancel)
+        self._kill_on_cancel = kill_on_cancel
         _pools.add(self)
 
     # -- public API ---------------------------------------------------------
@@ -210,7 +220,7 @@ class ProcessPool(WorkerSet, PoolContext):
         ``__cause__``. Context variables are not carried to the worker.
 
         Raises:
-            TypeError: ``fn`` is not callable, or is a coroutine function.
+            TypeError: ``fn`` is not callable, or is a coroutine or generator function.
             NotPicklableError: the function or an argument cannot be pickled
                 (raised here), or the result cannot (raised by the await).
             WorkerCrashed: (by the await) the worker died while running the call.
@@ -304,7 +314,7 @@ class ProcessPool(WorkerSet, PoolContext):
         ``PoolClosedError``. Idle workers exit at once. Closing twice is
         allowed; the second call waits like the first.
         """
-        timeout = _check_timeout(timeout, "aclose")
+        timeout = check_close_timeout(timeout, "ProcessPool.aclose")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._begin_close(waiter)
@@ -325,7 +335,7 @@ class ProcessPool(WorkerSet, PoolContext):
             WouldDeadlockError: called on a thread whose event loop is running;
                 use ``await pool.aclose()`` there.
         """
-        timeout = _check_timeout(timeout, "close")
+        timeout = check_close_timeout(timeout, "ProcessPool.close")
         refuse_blocking_close(self)
         done = threading.Event()
         self._begin_close(done)
@@ -483,15 +493,6 @@ def _check_initializer(initializer: object, initargs: object) -> tuple[Any, ...]
     return tuple(initargs)
 
 
-def _check_timeout(timeout: object, method: str) -> float | None:
-    # Checked before the pool changes state: a bad timeout must not leave it half closed.
-    if timeout is None:
-        return None
-    seconds = check_seconds(timeout, f"ProcessPool.{method}(timeout=...)", positive=False)
-    # Event.wait() refuses inf, and anything above TIMEOUT_MAX (about 49 days).
-    return None if seconds > threading.TIMEOUT_MAX else seconds
-
-
 def _make_default() -> ProcessPool:
     pool = ProcessPool(name="default")
     pool._run_name = "offloop.to_process()"
@@ -529,7 +530,7 @@ def to_process(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offl
     crashes and cancellation.
 
     Raises:
-        TypeError: ``fn`` is not callable, or is a coroutine function.
+        TypeError: ``fn`` is not callable, or is a coroutine or generator function.
         NotPicklableError: the function, an argument or the result cannot be pickled.
         WorkerCrashed: the worker process died while running the call.
         RuntimeError: no event loop is running in this thread.
@@ -547,17 +548,24 @@ def _nonblocking_pipe() -> tuple[int, int]:
 @atexit.register
 def _stop_workers_at_exit() -> None:
     # Runs before multiprocessing's own exit hook (registered earlier), which
-    # would otherwise wait for busy workers forever.
-    processes = []
+    # would otherwise wait for busy workers forever. Each pool closes as
+    # close(timeout=0) would: its workers are killed, and its manager thread
+    # reaps them and ends. Reaping them here too would race that thread: of
+    # two threads waiting for one child, the one that lost saw it gone yet
+    # "still running" (Process.close) and failed the pool with an ERROR.
+    closing: list[tuple[ProcessPool, threading.Event]] = []
     for pool in list(_pools):
         if pool._finalizer is not None:
             pool._finalizer.detach()  # stopped here, not warned about at teardown
-        with pool._lock:
-            pool._state = PoolState.CLOSING if pool._state is PoolState.OPEN else pool._state
-            processes += [w.process for w in pool._workers if w.process is not None]
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.kill()
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.join(2.0)
+        closed = threading.Event()
+        with contextlib.suppress(Exception):  # never fail interpreter exit over a pool
+            pool._begin_close(closed)
+            pool._kill_all()
+            closing.append((pool, closed))
+    deadline = time.monotonic() + _EXIT_WAIT
+    for pool, closed in closing:
+        if closed.wait(max(0.0, deadline - time.monotonic())):
+            manager = pool._manager
+            if manager is not None:
+                # It completed the waiters and only returns now.
+                manager.join(max(0.0, deadline - time.monotonic()))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, overload
 
 from .._core.errors import ServiceFailed
 from .._core.restart import RestartMode, RestartPolicy
-from .._core.validate import check_seconds, describe
+from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
 from .status import ServiceState, ServiceStatus, SupervisorState
@@ -79,6 +79,7 @@ class Supervisor:
     ) -> None:
         # Finite: the signal watchdog waits grace plus a margin, and the
         # shutdown's deadline is computed from it.
+        check_thread_name(name, "Supervisor", names="its logs, status and repr")
         self.grace = check_seconds(grace, "grace", positive=False, finite=True)
         self._block_threshold: float | None = None
         if detect_blocking is True:

@@ -15,7 +15,12 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar, final, overload
 from .._core.errors import PoolClosedError
 from .._core.offload import OffloadFuture
 from .._core.token import StopToken, current_token, thread_state
-from .._core.validate import check_positive_int, check_sync_callable, describe
+from .._core.validate import (
+    check_positive_int,
+    check_sync_callable,
+    describe,
+    mark_coroutine_function,
+)
 from .pool import ThreadPool
 from .tothread import default_thread_pool
 
@@ -59,13 +64,27 @@ def threaded(
     of the default pool. The signature is kept for type checkers; the result is
     an :class:`OffloadFuture`, exactly what :func:`to_thread` returns.
 
+    It may sit above or below ``@staticmethod`` and ``@classmethod``.
+    The decorated function counts as a coroutine function
+    (``asyncio.iscoroutinefunction``, and ``inspect.iscoroutinefunction`` on
+    Python 3.12+), so frameworks that check, like Starlette and FastAPI,
+    await it instead of running it in a thread pool of their own.
+
     Raises:
-        TypeError: the decorated object is not callable, or is a coroutine function.
+        TypeError: the decorated object is not callable, or is a coroutine or generator function.
     """
     if pool is not None and not isinstance(pool, ThreadPool):
         raise TypeError(f"offloop.threaded(pool=...) needs a ThreadPool, got {describe(pool)}.")
 
     def decorate(func: Callable[P, R]) -> Callable[P, OffloadFuture[R]]:
+        # Above @staticmethod or @classmethod: decorate the function inside and
+        # wrap the result the same way, so the descriptor still binds (no
+        # instance passed to a static method, the class passed to a class one).
+        method: Any = func
+        if isinstance(method, staticmethod | classmethod):
+            kind: Any = type(method)
+            inner: Any = method.__func__
+            return kind(decorate(inner))  # type: ignore[no-any-return]
         if not callable(func):
             raise TypeError(
                 f"offloop.threaded decorates a function, but got {describe(func)}. Put "
@@ -87,7 +106,8 @@ def threaded(
                 )
             return (pool or default_thread_pool()).run(func, *args, **kwargs)
 
-        return wrapper
+        # Calling it returns an awaitable: frameworks that check must await it.
+        return mark_coroutine_function(wrapper)
 
     if fn is None:
         return decorate

@@ -12,13 +12,14 @@ import asyncio
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from typing import Any, Final
 
 from .._core.errors import PoolClosedError, WouldDeadlockError
 from .._core.offload import QUEUED, SKIPPED, OffloadFuture
 from .._core.poolbase import PoolContext, PoolState, complete_waiter, refuse_blocking_close
-from .._core.validate import describe
+from .._core.validate import check_close_timeout, describe
 from .workers import Worker
 
 __all__ = ["ThreadPoolLifecycle"]
@@ -37,7 +38,7 @@ class ThreadPoolLifecycle(PoolContext):
     _workers: list[Worker]
     _leaving: list[threading.Thread]
     _closed_waiters: list[asyncio.Future[None] | threading.Event]
-    _growth_loops: set[asyncio.AbstractEventLoop]
+    _growth_loops: weakref.WeakSet[asyncio.AbstractEventLoop]
     _idle: int
     _backlog: int
     _queued: int
@@ -73,7 +74,12 @@ class ThreadPoolLifecycle(PoolContext):
         process alive) and logged with the function they run.
 
         Closing twice is allowed; the second call waits like the first.
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not None or a number of
+                seconds at least 0 (checked before anything closes).
         """
+        timeout = check_close_timeout(timeout, "ThreadPool.aclose")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._begin_close(waiter)
@@ -95,7 +101,10 @@ class ThreadPoolLifecycle(PoolContext):
             WouldDeadlockError: called on a running event loop's thread, or
                 from one of this pool's own worker threads (it would wait for
                 itself to exit).
+            TypeError, ValueError: ``timeout`` is not None or a number of
+                seconds at least 0 (checked before anything closes).
         """
+        timeout = check_close_timeout(timeout, "ThreadPool.close")
         refuse_blocking_close(self)
         self._refuse_own_thread("close()")
         done = threading.Event()
@@ -207,7 +216,7 @@ class ThreadPoolLifecycle(PoolContext):
         self._short = False
         self._unstarted = []
         self._starting = False
-        self._growth_loops = set()
+        self._growth_loops = weakref.WeakSet()
         self._closed_waiters = []
         if self._state is not PoolState.OPEN:
             self._state = PoolState.CLOSED

@@ -75,7 +75,7 @@ from .._core.poolbase import (
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
-    ASYNC_CODE_FLAGS,
+    REFUSED_CODE_FLAGS,
     check_positive_int,
     check_sync_callable,
     check_thread_name,
@@ -225,8 +225,9 @@ class ThreadPool(ThreadPoolLifecycle):
         self._cancelled = 0
         # Loops with a rebalancing check armed. Each loop whose calls wait in
         # _pending arms its own, so a loop that stopped or blocks cannot keep
-        # the pool from dispatching for the others.
-        self._growth_loops: set[asyncio.AbstractEventLoop] = set()
+        # the pool from dispatching for the others. Weak: a loop closed with
+        # its check armed must not stay alive here.
+        self._growth_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
         _pools.add(self)
 
@@ -268,12 +269,12 @@ class ThreadPool(ThreadPoolLifecycle):
         the worker. Exceptions propagate with their type and traceback.
 
         Raises:
-            TypeError: ``fn`` is not callable, or is a coroutine function.
+            TypeError: ``fn`` is not callable, or is a coroutine or generator function.
             RuntimeError: no event loop is running in this thread.
             PoolClosedError: the pool is closing or closed.
         """
         # Messages are formatted only on the error path: this runs per call.
-        if type(fn) is not FunctionType or fn.__code__.co_flags & ASYNC_CODE_FLAGS:
+        if type(fn) is not FunctionType or fn.__code__.co_flags & REFUSED_CODE_FLAGS:
             check_sync_callable(fn, self._run_name, "offloop.to_loop()")
         try:
             loop = _get_running_loop()
@@ -370,7 +371,6 @@ class ThreadPool(ThreadPoolLifecycle):
                 self._pending.append(call)
                 loop = call.loop
                 if loop not in self._growth_loops:
-                    self._growth_loops = {x for x in self._growth_loops if not x.is_closed()}
                     self._growth_loops.add(loop)
                     loop.call_at(
                         loop.time() + GROWTH_PERIOD,

@@ -74,7 +74,7 @@ def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offlo
     :func:`~offloop.current_token` set so it can stop early.
 
     Raises:
-        TypeError: ``fn`` is not callable, or is a coroutine function.
+        TypeError: ``fn`` is not callable, or is a coroutine or generator function.
         RuntimeError: no event loop is running in this thread.
     """
     pool = _default.pool

@@ -1,7 +1,8 @@
-"""How a ThreadPool closes, reports stuck calls, and starts over after ``fork()``.
+"""A ThreadPool seen from outside: statistics, its threads' start and end, closing, ``fork()``.
 
 The other half of :class:`~offloop.ThreadPool`, which inherits it: ``pool.py``
-holds how calls flow through the pool, this module how the pool ends. Both
+holds how calls flow through the pool, this module how its threads begin and
+how the pool ends. Both
 halves work on the same state under the same lock; ``pool.py`` describes the
 state and its invariants, and sets it up in ``ThreadPool.__init__``.
 """
@@ -14,21 +15,37 @@ import queue
 import threading
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from typing import Any, Final
 
 from .._core.errors import PoolClosedError, WouldDeadlockError
 from .._core.offload import QUEUED, SKIPPED, OffloadFuture
-from .._core.poolbase import PoolContext, PoolState, complete_waiter, refuse_blocking_close
+from .._core.poolbase import (
+    CallCounters,
+    PoolContext,
+    PoolState,
+    complete_waiter,
+    refuse_blocking_close,
+)
 from .._core.validate import check_close_timeout, describe
 from .workers import Worker
 
-__all__ = ["ThreadPoolLifecycle"]
+__all__ = ["ThreadPoolLifecycle", "ThreadPoolStatistics"]
 
 logger: Final = logging.getLogger("offloop")
 
 
+class ThreadPoolStatistics(CallCounters):
+    """What :meth:`ThreadPool.statistics` returns."""
+
+    threads: int
+    #: Running calls that wait (I/O, sleep, locks) and hold no CPU slot.
+    waiting: int
+    cpu_slots: int
+
+
 class ThreadPoolLifecycle(PoolContext):
-    """Closing, stuck-call reports and fork handling of :class:`~offloop.ThreadPool`."""
+    """The pool seen from outside: statistics, repr, thread starts, closing, fork."""
 
     # Set up by ThreadPool.__init__; see pool.py for what each one holds.
     _name: str
@@ -50,9 +67,14 @@ class ThreadPoolLifecycle(PoolContext):
     _unstarted: list[Worker]
     _starting: bool
     _cancelled: int
+    _thread_numbers: Iterator[int]
+    _max_workers: int
+    _cpu_slots: int
+    _completed: int
+    _failed: int
 
-    def _describe(self) -> str:
-        raise NotImplementedError  # pool.py's: the repr without the lock
+    def _work(self, worker: Worker, starts_others: bool = False) -> None:
+        raise NotImplementedError  # pool.py's: the worker thread's body
 
     def _skip_closed(self, call: OffloadFuture[Any]) -> None:
         # Under _lock: a queued call the closing pool will not start.
@@ -62,6 +84,109 @@ class ThreadPoolLifecycle(PoolContext):
         call._error = PoolClosedError(
             f"{self._describe()} closed before this call of {describe(call.fn)} started."
         )
+
+    def statistics(self) -> ThreadPoolStatistics:
+        """A snapshot of the pool's counters.
+
+        Keys: ``state``, ``max_workers``, ``threads``, ``idle``, ``running``
+        (including abandoned calls), ``waiting`` (running, but blocked in I/O,
+        a sleep or a lock, so holding no CPU slot), ``cpu_slots`` (the most
+        calls that run at once while using the CPU), ``abandoned`` (cancelled
+        by their awaiter but still running), ``queued`` (not started yet),
+        ``completed``, ``failed``, ``cancelled``.
+
+        ``cancelled`` counts awaiters cancelled; ``completed`` and ``failed``
+        count functions that returned or raised. So an abandoned call whose
+        function later returns is counted in ``cancelled`` and in
+        ``completed``: its thread did the whole work, nobody used the result.
+        """
+        with self._lock:
+            return {
+                "state": self._state.value,
+                "max_workers": self._max_workers,
+                "threads": len(self._workers),
+                "idle": self._idle,
+                "running": self._running,
+                "waiting": self._waiting,
+                "cpu_slots": self._cpu_slots,
+                "abandoned": self._abandoned,
+                "queued": self._queued,
+                "completed": self._completed,
+                "failed": self._failed,
+                "cancelled": self._cancelled,
+            }
+
+    def __repr__(self) -> str:
+        with self._lock:
+            return self._describe()
+
+    def _describe(self) -> str:
+        # The repr without taking _lock, for messages built while holding it.
+        abandoned = f" ({self._abandoned} abandoned)" if self._abandoned else ""
+        return (
+            f"<ThreadPool {self._name!r} {self._state.value}: {self._running} running"
+            f"{abandoned}, {self._queued} queued, "
+            f"{len(self._workers)}/{self._max_workers} threads>"
+        )
+
+    def _want_started(self, workers: list[Worker]) -> Worker | None:
+        # Under _lock: threads for these new workers are wanted. Returns the
+        # one the caller must start, or None if a thread that starts the
+        # others is already at it. Thread.start() waits until the new thread
+        # has run, and under GIL contention that takes several switch
+        # intervals: starting forty threads on the loop's thread would stall
+        # it for seconds. So the loop starts one, which starts the rest.
+        self._unstarted.extend(workers)
+        if self._starting:
+            return None
+        self._starting = True
+        return self._unstarted.pop(0)
+
+    def _start_others(self) -> None:
+        # In a thread started with starts_others: start the workers that
+        # were wanted meanwhile, then serve calls like any other.
+        while True:
+            with self._lock:
+                if not self._unstarted:
+                    self._starting = False
+                    return
+                worker = self._unstarted.pop(0)
+            try:
+                self._start_thread(worker)
+            except Exception:
+                logger.exception("offloop: pool %r could not start a worker thread", self._name)
+                with self._lock:
+                    self._give_up_starting()
+                return
+
+    def _give_up_starting(self) -> None:
+        # Under _lock, when a thread failed to start: so will the others, most
+        # likely; their calls wait for a busy thread to come free.
+        for worker in self._unstarted:
+            self._workers.remove(worker)
+            self._backlog += 1
+        self._unstarted.clear()
+        self._starting = False
+
+    def _start_thread(self, worker: Worker, *, starts_others: bool = False) -> None:
+        thread = threading.Thread(
+            target=self._work,
+            args=(worker, starts_others),
+            name=f"offloop-{self._name}-{next(self._thread_numbers)}",
+            daemon=True,
+        )
+        worker.thread = thread
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._workers.remove(worker)
+                self._backlog += 1  # its claimed call waits for the next free thread
+                # A close may now wait for no thread at all.
+                waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
+            for waiter in waiters:
+                complete_waiter(waiter)
+            raise
 
     async def aclose(self, *, timeout: float | None = None) -> None:
         """Close the pool and wait for its threads to exit.

@@ -68,9 +68,7 @@ from .._core.offload import (
     running_loop,
 )
 from .._core.poolbase import (
-    CallCounters,
     PoolState,
-    complete_waiter,
 )
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
@@ -82,9 +80,9 @@ from .._core.validate import (
     describe,
 )
 from .lifecycle import ThreadPoolLifecycle
-from .workers import DEFAULT_CPU_SLOTS, Worker
+from .workers import DEFAULT_CPU_SLOTS, WaitMemory, Worker
 
-__all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool", "ThreadPoolStatistics"]
+__all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -119,23 +117,11 @@ IDLE_TIMEOUT: Final = 30.0
 #: short enough that an idle pool costs nothing measurable.
 SPIN_WINDOW: Final = 50e-6
 
-#: The most functions a pool remembers as waiting or computing (see _learn).
-MAX_LEARNED: Final = 1024
-
 #: Seconds late past which a pool's check takes its loop to be starved (see
 #: _rebalance): well under the lag a user notices, well over a timer's jitter.
 LAG_LIMIT: Final = 0.004
 
 OnCancel = Literal["abandon", "wait"]
-
-
-class ThreadPoolStatistics(CallCounters):
-    """What :meth:`ThreadPool.statistics` returns."""
-
-    threads: int
-    #: Running calls that wait (I/O, sleep, locks) and hold no CPU slot.
-    waiting: int
-    cpu_slots: int
 
 
 _pools: Final[weakref.WeakSet[ThreadPool]] = weakref.WeakSet()
@@ -216,9 +202,8 @@ class ThreadPool(ThreadPoolLifecycle):
         # thread is starting them (see _want_started).
         self._unstarted: list[Worker] = []
         self._starting = False
-        # Whether the last call of a function (by code object) was found
-        # waiting: see _learn.
-        self._waits: dict[object, bool] = {}
+        # Which functions' calls were found waiting (see workers.py).
+        self._waits = WaitMemory()
         self._abandoned = 0
         self._completed = 0
         self._failed = 0
@@ -284,50 +269,6 @@ class ThreadPool(ThreadPoolLifecycle):
         self._submit(call)
         return call
 
-    def statistics(self) -> ThreadPoolStatistics:
-        """A snapshot of the pool's counters.
-
-        Keys: ``state``, ``max_workers``, ``threads``, ``idle``, ``running``
-        (including abandoned calls), ``waiting`` (running, but blocked in I/O,
-        a sleep or a lock, so holding no CPU slot), ``cpu_slots`` (the most
-        calls that run at once while using the CPU), ``abandoned`` (cancelled
-        by their awaiter but still running), ``queued`` (not started yet),
-        ``completed``, ``failed``, ``cancelled``.
-
-        ``cancelled`` counts awaiters cancelled; ``completed`` and ``failed``
-        count functions that returned or raised. So an abandoned call whose
-        function later returns is counted in ``cancelled`` and in
-        ``completed``: its thread did the whole work, nobody used the result.
-        """
-        with self._lock:
-            return {
-                "state": self._state.value,
-                "max_workers": self._max_workers,
-                "threads": len(self._workers),
-                "idle": self._idle,
-                "running": self._running,
-                "waiting": self._waiting,
-                "cpu_slots": self._cpu_slots,
-                "abandoned": self._abandoned,
-                "queued": self._queued,
-                "completed": self._completed,
-                "failed": self._failed,
-                "cancelled": self._cancelled,
-            }
-
-    def __repr__(self) -> str:
-        with self._lock:
-            return self._describe()
-
-    def _describe(self) -> str:
-        # The repr without taking _lock, for messages built while holding it.
-        abandoned = f" ({self._abandoned} abandoned)" if self._abandoned else ""
-        return (
-            f"<ThreadPool {self._name!r} {self._state.value}: {self._running} running"
-            f"{abandoned}, {self._queued} queued, "
-            f"{len(self._workers)}/{self._max_workers} threads>"
-        )
-
     # -- how calls flow ----------------------------------------------------
 
     def _submit(self, call: OffloadFuture[Any]) -> None:
@@ -352,7 +293,7 @@ class ThreadPool(ThreadPoolLifecycle):
                 dispatch = True
             elif (
                 self._waits
-                and self._waits.get(getattr(call.fn, "__code__", None), False)
+                and self._waits.waits(call.fn)
                 and (self._idle > 0 or len(self._workers) < self._max_workers)
             ):
                 # Its function's last call was found waiting: like that one,
@@ -414,7 +355,7 @@ class ThreadPool(ThreadPoolLifecycle):
                     w.waiting = waiting
                     self._waiting += 1 if waiting else -1
                     if not waiting:
-                        self._learn(w.call, False)
+                        self._waits.remember(w.call, False)
             free = self._cpu_slots - (self._ready + self._running - self._waiting)
             if loop.time() - due > LAG_LIMIT:
                 # The loop itself runs late. Calls that look blocked may be
@@ -527,8 +468,11 @@ class ThreadPool(ThreadPoolLifecycle):
                         self._running += 1
                         worker.call = call
                         worker.started = monotonic()
-                        if self._waits:
-                            self._presume(worker, call)
+                        if self._waits and self._waits.waits(call.fn):
+                            # Its function's last call waited: it holds no
+                            # slot until the check finds otherwise.
+                            worker.waiting = True
+                            self._waiting += 1
                 if skipped:
                     if call._error is not None:  # closed before it started: tell the awaiter
                         call._channel.post(call)
@@ -559,7 +503,7 @@ class ThreadPool(ThreadPoolLifecycle):
                     if worker.judged and worker.seen == worker.started:
                         # Measured waiting when it ended: its function's
                         # next calls take a thread without a slot.
-                        self._learn(call, True)
+                        self._waits.remember(call, True)
                 if call._phase is ABANDONED:
                     self._abandoned -= 1
                 if call._error is None:
@@ -583,26 +527,6 @@ class ThreadPool(ThreadPoolLifecycle):
             call = nxt
         self._thread_exited(worker)
 
-    def _learn(self, call: OffloadFuture[Any] | None, waiting: bool) -> None:
-        # Under _lock: remember whether calls of this function wait (learnt
-        # from a call that ended waiting) or compute (from any call found
-        # computing), so that the next ones take a thread at once or wait
-        # for a slot. Learning "waits" only from a whole call keeps a GIL
-        # wait that looked like a blocked call from being learnt.
-        code = getattr(call.fn, "__code__", None) if call is not None else None
-        if code is None:
-            return
-        if len(self._waits) >= MAX_LEARNED and code not in self._waits:
-            self._waits.clear()  # a bound, not a cache policy: rarely reached
-        self._waits[code] = waiting
-
-    def _presume(self, worker: Worker, call: OffloadFuture[Any]) -> None:
-        # Under _lock, as the worker starts ``call``: a function whose last
-        # call waited holds no slot until the check finds otherwise.
-        if self._waits.get(getattr(call.fn, "__code__", None), False):
-            worker.waiting = True
-            self._waiting += 1
-
     def _next_pending(self, worker: Worker) -> OffloadFuture[Any] | None:
         # Under _lock, by a worker whose call just ended: take the next pending
         # call if a CPU slot is free, and run it without a trip through the
@@ -620,69 +544,11 @@ class ThreadPool(ThreadPoolLifecycle):
                 self._running += 1
                 worker.call = call
                 worker.started = now
-                if self._waits:
-                    self._presume(worker, call)
+                if self._waits and self._waits.waits(call.fn):
+                    worker.waiting = True  # as in _work
+                    self._waiting += 1
                 return call
         return None
-
-    def _want_started(self, workers: list[Worker]) -> Worker | None:
-        # Under _lock: threads for these new workers are wanted. Returns the
-        # one the caller must start, or None if a thread that starts the
-        # others is already at it. Thread.start() waits until the new thread
-        # has run, and under GIL contention that takes several switch
-        # intervals: starting forty threads on the loop's thread would stall
-        # it for seconds. So the loop starts one, which starts the rest.
-        self._unstarted.extend(workers)
-        if self._starting:
-            return None
-        self._starting = True
-        return self._unstarted.pop(0)
-
-    def _start_others(self) -> None:
-        # In a thread started with starts_others: start the workers that
-        # were wanted meanwhile, then serve calls like any other.
-        while True:
-            with self._lock:
-                if not self._unstarted:
-                    self._starting = False
-                    return
-                worker = self._unstarted.pop(0)
-            try:
-                self._start_thread(worker)
-            except Exception:
-                logger.exception("offloop: pool %r could not start a worker thread", self._name)
-                with self._lock:
-                    self._give_up_starting()
-                return
-
-    def _give_up_starting(self) -> None:
-        # Under _lock, when a thread failed to start: so will the others, most
-        # likely; their calls wait for a busy thread to come free.
-        for worker in self._unstarted:
-            self._workers.remove(worker)
-            self._backlog += 1
-        self._unstarted.clear()
-        self._starting = False
-
-    def _start_thread(self, worker: Worker, *, starts_others: bool = False) -> None:
-        thread = threading.Thread(
-            target=self._work,
-            args=(worker, starts_others),
-            name=f"offloop-{self._name}-{next(self._thread_numbers)}",
-            daemon=True,
-        )
-        worker.thread = thread
-        try:
-            thread.start()
-        except BaseException:
-            with self._lock:
-                self._workers.remove(worker)
-                self._backlog += 1  # its claimed call waits for the next free thread
-                # A close may now wait for no thread at all.
-                waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
-            for waiter in waiters:
-                complete_waiter(waiter)
-            raise
 
     def _free_slot(self) -> None:
         # Called under _lock by a thread that is about to take the next call.

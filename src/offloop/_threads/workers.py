@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from .._core.offload import OffloadFuture
 
-__all__ = ["DEFAULT_CPU_SLOTS", "WINDOW", "Worker", "waiting_share"]
+__all__ = ["DEFAULT_CPU_SLOTS", "WINDOW", "WaitMemory", "Worker", "waiting_share"]
 
 
 def _available_cpus() -> int:
@@ -173,3 +173,40 @@ class Worker:
         self.base_busy, self.base_wall = busy, now
         self.prev_wall = -1.0
         self.judged = False
+
+
+#: The most functions a pool remembers as waiting or computing.
+MAX_REMEMBERED: Final = 1024
+
+
+class WaitMemory:
+    """Whether the last measured call of each function waited (by code object).
+
+    A pool remembers "waits" from a call that ended while measured as
+    waiting, and "computes" from any call measured computing. The next calls
+    of a function that waits take a thread at once, without a CPU slot,
+    instead of waiting for the pool's check to measure each of them. Learning
+    "waits" only from whole calls keeps a long GIL wait, which looks like a
+    blocked call for a while, from being learnt. All under the pool's lock.
+    """
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: dict[object, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._known)
+
+    def waits(self, fn: object) -> bool:
+        """Whether ``fn``'s last measured call waited."""
+        return self._known.get(getattr(fn, "__code__", None), False)
+
+    def remember(self, call: OffloadFuture[Any] | None, waiting: bool) -> None:
+        """Remember how ``call``'s function behaved (plain functions and methods)."""
+        code = getattr(call.fn, "__code__", None) if call is not None else None
+        if code is None:
+            return
+        if len(self._known) >= MAX_REMEMBERED and code not in self._known:
+            self._known.clear()  # a bound, not a cache policy: rarely reached
+        self._known[code] = waiting

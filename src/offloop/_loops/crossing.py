@@ -166,8 +166,9 @@ class Reply:
             self.post(TOKEN_SET)
 
     def stop_on_loop(self) -> None:
-        if not self:  # no outcome yet: the coroutine has not completed
-            self.post(TOKEN_SET)
+        # Wins only if nothing was posted yet, i.e. the coroutine has not
+        # completed: a result already posted stands.
+        self.post(TOKEN_SET)
         self.cancel_remote()  # a no-op on a task that completed
 
     def gone(self, why: str) -> None:

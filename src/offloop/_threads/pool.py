@@ -49,7 +49,7 @@ import queue
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from time import monotonic
 from types import CoroutineType, FunctionType
 from typing import Any, Final, Literal, ParamSpec, TypeVar, final
@@ -74,11 +74,13 @@ from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
     REFUSED_CODE_FLAGS,
+    check_bool,
     check_positive_int,
     check_sync_callable,
     check_thread_name,
     describe,
 )
+from .batch import MapResults
 from .lifecycle import ThreadPoolLifecycle
 from .workers import DEFAULT_CPU_SLOTS, WaitMemory, Worker
 
@@ -86,6 +88,7 @@ __all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 logger: Final = logging.getLogger("offloop")
 
@@ -96,14 +99,10 @@ DEFAULT_MAX_WORKERS: Final = 40
 
 _get_running_loop: Final = asyncio.get_running_loop
 
-#: How often (seconds) a pool with pending calls looks at its running ones.
-#: Calls beyond the idle threads first wait behind the busy ones: for short
-#: functions one warm thread beats many threads fighting over the GIL. A call
-#: that has run longer than this and waits (see ``workers.py``) gives its CPU
-#: slot to a pending call, in a thread of its own if need be, so blocking
-#: calls reach max_workers within a few periods and a call that waits for
-#: another pending call (a nested offload) never deadlocks below max_workers.
-#: Calls that compute keep their slots: at most ``cpu_slots`` run at once.
+#: How often (seconds) a pool with pending calls looks at its running ones
+#: (``_rebalance``). A call that has run longer than this and waits gives its
+#: CPU slot to a pending call, so blocking calls, and a call that waits for
+#: another pending one (a nested offload), never wait long for a thread.
 GROWTH_PERIOD: Final = 0.001
 
 #: Seconds an idle worker waits for work before its thread exits.
@@ -268,6 +267,35 @@ class ThreadPool(ThreadPoolLifecycle):
         call: OffloadFuture[R] = new_call(self, fn, args, kwargs, loop)
         self._submit(call)
         return call
+
+    def map(
+        self,
+        fn: Callable[[T], R],
+        iterable: Iterable[T],
+        /,
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+    ) -> MapResults[R]:
+        """Run ``fn(item)`` for every item, in batches; ``async for`` the results.
+
+        ``chunksize`` items go to each pool call (``None``: start at one and
+        grow while calls are quick, so blocking items still run in parallel
+        and tiny ones cost little). Results come in order, or as they finish
+        with ``ordered=False``. See :class:`~offloop._threads.batch.MapResults`
+        for errors, cancellation and closing.
+
+        Raises:
+            TypeError, ValueError: ``fn`` is not a sync callable, or
+                ``chunksize`` not a positive int (before anything runs).
+        """
+        if type(fn) is not FunctionType or fn.__code__.co_flags & REFUSED_CODE_FLAGS:
+            check_sync_callable(fn, f"ThreadPool {self._name!r}.map()", "offloop.to_loop()")
+        check_positive_int(chunksize, "ThreadPool.map(chunksize=...)")
+        check_bool(
+            ordered, "ThreadPool.map(ordered=...)", "get the results in the order of the items"
+        )
+        return MapResults(self, fn, iterable, chunksize=chunksize, ordered=ordered)
 
     # -- how calls flow ----------------------------------------------------
 

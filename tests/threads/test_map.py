@@ -1,0 +1,109 @@
+"""``ThreadPool.map``: batched calls as an async iterator, with single calls' semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import offloop
+from tests.helpers import WAIT, await_until
+
+pytestmark = pytest.mark.loops("asyncio", "uvloop")
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+async def test_results_come_in_order_for_any_chunk_size() -> None:
+    async with offloop.ThreadPool(4, name="map") as pool:
+        for chunksize in (None, 1, 7, 1000):
+            results = [r async for r in pool.map(square, range(500), chunksize=chunksize)]
+            assert results == [x * x for x in range(500)]
+
+
+async def test_unordered_results_are_all_there() -> None:
+    async with offloop.ThreadPool(4, name="map-unordered") as pool:
+        results = [r async for r in pool.map(square, range(300), ordered=False, chunksize=5)]
+        assert sorted(results) == [x * x for x in range(300)]
+
+
+async def test_an_empty_iterable_ends_at_once() -> None:
+    async with offloop.ThreadPool(2, name="map-empty") as pool:
+        assert [r async for r in pool.map(square, [])] == []
+
+
+async def test_an_item_that_raises_ends_the_iteration_after_the_results_before_it() -> None:
+    def fail_at_5(x: int) -> int:
+        if x == 5:
+            raise ValueError(f"bad item {x}")
+        return x
+
+    async with offloop.ThreadPool(2, name="map-error") as pool:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for r in pool.map(fail_at_5, range(20), chunksize=3):
+                seen.append(r)
+
+        with pytest.raises(ValueError, match="bad item 5") as info:
+            await consume()
+        assert seen == [0, 1, 2, 3, 4]
+        assert info.traceback[-1].name == "fail_at_5"  # the worker's traceback rides along
+
+
+async def test_blocking_items_with_the_adaptive_chunks_run_side_by_side() -> None:
+    barrier = threading.Barrier(4, timeout=WAIT)
+
+    def meet(x: int) -> int:
+        barrier.wait()  # all four must be running at once, or this times out
+        return x
+
+    async with offloop.ThreadPool(4, name="map-blocking") as pool:
+        assert [r async for r in pool.map(meet, range(8))] == list(range(8))
+
+
+async def test_closing_the_results_stops_the_calls_still_running() -> None:
+    started = threading.Event()
+    stopped: list[bool] = []
+
+    def slow(x: int) -> int:
+        if x == 0:
+            started.set()
+            stopped.append(offloop.current_token().wait(WAIT))
+        return x
+
+    async with offloop.ThreadPool(2, name="map-close") as pool:
+        async with pool.map(slow, range(10), chunksize=5) as results:
+            first = asyncio.ensure_future(results.__anext__())
+            await asyncio.to_thread(started.wait, WAIT)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        await await_until(lambda: stopped == [True], WAIT, "the running chunk to see its token")
+        # The chunk stopped between items: items 1-4 never ran.
+        await await_until(lambda: pool.statistics()["running"] == 0, WAIT, "the pool to idle")
+
+
+async def test_map_checks_its_arguments_before_running_anything() -> None:
+    async def coro(x: int) -> int:
+        return x
+
+    async with offloop.ThreadPool(2, name="map-checks") as pool:
+        with pytest.raises(TypeError, match=r"offloop\.to_loop"):
+            pool.map(coro, [1])
+        with pytest.raises(ValueError, match=r"ThreadPool.map\(chunksize=...\) must be at least 1"):
+            pool.map(square, [1], chunksize=0)
+        with pytest.raises(TypeError, match=r"ThreadPool.map\(ordered=...\) must be True or False"):
+            pool.map(square, [1], ordered="yes")  # type: ignore[arg-type]
+        assert pool.statistics()["completed"] == 0
+
+
+async def test_the_chunks_grow_for_quick_items() -> None:
+    async with offloop.ThreadPool(2, name="map-grow") as pool:
+        results = [r async for r in pool.map(square, range(5000))]
+        assert results == [x * x for x in range(5000)]
+        # 5000 quick items in far fewer pool calls than items.
+        assert pool.statistics()["completed"] < 500

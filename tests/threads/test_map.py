@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -107,3 +108,46 @@ async def test_the_chunks_grow_for_quick_items() -> None:
         assert results == [x * x for x in range(5000)]
         # 5000 quick items in far fewer pool calls than items.
         assert pool.statistics()["completed"] < 500
+
+
+async def test_a_pool_closed_during_a_map_fails_it_instead_of_dropping_items() -> None:
+    started = threading.Event()
+
+    def slow(x: int) -> int:
+        if x == 0:
+            started.set()
+            offloop.current_token().wait(WAIT)  # set by the close
+        return x
+
+    pool = offloop.ThreadPool(2, name="map-closing")
+    seen: list[int] = []
+
+    async def consume() -> None:
+        async for r in pool.map(slow, range(20), chunksize=10):
+            seen.append(r)
+
+    consuming = asyncio.ensure_future(consume())
+    await asyncio.to_thread(started.wait, WAIT)
+    closing = asyncio.ensure_future(pool.aclose())
+    with pytest.raises(offloop.PoolClosedError, match="items not yet run were skipped"):
+        await asyncio.wait_for(consuming, WAIT)
+    assert seen == [0]  # item 0 ended when the close set its token; 1-9 never ran
+    await asyncio.wait_for(closing, WAIT)
+
+
+async def test_an_iterable_that_raises_ends_the_map_after_the_results_before_it() -> None:
+    def items() -> Iterator[int]:
+        yield from range(6)
+        raise ValueError("bad input")
+
+    async with offloop.ThreadPool(2, name="map-bad-input") as pool:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for r in pool.map(square, items(), chunksize=2):
+                seen.append(r)
+
+        with pytest.raises(ValueError, match="bad input"):
+            await consume()
+        assert seen == [x * x for x in range(6)]
+        await await_until(lambda: pool.statistics()["running"] == 0, WAIT, "nothing left running")

@@ -22,7 +22,7 @@ import offloop
 from offloop._threads import pool as pool_module
 from offloop._threads import workers as workers_module
 from offloop._threads.workers import Worker
-from tests.helpers import WAIT, await_until
+from tests.helpers import WAIT, await_until, wait_until
 
 SLOTS = 2
 REBALANCES = 30  # looks the pool takes at its running calls before a test says "it did not grow"
@@ -265,3 +265,44 @@ async def test_the_default_pools_are_public_for_sizing_and_statistics() -> None:
     assert pool is offloop.default_thread_pool()
     assert pool.statistics()["completed"] >= 1
     assert offloop.default_process_pool().max_workers >= 1
+
+
+async def test_a_thread_that_fails_to_start_while_the_pool_closes_does_not_hang_the_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    measure_as(monkeypatch, computing=True)
+    monkeypatch.setattr(pool_module, "DEFAULT_CPU_SLOTS", 4)
+    gate, started = threading.Event(), list[int]()
+    pool = offloop.ThreadPool(4, name="giveup")
+    closed = threading.Event()
+    real_start = threading.Thread.start
+    armed = [True]
+
+    def close_it() -> None:
+        pool.close()  # no timeout: a close that never completes hangs here
+        closed.set()
+
+    def failing_start(self: threading.Thread) -> None:
+        # The pool's next new thread: close the pool meanwhile, let its one
+        # running worker exit, then fail as a thread limit would.
+        if armed[0] and self.name.startswith("offloop-giveup-"):
+            armed[0] = False
+            threading.Thread(target=close_it, daemon=True).start()
+            wait_until(lambda: pool.state.value != "open", WAIT, "the close")
+            gate.set()
+            wait_until(
+                lambda: all(w.thread is None or not w.thread.is_alive() for w in pool._workers),
+                WAIT,
+                "the running worker to exit",
+            )
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    first = pool.run(gated(gate, started), 0)
+    await await_until(lambda: started == [0], WAIT, "the first call to run")
+    monkeypatch.setattr(threading.Thread, "start", failing_start)
+    rest = [pool.run(int, i) for i in range(3)]  # pending: the check starts threads for them
+    outcomes = await asyncio.wait_for(asyncio.gather(first, *rest, return_exceptions=True), WAIT)
+    assert outcomes[0] == 0
+    assert all(isinstance(o, offloop.PoolClosedError) for o in outcomes[1:])
+    assert await asyncio.to_thread(closed.wait, WAIT), "close() never returned"

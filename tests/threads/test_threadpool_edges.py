@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import gc
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -408,3 +411,45 @@ async def test_an_object_with_an_async_call_is_refused_when_sent_not_when_awaite
         offloop.to_thread(Handler())
     with pytest.raises(TypeError, match=r"whose __call__ is a generator function.*iterate"):
         offloop.to_thread(Lines())
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_call_dispatched_while_another_thread_closes_the_pool_is_never_stranded() -> None:
+    # The call is put on the queue under the pool's lock: a close() from
+    # another thread waits for the put, so the workers' exit signals queue
+    # behind the call, never before it. The wrapper widens the window a close
+    # used to slip into between the count and the put.
+    pool = offloop.ThreadPool(2, name="close-race")
+    await pool.run(int)  # one warm worker, idle
+    real = pool._queue
+    closer_started = threading.Event()
+    closed = threading.Event()
+
+    class Widened:
+        armed = True
+
+        def put(self, item: Any) -> None:
+            if self.armed and item is not None:
+                self.armed = False
+                threading.Thread(target=close_it, daemon=True).start()
+                closer_started.wait(WAIT)
+                time.sleep(0.05)  # not a bound: gives the closer time to try its close
+            real.put(item)
+
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            return real.get(*args, **kwargs)
+
+        def get_nowait(self) -> Any:
+            return real.get_nowait()
+
+    def close_it() -> None:
+        closer_started.set()
+        pool.close(timeout=WAIT)
+        closed.set()
+
+    pool._queue = Widened()  # type: ignore[assignment]
+    call = pool.run(int, 7)
+    # Either it ran before the close, or the close failed it: never a hang.
+    with contextlib.suppress(offloop.PoolClosedError):
+        assert await asyncio.wait_for(asyncio.shield(call), WAIT) == 7
+    assert await asyncio.to_thread(closed.wait, WAIT)

@@ -23,13 +23,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
+from .._core.errors import CallerGoneError, PoolClosedError
 from .._core.token import thread_state
+from .._core.validate import describe
 
 if TYPE_CHECKING:
     from .._core.offload import OffloadFuture
-    from .pool import ThreadPool
 
 __all__ = ["MapResults"]
 
@@ -45,22 +46,47 @@ FAST_CHUNK: Final = 0.0005
 Outcome = tuple[list[Any], BaseException | None, float]
 
 
+class Runs(Protocol):
+    """What :class:`MapResults` needs of its pool (a ThreadPool)."""
+
+    @property
+    def max_workers(self) -> int: ...
+
+    def run(self, fn: Callable[..., Outcome], /, *args: Any) -> OffloadFuture[Outcome]: ...
+
+
 def _run_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> Outcome:
     # In a worker thread: the chunk's results, the error that ended it (if
     # any) and how long it took. Stops between items once the call's token is
     # set: its consumer is gone.
     call = thread_state.call
-    stopped = call.token.is_set if call is not None else bool
+    token = call.token if call is not None else None
     results: list[Any] = []
     start = time.monotonic()
     try:
         for item in chunk:
-            if stopped():
-                break
+            if token is not None and token.is_set():
+                return results, _stopped(fn, token.reason), time.monotonic() - start
             results.append(fn(item))
     except BaseException as exc:  # delivered in its place, like a single call's
         return results, exc, time.monotonic() - start
     return results, None, time.monotonic() - start
+
+
+def _stopped(fn: Callable[[Any], Any], reason: str | None) -> BaseException:
+    # A chunk cut short must not pass for a whole one: the items it skipped
+    # would silently be missing from the results.
+    if reason == "pool closing":
+        return PoolClosedError(
+            f"The pool closed while map() of {describe(fn)} was running; the items not yet "
+            f"run were skipped. Close the pool after the map() is done."
+        )
+    return CallerGoneError(f"map() of {describe(fn)} was stopped ({reason!r}).")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class MapResults(AsyncIterator[R], Generic[R]):
@@ -74,7 +100,7 @@ class MapResults(AsyncIterator[R], Generic[R]):
 
     def __init__(
         self,
-        pool: ThreadPool,
+        pool: Runs,
         fn: Callable[[T], R],
         iterable: Iterable[T],
         *,
@@ -92,6 +118,7 @@ class MapResults(AsyncIterator[R], Generic[R]):
         self._inflight: deque[OffloadFuture[Outcome]] = deque()
         self._ready: deque[Any] = deque()
         self._error: BaseException | None = None
+        self._source_error: BaseException | None = None
         self._exhausted = False
         self._closed = False
 
@@ -110,8 +137,20 @@ class MapResults(AsyncIterator[R], Generic[R]):
                     del error
             if self._closed:
                 raise StopAsyncIteration
-            self._fill()
+            try:
+                self._fill()
+            except BaseException as exc:  # from the iterable: raised after the results before it
+                self._exhausted = True
+                self._source_error = exc
             if not self._inflight:
+                source_error = self._source_error
+                if source_error is not None:
+                    self._source_error = None
+                    self._stop()
+                    try:
+                        raise source_error
+                    finally:
+                        del source_error
                 self._closed = True
                 raise StopAsyncIteration
             try:
@@ -142,7 +181,9 @@ class MapResults(AsyncIterator[R], Generic[R]):
         done = next((f for f in self._inflight if f.done()), None)
         if done is None:
             await self._first_of(self._inflight)
-            done = next(f for f in self._inflight if f.done())
+            done = next((f for f in self._inflight if f.done()), None)
+            if done is None:  # closed by another task meanwhile
+                raise StopAsyncIteration
         self._inflight.remove(done)
         return done
 
@@ -183,6 +224,9 @@ class MapResults(AsyncIterator[R], Generic[R]):
         self._ready.clear()
         for future in self._inflight:
             future.cancel()  # sets its token: the chunk stops between items
+            # A chunk that ends with an error anyway (the pool closing) has
+            # nobody to read it: retrieve it, so it is not logged as lost.
+            future.add_done_callback(_retrieve)
         self._inflight.clear()
 
     async def aclose(self) -> None:

@@ -156,17 +156,22 @@ class ThreadPoolLifecycle(PoolContext):
             except Exception:
                 logger.exception("offloop: pool %r could not start a worker thread", self._name)
                 with self._lock:
-                    self._give_up_starting()
+                    waiters = self._give_up_starting()
+                for waiter in waiters:
+                    complete_waiter(waiter)
                 return
 
-    def _give_up_starting(self) -> None:
+    def _give_up_starting(self) -> list[asyncio.Future[None] | threading.Event]:
         # Under _lock, when a thread failed to start: so will the others, most
-        # likely; their calls wait for a busy thread to come free.
+        # likely; their calls wait for a busy thread to come free. Returns the
+        # close waiters to complete (outside the lock) if these were the last
+        # workers of a closing pool.
         for worker in self._unstarted:
             self._workers.remove(worker)
             self._backlog += 1
         self._unstarted.clear()
         self._starting = False
+        return self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
 
     def _start_thread(self, worker: Worker, *, starts_others: bool = False) -> None:
         thread = threading.Thread(

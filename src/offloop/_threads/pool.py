@@ -67,9 +67,7 @@ from .._core.offload import (
     new_call,
     running_loop,
 )
-from .._core.poolbase import (
-    PoolState,
-)
+from .._core.poolbase import PoolState, complete_waiter
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
@@ -329,6 +327,11 @@ class ThreadPool(ThreadPoolLifecycle):
                 # of its own if need be), as a pool without slots would.
                 dispatch = True
             if dispatch:
+                # Put while still holding the lock: a close() from another
+                # thread between the count and the put would drain the queue
+                # without it and queue the workers' exit signals before it,
+                # and nobody would ever take it. SimpleQueue.put never blocks.
+                self._queue.put(call)
                 self._ready += 1
                 if self._idle > 0:
                     self._idle -= 1
@@ -349,19 +352,20 @@ class ThreadPool(ThreadPoolLifecycle):
                     )
         if not dispatch:
             return
-        self._queue.put(call)
         if starter is not None:
             try:
                 self._start_thread(starter, starts_others=True)
             except BaseException:
                 with self._lock:
-                    self._give_up_starting()
+                    waiters = self._give_up_starting()
                     taken = call._phase is not QUEUED  # by a thread another call started
                     if not taken:
                         # run() raises, so the call must never run: a later
                         # thread takes it off the queue and drops it.
                         call._phase = SKIPPED
                         self._queued -= 1
+                for waiter in waiters:
+                    complete_waiter(waiter)
                 if not taken:
                     raise
 
@@ -370,7 +374,6 @@ class ThreadPool(ThreadPoolLifecycle):
         # the running calls that wait, and dispatches pending calls into the
         # CPU slots they leave, starting threads up to max_workers.
         to_start: list[Worker] = []
-        to_put: list[OffloadFuture[Any]] = []
         starter: Worker | None = None
         with self._lock:
             if self._state is not PoolState.OPEN or not self._pending:
@@ -403,7 +406,7 @@ class ThreadPool(ThreadPoolLifecycle):
                 call = self._pending.popleft()
                 if call._phase is not QUEUED:
                     continue  # cancelled while pending
-                to_put.append(call)
+                self._queue.put(call)  # under the lock, as in _submit
                 self._ready += 1
                 free -= 1
                 room -= 1
@@ -414,20 +417,22 @@ class ThreadPool(ThreadPoolLifecycle):
                     self._workers.append(worker)
                     to_start.append(worker)
             starter = self._want_started(to_start) if to_start else None
-        for call in to_put:
-            self._queue.put(call)
         if starter is not None:
             try:
                 self._start_thread(starter, starts_others=True)
-            except Exception:
-                logger.exception("offloop: pool %r could not start a worker thread", self._name)
+            except BaseException as exc:
                 # Their calls wait in the queue for a busy thread to come
                 # free (_start_thread counted each in _backlog). No retry
                 # every period (and a log line each time): the next call that
                 # waits arms the check again.
                 with self._lock:
-                    self._give_up_starting()
+                    waiters = self._give_up_starting()
                     self._growth_loops.discard(loop)
+                for waiter in waiters:
+                    complete_waiter(waiter)
+                if not isinstance(exc, Exception):
+                    raise
+                logger.exception("offloop: pool %r could not start a worker thread", self._name)
                 return
         due = loop.time() + GROWTH_PERIOD
         loop.call_at(due, self._rebalance, loop, due)
@@ -522,6 +527,11 @@ class ThreadPool(ThreadPoolLifecycle):
             except BaseException as exc:  # delivered to the awaiter, like any result
                 call._error = exc
             local.call = None
+            if self._lock is not lock:
+                # The function forked, and this is the child: _forget_threads
+                # gave the child's pool a fresh state that this thread is no
+                # part of, so it must not touch the counters.
+                return
             with lock:
                 worker.call = None
                 self._running -= 1

@@ -1,6 +1,6 @@
 """Shared benchmark machinery: interleaved rounds, medians and ratio tables.
 
-This machine is shared and noisy, so absolute times mean little. Every case of
+Benchmark machines are often shared and noisy, so absolute times mean little. Every case of
 a benchmark runs in the same process, round after round in interleaved order,
 and the table reports each case's median and its ratio to the others.
 """

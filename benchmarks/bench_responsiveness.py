@@ -10,7 +10,7 @@ work. All runners share one process and one loop, in interleaved rounds; the
 default pool keeps its threads from one kind of work to the next, as in a real
 program that does I/O first and CPU work later.
 
-Targets (issue 15): for every kind of work, offloop's default pool has a
+Targets: for every kind of work, offloop's default pool has a
 loop-lag p99 at most ``asyncio.to_thread``'s in the same run, and at most
 10 ms for GIL-releasing and blocking work, with a throughput within 10 % of
 the best thread-based peer on that kind (a process pool wins pure-Python

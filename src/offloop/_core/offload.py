@@ -43,6 +43,7 @@ class CallPhase(enum.IntEnum):
 
         QUEUED ---- a worker takes it --------------------> RUNNING
         QUEUED ---- cancelled, or the pool closes --------> SKIPPED   (never runs)
+        QUEUED ---- its pool gives up on it --------------> DONE      (ProcessPool, with an error)
         RUNNING --- the function returns or raises -------> DONE
         RUNNING --- cancelled, on_cancel="abandon" -------> ABANDONED
         RUNNING --- cancelled, on_cancel="wait" ----------> CANCELLING

@@ -24,20 +24,24 @@ One call, in order::
 Counters, all guarded by ``_lock``, and what stays true between two
 critical sections:
 
-- ``len(_workers)`` threads are started and have not exited; never more
-  than ``max_workers``.
-- ``_queued`` calls are in phase QUEUED: ``_ready`` of them dispatched (on the
-  queue), the others in ``_pending``. ``_running`` calls are in a worker, in
+- ``len(_workers)`` threads are started (or about to be: ``_unstarted``)
+  and have not exited; never more than ``max_workers``, except after
+  ``max_workers`` was lowered, until enough of them end.
+- ``_queued`` calls are in phase QUEUED, on the queue or in ``_pending``.
+  ``_ready`` calls are on the queue, each with a thread claimed for it; a
+  call cancelled there stays counted until a worker pops and drops it. ``_running`` calls are in a worker, in
   phase RUNNING, ABANDONED or CANCELLING; ``_abandoned`` of them ABANDONED;
   ``_waiting`` of them marked as waiting (their worker's ``waiting``).
 - ``_ready + _running - _waiting``, the calls that may use the CPU, grows
-  past ``_cpu_slots`` only when a call marked waiting turns out to compute.
+  past ``_cpu_slots`` only when a call marked waiting turns out to compute,
+  or for a moment, when a call of a function known to wait (``_waits``) is
+  dispatched and not yet taken.
 - ``_idle`` threads wait for a call and are claimed by none; a dispatched
   call claims an idle thread or a new one. ``_backlog`` dispatched calls lost
   the thread they claimed (it failed to start): the next thread that comes
   free takes them off the queue instead of becoming idle.
-- A cancelled call stays in ``_pending`` or the queue in phase SKIPPED until
-  whoever pops it drops it.
+- A call cancelled in ``_pending`` leaves it at once; one cancelled on the
+  queue stays there, SKIPPED, until the worker that pops it drops it.
 """
 
 from __future__ import annotations

@@ -20,9 +20,8 @@ contenders runs for about ``1/n`` of the time, so a call counts as waiting
 only below half of that share (:func:`waiting_share`).
 
 Where the kernel offers no such statistics, a call that has run for a growth
-period counts as waiting, which is how the pool grew before it looked at the
-CPU: blocking calls still reach ``max_workers``, CPU-bound ones are not held
-back.
+period counts as waiting: blocking calls still reach ``max_workers``, but
+CPU-bound ones are not held back either.
 """
 
 from __future__ import annotations
@@ -147,7 +146,7 @@ class Worker:
         if self.call is None:
             return False
         if now - self.started < period:
-            return self.waiting  # as presumed when it started (see ThreadPool._presume)
+            return self.waiting  # as presumed when it started (see WaitMemory)
         busy = self.busy()
         if busy is None:
             return True  # nothing to tell by: a long call is taken to be blocked

@@ -27,8 +27,8 @@ from .._core.poolbase import (
     complete_waiter,
     refuse_blocking_close,
 )
-from .._core.validate import check_close_timeout, describe
-from .workers import Worker
+from .._core.validate import check_close_timeout, check_positive_int, describe
+from .workers import DEFAULT_CPU_SLOTS, Worker
 
 __all__ = ["ThreadPoolLifecycle", "ThreadPoolStatistics"]
 
@@ -84,6 +84,32 @@ class ThreadPoolLifecycle(PoolContext):
         call._error = PoolClosedError(
             f"{self._describe()} closed before this call of {describe(call.fn)} started."
         )
+
+    @property
+    def name(self) -> str:
+        """The pool's name, as used in thread names."""
+        return self._name
+
+    @property
+    def max_workers(self) -> int:
+        """The most threads this pool runs at once; settable while it runs.
+
+        Raising it lets pending calls start more threads at the next check;
+        lowering it starts no new thread until fewer run (threads above it
+        end like any other, after 30 s idle). ``cpu_slots`` follows it when
+        it drops below the number of CPUs.
+
+        Raises:
+            TypeError, ValueError: (on set) not a positive int.
+        """
+        return self._max_workers
+
+    @max_workers.setter
+    def max_workers(self, value: int) -> None:
+        check_positive_int(value, "ThreadPool.max_workers = ...", allow_none=False)
+        with self._lock:
+            self._max_workers = value
+            self._cpu_slots = min(value, DEFAULT_CPU_SLOTS)
 
     def statistics(self) -> ThreadPoolStatistics:
         """A snapshot of the pool's counters.

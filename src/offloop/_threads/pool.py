@@ -29,8 +29,9 @@ critical sections:
   ``max_workers`` was lowered, until enough of them end.
 - ``_queued`` calls are in phase QUEUED, on the queue or in ``_pending``.
   ``_ready`` calls are on the queue, each with a thread claimed for it; a
-  call cancelled there stays counted until a worker pops and drops it. ``_running`` calls are in a worker, in
-  phase RUNNING, ABANDONED or CANCELLING; ``_abandoned`` of them ABANDONED;
+  call cancelled there stays counted until a worker pops and drops it.
+  ``_running`` calls are in a worker, in phase RUNNING, ABANDONED or
+  CANCELLING; ``_abandoned`` of them ABANDONED;
   ``_waiting`` of them marked as waiting (their worker's ``waiting``).
 - ``_ready + _running - _waiting``, the calls that may use the CPU, grows
   past ``_cpu_slots`` only when a call marked waiting turns out to compute,
@@ -218,32 +219,6 @@ class ThreadPool(ThreadPoolLifecycle):
         _pools.add(self)
 
     # -- public API ---------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        """The pool's name, as used in thread names."""
-        return self._name
-
-    @property
-    def max_workers(self) -> int:
-        """The most threads this pool runs at once; settable while it runs.
-
-        Raising it lets pending calls start more threads at the next check;
-        lowering it starts no new thread until fewer run (threads above it
-        end like any other, after 30 s idle). ``cpu_slots`` follows it when
-        it drops below the number of CPUs.
-
-        Raises:
-            TypeError, ValueError: (on set) not a positive int.
-        """
-        return self._max_workers
-
-    @max_workers.setter
-    def max_workers(self, value: int) -> None:
-        check_positive_int(value, "ThreadPool.max_workers = ...", allow_none=False)
-        with self._lock:
-            self._max_workers = value
-            self._cpu_slots = min(value, DEFAULT_CPU_SLOTS)
 
     def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
         """Run ``fn(*args, **kwargs)`` in a worker thread; await the result.

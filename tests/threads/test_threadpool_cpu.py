@@ -121,9 +121,10 @@ async def test_a_function_whose_call_ended_waiting_gets_threads_at_once_next_tim
         gate.set()
         await asyncio.wait_for(asyncio.gather(*first), WAIT)
         gate.clear()
-        # Now the function is known to wait: new calls start without a check.
-        monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", lambda *a: None)
+        # Now the function is known to wait: new calls are dispatched at once,
+        # none left pending for the check to measure first.
         second = [pool.run(work, i) for i in range(4, 9)]
+        assert not pool._pending
         await await_until(lambda: pool.statistics()["running"] == 5, WAIT, "five calls to run")
         assert pool.statistics()["queued"] == 0
         gate.set()

@@ -34,6 +34,10 @@ __all__ = ["ThreadPoolLifecycle", "ThreadPoolStatistics"]
 
 logger: Final = logging.getLogger("offloop")
 
+#: Seconds that wanted threads wait for a worker to start them before the
+#: loop does (see ThreadPoolLifecycle._want_started).
+START_GRACE: Final = 0.005
+
 
 class ThreadPoolStatistics(CallCounters):
     """What :meth:`ThreadPool.statistics` returns."""
@@ -66,6 +70,7 @@ class ThreadPoolLifecycle(PoolContext):
     _short: bool
     _unstarted: list[Worker]
     _starting: bool
+    _start_wanted: float
     _cancelled: int
     _thread_numbers: Iterator[int]
     _max_workers: int
@@ -155,18 +160,49 @@ class ThreadPoolLifecycle(PoolContext):
             f"{len(self._workers)}/{self._max_workers} threads>"
         )
 
-    def _want_started(self, workers: list[Worker]) -> Worker | None:
-        # Under _lock: threads for these new workers are wanted. Returns the
-        # one the caller must start, or None if a thread that starts the
-        # others is already at it. Thread.start() waits until the new thread
-        # has run, and under GIL contention that takes several switch
-        # intervals: starting forty threads on the loop's thread would stall
-        # it for seconds. So the loop starts one, which starts the rest.
+    def _want_started(self, workers: list[Worker], *, now: float) -> Worker | None:
+        # Under _lock, on the loop: threads for these new workers are wanted.
+        # Thread.start() waits until the new thread has run, and under GIL
+        # contention that takes several switch intervals, up to hundreds of
+        # milliseconds with CPU-bound threads about: the loop must not pay
+        # it. So a worker that ends a call starts them (_starter_wanted), and
+        # the loop starts one itself only for a pool with no thread at all,
+        # or when no worker came by for START_GRACE (all of them blocked,
+        # which is when a start is cheap); see _late_start. Returns the one
+        # the caller must start now, if any.
         self._unstarted.extend(workers)
         if self._starting:
             return None
-        self._starting = True
-        return self._unstarted.pop(0)
+        if len(self._unstarted) == len(self._workers):  # no thread to do it
+            self._starting = True
+            return self._unstarted.pop(0)
+        if self._start_wanted < 0:
+            self._start_wanted = now
+        return None
+
+    def _starter_wanted(self) -> bool:
+        # Under _lock, by a worker whose call ended: whether it should start
+        # the wanted threads (after posting its result).
+        if self._unstarted and not self._starting:
+            self._starting = True
+            self._start_wanted = -1.0
+            return True
+        return False
+
+    def _late_start(self, now: float) -> Worker | None:
+        # Under _lock, on the loop (_rebalance): the worker the loop must
+        # start if threads have been wanted for START_GRACE and no worker
+        # came by to start them.
+        if (
+            self._unstarted
+            and not self._starting
+            and self._start_wanted >= 0
+            and now - self._start_wanted > START_GRACE
+        ):
+            self._starting = True
+            self._start_wanted = -1.0
+            return self._unstarted.pop(0)
+        return None
 
     def _start_others(self) -> None:
         # In a thread started with starts_others: start the workers that
@@ -308,6 +344,10 @@ class ThreadPoolLifecycle(PoolContext):
                         skipped.append(call)
                 self._pending.clear()
                 self._backlog = 0  # nothing is queued any more
+                # Threads wanted but not started yet have nothing to run now.
+                for worker in self._unstarted:
+                    self._workers.remove(worker)
+                self._unstarted.clear()
                 for worker in self._workers:
                     if worker.call is not None:
                         running.append(worker.call)
@@ -372,6 +412,7 @@ class ThreadPoolLifecycle(PoolContext):
         self._short = False
         self._unstarted = []
         self._starting = False
+        self._start_wanted = -1.0
         self._growth_loops = weakref.WeakSet()
         self._closed_waiters = []
         if self._state is not PoolState.OPEN:

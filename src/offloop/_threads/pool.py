@@ -204,6 +204,7 @@ class ThreadPool(ThreadPoolLifecycle):
         # thread is starting them (see _want_started).
         self._unstarted: list[Worker] = []
         self._starting = False
+        self._start_wanted = -1.0  # since when (monotonic); -1: not wanted
         # Which functions' calls were found waiting (see workers.py).
         self._waits = WaitMemory()
         self._abandoned = 0
@@ -317,9 +318,11 @@ class ThreadPool(ThreadPoolLifecycle):
                 else:
                     worker = Worker()
                     self._workers.append(worker)
-                    starter = self._want_started([worker])
-            else:
-                self._pending.append(call)
+                    starter = self._want_started([worker], now=monotonic())
+            if not dispatch or (self._unstarted and not self._starting):
+                if not dispatch:
+                    self._pending.append(call)
+                # The check also starts threads no worker came by to start.
                 loop = call.loop
                 if loop not in self._growth_loops:
                     self._growth_loops.add(loop)
@@ -355,7 +358,7 @@ class ThreadPool(ThreadPoolLifecycle):
         to_start: list[Worker] = []
         starter: Worker | None = None
         with self._lock:
-            if self._state is not PoolState.OPEN or not self._pending:
+            if self._state is not PoolState.OPEN or not (self._pending or self._unstarted):
                 self._growth_loops.discard(loop)
                 return
             now = monotonic()
@@ -395,7 +398,9 @@ class ThreadPool(ThreadPoolLifecycle):
                     worker = Worker()
                     self._workers.append(worker)
                     to_start.append(worker)
-            starter = self._want_started(to_start) if to_start else None
+            starter = self._want_started(to_start, now=now) if to_start else None
+            if starter is None:
+                starter = self._late_start(now)
         if starter is not None:
             try:
                 self._start_thread(starter, starts_others=True)
@@ -537,7 +542,10 @@ class ThreadPool(ThreadPoolLifecycle):
                 nxt = self._next_pending(worker) if self._pending else None
                 if nxt is None:
                     self._free_slot()
+                starts = self._unstarted and self._starter_wanted()
             call._channel.post(call)
+            if starts:
+                self._start_others()
             # An idle worker must not keep its last call's result, arguments
             # and context alive for up to IDLE_TIMEOUT.
             del result

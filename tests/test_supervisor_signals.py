@@ -15,6 +15,8 @@ from types import TracebackType
 
 import pytest
 
+from tests.helpers import wait_until
+
 WAIT = 15.0  # bound on the child's start-up and exit; never reached when things work
 
 
@@ -369,3 +371,81 @@ def test_a_call_stuck_in_the_default_executor_does_not_keep_the_process_alive(
         "function 'stuck_client_call' in thread offloop-executor-1 of pool 'executor' is still "
         "running after waiting 0.1 s in close() and was abandoned" in out
     )
+
+
+STUCK_STDERR = """
+import asyncio
+import fcntl
+import logging
+import os
+import sys
+
+import offloop
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sv = offloop.Supervisor(grace=float(sys.argv[1]), name="stuck")
+
+
+def fill_stderr():
+    # Its reader never reads: from now on every write to stderr blocks.
+    flags = fcntl.fcntl(2, fcntl.F_GETFL)
+    fcntl.fcntl(2, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(2, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    finally:
+        fcntl.fcntl(2, fcntl.F_SETFL, flags)
+
+
+@sv.service
+async def bot():
+    await asyncio.sleep(0.05)  # after the start-up lines
+    fill_stderr()
+    print("stderr is full", flush=True)
+    await asyncio.sleep(3600)
+
+
+sv.run()
+"""
+
+
+def test_one_signal_ends_the_process_in_bounded_time_even_when_stderr_blocks(
+    tmp_path: Path,
+) -> None:
+    # A log reader that stopped reading (a full pipe) blocks every log call:
+    # the graceful stop cannot finish, so only the watchdog's timer can end the
+    # process, and neither arming it nor the forced exit may wait for a log line.
+    from offloop._supervisor.signals import FORCE_MARGIN
+
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent(STUCK_STDERR))
+    grace = 0.3
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(grace)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,  # never read
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(child.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: "stderr is full\n" in lines, WAIT, "the child to fill its stderr")
+        child.send_signal(signal.SIGINT)
+        # The documented bound (grace + FORCE_MARGIN), plus slack for a loaded machine.
+        try:
+            code = child.wait(grace + FORCE_MARGIN + 3.0)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"one SIGINT did not end the process within {grace + FORCE_MARGIN + 3.0}s")
+        assert code == 128 + signal.SIGINT
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(WAIT)
+        reader.join(WAIT)
+        for stream in (child.stdout, child.stderr):
+            assert stream is not None
+            stream.close()

@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from types import FrameType
@@ -50,6 +51,10 @@ LEFTOVER_WAIT: Final = 1.0
 #: leftover wait, and a second for a loaded machine. No slower shutdown is
 #: graceful any more, so it is taken for a blocked loop.
 FORCE_MARGIN: Final = SHUTDOWN_OVERRUN + LEFTOVER_WAIT + 1.0
+
+#: Seconds a forced exit waits for its last log line and the flushes of the
+#: log handlers and standard streams before it exits without them.
+LAST_WORDS_WAIT: Final = 0.5
 
 
 class SignalTarget(Protocol):
@@ -93,44 +98,60 @@ def run_with_signals(
     watchdogs: list[threading.Thread] = []
     main_ident = threading.get_ident()
 
-    def watchdog(signum: int) -> None:  # on its own thread, started by the first signal
-        # Logged here, not in the handler (which may interrupt a log call) nor
-        # on the loop (which may be blocked), so the message always appears.
-        logger.warning(
-            "%s: received %s, stopping gracefully within %gs (send it again to exit at once)",
-            sv.name,
-            signal.Signals(signum).name,
-            sv.grace,
+    def watchdog(signum: int, deadline: float) -> None:  # on its own thread
+        # Not logged in the handler (which may interrupt a log call) nor on the
+        # loop (which may be blocked). And not on this thread either: a log
+        # reader that stopped reading (a full stderr pipe) blocks every log
+        # call, and this thread's timer is what bounds the stop then.
+        name = signal.Signals(signum).name
+        _log_aside(
+            lambda: logger.warning(
+                "%s: received %s, stopping gracefully within %gs (send it again to exit at once)",
+                sv.name,
+                name,
+                sv.grace,
+            ),
+            wait=0.0,
         )
-        if finished.wait(sv.grace + FORCE_MARGIN):
+        if finished.wait(max(deadline - time.monotonic(), 0.0)):
             return
         frame = sys._current_frames().get(main_ident)
         where = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)\n"
-        logger.error(
-            "%s: still not stopped %gs after %s; the event loop is probably blocked, "
-            "exiting now. The main thread is at:\n%s",
-            sv.name,
-            sv.grace + FORCE_MARGIN,
-            signal.Signals(signum).name,
-            where.rstrip(),
+        del frame
+        _force_exit(
+            signum,
+            on_forced_exit,
+            lambda: logger.error(
+                "%s: still not stopped %gs after %s; the event loop is probably blocked, "
+                "exiting now. The main thread is at:\n%s",
+                sv.name,
+                sv.grace + FORCE_MARGIN,
+                name,
+                where.rstrip(),
+            ),
         )
-        _force_exit(signum, on_forced_exit)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:  # on the main thread
         received.append(signum)
         name = signal.Signals(signum).name
         if len(received) == 1:
+            deadline = time.monotonic() + sv.grace + FORCE_MARGIN
             # Only schedules the stop on the loop and wakes it: safe in a handler.
             sv._request_stop_threadsafe(f"received {name}", defer=True)
             thread = threading.Thread(
-                target=watchdog, args=(signum,), name="offloop-signal-watchdog", daemon=True
+                target=watchdog,
+                args=(signum, deadline),
+                name="offloop-signal-watchdog",
+                daemon=True,
             )
             watchdogs.append(thread)
             thread.start()
             return
-        with contextlib.suppress(Exception):
-            logger.error("%s: received %s again, exiting now", sv.name, name)
-        _force_exit(signum, on_forced_exit)
+        _force_exit(
+            signum,
+            on_forced_exit,
+            lambda: logger.error("%s: received %s again, exiting now", sv.name, name),
+        )
 
     previous: dict[signal.Signals, Any] = {}
     wakeup = None
@@ -210,14 +231,42 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
         logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
 
 
-def _force_exit(signum: int, on_forced_exit: Callable[[], None] | None) -> None:
-    _flush()
+def _force_exit(
+    signum: int, on_forced_exit: Callable[[], None] | None, last_words: Callable[[], None]
+) -> None:
+    # The last log line and the flushes get a bounded time: a handler or
+    # stream that blocks (a full pipe, a lock held by the interrupted main
+    # thread) is abandoned with the process rather than keeping it alive.
+    def say_and_flush() -> None:
+        with contextlib.suppress(Exception):
+            last_words()
+        _flush()
+
+    _log_aside(say_and_flush, wait=LAST_WORDS_WAIT)
     if on_forced_exit is not None:
         with contextlib.suppress(Exception):
             on_forced_exit()
     # Kills isolate='process' children, among others: os._exit skips every cleanup.
     run_forced_exit_hooks()
     os._exit(128 + signum)
+
+
+def _log_aside(emit: Callable[[], None], *, wait: float) -> None:
+    """Run ``emit`` (a log call) on a daemon thread; wait for it ``wait`` seconds at most."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            with contextlib.suppress(Exception):
+                emit()
+        finally:
+            done.set()
+
+    try:
+        threading.Thread(target=run, name="offloop-signal-log", daemon=True).start()
+    except RuntimeError:  # the interpreter is shutting down: no new threads
+        return
+    done.wait(wait)
 
 
 def _flush() -> None:

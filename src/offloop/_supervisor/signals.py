@@ -43,13 +43,16 @@ logger: Final = logging.getLogger("offloop.supervisor")
 
 SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
-#: How long leftover tasks (ones that ignore cancellation) get when the loop closes.
+#: How long the tasks left on the loop get to end once cancelled, when ``main()``
+#: ended without a shutdown deadline. After a supervisor's shutdown they get
+#: what is left of its bound (``grace`` plus its overrun) instead: a task that
+#: swallows its cancellation must not make ``run()`` outlast that bound.
 LEFTOVER_WAIT: Final = 1.0
 
 #: Seconds past ``grace`` before a stop that has not finished ends the process:
-#: the supervisor's own overrun (the last chances and kills after grace), the
-#: leftover wait, and a second for a loaded machine. No slower shutdown is
-#: graceful any more, so it is taken for a blocked loop.
+#: the supervisor's own overrun (the last chances and kills after grace), room
+#: for the leftover wait, and a second for a loaded machine. No slower shutdown
+#: is graceful any more, so it is taken for a blocked loop.
 FORCE_MARGIN: Final = SHUTDOWN_OVERRUN + LEFTOVER_WAIT + 1.0
 
 #: Seconds a forced exit waits for its last log line and the flushes of the
@@ -62,6 +65,8 @@ class SignalTarget(Protocol):
 
     name: str
     grace: float
+    #: Loop time by which its shutdown has ended, once it has begun (else None).
+    _stop_deadline: float | None
 
     def _request_stop_threadsafe(self, reason: str, *, defer: bool = False) -> None: ...
 
@@ -169,7 +174,7 @@ def run_with_signals(
         return 0
     finally:
         try:
-            _cancel_leftovers(loop)
+            _cancel_leftovers(loop, sv._stop_deadline)
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             finished.set()
@@ -213,15 +218,18 @@ class _Wakeup:
         self.writer.close()
 
 
-def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
     tasks = asyncio.all_tasks(loop)
     if not tasks:
         return
     for task in tasks:
         task.cancel()
     # Bounded, unlike asyncio.run(): a task that swallows cancellation must not
-    # keep the process alive after the supervisor said it stopped.
-    done, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=LEFTOVER_WAIT))
+    # keep the process alive after the supervisor said it stopped. Each task
+    # still gets its first step after the cancellation (a timeout of 0 runs
+    # the loop once), so a plain `finally:` clause always runs.
+    wait = LEFTOVER_WAIT if deadline is None else max(deadline - loop.time(), 0.0)
+    done, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=wait))
     for task in done:
         if not task.cancelled() and task.exception() is not None:
             logger.error(

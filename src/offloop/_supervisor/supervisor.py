@@ -23,7 +23,7 @@ from .._core.validate import describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
 from .status import ServiceState, ServiceStatus, SupervisorState
-from .supervised import Supervised
+from .supervised import SHUTDOWN_OVERRUN, Supervised
 
 if TYPE_CHECKING:
     from .._detect.detector import BlockingDetector
@@ -109,6 +109,9 @@ class Supervisor:
         self._serving = 0
         self._host_cancelled = False
         self._stop_early = False
+        # Loop time by which the shutdown has ended (grace plus its overrun):
+        # run() gives the tasks left on its loop what remains of it.
+        self._stop_deadline: float | None = None
 
     # -- registration ------------------------------------------------------------------
 
@@ -531,6 +534,7 @@ class Supervisor:
     async def _shutdown(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace
+        self._stop_deadline = deadline + SHUTDOWN_OVERRUN
         left = list(reversed(self._entries.values()))
         while left and loop.time() < deadline:
             await left.pop(0).stop(deadline)

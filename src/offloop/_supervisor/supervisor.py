@@ -164,6 +164,9 @@ class Supervisor:
             max_restarts, restart_window: more than ``max_restarts`` restarts
                 within ``restart_window`` seconds mark the service failed, and
                 the supervisor stops with :class:`~offloop.ServiceFailed`.
+                A function service is ready once its task or thread runs (a
+                process one once its child imported the function); a failure
+                before that is not restarted (see :meth:`add`).
             isolate: where the function runs (see above).
             name: the service's name; defaults to the function's name.
 
@@ -195,10 +198,17 @@ class Supervisor:
         max_backoff: float = 30.0,
         max_restarts: int | None = 5,
         restart_window: float = 60.0,
+        retry_startup: bool = False,
     ) -> S:
         """Supervise ``service`` (an adapter or a :class:`~offloop.Service` subclass); return it.
 
-        The restart options mean the same as for :meth:`service`.
+        The restart options mean the same as for :meth:`service`. A service
+        whose ``start()`` raises before it was ever ready (a port in use, a
+        missing path) is not restarted: the supervisor fails at once with
+        :class:`~offloop.ServiceFailed`, whose ``__cause__`` is that error.
+        ``retry_startup=True`` retries such errors as the restart policy says
+        (for a dependency that may come up later). Once the service has been
+        ready, a failing ``start()`` on a restart follows the policy.
 
         Raises:
             TypeError: ``service`` is not a :class:`~offloop.Service`.
@@ -215,7 +225,9 @@ class Supervisor:
                 f"Supervisor.add() needs an offloop.Service (e.g. offloop.WSGIService(app)), "
                 f"got {describe(service)}.{hint}"
             )
-        policy = RestartPolicy(restart, backoff, max_backoff, max_restarts, restart_window)
+        policy = RestartPolicy(
+            restart, backoff, max_backoff, max_restarts, restart_window, retry_startup
+        )
         self._add(service, policy)
         return service
 

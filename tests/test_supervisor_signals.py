@@ -169,7 +169,13 @@ def test_a_sigint_ignored_when_the_process_started_stays_ignored(script: Path) -
         assert proc.exit_code() == 0
         out = proc.output
     assert "WARNING script: received SIGTERM, stopping gracefully within 5s" in out
-    assert "SIGINT" not in out
+    assert "received SIGINT" not in out
+    # Said once at the start, so a 'kill -INT' that does nothing is no mystery.
+    assert (
+        f"WARNING script: SIGINT is ignored: this process started with it ignored (a "
+        f"background job of a shell, nohup), so Ctrl-C and 'kill -INT' do nothing. Stop it "
+        f"with SIGTERM ('kill {proc.popen.pid}')." in out
+    )
 
 
 def test_shutdown_is_bounded_by_grace_and_names_the_abandoned_thread(script: Path) -> None:

@@ -167,6 +167,7 @@ def run_with_signals(
             # as Python itself keeps an ignored SIGINT ignored.
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, on_signal)
+        _say_which_signals_are_ignored(sv.name, [s for s in SIGNALS if s not in previous])
         wakeup = _Wakeup(loop)
     try:
         asyncio.set_event_loop(loop)
@@ -186,6 +187,40 @@ def run_with_signals(
                 thread.join()  # it saw `finished` and returns now
             asyncio.set_event_loop(None)
             loop.close()
+
+
+def _say_which_signals_are_ignored(name: str, ignored: list[signal.Signals]) -> None:
+    # A 'kill -INT' to a background job that ignores it does nothing at all:
+    # say so once, with what does work, rather than leave the user guessing.
+    if not ignored:
+        return
+    pid = os.getpid()
+    why = "started with it ignored (a background job of a shell, nohup)"
+    if ignored == [signal.SIGINT]:
+        logger.warning(
+            "%s: SIGINT is ignored: this process %s, so Ctrl-C and 'kill -INT' do nothing. "
+            "Stop it with SIGTERM ('kill %d').",
+            name,
+            why,
+            pid,
+        )
+    elif ignored == [signal.SIGTERM]:
+        logger.warning(
+            "%s: SIGTERM is ignored: this process %s, so 'kill %d' does nothing. Stop it "
+            "with SIGINT (Ctrl-C, or 'kill -INT %d').",
+            name,
+            why,
+            pid,
+            pid,
+        )
+    else:
+        logger.warning(
+            "%s: SIGINT and SIGTERM are ignored: this process started with them ignored "
+            "(nohup, a background job), so only stop() or SIGKILL ('kill -KILL %d', which "
+            "skips the graceful stop) ends it.",
+            name,
+            pid,
+        )
 
 
 class _Wakeup:

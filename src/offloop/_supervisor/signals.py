@@ -109,14 +109,13 @@ def run_with_signals(
         # reader that stopped reading (a full stderr pipe) blocks every log
         # call, and this thread's timer is what bounds the stop then.
         name = signal.Signals(signum).name
-        _log_aside(
+        _log_in_background(
             lambda: logger.warning(
                 "%s: received %s, stopping gracefully within %gs (send it again to exit at once)",
                 sv.name,
                 name,
                 sv.grace,
-            ),
-            wait=0.0,
+            )
         )
         if finished.wait(max(deadline - time.monotonic(), 0.0)):
             return
@@ -277,39 +276,46 @@ def _cancel_leftovers(loop: asyncio.AbstractEventLoop, deadline: float | None) -
 def _force_exit(
     signum: int, on_forced_exit: Callable[[], None] | None, last_words: Callable[[], None]
 ) -> None:
-    # The last log line and the flushes get a bounded time: a handler or
-    # stream that blocks (a full pipe, a lock held by the interrupted main
-    # thread) is abandoned with the process rather than keeping it alive.
-    def say_and_flush() -> None:
-        with contextlib.suppress(Exception):
-            last_words()
-        _flush()
+    # The last log line and the flushes get a bounded time: a timer exits
+    # without them if they block (a full stderr pipe). They are written from
+    # this thread, not handed to another one: in a signal handler, the main
+    # thread may be inside a log call, holding the handler's lock, which only
+    # it can take again.
+    exited = threading.Lock()
 
-    _log_aside(say_and_flush, wait=LAST_WORDS_WAIT)
-    if on_forced_exit is not None:
-        with contextlib.suppress(Exception):
-            on_forced_exit()
-    # Kills isolate='process' children, among others: os._exit skips every cleanup.
-    run_forced_exit_hooks()
-    os._exit(128 + signum)
+    def exit_now() -> None:
+        if not exited.acquire(blocking=False):
+            return  # the other one is exiting
+        if on_forced_exit is not None:
+            with contextlib.suppress(Exception):
+                on_forced_exit()
+        # Kills isolate='process' children, among others: os._exit skips every cleanup.
+        run_forced_exit_hooks()
+        os._exit(128 + signum)
+
+    timer = threading.Timer(LAST_WORDS_WAIT, exit_now)
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:  # the interpreter is shutting down: no new threads
+        exit_now()
+    with contextlib.suppress(Exception):
+        last_words()
+    _flush()
+    exit_now()
+    # The timer won the race and is exiting the process: wait for it.
+    threading.Event().wait()
 
 
-def _log_aside(emit: Callable[[], None], *, wait: float) -> None:
-    """Run ``emit`` (a log call) on a daemon thread; wait for it ``wait`` seconds at most."""
-    done = threading.Event()
+def _log_in_background(emit: Callable[[], None]) -> None:
+    """Run ``emit`` (a log call) on a daemon thread, not waiting for it."""
 
     def run() -> None:
-        try:
-            with contextlib.suppress(Exception):
-                emit()
-        finally:
-            done.set()
+        with contextlib.suppress(Exception):
+            emit()
 
-    try:
+    with contextlib.suppress(RuntimeError):  # the interpreter is shutting down
         threading.Thread(target=run, name="offloop-signal-log", daemon=True).start()
-    except RuntimeError:  # the interpreter is shutting down: no new threads
-        return
-    done.wait(wait)
 
 
 def _flush() -> None:

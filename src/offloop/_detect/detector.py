@@ -376,16 +376,24 @@ class BlockingDetector:
                 # next turn the loop may have moved on. Look at the loop thread
                 # at once: it is still at the line of the call.
                 blind = now - due
-                glimpse = self._sample() if blind >= threshold and block is None else None
+                glimpse = self._sample() if blind >= threshold else None
                 if posted_at is not None and acked >= seq:
-                    if block is not None:
-                        self._finish(block, self._acked_at - block.posted_at)
+                    acked_at = self._acked_at
+                    if block is not None or (
+                        blind >= threshold and acked_at - posted_at >= threshold
+                    ):
+                        # The heartbeat waited: the block is over. Without samples
+                        # if this thread never woke during it (it held the GIL):
+                        # the glimpse came after, so it is not the site.
+                        self._finish(block or _Block(posted_at), acked_at - posted_at)
                         block = None
-                    elif blind >= threshold:
+                    if blind >= threshold:
+                        # Kept from running past the heartbeat: the loop came back,
+                        # then blocked again (maybe a moment after another block).
                         # Late for want of a CPU (other processes) is no block:
                         # only the time spent waiting, not queued, was the GIL.
-                        held = blind - queued.since(queued_before)
-                        self._finish_unseen(posted_at, self._acked_at, held, glimpse)
+                        held = now - max(due, acked_at) - queued.since(queued_before)
+                        self._finish_held(acked_at, held, glimpse)
                     posted_at = None
                 if stopping or loop.is_closed():
                     # Stopped from the loop's own thread in the middle of a block
@@ -424,22 +432,12 @@ class BlockingDetector:
         finally:
             queued.close()
 
-    def _finish_unseen(
-        self, posted_at: float, acked_at: float, held: float, glimpse: Sample | None
-    ) -> None:
-        # The monitor woke late, kept from running for `held` seconds (not
-        # counting time it waited for a CPU), and the heartbeat has run since:
-        # a block is over that it could only see afterwards.
-        if acked_at - posted_at >= self._threshold:
-            # The heartbeat itself waited: the loop ran nothing from its
-            # posting until it ran. The glimpse came after, so it is not the site.
-            block = _Block(posted_at)
-            self._finish(block, acked_at - posted_at)
-        elif held >= self._threshold and glimpse is not None and glimpse.busy:
-            # The heartbeat ran before the monitor went blind; the loop thread,
-            # caught in the middle of a callback as the monitor woke, is what
-            # kept it from running. Had a heartbeat been posted when the
-            # monitor was due, it would have waited `held` seconds.
+    def _finish_held(self, acked_at: float, held: float, glimpse: Sample | None) -> None:
+        # The heartbeat ran before this thread was kept from running for `held`
+        # seconds; the loop thread, caught in the middle of a callback as this
+        # thread woke, is what kept it. Had a heartbeat been posted when this
+        # thread was due, it would have waited `held` seconds.
+        if held >= self._threshold and glimpse is not None and glimpse.busy:
             block = _Block(acked_at)
             block.samples.add(glimpse)
             self._finish(block, held)

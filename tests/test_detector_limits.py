@@ -113,6 +113,26 @@ async def test_a_gil_holding_block_right_after_another_block_is_reported_too() -
         ], f"attempt {attempt}: {events}"
 
 
+async def short_sleep_then_cpu_loop(seconds: float) -> None:
+    await asyncio.sleep(0.01)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:  # BLOCK:start-up
+        pass
+
+
+def test_a_block_right_after_the_loop_starts_is_reported_every_time() -> None:
+    # End to end, each asyncio.run() a new loop watched from its start (the
+    # monitor's side of it is simulated step by step in test_detector_monitor.py).
+    block = 2 * THRESHOLD
+    for attempt in range(ATTEMPTS):
+        with LoopWatch(threshold=THRESHOLD, interval=THRESHOLD / 10) as watch:
+            asyncio.run(short_sleep_then_cpu_loop(block))
+        sites = [(s.function, s.line, s.count) for s in watch.report()]
+        assert sites == [("short_sleep_then_cpu_loop", line_of("BLOCK:start-up"), 1)], (
+            f"attempt {attempt}: {watch.events}"
+        )
+
+
 def test_the_run_queue_clock_reads_this_thread_s_waits() -> None:
     clock = _RunQueueClock()
     try:

@@ -151,6 +151,19 @@ def summary(events: list[BlockEvent]) -> list[tuple[str, bool]]:
     return [(e.function, e.ongoing) for e in events]
 
 
+def test_a_block_whose_heartbeat_returns_between_two_wakes_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 130 ms Python loop 10 ms after the loop started, threshold 100 ms: its
+    # heartbeat came back after 110 ms, but no wake of the monitor fell
+    # between 100 ms of waiting and the return, so it was never reported.
+    events = simulate(
+        monkeypatch, [Block(0.010, 0.140, "cpu_loop", "python")], threshold=0.1, until=0.3
+    )
+    assert summary(events) == [("cpu_loop", False)], events
+    assert 100 <= events[0].duration_ms <= 130
+
+
 def test_a_gil_holding_block_right_after_another_block_is_reported(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -176,6 +189,16 @@ def test_a_gil_holding_block_alone_is_reported_once(monkeypatch: pytest.MonkeyPa
         monkeypatch, [Block(0.100, 0.400, "sorter", "gil")], threshold=0.05, until=0.6
     )
     assert summary(events) == [("sorter", False)], events
+
+
+def test_a_block_at_the_first_callback_is_measured_from_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The heartbeat start() posts is measured: a loop that blocks at once is
+    # watched from the first instant, not from the monitor's first wake.
+    events = simulate(monkeypatch, [Block(0.0, 0.110, "first", "python")], threshold=0.1, until=0.3)
+    assert summary(events) == [("first", False)], events
+    assert events[0].duration_ms == pytest.approx(110)
 
 
 def test_a_long_block_is_noticed_while_it_lasts_then_reported(

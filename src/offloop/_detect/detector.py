@@ -62,6 +62,13 @@ JOIN_TIMEOUT: Final = 2.0
 #: loop's thread) must not stay silent.
 ONGOING_AFTER_THRESHOLDS: Final = 10
 
+#: The monitor samples the loop thread once a heartbeat has waited this share of
+#: the threshold. Whether it was a block is decided when the heartbeat runs (it
+#: waited the threshold or more), and the monitor's wakes drift with the GIL:
+#: sampling only from the threshold on, a block whose heartbeat came back
+#: before the next wake was never seen at all.
+SUSPECT_AFTER_SHARE: Final = 0.5
+
 OnBlock = Callable[[BlockEvent], object]
 
 _numbers: Final = itertools.count(1)
@@ -201,6 +208,10 @@ class BlockingDetector:
         self._dispatch: tuple[int | None, CodeType | None, int] = (None, None, -1)
         self._acked = 0
         self._acked_at = 0.0
+        # The heartbeat start() posts (sequence number 1) and when: the monitor
+        # measures it like its own, so the loop is watched from the start on,
+        # not from the monitor's first wake an interval (and a thread start) later.
+        self._first_posted_at: float | None = None
 
     # -- public ------------------------------------------------------------------------
 
@@ -263,12 +274,11 @@ class BlockingDetector:
                 )
             if asyncio._get_running_loop() is self._loop:
                 self._ran_on(threading.get_ident())
-            else:
-                # Running elsewhere or about to run (maybe in another thread):
-                # learn the loop's thread from its next callback, before
-                # anything queued after it, so a block that starts right away
-                # can be sampled.
-                self._loop.call_soon_threadsafe(self._heartbeat, 0)
+            # Running elsewhere or about to run (maybe in another thread): this
+            # heartbeat also tells the loop's thread, before anything queued
+            # after it, so a block that starts right away can be sampled.
+            self._first_posted_at = monotonic()
+            self._loop.call_soon_threadsafe(self._heartbeat, 1)
             self._thread = threading.Thread(target=self._monitor, name=self._name, daemon=True)
             self._state = DetectorState.RUNNING
             self._thread.start()
@@ -358,16 +368,26 @@ class BlockingDetector:
     def _watch(self) -> None:
         loop = self._loop
         threshold = self._threshold
+        suspect_after = threshold * SUSPECT_AFTER_SHARE
         ongoing_after = threshold * ONGOING_AFTER_THRESHOLDS
-        seq = 0
-        posted_at: float | None = None
+        # The heartbeat start() posted is this thread's first.
+        seq = 1
+        posted_at: float | None = self._first_posted_at
         block: _Block | None = None
         queued = _RunQueueClock()
+        now = monotonic() if posted_at is None else posted_at
         try:
             while True:
-                due = monotonic() + self._interval
+                # Due an interval after the last wake, not after this turn's work:
+                # posting a heartbeat and reading the run-queue clock each give
+                # up the GIL, and with a loop thread running Python code each
+                # takes a switch interval (5 ms) to get it back. Waiting a full
+                # interval after them stretched every turn, and with it the time
+                # between a heartbeat's run and the next one's posting, during
+                # which a block that begins is measured short.
+                due = now + self._interval
                 queued_before = queued.read()
-                stopping = self._stopping.wait(self._interval)
+                stopping = self._stopping.wait(max(due - monotonic(), 0.0))
                 now = monotonic()
                 acked = self._acked
                 # This thread needs the GIL to wake up, so a loop thread inside a
@@ -379,12 +399,10 @@ class BlockingDetector:
                 glimpse = self._sample() if blind >= threshold else None
                 if posted_at is not None and acked >= seq:
                     acked_at = self._acked_at
-                    if block is not None or (
-                        blind >= threshold and acked_at - posted_at >= threshold
-                    ):
-                        # The heartbeat waited: the block is over. Without samples
-                        # if this thread never woke during it (it held the GIL):
-                        # the glimpse came after, so it is not the site.
+                    if block is not None or acked_at - posted_at >= threshold:
+                        # The heartbeat waited: a block (if long enough) is over.
+                        # Without samples if this thread never woke during it (it
+                        # held the GIL): the glimpse came after, so it is not the site.
                         self._finish(block or _Block(posted_at), acked_at - posted_at)
                         block = None
                     if blind >= threshold:
@@ -419,7 +437,7 @@ class BlockingDetector:
                         posted_at = None
                     continue
                 lag = now - posted_at
-                if lag < threshold:
+                if lag < suspect_after:
                     continue
                 if block is None:
                     block = _Block(posted_at)
@@ -458,6 +476,8 @@ class BlockingDetector:
         return sample_thread(ident, (code, lasti), verify=True)
 
     def _finish(self, block: _Block, duration: float) -> None:
+        if duration < self._threshold:
+            return  # sampled while it looked like one, but it was no block
         event = make_event(block.samples, duration, ongoing=False)
         self._table.add(event)
         self._emit(event)

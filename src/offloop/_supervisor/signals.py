@@ -59,6 +59,11 @@ FORCE_MARGIN: Final = SHUTDOWN_OVERRUN + LEFTOVER_WAIT + 1.0
 #: log handlers and standard streams before it exits without them.
 LAST_WORDS_WAIT: Final = 0.5
 
+#: Seconds the first signal's handler waits for its log line, so that the line
+#: comes before those of the stop, and ``run_with_signals`` waits for it before
+#: it returns. Only a log call that blocks (a full stderr pipe) takes that long.
+ORDER_WAIT: Final = 1.0
+
 
 class SignalTarget(Protocol):
     """What ``run_with_signals`` needs of the Supervisor it stops on a signal."""
@@ -101,22 +106,14 @@ def run_with_signals(
     received: list[int] = []
     finished = threading.Event()
     watchdogs: list[threading.Thread] = []
+    log_lines: list[threading.Event] = []
     main_ident = threading.get_ident()
 
     def watchdog(signum: int, deadline: float) -> None:  # on its own thread
-        # Not logged in the handler (which may interrupt a log call) nor on the
-        # loop (which may be blocked). And not on this thread either: a log
-        # reader that stopped reading (a full stderr pipe) blocks every log
-        # call, and this thread's timer is what bounds the stop then.
+        # It logs nothing before its timer runs out: a log reader that stopped
+        # reading (a full stderr pipe) blocks every log call, and this timer
+        # is what bounds the stop then.
         name = signal.Signals(signum).name
-        _log_in_background(
-            lambda: logger.warning(
-                "%s: received %s, stopping gracefully within %gs (send it again to exit at once)",
-                sv.name,
-                name,
-                sv.grace,
-            )
-        )
         if finished.wait(max(deadline - time.monotonic(), 0.0)):
             return
         frame = sys._current_frames().get(main_ident)
@@ -150,6 +147,20 @@ def run_with_signals(
             )
             watchdogs.append(thread)
             thread.start()
+            # Not logged in the handler (which may interrupt a log call) nor on
+            # the loop (which may be blocked), but waited for a moment, so that
+            # the line comes before those of the stop.
+            logged = _log_in_background(
+                lambda: logger.warning(
+                    "%s: received %s, stopping gracefully within %gs (send it again to exit "
+                    "at once)",
+                    sv.name,
+                    name,
+                    sv.grace,
+                )
+            )
+            log_lines.append(logged)
+            logged.wait(ORDER_WAIT)
             return
         _force_exit(
             signum,
@@ -184,6 +195,8 @@ def run_with_signals(
                 wakeup.close()
             for thread in watchdogs:
                 thread.join()  # it saw `finished` and returns now
+            for logged in log_lines:
+                logged.wait(ORDER_WAIT)  # a daemon thread's line must not be lost at exit
             asyncio.set_event_loop(None)
             loop.close()
 
@@ -307,15 +320,22 @@ def _force_exit(
     threading.Event().wait()
 
 
-def _log_in_background(emit: Callable[[], None]) -> None:
-    """Run ``emit`` (a log call) on a daemon thread, not waiting for it."""
+def _log_in_background(emit: Callable[[], None]) -> threading.Event:
+    """Run ``emit`` (a log call) on a daemon thread; the event is set once it returned."""
+    done = threading.Event()
 
     def run() -> None:
-        with contextlib.suppress(Exception):
-            emit()
+        try:
+            with contextlib.suppress(Exception):
+                emit()
+        finally:
+            done.set()
 
-    with contextlib.suppress(RuntimeError):  # the interpreter is shutting down
+    try:
         threading.Thread(target=run, name="offloop-signal-log", daemon=True).start()
+    except RuntimeError:  # the interpreter is shutting down: no new threads
+        done.set()
+    return done
 
 
 def _flush() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import textwrap
@@ -98,7 +99,8 @@ def test_json_report_shows_the_helper_module_and_the_chain(tmp_path: Path) -> No
     proc = check(tmp_path, "--json", "--threshold", "0.05", "app.py")
     assert proc.returncode == BLOCKED_EXIT_CODE, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["exit_code"] == 0
+    assert report["exit_code"] == BLOCKED_EXIT_CODE  # what the process exits with
+    assert report["script_exit_code"] == 0
     assert report["threshold"] == 0.05
     assert report["loops"] == 1
     (site,) = report["sites"]
@@ -404,3 +406,80 @@ def test_a_wait_for_the_script_s_threads_says_what_it_waits_for(tmp_path: Path) 
             gate.touch()
             proc.kill()
             reader.join(TIMEOUT)
+
+
+UNTIL_SIGNALLED = {
+    # No handler of its own: SIGTERM would end the interpreter on the spot.
+    "plain": """\
+        import asyncio
+        import time
+
+
+        async def main():
+            time.sleep(0.3)  # BLOCK
+            print("serving", flush=True)
+            await asyncio.sleep(3600)
+
+
+        asyncio.run(main())
+        """,
+    # uvicorn catches SIGINT/SIGTERM, shuts down, then raises the signal again
+    # with the handlers it found restored.
+    "uvicorn": """\
+        import asyncio
+        import time
+
+        import uvicorn
+
+
+        async def app(scope, receive, send):
+            pass
+
+
+        async def main():
+            time.sleep(0.3)  # BLOCK
+            server = uvicorn.Server(
+                uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="error")
+            )
+            serving = asyncio.create_task(server.serve())
+            while not server.started:
+                await asyncio.sleep(0.01)
+            print("serving", flush=True)
+            await serving
+
+
+        asyncio.run(main())
+        """,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNTIL_SIGNALLED))
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_script_ended_by_a_signal_still_gets_its_report(
+    tmp_path: Path, kind: str, sig: signal.Signals
+) -> None:
+    app = write(tmp_path / "app.py", UNTIL_SIGNALLED[kind])
+    report = tmp_path / "report.json"
+    options = ["--json", "--threshold", "0.05", "-o", str(report)]
+    with subprocess.Popen(
+        [sys.executable, "-m", "offloop", "check", *options, app.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "serving\n"  # bounded by the test's timeout
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            proc.kill()
+    assert proc.returncode == BLOCKED_EXIT_CODE, err
+    document = json.loads(report.read_text())
+    assert document["exit_code"] == BLOCKED_EXIT_CODE  # what the process exited with
+    assert document["script_exit_code"] == 128 + sig  # what the signal made of the script
+    # uvicorn's own start-up (it imports its protocol modules on the loop) may
+    # block too, on a loaded machine: only the script's block must be there.
+    sites = [(s["file"], s["line"]) for s in document["sites"]]
+    assert (str(app), line_of("BLOCK", app)) in sites, sites

@@ -79,6 +79,52 @@ async def test_a_monitor_late_only_for_want_of_a_cpu_reports_no_block(
     assert events == []
 
 
+ATTEMPTS = 4  # each attempt must be reported: a miss is a window, not bad luck
+
+
+@bounded(30)
+async def test_a_gil_holding_block_right_after_another_block_is_reported_too() -> None:
+    # The heartbeat runs as the first block ends, then the next callback holds
+    # the GIL at once: the monitor, still watching the first block, could not
+    # wake before the second ended, and finished only the first.
+    for attempt in range(ATTEMPTS):
+        events: list[BlockEvent] = []
+        async with detect_blocking(threshold=THRESHOLD, on_block=events.append):
+            await asyncio.sleep(2 * THRESHOLD)
+            time.sleep(3 * THRESHOLD)  # BLOCK:before
+            await asyncio.sleep(0)
+            hold_the_gil(6 * THRESHOLD)
+            await asyncio.sleep(0)
+        sites = [(e.function, e.line) for e in events if not e.ongoing]
+        assert sites == [
+            (
+                "test_a_gil_holding_block_right_after_another_block_is_reported_too",
+                line_of("BLOCK:before", HERE),
+            ),
+            ("hold_the_gil", line_of("BLOCK:gil", HERE)),
+        ], f"attempt {attempt}: {events}"
+
+
+async def short_sleep_then_cpu_loop(seconds: float) -> None:
+    await asyncio.sleep(0.01)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:  # BLOCK:start-up
+        pass
+
+
+def test_a_block_right_after_the_loop_starts_is_reported_every_time() -> None:
+    # End to end, each asyncio.run() a new loop watched from its start (the
+    # monitor's side of it is simulated step by step in test_detector_monitor.py).
+    block = 2 * THRESHOLD
+    for attempt in range(ATTEMPTS):
+        with LoopWatch(threshold=THRESHOLD, interval=THRESHOLD / 10) as watch:
+            asyncio.run(short_sleep_then_cpu_loop(block))
+        sites = [(s.function, s.line, s.count) for s in watch.report()]
+        assert sites == [("short_sleep_then_cpu_loop", line_of("BLOCK:start-up", HERE), 1)], (
+            f"attempt {attempt}: {watch.events}"
+        )
+
+
 def test_the_run_queue_clock_reads_this_thread_s_waits() -> None:
     clock = _RunQueueClock()
     try:

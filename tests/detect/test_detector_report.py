@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,9 +20,11 @@ from offloop._detect.report import (
     SampleTally,
     SiteTable,
     is_library_file,
+    is_offloop_file,
     make_event,
     sample_thread,
 )
+from tests.helpers import wait_until
 
 USER = str(Path(__file__).parent / "app.py")
 
@@ -87,6 +91,40 @@ def test_a_stack_of_library_code_only_falls_back_to_the_innermost_frame() -> Non
     assert all(is_library_file(file) for file, _, _ in sample.frames)
     assert sample.site == sample.frames[-1]  # the innermost frame
     assert sample.site[0] == threading.__file__
+
+
+OFFLOOP_DIR = os.path.dirname(offloop.__file__)
+
+
+def test_a_stack_whose_innermost_frames_are_offloop_s_names_the_first_frame_outside_it() -> None:
+    # The user's code installed as a package (site-packages: library code too)
+    # calls offloop, which waits on a lock another thread holds. No frame is
+    # the user's own by path, and offloop's frame is never the one to fix.
+    user_pkg = "/srv/app/venv/lib/python3.11/site-packages/userapp/jobs.py"
+    in_offloop = os.path.join(OFFLOOP_DIR, "_simulated_wait.py")
+    namespace: dict[str, Any] = {}
+    exec(compile("def wait(lock):\n    lock.acquire(timeout=10)\n", in_offloop, "exec"), namespace)
+    exec(compile("def run(wait, lock):\n    wait(lock)\n", user_pkg, "exec"), namespace)
+    lock = threading.Lock()
+    lock.acquire()  # held by this thread: the sampled one waits on it
+    thread = threading.Thread(target=namespace["run"], args=(namespace["wait"], lock))
+    thread.start()
+    try:
+
+        def waiting() -> bool:
+            frame = sys._current_frames().get(thread.ident or -1)
+            return frame is not None and frame.f_code.co_filename == in_offloop
+
+        wait_until(waiting, what="the thread to wait on the lock")
+        sample = sample_thread(thread.ident)
+    finally:
+        lock.release()
+        thread.join(10)
+    assert sample is not None
+    assert sample.frames[-2:] == ((user_pkg, 2, "run"), (in_offloop, 2, "wait"))
+    assert sample.site == (user_pkg, 2, "run")
+    assert [is_offloop_file(f) for f in (in_offloop, offloop.__file__)] == [True, True]
+    assert [is_offloop_file(f) for f in (user_pkg, threading.__file__)] == [False, False]
 
 
 def test_sampling_an_unknown_or_missing_thread_gives_nothing() -> None:

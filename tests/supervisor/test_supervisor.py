@@ -276,10 +276,10 @@ async def test_failure_while_starting_stops_what_started() -> None:
 
 @pytest.mark.loops("asyncio")
 @bounded(10)
-async def test_start_failures_are_retried_before_ready() -> None:
+async def test_start_failures_are_retried_before_ready_with_retry_startup() -> None:
     journal: list[str] = []
     sv = Supervisor()
-    sv.add(Recorder("api", journal, start_failures=2), backoff=0, max_backoff=0)
+    sv.add(Recorder("api", journal, start_failures=2), backoff=0, max_backoff=0, retry_startup=True)
     async with sv:
         assert journal == ["start api"] * 3
         assert sv.status()["api"].restarts == 2

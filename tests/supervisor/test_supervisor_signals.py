@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc
+from tests.helpers import SPAWN_WAIT as WAIT
+from tests.helpers import Proc, wait_until
 
 SCRIPT = """
 import logging
@@ -80,7 +84,13 @@ def test_a_sigint_ignored_when_the_process_started_stays_ignored(script: Path) -
         assert proc.exit_code() == 0
         out = proc.output
     assert "WARNING script: received SIGTERM, stopping gracefully within 5s" in out
-    assert "SIGINT" not in out
+    assert "received SIGINT" not in out
+    # Said once at the start, so a 'kill -INT' that does nothing is no mystery.
+    assert (
+        f"WARNING script: SIGINT is ignored: this process started with it ignored (a "
+        f"background job of a shell, nohup), so Ctrl-C and 'kill -INT' do nothing. Stop it "
+        f"with SIGTERM ('kill {proc.popen.pid}')." in out
+    )
 
 
 def test_shutdown_is_bounded_by_grace_and_names_the_abandoned_thread(script: Path) -> None:
@@ -282,3 +292,131 @@ def test_a_call_stuck_in_the_default_executor_does_not_keep_the_process_alive(
         "function 'stuck_client_call' in thread offloop-executor-1 of pool 'executor' is still "
         "running after waiting 0.1 s in close() and was abandoned" in out
     )
+
+
+STUCK_STDERR = """
+import asyncio
+import fcntl
+import logging
+import os
+import sys
+
+import offloop
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sv = offloop.Supervisor(grace=float(sys.argv[1]), name="stuck")
+
+
+def fill_stderr():
+    # Its reader never reads: from now on every write to stderr blocks.
+    flags = fcntl.fcntl(2, fcntl.F_GETFL)
+    fcntl.fcntl(2, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(2, b"x" * 65536)
+    except BlockingIOError:
+        pass
+    finally:
+        fcntl.fcntl(2, fcntl.F_SETFL, flags)
+
+
+@sv.service
+async def bot():
+    await asyncio.sleep(0.05)  # after the start-up lines
+    fill_stderr()
+    print("stderr is full", flush=True)
+    await asyncio.sleep(3600)
+
+
+sv.run()
+"""
+
+
+def test_one_signal_ends_the_process_in_bounded_time_even_when_stderr_blocks(
+    tmp_path: Path,
+) -> None:
+    # A log reader that stopped reading (a full pipe) blocks every log call:
+    # the graceful stop cannot finish, so only the watchdog's timer can end the
+    # process, and neither arming it nor the forced exit may wait for a log line.
+    from offloop._supervisor.signals import FORCE_MARGIN
+
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent(STUCK_STDERR))
+    grace = 0.3
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(grace)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,  # never read
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(child.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: "stderr is full\n" in lines, WAIT, "the child to fill its stderr")
+        child.send_signal(signal.SIGINT)
+        # The documented bound (grace + FORCE_MARGIN), plus slack for a loaded machine.
+        try:
+            code = child.wait(grace + FORCE_MARGIN + 3.0)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"one SIGINT did not end the process within {grace + FORCE_MARGIN + 3.0}s")
+        assert code == 128 + signal.SIGINT
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(WAIT)
+        reader.join(WAIT)
+        for stream in (child.stdout, child.stderr):
+            assert stream is not None
+            stream.close()
+
+
+STUBBORN = """
+import asyncio
+import logging
+import sys
+import time
+
+import offloop
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sv = offloop.Supervisor(grace=float(sys.argv[1]), name="stubborn")
+began = []
+
+
+@sv.service
+async def stubborn():
+    print("stubborn running", flush=True)
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:  # swallowed, every time
+            if not began:
+                began.append(time.monotonic())  # the stop has begun
+
+
+code = sv.run()
+print(f"run() returned {code} after {time.monotonic() - began[0]:.3f}s", flush=True)
+"""
+
+
+def test_run_returns_within_grace_plus_the_overrun_with_a_task_that_ignores_cancellation(
+    tmp_path: Path,
+) -> None:
+    # The documented bound: the shutdown overruns grace by SHUTDOWN_OVERRUN at
+    # most, and run()'s wait for the tasks left on its loop is part of it.
+    from offloop._supervisor.supervised import SHUTDOWN_OVERRUN
+
+    script = tmp_path / "stubborn.py"
+    script.write_text(textwrap.dedent(STUBBORN))
+    grace = 0.5
+    with Proc([str(script), str(grace)], tmp_path) as proc:
+        proc.wait_for("stubborn: all 1 service")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+        took = float(proc.wait_for(r"run\(\) returned 0 after ([\d.]+)s").group(1))
+        out = proc.output
+    # Measured in the child from the first cancellation; 0.3 s of slack for a loaded machine.
+    assert took < grace + SHUTDOWN_OVERRUN + 0.3, out
+    assert "service 'stubborn' abandoned task 'offloop-service-stubborn'" in out

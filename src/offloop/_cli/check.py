@@ -8,7 +8,10 @@ every event loop it starts (asyncio or uvloop, in any thread). Afterwards the
 blocking sites are printed as a table, or as JSON with ``--json``.
 
 Exit code: 3 if any block exceeded the threshold (so it fails a CI job), 2 for
-a bad command line, otherwise the script's own exit code.
+a bad command line, otherwise the script's own exit code. A script ended by
+SIGINT or SIGTERM still gets its report: SIGTERM, which would end the
+interpreter on the spot (or which uvicorn raises again as it exits), is turned
+into an exception in the script, as Python does with SIGINT.
 """
 
 from __future__ import annotations
@@ -18,16 +21,25 @@ import dataclasses
 import json
 import os
 import runpy
+import signal
 import sys
 import threading
 import traceback
+from types import FrameType
 from typing import Any, Final, TextIO
 
 from .._detect.hook import LoopWatch
 from .._detect.report import BlockEvent, BlockSite
 from .._detect.thresholds import MAX_THRESHOLD, MIN_THRESHOLD, threshold_out_of_range
 
-__all__ = ["BLOCKED_EXIT_CODE", "register", "render_report", "run_script", "wait_for_threads"]
+__all__ = [
+    "BLOCKED_EXIT_CODE",
+    "ScriptTerminated",
+    "register",
+    "render_report",
+    "run_script",
+    "wait_for_threads",
+]
 
 #: Exit code of ``offloop check`` when the event loop blocked.
 BLOCKED_EXIT_CODE: Final = 3
@@ -96,21 +108,30 @@ def main(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     script = os.path.abspath(args.script)
     output = None if args.output is None else os.path.abspath(args.output)
-    with LoopWatch(threshold=threshold, on_block=_announce_ongoing) as watch:
+    with (
+        _TerminateAsException(),
+        LoopWatch(threshold=threshold, on_block=_announce_ongoing) as watch,
+    ):
         code = run_script(args.script, args.args)
         try:
             wait_for_threads()
         except KeyboardInterrupt:
             print("KeyboardInterrupt", file=sys.stderr)
             code = 130
+        except ScriptTerminated as exc:
+            _say_terminated(exc)
+            code = _exit_code(exc.code)
     sys.stdout.flush()
     sites = [_trim(site, script) for site in watch.report()]
+    exit_code = BLOCKED_EXIT_CODE if sites else code
     if args.json:
         document = {
             "threshold": threshold,
             "loops": watch.loops,
             "blocks": sum(s.count for s in sites),
-            "exit_code": code,
+            # The command's own exit code, as the process exits with it.
+            "exit_code": exit_code,
+            "script_exit_code": code,
             "sites": [s.to_dict() for s in sites],
         }
         text = json.dumps(document, indent=2) + "\n"
@@ -129,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
             )
     else:
         _write(sys.stdout, text)
-    return BLOCKED_EXIT_CODE if sites else code
+    return exit_code
 
 
 def run_script(path: str, argv: list[str]) -> int:
@@ -145,6 +166,9 @@ def run_script(path: str, argv: list[str]) -> int:
     sys.path.insert(0, os.path.dirname(target))
     try:
         runpy.run_path(target, run_name="__main__")
+    except ScriptTerminated as exc:
+        _say_terminated(exc)
+        return _exit_code(exc.code)
     except SystemExit as exc:
         return _exit_code(exc.code)
     except KeyboardInterrupt:
@@ -157,6 +181,49 @@ def run_script(path: str, argv: list[str]) -> int:
         sys.argv = saved_argv
         sys.path[:] = saved_path
     return 0
+
+
+class ScriptTerminated(SystemExit):
+    """SIGTERM reached the script under ``offloop check``: it ends with ``128 + SIGTERM``.
+
+    A ``SystemExit``, so the script's ``finally`` blocks run and asyncio lets it
+    through at once, as it does ``KeyboardInterrupt`` for SIGINT.
+    """
+
+
+class _TerminateAsException:
+    """While active, the first SIGTERM raises :class:`ScriptTerminated` in the main thread.
+
+    Left alone when SIGTERM is ignored (the parent meant it) or handled by
+    someone else already, and not installed outside the main thread. A second
+    SIGTERM ends the process at once, as the user then means it.
+    """
+
+    def __init__(self) -> None:
+        self._installed = False
+
+    def __enter__(self) -> _TerminateAsException:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise ScriptTerminated(128 + signum)
+
+
+def _say_terminated(exc: ScriptTerminated) -> None:
+    # The interpreter prints "Terminated" through the shell; say it here, since
+    # this process goes on to print the report.
+    print(f"offloop check: the script was ended by SIGTERM (exit code {exc.code})", file=sys.stderr)
 
 
 #: Seconds wait_for_threads() waits before it says which threads it waits for.

@@ -141,6 +141,11 @@ def load_supervisor(target: str) -> Supervisor:
             f"expected MODULE:ATTR (e.g. 'app:sv'), got {target!r}. MODULE is imported from "
             f"the current directory and ATTR names the offloop.Supervisor in it."
         )
+    path_problem = _file_path_instead_of_module(module_name, attr)
+    if path_problem is not None:
+        # Checked before importing: importing 'app.py' imports 'app' first, so
+        # the file's code would run, and then fail with "no module named 'app.py'".
+        raise TargetError(path_problem)
     # Like uvicorn: the user's module lives where they run the command, which
     # the console script (unlike 'python -m') does not put on sys.path.
     cwd = os.getcwd()
@@ -187,6 +192,23 @@ def load_supervisor(target: str) -> Supervisor:
     raise TargetError(
         f"{target!r} is {describe(obj)}, not an offloop.Supervisor (or a function that "
         f"returns one)."
+    )
+
+
+def _file_path_instead_of_module(module_name: str, attr: str) -> str | None:
+    """What to write instead of a file path given as MODULE, or None if it is not one."""
+    separators = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    if not module_name.endswith(".py") and not any(sep in module_name for sep in separators):
+        return None
+    folder, file = os.path.split(module_name)
+    name = file.removesuffix(".py")
+    head = f"MODULE is a module name, not a file: got {module_name!r}."
+    if not folder:
+        return f"{head} Write '{name}:{attr}' (the module is imported as 'import {name}' would)."
+    dotted = ".".join(part for part in folder.replace("\\", "/").split("/") if part)
+    return (
+        f"{head} Run 'offloop run {name}:{attr}' from the folder {folder!r} (or write "
+        f"'{dotted}.{name}:{attr}' if {folder!r} is a package)."
     )
 
 

@@ -32,6 +32,10 @@ class RestartPolicy:
         max_restarts: how many restarts are allowed within ``restart_window``
             seconds; one more crash marks the service failed. ``None``: no limit.
         restart_window: the sliding window, in seconds, restarts are counted in.
+        retry_startup: whether a failure before the service was first ready
+            (its ``start()`` raised) is retried like a crash. By default it is
+            not: such an error is almost always configuration (a port in use,
+            a missing path) that no restart fixes, so it fails at once.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or range (the
@@ -43,6 +47,7 @@ class RestartPolicy:
     max_backoff: float = 30.0
     max_restarts: int | None = 5
     restart_window: float = 60.0
+    retry_startup: bool = False
 
     def __post_init__(self) -> None:
         if self.restart not in _MODES:
@@ -56,6 +61,10 @@ class RestartPolicy:
             raise ValueError(
                 f"max_backoff ({self.max_backoff!r}) must not be smaller than "
                 f"backoff ({self.backoff!r})."
+            )
+        if not isinstance(self.retry_startup, bool):
+            raise TypeError(
+                f"retry_startup must be True or False, got {describe(self.retry_startup)}."
             )
         mr = self.max_restarts
         if mr is not None:

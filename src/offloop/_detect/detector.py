@@ -62,6 +62,13 @@ JOIN_TIMEOUT: Final = 2.0
 #: loop's thread) must not stay silent.
 ONGOING_AFTER_THRESHOLDS: Final = 10
 
+#: The monitor samples the loop thread once a heartbeat has waited this share of
+#: the threshold. Whether it was a block is decided when the heartbeat runs (it
+#: waited the threshold or more), and the monitor's wakes drift with the GIL:
+#: sampling only from the threshold on, a block whose heartbeat came back
+#: before the next wake was never seen at all.
+SUSPECT_AFTER_SHARE: Final = 0.5
+
 OnBlock = Callable[[BlockEvent], object]
 
 _numbers: Final = itertools.count(1)
@@ -201,6 +208,10 @@ class BlockingDetector:
         self._dispatch: tuple[int | None, CodeType | None, int] = (None, None, -1)
         self._acked = 0
         self._acked_at = 0.0
+        # The heartbeat start() posts (sequence number 1) and when: the monitor
+        # measures it like its own, so the loop is watched from the start on,
+        # not from the monitor's first wake an interval (and a thread start) later.
+        self._first_posted_at: float | None = None
 
     # -- public ------------------------------------------------------------------------
 
@@ -263,12 +274,11 @@ class BlockingDetector:
                 )
             if asyncio._get_running_loop() is self._loop:
                 self._ran_on(threading.get_ident())
-            else:
-                # Running elsewhere or about to run (maybe in another thread):
-                # learn the loop's thread from its next callback, before
-                # anything queued after it, so a block that starts right away
-                # can be sampled.
-                self._loop.call_soon_threadsafe(self._heartbeat, 0)
+            # Running elsewhere or about to run (maybe in another thread): this
+            # heartbeat also tells the loop's thread, before anything queued
+            # after it, so a block that starts right away can be sampled.
+            self._first_posted_at = monotonic()
+            self._loop.call_soon_threadsafe(self._heartbeat, 1)
             self._thread = threading.Thread(target=self._monitor, name=self._name, daemon=True)
             self._state = DetectorState.RUNNING
             self._thread.start()
@@ -358,16 +368,26 @@ class BlockingDetector:
     def _watch(self) -> None:
         loop = self._loop
         threshold = self._threshold
+        suspect_after = threshold * SUSPECT_AFTER_SHARE
         ongoing_after = threshold * ONGOING_AFTER_THRESHOLDS
-        seq = 0
-        posted_at: float | None = None
+        # The heartbeat start() posted is this thread's first.
+        seq = 1
+        posted_at: float | None = self._first_posted_at
         block: _Block | None = None
         queued = _RunQueueClock()
+        now = monotonic() if posted_at is None else posted_at
         try:
             while True:
-                due = monotonic() + self._interval
+                # Due an interval after the last wake, not after this turn's work:
+                # posting a heartbeat and reading the run-queue clock each give
+                # up the GIL, and with a loop thread running Python code each
+                # takes a switch interval (5 ms) to get it back. Waiting a full
+                # interval after them stretched every turn, and with it the time
+                # between a heartbeat's run and the next one's posting, during
+                # which a block that begins is measured short.
+                due = now + self._interval
                 queued_before = queued.read()
-                stopping = self._stopping.wait(self._interval)
+                stopping = self._stopping.wait(max(due - monotonic(), 0.0))
                 now = monotonic()
                 acked = self._acked
                 # This thread needs the GIL to wake up, so a loop thread inside a
@@ -376,16 +396,22 @@ class BlockingDetector:
                 # next turn the loop may have moved on. Look at the loop thread
                 # at once: it is still at the line of the call.
                 blind = now - due
-                glimpse = self._sample() if blind >= threshold and block is None else None
+                glimpse = self._sample() if blind >= threshold else None
                 if posted_at is not None and acked >= seq:
-                    if block is not None:
-                        self._finish(block, self._acked_at - block.posted_at)
+                    acked_at = self._acked_at
+                    if block is not None or acked_at - posted_at >= threshold:
+                        # The heartbeat waited: a block (if long enough) is over.
+                        # Without samples if this thread never woke during it (it
+                        # held the GIL): the glimpse came after, so it is not the site.
+                        self._finish(block or _Block(posted_at), acked_at - posted_at)
                         block = None
-                    elif blind >= threshold:
+                    if blind >= threshold:
+                        # Kept from running past the heartbeat: the loop came back,
+                        # then blocked again (maybe a moment after another block).
                         # Late for want of a CPU (other processes) is no block:
                         # only the time spent waiting, not queued, was the GIL.
-                        held = blind - queued.since(queued_before)
-                        self._finish_unseen(posted_at, self._acked_at, held, glimpse)
+                        held = now - max(due, acked_at) - queued.since(queued_before)
+                        self._finish_held(acked_at, held, glimpse)
                     posted_at = None
                 if stopping or loop.is_closed():
                     # Stopped from the loop's own thread in the middle of a block
@@ -411,7 +437,7 @@ class BlockingDetector:
                         posted_at = None
                     continue
                 lag = now - posted_at
-                if lag < threshold:
+                if lag < suspect_after:
                     continue
                 if block is None:
                     block = _Block(posted_at)
@@ -424,22 +450,12 @@ class BlockingDetector:
         finally:
             queued.close()
 
-    def _finish_unseen(
-        self, posted_at: float, acked_at: float, held: float, glimpse: Sample | None
-    ) -> None:
-        # The monitor woke late, kept from running for `held` seconds (not
-        # counting time it waited for a CPU), and the heartbeat has run since:
-        # a block is over that it could only see afterwards.
-        if acked_at - posted_at >= self._threshold:
-            # The heartbeat itself waited: the loop ran nothing from its
-            # posting until it ran. The glimpse came after, so it is not the site.
-            block = _Block(posted_at)
-            self._finish(block, acked_at - posted_at)
-        elif held >= self._threshold and glimpse is not None and glimpse.busy:
-            # The heartbeat ran before the monitor went blind; the loop thread,
-            # caught in the middle of a callback as the monitor woke, is what
-            # kept it from running. Had a heartbeat been posted when the
-            # monitor was due, it would have waited `held` seconds.
+    def _finish_held(self, acked_at: float, held: float, glimpse: Sample | None) -> None:
+        # The heartbeat ran before this thread was kept from running for `held`
+        # seconds; the loop thread, caught in the middle of a callback as this
+        # thread woke, is what kept it. Had a heartbeat been posted when this
+        # thread was due, it would have waited `held` seconds.
+        if held >= self._threshold and glimpse is not None and glimpse.busy:
             block = _Block(acked_at)
             block.samples.add(glimpse)
             self._finish(block, held)
@@ -460,6 +476,8 @@ class BlockingDetector:
         return sample_thread(ident, (code, lasti), verify=True)
 
     def _finish(self, block: _Block, duration: float) -> None:
+        if duration < self._threshold:
+            return  # sampled while it looked like one, but it was no block
         event = make_event(block.samples, duration, ongoing=False)
         self._table.add(event)
         self._emit(event)

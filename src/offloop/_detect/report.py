@@ -4,7 +4,8 @@ A *sample* is the loop thread's stack at one instant, taken from the monitor
 thread with ``sys._current_frames()``. Its *site* is the innermost frame of the
 user's own code: library frames (the standard library, site-packages, and
 offloop itself) are skipped, because "blocked in selectors.py" or "blocked in
-requests/sessions.py" does not tell anyone which line of theirs to fix.
+requests/sessions.py" does not tell anyone which line of theirs to fix. A
+stack with no frame of the user's own names its innermost frame outside offloop.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "SampleTally",
     "SiteTable",
     "is_library_file",
+    "is_offloop_file",
     "log_block",
     "sample_thread",
 ]
@@ -73,6 +75,12 @@ def _library_roots() -> tuple[str, ...]:
 
 
 _ROOTS: Final = _library_roots()
+_PACKAGE_PREFIXES: Final = tuple(
+    {
+        os.path.normcase(variant).rstrip(os.sep) + os.sep
+        for variant in (_PACKAGE_ROOT, os.path.realpath(_PACKAGE_ROOT))
+    }
+)
 # The run_forever wrapper of `offloop check` and the pytest plugin sits in
 # every watched loop's stack; it is noise in a stack shown to the user.
 _HIDDEN_FILES: Final = frozenset(
@@ -96,6 +104,17 @@ def is_library_file(filename: str) -> bool:
     if path.startswith(_ROOTS):
         return True
     return os.path.normcase(os.path.realpath(filename)).startswith(_ROOTS)
+
+
+@functools.lru_cache(maxsize=4096)
+def is_offloop_file(filename: str) -> bool:
+    """True if ``filename`` is one of offloop's own modules."""
+    if filename.startswith("<"):
+        return False
+    return any(
+        os.path.normcase(variant).startswith(_PACKAGE_PREFIXES)
+        for variant in (os.path.abspath(filename), os.path.realpath(filename))
+    )
 
 
 @dataclass(frozen=True)
@@ -142,7 +161,12 @@ def sample_thread(
     del frame
     if not frames or (verify and not found):
         return None
-    site_frame = next((f for f in frames if not is_library_file(f[0])), frames[0])
+    site_frame = next((f for f in frames if not is_library_file(f[0])), None)
+    if site_frame is None:
+        # No frame of the user's own by path (their code may be an installed
+        # package): the innermost frame outside offloop, which is never the
+        # one to fix, even when it waits in offloop (on a lock another thread holds).
+        site_frame = next((f for f in frames if not is_offloop_file(f[0])), frames[0])
     frames.reverse()
     return Sample(site_frame, tuple(frames), busy)
 

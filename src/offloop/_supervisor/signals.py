@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from types import FrameType
@@ -43,14 +44,26 @@ logger: Final = logging.getLogger("offloop.supervisor")
 
 SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
-#: How long leftover tasks (ones that ignore cancellation) get when the loop closes.
+#: How long the tasks left on the loop get to end once cancelled, when ``main()``
+#: ended without a shutdown deadline. After a supervisor's shutdown they get
+#: what is left of its bound (``grace`` plus its overrun) instead: a task that
+#: swallows its cancellation must not make ``run()`` outlast that bound.
 LEFTOVER_WAIT: Final = 1.0
 
 #: Seconds past ``grace`` before a stop that has not finished ends the process:
-#: the supervisor's own overrun (the last chances and kills after grace), the
-#: leftover wait, and a second for a loaded machine. No slower shutdown is
-#: graceful any more, so it is taken for a blocked loop.
+#: the supervisor's own overrun (the last chances and kills after grace), room
+#: for the leftover wait, and a second for a loaded machine. No slower shutdown
+#: is graceful any more, so it is taken for a blocked loop.
 FORCE_MARGIN: Final = SHUTDOWN_OVERRUN + LEFTOVER_WAIT + 1.0
+
+#: Seconds a forced exit waits for its last log line and the flushes of the
+#: log handlers and standard streams before it exits without them.
+LAST_WORDS_WAIT: Final = 0.5
+
+#: Seconds the first signal's handler waits for its log line, so that the line
+#: comes before those of the stop, and ``run_with_signals`` waits for it before
+#: it returns. Only a log call that blocks (a full stderr pipe) takes that long.
+ORDER_WAIT: Final = 1.0
 
 
 class SignalTarget(Protocol):
@@ -58,6 +71,8 @@ class SignalTarget(Protocol):
 
     name: str
     grace: float
+    #: Loop time by which its shutdown has ended, once it has begun (else None).
+    _stop_deadline: float | None
 
     def _request_stop_threadsafe(self, reason: str, *, defer: bool = False) -> None: ...
 
@@ -92,46 +107,67 @@ def run_with_signals(
     received: list[int] = []
     finished = threading.Event()
     watchdogs: list[threading.Thread] = []
+    log_lines: list[threading.Event] = []
     main_ident = threading.get_ident()
 
-    def watchdog(signum: int) -> None:  # on its own thread, started by the first signal
-        # Logged here, not in the handler (which may interrupt a log call) nor
-        # on the loop (which may be blocked), so the message always appears.
-        logger.warning(
-            "%s: received %s, stopping gracefully within %gs (send it again to exit at once)",
-            sv.name,
-            signal.Signals(signum).name,
-            sv.grace,
-        )
-        if finished.wait(sv.grace + FORCE_MARGIN):
+    def watchdog(signum: int, deadline: float) -> None:  # on its own thread
+        # It logs nothing before its timer runs out: a log reader that stopped
+        # reading (a full stderr pipe) blocks every log call, and this timer
+        # is what bounds the stop then.
+        name = signal.Signals(signum).name
+        if finished.wait(max(deadline - time.monotonic(), 0.0)):
             return
         frame = sys._current_frames().get(main_ident)
         where = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)\n"
-        logger.error(
-            "%s: still not stopped %gs after %s; the event loop is probably blocked, "
-            "exiting now. The main thread is at:\n%s",
-            sv.name,
-            sv.grace + FORCE_MARGIN,
-            signal.Signals(signum).name,
-            where.rstrip(),
+        del frame
+        _force_exit(
+            signum,
+            on_forced_exit,
+            lambda: logger.error(
+                "%s: still not stopped %gs after %s; the event loop is probably blocked, "
+                "exiting now. The main thread is at:\n%s",
+                sv.name,
+                sv.grace + FORCE_MARGIN,
+                name,
+                where.rstrip(),
+            ),
         )
-        _force_exit(signum, on_forced_exit)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:  # on the main thread
         received.append(signum)
         name = signal.Signals(signum).name
         if len(received) == 1:
+            deadline = time.monotonic() + sv.grace + FORCE_MARGIN
             # Only schedules the stop on the loop and wakes it: safe in a handler.
             sv._request_stop_threadsafe(f"received {name}", defer=True)
             thread = threading.Thread(
-                target=watchdog, args=(signum,), name="offloop-signal-watchdog", daemon=True
+                target=watchdog,
+                args=(signum, deadline),
+                name="offloop-signal-watchdog",
+                daemon=True,
             )
             watchdogs.append(thread)
             thread.start()
+            # Not logged in the handler (which may interrupt a log call) nor on
+            # the loop (which may be blocked), but waited for a moment, so that
+            # the line comes before those of the stop.
+            logged = _log_in_background(
+                lambda: logger.warning(
+                    "%s: received %s, stopping gracefully within %gs (send it again to exit "
+                    "at once)",
+                    sv.name,
+                    name,
+                    sv.grace,
+                )
+            )
+            log_lines.append(logged)
+            logged.wait(ORDER_WAIT)
             return
-        with contextlib.suppress(Exception):
-            logger.error("%s: received %s again, exiting now", sv.name, name)
-        _force_exit(signum, on_forced_exit)
+        _force_exit(
+            signum,
+            on_forced_exit,
+            lambda: logger.error("%s: received %s again, exiting now", sv.name, name),
+        )
 
     previous: dict[signal.Signals, Any] = {}
     wakeup = None
@@ -142,6 +178,7 @@ def run_with_signals(
             # as Python itself keeps an ignored SIGINT ignored.
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, on_signal)
+        _say_which_signals_are_ignored(sv.name, [s for s in SIGNALS if s not in previous])
         wakeup = _Wakeup(loop)
     try:
         asyncio.set_event_loop(loop)
@@ -157,7 +194,7 @@ def run_with_signals(
                 loop,
                 sweeps=1,
                 on_raised=_log_raised,
-                wait=LEFTOVER_WAIT,
+                wait=_leftover_wait(loop, sv._stop_deadline),
                 on_ignored=_log_abandoned,
             )
         finally:
@@ -168,8 +205,44 @@ def run_with_signals(
                 wakeup.close()
             for thread in watchdogs:
                 thread.join()  # it saw `finished` and returns now
+            for logged in log_lines:
+                logged.wait(ORDER_WAIT)  # a daemon thread's line must not be lost at exit
             asyncio.set_event_loop(None)
             loop.close()
+
+
+def _say_which_signals_are_ignored(name: str, ignored: list[signal.Signals]) -> None:
+    # A 'kill -INT' to a background job that ignores it does nothing at all:
+    # say so once, with what does work, rather than leave the user guessing.
+    if not ignored:
+        return
+    pid = os.getpid()
+    why = "started with it ignored (a background job of a shell, nohup)"
+    if ignored == [signal.SIGINT]:
+        logger.warning(
+            "%s: SIGINT is ignored: this process %s, so Ctrl-C and 'kill -INT' do nothing. "
+            "Stop it with SIGTERM ('kill %d').",
+            name,
+            why,
+            pid,
+        )
+    elif ignored == [signal.SIGTERM]:
+        logger.warning(
+            "%s: SIGTERM is ignored: this process %s, so 'kill %d' does nothing. Stop it "
+            "with SIGINT (Ctrl-C, or 'kill -INT %d').",
+            name,
+            why,
+            pid,
+            pid,
+        )
+    else:
+        logger.warning(
+            "%s: SIGINT and SIGTERM are ignored: this process started with them ignored "
+            "(nohup, a background job), so only stop() or SIGKILL ('kill -KILL %d', which "
+            "skips the graceful stop) ends it.",
+            name,
+            pid,
+        )
 
 
 class _Wakeup:
@@ -210,14 +283,64 @@ def _log_abandoned(task: asyncio.Task[Any]) -> None:
     logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
 
 
-def _force_exit(signum: int, on_forced_exit: Callable[[], None] | None) -> None:
+def _leftover_wait(loop: asyncio.AbstractEventLoop, deadline: float | None) -> float:
+    # What remains of the shutdown's bound (grace plus the overrun), not a
+    # fixed extra: a task that swallows cancellation must not stretch the
+    # documented bound. Zero still runs the loop once, so each cancelled task
+    # gets its first step and a plain `finally:` clause always runs.
+    return LEFTOVER_WAIT if deadline is None else max(deadline - loop.time(), 0.0)
+
+
+def _force_exit(
+    signum: int, on_forced_exit: Callable[[], None] | None, last_words: Callable[[], None]
+) -> None:
+    # The last log line and the flushes get a bounded time: a timer exits
+    # without them if they block (a full stderr pipe). They are written from
+    # this thread, not handed to another one: in a signal handler, the main
+    # thread may be inside a log call, holding the handler's lock, which only
+    # it can take again.
+    exited = threading.Lock()
+
+    def exit_now() -> None:
+        if not exited.acquire(blocking=False):
+            return  # the other one is exiting
+        if on_forced_exit is not None:
+            with contextlib.suppress(Exception):
+                on_forced_exit()
+        # Kills isolate='process' children, among others: os._exit skips every cleanup.
+        run_forced_exit_hooks()
+        os._exit(128 + signum)
+
+    timer = threading.Timer(LAST_WORDS_WAIT, exit_now)
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:  # the interpreter is shutting down: no new threads
+        exit_now()
+    with contextlib.suppress(Exception):
+        last_words()
     _flush()
-    if on_forced_exit is not None:
-        with contextlib.suppress(Exception):
-            on_forced_exit()
-    # Kills isolate='process' children, among others: os._exit skips every cleanup.
-    run_forced_exit_hooks()
-    os._exit(128 + signum)
+    exit_now()
+    # The timer won the race and is exiting the process: wait for it.
+    threading.Event().wait()
+
+
+def _log_in_background(emit: Callable[[], None]) -> threading.Event:
+    """Run ``emit`` (a log call) on a daemon thread; the event is set once it returned."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            with contextlib.suppress(Exception):
+                emit()
+        finally:
+            done.set()
+
+    try:
+        threading.Thread(target=run, name="offloop-signal-log", daemon=True).start()
+    except RuntimeError:  # the interpreter is shutting down: no new threads
+        done.set()
+    return done
 
 
 def _flush() -> None:

@@ -68,6 +68,9 @@ class Supervised:
         self.runner: asyncio.Task[None] | None = None
         self.ready: asyncio.Future[None] | None = None
         self.stopping = False
+        # Whether start() has returned once: an error before that is a
+        # start-up error, not a crash (see RestartPolicy.retry_startup).
+        self.been_ready = False
 
     def status(self) -> ServiceStatus:
         """A snapshot for :meth:`Supervisor.status`."""
@@ -98,6 +101,7 @@ class Supervised:
                 crash = exc
             else:
                 self.state, self.started_at = _ST.RUNNING, time.time()
+                self.been_ready = True
                 logger.info("%s: service %r is ready", sv, self.name)
                 if self.ready is not None and not self.ready.done():
                     self.ready.set_result(None)
@@ -130,6 +134,22 @@ class Supervised:
                 logger.warning("%s: %s", sv, crash)
                 self.end(_ST.STOPPED)
                 self.supervisor._interrupted(self)
+                return
+            elif not self.been_ready and not self.policy.retry_startup:
+                # Failed before it was ever ready: a port in use, a missing path.
+                # No restart fixes a configuration, and retrying it through the
+                # backoff would only surface the error tens of seconds later.
+                self.last_error = crash
+                logger.error(
+                    "%s: service %r failed to start: %r", sv, self.name, crash, exc_info=crash
+                )
+                self.supervisor._fail(
+                    self,
+                    crash,
+                    "it failed to start (before it was ready), which is not retried; fix the "
+                    "error, or add the service with retry_startup=True to retry its start-up "
+                    "as its restart policy says",
+                )
                 return
             else:
                 self.last_error = crash

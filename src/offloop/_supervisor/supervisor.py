@@ -23,7 +23,7 @@ from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
 from .status import ServiceState, ServiceStatus, SupervisorState
-from .supervised import Supervised
+from .supervised import SHUTDOWN_OVERRUN, Supervised
 
 if TYPE_CHECKING:
     from .._detect.detector import BlockingDetector
@@ -110,6 +110,9 @@ class Supervisor:
         self._serving = 0
         self._host_cancelled = False
         self._stop_early = False
+        # Loop time by which the shutdown has ended (grace plus its overrun):
+        # run() gives the tasks left on its loop what remains of it.
+        self._stop_deadline: float | None = None
 
     # -- registration ------------------------------------------------------------------
 
@@ -164,7 +167,10 @@ class Supervisor:
                 ``restart_window`` seconds mark the service failed, and the
                 supervisor stops with :class:`~offloop.ServiceFailed`.
             restart_window: the sliding window, in seconds, that
-                ``max_restarts`` counts restarts in.
+                ``max_restarts`` counts restarts in. A function service is
+                ready once its task or thread runs (a process one once its
+                child imported the function); a failure before that is not
+                restarted (see :meth:`add`).
             isolate: where the function runs (see above).
             name: the service's name; defaults to the function's name.
 
@@ -196,10 +202,17 @@ class Supervisor:
         max_backoff: float = 30.0,
         max_restarts: int | None = 5,
         restart_window: float = 60.0,
+        retry_startup: bool = False,
     ) -> S:
         """Supervise ``service`` (an adapter or a :class:`~offloop.Service` subclass); return it.
 
-        The restart options mean the same as for :meth:`service`.
+        The restart options mean the same as for :meth:`service`. A service
+        whose ``start()`` raises before it was ever ready (a port in use, a
+        missing path) is not restarted: the supervisor fails at once with
+        :class:`~offloop.ServiceFailed`, whose ``__cause__`` is that error.
+        ``retry_startup=True`` retries such errors as the restart policy says
+        (for a dependency that may come up later). Once the service has been
+        ready, a failing ``start()`` on a restart follows the policy.
 
         Raises:
             TypeError: ``service`` is not a :class:`~offloop.Service`.
@@ -216,7 +229,9 @@ class Supervisor:
                 f"Supervisor.add() needs an offloop.Service (e.g. offloop.WSGIService(app)), "
                 f"got {describe(service)}.{hint}"
             )
-        policy = RestartPolicy(restart, backoff, max_backoff, max_restarts, restart_window)
+        policy = RestartPolicy(
+            restart, backoff, max_backoff, max_restarts, restart_window, retry_startup
+        )
         self._add(service, policy)
         return service
 
@@ -535,6 +550,7 @@ class Supervisor:
     async def _shutdown(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace
+        self._stop_deadline = deadline + SHUTDOWN_OVERRUN
         left = list(reversed(self._entries.values()))
         while left and loop.time() < deadline:
             await left.pop(0).stop(deadline)

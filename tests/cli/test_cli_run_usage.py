@@ -1,0 +1,110 @@
+"""``offloop run``: what it tells a user who wrote a file path, or whose Ctrl-C is ignored."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from offloop._cli.main import main as cli_main
+from offloop._cli.run import TargetError, load_supervisor
+from tests.helpers import Proc
+
+APP = """
+import offloop
+
+print("app imported", flush=True)
+sv = offloop.Supervisor(grace=2, name="app")
+
+
+@sv.service
+def worker(token):
+    token.wait()
+"""
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "usage_app.py").write_text(textwrap.dedent(APP))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "usage_app.py").write_text(textwrap.dedent(APP))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (
+            "usage_app.py:sv",
+            "MODULE is a module name, not a file: got 'usage_app.py'. Write "
+            "'usage_app:sv' (the module is imported as 'import usage_app' would).",
+        ),
+        (
+            f"sub{os.sep}usage_app.py:sv",
+            f"MODULE is a module name, not a file: got 'sub{os.sep}usage_app.py'. Run "
+            f"'offloop run usage_app:sv' from the folder 'sub' (or write 'sub.usage_app:sv' if "
+            f"'sub' is a package).",
+        ),
+    ],
+)
+def test_a_file_path_as_module_says_what_to_write_instead(
+    app_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+    message: str,
+) -> None:
+    monkeypatch.chdir(app_dir)
+    monkeypatch.syspath_prepend(str(app_dir))
+    monkeypatch.delitem(sys.modules, "usage_app", raising=False)
+    with pytest.raises(TargetError) as info:
+        load_supervisor(target)
+    assert str(info.value) == message
+    assert cli_main(["run", target]) == 2
+    assert capsys.readouterr() == ("", f"offloop run: error: {message}\n")
+    # Refused before importing anything: the file's code never ran.
+    assert "usage_app" not in sys.modules
+
+
+def test_an_ignored_sigint_is_logged_with_the_signal_that_works(app_dir: Path) -> None:
+    # As a background job of a non-interactive shell starts it: SIGINT ignored.
+    args = ["-m", "offloop", "run", "usage_app:sv", "--plain"]
+    with Proc(args, app_dir, ignore_sigint=True) as proc:
+        proc.wait_for("all 1 service")
+        proc.send(signal.SIGINT)  # ignored, as the parent meant
+        proc.send(signal.SIGTERM)
+        assert proc.exit_code() == 0
+        out = proc.output
+    pid = proc.popen.pid
+    assert (
+        f"app: SIGINT is ignored: this process started with it ignored (a background job of "
+        f"a shell, nohup), so Ctrl-C and 'kill -INT' do nothing. Stop it with SIGTERM "
+        f"('kill {pid}')." in out
+    )
+    assert "received SIGTERM, stopping gracefully" in out
+    assert "received SIGINT" not in out
+
+
+@pytest.mark.parametrize(
+    ("ignored", "says"),
+    [
+        ([signal.SIGTERM], "app: SIGTERM is ignored: this process started with it ignored"),
+        ([signal.SIGTERM], "Stop it with SIGINT (Ctrl-C, or 'kill -INT {pid}')."),
+        ([signal.SIGINT, signal.SIGTERM], "app: SIGINT and SIGTERM are ignored"),
+        ([signal.SIGINT, signal.SIGTERM], "only stop() or SIGKILL ('kill -KILL {pid}', which"),
+    ],
+)
+def test_every_combination_of_ignored_signals_names_what_still_works(
+    caplog: pytest.LogCaptureFixture, ignored: list[signal.Signals], says: str
+) -> None:
+    from offloop._supervisor.signals import _say_which_signals_are_ignored
+
+    with caplog.at_level("WARNING", logger="offloop.supervisor"):
+        _say_which_signals_are_ignored("app", ignored)
+        _say_which_signals_are_ignored("app", [])  # nothing ignored: nothing said
+    (record,) = caplog.records
+    assert says.format(pid=os.getpid()) in record.getMessage()

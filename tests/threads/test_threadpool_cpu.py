@@ -8,6 +8,7 @@ is; one test per answer checks the real measurement on a real thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import threading
@@ -21,7 +22,7 @@ import pytest
 import offloop
 from offloop._threads import pool as pool_module
 from offloop._threads import workers as workers_module
-from offloop._threads.workers import Worker
+from offloop._threads.workers import WaitMemory, Worker
 from tests.helpers import WAIT, await_until, wait_until
 
 SLOTS = 2
@@ -307,3 +308,49 @@ async def test_a_thread_that_fails_to_start_while_the_pool_closes_does_not_hang_
     assert outcomes[0] == 0
     assert all(isinstance(o, offloop.PoolClosedError) for o in outcomes[1:])
     assert await asyncio.to_thread(closed.wait, WAIT), "close() never returned"
+
+
+def ran(started: list[int], n: int) -> bool:
+    return len(started) == n
+
+
+async def test_new_threads_are_started_by_a_worker_that_ends_a_call_not_by_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Thread.start() waits until the new thread runs: under GIL contention
+    # that stalls the caller for several switch intervals, so the loop leaves
+    # it to a worker that ends a call.
+    starters: list[str] = []
+    real_start = pool_module.ThreadPool._start_thread
+
+    def spy(self: Any, worker: Worker, *, starts_others: bool = False) -> None:
+        starters.append(threading.current_thread().name)
+        real_start(self, worker, starts_others=starts_others)
+
+    monkeypatch.setattr(pool_module.ThreadPool, "_start_thread", spy)
+    gate, started = threading.Event(), list[int]()
+    blocked = gated(gate, started)
+    # As if the pool had learnt that blocked() waits: its calls take threads at once.
+    monkeypatch.setattr(WaitMemory, "waits", lambda self, fn: fn is blocked)
+    monkeypatch.setattr(WaitMemory, "__bool__", lambda self: True)
+    async with offloop.ThreadPool(8, name="starts") as pool:
+        stop = asyncio.Event()
+
+        async def keep_a_worker_busy_ending_calls() -> None:
+            while not stop.is_set():
+                await pool.run(int)
+
+        cycling = asyncio.ensure_future(keep_a_worker_busy_ending_calls())
+        await await_until(lambda: pool.statistics()["completed"] > 0, WAIT, "the first call")
+        calls = []
+        for i in range(1, 5):
+            calls.append(pool.run(blocked, i))
+            await await_until(functools.partial(ran, started, i), WAIT, f"blocked call {i} to run")
+        stop.set()
+        await cycling
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*calls), WAIT)
+    loop_thread = threading.current_thread().name
+    assert starters[0] == loop_thread  # the pool's first thread: nobody else could
+    assert starters[1:], "no thread was started for the blocked calls"
+    assert loop_thread not in starters[1:], starters

@@ -85,6 +85,7 @@ class Worker:
         "call",
         "fd",
         "judged",
+        "last",
         "prev_busy",
         "prev_wall",
         "seen",
@@ -113,6 +114,8 @@ class Worker:
         self.waiting = False
         #: Whether ``waiting`` was measured for the current call, not presumed.
         self.judged = False
+        #: When the current call's thread was last read (monotonic).
+        self.last = 0.0
 
     def busy(self) -> float | None:
         """Seconds the thread has run or waited for a core; None where unknown."""
@@ -147,9 +150,15 @@ class Worker:
             return False
         if now - self.started < period:
             return self.waiting  # as presumed when it started (see WaitMemory)
+        if self.seen == self.started and now - self.last < JUDGE_AFTER:
+            # Each reading is a system call that gives the GIL away, and
+            # taking it back under contention can cost the loop a switch
+            # interval: read a call at most once per JUDGE_AFTER.
+            return self.waiting
         busy = self.busy()
         if busy is None:
             return True  # nothing to tell by: a long call is taken to be blocked
+        self.last = now
         if self.seen != self.started:
             self.mark(busy, now)
             return self.waiting

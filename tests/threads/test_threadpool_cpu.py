@@ -219,8 +219,10 @@ async def test_the_kernel_tells_a_blocked_call_from_a_computing_one(two_slots: N
             await await_until(lambda: pool.statistics()["waiting"] >= 1, WAIT, "one found waiting")
             with pool._lock:
                 waiting = [w.call for w in pool._workers if w.waiting]
-            assert blocked in waiting
-            assert busy not in waiting
+            # The one found first may be either blocked call: the second one
+            # starts once the first is found waiting, and is soon found too.
+            assert waiting
+            assert set(waiting) <= {blocked, queued}
             # The blocked one's slot went to the queued call.
             await await_until(lambda: sorted(started) == [0, 1], WAIT, "the third call to start")
         finally:

@@ -132,8 +132,8 @@ async def test_a_function_whose_call_ended_waiting_gets_threads_at_once_next_tim
         assert await asyncio.wait_for(asyncio.gather(*second), WAIT) == list(range(4, 9))
 
 
-async def test_the_check_starts_nothing_while_the_loop_runs_late(
-    two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+async def test_while_the_loop_runs_late_only_calls_waiting_a_whole_window_give_their_slot(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     measure_as(monkeypatch, computing=False)
     gate, started = threading.Event(), list[int]()
@@ -146,10 +146,24 @@ async def test_the_check_starts_nothing_while_the_loop_runs_late(
             lambda self, loop, due: original(self, loop, due - 1.0),
         )
         calls = [pool.run(gated(gate, started), i) for i in range(4)]
-        # The free slot is still filled: no running call held it.
-        await await_until(lambda: pool.statistics()["waiting"] == SLOTS, WAIT, "both found waiting")
-        await rebalances(REBALANCES)
-        assert pool.statistics()["running"] == SLOTS
+        seen_unsure_waiting = False
+
+        def check() -> bool:
+            # A slot a waiting call left goes to a pending call only once that
+            # call has waited over a whole window, never as soon as it looks
+            # waiting (it might be waiting for the GIL).
+            nonlocal seen_unsure_waiting
+            with pool._lock:
+                sure = sum(1 for w in pool._workers if w.waiting and w.prev_wall >= 0)
+                unsure = sum(1 for w in pool._workers if w.waiting and w.prev_wall < 0)
+                running = pool._running
+            seen_unsure_waiting |= unsure > 0
+            assert running <= SLOTS + sure, (running, sure)
+            return running == 4
+
+        # Not starved either: they all run in the end, though the loop stays late.
+        await await_until(check, WAIT, "all four calls to run")
+        assert seen_unsure_waiting  # the test did look while no slot could be given
         monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", original)
         gate.set()
         assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(4))
@@ -355,4 +369,7 @@ async def test_new_threads_are_started_by_a_worker_that_ends_a_call_not_by_the_l
     loop_thread = threading.current_thread().name
     assert starters[0] == loop_thread  # the pool's first thread: nobody else could
     assert starters[1:], "no thread was started for the blocked calls"
-    assert loop_thread not in starters[1:], starters
+    # A blocked call can take the cycling worker's thread between two of its
+    # calls; then every worker is blocked and, after a grace, the loop starts
+    # one itself. But the other threads a worker started.
+    assert starters[1:].count(loop_thread) < len(starters[1:]) / 2, starters

@@ -373,10 +373,13 @@ class ThreadPool(ThreadPoolLifecycle):
             if loop.time() - due > LAG_LIMIT:
                 # The loop itself runs late. Calls that look blocked may be
                 # waiting for the GIL that a computing call holds (C code
-                # such as zlib keeps it for its whole run): until the loop
-                # keeps time again, only slots that no running call holds
-                # are filled, none that a waiting one left.
-                free = min(free, self._cpu_slots - (self._ready + self._running))
+                # such as zlib keeps it for its whole run): while the loop
+                # runs late, a waiting call's slot is given away only once it
+                # has waited over a whole window (a GIL wait is not that long).
+                # Not never: under steady CPU load the loop is always late,
+                # and blocked calls would hold their slots for nothing.
+                sure = sum(1 for w in self._workers if w.waiting and w.prev_wall >= 0)
+                free = min(free, self._cpu_slots - (self._ready + self._running - sure))
             # A call that ended within a period since the last look means a
             # thread cycles through short calls: it takes the pending ones
             # itself, faster than new threads would, so none is started.

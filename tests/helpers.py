@@ -8,6 +8,7 @@ import contextlib
 import functools
 import gc
 import os
+import queue
 import re
 import signal
 import socket
@@ -20,10 +21,12 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import pytest
+
+import offloop
 
 # Bounds on waits that end at once when things work: a hang fails the test with a
 # message instead of stalling the suite, and a passing test never waits one out.
@@ -38,6 +41,8 @@ QUICK_WAIT = 5.0
 # interpreter and imports offloop afresh before it answers, sometimes twice (it
 # spawns workers); still well inside pytest's per-test timeout (60 s).
 SPAWN_WAIT = 30.0
+
+T = TypeVar("T")
 
 
 def bounded(timeout: float = 10.0) -> Callable[..., Any]:
@@ -263,3 +268,36 @@ class Proc:
         self._reader.join(SPAWN_WAIT)
         assert self.popen.stdout is not None
         self.popen.stdout.close()
+
+
+def in_plain_thread(fn: Callable[[], T], timeout: float = WAIT) -> T:
+    """Run ``fn`` in a new plain thread (no loop, not an offloop worker); fail if it hangs."""
+    results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def target() -> None:
+        try:
+            results.put((True, fn()))
+        except BaseException as exc:
+            results.put((False, exc))
+
+    # A daemon: if the code under test hangs, the test fails instead of the run hanging.
+    thread = threading.Thread(target=target, name="plain-caller", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{fn} did not finish within {timeout}s (deadlock?)"
+    ok, value = results.get_nowait()
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+async def where_am_i() -> tuple[str, asyncio.AbstractEventLoop]:
+    """The thread name and the loop a coroutine runs on."""
+    await asyncio.sleep(0)
+    return threading.current_thread().name, asyncio.get_running_loop()
+
+
+def state(lt: offloop.LoopThread) -> str:
+    """A loop thread's state, read through a call so that mypy does not narrow it."""
+    lt_state: offloop.LoopThreadState = lt.state
+    return lt_state.value

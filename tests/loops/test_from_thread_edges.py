@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import gc
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -18,43 +17,9 @@ from offloop import CallerGoneError, from_thread
 from offloop._core import token as token_module
 from offloop._core.token import StopToken, WorkerCall, thread_state
 from offloop._loops.fromthread import _shared as shared_loop_thread
-
-T = TypeVar("T")
+from tests.helpers import in_plain_thread, where_am_i
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it
-
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
-
-
-def in_plain_thread(fn: Callable[[], T], timeout: float = 10.0) -> T:
-    """Run ``fn`` in a new plain thread (no loop, not an offloop worker); fail if it hangs."""
-    results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
-
-    def target() -> None:
-        try:
-            results.put((True, fn()))
-        except BaseException as exc:
-            results.put((False, exc))
-
-    # A daemon: if the code under test hangs, the test fails instead of the run hanging.
-    thread = threading.Thread(target=target, name="plain-caller", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"{fn} did not finish within {timeout}s (deadlock?)"
-    ok, value = results.get_nowait()
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
-
-
-async def where_am_i() -> tuple[str, asyncio.AbstractEventLoop]:
-    await asyncio.sleep(0)
-    return threading.current_thread().name, asyncio.get_running_loop()
-
-
-async def fail(message: str) -> None:
-    await asyncio.sleep(0)
-    raise ValueError(message)
 
 
 # -- plain threads: the shared background loop ---------------------------------

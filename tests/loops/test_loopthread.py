@@ -13,21 +13,10 @@ import pytest
 import uvloop
 
 import offloop
-from offloop import LoopThread, LoopThreadState, PoolClosedError, WouldDeadlockError
-from tests.helpers import await_until
+from offloop import LoopThread, PoolClosedError, WouldDeadlockError
+from tests.helpers import await_until, state, where_am_i
 
 tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="none")
-
-
-def state(lt: LoopThread) -> str:
-    # A call, so that mypy does not narrow the property between transitions.
-    state: LoopThreadState = lt.state
-    return state.value
-
-
-async def where_am_i() -> tuple[str, asyncio.AbstractEventLoop]:
-    await asyncio.sleep(0)
-    return threading.current_thread().name, asyncio.get_running_loop()
 
 
 async def fail() -> None:

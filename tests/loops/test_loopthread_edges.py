@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import gc
-import threading
 from typing import Any
 
 import pytest
 
 import offloop
-from offloop import LoopThread, LoopThreadState
-
-tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="none")
-
-
-def state(lt: LoopThread) -> str:
-    # A call, so that mypy does not narrow the property between transitions.
-    state: LoopThreadState = lt.state
-    return state.value
-
-
-async def where_am_i() -> tuple[str, asyncio.AbstractEventLoop]:
-    await asyncio.sleep(0)
-    return threading.current_thread().name, asyncio.get_running_loop()
-
-
-async def fail() -> None:
-    await asyncio.sleep(0)
-    raise KeyError("missing")
+from offloop import LoopThread
+from tests.helpers import state, where_am_i
 
 
 class Fatal(BaseException):

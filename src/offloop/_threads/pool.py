@@ -307,11 +307,6 @@ class ThreadPool(ThreadPoolLifecycle):
                 # of its own if need be), as a pool without slots would.
                 dispatch = True
             if dispatch:
-                # Put while still holding the lock: a close() from another
-                # thread between the count and the put would drain the queue
-                # without it and queue the workers' exit signals before it,
-                # and nobody would ever take it. SimpleQueue.put never blocks.
-                self._queue.put(call)
                 self._ready += 1
                 if self._idle > 0:
                     self._idle -= 1
@@ -319,6 +314,13 @@ class ThreadPool(ThreadPoolLifecycle):
                     worker = Worker()
                     self._workers.append(worker)
                     starter = self._want_started([worker], now=monotonic())
+                # Put while still holding the lock: a close() from another
+                # thread between the count and the put would drain the queue
+                # without it and queue the workers' exit signals before it,
+                # and nobody would ever take it. SimpleQueue.put never blocks.
+                # Last in the block: a polling worker takes the call at once
+                # and then needs the lock to start it.
+                self._queue.put(call)
             if not dispatch or (self._unstarted and not self._starting):
                 if not dispatch:
                     self._pending.append(call)

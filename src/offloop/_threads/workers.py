@@ -162,10 +162,10 @@ class Worker:
         if self.seen != self.started:
             self.mark(busy, now)
             return self.waiting
+        # The first reading was JUDGE_AFTER ago at least (see the check above):
+        # long enough to tell a GIL wait from a blocking one.
         if self.prev_wall >= 0:
             ref_busy, ref_wall = self.prev_busy, self.prev_wall
-        elif now - self.base_wall < JUDGE_AFTER:
-            return self.waiting  # too soon to tell a GIL wait from a blocking one
         else:
             ref_busy, ref_wall = self.base_busy, self.base_wall
         waiting = busy - ref_busy < waiting_share(running) * (now - ref_wall)

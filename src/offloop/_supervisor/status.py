@@ -21,8 +21,9 @@ class ServiceState(str, enum.Enum):
     ``stopped`` (not started yet) -> ``starting`` -> ``running`` ->
     ``stopping`` -> ``stopped``; a crash goes through ``restarting`` back to
     ``starting``, or ends in ``failed`` when the restart policy is exhausted.
-    A service that has not started yet is ``stopped`` with ``started_at``
-    ``None``.
+    A one-shot service (``oneshot=True``) that finished without an error ends
+    in ``done``, which counts as healthy. A service that has not started yet
+    is ``stopped`` with ``started_at`` ``None``.
     """
 
     STARTING = "starting"
@@ -31,6 +32,7 @@ class ServiceState(str, enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    DONE = "done"
 
     def __str__(self) -> str:
         return self.value
@@ -62,6 +64,9 @@ class ServiceStatus:
         started_at: the wall-clock time (``time.time()``) it last became ready,
             or ``None`` if it never did.
         last_error: the exception of its last crash, or ``None``.
+        url: where it listens (``http://host:port``, with the port that
+            ``port=0`` bound) while it is running, for services that listen;
+            else ``None``.
     """
 
     name: str
@@ -69,6 +74,7 @@ class ServiceStatus:
     restarts: int
     started_at: float | None
     last_error: BaseException | None
+    url: str | None = None
 
     @property
     def uptime(self) -> float | None:
@@ -91,6 +97,7 @@ class ServiceStatus:
             "started_at": self.started_at,
             "uptime": self.uptime,
             "last_error": error,
+            "url": self.url,
         }
 
     def __repr__(self) -> str:

@@ -55,8 +55,20 @@ class RecordKeeper(Protocol):
 class Supervised:
     """The supervisor's record of one service: its policy, live state and runner task."""
 
-    def __init__(self, service: Service, policy: RestartPolicy, supervisor: RecordKeeper) -> None:
+    def __init__(
+        self,
+        service: Service,
+        policy: RestartPolicy,
+        supervisor: RecordKeeper,
+        *,
+        depends_on: tuple[str, ...] = (),
+        oneshot: bool = False,
+    ) -> None:
         self.service = service
+        # The names of the services started (and ready) before this one.
+        self.depends_on = depends_on
+        # Meant to finish: ready (for its dependents) once it has, and then DONE.
+        self.oneshot = oneshot
         self.name: str = service.name
         self.policy = policy
         self.supervisor = supervisor
@@ -74,7 +86,13 @@ class Supervised:
 
     def status(self) -> ServiceStatus:
         """A snapshot for :meth:`Supervisor.status`."""
-        return ServiceStatus(self.name, self.state, self.restarts, self.started_at, self.last_error)
+        url = None
+        if self.state is _ST.RUNNING:
+            found = getattr(self.service, "url", None)  # the adapters that listen have one
+            url = found if isinstance(found, str) else None
+        return ServiceStatus(
+            self.name, self.state, self.restarts, self.started_at, self.last_error, url
+        )
 
     def end(self, state: ServiceState) -> None:
         """Enter a final state; whoever waits for readiness stops waiting."""
@@ -102,9 +120,11 @@ class Supervised:
             else:
                 self.state, self.started_at = _ST.RUNNING, time.time()
                 self.been_ready = True
-                logger.info("%s: service %r is ready", sv, self.name)
-                if self.ready is not None and not self.ready.done():
-                    self.ready.set_result(None)
+                if not self.oneshot:
+                    # A one-shot service is ready for its dependents once it is done.
+                    logger.info("%s: service %r is ready", sv, self.name)
+                    if self.ready is not None and not self.ready.done():
+                        self.ready.set_result(None)
                 try:
                     await svc.wait()
                 except Exception as exc:
@@ -121,6 +141,11 @@ class Supervised:
                 if crash is not None:
                     self._crashed_while_stopping(crash)
                 self.end(_ST.STOPPED)
+                return
+            if crash is None and self.oneshot:
+                logger.info("%s: one-shot service %r is done", sv, self.name)
+                self.end(_ST.DONE)
+                self.supervisor._check_all_ended()
                 return
             if crash is None:
                 if not self.policy.restarts_after(crashed=False):
@@ -211,7 +236,7 @@ class Supervised:
         """
         loop = asyncio.get_running_loop()
         sv, runner = self.supervisor.name, self.runner
-        if self.state in (_ST.STOPPED, _ST.FAILED):
+        if self.state in (_ST.STOPPED, _ST.FAILED, _ST.DONE):
             return
         if runner is None:  # never started
             self.end(_ST.STOPPED)

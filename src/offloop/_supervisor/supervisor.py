@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, overload
 
@@ -22,6 +22,7 @@ from .._core.restart import RestartMode, RestartPolicy
 from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
+from .order import check_depends_on, start_order
 from .status import ServiceState, ServiceStatus, SupervisorState
 from .supervised import SHUTDOWN_OVERRUN, Supervised
 
@@ -131,6 +132,9 @@ class Supervisor:
         restart_window: float = ...,
         isolate: Isolate | None = ...,
         name: str | None = ...,
+        depends_on: Iterable[str] = ...,
+        oneshot: bool = ...,
+        retry_startup: bool = ...,
     ) -> Callable[[F], F]: ...
 
     def service(
@@ -145,6 +149,9 @@ class Supervisor:
         restart_window: float = 60.0,
         isolate: Isolate | None = None,
         name: str | None = None,
+        depends_on: Iterable[str] = (),
+        oneshot: bool = False,
+        retry_startup: bool = False,
     ) -> Any:
         """Decorator: supervise a function as a service; the function is returned unchanged.
 
@@ -173,6 +180,7 @@ class Supervisor:
                 restarted (see :meth:`add`).
             isolate: where the function runs (see above).
             name: the service's name; defaults to the function's name.
+            depends_on, oneshot, retry_startup: as for :meth:`add`.
 
         Raises:
             TypeError: ``fn`` is not a function, takes more than the token,
@@ -182,10 +190,12 @@ class Supervisor:
                 process cannot import.
             RuntimeError: the supervisor has already started.
         """
-        policy = RestartPolicy(restart, backoff, max_backoff, max_restarts, restart_window)
+        policy = RestartPolicy(
+            restart, backoff, max_backoff, max_restarts, restart_window, retry_startup
+        )
 
         def register(f: F) -> F:
-            self._add(make_fn_service(f, isolate, name), policy)
+            self._add(make_fn_service(f, isolate, name), policy, depends_on, oneshot)
             return f
 
         if fn is None:
@@ -203,6 +213,8 @@ class Supervisor:
         max_restarts: int | None = 5,
         restart_window: float = 60.0,
         retry_startup: bool = False,
+        depends_on: Iterable[str] = (),
+        oneshot: bool = False,
     ) -> S:
         """Supervise ``service`` (an adapter or a :class:`~offloop.Service` subclass); return it.
 
@@ -214,9 +226,21 @@ class Supervisor:
         (for a dependency that may come up later). Once the service has been
         ready, a failing ``start()`` on a restart follows the policy.
 
+        ``depends_on`` names the services (added before or after this one)
+        that must be ready before this one starts; the supervisor starts them
+        first and stops this one before them. An unknown name or a cycle is
+        refused when the supervisor starts, before any service does.
+
+        ``oneshot=True`` marks a service meant to finish (a migration, an
+        announcement): once it returns without an error it is ``done``, which
+        counts as healthy, and its dependents start only then. A crash of it
+        follows the restart policy.
+
         Raises:
-            TypeError: ``service`` is not a :class:`~offloop.Service`.
-            ValueError: a policy value is out of range, or the name is taken.
+            TypeError: ``service`` is not a :class:`~offloop.Service`, or
+                ``depends_on`` is not a list of names.
+            ValueError: a policy value is out of range, the name is taken, or
+                ``oneshot=True`` with ``restart="always"``.
             RuntimeError: the supervisor has already started.
         """
         if not isinstance(cast(object, service), Service):  # untyped callers exist
@@ -232,10 +256,12 @@ class Supervisor:
         policy = RestartPolicy(
             restart, backoff, max_backoff, max_restarts, restart_window, retry_startup
         )
-        self._add(service, policy)
+        self._add(service, policy, depends_on, oneshot)
         return service
 
-    def _add(self, service: Service, policy: RestartPolicy) -> None:
+    def _add(
+        self, service: Service, policy: RestartPolicy, depends_on: object, oneshot: object
+    ) -> None:
         name = getattr(service, "name", None)
         if self._state is not _SV.NEW:
             raise RuntimeError(
@@ -254,7 +280,15 @@ class Supervisor:
                 f"{self!r} already has a service named {name!r}; pass name=... to give "
                 f"this one another name."
             )
-        self._entries[name] = Supervised(service, policy, self)
+        deps = check_depends_on(depends_on, name)
+        if not isinstance(oneshot, bool):
+            raise TypeError(f"oneshot must be True or False, got {describe(oneshot)}.")
+        if oneshot and policy.restart == "always":
+            raise ValueError(
+                f"The one-shot service {name!r} cannot have restart='always', which would run "
+                f"it again each time it is done; use restart='on-failure' or 'no'."
+            )
+        self._entries[name] = Supervised(service, policy, self, depends_on=deps, oneshot=oneshot)
 
     # -- introspection -------------------------------------------------------------------
 
@@ -299,10 +333,14 @@ class Supervisor:
         Raises:
             ServiceFailed: a service failed beyond its restart policy while
                 starting (the ones already started are stopped first).
+            ValueError: a ``depends_on`` names no service, or they form a cycle.
             RuntimeError: the supervisor was already entered or has run before.
         """
         if self._state is not _SV.NEW:
             raise RuntimeError(self._illegal_start("enter"))
+        # Before anything changes: an unknown name or a cycle leaves the supervisor new.
+        order = start_order({n: e.depends_on for n, e in self._entries.items()})
+        self._entries = {n: self._entries[n] for n in order}
         loop = asyncio.get_running_loop()
         self._loop, self._loop_thread = loop, threading.get_ident()
         self._host_task = asyncio.current_task()
@@ -518,7 +556,7 @@ class Supervisor:
 
     def _check_all_ended(self) -> None:
         if self._state is _SV.RUNNING and all(
-            e.state in (_ST.STOPPED, _ST.FAILED) for e in self._entries.values()
+            e.state in (_ST.STOPPED, _ST.FAILED, _ST.DONE) for e in self._entries.values()
         ):
             self._request_shutdown("every service has ended")
 

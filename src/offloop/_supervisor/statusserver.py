@@ -1,8 +1,11 @@
 """The status server: a supervisor's status as JSON over HTTP on 127.0.0.1.
 
-``GET /status`` returns every service's status; ``GET /healthz`` returns 200
-while every service is running, else 503. ``offloop run --status-port`` serves
-it on the supervisor's loop.
+``GET /status`` returns every service's status, the loop's lag and the
+detector's last blocks; ``GET /healthz`` (liveness) returns 200 while the
+supervisor's loop responds within the liveness threshold; ``GET /readyz``
+(readiness) returns 200 while every service that has not finished is ready;
+``GET /metrics`` gives the Prometheus text format (see :mod:`.metrics`).
+``offloop run --status-port`` serves it on the supervisor's loop.
 
 Why a hand-written ``asyncio.Protocol`` on the supervisor's own loop, and not
 ``http.server`` in a thread, ``aiohttp``, or asyncio streams
@@ -48,6 +51,8 @@ import string
 from collections.abc import Callable
 from typing import Any, Final, cast
 
+from .._core.validate import check_seconds
+from .metrics import CONTENT_TYPE, metrics_text
 from .status import ServiceState, SupervisorState
 from .supervisor import Supervisor
 
@@ -93,25 +98,50 @@ _REASONS: Final = {
     505: "HTTP Version Not Supported",
 }
 
-_Answer = tuple[int, dict[str, Any]]
+#: The default of ``liveness_threshold``: the loop may be unresponsive this
+#: long before ``/healthz`` fails (Kubernetes' default probe timeout).
+LIVENESS_THRESHOLD: Final = 1.0
+
+#: A JSON body (a dict) or a text one (a str, the metrics).
+_Answer = tuple[int, dict[str, Any] | str]
+
+_LIVE_STATES: Final = (SupervisorState.STARTING, SupervisorState.RUNNING)
+_READY_STATES: Final = (ServiceState.RUNNING, ServiceState.DONE)
 
 
 def status_json(sv: Supervisor) -> dict[str, Any]:
-    """The supervisor's state and every service's status, JSON-ready."""
+    """The supervisor's state, every service's status, the loop's lag and the last blocks."""
     return {
         "supervisor": sv.name,
         "state": sv.state.value,
         "services": {name: st.to_dict() for name, st in sv.status().items()},
+        "loop_lag": sv._health.lag(),
+        "blocks": sv._health.last_blocks(),
     }
 
 
-def _healthz(sv: Supervisor) -> _Answer:
-    not_running = [n for n, st in sv.status().items() if st.state is not ServiceState.RUNNING]
-    healthy = sv.state is SupervisorState.RUNNING and not not_running
-    return (200 if healthy else 503), {
-        "healthy": healthy,
+def _healthz(sv: Supervisor, threshold: float) -> _Answer:
+    # Answered on the loop: a loop blocked right now answers nothing, and one
+    # just back from a block longer than the threshold answers 503.
+    stalled = sv._health.unresponsive_for()
+    responds = stalled <= threshold
+    live = responds and sv.state in _LIVE_STATES
+    body: dict[str, Any] = {"live": live, "state": sv.state.value}
+    if not responds:
+        body["error"] = (
+            f"the supervisor's loop did not respond for {stalled:.3f} s "
+            f"(threshold {threshold:g} s)"
+        )
+    return (200 if live else 503), body
+
+
+def _readyz(sv: Supervisor) -> _Answer:
+    not_ready = [n for n, st in sv.status().items() if st.state not in _READY_STATES]
+    ready = sv.state is SupervisorState.RUNNING and not not_ready
+    return (200 if ready else 503), {
+        "ready": ready,
         "state": sv.state.value,
-        "not_running": not_running,
+        "not_ready": not_ready,
     }
 
 
@@ -161,17 +191,22 @@ def _parse_head(head: bytes, routes: dict[str, Callable[[], _Answer]]) -> tuple[
     path = target.split("?", 1)[0]
     route = routes.get(path)
     if route is None:
-        return method, _error(404, f"no such path {path!r}; try /status or /healthz")
+        return method, _error(
+            404, f"no such path {path!r}; try /status, /healthz, /readyz or /metrics"
+        )
     if method not in ("GET", "HEAD"):
         return method, _error(405, f"method {method} not allowed; use GET")
     return method, route()
 
 
-def _response(method: str, code: int, body: dict[str, Any]) -> bytes:
-    payload = json.dumps(body, indent=2).encode() + b"\n"
+def _response(method: str, code: int, body: dict[str, Any] | str) -> bytes:
+    if isinstance(body, str):
+        payload, kind = body.encode(), CONTENT_TYPE
+    else:
+        payload, kind = json.dumps(body, indent=2).encode() + b"\n", "application/json"
     allow = "Allow: GET, HEAD\r\n" if code == 405 else ""
     return (
-        f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: application/json\r\n{allow}"
+        f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {kind}\r\n{allow}"
         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
         + (payload if method != "HEAD" else b"")
     )
@@ -294,11 +329,14 @@ class StatusServer:
     every connection in ``Server.wait_closed()``).
     """
 
-    def __init__(self, sv: Supervisor) -> None:
+    def __init__(self, sv: Supervisor, *, liveness_threshold: float = LIVENESS_THRESHOLD) -> None:
+        threshold = check_seconds(liveness_threshold, "liveness_threshold", positive=True)
         self._name = sv.name
         self._routes: dict[str, Callable[[], _Answer]] = {
             "/status": lambda: (200, status_json(sv)),
-            "/healthz": lambda: _healthz(sv),
+            "/healthz": lambda: _healthz(sv, threshold),
+            "/readyz": lambda: _readyz(sv),
+            "/metrics": lambda: (200, metrics_text(sv)),
         }
         self._server: asyncio.Server | None = None
         self._open: set[_Connection] = set()
@@ -387,12 +425,16 @@ class StatusServer:
         )
 
 
-async def start_status_server(sv: Supervisor, port: int) -> StatusServer:
-    """Serve ``GET /status`` and ``GET /healthz`` for ``sv`` on 127.0.0.1:``port``.
+async def start_status_server(
+    sv: Supervisor, port: int, *, liveness_threshold: float = LIVENESS_THRESHOLD
+) -> StatusServer:
+    """Serve ``/status``, ``/healthz``, ``/readyz`` and ``/metrics`` for ``sv`` on 127.0.0.1:``port``.
 
-    Close it with :meth:`StatusServer.aclose`.
+    ``/healthz`` fails once the supervisor's loop has not responded for
+    ``liveness_threshold`` seconds. Close it with :meth:`StatusServer.aclose`.
 
     Raises:
         OSError: the port cannot be bound.
+        TypeError, ValueError: ``liveness_threshold`` is not a number of seconds > 0.
     """
-    return await StatusServer(sv).start(port)
+    return await StatusServer(sv, liveness_threshold=liveness_threshold).start(port)

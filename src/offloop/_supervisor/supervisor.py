@@ -22,6 +22,7 @@ from .._core.restart import RestartMode, RestartPolicy
 from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
+from .health import LoopHealth
 from .order import check_depends_on, start_order
 from .status import ServiceState, ServiceStatus, SupervisorState
 from .supervised import SHUTDOWN_OVERRUN, Supervised
@@ -96,6 +97,8 @@ class Supervisor:
             if problem is not None:
                 raise ValueError(f"{problem}. Pass True for the default (0.1 s).")
         self._detector: BlockingDetector | None = None
+        # The loop's lag and the detector's last blocks, for the probes and the status.
+        self._health = LoopHealth()
         self.name = name if name is not None else f"supervisor-{next(_counter)}"
         self._entries: dict[str, Supervised] = {}
         self._state = _SV.NEW
@@ -349,7 +352,10 @@ class Supervisor:
 
             # Before the state changes: a detector that cannot start leaves the
             # supervisor as it was, so it can be fixed and entered again.
-            self._detector = BlockingDetector(loop, threshold=self._block_threshold).start()
+            self._detector = BlockingDetector(
+                loop, threshold=self._block_threshold, on_block=self._health.record_block
+            ).start()
+        self._health.start(loop)
         self._shutdown_requested = loop.create_future()
         self._state = _SV.STARTING
         logger.info("%s: starting %d service(s)", self.name, len(self._entries))
@@ -601,5 +607,6 @@ class Supervisor:
             # Joins the monitor thread, which only sleeps between heartbeats:
             # it wakes on the stop request, so the loop waits a moment at most.
             self._detector.stop()
+        self._health.stop()
         self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
         logger.info("%s: stopped", self.name)

@@ -1,0 +1,185 @@
+"""``/metrics``: the supervisor, the pools and the loop in the Prometheus text format (0.0.4).
+
+Written here rather than with ``prometheus_client``: the core is stdlib-only,
+the format is a few line shapes, and the figures already exist as snapshots
+(:meth:`Supervisor.status`, each pool's ``statistics()``, the loop's lag
+histogram, the detector's report), so there is no registry to keep. An
+application that uses ``prometheus_client`` for its own metrics can serve
+both: this text is a plain exposition a scraper reads as any other. The tests
+parse it with ``prometheus_client``'s own parser.
+
+Families:
+
+- ``offloop_supervisor_state{supervisor,state}`` and
+  ``offloop_service_state{supervisor,service,state}``: 1 for the current
+  state, 0 for the others (every state is listed, so a query never misses a
+  series); ``offloop_service_restarts_total{supervisor,service}``;
+- per pool (``pool``, ``kind`` = ``thread`` or ``process``):
+  ``offloop_pool_workers``, ``offloop_pool_queued``, ``offloop_pool_running``
+  (gauges) and ``offloop_pool_calls_total{outcome=completed|failed|cancelled}``;
+- ``offloop_loop_lag_seconds``: a histogram of how late the supervisor's loop
+  ran its timer (see :mod:`.health`);
+- ``offloop_detector_blocks_total`` and ``offloop_detector_blocked_seconds_total``
+  by site (``file``, ``line``, ``function``) when ``detect_blocking`` is on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+from .health import LAG_BUCKETS
+from .status import ServiceState, SupervisorState
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+__all__ = ["CONTENT_TYPE", "metrics_text"]
+
+#: The media type of the text exposition format.
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+_Labels = dict[str, str]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if isinstance(value, int) or value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def _sample(name: str, labels: _Labels, value: float) -> str:
+    if labels:
+        inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        return f"{name}{{{inner}}} {_number(value)}"
+    return f"{name} {_number(value)}"
+
+
+def _family(name: str, kind: str, help_: str, samples: Iterable[str]) -> Iterator[str]:
+    yield f"# HELP {name} {help_}"
+    yield f"# TYPE {name} {kind}"
+    yield from samples
+
+
+def _pools() -> list[tuple[str, str, dict[str, Any]]]:
+    """Every open pool of this process: (name, kind, statistics)."""
+    # The pools keep a registry of themselves (a WeakSet, for fork and exit
+    # handling); reading it is how /metrics sees pools it was not handed.
+    from .._process import pool as process_pool
+    from .._threads import pool as thread_pool
+
+    found: list[tuple[str, str, dict[str, Any]]] = []
+    for kind, registry in (("thread", thread_pool._pools), ("process", process_pool._pools)):
+        for pool in list(registry):
+            stats: dict[str, Any] = dict(pool.statistics())
+            if stats.get("state") != "closed":
+                found.append((pool.name, kind, stats))
+    found.sort(key=lambda p: (p[1], p[0]))
+    return found
+
+
+def metrics_text(sv: Supervisor) -> str:
+    """The metrics of ``sv``, its loop and this process's pools, in the text format."""
+    sup = sv.name
+    statuses = sv.status()
+    lines: list[str] = []
+    lines += _family(
+        "offloop_supervisor_state",
+        "gauge",
+        "1 for the supervisor's current state, 0 for the others.",
+        (
+            _sample("offloop_supervisor_state", {"supervisor": sup, "state": st.value}, st is sv.state)
+            for st in SupervisorState
+        ),
+    )
+    lines += _family(
+        "offloop_service_state",
+        "gauge",
+        "1 for each service's current state, 0 for the others.",
+        (
+            _sample(
+                "offloop_service_state",
+                {"supervisor": sup, "service": name, "state": state.value},
+                state is status.state,
+            )
+            for name, status in statuses.items()
+            for state in ServiceState
+        ),
+    )
+    lines += _family(
+        "offloop_service_restarts_total",
+        "counter",
+        "How many times the supervisor restarted each service.",
+        (
+            _sample("offloop_service_restarts_total", {"supervisor": sup, "service": n}, s.restarts)
+            for n, s in statuses.items()
+        ),
+    )
+    pools = _pools()
+    for metric, key, help_ in (
+        ("offloop_pool_workers", "max_workers", "The most calls each pool runs at once."),
+        ("offloop_pool_queued", "queued", "Calls waiting in each pool for a worker."),
+        ("offloop_pool_running", "running", "Calls running in each pool now."),
+    ):
+        lines += _family(
+            metric,
+            "gauge",
+            help_,
+            (_sample(metric, {"pool": p, "kind": k}, stats[key]) for p, k, stats in pools),
+        )
+    lines += _family(
+        "offloop_pool_calls_total",
+        "counter",
+        "Calls each pool has finished, by outcome.",
+        (
+            _sample("offloop_pool_calls_total", {"pool": p, "kind": k, "outcome": o}, stats[o])
+            for p, k, stats in pools
+            for o in ("completed", "failed", "cancelled")
+        ),
+    )
+    counts, total = sv._health.histogram()
+    cumulative = 0
+    buckets = []
+    for bound, count in zip([*LAG_BUCKETS, math.inf], counts):
+        cumulative += count
+        buckets.append(
+            _sample(
+                "offloop_loop_lag_seconds_bucket",
+                {"supervisor": sup, "le": _number(bound)},
+                cumulative,
+            )
+        )
+    buckets.append(_sample("offloop_loop_lag_seconds_sum", {"supervisor": sup}, total))
+    buckets.append(_sample("offloop_loop_lag_seconds_count", {"supervisor": sup}, cumulative))
+    lines += _family(
+        "offloop_loop_lag_seconds",
+        "histogram",
+        "How late the supervisor's loop ran a timer due every 0.1 s.",
+        buckets,
+    )
+    detector = sv.detector
+    sites = detector.report() if detector is not None else []
+
+    def site(s: Any) -> _Labels:
+        return {"supervisor": sup, "file": s.file, "line": str(s.line), "function": s.function}
+
+    lines += _family(
+        "offloop_detector_blocks_total",
+        "counter",
+        "Blocks of the supervisor's loop the detector saw, by the line that blocked.",
+        (_sample("offloop_detector_blocks_total", site(s), s.count) for s in sites),
+    )
+    lines += _family(
+        "offloop_detector_blocked_seconds_total",
+        "counter",
+        "Seconds the supervisor's loop was blocked, by the line that blocked.",
+        (_sample("offloop_detector_blocked_seconds_total", site(s), s.total_ms / 1e3) for s in sites),
+    )
+    return "\n".join(lines) + "\n"

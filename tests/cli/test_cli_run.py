@@ -110,19 +110,20 @@ def test_run_serves_status_and_healthz_and_stops_on_sigint(app_dir: Path) -> Non
     with Proc(args, app_dir) as proc:
         port = int(proc.wait_for(r"status on http://127\.0\.0\.1:(\d+)/status").group(1))
         proc.wait_for("starting service 'gate'")
-        # The gate holds the start-up: the supervisor is alive but not healthy yet.
-        unhealthy = _get(port, "/healthz")
-        assert unhealthy.status_code == 503
-        assert unhealthy.json() == {"healthy": False, "state": "starting", "not_running": ["gate"]}
+        # The gate holds the start-up: the supervisor is alive but not ready yet.
+        assert _get(port, "/healthz").json() == {"live": True, "state": "starting"}
+        unready = _get(port, "/readyz")
+        assert unready.status_code == 503
+        assert unready.json() == {"ready": False, "state": "starting", "not_ready": ["gate"]}
         starting = _get(port, "/status").json()
         assert starting["services"]["gate"]["state"] == "starting"
         assert starting["services"]["bot"]["state"] == "running"
 
         (app_dir / "open").touch()
         proc.wait_for("all 3 service")
-        healthy = _get(port, "/healthz")
-        assert healthy.status_code == 200
-        assert healthy.json() == {"healthy": True, "state": "running", "not_running": []}
+        ready = _get(port, "/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"ready": True, "state": "running", "not_ready": []}
         status = _get(port, "/status").json()
         assert status["supervisor"] == "app"
         assert status["state"] == "running"
@@ -136,12 +137,13 @@ def test_run_serves_status_and_healthz_and_stops_on_sigint(app_dir: Path) -> Non
         post = requests.post(f"http://127.0.0.1:{port}/status", timeout=HTTP_TIMEOUT)
         assert post.status_code == 405
 
-        # A service that ends makes the process unhealthy while the others run on.
+        # A service that ends makes the process unready while the others run on.
         (app_dir / "close").touch()
         proc.wait_for("app: service 'gate' returned; it is stopped")
-        ended = _get(port, "/healthz")
+        ended = _get(port, "/readyz")
         assert ended.status_code == 503
-        assert ended.json() == {"healthy": False, "state": "running", "not_running": ["gate"]}
+        assert ended.json() == {"ready": False, "state": "running", "not_ready": ["gate"]}
+        assert _get(port, "/healthz").status_code == 200  # still live
         assert _get(port, "/status").json()["services"]["gate"]["state"] == "stopped"
 
         proc.send(signal.SIGINT)
@@ -383,9 +385,18 @@ def test_live_table_renders_every_service() -> None:
                 "started_at": None,
                 "uptime": None,
                 "last_error": None,
+                "url": None,
             }
             for name in ("worker", "bot")
         },
+        "loop_lag": {
+            "p50_ms": None,
+            "p99_ms": None,
+            "max_ms": None,
+            "samples": 0,
+            "window_s": 60.0,
+        },
+        "blocks": [],
     }
 
 

@@ -322,6 +322,7 @@ _STATE_STYLE: Final = {
     "stopping": "yellow",
     "stopped": "dim",
     "failed": "bold red",
+    "done": "blue",
 }
 
 
@@ -329,8 +330,23 @@ def render_table(sv: Supervisor) -> Any:
     """A ``rich.table.Table`` of the services (needs the ``[rich]`` extra)."""
     from rich.table import Table
 
-    table = Table(title=f"{sv.name} ({sv.state.value})", title_justify="left")
-    for column in ("service", "state", "restarts", "uptime", "last error"):
+    lag = sv._health.lag()
+    caption = None
+    if lag["samples"]:
+        caption = f"loop lag p50 {lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms (last minute)"
+    blocks = sv._health.last_blocks()
+    if blocks:
+        b = blocks[-1]
+        caption = (caption + "\n" if caption else "") + (
+            f"last block: {b['duration_ms']:.0f} ms at {b['file']}:{b['line']} in {b['function']}"
+        )
+    table = Table(
+        title=f"{sv.name} ({sv.state.value})",
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+    )
+    for column in ("service", "state", "restarts", "uptime", "url", "last error"):
         table.add_column(column, justify="right" if column == "restarts" else "left")
     now = time.time()
     for name, st in sv.status().items():
@@ -339,5 +355,7 @@ def render_table(sv: Supervisor) -> Any:
             uptime = f"{now - st.started_at:.0f}s"
         error = st.to_dict()["last_error"] or ""
         style = _STATE_STYLE.get(st.state.value, "")
-        table.add_row(name, f"[{style}]{st.state.value}[/]", str(st.restarts), uptime, error[:60])
+        table.add_row(
+            name, f"[{style}]{st.state.value}[/]", str(st.restarts), uptime, st.url or "", error[:60]
+        )
     return table

@@ -152,7 +152,8 @@ def metrics_text(sv: Supervisor) -> str:
         buckets.append(
             _sample(
                 "offloop_loop_lag_seconds_bucket",
-                {"supervisor": sup, "le": _number(bound)},
+                # Floats as Prometheus' own clients write them: "1.0", "+Inf".
+                {"supervisor": sup, "le": "+Inf" if math.isinf(bound) else repr(bound)},
                 cumulative,
             )
         )

@@ -1,0 +1,121 @@
+"""/metrics over real HTTP, read with prometheus_client's own text parser."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from offloop import Supervisor, ThreadPool
+from offloop._supervisor.health import LAG_BUCKETS, TICK
+from offloop._supervisor.metrics import metrics_text
+from offloop._supervisor.statusserver import start_status_server
+from tests.helpers import QUICK_WAIT, await_until, bounded
+from tests.supervisor.test_probes import get
+
+
+def _parse(text: str) -> dict[str, list[Sample]]:
+    return {f.name: list(f.samples) for f in text_string_to_metric_families(text)}
+
+
+def _value(samples: list[Sample], name: str | None = None, **labels: str) -> float:
+    found = [
+        s
+        for s in samples
+        if (name is None or s.name == name) and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(found) == 1, (labels, found)
+    return float(found[0].value)
+
+
+def _fails() -> None:
+    raise ValueError("no")
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site() -> None:
+    sv = Supervisor(name="m", detect_blocking=0.05)
+    crashes = 0
+
+    @sv.service(backoff=0, max_backoff=0)
+    async def flaky() -> None:
+        nonlocal crashes
+        if crashes < 2:
+            crashes += 1
+            raise ConnectionError("lost")
+        await asyncio.Event().wait()
+
+    @sv.service(oneshot=True)
+    async def migrate() -> None:
+        pass
+
+    async with sv, ThreadPool(max_workers=2, name="metrics-pool") as pool:
+        server = await start_status_server(sv, 0)
+        try:
+            await await_until(lambda: sv.status()["flaky"].restarts == 2, QUICK_WAIT, "restarts")
+            await await_until(lambda: sv.status()["flaky"].state == "running", QUICK_WAIT)
+            assert await pool.run(sum, [1, 2]) == 3
+            assert await pool.run(sum, [3]) == 3
+            with pytest.raises(ValueError):
+                await pool.run(_fails)
+            time.sleep(0.12)  # noqa: ASYNC251 (a real block for the detector) # metrics-block
+            await await_until(lambda: sv.detector is not None and sv.detector.blocks >= 1)
+            await asyncio.sleep(2 * TICK)  # a tick or two for the lag histogram
+            status, text = await get(server.port, "/metrics")
+        finally:
+            await server.aclose()
+    assert status == 200
+    fams = _parse(text)
+
+    states = fams["offloop_service_state"]
+    assert _value(states, service="flaky", state="running") == 1
+    assert _value(states, service="flaky", state="failed") == 0
+    assert _value(states, service="migrate", state="done") == 1
+    assert _value(fams["offloop_supervisor_state"], state="running") == 1
+    assert _value(fams["offloop_service_restarts"], service="flaky") == 2
+
+    pool_labels = {"pool": "metrics-pool", "kind": "thread"}
+    calls = fams["offloop_pool_calls"]
+    assert _value(calls, outcome="completed", **pool_labels) == 2
+    assert _value(calls, outcome="failed", **pool_labels) == 1
+    assert _value(calls, outcome="cancelled", **pool_labels) == 0
+    assert _value(fams["offloop_pool_queued"], **pool_labels) == 0
+    assert _value(fams["offloop_pool_running"], **pool_labels) == 0
+    assert _value(fams["offloop_pool_workers"], **pool_labels) == 2
+
+    lag = fams["offloop_loop_lag_seconds"]
+    buckets = [s for s in lag if s.name == "offloop_loop_lag_seconds_bucket"]
+    assert [s.labels["le"] for s in buckets] == [*(str(b) for b in LAG_BUCKETS), "+Inf"]
+    counts = [s.value for s in buckets]
+    assert counts == sorted(counts)  # cumulative
+    count = _value(lag, "offloop_loop_lag_seconds_count")
+    assert count == counts[-1] >= 2
+    # The block above made one tick at least 50 ms late.
+    assert _value(lag, "offloop_loop_lag_seconds_bucket", le="0.025") < count
+
+    site = {"file": __file__, "function": test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site.__name__}
+    blocks = [
+        s for s in fams["offloop_detector_blocks"] if s.labels["function"].endswith(site["function"])
+    ]
+    assert len(blocks) == 1 and blocks[0].value == 1 and blocks[0].labels["file"] == __file__
+    seconds = fams["offloop_detector_blocked_seconds"]
+    assert sum(s.value for s in seconds if s.labels["file"] == __file__) >= 0.05
+
+
+def test_label_values_are_escaped_and_the_text_parses() -> None:
+    sv = Supervisor(name='odd "name"\\ with\nnewline')
+
+    @sv.service(name='svc "quoted"')
+    async def svc() -> None:
+        pass
+
+    fams: dict[str, Any] = _parse(metrics_text(sv))
+    sample = fams["offloop_service_restarts"][0]
+    assert sample.labels == {"supervisor": 'odd "name"\\ with\nnewline', "service": 'svc "quoted"'}
+    assert sample.value == 0
+    assert _value(fams["offloop_supervisor_state"], state="new") == 1

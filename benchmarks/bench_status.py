@@ -27,6 +27,12 @@ does not compete with the servers for this process's GIL. Figures:
   MiB of empty lines (a misbehaving client must not stall the loop; the
   minimal streams server takes their first empty lines for a request);
 - liveness: is ``GET /healthz`` answered while the loop is blocked?
+- with ``PROBE_SERVICES`` services: ``GET /healthz`` and ``GET /metrics``
+  latency p50/p99 (offloop, the thread that asks the loop, and a thread that
+  answers by itself, as a probe served from a worker thread is);
+- the time from a loop block starting to ``/healthz`` failing, for a prober
+  polling every ``PROBE_EVERY`` s with a ``PROBE_TIMEOUT`` s timeout (the
+  Kubernetes default), the liveness threshold being the same ``PROBE_TIMEOUT``.
 
 Everything is on 127.0.0.1 and every request count is bounded.
 
@@ -40,6 +46,7 @@ import concurrent.futures
 import contextlib
 import http.server
 import json
+import math
 import os
 import socket
 import subprocess
@@ -50,6 +57,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import offloop
+from offloop._supervisor.metrics import metrics_text
 from offloop._supervisor.statusserver import start_status_server, status_json
 
 from ._common import Result, check, interleaved, percentiles, table
@@ -63,6 +71,11 @@ BLANK_REQUESTS = max(1, REQUESTS // 10)
 SLICE = 0.002
 TICK = 0.001
 CLIENT_TIMEOUT = 10.0
+PROBE_SERVICES = 50
+PROBE_EVERY = 0.01
+PROBE_TIMEOUT = 1.0
+PROBE_BLOCK = 2.0
+PROBE_ROUNDS = 3
 
 OFFLOOP = "offloop StatusServer (protocol)"
 STREAMS = "asyncio streams, task per connection"
@@ -71,8 +84,13 @@ THREAD = "http.server thread (no liveness)"
 AIOHTTP = "aiohttp.web on the loop"
 FLOOR = "floor: ticker alone, no requests"
 
-REQUEST = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+def _request(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+
+
+REQUEST = _request("/status")
+HEALTHZ = _request("/healthz")
 
 
 # -- the client process ----------------------------------------------------------------------
@@ -82,16 +100,38 @@ def _get(port: int, request: bytes = REQUEST, timeout: float = CLIENT_TIMEOUT) -
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(request)
         chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            if timeout < CLIENT_TIMEOUT:
+                raise
+            import signal as _s
+
+            print(
+                "DIAG timeout",
+                time.time(),
+                sock.getsockname(),
+                port,
+                chunks,
+                file=sys.stderr,
+                flush=True,
+            )
+            subprocess.run(
+                ["ss", "-tanoi", f"( sport = :{port} or dport = :{port} )"], stdout=sys.stderr
+            )
+            os.kill(os.getppid(), _s.SIGUSR1)
+            time.sleep(1)
+            raise
     return b"".join(chunks)
 
 
-def _timed_gets(port: int, n: int) -> list[float]:
+def _timed_gets(port: int, n: int, path: str = "/status") -> list[float]:
     latencies = []
+    request = _request(path)
     for _ in range(n):
         t0 = time.perf_counter()
-        answer = _get(port)
+        answer = _get(port, request)
         latencies.append(time.perf_counter() - t0)
         if not answer.startswith(b"HTTP/1.") or b" 200 " not in answer[:16]:
             raise RuntimeError(f"bad answer: {answer[:80]!r}")
@@ -118,10 +158,28 @@ def _gets_after_floods(port: int, n: int) -> list[float]:
     return latencies
 
 
+def _failures(port: int, seconds: float) -> list[float]:
+    """Probe ``/healthz`` every ``PROBE_EVERY`` s for ``seconds``; when (``time.time()``) each failed."""
+    failed = []
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            answer = _get(port, HEALTHZ, timeout=PROBE_TIMEOUT)
+            ok = b" 200 " in answer[:16]
+        except OSError:  # the probe's timeout, as a prober counts it
+            ok = False
+        if not ok:
+            failed.append(time.time())
+        time.sleep(PROBE_EVERY)
+    return failed
+
+
 def _client_command(cmd: dict[str, Any]) -> list[float]:
     port, n = cmd["port"], cmd["n"]
     if cmd["kind"] == "sequential":
-        return _timed_gets(port, n)
+        return _timed_gets(port, n, cmd.get("path", "/status"))
+    if cmd["kind"] == "failures":
+        return _failures(port, cmd["seconds"])
     if cmd["kind"] == "hammer":
         with concurrent.futures.ThreadPoolExecutor(HAMMER_CLIENTS) as pool:
             each = [n // HAMMER_CLIENTS] * HAMMER_CLIENTS
@@ -195,21 +253,26 @@ class ThreadServer:
     def __init__(self, sv: offloop.Supervisor, *, ask_loop: bool) -> None:
         loop = asyncio.get_running_loop()
 
-        def answer() -> bytes:
+        def answer(path: str) -> bytes:
+            if path == "/metrics":
+                return metrics_text(sv).encode()
+            if path == "/healthz":
+                return b'{"live": true}\n'
             return json.dumps(status_json(sv), indent=2).encode() + b"\n"
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if ask_loop:
                     done: concurrent.futures.Future[bytes] = concurrent.futures.Future()
-                    loop.call_soon_threadsafe(lambda: done.set_result(answer()))
+                    loop.call_soon_threadsafe(lambda: done.set_result(answer(self.path)))
                     try:
-                        body = done.result(timeout=5.0)
+                        # The same threshold as offloop's liveness.
+                        body = done.result(timeout=PROBE_TIMEOUT)
                     except concurrent.futures.TimeoutError:
                         self.send_error(503, "the supervisor's loop does not respond")
                         return
                 else:
-                    body = answer()
+                    body = answer(self.path)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -283,7 +346,7 @@ class AiohttpServer:
 
 async def start(variant: str, sv: offloop.Supervisor) -> Any:
     if variant == OFFLOOP:
-        return await start_status_server(sv, 0)
+        return await start_status_server(sv, 0, liveness_threshold=PROBE_TIMEOUT)
     if variant == STREAMS:
         return await StreamsServer().start(sv)
     if variant == THREAD_LOOP:
@@ -298,9 +361,9 @@ async def start(variant: str, sv: offloop.Supervisor) -> Any:
 # -- the supervisor and the scenarios ---------------------------------------------------------
 
 
-def make_supervisor(*, busy: bool) -> offloop.Supervisor:
+def make_supervisor(*, busy: bool, services: int = 3) -> offloop.Supervisor:
     sv = offloop.Supervisor(name="bench", grace=5.0)
-    for i in range(3):
+    for i in range(services):
 
         async def idle() -> None:
             await asyncio.sleep(3600)
@@ -323,13 +386,18 @@ p50s: dict[str, dict[str, list[float]]] = {}
 
 
 def case(
-    scenario: str, variant: str, body: Callable[[Any], Awaitable[list[float]]], *, busy: bool
+    scenario: str,
+    variant: str,
+    body: Callable[[Any], Awaitable[list[float]]],
+    *,
+    busy: bool,
+    services: int = 3,
 ) -> Callable[[], float]:
     """One round: a fresh supervisor and server; ``body`` returns the samples; the p99 counts."""
 
     def run() -> float:
         async def main() -> list[float]:
-            sv = make_supervisor(busy=busy)
+            sv = make_supervisor(busy=busy, services=services)
             async with sv:
                 server = None if variant == FLOOR else await start(variant, sv)
                 try:
@@ -349,6 +417,44 @@ def case(
 
 async def sequential(server: Any) -> list[float]:
     return await ask(kind="sequential", port=server.port, n=REQUESTS)
+
+
+async def healthz(server: Any) -> list[float]:
+    return await ask(kind="sequential", port=server.port, n=REQUESTS, path="/healthz")
+
+
+async def metrics(server: Any) -> list[float]:
+    return await ask(kind="sequential", port=server.port, n=REQUESTS, path="/metrics")
+
+
+def time_to_fail(variant: str) -> Callable[[], float]:
+    """One round: seconds from a ``PROBE_BLOCK`` s block of the loop to the prober's first
+    failure (``inf``: it never failed)."""
+
+    def run() -> float:
+        async def main() -> float:
+            sv = make_supervisor(busy=False)
+            async with sv:
+                server = await start(variant, sv)
+                try:
+                    before = 0.3  # the prober's first probes pass
+                    seconds = before + PROBE_BLOCK + PROBE_TIMEOUT + 0.5
+                    prober = asyncio.ensure_future(
+                        ask(kind="failures", port=server.port, n=0, seconds=seconds)
+                    )
+                    await asyncio.sleep(before)
+                    blocked_at = time.time()
+                    time.sleep(PROBE_BLOCK)  # noqa: ASYNC251 (the point: block the loop)
+                    failed = await prober
+                finally:
+                    await server.aclose()
+                    sv.stop()
+            after = [t - blocked_at for t in failed if t >= blocked_at]
+            return min(after) if after else math.inf
+
+        return asyncio.run(main())
+
+    return run
 
 
 async def blank(server: Any) -> list[float]:
@@ -427,17 +533,35 @@ def main() -> None:
     else:
         variants.append(AIOHTTP)
     CLIENT = Client()
+    import faulthandler
+    import signal as _s
+
+    faulthandler.register(_s.SIGUSR1, all_threads=True)
     try:
         results: dict[str, dict[str, Result]] = {}
+        only = os.environ.get("ONLY", "idle,busy,lag,blank").split(",")
         for scenario, body, busy in [
             ("idle", sequential, False),
             ("busy", sequential, True),
             ("lag", loop_lag, False),
             ("blank", blank, False),
         ]:
+            if scenario not in only:
+                continue
             names = [*variants, FLOOR] if scenario == "lag" else variants
             results[scenario] = interleaved({v: case(scenario, v, body, busy=busy) for v in names})
         live = {v: not answers_while_blocked(v) for v in variants}
+        probe_variants = [OFFLOOP, THREAD_LOOP, THREAD]
+        for scenario, body in [("healthz50", healthz), ("metrics50", metrics)]:
+            results[scenario] = interleaved(
+                {
+                    v: case(scenario, v, body, busy=False, services=PROBE_SERVICES)
+                    for v in probe_variants
+                }
+            )
+        fail_after = interleaved(
+            {v: time_to_fail(v) for v in probe_variants}, PROBE_ROUNDS, warmup=False
+        )
     finally:
         CLIENT.close()
 
@@ -461,6 +585,20 @@ def main() -> None:
         results["blank"],
         THREAD_LOOP,
     )
+    for scenario, path in [("healthz50", "/healthz"), ("metrics50", "/metrics")]:
+        report(
+            f"GET {path}, {PROBE_SERVICES} services, {REQUESTS} requests",
+            scenario,
+            results[scenario],
+            THREAD,
+        )
+    print(
+        f"\n## /healthz: seconds from a {PROBE_BLOCK:g} s loop block to the first failed probe "
+        f"(probe every {PROBE_EVERY * 1e3:.0f} ms, timeout {PROBE_TIMEOUT:g} s; "
+        f"median of {PROBE_ROUNDS} rounds; inf: never failed)"
+    )
+    for v, res in fail_after.items():
+        print(f"{v:<44} {res.median:8.3f} s")
     print()
     for v in variants:
         print(f"liveness: {v}: {'reflects' if live[v] else 'answers 200 despite'} a blocked loop")
@@ -482,6 +620,19 @@ def main() -> None:
             ours <= bound * theirs,
             f"{ours / theirs:.2f}x ({_ms(ours).strip()} vs {_ms(theirs).strip()})",
         )
+    for scenario in ("healthz50", "metrics50"):
+        ours, theirs = p99(scenario, OFFLOOP), p99(scenario, THREAD)
+        check(
+            f"offloop p99 ({scenario}) within 1.5x of {THREAD!r}",
+            ours <= 1.5 * theirs,
+            f"{ours / theirs:.2f}x ({_ms(ours).strip()} vs {_ms(theirs).strip()})",
+        )
+    ours_fail = fail_after[OFFLOOP].median
+    check(
+        "offloop /healthz fails within the probe timeout + 0.25 s of a loop block",
+        ours_fail <= PROBE_TIMEOUT + 0.25,
+        f"{ours_fail:.3f} s (a thread that answers by itself: {fail_after[THREAD].median:.3f} s)",
+    )
     # Eight such clients used to delay a GET by over a second.
     blank_p99 = p99("blank", OFFLOOP)
     check(

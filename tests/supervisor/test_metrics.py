@@ -33,7 +33,7 @@ def _value(samples: list[Sample], name: str | None = None, **labels: str) -> flo
 
 
 def _fails() -> None:
-    raise ValueError("no")
+    raise ValueError("no such thing")
 
 
 @pytest.mark.loops("asyncio")
@@ -61,7 +61,7 @@ async def test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site() 
             await await_until(lambda: sv.status()["flaky"].state == "running", QUICK_WAIT)
             assert await pool.run(sum, [1, 2]) == 3
             assert await pool.run(sum, [3]) == 3
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="no such thing"):
                 await pool.run(_fails)
             time.sleep(0.12)  # noqa: ASYNC251 (a real block for the detector) # metrics-block
             await await_until(lambda: sv.detector is not None and sv.detector.blocks >= 1)
@@ -98,11 +98,18 @@ async def test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site() 
     # The block above made one tick at least 50 ms late.
     assert _value(lag, "offloop_loop_lag_seconds_bucket", le="0.025") < count
 
-    site = {"file": __file__, "function": test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site.__name__}
+    site = {
+        "file": __file__,
+        "function": test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site.__name__,
+    }
     blocks = [
-        s for s in fams["offloop_detector_blocks"] if s.labels["function"].endswith(site["function"])
+        s
+        for s in fams["offloop_detector_blocks"]
+        if s.labels["function"].endswith(site["function"])
     ]
-    assert len(blocks) == 1 and blocks[0].value == 1 and blocks[0].labels["file"] == __file__
+    assert len(blocks) == 1
+    assert blocks[0].value == 1
+    assert blocks[0].labels["file"] == __file__
     seconds = fams["offloop_detector_blocked_seconds"]
     assert sum(s.value for s in seconds if s.labels["file"] == __file__) >= 0.05
 

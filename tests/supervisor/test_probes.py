@@ -1,4 +1,4 @@
-"""The probes over real HTTP: /healthz sees a blocked loop, /readyz the services, /status the rest."""
+"""The probes over real HTTP: /healthz sees a blocked loop, /readyz the services."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 
 import flask
 import pytest
-
 from rich.console import Console
 
 from offloop import Supervisor, WSGIService
@@ -200,14 +199,17 @@ async def test_status_shows_the_bound_url_the_loop_lag_and_the_last_blocks() -> 
             await server.aclose()
     services = status["services"]
     assert services["web"]["url"] == web.url
-    assert web.url.startswith("http://127.0.0.1:") and not web.url.endswith(":0")
+    assert web.url.startswith("http://127.0.0.1:")
+    assert not web.url.endswith(":0")
     assert services["idle"]["url"] is None
     lag = status["loop_lag"]
     assert lag["window_s"] == 60.0
     assert 0 <= lag["p50_ms"] <= lag["p99_ms"] <= lag["max_ms"]
     block = status["blocks"][-1]
     assert block["file"] == __file__
-    assert block["function"].endswith("test_status_shows_the_bound_url_the_loop_lag_and_the_last_blocks")
+    assert block["function"].endswith(
+        "test_status_shows_the_bound_url_the_loop_lag_and_the_last_blocks"
+    )
     assert block["duration_ms"] >= 50
     assert sv.status()["web"].url is None  # stopped: no URL
     # The live table of `offloop run` shows the same.

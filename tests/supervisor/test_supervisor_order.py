@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -84,8 +85,8 @@ async def test_a_cycle_is_refused_before_any_service_starts() -> None:
 def test_depends_on_must_be_a_list_of_other_services_names() -> None:
     sv = Supervisor()
     with pytest.raises(TypeError, match=r"must be a list of service names \(depends_on=\['db'\]\)"):
-        sv.add(Recorder("api", []), depends_on="db")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="must hold the names .* got int"):
+        sv.add(Recorder("api", []), depends_on="db")
+    with pytest.raises(TypeError, match=r"must hold the names .* got int"):
         sv.add(Recorder("api", []), depends_on=[3])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="'api' cannot depend on itself"):
         sv.add(Recorder("api", []), depends_on=["api"])
@@ -106,7 +107,7 @@ async def test_a_dependency_that_fails_stops_its_dependents_first() -> None:
     sv = Supervisor(name="fails")
     db = sv.add(CrashesWhenTold("db", journal), restart="no")
     sv.add(Recorder("api", journal), depends_on=["db"])
-    with pytest.raises(ServiceFailed, match="'db' failed") as info:
+    with pytest.raises(ServiceFailed, match="'db' failed") as info:  # noqa: PT012
         async with sv:
             assert db._ended is not None
             db._ended.set()
@@ -179,7 +180,7 @@ async def test_a_supervisor_of_one_shot_services_stops_once_all_are_done() -> No
     sv = Supervisor(name="batch")
     done: list[str] = []
 
-    def job(name: str) -> object:
+    def job(name: str) -> Callable[[], None]:
         return lambda: done.append(name)
 
     for n in ("a", "b"):

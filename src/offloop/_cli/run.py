@@ -356,6 +356,11 @@ def render_table(sv: Supervisor) -> Any:
         error = st.to_dict()["last_error"] or ""
         style = _STATE_STYLE.get(st.state.value, "")
         table.add_row(
-            name, f"[{style}]{st.state.value}[/]", str(st.restarts), uptime, st.url or "", error[:60]
+            name,
+            f"[{style}]{st.state.value}[/]",
+            str(st.restarts),
+            uptime,
+            st.url or "",
+            error[:60],
         )
     return table

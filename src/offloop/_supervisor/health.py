@@ -107,7 +107,13 @@ class LoopHealth:
         """The lag over the window, JSON-ready: p50, p99 and max in ms, and the sample count."""
         samples = sorted(list(self._samples))
         if not samples:
-            return {"p50_ms": None, "p99_ms": None, "max_ms": None, "samples": 0, "window_s": WINDOW}
+            return {
+                "p50_ms": None,
+                "p99_ms": None,
+                "max_ms": None,
+                "samples": 0,
+                "window_s": WINDOW,
+            }
 
         def pick(q: float) -> float:
             return round(samples[min(len(samples) - 1, int(q * len(samples)))] * 1e3, 3)

@@ -76,11 +76,11 @@ def _pools() -> list[tuple[str, str, dict[str, Any]]]:
     from .._threads import pool as thread_pool
 
     found: list[tuple[str, str, dict[str, Any]]] = []
-    for kind, registry in (("thread", thread_pool._pools), ("process", process_pool._pools)):
-        for pool in list(registry):
-            stats: dict[str, Any] = dict(pool.statistics())
-            if stats.get("state") != "closed":
-                found.append((pool.name, kind, stats))
+    for kind, pools in (
+        ("thread", [(p.name, dict(p.statistics())) for p in list(thread_pool._pools)]),
+        ("process", [(p.name, dict(p.statistics())) for p in list(process_pool._pools)]),
+    ):
+        found += [(name, kind, stats) for name, stats in pools if stats.get("state") != "closed"]
     found.sort(key=lambda p: (p[1], p[0]))
     return found
 
@@ -95,7 +95,9 @@ def metrics_text(sv: Supervisor) -> str:
         "gauge",
         "1 for the supervisor's current state, 0 for the others.",
         (
-            _sample("offloop_supervisor_state", {"supervisor": sup, "state": st.value}, st is sv.state)
+            _sample(
+                "offloop_supervisor_state", {"supervisor": sup, "state": st.value}, st is sv.state
+            )
             for st in SupervisorState
         ),
     )
@@ -147,7 +149,7 @@ def metrics_text(sv: Supervisor) -> str:
     counts, total = sv._health.histogram()
     cumulative = 0
     buckets = []
-    for bound, count in zip([*LAG_BUCKETS, math.inf], counts):
+    for bound, count in zip([*LAG_BUCKETS, math.inf], counts, strict=True):
         cumulative += count
         buckets.append(
             _sample(
@@ -181,6 +183,9 @@ def metrics_text(sv: Supervisor) -> str:
         "offloop_detector_blocked_seconds_total",
         "counter",
         "Seconds the supervisor's loop was blocked, by the line that blocked.",
-        (_sample("offloop_detector_blocked_seconds_total", site(s), s.total_ms / 1e3) for s in sites),
+        (
+            _sample("offloop_detector_blocked_seconds_total", site(s), s.total_ms / 1e3)
+            for s in sites
+        ),
     )
     return "\n".join(lines) + "\n"

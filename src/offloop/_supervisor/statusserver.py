@@ -129,8 +129,7 @@ def _healthz(sv: Supervisor, threshold: float) -> _Answer:
     body: dict[str, Any] = {"live": live, "state": sv.state.value}
     if not responds:
         body["error"] = (
-            f"the supervisor's loop did not respond for {stalled:.3f} s "
-            f"(threshold {threshold:g} s)"
+            f"the supervisor's loop did not respond for {stalled:.3f} s (threshold {threshold:g} s)"
         )
     return (200 if live else 503), body
 
@@ -428,7 +427,7 @@ class StatusServer:
 async def start_status_server(
     sv: Supervisor, port: int, *, liveness_threshold: float = LIVENESS_THRESHOLD
 ) -> StatusServer:
-    """Serve ``/status``, ``/healthz``, ``/readyz`` and ``/metrics`` for ``sv`` on 127.0.0.1:``port``.
+    """Serve the probes of ``sv`` on 127.0.0.1:``port``: status, healthz, readyz and metrics.
 
     ``/healthz`` fails once the supervisor's loop has not responded for
     ``liveness_threshold`` seconds. Close it with :meth:`StatusServer.aclose`.

@@ -195,3 +195,14 @@ def test_a_one_shot_service_cannot_restart_always() -> None:
     sv = Supervisor()
     with pytest.raises(ValueError, match="one-shot service 'api' cannot have restart='always'"):
         sv.add(Recorder("api", []), oneshot=True, restart="always")
+
+
+def test_the_decorator_takes_the_same_start_options_as_add() -> None:
+    sv = Supervisor()
+
+    @sv.service(depends_on=["db"], oneshot=True, retry_startup=True)
+    async def migrate() -> None:
+        pass
+
+    entry = sv._entries["migrate"]
+    assert (entry.depends_on, entry.oneshot, entry.policy.retry_startup) == (("db",), True, True)

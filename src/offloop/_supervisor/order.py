@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 
 from .._core.validate import describe
 
-__all__ = ["check_depends_on", "start_order"]
+__all__ = ["check_depends_on", "check_oneshot", "start_order"]
 
 
 def check_depends_on(depends_on: object, service: str | None) -> tuple[str, ...]:
@@ -49,6 +49,23 @@ def check_depends_on(depends_on: object, service: str | None) -> tuple[str, ...]
         if name not in names:
             names.append(name)
     return tuple(names)
+
+
+def check_oneshot(oneshot: object, restart: str, service: str) -> bool:
+    """``oneshot`` as a bool; refuse it with ``restart="always"``, which would rerun it forever.
+
+    Raises:
+        TypeError: ``oneshot`` is not a bool.
+        ValueError: ``oneshot=True`` with ``restart="always"``.
+    """
+    if not isinstance(oneshot, bool):
+        raise TypeError(f"oneshot must be True or False, got {describe(oneshot)}.")
+    if oneshot and restart == "always":
+        raise ValueError(
+            f"The one-shot service {service!r} cannot have restart='always', which would run "
+            f"it again each time it is done; use restart='on-failure' or 'no'."
+        )
+    return oneshot
 
 
 def start_order(depends_on: Mapping[str, tuple[str, ...]]) -> list[str]:

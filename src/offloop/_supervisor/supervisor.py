@@ -23,7 +23,7 @@ from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
 from .health import LoopHealth
-from .order import check_depends_on, start_order
+from .order import check_depends_on, check_oneshot, start_order
 from .status import ServiceState, ServiceStatus, SupervisorState
 from .supervised import SHUTDOWN_OVERRUN, Supervised
 
@@ -229,21 +229,16 @@ class Supervisor:
         (for a dependency that may come up later). Once the service has been
         ready, a failing ``start()`` on a restart follows the policy.
 
-        ``depends_on`` names the services (added before or after this one)
-        that must be ready before this one starts; the supervisor starts them
-        first and stops this one before them. An unknown name or a cycle is
-        refused when the supervisor starts, before any service does.
-
-        ``oneshot=True`` marks a service meant to finish (a migration, an
-        announcement): once it returns without an error it is ``done``, which
-        counts as healthy, and its dependents start only then. A crash of it
-        follows the restart policy.
+        ``depends_on`` names services (added before or after) that must be
+        ready before this one starts; it stops before them. ``oneshot=True``:
+        a service meant to finish, ``done`` once it returned without an error
+        (ready, for its dependents too). See docs/supervisor.md.
 
         Raises:
             TypeError: ``service`` is not a :class:`~offloop.Service`, or
                 ``depends_on`` is not a list of names.
-            ValueError: a policy value is out of range, the name is taken, or
-                ``oneshot=True`` with ``restart="always"``.
+            ValueError: a policy value is out of range, the name is taken,
+                or ``oneshot=True`` with ``restart="always"``.
             RuntimeError: the supervisor has already started.
         """
         if not isinstance(cast(object, service), Service):  # untyped callers exist
@@ -284,14 +279,8 @@ class Supervisor:
                 f"this one another name."
             )
         deps = check_depends_on(depends_on, name)
-        if not isinstance(oneshot, bool):
-            raise TypeError(f"oneshot must be True or False, got {describe(oneshot)}.")
-        if oneshot and policy.restart == "always":
-            raise ValueError(
-                f"The one-shot service {name!r} cannot have restart='always', which would run "
-                f"it again each time it is done; use restart='on-failure' or 'no'."
-            )
-        self._entries[name] = Supervised(service, policy, self, depends_on=deps, oneshot=oneshot)
+        once = check_oneshot(oneshot, policy.restart, name)
+        self._entries[name] = Supervised(service, policy, self, depends_on=deps, oneshot=once)
 
     # -- introspection -------------------------------------------------------------------
 

@@ -280,7 +280,10 @@ async def _serve(
     if block_threshold is not None and sv._block_threshold is None:
         from .._detect.detector import BlockingDetector
 
-        detector = BlockingDetector(threshold=block_threshold).start()
+        # Its blocks go to the status and the live table, as the supervisor's own would.
+        detector = BlockingDetector(
+            threshold=block_threshold, on_block=sv._health.record_block
+        ).start()
     if status_port is not None:
         try:
             server = await start_status_server(sv, status_port)

@@ -48,6 +48,7 @@ import http.server
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -103,27 +104,27 @@ def _get(port: int, request: bytes = REQUEST, timeout: float = CLIENT_TIMEOUT) -
         try:
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
-        except TimeoutError:
-            if timeout < CLIENT_TIMEOUT:
-                raise
-            import signal as _s
-
-            print(
-                "DIAG timeout",
-                time.time(),
-                sock.getsockname(),
-                port,
-                chunks,
-                file=sys.stderr,
-                flush=True,
-            )
-            subprocess.run(
-                ["ss", "-tanoi", f"( sport = :{port} or dport = :{port} )"], stdout=sys.stderr
-            )
-            os.kill(os.getppid(), _s.SIGUSR1)
-            time.sleep(1)
-            raise
+        except TimeoutError as exc:
+            # Say which connection and what the kernel holds for it: whether
+            # the server never read the request or never accepted it.
+            raise TimeoutError(
+                f"no answer within {timeout:g} s on {sock.getsockname()} -> port {port} "
+                f"(got {sum(map(len, chunks))} bytes){_sockets(port)}"
+            ) from exc
     return b"".join(chunks)
+
+
+def _sockets(port: int) -> str:
+    """The kernel's view of the connections to ``port`` (``ss``, where there is one)."""
+    if shutil.which("ss") is None:
+        return ""
+    ss = subprocess.run(
+        ["ss", "-tan", f"( sport = :{port} or dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "\n" + ss.stdout
 
 
 def _timed_gets(port: int, n: int, path: str = "/status") -> list[float]:
@@ -159,7 +160,7 @@ def _gets_after_floods(port: int, n: int) -> list[float]:
 
 
 def _failures(port: int, seconds: float) -> list[float]:
-    """Probe ``/healthz`` every ``PROBE_EVERY`` s for ``seconds``; when (``time.time()``) each failed."""
+    """Probe ``/healthz`` every ``PROBE_EVERY`` s for ``seconds``; when each probe failed."""
     failed = []
     end = time.time() + seconds
     while time.time() < end:
@@ -191,9 +192,17 @@ def _client_command(cmd: dict[str, Any]) -> list[float]:
 
 
 def client_main() -> None:
-    """The client process: one JSON command a line in, one JSON list of seconds a line out."""
+    """The client process: one JSON command a line in, one JSON list of seconds a line out.
+
+    A request that fails is sent back as ``{"error": ...}`` rather than ending
+    the process, so the bench reports it where it happened.
+    """
     for line in sys.stdin:
-        print(json.dumps(_client_command(json.loads(line))), flush=True)
+        try:
+            answer: Any = _client_command(json.loads(line))
+        except (OSError, RuntimeError) as exc:
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(answer), flush=True)
 
 
 class Client:
@@ -218,7 +227,10 @@ class Client:
             line = self._proc.stdout.readline()
         if not line:
             raise RuntimeError("the client process died; see its traceback above")
-        return [float(x) for x in json.loads(line)]
+        answer = json.loads(line)
+        if isinstance(answer, dict):
+            raise RuntimeError(f"the client's request {cmd!r} failed: {answer['error']}")
+        return [float(x) for x in answer]
 
     def close(self) -> None:
         assert self._proc.stdin is not None
@@ -533,21 +545,14 @@ def main() -> None:
     else:
         variants.append(AIOHTTP)
     CLIENT = Client()
-    import faulthandler
-    import signal as _s
-
-    faulthandler.register(_s.SIGUSR1, all_threads=True)
     try:
         results: dict[str, dict[str, Result]] = {}
-        only = os.environ.get("ONLY", "idle,busy,lag,blank").split(",")
         for scenario, body, busy in [
             ("idle", sequential, False),
             ("busy", sequential, True),
             ("lag", loop_lag, False),
             ("blank", blank, False),
         ]:
-            if scenario not in only:
-                continue
             names = [*variants, FLOOR] if scenario == "lag" else variants
             results[scenario] = interleaved({v: case(scenario, v, body, busy=busy) for v in names})
         live = {v: not answers_while_blocked(v) for v in variants}

@@ -183,7 +183,10 @@ class Supervisor:
                 restarted (see :meth:`add`).
             isolate: where the function runs (see above).
             name: the service's name; defaults to the function's name.
-            depends_on, oneshot, retry_startup: as for :meth:`add`.
+            depends_on: services that must be ready before this one starts
+                (see :meth:`add`).
+            oneshot: the function is meant to finish (see :meth:`add`).
+            retry_startup: retry a failure before it was ready (see :meth:`add`).
 
         Raises:
             TypeError: ``fn`` is not a function, takes more than the token,

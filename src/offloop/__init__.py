@@ -45,6 +45,7 @@ from ._services.asgi import ASGIService
 from ._services.base import Service
 from ._services.watch import WatchService
 from ._services.wsgi import WSGIService
+from ._supervisor.lifespan import lifespan
 from ._supervisor.status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor.supervisor import Supervisor
 from ._threads.iterate import ThreadedIterator, iterate, threaded
@@ -91,6 +92,7 @@ __all__ = [
     "detect_blocking",
     "from_thread",
     "iterate",
+    "lifespan",
     "threaded",
     "to_loop",
     "to_process",

@@ -36,7 +36,7 @@ async def test_start_and_aclose_from_different_tasks_are_idempotent() -> None:
     await sv.wait_ready()
     await asyncio.gather(asyncio.ensure_future(sv.aclose()), asyncio.ensure_future(sv.aclose()))
     assert journal == ["start db", "start api", "stop api", "stop db"]
-    assert sv.state is SupervisorState.STOPPED
+    assert str(sv.state) == "stopped"
     await sv.aclose()
     with pytest.raises(RuntimeError, match=r"Cannot start\(\) .*aclose\(\) was called already"):
         await sv.start()
@@ -102,9 +102,9 @@ async def test_a_failure_after_start_cancels_the_caller_and_aclose_raises_it() -
         await asyncio.wait_for(task, QUICK_WAIT)
     assert isinstance(info.value.__cause__, ConnectionResetError)
     assert sv.state is SupervisorState.FAILED
-    uncancel = getattr(task, "cancelling", None)  # Python >= 3.11
-    if uncancel is not None:
-        assert task.cancelling() == 0  # the failure replaced the cancellation it caused
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    if cancelling is not None:
+        assert cancelling() == 0  # the failure replaced the cancellation it caused
 
 
 def test_a_failure_after_start_stops_a_loop_run_forever_when_the_caller_has_ended() -> None:

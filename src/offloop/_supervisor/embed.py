@@ -26,16 +26,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import Any, Final, Protocol
 
 from .._core.errors import ServiceFailed
 from .._core.validate import describe
 from .status import SupervisorState
 
-if TYPE_CHECKING:
-    from .supervisor import Supervisor
-
-__all__ = ["Embedding", "HostLifecycle", "OnFailure"]
+__all__ = ["Embeddable", "Embedding", "HostLifecycle", "OnFailure"]
 
 logger: Final = logging.getLogger("offloop.supervisor")
 
@@ -46,10 +43,29 @@ OnFailure = Callable[[ServiceFailed], object]
 _SV = SupervisorState
 
 
+class Embeddable(Protocol):
+    """The Supervisor as :class:`Embedding` sees it (a Protocol: supervisor.py imports this)."""
+
+    name: str
+    _state: SupervisorState
+    _loop: asyncio.AbstractEventLoop | None
+    _failure: ServiceFailed | None
+    _in_body: bool
+
+    @property
+    def state(self) -> SupervisorState: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    def _request_shutdown(self, reason: str) -> asyncio.Task[None]: ...
+
+    async def _finish_shutdown(self, task: asyncio.Task[None]) -> None: ...
+
+
 class Embedding:
     """The embedding half of a Supervisor: who started it, who waits, where failure goes."""
 
-    def __init__(self, sv: Supervisor, on_failure: OnFailure | None) -> None:
+    def __init__(self, sv: Embeddable, on_failure: OnFailure | None) -> None:
         if on_failure is not None and not callable(on_failure):
             raise TypeError(
                 f"Supervisor(on_failure=...) takes a function called with the ServiceFailed "

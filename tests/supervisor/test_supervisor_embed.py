@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+import offloop
 from offloop import ServiceFailed, Supervisor, SupervisorState
 from tests.helpers import QUICK_WAIT, bounded
 from tests.supervisor.test_supervisor import Recorder
@@ -219,3 +220,30 @@ async def test_aclose_during_start_stops_it_and_start_says_so() -> None:
     await sv.aclose()
     with pytest.raises(RuntimeError, match=r"was stopped .* while start\(\) was starting it"):
         await starting
+
+
+def test_lifespan_takes_a_supervisor() -> None:
+    with pytest.raises(TypeError, match=r"offloop.lifespan\(\) takes the offloop.Supervisor"):
+        offloop.lifespan("sv")  # type: ignore[arg-type]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_sync_on_failure_that_raises_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    crash, called = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    def on_failure(failure: ServiceFailed) -> None:
+        calls.append(failure.service)
+        called.set()
+        raise LookupError("the alert went nowhere")
+
+    sv = Supervisor(name="alerting", on_failure=on_failure)
+    crashing(sv, crash)
+    await sv.start()
+    crash.set()
+    await asyncio.wait_for(called.wait(), QUICK_WAIT)
+    with pytest.raises(ServiceFailed):
+        await sv.aclose()
+    assert calls == ["flaky"]
+    assert any("on_failure=" in r.getMessage() and r.exc_info for r in caplog.records)

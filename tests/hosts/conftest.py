@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,19 +52,21 @@ class HostProc(Proc):
     def __enter__(self) -> HostProc:
         return self
 
-    def when(self, pattern: str) -> float:
-        """When the first line matching ``pattern`` came (waiting for it, bounded)."""
-        match = self.wait_for(pattern)
+    def when(self, pattern: str, *, last: bool = False) -> float:
+        """When the first (or ``last``) line matching ``pattern`` came; waits for one, bounded."""
+        self.wait_for(pattern)
+        regex = re.compile(pattern)
         with self._changed:
-            return next(
-                t for t, line in zip(self.times, self.lines, strict=True) if match.group(0) in line
-            )
+            times = [
+                t for t, line in zip(self.times, self.lines, strict=True) if regex.search(line)
+            ]
+        return times[-1] if last else times[0]
 
-    def ends_after_failure(self, service: str) -> tuple[int, float]:
-        """Wait for ``service``'s failure and the exit: the exit code, and how long after the
-        failure the host printed its last line (the interpreter's own teardown, which for
-        aiogram's pydantic models takes seconds on a loaded machine, is not the host's)."""
+    def ends_after_failure(self, service: str, host_ended: str) -> tuple[int, float]:
+        """Wait for ``service``'s failure and the exit: the exit code, and the seconds from the
+        failure to the line saying the host ended (``host_ended``). The interpreter's own
+        teardown comes after that line: aiogram's pydantic models take seconds to free on a
+        busy machine, and that is not the host's stop."""
         failed = self.when(rf"Service '{service}' failed")
         code = self.exit_code(SPAWN_WAIT)
-        with self._changed:
-            return code, self.times[-1] - failed
+        return code, self.when(host_ended, last=True) - failed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from .conftest import HostProc
 from .fake_api import FakeAPI
 
@@ -14,8 +16,10 @@ def test_a_discord_client_answers_through_each_service_and_stops_on_a_crash(
         fake_api.push(token, "/ask")
         assert fake_api.next_sent(token) == "flask hi | thread hi | async hi"
         fake_api.push(token, "/crash async")
-        code, took = proc.ends_after_failure("async")
+        code, took = proc.ends_after_failure(
+            "async", r"^offloop.ServiceFailed: Service 'async' failed"
+        )
     assert code == 1, proc.output
     assert took < 1.0, proc.output
     # close() ended with the failure, and client.run() with it.
-    assert proc.lines[-1].startswith("offloop.ServiceFailed: Service 'async' failed"), proc.output
+    assert re.search(r"in close\n +await sv\.aclose\(\)", proc.output), proc.output

@@ -22,7 +22,7 @@ def test_fastapi_under_uvicorn_serves_through_each_service_and_stops_on_a_crash(
             answer = requests.get(f"{base}/ask/{kind}", params={"text": "hi"}, timeout=QUICK_WAIT)
             assert answer.json() == f"{kind} hi"
         assert requests.post(f"{base}/crash/thread", timeout=QUICK_WAIT).ok
-        code, took = proc.ends_after_failure("thread")
+        code, took = proc.ends_after_failure("thread", r"Finished server process")
     # uvicorn stops gracefully on the SIGTERM, then raises it again: killed by SIGTERM.
     assert code == -15, proc.output
     assert took < 1.0, proc.output

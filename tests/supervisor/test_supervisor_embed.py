@@ -247,3 +247,25 @@ async def test_a_sync_on_failure_that_raises_is_logged(caplog: pytest.LogCapture
         await sv.aclose()
     assert calls == ["flaky"]
     assert any("on_failure=" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_serve_after_start_waits_for_the_stop_and_a_stop_before_start_is_kept() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="started")
+    sv.add(Recorder("db", journal))
+    await sv.start()
+    serving = asyncio.ensure_future(sv.serve())
+    await asyncio.sleep(0)
+    assert not serving.done()
+    sv.stop()
+    await asyncio.wait_for(serving, QUICK_WAIT)
+    assert journal == ["start db", "stop db"]
+
+    early = Supervisor(name="early")
+    early.add(Recorder("db", journal))
+    early.stop()  # before it started: kept, so start() starts nothing and says so
+    with pytest.raises(RuntimeError, match=r"was stopped \(stop\(\) or aclose\(\)\) while start"):
+        await early.start()
+    assert journal == ["start db", "stop db"]

@@ -12,6 +12,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from .._services.schedule import ScheduleStatus
+
 __all__ = ["ServiceState", "ServiceStatus", "SupervisorState"]
 
 
@@ -62,6 +64,9 @@ class ServiceStatus:
         started_at: the wall-clock time (``time.time()``) it last became ready,
             or ``None`` if it never did.
         last_error: the exception of its last crash, or ``None``.
+        schedule: for a service added with ``@sv.every`` or ``@sv.cron``, its
+            :class:`ScheduleStatus` (next run, last run's duration and error);
+            else ``None``.
     """
 
     name: str
@@ -69,6 +74,7 @@ class ServiceStatus:
     restarts: int
     started_at: float | None
     last_error: BaseException | None
+    schedule: ScheduleStatus | None = None
 
     @property
     def uptime(self) -> float | None:
@@ -91,6 +97,7 @@ class ServiceStatus:
             "started_at": self.started_at,
             "uptime": self.uptime,
             "last_error": error,
+            "schedule": None if self.schedule is None else self.schedule.to_dict(),
         }
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ from .._core.restart import RestartMode, RestartPolicy
 from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
+from .jobs import JobDecorators
 from .status import ServiceState, ServiceStatus, SupervisorState
 from .supervised import SHUTDOWN_OVERRUN, Supervised
 
@@ -43,13 +44,14 @@ _ST = ServiceState
 _SV = SupervisorState
 
 
-class Supervisor:
+class Supervisor(JobDecorators):
     """Runs services side by side: restarts them when they crash, stops them in bounded time.
 
-    Register ``async def`` / ``def`` functions with :meth:`service` and
-    adapters (or your own :class:`~offloop.Service` subclasses) with
-    :meth:`add`, then run them with ``async with sv:``, ``await sv.serve()`` or,
-    from a script, ``sv.run()``. A supervisor runs once.
+    Register ``async def`` / ``def`` functions with :meth:`service` (scheduled
+    ones with :meth:`every` and :meth:`cron`) and adapters (or your own
+    :class:`~offloop.Service` subclasses) with :meth:`add`, then run them with
+    ``async with sv:``, ``await sv.serve()`` or, from a script, ``sv.run()``.
+    A supervisor runs once.
 
     Args:
         grace: seconds the whole shutdown may take. Services are asked to stop

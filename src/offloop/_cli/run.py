@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from .._core.errors import ServiceFailed
 from .._core.validate import describe
+from .._supervisor.logs import LogFormat, make_handler
 from .._supervisor.signals import run_with_signals
 from .._supervisor.status import ServiceState
 from .._supervisor.statusserver import start_status_server
@@ -31,7 +32,6 @@ __all__ = ["load_supervisor", "register", "render_table"]
 
 logger: Final = logging.getLogger("offloop.cli")
 
-LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 #: The terminal control sequence that shows the cursor again (DECTCEM).
 SHOW_CURSOR: Final = b"\x1b[?25h"
 
@@ -84,6 +84,12 @@ def register(subparsers: Any) -> None:
         choices=["debug", "info", "warning", "error"],
         help="level of the log lines (default: info)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line for log collectors (implies --plain)",
+    )
     parser.set_defaults(handler=main)
 
 
@@ -107,11 +113,14 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     use_table = (
-        not args.plain and sys.stdout.isatty() and importlib.util.find_spec("rich") is not None
+        not args.plain
+        and args.log_format == "text"
+        and sys.stdout.isatty()
+        and importlib.util.find_spec("rich") is not None
     )
     try:
         sv = load_supervisor(args.target)
-        console = _setup_logging(args.log_level.upper(), use_table)
+        console = _setup_logging(args.log_level.upper(), use_table, args.log_format)
         return run_with_signals(
             sv,
             lambda: _serve(sv, args.status_port, console, args.detect_blocking),
@@ -238,7 +247,7 @@ def _check_factory(factory: Any, target: str) -> None:
         ) from None
 
 
-def _setup_logging(level: str, use_table: bool) -> Any:
+def _setup_logging(level: str, use_table: bool, log_format: LogFormat = "text") -> Any:
     root = logging.getLogger()
     root.setLevel(level)
     if use_table:
@@ -249,9 +258,7 @@ def _setup_logging(level: str, use_table: bool) -> Any:
         root.addHandler(RichHandler(console=console, show_path=False))
         return console
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(handler)
+        root.addHandler(make_handler(log_format))
     return None
 
 

@@ -84,21 +84,26 @@ class ServiceStatus:
         return max(0.0, time.time() - self.started_at)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the error becomes its one-line description)."""
+        """A JSON-ready dict (the error becomes its one-line description).
+
+        A scheduled service's adds ``"schedule"``: :meth:`ScheduleStatus.to_dict`.
+        """
         error = None
         if self.last_error is not None:
             error = "".join(
                 traceback.format_exception_only(type(self.last_error), self.last_error)
             ).strip()
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "state": self.state.value,
             "restarts": self.restarts,
             "started_at": self.started_at,
             "uptime": self.uptime,
             "last_error": error,
-            "schedule": None if self.schedule is None else self.schedule.to_dict(),
         }
+        if self.schedule is not None:  # only scheduled services have one
+            out["schedule"] = self.schedule.to_dict()
+        return out
 
     def __repr__(self) -> str:
         parts = [f"{self.name!r} {self.state.value}", f"restarts={self.restarts}"]

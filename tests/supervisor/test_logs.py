@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,35 @@ def test_bad_log_format_is_refused_before_anything_runs() -> None:
     with pytest.raises(ValueError, match=r"log_format to be 'text'.*got 'yaml'"):
         sv.run(log_format="yaml")  # type: ignore[arg-type]
     assert sv.state == "new"
+
+
+@bounded(10)
+async def test_json_lines_name_an_abandoned_thread() -> None:
+    out = io.StringIO()
+    handler = make_handler("json", out)
+    logger = logging.getLogger("offloop")
+    logger.addHandler(handler)
+    sv = Supervisor(name="deaf", grace=0.05)
+    release, started = threading.Event(), threading.Event()
+
+    @sv.service
+    def deaf() -> None:  # ignores its token: abandoned once the grace is up
+        started.set()
+        release.wait(QUICK_WAIT)
+
+    try:
+        async with sv:
+            await await_until(started.is_set, QUICK_WAIT, "the thread")
+    finally:
+        logger.removeHandler(handler)
+        release.set()
+    await await_until(
+        lambda: not any(t.name == "offloop-service-deaf" for t in threading.enumerate()),
+        QUICK_WAIT,
+        "the released thread to end",
+    )
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    (abandoned,) = [o for o in lines if o.get("event") == "abandoned"]
+    assert abandoned["service"] == "deaf"
+    assert abandoned["what"].startswith("thread 'offloop-service-deaf', currently at:")
+    assert abandoned["level"] == "WARNING"

@@ -28,7 +28,6 @@ class JobDecorators:
     def every(
         self,
         seconds: float,
-        /,
         *,
         jitter: float = 0.0,
         overlap: Overlap = "skip",
@@ -100,7 +99,6 @@ class JobDecorators:
     def cron(
         self,
         expr: str,
-        /,
         *,
         tz: Any = None,
         overlap: Overlap = "skip",

@@ -96,7 +96,7 @@ class _Child:
             [sys.executable, "-m", "offloop", *argv],
             env={**os.environ, PARENT_ENV: str(os.getpid())},
             # os.setpgrp, not process_group=0: that keyword is Python >= 3.11.
-            preexec_fn=os.setpgrp,
+            preexec_fn=getattr(os, "setpgrp", None),
         )
         self.reported = False
         logger.info("started the program (pid %d)", self.popen.pid)

@@ -23,6 +23,8 @@ from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
 from .embed import Embedding, HostLifecycle, OnFailure
+from .jobs import JobDecorators
+from .logs import LogFormat
 from .status import ServiceState, ServiceStatus, SupervisorState
 from .supervised import SHUTDOWN_OVERRUN, Supervised
 
@@ -44,15 +46,15 @@ _ST = ServiceState
 _SV = SupervisorState
 
 
-class Supervisor(HostLifecycle):
+class Supervisor(HostLifecycle, JobDecorators):
     """Runs services side by side: restarts them when they crash, stops them in bounded time.
 
-    Register ``async def`` / ``def`` functions with :meth:`service` and
-    adapters (or your own :class:`~offloop.Service` subclasses) with
-    :meth:`add`, then run them with ``async with sv:``, ``await sv.serve()`` or,
-    from a script, ``sv.run()``; inside a framework that owns the loop, call
-    :meth:`start` and :meth:`aclose` from its startup and shutdown hooks. A
-    supervisor runs once.
+    Register ``async def`` / ``def`` functions with :meth:`service` (scheduled
+    ones with :meth:`every` and :meth:`cron`) and adapters (or your own
+    :class:`~offloop.Service` subclasses) with :meth:`add`, then run them with
+    ``async with sv:``, ``await sv.serve()`` or, from a script, ``sv.run()``;
+    inside a framework that owns the loop, call :meth:`start` and :meth:`aclose`
+    from its startup and shutdown hooks. A supervisor runs once.
 
     Args:
         grace: seconds the whole shutdown may take. Services are asked to stop
@@ -421,8 +423,14 @@ class Supervisor(HostLifecycle):
         if self._failure is not None:
             raise self._failure
 
-    def run(self) -> int:
+    def run(self, *, log_format: LogFormat = "text") -> int:
         """Run the services on a new event loop until stopped; the blocking entry point for scripts.
+
+        Unless the application has configured logging (the root logger has a
+        handler), it logs to stderr at INFO as ``offloop run`` does:
+        ``log_format="json"`` writes one JSON object per line, with an
+        ``event`` field for service state changes, restarts, crashes, blocks
+        and abandoned calls.
 
         Installs SIGINT and SIGTERM handlers (in the main thread): the first
         signal stops the services gracefully (within ``grace`` seconds) and
@@ -436,9 +444,14 @@ class Supervisor(HostLifecycle):
             ServiceFailed: a service failed beyond its restart policy.
             RuntimeError: called from a running event loop (use ``await
                 sv.serve()`` there), or the supervisor has already run.
+            ValueError: ``log_format`` is neither ``"text"`` nor ``"json"``.
         """
+        from .logs import check_log_format, configure_logging
         from .signals import run_with_signals
 
+        fmt = check_log_format(log_format, "Supervisor.run()")
+        if self._state is _SV.NEW and not _loop_running():  # else run_with_signals refuses
+            configure_logging(fmt)
         return run_with_signals(self, self.serve)
 
     def stop(self) -> None:
@@ -582,3 +595,11 @@ class Supervisor(HostLifecycle):
         self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
         self._embed.changed()
         logger.info("%s: stopped", self.name)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

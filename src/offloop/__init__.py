@@ -43,8 +43,10 @@ from ._process.pool import ProcessPool, default_process_pool, to_process
 from ._services.aiohttp_app import AiohttpService
 from ._services.asgi import ASGIService
 from ._services.base import Service
+from ._services.schedule import ScheduleStatus
 from ._services.watch import WatchService
 from ._services.wsgi import WSGIService
+from ._supervisor.lifespan import lifespan
 from ._supervisor.status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor.supervisor import Supervisor
 from ._threads.iterate import ThreadedIterator, iterate, threaded
@@ -71,6 +73,7 @@ __all__ = [
     "OffloopError",
     "PoolClosedError",
     "ProcessPool",
+    "ScheduleStatus",
     "Service",
     "ServiceFailed",
     "ServiceState",
@@ -91,6 +94,7 @@ __all__ = [
     "detect_blocking",
     "from_thread",
     "iterate",
+    "lifespan",
     "threaded",
     "to_loop",
     "to_process",

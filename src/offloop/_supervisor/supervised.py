@@ -15,6 +15,7 @@ from typing import Final, Protocol
 
 from .._core.restart import RestartPolicy, RestartTracker
 from .._services.base import Service, ServiceInterrupted
+from .._services.schedule import ScheduledService
 from .status import ServiceState, ServiceStatus
 
 __all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "RecordKeeper", "Supervised"]
@@ -86,12 +87,14 @@ class Supervised:
 
     def status(self) -> ServiceStatus:
         """A snapshot for :meth:`Supervisor.status`."""
+        svc = self.service
+        schedule = svc.schedule if isinstance(svc, ScheduledService) else None
         url = None
         if self.state is _ST.RUNNING:
-            found = getattr(self.service, "url", None)  # the adapters that listen have one
+            found = getattr(svc, "url", None)  # the adapters that listen have one
             url = found if isinstance(found, str) else None
         return ServiceStatus(
-            self.name, self.state, self.restarts, self.started_at, self.last_error, url
+            self.name, self.state, self.restarts, self.started_at, self.last_error, schedule, url
         )
 
     def end(self, state: ServiceState) -> None:

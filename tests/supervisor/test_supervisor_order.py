@@ -206,3 +206,21 @@ def test_the_decorator_takes_the_same_start_options_as_add() -> None:
 
     entry = sv._entries["migrate"]
     assert (entry.depends_on, entry.oneshot, entry.policy.retry_startup) == (("db",), True, True)
+
+
+@bounded(10)
+async def test_a_periodic_job_starts_after_its_dependencies() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="jobs")
+    ran = asyncio.Event()
+
+    @sv.every(3600, depends_on=["db"])
+    async def digest() -> None:
+        journal.append("digest")
+        ran.set()
+
+    sv.add(Recorder("db", journal))
+    async with sv:
+        await asyncio.wait_for(ran.wait(), QUICK_WAIT)
+        assert journal == ["start db", "digest"]
+        assert list(sv.services) == ["db", "digest"]

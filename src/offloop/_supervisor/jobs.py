@@ -7,7 +7,7 @@ own module stays about running services; the services themselves are in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from .._core.restart import RestartMode, RestartPolicy
@@ -22,7 +22,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 class JobDecorators:
     """The scheduling decorators of :class:`~offloop.Supervisor`."""
 
-    def _add(self, service: Service, policy: RestartPolicy) -> None:  # pragma: no cover
+    def _add(  # pragma: no cover
+        self,
+        service: Service,
+        policy: RestartPolicy,
+        depends_on: object = (),
+        oneshot: object = False,
+    ) -> None:
         raise NotImplementedError  # the Supervisor's
 
     def every(
@@ -39,6 +45,7 @@ class JobDecorators:
         max_backoff: float = 30.0,
         max_restarts: int | None = 5,
         restart_window: float = 60.0,
+        depends_on: Iterable[str] = (),
     ) -> Callable[[F], F]:
         """Decorator: run the function every ``seconds``, as a service; it is returned unchanged.
 
@@ -71,6 +78,8 @@ class JobDecorators:
                 slept): ``"skip"`` (default) waits for the next due time,
                 ``"run_once"`` makes up for them with one run at once.
             name: the service's name; defaults to the function's name.
+            depends_on: services that must be ready before the schedule
+                starts (see :meth:`add`).
 
         Raises:
             TypeError, ValueError: an argument is of the wrong type or out of
@@ -91,7 +100,7 @@ class JobDecorators:
             svc = make_every(
                 fn, seconds, jitter=jitter, overlap=overlap, first=first, missed=missed, name=name
             )
-            self._add(svc, policy)
+            self._add(svc, policy, depends_on)
             return fn
 
         return register
@@ -109,6 +118,7 @@ class JobDecorators:
         max_backoff: float = 30.0,
         max_restarts: int | None = 5,
         restart_window: float = 60.0,
+        depends_on: Iterable[str] = (),
     ) -> Callable[[F], F]:
         """Decorator: run the function whenever the cron expression ``expr`` says, as a service.
 
@@ -129,6 +139,8 @@ class JobDecorators:
             tz: an IANA time-zone name (``"Europe/Paris"``, ``"UTC"``), a
                 ``datetime.tzinfo``, or ``None`` (default) for the machine's
                 local time.
+            depends_on: services that must be ready before the schedule
+                starts (see :meth:`add`).
 
         Raises:
             TypeError, ValueError: the expression cannot be read, the time zone
@@ -142,7 +154,8 @@ class JobDecorators:
         make_cron(_probe, expr, tz=tz, overlap=overlap, missed=missed, name="x")
 
         def register(fn: F) -> F:
-            self._add(make_cron(fn, expr, tz=tz, overlap=overlap, missed=missed, name=name), policy)
+            svc = make_cron(fn, expr, tz=tz, overlap=overlap, missed=missed, name=name)
+            self._add(svc, policy, depends_on)
             return fn
 
         return register

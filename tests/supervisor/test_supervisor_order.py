@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 from collections.abc import Callable
 
 import pytest
 
 from offloop import ServiceFailed, ServiceState, Supervisor, SupervisorState
+from offloop._supervisor.logs import make_handler
 from offloop._supervisor.order import start_order
 from tests.helpers import QUICK_WAIT, await_until, bounded
 from tests.supervisor.test_supervisor import Recorder
@@ -224,3 +228,27 @@ async def test_a_periodic_job_starts_after_its_dependencies() -> None:
         await asyncio.wait_for(ran.wait(), QUICK_WAIT)
         assert journal == ["start db", "digest"]
         assert list(sv.services) == ["db", "digest"]
+
+
+@bounded(10)
+async def test_json_logs_show_a_one_shot_service_running_then_done() -> None:
+    out = io.StringIO()
+    handler = make_handler("json", out)
+    logger = logging.getLogger("offloop")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    sv = Supervisor(name="json-once")
+    sv.service(oneshot=True, name="migrate")(_noop)
+    try:
+        await sv.serve()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    states = [o["state"] for o in lines if o.get("event") == "service"]
+    assert states == ["starting", "running", "done"]
+
+
+async def _noop() -> None:
+    pass

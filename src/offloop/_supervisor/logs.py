@@ -43,6 +43,12 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
     "%s: stopped": ("supervisor", ("supervisor",), {"state": "stopped"}),
     "%s: starting service %r": ("service", ("supervisor", "service"), {"state": "starting"}),
     "%s: service %r is ready": ("service", ("supervisor", "service"), {"state": "running"}),
+    "%s: one-shot service %r is running": (
+        "service",
+        ("supervisor", "service"),
+        {"state": "running"},
+    ),
+    "%s: one-shot service %r is done": ("service", ("supervisor", "service"), {"state": "done"}),
     "%s: stopping service %r": ("service", ("supervisor", "service"), {"state": "stopping"}),
     "%s: service %r stopped": ("service", ("supervisor", "service"), {"state": "stopped"}),
     "%s: service %r returned; it is stopped": (

@@ -123,8 +123,10 @@ class Supervised:
             else:
                 self.state, self.started_at = _ST.RUNNING, time.time()
                 self.been_ready = True
-                if not self.oneshot:
-                    # A one-shot service is ready for its dependents once it is done.
+                if self.oneshot:
+                    # Ready for its dependents once it is done, not now.
+                    logger.info("%s: one-shot service %r is running", sv, self.name)
+                else:
                     logger.info("%s: service %r is ready", sv, self.name)
                     if self.ready is not None and not self.ready.done():
                         self.ready.set_result(None)

@@ -22,7 +22,7 @@ import pytest
 import offloop
 from offloop._threads import pool as pool_module
 from offloop._threads import workers as workers_module
-from offloop._threads.workers import WaitMemory, Worker
+from offloop._threads.workers import Worker
 from tests.helpers import WAIT, await_until, wait_until
 
 SLOTS = 2
@@ -50,9 +50,9 @@ def rebalances(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Any]:
     count = [0]
     original = pool_module.ThreadPool._rebalance
 
-    def counting(self: Any, loop: asyncio.AbstractEventLoop, due: float) -> None:
+    def counting(self: Any, channel: Any, loop: asyncio.AbstractEventLoop, due: float) -> None:
         count[0] += 1
-        original(self, loop, due)
+        original(self, channel, loop, due)
 
     monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", counting)
 
@@ -143,7 +143,7 @@ async def test_while_the_loop_runs_late_only_calls_waiting_a_whole_window_give_t
         monkeypatch.setattr(
             pool_module.ThreadPool,
             "_rebalance",
-            lambda self, loop, due: original(self, loop, due - 1.0),
+            lambda self, channel, loop, due: original(self, channel, loop, due - 1.0),
         )
         calls = [pool.run(gated(gate, started), i) for i in range(4)]
         seen_unsure_waiting = False
@@ -346,10 +346,9 @@ async def test_new_threads_are_started_by_a_worker_that_ends_a_call_not_by_the_l
     monkeypatch.setattr(pool_module.ThreadPool, "_start_thread", spy)
     gate, started = threading.Event(), list[int]()
     blocked = gated(gate, started)
-    # As if the pool had learnt that blocked() waits: its calls take threads at once.
-    monkeypatch.setattr(WaitMemory, "waits", lambda self, fn: fn is blocked)
-    monkeypatch.setattr(WaitMemory, "__bool__", lambda self: True)
     async with offloop.ThreadPool(8, name="starts") as pool:
+        # As if the pool had learnt that blocked() waits: its calls take threads at once.
+        pool._waits[blocked.__code__] = True
         stop = asyncio.Event()
 
         async def keep_a_worker_busy_ending_calls() -> None:

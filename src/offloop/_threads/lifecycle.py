@@ -13,13 +13,12 @@ import asyncio
 import logging
 import queue
 import threading
-import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Final
 
 from .._core.errors import PoolClosedError, WouldDeadlockError
-from .._core.offload import QUEUED, SKIPPED, OffloadFuture
+from .._core.offload import QUEUED, SKIPPED, Channel, OffloadFuture
 from .._core.poolbase import (
     CallCounters,
     PoolContext,
@@ -59,7 +58,7 @@ class ThreadPoolLifecycle(PoolContext):
     _workers: list[Worker]
     _leaving: list[threading.Thread]
     _closed_waiters: list[asyncio.Future[None] | threading.Event]
-    _growth_loops: weakref.WeakSet[asyncio.AbstractEventLoop]
+    _armed: set[Channel]
     _idle: int
     _backlog: int
     _queued: int
@@ -413,7 +412,7 @@ class ThreadPoolLifecycle(PoolContext):
         self._unstarted = []
         self._starting = False
         self._start_wanted = -1.0
-        self._growth_loops = weakref.WeakSet()
+        self._armed = set()
         self._closed_waiters = []
         if self._state is not PoolState.OPEN:
             self._state = PoolState.CLOSED

@@ -187,7 +187,7 @@ class Worker:
 MAX_REMEMBERED: Final = 1024
 
 
-class WaitMemory:
+class WaitMemory(dict[object, bool]):
     """Whether the last measured call of each function waited (by code object).
 
     A pool remembers "waits" from a call that ended while measured as
@@ -196,25 +196,22 @@ class WaitMemory:
     instead of waiting for the pool's check to measure each of them. Learning
     "waits" only from whole calls keeps a long GIL wait, which looks like a
     blocked call for a while, from being learnt. All under the pool's lock.
+
+    A dict (code object -> waited), so that the hot path's "is anything
+    known?" is a C-level truth test rather than a Python ``__bool__``.
     """
 
-    __slots__ = ("_known",)
-
-    def __init__(self) -> None:
-        self._known: dict[object, bool] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._known)
+    __slots__ = ()
 
     def waits(self, fn: object) -> bool:
         """Whether ``fn``'s last measured call waited."""
-        return self._known.get(getattr(fn, "__code__", None), False)
+        return self.get(getattr(fn, "__code__", None), False)
 
     def remember(self, call: OffloadFuture[Any] | None, waiting: bool) -> None:
         """Remember how ``call``'s function behaved (plain functions and methods)."""
         code = getattr(call.fn, "__code__", None) if call is not None else None
         if code is None:
             return
-        if len(self._known) >= MAX_REMEMBERED and code not in self._known:
-            self._known.clear()  # a bound, not a cache policy: rarely reached
-        self._known[code] = waiting
+        if len(self) >= MAX_REMEMBERED and code not in self:
+            self.clear()  # a bound, not a cache policy: rarely reached
+        self[code] = waiting

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import gc
 import os
+import socket
 import threading
 import time
 import weakref
@@ -130,6 +131,42 @@ async def test_a_function_whose_call_ended_waiting_gets_threads_at_once_next_tim
         assert pool.statistics()["queued"] == 0
         gate.set()
         assert await asyncio.wait_for(asyncio.gather(*second), WAIT) == list(range(4, 9))
+
+
+@pytest.mark.skipif(
+    not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/wchan"),
+    reason="where a thread sleeps is read from Linux's /proc/self/task/<tid>/wchan",
+)
+async def test_while_the_loop_runs_late_calls_blocked_in_io_give_their_slot_at_once(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thread in recv() sleeps outside a futex, so it cannot be waiting for
+    # the GIL: its slot goes to a pending call without waiting a whole window.
+    measure_as(monkeypatch, computing=False)
+    monkeypatch.setattr(workers_module, "WINDOW", 3600.0)  # no call waits a whole window
+    reader, writer = socket.socketpair()
+    async with offloop.ThreadPool(8, name="late-io") as pool:
+        original = pool_module.ThreadPool._rebalance
+        monkeypatch.setattr(
+            pool_module.ThreadPool,
+            "_rebalance",
+            lambda self, channel, loop, due: original(self, channel, loop, due - 1.0),
+        )
+        calls = [pool.run(reader.recv, 1) for _ in range(4)]
+        # All four block in recv at once, on two slots, though the loop stays late.
+        await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four calls in recv")
+        with pool._lock:
+            assert all(w.prev_wall < 0 for w in pool._workers if w.waiting)  # none by window
+        monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", original)
+        writer.sendall(b"abcd")
+        assert sorted(await asyncio.wait_for(asyncio.gather(*calls), WAIT)) == [
+            b"a",
+            b"b",
+            b"c",
+            b"d",
+        ]
+    reader.close()
+    writer.close()
 
 
 async def test_while_the_loop_runs_late_only_calls_waiting_a_whole_window_give_their_slot(

@@ -396,10 +396,16 @@ class ThreadPool(ThreadPoolLifecycle):
                 # waiting for the GIL that a computing call holds (C code
                 # such as zlib keeps it for its whole run): while the loop
                 # runs late, a waiting call's slot is given away only once it
-                # has waited over a whole window (a GIL wait is not that long).
-                # Not never: under steady CPU load the loop is always late,
-                # and blocked calls would hold their slots for nothing.
-                sure = sum(1 for w in self._workers if w.waiting and w.prev_wall >= 0)
+                # has waited over a whole window (a GIL wait is not that long),
+                # or sleeps in the kernel outside a futex (in I/O or a timer,
+                # where no GIL wait is). Not never: under steady CPU load the
+                # loop is always late, and blocked calls would hold their
+                # slots for nothing.
+                sure = sum(
+                    1
+                    for w in self._workers
+                    if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
+                )
                 free = min(free, self._cpu_slots - (self._ready + self._running - sure))
             # A call that ended within a period since the last look means a
             # thread cycles through short calls: it takes the pending ones

@@ -48,7 +48,6 @@ critical sections:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import queue
@@ -611,29 +610,3 @@ class ThreadPool(ThreadPoolLifecycle):
             self._backlog -= 1
         else:
             self._idle += 1
-
-    def _cancel(self, call: OffloadFuture[Any]) -> bool:
-        """Handle ``cancel()`` of a call's future; returns whether to cancel it now."""
-        call.token.set("cancelled")
-        with self._lock:
-            if call._phase is QUEUED:
-                call._phase = SKIPPED
-                self._queued -= 1
-                self._cancelled += 1
-                # Not kept until a slot frees: its arguments may be large.
-                with contextlib.suppress(ValueError):  # dispatched: in the queue
-                    self._pending.remove(call)
-                return True
-            if call._phase is CANCELLING:
-                return False  # already deferred
-            if call._phase is not RUNNING:
-                return True  # finished, result in flight: the awaiter is gone anyway
-            self._cancelled += 1  # once: the phase is no longer RUNNING after this
-            if self._wait_on_cancel:
-                # Deferred: the worker turns the outcome into the cancellation
-                # once the function returns, which is what on_cancel="wait" means.
-                call._phase = CANCELLING
-                return False
-            call._phase = ABANDONED
-            self._abandoned += 1
-            return True

@@ -35,9 +35,13 @@ from ._detect.detector import (
     DetectorState,
     detect_blocking,
 )
+from ._loops.context import BoundContext, BoundContextState
 from ._loops.fromthread import from_thread
 from ._loops.loopthread import LoopThread, LoopThreadState
+from ._loops.portal import Portal, from_thread_sync
 from ._loops.shared import to_loop
+from ._loops.target import set_from_thread_loop
+from ._loops.tasks import TaskHandle, task_ready
 from ._process.dask import DaskPool
 from ._process.pool import ProcessPool, default_process_pool, to_process
 from ._services.aiohttp_app import AiohttpService
@@ -59,6 +63,8 @@ __all__ = [
     "BlockEvent",
     "BlockSite",
     "BlockingDetector",
+    "BoundContext",
+    "BoundContextState",
     "CallerGoneError",
     "DaskPool",
     "DetectorState",
@@ -70,6 +76,7 @@ __all__ = [
     "OffloadFuture",
     "OffloopError",
     "PoolClosedError",
+    "Portal",
     "ProcessPool",
     "Service",
     "ServiceFailed",
@@ -78,6 +85,7 @@ __all__ = [
     "StopToken",
     "Supervisor",
     "SupervisorState",
+    "TaskHandle",
     "ThreadPool",
     "ThreadedIterator",
     "WSGIService",
@@ -90,7 +98,10 @@ __all__ = [
     "default_thread_pool",
     "detect_blocking",
     "from_thread",
+    "from_thread_sync",
     "iterate",
+    "set_from_thread_loop",
+    "task_ready",
     "threaded",
     "to_loop",
     "to_process",

@@ -27,6 +27,7 @@ from ._core.errors import (
     WouldDeadlockError,
 )
 from ._core.offload import OffloadFuture
+from ._core.poolexecutor import PoolExecutorView
 from ._core.token import StopToken, current_token
 from ._detect.detector import (
     BlockEvent,
@@ -76,6 +77,7 @@ __all__ = [
     "OffloadFuture",
     "OffloopError",
     "PoolClosedError",
+    "PoolExecutorView",
     "Portal",
     "ProcessPool",
     "Service",

@@ -28,6 +28,7 @@ from .._core.validate import (
 )
 from .context import BoundContext
 from .crossing import (
+    TOKEN_SET,
     CallHost,
     Reply,
     refuse_on_running_loop,
@@ -157,7 +158,7 @@ class Portal:
         """
         where = "Portal.call_sync()"
         refuse_on_running_loop(where, "Call the function directly: you are on a loop's thread.")
-        check_sync_callable(fn, where, "Portal.call()")
+        _check_sync(fn, where, "portal.call()")
         return _call_sync(self._resolve(), fn, args, kwargs, where, self._timeout)
 
     # -- crossings that return at once --------------------------------------
@@ -302,6 +303,20 @@ class Portal:
         return None, target, token
 
 
+def _check_sync(fn: Any, where: str, instead: str) -> None:
+    # The shared check's message speaks of workers; here fn runs on a loop.
+    try:
+        check_sync_callable(fn, where, instead)
+    except TypeError:
+        if not callable(fn):
+            raise
+        raise TypeError(
+            f"{where} runs a sync function on the loop's thread, but {describe(fn)} is a "
+            f"coroutine or generator function: calling it there would only create the "
+            f"coroutine or generator, not run it. For a coroutine function use {instead}."
+        ) from None
+
+
 def _schedule(
     loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any, ctx: Any
 ) -> None:
@@ -325,12 +340,26 @@ def _call_sync(
     host, loop, token = target
     refuse_when_stopped(token, where, fn)
     ctx = contextvars.copy_context()
-    reply = Reply(loop, host)
+    reply = _SyncReply(loop, host)
     if host is not None:
         host._submit(_start_call, reply, fn, args, kwargs, ctx)
     else:
         _schedule(loop, _start_call, reply, fn, args, kwargs, ctx=ctx)
     return wait_reply(reply, token, where, fn, timeout)  # type: ignore[no-any-return]
+
+
+class _SyncReply(Reply):
+    """A sync function's crossing: a stop is decided at once, not on the loop.
+
+    The function runs whole in one callback, so there is no half-done work to
+    cancel: whichever posts first, the function's outcome or the stop, wins.
+    A busy loop then cannot keep a stopped caller waiting.
+    """
+
+    __slots__ = ()
+
+    def on_token(self, token: StopToken) -> None:
+        self.post(TOKEN_SET)
 
 
 def _start_call(
@@ -414,7 +443,7 @@ def from_thread_sync(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -
     """
     where = "offloop.from_thread_sync()"
     refuse_on_running_loop(where, "Call the function directly: you are on a loop's thread.")
-    check_sync_callable(fn, where, "offloop.from_thread()")
+    _check_sync(fn, where, "offloop.from_thread()")
     call = thread_state.call
     if call is not None and call.loop is not None:
         return _call_sync((None, call.loop, call.token), fn, args, kwargs, where, None)

@@ -146,9 +146,9 @@ def test_bad_arguments_are_refused_before_anything_runs() -> None:
         pass
 
     with pytest.raises(TypeError, match=r"For a coroutine function use offloop\.from_thread\(\)"):
-        from_thread_sync(coro)
+        from_thread_sync(coro)  # type: ignore[unused-coroutine]
     with pytest.raises(TypeError, match=r"portal\.call\(\)"):
-        Portal().call_sync(coro)
+        Portal().call_sync(coro)  # type: ignore[unused-coroutine]
     with pytest.raises(TypeError, match=r"Portal\.call"):
         Portal().call(len, "x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"Portal\(target=\.\.\.\)"):

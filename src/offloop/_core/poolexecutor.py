@@ -165,6 +165,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         # On a loop's thread, in the submitter's context (the pool copies it).
         if future.cancelled():
             self._forget(future)
+            future.set_running_or_notify_cancel()  # see cancel_call
             return
         try:
             call = self._pool.run(fn, *args, **kwargs)
@@ -177,8 +178,10 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             return
         loop = call.get_loop()
 
-        def cancel_call(done: cf.Future[Any]) -> None:  # any thread
+        def cancel_call(done: cf.Future[Any]) -> None:  # any thread, once, as it is done
             if done.cancelled():
+                # Tell cf.wait() and as_completed() waiters: cancel() alone does not.
+                done.set_running_or_notify_cancel()
                 with contextlib.suppress(RuntimeError):  # a closed loop cancelled it already
                     loop.call_soon_threadsafe(call.cancel)
 

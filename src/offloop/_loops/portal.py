@@ -15,7 +15,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, ParamSpec, TypeVar, final
 
@@ -237,7 +237,7 @@ class Portal:
 
     def iterate(
         self, fn: Callable[P, AsyncIterator[T]], /, *args: P.args, **kwargs: P.kwargs
-    ) -> Iterator[T]:
+    ) -> Generator[T, None, None]:
         """Consume the async iterator ``fn(*args, **kwargs)`` from sync code.
 
         The mirror of :func:`offloop.iterate`: ``fn`` (an async generator
@@ -266,7 +266,7 @@ class Portal:
 
     def _iterate(
         self, fn: Callable[..., AsyncIterator[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Iterator[T]:
+    ) -> Generator[T, None, None]:
         target = self._resolve()
         ait = self._pinned(target).call(_open_iterator, fn, args, kwargs)
         pinned = self._pinned(target)

@@ -119,6 +119,8 @@ class TaskHandle(Generic[R]):
         Returns at once: the task's cleanup (``finally``, ``async with``
         exits) runs on its loop after this returns.
         """
+        if self._future.done():
+            return False
         return self._future.cancel()
 
     def ready(self, *, timeout: float | None = None) -> Any:
@@ -173,8 +175,11 @@ class TaskHandle(Generic[R]):
             while not future.done():
                 # In slices: a bare loop closed under the wait never settles the task.
                 step = POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout - waited)
-                if step <= 0 or cf.wait([future], step).done:
+                if step <= 0:
                     break
+                # Not cf.wait(): it misses a cancel() until the canceller notifies.
+                with contextlib.suppress(cf.TimeoutError, cf.CancelledError):
+                    future.exception(step)
                 waited += step
                 if self._loop.is_closed() and not future.done():
                     self._future.cancel()
@@ -206,6 +211,8 @@ class TaskHandle(Generic[R]):
         if self._token is not None:
             self._token.remove_callback(self._on_token)
         if future.cancelled():
+            # Tell cf.wait() and as_completed() waiters: cancel() alone does not.
+            future.set_running_or_notify_cancel()
             self._ready.cancel()
             # A closed loop took the task with it.
             with contextlib.suppress(RuntimeError):

@@ -110,12 +110,14 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             kwargs = {**wrapped.keywords, **kwargs}
         future: cf.Future[Any] = cf.Future()
         with self._lock:
-            if self._shut:
-                raise RuntimeError(
-                    f"{self!r} is shut down and takes no new calls (cannot schedule new "
-                    f"futures after shutdown)."
-                )
-            self._outstanding.add(future)
+            shut = self._shut
+            if not shut:
+                self._outstanding.add(future)
+        if shut:
+            raise RuntimeError(
+                f"{self!r} is shut down and takes no new calls (cannot schedule new futures "
+                f"after shutdown). Make a new one with pool.executor()."
+            )
         loop = _get_running_loop()
         try:
             if loop is not None:

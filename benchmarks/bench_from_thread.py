@@ -426,6 +426,15 @@ def executor_view() -> None:
 
         return lambda: float(bg.submit(body()))
 
+    def pool_sequential() -> float:
+        async def body() -> float:
+            start = time.perf_counter()
+            for _ in range(EXECUTOR_CALLS):
+                await pool.run(noop)
+            return (time.perf_counter() - start) / EXECUTOR_CALLS
+
+        return float(bg.submit(body()))
+
     def pool_burst() -> float:
         # The same burst through pool.run itself: the view's own share of the cost.
         async def body() -> float:
@@ -445,6 +454,7 @@ def executor_view() -> None:
         ours_burst: burst(ours_burst, view),
         theirs_burst: burst(theirs_burst, default),
         f"pool.run itself: {BURST} x sleep(1 ms) gathered": pool_burst,
+        "pool.run itself, sequential": pool_sequential,
     }
     try:
         results = interleaved(cases, ROUNDS)

@@ -130,6 +130,8 @@ class BoundContext(Generic[T]):
         handle, request = self._handle, self._request
         assert handle is not None
         assert request is not None
+        if handle.future.cancelled():
+            return False  # cancelled (its loop closing, its worker stopped): exited already
         loop = request.get_loop()
         try:
             loop.call_soon_threadsafe(_request_exit, request, (exc_type, exc, tb))

@@ -267,9 +267,8 @@ class Portal:
     def _iterate(
         self, fn: Callable[..., AsyncIterator[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Generator[T, None, None]:
-        target = self._resolve()
-        ait = self._pinned(target).call(_open_iterator, fn, args, kwargs)
-        pinned = self._pinned(target)
+        pinned = self._pinned(self._resolve())
+        ait = pinned.call(_open_iterator, fn, args, kwargs)
         try:
             while True:
                 item = pinned.call(_next_item, ait)

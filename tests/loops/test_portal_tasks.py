@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import contextvars
+import gc
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -217,6 +218,18 @@ def test_context_enters_and_exits_on_the_loop(lt: offloop.LoopThread) -> None:
 def test_context_left_open_exits_when_the_loop_thread_closes() -> None:
     lt = offloop.LoopThread(name="ctx-close").start()
     resource = Portal(lt).context(Resource, "kept open").enter()
+    assert resource.log[-1][0] == "enter"
+    lt.close()
+    assert resource.log[-1][0] == "exit CancelledError"
+
+
+def test_a_context_whose_handle_is_dropped_stays_open_until_close() -> None:
+    # Only the entered value is kept: the task holding the context must not
+    # be garbage collected mid-wait (a loop holds its tasks weakly).
+    lt = offloop.LoopThread(name="ctx-dropped").start()
+    resource = Portal(lt).context(Resource, "dropped").enter()
+    gc.collect()
+    assert lt.call(asyncio.sleep, 0, "alive") == "alive"
     assert resource.log[-1][0] == "enter"
     lt.close()
     assert resource.log[-1][0] == "exit CancelledError"

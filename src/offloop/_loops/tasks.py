@@ -36,6 +36,14 @@ _current: Final[contextvars.ContextVar[TaskHandle[Any] | None]] = contextvars.Co
 )
 
 
+# Every task started here until it ends. A loop holds its tasks only weakly:
+# a task waiting on a future that only it references (BoundContext's exit
+# request, once the caller kept the entered value and dropped the rest) would
+# be garbage collected mid-wait ("Task was destroyed but it is pending").
+# set.add and set.discard are atomic, so loops in several threads may share it.
+_live: Final[set[asyncio.Task[None]]] = set()
+
+
 def task_ready(value: Any = None) -> None:
     """Tell the thread that started this task (``Portal.start_task``) that it is ready.
 
@@ -241,10 +249,13 @@ class TaskHandle(Generic[R]):
             self._finish(False, exc)
             return
         try:
-            self._task = self._loop.create_task(self._run(coro))
+            self._task = task = self._loop.create_task(self._run(coro))
         except BaseException as exc:  # a task factory that raised
             coro.close()
             self._finish(False, exc)
+            return
+        _live.add(task)
+        task.add_done_callback(_live.discard)
 
     async def _run(self, coro: Coroutine[Any, Any, R]) -> None:
         _current.set(self)

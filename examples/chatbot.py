@@ -8,9 +8,9 @@ One process runs, side by side and under one :class:`offloop.Supervisor`:
 - ``aiohttp``: an aiohttp app on the same event loop (:class:`offloop.AiohttpService`);
 - ``watcher``: a watchdog observer on a folder (:class:`offloop.WatchService`),
   its events handled by an ``async def`` on the loop;
-- ``loop``: a ``while True`` + ``time.sleep`` loop, in its own thread,
-  writing a file into the watched folder on every turn; its
-  :class:`offloop.StopToken` replaces the sleep so it stops at once.
+- ``loop``: what was a ``while True`` + ``time.sleep`` loop, now a periodic
+  service (``@sv.every``): every tick a run in its own thread writes a file
+  into the watched folder, on a schedule that does not drift.
 
 Ctrl-C stops everything within a second (``grace=1``). Run it with
 ``python -m offloop demo`` or ``python examples/chatbot.py [--seconds N]``,
@@ -98,17 +98,15 @@ def build_with_stats(
 
     sv.add(offloop.WatchService(folder, on_file, patterns=["*.txt"], name="watcher"))
 
-    # -- a `while True` loop, in its own thread, stoppable -----------------------------
-    @sv.service(name="loop")
-    def write_notes(token: offloop.StopToken) -> None:
-        n = 0
-        # `while True: time.sleep(interval)` would ignore Ctrl-C; the token wakes it.
-        while not token.wait(interval):
-            n += 1
-            (folder / f"note-{n}.txt").write_text(f"note {n}\n")
-            stats["files_written"] += 1
-            say("loop", f"wrote note-{n}.txt (thread {threading.current_thread().name})")
-        say("loop", "stop requested: leaving the while loop")
+    # -- the `while True` loop, as a periodic service ----------------------------------
+    # `while True: write(); time.sleep(interval)` ignored Ctrl-C and drifted by the
+    # time each turn took. Each run is now one turn, in a thread of its own, due on
+    # a fixed grid; a run that raised would be restarted like any service.
+    @sv.every(interval, first=interval, name="loop")
+    def write_note() -> None:
+        n = stats["files_written"] = stats["files_written"] + 1
+        (folder / f"note-{n}.txt").write_text(f"note {n}\n")
+        say("loop", f"wrote note-{n}.txt (thread {threading.current_thread().name})")
 
     # -- the bot: a coroutine that must keep ticking -----------------------------------
     @sv.service(name="bot")
@@ -116,6 +114,9 @@ def build_with_stats(
         say("demo", f"ready: every service is running (watching {folder})")
         say("demo", f"open {web_flask.url}/  (Flask through offloop.WSGIService)")
         say("demo", f"open {web_aio.url}/  (aiohttp through offloop.AiohttpService)")
+        say(
+            "demo", f"the loop writes a note every {interval:g}s (@sv.every: a drift-free schedule)"
+        )
         say("demo", "press Ctrl-C to stop")
         async with aiohttp.ClientSession() as session:
             while True:

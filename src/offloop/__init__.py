@@ -48,8 +48,10 @@ from ._process.pool import ProcessPool, default_process_pool, to_process
 from ._services.aiohttp_app import AiohttpService
 from ._services.asgi import ASGIService
 from ._services.base import Service
+from ._services.schedule import ScheduleStatus
 from ._services.watch import WatchService
 from ._services.wsgi import WSGIService
+from ._supervisor.lifespan import lifespan
 from ._supervisor.status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor.supervisor import Supervisor
 from ._threads.iterate import ThreadedIterator, iterate, threaded
@@ -80,6 +82,7 @@ __all__ = [
     "PoolExecutorView",
     "Portal",
     "ProcessPool",
+    "ScheduleStatus",
     "Service",
     "ServiceFailed",
     "ServiceState",
@@ -102,6 +105,7 @@ __all__ = [
     "from_thread",
     "from_thread_sync",
     "iterate",
+    "lifespan",
     "set_from_thread_loop",
     "task_ready",
     "threaded",

@@ -52,7 +52,8 @@ def test_demo_runs_every_part_and_stops_by_itself() -> None:
     assert re.search(r"^loop +\| wrote note-1\.txt \(thread offloop-service-loop\)$", out, re.M)
     assert re.search(r"^watcher +\| saw note-1\.txt created$", out, re.M)
     assert "3 seconds are up: stopping" in out
-    assert re.search(r"^loop +\| stop requested: leaving the while loop$", out, re.M)
+    # The while-True loop is a periodic service now.
+    assert re.search(r"^demo +\| the loop writes a note every 0\.2s \(@sv\.every", out, re.M)
     assert re.search(r"stopped cleanly: bot ticked [1-9]\d* times, [1-9]\d* HTTP requests", out)
     states = re.search(r"final states: (.*)$", out, re.M)
     assert states is not None

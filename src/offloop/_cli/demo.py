@@ -2,7 +2,7 @@
 
 A chat-bot coroutine, a Flask app served through :class:`~offloop.WSGIService`,
 an aiohttp app, a :class:`~offloop.WatchService` on a temporary folder and a
-``while True`` loop in a thread, all under one
+periodic job (the ``while True`` loop, as ``@sv.every``), all under one
 :class:`~offloop.Supervisor`. Ctrl-C stops it within a second; ``--seconds N``
 stops it by itself.
 """
@@ -93,7 +93,7 @@ def register(subparsers: Any) -> None:
     """Add the ``demo`` subcommand."""
     parser = subparsers.add_parser(
         "demo",
-        help="run the demo program: a bot, Flask, aiohttp, a file watcher and a while-True loop",
+        help="run the demo program: a bot, Flask, aiohttp, a file watcher and a periodic job",
         # The docstring's reST quotes read as noise in a terminal.
         description=__doc__.splitlines()[0].replace("``", "") if __doc__ else None,
     )

@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``offloop`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The arguments as given: 'run --reload' passes them on to its child.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)

@@ -18,10 +18,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 from .._core.errors import ServiceFailed
 from .._core.validate import describe
+from .._supervisor.logs import LogFormat, make_handler
 from .._supervisor.signals import run_with_signals
 from .._supervisor.status import ServiceState
 from .._supervisor.statusserver import start_status_server
@@ -31,7 +33,6 @@ __all__ = ["load_supervisor", "register", "render_table"]
 
 logger: Final = logging.getLogger("offloop.cli")
 
-LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 #: The terminal control sequence that shows the cursor again (DECTCEM).
 SHOW_CURSOR: Final = b"\x1b[?25h"
 
@@ -84,6 +85,25 @@ def register(subparsers: Any) -> None:
         choices=["debug", "info", "warning", "error"],
         help="level of the log lines (default: info)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line for log collectors (implies --plain)",
+    )
+    parser.add_argument(
+        "--reload",
+        action="store_true",
+        help="run the program in a child process and restart it whenever a Python file "
+        "changes (needs offloop[reload])",
+    )
+    parser.add_argument(
+        "--reload-dir",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="with --reload: watch DIR (repeatable; default: the current directory)",
+    )
     parser.set_defaults(handler=main)
 
 
@@ -106,12 +126,20 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.reload or args.reload_dir:
+        return _reload(args)
+    from .reload import stop_with_parent
+
+    stop_with_parent()
     use_table = (
-        not args.plain and sys.stdout.isatty() and importlib.util.find_spec("rich") is not None
+        not args.plain
+        and args.log_format == "text"
+        and sys.stdout.isatty()
+        and importlib.util.find_spec("rich") is not None
     )
     try:
         sv = load_supervisor(args.target)
-        console = _setup_logging(args.log_level.upper(), use_table)
+        console = _setup_logging(args.log_level.upper(), use_table, args.log_format)
         return run_with_signals(
             sv,
             lambda: _serve(sv, args.status_port, console, args.detect_blocking),
@@ -123,6 +151,36 @@ def main(args: argparse.Namespace) -> int:
     except ServiceFailed as exc:
         logger.error("%s", exc)
         return 1
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from .._core.errors import MissingExtraError
+    from .._core.extras import require
+    from .._supervisor.logs import configure_logging
+    from .reload import child_argv, run_reloader
+
+    if not args.reload:
+        print("offloop run: error: --reload-dir needs --reload.", file=sys.stderr)
+        return 2
+    dirs = [Path(d).resolve() for d in args.reload_dir or [os.getcwd()]]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        print(
+            f"offloop run: error: --reload-dir {', '.join(missing)} is not a directory; "
+            f"name the folders that hold the program's source.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        require("watchfiles", "reload", feature="offloop run --reload")
+    except MissingExtraError as exc:
+        print(f"offloop run: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_format, args.log_level.upper())
+    argv = getattr(args, "argv", None)
+    if argv is None:  # main() called without the command line: rebuild the essentials
+        argv = ["run", args.target]
+    return run_reloader(child_argv(argv), dirs)
 
 
 def load_supervisor(target: str) -> Supervisor:
@@ -238,7 +296,7 @@ def _check_factory(factory: Any, target: str) -> None:
         ) from None
 
 
-def _setup_logging(level: str, use_table: bool) -> Any:
+def _setup_logging(level: str, use_table: bool, log_format: LogFormat = "text") -> Any:
     root = logging.getLogger()
     root.setLevel(level)
     if use_table:
@@ -249,9 +307,7 @@ def _setup_logging(level: str, use_table: bool) -> Any:
         root.addHandler(RichHandler(console=console, show_path=False))
         return console
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(handler)
+        root.addHandler(make_handler(log_format))
     return None
 
 

@@ -370,4 +370,13 @@ def log_block(event: BlockEvent) -> None:
     The default ``on_block`` of :class:`~offloop.BlockingDetector`: a WARNING for
     each finished block and for the early notice of a block still going on.
     """
-    logger.warning("%s", event.format())
+    # The fields are for offloop's JSON log lines (--log-format json).
+    fields = {
+        "event": "block",
+        "file": event.file,
+        "line": event.line,
+        "function": event.function,
+        "duration_ms": round(event.duration_ms, 3),
+        "ongoing": event.ongoing,
+    }
+    logger.warning("%s", event.format(), extra={"offloop_fields": fields})

@@ -12,6 +12,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from .._services.schedule import ScheduleStatus
+
 __all__ = ["ServiceState", "ServiceStatus", "SupervisorState"]
 
 
@@ -62,6 +64,9 @@ class ServiceStatus:
         started_at: the wall-clock time (``time.time()``) it last became ready,
             or ``None`` if it never did.
         last_error: the exception of its last crash, or ``None``.
+        schedule: for a service added with ``@sv.every`` or ``@sv.cron``, its
+            :class:`ScheduleStatus` (next run, last run's duration and error);
+            else ``None``.
     """
 
     name: str
@@ -69,6 +74,7 @@ class ServiceStatus:
     restarts: int
     started_at: float | None
     last_error: BaseException | None
+    schedule: ScheduleStatus | None = None
 
     @property
     def uptime(self) -> float | None:
@@ -78,13 +84,16 @@ class ServiceStatus:
         return max(0.0, time.time() - self.started_at)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the error becomes its one-line description)."""
+        """A JSON-ready dict (the error becomes its one-line description).
+
+        A scheduled service's adds ``"schedule"``: :meth:`ScheduleStatus.to_dict`.
+        """
         error = None
         if self.last_error is not None:
             error = "".join(
                 traceback.format_exception_only(type(self.last_error), self.last_error)
             ).strip()
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "state": self.state.value,
             "restarts": self.restarts,
@@ -92,6 +101,9 @@ class ServiceStatus:
             "uptime": self.uptime,
             "last_error": error,
         }
+        if self.schedule is not None:  # only scheduled services have one
+            out["schedule"] = self.schedule.to_dict()
+        return out
 
     def __repr__(self) -> str:
         parts = [f"{self.name!r} {self.state.value}", f"restarts={self.restarts}"]

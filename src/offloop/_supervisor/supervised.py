@@ -15,6 +15,7 @@ from typing import Final, Protocol
 
 from .._core.restart import RestartPolicy, RestartTracker
 from .._services.base import Service, ServiceInterrupted
+from .._services.schedule import ScheduledService
 from .status import ServiceState, ServiceStatus
 
 __all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "RecordKeeper", "Supervised"]
@@ -74,7 +75,11 @@ class Supervised:
 
     def status(self) -> ServiceStatus:
         """A snapshot for :meth:`Supervisor.status`."""
-        return ServiceStatus(self.name, self.state, self.restarts, self.started_at, self.last_error)
+        svc = self.service
+        schedule = svc.schedule if isinstance(svc, ScheduledService) else None
+        return ServiceStatus(
+            self.name, self.state, self.restarts, self.started_at, self.last_error, schedule
+        )
 
     def end(self, state: ServiceState) -> None:
         """Enter a final state; whoever waits for readiness stops waiting."""

@@ -22,6 +22,9 @@ from .._core.restart import RestartMode, RestartPolicy
 from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
+from .embed import Embedding, HostLifecycle, OnFailure
+from .jobs import JobDecorators
+from .logs import LogFormat
 from .status import ServiceState, ServiceStatus, SupervisorState
 from .supervised import SHUTDOWN_OVERRUN, Supervised
 
@@ -43,13 +46,15 @@ _ST = ServiceState
 _SV = SupervisorState
 
 
-class Supervisor:
+class Supervisor(HostLifecycle, JobDecorators):
     """Runs services side by side: restarts them when they crash, stops them in bounded time.
 
-    Register ``async def`` / ``def`` functions with :meth:`service` and
-    adapters (or your own :class:`~offloop.Service` subclasses) with
-    :meth:`add`, then run them with ``async with sv:``, ``await sv.serve()`` or,
-    from a script, ``sv.run()``. A supervisor runs once.
+    Register ``async def`` / ``def`` functions with :meth:`service` (scheduled
+    ones with :meth:`every` and :meth:`cron`) and adapters (or your own
+    :class:`~offloop.Service` subclasses) with :meth:`add`, then run them with
+    ``async with sv:``, ``await sv.serve()`` or, from a script, ``sv.run()``;
+    inside a framework that owns the loop, call :meth:`start` and :meth:`aclose`
+    from its startup and shutdown hooks. A supervisor runs once.
 
     Args:
         grace: seconds the whole shutdown may take. Services are asked to stop
@@ -63,11 +68,18 @@ class Supervisor:
             86400, the detector's range). Each block
             is logged with the line that blocked (``offloop.detector`` logger);
             :attr:`detector` gives the report afterwards.
+        on_failure: called with the :class:`~offloop.ServiceFailed`, on the
+            supervisor's loop, when a service fails beyond its restart policy
+            after every service was ready (an awaitable it returns is run as a
+            task). With it, a supervisor started by :meth:`start` does nothing
+            else; without it, :meth:`start`'s default stops the host (see
+            there). Under ``async with``, :meth:`serve` and :meth:`run` the
+            failure is raised as well.
 
     Raises:
         TypeError, ValueError: ``grace`` is not a finite number of seconds >= 0,
-            or ``detect_blocking`` is neither a bool nor a number of seconds
-            from 0.01 to 86400.
+            ``detect_blocking`` is neither a bool nor a number of seconds
+            from 0.01 to 86400, or ``on_failure`` is not callable.
     """
 
     def __init__(
@@ -76,6 +88,7 @@ class Supervisor:
         grace: float = 5.0,
         name: str | None = None,
         detect_blocking: bool | float | None = None,
+        on_failure: OnFailure | None = None,
     ) -> None:
         # Finite: the signal watchdog waits grace plus a margin, and the
         # shutdown's deadline is computed from it.
@@ -113,6 +126,7 @@ class Supervisor:
         # Loop time by which the shutdown has ended (grace plus its overrun):
         # run() gives the tasks left on its loop what remains of it.
         self._stop_deadline: float | None = None
+        self._embed = Embedding(self, on_failure)
 
     # -- registration ------------------------------------------------------------------
 
@@ -340,6 +354,7 @@ class Supervisor:
         else:
             self._state = _SV.RUNNING
             logger.info("%s: all %d service(s) ready", self.name, len(self._entries))
+            self._embed.changed()
             self._check_all_ended()
         self._in_body = True
         return self
@@ -381,7 +396,8 @@ class Supervisor:
         """Run the services until :meth:`stop` is called, every service ended, or one failed.
 
         Starts and stops them itself when called on a new supervisor; inside
-        ``async with sv:`` it just waits.
+        ``async with sv:`` or after :meth:`start` it just waits. To know when
+        the services are up, await :meth:`wait_ready` in another task.
 
         Raises:
             ServiceFailed: a service failed beyond its restart policy.
@@ -391,7 +407,7 @@ class Supervisor:
             async with self:
                 await self._serve_inside()
             return
-        if not self._in_body:
+        if not self._in_body and not (self._embed.started and self._state is _SV.RUNNING):
             raise RuntimeError(self._illegal_start("serve"))
         await self._serve_inside()
 
@@ -407,8 +423,14 @@ class Supervisor:
         if self._failure is not None:
             raise self._failure
 
-    def run(self) -> int:
+    def run(self, *, log_format: LogFormat = "text") -> int:
         """Run the services on a new event loop until stopped; the blocking entry point for scripts.
+
+        Unless the application has configured logging (the root logger has a
+        handler), it logs to stderr at INFO as ``offloop run`` does:
+        ``log_format="json"`` writes one JSON object per line, with an
+        ``event`` field for service state changes, restarts, crashes, blocks
+        and abandoned calls.
 
         Installs SIGINT and SIGTERM handlers (in the main thread): the first
         signal stops the services gracefully (within ``grace`` seconds) and
@@ -422,9 +444,14 @@ class Supervisor:
             ServiceFailed: a service failed beyond its restart policy.
             RuntimeError: called from a running event loop (use ``await
                 sv.serve()`` there), or the supervisor has already run.
+            ValueError: ``log_format`` is neither ``"text"`` nor ``"json"``.
         """
+        from .logs import check_log_format, configure_logging
         from .signals import run_with_signals
 
+        fmt = check_log_format(log_format, "Supervisor.run()")
+        if self._state is _SV.NEW and not _loop_running():  # else run_with_signals refuses
+            configure_logging(fmt)
         return run_with_signals(self, self.serve)
 
     def stop(self) -> None:
@@ -497,6 +524,7 @@ class Supervisor:
         failure.__cause__ = crash
         self._failure = failure
         logger.error("%s: %s Stopping the other services.", self.name, failure)
+        self._embed.failed(failure)
         self._request_shutdown(f"service {e.name!r} failed")
         # Like a TaskGroup: interrupt the 'async with' body so the failure surfaces now.
         self._cut_body_short(f"service {e.name!r} failed")
@@ -531,6 +559,7 @@ class Supervisor:
             assert self._shutdown_requested is not None
             if self._state is not _SV.STOPPED:
                 self._state = _SV.STOPPING
+                self._embed.changed()
             logger.info("%s: stopping (%s), grace %gs", self.name, reason, self.grace)
             self._shutdown_task = loop.create_task(
                 self._shutdown(), name=f"offloop-shutdown-{self.name}"
@@ -564,4 +593,13 @@ class Supervisor:
             # it wakes on the stop request, so the loop waits a moment at most.
             self._detector.stop()
         self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
+        self._embed.changed()
         logger.info("%s: stopped", self.name)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -1,0 +1,135 @@
+"""``@sv.cron("30 18 * * *")``: the plan of a cron schedule, from the ``cronsim`` package.
+
+cronsim (the ``[cron]`` extra) parses the expression and walks its due times;
+it is the parser behind healthchecks.io, has no dependencies and follows
+time-zone rules (a run at 02:30 on the night the clocks skip 02:00-03:00 is
+run once, as cron does). The plan works in wall-clock seconds
+(``time.time()``), the time line of :class:`~offloop._services.schedule.WallClock`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Final
+
+from .._core.extras import require
+from .._core.validate import describe
+from .periodic import check_policies, make_scheduled
+from .schedule import MISSED_AFTER, Clock, ScheduledService, WallClock
+
+__all__ = ["CronPlan", "make_cron"]
+
+#: How many due times ``reached`` walks after a long sleep before it stops counting:
+#: a per-minute schedule asleep for a week has about 10,000.
+COUNT_LIMIT: Final = 100_000
+
+
+class CronPlan:
+    """The due times of a cron expression in a time zone (``None``: the machine's local time)."""
+
+    def __init__(self, expr: str, tz: dt.tzinfo | None, tz_name: str) -> None:
+        self._cronsim = require("cronsim", "cron", feature="Supervisor.cron")
+        self.expr = expr
+        self.tz = tz
+        self.tz_name = tz_name
+        self._walk(0.0)  # refuses a bad expression now, at decoration time
+
+    def _walk(self, t: float) -> Any:
+        # Naive local datetimes for tz=None: .timestamp() of a naive one reads it
+        # as local time, DST included, as cron on the machine would.
+        start = dt.datetime.fromtimestamp(t, self.tz).replace(microsecond=0)
+        return iter(self._cronsim.CronSim(self.expr, start))
+
+    def first(self, now: float) -> float:
+        return self.after(now)
+
+    def after(self, t: float) -> float:
+        for when in self._walk(t):
+            stamp = float(when.timestamp())
+            if stamp > t:
+                return stamp
+        raise AssertionError("cronsim's walk ended")  # pragma: no cover - it is endless
+
+    def reached(self, due: float, now: float) -> tuple[float, int]:
+        latest, passed = due, 0
+        for when in self._walk(due):
+            stamp = float(when.timestamp())
+            if stamp <= due:
+                continue
+            if stamp > now or passed >= COUNT_LIMIT:
+                break
+            latest, passed = stamp, passed + 1
+        return latest, passed
+
+    def window(self, due: float) -> float:
+        return min(self.after(due) - due, MISSED_AFTER)
+
+    def describe(self) -> str:
+        return f"cron {self.expr!r} ({self.tz_name})"
+
+
+def _zone(tz: object) -> tuple[dt.tzinfo | None, str]:
+    if tz is None:
+        return None, "local time"
+    if isinstance(tz, dt.tzinfo):
+        return tz, str(tz)
+    if isinstance(tz, str) and tz:
+        import zoneinfo
+
+        try:
+            return zoneinfo.ZoneInfo(tz), tz
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"@Supervisor.cron got tz={tz!r}, which is not a time zone this machine knows. "
+                f"Pass an IANA name such as 'Europe/Paris' or 'UTC' (on a machine without the "
+                f"system's zone database, install the 'tzdata' package), or None for local time."
+            ) from None
+    raise TypeError(
+        f"@Supervisor.cron needs tz to be an IANA time-zone name (e.g. 'UTC'), a "
+        f"datetime.tzinfo or None (local time), got {describe(tz)}."
+    )
+
+
+def make_cron(
+    fn: Any,
+    expr: object,
+    *,
+    tz: object,
+    overlap: object,
+    missed: object,
+    name: str | None,
+    clock: Clock | None = None,
+) -> ScheduledService:
+    """The service behind ``@sv.cron``; every argument is checked before anything happens.
+
+    Raises:
+        TypeError, ValueError: as documented on ``Supervisor.cron``.
+        MissingExtraError: the ``[cron]`` extra is not installed.
+    """
+    where = "@Supervisor.cron"
+    if not isinstance(expr, str):
+        raise TypeError(
+            f"{where} needs the schedule as a cron expression str such as '30 18 * * *' "
+            f"(minute hour day-of-month month day-of-week), got {describe(expr)}."
+        )
+    zone, zone_name = _zone(tz)
+    ov, mi = check_policies(overlap, missed, where)
+    try:
+        plan = CronPlan(expr, zone, zone_name)
+    except Exception as exc:
+        cronsim = require("cronsim", "cron", feature="Supervisor.cron")
+        if not isinstance(exc, cronsim.CronSimError):
+            raise
+        raise ValueError(
+            f"{where} cannot read the cron expression {expr!r}: {exc}. It needs five fields, "
+            f"minute hour day-of-month month day-of-week, e.g. '30 18 * * *' for 18:30 daily."
+        ) from None
+    return make_scheduled(
+        fn,
+        plan,
+        where,
+        name=name,
+        overlap=ov,
+        missed=mi,
+        clock=clock if clock is not None else WallClock(),
+    )

@@ -1,0 +1,439 @@
+"""Services that run a function on a schedule: ``@sv.every`` and ``@sv.cron``.
+
+One :class:`ScheduledService` drives both. A *plan* (``periodic.py``'s
+:class:`~offloop._services.periodic.EveryPlan`, ``cron.py``'s
+:class:`~offloop._services.cron.CronPlan`) says when runs are due; the
+service sleeps on a :class:`Clock` until the next due time and starts a run
+there. The next due time always comes from the plan, never from the end of
+the last run, so a slow run or a late wake-up does not push the schedule back.
+
+Each run is one call of the function: an ``async def`` as a task on the
+supervisor's loop, a plain ``def`` in a thread of its own (named
+``offloop-service-<name>``) with the service's :class:`~offloop.StopToken`.
+A run that raises ends the service's run as a crash, so the supervisor's
+restart policy applies; a restart begins a fresh schedule.
+
+Missed runs: a due time reached more than ``plan.window(due)`` late (the
+program was blocked, or the machine asleep) is *missed*. ``missed="skip"``
+drops it and waits for the next due time; ``missed="run_once"`` makes up for
+all the missed ones with one run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+from .._core.errors import OffloopError
+from .._core.token import StopToken, WorkerCall, thread_state
+from .._core.validate import describe
+from .base import ServiceInterrupted
+from .functions import FunctionService, describe_thread
+from .lifecycle import LifecycleState
+
+__all__ = [
+    "MISSED_AFTER",
+    "Clock",
+    "LoopClock",
+    "Missed",
+    "Overlap",
+    "Plan",
+    "ScheduleStatus",
+    "ScheduledService",
+    "WallClock",
+]
+
+logger: Final = logging.getLogger("offloop.supervisor")
+
+Overlap = Literal["skip", "queue", "allow"]
+Missed = Literal["skip", "run_once"]
+
+#: A run reached more than this late is missed, however long its period: a
+#: daily digest posted an hour late is a different decision from one a
+#: second late, and ``missed=`` is where the user makes it.
+MISSED_AFTER: Final = 60.0
+
+#: The longest single sleep on the wall clock: it is checked again after that,
+#: since the wall clock can jump (NTP, a suspended machine) and a sleep on the
+#: loop's monotonic clock does not see it.
+WALL_NAP: Final = 30.0
+
+
+class Clock(Protocol):
+    """The time line a schedule runs on (seconds); tests inject their own."""
+
+    def now(self) -> float:
+        """The current time on this clock."""
+        ...
+
+    async def sleep_until(self, when: float) -> None:
+        """Return once ``now() >= when`` (or a little later)."""
+        ...
+
+    def to_wall(self, when: float) -> float:
+        """``when`` as ``time.time()`` would give it, for the status."""
+        ...
+
+
+class LoopClock:
+    """The event loop's monotonic clock, for ``every``: immune to wall-clock jumps."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep_until(self, when: float) -> None:
+        loop = asyncio.get_running_loop()
+        # call_at with the absolute time: no delay recomputed from a stale 'now'.
+        wake = loop.create_future()
+        handle = loop.call_at(when, _settle, wake)
+        try:
+            await wake
+        finally:
+            handle.cancel()
+
+    def to_wall(self, when: float) -> float:
+        return time.time() + (when - asyncio.get_running_loop().time())
+
+
+class WallClock:
+    """``time.time()``, for cron: the schedule is in wall-clock terms."""
+
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep_until(self, when: float) -> None:
+        while (left := when - time.time()) > 0:
+            await asyncio.sleep(min(left, WALL_NAP))
+
+    def to_wall(self, when: float) -> float:
+        return when
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Plan(Protocol):
+    """When the runs of a schedule are due, on its clock's time line."""
+
+    def first(self, now: float) -> float:
+        """The first due time of a schedule started at ``now``."""
+        ...
+
+    def after(self, t: float) -> float:
+        """The first due time strictly after ``t``."""
+        ...
+
+    def window(self, due: float) -> float:
+        """How late the run due at ``due`` may start before it counts as missed."""
+        ...
+
+    def reached(self, due: float, now: float) -> tuple[float, int]:
+        """The latest due time at or before ``now`` (``due`` at least), and how many come
+        between ``due`` and it (``due`` excluded)."""
+        ...
+
+    def describe(self) -> str:
+        """The schedule in words, for reprs and logs."""
+        ...
+
+
+@dataclass(frozen=True)
+class ScheduleStatus:
+    """The schedule of an ``@sv.every`` or ``@sv.cron`` service (``ServiceStatus.schedule``).
+
+    Attributes:
+        schedule: the schedule in words, e.g. ``"every 30s"`` or ``"cron '30 18 * * *' (UTC)"``.
+        next_run: the wall-clock time (``time.time()``) the next run is due, or
+            ``None`` while the service is not running.
+        runs: runs that ended since the service was added.
+        missed: due times that passed without their run on time (the program
+            was blocked or asleep), since the service was added.
+        overlapped: due times that found the previous run still going and were
+            skipped (``overlap="skip"``) or folded into one queued run.
+        last_duration: seconds the last finished run took, or ``None``.
+        last_error: the exception the last run raised, or ``None`` if it returned.
+    """
+
+    schedule: str
+    next_run: float | None
+    runs: int
+    missed: int
+    overlapped: int
+    last_duration: float | None
+    last_error: BaseException | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the error becomes its ``repr``)."""
+        error = None if self.last_error is None else repr(self.last_error)
+        return {
+            "schedule": self.schedule,
+            "next_run": self.next_run,
+            "runs": self.runs,
+            "missed": self.missed,
+            "overlapped": self.overlapped,
+            "last_duration": self.last_duration,
+            "last_error": error,
+        }
+
+
+class _Run:
+    """One call of the function: its task or thread."""
+
+    __slots__ = ("task", "thread")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.thread: threading.Thread | None = None
+
+
+class ScheduledService(FunctionService):
+    """Runs a function whenever its plan says a run is due; see the module's docstring."""
+
+    _CLEAN_END = LifecycleState.ENDED
+
+    def __init__(
+        self,
+        fn: Callable[..., object],
+        name: str,
+        plan: Plan,
+        *,
+        is_async: bool,
+        pass_token: bool,
+        overlap: Overlap,
+        missed: Missed,
+        jitter: float = 0.0,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(fn, name)
+        self.plan = plan
+        self.is_async = is_async
+        self.pass_token = pass_token
+        self.overlap: Overlap = overlap
+        self.missed: Missed = missed
+        self.jitter = jitter
+        self.clock: Clock = clock if clock is not None else LoopClock()
+        self._rng = random.Random()
+        self._runs: set[_Run] = set()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._token: StopToken | None = None
+        self._queued = False
+        self._next: float | None = None
+        # Why the current service run is ending: None while it goes on.
+        self._ending: list[BaseException | None] | None = None
+        self._count = self._missed = self._overlapped = 0
+        self._last_duration: float | None = None
+        self._last_error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.name!r} {self._state.value} "
+            f"{self.plan.describe()} fn={describe(self.fn)}>"
+        )
+
+    @property
+    def schedule(self) -> ScheduleStatus:
+        """A snapshot of the schedule and the runs so far."""
+        wall = self._next if self._state is LifecycleState.RUNNING else None
+        return ScheduleStatus(
+            self.plan.describe(),
+            wall,
+            self._count,
+            self._missed,
+            self._overlapped,
+            self._last_duration,
+            self._last_error,
+        )
+
+    # -- the service's run -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._begin()
+        self._token = StopToken()
+        self._ending, self._queued = None, False
+        self._scheduler = asyncio.get_running_loop().create_task(
+            self._schedule(), name=f"offloop-schedule-{self.name}"
+        )
+        # Once the scheduler is done, the service's run ends with its last run.
+        self._scheduler.add_done_callback(self._scheduler_done)
+        self._ready()
+
+    async def stop(self) -> None:
+        done = self._mark_stopping()
+        if done is None:
+            return
+        self._wind_down(None)
+        await asyncio.wait({done})
+
+    def kill(self) -> list[str]:
+        self._wind_down(None)
+        return [
+            describe_thread(r.thread)
+            for r in list(self._runs)
+            if r.thread is not None and r.thread.is_alive()
+        ]
+
+    def _wind_down(self, error: BaseException | None) -> None:
+        """End the service's run: no new runs; stop those going on; finish once they ended."""
+        if self._ending is None:
+            self._ending = [error]
+        if self._token is not None:
+            self._token.set("service stopping" if error is None else "a run of it crashed")
+        scheduler = self._scheduler
+        if scheduler is not None and not scheduler.done():
+            scheduler.cancel("offloop service stopping")
+        for run in list(self._runs):
+            if run.task is not None:
+                run.task.cancel("offloop service stopping")
+        self._finish_if_idle()
+
+    def _finish_if_idle(self) -> None:
+        scheduler = self._scheduler
+        if self._ending is None or self._runs or (scheduler is not None and not scheduler.done()):
+            return
+        done = self._done
+        if done is not None:
+            self._next = None
+            self._finish(done, self._ending[0])
+
+    def _scheduler_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: it is the service's error, kept in _ending
+        self._finish_if_idle()
+
+    async def _schedule(self) -> None:
+        clock, plan = self.clock, self.plan
+        try:
+            due = plan.first(clock.now())
+            while True:
+                # As wall-clock time, computed here on the loop: status() may be
+                # asked from any thread, and the loop's clock needs its loop.
+                self._next = clock.to_wall(due)
+                delay = self._rng.uniform(0, self.jitter) if self.jitter else 0.0
+                await clock.sleep_until(due + delay)
+                now = max(clock.now(), due)
+                nxt = plan.after(now)
+                # The latest due time already reached, and how many came before it.
+                latest, passed = plan.reached(due, now)
+                on_time = now - latest <= plan.window(latest) + delay
+                missed = passed + (0 if on_time else 1)
+                if missed:
+                    self._missed += missed
+                    catch_up = not on_time and self.missed == "run_once"
+                    logger.warning(
+                        "service %r missed %d run(s) of %s (the program was blocked or asleep)%s",
+                        self.name,
+                        missed,
+                        plan.describe(),
+                        "; running once now to make up" if catch_up else "",
+                    )
+                if on_time or self.missed == "run_once":
+                    self._launch()
+                due = nxt
+        except Exception as e:  # a plan that failed (a bug): the service's run crashes
+            if self._ending is None:
+                self._ending = [e]
+            raise
+        finally:
+            self._next = None
+            if self._ending is None:
+                self._ending = [None]
+
+    # -- one run ---------------------------------------------------------------------------
+
+    def _launch(self) -> None:
+        if self._runs and self.overlap != "allow":
+            self._overlapped += 1
+            if self.overlap == "queue":
+                self._queued = True
+            return
+        run = _Run()
+        self._runs.add(run)
+        loop = asyncio.get_running_loop()
+        if self.is_async:
+            run.task = loop.create_task(self._run_async(run), name=f"offloop-run-{self.name}")
+        else:
+            token = self._token
+            assert token is not None
+            run.thread = threading.Thread(
+                target=self._run_sync,
+                args=(run, loop, token),
+                name=f"offloop-service-{self.name}",
+                daemon=True,
+            )
+            run.thread.start()
+
+    async def _run_async(self, run: _Run) -> None:
+        began = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            result = self.fn()
+            assert inspect.isawaitable(result)
+            await result
+        except asyncio.CancelledError:
+            if self._ending is None:  # cancelled by the function itself: a crash
+                error = OffloopError(f"A run of service {self.name!r} was cancelled.")
+        except KeyboardInterrupt as e:
+            error = ServiceInterrupted(
+                f"Service {self.name!r} raised KeyboardInterrupt, so its supervisor stops "
+                f"every service, as on Ctrl-C."
+            )
+            error.__cause__ = e
+        except Exception as e:
+            error = e
+        except BaseException as e:  # SystemExit: a crash of this service only
+            error = OffloopError(f"A run of service {self.name!r} raised {e!r}.")
+            error.__cause__ = e
+        self._run_ended(run, time.perf_counter() - began, error)
+
+    def _run_sync(self, run: _Run, loop: asyncio.AbstractEventLoop, token: StopToken) -> None:
+        thread_state.call = WorkerCall(self.fn, loop, token)
+        began = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            result = self.fn(token) if self.pass_token else self.fn()
+            if inspect.iscoroutine(result):
+                result.close()
+                raise TypeError(
+                    f"Service {self.name!r}: {describe(self.fn)} returned a coroutine; define "
+                    f"it with 'async def' so that its runs happen on the event loop."
+                )
+        except Exception as e:
+            error = e
+        except BaseException as e:  # SystemExit etc.: a crash of this service only
+            error = OffloopError(f"A run of service {self.name!r} raised {e!r} in its thread.")
+            error.__cause__ = e
+        finally:
+            thread_state.call = None
+        took = time.perf_counter() - began
+        # RuntimeError: the loop is closed; the supervisor abandoned this thread.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._thread_ended, run, took, error)
+
+    def _thread_ended(self, run: _Run, took: float, error: BaseException | None) -> None:
+        if run.thread is not None:
+            # It only has to return from _run_sync: "no thread outlives its service".
+            run.thread.join(1.0)
+        self._run_ended(run, took, error)
+
+    def _run_ended(self, run: _Run, took: float, error: BaseException | None) -> None:
+        self._runs.discard(run)
+        self._count += 1
+        self._last_duration, self._last_error = took, error
+        if error is not None and self._ending is None:
+            self._wind_down(error)
+            return
+        if self._queued and self._ending is None:
+            self._queued = False
+            self._launch()
+            return
+        self._finish_if_idle()

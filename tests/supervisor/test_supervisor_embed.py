@@ -1,0 +1,271 @@
+"""start() / aclose() / wait_ready() for hosts that own the loop, and where a failure goes then."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+import offloop
+from offloop import ServiceFailed, Supervisor, SupervisorState
+from tests.helpers import QUICK_WAIT, bounded
+from tests.supervisor.test_supervisor import Recorder
+
+
+def crashing(sv: Supervisor, crash: asyncio.Event) -> None:
+    """Add a service 'flaky' that crashes (restart='no') once ``crash`` is set."""
+
+    @sv.service(restart="no", name="flaky")
+    async def flaky() -> None:
+        await crash.wait()
+        raise ConnectionResetError("flaky broke")
+
+
+@pytest.mark.loops("asyncio", "uvloop")
+@bounded(10)
+async def test_start_and_aclose_from_different_tasks_are_idempotent() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="hooks")
+    sv.add(Recorder("db", journal))
+    sv.add(Recorder("api", journal))
+    # Two startup hooks, then two shutdown hooks, each in a task of its own.
+    await asyncio.gather(asyncio.ensure_future(sv.start()), asyncio.ensure_future(sv.start()))
+    assert sv.state is SupervisorState.RUNNING
+    assert journal == ["start db", "start api"]
+    await sv.start()  # once more: already ready
+    await sv.wait_ready()
+    await asyncio.gather(asyncio.ensure_future(sv.aclose()), asyncio.ensure_future(sv.aclose()))
+    assert journal == ["start db", "start api", "stop api", "stop db"]
+    assert str(sv.state) == "stopped"
+    await sv.aclose()
+    with pytest.raises(RuntimeError, match=r"Cannot start\(\) .*aclose\(\) was called already"):
+        await sv.start()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_wait_ready_signals_serve_in_a_task() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="served")
+    sv.add(Recorder("db", journal))
+    waiter = asyncio.ensure_future(sv.wait_ready())  # before it even started
+    serving = asyncio.ensure_future(sv.serve())
+    await asyncio.wait_for(waiter, QUICK_WAIT)
+    assert sv.state is SupervisorState.RUNNING
+    assert journal == ["start db"]
+    with pytest.raises(RuntimeError, match=r"it was started by 'async with', serve\(\) or run\(\)"):
+        await sv.start()
+    sv.stop()
+    await asyncio.wait_for(serving, QUICK_WAIT)
+    with pytest.raises(RuntimeError, match="has stopped, so it is not ready"):
+        await sv.wait_ready()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_start_up_error_is_raised_by_start_and_by_wait_ready() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="broken")
+    sv.add(Recorder("db", journal, start_failures=1))
+    waiter = asyncio.ensure_future(sv.wait_ready())
+    with pytest.raises(ServiceFailed, match="'db' failed: it failed to start") as info:
+        await sv.start()
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    with pytest.raises(ServiceFailed) as waited:
+        await asyncio.wait_for(waiter, QUICK_WAIT)
+    assert waited.value is info.value
+    with pytest.raises(ServiceFailed) as again:
+        await sv.aclose()  # the shutdown hook of the host ends with the same error
+    assert again.value is info.value
+
+
+@pytest.mark.loops("asyncio", "uvloop")
+@bounded(10)
+async def test_a_failure_after_start_cancels_the_caller_and_aclose_raises_it() -> None:
+    crash = asyncio.Event()
+    sv = Supervisor(name="embedded")
+    crashing(sv, crash)
+
+    async def host() -> str:
+        # What aiogram's start_polling and discord.py's runner do: start in the
+        # startup hook, run until cancelled, call the shutdown hook in finally.
+        await sv.start()
+        try:
+            crash.set()
+            await asyncio.sleep(QUICK_WAIT * 2)
+            return "the host kept running half-dead"
+        finally:
+            await sv.aclose()
+
+    task = asyncio.ensure_future(host())
+    with pytest.raises(ServiceFailed, match="'flaky' failed: it crashed") as info:
+        await asyncio.wait_for(task, QUICK_WAIT)
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+    assert sv.state is SupervisorState.FAILED
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    if cancelling is not None:
+        assert cancelling() == 0  # the failure replaced the cancellation it caused
+
+
+def test_a_failure_after_start_stops_a_loop_run_forever_when_the_caller_has_ended() -> None:
+    # python-telegram-bot's run_polling: post_init runs as a task of its own,
+    # then loop.run_forever() until something stops the loop.
+    loop = asyncio.new_event_loop()
+    try:
+        crash = asyncio.Event()
+        sv = Supervisor(name="ptb-like")
+        crashing(sv, crash)
+        loop.run_until_complete(sv.start())
+        loop.call_soon(crash.set)
+        loop.call_later(QUICK_WAIT, loop.stop)  # the bound: the supervisor must stop it first
+        started = loop.time()
+        loop.run_forever()
+        assert loop.time() - started < QUICK_WAIT, "the failure did not stop the loop"
+        with pytest.raises(ServiceFailed, match="'flaky' failed"):
+            loop.run_until_complete(sv.aclose())
+    finally:
+        loop.close()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_on_failure_replaces_the_default_and_may_be_a_coroutine() -> None:
+    crash = asyncio.Event()
+    told: asyncio.Future[ServiceFailed] = asyncio.get_running_loop().create_future()
+
+    async def on_failure(failure: ServiceFailed) -> None:
+        await asyncio.sleep(0)
+        told.set_result(failure)
+
+    sv = Supervisor(name="told", on_failure=on_failure)
+    crashing(sv, crash)
+    await sv.start()
+    crash.set()
+    failure = await asyncio.wait_for(told, QUICK_WAIT)  # this task was not cancelled
+    assert failure.service == "flaky"
+    with pytest.raises(ServiceFailed) as info:
+        await sv.aclose()
+    assert info.value is failure
+
+
+def test_bad_on_failure_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"on_failure=.*got 'stop' \(a str\)|on_failure=.*'stop'"):
+        Supervisor(on_failure="stop")  # type: ignore[arg-type]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_each_illegal_transition_has_its_own_message() -> None:
+    journal: list[str] = []
+    closed = Supervisor(name="closed")
+    await closed.aclose()  # never started: it will never start
+    assert closed.state is SupervisorState.STOPPED
+    with pytest.raises(RuntimeError, match=r"aclose\(\) was called already"):
+        await closed.start()
+    with pytest.raises(RuntimeError, match=r"closed with aclose\(\) before it started"):
+        await closed.wait_ready()
+
+    entered = Supervisor(name="entered")
+    entered.add(Recorder("db", journal))
+    async with entered:
+        with pytest.raises(RuntimeError, match=r"started by 'async with'"):
+            await entered.start()
+    with pytest.raises(RuntimeError, match=r"Cannot start\(\) .*has already run and stopped"):
+        await entered.start()
+
+    stopping = Supervisor(name="stopping")
+    stopping.add(Recorder("db", journal))
+    await stopping.start()
+    closing = asyncio.ensure_future(stopping.aclose())
+    await asyncio.sleep(0)  # the shutdown has begun
+    assert stopping.state is SupervisorState.STOPPING
+    with pytest.raises(RuntimeError, match=r"is stopping, so it will not be ready"):
+        await stopping.wait_ready()
+    await closing
+
+    other = Supervisor(name="other-loop")
+    other.add(Recorder("db", journal))
+    await other.start()
+    try:
+        with pytest.raises(RuntimeError, match=re.escape("called from another event loop")):
+            await asyncio.to_thread(asyncio.run, _aclose(other))
+    finally:
+        await other.aclose()
+
+
+async def _aclose(sv: Supervisor) -> None:
+    await sv.aclose()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_aclose_during_start_stops_it_and_start_says_so() -> None:
+    gate = asyncio.Event()
+    sv = Supervisor(name="raced")
+
+    @sv.service(name="slow")
+    async def slow() -> None:
+        await asyncio.Event().wait()
+
+    class Slow(Recorder):
+        async def start(self) -> None:
+            await gate.wait()
+            await super().start()
+
+    sv.add(Slow("gated", []))
+    starting = asyncio.ensure_future(sv.start())
+    await asyncio.sleep(0)  # start() runs up to the gated service
+    assert sv.state is SupervisorState.STARTING
+    await sv.aclose()
+    with pytest.raises(RuntimeError, match=r"was stopped .* while start\(\) was starting it"):
+        await starting
+
+
+def test_lifespan_takes_a_supervisor() -> None:
+    with pytest.raises(TypeError, match=r"offloop.lifespan\(\) takes the offloop.Supervisor"):
+        offloop.lifespan("sv")  # type: ignore[arg-type]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_sync_on_failure_that_raises_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    crash, called = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    def on_failure(failure: ServiceFailed) -> None:
+        calls.append(failure.service)
+        called.set()
+        raise LookupError("the alert went nowhere")
+
+    sv = Supervisor(name="alerting", on_failure=on_failure)
+    crashing(sv, crash)
+    await sv.start()
+    crash.set()
+    await asyncio.wait_for(called.wait(), QUICK_WAIT)
+    with pytest.raises(ServiceFailed):
+        await sv.aclose()
+    assert calls == ["flaky"]
+    assert any("on_failure=" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_serve_after_start_waits_for_the_stop_and_a_stop_before_start_is_kept() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="started")
+    sv.add(Recorder("db", journal))
+    await sv.start()
+    serving = asyncio.ensure_future(sv.serve())
+    await asyncio.sleep(0)
+    assert not serving.done()
+    sv.stop()
+    await asyncio.wait_for(serving, QUICK_WAIT)
+    assert journal == ["start db", "stop db"]
+
+    early = Supervisor(name="early")
+    early.add(Recorder("db", journal))
+    early.stop()  # before it started: kept, so start() starts nothing and says so
+    with pytest.raises(RuntimeError, match=r"was stopped \(stop\(\) or aclose\(\)\) while start"):
+        await early.start()
+    assert journal == ["start db", "stop db"]

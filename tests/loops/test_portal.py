@@ -18,6 +18,7 @@ import pytest
 
 import offloop
 from offloop import CallerGoneError, Portal, WouldDeadlockError, from_thread_sync
+from offloop._core.token import StopToken, WorkerCall, thread_state
 from tests.conftest import LOOP_KINDS
 from tests.helpers import WAIT, in_plain_thread
 
@@ -282,3 +283,19 @@ def offloop_wait_until_tasks(lt: offloop.LoopThread, count: int) -> None:
     from tests.helpers import wait_until
 
     wait_until(lambda: lt._active >= count, what=f"{count} calls on {lt!r}")
+
+
+def test_a_worker_whose_loop_closed_gets_caller_gone() -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()
+
+    def body() -> None:
+        # What a worker of a pool whose awaiting loop has since closed sees.
+        thread_state.call = WorkerCall(body, loop, StopToken())
+        try:
+            from_thread_sync(len, "x")
+        finally:
+            thread_state.call = None
+
+    with pytest.raises(CallerGoneError, match="sent this work to the thread"):
+        in_plain_thread(body)

@@ -322,6 +322,12 @@ def _schedule(
     try:
         loop.call_soon_threadsafe(fn, *args, context=ctx)
     except RuntimeError:
+        call = thread_state.call
+        if call is not None and call.loop is loop:  # as from_thread says it
+            raise CallerGoneError(
+                f"The event loop that sent this work to the thread ({loop!r}) is closed, so "
+                f"nobody is left to run this or use its result. Return from the worker function."
+            ) from None
         raise PoolClosedError(
             f"The event loop {loop!r} is closed, so nothing sent there can run. Send the work "
             f"to a loop that is running."

@@ -44,6 +44,7 @@ from .._core.poolbase import (
     complete_waiter,
     refuse_blocking_close,
 )
+from .._core.poolexecutor import PoolExecutorView
 from .._core.validate import (
     check_bool,
     check_close_timeout,
@@ -296,6 +297,15 @@ class ProcessPool(WorkerSet, PoolContext):
         elif large:
             self._send_later(fd, payload)
         return call
+
+    def executor(self) -> PoolExecutorView:
+        """A ``concurrent.futures.Executor`` whose calls run in this pool (``submit``, ``map``).
+
+        Usable with ``loop.set_default_executor()`` (then ``asyncio.to_thread``
+        sends its functions here: they must pickle) and by libraries taking
+        ``executor=``. ``shutdown()`` leaves the pool open: close it yourself.
+        """
+        return PoolExecutorView(self)
 
     def statistics(self) -> ProcessPoolStatistics:
         """A snapshot of the pool's counters.

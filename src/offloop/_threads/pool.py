@@ -75,6 +75,7 @@ from .._core.offload import (
     running_loop,
 )
 from .._core.poolbase import PoolState, complete_waiter
+from .._core.poolexecutor import PoolExecutorView
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
@@ -295,6 +296,17 @@ class ThreadPool(ThreadPoolLifecycle):
             ordered, "ThreadPool.map(ordered=...)", "get the results in the order of the items"
         )
         return MapResults(self, fn, iterable, chunksize=chunksize, ordered=ordered)
+
+    def executor(self) -> PoolExecutorView:
+        """A ``concurrent.futures.Executor`` whose calls run in this pool (``submit``, ``map``).
+
+        Give it to ``loop.set_default_executor()`` and ``asyncio.to_thread``
+        and ``run_in_executor(None, ...)`` (in third-party code too) go
+        through this pool, under its ``max_workers``; cancelling their
+        awaiter sets the call's stop token. ``shutdown()`` waits for the
+        view's calls and leaves the pool open: close the pool yourself.
+        """
+        return PoolExecutorView(self)
 
     # -- how calls flow ----------------------------------------------------
 

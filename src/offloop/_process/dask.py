@@ -61,6 +61,8 @@ _RUN: Final = "DaskPool.run()"
 
 _run_call: Final = make_runner()
 _pool_numbers: Final = itertools.count(1)
+#: Seconds a dropped pool's client gets to close before its loop stops anyway.
+_DROP_CLOSE: Final = 5.0
 
 
 class DaskPoolStatistics(TypedDict):
@@ -163,6 +165,8 @@ class DaskPool(PoolContext):
         self._kicked = False
         self._closing: concurrent.futures.Future[None] | None = None
         self._finalizer: weakref.finalize[..., Any] | None = None
+        #: The client the pool opened, for the finalizer of a pool dropped unclosed.
+        self._opened: list[Any] = []
         # Touched on the client's loop only.
         self._tasks: dict[OffloadFuture[Any], asyncio.Task[None]] = {}
         self._connecting: asyncio.Future[Any] | None = None
@@ -269,7 +273,9 @@ class DaskPool(PoolContext):
         with self._lock:
             if self._state is PoolState.OPEN:
                 self._state = PoolState.CLOSING
-            if self._home is None:
+            if self._home is None or self._home.is_closed():
+                # Never used, or a blocking client's loop ended with its
+                # client, which failed the calls it had.
                 self._state = PoolState.CLOSED
                 return
             if self._closing is None:
@@ -306,7 +312,9 @@ class DaskPool(PoolContext):
         else:
             home = self._thread.start()
             # Dropped unclosed: the thread must not live on with its client.
-            self._finalizer = weakref.finalize(self, _dropped, self._thread, repr(self._where()))
+            self._finalizer = weakref.finalize(
+                self, _dropped, self._thread, self._opened, repr(self._where())
+            )
         self._home = home
         return home
 
@@ -315,7 +323,12 @@ class DaskPool(PoolContext):
         assert home is not None
         if self._thread.loop is home:
             return self._thread.run(coro_fn)
-        return asyncio.run_coroutine_threadsafe(_call(coro_fn), home)
+        coro = _call(coro_fn)
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, home)
+        except RuntimeError:
+            coro.close()  # a blocking client's loop, closed with its client
+            raise
 
     def _cancel(self, call: OffloadFuture[Any]) -> bool:
         """The call's future was cancelled: skip it, or cancel its task on the cluster."""
@@ -393,9 +406,10 @@ class DaskPool(PoolContext):
                 call._data = call._deps = None
                 del deps
                 reply = await future
-                if reply[0] != OK:
-                    raise self._load_failed(fn, reply)
-                ok, value = True, reply[1]
+                # Not raised here: _translate would take it for Dask's error.
+                ok, value = (
+                    (True, reply[1]) if reply[0] == OK else (False, self._load_failed(fn, reply))
+                )
         except asyncio.CancelledError:
             cancelled = True
             if future is not None and client is not None:
@@ -517,6 +531,7 @@ class DaskPool(PoolContext):
             ) from exc
         self._owns_client = True
         self._client = client
+        self._opened.append(client)
         return client
 
     async def _scatter_now(self, obj: Any) -> Any:
@@ -552,14 +567,24 @@ async def _call(coro_fn: Callable[[], Any]) -> Any:
     return await coro_fn()
 
 
-def _dropped(thread: ClientLoop, where: str) -> None:
-    # The finalizer of an open pool that was garbage collected: end its loop
-    # thread (which cancels what runs there; its client's connections close
-    # with the loop). It takes no lock and waits for nothing.
+def _dropped(thread: ClientLoop, opened: list[Any], where: str) -> None:
+    # The finalizer of an open pool that was garbage collected (it had no call
+    # in flight: a call's task holds its pool): close the client it opened and
+    # end its loop thread. It runs on whichever thread dropped the pool, so it
+    # takes no lock and waits for nothing.
     loop = thread.loop
     if loop is not None and not loop.is_closed():
+
+        async def close_then_stop() -> None:
+            try:
+                for client in opened:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(client.close(), _DROP_CLOSE)
+            finally:
+                asyncio.get_running_loop().stop()
+
         try:
-            loop.call_soon_threadsafe(loop.stop)
+            loop.call_soon_threadsafe(lambda: loop.create_task(close_then_stop()))
         except RuntimeError:
             return
         warnings.warn(

@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -87,13 +86,14 @@ async def test_a_worker_killed_under_load_fails_only_its_calls(
         outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), WAIT)
 
         # Every call resolved exactly once: a pid, or WorkerCrashed.
-        crashed = [i for i, o in enumerate(outcomes) if isinstance(o, offloop.WorkerCrashed)]
+        errors = {i: o for i, o in enumerate(outcomes) if isinstance(o, offloop.WorkerCrashed)}
+        crashed = sorted(errors)
         others = [o for o in outcomes if not isinstance(o, (int, offloop.WorkerCrashed))]
         assert others == []
         assert crashed, "the call running on the killed worker did not fail"
-        for i in crashed:
-            assert isinstance(outcomes[i].__cause__, distributed.KilledWorker)
-            assert str(outcomes[i]).startswith(
+        for error in errors.values():
+            assert isinstance(error.__cause__, distributed.KilledWorker)
+            assert str(error).startswith(
                 f"DaskPool {cluster.scheduler_address!r}: the workers running function 'hold' "
                 f"died while running it"
             )

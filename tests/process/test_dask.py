@@ -196,6 +196,30 @@ async def test_an_asynchronous_client_is_left_on_its_loop_and_open(cluster: Any)
         assert pool.state is PoolState.CLOSED
 
 
+async def test_an_asynchronous_client_on_another_threads_loop_is_used_there(
+    cluster: Any,
+) -> None:
+    async def connect() -> Any:
+        return await distributed.Client(
+            cluster.scheduler_address, asynchronous=True, set_as_default=False
+        )
+
+    async with offloop.LoopThread(name="their-client") as thread:
+        client = await asyncio.wait_for(thread.run(connect), WAIT)
+        try:
+            async with offloop.DaskPool(client=client) as pool:
+                assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+                assert pool.client is client
+                assert offloop_dask_threads() == []
+            assert client.status == "running"
+        finally:
+
+            async def close() -> None:
+                await client.close()
+
+            await asyncio.wait_for(thread.run(close), WAIT)
+
+
 def test_a_blocking_client_is_used_on_its_own_loop_thread(cluster: Any) -> None:
     with distributed.Client(cluster.scheduler_address) as client:
 

@@ -303,11 +303,14 @@ class DaskPool(PoolContext):
     def _start(self) -> asyncio.AbstractEventLoop:
         # Under _lock, on the first call: find or start the client's loop.
         given = self._given
-        if given is not None and not given.asynchronous:
-            # A blocking client: distributed runs it on a loop thread of its own.
-            home: asyncio.AbstractEventLoop = given.loop.asyncio_loop
-            if home.is_closed() or given.status in ("closing", "closed"):
-                raise self._client_closed(None)
+        if given is not None and given.status in ("closing", "closed"):
+            raise self._client_closed(None)
+        theirs: Any = None if given is None else given.loop.asyncio_loop
+        # distributed's "asynchronous" is true on the client's own loop: here,
+        # false for a client whose loop runs in another thread (a blocking
+        # client's, or any other thread's), which the pool can use as it is.
+        if given is not None and not given.asynchronous and theirs.is_running():
+            home: asyncio.AbstractEventLoop = theirs
             self._client = given
         else:
             home = self._thread.start()

@@ -136,6 +136,16 @@ async def test_run_by_address_returns_results_and_closes_its_client(
         pool.run(add, 1, 1)
 
 
+@pytest.mark.loops("asyncio", "debug", "uvloop")
+async def test_any_kind_of_caller_loop_gets_its_results(cluster: Any) -> None:
+    # The client's loop is the pool's own; the caller's may be of any kind.
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(pool.run(add, i, 1) for i in range(5))), WAIT
+        )
+        assert [r[0] for r in results] == [1, 2, 3, 4, 5]
+
+
 async def test_a_call_queued_before_aclose_runs_then_the_client_closes(cluster: Any) -> None:
     pool = offloop.DaskPool(cluster.scheduler_address)
     call = pool.run(add, 1, 2)  # queued while the pool has not connected yet

@@ -7,7 +7,6 @@ leak snapshot and closed after the last test.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import importlib
 import os
@@ -15,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from offloop._core.poolbase import PoolState
 from offloop._process.daskargs import SCATTER_BYTES
 from offloop._process.pickling import RemoteTraceback
 from tests.helpers import SPAWN_WAIT as WAIT
-from tests.helpers import await_until, resource_warnings, the_warning, wait_for_file
+from tests.helpers import await_until, collected, resource_warnings, the_warning, wait_for_file
 
 distributed = pytest.importorskip("distributed")
 
@@ -494,9 +494,12 @@ async def test_a_pool_dropped_unclosed_closes_its_client_and_ends_its_thread(
     pool = offloop.DaskPool(cluster.scheduler_address)
     assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
     client = pool.client
+    ref = weakref.ref(pool)
     with resource_warnings() as found:
         del pool
-        gc.collect()
+        # The client's thread lets go of the pool once its last call's task
+        # has ended, which may come after the result reached this loop.
+        await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
     # The collection may find other objects that warn (a test's socket): only ours counts.
     ours = [w for w in found if str(w.message).startswith("DaskPool ")]
     assert "was garbage collected without being closed" in the_warning(ours, "DaskPool")

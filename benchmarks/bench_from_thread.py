@@ -14,6 +14,16 @@ blocks the calling thread for its result, one call after another:
   ``offloop.from_thread`` in ``offloop.to_thread`` and ``anyio.from_thread.run``
   in ``anyio.to_thread.run_sync``.
 
+Then the sync-function crossing (``offloop.from_thread_sync``: a sync function
+run on the loop's thread) against anyio's ``from_thread.run_sync`` (in a
+worker) and ``BlockingPortal.call`` of a sync function (from a plain thread),
+and its floor: one ``call_soon_threadsafe`` and a ``threading.Event``.
+
+Last, ``loop.run_in_executor`` through ``ThreadPool.executor()`` (the
+Executor view a loop can take as its default executor) against asyncio's
+default ``ThreadPoolExecutor``, sequential calls and bursts of 100, with the
+loop's lag while the burst runs.
+
 Run: ``make bench`` or ``.venv/bin/python -m benchmarks.bench_from_thread``.
 """
 
@@ -34,7 +44,7 @@ from asgiref.sync import async_to_sync
 
 import offloop
 
-from ._common import check, interleaved, ratio, round_ratios, table
+from ._common import check, fmt_time, interleaved, percentiles, ratio, round_ratios, table
 
 CALLS = int(os.environ.get("OFFLOOP_BENCH_FROM_THREAD_CALLS", "2000"))
 # More rounds than the other benchmarks: a round trip is a few thread wake-ups,
@@ -267,5 +277,219 @@ def main() -> None:
     )
 
 
+def noop() -> int:
+    return 1
+
+
+def floor_sync(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> Any:
+    """The floor of a sync-function crossing: call_soon_threadsafe, a threading.Event."""
+    done = threading.Event()
+    box: list[Any] = []
+
+    def run() -> None:
+        box.append(fn())
+        done.set()
+
+    loop.call_soon_threadsafe(run)
+    done.wait()
+    return box[0]
+
+
+def sync_crossing() -> None:
+    bg = BackgroundLoop()
+    shared = offloop.from_thread(_running_loop)
+    hosted = HostedPortal()
+
+    def loop_of(call: Callable[[], Any]) -> Callable[[], None]:
+        def body() -> None:
+            for _ in range(CALLS):
+                call()
+
+        return body
+
+    def in_offloop_worker() -> float:
+        async def drive() -> float:
+            body = loop_of(lambda: offloop.from_thread_sync(noop))
+            return await offloop.to_thread(timed, body, CALLS)
+
+        return float(bg.submit(drive()))
+
+    def in_anyio_worker() -> float:
+        async def drive() -> float:
+            body = loop_of(lambda: anyio.from_thread.run_sync(noop))
+            return await anyio.to_thread.run_sync(timed, body, CALLS)
+
+        return float(bg.submit(drive()))
+
+    ours = "offloop.from_thread_sync (plain thread)"
+    ours_worker = "offloop.from_thread_sync (in offloop worker)"
+    anyio_worker = "anyio.from_thread.run_sync (in anyio worker)"
+    portal = "anyio BlockingPortal.call(sync fn)"
+    floor = "floor (call_soon_threadsafe + threading.Event)"
+    cases: dict[str, Callable[[], float]] = {
+        ours: lambda: timed(loop_of(lambda: offloop.from_thread_sync(noop)), CALLS),
+        floor: lambda: timed(loop_of(lambda: floor_sync(shared, noop)), CALLS),
+        portal: lambda: timed(loop_of(lambda: hosted.portal.call(noop)), CALLS),
+        ours_worker: in_offloop_worker,
+        anyio_worker: in_anyio_worker,
+    }
+    try:
+        results = interleaved(cases, ROUNDS)
+    finally:
+        hosted.close(shared)
+        bg.close()
+    table(
+        f"sync function run on a loop's thread from another thread ({CALLS} sequential "
+        f"calls, {ROUNDS} rounds; plain-thread cases share one loop)",
+        results,
+        reference=ours,
+    )
+    measured = ratio(results, portal, ours)
+    check(
+        "plain thread >= 2x faster than anyio BlockingPortal.call",
+        measured >= 2.0,
+        f"{measured:.2f}x ({round_ratios(results, portal, ours)})",
+    )
+    # In a worker anyio's run_sync is itself one call_soon_threadsafe and a
+    # concurrent.futures.Future: the floor. Not slower than it is the target.
+    measured = ratio(results, anyio_worker, ours_worker)
+    check(
+        "in a worker at least as fast as anyio from_thread.run_sync",
+        measured >= 1.0,
+        f"{measured:.2f}x ({round_ratios(results, anyio_worker, ours_worker)})",
+    )
+    floor_ratio = ratio(results, ours, floor)
+    check(
+        "plain thread within 1.3x of the floor",
+        floor_ratio <= 1.3,
+        f"{floor_ratio:.2f}x the floor ({round_ratios(results, ours, floor)})",
+    )
+
+
+EXECUTOR_CALLS = max(CALLS // 4, 50)
+BURST = 100
+
+
+async def _lag_during(work: Coroutine[Any, Any, Any]) -> tuple[float, list[float]]:
+    """Run ``work`` while sampling the loop's lag (how late a 1 ms sleep wakes up)."""
+    lags: list[float] = []
+    stop = False
+
+    async def probe() -> None:
+        while not stop:
+            start = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - start - 0.001)
+
+    prober = asyncio.ensure_future(probe())
+    start = time.perf_counter()
+    await work
+    elapsed = time.perf_counter() - start
+    stop = True
+    await prober
+    return elapsed, lags
+
+
+def executor_view() -> None:
+    import concurrent.futures
+
+    # One loop for every case, as a program has: a fresh loop per round
+    # would time each pool's start-up on it, not the calls.
+    bg = BackgroundLoop()
+    pool = offloop.ThreadPool(name="bench-executor")
+    view = pool.executor()
+    default = concurrent.futures.ThreadPoolExecutor()  # what asyncio makes by default
+    lags: dict[str, list[float]] = {}
+
+    def sequential(executor: concurrent.futures.Executor) -> Callable[[], float]:
+        async def body() -> float:
+            loop = asyncio.get_running_loop()
+            start = time.perf_counter()
+            for _ in range(EXECUTOR_CALLS):
+                await loop.run_in_executor(executor, noop)
+            return (time.perf_counter() - start) / EXECUTOR_CALLS
+
+        return lambda: float(bg.submit(body()))
+
+    def burst(name: str, executor: concurrent.futures.Executor) -> Callable[[], float]:
+        async def body() -> float:
+            loop = asyncio.get_running_loop()
+
+            async def all_of() -> None:
+                await asyncio.gather(
+                    *(loop.run_in_executor(executor, time.sleep, 0.001) for _ in range(BURST))
+                )
+
+            elapsed, lag = await _lag_during(all_of())
+            lags.setdefault(name, []).extend(lag)
+            return elapsed / BURST
+
+        return lambda: float(bg.submit(body()))
+
+    def pool_sequential() -> float:
+        async def body() -> float:
+            start = time.perf_counter()
+            for _ in range(EXECUTOR_CALLS):
+                await pool.run(noop)
+            return (time.perf_counter() - start) / EXECUTOR_CALLS
+
+        return float(bg.submit(body()))
+
+    def pool_burst() -> float:
+        # The same burst through pool.run itself: the view's own share of the cost.
+        async def body() -> float:
+            start = time.perf_counter()
+            await asyncio.gather(*(pool.run(time.sleep, 0.001) for _ in range(BURST)))
+            return (time.perf_counter() - start) / BURST
+
+        return float(bg.submit(body()))
+
+    ours = "run_in_executor(pool.executor(), fn)"
+    theirs = "run_in_executor(default ThreadPoolExecutor, fn)"
+    ours_burst = f"pool.executor(): {BURST} x sleep(1 ms) gathered"
+    theirs_burst = f"default ThreadPoolExecutor: {BURST} x sleep(1 ms) gathered"
+    cases: dict[str, Callable[[], float]] = {
+        ours: sequential(view),
+        theirs: sequential(default),
+        ours_burst: burst(ours_burst, view),
+        theirs_burst: burst(theirs_burst, default),
+        f"pool.run itself: {BURST} x sleep(1 ms) gathered": pool_burst,
+        "pool.run itself, sequential": pool_sequential,
+    }
+    try:
+        results = interleaved(cases, ROUNDS)
+    finally:
+        view.shutdown()
+        pool.close()
+        default.shutdown()
+        bg.close()
+    table(
+        f"run_in_executor of a trivial function ({EXECUTOR_CALLS} sequential calls) and of "
+        f"bursts of {BURST} 1 ms sleeps, per call",
+        results,
+        reference=ours,
+    )
+    for name in (ours_burst, theirs_burst):
+        p50, p99 = percentiles(lags[name])
+        print(
+            f"loop lag during {name}: p50 {fmt_time(p50)}, p99 {fmt_time(p99)}, max "
+            f"{fmt_time(max(lags[name]))}"
+        )
+    seq_ratio = ratio(results, ours, theirs)
+    check(
+        "sequential run_in_executor through the view within 1.3x of the default executor",
+        seq_ratio <= 1.3,
+        f"{seq_ratio:.2f}x ({round_ratios(results, ours, theirs)})",
+    )
+    burst_ratio = ratio(results, ours_burst, theirs_burst)
+    check(
+        "a burst through the view within 1.3x of the default executor",
+        burst_ratio <= 1.3,
+        f"{burst_ratio:.2f}x ({round_ratios(results, ours_burst, theirs_burst)})",
+    )
+
+
 if __name__ == "__main__":
     main()
+    sync_crossing()
+    executor_view()

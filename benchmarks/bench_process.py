@@ -10,7 +10,13 @@ its workers per loop), with interleaved rounds:
 - event-loop lag while 20 calls with a 10 MB argument are sent, one after
   another and all at once. Every library pickles the argument;
   offloop does it in ``run()``, on the loop's thread, so that an unpicklable
-  argument fails there, and writes the bytes from its writer thread.
+  argument fails there, and writes the bytes from its writer thread;
+- a burst of 200 calls of sha256 + zlib over the same 1 MB buffer, through
+  ``DaskPool`` on a real ``distributed.LocalCluster`` (2 worker processes, its
+  scheduler in this process), ``ProcessPool(2)``,
+  ``run_in_executor(ProcessPoolExecutor(2))``, anyio, and Dask's own
+  asynchronous client used on the caller's loop: the loop's lag and the wall
+  time of the burst.
 
 Every pool has 2 workers (the machines this project targets have 2 cores), started before timing.
 
@@ -21,19 +27,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import logging
 import os
+import statistics
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import anyio.to_process
+import distributed
 import loky
 
 import offloop
 
 # Absolute, not relative: anyio's workers run this file again as a script.
-from benchmarks._common import check, interleaved, percentiles, ratio, table
+from benchmarks._common import check, interleaved, percentiles, ratio, round_ratios, table
 
 WORKERS = 2
 SEQ_CALLS = int(os.environ.get("OFFLOOP_BENCH_PROCESS_SEQ", "1000"))
@@ -44,6 +55,9 @@ BURN_SECONDS = 0.02
 BIG_CALLS = 20
 BIG_ARG = 10 << 20
 BIG_ROUNDS = 2
+BURST_CALLS = 200
+BURST_ARG = 1 << 20
+BURST_ROUNDS = int(os.environ.get("OFFLOOP_BENCH_BURST_ROUNDS", "3"))
 
 
 def trivial() -> int:
@@ -70,6 +84,10 @@ def size(data: bytes) -> int:
     return len(data)
 
 
+def digest(data: bytes) -> str:
+    return hashlib.sha256(zlib.compress(data, 1)).hexdigest()
+
+
 Submit = Callable[..., Awaitable[Any]]
 
 
@@ -89,6 +107,7 @@ def make_submitters(
 
     submitters: dict[str, Submit] = {
         "offloop ProcessPool.run": pool.run,
+        "offloop.to_process": offloop.to_process,
         "loop.run_in_executor(ProcessPoolExecutor)": in_executor(stdlib),
         "anyio.to_process.run_sync": anyio_run,
         "loky reusable executor": in_executor(loky_pool),
@@ -195,6 +214,101 @@ def big_arg_lag_table(loop: asyncio.AbstractEventLoop, submitters: dict[str, Sub
             print(f"{name:<44} {p50:7.3f} ms {p99:7.3f} ms {worst:7.3f} ms")
 
 
+def burst(
+    loop: asyncio.AbstractEventLoop, submit: Submit, data: bytes, samples: list[float]
+) -> float:
+    """One burst of BURST_CALLS digests while a ticker measures the loop's lag; its wall time."""
+
+    async def ticker(done: asyncio.Event) -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.001)
+            samples.append(time.perf_counter() - t0 - 0.001)
+
+    async def body() -> float:
+        done = asyncio.Event()
+        ticks = asyncio.ensure_future(ticker(done))
+        await asyncio.sleep(0.005)
+        t0 = time.perf_counter()
+        digests = await asyncio.gather(*(submit(digest, data) for _ in range(BURST_CALLS)))
+        wall = time.perf_counter() - t0
+        assert set(digests) == {digest(data)}
+        done.set()
+        await ticks
+        return wall
+
+    return loop.run_until_complete(body())
+
+
+def dask_burst_table(
+    loop: asyncio.AbstractEventLoop, submitters: dict[str, Submit]
+) -> dict[str, list[float]]:
+    """Print the loop lag and wall time of the burst; return the lag samples.
+
+    The cluster is started and closed here.
+    """
+    # The cluster's INFO lines would bury the tables.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    cluster = distributed.LocalCluster(
+        n_workers=WORKERS,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    )
+    dask_pool = offloop.DaskPool(cluster.scheduler_address)
+
+    async def connect() -> Any:
+        return await distributed.Client(cluster.scheduler_address, asynchronous=True)
+
+    raw_client = loop.run_until_complete(connect())
+
+    async def raw_submit(fn: Callable[..., Any], *args: Any) -> Any:
+        # What DaskPool did before its client had a thread of its own.
+        return await raw_client.submit(fn, *args, pure=False)
+
+    cases = {
+        "offloop DaskPool.run": dask_pool.run,
+        "offloop ProcessPool.run": submitters["offloop ProcessPool.run"],
+        "loop.run_in_executor(ProcessPoolExecutor)": submitters[
+            "loop.run_in_executor(ProcessPoolExecutor)"
+        ],
+        "anyio.to_process.run_sync": submitters["anyio.to_process.run_sync"],
+        "dask Client(asynchronous=True) on the loop": raw_submit,
+    }
+    # Text-like data: zlib has something to compress, as in a real upload.
+    data = b" ".join(str(i).encode() for i in range(BURST_ARG // 5))[:BURST_ARG]
+    lateness: dict[str, list[float]] = {name: [] for name in cases}
+    walls: dict[str, list[float]] = {name: [] for name in cases}
+    try:
+        for submit in cases.values():  # warm-up: connect, start workers, import
+            burst(loop, submit, data, [])
+        names = list(cases)
+        for r in range(BURST_ROUNDS):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                walls[name].append(burst(loop, cases[name], data, lateness[name]))
+    finally:
+        loop.run_until_complete(dask_pool.aclose())
+        loop.run_until_complete(raw_client.close())
+        cluster.close()
+    print(
+        f"\n## {BURST_CALLS} calls of sha256 + zlib over the same {BURST_ARG >> 20} MB buffer, "
+        f"{WORKERS} worker processes each, {BURST_ROUNDS} interleaved rounds: event-loop lag "
+        f"(lateness of asyncio.sleep(0.001)) and wall time per burst (median)"
+    )
+    reference = statistics.median(walls["offloop ProcessPool.run"])
+    print(f"{'case':<44} {'p50':>10} {'p99':>10} {'max':>10} {'wall':>10} {'x ProcessPool':>14}")
+    for name, values in lateness.items():
+        p50, p99, worst = (v * 1e3 for v in percentiles(values, (50, 99, 100)))
+        wall = statistics.median(walls[name])
+        print(
+            f"{name:<44} {p50:7.3f} ms {p99:7.3f} ms {worst:7.3f} ms {wall * 1e3:7.0f} ms "
+            f"{wall / reference:13.2f}x"
+        )
+    return lateness
+
+
 def main() -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -213,6 +327,13 @@ def main() -> None:
         ok &= check(
             "round trip >= 1.5x run_in_executor(ProcessPoolExecutor)", r >= 1.5, f"{r:.2f}x"
         )
+        for name in ("offloop ProcessPool.run", "offloop.to_process"):
+            r = ratio(seq, "anyio.to_process.run_sync", name)
+            ok &= check(
+                f"{name} round trip <= anyio.to_process.run_sync's",
+                r >= 1.0,
+                f"{r:.2f}x ({round_ratios(seq, 'anyio.to_process.run_sync', name)})",
+            )
 
         lag_pool = offloop.ProcessPool(1, name="lag")
         lag_cases: dict[str, Submit | None] = {
@@ -238,6 +359,18 @@ def main() -> None:
         ok &= check("loop lag p99 with to_process < 1 ms", p99 < 1e-3, f"{p99 * 1e3:.3f} ms")
 
         big_arg_lag_table(loop, submitters)
+
+        lateness = dask_burst_table(loop, submitters)
+        dask_p99, dask_max = percentiles(lateness["offloop DaskPool.run"], (99, 100))
+        pool_p99 = percentiles(lateness["offloop ProcessPool.run"], (99,))[0]
+        ok &= check(
+            "DaskPool burst: loop lag p99 within 2x ProcessPool's",
+            dask_p99 <= 2 * pool_p99,
+            f"{dask_p99 * 1e3:.3f} ms vs {pool_p99 * 1e3:.3f} ms",
+        )
+        ok &= check(
+            "DaskPool burst: loop lag max < 50 ms", dask_max < 0.05, f"{dask_max * 1e3:.3f} ms"
+        )
     finally:
         close()
         tasks = asyncio.all_tasks(loop)

@@ -2,6 +2,9 @@
 
 Cases, each measured in the same process with interleaved rounds:
 - sequential round trip of a trivial function (await one call after another);
+- the same round trip as a distribution over SEQ_RUNS runs, each its own
+  interleaved measurement with its ratio to the floor (wake-ups dominate a
+  round trip, and the floor itself moves a lot from one run to the next);
 - throughput of a 500-wide ``asyncio.gather``;
 - both again on uvloop;
 - RSS growth over 1,000,000 sequential offloop calls.
@@ -16,6 +19,8 @@ import functools
 import gc
 import os
 import queue
+import statistics
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -30,12 +35,15 @@ from asgiref.sync import sync_to_async
 
 import offloop
 
-from ._common import check, interleaved, ratio, table
+from ._common import check, fmt_time, interleaved, ratio, table
 
 SEQ_CALLS = int(os.environ.get("OFFLOOP_BENCH_SEQ", "3000"))
 GATHER_WIDTH = 500
 GATHER_REPEATS = int(os.environ.get("OFFLOOP_BENCH_GATHER", "6"))
 MEMORY_CALLS = int(os.environ.get("OFFLOOP_BENCH_MEMORY_CALLS", "1000000"))
+SEQ_RUNS = int(os.environ.get("OFFLOOP_BENCH_SEQ_RUNS", "10"))
+SEQ_RUN_ROUNDS = int(os.environ.get("OFFLOOP_BENCH_SEQ_RUN_ROUNDS", "3"))
+FLOOR = "floor (SimpleQueue + call_soon_threadsafe)"
 
 
 def trivial() -> int:
@@ -96,7 +104,7 @@ def make_offloads() -> tuple[dict[str, Callable[[], Offload]], Callable[[], None
     offloads: dict[str, Callable[[], Offload]] = {
         "offloop.to_thread": lambda: functools.partial(offloop.to_thread, trivial),
         "offloop ThreadPool.run": lambda: functools.partial(pool.run, trivial),
-        "floor (SimpleQueue + call_soon_threadsafe)": lambda: functools.partial(floor.run, trivial),
+        FLOOR: lambda: functools.partial(floor.run, trivial),
         "asyncio.to_thread": lambda: functools.partial(asyncio.to_thread, trivial),
         "loop.run_in_executor": run_in_executor,
         "anyio.to_thread.run_sync": lambda: functools.partial(anyio.to_thread.run_sync, trivial),
@@ -136,6 +144,41 @@ def gathered(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Ca
         return (time.perf_counter() - t0) / (GATHER_REPEATS * GATHER_WIDTH)
 
     return lambda: asyncio.Runner(loop_factory=loop_factory).run(body())
+
+
+def sequential_runs(
+    offloads: dict[str, Callable[[], Offload]], loop_name: str, factory: Callable[[], Any]
+) -> tuple[list[float], list[float]]:
+    """SEQ_RUNS runs of the sequential case; per run, to_thread / floor and to_thread / run().
+
+    Each run is a whole interleaved measurement (SEQ_RUN_ROUNDS rounds) of
+    offloop.to_thread, ThreadPool.run and the floor, so every ratio compares
+    figures taken moments apart; the spread over the runs is what one run's
+    figure can be off by.
+    """
+    names = ("offloop.to_thread", "offloop ThreadPool.run", FLOOR)
+    cases = {n: sequential(offloads[n], factory) for n in names}
+    print(f"\n## sequential round trip over {SEQ_RUNS} runs, {loop_name}")
+    print(
+        f"{'run':>4} {'to_thread':>12} {'ThreadPool.run':>15} {'floor':>12}"
+        f" {'to_thread/floor':>16} {'to_thread/run':>14}"
+    )
+    to_floor: list[float] = []
+    to_run: list[float] = []
+    for i in range(SEQ_RUNS):
+        res = interleaved(cases, SEQ_RUN_ROUNDS, warmup=i == 0)
+        t, r, f = (res[n].median for n in names)
+        to_floor.append(t / f)
+        to_run.append(t / r)
+        print(
+            f"{i + 1:>4} {fmt_time(t):>12} {fmt_time(r):>15} {fmt_time(f):>12}"
+            f" {t / f:15.2f}x {t / r:13.2f}x"
+        )
+        sys.stdout.flush()
+    for label, values in (("to_thread/floor", to_floor), ("to_thread/run", to_run)):
+        v = sorted(values)
+        print(f"{label:<16} min {v[0]:.2f}x  median {statistics.median(v):.2f}x  max {v[-1]:.2f}x")
+    return to_floor, to_run
 
 
 BATCH_ITEMS = int(os.environ.get("OFFLOOP_BENCH_BATCH", "20000"))
@@ -201,12 +244,35 @@ def main() -> None:
             ok &= check(
                 f"[{loop_name}] sequential >= 1.8x asyncio.to_thread", s >= 1.8, f"{s:.2f}x"
             )
-            f = ratio(seq, "offloop.to_thread", "floor (SimpleQueue + call_soon_threadsafe)")
+            f = ratio(seq, "offloop.to_thread", FLOOR)
             ok &= check(f"[{loop_name}] sequential within 1.3x of the floor", f <= 1.3, f"{f:.2f}x")
             g = ratio(gat, "asyncio.to_thread", "offloop.to_thread")
             ok &= check(f"[{loop_name}] gather >= 12x asyncio.to_thread", g >= 12, f"{g:.2f}x")
             a = ratio(gat, "aiomisc ThreadPoolExecutor", "offloop.to_thread")
             ok &= check(f"[{loop_name}] gather >= 2x aiomisc", a >= 2, f"{a:.2f}x")
+            to_floor, to_run = sequential_runs(offloads, loop_name, factory)
+            m = statistics.median(to_floor)
+            ok &= check(
+                f"[{loop_name}] sequential over {SEQ_RUNS} runs: median within 1.1x of the floor",
+                m <= 1.1,
+                f"median {m:.2f}x (runs {min(to_floor):.2f}x-{max(to_floor):.2f}x)",
+            )
+            if loop_name == "uvloop":
+                ok &= check(
+                    f"[{loop_name}] sequential over {SEQ_RUNS} runs: median within 1.5x "
+                    f"of the floor",
+                    m <= 1.5,
+                    f"median {m:.2f}x",
+                )
+                # "As fast as": the ratio to run() is no worse than the noise of
+                # two identical cases (5 %).
+                mr = statistics.median(to_run)
+                ok &= check(
+                    f"[{loop_name}] to_thread as fast as ThreadPool.run (median over "
+                    f"{SEQ_RUNS} runs <= 1.05x)",
+                    mr <= 1.05,
+                    f"median {mr:.2f}x (runs {min(to_run):.2f}x-{max(to_run):.2f}x)",
+                )
             kinds = (
                 "offloop ThreadPool.map (adaptive chunks)",
                 "offloop ThreadPool.map(chunksize=256)",

@@ -60,7 +60,12 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
     "LoopThread": (offloop.LoopThread, [("name", KW, None), ("loop_factory", KW, None)]),
     "Supervisor": (
         offloop.Supervisor,
-        [("grace", KW, 5.0), ("name", KW, None), ("detect_blocking", KW, None)],
+        [
+            ("grace", KW, 5.0),
+            ("name", KW, None),
+            ("detect_blocking", KW, None),
+            ("on_failure", KW, None),
+        ],
     ),
     "Supervisor.service": (
         offloop.Supervisor.service,
@@ -74,6 +79,9 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
             ("restart_window", KW, 60.0),
             ("isolate", KW, None),
             ("name", KW, None),
+            ("depends_on", KW, ()),
+            ("oneshot", KW, False),
+            ("retry_startup", KW, False),
         ],
     ),
     "detect_blocking": (

@@ -27,6 +27,7 @@ from ._core.errors import (
     WouldDeadlockError,
 )
 from ._core.offload import OffloadFuture
+from ._core.poolexecutor import PoolExecutorView
 from ._core.token import StopToken, current_token
 from ._detect.detector import (
     BlockEvent,
@@ -35,9 +36,13 @@ from ._detect.detector import (
     DetectorState,
     detect_blocking,
 )
+from ._loops.context import BoundContext, BoundContextState
 from ._loops.fromthread import from_thread
 from ._loops.loopthread import LoopThread, LoopThreadState
+from ._loops.portal import Portal, from_thread_sync
 from ._loops.shared import to_loop
+from ._loops.target import set_from_thread_loop
+from ._loops.tasks import TaskHandle, task_ready
 from ._process.dask import DaskPool
 from ._process.pool import ProcessPool, default_process_pool, to_process
 from ._services.aiohttp_app import AiohttpService
@@ -61,6 +66,8 @@ __all__ = [
     "BlockEvent",
     "BlockSite",
     "BlockingDetector",
+    "BoundContext",
+    "BoundContextState",
     "CallerGoneError",
     "DaskPool",
     "DetectorState",
@@ -72,6 +79,8 @@ __all__ = [
     "OffloadFuture",
     "OffloopError",
     "PoolClosedError",
+    "PoolExecutorView",
+    "Portal",
     "ProcessPool",
     "ScheduleStatus",
     "Service",
@@ -81,6 +90,7 @@ __all__ = [
     "StopToken",
     "Supervisor",
     "SupervisorState",
+    "TaskHandle",
     "ThreadPool",
     "ThreadedIterator",
     "WSGIService",
@@ -93,8 +103,11 @@ __all__ = [
     "default_thread_pool",
     "detect_blocking",
     "from_thread",
+    "from_thread_sync",
     "iterate",
     "lifespan",
+    "set_from_thread_loop",
+    "task_ready",
     "threaded",
     "to_loop",
     "to_process",

@@ -16,7 +16,7 @@ import offloop
 from offloop import CallerGoneError, from_thread
 from offloop._core import token as token_module
 from offloop._core.token import StopToken, WorkerCall, thread_state
-from offloop._loops.fromthread import _shared as shared_loop_thread
+from offloop._loops.target import shared as shared_loop_thread
 from tests.helpers import in_plain_thread, where_am_i
 
 WAIT = 10.0  # bound on every wait: a hang fails the test instead of stalling it

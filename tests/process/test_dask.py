@@ -7,12 +7,14 @@ leak snapshot and closed after the last test.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import os
 import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,10 @@ import pytest
 
 import offloop
 from offloop._core.poolbase import PoolState
+from offloop._process.daskargs import SCATTER_BYTES
 from offloop._process.pickling import RemoteTraceback
 from tests.helpers import SPAWN_WAIT as WAIT
-from tests.helpers import await_until, wait_for_file
+from tests.helpers import await_until, collected, resource_warnings, the_warning, wait_for_file
 
 distributed = pytest.importorskip("distributed")
 
@@ -77,10 +80,28 @@ def cluster(offload_thread: None) -> Iterator[Any]:
         cluster.close()
 
 
-async def test_run_by_address_returns_results_and_closes_its_client(cluster: Any) -> None:
+def offloop_dask_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("offloop-dask-")]
+
+
+async def test_run_by_address_returns_results_and_closes_its_client(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every key is drawn on the client's thread, never on the caller's loop,
+    # where the blocking detector would blame offloop's frame for the wait.
+    drawn_on: list[str] = []
+    real_uuid4 = uuid.uuid4
+
+    def uuid4() -> uuid.UUID:
+        drawn_on.append(threading.current_thread().name)
+        return real_uuid4()
+
+    monkeypatch.setattr(uuid, "uuid4", uuid4)
     pool = offloop.DaskPool(cluster.scheduler_address)
     async with pool:
-        total, key, pid = await asyncio.wait_for(pool.run(add, 2, 3, key="mine"), WAIT)
+        call = pool.run(add, 2, 3, key="mine")
+        assert isinstance(call, offloop.OffloadFuture)  # queued at once, like the local pools
+        total, key, pid = await asyncio.wait_for(call, WAIT)
         assert (total, key) == (5, "mine")
         assert pid != os.getpid()  # a worker process of the cluster
         results = await asyncio.wait_for(
@@ -91,10 +112,19 @@ async def test_run_by_address_returns_results_and_closes_its_client(cluster: Any
         assert await asyncio.wait_for(pool.run(lambda x: x + offset, 1), WAIT) == 8
         client = pool.client
         assert client.status == "running"
+        # The client lives on the pool's loop thread, not on the caller's loop.
+        [thread] = offloop_dask_threads()
+        assert client.loop.asyncio_loop is not asyncio.get_running_loop()
+        assert client.loop.asyncio_loop.is_running()
+        # (The scheduler of the module's cluster runs in this process too, on
+        # its own "IO loop" thread, and draws some of its own.)
+        assert threading.current_thread().name not in drawn_on
+        assert drawn_on.count(thread) >= 22
         assert repr(pool) == (
             f"<DaskPool {cluster.scheduler_address!r} open: 0 running, 22 completed, 0 failed>"
         )
     assert client.status == "closed"  # the pool opened it, the pool closed it
+    assert offloop_dask_threads() == []  # and its thread is gone
     assert pool.statistics() == {
         "state": "closed",
         "running": 0,
@@ -102,28 +132,29 @@ async def test_run_by_address_returns_results_and_closes_its_client(cluster: Any
         "failed": 0,
         "cancelled": 0,
     }
-    with pytest.raises(offloop.PoolClosedError, match="closed and takes no new calls"):
-        await pool.run(add, 1, 1)
+    with pytest.raises(offloop.PoolClosedError, match="closed> takes no new calls"):
+        pool.run(add, 1, 1)
 
 
-async def first_call_waiting_for_the_connection(pool: offloop.DaskPool) -> asyncio.Future[Any]:
-    call = asyncio.ensure_future(pool.run(add, 1, 2))
-    await asyncio.sleep(0)  # one step: run() now waits for the connection
-    assert pool._connecting is not None
-    return call
+@pytest.mark.loops("asyncio", "debug", "uvloop")
+async def test_any_kind_of_caller_loop_gets_its_results(cluster: Any) -> None:
+    # The client's loop is the pool's own; the caller's may be of any kind.
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(pool.run(add, i, 1) for i in range(5))), WAIT
+        )
+        assert [r[0] for r in results] == [1, 2, 3, 4, 5]
 
 
-async def test_aclose_during_the_first_connect_closes_the_client_it_opened(
-    cluster: Any,
-) -> None:
+async def test_a_call_queued_before_aclose_runs_then_the_client_closes(cluster: Any) -> None:
     pool = offloop.DaskPool(cluster.scheduler_address)
-    call = await first_call_waiting_for_the_connection(pool)
-    await asyncio.wait_for(pool.aclose(), WAIT)
-    with pytest.raises(offloop.PoolClosedError):
-        await asyncio.wait_for(call, WAIT)
-    assert pool.client is None
-    assert pool._connecting is not None
-    assert pool._connecting.result().status == "closed"
+    call = pool.run(add, 1, 2)  # queued while the pool has not connected yet
+    closing = asyncio.ensure_future(pool.aclose())
+    assert (await asyncio.wait_for(call, WAIT))[0] == 3
+    await asyncio.wait_for(closing, WAIT)
+    assert pool.client.status == "closed"
+    assert offloop_dask_threads() == []
+    assert pool.statistics()["completed"] == 1
 
 
 def make_lock() -> threading.Lock:
@@ -143,27 +174,76 @@ async def test_a_result_that_cannot_be_pickled_is_named(cluster: Any) -> None:
 
 
 async def test_errors_keep_their_type_and_the_pool_keeps_working(cluster: Any) -> None:
-    async with (
-        distributed.Client(cluster.scheduler_address, asynchronous=True) as client,
-        offloop.DaskPool(client=client) as pool,
-    ):
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
         with pytest.raises(Rejected, match="no entry"):
             await asyncio.wait_for(pool.run(reject, "entry"), WAIT)
         lock = threading.Lock()
         with pytest.raises(offloop.NotPicklableError, match=r"argument 0 \(lock"):
-            await pool.run(add, lock, 1)  # type: ignore[arg-type]
+            pool.run(add, lock, 1)  # type: ignore[arg-type]
         assert (await asyncio.wait_for(pool.run(add, 1, 1), WAIT))[0] == 2
         assert pool.statistics()["failed"] == 1
-    assert client.status == "closed"  # closed by its own async with, not by the pool
 
 
-async def test_client_passed_in_is_left_open(cluster: Any) -> None:
+async def test_an_asynchronous_client_is_left_on_its_loop_and_open(cluster: Any) -> None:
     async with distributed.Client(cluster.scheduler_address, asynchronous=True) as client:
         pool = offloop.DaskPool(client=client)
         assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+        # That client does its work on this loop: the pool's calls go through
+        # a client of its own, on its own thread, to the same scheduler.
+        own = pool.client
+        assert own is not client
+        assert own.scheduler.address == client.scheduler.address
+        assert own.loop.asyncio_loop is not asyncio.get_running_loop()
+        assert distributed.default_client() is client  # the pool's is not the default
+        # An object that client scattered belongs to it, not to the pool's:
+        # the error says what to do instead.
+        theirs = await client.scatter(5)
+        with pytest.raises(ValueError, match=r"made by another Dask client.*pool\.scatter"):
+            await asyncio.wait_for(pool.run(add, theirs, 1), WAIT)
         await pool.aclose()
         assert client.status == "running"
+        assert own.status == "closed"
         assert pool.state is PoolState.CLOSED
+
+
+async def test_an_asynchronous_client_on_another_threads_loop_is_used_there(
+    cluster: Any,
+) -> None:
+    async def connect() -> Any:
+        return await distributed.Client(
+            cluster.scheduler_address, asynchronous=True, set_as_default=False
+        )
+
+    async with offloop.LoopThread(name="their-client") as thread:
+        client = await asyncio.wait_for(thread.run(connect), WAIT)
+        try:
+            async with offloop.DaskPool(client=client) as pool:
+                assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+                assert pool.client is client
+                assert offloop_dask_threads() == []
+            assert client.status == "running"
+        finally:
+
+            async def close() -> None:
+                await client.close()
+
+            await asyncio.wait_for(thread.run(close), WAIT)
+
+
+def test_a_blocking_client_is_used_on_its_own_loop_thread(cluster: Any) -> None:
+    with distributed.Client(cluster.scheduler_address) as client:
+
+        async def use() -> tuple[int, str, int]:
+            async with offloop.DaskPool(client=client) as pool:
+                result = await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
+                assert pool.client is client
+                # distributed runs a blocking client on a loop thread of its
+                # own: the pool starts none.
+                assert offloop_dask_threads() == []
+                return result
+
+        assert asyncio.run(use())[0] == 3
+        assert client.status == "running"  # left open
 
 
 async def test_cancelling_the_awaiter_cancels_the_task(cluster: Any, tmp_path: Path) -> None:
@@ -229,32 +309,6 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
         offloop.DaskPool("tcp://127.0.0.1:1")
 
 
-async def test_a_worker_dying_in_a_call_is_worker_crashed(offload_thread: None) -> None:
-    # A cluster of its own: the dead worker's replacement is a new child process.
-    async with (
-        distributed.LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            asynchronous=True,
-            # KilledWorker at the first death; the HTTP server on any free port
-            # (by default it wants 8787, which the module's cluster holds).
-            scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
-        ) as cluster,
-        distributed.Client(cluster, asynchronous=True) as client,
-        offloop.DaskPool(client=client) as pool,
-    ):
-        with pytest.raises(offloop.WorkerCrashed, match="running function 'die_now' died") as info:
-            await asyncio.wait_for(pool.run(die_now), WAIT)
-        assert isinstance(info.value.__cause__, distributed.KilledWorker)
-        # Named without counters, which would still count the failed call as running.
-        assert str(info.value).startswith(f"DaskPool {cluster.scheduler_address!r}: the workers")
-        stats = pool.statistics()
-        assert (stats["failed"], stats["running"], stats["completed"]) == (1, 0, 0)
-
-
 async def test_calls_with_equal_arguments_each_run(cluster: Any) -> None:
     async with offloop.DaskPool(cluster.scheduler_address) as pool:
         # Submitted together, while each other's futures are alive: Dask would
@@ -266,13 +320,6 @@ async def test_calls_with_equal_arguments_each_run(cluster: Any) -> None:
         again = await asyncio.wait_for(pool.run(draw, "x"), WAIT)
         assert again not in drawn
         assert pool.statistics()["completed"] == 4
-
-
-def test_a_blocking_client_is_refused(cluster: Any) -> None:
-    with distributed.Client(cluster.scheduler_address) as client:
-        assert not client.asynchronous
-        with pytest.raises(TypeError, match=r"client created with asynchronous=True, got the bl"):
-            offloop.DaskPool(client=client)
 
 
 @pytest.fixture
@@ -315,54 +362,52 @@ async def test_a_function_the_workers_cannot_import_is_not_picklable_there(
         assert pool.statistics()["failed"] == 2
 
 
-async def test_a_pool_used_on_another_loop_says_to_create_one_per_loop(cluster: Any) -> None:
+async def test_one_pool_serves_calls_from_several_loops(cluster: Any) -> None:
     async with offloop.DaskPool(cluster.scheduler_address) as pool:
         assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
 
-        def from_another_loop() -> None:
-            asyncio.run(pool.run(add, 1, 1))
+        async def call() -> Any:
+            return await asyncio.wait_for(pool.run(add, 1, 1), WAIT)
 
-        # It used to fail deep inside distributed ("IOLoop is closed" and the like).
-        with pytest.raises(RuntimeError, match=r"another event loop .*one DaskPool per loop"):
-            await asyncio.wait_for(asyncio.to_thread(from_another_loop), WAIT)
-        assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4  # still fine here
+        def from_another_loop() -> Any:
+            return asyncio.run(call())
+
+        assert (await asyncio.wait_for(asyncio.to_thread(from_another_loop), WAIT))[0] == 2
+        assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4
+        assert pool.statistics()["completed"] == 3
 
 
-def test_a_pool_whose_loop_is_gone_closes_from_another_loop(cluster: Any) -> None:
+def test_a_pool_whose_first_loop_is_gone_closes_from_another_loop(cluster: Any) -> None:
     pool = offloop.DaskPool(cluster.scheduler_address)
 
-    async def use() -> Any:
-        result = await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
-        await pool.client.close()  # what the end of the first asyncio.run() leaves behind
-        return result
+    async def call() -> Any:
+        return await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
 
-    assert asyncio.run(use())[0] == 3
-    # The audit's case: aclose() on a new loop raised "IOLoop is closed".
+    assert asyncio.run(call())[0] == 3
     asyncio.run(asyncio.wait_for(pool.aclose(), WAIT))
     assert pool.statistics()["state"] == "closed"
+    assert pool.client.status == "closed"
 
 
 async def test_a_client_closed_under_the_pool_is_pool_closed(cluster: Any) -> None:
-    distributed = pytest.importorskip("distributed")
     client = await distributed.Client(cluster.scheduler_address, asynchronous=True)
     pool = offloop.DaskPool(client=client)
     assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
     await client.close()
     with pytest.raises(offloop.PoolClosedError, match=r"its distributed\.Client was closed"):
-        await asyncio.wait_for(pool.run(add, 1, 1), WAIT)
+        pool.run(add, 1, 1)
     assert cluster.scheduler_address in repr(pool)  # not just 'client'
     await pool.aclose()
 
 
 async def test_a_client_closed_during_a_call_is_pool_closed(cluster: Any, tmp_path: Path) -> None:
-    distributed = pytest.importorskip("distributed")
     gate, started = tmp_path / "gate", tmp_path / "started"
-    client = await distributed.Client(cluster.scheduler_address, asynchronous=True)
+    client = await asyncio.to_thread(distributed.Client, cluster.scheduler_address)
     pool = offloop.DaskPool(client=client)
-    call = asyncio.ensure_future(pool.run(wait_for_file, str(gate), str(started)))
+    call = pool.run(wait_for_file, str(gate), str(started))
     try:
         await await_until(started.exists, WAIT, "the call to start on the worker")
-        await client.close()
+        await asyncio.wait_for(asyncio.to_thread(client.close), WAIT)
         # It was Dask's FutureCancelledError, "cancelled for reason: unknown".
         with pytest.raises(offloop.PoolClosedError, match=r"its distributed\.Client was closed"):
             await asyncio.wait_for(call, WAIT)
@@ -371,13 +416,92 @@ async def test_a_client_closed_during_a_call_is_pool_closed(cluster: Any, tmp_pa
     await pool.aclose()
 
 
-async def test_a_call_cancelled_while_the_pool_connects_counts_as_cancelled(
-    cluster: Any,
-) -> None:
+async def test_a_call_cancelled_at_once_counts_as_cancelled(cluster: Any) -> None:
     pool = offloop.DaskPool(cluster.scheduler_address)
-    call = await first_call_waiting_for_the_connection(pool)
-    call.cancel()
+    call = pool.run(add, 1, 2)
+    call.cancel()  # before the pool connected, or even took the call
     with pytest.raises(asyncio.CancelledError):
         await call
     assert pool.statistics()["cancelled"] == 1
     await asyncio.wait_for(pool.aclose(), WAIT)
+    assert pool.statistics() == {
+        "state": "closed",
+        "running": 0,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": 1,
+    }
+
+
+def measure(prefix: bytes, data: bytes) -> tuple[int, str]:
+    return len(data), hashlib.sha256(prefix + data).hexdigest()
+
+
+async def test_a_big_bytes_argument_sent_to_many_calls_is_scattered_once(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        await asyncio.wait_for(pool.run(add, 0, 0), WAIT)  # connected
+        client = pool.client
+        scattered: list[int] = []
+        real_scatter = client.scatter
+
+        def scatter(data: Any, **options: Any) -> Any:
+            scattered.append(sum(len(item) for item in data))
+            return real_scatter(data, **options)
+
+        monkeypatch.setattr(client, "scatter", scatter)
+        data = os.urandom(SCATTER_BYTES)
+        expected = (len(data), hashlib.sha256(b"p" + data).hexdigest())
+        calls = [pool.run(measure, b"p", data) for _ in range(10)]
+        calls += [pool.run(measure, b"p", data=data) for _ in range(10)]
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [expected] * 20
+        assert scattered == [len(data)]  # once, for twenty calls
+        # Below the threshold an argument travels inside the call.
+        small = data[:-1]
+        assert (await asyncio.wait_for(pool.run(measure, b"", small), WAIT))[0] == len(small)
+        assert scattered == [len(data)]
+        other = os.urandom(SCATTER_BYTES)
+        assert (await asyncio.wait_for(pool.run(measure, b"", other), WAIT))[0] == len(other)
+        assert scattered == [len(data), len(other)]
+
+
+def lookup(table: dict[str, int], name: str) -> int:
+    return table[name]
+
+
+async def test_an_object_scattered_by_hand_reaches_every_call(cluster: Any) -> None:
+    async with offloop.DaskPool(cluster.scheduler_address) as pool:
+        table = {f"k{i}": i for i in range(1000)}
+        ref = await asyncio.wait_for(pool.scatter(table), WAIT)
+        assert isinstance(ref, distributed.Future)
+        found = await asyncio.wait_for(
+            asyncio.gather(
+                *(pool.run(lookup, ref, f"k{i}") for i in range(5)),
+                pool.run(lookup, table=ref, name="k999"),
+            ),
+            WAIT,
+        )
+        assert found == [0, 1, 2, 3, 4, 999]
+        with pytest.raises(offloop.NotPicklableError, match=r"scatter\(\) cannot send"):
+            await asyncio.wait_for(pool.scatter(threading.Lock()), WAIT)
+        del ref
+
+
+async def test_a_pool_dropped_unclosed_closes_its_client_and_ends_its_thread(
+    cluster: Any,
+) -> None:
+    pool = offloop.DaskPool(cluster.scheduler_address)
+    assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+    client = pool.client
+    ref = weakref.ref(pool)
+    with resource_warnings() as found:
+        del pool
+        # The client's thread lets go of the pool once its last call's task
+        # has ended, which may come after the result reached this loop.
+        await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
+    # The collection may find other objects that warn (a test's socket): only ours counts.
+    ours = [w for w in found if str(w.message).startswith("DaskPool ")]
+    assert "was garbage collected without being closed" in the_warning(ours, "DaskPool")
+    await await_until(lambda: not offloop_dask_threads(), WAIT, "the pool's thread to end")
+    assert client.status == "closed"

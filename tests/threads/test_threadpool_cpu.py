@@ -11,6 +11,7 @@ import asyncio
 import functools
 import gc
 import os
+import socket
 import threading
 import time
 import weakref
@@ -22,7 +23,7 @@ import pytest
 import offloop
 from offloop._threads import pool as pool_module
 from offloop._threads import workers as workers_module
-from offloop._threads.workers import WaitMemory, Worker
+from offloop._threads.workers import Worker
 from tests.helpers import WAIT, await_until, wait_until
 
 SLOTS = 2
@@ -50,9 +51,9 @@ def rebalances(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Any]:
     count = [0]
     original = pool_module.ThreadPool._rebalance
 
-    def counting(self: Any, loop: asyncio.AbstractEventLoop, due: float) -> None:
+    def counting(self: Any, channel: Any, loop: asyncio.AbstractEventLoop, due: float) -> None:
         count[0] += 1
-        original(self, loop, due)
+        original(self, channel, loop, due)
 
     monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", counting)
 
@@ -132,6 +133,42 @@ async def test_a_function_whose_call_ended_waiting_gets_threads_at_once_next_tim
         assert await asyncio.wait_for(asyncio.gather(*second), WAIT) == list(range(4, 9))
 
 
+@pytest.mark.skipif(
+    not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/wchan"),
+    reason="where a thread sleeps is read from Linux's /proc/self/task/<tid>/wchan",
+)
+async def test_while_the_loop_runs_late_calls_blocked_in_io_give_their_slot_at_once(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thread in recv() sleeps outside a futex, so it cannot be waiting for
+    # the GIL: its slot goes to a pending call without waiting a whole window.
+    measure_as(monkeypatch, computing=False)
+    monkeypatch.setattr(workers_module, "WINDOW", 3600.0)  # no call waits a whole window
+    reader, writer = socket.socketpair()
+    async with offloop.ThreadPool(8, name="late-io") as pool:
+        original = pool_module.ThreadPool._rebalance
+        monkeypatch.setattr(
+            pool_module.ThreadPool,
+            "_rebalance",
+            lambda self, channel, loop, due: original(self, channel, loop, due - 1.0),
+        )
+        calls = [pool.run(reader.recv, 1) for _ in range(4)]
+        # All four block in recv at once, on two slots, though the loop stays late.
+        await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four calls in recv")
+        with pool._lock:
+            assert all(w.prev_wall < 0 for w in pool._workers if w.waiting)  # none by window
+        monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", original)
+        writer.sendall(b"abcd")
+        assert sorted(await asyncio.wait_for(asyncio.gather(*calls), WAIT)) == [
+            b"a",
+            b"b",
+            b"c",
+            b"d",
+        ]
+    reader.close()
+    writer.close()
+
+
 async def test_while_the_loop_runs_late_only_calls_waiting_a_whole_window_give_their_slot(
     two_slots: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,7 +180,7 @@ async def test_while_the_loop_runs_late_only_calls_waiting_a_whole_window_give_t
         monkeypatch.setattr(
             pool_module.ThreadPool,
             "_rebalance",
-            lambda self, loop, due: original(self, loop, due - 1.0),
+            lambda self, channel, loop, due: original(self, channel, loop, due - 1.0),
         )
         calls = [pool.run(gated(gate, started), i) for i in range(4)]
         seen_unsure_waiting = False
@@ -346,10 +383,9 @@ async def test_new_threads_are_started_by_a_worker_that_ends_a_call_not_by_the_l
     monkeypatch.setattr(pool_module.ThreadPool, "_start_thread", spy)
     gate, started = threading.Event(), list[int]()
     blocked = gated(gate, started)
-    # As if the pool had learnt that blocked() waits: its calls take threads at once.
-    monkeypatch.setattr(WaitMemory, "waits", lambda self, fn: fn is blocked)
-    monkeypatch.setattr(WaitMemory, "__bool__", lambda self: True)
     async with offloop.ThreadPool(8, name="starts") as pool:
+        # As if the pool had learnt that blocked() waits: its calls take threads at once.
+        pool._waits[blocked.__code__] = True
         stop = asyncio.Event()
 
         async def keep_a_worker_busy_ending_calls() -> None:

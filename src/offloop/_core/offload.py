@@ -28,6 +28,7 @@ __all__ = [
     "DeferredCancel",
     "OffloadFuture",
     "channel_for",
+    "loop_local",
     "new_call",
     "running_loop",
 ]
@@ -172,15 +173,16 @@ class _LoopLocal(threading.local):
     channel: Channel | None = None
 
 
-_loop_local: Final = _LoopLocal()
+#: This thread's last channel; hot paths read it inline (see channel_for).
+loop_local: Final = _LoopLocal()
 
 
 def channel_for(loop: asyncio.AbstractEventLoop) -> Channel:
     # Kept per thread: a thread runs one loop at a time, and a thread-local
     # read is cheaper than a lookup keyed by the loop.
-    channel = _loop_local.channel
+    channel = loop_local.channel
     if channel is None or channel.loop_ref() is not loop:
-        channel = _loop_local.channel = Channel(loop)
+        channel = loop_local.channel = Channel(loop)
     return channel
 
 

@@ -2,5 +2,7 @@
 
 ``LoopThread`` (a loop in a thread), ``to_loop`` (a coroutine that blocks, moved
 to a loop thread), ``from_thread`` (a coroutine run on a loop, from a thread),
-and ``crossing``, the one mechanism each of them uses to hand a call over.
+``Portal`` (every other crossing from sync code: sync functions, timeouts,
+futures, tasks, async context managers and iterators), and ``crossing``, the
+one mechanism the blocking ones use to hand a call over.
 """

@@ -56,6 +56,7 @@ SPIN_WINDOW: Final = 50e-6
 TOKEN_SET: Final = "token set"
 LOOP_CLOSED: Final = "loop closed"
 INTERRUPTED: Final = "interrupted"
+TIMED_OUT: Final = "timed out"
 
 
 class CallHost(Protocol):
@@ -350,22 +351,31 @@ def _spin(lock: Any) -> bool:
 
 
 def wait_reply(
-    reply: Reply, token: StopToken | None, where: str, async_fn: Callable[..., Any]
+    reply: Reply,
+    token: StopToken | None,
+    where: str,
+    async_fn: Callable[..., Any],
+    timeout: float | None = None,
 ) -> Any:
     """Block until ``reply`` has its outcome; return the result or raise the error.
 
     With a ``token`` (the calling worker's), setting it ends the wait with
     :class:`CallerGoneError` and cancels the coroutine, unless the coroutine
     completed before the stop reached its loop: then its outcome is returned.
+    With a ``timeout``, the wait ends after that many seconds with
+    ``TimeoutError`` and the coroutine is cancelled (a call not started yet never starts).
     """
     lock = reply.lock
     loop = reply.loop
+    deadline = None if timeout is None else monotonic() + timeout
     if token is not None:
         token.add_callback(reply.on_token)
     try:
         if not _spin(lock):
-            while not lock.acquire(True, POLL_INTERVAL):
-                if loop.is_closed():
+            while not lock.acquire(True, _slice(deadline)):
+                if deadline is not None and monotonic() >= deadline:
+                    reply.gone(TIMED_OUT)
+                elif loop.is_closed():
                     reply.gone(LOOP_CLOSED)
                 elif token is not None and token.is_set() and not loop.is_running():
                     # A stopped loop cannot decide the stop (nor complete
@@ -389,6 +399,12 @@ def wait_reply(
             raise value
         finally:
             del value, outcome
+    if outcome == TIMED_OUT:
+        raise TimeoutError(
+            f"{where} of {describe(async_fn)} did not finish within {timeout} s, so it was "
+            f"cancelled on its loop (a call not started yet never starts). Give it a longer "
+            f"timeout, or none."
+        )
     if outcome == TOKEN_SET:
         reason = token.reason if token is not None else None
         raise CallerGoneError(
@@ -400,6 +416,13 @@ def wait_reply(
         f"{where} of {describe(async_fn)} cannot finish: the event loop it runs on "
         f"({loop!r}) was closed while this thread waited. Return from the worker function."
     )
+
+
+def _slice(deadline: float | None) -> float:
+    # How long one blocking acquire may sleep: a poll interval, or less to the deadline.
+    if deadline is None:
+        return POLL_INTERVAL
+    return max(0.0, min(POLL_INTERVAL, deadline - monotonic()))
 
 
 def refuse_when_stopped(token: StopToken | None, where: str, async_fn: Callable[..., Any]) -> None:

@@ -1,10 +1,11 @@
 """``from_thread``: call async code from sync code, on the right loop.
 
 In an offloop worker the coroutine runs on the loop that sent the work (the
-worker is calling back into its caller). Elsewhere it runs on one shared
-background loop thread, started on first use and retired after idling, so a
-sync program that calls ``from_thread`` in a loop does not pay for a new event
-loop per call the way ``asgiref.async_to_sync`` and ``asyncer.syncify`` do.
+worker is calling back into its caller). Elsewhere it runs on the loop chosen
+with ``set_from_thread_loop``, by default one shared background loop thread
+that lives as long as the process (``target.py``), so a sync program that
+calls ``from_thread`` in a loop does not pay for a new event loop per call the
+way ``asgiref.async_to_sync`` and ``asyncer.syncify`` do.
 """
 
 from __future__ import annotations
@@ -15,17 +16,13 @@ from typing import Final, ParamSpec, TypeVar
 from .._core.token import thread_state
 from .._core.validate import check_async_callable
 from .crossing import refuse_on_running_loop
-from .shared import SHARED_IDLE_TIMEOUT, SharedLoopThread, block_on
+from .shared import block_on
+from .target import SHARED_THREAD_NAME, from_thread_target
 
-__all__ = ["from_thread"]
+__all__ = ["SHARED_THREAD_NAME", "from_thread"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-#: The thread name the test suite's leak check knows as long-lived by design.
-SHARED_THREAD_NAME: Final = "offloop-shared-loop"
-
-_shared: Final = SharedLoopThread(SHARED_THREAD_NAME, SHARED_IDLE_TIMEOUT)
 
 _WHERE: Final = "offloop.from_thread()"
 _INSTEAD: Final = (
@@ -52,9 +49,11 @@ def from_thread(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs:
       coroutine completed first (then its result is returned); the same
       happens if that loop is closed. Called with the token already set, it
       raises :class:`CallerGoneError` without running the coroutine.
-    - In any other thread it runs on a shared background loop thread
-      (``offloop-shared-loop``), started on first use and stopped after 30 s
-      without calls and at interpreter exit; it never keeps the process alive.
+    - In any other thread it runs on the loop chosen with
+      :func:`set_from_thread_loop`, by default a shared background loop thread
+      (``offloop-shared-loop``), started on first use, kept as long as the
+      process lives (objects made there stay usable after any idle time) and
+      closed at interpreter exit; it never keeps the process alive.
 
     The caller's context variables are copied into the coroutine. Its result
     is returned and its exception raised, with the traceback.
@@ -71,6 +70,7 @@ def from_thread(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs:
     check_async_callable(async_fn, _WHERE)
     call = thread_state.call
     if call is None:
-        return block_on(_shared, None, _WHERE, async_fn, args, kwargs)
+        return block_on(from_thread_target(), None, _WHERE, async_fn, args, kwargs)
     loop = call.loop
-    return block_on(_shared if loop is None else loop, call.token, _WHERE, async_fn, args, kwargs)
+    target = from_thread_target() if loop is None else loop
+    return block_on(target, call.token, _WHERE, async_fn, args, kwargs)

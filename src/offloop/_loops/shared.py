@@ -28,7 +28,7 @@ R = TypeVar("R")
 
 
 def block_on(
-    target: SharedLoopThread | asyncio.AbstractEventLoop,
+    target: SharedLoopThread | LoopThread | asyncio.AbstractEventLoop,
     token: StopToken | None,
     where: str,
     async_fn: Callable[..., Awaitable[R]],
@@ -53,6 +53,8 @@ def block_on(
                 f"to the thread ({target!r}) is closed, so nobody is left to run the coroutine "
                 f"or use its result. Return from the worker function."
             ) from None
+    elif isinstance(target, LoopThread):
+        reply = target._send_sync(async_fn, args, kwargs, ctx)
     else:
         while True:
             lt = target.get()
@@ -71,15 +73,16 @@ def block_on(
 
 @final
 class SharedLoopThread:
-    """A process-wide loop thread, started on first use and retired when idle.
+    """A process-wide loop thread, started on first use, maybe retired when idle.
 
     It counts the calls in flight (the loop thread's ``_active``); once none
     has run for ``idle_timeout`` seconds the thread stops by itself, and the
-    next call starts a new one. At interpreter exit it is closed with a
-    bounded wait. Its thread is a daemon, so it never keeps the process alive.
+    next call starts a new one. Without one (``None``) it runs until closed.
+    At interpreter exit it is closed with a bounded wait. Its thread is a
+    daemon, so it never keeps the process alive.
     """
 
-    def __init__(self, thread_name: str, idle_timeout: float) -> None:
+    def __init__(self, thread_name: str, idle_timeout: float | None) -> None:
         self.thread_name = thread_name
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
@@ -123,7 +126,8 @@ class SharedLoopThread:
 
 _shared: Final[list[SharedLoopThread]] = []
 
-#: Seconds a shared loop thread stays up with no call before its thread exits.
+#: Seconds the ``to_loop`` loop thread stays up with no call before its thread
+#: exits (``from_thread``'s never retires: objects made there are bound to it).
 SHARED_IDLE_TIMEOUT: Final = 30.0
 
 #: Seconds interpreter exit waits for a shared loop thread to stop.

@@ -32,6 +32,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final
 
+from .._core.spin import yield_cpu
 from .workers import ask_to_exit
 from .writer import PayloadWriter
 
@@ -42,6 +43,13 @@ __all__ = ["manage", "pool_dropped"]
 
 #: Seconds a dropped pool's workers get to exit when asked, before they are killed.
 STOP_GRACE: Final = 2.0
+#: Seconds the manager polls for its next event before it sleeps. A reply
+#: that arrives while it still polls costs no wake-up of this thread: in a
+#: sequential round trip (reply, the loop sends the next call, the worker
+#: answers) that is one wake-up of two, the one anyio's design does without
+#: (its loop reads the worker's pipe itself). Long enough to span the
+#: caller's turn and the worker's; short enough to be nothing beside a call.
+SPIN_WINDOW: Final = 100e-6
 #: Seconds to wait for a killed worker to be reaped, and for the finalizer's byte.
 _REAP_WAIT: Final = 5.0
 
@@ -79,7 +87,7 @@ def manage(
     pool: WorkerSet | None = None
     try:
         while True:
-            events = selector.select()
+            events = _poll_then_wait(selector)
             pool = pool_ref()
             if pool is None:
                 break
@@ -115,6 +123,22 @@ def manage(
                 os.close(fd)
         # Every worker is gone, so no write is waited for.
         writer.stop()
+
+
+def _poll_then_wait(
+    selector: selectors.BaseSelector,
+) -> list[tuple[selectors.SelectorKey, int]]:
+    """The next events: polled for :data:`SPIN_WINDOW`, then waited for."""
+    events = selector.select(0)
+    if events:
+        return events
+    deadline = time.monotonic() + SPIN_WINDOW
+    while time.monotonic() < deadline:
+        yield_cpu()  # the loop's thread and the worker get the CPU and the GIL
+        events = selector.select(0)
+        if events:
+            return events
+    return selector.select()
 
 
 def _stop_workers(selector: selectors.BaseSelector) -> None:

@@ -44,6 +44,7 @@ from .._core.poolbase import (
     complete_waiter,
     refuse_blocking_close,
 )
+from .._core.poolexecutor import PoolExecutorView
 from .._core.validate import (
     check_bool,
     check_close_timeout,
@@ -207,8 +208,32 @@ class ProcessPool(WorkerSet, PoolContext):
 
     @property
     def max_workers(self) -> int:
-        """The most processes this pool runs at once."""
+        """The most processes this pool runs at once; settable while it runs.
+
+        Raising it starts processes for queued calls at once. Lowering it
+        asks idle processes above it to exit now, and busy ones as they end
+        their call; a running call is never interrupted.
+
+        Raises:
+            TypeError, ValueError: (on set) not a positive int.
+        """
         return self._max_workers
+
+    @max_workers.setter
+    def max_workers(self, value: int) -> None:
+        check_positive_int(value, "ProcessPool.max_workers = ...", allow_none=False)
+        stopping: list[ProcessWorker] = []
+        with self._lock:
+            self._max_workers = value
+            surplus = self._live_workers() - value
+            while surplus > 0 and self._idle:
+                worker = self._idle.pop()
+                worker.doomed = True
+                stopping.append(worker)
+                surplus -= 1
+        for worker in stopping:
+            ask_to_exit(worker)
+        self._wake()  # the manager starts processes for queued calls (_maintain)
 
     def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
         """Run ``fn(*args, **kwargs)`` in a worker process; await the result.
@@ -272,6 +297,15 @@ class ProcessPool(WorkerSet, PoolContext):
         elif large:
             self._send_later(fd, payload)
         return call
+
+    def executor(self) -> PoolExecutorView:
+        """A ``concurrent.futures.Executor`` whose calls run in this pool (``submit``, ``map``).
+
+        Usable with ``loop.set_default_executor()`` (then ``asyncio.to_thread``
+        sends its functions here: they must pickle) and by libraries taking
+        ``executor=``. ``shutdown()`` leaves the pool open: close it yourself.
+        """
+        return PoolExecutorView(self)
 
     def statistics(self) -> ProcessPoolStatistics:
         """A snapshot of the pool's counters.
@@ -512,7 +546,12 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 def default_process_pool() -> ProcessPool:
-    """The process-wide pool behind :func:`to_process`, sized to ``os.cpu_count()``."""
+    """The process-wide pool behind :func:`to_process`, sized to ``os.cpu_count()``.
+
+    Read its :meth:`~ProcessPool.statistics`, or size it::
+
+        offloop.default_process_pool().max_workers = 2
+    """
     return _default.get()
 
 

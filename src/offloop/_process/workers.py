@@ -388,7 +388,10 @@ class WorkerSet:
         """
         if worker.doomed:
             return None, False
-        if self._state is not PoolState.OPEN:
+        if self._state is not PoolState.OPEN or (
+            len(self._workers) > self._max_workers and self._live_workers() > self._max_workers
+        ):
+            # Closing, or max_workers was lowered below the processes alive.
             worker.doomed = True
             return None, True
         following = self._next_pending()
@@ -397,6 +400,10 @@ class WorkerSet:
         else:
             self._idle.append(worker)
         return following, False
+
+    def _live_workers(self) -> int:
+        """Under _lock: the processes that will take more calls (not told to exit)."""
+        return sum(1 for w in self._workers if not w.doomed)
 
     def _start_first(self, worker: ProcessWorker) -> None:
         # The first call waits until the worker is ready rather than in its

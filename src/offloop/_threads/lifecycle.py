@@ -1,4 +1,4 @@
-"""A ThreadPool seen from outside: statistics, its threads' start and end, closing, ``fork()``.
+"""A ThreadPool seen from outside: statistics, its threads' start and end, cancels, closing, fork.
 
 The other half of :class:`~offloop.ThreadPool`, which inherits it: ``pool.py``
 holds how calls flow through the pool, this module how its threads begin and
@@ -10,16 +10,24 @@ state and its invariants, and sets it up in ``ThreadPool.__init__``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
-import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Final
 
 from .._core.errors import PoolClosedError, WouldDeadlockError
-from .._core.offload import QUEUED, SKIPPED, OffloadFuture
+from .._core.offload import (
+    ABANDONED,
+    CANCELLING,
+    QUEUED,
+    RUNNING,
+    SKIPPED,
+    Channel,
+    OffloadFuture,
+)
 from .._core.poolbase import (
     CallCounters,
     PoolContext,
@@ -49,7 +57,7 @@ class ThreadPoolStatistics(CallCounters):
 
 
 class ThreadPoolLifecycle(PoolContext):
-    """The pool seen from outside: statistics, repr, thread starts, closing, fork."""
+    """The pool seen from outside: statistics, repr, thread starts, cancels, closing, fork."""
 
     # Set up by ThreadPool.__init__; see pool.py for what each one holds.
     _name: str
@@ -59,7 +67,7 @@ class ThreadPoolLifecycle(PoolContext):
     _workers: list[Worker]
     _leaving: list[threading.Thread]
     _closed_waiters: list[asyncio.Future[None] | threading.Event]
-    _growth_loops: weakref.WeakSet[asyncio.AbstractEventLoop]
+    _armed: set[Channel]
     _idle: int
     _backlog: int
     _queued: int
@@ -77,6 +85,7 @@ class ThreadPoolLifecycle(PoolContext):
     _cpu_slots: int
     _completed: int
     _failed: int
+    _wait_on_cancel: bool
 
     def _work(self, worker: Worker, starts_others: bool = False) -> None:
         raise NotImplementedError  # pool.py's: the worker thread's body
@@ -89,6 +98,32 @@ class ThreadPoolLifecycle(PoolContext):
         call._error = PoolClosedError(
             f"{self._describe()} closed before this call of {describe(call.fn)} started."
         )
+
+    def _cancel(self, call: OffloadFuture[Any]) -> bool:
+        """Handle ``cancel()`` of a call's future; returns whether to cancel it now."""
+        call.token.set("cancelled")
+        with self._lock:
+            if call._phase is QUEUED:
+                call._phase = SKIPPED
+                self._queued -= 1
+                self._cancelled += 1
+                # Not kept until a slot frees: its arguments may be large.
+                with contextlib.suppress(ValueError):  # dispatched: in the queue
+                    self._pending.remove(call)
+                return True
+            if call._phase is CANCELLING:
+                return False  # already deferred
+            if call._phase is not RUNNING:
+                return True  # finished, result in flight: the awaiter is gone anyway
+            self._cancelled += 1  # once: the phase is no longer RUNNING after this
+            if self._wait_on_cancel:
+                # Deferred: the worker turns the outcome into the cancellation
+                # once the function returns, which is what on_cancel="wait" means.
+                call._phase = CANCELLING
+                return False
+            call._phase = ABANDONED
+            self._abandoned += 1
+            return True
 
     @property
     def name(self) -> str:
@@ -413,7 +448,7 @@ class ThreadPoolLifecycle(PoolContext):
         self._unstarted = []
         self._starting = False
         self._start_wanted = -1.0
-        self._growth_loops = weakref.WeakSet()
+        self._armed = set()
         self._closed_waiters = []
         if self._state is not PoolState.OPEN:
             self._state = PoolState.CLOSED

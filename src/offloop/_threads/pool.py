@@ -48,7 +48,7 @@ critical sections:
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -67,12 +67,15 @@ from .._core.offload import (
     QUEUED,
     RUNNING,
     SKIPPED,
+    Channel,
     DeferredCancel,
     OffloadFuture,
-    new_call,
+    channel_for,
+    loop_local,
     running_loop,
 )
 from .._core.poolbase import PoolState, complete_waiter
+from .._core.poolexecutor import PoolExecutorView
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
@@ -101,6 +104,7 @@ logger: Final = logging.getLogger("offloop")
 DEFAULT_MAX_WORKERS: Final = 40
 
 _get_running_loop: Final = asyncio.get_running_loop
+_copy_context: Final = contextvars.copy_context
 
 #: How often (seconds) a pool with pending calls looks at its running ones
 #: (``_rebalance``). A call that has run longer than this and waits gives its
@@ -211,11 +215,14 @@ class ThreadPool(ThreadPoolLifecycle):
         self._completed = 0
         self._failed = 0
         self._cancelled = 0
-        # Loops with a rebalancing check armed. Each loop whose calls wait in
-        # _pending arms its own, so a loop that stopped or blocks cannot keep
-        # the pool from dispatching for the others. Weak: a loop closed with
-        # its check armed must not stay alive here.
-        self._growth_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        # The result channels (one per loop) of the loops with a rebalancing
+        # check armed. Each loop whose calls wait in _pending arms its own, so
+        # a loop that stopped or blocks cannot keep the pool from dispatching
+        # for the others. Channels, not loops: a channel holds its loop only
+        # weakly, so a loop closed with its check armed does not stay alive
+        # here, and a set of them is tested in C on every pending call (a
+        # WeakSet's test is Python code).
+        self._armed: set[Channel] = set()
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
         _pools.add(self)
 
@@ -242,7 +249,22 @@ class ThreadPool(ThreadPoolLifecycle):
             loop = _get_running_loop()
         except RuntimeError:
             loop = running_loop(self._run_name)
-        call: OffloadFuture[R] = new_call(self, fn, args, kwargs, loop)
+        # new_call() inlined: this is the per-call cost of a fan-out.
+        call: OffloadFuture[R] = OffloadFuture(loop=loop)
+        call.fn = fn
+        call.loop = loop
+        call._args = args
+        call._kwargs = kwargs
+        call._ctx = _copy_context()
+        call._phase = QUEUED
+        call._error = None
+        call._value = None
+        channel = loop_local.channel
+        if channel is None or channel.loop_ref() is not loop:
+            channel = channel_for(loop)
+        call._channel = channel
+        call._owner = self
+        call._token = None
         self._submit(call)
         return call
 
@@ -275,6 +297,17 @@ class ThreadPool(ThreadPoolLifecycle):
         )
         return MapResults(self, fn, iterable, chunksize=chunksize, ordered=ordered)
 
+    def executor(self) -> PoolExecutorView:
+        """A ``concurrent.futures.Executor`` whose calls run in this pool (``submit``, ``map``).
+
+        Give it to ``loop.set_default_executor()`` and ``asyncio.to_thread``
+        and ``run_in_executor(None, ...)`` (in third-party code too) go
+        through this pool, under its ``max_workers``; cancelling their
+        awaiter sets the call's stop token. ``shutdown()`` waits for the
+        view's calls and leaves the pool open: close the pool yourself.
+        """
+        return PoolExecutorView(self)
+
     # -- how calls flow ----------------------------------------------------
 
     def _submit(self, call: OffloadFuture[Any]) -> None:
@@ -298,7 +331,7 @@ class ThreadPool(ThreadPoolLifecycle):
                 # are long (for short calls one warm thread is fastest).
                 dispatch = True
             elif (
-                self._waits
+                self._waits  # a dict: a C-level test, see WaitMemory
                 and self._waits.waits(call.fn)
                 and (self._idle > 0 or len(self._workers) < self._max_workers)
             ):
@@ -325,15 +358,12 @@ class ThreadPool(ThreadPoolLifecycle):
                 if not dispatch:
                     self._pending.append(call)
                 # The check also starts threads no worker came by to start.
-                loop = call.loop
-                if loop not in self._growth_loops:
-                    self._growth_loops.add(loop)
-                    loop.call_at(
-                        loop.time() + GROWTH_PERIOD,
-                        self._rebalance,
-                        loop,
-                        loop.time() + GROWTH_PERIOD,
-                    )
+                channel = call._channel
+                if channel not in self._armed:
+                    self._armed.add(channel)
+                    loop = call.loop
+                    due = loop.time() + GROWTH_PERIOD
+                    loop.call_at(due, self._rebalance, channel, loop, due)
         if not dispatch:
             return
         if starter is not None:
@@ -353,7 +383,7 @@ class ThreadPool(ThreadPoolLifecycle):
                 if not taken:
                     raise
 
-    def _rebalance(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+    def _rebalance(self, channel: Channel, loop: asyncio.AbstractEventLoop, due: float) -> None:
         # Runs on ``loop`` every GROWTH_PERIOD while calls are pending: finds
         # the running calls that wait, and dispatches pending calls into the
         # CPU slots they leave, starting threads up to max_workers.
@@ -361,7 +391,7 @@ class ThreadPool(ThreadPoolLifecycle):
         starter: Worker | None = None
         with self._lock:
             if self._state is not PoolState.OPEN or not (self._pending or self._unstarted):
-                self._growth_loops.discard(loop)
+                self._armed.discard(channel)
                 return
             now = monotonic()
             for w in self._workers:
@@ -377,10 +407,16 @@ class ThreadPool(ThreadPoolLifecycle):
                 # waiting for the GIL that a computing call holds (C code
                 # such as zlib keeps it for its whole run): while the loop
                 # runs late, a waiting call's slot is given away only once it
-                # has waited over a whole window (a GIL wait is not that long).
-                # Not never: under steady CPU load the loop is always late,
-                # and blocked calls would hold their slots for nothing.
-                sure = sum(1 for w in self._workers if w.waiting and w.prev_wall >= 0)
+                # has waited over a whole window (a GIL wait is not that long),
+                # or sleeps in the kernel outside a futex (in I/O or a timer,
+                # where no GIL wait is). Not never: under steady CPU load the
+                # loop is always late, and blocked calls would hold their
+                # slots for nothing.
+                sure = sum(
+                    1
+                    for w in self._workers
+                    if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
+                )
                 free = min(free, self._cpu_slots - (self._ready + self._running - sure))
             # A call that ended within a period since the last look means a
             # thread cycles through short calls: it takes the pending ones
@@ -416,7 +452,7 @@ class ThreadPool(ThreadPoolLifecycle):
                 # waits arms the check again.
                 with self._lock:
                     waiters = self._give_up_starting()
-                    self._growth_loops.discard(loop)
+                    self._armed.discard(channel)
                 for waiter in waiters:
                     complete_waiter(waiter)
                 if not isinstance(exc, Exception):
@@ -424,7 +460,7 @@ class ThreadPool(ThreadPoolLifecycle):
                 logger.exception("offloop: pool %r could not start a worker thread", self._name)
                 return
         due = loop.time() + GROWTH_PERIOD
-        loop.call_at(due, self._rebalance, loop, due)
+        loop.call_at(due, self._rebalance, channel, loop, due)
 
     # -- the worker thread ----------------------------------------------------
 
@@ -586,29 +622,3 @@ class ThreadPool(ThreadPoolLifecycle):
             self._backlog -= 1
         else:
             self._idle += 1
-
-    def _cancel(self, call: OffloadFuture[Any]) -> bool:
-        """Handle ``cancel()`` of a call's future; returns whether to cancel it now."""
-        call.token.set("cancelled")
-        with self._lock:
-            if call._phase is QUEUED:
-                call._phase = SKIPPED
-                self._queued -= 1
-                self._cancelled += 1
-                # Not kept until a slot frees: its arguments may be large.
-                with contextlib.suppress(ValueError):  # dispatched: in the queue
-                    self._pending.remove(call)
-                return True
-            if call._phase is CANCELLING:
-                return False  # already deferred
-            if call._phase is not RUNNING:
-                return True  # finished, result in flight: the awaiter is gone anyway
-            self._cancelled += 1  # once: the phase is no longer RUNNING after this
-            if self._wait_on_cancel:
-                # Deferred: the worker turns the outcome into the cancellation
-                # once the function returns, which is what on_cancel="wait" means.
-                call._phase = CANCELLING
-                return False
-            call._phase = ABANDONED
-            self._abandoned += 1
-            return True

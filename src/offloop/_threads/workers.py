@@ -59,6 +59,10 @@ JUDGE_AFTER: Final = sys.getswitchinterval()
 
 _SCHEDSTAT: Final = "/proc/self/task/{}/schedstat"
 _HAS_SCHEDSTAT: Final = os.path.exists(_SCHEDSTAT.format(threading.get_native_id()))
+#: Where in the kernel a thread sleeps: a thread waiting for the GIL (or any
+#: lock or condition) sleeps in a futex; one in ``time.sleep``, ``recv`` or
+#: ``select`` does not.
+_WCHAN: Final = "/proc/self/task/{}/wchan"
 
 
 def waiting_share(running: int) -> float:
@@ -84,6 +88,8 @@ class Worker:
         "base_wall",
         "call",
         "fd",
+        "in_io",
+        "io_read",
         "judged",
         "last",
         "prev_busy",
@@ -93,6 +99,7 @@ class Worker:
         "thread",
         "tid",
         "waiting",
+        "wfd",
     )
 
     def __init__(self) -> None:
@@ -116,6 +123,11 @@ class Worker:
         self.judged = False
         #: When the current call's thread was last read (monotonic).
         self.last = 0.0
+        #: The thread's wchan file (see sleeps_outside_futex), opened on first use.
+        self.wfd = -1
+        #: The last answer of sleeps_outside_futex, and when it was read.
+        self.in_io = False
+        self.io_read = -1.0
 
     def busy(self) -> float | None:
         """Seconds the thread has run or waited for a core; None where unknown."""
@@ -129,12 +141,36 @@ class Worker:
         except (OSError, ValueError, IndexError):
             return None
 
+    def sleeps_outside_futex(self, now: float) -> bool:
+        """Whether the thread sleeps in the kernel somewhere other than a futex.
+
+        Such a thread waits for I/O or a timer, not for the GIL (which is a
+        futex wait, like any lock's), so its call surely holds no CPU. Read
+        at most once per JUDGE_AFTER during a call; False where unknown.
+        """
+        if self.io_read >= self.started and now - self.io_read < JUDGE_AFTER:
+            return self.in_io  # read during this call, and recently
+        self.io_read = now
+        self.in_io = False
+        if not _HAS_SCHEDSTAT or not self.tid:
+            return False
+        try:
+            if self.wfd < 0:
+                self.wfd = os.open(_WCHAN.format(self.tid), os.O_RDONLY | os.O_CLOEXEC)
+            where = os.pread(self.wfd, 64, 0)
+        except OSError:
+            return False
+        # "0" or empty: running, or hidden by the kernel's settings.
+        self.in_io = where not in (b"", b"0") and b"futex" not in where
+        return self.in_io
+
     def close(self) -> None:
-        """Close the schedstat file (when the thread leaves the pool)."""
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+        """Close the thread's /proc files (when the thread leaves the pool)."""
+        for fd in (self.fd, self.wfd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self.wfd = -1
 
     def is_waiting(self, now: float, period: float, running: int) -> bool:
         """Whether the current call waits rather than computes.
@@ -187,7 +223,7 @@ class Worker:
 MAX_REMEMBERED: Final = 1024
 
 
-class WaitMemory:
+class WaitMemory(dict[object, bool]):
     """Whether the last measured call of each function waited (by code object).
 
     A pool remembers "waits" from a call that ended while measured as
@@ -196,25 +232,22 @@ class WaitMemory:
     instead of waiting for the pool's check to measure each of them. Learning
     "waits" only from whole calls keeps a long GIL wait, which looks like a
     blocked call for a while, from being learnt. All under the pool's lock.
+
+    A dict (code object -> waited), so that the hot path's "is anything
+    known?" is a C-level truth test rather than a Python ``__bool__``.
     """
 
-    __slots__ = ("_known",)
-
-    def __init__(self) -> None:
-        self._known: dict[object, bool] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._known)
+    __slots__ = ()
 
     def waits(self, fn: object) -> bool:
         """Whether ``fn``'s last measured call waited."""
-        return self._known.get(getattr(fn, "__code__", None), False)
+        return self.get(getattr(fn, "__code__", None), False)
 
     def remember(self, call: OffloadFuture[Any] | None, waiting: bool) -> None:
         """Remember how ``call``'s function behaved (plain functions and methods)."""
         code = getattr(call.fn, "__code__", None) if call is not None else None
         if code is None:
             return
-        if len(self._known) >= MAX_REMEMBERED and code not in self._known:
-            self._known.clear()  # a bound, not a cache policy: rarely reached
-        self._known[code] = waiting
+        if len(self) >= MAX_REMEMBERED and code not in self:
+            self.clear()  # a bound, not a cache policy: rarely reached
+        self[code] = waiting

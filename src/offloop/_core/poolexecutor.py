@@ -1,0 +1,248 @@
+"""A ``concurrent.futures.Executor`` over an offloop pool (thread or process pool).
+
+Code that takes an executor (``loop.set_default_executor``, libraries with an
+``executor=`` argument, ``asyncio.to_thread`` and ``run_in_executor(None, ...)``
+once it is the loop's default) sends its calls through the pool, so they
+honour its ``max_workers``, its stop tokens and its bounded close.
+
+A pool's ``run()`` needs a running event loop in the calling thread: that is
+where results are delivered. ``submit()`` on a loop's thread (what
+``run_in_executor`` does) uses that loop; from any other thread it uses the
+view's own small loop thread, started on the first such call and stopped by
+``shutdown()``. The future ``submit()`` returns stays PENDING until the call
+ends (as ``run_coroutine_threadsafe``'s does), so cancelling it works from
+any thread while the call runs: it cancels the pool's call (sets its stop
+token; a queued call never runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import contextvars
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from .offload import OffloadFuture
+
+__all__ = ["ExecutorPool", "PoolExecutorView"]
+
+_get_running_loop: Final = asyncio._get_running_loop
+
+
+class ExecutorPool(Protocol):
+    """What the view needs of a pool (``ThreadPool``, ``ProcessPool``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def max_workers(self) -> int: ...
+
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> OffloadFuture[Any]: ...
+
+    def close(self, *, timeout: float | None = None) -> None: ...
+
+
+class PoolExecutorView(cf.ThreadPoolExecutor):
+    """An executor whose calls run in an offloop pool; see the module docstring.
+
+    A ``ThreadPoolExecutor`` only because ``loop.set_default_executor()``
+    takes nothing else (Python >= 3.11): ``submit()`` and ``shutdown()`` are
+    its own, so the base class never starts a thread. ``map()`` is
+    ``Executor.map`` over ``submit()``.
+
+    Args:
+        pool: the pool the calls run in.
+        owns_pool: ``shutdown()`` closes the pool too (after waiting for the
+            view's calls), with ``close_timeout``.
+        close_timeout: how long ``shutdown(wait=True)`` waits for the view's
+            calls before it stops waiting (their stop tokens are set; the
+            pool's threads are daemons). ``None``: as long as they take.
+    """
+
+    def __init__(
+        self,
+        pool: ExecutorPool,
+        *,
+        owns_pool: bool = False,
+        close_timeout: float | None = None,
+    ) -> None:
+        super().__init__(max_workers=1, thread_name_prefix=f"offloop-{pool.name}-executor")
+        self._max_workers = pool.max_workers  # what code reading it expects
+        self._pool = pool
+        self._owns_pool = owns_pool
+        self._close_timeout = close_timeout
+        self._lock = threading.Lock()
+        self._shut = False
+        self._outstanding: set[cf.Future[Any]] = set()
+        self._driver: _Driver | None = None
+
+    @property
+    def pool(self) -> ExecutorPool:
+        """The pool the calls run in."""
+        return self._pool
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` in the pool; return a ``concurrent.futures.Future``.
+
+        Cancelling the future cancels the call: a queued call never runs, a
+        running one gets its stop token set (``offloop.current_token()``).
+
+        Raises:
+            RuntimeError: the executor is shut down.
+            TypeError: what the pool's ``run()`` refuses (a coroutine function).
+        """
+        # asyncio.to_thread() sends partial(context.run, fn, *args): a thread
+        # pool copies the same context itself (and then logs and names fn, not
+        # the partial); a process pool could not pickle a Context.
+        if (
+            type(fn) is functools.partial
+            and getattr(fn.func, "__name__", None) == "run"
+            and isinstance(getattr(fn.func, "__self__", None), contextvars.Context)
+            and fn.args
+        ):
+            wrapped: functools.partial[Any] = fn
+            fn, args = wrapped.args[0], (*wrapped.args[1:], *args)
+            kwargs = {**wrapped.keywords, **kwargs}
+        future: cf.Future[Any] = cf.Future()
+        with self._lock:
+            shut = self._shut
+            if not shut:
+                self._outstanding.add(future)
+        if shut:
+            raise RuntimeError(
+                f"{self!r} is shut down and takes no new calls (cannot schedule new futures "
+                f"after shutdown). Make a new one with pool.executor()."
+            )
+        loop = _get_running_loop()
+        try:
+            if loop is not None:
+                self._start(future, fn, args, kwargs)
+            else:
+                self._driving().call_soon_threadsafe(self._start, future, fn, args, kwargs)
+        except BaseException:
+            self._forget(future)
+            raise
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new calls; with ``wait``, wait for the view's calls (up to ``close_timeout``).
+
+        ``cancel_futures`` cancels every call not finished yet (a queued one
+        never runs, a running one gets its stop token set) instead of waiting
+        for it. A view that owns its pool closes it afterwards. Calling it
+        again is allowed.
+        """
+        with self._lock:
+            self._shut = True
+            outstanding = list(self._outstanding)
+        if cancel_futures:
+            for future in outstanding:
+                future.cancel()
+        if wait and outstanding:
+            cf.wait(outstanding, timeout=self._close_timeout)
+        self._stop_driver_if_idle()
+        if self._owns_pool:
+            self._pool.close(timeout=self._close_timeout)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            calls = len(self._outstanding)
+            state = "shut down" if self._shut else "open"
+        return f"<PoolExecutorView over {self._pool!r} {state}: {calls} calls>"
+
+    # -- internals ----------------------------------------------------------
+
+    def _start(
+        self,
+        future: cf.Future[Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        # On a loop's thread, in the submitter's context (the pool copies it).
+        if future.cancelled():
+            self._forget(future)
+            future.set_running_or_notify_cancel()  # see cancel_call
+            return
+        try:
+            call = self._pool.run(fn, *args, **kwargs)
+        except BaseException as exc:
+            self._forget(future)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        loop = call.get_loop()
+
+        def cancel_call(done: cf.Future[Any]) -> None:  # any thread, once, as it is done
+            if done.cancelled():
+                # Tell cf.wait() and as_completed() waiters: cancel() alone does not.
+                done.set_running_or_notify_cancel()
+                with contextlib.suppress(RuntimeError):  # a closed loop cancelled it already
+                    loop.call_soon_threadsafe(call.cancel)
+
+        def settle(call: OffloadFuture[Any]) -> None:  # on the loop
+            self._forget(future)
+            if call.cancelled():
+                future.cancel()  # PENDING until now, so this takes
+                return
+            if not future.set_running_or_notify_cancel():
+                return  # cancelled meanwhile: the call was cancelled too
+            if (error := call.exception()) is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(call.result())
+
+        future.add_done_callback(cancel_call)
+        call.add_done_callback(settle)
+
+    def _forget(self, future: cf.Future[Any]) -> None:
+        with self._lock:
+            self._outstanding.discard(future)
+            idle = self._shut and not self._outstanding
+        if idle:
+            self._stop_driver_if_idle()
+
+    def _driving(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._driver is None:
+                self._driver = _Driver(f"offloop-{self._pool.name}-executor")
+            return self._driver.loop
+
+    def _stop_driver_if_idle(self) -> None:
+        # Once shut down and every call is settled, nothing more needs the loop.
+        with self._lock:
+            if not (self._shut and not self._outstanding):
+                return
+            driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.stop()
+
+
+class _Driver:
+    """A bare event loop in a daemon thread, for submits from threads without a loop."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            asyncio.set_event_loop(None)
+            self.loop.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(RuntimeError):  # closed already
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is not self.thread:
+            self.thread.join()

@@ -1,0 +1,124 @@
+"""pool.executor(): a concurrent.futures executor over ThreadPool and ProcessPool."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextvars
+import operator
+import threading
+
+import pytest
+
+import offloop
+from tests.helpers import WAIT, await_until, in_plain_thread
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+
+def whoami(tag: int) -> tuple[int, str, str]:
+    return tag, threading.current_thread().name, request_id.get()
+
+
+async def test_default_executor_sends_to_thread_through_the_pool() -> None:
+    async with offloop.ThreadPool(1, name="view") as pool:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(pool.executor())
+        request_id.set("req-1")
+        assert await asyncio.to_thread(whoami, 1) == (1, "offloop-view-1", "req-1")
+        assert await loop.run_in_executor(None, whoami, 2) == (2, "offloop-view-1", "req-1")
+        with pytest.raises(ZeroDivisionError):
+            await asyncio.to_thread(operator.truediv, 1, 0)
+
+        # max_workers=1 holds for third-party code too: the second call queues.
+        release = threading.Event()
+        first = asyncio.ensure_future(asyncio.to_thread(release.wait, WAIT))
+        second = asyncio.ensure_future(asyncio.to_thread(whoami, 3))
+        await await_until(
+            lambda: pool.statistics()["queued"] == 1 and pool.statistics()["running"] == 1,
+            what="one call running, one queued",
+        )
+        assert not second.done()
+        release.set()
+        assert await first
+        assert (await second)[0] == 3
+
+
+async def test_cancelling_the_awaiter_sets_the_calls_stop_token() -> None:
+    async with offloop.ThreadPool(1, name="view-cancel") as pool:
+        asyncio.get_running_loop().set_default_executor(pool.executor())
+        started = threading.Event()
+        stopped = threading.Event()
+        queued_ran: list[int] = []
+
+        def blocking() -> None:
+            started.set()
+            if offloop.current_token().wait(WAIT):
+                stopped.set()
+
+        running = asyncio.ensure_future(asyncio.to_thread(blocking))
+        queued = asyncio.ensure_future(asyncio.to_thread(queued_ran.append, 1))
+        await await_until(started.is_set, what="the call to start")
+        queued.cancel()  # still queued behind it: it never runs
+        running.cancel()
+        for task in (queued, running):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await await_until(stopped.is_set, what="the running call to see its token")
+        assert queued_ran == []
+
+
+def test_plain_threads_submit_and_map_through_the_view() -> None:
+    pool = offloop.ThreadPool(2, name="view-plain")
+    try:
+        executor = pool.executor()
+
+        def body() -> list[tuple[int, str, str]]:
+            request_id.set("plain")
+            with executor:
+                assert executor.submit(whoami, 0).result(WAIT)[2] == "plain"
+                return list(executor.map(whoami, range(3)))
+
+        results = in_plain_thread(body)
+        assert [tag for tag, _, _ in results] == [0, 1, 2]
+        assert all(name.startswith("offloop-view-plain-") for _, name, _ in results)
+        assert "shut down: 0 calls" in repr(executor)
+        with pytest.raises(RuntimeError, match="shut down"):
+            executor.submit(whoami, 9)
+        assert pool.statistics()["state"] == "open"  # the view leaves the pool to its owner
+    finally:
+        pool.close()
+
+
+def test_shutdown_cancel_futures_stops_calls_in_flight() -> None:
+    pool = offloop.ThreadPool(1, name="view-shutdown")
+    try:
+        executor = pool.executor()
+        started = threading.Event()
+        stopped = threading.Event()
+
+        def blocking() -> None:
+            started.set()
+            if offloop.current_token().wait(WAIT):
+                stopped.set()
+
+        running = executor.submit(blocking)
+        queued = executor.submit(whoami, 1)
+        assert started.wait(WAIT)
+        executor.shutdown(wait=True, cancel_futures=True)
+        assert running.cancelled()
+        assert queued.cancelled()
+        assert stopped.wait(WAIT)  # the running call was told to stop
+        done, _ = cf.wait([running, queued], timeout=WAIT)
+        assert len(done) == 2
+    finally:
+        pool.close()
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_process_pool_as_the_default_executor() -> None:
+    async with offloop.ProcessPool(1) as pool:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(pool.executor())
+        assert await asyncio.to_thread(pow, 2, 10) == 1024
+        assert await loop.run_in_executor(None, operator.add, 2, 3) == 5

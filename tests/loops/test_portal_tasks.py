@@ -1,0 +1,304 @@
+"""Portal.start_task, .context and .iterate: long-lived work on a loop, from sync code."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import contextvars
+import gc
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import offloop
+from offloop import CallerGoneError, Portal, task_ready
+from tests.conftest import LOOP_KINDS
+from tests.helpers import WAIT, wait_until
+from tests.loops.test_portal import factory
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+
+@pytest.fixture(params=LOOP_KINDS)
+def lt(request: pytest.FixtureRequest) -> Iterator[offloop.LoopThread]:
+    kind = request.param
+    with offloop.LoopThread(name=f"tasks-{kind}", loop_factory=factory(kind)) as lt:
+        yield lt
+
+
+# -- start_task ----------------------------------------------------------------
+
+
+async def serve(port: int, stop: asyncio.Event | None = None) -> str:
+    await asyncio.sleep(0)
+    task_ready((port, request_id.get(), threading.current_thread().name))
+    if stop is None:
+        await asyncio.sleep(WAIT * 10)
+    else:
+        await stop.wait()
+    return "served"
+
+
+def test_start_task_signals_readiness_and_runs_until_cancelled(lt: offloop.LoopThread) -> None:
+    request_id.set("boot")
+    handle = Portal(lt).start_task(serve, 8080)
+    assert handle.ready(timeout=WAIT) == (8080, "boot", f"offloop-loop-{lt.name}")
+    assert not handle.done()
+    assert "ready" in repr(handle)
+    assert handle.cancel()
+    with pytest.raises(cf.CancelledError):
+        handle.result(timeout=WAIT)
+    assert "cancelled" in repr(handle)
+    assert not handle.cancel()  # ended already
+
+
+def test_start_task_result_and_errors_before_readiness(lt: offloop.LoopThread) -> None:
+    portal = Portal(lt)
+    stop = portal.call_sync(asyncio.Event)  # made on the loop it belongs to
+    handle = portal.start_task(serve, 1, stop)
+    handle.ready(timeout=WAIT)
+    portal.call_sync(stop.set)
+    assert handle.result(timeout=WAIT) == "served"
+
+    async def broken() -> None:
+        await asyncio.sleep(0)
+        raise OSError("address in use")
+
+    with pytest.raises(OSError, match="address in use"):
+        portal.start_task(broken).ready(timeout=WAIT)  # its error, not a hang
+
+    async def quick() -> int:
+        return 5
+
+    quick_handle = portal.start_task(quick)
+    assert quick_handle.ready(timeout=WAIT) is None  # ended without task_ready: None
+    assert quick_handle.result() == 5
+
+
+def test_ready_timeout_cancels_the_task(lt: offloop.LoopThread) -> None:
+    cancelled = threading.Event()
+
+    async def slow_start() -> None:
+        try:
+            await asyncio.sleep(WAIT * 10)
+        finally:
+            cancelled.set()
+
+    handle = Portal(lt).start_task(slow_start)
+    with pytest.raises(TimeoutError, match=r"gave up after 0\.02 s"):
+        handle.ready(timeout=0.02)
+    assert cancelled.wait(WAIT)
+    assert handle.done()
+
+
+def test_task_ready_outside_a_started_task_is_refused(lt: offloop.LoopThread) -> None:
+    async def stray() -> None:
+        task_ready()
+
+    with pytest.raises(RuntimeError, match="outside a task started"):
+        lt.call(stray)
+
+
+async def test_a_worker_that_stops_cancels_the_task_it_started() -> None:
+    cancelled = asyncio.Event()
+    started = threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(WAIT * 10)
+        finally:
+            cancelled.set()
+
+    def worker() -> None:
+        handle = Portal().start_task(forever)  # on this test's loop: the awaiting one
+        handle.result()  # stopped by the cancellation below
+
+    task = asyncio.ensure_future(offloop.to_thread(worker))
+    await asyncio.to_thread(started.wait, WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(cancelled.wait(), WAIT)
+
+
+def test_a_worker_stopped_while_waiting_gets_caller_gone(lt: offloop.LoopThread) -> None:
+    outcome: list[BaseException] = []
+    started = threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.sleep(WAIT * 10)
+
+    def worker() -> None:
+        try:
+            Portal(lt).start_task(forever).result()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(offloop.to_thread(worker))
+        await asyncio.to_thread(started.wait, WAIT)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    # The awaiter was cancelled at once; the worker reports a moment later.
+    wait_until(lambda: bool(outcome), what="the stopped worker's outcome")
+    assert isinstance(outcome[0], CallerGoneError)
+
+
+def test_closing_the_loop_thread_ends_its_tasks() -> None:
+    lt = offloop.LoopThread(name="tasks-close").start()
+    cleaned = threading.Event()
+
+    async def forever() -> None:
+        task_ready()
+        try:
+            await asyncio.sleep(WAIT * 10)
+        finally:
+            cleaned.set()
+
+    handle = Portal(lt).start_task(forever)
+    handle.ready(timeout=WAIT)
+    lt.close()
+    assert cleaned.is_set()  # close waited for the task's cleanup
+    with pytest.raises(offloop.PoolClosedError, match="was closed while"):
+        handle.result(timeout=WAIT)
+
+
+# -- context -------------------------------------------------------------------
+
+
+class Resource:
+    """An async context manager that records what happened to it, and where."""
+
+    log: list[tuple[str, str]]
+
+    def __init__(self, name: str, *, suppress: bool = False) -> None:
+        self.name = name
+        self.suppress = suppress
+        self.log = []
+
+    async def __aenter__(self) -> Resource:
+        self.log.append(("enter", threading.current_thread().name))
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        await asyncio.sleep(0)
+        self.log.append((f"exit {getattr(exc_type, '__name__', None)}", request_id.get()))
+        return self.suppress
+
+
+def test_context_enters_and_exits_on_the_loop(lt: offloop.LoopThread) -> None:
+    request_id.set("ctx")
+    with Portal(lt).context(Resource, "db") as resource:
+        assert isinstance(resource, Resource)
+    assert resource.log == [("enter", f"offloop-loop-{lt.name}"), ("exit None", "ctx")]
+
+    bound = Portal(lt).context(Resource, "quiet", suppress=True)
+    with bound as quiet:
+        raise KeyError("swallowed by __aexit__")
+    assert quiet.log[-1] == ("exit KeyError", "ctx")  # the exception reached __aexit__
+    assert bound.state is offloop.BoundContextState.EXITED
+
+    with pytest.raises(KeyError), Portal(lt).context(Resource, "loud") as loud:
+        raise KeyError("kept")
+    assert loud.log[-1][0] == "exit KeyError"
+    with pytest.raises(RuntimeError, match="entered already"):
+        bound.enter()
+    with pytest.raises(RuntimeError, match="cannot exit: it is exited"):
+        bound.exit()
+
+
+def test_context_left_open_exits_when_the_loop_thread_closes() -> None:
+    lt = offloop.LoopThread(name="ctx-close").start()
+    resource = Portal(lt).context(Resource, "kept open").enter()
+    assert resource.log[-1][0] == "enter"
+    lt.close()
+    assert resource.log[-1][0] == "exit CancelledError"
+
+
+def test_a_context_whose_handle_is_dropped_stays_open_until_close() -> None:
+    # Only the entered value is kept: the task holding the context must not
+    # be garbage collected mid-wait (a loop holds its tasks weakly).
+    lt = offloop.LoopThread(name="ctx-dropped").start()
+    resource = Portal(lt).context(Resource, "dropped").enter()
+    gc.collect()
+    assert lt.call(asyncio.sleep, 0, "alive") == "alive"
+    assert resource.log[-1][0] == "enter"
+    lt.close()
+    assert resource.log[-1][0] == "exit CancelledError"
+
+
+def test_context_errors_on_enter_reach_the_caller(lt: offloop.LoopThread) -> None:
+    @contextlib.asynccontextmanager
+    async def refuses() -> AsyncIterator[None]:
+        raise ConnectionRefusedError("no database")
+        yield  # type: ignore[unreachable]
+
+    with pytest.raises(ConnectionRefusedError, match="no database"):
+        Portal(lt).context(refuses).enter()
+    with pytest.raises(TypeError, match="async context manager"):
+        Portal(lt).context(list).enter()  # type: ignore[arg-type]
+
+
+# -- iterate -------------------------------------------------------------------
+
+
+def test_iterate_consumes_an_async_generator_and_closes_it_on_break(
+    lt: offloop.LoopThread,
+) -> None:
+    closed: list[str] = []
+
+    async def ticks(n: int) -> AsyncIterator[tuple[int, str]]:
+        try:
+            for i in range(n):
+                await asyncio.sleep(0)
+                yield i, request_id.get()
+        finally:
+            closed.append(threading.current_thread().name)
+
+    request_id.set("stream")
+    assert list(Portal(lt).iterate(ticks, 3)) == [(0, "stream"), (1, "stream"), (2, "stream")]
+    assert closed == [f"offloop-loop-{lt.name}"]
+    for i, _ in Portal(lt).iterate(ticks, 100):
+        if i == 2:
+            break
+    assert closed == [f"offloop-loop-{lt.name}"] * 2  # closed on its loop by the break
+
+
+def test_iterate_raises_the_generators_error(lt: offloop.LoopThread) -> None:
+    async def broken() -> AsyncIterator[int]:
+        yield 1
+        raise ValueError("stream broke")
+
+    iterator = Portal(lt).iterate(broken)
+    assert next(iterator) == 1
+    with pytest.raises(ValueError, match="stream broke"):
+        next(iterator)
+    with pytest.raises(TypeError, match="async iterator"):
+        list(Portal(lt).iterate(len, "abc"))  # type: ignore[arg-type]
+
+
+def test_an_abandoned_iteration_is_closed_when_the_loop_thread_closes() -> None:
+    lt = offloop.LoopThread(name="iter-close").start()
+    closed = threading.Event()
+
+    async def endless() -> AsyncIterator[int]:
+        try:
+            while True:
+                await asyncio.sleep(0)
+                yield 1
+        finally:
+            closed.set()
+
+    iterator = Portal(lt).iterate(endless)
+    assert next(iterator) == 1
+    lt.close()
+    assert closed.is_set()
+    iterator.close()  # the loop is gone: closing it later is quiet

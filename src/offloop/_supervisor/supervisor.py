@@ -13,20 +13,19 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .._core.errors import ServiceFailed
-from .._core.restart import RestartMode, RestartPolicy
+from .._core.restart import RestartPolicy
 from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
-from .._services.make import Isolate, make_fn_service
 from .embed import Embedding, HostLifecycle, OnFailure
 from .health import LoopHealth
-from .jobs import JobDecorators
 from .logs import LogFormat
 from .order import check_depends_on, check_oneshot, start_order
+from .register import Registration
 from .status import ServiceState, ServiceStatus, SupervisorState
 from .supervised import SHUTDOWN_OVERRUN, Supervised
 
@@ -48,7 +47,7 @@ _ST = ServiceState
 _SV = SupervisorState
 
 
-class Supervisor(HostLifecycle, JobDecorators):
+class Supervisor(HostLifecycle, Registration):
     """Runs services side by side: restarts them when they crash, stops them in bounded time.
 
     Register ``async def`` / ``def`` functions with :meth:`service` (scheduled
@@ -131,148 +130,6 @@ class Supervisor(HostLifecycle, JobDecorators):
         # run() gives the tasks left on its loop what remains of it.
         self._stop_deadline: float | None = None
         self._embed = Embedding(self, on_failure)
-
-    # -- registration ------------------------------------------------------------------
-
-    @overload
-    def service(self, fn: F, /) -> F: ...
-
-    @overload
-    def service(
-        self,
-        /,
-        *,
-        restart: RestartMode = ...,
-        backoff: float = ...,
-        max_backoff: float = ...,
-        max_restarts: int | None = ...,
-        restart_window: float = ...,
-        isolate: Isolate | None = ...,
-        name: str | None = ...,
-        depends_on: Iterable[str] = ...,
-        oneshot: bool = ...,
-        retry_startup: bool = ...,
-    ) -> Callable[[F], F]: ...
-
-    def service(
-        self,
-        fn: Any = None,
-        /,
-        *,
-        restart: RestartMode = "on-failure",
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        max_restarts: int | None = 5,
-        restart_window: float = 60.0,
-        isolate: Isolate | None = None,
-        name: str | None = None,
-        depends_on: Iterable[str] = (),
-        oneshot: bool = False,
-        retry_startup: bool = False,
-    ) -> Any:
-        """Decorator: supervise a function as a service; the function is returned unchanged.
-
-        An ``async def`` runs as a task on the supervisor's loop and is stopped
-        by cancellation; with ``isolate="loop"`` it runs on its own
-        :class:`~offloop.LoopThread` (for coroutines that block their loop). A plain
-        ``def`` runs in its own thread named ``offloop-service-<name>``; if it
-        takes a parameter, it receives an :class:`~offloop.StopToken` that is
-        set when it must stop. ``isolate="process"`` runs either kind in a
-        child process (the function must be defined at a module's top level).
-
-        Args:
-            restart: ``"on-failure"`` (default) restarts after a crash,
-                ``"always"`` also after the function returned, ``"no"`` never
-                (a crash then fails the supervisor).
-            backoff: the first restart delay, in seconds; it doubles, with
-                jitter, for each restart that follows.
-            max_backoff: the longest restart delay, in seconds.
-            max_restarts: more than this many restarts within
-                ``restart_window`` seconds mark the service failed, and the
-                supervisor stops with :class:`~offloop.ServiceFailed`.
-            restart_window: the sliding window, in seconds, that
-                ``max_restarts`` counts restarts in. A function service is
-                ready once its task or thread runs (a process one once its
-                child imported the function); a failure before that is not
-                restarted (see :meth:`add`).
-            isolate: where the function runs (see above).
-            name: the service's name; defaults to the function's name.
-            depends_on: services that must be ready before this one starts
-                (see :meth:`add`).
-            oneshot: the function is meant to finish (see :meth:`add`).
-            retry_startup: retry a failure before it was ready (see :meth:`add`).
-
-        Raises:
-            TypeError: ``fn`` is not a function, takes more than the token,
-                or ``isolate`` does not fit the function's kind.
-            ValueError: a policy value is out of range, or the name is taken.
-            NotPicklableError: ``isolate="process"`` with a function a child
-                process cannot import.
-            RuntimeError: the supervisor has already started.
-        """
-        policy = RestartPolicy(
-            restart, backoff, max_backoff, max_restarts, restart_window, retry_startup
-        )
-
-        def register(f: F) -> F:
-            self._add(make_fn_service(f, isolate, name), policy, depends_on, oneshot)
-            return f
-
-        if fn is None:
-            return register
-        return register(fn)
-
-    def add(
-        self,
-        service: S,
-        /,
-        *,
-        restart: RestartMode = "on-failure",
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        max_restarts: int | None = 5,
-        restart_window: float = 60.0,
-        retry_startup: bool = False,
-        depends_on: Iterable[str] = (),
-        oneshot: bool = False,
-    ) -> S:
-        """Supervise ``service`` (an adapter or a :class:`~offloop.Service` subclass); return it.
-
-        The restart options mean the same as for :meth:`service`. A service
-        whose ``start()`` raises before it was ever ready (a port in use, a
-        missing path) is not restarted: the supervisor fails at once with
-        :class:`~offloop.ServiceFailed`, whose ``__cause__`` is that error.
-        ``retry_startup=True`` retries such errors as the restart policy says
-        (for a dependency that may come up later). Once the service has been
-        ready, a failing ``start()`` on a restart follows the policy.
-
-        ``depends_on`` names services (added before or after) that must be
-        ready before this one starts; it stops before them. ``oneshot=True``:
-        a service meant to finish, ``done`` once it returned without an error
-        (ready, for its dependents too). See docs/supervisor.md.
-
-        Raises:
-            TypeError: ``service`` is not a :class:`~offloop.Service`, or
-                ``depends_on`` is not a list of names.
-            ValueError: a policy value is out of range, the name is taken,
-                or ``oneshot=True`` with ``restart="always"``.
-            RuntimeError: the supervisor has already started.
-        """
-        if not isinstance(cast(object, service), Service):  # untyped callers exist
-            hint = (
-                " To supervise a function, decorate it with @sv.service instead."
-                if callable(service)
-                else ""
-            )
-            raise TypeError(
-                f"Supervisor.add() needs an offloop.Service (e.g. offloop.WSGIService(app)), "
-                f"got {describe(service)}.{hint}"
-            )
-        policy = RestartPolicy(
-            restart, backoff, max_backoff, max_restarts, restart_window, retry_startup
-        )
-        self._add(service, policy, depends_on, oneshot)
-        return service
 
     def _add(
         self,

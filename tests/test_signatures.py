@@ -60,7 +60,12 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
     "LoopThread": (offloop.LoopThread, [("name", KW, None), ("loop_factory", KW, None)]),
     "Supervisor": (
         offloop.Supervisor,
-        [("grace", KW, 5.0), ("name", KW, None), ("detect_blocking", KW, None), ("on_failure", KW, None)],
+        [
+            ("grace", KW, 5.0),
+            ("name", KW, None),
+            ("detect_blocking", KW, None),
+            ("on_failure", KW, None),
+        ],
     ),
     "Supervisor.service": (
         offloop.Supervisor.service,

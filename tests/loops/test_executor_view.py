@@ -122,3 +122,23 @@ async def test_a_process_pool_as_the_default_executor() -> None:
         loop.set_default_executor(pool.executor())
         assert await asyncio.to_thread(pow, 2, 10) == 1024
         assert await loop.run_in_executor(None, operator.add, 2, 3) == 5
+
+
+async def test_shutdown_and_wait_on_the_loop_its_calls_report_to_is_refused() -> None:
+    # The view's calls report to the loop that submitted them: waiting for
+    # them on that loop's thread would block the very loop that has to deliver
+    # them (a plain ThreadPoolExecutor's shutdown(wait=True) returns here).
+    async with offloop.ThreadPool(1, name="view-deadlock") as pool:
+        executor = pool.executor()
+        release = threading.Event()
+        future = executor.submit(release.wait, WAIT)
+        with pytest.raises(offloop.WouldDeadlockError, match=r"shutdown\(wait=True\)"):
+            executor.shutdown(wait=True)
+        assert "open: 1 calls" in repr(executor)  # refused before anything changed
+        release.set()
+        assert await asyncio.wrap_future(future) is True
+        executor.shutdown(wait=True)  # nothing left to wait for
+        executor2 = pool.executor()
+        pending = executor2.submit(release.wait, WAIT)
+        executor2.shutdown(wait=True, cancel_futures=True)  # cancelling needs no loop
+        assert pending.cancelled()

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
+from .errors import WouldDeadlockError
 from .offload import OffloadFuture
 
 __all__ = ["ExecutorPool", "PoolExecutorView"]
@@ -78,7 +79,8 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         self._close_timeout = close_timeout
         self._lock = threading.Lock()
         self._shut = False
-        self._outstanding: set[cf.Future[Any]] = set()
+        # Each call not settled yet, with the loop that settles it (None: the driver's).
+        self._outstanding: dict[cf.Future[Any], asyncio.AbstractEventLoop | None] = {}
         self._driver: _Driver | None = None
 
     @property
@@ -109,16 +111,16 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             fn, args = wrapped.args[0], (*wrapped.args[1:], *args)
             kwargs = {**wrapped.keywords, **kwargs}
         future: cf.Future[Any] = cf.Future()
+        loop = _get_running_loop()
         with self._lock:
             shut = self._shut
             if not shut:
-                self._outstanding.add(future)
+                self._outstanding[future] = loop
         if shut:
             raise RuntimeError(
                 f"{self!r} is shut down and takes no new calls (cannot schedule new futures "
                 f"after shutdown). Make a new one with pool.executor()."
             )
-        loop = _get_running_loop()
         try:
             if loop is not None:
                 self._start(future, fn, args, kwargs)
@@ -136,10 +138,31 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         never runs, a running one gets its stop token set) instead of waiting
         for it. A view that owns its pool closes it afterwards. Calling it
         again is allowed.
+
+        Raises:
+            WouldDeadlockError: ``wait`` (without ``cancel_futures``) on the
+                thread of the running loop that calls still report to: that
+                loop must run to deliver them. Nothing is changed then.
         """
+        here = _get_running_loop()
         with self._lock:
-            self._shut = True
-            outstanding = list(self._outstanding)
+            refuse = (
+                wait
+                and not cancel_futures
+                and here is not None
+                and here in self._outstanding.values()
+            )
+            if not refuse:
+                self._shut = True
+                outstanding = list(self._outstanding)
+        if refuse:
+            raise WouldDeadlockError(
+                f"{self!r}.shutdown(wait=True) was called on the thread of the event loop its "
+                f"calls report to, which must run to deliver them: waiting here would never "
+                f"end. In async code call shutdown(wait=False) and await the calls' futures "
+                f"(asyncio.wrap_future), or leave it to loop.shutdown_default_executor(), "
+                f"which waits in a thread of its own."
+            )
         if cancel_futures:
             for future in outstanding:
                 future.cancel()
@@ -204,7 +227,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._lock:
-            self._outstanding.discard(future)
+            self._outstanding.pop(future, None)
             idle = self._shut and not self._outstanding
         if idle:
             self._stop_driver_if_idle()

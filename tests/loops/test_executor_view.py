@@ -142,3 +142,26 @@ async def test_shutdown_and_wait_on_the_loop_its_calls_report_to_is_refused() ->
         pending = executor2.submit(release.wait, WAIT)
         executor2.shutdown(wait=True, cancel_futures=True)  # cancelling needs no loop
         assert pending.cancelled()
+
+
+def test_submit_refuses_what_cannot_run_in_a_worker_before_anything_starts() -> None:
+    async def coroutine_function() -> None:
+        pass
+
+    pool = offloop.ThreadPool(1, name="view-refuse")
+    try:
+        executor = pool.executor()
+
+        def body() -> None:
+            with pytest.raises(TypeError, match="coroutine function"):
+                executor.submit(coroutine_function)
+            with pytest.raises(TypeError, match="callable"):
+                executor.submit(42)  # type: ignore[arg-type]
+
+        in_plain_thread(body)
+        # Refused before the view started its loop thread for plain threads.
+        assert not [t for t in threading.enumerate() if "view-refuse-executor" in t.name]
+        assert "open: 0 calls" in repr(executor)
+        executor.shutdown()
+    finally:
+        pool.close()

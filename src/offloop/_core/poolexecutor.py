@@ -28,6 +28,7 @@ from typing import Any, Final, Protocol
 
 from .errors import WouldDeadlockError
 from .offload import OffloadFuture
+from .validate import check_sync_callable
 
 __all__ = ["ExecutorPool", "PoolExecutorView"]
 
@@ -96,7 +97,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
 
         Raises:
             RuntimeError: the executor is shut down.
-            TypeError: what the pool's ``run()`` refuses (a coroutine function).
+            TypeError: ``fn`` is not callable, or is a coroutine or generator function.
         """
         # asyncio.to_thread() sends partial(context.run, fn, *args): a thread
         # pool copies the same context itself (and then logs and names fn, not
@@ -110,6 +111,9 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             wrapped: functools.partial[Any] = fn
             fn, args = wrapped.args[0], (*wrapped.args[1:], *args)
             kwargs = {**wrapped.keywords, **kwargs}
+        # Here, not only in the pool's run(): raised to the caller as documented,
+        # before a plain thread's submit starts the view's loop thread.
+        check_sync_callable(fn, f"{self._pool.name!r} executor's submit()", "offloop.to_loop()")
         future: cf.Future[Any] = cf.Future()
         loop = _get_running_loop()
         with self._lock:

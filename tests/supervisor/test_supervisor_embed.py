@@ -11,7 +11,7 @@ import pytest
 
 import offloop
 from offloop import ServiceFailed, Supervisor, SupervisorState
-from tests.helpers import QUICK_WAIT, bounded
+from tests.helpers import QUICK_WAIT, await_until, bounded
 from tests.supervisor.test_supervisor import Recorder
 
 
@@ -323,3 +323,29 @@ async def test_wait_ready_on_another_loop_sees_a_start_that_lands_while_it_regis
         started.set()
         thread.join(QUICK_WAIT + 1)
         await sv.aclose()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_aclose_stops_within_grace_a_service_that_ignores_its_stop() -> None:
+    sv = Supervisor(name="stubborn", grace=0.1)
+    release, entered = threading.Event(), threading.Event()
+
+    @sv.service
+    def stubborn(token: offloop.StopToken) -> None:
+        entered.set()
+        release.wait(QUICK_WAIT)  # never looks at its token
+
+    await sv.start()
+    await asyncio.to_thread(entered.wait, QUICK_WAIT)
+    try:
+        await sv.aclose()  # returns without waiting for the thread: it is abandoned
+        assert str(sv.state) == "stopped"
+        assert not release.is_set()
+        assert [t for t in threading.enumerate() if t.name == "offloop-service-stubborn"]
+    finally:
+        release.set()
+    await await_until(
+        lambda: not [t for t in threading.enumerate() if t.name == "offloop-service-stubborn"],
+        what="the abandoned thread to end once released",
+    )

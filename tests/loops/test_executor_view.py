@@ -7,11 +7,12 @@ import concurrent.futures as cf
 import contextvars
 import operator
 import threading
+from typing import Any
 
 import pytest
 
 import offloop
-from tests.helpers import WAIT, await_until, in_plain_thread
+from tests.helpers import WAIT, await_until, in_plain_thread, wait_until
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
@@ -165,3 +166,27 @@ def test_submit_refuses_what_cannot_run_in_a_worker_before_anything_starts() -> 
         executor.shutdown()
     finally:
         pool.close()
+
+
+async def test_a_call_cancelled_just_after_it_ended_stays_cancelled_without_errors() -> None:
+    # The call's end is delivered on the loop; a cancel() that comes before
+    # that delivery must win quietly (no "Future in unexpected state").
+    errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        async with offloop.ThreadPool(1, name="view-late-cancel") as pool:
+            executor = pool.executor()
+            ran = threading.Event()
+            future = executor.submit(ran.set)
+            assert ran.wait(WAIT)
+            # Let the worker post its outcome to this loop, still undelivered.
+            wait_until(lambda: pool.statistics()["running"] == 0, what="the call to end")
+            assert future.cancel()
+            await await_until(lambda: "0 calls" in repr(executor), what="the call to settle")
+            await asyncio.sleep(0)
+            assert future.cancelled()
+            executor.shutdown()
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []

@@ -219,12 +219,16 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             if call.cancelled():
                 future.cancel()  # PENDING until now, so this takes
                 return
-            if not future.set_running_or_notify_cancel():
-                return  # cancelled meanwhile: the call was cancelled too
-            if (error := call.exception()) is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(call.result())
+            # Set straight from PENDING, under the future's lock: a cancel()
+            # from any thread either comes first (then this is refused, and
+            # cancel_call has notified the waiters) or finds it finished.
+            # set_running_or_notify_cancel() here would meet a future
+            # cancel_call had already notified, and raise.
+            with contextlib.suppress(cf.InvalidStateError):
+                if (error := call.exception()) is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(call.result())
 
         future.add_done_callback(cancel_call)
         call.add_done_callback(settle)

@@ -190,3 +190,15 @@ async def test_a_call_cancelled_just_after_it_ended_stays_cancelled_without_erro
     finally:
         loop.set_exception_handler(None)
     assert errors == []
+
+
+async def test_map_on_the_loop_its_calls_report_to_is_refused_before_submitting() -> None:
+    # Its results can only be delivered by this loop, which iterating them
+    # would block: the iteration would never end.
+    async with offloop.ThreadPool(1, name="view-map-refused") as pool:
+        executor = pool.executor()
+        with pytest.raises(offloop.WouldDeadlockError, match=r"map\(\)"):
+            executor.map(abs, [-1, -2])
+        assert "open: 0 calls" in repr(executor)
+        assert pool.statistics()["completed"] == 0
+        executor.shutdown()

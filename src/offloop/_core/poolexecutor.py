@@ -23,7 +23,7 @@ import contextlib
 import contextvars
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Protocol
 
 from .errors import WouldDeadlockError
@@ -55,7 +55,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
     A ``ThreadPoolExecutor`` only because ``loop.set_default_executor()``
     takes nothing else (Python >= 3.11): ``submit()`` and ``shutdown()`` are
     its own, so the base class never starts a thread. ``map()`` is
-    ``Executor.map`` over ``submit()``.
+    ``Executor.map`` over ``submit()``, refused on a running loop's thread.
 
     Args:
         pool: the pool the calls run in.
@@ -134,6 +134,29 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             self._forget(future)
             raise
         return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """``Executor.map`` over :meth:`submit`: ``fn`` on each item, results in order.
+
+        Raises:
+            WouldDeadlockError: called on the thread of a running event loop:
+                the calls would report to that loop, which iterating their
+                results blocks. Nothing is submitted then.
+        """
+        if _get_running_loop() is not None:
+            raise WouldDeadlockError(
+                f"{self!r}.map() was called on the thread of a running event loop: its calls "
+                f"report to that loop, and iterating their results would block it for good. "
+                f"In async code await each call instead, e.g. 'await asyncio.gather(*("
+                f"loop.run_in_executor(executor, fn, item) for item in items))'."
+            )
+        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new calls; with ``wait``, wait for the view's calls (up to ``close_timeout``).

@@ -92,3 +92,22 @@ def test_the_program_stops_gracefully_when_the_reloader_is_killed(tmp_path: Path
         proc.exit_code()
         wait_until(lambda: gone(child), SPAWN_WAIT, "the orphaned program to stop")
     assert "v1 stopped by its token" in proc.output
+
+
+def test_a_program_that_ends_by_itself_is_not_reported_as_an_error(tmp_path: Path) -> None:
+    done = """
+import offloop
+
+sv = offloop.Supervisor(name="app", grace=2)
+
+@sv.service
+def once():
+    print("{version} did its job", flush=True)
+"""
+    write(tmp_path, "v1", done)
+    with Proc(["-m", "offloop", "run", "app:sv", "--reload", "--plain"], tmp_path) as proc:
+        proc.wait_for("v1 did its job")
+        proc.wait_for("the program ended with exit code 0")
+        proc.send(signal.SIGINT)
+        assert proc.exit_code() == 0
+    assert "fix the error" not in proc.output

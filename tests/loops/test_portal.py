@@ -299,3 +299,16 @@ def test_a_worker_whose_loop_closed_gets_caller_gone() -> None:
 
     with pytest.raises(CallerGoneError, match="sent this work to the thread"):
         in_plain_thread(body)
+
+
+async def test_iterate_on_a_running_loop_is_refused_by_name_before_anything_starts() -> None:
+    async def numbers() -> Any:
+        yield 1
+
+    target = offloop.LoopThread(name="iterate-refused")
+    try:
+        with pytest.raises(WouldDeadlockError, match=r"Portal\.iterate\(\).*async for"):
+            next(Portal(target).iterate(numbers))
+        assert target.state.value == "created"  # refused before the loop thread started
+    finally:
+        await target.aclose()

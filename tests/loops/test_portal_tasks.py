@@ -302,3 +302,27 @@ def test_an_abandoned_iteration_is_closed_when_the_loop_thread_closes() -> None:
     lt.close()
     assert closed.is_set()
     iterator.close()  # the loop is gone: closing it later is quiet
+
+
+async def test_context_on_a_running_loop_is_refused_before_it_is_entered() -> None:
+    # Refused after entering, the context would stay open until its loop
+    # closes, with nobody left to exit it.
+    entered: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def resource() -> AsyncIterator[str]:
+        entered.append("enter")
+        yield "r"
+
+    target = offloop.LoopThread(name="ctx-refused")
+    try:
+        bound = Portal(target).context(resource)
+        with pytest.raises(offloop.WouldDeadlockError, match=r"BoundContext\.enter\(\)"):
+            bound.enter()
+        assert bound.state is offloop.BoundContextState.CREATED
+        with pytest.raises(offloop.WouldDeadlockError, match=r"BoundContext\.exit\(\)"):
+            bound.exit()
+        assert entered == []
+        assert target.state.value == "created"
+    finally:
+        await target.aclose()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
+from typing import Any
 
 import pytest
 
 import offloop
 from offloop import ServiceFailed, Supervisor, SupervisorState
-from tests.helpers import QUICK_WAIT, bounded
+from tests.helpers import QUICK_WAIT, await_until, bounded
 from tests.supervisor.test_supervisor import Recorder
 
 
@@ -269,3 +271,81 @@ async def test_serve_after_start_waits_for_the_stop_and_a_stop_before_start_is_k
     with pytest.raises(RuntimeError, match=r"was stopped \(stop\(\) or aclose\(\)\) while start"):
         await early.start()
     assert journal == ["start db", "stop db"]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_wait_ready_on_another_loop_sees_a_start_that_lands_while_it_registers() -> None:
+    # wait_ready() on another thread's loop checks the state, then registers
+    # its waiter: the supervisor may become ready in between, and its wake-up
+    # call then finds nobody registered. The waiter must still return.
+    journal: list[str] = []
+    sv = Supervisor(name="race")
+    sv.add(Recorder("db", journal))
+    checking, started = threading.Event(), threading.Event()
+
+    class Interleaved(asyncio.SelectorEventLoop):
+        def create_future(self) -> asyncio.Future[Any]:
+            if not started.is_set():  # wait_ready's waiter, made after its check
+                checking.set()
+                started.wait(QUICK_WAIT)
+            return super().create_future()
+
+    outcome: list[str] = []
+
+    def other_thread() -> None:
+        loop = Interleaved()
+
+        async def waiting() -> None:
+            # Bounded without wait_for, whose own future would come first.
+            task = asyncio.current_task()
+            assert task is not None
+            loop.call_later(QUICK_WAIT, task.cancel)
+            await sv.wait_ready()
+
+        try:
+            loop.run_until_complete(waiting())
+            outcome.append("ready")
+        except BaseException as exc:
+            outcome.append(repr(exc))
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=other_thread, name="race-waiter")
+    thread.start()
+    try:
+        await asyncio.to_thread(checking.wait, QUICK_WAIT)
+        await sv.start()
+        started.set()
+        await asyncio.to_thread(thread.join, QUICK_WAIT + 1)
+        assert outcome == ["ready"]
+    finally:
+        started.set()
+        thread.join(QUICK_WAIT + 1)
+        await sv.aclose()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_aclose_stops_within_grace_a_service_that_ignores_its_stop() -> None:
+    sv = Supervisor(name="stubborn", grace=0.1)
+    release, entered = threading.Event(), threading.Event()
+
+    @sv.service
+    def stubborn(token: offloop.StopToken) -> None:
+        entered.set()
+        release.wait(QUICK_WAIT)  # never looks at its token
+
+    await sv.start()
+    await asyncio.to_thread(entered.wait, QUICK_WAIT)
+    try:
+        await sv.aclose()  # returns without waiting for the thread: it is abandoned
+        assert str(sv.state) == "stopped"
+        assert not release.is_set()
+        assert [t for t in threading.enumerate() if t.name == "offloop-service-stubborn"]
+    finally:
+        release.set()
+    await await_until(
+        lambda: not [t for t in threading.enumerate() if t.name == "offloop-service-stubborn"],
+        what="the abandoned thread to end once released",
+    )

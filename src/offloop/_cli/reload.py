@@ -162,11 +162,17 @@ def run_reloader(argv: Sequence[str], dirs: Sequence[Path], *, stop_wait: float 
             code = child.exited()
             if code is not None and not child.reported:
                 child.reported = True
-                logger.error(
-                    "the program exited with code %d; fix the error and save: the reloader "
-                    "restarts it on the next change",
-                    code,
-                )
+                if code == 0:  # every service ended, or it was stopped: not an error
+                    logger.info(
+                        "the program ended with exit code 0; the reloader restarts it on the "
+                        "next change"
+                    )
+                else:
+                    logger.error(
+                        "the program exited with code %d; fix the error and save: the "
+                        "reloader restarts it on the next change",
+                        code,
+                    )
             if not changes:
                 continue
             names = sorted({os.path.relpath(path) for _, path in changes})

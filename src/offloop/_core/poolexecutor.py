@@ -23,10 +23,12 @@ import contextlib
 import contextvars
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Protocol
 
+from .errors import WouldDeadlockError
 from .offload import OffloadFuture
+from .validate import check_sync_callable
 
 __all__ = ["ExecutorPool", "PoolExecutorView"]
 
@@ -53,7 +55,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
     A ``ThreadPoolExecutor`` only because ``loop.set_default_executor()``
     takes nothing else (Python >= 3.11): ``submit()`` and ``shutdown()`` are
     its own, so the base class never starts a thread. ``map()`` is
-    ``Executor.map`` over ``submit()``.
+    ``Executor.map`` over ``submit()``, refused on a running loop's thread.
 
     Args:
         pool: the pool the calls run in.
@@ -78,7 +80,8 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         self._close_timeout = close_timeout
         self._lock = threading.Lock()
         self._shut = False
-        self._outstanding: set[cf.Future[Any]] = set()
+        # Each call not settled yet, with the loop that settles it (None: the driver's).
+        self._outstanding: dict[cf.Future[Any], asyncio.AbstractEventLoop | None] = {}
         self._driver: _Driver | None = None
 
     @property
@@ -94,7 +97,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
 
         Raises:
             RuntimeError: the executor is shut down.
-            TypeError: what the pool's ``run()`` refuses (a coroutine function).
+            TypeError: ``fn`` is not callable, or is a coroutine or generator function.
         """
         # asyncio.to_thread() sends partial(context.run, fn, *args): a thread
         # pool copies the same context itself (and then logs and names fn, not
@@ -108,17 +111,20 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             wrapped: functools.partial[Any] = fn
             fn, args = wrapped.args[0], (*wrapped.args[1:], *args)
             kwargs = {**wrapped.keywords, **kwargs}
+        # Here, not only in the pool's run(): raised to the caller as documented,
+        # before a plain thread's submit starts the view's loop thread.
+        check_sync_callable(fn, f"{self._pool.name!r} executor's submit()", "offloop.to_loop()")
         future: cf.Future[Any] = cf.Future()
+        loop = _get_running_loop()
         with self._lock:
             shut = self._shut
             if not shut:
-                self._outstanding.add(future)
+                self._outstanding[future] = loop
         if shut:
             raise RuntimeError(
                 f"{self!r} is shut down and takes no new calls (cannot schedule new futures "
                 f"after shutdown). Make a new one with pool.executor()."
             )
-        loop = _get_running_loop()
         try:
             if loop is not None:
                 self._start(future, fn, args, kwargs)
@@ -129,6 +135,29 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             raise
         return future
 
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """``Executor.map`` over :meth:`submit`: ``fn`` on each item, results in order.
+
+        Raises:
+            WouldDeadlockError: called on the thread of a running event loop:
+                the calls would report to that loop, which iterating their
+                results blocks. Nothing is submitted then.
+        """
+        if _get_running_loop() is not None:
+            raise WouldDeadlockError(
+                f"{self!r}.map() was called on the thread of a running event loop: its calls "
+                f"report to that loop, and iterating their results would block it for good. "
+                f"In async code await each call instead, e.g. 'await asyncio.gather(*("
+                f"loop.run_in_executor(executor, fn, item) for item in items))'."
+            )
+        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new calls; with ``wait``, wait for the view's calls (up to ``close_timeout``).
 
@@ -136,10 +165,31 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         never runs, a running one gets its stop token set) instead of waiting
         for it. A view that owns its pool closes it afterwards. Calling it
         again is allowed.
+
+        Raises:
+            WouldDeadlockError: ``wait`` (without ``cancel_futures``) on the
+                thread of the running loop that calls still report to: that
+                loop must run to deliver them. Nothing is changed then.
         """
+        here = _get_running_loop()
         with self._lock:
-            self._shut = True
-            outstanding = list(self._outstanding)
+            refuse = (
+                wait
+                and not cancel_futures
+                and here is not None
+                and here in self._outstanding.values()
+            )
+            if not refuse:
+                self._shut = True
+                outstanding = list(self._outstanding)
+        if refuse:
+            raise WouldDeadlockError(
+                f"{self!r}.shutdown(wait=True) was called on the thread of the event loop its "
+                f"calls report to, which must run to deliver them: waiting here would never "
+                f"end. In async code call shutdown(wait=False) and await the calls' futures "
+                f"(asyncio.wrap_future), or leave it to loop.shutdown_default_executor(), "
+                f"which waits in a thread of its own."
+            )
         if cancel_futures:
             for future in outstanding:
                 future.cancel()
@@ -192,19 +242,23 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             if call.cancelled():
                 future.cancel()  # PENDING until now, so this takes
                 return
-            if not future.set_running_or_notify_cancel():
-                return  # cancelled meanwhile: the call was cancelled too
-            if (error := call.exception()) is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(call.result())
+            # Set straight from PENDING, under the future's lock: a cancel()
+            # from any thread either comes first (then this is refused, and
+            # cancel_call has notified the waiters) or finds it finished.
+            # set_running_or_notify_cancel() here would meet a future
+            # cancel_call had already notified, and raise.
+            with contextlib.suppress(cf.InvalidStateError):
+                if (error := call.exception()) is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(call.result())
 
         future.add_done_callback(cancel_call)
         call.add_done_callback(settle)
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._lock:
-            self._outstanding.discard(future)
+            self._outstanding.pop(future, None)
             idle = self._shut and not self._outstanding
         if idle:
             self._stop_driver_if_idle()

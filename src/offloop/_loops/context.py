@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, Final, Generic, TypeVar, final
 
 from .._core.validate import describe
+from .crossing import refuse_on_running_loop
 from .tasks import TaskHandle, task_ready
 
 __all__ = ["BoundContext", "BoundContextState"]
@@ -39,6 +40,11 @@ class BoundContextState(enum.Enum):
 _CREATED: Final = BoundContextState.CREATED
 _ENTERED: Final = BoundContextState.ENTERED
 _EXITED: Final = BoundContextState.EXITED
+
+_INSTEAD: Final = (
+    "In async code use 'async with' on the context manager itself, or enter it from a "
+    "worker thread (offloop.to_thread)."
+)
 
 
 @final
@@ -89,9 +95,19 @@ class BoundContext(Generic[T]):
 
         Raises:
             RuntimeError: entered before.
+            WouldDeadlockError: called on a thread whose event loop is running
+                (checked before anything is entered).
             TimeoutError: ``__aenter__`` took longer than the portal's timeout.
             Exception: what the factory or ``__aenter__`` raised.
         """
+        # Before the task starts: refused once entered, the context would stay
+        # open until its loop closes, with nobody left to exit it.
+        refuse_on_running_loop(
+            "BoundContext.enter()",
+            _INSTEAD,
+            why="It blocks until __aenter__ has run on the target loop, which would stall "
+            "this loop.",
+        )
         if self._state is not _CREATED:
             raise RuntimeError(
                 f"{self!r} was entered already; a BoundContext is entered once. Call "
@@ -117,10 +133,18 @@ class BoundContext(Generic[T]):
 
         Raises:
             RuntimeError: not entered, or exited before.
+            WouldDeadlockError: called on a thread whose event loop is running
+                (checked before the exit is asked for).
             TimeoutError: ``__aexit__`` took longer than the portal's timeout
                 (it was cancelled).
             Exception: what ``__aexit__`` raised.
         """
+        refuse_on_running_loop(
+            "BoundContext.exit()",
+            _INSTEAD,
+            why="It blocks until __aexit__ has run on the target loop, which would stall "
+            "this loop.",
+        )
         if self._state is not _ENTERED:
             raise RuntimeError(
                 f"{self!r} cannot exit: it is {self._state.value}. Exit a context once, after "

@@ -254,6 +254,7 @@ class Portal:
 
         Raises:
             TypeError: ``fn`` is not callable.
+            WouldDeadlockError: iterated on a thread whose event loop is running.
         """
         if not callable(fn):
             raise TypeError(
@@ -267,6 +268,14 @@ class Portal:
     def _iterate(
         self, fn: Callable[..., AsyncIterator[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Generator[T, None, None]:
+        # Checked here, at the first item: the generator may be made on a loop's
+        # thread and consumed in a worker.
+        refuse_on_running_loop(
+            "Portal.iterate()",
+            "In async code iterate it directly: 'async for item in fn(...)'.",
+            why="Each item blocks until the async iterator yields it, which would deadlock "
+            "the loop that has to run it (or stall every other task on it).",
+        )
         pinned = self._pinned(self._resolve())
         ait = pinned.call(_open_iterator, fn, args, kwargs)
         try:

@@ -140,7 +140,10 @@ class Embedding:
             waiter = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
             try:
-                await waiter
+                # From another loop's thread the state may have changed since
+                # the check above, its wake-up finding nobody registered: look again.
+                if sv._state is _SV.NEW or sv._state is _SV.STARTING:
+                    await waiter
             finally:
                 self.waiters.remove(waiter)
 

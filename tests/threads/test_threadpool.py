@@ -436,6 +436,10 @@ async def test_aclose_timeout_abandons_a_stuck_call_and_logs_it(
     assert "method 'Event.wait' in thread offloop-stuck-1" in caplog.text
     assert "abandoned" in caplog.text
     assert pool.statistics()["state"] == "closed"
+    assert pool.statistics()["abandoned"] == 1
+    # The awaiter is not left waiting for a thread the pool gave up on.
+    with pytest.raises(offloop.PoolClosedError, match="still running after the close's timeout"):
+        await asyncio.wait_for(call, WAIT)
     release.set()
-    assert await call is True
     await await_until(lambda: not pool_threads("stuck"), WAIT)
+    assert pool.statistics()["abandoned"] == 0

@@ -52,9 +52,10 @@ async def test_close_with_every_thread_stuck_fails_the_queued_calls_at_once() ->
         with pytest.raises(offloop.PoolClosedError, match="closed before this call of"):
             await asyncio.wait_for(queued, WAIT)  # not left waiting behind the stuck call
         assert pool.statistics()["queued"] == 0
+        with pytest.raises(offloop.PoolClosedError, match="the call was abandoned"):
+            await asyncio.wait_for(stuck, WAIT)
     finally:
         release.set()
-    assert await asyncio.wait_for(stuck, WAIT) is True
 
 
 @pytest.mark.loops("asyncio")
@@ -453,3 +454,34 @@ async def test_a_call_dispatched_while_another_thread_closes_the_pool_is_never_s
     with contextlib.suppress(offloop.PoolClosedError):
         assert await asyncio.wait_for(asyncio.shield(call), WAIT) == 7
     assert await asyncio.to_thread(closed.wait, WAIT)
+
+
+@pytest.mark.allow_leaks  # the stuck thread is abandoned on purpose, then released
+def test_a_sync_close_that_times_out_fails_the_awaiters_of_the_stuck_calls() -> None:
+    # The awaiter lives on a loop thread of its own; close() runs in this plain thread.
+    pool = offloop.ThreadPool(1, name="stuck-sync")
+    release = threading.Event()
+    outcome: list[BaseException | bool] = []
+    running = threading.Event()
+
+    async def awaiter() -> None:
+        call = pool.run(release.wait, WAIT)
+        await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+        running.set()
+        try:
+            outcome.append(await call)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=asyncio.run, args=(awaiter(),))
+    thread.start()
+    try:
+        assert running.wait(WAIT)
+        pool.close(timeout=0.01)
+        thread.join(WAIT)
+        assert not thread.is_alive(), "the awaiter still waits for the abandoned call"
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], offloop.PoolClosedError)
+    finally:
+        release.set()
+        thread.join(WAIT)

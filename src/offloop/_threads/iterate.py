@@ -313,7 +313,11 @@ class ThreadedIterator(AsyncIterator[T]):
         if not producer.done():
             await asyncio.shield(producer)
         elif not producer.cancelled():
-            producer.result()
+            error = producer.exception()
+            # A pool that closed under the producer gave up on it: the source's
+            # finally did not raise, and __anext__ has already said so.
+            if error is not None and not isinstance(error, PoolClosedError):
+                raise error
 
     async def __aenter__(self) -> ThreadedIterator[T]:
         return self

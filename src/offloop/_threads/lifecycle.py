@@ -298,7 +298,9 @@ class ThreadPoolLifecycle(PoolContext):
         get their :class:`StopToken` set and are waited for, up to ``timeout``
         seconds (``None``: as long as they take). Threads still busy after the
         timeout are abandoned (they are daemon threads, so they never keep the
-        process alive) and logged with the function they run.
+        process alive) and logged with the function they run; the awaiters of
+        their calls get :class:`PoolClosedError` at once, and what the
+        functions return later reaches nobody.
 
         Closing twice is allowed; the second call waits like the first.
 
@@ -314,8 +316,7 @@ class ThreadPoolLifecycle(PoolContext):
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except asyncio.TimeoutError:
             self._report_stuck(f"after waiting {timeout} s in aclose()")
-            with self._lock:
-                self._state = PoolState.CLOSED
+            self._abandon_running(timeout)
             return
         self._join_threads()
 
@@ -338,10 +339,37 @@ class ThreadPoolLifecycle(PoolContext):
         self._begin_close(done)
         if not done.wait(timeout):
             self._report_stuck(f"after waiting {timeout} s in close()")
-            with self._lock:
-                self._state = PoolState.CLOSED
+            self._abandon_running(timeout)
             return
         self._join_threads()
+
+    def _abandon_running(self, timeout: float | None) -> None:
+        """Mark the pool closed and fail the calls still running after a bounded close.
+
+        Their threads go on (nothing can stop them from outside), but whoever
+        awaits them must not wait for a pool that has given up on them: they
+        get :class:`PoolClosedError` now, and the result the function returns
+        later reaches nobody.
+        """
+        stuck: list[OffloadFuture[Any]] = []
+        with self._lock:
+            self._state = PoolState.CLOSED
+            for worker in self._workers:
+                call = worker.call
+                if call is not None and call._phase in (RUNNING, CANCELLING):
+                    call._phase = ABANDONED
+                    self._abandoned += 1
+                    stuck.append(call)
+        for call in stuck:
+            error = PoolClosedError(
+                f"{self._describe()} closed with this call of {describe(call.fn)} still "
+                f"running after the close's timeout of {timeout} s; the call was abandoned "
+                f"(its thread runs on, and its result will reach nobody). Give the close a "
+                f"longer timeout, or have the function poll offloop.current_token()."
+            )
+            # A closed loop means nobody awaits the call any more.
+            with contextlib.suppress(RuntimeError):
+                call.loop.call_soon_threadsafe(_fail_if_pending, call, error)
 
     def _refuse_own_thread(self, what: str) -> None:
         current = threading.current_thread()
@@ -472,3 +500,9 @@ class ThreadPoolLifecycle(PoolContext):
                 self._name,
                 when,
             )
+
+
+def _fail_if_pending(call: OffloadFuture[Any], error: BaseException) -> None:
+    # On the call's loop: the call may have ended (and been delivered) meanwhile.
+    if not call.done():
+        call.set_exception(error)

@@ -23,6 +23,7 @@ from ._core.errors import (
     OffloopError,
     PoolClosedError,
     ServiceFailed,
+    StatusPortError,
     WorkerCrashed,
     WouldDeadlockError,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "ScheduleStatus",
     "Service",
     "ServiceFailed",
+    "StatusPortError",
     "ServiceState",
     "ServiceStatus",
     "StopToken",

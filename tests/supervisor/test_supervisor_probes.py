@@ -103,7 +103,8 @@ async def test_async_with_serves_them_from_before_the_first_service_to_after_the
     )
     code, metrics = await get(f"{url}/metrics")
     assert code == 200
-    assert re.search(r'^offloop_service_restarts_total\{[^}]*service="gate"[^}]*\} 0$', metrics, re.M)
+    restarts = r'^offloop_service_restarts_total\{[^}]*service="gate"[^}]*\} 0$'
+    assert re.search(restarts, metrics, re.M)
     leave.set()
     await asyncio.wait_for(task, QUICK_WAIT)
     assert sv.status_url is None

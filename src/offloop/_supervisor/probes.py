@@ -63,9 +63,7 @@ def check_status_host(host: object) -> str:
         ValueError: not an IP address.
     """
     if not isinstance(host, str):
-        raise TypeError(
-            f"status_host must be a str such as '127.0.0.1', got {describe(host)}."
-        )
+        raise TypeError(f"status_host must be a str such as '127.0.0.1', got {describe(host)}.")
     if host != "localhost":
         try:
             ipaddress.ip_address(host)

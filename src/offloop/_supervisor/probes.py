@@ -10,17 +10,14 @@ itself, every way of running one serves it: ``async with``, ``serve()``,
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol, cast
 
 from .._core.errors import StatusPortError
 from .._core.validate import describe
-
-if TYPE_CHECKING:
-    from .statusserver import StatusServer
-    from .supervisor import Supervisor
 
 __all__ = ["Probes", "check_status_host", "check_status_port"]
 
@@ -76,13 +73,31 @@ def check_status_host(host: object) -> str:
     return host
 
 
+class _Server(Protocol):
+    """The part of ``statusserver.StatusServer`` used here."""
+
+    @property
+    def port(self) -> int: ...
+
+    async def start(self, port: int, *, host: str = ...) -> object: ...
+
+    async def aclose(self) -> None: ...
+
+
+#: The module of the status server. It reads a Supervisor (so does the
+#: metrics module it uses), so it sits above supervisor.py: loaded by name
+#: when a run starts, since importing it from here (imported by
+#: supervisor.py) would make the two modules depend on each other.
+_SERVER_MODULE: Final = "offloop._supervisor.statusserver"
+
+
 class Probes:
     """The probes a supervisor serves itself: where, and the server while it is open."""
 
     def __init__(self, port: object, host: object) -> None:
         self.port = check_status_port(port)
         self.host = check_status_host(host)
-        self.server: StatusServer | None = None
+        self.server: _Server | None = None
         self._url: str | None = None
         #: Called with the base URL once bound (``offloop run`` prints it).
         self.on_bound: Callable[[str], None] | None = None
@@ -92,7 +107,7 @@ class Probes:
         """The base URL while serving (``http://127.0.0.1:8081``), else None."""
         return self._url
 
-    async def open(self, sv: Supervisor) -> None:
+    async def open(self, sv: object) -> None:
         """Listen, if a port was given; nothing has started yet.
 
         Raises:
@@ -100,11 +115,10 @@ class Probes:
         """
         if self.port is None:
             return
-        from .statusserver import StatusServer
-
         if self.server is not None:
             raise RuntimeError(f"The probes of {sv!r} are already being served.")
-        server = StatusServer(sv)
+        factory = importlib.import_module(_SERVER_MODULE).StatusServer
+        server = cast(_Server, factory(sv))
         # Set first: a second start while this one binds is refused above.
         self.server = server
         try:
@@ -125,7 +139,9 @@ class Probes:
             raise
         host = f"[{self.host}]" if ":" in self.host else self.host
         self._url = url = f"http://{host}:{server.port}"
-        logger.info("%s: probes on %s (/healthz /readyz /status /metrics)", sv.name, url)
+        logger.info(
+            "%s: probes on %s (/healthz /readyz /status /metrics)", getattr(sv, "name", sv), url
+        )
         if self.on_bound is not None:
             self.on_bound(url)
 

@@ -238,7 +238,7 @@ class Supervisor(HostLifecycle, Registration):
         # Before any service, so /healthz answers while they start; a port in
         # use leaves the supervisor new, like a bad depends_on.
         await self._probes.open(self)
-        if self._state is not _SV.NEW:  # aclose()d while binding
+        if self.state is not _SV.NEW:  # aclose()d while binding (the property: mypy narrowed)
             await self._probes.close()
             raise RuntimeError(self._illegal_start("enter"))
         loop = asyncio.get_running_loop()

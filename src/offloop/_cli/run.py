@@ -360,7 +360,7 @@ async def _serve(
     except StatusPortError as exc:
         cause = exc.__cause__
         reason = getattr(cause, "strerror", None) or cause
-        flag = "--status-port" if status_port is not None else "the supervisor's status_port"
+        flag = "--status-port" if status_port is not None else "status_port in the code"
         raise UsageError(
             f"cannot serve the status on {exc.host}:{exc.port} ({reason}); "
             f"pick another {flag}, or 0 for any free port."

@@ -332,6 +332,7 @@ class Supervisor(HostLifecycle, Registration):
 
         Raises:
             ServiceFailed: a service failed beyond its restart policy.
+            StatusPortError: ``status_port`` cannot be bound (nothing started).
             RuntimeError: the supervisor has already run.
         """
         if self._state is _SV.NEW:
@@ -373,6 +374,7 @@ class Supervisor(HostLifecycle, Registration):
 
         Raises:
             ServiceFailed: a service failed beyond its restart policy.
+            StatusPortError: ``status_port`` cannot be bound (nothing started).
             RuntimeError: called from a running event loop (use ``await
                 sv.serve()`` there), or the supervisor has already run.
             ValueError: ``log_format`` is neither ``"text"`` nor ``"json"``.

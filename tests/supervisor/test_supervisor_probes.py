@@ -242,6 +242,7 @@ async def test_a_service_failing_at_start_closes_them_too() -> None:
             r"status_host must be an IP address, got 'example\.com': pass '127\.0\.0\.1'",
         ),
         ({"status_host": ""}, ValueError, "status_host must be an IP address, got ''"),
+        ({"status_host": "localhost"}, ValueError, "must be an IP address, got 'localhost'"),
     ],
     ids=repr,
 )
@@ -252,7 +253,7 @@ def test_bad_arguments_are_refused_by_the_constructor(
         Supervisor(**kwargs)
 
 
-def test_localhost_and_ipv6_literals_are_accepted_and_nothing_binds_without_a_port() -> None:
-    assert Supervisor(status_port=0, status_host="localhost").status_url is None
+def test_ip_literals_are_accepted_and_nothing_binds_before_the_start() -> None:
+    assert Supervisor(status_port=0, status_host="0.0.0.0").status_url is None
     assert Supervisor(status_port=0, status_host="::1").status_url is None
     assert Supervisor().status_url is None

@@ -49,11 +49,11 @@ def check_status_port(port: object) -> int | None:
 
 
 def check_status_host(host: object) -> str:
-    """``status_host`` as given, once checked: an IP address literal, or ``"localhost"``.
+    """``status_host`` as given, once checked: an IP address literal.
 
-    A host name other than localhost is refused rather than looked up: the
-    probes bind where they are told, and a name resolving to several
-    addresses would leave that choice to the resolver.
+    A host name (even ``localhost``) is refused rather than looked up: it
+    may resolve to several addresses, and asyncio then binds port 0 to a
+    different free port on each, so one ``status_url`` could not name them.
 
     Raises:
         TypeError: not a str.
@@ -61,15 +61,14 @@ def check_status_host(host: object) -> str:
     """
     if not isinstance(host, str):
         raise TypeError(f"status_host must be a str such as '127.0.0.1', got {describe(host)}.")
-    if host != "localhost":
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(
-                f"status_host must be an IP address, got {host!r}: pass '127.0.0.1' "
-                f"(this machine only, the default) or '0.0.0.0' (every interface, "
-                f"e.g. for a Kubernetes probe, which comes from outside the pod)."
-            ) from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"status_host must be an IP address, got {host!r}: pass '127.0.0.1' "
+            f"(this machine only, the default) or '0.0.0.0' (every interface, "
+            f"e.g. for a Kubernetes probe, which comes from outside the pod)."
+        ) from None
     return host
 
 

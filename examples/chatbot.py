@@ -12,6 +12,11 @@ One process runs, side by side and under one :class:`offloop.Supervisor`:
   service (``@sv.every``): every tick a run in its own thread writes a file
   into the watched folder, on a schedule that does not drift.
 
+The supervisor also serves its probes (``status_port=0``: any free port):
+``/healthz`` (answered by the event loop itself, so a blocked loop fails it),
+``/readyz`` (every service ready) and ``/metrics`` (Prometheus); the bot asks
+``/readyz`` once.
+
 Ctrl-C stops everything within a second (``grace=1``). Run it with
 ``python -m offloop demo`` or ``python examples/chatbot.py [--seconds N]``,
 or under the CLI with ``python -m offloop run examples.chatbot:build``.
@@ -65,7 +70,8 @@ def build_with_stats(
     folder: Path, *, interval: float, seconds: float | None
 ) -> tuple[offloop.Supervisor, dict[str, int]]:
     """:func:`build`, plus the counters the parts update (for the final summary)."""
-    sv = offloop.Supervisor(grace=1.0, name="chatbot")
+    # status_port=0: the probes on any free port of 127.0.0.1, read from sv.status_url.
+    sv = offloop.Supervisor(grace=1.0, name="chatbot", status_port=0)
     stats = {"bot_ticks": 0, "files_written": 0, "files_seen": 0, "requests_ok": 0}
 
     # -- Flask: blocking WSGI code, served from threads --------------------------------
@@ -111,14 +117,19 @@ def build_with_stats(
     # -- the bot: a coroutine that must keep ticking -----------------------------------
     @sv.service(name="bot")
     async def bot() -> None:
+        await sv.wait_ready()  # the services after this one have started too
         say("demo", f"ready: every service is running (watching {folder})")
         say("demo", f"open {web_flask.url}/  (Flask through offloop.WSGIService)")
         say("demo", f"open {web_aio.url}/  (aiohttp through offloop.AiohttpService)")
         say(
             "demo", f"the loop writes a note every {interval:g}s (@sv.every: a drift-free schedule)"
         )
+        say("probes", f"{sv.status_url}/healthz  (live: the event loop itself answers)")
+        say("probes", f"{sv.status_url}/readyz  (ready: every service is running)")
+        say("probes", f"{sv.status_url}/metrics  (Prometheus text format)")
         say("demo", "press Ctrl-C to stop")
         async with aiohttp.ClientSession() as session:
+            await _probe(session, f"{sv.status_url}/readyz")
             while True:
                 await asyncio.sleep(interval)
                 stats["bot_ticks"] += 1
@@ -148,6 +159,16 @@ async def _ask(
         return
     stats["requests_ok"] += resp.status == 200
     say(who, f"GET {url}/ -> {resp.status}, {key}={body[key]!r}")
+
+
+async def _probe(session: aiohttp.ClientSession, url: str) -> None:
+    try:
+        async with session.get(url) as resp:
+            body = await resp.json()
+    except aiohttp.ClientError as exc:
+        say("probes", f"GET {url} failed: {exc!r}")
+        return
+    say("probes", f"GET {url} -> {resp.status}, ready={body['ready']!r}")
 
 
 def _states(sv: offloop.Supervisor) -> dict[str, str]:

@@ -65,6 +65,8 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
             ("name", KW, None),
             ("detect_blocking", KW, None),
             ("on_failure", KW, None),
+            ("status_port", KW, None),
+            ("status_host", KW, "127.0.0.1"),
         ],
     ),
     "Supervisor.service": (

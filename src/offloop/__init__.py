@@ -23,6 +23,7 @@ from ._core.errors import (
     OffloopError,
     PoolClosedError,
     ServiceFailed,
+    StatusPortError,
     WorkerCrashed,
     WouldDeadlockError,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "ServiceFailed",
     "ServiceState",
     "ServiceStatus",
+    "StatusPortError",
     "StopToken",
     "Supervisor",
     "SupervisorState",

@@ -413,6 +413,52 @@ def test_status_port_in_use_is_refused(app_dir: Path) -> None:
     assert "starting service" not in proc.output  # nothing was started
 
 
+def _ported_app(folder: Path, port: int) -> None:
+    (folder / "ported.py").write_text(
+        textwrap.dedent(f"""
+            import asyncio
+
+            import offloop
+
+            sv = offloop.Supervisor(grace=1, name="ported", status_port={port})
+
+
+            @sv.service
+            async def idle():
+                await asyncio.Event().wait()
+        """)
+    )
+
+
+def test_a_status_port_in_the_code_in_use_is_refused(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _ported_app(tmp_path, port)
+        with Proc(["-m", "offloop", "run", "ported:sv", "--plain"], tmp_path) as proc:
+            assert proc.exit_code() == 2
+    assert f"offloop run: error: cannot serve the status on 127.0.0.1:{port}" in proc.output
+    assert "pick another status_port in the code, or 0 for any free port" in proc.output
+    assert "starting service" not in proc.output
+
+
+def test_status_port_overrides_the_one_in_the_code(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        _ported_app(tmp_path, taken.getsockname()[1])
+        args = ["-m", "offloop", "run", "ported:sv", "--plain", "--status-port", "0"]
+        with Proc(args, tmp_path) as proc:
+            found = proc.wait_for(r"status on http://127\.0\.0\.1:(\d+)/status")
+            port = int(found.group(1))
+            proc.wait_for("all 1 service")
+            assert port != taken.getsockname()[1]
+            assert _get(port, "/readyz").status_code == 200
+            proc.send(signal.SIGINT)
+            assert proc.exit_code() == 0
+
+
 def test_status_port_out_of_range_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["run", "x:y", "--status-port", "70000"]) == 2
     assert "--status-port must be between 0 and 65535, got 70000" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,12 @@ def test_demo_runs_every_part_and_stops_by_itself() -> None:
     assert proc.returncode == 0, f"{out}\n{proc.stderr}"
     urls = re.findall(r"open (http://127\.0\.0\.1:\d+)/", out)
     assert len(urls) == 2  # it tells the user where Flask and aiohttp listen
+    # ... and where its probes are, and the bot asks /readyz once.
+    probes = re.findall(r"^probes +\| (http://127\.0\.0\.1:\d+)/(\w+)  \(", out, re.M)
+    assert [path for _, path in probes] == ["healthz", "readyz", "metrics"]
+    base = probes[0][0]
+    assert {url for url, _ in probes} == {base}
+    assert re.search(rf"^probes +\| GET {base}/readyz -> 200, ready=True$", out, re.M)
     assert re.search(r"^bot +\| tick 2 \(event loop\)$", out, re.M)
     # Both web apps answered the bot's requests, Flask from offloop's request threads.
     assert re.search(
@@ -83,13 +90,19 @@ def test_ctrl_c_stops_the_demo_cleanly() -> None:
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), name="test-reader")
     reader.start()
     seen: list[str] = []
+    probes: dict[str, str] = {}
     try:
         while True:
             line = lines.get(timeout=WAIT)
             assert line is not None, f"the demo ended before it was ready:\n{''.join(seen)}"
             seen.append(line)
+            printed = re.match(r"probes +\| (http://127\.0\.0\.1:\d+/(\w+))  \(", line)
+            if printed:
+                probes[printed.group(2)] = printed.group(1)
             if line.startswith("bot") and "tick 1" in line:  # ready, and ticking
                 break
+        # The URLs the demo printed answer, from outside the process.
+        answers = {path: _fetch(url) for path, url in probes.items()}
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=STOP_BOUND)
     except BaseException:
@@ -107,9 +120,21 @@ def test_ctrl_c_stops_the_demo_cleanly() -> None:
         seen.append(line)
     out = "".join(seen)
     assert code == 0, f"{out}\n{stderr}"
+    assert set(answers) == {"healthz", "readyz", "metrics"}, out
+    assert answers["healthz"][0] == 200
+    assert '"live": true' in answers["healthz"][1]
+    assert answers["readyz"][0] == 200
+    assert '"ready": true' in answers["readyz"][1]
+    assert answers["metrics"][0] == 200
+    assert "offloop_service_state{" in answers["metrics"][1]
     assert "received SIGINT, stopping gracefully" in stderr
     assert "stopped cleanly" in out
     assert "abandoned" not in stderr
+
+
+def _fetch(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=WAIT) as resp:
+        return resp.status, resp.read().decode()
 
 
 def test_a_missing_program_is_a_clear_error(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 A chat-bot coroutine, a Flask app served through :class:`~offloop.WSGIService`,
 an aiohttp app, a :class:`~offloop.WatchService` on a temporary folder and a
 periodic job (the ``while True`` loop, as ``@sv.every``), all under one
-:class:`~offloop.Supervisor`. Ctrl-C stops it within a second; ``--seconds N``
-stops it by itself.
+:class:`~offloop.Supervisor`, which serves its probes (``/healthz``,
+``/readyz``, ``/metrics``) on a free port. Ctrl-C stops it within a second;
+``--seconds N`` stops it by itself.
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ def register(subparsers: Any) -> None:
     """Add the ``demo`` subcommand."""
     parser = subparsers.add_parser(
         "demo",
-        help="run the demo program: a bot, Flask, aiohttp, a file watcher and a periodic job",
+        help=(
+            "run the demo program: a bot, Flask, aiohttp, a file watcher, a periodic job "
+            "and the probes"
+        ),
         # The docstring's reST quotes read as noise in a terminal.
         description=__doc__.splitlines()[0].replace("``", "") if __doc__ else None,
     )

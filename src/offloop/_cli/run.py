@@ -3,8 +3,8 @@
 In a terminal it shows a live table of the services (with the ``[rich]``
 extra); otherwise, or with ``--plain``, the supervisor's log lines.
 ``--status-port N`` serves the probes on 127.0.0.1 (``/status``,
-``/healthz``, ``/readyz``, ``/metrics``) with the supervisor layer's
-:mod:`offloop._supervisor.statusserver`.
+``/healthz``, ``/readyz``, ``/metrics``): it sets the supervisor's own
+``status_port`` (:mod:`offloop._supervisor.probes`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from .._core.errors import ServiceFailed
+from .._core.errors import ServiceFailed, StatusPortError
 from .._core.validate import describe
 from .._supervisor.logs import LogFormat, make_handler
 from .._supervisor.signals import run_with_signals
 from .._supervisor.status import ServiceState
-from .._supervisor.statusserver import start_status_server
 from .._supervisor.supervisor import Supervisor
 
 __all__ = ["load_supervisor", "register", "render_table"]
@@ -330,7 +329,6 @@ def _show_cursor_now() -> Callable[[], None]:
 async def _serve(
     sv: Supervisor, status_port: int | None, console: Any, block_threshold: float | None
 ) -> None:
-    server = None
     detector = None
     # A supervisor built with detect_blocking=... already watches its own loop.
     if block_threshold is not None and sv._block_threshold is None:
@@ -340,17 +338,13 @@ async def _serve(
         detector = BlockingDetector(
             threshold=block_threshold, on_block=sv._health.record_block
         ).start()
+    # The supervisor serves the probes itself (before its first service
+    # starts): --status-port only says where, over a status_port in the code.
     if status_port is not None:
-        try:
-            server = await start_status_server(sv, status_port)
-        except OSError as exc:
-            raise UsageError(
-                f"cannot serve the status on 127.0.0.1:{status_port} ({exc.strerror or exc}); "
-                f"pick another --status-port, or 0 for any free port."
-            ) from exc
-        print(
-            f"offloop: status on http://127.0.0.1:{server.port}/status", file=sys.stderr, flush=True
-        )
+        sv._probes.port = status_port
+    sv._probes.on_bound = lambda url: print(
+        f"offloop: status on {url}/status", file=sys.stderr, flush=True
+    )
     live = None
     if console is not None:
         from rich.live import Live
@@ -363,13 +357,19 @@ async def _serve(
         live.start()
     try:
         await sv.serve()
+    except StatusPortError as exc:
+        cause = exc.__cause__
+        reason = getattr(cause, "strerror", None) or cause
+        flag = "--status-port" if status_port is not None else "status_port in the code"
+        raise UsageError(
+            f"cannot serve the status on {exc.host}:{exc.port} ({reason}); "
+            f"pick another {flag}, or 0 for any free port."
+        ) from exc
     finally:
         if detector is not None:
             detector.stop()
         if live is not None:
             live.stop()
-        if server is not None:
-            await server.aclose()
 
 
 # -- live table ----------------------------------------------------------------------------

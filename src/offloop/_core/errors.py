@@ -10,6 +10,7 @@ code that already catches ``RuntimeError`` or ``ImportError`` keeps working::
     ├── WorkerCrashed(RuntimeError)        the process running a call died
     ├── NotPicklableError(TypeError)       a call's function, argument or result won't pickle
     ├── ServiceFailed(RuntimeError)        a supervised service failed beyond its restart policy
+    ├── StatusPortError(OSError)           a supervisor cannot listen on its status_port
     ├── LoopBlockedError(AssertionError)   the pytest plugin saw the loop block
     └── MissingExtraError(ImportError)     an optional integration is not installed
 """
@@ -24,6 +25,7 @@ __all__ = [
     "OffloopError",
     "PoolClosedError",
     "ServiceFailed",
+    "StatusPortError",
     "WorkerCrashed",
     "WouldDeadlockError",
 ]
@@ -87,6 +89,20 @@ class ServiceFailed(OffloopError, RuntimeError):
     def __init__(self, message: str, *, service: str):
         super().__init__(message)
         self.service = service
+
+
+class StatusPortError(OffloopError, OSError):
+    """Raised when a supervisor cannot listen on its ``status_port`` (in use, not allowed).
+
+    Nothing has started when it is raised. ``errno`` is the bind's (for
+    example ``errno.EADDRINUSE``); ``port`` and ``host`` say where it tried.
+    """
+
+    def __init__(self, message: str, *, errno: int | None, host: str, port: int):
+        super().__init__(message)
+        self.errno = errno
+        self.host = host
+        self.port = port
 
 
 class LoopBlockedError(OffloopError, AssertionError):

@@ -5,7 +5,9 @@ detector's last blocks; ``GET /healthz`` (liveness) returns 200 while the
 supervisor's loop responds within the liveness threshold; ``GET /readyz``
 (readiness) returns 200 while every service that has not finished is ready;
 ``GET /metrics`` gives the Prometheus text format (see :mod:`.metrics`).
-``offloop run --status-port`` serves it on the supervisor's loop.
+``Supervisor(status_port=...)`` (and so ``offloop run --status-port``) serves
+it on the supervisor's loop, from before the first service starts to after
+the last one stopped (:mod:`.probes`).
 
 Why a hand-written ``asyncio.Protocol`` on the supervisor's own loop, and not
 ``http.server`` in a thread, ``aiohttp``, or asyncio streams
@@ -49,12 +51,14 @@ import re
 import socket
 import string
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from .._core.validate import check_seconds
 from .metrics import CONTENT_TYPE, metrics_text
 from .status import ServiceState, SupervisorState
-from .supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
 
 __all__ = ["StatusServer", "start_status_server", "status_json"]
 
@@ -341,6 +345,7 @@ class StatusServer:
         self._open: set[_Connection] = set()
         self._all_gone: asyncio.Event | None = None
         self._state = _ServerState.NEW
+        self._host = "127.0.0.1"
 
     @property
     def port(self) -> int:
@@ -355,8 +360,8 @@ class StatusServer:
             raise RuntimeError(f"{self!r} has no port any more: it is {self._state.value}.")
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def start(self, port: int) -> StatusServer:
-        """Listen on 127.0.0.1:``port``; return the server.
+    async def start(self, port: int, *, host: str = "127.0.0.1") -> StatusServer:
+        """Listen on ``host``:``port`` (this machine only by default); return the server.
 
         Raises:
             OSError: the port cannot be bound.
@@ -369,9 +374,8 @@ class StatusServer:
                 f"Cannot start {self!r}: it has been closed. Create a new StatusServer."
             )
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._connection, "127.0.0.1", port, backlog=BACKLOG
-        )
+        self._host = host
+        self._server = await loop.create_server(self._connection, host, port, backlog=BACKLOG)
         self._state = _ServerState.SERVING
         return self
 
@@ -417,7 +421,7 @@ class StatusServer:
     def __repr__(self) -> str:
         where = ""
         if self._state is _ServerState.SERVING:
-            where = f" on 127.0.0.1:{self.port}"
+            where = f" on {self._host}:{self.port}"
         return (
             f"<StatusServer of {self._name!r} {self._state.value}{where}, "
             f"{len(self._open)} open connection(s)>"
@@ -425,15 +429,20 @@ class StatusServer:
 
 
 async def start_status_server(
-    sv: Supervisor, port: int, *, liveness_threshold: float = LIVENESS_THRESHOLD
+    sv: Supervisor,
+    port: int,
+    *,
+    liveness_threshold: float = LIVENESS_THRESHOLD,
+    host: str = "127.0.0.1",
 ) -> StatusServer:
-    """Serve the probes of ``sv`` on 127.0.0.1:``port``: status, healthz, readyz and metrics.
+    """Serve the probes of ``sv`` on ``host``:``port``: status, healthz, readyz and metrics.
 
     ``/healthz`` fails once the supervisor's loop has not responded for
     ``liveness_threshold`` seconds. Close it with :meth:`StatusServer.aclose`.
+    ``Supervisor(status_port=...)`` opens and closes one with the supervisor.
 
     Raises:
         OSError: the port cannot be bound.
         TypeError, ValueError: ``liveness_threshold`` is not a number of seconds > 0.
     """
-    return await StatusServer(sv, liveness_threshold=liveness_threshold).start(port)
+    return await StatusServer(sv, liveness_threshold=liveness_threshold).start(port, host=host)

@@ -25,6 +25,7 @@ from .embed import Embedding, HostLifecycle, OnFailure
 from .health import LoopHealth
 from .logs import LogFormat
 from .order import check_depends_on, check_oneshot, start_order
+from .probes import DEFAULT_HOST, Probes
 from .register import Registration
 from .status import ServiceState, ServiceStatus, SupervisorState
 from .supervised import SHUTDOWN_OVERRUN, Supervised
@@ -76,11 +77,21 @@ class Supervisor(HostLifecycle, Registration):
             else; without it, :meth:`start`'s default stops the host (see
             there). Under ``async with``, :meth:`serve` and :meth:`run` the
             failure is raised as well.
+        status_port: serve the probes (``/healthz``, ``/readyz``, ``/status``,
+            ``/metrics``) on this port while the supervisor runs, however it
+            is run: from before the first service starts to after the last
+            one stopped. 0 picks a free port (see :attr:`status_url`); None
+            (the default) serves none.
+        status_host: the address they listen on: ``"127.0.0.1"`` (this
+            machine only) by default; ``"0.0.0.0"`` for a probe from outside,
+            such as Kubernetes'.
 
     Raises:
         TypeError, ValueError: ``grace`` is not a finite number of seconds >= 0,
             ``detect_blocking`` is neither a bool nor a number of seconds
-            from 0.01 to 86400, or ``on_failure`` is not callable.
+            from 0.01 to 86400, ``on_failure`` is not callable,
+            ``status_port`` is not an int from 0 to 65535, or
+            ``status_host`` is not an IP address.
     """
 
     def __init__(
@@ -90,6 +101,8 @@ class Supervisor(HostLifecycle, Registration):
         name: str | None = None,
         detect_blocking: bool | float | None = None,
         on_failure: OnFailure | None = None,
+        status_port: int | None = None,
+        status_host: str = DEFAULT_HOST,
     ) -> None:
         # Finite: the signal watchdog waits grace plus a margin, and the
         # shutdown's deadline is computed from it.
@@ -108,6 +121,7 @@ class Supervisor(HostLifecycle, Registration):
             problem = threshold_out_of_range(self._block_threshold, "detect_blocking")
             if problem is not None:
                 raise ValueError(f"{problem}. Pass True for the default (0.1 s).")
+        self._probes = Probes(status_port, status_host)
         self._detector: BlockingDetector | None = None
         # The loop's lag and the detector's last blocks, for the probes and the status.
         self._health = LoopHealth()
@@ -177,6 +191,15 @@ class Supervisor(HostLifecycle, Registration):
         return self._detector
 
     @property
+    def status_url(self) -> str | None:
+        """The probes' base URL while served (``status_port``), e.g. ``http://127.0.0.1:8081``.
+
+        None before the supervisor has bound its port and once the shutdown
+        closed it; ``f"{sv.status_url}/readyz"`` is the readiness probe.
+        """
+        return self._probes.url
+
+    @property
     def services(self) -> dict[str, Service]:
         """The supervised services by name, in start order."""
         return {name: e.service for name, e in self._entries.items()}
@@ -204,6 +227,7 @@ class Supervisor(HostLifecycle, Registration):
             ServiceFailed: a service failed beyond its restart policy while
                 starting (the ones already started are stopped first).
             ValueError: a ``depends_on`` names no service, or they form a cycle.
+            StatusPortError: ``status_port`` cannot be bound (nothing started).
             RuntimeError: the supervisor was already entered or has run before.
         """
         if self._state is not _SV.NEW:
@@ -211,6 +235,12 @@ class Supervisor(HostLifecycle, Registration):
         # Before anything changes: an unknown name or a cycle leaves the supervisor new.
         order = start_order({n: e.depends_on for n, e in self._entries.items()})
         self._entries = {n: self._entries[n] for n in order}
+        # Before any service, so /healthz answers while they start; a port in
+        # use leaves the supervisor new, like a bad depends_on.
+        await self._probes.open(self)
+        if self.state is not _SV.NEW:  # aclose()d while binding (the property: mypy narrowed)
+            await self._probes.close()
+            raise RuntimeError(self._illegal_start("enter"))
         loop = asyncio.get_running_loop()
         self._loop, self._loop_thread = loop, threading.get_ident()
         self._host_task = asyncio.current_task()
@@ -219,9 +249,13 @@ class Supervisor(HostLifecycle, Registration):
 
             # Before the state changes: a detector that cannot start leaves the
             # supervisor as it was, so it can be fixed and entered again.
-            self._detector = BlockingDetector(
-                loop, threshold=self._block_threshold, on_block=self._health.record_block
-            ).start()
+            try:
+                self._detector = BlockingDetector(
+                    loop, threshold=self._block_threshold, on_block=self._health.record_block
+                ).start()
+            except BaseException:
+                await self._probes.close()
+                raise
         self._health.start(loop)
         self._shutdown_requested = loop.create_future()
         self._state = _SV.STARTING
@@ -298,6 +332,7 @@ class Supervisor(HostLifecycle, Registration):
 
         Raises:
             ServiceFailed: a service failed beyond its restart policy.
+            StatusPortError: ``status_port`` cannot be bound (nothing started).
             RuntimeError: the supervisor has already run.
         """
         if self._state is _SV.NEW:
@@ -339,6 +374,7 @@ class Supervisor(HostLifecycle, Registration):
 
         Raises:
             ServiceFailed: a service failed beyond its restart policy.
+            StatusPortError: ``status_port`` cannot be bound (nothing started).
             RuntimeError: called from a running event loop (use ``await
                 sv.serve()`` there), or the supervisor has already run.
             ValueError: ``log_format`` is neither ``"text"`` nor ``"json"``.
@@ -490,6 +526,7 @@ class Supervisor(HostLifecycle, Registration):
             # it wakes on the stop request, so the loop waits a moment at most.
             self._detector.stop()
         self._health.stop()
+        await self._probes.close()
         self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
         self._embed.changed()
         logger.info("%s: stopped", self.name)

@@ -33,7 +33,7 @@ from .health import LAG_BUCKETS
 from .status import ServiceState, SupervisorState
 
 if TYPE_CHECKING:
-    from .supervisor import Supervisor
+    from .view import SupervisorView
 
 __all__ = ["CONTENT_TYPE", "metrics_text"]
 
@@ -85,7 +85,7 @@ def _pools() -> list[tuple[str, str, dict[str, Any]]]:
     return found
 
 
-def metrics_text(sv: Supervisor) -> str:
+def metrics_text(sv: SupervisorView) -> str:
     """The metrics of ``sv``, its loop and this process's pools, in the text format."""
     sup = sv.name
     statuses = sv.status()

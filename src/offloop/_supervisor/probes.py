@@ -10,14 +10,15 @@ itself, every way of running one serves it: ``async with``, ``serve()``,
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import Final, Protocol, cast
+from typing import Final
 
 from .._core.errors import StatusPortError
 from .._core.validate import describe
+from .statusserver import StatusServer
+from .view import SupervisorView
 
 __all__ = ["Probes", "check_status_host", "check_status_port"]
 
@@ -72,31 +73,13 @@ def check_status_host(host: object) -> str:
     return host
 
 
-class _Server(Protocol):
-    """The part of ``statusserver.StatusServer`` used here."""
-
-    @property
-    def port(self) -> int: ...
-
-    async def start(self, port: int, *, host: str = ...) -> object: ...
-
-    async def aclose(self) -> None: ...
-
-
-#: The module of the status server. It reads a Supervisor (so does the
-#: metrics module it uses), so it sits above supervisor.py: loaded by name
-#: when a run starts, since importing it from here (imported by
-#: supervisor.py) would make the two modules depend on each other.
-_SERVER_MODULE: Final = "offloop._supervisor.statusserver"
-
-
 class Probes:
     """The probes a supervisor serves itself: where, and the server while it is open."""
 
     def __init__(self, port: object, host: object) -> None:
         self.port = check_status_port(port)
         self.host = check_status_host(host)
-        self.server: _Server | None = None
+        self.server: StatusServer | None = None
         self._url: str | None = None
         #: Called with the base URL once bound (``offloop run`` prints it).
         self.on_bound: Callable[[str], None] | None = None
@@ -106,7 +89,7 @@ class Probes:
         """The base URL while serving (``http://127.0.0.1:8081``), else None."""
         return self._url
 
-    async def open(self, sv: object) -> None:
+    async def open(self, sv: SupervisorView) -> None:
         """Listen, if a port was given; nothing has started yet.
 
         Raises:
@@ -116,8 +99,7 @@ class Probes:
             return
         if self.server is not None:
             raise RuntimeError(f"The probes of {sv!r} are already being served.")
-        factory = importlib.import_module(_SERVER_MODULE).StatusServer
-        server = cast(_Server, factory(sv))
+        server = StatusServer(sv)
         # Set first: a second start while this one binds is refused above.
         self.server = server
         try:

@@ -58,7 +58,7 @@ from .metrics import CONTENT_TYPE, metrics_text
 from .status import ServiceState, SupervisorState
 
 if TYPE_CHECKING:
-    from .supervisor import Supervisor
+    from .view import SupervisorView
 
 __all__ = ["StatusServer", "start_status_server", "status_json"]
 
@@ -113,7 +113,7 @@ _LIVE_STATES: Final = (SupervisorState.STARTING, SupervisorState.RUNNING)
 _READY_STATES: Final = (ServiceState.RUNNING, ServiceState.DONE)
 
 
-def status_json(sv: Supervisor) -> dict[str, Any]:
+def status_json(sv: SupervisorView) -> dict[str, Any]:
     """The supervisor's state, every service's status, the loop's lag and the last blocks."""
     return {
         "supervisor": sv.name,
@@ -124,7 +124,7 @@ def status_json(sv: Supervisor) -> dict[str, Any]:
     }
 
 
-def _healthz(sv: Supervisor, threshold: float) -> _Answer:
+def _healthz(sv: SupervisorView, threshold: float) -> _Answer:
     # Answered on the loop: a loop blocked right now answers nothing, and one
     # just back from a block longer than the threshold answers 503.
     stalled = sv._health.unresponsive_for()
@@ -138,7 +138,7 @@ def _healthz(sv: Supervisor, threshold: float) -> _Answer:
     return (200 if live else 503), body
 
 
-def _readyz(sv: Supervisor) -> _Answer:
+def _readyz(sv: SupervisorView) -> _Answer:
     not_ready = [n for n, st in sv.status().items() if st.state not in _READY_STATES]
     ready = sv.state is SupervisorState.RUNNING and not not_ready
     return (200 if ready else 503), {
@@ -332,7 +332,9 @@ class StatusServer:
     every connection in ``Server.wait_closed()``).
     """
 
-    def __init__(self, sv: Supervisor, *, liveness_threshold: float = LIVENESS_THRESHOLD) -> None:
+    def __init__(
+        self, sv: SupervisorView, *, liveness_threshold: float = LIVENESS_THRESHOLD
+    ) -> None:
         threshold = check_seconds(liveness_threshold, "liveness_threshold", positive=True)
         self._name = sv.name
         self._routes: dict[str, Callable[[], _Answer]] = {
@@ -429,7 +431,7 @@ class StatusServer:
 
 
 async def start_status_server(
-    sv: Supervisor,
+    sv: SupervisorView,
     port: int,
     *,
     liveness_threshold: float = LIVENESS_THRESHOLD,

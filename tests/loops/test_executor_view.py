@@ -68,6 +68,52 @@ async def test_cancelling_the_awaiter_sets_the_calls_stop_token() -> None:
         assert queued_ran == []
 
 
+async def test_the_worker_completes_the_future_without_the_loop() -> None:
+    # The worker that ends a call completes the view's future itself: a loop
+    # thread blocked on it (what a sync library on that thread may do) gets
+    # the outcome, and the future's callbacks run in the worker, as with a
+    # ThreadPoolExecutor.
+    async with offloop.ThreadPool(1, name="view-direct") as pool:
+        view = pool.executor()
+        gate = threading.Event()
+        callback_threads: list[str] = []
+        future = view.submit(gate.wait, WAIT)
+        future.add_done_callback(lambda f: callback_threads.append(threading.current_thread().name))
+        gate.set()
+        assert future.result(WAIT) is True  # on the loop's thread, the loop blocked
+        assert callback_threads == ["offloop-view-direct-1"]
+        with pytest.raises(ZeroDivisionError):
+            view.submit(operator.truediv, 1, 0).result(WAIT)
+        with pytest.raises(RuntimeError, match="StopIteration") as caught:
+            view.submit(next, iter(())).result(WAIT)
+        assert isinstance(caught.value.__cause__, StopIteration)
+        assert "open: 0 calls" in repr(view)
+        view.shutdown()
+
+
+async def test_cancelling_an_awaiter_whose_result_arrived_is_harmless() -> None:
+    # The result reaches the view's future while the awaiter is being
+    # cancelled: the cancel loses, and nothing is reported to the loop.
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        async with offloop.ThreadPool(1, name="view-race") as pool:
+            view = pool.executor()
+            future = view.submit(whoami, 1)
+            awaiter = asyncio.wrap_future(future)  # what run_in_executor returns
+            assert future.result(WAIT)[0] == 1  # delivered while the loop is blocked
+            assert not awaiter.cancel() or awaiter.cancelled()
+            assert not future.cancel()  # finished: a cancel() from its awaiter loses too
+            assert await pool.run(whoami, 2)  # a round trip: every callback above has run
+            assert reported == []
+            assert not future.cancelled()
+            assert "open: 0 calls" in repr(view)
+            view.shutdown()
+    finally:
+        loop.set_exception_handler(None)
+
+
 def test_plain_threads_submit_and_map_through_the_view() -> None:
     pool = offloop.ThreadPool(2, name="view-plain")
     try:
@@ -122,3 +168,5 @@ async def test_a_process_pool_as_the_default_executor() -> None:
         loop.set_default_executor(pool.executor())
         assert await asyncio.to_thread(pow, 2, 10) == 1024
         assert await loop.run_in_executor(None, operator.add, 2, 3) == 5
+        # Completed by the pool's own thread, not through the loop.
+        assert pool.executor().submit(pow, 2, 3).result(WAIT) == 8

@@ -12,7 +12,10 @@ view's own small loop thread, started on the first such call and stopped by
 ``shutdown()``. The future ``submit()`` returns stays PENDING until the call
 ends (as ``run_coroutine_threadsafe``'s does), so cancelling it works from
 any thread while the call runs: it cancels the pool's call (sets its stop
-token; a queued call never runs).
+token; a queued call never runs). The worker that ends a call completes the
+future itself (see ``OffloadFuture._sink``), as a ``ThreadPoolExecutor``'s
+worker does: one wake-up of the awaiting loop, and a loop thread that blocks
+on the future still gets its outcome.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from .offload import OffloadFuture
+from .offload import DeferredCancel, OffloadFuture, deliverable, loop_local
 
 __all__ = ["ExecutorPool", "PoolExecutorView"]
 
@@ -169,6 +172,25 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             self._forget(future)
             future.set_running_or_notify_cancel()  # see cancel_call
             return
+
+        def deliver(call: OffloadFuture[Any]) -> None:  # in the thread that ends the call
+            # The future is thread-safe: completing it here wakes its awaiter
+            # (run_in_executor's wrap_future) with one hop to the loop, as a
+            # ThreadPoolExecutor's worker does, and reaches a loop thread that
+            # blocks on it. It stays PENDING until now, so it ends exactly
+            # once: a set_*() that loses to a cancel() raises InvalidStateError.
+            self._forget(future)
+            error = call._error
+            with contextlib.suppress(cf.InvalidStateError):
+                if error is None:
+                    future.set_result(call._value)
+                elif type(error) is DeferredCancel:
+                    future.cancel()  # cancelled already: only the view cancels the call
+                else:
+                    future.set_exception(deliverable(call, error))
+
+        local = loop_local
+        local.sink = deliver  # the pool's run() gives it to the call it creates
         try:
             call = self._pool.run(fn, *args, **kwargs)
         except BaseException as exc:
@@ -178,29 +200,25 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            local.sink = None
         loop = call.get_loop()
 
         def cancel_call(done: cf.Future[Any]) -> None:  # any thread, once, as it is done
             if done.cancelled():
                 # Tell cf.wait() and as_completed() waiters: cancel() alone does not.
                 done.set_running_or_notify_cancel()
-                with contextlib.suppress(RuntimeError):  # a closed loop cancelled it already
-                    loop.call_soon_threadsafe(call.cancel)
-
-        def settle(call: OffloadFuture[Any]) -> None:  # on the loop
-            self._forget(future)
-            if call.cancelled():
-                future.cancel()  # PENDING until now, so this takes
-                return
-            if not future.set_running_or_notify_cancel():
-                return  # cancelled meanwhile: the call was cancelled too
-            if (error := call.exception()) is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(call.result())
+                if _get_running_loop() is loop:  # asyncio cancelled its awaiter: no hop
+                    call.cancel()
+                else:
+                    with contextlib.suppress(RuntimeError):  # a closed loop cancelled it already
+                        loop.call_soon_threadsafe(call.cancel)
+                # Settled: a queued call is never delivered, and a running one
+                # reaches deliver() only when its function returns. After the
+                # cancel is scheduled, which a driver loop then runs before it stops.
+                self._forget(done)
 
         future.add_done_callback(cancel_call)
-        call.add_done_callback(settle)
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._lock:

@@ -265,6 +265,7 @@ class ThreadPool(ThreadPoolLifecycle):
         call._channel = channel
         call._owner = self
         call._token = None
+        call._sink = loop_local.sink
         self._submit(call)
         return call
 

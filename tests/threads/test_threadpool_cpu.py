@@ -11,6 +11,7 @@ import asyncio
 import functools
 import gc
 import os
+import select
 import socket
 import threading
 import time
@@ -409,3 +410,31 @@ async def test_new_threads_are_started_by_a_worker_that_ends_a_call_not_by_the_l
     # calls; then every worker is blocked and, after a grace, the loop starts
     # one itself. But the other threads a worker started.
     assert starters[1:].count(loop_thread) < len(starters[1:]) / 2, starters
+
+
+async def test_a_module_c_function_found_waiting_takes_threads_at_once() -> None:
+    # select.select (a C function, no code object) blocks outside the CPU:
+    # once a call of it was found waiting, its next calls take a thread each
+    # as they are submitted, with no check of the pool needed (the loop is
+    # kept busy below, so none can run) and beyond the CPU slots.
+    pipes = [os.pipe() for _ in range(2)]
+    try:
+        async with offloop.ThreadPool(4, name="c-wait") as pool:
+            first: list[Any] = [
+                pool.run(select.select, [pipes[0][0]], [], [], WAIT) for _ in range(3)
+            ]
+            await await_until(
+                lambda: pool.statistics()["running"] == 3, what="the first calls to run"
+            )
+            os.write(pipes[0][1], b"x")
+            await asyncio.gather(*first)
+            second: list[Any] = [
+                pool.run(select.select, [pipes[1][0]], [], [], WAIT) for _ in range(3)
+            ]
+            wait_until(lambda: pool.statistics()["running"] == 3, what="all three at once")
+            os.write(pipes[1][1], b"x")
+            assert all(ready == [pipes[1][0]] for ready, _, _ in await asyncio.gather(*second))
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)

@@ -149,6 +149,7 @@ def test_error_hierarchy_has_one_base_and_builtin_meanings() -> None:
         offloop.ServiceFailed: RuntimeError,
         offloop.LoopBlockedError: AssertionError,
         offloop.MissingExtraError: ImportError,
+        offloop.StatusPortError: OSError,
     }
     for cls, builtin in pairs.items():
         assert issubclass(cls, offloop.OffloopError)

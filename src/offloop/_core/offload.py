@@ -28,8 +28,10 @@ __all__ = [
     "DeferredCancel",
     "OffloadFuture",
     "channel_for",
+    "deliverable",
     "loop_local",
     "new_call",
+    "release",
     "running_loop",
 ]
 
@@ -110,6 +112,13 @@ class Channel:
 
     def post(self, call: OffloadFuture[Any]) -> None:
         """Hand a finished call to the loop (called from worker threads)."""
+        sink = call._sink
+        if sink is not None:
+            # Its owner completes it here, in this thread, with no trip through
+            # the loop; the future itself stays pending (see OffloadFuture._sink).
+            sink(call)
+            release(call)
+            return
         self.pending.append(call)
         # drain() clears the flag before it pops, so a call appended while it
         # runs is either popped by it or triggers a new drain: never lost.
@@ -142,16 +151,25 @@ class Channel:
                     # A cancellation deferred until the function returned.
                     asyncio.Future.cancel(call, getattr(call, "_cancel_msg", None))
                 else:
-                    if isinstance(error, StopIteration):
-                        error = _stop_iteration(call, error)
-                    call.set_exception(error)
-            # Break the cycle exception -> traceback -> frame -> call early,
-            # and let go of what only the worker needed: a future kept after
-            # its call (in a list, by gather) must not keep its arguments and
-            # the caller's context alive. fn stays, for messages.
-            call._error = call._value = call._ctx = None
-            call._args = ()
-            call._kwargs = _NO_KWARGS
+                    call.set_exception(deliverable(call, error))
+            release(call)
+
+
+def deliverable(call: OffloadFuture[Any], error: BaseException) -> BaseException:
+    """The exception to deliver for a call that raised ``error`` (not a DeferredCancel)."""
+    if isinstance(error, StopIteration):
+        return _stop_iteration(call, error)
+    return error
+
+
+def release(call: OffloadFuture[Any]) -> None:
+    """Let go of what only the worker needed, once the outcome is delivered."""
+    # Break the cycle exception -> traceback -> frame -> call early, and
+    # drop the arguments and context: a future kept after its call (in a
+    # list, by gather) must not keep them alive. fn stays, for messages.
+    call._error = call._value = call._ctx = None
+    call._args = ()
+    call._kwargs = _NO_KWARGS
 
 
 #: What a finished call's keyword arguments become (never mutated).
@@ -171,6 +189,10 @@ def _stop_iteration(call: OffloadFuture[Any], error: StopIteration) -> RuntimeEr
 
 class _LoopLocal(threading.local):
     channel: Channel | None = None
+    # The _sink of the calls created in this thread meanwhile: set around a
+    # pool's run() by an owner that completes its calls itself, so that the
+    # sink is in place before a worker can end the call.
+    sink: Callable[[OffloadFuture[Any]], None] | None = None
 
 
 #: This thread's last channel; hot paths read it inline (see channel_for).
@@ -213,6 +235,7 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
         "_kwargs",
         "_owner",
         "_phase",
+        "_sink",
         "_token",
         "_value",
         "fn",
@@ -230,6 +253,14 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
     _channel: Channel
     _owner: CancelHandler
     _token: StopToken | None
+    # None, or a function that completes the call in the thread that ends
+    # it, in place of the Channel's delivery to the loop: for an owner that
+    # hands the outcome to a thread-safe future of its own (the Executor
+    # view's concurrent.futures.Future), where a trip through the loop would
+    # only be a second wake-up. The asyncio future then stays pending; it may
+    # still be cancelled (which cancels the call). Taken from
+    # ``loop_local.sink`` when the call is created.
+    _sink: Callable[[OffloadFuture[Any]], None] | None
     # Set only by a deferred cancel (on_cancel="wait"), so the hot path never
     # pays for it: read with getattr and a default.
     _cancel_msg: Any
@@ -320,6 +351,7 @@ def new_call(
     fut._channel = channel_for(loop)
     fut._owner = owner
     fut._token = None
+    fut._sink = loop_local.sink
     return fut
 
 

@@ -12,7 +12,10 @@ view's own small loop thread, started on the first such call and stopped by
 ``shutdown()``. The future ``submit()`` returns stays PENDING until the call
 ends (as ``run_coroutine_threadsafe``'s does), so cancelling it works from
 any thread while the call runs: it cancels the pool's call (sets its stop
-token; a queued call never runs).
+token; a queued call never runs). The worker that ends a call completes the
+future itself (see ``OffloadFuture._sink``), as a ``ThreadPoolExecutor``'s
+worker does: one wake-up of the awaiting loop, and a loop thread that blocks
+on the future still gets its outcome.
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ import contextlib
 import contextvars
 import functools
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from .errors import WouldDeadlockError
-from .offload import OffloadFuture
+from .offload import DeferredCancel, OffloadFuture, deliverable, loop_local
 from .validate import check_sync_callable
 
 __all__ = ["ExecutorPool", "PoolExecutorView"]
@@ -55,7 +57,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
     A ``ThreadPoolExecutor`` only because ``loop.set_default_executor()``
     takes nothing else (Python >= 3.11): ``submit()`` and ``shutdown()`` are
     its own, so the base class never starts a thread. ``map()`` is
-    ``Executor.map`` over ``submit()``, refused on a running loop's thread.
+    ``Executor.map`` over ``submit()``.
 
     Args:
         pool: the pool the calls run in.
@@ -80,8 +82,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         self._close_timeout = close_timeout
         self._lock = threading.Lock()
         self._shut = False
-        # Each call not settled yet, with the loop that settles it (None: the driver's).
-        self._outstanding: dict[cf.Future[Any], asyncio.AbstractEventLoop | None] = {}
+        self._outstanding: set[cf.Future[Any]] = set()
         self._driver: _Driver | None = None
 
     @property
@@ -115,16 +116,16 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         # before a plain thread's submit starts the view's loop thread.
         check_sync_callable(fn, f"{self._pool.name!r} executor's submit()", "offloop.to_loop()")
         future: cf.Future[Any] = cf.Future()
-        loop = _get_running_loop()
         with self._lock:
             shut = self._shut
             if not shut:
-                self._outstanding[future] = loop
+                self._outstanding.add(future)
         if shut:
             raise RuntimeError(
                 f"{self!r} is shut down and takes no new calls (cannot schedule new futures "
                 f"after shutdown). Make a new one with pool.executor()."
             )
+        loop = _get_running_loop()
         try:
             if loop is not None:
                 self._start(future, fn, args, kwargs)
@@ -135,29 +136,6 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             raise
         return future
 
-    def map(
-        self,
-        fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int = 1,
-    ) -> Iterator[Any]:
-        """``Executor.map`` over :meth:`submit`: ``fn`` on each item, results in order.
-
-        Raises:
-            WouldDeadlockError: called on the thread of a running event loop:
-                the calls would report to that loop, which iterating their
-                results blocks. Nothing is submitted then.
-        """
-        if _get_running_loop() is not None:
-            raise WouldDeadlockError(
-                f"{self!r}.map() was called on the thread of a running event loop: its calls "
-                f"report to that loop, and iterating their results would block it for good. "
-                f"In async code await each call instead, e.g. 'await asyncio.gather(*("
-                f"loop.run_in_executor(executor, fn, item) for item in items))'."
-            )
-        return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)
-
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new calls; with ``wait``, wait for the view's calls (up to ``close_timeout``).
 
@@ -165,31 +143,10 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         never runs, a running one gets its stop token set) instead of waiting
         for it. A view that owns its pool closes it afterwards. Calling it
         again is allowed.
-
-        Raises:
-            WouldDeadlockError: ``wait`` (without ``cancel_futures``) on the
-                thread of the running loop that calls still report to: that
-                loop must run to deliver them. Nothing is changed then.
         """
-        here = _get_running_loop()
         with self._lock:
-            refuse = (
-                wait
-                and not cancel_futures
-                and here is not None
-                and here in self._outstanding.values()
-            )
-            if not refuse:
-                self._shut = True
-                outstanding = list(self._outstanding)
-        if refuse:
-            raise WouldDeadlockError(
-                f"{self!r}.shutdown(wait=True) was called on the thread of the event loop its "
-                f"calls report to, which must run to deliver them: waiting here would never "
-                f"end. In async code call shutdown(wait=False) and await the calls' futures "
-                f"(asyncio.wrap_future), or leave it to loop.shutdown_default_executor(), "
-                f"which waits in a thread of its own."
-            )
+            self._shut = True
+            outstanding = list(self._outstanding)
         if cancel_futures:
             for future in outstanding:
                 future.cancel()
@@ -219,6 +176,25 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             self._forget(future)
             future.set_running_or_notify_cancel()  # see cancel_call
             return
+
+        def deliver(call: OffloadFuture[Any]) -> None:  # in the thread that ends the call
+            # The future is thread-safe: completing it here wakes its awaiter
+            # (run_in_executor's wrap_future) with one hop to the loop, as a
+            # ThreadPoolExecutor's worker does, and reaches a loop thread that
+            # blocks on it. It stays PENDING until now, so it ends exactly
+            # once: a set_*() that loses to a cancel() raises InvalidStateError.
+            self._forget(future)
+            error = call._error
+            with contextlib.suppress(cf.InvalidStateError):
+                if error is None:
+                    future.set_result(call._value)
+                elif type(error) is DeferredCancel:
+                    future.cancel()  # cancelled already: only the view cancels the call
+                else:
+                    future.set_exception(deliverable(call, error))
+
+        local = loop_local
+        local.sink = deliver  # the pool's run() gives it to the call it creates
         try:
             call = self._pool.run(fn, *args, **kwargs)
         except BaseException as exc:
@@ -228,37 +204,29 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            local.sink = None
         loop = call.get_loop()
 
         def cancel_call(done: cf.Future[Any]) -> None:  # any thread, once, as it is done
             if done.cancelled():
                 # Tell cf.wait() and as_completed() waiters: cancel() alone does not.
                 done.set_running_or_notify_cancel()
-                with contextlib.suppress(RuntimeError):  # a closed loop cancelled it already
-                    loop.call_soon_threadsafe(call.cancel)
-
-        def settle(call: OffloadFuture[Any]) -> None:  # on the loop
-            self._forget(future)
-            if call.cancelled():
-                future.cancel()  # PENDING until now, so this takes
-                return
-            # Set straight from PENDING, under the future's lock: a cancel()
-            # from any thread either comes first (then this is refused, and
-            # cancel_call has notified the waiters) or finds it finished.
-            # set_running_or_notify_cancel() here would meet a future
-            # cancel_call had already notified, and raise.
-            with contextlib.suppress(cf.InvalidStateError):
-                if (error := call.exception()) is not None:
-                    future.set_exception(error)
+                if _get_running_loop() is loop:  # asyncio cancelled its awaiter: no hop
+                    call.cancel()
                 else:
-                    future.set_result(call.result())
+                    with contextlib.suppress(RuntimeError):  # a closed loop cancelled it already
+                        loop.call_soon_threadsafe(call.cancel)
+                # Settled: a queued call is never delivered, and a running one
+                # reaches deliver() only when its function returns. After the
+                # cancel is scheduled, which a driver loop then runs before it stops.
+                self._forget(done)
 
         future.add_done_callback(cancel_call)
-        call.add_done_callback(settle)
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._lock:
-            self._outstanding.pop(future, None)
+            self._outstanding.discard(future)
             idle = self._shut and not self._outstanding
         if idle:
             self._stop_driver_if_idle()

@@ -265,6 +265,7 @@ class ThreadPool(ThreadPoolLifecycle):
         call._channel = channel
         call._owner = self
         call._token = None
+        call._sink = loop_local.sink
         self._submit(call)
         return call
 
@@ -563,7 +564,9 @@ class ThreadPool(ThreadPoolLifecycle):
                 if worker.waiting:
                     worker.waiting = False
                     self._waiting -= 1
-                    if worker.judged and worker.seen == worker.started:
+                    if (worker.judged and worker.seen == worker.started) or (
+                        worker.in_io and worker.io_read >= worker.started
+                    ):
                         # Measured waiting when it ended: its function's
                         # next calls take a thread without a slot.
                         self._waits.remember(call, True)

@@ -30,6 +30,7 @@ import contextlib
 import os
 import sys
 import threading
+from types import BuiltinFunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
@@ -185,7 +186,11 @@ class Worker:
         if self.call is None:
             return False
         if now - self.started < period:
-            return self.waiting  # as presumed when it started (see WaitMemory)
+            # As presumed when it started (see WaitMemory), unless its thread
+            # sleeps in I/O or a timer now: then it surely holds no CPU (a GIL
+            # wait is a futex wait), and a burst of short blocking calls need
+            # not wait for the judging window of each to take more threads.
+            return self.waiting or self.sleeps_outside_futex(now)
         if self.seen == self.started and now - self.last < JUDGE_AFTER:
             # Each reading is a system call that gives the GIL away, and
             # taking it back under contention can cost the loop a switch
@@ -241,13 +246,23 @@ class WaitMemory(dict[object, bool]):
 
     def waits(self, fn: object) -> bool:
         """Whether ``fn``'s last measured call waited."""
-        return self.get(getattr(fn, "__code__", None), False)
+        return self.get(_key(fn), False)
 
     def remember(self, call: OffloadFuture[Any] | None, waiting: bool) -> None:
         """Remember how ``call``'s function behaved (plain functions and methods)."""
-        code = getattr(call.fn, "__code__", None) if call is not None else None
+        code = _key(call.fn) if call is not None else None
         if code is None:
             return
         if len(self) >= MAX_REMEMBERED and code not in self:
             self.clear()  # a bound, not a cache policy: rarely reached
         self[code] = waiting
+
+
+def _key(fn: object) -> object:
+    # Plain functions and methods by code object; a C function of a module
+    # (time.sleep, select.select) by itself: it lives as long as its module,
+    # whereas a bound C method would keep its object (a socket) alive here.
+    code = getattr(fn, "__code__", None)
+    if code is None and type(fn) is BuiltinFunctionType and type(fn.__self__) is ModuleType:
+        return fn
+    return code

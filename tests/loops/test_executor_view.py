@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import offloop
-from tests.helpers import WAIT, await_until, in_plain_thread
+from tests.helpers import WAIT, await_until, in_plain_thread, wait_until
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
@@ -193,3 +193,39 @@ def test_submit_refuses_what_cannot_run_in_a_worker_before_anything_starts() -> 
         executor.shutdown()
     finally:
         pool.close()
+
+
+def test_closing_the_pool_ends_the_loop_thread_of_a_view_never_shut_down() -> None:
+    pool = offloop.ThreadPool(1, name="view-left-open")
+    executor = pool.executor()
+    # From a plain thread: the view drives its calls from a loop thread of its own.
+    assert executor.submit(abs, -3).result(WAIT) == 3
+    assert [t for t in threading.enumerate() if t.name == "offloop-view-left-open-executor"]
+    pool.close()
+    wait_until(
+        lambda: (
+            not [t for t in threading.enumerate() if t.name == "offloop-view-left-open-executor"]
+        ),
+        what="the view's loop thread to end with its pool",
+    )
+    with pytest.raises(RuntimeError, match="shut down"):
+        executor.submit(abs, -1)
+
+
+@pytest.mark.allow_leaks  # the stuck thread is abandoned on purpose, then released
+def test_a_call_abandoned_by_a_bounded_close_fails_the_view_s_future_at_once() -> None:
+    pool = offloop.ThreadPool(1, name="view-abandoned")
+    release = threading.Event()
+    executor = pool.executor()
+    future = executor.submit(release.wait, WAIT)
+    try:
+        wait_until(lambda: pool.statistics()["running"] == 1, what="the call to start")
+        pool.close(timeout=0.01)
+        with pytest.raises(offloop.PoolClosedError, match="the call was abandoned"):
+            future.result(WAIT)
+    finally:
+        release.set()
+    wait_until(
+        lambda: not [t for t in threading.enumerate() if "view-abandoned" in t.name],
+        what="the pool's and the view's threads to end",
+    )

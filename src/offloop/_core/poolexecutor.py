@@ -26,13 +26,14 @@ import contextlib
 import contextvars
 import functools
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from .offload import DeferredCancel, OffloadFuture, deliverable, loop_local
 from .validate import check_sync_callable
 
-__all__ = ["ExecutorPool", "PoolExecutorView"]
+__all__ = ["ExecutorPool", "PoolExecutorView", "shut_views_of"]
 
 _get_running_loop: Final = asyncio._get_running_loop
 
@@ -84,6 +85,8 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         self._shut = False
         self._outstanding: set[cf.Future[Any]] = set()
         self._driver: _Driver | None = None
+        with _views_lock:
+            _views.setdefault(pool, weakref.WeakSet()).add(self)
 
     @property
     def pool(self) -> ExecutorPool:
@@ -155,6 +158,12 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         self._stop_driver_if_idle()
         if self._owns_pool:
             self._pool.close(timeout=self._close_timeout)
+
+    def _pool_closing(self) -> None:
+        # Its pool closes: no new calls, and the loop thread ends once idle.
+        with self._lock:
+            self._shut = True
+        self._stop_driver_if_idle()
 
     def __repr__(self) -> str:
         with self._lock:
@@ -245,6 +254,26 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             driver, self._driver = self._driver, None
         if driver is not None:
             driver.stop()
+
+
+#: The views of each pool, so that closing a pool ends their loop threads
+#: (a view the user never shut down must not outlive its pool's close).
+_views: Final[weakref.WeakKeyDictionary[object, weakref.WeakSet[PoolExecutorView]]] = (
+    weakref.WeakKeyDictionary()
+)
+_views_lock: Final = threading.Lock()
+
+
+def shut_views_of(pool: object) -> None:
+    """Shut down (without waiting) every Executor view of ``pool``: called as it closes.
+
+    A view's loop thread for plain-thread submits then ends once the calls it
+    drives are settled, which the closing pool sees to.
+    """
+    with _views_lock:
+        views = list(_views.pop(pool, ()))
+    for view in views:
+        view._pool_closing()
 
 
 class _Driver:

@@ -44,7 +44,7 @@ from .._core.poolbase import (
     complete_waiter,
     refuse_blocking_close,
 )
-from .._core.poolexecutor import PoolExecutorView
+from .._core.poolexecutor import PoolExecutorView, shut_views_of
 from .._core.validate import (
     check_bool,
     check_close_timeout,
@@ -303,7 +303,8 @@ class ProcessPool(WorkerSet, PoolContext):
 
         Usable with ``loop.set_default_executor()`` (then ``asyncio.to_thread``
         sends its functions here: they must pickle) and by libraries taking
-        ``executor=``. ``shutdown()`` leaves the pool open: close it yourself.
+        ``executor=``. ``shutdown()`` leaves the pool open: close it yourself
+        (which shuts its views down too).
         """
         return PoolExecutorView(self)
 
@@ -445,6 +446,7 @@ class ProcessPool(WorkerSet, PoolContext):
                     os.write(fds[1], b"\0")
 
     def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
+        shut_views_of(self)  # their loop threads end with the pool
         stopping: list[ProcessWorker] = []
         skipped: list[ProcessCall] = []
         running: list[ProcessCall] = []

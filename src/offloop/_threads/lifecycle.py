@@ -16,7 +16,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from .._core.errors import PoolClosedError, WouldDeadlockError
 from .._core.offload import (
@@ -35,6 +35,7 @@ from .._core.poolbase import (
     complete_waiter,
     refuse_blocking_close,
 )
+from .._core.poolexecutor import shut_views_of
 from .._core.validate import check_close_timeout, check_positive_int, describe
 from .workers import DEFAULT_CPU_SLOTS, Worker
 
@@ -367,6 +368,13 @@ class ThreadPoolLifecycle(PoolContext):
                 f"(its thread runs on, and its result will reach nobody). Give the close a "
                 f"longer timeout, or have the function poll offloop.current_token()."
             )
+            sink = call._sink
+            if sink is not None:
+                # Its owner completes a future of its own (the Executor view's)
+                # from what the call holds; the worker still writes to the call,
+                # so the owner is given a record with the error instead.
+                sink(cast("OffloadFuture[Any]", _Abandoned(call.fn, error)))
+                continue
             # A closed loop means nobody awaits the call any more.
             with contextlib.suppress(RuntimeError):
                 call.loop.call_soon_threadsafe(_fail_if_pending, call, error)
@@ -384,6 +392,7 @@ class ThreadPoolLifecycle(PoolContext):
             )
 
     def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
+        shut_views_of(self)  # their loop threads end with the pool
         running: list[OffloadFuture[Any]] = []
         skipped: list[OffloadFuture[Any]] = []
         with self._lock:
@@ -506,3 +515,14 @@ def _fail_if_pending(call: OffloadFuture[Any], error: BaseException) -> None:
     # On the call's loop: the call may have ended (and been delivered) meanwhile.
     if not call.done():
         call.set_exception(error)
+
+
+class _Abandoned:
+    """What a call's sink reads of an abandoned call: its function and the error to deliver."""
+
+    __slots__ = ("_error", "_value", "fn")
+
+    def __init__(self, fn: Any, error: BaseException) -> None:
+        self.fn = fn
+        self._error: BaseException | None = error
+        self._value: Any = None

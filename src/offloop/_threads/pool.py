@@ -305,7 +305,8 @@ class ThreadPool(ThreadPoolLifecycle):
         and ``run_in_executor(None, ...)`` (in third-party code too) go
         through this pool, under its ``max_workers``; cancelling their
         awaiter sets the call's stop token. ``shutdown()`` waits for the
-        view's calls and leaves the pool open: close the pool yourself.
+        view's calls and leaves the pool open: close the pool yourself (which
+        shuts its views down too).
         """
         return PoolExecutorView(self)
 

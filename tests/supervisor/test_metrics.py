@@ -98,6 +98,8 @@ async def test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site() 
         if s.name == "offloop_pool_call_seconds_bucket" and s.labels["pool"] == "metrics-pool"
     ] == [*(str(b) for b in CALL_BUCKETS), "+Inf"]
     assert _value(durations, "offloop_pool_call_seconds_sum", **pool_labels) > 0
+    # Every open pool has one, the default ones included.
+    assert {s.labels["kind"] for s in durations} <= {"thread", "process"}
 
     lag = fams["offloop_loop_lag_seconds"]
     buckets = [s for s in lag if s.name == "offloop_loop_lag_seconds_bucket"]

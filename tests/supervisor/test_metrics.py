@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from offloop import Supervisor, ThreadPool
+from offloop._core.latency import CALL_BUCKETS
 from offloop._supervisor.health import LAG_BUCKETS, TICK
 from offloop._supervisor.metrics import metrics_text
 from offloop._supervisor.statusserver import start_status_server
@@ -88,6 +89,17 @@ async def test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site() 
     assert _value(fams["offloop_pool_queued"], **pool_labels) == 0
     assert _value(fams["offloop_pool_running"], **pool_labels) == 0
     assert _value(fams["offloop_pool_workers"], **pool_labels) == 2
+    durations = fams["offloop_pool_call_seconds"]
+    assert _value(durations, "offloop_pool_call_seconds_count", **pool_labels) == 3
+    assert _value(durations, "offloop_pool_call_seconds_bucket", le="+Inf", **pool_labels) == 3
+    assert [
+        s.labels["le"]
+        for s in durations
+        if s.name == "offloop_pool_call_seconds_bucket" and s.labels["pool"] == "metrics-pool"
+    ] == [*(str(b) for b in CALL_BUCKETS), "+Inf"]
+    assert _value(durations, "offloop_pool_call_seconds_sum", **pool_labels) > 0
+    # Every open pool has one, the default ones included.
+    assert {s.labels["kind"] for s in durations} <= {"thread", "process"}
 
     lag = fams["offloop_loop_lag_seconds"]
     buckets = [s for s in lag if s.name == "offloop_loop_lag_seconds_bucket"]

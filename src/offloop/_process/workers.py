@@ -19,7 +19,9 @@ import os
 import selectors
 import signal
 import threading
+import time
 import weakref
+from bisect import bisect_left
 from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -27,6 +29,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from .._core.errors import PoolClosedError, WorkerCrashed
+from .._core.latency import CALL_BUCKETS, CallHistogram, histogram_snapshot, new_counts
 from .._core.offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
 from .._core.poolbase import CallCounters, PoolState, complete_waiter
 from .._core.validate import describe
@@ -62,6 +65,7 @@ class ProcessWorker:
     """One worker process, its pipe, and the call it runs (guarded by the pool's lock)."""
 
     __slots__ = (
+        "assigned",
         "call",
         "conn",
         "dead",
@@ -89,6 +93,7 @@ class ProcessWorker:
         # Calls given to it, and (shared memory the worker writes) calls it
         # took from its pipe: a call it never took did not start.
         self.sent = 0
+        self.assigned = 0.0  # monotonic, when it was handed its current call
         self.received: Any = None
 
 
@@ -137,6 +142,9 @@ class WorkerSet:
         self._failed = 0
         self._cancelled = 0
         self._crashed = 0
+        # Times from handing a call to a worker to its reply (see call_durations).
+        self._call_counts = new_counts()
+        self._call_seconds = 0.0
         # Set once close()/aclose() timed out and killed the workers.
         self._killed_all = False
 
@@ -162,6 +170,17 @@ class WorkerSet:
         self._queued = self._running = self._abandoned = 0
         self._state = PoolState.CLOSED
 
+    def call_durations(self) -> CallHistogram:
+        """A histogram of how long calls took from being handed to a worker to its reply.
+
+        Includes pickling both ways and the start of a worker process started
+        for the call; not the time queued. Same shape as
+        :meth:`ThreadPool.call_durations`; completed and failed calls alike.
+        """
+        with self._lock:
+            counts, total = list(self._call_counts), self._call_seconds
+        return histogram_snapshot(counts, total)
+
     def _describe(self) -> str:
         abandoned = f" ({self._abandoned} abandoned)" if self._abandoned else ""
         crashed = f", {self._crashed} crashed" if self._crashed else ""
@@ -175,6 +194,7 @@ class WorkerSet:
 
     def _assign(self, worker: ProcessWorker, call: ProcessCall) -> None:
         worker.call = call
+        worker.assigned = time.monotonic()
         worker.sent += 1
         call._worker = worker
         call._phase = RUNNING
@@ -339,6 +359,10 @@ class WorkerSet:
             self._completed += 1
         else:
             self._failed += 1
+        if count:
+            ran = time.monotonic() - worker.assigned
+            self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
+            self._call_seconds += ran
         call._phase = DONE
 
     def _on_reply(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:

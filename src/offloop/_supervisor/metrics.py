@@ -17,6 +17,8 @@ Families:
 - per pool (``pool``, ``kind`` = ``thread`` or ``process``):
   ``offloop_pool_workers``, ``offloop_pool_queued``, ``offloop_pool_running``
   (gauges) and ``offloop_pool_calls_total{outcome=completed|failed|cancelled}``;
+- ``offloop_pool_call_seconds{pool,kind}``: per pool, a histogram of how long
+  calls ran in their worker (``call_durations()`` of each pool);
 - ``offloop_loop_lag_seconds``: a histogram of how late the supervisor's loop
   ran its timer (see :mod:`.health`);
 - ``offloop_detector_blocks_total`` and ``offloop_detector_blocked_seconds_total``
@@ -85,6 +87,25 @@ def _pools() -> list[tuple[str, str, dict[str, Any]]]:
     return found
 
 
+def _call_histograms() -> Iterator[str]:
+    """The samples of ``offloop_pool_call_seconds``, one histogram per open pool."""
+    from .._process import pool as process_pool
+    from .._threads import pool as thread_pool
+
+    pools: list[tuple[str, Any]] = [("thread", p) for p in list(thread_pool._pools)]
+    pools += [("process", p) for p in list(process_pool._pools)]
+    for kind, p in pools:
+        if p.statistics()["state"] == "closed":
+            continue
+        hist = p.call_durations()
+        labels = {"pool": p.name, "kind": kind}
+        for bound, cumulative in hist["buckets"]:
+            le = "+Inf" if math.isinf(bound) else repr(bound)
+            yield _sample("offloop_pool_call_seconds_bucket", {**labels, "le": le}, cumulative)
+        yield _sample("offloop_pool_call_seconds_sum", labels, hist["sum"])
+        yield _sample("offloop_pool_call_seconds_count", labels, hist["count"])
+
+
 def metrics_text(sv: SupervisorView) -> str:
     """The metrics of ``sv``, its loop and this process's pools, in the text format."""
     sup = sv.name
@@ -145,6 +166,12 @@ def metrics_text(sv: SupervisorView) -> str:
             for p, k, stats in pools
             for o in ("completed", "failed", "cancelled")
         ),
+    )
+    lines += _family(
+        "offloop_pool_call_seconds",
+        "histogram",
+        "How long each pool's calls ran in their worker (queueing excluded).",
+        _call_histograms(),
     )
     counts, total = sv._health.histogram()
     cumulative = 0

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any, Final, cast
 
 from .._core.errors import PoolClosedError, WouldDeadlockError
+from .._core.latency import CallHistogram, histogram_snapshot
 from .._core.offload import (
     ABANDONED,
     CANCELLING,
@@ -69,6 +70,8 @@ class ThreadPoolLifecycle(PoolContext):
     _leaving: list[threading.Thread]
     _closed_waiters: list[asyncio.Future[None] | threading.Event]
     _armed: set[Channel]
+    _call_counts: list[int]
+    _call_seconds: float
     _idle: int
     _backlog: int
     _queued: int
@@ -182,6 +185,21 @@ class ThreadPoolLifecycle(PoolContext):
                 "failed": self._failed,
                 "cancelled": self._cancelled,
             }
+
+    def call_durations(self) -> CallHistogram:
+        """A histogram of how long the pool's calls ran in their worker thread.
+
+        From the moment a thread took a call to the moment the function
+        returned or raised (time spent queued is not included; see
+        ``statistics()["queued"]`` for the backlog). Cumulative counts per
+        upper bound in seconds (:data:`~offloop._core.latency.CALL_BUCKETS`,
+        then ``inf``), Prometheus-style, with the ``sum`` and ``count`` of
+        every call that ended, completed or failed.
+        """
+        with self._lock:
+            counts = list(self._call_counts)
+            total = self._call_seconds
+        return histogram_snapshot(counts, total)
 
     def __repr__(self) -> str:
         with self._lock:

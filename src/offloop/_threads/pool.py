@@ -53,6 +53,7 @@ import logging
 import queue
 import threading
 import weakref
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
 from time import monotonic
@@ -60,6 +61,7 @@ from types import CoroutineType, FunctionType
 from typing import Any, Final, Literal, ParamSpec, TypeVar, final
 
 from .._core.errors import PoolClosedError
+from .._core.latency import CALL_BUCKETS, new_counts
 from .._core.offload import (
     ABANDONED,
     CANCELLING,
@@ -215,6 +217,10 @@ class ThreadPool(ThreadPoolLifecycle):
         self._completed = 0
         self._failed = 0
         self._cancelled = 0
+        # Run times of the calls that ended, under _lock: per-bucket counts
+        # (CALL_BUCKETS, then +Inf) and their sum in seconds.
+        self._call_counts = new_counts()
+        self._call_seconds = 0.0
         # The result channels (one per loop) of the loops with a rebalancing
         # check armed. Each loop whose calls wait in _pending arms its own, so
         # a loop that stopped or blocks cannot keep the pool from dispatching
@@ -577,6 +583,11 @@ class ThreadPool(ThreadPoolLifecycle):
                     self._completed += 1
                 else:
                     self._failed += 1
+                # Run time: worker.started was stamped when this thread took
+                # the call, so one clock read and a bisect is the whole cost.
+                ran = monotonic() - worker.started
+                self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
+                self._call_seconds += ran
                 if call._phase is CANCELLING:
                     call._error = DeferredCancel()  # delivered as the cancellation
                 call._phase = DONE

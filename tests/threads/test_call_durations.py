@@ -1,0 +1,64 @@
+"""ThreadPool.call_durations(): real calls through a real pool fill the run-time histogram."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from offloop import ThreadPool
+from offloop._core.latency import CALL_BUCKETS
+from tests.helpers import WAIT, bounded
+
+
+def _fails() -> None:
+    raise ValueError("boom")
+
+
+@bounded(10)
+async def test_every_ended_call_is_counted_once_and_the_buckets_are_cumulative() -> None:
+    async with ThreadPool(max_workers=4, name="durations") as pool:
+        empty = pool.call_durations()
+        assert empty["count"] == 0
+        assert empty["sum"] == 0
+        assert [b for b, _ in empty["buckets"]] == [*CALL_BUCKETS, float("inf")]
+        results = await asyncio.gather(*(pool.run(abs, -i) for i in range(50)))
+        assert results == list(range(50))
+        with pytest.raises(ValueError, match="boom"):
+            await pool.run(_fails)
+        hist = pool.call_durations()
+    assert hist["count"] == 51  # completed and failed calls alike
+    counts = [c for _, c in hist["buckets"]]
+    assert counts == sorted(counts)
+    assert counts[-1] == hist["count"]
+    assert hist["sum"] > 0
+
+
+@bounded(10)
+async def test_a_call_held_past_a_bound_lands_above_that_bucket() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def held() -> str:
+        started.set()
+        if not release.wait(WAIT):
+            raise TimeoutError("the test never released the call")
+        return "done"
+
+    async with ThreadPool(max_workers=1, name="held") as pool:
+        assert await pool.run(abs, -1) == 1  # a quick one, for contrast
+        call = pool.run(held)
+        await asyncio.to_thread(started.wait, WAIT)
+        assert started.is_set()
+        # The worker stamped the call before it set started: whatever the
+        # scheduling, the call has now run at least this long.
+        await asyncio.sleep(0.07)
+        release.set()
+        assert await call == "done"
+        hist = pool.call_durations()
+    by_bound = dict(hist["buckets"])
+    assert hist["count"] == 2
+    assert by_bound[0.05] <= 1  # the held call is not at or under 50 ms
+    assert by_bound[float("inf")] == 2
+    assert hist["sum"] >= 0.05

@@ -47,9 +47,15 @@ docs: $(STAMP_DEV)
 # `coverage run`, not pytest-cov: the `offloop.pytest_plugin` entry point imports
 # offloop while pytest loads its plugins, before pytest-cov would start, so every
 # module's top level would count as never run.
+#
+# Two workers (pytest-xdist): most tests wait on servers, child processes and
+# events rather than compute, so two halve the suite's time even on two cores.
+# A file run by hand (pytest tests/x.py) runs in one process as usual.
+PYTEST_WORKERS ?= 2
+
 pytest: $(STAMP_DEV)
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage run -m pytest -n $(PYTEST_WORKERS)
 	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report
 
@@ -66,7 +72,7 @@ test-versions:
 		[ -x .venv-$$v/bin/python ] || $$py -m venv .venv-$$v; \
 		.venv-$$v/bin/python -m pip install --quiet -e '.[dev]'; \
 		echo "== Python $$v"; \
-		.venv-$$v/bin/python -m pytest -q $(PYTEST_ARGS); \
+		.venv-$$v/bin/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS); \
 	done
 
 bench: $(STAMP_BENCH)

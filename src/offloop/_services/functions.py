@@ -40,11 +40,30 @@ __all__ = [
     "LoopService",
     "TaskService",
     "ThreadService",
+    "check_service_function",
     "describe_thread",
     "takes_token",
 ]
 
 AsyncFn = Callable[[], Coroutine[Any, Any, object]]
+
+
+def check_service_function(fn: object, where: str) -> None:
+    """Refuse what cannot be a function service: a coroutine object, a generator, a non-callable.
+
+    Raises:
+        TypeError: naming ``where`` (the decorator) and what ``fn`` is.
+    """
+    if inspect.iscoroutine(fn):
+        fn.close()
+        raise TypeError(
+            f"{where} needs a function, but got a coroutine object ({describe(fn)}). "
+            f"Decorate the 'async def' function itself, without calling it."
+        )
+    if not callable(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"{where} needs an 'async def' or plain 'def' function, got {describe(fn)}."
+        )
 
 
 def takes_token(fn: Callable[..., object], where: str) -> bool:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from .._core.validate import describe
 from .base import Service
-from .functions import LoopService, TaskService, ThreadService, takes_token
+from .functions import LoopService, TaskService, ThreadService, check_service_function, takes_token
 
 __all__ = ["Isolate", "make_fn_service"]
 
@@ -22,16 +22,7 @@ def make_fn_service(fn: Any, isolate: Isolate | None, name: str | None) -> Servi
         TypeError, ValueError, NotPicklableError: as documented on ``Supervisor.service``.
     """
     where = "@Supervisor.service"
-    if inspect.iscoroutine(fn):
-        fn.close()
-        raise TypeError(
-            f"{where} needs a function, but got a coroutine object ({describe(fn)}). "
-            f"Decorate the 'async def' function itself, without calling it."
-        )
-    if not callable(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        raise TypeError(
-            f"{where} needs an 'async def' or plain 'def' function, got {describe(fn)}."
-        )
+    check_service_function(fn, where)
     if isolate not in (None, "thread", "loop", "process"):
         raise ValueError(f"isolate must be None, 'thread', 'loop' or 'process', got {isolate!r}.")
     if name is not None and (not isinstance(name, str) or not name):

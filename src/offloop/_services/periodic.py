@@ -15,7 +15,7 @@ import math
 from typing import Any, Final
 
 from .._core.validate import check_seconds, describe
-from .functions import takes_token
+from .functions import check_service_function, takes_token
 from .schedule import MISSED_AFTER, Clock, Missed, Overlap, Plan, ScheduledService
 
 __all__ = ["EveryPlan", "check_policies", "make_every", "make_scheduled"]
@@ -94,16 +94,7 @@ def make_scheduled(
             takes no argument (a plain one may take the StopToken), or ``name``
             is not a non-empty str.
     """
-    if inspect.iscoroutine(fn):
-        fn.close()
-        raise TypeError(
-            f"{where} needs a function, but got a coroutine object ({describe(fn)}). "
-            f"Decorate the 'async def' function itself, without calling it."
-        )
-    if not callable(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        raise TypeError(
-            f"{where} needs an 'async def' or plain 'def' function, got {describe(fn)}."
-        )
+    check_service_function(fn, where)
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError(f"{where} needs name to be a non-empty str, got {describe(name)}.")
     named = fn.func if isinstance(fn, functools.partial) else fn

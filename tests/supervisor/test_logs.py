@@ -44,7 +44,7 @@ async def test_json_lines_carry_state_changes_crashes_and_restarts() -> None:
     calls: list[int] = []
     sv = Supervisor(name="json")
 
-    @sv.service(backoff=0, max_backoff=0)
+    @sv.service(backoff=0, max_backoff=0, retry_startup=True)
     async def flaky() -> None:
         calls.append(1)
         if len(calls) == 1:

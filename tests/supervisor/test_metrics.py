@@ -43,7 +43,7 @@ async def test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site() 
     sv = Supervisor(name="m", detect_blocking=0.05)
     crashes = 0
 
-    @sv.service(backoff=0, max_backoff=0)
+    @sv.service(backoff=0, max_backoff=0, retry_startup=True)
     async def flaky() -> None:
         nonlocal crashes
         if crashes < 2:

@@ -150,7 +150,8 @@ async def test_crash_is_logged_and_restarted_with_backoff(
     attempts = 0
     steady = threading.Event()
 
-    @sv.service(backoff=0.001, max_backoff=0.002)
+    # retry_startup: crashes at once, inside its start-up window, restarted anyway.
+    @sv.service(backoff=0.001, max_backoff=0.002, retry_startup=True)
     def flaky(token: StopToken) -> None:
         nonlocal attempts
         attempts += 1
@@ -196,7 +197,7 @@ async def test_too_many_restarts_fail_the_supervisor_with_service_failed() -> No
         token.wait()
         other_stopped.set()
 
-    @sv.service(backoff=0, max_backoff=0, max_restarts=2)
+    @sv.service(backoff=0, max_backoff=0, max_restarts=2, retry_startup=True)
     async def doomed() -> None:
         errors.append(KeyError(len(errors)))
         raise errors[-1]
@@ -222,7 +223,7 @@ async def test_too_many_restarts_fail_the_supervisor_with_service_failed() -> No
 async def test_restart_no_turns_a_crash_into_failure() -> None:
     sv = Supervisor()
 
-    @sv.service(restart="no")
+    @sv.service(restart="no", retry_startup=True)
     async def once() -> None:
         raise OSError("disk full")
 
@@ -339,7 +340,7 @@ async def test_failing_after_normal_returns_still_chains_the_last_crash() -> Non
     sv = Supervisor()
     runs = 0
 
-    @sv.service(restart="always", backoff=0, max_backoff=0, max_restarts=2)
+    @sv.service(restart="always", backoff=0, max_backoff=0, max_restarts=2, retry_startup=True)
     async def flaky() -> None:
         nonlocal runs
         runs += 1

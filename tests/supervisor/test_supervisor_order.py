@@ -150,7 +150,8 @@ async def test_a_one_shot_service_that_crashes_follows_its_restart_policy() -> N
     runs = 0
     sv = Supervisor(name="flaky")
 
-    @sv.service(oneshot=True, backoff=0, max_backoff=0)
+    # The chat API may come up later: retry_startup retries its first crash too.
+    @sv.service(oneshot=True, backoff=0, max_backoff=0, retry_startup=True)
     def announce() -> None:
         nonlocal runs
         runs += 1

@@ -100,7 +100,9 @@ async def test_child_exception_crosses_back_with_its_traceback() -> None:
 @bounded(30)
 async def test_child_that_dies_is_restarted_then_fails_with_worker_crashed() -> None:
     sv = Supervisor()
-    sv.service(isolate="process", backoff=0, max_backoff=0, max_restarts=1)(dying_child)
+    sv.service(isolate="process", backoff=0, max_backoff=0, max_restarts=1, retry_startup=True)(
+        dying_child
+    )
     with pytest.raises(ServiceFailed) as info:
         await sv.serve()
     error = info.value.__cause__
@@ -163,9 +165,10 @@ async def test_kill_children_kills_every_live_child_for_a_forced_exit(tmp_path: 
 
     sv = Supervisor(name="procs")
     marker = tmp_path / "child"
-    sv.service(isolate="process", name="child", backoff=3600, max_backoff=3600)(
-        functools.partial(polite_child, str(marker))
-    )
+    # retry_startup: killed at once, inside its start-up window, yet restarted.
+    sv.service(
+        isolate="process", name="child", backoff=3600, max_backoff=3600, retry_startup=True
+    )(functools.partial(polite_child, str(marker)))
     async with sv:
         await await_until(marker.exists, WAIT, "the child to run")
         kill_children()

@@ -20,7 +20,7 @@ from tests.helpers import await_until, bounded
 async def test_stop_during_restart_backoff_does_not_wait_for_it() -> None:
     sv = Supervisor()
 
-    @sv.service(backoff=3600, max_backoff=3600)
+    @sv.service(backoff=3600, max_backoff=3600, retry_startup=True)
     async def broken() -> None:
         raise ValueError("nope")
 

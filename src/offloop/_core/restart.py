@@ -10,11 +10,18 @@ import collections
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Final, Literal, get_args
 
 from .validate import check_seconds, describe
 
-__all__ = ["RestartMode", "RestartPolicy", "RestartTracker"]
+__all__ = ["STARTUP_WINDOW", "RestartMode", "RestartPolicy", "RestartTracker"]
+
+#: The start-up window of function services and scheduled jobs, seconds: as
+#: supervisord's ``startsecs`` default. A bad token, a missing file or a
+#: refused connection comes back from a first call well within it; a longer
+#: window would make real crashes of a service that ran a while final. One
+#: too short only lets a slow first call fail as a crash, retried as before.
+STARTUP_WINDOW: Final = 1.0
 
 RestartMode = Literal["no", "on-failure", "always"]
 _MODES: tuple[str, ...] = get_args(RestartMode)
@@ -36,6 +43,12 @@ class RestartPolicy:
             (its ``start()`` raised) is retried like a crash. By default it is
             not: such an error is almost always configuration (a port in use,
             a missing path) that no restart fixes, so it fails at once.
+        startup_window: seconds after the service's first ``start()``
+            returned during which a crash still counts as a failure to start
+            (not retried unless ``retry_startup``), as supervisord's
+            ``startsecs``. For the function services, which are ready as soon
+            as they run, so that a bad token raised by their first call is a
+            start-up error. 0: only a failing ``start()`` is.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or range (the
@@ -48,6 +61,7 @@ class RestartPolicy:
     max_restarts: int | None = 5
     restart_window: float = 60.0
     retry_startup: bool = False
+    startup_window: float = 0.0
 
     def __post_init__(self) -> None:
         if self.restart not in _MODES:
@@ -66,6 +80,9 @@ class RestartPolicy:
             raise TypeError(
                 f"retry_startup must be True or False, got {describe(self.retry_startup)}."
             )
+        # Finite: an endless window would make every crash of the first run
+        # final, which restart="no" already says more plainly.
+        check_seconds(self.startup_window, "startup_window", positive=False, finite=True)
         mr = self.max_restarts
         if mr is not None:
             if isinstance(mr, bool) or not isinstance(mr, int):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .._core.restart import RestartMode, RestartPolicy
+from .._core.restart import STARTUP_WINDOW, RestartMode, RestartPolicy
 from .._services.base import Service
 from .._services.schedule import Missed, Overlap
 
@@ -46,6 +46,8 @@ class JobDecorators:
         max_restarts: int | None = 5,
         restart_window: float = 60.0,
         depends_on: Iterable[str] = (),
+        retry_startup: bool = False,
+        startup_window: float = STARTUP_WINDOW,
     ) -> Callable[[F], F]:
         """Decorator: run the function every ``seconds``, as a service; it is returned unchanged.
 
@@ -59,6 +61,10 @@ class JobDecorators:
         A run that raises is a crash of the service: the restart policy
         (``restart``, ``backoff``, ... as for :meth:`service`) restarts it,
         with a fresh schedule whose first run comes ``first`` seconds later.
+        A run that raises within ``startup_window`` seconds of the schedule's
+        first start (with ``first=0``, the first run's bad token or missing
+        folder) is a failure to start, as for :meth:`service`: not retried
+        unless ``retry_startup=True``, the supervisor fails at once.
         :meth:`status` shows the schedule: ``ServiceStatus.schedule`` is a
         :class:`~offloop.ScheduleStatus` (next run, last run's duration and
         error, runs missed or overlapped).
@@ -80,6 +86,7 @@ class JobDecorators:
             name: the service's name; defaults to the function's name.
             depends_on: services that must be ready before the schedule
                 starts (see :meth:`add`).
+            retry_startup, startup_window: as for :meth:`service`.
 
         Raises:
             TypeError, ValueError: an argument is of the wrong type or out of
@@ -89,7 +96,15 @@ class JobDecorators:
         """
         from .._services.periodic import make_every
 
-        policy = RestartPolicy(restart, backoff, max_backoff, max_restarts, restart_window)
+        policy = RestartPolicy(
+            restart,
+            backoff,
+            max_backoff,
+            max_restarts,
+            restart_window,
+            retry_startup,
+            startup_window,
+        )
         # The schedule is checked now, before the function is known: a bad
         # argument fails at the decorator's line, not at the def below it.
         make_every(
@@ -119,6 +134,8 @@ class JobDecorators:
         max_restarts: int | None = 5,
         restart_window: float = 60.0,
         depends_on: Iterable[str] = (),
+        retry_startup: bool = False,
+        startup_window: float = STARTUP_WINDOW,
     ) -> Callable[[F], F]:
         """Decorator: run the function whenever the cron expression ``expr`` says, as a service.
 
@@ -141,6 +158,8 @@ class JobDecorators:
                 local time.
             depends_on: services that must be ready before the schedule
                 starts (see :meth:`add`).
+            retry_startup, startup_window: as for :meth:`service` (the first
+                run of a cron job rarely comes within the window).
 
         Raises:
             TypeError, ValueError: the expression cannot be read, the time zone
@@ -150,7 +169,15 @@ class JobDecorators:
         """
         from .._services.cron import make_cron
 
-        policy = RestartPolicy(restart, backoff, max_backoff, max_restarts, restart_window)
+        policy = RestartPolicy(
+            restart,
+            backoff,
+            max_backoff,
+            max_restarts,
+            restart_window,
+            retry_startup,
+            startup_window,
+        )
         make_cron(_probe, expr, tz=tz, overlap=overlap, missed=missed, name="x")
 
         def register(fn: F) -> F:

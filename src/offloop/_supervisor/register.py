@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast, overload
 
-from .._core.restart import RestartMode, RestartPolicy
+from .._core.restart import STARTUP_WINDOW, RestartMode, RestartPolicy
 from .._core.validate import describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
@@ -46,6 +46,7 @@ class Registration(JobDecorators):
         depends_on: Iterable[str] = ...,
         oneshot: bool = ...,
         retry_startup: bool = ...,
+        startup_window: float = ...,
     ) -> Callable[[F], F]: ...
 
     def service(
@@ -63,6 +64,7 @@ class Registration(JobDecorators):
         depends_on: Iterable[str] = (),
         oneshot: bool = False,
         retry_startup: bool = False,
+        startup_window: float = STARTUP_WINDOW,
     ) -> Any:
         """Decorator: supervise a function as a service; the function is returned unchanged.
 
@@ -85,27 +87,40 @@ class Registration(JobDecorators):
                 ``restart_window`` seconds mark the service failed, and the
                 supervisor stops with :class:`~offloop.ServiceFailed`.
             restart_window: the sliding window, in seconds, that
-                ``max_restarts`` counts restarts in. A function service is
-                ready once its task or thread runs (a process one once its
-                child imported the function); a failure before that is not
-                restarted (see :meth:`add`).
+                ``max_restarts`` counts restarts in.
             isolate: where the function runs (see above).
             name: the service's name; defaults to the function's name.
             depends_on: services that must be ready before this one starts
                 (see :meth:`add`).
             oneshot: the function is meant to finish (see :meth:`add`).
-            retry_startup: retry a failure before it was ready (see :meth:`add`).
+            retry_startup: retry a failure to start (see :meth:`add`) as the
+                restart policy says.
+            startup_window: a function service is ready once its task or
+                thread runs (a process one once its child imported the
+                function), before its code has done anything; a crash within
+                this many seconds of that, on its first run, is a failure to
+                start: not retried unless ``retry_startup``, the supervisor
+                fails at once with :class:`~offloop.ServiceFailed` whose
+                ``__cause__`` is the error (a bad token, a missing file). Its
+                readiness is not delayed. ``0`` turns it off.
 
         Raises:
             TypeError: ``fn`` is not a function, takes more than the token,
                 or ``isolate`` does not fit the function's kind.
-            ValueError: a policy value is out of range, or the name is taken.
+            ValueError: a policy value (``startup_window`` too) is out of
+                range, or the name is taken.
             NotPicklableError: ``isolate="process"`` with a function a child
                 process cannot import.
             RuntimeError: the supervisor has already started.
         """
         policy = RestartPolicy(
-            restart, backoff, max_backoff, max_restarts, restart_window, retry_startup
+            restart,
+            backoff,
+            max_backoff,
+            max_restarts,
+            restart_window,
+            retry_startup,
+            startup_window,
         )
 
         def register(f: F) -> F:
@@ -129,6 +144,7 @@ class Registration(JobDecorators):
         retry_startup: bool = False,
         depends_on: Iterable[str] = (),
         oneshot: bool = False,
+        startup_window: float = 0.0,
     ) -> S:
         """Supervise ``service`` (an adapter or a :class:`~offloop.Service` subclass); return it.
 
@@ -139,6 +155,10 @@ class Registration(JobDecorators):
         ``retry_startup=True`` retries such errors as the restart policy says
         (for a dependency that may come up later). Once the service has been
         ready, a failing ``start()`` on a restart follows the policy.
+        ``startup_window`` (seconds, default 0: none) makes a crash within
+        that long of the first ``start()`` returning a failure to start too,
+        for a service whose ``start()`` returns before it can tell that it
+        works (see :meth:`service`).
 
         ``depends_on`` names services (added before or after) that must be
         ready before this one starts; it stops before them. ``oneshot=True``:
@@ -163,7 +183,13 @@ class Registration(JobDecorators):
                 f"got {describe(service)}.{hint}"
             )
         policy = RestartPolicy(
-            restart, backoff, max_backoff, max_restarts, restart_window, retry_startup
+            restart,
+            backoff,
+            max_backoff,
+            max_restarts,
+            restart_window,
+            retry_startup,
+            startup_window,
         )
         self._add(service, policy, depends_on, oneshot)
         return service

@@ -84,6 +84,9 @@ class Supervised:
         # Whether start() has returned once: an error before that is a
         # start-up error, not a crash (see RestartPolicy.retry_startup).
         self.been_ready = False
+        # Loop time until which a crash of the first run is a start-up error
+        # too (RestartPolicy.startup_window); None outside that window.
+        self.startup_until: float | None = None
 
     def status(self) -> ServiceStatus:
         """A snapshot for :meth:`Supervisor.status`."""
@@ -122,6 +125,10 @@ class Supervised:
                 crash = exc
             else:
                 self.state, self.started_at = _ST.RUNNING, time.time()
+                if not self.been_ready and self.policy.startup_window > 0:
+                    # Ready (its dependents start now), but still on probation:
+                    # a function service is ready before its code did anything.
+                    self.startup_until = loop.time() + self.policy.startup_window
                 self.been_ready = True
                 if self.oneshot:
                     # Ready for its dependents once it is done, not now.
@@ -134,6 +141,8 @@ class Supervised:
                     await svc.wait()
                 except Exception as exc:
                     crash = exc
+            # Only the first run has a window: once it ended, the service ran.
+            early, self.startup_until = self._ran_for(loop.time()), None
             if self.stopping:
                 # The shutdown owns the state from here, but an error on the way
                 # out (a cleanup that failed) is still worth knowing about.
@@ -165,21 +174,16 @@ class Supervised:
                 self.end(_ST.STOPPED)
                 self.supervisor._interrupted(self)
                 return
-            elif not self.been_ready and not self.policy.retry_startup:
-                # Failed before it was ever ready: a port in use, a missing path.
+            elif (not self.been_ready or early is not None) and not self.policy.retry_startup:
+                # Failed before it was ever ready (a port in use, a missing path)
+                # or within its start-up window (a bad token on its first call).
                 # No restart fixes a configuration, and retrying it through the
                 # backoff would only surface the error tens of seconds later.
                 self.last_error = crash
                 logger.error(
                     "%s: service %r failed to start: %r", sv, self.name, crash, exc_info=crash
                 )
-                self.supervisor._fail(
-                    self,
-                    crash,
-                    "it failed to start (before it was ready), which is not retried; fix the "
-                    "error, or add the service with retry_startup=True to retry its start-up "
-                    "as its restart policy says",
-                )
+                self.supervisor._fail(self, crash, self._startup_failure(early))
                 return
             else:
                 self.last_error = crash
@@ -220,6 +224,28 @@ class Supervised:
                 self.end(_ST.STOPPED)
                 return
             self.restarts = upcoming
+
+    def _ran_for(self, now: float) -> float | None:
+        """How long the first run ran, if it ended within its start-up window; else None."""
+        until = self.startup_until
+        if until is None or now >= until:
+            return None
+        return now - (until - self.policy.startup_window)
+
+    def _startup_failure(self, early: float | None) -> str:
+        """Why the supervisor fails: the service failed to start."""
+        how = "add the service with retry_startup=True to retry its start-up"
+        if early is None:
+            return (
+                f"it failed to start (before it was ready), which is not retried; fix the "
+                f"error, or {how} as its restart policy says"
+            )
+        window = self.policy.startup_window
+        return (
+            f"it crashed {early:.2f}s after it started, within its "
+            f"startup_window={window:g}s, so it failed to start, which is not retried; fix "
+            f"the error, or {how} as its restart policy says"
+        )
 
     def _crashed_while_stopping(self, crash: BaseException) -> None:
         self.last_error = crash

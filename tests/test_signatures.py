@@ -84,6 +84,7 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
             ("depends_on", KW, ()),
             ("oneshot", KW, False),
             ("retry_startup", KW, False),
+            ("startup_window", KW, 1.0),
         ],
     ),
     "detect_blocking": (

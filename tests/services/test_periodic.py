@@ -240,7 +240,8 @@ async def test_a_run_that_raises_follows_the_restart_policy() -> None:
     calls: list[int] = []
     sv = Supervisor(name="policy")
 
-    @sv.every(0.005, backoff=0, max_backoff=0)
+    # retry_startup: the first run raises at once, inside the start-up window.
+    @sv.every(0.005, backoff=0, max_backoff=0, retry_startup=True)
     async def flaky() -> None:
         calls.append(1)
         if len(calls) == 1:

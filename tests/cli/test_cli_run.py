@@ -72,7 +72,8 @@ sv.add(Gate())
 def make_failing():
     failing = offloop.Supervisor(name="failing")
 
-    @failing.service(restart="no")
+    # retry_startup: a crash (not a failure to start) although it comes at once.
+    @failing.service(restart="no", retry_startup=True)
     def crash():
         raise RuntimeError("cannot connect to the database")
 

@@ -166,9 +166,9 @@ async def test_kill_children_kills_every_live_child_for_a_forced_exit(tmp_path: 
     sv = Supervisor(name="procs")
     marker = tmp_path / "child"
     # retry_startup: killed at once, inside its start-up window, yet restarted.
-    sv.service(
-        isolate="process", name="child", backoff=3600, max_backoff=3600, retry_startup=True
-    )(functools.partial(polite_child, str(marker)))
+    sv.service(isolate="process", name="child", backoff=3600, max_backoff=3600, retry_startup=True)(
+        functools.partial(polite_child, str(marker))
+    )
     async with sv:
         await await_until(marker.exists, WAIT, "the child to run")
         kill_children()

@@ -77,7 +77,9 @@ async def test_a_bad_token_fails_the_supervisor_at_once_with_the_error_as_cause(
     assert (status.state, status.restarts) == ("failed", 0)
     assert journal == ["start db", "stop db"]
     messages = caplog.messages
-    assert any(m.startswith("sv: service 'bot' failed to start: PermissionError(") for m in messages)
+    assert any(
+        m.startswith("sv: service 'bot' failed to start: PermissionError(") for m in messages
+    )
     assert not [m for m in messages if "restarting service" in m]
 
 
@@ -147,15 +149,19 @@ async def test_readiness_does_not_wait_for_the_window_and_a_crash_in_it_ends_the
         await crash.wait()
         await bad_token_async()
 
-    with pytest.raises(ServiceFailed) as info:
+    async def body() -> None:
         async with sv:
             # Entered (every service ready) long before its 60 s window ends.
             until = sv._entries["bot"].startup_until
-            assert until is not None and loop.time() < until
+            assert until is not None
+            assert loop.time() < until
             assert sv.status()["bot"].state == "running"
             crash.set()
             await asyncio.sleep(QUICK_WAIT)  # the failure cuts the body short
             pytest.fail("the start-up failure did not end the body")
+
+    with pytest.raises(ServiceFailed) as info:
+        await body()
     assert STARTUP_FAILURE.fullmatch(str(info.value)) is not None, str(info.value)
     assert isinstance(info.value.__cause__, PermissionError)
     assert sv.status()["bot"].restarts == 0
@@ -174,7 +180,8 @@ async def test_start_returns_before_the_window_ends() -> None:
     await sv.start()
     try:
         until = sv._entries["worker"].startup_until
-        assert until is not None and loop.time() < until
+        assert until is not None
+        assert loop.time() < until
         await sv.wait_ready()
     finally:
         await sv.aclose()
@@ -244,11 +251,15 @@ async def test_an_added_service_gets_a_window_only_when_asked() -> None:
     api = CrashesWhenTold("api", journal)
     sv = Supervisor(name="sv")
     sv.add(api, startup_window=60)
-    with pytest.raises(ServiceFailed, match="it crashed .* within its startup_window=60s") as info:
+
+    async def body() -> None:
         async with sv:
             api.crash()
             await asyncio.sleep(QUICK_WAIT)  # the failure cuts the body short
             pytest.fail("the start-up failure did not end the body")
+
+    with pytest.raises(ServiceFailed, match=r"it crashed .* within its startup_window=60s") as info:
+        await body()
     assert isinstance(info.value.__cause__, ConnectionResetError)
     assert journal == ["start api"]
     assert sv._entries["api"].policy.startup_window == 60

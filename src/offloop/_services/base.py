@@ -14,7 +14,9 @@ How the Supervisor calls the methods, which services can rely on:
 - ``stop()`` is called while ``wait()`` is pending, or after a ``start()``
   the shutdown cancelled midway (to clean up what it began). It is cancelled
   when the grace period runs out, and then ``kill()`` is called once.
-- If ``start()`` raises, that counts as a crash; it is retried per the policy.
+- If ``start()`` raises on a restart, that counts as a crash, retried per the
+  policy; the first ``start()`` raising is a failure to start, which is not
+  (unless ``retry_startup``).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ class Service(abc.ABC):
     async def start(self) -> None:
         """Start the service and return once it is ready to do its job.
 
-        Raises whatever made the start fail; the supervisor treats that as a
-        crash and applies the restart policy.
+        Raises whatever made the start fail; the supervisor fails at once on
+        the first start (unless ``retry_startup``), and treats it as a crash
+        under the restart policy on a restart.
         """
 
     @abc.abstractmethod

@@ -86,7 +86,11 @@ class JobDecorators:
             name: the service's name; defaults to the function's name.
             depends_on: services that must be ready before the schedule
                 starts (see :meth:`add`).
-            retry_startup, startup_window: as for :meth:`service`.
+            retry_startup: retry a failure to start as the restart policy
+                says (as for :meth:`service`).
+            startup_window: seconds after the schedule's start during which
+                a run that raises is a failure to start (as for
+                :meth:`service`; 0 turns it off).
 
         Raises:
             TypeError, ValueError: an argument is of the wrong type or out of
@@ -158,8 +162,9 @@ class JobDecorators:
                 local time.
             depends_on: services that must be ready before the schedule
                 starts (see :meth:`add`).
-            retry_startup, startup_window: as for :meth:`service` (the first
-                run of a cron job rarely comes within the window).
+            retry_startup: as for :meth:`every`.
+            startup_window: as for :meth:`every` (the first run of a cron
+                job rarely comes within it).
 
         Raises:
             TypeError, ValueError: the expression cannot be read, the time zone

@@ -72,7 +72,10 @@ def test_first_signal_stops_gracefully_with_exit_code_0(script: Path, sig: signa
     assert f"WARNING script: received {sig.name}, stopping gracefully within 5s" in out
     assert "worker got its token" in out
     assert "INFO script: service 'bot' stopped" in out
-    assert out.endswith("INFO script: stopped\nrun() returned 0")
+    # The signal's line is logged from a thread, waited for only briefly so that
+    # a blocked stderr cannot hold the stop: on a busy machine it may come later.
+    assert out.endswith("\nrun() returned 0")
+    assert out.index("INFO script: stopped\n") < out.index("run() returned 0")
 
 
 def test_a_sigint_ignored_when_the_process_started_stays_ignored(script: Path) -> None:

@@ -319,14 +319,18 @@ async def test_a_stuck_source_is_named_in_the_pool_s_report(
     await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
     try:
         await asyncio.wait_for(pool.aclose(timeout=0.01), WAIT)
+        assert (
+            ".tail_log (iterated by offloop.iterate())' in thread offloop-stuck-source"
+            in caplog.text
+        )
+        # The pool gave up on the thread, which is still stuck: the iterator
+        # says so instead of waiting for it.
+        with pytest.raises(
+            offloop.PoolClosedError, match=r"before the source was exhausted|abandoned"
+        ):
+            await asyncio.wait_for(first, WAIT)
     finally:
         release.set()
-    assert (
-        ".tail_log (iterated by offloop.iterate())' in thread offloop-stuck-source" in caplog.text
-    )
-    # The pool gave up on the thread: the iterator says so instead of waiting for it.
-    with pytest.raises(offloop.PoolClosedError, match=r"before the source was exhausted|abandoned"):
-        await asyncio.wait_for(first, WAIT)
     await asyncio.wait_for(it.aclose(), WAIT)
 
 

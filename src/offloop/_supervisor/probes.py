@@ -24,7 +24,8 @@ __all__ = ["Probes", "check_status_host", "check_status_port"]
 
 logger: Final = logging.getLogger("offloop.supervisor")
 
-#: Where the probes listen unless told otherwise: this machine only.
+#: Where the probes listen unless told otherwise: loopback, because /status and
+#: /metrics describe the program's internals and must not reach the network unasked.
 DEFAULT_HOST: Final = "127.0.0.1"
 
 

@@ -33,11 +33,12 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final
 
 from .._core.spin import yield_cpu
-from .workers import ask_to_exit
+from .records import ask_to_exit, close_lsock
 from .writer import PayloadWriter
 
 if TYPE_CHECKING:
-    from .workers import ProcessWorker, WorkerSet
+    from .records import ProcessWorker
+    from .workers import WorkerSet
 
 __all__ = ["manage", "pool_dropped"]
 
@@ -169,6 +170,12 @@ def _stop_workers(selector: selectors.BaseSelector) -> None:
         if worker.conn is not None:
             worker.conn.close()
             worker.conn = None
+        # A loop that still watches the loops' descriptor of an idle worker
+        # closes it itself once the pipe ends (see loopread._readable): a
+        # descriptor number in a loop's selector must not be reused.
+        watcher = worker.watcher
+        if watcher is None or watcher.is_closed():
+            close_lsock(worker)
 
 
 def _wait_readable(fd: int, timeout: float) -> bool:

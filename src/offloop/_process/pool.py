@@ -268,15 +268,23 @@ class ProcessPool(WorkerSet, PoolContext):
         call._worker = None
         call._requeued = False
         fd = None
+        wake = False
         with self._lock:
             if self._state is not PoolState.OPEN:
                 raise PoolClosedError(
                     f"{self._describe()} is {self._state.value} and takes no new calls; "
                     f"create a new ProcessPool or use offloop.to_process()."
                 )
-            worker = self._idle.pop() if self._idle else None
+            worker = self._take_idle(loop) if self._idle else None
             if worker is not None:
                 self._assign(worker, call)
+                # This loop reads the reply itself if it can (see loopread.py);
+                # not for a call completed off the loop (an executor view's),
+                # whose submitter may be blocking this very loop on its result.
+                if call._sink is None:
+                    wake = self._read_on_loop(worker, loop)
+                else:
+                    wake = self._to_manager(worker)
                 if large:
                     fd = self._dup_pipe(worker)
                     if fd is not None:  # else kept: the manager queues it again
@@ -292,11 +300,26 @@ class ProcessPool(WorkerSet, PoolContext):
                 self._pending.append(call)
                 if self._manager is None:
                     self._start_manager()
-        if worker is None:
+        if worker is None or wake:
             self._wake()
-        elif large:
+        if worker is not None and large:
             self._send_later(fd, payload)
         return call
+
+    def _take_idle(self, loop: asyncio.AbstractEventLoop) -> ProcessWorker:
+        """Under _lock: the idle worker to give a call of ``loop`` (there is one).
+
+        The last one that loop watched (most recently used first): it costs
+        no registration. Else one no loop watches.
+        """
+        idle = self._idle
+        for index in range(len(idle) - 1, -1, -1):
+            if idle[index].watcher is loop:
+                return idle.pop(index)
+        for index in range(len(idle) - 1, -1, -1):
+            if idle[index].watcher is None:
+                return idle.pop(index)
+        return idle.pop()
 
     def executor(self) -> PoolExecutorView:
         """A ``concurrent.futures.Executor`` whose calls run in this pool (``submit``, ``map``).
@@ -402,9 +425,21 @@ class ProcessPool(WorkerSet, PoolContext):
             call._phase = ABANDONED
             self._abandoned += 1
             worker = call._worker  # type: ignore[attr-defined]
-            if self._kill_on_cancel and worker is not None:
-                worker.doomed = True
-                victim = worker.process
+            wake = False
+            if worker is not None:
+                watcher = worker.watcher
+                if watcher is not None and worker.reader is watcher:
+                    # Nobody awaits the call now: its loop may stop or close
+                    # before the reply comes, so the manager reads it.
+                    wake = self._to_manager(worker)
+                    here = asyncio._get_running_loop()
+                    if here is not None and here is watcher:
+                        self._unwatch(worker, here)
+                if self._kill_on_cancel:
+                    worker.doomed = True
+                    victim = worker.process
+        if wake:
+            self._wake()
         if victim is not None:
             with contextlib.suppress(OSError, ValueError):
                 victim.kill()

@@ -2,11 +2,13 @@
 
 :class:`WorkerSet` owns the state both halves share (the lock, the workers,
 the queue, the counters) and everything that runs on the manager thread:
-starting workers, reading replies, handing freed workers their next call, and
-turning a worker's death into :class:`WorkerCrashed` for its call alone. The
-thread's loop, which holds the pool only weakly, is in ``manager.py``.
-:class:`~offloop._process.pool.ProcessPool` adds the public API, cancellation
-and closing on top.
+starting workers, reading the replies no loop reads, and handing freed
+workers their next call. Mixed into it: the replies a call's own event loop
+reads (``loopread.py``) and worker deaths, which fail their call alone with
+:class:`WorkerCrashed` (``exits.py``). The records it works on are in
+``records.py``; the thread's loop, which holds the pool only weakly, is in
+``manager.py``. :class:`~offloop._process.pool.ProcessPool` adds the public
+API, cancellation and closing on top.
 """
 
 from __future__ import annotations
@@ -14,96 +16,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import logging
 import os
 import selectors
-import signal
+import socket
 import threading
 import time
 import weakref
 from bisect import bisect_left
 from collections import deque
-from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
-from multiprocessing.process import BaseProcess
-from typing import Any, Final
+from typing import Any
 
-from .._core.errors import PoolClosedError, WorkerCrashed
+from .._core.errors import WorkerCrashed
 from .._core.latency import CALL_BUCKETS, CallHistogram, histogram_snapshot, new_counts
-from .._core.offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
-from .._core.poolbase import CallCounters, PoolState, complete_waiter
+from .._core.offload import ABANDONED, DONE, QUEUED, RUNNING
+from .._core.poolbase import PoolState, complete_waiter
 from .._core.validate import describe
 from .child import worker_main
+from .exits import WorkerExits
+from .loopread import PEEK, LoopReplies
 from .pickling import InitFailure, RemoteTraceback, decode_reply
+from .records import (
+    MANAGER,
+    ProcessCall,
+    ProcessPoolStatistics,
+    ProcessWorker,
+    ask_to_exit,
+)
 from .writer import Payload, PayloadWriter, is_small
 
-__all__ = ["ProcessCall", "ProcessPoolStatistics", "ProcessWorker", "WorkerSet"]
-
-logger: Final = logging.getLogger("offloop")
+__all__ = ["ProcessCall", "ProcessPoolStatistics", "ProcessWorker", "WorkerSet", "ask_to_exit"]
 
 
-class ProcessPoolStatistics(CallCounters):
-    """What :meth:`ProcessPool.statistics` returns."""
-
-    processes: int
-    crashed: int
-
-
-class ProcessCall(OffloadFuture[Any]):
-    # The future of a process call: the shared OffloadFuture plus the pickled
-    # request and the worker running it.
-    __slots__ = ("_payload", "_requeued", "_worker")
-
-    # A small call's payload stays until the call is over: if its worker dies
-    # before taking it from the pipe, it is sent again (once, see _requeue).
-    _payload: Payload | None
-    _worker: ProcessWorker | None
-    _requeued: bool
-
-
-class ProcessWorker:
-    """One worker process, its pipe, and the call it runs (guarded by the pool's lock)."""
-
-    __slots__ = (
-        "assigned",
-        "call",
-        "conn",
-        "dead",
-        "doomed",
-        "pid",
-        "process",
-        "ready",
-        "received",
-        "sent",
-        "tasks",
-    )
-
-    def __init__(self, call: ProcessCall | None) -> None:
-        self.call = call
-        self.process: BaseProcess | None = None
-        self.conn: Connection | None = None
-        self.pid: int | None = None
-        self.tasks = 0
-        # Doomed: must not get another call (killed, retiring after
-        # max_tasks_per_worker, or told to stop). Dead: its process exited.
-        self.doomed = False
-        self.dead = False
-        # Ready: it said so once its start-up (imports, initializer) was over.
-        self.ready = False
-        # Calls given to it, and (shared memory the worker writes) calls it
-        # took from its pipe: a call it never took did not start.
-        self.sent = 0
-        self.assigned = 0.0  # monotonic, when it was handed its current call
-        self.received: Any = None
-
-
-def ask_to_exit(worker: ProcessWorker) -> None:
-    """Ask an idle worker to exit: an empty message (its pipe closing does too)."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        worker.conn.send_bytes(b"")  # type: ignore[union-attr]
-
-
-class WorkerSet:
+class WorkerSet(LoopReplies, WorkerExits):
     """Shared state of a process pool, and the manager thread that runs its workers."""
 
     _pdeathsig = True  # tests switch it off to exercise the fallback watcher
@@ -129,6 +74,11 @@ class WorkerSet:
         self._workers: list[ProcessWorker] = []
         self._idle: list[ProcessWorker] = []
         self._pending: deque[ProcessCall] = deque()
+        # Workers whose replies the manager reads from now on, handed over
+        # by a loop or run() (see loopread.py); the manager watches their pipes.
+        self._adopt: list[ProcessWorker] = []
+        # Scratch space of the loops reading replies (used under _lock).
+        self._peek = bytearray(PEEK)
         self._manager: threading.Thread | None = None
         self._wake_fds: tuple[int, int] | None = None
         #: Set with the manager thread: stops it, and warns, if the pool is dropped unclosed.
@@ -155,8 +105,14 @@ class WorkerSet:
         them at exit; it is closed, and a new pool works as usual.
         """
         self._lock = threading.Lock()
+        for worker in self._workers:
+            if worker.lsock is not None:
+                # The parent's descriptor, inherited like the others: left open.
+                worker.lsock.detach()
+                worker.lsock = None
         self._workers = []
         self._idle = []
+        self._adopt = []
         self._pending.clear()
         if self._finalizer is not None:
             # The parent's manager thread is not here to stop, nor its workers.
@@ -269,7 +225,26 @@ class WorkerSet:
                 self._on_reply(data[0], selector)
             else:
                 self._on_exit(data[0], selector)
+        self._adopt_workers(selector)
         return self._maintain(selector)
+
+    def _adopt_workers(self, selector: selectors.BaseSelector) -> None:
+        """Watch the pipes of the workers whose replies the manager reads from now on."""
+        with self._lock:
+            if self._pending or self._state is not PoolState.OPEN:
+                # Calls wait for a worker, or the pool closes: one whose loop
+                # closed while it ran a call nobody awaited would never be
+                # read by that loop.
+                for worker in self._workers:
+                    reader = worker.reader
+                    if isinstance(reader, asyncio.AbstractEventLoop) and reader.is_closed():
+                        self._to_manager(worker)
+            adopted, self._adopt = self._adopt, []
+            for worker in adopted:
+                conn = worker.conn
+                if worker.reader is MANAGER and conn is not None and not worker.mwatch:
+                    selector.register(conn.fileno(), selectors.EVENT_READ, (worker, True))
+                    worker.mwatch = True
 
     def _close_wake_pipe(self) -> None:
         # On the manager thread as it exits. Under _lock: see ProcessPool._wake.
@@ -329,11 +304,15 @@ class WorkerSet:
         # Without the parent's copy of the child's end, the worker's death
         # shows as end-of-file on ours.
         child_conn.close()
+        lsock = socket.socket(fileno=os.dup(parent_conn.fileno()))
         with self._lock:
             worker.process = process
             worker.conn = parent_conn
+            worker.lsock = lsock
             worker.pid = process.pid
             worker.received = received
+            worker.reader = MANAGER  # its first message, and its first call's reply
+            worker.mwatch = True
             kill = worker.doomed
         selector.register(parent_conn.fileno(), selectors.EVENT_READ, (worker, True))
         selector.register(process.sentinel, selectors.EVENT_READ, (worker, False))
@@ -349,6 +328,10 @@ class WorkerSet:
         # Under _lock: the call left its worker, with a result or not.
         worker.call = None
         call._worker = None
+        self._settle(call, worker.assigned, ok=ok, count=count)
+
+    def _settle(self, call: ProcessCall, assigned: float, *, ok: bool, count: bool = True) -> None:
+        # Under _lock: the counts of a call detached from its worker.
         call._payload = None  # it may not have been sent (start-up failed, worker died)
         self._running -= 1
         if call._phase is ABANDONED:
@@ -360,7 +343,7 @@ class WorkerSet:
         else:
             self._failed += 1
         if count:
-            ran = time.monotonic() - worker.assigned
+            ran = time.monotonic() - assigned
             self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
             self._call_seconds += ran
         call._phase = DONE
@@ -369,6 +352,10 @@ class WorkerSet:
         conn = worker.conn
         if conn is None:
             return  # its exit, handled earlier in the same batch, closed the pipe
+        if worker.reader is not MANAGER:
+            with self._lock:
+                self._unwatch_pipe(worker, selector)
+            return  # cannot happen: the manager stops watching before it lets go
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
@@ -377,7 +364,7 @@ class WorkerSet:
             return
         if not data:
             worker.ready = True  # its start-up is over
-            self._start_first(worker)
+            self._start_first(worker, selector)
             return
         call = worker.call
         if call is None:
@@ -395,6 +382,10 @@ class WorkerSet:
             if self._max_tasks is not None and worker.tasks >= self._max_tasks:
                 worker.doomed = True  # exits on its own after this reply
             following, stop = self._free(worker)
+            if following is None:
+                # Idle (or exiting): a loop may take it and read its replies.
+                worker.reader = None
+                self._unwatch_pipe(worker, selector)
         if following is not None:
             self._send(worker, following)
         elif stop:
@@ -429,7 +420,7 @@ class WorkerSet:
         """Under _lock: the processes that will take more calls (not told to exit)."""
         return sum(1 for w in self._workers if not w.doomed)
 
-    def _start_first(self, worker: ProcessWorker) -> None:
+    def _start_first(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:
         # The first call waits until the worker is ready rather than in its
         # pipe: one cancelled while the worker started (a slow initializer)
         # is then never run, like any call that was still queued.
@@ -444,38 +435,13 @@ class WorkerSet:
                 self._finish(worker, call, ok=False, count=False)  # counted as cancelled
                 worker.sent -= 1  # assigned, never written: not a call the worker may take
                 following, stop = self._free(worker)
+                if following is None:
+                    worker.reader = None
+                    self._unwatch_pipe(worker, selector)
         if following is not None:
             self._send(worker, following)
         elif stop:
             ask_to_exit(worker)
-
-    def _requeue(self, worker: ProcessWorker, call: ProcessCall) -> bool:
-        """Queue again, first in line, a call its dead worker never took.
-
-        Under _lock. That worker died idle (kill -9, the OOM killer) before
-        the manager noticed, and run() or the manager gave it the call. Only
-        once: a call whose very reading kills workers (a huge message) must
-        fail, not kill them forever. A worker that died while starting keeps
-        its error, for the same reason.
-        """
-        if (
-            call._payload is None
-            or call._requeued
-            or not worker.ready
-            or call._phase is not RUNNING
-            or self._state is not PoolState.OPEN
-            or worker.received is None
-            or worker.received.value >= worker.sent
-        ):
-            return False
-        call._requeued = True
-        worker.call = None
-        call._worker = None
-        call._phase = QUEUED
-        self._running -= 1
-        self._queued += 1
-        self._pending.appendleft(call)
-        return True
 
     def _init_failure(
         self, worker: ProcessWorker, call: ProcessCall, failure: InitFailure
@@ -493,128 +459,18 @@ class WorkerSet:
         error.__cause__ = cause
         return error
 
+    def _unwatch_pipe(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:
+        # Under _lock, on the manager thread: before a worker is idle, since
+        # run() may then make a loop its reader.
+        if worker.mwatch and worker.conn is not None:
+            selector.unregister(worker.conn.fileno())
+        worker.mwatch = False
+
     def _drop_pipe(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:
         conn = worker.conn
         if conn is None:
             return
-        selector.unregister(conn.fileno())
         with self._lock:  # see _dup_pipe
+            self._unwatch_pipe(worker, selector)
             worker.conn = None
         conn.close()
-
-    def _on_exit(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:
-        # A reply written just before the exit is still in the pipe: read it
-        # first (max_tasks_per_worker exits right after its last reply).
-        worker.dead = True
-        with self._lock:
-            worker.doomed = True
-            with contextlib.suppress(ValueError):
-                self._idle.remove(worker)
-        while worker.conn is not None and worker.call is not None and worker.conn.poll(0):
-            self._on_reply(worker, selector)
-        process = worker.process
-        assert process is not None
-        selector.unregister(process.sentinel)
-        process.join()
-        exitcode = process.exitcode
-        process.close()
-        self._drop_pipe(worker, selector)
-        with self._lock:
-            self._workers.remove(worker)
-            call = worker.call
-            if call is None:
-                return
-            if self._requeue(worker, call):
-                return  # _maintain, next, starts a worker for it
-            cancelled = call._phase is ABANDONED
-            # Killed by a close that timed out, not a crash of its own.
-            killed = self._killed_all
-            if not cancelled and not killed:
-                self._crashed += 1
-            # A call whose worker died after it was cancelled (killed on cancel,
-            # most often) is counted as cancelled only, not also as failed.
-            self._finish(worker, call, ok=False, count=not cancelled)
-        if cancelled:
-            return  # killed on cancel, or died after its awaiter left
-        if killed:
-            call._error = PoolClosedError(
-                f"{self._describe()} killed the worker running {describe(call.fn)} because "
-                f"close() or aclose() timed out before the call finished."
-            )
-        elif not worker.ready:
-            call._error = WorkerCrashed(
-                f"A new worker process (pid {worker.pid}) of {self._where} died while "
-                f"starting, {_exit_reason(exitcode)}, before it ran the call of "
-                f"{describe(call.fn)}. Only this call failed; the next call starts another "
-                f"worker. Check that the pool's initializer does not exit or crash, and, with "
-                f"the 'spawn' or 'forkserver' start method, that the main module can be "
-                f"imported again in a new process: guard the script's entry point with "
-                f"'if __name__ == \"__main__\":'.",
-                exitcode=exitcode,
-                pid=worker.pid,
-            )
-        else:
-            call._error = WorkerCrashed(
-                f"The worker process (pid {worker.pid}) of {self._where} running "
-                f"{describe(call.fn)} died {_exit_reason(exitcode)}. Only this call failed: "
-                f"the pool has dropped that worker and keeps serving.",
-                exitcode=exitcode,
-                pid=worker.pid,
-            )
-        call._channel.post(call)
-
-    def _abort(self, exc: BaseException) -> None:
-        """Close the pool at once after its manager thread failed; fail every call."""
-        logger.error(
-            "The manager thread of %s failed; the pool is closed.", self._where, exc_info=exc
-        )
-        with self._lock:
-            self._state = PoolState.CLOSED
-            calls = []
-            while (call := self._next_pending()) is not None:
-                calls.append(call)
-                call._phase = DONE
-                call._payload = None
-                self._failed += 1
-            self._pending.clear()
-            workers, self._workers, self._idle = self._workers, [], []
-            for worker in workers:
-                call = worker.call
-                if call is not None:
-                    calls.append(call)
-                    # An abandoned call was counted as cancelled already.
-                    self._finish(worker, call, ok=False, count=call._phase is not ABANDONED)
-            waiters, self._closed_waiters = self._closed_waiters, []
-        for worker in workers:
-            process = worker.process
-            with contextlib.suppress(Exception):
-                if process is not None:
-                    process.kill()
-                    process.join()
-                    process.close()
-                if worker.conn is not None:
-                    worker.conn.close()
-        for call in calls:
-            call._error = PoolClosedError(
-                f"{self._where} broke while running or queueing the call of "
-                f"{describe(call.fn)}: its manager thread failed ({type(exc).__name__}: {exc}), "
-                f"so the pool closed itself and killed its workers. Create a new ProcessPool; "
-                f"please report this as a bug in offloop if it was not caused by the process "
-                f"running out of memory."
-            )
-            call._error.__cause__ = exc
-            call._channel.post(call)
-        for waiter in waiters:
-            complete_waiter(waiter)
-
-
-def _exit_reason(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "for an unknown reason"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return f"from {name} (exit code {exitcode})"
-    return f"with exit code {exitcode}"

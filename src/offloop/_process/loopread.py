@@ -29,6 +29,7 @@ at the latest when the worker's pipe ends.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -78,6 +79,9 @@ class LoopReplies:
         if watcher is loop:
             worker.reader = loop
             return False
+        if watcher is not None and watcher.is_closed():
+            # Its selector, and the registration with it, are gone.
+            watcher = worker.watcher = None
         sock = worker.lsock
         if watcher is None and sock is not None and loop not in _NO_READER:
             try:
@@ -87,6 +91,11 @@ class LoopReplies:
             except NotImplementedError:
                 _NO_READER.add(loop)
             else:
+                # uvloop (libuv's uv_poll_init) makes the descriptor
+                # non-blocking, and with it the pipe's other descriptors:
+                # the manager's reads and the writer's writes expect blocking.
+                # This loop peeks and reads without blocking either way.
+                os.set_blocking(sock.fileno(), True)
                 worker.watcher = loop
                 worker.reader = loop
                 return False

@@ -36,8 +36,8 @@ def touch(path: str) -> None:
 
 
 def rebuild() -> str:
-    # Unpickling a result runs this on the manager thread of the pool's
-    # process; only there does it raise, and a BaseException at that.
+    # Unpickling a result runs this in the pool's process (on the loop's
+    # thread or the manager's); only there does it raise, and a BaseException at that.
     if multiprocessing.parent_process() is None:
         raise KeyboardInterrupt("raised while unpickling in the parent")
     return "rebuilt"

@@ -61,6 +61,7 @@ class LoopReplies:
 
     if TYPE_CHECKING:
         _lock: threading.Lock
+        _idle: list[ProcessWorker]
         _adopt: list[ProcessWorker]
         _run_name: str
         _max_tasks: int | None
@@ -102,6 +103,21 @@ class LoopReplies:
         # Another loop still watches it (it lets go on its next callback), or
         # this loop cannot watch descriptors.
         return self._to_manager(worker)
+
+    def _take_idle(self, loop: asyncio.AbstractEventLoop) -> ProcessWorker:
+        """Under _lock: the idle worker to give a call of ``loop`` (there is one).
+
+        The last one that loop watched (most recently used first): it costs
+        no registration. Else one no loop watches.
+        """
+        idle = self._idle
+        for index in range(len(idle) - 1, -1, -1):
+            if idle[index].watcher is loop:
+                return idle.pop(index)
+        for index in range(len(idle) - 1, -1, -1):
+            if idle[index].watcher is None:
+                return idle.pop(index)
+        return idle.pop()
 
     def _to_manager(self, worker: ProcessWorker) -> bool:
         """Under _lock: the manager thread reads the worker's replies from now on.

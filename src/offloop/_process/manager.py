@@ -46,10 +46,10 @@ __all__ = ["manage", "pool_dropped"]
 STOP_GRACE: Final = 2.0
 #: Seconds the manager polls for its next event before it sleeps. A reply
 #: that arrives while it still polls costs no wake-up of this thread: in a
-#: sequential round trip (reply, the loop sends the next call, the worker
-#: answers) that is one wake-up of two, the one anyio's design does without
-#: (its loop reads the worker's pipe itself). Long enough to span the
-#: caller's turn and the worker's; short enough to be nothing beside a call.
+#: chain of calls the manager reads (queued calls it hands out, replies a
+#: loop cannot read, see loopread.py) that is one wake-up of two. Long enough
+#: to span the caller's turn and the worker's; short enough to be nothing
+#: beside a call.
 SPIN_WINDOW: Final = 100e-6
 #: Seconds to wait for a killed worker to be reaped, and for the finalizer's byte.
 _REAP_WAIT: Final = 5.0

@@ -6,13 +6,15 @@ duplex pipe, and a record of the one call it runs. A worker that dies fails
 exactly that call with :class:`WorkerCrashed` and is replaced.
 
 Threads and wake-ups, per pool: one manager thread, named
-``offloop-process-<pool>``, waits (epoll) on every worker's pipe and process
-sentinel. It reads results, hands the freed worker its next queued call, and
-completes futures through the loop's batching channel (one
-``call_soon_threadsafe`` per burst). ``run()`` writes a small call straight to
-an idle worker's pipe from the event loop's thread, so a round trip costs two
-pipe writes and two wake-ups; the stdlib pool adds a feeder thread and a
-management thread hop on each side. A large call (over 64 KiB pickled) would
+``offloop-process-<pool>``, waits (epoll) on every worker's process sentinel,
+and on the pipes of the workers whose replies it reads. ``run()`` writes a
+small call straight to an idle worker's pipe from the event loop's thread, and
+that loop reads the reply itself (``loopread.py``): a round trip costs two pipe
+writes and two wake-ups, the worker's and the loop's. The manager reads the
+rest (large replies, queued calls it hands out, loops without ``add_reader``)
+and completes those futures through the loop's batching channel (one
+``call_soon_threadsafe`` per burst). The stdlib pool adds a feeder thread and
+a management thread hop on each side. A large call (over 64 KiB pickled) would
 block whoever writes it until the worker has read it, so a second thread,
 ``offloop-process-<pool>-writer``, writes those (see ``writer.py``).
 The manager thread also starts every worker, which matters on Linux: the
@@ -24,13 +26,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import inspect
 import multiprocessing
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.context import BaseContext
 from typing import Any, Final, ParamSpec, TypeVar, final
 
@@ -55,6 +56,7 @@ from .._core.validate import (
 )
 from .manager import manage, pool_dropped
 from .message import OutOfBandCall, detach
+from .options import check_initializer
 from .pickling import encode_call, main_reaches_children
 from .workers import (
     ProcessCall,
@@ -158,7 +160,7 @@ class ProcessPool(WorkerSet, PoolContext):
             "ProcessPool(kill_on_cancel=...)",
             "kill a call's worker process when its awaiter is cancelled",
         )
-        initargs = _check_initializer(initializer, initargs)
+        initargs = check_initializer(initializer, initargs)
         if mp_context is None or isinstance(mp_context, str):
             method = mp_context or DEFAULT_START_METHOD
             try:
@@ -305,21 +307,6 @@ class ProcessPool(WorkerSet, PoolContext):
         if worker is not None and large:
             self._send_later(fd, payload)
         return call
-
-    def _take_idle(self, loop: asyncio.AbstractEventLoop) -> ProcessWorker:
-        """Under _lock: the idle worker to give a call of ``loop`` (there is one).
-
-        The last one that loop watched (most recently used first): it costs
-        no registration. Else one no loop watches.
-        """
-        idle = self._idle
-        for index in range(len(idle) - 1, -1, -1):
-            if idle[index].watcher is loop:
-                return idle.pop(index)
-        for index in range(len(idle) - 1, -1, -1):
-            if idle[index].watcher is None:
-                return idle.pop(index)
-        return idle.pop()
 
     def executor(self) -> PoolExecutorView:
         """A ``concurrent.futures.Executor`` whose calls run in this pool (``submit``, ``map``).
@@ -530,38 +517,6 @@ class ProcessPool(WorkerSet, PoolContext):
         if manager is not None and manager is not threading.current_thread():
             # It has completed the waiters and only returns now: microseconds.
             manager.join()
-
-
-def _check_initializer(initializer: object, initargs: object) -> tuple[Any, ...]:
-    """Validate ``initializer`` and ``initargs``; return the arguments as a tuple."""
-    where = "ProcessPool(initializer=...)"
-    if initializer is not None:
-        if not callable(initializer):
-            raise TypeError(
-                f"{where} must be a function, called as initializer(*initargs) once in each new "
-                f"worker, got {describe(initializer)}."
-            )
-        kind = (
-            "a coroutine function"
-            if inspect.iscoroutinefunction(initializer)
-            else "an async generator function"
-            if inspect.isasyncgenfunction(initializer)
-            else None
-        )
-        if kind is not None:
-            raise TypeError(
-                f"{where} got {describe(initializer)}, {kind}, which would only create an "
-                f"object in each worker and never run it. Pass a plain function; it may call "
-                f"asyncio.run() on a coroutine."
-            )
-    if isinstance(initargs, (str, bytes, dict, set, frozenset)) or not isinstance(
-        initargs, Iterable
-    ):
-        raise TypeError(
-            f"ProcessPool(initargs=...) must be a tuple of the initializer's arguments, got "
-            f"{describe(initargs)}; for a single argument write initargs=(value,)."
-        )
-    return tuple(initargs)
 
 
 def _make_default() -> ProcessPool:

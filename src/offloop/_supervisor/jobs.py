@@ -146,7 +146,9 @@ class JobDecorators:
         ``expr`` has the five fields of crontab(5): minute, hour, day of month,
         month, day of week (``"30 18 * * *"``: 18:30 every day;
         ``"*/5 * * * 1-5"``: every five minutes on weekdays). It is read by
-        the ``cronsim`` package (``pip install 'offloop[cron]'``). The
+        the ``cronsim`` package (``pip install 'offloop[cron]'``). A sixth
+        field (seconds, or a year, depending on the library) is refused:
+        use :meth:`every` for runs more often than once a minute. The
         schedule follows the wall clock in the time zone ``tz``, so a
         machine that slept, or a clock that was set, is noticed.
 

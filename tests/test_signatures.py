@@ -82,6 +82,7 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
             ("isolate", KW, None),
             ("name", KW, None),
             ("depends_on", KW, ()),
+            ("on_dependency_restart", KW, "restart"),
             ("oneshot", KW, False),
             ("retry_startup", KW, False),
             ("startup_window", KW, 1.0),

@@ -13,6 +13,7 @@ import pytest
 
 from offloop import StopToken, Supervisor, SupervisorState, WSGIService
 from offloop._supervisor.logs import make_handler
+from offloop._supervisor.metrics import metrics_text
 from offloop._supervisor.supervised import SHUTDOWN_OVERRUN
 from tests.helpers import QUICK_WAIT, await_until, bounded, http_get
 from tests.supervisor.test_supervisor import Recorder
@@ -105,6 +106,11 @@ async def test_dependents_stop_in_reverse_order_and_start_again_once_it_is_ready
             assert status[name]["dependency_restarts"] == 1
             assert status[name]["restarting_with"] is None
         assert status["cache"]["dependency_restarts"] == 0
+        metrics = metrics_text(sv).splitlines()
+        name = "offloop_service_dependency_restarts_total"
+        assert f'{name}{{supervisor="cascade",service="api"}} 1' in metrics
+        assert f'{name}{{supervisor="cascade",service="cache"}} 0' in metrics
+        assert 'offloop_service_restarts_total{supervisor="cascade",service="api"} 0' in metrics
     cascade = [(e["state"], e["service"], e["dependency"]) for e in events(log_lines, "cascade")]
     assert cascade == [
         ("stopping", "bot", "db"),
@@ -290,3 +296,135 @@ def test_on_dependency_restart_must_be_restart_or_keep(bad: object) -> None:
     with pytest.raises(ValueError, match="'keep' \\(leave it running"):
         sv.service(on_dependency_restart=bad)  # type: ignore[call-overload]
     assert sv.services == {}
+
+
+@bounded(10)
+async def test_the_dependents_own_restart_budget_is_untouched() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="budget")
+    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
+    # No restart of its own allowed: a restart counted against it would fail the supervisor.
+    sv.add(Recorder("api", journal), depends_on=["db"], max_restarts=0)
+    async with sv:
+        for n in (1, 2):
+            db.crash()
+            await await_until(
+                lambda n=n: (
+                    sv.status()["api"].dependency_restarts == n  # type: ignore[misc]
+                    and sv.status()["api"].state == "running"
+                ),
+                QUICK_WAIT,
+                f"api started again after db's restart #{n}",
+            )
+        assert sv.state is SupervisorState.RUNNING
+        assert sv.status()["api"].restarts == 0
+        assert sv.status()["db"].restarts == 2
+
+
+@bounded(10)
+async def test_a_dependent_of_two_restarting_services_starts_once_both_are_ready() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="two")
+    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
+    cache = sv.add(Crashable("cache", journal), backoff=0.01, max_backoff=0.01)
+    sv.add(Recorder("api", journal), depends_on=["db", "cache"])
+    async with sv:
+        del journal[:]
+        db.gate.clear()
+        db.crash()
+        await await_until(lambda: db.starts == 2, QUICK_WAIT, "db restarting")
+        cache.crash()
+        await await_until(
+            lambda: sv.status()["cache"].restarts == 1 and sv.status()["cache"].state == "running",
+            QUICK_WAIT,
+            "cache restarted",
+        )
+        assert sv.status()["api"].state == "restarting"  # db is not ready yet
+        db.gate.set()
+        await await_until(lambda: sv.status()["api"].state == "running", QUICK_WAIT, "api")
+        assert journal == [
+            "crash db",
+            "stop api",
+            "crash cache",
+            "start cache",
+            "start db",
+            "start api",
+        ]
+        assert sv.status()["api"].dependency_restarts == 1
+
+
+class GatedStart(Recorder):
+    """A Recorder whose restarts wait in ``start()`` until ``gate`` is set."""
+
+    def __init__(self, name: str, journal: list[str]) -> None:
+        super().__init__(name, journal)
+        self.starts = 0
+        self.gate = asyncio.Event()
+
+    async def start(self) -> None:
+        self.starts += 1
+        await super().start()
+        if self.starts > 1:
+            await self.gate.wait()
+
+
+@bounded(10)
+async def test_a_dependency_that_restarts_again_while_its_dependents_start_stops_them_again() -> (
+    None
+):
+    journal: list[str] = []
+    sv = Supervisor(name="again")
+    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
+    api = sv.add(GatedStart("api", journal), depends_on=["db"])
+    sv.add(Recorder("bot", journal), depends_on=["api"])
+    async with sv:
+        del journal[:]
+        db.crash()
+        await await_until(lambda: api.starts == 2, QUICK_WAIT, "api starting again")
+        db.crash()  # while api is still starting, bot not yet
+        api.gate.set()
+        await await_until(
+            lambda: (
+                all(st.state == "running" for st in sv.status().values())
+                and sv.status()["bot"].dependency_restarts == 1
+            ),
+            QUICK_WAIT,
+            "everything running again",
+        )
+        assert journal == [
+            "crash db",
+            "stop bot",
+            "stop api",
+            "start db",
+            "start api",  # cut short by db's second crash: stop() cleans up
+            "crash db",
+            "stop api",
+            "start db",
+            "start api",
+            "start bot",
+        ]
+        assert sv.status()["api"].dependency_restarts == 2
+        assert sv.status()["api"].restarts == 0
+
+
+@bounded(10)
+async def test_the_live_table_shows_a_restart_with_a_dependency() -> None:
+    from rich.console import Console
+
+    from offloop._cli.run import render_table
+
+    journal: list[str] = []
+    sv = Supervisor(name="table")
+    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
+    sv.add(Recorder("api", journal), depends_on=["db"])
+    async with sv:
+        db.gate.clear()
+        db.crash()
+        await await_until(lambda: db.starts == 2, QUICK_WAIT, "db restarting")
+        console = Console(record=True, width=120, color_system=None)
+        console.print(render_table(sv))
+        assert "restarting (with db)" in console.export_text()
+        db.gate.set()
+        await await_until(lambda: sv.status()["api"].state == "running", QUICK_WAIT, "api")
+        console.print(render_table(sv))
+        assert "0 (+1 with deps)" in console.export_text()

@@ -13,7 +13,9 @@ Families:
 - ``offloop_supervisor_state{supervisor,state}`` and
   ``offloop_service_state{supervisor,service,state}``: 1 for the current
   state, 0 for the others (every state is listed, so a query never misses a
-  series); ``offloop_service_restarts_total{supervisor,service}``;
+  series); ``offloop_service_restarts_total{supervisor,service}`` and
+  ``offloop_service_dependency_restarts_total{supervisor,service}`` (restarts
+  with a dependency, see :mod:`.cascade`);
 - per pool (``pool``, ``kind`` = ``thread`` or ``process``):
   ``offloop_pool_workers``, ``offloop_pool_queued``, ``offloop_pool_running``
   (gauges) and ``offloop_pool_calls_total{outcome=completed|failed|cancelled}``;
@@ -142,6 +144,19 @@ def metrics_text(sv: SupervisorView) -> str:
         "How many times the supervisor restarted each service.",
         (
             _sample("offloop_service_restarts_total", {"supervisor": sup, "service": n}, s.restarts)
+            for n, s in statuses.items()
+        ),
+    )
+    lines += _family(
+        "offloop_service_dependency_restarts_total",
+        "counter",
+        "How many times each service was restarted because a service it depends on was.",
+        (
+            _sample(
+                "offloop_service_dependency_restarts_total",
+                {"supervisor": sup, "service": n},
+                s.dependency_restarts,
+            )
             for n, s in statuses.items()
         ),
     )

@@ -260,6 +260,7 @@ async def test_a_stop_while_dependents_are_held_stops_them_without_starting_them
     # db's restart was cut short (its stop() cleans up); api was not started again.
     assert journal == ["crash db", "stop api", "stop db"]
     assert {n: st.state for n, st in sv.status().items()} == {"db": "stopped", "api": "stopped"}
+    assert sv.status()["api"].restarting_with is None  # stopped for good now
 
 
 @bounded(10)

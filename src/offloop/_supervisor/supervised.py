@@ -301,6 +301,8 @@ class Supervised:
             self.state = _ST.RESTARTING
             self.renew_ready()
         else:
+            self.held.clear()
+            self.restarting_with = None
             self.end(_ST.STOPPED)
 
     async def stop(self, deadline: float, *, hold: str | None = None) -> None:

@@ -429,3 +429,44 @@ async def test_the_live_table_shows_a_restart_with_a_dependency() -> None:
         await await_until(lambda: sv.status()["api"].state == "running", QUICK_WAIT, "api")
         console.print(render_table(sv))
         assert "0 (+1 with deps)" in console.export_text()
+
+
+class FirstStartWaits(Recorder):
+    """A Recorder whose first ``start()`` waits (for ever, unless cut short)."""
+
+    def __init__(self, name: str, journal: list[str]) -> None:
+        super().__init__(name, journal)
+        self.starts = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        await super().start()
+        if self.starts == 1:
+            await asyncio.Event().wait()
+
+
+@bounded(10)
+async def test_a_restart_while_the_supervisor_starts_holds_the_dependent_it_waits_for() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="early")
+    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
+    api = sv.add(FirstStartWaits("api", journal), depends_on=["db"])
+    sv.add(Recorder("bot", journal), depends_on=["api"])
+    entering = asyncio.ensure_future(sv.__aenter__())
+    try:
+        await await_until(lambda: api.starts == 1, QUICK_WAIT, "api starting")
+        db.crash()  # the start waits for api, which the cascade stops and starts again
+        await asyncio.wait_for(entering, QUICK_WAIT)
+        assert journal == [
+            "start db",
+            "start api",
+            "crash db",
+            "stop api",
+            "start db",
+            "start api",
+            "start bot",
+        ]
+        assert sv.state is SupervisorState.RUNNING
+        assert sv.status()["api"].dependency_restarts == 1
+    finally:
+        await sv.__aexit__(None, None, None)

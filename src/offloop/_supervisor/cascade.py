@@ -30,7 +30,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, Final, Protocol
 
 from .status import ServiceState
-from .supervised import Supervised
+from .supervised import LAST_CHANCE, Supervised
 
 __all__ = ["Cascade", "CascadeHost"]
 
@@ -169,8 +169,9 @@ class Cascade:
         """Wait for the cascade's tasks to end; the shutdown already stopped their services."""
         self.cancel_starts()
         if self._tasks:
-            # The stops left are bounded by their own deadline, which is due by now.
-            await asyncio.wait(set(self._tasks), timeout=0.1)
+            # A stop task left has only its last service's stop to finish, which
+            # the shutdown waited for (or gave up on): a last chance is plenty.
+            await asyncio.wait(set(self._tasks), timeout=LAST_CHANCE)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

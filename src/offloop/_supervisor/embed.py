@@ -35,6 +35,7 @@ from typing import Any, Final, Protocol
 
 from .._core.errors import ServiceFailed
 from .._core.validate import describe
+from .._services._thirdparty import run_until_complete_task as main_task
 from .status import SupervisorState
 
 __all__ = ["Embeddable", "Embedding", "HostLifecycle", "OnFailure"]
@@ -239,7 +240,7 @@ class Embedding:
             )
             self.cancelled_caller = True
             caller.cancel(f"offloop: {failure}")
-        elif loop is not None and not loop.is_closed() and (main := _main_task(loop)) is not None:
+        elif loop is not None and not loop.is_closed() and (main := main_task(loop)) is not None:
             logger.error(
                 "%s: cancelling %s, the task the event loop runs to completion (asyncio.run's "
                 "main task), once the services have stopped, so that the program ends with the "
@@ -330,23 +331,6 @@ class HostLifecycle:
                 ready, or stopped since.
         """
         await self._embed.wait_ready()
-
-
-def _main_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
-    """The task ``loop.run_until_complete()`` runs (``asyncio.run``'s main task), if any.
-
-    No public API names it: it is found by the done callback that
-    ``run_until_complete`` adds to it (asyncio's ``_run_until_complete_cb``,
-    uvloop's ``run_until_complete.<locals>.done_cb``). None under
-    ``run_forever()``, or on a loop whose callbacks cannot be read.
-    """
-    for task in asyncio.all_tasks(loop):
-        for entry in getattr(task, "_callbacks", None) or ():
-            fn = entry[0] if isinstance(entry, tuple) else entry
-            qualname = getattr(fn, "__qualname__", "")
-            if qualname == "_run_until_complete_cb" or qualname.startswith("run_until_complete."):
-                return task
-    return None
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, ParamSpec, TypedDict, TypeVar, final
 
-from .._core.errors import NotPicklableError, PoolClosedError, WorkerCrashed
+from .._core.errors import NotPicklableError, PoolClosedError
 from .._core.extras import require
 from .._core.offload import (
     ABANDONED,
@@ -49,7 +49,8 @@ from .._core.poolbase import PoolContext, PoolState
 from .._core.validate import check_seconds, check_sync_callable, describe
 from .clientloop import ClientLoop
 from .daskargs import ScatterCache, make_runner, split_arguments
-from .pickling import OK, RemoteTraceback, encode_call
+from .daskerrors import client_closed, last_line, load_failed, translate
+from .pickling import OK, encode_call
 
 __all__ = ["DaskPool"]
 
@@ -304,7 +305,7 @@ class DaskPool(PoolContext):
         # Under _lock, on the first call: find or start the client's loop.
         given = self._given
         if given is not None and given.status in ("closing", "closed"):
-            raise self._client_closed(None)
+            raise client_closed(self._named(), None)
         theirs: Any = None if given is None else given.loop.asyncio_loop
         # distributed's "asynchronous" is true on the client's own loop: here,
         # false for a client whose loop runs in another thread (a blocking
@@ -357,7 +358,7 @@ class DaskPool(PoolContext):
             )
         given = self._given
         if given is not None and given.status in ("closing", "closed"):
-            raise self._client_closed(None)
+            raise client_closed(self._named(), None)
 
     def _where(self) -> str | None:
         where = self._address
@@ -409,10 +410,9 @@ class DaskPool(PoolContext):
                 call._data = call._deps = None
                 del deps
                 reply = await future
-                # Not raised here: _translate would take it for Dask's error.
-                ok, value = (
-                    (True, reply[1]) if reply[0] == OK else (False, self._load_failed(fn, reply))
-                )
+                # Not raised here: translate() would take it for Dask's error.
+                ok = reply[0] == OK
+                value = reply[1] if ok else load_failed(self._named(), fn, reply)
         except asyncio.CancelledError:
             cancelled = True
             if future is not None and client is not None:
@@ -420,7 +420,7 @@ class DaskPool(PoolContext):
                 with contextlib.suppress(Exception):
                     await client.cancel([future])
         except BaseException as exc:  # the call's outcome, whatever it is
-            value = self._translate(call, exc, future, client)
+            value = translate(self._named(), self._distributed, call.fn, exc, future, client)
         finally:
             call._data = call._deps = None
             self._tasks.pop(call, None)
@@ -443,57 +443,6 @@ class DaskPool(PoolContext):
             else:
                 call._error = value
             call._channel.post(call)
-
-    def _translate(
-        self, call: DaskCall, exc: BaseException, future: Any, client: Any
-    ) -> BaseException:
-        fn = call.fn
-        distributed = self._distributed
-        original = exc  # isinstance() against distributed's classes (Any) would untype exc
-        if isinstance(exc, TypeError) and future is not None and future.status == "finished":
-            # A task that finished but whose result would not come back: it
-            # cannot be pickled (Dask says so in a TypeError).
-            error: BaseException = NotPicklableError(
-                f"{self._named()}: {describe(fn)} ran on a Dask worker, but its result "
-                f"cannot be pickled to send it back ({_last_line(exc)}). Return plain data "
-                f"instead (e.g. a path instead of an open file)."
-            )
-        elif isinstance(exc, distributed.KilledWorker):
-            error = WorkerCrashed(
-                f"{self._named()}: the workers running {describe(fn)} died while running it, "
-                f"as many times as the scheduler allows ({exc}). Only this call failed; look "
-                f"at the workers' logs for what killed them (memory limit, segfault)."
-            )
-        elif isinstance(exc, distributed.client.FutureCancelledError) and (
-            client is not None and client.status not in ("closing", "closed")
-        ):
-            return original  # cancelled on the cluster by someone else: Dask's own error says so
-        elif isinstance(
-            exc,
-            (distributed.client.ClosedClientError, distributed.client.FutureCancelledError),
-        ):
-            error = self._client_closed(fn)
-        else:
-            return original
-        error.__cause__ = exc
-        return error
-
-    def _client_closed(self, fn: Callable[..., Any] | None) -> PoolClosedError:
-        what = f"{describe(fn)} cannot run or finish" if fn is not None else "it takes no calls"
-        return PoolClosedError(
-            f"{self._named()}: its distributed.Client was closed, so {what}. Close the pool "
-            f"before its client, or create a new DaskPool with an open client."
-        )
-
-    def _load_failed(self, fn: Callable[..., Any], reply: tuple[Any, ...]) -> NotPicklableError:
-        error = NotPicklableError(
-            f"{self._named()}: the Dask worker could not unpickle the call of {describe(fn)} "
-            f"({reply[1]}). Functions and classes are sent by reference: their module must be "
-            f"importable on the workers (install it there, or send it with "
-            f"client.upload_file())."
-        )
-        error.__cause__ = RemoteTraceback(reply[2], "the Dask worker")
-        return error
 
     async def _connected(self) -> Any:
         if self._client is not None:
@@ -545,7 +494,7 @@ class DaskPool(PoolContext):
             if isinstance(exc, TypeError) or "pickle" in str(exc).lower():
                 raise NotPicklableError(
                     f"{self._named()}.scatter() cannot send {describe(obj)}: it cannot be "
-                    f"pickled ({_last_line(exc)})."
+                    f"pickled ({last_line(exc)})."
                 ) from exc
             raise
         return reference
@@ -597,9 +546,3 @@ def _dropped(thread: ClientLoop, opened: list[Any], where: str) -> None:
             ResourceWarning,
             stacklevel=2,
         )
-
-
-def _last_line(exc: BaseException) -> str:
-    # Dask's message ends with the pickler's own error, after a traceback.
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__

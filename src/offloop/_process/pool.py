@@ -56,13 +56,8 @@ from .._core.validate import (
 from .manager import manage, pool_dropped
 from .message import OutOfBandCall, detach
 from .pickling import encode_call, main_reaches_children
-from .workers import (
-    ProcessCall,
-    ProcessPoolStatistics,
-    ProcessWorker,
-    WorkerSet,
-    ask_to_exit,
-)
+from .records import ProcessCall, ProcessPoolStatistics, ProcessWorker, ask_to_exit
+from .workers import WorkerSet
 from .writer import LARGE_PAYLOAD, Payload, is_small
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]

@@ -99,7 +99,17 @@ async def test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site() 
     ] == [*(str(b) for b in CALL_BUCKETS), "+Inf"]
     assert _value(durations, "offloop_pool_call_seconds_sum", **pool_labels) > 0
     # Every open pool has one, the default ones included.
-    assert {s.labels["kind"] for s in durations} <= {"thread", "process"}
+    assert {s.labels["kind"] for s in durations} <= {"thread", "process", "dask"}
+    waits = fams["offloop_pool_queue_wait_seconds"]
+    # The same calls as the run-time histogram.
+    assert _value(waits, "offloop_pool_queue_wait_seconds_count", **pool_labels) == 3
+    assert _value(waits, "offloop_pool_queue_wait_seconds_bucket", le="+Inf", **pool_labels) == 3
+    assert [
+        s.labels["le"]
+        for s in waits
+        if s.name == "offloop_pool_queue_wait_seconds_bucket" and s.labels["pool"] == "metrics-pool"
+    ] == [*(str(b) for b in CALL_BUCKETS), "+Inf"]
+    assert {s.labels["pool"] for s in waits} == {s.labels["pool"] for s in durations}
 
     lag = fams["offloop_loop_lag_seconds"]
     buckets = [s for s in lag if s.name == "offloop_loop_lag_seconds_bucket"]

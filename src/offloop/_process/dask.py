@@ -31,7 +31,8 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final, ParamSpec, TypedDict, TypeVar, final
+from time import monotonic
+from typing import Any, Final, ParamSpec, TypeVar, final
 
 from .._core.errors import NotPicklableError, PoolClosedError
 from .._core.extras import require
@@ -46,9 +47,11 @@ from .._core.offload import (
     running_loop,
 )
 from .._core.poolbase import PoolContext, PoolState
-from .._core.validate import check_seconds, check_sync_callable, describe
+from .._core.registry import register
+from .._core.validate import check_seconds, check_sync_callable, check_thread_name, describe
 from .clientloop import ClientLoop
 from .daskargs import ScatterCache, make_runner, split_arguments
+from .daskcounts import DaskCounters
 from .daskerrors import client_closed, last_line, load_failed, translate
 from .pickling import OK, encode_call
 
@@ -66,16 +69,6 @@ _pool_numbers: Final = itertools.count(1)
 _DROP_CLOSE: Final = 5.0
 
 
-class DaskPoolStatistics(TypedDict):
-    """What :meth:`DaskPool.statistics` returns."""
-
-    state: str
-    running: int
-    completed: int
-    failed: int
-    cancelled: int
-
-
 class DaskCall(OffloadFuture[Any]):
     # The future of one cluster call: the pickled call and what travels beside it.
     __slots__ = ("_data", "_deps", "_slots")
@@ -86,7 +79,7 @@ class DaskCall(OffloadFuture[Any]):
 
 
 @final
-class DaskPool(PoolContext):
+class DaskPool(DaskCounters, PoolContext):
     """Run blocking or CPU-bound functions on a Dask ``distributed`` cluster.
 
     ``await pool.run(fn, *args, **kwargs)`` submits ``fn(*args, **kwargs)`` to
@@ -114,17 +107,28 @@ class DaskPool(PoolContext):
     cluster once and sent by reference: passing the same object to many calls
     sends it once. Send any other large object once with :meth:`scatter`.
 
+    ``name`` is the pool's ``pool`` label in the supervisor's ``/metrics``
+    (where its ``kind`` is ``dask``); default ``dask<n>``.
+
     Raises:
         MissingExtraError: ``distributed`` is not installed (``offloop[dask]``).
         TypeError: neither or both of ``address`` and ``client`` were given.
         TypeError, ValueError: ``connect_timeout`` is not a number of seconds > 0.
+        TypeError, ValueError: ``name`` is not a non-empty str.
 
     The first :meth:`run` fails with ``ConnectionError`` naming the address
     when no scheduler answers there within ``connect_timeout`` seconds.
     """
 
+    _kind = "dask"  # the kind label of its /metrics series
+
     def __init__(
-        self, address: str | None = None, *, client: Any = None, connect_timeout: float = 30.0
+        self,
+        address: str | None = None,
+        *,
+        client: Any = None,
+        connect_timeout: float = 30.0,
+        name: str | None = None,
     ) -> None:
         distributed = require("distributed", "dask", feature=_FEATURE)
         if (address is None) == (client is None):
@@ -144,6 +148,7 @@ class DaskPool(PoolContext):
         self._connect_timeout = check_seconds(
             connect_timeout, "DaskPool(connect_timeout=...)", positive=True
         )
+        check_thread_name(name, "DaskPool", names="its /metrics series")
         self._distributed = distributed
         dask_utils = require("dask.utils", "dask", feature=_FEATURE)
         self._funcname: Callable[[Any], str] = dask_utils.funcname
@@ -154,11 +159,9 @@ class DaskPool(PoolContext):
         self._owns_client = False
         self._lock = threading.Lock()
         self._state = PoolState.OPEN
-        self._running = 0
-        self._completed = 0
-        self._failed = 0
-        self._cancelled = 0
+        self._init_counters()
         self._number = next(_pool_numbers)
+        self._name = name or f"dask{self._number}"
         self._thread = ClientLoop(f"offloop-dask-{self._number}")
         #: The loop the client lives on; set by the first call.
         self._home: asyncio.AbstractEventLoop | None = None
@@ -173,6 +176,12 @@ class DaskPool(PoolContext):
         self._connecting: asyncio.Future[Any] | None = None
         self._idle: asyncio.Event | None = None
         self._scattered = ScatterCache(distributed.Future)
+        register(self)
+
+    @property
+    def name(self) -> str:
+        """The pool's name, its ``pool`` label in ``/metrics``."""
+        return self._name
 
     @property
     def client(self) -> Any:
@@ -250,21 +259,6 @@ class DaskPool(PoolContext):
                 self._start()
         return await asyncio.wrap_future(self._on_home(lambda: self._scatter_now(obj)))
 
-    def statistics(self) -> DaskPoolStatistics:
-        """Counters of this pool's calls.
-
-        Keys: ``state``, ``running`` (queued or on the cluster), ``completed``,
-        ``failed``, ``cancelled``.
-        """
-        with self._lock:
-            return {
-                "state": self._state.value,
-                "running": self._running,
-                "completed": self._completed,
-                "failed": self._failed,
-                "cancelled": self._cancelled,
-            }
-
     async def aclose(self) -> None:
         """Refuse new calls, wait for running ones, close what the pool opened, end its thread.
 
@@ -339,6 +333,7 @@ class DaskPool(PoolContext):
         with self._lock:
             if call._phase is QUEUED:
                 call._phase = SKIPPED  # _serve drops it
+                self._skipped += 1
             elif call._phase is RUNNING:
                 call._phase = ABANDONED
             else:
@@ -398,6 +393,7 @@ class DaskPool(PoolContext):
         cancelled = skipped
         future = None
         client = None
+        sent = -1.0  # monotonic, when handed to the client; -1: never
         try:
             if not skipped:
                 client = await self._connected()
@@ -407,6 +403,9 @@ class DaskPool(PoolContext):
                 # A key of its own per call: equal calls each run, none shares
                 # another's result.
                 future = client.submit(_run_call, call._data, call._slots, *deps, key=key)
+                with self._lock:
+                    sent = monotonic()
+                    self._on_cluster += 1
                 call._data = call._deps = None
                 del deps
                 reply = await future
@@ -429,11 +428,17 @@ class DaskPool(PoolContext):
             abandoned = call._phase is not RUNNING
             call._phase = DONE
             self._running -= 1
+            if skipped:
+                self._skipped -= 1
+            if sent >= 0:
+                self._on_cluster -= 1
             if not (cancelled or abandoned):
                 if ok:
                     self._completed += 1
                 else:
                     self._failed += 1
+                if sent >= 0:
+                    self._record(call, sent)
             idle = self._running == 0
         if idle and self._idle is not None:
             self._idle.set()

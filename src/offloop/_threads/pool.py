@@ -52,7 +52,6 @@ import contextvars
 import logging
 import queue
 import threading
-import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -78,6 +77,7 @@ from .._core.offload import (
 )
 from .._core.poolbase import PoolState, complete_waiter
 from .._core.poolexecutor import PoolExecutorView
+from .._core.registry import register
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
@@ -122,7 +122,6 @@ SPIN_WINDOW: Final = 50e-6
 OnCancel = Literal["abandon", "wait"]
 
 
-_pools: Final[weakref.WeakSet[ThreadPool]] = weakref.WeakSet()
 _pool_numbers: Final = iter(range(1, 1 << 62))
 
 
@@ -152,6 +151,8 @@ class ThreadPool(ThreadPoolGrowth):
         async with offloop.ThreadPool(4, name="db") as pool:
             rows = await pool.run(query, "select 1", timeout=5)
     """
+
+    _kind = "thread"  # the kind label of its /metrics series
 
     def __init__(
         self,
@@ -211,6 +212,11 @@ class ThreadPool(ThreadPoolGrowth):
         # (CALL_BUCKETS, then +Inf) and their sum in seconds.
         self._call_counts = new_counts()
         self._call_seconds = 0.0
+        # Queue waits of the same calls (from run() to a worker taking the
+        # call), recorded with their run time, so both histograms count the
+        # same calls.
+        self._wait_counts = new_counts()
+        self._wait_seconds = 0.0
         # The result channels (one per loop) of the loops with a rebalancing
         # check armed. Each loop whose calls wait in _pending arms its own, so
         # a loop that stopped or blocks cannot keep the pool from dispatching
@@ -220,7 +226,7 @@ class ThreadPool(ThreadPoolGrowth):
         # WeakSet's test is Python code).
         self._armed: set[Channel] = set()
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
-        _pools.add(self)
+        register(self)
 
     # -- public API ---------------------------------------------------------
 
@@ -262,6 +268,7 @@ class ThreadPool(ThreadPoolGrowth):
         call._owner = self
         call._token = None
         call._sink = loop_local.sink
+        call._submitted = monotonic()
         self._submit(call)
         return call
 
@@ -496,9 +503,13 @@ class ThreadPool(ThreadPoolGrowth):
                     self._failed += 1
                 # Run time: worker.started was stamped when this thread took
                 # the call, so one clock read and a bisect is the whole cost.
-                ran = monotonic() - worker.started
+                started = worker.started
+                ran = monotonic() - started
                 self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
                 self._call_seconds += ran
+                waited = started - call._submitted
+                self._wait_counts[bisect_left(CALL_BUCKETS, waited)] += 1
+                self._wait_seconds += waited
                 if call._phase is CANCELLING:
                     call._error = DeferredCancel()  # delivered as the cancellation
                 call._phase = DONE

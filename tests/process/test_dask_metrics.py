@@ -101,7 +101,9 @@ async def test_counters_histograms_and_metrics_of_a_dask_pool(cluster: Any, tmp_
         samples = fams[family]
         assert _value(samples, f"{family}_count", **labels) == 5
         assert _value(samples, f"{family}_bucket", le="+Inf", **labels) == 5
-    assert _value(fams["offloop_pool_call_seconds"], "offloop_pool_call_seconds_sum", **labels) >= 0.06
+    assert (
+        _value(fams["offloop_pool_call_seconds"], "offloop_pool_call_seconds_sum", **labels) >= 0.06
+    )
 
 
 async def test_a_closed_dask_pool_leaves_metrics_and_a_bad_name_is_refused(cluster: Any) -> None:

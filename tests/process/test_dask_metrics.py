@@ -14,6 +14,7 @@ import pytest
 
 import offloop
 from offloop._core.latency import CALL_BUCKETS
+from offloop._supervisor.metrics import metrics_text
 from offloop._supervisor.statusserver import start_status_server
 from tests.helpers import SPAWN_WAIT as WAIT
 from tests.helpers import await_until, wait_for_file
@@ -112,7 +113,7 @@ async def test_a_closed_dask_pool_leaves_metrics_and_a_bad_name_is_refused(clust
     sv = offloop.Supervisor(name="dask-closed")
     async with offloop.DaskPool(cluster.scheduler_address, name="gone") as pool:
         assert (await asyncio.wait_for(pool.run(add, 1, 1), WAIT))[0] == 2
-    fams = _parse(offloop._supervisor.metrics.metrics_text(sv))
+    fams = _parse(metrics_text(sv))
     assert not [s for s in fams["offloop_pool_calls"] if s.labels["pool"] == "gone"]
     with pytest.raises(ValueError, match="name"):
         offloop.DaskPool(cluster.scheduler_address, name="")

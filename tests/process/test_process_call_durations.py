@@ -32,6 +32,8 @@ async def test_process_calls_are_counted_and_a_sleeping_call_lands_above_its_bou
     assert hist["sum"] >= 0.06
 
 
+# The recording is in the pool's manager thread, whatever the loop: one loop kind.
+@pytest.mark.loops("asyncio")
 @bounded(SPAWN_WAIT)
 async def test_a_call_queued_behind_a_busy_worker_process_shows_its_wait(tmp_path: Path) -> None:
     gate, started = tmp_path / "gate", tmp_path / "started"

@@ -1,4 +1,4 @@
-"""Validation of ProcessPool's options that takes more than a line."""
+"""Checks of ProcessPool's options that take more than a type test."""
 
 from __future__ import annotations
 

@@ -46,6 +46,7 @@ from .._core.poolbase import (
     refuse_blocking_close,
 )
 from .._core.poolexecutor import PoolExecutorView, shut_views_of
+from .._core.registry import pools_of, register
 from .._core.validate import (
     check_bool,
     check_close_timeout,
@@ -58,13 +59,8 @@ from .manager import manage, pool_dropped
 from .message import OutOfBandCall, detach
 from .options import check_initializer
 from .pickling import encode_call, main_reaches_children
-from .workers import (
-    ProcessCall,
-    ProcessPoolStatistics,
-    ProcessWorker,
-    WorkerSet,
-    ask_to_exit,
-)
+from .records import ProcessCall, ProcessPoolStatistics, ProcessWorker, ask_to_exit
+from .workers import WorkerSet
 from .writer import LARGE_PAYLOAD, Payload, is_small
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
@@ -85,7 +81,6 @@ _EXIT_WAIT: Final = 2.0
 #: Seconds aclose() gives exited workers to be reaped, after any kill.
 _REAP_TIMEOUT: Final = 10.0
 
-_pools: Final[weakref.WeakSet[ProcessPool]] = weakref.WeakSet()
 _pool_numbers: Final = iter(range(1, 1 << 62))
 
 
@@ -140,6 +135,8 @@ class ProcessPool(WorkerSet, PoolContext):
         ValueError: ``max_workers`` or ``max_tasks_per_worker`` is below 1, or
             ``mp_context`` names an unknown start method.
     """
+
+    _kind = "process"  # the kind label of its /metrics series
 
     def __init__(
         self,
@@ -199,7 +196,7 @@ class ProcessPool(WorkerSet, PoolContext):
         )
         self._main_by_value = main_by_value
         self._kill_on_cancel = kill_on_cancel
-        _pools.add(self)
+        register(self)
 
     # -- public API ---------------------------------------------------------
 
@@ -529,7 +526,7 @@ _default: Final = DefaultPool(_make_default, new_after_fork=True)
 
 
 def _disown_workers_after_fork() -> None:
-    for pool in list(_pools):
+    for pool in pools_of(ProcessPool):
         pool._disown_workers()
 
 
@@ -585,7 +582,7 @@ def _stop_workers_at_exit() -> None:
     # two threads waiting for one child, the one that lost saw it gone yet
     # "still running" (Process.close) and failed the pool with an ERROR.
     closing: list[tuple[ProcessPool, threading.Event]] = []
-    for pool in list(_pools):
+    for pool in pools_of(ProcessPool):
         if pool._finalizer is not None:
             pool._finalizer.detach()  # stopped here, not warned about at teardown
         closed = threading.Event()

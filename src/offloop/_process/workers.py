@@ -36,16 +36,10 @@ from .child import worker_main
 from .exits import WorkerExits
 from .loopread import PEEK, LoopReplies
 from .pickling import InitFailure, RemoteTraceback, decode_reply
-from .records import (
-    MANAGER,
-    ProcessCall,
-    ProcessPoolStatistics,
-    ProcessWorker,
-    ask_to_exit,
-)
+from .records import MANAGER, ProcessCall, ProcessWorker, ask_to_exit
 from .writer import Payload, PayloadWriter, is_small
 
-__all__ = ["ProcessCall", "ProcessPoolStatistics", "ProcessWorker", "WorkerSet", "ask_to_exit"]
+__all__ = ["WorkerSet"]
 
 
 class WorkerSet(LoopReplies, WorkerExits):
@@ -95,6 +89,9 @@ class WorkerSet(LoopReplies, WorkerExits):
         # Times from handing a call to a worker to its reply (see call_durations).
         self._call_counts = new_counts()
         self._call_seconds = 0.0
+        # Times from run() to handing the call to a worker (see queue_waits).
+        self._wait_counts = new_counts()
+        self._wait_seconds = 0.0
         # Set once close()/aclose() timed out and killed the workers.
         self._killed_all = False
 
@@ -135,6 +132,17 @@ class WorkerSet(LoopReplies, WorkerExits):
         """
         with self._lock:
             counts, total = list(self._call_counts), self._call_seconds
+        return histogram_snapshot(counts, total)
+
+    def queue_waits(self) -> CallHistogram:
+        """A histogram of how long calls waited from ``run()`` until handed to a worker.
+
+        The time queued behind busy workers (a worker started for the call
+        counts in :meth:`call_durations`, not here). Recorded when the call
+        ends, so it counts the same calls as :meth:`call_durations`.
+        """
+        with self._lock:
+            counts, total = list(self._wait_counts), self._wait_seconds
         return histogram_snapshot(counts, total)
 
     def _describe(self) -> str:
@@ -346,6 +354,10 @@ class WorkerSet(LoopReplies, WorkerExits):
             ran = time.monotonic() - assigned
             self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
             self._call_seconds += ran
+            # A call sent again after its worker died waited until its last hand-over.
+            waited = assigned - call._submitted
+            self._wait_counts[bisect_left(CALL_BUCKETS, waited)] += 1
+            self._wait_seconds += waited
         call._phase = DONE
 
     def _on_reply(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:

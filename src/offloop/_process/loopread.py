@@ -13,7 +13,7 @@ takes bytes from the pipe, and the loop takes a reply whole, under the lock,
 and detaches the call from the worker in the same step; so a reply is read
 once, and a call resolved once, whoever races. The loop hands the worker to
 the manager thread (reader ``MANAGER``, ``_adopt``) when it cannot read a reply
-at once without blocking: it is over :data:`PEEK` bytes (read and unpickled on
+at once without blocking: it is over :data:`READ_MAX` bytes (read and unpickled on
 the manager thread, as before), not all there yet, or the pipe is at its end
 (the worker died: the manager's ``_on_exit`` decides). The manager takes over
 by itself when the worker dies, the call is cancelled (a cancelled call is
@@ -34,26 +34,30 @@ import socket
 import struct
 import threading
 import weakref
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Final
 
 from .._core.offload import deliverable, release
 from .pickling import decode_reply
 from .records import MANAGER, ProcessCall, ProcessWorker, ask_to_exit, close_lsock
 
-__all__ = ["PEEK", "LoopReplies"]
+__all__ = ["READ_MAX", "LoopReplies", "read_rest"]
 
 #: Largest reply (pickled, with its 4-byte header) a loop reads itself. A
 #: larger one is read and unpickled by the manager thread, off the loop.
-PEEK: Final = 64 * 1024
+READ_MAX: Final = 64 * 1024
 
 #: Loops without add_reader (Windows' proactor): their calls' replies go
 #: through the manager thread.
 _NO_READER: Final[weakref.WeakSet[asyncio.AbstractEventLoop]] = weakref.WeakSet()
 
+# multiprocessing.Connection's framing: a signed 4-byte size, -1 then an
+# 8-byte size for a message over 2 GiB.
 _HEADER: Final = struct.Struct("!i")
+_HUGE: Final = struct.Struct("!Q")
 
-#: Peek without blocking (Windows has no MSG_DONTWAIT; its loops have no add_reader).
-_PEEK_FLAGS: Final = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+#: Read without blocking (Windows has no MSG_DONTWAIT; its loops have no add_reader).
+_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class LoopReplies:
@@ -65,7 +69,7 @@ class LoopReplies:
         _adopt: list[ProcessWorker]
         _run_name: str
         _max_tasks: int | None
-        _peek: bytearray
+        _scratch: bytearray
 
         def _free(self, worker: ProcessWorker) -> tuple[ProcessCall | None, bool]: ...
         def _settle(self, call: ProcessCall, assigned: float, *, ok: bool) -> None: ...
@@ -95,7 +99,7 @@ class LoopReplies:
                 # uvloop (libuv's uv_poll_init) makes the descriptor
                 # non-blocking, and with it the pipe's other descriptors:
                 # the manager's reads and the writer's writes expect blocking.
-                # This loop peeks and reads without blocking either way.
+                # This loop reads without blocking either way.
                 os.set_blocking(sock.fileno(), True)
                 worker.watcher = loop
                 worker.reader = loop
@@ -150,10 +154,12 @@ class LoopReplies:
                 self._unwatch(worker, loop)
                 return
             call = worker.call
-            data = _take_reply(worker.lsock, self._peek)
-            if data is None:
+            taken = _take_reply(worker.lsock, self._scratch)
+            if taken is None:
                 return  # woken for nothing (another callback of this loop read it)
-            if not data:  # the manager reads it, or sees the worker die
+            whole, data = taken
+            if not whole:  # the manager reads the rest, or sees the worker die
+                worker.prefix = data
                 self._unwatch(worker, loop)
                 wake = self._to_manager(worker)
             else:
@@ -169,7 +175,7 @@ class LoopReplies:
             return
         if call is None:
             return  # cannot happen: a worker only speaks when spoken to
-        ok, outcome = decode_reply(data[_HEADER.size :], call.fn, self._run_name)
+        ok, outcome = decode_reply(data, call.fn, self._run_name)
         if ok:
             call._value = outcome
         else:
@@ -207,38 +213,65 @@ def _readable(
         pool._on_loop_reply(worker, loop)
     elif worker.watcher is loop:
         # Dropped unclosed: its manager thread asked the worker to exit, and
-        # left this descriptor to the loop that watches it.
+        # left this descriptor to the loop that watches it. Removed from the
+        # loop before watcher is cleared: the manager closes it only then.
+        sock = worker.lsock
+        if sock is not None:
+            loop.remove_reader(sock.fileno())
         worker.watcher = None
-        if worker.lsock is not None:
-            loop.remove_reader(worker.lsock.fileno())
-            close_lsock(worker)
+        close_lsock(worker)
 
 
-def _take_reply(sock: socket.socket | None, peek: bytearray) -> bytes | None:
-    """The whole next message on ``sock`` with its header, if it is all there.
+def _take_reply(sock: socket.socket | None, buf: bytearray) -> tuple[bool, bytes] | None:
+    """Read what the worker wrote: ``(True, the reply's pickle)`` if it is the whole reply.
 
-    Returns None when there is nothing to read, and ``b""`` when the message
-    cannot be read at once: the pipe ended, the message is not all there
-    yet, or it is over :data:`PEEK` bytes (the manager reads those).
+    One read, of at most :data:`READ_MAX` bytes. Returns None when there is
+    nothing to read, and ``(False, bytes read)`` when the reply cannot be
+    read at once: the pipe ended (no bytes), the reply is not all there yet,
+    or it is over :data:`READ_MAX` bytes. The manager reads the rest of those.
     """
     if sock is None:
-        return b""
+        return False, b""
     try:
-        got = sock.recv_into(peek, PEEK, _PEEK_FLAGS)
+        got = sock.recv_into(buf, READ_MAX, _DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError:
-        return b""
-    if got < _HEADER.size:
-        return b""
-    (size,) = _HEADER.unpack_from(peek)
-    total = _HEADER.size + size
-    if size < 0 or total > got:
-        return b""
-    data = sock.recv(total, socket.MSG_WAITALL)
-    if len(data) != total:  # cannot happen: those bytes were there
-        raise OSError(f"read {len(data)} of the {total} bytes of a worker's reply")
-    return data
+        return False, b""
+    if got >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(buf)
+        if _HEADER.size + size == got:  # size is -1 for a reply over 2 GiB
+            return True, bytes(buf[_HEADER.size : got])
+    return False, bytes(buf[:got])
+
+
+def read_rest(conn: Connection, prefix: bytes) -> bytes:
+    """The reply whose first bytes (``prefix``, maybe none) a loop read: the rest, blocking.
+
+    On the manager thread. Raises EOFError if the pipe ends first (the
+    worker died while it wrote).
+    """
+    fd = conn.fileno()
+    buf = bytearray(prefix)
+
+    def fill(size: int) -> None:
+        while len(buf) < size:
+            chunk = os.read(fd, size - len(buf))
+            if not chunk:
+                raise EOFError("the worker's pipe ended within a reply")
+            buf.extend(chunk)
+
+    fill(_HEADER.size)
+    (size,) = _HEADER.unpack_from(buf)
+    start = _HEADER.size
+    if size == -1:  # over 2 GiB: the real size follows
+        fill(_HEADER.size + _HUGE.size)
+        (size,) = _HUGE.unpack_from(buf, _HEADER.size)
+        start += _HUGE.size
+    if len(buf) > start + size:
+        raise OSError("a worker wrote more than one reply")  # cannot happen
+    fill(start + size)
+    return bytes(memoryview(buf)[start:])
 
 
 def _deliver(call: ProcessCall) -> None:

@@ -63,6 +63,7 @@ class ProcessWorker:
         "lsock",
         "mwatch",
         "pid",
+        "prefix",
         "process",
         "reader",
         "ready",
@@ -104,6 +105,9 @@ class ProcessWorker:
         self.lsock: socket.socket | None = None
         # Manager thread only: conn is registered in the manager's selector.
         self.mwatch = False
+        # The first bytes of a reply a loop read but could not finish
+        # (loopread.py): the manager reads the rest.
+        self.prefix: bytes | None = None
 
 
 def ask_to_exit(worker: ProcessWorker) -> None:

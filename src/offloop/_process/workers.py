@@ -34,7 +34,7 @@ from .._core.poolbase import PoolState, complete_waiter
 from .._core.validate import describe
 from .child import worker_main
 from .exits import WorkerExits
-from .loopread import PEEK, LoopReplies
+from .loopread import READ_MAX, LoopReplies, read_rest
 from .pickling import InitFailure, RemoteTraceback, decode_reply
 from .records import MANAGER, ProcessCall, ProcessWorker, ask_to_exit
 from .writer import Payload, PayloadWriter, is_small
@@ -72,7 +72,7 @@ class WorkerSet(LoopReplies, WorkerExits):
         # by a loop or run() (see loopread.py); the manager watches their pipes.
         self._adopt: list[ProcessWorker] = []
         # Scratch space of the loops reading replies (used under _lock).
-        self._peek = bytearray(PEEK)
+        self._scratch = bytearray(READ_MAX)
         self._manager: threading.Thread | None = None
         self._wake_fds: tuple[int, int] | None = None
         #: Set with the manager thread: stops it, and warns, if the pool is dropped unclosed.
@@ -369,7 +369,12 @@ class WorkerSet(LoopReplies, WorkerExits):
                 self._unwatch_pipe(worker, selector)
             return  # cannot happen: the manager stops watching before it lets go
         try:
-            data = conn.recv_bytes()
+            prefix = worker.prefix
+            if prefix is None:
+                data = conn.recv_bytes()
+            else:
+                worker.prefix = None
+                data = read_rest(conn, prefix)
         except (EOFError, OSError):
             # The process is exiting; its sentinel reports how.
             self._drop_pipe(worker, selector)

@@ -1,22 +1,23 @@
 """Replies read by the caller's event loop: a round trip with one thread wake-up fewer.
 
-A worker's reply used to travel worker -> manager thread -> the caller's loop:
-two wake-ups. Here the loop of a call handed to an idle worker watches that
-worker's pipe itself (``loop.add_reader`` on a second descriptor of it,
-``ProcessWorker.lsock``) and reads the reply when it comes, as anyio's loop
-reads its workers' stdout. The manager thread stays the owner of everything
-else: starting workers, their deaths, kills on cancel, closing.
+Without this, a worker's reply travels worker -> manager thread -> the
+caller's loop: two wake-ups. Here the loop of a call handed to an idle worker
+watches that worker's pipe itself (``loop.add_reader`` on a second descriptor
+of it, ``ProcessWorker.lsock``) and reads the reply when it comes, as anyio's
+loop reads its workers' stdout. The manager thread stays the owner of
+everything else: starting workers, their deaths, kills on cancel, closing.
 
 Who reads a worker's reply is ``ProcessWorker.reader`` (under the pool's lock):
 the loop, ``MANAGER``, or None when the worker runs no call. Only the reader
-takes bytes from the pipe, and the loop takes a reply whole, under the lock,
-and detaches the call from the worker in the same step; so a reply is read
-once, and a call resolved once, whoever races. The loop hands the worker to
-the manager thread (reader ``MANAGER``, ``_adopt``) when it cannot read a reply
-at once without blocking: it is over :data:`READ_MAX` bytes (read and unpickled on
-the manager thread, as before), not all there yet, or the pipe is at its end
-(the worker died: the manager's ``_on_exit`` decides). The manager takes over
-by itself when the worker dies, the call is cancelled (a cancelled call is
+takes bytes from the pipe. The loop reads once, without blocking, under the
+lock, and if that was the whole reply it detaches the call from the worker in
+the same step; so a reply is read once, and a call resolved once, whoever
+races. Otherwise (the reply is over :data:`READ_MAX` bytes, not all written
+yet, or the pipe ended because the worker died) it hands the worker to the
+manager thread (reader ``MANAGER``, ``_adopt``) with the bytes it read
+(``ProcessWorker.prefix``): the manager reads the rest (:func:`read_rest`) and
+unpickles it off the loop, or sees the death in ``_on_exit``. The manager takes
+over by itself when the worker dies, the call is cancelled (a cancelled call is
 awaited by no one, so its loop may stop or close before the reply), or the
 loop closed.
 
@@ -43,8 +44,9 @@ from .records import MANAGER, ProcessCall, ProcessWorker, ask_to_exit, close_lso
 
 __all__ = ["READ_MAX", "LoopReplies", "read_rest"]
 
-#: Largest reply (pickled, with its 4-byte header) a loop reads itself. A
-#: larger one is read and unpickled by the manager thread, off the loop.
+#: Largest reply (pickled, with its 4-byte header) a loop reads itself. Of a
+#: larger one the loop reads this much; the manager thread reads the rest
+#: and unpickles it, off the loop.
 READ_MAX: Final = 64 * 1024
 
 #: Loops without add_reader (Windows' proactor): their calls' replies go

@@ -65,6 +65,7 @@ class CallPhase(enum.IntEnum):
     SKIPPED = 3
     DONE = 4
     CANCELLING = 5
+    BATCHED = 6
 
 
 # Module-level names, because the hot path compares phases with ``is`` and a
@@ -75,6 +76,7 @@ ABANDONED: Final = CallPhase.ABANDONED
 SKIPPED: Final = CallPhase.SKIPPED
 DONE: Final = CallPhase.DONE
 CANCELLING: Final = CallPhase.CANCELLING
+BATCHED: Final = CallPhase.BATCHED
 
 
 class DeferredCancel(asyncio.CancelledError):
@@ -103,12 +105,14 @@ class Channel:
     with it. The calls in flight hold the loop, so it is alive while they are.
     """
 
-    __slots__ = ("loop_ref", "pending", "scheduled")
+    __slots__ = ("batch", "batch_owner", "loop_ref", "pending", "scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop_ref = weakref.ref(loop)
         self.pending: deque[OffloadFuture[Any]] = deque()
         self.scheduled = False
+        self.batch: list[OffloadFuture[Any]] | None = None
+        self.batch_owner: object = None
 
     def post(self, call: OffloadFuture[Any]) -> None:
         """Hand a finished call to the loop (called from worker threads)."""
@@ -152,7 +156,10 @@ class Channel:
                     asyncio.Future.cancel(call, getattr(call, "_cancel_msg", None))
                 else:
                     call.set_exception(deliverable(call, error))
-            release(call)
+            # release(call), inlined: this runs once per call.
+            call._error = call._value = call._ctx = None
+            call._args = ()
+            call._kwargs = _NO_KWARGS
 
 
 def deliverable(call: OffloadFuture[Any], error: BaseException) -> BaseException:

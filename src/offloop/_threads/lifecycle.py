@@ -22,6 +22,7 @@ from .._core.errors import PoolClosedError, WouldDeadlockError
 from .._core.latency import CallHistogram, histogram_snapshot
 from .._core.offload import (
     ABANDONED,
+    BATCHED,
     CANCELLING,
     QUEUED,
     RUNNING,
@@ -107,6 +108,12 @@ class ThreadPoolLifecycle(PoolContext):
         """Handle ``cancel()`` of a call's future; returns whether to cancel it now."""
         call.token.set("cancelled")
         with self._lock:
+            if call._phase is BATCHED:
+                # In its loop's batch, not yet counted by the pool: the
+                # batch's flush drops it.
+                call._phase = SKIPPED
+                self._cancelled += 1
+                return True
             if call._phase is QUEUED:
                 call._phase = SKIPPED
                 self._queued -= 1

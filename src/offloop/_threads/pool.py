@@ -64,6 +64,7 @@ from .._core.errors import PoolClosedError
 from .._core.latency import CALL_BUCKETS, new_counts
 from .._core.offload import (
     ABANDONED,
+    BATCHED,
     CANCELLING,
     DONE,
     QUEUED,
@@ -107,6 +108,7 @@ DEFAULT_MAX_WORKERS: Final = 40
 
 _get_running_loop: Final = asyncio.get_running_loop
 _copy_context: Final = contextvars.copy_context
+_OPEN: Final = PoolState.OPEN
 
 #: How often (seconds) a pool with pending calls looks at its running ones
 #: (``_rebalance``). A call that has run longer than this and waits gives its
@@ -262,7 +264,6 @@ class ThreadPool(ThreadPoolLifecycle):
         call._args = args
         call._kwargs = kwargs
         call._ctx = _copy_context()
-        call._phase = QUEUED
         call._error = None
         call._value = None
         channel = loop_local.channel
@@ -272,6 +273,14 @@ class ThreadPool(ThreadPoolLifecycle):
         call._owner = self
         call._token = None
         call._sink = loop_local.sink
+        batch = channel.batch
+        if batch is not None and channel.batch_owner is self and self._state is _OPEN:
+            # Calls before it in this loop iteration found the pool busy: it
+            # joins them, and the pool takes them all at once (_flush).
+            call._phase = BATCHED
+            batch.append(call)
+            return call
+        call._phase = QUEUED
         self._submit(call)
         return call
 
@@ -363,10 +372,17 @@ class ThreadPool(ThreadPoolLifecycle):
                 # and then needs the lock to start it.
                 self._queue.put(call)
             if not dispatch or (self._unstarted and not self._starting):
+                channel = call._channel
                 if not dispatch:
                     self._pending.append(call)
+                    if channel.batch is None:
+                        # The pool is busy: the calls this loop makes in the
+                        # rest of this iteration wait in the channel's batch,
+                        # and go to the pool in one go at the next one.
+                        channel.batch = []
+                        channel.batch_owner = self
+                        call.loop.call_soon(self._flush, channel)
                 # The check also starts threads no worker came by to start.
-                channel = call._channel
                 if channel not in self._armed:
                     self._armed.add(channel)
                     loop = call.loop
@@ -390,6 +406,76 @@ class ThreadPool(ThreadPoolLifecycle):
                     complete_waiter(waiter)
                 if not taken:
                     raise
+
+    def _flush(self, channel: Channel) -> None:
+        # On the channel's loop, one iteration after a call found the pool
+        # busy: hand the calls batched since to the pool, under one lock.
+        batch = channel.batch
+        channel.batch = None
+        channel.batch_owner = None
+        if not batch:
+            return
+        closed: list[OffloadFuture[Any]] = []
+        to_start: list[Worker] = []
+        starter: Worker | None = None
+        with self._lock:
+            if self._state is not _OPEN:
+                for call in batch:
+                    if call._phase is BATCHED:
+                        self._queued += 1  # _skip_closed counts it out again
+                        self._skip_closed(call)
+                        closed.append(call)
+            else:
+                pending = self._pending
+                waits = self._waits
+                for call in batch:
+                    if call._phase is not BATCHED:
+                        continue  # cancelled meanwhile
+                    call._phase = QUEUED
+                    self._queued += 1
+                    if (
+                        waits  # as in _submit
+                        and waits.waits(call.fn)
+                        and (self._idle > 0 or len(self._workers) < self._max_workers)
+                    ):
+                        self._dispatch(call, to_start)
+                    else:
+                        pending.append(call)
+                # Idle threads take what free CPU slots allow; _next_pending
+                # and _rebalance (armed below) see to the rest.
+                while (
+                    pending
+                    and self._idle > 0
+                    and self._ready + self._running - self._waiting < self._cpu_slots
+                ):
+                    call = pending.popleft()
+                    if call._phase is QUEUED:
+                        self._dispatch(call, to_start)
+                if to_start:
+                    starter = self._want_started(to_start, now=monotonic())
+                if (pending or (self._unstarted and not self._starting)) and (
+                    channel not in self._armed
+                ):
+                    self._armed.add(channel)
+                    loop = batch[0].loop
+                    due = loop.time() + GROWTH_PERIOD
+                    loop.call_at(due, self._rebalance, channel, loop, due)
+        for call in closed:
+            call._channel.post(call)
+        if starter is not None:
+            self._start_or_give_up(starter, channel)
+
+    def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:
+        # Under _lock: put the call on the queue with a thread claimed for it,
+        # an idle one or a new one (added to to_start).
+        self._ready += 1
+        if self._idle > 0:
+            self._idle -= 1
+        else:
+            worker = Worker()
+            self._workers.append(worker)
+            to_start.append(worker)
+        self._queue.put(call)  # under the lock, as in _submit
 
     def _rebalance(self, channel: Channel, loop: asyncio.AbstractEventLoop, due: float) -> None:
         # Runs on ``loop`` every GROWTH_PERIOD while calls are pending: finds
@@ -450,25 +536,31 @@ class ThreadPool(ThreadPoolLifecycle):
             starter = self._want_started(to_start, now=now) if to_start else None
             if starter is None:
                 starter = self._late_start(now)
-        if starter is not None:
-            try:
-                self._start_thread(starter, starts_others=True)
-            except BaseException as exc:
-                # Their calls wait in the queue for a busy thread to come
-                # free (_start_thread counted each in _backlog). No retry
-                # every period (and a log line each time): the next call that
-                # waits arms the check again.
-                with self._lock:
-                    waiters = self._give_up_starting()
-                    self._armed.discard(channel)
-                for waiter in waiters:
-                    complete_waiter(waiter)
-                if not isinstance(exc, Exception):
-                    raise
-                logger.exception("offloop: pool %r could not start a worker thread", self._name)
-                return
+        if starter is not None and not self._start_or_give_up(starter, channel):
+            return
         due = loop.time() + GROWTH_PERIOD
         loop.call_at(due, self._rebalance, channel, loop, due)
+
+    def _start_or_give_up(self, starter: Worker, channel: Channel) -> bool:
+        # On the loop: start the thread of a wanted worker (which starts the
+        # others); returns False if it could not.
+        try:
+            self._start_thread(starter, starts_others=True)
+        except BaseException as exc:
+            # Their calls wait in the queue for a busy thread to come
+            # free (_start_thread counted each in _backlog). No retry
+            # every period (and a log line each time): the next call that
+            # waits arms the check again.
+            with self._lock:
+                waiters = self._give_up_starting()
+                self._armed.discard(channel)
+            for waiter in waiters:
+                complete_waiter(waiter)
+            if not isinstance(exc, Exception):
+                raise
+            logger.exception("offloop: pool %r could not start a worker thread", self._name)
+            return False
+        return True
 
     # -- the worker thread ----------------------------------------------------
 
@@ -585,7 +677,8 @@ class ThreadPool(ThreadPoolLifecycle):
                     self._failed += 1
                 # Run time: worker.started was stamped when this thread took
                 # the call, so one clock read and a bisect is the whole cost.
-                ran = monotonic() - worker.started
+                ended = monotonic()
+                ran = ended - worker.started
                 self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
                 self._call_seconds += ran
                 if call._phase is CANCELLING:
@@ -595,7 +688,7 @@ class ThreadPool(ThreadPoolLifecycle):
                 # may submit its next call as soon as it wakes, and must then
                 # find this thread free, not start another one for a
                 # sequential caller.
-                nxt = self._next_pending(worker) if self._pending else None
+                nxt = self._next_pending(worker, ended) if self._pending else None
                 if nxt is None:
                     self._free_slot()
                 starts = self._unstarted and self._starter_wanted()
@@ -608,13 +701,12 @@ class ThreadPool(ThreadPoolLifecycle):
             call = nxt
         self._thread_exited(worker)
 
-    def _next_pending(self, worker: Worker) -> OffloadFuture[Any] | None:
+    def _next_pending(self, worker: Worker, now: float) -> OffloadFuture[Any] | None:
         # Under _lock, by a worker whose call just ended: take the next pending
         # call if a CPU slot is free, and run it without a trip through the
         # queue. A dispatched call waiting for a thread (_backlog) goes first.
         if self._backlog > 0 or self._ready + self._running - self._waiting >= self._cpu_slots:
             return None
-        now = monotonic()
         if now - worker.started < GROWTH_PERIOD:
             self._short = True
         while self._pending:

@@ -44,6 +44,8 @@ class CallPhase(enum.IntEnum):
     Every change of phase happens under the owning pool's lock. The legal
     transitions, and who makes them::
 
+        BATCHED --- its loop's batch goes to the pool ----> QUEUED    (ThreadPool)
+        BATCHED --- cancelled, or the pool closed --------> SKIPPED   (never runs)
         QUEUED ---- a worker takes it --------------------> RUNNING
         QUEUED ---- cancelled, or the pool closes --------> SKIPPED   (never runs)
         QUEUED ---- its pool gives up on it --------------> DONE      (ProcessPool, with an error)
@@ -53,6 +55,12 @@ class CallPhase(enum.IntEnum):
         RUNNING --- its process died before it ran -------> QUEUED    (ProcessPool, once)
         ABANDONED - the function returns or raises -------> DONE      (nobody awaits it)
         CANCELLING  the function returns or raises -------> DONE      (delivered as the cancel)
+
+    BATCHED is a ThreadPool call its loop made while an earlier call of the
+    same loop iteration waited in the pool: it waits in the loop's
+    :class:`Channel` (``batch``) and is handed to the pool with the others at
+    the next iteration (``_threads/dispatch.py``). Its phase changes on its
+    loop's thread or under the pool's lock.
 
     SKIPPED and DONE are final. A SKIPPED call stays in the queue until a
     worker pops it and drops it: removing it from a ``SimpleQueue`` is not
@@ -111,6 +119,9 @@ class Channel:
         self.loop_ref = weakref.ref(loop)
         self.pending: deque[OffloadFuture[Any]] = deque()
         self.scheduled = False
+        # The calls this loop made for batch_owner (a pool) in this iteration,
+        # waiting to go to it in one go: see _threads/dispatch.py. Read and
+        # written only on the loop's thread; None: no batch open.
         self.batch: list[OffloadFuture[Any]] | None = None
         self.batch_owner: object = None
 

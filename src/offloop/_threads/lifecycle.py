@@ -170,7 +170,9 @@ class ThreadPoolLifecycle(PoolContext):
         a sleep or a lock, so holding no CPU slot), ``cpu_slots`` (the most
         calls that run at once while using the CPU), ``abandoned`` (cancelled
         by their awaiter but still running), ``queued`` (not started yet),
-        ``completed``, ``failed``, ``cancelled``.
+        ``completed``, ``failed``, ``cancelled``. Calls a loop made while the
+        pool was busy are counted as queued from that loop's next iteration
+        (see ``dispatch.py``: they reach the pool in one batch).
 
         ``cancelled`` counts awaiters cancelled; ``completed`` and ``failed``
         count functions that returned or raised. So an abandoned call whose

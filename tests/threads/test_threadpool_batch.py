@@ -1,4 +1,4 @@
-"""Batched submits: calls a loop makes while the pool is busy go to it in one go, one iteration later.
+"""Batched submits: the calls a loop makes while the pool is busy reach it together.
 
 A call that finds a thread and a CPU slot free goes out at once, as a lone
 ``await`` makes it. Once a call has to wait in the pool, the further calls

@@ -23,7 +23,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -121,6 +121,13 @@ def make_offloads() -> tuple[dict[str, Callable[[], Offload]], Callable[[], None
     return offloads, close
 
 
+def run_on(loop_factory: Callable[[], Any], coro: Coroutine[Any, Any, float]) -> float:
+    """Run one round on a fresh loop, and close it (an unclosed loop left to the
+    garbage collector can be finalized after its own self-pipe, which logs an error)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coro)
+
+
 def sequential(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Callable[[], float]:
     async def body() -> float:
         call = make()
@@ -131,7 +138,7 @@ def sequential(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> 
             await call()
         return (time.perf_counter() - t0) / SEQ_CALLS
 
-    return lambda: asyncio.Runner(loop_factory=loop_factory).run(body())
+    return lambda: run_on(loop_factory, body())
 
 
 def gathered(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Callable[[], float]:
@@ -143,7 +150,7 @@ def gathered(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Ca
             await asyncio.gather(*[call() for _ in range(GATHER_WIDTH)])
         return (time.perf_counter() - t0) / (GATHER_REPEATS * GATHER_WIDTH)
 
-    return lambda: asyncio.Runner(loop_factory=loop_factory).run(body())
+    return lambda: run_on(loop_factory, body())
 
 
 def sequential_runs(
@@ -205,7 +212,7 @@ def batched(kind: str, loop_factory: Callable[[], Any]) -> Callable[[], float]:
         await pool.aclose()
         return took
 
-    return lambda: asyncio.Runner(loop_factory=loop_factory).run(body())
+    return lambda: run_on(loop_factory, body())
 
 
 def memory() -> float:

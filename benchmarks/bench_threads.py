@@ -15,6 +15,7 @@ Run: ``make bench`` or ``.venv/bin/python -m benchmarks.bench_threads``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import os
@@ -35,7 +36,7 @@ from asgiref.sync import sync_to_async
 
 import offloop
 
-from ._common import check, fmt_time, interleaved, ratio, table
+from ._common import ROUNDS, check, fmt_time, interleaved, ratio, table
 
 SEQ_CALLS = int(os.environ.get("OFFLOOP_BENCH_SEQ", "3000"))
 GATHER_WIDTH = 500
@@ -153,6 +154,50 @@ def gathered(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Ca
     return lambda: run_on(loop_factory, body())
 
 
+def _workers_cpu() -> float:
+    # CPU seconds used so far by offloop's worker threads (Linux: per-thread clocks).
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith("offloop-") and thread.ident is not None:
+            with contextlib.suppress(OSError):
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return total
+
+
+def gather_cpu(loop_name: str, loop_factory: Callable[[], Any]) -> None:
+    """Where a gathered offloop.to_thread call spends its time: the loop's thread or a worker's.
+
+    The gather holds the GIL nearly all the time, so wall time per call is
+    about the sum of the two; CPU time moves far less than wall time on a
+    loaded machine, which makes this the figure to compare two versions by.
+    """
+
+    async def body() -> tuple[float, float, float]:
+        def call() -> Awaitable[Any]:
+            return offloop.to_thread(trivial)
+
+        await asyncio.gather(*[call() for _ in range(GATHER_WIDTH)])
+        t0, c0, w0 = time.perf_counter(), time.thread_time(), _workers_cpu()
+        for _ in range(GATHER_REPEATS):
+            await asyncio.gather(*[call() for _ in range(GATHER_WIDTH)])
+        n = GATHER_REPEATS * GATHER_WIDTH
+        return (
+            (time.perf_counter() - t0) / n,
+            (time.thread_time() - c0) / n,
+            (_workers_cpu() - w0) / n,
+        )
+
+    if not hasattr(time, "pthread_getcpuclockid"):
+        return
+    rounds = [run_on(loop_factory, body()) for _ in range(ROUNDS)]
+    wall, loop_cpu, workers = (statistics.median(r[i] for r in rounds) for i in range(3))
+    print(
+        f"\n## {GATHER_WIDTH}-wide gather of offloop.to_thread, {loop_name}: per call "
+        f"(median of {ROUNDS} rounds) wall {fmt_time(wall)}, CPU of the loop's thread "
+        f"{fmt_time(loop_cpu)}, CPU of the worker threads {fmt_time(workers)}"
+    )
+
+
 def sequential_runs(
     offloads: dict[str, Callable[[], Offload]], loop_name: str, factory: Callable[[], Any]
 ) -> tuple[list[float], list[float]]:
@@ -247,6 +292,7 @@ def main() -> None:
                 gat,
                 reference="offloop.to_thread",
             )
+            gather_cpu(loop_name, factory)
             s = ratio(seq, "asyncio.to_thread", "offloop.to_thread")
             ok &= check(
                 f"[{loop_name}] sequential >= 1.8x asyncio.to_thread", s >= 1.8, f"{s:.2f}x"

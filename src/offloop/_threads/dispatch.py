@@ -198,7 +198,8 @@ class ThreadPoolDispatch(ThreadPoolLifecycle):
 
     def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:
         # Under _lock: put the call on the queue with a thread claimed for it,
-        # an idle one or a new one (added to to_start).
+        # an idle one or a new one (added to to_start). _submit does the same
+        # inline: it runs once per call, and would pay for the list here.
         self._ready += 1
         if self._idle > 0:
             self._idle -= 1

@@ -255,16 +255,9 @@ class ThreadPoolDispatch(ThreadPoolLifecycle):
                 call = self._pending.popleft()
                 if call._phase is not QUEUED:
                     continue  # cancelled while pending
-                self._queue.put(call)  # under the lock, as in _submit
-                self._ready += 1
+                self._dispatch(call, to_start)
                 free -= 1
                 room -= 1
-                if self._idle > 0:
-                    self._idle -= 1
-                else:
-                    worker = Worker()
-                    self._workers.append(worker)
-                    to_start.append(worker)
             starter = self._want_started(to_start, now=now) if to_start else None
             if starter is None:
                 starter = self._late_start(now)

@@ -47,7 +47,7 @@ from .._core.offload import (
 )
 from .._core.poolbase import PoolContext, PoolState
 from .._core.validate import check_seconds, check_sync_callable, describe
-from .clientloop import ClientLoop
+from .clientloop import ClientLoop, GILPacer
 from .daskargs import PickledOnce, ScatterCache, make_runner, split_arguments
 from .pickling import OK, RemoteTraceback, encode_call
 
@@ -171,10 +171,13 @@ class DaskPool(PoolContext):
         self._tasks: dict[OffloadFuture[Any], asyncio.Task[None]] = {}
         self._connecting: asyncio.Future[Any] | None = None
         self._idle: asyncio.Event | None = None
-        #: Finished tasks whose results are fetched together (see _result).
-        self._to_gather: list[tuple[Any, asyncio.Future[Any]]] = []
-        self._gatherer: asyncio.Task[None] | None = None
         self._scattered = ScatterCache(distributed.Future)
+        self._pacer = GILPacer()
+        # Task keys: this pool's random part, drawn once on the client's
+        # thread, and a counter. A uuid4 per call would be a system call per
+        # submission (see GILPacer).
+        self._key_prefix: str | None = None
+        self._key_numbers = itertools.count()
 
     @property
     def client(self) -> Any:
@@ -405,13 +408,16 @@ class DaskPool(PoolContext):
                 client = await self._connected()
                 deps = await self._scattered.resolve(client, call._deps or [])
                 fn = call.fn
-                key = f"{self._funcname(fn)}-{uuid.uuid4()}"
                 # A key of its own per call: equal calls each run, none shares
                 # another's result.
+                if self._key_prefix is None:
+                    self._key_prefix = uuid.uuid4().hex
+                key = f"{self._funcname(fn)}-{self._key_prefix}-{next(self._key_numbers)}"
+                self._pacer.pace()
                 future = client.submit(_run_call, call._data, call._slots, *deps, key=key)
                 call._data = call._deps = None
                 del deps
-                reply = await self._result(client, future)
+                reply = await future
                 # Not raised here: _translate would take it for Dask's error.
                 ok, value = (
                     (True, reply[1]) if reply[0] == OK else (False, self._load_failed(fn, reply))
@@ -446,60 +452,6 @@ class DaskPool(PoolContext):
             else:
                 call._error = value
             call._channel.post(call)
-
-    async def _result(self, client: Any, future: Any) -> Any:
-        """The task's reply, fetched together with those of the tasks that finished with it.
-
-        ``await future`` alone asks the scheduler for each result on its
-        own: one request per call, which the scheduler relays to the worker.
-        With a ``LocalCluster`` the scheduler shares the caller's process and
-        its GIL, so that per-call work (on two threads of this process) comes
-        out of the caller's loop's time. Here the finished tasks wait in
-        :attr:`_to_gather`, and one ``client.gather`` at a time fetches all
-        of them: the more calls finish at once, the fewer requests each.
-        """
-        state = getattr(future, "_state", None)
-        if state is None:  # pragma: no cover - a distributed without Future._state
-            return await future
-        # What distributed's own wait() and as_completed() await: the task's
-        # end, without its result.
-        await state.wait()
-        if future.status != "finished":
-            return await future  # raises its error, cancellation or loss as Dask words it
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._to_gather.append((future, waiter))
-        if self._gatherer is None:
-            self._gatherer = asyncio.ensure_future(self._gather(client))
-        fetched = await waiter
-        if fetched is None:
-            return await future  # the batch failed: this call fetches, or fails, on its own
-        return fetched[0]
-
-    async def _gather(self, client: Any) -> None:
-        # One gather at a time: results that finish during it form the next batch.
-        batch: list[tuple[Any, asyncio.Future[Any]]] = []
-        values: list[Any] | None = None
-        try:
-            while self._to_gather:
-                batch = [(f, w) for f, w in self._to_gather if not w.done()]
-                self._to_gather = []
-                values = None
-                try:
-                    if batch:
-                        values = await client.gather([f for f, _ in batch])
-                except Exception:
-                    pass  # e.g. a result's worker died after it finished: each call retries alone
-                finally:
-                    # Also when this task is cancelled: no call is left waiting on it.
-                    for index, (_, waiter) in enumerate(batch):
-                        if not waiter.done():
-                            waiter.set_result(None if values is None else (values[index],))
-        finally:
-            for _, waiter in self._to_gather:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._to_gather = []
-            self._gatherer = None
 
     def _translate(
         self, call: DaskCall, exc: BaseException, future: Any, client: Any

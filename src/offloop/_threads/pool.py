@@ -17,7 +17,7 @@ One call, in order::
                     takes the next pending call if a slot is free, then posts
                     the finished call to the Channel
     Channel.drain() loop thread: sets the future's result or exception
-    _rebalance()    loop thread, every GROWTH_PERIOD while calls are pending:
+    _rebalance()    loop thread (growth.py), every GROWTH_PERIOD while calls are pending:
                     marks running calls that wait (workers.py) and dispatches
                     pending calls into the CPU slots they free
 
@@ -52,7 +52,6 @@ import contextvars
 import logging
 import queue
 import threading
-import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -78,6 +77,7 @@ from .._core.offload import (
 )
 from .._core.poolbase import PoolState, complete_waiter
 from .._core.poolexecutor import PoolExecutorView
+from .._core.registry import register
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
@@ -89,7 +89,7 @@ from .._core.validate import (
     describe,
 )
 from .batch import MapResults
-from .lifecycle import ThreadPoolLifecycle
+from .growth import GROWTH_PERIOD, ThreadPoolGrowth
 from .workers import DEFAULT_CPU_SLOTS, WaitMemory, Worker
 
 __all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool"]
@@ -108,12 +108,6 @@ DEFAULT_MAX_WORKERS: Final = 40
 _get_running_loop: Final = asyncio.get_running_loop
 _copy_context: Final = contextvars.copy_context
 
-#: How often (seconds) a pool with pending calls looks at its running ones
-#: (``_rebalance``). A call that has run longer than this and waits gives its
-#: CPU slot to a pending call, so blocking calls, and a call that waits for
-#: another pending one (a nested offload), never wait long for a thread.
-GROWTH_PERIOD: Final = 0.001
-
 #: Seconds an idle worker waits for work before its thread exits.
 IDLE_TIMEOUT: Final = 30.0
 
@@ -125,19 +119,14 @@ IDLE_TIMEOUT: Final = 30.0
 #: short enough that an idle pool costs nothing measurable.
 SPIN_WINDOW: Final = 50e-6
 
-#: Seconds late past which a pool's check takes its loop to be starved (see
-#: _rebalance): well under the lag a user notices, well over a timer's jitter.
-LAG_LIMIT: Final = 0.004
-
 OnCancel = Literal["abandon", "wait"]
 
 
-_pools: Final[weakref.WeakSet[ThreadPool]] = weakref.WeakSet()
 _pool_numbers: Final = iter(range(1, 1 << 62))
 
 
 @final
-class ThreadPool(ThreadPoolLifecycle):
+class ThreadPool(ThreadPoolGrowth):
     """A named, bounded pool of worker threads: a bulkhead for blocking calls.
 
     ``await pool.run(fn, *args, **kwargs)`` runs ``fn(*args, **kwargs)`` in one
@@ -162,6 +151,8 @@ class ThreadPool(ThreadPoolLifecycle):
         async with offloop.ThreadPool(4, name="db") as pool:
             rows = await pool.run(query, "select 1", timeout=5)
     """
+
+    _kind = "thread"  # the kind label of its /metrics series
 
     def __init__(
         self,
@@ -221,6 +212,11 @@ class ThreadPool(ThreadPoolLifecycle):
         # (CALL_BUCKETS, then +Inf) and their sum in seconds.
         self._call_counts = new_counts()
         self._call_seconds = 0.0
+        # Queue waits of the same calls (from run() to a worker taking the
+        # call), recorded with their run time, so both histograms count the
+        # same calls.
+        self._wait_counts = new_counts()
+        self._wait_seconds = 0.0
         # The result channels (one per loop) of the loops with a rebalancing
         # check armed. Each loop whose calls wait in _pending arms its own, so
         # a loop that stopped or blocks cannot keep the pool from dispatching
@@ -230,7 +226,7 @@ class ThreadPool(ThreadPoolLifecycle):
         # WeakSet's test is Python code).
         self._armed: set[Channel] = set()
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
-        _pools.add(self)
+        register(self)
 
     # -- public API ---------------------------------------------------------
 
@@ -272,6 +268,7 @@ class ThreadPool(ThreadPoolLifecycle):
         call._owner = self
         call._token = None
         call._sink = loop_local.sink
+        call._submitted = monotonic()
         self._submit(call)
         return call
 
@@ -391,85 +388,6 @@ class ThreadPool(ThreadPoolLifecycle):
                 if not taken:
                     raise
 
-    def _rebalance(self, channel: Channel, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        # Runs on ``loop`` every GROWTH_PERIOD while calls are pending: finds
-        # the running calls that wait, and dispatches pending calls into the
-        # CPU slots they leave, starting threads up to max_workers.
-        to_start: list[Worker] = []
-        starter: Worker | None = None
-        with self._lock:
-            if self._state is not PoolState.OPEN or not (self._pending or self._unstarted):
-                self._armed.discard(channel)
-                return
-            now = monotonic()
-            for w in self._workers:
-                waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
-                if waiting is not w.waiting:
-                    w.waiting = waiting
-                    self._waiting += 1 if waiting else -1
-                    if not waiting:
-                        self._waits.remember(w.call, False)
-            free = self._cpu_slots - (self._ready + self._running - self._waiting)
-            if loop.time() - due > LAG_LIMIT:
-                # The loop itself runs late. Calls that look blocked may be
-                # waiting for the GIL that a computing call holds (C code
-                # such as zlib keeps it for its whole run): while the loop
-                # runs late, a waiting call's slot is given away only once it
-                # has waited over a whole window (a GIL wait is not that long),
-                # or sleeps in the kernel outside a futex (in I/O or a timer,
-                # where no GIL wait is). Not never: under steady CPU load the
-                # loop is always late, and blocked calls would hold their
-                # slots for nothing.
-                sure = sum(
-                    1
-                    for w in self._workers
-                    if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
-                )
-                free = min(free, self._cpu_slots - (self._ready + self._running - sure))
-            # A call that ended within a period since the last look means a
-            # thread cycles through short calls: it takes the pending ones
-            # itself, faster than new threads would, so none is started.
-            room = self._idle + (
-                0 if self._short else max(0, self._max_workers - len(self._workers))
-            )
-            self._short = False
-            while free > 0 and room > 0 and self._pending:
-                call = self._pending.popleft()
-                if call._phase is not QUEUED:
-                    continue  # cancelled while pending
-                self._queue.put(call)  # under the lock, as in _submit
-                self._ready += 1
-                free -= 1
-                room -= 1
-                if self._idle > 0:
-                    self._idle -= 1
-                else:
-                    worker = Worker()
-                    self._workers.append(worker)
-                    to_start.append(worker)
-            starter = self._want_started(to_start, now=now) if to_start else None
-            if starter is None:
-                starter = self._late_start(now)
-        if starter is not None:
-            try:
-                self._start_thread(starter, starts_others=True)
-            except BaseException as exc:
-                # Their calls wait in the queue for a busy thread to come
-                # free (_start_thread counted each in _backlog). No retry
-                # every period (and a log line each time): the next call that
-                # waits arms the check again.
-                with self._lock:
-                    waiters = self._give_up_starting()
-                    self._armed.discard(channel)
-                for waiter in waiters:
-                    complete_waiter(waiter)
-                if not isinstance(exc, Exception):
-                    raise
-                logger.exception("offloop: pool %r could not start a worker thread", self._name)
-                return
-        due = loop.time() + GROWTH_PERIOD
-        loop.call_at(due, self._rebalance, channel, loop, due)
-
     # -- the worker thread ----------------------------------------------------
 
     def _work(self, worker: Worker, starts_others: bool = False) -> None:
@@ -585,9 +503,13 @@ class ThreadPool(ThreadPoolLifecycle):
                     self._failed += 1
                 # Run time: worker.started was stamped when this thread took
                 # the call, so one clock read and a bisect is the whole cost.
-                ran = monotonic() - worker.started
+                started = worker.started
+                ran = monotonic() - started
                 self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
                 self._call_seconds += ran
+                waited = started - call._submitted
+                self._wait_counts[bisect_left(CALL_BUCKETS, waited)] += 1
+                self._wait_seconds += waited
                 if call._phase is CANCELLING:
                     call._error = DeferredCancel()  # delivered as the cancellation
                 call._phase = DONE

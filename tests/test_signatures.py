@@ -55,7 +55,12 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
     ),
     "DaskPool": (
         offloop.DaskPool,
-        [("address", ANY, None), ("client", KW, None), ("connect_timeout", KW, 30.0)],
+        [
+            ("address", ANY, None),
+            ("client", KW, None),
+            ("connect_timeout", KW, 30.0),
+            ("name", KW, None),
+        ],
     ),
     "LoopThread": (offloop.LoopThread, [("name", KW, None), ("loop_factory", KW, None)]),
     "Supervisor": (
@@ -82,6 +87,7 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
             ("isolate", KW, None),
             ("name", KW, None),
             ("depends_on", KW, ()),
+            ("on_dependency_restart", KW, "restart"),
             ("oneshot", KW, False),
             ("retry_startup", KW, False),
             ("startup_window", KW, 1.0),

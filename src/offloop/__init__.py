@@ -53,6 +53,7 @@ from ._services.schedule import ScheduleStatus
 from ._services.watch import WatchService
 from ._services.wsgi import WSGIService
 from ._supervisor.lifespan import lifespan
+from ._supervisor.pools import pools
 from ._supervisor.status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor.supervisor import Supervisor
 from ._threads.iterate import ThreadedIterator, iterate, threaded
@@ -108,6 +109,7 @@ __all__ = [
     "from_thread_sync",
     "iterate",
     "lifespan",
+    "pools",
     "set_from_thread_loop",
     "task_ready",
     "threaded",

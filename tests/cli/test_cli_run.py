@@ -387,6 +387,8 @@ def test_live_table_renders_every_service() -> None:
                 "uptime": None,
                 "last_error": None,
                 "url": None,
+                "dependency_restarts": 0,
+                "restarting_with": None,
             }
             for name in ("worker", "bot")
         },

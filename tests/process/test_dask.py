@@ -127,6 +127,7 @@ async def test_run_by_address_returns_results_and_closes_its_client(
     assert offloop_dask_threads() == []  # and its thread is gone
     assert pool.statistics() == {
         "state": "closed",
+        "queued": 0,
         "running": 0,
         "completed": 22,
         "failed": 0,
@@ -426,6 +427,7 @@ async def test_a_call_cancelled_at_once_counts_as_cancelled(cluster: Any) -> Non
     await asyncio.wait_for(pool.aclose(), WAIT)
     assert pool.statistics() == {
         "state": "closed",
+        "queued": 0,
         "running": 0,
         "completed": 0,
         "failed": 0,

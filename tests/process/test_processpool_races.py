@@ -20,7 +20,7 @@ import pytest
 
 import offloop
 from offloop._process.pool import ProcessPool
-from offloop._process.workers import ProcessWorker
+from offloop._process.records import ProcessWorker
 from offloop._process.writer import LARGE_PAYLOAD
 from tests.helpers import WAIT, await_until, wait_for_file, wait_until
 

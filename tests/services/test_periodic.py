@@ -318,6 +318,11 @@ def job() -> None:
         (lambda sv: sv.every(1, backoff=-1), ValueError, "backoff"),
         (lambda sv: sv.cron("61 * * * *"), ValueError, "cannot read the cron expression '61"),
         (lambda sv: sv.cron("* * *"), ValueError, "five fields"),
+        # cronsim would take "0" as seconds (every 5 minutes); croniter, whose
+        # sixth field is seconds last, every second of each 5th hour's minute 0.
+        (lambda sv: sv.cron("0 */5 * * * *"), ValueError, "with 6 fields; expr needs the five"),
+        (lambda sv: sv.cron("*/5 * * * * 30"), ValueError, "seconds last as croniter"),
+        (lambda sv: sv.cron("0 0 12 * * ? 2030"), ValueError, "with 7 fields"),
         (lambda sv: sv.cron(30), TypeError, "cron expression str"),
         (lambda sv: sv.cron("0 * * * *", tz="Mars/Base"), ValueError, "not a time zone"),
         (lambda sv: sv.cron("0 * * * *", tz=5), TypeError, "IANA time-zone name"),

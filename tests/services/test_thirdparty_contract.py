@@ -15,6 +15,7 @@ import importlib.metadata
 import inspect
 import signal
 import socket
+import sys
 import threading
 import types
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from aiohttp import web
 from offloop._services._thirdparty import (
     INTERNALS,
     WaitressServer,
+    run_until_complete_task,
     uvicorn_exit,
     uvicorn_prepare,
     uvicorn_server,
@@ -298,3 +300,44 @@ def test_waitress_starts_its_workers_through_start_new_thread() -> None:
         f"waitress {importlib.metadata.version('waitress')}: the workers were not started "
         f"through ThreadedTaskDispatcher.start_new_thread(), which offloop overrides."
     )
+
+
+# -- asyncio's and uvloop's run_until_complete -------------------------------------------
+
+
+def test_run_until_complete_task_finds_the_main_task_of_asyncio_and_uvloop() -> None:
+    import uvloop
+
+    async def main() -> bool:
+        return run_until_complete_task(asyncio.get_running_loop()) is asyncio.current_task()
+
+    assert asyncio.run(main()), (
+        f"Python {sys.version.split()[0]}: run_until_complete() no longer adds "
+        f"_run_until_complete_cb to its task; adapt _thirdparty.run_until_complete_task."
+    )
+    loop = uvloop.new_event_loop()
+    try:
+        found = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert found, (
+        f"uvloop {importlib.metadata.version('uvloop')}: run_until_complete() no longer adds "
+        f"its done_cb to its task; adapt _thirdparty.run_until_complete_task."
+    )
+
+
+def test_run_until_complete_task_is_none_under_run_forever() -> None:
+    loop = asyncio.new_event_loop()
+    found: list[object] = []
+
+    async def probe() -> None:
+        found.append(run_until_complete_task(loop))
+        loop.stop()
+
+    try:
+        task = loop.create_task(probe())
+        loop.run_forever()
+        assert task.done()
+    finally:
+        loop.close()
+    assert found == [None]

@@ -10,7 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from offloop import Supervisor, ThreadPool
+import offloop
+from offloop import ProcessPool, Supervisor, ThreadPool
 from offloop._core.latency import CALL_BUCKETS
 from offloop._supervisor.health import LAG_BUCKETS, TICK
 from offloop._supervisor.metrics import metrics_text
@@ -99,7 +100,17 @@ async def test_metrics_show_states_restarts_pools_loop_lag_and_blocks_by_site() 
     ] == [*(str(b) for b in CALL_BUCKETS), "+Inf"]
     assert _value(durations, "offloop_pool_call_seconds_sum", **pool_labels) > 0
     # Every open pool has one, the default ones included.
-    assert {s.labels["kind"] for s in durations} <= {"thread", "process"}
+    assert {s.labels["kind"] for s in durations} <= {"thread", "process", "dask"}
+    waits = fams["offloop_pool_queue_wait_seconds"]
+    # The same calls as the run-time histogram.
+    assert _value(waits, "offloop_pool_queue_wait_seconds_count", **pool_labels) == 3
+    assert _value(waits, "offloop_pool_queue_wait_seconds_bucket", le="+Inf", **pool_labels) == 3
+    assert [
+        s.labels["le"]
+        for s in waits
+        if s.name == "offloop_pool_queue_wait_seconds_bucket" and s.labels["pool"] == "metrics-pool"
+    ] == [*(str(b) for b in CALL_BUCKETS), "+Inf"]
+    assert {s.labels["pool"] for s in waits} == {s.labels["pool"] for s in durations}
 
     lag = fams["offloop_loop_lag_seconds"]
     buckets = [s for s in lag if s.name == "offloop_loop_lag_seconds_bucket"]
@@ -139,3 +150,25 @@ def test_label_values_are_escaped_and_the_text_parses() -> None:
     assert sample.labels == {"supervisor": 'odd "name"\\ with\nnewline', "service": 'svc "quoted"'}
     assert sample.value == 0
     assert _value(fams["offloop_supervisor_state"], state="new") == 1
+
+
+@pytest.mark.loops("asyncio")
+async def test_pools_lists_the_open_pools_of_every_kind_and_drops_closed_ones() -> None:
+    thread_pool = ThreadPool(max_workers=1, name="listed-thread")
+    process_pool = ProcessPool(1, name="listed-process")  # no call: no process started
+    try:
+        found = offloop.pools()
+        assert thread_pool in found
+        assert process_pool in found
+        # Ordered by kind, then name, as /metrics lists them.
+        assert found.index(process_pool) < found.index(thread_pool)
+        assert await thread_pool.run(abs, -1) == 1
+    finally:
+        await thread_pool.aclose()
+        await process_pool.aclose()
+    found = offloop.pools()
+    assert thread_pool not in found
+    assert process_pool not in found
+    text = metrics_text(Supervisor(name="after-close"))
+    assert 'pool="listed-thread"' not in text
+    assert 'pool="listed-process"' not in text

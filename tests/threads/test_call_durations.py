@@ -1,9 +1,10 @@
-"""ThreadPool.call_durations(): real calls through a real pool fill the run-time histogram."""
+"""ThreadPool.call_durations() and queue_waits(): real calls through a real pool fill them."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -29,6 +30,7 @@ async def test_every_ended_call_is_counted_once_and_the_buckets_are_cumulative()
             await pool.run(_fails)
         hist = pool.call_durations()
     assert hist["count"] == 51  # completed and failed calls alike
+    assert pool.queue_waits()["count"] == 51  # the same calls
     counts = [c for _, c in hist["buckets"]]
     assert counts == sorted(counts)
     assert counts[-1] == hist["count"]
@@ -62,3 +64,41 @@ async def test_a_call_held_past_a_bound_lands_above_that_bucket() -> None:
     assert by_bound[0.05] <= 1  # the held call is not at or under 50 ms
     assert by_bound[float("inf")] == 2
     assert hist["sum"] >= 0.05
+
+
+@bounded(10)
+async def test_a_call_queued_behind_a_blocked_worker_shows_its_wait() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def held() -> str:
+        started.set()
+        if not release.wait(WAIT):
+            raise TimeoutError("the test never released the call")
+        return "done"
+
+    async with ThreadPool(max_workers=1, name="queue-wait") as pool:
+        assert pool.queue_waits()["count"] == 0
+        first = pool.run(held)
+        await asyncio.to_thread(started.wait, WAIT)
+        assert started.is_set()
+        # The one thread is held: this call waits in the queue from here on.
+        second = pool.run(abs, -2)
+        queued_at = time.monotonic()  # run() stamped it before this
+        assert pool.statistics()["queued"] == 1
+        await asyncio.sleep(0.07)
+        held_for = time.monotonic() - queued_at
+        release.set()
+        assert await first == "done"
+        assert await second == 2
+        waits = pool.queue_waits()
+        runs = pool.call_durations()
+    # Both histograms count the same calls.
+    assert waits["count"] == runs["count"] == 2
+    assert [b for b, _ in waits["buckets"]] == [*CALL_BUCKETS, float("inf")]
+    # The second call was stamped by run() before queued_at and taken only
+    # after the release: at least held_for (about 70 ms) in the queue.
+    assert held_for > 0.05
+    assert dict(waits["buckets"])[0.05] <= 1
+    assert waits["sum"] >= held_for
+    assert dict(waits["buckets"])[float("inf")] == 2

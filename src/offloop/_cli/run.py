@@ -414,10 +414,16 @@ def render_table(sv: Supervisor) -> Any:
             uptime = f"{now - st.started_at:.0f}s"
         error = st.to_dict()["last_error"] or ""
         style = _STATE_STYLE.get(st.state.value, "")
+        state = st.state.value
+        if st.restarting_with is not None:  # stopped and started again with a dependency
+            state += f" (with {st.restarting_with})"
+        restarts = str(st.restarts)
+        if st.dependency_restarts:
+            restarts += f" (+{st.dependency_restarts} with deps)"
         table.add_row(
             name,
-            f"[{style}]{st.state.value}[/]",
-            str(st.restarts),
+            f"[{style}]{state}[/]",
+            restarts,
             uptime,
             st.url or "",
             error[:60],

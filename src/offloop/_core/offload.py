@@ -16,6 +16,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
+from time import monotonic
 from typing import Any, Final, Protocol, TypeVar
 
 from .token import StopToken
@@ -254,6 +255,7 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
         "_owner",
         "_phase",
         "_sink",
+        "_submitted",
         "_token",
         "_value",
         "fn",
@@ -279,6 +281,9 @@ class OffloadFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
     # still be cancelled (which cancels the call). Taken from
     # ``loop_local.sink`` when the call is created.
     _sink: Callable[[OffloadFuture[Any]], None] | None
+    # time.monotonic() when run() took the call: the pool's queue-wait
+    # histogram measures from here to the moment a worker takes it.
+    _submitted: float
     # Set only by a deferred cancel (on_cancel="wait"), so the hot path never
     # pays for it: read with getattr and a default.
     _cancel_msg: Any
@@ -370,6 +375,7 @@ def new_call(
     fut._owner = owner
     fut._token = None
     fut._sink = loop_local.sink
+    fut._submitted = monotonic()
     return fut
 
 

@@ -31,9 +31,10 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final, ParamSpec, TypedDict, TypeVar, final
+from time import monotonic
+from typing import Any, Final, ParamSpec, TypeVar, final
 
-from .._core.errors import NotPicklableError, PoolClosedError, WorkerCrashed
+from .._core.errors import NotPicklableError, PoolClosedError
 from .._core.extras import require
 from .._core.offload import (
     ABANDONED,
@@ -46,10 +47,13 @@ from .._core.offload import (
     running_loop,
 )
 from .._core.poolbase import PoolContext, PoolState
-from .._core.validate import check_seconds, check_sync_callable, describe
-from .clientloop import ClientLoop
-from .daskargs import ScatterCache, make_runner, split_arguments
-from .pickling import OK, RemoteTraceback, encode_call
+from .._core.registry import register
+from .._core.validate import check_seconds, check_sync_callable, check_thread_name, describe
+from .clientloop import ClientLoop, GILPacer
+from .daskargs import PickledOnce, ScatterCache, make_runner, split_arguments
+from .daskcounts import DaskCounters
+from .daskerrors import client_closed, last_line, load_failed, translate
+from .pickling import OK, encode_call
 
 __all__ = ["DaskPool"]
 
@@ -59,20 +63,10 @@ R = TypeVar("R")
 _FEATURE: Final = "DaskPool"
 _RUN: Final = "DaskPool.run()"
 
-_run_call: Final = make_runner()
+_run_call: Final = PickledOnce(make_runner())
 _pool_numbers: Final = itertools.count(1)
 #: Seconds a dropped pool's client gets to close before its loop stops anyway.
 _DROP_CLOSE: Final = 5.0
-
-
-class DaskPoolStatistics(TypedDict):
-    """What :meth:`DaskPool.statistics` returns."""
-
-    state: str
-    running: int
-    completed: int
-    failed: int
-    cancelled: int
 
 
 class DaskCall(OffloadFuture[Any]):
@@ -85,7 +79,7 @@ class DaskCall(OffloadFuture[Any]):
 
 
 @final
-class DaskPool(PoolContext):
+class DaskPool(DaskCounters, PoolContext):
     """Run blocking or CPU-bound functions on a Dask ``distributed`` cluster.
 
     ``await pool.run(fn, *args, **kwargs)`` submits ``fn(*args, **kwargs)`` to
@@ -113,17 +107,28 @@ class DaskPool(PoolContext):
     cluster once and sent by reference: passing the same object to many calls
     sends it once. Send any other large object once with :meth:`scatter`.
 
+    ``name`` is the pool's ``pool`` label in the supervisor's ``/metrics``
+    (where its ``kind`` is ``dask``); default ``dask<n>``.
+
     Raises:
         MissingExtraError: ``distributed`` is not installed (``offloop[dask]``).
         TypeError: neither or both of ``address`` and ``client`` were given.
         TypeError, ValueError: ``connect_timeout`` is not a number of seconds > 0.
+        TypeError, ValueError: ``name`` is not a non-empty str.
 
     The first :meth:`run` fails with ``ConnectionError`` naming the address
     when no scheduler answers there within ``connect_timeout`` seconds.
     """
 
+    _kind = "dask"  # the kind label of its /metrics series
+
     def __init__(
-        self, address: str | None = None, *, client: Any = None, connect_timeout: float = 30.0
+        self,
+        address: str | None = None,
+        *,
+        client: Any = None,
+        connect_timeout: float = 30.0,
+        name: str | None = None,
     ) -> None:
         distributed = require("distributed", "dask", feature=_FEATURE)
         if (address is None) == (client is None):
@@ -143,6 +148,7 @@ class DaskPool(PoolContext):
         self._connect_timeout = check_seconds(
             connect_timeout, "DaskPool(connect_timeout=...)", positive=True
         )
+        check_thread_name(name, "DaskPool", names="its /metrics series")
         self._distributed = distributed
         dask_utils = require("dask.utils", "dask", feature=_FEATURE)
         self._funcname: Callable[[Any], str] = dask_utils.funcname
@@ -153,11 +159,9 @@ class DaskPool(PoolContext):
         self._owns_client = False
         self._lock = threading.Lock()
         self._state = PoolState.OPEN
-        self._running = 0
-        self._completed = 0
-        self._failed = 0
-        self._cancelled = 0
+        self._init_counters()
         self._number = next(_pool_numbers)
+        self._name = name or f"dask{self._number}"
         self._thread = ClientLoop(f"offloop-dask-{self._number}")
         #: The loop the client lives on; set by the first call.
         self._home: asyncio.AbstractEventLoop | None = None
@@ -172,6 +176,18 @@ class DaskPool(PoolContext):
         self._connecting: asyncio.Future[Any] | None = None
         self._idle: asyncio.Event | None = None
         self._scattered = ScatterCache(distributed.Future)
+        self._pacer = GILPacer()
+        # Task keys: this pool's random part, drawn once on the client's
+        # thread, and a counter. A uuid4 per call would be a system call per
+        # submission (see GILPacer).
+        self._key_prefix: str | None = None
+        self._key_numbers = itertools.count()
+        register(self)
+
+    @property
+    def name(self) -> str:
+        """The pool's name, its ``pool`` label in ``/metrics``."""
+        return self._name
 
     @property
     def client(self) -> Any:
@@ -249,21 +265,6 @@ class DaskPool(PoolContext):
                 self._start()
         return await asyncio.wrap_future(self._on_home(lambda: self._scatter_now(obj)))
 
-    def statistics(self) -> DaskPoolStatistics:
-        """Counters of this pool's calls.
-
-        Keys: ``state``, ``running`` (queued or on the cluster), ``completed``,
-        ``failed``, ``cancelled``.
-        """
-        with self._lock:
-            return {
-                "state": self._state.value,
-                "running": self._running,
-                "completed": self._completed,
-                "failed": self._failed,
-                "cancelled": self._cancelled,
-            }
-
     async def aclose(self) -> None:
         """Refuse new calls, wait for running ones, close what the pool opened, end its thread.
 
@@ -304,7 +305,7 @@ class DaskPool(PoolContext):
         # Under _lock, on the first call: find or start the client's loop.
         given = self._given
         if given is not None and given.status in ("closing", "closed"):
-            raise self._client_closed(None)
+            raise client_closed(self._named(), None)
         theirs: Any = None if given is None else given.loop.asyncio_loop
         # distributed's "asynchronous" is true on the client's own loop: here,
         # false for a client whose loop runs in another thread (a blocking
@@ -338,6 +339,7 @@ class DaskPool(PoolContext):
         with self._lock:
             if call._phase is QUEUED:
                 call._phase = SKIPPED  # _serve drops it
+                self._skipped += 1
             elif call._phase is RUNNING:
                 call._phase = ABANDONED
             else:
@@ -357,7 +359,7 @@ class DaskPool(PoolContext):
             )
         given = self._given
         if given is not None and given.status in ("closing", "closed"):
-            raise self._client_closed(None)
+            raise client_closed(self._named(), None)
 
     def _where(self) -> str | None:
         where = self._address
@@ -397,22 +399,28 @@ class DaskPool(PoolContext):
         cancelled = skipped
         future = None
         client = None
+        sent = -1.0  # monotonic, when handed to the client; -1: never
         try:
             if not skipped:
                 client = await self._connected()
                 deps = await self._scattered.resolve(client, call._deps or [])
                 fn = call.fn
-                key = f"{self._funcname(fn)}-{uuid.uuid4()}"
                 # A key of its own per call: equal calls each run, none shares
                 # another's result.
+                if self._key_prefix is None:
+                    self._key_prefix = uuid.uuid4().hex
+                key = f"{self._funcname(fn)}-{self._key_prefix}-{next(self._key_numbers)}"
+                self._pacer.pace()
                 future = client.submit(_run_call, call._data, call._slots, *deps, key=key)
+                with self._lock:
+                    sent = monotonic()
+                    self._on_cluster += 1
                 call._data = call._deps = None
                 del deps
                 reply = await future
-                # Not raised here: _translate would take it for Dask's error.
-                ok, value = (
-                    (True, reply[1]) if reply[0] == OK else (False, self._load_failed(fn, reply))
-                )
+                # Not raised here: translate() would take it for Dask's error.
+                ok = reply[0] == OK
+                value = reply[1] if ok else load_failed(self._named(), fn, reply)
         except asyncio.CancelledError:
             cancelled = True
             if future is not None and client is not None:
@@ -420,7 +428,7 @@ class DaskPool(PoolContext):
                 with contextlib.suppress(Exception):
                     await client.cancel([future])
         except BaseException as exc:  # the call's outcome, whatever it is
-            value = self._translate(call, exc, future, client)
+            value = translate(self._named(), self._distributed, call.fn, exc, future, client)
         finally:
             call._data = call._deps = None
             self._tasks.pop(call, None)
@@ -429,11 +437,17 @@ class DaskPool(PoolContext):
             abandoned = call._phase is not RUNNING
             call._phase = DONE
             self._running -= 1
+            if skipped:
+                self._skipped -= 1
+            if sent >= 0:
+                self._on_cluster -= 1
             if not (cancelled or abandoned):
                 if ok:
                     self._completed += 1
                 else:
                     self._failed += 1
+                if sent >= 0:
+                    self._record(call, sent)
             idle = self._running == 0
         if idle and self._idle is not None:
             self._idle.set()
@@ -443,57 +457,6 @@ class DaskPool(PoolContext):
             else:
                 call._error = value
             call._channel.post(call)
-
-    def _translate(
-        self, call: DaskCall, exc: BaseException, future: Any, client: Any
-    ) -> BaseException:
-        fn = call.fn
-        distributed = self._distributed
-        original = exc  # isinstance() against distributed's classes (Any) would untype exc
-        if isinstance(exc, TypeError) and future is not None and future.status == "finished":
-            # A task that finished but whose result would not come back: it
-            # cannot be pickled (Dask says so in a TypeError).
-            error: BaseException = NotPicklableError(
-                f"{self._named()}: {describe(fn)} ran on a Dask worker, but its result "
-                f"cannot be pickled to send it back ({_last_line(exc)}). Return plain data "
-                f"instead (e.g. a path instead of an open file)."
-            )
-        elif isinstance(exc, distributed.KilledWorker):
-            error = WorkerCrashed(
-                f"{self._named()}: the workers running {describe(fn)} died while running it, "
-                f"as many times as the scheduler allows ({exc}). Only this call failed; look "
-                f"at the workers' logs for what killed them (memory limit, segfault)."
-            )
-        elif isinstance(exc, distributed.client.FutureCancelledError) and (
-            client is not None and client.status not in ("closing", "closed")
-        ):
-            return original  # cancelled on the cluster by someone else: Dask's own error says so
-        elif isinstance(
-            exc,
-            (distributed.client.ClosedClientError, distributed.client.FutureCancelledError),
-        ):
-            error = self._client_closed(fn)
-        else:
-            return original
-        error.__cause__ = exc
-        return error
-
-    def _client_closed(self, fn: Callable[..., Any] | None) -> PoolClosedError:
-        what = f"{describe(fn)} cannot run or finish" if fn is not None else "it takes no calls"
-        return PoolClosedError(
-            f"{self._named()}: its distributed.Client was closed, so {what}. Close the pool "
-            f"before its client, or create a new DaskPool with an open client."
-        )
-
-    def _load_failed(self, fn: Callable[..., Any], reply: tuple[Any, ...]) -> NotPicklableError:
-        error = NotPicklableError(
-            f"{self._named()}: the Dask worker could not unpickle the call of {describe(fn)} "
-            f"({reply[1]}). Functions and classes are sent by reference: their module must be "
-            f"importable on the workers (install it there, or send it with "
-            f"client.upload_file())."
-        )
-        error.__cause__ = RemoteTraceback(reply[2], "the Dask worker")
-        return error
 
     async def _connected(self) -> Any:
         if self._client is not None:
@@ -545,7 +508,7 @@ class DaskPool(PoolContext):
             if isinstance(exc, TypeError) or "pickle" in str(exc).lower():
                 raise NotPicklableError(
                     f"{self._named()}.scatter() cannot send {describe(obj)}: it cannot be "
-                    f"pickled ({_last_line(exc)})."
+                    f"pickled ({last_line(exc)})."
                 ) from exc
             raise
         return reference
@@ -597,9 +560,3 @@ def _dropped(thread: ClientLoop, opened: list[Any], where: str) -> None:
             ResourceWarning,
             stacklevel=2,
         )
-
-
-def _last_line(exc: BaseException) -> str:
-    # Dask's message ends with the pickler's own error, after a traceback.
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__

@@ -33,11 +33,12 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final
 
 from .._core.spin import yield_cpu
-from .workers import ask_to_exit
+from .records import ask_to_exit
 from .writer import PayloadWriter
 
 if TYPE_CHECKING:
-    from .workers import ProcessWorker, WorkerSet
+    from .records import ProcessWorker
+    from .workers import WorkerSet
 
 __all__ = ["manage", "pool_dropped"]
 

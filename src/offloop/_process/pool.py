@@ -24,13 +24,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import inspect
 import multiprocessing
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.context import BaseContext
 from typing import Any, Final, ParamSpec, TypeVar, final
 
@@ -45,6 +44,7 @@ from .._core.poolbase import (
     refuse_blocking_close,
 )
 from .._core.poolexecutor import PoolExecutorView, shut_views_of
+from .._core.registry import pools_of, register
 from .._core.validate import (
     check_bool,
     check_close_timeout,
@@ -55,14 +55,10 @@ from .._core.validate import (
 )
 from .manager import manage, pool_dropped
 from .message import OutOfBandCall, detach
+from .options import check_initializer
 from .pickling import encode_call, main_reaches_children
-from .workers import (
-    ProcessCall,
-    ProcessPoolStatistics,
-    ProcessWorker,
-    WorkerSet,
-    ask_to_exit,
-)
+from .records import ProcessCall, ProcessPoolStatistics, ProcessWorker, ask_to_exit
+from .workers import WorkerSet
 from .writer import LARGE_PAYLOAD, Payload, is_small
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
@@ -83,7 +79,6 @@ _EXIT_WAIT: Final = 2.0
 #: Seconds aclose() gives exited workers to be reaped, after any kill.
 _REAP_TIMEOUT: Final = 10.0
 
-_pools: Final[weakref.WeakSet[ProcessPool]] = weakref.WeakSet()
 _pool_numbers: Final = iter(range(1, 1 << 62))
 
 
@@ -139,6 +134,8 @@ class ProcessPool(WorkerSet, PoolContext):
             ``mp_context`` names an unknown start method.
     """
 
+    _kind = "process"  # the kind label of its /metrics series
+
     def __init__(
         self,
         max_workers: int | None = None,
@@ -158,7 +155,7 @@ class ProcessPool(WorkerSet, PoolContext):
             "ProcessPool(kill_on_cancel=...)",
             "kill a call's worker process when its awaiter is cancelled",
         )
-        initargs = _check_initializer(initializer, initargs)
+        initargs = check_initializer(initializer, initargs)
         if mp_context is None or isinstance(mp_context, str):
             method = mp_context or DEFAULT_START_METHOD
             try:
@@ -197,7 +194,7 @@ class ProcessPool(WorkerSet, PoolContext):
         )
         self._main_by_value = main_by_value
         self._kill_on_cancel = kill_on_cancel
-        _pools.add(self)
+        register(self)
 
     # -- public API ---------------------------------------------------------
 
@@ -497,38 +494,6 @@ class ProcessPool(WorkerSet, PoolContext):
             manager.join()
 
 
-def _check_initializer(initializer: object, initargs: object) -> tuple[Any, ...]:
-    """Validate ``initializer`` and ``initargs``; return the arguments as a tuple."""
-    where = "ProcessPool(initializer=...)"
-    if initializer is not None:
-        if not callable(initializer):
-            raise TypeError(
-                f"{where} must be a function, called as initializer(*initargs) once in each new "
-                f"worker, got {describe(initializer)}."
-            )
-        kind = (
-            "a coroutine function"
-            if inspect.iscoroutinefunction(initializer)
-            else "an async generator function"
-            if inspect.isasyncgenfunction(initializer)
-            else None
-        )
-        if kind is not None:
-            raise TypeError(
-                f"{where} got {describe(initializer)}, {kind}, which would only create an "
-                f"object in each worker and never run it. Pass a plain function; it may call "
-                f"asyncio.run() on a coroutine."
-            )
-    if isinstance(initargs, (str, bytes, dict, set, frozenset)) or not isinstance(
-        initargs, Iterable
-    ):
-        raise TypeError(
-            f"ProcessPool(initargs=...) must be a tuple of the initializer's arguments, got "
-            f"{describe(initargs)}; for a single argument write initargs=(value,)."
-        )
-    return tuple(initargs)
-
-
 def _make_default() -> ProcessPool:
     pool = ProcessPool(name="default")
     pool._run_name = "offloop.to_process()"
@@ -539,7 +504,7 @@ _default: Final = DefaultPool(_make_default, new_after_fork=True)
 
 
 def _disown_workers_after_fork() -> None:
-    for pool in list(_pools):
+    for pool in pools_of(ProcessPool):
         pool._disown_workers()
 
 
@@ -595,7 +560,7 @@ def _stop_workers_at_exit() -> None:
     # two threads waiting for one child, the one that lost saw it gone yet
     # "still running" (Process.close) and failed the pool with an ERROR.
     closing: list[tuple[ProcessPool, threading.Event]] = []
-    for pool in list(_pools):
+    for pool in pools_of(ProcessPool):
         if pool._finalizer is not None:
             pool._finalizer.detach()  # stopped here, not warned about at teardown
         closed = threading.Event()

@@ -23,84 +23,22 @@ import time
 import weakref
 from bisect import bisect_left
 from collections import deque
-from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
-from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from .._core.errors import PoolClosedError, WorkerCrashed
 from .._core.latency import CALL_BUCKETS, CallHistogram, histogram_snapshot, new_counts
-from .._core.offload import ABANDONED, DONE, QUEUED, RUNNING, OffloadFuture
-from .._core.poolbase import CallCounters, PoolState, complete_waiter
+from .._core.offload import ABANDONED, DONE, QUEUED, RUNNING
+from .._core.poolbase import PoolState, complete_waiter
 from .._core.validate import describe
 from .child import worker_main
 from .pickling import InitFailure, RemoteTraceback, decode_reply
+from .records import ProcessCall, ProcessWorker, ask_to_exit
 from .writer import Payload, PayloadWriter, is_small
 
-__all__ = ["ProcessCall", "ProcessPoolStatistics", "ProcessWorker", "WorkerSet"]
+__all__ = ["WorkerSet"]
 
 logger: Final = logging.getLogger("offloop")
-
-
-class ProcessPoolStatistics(CallCounters):
-    """What :meth:`ProcessPool.statistics` returns."""
-
-    processes: int
-    crashed: int
-
-
-class ProcessCall(OffloadFuture[Any]):
-    # The future of a process call: the shared OffloadFuture plus the pickled
-    # request and the worker running it.
-    __slots__ = ("_payload", "_requeued", "_worker")
-
-    # A small call's payload stays until the call is over: if its worker dies
-    # before taking it from the pipe, it is sent again (once, see _requeue).
-    _payload: Payload | None
-    _worker: ProcessWorker | None
-    _requeued: bool
-
-
-class ProcessWorker:
-    """One worker process, its pipe, and the call it runs (guarded by the pool's lock)."""
-
-    __slots__ = (
-        "assigned",
-        "call",
-        "conn",
-        "dead",
-        "doomed",
-        "pid",
-        "process",
-        "ready",
-        "received",
-        "sent",
-        "tasks",
-    )
-
-    def __init__(self, call: ProcessCall | None) -> None:
-        self.call = call
-        self.process: BaseProcess | None = None
-        self.conn: Connection | None = None
-        self.pid: int | None = None
-        self.tasks = 0
-        # Doomed: must not get another call (killed, retiring after
-        # max_tasks_per_worker, or told to stop). Dead: its process exited.
-        self.doomed = False
-        self.dead = False
-        # Ready: it said so once its start-up (imports, initializer) was over.
-        self.ready = False
-        # Calls given to it, and (shared memory the worker writes) calls it
-        # took from its pipe: a call it never took did not start.
-        self.sent = 0
-        self.assigned = 0.0  # monotonic, when it was handed its current call
-        self.received: Any = None
-
-
-def ask_to_exit(worker: ProcessWorker) -> None:
-    """Ask an idle worker to exit: an empty message (its pipe closing does too)."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        worker.conn.send_bytes(b"")  # type: ignore[union-attr]
 
 
 class WorkerSet:
@@ -145,6 +83,9 @@ class WorkerSet:
         # Times from handing a call to a worker to its reply (see call_durations).
         self._call_counts = new_counts()
         self._call_seconds = 0.0
+        # Times from run() to handing the call to a worker (see queue_waits).
+        self._wait_counts = new_counts()
+        self._wait_seconds = 0.0
         # Set once close()/aclose() timed out and killed the workers.
         self._killed_all = False
 
@@ -179,6 +120,17 @@ class WorkerSet:
         """
         with self._lock:
             counts, total = list(self._call_counts), self._call_seconds
+        return histogram_snapshot(counts, total)
+
+    def queue_waits(self) -> CallHistogram:
+        """A histogram of how long calls waited from ``run()`` until handed to a worker.
+
+        The time queued behind busy workers (a worker started for the call
+        counts in :meth:`call_durations`, not here). Recorded when the call
+        ends, so it counts the same calls as :meth:`call_durations`.
+        """
+        with self._lock:
+            counts, total = list(self._wait_counts), self._wait_seconds
         return histogram_snapshot(counts, total)
 
     def _describe(self) -> str:
@@ -360,9 +312,14 @@ class WorkerSet:
         else:
             self._failed += 1
         if count:
-            ran = time.monotonic() - worker.assigned
+            assigned = worker.assigned
+            ran = time.monotonic() - assigned
             self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
             self._call_seconds += ran
+            # A call sent again after its worker died waited until its last hand-over.
+            waited = assigned - call._submitted
+            self._wait_counts[bisect_left(CALL_BUCKETS, waited)] += 1
+            self._wait_seconds += waited
         call._phase = DONE
 
     def _on_reply(self, worker: ProcessWorker, selector: selectors.BaseSelector) -> None:

@@ -14,6 +14,11 @@ service needs, so the adapters reach into them here and nowhere else:
   functions after it.
 - aiohttp lets a handler run on after its connection is dropped:
   :func:`aiohttp_drop_connections` cancels it.
+- asyncio and uvloop do not name the task ``run_until_complete()`` (and so
+  ``asyncio.run``) runs: :func:`run_until_complete_task` finds it by the done
+  callback they add to it, so a failed supervisor can end it. These are
+  callbacks, not attributes, so they are not in :data:`INTERNALS`; the
+  contract test runs both loops and checks the task is found.
 
 :data:`INTERNALS` lists every name used beyond the libraries' documented API,
 by where it lives; ``tests/test_thirdparty_contract.py`` checks each against
@@ -38,6 +43,7 @@ __all__ = [
     "INTERNALS",
     "WaitressServer",
     "aiohttp_drop_connections",
+    "run_until_complete_task",
     "uvicorn_abandon",
     "uvicorn_close_listeners",
     "uvicorn_exit",
@@ -422,3 +428,23 @@ def aiohttp_drop_connections(server: Any) -> None:
         task = getattr(conn, "_task_handler", None)
         if isinstance(task, asyncio.Task) and not task.done():
             task.cancel()
+
+
+# -- asyncio and uvloop ------------------------------------------------------------------
+
+
+def run_until_complete_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
+    """The task ``loop.run_until_complete()`` runs (``asyncio.run``'s main task), if any.
+
+    No public API names it: it is found by the done callback that
+    ``run_until_complete`` adds to it (asyncio's ``_run_until_complete_cb``,
+    uvloop's ``run_until_complete.<locals>.done_cb``). None under
+    ``run_forever()``, or on a loop whose callbacks cannot be read.
+    """
+    for task in asyncio.all_tasks(loop):
+        for entry in getattr(task, "_callbacks", None) or ():
+            fn = entry[0] if isinstance(entry, tuple) else entry
+            qualname = getattr(fn, "__qualname__", "")
+            if qualname == "_run_until_complete_cb" or qualname.startswith("run_until_complete."):
+                return task
+    return None

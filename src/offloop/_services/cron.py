@@ -112,6 +112,20 @@ def make_cron(
             f"{where} needs the schedule as a cron expression str such as '30 18 * * *' "
             f"(minute hour day-of-month month day-of-week), got {describe(expr)}."
         )
+    fields = expr.split()
+    if len(fields) in (6, 7):
+        # cronsim would read a sixth field as seconds *first*; croniter (behind
+        # aiomisc's CronService) reads it as seconds *last*, Quartz as seconds
+        # first and some crons as a year: the same string means different times
+        # to each, so it is refused rather than read one way silently.
+        raise ValueError(
+            f"{where} got the cron expression {expr!r} with {len(fields)} fields; expr "
+            f"needs the five fields of crontab, minute hour day-of-month month day-of-week "
+            f"(e.g. '30 18 * * *'). Cron libraries disagree on what a sixth field means "
+            f"(seconds first, seconds last as croniter and aiomisc read it, or a year), so "
+            f"offloop does not guess: drop it, and for runs more often than once a minute "
+            f"use @sv.every(seconds)."
+        )
     zone, zone_name = _zone(tz)
     ov, mi = check_policies(overlap, missed, where)
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import io
 import os
@@ -212,9 +213,13 @@ class ThreadService(FunctionService):
         done = self._begin()
         loop = asyncio.get_running_loop()
         token = self._token = StopToken()
+        # The context variables of the caller, as asyncio.to_thread and
+        # offloop.to_thread give them, and as an async def service sees them in
+        # its task: a copy, so the thread's changes stay in the thread.
+        ctx = contextvars.copy_context()
         thread = threading.Thread(
-            target=self._main,
-            args=(loop, done, token),
+            target=ctx.run,
+            args=(self._main, loop, done, token),
             name=f"offloop-service-{self.name}",
             daemon=True,
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import random
@@ -364,9 +365,11 @@ class ScheduledService(FunctionService):
         else:
             token = self._token
             assert token is not None
+            # Each run gets a copy of the schedule's context variables, as each
+            # async run's task does and as offloop.to_thread gives each call.
             run.thread = threading.Thread(
-                target=self._run_sync,
-                args=(run, loop, token),
+                target=contextvars.copy_context().run,
+                args=(self._run_sync, run, loop, token),
                 name=f"offloop-service-{self.name}",
                 daemon=True,
             )

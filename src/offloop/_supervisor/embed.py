@@ -11,10 +11,15 @@ halves as calls, and decides where a failure goes once nobody awaits it:
   the task that called ``start()`` still runs (aiogram's polling, discord.py's
   runner, an ``asyncio.run`` main), it is cancelled; its shutdown path then
   calls ``aclose()``, which raises the :class:`~offloop.ServiceFailed` in
-  place of the cancellation. If that task has ended (python-telegram-bot runs
-  ``post_init`` as a task of its own, then ``loop.run_forever()``), the loop is
-  stopped, as ``Application.stop_running()`` does. Either way the host's
-  shutdown hooks run, and the process ends with the error, not half-dead.
+  place of the cancellation. If that task has ended and the loop runs a task
+  with ``run_until_complete`` (``asyncio.run``'s main task), that task is
+  cancelled once the services have stopped, with the failure as the
+  cancellation's message (stopping the loop would end ``asyncio.run`` with
+  "Event loop stopped before Future completed", which says nothing of the
+  failure). Otherwise (python-telegram-bot runs ``post_init`` as a task of its
+  own, then ``loop.run_forever()``) the loop is stopped, as
+  ``Application.stop_running()`` does. Either way the host's shutdown hooks
+  run, and the process ends with the error, not half-dead.
 - ``offloop.lifespan(sv)`` (ASGI servers) replaces that default with SIGTERM to
   the process: cancelling the lifespan task does not stop uvicorn, its signal
   handler does.
@@ -30,6 +35,7 @@ from typing import Any, Final, Protocol
 
 from .._core.errors import ServiceFailed
 from .._core.validate import describe
+from .._services._thirdparty import run_until_complete_task as main_task
 from .status import SupervisorState
 
 __all__ = ["Embeddable", "Embedding", "HostLifecycle", "OnFailure"]
@@ -51,6 +57,7 @@ class Embeddable(Protocol):
     _loop: asyncio.AbstractEventLoop | None
     _failure: ServiceFailed | None
     _in_body: bool
+    _shutdown_task: asyncio.Task[None] | None
 
     @property
     def state(self) -> SupervisorState: ...
@@ -233,6 +240,28 @@ class Embedding:
             )
             self.cancelled_caller = True
             caller.cancel(f"offloop: {failure}")
+        elif loop is not None and not loop.is_closed() and (main := main_task(loop)) is not None:
+            logger.error(
+                "%s: cancelling %s, the task the event loop runs to completion (asyncio.run's "
+                "main task), once the services have stopped, so that the program ends with the "
+                "failure: the task that called start() has ended (pass on_failure=... to choose "
+                "otherwise)",
+                name,
+                main.get_name(),
+            )
+            # Its aclose(), if it awaits one, raises the failure in place of this cancellation.
+            self.caller, self.cancelled_caller = main, True
+            why = (
+                f"offloop: {failure} The supervisor {name!r} cancelled this task, which the "
+                f"event loop runs to completion, because the task that called start() had "
+                f"ended; await sv.aclose() here to get the ServiceFailed, or pass "
+                f"on_failure=... to the Supervisor to handle it yourself."
+            )
+            shutdown = self.sv._shutdown_task
+            if shutdown is None or shutdown.done():
+                main.cancel(why)
+            else:
+                shutdown.add_done_callback(lambda _: main.cancel(why))
         elif loop is not None and not loop.is_closed():
             logger.error(
                 "%s: stopping the event loop (loop.stop()) so that the host stops: the task that "
@@ -258,9 +287,12 @@ class HostLifecycle:
         A service that fails beyond its restart policy later goes to
         ``on_failure`` if given; by default the host is stopped: the task that
         called ``start()`` is cancelled if it still runs (its :meth:`aclose`
-        then raises the :class:`~offloop.ServiceFailed`), else the event loop is
-        stopped (``loop.stop()``, which ends python-telegram-bot's
-        ``run_polling``). See the Hosts guide for each framework.
+        then raises the :class:`~offloop.ServiceFailed`); else the task the
+        loop runs to completion (``asyncio.run``'s main task), if any, is
+        cancelled once the services have stopped, with the failure as its
+        message; else the event loop is stopped (``loop.stop()``, which ends
+        python-telegram-bot's ``run_polling``). See the Hosts guide for each
+        framework.
 
         Raises:
             ServiceFailed: a service failed while starting (its ``__cause__``

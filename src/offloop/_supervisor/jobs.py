@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from .._core.restart import STARTUP_WINDOW, RestartMode, RestartPolicy
 from .._services.base import Service
 from .._services.schedule import Missed, Overlap
+from .order import DependencyRestart, check_on_dependency_restart
 
 __all__ = ["JobDecorators"]
 
@@ -28,6 +29,7 @@ class JobDecorators:
         policy: RestartPolicy,
         depends_on: object = (),
         oneshot: object = False,
+        on_dependency_restart: object = "restart",
     ) -> None:
         raise NotImplementedError  # the Supervisor's
 
@@ -46,6 +48,7 @@ class JobDecorators:
         max_restarts: int | None = 5,
         restart_window: float = 60.0,
         depends_on: Iterable[str] = (),
+        on_dependency_restart: DependencyRestart = "restart",
         retry_startup: bool = False,
         startup_window: float = STARTUP_WINDOW,
     ) -> Callable[[F], F]:
@@ -86,6 +89,8 @@ class JobDecorators:
             name: the service's name; defaults to the function's name.
             depends_on: services that must be ready before the schedule
                 starts (see :meth:`add`).
+            on_dependency_restart: ``"restart"`` (default) or ``"keep"``, as
+                for :meth:`service`.
             retry_startup: retry a failure to start as the restart policy
                 says (as for :meth:`service`).
             startup_window: seconds after the schedule's start during which
@@ -100,6 +105,7 @@ class JobDecorators:
         """
         from .._services.periodic import make_every
 
+        check_on_dependency_restart(on_dependency_restart, name)
         policy = RestartPolicy(
             restart,
             backoff,
@@ -119,7 +125,7 @@ class JobDecorators:
             svc = make_every(
                 fn, seconds, jitter=jitter, overlap=overlap, first=first, missed=missed, name=name
             )
-            self._add(svc, policy, depends_on)
+            self._add(svc, policy, depends_on, False, on_dependency_restart)
             return fn
 
         return register
@@ -138,6 +144,7 @@ class JobDecorators:
         max_restarts: int | None = 5,
         restart_window: float = 60.0,
         depends_on: Iterable[str] = (),
+        on_dependency_restart: DependencyRestart = "restart",
         retry_startup: bool = False,
         startup_window: float = STARTUP_WINDOW,
     ) -> Callable[[F], F]:
@@ -146,7 +153,9 @@ class JobDecorators:
         ``expr`` has the five fields of crontab(5): minute, hour, day of month,
         month, day of week (``"30 18 * * *"``: 18:30 every day;
         ``"*/5 * * * 1-5"``: every five minutes on weekdays). It is read by
-        the ``cronsim`` package (``pip install 'offloop[cron]'``). The
+        the ``cronsim`` package (``pip install 'offloop[cron]'``). A sixth
+        field (seconds, or a year, depending on the library) is refused:
+        use :meth:`every` for runs more often than once a minute. The
         schedule follows the wall clock in the time zone ``tz``, so a
         machine that slept, or a clock that was set, is noticed.
 
@@ -162,6 +171,8 @@ class JobDecorators:
                 local time.
             depends_on: services that must be ready before the schedule
                 starts (see :meth:`add`).
+            on_dependency_restart: ``"restart"`` (default) or ``"keep"``, as
+                for :meth:`service`.
             retry_startup: as for :meth:`every`.
             startup_window: as for :meth:`every` (the first run of a cron
                 job rarely comes within it).
@@ -174,6 +185,7 @@ class JobDecorators:
         """
         from .._services.cron import make_cron
 
+        check_on_dependency_restart(on_dependency_restart, name)
         policy = RestartPolicy(
             restart,
             backoff,
@@ -187,7 +199,7 @@ class JobDecorators:
 
         def register(fn: F) -> F:
             svc = make_cron(fn, expr, tz=tz, overlap=overlap, missed=missed, name=name)
-            self._add(svc, policy, depends_on)
+            self._add(svc, policy, depends_on, False, on_dependency_restart)
             return fn
 
         return register

@@ -67,6 +67,16 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         ("supervisor", "service", "delay", "restart"),
         {},
     ),
+    "%s: stopping service %r while its dependency %r restarts": (
+        "cascade",
+        ("supervisor", "service", "dependency"),
+        {"state": "stopping"},
+    ),
+    "%s: starting service %r again now that its dependency %r is ready": (
+        "cascade",
+        ("supervisor", "service", "dependency"),
+        {"state": "starting"},
+    ),
     "%s: service %r abandoned %s": ("abandoned", ("supervisor", "service", "what"), {}),
     "abandoned task %s, which ignores cancellation": ("abandoned", ("task",), {}),
     "offloop: %s in thread %s of pool %r is still running %s and was abandoned; "

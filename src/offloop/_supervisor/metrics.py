@@ -13,12 +13,22 @@ Families:
 - ``offloop_supervisor_state{supervisor,state}`` and
   ``offloop_service_state{supervisor,service,state}``: 1 for the current
   state, 0 for the others (every state is listed, so a query never misses a
-  series); ``offloop_service_restarts_total{supervisor,service}``;
-- per pool (``pool``, ``kind`` = ``thread`` or ``process``):
-  ``offloop_pool_workers``, ``offloop_pool_queued``, ``offloop_pool_running``
-  (gauges) and ``offloop_pool_calls_total{outcome=completed|failed|cancelled}``;
+  series); ``offloop_service_restarts_total{supervisor,service}`` and
+  ``offloop_service_dependency_restarts_total{supervisor,service}`` (restarts
+  with a dependency, see :mod:`.cascade`);
+- per pool (``pool``, ``kind`` = ``thread``, ``process`` or ``dask``), every
+  open pool of the process from the registry of ``_core/registry.py``:
+  ``offloop_pool_workers`` (not for ``dask``: the cluster sizes itself),
+  ``offloop_pool_queued``, ``offloop_pool_running`` (gauges) and
+  ``offloop_pool_calls_total{outcome=completed|failed|cancelled}``;
 - ``offloop_pool_call_seconds{pool,kind}``: per pool, a histogram of how long
   calls ran in their worker (``call_durations()`` of each pool);
+- ``offloop_pool_queue_wait_seconds{pool,kind}``: per pool, a histogram of
+  how long calls waited from ``run()`` until a worker took them
+  (``queue_waits()``; named after OpenTelemetry's ``executor.queue.wait``).
+  Both histograms count the same calls, so a call's submit-to-done time is
+  the sum of the two: ``rate(..._call_seconds_sum) +
+  rate(..._queue_wait_seconds_sum)`` over the calls' rate is its mean;
 - ``offloop_loop_lag_seconds``: a histogram of how late the supervisor's loop
   ran its timer (see :mod:`.health`);
 - ``offloop_detector_blocks_total`` and ``offloop_detector_blocked_seconds_total``
@@ -31,6 +41,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
+from .._core.registry import MeteredPool, live_pools
 from .health import LAG_BUCKETS
 from .status import ServiceState, SupervisorState
 
@@ -70,40 +81,26 @@ def _family(name: str, kind: str, help_: str, samples: Iterable[str]) -> Iterato
     yield from samples
 
 
-def _pools() -> list[tuple[str, str, dict[str, Any]]]:
-    """Every open pool of this process: (name, kind, statistics)."""
-    # The pools keep a registry of themselves (a WeakSet, for fork and exit
-    # handling); reading it is how /metrics sees pools it was not handed.
-    from .._process import pool as process_pool
-    from .._threads import pool as thread_pool
-
-    found: list[tuple[str, str, dict[str, Any]]] = []
-    for kind, pools in (
-        ("thread", [(p.name, dict(p.statistics())) for p in list(thread_pool._pools)]),
-        ("process", [(p.name, dict(p.statistics())) for p in list(process_pool._pools)]),
-    ):
-        found += [(name, kind, stats) for name, stats in pools if stats.get("state") != "closed"]
-    found.sort(key=lambda p: (p[1], p[0]))
-    return found
+_Pool = tuple[str, str, dict[str, Any], MeteredPool]
 
 
-def _call_histograms() -> Iterator[str]:
-    """The samples of ``offloop_pool_call_seconds``, one histogram per open pool."""
-    from .._process import pool as process_pool
-    from .._threads import pool as thread_pool
+def _pools() -> list[_Pool]:
+    """Every open pool of this process: (name, kind, statistics, pool)."""
+    return [(p.name, p._kind, dict(p.statistics()), p) for p in live_pools()]
 
-    pools: list[tuple[str, Any]] = [("thread", p) for p in list(thread_pool._pools)]
-    pools += [("process", p) for p in list(process_pool._pools)]
-    for kind, p in pools:
-        if p.statistics()["state"] == "closed":
-            continue
-        hist = p.call_durations()
-        labels = {"pool": p.name, "kind": kind}
+
+def _histogram(
+    name: str, pools: list[tuple[str, str, dict[str, Any], MeteredPool]]
+) -> Iterator[str]:
+    """The samples of the histogram family ``name``, one histogram per pool."""
+    for pool_name, kind, _, p in pools:
+        hist = p.call_durations() if name == "offloop_pool_call_seconds" else p.queue_waits()
+        labels = {"pool": pool_name, "kind": kind}
         for bound, cumulative in hist["buckets"]:
             le = "+Inf" if math.isinf(bound) else repr(bound)
-            yield _sample("offloop_pool_call_seconds_bucket", {**labels, "le": le}, cumulative)
-        yield _sample("offloop_pool_call_seconds_sum", labels, hist["sum"])
-        yield _sample("offloop_pool_call_seconds_count", labels, hist["count"])
+            yield _sample(f"{name}_bucket", {**labels, "le": le}, cumulative)
+        yield _sample(f"{name}_sum", labels, hist["sum"])
+        yield _sample(f"{name}_count", labels, hist["count"])
 
 
 def metrics_text(sv: SupervisorView) -> str:
@@ -145,6 +142,19 @@ def metrics_text(sv: SupervisorView) -> str:
             for n, s in statuses.items()
         ),
     )
+    lines += _family(
+        "offloop_service_dependency_restarts_total",
+        "counter",
+        "How many times each service was restarted because a service it depends on was.",
+        (
+            _sample(
+                "offloop_service_dependency_restarts_total",
+                {"supervisor": sup, "service": n},
+                s.dependency_restarts,
+            )
+            for n, s in statuses.items()
+        ),
+    )
     pools = _pools()
     for metric, key, help_ in (
         ("offloop_pool_workers", "max_workers", "The most calls each pool runs at once."),
@@ -155,7 +165,12 @@ def metrics_text(sv: SupervisorView) -> str:
             metric,
             "gauge",
             help_,
-            (_sample(metric, {"pool": p, "kind": k}, stats[key]) for p, k, stats in pools),
+            # A DaskPool has no worker bound of its own (the cluster has).
+            (
+                _sample(metric, {"pool": p, "kind": k}, stats[key])
+                for p, k, stats, _ in pools
+                if key in stats
+            ),
         )
     lines += _family(
         "offloop_pool_calls_total",
@@ -163,7 +178,7 @@ def metrics_text(sv: SupervisorView) -> str:
         "Calls each pool has finished, by outcome.",
         (
             _sample("offloop_pool_calls_total", {"pool": p, "kind": k, "outcome": o}, stats[o])
-            for p, k, stats in pools
+            for p, k, stats, _ in pools
             for o in ("completed", "failed", "cancelled")
         ),
     )
@@ -171,7 +186,13 @@ def metrics_text(sv: SupervisorView) -> str:
         "offloop_pool_call_seconds",
         "histogram",
         "How long each pool's calls ran in their worker (queueing excluded).",
-        _call_histograms(),
+        _histogram("offloop_pool_call_seconds", pools),
+    )
+    lines += _family(
+        "offloop_pool_queue_wait_seconds",
+        "histogram",
+        "How long each pool's calls waited from run() until a worker took them.",
+        _histogram("offloop_pool_queue_wait_seconds", pools),
     )
     counts, total = sv._health.histogram()
     cumulative = 0

@@ -17,10 +17,21 @@ service stops before what it depends on.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 from .._core.validate import describe
 
-__all__ = ["check_depends_on", "check_oneshot", "start_order"]
+__all__ = [
+    "DependencyRestart",
+    "check_depends_on",
+    "check_on_dependency_restart",
+    "check_oneshot",
+    "start_order",
+]
+
+#: What a service does when a service it depends on is restarted by its policy:
+#: ``"restart"`` (stop before it, start again once it is ready) or ``"keep"`` running.
+DependencyRestart = Literal["restart", "keep"]
 
 
 def check_depends_on(depends_on: object, service: str | None) -> tuple[str, ...]:
@@ -66,6 +77,22 @@ def check_oneshot(oneshot: object, restart: str, service: str) -> bool:
             f"it again each time it is done; use restart='on-failure' or 'no'."
         )
     return oneshot
+
+
+def check_on_dependency_restart(value: object, service: str | None) -> DependencyRestart:
+    """``on_dependency_restart`` as a :data:`DependencyRestart`, or an error naming the choices.
+
+    Raises:
+        ValueError: neither ``"restart"`` nor ``"keep"``.
+    """
+    if value == "restart" or value == "keep":
+        return value
+    what = f"the service {service!r}" if service else "a service"
+    raise ValueError(
+        f"on_dependency_restart of {what} must be 'restart' (stop it while "
+        f"a service it depends on restarts, and start it again after) or 'keep' (leave it "
+        f"running: it only needs its dependencies at start), got {describe(value)}."
+    )
 
 
 def start_order(depends_on: Mapping[str, tuple[str, ...]]) -> list[str]:

@@ -15,6 +15,7 @@ from .._core.validate import describe
 from .._services.base import Service
 from .._services.make import Isolate, make_fn_service
 from .jobs import JobDecorators
+from .order import DependencyRestart, check_on_dependency_restart
 
 __all__ = ["Registration"]
 
@@ -44,6 +45,7 @@ class Registration(JobDecorators):
         isolate: Isolate | None = ...,
         name: str | None = ...,
         depends_on: Iterable[str] = ...,
+        on_dependency_restart: DependencyRestart = ...,
         oneshot: bool = ...,
         retry_startup: bool = ...,
         startup_window: float = ...,
@@ -62,6 +64,7 @@ class Registration(JobDecorators):
         isolate: Isolate | None = None,
         name: str | None = None,
         depends_on: Iterable[str] = (),
+        on_dependency_restart: DependencyRestart = "restart",
         oneshot: bool = False,
         retry_startup: bool = False,
         startup_window: float = STARTUP_WINDOW,
@@ -92,6 +95,9 @@ class Registration(JobDecorators):
             name: the service's name; defaults to the function's name.
             depends_on: services that must be ready before this one starts
                 (see :meth:`add`).
+            on_dependency_restart: ``"restart"`` (default): stopped while one
+                of ``depends_on`` restarts, started again once it is ready;
+                ``"keep"``: left running (see :meth:`add`).
             oneshot: the function is meant to finish (see :meth:`add`).
             retry_startup: retry a failure to start (see :meth:`add`) as the
                 restart policy says.
@@ -113,6 +119,7 @@ class Registration(JobDecorators):
                 process cannot import.
             RuntimeError: the supervisor has already started.
         """
+        check_on_dependency_restart(on_dependency_restart, name)
         policy = RestartPolicy(
             restart,
             backoff,
@@ -124,7 +131,13 @@ class Registration(JobDecorators):
         )
 
         def register(f: F) -> F:
-            self._add(make_fn_service(f, isolate, name), policy, depends_on, oneshot)
+            self._add(
+                make_fn_service(f, isolate, name),
+                policy,
+                depends_on,
+                oneshot,
+                on_dependency_restart,
+            )
             return f
 
         if fn is None:
@@ -143,6 +156,7 @@ class Registration(JobDecorators):
         restart_window: float = 60.0,
         retry_startup: bool = False,
         depends_on: Iterable[str] = (),
+        on_dependency_restart: DependencyRestart = "restart",
         oneshot: bool = False,
         startup_window: float = 0.0,
     ) -> S:
@@ -161,7 +175,11 @@ class Registration(JobDecorators):
         works (see :meth:`service`).
 
         ``depends_on`` names services (added before or after) that must be
-        ready before this one starts; it stops before them. ``oneshot=True``:
+        ready before this one starts; it stops before them. When the restart
+        policy restarts one of them, this service is stopped first and
+        started again once it is ready (``restart``);
+        ``on_dependency_restart="keep"`` leaves it running instead, for a
+        service that needs its dependencies only to start. ``oneshot=True``:
         a service meant to finish, ``done`` once it returned without an error
         (ready, for its dependents too). See docs/supervisor.md.
 
@@ -169,7 +187,8 @@ class Registration(JobDecorators):
             TypeError: ``service`` is not a :class:`~offloop.Service`, or
                 ``depends_on`` is not a list of names.
             ValueError: a policy value is out of range, the name is taken,
-                or ``oneshot=True`` with ``restart="always"``.
+                ``oneshot=True`` with ``restart="always"``, or
+                ``on_dependency_restart`` is neither ``"restart"`` nor ``"keep"``.
             RuntimeError: the supervisor has already started.
         """
         if not isinstance(cast(object, service), Service):  # untyped callers exist
@@ -182,6 +201,7 @@ class Registration(JobDecorators):
                 f"Supervisor.add() needs an offloop.Service (e.g. offloop.WSGIService(app)), "
                 f"got {describe(service)}.{hint}"
             )
+        check_on_dependency_restart(on_dependency_restart, getattr(service, "name", None))
         policy = RestartPolicy(
             restart,
             backoff,
@@ -191,5 +211,5 @@ class Registration(JobDecorators):
             retry_startup,
             startup_window,
         )
-        self._add(service, policy, depends_on, oneshot)
+        self._add(service, policy, depends_on, oneshot, on_dependency_restart)
         return service

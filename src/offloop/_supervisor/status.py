@@ -72,6 +72,12 @@ class ServiceStatus:
         url: where it listens (``http://host:port``, with the port that
             ``port=0`` bound) while it is running, for services that listen;
             else ``None``.
+        dependency_restarts: how many times it was stopped and started again
+            because a service it depends on was restarted (not counted in
+            ``restarts``, nor against its restart policy).
+        restarting_with: while such a restart is under way (from its stop to
+            its being ready again), the name of the dependency that caused
+            it; else ``None``.
     """
 
     name: str
@@ -81,6 +87,8 @@ class ServiceStatus:
     last_error: BaseException | None
     schedule: ScheduleStatus | None = None
     url: str | None = None
+    dependency_restarts: int = 0
+    restarting_with: str | None = None
 
     @property
     def uptime(self) -> float | None:
@@ -107,6 +115,8 @@ class ServiceStatus:
             "uptime": self.uptime,
             "last_error": error,
             "url": self.url,
+            "dependency_restarts": self.dependency_restarts,
+            "restarting_with": self.restarting_with,
         }
         if self.schedule is not None:  # only scheduled services have one
             out["schedule"] = self.schedule.to_dict()
@@ -114,6 +124,8 @@ class ServiceStatus:
 
     def __repr__(self) -> str:
         parts = [f"{self.name!r} {self.state.value}", f"restarts={self.restarts}"]
+        if self.restarting_with is not None:
+            parts.append(f"restarting_with={self.restarting_with!r}")
         if self.last_error is not None:
             parts.append(f"last_error={self.last_error!r}")
         return f"<ServiceStatus {' '.join(parts)}>"

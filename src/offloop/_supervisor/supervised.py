@@ -16,6 +16,7 @@ from typing import Final, Protocol
 from .._core.restart import RestartPolicy, RestartTracker
 from .._services.base import Service, ServiceInterrupted
 from .._services.schedule import ScheduledService
+from .order import DependencyRestart
 from .status import ServiceState, ServiceStatus
 
 __all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "RecordKeeper", "Supervised"]
@@ -46,6 +47,10 @@ class RecordKeeper(Protocol):
 
     def _fail(self, e: Supervised, crash: Exception | None, why: str) -> None: ...
 
+    async def _restarting(self, e: Supervised) -> None: ...
+
+    def _ready_again(self, e: Supervised) -> None: ...
+
     def _shutting_down(self) -> bool: ...
 
     def _check_all_ended(self) -> None: ...
@@ -64,10 +69,22 @@ class Supervised:
         *,
         depends_on: tuple[str, ...] = (),
         oneshot: bool = False,
+        on_dependency_restart: DependencyRestart = "restart",
     ) -> None:
         self.service = service
         # The names of the services started (and ready) before this one.
         self.depends_on = depends_on
+        # Whether a restart of a dependency stops it and starts it again (cascade.py).
+        self.on_dependency_restart: DependencyRestart = on_dependency_restart
+        # The dependencies whose restart holds it stopped (cascade.py); it
+        # starts again once the last of them is ready.
+        self.held: set[str] = set()
+        # The dependency whose restart stopped it, until it is ready again.
+        self.restarting_with: str | None = None
+        # Restarts caused by a dependency's: not in 'restarts', nor its budget.
+        self.dependency_restarts = 0
+        # Set while a dependency's restart is stopping it: a shutdown waits for that stop.
+        self.held_stop: asyncio.Future[None] | None = None
         # Meant to finish: ready (for its dependents) once it has, and then DONE.
         self.oneshot = oneshot
         self.name: str = service.name
@@ -97,7 +114,15 @@ class Supervised:
             found = getattr(svc, "url", None)  # the adapters that listen have one
             url = found if isinstance(found, str) else None
         return ServiceStatus(
-            self.name, self.state, self.restarts, self.started_at, self.last_error, schedule, url
+            self.name,
+            self.state,
+            self.restarts,
+            self.started_at,
+            self.last_error,
+            schedule,
+            url,
+            self.dependency_restarts,
+            self.restarting_with,
         )
 
     def end(self, state: ServiceState) -> None:
@@ -130,6 +155,7 @@ class Supervised:
                     # a function service is ready before its code did anything.
                     self.startup_until = loop.time() + self.policy.startup_window
                 self.been_ready = True
+                self.restarting_with = None
                 if self.oneshot:
                     # Ready for its dependents once it is done, not now.
                     logger.info("%s: one-shot service %r is running", sv, self.name)
@@ -137,6 +163,7 @@ class Supervised:
                     logger.info("%s: service %r is ready", sv, self.name)
                     if self.ready is not None and not self.ready.done():
                         self.ready.set_result(None)
+                    self.supervisor._ready_again(self)
                 try:
                     await svc.wait()
                 except Exception as exc:
@@ -159,6 +186,7 @@ class Supervised:
             if crash is None and self.oneshot:
                 logger.info("%s: one-shot service %r is done", sv, self.name)
                 self.end(_ST.DONE)
+                self.supervisor._ready_again(self)
                 self.supervisor._check_all_ended()
                 return
             if crash is None:
@@ -201,6 +229,9 @@ class Supervised:
                 self.supervisor._fail(self, crash, why)
                 return
             self.state = _ST.RESTARTING
+            # Its dependents stop first (reverse order) and start again once
+            # it is ready; the backoff below begins once they have stopped.
+            await self.supervisor._restarting(self)
             # Counted once it happens: a stop during the backoff cancels it.
             upcoming = self.restarts + 1
             if delay < math.inf:
@@ -259,18 +290,55 @@ class Supervised:
 
     # -- the stop --------------------------------------------------------------------------
 
-    async def stop(self, deadline: float) -> None:
+    def renew_ready(self) -> None:
+        """Make ``ready`` pending again (a restart with a dependency): done means up now."""
+        if self.ready is not None and self.ready.done():
+            self.ready = asyncio.get_running_loop().create_future()
+
+    def _stopped(self, hold: str | None) -> None:
+        if hold is not None and not self.supervisor._shutting_down():
+            # Held until its dependency is ready again; nothing of it runs.
+            self.state = _ST.RESTARTING
+            self.renew_ready()
+        else:
+            self.held.clear()
+            self.restarting_with = None
+            self.end(_ST.STOPPED)
+
+    async def stop(self, deadline: float, *, hold: str | None = None) -> None:
         """Stop the service politely by ``deadline`` (loop time), else kill it; never raises.
 
         Returns by ``max(deadline, now + LAST_CHANCE) + LAST_CHANCE`` whatever the
         service's ``stop()`` does: one that ignores its cancellation is left behind.
+        ``hold``: the dependency whose restart stops it; it is then left
+        ``restarting`` (unless the supervisor is stopping), to be started again.
         """
         loop = asyncio.get_running_loop()
+        pending = self.held_stop
+        if pending is not None and not pending.done():
+            # A dependency's restart is stopping it: that stop began earlier
+            # with the same grace, so it ends before this one's deadline.
+            await asyncio.wait({pending})
+            if hold is None and self.state is _ST.RESTARTING:
+                self._stopped(None)
+            return
+        if hold is None:
+            await self._stop(loop, deadline, None)
+            return
+        self.held_stop = loop.create_future()
+        try:
+            await self._stop(loop, deadline, hold)
+        finally:
+            self.held_stop.set_result(None)
+
+    async def _stop(
+        self, loop: asyncio.AbstractEventLoop, deadline: float, hold: str | None
+    ) -> None:
         sv, runner = self.supervisor.name, self.runner
         if self.state in (_ST.STOPPED, _ST.FAILED, _ST.DONE):
             return
         if runner is None:  # never started
-            self.end(_ST.STOPPED)
+            self._stopped(hold)
             return
         # The runner may already be done with the service still up: asyncio.run()
         # on Python 3.10 cancels every task on Ctrl-C, runners included. So the
@@ -279,7 +347,7 @@ class Supervised:
         if self.state is _ST.RESTARTING:  # sleeping before a restart: nothing runs
             runner.cancel()
             await asyncio.wait({runner})
-            self.end(_ST.STOPPED)
+            self._stopped(hold)
             logger.info("%s: service %r stopped", sv, self.name)
             return
         was_starting = self.state is _ST.STARTING
@@ -316,7 +384,7 @@ class Supervised:
             self._kill(why)
             runner.cancel()
             await asyncio.wait({runner}, timeout=LAST_CHANCE)
-        self.end(_ST.STOPPED)
+        self._stopped(hold)
         logger.info("%s: service %r stopped", sv, self.name)
 
     def _late_stop_done(self, stopper: asyncio.Task[None]) -> None:

@@ -21,10 +21,11 @@ from .._core.errors import ServiceFailed
 from .._core.restart import RestartPolicy
 from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
+from .cascade import Cascade
 from .embed import Embedding, HostLifecycle, OnFailure
 from .health import LoopHealth
 from .logs import LogFormat
-from .order import check_depends_on, check_oneshot, start_order
+from .order import check_depends_on, check_on_dependency_restart, check_oneshot, start_order
 from .probes import DEFAULT_HOST, Probes
 from .register import Registration
 from .status import ServiceState, ServiceStatus, SupervisorState
@@ -144,6 +145,7 @@ class Supervisor(HostLifecycle, Registration):
         # run() gives the tasks left on its loop what remains of it.
         self._stop_deadline: float | None = None
         self._embed = Embedding(self, on_failure)
+        self._cascade = Cascade(self)
 
     def _add(
         self,
@@ -151,6 +153,7 @@ class Supervisor(HostLifecycle, Registration):
         policy: RestartPolicy,
         depends_on: object = (),
         oneshot: object = False,
+        on_dependency_restart: object = "restart",
     ) -> None:
         name = getattr(service, "name", None)
         if self._state is not _SV.NEW:
@@ -172,7 +175,10 @@ class Supervisor(HostLifecycle, Registration):
             )
         deps = check_depends_on(depends_on, name)
         once = check_oneshot(oneshot, policy.restart, name)
-        self._entries[name] = Supervised(service, policy, self, depends_on=deps, oneshot=once)
+        follow = check_on_dependency_restart(on_dependency_restart, name)
+        self._entries[name] = Supervised(
+            service, policy, self, depends_on=deps, oneshot=once, on_dependency_restart=follow
+        )
 
     # -- introspection -------------------------------------------------------------------
 
@@ -462,6 +468,12 @@ class Supervisor(HostLifecycle, Registration):
         # Like a TaskGroup: interrupt the 'async with' body so the failure surfaces now.
         self._cut_body_short(f"service {e.name!r} failed")
 
+    async def _restarting(self, e: Supervised) -> None:
+        await self._cascade.stop_dependents(e)
+
+    def _ready_again(self, e: Supervised) -> None:
+        self._cascade.ready_again(e)
+
     def _interrupted(self, e: Supervised) -> None:
         if self._failure is not None or self._interrupt is not None:
             return  # already stopping for a reason reported first
@@ -513,6 +525,7 @@ class Supervisor(HostLifecycle, Registration):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace
         self._stop_deadline = deadline + SHUTDOWN_OVERRUN
+        self._cascade.cancel_starts()
         left = list(reversed(self._entries.values()))
         while left and loop.time() < deadline:
             await left.pop(0).stop(deadline)
@@ -521,6 +534,7 @@ class Supervisor(HostLifecycle, Registration):
             # side, so the overrun is one LAST_CHANCE, not one per service.
             now = loop.time()
             await asyncio.gather(*(e.stop(now) for e in left))
+        await self._cascade.close()
         if self._detector is not None:
             # Joins the monitor thread, which only sleeps between heartbeats:
             # it wakes on the stop request, so the loop waits a moment at most.

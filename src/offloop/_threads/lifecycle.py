@@ -73,6 +73,8 @@ class ThreadPoolLifecycle(PoolContext):
     _armed: set[Channel]
     _call_counts: list[int]
     _call_seconds: float
+    _wait_counts: list[int]
+    _wait_seconds: float
     _idle: int
     _backlog: int
     _queued: int
@@ -208,6 +210,20 @@ class ThreadPoolLifecycle(PoolContext):
         with self._lock:
             counts = list(self._call_counts)
             total = self._call_seconds
+        return histogram_snapshot(counts, total)
+
+    def queue_waits(self) -> CallHistogram:
+        """A histogram of how long the pool's calls waited before a thread took them.
+
+        From ``run()`` to the moment a worker thread took the call: the
+        time queued behind busy threads, plus a thread's wake-up. Recorded
+        when the call ends, alongside its run time, so it counts the same
+        calls as :meth:`call_durations` (a call's submit-to-done time is
+        the sum of both). Same shape as :meth:`call_durations`.
+        """
+        with self._lock:
+            counts = list(self._wait_counts)
+            total = self._wait_seconds
         return histogram_snapshot(counts, total)
 
     def __repr__(self) -> str:

@@ -1,14 +1,15 @@
 """Thread pools: run blocking sync functions without stalling the event loop.
 
 This is offloop's hot path: :class:`ThreadPool`, its ``run()`` and the loop
-its worker threads run (:meth:`ThreadPool._work`). The loop side of the flow
-(``_submit``, the per-iteration batches, ``_rebalance``) is in
-``dispatch.py``; how threads start and how the pool closes in
-``lifecycle.py``. ``ThreadPool`` inherits both; this docstring states the
-state they share. The call record is the :class:`~offloop.OffloadFuture` of
-``_core/offload.py``, whose :class:`~offloop._core.offload.CallPhase` lists
-the states of a call and the legal transitions between them; its result
-travels back to the awaiting loop through that module's ``Channel``.
+its worker threads run (:meth:`ThreadPool._work`). Where a new call goes
+(``_submit``, the per-iteration batches) is in ``dispatch.py``; the periodic
+check that dispatches pending calls (``_rebalance``) in ``growth.py``; how
+threads start and how the pool closes in ``lifecycle.py``. ``ThreadPool``
+inherits all three; this docstring states the state they share. The call
+record is the :class:`~offloop.OffloadFuture` of ``_core/offload.py``, whose
+:class:`~offloop._core.offload.CallPhase` lists the states of a call and the
+legal transitions between them; its result travels back to the awaiting loop
+through that module's ``Channel``.
 
 One call, in order::
 
@@ -23,7 +24,7 @@ One call, in order::
                     takes the next pending call if a slot is free, then posts
                     the finished call to the Channel
     Channel.drain() loop thread: sets the future's result or exception
-    _rebalance()    loop thread, every GROWTH_PERIOD while calls are pending:
+    _rebalance()    loop thread (growth.py), every GROWTH_PERIOD while calls are pending:
                     marks running calls that wait (workers.py) and dispatches
                     pending calls into the CPU slots they free
 
@@ -60,7 +61,6 @@ import contextvars
 import logging
 import queue
 import threading
-import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -86,6 +86,7 @@ from .._core.offload import (
 )
 from .._core.poolbase import PoolState
 from .._core.poolexecutor import PoolExecutorView
+from .._core.registry import register
 from .._core.spin import yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
@@ -97,7 +98,8 @@ from .._core.validate import (
     describe,
 )
 from .batch import MapResults
-from .dispatch import GROWTH_PERIOD, ThreadPoolDispatch
+from .dispatch import ThreadPoolDispatch
+from .growth import GROWTH_PERIOD
 from .workers import DEFAULT_CPU_SLOTS, WaitMemory, Worker
 
 __all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool"]
@@ -131,7 +133,6 @@ SPIN_WINDOW: Final = 50e-6
 OnCancel = Literal["abandon", "wait"]
 
 
-_pools: Final[weakref.WeakSet[ThreadPool]] = weakref.WeakSet()
 _pool_numbers: Final = iter(range(1, 1 << 62))
 
 
@@ -161,6 +162,8 @@ class ThreadPool(ThreadPoolDispatch):
         async with offloop.ThreadPool(4, name="db") as pool:
             rows = await pool.run(query, "select 1", timeout=5)
     """
+
+    _kind = "thread"  # the kind label of its /metrics series
 
     def __init__(
         self,
@@ -220,6 +223,11 @@ class ThreadPool(ThreadPoolDispatch):
         # (CALL_BUCKETS, then +Inf) and their sum in seconds.
         self._call_counts = new_counts()
         self._call_seconds = 0.0
+        # Queue waits of the same calls (from run() to a worker taking the
+        # call), recorded with their run time, so both histograms count the
+        # same calls.
+        self._wait_counts = new_counts()
+        self._wait_seconds = 0.0
         # The result channels (one per loop) of the loops with a rebalancing
         # check armed. Each loop whose calls wait in _pending arms its own, so
         # a loop that stopped or blocks cannot keep the pool from dispatching
@@ -229,7 +237,7 @@ class ThreadPool(ThreadPoolDispatch):
         # WeakSet's test is Python code).
         self._armed: set[Channel] = set()
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
-        _pools.add(self)
+        register(self)
 
     # -- public API ---------------------------------------------------------
 
@@ -270,10 +278,11 @@ class ThreadPool(ThreadPoolDispatch):
         call._owner = self
         call._token = None
         call._sink = loop_local.sink
+        call._submitted = monotonic()
         batch = channel.batch
         if batch is not None and channel.batch_owner is self and self._state is _OPEN:
             # Calls before it in this loop iteration found the pool busy: it
-            # joins them, and the pool takes them all at once (_flush).
+            # joins them, and the pool takes them all at once (dispatch.py).
             call._phase = BATCHED
             batch.append(call)
             return call
@@ -437,10 +446,14 @@ class ThreadPool(ThreadPoolDispatch):
                     self._failed += 1
                 # Run time: worker.started was stamped when this thread took
                 # the call, so one clock read and a bisect is the whole cost.
+                started = worker.started
                 ended = monotonic()
-                ran = ended - worker.started
+                ran = ended - started
                 self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
                 self._call_seconds += ran
+                waited = started - call._submitted
+                self._wait_counts[bisect_left(CALL_BUCKETS, waited)] += 1
+                self._wait_seconds += waited
                 if call._phase is CANCELLING:
                     call._error = DeferredCancel()  # delivered as the cancellation
                 call._phase = DONE

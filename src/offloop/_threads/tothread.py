@@ -14,7 +14,8 @@ from typing import Final, ParamSpec, TypeVar
 
 from .._core.offload import OffloadFuture
 from .._core.poolbase import DefaultPool, PoolState
-from .pool import ThreadPool, _pools
+from .._core.registry import pools_of
+from .pool import ThreadPool
 
 __all__ = ["default_thread_pool", "service_pool", "to_thread"]
 
@@ -85,7 +86,7 @@ def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offlo
 
 
 def _forget_threads_after_fork() -> None:
-    for pool in list(_pools):
+    for pool in pools_of(ThreadPool):
         pool._forget_threads()
 
 
@@ -97,5 +98,5 @@ if hasattr(os, "register_at_fork"):  # POSIX
 def _warn_stuck_at_exit() -> None:
     # Worker threads are daemons, so a stuck call cannot hang interpreter exit
     # (asyncio.to_thread's executor can); say what was left behind instead.
-    for pool in list(_pools):
+    for pool in pools_of(ThreadPool):
         pool._report_stuck("at interpreter exit")

@@ -1,0 +1,136 @@
+"""How a ThreadPool grows: the periodic check that dispatches pending calls.
+
+While calls wait in a pool's ``_pending``, each loop that submitted them runs
+:meth:`ThreadPoolGrowth._rebalance` every :data:`GROWTH_PERIOD`: it finds the
+running calls that wait (I/O, sleeps, locks; see ``workers.py``), and
+dispatches pending calls into the CPU slots they leave, starting threads up to
+``max_workers``. ``_dispatch`` (a call onto the queue with a thread claimed
+for it) and ``_start_or_give_up`` (the loop starting a wanted thread) serve it
+and the batches of ``dispatch.py``. ``pool.py`` describes the counters it
+reads and what stays true between critical sections;
+:class:`~offloop.ThreadPool` inherits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import monotonic
+from typing import Any, Final
+
+from .._core.offload import QUEUED, Channel, OffloadFuture
+from .._core.poolbase import PoolState, complete_waiter
+from .lifecycle import ThreadPoolLifecycle
+from .workers import WaitMemory, Worker
+
+__all__ = ["GROWTH_PERIOD", "LAG_LIMIT", "ThreadPoolGrowth"]
+
+logger: Final = logging.getLogger("offloop")
+
+#: How often (seconds) a pool with pending calls looks at its running ones
+#: (``_rebalance``). A call that has run longer than this and waits gives its
+#: CPU slot to a pending call, so blocking calls, and a call that waits for
+#: another pending one (a nested offload), never wait long for a thread.
+GROWTH_PERIOD: Final = 0.001
+
+#: Seconds late past which a pool's check takes its loop to be starved (see
+#: _rebalance): well under the lag a user notices, well over a timer's jitter.
+LAG_LIMIT: Final = 0.004
+
+
+class ThreadPoolGrowth(ThreadPoolLifecycle):
+    """The pool's periodic check for pending calls (see the module docs)."""
+
+    # Set up by ThreadPool.__init__.
+    _waits: WaitMemory
+
+    def _rebalance(self, channel: Channel, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        # Runs on ``loop`` every GROWTH_PERIOD while calls are pending: finds
+        # the running calls that wait, and dispatches pending calls into the
+        # CPU slots they leave, starting threads up to max_workers.
+        to_start: list[Worker] = []
+        starter: Worker | None = None
+        with self._lock:
+            if self._state is not PoolState.OPEN or not (self._pending or self._unstarted):
+                self._armed.discard(channel)
+                return
+            now = monotonic()
+            for w in self._workers:
+                waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
+                if waiting is not w.waiting:
+                    w.waiting = waiting
+                    self._waiting += 1 if waiting else -1
+                    if not waiting:
+                        self._waits.remember(w.call, False)
+            free = self._cpu_slots - (self._ready + self._running - self._waiting)
+            if loop.time() - due > LAG_LIMIT:
+                # The loop itself runs late. Calls that look blocked may be
+                # waiting for the GIL that a computing call holds (C code
+                # such as zlib keeps it for its whole run): while the loop
+                # runs late, a waiting call's slot is given away only once it
+                # has waited over a whole window (a GIL wait is not that long),
+                # or sleeps in the kernel outside a futex (in I/O or a timer,
+                # where no GIL wait is). Not never: under steady CPU load the
+                # loop is always late, and blocked calls would hold their
+                # slots for nothing.
+                sure = sum(
+                    1
+                    for w in self._workers
+                    if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
+                )
+                free = min(free, self._cpu_slots - (self._ready + self._running - sure))
+            # A call that ended within a period since the last look means a
+            # thread cycles through short calls: it takes the pending ones
+            # itself, faster than new threads would, so none is started.
+            room = self._idle + (
+                0 if self._short else max(0, self._max_workers - len(self._workers))
+            )
+            self._short = False
+            while free > 0 and room > 0 and self._pending:
+                call = self._pending.popleft()
+                if call._phase is not QUEUED:
+                    continue  # cancelled while pending
+                self._dispatch(call, to_start)
+                free -= 1
+                room -= 1
+            starter = self._want_started(to_start, now=now) if to_start else None
+            if starter is None:
+                starter = self._late_start(now)
+        if starter is not None and not self._start_or_give_up(starter, channel):
+            return
+        due = loop.time() + GROWTH_PERIOD
+        loop.call_at(due, self._rebalance, channel, loop, due)
+
+    def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:
+        # Under _lock: put the call on the queue with a thread claimed for it,
+        # an idle one or a new one (added to to_start). _submit does the same
+        # inline: it runs once per call, and would pay for the list here.
+        self._ready += 1
+        if self._idle > 0:
+            self._idle -= 1
+        else:
+            worker = Worker()
+            self._workers.append(worker)
+            to_start.append(worker)
+        self._queue.put(call)  # under the lock, as in _submit
+
+    def _start_or_give_up(self, starter: Worker, channel: Channel) -> bool:
+        # On the loop: start the thread of a wanted worker (which starts the
+        # others); returns False if it could not.
+        try:
+            self._start_thread(starter, starts_others=True)
+        except BaseException as exc:
+            # Their calls wait in the queue for a busy thread to come
+            # free (_start_thread counted each in _backlog). No retry
+            # every period (and a log line each time): the next call that
+            # waits arms the check again.
+            with self._lock:
+                waiters = self._give_up_starting()
+                self._armed.discard(channel)
+            for waiter in waiters:
+                complete_waiter(waiter)
+            if not isinstance(exc, Exception):
+                raise
+            logger.exception("offloop: pool %r could not start a worker thread", self._name)
+            return False
+        return True

@@ -15,6 +15,7 @@ Run: ``make bench`` or ``.venv/bin/python -m benchmarks.bench_threads``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import os
@@ -23,7 +24,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,7 +36,7 @@ from asgiref.sync import sync_to_async
 
 import offloop
 
-from ._common import check, fmt_time, interleaved, ratio, table
+from ._common import ROUNDS, check, fmt_time, interleaved, ratio, table
 
 SEQ_CALLS = int(os.environ.get("OFFLOOP_BENCH_SEQ", "3000"))
 GATHER_WIDTH = 500
@@ -121,6 +122,13 @@ def make_offloads() -> tuple[dict[str, Callable[[], Offload]], Callable[[], None
     return offloads, close
 
 
+def run_on(loop_factory: Callable[[], Any], coro: Coroutine[Any, Any, float]) -> float:
+    """Run one round on a fresh loop, and close it (an unclosed loop left to the
+    garbage collector can be finalized after its own self-pipe, which logs an error)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coro)
+
+
 def sequential(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Callable[[], float]:
     async def body() -> float:
         call = make()
@@ -131,7 +139,7 @@ def sequential(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> 
             await call()
         return (time.perf_counter() - t0) / SEQ_CALLS
 
-    return lambda: asyncio.Runner(loop_factory=loop_factory).run(body())
+    return lambda: run_on(loop_factory, body())
 
 
 def gathered(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Callable[[], float]:
@@ -143,7 +151,51 @@ def gathered(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Ca
             await asyncio.gather(*[call() for _ in range(GATHER_WIDTH)])
         return (time.perf_counter() - t0) / (GATHER_REPEATS * GATHER_WIDTH)
 
-    return lambda: asyncio.Runner(loop_factory=loop_factory).run(body())
+    return lambda: run_on(loop_factory, body())
+
+
+def _workers_cpu() -> float:
+    # CPU seconds used so far by offloop's worker threads (Linux: per-thread clocks).
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith("offloop-") and thread.ident is not None:
+            with contextlib.suppress(OSError):
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return total
+
+
+def gather_cpu(loop_name: str, loop_factory: Callable[[], Any]) -> None:
+    """Where a gathered offloop.to_thread call spends its time: the loop's thread or a worker's.
+
+    The gather holds the GIL nearly all the time, so wall time per call is
+    about the sum of the two; CPU time moves far less than wall time on a
+    loaded machine, which makes this the figure to compare two versions by.
+    """
+
+    async def body() -> tuple[float, float, float]:
+        def call() -> Awaitable[Any]:
+            return offloop.to_thread(trivial)
+
+        await asyncio.gather(*[call() for _ in range(GATHER_WIDTH)])
+        t0, c0, w0 = time.perf_counter(), time.thread_time(), _workers_cpu()
+        for _ in range(GATHER_REPEATS):
+            await asyncio.gather(*[call() for _ in range(GATHER_WIDTH)])
+        n = GATHER_REPEATS * GATHER_WIDTH
+        return (
+            (time.perf_counter() - t0) / n,
+            (time.thread_time() - c0) / n,
+            (_workers_cpu() - w0) / n,
+        )
+
+    if not hasattr(time, "pthread_getcpuclockid"):
+        return
+    rounds = [run_on(loop_factory, body()) for _ in range(ROUNDS)]
+    wall, loop_cpu, workers = (statistics.median(r[i] for r in rounds) for i in range(3))
+    print(
+        f"\n## {GATHER_WIDTH}-wide gather of offloop.to_thread, {loop_name}: per call "
+        f"(median of {ROUNDS} rounds) wall {fmt_time(wall)}, CPU of the loop's thread "
+        f"{fmt_time(loop_cpu)}, CPU of the worker threads {fmt_time(workers)}"
+    )
 
 
 def sequential_runs(
@@ -205,7 +257,7 @@ def batched(kind: str, loop_factory: Callable[[], Any]) -> Callable[[], float]:
         await pool.aclose()
         return took
 
-    return lambda: asyncio.Runner(loop_factory=loop_factory).run(body())
+    return lambda: run_on(loop_factory, body())
 
 
 def memory() -> float:
@@ -240,6 +292,7 @@ def main() -> None:
                 gat,
                 reference="offloop.to_thread",
             )
+            gather_cpu(loop_name, factory)
             s = ratio(seq, "asyncio.to_thread", "offloop.to_thread")
             ok &= check(
                 f"[{loop_name}] sequential >= 1.8x asyncio.to_thread", s >= 1.8, f"{s:.2f}x"

@@ -45,6 +45,8 @@ class CallPhase(enum.IntEnum):
     Every change of phase happens under the owning pool's lock. The legal
     transitions, and who makes them::
 
+        BATCHED --- its loop's batch goes to the pool ----> QUEUED    (ThreadPool)
+        BATCHED --- cancelled, or the pool closed --------> SKIPPED   (never runs)
         QUEUED ---- a worker takes it --------------------> RUNNING
         QUEUED ---- cancelled, or the pool closes --------> SKIPPED   (never runs)
         QUEUED ---- its pool gives up on it --------------> DONE      (ProcessPool, with an error)
@@ -54,6 +56,12 @@ class CallPhase(enum.IntEnum):
         RUNNING --- its process died before it ran -------> QUEUED    (ProcessPool, once)
         ABANDONED - the function returns or raises -------> DONE      (nobody awaits it)
         CANCELLING  the function returns or raises -------> DONE      (delivered as the cancel)
+
+    BATCHED is a ThreadPool call its loop made while an earlier call of the
+    same loop iteration waited in the pool: it waits in the loop's
+    :class:`Channel` (``batch``) and is handed to the pool with the others at
+    the next iteration (``_threads/dispatch.py``). Its phase changes on its
+    loop's thread or under the pool's lock.
 
     SKIPPED and DONE are final. A SKIPPED call stays in the queue until a
     worker pops it and drops it: removing it from a ``SimpleQueue`` is not
@@ -66,6 +74,7 @@ class CallPhase(enum.IntEnum):
     SKIPPED = 3
     DONE = 4
     CANCELLING = 5
+    BATCHED = 6
 
 
 # Module-level names, because the hot path compares phases with ``is`` and a
@@ -76,6 +85,7 @@ ABANDONED: Final = CallPhase.ABANDONED
 SKIPPED: Final = CallPhase.SKIPPED
 DONE: Final = CallPhase.DONE
 CANCELLING: Final = CallPhase.CANCELLING
+BATCHED: Final = CallPhase.BATCHED
 
 
 class DeferredCancel(asyncio.CancelledError):
@@ -104,12 +114,17 @@ class Channel:
     with it. The calls in flight hold the loop, so it is alive while they are.
     """
 
-    __slots__ = ("loop_ref", "pending", "scheduled")
+    __slots__ = ("batch", "batch_owner", "loop_ref", "pending", "scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop_ref = weakref.ref(loop)
         self.pending: deque[OffloadFuture[Any]] = deque()
         self.scheduled = False
+        # The calls this loop made for batch_owner (a pool) in this iteration,
+        # waiting to go to it in one go: see _threads/dispatch.py. Read and
+        # written only on the loop's thread; None: no batch open.
+        self.batch: list[OffloadFuture[Any]] | None = None
+        self.batch_owner: object = None
 
     def post(self, call: OffloadFuture[Any]) -> None:
         """Hand a finished call to the loop (called from worker threads)."""
@@ -153,7 +168,10 @@ class Channel:
                     asyncio.Future.cancel(call, getattr(call, "_cancel_msg", None))
                 else:
                     call.set_exception(deliverable(call, error))
-            release(call)
+            # release(call), inlined: this runs once per call.
+            call._error = call._value = call._ctx = None
+            call._args = ()
+            call._kwargs = _NO_KWARGS
 
 
 def deliverable(call: OffloadFuture[Any], error: BaseException) -> BaseException:

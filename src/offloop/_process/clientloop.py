@@ -20,15 +20,53 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
 
-__all__ = ["ClientLoop"]
+__all__ = ["ClientLoop", "GILPacer"]
 
 R = TypeVar("R")
 
 #: Seconds the thread's start may take before the pool gives up on it.
 START_TIMEOUT: Final = 10.0
+
+
+#: Seconds of back-to-back work after which the client's thread hands the GIL over.
+PACE_SLICE: Final = 0.002
+#: Seconds it then sleeps, so that a thread waiting for the GIL takes it.
+PACE_SLEEP: Final = 0.0001
+
+
+class GILPacer:
+    """Makes a storm of submissions on the client's thread give the GIL away now and then.
+
+    A burst of calls makes the client's thread submit them back to back,
+    about a millisecond of Python each. CPython's switch interval does not
+    bound how long the caller's loop then waits for the GIL: every system
+    call of the submitting thread (a socket write, ``os.urandom`` for a task
+    key) releases the GIL and takes it straight back, before the woken
+    waiter runs, and each such release restarts the waiter's interval. So
+    the loop can wait for the whole storm. A short sleep releases the GIL
+    for long enough for a waiting thread to take it. It changes nothing
+    process-wide (no switch interval), and costs a submission storm about
+    5 %.
+    """
+
+    __slots__ = ("_last", "_started")
+
+    def __init__(self) -> None:
+        self._started = self._last = 0.0
+
+    def pace(self) -> None:
+        """Call before each submission, on the client's thread."""
+        now = time.perf_counter()
+        if now - self._last > PACE_SLICE:
+            self._started = now  # the thread rested since the last one: a new storm
+        elif now - self._started > PACE_SLICE:
+            time.sleep(PACE_SLEEP)
+            now = self._started = time.perf_counter()
+        self._last = now
 
 
 class ClientLoop:

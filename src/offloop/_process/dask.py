@@ -49,8 +49,8 @@ from .._core.offload import (
 from .._core.poolbase import PoolContext, PoolState
 from .._core.registry import register
 from .._core.validate import check_seconds, check_sync_callable, check_thread_name, describe
-from .clientloop import ClientLoop
-from .daskargs import ScatterCache, make_runner, split_arguments
+from .clientloop import ClientLoop, GILPacer
+from .daskargs import PickledOnce, ScatterCache, make_runner, split_arguments
 from .daskcounts import DaskCounters
 from .daskerrors import client_closed, last_line, load_failed, translate
 from .pickling import OK, encode_call
@@ -63,7 +63,7 @@ R = TypeVar("R")
 _FEATURE: Final = "DaskPool"
 _RUN: Final = "DaskPool.run()"
 
-_run_call: Final = make_runner()
+_run_call: Final = PickledOnce(make_runner())
 _pool_numbers: Final = itertools.count(1)
 #: Seconds a dropped pool's client gets to close before its loop stops anyway.
 _DROP_CLOSE: Final = 5.0
@@ -176,6 +176,12 @@ class DaskPool(DaskCounters, PoolContext):
         self._connecting: asyncio.Future[Any] | None = None
         self._idle: asyncio.Event | None = None
         self._scattered = ScatterCache(distributed.Future)
+        self._pacer = GILPacer()
+        # Task keys: this pool's random part, drawn once on the client's
+        # thread, and a counter. A uuid4 per call would be a system call per
+        # submission (see GILPacer).
+        self._key_prefix: str | None = None
+        self._key_numbers = itertools.count()
         register(self)
 
     @property
@@ -399,9 +405,12 @@ class DaskPool(DaskCounters, PoolContext):
                 client = await self._connected()
                 deps = await self._scattered.resolve(client, call._deps or [])
                 fn = call.fn
-                key = f"{self._funcname(fn)}-{uuid.uuid4()}"
                 # A key of its own per call: equal calls each run, none shares
                 # another's result.
+                if self._key_prefix is None:
+                    self._key_prefix = uuid.uuid4().hex
+                key = f"{self._funcname(fn)}-{self._key_prefix}-{next(self._key_numbers)}"
+                self._pacer.pace()
                 future = client.submit(_run_call, call._data, call._slots, *deps, key=key)
                 with self._lock:
                     sent = monotonic()

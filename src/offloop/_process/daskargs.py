@@ -21,12 +21,20 @@ be changed between two calls, and only the caller knows whether it was.
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections.abc import Callable
 from typing import Any, Final
 
-from .pickling import LOAD_FAILED, OK
+from .pickling import LOAD_FAILED, OK, cloudpickle
 
-__all__ = ["CACHE_BYTES", "SCATTER_BYTES", "ScatterCache", "make_runner", "split_arguments"]
+__all__ = [
+    "CACHE_BYTES",
+    "SCATTER_BYTES",
+    "PickledOnce",
+    "ScatterCache",
+    "make_runner",
+    "split_arguments",
+]
 
 #: A top-level ``bytes`` argument this large or larger is scattered, not pickled into the call.
 SCATTER_BYTES: Final = 256 * 1024
@@ -37,8 +45,39 @@ SCATTER_BYTES: Final = 256 * 1024
 CACHE_BYTES: Final = 64 << 20
 
 
+class PickledOnce:
+    """A function that is pickled by value once, then sent as those bytes.
+
+    Every task carries its function, and both the client (``submit``) and the
+    scheduler (sending the task to a worker) pickle it again. A function
+    pickled by value is a walk over its code object in cloudpickle's Python
+    code, on threads that share the GIL with the caller's loop when the
+    cluster is a ``LocalCluster``; this object instead pickles as a reference
+    to ``pickle.loads`` and bytes made on first use, which the C pickler copies.
+    The worker gets the plain function back.
+    """
+
+    __slots__ = ("_fn", "_pickled")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        self._pickled: bytes | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        pickled = self._pickled
+        if pickled is None:
+            # Two threads may both get here first; they make the same bytes.
+            cp = cloudpickle()
+            assert cp is not None  # distributed needs cloudpickle
+            pickled = self._pickled = cp.dumps(self._fn)
+        return (pickle.loads, (pickled,))
+
+
 def make_runner() -> Callable[..., tuple[Any, ...]]:
-    """The function every DaskPool task runs on a worker."""
+    """The function every DaskPool task runs on a worker (wrapped in :class:`PickledOnce`)."""
     # Defined in a function so that Dask pickles it by value: the workers need
     # not have offloop installed, only what the call itself needs.
     ok, load_failed = OK, LOAD_FAILED

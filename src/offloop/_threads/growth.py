@@ -4,8 +4,11 @@ While calls wait in a pool's ``_pending``, each loop that submitted them runs
 :meth:`ThreadPoolGrowth._rebalance` every :data:`GROWTH_PERIOD`: it finds the
 running calls that wait (I/O, sleeps, locks; see ``workers.py``), and
 dispatches pending calls into the CPU slots they leave, starting threads up to
-``max_workers``. ``pool.py`` describes the counters it reads and what stays
-true between critical sections; :class:`~offloop.ThreadPool` inherits it.
+``max_workers``. ``_dispatch`` (a call onto the queue with a thread claimed
+for it) and ``_start_or_give_up`` (the loop starting a wanted thread) serve it
+and the batches of ``dispatch.py``. ``pool.py`` describes the counters it
+reads and what stays true between critical sections;
+:class:`~offloop.ThreadPool` inherits it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from time import monotonic
-from typing import Final
+from typing import Any, Final
 
-from .._core.offload import QUEUED, Channel
+from .._core.offload import QUEUED, Channel, OffloadFuture
 from .._core.poolbase import PoolState, complete_waiter
 from .lifecycle import ThreadPoolLifecycle
 from .workers import WaitMemory, Worker
@@ -87,35 +90,47 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 call = self._pending.popleft()
                 if call._phase is not QUEUED:
                     continue  # cancelled while pending
-                self._queue.put(call)  # under the lock, as in _submit
-                self._ready += 1
+                self._dispatch(call, to_start)
                 free -= 1
                 room -= 1
-                if self._idle > 0:
-                    self._idle -= 1
-                else:
-                    worker = Worker()
-                    self._workers.append(worker)
-                    to_start.append(worker)
             starter = self._want_started(to_start, now=now) if to_start else None
             if starter is None:
                 starter = self._late_start(now)
-        if starter is not None:
-            try:
-                self._start_thread(starter, starts_others=True)
-            except BaseException as exc:
-                # Their calls wait in the queue for a busy thread to come
-                # free (_start_thread counted each in _backlog). No retry
-                # every period (and a log line each time): the next call that
-                # waits arms the check again.
-                with self._lock:
-                    waiters = self._give_up_starting()
-                    self._armed.discard(channel)
-                for waiter in waiters:
-                    complete_waiter(waiter)
-                if not isinstance(exc, Exception):
-                    raise
-                logger.exception("offloop: pool %r could not start a worker thread", self._name)
-                return
+        if starter is not None and not self._start_or_give_up(starter, channel):
+            return
         due = loop.time() + GROWTH_PERIOD
         loop.call_at(due, self._rebalance, channel, loop, due)
+
+    def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:
+        # Under _lock: put the call on the queue with a thread claimed for it,
+        # an idle one or a new one (added to to_start). _submit does the same
+        # inline: it runs once per call, and would pay for the list here.
+        self._ready += 1
+        if self._idle > 0:
+            self._idle -= 1
+        else:
+            worker = Worker()
+            self._workers.append(worker)
+            to_start.append(worker)
+        self._queue.put(call)  # under the lock, as in _submit
+
+    def _start_or_give_up(self, starter: Worker, channel: Channel) -> bool:
+        # On the loop: start the thread of a wanted worker (which starts the
+        # others); returns False if it could not.
+        try:
+            self._start_thread(starter, starts_others=True)
+        except BaseException as exc:
+            # Their calls wait in the queue for a busy thread to come
+            # free (_start_thread counted each in _backlog). No retry
+            # every period (and a log line each time): the next call that
+            # waits arms the check again.
+            with self._lock:
+                waiters = self._give_up_starting()
+                self._armed.discard(channel)
+            for waiter in waiters:
+                complete_waiter(waiter)
+            if not isinstance(exc, Exception):
+                raise
+            logger.exception("offloop: pool %r could not start a worker thread", self._name)
+            return False
+        return True

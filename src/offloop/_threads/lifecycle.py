@@ -22,6 +22,7 @@ from .._core.errors import PoolClosedError, WouldDeadlockError
 from .._core.latency import CallHistogram, histogram_snapshot
 from .._core.offload import (
     ABANDONED,
+    BATCHED,
     CANCELLING,
     QUEUED,
     RUNNING,
@@ -109,6 +110,12 @@ class ThreadPoolLifecycle(PoolContext):
         """Handle ``cancel()`` of a call's future; returns whether to cancel it now."""
         call.token.set("cancelled")
         with self._lock:
+            if call._phase is BATCHED:
+                # In its loop's batch, not yet counted by the pool: the
+                # batch's flush drops it.
+                call._phase = SKIPPED
+                self._cancelled += 1
+                return True
             if call._phase is QUEUED:
                 call._phase = SKIPPED
                 self._queued -= 1
@@ -165,7 +172,9 @@ class ThreadPoolLifecycle(PoolContext):
         a sleep or a lock, so holding no CPU slot), ``cpu_slots`` (the most
         calls that run at once while using the CPU), ``abandoned`` (cancelled
         by their awaiter but still running), ``queued`` (not started yet),
-        ``completed``, ``failed``, ``cancelled``.
+        ``completed``, ``failed``, ``cancelled``. Calls a loop made while the
+        pool was busy are counted as queued from that loop's next iteration
+        (see ``dispatch.py``: they reach the pool in one batch).
 
         ``cancelled`` counts awaiters cancelled; ``completed`` and ``failed``
         count functions that returned or raised. So an abandoned call whose

@@ -1,8 +1,12 @@
 """Thread pools: run blocking sync functions without stalling the event loop.
 
-This is offloop's hot path, in one file: :class:`ThreadPool` and the loop its
-worker threads run (:meth:`ThreadPool._work`). The call record they share is
-the :class:`~offloop.OffloadFuture` of ``_core/offload.py``, whose
+This is offloop's hot path: :class:`ThreadPool`, its ``run()`` and the loop
+its worker threads run (:meth:`ThreadPool._work`). Where a new call goes
+(``_submit``, the per-iteration batches) is in ``dispatch.py``; the periodic
+check that dispatches pending calls (``_rebalance``) in ``growth.py``; how
+threads start and how the pool closes in ``lifecycle.py``. ``ThreadPool``
+inherits all three; this docstring states the state they share. The call
+record is the :class:`~offloop.OffloadFuture` of ``_core/offload.py``, whose
 :class:`~offloop._core.offload.CallPhase` lists the states of a call and the
 legal transitions between them; its result travels back to the awaiting loop
 through that module's ``Channel``.
@@ -11,7 +15,10 @@ One call, in order::
 
     run()           loop thread: a future in phase QUEUED; _submit() dispatches
                     it (puts it on the queue, with a thread claimed for it) if
-                    a CPU slot is free, else it waits in _pending
+                    a CPU slot is free, else it waits in _pending. While an
+                    earlier call of this loop iteration waits in _pending, it
+                    joins the loop's batch instead (phase BATCHED), which
+                    _flush() hands to the pool at the next iteration
     _work()         worker: takes it (QUEUED -> RUNNING), runs fn in the
                     caller's copied context, records the outcome (-> DONE),
                     takes the next pending call if a slot is free, then posts
@@ -28,6 +35,8 @@ critical sections:
   and have not exited; never more than ``max_workers``, except after
   ``max_workers`` was lowered, until enough of them end.
 - ``_queued`` calls are in phase QUEUED, on the queue or in ``_pending``.
+  Calls in a loop's batch (phase BATCHED) are not counted anywhere until
+  ``_flush`` takes them in; a call cancelled there only counts as cancelled.
   ``_ready`` calls are on the queue, each with a thread claimed for it; a
   call cancelled there stays counted until a worker pops and drops it.
   ``_running`` calls are in a worker, in phase RUNNING, ABANDONED or
@@ -59,10 +68,10 @@ from time import monotonic
 from types import CoroutineType, FunctionType
 from typing import Any, Final, Literal, ParamSpec, TypeVar, final
 
-from .._core.errors import PoolClosedError
 from .._core.latency import CALL_BUCKETS, new_counts
 from .._core.offload import (
     ABANDONED,
+    BATCHED,
     CANCELLING,
     DONE,
     QUEUED,
@@ -75,7 +84,7 @@ from .._core.offload import (
     loop_local,
     running_loop,
 )
-from .._core.poolbase import PoolState, complete_waiter
+from .._core.poolbase import PoolState
 from .._core.poolexecutor import PoolExecutorView
 from .._core.registry import register
 from .._core.spin import yield_cpu
@@ -89,7 +98,8 @@ from .._core.validate import (
     describe,
 )
 from .batch import MapResults
-from .growth import GROWTH_PERIOD, ThreadPoolGrowth
+from .dispatch import ThreadPoolDispatch
+from .growth import GROWTH_PERIOD
 from .workers import DEFAULT_CPU_SLOTS, WaitMemory, Worker
 
 __all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool"]
@@ -107,6 +117,7 @@ DEFAULT_MAX_WORKERS: Final = 40
 
 _get_running_loop: Final = asyncio.get_running_loop
 _copy_context: Final = contextvars.copy_context
+_OPEN: Final = PoolState.OPEN
 
 #: Seconds an idle worker waits for work before its thread exits.
 IDLE_TIMEOUT: Final = 30.0
@@ -126,7 +137,7 @@ _pool_numbers: Final = iter(range(1, 1 << 62))
 
 
 @final
-class ThreadPool(ThreadPoolGrowth):
+class ThreadPool(ThreadPoolDispatch):
     """A named, bounded pool of worker threads: a bulkhead for blocking calls.
 
     ``await pool.run(fn, *args, **kwargs)`` runs ``fn(*args, **kwargs)`` in one
@@ -258,7 +269,6 @@ class ThreadPool(ThreadPoolGrowth):
         call._args = args
         call._kwargs = kwargs
         call._ctx = _copy_context()
-        call._phase = QUEUED
         call._error = None
         call._value = None
         channel = loop_local.channel
@@ -269,6 +279,14 @@ class ThreadPool(ThreadPoolGrowth):
         call._token = None
         call._sink = loop_local.sink
         call._submitted = monotonic()
+        batch = channel.batch
+        if batch is not None and channel.batch_owner is self and self._state is _OPEN:
+            # Calls before it in this loop iteration found the pool busy: it
+            # joins them, and the pool takes them all at once (dispatch.py).
+            call._phase = BATCHED
+            batch.append(call)
+            return call
+        call._phase = QUEUED
         self._submit(call)
         return call
 
@@ -312,81 +330,6 @@ class ThreadPool(ThreadPoolGrowth):
         shuts its views down too).
         """
         return PoolExecutorView(self)
-
-    # -- how calls flow ----------------------------------------------------
-
-    def _submit(self, call: OffloadFuture[Any]) -> None:
-        dispatch = False
-        starter: Worker | None = None
-        with self._lock:
-            if self._state is not PoolState.OPEN:
-                raise PoolClosedError(
-                    f"{self._describe()} is {self._state.value} and takes no new calls; "
-                    f"create a new ThreadPool or use offloop.to_thread()."
-                )
-            self._queued += 1
-            if (
-                not self._pending
-                and self._ready + self._running - self._waiting < self._cpu_slots
-                and (self._idle > 0 or not self._workers)
-            ):
-                # A free CPU slot and a thread for it: dispatch now. A new
-                # thread only for the first call; later ones come from
-                # _rebalance, once the running calls have shown that they
-                # are long (for short calls one warm thread is fastest).
-                dispatch = True
-            elif (
-                self._waits  # a dict: a C-level test, see WaitMemory
-                and self._waits.waits(call.fn)
-                and (self._idle > 0 or len(self._workers) < self._max_workers)
-            ):
-                # Its function's last call was found waiting: like that one,
-                # it will hold no CPU slot, so it takes a thread at once (one
-                # of its own if need be), as a pool without slots would.
-                dispatch = True
-            if dispatch:
-                self._ready += 1
-                if self._idle > 0:
-                    self._idle -= 1
-                else:
-                    worker = Worker()
-                    self._workers.append(worker)
-                    starter = self._want_started([worker], now=monotonic())
-                # Put while still holding the lock: a close() from another
-                # thread between the count and the put would drain the queue
-                # without it and queue the workers' exit signals before it,
-                # and nobody would ever take it. SimpleQueue.put never blocks.
-                # Last in the block: a polling worker takes the call at once
-                # and then needs the lock to start it.
-                self._queue.put(call)
-            if not dispatch or (self._unstarted and not self._starting):
-                if not dispatch:
-                    self._pending.append(call)
-                # The check also starts threads no worker came by to start.
-                channel = call._channel
-                if channel not in self._armed:
-                    self._armed.add(channel)
-                    loop = call.loop
-                    due = loop.time() + GROWTH_PERIOD
-                    loop.call_at(due, self._rebalance, channel, loop, due)
-        if not dispatch:
-            return
-        if starter is not None:
-            try:
-                self._start_thread(starter, starts_others=True)
-            except BaseException:
-                with self._lock:
-                    waiters = self._give_up_starting()
-                    taken = call._phase is not QUEUED  # by a thread another call started
-                    if not taken:
-                        # run() raises, so the call must never run: a later
-                        # thread takes it off the queue and drops it.
-                        call._phase = SKIPPED
-                        self._queued -= 1
-                for waiter in waiters:
-                    complete_waiter(waiter)
-                if not taken:
-                    raise
 
     # -- the worker thread ----------------------------------------------------
 
@@ -504,7 +447,8 @@ class ThreadPool(ThreadPoolGrowth):
                 # Run time: worker.started was stamped when this thread took
                 # the call, so one clock read and a bisect is the whole cost.
                 started = worker.started
-                ran = monotonic() - started
+                ended = monotonic()
+                ran = ended - started
                 self._call_counts[bisect_left(CALL_BUCKETS, ran)] += 1
                 self._call_seconds += ran
                 waited = started - call._submitted
@@ -517,7 +461,7 @@ class ThreadPool(ThreadPoolGrowth):
                 # may submit its next call as soon as it wakes, and must then
                 # find this thread free, not start another one for a
                 # sequential caller.
-                nxt = self._next_pending(worker) if self._pending else None
+                nxt = self._next_pending(worker, ended) if self._pending else None
                 if nxt is None:
                     self._free_slot()
                 starts = self._unstarted and self._starter_wanted()
@@ -530,13 +474,12 @@ class ThreadPool(ThreadPoolGrowth):
             call = nxt
         self._thread_exited(worker)
 
-    def _next_pending(self, worker: Worker) -> OffloadFuture[Any] | None:
+    def _next_pending(self, worker: Worker, now: float) -> OffloadFuture[Any] | None:
         # Under _lock, by a worker whose call just ended: take the next pending
         # call if a CPU slot is free, and run it without a trip through the
         # queue. A dispatched call waiting for a thread (_backlog) goes first.
         if self._backlog > 0 or self._ready + self._running - self._waiting >= self._cpu_slots:
             return None
-        now = monotonic()
         if now - worker.started < GROWTH_PERIOD:
             self._short = True
         while self._pending:

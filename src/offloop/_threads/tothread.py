@@ -30,6 +30,7 @@ def _make_default() -> ThreadPool:
 
 
 _default: Final = DefaultPool(_make_default)
+_OPEN: Final = PoolState.OPEN
 
 
 def default_thread_pool() -> ThreadPool:
@@ -79,7 +80,7 @@ def to_thread(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offlo
         RuntimeError: no event loop is running in this thread.
     """
     pool = _default.pool
-    if pool is None or pool._state is not PoolState.OPEN:
+    if pool is None or pool._state is not _OPEN:
         pool = _default.get()
     return pool.run(fn, *args, **kwargs)
 

@@ -118,8 +118,10 @@ async def test_run_by_address_returns_results_and_closes_its_client(
         assert client.loop.asyncio_loop.is_running()
         # (The scheduler of the module's cluster runs in this process too, on
         # its own "IO loop" thread, and draws some of its own.)
+        # The pool's key prefix, and Dask's own draws for each message (the
+        # 20 calls queued together go in one).
         assert threading.current_thread().name not in drawn_on
-        assert drawn_on.count(thread) >= 22
+        assert drawn_on.count(thread) >= 3
         assert repr(pool) == (
             f"<DaskPool {cluster.scheduler_address!r} open: 0 running, 22 completed, 0 failed>"
         )

@@ -49,10 +49,11 @@ from .._core.offload import (
 from .._core.poolbase import PoolContext, PoolState
 from .._core.registry import register
 from .._core.validate import check_seconds, check_sync_callable, check_thread_name, describe
-from .clientloop import ClientLoop, GILPacer
+from .clientloop import ClientLoop
 from .daskargs import PickledOnce, ScatterCache, make_runner, split_arguments
 from .daskcounts import DaskCounters
 from .daskerrors import client_closed, last_line, load_failed, translate
+from .dasksubmit import Submitter
 from .pickling import OK, encode_call
 
 __all__ = ["DaskPool"]
@@ -176,7 +177,7 @@ class DaskPool(DaskCounters, PoolContext):
         self._connecting: asyncio.Future[Any] | None = None
         self._idle: asyncio.Event | None = None
         self._scattered = ScatterCache(distributed.Future)
-        self._pacer = GILPacer()
+        self._submitter = Submitter(_run_call)
         # Task keys: this pool's random part, drawn once on the client's
         # thread, and a counter. A uuid4 per call would be a system call per
         # submission (see GILPacer).
@@ -410,13 +411,20 @@ class DaskPool(DaskCounters, PoolContext):
                 if self._key_prefix is None:
                     self._key_prefix = uuid.uuid4().hex
                 key = f"{self._funcname(fn)}-{self._key_prefix}-{next(self._key_numbers)}"
-                self._pacer.pace()
-                future = client.submit(_run_call, call._data, call._slots, *deps, key=key)
+                assert call._data is not None
+                waiter = self._submitter.submit(client, key, call._data, call._slots, deps)
+                del deps
+                try:
+                    future = await waiter
+                except asyncio.CancelledError:
+                    # Cancelled once its turn came: the task exists.
+                    if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                        future = waiter.result()
+                    raise
                 with self._lock:
                     sent = monotonic()
                     self._on_cluster += 1
                 call._data = call._deps = None
-                del deps
                 reply = await future
                 # Not raised here: translate() would take it for Dask's error.
                 ok = reply[0] == OK

@@ -109,8 +109,8 @@ def _framing(conn: Connection) -> tuple[Callable[[], bytes], Callable[[bytes], N
     """
     if os.name != "posix":  # Windows pipes are not file descriptors
         return conn.recv_bytes, conn.send_bytes
-    reader = _Reader(conn.fileno())
     fd = conn.fileno()
+    reader = _Reader(fd)
     send_bytes = conn.send_bytes
 
     def send(message: bytes) -> None:

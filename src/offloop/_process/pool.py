@@ -61,7 +61,7 @@ from .options import check_initializer
 from .pickling import encode_call, main_reaches_children
 from .records import ProcessCall, ProcessPoolStatistics, ProcessWorker, ask_to_exit
 from .workers import WorkerSet
-from .writer import LARGE_PAYLOAD, Payload, is_small
+from .writer import LARGE_PAYLOAD, Payload
 
 __all__ = ["ProcessPool", "default_process_pool", "to_process"]
 
@@ -255,13 +255,13 @@ class ProcessPool(WorkerSet, PoolContext):
         loop = _running_loop(self._run_name)
         # Big bytes arguments are sent as they are, not copied into the pickle
         # on this (the event loop's) thread: see message.py.
-        detached = detach(args, kwargs, LARGE_PAYLOAD)
+        detached = detach(args, kwargs, LARGE_PAYLOAD) if args or kwargs else None
         send_args, send_kwargs = (args, kwargs) if detached is None else detached[:2]
         pickled = encode_call(
             fn, send_args, send_kwargs, self._run_name, main_by_value=self._main_by_value
         )
         payload: Payload = pickled if detached is None else OutOfBandCall(pickled, detached[2])
-        large = not is_small(payload)
+        large = detached is not None or len(pickled) > LARGE_PAYLOAD  # not is_small(payload)
         call = new_call(self, fn, (), {}, loop, ProcessCall, carry_context=False)
         call._payload = payload
         call._worker = None
@@ -274,16 +274,24 @@ class ProcessPool(WorkerSet, PoolContext):
                     f"{self._describe()} is {self._state.value} and takes no new calls; "
                     f"create a new ProcessPool or use offloop.to_process()."
                 )
-            worker = self._take_idle(loop) if self._idle else None
+            idle = self._idle
+            if not idle:
+                worker = None
+            elif idle[-1].watcher is loop:  # the usual case, _take_idle's first choice
+                worker = idle.pop()
+            else:
+                worker = self._take_idle(loop)
             if worker is not None:
                 self._assign(worker, call)
                 # This loop reads the reply itself if it can (see loopread.py);
                 # not for a call completed off the loop (an executor view's),
                 # whose submitter may be blocking this very loop on its result.
-                if call._sink is None:
-                    wake = self._read_on_loop(worker, loop)
-                else:
+                if call._sink is not None:
                     wake = self._to_manager(worker)
+                elif worker.watcher is loop:  # it watches the pipe already
+                    worker.reader = loop
+                else:
+                    wake = self._read_on_loop(worker, loop)
                 if large:
                     fd = self._dup_pipe(worker)
                     if fd is not None:  # else kept: the manager queues it again

@@ -37,7 +37,7 @@ from .exits import WorkerExits
 from .loopread import READ_MAX, LoopReplies, read_rest
 from .pickling import InitFailure, RemoteTraceback, decode_reply
 from .records import MANAGER, ProcessCall, ProcessWorker, ask_to_exit
-from .writer import Payload, PayloadWriter, is_small
+from .writer import Payload, PayloadWriter, is_small, write_small
 
 __all__ = ["WorkerSet"]
 
@@ -188,8 +188,10 @@ class WorkerSet(LoopReplies, WorkerExits):
         # If the worker just died (the manager may already have dropped its
         # pipe: conn is None, AttributeError), the manager sees the death and
         # queues the call again.
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            worker.conn.send_bytes(payload)  # type: ignore[union-attr]
+        try:  # noqa: SIM105 - hot path: try/except costs less than contextlib.suppress
+            write_small(worker.conn, payload)  # type: ignore[arg-type]
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def _dup_pipe(self, worker: ProcessWorker) -> int | None:
         # On the manager thread, which alone closes pipes, or under _lock,

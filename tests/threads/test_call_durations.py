@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -37,16 +38,24 @@ async def test_every_ended_call_is_counted_once_and_the_buckets_are_cumulative()
     assert hist["sum"] > 0
 
 
-@bounded(10)
-async def test_a_call_held_past_a_bound_lands_above_that_bucket() -> None:
-    started = threading.Event()
-    release = threading.Event()
+def _holder(started: threading.Event, release: threading.Event) -> Callable[[], str]:
+    """A function that sets ``started``, then waits (bounded) for ``release``."""
 
     def held() -> str:
         started.set()
         if not release.wait(WAIT):
             raise TimeoutError("the test never released the call")
         return "done"
+
+    return held
+
+
+@bounded(10)
+async def test_a_call_held_past_a_bound_lands_above_that_bucket() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    held = _holder(started, release)
 
     async with ThreadPool(max_workers=1, name="held") as pool:
         assert await pool.run(abs, -1) == 1  # a quick one, for contrast
@@ -71,11 +80,7 @@ async def test_a_call_queued_behind_a_blocked_worker_shows_its_wait() -> None:
     started = threading.Event()
     release = threading.Event()
 
-    def held() -> str:
-        started.set()
-        if not release.wait(WAIT):
-            raise TimeoutError("the test never released the call")
-        return "done"
+    held = _holder(started, release)
 
     async with ThreadPool(max_workers=1, name="queue-wait") as pool:
         assert pool.queue_waits()["count"] == 0

@@ -283,12 +283,12 @@ async def test_the_kernel_tells_a_blocked_call_from_a_computing_one(two_slots: N
         await asyncio.wait_for(asyncio.gather(busy, blocked, queued), WAIT)
 
 
-def test_the_default_cpu_slots_are_the_cpus_this_process_may_use() -> None:
+def test_the_default_cpu_slots_are_one_more_than_the_cpus_this_process_may_use() -> None:
     if hasattr(os, "sched_getaffinity"):
         expected = len(os.sched_getaffinity(0))
     else:
         expected = os.cpu_count() or 1
-    assert expected == workers_module.DEFAULT_CPU_SLOTS
+    assert expected + 1 == workers_module.DEFAULT_CPU_SLOTS
     assert offloop.ThreadPool(1).statistics()["cpu_slots"] == 1  # never more than max_workers
 
 
@@ -386,7 +386,7 @@ async def test_new_threads_are_started_by_a_worker_that_ends_a_call_not_by_the_l
     blocked = gated(gate, started)
     async with offloop.ThreadPool(8, name="starts") as pool:
         # As if the pool had learnt that blocked() waits: its calls take threads at once.
-        pool._waits[blocked.__code__] = True
+        pool._waits[blocked.__code__] = workers_module.WAITS_AFTER
         stop = asyncio.Event()
 
         async def keep_a_worker_busy_ending_calls() -> None:

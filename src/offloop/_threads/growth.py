@@ -23,7 +23,7 @@ from .._core.poolbase import PoolState, complete_waiter
 from .lifecycle import ThreadPoolLifecycle
 from .workers import WaitMemory, Worker
 
-__all__ = ["GROWTH_PERIOD", "LAG_LIMIT", "ThreadPoolGrowth"]
+__all__ = ["FULL_PERIOD", "GROWTH_PERIOD", "LAG_LIMIT", "ThreadPoolGrowth"]
 
 logger: Final = logging.getLogger("offloop")
 
@@ -32,6 +32,10 @@ logger: Final = logging.getLogger("offloop")
 #: CPU slot to a pending call, so blocking calls, and a call that waits for
 #: another pending one (a nested offload), never wait long for a thread.
 GROWTH_PERIOD: Final = 0.001
+
+#: The period of the check while the pool has every thread busy and no
+#: thread to start (see _rebalance).
+FULL_PERIOD: Final = 0.005
 
 #: Seconds late past which a pool's check takes its loop to be starved (see
 #: _rebalance): well under the lag a user notices, well over a timer's jitter.
@@ -55,30 +59,6 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 self._armed.discard(channel)
                 return
             now = monotonic()
-            for w in self._workers:
-                waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
-                if waiting is not w.waiting:
-                    w.waiting = waiting
-                    self._waiting += 1 if waiting else -1
-                    if not waiting:
-                        self._waits.remember(w.call, False)
-            free = self._cpu_slots - (self._ready + self._running - self._waiting)
-            if loop.time() - due > LAG_LIMIT:
-                # The loop itself runs late. Calls that look blocked may be
-                # waiting for the GIL that a computing call holds (C code
-                # such as zlib keeps it for its whole run): while the loop
-                # runs late, a waiting call's slot is given away only once it
-                # has waited over a whole window (a GIL wait is not that long),
-                # or sleeps in the kernel outside a futex (in I/O or a timer,
-                # where no GIL wait is). Not never: under steady CPU load the
-                # loop is always late, and blocked calls would hold their
-                # slots for nothing.
-                sure = sum(
-                    1
-                    for w in self._workers
-                    if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
-                )
-                free = min(free, self._cpu_slots - (self._ready + self._running - sure))
             # A call that ended within a period since the last look means a
             # thread cycles through short calls: it takes the pending ones
             # itself, faster than new threads would, so none is started.
@@ -86,6 +66,39 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 0 if self._short else max(0, self._max_workers - len(self._workers))
             )
             self._short = False
+            full = room == 0 and not self._unstarted
+            free = 0
+            if room > 0:
+                # With no thread to give, what the running calls do cannot
+                # change what happens now: the scan (a system call per
+                # thread every few periods, each one handing the GIL away)
+                # waits until a thread is free. Slots freed meanwhile are
+                # found then; a worker that ends a call takes pending ones
+                # itself.
+                for w in self._workers:
+                    waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
+                    if waiting is not w.waiting:
+                        w.waiting = waiting
+                        self._waiting += 1 if waiting else -1
+                        if not waiting:
+                            self._waits.remember(w.call, False)
+                free = self._cpu_slots - (self._ready + self._running - self._waiting)
+                if loop.time() - due > LAG_LIMIT:
+                    # The loop itself runs late. Calls that look blocked may be
+                    # waiting for the GIL that a computing call holds (C code
+                    # such as zlib keeps it for its whole run): while the loop
+                    # runs late, a waiting call's slot is given away only once it
+                    # has waited over a whole window (a GIL wait is not that long),
+                    # or sleeps in the kernel outside a futex (in I/O or a timer,
+                    # where no GIL wait is). Not never: under steady CPU load the
+                    # loop is always late, and blocked calls would hold their
+                    # slots for nothing.
+                    sure = sum(
+                        1
+                        for w in self._workers
+                        if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
+                    )
+                    free = min(free, self._cpu_slots - (self._ready + self._running - sure))
             while free > 0 and room > 0 and self._pending:
                 call = self._pending.popleft()
                 if call._phase is not QUEUED:
@@ -98,7 +111,10 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 starter = self._late_start(now)
         if starter is not None and not self._start_or_give_up(starter, channel):
             return
-        due = loop.time() + GROWTH_PERIOD
+        # Every thread busy and none to start: nothing can be dispatched
+        # until one comes free, and a thread that ends a call takes the
+        # pending ones itself, so look less often (each look wakes the loop).
+        due = loop.time() + (FULL_PERIOD if full else GROWTH_PERIOD)
         loop.call_at(due, self._rebalance, channel, loop, due)
 
     def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:

@@ -1,0 +1,201 @@
+"""CPU slots, continued: the ``cpu_slots`` setting, what the pool learns of a function, a full pool's check.
+
+As in test_threadpool_cpu.py, the kernel's measurement (``Worker.busy``) is
+replaced by a fixed answer where the policy is under test, so the assertions
+do not depend on how loaded the machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import offloop
+from offloop._threads import growth as growth_module
+from offloop._threads import pool as pool_module
+from offloop._threads.workers import WAITS_AFTER, WaitMemory, Worker
+from tests.helpers import WAIT, await_until
+from tests.threads.test_threadpool_cpu import SLOTS, gated, measure_as
+
+pytestmark = pytest.mark.loops("asyncio")
+
+
+@pytest.fixture
+def two_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "DEFAULT_CPU_SLOTS", SLOTS)
+
+
+class _Call:
+    """Just enough of a call for WaitMemory: its function."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+
+def test_a_function_is_presumed_to_wait_only_after_calls_in_a_row_waited() -> None:
+    def handler() -> None: ...
+
+    memory, call = WaitMemory(), _Call(handler)
+    assert not memory.waits(handler)
+    memory.remember(call, True)  # type: ignore[arg-type]
+    assert not memory.waits(handler)  # once is not enough
+    for _ in range(WAITS_AFTER - 1):
+        memory.remember(call, True)  # type: ignore[arg-type]
+    assert memory.waits(handler)
+    # A handler that fetches, then parses: one computing call resets it.
+    memory.remember(call, False)  # type: ignore[arg-type]
+    assert not memory.waits(handler)
+    memory.remember(call, True)  # type: ignore[arg-type]
+    assert not memory.waits(handler)
+
+
+async def test_a_call_measured_computing_when_it_ends_resets_what_the_pool_learnt(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measure_as(monkeypatch, computing=True)
+    gate, started = threading.Event(), list[int]()
+    work = gated(gate, started)
+    async with offloop.ThreadPool(8, name="unlearns") as pool:
+        pool._waits[work.__code__] = WAITS_AFTER - 1  # one more waiting call and it would skip slots
+        # The third call pends, so the pool's check runs and measures the two.
+        calls = [pool.run(work, i) for i in range(3)]
+
+        def judged() -> bool:
+            with pool._lock:
+                return sum(1 for w in pool._workers if w.judged and w.call is not None) == 2
+
+        await await_until(judged, WAIT, "the two running calls to be measured")
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1, 2]
+        assert pool._waits[work.__code__] == 0
+
+
+@pytest.mark.skipif(
+    not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/wchan"),
+    reason="where a thread sleeps is read from Linux's /proc/self/task/<tid>/wchan",
+)
+async def test_a_call_first_looked_at_late_gives_its_slot_while_it_sleeps_in_io(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its thread looks busy to the window (as a thread waiting for a core
+    # does), and the check only looks once the call is past its first
+    # period, so only where the thread sleeps (recv, not a futex) can show
+    # that it holds no CPU: it must, or two calls in recv fill both slots.
+    measure_as(monkeypatch, computing=True)
+    original = Worker.is_waiting
+    monkeypatch.setattr(
+        Worker,
+        "is_waiting",
+        lambda self, now, period, running: original(self, now, 0.0, running),
+    )
+    reader, writer = socket.socketpair()
+    try:
+        async with offloop.ThreadPool(8, name="late-look") as pool:
+            calls = [pool.run(reader.recv, 1) for _ in range(4)]
+            await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four in recv")
+            assert pool.statistics()["waiting"] >= 4 - SLOTS
+            writer.sendall(b"abcd")
+            assert sorted(await asyncio.wait_for(asyncio.gather(*calls), WAIT)) == [
+                b"a",
+                b"b",
+                b"c",
+                b"d",
+            ]
+    finally:
+        reader.close()
+        writer.close()
+
+
+async def test_with_every_thread_busy_the_check_looks_less_often_and_reads_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    measure_as(monkeypatch, computing=False)
+    looks = [0]
+    original_is_waiting = Worker.is_waiting
+
+    def counting_is_waiting(self: Worker, now: float, period: float, running: int) -> bool:
+        looks[0] += 1
+        return original_is_waiting(self, now, period, running)
+
+    monkeypatch.setattr(Worker, "is_waiting", counting_is_waiting)
+    dues: list[float] = []
+    original_rebalance = pool_module.ThreadPool._rebalance
+
+    def recording(self: Any, channel: Any, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        dues.append(due)
+        original_rebalance(self, channel, loop, due)
+
+    monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", recording)
+    gate, started = threading.Event(), list[int]()
+    async with offloop.ThreadPool(2, name="full") as pool:
+        calls = [pool.run(gated(gate, started), i) for i in range(5)]
+        await await_until(lambda: pool.statistics()["running"] == 2, WAIT, "both threads busy")
+        await await_until(lambda: pool.statistics()["idle"] == 0, WAIT, "no idle thread")
+        seen, looked = len(dues), looks[0]
+        await await_until(lambda: len(dues) >= seen + 4, WAIT, "four more checks")
+        assert looks[0] == looked  # no thread to give: nothing read
+        gaps = [b - a for a, b in zip(dues[seen:], dues[seen + 1 :], strict=False)]
+        assert all(gap >= growth_module.FULL_PERIOD for gap in gaps), gaps
+        gate.set()  # threads come free: the pending calls still all run
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(5))
+
+
+async def test_cpu_slots_can_be_set_at_creation_and_while_the_pool_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    measure_as(monkeypatch, computing=True)
+    gate, started = threading.Event(), list[int]()
+    async with offloop.ThreadPool(8, name="slots", cpu_slots=1) as pool:
+        assert pool.cpu_slots == 1
+        calls = [pool.run(gated(gate, started), i) for i in range(5)]
+        await await_until(lambda: pool.statistics()["running"] == 1, WAIT, "one call to run")
+        # Calls made while the pool was busy reach it in one batch (dispatch.py).
+        await await_until(lambda: pool.statistics()["queued"] == 4, WAIT, "four to queue")
+        pool.cpu_slots = 3  # the pending calls take the new slots at the next check
+        await await_until(lambda: pool.statistics()["running"] == 3, WAIT, "three calls to run")
+        assert pool.statistics()["cpu_slots"] == 3
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(5))
+
+
+def test_cpu_slots_never_exceed_max_workers_and_follow_it_back_up() -> None:
+    pool = offloop.ThreadPool(2, name="capped", cpu_slots=5)
+    assert pool.cpu_slots == 2
+    pool.max_workers = 8
+    assert pool.cpu_slots == 5  # the setting applies again up to the new bound
+    pool.max_workers = 1
+    assert pool.cpu_slots == 1
+    default = offloop.ThreadPool(64, name="default-slots")
+    assert default.cpu_slots == min(64, pool_module.DEFAULT_CPU_SLOTS)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (0, ValueError, r"ThreadPool\(cpu_slots=\.\.\.\) must be at least 1, got 0"),
+        (2.5, TypeError, r"ThreadPool\(cpu_slots=\.\.\.\) must be a positive int"),
+        (True, TypeError, r"ThreadPool\(cpu_slots=\.\.\.\) must be a positive int"),
+    ],
+)
+def test_a_bad_cpu_slots_is_refused_before_the_pool_exists(
+    value: object, error: type[Exception], message: str
+) -> None:
+    before = len(offloop.pools())
+    with pytest.raises(error, match=message):
+        offloop.ThreadPool(4, name="bad-slots", cpu_slots=value)  # type: ignore[arg-type]
+    assert len(offloop.pools()) == before
+
+
+def test_setting_a_bad_cpu_slots_changes_nothing() -> None:
+    pool = offloop.ThreadPool(4, name="set-bad", cpu_slots=2)
+    with pytest.raises(ValueError, match=r"ThreadPool.cpu_slots = \.\.\. must be at least 1"):
+        pool.cpu_slots = 0
+    with pytest.raises(TypeError, match=r"ThreadPool.cpu_slots = \.\.\. must be a positive int"):
+        pool.cpu_slots = "3"  # type: ignore[assignment]
+    assert pool.cpu_slots == 2

@@ -65,6 +65,20 @@ def rebalances(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Any]:
     return wait_for
 
 
+#: For tests of where a thread sleeps, read from Linux's /proc/self/task/<tid>/wchan.
+needs_wchan = pytest.mark.skipif(
+    not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/wchan"),
+    reason="where a thread sleeps is read from Linux's /proc/self/task/<tid>/wchan",
+)
+
+
+async def release_recvs(writer: socket.socket, calls: list[Any]) -> None:
+    """Send one byte for each of four ``reader.recv(1)`` calls and check they all got one."""
+    writer.sendall(b"abcd")
+    received = await asyncio.wait_for(asyncio.gather(*calls), WAIT)
+    assert sorted(received) == [b"a", b"b", b"c", b"d"]
+
+
 def gated(gate: threading.Event, started: list[int]) -> Callable[[int], int]:
     def work(i: int) -> int:
         started.append(i)
@@ -134,10 +148,7 @@ async def test_a_function_whose_call_ended_waiting_gets_threads_at_once_next_tim
         assert await asyncio.wait_for(asyncio.gather(*second), WAIT) == list(range(4, 9))
 
 
-@pytest.mark.skipif(
-    not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/wchan"),
-    reason="where a thread sleeps is read from Linux's /proc/self/task/<tid>/wchan",
-)
+@needs_wchan
 async def test_while_the_loop_runs_late_calls_blocked_in_io_give_their_slot_at_once(
     two_slots: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,13 +170,7 @@ async def test_while_the_loop_runs_late_calls_blocked_in_io_give_their_slot_at_o
         with pool._lock:
             assert all(w.prev_wall < 0 for w in pool._workers if w.waiting)  # none by window
         monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", original)
-        writer.sendall(b"abcd")
-        assert sorted(await asyncio.wait_for(asyncio.gather(*calls), WAIT)) == [
-            b"a",
-            b"b",
-            b"c",
-            b"d",
-        ]
+        await release_recvs(writer, calls)
     reader.close()
     writer.close()
 

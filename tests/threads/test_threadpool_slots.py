@@ -8,7 +8,6 @@ do not depend on how loaded the machine is.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -19,19 +18,17 @@ import pytest
 import offloop
 from offloop._threads import growth as growth_module
 from offloop._threads import pool as pool_module
+from offloop._threads import workers as workers_module
 from offloop._threads.workers import WAITS_AFTER, WaitMemory, Worker
 from tests.helpers import WAIT, await_until
 from tests.threads import test_threadpool_cpu as cpu_tests
-from tests.threads.test_threadpool_cpu import SLOTS, gated, measure_as
+from tests.threads.test_threadpool_cpu import SLOTS, gated, measure_as, needs_wchan, release_recvs
 
 pytestmark = pytest.mark.loops("asyncio")
 
-rebalances = cpu_tests.rebalances  # the fixture, shared
-
-
-@pytest.fixture
-def two_slots(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pool_module, "DEFAULT_CPU_SLOTS", SLOTS)
+# The fixtures, shared.
+rebalances = cpu_tests.rebalances
+two_slots = cpu_tests.two_slots
 
 
 class _Call:
@@ -81,10 +78,7 @@ async def test_a_call_measured_computing_when_it_ends_resets_what_the_pool_learn
         assert pool._waits[work.__code__] == 0
 
 
-@pytest.mark.skipif(
-    not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/wchan"),
-    reason="where a thread sleeps is read from Linux's /proc/self/task/<tid>/wchan",
-)
+@needs_wchan
 async def test_a_call_first_looked_at_late_gives_its_slot_while_it_sleeps_in_io(
     two_slots: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,13 +99,7 @@ async def test_a_call_first_looked_at_late_gives_its_slot_while_it_sleeps_in_io(
             calls = [pool.run(reader.recv, 1) for _ in range(4)]
             await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four in recv")
             assert pool.statistics()["waiting"] >= 4 - SLOTS
-            writer.sendall(b"abcd")
-            assert sorted(await asyncio.wait_for(asyncio.gather(*calls), WAIT)) == [
-                b"a",
-                b"b",
-                b"c",
-                b"d",
-            ]
+            await release_recvs(writer, calls)
     finally:
         reader.close()
         writer.close()
@@ -177,7 +165,7 @@ def test_cpu_slots_never_exceed_max_workers_and_follow_it_back_up() -> None:
     pool.max_workers = 1
     assert pool.cpu_slots == 1
     default = offloop.ThreadPool(64, name="default-slots")
-    assert default.cpu_slots == min(64, pool_module.DEFAULT_CPU_SLOTS)
+    assert default.cpu_slots == min(64, workers_module.DEFAULT_CPU_SLOTS)
 
 
 @pytest.mark.parametrize(
@@ -204,66 +192,3 @@ def test_setting_a_bad_cpu_slots_changes_nothing() -> None:
     with pytest.raises(TypeError, match=r"ThreadPool.cpu_slots = \.\.\. must be a positive int"):
         pool.cpu_slots = "3"  # type: ignore[assignment]
     assert pool.cpu_slots == 2
-
-
-def _returns(i: int) -> int:
-    return i
-
-
-def _waits_for(gate: threading.Event, started: list[int], i: int) -> int:
-    started.append(i)
-    gate.wait(WAIT)
-    return i
-
-
-async def test_a_thread_that_ends_a_call_takes_a_pending_call_known_to_wait_with_no_slot_free(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    measure_as(monkeypatch, computing=True)
-    gate, started = threading.Event(), list[int]()
-    async with offloop.ThreadPool(2, name="waiter-next", cpu_slots=1) as pool:
-        pool._waits[_returns.__code__] = WAITS_AFTER
-        # Two threads first (one call each, known to wait, so both at once).
-        warm_gate, warm_started = threading.Event(), list[int]()
-        pool._waits[_waits_for.__code__] = WAITS_AFTER
-        warmups = [pool.run(_waits_for, warm_gate, warm_started, i) for i in range(2)]
-        await await_until(lambda: len(warm_started) == 2, WAIT, "two threads")
-        warm_gate.set()
-        await asyncio.wait_for(asyncio.gather(*warmups), WAIT)
-        await await_until(lambda: pool.statistics()["idle"] == 2, WAIT, "two idle threads")
-        # From here no check runs: only a thread that ends a call can take the next.
-        monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", lambda *args: None)
-        computing = pool.run(gated(gate, started), 0)  # holds the one slot until the gate opens
-        await await_until(lambda: started == [0], WAIT, "the computing call to start")
-        # The other thread takes a call known to wait; the rest pend, and once
-        # it ends that one it takes them, one after another, though no slot is free.
-        warm_gate.clear()
-        first = pool.run(_waits_for, warm_gate, warm_started, 9)
-        await await_until(lambda: len(warm_started) == 3, WAIT, "the other thread to be busy")
-        known = [pool.run(_returns, i) for i in range(1, 5)]
-        await await_until(lambda: len(pool._pending) == 4, WAIT, "the calls to pend")
-        warm_gate.set()
-        assert await asyncio.wait_for(asyncio.gather(first, *known), WAIT) == [9, 1, 2, 3, 4]
-        assert not computing.done()
-        gate.set()
-        assert await asyncio.wait_for(computing, WAIT) == 0
-
-
-async def test_the_check_dispatches_pending_calls_known_to_wait_with_no_slot_free(
-    monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
-) -> None:
-    measure_as(monkeypatch, computing=True)
-    gate, started = threading.Event(), list[int]()
-    work = gated(gate, started)
-    async with offloop.ThreadPool(3, name="learnt-late", cpu_slots=1) as pool:
-        calls = [pool.run(work, i) for i in range(3)]
-        await await_until(lambda: started == [0], WAIT, "the first call to start")
-        await rebalances(5)
-        assert started == [0]  # the others wait for the slot
-        # Learnt while they pend (as from calls of the same function that end
-        # waiting meanwhile): they need no slot now, and threads are free.
-        with pool._lock:
-            pool._waits[work.__code__] = WAITS_AFTER
-        await await_until(lambda: sorted(started) == [0, 1, 2], WAIT, "the pending calls to start")
-        gate.set()
-        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1, 2]

@@ -99,18 +99,12 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                         if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
                     )
                     free = min(free, self._cpu_slots - (self._ready + self._running - sure))
-            waits = self._waits
-            while room > 0 and self._pending:
-                call = self._pending[0]
+            while free > 0 and room > 0 and self._pending:
+                call = self._pending.popleft()
                 if call._phase is not QUEUED:
-                    self._pending.popleft()  # cancelled while pending
-                    continue
-                if free > 0:
-                    free -= 1
-                elif not (waits and waits.waits(call.fn)):
-                    break  # a call of a function known to wait needs no slot (as in _submit)
-                self._pending.popleft()
+                    continue  # cancelled while pending
                 self._dispatch(call, to_start)
+                free -= 1
                 room -= 1
             starter = self._want_started(to_start, now=now) if to_start else None
             if starter is None:

@@ -492,15 +492,8 @@ class ThreadPool(ThreadPoolDispatch):
         # Under _lock, by a worker whose call just ended: take the next pending
         # call if a CPU slot is free, and run it without a trip through the
         # queue. A dispatched call waiting for a thread (_backlog) goes first.
-        if self._backlog > 0:
+        if self._backlog > 0 or self._ready + self._running - self._waiting >= self._cpu_slots:
             return None
-        if self._ready + self._running - self._waiting >= self._cpu_slots:
-            # No slot; but a call of a function known to wait needs none
-            # (as in _submit): it runs here rather than wait for the check.
-            while self._pending and self._pending[0]._phase is not QUEUED:
-                self._pending.popleft()  # cancelled while pending
-            if not (self._pending and self._waits and self._waits.waits(self._pending[0].fn)):
-                return None
         if now - worker.started < GROWTH_PERIOD:
             self._short = True
         while self._pending:

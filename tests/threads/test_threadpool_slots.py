@@ -22,7 +22,7 @@ from offloop._threads import workers as workers_module
 from offloop._threads.workers import WAITS_AFTER, WaitMemory, Worker
 from tests.helpers import WAIT, await_until
 from tests.threads import test_threadpool_cpu as cpu_tests
-from tests.threads.test_threadpool_cpu import SLOTS, gated, measure_as, needs_wchan, release_recvs
+from tests.threads.test_threadpool_cpu import gated, measure_as, needs_wchan
 
 pytestmark = pytest.mark.loops("asyncio")
 
@@ -62,9 +62,8 @@ async def test_a_call_measured_computing_when_it_ends_resets_what_the_pool_learn
     gate, started = threading.Event(), list[int]()
     work = gated(gate, started)
     async with offloop.ThreadPool(8, name="unlearns") as pool:
-        pool._waits[work.__code__] = (
-            WAITS_AFTER - 1
-        )  # one more waiting call and it would skip slots
+        # One more waiting call, and its calls would skip the slots.
+        pool._waits[work.__code__] = WAITS_AFTER - 1
         # The third call pends, so the pool's check runs and measures the two.
         calls = [pool.run(work, i) for i in range(3)]
 
@@ -84,8 +83,8 @@ async def test_a_call_first_looked_at_late_gives_its_slot_while_it_sleeps_in_io(
 ) -> None:
     # Its thread looks busy to the window (as a thread waiting for a core
     # does), and the check only looks once the call is past its first
-    # period, so only where the thread sleeps (recv, not a futex) can show
-    # that it holds no CPU: it must, or two calls in recv fill both slots.
+    # period: only where the thread sleeps (recv, not a futex) shows that it
+    # holds no CPU, and must, or two calls in recv fill both slots.
     measure_as(monkeypatch, computing=True)
     original = Worker.is_waiting
     monkeypatch.setattr(
@@ -97,26 +96,22 @@ async def test_a_call_first_looked_at_late_gives_its_slot_while_it_sleeps_in_io(
     try:
         async with offloop.ThreadPool(8, name="late-look") as pool:
             calls = [pool.run(reader.recv, 1) for _ in range(4)]
-            await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four in recv")
-            assert pool.statistics()["waiting"] >= 4 - SLOTS
-            await release_recvs(writer, calls)
+            try:
+                # Only a slot given at the first look lets the third and fourth start.
+                await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four in recv")
+            finally:
+                writer.sendall(b"abcd")  # however it went, no thread stays in recv
+            received = await asyncio.wait_for(asyncio.gather(*calls), WAIT)
+            assert sorted(received) == [b"a", b"b", b"c", b"d"]
     finally:
         reader.close()
         writer.close()
 
 
-async def test_with_every_thread_busy_the_check_looks_less_often_and_reads_nothing(
+async def test_with_every_thread_busy_the_check_looks_less_often(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     measure_as(monkeypatch, computing=False)
-    looks = [0]
-    original_is_waiting = Worker.is_waiting
-
-    def counting_is_waiting(self: Worker, now: float, period: float, running: int) -> bool:
-        looks[0] += 1
-        return original_is_waiting(self, now, period, running)
-
-    monkeypatch.setattr(Worker, "is_waiting", counting_is_waiting)
     dues: list[float] = []
     original_rebalance = pool_module.ThreadPool._rebalance
 
@@ -130,13 +125,36 @@ async def test_with_every_thread_busy_the_check_looks_less_often_and_reads_nothi
         calls = [pool.run(gated(gate, started), i) for i in range(5)]
         await await_until(lambda: pool.statistics()["running"] == 2, WAIT, "both threads busy")
         await await_until(lambda: pool.statistics()["idle"] == 0, WAIT, "no idle thread")
-        seen, looked = len(dues), looks[0]
+        seen = len(dues)
         await await_until(lambda: len(dues) >= seen + 4, WAIT, "four more checks")
-        assert looks[0] == looked  # no thread to give: nothing read
         gaps = [b - a for a, b in zip(dues[seen:], dues[seen + 1 :], strict=False)]
         assert all(gap >= growth_module.FULL_PERIOD for gap in gaps), gaps
         gate.set()  # threads come free: the pending calls still all run
         assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(5))
+
+
+async def test_a_full_pool_still_finds_a_call_presumed_waiting_that_computes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With every thread busy the check still measures the running calls: a
+    # call presumed to wait that computes gets its slot back (so a thread
+    # that ends a call does not take the next one past the slots), and the
+    # pool unlearns that its function waits.
+    measure_as(monkeypatch, computing=True)
+    gate, started = threading.Event(), list[int]()
+    work = gated(gate, started)
+    async with offloop.ThreadPool(3, name="full-computes", cpu_slots=1) as pool:
+        pool._waits[work.__code__] = WAITS_AFTER
+        calls = [pool.run(work, i) for i in range(6)]
+        await await_until(lambda: len(started) == 3, WAIT, "three threads, all busy")
+
+        def found_computing() -> bool:
+            with pool._lock:
+                return pool._waiting == 0 and pool._waits.get(work.__code__) == 0
+
+        await await_until(found_computing, WAIT, "the check to find them computing")
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(6))
 
 
 async def test_cpu_slots_can_be_set_at_creation_and_while_the_pool_runs(

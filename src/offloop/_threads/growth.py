@@ -1,7 +1,8 @@
 """How a ThreadPool grows: the periodic check that dispatches pending calls.
 
 While calls wait in a pool's ``_pending``, each loop that submitted them runs
-:meth:`ThreadPoolGrowth._rebalance` every :data:`GROWTH_PERIOD`: it finds the
+:meth:`ThreadPoolGrowth._rebalance` every :data:`GROWTH_PERIOD` (every
+:data:`FULL_PERIOD` while every thread is busy and none can start): it finds the
 running calls that wait (I/O, sleeps, locks; see ``workers.py``), and
 dispatches pending calls into the CPU slots they leave, starting threads up to
 ``max_workers``. ``_dispatch`` (a call onto the queue with a thread claimed
@@ -34,7 +35,8 @@ logger: Final = logging.getLogger("offloop")
 GROWTH_PERIOD: Final = 0.001
 
 #: The period of the check while the pool has every thread busy and no
-#: thread to start (see _rebalance).
+#: thread to start (see _rebalance): no call can be dispatched then, but a
+#: call presumed to wait that computes must still be found.
 FULL_PERIOD: Final = 0.005
 
 #: Seconds late past which a pool's check takes its loop to be starved (see
@@ -49,7 +51,8 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
     _waits: WaitMemory
 
     def _rebalance(self, channel: Channel, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        # Runs on ``loop`` every GROWTH_PERIOD while calls are pending: finds
+        # Runs on ``loop`` every GROWTH_PERIOD (FULL_PERIOD while the pool is
+        # full) while calls are pending: finds
         # the running calls that wait, and dispatches pending calls into the
         # CPU slots they leave, starting threads up to max_workers.
         to_start: list[Worker] = []
@@ -66,39 +69,39 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 0 if self._short else max(0, self._max_workers - len(self._workers))
             )
             self._short = False
-            full = room == 0 and not self._unstarted
-            free = 0
-            if room > 0:
-                # With no thread to give, what the running calls do cannot
-                # change what happens now: the scan (a system call per
-                # thread every few periods, each one handing the GIL away)
-                # waits until a thread is free. Slots freed meanwhile are
-                # found then; a worker that ends a call takes pending ones
-                # itself.
-                for w in self._workers:
-                    waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
-                    if waiting is not w.waiting:
-                        w.waiting = waiting
-                        self._waiting += 1 if waiting else -1
-                        if not waiting:
-                            self._waits.remember(w.call, False)
-                free = self._cpu_slots - (self._ready + self._running - self._waiting)
-                if loop.time() - due > LAG_LIMIT:
-                    # The loop itself runs late. Calls that look blocked may be
-                    # waiting for the GIL that a computing call holds (C code
-                    # such as zlib keeps it for its whole run): while the loop
-                    # runs late, a waiting call's slot is given away only once it
-                    # has waited over a whole window (a GIL wait is not that long),
-                    # or sleeps in the kernel outside a futex (in I/O or a timer,
-                    # where no GIL wait is). Not never: under steady CPU load the
-                    # loop is always late, and blocked calls would hold their
-                    # slots for nothing.
-                    sure = sum(
-                        1
-                        for w in self._workers
-                        if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
-                    )
-                    free = min(free, self._cpu_slots - (self._ready + self._running - sure))
+            # Every thread busy and none to start: nothing can be dispatched
+            # until a thread comes free, and one that ends a call takes the
+            # pending ones itself. The check still measures the running calls
+            # (a call presumed to wait may compute, and must get its slot
+            # back), but less often: each look wakes the loop, and reads the
+            # kernel with the GIL handed away.
+            full = (
+                self._idle == 0 and len(self._workers) >= self._max_workers and not self._unstarted
+            )
+            for w in self._workers:
+                waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
+                if waiting is not w.waiting:
+                    w.waiting = waiting
+                    self._waiting += 1 if waiting else -1
+                    if not waiting:
+                        self._waits.remember(w.call, False)
+            free = self._cpu_slots - (self._ready + self._running - self._waiting)
+            if room > 0 and loop.time() - due > LAG_LIMIT:
+                # The loop itself runs late. Calls that look blocked may be
+                # waiting for the GIL that a computing call holds (C code
+                # such as zlib keeps it for its whole run): while the loop
+                # runs late, a waiting call's slot is given away only once it
+                # has waited over a whole window (a GIL wait is not that long),
+                # or sleeps in the kernel outside a futex (in I/O or a timer,
+                # where no GIL wait is). Not never: under steady CPU load the
+                # loop is always late, and blocked calls would hold their
+                # slots for nothing.
+                sure = sum(
+                    1
+                    for w in self._workers
+                    if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
+                )
+                free = min(free, self._cpu_slots - (self._ready + self._running - sure))
             while free > 0 and room > 0 and self._pending:
                 call = self._pending.popleft()
                 if call._phase is not QUEUED:
@@ -111,9 +114,6 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 starter = self._late_start(now)
         if starter is not None and not self._start_or_give_up(starter, channel):
             return
-        # Every thread busy and none to start: nothing can be dispatched
-        # until one comes free, and a thread that ends a call takes the
-        # pending ones itself, so look less often (each look wakes the loop).
         due = loop.time() + (FULL_PERIOD if full else GROWTH_PERIOD)
         loop.call_at(due, self._rebalance, channel, loop, due)
 

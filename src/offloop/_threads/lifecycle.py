@@ -151,7 +151,7 @@ class ThreadPoolLifecycle(PoolContext):
         Raising it lets pending calls start more threads at the next check;
         lowering it starts no new thread until fewer run (threads above it
         end like any other, after 30 s idle). ``cpu_slots`` follows it when
-        it drops below them.
+        it drops below the ``cpu_slots`` setting.
 
         Raises:
             TypeError, ValueError: (on set) not a positive int.

@@ -24,7 +24,8 @@ One call, in order::
                     takes the next pending call if a slot is free, then posts
                     the finished call to the Channel
     Channel.drain() loop thread: sets the future's result or exception
-    _rebalance()    loop thread (growth.py), every GROWTH_PERIOD while calls are pending:
+    _rebalance()    loop thread (growth.py), every GROWTH_PERIOD (FULL_PERIOD when
+                    every thread is busy) while calls are pending:
                     marks running calls that wait (workers.py) and dispatches
                     pending calls into the CPU slots they free
 
@@ -44,8 +45,9 @@ critical sections:
   ``_waiting`` of them marked as waiting (their worker's ``waiting``).
 - ``_ready + _running - _waiting``, the calls that may use the CPU, grows
   past ``_cpu_slots`` only when a call marked waiting turns out to compute,
-  or for a moment, when a call of a function known to wait (``_waits``) is
-  dispatched and not yet taken.
+  after ``cpu_slots`` or ``max_workers`` was lowered, or for a moment, when
+  a call of a function known to wait (``_waits``) is dispatched and not yet
+  taken.
 - ``_idle`` threads wait for a call and are claimed by none; a dispatched
   call claims an idle thread or a new one. ``_backlog`` dispatched calls lost
   the thread they claimed (it failed to start): the next thread that comes

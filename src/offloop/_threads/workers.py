@@ -185,7 +185,9 @@ class Worker:
         the time its thread was busy since an earlier reading is compared with
         the time that passed: since the call's first reading at first, then
         over the last one to two :data:`WINDOW` s, so that a call that
-        computed for a while and then blocks gives its slot back.
+        computed for a while and then blocks gives its slot back. Until it is
+        judged, a call whose thread sleeps in I/O or a timer (not a futex,
+        where a GIL wait would be) counts as waiting at once.
         """
         if self.call is None:
             return False

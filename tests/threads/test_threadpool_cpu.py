@@ -65,6 +65,20 @@ def rebalances(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Any]:
     return wait_for
 
 
+#: For tests of where a thread sleeps, read from Linux's /proc/self/task/<tid>/wchan.
+needs_wchan = pytest.mark.skipif(
+    not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/wchan"),
+    reason="where a thread sleeps is read from Linux's /proc/self/task/<tid>/wchan",
+)
+
+
+async def release_recvs(writer: socket.socket, calls: list[Any]) -> None:
+    """Send one byte for each of four ``reader.recv(1)`` calls and check they all got one."""
+    writer.sendall(b"abcd")
+    received = await asyncio.wait_for(asyncio.gather(*calls), WAIT)
+    assert sorted(received) == [b"a", b"b", b"c", b"d"]
+
+
 def gated(gate: threading.Event, started: list[int]) -> Callable[[int], int]:
     def work(i: int) -> int:
         started.append(i)
@@ -134,10 +148,7 @@ async def test_a_function_whose_call_ended_waiting_gets_threads_at_once_next_tim
         assert await asyncio.wait_for(asyncio.gather(*second), WAIT) == list(range(4, 9))
 
 
-@pytest.mark.skipif(
-    not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/wchan"),
-    reason="where a thread sleeps is read from Linux's /proc/self/task/<tid>/wchan",
-)
+@needs_wchan
 async def test_while_the_loop_runs_late_calls_blocked_in_io_give_their_slot_at_once(
     two_slots: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,13 +170,7 @@ async def test_while_the_loop_runs_late_calls_blocked_in_io_give_their_slot_at_o
         with pool._lock:
             assert all(w.prev_wall < 0 for w in pool._workers if w.waiting)  # none by window
         monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", original)
-        writer.sendall(b"abcd")
-        assert sorted(await asyncio.wait_for(asyncio.gather(*calls), WAIT)) == [
-            b"a",
-            b"b",
-            b"c",
-            b"d",
-        ]
+        await release_recvs(writer, calls)
     reader.close()
     writer.close()
 
@@ -283,12 +288,12 @@ async def test_the_kernel_tells_a_blocked_call_from_a_computing_one(two_slots: N
         await asyncio.wait_for(asyncio.gather(busy, blocked, queued), WAIT)
 
 
-def test_the_default_cpu_slots_are_the_cpus_this_process_may_use() -> None:
+def test_the_default_cpu_slots_are_one_more_than_the_cpus_this_process_may_use() -> None:
     if hasattr(os, "sched_getaffinity"):
         expected = len(os.sched_getaffinity(0))
     else:
         expected = os.cpu_count() or 1
-    assert expected == workers_module.DEFAULT_CPU_SLOTS
+    assert expected + 1 == workers_module.DEFAULT_CPU_SLOTS
     assert offloop.ThreadPool(1).statistics()["cpu_slots"] == 1  # never more than max_workers
 
 
@@ -386,7 +391,7 @@ async def test_new_threads_are_started_by_a_worker_that_ends_a_call_not_by_the_l
     blocked = gated(gate, started)
     async with offloop.ThreadPool(8, name="starts") as pool:
         # As if the pool had learnt that blocked() waits: its calls take threads at once.
-        pool._waits[blocked.__code__] = True
+        pool._waits[blocked.__code__] = workers_module.WAITS_AFTER
         stop = asyncio.Event()
 
         async def keep_a_worker_busy_ending_calls() -> None:

@@ -17,8 +17,9 @@ the event loop that made the call:
   still goes out at once. The pool cannot run the batched calls sooner
   anyway: its threads are busy, and need the GIL that this loop holds while
   it makes them.
-- ``_rebalance`` (``growth.py``) runs every GROWTH_PERIOD while calls are
-  pending, and dispatches them into the CPU slots running calls free.
+- ``_rebalance`` (``growth.py``) runs every GROWTH_PERIOD (FULL_PERIOD while
+  every thread is busy) while calls are pending, and dispatches them into
+  the CPU slots running calls free.
 """
 
 from __future__ import annotations

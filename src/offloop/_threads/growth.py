@@ -1,7 +1,8 @@
 """How a ThreadPool grows: the periodic check that dispatches pending calls.
 
 While calls wait in a pool's ``_pending``, each loop that submitted them runs
-:meth:`ThreadPoolGrowth._rebalance` every :data:`GROWTH_PERIOD`: it finds the
+:meth:`ThreadPoolGrowth._rebalance` every :data:`GROWTH_PERIOD` (every
+:data:`FULL_PERIOD` while every thread is busy and none can start): it finds the
 running calls that wait (I/O, sleeps, locks; see ``workers.py``), and
 dispatches pending calls into the CPU slots they leave, starting threads up to
 ``max_workers``. ``_dispatch`` (a call onto the queue with a thread claimed
@@ -23,7 +24,7 @@ from .._core.poolbase import PoolState, complete_waiter
 from .lifecycle import ThreadPoolLifecycle
 from .workers import WaitMemory, Worker
 
-__all__ = ["GROWTH_PERIOD", "LAG_LIMIT", "ThreadPoolGrowth"]
+__all__ = ["FULL_PERIOD", "GROWTH_PERIOD", "LAG_LIMIT", "ThreadPoolGrowth"]
 
 logger: Final = logging.getLogger("offloop")
 
@@ -32,6 +33,11 @@ logger: Final = logging.getLogger("offloop")
 #: CPU slot to a pending call, so blocking calls, and a call that waits for
 #: another pending one (a nested offload), never wait long for a thread.
 GROWTH_PERIOD: Final = 0.001
+
+#: The period of the check while the pool has every thread busy and no
+#: thread to start (see _rebalance): no call can be dispatched then, but a
+#: call presumed to wait that computes must still be found.
+FULL_PERIOD: Final = 0.005
 
 #: Seconds late past which a pool's check takes its loop to be starved (see
 #: _rebalance): well under the lag a user notices, well over a timer's jitter.
@@ -45,7 +51,8 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
     _waits: WaitMemory
 
     def _rebalance(self, channel: Channel, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        # Runs on ``loop`` every GROWTH_PERIOD while calls are pending: finds
+        # Runs on ``loop`` every GROWTH_PERIOD (FULL_PERIOD while the pool is
+        # full) while calls are pending: finds
         # the running calls that wait, and dispatches pending calls into the
         # CPU slots they leave, starting threads up to max_workers.
         to_start: list[Worker] = []
@@ -55,6 +62,22 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 self._armed.discard(channel)
                 return
             now = monotonic()
+            # A call that ended within a period since the last look means a
+            # thread cycles through short calls: it takes the pending ones
+            # itself, faster than new threads would, so none is started.
+            room = self._idle + (
+                0 if self._short else max(0, self._max_workers - len(self._workers))
+            )
+            self._short = False
+            # Every thread busy and none to start: nothing can be dispatched
+            # until a thread comes free, and one that ends a call takes the
+            # pending ones itself. The check still measures the running calls
+            # (a call presumed to wait may compute, and must get its slot
+            # back), but less often: each look wakes the loop, and reads the
+            # kernel with the GIL handed away.
+            full = (
+                self._idle == 0 and len(self._workers) >= self._max_workers and not self._unstarted
+            )
             for w in self._workers:
                 waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
                 if waiting is not w.waiting:
@@ -63,7 +86,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                     if not waiting:
                         self._waits.remember(w.call, False)
             free = self._cpu_slots - (self._ready + self._running - self._waiting)
-            if loop.time() - due > LAG_LIMIT:
+            if room > 0 and loop.time() - due > LAG_LIMIT:
                 # The loop itself runs late. Calls that look blocked may be
                 # waiting for the GIL that a computing call holds (C code
                 # such as zlib keeps it for its whole run): while the loop
@@ -79,13 +102,6 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                     if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
                 )
                 free = min(free, self._cpu_slots - (self._ready + self._running - sure))
-            # A call that ended within a period since the last look means a
-            # thread cycles through short calls: it takes the pending ones
-            # itself, faster than new threads would, so none is started.
-            room = self._idle + (
-                0 if self._short else max(0, self._max_workers - len(self._workers))
-            )
-            self._short = False
             while free > 0 and room > 0 and self._pending:
                 call = self._pending.popleft()
                 if call._phase is not QUEUED:
@@ -98,7 +114,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 starter = self._late_start(now)
         if starter is not None and not self._start_or_give_up(starter, channel):
             return
-        due = loop.time() + GROWTH_PERIOD
+        due = loop.time() + (FULL_PERIOD if full else GROWTH_PERIOD)
         loop.call_at(due, self._rebalance, channel, loop, due)
 
     def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:

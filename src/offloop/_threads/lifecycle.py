@@ -90,6 +90,7 @@ class ThreadPoolLifecycle(PoolContext):
     _thread_numbers: Iterator[int]
     _max_workers: int
     _cpu_slots: int
+    _cpu_slots_setting: int | None
     _completed: int
     _failed: int
     _wait_on_cancel: bool
@@ -150,7 +151,7 @@ class ThreadPoolLifecycle(PoolContext):
         Raising it lets pending calls start more threads at the next check;
         lowering it starts no new thread until fewer run (threads above it
         end like any other, after 30 s idle). ``cpu_slots`` follows it when
-        it drops below the number of CPUs.
+        it drops below the ``cpu_slots`` setting.
 
         Raises:
             TypeError, ValueError: (on set) not a positive int.
@@ -162,7 +163,30 @@ class ThreadPoolLifecycle(PoolContext):
         check_positive_int(value, "ThreadPool.max_workers = ...", allow_none=False)
         with self._lock:
             self._max_workers = value
-            self._cpu_slots = min(value, DEFAULT_CPU_SLOTS)
+            self._cpu_slots = min(value, self._cpu_slots_setting or DEFAULT_CPU_SLOTS)
+
+    @property
+    def cpu_slots(self) -> int:
+        """The most calls that run at once while they compute; settable while it runs.
+
+        Calls that wait (I/O, a sleep, a lock) hold no slot, so this bounds
+        only the threads that compete with the loop's thread for the cores
+        and the GIL. The default, one more than the CPUs this process may use,
+        keeps the cores busy while a computing call waits for the GIL; set
+        the CPU count or fewer for the least loop lag under CPU-bound work.
+        It never exceeds ``max_workers`` (a higher setting applies up to it).
+
+        Raises:
+            TypeError, ValueError: (on set) not a positive int.
+        """
+        return self._cpu_slots
+
+    @cpu_slots.setter
+    def cpu_slots(self, value: int) -> None:
+        check_positive_int(value, "ThreadPool.cpu_slots = ...", allow_none=False)
+        with self._lock:
+            self._cpu_slots_setting = value
+            self._cpu_slots = min(self._max_workers, value)
 
     def statistics(self) -> ThreadPoolStatistics:
         """A snapshot of the pool's counters.

@@ -24,7 +24,8 @@ One call, in order::
                     takes the next pending call if a slot is free, then posts
                     the finished call to the Channel
     Channel.drain() loop thread: sets the future's result or exception
-    _rebalance()    loop thread (growth.py), every GROWTH_PERIOD while calls are pending:
+    _rebalance()    loop thread (growth.py), every GROWTH_PERIOD (FULL_PERIOD when
+                    every thread is busy) while calls are pending:
                     marks running calls that wait (workers.py) and dispatches
                     pending calls into the CPU slots they free
 
@@ -44,8 +45,9 @@ critical sections:
   ``_waiting`` of them marked as waiting (their worker's ``waiting``).
 - ``_ready + _running - _waiting``, the calls that may use the CPU, grows
   past ``_cpu_slots`` only when a call marked waiting turns out to compute,
-  or for a moment, when a call of a function known to wait (``_waits``) is
-  dispatched and not yet taken.
+  after ``cpu_slots`` or ``max_workers`` was lowered, or for a moment, when
+  a call of a function known to wait (``_waits``) is dispatched and not yet
+  taken.
 - ``_idle`` threads wait for a call and are claimed by none; a dispatched
   call claims an idle thread or a new one. ``_backlog`` dispatched calls lost
   the thread they claimed (it failed to start): the next thread that comes
@@ -156,6 +158,11 @@ class ThreadPool(ThreadPoolDispatch):
             :class:`StopToken` is set, and the function keeps its thread until
             it returns. ``"wait"``: the token is set, and the cancellation is
             delivered only once the function has returned.
+        cpu_slots: the most calls that run at once while they compute
+            (default :data:`~offloop._threads.workers.DEFAULT_CPU_SLOTS`, one
+            more than the CPUs this process may use); calls that wait in I/O,
+            a sleep or a lock hold none. Never more than ``max_workers``. See
+            :attr:`cpu_slots`.
 
     Example::
 
@@ -171,8 +178,10 @@ class ThreadPool(ThreadPoolDispatch):
         *,
         name: str | None = None,
         on_cancel: OnCancel = "abandon",
+        cpu_slots: int | None = None,
     ) -> None:
         check_positive_int(max_workers, "ThreadPool(max_workers=...)")
+        check_positive_int(cpu_slots, "ThreadPool(cpu_slots=...)")
         if on_cancel not in ("abandon", "wait"):
             raise ValueError(
                 f"ThreadPool(on_cancel=...) must be 'abandon' or 'wait', got {on_cancel!r}."
@@ -182,8 +191,11 @@ class ThreadPool(ThreadPoolDispatch):
         #: How error messages name the call (the default pool says offloop.to_thread()).
         self._run_name = f"ThreadPool {self._name!r}.run()"
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
-        #: The most calls that run at once while they use the CPU (see workers.py).
-        self._cpu_slots = min(self._max_workers, DEFAULT_CPU_SLOTS)
+        #: The most calls that run at once while they use the CPU (see
+        #: workers.py): the setting (None: DEFAULT_CPU_SLOTS), never more than
+        #: max_workers.
+        self._cpu_slots_setting = cpu_slots
+        self._cpu_slots = min(self._max_workers, cpu_slots or DEFAULT_CPU_SLOTS)
         self._wait_on_cancel = on_cancel == "wait"
         self._on_cancel = on_cancel
         self._state = PoolState.OPEN
@@ -438,6 +450,10 @@ class ThreadPool(ThreadPoolDispatch):
                         # Measured waiting when it ended: its function's
                         # next calls take a thread without a slot.
                         self._waits.remember(call, True)
+                elif worker.judged and worker.seen == worker.started:
+                    # Measured computing: its function must wait twice in a
+                    # row again before its calls skip the slots.
+                    self._waits.remember(call, False)
                 if call._phase is ABANDONED:
                     self._abandoned -= 1
                 if call._error is None:

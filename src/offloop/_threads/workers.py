@@ -46,9 +46,13 @@ def _available_cpus() -> int:
 
 
 #: Default bound on the calls of one pool that run at once while using the
-#: CPU: one per CPU this process may use. More would not finish the work
-#: sooner, only make the event loop's thread wait longer for a core and the GIL.
-DEFAULT_CPU_SLOTS: Final = _available_cpus()
+#: CPU: one more than the CPUs this process may use. With exactly one per CPU
+#: a core idles whenever a computing call waits for the GIL (C code such as
+#: zlib takes it back each time it returns to Python, behind any Python code
+#: that holds it) or is between two calls; one more covers those moments.
+#: Many more would not finish the work sooner, only make the event loop's
+#: thread wait longer for a core and the GIL.
+DEFAULT_CPU_SLOTS: Final = _available_cpus() + 1
 
 #: Seconds of a call's recent past that decide whether it waits (see Worker.is_waiting).
 WINDOW: Final = 0.05
@@ -181,7 +185,9 @@ class Worker:
         the time its thread was busy since an earlier reading is compared with
         the time that passed: since the call's first reading at first, then
         over the last one to two :data:`WINDOW` s, so that a call that
-        computed for a while and then blocks gives its slot back.
+        computed for a while and then blocks gives its slot back. Until it is
+        judged, a call whose thread sleeps in I/O or a timer (not a futex,
+        where a GIL wait would be) counts as waiting at once.
         """
         if self.call is None:
             return False
@@ -191,6 +197,17 @@ class Worker:
             # wait is a futex wait), and a burst of short blocking calls need
             # not wait for the judging window of each to take more threads.
             return self.waiting or self.sleeps_outside_futex(now)
+        if (
+            not self.waiting
+            and (self.seen != self.started or not self.judged)
+            and self.sleeps_outside_futex(now)
+        ):
+            # Not judged yet (the schedstat window needs two readings
+            # JUDGE_AFTER apart, and a late loop stretches that), but asleep
+            # in I/O or a timer now: it surely holds no CPU. Without this a
+            # burst of short blocking calls holds the CPU slots for most of
+            # their run, and the calls that compute wait behind them.
+            return True
         if self.seen == self.started and now - self.last < JUDGE_AFTER:
             # Each reading is a system call that gives the GIL away, and
             # taking it back under contention can cost the loop a switch
@@ -227,35 +244,43 @@ class Worker:
 #: The most functions a pool remembers as waiting or computing.
 MAX_REMEMBERED: Final = 1024
 
+#: How many measured calls of a function in a row must have waited before
+#: its next calls are presumed to wait (see WaitMemory).
+WAITS_AFTER: Final = 2
 
-class WaitMemory(dict[object, bool]):
-    """Whether the last measured call of each function waited (by code object).
 
-    A pool remembers "waits" from a call that ended while measured as
-    waiting, and "computes" from any call measured computing. The next calls
-    of a function that waits take a thread at once, without a CPU slot,
-    instead of waiting for the pool's check to measure each of them. Learning
-    "waits" only from whole calls keeps a long GIL wait, which looks like a
-    blocked call for a while, from being learnt. All under the pool's lock.
+class WaitMemory(dict[object, int]):
+    """Which functions wait: for each (by code object), how many of its last measured calls waited.
 
-    A dict (code object -> waited), so that the hot path's "is anything
+    A pool counts a call that ended while measured as waiting, and resets
+    the count on any call measured computing. The next calls of a function
+    whose last :data:`WAITS_AFTER` measured calls all waited take a thread at
+    once, without a CPU slot, instead of waiting for the pool's check to
+    measure each of them. Learning only from whole calls keeps a long GIL
+    wait, which looks like a blocked call for a while, from being learnt;
+    asking for a run of them keeps a function that sometimes waits and
+    sometimes computes (a handler that fetches, then parses) from being
+    presumed to wait, which would let its computing calls past the CPU slots
+    and crowd the loop out of the GIL. All under the pool's lock.
+
+    A dict (code object -> count), so that the hot path's "is anything
     known?" is a C-level truth test rather than a Python ``__bool__``.
     """
 
     __slots__ = ()
 
     def waits(self, fn: object) -> bool:
-        """Whether ``fn``'s last measured call waited."""
-        return self.get(_key(fn), False)
+        """Whether ``fn``'s last :data:`WAITS_AFTER` measured calls waited."""
+        return self.get(_key(fn), 0) >= WAITS_AFTER
 
     def remember(self, call: OffloadFuture[Any] | None, waiting: bool) -> None:
-        """Remember how ``call``'s function behaved (plain functions and methods)."""
+        """Count a measured call of ``call``'s function (plain functions and methods)."""
         code = _key(call.fn) if call is not None else None
         if code is None:
             return
         if len(self) >= MAX_REMEMBERED and code not in self:
             self.clear()  # a bound, not a cache policy: rarely reached
-        self[code] = waiting
+        self[code] = min(self.get(code, 0) + 1, WAITS_AFTER) if waiting else 0
 
 
 def _key(fn: object) -> object:

@@ -39,7 +39,12 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
     "DaskPool.run": (offloop.DaskPool.run, [("self", POS, REQUIRED), *OFFLOAD]),
     "ThreadPool": (
         offloop.ThreadPool,
-        [("max_workers", ANY, None), ("name", KW, None), ("on_cancel", KW, "abandon")],
+        [
+            ("max_workers", ANY, None),
+            ("name", KW, None),
+            ("on_cancel", KW, "abandon"),
+            ("cpu_slots", KW, None),
+        ],
     ),
     "ProcessPool": (
         offloop.ProcessPool,

@@ -46,7 +46,7 @@ async def test_a_block_that_holds_the_gil_is_reported_with_its_duration() -> Non
         # Let a heartbeat come and go first: the monitor then has nothing
         # outstanding when the block starts, and can only see it afterwards.
         await asyncio.sleep(2 * THRESHOLD)
-        hold_the_gil(BLOCK)
+        hold_the_gil(BLOCK)  # CALL:gil
         await asyncio.sleep(0)
     assert [e.ongoing for e in events] == [False], events
     (event,) = events
@@ -54,10 +54,15 @@ async def test_a_block_that_holds_the_gil_is_reported_with_its_duration() -> Non
     # (here a quarter of the margin allowed).
     assert event.duration_ms >= (BLOCK - 4 * det.interval) * 1e3
     assert event.duration_ms < 20 * BLOCK * 1e3
-    # Attribution is a glimpse taken as the call returns: the line of the call
-    # (or, had the loop already moved on, nothing rather than a wrong line).
+    # Attribution is a glimpse taken as the call returns: the line of the call,
+    # inside it or, once it has returned, where it was called from (or, had
+    # the loop already moved on, nothing rather than a wrong line).
     assert (event.function, event.line) in {
         ("hold_the_gil", line_of("BLOCK:gil", HERE)),
+        (
+            "test_a_block_that_holds_the_gil_is_reported_with_its_duration",
+            line_of("CALL:gil", HERE),
+        ),
         ("<unknown>", 0),
     }
     assert det.blocks == 1

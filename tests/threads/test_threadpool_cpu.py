@@ -72,13 +72,6 @@ needs_wchan = pytest.mark.skipif(
 )
 
 
-async def release_recvs(writer: socket.socket, calls: list[Any]) -> None:
-    """Send one byte for each of four ``reader.recv(1)`` calls and check they all got one."""
-    writer.sendall(b"abcd")
-    received = await asyncio.wait_for(asyncio.gather(*calls), WAIT)
-    assert sorted(received) == [b"a", b"b", b"c", b"d"]
-
-
 def gated(gate: threading.Event, started: list[int]) -> Callable[[int], int]:
     def work(i: int) -> int:
         started.append(i)
@@ -165,12 +158,22 @@ async def test_while_the_loop_runs_late_calls_blocked_in_io_give_their_slot_at_o
             lambda self, channel, loop, due: original(self, channel, loop, due - 1.0),
         )
         calls = [pool.run(reader.recv, 1) for _ in range(4)]
-        # All four block in recv at once, on two slots, though the loop stays late.
-        await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four calls in recv")
-        with pool._lock:
-            assert all(w.prev_wall < 0 for w in pool._workers if w.waiting)  # none by window
-        monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", original)
-        await release_recvs(writer, calls)
+        try:
+            # All four block in recv at once, on two slots, though the loop stays late.
+            try:
+                await await_until(lambda: pool.statistics()["running"] == 4, WAIT, "four in recv")
+            except AssertionError as exc:
+                with pool._lock:  # what the pool saw of each thread, for the report
+                    seen = [(w.waiting, w.judged, w.in_io, w.io_read) for w in pool._workers]
+                raise AssertionError(f"{exc} {pool.statistics()} {seen}") from exc
+            with pool._lock:
+                assert all(w.prev_wall < 0 for w in pool._workers if w.waiting)  # none by window
+        finally:
+            # However it went, no thread stays in recv (the pool's close would wait for it).
+            monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", original)
+            writer.sendall(b"abcd")
+        received = await asyncio.wait_for(asyncio.gather(*calls), WAIT)
+        assert sorted(received) == [b"a", b"b", b"c", b"d"]
     reader.close()
     writer.close()
 

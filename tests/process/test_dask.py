@@ -502,8 +502,15 @@ async def test_a_pool_dropped_unclosed_closes_its_client_and_ends_its_thread(
     with resource_warnings() as found:
         del pool
         # The client's thread lets go of the pool once its last call's task
-        # has ended, which may come after the result reached this loop.
-        await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
+        # has ended, which may come after the result reached this loop. The
+        # pool's finalizer may then run on that thread and warn there after
+        # the weak reference is dead; that thread ends only after the warning,
+        # so wait for it to end too, inside the block that records warnings.
+        await await_until(
+            lambda: collected(ref) and not offloop_dask_threads(),
+            WAIT,
+            "the dropped pool to be collected and its thread to end",
+        )
     # The collection may find other objects that warn (a test's socket): only ours counts.
     ours = [w for w in found if str(w.message).startswith("DaskPool ")]
     assert "was garbage collected without being closed" in the_warning(ours, "DaskPool")

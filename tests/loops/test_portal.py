@@ -188,6 +188,7 @@ def test_a_stopped_worker_cancels_what_it_waits_for(lt: offloop.LoopThread) -> N
     ran: list[str] = []
     waiting = threading.Event()
     outcome: list[BaseException] = []
+    raised = threading.Event()
 
     def worker() -> None:
         waiting.set()
@@ -195,6 +196,7 @@ def test_a_stopped_worker_cancels_what_it_waits_for(lt: offloop.LoopThread) -> N
             Portal(lt).call_sync(ran.append, "late")
         except BaseException as exc:
             outcome.append(exc)
+            raised.set()
             raise
 
     async def main() -> None:
@@ -209,6 +211,9 @@ def test_a_stopped_worker_cancels_what_it_waits_for(lt: offloop.LoopThread) -> N
         asyncio.run(main())  # the worker returned while the target loop was still busy
     Portal(lt).call_sync(ran.append, "after")
     assert ran == ["after"]  # the stopped caller's function never ran
+    # The worker's thread raises on its own time (its awaiter was cancelled,
+    # not waited for): wait for it, bounded.
+    assert raised.wait(WAIT), "the stopped worker never raised"
     assert len(outcome) == 1
     assert isinstance(outcome[0], CallerGoneError)
 

@@ -41,6 +41,7 @@ from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
 from .message import HEAD, MARK, attach, read_count
 from .pickling import INIT_FAILED, LOAD_FAILED, encode_error, encode_result
+from .writer import write_small
 
 __all__ = ["worker_main"]
 
@@ -109,18 +110,14 @@ def _framing(conn: Connection) -> tuple[Callable[[], bytes], Callable[[bytes], N
     """
     if os.name != "posix":  # Windows pipes are not file descriptors
         return conn.recv_bytes, conn.send_bytes
-    fd = conn.fileno()
-    reader = _Reader(fd)
+    reader = _Reader(conn.fileno())
     send_bytes = conn.send_bytes
 
     def send(message: bytes) -> None:
         if len(message) > _ONE_WRITE:
             send_bytes(message)
-            return
-        data = _SHORT.pack(len(message)) + message
-        written = os.write(fd, data)
-        while written < len(data):  # a signal cut the write short: write the rest
-            written += os.write(fd, memoryview(data)[written:])
+        else:
+            write_small(conn, message)  # the pool's own one-write framing
 
     return reader.recv, send
 

@@ -39,7 +39,7 @@ from .._core.poolbase import (
 )
 from .._core.poolexecutor import shut_views_of
 from .._core.validate import check_close_timeout, check_positive_int, describe
-from .workers import DEFAULT_CPU_SLOTS, Worker
+from .workers import Worker
 
 __all__ = ["ThreadPoolLifecycle", "ThreadPoolStatistics"]
 
@@ -90,7 +90,7 @@ class ThreadPoolLifecycle(PoolContext):
     _thread_numbers: Iterator[int]
     _max_workers: int
     _cpu_slots: int
-    _cpu_slots_setting: int | None
+    _cpu_slots_setting: int
     _completed: int
     _failed: int
     _wait_on_cancel: bool
@@ -163,7 +163,7 @@ class ThreadPoolLifecycle(PoolContext):
         check_positive_int(value, "ThreadPool.max_workers = ...", allow_none=False)
         with self._lock:
             self._max_workers = value
-            self._cpu_slots = min(value, self._cpu_slots_setting or DEFAULT_CPU_SLOTS)
+            self._cpu_slots = min(value, self._cpu_slots_setting)
 
     @property
     def cpu_slots(self) -> int:

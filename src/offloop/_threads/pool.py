@@ -192,10 +192,9 @@ class ThreadPool(ThreadPoolDispatch):
         self._run_name = f"ThreadPool {self._name!r}.run()"
         self._max_workers = max_workers or DEFAULT_MAX_WORKERS
         #: The most calls that run at once while they use the CPU (see
-        #: workers.py): the setting (None: DEFAULT_CPU_SLOTS), never more than
-        #: max_workers.
-        self._cpu_slots_setting = cpu_slots
-        self._cpu_slots = min(self._max_workers, cpu_slots or DEFAULT_CPU_SLOTS)
+        #: workers.py): the setting, never more than max_workers.
+        self._cpu_slots_setting = cpu_slots or DEFAULT_CPU_SLOTS
+        self._cpu_slots = min(self._max_workers, self._cpu_slots_setting)
         self._wait_on_cancel = on_cancel == "wait"
         self._on_cancel = on_cancel
         self._state = PoolState.OPEN

@@ -92,7 +92,11 @@ def test_a_dropped_running_loop_thread_warns_and_stops_its_loop_and_thread(
     ref = weakref.ref(lt)
     with resource_warnings() as found:
         del lt
-        wait_until(lambda: collected(ref), WAIT, "the dropped LoopThread to be collected")
+        wait_until(
+            lambda: collected(ref) and bool(found),
+            WAIT,
+            "the dropped LoopThread to be collected and warn",
+        )
     the_warning(found, WARNING.format(name="dropped"))
     join_all(threads)
     assert loop.is_closed()
@@ -132,7 +136,11 @@ def test_a_loop_thread_dropped_during_a_call_lives_until_the_call_returns() -> N
         caller.join(WAIT)
         assert not caller.is_alive(), "the call never returned"
         assert results == ["done"]
-        wait_until(lambda: collected(ref), WAIT, "the dropped LoopThread to be collected")
+        wait_until(
+            lambda: collected(ref) and bool(found),
+            WAIT,
+            "the dropped LoopThread to be collected and warn",
+        )
     the_warning(found, WARNING.format(name="dropped-busy"))
     join_all(threads)
     assert loop.is_closed()
@@ -200,7 +208,11 @@ def test_only_a_started_unclosed_loop_thread_warns() -> None:
     refs = [weakref.ref(lt) for lt in (never_started, closed, exited, dropped)]
     with resource_warnings() as found:
         del never_started, closed, exited, dropped
-        wait_until(lambda: all(map(collected, refs)), WAIT, "the LoopThreads to be collected")
+        wait_until(
+            lambda: all(map(collected, refs)) and bool(found),
+            WAIT,
+            "the LoopThreads to be collected and warn",
+        )
     the_warning(found, WARNING.format(name="dropped-among-others"))
     join_all(threads)
 
@@ -237,7 +249,11 @@ async def test_a_loop_thread_whose_last_call_raised_is_freed_as_soon_as_it_is_dr
             # returning from the call it answered; with the collector off,
             # only the last reference going away can free it, so a cycle
             # would keep it forever and fail this wait.
-            await await_until(lambda: ref() is None, WAIT, "the dropped LoopThread to be freed")
+            await await_until(
+                lambda: ref() is None and bool(found),
+                WAIT,
+                "the dropped LoopThread to be freed and warn",
+            )
         the_warning(found, WARNING.format(name=name))
     finally:
         gc.enable()

@@ -84,7 +84,11 @@ async def test_a_dropped_open_pool_warns_and_stops_its_workers_and_threads() -> 
     ref = weakref.ref(pool)
     with resource_warnings() as found:
         del pool, results
-        await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
+        await await_until(
+            lambda: collected(ref) and bool(found),
+            WAIT,
+            "the dropped pool to be collected and warn",
+        )
         # The manager thread warns once the finalizer woke it, then exits.
         for thread in threads:
             thread.join(WAIT)
@@ -113,7 +117,11 @@ async def test_a_dropped_pool_with_a_call_running_lives_until_the_call_is_done(
     threads = pool_threads("dropped-busy")
     with resource_warnings() as found:
         del call  # the last reference: the call's future holds its pool
-        await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
+        await await_until(
+            lambda: collected(ref) and bool(found),
+            WAIT,
+            "the dropped pool to be collected and warn",
+        )
     the_warning(found, WARNING.format(name="dropped-busy"))
     for thread in threads:
         thread.join(WAIT)
@@ -170,7 +178,11 @@ async def test_a_dropped_pool_kills_a_worker_that_does_not_exit_when_asked(
         ref = weakref.ref(pool)
         with resource_warnings() as found:
             del pool
-            await await_until(lambda: collected(ref), WAIT, "the dropped pool to be collected")
+            await await_until(
+                lambda: collected(ref) and bool(found),
+                WAIT,
+                "the dropped pool to be collected and warn",
+            )
         the_warning(found, WARNING.format(name="dropped-stuck"))
         manager.join(WAIT)
         assert not manager.is_alive(), "the manager thread of a dropped pool still runs"

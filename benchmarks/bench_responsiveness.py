@@ -3,7 +3,8 @@
 For each kind of work (blocking I/O, GIL-releasing C, pure-Python CPU, a mix)
 and each way of offloading it (offloop's default pool, ``asyncio.to_thread``,
 anyio, ``ThreadPool(cpu_count)``, ``to_process``), 200 calls run concurrently
-(``asyncio.gather``) while a sampler measures how late a 5 ms
+(``asyncio.gather``; again, until the sampler has 100 values in the round)
+while a sampler measures how late a 5 ms
 ``asyncio.sleep`` wakes: that lateness is what every other coroutine of the
 program (a bot's handlers, a web server's requests) waits on top of its own
 work. All runners share one process and one loop, in interleaved rounds; the
@@ -39,6 +40,8 @@ from benchmarks._common import check, percentiles
 
 CALLS = int(os.environ.get("OFFLOOP_BENCH_RESP_CALLS", "200"))
 ROUNDS = int(os.environ.get("OFFLOOP_BENCH_RESP_ROUNDS", "3"))
+# Lag samples per runner and round, at least (see measure()).
+MIN_SAMPLES = int(os.environ.get("OFFLOOP_BENCH_RESP_MIN_SAMPLES", "100"))
 SAMPLE = 0.005  # the sampler's sleep: its lateness is the loop's lag
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 CHUNK = os.urandom(1 << 20)  # 1 MB of incompressible data
@@ -80,7 +83,13 @@ Runner = Callable[[Callable[[int], int], int], Awaitable[Any]]
 
 
 async def measure(run: Runner, fn: Callable[[int], int]) -> tuple[list[float], float]:
-    """Run CALLS calls at once; return the sampler's lateness values and calls/s."""
+    """Run bursts of CALLS calls at once; return the sampler's lateness values and calls/s.
+
+    Bursts follow one another until the sampler has MIN_SAMPLES values, so
+    every runner's percentiles come from about as many samples: a runner six
+    times faster would otherwise have its p99 taken over a sixth of the values,
+    which makes it about its maximum, and compare it with another's true p99.
+    """
     lateness: list[float] = []
     done = asyncio.Event()
 
@@ -93,12 +102,15 @@ async def measure(run: Runner, fn: Callable[[int], int]) -> tuple[list[float], f
 
     task = asyncio.create_task(sampler())
     await asyncio.sleep(0)
+    calls = 0
     start = time.perf_counter()
-    await asyncio.gather(*(run(fn, i) for i in range(CALLS)))
+    while calls == 0 or len(lateness) < MIN_SAMPLES:
+        await asyncio.gather(*(run(fn, i) for i in range(CALLS)))
+        calls += CALLS
     elapsed = time.perf_counter() - start
     done.set()
     await task
-    return lateness, CALLS / elapsed
+    return lateness, calls / elapsed
 
 
 async def main() -> int:
@@ -129,13 +141,17 @@ async def main() -> int:
     ok = True
     ours = names[0]
     for work in WORK:
-        print(f"\n## {work}: {CALLS} calls at once, {ROUNDS} interleaved rounds, {CPUS} CPUs")
-        print(f"{'runner':<36} {'lag p50':>9} {'p99':>9} {'max':>9} {'calls/s':>9}")
+        print(
+            f"\n## {work}: bursts of {CALLS} calls at once, {ROUNDS} interleaved rounds "
+            f"of at least {MIN_SAMPLES} lag samples each, {CPUS} CPUs"
+        )
+        print(f"{'runner':<36} {'lag p50':>9} {'p99':>9} {'max':>9} {'calls/s':>9} {'samples':>8}")
         for name in names:
             p50, p99, top = percentiles(lags[work, name], (50, 99, 100))
             rate = statistics.median(rates[work, name])
             print(
                 f"{name:<36} {p50 * 1e3:7.2f}ms {p99 * 1e3:7.2f}ms {top * 1e3:7.1f}ms {rate:9.0f}"
+                f" {len(lags[work, name]):8d}"
             )
         our_p99 = percentiles(lags[work, ours], (99,))[0]
         their_p99 = percentiles(lags[work, "asyncio.to_thread"], (99,))[0]

@@ -210,3 +210,64 @@ def test_setting_a_bad_cpu_slots_changes_nothing() -> None:
     with pytest.raises(TypeError, match=r"ThreadPool.cpu_slots = \.\.\. must be a positive int"):
         pool.cpu_slots = "3"  # type: ignore[assignment]
     assert pool.cpu_slots == 2
+
+
+def test_a_call_presumed_to_wait_is_read_less_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each reading is a system call that hands the GIL away on the loop's
+    # thread: a call presumed to wait (forty of them in a burst of blocking
+    # calls) is read once per WAITING_REREAD, others once per JUDGE_AFTER.
+    readings: list[float] = []
+    busy_seconds = [0.0]
+
+    def busy(self: Worker) -> float:
+        readings.append(now)
+        return busy_seconds[0]
+
+    monkeypatch.setattr(Worker, "busy", busy)
+    monkeypatch.setattr(Worker, "sleeps_outside_futex", lambda self, now: False)
+    # A little over the periods: the check compares float times.
+    period, step = growth_module.GROWTH_PERIOD, workers_module.JUDGE_AFTER * 1.01
+    assert 2 * step < workers_module.WAITING_REREAD
+    worker = Worker()
+    worker.call = _Call(len)  # type: ignore[assignment]
+    worker.waiting = worker.presumed = True  # as the pool starts a call of a known function
+    now = period
+    assert worker.is_waiting(now, period, 1)  # the first reading
+    assert len(readings) == 1
+    now += step
+    assert worker.is_waiting(now, period, 1)
+    assert len(readings) == 1, "a call presumed to wait was read again within WAITING_REREAD"
+    # It computes after all: found at its next reading.
+    now = period + workers_module.WAITING_REREAD * 1.01
+    busy_seconds[0] = now
+    assert not worker.is_waiting(now, period, 1)
+    assert len(readings) == 2
+
+
+def test_a_call_judged_waiting_by_its_own_readings_is_read_as_often_as_any(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A thread waiting for the GIL can look blocked for a while: only the
+    # presumption (from whole calls of its function) earns the longer period.
+    readings: list[float] = []
+
+    def busy(self: Worker) -> float:
+        readings.append(now)
+        return 0.0
+
+    monkeypatch.setattr(Worker, "busy", busy)
+    monkeypatch.setattr(Worker, "sleeps_outside_futex", lambda self, now: False)
+    # A little over the periods: the check compares float times.
+    period, step = growth_module.GROWTH_PERIOD, workers_module.JUDGE_AFTER * 1.01
+    worker = Worker()
+    worker.call = _Call(len)  # type: ignore[assignment]
+    now = period
+    assert not worker.is_waiting(now, period, 1)  # the first reading: as presumed
+    now += step
+    assert worker.is_waiting(now, period, 1)  # judged: busy none of the time
+    worker.waiting = True  # as the pool's check records it
+    now += step
+    worker.is_waiting(now, period, 1)
+    assert len(readings) == 3

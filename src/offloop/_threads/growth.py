@@ -84,6 +84,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                     w.waiting = waiting
                     self._waiting += 1 if waiting else -1
                     if not waiting:
+                        w.presumed = False
                         self._waits.remember(w.call, False)
             free = self._cpu_slots - (self._ready + self._running - self._waiting)
             if room > 0 and loop.time() - due > LAG_LIMIT:

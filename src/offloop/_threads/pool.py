@@ -409,7 +409,7 @@ class ThreadPool(ThreadPoolDispatch):
                         if self._waits and self._waits.waits(call.fn):
                             # Its function's last call waited: it holds no
                             # slot until the check finds otherwise.
-                            worker.waiting = True
+                            worker.waiting = worker.presumed = True
                             self._waiting += 1
                 if skipped:
                     if call._error is not None:  # closed before it started: tell the awaiter
@@ -439,6 +439,7 @@ class ThreadPool(ThreadPoolDispatch):
                 return
             with lock:
                 worker.call = None
+                worker.presumed = False
                 self._running -= 1
                 if worker.waiting:
                     worker.waiting = False
@@ -506,7 +507,7 @@ class ThreadPool(ThreadPoolDispatch):
                 worker.call = call
                 worker.started = now
                 if self._waits and self._waits.waits(call.fn):
-                    worker.waiting = True  # as in _work
+                    worker.waiting = worker.presumed = True  # as in _work
                     self._waiting += 1
                 return call
         return None

@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from .._core.offload import OffloadFuture
 
-__all__ = ["DEFAULT_CPU_SLOTS", "WINDOW", "WaitMemory", "Worker", "waiting_share"]
+__all__ = [
+    "DEFAULT_CPU_SLOTS",
+    "WAITING_REREAD",
+    "WINDOW",
+    "WaitMemory",
+    "Worker",
+    "waiting_share",
+]
 
 
 def _available_cpus() -> int:
@@ -61,6 +68,14 @@ WINDOW: Final = 0.05
 #: the GIL waits about a switch interval per thread ahead of it, and must not be
 #: taken for a blocked one meanwhile.
 JUDGE_AFTER: Final = sys.getswitchinterval()
+
+#: Seconds between readings of a call presumed to wait (its function's last
+#: calls waited), where others are read every JUDGE_AFTER. A burst of blocking
+#: calls has dozens of them, each reading is a system call that hands the GIL
+#: away on the loop's thread, and one that computes after all holds no CPU
+#: slot only this much longer. Calls judged waiting by their own readings keep
+#: the shorter period: a thread waiting for the GIL can look blocked for a while.
+WAITING_REREAD: Final = 0.025
 
 _SCHEDSTAT: Final = "/proc/self/task/{}/schedstat"
 _HAS_SCHEDSTAT: Final = os.path.exists(_SCHEDSTAT.format(threading.get_native_id()))
@@ -97,6 +112,7 @@ class Worker:
         "io_read",
         "judged",
         "last",
+        "presumed",
         "prev_busy",
         "prev_wall",
         "seen",
@@ -126,6 +142,9 @@ class Worker:
         self.waiting = False
         #: Whether ``waiting`` was measured for the current call, not presumed.
         self.judged = False
+        #: Whether the current call was presumed to wait when it started (its
+        #: function's last calls waited; see WaitMemory), and not found computing since.
+        self.presumed = False
         #: When the current call's thread was last read (monotonic).
         self.last = 0.0
         #: The thread's wchan file (see sleeps_outside_futex), opened on first use.
@@ -208,10 +227,13 @@ class Worker:
             # burst of short blocking calls holds the CPU slots for most of
             # their run, and the calls that compute wait behind them.
             return True
-        if self.seen == self.started and now - self.last < JUDGE_AFTER:
+        if self.seen == self.started and now - self.last < (
+            WAITING_REREAD if self.presumed and self.waiting else JUDGE_AFTER
+        ):
             # Each reading is a system call that gives the GIL away, and
             # taking it back under contention can cost the loop a switch
-            # interval: read a call at most once per JUDGE_AFTER.
+            # interval: read a call at most once per JUDGE_AFTER, and one
+            # presumed to wait once per WAITING_REREAD.
             return self.waiting
         busy = self.busy()
         if busy is None:

@@ -136,12 +136,17 @@ def resource_warnings() -> Iterator[list[warnings.WarningMessage]]:
     The list fills as they come, so a test can wait inside the block for a
     finalizer that runs on another thread: the weak reference to its object
     is dead before the finalizer runs, and a warning issued after the block
-    meets the suite's "error" filter instead. Other warnings are ignored here.
+    meets the suite's "error" filter instead. Other warnings meet that filter
+    here too, so the list holds ResourceWarnings only.
     """
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("ignore")
         warnings.simplefilter("always", ResourceWarning)
         yield caught
+
+
+def warned(found: list[warnings.WarningMessage], pattern: str) -> bool:
+    """Whether a recorded warning's message matches ``pattern`` (to wait for it)."""
+    return any(re.match(pattern, str(w.message)) for w in found)
 
 
 def the_warning(found: list[warnings.WarningMessage], pattern: str) -> str:

@@ -42,26 +42,31 @@ def hold_the_gil(seconds: float) -> None:
 
 
 class Heartbeats:
-    """Counts the heartbeats the detector posts, as the monitor posts them.
+    """Records when the detector posts each heartbeat, as the monitor posts it.
 
     Both ``start()`` and the monitor read ``self._heartbeat`` just before
     posting it, so a property in its place sees every post, on the posting
-    thread, and hands back the real bound method (the loop runs it unchanged).
+    thread, and hands back the method bound by a ``functools.partial`` (a C
+    object: the heartbeat still sees the loop's frame as its caller).
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._posted: dict[BlockingDetector, int] = {}
+        self._posts: dict[BlockingDetector, list[float]] = {}
         heartbeat = BlockingDetector._heartbeat
 
         def post(det: BlockingDetector) -> Callable[[int], None]:
-            self._posted[det] = self._posted.get(det, 0) + 1
+            self._posts.setdefault(det, []).append(time.monotonic())
             return functools.partial(heartbeat, det)
 
         monkeypatch.setattr(BlockingDetector, "_heartbeat", property(post))
 
     def outstanding(self, det: BlockingDetector) -> int:
         """Heartbeats ``det`` posted that have not run yet."""
-        return self._posted.get(det, 0) - det._acked
+        return len(self._posts.get(det, [])) - det._acked
+
+    def posted_between(self, det: BlockingDetector, start: float, end: float) -> bool:
+        """Whether ``det`` posted a heartbeat between ``start`` and ``end`` (monotonic)."""
+        return any(start <= t <= end for t in self._posts.get(det, []))
 
 
 CLEAN_STARTS = 3  # attempts at a block with no heartbeat outstanding; one is enough
@@ -75,9 +80,12 @@ def hold_the_gil_between_heartbeats(det: BlockingDetector, heartbeats: Heartbeat
     block. It can still post in the instant before the block begins, and a
     heartbeat waiting through the block is evidence of a different kind.
     """
+    start = time.monotonic()
     clean = heartbeats.outstanding(det) == 0
     hold_the_gil(BLOCK)  # CALL:gil
-    return clean
+    # A post timed in the block's first half came before the block began
+    # (the monitor cannot run during it), between the count and the call.
+    return clean and not heartbeats.posted_between(det, start, start + BLOCK / 2)
 
 
 async def heartbeats_all_ran(det: BlockingDetector, heartbeats: Heartbeats) -> None:

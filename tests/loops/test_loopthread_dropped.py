@@ -29,6 +29,7 @@ from tests.helpers import (
     resource_warnings,
     the_warning,
     wait_until,
+    warned,
 )
 
 WARNING = (
@@ -93,7 +94,7 @@ def test_a_dropped_running_loop_thread_warns_and_stops_its_loop_and_thread(
     with resource_warnings() as found:
         del lt
         wait_until(
-            lambda: collected(ref) and bool(found),
+            lambda: collected(ref) and warned(found, WARNING.format(name="dropped")),
             WAIT,
             "the dropped LoopThread to be collected and warn",
         )
@@ -137,7 +138,7 @@ def test_a_loop_thread_dropped_during_a_call_lives_until_the_call_returns() -> N
         assert not caller.is_alive(), "the call never returned"
         assert results == ["done"]
         wait_until(
-            lambda: collected(ref) and bool(found),
+            lambda: collected(ref) and warned(found, WARNING.format(name="dropped-busy")),
             WAIT,
             "the dropped LoopThread to be collected and warn",
         )
@@ -209,7 +210,10 @@ def test_only_a_started_unclosed_loop_thread_warns() -> None:
     with resource_warnings() as found:
         del never_started, closed, exited, dropped
         wait_until(
-            lambda: all(map(collected, refs)) and bool(found),
+            lambda: (
+                all(map(collected, refs))
+                and warned(found, WARNING.format(name="dropped-among-others"))
+            ),
             WAIT,
             "the LoopThreads to be collected and warn",
         )
@@ -250,7 +254,7 @@ async def test_a_loop_thread_whose_last_call_raised_is_freed_as_soon_as_it_is_dr
             # only the last reference going away can free it, so a cycle
             # would keep it forever and fail this wait.
             await await_until(
-                lambda: ref() is None and bool(found),
+                lambda: ref() is None and warned(found, WARNING.format(name=name)),
                 WAIT,
                 "the dropped LoopThread to be freed and warn",
             )

@@ -35,6 +35,7 @@ from tests.helpers import (
     the_warning,
     wait_for_file,
     wait_until,
+    warned,
 )
 
 WARNING = (
@@ -85,7 +86,7 @@ async def test_a_dropped_open_pool_warns_and_stops_its_workers_and_threads() -> 
     with resource_warnings() as found:
         del pool, results
         await await_until(
-            lambda: collected(ref) and bool(found),
+            lambda: collected(ref) and warned(found, WARNING.format(name="dropped")),
             WAIT,
             "the dropped pool to be collected and warn",
         )
@@ -118,7 +119,7 @@ async def test_a_dropped_pool_with_a_call_running_lives_until_the_call_is_done(
     with resource_warnings() as found:
         del call  # the last reference: the call's future holds its pool
         await await_until(
-            lambda: collected(ref) and bool(found),
+            lambda: collected(ref) and warned(found, WARNING.format(name="dropped-busy")),
             WAIT,
             "the dropped pool to be collected and warn",
         )
@@ -179,7 +180,7 @@ async def test_a_dropped_pool_kills_a_worker_that_does_not_exit_when_asked(
         with resource_warnings() as found:
             del pool
             await await_until(
-                lambda: collected(ref) and bool(found),
+                lambda: collected(ref) and warned(found, WARNING.format(name="dropped-stuck")),
                 WAIT,
                 "the dropped pool to be collected and warn",
             )

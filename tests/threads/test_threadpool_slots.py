@@ -150,11 +150,48 @@ async def test_a_full_pool_still_finds_a_call_presumed_waiting_that_computes(
 
         def found_computing() -> bool:
             with pool._lock:
-                return pool._waiting == 0 and pool._waits.get(work.__code__) == 0
+                return (
+                    pool._waiting == 0
+                    and pool._waits.get(work.__code__) == 0
+                    and not any(w.presumed for w in pool._workers)
+                )
 
         await await_until(found_computing, WAIT, "the check to find them computing")
         gate.set()
         assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == list(range(6))
+        with pool._lock:
+            assert not any(w.presumed for w in pool._workers)
+
+
+async def test_the_pool_marks_the_calls_it_presumes_to_wait_until_they_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The mark earns a call the longer reading period (WAITING_REREAD): only
+    # calls of a function known to wait get it, and none keeps it past its end.
+    measure_as(monkeypatch, computing=False)
+    gate, started = threading.Event(), list[int]()
+    known = gated(gate, started)
+
+    def unknown(i: int) -> int:
+        started.append(i)
+        gate.wait(WAIT)
+        return i
+
+    async with offloop.ThreadPool(4, name="presumed", cpu_slots=4) as pool:
+        pool._waits[known.__code__] = WAITS_AFTER
+        calls = [pool.run(known, 0), pool.run(known, 1), pool.run(unknown, 2)]
+        try:
+            await await_until(lambda: len(started) == 3, WAIT, "three calls running")
+            with pool._lock:
+                marks = sorted(
+                    (w.call.fn is known, w.presumed) for w in pool._workers if w.call is not None
+                )
+            assert marks == [(False, False), (True, True), (True, True)]
+        finally:
+            gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1, 2]
+        with pool._lock:
+            assert not any(w.presumed for w in pool._workers)
 
 
 async def test_cpu_slots_can_be_set_at_creation_and_while_the_pool_runs(

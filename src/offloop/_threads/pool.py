@@ -44,7 +44,9 @@ critical sections:
   CANCELLING; ``_abandoned`` of them ABANDONED;
   ``_waiting`` of them marked as waiting (their worker's ``waiting``).
 - ``_ready + _running - _waiting``, the calls that may use the CPU, grows
-  past ``_cpu_slots`` only when a call marked waiting turns out to compute,
+  past ``_cpu_slots`` only when a call marked waiting turns out to compute
+  (until its next reading: WAITING_REREAD for one presumed to wait, else
+  JUDGE_AFTER),
   after ``cpu_slots`` or ``max_workers`` was lowered, or for a moment, when
   a call of a function known to wait (``_waits``) is dispatched and not yet
   taken.

@@ -72,9 +72,12 @@ JUDGE_AFTER: Final = sys.getswitchinterval()
 #: Seconds between readings of a call presumed to wait (its function's last
 #: calls waited), where others are read every JUDGE_AFTER. A burst of blocking
 #: calls has dozens of them, each reading is a system call that hands the GIL
-#: away on the loop's thread, and one that computes after all holds no CPU
-#: slot only this much longer. Calls judged waiting by their own readings keep
-#: the shorter period: a thread waiting for the GIL can look blocked for a while.
+#: away on the loop's thread. One that computes after all is found within
+#: about this plus two of the pool's checks from its start (its first reading
+#: comes at the first check after GROWTH_PERIOD), about WAITING_REREAD minus
+#: JUDGE_AFTER later than other calls. Calls judged waiting by their own
+#: readings keep the shorter period: a thread waiting for the GIL can look
+#: blocked for a while.
 WAITING_REREAD: Final = 0.025
 
 _SCHEDSTAT: Final = "/proc/self/task/{}/schedstat"
@@ -98,8 +101,9 @@ def waiting_share(running: int) -> float:
 class Worker:
     """A worker thread, the call it runs now, and what the pool measured of that call.
 
-    ``call``, ``started``, ``thread`` and ``tid`` are set by the worker; the
-    rest belongs to the pool's rebalancing check. All of it is read and
+    ``call``, ``started``, ``thread`` and ``tid`` are set by the worker, and
+    ``waiting`` and ``presumed`` too as a call of a function known to wait
+    starts; the rest belongs to the pool's rebalancing check. All of it is read and
     written under the pool's lock.
     """
 

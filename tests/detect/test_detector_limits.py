@@ -95,24 +95,32 @@ async def heartbeats_all_ran(det: BlockingDetector, heartbeats: Heartbeats) -> N
         await asyncio.sleep(0)
 
 
+async def one_block_between_heartbeats(
+    heartbeats: Heartbeats,
+) -> tuple[list[BlockEvent], BlockingDetector]:
+    """Watch the loop through one GIL-holding block begun with no heartbeat outstanding.
+
+    The monitor can then only see the block afterwards, as a wake late by
+    it. A start where one was outstanding after all is tried again, up to
+    CLEAN_STARTS times. Returns what the detector reported, and the detector.
+    """
+    for _ in range(CLEAN_STARTS):
+        events: list[BlockEvent] = []
+        async with detect_blocking(threshold=THRESHOLD, on_block=events.append) as det:
+            await asyncio.sleep(2 * THRESHOLD)
+            await heartbeats_all_ran(det, heartbeats)
+            clean = hold_the_gil_between_heartbeats(det, heartbeats)  # CALL:between
+            await asyncio.sleep(0)
+        if clean:
+            return events, det
+    pytest.fail(f"a heartbeat was outstanding as each of {CLEAN_STARTS} blocks began")
+
+
 @bounded(20)
 async def test_a_block_that_holds_the_gil_is_reported_with_its_duration(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    heartbeats = Heartbeats(monkeypatch)
-    for _ in range(CLEAN_STARTS):
-        events: list[BlockEvent] = []
-        async with detect_blocking(threshold=THRESHOLD, on_block=events.append) as det:
-            # Start the block with no heartbeat outstanding: the monitor can
-            # then only see it afterwards, as a wake late by the block.
-            await asyncio.sleep(2 * THRESHOLD)
-            await heartbeats_all_ran(det, heartbeats)
-            clean = hold_the_gil_between_heartbeats(det, heartbeats)
-            await asyncio.sleep(0)
-        if clean:
-            break
-    else:
-        pytest.fail(f"a heartbeat was outstanding as each of {CLEAN_STARTS} blocks began")
+    events, det = await one_block_between_heartbeats(Heartbeats(monkeypatch))
     assert [e.ongoing for e in events] == [False], events
     (event,) = events
     # Measured from when the monitor was due, so short by at most an interval
@@ -120,11 +128,12 @@ async def test_a_block_that_holds_the_gil_is_reported_with_its_duration(
     assert event.duration_ms >= (BLOCK - 4 * det.interval) * 1e3
     assert event.duration_ms < 20 * BLOCK * 1e3
     # Attribution is a glimpse taken as the call returns: the line of the call,
-    # inside it or, once it has returned, where it was called from (or, had
+    # inside it or, once it has returned, a line it was called from (or, had
     # the loop already moved on, nothing rather than a wrong line).
     assert (event.function, event.line) in {
         ("hold_the_gil", line_of("BLOCK:gil", HERE)),
         ("hold_the_gil_between_heartbeats", line_of("CALL:gil", HERE)),
+        ("one_block_between_heartbeats", line_of("CALL:between", HERE)),
         ("<unknown>", 0),
     }
     assert det.blocks == 1
@@ -138,18 +147,7 @@ async def test_a_monitor_late_only_for_want_of_a_cpu_reports_no_block(
     # the loop caught mid-callback: that alone is no block. Here the run
     # queue is said to have held the monitor the whole time.
     monkeypatch.setattr(_RunQueueClock, "since", lambda self, before: float("inf"))
-    heartbeats = Heartbeats(monkeypatch)
-    for _ in range(CLEAN_STARTS):
-        events: list[BlockEvent] = []
-        async with detect_blocking(threshold=THRESHOLD, on_block=events.append) as det:
-            await asyncio.sleep(2 * THRESHOLD)
-            await heartbeats_all_ran(det, heartbeats)
-            clean = hold_the_gil_between_heartbeats(det, heartbeats)
-            await asyncio.sleep(0)
-        if clean:
-            break
-    else:
-        pytest.fail(f"a heartbeat was outstanding as each of {CLEAN_STARTS} blocks began")
+    events, _ = await one_block_between_heartbeats(Heartbeats(monkeypatch))
     assert events == []
 
 

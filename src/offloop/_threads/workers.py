@@ -147,7 +147,8 @@ class Worker:
         #: Whether ``waiting`` was measured for the current call, not presumed.
         self.judged = False
         #: Whether the current call was presumed to wait when it started (its
-        #: function's last calls waited; see WaitMemory), and not found computing since.
+        #: function's last calls waited; see WaitMemory), and not found computing
+        #: since. Set only with ``waiting`` and cleared whenever it is, so it implies it.
         self.presumed = False
         #: When the current call's thread was last read (monotonic).
         self.last = 0.0
@@ -232,7 +233,7 @@ class Worker:
             # their run, and the calls that compute wait behind them.
             return True
         if self.seen == self.started and now - self.last < (
-            WAITING_REREAD if self.presumed and self.waiting else JUDGE_AFTER
+            WAITING_REREAD if self.presumed else JUDGE_AFTER
         ):
             # Each reading is a system call that gives the GIL away, and
             # taking it back under contention can cost the loop a switch

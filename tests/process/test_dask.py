@@ -26,7 +26,14 @@ from offloop._core.poolbase import PoolState
 from offloop._process.daskargs import SCATTER_BYTES
 from offloop._process.pickling import RemoteTraceback
 from tests.helpers import SPAWN_WAIT as WAIT
-from tests.helpers import await_until, collected, resource_warnings, the_warning, wait_for_file
+from tests.helpers import (
+    await_until,
+    collected,
+    resource_warnings,
+    the_warning,
+    wait_for_file,
+    warned,
+)
 
 distributed = pytest.importorskip("distributed")
 
@@ -502,14 +509,14 @@ async def test_a_pool_dropped_unclosed_closes_its_client_and_ends_its_thread(
     with resource_warnings() as found:
         del pool
         # The client's thread lets go of the pool once its last call's task
-        # has ended, which may come after the result reached this loop. The
-        # pool's finalizer may then run on that thread and warn there after
-        # the weak reference is dead; that thread ends only after the warning,
-        # so wait for it to end too, inside the block that records warnings.
+        # has ended, which may come after the result reached this loop, and
+        # the pool's finalizer may then warn on that thread after the weak
+        # reference is dead: wait for the warning itself, as the other
+        # dropped-pool tests do.
         await await_until(
-            lambda: collected(ref) and not offloop_dask_threads(),
+            lambda: collected(ref) and warned(found, "DaskPool "),
             WAIT,
-            "the dropped pool to be collected and its thread to end",
+            "the dropped pool to be collected and warn",
         )
     # The collection may find other objects that warn (a test's socket): only ours counts.
     ours = [w for w in found if str(w.message).startswith("DaskPool ")]

@@ -8,6 +8,7 @@ do not depend on how loaded the machine is.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import threading
 from collections.abc import Callable
@@ -171,12 +172,9 @@ async def test_the_pool_marks_the_calls_it_presumes_to_wait_until_they_end(
     measure_as(monkeypatch, computing=False)
     gate, started = threading.Event(), list[int]()
     known = gated(gate, started)
-
-    def unknown(i: int) -> int:
-        started.append(i)
-        gate.wait(WAIT)
-        return i
-
+    # The same function behind a partial: the pool remembers functions by code
+    # object, and a partial has none, so it knows nothing of this one.
+    unknown = functools.partial(known)
     async with offloop.ThreadPool(4, name="presumed", cpu_slots=4) as pool:
         pool._waits[known.__code__] = WAITS_AFTER
         calls = [pool.run(known, 0), pool.run(known, 1), pool.run(unknown, 2)]
@@ -249,38 +247,48 @@ def test_setting_a_bad_cpu_slots_changes_nothing() -> None:
     assert pool.cpu_slots == 2
 
 
-def test_a_call_presumed_to_wait_is_read_less_often(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+class Readings:
+    """The kernel's measurement of one worker, at a clock the test moves.
+
+    Each reading (``Worker.busy``) is logged at ``now`` and returns ``busy``;
+    no thread is ever asleep in I/O.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 0.0
+        self.busy = 0.0
+        self.times: list[float] = []
+        monkeypatch.setattr(Worker, "busy", lambda worker: self._read())
+        monkeypatch.setattr(Worker, "sleeps_outside_futex", lambda worker, now: False)
+
+    def _read(self) -> float:
+        self.times.append(self.now)
+        return self.busy
+
+
+# A little over the periods: the check compares float times.
+PERIOD, STEP = growth_module.GROWTH_PERIOD, workers_module.JUDGE_AFTER * 1.01
+
+
+def test_a_call_presumed_to_wait_is_read_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each reading is a system call that hands the GIL away on the loop's
     # thread: a call presumed to wait (forty of them in a burst of blocking
     # calls) is read once per WAITING_REREAD, others once per JUDGE_AFTER.
-    readings: list[float] = []
-    busy_seconds = [0.0]
-
-    def busy(self: Worker) -> float:
-        readings.append(now)
-        return busy_seconds[0]
-
-    monkeypatch.setattr(Worker, "busy", busy)
-    monkeypatch.setattr(Worker, "sleeps_outside_futex", lambda self, now: False)
-    # A little over the periods: the check compares float times.
-    period, step = growth_module.GROWTH_PERIOD, workers_module.JUDGE_AFTER * 1.01
-    assert 2 * step < workers_module.WAITING_REREAD
+    kernel = Readings(monkeypatch)
+    assert 2 * STEP < workers_module.WAITING_REREAD
     worker = Worker()
     worker.call = _Call(len)  # type: ignore[assignment]
     worker.waiting = worker.presumed = True  # as the pool starts a call of a known function
-    now = period
-    assert worker.is_waiting(now, period, 1)  # the first reading
-    assert len(readings) == 1
-    now += step
-    assert worker.is_waiting(now, period, 1)
-    assert len(readings) == 1, "a call presumed to wait was read again within WAITING_REREAD"
+    kernel.now = PERIOD
+    assert worker.is_waiting(kernel.now, PERIOD, 1)  # the first reading
+    assert len(kernel.times) == 1
+    kernel.now += STEP
+    assert worker.is_waiting(kernel.now, PERIOD, 1)
+    assert len(kernel.times) == 1, "a call presumed to wait was read again within WAITING_REREAD"
     # It computes after all: found at its next reading.
-    now = period + workers_module.WAITING_REREAD * 1.01
-    busy_seconds[0] = now
-    assert not worker.is_waiting(now, period, 1)
-    assert len(readings) == 2
+    kernel.now = kernel.busy = PERIOD + workers_module.WAITING_REREAD * 1.01
+    assert not worker.is_waiting(kernel.now, PERIOD, 1)
+    assert len(kernel.times) == 2
 
 
 def test_a_call_judged_waiting_by_its_own_readings_is_read_as_often_as_any(
@@ -288,23 +296,14 @@ def test_a_call_judged_waiting_by_its_own_readings_is_read_as_often_as_any(
 ) -> None:
     # A thread waiting for the GIL can look blocked for a while: only the
     # presumption (from whole calls of its function) earns the longer period.
-    readings: list[float] = []
-
-    def busy(self: Worker) -> float:
-        readings.append(now)
-        return 0.0
-
-    monkeypatch.setattr(Worker, "busy", busy)
-    monkeypatch.setattr(Worker, "sleeps_outside_futex", lambda self, now: False)
-    # A little over the periods: the check compares float times.
-    period, step = growth_module.GROWTH_PERIOD, workers_module.JUDGE_AFTER * 1.01
+    kernel = Readings(monkeypatch)
     worker = Worker()
     worker.call = _Call(len)  # type: ignore[assignment]
-    now = period
-    assert not worker.is_waiting(now, period, 1)  # the first reading: as presumed
-    now += step
-    assert worker.is_waiting(now, period, 1)  # judged: busy none of the time
+    kernel.now = PERIOD
+    assert not worker.is_waiting(kernel.now, PERIOD, 1)  # the first reading: as presumed
+    kernel.now += STEP
+    assert worker.is_waiting(kernel.now, PERIOD, 1)  # judged: busy none of the time
     worker.waiting = True  # as the pool's check records it
-    now += step
-    worker.is_waiting(now, period, 1)
-    assert len(readings) == 3
+    kernel.now += STEP
+    worker.is_waiting(kernel.now, PERIOD, 1)
+    assert len(kernel.times) == 3

@@ -160,7 +160,7 @@ def main() -> None:
             figures[name].append(run_case(CASES[name], on_grid=name.startswith("offloop")))
 
     def med(name: str, key: str) -> float:
-        return statistics.median(f[key] for f in figures[name])
+        return float(statistics.median(f[key] for f in figures[name]))
 
     print(
         f"\n## periodic ticks: {TICKS} ticks every {INTERVAL * 1e3:g} ms, {WORK * 1e3:g} ms of "

@@ -279,7 +279,7 @@ def dask_burst_table(
     """
     # The cluster's INFO lines would bury the tables.
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    cluster = distributed.LocalCluster(
+    cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
         n_workers=WORKERS,
         threads_per_worker=1,
         processes=True,
@@ -302,7 +302,9 @@ def dask_burst_table(
         sub_pool = offloop.DaskPool(sub_cluster.scheduler_address)
 
     async def connect() -> Any:
-        return await distributed.Client(cluster.scheduler_address, asynchronous=True)
+        return await distributed.Client(  # type: ignore[no-untyped-call]
+            cluster.scheduler_address, asynchronous=True
+        )
 
     raw_client = loop.run_until_complete(connect())
 

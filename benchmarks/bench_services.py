@@ -35,6 +35,7 @@ from collections.abc import Callable
 import flask
 
 import offloop
+from offloop._services.wsgi import WSGIServer
 
 from ._common import Result, check, interleaved, percentiles, table
 
@@ -96,7 +97,7 @@ async def measure(url: str | None, case: str) -> float:
     return percentiles(lateness, (99,))[0]
 
 
-def with_service(server: offloop._services.wsgi.WSGIServer, case: str) -> Callable[[], float]:
+def with_service(server: WSGIServer, case: str) -> Callable[[], float]:
     def run() -> float:
         async def main() -> float:
             sv = offloop.Supervisor(name="bench", grace=5.0)

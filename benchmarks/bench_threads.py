@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomisc
 import anyio.to_thread
@@ -122,11 +122,32 @@ def make_offloads() -> tuple[dict[str, Callable[[], Offload]], Callable[[], None
     return offloads, close
 
 
-def run_on(loop_factory: Callable[[], Any], coro: Coroutine[Any, Any, float]) -> float:
+T = TypeVar("T")
+
+
+def run_on(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any, Any, T]
+) -> T:
     """Run one round on a fresh loop, and close it (an unclosed loop left to the
-    garbage collector can be finalized after its own self-pipe, which logs an error)."""
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(coro)
+    garbage collector can be finalized after its own self-pipe, which logs an error).
+
+    What ``asyncio.Runner(loop_factory=...)`` does, which Python 3.10 lacks.
+    """
+    loop = loop_factory()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def sequential(make: Callable[[], Offload], loop_factory: Callable[[], Any]) -> Callable[[], float]:

@@ -167,7 +167,7 @@ async def test_while_the_loop_runs_late_calls_blocked_in_io_give_their_slot_at_o
                     seen = [(w.waiting, w.judged, w.in_io, w.io_read) for w in pool._workers]
                 raise AssertionError(f"{exc} {pool.statistics()} {seen}") from exc
             with pool._lock:
-                assert all(w.prev_wall < 0 for w in pool._workers if w.waiting)  # none by window
+                assert not any(w.waited_a_window() for w in pool._workers if w.waiting)
         finally:
             # However it went, no thread stays in recv (the pool's close would wait for it).
             monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", original)
@@ -200,8 +200,8 @@ async def test_while_the_loop_runs_late_only_calls_waiting_a_whole_window_give_t
             # waiting (it might be waiting for the GIL).
             nonlocal seen_unsure_waiting
             with pool._lock:
-                sure = sum(1 for w in pool._workers if w.waiting and w.prev_wall >= 0)
-                unsure = sum(1 for w in pool._workers if w.waiting and w.prev_wall < 0)
+                sure = sum(1 for w in pool._workers if w.waiting and w.waited_a_window())
+                unsure = sum(1 for w in pool._workers if w.waiting and not w.waited_a_window())
                 running = pool._running
             seen_unsure_waiting |= unsure > 0
             assert running <= SLOTS + sure, (running, sure)

@@ -307,3 +307,26 @@ def test_a_call_judged_waiting_by_its_own_readings_is_read_as_often_as_any(
     kernel.now += STEP
     worker.is_waiting(kernel.now, PERIOD, 1)
     assert len(kernel.times) == 3
+
+
+def test_only_a_calls_own_readings_tell_that_it_waited_a_whole_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # While the loop runs late, a waiting call's slot is given away only once
+    # it has waited a whole window: the windows its thread's previous call
+    # left on record must not count for the next call.
+    kernel = Readings(monkeypatch)
+    worker = Worker()
+    assert not worker.waited_a_window()  # a new thread has no window at all
+    worker.call = _Call(len)  # type: ignore[assignment]
+    worker.waiting = worker.presumed = True
+    while not worker.waited_a_window():
+        kernel.now += workers_module.WINDOW / 2
+        assert worker.is_waiting(kernel.now, PERIOD, 1)
+        assert kernel.now < 10 * workers_module.WINDOW, "no window after many readings"
+    # The thread takes its next call: no reading of it yet.
+    worker.started = kernel.now + STEP
+    assert not worker.waited_a_window()
+    kernel.now = worker.started + PERIOD
+    worker.is_waiting(kernel.now, PERIOD, 1)  # its first reading
+    assert not worker.waited_a_window()

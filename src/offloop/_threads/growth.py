@@ -100,7 +100,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 sure = sum(
                     1
                     for w in self._workers
-                    if w.waiting and (w.prev_wall >= 0 or w.sleeps_outside_futex(now))
+                    if w.waiting and (w.waited_a_window() or w.sleeps_outside_futex(now))
                 )
                 free = min(free, self._cpu_slots - (self._ready + self._running - sure))
             while free > 0 and room > 0 and self._pending:

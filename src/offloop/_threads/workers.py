@@ -260,6 +260,14 @@ class Worker:
             self.base_busy, self.base_wall = busy, now
         return waiting
 
+    def waited_a_window(self) -> bool:
+        """Whether the current call's readings already span a whole WINDOW.
+
+        Only readings of this call count: until its first one, the windows
+        on record are its thread's previous call's.
+        """
+        return self.seen == self.started and self.prev_wall >= 0
+
     def mark(self, busy: float, now: float) -> None:
         """Take the first reading of the current call."""
         self.seen = self.started

@@ -1,0 +1,192 @@
+"""The GIL as a resource: at most one call of a function known to hold it runs at a time.
+
+As in test_threadpool_cpu.py, the kernel's measurement (``Worker.busy``) is
+replaced by a fixed answer, so the assertions do not depend on how loaded
+the machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import offloop
+from offloop._threads import growth as growth_module
+from offloop._threads.gil import CONTENDED, FREE, GIL_AFTER, GilMemory, judge_gil, learn_gil
+from offloop._threads.workers import Worker, waiting_share
+from tests.helpers import WAIT, await_until
+from tests.threads import test_threadpool_cpu as cpu_tests
+
+pytestmark = pytest.mark.loops("asyncio")
+
+rebalances = cpu_tests.rebalances
+two_slots = cpu_tests.two_slots
+
+
+class _Call:
+    """Just enough of a call for GilMemory and judge_gil: its function."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+
+def python_fn() -> None: ...
+
+
+def _worker(share: float, *, waiting: bool = False) -> Worker:
+    # A worker whose call was measured at ``share`` busy seconds per second.
+    w = Worker()
+    w.call = _Call(python_fn)  # type: ignore[assignment]
+    w.started = w.seen = time.monotonic()
+    w.share = share
+    w.waiting = waiting
+    return w
+
+
+def judge_gil_(workers: list[Worker], gil_calls: set[Any], memory: GilMemory, now: float) -> None:
+    judge_gil(workers, gil_calls, memory, now, waiting_share(cpu_tests.SLOTS))
+
+
+def shares_as(monkeypatch: pytest.MonkeyPatch, share: float) -> None:
+    """Make every worker thread look busy ``share`` of the time (0.3: sharing the GIL)."""
+    monkeypatch.setattr(Worker, "busy", lambda self: share * time.monotonic())
+
+
+def test_a_function_holds_the_gil_only_after_calls_in_a_row_contended() -> None:
+    memory, call = GilMemory(), _Call(python_fn)
+    for _ in range(GIL_AFTER - 1):
+        memory.remember(call, True)  # type: ignore[arg-type]
+        assert not memory.holds(python_fn)
+    memory.remember(call, True)  # type: ignore[arg-type]
+    assert memory.holds(python_fn)
+    memory.remember(call, False)  # type: ignore[arg-type]
+    assert not memory.holds(python_fn)
+
+
+def test_calls_under_a_share_beside_each_other_contend_but_one_alone_teaches_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
+    memory, gil_calls = GilMemory(), set[Any]()
+    lone = _worker(0.3)
+    judge_gil_([lone], gil_calls, memory, time.monotonic())
+    assert not memory
+    assert not gil_calls
+    assert lone.gil_seen == 0
+    pair = [_worker(0.3), _worker(0.3)]
+    judge_gil_(pair, gil_calls, memory, time.monotonic())
+    assert memory.holds(python_fn)
+    assert gil_calls == {w.call for w in pair}
+    assert all(w.gil_seen == CONTENDED and w.gil_at == w.started for w in pair)
+    # Seen again during the same calls: each call counts once.
+    memory[python_fn.__code__] = 0
+    judge_gil_(pair, gil_calls, memory, time.monotonic())
+    assert memory[python_fn.__code__] == 0
+    # C code beside others keeps its share near 1: nothing is learnt of it.
+    memory.clear()
+    judge_gil_([_worker(1.0), _worker(1.0)], set(), memory, time.monotonic())
+    assert not memory
+    # Nor of calls far under a GIL contender's share that still count as
+    # computing (among forty calls blocked in a lock, a few look so).
+    judge_gil_([_worker(0.02), _worker(0.02), _worker(1.0)], set(), memory, time.monotonic())
+    assert not memory
+    # Nor of a low share whose thread is not asleep in a futex, where GIL
+    # waits are (C code back from a wait for the GIL, running now).
+    monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: False)
+    judge_gil_([_worker(0.3), _worker(0.3)], set(), memory, time.monotonic())
+    assert not memory
+
+
+def test_a_call_of_a_known_function_asleep_in_io_makes_the_pool_forget_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A function that sleeps, runs C or runs Python by turns must not stay
+    # held to one call at a time.
+    memory = GilMemory({python_fn.__code__: GIL_AFTER})
+    asleep = _worker(0.0, waiting=True)
+    monkeypatch.setattr(Worker, "sleeps_outside_futex", lambda self, now: True)
+    monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
+    judge_gil_([asleep, _worker(0.3)], set(), memory, time.monotonic())
+    assert asleep.gil_seen == FREE
+    learn_gil(asleep, asleep.call, memory)  # type: ignore[arg-type]
+    assert not memory.holds(python_fn)
+    # Waiting in a futex may be waiting for the GIL itself: that tells nothing.
+    memory[python_fn.__code__] = GIL_AFTER
+    monkeypatch.setattr(Worker, "sleeps_outside_futex", lambda self, now: False)
+    in_futex = _worker(0.0, waiting=True)
+    judge_gil_([in_futex, _worker(0.3)], set(), memory, time.monotonic())
+    learn_gil(in_futex, in_futex.call, memory)  # type: ignore[arg-type]
+    assert memory.holds(python_fn)
+
+
+@cpu_tests.needs_wchan  # GIL waits are told by the futex their thread sleeps in
+async def test_a_pool_learns_that_calls_hold_the_gil_and_starts_the_next_only_after_them(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+) -> None:
+    shares_as(monkeypatch, 0.3)
+    gates = [threading.Event() for _ in range(3)]
+    started: list[int] = []
+
+    def work(i: int) -> int:
+        started.append(i)
+        gates[i].wait(WAIT)
+        return i
+
+    async with offloop.ThreadPool(8, name="gil") as pool:
+        calls = [pool.run(work, i) for i in range(3)]
+        await await_until(lambda: pool._gil_fns.holds(work), WAIT, "the pool to learn")
+        assert started == [0, 1]
+        gates[0].set()
+        await asyncio.wait_for(calls[0], WAIT)
+        # A CPU slot is free, but call 1 still holds the GIL.
+        await rebalances(cpu_tests.REBALANCES)
+        assert started == [0, 1]
+        gates[1].set()
+        gates[2].set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1, 2]
+        assert not pool._gil_calls
+
+
+async def test_a_call_of_another_function_takes_the_slot_a_gil_holding_call_leaves(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+) -> None:
+    cpu_tests.measure_as(monkeypatch, computing=True)
+    gate, started = threading.Event(), list[int]()
+    python_work = cpu_tests.gated(gate, started)
+
+    def c_work(i: int) -> int:
+        started.append(i)
+        gate.wait(WAIT)
+        return i
+
+    async with offloop.ThreadPool(8, name="gil-and-c") as pool:
+        pool._gil_fns[python_work.__code__] = GIL_AFTER
+        calls = [pool.run(python_work, i) for i in range(3)]
+        calls.append(pool.run(c_work, 10))
+        await await_until(lambda: sorted(started) == [0, 10], WAIT, "a call of each to run")
+        await rebalances(cpu_tests.REBALANCES)
+        assert sorted(started) == [0, 10]  # the other Python calls wait for the first
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1, 2, 10]
+
+
+async def test_without_a_gil_nothing_is_learnt(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+) -> None:
+    shares_as(monkeypatch, 0.3)
+    monkeypatch.setattr(growth_module, "GIL_ENABLED", False)
+    gate, started = threading.Event(), list[int]()
+    work = cpu_tests.gated(gate, started)
+    async with offloop.ThreadPool(8, name="no-gil") as pool:
+        calls = [pool.run(work, i) for i in range(3)]
+        await await_until(lambda: len(started) == 2, WAIT, "two calls to run")
+        await rebalances(cpu_tests.REBALANCES)
+        assert not pool._gil_fns
+        assert not pool._gil_calls
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1, 2]

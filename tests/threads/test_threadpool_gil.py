@@ -190,3 +190,24 @@ async def test_without_a_gil_nothing_is_learnt(
         assert not pool._gil_calls
         gate.set()
         assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1, 2]
+
+
+async def test_a_gil_holding_call_that_waits_lets_the_next_one_start(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An outer call waiting for a nested call of its own function must not
+    # keep the nested one out.
+    cpu_tests.measure_as(monkeypatch, computing=False)
+    gate, started = threading.Event(), list[int]()
+
+    def work(i: int) -> int:
+        started.append(i)
+        gate.wait(WAIT * 3)  # outlasts the wait below: the first call must not end first
+        return i
+
+    async with offloop.ThreadPool(8, name="gil-waits") as pool:
+        pool._gil_fns[work.__code__] = GIL_AFTER
+        calls = [pool.run(work, i) for i in range(2)]
+        await await_until(lambda: len(started) == 2, WAIT, "the second call to start")
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1]

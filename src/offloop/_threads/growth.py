@@ -89,6 +89,11 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                     if not waiting:
                         w.presumed = False
                         self._waits.remember(w.call, False)
+                if waiting and self._gil_calls and w.call is not None:
+                    # A GIL-holding call that waits (for a lock, an I/O, or a
+                    # nested call of its own function) holds no GIL: the next
+                    # such call may start, or a nested one would never run.
+                    self._gil_calls.discard(w.call)
             if GIL_ENABLED and (self._gil_fns or self._running - self._waiting >= 2):
                 judge_gil(
                     self._workers,

@@ -12,10 +12,12 @@ the GIL sleeps in a futex and shows well under 1, but only while another
 call computes beside it (alone, a Python call shows near 1 too, and teaches
 nothing). A function seen contending is remembered (:class:`GilMemory`, by
 code object, like ``WaitMemory``); a pending call of such a function is
-dispatched only while no call known to hold the GIL runs or is on its way
-(the pool's ``_gil_calls``). A call of it seen in C code beside others, or
-found waiting when it ends, makes it forgotten again, so a function that
-sleeps, runs C or runs Python by turns is not kept to one call at a time.
+dispatched only while no call known to hold the GIL computes or is on its
+way (the pool's ``_gil_calls``). A call of it seen asleep in I/O or a timer
+makes it forgotten again, so a function that sleeps, runs C or runs Python
+by turns is not kept to one call at a time. A high share does not: a Python
+thread may keep the GIL for several switch intervals while the others
+starve, and would look like C code.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTENDED",
     "FREE",
-    "FREE_SHARE",
     "GIL_AFTER",
     "GIL_ENABLED",
     "GIL_SCAN",
@@ -47,10 +48,6 @@ GIL_ENABLED: Final = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 
 #: Below this busy share, a computing call beside another one waits for the GIL.
 GIL_SHARE: Final = 0.5
-
-#: At or above this busy share beside another computing call, a call runs
-#: without the GIL (C code that releases it, or a thread queued for a core).
-FREE_SHARE: Final = 0.9
 
 #: How many measured calls of a function in a row must have waited for the
 #: GIL before its calls are held to one at a time (see GilMemory).

@@ -16,8 +16,17 @@ from typing import Any
 import pytest
 
 import offloop
+from offloop._threads import gil as gil_module
 from offloop._threads import growth as growth_module
-from offloop._threads.gil import CONTENDED, FREE, GIL_AFTER, GilMemory, judge_gil, learn_gil
+from offloop._threads.gil import (
+    CONTENDED,
+    FREE,
+    FREE_SHARE,
+    GIL_AFTER,
+    GilMemory,
+    judge_gil,
+    learn_gil,
+)
 from offloop._threads.workers import Worker, waiting_share
 from tests.helpers import WAIT, await_until
 from tests.threads import test_threadpool_cpu as cpu_tests
@@ -26,6 +35,12 @@ pytestmark = pytest.mark.loops("asyncio")
 
 rebalances = cpu_tests.rebalances
 two_slots = cpu_tests.two_slots
+
+
+@pytest.fixture(autouse=True)
+def no_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No probe during a test (see gil.py) unless it sets PROBE_PERIOD itself."""
+    monkeypatch.setattr(gil_module, "PROBE_PERIOD", WAIT * 10)
 
 
 class _Call:
@@ -141,6 +156,7 @@ async def test_a_pool_learns_that_calls_hold_the_gil_and_starts_the_next_only_af
         calls = [pool.run(work, i) for i in range(3)]
         await await_until(lambda: pool._gil_fns.holds(work), WAIT, "the pool to learn")
         assert started == [0, 1]
+        assert pool.statistics()["gil_bound"] == 1
         gates[0].set()
         await asyncio.wait_for(calls[0], WAIT)
         # A CPU slot is free, but call 1 still holds the GIL.
@@ -211,3 +227,85 @@ async def test_a_gil_holding_call_that_waits_lets_the_next_one_start(
         await await_until(lambda: len(started) == 2, WAIT, "the second call to start")
         gate.set()
         assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1]
+
+
+def test_a_probe_is_due_once_per_period_from_the_first_held_back_call() -> None:
+    memory = GilMemory({python_fn.__code__: GIL_AFTER})
+    period = gil_module.PROBE_PERIOD
+    assert not memory.probe(python_fn, 100.0)  # starts the clock
+    assert not memory.probe(python_fn, 100.0 + period / 2)
+    assert memory.probe(python_fn, 100.0 + period)
+    assert not memory.probe(python_fn, 100.0 + period * 1.5)  # the clock starts over
+    assert memory.probe(python_fn, 100.0 + period * 2)
+    memory.forget(python_fn.__code__)
+    assert not memory.holds(python_fn)
+    assert not memory.probe_at
+
+
+def test_calls_of_a_known_function_that_all_run_free_beside_each_other_make_it_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
+    code = python_fn.__code__
+
+    def judged(*shares: float) -> tuple[GilMemory, set[Any]]:
+        memory = GilMemory({code: GIL_AFTER})
+        workers = [_worker(share) for share in shares]
+        gil_calls = {w.call for w in workers}
+        judge_gil_(workers, gil_calls, memory, time.monotonic())
+        return memory, gil_calls
+
+    # Calls that share one GIL cannot all get more than half of the time.
+    memory, gil_calls = judged(FREE_SHARE, 1.0)
+    assert not memory.holds(python_fn)
+    assert not gil_calls
+    # One call keeping the GIL while the other starves is what GIL-bound
+    # calls look like under CPython's unfair hand-off: still known.
+    memory, gil_calls = judged(1.0, 0.3)
+    assert memory.holds(python_fn)
+    assert len(gil_calls) == 2
+    # Neither is one call alone, however high its share.
+    memory, _ = judged(1.0)
+    assert memory.holds(python_fn)
+    memory, _ = judged(1.0, FREE_SHARE - 0.05)
+    assert memory.holds(python_fn)
+
+
+async def test_a_probe_starts_a_held_back_call_and_running_free_beside_it_frees_the_function(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A function taken for GIL-bound whose calls run in parallel after all
+    # (C code) gets its CPU slots back.
+    monkeypatch.setattr(gil_module, "PROBE_PERIOD", 0.0)
+    cpu_tests.measure_as(monkeypatch, computing=True)  # a share of 1: no GIL wait
+    gate, started = threading.Event(), list[int]()
+    work = cpu_tests.gated(gate, started)
+    async with offloop.ThreadPool(8, cpu_slots=3, name="gil-probe") as pool:
+        pool._gil_fns[work.__code__] = GIL_AFTER
+        # The fourth stays pending (three CPU slots), so the pool's check
+        # keeps measuring the three that run.
+        calls = [pool.run(work, i) for i in range(4)]
+        await await_until(lambda: not pool._gil_fns.holds(work), WAIT, "the pool to forget")
+        assert pool.statistics()["gil_bound"] == 0
+        assert not pool._gil_calls
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [0, 1, 2, 3]
+
+
+@cpu_tests.needs_wchan  # the outer call must really be measured waiting
+async def test_a_known_function_whose_call_offloads_a_call_of_itself_and_waits_gets_it_run() -> (
+    None
+):
+    # A real nested offload, measured by the kernel: the outer call waits in
+    # from_thread, holds no GIL, and must not keep the inner call out.
+    async with offloop.ThreadPool(4, name="gil-nested") as pool:
+
+        async def inner(depth: int) -> int:
+            return await pool.run(work, depth)
+
+        def work(depth: int) -> int:
+            return 0 if depth == 0 else offloop.from_thread(inner, depth - 1) + 1
+
+        pool._gil_fns[work.__code__] = GIL_AFTER
+        assert await asyncio.wait_for(pool.run(work, 2), WAIT) == 2
+        assert not pool._gil_calls

@@ -15,9 +15,18 @@ code object, like ``WaitMemory``); a pending call of such a function is
 dispatched only while no call known to hold the GIL computes or is on its
 way (the pool's ``_gil_calls``). A call of it seen asleep in I/O or a timer
 makes it forgotten again, so a function that sleeps, runs C or runs Python
-by turns is not kept to one call at a time. A high share does not: a Python
-thread may keep the GIL for several switch intervals while the others
-starve, and would look like C code.
+by turns is not kept to one call at a time. A high share of one call does
+not: a Python thread may keep the GIL for several switch intervals while the
+others starve, and would look like C code.
+
+Probes: once per :data:`PROBE_PERIOD` a held-back call of a known function
+starts anyway, beside the one that runs. If two or more of its calls then
+compute at once, each with a share of :data:`FREE_SHARE` or more, they do not
+share one GIL (calls that do cannot all get more than half of the time), and
+the function is forgotten. So a function taken for GIL-bound by mistake (C
+code whose calls also waited on a lock the others held, say) gets all of
+``cpu_slots`` back within about a probe period, at the cost of two
+GIL-bound calls running together for one call's time now and then.
 """
 
 from __future__ import annotations
@@ -34,10 +43,12 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTENDED",
     "FREE",
+    "FREE_SHARE",
     "GIL_AFTER",
     "GIL_ENABLED",
     "GIL_SCAN",
     "GIL_SHARE",
+    "PROBE_PERIOD",
     "GilMemory",
     "judge_gil",
     "learn_gil",
@@ -52,6 +63,13 @@ GIL_SHARE: Final = 0.5
 #: How many measured calls of a function in a row must have waited for the
 #: GIL before its calls are held to one at a time (see GilMemory).
 GIL_AFTER: Final = 2
+
+#: At or above this busy share, each of two or more calls of one function
+#: computing at once runs without waiting for the GIL (see Probes above).
+FREE_SHARE: Final = 0.75
+
+#: Seconds between probes of a function known to hold the GIL (see above).
+PROBE_PERIOD: Final = 1.0
 
 #: Worker.gil_seen: the call was seen waiting for the GIL / running without it.
 CONTENDED: Final = 1
@@ -75,11 +93,37 @@ class GilMemory(dict[object, int]):
     C-level truth test.
     """
 
-    __slots__ = ()
+    __slots__ = ("probe_at",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        #: When the next probe of each known function may start (monotonic).
+        self.probe_at: dict[object, float] = {}
 
     def holds(self, fn: object) -> bool:
         """Whether ``fn``'s last :data:`GIL_AFTER` measured calls waited for the GIL."""
         return self.get(_key(fn), 0) >= GIL_AFTER
+
+    def bound(self) -> int:
+        """How many functions are known to hold the GIL."""
+        return sum(1 for count in self.values() if count >= GIL_AFTER)
+
+    def probe(self, fn: object, now: float) -> bool:
+        """Whether a held-back call of ``fn`` may start now as a probe (see the module docs).
+
+        The first time a call of ``fn`` is held back starts the clock.
+        """
+        code = _key(fn)
+        at = self.probe_at.get(code)
+        if at is not None and now < at:
+            return False
+        self.probe_at[code] = now + PROBE_PERIOD
+        return at is not None
+
+    def forget(self, code: object) -> None:
+        """Forget what is known of the function with this key."""
+        self.pop(code, None)
+        self.probe_at.pop(code, None)
 
     def remember(self, call: OffloadFuture[Any] | None, holds: bool) -> None:
         """Count a measured call of ``call``'s function."""
@@ -89,9 +133,10 @@ class GilMemory(dict[object, int]):
         if holds:
             if len(self) >= MAX_REMEMBERED and code not in self:
                 self.clear()  # a bound, not a cache policy: rarely reached
+                self.probe_at.clear()
             self[code] = min(self.get(code, 0) + 1, GIL_AFTER)
         else:
-            self.pop(code, None)
+            self.forget(code)
 
 
 def judge_gil(
@@ -117,7 +162,7 @@ def judge_gil(
     a lock a few look computing) waits for something other than the GIL.
     """
     computing = 0
-    measured = []
+    measured: list[Worker] = []
     for w in workers:
         if w.call is None:
             continue
@@ -130,7 +175,12 @@ def judge_gil(
             measured.append(w)
     if computing < 2:
         return  # a call alone shows a share near 1 whatever it runs
+    # The measured calls of each known function: two or more computing at
+    # once (a probe) that all ran without waiting for the GIL: it is forgotten.
+    known: dict[object, list[Worker]] = {}
     for w in measured:
+        call = w.call
+        assert call is not None
         # A call in C code may wait a switch interval for the GIL when it
         # returns to Python, which lowers its share for a window: it must
         # also be found asleep in a futex, where GIL waits are.
@@ -138,9 +188,16 @@ def judge_gil(
             if w.gil_at != w.started or w.gil_seen != CONTENDED:
                 # Counted at once, not when it ends: a function is known to
                 # hold the GIL while its first calls still contend for it.
-                memory.remember(w.call, True)
+                memory.remember(call, True)
                 w.gil_seen, w.gil_at = CONTENDED, w.started
-            gil_calls.add(w.call)  # type: ignore[arg-type]
+            gil_calls.add(call)
+        if memory and memory.holds(call.fn):
+            known.setdefault(_key(call.fn), []).append(w)
+    for code, calls in known.items():
+        if len(calls) >= 2 and all(w.share >= FREE_SHARE for w in calls):
+            memory.forget(code)
+            for w in calls:
+                gil_calls.discard(w.call)
 
 
 def learn_gil(worker: Worker, call: OffloadFuture[Any], memory: GilMemory) -> None:

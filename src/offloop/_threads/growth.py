@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from .._core.offload import QUEUED, Channel, OffloadFuture
 from .._core.poolbase import PoolState, complete_waiter
-from .gil import GIL_ENABLED, GIL_SCAN, GilMemory, judge_gil
+from .gil import GIL_ENABLED, GIL_SCAN, judge_gil
 from .lifecycle import ThreadPoolLifecycle
 from .workers import WaitMemory, Worker, waiting_share
 
@@ -50,7 +50,6 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
 
     # Set up by ThreadPool.__init__.
     _waits: WaitMemory
-    _gil_fns: GilMemory
     _gil_calls: set[OffloadFuture[Any]]
 
     def _rebalance(self, channel: Channel, loop: asyncio.AbstractEventLoop, due: float) -> None:
@@ -161,12 +160,19 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
             return None
         if not (self._gil_calls and self._gil_fns):
             return pending.popleft()
-        holds = self._gil_fns.holds
+        memory = self._gil_fns
+        holds = memory.holds
         for i in range(min(len(pending), GIL_SCAN)):
             call = pending[i]
             if call._phase is QUEUED and not holds(call.fn):
                 del pending[i]
                 return call
+        # Now and then one goes anyway, to see whether its function still
+        # contends for the GIL beside the one that runs (gil.py: probes).
+        call = pending[0]
+        if memory.probe(call.fn, monotonic()):
+            pending.popleft()
+            return call
         return None
 
     def _start_or_give_up(self, starter: Worker, channel: Channel) -> bool:

@@ -2,9 +2,9 @@
 
 The other half of :class:`~offloop.ThreadPool`, which inherits it: ``pool.py``
 holds how calls flow through the pool, this module how its threads begin and
-how the pool ends. Both
-halves work on the same state under the same lock; ``pool.py`` describes the
-state and its invariants, and sets it up in ``ThreadPool.__init__``.
+how the pool ends. Both halves work on the same state under the same lock;
+``pool.py`` describes the state and its invariants, and sets it up in
+``ThreadPool.__init__``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .._core.poolbase import (
 )
 from .._core.poolexecutor import shut_views_of
 from .._core.validate import check_close_timeout, check_positive_int, describe
+from .gil import GilMemory
 from .workers import Worker
 
 __all__ = ["ThreadPoolLifecycle", "ThreadPoolStatistics"]
@@ -57,6 +58,7 @@ class ThreadPoolStatistics(CallCounters):
     #: Running calls that wait (I/O, sleep, locks) and hold no CPU slot.
     waiting: int
     cpu_slots: int
+    gil_bound: int
 
 
 class ThreadPoolLifecycle(PoolContext):
@@ -81,6 +83,7 @@ class ThreadPoolLifecycle(PoolContext):
     _ready: int
     _running: int
     _waiting: int
+    _gil_fns: GilMemory
     _abandoned: int
     _short: bool
     _unstarted: list[Worker]
@@ -194,7 +197,8 @@ class ThreadPoolLifecycle(PoolContext):
         Keys: ``state``, ``max_workers``, ``threads``, ``idle``, ``running``
         (including abandoned calls), ``waiting`` (running, but blocked in I/O,
         a sleep or a lock, so holding no CPU slot), ``cpu_slots`` (the most
-        calls that run at once while using the CPU), ``abandoned`` (cancelled
+        calls that run at once while using the CPU), ``gil_bound`` (functions
+        whose calls run one at a time: they contend for the GIL), ``abandoned`` (cancelled
         by their awaiter but still running), ``queued`` (not started yet),
         ``completed``, ``failed``, ``cancelled``. Calls a loop made while the
         pool was busy are counted as queued from that loop's next iteration
@@ -214,6 +218,7 @@ class ThreadPoolLifecycle(PoolContext):
                 "running": self._running,
                 "waiting": self._waiting,
                 "cpu_slots": self._cpu_slots,
+                "gil_bound": self._gil_fns.bound(),
                 "abandoned": self._abandoned,
                 "queued": self._queued,
                 "completed": self._completed,

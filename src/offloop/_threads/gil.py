@@ -84,8 +84,9 @@ class GilMemory(dict[object, int]):
     """Which functions hold the GIL: for each (by code object), its last calls that waited for it.
 
     A call seen waiting for the GIL at any time of its run counts; a call
-    seen running without it beside others (and never waiting for it), or
-    found waiting in I/O when it ends, resets the count. Only a run of
+    seen asleep in I/O or a timer (and never waiting for the GIL), or a
+    probe that finds its calls running free beside each other, resets the
+    count. Only a run of
     :data:`GIL_AFTER` makes the function's calls wait for each other, so a
     function that sleeps, runs C or runs Python by turns (a handler that
     fetches, then parses) is rarely held to one call at a time. Under the

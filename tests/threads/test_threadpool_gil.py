@@ -18,6 +18,7 @@ import pytest
 import offloop
 from offloop._threads import gil as gil_module
 from offloop._threads import growth as growth_module
+from offloop._threads import pool as pool_module
 from offloop._threads.gil import (
     CONTENDED,
     FREE,
@@ -26,6 +27,7 @@ from offloop._threads.gil import (
     GilMemory,
     judge_gil,
     learn_gil,
+    may_probe,
 )
 from offloop._threads.workers import Worker, waiting_share
 from tests.helpers import WAIT, await_until
@@ -53,18 +55,43 @@ class _Call:
 def python_fn() -> None: ...
 
 
-def _worker(share: float, *, waiting: bool = False) -> Worker:
-    # A worker whose call was measured at ``share`` busy seconds per second.
+def _worker(
+    share: float,
+    *,
+    waiting: bool = False,
+    ran: float = 0.05,
+    fn: Callable[..., Any] = python_fn,
+) -> Worker:
+    # A worker whose call of ``fn``, started ``ran`` seconds ago, was
+    # measured at ``share`` busy seconds per second over its whole run.
     w = Worker()
-    w.call = _Call(python_fn)  # type: ignore[assignment]
-    w.started = w.seen = time.monotonic()
+    w.call = _Call(fn)  # type: ignore[assignment]
+    w.started = w.seen = w.share_since = time.monotonic() - ran
     w.share = share
     w.waiting = waiting
     return w
 
 
-def judge_gil_(workers: list[Worker], gil_calls: set[Any], memory: GilMemory, now: float) -> None:
-    judge_gil(workers, gil_calls, memory, now, waiting_share(cpu_tests.SLOTS))
+def judge_gil_(
+    workers: list[Worker],
+    gil_calls: set[Any],
+    memory: GilMemory,
+    now: float,
+    *,
+    late: bool = True,
+) -> None:
+    # ``late``: the loop's check ran late, as when calls fight over the GIL.
+    judge_gil(workers, gil_calls, memory, now, waiting_share(cpu_tests.SLOTS), late)
+
+
+def late_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every check of a pool look as if it ran far past its due time."""
+    original = pool_module.ThreadPool._rebalance
+    monkeypatch.setattr(
+        pool_module.ThreadPool,
+        "_rebalance",
+        lambda self, channel, loop, due: original(self, channel, loop, due - 1.0),
+    )
 
 
 def shares_as(monkeypatch: pytest.MonkeyPatch, share: float) -> None:
@@ -144,6 +171,7 @@ async def test_a_pool_learns_that_calls_hold_the_gil_and_starts_the_next_only_af
     two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
 ) -> None:
     shares_as(monkeypatch, 0.3)
+    late_checks(monkeypatch)  # as when calls fight over the GIL
     gates = [threading.Event() for _ in range(3)]
     started: list[int] = []
 
@@ -309,3 +337,63 @@ async def test_a_known_function_whose_call_offloads_a_call_of_itself_and_waits_g
         pool._gil_fns[work.__code__] = GIL_AFTER
         assert await asyncio.wait_for(pool.run(work, 2), WAIT) == 2
         assert not pool._gil_calls
+
+
+def test_calls_that_contend_teach_nothing_while_the_loop_keeps_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Calls waiting on a lock, a queue or a future sleep in a futex too: a
+    # low share tells nothing unless the loop's thread waits for the GIL.
+    monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
+    memory, gil_calls = GilMemory(), set[Any]()
+    judge_gil_([_worker(0.3), _worker(0.3)], gil_calls, memory, time.monotonic(), late=False)
+    assert not memory
+    assert not gil_calls
+
+
+def test_a_known_call_computing_alone_under_half_the_time_makes_the_pool_forget_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Nothing else computes and the loop keeps time: the GIL is free, so a
+    # call that still runs under half the time waits for something else.
+    monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
+
+    def judged(share: float, *, late: bool, ran: float = 0.05) -> GilMemory:
+        memory = GilMemory({python_fn.__code__: GIL_AFTER})
+        alone = _worker(share, ran=ran)
+        gil_calls = {alone.call}
+        judge_gil_([alone], gil_calls, memory, time.monotonic(), late=late)
+        assert bool(gil_calls) is memory.holds(python_fn)
+        return memory
+
+    assert not judged(0.3, late=False).holds(python_fn)
+    assert judged(0.3, late=True).holds(python_fn)  # the loop's thread may hold the GIL
+    assert judged(0.9, late=False).holds(python_fn)  # a Python call alone: near 1
+    # Too short a window to tell: CPython may leave the GIL with the loop's
+    # thread for a switch interval.
+    assert judged(0.3, late=False, ran=gil_module.FREE_SPAN / 2).holds(python_fn)
+
+
+def test_a_known_call_holds_the_others_back_for_a_bounded_time_and_again_when_it_computes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: False)
+    memory = GilMemory({python_fn.__code__: GIL_AFTER})
+    # One that ran past HOLD_LIMIT (a background job, an abandoned runaway)
+    # no longer holds the others back, though it computes.
+    long = _worker(0.5, ran=gil_module.HOLD_LIMIT * 2)
+    # One that waited a while (the pool's check took it out of gil_calls)
+    # and computes again holds them back again.
+    again = _worker(0.5)
+    gil_calls = {long.call}
+    judge_gil_([long, again, _worker(1.0, fn=len)], gil_calls, memory, time.monotonic())
+    assert gil_calls == {again.call}
+
+
+def test_one_probe_at_a_time() -> None:
+    memory = GilMemory({python_fn.__code__: GIL_AFTER})
+    period = gil_module.PROBE_PERIOD
+    assert not may_probe(memory, {_Call(python_fn)}, python_fn, 100.0)  # starts the clock
+    two = {_Call(python_fn), _Call(python_fn)}  # the one that runs and a probe
+    assert not may_probe(memory, two, python_fn, 100.0 + period)
+    assert may_probe(memory, {_Call(python_fn), _Call(len)}, python_fn, 100.0 + period)

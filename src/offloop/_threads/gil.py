@@ -44,14 +44,17 @@ __all__ = [
     "CONTENDED",
     "FREE",
     "FREE_SHARE",
+    "FREE_SPAN",
     "GIL_AFTER",
     "GIL_ENABLED",
     "GIL_SCAN",
     "GIL_SHARE",
+    "HOLD_LIMIT",
     "PROBE_PERIOD",
     "GilMemory",
     "judge_gil",
     "learn_gil",
+    "may_probe",
 ]
 
 #: Whether this interpreter has a GIL at all (free-threaded builds of 3.13+ may not).
@@ -70,6 +73,16 @@ FREE_SHARE: Final = 0.75
 
 #: Seconds between probes of a function known to hold the GIL (see above).
 PROBE_PERIOD: Final = 1.0
+
+#: Seconds of readings that tell whether a call runs free of the GIL: two
+#: switch intervals, as CPython may leave the GIL with one thread for a
+#: switch interval while the others wait.
+FREE_SPAN: Final = 0.01
+
+#: Seconds a call of a known function holds the others back at most: past
+#: that, a long call (a background job, an abandoned runaway) lets the
+#: next one start, rather than keep them waiting for its whole run.
+HOLD_LIMIT: Final = PROBE_PERIOD
 
 #: Worker.gil_seen: the call was seen waiting for the GIL / running without it.
 CONTENDED: Final = 1
@@ -146,15 +159,28 @@ def judge_gil(
     memory: GilMemory,
     now: float,
     floor: float,
+    late: bool,
 ) -> None:
-    """Mark the calls of ``workers`` that wait for the GIL, or run (or wait) without it.
+    """Learn which functions hold the GIL from the calls of ``workers``; keep ``gil_calls``.
 
-    Under the pool's lock, after the pool's check has measured them. A call
-    seen waiting for the GIL joins ``gil_calls`` at once, so that no call of
-    a function known to hold it starts beside it. A call of such a function
-    that waits asleep in I/O or a timer is marked as running without it: a
-    call that waits in a futex may be waiting for the GIL itself (a thread
-    starved of it looks blocked), and tells nothing.
+    Under the pool's lock, after the pool's check has measured the calls.
+    ``late``: the check itself ran late, so the loop's thread waited for the
+    GIL (or a core).
+
+    - Learning: a computing call beside another one, measured under
+      :data:`GIL_SHARE` and asleep in a futex, contends for the GIL, but it
+      counts only while the loop runs late: a call that waits on a lock, a
+      queue or a future sleeps in a futex too, and a GIL that nobody fights
+      over is not worth gating (it would only cost throughput).
+    - Forgetting: a call of a known function asleep in I/O or a timer is
+      marked as running without the GIL (counted when it ends); one measured
+      under :data:`GIL_SHARE` while it computes alone and the loop keeps
+      time waits for something else than the GIL, and makes the function
+      forgotten at once; so do two or more calls of it measured over the
+      same :data:`FREE_SPAN` at :data:`FREE_SHARE` or more each (a probe).
+    - ``gil_calls``: the calls of known functions that compute, for at most
+      :data:`HOLD_LIMIT` each, so that one long call does not hold every
+      other known call back for its whole run.
 
     ``floor``: the least share a call waiting for the GIL gets, half its fair
     share among the computing calls the pool allows and the loop's thread.
@@ -165,40 +191,87 @@ def judge_gil(
     computing = 0
     measured: list[Worker] = []
     for w in workers:
-        if w.call is None:
+        call = w.call
+        if call is None:
             continue
+        if memory and call in gil_calls and now - w.started > HOLD_LIMIT:
+            gil_calls.discard(call)
         if w.waiting:
-            if memory and memory.holds(w.call.fn) and w.sleeps_outside_futex(now):
+            if memory and memory.holds(call.fn) and w.sleeps_outside_futex(now):
                 w.gil_seen, w.gil_at = FREE, w.started
             continue
         computing += 1
         if w.share >= 0 and w.seen == w.started:
             measured.append(w)
     if computing < 2:
-        return  # a call alone shows a share near 1 whatever it runs
-    # The measured calls of each known function: two or more computing at
-    # once (a probe) that all ran without waiting for the GIL: it is forgotten.
+        if computing and not late and memory:
+            # Nothing else of this pool computes and the loop keeps time:
+            # the GIL is there for the taking. A known call that still runs
+            # under half the time waits for something else.
+            for w in measured:
+                call = w.call
+                assert call is not None
+                if (
+                    w.share < GIL_SHARE
+                    and now - w.share_since >= FREE_SPAN
+                    and memory.holds(call.fn)
+                ):
+                    memory.forget(_key(call.fn))
+                    gil_calls.discard(call)
+        return  # otherwise a call alone shows a share near 1 whatever it runs
+    if late:
+        for w in measured:
+            # A call in C code may wait a switch interval for the GIL when it
+            # returns to Python, which lowers its share for a window: it must
+            # also be found asleep in a futex, where GIL waits are. Counted
+            # at once, not when the call ends: a function is known to hold
+            # the GIL while its first calls still contend for it.
+            if (
+                floor <= w.share < GIL_SHARE
+                and (w.gil_at != w.started or w.gil_seen != CONTENDED)
+                and w.sleeps_in_futex()
+            ):
+                memory.remember(w.call, True)
+                w.gil_seen, w.gil_at = CONTENDED, w.started
     known: dict[object, list[Worker]] = {}
     for w in measured:
         call = w.call
         assert call is not None
-        # A call in C code may wait a switch interval for the GIL when it
-        # returns to Python, which lowers its share for a window: it must
-        # also be found asleep in a futex, where GIL waits are.
-        if floor <= w.share < GIL_SHARE and w.sleeps_in_futex():
-            if w.gil_at != w.started or w.gil_seen != CONTENDED:
-                # Counted at once, not when it ends: a function is known to
-                # hold the GIL while its first calls still contend for it.
-                memory.remember(call, True)
-                w.gil_seen, w.gil_at = CONTENDED, w.started
-            gil_calls.add(call)
         if memory and memory.holds(call.fn):
             known.setdefault(_key(call.fn), []).append(w)
+            if now - w.started <= HOLD_LIMIT:
+                gil_calls.add(call)  # back in, if it waited a while (see _rebalance)
     for code, calls in known.items():
-        if len(calls) >= 2 and all(w.share >= FREE_SHARE for w in calls):
+        # Side by side since the last of these calls started, for FREE_SPAN
+        # at least. A window that began earlier holds time the call ran
+        # alone (near 1 for Python code too): at most a third of it, so that
+        # a share of FREE_SHARE still means over half of the time beside
+        # the others, which calls sharing one GIL cannot all get.
+        since = max(w.started for w in calls)
+        if (
+            len(calls) >= 2
+            and now - since >= FREE_SPAN
+            and all(
+                w.share >= FREE_SHARE and since - w.share_since <= (now - w.share_since) / 3
+                for w in calls
+            )
+        ):
             memory.forget(code)
             for w in calls:
                 gil_calls.discard(w.call)
+
+
+def may_probe(
+    memory: GilMemory, gil_calls: set[OffloadFuture[Any]], fn: object, now: float
+) -> bool:
+    """Whether a held-back call of ``fn`` may start now as a probe (under the pool's lock).
+
+    One probe at a time: not while two calls of ``fn`` hold the others back.
+    """
+    code = _key(fn)
+    if sum(1 for call in gil_calls if _key(call.fn) is code) >= 2:
+        return False
+    return memory.probe(fn, now)
 
 
 def learn_gil(worker: Worker, call: OffloadFuture[Any], memory: GilMemory) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from .._core.offload import QUEUED, Channel, OffloadFuture
 from .._core.poolbase import PoolState, complete_waiter
-from .gil import GIL_ENABLED, GIL_SCAN, judge_gil
+from .gil import GIL_ENABLED, GIL_SCAN, judge_gil, may_probe
 from .lifecycle import ThreadPoolLifecycle
 from .workers import WaitMemory, Worker, waiting_share
 
@@ -50,7 +50,6 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
 
     # Set up by ThreadPool.__init__.
     _waits: WaitMemory
-    _gil_calls: set[OffloadFuture[Any]]
 
     def _rebalance(self, channel: Channel, loop: asyncio.AbstractEventLoop, due: float) -> None:
         # Runs on ``loop`` every GROWTH_PERIOD (FULL_PERIOD while the pool is
@@ -93,6 +92,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                     # nested call of its own function) holds no GIL: the next
                     # such call may start, or a nested one would never run.
                     self._gil_calls.discard(w.call)
+            late = loop.time() - due > LAG_LIMIT
             if GIL_ENABLED and (self._gil_fns or self._running - self._waiting >= 2):
                 judge_gil(
                     self._workers,
@@ -100,9 +100,10 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                     self._gil_fns,
                     now,
                     waiting_share(self._cpu_slots),
+                    late,
                 )
             free = self._cpu_slots - (self._ready + self._running - self._waiting)
-            if room > 0 and loop.time() - due > LAG_LIMIT:
+            if room > 0 and late:
                 # The loop itself runs late. Calls that look blocked may be
                 # waiting for the GIL that a computing call holds (C code
                 # such as zlib keeps it for its whole run): while the loop
@@ -170,7 +171,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
         # Now and then one goes anyway, to see whether its function still
         # contends for the GIL beside the one that runs (gil.py: probes).
         call = pending[0]
-        if memory.probe(call.fn, monotonic()):
+        if may_probe(memory, self._gil_calls, call.fn, monotonic()):
             pending.popleft()
             return call
         return None

@@ -84,6 +84,7 @@ class ThreadPoolLifecycle(PoolContext):
     _running: int
     _waiting: int
     _gil_fns: GilMemory
+    _gil_calls: set[OffloadFuture[Any]]
     _abandoned: int
     _short: bool
     _unstarted: list[Worker]
@@ -198,11 +199,11 @@ class ThreadPoolLifecycle(PoolContext):
         (including abandoned calls), ``waiting`` (running, but blocked in I/O,
         a sleep or a lock, so holding no CPU slot), ``cpu_slots`` (the most
         calls that run at once while using the CPU), ``gil_bound`` (functions
-        whose calls run one at a time: they contend for the GIL), ``abandoned`` (cancelled
-        by their awaiter but still running), ``queued`` (not started yet),
-        ``completed``, ``failed``, ``cancelled``. Calls a loop made while the
-        pool was busy are counted as queued from that loop's next iteration
-        (see ``dispatch.py``: they reach the pool in one batch).
+        whose calls run one at a time, as they contend for the GIL),
+        ``abandoned`` (cancelled by their awaiter but still running),
+        ``queued`` (not started yet; a loop's calls made while the pool was
+        busy count from its next iteration, when they reach the pool in one
+        batch), ``completed``, ``failed``, ``cancelled``.
 
         ``cancelled`` counts awaiters cancelled; ``completed`` and ``failed``
         count functions that returned or raised. So an abandoned call whose
@@ -559,6 +560,7 @@ class ThreadPoolLifecycle(PoolContext):
         self._start_wanted = -1.0
         self._armed = set()
         self._closed_waiters = []
+        self._gil_calls = set()
         if self._state is not PoolState.OPEN:
             self._state = PoolState.CLOSED
 

@@ -123,6 +123,7 @@ class Worker:
         "prev_wall",
         "seen",
         "share",
+        "share_since",
         "started",
         "thread",
         "tid",
@@ -150,6 +151,8 @@ class Worker:
         #: The current call's busy share over its last judged window (busy
         #: seconds per wall second); -1: not judged yet (see gil.py).
         self.share = -1.0
+        #: Where that window began (monotonic); -1: not judged yet.
+        self.share_since = -1.0
         #: What gil.judge_gil saw of the call that started at ``gil_at``:
         #: 1 waiting for the GIL, 2 running without it, 0 nothing.
         self.gil_seen = 0
@@ -275,6 +278,7 @@ class Worker:
         else:
             ref_busy, ref_wall = self.base_busy, self.base_wall
         self.share = (busy - ref_busy) / (now - ref_wall) if now > ref_wall else 1.0
+        self.share_since = ref_wall
         waiting = self.share < waiting_share(running)
         self.judged = True
         if now - self.base_wall >= WINDOW:
@@ -288,7 +292,7 @@ class Worker:
         self.base_busy, self.base_wall = busy, now
         self.prev_wall = -1.0
         self.judged = False
-        self.share = -1.0
+        self.share = self.share_since = -1.0
 
 
 #: The most functions a pool remembers as waiting or computing.

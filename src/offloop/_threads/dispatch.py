@@ -165,9 +165,14 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                     and self._idle > 0
                     and self._ready + self._running - self._waiting < self._cpu_slots
                 ):
-                    nxt = self._take_pending()
-                    if nxt is None:
-                        break  # they wait for the GIL-holding call (gil.py)
+                    if self._gil_calls:
+                        nxt = self._take_pending()
+                        if nxt is None:
+                            break  # they wait for the GIL-holding call (gil.py)
+                    else:
+                        nxt = pending.popleft()
+                        if nxt._phase is not QUEUED:
+                            continue  # cancelled meanwhile
                     self._dispatch(nxt, to_start)
                 if to_start:
                     starter = self._want_started(to_start, now=monotonic())

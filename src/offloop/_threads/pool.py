@@ -510,9 +510,18 @@ class ThreadPool(ThreadPoolDispatch):
             return None
         if now - worker.started < GROWTH_PERIOD:
             self._short = True
-        call = self._take_pending()
-        if call is None:
-            return None
+        if self._gil_calls:  # a GIL-holding call runs: its peers wait (gil.py)
+            call = self._take_pending()
+            if call is None:
+                return None
+        else:
+            pending = self._pending
+            while pending:
+                call = pending.popleft()
+                if call._phase is QUEUED:  # else cancelled while pending
+                    break
+            else:
+                return None
         if self._gil_fns and self._gil_fns.holds(call.fn):
             self._gil_calls.add(call)  # see gil.py
         call._phase = RUNNING

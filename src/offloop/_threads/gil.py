@@ -1,32 +1,48 @@
-"""The GIL as a resource of its own: at most one call known to hold it runs at a time.
+"""The GIL as a resource of its own: one call of a function known to hold it runs at a time.
 
 Pure-Python calls share one GIL, so running several at once finishes them no
 sooner, and each one more is one more thread the event loop's thread queues
 behind for the GIL. Calls that compute in C code that releases the GIL
 (zlib, hashlib) do run in parallel, and still get all of ``cpu_slots``.
 
-A pool tells the two apart by the busy share of a computing call (see
-``Worker.share``): a thread that waits for a core counts as busy, so a call
-in C code shows a share near 1 however many run, while a call that waits for
-the GIL sleeps in a futex and shows well under 1, but only while another
-call computes beside it (alone, a Python call shows near 1 too, and teaches
-nothing). A function seen contending is remembered (:class:`GilMemory`, by
-code object, like ``WaitMemory``); a pending call of such a function is
-dispatched only while no call known to hold the GIL computes or is on its
-way (the pool's ``_gil_calls``). A call of it seen asleep in I/O or a timer
-makes it forgotten again, so a function that sleeps, runs C or runs Python
-by turns is not kept to one call at a time. A high share of one call does
-not: a Python thread may keep the GIL for several switch intervals while the
-others starve, and would look like C code.
+Learning. A pool tells the two apart by the busy share of a computing call
+(see ``Worker.share``): a thread that waits for a core counts as busy, so a
+call in C code shows a share near 1 however many run, while a call that
+waits for the GIL sleeps in a futex and shows well under 1, but only while
+another call computes beside it (alone, a Python call shows near 1 too, and
+teaches nothing). A wait on a lock, a queue or a future is a futex sleep
+too, so a call counts as contending only while the pool's check itself runs
+late, that is while the loop's thread waits for the GIL as well: a GIL
+nobody fights over is not worth gating. Two calls in a row seen contending
+make the function known (:class:`GilMemory`, by code object, like
+``WaitMemory``). Measurements come from the pool's check, which runs only
+while calls are pending, and from Linux's ``/proc``: elsewhere nothing is
+learnt.
 
-Probes: once per :data:`PROBE_PERIOD` a held-back call of a known function
-starts anyway, beside the one that runs. If two or more of its calls then
-compute at once, each with a share of :data:`FREE_SHARE` or more, they do not
-share one GIL (calls that do cannot all get more than half of the time), and
-the function is forgotten. So a function taken for GIL-bound by mistake (C
-code whose calls also waited on a lock the others held, say) gets all of
-``cpu_slots`` back within about a probe period, at the cost of two
-GIL-bound calls running together for one call's time now and then.
+The gate. The pool's ``_gil_calls`` holds the calls of known functions that
+compute or are on their way to a thread; while it is not empty a pending
+call of a known function waits, and calls of other functions go past it
+(looking at most :data:`GIL_SCAN` calls down the queue). A call leaves it
+when it ends, when the pool's check finds it waiting (a lock, I/O, a nested
+offload of its own function: it holds no GIL then), and for good once it has
+run :data:`HOLD_LIMIT`, so that a long call (a background job, an abandoned
+runaway) does not keep the others waiting for its whole run; a call that
+computes again after a wait goes back in.
+
+Forgetting. A call of a known function seen asleep in I/O or a timer makes
+it forgotten when the call ends, and so does, at once, a call that computes
+alone under half the time while the loop keeps time (the GIL is free for
+the taking, so it waits for something else). A high share of one call beside
+others does not: a Python thread may keep the GIL for several switch
+intervals while the others starve, and would look like C code. Probes do:
+once per :data:`PROBE_PERIOD` one held-back call of a known function starts
+anyway, beside the one that runs (one probe at a time). If two or more of
+its calls then compute side by side for :data:`FREE_SPAN`, each with a share
+of :data:`FREE_SHARE` or more, they do not share one GIL (calls that do
+cannot all get more than half of the time), and the function is forgotten.
+So a function taken for GIL-bound by mistake gets all of ``cpu_slots`` back
+within about a probe period (for calls long enough to be measured side by
+side), at the cost of two GIL-bound calls running together now and then.
 """
 
 from __future__ import annotations

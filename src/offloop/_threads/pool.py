@@ -56,6 +56,8 @@ critical sections:
   free takes them off the queue instead of becoming idle.
 - A call cancelled in ``_pending`` leaves it at once; one cancelled on the
   queue stays there, SKIPPED, until the worker that pops it drops it.
+- Every call in ``_gil_calls`` (gil.py) is of a function ``_gil_fns`` knows
+  (or knew when it went in), and on the queue or running; none is pending.
 """
 
 from __future__ import annotations

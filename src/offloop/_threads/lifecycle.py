@@ -271,14 +271,12 @@ class ThreadPoolLifecycle(PoolContext):
 
     def _want_started(self, workers: list[Worker], *, now: float) -> Worker | None:
         # Under _lock, on the loop: threads for these new workers are wanted.
-        # Thread.start() waits until the new thread has run, and under GIL
-        # contention that takes several switch intervals, up to hundreds of
-        # milliseconds with CPU-bound threads about: the loop must not pay
-        # it. So a worker that ends a call starts them (_starter_wanted), and
-        # the loop starts one itself only for a pool with no thread at all,
-        # or when no worker came by for START_GRACE (all of them blocked,
-        # which is when a start is cheap); see _late_start. Returns the one
-        # the caller must start now, if any.
+        # Thread.start() waits until the new thread has run, which under GIL
+        # contention takes several switch intervals: the loop must not pay
+        # it. So a worker that ends a call starts them (_starter_wanted); the
+        # loop starts one itself only for a pool with no thread at all, or
+        # when no worker came by for START_GRACE (all of them blocked, when
+        # a start is cheap; see _late_start). Returns the one to start now.
         self._unstarted.extend(workers)
         if self._starting:
             return None

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import offloop
+from offloop._core.poolbase import PoolState
 from offloop._threads import gil as gil_module
 from offloop._threads import growth as growth_module
 from offloop._threads import pool as pool_module
@@ -170,7 +171,7 @@ def test_a_call_of_a_known_function_asleep_in_io_makes_the_pool_forget_it(
 async def test_a_pool_learns_that_calls_hold_the_gil_and_starts_the_next_only_after_them(
     two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
 ) -> None:
-    shares_as(monkeypatch, 0.3)
+    shares_as(monkeypatch, 0.4)  # under GIL_SHARE, over any waiting threshold
     late_checks(monkeypatch)  # as when calls fight over the GIL
     gates = [threading.Event() for _ in range(3)]
     started: list[int] = []
@@ -397,3 +398,34 @@ def test_one_probe_at_a_time() -> None:
     two = {_Call(python_fn), _Call(python_fn)}  # the one that runs and a probe
     assert not may_probe(memory, two, python_fn, 100.0 + period)
     assert may_probe(memory, {_Call(python_fn), _Call(len)}, python_fn, 100.0 + period)
+
+
+async def test_held_back_calls_can_be_cancelled_and_fail_when_the_pool_closes(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+) -> None:
+    cpu_tests.measure_as(monkeypatch, computing=True)
+    gate, started = threading.Event(), list[int]()
+    work = cpu_tests.gated(gate, started)
+    pool = offloop.ThreadPool(8, name="gil-held")
+    pool._gil_fns[work.__code__] = GIL_AFTER
+    running = pool.run(work, 0)
+    held = [pool.run(work, i) for i in range(1, 4)]
+    await await_until(lambda: started == [0], WAIT, "the first call to start")
+    await rebalances(cpu_tests.REBALANCES)
+    assert started == [0]  # the others are held back, slot or not
+    assert pool.statistics()["queued"] == 3
+    held[1].cancel()
+    stats = pool.statistics()
+    assert (stats["queued"], stats["cancelled"]) == (2, 1)
+    closing = asyncio.ensure_future(pool.aclose())
+    await await_until(lambda: pool.state is PoolState.CLOSING, WAIT, "the pool to close")
+    gate.set()
+    await asyncio.wait_for(closing, WAIT)
+    assert await running == 0
+    for call in (held[0], held[2]):
+        with pytest.raises(offloop.PoolClosedError, match="closed before this call"):
+            await call
+    stats = pool.statistics()
+    assert (stats["queued"], stats["running"], stats["cancelled"]) == (0, 0, 3)
+    assert not pool._gil_calls
+    assert started == [0]

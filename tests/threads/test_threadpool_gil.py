@@ -394,10 +394,14 @@ def test_a_known_call_holds_the_others_back_for_a_bounded_time_and_again_when_it
 def test_one_probe_at_a_time() -> None:
     memory = GilMemory({python_fn.__code__: GIL_AFTER})
     period = gil_module.PROBE_PERIOD
-    assert not may_probe(memory, {_Call(python_fn)}, python_fn, 100.0)  # starts the clock
-    two = {_Call(python_fn), _Call(python_fn)}  # the one that runs and a probe
-    assert not may_probe(memory, two, python_fn, 100.0 + period)
-    assert may_probe(memory, {_Call(python_fn), _Call(len)}, python_fn, 100.0 + period)
+
+    def calls(*fns: Callable[..., Any]) -> set[Any]:
+        return {_Call(fn) for fn in fns}
+
+    assert not may_probe(memory, calls(python_fn), python_fn, 100.0)  # starts the clock
+    # The one that runs and a probe: no second probe.
+    assert not may_probe(memory, calls(python_fn, python_fn), python_fn, 100.0 + period)
+    assert may_probe(memory, calls(python_fn, len), python_fn, 100.0 + period)
 
 
 async def test_held_back_calls_can_be_cancelled_and_fail_when_the_pool_closes(

@@ -106,3 +106,67 @@ def test_a_child_forked_in_a_worker_can_cross_into_async_code(tmp_path: Path) ->
         "child token <StopToken not set>",
         "parent ok",
     ], done.stdout + done.stderr
+
+
+FORK_BESIDE_A_GIL_HOLDER = textwrap.dedent(
+    """
+    import asyncio, os, threading, time, warnings
+    import offloop
+    from offloop._threads.gil import GIL_AFTER
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, Python 3.12+
+
+    def work(gate):
+        gate.wait(30)
+        return os.getpid()
+
+    async def in_child():
+        pool = offloop.default_thread_pool()
+        # The parent's call never ends here: it must not hold this one back.
+        print("child holders", len(pool._gil_calls), flush=True)
+        gate = threading.Event()
+        gate.set()
+        return await asyncio.wait_for(offloop.to_thread(work, gate), 10) == os.getpid()
+
+    def fork():
+        pid = os.fork()
+        if pid == 0:
+            try:
+                print("child ok" if asyncio.run(in_child()) else "child wrong", flush=True)
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 20  # bounded
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return "the child hung"
+            time.sleep(0.01)
+        return "parent ok"
+
+    async def main():
+        pool = offloop.default_thread_pool()
+        pool._gil_fns[work.__code__] = GIL_AFTER  # as if learnt: its calls hold the GIL
+        gate = threading.Event()
+        running = offloop.to_thread(work, gate)
+        print("parent holders", len(pool._gil_calls), flush=True)
+        try:
+            return await asyncio.to_thread(fork)  # not from a worker of the pool
+        finally:
+            gate.set()
+            await running
+
+    print(asyncio.run(main()), flush=True)
+    """
+)
+
+
+def test_a_child_forked_beside_a_gil_holding_call_is_not_held_back_by_it(tmp_path: Path) -> None:
+    done = run_script(tmp_path, "fork_gil.py", FORK_BESIDE_A_GIL_HOLDER, 60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        "parent holders 1",
+        "child holders 0",
+        "child ok",
+        "parent ok",
+    ], done.stdout + done.stderr

@@ -55,6 +55,7 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                 not self._pending
                 and self._ready + self._running - self._waiting < self._cpu_slots
                 and (self._idle > 0 or not self._workers)
+                and not (self._gil_calls and self._gil_fns.holds(call.fn))
             ):
                 # A free CPU slot and a thread for it: dispatch now. A new
                 # thread only for the first call; later ones come from
@@ -72,6 +73,8 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                 dispatch = True
             if dispatch:
                 self._ready += 1
+                if self._gil_fns and self._gil_fns.holds(call.fn):
+                    self._gil_calls.add(call)  # see gil.py
                 if self._idle > 0:
                     self._idle -= 1
                 else:
@@ -162,9 +165,15 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                     and self._idle > 0
                     and self._ready + self._running - self._waiting < self._cpu_slots
                 ):
-                    call = pending.popleft()
-                    if call._phase is QUEUED:
-                        self._dispatch(call, to_start)
+                    if self._gil_calls:
+                        nxt = self._take_pending()
+                        if nxt is None:
+                            break  # they wait for the GIL-holding call (gil.py)
+                    else:
+                        nxt = pending.popleft()
+                        if nxt._phase is not QUEUED:
+                            continue  # cancelled meanwhile
+                    self._dispatch(nxt, to_start)
                 if to_start:
                     starter = self._want_started(to_start, now=monotonic())
                 if (pending or (self._unstarted and not self._starting)) and (

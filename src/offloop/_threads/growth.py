@@ -21,8 +21,9 @@ from typing import Any, Final
 
 from .._core.offload import QUEUED, Channel, OffloadFuture
 from .._core.poolbase import PoolState, complete_waiter
+from .gil import GIL_ENABLED, GIL_SCAN, judge_gil, may_probe
 from .lifecycle import ThreadPoolLifecycle
-from .workers import WaitMemory, Worker
+from .workers import WaitMemory, Worker, waiting_share
 
 __all__ = ["FULL_PERIOD", "GROWTH_PERIOD", "LAG_LIMIT", "ThreadPoolGrowth"]
 
@@ -86,8 +87,23 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                     if not waiting:
                         w.presumed = False
                         self._waits.remember(w.call, False)
+                if waiting and self._gil_calls and w.call is not None:
+                    # A GIL-holding call that waits (for a lock, an I/O, or a
+                    # nested call of its own function) holds no GIL: the next
+                    # such call may start, or a nested one would never run.
+                    self._gil_calls.discard(w.call)
+            late = loop.time() - due > LAG_LIMIT
+            if GIL_ENABLED and (self._gil_fns or self._running - self._waiting >= 2):
+                judge_gil(
+                    self._workers,
+                    self._gil_calls,
+                    self._gil_fns,
+                    now,
+                    waiting_share(self._cpu_slots),
+                    late,
+                )
             free = self._cpu_slots - (self._ready + self._running - self._waiting)
-            if room > 0 and loop.time() - due > LAG_LIMIT:
+            if room > 0 and late:
                 # The loop itself runs late. Calls that look blocked may be
                 # waiting for the GIL that a computing call holds (C code
                 # such as zlib keeps it for its whole run): while the loop
@@ -104,9 +120,9 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 )
                 free = min(free, self._cpu_slots - (self._ready + self._running - sure))
             while free > 0 and room > 0 and self._pending:
-                call = self._pending.popleft()
-                if call._phase is not QUEUED:
-                    continue  # cancelled while pending
+                call = self._take_pending()
+                if call is None:
+                    break  # the rest must wait for the GIL-holding call to end
                 self._dispatch(call, to_start)
                 free -= 1
                 room -= 1
@@ -123,6 +139,8 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
         # an idle one or a new one (added to to_start). _submit does the same
         # inline: it runs once per call, and would pay for the list here.
         self._ready += 1
+        if self._gil_fns and self._gil_fns.holds(call.fn):
+            self._gil_calls.add(call)
         if self._idle > 0:
             self._idle -= 1
         else:
@@ -130,6 +148,33 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
             self._workers.append(worker)
             to_start.append(worker)
         self._queue.put(call)  # under the lock, as in _submit
+
+    def _take_pending(self) -> OffloadFuture[Any] | None:
+        # Under _lock: the first pending call that may run now, taken out of
+        # _pending. While a call known to hold the GIL runs (or is on its way
+        # to a thread), a call of a function known to hold it must wait
+        # (gil.py): the first other one among the next GIL_SCAN goes instead.
+        pending = self._pending
+        while pending and pending[0]._phase is not QUEUED:
+            pending.popleft()  # cancelled while pending
+        if not pending:
+            return None
+        if not (self._gil_calls and self._gil_fns):
+            return pending.popleft()
+        memory = self._gil_fns
+        holds = memory.holds
+        for i in range(min(len(pending), GIL_SCAN)):
+            call = pending[i]
+            if call._phase is QUEUED and not holds(call.fn):
+                del pending[i]
+                return call
+        # Now and then one goes anyway, to see whether its function still
+        # contends for the GIL beside the one that runs (gil.py: probes).
+        call = pending[0]
+        if may_probe(memory, self._gil_calls, call.fn, monotonic()):
+            pending.popleft()
+            return call
+        return None
 
     def _start_or_give_up(self, starter: Worker, channel: Channel) -> bool:
         # On the loop: start the thread of a wanted worker (which starts the

@@ -2,9 +2,9 @@
 
 The other half of :class:`~offloop.ThreadPool`, which inherits it: ``pool.py``
 holds how calls flow through the pool, this module how its threads begin and
-how the pool ends. Both
-halves work on the same state under the same lock; ``pool.py`` describes the
-state and its invariants, and sets it up in ``ThreadPool.__init__``.
+how the pool ends. Both halves work on the same state under the same lock;
+``pool.py`` describes the state and its invariants, and sets it up in
+``ThreadPool.__init__``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .._core.poolbase import (
 )
 from .._core.poolexecutor import shut_views_of
 from .._core.validate import check_close_timeout, check_positive_int, describe
+from .gil import GilMemory
 from .workers import Worker
 
 __all__ = ["ThreadPoolLifecycle", "ThreadPoolStatistics"]
@@ -57,6 +58,7 @@ class ThreadPoolStatistics(CallCounters):
     #: Running calls that wait (I/O, sleep, locks) and hold no CPU slot.
     waiting: int
     cpu_slots: int
+    gil_bound: int
 
 
 class ThreadPoolLifecycle(PoolContext):
@@ -81,6 +83,8 @@ class ThreadPoolLifecycle(PoolContext):
     _ready: int
     _running: int
     _waiting: int
+    _gil_fns: GilMemory
+    _gil_calls: set[OffloadFuture[Any]]
     _abandoned: int
     _short: bool
     _unstarted: list[Worker]
@@ -194,11 +198,12 @@ class ThreadPoolLifecycle(PoolContext):
         Keys: ``state``, ``max_workers``, ``threads``, ``idle``, ``running``
         (including abandoned calls), ``waiting`` (running, but blocked in I/O,
         a sleep or a lock, so holding no CPU slot), ``cpu_slots`` (the most
-        calls that run at once while using the CPU), ``abandoned`` (cancelled
-        by their awaiter but still running), ``queued`` (not started yet),
-        ``completed``, ``failed``, ``cancelled``. Calls a loop made while the
-        pool was busy are counted as queued from that loop's next iteration
-        (see ``dispatch.py``: they reach the pool in one batch).
+        calls that run at once while using the CPU), ``gil_bound`` (functions
+        whose calls run one at a time, as they contend for the GIL),
+        ``abandoned`` (cancelled by their awaiter but still running),
+        ``queued`` (not started yet; a loop's calls made while the pool was
+        busy count from its next iteration, when they reach the pool in one
+        batch), ``completed``, ``failed``, ``cancelled``.
 
         ``cancelled`` counts awaiters cancelled; ``completed`` and ``failed``
         count functions that returned or raised. So an abandoned call whose
@@ -214,6 +219,7 @@ class ThreadPoolLifecycle(PoolContext):
                 "running": self._running,
                 "waiting": self._waiting,
                 "cpu_slots": self._cpu_slots,
+                "gil_bound": self._gil_fns.bound(),
                 "abandoned": self._abandoned,
                 "queued": self._queued,
                 "completed": self._completed,
@@ -265,14 +271,12 @@ class ThreadPoolLifecycle(PoolContext):
 
     def _want_started(self, workers: list[Worker], *, now: float) -> Worker | None:
         # Under _lock, on the loop: threads for these new workers are wanted.
-        # Thread.start() waits until the new thread has run, and under GIL
-        # contention that takes several switch intervals, up to hundreds of
-        # milliseconds with CPU-bound threads about: the loop must not pay
-        # it. So a worker that ends a call starts them (_starter_wanted), and
-        # the loop starts one itself only for a pool with no thread at all,
-        # or when no worker came by for START_GRACE (all of them blocked,
-        # which is when a start is cheap); see _late_start. Returns the one
-        # the caller must start now, if any.
+        # Thread.start() waits until the new thread has run, which under GIL
+        # contention takes several switch intervals: the loop must not pay
+        # it. So a worker that ends a call starts them (_starter_wanted); the
+        # loop starts one itself only for a pool with no thread at all, or
+        # when no worker came by for START_GRACE (all of them blocked, when
+        # a start is cheap; see _late_start). Returns the one to start now.
         self._unstarted.extend(workers)
         if self._starting:
             return None
@@ -554,6 +558,7 @@ class ThreadPoolLifecycle(PoolContext):
         self._start_wanted = -1.0
         self._armed = set()
         self._closed_waiters = []
+        self._gil_calls = set()
         if self._state is not PoolState.OPEN:
             self._state = PoolState.CLOSED
 

@@ -56,6 +56,8 @@ critical sections:
   free takes them off the queue instead of becoming idle.
 - A call cancelled in ``_pending`` leaves it at once; one cancelled on the
   queue stays there, SKIPPED, until the worker that pops it drops it.
+- Every call in ``_gil_calls`` (gil.py) is of a function ``_gil_fns`` knows
+  (or knew when it went in), and on the queue or running; none is pending.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ from .._core.validate import (
 )
 from .batch import MapResults
 from .dispatch import ThreadPoolDispatch
+from .gil import GilMemory, learn_gil
 from .growth import GROWTH_PERIOD
 from .workers import DEFAULT_CPU_SLOTS, WaitMemory, Worker
 
@@ -228,6 +231,10 @@ class ThreadPool(ThreadPoolDispatch):
         self._start_wanted = -1.0  # since when (monotonic); -1: not wanted
         # Which functions' calls were found waiting (see workers.py).
         self._waits = WaitMemory()
+        # Which functions hold the GIL, and the calls of theirs dispatched
+        # and not ended: at most one starts while any runs (see gil.py).
+        self._gil_fns = GilMemory()
+        self._gil_calls: set[OffloadFuture[Any]] = set()
         self._abandoned = 0
         self._completed = 0
         self._failed = 0
@@ -399,6 +406,7 @@ class ThreadPool(ThreadPoolDispatch):
                     if call._phase is QUEUED and self._state is not PoolState.OPEN:
                         self._skip_closed(call)
                     if call._phase is SKIPPED:
+                        self._gil_calls.discard(call)
                         self._free_slot()
                         skipped = True
                     else:
@@ -456,6 +464,10 @@ class ThreadPool(ThreadPoolDispatch):
                     # Measured computing: its function must wait twice in a
                     # row again before its calls skip the slots.
                     self._waits.remember(call, False)
+                if self._gil_calls:
+                    self._gil_calls.discard(call)
+                if worker.gil_at == worker.started or self._gil_fns:
+                    learn_gil(worker, call, self._gil_fns)
                 if call._phase is ABANDONED:
                     self._abandoned -= 1
                 if call._error is None:
@@ -500,19 +512,29 @@ class ThreadPool(ThreadPoolDispatch):
             return None
         if now - worker.started < GROWTH_PERIOD:
             self._short = True
-        while self._pending:
-            call = self._pending.popleft()
-            if call._phase is QUEUED:  # else cancelled while pending
-                call._phase = RUNNING
-                self._queued -= 1
-                self._running += 1
-                worker.call = call
-                worker.started = now
-                if self._waits and self._waits.waits(call.fn):
-                    worker.waiting = worker.presumed = True  # as in _work
-                    self._waiting += 1
-                return call
-        return None
+        if self._gil_calls:  # a GIL-holding call runs: its peers wait (gil.py)
+            call = self._take_pending()
+            if call is None:
+                return None
+        else:
+            pending = self._pending
+            while pending:
+                call = pending.popleft()
+                if call._phase is QUEUED:  # else cancelled while pending
+                    break
+            else:
+                return None
+        if self._gil_fns and self._gil_fns.holds(call.fn):
+            self._gil_calls.add(call)  # see gil.py
+        call._phase = RUNNING
+        self._queued -= 1
+        self._running += 1
+        worker.call = call
+        worker.started = now
+        if self._waits and self._waits.waits(call.fn):
+            worker.waiting = worker.presumed = True  # as in _work
+            self._waiting += 1
+        return call
 
     def _free_slot(self) -> None:
         # Called under _lock by a thread that is about to take the next call.

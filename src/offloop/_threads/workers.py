@@ -112,6 +112,8 @@ class Worker:
         "base_wall",
         "call",
         "fd",
+        "gil_at",
+        "gil_seen",
         "in_io",
         "io_read",
         "judged",
@@ -120,6 +122,8 @@ class Worker:
         "prev_busy",
         "prev_wall",
         "seen",
+        "share",
+        "share_since",
         "started",
         "thread",
         "tid",
@@ -144,6 +148,15 @@ class Worker:
         self.prev_busy = self.prev_wall = 0.0
         #: Whether the current call counts as waiting (holds no CPU slot).
         self.waiting = False
+        #: The current call's busy share over its last judged window (busy
+        #: seconds per wall second); -1: not judged yet (see gil.py).
+        self.share = -1.0
+        #: Where that window began (monotonic); -1: not judged yet.
+        self.share_since = -1.0
+        #: What gil.judge_gil saw of the call that started at ``gil_at``:
+        #: 1 waiting for the GIL, 2 running without it, 0 nothing.
+        self.gil_seen = 0
+        self.gil_at = -1.0
         #: Whether ``waiting`` was measured for the current call, not presumed.
         self.judged = False
         #: Whether the current call was presumed to wait when it started (its
@@ -192,6 +205,17 @@ class Worker:
         # "0" or empty: running, or hidden by the kernel's settings.
         self.in_io = where not in (b"", b"0") and b"futex" not in where
         return self.in_io
+
+    def sleeps_in_futex(self) -> bool:
+        """Whether the thread sleeps in a futex now (a lock or the GIL); False where unknown."""
+        if not _HAS_SCHEDSTAT or not self.tid:
+            return False
+        try:
+            if self.wfd < 0:
+                self.wfd = os.open(_WCHAN.format(self.tid), os.O_RDONLY | os.O_CLOEXEC)
+            return b"futex" in os.pread(self.wfd, 64, 0)
+        except OSError:
+            return False
 
     def close(self) -> None:
         """Close the thread's /proc files (when the thread leaves the pool)."""
@@ -253,7 +277,9 @@ class Worker:
             ref_busy, ref_wall = self.prev_busy, self.prev_wall
         else:
             ref_busy, ref_wall = self.base_busy, self.base_wall
-        waiting = busy - ref_busy < waiting_share(running) * (now - ref_wall)
+        self.share = (busy - ref_busy) / (now - ref_wall) if now > ref_wall else 1.0
+        self.share_since = ref_wall
+        waiting = self.share < waiting_share(running)
         self.judged = True
         if now - self.base_wall >= WINDOW:
             self.prev_busy, self.prev_wall = self.base_busy, self.base_wall
@@ -274,6 +300,7 @@ class Worker:
         self.base_busy, self.base_wall = busy, now
         self.prev_wall = -1.0
         self.judged = False
+        self.share = self.share_since = -1.0
 
 
 #: The most functions a pool remembers as waiting or computing.

@@ -52,9 +52,11 @@ def rebalances(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Any]:
     count = [0]
     original = pool_module.ThreadPool._rebalance
 
-    def counting(self: Any, channel: Any, loop: asyncio.AbstractEventLoop, due: float) -> None:
+    def counting(
+        self: Any, channel: Any, loop: asyncio.AbstractEventLoop, due: float, *clocks: Any
+    ) -> None:
         count[0] += 1
-        original(self, channel, loop, due)
+        original(self, channel, loop, due, *clocks)
 
     monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", counting)
 
@@ -155,7 +157,9 @@ async def test_while_the_loop_runs_late_calls_blocked_in_io_give_their_slot_at_o
         monkeypatch.setattr(
             pool_module.ThreadPool,
             "_rebalance",
-            lambda self, channel, loop, due: original(self, channel, loop, due - 1.0),
+            lambda self, channel, loop, due, *clocks: original(
+                self, channel, loop, due - 1.0, *clocks
+            ),
         )
         calls = [pool.run(reader.recv, 1) for _ in range(4)]
         try:
@@ -189,7 +193,9 @@ async def test_while_the_loop_runs_late_only_calls_waiting_a_whole_window_give_t
         monkeypatch.setattr(
             pool_module.ThreadPool,
             "_rebalance",
-            lambda self, channel, loop, due: original(self, channel, loop, due - 1.0),
+            lambda self, channel, loop, due, *clocks: original(
+                self, channel, loop, due - 1.0, *clocks
+            ),
         )
         calls = [pool.run(gated(gate, started), i) for i in range(4)]
         seen_unsure_waiting = False

@@ -16,16 +16,19 @@ from typing import Any
 import pytest
 
 import offloop
+from offloop._core.offload import QUEUED
 from offloop._core.poolbase import PoolState
 from offloop._threads import gil as gil_module
 from offloop._threads import growth as growth_module
 from offloop._threads import pool as pool_module
 from offloop._threads.gil import (
     CONTENDED,
+    CROWDED,
     FREE,
-    FREE_SHARE,
     GIL_AFTER,
+    GilClocks,
     GilMemory,
+    GilSigns,
     judge_gil,
     learn_gil,
     may_probe,
@@ -56,18 +59,26 @@ class _Call:
 def python_fn() -> None: ...
 
 
+#: The time the unit tests judge at (monotonic seconds): one value, so no
+#: window grows between building a worker and judging it.
+NOW = 1000.0
+
+
 def _worker(
     share: float,
     *,
+    now: float = NOW,
     waiting: bool = False,
     ran: float = 0.05,
     fn: Callable[..., Any] = python_fn,
 ) -> Worker:
-    # A worker whose call of ``fn``, started ``ran`` seconds ago, was
-    # measured at ``share`` busy seconds per second over its whole run.
+    # A worker whose call of ``fn``, started ``ran`` seconds before ``now``,
+    # was measured at ``share`` busy seconds per second over its whole run,
+    # last at ``now``.
     w = Worker()
     w.call = _Call(fn)  # type: ignore[assignment]
-    w.started = w.seen = w.share_since = time.monotonic() - ran
+    w.started = w.seen = w.share_since = now - ran
+    w.last = now
     w.share = share
     w.waiting = waiting
     return w
@@ -79,10 +90,12 @@ def judge_gil_(
     memory: GilMemory,
     now: float,
     *,
-    late: bool = True,
+    waited: bool = True,
+    calm: bool = False,
 ) -> None:
-    # ``late``: the loop's check ran late, as when calls fight over the GIL.
-    judge_gil(workers, gil_calls, memory, now, waiting_share(cpu_tests.SLOTS), late)
+    # By default the loop's thread waited for the GIL, as when calls fight over it.
+    signs = GilSigns(waited=waited, calm=calm)
+    judge_gil(workers, gil_calls, memory, now, waiting_share(cpu_tests.SLOTS), signs)
 
 
 def late_checks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,7 +104,7 @@ def late_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         pool_module.ThreadPool,
         "_rebalance",
-        lambda self, channel, loop, due: original(self, channel, loop, due - 1.0),
+        lambda self, channel, loop, due, *clocks: original(self, channel, loop, due - 1.0, *clocks),
     )
 
 
@@ -117,31 +130,31 @@ def test_calls_under_a_share_beside_each_other_contend_but_one_alone_teaches_not
     monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
     memory, gil_calls = GilMemory(), set[Any]()
     lone = _worker(0.3)
-    judge_gil_([lone], gil_calls, memory, time.monotonic())
+    judge_gil_([lone], gil_calls, memory, NOW)
     assert not memory
     assert not gil_calls
     assert lone.gil_seen == 0
     pair = [_worker(0.3), _worker(0.3)]
-    judge_gil_(pair, gil_calls, memory, time.monotonic())
+    judge_gil_(pair, gil_calls, memory, NOW)
     assert memory.holds(python_fn)
     assert gil_calls == {w.call for w in pair}
     assert all(w.gil_seen == CONTENDED and w.gil_at == w.started for w in pair)
     # Seen again during the same calls: each call counts once.
     memory[python_fn.__code__] = 0
-    judge_gil_(pair, gil_calls, memory, time.monotonic())
+    judge_gil_(pair, gil_calls, memory, NOW)
     assert memory[python_fn.__code__] == 0
     # C code beside others keeps its share near 1: nothing is learnt of it.
     memory.clear()
-    judge_gil_([_worker(1.0), _worker(1.0)], set(), memory, time.monotonic())
+    judge_gil_([_worker(1.0), _worker(1.0)], set(), memory, NOW)
     assert not memory
     # Nor of calls far under a GIL contender's share that still count as
     # computing (among forty calls blocked in a lock, a few look so).
-    judge_gil_([_worker(0.02), _worker(0.02), _worker(1.0)], set(), memory, time.monotonic())
+    judge_gil_([_worker(0.02), _worker(0.02), _worker(1.0)], set(), memory, NOW)
     assert not memory
     # Nor of a low share whose thread is not asleep in a futex, where GIL
     # waits are (C code back from a wait for the GIL, running now).
     monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: False)
-    judge_gil_([_worker(0.3), _worker(0.3)], set(), memory, time.monotonic())
+    judge_gil_([_worker(0.3), _worker(0.3)], set(), memory, NOW)
     assert not memory
 
 
@@ -154,7 +167,7 @@ def test_a_call_of_a_known_function_asleep_in_io_makes_the_pool_forget_it(
     asleep = _worker(0.0, waiting=True)
     monkeypatch.setattr(Worker, "sleeps_outside_futex", lambda self, now: True)
     monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
-    judge_gil_([asleep, _worker(0.3)], set(), memory, time.monotonic())
+    judge_gil_([asleep, _worker(0.3)], set(), memory, NOW)
     assert asleep.gil_seen == FREE
     learn_gil(asleep, asleep.call, memory)  # type: ignore[arg-type]
     assert not memory.holds(python_fn)
@@ -162,7 +175,7 @@ def test_a_call_of_a_known_function_asleep_in_io_makes_the_pool_forget_it(
     memory[python_fn.__code__] = GIL_AFTER
     monkeypatch.setattr(Worker, "sleeps_outside_futex", lambda self, now: False)
     in_futex = _worker(0.0, waiting=True)
-    judge_gil_([in_futex, _worker(0.3)], set(), memory, time.monotonic())
+    judge_gil_([in_futex, _worker(0.3)], set(), memory, NOW)
     learn_gil(in_futex, in_futex.call, memory)  # type: ignore[arg-type]
     assert memory.holds(python_fn)
 
@@ -271,33 +284,59 @@ def test_a_probe_is_due_once_per_period_from_the_first_held_back_call() -> None:
     assert not memory.probe_at
 
 
-def test_calls_of_a_known_function_that_all_run_free_beside_each_other_make_it_forgotten(
+def test_calls_of_a_known_function_with_more_cpu_side_by_side_than_one_gil_make_it_forgotten(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
+    # Read from each thread's CPU clock (time running, not waiting for a
+    # core): calls sharing one GIL cannot sum to more than one CPU.
+    cpu: dict[int, float] = {}
+    clock = [NOW]  # what judge_gil reads with the CPU clocks
+    monkeypatch.setattr(Worker, "cpu_time", lambda self: cpu[id(self)])
+    monkeypatch.setattr(gil_module, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: False)
     code = python_fn.__code__
+    span = gil_module.FREE_SPAN * 2
 
-    def judged(*shares: float) -> tuple[GilMemory, set[Any]]:
+    def judged(*used: float, after: float = span) -> GilMemory:
+        # Calls that used ``used`` CPU seconds per second over ``after`` seconds.
         memory = GilMemory({code: GIL_AFTER})
-        workers = [_worker(share) for share in shares]
+        workers = [_worker(0.9) for _ in used]
         gil_calls = {w.call for w in workers}
-        judge_gil_(workers, gil_calls, memory, time.monotonic())
-        return memory, gil_calls
+        for w in workers:
+            cpu[id(w)] = 5.0
+        clock[0] = NOW
+        judge_gil_(workers, gil_calls, memory, NOW)  # marks their clocks together
+        assert memory.holds(python_fn)
+        for w, share in zip(workers, used, strict=True):
+            cpu[id(w)] += share * after
+            w.last = NOW + after
+        clock[0] = NOW + after
+        judge_gil_(workers, gil_calls, memory, NOW + after)
+        assert bool(gil_calls) is memory.holds(python_fn)
+        return memory
 
-    # Calls that share one GIL cannot all get more than half of the time.
-    memory, gil_calls = judged(FREE_SHARE, 1.0)
-    assert not memory.holds(python_fn)
-    assert not gil_calls
+    assert not judged(0.9, 0.9).holds(python_fn)  # C code: one CPU each
+    assert not judged(0.5, 0.5, 0.5).holds(python_fn)
     # One call keeping the GIL while the other starves is what GIL-bound
     # calls look like under CPython's unfair hand-off: still known.
-    memory, gil_calls = judged(1.0, 0.3)
+    assert judged(1.0, 0.1).holds(python_fn)
+    assert judged(0.6, 0.6).holds(python_fn)  # two threads under load sum to about one CPU
+    assert judged(0.9, 0.9, after=gil_module.FREE_SPAN / 2).holds(python_fn)  # too soon
+    # A call joining the pair starts the comparison over: no decision yet.
+    memory = GilMemory({code: GIL_AFTER})
+    pair = [_worker(0.9), _worker(0.9)]
+    for w in pair:
+        cpu[id(w)] = 5.0
+    clock[0] = NOW
+    judge_gil_(pair, set(), memory, NOW)
+    third = _worker(0.9, now=NOW + span, ran=span / 2)
+    cpu[id(third)] = 0.0
+    for w in pair:
+        cpu[id(w)] += span
+    clock[0] = NOW + span
+    judge_gil_([*pair, third], set(), memory, NOW + span)
     assert memory.holds(python_fn)
-    assert len(gil_calls) == 2
-    # Neither is one call alone, however high its share.
-    memory, _ = judged(1.0)
-    assert memory.holds(python_fn)
-    memory, _ = judged(1.0, FREE_SHARE - 0.05)
-    assert memory.holds(python_fn)
+    assert {w.pair_at for w in [*pair, third]} == {NOW + span}
 
 
 async def test_a_probe_starts_a_held_back_call_and_running_free_beside_it_frees_the_function(
@@ -307,6 +346,7 @@ async def test_a_probe_starts_a_held_back_call_and_running_free_beside_it_frees_
     # (C code) gets its CPU slots back.
     monkeypatch.setattr(gil_module, "PROBE_PERIOD", 0.0)
     cpu_tests.measure_as(monkeypatch, computing=True)  # a share of 1: no GIL wait
+    monkeypatch.setattr(Worker, "cpu_time", lambda self: time.monotonic())  # a CPU each
     gate, started = threading.Event(), list[int]()
     work = cpu_tests.gated(gate, started)
     async with offloop.ThreadPool(8, cpu_slots=3, name="gil-probe") as pool:
@@ -347,7 +387,7 @@ def test_calls_that_contend_teach_nothing_while_the_loop_keeps_time(
     # low share tells nothing unless the loop's thread waits for the GIL.
     monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
     memory, gil_calls = GilMemory(), set[Any]()
-    judge_gil_([_worker(0.3), _worker(0.3)], gil_calls, memory, time.monotonic(), late=False)
+    judge_gil_([_worker(0.3), _worker(0.3)], gil_calls, memory, NOW, waited=False)
     assert not memory
     assert not gil_calls
 
@@ -359,20 +399,40 @@ def test_a_known_call_computing_alone_under_half_the_time_makes_the_pool_forget_
     # call that still runs under half the time waits for something else.
     monkeypatch.setattr(Worker, "sleeps_in_futex", lambda self: True)
 
-    def judged(share: float, *, late: bool, ran: float = 0.05) -> GilMemory:
+    def judged(share: float, *, calm: bool, ran: float = 0.05) -> GilMemory:
         memory = GilMemory({python_fn.__code__: GIL_AFTER})
         alone = _worker(share, ran=ran)
         gil_calls = {alone.call}
-        judge_gil_([alone], gil_calls, memory, time.monotonic(), late=late)
+        judge_gil_([alone], gil_calls, memory, NOW, waited=False, calm=calm)
         assert bool(gil_calls) is memory.holds(python_fn)
         return memory
 
-    assert not judged(0.3, late=False).holds(python_fn)
-    assert judged(0.3, late=True).holds(python_fn)  # the loop's thread may hold the GIL
-    assert judged(0.9, late=False).holds(python_fn)  # a Python call alone: near 1
+    assert not judged(0.3, calm=True).holds(python_fn)
+    # The loop ran late, or the process computed elsewhere (another pool, a
+    # thread of its own): something else may have held the GIL.
+    assert judged(0.3, calm=False).holds(python_fn)
+    assert judged(0.9, calm=True).holds(python_fn)  # a Python call alone: near 1
     # Too short a window to tell: CPython may leave the GIL with the loop's
     # thread for a switch interval.
-    assert judged(0.3, late=False, ran=gil_module.FREE_SPAN / 2).holds(python_fn)
+    assert judged(0.3, calm=True, ran=gil_module.FREE_SPAN / 2).holds(python_fn)
+
+
+def test_what_the_loops_thread_and_the_process_did_between_two_checks() -> None:
+    before = GilClocks(at=10.0, loop_cpu=1.0, process_cpu=2.0)
+
+    def signs(loop: float, process: float, *, late: bool) -> GilSigns:
+        # ``loop`` and ``process``: CPU seconds used per second over 10 ms.
+        after = GilClocks(10.01, 1.0 + loop * 0.01, 2.0 + process * 0.01)
+        return before.since(after, late=late)
+
+    # Late while the loop's thread hardly ran: it waited for the GIL.
+    assert signs(0.1, 1.0, late=True) == GilSigns(waited=True, calm=False)
+    # Late because the loop ran work of its own: no GIL wait.
+    assert signs(0.9, 1.0, late=True) == GilSigns(waited=False, calm=False)
+    # On time, and the process used little CPU: nothing else holds the GIL.
+    assert signs(0.1, 0.4, late=False) == GilSigns(waited=False, calm=True)
+    assert signs(0.1, CROWDED, late=False) == GilSigns(waited=False, calm=False)
+    assert before.since(before, late=True) == GilSigns(waited=False, calm=False)
 
 
 def test_a_known_call_holds_the_others_back_for_a_bounded_time_and_again_when_it_computes(
@@ -387,21 +447,25 @@ def test_a_known_call_holds_the_others_back_for_a_bounded_time_and_again_when_it
     # and computes again holds them back again.
     again = _worker(0.5)
     gil_calls = {long.call}
-    judge_gil_([long, again, _worker(1.0, fn=len)], gil_calls, memory, time.monotonic())
+    judge_gil_([long, again, _worker(1.0, fn=len)], gil_calls, memory, NOW)
     assert gil_calls == {again.call}
 
 
 def test_one_probe_at_a_time() -> None:
     memory = GilMemory({python_fn.__code__: GIL_AFTER})
-    period = gil_module.PROBE_PERIOD
-
-    def calls(*fns: Callable[..., Any]) -> set[Any]:
-        return {_Call(fn) for fn in fns}
-
-    assert not may_probe(memory, calls(python_fn), python_fn, 100.0)  # starts the clock
-    # The one that runs and a probe: no second probe.
-    assert not may_probe(memory, calls(python_fn, python_fn), python_fn, 100.0 + period)
-    assert may_probe(memory, calls(python_fn, len), python_fn, 100.0 + period)
+    due = 100.0 + gil_module.PROBE_PERIOD
+    assert not may_probe(memory, set(), [_worker(1.0)], python_fn, 100.0)  # starts the clock
+    # Two calls compute already (the one that runs and a probe, or one past
+    # HOLD_LIMIT that no longer holds the others back): no probe.
+    two = [_worker(1.0), _worker(1.0, ran=gil_module.HOLD_LIMIT * 2)]
+    assert not may_probe(memory, set(), two, python_fn, due)
+    # Nor with one computing and one on its way to a thread.
+    queued: Any = _Call(python_fn)
+    queued._phase = QUEUED
+    assert not may_probe(memory, {queued}, [_worker(1.0)], python_fn, due)
+    # Calls of other functions, or that wait, do not count.
+    others = [_worker(1.0), _worker(1.0, fn=len), _worker(0.0, waiting=True)]
+    assert may_probe(memory, set(), others, python_fn, due)
 
 
 async def test_held_back_calls_can_be_cancelled_and_fail_when_the_pool_closes(

@@ -116,9 +116,11 @@ async def test_with_every_thread_busy_the_check_looks_less_often(
     dues: list[float] = []
     original_rebalance = pool_module.ThreadPool._rebalance
 
-    def recording(self: Any, channel: Any, loop: asyncio.AbstractEventLoop, due: float) -> None:
+    def recording(
+        self: Any, channel: Any, loop: asyncio.AbstractEventLoop, due: float, *clocks: Any
+    ) -> None:
         dues.append(due)
-        original_rebalance(self, channel, loop, due)
+        original_rebalance(self, channel, loop, due, *clocks)
 
     monkeypatch.setattr(pool_module.ThreadPool, "_rebalance", recording)
     gate, started = threading.Event(), list[int]()

@@ -11,13 +11,13 @@ call in C code shows a share near 1 however many run, while a call that
 waits for the GIL sleeps in a futex and shows well under 1, but only while
 another call computes beside it (alone, a Python call shows near 1 too, and
 teaches nothing). A wait on a lock, a queue or a future is a futex sleep
-too, so a call counts as contending only while the pool's check itself runs
-late, that is while the loop's thread waits for the GIL as well: a GIL
-nobody fights over is not worth gating. Two calls in a row seen contending
-make the function known (:class:`GilMemory`, by code object, like
-``WaitMemory``). Measurements come from the pool's check, which runs only
-while calls are pending, and from Linux's ``/proc``: elsewhere nothing is
-learnt.
+too, so a call counts as contending only while the loop's thread waited as
+well: the pool's check ran late while the loop's thread hardly ran (it
+waited for the GIL, not on work of its own). A GIL nobody fights over is not
+worth gating. Two calls in a row seen contending make the function known
+(:class:`GilMemory`, by code object, like ``WaitMemory``). Measurements come
+from the pool's check, which runs only while calls are pending, and from
+Linux's ``/proc``: elsewhere nothing is learnt.
 
 The gate. The pool's ``_gil_calls`` holds the calls of known functions that
 compute or are on their way to a thread; while it is not empty a pending
@@ -30,26 +30,30 @@ runaway) does not keep the others waiting for its whole run; a call that
 computes again after a wait goes back in.
 
 Forgetting. A call of a known function seen asleep in I/O or a timer makes
-it forgotten when the call ends, and so does, at once, a call that computes
-alone under half the time while the loop keeps time (the GIL is free for
-the taking, so it waits for something else). A high share of one call beside
-others does not: a Python thread may keep the GIL for several switch
-intervals while the others starve, and would look like C code. Probes do:
-once per :data:`PROBE_PERIOD` one held-back call of a known function starts
-anyway, beside the one that runs (one probe at a time). If two or more of
-its calls then compute side by side for :data:`FREE_SPAN`, each with a share
-of :data:`FREE_SHARE` or more, they do not share one GIL (calls that do
-cannot all get more than half of the time), and the function is forgotten.
-So a function taken for GIL-bound by mistake gets all of ``cpu_slots`` back
-within about a probe period (for calls long enough to be measured side by
-side), at the cost of two GIL-bound calls running together now and then.
+it forgotten when the call ends. So does, at once, a call that computes
+alone under half the time while the loop keeps time and the process uses
+under :data:`CROWDED` of a CPU: the GIL is free for the taking, so the call
+waits for something else. A high share of one call beside others does not:
+a Python thread may keep the GIL for several switch intervals while the
+others starve, and would look like C code. Probes do: once per
+:data:`PROBE_PERIOD` one held-back call of a known function starts anyway,
+beside the one that runs (one probe at a time). If two or more of its calls
+then compute side by side for :data:`FREE_SPAN` with more than
+:data:`PAIR_CPU` seconds of CPU per second between them (time running, read
+from each thread's CPU clock, not time waiting for a core), they do not
+share one GIL, and the function is forgotten. So a function taken for
+GIL-bound by mistake gets all of ``cpu_slots`` back within about a probe
+period (for calls long enough to be measured side by side), at the cost of
+two GIL-bound calls running together now and then.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Final
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+from .._core.offload import QUEUED
 from .workers import MAX_REMEMBERED, _key
 
 if TYPE_CHECKING:
@@ -58,16 +62,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTENDED",
+    "CROWDED",
     "FREE",
-    "FREE_SHARE",
     "FREE_SPAN",
     "GIL_AFTER",
     "GIL_ENABLED",
     "GIL_SCAN",
     "GIL_SHARE",
     "HOLD_LIMIT",
+    "PAIR_CPU",
     "PROBE_PERIOD",
+    "GilClocks",
     "GilMemory",
+    "GilSigns",
     "judge_gil",
     "learn_gil",
     "may_probe",
@@ -83,9 +90,14 @@ GIL_SHARE: Final = 0.5
 #: GIL before its calls are held to one at a time (see GilMemory).
 GIL_AFTER: Final = 2
 
-#: At or above this busy share, each of two or more calls of one function
-#: computing at once runs without waiting for the GIL (see Probes above).
-FREE_SHARE: Final = 0.75
+#: Above this sum of CPU shares (time running, not waiting for a core),
+#: calls of one function computing side by side run free of the GIL: calls
+#: that share it cannot sum to more than 1 however loaded the machine is.
+PAIR_CPU: Final = 1.25
+
+#: At or above this share of a CPU used by the whole process since the
+#: pool's previous check, something else than a lone call computes.
+CROWDED: Final = 0.75
 
 #: Seconds between probes of a function known to hold the GIL (see above).
 PROBE_PERIOD: Final = 1.0
@@ -169,31 +181,62 @@ class GilMemory(dict[object, int]):
             self.forget(code)
 
 
+class GilSigns(NamedTuple):
+    """What the loop's thread and the process did between two checks of a pool."""
+
+    #: The check ran late while the loop's thread hardly ran: it waited for
+    #: the GIL (or a core), not on work of its own.
+    waited: bool
+    #: The check ran on time and the process used under :data:`CROWDED` of
+    #: a CPU: nothing but a lone call could hold the GIL meanwhile.
+    calm: bool
+
+
+class GilClocks(NamedTuple):
+    """What a pool's check read as it ran, on its loop's thread (monotonic seconds)."""
+
+    at: float
+    #: The loop's thread's CPU time (``time.thread_time()``).
+    loop_cpu: float
+    #: The whole process's CPU time (``time.process_time()``).
+    process_cpu: float
+
+    def since(self, now: GilClocks, *, late: bool) -> GilSigns:
+        """What happened from this reading to ``now``; ``late``: the check at ``now`` ran late."""
+        span = now.at - self.at
+        if span <= 0:
+            return GilSigns(waited=False, calm=False)
+        loop = (now.loop_cpu - self.loop_cpu) / span
+        process = (now.process_cpu - self.process_cpu) / span
+        return GilSigns(waited=late and loop < GIL_SHARE, calm=not late and process < CROWDED)
+
+
 def judge_gil(
     workers: list[Worker],
     gil_calls: set[OffloadFuture[Any]],
     memory: GilMemory,
     now: float,
     floor: float,
-    late: bool,
+    signs: GilSigns,
 ) -> None:
     """Learn which functions hold the GIL from the calls of ``workers``; keep ``gil_calls``.
 
-    Under the pool's lock, after the pool's check has measured the calls.
-    ``late``: the check itself ran late, so the loop's thread waited for the
-    GIL (or a core).
+    Under the pool's lock, after the pool's check has measured the calls;
+    ``signs``: what the loop's thread and the process did since the check
+    before.
 
     - Learning: a computing call beside another one, measured under
       :data:`GIL_SHARE` and asleep in a futex, contends for the GIL, but it
-      counts only while the loop runs late: a call that waits on a lock, a
-      queue or a future sleeps in a futex too, and a GIL that nobody fights
-      over is not worth gating (it would only cost throughput).
+      counts only while the loop's thread waited too (``signs.waited``): a
+      call that waits on a lock, a queue or a future sleeps in a futex as
+      well, and a GIL nobody fights over is not worth gating.
     - Forgetting: a call of a known function asleep in I/O or a timer is
-      marked as running without the GIL (counted when it ends); one measured
-      under :data:`GIL_SHARE` while it computes alone and the loop keeps
-      time waits for something else than the GIL, and makes the function
-      forgotten at once; so do two or more calls of it measured over the
-      same :data:`FREE_SPAN` at :data:`FREE_SHARE` or more each (a probe).
+      marked as running without the GIL (counted when it ends). One that
+      computes alone under half the time over :data:`FREE_SPAN` while
+      nothing else could hold the GIL (``signs.calm``) waits for something
+      else, and the function is forgotten at once; so it is when two or more
+      of its calls compute side by side (a probe) for :data:`FREE_SPAN` and
+      their CPU shares sum to over :data:`PAIR_CPU`.
     - ``gil_calls``: the calls of known functions that compute, for at most
       :data:`HOLD_LIMIT` each, so that one long call does not hold every
       other known call back for its whole run.
@@ -220,22 +263,21 @@ def judge_gil(
         if w.share >= 0 and w.seen == w.started:
             measured.append(w)
     if computing < 2:
-        if computing and not late and memory:
-            # Nothing else of this pool computes and the loop keeps time:
-            # the GIL is there for the taking. A known call that still runs
-            # under half the time waits for something else.
+        if computing and memory and signs.calm:
+            # Nothing else computes and the loop keeps time: the GIL is
+            # there for the taking. A known call that still runs under half
+            # the time waits for something else.
             for w in measured:
                 call = w.call
                 assert call is not None
                 if (
                     w.share < GIL_SHARE
-                    and now - w.share_since >= FREE_SPAN
+                    and w.last - w.share_since >= FREE_SPAN
                     and memory.holds(call.fn)
                 ):
-                    memory.forget(_key(call.fn))
-                    gil_calls.discard(call)
+                    _forget(memory, gil_calls, _key(call.fn))
         return  # otherwise a call alone shows a share near 1 whatever it runs
-    if late:
+    if signs.waited:
         for w in measured:
             # A call in C code may wait a switch interval for the GIL when it
             # returns to Python, which lowers its share for a window: it must
@@ -249,43 +291,73 @@ def judge_gil(
             ):
                 memory.remember(w.call, True)
                 w.gil_seen, w.gil_at = CONTENDED, w.started
+    if not memory:
+        return
     known: dict[object, list[Worker]] = {}
     for w in measured:
         call = w.call
         assert call is not None
-        if memory and memory.holds(call.fn):
+        if memory.holds(call.fn):
             known.setdefault(_key(call.fn), []).append(w)
             if now - w.started <= HOLD_LIMIT:
                 gil_calls.add(call)  # back in, if it waited a while (see _rebalance)
     for code, calls in known.items():
-        # Side by side since the last of these calls started, for FREE_SPAN
-        # at least. A window that began earlier holds time the call ran
-        # alone (near 1 for Python code too): at most a third of it, so that
-        # a share of FREE_SHARE still means over half of the time beside
-        # the others, which calls sharing one GIL cannot all get.
-        since = max(w.started for w in calls)
-        if (
-            len(calls) >= 2
-            and now - since >= FREE_SPAN
-            and all(
-                w.share >= FREE_SHARE and since - w.share_since <= (now - w.share_since) / 3
-                for w in calls
-            )
-        ):
-            memory.forget(code)
-            for w in calls:
-                gil_calls.discard(w.call)
+        if len(calls) >= 2 and _run_side_by_side(calls):
+            _forget(memory, gil_calls, code)
+
+
+def _run_side_by_side(calls: list[Worker]) -> bool:
+    # Whether these computing calls of one function ran side by side for
+    # FREE_SPAN with more CPU between them than one GIL allows. Their CPU
+    # clocks are marked together, the first time they are seen together
+    # (again whenever one joins), and compared from then on. Each reading
+    # takes its own time: reading the clocks holds the GIL, but the check
+    # gave it away before (each look at /proc does), maybe for a while.
+    at = calls[0].pair_at
+    if any(w.pair_at != at or at < w.started for w in calls):
+        at = monotonic()
+        for w in calls:
+            w.pair_cpu, w.pair_at = w.cpu_time(), at
+        return False
+    now = monotonic()
+    if now - at < FREE_SPAN:
+        return False
+    used = 0.0
+    for w in calls:
+        cpu, mark = w.cpu_time(), w.pair_cpu
+        if cpu is None or mark is None:
+            return False
+        used += cpu - mark
+    return used / (now - at) > PAIR_CPU
+
+
+def _forget(memory: GilMemory, gil_calls: set[OffloadFuture[Any]], code: object) -> None:
+    # The function with this key runs free of the GIL: none of its calls
+    # holds the others back any more.
+    memory.forget(code)
+    for call in [call for call in gil_calls if _key(call.fn) is code]:
+        gil_calls.discard(call)
 
 
 def may_probe(
-    memory: GilMemory, gil_calls: set[OffloadFuture[Any]], fn: object, now: float
+    memory: GilMemory,
+    gil_calls: set[OffloadFuture[Any]],
+    workers: list[Worker],
+    fn: object,
+    now: float,
 ) -> bool:
     """Whether a held-back call of ``fn`` may start now as a probe (under the pool's lock).
 
-    One probe at a time: not while two calls of ``fn`` hold the others back.
+    One probe at a time: not while two calls of ``fn`` compute or are on
+    their way to a thread (a call past HOLD_LIMIT no longer holds the others
+    back, but still computes).
     """
     code = _key(fn)
-    if sum(1 for call in gil_calls if _key(call.fn) is code) >= 2:
+    on_way = sum(1 for call in gil_calls if call._phase is QUEUED and _key(call.fn) is code)
+    computing = sum(
+        1 for w in workers if w.call is not None and not w.waiting and _key(w.call.fn) is code
+    )
+    if on_way + computing >= 2:
         return False
     return memory.probe(fn, now)
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from time import monotonic
+from time import monotonic, process_time, thread_time
 from typing import Any, Final
 
 from .._core.offload import QUEUED, Channel, OffloadFuture
 from .._core.poolbase import PoolState, complete_waiter
-from .gil import GIL_ENABLED, GIL_SCAN, judge_gil, may_probe
+from .gil import GIL_ENABLED, GIL_SCAN, GilClocks, judge_gil, may_probe
 from .lifecycle import ThreadPoolLifecycle
 from .workers import WaitMemory, Worker, waiting_share
 
@@ -51,11 +51,18 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
     # Set up by ThreadPool.__init__.
     _waits: WaitMemory
 
-    def _rebalance(self, channel: Channel, loop: asyncio.AbstractEventLoop, due: float) -> None:
+    def _rebalance(
+        self,
+        channel: Channel,
+        loop: asyncio.AbstractEventLoop,
+        due: float,
+        clocks: GilClocks | None = None,
+    ) -> None:
         # Runs on ``loop`` every GROWTH_PERIOD (FULL_PERIOD while the pool is
-        # full) while calls are pending: finds
-        # the running calls that wait, and dispatches pending calls into the
-        # CPU slots they leave, starting threads up to max_workers.
+        # full) while calls are pending: finds the running calls that wait,
+        # and dispatches pending calls into the CPU slots they leave, starting
+        # threads up to max_workers. ``clocks``: what the previous check of
+        # this loop read (gil.py), passed along from one check to the next.
         to_start: list[Worker] = []
         starter: Worker | None = None
         with self._lock:
@@ -93,15 +100,20 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                     # such call may start, or a nested one would never run.
                     self._gil_calls.discard(w.call)
             late = loop.time() - due > LAG_LIMIT
-            if GIL_ENABLED and (self._gil_fns or self._running - self._waiting >= 2):
-                judge_gil(
-                    self._workers,
-                    self._gil_calls,
-                    self._gil_fns,
-                    now,
-                    waiting_share(self._cpu_slots),
-                    late,
-                )
+            if GIL_ENABLED:
+                # Read together, without giving the GIL away in between
+                # (``now`` is older: reading the workers above did).
+                read = GilClocks(monotonic(), thread_time(), process_time())
+                if clocks is not None and (self._gil_fns or self._running - self._waiting >= 2):
+                    judge_gil(
+                        self._workers,
+                        self._gil_calls,
+                        self._gil_fns,
+                        now,
+                        waiting_share(self._cpu_slots),
+                        clocks.since(read, late=late),
+                    )
+                clocks = read
             free = self._cpu_slots - (self._ready + self._running - self._waiting)
             if room > 0 and late:
                 # The loop itself runs late. Calls that look blocked may be
@@ -132,7 +144,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
         if starter is not None and not self._start_or_give_up(starter, channel):
             return
         due = loop.time() + (FULL_PERIOD if full else GROWTH_PERIOD)
-        loop.call_at(due, self._rebalance, channel, loop, due)
+        loop.call_at(due, self._rebalance, channel, loop, due, clocks)
 
     def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:
         # Under _lock: put the call on the queue with a thread claimed for it,
@@ -171,7 +183,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
         # Now and then one goes anyway, to see whether its function still
         # contends for the GIL beside the one that runs (gil.py: probes).
         call = pending[0]
-        if may_probe(memory, self._gil_calls, call.fn, monotonic()):
+        if may_probe(memory, self._gil_calls, self._workers, call.fn, monotonic()):
             pending.popleft()
             return call
         return None

@@ -298,6 +298,7 @@ class ThreadPoolLifecycle(ThreadPoolView):
                         break
                     if call is not None:
                         self._ready -= 1
+                        self._gil_calls.discard(call)
                         if call._phase is QUEUED:
                             self._skip_closed(call)
                             skipped.append(call)

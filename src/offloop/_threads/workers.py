@@ -30,6 +30,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from types import BuiltinFunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -80,6 +81,7 @@ JUDGE_AFTER: Final = sys.getswitchinterval()
 #: blocked for a while.
 WAITING_REREAD: Final = 0.025
 
+_HAS_CPU_CLOCK: Final = hasattr(time, "pthread_getcpuclockid")
 _SCHEDSTAT: Final = "/proc/self/task/{}/schedstat"
 _HAS_SCHEDSTAT: Final = os.path.exists(_SCHEDSTAT.format(threading.get_native_id()))
 #: Where in the kernel a thread sleeps: a thread waiting for the GIL (or any
@@ -111,6 +113,7 @@ class Worker:
         "base_busy",
         "base_wall",
         "call",
+        "clock",
         "fd",
         "gil_at",
         "gil_seen",
@@ -118,6 +121,8 @@ class Worker:
         "io_read",
         "judged",
         "last",
+        "pair_at",
+        "pair_cpu",
         "presumed",
         "prev_busy",
         "prev_wall",
@@ -153,6 +158,12 @@ class Worker:
         self.share = -1.0
         #: Where that window began (monotonic); -1: not judged yet.
         self.share_since = -1.0
+        #: The thread's CPU clock (see cpu_time); -1: not looked up yet.
+        self.clock = -1
+        #: The thread's CPU time when gil.judge_gil first saw the current
+        #: call beside others of its function, and when (-1: not yet).
+        self.pair_cpu: float | None = None
+        self.pair_at = -1.0
         #: What gil.judge_gil saw of the call that started at ``gil_at``:
         #: 1 waiting for the GIL, 2 running without it, 0 nothing.
         self.gil_seen = 0
@@ -205,6 +216,17 @@ class Worker:
         # "0" or empty: running, or hidden by the kernel's settings.
         self.in_io = where not in (b"", b"0") and b"futex" not in where
         return self.in_io
+
+    def cpu_time(self) -> float | None:
+        """Seconds the thread has run on a CPU (not waited for one); None where unknown."""
+        if not _HAS_CPU_CLOCK or self.thread is None or self.thread.ident is None:
+            return None
+        try:
+            if self.clock < 0:
+                self.clock = time.pthread_getcpuclockid(self.thread.ident)
+            return time.clock_gettime(self.clock)
+        except OSError:
+            return None
 
     def sleeps_in_futex(self) -> bool:
         """Whether the thread sleeps in a futex now (a lock or the GIL); False where unknown."""

@@ -12,6 +12,33 @@ from tests.helpers import run_script
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
 
+#: The parent's side of a fork in the scripts below: wait for the child, at
+#: most 20 s, and say how it went.
+WAITED_FOR = textwrap.dedent(
+    """
+    import os, time
+
+    def waited_for(pid):
+        deadline = time.monotonic() + 20
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return "the child hung"
+            time.sleep(0.01)
+        return "parent ok"
+    """
+)
+
+
+def printed(tmp_path: Path, name: str, script: str, timeout: float = 60) -> tuple[list[str], str]:
+    """Run ``script``; its lines of output, and all it wrote (for messages)."""
+    done = run_script(tmp_path, name, script, timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    return done.stdout.splitlines(), output
+
+
 SCRIPT = textwrap.dedent(
     """
     import asyncio, os, sys, warnings
@@ -56,12 +83,11 @@ SCRIPT = textwrap.dedent(
 
 
 def test_pools_work_in_a_forked_child_and_the_parent_keeps_its_own(tmp_path: Path) -> None:
-    done = run_script(tmp_path, "forking.py", SCRIPT, 120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines() == ["child ok", "parent ok"]
+    lines, output = printed(tmp_path, "forking.py", SCRIPT, 120)
+    assert lines == ["child ok", "parent ok"], output
 
 
-FORK_IN_A_WORKER = textwrap.dedent(
+FORK_IN_A_WORKER = WAITED_FOR + textwrap.dedent(
     """
     import asyncio, os, sys, time, warnings
     import offloop
@@ -81,14 +107,7 @@ FORK_IN_A_WORKER = textwrap.dedent(
                 print("child token", offloop.current_token(), flush=True)
             finally:
                 os._exit(0)
-        deadline = time.monotonic() + 10  # bounded: the child used to block forever
-        while os.waitpid(pid, os.WNOHANG) == (0, 0):
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                return "the child hung"
-            time.sleep(0.01)
-        return "parent ok"
+        return waited_for(pid)  # bounded: the child used to block forever
 
     async def main():
         return await offloop.to_thread(fork_and_cross)
@@ -99,16 +118,15 @@ FORK_IN_A_WORKER = textwrap.dedent(
 
 
 def test_a_child_forked_in_a_worker_can_cross_into_async_code(tmp_path: Path) -> None:
-    done = run_script(tmp_path, "fork_in_worker.py", FORK_IN_A_WORKER, 60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines() == [
+    lines, output = printed(tmp_path, "fork_in_worker.py", FORK_IN_A_WORKER)
+    assert lines == [
         "child from_thread ok",
         "child token <StopToken not set>",
         "parent ok",
-    ], done.stdout + done.stderr
+    ], output
 
 
-FORK_BESIDE_A_GIL_HOLDER = textwrap.dedent(
+FORK_BESIDE_A_GIL_HOLDER = WAITED_FOR + textwrap.dedent(
     """
     import asyncio, os, threading, time, warnings
     import offloop
@@ -135,14 +153,7 @@ FORK_BESIDE_A_GIL_HOLDER = textwrap.dedent(
                 print("child ok" if asyncio.run(in_child()) else "child wrong", flush=True)
             finally:
                 os._exit(0)
-        deadline = time.monotonic() + 20  # bounded
-        while os.waitpid(pid, os.WNOHANG) == (0, 0):
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                return "the child hung"
-            time.sleep(0.01)
-        return "parent ok"
+        return waited_for(pid)
 
     async def main():
         pool = offloop.default_thread_pool()
@@ -162,11 +173,5 @@ FORK_BESIDE_A_GIL_HOLDER = textwrap.dedent(
 
 
 def test_a_child_forked_beside_a_gil_holding_call_is_not_held_back_by_it(tmp_path: Path) -> None:
-    done = run_script(tmp_path, "fork_gil.py", FORK_BESIDE_A_GIL_HOLDER, 60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines() == [
-        "parent holders 1",
-        "child holders 0",
-        "child ok",
-        "parent ok",
-    ], done.stdout + done.stderr
+    lines, output = printed(tmp_path, "fork_gil.py", FORK_BESIDE_A_GIL_HOLDER)
+    assert lines == ["parent holders 1", "child holders 0", "child ok", "parent ok"], output

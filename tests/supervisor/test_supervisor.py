@@ -277,6 +277,32 @@ async def test_failure_while_starting_stops_what_started() -> None:
 
 @pytest.mark.loops("asyncio")
 @bounded(10)
+async def test_an_interrupt_after_every_service_started_but_before_the_body_stops_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ctrl-C under asyncio.run on Python 3.10 raises KeyboardInterrupt
+    # wherever the main thread is: in the last steps of start, no body has
+    # begun, so no __aexit__ would stop what started.
+    journal: list[str] = []
+    sv = Supervisor()
+    sv.add(Recorder("db", journal))
+    sv.add(Recorder("api", journal))
+
+    def interrupted() -> None:
+        assert sv.state == "running"  # every service started
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(sv, "_check_all_ended", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        async with sv:
+            pytest.fail("the body must not run")
+    assert journal == ["start db", "start api", "stop api", "stop db"]
+    assert sv.state == "stopped"
+    assert {s.state for s in sv.status().values()} == {"stopped"}
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
 async def test_start_failures_are_retried_before_ready_with_retry_startup() -> None:
     journal: list[str] = []
     sv = Supervisor()

@@ -264,11 +264,11 @@ class Supervisor(HostLifecycle, Registration):
                 raise
         self._health.start(loop)
         self._shutdown_requested = loop.create_future()
-        self._state = _SV.STARTING
-        logger.info("%s: starting %d service(s)", self.name, len(self._entries))
-        if self._stop_early:
-            self._request_shutdown("stop requested before start")
         try:
+            self._state = _SV.STARTING
+            logger.info("%s: starting %d service(s)", self.name, len(self._entries))
+            if self._stop_early:
+                self._request_shutdown("stop requested before start")
             for entry in self._entries.values():
                 if self._shutdown_requested.done():
                     break
@@ -280,19 +280,23 @@ class Supervisor(HostLifecycle, Registration):
                 await asyncio.wait(
                     {entry.ready, self._shutdown_requested}, return_when=asyncio.FIRST_COMPLETED
                 )
+            stopping = self._shutdown_requested.done()
+            if not stopping:
+                self._state = _SV.RUNNING
+                logger.info("%s: all %d service(s) ready", self.name, len(self._entries))
+                self._embed.changed()
+                self._check_all_ended()
         except BaseException:
-            # Cancelled while starting (Ctrl-C under asyncio.run): leave nothing behind.
+            # Cut short before the body (Ctrl-C under asyncio.run, which on
+            # Python 3.10 raises KeyboardInterrupt wherever the main thread
+            # is, even after the services started): no body means no
+            # __aexit__, so leave nothing behind here.
             await self._finish_shutdown(self._request_shutdown("start was interrupted"))
             raise
-        if self._shutdown_requested.done():
+        if stopping:
             await self._finish_shutdown(self._request_shutdown("stopping"))
             if self._failure is not None:
                 raise self._failure
-        else:
-            self._state = _SV.RUNNING
-            logger.info("%s: all %d service(s) ready", self.name, len(self._entries))
-            self._embed.changed()
-            self._check_all_ended()
         self._in_body = True
         return self
 

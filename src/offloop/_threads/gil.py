@@ -54,7 +54,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from .._core.offload import QUEUED
-from .workers import MAX_REMEMBERED, _key
+from .workers import RunMemory, _key
 
 if TYPE_CHECKING:
     from .._core.offload import OffloadFuture
@@ -121,21 +121,20 @@ FREE: Final = 2
 GIL_SCAN: Final = 32
 
 
-class GilMemory(dict[object, int]):
+class GilMemory(RunMemory):
     """Which functions hold the GIL: for each (by code object), its last calls that waited for it.
 
     A call seen waiting for the GIL at any time of its run counts; a call
     seen asleep in I/O or a timer (and never waiting for the GIL), or a
     probe that finds its calls running free beside each other, resets the
-    count. Only a run of
-    :data:`GIL_AFTER` makes the function's calls wait for each other, so a
-    function that sleeps, runs C or runs Python by turns (a handler that
-    fetches, then parses) is rarely held to one call at a time. Under the
-    pool's lock; a dict, so that the hot path's "is anything known?" is a
-    C-level truth test.
+    count. Only a run of :data:`GIL_AFTER` makes the function's calls wait
+    for each other, so a function that sleeps, runs C or runs Python by
+    turns (a handler that fetches, then parses) is rarely held to one call
+    at a time.
     """
 
     __slots__ = ("probe_at",)
+    AFTER = GIL_AFTER
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -163,22 +162,14 @@ class GilMemory(dict[object, int]):
         return at is not None
 
     def forget(self, code: object) -> None:
-        """Forget what is known of the function with this key."""
-        self.pop(code, None)
+        """Forget what is known of the function with this key, its probe clock too."""
+        super().forget(code)
         self.probe_at.pop(code, None)
 
-    def remember(self, call: OffloadFuture[Any] | None, holds: bool) -> None:
-        """Count a measured call of ``call``'s function."""
-        code = _key(call.fn) if call is not None else None
-        if code is None:
-            return
-        if holds:
-            if len(self) >= MAX_REMEMBERED and code not in self:
-                self.clear()  # a bound, not a cache policy: rarely reached
-                self.probe_at.clear()
-            self[code] = min(self.get(code, 0) + 1, GIL_AFTER)
-        else:
-            self.forget(code)
+    def clear(self) -> None:
+        """Forget every function, and every probe clock."""
+        super().clear()
+        self.probe_at.clear()
 
 
 class GilSigns(NamedTuple):

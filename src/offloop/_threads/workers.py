@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from types import BuiltinFunctionType, ModuleType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 if TYPE_CHECKING:
     from .._core.offload import OffloadFuture
@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_CPU_SLOTS",
     "WAITING_REREAD",
     "WINDOW",
+    "RunMemory",
     "WaitMemory",
     "Worker",
     "waiting_share",
@@ -204,18 +205,21 @@ class Worker:
         if self.io_read >= self.started and now - self.io_read < JUDGE_AFTER:
             return self.in_io  # read during this call, and recently
         self.io_read = now
-        self.in_io = False
+        where = self._wchan()
+        # "0" or empty: running, or hidden by the kernel's settings.
+        self.in_io = where is not None and where not in (b"", b"0") and b"futex" not in where
+        return self.in_io
+
+    def _wchan(self) -> bytes | None:
+        # Where in the kernel the thread sleeps now; None where unknown.
         if not _HAS_SCHEDSTAT or not self.tid:
-            return False
+            return None
         try:
             if self.wfd < 0:
                 self.wfd = os.open(_WCHAN.format(self.tid), os.O_RDONLY | os.O_CLOEXEC)
-            where = os.pread(self.wfd, 64, 0)
+            return os.pread(self.wfd, 64, 0)
         except OSError:
-            return False
-        # "0" or empty: running, or hidden by the kernel's settings.
-        self.in_io = where not in (b"", b"0") and b"futex" not in where
-        return self.in_io
+            return None
 
     def cpu_time(self) -> float | None:
         """Seconds the thread has run on a CPU (not waited for one); None where unknown."""
@@ -230,14 +234,8 @@ class Worker:
 
     def sleeps_in_futex(self) -> bool:
         """Whether the thread sleeps in a futex now (a lock or the GIL); False where unknown."""
-        if not _HAS_SCHEDSTAT or not self.tid:
-            return False
-        try:
-            if self.wfd < 0:
-                self.wfd = os.open(_WCHAN.format(self.tid), os.O_RDONLY | os.O_CLOEXEC)
-            return b"futex" in os.pread(self.wfd, 64, 0)
-        except OSError:
-            return False
+        where = self._wchan()
+        return where is not None and b"futex" in where
 
     def close(self) -> None:
         """Close the thread's /proc files (when the thread leaves the pool)."""
@@ -333,7 +331,39 @@ MAX_REMEMBERED: Final = 1024
 WAITS_AFTER: Final = 2
 
 
-class WaitMemory(dict[object, int]):
+class RunMemory(dict[object, int]):
+    """Per function (by code object): how many of its last measured calls in a row matched.
+
+    The base of :class:`WaitMemory` (calls that waited) and
+    ``gil.GilMemory`` (calls that waited for the GIL): a run of ``AFTER``
+    matching calls makes the function known, one that does not match
+    forgets it. A dict, so that the hot path's "is anything known?" is a
+    C-level truth test rather than a Python ``__bool__``. Under the pool's lock.
+    """
+
+    __slots__ = ()
+
+    #: How many calls in a row make a function known.
+    AFTER: ClassVar[int]
+
+    def remember(self, call: OffloadFuture[Any] | None, seen: bool) -> None:
+        """Count a measured call of ``call``'s function (plain functions and methods)."""
+        code = _key(call.fn) if call is not None else None
+        if code is None:
+            return
+        if not seen:
+            self.forget(code)
+        else:
+            if len(self) >= MAX_REMEMBERED and code not in self:
+                self.clear()  # a bound, not a cache policy: rarely reached
+            self[code] = min(self.get(code, 0) + 1, self.AFTER)
+
+    def forget(self, code: object) -> None:
+        """Forget what is known of the function with this key."""
+        self.pop(code, None)
+
+
+class WaitMemory(RunMemory):
     """Which functions wait: for each (by code object), how many of its last measured calls waited.
 
     A pool counts a call that ended while measured as waiting, and resets
@@ -346,25 +376,20 @@ class WaitMemory(dict[object, int]):
     sometimes computes (a handler that fetches, then parses) from being
     presumed to wait, which would let its computing calls past the CPU slots
     and crowd the loop out of the GIL. All under the pool's lock.
-
-    A dict (code object -> count), so that the hot path's "is anything
-    known?" is a C-level truth test rather than a Python ``__bool__``.
     """
 
     __slots__ = ()
+    AFTER = WAITS_AFTER
 
     def waits(self, fn: object) -> bool:
         """Whether ``fn``'s last :data:`WAITS_AFTER` measured calls waited."""
         return self.get(_key(fn), 0) >= WAITS_AFTER
 
-    def remember(self, call: OffloadFuture[Any] | None, waiting: bool) -> None:
-        """Count a measured call of ``call``'s function (plain functions and methods)."""
-        code = _key(call.fn) if call is not None else None
-        if code is None:
-            return
+    def forget(self, code: object) -> None:
+        """Count the function with this key as measured computing: a run of 0."""
         if len(self) >= MAX_REMEMBERED and code not in self:
             self.clear()  # a bound, not a cache policy: rarely reached
-        self[code] = min(self.get(code, 0) + 1, WAITS_AFTER) if waiting else 0
+        self[code] = 0
 
 
 def _key(fn: object) -> object:

@@ -201,11 +201,33 @@ def test_the_run_queue_clock_reads_this_thread_s_waits() -> None:
     clock = _RunQueueClock()
     try:
         before = clock.read()
-        assert before >= 0.0
+        assert before[0] >= 0.0
+        time.sleep(0.001)  # one more time on a CPU, at least, when it wakes
+        after = clock.read()
+        assert after[0] >= before[0]
+        if Path("/proc/thread-self/schedstat").exists():
+            assert after[1] > before[1]
         assert clock.since(before) >= 0.0
     finally:
         clock.close()
-    assert clock.since(0.0) == float("inf")  # closed, or no /proc: every late wake was queued
+    # Closed, or no /proc: every late wake was queued.
+    assert clock.since((0.0, 0)) == float("inf")
+
+
+def test_a_wait_kept_from_the_gil_discounts_only_one_wake_s_queueing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under CPU load a monitor kept from the GIL queues at each of its wakes
+    # (one per switch interval) while the block goes on: only the last wake's
+    # queueing, after the GIL came free, is not the block's.
+    clock = _RunQueueClock()
+    try:
+        monkeypatch.setattr(clock, "read", lambda: (0.300, 110))
+        assert clock.since((0.100, 10)) == pytest.approx(0.002)  # 100 wakes queued 0.2 s
+        # A few wakes: a timed wait that ended late for want of a CPU, all of it.
+        assert clock.since((0.100, 108)) == pytest.approx(0.2)
+    finally:
+        clock.close()
 
 
 # -- the loop's thread, when the detector is attached from elsewhere -----------------------

@@ -103,10 +103,10 @@ class SimWait:
 class NoRunQueue:
     """Other processes never take the CPU here."""
 
-    def read(self) -> float:
-        return 0.0
+    def read(self) -> tuple[float, int]:
+        return 0.0, 0
 
-    def since(self, before: float) -> float:
+    def since(self, before: tuple[float, int]) -> float:
         return 0.0
 
     def close(self) -> None:

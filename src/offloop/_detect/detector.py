@@ -112,24 +112,44 @@ class _RunQueueClock:
         except OSError:
             self._fd = None
 
-    def read(self) -> float:
+    def read(self) -> tuple[float, int]:
+        """Seconds queued so far, and how many times the thread was put on a CPU."""
         if self._fd is None:
-            return 0.0
+            return 0.0, 0
         try:
-            return int(os.pread(self._fd, 64, 0).split()[1]) / 1e9
+            fields = os.pread(self._fd, 64, 0).split()
+            return int(fields[1]) / 1e9, int(fields[2])
         except (OSError, ValueError, IndexError):
-            return 0.0
+            return 0.0, 0
 
-    def since(self, before: float) -> float:
-        """Queued seconds since ``before`` (all of them where it cannot tell)."""
+    def since(self, before: tuple[float, int]) -> float:
+        """Seconds of the wait since ``before`` that were the CPU's, not the GIL's.
+
+        A thread kept from the GIL wakes every switch interval to ask for it,
+        and under CPU load each of those wakes queues too, although the GIL
+        was still held: that queueing is part of the block. Only the queueing
+        after the GIL came free is not, the last wake's, and the wakes queue
+        about alike: so past :data:`_FEW_WAKES` wakes, one wake's share of the
+        queued time counts, and otherwise all of it (a late wake for want of a
+        CPU). All of the wait where it cannot tell.
+        """
         if self._fd is None:
             return float("inf")
-        return self.read() - before
+        queued, wakes = self.read()
+        queued -= before[0]
+        wakes -= before[1]
+        return queued / wakes if wakes > _FEW_WAKES else queued
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+#: Up to this many times on a CPU during one wait, the monitor was not kept
+#: from the GIL for long: its timed wait ended, and it took the GIL after at
+#: most a switch interval or two (the loop thread between callbacks).
+_FEW_WAKES: Final = 3
 
 
 @final

@@ -87,6 +87,8 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 self._idle == 0 and len(self._workers) >= self._max_workers and not self._unstarted
             )
             for w in self._workers:
+                if w.call is None:
+                    continue  # idle: not waiting (cleared as its last call ended)
                 waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
                 if waiting is not w.waiting:
                     w.waiting = waiting

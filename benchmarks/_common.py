@@ -8,6 +8,7 @@ and the table reports each case's median and its ratio to the others.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import statistics
 import sys
@@ -70,7 +71,8 @@ def table(
     print(f"{'case':<44} {'median':>12}  {'x ' + reference:>14}")
     for name, res in sorted(results.items(), key=lambda kv: kv[1].median):
         ratio = res.median / ref if ref else float("nan")
-        print(f"{name:<44} {unit(res.median):>12}  {ratio:13.2f}x")
+        shown = f"{ratio:13.2f}x" if math.isfinite(ratio) and ratio > 0 else f"{'-':>14}"
+        print(f"{name:<44} {unit(res.median):>12}  {shown}")
     sys.stdout.flush()
 
 

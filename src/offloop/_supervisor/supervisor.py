@@ -270,6 +270,8 @@ class Supervisor(HostLifecycle, Registration):
             if self._stop_early:
                 self._request_shutdown("stop requested before start")
             for entry in self._entries.values():
+                # A dependency restarted since it was ready is waited for again.
+                await self._cascade.before_start(entry, self._shutdown_requested)
                 if self._shutdown_requested.done():
                     break
                 entry.ready = loop.create_future()

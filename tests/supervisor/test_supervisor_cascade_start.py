@@ -118,6 +118,34 @@ async def test_a_service_not_started_yet_waits_for_a_dependency_restarted_meanwh
 
 
 @bounded(10)
+async def test_a_dependency_crashing_as_the_start_goes_on_is_waited_for(
+    log_out: io.StringIO,
+) -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="same")
+    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
+    slow = sv.add(HeldStart("slow", journal))
+    sv.add(Recorder("api", journal), depends_on=["db"])
+    entering = asyncio.ensure_future(sv.__aenter__())
+    try:
+        await asyncio.wait_for(slow.began.wait(), QUICK_WAIT)
+        db.gate.clear()
+        # Together: the start makes api's runner in the loop iteration in which db's
+        # runner then handles the crash, so the cascade finds api's runner not begun.
+        slow.release.set()
+        db.crash()
+        await await_until(lambda: waiting(log_out) == [("api", "db")], QUICK_WAIT, "api waits")
+        assert journal == ["start db", "start slow", "crash db"]
+        db.gate.set()
+        await asyncio.wait_for(entering, QUICK_WAIT)
+        assert journal == ["start db", "start slow", "crash db", "start db", "start api"]
+        status = sv.status()
+        assert (status["api"].restarts, status["api"].dependency_restarts) == (0, 0)
+    finally:
+        await leave(sv, entering)
+
+
+@bounded(10)
 async def test_a_chain_waits_for_the_dependent_the_cascade_holds(log_out: io.StringIO) -> None:
     journal: list[str] = []
     sv = Supervisor(name="chain")

@@ -21,9 +21,9 @@ service's runner waits for: a shutdown that begins meanwhile waits for the
 stop under way (it began earlier, with the same grace, so it ends first) and
 the cascade stops there; the starts still to come are dropped.
 
-During the supervisor's own start, a service not started yet is none of the
-cascade's (nothing of it runs to stop), so the start waits in
-:meth:`Cascade.before_start` until its dependencies are ready again.
+A service whose runner has not begun is none of the cascade's (nothing of it
+runs to stop): the runner waits in :meth:`Cascade.before_start` until its
+dependencies are ready again, which matters while the supervisor starts.
 """
 
 from __future__ import annotations
@@ -131,11 +131,11 @@ class Cascade:
             )
 
     async def before_start(self, e: Supervised, shutdown: asyncio.Future[None]) -> None:
-        """At the supervisor's start: return once each dependency of ``e`` is ready, or it stops.
+        """Return once each dependency of ``e`` is ready (again), or the shutdown began.
 
-        The start goes on once the service before is ready, but a dependency may
-        have been restarted by its policy since it was ready (or stopped by another's
-        restart): ``e``, not started yet, is none of the cascade's, so it waits here.
+        ``e``'s runner is made once they are ready, but one may have been
+        restarted by its policy (or stopped by another's restart) before the
+        runner begins: ``e``, not started yet, is none of the cascade's.
         """
         host = self._host
         deps = [host._entries[d] for d in e.depends_on]

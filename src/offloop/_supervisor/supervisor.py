@@ -270,8 +270,6 @@ class Supervisor(HostLifecycle, Registration):
             if self._stop_early:
                 self._request_shutdown("stop requested before start")
             for entry in self._entries.values():
-                # A dependency restarted since it was ready is waited for again.
-                await self._cascade.before_start(entry, self._shutdown_requested)
                 if self._shutdown_requested.done():
                     break
                 entry.ready = loop.create_future()
@@ -476,6 +474,10 @@ class Supervisor(HostLifecycle, Registration):
 
     async def _restarting(self, e: Supervised) -> None:
         await self._cascade.stop_dependents(e)
+
+    async def _before_start(self, e: Supervised) -> None:
+        assert self._shutdown_requested is not None
+        await self._cascade.before_start(e, self._shutdown_requested)
 
     def _ready_again(self, e: Supervised) -> None:
         self._cascade.ready_again(e)

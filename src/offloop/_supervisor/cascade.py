@@ -20,6 +20,10 @@ of them is ready. The stops run in a task of their own, which the restarting
 service's runner waits for: a shutdown that begins meanwhile waits for the
 stop under way (it began earlier, with the same grace, so it ends first) and
 the cascade stops there; the starts still to come are dropped.
+
+A service whose runner has not begun is none of the cascade's (nothing of it
+runs to stop): the runner waits in :meth:`Cascade.before_start` until its
+dependencies are ready again, which matters while the supervisor starts.
 """
 
 from __future__ import annotations
@@ -126,6 +130,30 @@ class Cascade:
                 self._start_all(root, todo), f"offloop-cascade-start-{root.name}"
             )
 
+    async def before_start(self, e: Supervised, shutdown: asyncio.Future[None]) -> None:
+        """Return once each dependency of ``e`` is ready (again), or the shutdown began.
+
+        ``e``'s runner is made once they are ready, but one may have been
+        restarted by its policy (or stopped by another's restart) before the
+        runner begins: ``e``, not started yet, is none of the cascade's.
+        """
+        host = self._host
+        deps = [host._entries[d] for d in e.depends_on]
+        told: set[str] = set()
+        while not host._shutting_down():
+            waits = _pending(deps)
+            if not waits:
+                return
+            for name in waits.keys() - told:
+                logger.info(
+                    "%s: service %r waits for its dependency %r to be ready again",
+                    host.name,
+                    e.name,
+                    name,
+                )
+            told.update(waits)
+            await asyncio.wait({shutdown, *waits.values()}, return_when=asyncio.FIRST_COMPLETED)
+
     async def _start_all(self, root: Supervised, todo: list[Supervised]) -> None:
         host = self._host
         loop = asyncio.get_running_loop()
@@ -133,10 +161,10 @@ class Cascade:
             deps = [host._entries[d] for d in e.depends_on]
             # As at start: once each of its dependencies is ready (again).
             while not host._shutting_down():
-                waits = {d.ready for d in deps if d.ready is not None and not d.ready.done()}
+                waits = _pending(deps)
                 if not waits:
                     break
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits.values(), return_when=asyncio.FIRST_COMPLETED)
             if host._shutting_down():
                 return
             if e.held or e.state is not _ST.RESTARTING or not (e.runner is None or e.runner.done()):
@@ -176,3 +204,8 @@ class Cascade:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks))
+
+
+def _pending(deps: list[Supervised]) -> dict[str, asyncio.Future[None]]:
+    """The ``ready`` futures, by name, of those of ``deps`` that are not ready (again) yet."""
+    return {d.name: d.ready for d in deps if d.ready is not None and not d.ready.done()}

@@ -77,6 +77,11 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         ("supervisor", "service", "dependency"),
         {"state": "starting"},
     ),
+    "%s: service %r waits for its dependency %r to be ready again": (
+        "cascade",
+        ("supervisor", "service", "dependency"),
+        {"state": "waiting"},
+    ),
     "%s: service %r abandoned %s": ("abandoned", ("supervisor", "service", "what"), {}),
     "abandoned task %s, which ignores cancellation": ("abandoned", ("task",), {}),
     "offloop: %s in thread %s of pool %r is still running %s and was abandoned; "

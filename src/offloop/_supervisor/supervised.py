@@ -49,6 +49,8 @@ class RecordKeeper(Protocol):
 
     async def _restarting(self, e: Supervised) -> None: ...
 
+    async def _before_start(self, e: Supervised) -> None: ...
+
     def _ready_again(self, e: Supervised) -> None: ...
 
     def _shutting_down(self) -> bool: ...
@@ -140,6 +142,12 @@ class Supervised:
         """Run the service until it ends for good: start, wait, apply the restart policy."""
         loop = asyncio.get_running_loop()
         sv, svc = self.supervisor.name, self.service
+        # Its dependencies were ready when this task was made, but one may have
+        # been restarted by its policy since: the cascade does not stop a service
+        # that has not begun, so it waits here, and begins in the same step.
+        await self.supervisor._before_start(self)
+        if self.supervisor._shutting_down():
+            return  # the shutdown stops the record (it never started)
         while True:
             self.state = _ST.STARTING
             logger.info("%s: starting service %r", sv, self.name)
@@ -336,6 +344,9 @@ class Supervised:
     ) -> None:
         sv, runner = self.supervisor.name, self.runner
         if self.state in (_ST.STOPPED, _ST.FAILED, _ST.DONE):
+            if self.state is _ST.STOPPED and runner is not None and not runner.done():
+                runner.cancel()  # waiting for its dependencies before its first start
+                await asyncio.wait({runner}, timeout=LAST_CHANCE)
             return
         if runner is None:  # never started
             self._stopped(hold)

@@ -475,6 +475,10 @@ class Supervisor(HostLifecycle, Registration):
     async def _restarting(self, e: Supervised) -> None:
         await self._cascade.stop_dependents(e)
 
+    async def _before_start(self, e: Supervised) -> None:
+        assert self._shutdown_requested is not None
+        await self._cascade.before_start(e, self._shutdown_requested)
+
     def _ready_again(self, e: Supervised) -> None:
         self._cascade.ready_again(e)
 

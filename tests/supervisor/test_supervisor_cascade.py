@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import threading
-from collections.abc import Iterator
 
 import pytest
 
 from offloop import StopToken, Supervisor, SupervisorState, WSGIService
-from offloop._supervisor.logs import make_handler
 from offloop._supervisor.metrics import metrics_text
 from offloop._supervisor.supervised import SHUTDOWN_OVERRUN
 from tests.helpers import QUICK_WAIT, await_until, bounded, http_get
@@ -53,20 +50,8 @@ class Crashable(Recorder):
         self._boom.set()
 
 
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    handler = make_handler("json", out)
-    logger = logging.getLogger("offloop.supervisor")
-    logger.addHandler(handler)
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    yield out
-    logger.removeHandler(handler)
-    logger.setLevel(old)
-
-
 def events(out: io.StringIO, kind: str) -> list[dict[str, object]]:
+    """The events of ``kind`` that ``log_lines`` (conftest.py) holds so far, in order."""
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     return [e for e in lines if e.get("event") == kind]
 

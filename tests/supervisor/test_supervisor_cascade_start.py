@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
-import logging
 import signal
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from offloop import ServiceFailed, StopToken, Supervisor, SupervisorState
-from offloop._supervisor.logs import make_handler
 from offloop._supervisor.supervised import SHUTDOWN_OVERRUN
 from tests.helpers import QUICK_WAIT, Proc, await_until, bounded
 from tests.supervisor.test_supervisor import Recorder
-from tests.supervisor.test_supervisor_cascade import Crashable, FirstStartWaits
+from tests.supervisor.test_supervisor_cascade import Crashable, FirstStartWaits, events
 
 
 class HeldStart(Recorder):
@@ -42,25 +38,9 @@ class HeldStart(Recorder):
         await super().start()
 
 
-@pytest.fixture
-def log_out() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    handler = make_handler("json", out)
-    logger = logging.getLogger("offloop.supervisor")
-    logger.addHandler(handler)
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    yield out
-    logger.removeHandler(handler)
-    logger.setLevel(old)
-
-
 def cascade(out: io.StringIO) -> list[tuple[object, object, object]]:
     """The ``"cascade"`` events logged so far: (state, service, dependency)."""
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    return [
-        (e["state"], e["service"], e["dependency"]) for e in lines if e.get("event") == "cascade"
-    ]
+    return [(e["state"], e["service"], e["dependency"]) for e in events(out, "cascade")]
 
 
 def waiting(out: io.StringIO) -> list[tuple[object, object]]:
@@ -83,7 +63,7 @@ def offloop_tasks() -> list[str]:
 @pytest.mark.parametrize("on_dependency_restart", ["restart", "keep"])
 @bounded(10)
 async def test_a_service_not_started_yet_waits_for_a_dependency_restarted_meanwhile(
-    on_dependency_restart: str, log_out: io.StringIO
+    on_dependency_restart: str, log_lines: io.StringIO
 ) -> None:
     journal: list[str] = []
     sv = Supervisor(name="waits")
@@ -101,7 +81,7 @@ async def test_a_service_not_started_yet_waits_for_a_dependency_restarted_meanwh
         db.crash()
         await await_until(lambda: db.starts == 2, QUICK_WAIT, "db restarting")
         slow.release.set()  # the start goes on to api, whose dependency is down
-        await await_until(lambda: waiting(log_out) == [("api", "db")], QUICK_WAIT, "api waits")
+        await await_until(lambda: waiting(log_lines) == [("api", "db")], QUICK_WAIT, "api waits")
         assert journal == ["start db", "crash db", "start slow"]
         assert sv.state.value == "starting"
         assert sv.status()["api"].state == "stopped"  # not started
@@ -119,7 +99,7 @@ async def test_a_service_not_started_yet_waits_for_a_dependency_restarted_meanwh
 
 @bounded(10)
 async def test_a_dependency_crashing_as_the_start_goes_on_is_waited_for(
-    log_out: io.StringIO,
+    log_lines: io.StringIO,
 ) -> None:
     journal: list[str] = []
     sv = Supervisor(name="same")
@@ -134,7 +114,7 @@ async def test_a_dependency_crashing_as_the_start_goes_on_is_waited_for(
         # runner then handles the crash, so the cascade finds api's runner not begun.
         slow.release.set()
         db.crash()
-        await await_until(lambda: waiting(log_out) == [("api", "db")], QUICK_WAIT, "api waits")
+        await await_until(lambda: waiting(log_lines) == [("api", "db")], QUICK_WAIT, "api waits")
         assert journal == ["start db", "start slow", "crash db"]
         db.gate.set()
         await asyncio.wait_for(entering, QUICK_WAIT)
@@ -146,7 +126,7 @@ async def test_a_dependency_crashing_as_the_start_goes_on_is_waited_for(
 
 
 @bounded(10)
-async def test_a_chain_waits_for_the_dependent_the_cascade_holds(log_out: io.StringIO) -> None:
+async def test_a_chain_waits_for_the_dependent_the_cascade_holds(log_lines: io.StringIO) -> None:
     journal: list[str] = []
     sv = Supervisor(name="chain")
     db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
@@ -168,7 +148,7 @@ async def test_a_chain_waits_for_the_dependent_the_cascade_holds(log_out: io.Str
         await await_until(lambda: db.starts == 2, QUICK_WAIT, "db restarting")
         slow.release.set()
         await await_until(
-            lambda: waiting(log_out) == [("worker", "api")], QUICK_WAIT, "worker waits"
+            lambda: waiting(log_lines) == [("worker", "api")], QUICK_WAIT, "worker waits"
         )
         assert journal == ["start db", "start api", "crash db", "stop api", "start slow"]
         assert sv.status()["api"].state == "restarting"
@@ -185,7 +165,7 @@ async def test_a_chain_waits_for_the_dependent_the_cascade_holds(log_out: io.Str
             "start api",
             "start worker",
         ]
-        assert cascade(log_out) == [
+        assert cascade(log_lines) == [
             ("stopping", "api", "db"),
             ("waiting", "worker", "api"),
             ("starting", "api", "db"),
@@ -202,7 +182,7 @@ async def test_a_chain_waits_for_the_dependent_the_cascade_holds(log_out: io.Str
 
 @bounded(10)
 async def test_a_chain_still_starting_stops_and_starts_again_in_order(
-    log_out: io.StringIO,
+    log_lines: io.StringIO,
 ) -> None:
     journal: list[str] = []
     sv = Supervisor(name="starting")
@@ -225,7 +205,7 @@ async def test_a_chain_still_starting_stops_and_starts_again_in_order(
             "start api",
             "start bot",
         ]
-        assert cascade(log_out) == [
+        assert cascade(log_lines) == [
             ("stopping", "bot", "db"),
             ("stopping", "api", "db"),
             ("starting", "api", "db"),
@@ -243,7 +223,7 @@ async def test_a_chain_still_starting_stops_and_starts_again_in_order(
 
 
 async def _dependency_down_during_start(
-    where: str, journal: list[str], log_out: io.StringIO
+    where: str, journal: list[str], log_lines: io.StringIO
 ) -> tuple[Supervisor, Crashable, asyncio.Future[Supervisor]]:
     """db restarts (held in its start()) while api waits to start, or is held by the cascade."""
     sv = Supervisor(name=where, grace=1)
@@ -263,7 +243,7 @@ async def _dependency_down_during_start(
     await await_until(lambda: db.starts == 2, QUICK_WAIT, "db restarting")
     if where == "waiting":
         slow.release.set()
-        await await_until(lambda: waiting(log_out) == [("api", "db")], QUICK_WAIT, "api waits")
+        await await_until(lambda: waiting(log_lines) == [("api", "db")], QUICK_WAIT, "api waits")
         assert journal == ["start db", "crash db", "start slow"]
     else:
         assert journal == ["start db", "start api", "crash db", "stop api"]
@@ -276,10 +256,10 @@ async def _dependency_down_during_start(
 @pytest.mark.parametrize("where", ["waiting", "held"])
 @bounded(10)
 async def test_a_stop_during_start_while_a_dependency_restarts_is_bounded(
-    where: str, how: str, log_out: io.StringIO
+    where: str, how: str, log_lines: io.StringIO
 ) -> None:
     journal: list[str] = []
-    sv, db, entering = await _dependency_down_during_start(where, journal, log_out)
+    sv, db, entering = await _dependency_down_during_start(where, journal, log_lines)
     loop = asyncio.get_running_loop()
     try:
         began = loop.time()
@@ -311,10 +291,10 @@ async def test_a_stop_during_start_while_a_dependency_restarts_is_bounded(
 @pytest.mark.parametrize("where", ["waiting", "held"])
 @bounded(10)
 async def test_a_dependency_failing_its_restart_during_start_fails_the_start(
-    where: str, log_out: io.StringIO
+    where: str, log_lines: io.StringIO
 ) -> None:
     journal: list[str] = []
-    sv, db, entering = await _dependency_down_during_start(where, journal, log_out)
+    sv, db, entering = await _dependency_down_during_start(where, journal, log_lines)
     try:
         db.start_failures = 1  # its restart fails too: beyond max_restarts=1
         db.gate.set()

@@ -21,7 +21,7 @@ from offloop import ServiceFailed, StopToken, Supervisor, SupervisorState
 from offloop._supervisor.supervised import SHUTDOWN_OVERRUN
 from tests.helpers import QUICK_WAIT, Proc, await_until, bounded
 from tests.supervisor.test_supervisor import Recorder
-from tests.supervisor.test_supervisor_cascade import Crashable, FirstStartWaits, events
+from tests.supervisor.test_supervisor_cascade import Crashable, FirstStartWaits, SlowStop, events
 
 
 class HeldStart(Recorder):
@@ -309,6 +309,45 @@ async def test_a_dependency_failing_its_restart_during_start_fails_the_start(
     assert "start api" not in journal[journal.index("crash db") :]  # never started again
     assert status["api"].dependency_restarts == 0
     assert offloop_tasks() == []
+
+
+@bounded(10)
+async def test_a_service_not_started_yet_waits_while_the_cascade_stops_its_dependency(
+    log_lines: io.StringIO,
+) -> None:
+    # db restarts during the start, and the cascade stops api (db's dependent),
+    # whose stop takes a while. worker (depends on api) comes up for its start
+    # meanwhile: api is going down, so worker must wait for it, not start.
+    journal: list[str] = []
+    sv = Supervisor(name="transitive")
+    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
+    api = sv.add(SlowStop("api", journal), depends_on=["db"])
+    slow = sv.add(HeldStart("slow", journal))
+    sv.add(Recorder("worker", journal), depends_on=["api"])
+    entering = asyncio.ensure_future(sv.__aenter__())
+    try:
+        await asyncio.wait_for(slow.began.wait(), QUICK_WAIT)
+        db.gate.clear()  # hold db's restart
+        db.crash()
+        await asyncio.wait_for(api.stopping.wait(), QUICK_WAIT)
+        slow.release.set()  # the start goes on to worker
+        await await_until(
+            lambda: "start worker" in journal or waiting(log_lines) == [("worker", "api")],
+            QUICK_WAIT,
+            "worker started or waiting",
+        )
+        assert "start worker" not in journal, journal
+        assert sv.state is SupervisorState.STARTING
+        api.release.set()
+        db.gate.set()
+        await asyncio.wait_for(entering, QUICK_WAIT)
+        assert journal[-3:] == ["start db", "start api", "start worker"]
+        status = sv.status()
+        assert (status["worker"].restarts, status["worker"].dependency_restarts) == (0, 0)
+    finally:
+        api.release.set()
+        db.gate.set()
+        await leave(sv, entering)
 
 
 SCRIPT = """

@@ -95,6 +95,10 @@ class Cascade:
         targets = self.dependents(root)
         if not targets:
             return
+        for e in targets:
+            # Pending at once, not only once its stop ends: a service not
+            # begun yet (none of the cascade's) that depends on one waits.
+            e.renew_ready()
         task = self._spawn(self._stop_all(root, targets), f"offloop-cascade-stop-{root.name}")
         # Not cancelled with the runner: a shutdown waits for the stop under way.
         await asyncio.wait({task})

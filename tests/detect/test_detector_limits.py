@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -146,7 +147,7 @@ async def test_a_monitor_late_only_for_want_of_a_cpu_reports_no_block(
     # Other processes taking every CPU make the monitor wake late too, with
     # the loop caught mid-callback: that alone is no block. Here the run
     # queue is said to have held the monitor the whole time.
-    monkeypatch.setattr(_RunQueueClock, "since", lambda self, before: float("inf"))
+    monkeypatch.setattr(_RunQueueClock, "since", lambda self, before, span: float("inf"))
     events, _ = await one_block_between_heartbeats(Heartbeats(monkeypatch))
     assert events == []
 
@@ -205,27 +206,33 @@ def test_the_run_queue_clock_reads_this_thread_s_waits() -> None:
         time.sleep(0.001)  # one more time on a CPU, at least, when it wakes
         after = clock.read()
         assert after[0] >= before[0]
-        if Path("/proc/thread-self/schedstat").exists():
+        if clock._fd is not None:  # the kernel keeps scheduler statistics
             assert after[1] > before[1]
-        assert clock.since(before) >= 0.0
+        assert clock.since(before, 0.001) >= 0.0
     finally:
         clock.close()
     # Closed, or no /proc: every late wake was queued.
-    assert clock.since((0.0, 0)) == float("inf")
+    assert clock.since((0.0, 0), 0.001) == float("inf")
 
 
-def test_a_wait_kept_from_the_gil_discounts_only_one_wake_s_queueing(
+def test_a_wait_kept_from_the_gil_by_one_call_discounts_one_wake_s_queueing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Under CPU load a monitor kept from the GIL queues at each of its wakes
     # (one per switch interval) while the block goes on: only the last wake's
     # queueing, after the GIL came free, is not the block's.
     clock = _RunQueueClock()
+    switch = sys.getswitchinterval()
     try:
         monkeypatch.setattr(clock, "read", lambda: (0.300, 110))
-        assert clock.since((0.100, 10)) == pytest.approx(0.002)  # 100 wakes queued 0.2 s
+        # 100 wakes in 100 switch intervals queued 0.2 s: one call held the GIL.
+        assert clock.since((0.100, 10), 100 * switch) == pytest.approx(0.002)
         # A few wakes: a timed wait that ended late for want of a CPU, all of it.
-        assert clock.since((0.100, 108)) == pytest.approx(0.2)
+        assert clock.since((0.100, 108), 100 * switch) == pytest.approx(0.2)
+        # 100 wakes in 10 switch intervals: the GIL changed hands all along (a
+        # loop giving it up at each iteration), no one call held it: none of it.
+        assert clock.since((0.100, 10), 10 * switch) == pytest.approx(0.2)
+        assert clock.since((0.250, 10), 10 * switch) == pytest.approx(10 * switch)
     finally:
         clock.close()
 

@@ -106,7 +106,7 @@ class NoRunQueue:
     def read(self) -> tuple[float, int]:
         return 0.0, 0
 
-    def since(self, before: tuple[float, int]) -> float:
+    def since(self, before: tuple[float, int], span: float) -> float:
         return 0.0
 
     def close(self) -> None:

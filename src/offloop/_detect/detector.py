@@ -111,6 +111,10 @@ class _RunQueueClock:
             self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
         except OSError:
             self._fd = None
+        if self._fd is not None and self.read()[1] == 0:
+            # A kernel keeping no scheduler statistics prints zeros; a live
+            # thread has run at least once. As good as no file.
+            self.close()
 
     def read(self) -> tuple[float, int]:
         """Seconds queued so far, and how many times the thread was put on a CPU."""
@@ -122,23 +126,32 @@ class _RunQueueClock:
         except (OSError, ValueError, IndexError):
             return 0.0, 0
 
-    def since(self, before: tuple[float, int]) -> float:
-        """Seconds of the wait since ``before`` that were the CPU's, not the GIL's.
+    def since(self, before: tuple[float, int], span: float) -> float:
+        """Seconds of the ``span`` seconds since ``before`` that no one GIL holder took.
 
-        A thread kept from the GIL wakes every switch interval to ask for it,
-        and under CPU load each of those wakes queues too, although the GIL
-        was still held: that queueing is part of the block. Only the queueing
-        after the GIL came free is not, the last wake's, and the wakes queue
-        about alike: so past :data:`_FEW_WAKES` wakes, one wake's share of the
-        queued time counts, and otherwise all of it (a late wake for want of a
-        CPU). All of the wait where it cannot tell.
+        A thread kept from the GIL by one call that holds it wakes once per
+        switch interval to ask for it, and under CPU load each of those
+        wakes queues too, although the GIL was still held: that queueing is
+        part of the block. Only the queueing after the GIL came free is not,
+        the last wake's, and the wakes queue about alike: so one wake's share
+        of the queued time counts. All of it counts after at most
+        :data:`_FEW_WAKES` wakes (a late wake for want of a CPU). After many
+        more wakes than one per switch interval the GIL changed hands all
+        along: a loop that gives it up at every iteration wakes the waiting
+        thread each time and, under CPU load, takes it back first, so the
+        thread starves though no call holds the GIL. None of the span counts
+        then. All of it counts where the clock cannot tell.
         """
         if self._fd is None:
             return float("inf")
         queued, wakes = self.read()
         queued -= before[0]
         wakes -= before[1]
-        return queued / wakes if wakes > _FEW_WAKES else queued
+        if wakes <= _FEW_WAKES:
+            return queued
+        if wakes > 2 * span / sys.getswitchinterval() + _FEW_WAKES:
+            return max(span, queued)
+        return queued / wakes
 
     def close(self) -> None:
         if self._fd is not None:
@@ -407,6 +420,7 @@ class BlockingDetector:
                 # which a block that begins is measured short.
                 due = now + self._interval
                 queued_before = queued.read()
+                read_at = monotonic()
                 stopping = self._stopping.wait(max(due - monotonic(), 0.0))
                 now = monotonic()
                 acked = self._acked
@@ -430,7 +444,7 @@ class BlockingDetector:
                         # then blocked again (maybe a moment after another block).
                         # Late for want of a CPU (other processes) is no block:
                         # only the time spent waiting, not queued, was the GIL.
-                        held = now - max(due, acked_at) - queued.since(queued_before)
+                        held = now - max(due, acked_at) - queued.since(queued_before, now - read_at)
                         self._finish_held(acked_at, held, glimpse)
                     posted_at = None
                 if stopping or loop.is_closed():

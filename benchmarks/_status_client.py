@@ -82,16 +82,18 @@ def _timed_gets(port: int, n: int, path: str = "/status") -> list[float]:
     never answered, and the rest of the series is not sent: each would wait
     as long.
     """
-    latencies = []
+    latencies: list[float] = []
     request = _request(path)
     for _ in range(n):
         t0 = time.perf_counter()
         try:
             answer = get(port, request)
         except TimeoutError as exc:
-            first = str(exc).splitlines()[0]
+            first = (str(exc).splitlines() or [repr(exc)])[0]
             print(f"unanswered, counted as never answered: {first}", file=sys.stderr)
-            latencies.append(math.inf)
+            # Those not sent count as unanswered too, so that the p99 shows it
+            # however many were answered before.
+            latencies += [math.inf] * (n - len(latencies))
             break
         latencies.append(time.perf_counter() - t0)
         if not answer.startswith(b"HTTP/1.") or b" 200 " not in answer[:16]:
@@ -109,7 +111,7 @@ def _flood(port: int) -> socket.socket:
 
 def _gets_after_floods(port: int, n: int) -> list[float]:
     """Time ``n`` GETs, each sent once ``BLANK_CLIENTS`` clients have sent their empty lines."""
-    latencies = []
+    latencies: list[float] = []
     with concurrent.futures.ThreadPoolExecutor(BLANK_CLIENTS) as pool:
         for _ in range(n):
             socks = list(pool.map(_flood, [port] * BLANK_CLIENTS))

@@ -19,11 +19,12 @@ the best thread-based peer on that kind (a process pool wins pure-Python
 work by escaping the GIL; it is shown for the recipe, not as the target).
 
 For blocking I/O one more row, outside the targets: asyncio's executor with as
-many threads as the default pool may start. ``asyncio.to_thread`` has 6
-threads on 2 CPUs, so it finishes a sixth as many calls per second, and its
-completions arrive a few at a time; the default pool's arrive 40 at a time,
-each waking the loop. The row shows the loop's lag at equal concurrency, so
-that a gap to ``asyncio.to_thread`` can be told apart from a cost of the pool.
+many threads as the default pool may start (its ``max_workers``).
+``asyncio.to_thread`` has ``min(32, cpus + 4)`` threads, so it finishes fewer
+calls per second and its completions arrive a few at a time; the default
+pool's arrive a round of ``max_workers`` at a time, each waking the loop. The
+row shows the loop's lag at equal concurrency, so that a gap to
+``asyncio.to_thread`` can be told apart from a cost of the pool.
 
 Run: ``make bench`` or ``.venv/bin/python -m benchmarks.bench_responsiveness``.
 """
@@ -162,7 +163,7 @@ async def main() -> int:
                 rates.setdefault((work, name), []).append(rate)
     await cpu_pool.aclose()
     await procs.aclose()
-    wide.shutdown()
+    await asyncio.to_thread(wide.shutdown)
 
     ok = True
     ours = names[0]

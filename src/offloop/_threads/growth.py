@@ -96,7 +96,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                     if not waiting:
                         w.presumed = False
                         self._waits.remember(w.call, False)
-                if waiting and self._gil_calls and w.call is not None:
+                if waiting and self._gil_calls:
                     # A GIL-holding call that waits (for a lock, an I/O, or a
                     # nested call of its own function) holds no GIL: the next
                     # such call may start, or a nested one would never run.

@@ -354,13 +354,16 @@ class RunMemory(dict[object, int]):
         if not seen:
             self.forget(code)
         else:
-            if len(self) >= MAX_REMEMBERED and code not in self:
-                self.clear()  # a bound, not a cache policy: rarely reached
-            self[code] = min(self.get(code, 0) + 1, self.AFTER)
+            self._store(code, min(self.get(code, 0) + 1, self.AFTER))
 
     def forget(self, code: object) -> None:
         """Forget what is known of the function with this key."""
         self.pop(code, None)
+
+    def _store(self, code: object, count: int) -> None:
+        if len(self) >= MAX_REMEMBERED and code not in self:
+            self.clear()  # a bound, not a cache policy: rarely reached
+        self[code] = count
 
 
 class WaitMemory(RunMemory):
@@ -387,9 +390,7 @@ class WaitMemory(RunMemory):
 
     def forget(self, code: object) -> None:
         """Count the function with this key as measured computing: a run of 0."""
-        if len(self) >= MAX_REMEMBERED and code not in self:
-            self.clear()  # a bound, not a cache policy: rarely reached
-        self[code] = 0
+        self._store(code, 0)
 
 
 def _key(fn: object) -> object:

@@ -50,6 +50,11 @@ class Crashable(Recorder):
         self._boom.set()
 
 
+def offloop_tasks() -> list[str]:
+    """The names of offloop's own tasks still alive on this loop (none once a stop ended)."""
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("offloop-")]
+
+
 def events(out: io.StringIO, kind: str) -> list[dict[str, object]]:
     """The events of ``kind`` that ``log_lines`` (conftest.py) holds so far, in order."""
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -227,8 +232,7 @@ async def test_a_stop_during_the_cascade_is_bounded_and_leaves_nothing_running()
     )
     assert journal == ["crash db", "stop bot"]  # nothing was started again
     assert db.starts == 1
-    left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("offloop-")]
-    assert left == []
+    assert offloop_tasks() == []
 
 
 @bounded(10)

@@ -21,7 +21,13 @@ from offloop import ServiceFailed, StopToken, Supervisor, SupervisorState
 from offloop._supervisor.supervised import SHUTDOWN_OVERRUN
 from tests.helpers import QUICK_WAIT, Proc, await_until, bounded
 from tests.supervisor.test_supervisor import Recorder
-from tests.supervisor.test_supervisor_cascade import Crashable, FirstStartWaits, SlowStop, events
+from tests.supervisor.test_supervisor_cascade import (
+    Crashable,
+    FirstStartWaits,
+    SlowStop,
+    events,
+    offloop_tasks,
+)
 
 
 class HeldStart(Recorder):
@@ -54,10 +60,6 @@ async def leave(sv: Supervisor, entering: asyncio.Future[Supervisor]) -> None:
         await asyncio.wait({entering})
     elif not entering.cancelled() and entering.exception() is None:
         await sv.__aexit__(None, None, None)
-
-
-def offloop_tasks() -> list[str]:
-    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("offloop-")]
 
 
 @pytest.mark.parametrize("on_dependency_restart", ["restart", "keep"])

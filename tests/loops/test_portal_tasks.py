@@ -326,3 +326,58 @@ async def test_context_on_a_running_loop_is_refused_before_it_is_entered() -> No
         assert target.state.value == "created"
     finally:
         await target.aclose()
+
+
+def test_iterate_timed_out_mid_item_raises_timeout_and_closes_the_generator(
+    lt: offloop.LoopThread,
+) -> None:
+    # The item's step is still running the generator when the caller stops
+    # waiting: closing the generator must wait for that step's cancellation,
+    # not fail with "aclose(): asynchronous generator is already running".
+    closed: list[str] = []
+
+    async def stalls() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()  # the second item never comes
+            yield 2
+        finally:
+            closed.append(threading.current_thread().name)
+
+    iterator = Portal(lt, timeout=0.05).iterate(stalls)
+    assert next(iterator) == 1
+    with pytest.raises(TimeoutError, match=r"Portal\.iterate\(\) of function .*stalls"):
+        next(iterator)
+    assert closed == [f"offloop-loop-{lt.name}"]
+
+
+async def test_iterate_in_a_worker_whose_awaiter_is_cancelled_closes_the_generator() -> None:
+    closed = threading.Event()
+    first = threading.Event()
+    outcome: list[BaseException] = []
+
+    async def stalls() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()
+            yield 2
+        finally:
+            closed.set()
+
+    def consume() -> None:
+        try:
+            for _ in Portal().iterate(stalls):  # on the awaiting loop
+                first.set()
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+
+    task = asyncio.ensure_future(offloop.to_thread(consume))
+    await offloop.to_thread(first.wait, WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(offloop.to_thread(closed.wait, WAIT), WAIT)
+    assert closed.is_set()
+    await asyncio.wait_for(offloop.to_thread(wait_until, lambda: bool(outcome)), WAIT)
+    assert type(outcome[0]) is CallerGoneError

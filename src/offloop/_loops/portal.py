@@ -130,15 +130,27 @@ class Portal:
         where = "Portal.call()"
         refuse_on_running_loop(where, _INSTEAD)
         check_async_callable(async_fn, where)
+        return self._call(where, async_fn, async_fn, *args, **kwargs)
+
+    def _call(
+        self,
+        where: str,
+        named: Callable[..., Any],
+        async_fn: Callable[P, Awaitable[R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        # ``named`` is the function errors name: the user's, not a helper of ours.
         host, loop, token = self._resolve()
-        refuse_when_stopped(token, where, async_fn)
+        refuse_when_stopped(token, where, named)
         ctx = contextvars.copy_context()
         if host is not None:
             reply = host._send_sync(async_fn, args, kwargs, ctx)
         else:
             reply = Reply(loop, None)
             _schedule(loop, start_sync, reply, async_fn, args, kwargs, ctx=ctx)
-        return wait_reply(reply, token, where, async_fn, self._timeout)  # type: ignore[no-any-return]
+        return wait_reply(reply, token, where, named, self._timeout)  # type: ignore[no-any-return]
 
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the sync function ``fn(*args, **kwargs)`` on the target loop's thread; block for it.
@@ -277,15 +289,15 @@ class Portal:
             "the loop that has to run it (or stall every other task on it).",
         )
         pinned = self._pinned(self._resolve())
-        ait = pinned.call(_open_iterator, fn, args, kwargs)
+        stream = pinned._call("Portal.iterate()", fn, _open_iterator, fn, args, kwargs)
         try:
             while True:
-                item = pinned.call(_next_item, ait)
+                item = pinned._call("Portal.iterate()", fn, _next_item, stream)
                 if item is _END:
                     return
                 yield item
         finally:
-            _close_iterator(pinned, ait)
+            _close_iterator(pinned, stream)
 
     def _pinned(self, target: tuple[LoopThread | None, Any, StopToken | None]) -> Portal:
         # A portal bound to the loop resolved once, so every step of one
@@ -398,44 +410,63 @@ def _start_call(
         reply.post((True, value))
 
 
+class _Stream:
+    """An async iterator driven from sync code, and the task fetching its current item."""
+
+    __slots__ = ("ait", "step")
+
+    def __init__(self, ait: AsyncIterator[Any]) -> None:
+        self.ait = ait
+        self.step: asyncio.Task[Any] | None = None
+
+
 async def _open_iterator(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> AsyncIterator[Any]:
+) -> _Stream:
     made = fn(*args, **kwargs)
     if not hasattr(made, "__anext__"):
         if hasattr(made, "__aiter__"):
-            return made.__aiter__()  # type: ignore[no-any-return]
+            return _Stream(made.__aiter__())
         if hasattr(made, "close"):
             made.close()  # a coroutine: no "never awaited" warning
         raise TypeError(
             f"Portal.iterate() needs a function returning an async iterator (an async "
             f"generator function), but {describe(fn)} returned {describe(made)}."
         )
-    return made  # type: ignore[no-any-return]
+    return _Stream(made)
 
 
-async def _next_item(ait: AsyncIterator[Any]) -> Any:
+async def _next_item(stream: _Stream) -> Any:
+    stream.step = asyncio.current_task()
     try:
-        return await ait.__anext__()
+        return await stream.ait.__anext__()
     except StopAsyncIteration:
         return _END
 
 
-async def _aclose(ait: Any) -> None:
-    await ait.aclose()
+async def _aclose(stream: _Stream) -> None:
+    step = stream.step
+    if step is not None and not step.done():
+        # The caller stopped waiting for an item (a timeout, Ctrl-C, its stop
+        # token) and that step's cancellation has not run yet: the generator
+        # is still running it, and aclose() now would raise "asynchronous
+        # generator is already running". Let the cancellation end it first.
+        step.cancel()
+        await asyncio.wait({step})
+    await stream.ait.aclose()  # type: ignore[attr-defined]
 
 
-def _close_iterator(portal: Portal, ait: AsyncIterator[Any]) -> None:
-    if not hasattr(ait, "aclose"):
+def _close_iterator(portal: Portal, stream: _Stream) -> None:
+    if not hasattr(stream.ait, "aclose"):
         return
     if asyncio._get_running_loop() is not None:
         # Dropped on a loop's thread (the generator collected there): blocking
         # is refused, so the close is sent without waiting for it.
-        portal.submit(_aclose, ait)
+        portal.submit(_aclose, stream)
         return
     # The loop closed (and closed the generator with it), or the caller stopped.
     with contextlib.suppress(PoolClosedError, CallerGoneError):
-        portal.call(_aclose, ait)
+        portal.call(_aclose, stream)
 
 
 def from_thread_sync(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:

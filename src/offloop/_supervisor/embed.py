@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
@@ -103,10 +104,18 @@ class Embedding:
             # No 'async with' body: a failure goes to the failure action, not to this task.
             sv._in_body = False
             if sv.state is not _SV.RUNNING:  # the property: mypy narrowed _state above
-                raise RuntimeError(
+                error = RuntimeError(
                     f"{sv!r} was stopped (stop() or aclose()) while start() was starting it; "
                     f"its services are not running."
                 )
+                task = asyncio.current_task()
+                if self.closed and task is not None:
+                    # A host's shutdown hook stopped this start: the host may have
+                    # abandoned the task awaiting it (python-telegram-bot leaves its
+                    # post_init task behind on Ctrl-C), and an error nobody can await
+                    # must not be logged as "never retrieved" as the program exits.
+                    task.add_done_callback(functools.partial(_retrieve, error))
+                raise error
             return
         if self.started and not self.closed:
             if sv._state in (_SV.STARTING, _SV.RUNNING):
@@ -336,3 +345,11 @@ class HostLifecycle:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _retrieve(error: BaseException, task: asyncio.Task[object]) -> None:
+    # exception() marks whatever the task raised as retrieved: only when that is
+    # ``error``, not something the host's code raised instead (a task of another
+    # implementation, without asyncio's attribute, keeps its log).
+    if getattr(task, "_exception", None) is error:
+        task.exception()

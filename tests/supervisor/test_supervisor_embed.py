@@ -349,3 +349,21 @@ async def test_aclose_stops_within_grace_a_service_that_ignores_its_stop() -> No
         lambda: not [t for t in threading.enumerate() if t.name == "offloop-service-stubborn"],
         what="the abandoned thread to end once released",
     )
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_aclose_refused_on_another_loop_leaves_the_supervisor_as_it_was() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="refused")
+    sv.add(Recorder("db", journal))
+    await sv.start()
+    try:
+        with pytest.raises(RuntimeError, match=re.escape("called from another event loop")):
+            await asyncio.to_thread(asyncio.run, _aclose(sv))
+        assert sv.state is SupervisorState.RUNNING
+        await sv.start()  # a second start() still waits for the first, as if never closed
+        await sv.wait_ready()
+    finally:
+        await sv.aclose()
+    assert journal == ["start db", "stop db"]

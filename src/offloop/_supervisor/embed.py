@@ -128,13 +128,14 @@ class Embedding:
 
     async def aclose(self) -> None:
         sv = self.sv
-        self.closed = True
         if sv._state is _SV.NEW:
             # Never started: nothing to stop, and it must not start any more.
+            self.closed = True
             sv._state = _SV.STOPPED
             self.changed()
             return
-        self._check_loop("aclose")
+        self._check_loop("aclose")  # refused: nothing changed
+        self.closed = True
         await sv._finish_shutdown(sv._request_shutdown("aclose() was called"))
         if sv._failure is not None:
             if self.cancelled_caller and asyncio.current_task() is self.caller:

@@ -148,7 +148,8 @@ class Portal:
         if host is not None:
             reply = host._send_sync(async_fn, args, kwargs, ctx)
         else:
-            reply = Reply(loop, None)
+            call = thread_state.call
+            reply = Reply(loop, None, worker=call is not None and call.loop is loop)
             _schedule(loop, start_sync, reply, async_fn, args, kwargs, ctx=ctx)
         return wait_reply(reply, token, where, named, self._timeout)  # type: ignore[no-any-return]
 

@@ -381,3 +381,30 @@ async def test_iterate_in_a_worker_whose_awaiter_is_cancelled_closes_the_generat
     assert closed.is_set()
     await asyncio.wait_for(offloop.to_thread(wait_until, lambda: bool(outcome)), WAIT)
     assert type(outcome[0]) is CallerGoneError
+
+
+def test_iterate_steps_the_generator_in_one_task_as_async_for_does(
+    lt: offloop.LoopThread,
+) -> None:
+    # What a generator binds to its task or context across a yield (an
+    # asyncio.timeout around it, a context variable it sets) must hold for
+    # the next item, and its cleanup must run in that task too.
+    tasks: list[asyncio.Task[object] | None] = []
+
+    async def bound() -> AsyncIterator[str]:
+        request_id.set("set by the generator")
+        try:
+            for _ in range(3):
+                tasks.append(asyncio.current_task())
+                yield request_id.get()
+        finally:
+            tasks.append(asyncio.current_task())
+
+    request_id.set("caller")
+    assert list(Portal(lt).iterate(bound)) == ["set by the generator"] * 3
+    assert len(tasks) == 4 and tasks[0] is not None and all(t is tasks[0] for t in tasks)
+    assert request_id.get() == "caller"  # the generator's context is a copy
+    tasks.clear()
+    for _ in Portal(lt).iterate(bound):
+        break
+    assert len(tasks) == 2 and tasks[0] is not None and tasks[1] is tasks[0]

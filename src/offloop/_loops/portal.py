@@ -261,8 +261,11 @@ class Portal:
                 if price > limit:
                     break                  # the async generator is closed here
 
-        Leaving the ``for`` loop early (``break``, an exception) closes the
-        async generator on its loop (``aclose()``), as does the loop's own
+        The generator runs in one task on its loop, as under ``async for``:
+        what it binds to its task or context across a ``yield`` (an
+        ``asyncio.timeout``, a context variable it sets) holds for the next
+        item. Leaving the ``for`` loop early (``break``, an exception) closes
+        the async generator on its loop (``aclose()``), as does the loop's own
         close for one abandoned mid-way.
 
         Raises:
@@ -412,13 +415,56 @@ def _start_call(
 
 
 class _Stream:
-    """An async iterator driven from sync code, and the task fetching its current item."""
+    """An async iterator consumed from sync code, and the one task that steps it.
 
-    __slots__ = ("ait", "step")
+    Every item is fetched by that task (``_drive``), as ``async for`` in one
+    task would: what the generator binds to its task or context (an
+    ``asyncio.timeout`` around a ``yield``, a context variable it sets) holds
+    from one item to the next, and its ``aclose()`` runs there too.
+    """
+
+    __slots__ = ("ait", "driver", "requests")
 
     def __init__(self, ait: AsyncIterator[Any]) -> None:
         self.ait = ait
-        self.step: asyncio.Task[Any] | None = None
+        #: The step requests (a future to answer), or None: close the iterator.
+        self.requests: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
+        # A copy of this (the caller's copied) context, as the steps' task.
+        self.driver = asyncio.get_running_loop().create_task(_drive(self))
+
+
+async def _drive(stream: _Stream) -> None:
+    ait = stream.ait
+    try:
+        while (request := await stream.requests.get()) is not None:
+            try:
+                item = await ait.__anext__()
+            except StopAsyncIteration:
+                _answer(request, True, _END)
+                return
+            except asyncio.CancelledError:
+                request.cancel()  # its step reports the cancellation
+                raise
+            except BaseException as exc:
+                # The step re-raises it to its caller (SystemExit and
+                # KeyboardInterrupt then stop the loop, as from any crossing).
+                _answer(request, False, exc)
+                return
+            _answer(request, True, item)
+    finally:
+        # A break, a close, the loop closing: the iterator is closed in its own task.
+        aclose = getattr(ait, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _answer(request: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if request.done():  # its step was cancelled meanwhile
+        return
+    if ok:
+        request.set_result(value)
+    else:
+        request.set_exception(value)
 
 
 async def _open_iterator(
@@ -438,28 +484,32 @@ async def _open_iterator(
 
 
 async def _next_item(stream: _Stream) -> Any:
-    stream.step = asyncio.current_task()
+    driver = stream.driver
+    request = asyncio.get_running_loop().create_future()
+    stream.requests.put_nowait(request)
     try:
-        return await stream.ait.__anext__()
-    except StopAsyncIteration:
-        return _END
+        await asyncio.wait({request, driver}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The caller stopped waiting (a timeout, Ctrl-C, its stop token): the
+        # generator is cancelled where it waits, as under a cancelled 'async for'.
+        driver.cancel()
+        raise
+    if not request.done():  # the driver was cancelled on its loop before it got here
+        request.cancel()
+    return request.result()
 
 
 async def _aclose(stream: _Stream) -> None:
-    step = stream.step
-    if step is not None and not step.done():
-        # The caller stopped waiting for an item (a timeout, Ctrl-C, its stop
-        # token) and that step's cancellation has not run yet: the generator
-        # is still running it, and aclose() now would raise "asynchronous
-        # generator is already running". Let the cancellation end it first.
-        step.cancel()
-        await asyncio.wait({step})
-    await stream.ait.aclose()  # type: ignore[attr-defined]
+    driver = stream.driver
+    if not driver.done():
+        stream.requests.put_nowait(None)
+        await asyncio.wait({driver})
+    error = None if driver.cancelled() else driver.exception()
+    if error is not None:
+        raise error  # what the iterator's aclose() raised
 
 
 def _close_iterator(portal: Portal, stream: _Stream) -> None:
-    if not hasattr(stream.ait, "aclose"):
-        return
     if asyncio._get_running_loop() is not None:
         # Dropped on a loop's thread (the generator collected there): blocking
         # is refused, so the close is sent without waiting for it.

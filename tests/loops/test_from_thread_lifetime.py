@@ -194,7 +194,8 @@ async def test_a_plain_thread_on_the_chosen_loop_is_told_what_cancelled_its_coro
         offloop.set_from_thread_loop(None)
     message = str(caught.value)
     assert "was cancelled on the event loop it ran on" in message, message
-    assert "sent this work" not in message and "worker function" not in message, message
+    assert "sent this work" not in message, message
+    assert "worker function" not in message, message
     assert isinstance(caught.value.__cause__, asyncio.CancelledError)
 
     def portal_to_loop() -> None:

@@ -402,9 +402,13 @@ def test_iterate_steps_the_generator_in_one_task_as_async_for_does(
 
     request_id.set("caller")
     assert list(Portal(lt).iterate(bound)) == ["set by the generator"] * 3
-    assert len(tasks) == 4 and tasks[0] is not None and all(t is tasks[0] for t in tasks)
+    assert len(tasks) == 4
+    assert tasks[0] is not None
+    assert all(t is tasks[0] for t in tasks)
     assert request_id.get() == "caller"  # the generator's context is a copy
     tasks.clear()
     for _ in Portal(lt).iterate(bound):
         break
-    assert len(tasks) == 2 and tasks[0] is not None and tasks[1] is tasks[0]
+    assert len(tasks) == 2
+    assert tasks[0] is not None
+    assert tasks[1] is tasks[0]

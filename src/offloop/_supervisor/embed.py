@@ -109,7 +109,7 @@ class Embedding:
                     f"its services are not running."
                 )
                 task = asyncio.current_task()
-                if self.closed and task is not None:
+                if self._closed() and task is not None:
                     # A host's shutdown hook stopped this start: the host may have
                     # abandoned the task awaiting it (python-telegram-bot leaves its
                     # post_init task behind on Ctrl-C), and an error nobody can await
@@ -169,6 +169,10 @@ class Embedding:
         for waiter in list(self.waiters):
             with contextlib.suppress(RuntimeError):  # that caller's loop is closed
                 waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+
+    def _closed(self) -> bool:
+        # A call, not the attribute: mypy keeps 'closed' narrowed across an await.
+        return self.closed
 
     def _check_loop(self, action: str) -> None:
         try:

@@ -227,6 +227,9 @@ async def test_aclose_during_start_stops_it_and_start_says_so() -> None:
 def test_lifespan_takes_a_supervisor() -> None:
     with pytest.raises(TypeError, match=r"offloop.lifespan\(\) takes the offloop.Supervisor"):
         offloop.lifespan("sv")  # type: ignore[arg-type]
+    # Passed uncalled (FastAPI(lifespan=offloop.lifespan)), it gets the app: say how to call it.
+    with pytest.raises(TypeError, match=re.escape("FastAPI(lifespan=offloop.lifespan(sv))")):
+        offloop.lifespan(object())  # type: ignore[arg-type]
 
 
 @pytest.mark.loops("asyncio")

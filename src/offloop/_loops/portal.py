@@ -192,7 +192,15 @@ class Portal:
             CallerGoneError: this worker's stop token is set already.
             TypeError: ``async_fn`` is not a coroutine function.
         """
-        where = "Portal.start_task()"
+        return self._start_task("Portal.start_task()", async_fn, args, kwargs)
+
+    def _start_task(
+        self,
+        where: str,
+        async_fn: Callable[..., Awaitable[R]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> TaskHandle[R]:
         check_async_callable(async_fn, where)
         host, loop, token = self._resolve()
         refuse_when_stopped(token, where, async_fn)
@@ -219,7 +227,7 @@ class Portal:
             PoolClosedError: the target is closed.
             TypeError: ``async_fn`` is not a coroutine function.
         """
-        return self.start_task(async_fn, *args, **kwargs).future
+        return self._start_task("Portal.submit()", async_fn, args, kwargs).future
 
     def context(
         self,

@@ -370,3 +370,25 @@ async def test_aclose_refused_on_another_loop_leaves_the_supervisor_as_it_was() 
     finally:
         await sv.aclose()
     assert journal == ["start db", "stop db"]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_serve_on_another_loop_is_refused_before_it_waits() -> None:
+    # Its wait is on the supervisor's loop: from another loop it would be woken
+    # from the wrong thread, or not at all.
+    journal: list[str] = []
+    sv = Supervisor(name="one-loop")
+    sv.add(Recorder("db", journal))
+    await sv.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"serve\(\) of .* called from another event loop"):
+            await asyncio.to_thread(asyncio.run, _serve(sv))
+        assert sv.state is SupervisorState.RUNNING
+    finally:
+        await sv.aclose()
+    assert journal == ["start db", "stop db"]
+
+
+async def _serve(sv: Supervisor) -> None:
+    await asyncio.wait_for(sv.serve(), QUICK_WAIT)

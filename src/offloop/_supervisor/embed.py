@@ -182,7 +182,8 @@ class Embedding:
         if loop is not self.sv._loop:
             raise RuntimeError(
                 f"{action}() of {self.sv!r} was called from another event loop (or thread) than "
-                f"the one it runs on; await it on that loop, or call sv.stop() (thread-safe)."
+                f"the one it runs on; await it on that loop, or call sv.stop() (thread-safe) "
+                f"to stop it from here."
             )
 
     def _illegal(self, action: str) -> str:

@@ -1,6 +1,7 @@
 """The python-telegram-bot recipe, polling the fake Telegram API.
 
-Run as ``python -m tests.hosts.ptb_host URL TOKEN``.
+Run as ``python -m tests.hosts.ptb_host URL TOKEN [stall]``; with ``stall``,
+a last service never finishes starting.
 
 ``/ask`` replies with every service's answer; ``/crash KIND`` crashes one.
 """
@@ -14,7 +15,7 @@ from telegram import Update
 from telegram.ext import Application, CommandHandler, ContextTypes
 
 import offloop
-from tests.hosts.side import Side
+from tests.hosts.side import Side, Stalled
 
 sv = offloop.Supervisor(name="side", grace=2)
 side = Side(sv)
@@ -40,7 +41,9 @@ async def crash(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    url, token = sys.argv[1:]
+    url, token, *options = sys.argv[1:]
+    if "stall" in options:
+        sv.add(Stalled())
     application = (
         Application.builder()
         .token(token)

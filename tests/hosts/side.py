@@ -16,7 +16,7 @@ import sys
 import aiohttp
 import flask
 
-from offloop import StopToken, Supervisor, WSGIService
+from offloop import Service, StopToken, Supervisor, WSGIService
 
 KINDS = ("flask", "thread", "async")
 
@@ -85,3 +85,20 @@ class Side:
             self.async_jobs.put_nowait(job)
         else:
             raise ValueError(f"no service {kind!r} to send to")
+
+
+class Stalled(Service):
+    """A service whose start never finishes: the host is stopped while ``start()`` runs."""
+
+    def __init__(self) -> None:
+        self.name = "stalled"
+
+    async def start(self) -> None:
+        print("STALLED STARTING", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()  # until the stop cancels it
+
+    async def wait(self) -> None:
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        pass

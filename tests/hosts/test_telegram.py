@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 
 import pytest
 
@@ -27,3 +28,20 @@ def test_a_telegram_bot_answers_through_each_service_and_stops_on_a_crash(
     # The program ended with the failure, raised by the bot's shutdown hook.
     assert f'{module}.py", line' in proc.output
     assert re.search(r"in stop_services\n +await sv\.aclose\(\)", proc.output), proc.output
+
+
+def test_ctrl_c_while_ptb_runs_post_init_stops_the_services_quietly(
+    fake_api: FakeAPI, token: str
+) -> None:
+    # python-telegram-bot leaves its post_init task behind on Ctrl-C and runs
+    # post_shutdown: aclose() stops the start that task awaits, and the error
+    # start() then raises there, which nobody can await any more, must not be
+    # logged as "Task exception was never retrieved" as the program exits.
+    with HostProc("ptb_host", fake_api.url, token, "stall") as proc:
+        proc.wait_for("STALLED STARTING")
+        proc.send(signal.SIGINT)
+        code = proc.exit_code()
+    assert code == 0, proc.output
+    assert "service 'thread' stopped" in proc.output
+    assert "side: stopped" in proc.output
+    assert "never retrieved" not in proc.output, proc.output

@@ -169,3 +169,41 @@ def test_set_from_thread_loop_refuses_what_cannot_run() -> None:
             in_plain_thread(lambda: from_thread(asyncio.sleep, 0))
     finally:
         offloop.set_from_thread_loop(None)
+
+
+async def test_a_plain_thread_on_the_chosen_loop_is_told_what_cancelled_its_coroutine() -> None:
+    # No worker of ours sent the plain thread its work: the message must not
+    # say so, nor tell it to return from a worker function.
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    tasks: list[asyncio.Task[object]] = []
+
+    async def waits() -> None:
+        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        started.set()
+        await asyncio.Event().wait()
+
+    offloop.set_from_thread_loop(loop)
+    try:
+        calling = asyncio.ensure_future(asyncio.to_thread(from_thread, waits))
+        await asyncio.wait_for(started.wait(), WAIT)
+        tasks[0].cancel()  # by something on the loop, not by the caller
+        with pytest.raises(offloop.CallerGoneError) as caught:
+            await asyncio.wait_for(calling, WAIT)
+    finally:
+        offloop.set_from_thread_loop(None)
+    message = str(caught.value)
+    assert "was cancelled on the event loop it ran on" in message, message
+    assert "sent this work" not in message, message
+    assert "worker function" not in message, message
+    assert isinstance(caught.value.__cause__, asyncio.CancelledError)
+
+    def portal_to_loop() -> None:
+        Portal(loop).call(waits)
+
+    started.clear()
+    calling = asyncio.ensure_future(asyncio.to_thread(portal_to_loop))
+    await asyncio.wait_for(started.wait(), WAIT)
+    tasks[1].cancel()
+    with pytest.raises(offloop.CallerGoneError, match="on the event loop it ran on"):
+        await asyncio.wait_for(calling, WAIT)

@@ -510,3 +510,26 @@ def test_close_reports_a_task_whose_cleanup_raises_to_the_loops_exception_handle
     assert context["message"] == "unhandled exception in a task cancelled by LoopThread.close()"
     assert isinstance(context["exception"], ValueError)
     assert context["task"] is keep[0]
+
+
+async def test_a_loop_factory_returning_a_running_or_closed_loop_is_refused_at_start() -> None:
+    # asyncio.get_running_loop as the factory hands over the caller's own loop:
+    # the thread could not run it, and shutting it down would cancel the
+    # caller's tasks and close its loop under it.
+    mine = asyncio.get_running_loop()
+    lt = LoopThread(name="taken", loop_factory=asyncio.get_running_loop)
+    with pytest.raises(ValueError, match=r"must return a new event loop.*is running"):
+        lt.start()
+    assert lt.state is offloop.LoopThreadState.CREATED
+    assert lt.loop is None
+    assert not mine.is_closed()
+    assert asyncio.current_task() is not None
+    assert not asyncio.current_task().cancelled()  # type: ignore[union-attr]
+    await lt.aclose()
+
+    closed = asyncio.new_event_loop()
+    closed.close()
+    lt = LoopThread(name="closed", loop_factory=lambda: closed)
+    with pytest.raises(ValueError, match=r"must return a new event loop.*is closed"):
+        await lt.run(where_am_i)
+    await lt.aclose()

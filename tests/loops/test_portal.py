@@ -152,6 +152,11 @@ def test_bad_arguments_are_refused_before_anything_runs() -> None:
         Portal().call_sync(coro)  # type: ignore[unused-coroutine]
     with pytest.raises(TypeError, match=r"Portal\.call"):
         Portal().call(len, "x")  # type: ignore[arg-type]
+    # Each entry point names itself, not the one it is built on.
+    with pytest.raises(TypeError, match=r"^Portal\.submit\(\) needs"):
+        Portal().submit(len, "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Portal\.start_task\(\) needs"):
+        Portal().start_task(len, "x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"Portal\(target=\.\.\.\)"):
         Portal("loop")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Portal\(timeout=\.\.\.\)"):

@@ -326,3 +326,89 @@ async def test_context_on_a_running_loop_is_refused_before_it_is_entered() -> No
         assert target.state.value == "created"
     finally:
         await target.aclose()
+
+
+def test_iterate_timed_out_mid_item_raises_timeout_and_closes_the_generator(
+    lt: offloop.LoopThread,
+) -> None:
+    # The item's step is still running the generator when the caller stops
+    # waiting: closing the generator must wait for that step's cancellation,
+    # not fail with "aclose(): asynchronous generator is already running".
+    closed: list[str] = []
+
+    async def stalls() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()  # the second item never comes
+            yield 2
+        finally:
+            closed.append(threading.current_thread().name)
+
+    iterator = Portal(lt, timeout=0.05).iterate(stalls)
+    assert next(iterator) == 1
+    with pytest.raises(TimeoutError, match=r"Portal\.iterate\(\) of function .*stalls"):
+        next(iterator)
+    assert closed == [f"offloop-loop-{lt.name}"]
+
+
+async def test_iterate_in_a_worker_whose_awaiter_is_cancelled_closes_the_generator() -> None:
+    closed = threading.Event()
+    first = threading.Event()
+    outcome: list[BaseException] = []
+
+    async def stalls() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()
+            yield 2
+        finally:
+            closed.set()
+
+    def consume() -> None:
+        try:
+            for _ in Portal().iterate(stalls):  # on the awaiting loop
+                first.set()
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+
+    task = asyncio.ensure_future(offloop.to_thread(consume))
+    await offloop.to_thread(first.wait, WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(offloop.to_thread(closed.wait, WAIT), WAIT)
+    assert closed.is_set()
+    await asyncio.wait_for(offloop.to_thread(wait_until, lambda: bool(outcome)), WAIT)
+    assert type(outcome[0]) is CallerGoneError
+
+
+def test_iterate_steps_the_generator_in_one_task_as_async_for_does(
+    lt: offloop.LoopThread,
+) -> None:
+    # What a generator binds to its task or context across a yield (an
+    # asyncio.timeout around it, a context variable it sets) must hold for
+    # the next item, and its cleanup must run in that task too.
+    tasks: list[asyncio.Task[object] | None] = []
+
+    async def bound() -> AsyncIterator[str]:
+        request_id.set("set by the generator")
+        try:
+            for _ in range(3):
+                tasks.append(asyncio.current_task())
+                yield request_id.get()
+        finally:
+            tasks.append(asyncio.current_task())
+
+    request_id.set("caller")
+    assert list(Portal(lt).iterate(bound)) == ["set by the generator"] * 3
+    assert len(tasks) == 4
+    assert tasks[0] is not None
+    assert all(t is tasks[0] for t in tasks)
+    assert request_id.get() == "caller"  # the generator's context is a copy
+    tasks.clear()
+    for _ in Portal(lt).iterate(bound):
+        break
+    assert len(tasks) == 2
+    assert tasks[0] is not None
+    assert tasks[1] is tasks[0]

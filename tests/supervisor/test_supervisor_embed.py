@@ -227,6 +227,9 @@ async def test_aclose_during_start_stops_it_and_start_says_so() -> None:
 def test_lifespan_takes_a_supervisor() -> None:
     with pytest.raises(TypeError, match=r"offloop.lifespan\(\) takes the offloop.Supervisor"):
         offloop.lifespan("sv")  # type: ignore[arg-type]
+    # Passed uncalled (FastAPI(lifespan=offloop.lifespan)), it gets the app: say how to call it.
+    with pytest.raises(TypeError, match=re.escape("FastAPI(lifespan=offloop.lifespan(sv))")):
+        offloop.lifespan(object())  # type: ignore[arg-type]
 
 
 @pytest.mark.loops("asyncio")
@@ -349,3 +352,43 @@ async def test_aclose_stops_within_grace_a_service_that_ignores_its_stop() -> No
         lambda: not [t for t in threading.enumerate() if t.name == "offloop-service-stubborn"],
         what="the abandoned thread to end once released",
     )
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_aclose_refused_on_another_loop_leaves_the_supervisor_as_it_was() -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="refused")
+    sv.add(Recorder("db", journal))
+    await sv.start()
+    try:
+        with pytest.raises(RuntimeError, match=re.escape("called from another event loop")):
+            await asyncio.to_thread(asyncio.run, _aclose(sv))
+        assert sv.state is SupervisorState.RUNNING
+        await sv.start()  # a second start() still waits for the first, as if never closed
+        await sv.wait_ready()
+    finally:
+        await sv.aclose()
+    assert journal == ["start db", "stop db"]
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_serve_on_another_loop_is_refused_before_it_waits() -> None:
+    # Its wait is on the supervisor's loop: from another loop it would be woken
+    # from the wrong thread, or not at all.
+    journal: list[str] = []
+    sv = Supervisor(name="one-loop")
+    sv.add(Recorder("db", journal))
+    await sv.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"serve\(\) of .* called from another event loop"):
+            await asyncio.to_thread(asyncio.run, _serve(sv))
+        assert sv.state is SupervisorState.RUNNING
+    finally:
+        await sv.aclose()
+    assert journal == ["start db", "stop db"]
+
+
+async def _serve(sv: Supervisor) -> None:
+    await asyncio.wait_for(sv.serve(), QUICK_WAIT)

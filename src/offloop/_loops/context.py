@@ -121,6 +121,9 @@ class BoundContext(Generic[T]):
             return handle.ready(timeout=self._timeout)  # type: ignore[no-any-return]
         except BaseException:
             self._state = _EXITED
+            # Ctrl-C (or any error of the wait itself) leaves the task running:
+            # entered later, the context would stay open with nobody to exit it.
+            handle.cancel()
             raise
 
     def exit(

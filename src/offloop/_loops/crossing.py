@@ -137,9 +137,11 @@ class Reply:
     caller is gone.
     """
 
-    __slots__ = ("claim", "host", "lock", "loop", "outcome", "started", "task")
+    __slots__ = ("claim", "host", "lock", "loop", "outcome", "started", "task", "worker")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, host: CallHost | None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, host: CallHost | None, *, worker: bool = False
+    ) -> None:
         self.lock = allocate_lock()
         self.lock.acquire()
         self.claim = allocate_lock()
@@ -150,6 +152,8 @@ class Reply:
         self.host = host
         self.task: asyncio.Task[None] | None = None
         self.started = False
+        #: The caller is an offloop worker, and ``loop`` the loop that sent it its work.
+        self.worker = worker
 
     def post(self, outcome: object) -> None:
         if self.claim.acquire(False):  # else another poster won: its outcome stands
@@ -322,7 +326,7 @@ def _cancelled_on_loop(
     # own stop ends the wait first, with its own message). Every sync caller
     # gets this one type for it: a caller is no task, and a bare
     # CancelledError is a BaseException that `except Exception` would miss.
-    if reply.host is None:
+    if reply.worker:
         why = (
             f"the event loop that sent this work to the thread ({reply.loop!r}); it is "
             f"probably shutting down. Return from the worker function."
@@ -330,7 +334,7 @@ def _cancelled_on_loop(
     else:
         why = (
             f"the event loop it ran on ({reply.loop!r}), by something there (a task.cancel(), "
-            f"a timeout), not by this caller, so it has no result."
+            f"a timeout, the loop shutting down), not by this caller, so it has no result."
         )
     error = CallerGoneError(f"{describe(coro)} was cancelled on {why}")
     error.__cause__ = exc

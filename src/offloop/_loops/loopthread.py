@@ -168,6 +168,8 @@ class LoopThread:
 
         Raises:
             PoolClosedError: the loop thread is closing or closed.
+            TypeError: ``loop_factory`` returned something else than an event loop.
+            ValueError: ``loop_factory`` returned a loop that is running or closed.
             Exception: whatever ``loop_factory`` raised.
         """
         with self._lock:
@@ -184,6 +186,15 @@ class LoopThread:
                 raise TypeError(
                     f"LoopThread(loop_factory=...) must return an event loop, but "
                     f"{describe(factory)} returned {describe(loop)}."
+                )
+            if loop.is_running() or loop.is_closed():
+                # Its thread could not run it, and its shutdown would cancel
+                # the tasks of whoever runs it (asyncio.get_running_loop as the factory).
+                raise ValueError(
+                    f"LoopThread(loop_factory=...) must return a new event loop, but "
+                    f"{describe(factory)} returned {loop!r}, which "
+                    f"{'is running' if loop.is_running() else 'is closed'}. Pass a function "
+                    f"that makes one, e.g. asyncio.new_event_loop or uvloop.new_event_loop."
                 )
             # Its own named default executor: close() recognises its threads
             # (closing from one would wait for itself) and leak reports name them.

@@ -130,15 +130,28 @@ class Portal:
         where = "Portal.call()"
         refuse_on_running_loop(where, _INSTEAD)
         check_async_callable(async_fn, where)
+        return self._call(where, async_fn, async_fn, *args, **kwargs)
+
+    def _call(
+        self,
+        where: str,
+        named: Callable[..., Any],
+        async_fn: Callable[P, Awaitable[R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        # ``named`` is the function errors name: the user's, not a helper of ours.
         host, loop, token = self._resolve()
-        refuse_when_stopped(token, where, async_fn)
+        refuse_when_stopped(token, where, named)
         ctx = contextvars.copy_context()
         if host is not None:
             reply = host._send_sync(async_fn, args, kwargs, ctx)
         else:
-            reply = Reply(loop, None)
+            call = thread_state.call
+            reply = Reply(loop, None, worker=call is not None and call.loop is loop)
             _schedule(loop, start_sync, reply, async_fn, args, kwargs, ctx=ctx)
-        return wait_reply(reply, token, where, async_fn, self._timeout)  # type: ignore[no-any-return]
+        return wait_reply(reply, token, where, named, self._timeout)  # type: ignore[no-any-return]
 
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the sync function ``fn(*args, **kwargs)`` on the target loop's thread; block for it.
@@ -179,7 +192,15 @@ class Portal:
             CallerGoneError: this worker's stop token is set already.
             TypeError: ``async_fn`` is not a coroutine function.
         """
-        where = "Portal.start_task()"
+        return self._start_task("Portal.start_task()", async_fn, args, kwargs)
+
+    def _start_task(
+        self,
+        where: str,
+        async_fn: Callable[..., Awaitable[R]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> TaskHandle[R]:
         check_async_callable(async_fn, where)
         host, loop, token = self._resolve()
         refuse_when_stopped(token, where, async_fn)
@@ -206,7 +227,7 @@ class Portal:
             PoolClosedError: the target is closed.
             TypeError: ``async_fn`` is not a coroutine function.
         """
-        return self.start_task(async_fn, *args, **kwargs).future
+        return self._start_task("Portal.submit()", async_fn, args, kwargs).future
 
     def context(
         self,
@@ -248,8 +269,11 @@ class Portal:
                 if price > limit:
                     break                  # the async generator is closed here
 
-        Leaving the ``for`` loop early (``break``, an exception) closes the
-        async generator on its loop (``aclose()``), as does the loop's own
+        The generator runs in one task on its loop, as under ``async for``:
+        what it binds to its task or context across a ``yield`` (an
+        ``asyncio.timeout``, a context variable it sets) holds for the next
+        item. Leaving the ``for`` loop early (``break``, an exception) closes
+        the async generator on its loop (``aclose()``), as does the loop's own
         close for one abandoned mid-way.
 
         Raises:
@@ -277,15 +301,15 @@ class Portal:
             "the loop that has to run it (or stall every other task on it).",
         )
         pinned = self._pinned(self._resolve())
-        ait = pinned.call(_open_iterator, fn, args, kwargs)
+        stream = pinned._call("Portal.iterate()", fn, _open_iterator, fn, args, kwargs)
         try:
             while True:
-                item = pinned.call(_next_item, ait)
+                item = pinned._call("Portal.iterate()", fn, _next_item, stream)
                 if item is _END:
                     return
                 yield item
         finally:
-            _close_iterator(pinned, ait)
+            _close_iterator(pinned, stream)
 
     def _pinned(self, target: tuple[LoopThread | None, Any, StopToken | None]) -> Portal:
         # A portal bound to the loop resolved once, so every step of one
@@ -398,44 +422,110 @@ def _start_call(
         reply.post((True, value))
 
 
+class _Stream:
+    """An async iterator consumed from sync code, and the one task that steps it.
+
+    Every item is fetched by that task (``_drive``), as ``async for`` in one
+    task would: what the generator binds to its task or context (an
+    ``asyncio.timeout`` around a ``yield``, a context variable it sets) holds
+    from one item to the next, and its ``aclose()`` runs there too.
+    """
+
+    __slots__ = ("ait", "driver", "requests")
+
+    def __init__(self, ait: AsyncIterator[Any]) -> None:
+        self.ait = ait
+        #: The step requests (a future to answer), or None: close the iterator.
+        self.requests: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
+        # A copy of this (the caller's copied) context, as the steps' task.
+        self.driver = asyncio.get_running_loop().create_task(_drive(self))
+
+
+async def _drive(stream: _Stream) -> None:
+    ait = stream.ait
+    try:
+        while (request := await stream.requests.get()) is not None:
+            try:
+                item = await ait.__anext__()
+            except StopAsyncIteration:
+                _answer(request, True, _END)
+                return
+            except asyncio.CancelledError:
+                request.cancel()  # its step reports the cancellation
+                raise
+            except BaseException as exc:
+                # The step re-raises it to its caller (SystemExit and
+                # KeyboardInterrupt then stop the loop, as from any crossing).
+                _answer(request, False, exc)
+                return
+            _answer(request, True, item)
+    finally:
+        # A break, a close, the loop closing: the iterator is closed in its own task.
+        aclose = getattr(ait, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _answer(request: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if request.done():  # its step was cancelled meanwhile
+        return
+    if ok:
+        request.set_result(value)
+    else:
+        request.set_exception(value)
+
+
 async def _open_iterator(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> AsyncIterator[Any]:
+) -> _Stream:
     made = fn(*args, **kwargs)
     if not hasattr(made, "__anext__"):
         if hasattr(made, "__aiter__"):
-            return made.__aiter__()  # type: ignore[no-any-return]
+            return _Stream(made.__aiter__())
         if hasattr(made, "close"):
             made.close()  # a coroutine: no "never awaited" warning
         raise TypeError(
             f"Portal.iterate() needs a function returning an async iterator (an async "
             f"generator function), but {describe(fn)} returned {describe(made)}."
         )
-    return made  # type: ignore[no-any-return]
+    return _Stream(made)
 
 
-async def _next_item(ait: AsyncIterator[Any]) -> Any:
+async def _next_item(stream: _Stream) -> Any:
+    driver = stream.driver
+    request = asyncio.get_running_loop().create_future()
+    stream.requests.put_nowait(request)
     try:
-        return await ait.__anext__()
-    except StopAsyncIteration:
-        return _END
+        await asyncio.wait({request, driver}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The caller stopped waiting (a timeout, Ctrl-C, its stop token): the
+        # generator is cancelled where it waits, as under a cancelled 'async for'.
+        driver.cancel()
+        raise
+    if not request.done():  # the driver was cancelled on its loop before it got here
+        request.cancel()
+    return request.result()
 
 
-async def _aclose(ait: Any) -> None:
-    await ait.aclose()
+async def _aclose(stream: _Stream) -> None:
+    driver = stream.driver
+    if not driver.done():
+        stream.requests.put_nowait(None)
+        await asyncio.wait({driver})
+    error = None if driver.cancelled() else driver.exception()
+    if error is not None:
+        raise error  # what the iterator's aclose() raised
 
 
-def _close_iterator(portal: Portal, ait: AsyncIterator[Any]) -> None:
-    if not hasattr(ait, "aclose"):
-        return
+def _close_iterator(portal: Portal, stream: _Stream) -> None:
     if asyncio._get_running_loop() is not None:
         # Dropped on a loop's thread (the generator collected there): blocking
         # is refused, so the close is sent without waiting for it.
-        portal.submit(_aclose, ait)
+        portal.submit(_aclose, stream)
         return
     # The loop closed (and closed the generator with it), or the caller stopped.
     with contextlib.suppress(PoolClosedError, CallerGoneError):
-        portal.call(_aclose, ait)
+        portal.call(_aclose, stream)
 
 
 def from_thread_sync(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, ParamSpec, TypeVar, final
 
 from .._core.errors import CallerGoneError, PoolClosedError
-from .._core.token import StopToken
+from .._core.token import StopToken, thread_state
 from .._core.validate import check_async_callable, describe
 from .crossing import Reply, refuse_when_stopped, start_sync, wait_reply
 from .loopthread import _RUNNING, LoopThread
@@ -44,7 +44,8 @@ def block_on(
     refuse_when_stopped(token, where, async_fn)
     ctx = contextvars.copy_context()
     if isinstance(target, asyncio.AbstractEventLoop):
-        reply = Reply(target, None)
+        call = thread_state.call
+        reply = Reply(target, None, worker=call is not None and call.loop is target)
         try:
             target.call_soon_threadsafe(start_sync, reply, async_fn, args, kwargs, context=ctx)
         except RuntimeError:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
@@ -103,10 +104,18 @@ class Embedding:
             # No 'async with' body: a failure goes to the failure action, not to this task.
             sv._in_body = False
             if sv.state is not _SV.RUNNING:  # the property: mypy narrowed _state above
-                raise RuntimeError(
+                error = RuntimeError(
                     f"{sv!r} was stopped (stop() or aclose()) while start() was starting it; "
                     f"its services are not running."
                 )
+                task = asyncio.current_task()
+                if self._closed() and task is not None:
+                    # A host's shutdown hook stopped this start: the host may have
+                    # abandoned the task awaiting it (python-telegram-bot leaves its
+                    # post_init task behind on Ctrl-C), and an error nobody can await
+                    # must not be logged as "never retrieved" as the program exits.
+                    task.add_done_callback(functools.partial(_retrieve, error))
+                raise error
             return
         if self.started and not self.closed:
             if sv._state in (_SV.STARTING, _SV.RUNNING):
@@ -119,13 +128,14 @@ class Embedding:
 
     async def aclose(self) -> None:
         sv = self.sv
-        self.closed = True
         if sv._state is _SV.NEW:
             # Never started: nothing to stop, and it must not start any more.
+            self.closed = True
             sv._state = _SV.STOPPED
             self.changed()
             return
-        self._check_loop("aclose")
+        self._check_loop("aclose")  # refused: nothing changed
+        self.closed = True
         await sv._finish_shutdown(sv._request_shutdown("aclose() was called"))
         if sv._failure is not None:
             if self.cancelled_caller and asyncio.current_task() is self.caller:
@@ -160,6 +170,10 @@ class Embedding:
             with contextlib.suppress(RuntimeError):  # that caller's loop is closed
                 waiter.get_loop().call_soon_threadsafe(_wake, waiter)
 
+    def _closed(self) -> bool:
+        # A call, not the attribute: mypy keeps 'closed' narrowed across an await.
+        return self.closed
+
     def _check_loop(self, action: str) -> None:
         try:
             loop = asyncio.get_running_loop()
@@ -168,7 +182,8 @@ class Embedding:
         if loop is not self.sv._loop:
             raise RuntimeError(
                 f"{action}() of {self.sv!r} was called from another event loop (or thread) than "
-                f"the one it runs on; await it on that loop, or call sv.stop() (thread-safe)."
+                f"the one it runs on; await it on that loop, or call sv.stop() (thread-safe) "
+                f"to stop it from here."
             )
 
     def _illegal(self, action: str) -> str:
@@ -336,3 +351,11 @@ class HostLifecycle:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _retrieve(error: BaseException, task: asyncio.Task[object]) -> None:
+    # exception() marks whatever the task raised as retrieved: only when that is
+    # ``error``, not something the host's code raised instead (a task of another
+    # implementation, without asyncio's attribute, keeps its log).
+    if getattr(task, "_exception", None) is error:
+        task.exception()

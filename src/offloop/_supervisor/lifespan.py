@@ -51,7 +51,8 @@ def lifespan(sv: Supervisor, /) -> Callable[[object], AbstractAsyncContextManage
 
     if not isinstance(sv, Supervisor):
         raise TypeError(
-            f"offloop.lifespan() takes the offloop.Supervisor to run, got {describe(sv)}."
+            f"offloop.lifespan() takes the offloop.Supervisor to run, got {describe(sv)}. "
+            f"Pass what it returns as the app's lifespan: FastAPI(lifespan=offloop.lifespan(sv))."
         )
 
     @contextlib.asynccontextmanager

@@ -343,7 +343,8 @@ class Supervisor(HostLifecycle, Registration):
         Raises:
             ServiceFailed: a service failed beyond its restart policy.
             StatusPortError: ``status_port`` cannot be bound (nothing started).
-            RuntimeError: the supervisor has already run.
+            RuntimeError: the supervisor has already run, or runs on another
+                event loop than the caller's (started there).
         """
         if self._state is _SV.NEW:
             async with self:
@@ -351,6 +352,9 @@ class Supervisor(HostLifecycle, Registration):
             return
         if not self._in_body and not (self._embed.started and self._state is _SV.RUNNING):
             raise RuntimeError(self._illegal_start("serve"))
+        # It waits on the supervisor's loop: from another one it would be woken
+        # from the wrong thread (or never). wait_ready() works from any loop.
+        self._embed._check_loop("serve")
         await self._serve_inside()
 
     async def _serve_inside(self) -> None:

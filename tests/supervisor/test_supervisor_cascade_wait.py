@@ -246,3 +246,30 @@ async def test_after_the_start_a_parked_dependency_keeps_its_dependents_down_unt
     assert journal == ["crash db", "stop api", "stop cache"]
     assert {st.state for st in sv.status().values()} == {"stopped"}
     assert offloop_tasks() == []
+
+
+async def api_starting(api: FirstStartWaits) -> None:
+    await await_until(lambda: api.starts == 1, QUICK_WAIT, "api starting")
+
+
+@bounded(10)
+async def test_wait_ready_and_start_raise_once_the_start_fails_on_a_parked_dependency() -> None:
+    journal: list[str] = []
+    failures: list[str] = []
+    for how in ("serve", "start"):
+        sv = Supervisor(name=how)
+        db = sv.add(Crashable("db", journal), backoff=math.inf, max_backoff=math.inf)
+        api = sv.add(FirstStartWaits("api", journal), depends_on=["db"])
+        ready = asyncio.ensure_future(sv.wait_ready())
+        running = asyncio.ensure_future(sv.serve() if how == "serve" else sv.start())
+        await asyncio.wait_for(api_starting(api), QUICK_WAIT)
+        db.crash()
+        for task in (ready, running):
+            with pytest.raises(ServiceFailed, match=r"^Service 'api' cannot start: its depend"):
+                await asyncio.wait_for(task, QUICK_WAIT)
+        failures.append(sv.state.value)
+        if how == "start":
+            with pytest.raises(ServiceFailed):
+                await sv.aclose()
+    assert failures == ["failed", "failed"]
+    assert offloop_tasks() == []

@@ -389,6 +389,7 @@ def test_live_table_renders_every_service() -> None:
                 "url": None,
                 "dependency_restarts": 0,
                 "restarting_with": None,
+                "waiting_for": [],
             }
             for name in ("worker", "bot")
         },

@@ -414,9 +414,12 @@ def render_table(sv: Supervisor) -> Any:
             uptime = f"{now - st.started_at:.0f}s"
         error = st.to_dict()["last_error"] or ""
         style = _STATE_STYLE.get(st.state.value, "")
-        state = st.state.value
+        notes = []
         if st.restarting_with is not None:  # stopped and started again with a dependency
-            state += f" (with {st.restarting_with})"
+            notes.append(f"with {st.restarting_with}")
+        if st.waiting_for:  # not started (again) before these are ready
+            notes.append(f"waiting for {', '.join(st.waiting_for)}")
+        state = st.state.value + (f" ({'; '.join(notes)})" if notes else "")
         restarts = str(st.restarts)
         if st.dependency_restarts:
             restarts += f" (+{st.dependency_restarts} with deps)"

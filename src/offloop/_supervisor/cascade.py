@@ -24,6 +24,15 @@ the cascade stops there; the starts still to come are dropped.
 A service whose runner has not begun is none of the cascade's (nothing of it
 runs to stop): the runner waits in :meth:`Cascade.before_start` until its
 dependencies are ready again, which matters while the supervisor starts.
+A service waiting for its dependencies, there or before the cascade starts it
+again, names them in ``ServiceStatus.waiting_for``.
+
+A service whose backoff is infinite is *parked* once it crashed: it sleeps
+until the supervisor stops. While the supervisor starts, a start waiting for
+it (directly, or through a dependent it holds down) would wait for ever, so
+the start fails instead (:meth:`Cascade.parked_behind`, from
+``Supervisor._check_start``). After the start, its dependents stay stopped
+until the supervisor stops, as it does: both are logged.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from typing import Any, Final, Protocol
 from .status import ServiceState
 from .supervised import LAST_CHANCE, Supervised
 
-__all__ = ["Cascade", "CascadeHost"]
+__all__ = ["Cascade", "CascadeHost", "parked_message"]
 
 logger: Final = logging.getLogger("offloop.supervisor")
 
@@ -53,6 +62,8 @@ class CascadeHost(Protocol):
     _entries: dict[str, Supervised]
 
     def _shutting_down(self) -> bool: ...
+
+    def _check_start(self) -> None: ...
 
     def _runner_done(self, runner: asyncio.Task[None]) -> None: ...
 
@@ -141,34 +152,50 @@ class Cascade:
         restarted by its policy (or stopped by another's restart) before the
         runner begins: ``e``, not started yet, is none of the cascade's.
         """
+        await self._await_dependencies(e, shutdown, log=True)
+
+    async def _await_dependencies(
+        self, e: Supervised, shutdown: asyncio.Future[None] | None, *, log: bool
+    ) -> None:
+        """Wait until each dependency of ``e`` is ready (again), or the shutdown began.
+
+        ``e.waiting_for`` names the ones not ready meanwhile. ``shutdown``: a
+        future done once the shutdown began (``None`` for a task that the
+        shutdown cancels). ``log``: log each dependency waited for, once (the
+        cascade's own starts say why they wait already).
+        """
         host = self._host
         deps = [host._entries[d] for d in e.depends_on]
         told: set[str] = set()
-        while not host._shutting_down():
-            waits = _pending(deps)
-            if not waits:
-                return
-            for name in waits.keys() - told:
-                logger.info(
-                    "%s: service %r waits for its dependency %r to be ready again",
-                    host.name,
-                    e.name,
-                    name,
-                )
-            told.update(waits)
-            await asyncio.wait({shutdown, *waits.values()}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            while not host._shutting_down():
+                waits = _pending(deps)
+                e.waiting_for = tuple(waits)
+                if not waits:
+                    return
+                for name in (waits.keys() - told) if log else ():
+                    logger.info(
+                        "%s: service %r waits for its dependency %r to be ready again",
+                        host.name,
+                        e.name,
+                        name,
+                    )
+                told.update(waits)
+                # A dependency parked for good fails a start that waits for e.
+                host._check_start()
+                if host._shutting_down():
+                    return
+                wakes = set(waits.values()) if shutdown is None else {shutdown, *waits.values()}
+                await asyncio.wait(wakes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            e.waiting_for = ()
 
     async def _start_all(self, root: Supervised, todo: list[Supervised]) -> None:
         host = self._host
         loop = asyncio.get_running_loop()
         for e in todo:
-            deps = [host._entries[d] for d in e.depends_on]
             # As at start: once each of its dependencies is ready (again).
-            while not host._shutting_down():
-                waits = _pending(deps)
-                if not waits:
-                    break
-                await asyncio.wait(waits.values(), return_when=asyncio.FIRST_COMPLETED)
+            await self._await_dependencies(e, None, log=False)
             if host._shutting_down():
                 return
             if e.held or e.state is not _ST.RESTARTING or not (e.runner is None or e.runner.done()):
@@ -184,6 +211,21 @@ class Cascade:
             e.renew_ready()
             e.runner = loop.create_task(e.supervise(), name=f"offloop-supervise-{e.name}")
             e.runner.add_done_callback(host._runner_done)
+
+    def parked_behind(self, e: Supervised) -> list[Supervised] | None:
+        """The path from ``e`` to a parked service that keeps it from being ready, if any.
+
+        ``[e, dependency, ..., parked]`` (``[e]`` if ``e`` is parked itself),
+        through the dependencies whose restart holds ``e`` stopped and those
+        it waits for: both are its dependencies, so the walk ends.
+        """
+        if e.parked:
+            return [e]
+        for name in (*e.held, *e.waiting_for):
+            path = self.parked_behind(self._host._entries[name])
+            if path is not None:
+                return [e, *path]
+        return None
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -208,6 +250,31 @@ class Cascade:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks))
+
+
+def parked_message(path: list[Supervised]) -> str:
+    """Why the start fails: ``path`` (from :meth:`Cascade.parked_behind`) ends parked."""
+    waiter, parked = path[0], path[-1]
+    error = parked.last_error
+    crashed = "crashed" if error is None else f"crashed ({error!r})"
+    how = f"{crashed} during the supervisor's start and never restarts, because its backoff is "
+    if len(path) == 1:
+        return (
+            f"Service {waiter.name!r} cannot start: it {how}infinite. Give it a finite backoff "
+            f"so that it restarts."
+        )
+    drop = f"drop the dependency on {parked.name!r}"
+    if parked.name in waiter.depends_on:
+        whose = f"its dependency {parked.name!r}"
+        drop = f"drop {parked.name!r} from the depends_on of {waiter.name!r}"
+    elif len(path) == 2:  # held stopped by the restart of a dependency of its dependencies
+        whose = f"it depends on {parked.name!r} through its dependencies, and {parked.name!r}"
+    else:
+        whose = f"its dependency {path[1].name!r} waits for {parked.name!r}, which"
+    return (
+        f"Service {waiter.name!r} cannot start: {whose} {how}infinite. Give {parked.name!r} "
+        f"a finite backoff, or {drop}."
+    )
 
 
 def _pending(deps: list[Supervised]) -> dict[str, asyncio.Future[None]]:

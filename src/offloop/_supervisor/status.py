@@ -78,6 +78,10 @@ class ServiceStatus:
         restarting_with: while such a restart is under way (from its stop to
             its being ready again), the name of the dependency that caused
             it; else ``None``.
+        waiting_for: the names of its dependencies it is waiting for right
+            now, to be ready (again) before it starts: before its first start
+            (its state is then ``stopped``), or before it starts again after
+            such a restart (``restarting``); else ``()``.
     """
 
     name: str
@@ -89,6 +93,7 @@ class ServiceStatus:
     url: str | None = None
     dependency_restarts: int = 0
     restarting_with: str | None = None
+    waiting_for: tuple[str, ...] = ()
 
     @property
     def uptime(self) -> float | None:
@@ -117,6 +122,7 @@ class ServiceStatus:
             "url": self.url,
             "dependency_restarts": self.dependency_restarts,
             "restarting_with": self.restarting_with,
+            "waiting_for": list(self.waiting_for),
         }
         if self.schedule is not None:  # only scheduled services have one
             out["schedule"] = self.schedule.to_dict()
@@ -126,6 +132,8 @@ class ServiceStatus:
         parts = [f"{self.name!r} {self.state.value}", f"restarts={self.restarts}"]
         if self.restarting_with is not None:
             parts.append(f"restarting_with={self.restarting_with!r}")
+        if self.waiting_for:
+            parts.append(f"waiting_for={self.waiting_for!r}")
         if self.last_error is not None:
             parts.append(f"last_error={self.last_error!r}")
         return f"<ServiceStatus {' '.join(parts)}>"

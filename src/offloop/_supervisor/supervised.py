@@ -51,6 +51,8 @@ class RecordKeeper(Protocol):
 
     async def _before_start(self, e: Supervised) -> None: ...
 
+    def _check_start(self) -> None: ...
+
     def _ready_again(self, e: Supervised) -> None: ...
 
     def _shutting_down(self) -> bool: ...
@@ -83,6 +85,10 @@ class Supervised:
         self.held: set[str] = set()
         # The dependency whose restart stopped it, until it is ready again.
         self.restarting_with: str | None = None
+        # The dependencies it waits for to be ready (again) before it starts (cascade.py).
+        self.waiting_for: tuple[str, ...] = ()
+        # True while it sleeps out an infinite backoff: it never comes back by itself.
+        self.parked = False
         # Restarts caused by a dependency's: not in 'restarts', nor its budget.
         self.dependency_restarts = 0
         # Set while a dependency's restart is stopping it: a shutdown waits for that stop.
@@ -125,6 +131,7 @@ class Supervised:
             url,
             self.dependency_restarts,
             self.restarting_with,
+            self.waiting_for,
         )
 
     def end(self, state: ServiceState) -> None:
@@ -250,6 +257,7 @@ class Supervised:
                     delay,
                     upcoming,
                 )
+                await asyncio.sleep(delay)
             else:
                 logger.warning(
                     "%s: service %r waits for the supervisor to stop: its backoff is "
@@ -258,7 +266,15 @@ class Supervised:
                     self.name,
                     upcoming,
                 )
-            await asyncio.sleep(delay)
+                self.parked = True
+                try:
+                    # A start waiting for it would wait for ever: it fails instead.
+                    self.supervisor._check_start()
+                    if self.state is _ST.FAILED:
+                        return  # it was the service the start waited for
+                    await asyncio.sleep(delay)  # until a stop cancels it
+                finally:
+                    self.parked = False
             if self.supervisor._shutting_down():
                 self.end(_ST.STOPPED)
                 return

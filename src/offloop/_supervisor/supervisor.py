@@ -21,7 +21,7 @@ from .._core.errors import ServiceFailed
 from .._core.restart import RestartPolicy
 from .._core.validate import check_seconds, check_thread_name, describe
 from .._services.base import Service
-from .cascade import Cascade
+from .cascade import Cascade, parked_message
 from .embed import Embedding, HostLifecycle, OnFailure
 from .health import LoopHealth
 from .logs import LogFormat
@@ -141,6 +141,9 @@ class Supervisor(HostLifecycle, Registration):
         self._serving = 0
         self._host_cancelled = False
         self._stop_early = False
+        # While the start waits for a service to be ready: that service and the
+        # future it waits on (_check_start fails the start if it never comes).
+        self._awaited: tuple[Supervised, asyncio.Future[None]] | None = None
         # Loop time by which the shutdown has ended (grace plus its overrun):
         # run() gives the tasks left on its loop what remains of it.
         self._stop_deadline: float | None = None
@@ -277,9 +280,11 @@ class Supervisor(HostLifecycle, Registration):
                     entry.supervise(), name=f"offloop-supervise-{entry.name}"
                 )
                 entry.runner.add_done_callback(self._runner_done)
+                self._awaited = (entry, entry.ready)
                 await asyncio.wait(
                     {entry.ready, self._shutdown_requested}, return_when=asyncio.FIRST_COMPLETED
                 )
+            self._awaited = None
             stopping = self._shutdown_requested.done()
             if not stopping:
                 self._state = _SV.RUNNING
@@ -467,7 +472,10 @@ class Supervisor(HostLifecycle, Registration):
         if crash is None:
             crash = e.last_error  # ended normally this time, but crashed before
         last = f"; last error: {crash!r}" if crash is not None else ""
-        failure = ServiceFailed(f"Service {e.name!r} failed: {why}{last}.", service=e.name)
+        self._failed(e, f"Service {e.name!r} failed: {why}{last}.", crash)
+
+    def _failed(self, e: Supervised, message: str, crash: BaseException | None) -> None:
+        failure = ServiceFailed(message, service=e.name)
         failure.__cause__ = crash
         self._failure = failure
         logger.error("%s: %s Stopping the other services.", self.name, failure)
@@ -482,6 +490,19 @@ class Supervisor(HostLifecycle, Registration):
     async def _before_start(self, e: Supervised) -> None:
         assert self._shutdown_requested is not None
         await self._cascade.before_start(e, self._shutdown_requested)
+
+    def _check_start(self) -> None:
+        # A start that waits for a service kept down by a parked one (an
+        # infinite backoff) would wait until a stop: it fails now instead.
+        # After the start nothing waits for them, and they stay down.
+        awaited = self._awaited
+        if awaited is None or awaited[1].done() or self._state is not _SV.STARTING:
+            return
+        path = self._cascade.parked_behind(awaited[0])
+        if path is not None and not self._shutting_down():
+            e = path[0]
+            e.end(_ST.FAILED)
+            self._failed(e, parked_message(path), path[-1].last_error)
 
     def _ready_again(self, e: Supervised) -> None:
         self._cascade.ready_again(e)

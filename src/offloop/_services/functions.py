@@ -271,6 +271,7 @@ class ThreadService(FunctionService):
         # after handing its outcome to the loop: that is not an abandoned thread.
         if thread is None or not thread.is_alive() or (done is not None and done.done()):
             return []
+        self._abandon()
         return [describe_thread(thread)]
 
 

@@ -277,11 +277,13 @@ class ScheduledService(FunctionService):
 
     def kill(self) -> list[str]:
         self._wind_down(None)
-        return [
-            describe_thread(r.thread)
-            for r in list(self._runs)
-            if r.thread is not None and r.thread.is_alive()
-        ]
+        stuck = [r for r in self._runs if r.thread is not None and r.thread.is_alive()]
+        if stuck:
+            # Abandoned: the service's run ends without them (start() may follow at
+            # once, in a cascade), and _run_ended ignores them if they ever return.
+            self._runs.difference_update(stuck)
+            self._finish_if_idle()
+        return [describe_thread(r.thread) for r in stuck if r.thread is not None]
 
     def _wind_down(self, error: BaseException | None) -> None:
         """End the service's run: no new runs; stop those going on; finish once they ended."""
@@ -429,6 +431,8 @@ class ScheduledService(FunctionService):
         self._run_ended(run, took, error)
 
     def _run_ended(self, run: _Run, took: float, error: BaseException | None) -> None:
+        if run not in self._runs:
+            return  # abandoned by kill(): the service's run it belonged to has ended
         self._runs.discard(run)
         self._count += 1
         self._last_duration, self._last_error = took, error

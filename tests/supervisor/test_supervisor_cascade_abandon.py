@@ -23,7 +23,16 @@ def every_service(sv: Supervisor, fn: Callable[[], None]) -> None:
     sv.every(0.01, depends_on=["db"], name="job")(fn)
 
 
-@pytest.mark.parametrize("add", [thread_service, every_service], ids=["service", "every"])
+def loop_service(sv: Supervisor, fn: Callable[[], None]) -> None:
+    async def job() -> None:
+        fn()  # blocks the service's own loop, in its thread
+
+    sv.service(depends_on=["db"], name="job", isolate="loop")(job)
+
+
+@pytest.mark.parametrize(
+    "add", [thread_service, every_service, loop_service], ids=["service", "every", "loop"]
+)
 @pytest.mark.loops("asyncio")
 @bounded(10)
 async def test_a_dependent_whose_thread_ignores_its_token_is_abandoned_and_started_again(

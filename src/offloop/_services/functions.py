@@ -191,6 +191,7 @@ class TaskService(FunctionService):
         if task is None or task.done():
             return []
         task.cancel("offloop service killed")
+        self._abandon()
         out = io.StringIO()
         task.print_stack(file=out)
         return [f"task {task.get_name()!r} (it ignores cancellation):\n{out.getvalue().rstrip()}"]

@@ -125,11 +125,11 @@ class LifecycleService(Service):
             done.set_exception(exc)
 
     def _abandon(self) -> None:
-        """``kill()`` left the run's thread behind: end the run now, as stopped.
+        """``kill()`` left the run behind (a thread, a task deaf to cancellation): end it now.
 
         A dependent killed by a cascade is started again at once, and
-        ``start()`` refuses a service still stopping. The thread, if it ever
-        returns, finds its run settled and changes nothing (a stale run).
+        ``start()`` refuses a service still stopping. The thread or task, if it
+        ever ends, finds its run settled and changes nothing (a stale run).
         """
         if self._done is not None:
             self._finish(self._done)

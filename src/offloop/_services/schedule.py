@@ -277,13 +277,20 @@ class ScheduledService(FunctionService):
 
     def kill(self) -> list[str]:
         self._wind_down(None)
-        stuck = [r for r in self._runs if r.thread is not None and r.thread.is_alive()]
-        if stuck:
-            # Abandoned: the service's run ends without them (start() may follow at
-            # once, in a cascade), and _run_ended ignores them if they ever return.
-            self._runs.difference_update(stuck)
-            self._finish_if_idle()
-        return [describe_thread(r.thread) for r in stuck if r.thread is not None]
+        # _wind_down cancelled the tasks again; what is still going on is abandoned:
+        # the service's run ends without it (start() may follow at once, in a
+        # cascade), and _run_ended ignores it if it ever ends.
+        abandoned = []
+        for run in list(self._runs):
+            if run.thread is not None and run.thread.is_alive():
+                abandoned.append(describe_thread(run.thread))
+            elif run.task is not None and not run.task.done():
+                abandoned.append(f"task {run.task.get_name()!r} (it ignores cancellation)")
+            else:
+                continue  # ended: its outcome is on its way to the loop
+            self._runs.discard(run)
+        self._finish_if_idle()
+        return abandoned
 
     def _wind_down(self, error: BaseException | None) -> None:
         """End the service's run: no new runs; stop those going on; finish once they ended."""

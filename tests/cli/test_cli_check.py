@@ -220,6 +220,13 @@ def test_a_failing_script_shows_its_traceback_and_exit_code(tmp_path: Path) -> N
         ),
         (["--threshold", "nan", "x.py"], "--threshold must be between 0.01 and 86400 seconds"),
         (["missing.py"], "there is no file 'missing.py'"),
+        # A Supervisor's MODULE:ATTR, as offloop run takes it: say which command does that.
+        (
+            ["app:sv"],
+            "there is no file 'app:sv' (from {tmp_path}); offloop check runs a Python script. "
+            "To watch the Supervisor 'app:sv' for blocks, run: offloop run app:sv "
+            "--detect-blocking",
+        ),
         (["--threshold", "1e300", "x.py"], "--threshold must be between 0.01 and 86400 seconds"),
         (["--threshold", "0.001", "x.py"], "--threshold must be between 0.01 and 86400 seconds"),
     ],
@@ -236,7 +243,7 @@ def test_bad_command_lines_exit_2_with_a_message(
         assert main(["check", *args]) == 2
     finally:
         os.chdir(cwd)
-    assert message in capsys.readouterr().err
+    assert message.format(tmp_path=tmp_path) in capsys.readouterr().err
 
 
 def test_check_is_listed_in_the_help() -> None:

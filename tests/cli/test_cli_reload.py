@@ -8,6 +8,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
+from offloop._cli.main import build_parser
 from offloop._cli.reload import child_argv
 from tests.helpers import SPAWN_WAIT, Proc, gone, wait_until
 
@@ -69,6 +72,32 @@ def test_changes_restart_the_program_and_broken_code_waits_for_the_fix(tmp_path:
 def test_the_child_gets_the_arguments_without_the_reloaders_own() -> None:
     argv = ["run", "app:sv", "--reload", "--reload-dir", "src", "--plain", "--reload-dir=lib"]
     assert child_argv(argv) == ["run", "app:sv", "--plain"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--reload", "--reload-d", "src"],
+        ["--reload", "--reload-", "src"],
+        ["--reload", "--reload-di=src"],
+        ["--reload-dir", "src", "--reload"],
+    ],
+)
+def test_the_child_gets_no_reload_option_however_argparse_let_it_be_spelled(
+    given: list[str],
+) -> None:
+    # argparse takes any unique prefix of --reload-dir; the child, run without
+    # --reload, refused one left in its arguments ("--reload-dir needs --reload").
+    argv = ["run", "app:sv", *given, "--plain"]
+    parsed = build_parser().parse_args(argv)
+    assert (parsed.reload, parsed.reload_dir) == (True, ["src"])
+    child = build_parser().parse_args(child_argv(argv))
+    assert (child.target, child.reload, child.reload_dir, child.plain) == (
+        "app:sv",
+        False,
+        None,
+        True,
+    )
 
 
 def test_reload_dir_must_exist(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from offloop import Supervisor
 from offloop._cli.main import main as cli_main
@@ -477,7 +478,9 @@ def test_detect_blocking_outside_the_detector_range_is_refused(
     assert "--detect-blocking must be between 0.01 and 86400 seconds" in capsys.readouterr().err
 
 
-def test_detect_blocking_logs_the_line_that_blocked_the_loop(tmp_path: Path) -> None:
+def test_detect_blocking_logs_the_line_that_blocked_the_loop_and_counts_it_in_metrics(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "hoggy.py").write_text(
         textwrap.dedent(
             """
@@ -496,12 +499,20 @@ def test_detect_blocking_logs_the_line_that_blocked_the_loop(tmp_path: Path) -> 
             """
         )
     )
-    args = ["-m", "offloop", "run", "hoggy:sv", "--detect-blocking", "0.05"]
+    args = ["-m", "offloop", "run", "hoggy:sv", "--detect-blocking", "0.05", "--status-port", "0"]
     with Proc(args, tmp_path) as proc:
+        port = int(proc.wait_for(r"status on http://127\.0\.0\.1:(\d+)/status").group(1))
         proc.wait_for("hog done blocking")
         proc.wait_for(r"offloop\.detector")
+        # The flag's detector is the supervisor's own: its blocks are in /metrics
+        # as they are with Supervisor(detect_blocking=...), not only in /status.
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=HTTP_TIMEOUT).text
         proc.send(signal.SIGINT)
         assert proc.exit_code() == 0
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    (sample,) = families["offloop_detector_blocks"].samples
+    assert sample.labels["file"].endswith("hoggy.py")
+    assert (sample.labels["line"], sample.labels["function"], sample.value) == ("11", "hog", 1)
     assert "hoggy.py:11" in proc.output
     assert "time.sleep(0.5)  # the line to name" in proc.output
 

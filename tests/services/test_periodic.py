@@ -376,3 +376,40 @@ async def test_status_from_another_thread_shows_the_next_run_as_wall_clock_time(
     after = sv.status()["hourly"].schedule
     assert after is not None
     assert after.next_run is None  # stopped: no next run
+
+
+@pytest.fixture
+def new_york_local_time(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The machine's local time is New York's for the test (TZ and tzset)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def due_times(expr: str, tz: str | None, start: dt.datetime, count: int) -> list[float]:
+    plan = make_cron(job, expr, tz=tz, overlap="skip", missed="skip", name=None).plan
+    out, t = [], start.timestamp()
+    for _ in range(count):
+        t = plan.after(t)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("expr", ["*/15 * * * *", "0 * * * *", "30 1 * * *", "30 2 * * *"])
+def test_cron_in_local_time_keeps_the_days_the_clocks_change_as_in_its_named_zone(
+    expr: str, new_york_local_time: None
+) -> None:
+    ny = offloop_zone("America/New_York")
+    for night in (
+        dt.datetime(2026, 11, 1, 0, 50, tzinfo=ny),
+        dt.datetime(2026, 3, 8, 0, 50, tzinfo=ny),
+    ):
+        named = due_times(expr, "America/New_York", night, 8)
+        # Every quarter hour of the hour lived twice in November runs twice, as
+        # in the named zone (cron runs such a job "normally"); 02:30 on the
+        # night that skips it runs once, at 03:00, not at 03:30.
+        assert due_times(expr, None, night, 8) == named, [
+            dt.datetime.fromtimestamp(t, ny).strftime("%m-%d %H:%M %Z") for t in named
+        ]

@@ -216,3 +216,39 @@ async def test_status_shows_the_bound_url_the_loop_lag_and_the_last_blocks() -> 
     assert web.url in table
     assert "loop lag p50 " in table
     assert f"last block: {block['duration_ms']:.0f} ms at {__file__}:" in table
+
+
+class SlowToStop(Recorder):
+    """Its stop waits for the test: the supervisor stays stopping meanwhile."""
+
+    def __init__(self, name: str, journal: list[str]) -> None:
+        super().__init__(name, journal)
+        self.stopping = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await self.go.wait()
+        await super().stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_healthz_stays_live_while_the_supervisor_stops_and_readyz_fails() -> None:
+    # A graceful stop is not a wedged process: a liveness probe failing now
+    # would have an orchestrator kill it in the middle of its stop (Spring
+    # Boot keeps liveness CORRECT and readiness REFUSING_TRAFFIC then).
+    sv = Supervisor(name="draining", status_port=0, grace=QUICK_WAIT)
+    slow = sv.add(SlowToStop("slow", []))
+    async with sv:
+        url = sv.status_url
+        assert url is not None
+        port = int(url.rsplit(":", 1)[1])
+        sv.stop()
+        try:
+            await asyncio.wait_for(slow.stopping.wait(), QUICK_WAIT)
+            assert await get(port, "/healthz") == (200, {"live": True, "state": "stopping"})
+            status, body = await get(port, "/readyz")
+            assert (status, body["ready"], body["state"]) == (503, False, "stopping")
+        finally:
+            slow.go.set()

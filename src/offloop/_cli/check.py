@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import runpy
 import signal
 import sys
@@ -43,6 +44,9 @@ __all__ = [
 
 #: Exit code of ``offloop check`` when the event loop blocked.
 BLOCKED_EXIT_CODE: Final = 3
+
+#: A MODULE:ATTR target such as ``offloop run`` takes (``app:sv``, ``pkg.app:make``).
+_TARGET: Final = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def register(subparsers: Any) -> None:
@@ -93,6 +97,12 @@ def main(args: argparse.Namespace) -> int:
     if problem is not None:
         return _usage(f"{problem}. Pass for example --threshold 0.1 (the default).")
     if not os.path.isfile(args.script):
+        if _TARGET.fullmatch(args.script):  # what offloop run takes
+            return _usage(
+                f"there is no file {args.script!r} (from {os.getcwd()}); offloop check runs "
+                f"a Python script. To watch the Supervisor {args.script!r} for blocks, run: "
+                f"offloop run {args.script} --detect-blocking"
+            )
         return _usage(
             f"there is no file {args.script!r} (from {os.getcwd()}); pass the path of the "
             f"Python script to run."

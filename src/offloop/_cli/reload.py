@@ -72,18 +72,25 @@ def stop_with_parent() -> None:
     threading.Thread(target=watch, name="offloop-reload-parent", daemon=True).start()
 
 
+def _is_reload_dir(option: str) -> bool:
+    # argparse takes any unique prefix of an option: "--reload-" and longer
+    # prefixes of "--reload-dir" (shorter ones also prefix "--reload").
+    return len(option) > len("--reload") and "--reload-dir".startswith(option)
+
+
 def child_argv(argv: Sequence[str]) -> list[str]:
-    """The ``offloop run`` arguments without the reloader's own options."""
+    """The ``offloop run`` arguments without the reloader's own options, however spelled."""
     out: list[str] = []
     skip = False
     for arg in argv:
+        option, has_value, _ = arg.partition("=")
         if skip:
             skip = False
         elif arg == "--reload":
             pass
-        elif arg == "--reload-dir":
-            skip = True
-        elif not arg.startswith("--reload-dir="):
+        elif _is_reload_dir(option):
+            skip = not has_value
+        else:
             out.append(arg)
     return out
 

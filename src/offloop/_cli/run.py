@@ -329,15 +329,10 @@ def _show_cursor_now() -> Callable[[], None]:
 async def _serve(
     sv: Supervisor, status_port: int | None, console: Any, block_threshold: float | None
 ) -> None:
-    detector = None
-    # A supervisor built with detect_blocking=... already watches its own loop.
+    # The supervisor's own detector, as with detect_blocking=... (a threshold in
+    # the code wins): its blocks reach the log, /status, /metrics and the table.
     if block_threshold is not None and sv._block_threshold is None:
-        from .._detect.detector import BlockingDetector
-
-        # Its blocks go to the status and the live table, as the supervisor's own would.
-        detector = BlockingDetector(
-            threshold=block_threshold, on_block=sv._health.record_block
-        ).start()
+        sv._block_threshold = block_threshold
     # The supervisor serves the probes itself (before its first service
     # starts): --status-port only says where, over a status_port in the code.
     if status_port is not None:
@@ -366,8 +361,6 @@ async def _serve(
             f"pick another {flag}, or 0 for any free port."
         ) from exc
     finally:
-        if detector is not None:
-            detector.stop()
         if live is not None:
             live.stop()
 

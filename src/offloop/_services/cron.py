@@ -24,6 +24,42 @@ __all__ = ["CronPlan", "make_cron"]
 COUNT_LIMIT: Final = 100_000
 
 
+_EPOCH: Final = dt.datetime(1970, 1, 1)
+
+
+class _LocalTime(dt.tzinfo):
+    """The machine's local time (``TZ``, ``/etc/localtime``) as a tzinfo, DST changes included.
+
+    cronsim applies cron's rules for the days the clocks change (a job at a
+    fixed time runs once, a wildcard one in both passes of a repeated hour, a
+    time skipped runs at the change) only to an aware datetime: a naive one is
+    walked as if no clock ever changed, and its ``.timestamp()`` then reads a
+    repeated hour's times as their first pass only. This zone answers from the
+    C library's local time, as ``datetime.timestamp()`` and ``fromtimestamp()``
+    do for naive datetimes, ``fold`` included.
+    """
+
+    def utcoffset(self, when: dt.datetime | None) -> dt.timedelta:
+        if when is None:
+            when = dt.datetime.now()
+        local = when.replace(tzinfo=None)  # keeps fold: the pass of a repeated hour
+        return (local - _EPOCH) - dt.timedelta(seconds=local.timestamp())
+
+    def dst(self, when: dt.datetime | None) -> None:
+        return None
+
+    def tzname(self, when: dt.datetime | None) -> str:
+        return "local time"
+
+    def fromutc(self, when: dt.datetime) -> dt.datetime:
+        # fromtimestamp() sets fold=1 on the second pass of a repeated hour.
+        stamp = (when.replace(tzinfo=None) - _EPOCH).total_seconds()
+        return dt.datetime.fromtimestamp(stamp).replace(tzinfo=self)
+
+    def __repr__(self) -> str:
+        return "_LocalTime()"
+
+
 class CronPlan:
     """The due times of a cron expression in a time zone (``None``: the machine's local time)."""
 
@@ -31,13 +67,14 @@ class CronPlan:
         self._cronsim = require("cronsim", "cron", feature="Supervisor.cron")
         self.expr = expr
         self.tz = tz
+        self._zone = tz if tz is not None else _LocalTime()
         self.tz_name = tz_name
         self._walk(0.0)  # refuses a bad expression now, at decoration time
 
     def _walk(self, t: float) -> Any:
-        # Naive local datetimes for tz=None: .timestamp() of a naive one reads it
-        # as local time, DST included, as cron on the machine would.
-        start = dt.datetime.fromtimestamp(t, self.tz).replace(microsecond=0)
+        # Aware datetimes even for tz=None (_LocalTime): cronsim handles the
+        # days the clocks change only for those.
+        start = dt.datetime.fromtimestamp(t, self._zone).replace(microsecond=0)
         return iter(self._cronsim.CronSim(self.expr, start))
 
     def first(self, now: float) -> float:

@@ -191,6 +191,7 @@ class TaskService(FunctionService):
         if task is None or task.done():
             return []
         task.cancel("offloop service killed")
+        self._abandon()
         out = io.StringIO()
         task.print_stack(file=out)
         return [f"task {task.get_name()!r} (it ignores cancellation):\n{out.getvalue().rstrip()}"]
@@ -271,6 +272,7 @@ class ThreadService(FunctionService):
         # after handing its outcome to the loop: that is not an abandoned thread.
         if thread is None or not thread.is_alive() or (done is not None and done.done()):
             return []
+        self._abandon()
         return [describe_thread(thread)]
 
 

@@ -124,6 +124,16 @@ class LifecycleService(Service):
         else:
             done.set_exception(exc)
 
+    def _abandon(self) -> None:
+        """``kill()`` left the run behind (a thread, a task deaf to cancellation): end it now.
+
+        A dependent killed by a cascade is started again at once, and
+        ``start()`` refuses a service still stopping. The thread or task, if it
+        ever ends, finds its run settled and changes nothing (a stale run).
+        """
+        if self._done is not None:
+            self._finish(self._done)
+
     def _finish_threadsafe(self, done: asyncio.Future[None], exc: BaseException | None) -> None:
         """:meth:`_finish` from the run's own thread, as its very last step.
 

@@ -277,11 +277,20 @@ class ScheduledService(FunctionService):
 
     def kill(self) -> list[str]:
         self._wind_down(None)
-        return [
-            describe_thread(r.thread)
-            for r in list(self._runs)
-            if r.thread is not None and r.thread.is_alive()
-        ]
+        # _wind_down cancelled the tasks again; what is still going on is abandoned:
+        # the service's run ends without it (start() may follow at once, in a
+        # cascade), and _run_ended ignores it if it ever ends.
+        abandoned = []
+        for run in list(self._runs):
+            if run.thread is not None and run.thread.is_alive():
+                abandoned.append(describe_thread(run.thread))
+            elif run.task is not None and not run.task.done():
+                abandoned.append(f"task {run.task.get_name()!r} (it ignores cancellation)")
+            else:
+                continue  # ended: its outcome is on its way to the loop
+            self._runs.discard(run)
+        self._finish_if_idle()
+        return abandoned
 
     def _wind_down(self, error: BaseException | None) -> None:
         """End the service's run: no new runs; stop those going on; finish once they ended."""
@@ -429,6 +438,8 @@ class ScheduledService(FunctionService):
         self._run_ended(run, took, error)
 
     def _run_ended(self, run: _Run, took: float, error: BaseException | None) -> None:
+        if run not in self._runs:
+            return  # abandoned by kill(): the service's run it belonged to has ended
         self._runs.discard(run)
         self._count += 1
         self._last_duration, self._last_error = took, error

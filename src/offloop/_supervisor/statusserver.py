@@ -109,7 +109,10 @@ LIVENESS_THRESHOLD: Final = 1.0
 #: A JSON body (a dict) or a text one (a str, the metrics).
 _Answer = tuple[int, dict[str, Any] | str]
 
-_LIVE_STATES: Final = (SupervisorState.STARTING, SupervisorState.RUNNING)
+#: A stopping supervisor is live too: its stop is bounded (``grace``), and a
+#: liveness probe failing during it would have an orchestrator kill the
+#: process in the middle of its graceful stop. ``/readyz`` fails then instead.
+_LIVE_STATES: Final = (SupervisorState.STARTING, SupervisorState.RUNNING, SupervisorState.STOPPING)
 _READY_STATES: Final = (ServiceState.RUNNING, ServiceState.DONE)
 
 

@@ -138,9 +138,19 @@ class Plan(Protocol):
         """How late the run due at ``due`` may start before it counts as missed."""
         ...
 
-    def reached(self, due: float, now: float) -> tuple[float, int]:
-        """The latest due time at or before ``now`` (``due`` at least), and how many come
-        between ``due`` and it (``due`` excluded)."""
+    def latest(self, due: float, now: float) -> float:
+        """The latest due time at or before ``now`` (``due`` if none came after it).
+
+        Called on the loop: it must not walk the due times in between.
+        """
+        ...
+
+    async def count(self, due: float, latest: float) -> tuple[int, bool]:
+        """How many due times come after ``due`` up to ``latest`` (included), and
+        whether that is exact (``False``: at least that many, the count was cut).
+
+        It may take a while after a long sleep: it gives the loop back as it goes.
+        """
         ...
 
     def describe(self) -> str:
@@ -158,11 +168,15 @@ class ScheduleStatus:
             ``None`` while the service is not running.
         runs: runs that ended since the service was added.
         missed: due times that passed without their run on time (the program
-            was blocked or asleep), since the service was added.
+            was blocked or asleep), since the service was added. At least this
+            many if ``missed_exact`` is ``False``.
         overlapped: due times that found the previous run still going and were
             skipped (``overlap="skip"``) or folded into one queued run.
         last_duration: seconds the last finished run took, or ``None``.
         last_error: the exception the last run raised, or ``None`` if it returned.
+        missed_exact: ``False`` once a count of missed runs was cut short: after
+            the machine slept (or its clock jumped) past a million due times of
+            a cron schedule, they are counted up to that bound only.
     """
 
     schedule: str
@@ -172,6 +186,7 @@ class ScheduleStatus:
     overlapped: int
     last_duration: float | None
     last_error: BaseException | None
+    missed_exact: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the error becomes its ``repr``)."""
@@ -184,6 +199,7 @@ class ScheduleStatus:
             "overlapped": self.overlapped,
             "last_duration": self.last_duration,
             "last_error": error,
+            "missed_exact": self.missed_exact,
         }
 
 
@@ -232,6 +248,7 @@ class ScheduledService(FunctionService):
         # Why the current service run is ending: None while it goes on.
         self._ending: list[BaseException | None] | None = None
         self._count = self._missed = self._overlapped = 0
+        self._missed_exact = True
         self._last_duration: float | None = None
         self._last_error: BaseException | None = None
 
@@ -253,6 +270,7 @@ class ScheduledService(FunctionService):
             self._overlapped,
             self._last_duration,
             self._last_error,
+            missed_exact=self._missed_exact,
         )
 
     # -- the service's run -----------------------------------------------------------------
@@ -332,22 +350,17 @@ class ScheduledService(FunctionService):
                 await clock.sleep_until(due + delay)
                 now = max(clock.now(), due)
                 nxt = plan.after(now)
-                # The latest due time already reached, and how many came before it.
-                latest, passed = plan.reached(due, now)
+                self._next = clock.to_wall(nxt)
+                # The latest due time already reached: it runs if it is on time.
+                latest = plan.latest(due, now)
                 on_time = now - latest <= plan.window(latest) + delay
-                missed = passed + (0 if on_time else 1)
-                if missed:
-                    self._missed += missed
-                    catch_up = not on_time and self.missed == "run_once"
-                    logger.warning(
-                        "service %r missed %d run(s) of %s (the program was blocked or asleep)%s",
-                        self.name,
-                        missed,
-                        plan.describe(),
-                        "; running once now to make up" if catch_up else "",
-                    )
                 if on_time or self.missed == "run_once":
                     self._launch()
+                # Counted once the run is launched: after a long sleep the count
+                # takes a while (it gives the loop back as it goes), and the run
+                # due now does not wait for it.
+                passed, exact = await plan.count(due, latest)
+                self._note_missed(passed + (0 if on_time else 1), exact, on_time)
                 due = nxt
         except Exception as e:  # a plan that failed (a bug): the service's run crashes
             if self._ending is None:
@@ -357,6 +370,32 @@ class ScheduledService(FunctionService):
             self._next = None
             if self._ending is None:
                 self._ending = [None]
+
+    def _note_missed(self, missed: int, exact: bool, on_time: bool) -> None:
+        if not missed:
+            return
+        self._missed += missed
+        catch_up = (
+            "; running once now to make up" if not on_time and self.missed == "run_once" else ""
+        )
+        if exact:
+            logger.warning(
+                "service %r missed %d run(s) of %s (the program was blocked or asleep)%s",
+                self.name,
+                missed,
+                self.plan.describe(),
+                catch_up,
+            )
+            return
+        self._missed_exact = False
+        logger.warning(
+            "service %r missed at least %d run(s) of %s (the program was blocked or asleep; "
+            "the count stops there)%s",
+            self.name,
+            missed,
+            self.plan.describe(),
+            catch_up,
+        )
 
     # -- one run ---------------------------------------------------------------------------
 

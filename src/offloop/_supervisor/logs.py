@@ -96,6 +96,12 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         ("service", "missed", "schedule", "note"),
         {},
     ),
+    "service %r missed at least %d run(s) of %s (the program was blocked or asleep; "
+    "the count stops there)%s": (
+        "missed",
+        ("service", "missed", "schedule", "note"),
+        {"count": "at least"},
+    ),
 }
 
 #: The attribute a record carries its structured fields in (``extra={...}``).

@@ -149,6 +149,11 @@ class Supervised:
         """Run the service until it ends for good: start, wait, apply the restart policy."""
         loop = asyncio.get_running_loop()
         sv, svc = self.supervisor.name, self.service
+        # Only the first run has a window. A run that ended with its task
+        # cancelled (killed in a cascade) never reached the line below that
+        # closes it: a new task is a new run, whose start() or crash must not be
+        # judged as the first run's.
+        self.startup_until = None
         # Its dependencies were ready when this task was made, but one may have
         # been restarted by its policy since: the cascade does not stop a service
         # that has not begun, so it waits here, and begins in the same step.

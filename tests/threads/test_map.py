@@ -151,3 +151,25 @@ async def test_an_iterable_that_raises_ends_the_map_after_the_results_before_it(
             await consume()
         assert seen == [x * x for x in range(6)]
         await await_until(lambda: pool.statistics()["running"] == 0, WAIT, "nothing left running")
+
+
+@pytest.mark.parametrize("chunksize", [4, None])
+async def test_the_items_pulled_before_an_iterable_raises_are_all_run(
+    chunksize: int | None,
+) -> None:
+    # The error comes in the middle of a chunk: the items already taken for
+    # that chunk must still run and give their results before the error.
+    def items() -> Iterator[int]:
+        yield from range(7)
+        raise ValueError("bad input")
+
+    async with offloop.ThreadPool(2, name="map-bad-chunk") as pool:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for r in pool.map(square, items(), chunksize=chunksize):
+                seen.append(r)
+
+        with pytest.raises(ValueError, match="bad input"):
+            await consume()
+        assert seen == [x * x for x in range(7)]

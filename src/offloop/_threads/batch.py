@@ -206,7 +206,16 @@ class MapResults(AsyncIterator[R], Generic[R]):
 
     def _fill(self) -> None:
         while not self._exhausted and len(self._inflight) < self._window:
-            chunk = list(itertools.islice(self._items, self._size))
+            chunk: list[Any] = []
+            try:
+                chunk.extend(itertools.islice(self._items, self._size))
+            except BaseException:
+                # The iterable raised part-way through a chunk: the items it
+                # gave before that still run, and their results come before
+                # the error (__anext__ raises it once they are in).
+                if chunk:
+                    self._inflight.append(self._pool.run(_run_chunk, self._fn, chunk))
+                raise
             if not chunk:
                 self._exhausted = True
                 return

@@ -442,3 +442,17 @@ async def test_threaded_works_with_staticmethod_and_classmethod_in_either_order(
     assert await obj.method(1) == 101
     assert asyncio.iscoroutinefunction(_Methods.static_above)
     assert asyncio.iscoroutinefunction(obj.class_above)
+
+
+async def test_a_source_raising_stop_async_iteration_fails_the_iteration_instead_of_ending_it() -> None:
+    def halting() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise StopAsyncIteration("halt")
+
+    seen: list[int] = []
+    with pytest.raises(RuntimeError, match="raised StopAsyncIteration") as info:
+        async for item in offloop.iterate(halting()):
+            seen.append(item)
+    assert seen == [1, 2]
+    assert type(info.value.__cause__) is StopAsyncIteration

@@ -173,3 +173,45 @@ async def test_the_items_pulled_before_an_iterable_raises_are_all_run(
         with pytest.raises(ValueError, match="bad input"):
             await consume()
         assert seen == [x * x for x in range(7)]
+
+
+@pytest.mark.parametrize("error", [StopIteration, StopAsyncIteration])
+async def test_an_item_raising_stop_iteration_fails_the_map_instead_of_ending_it(
+    error: type[Exception],
+) -> None:
+    # Raised from __anext__, either would end `async for` as if every item
+    # were done (or become a bare "coroutine raised StopIteration").
+    def halting(x: int) -> int:
+        if x == 3:
+            raise error("halt")
+        return x
+
+    async with offloop.ThreadPool(2, name="map-halting") as pool:
+        seen: list[int] = []
+        with pytest.raises(RuntimeError, match=f"halting' raised {error.__name__}") as info:
+            async for r in pool.map(halting, range(6), chunksize=2):
+                seen.append(r)
+        assert seen == [0, 1, 2]
+        assert type(info.value.__cause__) is error
+
+
+async def test_an_iterable_raising_stop_async_iteration_fails_the_map_instead_of_ending_it() -> None:
+    class Halting:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def __iter__(self) -> Halting:
+            return self
+
+        def __next__(self) -> int:
+            self.n += 1
+            if self.n > 2:
+                raise StopAsyncIteration("halt")
+            return self.n
+
+    async with offloop.ThreadPool(2, name="map-halting-source") as pool:
+        seen: list[int] = []
+        with pytest.raises(RuntimeError, match="iterable .* raised StopAsyncIteration"):
+            async for r in pool.map(square, Halting()):
+                seen.append(r)
+        assert seen == [1, 4]

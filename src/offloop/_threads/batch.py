@@ -32,7 +32,7 @@ from .._core.validate import describe
 if TYPE_CHECKING:
     from .._core.offload import OffloadFuture
 
-__all__ = ["MapResults"]
+__all__ = ["MapResults", "crossable"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -84,6 +84,24 @@ def _stopped(fn: Callable[[Any], Any], reason: str | None) -> BaseException:
     return CallerGoneError(f"map() of {describe(fn)} was stopped ({reason!r}).")
 
 
+def crossable(error: BaseException, who: str) -> BaseException:
+    """What ``__anext__`` raises for ``error``, raised by ``who`` (a function, a source).
+
+    Raised as it is, StopAsyncIteration would end the consumer's ``async for``
+    as if every item were done, and StopIteration would become a bare
+    "coroutine raised StopIteration". So, as in an async generator (PEP 479),
+    either becomes a RuntimeError caused by it.
+    """
+    if not isinstance(error, (StopIteration, StopAsyncIteration)):
+        return error
+    wrapped = RuntimeError(
+        f"{who} raised {type(error).__name__}, which would end the 'async for' as if every "
+        f"item were done; catch it there, or raise another exception."
+    )
+    wrapped.__cause__ = error
+    return wrapped
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -132,7 +150,7 @@ class MapResults(AsyncIterator[R], Generic[R]):
                 self._error = None
                 self._stop()
                 try:
-                    raise error
+                    raise crossable(error, describe(self._fn))
                 finally:
                     del error
             if self._closed:
@@ -148,7 +166,9 @@ class MapResults(AsyncIterator[R], Generic[R]):
                     self._source_error = None
                     self._stop()
                     try:
-                        raise source_error
+                        raise crossable(
+                            source_error, f"the iterable given to map() of {describe(self._fn)}"
+                        )
                     finally:
                         del source_error
                 self._closed = True

@@ -21,6 +21,7 @@ from .._core.validate import (
     describe,
     mark_coroutine_function,
 )
+from .batch import crossable
 from .pool import ThreadPool
 from .tothread import default_thread_pool
 
@@ -292,7 +293,7 @@ class ThreadedIterator(AsyncIterator[T]):
         shared.request_stop()
         if kind == _END:
             raise StopAsyncIteration
-        raise value
+        raise crossable(value, f"offloop.iterate()'s source {describe(shared.iterable)}")
 
     async def aclose(self) -> None:
         """Stop the producer and wait until the source's ``finally`` has run.

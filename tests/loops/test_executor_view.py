@@ -229,3 +229,25 @@ def test_a_call_abandoned_by_a_bounded_close_fails_the_view_s_future_at_once() -
         lambda: not [t for t in threading.enumerate() if "view-abandoned" in t.name],
         what="the pool's and the view's threads to end",
     )
+
+
+async def test_a_waiting_shutdown_from_one_of_the_view_s_own_calls_is_refused_not_a_hang() -> None:
+    # It would wait for its own call to end, forever (ThreadPoolExecutor fails
+    # it too, joining its own thread); pool.close() refuses the same way.
+    async with offloop.ThreadPool(2, name="view-self") as pool:
+        view = pool.executor()
+
+        def shut_from_inside() -> str:
+            with pytest.raises(offloop.WouldDeadlockError, match=r"own calls.*wait=False"):
+                view.shutdown(wait=True)
+            view.shutdown(wait=False)  # does not wait: allowed
+            return "refused"
+
+        future = view.submit(shut_from_inside)
+        try:
+            assert await asyncio.wait_for(asyncio.wrap_future(future), WAIT) == "refused"
+        finally:
+            future.cancel()  # a hung shutdown waits for this future: free it
+        with pytest.raises(RuntimeError, match="shut down"):
+            view.submit(whoami, 1)
+        assert (await pool.run(whoami, 2))[0] == 2  # the pool itself stays open

@@ -30,7 +30,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
+from .errors import WouldDeadlockError
 from .offload import DeferredCancel, OffloadFuture, deliverable, loop_local
+from .token import thread_state
 from .validate import check_sync_callable
 
 __all__ = ["ExecutorPool", "PoolExecutorView", "shut_views_of"]
@@ -146,7 +148,19 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         never runs, a running one gets its stop token set) instead of waiting
         for it. A view that owns its pool closes it afterwards. Calling it
         again is allowed.
+
+        Raises:
+            WouldDeadlockError: ``wait`` (without ``cancel_futures``) in one of
+                the view's own calls: it would wait for itself (checked before
+                anything is shut down).
         """
+        if wait and not cancel_futures and self._own_call():
+            raise WouldDeadlockError(
+                f"{self!r}.shutdown(wait=True) was called from one of the view's own calls. "
+                f"It waits until every call of the view has ended, this one included, so it "
+                f"would wait forever. Call shutdown(wait=False) here, or shut the view down "
+                f"from outside its calls."
+            )
         with self._lock:
             self._shut = True
             outstanding = list(self._outstanding)
@@ -186,24 +200,10 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             future.set_running_or_notify_cancel()  # see cancel_call
             return
 
-        def deliver(call: OffloadFuture[Any]) -> None:  # in the thread that ends the call
-            # The future is thread-safe: completing it here wakes its awaiter
-            # (run_in_executor's wrap_future) with one hop to the loop, as a
-            # ThreadPoolExecutor's worker does, and reaches a loop thread that
-            # blocks on it. It stays PENDING until now, so it ends exactly
-            # once: a set_*() that loses to a cancel() raises InvalidStateError.
-            self._forget(future)
-            error = call._error
-            with contextlib.suppress(cf.InvalidStateError):
-                if error is None:
-                    future.set_result(call._value)
-                elif type(error) is DeferredCancel:
-                    future.cancel()  # cancelled already: only the view cancels the call
-                else:
-                    future.set_exception(deliverable(call, error))
-
         local = loop_local
-        local.sink = deliver  # the pool's run() gives it to the call it creates
+        # The pool's run() gives it to the call it creates. A partial of a
+        # method, so that shutdown() can tell a call of this view (_own_call).
+        local.sink = functools.partial(self._deliver, future)
         try:
             call = self._pool.run(fn, *args, **kwargs)
         except BaseException as exc:
@@ -232,6 +232,29 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
                 self._forget(done)
 
         future.add_done_callback(cancel_call)
+
+    def _deliver(self, future: cf.Future[Any], call: OffloadFuture[Any]) -> None:
+        # In the thread that ends the call. The future is thread-safe:
+        # completing it here wakes its awaiter (run_in_executor's wrap_future)
+        # with one hop to the loop, as a ThreadPoolExecutor's worker does, and
+        # reaches a loop thread that blocks on it. It stays PENDING until now,
+        # so it ends exactly once: a set_*() that loses to a cancel() raises
+        # InvalidStateError.
+        self._forget(future)
+        error = call._error
+        with contextlib.suppress(cf.InvalidStateError):
+            if error is None:
+                future.set_result(call._value)
+            elif type(error) is DeferredCancel:
+                future.cancel()  # cancelled already: only the view cancels the call
+            else:
+                future.set_exception(deliverable(call, error))
+
+    def _own_call(self) -> bool:
+        # Whether this thread runs one of this view's calls (a pool worker's
+        # current call, whose sink is this view's _deliver).
+        sink = getattr(thread_state.call, "_sink", None)
+        return isinstance(sink, functools.partial) and getattr(sink.func, "__self__", None) is self
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._lock:

@@ -215,3 +215,27 @@ async def test_an_iterable_raising_stop_async_iteration_fails_the_map_instead_of
             async for r in pool.map(square, Halting()):
                 seen.append(r)
         assert seen == [1, 4]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_closing_the_results_from_another_task_ends_its_iteration(ordered: bool) -> None:
+    gate, started = threading.Event(), threading.Event()
+
+    def held(x: int) -> int:
+        started.set()
+        gate.wait(WAIT)
+        return x
+
+    async with offloop.ThreadPool(2, name="map-closed-aside") as pool:
+        results = pool.map(held, range(10), ordered=ordered)
+
+        async def consume() -> list[int]:
+            return [r async for r in results]
+
+        consuming = asyncio.ensure_future(consume())
+        try:
+            await asyncio.to_thread(started.wait, WAIT)
+            await results.aclose()
+            assert await asyncio.wait_for(consuming, WAIT) == []
+        finally:
+            gate.set()

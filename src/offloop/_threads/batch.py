@@ -196,6 +196,8 @@ class MapResults(AsyncIterator[R], Generic[R]):
             future = self._inflight[0]
             if not future.done():
                 await self._first_of((future,))
+                if not self._inflight or self._inflight[0] is not future:
+                    raise StopAsyncIteration  # closed by another task meanwhile
             self._inflight.popleft()
             return future
         done = next((f for f in self._inflight if f.done()), None)

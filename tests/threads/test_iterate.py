@@ -456,3 +456,18 @@ async def test_a_source_raising_stop_async_iteration_fails_the_iteration_instead
             seen.append(item)
     assert seen == [1, 2]
     assert type(info.value.__cause__) is StopAsyncIteration
+
+
+async def test_a_sequence_without_iter_is_iterated_as_for_would() -> None:
+    # for and iter() take an object with only __getitem__ (the sequence
+    # protocol); so does iterate(), and refuses an object with neither.
+    class Squares:
+        def __getitem__(self, index: int) -> int:
+            if index >= 4:
+                raise IndexError(index)
+            return index * index
+
+    items = [item async for item in offloop.iterate(Squares())]  # type: ignore[arg-type]
+    assert items == [0, 1, 4, 9] == list(Squares())  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="needs an iterable, got object"):
+        offloop.iterate(object())  # type: ignore[arg-type]

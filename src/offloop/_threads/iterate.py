@@ -368,7 +368,10 @@ def iterate(
     """
     check_positive_int(buffer, "offloop.iterate(buffer=...)", allow_none=False)
     source: object = iterable  # checked at run time whatever the annotation says
-    if not isinstance(source, Iterable):
+    # What iter() takes: __iter__, or the sequence protocol's __getitem__
+    # (which a dict's is not). Not iter() itself: it may block (the worker calls it).
+    sequence = hasattr(type(source), "__getitem__") and not isinstance(source, dict)
+    if not (isinstance(source, Iterable) or sequence):
         if hasattr(source, "__aiter__"):
             raise TypeError(
                 f"offloop.iterate() takes a sync iterable, but got the async iterable "

@@ -549,14 +549,18 @@ async def test_a_pool_whose_scheduler_went_away_connects_again_on_the_next_call(
     }
     address = f"tcp://127.0.0.1:{port}"
     pool = offloop.DaskPool(address, connect_timeout=0.5)
+    big = os.urandom(SCATTER_BYTES)  # scattered by the pool, once per cluster
     try:
         async with distributed.LocalCluster(**options):
             assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+            assert await asyncio.wait_for(pool.run(len, big), WAIT) == SCATTER_BYTES
         client = pool._client
         await await_until(lambda: client.status == "closed", WAIT, "the client to give up")
         with pytest.raises(ConnectionError, match=rf"at '{address}' within 0.5 s"):
             await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
         async with distributed.LocalCluster(**options):
             assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4
+            # Not the reference scattered to the scheduler that went away.
+            assert await asyncio.wait_for(pool.run(len, big), WAIT) == SCATTER_BYTES
     finally:
         await asyncio.wait_for(pool.aclose(), WAIT)

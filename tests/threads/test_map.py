@@ -188,14 +188,18 @@ async def test_an_item_raising_stop_iteration_fails_the_map_instead_of_ending_it
 
     async with offloop.ThreadPool(2, name="map-halting") as pool:
         seen: list[int] = []
-        with pytest.raises(RuntimeError, match=f"halting' raised {error.__name__}") as info:
+
+        async def consume() -> None:
             async for r in pool.map(halting, range(6), chunksize=2):
                 seen.append(r)
+
+        with pytest.raises(RuntimeError, match=f"halting' raised {error.__name__}") as info:
+            await consume()
         assert seen == [0, 1, 2]
         assert type(info.value.__cause__) is error
 
 
-async def test_an_iterable_raising_stop_async_iteration_fails_the_map_instead_of_ending_it() -> None:
+async def test_an_iterable_raising_stop_async_iteration_fails_the_map() -> None:
     class Halting:
         def __init__(self) -> None:
             self.n = 0
@@ -211,9 +215,13 @@ async def test_an_iterable_raising_stop_async_iteration_fails_the_map_instead_of
 
     async with offloop.ThreadPool(2, name="map-halting-source") as pool:
         seen: list[int] = []
-        with pytest.raises(RuntimeError, match="iterable .* raised StopAsyncIteration"):
+
+        async def consume() -> None:
             async for r in pool.map(square, Halting()):
                 seen.append(r)
+
+        with pytest.raises(RuntimeError, match=r"iterable .* raised StopAsyncIteration"):
+            await consume()
         assert seen == [1, 4]
 
 

@@ -555,6 +555,11 @@ async def test_a_pool_whose_scheduler_went_away_connects_again_on_the_next_call(
             assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
             assert await asyncio.wait_for(pool.run(len, big), WAIT) == SCATTER_BYTES
         client = pool._client
+        await await_until(lambda: client.status != "running", WAIT, "the client to see it gone")
+        # Made while the client tries to reconnect: it gives up, and the call
+        # says the connection was lost (not that the user closed a client).
+        with pytest.raises(ConnectionError, match=r"connection to the Dask scheduler was lost"):
+            await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
         await await_until(lambda: client.status == "closed", WAIT, "the client to give up")
         with pytest.raises(ConnectionError, match=rf"at '{address}' within 0.5 s"):
             await asyncio.wait_for(pool.run(add, 1, 2), WAIT)

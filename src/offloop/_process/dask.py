@@ -436,7 +436,15 @@ class DaskPool(DaskCounters, PoolContext):
                 with contextlib.suppress(Exception):
                     await client.cancel([future])
         except BaseException as exc:  # the call's outcome, whatever it is
-            value = translate(self._named(), self._distributed, call.fn, exc, future, client)
+            value = translate(
+                self._named(),
+                self._distributed,
+                call.fn,
+                exc,
+                future,
+                client,
+                own_client=self._owns_client,
+            )
         finally:
             call._data = call._deps = None
             self._tasks.pop(call, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -247,3 +248,22 @@ async def test_closing_the_results_from_another_task_ends_its_iteration(ordered:
             assert await asyncio.wait_for(consuming, WAIT) == []
         finally:
             gate.set()
+
+
+async def test_a_function_returning_a_coroutine_fails_the_map_as_it_fails_a_call() -> None:
+    async def fetch(x: int) -> int:
+        return x
+
+    def forgot_await(x: int) -> Any:
+        return fetch(x) if x == 2 else x
+
+    async with offloop.ThreadPool(2, name="map-coroutine") as pool:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for r in pool.map(forgot_await, range(5), chunksize=1):
+                seen.append(r)
+
+        with pytest.raises(TypeError, match="returned a coroutine instead of a result"):
+            await consume()
+        assert seen == [0, 1]

@@ -22,7 +22,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from types import TracebackType
+from types import CoroutineType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from .._core.errors import CallerGoneError, PoolClosedError
@@ -67,7 +67,14 @@ def _run_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> Outcome:
         for item in chunk:
             if token is not None and token.is_set():
                 return results, _stopped(fn, token.reason), time.monotonic() - start
-            results.append(fn(item))
+            result = fn(item)
+            if type(result) is CoroutineType:  # refused, as a single call refuses it
+                result.close()
+                raise TypeError(
+                    f"{describe(fn)} returned a coroutine instead of a result, so it is "
+                    f"async code: 'await' it directly, or gather the coroutines."
+                )
+            results.append(result)
     except BaseException as exc:  # delivered in its place, like a single call's
         return results, exc, time.monotonic() - start
     return results, None, time.monotonic() - start

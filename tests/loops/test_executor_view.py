@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import contextvars
 import operator
 import threading
+from typing import Any
 
 import pytest
 
@@ -155,7 +156,8 @@ def test_shutdown_cancel_futures_stops_calls_in_flight() -> None:
         assert running.cancelled()
         assert queued.cancelled()
         assert stopped.wait(WAIT)  # the running call was told to stop
-        done, _ = cf.wait([running, queued], timeout=WAIT)
+        futures: list[cf.Future[Any]] = [running, queued]
+        done, _ = cf.wait(futures, timeout=WAIT)
         assert len(done) == 2
     finally:
         pool.close()

@@ -28,7 +28,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final, ParamSpec, Protocol, TypeVar
 
 from .errors import WouldDeadlockError
 from .offload import DeferredCancel, OffloadFuture, deliverable, loop_local
@@ -38,6 +38,9 @@ from .validate import check_sync_callable
 __all__ = ["ExecutorPool", "PoolExecutorView", "shut_views_of"]
 
 _get_running_loop: Final = asyncio._get_running_loop
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ExecutorPool(Protocol):
@@ -95,7 +98,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         """The pool the calls run in."""
         return self._pool
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[R]:
         """Run ``fn(*args, **kwargs)`` in the pool; return a ``concurrent.futures.Future``.
 
         Cancelling the future cancels the call: a queued call never runs, a
@@ -108,19 +111,22 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         # asyncio.to_thread() sends partial(context.run, fn, *args): a thread
         # pool copies the same context itself (and then logs and names fn, not
         # the partial); a process pool could not pickle a Context.
+        target: Callable[..., Any] = fn
+        call_args: tuple[Any, ...] = args
+        call_kwargs: dict[str, Any] = kwargs
         if (
-            type(fn) is functools.partial
-            and getattr(fn.func, "__name__", None) == "run"
-            and isinstance(getattr(fn.func, "__self__", None), contextvars.Context)
-            and fn.args
+            type(target) is functools.partial
+            and getattr(target.func, "__name__", None) == "run"
+            and isinstance(getattr(target.func, "__self__", None), contextvars.Context)
+            and target.args
         ):
-            wrapped: functools.partial[Any] = fn
-            fn, args = wrapped.args[0], (*wrapped.args[1:], *args)
-            kwargs = {**wrapped.keywords, **kwargs}
+            wrapped: functools.partial[Any] = target
+            target, call_args = wrapped.args[0], (*wrapped.args[1:], *args)
+            call_kwargs = {**wrapped.keywords, **kwargs}
         # Here, not only in the pool's run(): raised to the caller as documented,
         # before a plain thread's submit starts the view's loop thread.
-        check_sync_callable(fn, f"{self._pool.name!r} executor's submit()", "offloop.to_loop()")
-        future: cf.Future[Any] = cf.Future()
+        check_sync_callable(target, f"{self._pool.name!r} executor's submit()", "offloop.to_loop()")
+        future: cf.Future[R] = cf.Future()
         with self._lock:
             shut = self._shut
             if not shut:
@@ -133,9 +139,11 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         loop = _get_running_loop()
         try:
             if loop is not None:
-                self._start(future, fn, args, kwargs)
+                self._start(future, target, call_args, call_kwargs)
             else:
-                self._driving().call_soon_threadsafe(self._start, future, fn, args, kwargs)
+                self._driving().call_soon_threadsafe(
+                    self._start, future, target, call_args, call_kwargs
+                )
         except BaseException:
             self._forget(future)
             raise

@@ -179,6 +179,11 @@ class ScatterCache:
                 out.append(value)
                 continue
             entry = self._entries.pop(id(value), None)
+            if entry is not None and _lost(entry[1], client):
+                # Scattered by a client since closed, or lost by the cluster
+                # (a scheduler that restarted): a task naming it would fail.
+                self._bytes -= len(value)
+                entry = None
             if entry is None:
                 entry = (value, asyncio.ensure_future(_scatter(client, value)))
                 self._bytes += len(value)
@@ -211,6 +216,14 @@ class ScatterCache:
             key = next(iter(entries))
             value, _ = entries.pop(key)
             self._bytes -= len(value)
+
+
+def _lost(scatter: asyncio.Future[Any], client: Any) -> bool:
+    # Whether a finished scatter's reference is no use to ``client`` any more.
+    if not scatter.done() or scatter.cancelled() or scatter.exception() is not None:
+        return False
+    reference = scatter.result()
+    return reference.client is not client or reference.status != "finished"
 
 
 async def _scatter(client: Any, value: bytes) -> Any:

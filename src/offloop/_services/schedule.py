@@ -37,8 +37,8 @@ from .._core.errors import OffloopError
 from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
 from .base import ServiceInterrupted
-from .functions import FunctionService, describe_thread
-from .lifecycle import LifecycleState
+from .functions import FunctionService, describe_task, describe_thread
+from .lifecycle import LifecycleState, log_abandoned_end
 
 __all__ = [
     "MISSED_AFTER",
@@ -206,11 +206,15 @@ class ScheduleStatus:
 class _Run:
     """One call of the function: its task or thread."""
 
-    __slots__ = ("task", "thread")
+    __slots__ = ("abandoned", "cancelled", "task", "thread")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         self.thread: threading.Thread | None = None
+        # What kill() abandoned ("thread 'offloop-service-x'"), for the log when it ends.
+        self.abandoned: str | None = None
+        # It ended by a cancellation as the service stopped.
+        self.cancelled = False
 
 
 class ScheduledService(FunctionService):
@@ -295,20 +299,33 @@ class ScheduledService(FunctionService):
 
     def kill(self) -> list[str]:
         self._wind_down(None)
-        # _wind_down cancelled the tasks again; what is still going on is abandoned:
-        # the service's run ends without it (start() may follow at once, in a
-        # cascade), and _run_ended ignores it if it ever ends.
+        # What is still going on is abandoned: the service's run ends without it
+        # (start() may follow at once, in a cascade), and _run_ended only logs
+        # its end. A thread is abandoned now; a task, which _wind_down just
+        # cancelled again, once it had the step in which it may honour that.
         abandoned = []
+        tasks = False
         for run in list(self._runs):
             if run.thread is not None and run.thread.is_alive():
                 abandoned.append(describe_thread(run.thread))
+                self._drop(run, f"thread {run.thread.name!r}")
             elif run.task is not None and not run.task.done():
-                abandoned.append(f"task {run.task.get_name()!r} (it ignores cancellation)")
-            else:
-                continue  # ended: its outcome is on its way to the loop
-            self._runs.discard(run)
+                tasks = True
+        if tasks:
+            asyncio.get_running_loop().call_soon(self._abandon_deaf_tasks)
         self._finish_if_idle()
         return abandoned
+
+    def _drop(self, run: _Run, what: str) -> None:
+        run.abandoned = what
+        self._runs.discard(run)
+
+    def _abandon_deaf_tasks(self) -> None:
+        for run in list(self._runs):
+            if run.task is not None and not run.task.done():
+                self._drop(run, f"task {run.task.get_name()!r}")
+                logger.warning("service %r abandoned %s", self.name, describe_task(run.task))
+        self._finish_if_idle()
 
     def _wind_down(self, error: BaseException | None) -> None:
         """End the service's run: no new runs; stop those going on; finish once they ended."""
@@ -431,6 +448,7 @@ class ScheduledService(FunctionService):
             assert inspect.isawaitable(result)
             await result
         except asyncio.CancelledError:
+            run.cancelled = True
             if self._ending is None:  # cancelled by the function itself: a crash
                 error = OffloopError(f"A run of service {self.name!r} was cancelled.")
         except KeyboardInterrupt as e:
@@ -478,7 +496,10 @@ class ScheduledService(FunctionService):
 
     def _run_ended(self, run: _Run, took: float, error: BaseException | None) -> None:
         if run not in self._runs:
-            return  # abandoned by kill(): the service's run it belonged to has ended
+            # Abandoned by kill(): the service's run it belonged to has ended.
+            if run.abandoned is not None:
+                log_abandoned_end(self.name, run.abandoned, error, cancelled=run.cancelled)
+            return
         self._runs.discard(run)
         self._count += 1
         self._last_duration, self._last_error = took, error

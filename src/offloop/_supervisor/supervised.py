@@ -89,6 +89,8 @@ class Supervised:
         self.waiting_for: tuple[str, ...] = ()
         # True while it sleeps out an infinite backoff: it never comes back by itself.
         self.parked = False
+        # How the run before the last park ended: its error, or None when it returned.
+        self.parked_after: BaseException | None = None
         # Restarts caused by a dependency's: not in 'restarts', nor its budget.
         self.dependency_restarts = 0
         # Set while a dependency's restart is stopping it: a shutdown waits for that stop.
@@ -271,7 +273,7 @@ class Supervised:
                     self.name,
                     upcoming,
                 )
-                self.parked = True
+                self.parked, self.parked_after = True, crash
                 try:
                     # A start waiting for it would wait for ever: it fails instead.
                     self.supervisor._check_start()

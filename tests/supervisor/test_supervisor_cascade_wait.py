@@ -26,7 +26,12 @@ from tests.supervisor.test_supervisor_cascade import (
     SlowStop,
     offloop_tasks,
 )
-from tests.supervisor.test_supervisor_cascade_start import HeldStart, leave, waiting
+from tests.supervisor.test_supervisor_cascade_start import (
+    HeldStart,
+    leave,
+    start_api_behind_slow,
+    waiting,
+)
 
 
 def table(sv: Supervisor) -> str:
@@ -45,11 +50,7 @@ async def test_a_service_waiting_before_its_first_start_names_the_dependency(
     end: str, log_lines: io.StringIO
 ) -> None:
     journal: list[str] = []
-    sv = Supervisor(name="names")
-    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
-    slow = sv.add(HeldStart("slow", journal))
-    sv.add(Recorder("api", journal), depends_on=["db"])
-    entering = asyncio.ensure_future(sv.__aenter__())
+    sv, db, slow, entering = start_api_behind_slow("names", journal)
     try:
         await asyncio.wait_for(slow.began.wait(), QUICK_WAIT)
         assert sv.status()["api"].waiting_for == ()  # not begun yet: waits for nothing

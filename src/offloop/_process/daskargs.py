@@ -174,7 +174,9 @@ class ScatterCache:
                     raise ValueError(
                         f"DaskPool.run() got {value!r}, a reference made by another Dask "
                         f"client than the pool's ({value.client!r}). Send the object with "
-                        f"the pool's own 'await pool.scatter(obj)' instead."
+                        f"the pool's own 'await pool.scatter(obj)' instead (again, if it came "
+                        f"from pool.scatter() before the pool reconnected to its scheduler: "
+                        f"the scheduler's copy is gone)."
                     )
                 out.append(value)
                 continue

@@ -549,3 +549,62 @@ def test_iterate_a_cleanup_error_reaches_the_caller_as_under_async_for(
     assert _loop_tasks(lt) == []
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
     assert not _logged(caplog, "fails_cleanup")
+
+
+def test_iterate_a_generators_system_exit_reaches_the_caller_and_stops_its_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As from any crossing: the caller gets it, and it stops the loop the
+    # generator ran on (the loop thread refuses calls after), quietly.
+    closed = threading.Event()
+
+    async def exits() -> AsyncIterator[int]:
+        try:
+            yield 1
+            raise SystemExit(3)
+        finally:
+            closed.set()
+
+    lt = offloop.LoopThread(name="iter-exit").start()
+    try:
+        iterator = Portal(lt).iterate(exits)
+        assert next(iterator) == 1
+        with pytest.raises(SystemExit) as raised:
+            next(iterator)
+        assert raised.value.code == 3
+        assert closed.is_set()
+        wait_until(lambda: lt.state is not offloop.LoopThreadState.RUNNING, QUICK_WAIT)
+        with pytest.raises(offloop.PoolClosedError):
+            Portal(lt).call(asyncio.sleep, 0)
+        del iterator, raised  # the stream and its task go with them
+    finally:
+        lt.close()
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_iterate_a_close_slower_than_the_timeout_is_cancelled_and_named(
+    lt: offloop.LoopThread,
+) -> None:
+    cancelled = threading.Event()
+
+    async def slow_close() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            try:
+                await asyncio.Event().wait()  # a cleanup that never ends by itself
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    iterator = Portal(lt, timeout=0.05).iterate(slow_close)
+    assert next(iterator) == 1
+    with pytest.raises(TimeoutError) as raised:
+        iterator.close()
+    message = str(raised.value)
+    assert message.startswith("Closing Portal.iterate() of function ")
+    assert "slow_close" in message
+    assert cancelled.wait(WAIT)
+    wait_until(lambda: _loop_tasks(lt) == [], QUICK_WAIT, "the driver's end")

@@ -396,6 +396,8 @@ async def _drive(stream: Stream) -> None:
                 if stream.error is None:
                     stream.error = exc
                 if isinstance(exc, _EXITING):
+                    if stream.host is not None:
+                        stream.host._exiting(asyncio.current_task())
                     raise
             finally:
                 stream.finish()

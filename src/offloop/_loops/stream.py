@@ -134,18 +134,18 @@ class Stream:
 
     def finish(self) -> None:
         """On the loop, as the task ends (or never ran): hand its cleanup error over."""
+        if self.finished:  # set on this thread only
+            return
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            _answer(pending, (False, _ended(self)))
         with self.lock:
-            if self.finished:
-                return
             self.finished = True
             closer = self.closer
             error = self.error
             if closer is None and not self.detached and self.stopped and error is not None:
                 return  # the stopped caller's close is coming: it takes the error
             self.error = None
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            _answer(pending, (False, _ended(self)))
         if closer is not None and _claim(closer, (True, None) if error is None else (False, error)):
             return
         if error is not None:
@@ -369,8 +369,9 @@ async def _drive(stream: Stream) -> None:
                 raise
             except BaseException as exc:
                 if not _answer(reply, (False, exc)) and stream.error is None:
-                    # The caller stopped, and the cancellation its stop
-                    # threw into the generator's cleanup became this error.
+                    # Its caller stopped waiting (typically the cancellation
+                    # its stop threw into the cleanup became this error): the
+                    # close hands it over, or logs it.
                     stream.error = exc
                 if isinstance(exc, _EXITING):
                     # As from any crossing: it stops the loop too.

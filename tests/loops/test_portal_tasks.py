@@ -551,38 +551,6 @@ def test_iterate_a_cleanup_error_reaches_the_caller_as_under_async_for(
     assert not _logged(caplog, "fails_cleanup")
 
 
-def test_iterate_a_generators_system_exit_reaches_the_caller_and_stops_its_loop(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # As from any crossing: the caller gets it, and it stops the loop the
-    # generator ran on (the loop thread refuses calls after), quietly.
-    closed = threading.Event()
-
-    async def exits() -> AsyncIterator[int]:
-        try:
-            yield 1
-            raise SystemExit(3)
-        finally:
-            closed.set()
-
-    lt = offloop.LoopThread(name="iter-exit").start()
-    try:
-        iterator = Portal(lt).iterate(exits)
-        assert next(iterator) == 1
-        with pytest.raises(SystemExit) as raised:
-            next(iterator)
-        assert raised.value.code == 3
-        assert closed.is_set()
-        wait_until(lambda: lt.state is not offloop.LoopThreadState.RUNNING, QUICK_WAIT)
-        with pytest.raises(offloop.PoolClosedError):
-            Portal(lt).call(asyncio.sleep, 0)
-        del iterator, raised  # the stream and its task go with them
-    finally:
-        lt.close()
-    gc.collect()
-    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
-
-
 def test_iterate_a_close_slower_than_the_timeout_is_cancelled_and_named(
     lt: offloop.LoopThread,
 ) -> None:

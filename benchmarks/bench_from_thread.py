@@ -19,6 +19,14 @@ run on the loop's thread) against anyio's ``from_thread.run_sync`` (in a
 worker) and ``BlockingPortal.call`` of a sync function (from a plain thread),
 and its floor: one ``call_soon_threadsafe`` and a ``threading.Event``.
 
+Then an async iterator consumed from sync code, per item: ``Portal.iterate``
+(the generator stepped in one task, as under ``async for``) against
+``asyncio.run_coroutine_threadsafe(agen.__anext__(), loop).result()`` and
+``offloop.from_thread(anext_of, agen)`` (a coroutine awaiting ``agen.__anext__()``),
+which both step each item in a new
+task (so a context variable or ``asyncio.timeout`` the generator holds across
+a ``yield`` is lost).
+
 Last, ``loop.run_in_executor`` through ``ThreadPool.executor()`` (the
 Executor view a loop can take as its default executor) against asyncio's
 default ``ThreadPoolExecutor``, sequential calls and bursts of 100, with the
@@ -34,7 +42,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import aiomisc
@@ -366,6 +374,68 @@ def sync_crossing() -> None:
     )
 
 
+async def count(n: int) -> AsyncGenerator[int, None]:
+    for i in range(n):
+        yield i
+
+
+async def anext_of(agen: AsyncIterator[int]) -> int:
+    return await agen.__anext__()
+
+
+def async_iterator() -> None:
+    shared = offloop.from_thread(_running_loop)
+
+    def per_item(step: Callable[[AsyncGenerator[int, None]], Any]) -> Callable[[], float]:
+        def run() -> float:
+            agen = count(CALLS)
+            start = time.perf_counter()
+            for _ in range(CALLS):
+                step(agen)
+            elapsed = time.perf_counter() - start
+            asyncio.run_coroutine_threadsafe(agen.aclose(), shared).result()
+            return elapsed / CALLS
+
+        return run
+
+    def iterate() -> float:
+        start = time.perf_counter()
+        for _ in offloop.Portal().iterate(count, CALLS):
+            pass
+        return (time.perf_counter() - start) / CALLS
+
+    ours = "offloop Portal().iterate (plain thread)"
+    rcts = "run_coroutine_threadsafe(agen.__anext__())"
+    task_per_item = "offloop.from_thread(anext_of, agen)"
+    cases: dict[str, Callable[[], float]] = {
+        ours: iterate,
+        rcts: per_item(
+            lambda agen: asyncio.run_coroutine_threadsafe(agen.__anext__(), shared).result()
+        ),
+        task_per_item: per_item(lambda agen: offloop.from_thread(anext_of, agen)),
+    }
+    results = interleaved(cases, ROUNDS)
+    table(
+        f"async generator consumed from sync code, per item ({CALLS} items, {ROUNDS} rounds; "
+        f"all on the loop from_thread uses)",
+        results,
+        reference=ours,
+    )
+    rcts_ratio = ratio(results, rcts, ours)
+    check(
+        "Portal.iterate >= 1.2x faster per item than run_coroutine_threadsafe(agen.__anext__())",
+        rcts_ratio >= 1.2,
+        f"{rcts_ratio:.2f}x ({round_ratios(results, rcts, ours)})",
+    )
+    # Stepping every item in one task must cost no more than a new task per item.
+    own_ratio = ratio(results, task_per_item, ours)
+    check(
+        "Portal.iterate at least as fast per item as a crossing per item (from_thread)",
+        own_ratio >= 1.0,
+        f"{own_ratio:.2f}x ({round_ratios(results, task_per_item, ours)})",
+    )
+
+
 EXECUTOR_CALLS = max(CALLS // 4, 50)
 BURST = 100
 
@@ -492,4 +562,5 @@ def executor_view() -> None:
 if __name__ == "__main__":
     main()
     sync_crossing()
+    async_iterator()
     executor_view()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextvars
+import gc
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ import offloop
 from offloop import CallerGoneError, Portal, WouldDeadlockError, from_thread_sync
 from offloop._core.token import StopToken, WorkerCall, thread_state
 from tests.conftest import LOOP_KINDS
-from tests.helpers import WAIT, in_plain_thread
+from tests.helpers import QUICK_WAIT, WAIT, in_plain_thread, wait_until
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 
@@ -322,3 +323,35 @@ async def test_iterate_on_a_running_loop_is_refused_by_name_before_anything_star
         assert target.state.value == "created"  # refused before the loop thread started
     finally:
         await target.aclose()
+
+
+def test_iterate_a_generators_system_exit_reaches_the_caller_and_stops_its_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As from any crossing: the caller gets it, and it stops the loop the
+    # generator ran on (the loop thread refuses calls after), quietly.
+    closed = threading.Event()
+
+    async def exits() -> AsyncIterator[int]:
+        try:
+            yield 1
+            raise SystemExit(3)
+        finally:
+            closed.set()
+
+    lt = offloop.LoopThread(name="iter-exit").start()
+    try:
+        iterator = Portal(lt).iterate(exits)
+        assert next(iterator) == 1
+        with pytest.raises(SystemExit) as raised:
+            next(iterator)
+        assert raised.value.code == 3
+        assert closed.is_set()
+        wait_until(lambda: lt.state is not offloop.LoopThreadState.RUNNING, QUICK_WAIT)
+        with pytest.raises(offloop.PoolClosedError):
+            Portal(lt).call(asyncio.sleep, 0)
+        del iterator, raised  # the stream and its task go with them
+    finally:
+        lt.close()
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import contextlib
 import contextvars
 import gc
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -15,7 +16,7 @@ import pytest
 import offloop
 from offloop import CallerGoneError, Portal, task_ready
 from tests.conftest import LOOP_KINDS
-from tests.helpers import WAIT, wait_until
+from tests.helpers import QUICK_WAIT, WAIT, await_until, wait_until
 from tests.loops.test_portal import factory
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
@@ -405,6 +406,7 @@ def test_iterate_steps_the_generator_in_one_task_as_async_for_does(
     assert len(tasks) == 4
     assert tasks[0] is not None
     assert all(t is tasks[0] for t in tasks)
+    assert tasks[0].get_name() == "offloop-iterate-bound"  # whose task, in leak reports
     assert request_id.get() == "caller"  # the generator's context is a copy
     tasks.clear()
     for _ in Portal(lt).iterate(bound):
@@ -412,3 +414,165 @@ def test_iterate_steps_the_generator_in_one_task_as_async_for_does(
     assert len(tasks) == 2
     assert tasks[0] is not None
     assert tasks[1] is tasks[0]
+
+
+def _loop_tasks(lt: offloop.LoopThread) -> list[str]:
+    # The tasks still on lt's loop, read there (call_sync runs between its steps).
+    return Portal(lt).call_sync(lambda: sorted(t.get_name() for t in asyncio.all_tasks()))
+
+
+def _logged(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "offloop" and text in r.getMessage()]
+
+
+@pytest.mark.parametrize("leaves", ["break", "next"])
+async def test_iterate_in_a_worker_stopped_between_items_closes_the_generator(
+    leaves: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The token is set while the worker's body runs: the worker breaks on it,
+    # or its next item is refused. Either way the generator is closed on its
+    # loop (its finally runs) and its task ends; the cleanup's error has
+    # nobody to reach, so it is logged.
+    closed = threading.Event()
+    first = threading.Event()
+    go_on = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    async def numbers() -> AsyncIterator[int]:
+        try:
+            for i in range(100):
+                yield i
+        finally:
+            closed.set()
+            raise ValueError("cleanup failed")
+
+    def consume() -> None:
+        try:
+            for _ in Portal().iterate(numbers):  # on the awaiting loop
+                first.set()
+                go_on.wait(WAIT)
+                if leaves == "break" and offloop.current_token().is_set():
+                    break
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+        outcome.append(None)
+
+    task = asyncio.ensure_future(offloop.to_thread(consume))
+    assert await offloop.to_thread(first.wait, WAIT)
+    task.cancel()  # sets the worker's token
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    go_on.set()
+    await await_until(closed.is_set, QUICK_WAIT, "the generator's finally")
+    await await_until(lambda: bool(outcome), QUICK_WAIT, "the worker's end")
+    if leaves == "break":
+        assert outcome == [None]
+    else:
+        assert type(outcome[0]) is CallerGoneError
+    await await_until(lambda: len(asyncio.all_tasks()) == 1, QUICK_WAIT, "the driver's end")
+    await await_until(lambda: bool(_logged(caplog, "numbers")), QUICK_WAIT, "the log")
+    (record,) = _logged(caplog, "numbers")
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "cleanup failed"
+
+
+def test_iterate_stopped_mid_item_raises_its_own_error_while_a_slow_cleanup_goes_on(
+    lt: offloop.LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The cleanup awaits (closing a connection) past the portal's timeout:
+    # the caller gets the item's TimeoutError, naming iterate and the
+    # generator, not a second timeout of the close. The cleanup finishes on
+    # its loop afterwards; its error, with nobody left to take it, is logged.
+    portal = Portal(lt)
+    release = portal.call_sync(asyncio.Event)
+    cleaned = threading.Event()
+
+    async def slow_cleanup() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()  # the second item never comes
+            yield 2
+        finally:
+            await release.wait()
+            cleaned.set()
+            raise ValueError("closing the connection failed")
+
+    iterator = Portal(lt, timeout=0.05).iterate(slow_cleanup)
+    assert next(iterator) == 1
+    with pytest.raises(TimeoutError) as raised:
+        next(iterator)
+    message = str(raised.value)
+    assert message.startswith("Portal.iterate() of function ")
+    assert "slow_cleanup" in message
+    assert raised.value.__context__ is None
+    assert not cleaned.is_set()
+    portal.call_sync(release.set)
+    assert cleaned.wait(WAIT)
+    wait_until(lambda: _loop_tasks(lt) == [], QUICK_WAIT, "the driver's end")
+    wait_until(lambda: bool(_logged(caplog, "slow_cleanup")), QUICK_WAIT, "the log")
+    (record,) = _logged(caplog, "slow_cleanup")
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "closing the connection failed"
+
+
+def test_iterate_a_cleanup_error_reaches_the_caller_as_under_async_for(
+    lt: offloop.LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A quick cleanup that raises: after a timeout mid-item the caller gets
+    # it, the TimeoutError as its context (what 'async for' under a timeout
+    # gives); after a break, close() raises it. Nothing is left in a future
+    # for the garbage collector to report.
+    async def fails_cleanup() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()
+            yield 2
+        finally:
+            raise ValueError("cleanup failed")
+
+    iterator = Portal(lt, timeout=0.05).iterate(fails_cleanup)
+    assert next(iterator) == 1
+    with pytest.raises(ValueError, match="cleanup failed") as raised:
+        next(iterator)
+    context = raised.value.__context__
+    assert type(context) is TimeoutError
+    assert str(context).startswith("Portal.iterate() of function ")
+    del raised, context
+
+    iterator = Portal(lt).iterate(fails_cleanup)
+    assert next(iterator) == 1
+    with pytest.raises(ValueError, match="cleanup failed"):
+        iterator.close()
+    Portal(lt).call_sync(gc.collect)
+    assert _loop_tasks(lt) == []
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not _logged(caplog, "fails_cleanup")
+
+
+def test_iterate_a_close_slower_than_the_timeout_is_cancelled_and_named(
+    lt: offloop.LoopThread,
+) -> None:
+    cancelled = threading.Event()
+
+    async def slow_close() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            try:
+                await asyncio.Event().wait()  # a cleanup that never ends by itself
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    iterator = Portal(lt, timeout=0.05).iterate(slow_close)
+    assert next(iterator) == 1
+    with pytest.raises(TimeoutError) as raised:
+        iterator.close()
+    message = str(raised.value)
+    assert message.startswith("Closing Portal.iterate() of function ")
+    assert "slow_close" in message
+    assert cancelled.wait(WAIT)
+    wait_until(lambda: _loop_tasks(lt) == [], QUICK_WAIT, "the driver's end")

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, ParamSpec, TypeVar, final
 
-from .._core.errors import CallerGoneError, PoolClosedError
 from .._core.token import StopToken, thread_state
 from .._core.validate import (
     check_async_callable,
@@ -38,7 +36,8 @@ from .crossing import (
 )
 from .loopthread import LoopThread
 from .shared import SharedLoopThread
-from .target import from_thread_target
+from .stream import END, Stream, close, next_item
+from .target import from_thread_target, schedule
 from .tasks import TaskHandle, check_timeout
 
 __all__ = ["Portal", "from_thread_sync"]
@@ -48,9 +47,6 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 _INSTEAD: Final = "In async code await it directly, or use portal.submit() and don't wait."
-
-# The end of an async iterator, as a value: StopAsyncIteration must not cross as an exception.
-_END: Final = object()
 
 
 @final
@@ -150,7 +146,7 @@ class Portal:
         else:
             call = thread_state.call
             reply = Reply(loop, None, worker=call is not None and call.loop is loop)
-            _schedule(loop, start_sync, reply, async_fn, args, kwargs, ctx=ctx)
+            schedule(loop, start_sync, reply, async_fn, args, kwargs, ctx=ctx)
         return wait_reply(reply, token, where, named, self._timeout)  # type: ignore[no-any-return]
 
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -209,7 +205,7 @@ class Portal:
         if host is not None:
             host._submit(handle._start, args, kwargs, ctx)
         else:
-            _schedule(loop, handle._start, args, kwargs, ctx=ctx)
+            schedule(loop, handle._start, args, kwargs, ctx=ctx)
         return handle
 
     def submit(
@@ -272,13 +268,40 @@ class Portal:
         The generator runs in one task on its loop, as under ``async for``:
         what it binds to its task or context across a ``yield`` (an
         ``asyncio.timeout``, a context variable it sets) holds for the next
-        item. Leaving the ``for`` loop early (``break``, an exception) closes
-        the async generator on its loop (``aclose()``), as does the loop's own
-        close for one abandoned mid-way.
+        item. The task is named ``offloop-iterate-<fn's name>``.
+
+        Closing, and errors of the generator's cleanup (its ``finally``):
+
+        - Leaving the ``for`` loop early (``break``, an exception, ``close()``)
+          closes the generator on its loop (``aclose()``) and waits for that,
+          under the portal's timeout (past it the cleanup is cancelled and
+          ``TimeoutError`` raised). An error of the cleanup is raised by the
+          close; for a generator dropped mid-way Python reports it as ignored,
+          so wrap the loop in ``contextlib.closing`` to receive it.
+        - A stop while an item is fetched (the timeout, Ctrl-C, this worker's
+          stop token) cancels the generator where it waits, as a cancelled
+          ``async for`` does, and raises that stop (``TimeoutError``,
+          ``KeyboardInterrupt``, :class:`CallerGoneError`). Except after the
+          token, the stop first waits for the cleanup, up to the portal's
+          timeout again (no timeout: until it ends); an error of the cleanup
+          is then raised in its place, the stop as its ``__context__``, as
+          under ``async for``. A cleanup that takes longer goes on on its loop.
+        - A set stop token refuses the next item, but not the close: closing
+          is cleanup, not the worker's work, so it is posted without waiting,
+          as it is for a generator dropped on an event loop's thread.
+        - An error of a cleanup nobody waits for any more (posted without
+          waiting, or outlasting the wait) is logged on the ``offloop``
+          logger, naming ``fn``.
+
+        The loop's own close also closes a generator abandoned mid-way.
 
         Raises:
-            TypeError: ``fn`` is not callable.
+            TypeError: ``fn`` is not callable, or did not return an async iterator.
             WouldDeadlockError: iterated on a thread whose event loop is running.
+            TimeoutError: an item, or the close, took longer than the portal's timeout.
+            CallerGoneError: this worker's stop token was set, or the generator's
+                task was cancelled on its loop.
+            PoolClosedError: the target is closed.
         """
         if not callable(fn):
             raise TypeError(
@@ -300,22 +323,26 @@ class Portal:
             why="Each item blocks until the async iterator yields it, which would deadlock "
             "the loop that has to run it (or stall every other task on it).",
         )
-        pinned = self._pinned(self._resolve())
-        stream = pinned._call("Portal.iterate()", fn, _open_iterator, fn, args, kwargs)
+        # Resolved once: every item of one iteration comes from the loop its
+        # generator lives on.
+        host, loop, token = self._resolve()
+        timeout = self._timeout
+        stream = Stream(fn, args, kwargs, host, loop)
+        ended = stopped = False
         try:
             while True:
-                item = pinned._call("Portal.iterate()", fn, _next_item, stream)
-                if item is _END:
+                try:
+                    item = next_item(stream, token, timeout)
+                except BaseException:
+                    stopped = True
+                    raise
+                if item is END:
+                    ended = True  # the task closed the iterator and ends
                     return
                 yield item
         finally:
-            _close_iterator(pinned, stream)
-
-    def _pinned(self, target: tuple[LoopThread | None, Any, StopToken | None]) -> Portal:
-        # A portal bound to the loop resolved once, so every step of one
-        # iteration reaches the loop its generator lives on.
-        host, loop, _ = target
-        return Portal(host if host is not None else loop, timeout=self._timeout)
+            if not ended:
+                close(stream, token, timeout, stopped=stopped)
 
     def _resolve(self) -> tuple[LoopThread | None, asyncio.AbstractEventLoop, StopToken | None]:
         # (host, loop, token): host is the LoopThread to submit through, if any.
@@ -349,24 +376,6 @@ def _check_sync(fn: Any, where: str, instead: str) -> None:
         ) from None
 
 
-def _schedule(
-    loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any, ctx: Any
-) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args, context=ctx)
-    except RuntimeError:
-        call = thread_state.call
-        if call is not None and call.loop is loop:  # as from_thread says it
-            raise CallerGoneError(
-                f"The event loop that sent this work to the thread ({loop!r}) is closed, so "
-                f"nobody is left to run this or use its result. Return from the worker function."
-            ) from None
-        raise PoolClosedError(
-            f"The event loop {loop!r} is closed, so nothing sent there can run. Send the work "
-            f"to a loop that is running."
-        ) from None
-
-
 def _call_sync(
     target: tuple[LoopThread | None, asyncio.AbstractEventLoop, StopToken | None],
     fn: Callable[..., R],
@@ -382,7 +391,7 @@ def _call_sync(
     if host is not None:
         host._submit(_start_call, reply, fn, args, kwargs, ctx)
     else:
-        _schedule(loop, _start_call, reply, fn, args, kwargs, ctx=ctx)
+        schedule(loop, _start_call, reply, fn, args, kwargs, ctx=ctx)
     return wait_reply(reply, token, where, fn, timeout)  # type: ignore[no-any-return]
 
 
@@ -420,112 +429,6 @@ def _start_call(
         del exc
     else:
         reply.post((True, value))
-
-
-class _Stream:
-    """An async iterator consumed from sync code, and the one task that steps it.
-
-    Every item is fetched by that task (``_drive``), as ``async for`` in one
-    task would: what the generator binds to its task or context (an
-    ``asyncio.timeout`` around a ``yield``, a context variable it sets) holds
-    from one item to the next, and its ``aclose()`` runs there too.
-    """
-
-    __slots__ = ("ait", "driver", "requests")
-
-    def __init__(self, ait: AsyncIterator[Any]) -> None:
-        self.ait = ait
-        #: The step requests (a future to answer), or None: close the iterator.
-        self.requests: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue()
-        # A copy of this (the caller's copied) context, as the steps' task.
-        self.driver = asyncio.get_running_loop().create_task(_drive(self))
-
-
-async def _drive(stream: _Stream) -> None:
-    ait = stream.ait
-    try:
-        while (request := await stream.requests.get()) is not None:
-            try:
-                item = await ait.__anext__()
-            except StopAsyncIteration:
-                _answer(request, True, _END)
-                return
-            except asyncio.CancelledError:
-                request.cancel()  # its step reports the cancellation
-                raise
-            except BaseException as exc:
-                # The step re-raises it to its caller (SystemExit and
-                # KeyboardInterrupt then stop the loop, as from any crossing).
-                _answer(request, False, exc)
-                return
-            _answer(request, True, item)
-    finally:
-        # A break, a close, the loop closing: the iterator is closed in its own task.
-        aclose = getattr(ait, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-def _answer(request: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if request.done():  # its step was cancelled meanwhile
-        return
-    if ok:
-        request.set_result(value)
-    else:
-        request.set_exception(value)
-
-
-async def _open_iterator(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> _Stream:
-    made = fn(*args, **kwargs)
-    if not hasattr(made, "__anext__"):
-        if hasattr(made, "__aiter__"):
-            return _Stream(made.__aiter__())
-        if hasattr(made, "close"):
-            made.close()  # a coroutine: no "never awaited" warning
-        raise TypeError(
-            f"Portal.iterate() needs a function returning an async iterator (an async "
-            f"generator function), but {describe(fn)} returned {describe(made)}."
-        )
-    return _Stream(made)
-
-
-async def _next_item(stream: _Stream) -> Any:
-    driver = stream.driver
-    request = asyncio.get_running_loop().create_future()
-    stream.requests.put_nowait(request)
-    try:
-        await asyncio.wait({request, driver}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        # The caller stopped waiting (a timeout, Ctrl-C, its stop token): the
-        # generator is cancelled where it waits, as under a cancelled 'async for'.
-        driver.cancel()
-        raise
-    if not request.done():  # the driver was cancelled on its loop before it got here
-        request.cancel()
-    return request.result()
-
-
-async def _aclose(stream: _Stream) -> None:
-    driver = stream.driver
-    if not driver.done():
-        stream.requests.put_nowait(None)
-        await asyncio.wait({driver})
-    error = None if driver.cancelled() else driver.exception()
-    if error is not None:
-        raise error  # what the iterator's aclose() raised
-
-
-def _close_iterator(portal: Portal, stream: _Stream) -> None:
-    if asyncio._get_running_loop() is not None:
-        # Dropped on a loop's thread (the generator collected there): blocking
-        # is refused, so the close is sent without waiting for it.
-        portal.submit(_aclose, stream)
-        return
-    # The loop closed (and closed the generator with it), or the caller stopped.
-    with contextlib.suppress(PoolClosedError, CallerGoneError):
-        portal.call(_aclose, stream)
 
 
 def from_thread_sync(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:

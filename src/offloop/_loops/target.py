@@ -14,14 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
-from .._core.errors import PoolClosedError
+from .._core.errors import CallerGoneError, PoolClosedError
+from .._core.token import thread_state
 from .._core.validate import describe
 from .loopthread import LoopThread
 from .shared import SharedLoopThread
 
-__all__ = ["SHARED_THREAD_NAME", "Target", "from_thread_target", "set_from_thread_loop"]
+__all__ = [
+    "SHARED_THREAD_NAME",
+    "Target",
+    "from_thread_target",
+    "schedule",
+    "set_from_thread_loop",
+]
 
 Target = LoopThread | asyncio.AbstractEventLoop | SharedLoopThread
 
@@ -86,3 +94,22 @@ def set_from_thread_loop(target: LoopThread | asyncio.AbstractEventLoop | None) 
         )
     with _lock:
         _chosen = target
+
+
+def schedule(
+    loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any, ctx: Any
+) -> None:
+    """``loop.call_soon_threadsafe(fn, *args, context=ctx)``; a closed loop raises by name."""
+    try:
+        loop.call_soon_threadsafe(fn, *args, context=ctx)
+    except RuntimeError:
+        call = thread_state.call
+        if call is not None and call.loop is loop:  # as from_thread says it
+            raise CallerGoneError(
+                f"The event loop that sent this work to the thread ({loop!r}) is closed, so "
+                f"nobody is left to run this or use its result. Return from the worker function."
+            ) from None
+        raise PoolClosedError(
+            f"The event loop {loop!r} is closed, so nothing sent there can run. Send the work "
+            f"to a loop that is running."
+        ) from None

@@ -13,7 +13,7 @@ import pytest
 
 from offloop import NotPicklableError, ServiceFailed, StopToken, Supervisor, WorkerCrashed
 from offloop._process.pickling import RemoteTraceback
-from tests.helpers import WAIT, await_until, bounded
+from tests.helpers import SPAWN_WAIT, WAIT, await_until, bounded, run_script
 
 pytestmark = pytest.mark.usefixtures("resource_tracker")
 
@@ -232,3 +232,72 @@ async def test_kill_children_never_signals_a_child_reaped_elsewhere(
         kill_children()
         monkeypatch.undo()
         assert signalled == []
+
+
+_DECORATED_SCRIPT = """\
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import offloop
+
+sv = offloop.Supervisor(grace=2.0)
+MARK = Path(__file__).with_name("ran")
+
+
+@sv.service(isolate="process", oneshot=True)  # the name 'job' is bound only after this returns
+def job():
+    MARK.write_text(str(os.getpid()))
+
+
+@sv.service
+async def stopper():
+    while not MARK.exists():
+        await asyncio.sleep(0.01)
+    sv.stop()
+
+
+if __name__ == "__main__":
+    sv.run()
+    print("ran in", MARK.read_text(), "parent", os.getpid())
+"""
+
+
+def test_the_decorator_form_works_in_a_script(tmp_path: Path) -> None:
+    # The documented form: @sv.service(isolate="process") over a top-level def.
+    # The decorator runs before the module binds the name, so a pickling check
+    # by reference made right then cannot find it yet.
+    done = run_script(tmp_path, "app.py", _DECORATED_SCRIPT, timeout=SPAWN_WAIT)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    assert words[:2] == ["ran", "in"], done.stdout
+    assert words[2] != words[4]  # in a child process, not the parent
+
+
+def test_a_function_that_is_not_the_one_its_module_names_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    # Accepted while its name is unbound (a decorator running); if the name is
+    # then bound to something else, the child could not find it: start() says so.
+    done = run_script(
+        tmp_path,
+        "app.py",
+        "import asyncio\n"
+        "import offloop\n"
+        "sv = offloop.Supervisor()\n"
+        "@sv.service(isolate='process')\n"
+        "def job():\n"
+        "    pass\n"
+        "job = 'something else'\n"
+        "try:\n"
+        "    sv.run()\n"
+        "except offloop.ServiceFailed as e:\n"
+        "    print(type(e.__cause__).__name__, e.__cause__)\n",
+        timeout=SPAWN_WAIT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        "NotPicklableError Service 'job' uses isolate='process', but function 'job' cannot be "
+        "sent to a child process"
+    ), done.stdout

@@ -23,6 +23,7 @@ import pickle
 import signal
 import sys
 import traceback
+import types
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -74,14 +75,7 @@ class ProcessService(FunctionService):
         self, fn: Callable[..., object], name: str, *, is_async: bool, pass_token: bool
     ) -> None:
         super().__init__(fn, name)
-        try:
-            pickle.dumps(fn)
-        except Exception as exc:
-            raise NotPicklableError(
-                f"Service {name!r} uses isolate='process', but its function {describe(fn)} "
-                f"cannot be sent to a child process ({exc}). Define it at the top level of an "
-                f"importable module (not inside a function, not a lambda)."
-            ) from exc
+        _check_picklable(fn, name, defining=True)
         self.is_async = is_async
         self.pass_token = pass_token
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -89,6 +83,7 @@ class ProcessService(FunctionService):
         self.pid: int | None = None
 
     async def start(self) -> None:
+        _check_picklable(self.fn, self.name, defining=False)
         done = self._begin()
         loop = asyncio.get_running_loop()
         ctx = multiprocessing.get_context("spawn")
@@ -223,6 +218,38 @@ class ProcessService(FunctionService):
     def __repr__(self) -> str:
         pid = f" pid={self.pid}" if self.pid is not None and self._process is not None else ""
         return f"<ProcessService {self.name!r} {self._state.value}{pid} fn={describe(self.fn)}>"
+
+
+def _check_picklable(fn: Callable[..., object], name: str, *, defining: bool) -> None:
+    """Refuse a function the child could not get, before any child is started.
+
+    ``defining``: called from the constructor, which ``@sv.service`` runs as a
+    decorator, before the module binds the function's name: a top-level
+    function whose name is not bound yet is accepted then, and checked again
+    by ``start()``.
+
+    Raises:
+        NotPicklableError: naming the service and what to do.
+    """
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        if defining and _being_defined(fn):
+            return
+        raise NotPicklableError(
+            f"Service {name!r} uses isolate='process', but {describe(fn)} cannot be sent to "
+            f"a child process ({exc}). Define it at the top level of an importable module "
+            f"(not inside a function, not a lambda), and do not rebind its name."
+        ) from exc
+
+
+def _being_defined(fn: object) -> bool:
+    # A top-level function of a loaded module whose name is not bound yet:
+    # the decorator over its 'def' is running.
+    if not isinstance(fn, types.FunctionType) or fn.__qualname__ != fn.__name__:
+        return False
+    module = sys.modules.get(fn.__module__)
+    return module is not None and fn.__name__ != "<lambda>" and not hasattr(module, fn.__name__)
 
 
 def _child_main(

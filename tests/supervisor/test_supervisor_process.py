@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -301,3 +302,70 @@ def test_a_function_that_is_not_the_one_its_module_names_is_refused_at_start(
         "NotPicklableError Service 'job' uses isolate='process', but function 'job' cannot be "
         "sent to a child process"
     ), done.stdout
+
+
+_DIES_WHILE_STARTING = """\
+import asyncio
+import os
+import signal
+
+from offloop._services.process import ProcessService
+
+
+def job():
+    pass
+
+
+async def main():
+    svc = ProcessService(job, "doomed", is_async=False, pass_token=False)
+    start = asyncio.create_task(svc.start())
+    while svc.pid is None:
+        await asyncio.sleep(0)
+    os.kill(svc.pid, signal.SIGKILL)  # still importing: it never says it is ready
+    try:
+        await start
+    except Exception as exc:
+        print("start:", exc)
+    print("state:", svc.state.value)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_child_that_dies_while_starting_fails_the_start_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    done = run_script(tmp_path, "app.py", _DIES_WHILE_STARTING, timeout=SPAWN_WAIT)
+    assert done.returncode == 0, done.stderr
+    start, state = done.stdout.splitlines()
+    assert re.fullmatch(
+        r"start: The process of service 'doomed' \(pid \d+\) died with exit code -9\.", start
+    )
+    assert state == "state: crashed"
+    # The error is start()'s; the run's own future is not reported on top of it.
+    assert "never retrieved" not in done.stderr, done.stderr
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_wait_after_a_start_whose_child_died_is_refused_as_after_any_failed_start(
+    tmp_path: Path,
+) -> None:
+    from offloop._services.process import ProcessService
+
+    svc = ProcessService(
+        functools.partial(polite_child, str(tmp_path / "x")),
+        "doomed",
+        is_async=False,
+        pass_token=True,
+    )
+    start = asyncio.create_task(svc.start())
+    await await_until(lambda: svc.pid is not None, WAIT, "the child to be spawned")
+    assert svc.pid is not None
+    os.kill(svc.pid, signal.SIGKILL)  # still importing: it never says it is ready
+    with pytest.raises(WorkerCrashed, match="died with exit code -9"):
+        await start
+    with pytest.raises(RuntimeError, match=r"its last start\(\) failed; call start\(\) again"):
+        await svc.wait()

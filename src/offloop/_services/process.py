@@ -106,11 +106,21 @@ class ProcessService(FunctionService):
         try:
             await ready
             self._ready()
-        except BaseException:
+        except asyncio.CancelledError:
             self._reap(kill=True)
-            # Cancelled while the child was starting (a stop), or the child
-            # ended: either way this run is over, whatever the repr said.
+            # Cancelled while the child was starting (a stop): this run is
+            # over, whatever the repr said.
             self._finish(done, None)
+            raise
+        except BaseException:
+            # The child ended before it was ready: start() raises its error, so
+            # no run is left to wait() for (and its future's copy of the error
+            # is not reported as never retrieved).
+            self._reap(kill=True)
+            self._finish(done, None)
+            if not done.cancelled():
+                done.exception()
+            self._start_failed()
             raise
 
     def _on_message(self, ready: asyncio.Future[None], done: asyncio.Future[None]) -> None:

@@ -7,6 +7,8 @@ import functools
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -308,6 +310,8 @@ _DIES_WHILE_STARTING = """\
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 
 from offloop._services.process import ProcessService
 
@@ -369,3 +373,42 @@ async def test_wait_after_a_start_whose_child_died_is_refused_as_after_any_faile
         await start
     with pytest.raises(RuntimeError, match=r"its last start\(\) failed; call start\(\) again"):
         await svc.wait()
+
+
+_MAIN_ONLY = """\
+import offloop
+
+sv = offloop.Supervisor()
+try:
+    @sv.service(isolate="process")
+    def job():
+        pass
+except offloop.NotPicklableError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("how", ["-m", "-c"])
+def test_a_function_of_a_main_that_children_cannot_import_is_refused_up_front(
+    tmp_path: Path, how: str
+) -> None:
+    # multiprocessing's spawn does not run a package's __main__ nor a -c
+    # command in the child: it would die unpickling the function, exit code 1.
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__init__.py").write_text("")
+    (tmp_path / "app" / "__main__.py").write_text(_MAIN_ONLY)
+    target = "app" if how == "-m" else _MAIN_ONLY
+    done = subprocess.run(
+        [sys.executable, how, target],
+        capture_output=True,
+        text=True,
+        timeout=SPAWN_WAIT,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        "Service 'job' uses isolate='process', but function 'job' is defined in __main__, "
+        "which a spawned child process cannot import when the program runs as "
+        "'python -m package', 'python -c' or interactively. Define it in a module of its "
+        "own and import it from there.\n"
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing
 import os
 import pickle
@@ -32,7 +33,7 @@ from .._core.errors import NotPicklableError, OffloopError, WorkerCrashed
 from .._core.forcedexit import on_forced_exit
 from .._core.token import StopToken
 from .._core.validate import describe
-from .._process.pickling import RemoteTraceback
+from .._process.pickling import RemoteTraceback, main_reaches_children
 from .functions import FunctionService
 from .lifecycle import LifecycleState
 
@@ -241,6 +242,15 @@ def _check_picklable(fn: Callable[..., object], name: str, *, defining: bool) ->
     Raises:
         NotPicklableError: naming the service and what to do.
     """
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if getattr(target, "__module__", None) == "__main__" and not main_reaches_children("spawn"):
+        # The child would die unpickling it (exit code 1) before saying why.
+        raise NotPicklableError(
+            f"Service {name!r} uses isolate='process', but {describe(target)} is defined in "
+            f"__main__, which a spawned child process cannot import when the program runs as "
+            f"'python -m package', 'python -c' or interactively. Define it in a module of its "
+            f"own and import it from there."
+        )
     try:
         pickle.dumps(fn)
     except Exception as exc:

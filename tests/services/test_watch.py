@@ -334,3 +334,24 @@ async def test_a_relative_folder_still_watched_after_the_program_changes_directo
         assert svc.state.value == "running"  # it used to crash: "'data' was deleted"
     finally:
         await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_folder_reached_through_a_symlink_is_watched(tmp_path: Path) -> None:
+    # A deploy's "current -> releases/42", a home folder on another disk: the
+    # folder is the link's target, and events name paths under the link.
+    real = tmp_path / "releases" / "42"
+    (real / "conf").mkdir(parents=True)
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(link, queue.put_nowait, name="linked")
+    await svc.start()
+    (real / "top.txt").write_text("written through the real path")
+    event = await next_event_for(queue, link / "top.txt", [])
+    assert event.event_type in ("created", "modified")
+    (link / "conf" / "deep.txt").write_text("written through the link, in a sub-folder")
+    await next_event_for(queue, link / "conf" / "deep.txt", [])
+    assert svc.state.value == "running"
+    await svc.stop()

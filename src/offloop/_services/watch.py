@@ -203,6 +203,11 @@ class WatchService(LifecycleService):
             # an editor's save, a new file renamed over it, ends the watch with
             # a "deleted" event. Watch its folder and keep the file's events.
             watched, only = str(self.path.parent), self.path
+        elif run.path is not None and run.path.is_symlink() and run.path.is_dir():
+            # watchdog watches a symlink itself (IN_DONT_FOLLOW on inotify), which
+            # sends no event for the folder's files; a trailing separator makes
+            # the kernel resolve it, and events keep the path the user gave.
+            watched = os.path.join(watched, "")
 
         class Forward(events.FileSystemEventHandler):  # type: ignore[misc,name-defined]  # lazy
             def dispatch(self, event: Any) -> None:

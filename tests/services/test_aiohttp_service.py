@@ -157,3 +157,35 @@ async def test_under_a_supervisor_and_killed_when_a_handler_hangs() -> None:
     await await_until(lambda: "slow cancelled" in journal, WAIT, "the hung handler to be cancelled")
     assert sv.status()["api"].state == "stopped"
     assert refuses(api.port)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_stop_during_start_waits_for_the_start_then_stops() -> None:
+    # Driven by hand (no supervisor to cancel the start first): stop() must not
+    # return while start() goes on to bring up a server that nobody stops.
+    entered, release = asyncio.Event(), asyncio.Event()
+    journal: list[str] = []
+    app = web.Application()
+
+    async def slow_startup(app: web.Application) -> None:
+        entered.set()
+        await release.wait()
+
+    async def shutdown(app: web.Application) -> None:
+        journal.append("shutdown")
+
+    app.on_startup.append(slow_startup)
+    app.on_shutdown.append(shutdown)
+    svc = AiohttpService(app, port=0, access_log=False)
+    start = asyncio.create_task(svc.start())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    stop = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0)  # stop() has run up to its first wait
+    assert not stop.done()
+    release.set()
+    await asyncio.wait_for(start, WAIT)
+    await asyncio.wait_for(stop, WAIT)
+    assert svc.state.value == "stopped"
+    assert journal == ["shutdown"]
+    assert refuses(svc.port)

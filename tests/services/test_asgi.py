@@ -276,3 +276,30 @@ async def test_log_level_applies_to_loggers_nobody_configured() -> None:
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_stop_during_start_waits_for_the_start_then_stops() -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+    journal: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        entered.set()
+        await release.wait()
+        yield
+        journal.append("shutdown")
+
+    svc = ASGIService(Starlette(lifespan=lifespan), port=0, access_log=False)
+    start = asyncio.create_task(svc.start())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    stop = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0)  # stop() has run up to its first wait
+    assert not stop.done()
+    release.set()
+    await asyncio.wait_for(start, WAIT)
+    await asyncio.wait_for(stop, WAIT)
+    assert svc.state.value == "stopped"
+    assert journal == ["shutdown"]
+    assert refuses(svc.port)

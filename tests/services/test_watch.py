@@ -355,3 +355,16 @@ async def test_a_folder_reached_through_a_symlink_is_watched(tmp_path: Path) -> 
     await next_event_for(queue, link / "conf" / "deep.txt", [])
     assert svc.state.value == "running"
     await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_stop_during_start_waits_for_the_start_then_stops(tmp_path: Path) -> None:
+    svc = WatchService(tmp_path, lambda event: None, name="early")
+    start = asyncio.create_task(svc.start())
+    await asyncio.sleep(0)  # start() now waits for its observer, built in a worker thread
+    assert svc.state.value == "starting"
+    await asyncio.wait_for(svc.stop(), WAIT)
+    await asyncio.wait_for(start, WAIT)
+    assert svc.state.value == "stopped"
+    assert watch_threads() == []  # the observer the start built was stopped too

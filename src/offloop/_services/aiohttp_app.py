@@ -111,6 +111,7 @@ class AiohttpService(NetworkAdapter):
             Exception: whatever an ``on_shutdown`` or ``on_cleanup`` hook raised
                 (the service is stopped all the same).
         """
+        await self._start_settled()
         done = self._mark_stopping()
         runner = self._runner
         if done is None or runner is None:

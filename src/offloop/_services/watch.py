@@ -299,6 +299,7 @@ class WatchService(LifecycleService):
 
     async def stop(self) -> None:
         """Stop and join the observer, then wait for the handler tasks still running."""
+        await self._start_settled()
         done = self._mark_stopping()
         run = self._run
         if done is None or run is None:

@@ -189,3 +189,54 @@ async def test_stop_during_start_waits_for_the_start_then_stops() -> None:
     assert svc.state.value == "stopped"
     assert journal == ["shutdown"]
     assert refuses(svc.port)
+
+
+def _keep_alive_request(port: int) -> socket.socket:
+    """A raw HTTP/1.1 connection that has had one answer and stays open (keep-alive)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"hello aiohttp" not in answer:
+        chunk = sock.recv(4096)
+        assert chunk, answer
+        answer += chunk
+    return sock
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("failing", ["on_shutdown", "on_cleanup"])
+@bounded(20)
+async def test_a_raising_shutdown_or_cleanup_hook_still_ends_the_server(failing: str) -> None:
+    # aiohttp's runner.cleanup() stops at the hook that raised: open connections
+    # stay open (a keep-alive client hangs), and on_cleanup never runs after a
+    # failed on_shutdown (a database pool never closed).
+    journal: list[str] = []
+    app = make_app(journal)
+
+    async def on_shutdown(app: web.Application) -> None:
+        journal.append("on_shutdown")
+        if failing == "on_shutdown" and journal.count("on_shutdown") == 1:
+            raise ValueError("flush failed")
+
+    async def on_cleanup(app: web.Application) -> None:
+        journal.append("on_cleanup")
+        if failing == "on_cleanup" and journal.count("on_cleanup") == 1:
+            raise ValueError("close failed")
+
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    svc = AiohttpService(app, port=0, access_log=False)
+    await svc.start()
+    client = await asyncio.to_thread(_keep_alive_request, svc.port)
+    try:
+        with pytest.raises(ValueError, match=r"^(flush|close) failed$"):
+            await svc.stop()
+        # Every hook ran, once: make_app's own on_cleanup hook appends "cleanup".
+        assert journal == ["startup", "on_shutdown", "cleanup", "on_cleanup"]
+        assert svc.state.value == "stopped"
+        assert await asyncio.to_thread(client.recv, 4096) == b""  # closed by the server
+    finally:
+        client.close()
+    assert refuses(svc.port)
+    await svc.start()  # and it starts again (its hooks do not fail this time)
+    await svc.stop()

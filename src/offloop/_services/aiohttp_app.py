@@ -83,7 +83,7 @@ class AiohttpService(NetworkAdapter):
         self._begin()
         web = require("aiohttp.web", "aiohttp", feature="AiohttpService")
         kwargs: dict[str, Any] = {} if self.access_log else {"access_log": None}
-        runner = web.AppRunner(self.app, handle_signals=False, **kwargs)
+        runner = _runner_class(web)(self.app, handle_signals=False, **kwargs)
         try:
             sock = self._listen()
             try:
@@ -119,7 +119,10 @@ class AiohttpService(NetworkAdapter):
         try:
             await runner.cleanup()
         except Exception:
-            self._finish(done)  # wait() ends: the server no longer serves
+            try:
+                await _finish_cleanup(runner)
+            finally:
+                self._finish(done)  # wait() ends: the server no longer serves
             raise
         finally:
             if runner.server is None:  # cleanup got through (kill() needs it otherwise)
@@ -135,3 +138,44 @@ class AiohttpService(NetworkAdapter):
         if done is not None:
             self._finish(done)
         return []
+
+
+#: How long a connection's handler may still run once the server shuts down
+#: (aiohttp's default ``shutdown_timeout``, which the service's runner keeps).
+SHUTDOWN_TIMEOUT = 60.0
+
+_runner_cls: type[Any] | None = None
+
+
+def _runner_class(web: Any) -> type[Any]:
+    """``web.AppRunner``, noting whether the ``on_shutdown`` hooks raised."""
+    global _runner_cls
+    if _runner_cls is None:
+
+        class Runner(web.AppRunner):  # type: ignore[misc]  # lazy import: web is Any
+            offloop_shutdown_failed = False
+
+            async def shutdown(self) -> None:
+                try:
+                    await super().shutdown()
+                except BaseException:
+                    self.offloop_shutdown_failed = True
+                    raise
+
+        _runner_cls = Runner
+    return _runner_cls
+
+
+async def _finish_cleanup(runner: Any) -> None:
+    """What ``runner.cleanup()`` skipped when an ``on_shutdown`` hook raised.
+
+    It stops at the hook: the connections stay open (a keep-alive client
+    waits for an answer that never comes) and the ``on_cleanup`` hooks never
+    run (a database pool is never closed). A raising ``on_cleanup`` hook
+    comes last, after the connections were closed: nothing is left then.
+    """
+    server = runner.server
+    if server is None or not runner.offloop_shutdown_failed:
+        return
+    await server.shutdown(SHUTDOWN_TIMEOUT)
+    await runner.app.cleanup()

@@ -240,3 +240,31 @@ async def test_a_raising_shutdown_or_cleanup_hook_still_ends_the_server(failing:
     assert refuses(svc.port)
     await svc.start()  # and it starts again (its hooks do not fail this time)
     await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_two_stops_at_once_run_the_shutdown_once_and_both_return() -> None:
+    # A program may stop a service from two places (a signal handler and a
+    # finally block); aiohttp's runner.cleanup() must then run only once.
+    journal: list[str] = []
+    app = make_app(journal)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def on_shutdown(app: web.Application) -> None:
+        journal.append("on_shutdown")
+        entered.set()
+        await release.wait()
+
+    app.on_shutdown.append(on_shutdown)
+    svc = AiohttpService(app, port=0, access_log=False)
+    await svc.start()
+    first = asyncio.create_task(svc.stop())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    second = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0)  # the second stop() runs while the first is in its shutdown
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+    assert journal == ["startup", "on_shutdown", "cleanup"]
+    assert svc.state.value == "stopped"
+    assert refuses(svc.port)

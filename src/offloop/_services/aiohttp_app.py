@@ -68,6 +68,8 @@ class AiohttpService(NetworkAdapter):
         self.app = app
         self.access_log = bool(access_log)
         self._runner: Any = None
+        # The runner a stop() is cleaning up, so that a second stop() waits for it.
+        self._cleaning: Any = None
 
     def __repr__(self) -> str:
         return f"<AiohttpService {self.name!r} {self._state.value} {self._where()}>"
@@ -116,6 +118,12 @@ class AiohttpService(NetworkAdapter):
         runner = self._runner
         if done is None or runner is None:
             return
+        if self._cleaning is runner:
+            # Another stop() is running the cleanup: aiohttp's cannot run twice
+            # at once (the hooks would run again, then it fails half-way).
+            await asyncio.wait({done})
+            return
+        self._cleaning = runner
         try:
             await runner.cleanup()
         except Exception:
@@ -125,6 +133,7 @@ class AiohttpService(NetworkAdapter):
                 self._finish(done)  # wait() ends: the server no longer serves
             raise
         finally:
+            self._cleaning = None
             if runner.server is None:  # cleanup got through (kill() needs it otherwise)
                 self._runner = None
         self._finish(done)

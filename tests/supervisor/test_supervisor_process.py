@@ -60,6 +60,25 @@ def deaf_child(path: str) -> None:
     time.sleep(3600)
 
 
+def forking_child(path: str, token: StopToken) -> None:
+    # A helper forked by the service (as a fork-started multiprocessing pool
+    # does) inherits every descriptor of the child, the ends of its pipes too.
+    helper = os.fork()
+    if helper == 0:
+        time.sleep(SPAWN_WAIT)  # the test kills it long before
+        os._exit(0)
+    _mark(path, f"{os.getpid()} {helper}")
+    token.wait()
+
+
+def forking_then_returning(path: str) -> None:
+    helper = os.fork()
+    if helper == 0:
+        time.sleep(SPAWN_WAIT)  # the test kills it long before
+        os._exit(0)
+    _mark(path, f"{os.getpid()} {helper}")
+
+
 def _pid_from(path: Path) -> int:
     return int(path.read_text().split()[1])
 
@@ -412,3 +431,57 @@ def test_a_function_of_a_main_that_children_cannot_import_is_refused_up_front(
         "'python -m package', 'python -c' or interactively. Define it in a module of its "
         "own and import it from there.\n"
     )
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_a_child_killed_while_a_helper_it_forked_lives_is_a_crash(tmp_path: Path) -> None:
+    # The OOM killer takes the child; the helper it forked still holds the write
+    # ends of the child's pipes, so neither the message pipe nor multiprocessing's
+    # sentinel ever reports the death: the service said "running" until the
+    # helper ended (a pool's worker: never).
+    marker = tmp_path / "pids"
+    sv = Supervisor()
+    sv.service(isolate="process", restart="no", startup_window=0, name="forker")(
+        functools.partial(forking_child, str(marker))
+    )
+    serving = asyncio.ensure_future(sv.serve())
+    try:
+        await await_until(marker.exists, SPAWN_WAIT, "the child to fork its helper")
+        child, helper = map(int, marker.read_text().split())
+        try:
+            os.kill(child, signal.SIGKILL)
+            with pytest.raises(ServiceFailed) as info:
+                await asyncio.wait_for(asyncio.shield(serving), WAIT)
+        finally:
+            os.kill(helper, signal.SIGKILL)
+    finally:
+        if not serving.done():
+            sv.stop()
+            await asyncio.wait({serving})
+    error = info.value.__cause__
+    assert isinstance(error, WorkerCrashed)
+    assert error.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_a_child_that_returns_while_a_helper_it_forked_lives_ends_its_run(
+    tmp_path: Path,
+) -> None:
+    from offloop._services.process import ProcessService
+
+    marker = tmp_path / "pids"
+    svc = ProcessService(
+        functools.partial(forking_then_returning, str(marker)),
+        "forker",
+        is_async=False,
+        pass_token=False,
+    )
+    await svc.start()
+    try:
+        await asyncio.wait_for(svc.wait(), WAIT)  # not once the helper has ended
+        assert svc.state.value == "ended"
+    finally:
+        await await_until(marker.exists, SPAWN_WAIT, "the child to fork its helper")
+        os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)

@@ -23,6 +23,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 import types
 from collections.abc import Callable
@@ -82,6 +83,12 @@ class ProcessService(FunctionService):
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self.pid: int | None = None
+        # What the child sent as it ended ("ok", "error", or "exit" for EOF).
+        self._ending: tuple[str, BaseException | None] | None = None
+        # The descriptor that becomes readable when the child exits, and the
+        # pidfd among them, which this service closes.
+        self._death: int | None = None
+        self._pidfd: int | None = None
 
     async def start(self) -> None:
         _check_picklable(self.fn, self.name, defining=False)
@@ -102,8 +109,11 @@ class ProcessService(FunctionService):
         assert process.pid is not None
         _live_children.add(process)
         self._process, self._conn, self.pid = process, reader, process.pid
+        self._ending = None
         ready: asyncio.Future[None] = loop.create_future()
         loop.add_reader(reader.fileno(), self._on_message, ready, done)
+        self._death, self._pidfd = _death_watch(process)
+        loop.add_reader(self._death, self._on_death, ready, done)
         try:
             await ready
             self._ready()
@@ -142,12 +152,9 @@ class ProcessService(FunctionService):
             if not ready.done():
                 ready.set_result(None)
             return
-        # "ok", "error" or EOF: the child is ending. Wait for its exit without
-        # blocking the loop in join(): its sentinel becomes readable when it is gone.
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(conn.fileno())
-        process = self._process
-        assert process is not None
+        # "ok", "error" or EOF: the child is ending. Its exit is awaited by
+        # _on_death, without blocking the loop in join().
+        asyncio.get_running_loop().remove_reader(conn.fileno())
         exc: BaseException | None = None
         if kind == "error":
             exc, remote_tb = payload
@@ -160,7 +167,18 @@ class ProcessService(FunctionService):
                 wrapped = OffloopError(f"the process of service {self.name!r} raised {exc!r}")
                 wrapped.__cause__ = exc
                 exc = wrapped
-        loop.add_reader(process.sentinel, self._on_exit, ready, done, kind, exc)
+        self._ending = (kind, exc)
+
+    def _on_death(self, ready: asyncio.Future[None], done: asyncio.Future[None]) -> None:
+        """The child has exited: end the run with what it sent before it went, if anything."""
+        if self._death is not None:
+            asyncio.get_running_loop().remove_reader(self._death)
+        conn = self._conn
+        # A message the loop has not read yet (poll() is also true at EOF).
+        while self._ending is None and conn is not None and not conn.closed and conn.poll():
+            self._on_message(ready, done)
+        kind, exc = self._ending or ("exit", None)
+        self._on_exit(ready, done, kind, exc)
 
     def _on_exit(
         self,
@@ -169,9 +187,6 @@ class ProcessService(FunctionService):
         kind: str,
         exc: BaseException | None,
     ) -> None:
-        process = self._process
-        assert process is not None
-        asyncio.get_running_loop().remove_reader(process.sentinel)
         exitcode = self._reap(kill=False)
         if kind not in ("ok", "error") and self._state is not LifecycleState.STOPPING:
             exc = WorkerCrashed(
@@ -192,14 +207,20 @@ class ProcessService(FunctionService):
             loop.remove_reader(conn.fileno())
             conn.close()
             self._conn = None
+        if self._death is not None:
+            loop.remove_reader(self._death)
+            self._death = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         if process is None:
             return None
-        loop.remove_reader(process.sentinel)
         if kill and process.is_alive():
             process.kill()
-        # Without kill, the child's sentinel said it is gone, so this join is immediate.
-        process.join(_KILL_JOIN)
-        exitcode = process.exitcode
+        # Without kill, the child is known to be gone, so its exit code is there
+        # at once. Not join(): it waits on the sentinel, which a process the
+        # child forked may hold open long after the child is gone.
+        exitcode = _exit_code(process, _KILL_JOIN if kill else 0.0)
         if exitcode is not None:
             _live_children.discard(process)
             process.close()
@@ -229,6 +250,32 @@ class ProcessService(FunctionService):
     def __repr__(self) -> str:
         pid = f" pid={self.pid}" if self.pid is not None and self._process is not None else ""
         return f"<ProcessService {self.name!r} {self._state.value}{pid} fn={describe(self.fn)}>"
+
+
+def _exit_code(process: multiprocessing.process.BaseProcess, timeout: float) -> int | None:
+    """The exit code of ``process``, polled (waitpid, no sentinel) for up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while (exitcode := process.exitcode) is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return exitcode
+
+
+def _death_watch(process: multiprocessing.process.BaseProcess) -> tuple[int, int | None]:
+    """A descriptor readable once ``process`` has exited, and the pidfd to close if it is one.
+
+    multiprocessing's sentinel (and the message pipe's EOF) is the end of a
+    pipe the child holds: a process the child forked (a fork-started pool's
+    worker) inherits it and keeps it open after the child died. A pidfd
+    (Linux >= 5.3) follows the child itself.
+    """
+    assert process.pid is not None
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        # OSError: no pidfd in this kernel or sandbox, or the child is already reaped.
+        with contextlib.suppress(OSError):
+            fd: int = pidfd_open(process.pid)
+            return fd, fd
+    return process.sentinel, None
 
 
 def _check_picklable(fn: Callable[..., object], name: str, *, defining: bool) -> None:

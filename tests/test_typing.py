@@ -66,3 +66,18 @@ def test_to_loop_keeps_parameter_and_return_types() -> None:
             _text: str = await offloop.to_loop(double, 3)  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+def test_an_executor_view_keeps_parameter_and_return_types() -> None:
+    pool = offloop.ThreadPool(1, name="typed-view")
+    try:
+        view = pool.executor()
+        pair: tuple[int, str] = view.submit(scale, 3, label="x").result(timeout=10)
+        assert pair == (6, "x")
+        if TYPE_CHECKING:
+            view.submit(scale, "3")  # type: ignore[arg-type]
+            view.submit(scale, 1, nope=2)  # type: ignore[call-arg]
+            _text: str = view.submit(scale, 3).result()  # type: ignore[assignment]
+        view.shutdown()
+    finally:
+        pool.close()

@@ -86,8 +86,9 @@ def test_the_child_gets_the_arguments_without_the_reloaders_own() -> None:
 def test_the_child_gets_no_reload_option_however_argparse_let_it_be_spelled(
     given: list[str],
 ) -> None:
-    # argparse takes any unique prefix of --reload-dir; the child, run without
-    # --reload, refused one left in its arguments ("--reload-dir needs --reload").
+    # argparse takes any unique prefix of --reload-dir, and a child run without
+    # --reload refuses any --reload-dir ("--reload-dir needs --reload"), so no
+    # spelling of it may reach the child.
     argv = ["run", "app:sv", *given, "--plain"]
     parsed = build_parser().parse_args(argv)
     assert (parsed.reload, parsed.reload_dir) == (True, ["src"])

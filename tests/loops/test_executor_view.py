@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import contextvars
 import operator
 import threading
+from typing import Any
 
 import pytest
 
@@ -155,7 +156,8 @@ def test_shutdown_cancel_futures_stops_calls_in_flight() -> None:
         assert running.cancelled()
         assert queued.cancelled()
         assert stopped.wait(WAIT)  # the running call was told to stop
-        done, _ = cf.wait([running, queued], timeout=WAIT)
+        futures: list[cf.Future[Any]] = [running, queued]
+        done, _ = cf.wait(futures, timeout=WAIT)
         assert len(done) == 2
     finally:
         pool.close()
@@ -229,3 +231,25 @@ def test_a_call_abandoned_by_a_bounded_close_fails_the_view_s_future_at_once() -
         lambda: not [t for t in threading.enumerate() if "view-abandoned" in t.name],
         what="the pool's and the view's threads to end",
     )
+
+
+async def test_a_waiting_shutdown_from_one_of_the_view_s_own_calls_is_refused_not_a_hang() -> None:
+    # It would wait for its own call to end, forever (ThreadPoolExecutor fails
+    # it too, joining its own thread); pool.close() refuses the same way.
+    async with offloop.ThreadPool(2, name="view-self") as pool:
+        view = pool.executor()
+
+        def shut_from_inside() -> str:
+            with pytest.raises(offloop.WouldDeadlockError, match=r"own calls.*wait=False"):
+                view.shutdown(wait=True)
+            view.shutdown(wait=False)  # does not wait: allowed
+            return "refused"
+
+        future = view.submit(shut_from_inside)
+        try:
+            assert await asyncio.wait_for(asyncio.wrap_future(future), WAIT) == "refused"
+        finally:
+            future.cancel()  # a hung shutdown waits for this future: free it
+        with pytest.raises(RuntimeError, match="shut down"):
+            view.submit(whoami, 1)
+        assert (await pool.run(whoami, 2))[0] == 2  # the pool itself stays open

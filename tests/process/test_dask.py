@@ -523,3 +523,49 @@ async def test_a_pool_dropped_unclosed_closes_its_client_and_ends_its_thread(
     assert "was garbage collected without being closed" in the_warning(ours, "DaskPool")
     await await_until(lambda: not offloop_dask_threads(), WAIT, "the pool's thread to end")
     assert client.status == "closed"
+
+
+async def test_a_pool_whose_scheduler_went_away_connects_again_on_the_next_call(
+    offload_thread: None,
+) -> None:
+    # The pool's own client gives up once the scheduler is gone for
+    # connect_timeout; the pool is still open, so its next call must connect
+    # again (as after a failed first connection), not fail for good with an
+    # error about a client the user never had.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    options: dict[str, Any] = {
+        "n_workers": 1,
+        "threads_per_worker": 1,
+        "processes": False,
+        "host": "127.0.0.1",
+        "scheduler_port": port,
+        "dashboard_address": None,
+        "asynchronous": True,
+        "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
+    }
+    address = f"tcp://127.0.0.1:{port}"
+    pool = offloop.DaskPool(address, connect_timeout=0.5)
+    big = os.urandom(SCATTER_BYTES)  # scattered by the pool, once per cluster
+    try:
+        async with distributed.LocalCluster(**options):
+            assert (await asyncio.wait_for(pool.run(add, 1, 2), WAIT))[0] == 3
+            assert await asyncio.wait_for(pool.run(len, big), WAIT) == SCATTER_BYTES
+        client = pool._client
+        await await_until(lambda: client.status != "running", WAIT, "the client to see it gone")
+        # Made while the client tries to reconnect: it gives up, and the call
+        # says the connection was lost (not that the user closed a client).
+        with pytest.raises(ConnectionError, match=r"connection to the Dask scheduler was lost"):
+            await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
+        await await_until(lambda: client.status == "closed", WAIT, "the client to give up")
+        with pytest.raises(ConnectionError, match=rf"at '{address}' within 0.5 s"):
+            await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
+        async with distributed.LocalCluster(**options):
+            assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4
+            # Not the reference scattered to the scheduler that went away.
+            assert await asyncio.wait_for(pool.run(len, big), WAIT) == SCATTER_BYTES
+    finally:
+        await asyncio.wait_for(pool.aclose(), WAIT)

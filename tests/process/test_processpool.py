@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 import offloop
+from offloop._core.cpus import available_cpus
 from offloop._process import pickling as _pickling
 from offloop._process.pickling import RemoteTraceback
 from offloop._process.pool import ProcessPool, default_process_pool
@@ -438,6 +439,24 @@ async def test_close_on_a_running_loop_says_to_await_aclose() -> None:
     await pool.aclose()
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_the_default_size_follows_the_cpus_this_process_may_use() -> None:
+    # A container or taskset limited to one CPU of several: one process, not
+    # one per CPU of the machine. Run where the affinity can be set alone.
+    script = textwrap.dedent(
+        """
+        import os
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        import offloop
+        print(offloop.ProcessPool().max_workers, offloop.default_process_pool().max_workers)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT, check=True
+    )
+    assert out.stdout.split() == ["1", "1"], out.stderr
+
+
 @pytest.mark.loops("asyncio")
 async def test_to_process_uses_the_default_pool() -> None:
     try:
@@ -445,7 +464,7 @@ async def test_to_process_uses_the_default_pool() -> None:
         assert pid != os.getpid()
         assert await offloop.to_process(square, 9) == 81
         pool = default_process_pool()
-        assert pool.max_workers == (os.cpu_count() or 1)
+        assert pool.max_workers == available_cpus()
         assert repr(pool).startswith("<ProcessPool 'default' open:")
         assert any(t.name == "offloop-process-default" for t in threading.enumerate())
     finally:

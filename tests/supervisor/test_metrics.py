@@ -172,3 +172,53 @@ async def test_pools_lists_the_open_pools_of_every_kind_and_drops_closed_ones() 
     text = metrics_text(Supervisor(name="after-close"))
     assert 'pool="listed-thread"' not in text
     assert 'pool="listed-process"' not in text
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_pools_sharing_a_name_get_distinct_series_that_keep_their_label() -> None:
+    # Names are free (a program may open a pool per request under one name),
+    # but two series with the same name and labels are one too many for
+    # Prometheus, which keeps one and raises a duplicate-sample alert.
+    sv = Supervisor(name="twins")
+    first, second = ThreadPool(2, name="db"), ThreadPool(3, name="db")
+    mine = ThreadPool(6, name="db#3")  # a name that looks like a suffix is a name
+    third = ThreadPool(4, name="db")
+    other_kind = ProcessPool(7, name="db")  # no call: no process started
+    fourth: ThreadPool | None = None
+    server = await start_status_server(sv, 0)
+    try:
+        _, text = await get(server.port, "/metrics")
+        fams = _parse(text)
+        for name, samples in fams.items():
+            keys = [(s.name, tuple(sorted(s.labels.items()))) for s in samples]
+            assert len(keys) == len(set(keys)), f"{name} repeats a series"
+        workers = {
+            (s.labels["pool"], s.labels["kind"]): s.value
+            for s in fams["offloop_pool_workers"]
+            if s.labels["pool"].startswith("db")
+        }
+        assert workers == {
+            ("db", "thread"): 2,
+            ("db#2", "thread"): 3,
+            ("db#3", "thread"): 6,
+            ("db#4", "thread"): 4,
+            ("db", "process"): 7,
+        }
+        # The first closes: its label is free for the next pool of that name,
+        # and the others keep theirs (a series must not change pools).
+        await first.aclose()
+        fourth = ThreadPool(5, name="db")
+        _, text = await get(server.port, "/metrics")
+        threads = {
+            s.labels["pool"]: s.value
+            for s in _parse(text)["offloop_pool_workers"]
+            if s.labels["kind"] == "thread" and s.labels["pool"].startswith("db")
+        }
+        assert threads == {"db": 5, "db#2": 3, "db#3": 6, "db#4": 4}
+        assert second.name == "db"  # the pool's own name is untouched
+    finally:
+        await server.aclose()
+        for pool in (first, second, mine, third, other_kind, fourth):
+            if pool is not None:
+                await pool.aclose()

@@ -82,8 +82,8 @@ def every_async(sv: Supervisor, deaf: Deaf) -> None:
 async def test_a_dependent_that_will_not_stop_is_abandoned_and_started_again(add: Any) -> None:
     # docs/supervisor.md: a dependent that does not stop within grace "is killed
     # (a thread that ignores its token is abandoned and reported) and started
-    # again with the rest". Its start was refused ("it is still stopping"),
-    # which failed the whole supervisor.
+    # again with the rest". So kill() must end the run it abandons: a start()
+    # refused as "still stopping" would fail the whole supervisor.
     deaf = Deaf()
     sv = Supervisor(name="abandon", grace=GRACE)
     db = sv.add(Crashable("db", []), backoff=0.01, max_backoff=0.01)

@@ -62,6 +62,20 @@ async def leave(sv: Supervisor, entering: asyncio.Future[Supervisor]) -> None:
         await sv.__aexit__(None, None, None)
 
 
+def start_api_behind_slow(
+    name: str, journal: list[str]
+) -> tuple[Supervisor, Crashable, HeldStart, asyncio.Future[Supervisor]]:
+    """Begin the start of db, slow (held in its start()) and api (depends on db).
+
+    Returns the supervisor, db, slow and the future of ``__aenter__`` (end it with :func:`leave`).
+    """
+    sv = Supervisor(name=name)
+    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
+    slow = sv.add(HeldStart("slow", journal))
+    sv.add(Recorder("api", journal), depends_on=["db"])
+    return sv, db, slow, asyncio.ensure_future(sv.__aenter__())
+
+
 @pytest.mark.parametrize("on_dependency_restart", ["restart", "keep"])
 @bounded(10)
 async def test_a_service_not_started_yet_waits_for_a_dependency_restarted_meanwhile(
@@ -104,11 +118,7 @@ async def test_a_dependency_crashing_as_the_start_goes_on_is_waited_for(
     log_lines: io.StringIO,
 ) -> None:
     journal: list[str] = []
-    sv = Supervisor(name="same")
-    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
-    slow = sv.add(HeldStart("slow", journal))
-    sv.add(Recorder("api", journal), depends_on=["db"])
-    entering = asyncio.ensure_future(sv.__aenter__())
+    sv, db, slow, entering = start_api_behind_slow("same", journal)
     try:
         await asyncio.wait_for(slow.began.wait(), QUICK_WAIT)
         db.gate.clear()

@@ -16,6 +16,7 @@ import math
 import pytest
 
 from offloop import ServiceFailed, Supervisor, SupervisorState
+from offloop._supervisor.cascade import parked_message
 from offloop._supervisor.statusserver import status_json
 from tests.helpers import QUICK_WAIT, await_until, bounded
 from tests.supervisor.test_supervisor import Recorder
@@ -25,7 +26,12 @@ from tests.supervisor.test_supervisor_cascade import (
     SlowStop,
     offloop_tasks,
 )
-from tests.supervisor.test_supervisor_cascade_start import HeldStart, leave, waiting
+from tests.supervisor.test_supervisor_cascade_start import (
+    HeldStart,
+    leave,
+    start_api_behind_slow,
+    waiting,
+)
 
 
 def table(sv: Supervisor) -> str:
@@ -44,11 +50,7 @@ async def test_a_service_waiting_before_its_first_start_names_the_dependency(
     end: str, log_lines: io.StringIO
 ) -> None:
     journal: list[str] = []
-    sv = Supervisor(name="names")
-    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
-    slow = sv.add(HeldStart("slow", journal))
-    sv.add(Recorder("api", journal), depends_on=["db"])
-    entering = asyncio.ensure_future(sv.__aenter__())
+    sv, db, slow, entering = start_api_behind_slow("names", journal)
     try:
         await asyncio.wait_for(slow.began.wait(), QUICK_WAIT)
         assert sv.status()["api"].waiting_for == ()  # not begun yet: waits for nothing
@@ -237,7 +239,14 @@ async def test_after_the_start_a_parked_dependency_keeps_its_dependents_down_unt
         del journal[:]
         db.crash()
         await await_until(lambda: sv.status()["db"].state == "restarting", QUICK_WAIT, "db")
-        await await_until(lambda: journal == ["crash db", "stop api"], QUICK_WAIT, "api stopped")
+        # The journal has "stop api" as its stop() begins; the state follows once it returned.
+        await await_until(
+            lambda: (
+                journal == ["crash db", "stop api"] and sv.status()["api"].state == "restarting"
+            ),
+            QUICK_WAIT,
+            "api stopped",
+        )
         status = sv.status()
         assert (status["api"].state, status["api"].restarting_with) == ("restarting", "db")
         assert status["cache"].state == "running"
@@ -273,3 +282,60 @@ async def test_wait_ready_and_start_raise_once_the_start_fails_on_a_parked_depen
                 await sv.aclose()
     assert failures == ["failed", "failed"]
     assert offloop_tasks() == []
+
+
+@bounded(10)
+async def test_a_parked_dependency_that_returned_is_not_said_to_have_crashed() -> None:
+    # restart="always" restarts a service that returned, so an infinite
+    # backoff parks it as it parks one that crashed; the message says which.
+    journal: list[str] = []
+    sv = Supervisor(name="returned")
+    batch_done = asyncio.Event()
+
+    @sv.service(restart="always", backoff=math.inf, max_backoff=math.inf)
+    async def feeder() -> None:
+        await batch_done.wait()  # a batch that ends normally
+
+    slow = sv.add(HeldStart("slow", journal))
+    sv.add(Recorder("api", journal), depends_on=["feeder"])
+    entering = asyncio.ensure_future(sv.__aenter__())
+    try:
+        await asyncio.wait_for(slow.began.wait(), QUICK_WAIT)
+        batch_done.set()
+        await await_until(
+            lambda: sv.status()["feeder"].state == "restarting", QUICK_WAIT, "feeder parked"
+        )
+        slow.release.set()
+        with pytest.raises(ServiceFailed) as failed:
+            await asyncio.wait_for(entering, QUICK_WAIT)
+    finally:
+        await leave(sv, entering)
+    assert str(failed.value) == (
+        "Service 'api' cannot start: its dependency 'feeder' returned (restart='always') during "
+        "the supervisor's start and is not started again, because its backoff is infinite. "
+        "Give 'feeder' a finite backoff, or drop 'feeder' from the depends_on of 'api'."
+    )
+    assert failed.value.__cause__ is None
+    assert "start api" not in journal
+
+
+@bounded(10)
+async def test_a_delay_that_overflows_to_infinity_names_max_backoff() -> None:
+    # A finite backoff doubles past the largest float once max_backoff is
+    # infinite (RestartPolicy.delay): "give it a finite backoff" would be wrong.
+    sv = Supervisor(name="overflow")
+    sv.add(Recorder("db", []), restart="always", backoff=1e300, max_backoff=math.inf)
+    db = sv._entries["db"]
+    assert sv._entries["db"].policy.delay(27) == math.inf
+    db.parked_after = ConnectionResetError("db lost its connection")
+    assert parked_message([db]) == (
+        "Service 'db' cannot start: it crashed (ConnectionResetError('db lost its connection')) "
+        "during the supervisor's start and never restarts, because its backoff/max_backoff "
+        "make its restart delay infinite. Give it a finite max_backoff so that it restarts."
+    )
+    db.parked_after = None
+    assert parked_message([db]) == (
+        "Service 'db' cannot start: it returned (restart='always') during the supervisor's "
+        "start and is not started again, because its backoff/max_backoff make its restart "
+        "delay infinite. Give it a finite max_backoff so that it restarts."
+    )

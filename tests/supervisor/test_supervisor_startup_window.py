@@ -23,6 +23,7 @@ from offloop import ServiceFailed, StopToken, Supervisor
 from offloop._core.restart import STARTUP_WINDOW, RestartPolicy
 from tests.helpers import QUICK_WAIT, await_until, bounded
 from tests.supervisor.test_supervisor import Recorder
+from tests.supervisor.test_supervisor_cascade import Crashable
 from tests.supervisor.test_supervisor_startup import CrashesWhenTold
 
 
@@ -296,3 +297,53 @@ def test_retry_startup_of_a_job_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="retry_startup must be True or False, got str"):
         sv.every(1, retry_startup="yes")  # type: ignore[arg-type]
     assert sv.services == {}
+
+
+class DeafThenRefused(Recorder):
+    """Ignores its stop (it is killed), then refuses its next start once."""
+
+    def __init__(self, name: str, journal: list[str]) -> None:
+        super().__init__(name, journal)
+        self.release = asyncio.Event()
+
+    async def stop(self) -> None:
+        self.journal.append(f"stop {self.name}")
+        await self.release.wait()  # never set: the supervisor kills it after grace
+
+    def kill(self) -> list[str]:
+        self.journal.append(f"kill {self.name}")
+        self.start_failures = 1  # as an adapter left "still stopping" refuses
+        return []
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_start_refused_after_a_kill_within_the_window_follows_the_restart_policy() -> None:
+    # The window "applies to the first run only" and "once a service has been
+    # ready, a start() that fails on a restart follows the restart policy". A
+    # first run killed by a cascade (its task cancelled) kept its window open,
+    # so the next start's error failed the supervisor, as "it crashed 0.11s
+    # after it started" (neither a crash nor the first run).
+    journal: list[str] = []
+    sv = Supervisor(name="sv", grace=0.05)
+    db = sv.add(Crashable("db", journal), backoff=0.01, max_backoff=0.01)
+    sv.add(
+        DeafThenRefused("api", journal),
+        depends_on=["db"],
+        startup_window=QUICK_WAIT,
+        backoff=0.01,
+        max_backoff=0.01,
+    )
+    async with sv:
+        db.crash()  # the cascade stops api within its window; it is killed
+        await await_until(
+            lambda: sv.status()["api"].restarts == 1 and sv.status()["api"].state == "running",
+            QUICK_WAIT,
+            "api restarted by its policy after its refused start",
+        )
+        assert sv.state == "running"
+        status = sv.status()["api"]
+        assert isinstance(status.last_error, ConnectionRefusedError)
+        assert status.dependency_restarts == 1
+        after_kill = journal[journal.index("kill api") :]
+        assert after_kill.count("start api") == 2, journal

@@ -442,3 +442,37 @@ async def test_threaded_works_with_staticmethod_and_classmethod_in_either_order(
     assert await obj.method(1) == 101
     assert asyncio.iscoroutinefunction(_Methods.static_above)
     assert asyncio.iscoroutinefunction(obj.class_above)
+
+
+async def test_a_source_raising_stop_async_iteration_fails_the_iteration() -> None:
+    def halting() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise StopAsyncIteration("halt")
+
+    seen: list[int] = []
+
+    async def consume() -> None:
+        async for item in offloop.iterate(halting()):
+            seen.append(item)
+
+    with pytest.raises(RuntimeError, match="raised StopAsyncIteration") as info:
+        await consume()
+    assert seen == [1, 2]
+    assert type(info.value.__cause__) is StopAsyncIteration
+
+
+async def test_a_sequence_without_iter_is_iterated_as_for_would() -> None:
+    # for and iter() take an object with only __getitem__ (the sequence
+    # protocol); so does iterate(), and refuses an object with neither.
+    class Squares:
+        def __getitem__(self, index: int) -> int:
+            if index >= 4:
+                raise IndexError(index)
+            return index * index
+
+    squares: Any = Squares()  # not an Iterable to the type checker, as for iter()'s stub
+    items = [item async for item in offloop.iterate(squares)]
+    assert items == [0, 1, 4, 9] == list(squares)
+    with pytest.raises(TypeError, match="needs an iterable, got object"):
+        offloop.iterate(object())  # type: ignore[arg-type]

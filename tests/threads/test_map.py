@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -151,3 +152,118 @@ async def test_an_iterable_that_raises_ends_the_map_after_the_results_before_it(
             await consume()
         assert seen == [x * x for x in range(6)]
         await await_until(lambda: pool.statistics()["running"] == 0, WAIT, "nothing left running")
+
+
+@pytest.mark.parametrize("chunksize", [4, None])
+async def test_the_items_pulled_before_an_iterable_raises_are_all_run(
+    chunksize: int | None,
+) -> None:
+    # The error comes in the middle of a chunk: the items already taken for
+    # that chunk must still run and give their results before the error.
+    def items() -> Iterator[int]:
+        yield from range(7)
+        raise ValueError("bad input")
+
+    async with offloop.ThreadPool(2, name="map-bad-chunk") as pool:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for r in pool.map(square, items(), chunksize=chunksize):
+                seen.append(r)
+
+        with pytest.raises(ValueError, match="bad input"):
+            await consume()
+        assert seen == [x * x for x in range(7)]
+
+
+@pytest.mark.parametrize("error", [StopIteration, StopAsyncIteration])
+async def test_an_item_raising_stop_iteration_fails_the_map_instead_of_ending_it(
+    error: type[Exception],
+) -> None:
+    # Raised from __anext__, either would end `async for` as if every item
+    # were done (or become a bare "coroutine raised StopIteration").
+    def halting(x: int) -> int:
+        if x == 3:
+            raise error("halt")
+        return x
+
+    async with offloop.ThreadPool(2, name="map-halting") as pool:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for r in pool.map(halting, range(6), chunksize=2):
+                seen.append(r)
+
+        with pytest.raises(RuntimeError, match=f"halting' raised {error.__name__}") as info:
+            await consume()
+        assert seen == [0, 1, 2]
+        assert type(info.value.__cause__) is error
+
+
+async def test_an_iterable_raising_stop_async_iteration_fails_the_map() -> None:
+    class Halting:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def __iter__(self) -> Halting:
+            return self
+
+        def __next__(self) -> int:
+            self.n += 1
+            if self.n > 2:
+                raise StopAsyncIteration("halt")
+            return self.n
+
+    async with offloop.ThreadPool(2, name="map-halting-source") as pool:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for r in pool.map(square, Halting()):
+                seen.append(r)
+
+        with pytest.raises(RuntimeError, match=r"iterable .* raised StopAsyncIteration"):
+            await consume()
+        assert seen == [1, 4]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_closing_the_results_from_another_task_ends_its_iteration(ordered: bool) -> None:
+    gate, started = threading.Event(), threading.Event()
+
+    def held(x: int) -> int:
+        started.set()
+        gate.wait(WAIT)
+        return x
+
+    async with offloop.ThreadPool(2, name="map-closed-aside") as pool:
+        results = pool.map(held, range(10), ordered=ordered)
+
+        async def consume() -> list[int]:
+            return [r async for r in results]
+
+        consuming = asyncio.ensure_future(consume())
+        try:
+            await asyncio.to_thread(started.wait, WAIT)
+            await results.aclose()
+            assert await asyncio.wait_for(consuming, WAIT) == []
+        finally:
+            gate.set()
+
+
+async def test_a_function_returning_a_coroutine_fails_the_map_as_it_fails_a_call() -> None:
+    async def fetch(x: int) -> int:
+        return x
+
+    def forgot_await(x: int) -> Any:
+        return fetch(x) if x == 2 else x
+
+    async with offloop.ThreadPool(2, name="map-coroutine") as pool:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for r in pool.map(forgot_await, range(5), chunksize=1):
+                seen.append(r)
+
+        with pytest.raises(TypeError, match="returned a coroutine instead of a result"):
+            await consume()
+        assert seen == [0, 1]

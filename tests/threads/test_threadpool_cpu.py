@@ -459,3 +459,48 @@ async def test_a_module_c_function_found_waiting_takes_threads_at_once() -> None
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+async def test_lowering_max_workers_holds_the_running_calls_to_it(
+    two_slots: None, monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+) -> None:
+    # Calls that wait hold no CPU slot, so only max_workers bounds them: the
+    # threads left above a lowered bound (idle, or busy with a call) must not
+    # take new calls, or a pool sized to a driver's connections overruns it.
+    measure_as(monkeypatch, computing=False)
+    first, started = threading.Event(), list[int]()
+    async with offloop.ThreadPool(3, name="lowered") as pool:
+        warm = [pool.run(gated(first, started), i) for i in range(3)]
+        await await_until(lambda: pool.statistics()["running"] == 3, WAIT, "three calls to run")
+        first.set()
+        await asyncio.wait_for(asyncio.gather(*warm), WAIT)
+        assert pool.statistics()["idle"] == 3
+        pool.max_workers = 1
+        await await_until(
+            lambda: pool.statistics()["threads"] == 1, WAIT, "the idle threads above it to end"
+        )
+        second, started = threading.Event(), []
+        busy = [pool.run(gated(second, started), i) for i in range(3)]
+        await await_until(lambda: started == [0], WAIT, "the first call to start")
+        await rebalances(REBALANCES)
+        stats = pool.statistics()
+        assert (stats["running"], stats["queued"], stats["threads"]) == (1, 2, 1)
+        second.set()
+        assert await asyncio.wait_for(asyncio.gather(*busy), WAIT) == [0, 1, 2]
+
+        # Lowered while its threads are busy: each ends as its call ends, and
+        # the calls queued meanwhile then run one at a time.
+        pool.max_workers = 3
+        third, fourth, started = threading.Event(), threading.Event(), []
+        running = [pool.run(gated(third, started), i) for i in range(3)]
+        await await_until(lambda: pool.statistics()["running"] == 3, WAIT, "three calls to run")
+        queued = [pool.run(gated(fourth, started), i) for i in range(3, 6)]
+        pool.max_workers = 1
+        third.set()
+        await asyncio.wait_for(asyncio.gather(*running), WAIT)
+        await await_until(lambda: len(started) == 4, WAIT, "one queued call to start")
+        await rebalances(REBALANCES)
+        stats = pool.statistics()
+        assert (stats["running"], stats["queued"], stats["threads"]) == (1, 2, 1)
+        fourth.set()
+        assert await asyncio.wait_for(asyncio.gather(*queued), WAIT) == [3, 4, 5]

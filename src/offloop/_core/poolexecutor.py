@@ -28,14 +28,19 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final, ParamSpec, Protocol, TypeVar
 
+from .errors import WouldDeadlockError
 from .offload import DeferredCancel, OffloadFuture, deliverable, loop_local
+from .token import thread_state
 from .validate import check_sync_callable
 
 __all__ = ["ExecutorPool", "PoolExecutorView", "shut_views_of"]
 
 _get_running_loop: Final = asyncio._get_running_loop
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ExecutorPool(Protocol):
@@ -93,7 +98,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         """The pool the calls run in."""
         return self._pool
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[R]:
         """Run ``fn(*args, **kwargs)`` in the pool; return a ``concurrent.futures.Future``.
 
         Cancelling the future cancels the call: a queued call never runs, a
@@ -106,19 +111,22 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         # asyncio.to_thread() sends partial(context.run, fn, *args): a thread
         # pool copies the same context itself (and then logs and names fn, not
         # the partial); a process pool could not pickle a Context.
+        target: Callable[..., Any] = fn
+        call_args: tuple[Any, ...] = args
+        call_kwargs: dict[str, Any] = kwargs
         if (
-            type(fn) is functools.partial
-            and getattr(fn.func, "__name__", None) == "run"
-            and isinstance(getattr(fn.func, "__self__", None), contextvars.Context)
-            and fn.args
+            type(target) is functools.partial
+            and getattr(target.func, "__name__", None) == "run"
+            and isinstance(getattr(target.func, "__self__", None), contextvars.Context)
+            and target.args
         ):
-            wrapped: functools.partial[Any] = fn
-            fn, args = wrapped.args[0], (*wrapped.args[1:], *args)
-            kwargs = {**wrapped.keywords, **kwargs}
+            wrapped: functools.partial[Any] = target
+            target, call_args = wrapped.args[0], (*wrapped.args[1:], *args)
+            call_kwargs = {**wrapped.keywords, **kwargs}
         # Here, not only in the pool's run(): raised to the caller as documented,
         # before a plain thread's submit starts the view's loop thread.
-        check_sync_callable(fn, f"{self._pool.name!r} executor's submit()", "offloop.to_loop()")
-        future: cf.Future[Any] = cf.Future()
+        check_sync_callable(target, f"{self._pool.name!r} executor's submit()", "offloop.to_loop()")
+        future: cf.Future[R] = cf.Future()
         with self._lock:
             shut = self._shut
             if not shut:
@@ -131,9 +139,11 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         loop = _get_running_loop()
         try:
             if loop is not None:
-                self._start(future, fn, args, kwargs)
+                self._start(future, target, call_args, call_kwargs)
             else:
-                self._driving().call_soon_threadsafe(self._start, future, fn, args, kwargs)
+                self._driving().call_soon_threadsafe(
+                    self._start, future, target, call_args, call_kwargs
+                )
         except BaseException:
             self._forget(future)
             raise
@@ -146,7 +156,19 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         never runs, a running one gets its stop token set) instead of waiting
         for it. A view that owns its pool closes it afterwards. Calling it
         again is allowed.
+
+        Raises:
+            WouldDeadlockError: ``wait`` (without ``cancel_futures``) in one of
+                the view's own calls: it would wait for itself (checked before
+                anything is shut down).
         """
+        if wait and not cancel_futures and self._own_call():
+            raise WouldDeadlockError(
+                f"{self!r}.shutdown(wait=True) was called from one of the view's own calls. "
+                f"It waits until every call of the view has ended, this one included, so it "
+                f"would wait forever. Call shutdown(wait=False) here, or shut the view down "
+                f"from outside its calls."
+            )
         with self._lock:
             self._shut = True
             outstanding = list(self._outstanding)
@@ -186,24 +208,10 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             future.set_running_or_notify_cancel()  # see cancel_call
             return
 
-        def deliver(call: OffloadFuture[Any]) -> None:  # in the thread that ends the call
-            # The future is thread-safe: completing it here wakes its awaiter
-            # (run_in_executor's wrap_future) with one hop to the loop, as a
-            # ThreadPoolExecutor's worker does, and reaches a loop thread that
-            # blocks on it. It stays PENDING until now, so it ends exactly
-            # once: a set_*() that loses to a cancel() raises InvalidStateError.
-            self._forget(future)
-            error = call._error
-            with contextlib.suppress(cf.InvalidStateError):
-                if error is None:
-                    future.set_result(call._value)
-                elif type(error) is DeferredCancel:
-                    future.cancel()  # cancelled already: only the view cancels the call
-                else:
-                    future.set_exception(deliverable(call, error))
-
         local = loop_local
-        local.sink = deliver  # the pool's run() gives it to the call it creates
+        # The pool's run() gives it to the call it creates. A partial of a
+        # method, so that shutdown() can tell a call of this view (_own_call).
+        local.sink = functools.partial(self._deliver, future)
         try:
             call = self._pool.run(fn, *args, **kwargs)
         except BaseException as exc:
@@ -232,6 +240,29 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
                 self._forget(done)
 
         future.add_done_callback(cancel_call)
+
+    def _deliver(self, future: cf.Future[Any], call: OffloadFuture[Any]) -> None:
+        # In the thread that ends the call. The future is thread-safe:
+        # completing it here wakes its awaiter (run_in_executor's wrap_future)
+        # with one hop to the loop, as a ThreadPoolExecutor's worker does, and
+        # reaches a loop thread that blocks on it. It stays PENDING until now,
+        # so it ends exactly once: a set_*() that loses to a cancel() raises
+        # InvalidStateError.
+        self._forget(future)
+        error = call._error
+        with contextlib.suppress(cf.InvalidStateError):
+            if error is None:
+                future.set_result(call._value)
+            elif type(error) is DeferredCancel:
+                future.cancel()  # cancelled already: only the view cancels the call
+            else:
+                future.set_exception(deliverable(call, error))
+
+    def _own_call(self) -> bool:
+        # Whether this thread runs one of this view's calls (a pool worker's
+        # current call, whose sink is this view's _deliver).
+        sink = getattr(thread_state.call, "_sink", None)
+        return isinstance(sink, functools.partial) and getattr(sink.func, "__self__", None) is self
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._lock:

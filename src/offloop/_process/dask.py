@@ -436,7 +436,15 @@ class DaskPool(DaskCounters, PoolContext):
                 with contextlib.suppress(Exception):
                     await client.cancel([future])
         except BaseException as exc:  # the call's outcome, whatever it is
-            value = translate(self._named(), self._distributed, call.fn, exc, future, client)
+            value = translate(
+                self._named(),
+                self._distributed,
+                call.fn,
+                exc,
+                future,
+                client,
+                own_client=self._owns_client,
+            )
         finally:
             call._data = call._deps = None
             self._tasks.pop(call, None)
@@ -467,8 +475,17 @@ class DaskPool(DaskCounters, PoolContext):
             call._channel.post(call)
 
     async def _connected(self) -> Any:
-        if self._client is not None:
-            return self._client
+        client = self._client
+        if client is not None:
+            if not (self._owns_client and client.status in ("closing", "closed")):
+                return client
+            # The pool's own client gave up on a scheduler that went away
+            # (distributed closes it after failing to reconnect for its
+            # timeout). The pool is open: connect again, as after a first
+            # connection that failed; a ConnectionError names the address if
+            # no scheduler answers there. What it scattered went with it.
+            self._client = self._connecting = None
+            self._scattered.clear()
         # One connection for concurrent first calls: they all await the same future.
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open_client())

@@ -174,11 +174,18 @@ class ScatterCache:
                     raise ValueError(
                         f"DaskPool.run() got {value!r}, a reference made by another Dask "
                         f"client than the pool's ({value.client!r}). Send the object with "
-                        f"the pool's own 'await pool.scatter(obj)' instead."
+                        f"the pool's own 'await pool.scatter(obj)' instead (again, if it came "
+                        f"from pool.scatter() before the pool reconnected to its scheduler: "
+                        f"the scheduler's copy is gone)."
                     )
                 out.append(value)
                 continue
             entry = self._entries.pop(id(value), None)
+            if entry is not None and _lost(entry[1], client):
+                # Scattered by a client since closed, or lost by the cluster
+                # (a scheduler that restarted): a task naming it would fail.
+                self._bytes -= len(value)
+                entry = None
             if entry is None:
                 entry = (value, asyncio.ensure_future(_scatter(client, value)))
                 self._bytes += len(value)
@@ -211,6 +218,14 @@ class ScatterCache:
             key = next(iter(entries))
             value, _ = entries.pop(key)
             self._bytes -= len(value)
+
+
+def _lost(scatter: asyncio.Future[Any], client: Any) -> bool:
+    # Whether a finished scatter's reference is no use to ``client`` any more.
+    if not scatter.done() or scatter.cancelled() or scatter.exception() is not None:
+        return False
+    reference = scatter.result()
+    return reference.client is not client or reference.status != "finished"
 
 
 async def _scatter(client: Any, value: bytes) -> Any:

@@ -1,9 +1,10 @@
 """How a DaskPool call's failures reach its awaiter: Dask's errors in offloop's terms.
 
-Dask reports a result that cannot be pickled, workers that kept dying and a
-closed client with its own exceptions, whose messages name neither the call
-nor what to do. These functions turn them into :class:`NotPicklableError`,
-:class:`WorkerCrashed` and :class:`PoolClosedError` with the original as
+Dask reports a result that cannot be pickled, workers that kept dying, a
+closed client and a lost scheduler with its own exceptions, whose messages
+name neither the call nor what to do. These functions turn them into
+:class:`NotPicklableError`, :class:`WorkerCrashed`, :class:`PoolClosedError`
+and ``ConnectionError`` with the original as
 ``__cause__``; any other exception (the function's own) passes unchanged.
 ``named`` is how the pool names itself in messages (``DaskPool 'tcp://...'``).
 """
@@ -27,13 +28,28 @@ def translate(
     exc: BaseException,
     future: Any,
     client: Any,
+    *,
+    own_client: bool = False,
 ) -> BaseException:
-    """The error the awaiter of ``fn``'s call gets for ``exc``, raised while it ran on Dask."""
+    """The error the awaiter of ``fn``'s call gets for ``exc``, raised while it ran on Dask.
+
+    ``own_client``: ``client`` is one the pool opened, which nobody else
+    closes or cancels tasks of; its calls fail this way only when the
+    scheduler went away.
+    """
     original = exc  # isinstance() against distributed's classes (Any) would untype exc
-    if isinstance(exc, TypeError) and future is not None and future.status == "finished":
+    gone = (distributed.client.ClosedClientError, distributed.client.FutureCancelledError)
+    if own_client and isinstance(exc, gone) and client is not None and client.status != "running":
+        error: BaseException = ConnectionError(
+            f"{named}: the connection to the Dask scheduler was lost while {describe(fn)} "
+            f"ran or waited there, so its outcome is lost. The pool's client tries to "
+            f"reconnect for connect_timeout seconds; a later call uses it again, or connects "
+            f"anew (a ConnectionError names the address if no scheduler answers)."
+        )
+    elif isinstance(exc, TypeError) and future is not None and future.status == "finished":
         # A task that finished but whose result would not come back: it
         # cannot be pickled (Dask says so in a TypeError).
-        error: BaseException = NotPicklableError(
+        error = NotPicklableError(
             f"{named}: {describe(fn)} ran on a Dask worker, but its result "
             f"cannot be pickled to send it back ({last_line(exc)}). Return plain data "
             f"instead (e.g. a path instead of an open file)."
@@ -48,10 +64,7 @@ def translate(
         client is not None and client.status not in ("closing", "closed")
     ):
         return original  # cancelled on the cluster by someone else: Dask's own error says so
-    elif isinstance(
-        exc,
-        (distributed.client.ClosedClientError, distributed.client.FutureCancelledError),
-    ):
+    elif isinstance(exc, gone):
         error = client_closed(named, fn)
     else:
         return original

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.context import BaseContext
 from typing import Any, Final, ParamSpec, TypeVar, final
 
+from .._core.cpus import available_cpus
 from .._core.errors import PoolClosedError
 from .._core.offload import ABANDONED, QUEUED, RUNNING, SKIPPED, OffloadFuture, new_call
 from .._core.offload import running_loop as _running_loop
@@ -113,7 +114,8 @@ class ProcessPool(WorkerSet, PoolContext):
     interpreter exit has its workers killed by an exit hook, without a warning.
 
     Args:
-        max_workers: the most processes at once (default ``os.cpu_count()``).
+        max_workers: the most processes at once (default: the CPUs this process may
+            run on, ``os.sched_getaffinity``, else ``os.cpu_count()``).
         kill_on_cancel: when the awaiting task is cancelled (or a
             ``wait_for`` times out), kill the worker running the call and start
             a new one. Default ``False``: the call is abandoned, the worker
@@ -189,7 +191,7 @@ class ProcessPool(WorkerSet, PoolContext):
             )
         super().__init__(
             name or f"pool{next(_pool_numbers)}",
-            max_workers or os.cpu_count() or 1,
+            max_workers or available_cpus(),
             mp_context,
             init,
             max_tasks_per_worker,
@@ -543,7 +545,7 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 def default_process_pool() -> ProcessPool:
-    """The process-wide pool behind :func:`to_process`, sized to ``os.cpu_count()``.
+    """The process-wide pool behind :func:`to_process`, one process per CPU it may use.
 
     Read its :meth:`~ProcessPool.statistics`, or size it::
 
@@ -561,9 +563,9 @@ def to_process(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Offl
         result = fn(*args, **kwargs)
         result = await offloop.to_process(fn, *args, **kwargs)
 
-    The pool has ``os.cpu_count()`` worker processes, started on first use and
-    stopped at interpreter exit. See :class:`ProcessPool` for pickling,
-    crashes and cancellation.
+    The pool has one worker process per CPU this process may run on, started
+    on first use and stopped at interpreter exit. See :class:`ProcessPool`
+    for pickling, crashes and cancellation.
 
     Raises:
         TypeError: ``fn`` is not callable, or is a coroutine or generator function.

@@ -9,6 +9,7 @@ run once, as cron does). The plan works in wall-clock seconds
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any, Final
 
@@ -19,9 +20,18 @@ from .schedule import MISSED_AFTER, Clock, ScheduledService, WallClock
 
 __all__ = ["CronPlan", "make_cron"]
 
-#: How many due times ``reached`` walks after a long sleep before it stops counting:
-#: a per-minute schedule asleep for a week has about 10,000.
-COUNT_LIMIT: Final = 100_000
+#: How many missed due times ``count`` walks after a long sleep before it stops
+#: counting and reports "at least" that many: a per-minute schedule asleep for a
+#: week has about 10,000, for a year about 525,000. A wall clock that jumps by
+#: decades (a board without a battery-backed clock, set by NTP after boot) would
+#: otherwise keep the scheduler counting for minutes before its next sleep.
+COUNT_LIMIT = 1_000_000
+
+#: ``count`` gives the loop back after this many due times: each costs some
+#: microseconds of cronsim and time-zone arithmetic (more in local time, whose
+#: tzinfo is Python code), so a slice holds the loop for milliseconds, however
+#: long the machine slept.
+COUNT_SLICE: Final = 250
 
 
 _EPOCH: Final = dt.datetime(1970, 1, 1)
@@ -87,16 +97,41 @@ class CronPlan:
                 return stamp
         raise AssertionError("cronsim's walk ended")  # pragma: no cover - it is endless
 
-    def reached(self, due: float, now: float) -> tuple[float, int]:
-        latest, passed = due, 0
+    def latest(self, due: float, now: float) -> float:
+        # A bisection on after(), whatever the gap: walking every due time from
+        # `due` to `now` would hold the loop for as long as the machine slept.
+        if self.after(due) > now:
+            return due
+        lo, hi = due, now  # after(lo) <= now < after(hi)
+        # Due times are whole seconds: once hi - lo <= 1, (lo, hi] holds one at
+        # most, and after(lo) is in it (after(hi) is past now); nothing later is
+        # at or before now.
+        while hi - lo > 1.0:
+            mid = (lo + hi) / 2
+            if self.after(mid) <= now:
+                lo = mid
+            else:
+                hi = mid
+        return self.after(lo)
+
+    async def count(self, due: float, latest: float) -> tuple[int, bool]:
+        passed = 0
+        if latest <= due:
+            return passed, True
         for when in self._walk(due):
             stamp = float(when.timestamp())
             if stamp <= due:
                 continue
-            if stamp > now or passed >= COUNT_LIMIT:
+            if stamp > latest:
                 break
-            latest, passed = stamp, passed + 1
-        return latest, passed
+            passed += 1
+            if stamp == latest:
+                break
+            if passed >= COUNT_LIMIT:
+                return passed, False
+            if passed % COUNT_SLICE == 0:
+                await asyncio.sleep(0)  # the loop's turn: see COUNT_SLICE
+        return passed, True
 
     def window(self, due: float) -> float:
         return min(self.after(due) - due, MISSED_AFTER)

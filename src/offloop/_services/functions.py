@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
-import io
 import os
 import sys
 import threading
@@ -34,7 +33,7 @@ from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
 from .._loops.loopthread import LoopThread
 from .base import ServiceInterrupted
-from .lifecycle import LifecycleService, LifecycleState
+from .lifecycle import LifecycleService, LifecycleState, logger
 
 __all__ = [
     "FunctionService",
@@ -42,6 +41,7 @@ __all__ = [
     "TaskService",
     "ThreadService",
     "check_service_function",
+    "describe_task",
     "describe_thread",
     "takes_token",
 ]
@@ -113,6 +113,23 @@ def describe_thread(thread: threading.Thread) -> str:
     return f"thread {thread.name!r}, currently at:\n{stack}"
 
 
+def describe_task(task: asyncio.Task[Any]) -> str:
+    """The task's name and where it is suspended, for the 'abandoned' log line.
+
+    ``Task.get_stack()`` gives the task's outer coroutine only; the frame that
+    swallows the cancellation is down its chain of awaits.
+    """
+    frames = []
+    coro: Any = task.get_coro()
+    while coro is not None and (frame := getattr(coro, "cr_frame", None)) is not None:
+        frames.append((frame, frame.f_lineno))
+        coro = getattr(coro, "cr_await", None)
+    every = traceback.StackSummary.extract(frames)
+    user = [f for f in every if not f.filename.startswith(_MACHINERY)] or every[-1:]
+    stack = "".join(traceback.format_list(user)).rstrip()
+    return f"task {task.get_name()!r}, which ignores its cancellation, currently at:\n{stack}"
+
+
 class FunctionService(LifecycleService):
     """What the function services share: the function, and the lifecycle of its runs.
 
@@ -151,7 +168,7 @@ class TaskService(FunctionService):
         def on_done(t: asyncio.Task[object]) -> None:
             # A cancelled task is a stopped service, not a crash.
             exc = None if t.cancelled() else t.exception()
-            self._finish(done, exc)
+            self._finish(done, exc, cancelled=t.cancelled())
 
         task.add_done_callback(on_done)
         self._ready()
@@ -187,14 +204,21 @@ class TaskService(FunctionService):
         await asyncio.wait({task})
 
     def kill(self) -> list[str]:
-        task = self._task
-        if task is None or task.done():
+        task, done = self._task, self._done
+        if task is None or task.done() or done is None:
             return []
         task.cancel("offloop service killed")
-        self._abandon()
-        out = io.StringIO()
-        task.print_stack(file=out)
-        return [f"task {task.get_name()!r} (it ignores cancellation):\n{out.getvalue().rstrip()}"]
+        # Whether it ignores this cancellation too shows in its next step: most
+        # tasks end there, and one that does is stopped, not abandoned. Judged
+        # after that step (it is queued first), before a cascade's start().
+        task.get_loop().call_soon(self._abandon_if_deaf, task, done)
+        return []
+
+    def _abandon_if_deaf(self, task: asyncio.Task[object], done: asyncio.Future[None]) -> None:
+        if task.done():
+            return  # it honoured the kill: its end, on its way, ends the run
+        self._abandon(done, f"task {task.get_name()!r}")
+        logger.warning("service %r abandoned %s", self.name, describe_task(task))
 
 
 class ThreadService(FunctionService):
@@ -270,9 +294,9 @@ class ThreadService(FunctionService):
         thread, done = self._thread, self._done
         # A finished run's thread may still be alive for a few instructions
         # after handing its outcome to the loop: that is not an abandoned thread.
-        if thread is None or not thread.is_alive() or (done is not None and done.done()):
+        if thread is None or not thread.is_alive() or done is None or done.done():
             return []
-        self._abandon()
+        self._abandon(done, f"thread {thread.name!r}")
         return [describe_thread(thread)]
 
 

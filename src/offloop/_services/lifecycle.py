@@ -12,6 +12,9 @@ its future, ``_ready()`` marks it RUNNING, ``_mark_stopping()`` STOPPING, and
 ``_finish(done, exc)`` ends it; ``_start_failed()`` records a ``start()`` that
 raised. A stale run (one a restart has replaced) may still end late: its
 future is settled but the state, which belongs to the new run, is left alone.
+A run ``kill()`` abandoned (``_abandon()``) is ended at once; when its thread
+or task ends after all, nobody waits for it, so its outcome goes to the log
+(:func:`log_abandoned_end`).
 """
 
 from __future__ import annotations
@@ -19,18 +22,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 import threading
 from typing import ClassVar, Final, Literal
 
 from .base import Service
 
-__all__ = ["JOIN_BOUND", "LifecycleService", "LifecycleState"]
+__all__ = ["JOIN_BOUND", "LifecycleService", "LifecycleState", "log_abandoned_end"]
+
+logger: Final = logging.getLogger("offloop.supervisor")
 
 #: How long the loop may wait for a thread that has signalled its end to return.
 #: It only has to leave its function, so this is never reached in practice.
 JOIN_BOUND: Final = 1.0
 
 Action = Literal["start", "wait"]
+
+
+def log_abandoned_end(
+    service: str, what: str, exc: BaseException | None, *, cancelled: bool = False
+) -> None:
+    """Log how a run ``kill()`` abandoned ended: a crash at ERROR, with its traceback.
+
+    ``what`` names the thread or task (``"thread 'offloop-service-x'"``). The
+    run was ended when it was abandoned and the service may run again since,
+    so this outcome changes nothing; without the log line a late crash
+    would be silent.
+    """
+    if exc is not None:
+        logger.error(
+            "service %r: its abandoned %s ended later with %r", service, what, exc, exc_info=exc
+        )
+        return
+    how = "it was cancelled" if cancelled else "it returned"
+    logger.warning("service %r: its abandoned %s ended later: %s", service, what, how)
 
 
 class LifecycleState(enum.Enum):
@@ -82,6 +107,8 @@ class LifecycleService(Service):
         self._done: asyncio.Future[None] | None = None
         # Settled when the current start() has ended, ready or not (see _start_settled).
         self._starting: asyncio.Future[None] | None = None
+        # The runs kill() abandoned that may still end: their future -> what ran them.
+        self._abandoned: dict[asyncio.Future[None], str] = {}
 
     @property
     def state(self) -> LifecycleState:
@@ -136,9 +163,22 @@ class LifecycleService(Service):
         self._state, self._done = LifecycleState.CRASHED, None
         self._start_ended()
 
-    def _finish(self, done: asyncio.Future[None], exc: BaseException | None = None) -> None:
-        """End the run ``done`` belongs to (call on the loop); a settled run is left as it is."""
+    def _finish(
+        self,
+        done: asyncio.Future[None],
+        exc: BaseException | None = None,
+        *,
+        cancelled: bool = False,
+    ) -> None:
+        """End the run ``done`` belongs to (call on the loop); a settled run is left as it is.
+
+        ``cancelled``: the run ended by a cancellation (``exc`` is then None);
+        it only changes how the late end of an abandoned run is logged.
+        """
         if done.done():
+            what = self._abandoned.pop(done, None)
+            if what is not None:
+                log_abandoned_end(self.name, what, exc, cancelled=cancelled)
             return
         if done is self._done:
             self._state = self._CLEAN_END if exc is None else LifecycleState.CRASHED
@@ -148,15 +188,16 @@ class LifecycleService(Service):
         else:
             done.set_exception(exc)
 
-    def _abandon(self) -> None:
-        """``kill()`` left the run behind (a thread, a task deaf to cancellation): end it now.
+    def _abandon(self, done: asyncio.Future[None], what: str) -> None:
+        """``kill()`` left the run ``done`` behind (``what``: its thread or task): end it now.
 
         A dependent killed by a cascade is started again at once, and
         ``start()`` refuses a service still stopping. The thread or task, if it
-        ever ends, finds its run settled and changes nothing (a stale run).
+        ever ends, finds its run settled and changes nothing but the log.
         """
-        if self._done is not None:
-            self._finish(self._done)
+        if not done.done():
+            self._abandoned[done] = what
+            self._finish(done)
 
     def _finish_threadsafe(self, done: asyncio.Future[None], exc: BaseException | None) -> None:
         """:meth:`_finish` from the run's own thread, as its very last step.

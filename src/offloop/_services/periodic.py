@@ -46,11 +46,13 @@ class EveryPlan:
         # Rounding may put the grid point a hair at or before t: the next one then.
         return due if due > t else due + self.seconds
 
-    def reached(self, due: float, now: float) -> tuple[float, int]:
+    def latest(self, due: float, now: float) -> float:
         k_due, k_now = round((due - self._origin) / self.seconds), self._index(now)
-        if k_now <= k_due:
-            return due, 0
-        return self._origin + k_now * self.seconds, k_now - k_due
+        return due if k_now <= k_due else self._origin + k_now * self.seconds
+
+    async def count(self, due: float, latest: float) -> tuple[int, bool]:
+        # Arithmetic on the grid: exact and at once, however long the gap.
+        return max(round((latest - due) / self.seconds), 0), True
 
     def window(self, due: float) -> float:
         return min(self.seconds, MISSED_AFTER)

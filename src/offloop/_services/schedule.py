@@ -37,8 +37,8 @@ from .._core.errors import OffloopError
 from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
 from .base import ServiceInterrupted
-from .functions import FunctionService, describe_thread
-from .lifecycle import LifecycleState
+from .functions import FunctionService, describe_task, describe_thread
+from .lifecycle import LifecycleState, log_abandoned_end
 
 __all__ = [
     "MISSED_AFTER",
@@ -138,9 +138,19 @@ class Plan(Protocol):
         """How late the run due at ``due`` may start before it counts as missed."""
         ...
 
-    def reached(self, due: float, now: float) -> tuple[float, int]:
-        """The latest due time at or before ``now`` (``due`` at least), and how many come
-        between ``due`` and it (``due`` excluded)."""
+    def latest(self, due: float, now: float) -> float:
+        """The latest due time at or before ``now`` (``due`` if none came after it).
+
+        Called on the loop: it must not walk the due times in between.
+        """
+        ...
+
+    async def count(self, due: float, latest: float) -> tuple[int, bool]:
+        """How many due times come after ``due`` up to ``latest`` (included), and
+        whether that is exact (``False``: at least that many, the count was cut).
+
+        It may take a while after a long sleep: it gives the loop back as it goes.
+        """
         ...
 
     def describe(self) -> str:
@@ -158,11 +168,15 @@ class ScheduleStatus:
             ``None`` while the service is not running.
         runs: runs that ended since the service was added.
         missed: due times that passed without their run on time (the program
-            was blocked or asleep), since the service was added.
+            was blocked or asleep), since the service was added. At least this
+            many if ``missed_exact`` is ``False``.
         overlapped: due times that found the previous run still going and were
             skipped (``overlap="skip"``) or folded into one queued run.
         last_duration: seconds the last finished run took, or ``None``.
         last_error: the exception the last run raised, or ``None`` if it returned.
+        missed_exact: ``False`` once a count of missed runs was cut short: after
+            the machine slept (or its clock jumped) past a million due times of
+            a cron schedule, they are counted up to that bound only.
     """
 
     schedule: str
@@ -172,6 +186,7 @@ class ScheduleStatus:
     overlapped: int
     last_duration: float | None
     last_error: BaseException | None
+    missed_exact: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the error becomes its ``repr``)."""
@@ -184,17 +199,22 @@ class ScheduleStatus:
             "overlapped": self.overlapped,
             "last_duration": self.last_duration,
             "last_error": error,
+            "missed_exact": self.missed_exact,
         }
 
 
 class _Run:
     """One call of the function: its task or thread."""
 
-    __slots__ = ("task", "thread")
+    __slots__ = ("abandoned", "cancelled", "task", "thread")
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         self.thread: threading.Thread | None = None
+        # What kill() abandoned ("thread 'offloop-service-x'"), for the log when it ends.
+        self.abandoned: str | None = None
+        # It ended by a cancellation as the service stopped.
+        self.cancelled = False
 
 
 class ScheduledService(FunctionService):
@@ -232,6 +252,7 @@ class ScheduledService(FunctionService):
         # Why the current service run is ending: None while it goes on.
         self._ending: list[BaseException | None] | None = None
         self._count = self._missed = self._overlapped = 0
+        self._missed_exact = True
         self._last_duration: float | None = None
         self._last_error: BaseException | None = None
 
@@ -253,6 +274,7 @@ class ScheduledService(FunctionService):
             self._overlapped,
             self._last_duration,
             self._last_error,
+            missed_exact=self._missed_exact,
         )
 
     # -- the service's run -----------------------------------------------------------------
@@ -277,20 +299,33 @@ class ScheduledService(FunctionService):
 
     def kill(self) -> list[str]:
         self._wind_down(None)
-        # _wind_down cancelled the tasks again; what is still going on is abandoned:
-        # the service's run ends without it (start() may follow at once, in a
-        # cascade), and _run_ended ignores it if it ever ends.
+        # What is still going on is abandoned: the service's run ends without it
+        # (start() may follow at once, in a cascade), and _run_ended only logs
+        # its end. A thread is abandoned now; a task, which _wind_down just
+        # cancelled again, once it had the step in which it may honour that.
         abandoned = []
+        tasks = False
         for run in list(self._runs):
             if run.thread is not None and run.thread.is_alive():
                 abandoned.append(describe_thread(run.thread))
+                self._drop(run, f"thread {run.thread.name!r}")
             elif run.task is not None and not run.task.done():
-                abandoned.append(f"task {run.task.get_name()!r} (it ignores cancellation)")
-            else:
-                continue  # ended: its outcome is on its way to the loop
-            self._runs.discard(run)
+                tasks = True
+        if tasks:
+            asyncio.get_running_loop().call_soon(self._abandon_deaf_tasks)
         self._finish_if_idle()
         return abandoned
+
+    def _drop(self, run: _Run, what: str) -> None:
+        run.abandoned = what
+        self._runs.discard(run)
+
+    def _abandon_deaf_tasks(self) -> None:
+        for run in list(self._runs):
+            if run.task is not None and not run.task.done():
+                self._drop(run, f"task {run.task.get_name()!r}")
+                logger.warning("service %r abandoned %s", self.name, describe_task(run.task))
+        self._finish_if_idle()
 
     def _wind_down(self, error: BaseException | None) -> None:
         """End the service's run: no new runs; stop those going on; finish once they ended."""
@@ -332,22 +367,17 @@ class ScheduledService(FunctionService):
                 await clock.sleep_until(due + delay)
                 now = max(clock.now(), due)
                 nxt = plan.after(now)
-                # The latest due time already reached, and how many came before it.
-                latest, passed = plan.reached(due, now)
+                self._next = clock.to_wall(nxt)
+                # The latest due time already reached: it runs if it is on time.
+                latest = plan.latest(due, now)
                 on_time = now - latest <= plan.window(latest) + delay
-                missed = passed + (0 if on_time else 1)
-                if missed:
-                    self._missed += missed
-                    catch_up = not on_time and self.missed == "run_once"
-                    logger.warning(
-                        "service %r missed %d run(s) of %s (the program was blocked or asleep)%s",
-                        self.name,
-                        missed,
-                        plan.describe(),
-                        "; running once now to make up" if catch_up else "",
-                    )
                 if on_time or self.missed == "run_once":
                     self._launch()
+                # Counted once the run is launched: after a long sleep the count
+                # takes a while (it gives the loop back as it goes), and the run
+                # due now does not wait for it.
+                passed, exact = await plan.count(due, latest)
+                self._note_missed(passed + (0 if on_time else 1), exact, on_time)
                 due = nxt
         except Exception as e:  # a plan that failed (a bug): the service's run crashes
             if self._ending is None:
@@ -357,6 +387,32 @@ class ScheduledService(FunctionService):
             self._next = None
             if self._ending is None:
                 self._ending = [None]
+
+    def _note_missed(self, missed: int, exact: bool, on_time: bool) -> None:
+        if not missed:
+            return
+        self._missed += missed
+        catch_up = (
+            "; running once now to make up" if not on_time and self.missed == "run_once" else ""
+        )
+        if exact:
+            logger.warning(
+                "service %r missed %d run(s) of %s (the program was blocked or asleep)%s",
+                self.name,
+                missed,
+                self.plan.describe(),
+                catch_up,
+            )
+            return
+        self._missed_exact = False
+        logger.warning(
+            "service %r missed at least %d run(s) of %s (the program was blocked or asleep; "
+            "the count stops there)%s",
+            self.name,
+            missed,
+            self.plan.describe(),
+            catch_up,
+        )
 
     # -- one run ---------------------------------------------------------------------------
 
@@ -392,6 +448,7 @@ class ScheduledService(FunctionService):
             assert inspect.isawaitable(result)
             await result
         except asyncio.CancelledError:
+            run.cancelled = True
             if self._ending is None:  # cancelled by the function itself: a crash
                 error = OffloopError(f"A run of service {self.name!r} was cancelled.")
         except KeyboardInterrupt as e:
@@ -439,7 +496,10 @@ class ScheduledService(FunctionService):
 
     def _run_ended(self, run: _Run, took: float, error: BaseException | None) -> None:
         if run not in self._runs:
-            return  # abandoned by kill(): the service's run it belonged to has ended
+            # Abandoned by kill(): the service's run it belonged to has ended.
+            if run.abandoned is not None:
+                log_abandoned_end(self.name, run.abandoned, error, cancelled=run.cancelled)
+            return
         self._runs.discard(run)
         self._count += 1
         self._last_duration, self._last_error = took, error

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Coroutine, Mapping
 from typing import Any, Final, Protocol
 
@@ -255,12 +256,21 @@ class Cascade:
 def parked_message(path: list[Supervised]) -> str:
     """Why the start fails: ``path`` (from :meth:`Cascade.parked_behind`) ends parked."""
     waiter, parked = path[0], path[-1]
-    error = parked.last_error
-    crashed = "crashed" if error is None else f"crashed ({error!r})"
-    how = f"{crashed} during the supervisor's start and never restarts, because its backoff is "
+    error = parked.parked_after
+    if error is None:  # only restart="always" restarts a run that returned
+        ended = "returned (restart='always') during the supervisor's start and is not started again"
+    else:
+        ended = f"crashed ({error!r}) during the supervisor's start and never restarts"
+    if math.isinf(parked.policy.backoff):
+        why, setting = "its backoff is infinite", "backoff"
+    else:
+        # A finite backoff doubles past the largest float (RestartPolicy.delay)
+        # only under an infinite max_backoff, which is then what to change.
+        why, setting = "its backoff/max_backoff make its restart delay infinite", "max_backoff"
+    how = f"{ended}, because {why}."
     if len(path) == 1:
         return (
-            f"Service {waiter.name!r} cannot start: it {how}infinite. Give it a finite backoff "
+            f"Service {waiter.name!r} cannot start: it {how} Give it a finite {setting} "
             f"so that it restarts."
         )
     drop = f"drop the dependency on {parked.name!r}"
@@ -272,8 +282,8 @@ def parked_message(path: list[Supervised]) -> str:
     else:
         whose = f"its dependency {path[1].name!r} waits for {parked.name!r}, which"
     return (
-        f"Service {waiter.name!r} cannot start: {whose} {how}infinite. Give {parked.name!r} "
-        f"a finite backoff, or {drop}."
+        f"Service {waiter.name!r} cannot start: {whose} {how} Give {parked.name!r} "
+        f"a finite {setting}, or {drop}."
     )
 
 

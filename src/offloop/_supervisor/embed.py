@@ -180,10 +180,21 @@ class Embedding:
         except RuntimeError:
             loop = None
         if loop is not self.sv._loop:
+            # serve() is awaited to wait for the services, aclose() to stop them:
+            # each gets the way out that does what its caller wanted.
+            if action == "serve":
+                way_out = (
+                    "Await serve() on the loop that started it; from another loop, await "
+                    "sv.wait_ready() and stop it with sv.stop() (thread-safe)."
+                )
+            else:
+                way_out = (
+                    f"Await {action}() on that loop, or call sv.stop() (thread-safe) to stop "
+                    f"it from here."
+                )
             raise RuntimeError(
                 f"{action}() of {self.sv!r} was called from another event loop (or thread) than "
-                f"the one it runs on; await it on that loop, or call sv.stop() (thread-safe) "
-                f"to stop it from here."
+                f"the one it runs on. {way_out}"
             )
 
     def _illegal(self, action: str) -> str:

@@ -84,6 +84,17 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
     ),
     "%s: service %r abandoned %s": ("abandoned", ("supervisor", "service", "what"), {}),
     "abandoned task %s, which ignores cancellation": ("abandoned", ("task",), {}),
+    "service %r abandoned %s": ("abandoned", ("service", "what"), {}),
+    "service %r: its abandoned %s ended later with %r": (
+        "abandoned",
+        ("service", "what", "error"),
+        {"state": "ended"},
+    ),
+    "service %r: its abandoned %s ended later: %s": (
+        "abandoned",
+        ("service", "what", "outcome"),
+        {"state": "ended"},
+    ),
     "offloop: %s in thread %s of pool %r is still running %s and was abandoned; "
     "it cannot be stopped from outside. Poll offloop.current_token() in long "
     "functions so they can stop when asked.": (
@@ -95,6 +106,12 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         "missed",
         ("service", "missed", "schedule", "note"),
         {},
+    ),
+    "service %r missed at least %d run(s) of %s (the program was blocked or asleep; "
+    "the count stops there)%s": (
+        "missed",
+        ("service", "missed", "schedule", "note"),
+        {"count": "at least"},
     ),
 }
 

@@ -17,7 +17,9 @@ Families:
   ``offloop_service_dependency_restarts_total{supervisor,service}`` (restarts
   with a dependency, see :mod:`.cascade`);
 - per pool (``pool``, ``kind`` = ``thread``, ``process`` or ``dask``), every
-  open pool of the process from the registry of ``_core/registry.py``:
+  open pool of the process from the registry of ``_core/registry.py``; the
+  ``pool`` label is the pool's name, suffixed ``#2``, ``#3``... for a pool
+  opened while another of its kind held that name (``registry.label_of``):
   ``offloop_pool_workers`` (not for ``dask``: the cluster sizes itself),
   ``offloop_pool_queued``, ``offloop_pool_running`` (gauges) and
   ``offloop_pool_calls_total{outcome=completed|failed|cancelled}``;
@@ -41,7 +43,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from .._core.registry import MeteredPool, live_pools
+from .._core.registry import MeteredPool, label_of, live_pools
 from .health import LAG_BUCKETS
 from .status import ServiceState, SupervisorState
 
@@ -85,8 +87,8 @@ _Pool = tuple[str, str, dict[str, Any], MeteredPool]
 
 
 def _pools() -> list[_Pool]:
-    """Every open pool of this process: (name, kind, statistics, pool)."""
-    return [(p.name, p._kind, dict(p.statistics()), p) for p in live_pools()]
+    """Every open pool of this process: (label, kind, statistics, pool)."""
+    return [(label_of(p), p._kind, dict(p.statistics()), p) for p in live_pools()]
 
 
 def _histogram(

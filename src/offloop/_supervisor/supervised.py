@@ -89,6 +89,8 @@ class Supervised:
         self.waiting_for: tuple[str, ...] = ()
         # True while it sleeps out an infinite backoff: it never comes back by itself.
         self.parked = False
+        # How the run before the last park ended: its error, or None when it returned.
+        self.parked_after: BaseException | None = None
         # Restarts caused by a dependency's: not in 'restarts', nor its budget.
         self.dependency_restarts = 0
         # Set while a dependency's restart is stopping it: a shutdown waits for that stop.
@@ -149,6 +151,11 @@ class Supervised:
         """Run the service until it ends for good: start, wait, apply the restart policy."""
         loop = asyncio.get_running_loop()
         sv, svc = self.supervisor.name, self.service
+        # Only the first run has a window. A run that ended with its task
+        # cancelled (killed in a cascade) never reached the line below that
+        # closes it: a new task is a new run, whose start() or crash must not be
+        # judged as the first run's.
+        self.startup_until = None
         # Its dependencies were ready when this task was made, but one may have
         # been restarted by its policy since: the cascade does not stop a service
         # that has not begun, so it waits here, and begins in the same step.
@@ -266,7 +273,7 @@ class Supervised:
                     self.name,
                     upcoming,
                 )
-                self.parked = True
+                self.parked, self.parked_after = True, crash
                 try:
                     # A start waiting for it would wait for ever: it fails instead.
                     self.supervisor._check_start()

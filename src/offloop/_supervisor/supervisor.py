@@ -502,7 +502,7 @@ class Supervisor(HostLifecycle, Registration):
         if path is not None and not self._shutting_down():
             e = path[0]
             e.end(_ST.FAILED)
-            self._failed(e, parked_message(path), path[-1].last_error)
+            self._failed(e, parked_message(path), path[-1].parked_after)
 
     def _ready_again(self, e: Supervised) -> None:
         self._cascade.ready_again(e)

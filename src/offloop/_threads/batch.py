@@ -22,7 +22,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from types import TracebackType
+from types import CoroutineType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from .._core.errors import CallerGoneError, PoolClosedError
@@ -32,7 +32,7 @@ from .._core.validate import describe
 if TYPE_CHECKING:
     from .._core.offload import OffloadFuture
 
-__all__ = ["MapResults"]
+__all__ = ["MapResults", "crossable"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -67,7 +67,14 @@ def _run_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> Outcome:
         for item in chunk:
             if token is not None and token.is_set():
                 return results, _stopped(fn, token.reason), time.monotonic() - start
-            results.append(fn(item))
+            result = fn(item)
+            if type(result) is CoroutineType:  # refused, as a single call refuses it
+                result.close()
+                raise TypeError(
+                    f"{describe(fn)} returned a coroutine instead of a result, so it is "
+                    f"async code: 'await' it directly, or gather the coroutines."
+                )
+            results.append(result)
     except BaseException as exc:  # delivered in its place, like a single call's
         return results, exc, time.monotonic() - start
     return results, None, time.monotonic() - start
@@ -82,6 +89,24 @@ def _stopped(fn: Callable[[Any], Any], reason: str | None) -> BaseException:
             f"run were skipped. Close the pool after the map() is done."
         )
     return CallerGoneError(f"map() of {describe(fn)} was stopped ({reason!r}).")
+
+
+def crossable(error: BaseException, who: str) -> BaseException:
+    """What ``__anext__`` raises for ``error``, raised by ``who`` (a function, a source).
+
+    Raised as it is, StopAsyncIteration would end the consumer's ``async for``
+    as if every item were done, and StopIteration would become a bare
+    "coroutine raised StopIteration". So, as in an async generator (PEP 479),
+    either becomes a RuntimeError caused by it.
+    """
+    if not isinstance(error, (StopIteration, StopAsyncIteration)):
+        return error
+    wrapped = RuntimeError(
+        f"{who} raised {type(error).__name__}, which would end the 'async for' as if every "
+        f"item were done; catch it there, or raise another exception."
+    )
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -132,7 +157,7 @@ class MapResults(AsyncIterator[R], Generic[R]):
                 self._error = None
                 self._stop()
                 try:
-                    raise error
+                    raise crossable(error, describe(self._fn))
                 finally:
                     del error
             if self._closed:
@@ -148,7 +173,9 @@ class MapResults(AsyncIterator[R], Generic[R]):
                     self._source_error = None
                     self._stop()
                     try:
-                        raise source_error
+                        raise crossable(
+                            source_error, f"the iterable given to map() of {describe(self._fn)}"
+                        )
                     finally:
                         del source_error
                 self._closed = True
@@ -176,6 +203,8 @@ class MapResults(AsyncIterator[R], Generic[R]):
             future = self._inflight[0]
             if not future.done():
                 await self._first_of((future,))
+                if not self._inflight or self._inflight[0] is not future:
+                    raise StopAsyncIteration  # closed by another task meanwhile
             self._inflight.popleft()
             return future
         done = next((f for f in self._inflight if f.done()), None)
@@ -206,7 +235,16 @@ class MapResults(AsyncIterator[R], Generic[R]):
 
     def _fill(self) -> None:
         while not self._exhausted and len(self._inflight) < self._window:
-            chunk = list(itertools.islice(self._items, self._size))
+            chunk: list[Any] = []
+            try:
+                chunk.extend(itertools.islice(self._items, self._size))
+            except BaseException:
+                # The iterable raised part-way through a chunk: the items it
+                # gave before that still run, and their results come before
+                # the error (__anext__ raises it once they are in).
+                if chunk:
+                    self._inflight.append(self._pool.run(_run_chunk, self._fn, chunk))
+                raise
             if not chunk:
                 self._exhausted = True
                 return

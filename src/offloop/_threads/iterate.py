@@ -21,6 +21,7 @@ from .._core.validate import (
     describe,
     mark_coroutine_function,
 )
+from .batch import crossable
 from .pool import ThreadPool
 from .tothread import default_thread_pool
 
@@ -292,7 +293,7 @@ class ThreadedIterator(AsyncIterator[T]):
         shared.request_stop()
         if kind == _END:
             raise StopAsyncIteration
-        raise value
+        raise crossable(value, f"offloop.iterate()'s source {describe(shared.iterable)}")
 
     async def aclose(self) -> None:
         """Stop the producer and wait until the source's ``finally`` has run.
@@ -367,7 +368,10 @@ def iterate(
     """
     check_positive_int(buffer, "offloop.iterate(buffer=...)", allow_none=False)
     source: object = iterable  # checked at run time whatever the annotation says
-    if not isinstance(source, Iterable):
+    # What iter() takes: __iter__, or the sequence protocol's __getitem__
+    # (which a dict's is not). Not iter() itself: it may block (the worker calls it).
+    sequence = hasattr(type(source), "__getitem__") and not isinstance(source, dict)
+    if not (isinstance(source, Iterable) or sequence):
         if hasattr(source, "__aiter__"):
             raise TypeError(
                 f"offloop.iterate() takes a sync iterable, but got the async iterable "

@@ -332,7 +332,11 @@ class ThreadPoolLifecycle(ThreadPoolView):
             complete_waiter(waiter)
 
     def _thread_exited(self, worker: Worker) -> None:
+        # The worker took a None off the queue: from close(), or one put for
+        # a thread above a lowered max_workers (_retiring).
         with self._lock:
+            if self._retiring > 0:
+                self._retiring -= 1
             self._workers.remove(worker)
             worker.close()
             self._leaving.append(threading.current_thread())
@@ -371,6 +375,7 @@ class ThreadPoolLifecycle(ThreadPoolView):
         self._workers = []
         self._leaving = []
         self._idle = self._backlog = self._running = self._abandoned = self._queued = 0
+        self._retiring = 0
         self._ready = self._waiting = 0
         self._pending = deque()
         self._short = False

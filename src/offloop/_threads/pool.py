@@ -54,7 +54,9 @@ critical sections:
 - ``_idle`` threads wait for a call and are claimed by none; a dispatched
   call claims an idle thread or a new one. ``_backlog`` dispatched calls lost
   the thread they claimed (it failed to start): the next thread that comes
-  free takes them off the queue instead of becoming idle.
+  free takes them off the queue instead of becoming idle. ``_retiring``
+  threads were idle above a lowered ``max_workers`` and have a None on the
+  queue to end them; they count neither as idle nor as claimed.
 - A call cancelled in ``_pending`` leaves it at once; one cancelled on the
   queue stays there, SKIPPED, until the worker that pops it drops it.
 - Every call in ``_gil_calls`` (gil.py) is of a function ``_gil_fns`` knows
@@ -218,6 +220,7 @@ class ThreadPool(ThreadPoolDispatch):
         # each one counts and what stays true between critical sections.
         self._idle = 0
         self._backlog = 0
+        self._retiring = 0
         self._queued = 0
         self._ready = 0
         self._running = 0
@@ -397,7 +400,7 @@ class ThreadPool(ThreadPoolDispatch):
                                 self._leaving.append(threading.current_thread())
                                 return
                         continue
-                if call is None:  # close() puts one None per worker
+                if call is None:  # close() puts one per worker; see also _retiring
                     break
                 # The phase is read under the lock: cancel() and close() change
                 # it under the same lock, so a call is either taken here or
@@ -509,7 +512,11 @@ class ThreadPool(ThreadPoolDispatch):
         # Under _lock, by a worker whose call just ended: take the next pending
         # call if a CPU slot is free, and run it without a trip through the
         # queue. A dispatched call waiting for a thread (_backlog) goes first.
-        if self._backlog > 0 or self._ready + self._running - self._waiting >= self._cpu_slots:
+        if (
+            self._backlog > 0
+            or self._ready + self._running - self._waiting >= self._cpu_slots
+            or len(self._workers) - self._retiring > self._max_workers
+        ):
             return None
         if now - worker.started < GROWTH_PERIOD:
             self._short = True
@@ -541,5 +548,10 @@ class ThreadPool(ThreadPoolDispatch):
         # Called under _lock by a thread that is about to take the next call.
         if self._backlog > 0:
             self._backlog -= 1
+        elif len(self._workers) - self._retiring > self._max_workers and self._state is _OPEN:
+            # Above a lowered max_workers: a thread ends instead of waiting
+            # for calls (this one, or an idle one that takes the None first).
+            self._retiring += 1
+            self._queue.put(None)
         else:
             self._idle += 1

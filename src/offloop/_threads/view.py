@@ -17,7 +17,7 @@ from typing import Any
 
 from .._core.latency import CallHistogram, histogram_snapshot
 from .._core.offload import Channel, OffloadFuture
-from .._core.poolbase import CallCounters, PoolContext
+from .._core.poolbase import CallCounters, PoolContext, PoolState
 from .._core.validate import check_positive_int
 from .gil import GilMemory
 from .workers import Worker
@@ -53,6 +53,7 @@ class ThreadPoolView(PoolContext):
     _wait_seconds: float
     _idle: int
     _backlog: int
+    _retiring: int
     _queued: int
     _ready: int
     _running: int
@@ -82,10 +83,11 @@ class ThreadPoolView(PoolContext):
     def max_workers(self) -> int:
         """The most threads this pool runs at once; settable while it runs.
 
-        Raising it lets pending calls start more threads at the next check;
-        lowering it starts no new thread until fewer run (threads above it
-        end like any other, after 30 s idle). ``cpu_slots`` follows it when
-        it drops below the ``cpu_slots`` setting.
+        Raising it lets pending calls start more threads at the next check.
+        Lowering it ends the idle threads above it at once, and busy ones as
+        their call ends (a running call is never interrupted): no call starts
+        while that many threads or more run. ``cpu_slots`` follows it when it
+        drops below the ``cpu_slots`` setting.
 
         Raises:
             TypeError, ValueError: (on set) not a positive int.
@@ -98,6 +100,15 @@ class ThreadPoolView(PoolContext):
         with self._lock:
             self._max_workers = value
             self._cpu_slots = min(value, self._cpu_slots_setting)
+            if self._state is PoolState.OPEN:
+                # Idle threads above the new bound end now, or they would
+                # take new calls beyond it; busy ones end as their call does
+                # (pool.py, _work). A worker that takes a None exits.
+                surplus = len(self._workers) - self._retiring - value
+                for _ in range(min(surplus, self._idle)):
+                    self._idle -= 1
+                    self._retiring += 1
+                    self._queue.put(None)
 
     @property
     def cpu_slots(self) -> int:

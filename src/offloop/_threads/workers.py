@@ -34,6 +34,8 @@ import time
 from types import BuiltinFunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
+from .._core.cpus import available_cpus
+
 if TYPE_CHECKING:
     from .._core.offload import OffloadFuture
 
@@ -48,12 +50,6 @@ __all__ = [
 ]
 
 
-def _available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may run on
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 #: Default bound on the calls of one pool that run at once while using the
 #: CPU: one more than the CPUs this process may use. With exactly one per CPU
 #: a core idles whenever a computing call waits for the GIL (C code such as
@@ -61,7 +57,7 @@ def _available_cpus() -> int:
 #: that holds it) or is between two calls; one more covers those moments.
 #: Many more would not finish the work sooner, only make the event loop's
 #: thread wait longer for a core and the GIL.
-DEFAULT_CPU_SLOTS: Final = _available_cpus() + 1
+DEFAULT_CPU_SLOTS: Final = available_cpus() + 1
 
 #: Seconds of a call's recent past that decide whether it waits (see Worker.is_waiting).
 WINDOW: Final = 0.05

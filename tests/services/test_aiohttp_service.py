@@ -157,3 +157,114 @@ async def test_under_a_supervisor_and_killed_when_a_handler_hangs() -> None:
     await await_until(lambda: "slow cancelled" in journal, WAIT, "the hung handler to be cancelled")
     assert sv.status()["api"].state == "stopped"
     assert refuses(api.port)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_stop_during_start_waits_for_the_start_then_stops() -> None:
+    # Driven by hand (no supervisor to cancel the start first): stop() must not
+    # return while start() goes on to bring up a server that nobody stops.
+    entered, release = asyncio.Event(), asyncio.Event()
+    journal: list[str] = []
+    app = web.Application()
+
+    async def slow_startup(app: web.Application) -> None:
+        entered.set()
+        await release.wait()
+
+    async def shutdown(app: web.Application) -> None:
+        journal.append("shutdown")
+
+    app.on_startup.append(slow_startup)
+    app.on_shutdown.append(shutdown)
+    svc = AiohttpService(app, port=0, access_log=False)
+    start = asyncio.create_task(svc.start())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    stop = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0)  # stop() has run up to its first wait
+    assert not stop.done()
+    release.set()
+    await asyncio.wait_for(start, WAIT)
+    await asyncio.wait_for(stop, WAIT)
+    assert svc.state.value == "stopped"
+    assert journal == ["shutdown"]
+    assert refuses(svc.port)
+
+
+def _keep_alive_request(port: int) -> socket.socket:
+    """A raw HTTP/1.1 connection that has had one answer and stays open (keep-alive)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"hello aiohttp" not in answer:
+        chunk = sock.recv(4096)
+        assert chunk, answer
+        answer += chunk
+    return sock
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("failing", ["on_shutdown", "on_cleanup"])
+@bounded(20)
+async def test_a_raising_shutdown_or_cleanup_hook_still_ends_the_server(failing: str) -> None:
+    # aiohttp's runner.cleanup() stops at the hook that raised: open connections
+    # stay open (a keep-alive client hangs), and on_cleanup never runs after a
+    # failed on_shutdown (a database pool never closed).
+    journal: list[str] = []
+    app = make_app(journal)
+
+    async def on_shutdown(app: web.Application) -> None:
+        journal.append("on_shutdown")
+        if failing == "on_shutdown" and journal.count("on_shutdown") == 1:
+            raise ValueError("flush failed")
+
+    async def on_cleanup(app: web.Application) -> None:
+        journal.append("on_cleanup")
+        if failing == "on_cleanup" and journal.count("on_cleanup") == 1:
+            raise ValueError("close failed")
+
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    svc = AiohttpService(app, port=0, access_log=False)
+    await svc.start()
+    client = await asyncio.to_thread(_keep_alive_request, svc.port)
+    try:
+        with pytest.raises(ValueError, match=r"^(flush|close) failed$"):
+            await svc.stop()
+        # Every hook ran, once: make_app's own on_cleanup hook appends "cleanup".
+        assert journal == ["startup", "on_shutdown", "cleanup", "on_cleanup"]
+        assert svc.state.value == "stopped"
+        assert await asyncio.to_thread(client.recv, 4096) == b""  # closed by the server
+    finally:
+        client.close()
+    assert refuses(svc.port)
+    await svc.start()  # and it starts again (its hooks do not fail this time)
+    await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_two_stops_at_once_run_the_shutdown_once_and_both_return() -> None:
+    # A program may stop a service from two places (a signal handler and a
+    # finally block); aiohttp's runner.cleanup() must then run only once.
+    journal: list[str] = []
+    app = make_app(journal)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def on_shutdown(app: web.Application) -> None:
+        journal.append("on_shutdown")
+        entered.set()
+        await release.wait()
+
+    app.on_shutdown.append(on_shutdown)
+    svc = AiohttpService(app, port=0, access_log=False)
+    await svc.start()
+    first = asyncio.create_task(svc.stop())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    second = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0)  # the second stop() runs while the first is in its shutdown
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+    assert journal == ["startup", "on_shutdown", "cleanup"]
+    assert svc.state.value == "stopped"
+    assert refuses(svc.port)

@@ -103,6 +103,52 @@ async def test_a_failing_lifespan_shutdown_is_reported_by_wait() -> None:
         await svc.wait()
 
 
+def raw_app(journal: list[str], *, raise_at: str) -> Any:
+    """A plain ASGI app whose lifespan raises (Starlette would send lifespan.*.failed instead)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            raise ConnectionError("no http in this test")
+        while True:
+            message = await receive()
+            phase = message["type"].split(".")[1]  # startup or shutdown
+            journal.append(phase)
+            if phase == raise_at:
+                raise ConnectionError(f"{phase} went wrong")
+            await send({"type": f"lifespan.{phase}.complete"})
+            if phase == "shutdown":
+                return
+
+    return app
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_an_app_raising_in_its_lifespan_startup_is_named_by_start() -> None:
+    # lifespan="on": uvicorn logs the exception and exits(3); the error names it too.
+    journal: list[str] = []
+    svc = ASGIService(raw_app(journal, raise_at="startup"), port=0, lifespan="on", name="api")
+    with pytest.raises(RuntimeError, match=r"could not start: uvicorn gave up") as info:
+        await svc.start()
+    assert journal == ["startup"]
+    assert "lifespan startup failed (ConnectionError: startup went wrong)" in str(info.value)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_an_app_raising_in_its_lifespan_shutdown_is_reported_by_wait() -> None:
+    journal: list[str] = []
+    svc = ASGIService(raw_app(journal, raise_at="shutdown"), port=0, lifespan="on", name="api")
+    await svc.start()
+    await svc.stop()
+    assert journal == ["startup", "shutdown"]
+    # uvicorn logged "Application shutdown failed"; the service must not end as if all went well.
+    with pytest.raises(
+        RuntimeError, match=r"lifespan shutdown failed \(ConnectionError: shutdown went wrong\)"
+    ):
+        await svc.wait()
+
+
 def test_bad_arguments_are_named() -> None:
     app = make_app([])
     with pytest.raises(TypeError, match=r"ASGIService\(app\) needs an ASGI application"):
@@ -230,3 +276,30 @@ async def test_log_level_applies_to_loggers_nobody_configured() -> None:
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_stop_during_start_waits_for_the_start_then_stops() -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+    journal: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        entered.set()
+        await release.wait()
+        yield
+        journal.append("shutdown")
+
+    svc = ASGIService(Starlette(lifespan=lifespan), port=0, access_log=False)
+    start = asyncio.create_task(svc.start())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    stop = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0)  # stop() has run up to its first wait
+    assert not stop.done()
+    release.set()
+    await asyncio.wait_for(start, WAIT)
+    await asyncio.wait_for(stop, WAIT)
+    assert svc.state.value == "stopped"
+    assert journal == ["shutdown"]
+    assert refuses(svc.port)

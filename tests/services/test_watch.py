@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from offloop import Supervisor, WatchService
+from offloop import OffloopError, Supervisor, WatchService
 from tests.helpers import QUICK_WAIT as WAIT
 from tests.helpers import await_until, bounded
 
@@ -334,3 +334,101 @@ async def test_a_relative_folder_still_watched_after_the_program_changes_directo
         assert svc.state.value == "running"  # it used to crash: "'data' was deleted"
     finally:
         await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_folder_reached_through_a_symlink_is_watched(tmp_path: Path) -> None:
+    # A deploy's "current -> releases/42", a home folder on another disk: the
+    # folder is the link's target, and events name paths under the link.
+    real = tmp_path / "releases" / "42"
+    (real / "conf").mkdir(parents=True)
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(link, queue.put_nowait, name="linked")
+    await svc.start()
+    (real / "top.txt").write_text("written through the real path")
+    event = await next_event_for(queue, link / "top.txt", [])
+    assert event.event_type in ("created", "modified")
+    (link / "conf" / "deep.txt").write_text("written through the link, in a sub-folder")
+    await next_event_for(queue, link / "conf" / "deep.txt", [])
+    assert svc.state.value == "running"
+    await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_stop_during_start_waits_for_the_start_then_stops(tmp_path: Path) -> None:
+    svc = WatchService(tmp_path, lambda event: None, name="early")
+    start = asyncio.create_task(svc.start())
+    await asyncio.sleep(0)  # start() now waits for its observer, built in a worker thread
+    assert svc.state.value == "starting"
+    await asyncio.wait_for(svc.stop(), WAIT)
+    await asyncio.wait_for(start, WAIT)
+    assert svc.state.value == "stopped"
+    assert watch_threads() == []  # the observer the start built was stopped too
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("kind", ["async", "plain"])
+@bounded(20)
+async def test_a_handler_raising_system_exit_crashes_the_service_not_the_loop(
+    tmp_path: Path, kind: str
+) -> None:
+    # As in an 'async def' service: SystemExit escaping a task or a callback
+    # would end the event loop at once, skipping every service's stop.
+    def leave(event: Any) -> None:
+        raise SystemExit(3)
+
+    async def async_leave(event: Any) -> None:
+        leave(event)
+
+    svc = WatchService(tmp_path, async_leave if kind == "async" else leave, name="quitter")
+    await svc.start()
+    (tmp_path / "any.txt").write_text("x")
+    with pytest.raises(OffloopError) as info:
+        await asyncio.wait_for(svc.wait(), WAIT)
+    assert str(info.value) == (
+        "The handler of <WatchService 'quitter' running path="
+        f"{str(tmp_path)!r}> raised SystemExit(3), which would have ended the whole event "
+        "loop at once; it counts as a crash of this service."
+    )
+    assert isinstance(info.value.__cause__, SystemExit)
+    assert svc.state.value == "crashed"
+    assert watch_threads() == []
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("kind", ["async", "plain"])
+@bounded(20)
+async def test_a_handler_raising_keyboard_interrupt_stops_the_supervisor_gracefully(
+    tmp_path: Path, kind: str
+) -> None:
+    sv = Supervisor(grace=5)
+    neighbour_stopped = threading.Event()
+
+    @sv.service
+    def neighbour(token: Any) -> None:
+        token.wait()
+        neighbour_stopped.set()
+
+    def interrupt(event: Any) -> None:
+        raise KeyboardInterrupt
+
+    async def async_interrupt(event: Any) -> None:
+        interrupt(event)
+
+    watcher = WatchService(tmp_path, async_interrupt if kind == "async" else interrupt)
+    sv.add(watcher, restart="always")
+
+    async def poke() -> None:
+        await await_until(lambda: watcher.state.value == "running", WAIT, "the watcher")
+        (tmp_path / "any.txt").write_text("x")
+
+    poker = asyncio.create_task(poke())
+    await asyncio.wait_for(sv.serve(), WAIT)  # returns: a stop, not a failure
+    await poker
+    assert neighbour_stopped.is_set()
+    assert sv.status()["watch"].state == "stopped"
+    assert "raised KeyboardInterrupt" in str(sv.status()["watch"].last_error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import http.client
 import logging
 import socket
@@ -157,7 +158,13 @@ async def test_port_in_use_is_a_clear_error_and_the_service_starts_later() -> No
             OSError, match=r"<WSGIService 'web' .*cannot listen on 127\.0\.0\.1:"
         ) as info:
             await svc.start()
-        assert "port=0" in str(info.value)
+        # The address once, as host:port (not also socket's "(while attempting to bind on
+        # address ('127.0.0.1', N))"), then what to do.
+        assert str(info.value).endswith(
+            f"cannot listen on 127.0.0.1:{port}: Address already in use. Stop the program "
+            f"using it, pick another port, or pass port=0 for any free one."
+        )
+        assert info.value.errno == errno.EADDRINUSE
         assert svc.state.value == "crashed"
         with pytest.raises(RuntimeError, match="has not been started"):
             await svc.wait()

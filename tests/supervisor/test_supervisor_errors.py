@@ -368,3 +368,50 @@ async def test_a_service_s_keyboard_interrupt_is_raised_even_if_the_body_caught_
 def test_a_bad_supervisor_name_is_refused(name: object, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         Supervisor(name=name)  # type: ignore[arg-type]
+
+
+class _SyncStop(offloop.Service):
+    """A hand-written service whose stop() is a plain def: the supervisor awaits it."""
+
+    name = "handmade"
+
+    async def start(self) -> None:
+        pass
+
+    async def wait(self) -> None:
+        await asyncio.Event().wait()
+
+    def stop(self) -> None:  # type: ignore[override]
+        pass
+
+
+class _SyncStartAndWait(offloop.Service):
+    name = "handmade"
+
+    def start(self) -> None:  # type: ignore[override]
+        pass
+
+    def wait(self) -> None:  # type: ignore[override]
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("cls", "methods"), [(_SyncStop, "stop()"), (_SyncStartAndWait, "start() and wait()")]
+)
+def test_a_service_whose_methods_are_not_coroutines_is_refused_by_add(
+    cls: type[offloop.Service], methods: str
+) -> None:
+    # Left to run time, a plain stop() made the supervisor's own shutdown raise
+    # "a coroutine was expected, got None", leaving the other services running.
+    sv = Supervisor()
+    with pytest.raises(TypeError) as info:
+        sv.add(cls())
+    assert str(info.value) == (
+        f"Supervisor.add() got <{cls.__name__} 'handmade'>, whose {methods} must be "
+        f"'async def' methods: the supervisor awaits start(), wait() and stop() on its loop "
+        f"(kill() is a plain def)."
+    )
+    assert sv.services == {}

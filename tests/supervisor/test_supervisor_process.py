@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 
 from offloop import NotPicklableError, ServiceFailed, StopToken, Supervisor, WorkerCrashed
 from offloop._process.pickling import RemoteTraceback
-from tests.helpers import WAIT, await_until, bounded
+from tests.helpers import SPAWN_WAIT, WAIT, await_until, bounded, run_script
 
 pytestmark = pytest.mark.usefixtures("resource_tracker")
 
@@ -55,6 +58,25 @@ def deaf_child(path: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _mark(path, "ignoring SIGTERM")
     time.sleep(3600)
+
+
+def forking_child(path: str, token: StopToken) -> None:
+    # A helper forked by the service (as a fork-started multiprocessing pool
+    # does) inherits every descriptor of the child, the ends of its pipes too.
+    helper = os.fork()
+    if helper == 0:
+        time.sleep(SPAWN_WAIT)  # the test kills it long before
+        os._exit(0)
+    _mark(path, f"{os.getpid()} {helper}")
+    token.wait()
+
+
+def forking_then_returning(path: str) -> None:
+    helper = os.fork()
+    if helper == 0:
+        time.sleep(SPAWN_WAIT)  # the test kills it long before
+        os._exit(0)
+    _mark(path, f"{os.getpid()} {helper}")
 
 
 def _pid_from(path: Path) -> int:
@@ -232,3 +254,234 @@ async def test_kill_children_never_signals_a_child_reaped_elsewhere(
         kill_children()
         monkeypatch.undo()
         assert signalled == []
+
+
+_DECORATED_SCRIPT = """\
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import offloop
+
+sv = offloop.Supervisor(grace=2.0)
+MARK = Path(__file__).with_name("ran")
+
+
+@sv.service(isolate="process", oneshot=True)  # the name 'job' is bound only after this returns
+def job():
+    MARK.write_text(str(os.getpid()))
+
+
+@sv.service
+async def stopper():
+    while not MARK.exists():
+        await asyncio.sleep(0.01)
+    sv.stop()
+
+
+if __name__ == "__main__":
+    sv.run()
+    print("ran in", MARK.read_text(), "parent", os.getpid())
+"""
+
+
+def test_the_decorator_form_works_in_a_script(tmp_path: Path) -> None:
+    # The documented form: @sv.service(isolate="process") over a top-level def.
+    # The decorator runs before the module binds the name, so a pickling check
+    # by reference made right then cannot find it yet.
+    done = run_script(tmp_path, "app.py", _DECORATED_SCRIPT, timeout=SPAWN_WAIT)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    assert words[:2] == ["ran", "in"], done.stdout
+    assert words[2] != words[4]  # in a child process, not the parent
+
+
+def test_a_function_that_is_not_the_one_its_module_names_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    # Accepted while its name is unbound (a decorator running); if the name is
+    # then bound to something else, the child could not find it: start() says so.
+    done = run_script(
+        tmp_path,
+        "app.py",
+        "import asyncio\n"
+        "import offloop\n"
+        "sv = offloop.Supervisor()\n"
+        "@sv.service(isolate='process')\n"
+        "def job():\n"
+        "    pass\n"
+        "job = 'something else'\n"
+        "try:\n"
+        "    sv.run()\n"
+        "except offloop.ServiceFailed as e:\n"
+        "    print(type(e.__cause__).__name__, e.__cause__)\n",
+        timeout=SPAWN_WAIT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        "NotPicklableError Service 'job' uses isolate='process', but function 'job' cannot be "
+        "sent to a child process"
+    ), done.stdout
+
+
+_DIES_WHILE_STARTING = """\
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+from offloop._services.process import ProcessService
+
+
+def job():
+    pass
+
+
+async def main():
+    svc = ProcessService(job, "doomed", is_async=False, pass_token=False)
+    start = asyncio.create_task(svc.start())
+    while svc.pid is None:
+        await asyncio.sleep(0)
+    os.kill(svc.pid, signal.SIGKILL)  # still importing: it never says it is ready
+    try:
+        await start
+    except Exception as exc:
+        print("start:", exc)
+    print("state:", svc.state.value)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_child_that_dies_while_starting_fails_the_start_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    done = run_script(tmp_path, "app.py", _DIES_WHILE_STARTING, timeout=SPAWN_WAIT)
+    assert done.returncode == 0, done.stderr
+    start, state = done.stdout.splitlines()
+    assert re.fullmatch(
+        r"start: The process of service 'doomed' \(pid \d+\) died with exit code -9\.", start
+    )
+    assert state == "state: crashed"
+    # The error is start()'s; the run's own future is not reported on top of it.
+    assert "never retrieved" not in done.stderr, done.stderr
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_wait_after_a_start_whose_child_died_is_refused_as_after_any_failed_start(
+    tmp_path: Path,
+) -> None:
+    from offloop._services.process import ProcessService
+
+    svc = ProcessService(
+        functools.partial(polite_child, str(tmp_path / "x")),
+        "doomed",
+        is_async=False,
+        pass_token=True,
+    )
+    start = asyncio.create_task(svc.start())
+    await await_until(lambda: svc.pid is not None, WAIT, "the child to be spawned")
+    assert svc.pid is not None
+    os.kill(svc.pid, signal.SIGKILL)  # still importing: it never says it is ready
+    with pytest.raises(WorkerCrashed, match="died with exit code -9"):
+        await start
+    with pytest.raises(RuntimeError, match=r"its last start\(\) failed; call start\(\) again"):
+        await svc.wait()
+
+
+_MAIN_ONLY = """\
+import offloop
+
+sv = offloop.Supervisor()
+try:
+    @sv.service(isolate="process")
+    def job():
+        pass
+except offloop.NotPicklableError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("how", ["-m", "-c"])
+def test_a_function_of_a_main_that_children_cannot_import_is_refused_up_front(
+    tmp_path: Path, how: str
+) -> None:
+    # multiprocessing's spawn does not run a package's __main__ nor a -c
+    # command in the child: it would die unpickling the function, exit code 1.
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__init__.py").write_text("")
+    (tmp_path / "app" / "__main__.py").write_text(_MAIN_ONLY)
+    target = "app" if how == "-m" else _MAIN_ONLY
+    done = subprocess.run(
+        [sys.executable, how, target],
+        capture_output=True,
+        text=True,
+        timeout=SPAWN_WAIT,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        "Service 'job' uses isolate='process', but function 'job' is defined in __main__, "
+        "which a spawned child process cannot import when the program runs as "
+        "'python -m package', 'python -c' or interactively. Define it in a module of its "
+        "own and import it from there.\n"
+    )
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_a_child_killed_while_a_helper_it_forked_lives_is_a_crash(tmp_path: Path) -> None:
+    # The OOM killer takes the child; the helper it forked still holds the write
+    # ends of the child's pipes, so neither the message pipe nor multiprocessing's
+    # sentinel ever reports the death: the service said "running" until the
+    # helper ended (a pool's worker: never).
+    marker = tmp_path / "pids"
+    sv = Supervisor()
+    sv.service(isolate="process", restart="no", startup_window=0, name="forker")(
+        functools.partial(forking_child, str(marker))
+    )
+    serving = asyncio.ensure_future(sv.serve())
+    try:
+        await await_until(marker.exists, SPAWN_WAIT, "the child to fork its helper")
+        child, helper = map(int, marker.read_text().split())
+        try:
+            os.kill(child, signal.SIGKILL)
+            with pytest.raises(ServiceFailed) as info:
+                await asyncio.wait_for(asyncio.shield(serving), WAIT)
+        finally:
+            os.kill(helper, signal.SIGKILL)
+    finally:
+        if not serving.done():
+            sv.stop()
+            await asyncio.wait({serving})
+    error = info.value.__cause__
+    assert isinstance(error, WorkerCrashed)
+    assert error.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_a_child_that_returns_while_a_helper_it_forked_lives_ends_its_run(
+    tmp_path: Path,
+) -> None:
+    from offloop._services.process import ProcessService
+
+    marker = tmp_path / "pids"
+    svc = ProcessService(
+        functools.partial(forking_then_returning, str(marker)),
+        "forker",
+        is_async=False,
+        pass_token=False,
+    )
+    await svc.start()
+    try:
+        await asyncio.wait_for(svc.wait(), WAIT)  # not once the helper has ended
+        assert svc.state.value == "ended"
+    finally:
+        await await_until(marker.exists, SPAWN_WAIT, "the child to fork its helper")
+        os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)

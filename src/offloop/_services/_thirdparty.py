@@ -358,6 +358,25 @@ def uvicorn_prepare(
         return
 
     class TrackedLifespan(lifespan):  # type: ignore[misc]
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            if config.lifespan == "on":
+                # uvicorn swallows an exception the app raises in its lifespan
+                # (it only logs it) and gives up: record why, as for a failure
+                # the app reports itself. Under "auto" it means "unsupported".
+                self.config = _LifespanConfig(config, self._reporting(config.loaded_app))
+
+        def _reporting(self, app: Any) -> Any:
+            async def reporting_app(scope: Any, receive: Any, send: Any) -> None:
+                try:
+                    await app(scope, receive, send)
+                except BaseException as exc:
+                    phase = "shutdown" if self.startup_event.is_set() else "startup"
+                    lifespan_failures.setdefault(phase, f"{type(exc).__name__}: {exc}")
+                    raise
+
+            return reporting_app
+
         async def main(self) -> None:
             on_lifespan_task(asyncio.current_task())
             await super().main()
@@ -370,6 +389,17 @@ def uvicorn_prepare(
             await super().send(message)
 
     config.lifespan_class = TrackedLifespan
+
+
+class _LifespanConfig:
+    """A run's uvicorn config, as its lifespan sees it: the same, but another app."""
+
+    def __init__(self, config: Any, app: Any) -> None:
+        self._config = config
+        self.loaded_app = app
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
 
 
 def _without_access_log(protocol: type[Any]) -> type[Any]:

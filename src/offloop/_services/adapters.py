@@ -118,9 +118,11 @@ def listen_socket(host: str, port: int, service: Service) -> socket.socket:
             if port
             else ""
         )
+        # socket.create_server() appends "(while attempting to bind on address
+        # (host, port))" to strerror: the address is named once, as host:port.
+        why = (exc.strerror or str(exc)).partition(" (while attempting to bind")[0]
         raise OSError(
-            exc.errno,
-            f"{service!r} cannot listen on {_host_port(host, port)}: {exc.strerror or exc}.{hint}",
+            exc.errno, f"{service!r} cannot listen on {_host_port(host, port)}: {why}.{hint}"
         ) from exc
 
 

@@ -68,6 +68,8 @@ class AiohttpService(NetworkAdapter):
         self.app = app
         self.access_log = bool(access_log)
         self._runner: Any = None
+        # The runner a stop() is cleaning up, so that a second stop() waits for it.
+        self._cleaning: Any = None
 
     def __repr__(self) -> str:
         return f"<AiohttpService {self.name!r} {self._state.value} {self._where()}>"
@@ -83,7 +85,7 @@ class AiohttpService(NetworkAdapter):
         self._begin()
         web = require("aiohttp.web", "aiohttp", feature="AiohttpService")
         kwargs: dict[str, Any] = {} if self.access_log else {"access_log": None}
-        runner = web.AppRunner(self.app, handle_signals=False, **kwargs)
+        runner = _runner_class(web)(self.app, handle_signals=False, **kwargs)
         try:
             sock = self._listen()
             try:
@@ -111,16 +113,27 @@ class AiohttpService(NetworkAdapter):
             Exception: whatever an ``on_shutdown`` or ``on_cleanup`` hook raised
                 (the service is stopped all the same).
         """
+        await self._start_settled()
         done = self._mark_stopping()
         runner = self._runner
         if done is None or runner is None:
             return
+        if self._cleaning is runner:
+            # Another stop() is running the cleanup: aiohttp's cannot run twice
+            # at once (the hooks would run again, then it fails half-way).
+            await asyncio.wait({done})
+            return
+        self._cleaning = runner
         try:
             await runner.cleanup()
         except Exception:
-            self._finish(done)  # wait() ends: the server no longer serves
+            try:
+                await _finish_cleanup(runner)
+            finally:
+                self._finish(done)  # wait() ends: the server no longer serves
             raise
         finally:
+            self._cleaning = None
             if runner.server is None:  # cleanup got through (kill() needs it otherwise)
                 self._runner = None
         self._finish(done)
@@ -134,3 +147,44 @@ class AiohttpService(NetworkAdapter):
         if done is not None:
             self._finish(done)
         return []
+
+
+#: How long a connection's handler may still run once the server shuts down
+#: (aiohttp's default ``shutdown_timeout``, which the service's runner keeps).
+SHUTDOWN_TIMEOUT = 60.0
+
+_runner_cls: type[Any] | None = None
+
+
+def _runner_class(web: Any) -> type[Any]:
+    """``web.AppRunner``, noting whether the ``on_shutdown`` hooks raised."""
+    global _runner_cls
+    if _runner_cls is None:
+
+        class Runner(web.AppRunner):  # type: ignore[misc]  # lazy import: web is Any
+            offloop_shutdown_failed = False
+
+            async def shutdown(self) -> None:
+                try:
+                    await super().shutdown()
+                except BaseException:
+                    self.offloop_shutdown_failed = True
+                    raise
+
+        _runner_cls = Runner
+    return _runner_cls
+
+
+async def _finish_cleanup(runner: Any) -> None:
+    """What ``runner.cleanup()`` skipped when an ``on_shutdown`` hook raised.
+
+    It stops at the hook: the connections stay open (a keep-alive client
+    waits for an answer that never comes) and the ``on_cleanup`` hooks never
+    run (a database pool is never closed). A raising ``on_cleanup`` hook
+    comes last, after the connections were closed: nothing is left then.
+    """
+    server = runner.server
+    if server is None or not runner.offloop_shutdown_failed:
+        return
+    await server.shutdown(SHUTDOWN_TIMEOUT)
+    await runner.app.cleanup()

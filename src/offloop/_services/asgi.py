@@ -240,6 +240,7 @@ class ASGIService(NetworkAdapter):
 
     async def stop(self) -> None:
         """Stop listening, let requests in flight finish, run the lifespan shutdown."""
+        await self._start_settled()
         done = self._mark_stopping()
         server, main = self._server, self._main
         if done is None or server is None or main is None:

@@ -105,6 +105,8 @@ class LifecycleService(Service):
         self.name = name
         self._state = LifecycleState.IDLE
         self._done: asyncio.Future[None] | None = None
+        # Settled when the current start() has ended, ready or not (see _start_settled).
+        self._starting: asyncio.Future[None] | None = None
         # The runs kill() abandoned that may still end: their future -> what ran them.
         self._abandoned: dict[asyncio.Future[None], str] = {}
 
@@ -128,17 +130,38 @@ class LifecycleService(Service):
         if ("start", self._state) in _REFUSALS:
             raise self._refusal("start")
         self._state = LifecycleState.STARTING
-        self._done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._starting = loop.create_future()
+        self._done = loop.create_future()
         return self._done
+
+    def _start_ended(self) -> None:
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.set_result(None)
+
+    async def _start_settled(self) -> None:
+        """In ``stop()``: let a ``start()`` still in progress end first (ready or failed).
+
+        A service driven by hand may be stopped while its start awaits (a
+        startup hook, a lifespan): returning at once would leave the start to
+        bring up a server nobody stops, in a state saying "stopping". (A
+        supervisor cancels the start before it stops the service.)
+        """
+        starting = self._starting
+        if self._state is LifecycleState.STARTING and starting is not None:
+            await asyncio.wait({starting})
 
     def _ready(self) -> None:
         """The run has started (unless it already ended or is being stopped)."""
         if self._state is LifecycleState.STARTING:
             self._state = LifecycleState.RUNNING
+        self._start_ended()
 
     def _start_failed(self) -> None:
         """``start()`` raised: no run is left to wait for or to stop."""
         self._state, self._done = LifecycleState.CRASHED, None
+        self._start_ended()
 
     def _finish(
         self,
@@ -159,6 +182,7 @@ class LifecycleService(Service):
             return
         if done is self._done:
             self._state = self._CLEAN_END if exc is None else LifecycleState.CRASHED
+            self._start_ended()
         if exc is None:
             done.set_result(None)
         else:

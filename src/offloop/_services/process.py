@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing
 import os
 import pickle
 import signal
 import sys
+import time
 import traceback
+import types
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -31,7 +34,7 @@ from .._core.errors import NotPicklableError, OffloopError, WorkerCrashed
 from .._core.forcedexit import on_forced_exit
 from .._core.token import StopToken
 from .._core.validate import describe
-from .._process.pickling import RemoteTraceback
+from .._process.pickling import RemoteTraceback, main_reaches_children
 from .functions import FunctionService
 from .lifecycle import LifecycleState
 
@@ -74,21 +77,21 @@ class ProcessService(FunctionService):
         self, fn: Callable[..., object], name: str, *, is_async: bool, pass_token: bool
     ) -> None:
         super().__init__(fn, name)
-        try:
-            pickle.dumps(fn)
-        except Exception as exc:
-            raise NotPicklableError(
-                f"Service {name!r} uses isolate='process', but its function {describe(fn)} "
-                f"cannot be sent to a child process ({exc}). Define it at the top level of an "
-                f"importable module (not inside a function, not a lambda)."
-            ) from exc
+        _check_picklable(fn, name, defining=True)
         self.is_async = is_async
         self.pass_token = pass_token
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self.pid: int | None = None
+        # What the child sent as it ended ("ok", "error", or "exit" for EOF).
+        self._ending: tuple[str, BaseException | None] | None = None
+        # The descriptor that becomes readable when the child exits, and the
+        # pidfd among them, which this service closes.
+        self._death: int | None = None
+        self._pidfd: int | None = None
 
     async def start(self) -> None:
+        _check_picklable(self.fn, self.name, defining=False)
         done = self._begin()
         loop = asyncio.get_running_loop()
         ctx = multiprocessing.get_context("spawn")
@@ -106,16 +109,29 @@ class ProcessService(FunctionService):
         assert process.pid is not None
         _live_children.add(process)
         self._process, self._conn, self.pid = process, reader, process.pid
+        self._ending = None
         ready: asyncio.Future[None] = loop.create_future()
         loop.add_reader(reader.fileno(), self._on_message, ready, done)
+        self._death, self._pidfd = _death_watch(process)
+        loop.add_reader(self._death, self._on_death, ready, done)
         try:
             await ready
             self._ready()
-        except BaseException:
+        except asyncio.CancelledError:
             self._reap(kill=True)
-            # Cancelled while the child was starting (a stop), or the child
-            # ended: either way this run is over, whatever the repr said.
+            # Cancelled while the child was starting (a stop): this run is
+            # over, whatever the repr said.
             self._finish(done, None)
+            raise
+        except BaseException:
+            # The child ended before it was ready: start() raises its error, so
+            # no run is left to wait() for (and its future's copy of the error
+            # is not reported as never retrieved).
+            self._reap(kill=True)
+            self._finish(done, None)
+            if not done.cancelled():
+                done.exception()
+            self._start_failed()
             raise
 
     def _on_message(self, ready: asyncio.Future[None], done: asyncio.Future[None]) -> None:
@@ -136,12 +152,9 @@ class ProcessService(FunctionService):
             if not ready.done():
                 ready.set_result(None)
             return
-        # "ok", "error" or EOF: the child is ending. Wait for its exit without
-        # blocking the loop in join(): its sentinel becomes readable when it is gone.
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(conn.fileno())
-        process = self._process
-        assert process is not None
+        # "ok", "error" or EOF: the child is ending. Its exit is awaited by
+        # _on_death, without blocking the loop in join().
+        asyncio.get_running_loop().remove_reader(conn.fileno())
         exc: BaseException | None = None
         if kind == "error":
             exc, remote_tb = payload
@@ -154,7 +167,18 @@ class ProcessService(FunctionService):
                 wrapped = OffloopError(f"the process of service {self.name!r} raised {exc!r}")
                 wrapped.__cause__ = exc
                 exc = wrapped
-        loop.add_reader(process.sentinel, self._on_exit, ready, done, kind, exc)
+        self._ending = (kind, exc)
+
+    def _on_death(self, ready: asyncio.Future[None], done: asyncio.Future[None]) -> None:
+        """The child has exited: end the run with what it sent before it went, if anything."""
+        if self._death is not None:
+            asyncio.get_running_loop().remove_reader(self._death)
+        conn = self._conn
+        # A message the loop has not read yet (poll() is also true at EOF).
+        while self._ending is None and conn is not None and not conn.closed and conn.poll():
+            self._on_message(ready, done)
+        kind, exc = self._ending or ("exit", None)
+        self._on_exit(ready, done, kind, exc)
 
     def _on_exit(
         self,
@@ -163,9 +187,6 @@ class ProcessService(FunctionService):
         kind: str,
         exc: BaseException | None,
     ) -> None:
-        process = self._process
-        assert process is not None
-        asyncio.get_running_loop().remove_reader(process.sentinel)
         exitcode = self._reap(kill=False)
         if kind not in ("ok", "error") and self._state is not LifecycleState.STOPPING:
             exc = WorkerCrashed(
@@ -186,14 +207,20 @@ class ProcessService(FunctionService):
             loop.remove_reader(conn.fileno())
             conn.close()
             self._conn = None
+        if self._death is not None:
+            loop.remove_reader(self._death)
+            self._death = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         if process is None:
             return None
-        loop.remove_reader(process.sentinel)
         if kill and process.is_alive():
             process.kill()
-        # Without kill, the child's sentinel said it is gone, so this join is immediate.
-        process.join(_KILL_JOIN)
-        exitcode = process.exitcode
+        # Without kill, the child is known to be gone, so its exit code is there
+        # at once. Not join(): it waits on the sentinel, which a process the
+        # child forked may hold open long after the child is gone.
+        exitcode = _exit_code(process, _KILL_JOIN if kill else 0.0)
         if exitcode is not None:
             _live_children.discard(process)
             process.close()
@@ -223,6 +250,73 @@ class ProcessService(FunctionService):
     def __repr__(self) -> str:
         pid = f" pid={self.pid}" if self.pid is not None and self._process is not None else ""
         return f"<ProcessService {self.name!r} {self._state.value}{pid} fn={describe(self.fn)}>"
+
+
+def _exit_code(process: multiprocessing.process.BaseProcess, timeout: float) -> int | None:
+    """The exit code of ``process``, polled (waitpid, no sentinel) for up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while (exitcode := process.exitcode) is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return exitcode
+
+
+def _death_watch(process: multiprocessing.process.BaseProcess) -> tuple[int, int | None]:
+    """A descriptor readable once ``process`` has exited, and the pidfd to close if it is one.
+
+    multiprocessing's sentinel (and the message pipe's EOF) is the end of a
+    pipe the child holds: a process the child forked (a fork-started pool's
+    worker) inherits it and keeps it open after the child died. A pidfd
+    (Linux >= 5.3) follows the child itself.
+    """
+    assert process.pid is not None
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        # OSError: no pidfd in this kernel or sandbox, or the child is already reaped.
+        with contextlib.suppress(OSError):
+            fd: int = pidfd_open(process.pid)
+            return fd, fd
+    return process.sentinel, None
+
+
+def _check_picklable(fn: Callable[..., object], name: str, *, defining: bool) -> None:
+    """Refuse a function the child could not get, before any child is started.
+
+    ``defining``: called from the constructor, which ``@sv.service`` runs as a
+    decorator, before the module binds the function's name: a top-level
+    function whose name is not bound yet is accepted then, and checked again
+    by ``start()``.
+
+    Raises:
+        NotPicklableError: naming the service and what to do.
+    """
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if getattr(target, "__module__", None) == "__main__" and not main_reaches_children("spawn"):
+        # The child would die unpickling it (exit code 1) before saying why.
+        raise NotPicklableError(
+            f"Service {name!r} uses isolate='process', but {describe(target)} is defined in "
+            f"__main__, which a spawned child process cannot import when the program runs as "
+            f"'python -m package', 'python -c' or interactively. Define it in a module of its "
+            f"own and import it from there."
+        )
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        if defining and _being_defined(fn):
+            return
+        raise NotPicklableError(
+            f"Service {name!r} uses isolate='process', but {describe(fn)} cannot be sent to "
+            f"a child process ({exc}). Define it at the top level of an importable module "
+            f"(not inside a function, not a lambda), and do not rebind its name."
+        ) from exc
+
+
+def _being_defined(fn: object) -> bool:
+    # A top-level function of a loaded module whose name is not bound yet:
+    # the decorator over its 'def' is running.
+    if not isinstance(fn, types.FunctionType) or fn.__qualname__ != fn.__name__:
+        return False
+    module = sys.modules.get(fn.__module__)
+    return module is not None and fn.__name__ != "<lambda>" and not hasattr(module, fn.__name__)
 
 
 def _child_main(

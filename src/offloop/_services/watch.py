@@ -15,15 +15,17 @@ import contextlib
 import inspect
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
+from .._core.errors import OffloopError
 from .._core.extras import require
 from .._core.token import current_token
 from .._core.validate import describe
 from .._threads.tothread import service_pool
 from .adapters import check_name
+from .base import ServiceInterrupted
 from .functions import describe_thread
 from .lifecycle import LifecycleService
 
@@ -203,6 +205,11 @@ class WatchService(LifecycleService):
             # an editor's save, a new file renamed over it, ends the watch with
             # a "deleted" event. Watch its folder and keep the file's events.
             watched, only = str(self.path.parent), self.path
+        elif run.path is not None and run.path.is_symlink() and run.path.is_dir():
+            # watchdog watches a symlink itself (IN_DONT_FOLLOW on inotify), which
+            # sends no event for the folder's files; a trailing separator makes
+            # the kernel resolve it, and events keep the path the user gave.
+            watched = os.path.join(watched, "")
 
         class Forward(events.FileSystemEventHandler):  # type: ignore[misc,name-defined]  # lazy
             def dispatch(self, event: Any) -> None:
@@ -246,10 +253,39 @@ class WatchService(LifecycleService):
         except Exception as exc:
             self._crash(run, exc)
             return
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # Raised out of this callback, either would end the loop at once.
+            self._crash(run, self._escaped(exc))
+            return
         if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
+            task = asyncio.ensure_future(self._guarded(result))
             run.tasks.add(task)
             task.add_done_callback(lambda t: self._task_done(run, t))
+
+    async def _guarded(self, awaitable: Awaitable[object]) -> object:
+        try:
+            return await awaitable
+        # A task lets these two escape through the event loop, which ends the
+        # whole supervisor at once, with no grace for the other services.
+        except (SystemExit, KeyboardInterrupt) as exc:
+            raise self._escaped(exc) from exc
+
+    def _escaped(self, exc: BaseException) -> Exception:
+        """The crash for a handler's SystemExit or KeyboardInterrupt (as in a TaskService)."""
+        if isinstance(exc, KeyboardInterrupt):
+            # Ctrl-C on Python 3.10 lands in whatever code runs: stop everything
+            # gracefully, as the supervisor's own Ctrl-C handling does.
+            crash: Exception = ServiceInterrupted(
+                f"The handler of {self!r} raised KeyboardInterrupt, so its supervisor stops "
+                f"every service, as on Ctrl-C."
+            )
+        else:
+            crash = OffloopError(
+                f"The handler of {self!r} raised {exc!r}, which would have ended the whole "
+                f"event loop at once; it counts as a crash of this service."
+            )
+        crash.__cause__ = exc
+        return crash
 
     def _lost_root(self, run: _WatchRun, how: str) -> None:
         self._crash(
@@ -294,6 +330,7 @@ class WatchService(LifecycleService):
 
     async def stop(self) -> None:
         """Stop and join the observer, then wait for the handler tasks still running."""
+        await self._start_settled()
         done = self._mark_stopping()
         run = self._run
         if done is None or run is None:

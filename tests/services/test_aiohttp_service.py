@@ -268,3 +268,36 @@ async def test_two_stops_at_once_run_the_shutdown_once_and_both_return() -> None
     assert journal == ["startup", "on_shutdown", "cleanup"]
     assert svc.state.value == "stopped"
     assert refuses(svc.port)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_second_stop_takes_over_when_the_first_is_cancelled() -> None:
+    # The first stop() (the one running the cleanup) is given up, say by a
+    # wait_for() around it: the second must not wait for it for ever.
+    journal: list[str] = []
+    app = make_app(journal)
+    entered = asyncio.Event()
+
+    async def on_shutdown(app: web.Application) -> None:
+        journal.append("on_shutdown")
+        if journal.count("on_shutdown") == 1:
+            entered.set()
+            await asyncio.Event().wait()  # until the first stop() is cancelled
+
+    app.on_shutdown.append(on_shutdown)
+    svc = AiohttpService(app, port=0, access_log=False)
+    await svc.start()
+    first = asyncio.create_task(svc.stop())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    second = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0)  # the second stop() waits for the first one's cleanup
+    first.cancel()
+    await asyncio.wait_for(second, WAIT)
+    assert first.cancelled()
+    # The interrupted shutdown ran again, in full, then the cleanup.
+    assert journal == ["startup", "on_shutdown", "on_shutdown", "cleanup"]
+    assert svc.state.value == "stopped"
+    assert refuses(svc.port)
+    await svc.start()  # stopped for good: it starts again
+    await svc.stop()

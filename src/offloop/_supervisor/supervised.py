@@ -16,6 +16,7 @@ from typing import Final, Protocol
 from .._core.restart import RestartPolicy, RestartTracker
 from .._services.base import Service, ServiceInterrupted
 from .._services.schedule import ScheduledService
+from .calls import call_service
 from .order import DependencyRestart
 from .status import ServiceState, ServiceStatus
 
@@ -167,7 +168,7 @@ class Supervised:
             logger.info("%s: starting service %r", sv, self.name)
             crash: Exception | None = None
             try:
-                await svc.start()
+                await call_service(svc, "start")
             except Exception as exc:
                 crash = exc
             else:
@@ -187,7 +188,7 @@ class Supervised:
                         self.ready.set_result(None)
                     self.supervisor._ready_again(self)
                 try:
-                    await svc.wait()
+                    await call_service(svc, "wait")
                 except Exception as exc:
                     crash = exc
             # Only the first run has a window: once it ended, the service ran.
@@ -393,7 +394,9 @@ class Supervised:
         why = "did not stop within the grace period"
         # A task, not wait_for(): on timeout, wait_for() waits for the cancelled
         # stop() to end, which is forever if it swallows the cancellation.
-        stopper = loop.create_task(self.service.stop(), name=f"offloop-stop-{self.name}")
+        stopper = loop.create_task(
+            call_service(self.service, "stop"), name=f"offloop-stop-{self.name}"
+        )
         # One cutoff for the polite part, stop() and then the runner: each wait
         # starting its own last chance made one service overrun by several.
         cutoff = max(deadline, loop.time() + LAST_CHANCE)

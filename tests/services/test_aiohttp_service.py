@@ -301,3 +301,54 @@ async def test_a_second_stop_takes_over_when_the_first_is_cancelled() -> None:
     assert refuses(svc.port)
     await svc.start()  # stopped for good: it starts again
     await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_startup_hook_awaiting_stop_fails_the_start_instead_of_hanging() -> None:
+    app = web.Application()
+    blocker = socket.create_server(("127.0.0.1", 0))
+    port = blocker.getsockname()[1]
+    blocker.close()
+    svc = AiohttpService(app, port=port, access_log=False)
+    attempts: list[int] = []
+
+    async def gives_up(app: web.Application) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            await svc.stop()
+
+    app.on_startup.append(gives_up)
+    with pytest.raises(RuntimeError) as info:
+        await asyncio.wait_for(svc.start(), WAIT)
+    assert str(info.value) == (
+        f"Cannot stop <AiohttpService 'aiohttp' starting 127.0.0.1:{port}> from within its "
+        f"own start() (a startup hook awaiting stop()): the start would wait for the stop, and "
+        f"the stop for the start. To fail the start, raise an exception there instead; to stop "
+        f"the service once it has started, run stop() in a task of its own "
+        f"(asyncio.create_task(service.stop())) without awaiting it there."
+    )
+    assert svc.state.value == "crashed"
+    assert refuses(port)
+    await svc.start()  # the failed start was undone: the next one works
+    await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_startup_hook_may_stop_the_service_from_a_task_of_its_own() -> None:
+    journal: list[str] = []
+    app = make_app(journal)
+    svc = AiohttpService(app, port=0, access_log=False)
+    stops: list[asyncio.Task[None]] = []
+
+    async def stops_later(app: web.Application) -> None:
+        stops.append(asyncio.create_task(svc.stop()))
+
+    app.on_startup.append(stops_later)
+    await asyncio.wait_for(svc.start(), WAIT)
+    await asyncio.wait_for(stops[0], WAIT)  # it waited for the start, then stopped it
+    await asyncio.wait_for(svc.wait(), WAIT)
+    assert svc.state.value == "stopped"
+    assert journal == ["startup", "cleanup"]
+    assert refuses(svc.port)

@@ -115,7 +115,7 @@ class ProcessPool(WorkerSet, PoolContext):
 
     Args:
         max_workers: the most processes at once (default: the CPUs this process may
-            run on, ``os.sched_getaffinity``, else ``os.cpu_count()``).
+            run on, its CPU affinity; a CPU quota is not seen).
         kill_on_cancel: when the awaiting task is cancelled (or a
             ``wait_for`` times out), kill the worker running the call and start
             a new one. Default ``False``: the call is abandoned, the worker

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -225,3 +227,30 @@ def test_a_bad_start_timeout_is_refused_before_anything_is_registered(
         assert message in str(info.value)
         assert "or None (the default) for no limit" in str(info.value)
     assert sv.services == {}
+
+
+@pytest.mark.loops("asyncio")
+async def test_an_asgi_app_whose_lifespan_startup_hangs_is_cancelled_and_closed() -> None:
+    # A real adapter: uvicorn waits for the app's lifespan startup before it
+    # listens; the app's startup (a database that never answers) hangs.
+    from starlette.applications import Starlette
+
+    from offloop import ASGIService
+
+    cancelled = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        yield
+
+    sv = Supervisor(name="sv")
+    web = sv.add(ASGIService(Starlette(lifespan=lifespan), port=0, name="web"), start_timeout=0.2)
+    with pytest.raises(ServiceFailed, match="'web' failed: it did not become ready within"):
+        await asyncio.wait_for(sv.serve(), WAIT)
+    assert cancelled.is_set()
+    assert web.state.value == "crashed"
+    assert sv.status()["web"].state == "failed"

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from offloop import ServiceFailed, Service, Supervisor
+from offloop import Service, ServiceFailed, Supervisor
 from tests.helpers import WAIT, await_until
 from tests.supervisor.test_supervisor import Recorder
 
@@ -31,6 +31,7 @@ class Hangs(Service):
         self.stops = 0
         self.kills = 0
         self.start_cancelled = asyncio.Event()
+        self.hanging = asyncio.Event()
         self.in_stop = asyncio.Event()
         # stop() waits for this when stop_waits: a cleanup that takes its time.
         self.release_stop = asyncio.Event()
@@ -41,6 +42,7 @@ class Hangs(Service):
     async def start(self) -> None:
         i, self.starts = self.starts, self.starts + 1
         if i < len(self.hangs) and self.hangs[i]:
+            self.hanging.set()
             try:
                 await asyncio.Event().wait()  # a server that never binds
             finally:
@@ -170,7 +172,7 @@ async def test_a_start_within_start_timeout_keeps_its_own_error() -> None:
 async def test_a_timed_out_start_whose_stop_outlives_grace_is_killed() -> None:
     sv = Supervisor(name="sv", grace=0.1)
     api = sv.add(Hangs("api", [True], stop_waits=True), start_timeout=0.1)
-    with pytest.raises(ServiceFailed, match="within start_timeout=0.1s"):
+    with pytest.raises(ServiceFailed, match=r"within start_timeout=0\.1s"):
         await asyncio.wait_for(sv.serve(), WAIT)
     assert (api.cancelled_starts, api.stops, api.kills) == (1, 1, 1)
     api.release_stop.set()  # nothing waits on it any more: its stop() was cancelled
@@ -196,6 +198,41 @@ async def test_a_shutdown_during_the_stop_of_a_timed_out_start_waits_for_that_st
     assert (api.cancelled_starts, api.stops, api.kills) == (1, 1, 0)
 
 
+@pytest.mark.loops("asyncio")
+async def test_a_start_timing_out_during_a_shutdown_is_killed_by_the_shutdowns_deadline(
+    log_lines: io.StringIO,
+) -> None:
+    # The restart's start of 'a' hangs; a shutdown begins; 'b' (stopped
+    # first) uses up the grace period; 'a' times out meanwhile, and the stop
+    # of its start would run grace past that: the shutdown kills it by its own
+    # deadline instead of overrunning.
+    sv = Supervisor(name="sv", grace=0.5)
+    a = sv.add(
+        Hangs("a", [False, True], stop_waits=True),
+        start_timeout=0.4,
+        backoff=0.01,
+        max_backoff=0.01,
+    )
+    b = sv.add(Hangs("b", [], stop_waits=True))
+    serving = asyncio.get_running_loop().create_task(sv.serve())
+    try:
+        await await_until(lambda: sv.state.value == "running", what="the start")
+        a.crash()
+        await asyncio.wait_for(a.hanging.wait(), WAIT)
+        sv.stop()
+        await asyncio.wait_for(serving, WAIT)
+    finally:
+        serving.cancel()
+    assert (b.stops, b.kills) == (1, 1)
+    assert (a.cancelled_starts, a.stops, a.kills) == (1, 1, 1)
+    assert sv.status()["a"].state == "stopped"
+    assert "did not stop within the grace period after its start timed out" in (
+        log_lines.getvalue()
+    )
+    a.release_stop.set()
+    b.release_stop.set()
+
+
 BAD = [
     (0, ValueError, "start_timeout must be a positive, finite number of seconds or None, got 0"),
     (-1, ValueError, "got -1"),
@@ -218,7 +255,7 @@ def test_a_bad_start_timeout_is_refused_before_anything_is_registered(
 
     for register in (
         lambda: sv.add(Hangs("api", []), start_timeout=value),  # type: ignore[arg-type]
-        lambda: sv.service(start_timeout=value)(job),  # type: ignore[arg-type]
+        lambda: sv.service(start_timeout=value)(job),  # type: ignore[call-overload]
         lambda: sv.every(1, start_timeout=value)(job),  # type: ignore[arg-type]
         lambda: sv.cron("* * * * *", start_timeout=value)(job),  # type: ignore[arg-type]
     ):

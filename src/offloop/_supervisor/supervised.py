@@ -120,6 +120,8 @@ class Supervised:
         self.stopping = False
         # True while the runner stops a service whose start timed out.
         self.aborting = False
+        # Whether the stop under way has killed the service: kill() is called once.
+        self.killed = False
         # Whether start() has returned once: an error before that is a
         # start-up error, not a crash (see RestartPolicy.retry_startup).
         self.been_ready = False
@@ -338,8 +340,7 @@ class Supervised:
             return
         await self._abort_start(loop, starter, limit)
         raise StartTimeout(
-            f"The start() of service {self.name!r} did not return within "
-            f"start_timeout={limit:g}s."
+            f"The start() of service {self.name!r} did not return within start_timeout={limit:g}s."
         )
 
     async def _abort_start(
@@ -471,12 +472,18 @@ class Supervised:
             self._stopped(hold)
             return
         if self.aborting:
-            # Its start timed out and the runner is stopping it already, by a
-            # cutoff that began earlier than this stop's: waiting for it is
-            # bounded, and a second stop() beside it would only race it.
+            # Its start timed out and the runner is stopping it already: a
+            # second stop() beside that one would only race it. That stop has
+            # its own cutoff, which may end after this one's (its start timed
+            # out during a shutdown): the service is killed by this one's.
             self.stopping = True
             self.state = _ST.STOPPING
-            await asyncio.wait({runner})
+            cutoff = max(deadline, loop.time() + LAST_CHANCE)
+            await asyncio.wait({runner}, timeout=cutoff - loop.time())
+            if not runner.done():
+                self._kill("did not stop within the grace period after its start timed out")
+                runner.cancel()
+                await asyncio.wait({runner}, timeout=LAST_CHANCE)
             self._stopped(hold)
             logger.info("%s: service %r stopped", sv, self.name)
             return
@@ -509,7 +516,7 @@ class Supervised:
         Else kill the service and cancel ``task``; returns by ``cutoff + LAST_CHANCE``.
         """
         sv = self.supervisor.name
-        polite = False
+        polite, self.killed = False, False
         why = "did not stop within the grace period"
         # A task, not wait_for(): on timeout, wait_for() waits for the cancelled
         # stop() to end, which is forever if it swallows the cancellation.
@@ -548,6 +555,9 @@ class Supervised:
             )
 
     def _kill(self, why: str) -> None:
+        if self.killed:
+            return  # by the timed-out start's own stop, which the shutdown cut short
+        self.killed = True
         sv = self.supervisor.name
         logger.warning("%s: service %r %s; killed it", sv, self.name, why)
         try:

@@ -96,6 +96,7 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], list[tuple[str, Any, Any]]]] = {
             ("oneshot", KW, False),
             ("retry_startup", KW, False),
             ("startup_window", KW, 1.0),
+            ("start_timeout", KW, None),
         ],
     ),
     "detect_blocking": (

@@ -45,7 +45,8 @@ from ._loops.shared import to_loop
 from ._loops.target import set_from_thread_loop
 from ._loops.tasks import TaskHandle, task_ready
 from ._process.dask import DaskPool
-from ._process.pool import ProcessPool, default_process_pool, to_process
+from ._process.pool import ProcessPool
+from ._process.toprocess import default_process_pool, to_process
 from ._services.aiohttp_app import AiohttpService
 from ._services.asgi import ASGIService
 from ._services.base import Service

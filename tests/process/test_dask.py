@@ -567,5 +567,7 @@ async def test_a_pool_whose_scheduler_went_away_connects_again_on_the_next_call(
             assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4
             # Not the reference scattered to the scheduler that went away.
             assert await asyncio.wait_for(pool.run(len, big), WAIT) == SCATTER_BYTES
+            # The closed client is not kept for the finalizer: reconnects do not pile up.
+            assert pool._opened == [pool._client]
     finally:
         await asyncio.wait_for(pool.aclose(), WAIT)

@@ -27,7 +27,8 @@ import offloop
 from offloop._core.cpus import available_cpus
 from offloop._process import pickling as _pickling
 from offloop._process.pickling import RemoteTraceback
-from offloop._process.pool import ProcessPool, default_process_pool
+from offloop._process.pool import ProcessPool
+from offloop._process.toprocess import default_process_pool
 from offloop._process.writer import LARGE_PAYLOAD
 from tests.helpers import WAIT, await_until, gone, wait_for_file, wait_until
 

@@ -10,7 +10,8 @@ import pytest
 
 import offloop
 from offloop._process import pickling as _pickling
-from offloop._process.pool import ProcessPool, default_process_pool
+from offloop._process.pool import ProcessPool
+from offloop._process.toprocess import default_process_pool
 from tests.helpers import WAIT
 
 pytestmark = pytest.mark.usefixtures("resource_tracker")

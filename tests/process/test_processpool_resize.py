@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import offloop
-from offloop._process.pool import ProcessPool, default_process_pool
+from offloop._process.pool import ProcessPool
+from offloop._process.toprocess import default_process_pool
 from tests.helpers import SPAWN_WAIT, await_until, wait_for_file
 
 # Processes are what is resized; the kind of loop awaiting them does not matter.

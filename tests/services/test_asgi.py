@@ -307,6 +307,34 @@ async def test_stop_during_start_waits_for_the_start_then_stops() -> None:
 
 @pytest.mark.loops("asyncio")
 @bounded(20)
+async def test_a_start_cancelled_in_the_lifespan_startup_cancels_the_lifespan() -> None:
+    # uvicorn runs the lifespan in a task of its own: cancelling serve() alone
+    # would leave the app waiting in its startup (the conftest fails a test
+    # that leaves a task on its loop).
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # a database that never answers
+        finally:
+            cancelled.set()
+        yield
+
+    svc = ASGIService(Starlette(lifespan=lifespan), port=0, access_log=False)
+    start = asyncio.create_task(svc.start())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    start.cancel()
+    await asyncio.wait({start}, timeout=WAIT)
+    assert start.cancelled()
+    assert cancelled.is_set()
+    assert svc.state.value == "crashed"
+    await svc.stop()  # as the supervisor does after a cancelled start: nothing to do
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
 async def test_a_lifespan_startup_awaiting_stop_fails_the_start_instead_of_hanging() -> None:
     svc: ASGIService | None = None
 

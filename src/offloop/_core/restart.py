@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
-from .validate import check_seconds, describe
+from .validate import check_seconds, describe, show_number
 
 __all__ = ["STARTUP_WINDOW", "RestartMode", "RestartPolicy", "RestartTracker"]
 
@@ -49,6 +49,11 @@ class RestartPolicy:
             ``startsecs``. For the function services, which are ready as soon
             as they run, so that a bad token raised by their first call is a
             start-up error. 0: only a failing ``start()`` is.
+        start_timeout: seconds a ``start()`` may take before it is cancelled
+            and the service stopped, as systemd's ``TimeoutStartSec``; the
+            timeout counts as a failure to start (before the service was
+            first ready) or a crash (on a restart). ``None`` (default): no
+            limit, for a service may legitimately take long to load.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or range (the
@@ -62,6 +67,7 @@ class RestartPolicy:
     restart_window: float = 60.0
     retry_startup: bool = False
     startup_window: float = 0.0
+    start_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.restart not in _MODES:
@@ -83,6 +89,7 @@ class RestartPolicy:
         # Finite: an endless window would make every crash of the first run
         # final, which restart="no" already says more plainly.
         check_seconds(self.startup_window, "startup_window", positive=False, finite=True)
+        _check_start_timeout(self.start_timeout)
         mr = self.max_restarts
         if mr is not None:
             if isinstance(mr, bool) or not isinstance(mr, int):
@@ -113,6 +120,29 @@ class RestartPolicy:
             return step
         low = max(self.backoff, step / 2)
         return (rng or random).uniform(low, step)
+
+
+def _check_start_timeout(value: object) -> None:
+    # Finite and positive, or None: an infinite limit is no limit, which None
+    # says plainly, and a limit of 0 would fail every start.
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"start_timeout must be a number of seconds or None, got {describe(value)}. Pass "
+            f"how long the service's start() may take (e.g. start_timeout=30), or None (the "
+            f"default) for no limit."
+        )
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int with more than about 308 digits
+        seconds = math.inf
+    if not (0 < seconds < math.inf):  # NaN too
+        raise ValueError(
+            f"start_timeout must be a positive, finite number of seconds or None, got "
+            f"{show_number(value)}. Pass how long the service's start() may take (e.g. "
+            f"start_timeout=30), or None (the default) for no limit."
+        )
 
 
 class RestartTracker:

@@ -483,9 +483,12 @@ class DaskPool(DaskCounters, PoolContext):
             # (distributed closes it after failing to reconnect for its
             # timeout). The pool is open: connect again, as after a first
             # connection that failed; a ConnectionError names the address if
-            # no scheduler answers there. What it scattered went with it.
+            # no scheduler answers there. What it scattered went with it, and
+            # the finalizer has nothing left to close in it.
             self._client = self._connecting = None
             self._scattered.clear()
+            with contextlib.suppress(ValueError):
+                self._opened.remove(client)
         # One connection for concurrent first calls: they all await the same future.
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open_client())

@@ -40,7 +40,6 @@ from .._core.errors import PoolClosedError
 from .._core.offload import ABANDONED, QUEUED, RUNNING, SKIPPED, OffloadFuture, new_call
 from .._core.offload import running_loop as _running_loop
 from .._core.poolbase import (
-    DefaultPool,
     PoolContext,
     PoolState,
     complete_waiter,
@@ -64,7 +63,7 @@ from .records import ProcessCall, ProcessPoolStatistics, ProcessWorker, ask_to_e
 from .workers import WorkerSet
 from .writer import LARGE_PAYLOAD, Payload
 
-__all__ = ["ProcessPool", "default_process_pool", "to_process"]
+__all__ = ["ProcessPool"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -115,7 +114,7 @@ class ProcessPool(WorkerSet, PoolContext):
 
     Args:
         max_workers: the most processes at once (default: the CPUs this process may
-            run on, ``os.sched_getaffinity``, else ``os.cpu_count()``).
+            run on, its CPU affinity; a CPU quota is not seen).
         kill_on_cancel: when the awaiting task is cancelled (or a
             ``wait_for`` times out), kill the worker running the call and start
             a new one. Default ``False``: the call is abandoned, the worker
@@ -526,15 +525,6 @@ class ProcessPool(WorkerSet, PoolContext):
             manager.join()
 
 
-def _make_default() -> ProcessPool:
-    pool = ProcessPool(name="default")
-    pool._run_name = "offloop.to_process()"
-    return pool
-
-
-_default: Final = DefaultPool(_make_default, new_after_fork=True)
-
-
 def _disown_workers_after_fork() -> None:
     for pool in pools_of(ProcessPool):
         pool._disown_workers()
@@ -542,38 +532,6 @@ def _disown_workers_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_disown_workers_after_fork)
-
-
-def default_process_pool() -> ProcessPool:
-    """The process-wide pool behind :func:`to_process`, one process per CPU it may use.
-
-    Read its :meth:`~ProcessPool.statistics`, or size it::
-
-        offloop.default_process_pool().max_workers = 2
-    """
-    return _default.get()
-
-
-def to_process(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
-    """Run the CPU-bound ``fn(*args, **kwargs)`` in offloop's default process pool.
-
-    These two lines compute the same, but the second keeps the event loop
-    (and its GIL) free while it runs::
-
-        result = fn(*args, **kwargs)
-        result = await offloop.to_process(fn, *args, **kwargs)
-
-    The pool has one worker process per CPU this process may run on, started
-    on first use and stopped at interpreter exit. See :class:`ProcessPool`
-    for pickling, crashes and cancellation.
-
-    Raises:
-        TypeError: ``fn`` is not callable, or is a coroutine or generator function.
-        NotPicklableError: the function, an argument or the result cannot be pickled.
-        WorkerCrashed: the worker process died while running the call.
-        RuntimeError: no event loop is running in this thread.
-    """
-    return default_process_pool().run(fn, *args, **kwargs)
 
 
 def _nonblocking_pipe() -> tuple[int, int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .._core.extras import require
 from .._core.validate import describe
@@ -178,11 +178,19 @@ class ASGIService(NetworkAdapter):
         try:
             await asyncio.wait({listening, main}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # cancelled: undo what serve() has begun
+            ending: set[asyncio.Task[Any]] = {main}
             if listening.done():
                 uvicorn_exit(server)  # listening: a graceful shutdown closes it all
             else:
                 main.cancel()  # still in the lifespan startup: nothing listens yet
-            await asyncio.wait({main})
+                # uvicorn runs the app's lifespan in a task of its own, which a
+                # cancelled serve() leaves waiting in the app's startup for ever.
+                # (Set by uvicorn's hook since this method cleared it: mypy cannot know.)
+                lifespan = cast("asyncio.Task[Any] | None", self._lifespan_task)
+                if lifespan is not None and not lifespan.done():
+                    lifespan.cancel()
+                    ending.add(lifespan)
+            await asyncio.wait(ending)
             if done.done():
                 done.exception()  # nobody will wait() for this run; uvicorn logged any error
             raise

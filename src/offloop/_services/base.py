@@ -12,7 +12,8 @@ How the Supervisor calls the methods, which services can rely on:
   raises, the next call (if any) is ``start()`` again: ``stop()`` is *not*
   called after a crash, so ``wait()`` must leave nothing running when it raises.
 - ``stop()`` is called while ``wait()`` is pending, or after a ``start()``
-  the shutdown cancelled midway (to clean up what it began). It is cancelled
+  the shutdown (or its ``start_timeout``) cancelled midway (to clean up what
+  it began). It is cancelled
   when the grace period runs out, and then ``kill()`` is called once.
 - If ``start()`` raises on a restart, that counts as a crash, retried per the
   policy; the first ``start()`` raising is a failure to start, which is not

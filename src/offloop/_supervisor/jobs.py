@@ -51,6 +51,7 @@ class JobDecorators:
         on_dependency_restart: DependencyRestart = "restart",
         retry_startup: bool = False,
         startup_window: float = STARTUP_WINDOW,
+        start_timeout: float | None = None,
     ) -> Callable[[F], F]:
         """Decorator: run the function every ``seconds``, as a service; it is returned unchanged.
 
@@ -96,6 +97,8 @@ class JobDecorators:
             startup_window: seconds after the schedule's start during which
                 a run that raises is a failure to start (as for
                 :meth:`service`; 0 turns it off).
+            start_timeout: seconds the schedule's start may take (as for
+                :meth:`add`); ``None`` (default): no limit.
 
         Raises:
             TypeError, ValueError: an argument is of the wrong type or out of
@@ -114,6 +117,7 @@ class JobDecorators:
             restart_window,
             retry_startup,
             startup_window,
+            start_timeout,
         )
         # The schedule is checked now, before the function is known: a bad
         # argument fails at the decorator's line, not at the def below it.
@@ -147,6 +151,7 @@ class JobDecorators:
         on_dependency_restart: DependencyRestart = "restart",
         retry_startup: bool = False,
         startup_window: float = STARTUP_WINDOW,
+        start_timeout: float | None = None,
     ) -> Callable[[F], F]:
         """Decorator: run the function whenever the cron expression ``expr`` says, as a service.
 
@@ -176,6 +181,7 @@ class JobDecorators:
             retry_startup: as for :meth:`every`.
             startup_window: as for :meth:`every` (the first run of a cron
                 job rarely comes within it).
+            start_timeout: as for :meth:`every`.
 
         Raises:
             TypeError, ValueError: the expression cannot be read, the time zone
@@ -194,6 +200,7 @@ class JobDecorators:
             restart_window,
             retry_startup,
             startup_window,
+            start_timeout,
         )
         make_cron(_probe, expr, tz=tz, overlap=overlap, missed=missed, name="x")
 

@@ -49,6 +49,7 @@ class Registration(JobDecorators):
         oneshot: bool = ...,
         retry_startup: bool = ...,
         startup_window: float = ...,
+        start_timeout: float | None = ...,
     ) -> Callable[[F], F]: ...
 
     def service(
@@ -68,6 +69,7 @@ class Registration(JobDecorators):
         oneshot: bool = False,
         retry_startup: bool = False,
         startup_window: float = STARTUP_WINDOW,
+        start_timeout: float | None = None,
     ) -> Any:
         """Decorator: supervise a function as a service; the function is returned unchanged.
 
@@ -109,6 +111,8 @@ class Registration(JobDecorators):
                 fails at once with :class:`~offloop.ServiceFailed` whose
                 ``__cause__`` is the error (a bad token, a missing file). Its
                 readiness is not delayed. ``0`` turns it off.
+            start_timeout: seconds the service's start may take (see
+                :meth:`add`); ``None`` (default): no limit.
 
         Raises:
             TypeError: ``fn`` is not a function, takes more than the token,
@@ -128,6 +132,7 @@ class Registration(JobDecorators):
             restart_window,
             retry_startup,
             startup_window,
+            start_timeout,
         )
 
         def register(f: F) -> F:
@@ -159,6 +164,7 @@ class Registration(JobDecorators):
         on_dependency_restart: DependencyRestart = "restart",
         oneshot: bool = False,
         startup_window: float = 0.0,
+        start_timeout: float | None = None,
     ) -> S:
         """Supervise ``service`` (an adapter or a :class:`~offloop.Service` subclass); return it.
 
@@ -173,6 +179,13 @@ class Registration(JobDecorators):
         that long of the first ``start()`` returning a failure to start too,
         for a service whose ``start()`` returns before it can tell that it
         works (see :meth:`service`).
+
+        ``start_timeout`` (seconds, default ``None``: no limit), as systemd's
+        ``TimeoutStartSec``: a ``start()`` that has not returned by then is
+        cancelled and the service stopped (killed if it does not stop within
+        ``grace``), which counts as a failure to start (the supervisor fails
+        with :class:`~offloop.ServiceFailed` unless ``retry_startup``), or on
+        a restart as a crash. Its error is a :class:`TimeoutError`.
 
         ``depends_on`` names services (added before or after) that must be
         ready before this one starts; it stops before them. When the restart
@@ -212,6 +225,7 @@ class Registration(JobDecorators):
             restart_window,
             retry_startup,
             startup_window,
+            start_timeout,
         )
         self._add(service, policy, depends_on, oneshot, on_dependency_restart)
         return service

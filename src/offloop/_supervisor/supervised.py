@@ -13,6 +13,7 @@ import math
 import time
 from typing import Final, Protocol
 
+from .._core.errors import OffloopError
 from .._core.restart import RestartPolicy, RestartTracker
 from .._services.base import Service, ServiceInterrupted
 from .._services.schedule import ScheduledService
@@ -20,7 +21,7 @@ from .calls import call_service
 from .order import DependencyRestart
 from .status import ServiceState, ServiceStatus
 
-__all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "RecordKeeper", "Supervised"]
+__all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "RecordKeeper", "StartTimeout", "Supervised"]
 
 logger: Final = logging.getLogger("offloop.supervisor")
 
@@ -37,6 +38,14 @@ SHUTDOWN_OVERRUN: Final = 4 * LAST_CHANCE
 _ST = ServiceState
 
 
+class StartTimeout(OffloopError, TimeoutError):
+    """A service's ``start()`` outlived its ``start_timeout``: cancelled, the service stopped.
+
+    The supervisor records it as the service's ``last_error`` (and the
+    ``__cause__`` of the :class:`~offloop.ServiceFailed` it may raise).
+    """
+
+
 class RecordKeeper(Protocol):
     """The supervisor keeping a :class:`Supervised` record, as the record sees it.
 
@@ -45,6 +54,7 @@ class RecordKeeper(Protocol):
     """
 
     name: str
+    grace: float
 
     def _fail(self, e: Supervised, crash: Exception | None, why: str) -> None: ...
 
@@ -109,6 +119,10 @@ class Supervised:
         self.runner: asyncio.Task[None] | None = None
         self.ready: asyncio.Future[None] | None = None
         self.stopping = False
+        # True while the runner stops a service whose start timed out.
+        self.aborting = False
+        # Whether the stop under way has killed the service: kill() is called once.
+        self.killed = False
         # Whether start() has returned once: an error before that is a
         # start-up error, not a crash (see RestartPolicy.retry_startup).
         self.been_ready = False
@@ -168,7 +182,7 @@ class Supervised:
             logger.info("%s: starting service %r", sv, self.name)
             crash: Exception | None = None
             try:
-                await call_service(svc, "start")
+                await self._start()
             except Exception as exc:
                 crash = exc
             else:
@@ -232,13 +246,19 @@ class Supervised:
                 # backoff would only surface the error tens of seconds later.
                 self.last_error = crash
                 logger.error(
-                    "%s: service %r failed to start: %r", sv, self.name, crash, exc_info=crash
+                    "%s: service %r failed to start: %r",
+                    sv,
+                    self.name,
+                    crash,
+                    exc_info=_trace(crash),
                 )
-                self.supervisor._fail(self, crash, self._startup_failure(early))
+                self.supervisor._fail(self, crash, self._startup_failure(early, crash))
                 return
             else:
                 self.last_error = crash
-                logger.error("%s: service %r crashed: %r", sv, self.name, crash, exc_info=crash)
+                logger.error(
+                    "%s: service %r crashed: %r", sv, self.name, crash, exc_info=_trace(crash)
+                )
                 if not self.policy.restarts_after(crashed=True):
                     self.supervisor._fail(self, crash, "it crashed and its policy is restart='no'")
                     return
@@ -288,6 +308,76 @@ class Supervised:
                 return
             self.restarts = upcoming
 
+    async def _start(self) -> None:
+        """Await the service's ``start()``, within its ``start_timeout`` if it has one.
+
+        Raises:
+            StartTimeout: ``start()`` did not return in time; it was cancelled
+                and the service stopped (killed if it did not stop by ``grace``).
+        """
+        limit = self.policy.start_timeout
+        if limit is None:
+            await call_service(self.service, "start")
+            return
+        loop = asyncio.get_running_loop()
+        # A task of its own, waited for with a bound: wait_for() would wait
+        # for ever for a start() that swallows its cancellation.
+        starter = loop.create_task(
+            call_service(self.service, "start"), name=f"offloop-start-{self.name}"
+        )
+        try:
+            await asyncio.wait({starter}, timeout=limit)
+        except BaseException:
+            # Stopped during its start (the runner is cancelled): the start is
+            # cancelled too, and the runner ends with it, as without a limit.
+            starter.cancel()
+            starter.add_done_callback(self._late_start_done)
+            try:
+                await asyncio.wait({starter})
+            except BaseException:  # killed: so is the start that ignored its cancellation
+                starter.cancel()
+                raise
+            raise
+        if starter.done():
+            starter.result()  # its error, if it failed
+            return
+        await self._abort_start(loop, starter, limit)
+        raise StartTimeout(
+            f"The start() of service {self.name!r} did not return within start_timeout={limit:g}s."
+        )
+
+    async def _abort_start(
+        self, loop: asyncio.AbstractEventLoop, starter: asyncio.Task[None], limit: float
+    ) -> None:
+        # As a shutdown stops a service during its start: start() is cancelled
+        # and stop() cleans up what it began; by grace, else kill().
+        logger.warning(
+            "%s: service %r did not become ready within start_timeout=%gs; cancelling its "
+            "start and stopping it",
+            self.supervisor.name,
+            self.name,
+            limit,
+        )
+        starter.cancel()
+        starter.add_done_callback(self._late_start_done)
+        self.aborting = True
+        try:
+            cutoff = loop.time() + max(self.supervisor.grace, LAST_CHANCE)
+            await self._stop_or_kill(loop, cutoff, starter)
+        finally:
+            self.aborting = False
+
+    def _late_start_done(self, starter: asyncio.Task[None]) -> None:
+        # A cancelled start() that raised something else on its way out: the
+        # error belongs in the log (and must not be reported as never retrieved).
+        if not starter.cancelled() and (error := starter.exception()) is not None:
+            logger.error(
+                "%s: the cancelled start of service %r raised",
+                self.supervisor.name,
+                self.name,
+                exc_info=error,
+            )
+
     def _ran_for(self, now: float) -> float | None:
         """How long the first run ran, if it ended within its start-up window; else None."""
         until = self.startup_until
@@ -295,9 +385,16 @@ class Supervised:
             return None
         return now - (until - self.policy.startup_window)
 
-    def _startup_failure(self, early: float | None) -> str:
+    def _startup_failure(self, early: float | None, crash: Exception) -> str:
         """Why the supervisor fails: the service failed to start."""
         how = "add the service with retry_startup=True to retry its start-up"
+        if isinstance(crash, StartTimeout):
+            return (
+                f"it did not become ready within start_timeout={self.policy.start_timeout:g}s "
+                f"(its start() was cancelled and the service stopped), and a failure to "
+                f"start is not retried; raise start_timeout if it needs longer to start, or "
+                f"{how} as its restart policy says"
+            )
         if early is None:
             return (
                 f"it failed to start (before it was ready), which is not retried; fix the "
@@ -312,6 +409,8 @@ class Supervised:
 
     def _crashed_while_stopping(self, crash: BaseException) -> None:
         self.last_error = crash
+        if isinstance(crash, StartTimeout):
+            return  # logged when it happened; the stop under way is the shutdown's
         logger.error(
             "%s: service %r crashed while stopping: %r",
             self.supervisor.name,
@@ -375,6 +474,22 @@ class Supervised:
         if runner is None:  # never started
             self._stopped(hold)
             return
+        if self.aborting:
+            # Its start timed out and the runner is stopping it already: a
+            # second stop() beside that one would only race it. That stop has
+            # its own cutoff, which may end after this one's (its start timed
+            # out during a shutdown): the service is killed by this one's.
+            self.stopping = True
+            self.state = _ST.STOPPING
+            cutoff = max(deadline, loop.time() + LAST_CHANCE)
+            await asyncio.wait({runner}, timeout=cutoff - loop.time())
+            if not runner.done():
+                self._kill("did not stop within the grace period after its start timed out")
+                runner.cancel()
+                await asyncio.wait({runner}, timeout=LAST_CHANCE)
+            self._stopped(hold)
+            logger.info("%s: service %r stopped", sv, self.name)
+            return
         # The runner may already be done with the service still up: asyncio.run()
         # on Python 3.10 cancels every task on Ctrl-C, runners included. So the
         # state decides what to stop, not the runner.
@@ -390,16 +505,27 @@ class Supervised:
         logger.info("%s: stopping service %r", sv, self.name)
         if was_starting:
             runner.cancel()  # interrupt start(); stop() below cleans up what it began
-        polite = False
+        # One cutoff for the polite part, stop() and then the runner: each wait
+        # starting its own last chance made one service overrun by several.
+        await self._stop_or_kill(loop, max(deadline, loop.time() + LAST_CHANCE), runner)
+        self._stopped(hold)
+        logger.info("%s: service %r stopped", sv, self.name)
+
+    async def _stop_or_kill(
+        self, loop: asyncio.AbstractEventLoop, cutoff: float, task: asyncio.Task[None]
+    ) -> None:
+        """Call ``stop()`` and wait for ``task`` (the runner, a start) to end by ``cutoff``.
+
+        Else kill the service and cancel ``task``; returns by ``cutoff + LAST_CHANCE``.
+        """
+        sv = self.supervisor.name
+        polite, self.killed = False, False
         why = "did not stop within the grace period"
         # A task, not wait_for(): on timeout, wait_for() waits for the cancelled
         # stop() to end, which is forever if it swallows the cancellation.
         stopper = loop.create_task(
             call_service(self.service, "stop"), name=f"offloop-stop-{self.name}"
         )
-        # One cutoff for the polite part, stop() and then the runner: each wait
-        # starting its own last chance made one service overrun by several.
-        cutoff = max(deadline, loop.time() + LAST_CHANCE)
         try:
             await asyncio.wait({stopper}, timeout=cutoff - loop.time())
         except BaseException:  # the shutdown itself is cancelled: take the stop along
@@ -415,14 +541,12 @@ class Supervised:
             logger.error("%s: stopping service %r raised", sv, self.name, exc_info=error)
             why = "could not be stopped politely (its stop() raised)"
         else:
-            await asyncio.wait({runner}, timeout=max(cutoff - loop.time(), 0))
-            polite = runner.done()
+            await asyncio.wait({task}, timeout=max(cutoff - loop.time(), 0))
+            polite = task.done()
         if not polite:
             self._kill(why)
-            runner.cancel()
-            await asyncio.wait({runner}, timeout=LAST_CHANCE)
-        self._stopped(hold)
-        logger.info("%s: service %r stopped", sv, self.name)
+            task.cancel()
+            await asyncio.wait({task}, timeout=LAST_CHANCE)
 
     def _late_stop_done(self, stopper: asyncio.Task[None]) -> None:
         # The stop() that outlived the grace period ended after all; its error
@@ -436,6 +560,9 @@ class Supervised:
             )
 
     def _kill(self, why: str) -> None:
+        if self.killed:
+            return  # by the timed-out start's own stop, which the shutdown cut short
+        self.killed = True
         sv = self.supervisor.name
         logger.warning("%s: service %r %s; killed it", sv, self.name, why)
         try:
@@ -445,3 +572,8 @@ class Supervised:
             return
         for what in abandoned:
             logger.warning("%s: service %r abandoned %s", sv, self.name, what)
+
+
+def _trace(crash: Exception) -> Exception | None:
+    # The traceback of a timed-out start would show the supervisor's code, not the service's.
+    return None if isinstance(crash, StartTimeout) else crash

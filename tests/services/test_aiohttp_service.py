@@ -268,3 +268,87 @@ async def test_two_stops_at_once_run_the_shutdown_once_and_both_return() -> None
     assert journal == ["startup", "on_shutdown", "cleanup"]
     assert svc.state.value == "stopped"
     assert refuses(svc.port)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_second_stop_takes_over_when_the_first_is_cancelled() -> None:
+    # The first stop() (the one running the cleanup) is given up, say by a
+    # wait_for() around it: the second must not wait for it for ever.
+    journal: list[str] = []
+    app = make_app(journal)
+    entered = asyncio.Event()
+
+    async def on_shutdown(app: web.Application) -> None:
+        journal.append("on_shutdown")
+        if journal.count("on_shutdown") == 1:
+            entered.set()
+            await asyncio.Event().wait()  # until the first stop() is cancelled
+
+    app.on_shutdown.append(on_shutdown)
+    svc = AiohttpService(app, port=0, access_log=False)
+    await svc.start()
+    first = asyncio.create_task(svc.stop())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    second = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0)  # the second stop() waits for the first one's cleanup
+    first.cancel()
+    await asyncio.wait_for(second, WAIT)
+    assert first.cancelled()
+    # The interrupted shutdown ran again, in full, then the cleanup.
+    assert journal == ["startup", "on_shutdown", "on_shutdown", "cleanup"]
+    assert svc.state.value == "stopped"
+    assert refuses(svc.port)
+    await svc.start()  # stopped for good: it starts again
+    await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_startup_hook_awaiting_stop_fails_the_start_instead_of_hanging() -> None:
+    app = web.Application()
+    blocker = socket.create_server(("127.0.0.1", 0))
+    port = blocker.getsockname()[1]
+    blocker.close()
+    svc = AiohttpService(app, port=port, access_log=False)
+    attempts: list[int] = []
+
+    async def gives_up(app: web.Application) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            await svc.stop()
+
+    app.on_startup.append(gives_up)
+    with pytest.raises(RuntimeError) as info:
+        await asyncio.wait_for(svc.start(), WAIT)
+    assert str(info.value) == (
+        f"Cannot stop <AiohttpService 'aiohttp' starting 127.0.0.1:{port}> from within its "
+        f"own start() (a startup hook awaiting stop()): the start would wait for the stop, and "
+        f"the stop for the start. To fail the start, raise an exception there instead; to stop "
+        f"the service once it has started, run stop() in a task of its own "
+        f"(asyncio.create_task(service.stop())) without awaiting it there."
+    )
+    assert svc.state.value == "crashed"
+    assert refuses(port)
+    await svc.start()  # the failed start was undone: the next one works
+    await svc.stop()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_startup_hook_may_stop_the_service_from_a_task_of_its_own() -> None:
+    journal: list[str] = []
+    app = make_app(journal)
+    svc = AiohttpService(app, port=0, access_log=False)
+    stops: list[asyncio.Task[None]] = []
+
+    async def stops_later(app: web.Application) -> None:
+        stops.append(asyncio.create_task(svc.stop()))
+
+    app.on_startup.append(stops_later)
+    await asyncio.wait_for(svc.start(), WAIT)
+    await asyncio.wait_for(stops[0], WAIT)  # it waited for the start, then stopped it
+    await asyncio.wait_for(svc.wait(), WAIT)
+    assert svc.state.value == "stopped"
+    assert journal == ["startup", "cleanup"]
+    assert refuses(svc.port)

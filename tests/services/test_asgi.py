@@ -331,3 +331,26 @@ async def test_a_start_cancelled_in_the_lifespan_startup_cancels_the_lifespan() 
     assert cancelled.is_set()
     assert svc.state.value == "crashed"
     await svc.stop()  # as the supervisor does after a cancelled start: nothing to do
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_a_lifespan_startup_awaiting_stop_fails_the_start_instead_of_hanging() -> None:
+    svc: ASGIService | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        assert svc is not None
+        await svc.stop()
+        yield
+
+    svc = ASGIService(Starlette(lifespan=lifespan), port=0, access_log=False)
+    with pytest.raises(RuntimeError) as info:
+        await asyncio.wait_for(svc.start(), WAIT)
+    starting = f"<ASGIService 'asgi' starting 127.0.0.1:{svc.port} lifespan=auto>"
+    assert (
+        f"the app's lifespan startup failed (RuntimeError: Cannot stop {starting} from within "
+        f"its own start() (a startup hook awaiting stop())"
+    ) in str(info.value)
+    assert svc.state.value == "crashed"
+    assert refuses(svc.port)

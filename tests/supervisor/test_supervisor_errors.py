@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import functools
 import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -370,48 +372,116 @@ def test_a_bad_supervisor_name_is_refused(name: object, error: type[Exception], 
         Supervisor(name=name)  # type: ignore[arg-type]
 
 
-class _SyncStop(offloop.Service):
-    """A hand-written service whose stop() is a plain def: the supervisor awaits it."""
-
-    name = "handmade"
+class _Inner:
+    def __init__(self) -> None:
+        self.stopped = asyncio.Event()
 
     async def start(self) -> None:
         pass
 
     async def wait(self) -> None:
-        await asyncio.Event().wait()
-
-    def stop(self) -> None:  # type: ignore[override]
-        pass
-
-
-class _SyncStartAndWait(offloop.Service):
-    name = "handmade"
-
-    def start(self) -> None:  # type: ignore[override]
-        pass
-
-    def wait(self) -> None:  # type: ignore[override]
-        pass
+        await self.stopped.wait()
 
     async def stop(self) -> None:
+        self.stopped.set()
+
+
+def _traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # A sync wrapper (tracing, retries) around an 'async def': it returns its coroutine.
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _Delegating(offloop.Service):
+    """start() and stop() are plain defs returning the inner object's coroutines."""
+
+    name = "delegating"
+
+    def __init__(self) -> None:
+        self.inner = _Inner()
+
+    def start(self) -> Awaitable[None]:  # type: ignore[override]
+        return self.inner.start()
+
+    @_traced
+    async def wait(self) -> None:
+        await self.inner.wait()
+
+    def stop(self) -> Awaitable[None]:  # type: ignore[override]
+        return asyncio.ensure_future(self.inner.stop())  # a future is awaitable too
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_methods_that_are_plain_defs_returning_awaitables_are_awaited() -> None:
+    sv = Supervisor()
+    svc = sv.add(_Delegating())
+    serving = asyncio.ensure_future(sv.serve())
+    await asyncio.wait_for(sv.wait_ready(), WAIT)
+    assert sv.status()["delegating"].state == "running"
+    sv.stop()
+    await asyncio.wait_for(serving, WAIT)
+    assert svc.inner.stopped.is_set()
+    assert sv.status()["delegating"].state == "stopped"
+    assert sv.status()["delegating"].last_error is None
+
+
+class _SyncMethod(offloop.Service):
+    """A hand-written service whose method ``broken`` is a plain def returning None."""
+
+    name = "handmade"
+
+    def __init__(self, broken: str) -> None:
+        self.broken = broken
+        self.ended = asyncio.Event()
+        setattr(self, broken, lambda: None)
+
+    async def start(self) -> None:
         pass
 
+    async def wait(self) -> None:
+        await self.ended.wait()
 
-@pytest.mark.parametrize(
-    ("cls", "methods"), [(_SyncStop, "stop()"), (_SyncStartAndWait, "start() and wait()")]
-)
-def test_a_service_whose_methods_are_not_coroutines_is_refused_by_add(
-    cls: type[offloop.Service], methods: str
+    async def stop(self) -> None:
+        self.ended.set()
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("broken", ["start", "wait", "stop"])
+@bounded(10)
+async def test_a_method_that_returns_no_awaitable_is_named_and_the_others_still_stop(
+    broken: str,
 ) -> None:
-    # Left to run time, a plain stop() made the supervisor's own shutdown raise
-    # "a coroutine was expected, got None", leaving the other services running.
-    sv = Supervisor()
-    with pytest.raises(TypeError) as info:
-        sv.add(cls())
-    assert str(info.value) == (
-        f"Supervisor.add() got <{cls.__name__} 'handmade'>, whose {methods} must be "
-        f"'async def' methods: the supervisor awaits start(), wait() and stop() on its loop "
-        f"(kill() is a plain def)."
+    # A plain stop() once made the supervisor's own shutdown raise "a coroutine
+    # was expected, got None", leaving the other services running.
+    sv = Supervisor(grace=WAIT)
+    sv.add(_SyncMethod(broken), restart="no")
+    worker_ended = threading.Event()
+
+    @sv.service
+    def worker(token: StopToken) -> None:
+        token.wait()
+        worker_ended.set()
+
+    serving = asyncio.ensure_future(sv.serve())
+    if broken == "stop":
+        await asyncio.wait_for(sv.wait_ready(), WAIT)
+        sv.stop()
+        await asyncio.wait_for(serving, WAIT)
+        assert worker_ended.is_set()  # its token was set: it was stopped, not abandoned
+    else:
+        with pytest.raises(ServiceFailed) as info:
+            await asyncio.wait_for(serving, WAIT)
+        assert info.value.service == "handmade"
+    assert sv.status()["worker"].state == "stopped"
+    assert not [t for t in threading.enumerate() if t.name == "offloop-service-worker"]
+    error = sv.status()["handmade"].last_error
+    assert isinstance(error, TypeError)
+    assert str(error) == (
+        f"The {broken}() of service 'handmade' (<_SyncMethod 'handmade'>) returned None, not "
+        f"an awaitable. The supervisor awaits start(), wait() and stop() on its loop: make "
+        f"{broken}() an 'async def' method, or have it return a coroutine or future."
     )
-    assert sv.services == {}

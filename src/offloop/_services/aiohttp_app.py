@@ -68,8 +68,9 @@ class AiohttpService(NetworkAdapter):
         self.app = app
         self.access_log = bool(access_log)
         self._runner: Any = None
-        # The runner a stop() is cleaning up, so that a second stop() waits for it.
-        self._cleaning: Any = None
+        # Settled when the stop() running the runner's cleanup has ended (done
+        # or cancelled): a second stop() waits for it.
+        self._cleaning: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<AiohttpService {self.name!r} {self._state.value} {self._where()}>"
@@ -115,15 +116,19 @@ class AiohttpService(NetworkAdapter):
         """
         await self._start_settled()
         done = self._mark_stopping()
-        runner = self._runner
-        if done is None or runner is None:
-            return
-        if self._cleaning is runner:
+        while True:
+            runner = self._runner
+            if done is None or runner is None or done.done():
+                return
+            cleaning = self._cleaning
+            if cleaning is None:
+                break
             # Another stop() is running the cleanup: aiohttp's cannot run twice
-            # at once (the hooks would run again, then it fails half-way).
-            await asyncio.wait({done})
-            return
-        self._cleaning = runner
+            # at once (the hooks would run again, then it fails half-way). Once
+            # it has ended, the run is over, unless that stop() was cancelled
+            # half-way: then this one runs the cleanup again.
+            await asyncio.wait({cleaning})
+        cleaning = self._cleaning = asyncio.get_running_loop().create_future()
         try:
             await runner.cleanup()
         except Exception:
@@ -134,6 +139,7 @@ class AiohttpService(NetworkAdapter):
             raise
         finally:
             self._cleaning = None
+            cleaning.set_result(None)
             if runner.server is None:  # cleanup got through (kill() needs it otherwise)
                 self._runner = None
         self._finish(done)
@@ -165,6 +171,8 @@ def _runner_class(web: Any) -> type[Any]:
             offloop_shutdown_failed = False
 
             async def shutdown(self) -> None:
+                # Per call: a stop() cancelled here is followed by another.
+                self.offloop_shutdown_failed = False
                 try:
                     await super().shutdown()
                 except BaseException:

@@ -202,6 +202,13 @@ class ASGIService(NetworkAdapter):
     def _on_lifespan_task(self, task: asyncio.Task[Any] | None) -> None:
         self._lifespan_task = task
 
+    def _start_tasks(self) -> set[asyncio.Task[object]]:
+        # The app's lifespan startup runs in a task of uvicorn's, which start() waits for.
+        tasks = super()._start_tasks()
+        if self._lifespan_task is not None:
+            tasks.add(self._lifespan_task)
+        return tasks
+
     def _startup_failure(self, code: object) -> RuntimeError:
         failure = self._lifespan_failures.get("startup")
         why = (

@@ -107,6 +107,8 @@ class LifecycleService(Service):
         self._done: asyncio.Future[None] | None = None
         # Settled when the current start() has ended, ready or not (see _start_settled).
         self._starting: asyncio.Future[None] | None = None
+        # The task that runs the current start() (see _start_tasks).
+        self._start_task: asyncio.Task[object] | None = None
         # The runs kill() abandoned that may still end: their future -> what ran them.
         self._abandoned: dict[asyncio.Future[None], str] = {}
 
@@ -132,10 +134,12 @@ class LifecycleService(Service):
         self._state = LifecycleState.STARTING
         loop = asyncio.get_running_loop()
         self._starting = loop.create_future()
+        self._start_task = asyncio.current_task()
         self._done = loop.create_future()
         return self._done
 
     def _start_ended(self) -> None:
+        self._start_task = None
         starting = self._starting
         if starting is not None and not starting.done():
             starting.set_result(None)
@@ -147,10 +151,28 @@ class LifecycleService(Service):
         startup hook, a lifespan): returning at once would leave the start to
         bring up a server nobody stops, in a state saying "stopping". (A
         supervisor cancels the start before it stops the service.)
+
+        Raises:
+            RuntimeError: called from within that start (a startup hook
+                awaiting ``stop()``), which would then never end.
         """
         starting = self._starting
         if self._state is LifecycleState.STARTING and starting is not None:
+            if asyncio.current_task() in self._start_tasks():
+                # A startup hook stopping its own service: each would wait
+                # for the other for ever.
+                raise RuntimeError(
+                    f"Cannot stop {self!r} from within its own start() (a startup hook "
+                    f"awaiting stop()): the start would wait for the stop, and the stop for "
+                    f"the start. To fail the start, raise an exception there instead; to stop "
+                    f"the service once it has started, run stop() in a task of its own "
+                    f"(asyncio.create_task(service.stop())) without awaiting it there."
+                )
             await asyncio.wait({starting})
+
+    def _start_tasks(self) -> set[asyncio.Task[object]]:
+        """The tasks the current ``start()`` waits for, whose code it runs (startup hooks)."""
+        return set() if self._start_task is None else {self._start_task}
 
     def _ready(self) -> None:
         """The run has started (unless it already ended or is being stopped)."""

@@ -41,6 +41,13 @@ from .lifecycle import LifecycleState
 __all__ = ["ProcessService", "kill_children"]
 
 _KILL_JOIN = 2.0  # SIGKILL cannot be ignored; this only covers the kernel reaping it
+# Without a pidfd, how long and how often the loop looks for the exit code of a
+# child whose files have closed: first soon (it is exiting, so the code is
+# there almost at once), then less often. A child still running by then closed
+# them itself, and nothing would tell when it ends: it is killed.
+_EXITING_WAIT = 2.0
+_FIRST_POLL = 0.0005
+_LAST_POLL = 0.05
 
 #: The service children not yet joined. The process objects, not their pids:
 #: multiprocessing may reap a child elsewhere (active_children(), any new
@@ -178,6 +185,43 @@ class ProcessService(FunctionService):
         while self._ending is None and conn is not None and not conn.closed and conn.poll():
             self._on_message(ready, done)
         kind, exc = self._ending or ("exit", None)
+        process = self._process
+        if self._pidfd is None and process is not None and process.exitcode is None:
+            # The sentinel (and EOF) fire as the child's files close, a step
+            # before the kernel has its exit code: wait for it, off the loop's
+            # back. A pidfd fires once the exit code is there.
+            if conn is not None and not conn.closed:
+                asyncio.get_running_loop().remove_reader(conn.fileno())
+            deadline = time.monotonic() + _EXITING_WAIT
+            self._await_exit(process, ready, done, kind, exc, deadline, _FIRST_POLL)
+            return
+        self._on_exit(ready, done, kind, exc)
+
+    def _await_exit(
+        self,
+        process: multiprocessing.process.BaseProcess,
+        ready: asyncio.Future[None],
+        done: asyncio.Future[None],
+        kind: str,
+        exc: BaseException | None,
+        deadline: float,
+        delay: float,
+    ) -> None:
+        """Poll ``process``'s exit code from the loop until it is there, then end the run."""
+        if done.done() or self._process is not process:
+            return  # kill() or a cancelled start() has reaped it meanwhile
+        if process.exitcode is None:
+            if time.monotonic() < deadline:
+                asyncio.get_running_loop().call_later(
+                    delay,
+                    self._await_exit,
+                    *(process, ready, done, kind, exc, deadline, min(2 * delay, _LAST_POLL)),
+                )
+                return
+            # Its files are closed but it runs on (it closed them itself): with
+            # nothing left to hear it by, it is ended rather than left behind.
+            self._on_exit(ready, done, kind, exc, kill=True)
+            return
         self._on_exit(ready, done, kind, exc)
 
     def _on_exit(
@@ -186,12 +230,19 @@ class ProcessService(FunctionService):
         done: asyncio.Future[None],
         kind: str,
         exc: BaseException | None,
+        *,
+        kill: bool = False,
     ) -> None:
-        exitcode = self._reap(kill=False)
+        exitcode = self._reap(kill=kill)
         if kind not in ("ok", "error") and self._state is not LifecycleState.STOPPING:
+            how = (
+                f"closed its pipes to the parent but did not exit within {_EXITING_WAIT:g}s, "
+                f"so it was killed (exit code {exitcode})"
+                if kill
+                else f"died with exit code {exitcode}"
+            )
             exc = WorkerCrashed(
-                f"The process of service {self.name!r} (pid {self.pid}) died with exit code "
-                f"{exitcode}.",
+                f"The process of service {self.name!r} (pid {self.pid}) {how}.",
                 exitcode=exitcode,
                 pid=self.pid,
             )
@@ -218,8 +269,9 @@ class ProcessService(FunctionService):
         if kill and process.is_alive():
             process.kill()
         # Without kill, the child is known to be gone, so its exit code is there
-        # at once. Not join(): it waits on the sentinel, which a process the
-        # child forked may hold open long after the child is gone.
+        # at once (_on_death waited for it when no pidfd said so). Not join():
+        # it waits on the sentinel, which a process the child forked may hold
+        # open long after the child is gone.
         exitcode = _exit_code(process, _KILL_JOIN if kill else 0.0)
         if exitcode is not None:
             _live_children.discard(process)

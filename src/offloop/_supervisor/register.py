@@ -7,7 +7,6 @@ supervisor's state) stays there.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast, overload
 
@@ -198,9 +197,10 @@ class Registration(JobDecorators):
         (ready, for its dependents too). See docs/supervisor.md.
 
         Raises:
-            TypeError: ``service`` is not a :class:`~offloop.Service`, its
-                ``start()``, ``wait()`` or ``stop()`` is not an ``async def``,
-                or ``depends_on`` is not a list of names.
+            TypeError: ``service`` is not a :class:`~offloop.Service`, or
+                ``depends_on`` is not a list of names. (A ``start()``,
+                ``wait()`` or ``stop()`` that returns no awaitable fails when
+                the supervisor calls it, with a ``TypeError`` naming it.)
             ValueError: a policy value is out of range, the name is taken,
                 ``oneshot=True`` with ``restart="always"``, or
                 ``on_dependency_restart`` is neither ``"restart"`` nor ``"keep"``.
@@ -216,16 +216,6 @@ class Registration(JobDecorators):
                 f"Supervisor.add() needs an offloop.Service (e.g. offloop.WSGIService(app)), "
                 f"got {describe(service)}.{hint}"
             )
-        # A plain def fails only when awaited: a stop() deep in the shutdown,
-        # which then leaves the other services running.
-        sync = [m for m in ("start", "wait", "stop") if not _is_async(getattr(service, m))]
-        if sync:
-            methods = " and ".join(f"{m}()" for m in sync)
-            raise TypeError(
-                f"Supervisor.add() got {service!r}, whose {methods} must be 'async def' "
-                f"methods: the supervisor awaits start(), wait() and stop() on its loop "
-                f"(kill() is a plain def)."
-            )
         check_on_dependency_restart(on_dependency_restart, getattr(service, "name", None))
         policy = RestartPolicy(
             restart,
@@ -239,8 +229,3 @@ class Registration(JobDecorators):
         )
         self._add(service, policy, depends_on, oneshot, on_dependency_restart)
         return service
-
-
-def _is_async(method: object) -> bool:
-    # An 'async def' method, or a callable marked as one (AsyncMock).
-    return inspect.iscoroutinefunction(method)

@@ -17,6 +17,7 @@ from .._core.errors import OffloopError
 from .._core.restart import RestartPolicy, RestartTracker
 from .._services.base import Service, ServiceInterrupted
 from .._services.schedule import ScheduledService
+from .calls import call_service
 from .order import DependencyRestart
 from .status import ServiceState, ServiceStatus
 
@@ -201,7 +202,7 @@ class Supervised:
                         self.ready.set_result(None)
                     self.supervisor._ready_again(self)
                 try:
-                    await svc.wait()
+                    await call_service(svc, "wait")
                 except Exception as exc:
                     crash = exc
             # Only the first run has a window: once it ended, the service ran.
@@ -316,12 +317,14 @@ class Supervised:
         """
         limit = self.policy.start_timeout
         if limit is None:
-            await self.service.start()
+            await call_service(self.service, "start")
             return
         loop = asyncio.get_running_loop()
         # A task of its own, waited for with a bound: wait_for() would wait
         # for ever for a start() that swallows its cancellation.
-        starter = loop.create_task(self.service.start(), name=f"offloop-start-{self.name}")
+        starter = loop.create_task(
+            call_service(self.service, "start"), name=f"offloop-start-{self.name}"
+        )
         try:
             await asyncio.wait({starter}, timeout=limit)
         except BaseException:
@@ -520,7 +523,9 @@ class Supervised:
         why = "did not stop within the grace period"
         # A task, not wait_for(): on timeout, wait_for() waits for the cancelled
         # stop() to end, which is forever if it swallows the cancellation.
-        stopper = loop.create_task(self.service.stop(), name=f"offloop-stop-{self.name}")
+        stopper = loop.create_task(
+            call_service(self.service, "stop"), name=f"offloop-stop-{self.name}"
+        )
         try:
             await asyncio.wait({stopper}, timeout=cutoff - loop.time())
         except BaseException:  # the shutdown itself is cancelled: take the stop along

@@ -193,6 +193,23 @@ def refuses(port: int) -> bool:
     return False
 
 
+async def stop_during_start(svc: Any, entered: asyncio.Event, release: asyncio.Event) -> None:
+    """Call ``svc.stop()`` while its ``start()`` waits in a hook; both must end, the port closed.
+
+    ``entered`` is set by the hook as it begins, which then waits for ``release``.
+    """
+    start = asyncio.create_task(svc.start())
+    await asyncio.wait_for(entered.wait(), QUICK_WAIT)
+    stop = asyncio.create_task(svc.stop())
+    await asyncio.sleep(0)  # stop() has run up to its first wait
+    assert not stop.done(), "stop() returned while start() was still starting the service"
+    release.set()
+    await asyncio.wait_for(start, QUICK_WAIT)
+    await asyncio.wait_for(stop, QUICK_WAIT)
+    assert svc.state.value == "stopped"
+    assert refuses(svc.port)
+
+
 async def http_get(url: str) -> tuple[int, str]:
     """GET ``url`` with aiohttp on the running loop: the status and the text."""
     import aiohttp  # here, not at the top: every test file imports this module

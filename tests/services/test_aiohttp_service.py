@@ -11,7 +11,7 @@ from aiohttp import web
 
 from offloop import AiohttpService, Supervisor
 from tests.helpers import QUICK_WAIT as WAIT
-from tests.helpers import await_until, bounded, http_get, refuses
+from tests.helpers import await_until, bounded, http_get, refuses, stop_during_start
 
 
 def make_app(journal: list[str], gate: asyncio.Event | None = None) -> web.Application:
@@ -178,17 +178,8 @@ async def test_stop_during_start_waits_for_the_start_then_stops() -> None:
     app.on_startup.append(slow_startup)
     app.on_shutdown.append(shutdown)
     svc = AiohttpService(app, port=0, access_log=False)
-    start = asyncio.create_task(svc.start())
-    await asyncio.wait_for(entered.wait(), WAIT)
-    stop = asyncio.create_task(svc.stop())
-    await asyncio.sleep(0)  # stop() has run up to its first wait
-    assert not stop.done()
-    release.set()
-    await asyncio.wait_for(start, WAIT)
-    await asyncio.wait_for(stop, WAIT)
-    assert svc.state.value == "stopped"
+    await stop_during_start(svc, entered, release)
     assert journal == ["shutdown"]
-    assert refuses(svc.port)
 
 
 def _keep_alive_request(port: int) -> socket.socket:

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from offloop import ASGIService, Supervisor
 from tests.helpers import QUICK_WAIT as WAIT
-from tests.helpers import bounded, http_get, refuses
+from tests.helpers import bounded, http_get, refuses, stop_during_start
 
 
 def make_app(
@@ -292,17 +292,8 @@ async def test_stop_during_start_waits_for_the_start_then_stops() -> None:
         journal.append("shutdown")
 
     svc = ASGIService(Starlette(lifespan=lifespan), port=0, access_log=False)
-    start = asyncio.create_task(svc.start())
-    await asyncio.wait_for(entered.wait(), WAIT)
-    stop = asyncio.create_task(svc.stop())
-    await asyncio.sleep(0)  # stop() has run up to its first wait
-    assert not stop.done()
-    release.set()
-    await asyncio.wait_for(start, WAIT)
-    await asyncio.wait_for(stop, WAIT)
-    assert svc.state.value == "stopped"
+    await stop_during_start(svc, entered, release)
     assert journal == ["shutdown"]
-    assert refuses(svc.port)
 
 
 @pytest.mark.loops("asyncio")

@@ -88,11 +88,17 @@ async def test_a_call_first_looked_at_late_gives_its_slot_while_it_sleeps_in_io(
     # holds no CPU, and must, or two calls in recv fill both slots.
     measure_as(monkeypatch, computing=True)
     original = Worker.is_waiting
-    monkeypatch.setattr(
-        Worker,
-        "is_waiting",
-        lambda self, now, period, running: original(self, now, 0.0, running),
-    )
+
+    def first_looked_at_in_recv(self: Worker, now: float, period: float, running: int) -> bool:
+        # The pool's first look comes once the thread sleeps in recv. A thread
+        # slow to get there (queued for a core) would be judged computing
+        # first; real readings would correct that at the next window, but the
+        # fixed ones here never do.
+        if self.call is not None and not self.sleeps_outside_futex(now):
+            return False
+        return original(self, now, 0.0, running)
+
+    monkeypatch.setattr(Worker, "is_waiting", first_looked_at_in_recv)
     reader, writer = socket.socketpair()
     try:
         async with offloop.ThreadPool(8, name="late-look") as pool:

@@ -105,12 +105,7 @@ def describe_thread(thread: threading.Thread) -> str:
     frame = sys._current_frames().get(thread.ident or -1)
     if frame is None:
         return f"thread {thread.name!r} (no stack: it is not running Python code)"
-    # threading's bootstrap, asyncio's loop and offloop's own frames say nothing
-    # about why it hangs; the user's frames do.
-    every = traceback.extract_stack(frame)
-    frames = [f for f in every if not f.filename.startswith(_MACHINERY)] or every[-1:]
-    stack = "".join(traceback.format_list(frames)).rstrip()
-    return f"thread {thread.name!r}, currently at:\n{stack}"
+    return f"thread {thread.name!r}, currently at:\n{_user_stack(traceback.extract_stack(frame))}"
 
 
 def describe_task(task: asyncio.Task[Any]) -> str:
@@ -124,10 +119,15 @@ def describe_task(task: asyncio.Task[Any]) -> str:
     while coro is not None and (frame := getattr(coro, "cr_frame", None)) is not None:
         frames.append((frame, frame.f_lineno))
         coro = getattr(coro, "cr_await", None)
-    every = traceback.StackSummary.extract(frames)
-    user = [f for f in every if not f.filename.startswith(_MACHINERY)] or every[-1:]
-    stack = "".join(traceback.format_list(user)).rstrip()
+    stack = _user_stack(traceback.StackSummary.extract(frames))
     return f"task {task.get_name()!r}, which ignores its cancellation, currently at:\n{stack}"
+
+
+def _user_stack(every: traceback.StackSummary) -> str:
+    # threading's bootstrap, asyncio's loop and offloop's own frames say nothing
+    # about why it hangs; the user's frames do (the innermost frame if none is).
+    frames = [f for f in every if not f.filename.startswith(_MACHINERY)] or every[-1:]
+    return "".join(traceback.format_list(frames)).rstrip()
 
 
 class FunctionService(LifecycleService):

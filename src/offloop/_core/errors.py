@@ -4,16 +4,16 @@ Each subclass also inherits the builtin exception that carries its meaning, so
 code that already catches ``RuntimeError`` or ``ImportError`` keeps working::
 
     OffloopError(Exception)
-    ├── PoolClosedError(RuntimeError)      run() on a pool that is closing or closed
-    ├── WouldDeadlockError(RuntimeError)   a blocking crossing made on a running loop's thread
-    ├── CallerGoneError(RuntimeError)      the side waiting for a crossing went away
-    ├── WorkerCrashed(RuntimeError)        the process running a call died
-    ├── NotPicklableError(TypeError)       a call's function, argument or result won't pickle
-    ├── PoolConnectionError(ConnectionError) a pool cannot reach, or lost, its cluster's scheduler
-    ├── ServiceFailed(RuntimeError)        a supervised service failed beyond its restart policy
-    ├── StatusPortError(OSError)           a supervisor cannot listen on its status_port
-    ├── LoopBlockedError(AssertionError)   the pytest plugin saw the loop block
-    └── MissingExtraError(ImportError)     an optional integration is not installed
+    ├── PoolClosedError(RuntimeError)         run() on a pool that is closing or closed
+    ├── WouldDeadlockError(RuntimeError)      a blocking crossing made on a running loop's thread
+    ├── CallerGoneError(RuntimeError)         the side waiting for a crossing went away
+    ├── WorkerCrashed(RuntimeError)           the process running a call died
+    ├── NotPicklableError(TypeError)          a call's function, argument or result won't pickle
+    ├── PoolConnectionError(ConnectionError)  a pool cannot reach, or lost, its cluster's scheduler
+    ├── ServiceFailed(RuntimeError)           a supervised service failed beyond its restart policy
+    ├── StatusPortError(OSError)              a supervisor cannot listen on its status_port
+    ├── LoopBlockedError(AssertionError)      the pytest plugin saw the loop block
+    └── MissingExtraError(ImportError)        an optional integration is not installed
 """
 
 from __future__ import annotations

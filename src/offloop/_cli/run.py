@@ -25,7 +25,7 @@ from .._core.errors import ServiceFailed, StatusPortError
 from .._core.validate import describe
 from .._supervisor.logs import LogFormat, make_handler
 from .._supervisor.signals import run_with_signals
-from .._supervisor.status import ServiceState
+from .._supervisor.status import ServiceState, SupervisorState
 from .._supervisor.supervisor import Supervisor
 
 __all__ = ["load_supervisor", "register", "render_table"]
@@ -236,12 +236,12 @@ def load_supervisor(target: str) -> Supervisor:
                 f"the module {module_name!r} has no attribute {attr!r}.{hint}"
             ) from None
     if isinstance(obj, Supervisor):
-        return obj
+        return _not_started(obj, module_name, target)
     if callable(obj):
         _check_factory(obj, target)
         result = obj()
         if isinstance(result, Supervisor):
-            return result
+            return _not_started(result, module_name, target)
         raise TargetError(
             f"{target!r} is a callable, but calling it returned {describe(result)}, "
             f"not an offloop.Supervisor."
@@ -249,6 +249,21 @@ def load_supervisor(target: str) -> Supervisor:
     raise TargetError(
         f"{target!r} is {describe(obj)}, not an offloop.Supervisor (or a function that "
         f"returns one)."
+    )
+
+
+def _not_started(sv: Supervisor, module_name: str, target: str) -> Supervisor:
+    # A module written as a script calls sv.run() at its top level, as the
+    # README's examples do: importing it ran the supervisor until Ctrl-C, and
+    # serving it again would fail with "it has already run and stopped".
+    if sv.state is SupervisorState.NEW:
+        return sv
+    raise TargetError(
+        f"importing the module {module_name!r} already started {target!r} ({sv!r}), and a "
+        f"Supervisor runs once: the module calls sv.run() (or serve()) when it is imported. "
+        f"Put that call under 'if __name__ == \"__main__\":' so that "
+        f"'python {module_name.replace('.', os.sep)}.py' still runs it and "
+        f"'offloop run {target}' can."
     )
 
 

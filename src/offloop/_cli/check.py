@@ -303,9 +303,18 @@ def render_report(
     """
     limit = f"{threshold * 1e3:g} ms"
     if not sites:
-        return (
+        clean = (
             f"offloop check: no event loop blocked for more than {limit} "
             f"({loops} event loop(s) watched).\n"
+        )
+        if loops:
+            return clean
+        # Nothing ran on a loop: most likely a module written for 'offloop run'.
+        return clean + (
+            "The script started no event loop, so there was nothing to watch. If it only "
+            "defines a Supervisor for 'offloop run app:sv', check that with "
+            "'offloop run app:sv --detect-blocking', or call sv.run() under "
+            "'if __name__ == \"__main__\":'.\n"
         )
     blocks = sum(s.count for s in sites)
     where = [f"{_short(s.file, start)}:{s.line}" for s in sites]

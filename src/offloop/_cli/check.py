@@ -441,8 +441,8 @@ class _ReportOnForcedExit:
         replace_forced_exit_code(exit_code)
         text = _report_text(self._args, self._watch.loops, sites, exit_code, forced, self._cwd)
         print(
-            f"offloop check: the program was forced to exit (exit code {forced}); the report "
-            f"counts the blocks still under way.",
+            f"offloop check: the script's supervisor could not stop it gracefully and forced "
+            f"it to exit (code {forced}); the report counts the blocks still under way.",
             file=sys.stderr,
             flush=True,
         )

@@ -146,3 +146,32 @@ def test_a_module_that_runs_its_supervisor_when_imported_is_refused_with_the_fix
     monkeypatch.delitem(sys.modules, "runs_app")  # the command line imports it afresh
     assert cli_main(["run", "runs_app:sv", "--plain"]) == 2
     assert capsys.readouterr().err.endswith(f"offloop run: error: {message}\n")
+
+
+MADE_UNDER_MAIN = """
+import offloop
+
+if __name__ == "__main__":
+    sv = offloop.Supervisor(name="app")
+    sv.run()
+"""
+
+
+def test_a_supervisor_made_under_the_main_guard_is_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "guarded_app.py").write_text(textwrap.dedent(MADE_UNDER_MAIN))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "guarded_app", raising=False)
+    with pytest.raises(TargetError) as info:
+        load_supervisor("guarded_app:sv")
+    assert str(info.value) == (
+        "the module 'guarded_app' has no attribute 'sv'. It is made under "
+        "'if __name__ == \"__main__\":', which an import skips. Make it at the top level and "
+        "keep only sv.run() under the guard."
+    )
+    # A name the guard does not make gets no such hint.
+    with pytest.raises(TargetError) as info:
+        load_supervisor("guarded_app:other")
+    assert str(info.value) == "the module 'guarded_app' has no attribute 'other'."

@@ -10,6 +10,7 @@ extra); otherwise, or with ``--plain``, the supervisor's log lines.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import importlib.util
 import inspect
@@ -231,7 +232,11 @@ def load_supervisor(target: str) -> Supervisor:
             obj = getattr(obj, part)
         except AttributeError:
             found = [n for n, v in vars(module).items() if isinstance(v, Supervisor)]
-            hint = f" Supervisors in it: {', '.join(found)}." if found else ""
+            hint = (
+                f" Supervisors in it: {', '.join(found)}."
+                if found
+                else _guard_hint(module, attr.split(".")[0])
+            )
             raise TargetError(
                 f"the module {module_name!r} has no attribute {attr!r}.{hint}"
             ) from None
@@ -250,6 +255,31 @@ def load_supervisor(target: str) -> Supervisor:
         f"{target!r} is {describe(obj)}, not an offloop.Supervisor (or a function that "
         f"returns one)."
     )
+
+
+def _guard_hint(module: Any, name: str) -> str:
+    # A script's habit: everything under the __main__ guard, which an import skips.
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        return ""
+    for node in tree.body:
+        if not (isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)):
+            continue
+        for inner in ast.walk(node):
+            targets = (
+                inner.targets
+                if isinstance(inner, ast.Assign)
+                else [inner.target]
+                if isinstance(inner, ast.AnnAssign)
+                else []
+            )
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return (
+                    f" It is made under 'if __name__ == \"__main__\":', which an import "
+                    f"skips. Make it at the top level and keep only {name}.run() under the guard."
+                )
+    return ""
 
 
 def _not_started(sv: Supervisor, module_name: str, target: str) -> Supervisor:

@@ -15,7 +15,7 @@ from typing import IO
 
 import pytest
 
-from offloop._cli.check import BLOCKED_EXIT_CODE
+from offloop._cli.check import BLOCKED_EXIT_CODE, render_report
 from offloop._cli.main import build_parser
 from tests.helpers import line_of
 
@@ -490,3 +490,15 @@ def test_a_script_ended_by_a_signal_still_gets_its_report(
     # block too, on a loaded machine: only the script's block must be there.
     sites = [(s["file"], s["line"]) for s in document["sites"]]
     assert (str(app), line_of("BLOCK", app)) in sites, sites
+
+
+def test_a_script_that_starts_no_loop_is_told_why_nothing_was_watched() -> None:
+    # A module that only defines a Supervisor (for 'offloop run app:sv') runs nothing.
+    assert render_report([], 0.1, 0) == (
+        "offloop check: no event loop blocked for more than 100 ms (0 event loop(s) watched).\n"
+        "The script started no event loop, so there was nothing to watch. If it only "
+        "defines a Supervisor for 'offloop run app:sv', check that with "
+        "'offloop run app:sv --detect-blocking', or call sv.run() under "
+        "'if __name__ == \"__main__\":'.\n"
+    )
+    assert "started no event loop" not in render_report([], 0.1, 1)

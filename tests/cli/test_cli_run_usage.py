@@ -108,3 +108,70 @@ def test_every_combination_of_ignored_signals_names_what_still_works(
         _say_which_signals_are_ignored("app", [])  # nothing ignored: nothing said
     (record,) = caplog.records
     assert says.format(pid=os.getpid()) in record.getMessage()
+
+
+RUNS_AT_IMPORT = """
+import offloop
+
+sv = offloop.Supervisor(grace=1, name="app")
+
+
+@sv.service
+async def bot():
+    sv.stop()
+
+
+sv.run()  # at the top level, as a script would: importing the module runs it
+"""
+
+
+def test_a_module_that_runs_its_supervisor_when_imported_is_refused_with_the_fix(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "runs_app.py").write_text(textwrap.dedent(RUNS_AT_IMPORT))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    message = (
+        "importing the module 'runs_app' already started 'runs_app:sv' (<Supervisor 'app' "
+        "stopped (1 stopped) grace=1>), and a Supervisor runs once: the module calls "
+        "sv.run() (or serve()) when it is imported. Put that call under "
+        "'if __name__ == \"__main__\":' so that 'python runs_app.py' still runs it and "
+        "'offloop run runs_app:sv' can."
+    )
+    with pytest.raises(TargetError) as info:
+        load_supervisor("runs_app:sv")
+    assert str(info.value) == message
+    monkeypatch.delitem(sys.modules, "runs_app")  # the command line imports it afresh
+    assert cli_main(["run", "runs_app:sv", "--plain"]) == 2
+    assert capsys.readouterr().err.endswith(f"offloop run: error: {message}\n")
+
+
+MADE_UNDER_MAIN = """
+import offloop
+
+if __name__ == "__main__":
+    sv = offloop.Supervisor(name="app")
+    sv.run()
+"""
+
+
+def test_a_supervisor_made_under_the_main_guard_is_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "guarded_app.py").write_text(textwrap.dedent(MADE_UNDER_MAIN))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "guarded_app", raising=False)
+    with pytest.raises(TargetError) as info:
+        load_supervisor("guarded_app:sv")
+    assert str(info.value) == (
+        "the module 'guarded_app' has no attribute 'sv'. It is made under "
+        "'if __name__ == \"__main__\":', which an import skips. Make it at the top level and "
+        "keep only sv.run() under the guard."
+    )
+    # A name the guard does not make gets no such hint.
+    with pytest.raises(TargetError) as info:
+        load_supervisor("guarded_app:other")
+    assert str(info.value) == "the module 'guarded_app' has no attribute 'other'."

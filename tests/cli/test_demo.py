@@ -144,6 +144,21 @@ def test_a_missing_program_is_a_clear_error(tmp_path: Path) -> None:
         load_demo_program(tmp_path / "chatbot.py")
 
 
+def test_every_missing_extra_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One install line, not one round trip per package.
+    from offloop import MissingExtraError
+    from offloop._cli.demo import load_demo_program
+
+    monkeypatch.setitem(sys.modules, "flask", None)  # its import now fails
+    monkeypatch.setitem(sys.modules, "watchdog", None)
+    with pytest.raises(MissingExtraError) as info:
+        load_demo_program()
+    assert str(info.value) == (
+        "offloop demo needs the packages 'flask' and 'watchdog', which are not installed. "
+        "Install them with: pip install 'offloop[flask,watch]'"
+    )
+
+
 def test_without_a_checkout_the_demo_loads_the_installed_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -39,11 +39,30 @@ def _two_args(a: int, b: int) -> None:
     pass
 
 
+def _ticks() -> Any:
+    yield "tick"
+
+
+async def _async_ticks() -> Any:
+    yield "tick"
+
+
 @pytest.mark.parametrize(
     ("register", "error", "message"),
     [
         (lambda sv: sv.service(42), TypeError, "needs an 'async def' or plain 'def' function"),
         (lambda sv: sv.service(_two_args), TypeError, "which needs the arguments (a, b)"),
+        (
+            lambda sv: sv.service(_ticks),
+            TypeError,
+            "got function '_ticks', a generator function (it contains 'yield'), which would "
+            "only make a generator object: write it without 'yield'.",
+        ),
+        (
+            lambda sv: sv.every(1)(_async_ticks),
+            TypeError,
+            "got function '_async_ticks', an async generator function (it contains 'yield')",
+        ),
         (
             lambda sv: sv.service(isolate="thread")(_never),
             TypeError,

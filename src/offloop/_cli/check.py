@@ -25,12 +25,14 @@ import runpy
 import signal
 import sys
 import threading
+import time
 import traceback
 from types import FrameType
 from typing import Any, Final, TextIO
 
+from .._core.forcedexit import forced_exit_code, on_forced_exit, replace_forced_exit_code
 from .._detect.hook import LoopWatch
-from .._detect.report import BlockEvent, BlockSite
+from .._detect.report import BlockEvent, BlockSite, SiteTable
 from .._detect.thresholds import MAX_THRESHOLD, MIN_THRESHOLD, threshold_out_of_range
 
 __all__ = [
@@ -118,9 +120,11 @@ def main(args: argparse.Namespace) -> int:
     cwd = os.getcwd()
     script = os.path.abspath(args.script)
     output = None if args.output is None else os.path.abspath(args.output)
+    blocks = _Blocks()
     with (
         _TerminateAsException(),
-        LoopWatch(threshold=threshold, on_block=_announce_ongoing) as watch,
+        LoopWatch(threshold=threshold, on_block=blocks.seen) as watch,
+        _ReportOnForcedExit(args, watch, blocks, script, cwd, output),
     ):
         code = run_script(args.script, args.args)
         try:
@@ -134,19 +138,7 @@ def main(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sites = [_trim(site, script) for site in watch.report()]
     exit_code = BLOCKED_EXIT_CODE if sites else code
-    if args.json:
-        document = {
-            "threshold": threshold,
-            "loops": watch.loops,
-            "blocks": sum(s.count for s in sites),
-            # The command's own exit code, as the process exits with it.
-            "exit_code": exit_code,
-            "script_exit_code": code,
-            "sites": [s.to_dict() for s in sites],
-        }
-        text = json.dumps(document, indent=2) + "\n"
-    else:
-        text = render_report(sites, threshold, watch.loops, stacks=args.stacks, start=cwd)
+    text = _report_text(args, watch.loops, sites, exit_code, code, cwd)
     if output is not None:
         try:
             with open(output, "w", encoding="utf-8") as out:
@@ -161,6 +153,28 @@ def main(args: argparse.Namespace) -> int:
     else:
         _write(sys.stdout, text)
     return exit_code
+
+
+def _report_text(
+    args: argparse.Namespace,
+    loops: int,
+    sites: list[BlockSite],
+    exit_code: int,
+    script_exit_code: int,
+    cwd: str,
+) -> str:
+    if args.json:
+        document = {
+            "threshold": args.threshold,
+            "loops": loops,
+            "blocks": sum(s.count for s in sites),
+            # The command's own exit code, as the process exits with it.
+            "exit_code": exit_code,
+            "script_exit_code": script_exit_code,
+            "sites": [s.to_dict() for s in sites],
+        }
+        return json.dumps(document, indent=2) + "\n"
+    return render_report(sites, args.threshold, loops, stacks=args.stacks, start=cwd)
 
 
 def run_script(path: str, argv: list[str]) -> int:
@@ -289,9 +303,18 @@ def render_report(
     """
     limit = f"{threshold * 1e3:g} ms"
     if not sites:
-        return (
+        clean = (
             f"offloop check: no event loop blocked for more than {limit} "
             f"({loops} event loop(s) watched).\n"
+        )
+        if loops:
+            return clean
+        # Nothing ran on a loop: most likely a module written for 'offloop run'.
+        return clean + (
+            "The script started no event loop, so there was nothing to watch. If it only "
+            "defines a Supervisor for 'offloop run app:sv', check that with "
+            "'offloop run app:sv --detect-blocking', or call sv.run() under "
+            "'if __name__ == \"__main__\":'.\n"
         )
     blocks = sum(s.count for s in sites)
     where = [f"{_short(s.file, start)}:{s.line}" for s in sites]
@@ -326,11 +349,111 @@ def _trim(site: BlockSite, script: str) -> BlockSite:
     return site
 
 
-def _announce_ongoing(event: BlockEvent) -> None:
-    # A script whose loop never comes back would otherwise show nothing
-    # until it is interrupted: say where it is stuck as soon as it is clear.
-    if event.ongoing:
-        print(f"offloop check: {event}", file=sys.stderr, flush=True)
+class _Blocks:
+    """The watch's ``on_block``: says when a loop looks stuck, and keeps the blocks under way.
+
+    A block enters the watch's report when its loop comes back. A supervised
+    program whose loop never does is ended by the supervisor's forced exit
+    (``os._exit``), so the report written then adds the blocks still under way.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # By monitor thread: each watched loop has its own.
+        self._under_way: dict[int, tuple[BlockEvent, float]] = {}
+
+    def seen(self, event: BlockEvent) -> None:
+        with self._lock:
+            if event.ongoing:
+                self._under_way[threading.get_ident()] = (event, time.monotonic())
+            else:
+                self._under_way.pop(threading.get_ident(), None)
+        if event.ongoing:
+            # A script whose loop never comes back would otherwise show nothing
+            # until it is interrupted: say where it is stuck as soon as it is clear.
+            print(f"offloop check: {event}", file=sys.stderr, flush=True)
+
+    def sites_with_those_under_way(self, watch: LoopWatch) -> list[BlockSite]:
+        table = SiteTable()
+        for event in watch.events:
+            table.add(event)
+        now = time.monotonic()
+        with self._lock:
+            under_way = list(self._under_way.values())
+        for event, noticed in under_way:
+            lasted = event.duration_ms + (now - noticed) * 1e3
+            table.add(dataclasses.replace(event, duration_ms=lasted, ongoing=False))
+        return table.report()
+
+
+#: Seconds a forced exit waits for the report: a full stdout pipe must not keep
+#: the process alive, which is what the forced exit is for.
+FORCED_REPORT_WAIT: Final = 0.5
+
+
+class _ReportOnForcedExit:
+    """While active, a forced exit of the script's supervisor writes the report first.
+
+    It then exits with 3 if the report has blocks, as after a script that ended.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        watch: LoopWatch,
+        blocks: _Blocks,
+        script: str,
+        cwd: str,
+        output: str | None,
+    ) -> None:
+        self._args, self._watch, self._blocks = args, watch, blocks
+        self._script, self._cwd, self._output = script, cwd, output
+        self._active = False
+
+    def __enter__(self) -> _ReportOnForcedExit:
+        self._active = True
+        on_forced_exit(self._on_forced_exit)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._active = False
+
+    def _on_forced_exit(self) -> None:
+        if not self._active:
+            return
+        forced = forced_exit_code()
+        if forced is None:
+            return
+        # On a thread of its own: the hook may run in a signal handler on the
+        # main thread, and writing may block; the forced exit waits a bounded time.
+        writer = threading.Thread(
+            target=self._write, args=(forced,), name="offloop-check-report", daemon=True
+        )
+        writer.start()
+        writer.join(FORCED_REPORT_WAIT)
+
+    def _write(self, forced: int) -> None:
+        sites = [
+            _trim(site, self._script)
+            for site in self._blocks.sites_with_those_under_way(self._watch)
+        ]
+        exit_code = BLOCKED_EXIT_CODE if sites else forced
+        replace_forced_exit_code(exit_code)
+        text = _report_text(self._args, self._watch.loops, sites, exit_code, forced, self._cwd)
+        print(
+            f"offloop check: the script's supervisor could not stop it gracefully and forced "
+            f"it to exit (code {forced}); the report counts the blocks still under way.",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self._output is not None:
+            try:
+                with open(self._output, "w", encoding="utf-8") as out:
+                    out.write(text)
+                return
+            except OSError:
+                pass  # printed instead, as after a script that ended
+        _write(sys.stdout, text)
 
 
 def _short(path: str, start: str | None) -> str:

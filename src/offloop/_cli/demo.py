@@ -49,6 +49,7 @@ def load_demo_program(path: Path | None = None) -> ModuleType:
         FileNotFoundError: offloop was installed without its examples folder.
         MissingExtraError: a package the demo shows is not installed.
     """
+    from .._core.errors import MissingExtraError
     from .._core.extras import require
 
     candidates = [path] if path is not None else demo_program_candidates()
@@ -59,8 +60,23 @@ def load_demo_program(path: Path | None = None) -> ModuleType:
             f"install offloop from its wheel, or run the demo from a source checkout of "
             f"offloop (git clone, then 'make demo')."
         )
+    missing = []
     for package, extra in NEEDS.items():
-        require(package, extra, feature="offloop demo")
+        try:
+            require(package, extra, feature="offloop demo")
+        except MissingExtraError as exc:
+            missing.append((package, extra, exc))
+    if len(missing) == 1:
+        raise missing[0][2]
+    if missing:
+        # One install line for all of them, not one round trip per package.
+        names = [repr(package) for package, _, _ in missing]
+        listed = f"{', '.join(names[:-1])} and {names[-1]}"
+        extras = ",".join(extra for _, extra, _ in missing)
+        raise MissingExtraError(
+            f"offloop demo needs the packages {listed}, which are not installed. "
+            f"Install them with: pip install 'offloop[{extras}]'"
+        ) from missing[0][2]
     spec = importlib.util.spec_from_file_location("offloop_demo_chatbot", path)
     assert spec is not None
     assert spec.loader is not None

@@ -10,6 +10,7 @@ extra); otherwise, or with ``--plain``, the supervisor's log lines.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import importlib.util
 import inspect
@@ -25,7 +26,7 @@ from .._core.errors import ServiceFailed, StatusPortError
 from .._core.validate import describe
 from .._supervisor.logs import LogFormat, make_handler
 from .._supervisor.signals import run_with_signals
-from .._supervisor.status import ServiceState
+from .._supervisor.status import ServiceState, SupervisorState
 from .._supervisor.supervisor import Supervisor
 
 __all__ = ["load_supervisor", "register", "render_table"]
@@ -231,17 +232,21 @@ def load_supervisor(target: str) -> Supervisor:
             obj = getattr(obj, part)
         except AttributeError:
             found = [n for n, v in vars(module).items() if isinstance(v, Supervisor)]
-            hint = f" Supervisors in it: {', '.join(found)}." if found else ""
+            hint = (
+                f" Supervisors in it: {', '.join(found)}."
+                if found
+                else _guard_hint(module, attr.split(".")[0])
+            )
             raise TargetError(
                 f"the module {module_name!r} has no attribute {attr!r}.{hint}"
             ) from None
     if isinstance(obj, Supervisor):
-        return obj
+        return _not_started(obj, module_name, target)
     if callable(obj):
         _check_factory(obj, target)
         result = obj()
         if isinstance(result, Supervisor):
-            return result
+            return _not_started(result, module_name, target)
         raise TargetError(
             f"{target!r} is a callable, but calling it returned {describe(result)}, "
             f"not an offloop.Supervisor."
@@ -249,6 +254,46 @@ def load_supervisor(target: str) -> Supervisor:
     raise TargetError(
         f"{target!r} is {describe(obj)}, not an offloop.Supervisor (or a function that "
         f"returns one)."
+    )
+
+
+def _guard_hint(module: Any, name: str) -> str:
+    # A script's habit: everything under the __main__ guard, which an import skips.
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        return ""
+    for node in tree.body:
+        if not (isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)):
+            continue
+        for inner in ast.walk(node):
+            targets = (
+                inner.targets
+                if isinstance(inner, ast.Assign)
+                else [inner.target]
+                if isinstance(inner, ast.AnnAssign)
+                else []
+            )
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return (
+                    f" It is made under 'if __name__ == \"__main__\":', which an import "
+                    f"skips. Make it at the top level and keep only {name}.run() under the guard."
+                )
+    return ""
+
+
+def _not_started(sv: Supervisor, module_name: str, target: str) -> Supervisor:
+    # A module written as a script calls sv.run() at its top level, as the
+    # README's examples do: importing it ran the supervisor until Ctrl-C, and
+    # serving it again would fail with "it has already run and stopped".
+    if sv.state is SupervisorState.NEW:
+        return sv
+    raise TargetError(
+        f"importing the module {module_name!r} already started {target!r} ({sv!r}), and a "
+        f"Supervisor runs once: the module calls sv.run() (or serve()) when it is imported. "
+        f"Put that call under 'if __name__ == \"__main__\":' so that "
+        f"'python {module_name.replace('.', os.sep)}.py' still runs it and "
+        f"'offloop run {target}' can."
     )
 
 

@@ -61,7 +61,21 @@ def check_service_function(fn: object, where: str) -> None:
             f"{where} needs a function, but got a coroutine object ({describe(fn)}). "
             f"Decorate the 'async def' function itself, without calling it."
         )
-    if not callable(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+    kind = (
+        "an async generator function"
+        if inspect.isasyncgenfunction(fn)
+        else "a generator function"
+        if inspect.isgeneratorfunction(fn)
+        else None
+    )
+    if kind is not None:
+        # The 'def' looks right to whoever wrote it: say that the 'yield' is the problem.
+        raise TypeError(
+            f"{where} needs an 'async def' or plain 'def' function, got {describe(fn)}, "
+            f"{kind} (it contains 'yield'), which would only make a generator object: write it "
+            f"without 'yield'."
+        )
+    if not callable(fn):
         raise TypeError(
             f"{where} needs an 'async def' or plain 'def' function, got {describe(fn)}."
         )

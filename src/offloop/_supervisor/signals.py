@@ -308,8 +308,7 @@ def _force_exit(
             with contextlib.suppress(Exception):
                 on_forced_exit()
         # Kills isolate='process' children, among others: os._exit skips every cleanup.
-        run_forced_exit_hooks()
-        os._exit(128 + signum)
+        os._exit(run_forced_exit_hooks(128 + signum))
 
     timer = threading.Timer(LAST_WORDS_WAIT, exit_now)
     timer.daemon = True

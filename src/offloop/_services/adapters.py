@@ -20,6 +20,7 @@ from .lifecycle import LifecycleService, LifecycleState
 
 __all__ = [
     "NetworkAdapter",
+    "adapter_for",
     "check_app_signature",
     "check_host_port",
     "check_name",
@@ -62,11 +63,43 @@ def check_app_signature(app: Any, arguments: str, counts: tuple[int, ...], where
         except TypeError:
             continue
         return
+    adapter = adapter_for(app)
+    hint = (
+        f"It looks like an app for offloop.{adapter}: supervise it with "
+        f"offloop.{adapter}(app) instead."
+        if adapter is not None and adapter != where.rsplit(".", 1)[-1]
+        else f"If it is an app factory, pass the app it returns: {where}(create_app())."
+    )
     raise TypeError(
         f"{where}(app) needs an application called as app({arguments}), but "
-        f"{describe(app)} cannot take those arguments. If it is an app factory, pass "
-        f"the app it returns: {where}(create_app())."
+        f"{describe(app)} cannot take those arguments. {hint}"
     )
+
+
+#: The adapter for an app of a framework, by the top-level package of its
+#: class (or of a base class): the usual mix-up is an app handed to the
+#: adapter of another protocol.
+_ADAPTERS: Final = {
+    "aiohttp": "AiohttpService",
+    "flask": "WSGIService",
+    "django": "WSGIService",
+    "bottle": "WSGIService",
+    "falcon": "WSGIService",
+    "pyramid": "WSGIService",
+    "starlette": "ASGIService",
+    "fastapi": "ASGIService",
+    "quart": "ASGIService",
+    "litestar": "ASGIService",
+}
+
+
+def adapter_for(app: Any) -> str | None:
+    """The name of the offloop adapter for ``app``'s framework, or None if unknown."""
+    for cls in type(app).__mro__:
+        adapter = _ADAPTERS.get(cls.__module__.partition(".")[0])
+        if adapter is not None:
+            return adapter
+    return None
 
 
 def check_host_port(host: object, port: object, where: str) -> tuple[str, int]:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+import offloop
 from offloop import Service, ServiceFailed, Supervisor
 from tests.helpers import WAIT, await_until
 from tests.supervisor.test_supervisor import Recorder
@@ -98,6 +99,7 @@ async def test_a_start_beyond_start_timeout_is_cancelled_and_fails_the_superviso
         'start_timeout=0.2s.").'
     )
     cause = info.value.__cause__
+    assert isinstance(cause, offloop.StartTimeout)
     assert isinstance(cause, TimeoutError)
     # Its start was cancelled (its finally ran) and stop() cleaned up after it,
     # once: the shutdown that followed did not stop it again.

@@ -148,6 +148,7 @@ def test_error_hierarchy_has_one_base_and_builtin_meanings() -> None:
         offloop.WorkerCrashed: RuntimeError,
         offloop.NotPicklableError: TypeError,
         offloop.ServiceFailed: RuntimeError,
+        offloop.StartTimeout: TimeoutError,
         offloop.LoopBlockedError: AssertionError,
         offloop.MissingExtraError: ImportError,
         offloop.StatusPortError: OSError,

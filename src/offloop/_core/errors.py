@@ -11,6 +11,7 @@ code that already catches ``RuntimeError`` or ``ImportError`` keeps working::
     ├── NotPicklableError(TypeError)          a call's function, argument or result won't pickle
     ├── PoolConnectionError(ConnectionError)  a pool cannot reach, or lost, its cluster's scheduler
     ├── ServiceFailed(RuntimeError)           a supervised service failed beyond its restart policy
+    ├── StartTimeout(TimeoutError)            a service's start() outlived its start_timeout
     ├── StatusPortError(OSError)              a supervisor cannot listen on its status_port
     ├── LoopBlockedError(AssertionError)      the pytest plugin saw the loop block
     └── MissingExtraError(ImportError)        an optional integration is not installed
@@ -27,6 +28,7 @@ __all__ = [
     "PoolClosedError",
     "PoolConnectionError",
     "ServiceFailed",
+    "StartTimeout",
     "StatusPortError",
     "WorkerCrashed",
     "WouldDeadlockError",
@@ -102,6 +104,15 @@ class ServiceFailed(OffloopError, RuntimeError):
     def __init__(self, message: str, *, service: str):
         super().__init__(message)
         self.service = service
+
+
+class StartTimeout(OffloopError, TimeoutError):
+    """A service's ``start()`` outlived its ``start_timeout``: cancelled, the service stopped.
+
+    The supervisor records it as the service's ``last_error`` (and the
+    ``__cause__`` of the :class:`~offloop.ServiceFailed` it may raise when the
+    service was never ready); on a restart it counts as a crash.
+    """
 
 
 class StatusPortError(OffloopError, OSError):

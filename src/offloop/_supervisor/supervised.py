@@ -13,7 +13,7 @@ import math
 import time
 from typing import Final, Protocol
 
-from .._core.errors import OffloopError
+from .._core.errors import StartTimeout
 from .._core.restart import RestartPolicy, RestartTracker
 from .._services.base import Service, ServiceInterrupted
 from .._services.schedule import ScheduledService
@@ -21,7 +21,7 @@ from .calls import call_service
 from .order import DependencyRestart
 from .status import ServiceState, ServiceStatus
 
-__all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "RecordKeeper", "StartTimeout", "Supervised"]
+__all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "RecordKeeper", "Supervised"]
 
 logger: Final = logging.getLogger("offloop.supervisor")
 
@@ -36,14 +36,6 @@ LAST_CHANCE: Final = 0.1
 SHUTDOWN_OVERRUN: Final = 4 * LAST_CHANCE
 
 _ST = ServiceState
-
-
-class StartTimeout(OffloopError, TimeoutError):
-    """A service's ``start()`` outlived its ``start_timeout``: cancelled, the service stopped.
-
-    The supervisor records it as the service's ``last_error`` (and the
-    ``__cause__`` of the :class:`~offloop.ServiceFailed` it may raise).
-    """
 
 
 class RecordKeeper(Protocol):

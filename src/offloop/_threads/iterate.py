@@ -8,7 +8,7 @@ import functools
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, Final, Generic, ParamSpec, TypeVar, final, overload
 
@@ -37,6 +37,16 @@ T = TypeVar("T")
 
 #: Items a producer thread may run ahead of the consumer by default.
 DEFAULT_BUFFER: Final = 16
+
+#: How often (seconds) a producer waiting for room in a full buffer checks
+#: whether its loop was closed without the shutdown that stops it (see
+#: _until_loop_shutdown). Only a waiting producer checks: an item that finds
+#: room never waits for it.
+LOOP_CHECK: Final = 0.5
+
+#: Seconds the loop's shutdown waits for a producer it stopped to close its
+#: source (a generator's ``finally``) and give its thread back.
+SHUTDOWN_WAIT: Final = 1.0
 
 
 @overload
@@ -140,6 +150,8 @@ class _Shared(Generic[T]):
         self.waiter: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished = False
+        # Finished because its loop ended, with the source not exhausted.
+        self.loop_ended = False
         self.token: StopToken | None = None
         # Set by aclose(), which then raises a failure of the source's close();
         # without it (the iterator was dropped), producer_done() logs it.
@@ -152,6 +164,12 @@ class _Shared(Generic[T]):
             token = self.token
             if token is not None:
                 token.set(_CLOSED)  # and a source that polls its token
+
+    def end_with_loop(self) -> None:
+        """The consumer's loop has ended: nobody can take an item any more."""
+        if not self.finished:
+            self.loop_ended = self.finished = True
+        self.request_stop()
 
     def producer(self) -> Callable[[], None]:
         """The function the worker runs, named after the source for logs and messages."""
@@ -171,10 +189,17 @@ class _Shared(Generic[T]):
         token = self.token = current_token()
         token.add_callback(lambda _: self.request_stop())
         iterator = None
+        space = self.space
         try:
             iterator = iter(self.iterable)
             while True:
-                self.space.acquire()
+                while not space.acquire(timeout=LOOP_CHECK):
+                    if loop.is_closed():
+                        # Its loop was closed with the iterator still referenced
+                        # (and not by asyncio.run, whose shutdown of async
+                        # generators stops it sooner): nobody can take an item.
+                        self.end_with_loop()
+                        break
                 if self.stop:
                     if not self.finished:  # not the consumer's doing: its pool is closing
                         post(
@@ -236,6 +261,35 @@ class _Shared(Generic[T]):
             )
 
 
+async def _until_loop_shutdown(
+    shared: _Shared[Any], producer: OffloadFuture[None]
+) -> AsyncGenerator[None, None]:
+    """Stops the producer when its loop shuts down (``loop.shutdown_asyncgens()``).
+
+    An async generator that never resumes: started once on the consumer's
+    loop, that loop knows it (PEP 525's first-iteration hook), and its
+    shutdown, which ``asyncio.run`` and ``asyncio.Runner`` (and uvloop's) run
+    before closing the loop, closes it. An iterator kept referenced (a global)
+    after its loop ended would otherwise hold its producer, blocked on a full
+    buffer, and its thread, until it is collected.
+    """
+    try:
+        yield
+    finally:
+        # The iterator's own end closes this too, once finished (synchronously:
+        # nothing to wait for here then).
+        if not shared.finished:
+            shared.end_with_loop()
+            if not producer.done():
+                # The shutdown waits for the source's close, as aclose() does,
+                # but bounded: a source stuck in next() must not hold up the
+                # program's exit. Without the wait, a program that exits just
+                # after asyncio.run() would find the producer not yet ended.
+                # A timeout, or the close's error (producer_done logs it), ends it.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(producer), SHUTDOWN_WAIT)
+
+
 def _stopped_early(why: str) -> PoolClosedError:
     return PoolClosedError(
         f"The thread producing items for offloop.iterate() stopped before the source was "
@@ -255,6 +309,8 @@ class ThreadedIterator(AsyncIterator[T]):
         self._shared: _Shared[T] = _Shared(iterable, buffer)
         self._pool = pool
         self._producer: OffloadFuture[None] | None = None
+        # Holds only the shared state, never this iterator (see _until_loop_shutdown).
+        self._watch: AsyncGenerator[None, None] | None = None
 
     def __aiter__(self) -> ThreadedIterator[T]:
         return self
@@ -262,11 +318,22 @@ class ThreadedIterator(AsyncIterator[T]):
     async def __anext__(self) -> T:
         shared = self._shared
         if shared.finished:
+            if shared.loop_ended:
+                raise RuntimeError(
+                    f"{self!r} was closed when the event loop it ran on ended, before its "
+                    f"source was exhausted (the source was closed, its thread freed). An "
+                    f"iterator belongs to the loop of its first item: create a new "
+                    f"offloop.iterate() on this loop."
+                )
             raise StopAsyncIteration
         if self._producer is None:
             shared.loop = asyncio.get_running_loop()
             self._producer = (self._pool or default_thread_pool()).run(shared.producer())
             self._producer.add_done_callback(shared.producer_done)
+            watch = self._watch = _until_loop_shutdown(shared, self._producer)
+            # Up to its yield, here on the loop, so that the loop's hook sees it.
+            with contextlib.suppress(StopIteration):
+                watch.asend(None).send(None)
         while not shared.items:
             if self._shared.finished:
                 raise StopAsyncIteration
@@ -282,6 +349,7 @@ class ThreadedIterator(AsyncIterator[T]):
             except asyncio.CancelledError:
                 shared.request_stop()
                 self._shared.finished = True
+                self._unwatch()
                 raise
             finally:
                 shared.waiter = None
@@ -291,6 +359,7 @@ class ThreadedIterator(AsyncIterator[T]):
             return value  # type: ignore[no-any-return]
         self._shared.finished = True
         shared.request_stop()
+        self._unwatch()
         if kind == _END:
             raise StopAsyncIteration
         raise crossable(value, f"offloop.iterate()'s source {describe(shared.iterable)}")
@@ -304,6 +373,7 @@ class ThreadedIterator(AsyncIterator[T]):
         shared = self._shared
         shared.finished = True
         shared.request_stop()
+        self._unwatch()
         waiter = shared.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)  # a task waiting for the next item ends its iteration
@@ -338,6 +408,18 @@ class ThreadedIterator(AsyncIterator[T]):
         if shared is not None:
             shared.finished = True  # nobody reads items any more
             shared.request_stop()
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        # Closed here, synchronously (the iterator has finished, so its finally
+        # awaits nothing): a generator left unfinished would be handed to its
+        # loop's finalizer when collected, which fails once that loop is closed.
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            self._watch = None
+            # RuntimeError: the loop's shutdown is closing it at this moment.
+            with contextlib.suppress(StopIteration, RuntimeError):
+                watch.aclose().send(None)
 
     def __repr__(self) -> str:
         state = (
@@ -360,7 +442,13 @@ def iterate(
     Breaking out of the loop, cancelling the consuming task or calling
     ``aclose()`` stops the producer, closes a generator source (its
     ``finally`` runs, in the worker) and frees the worker. Exceptions raised
-    by the source propagate to the consumer.
+    by the source propagate to the consumer. An iterator still referenced
+    when its event loop ends is closed the same way: by the loop's shutdown
+    of its async generators (``asyncio.run``, ``asyncio.Runner``, uvloop),
+    which waits up to a second for the source's ``finally``; or, for a loop
+    closed without it, by a producer waiting for room in a full buffer,
+    which looks every half second. Taking an item from it after that raises
+    ``RuntimeError``.
 
     Raises:
         TypeError: ``iterable`` is not iterable, or ``buffer`` is not an int.

@@ -163,6 +163,41 @@ def test_shutdown_cancel_futures_stops_calls_in_flight() -> None:
         pool.close()
 
 
+def test_code_that_sizes_its_work_by_the_executor_sees_the_pools_size_now() -> None:
+    # dask.compute(scheduler=executor) keeps executor._max_workers tasks in
+    # flight: after pool.max_workers is raised it must run that many at once,
+    # not as many as the pool had when the view was made.
+    from dask.base import compute
+    from dask.delayed import delayed
+
+    pool = offloop.ThreadPool(2, name="view-sized")
+    try:
+        view = pool.executor()
+        assert view._max_workers == 2
+        pool.max_workers = 4
+        assert view._max_workers == 4
+        # Four tasks that each wait for all four: they finish only if dask
+        # submits them together.
+        barrier = threading.Barrier(4, timeout=WAIT)
+        tasks = [delayed(barrier.wait)(dask_key_name=f"wait-{i}") for i in range(4)]
+        results = compute(*tasks, scheduler=view)  # type: ignore[no-untyped-call]
+        assert sorted(results) == [0, 1, 2, 3]
+        pool.max_workers = 1
+        assert view._max_workers == 1
+        with pytest.raises(AttributeError, match=r"set pool\.max_workers = 3 instead"):
+            view._max_workers = 3
+        assert pool.max_workers == 1
+    finally:
+        pool.close()
+    processes = offloop.ProcessPool(1)
+    try:
+        view = processes.executor()
+        processes.max_workers = 3
+        assert view._max_workers == 3
+    finally:
+        processes.close()
+
+
 @pytest.mark.loops("asyncio")
 async def test_a_process_pool_as_the_default_executor() -> None:
     async with offloop.ProcessPool(1) as pool:

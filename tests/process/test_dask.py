@@ -297,8 +297,11 @@ async def test_no_scheduler_at_the_address_is_a_clear_error(
         port = sock.getsockname()[1]
     pool = offloop.DaskPool(f"tcp://127.0.0.1:{port}", connect_timeout=0.5)
     try:
-        with pytest.raises(ConnectionError, match=rf"at 'tcp://127.0.0.1:{port}' within 0.5 s"):
+        with pytest.raises(
+            offloop.PoolConnectionError, match=rf"at 'tcp://127.0.0.1:{port}' within 0.5 s"
+        ) as info:
             await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
+        assert info.value.__cause__ is not None  # distributed's own error, kept
     finally:
         await pool.aclose()
     # The half-open client was closed, not left with a never-awaited close().
@@ -558,10 +561,17 @@ async def test_a_pool_whose_scheduler_went_away_connects_again_on_the_next_call(
         await await_until(lambda: client.status != "running", WAIT, "the client to see it gone")
         # Made while the client tries to reconnect: it gives up, and the call
         # says the connection was lost (not that the user closed a client).
-        with pytest.raises(ConnectionError, match=r"connection to the Dask scheduler was lost"):
+        with pytest.raises(
+            offloop.PoolConnectionError, match=r"connection to the Dask scheduler was lost"
+        ) as info:
             await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
+        # Dask's own error (the closed client or cancelled future) stays as the cause.
+        assert isinstance(
+            info.value.__cause__,
+            (distributed.client.ClosedClientError, distributed.client.FutureCancelledError),
+        )
         await await_until(lambda: client.status == "closed", WAIT, "the client to give up")
-        with pytest.raises(ConnectionError, match=rf"at '{address}' within 0.5 s"):
+        with pytest.raises(offloop.PoolConnectionError, match=rf"at '{address}' within 0.5 s"):
             await asyncio.wait_for(pool.run(add, 1, 2), WAIT)
         async with distributed.LocalCluster(**options):
             assert (await asyncio.wait_for(pool.run(add, 2, 2), WAIT))[0] == 4

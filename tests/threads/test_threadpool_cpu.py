@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import offloop
+from offloop._threads import lifecycle as lifecycle_module
 from offloop._threads import pool as pool_module
 from offloop._threads import workers as workers_module
 from offloop._threads.workers import Worker
@@ -389,48 +390,103 @@ def ran(started: list[int], n: int) -> bool:
     return len(started) == n
 
 
-async def test_new_threads_are_started_by_a_worker_that_ends_a_call_not_by_the_loop(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Thread.start() waits until the new thread runs: under GIL contention
-    # that stalls the caller for several switch intervals, so the loop leaves
-    # it to a worker that ends a call.
-    starters: list[str] = []
+class Start:
+    """One worker thread the pool started: by which thread, when, and whether it starts the rest."""
+
+    def __init__(self, worker: Worker, starts_others: bool) -> None:
+        self.worker = worker
+        self.by = threading.current_thread().name
+        self.at = time.monotonic()
+        self.starts_others = starts_others
+
+
+def record_starts(monkeypatch: pytest.MonkeyPatch) -> list[Start]:
+    """Every thread start of every ThreadPool from now on, in order."""
+    starts: list[Start] = []
     real_start = pool_module.ThreadPool._start_thread
 
     def spy(self: Any, worker: Worker, *, starts_others: bool = False) -> None:
-        starters.append(threading.current_thread().name)
+        starts.append(Start(worker, starts_others))
         real_start(self, worker, starts_others=starts_others)
 
     monkeypatch.setattr(pool_module.ThreadPool, "_start_thread", spy)
+    return starts
+
+
+def named(gate: threading.Event, threads: dict[int, str]) -> Callable[[int], int]:
+    """A call that notes the thread it runs on, then waits for ``gate``."""
+
+    def blocked(i: int) -> int:
+        threads[i] = threading.current_thread().name
+        gate.wait(WAIT)
+        return i
+
+    return blocked
+
+
+async def test_a_thread_wanted_beside_busy_ones_is_started_by_the_next_worker_to_end_a_call(
+    monkeypatch: pytest.MonkeyPatch, rebalances: Callable[[int], Any]
+) -> None:
+    # Thread.start() waits until the new thread runs: under GIL contention
+    # that stalls the caller for several switch intervals, so the loop leaves
+    # a wanted thread to a worker that ends a call, for START_GRACE. With a
+    # grace that never runs out, nothing but a worker may start it, however
+    # often the pool looks and however slow the machine is.
+    monkeypatch.setattr(lifecycle_module, "START_GRACE", 3600.0)
+    starts = record_starts(monkeypatch)
+    loop_thread = threading.current_thread().name
+    first_gate, second_gate = threading.Event(), threading.Event()
+    threads: dict[int, str] = {}
+    async with offloop.ThreadPool(4, name="starts") as pool:
+        first_fn, second_fn = named(first_gate, threads), named(second_gate, threads)
+        # As if the pool had learnt that these wait: their calls take threads at once.
+        pool._waits[first_fn.__code__] = workers_module.WAITS_AFTER
+        first = pool.run(first_fn, 1)
+        # The pool's first thread: nobody else could start it, so run() does.
+        assert [(s.by, s.starts_others) for s in starts] == [(loop_thread, True)]
+        await await_until(lambda: 1 in threads, WAIT, "the first call to run")
+        second = pool.run(second_fn, 2)  # wants a thread of its own: the only one is busy
+        assert len(pool._unstarted) == 1
+        await rebalances(REBALANCES)
+        assert len(starts) == 1, "the loop started a thread a worker was to start"
+        assert len(pool._unstarted) == 1
+        assert 2 not in threads
+        first_gate.set()
+        assert await asyncio.wait_for(first, WAIT) == 1
+        await await_until(lambda: 2 in threads, WAIT, "the second call to run")
+        # Started by the worker whose call ended, after it posted its result.
+        assert [(s.by, s.starts_others) for s in starts[1:]] == [(threads[1], False)]
+        assert pool._unstarted == []
+        second_gate.set()
+        assert await asyncio.wait_for(second, WAIT) == 2
+
+
+async def test_the_loop_starts_a_wanted_thread_once_no_worker_came_by_for_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every worker is blocked, so none ends a call to start the threads the
+    # new calls want: after START_GRACE the loop starts one itself, and that
+    # thread starts the others (the loop pays for one start only).
+    starts = record_starts(monkeypatch)
+    loop_thread = threading.current_thread().name
     gate, started = threading.Event(), list[int]()
     blocked = gated(gate, started)
-    async with offloop.ThreadPool(8, name="starts") as pool:
-        # As if the pool had learnt that blocked() waits: its calls take threads at once.
+    async with offloop.ThreadPool(4, name="late-start") as pool:
         pool._waits[blocked.__code__] = workers_module.WAITS_AFTER
-        stop = asyncio.Event()
-
-        async def keep_a_worker_busy_ending_calls() -> None:
-            while not stop.is_set():
-                await pool.run(int)
-
-        cycling = asyncio.ensure_future(keep_a_worker_busy_ending_calls())
-        await await_until(lambda: pool.statistics()["completed"] > 0, WAIT, "the first call")
-        calls = []
-        for i in range(1, 5):
-            calls.append(pool.run(blocked, i))
-            await await_until(functools.partial(ran, started, i), WAIT, f"blocked call {i} to run")
-        stop.set()
-        await cycling
+        calls = [pool.run(blocked, 1)]
+        await await_until(functools.partial(ran, started, 1), WAIT, "the first call to run")
+        wanted = time.monotonic()
+        calls += [pool.run(blocked, 2), pool.run(blocked, 3)]
+        assert len(starts) == 1
+        assert len(pool._unstarted) == 2
+        await await_until(functools.partial(ran, started, 3), WAIT, "the wanted threads to run")
+        by_loop, by_new = starts[1:]
+        assert (by_loop.by, by_loop.starts_others) == (loop_thread, True)
+        assert by_loop.at - wanted > lifecycle_module.START_GRACE, "started within the grace"
+        assert by_loop.worker.thread is not None
+        assert (by_new.by, by_new.starts_others) == (by_loop.worker.thread.name, False)
         gate.set()
-        await asyncio.wait_for(asyncio.gather(*calls), WAIT)
-    loop_thread = threading.current_thread().name
-    assert starters[0] == loop_thread  # the pool's first thread: nobody else could
-    assert starters[1:], "no thread was started for the blocked calls"
-    # A blocked call can take the cycling worker's thread between two of its
-    # calls; then every worker is blocked and, after a grace, the loop starts
-    # one itself. But the other threads a worker started.
-    assert starters[1:].count(loop_thread) < len(starters[1:]) / 2, starters
+        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [1, 2, 3]
 
 
 async def test_a_module_c_function_found_waiting_takes_threads_at_once() -> None:

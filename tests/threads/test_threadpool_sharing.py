@@ -142,6 +142,7 @@ async def test_a_second_aclose_waits_like_the_first() -> None:
 def test_error_hierarchy_has_one_base_and_builtin_meanings() -> None:
     pairs = {
         offloop.PoolClosedError: RuntimeError,
+        offloop.PoolConnectionError: ConnectionError,
         offloop.WouldDeadlockError: RuntimeError,
         offloop.CallerGoneError: RuntimeError,
         offloop.WorkerCrashed: RuntimeError,

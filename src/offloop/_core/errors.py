@@ -4,15 +4,16 @@ Each subclass also inherits the builtin exception that carries its meaning, so
 code that already catches ``RuntimeError`` or ``ImportError`` keeps working::
 
     OffloopError(Exception)
-    ├── PoolClosedError(RuntimeError)      run() on a pool that is closing or closed
-    ├── WouldDeadlockError(RuntimeError)   a blocking crossing made on a running loop's thread
-    ├── CallerGoneError(RuntimeError)      the side waiting for a crossing went away
-    ├── WorkerCrashed(RuntimeError)        the process running a call died
-    ├── NotPicklableError(TypeError)       a call's function, argument or result won't pickle
-    ├── ServiceFailed(RuntimeError)        a supervised service failed beyond its restart policy
-    ├── StatusPortError(OSError)           a supervisor cannot listen on its status_port
-    ├── LoopBlockedError(AssertionError)   the pytest plugin saw the loop block
-    └── MissingExtraError(ImportError)     an optional integration is not installed
+    ├── PoolClosedError(RuntimeError)         run() on a pool that is closing or closed
+    ├── WouldDeadlockError(RuntimeError)      a blocking crossing made on a running loop's thread
+    ├── CallerGoneError(RuntimeError)         the side waiting for a crossing went away
+    ├── WorkerCrashed(RuntimeError)           the process running a call died
+    ├── NotPicklableError(TypeError)          a call's function, argument or result won't pickle
+    ├── PoolConnectionError(ConnectionError)  a pool cannot reach, or lost, its cluster's scheduler
+    ├── ServiceFailed(RuntimeError)           a supervised service failed beyond its restart policy
+    ├── StatusPortError(OSError)              a supervisor cannot listen on its status_port
+    ├── LoopBlockedError(AssertionError)      the pytest plugin saw the loop block
+    └── MissingExtraError(ImportError)        an optional integration is not installed
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "NotPicklableError",
     "OffloopError",
     "PoolClosedError",
+    "PoolConnectionError",
     "ServiceFailed",
     "StatusPortError",
     "WorkerCrashed",
@@ -77,6 +79,17 @@ class WorkerCrashed(OffloopError, RuntimeError):
 
 class NotPicklableError(OffloopError, TypeError):
     """Raised when a process call's function, argument or result cannot be pickled."""
+
+
+class PoolConnectionError(OffloopError, ConnectionError):
+    """Raised by a ``DaskPool`` call when the pool cannot reach its Dask scheduler.
+
+    Either no scheduler answered at the pool's address within its
+    ``connect_timeout`` (the message names the address), or the connection
+    was lost while the call ran or waited there, so its outcome is lost. The
+    pool stays open: a later call connects again. The error from the network
+    or from the cluster's client is its ``__cause__``.
+    """
 
 
 class ServiceFailed(OffloopError, RuntimeError):

@@ -82,7 +82,6 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         close_timeout: float | None = None,
     ) -> None:
         super().__init__(max_workers=1, thread_name_prefix=f"offloop-{pool.name}-executor")
-        self._max_workers = pool.max_workers  # what code reading it expects
         self._pool = pool
         self._owns_pool = owns_pool
         self._close_timeout = close_timeout
@@ -97,6 +96,23 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
     def pool(self) -> ExecutorPool:
         """The pool the calls run in."""
         return self._pool
+
+    # Not public, but read by code that sizes its own work to an executor:
+    # dask.compute(scheduler=executor) and dask's pool= setting keep that many
+    # tasks in flight. So it is the pool's size now, also after
+    # pool.max_workers was set, not the size when the view was made.
+    @property
+    def _max_workers(self) -> int:
+        return self._pool.max_workers
+
+    @_max_workers.setter
+    def _max_workers(self, value: int) -> None:
+        if "_pool" not in self.__dict__:
+            return  # ThreadPoolExecutor.__init__'s; the base class never starts a thread here
+        raise AttributeError(
+            f"{self!r}._max_workers follows its pool's max_workers and cannot be set on the "
+            f"view; set pool.max_workers = {value!r} instead."
+        )
 
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[R]:
         """Run ``fn(*args, **kwargs)`` in the pool; return a ``concurrent.futures.Future``.

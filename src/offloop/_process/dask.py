@@ -34,7 +34,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any, Final, ParamSpec, TypeVar, final
 
-from .._core.errors import NotPicklableError, PoolClosedError
+from .._core.errors import NotPicklableError, PoolClosedError, PoolConnectionError
 from .._core.extras import require
 from .._core.offload import (
     ABANDONED,
@@ -117,8 +117,10 @@ class DaskPool(DaskCounters, PoolContext):
         TypeError, ValueError: ``connect_timeout`` is not a number of seconds > 0.
         TypeError, ValueError: ``name`` is not a non-empty str.
 
-    The first :meth:`run` fails with ``ConnectionError`` naming the address
-    when no scheduler answers there within ``connect_timeout`` seconds.
+    The first :meth:`run` fails with :class:`PoolConnectionError` (a
+    ``ConnectionError``) naming the address when no scheduler answers there
+    within ``connect_timeout`` seconds; so do the calls running when the
+    connection is lost, saying so. A later call connects again.
     """
 
     _kind = "dask"  # the kind label of its /metrics series
@@ -482,7 +484,7 @@ class DaskPool(DaskCounters, PoolContext):
             # The pool's own client gave up on a scheduler that went away
             # (distributed closes it after failing to reconnect for its
             # timeout). The pool is open: connect again, as after a first
-            # connection that failed; a ConnectionError names the address if
+            # connection that failed; a PoolConnectionError names the address if
             # no scheduler answers there. What it scattered went with it, and
             # the finalizer has nothing left to close in it.
             self._client = self._connecting = None
@@ -517,7 +519,7 @@ class DaskPool(DaskCounters, PoolContext):
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await client.close()  # the half-open client, or its close is never awaited
-            raise ConnectionError(
+            raise PoolConnectionError(
                 f"DaskPool could not connect to a Dask scheduler at {address!r} within "
                 f"{self._connect_timeout:g} s ({type(exc).__name__}: {exc}). Check that a "
                 f"scheduler listens there: for one machine start a distributed.LocalCluster "

@@ -4,8 +4,8 @@ Dask reports a result that cannot be pickled, workers that kept dying, a
 closed client and a lost scheduler with its own exceptions, whose messages
 name neither the call nor what to do. These functions turn them into
 :class:`NotPicklableError`, :class:`WorkerCrashed`, :class:`PoolClosedError`
-and ``ConnectionError`` with the original as
-``__cause__``; any other exception (the function's own) passes unchanged.
+and :class:`PoolConnectionError` with the original as ``__cause__``; any
+other exception (the function's own) passes unchanged.
 ``named`` is how the pool names itself in messages (``DaskPool 'tcp://...'``).
 """
 
@@ -14,7 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._core.errors import NotPicklableError, PoolClosedError, WorkerCrashed
+from .._core.errors import (
+    NotPicklableError,
+    PoolClosedError,
+    PoolConnectionError,
+    WorkerCrashed,
+)
 from .._core.validate import describe
 from .pickling import RemoteTraceback
 
@@ -40,11 +45,11 @@ def translate(
     original = exc  # isinstance() against distributed's classes (Any) would untype exc
     gone = (distributed.client.ClosedClientError, distributed.client.FutureCancelledError)
     if own_client and isinstance(exc, gone) and client is not None and client.status != "running":
-        error: BaseException = ConnectionError(
+        error: BaseException = PoolConnectionError(
             f"{named}: the connection to the Dask scheduler was lost while {describe(fn)} "
             f"ran or waited there, so its outcome is lost. The pool's client tries to "
             f"reconnect for connect_timeout seconds; a later call uses it again, or connects "
-            f"anew (a ConnectionError names the address if no scheduler answers)."
+            f"anew (a PoolConnectionError names the address if no scheduler answers)."
         )
     elif isinstance(exc, TypeError) and future is not None and future.status == "finished":
         # A task that finished but whose result would not come back: it

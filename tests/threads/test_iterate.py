@@ -513,33 +513,43 @@ LOOP_ENDS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {
 
 
 @pytest.mark.parametrize("loop_end", LOOP_ENDS)
-def test_an_iterator_kept_after_its_loop_ended_closes_its_source_and_frees_its_thread(
+def test_iterators_kept_after_their_loop_ended_close_their_sources_and_free_their_threads(
     loop_end: str,
 ) -> None:
-    # Kept referenced (a global, an attribute), so no __del__ stops it: the end
-    # of its loop does, and the source's finally runs in the worker.
-    source = _Endless()
+    # Kept referenced (a global, an attribute), so no __del__ stops them: the
+    # end of their loop does, and each source's finally runs in its worker.
+    # Two on one loop, and one that its consumer closed: it stays closed.
+    sources = [_Endless(), _Endless()]
+    done = _Endless()
     kept: list[offloop.ThreadedIterator[int]] = []
-    pool = offloop.ThreadPool(2, name="kept")
+    pool = offloop.ThreadPool(3, name="kept")
     try:
 
         async def main() -> None:
-            it = offloop.iterate(source, buffer=2, pool=pool)
-            kept.append(it)
-            assert await it.__anext__() == 0
-            # The producer fills the buffer (items 1 and 2) and waits for room.
-            await await_until(lambda: "2 buffered" in repr(it), what="a full buffer")
+            async with offloop.iterate(done, pool=pool) as closed:
+                assert await closed.__anext__() == 0
+            for source in sources:
+                it = offloop.iterate(source, buffer=2, pool=pool)
+                kept.append(it)
+                assert await it.__anext__() == 0
+            for it in kept:
+                # The producer fills the buffer (items 1 and 2) and waits for room.
+                await await_until(lambda: "2 buffered" in repr(it), what="a full buffer")  # noqa: B023
 
         LOOP_ENDS[loop_end](main())
         if loop_end != "closed without shutdown":
             # The loop's shutdown waited for the close: a program that exits
             # now leaves no call running behind (the exit would log it as stuck).
-            assert source.closed.is_set()
+            assert all(source.closed.is_set() for source in sources)
             assert pool.statistics()["running"] == 0
-        assert source.closed.wait(QUICK_WAIT), "the producer still holds its thread"
-        assert source.closed_in == ["offloop-kept-1"]
-        wait_until(lambda: pool.statistics()["running"] == 0, QUICK_WAIT, "thread given back")
-        assert "finished" in repr(kept[0])
+        for source in sources:
+            assert source.closed.wait(QUICK_WAIT), "a producer still holds its thread"
+        closed_in = [name for source in sources for name in source.closed_in]
+        assert len(closed_in) == 2
+        assert all(name.startswith("offloop-kept-") for name in closed_in)
+        assert len(done.closed_in) == 1
+        wait_until(lambda: pool.statistics()["running"] == 0, QUICK_WAIT, "threads given back")
+        assert all("finished" in repr(it) for it in kept)
 
         async def take_again() -> None:
             await kept[0].__anext__()

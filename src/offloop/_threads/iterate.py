@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from types import TracebackType
@@ -40,12 +41,12 @@ DEFAULT_BUFFER: Final = 16
 
 #: How often (seconds) a producer waiting for room in a full buffer checks
 #: whether its loop was closed without the shutdown that stops it (see
-#: _until_loop_shutdown). Only a waiting producer checks: an item that finds
+#: _LoopWatch). Only a waiting producer checks: an item that finds
 #: room never waits for it.
 LOOP_CHECK: Final = 0.5
 
-#: Seconds the loop's shutdown waits for a producer it stopped to close its
-#: source (a generator's ``finally``) and give its thread back.
+#: Seconds the loop's shutdown waits for the producers it stopped to close
+#: their sources (a generator's ``finally``) and give their threads back.
 SHUTDOWN_WAIT: Final = 1.0
 
 
@@ -152,6 +153,11 @@ class _Shared(Generic[T]):
         self.finished = False
         # Finished because its loop ended, with the source not exhausted.
         self.loop_ended = False
+        # The producer's call has ended (producer_done ran), and who waits for that.
+        self.ended = False
+        self.on_end: asyncio.Future[None] | None = None
+        # Its loop's watch, held so that the watch lives while this iterator does.
+        self.watch: _LoopWatch | None = None
         self.token: StopToken | None = None
         # Set by aclose(), which then raises a failure of the source's close();
         # without it (the iterator was dropped), producer_done() logs it.
@@ -239,6 +245,9 @@ class _Shared(Generic[T]):
             waiter.set_result(None)
 
     def producer_done(self, fut: OffloadFuture[None]) -> None:
+        self.ended = True
+        if self.on_end is not None and not self.on_end.done():
+            self.on_end.set_result(None)
         # The producer reports the end itself; this covers what it could not:
         # the pool closing before it started, or its call being cancelled.
         if fut.cancelled():
@@ -261,33 +270,80 @@ class _Shared(Generic[T]):
             )
 
 
-async def _until_loop_shutdown(
-    shared: _Shared[Any], producer: OffloadFuture[None]
-) -> AsyncGenerator[None, None]:
-    """Stops the producer when its loop shuts down (``loop.shutdown_asyncgens()``).
+class _LoopWatch:
+    """The iterators producing for one loop, stopped by that loop's shutdown.
 
-    An async generator that never resumes: started once on the consumer's
-    loop, that loop knows it (PEP 525's first-iteration hook), and its
-    shutdown, which ``asyncio.run`` and ``asyncio.Runner`` (and uvloop's) run
-    before closing the loop, closes it. An iterator kept referenced (a global)
-    after its loop ended would otherwise hold its producer, blocked on a full
-    buffer, and its thread, until it is collected.
+    Its async generator never resumes: started once on the loop, the loop
+    knows it (PEP 525's first-iteration hook), and the loop's shutdown of its
+    async generators (``loop.shutdown_asyncgens()``, which ``asyncio.run``,
+    ``asyncio.Runner`` and uvloop's run before closing the loop) closes it.
+    Its ``finally`` then stops every producer still running for the loop: an
+    iterator kept referenced (a global) after its loop ended would otherwise
+    hold its producer, blocked on a full buffer, and its thread, until it is
+    collected. One per loop, not per iterator: an async generator of its own
+    would cost each iterator several microseconds on the loop.
+
+    Each iterator's shared state holds its watch strongly and the watch holds
+    them weakly: the watch lives as long as one of its iterators does.
     """
+
+    __slots__ = ("gen", "live", "loop_ref")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Weak: the per-thread cache keeps the last watch after the loop closed.
+        self.loop_ref = weakref.ref(loop)
+        self.live: weakref.WeakSet[_Shared[Any]] = weakref.WeakSet()
+        self.gen = _stop_at_shutdown(self.live)
+        # Up to its yield, here on the loop's thread, so that the loop's hook sees it.
+        with contextlib.suppress(StopIteration):
+            self.gen.asend(None).send(None)
+
+    def __del__(self) -> None:
+        # No iterator uses it any more (each holds it), so nothing is left to
+        # stop: closed here, synchronously, rather than by the loop's finalizer
+        # hook, which would run it as a task on the loop (or fail, once closed).
+        # Not contextlib.suppress: this may run while the interpreter tears
+        # modules down, when the module global may be gone already.
+        try:  # noqa: SIM105
+            self.gen.aclose().send(None)
+        except (StopIteration, RuntimeError):
+            pass
+
+
+async def _stop_at_shutdown(live: weakref.WeakSet[_Shared[Any]]) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
-        # The iterator's own end closes this too, once finished (synchronously:
-        # nothing to wait for here then).
-        if not shared.finished:
+        waits = []
+        for shared in list(live):
+            if shared.finished:
+                continue  # closed by its consumer already
             shared.end_with_loop()
-            if not producer.done():
-                # The shutdown waits for the source's close, as aclose() does,
-                # but bounded: a source stuck in next() must not hold up the
-                # program's exit. Without the wait, a program that exits just
-                # after asyncio.run() would find the producer not yet ended.
-                # A timeout, or the close's error (producer_done logs it), ends it.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(producer), SHUTDOWN_WAIT)
+            if not shared.ended:
+                shared.on_end = asyncio.get_running_loop().create_future()
+                waits.append(shared.on_end)
+        if waits:
+            # The shutdown waits for the sources' close, as aclose() does, but
+            # bounded: a source stuck in next() must not hold up the program's
+            # exit. Without the wait, a program that exits just after
+            # asyncio.run() would find the producers not yet ended.
+            await asyncio.wait(waits, timeout=SHUTDOWN_WAIT)
+
+
+class _Watches(threading.local):
+    # Per thread, as offload.channel_for does: a thread runs one loop at a
+    # time, and a thread-local read is cheaper than a lookup keyed by the loop.
+    watch: _LoopWatch | None = None
+
+
+_watches: Final = _Watches()
+
+
+def _watch_for(loop: asyncio.AbstractEventLoop) -> _LoopWatch:
+    watch = _watches.watch
+    if watch is None or watch.loop_ref() is not loop:
+        watch = _watches.watch = _LoopWatch(loop)
+    return watch
 
 
 def _stopped_early(why: str) -> PoolClosedError:
@@ -309,8 +365,6 @@ class ThreadedIterator(AsyncIterator[T]):
         self._shared: _Shared[T] = _Shared(iterable, buffer)
         self._pool = pool
         self._producer: OffloadFuture[None] | None = None
-        # Holds only the shared state, never this iterator (see _until_loop_shutdown).
-        self._watch: AsyncGenerator[None, None] | None = None
 
     def __aiter__(self) -> ThreadedIterator[T]:
         return self
@@ -330,10 +384,8 @@ class ThreadedIterator(AsyncIterator[T]):
             shared.loop = asyncio.get_running_loop()
             self._producer = (self._pool or default_thread_pool()).run(shared.producer())
             self._producer.add_done_callback(shared.producer_done)
-            watch = self._watch = _until_loop_shutdown(shared, self._producer)
-            # Up to its yield, here on the loop, so that the loop's hook sees it.
-            with contextlib.suppress(StopIteration):
-                watch.asend(None).send(None)
+            watch = shared.watch = _watch_for(shared.loop)
+            watch.live.add(shared)
         while not shared.items:
             if self._shared.finished:
                 raise StopAsyncIteration
@@ -349,7 +401,6 @@ class ThreadedIterator(AsyncIterator[T]):
             except asyncio.CancelledError:
                 shared.request_stop()
                 self._shared.finished = True
-                self._unwatch()
                 raise
             finally:
                 shared.waiter = None
@@ -359,7 +410,6 @@ class ThreadedIterator(AsyncIterator[T]):
             return value  # type: ignore[no-any-return]
         self._shared.finished = True
         shared.request_stop()
-        self._unwatch()
         if kind == _END:
             raise StopAsyncIteration
         raise crossable(value, f"offloop.iterate()'s source {describe(shared.iterable)}")
@@ -373,7 +423,6 @@ class ThreadedIterator(AsyncIterator[T]):
         shared = self._shared
         shared.finished = True
         shared.request_stop()
-        self._unwatch()
         waiter = shared.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)  # a task waiting for the next item ends its iteration
@@ -408,18 +457,6 @@ class ThreadedIterator(AsyncIterator[T]):
         if shared is not None:
             shared.finished = True  # nobody reads items any more
             shared.request_stop()
-            self._unwatch()
-
-    def _unwatch(self) -> None:
-        # Closed here, synchronously (the iterator has finished, so its finally
-        # awaits nothing): a generator left unfinished would be handed to its
-        # loop's finalizer when collected, which fails once that loop is closed.
-        watch = getattr(self, "_watch", None)
-        if watch is not None:
-            self._watch = None
-            # RuntimeError: the loop's shutdown is closing it at this moment.
-            with contextlib.suppress(StopIteration, RuntimeError):
-                watch.aclose().send(None)
 
     def __repr__(self) -> str:
         state = (

@@ -302,9 +302,12 @@ class ThreadService(FunctionService):
         token.set("service stopping")
         await asyncio.wait({done})
 
-    def kill(self) -> list[str]:
+    def signal_stop(self, reason: str) -> None:
         if self._token is not None:
-            self._token.set("service killed")
+            self._token.set(reason)
+
+    def kill(self) -> list[str]:
+        self.signal_stop("service killed")
         thread, done = self._thread, self._done
         # A finished run's thread may still be alive for a few instructions
         # after handing its outcome to the loop: that is not an abandoned thread.

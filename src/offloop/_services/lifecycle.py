@@ -255,6 +255,15 @@ class LifecycleService(Service):
         await asyncio.wait({done})
         done.result()
 
+    def signal_stop(self, reason: str) -> None:
+        """Tell the threads that run the service's code to stop, without waiting (any thread).
+
+        Sets the :class:`~offloop.StopToken` they watch; the default, for a
+        service whose code runs in no thread of its own, does nothing. For
+        the supervisor when its event loop is going away: the threads are told
+        at once, before the loop may stop running, and ``stop()`` follows.
+        """
+
     def _mark_stopping(self) -> asyncio.Future[None] | None:
         """Move to STOPPING; return the run's future, or ``None`` if no run is left to stop."""
         done = self._done

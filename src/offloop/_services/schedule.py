@@ -316,6 +316,11 @@ class ScheduledService(FunctionService):
         self._finish_if_idle()
         return abandoned
 
+    def signal_stop(self, reason: str) -> None:
+        # The runs in threads share the service's token; a task run is cancelled instead.
+        if self._token is not None:
+            self._token.set(reason)
+
     def _drop(self, run: _Run, what: str) -> None:
         run.abandoned = what
         self._runs.discard(run)
@@ -331,8 +336,7 @@ class ScheduledService(FunctionService):
         """End the service's run: no new runs; stop those going on; finish once they ended."""
         if self._ending is None:
             self._ending = [error]
-        if self._token is not None:
-            self._token.set("service stopping" if error is None else "a run of it crashed")
+        self.signal_stop("service stopping" if error is None else "a run of it crashed")
         scheduler = self._scheduler
         if scheduler is not None and not scheduler.done():
             scheduler.cancel("offloop service stopping")

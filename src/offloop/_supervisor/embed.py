@@ -32,12 +32,15 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .._core.errors import ServiceFailed
 from .._core.validate import describe
 from .._services._thirdparty import run_until_complete_task as main_task
 from .status import SupervisorState
+
+if TYPE_CHECKING:
+    from .owner import LoopEndWatch
 
 __all__ = ["Embeddable", "Embedding", "HostLifecycle", "OnFailure"]
 
@@ -59,6 +62,7 @@ class Embeddable(Protocol):
     _failure: ServiceFailed | None
     _in_body: bool
     _shutdown_task: asyncio.Task[None] | None
+    _loop_end: LoopEndWatch
 
     @property
     def state(self) -> SupervisorState: ...
@@ -116,6 +120,8 @@ class Embedding:
                     # must not be logged as "never retrieved" as the program exits.
                     task.add_done_callback(functools.partial(_retrieve, error))
                 raise error
+            # Nobody holds the supervisor now: its loop may end without aclose().
+            sv._loop_end.start(asyncio.get_running_loop())
             return
         if self.started and not self.closed:
             if sv._state in (_SV.STARTING, _SV.RUNNING):
@@ -133,6 +139,13 @@ class Embedding:
             self.closed = True
             sv._state = _SV.STOPPED
             self.changed()
+            return
+        if sv._loop_end.ended and sv._state in (_SV.STOPPED, _SV.FAILED):
+            # Its loop's end stopped it, and that loop may be gone: the stop is
+            # over, so there is nothing to wait for, from any loop.
+            self.closed = True
+            if sv._failure is not None:
+                raise sv._failure
             return
         self._check_loop("aclose")  # refused: nothing changed
         self.closed = True
@@ -213,14 +226,25 @@ class Embedding:
             if state is _SV.STOPPING:
                 return f"Cannot start() {sv!r}: it is stopping."
             return (
-                f"Cannot start() {sv!r}: it has already run and stopped. A supervisor runs "
+                f"Cannot start() {sv!r}: {self.stopped_how()}. A supervisor runs "
                 f"once; create a new Supervisor to run the services again."
             )
         if state is _SV.STOPPING:
             return f"{sv!r} is stopping, so it will not be ready; it was stopped before."
         if self.closed and state is _SV.STOPPED and sv._loop is None:
             return f"{sv!r} was closed with aclose() before it started; it will never be ready."
+        if sv._loop_end.ended:
+            return f"{sv!r} has stopped, so it is not ready: {self.stopped_how()}."
         return f"{sv!r} has stopped, so it is not ready; it was stopped (no service failed)."
+
+    def stopped_how(self) -> str:
+        """How a supervisor that has run came to stop, for the refusals that follow."""
+        if self.sv._loop_end.ended:
+            return (
+                "its event loop shut down while it ran, before aclose() was called, which "
+                "stopped it"
+            )
+        return "it has already run and stopped"
 
     # -- failure --------------------------------------------------------------------------
 

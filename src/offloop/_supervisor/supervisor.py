@@ -26,6 +26,7 @@ from .embed import Embedding, HostLifecycle, OnFailure
 from .health import LoopHealth
 from .logs import LogFormat
 from .order import check_depends_on, check_on_dependency_restart, check_oneshot, start_order
+from .owner import LoopEndWatch
 from .probes import DEFAULT_HOST, Probes
 from .register import Registration
 from .status import ServiceState, ServiceStatus, SupervisorState
@@ -148,6 +149,8 @@ class Supervisor(HostLifecycle, Registration):
         # run() gives the tasks left on its loop what remains of it.
         self._stop_deadline: float | None = None
         self._embed = Embedding(self, on_failure)
+        # A start()-ed supervisor whose loop ends without aclose() stops anyway.
+        self._loop_end = LoopEndWatch(self)
         self._cascade = Cascade(self)
 
     def _add(
@@ -444,7 +447,7 @@ class Supervisor(HostLifecycle, Registration):
         if self._state is _SV.STOPPING:
             return f"Cannot {action} {self!r}: it is stopping."
         return (
-            f"Cannot {action} {self!r}: it has already run and stopped. A supervisor runs "
+            f"Cannot {action} {self!r}: {self._embed.stopped_how()}. A supervisor runs "
             f"once; create a new Supervisor to run the services again."
         )
 

@@ -7,8 +7,9 @@ import contextlib
 import functools
 import logging
 import threading
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, Final, Generic, ParamSpec, TypeVar, final, overload
 
@@ -37,6 +38,16 @@ T = TypeVar("T")
 
 #: Items a producer thread may run ahead of the consumer by default.
 DEFAULT_BUFFER: Final = 16
+
+#: How often (seconds) a producer waiting for room in a full buffer checks
+#: whether its loop was closed without the shutdown that stops it (see
+#: _LoopWatch). Only a waiting producer checks: an item that finds
+#: room never waits for it.
+LOOP_CHECK: Final = 0.5
+
+#: Seconds the loop's shutdown waits for the producers it stopped to close
+#: their sources (a generator's ``finally``) and give their threads back.
+SHUTDOWN_WAIT: Final = 1.0
 
 
 @overload
@@ -140,6 +151,13 @@ class _Shared(Generic[T]):
         self.waiter: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.finished = False
+        # Finished because its loop ended, with the source not exhausted.
+        self.loop_ended = False
+        # The producer's call has ended (producer_done ran), and who waits for that.
+        self.ended = False
+        self.on_end: asyncio.Future[None] | None = None
+        # Its loop's watch, held so that the watch lives while this iterator does.
+        self.watch: _LoopWatch | None = None
         self.token: StopToken | None = None
         # Set by aclose(), which then raises a failure of the source's close();
         # without it (the iterator was dropped), producer_done() logs it.
@@ -152,6 +170,12 @@ class _Shared(Generic[T]):
             token = self.token
             if token is not None:
                 token.set(_CLOSED)  # and a source that polls its token
+
+    def end_with_loop(self) -> None:
+        """The consumer's loop has ended: nobody can take an item any more."""
+        if not self.finished:
+            self.loop_ended = self.finished = True
+        self.request_stop()
 
     def producer(self) -> Callable[[], None]:
         """The function the worker runs, named after the source for logs and messages."""
@@ -171,10 +195,17 @@ class _Shared(Generic[T]):
         token = self.token = current_token()
         token.add_callback(lambda _: self.request_stop())
         iterator = None
+        space = self.space
         try:
             iterator = iter(self.iterable)
             while True:
-                self.space.acquire()
+                while not space.acquire(timeout=LOOP_CHECK):
+                    if loop.is_closed():
+                        # Its loop was closed with the iterator still referenced
+                        # (and not by asyncio.run, whose shutdown of async
+                        # generators stops it sooner): nobody can take an item.
+                        self.end_with_loop()
+                        break
                 if self.stop:
                     if not self.finished:  # not the consumer's doing: its pool is closing
                         post(
@@ -214,6 +245,9 @@ class _Shared(Generic[T]):
             waiter.set_result(None)
 
     def producer_done(self, fut: OffloadFuture[None]) -> None:
+        self.ended = True
+        if self.on_end is not None and not self.on_end.done():
+            self.on_end.set_result(None)
         # The producer reports the end itself; this covers what it could not:
         # the pool closing before it started, or its call being cancelled.
         if fut.cancelled():
@@ -234,6 +268,82 @@ class _Shared(Generic[T]):
             logger.error(
                 "offloop.iterate(): closing the source %r raised", self.iterable, exc_info=exc
             )
+
+
+class _LoopWatch:
+    """The iterators producing for one loop, stopped by that loop's shutdown.
+
+    Its async generator never resumes: started once on the loop, the loop
+    knows it (PEP 525's first-iteration hook), and the loop's shutdown of its
+    async generators (``loop.shutdown_asyncgens()``, which ``asyncio.run``,
+    ``asyncio.Runner`` and uvloop's run before closing the loop) closes it.
+    Its ``finally`` then stops every producer still running for the loop: an
+    iterator kept referenced (a global) after its loop ended would otherwise
+    hold its producer, blocked on a full buffer, and its thread, until it is
+    collected. One per loop, not per iterator: an async generator of its own
+    would cost each iterator several microseconds on the loop.
+
+    Each iterator's shared state holds its watch strongly and the watch holds
+    them weakly: the watch lives as long as one of its iterators does.
+    """
+
+    __slots__ = ("gen", "live", "loop_ref")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Weak: the per-thread cache keeps the last watch after the loop closed.
+        self.loop_ref = weakref.ref(loop)
+        self.live: weakref.WeakSet[_Shared[Any]] = weakref.WeakSet()
+        self.gen = _stop_at_shutdown(self.live)
+        # Up to its yield, here on the loop's thread, so that the loop's hook sees it.
+        with contextlib.suppress(StopIteration):
+            self.gen.asend(None).send(None)
+
+    def __del__(self) -> None:
+        # No iterator uses it any more (each holds it), so nothing is left to
+        # stop: closed here, synchronously, rather than by the loop's finalizer
+        # hook, which would run it as a task on the loop (or fail, once closed).
+        # Not contextlib.suppress: this may run while the interpreter tears
+        # modules down, when the module global may be gone already.
+        try:  # noqa: SIM105
+            self.gen.aclose().send(None)
+        except (StopIteration, RuntimeError):
+            pass
+
+
+async def _stop_at_shutdown(live: weakref.WeakSet[_Shared[Any]]) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        waits = []
+        for shared in list(live):
+            if shared.finished:
+                continue  # closed by its consumer already
+            shared.end_with_loop()
+            if not shared.ended:
+                shared.on_end = asyncio.get_running_loop().create_future()
+                waits.append(shared.on_end)
+        if waits:
+            # The shutdown waits for the sources' close, as aclose() does, but
+            # bounded: a source stuck in next() must not hold up the program's
+            # exit. Without the wait, a program that exits just after
+            # asyncio.run() would find the producers not yet ended.
+            await asyncio.wait(waits, timeout=SHUTDOWN_WAIT)
+
+
+class _Watches(threading.local):
+    # Per thread, as offload.channel_for does: a thread runs one loop at a
+    # time, and a thread-local read is cheaper than a lookup keyed by the loop.
+    watch: _LoopWatch | None = None
+
+
+_watches: Final = _Watches()
+
+
+def _watch_for(loop: asyncio.AbstractEventLoop) -> _LoopWatch:
+    watch = _watches.watch
+    if watch is None or watch.loop_ref() is not loop:
+        watch = _watches.watch = _LoopWatch(loop)
+    return watch
 
 
 def _stopped_early(why: str) -> PoolClosedError:
@@ -262,11 +372,20 @@ class ThreadedIterator(AsyncIterator[T]):
     async def __anext__(self) -> T:
         shared = self._shared
         if shared.finished:
+            if shared.loop_ended:
+                raise RuntimeError(
+                    f"{self!r} was closed when the event loop it ran on ended, before its "
+                    f"source was exhausted (the source was closed, its thread freed). An "
+                    f"iterator belongs to the loop of its first item: create a new "
+                    f"offloop.iterate() on this loop."
+                )
             raise StopAsyncIteration
         if self._producer is None:
             shared.loop = asyncio.get_running_loop()
             self._producer = (self._pool or default_thread_pool()).run(shared.producer())
             self._producer.add_done_callback(shared.producer_done)
+            watch = shared.watch = _watch_for(shared.loop)
+            watch.live.add(shared)
         while not shared.items:
             if self._shared.finished:
                 raise StopAsyncIteration
@@ -360,7 +479,13 @@ def iterate(
     Breaking out of the loop, cancelling the consuming task or calling
     ``aclose()`` stops the producer, closes a generator source (its
     ``finally`` runs, in the worker) and frees the worker. Exceptions raised
-    by the source propagate to the consumer.
+    by the source propagate to the consumer. An iterator still referenced
+    when its event loop ends is closed the same way: by the loop's shutdown
+    of its async generators (``asyncio.run``, ``asyncio.Runner``, uvloop),
+    which waits up to a second for the source's ``finally``; or, for a loop
+    closed without it, by a producer waiting for room in a full buffer,
+    which looks every half second. Taking an item from it after that raises
+    ``RuntimeError``.
 
     Raises:
         TypeError: ``iterable`` is not iterable, or ``buffer`` is not an int.

@@ -1,0 +1,108 @@
+"""A supervisor started with ``start()`` whose event loop ends without ``aclose()``: stop it anyway.
+
+``async with sv:``, ``serve()``, ``run()`` and ``offloop.lifespan`` hold the
+supervisor in a task that stops it on the way out, even a cancelled one. A
+host's startup hook calling ``start()`` holds nothing: when ``main()`` returns
+without ``aclose()``, ``asyncio.run`` cancels the tasks left on the loop. The
+async services go with them, but the threads of the thread services would run
+on, their tokens never set, and the supervisor would say "running" for ever.
+
+:class:`LoopEndWatch` is a task that waits for the supervisor's stop. Cancelled
+before it (``asyncio.run`` and ``Runner.close()`` cancel every task left, and
+so do hosts that tidy up the same way), it treats that as the stop nobody
+asked for: it sets the stop token of every thread service at once (the loop
+may not run much longer), then runs the supervisor's usual shutdown and waits
+for it. ``asyncio.run`` waits for the tasks it cancelled, so the shutdown gets
+its grace period, and a thread that ignores its token is abandoned and
+reported as in any stop. anyio stops its process pool on the loop's end the
+same way: a task sleeping for ever whose cancellation kills the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final, Protocol
+
+from .._services.lifecycle import LifecycleService
+from .supervised import Supervised
+
+__all__ = ["LoopEndWatch", "Watched"]
+
+logger: Final = logging.getLogger("offloop.supervisor")
+
+
+class Watched(Protocol):
+    """The Supervisor as :class:`LoopEndWatch` sees it (a Protocol: supervisor.py imports this)."""
+
+    name: str
+    _entries: dict[str, Supervised]
+    _shutdown_requested: asyncio.Future[None] | None
+    _shutdown_task: asyncio.Task[None] | None
+
+    def _shutting_down(self) -> bool: ...
+
+    def _request_shutdown(self, reason: str) -> asyncio.Task[None]: ...
+
+    async def _finish_shutdown(self, task: asyncio.Task[None]) -> None: ...
+
+
+class LoopEndWatch:
+    """Stops a ``start()``-ed supervisor whose loop cancels its tasks before ``aclose()``."""
+
+    def __init__(self, sv: Watched) -> None:
+        self.sv = sv
+        #: The loop's shutdown stopped the supervisor (no aclose() had begun a stop).
+        self.ended = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch from now on (once ``start()`` has the supervisor running)."""
+        if self._task is None:
+            self._task = loop.create_task(self._watch(), name=f"offloop-loop-end-{self.sv.name}")
+
+    async def _watch(self) -> None:
+        sv = self.sv
+        requested = sv._shutdown_requested
+        assert requested is not None
+        try:
+            # wait(), not await: cancelling this task must not cancel the future.
+            await asyncio.wait({requested})
+            return
+        except asyncio.CancelledError:
+            if not sv._shutting_down():
+                self._tell_threads()
+                # A host task cancelled in the same round may call aclose()
+                # from its cleanup: that is the stop asked for, and it needs
+                # no warning. Its step comes before this task's next one.
+                await asyncio.sleep(0)
+                if not sv._shutting_down():
+                    self._stop_unasked()
+            # The stop is bounded by grace: waiting for it keeps the loop
+            # running (asyncio.run waits for the tasks it cancelled) until the
+            # services have stopped or were abandoned.
+            task = sv._shutdown_task
+            if task is not None:
+                await sv._finish_shutdown(task)
+            raise
+
+    def _tell_threads(self) -> None:
+        # At once, before any await: if the loop is closed without running
+        # again (a host that cancels its tasks but does not wait for them),
+        # the threads have been told.
+        for entry in list(self.sv._entries.values()):
+            service = entry.service
+            if isinstance(service, LifecycleService):
+                service.signal_stop("the supervisor's event loop is shutting down")
+
+    def _stop_unasked(self) -> None:
+        sv = self.sv
+        self.ended = True
+        logger.warning(
+            "%s: its event loop is shutting down (its tasks were cancelled) and aclose() has "
+            "not been called: stopping its services now, as aclose() would (the stop tokens "
+            "of its thread services are set). Stop it yourself before the loop ends: run it "
+            "with 'async with sv:', or 'await sv.aclose()' in the host's shutdown.",
+            sv.name,
+        )
+        sv._request_shutdown("its event loop is shutting down without aclose()")

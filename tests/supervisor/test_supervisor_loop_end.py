@@ -1,0 +1,192 @@
+"""A supervisor started with ``start()`` whose event loop ends without ``aclose()``.
+
+``asyncio.run`` cancels the tasks left when ``main()`` returns. The
+supervisor takes that as a stop: the thread services' tokens are set, the
+usual shutdown runs (a thread that ignores its token is abandoned and
+reported), and the supervisor ends ``stopped`` with one warning naming the
+fix. The tests run their own ``asyncio.run`` (plain functions, not on the
+suite's loop runner) and wait for the thread with an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+import offloop
+from tests.conftest import run_on
+from tests.helpers import QUICK_WAIT, WAIT
+
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+RUNNERS: dict[str, Runner] = {
+    "asyncio.run": asyncio.run,
+    "uvloop": lambda coro: run_on("uvloop", coro),
+}
+
+NO_ACLOSE = "aclose() has not been called"
+
+
+def warnings_about_aclose(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "offloop.supervisor" and NO_ACLOSE in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_loop_that_ends_without_aclose_stops_the_thread_services(
+    runner: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="offloop.supervisor")
+    sv = offloop.Supervisor(name="orphan", grace=WAIT)
+    ended = threading.Event()
+    reasons: list[str | None] = []
+    cleaned: list[str] = []
+
+    @sv.service
+    def worker() -> None:
+        token = offloop.current_token()
+        token.wait()
+        reasons.append(token.reason)
+        ended.set()
+
+    @sv.service
+    async def beside() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.append("beside")
+
+    async def main() -> None:
+        await sv.start()  # and no aclose(): main() just returns
+
+    RUNNERS[runner](main())
+
+    assert ended.wait(QUICK_WAIT), "the thread service was not told to stop"
+    assert reasons == ["the supervisor's event loop is shutting down"]
+    assert cleaned == ["beside"]
+    assert sv.state is offloop.SupervisorState.STOPPED
+    assert {s.state for s in sv.status().values()} == {offloop.ServiceState.STOPPED}
+    (warning,) = warnings_about_aclose(caplog)
+    assert "'async with sv:'" in warning
+    assert "await sv.aclose()" in warning
+    assert [r.levelname for r in caplog.records if NO_ACLOSE in r.getMessage()] == ["WARNING"]
+
+    # Stopped for good: each later call says how it stopped.
+    with pytest.raises(RuntimeError, match=r"Cannot start\(\) .*its event loop shut down"):
+        asyncio.run(sv.start())
+    with pytest.raises(RuntimeError, match=r"has stopped, so it is not ready: its event loop"):
+        asyncio.run(sv.wait_ready())
+    with pytest.raises(RuntimeError, match=r"Cannot enter .*its event loop shut down"):
+        asyncio.run(sv.__aenter__())
+    asyncio.run(sv.aclose())  # the stop is over: nothing to wait for, from a new loop
+
+
+def test_a_thread_deaf_to_its_token_is_abandoned_as_a_stop_reports_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="offloop.supervisor")
+    sv = offloop.Supervisor(name="orphan", grace=0.05)
+    release = threading.Event()
+    running = threading.Event()
+    threads: list[threading.Thread] = []
+
+    @sv.service
+    def deaf() -> None:
+        threads.append(threading.current_thread())
+        running.set()
+        release.wait(WAIT)
+
+    async def main() -> None:
+        await sv.start()
+        await asyncio.to_thread(running.wait, WAIT)
+
+    try:
+        asyncio.run(main())
+        abandoned = [
+            r.levelname
+            for r in caplog.records
+            if "abandoned thread 'offloop-service-deaf'" in r.getMessage()
+        ]
+        assert abandoned == ["WARNING"]
+        assert sv.state is offloop.SupervisorState.STOPPED
+        assert len(warnings_about_aclose(caplog)) == 1
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(WAIT)
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+def _run_cancelling_first(coro: Coroutine[Any, Any, None], first: str) -> None:
+    # What asyncio.run does when main() returns, but with the task named
+    # ``first`` cancelled first: asyncio.run cancels in whatever order its set
+    # of tasks gives, and each order must work.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+        left = sorted(asyncio.all_tasks(loop), key=lambda t: t.get_name() != first)
+        for task in left:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    ("host", "first"),
+    [
+        ("aclose in its cleanup", "host"),
+        ("aclose in its cleanup", "offloop-loop-end-held"),
+        ("async with", "host"),
+    ],
+)
+def test_a_host_task_that_stops_it_as_the_loop_ends_gets_no_warning(
+    host: str, first: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The host's own cleanup, in a task the loop's end cancels, stops the
+    # supervisor: the stop it asked for, not one it forgot, whichever of the
+    # two tasks the loop cancels first.
+    caplog.set_level(logging.INFO, logger="offloop.supervisor")
+    sv = offloop.Supervisor(name="held", grace=WAIT)
+    ended = threading.Event()
+
+    @sv.service
+    def worker(token: offloop.StopToken) -> None:
+        token.wait()
+        ended.set()
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def hosted() -> None:
+        if host == "async with":
+            async with sv:
+                await _forever()
+        else:
+            await sv.start()
+            try:
+                await _forever()
+            finally:
+                await sv.aclose()
+
+    async def main() -> None:
+        # Left running when main() returns: the loop's end cancels it.
+        tasks.append(asyncio.create_task(hosted(), name="host"))
+        await sv.wait_ready()
+
+    _run_cancelling_first(main(), first)
+
+    assert ended.wait(QUICK_WAIT)
+    assert sv.state is offloop.SupervisorState.STOPPED
+    assert warnings_about_aclose(caplog) == []

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import threading
 import weakref
 from collections import deque
@@ -294,9 +295,19 @@ class _LoopWatch:
         self.loop_ref = weakref.ref(loop)
         self.live: weakref.WeakSet[_Shared[Any]] = weakref.WeakSet()
         self.gen = _stop_at_shutdown(self.live)
-        # Up to its yield, here on the loop's thread, so that the loop's hook sees it.
-        with contextlib.suppress(StopIteration):
-            self.gen.asend(None).send(None)
+        # Up to its yield, here on the loop's thread, so that the loop's
+        # first-iteration hook records it for shutdown_asyncgens(). Without
+        # the loop's finalizer hook: the generator would keep it, a bound
+        # method of the loop, and so the loop alive as long as this watch
+        # (the per-thread cache keeps it after the loop closed). __del__
+        # closes the generator itself, so it needs no finalizer.
+        firstiter, finalizer = sys.get_asyncgen_hooks()
+        sys.set_asyncgen_hooks(firstiter, None)
+        try:
+            with contextlib.suppress(StopIteration):
+                self.gen.asend(None).send(None)
+        finally:
+            sys.set_asyncgen_hooks(firstiter, finalizer)
 
     def __del__(self) -> None:
         # No iterator uses it any more (each holds it), so nothing is left to

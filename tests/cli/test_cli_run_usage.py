@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -12,7 +14,7 @@ import pytest
 
 from offloop._cli.main import main as cli_main
 from offloop._cli.run import TargetError, load_supervisor
-from tests.helpers import Proc
+from tests.helpers import WAIT, Proc
 
 APP = """
 import offloop
@@ -111,6 +113,8 @@ def test_every_combination_of_ignored_signals_names_what_still_works(
 
 
 RUNS_AT_IMPORT = """
+import pathlib
+
 import offloop
 
 sv = offloop.Supervisor(grace=1, name="app")
@@ -118,34 +122,101 @@ sv = offloop.Supervisor(grace=1, name="app")
 
 @sv.service
 async def bot():
+    pathlib.Path("ran.txt").write_text("the program ran")
     sv.stop()
 
 
 sv.run()  # at the top level, as a script would: importing the module runs it
 """
 
+STARTS_AT_IMPORT = """
+import asyncio
+import pathlib
 
-def test_a_module_that_runs_its_supervisor_when_imported_is_refused_with_the_fix(
+import offloop
+
+sv = offloop.Supervisor(grace=1, name="app")
+
+
+@sv.service
+async def bot():
+    pathlib.Path("ran.txt").write_text("the program ran")
+
+
+async def main():
+    async with sv:
+        sv.stop()
+
+
+asyncio.run(main())  # the same, with the supervisor entered in the module's own loop
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "call"),
+    [(RUNS_AT_IMPORT, r"\.run\(\)"), (STARTS_AT_IMPORT, "Starting <Supervisor 'app'")],
+    ids=["run", "async-with"],
+)
+def test_a_module_that_runs_its_supervisor_when_imported_is_refused_before_it_runs(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    source: str,
+    call: str,
 ) -> None:
-    (tmp_path / "runs_app.py").write_text(textwrap.dedent(RUNS_AT_IMPORT))
+    (tmp_path / "runs_app.py").write_text(textwrap.dedent(source))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     message = (
-        "importing the module 'runs_app' already started 'runs_app:sv' (<Supervisor 'app' "
-        "stopped (1 stopped) grace=1>), and a Supervisor runs once: the module calls "
-        "sv.run() (or serve()) when it is imported. Put that call under "
-        "'if __name__ == \"__main__\":' so that 'python runs_app.py' still runs it and "
-        "'offloop run runs_app:sv' can."
+        rf"{call}.* was called while 'offloop run runs_app:sv' imported the module "
+        r"'runs_app' to find its supervisor: the module starts it when it is imported "
+        r"\(sv.run\(\) or asyncio.run\(...\) at its top level\). Put that call under "
+        r"'if __name__ == \"__main__\":' so that 'python runs_app.py' still runs it and "
+        r"'offloop run runs_app:sv' can.$"
     )
-    with pytest.raises(TargetError) as info:
+    with pytest.raises(TargetError, match=message):
         load_supervisor("runs_app:sv")
-    assert str(info.value) == message
-    monkeypatch.delitem(sys.modules, "runs_app")  # the command line imports it afresh
+    # Refused as it started: no service ran inside the import.
+    assert not (tmp_path / "ran.txt").exists()
+    assert "runs_app" not in sys.modules  # a failed import leaves nothing: imported afresh
     assert cli_main(["run", "runs_app:sv", "--plain"]) == 2
-    assert capsys.readouterr().err.endswith(f"offloop run: error: {message}\n")
+    err = capsys.readouterr().err
+    assert re.search(r"offloop run: error: .*" + message, err, re.MULTILINE), err
+    assert not (tmp_path / "ran.txt").exists()
+
+
+def test_a_supervisor_started_by_the_import_some_other_way_is_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A supervisor the module ran in a thread of its own (the import does not
+    # start it, so nothing refused it there) has run once it is found.
+    (tmp_path / "threaded_app.py").write_text(
+        textwrap.dedent(
+            """
+            import threading
+
+            import offloop
+
+            sv = offloop.Supervisor(grace=1, name="app")
+
+
+            @sv.service
+            async def bot():
+                sv.stop()
+
+
+            thread = threading.Thread(target=lambda: __import__("asyncio").run(sv.serve()))
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("threaded_app")
+    module.thread.start()
+    module.thread.join(WAIT)
+    assert not module.thread.is_alive()
+    with pytest.raises(TargetError, match=r"already started 'threaded_app:sv'"):
+        load_supervisor("threaded_app:sv")
 
 
 MADE_UNDER_MAIN = """

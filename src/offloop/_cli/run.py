@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from .._core.errors import ServiceFailed, StatusPortError
 from .._core.validate import describe
+from .._supervisor.importing import StartedOnImport, importing_target
 from .._supervisor.logs import LogFormat, make_handler
 from .._supervisor.signals import run_with_signals
 from .._supervisor.status import ServiceState, SupervisorState
@@ -210,7 +211,10 @@ def load_supervisor(target: str) -> Supervisor:
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
+        with importing_target(target):
+            module = importlib.import_module(module_name)
+    except StartedOnImport as exc:
+        raise TargetError(str(exc)) from None
     except ModuleNotFoundError as exc:
         # Only the target itself (or a package above it) missing means a wrong
         # target; 'mytools' missing while importing 'mytoolsapp' is a missing

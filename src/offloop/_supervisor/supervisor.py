@@ -24,6 +24,7 @@ from .._services.base import Service
 from .cascade import Cascade, parked_message
 from .embed import Embedding, HostLifecycle, OnFailure
 from .health import LoopHealth
+from .importing import check_not_importing
 from .logs import LogFormat
 from .order import check_depends_on, check_on_dependency_restart, check_oneshot, start_order
 from .owner import LoopEndWatch
@@ -244,6 +245,7 @@ class Supervisor(HostLifecycle, Registration):
         """
         if self._state is not _SV.NEW:
             raise RuntimeError(self._illegal_start("enter"))
+        check_not_importing(f"Starting {self!r}")
         # Before anything changes: an unknown name or a cycle leaves the supervisor new.
         order = start_order({n: e.depends_on for n, e in self._entries.items()})
         self._entries = {n: self._entries[n] for n in order}
@@ -405,6 +407,7 @@ class Supervisor(HostLifecycle, Registration):
         from .signals import run_with_signals
 
         fmt = check_log_format(log_format, "Supervisor.run()")
+        check_not_importing(f"{self!r}.run()")  # before the signal handlers and the loop
         if self._state is _SV.NEW and not _loop_running():  # else run_with_signals refuses
             configure_logging(fmt)
         return run_with_signals(self, self.serve)

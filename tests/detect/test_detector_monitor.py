@@ -19,6 +19,7 @@ import pytest
 
 from offloop import BlockEvent, BlockingDetector
 from offloop._detect import detector as detector_module
+from offloop._detect.detector import _RunQueueClock
 from offloop._detect.report import Sample
 
 SWITCH = 0.005  # the interpreter's switch interval: what a GIL hand-over may cost
@@ -109,8 +110,31 @@ class NoRunQueue:
     def since(self, before: tuple[float, int], span: float) -> float:
         return 0.0
 
+    def asked_in_time(self, before: tuple[float, int], late: float) -> bool:
+        return late >= 2 * SWITCH  # never queued: on a CPU all the time it was late
+
     def close(self) -> None:
         pass
+
+
+class QueuedAllAlong(NoRunQueue):
+    """The monitor was queued for a CPU all the time it was late.
+
+    Its wake's queueing is counted as the GIL's (``since`` discounts none of
+    it), so the block is long enough to report; but the monitor cannot have
+    asked the loop thread for the GIL before the call returned.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._fd = -1  # as if the scheduler's file were open: read() stands for it
+
+    def read(self) -> tuple[float, int]:
+        return self.clock.now, 0
+
+    def asked_in_time(self, before: tuple[float, int], late: float) -> bool:
+        # The real rule, on this clock's readings.
+        return _RunQueueClock.asked_in_time(self, before, late)  # type: ignore[arg-type]
 
 
 def simulate(
@@ -120,12 +144,13 @@ def simulate(
     threshold: float,
     until: float,
     interval: float | None = None,
+    run_queue: Callable[[Clock], NoRunQueue] = lambda clock: NoRunQueue(),
 ) -> list[BlockEvent]:
     """Watch a loop that blocks as ``blocks`` say, from t=0 to ``until``; return its events."""
     clock = Clock()
     loop = SimLoop(clock, blocks)  # type: ignore[abstract]  # the rest is never called
     monkeypatch.setattr(detector_module, "monotonic", clock)
-    monkeypatch.setattr(detector_module, "_RunQueueClock", NoRunQueue)
+    monkeypatch.setattr(detector_module, "_RunQueueClock", lambda: run_queue(clock))
     events: list[BlockEvent] = []
     det = BlockingDetector(loop, threshold=threshold, interval=interval, on_block=events.append)
 
@@ -189,6 +214,23 @@ def test_a_gil_holding_block_alone_is_reported_once(monkeypatch: pytest.MonkeyPa
         monkeypatch, [Block(0.100, 0.400, "sorter", "gil")], threshold=0.05, until=0.6
     )
     assert summary(events) == [("sorter", False)], events
+
+
+def test_a_gil_holding_block_seen_only_after_a_wait_for_a_cpu_is_reported_at_no_site(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The monitor, queued for a CPU until after the call returned, asked for
+    # the GIL too late to stop the loop thread at the call's line: what it
+    # glimpsed is some later line, so the block is reported without a site.
+    events = simulate(
+        monkeypatch,
+        [Block(0.100, 0.400, "sorter", "gil")],
+        threshold=0.05,
+        until=0.6,
+        run_queue=QueuedAllAlong,
+    )
+    assert summary(events) == [("<unknown>", False)], events
+    assert events[0].duration_ms >= 300 - 1e3 * 0.05 / 4
 
 
 def test_a_block_at_the_first_callback_is_measured_from_the_start(

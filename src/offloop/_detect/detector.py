@@ -153,6 +153,24 @@ class _RunQueueClock:
             return max(span, queued)
         return queued / wakes
 
+    def asked_in_time(self, before: tuple[float, int], late: float) -> bool:
+        """Whether a thread that woke ``late`` seconds late asked for the GIL during the block.
+
+        The monitor's glimpse shows the loop thread at the line of a call
+        that held the GIL only if the monitor's request to drop it was made
+        before the call returned: then the loop thread gives up the GIL at
+        its next bytecode and waits for the monitor. The request comes a
+        switch interval after the monitor, on a CPU, began to wait for the
+        GIL. A monitor that spent nearly all of its lateness queued for a CPU
+        may have asked only after the call returned, and the loop thread ran
+        on meanwhile: its glimpse is of some later line. Two switch intervals
+        on a CPU leave one to spare. False where the clock cannot tell.
+        """
+        if self._fd is None:
+            return False
+        queued = self.read()[0] - before[0]
+        return late - queued >= 2 * sys.getswitchinterval()
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -445,7 +463,8 @@ class BlockingDetector:
                         # Late for want of a CPU (other processes) is no block:
                         # only the time spent waiting, not queued, was the GIL.
                         held = now - max(due, acked_at) - queued.since(queued_before, now - read_at)
-                        self._finish_held(acked_at, held, glimpse)
+                        site = queued.asked_in_time(queued_before, blind)
+                        self._finish_held(acked_at, held, glimpse, site=site)
                     posted_at = None
                 if stopping or loop.is_closed():
                     # Stopped from the loop's own thread in the middle of a block
@@ -484,14 +503,19 @@ class BlockingDetector:
         finally:
             queued.close()
 
-    def _finish_held(self, acked_at: float, held: float, glimpse: Sample | None) -> None:
+    def _finish_held(
+        self, acked_at: float, held: float, glimpse: Sample | None, *, site: bool
+    ) -> None:
         # The heartbeat ran before this thread was kept from running for `held`
         # seconds; the loop thread, caught in the middle of a callback as this
         # thread woke, is what kept it. Had a heartbeat been posted when this
-        # thread was due, it would have waited `held` seconds.
+        # thread was due, it would have waited `held` seconds. Without `site`
+        # the glimpse may have come after the loop moved on: the block is
+        # reported at no site rather than at a wrong line.
         if held >= self._threshold and glimpse is not None and glimpse.busy:
             block = _Block(acked_at)
-            block.samples.add(glimpse)
+            if site:
+                block.samples.add(glimpse)
             self._finish(block, held)
 
     def _sample(self) -> Sample | None:

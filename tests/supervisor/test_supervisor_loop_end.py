@@ -190,3 +190,33 @@ def test_a_host_task_that_stops_it_as_the_loop_ends_gets_no_warning(
     assert ended.wait(QUICK_WAIT)
     assert sv.state is offloop.SupervisorState.STOPPED
     assert warnings_about_aclose(caplog) == []
+
+
+def test_a_stop_under_way_when_the_loop_ends_still_tells_the_threads() -> None:
+    # stop() was called (or a service failed) and main() returned without
+    # aclose(): asyncio.run cancels the shutdown task itself, before it has
+    # reached every service. The stop is finished all the same.
+    sv = offloop.Supervisor(name="cut", grace=WAIT)
+    ended = threading.Event()
+
+    @sv.service
+    def worker(token: offloop.StopToken) -> None:
+        token.wait()
+        ended.set()
+
+    @sv.service
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.2)  # stopped first (reverse order): holds the shutdown here
+
+    async def main() -> None:
+        await sv.start()
+        sv.stop()
+        await asyncio.sleep(0)  # the shutdown task begins with slow_to_stop
+
+    asyncio.run(main())
+    assert ended.is_set(), "the stop was not waited for"
+    assert sv.state is offloop.SupervisorState.STOPPED
+    assert {s.state for s in sv.status().values()} == {offloop.ServiceState.STOPPED}

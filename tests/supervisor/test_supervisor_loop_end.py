@@ -192,7 +192,7 @@ def test_a_host_task_that_stops_it_as_the_loop_ends_gets_no_warning(
     assert warnings_about_aclose(caplog) == []
 
 
-def test_a_stop_under_way_when_the_loop_ends_still_tells_the_threads() -> None:
+def test_a_stop_under_way_when_the_loop_ends_is_finished() -> None:
     # stop() was called (or a service failed) and main() returned without
     # aclose(): asyncio.run cancels the shutdown task itself, before it has
     # reached every service. The stop is finished all the same.

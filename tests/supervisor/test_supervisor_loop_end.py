@@ -220,3 +220,36 @@ def test_a_stop_under_way_when_the_loop_ends_is_finished() -> None:
     assert ended.is_set(), "the stop was not waited for"
     assert sv.state is offloop.SupervisorState.STOPPED
     assert {s.state for s in sv.status().values()} == {offloop.ServiceState.STOPPED}
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_the_loop_end_cancels_async_services_once_so_their_cleanup_runs_to_its_end(
+    runner: str,
+) -> None:
+    # The loop's end has cancelled the services' tasks already: the stop
+    # that follows waits for them, as aclose() would, and does not cancel
+    # them again in the middle of a cleanup that awaits. A service on its
+    # own loop thread awaits that thread's join in its cleanup.
+    sv = offloop.Supervisor(name="tidy", grace=WAIT)
+    cleaned: list[str] = []
+
+    @sv.service
+    async def tidy() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.05)  # closing a connection, say
+            cleaned.append("tidy")
+
+    @sv.service(isolate="loop")
+    async def apart() -> None:
+        await asyncio.Event().wait()
+
+    async def main() -> None:
+        await sv.start()
+
+    RUNNERS[runner](main())
+
+    assert cleaned == ["tidy"]
+    assert [t for t in threading.enumerate() if "loop-service-apart" in t.name] == []
+    assert {s.state for s in sv.status().values()} == {offloop.ServiceState.STOPPED}

@@ -85,7 +85,7 @@ class LoopEndWatch:
         except asyncio.CancelledError:
             task = sv._shutdown_task
             if task is None or not task.done():
-                self._tell_threads()
+                self._tell_services()
             if not sv._shutting_down():
                 # A host task cancelled in the same round may call aclose()
                 # from its cleanup: that is the stop asked for, and it needs
@@ -106,14 +106,16 @@ class LoopEndWatch:
                     await sv._shutdown()
             raise
 
-    def _tell_threads(self) -> None:
+    def _tell_services(self) -> None:
         # At once, before any await: if the loop is closed without running
         # again (a host that cancels its tasks but does not wait for them),
-        # the threads have been told.
+        # the threads have been told. The loop cancelled the services' tasks
+        # with this one: their stop() must not cancel them a second time.
         for entry in list(self.sv._entries.values()):
             service = entry.service
             if isinstance(service, LifecycleService):
                 service.signal_stop("the supervisor's event loop is shutting down")
+                service.tasks_cancelled()
 
     def _stop_unasked(self) -> None:
         sv = self.sv

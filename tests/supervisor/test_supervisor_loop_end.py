@@ -228,8 +228,9 @@ def test_the_loop_end_cancels_async_services_once_so_their_cleanup_runs_to_its_e
 ) -> None:
     # The loop's end has cancelled the services' tasks already: the stop
     # that follows waits for them, as aclose() would, and does not cancel
-    # them again in the middle of a cleanup that awaits. A service on its
-    # own loop thread awaits that thread's join in its cleanup.
+    # them again in the middle of a cleanup that awaits: a service's, a
+    # scheduled run's. A service on its own loop thread awaits that thread's
+    # join in its cleanup.
     sv = offloop.Supervisor(name="tidy", grace=WAIT)
     cleaned: list[str] = []
 
@@ -245,11 +246,23 @@ def test_the_loop_end_cancels_async_services_once_so_their_cleanup_runs_to_its_e
     async def apart() -> None:
         await asyncio.Event().wait()
 
+    began = asyncio.Event()
+
+    @sv.every(WAIT)
+    async def job() -> None:
+        began.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.05)
+            cleaned.append("job")
+
     async def main() -> None:
         await sv.start()
+        await asyncio.wait_for(began.wait(), QUICK_WAIT)
 
     RUNNERS[runner](main())
 
-    assert cleaned == ["tidy"]
+    assert sorted(cleaned) == ["job", "tidy"]
     assert [t for t in threading.enumerate() if "loop-service-apart" in t.name] == []
     assert {s.state for s in sv.status().values()} == {offloop.ServiceState.STOPPED}

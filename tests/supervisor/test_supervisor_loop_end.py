@@ -190,3 +190,79 @@ def test_a_host_task_that_stops_it_as_the_loop_ends_gets_no_warning(
     assert ended.wait(QUICK_WAIT)
     assert sv.state is offloop.SupervisorState.STOPPED
     assert warnings_about_aclose(caplog) == []
+
+
+def test_a_stop_under_way_when_the_loop_ends_is_finished() -> None:
+    # stop() was called (or a service failed) and main() returned without
+    # aclose(): asyncio.run cancels the shutdown task itself, before it has
+    # reached every service. The stop is finished all the same.
+    sv = offloop.Supervisor(name="cut", grace=WAIT)
+    ended = threading.Event()
+
+    @sv.service
+    def worker(token: offloop.StopToken) -> None:
+        token.wait()
+        ended.set()
+
+    @sv.service
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.2)  # stopped first (reverse order): holds the shutdown here
+
+    async def main() -> None:
+        await sv.start()
+        sv.stop()
+        await asyncio.sleep(0)  # the shutdown task begins with slow_to_stop
+
+    asyncio.run(main())
+    assert ended.is_set(), "the stop was not waited for"
+    assert sv.state is offloop.SupervisorState.STOPPED
+    assert {s.state for s in sv.status().values()} == {offloop.ServiceState.STOPPED}
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_the_loop_end_cancels_async_services_once_so_their_cleanup_runs_to_its_end(
+    runner: str,
+) -> None:
+    # The loop's end has cancelled the services' tasks already: the stop
+    # that follows waits for them, as aclose() would, and does not cancel
+    # them again in the middle of a cleanup that awaits: a service's, a
+    # scheduled run's. A service on its own loop thread awaits that thread's
+    # join in its cleanup.
+    sv = offloop.Supervisor(name="tidy", grace=WAIT)
+    cleaned: list[str] = []
+
+    @sv.service
+    async def tidy() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.05)  # closing a connection, say
+            cleaned.append("tidy")
+
+    @sv.service(isolate="loop")
+    async def apart() -> None:
+        await asyncio.Event().wait()
+
+    began = asyncio.Event()
+
+    @sv.every(WAIT)
+    async def job() -> None:
+        began.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.05)
+            cleaned.append("job")
+
+    async def main() -> None:
+        await sv.start()
+        await asyncio.wait_for(began.wait(), QUICK_WAIT)
+
+    RUNNERS[runner](main())
+
+    assert sorted(cleaned) == ["job", "tidy"]
+    assert [t for t in threading.enumerate() if "loop-service-apart" in t.name] == []
+    assert {s.state for s in sv.status().values()} == {offloop.ServiceState.STOPPED}

@@ -171,9 +171,12 @@ class TaskService(FunctionService):
         super().__init__(fn, name)
         self._async_fn = fn
         self._task: asyncio.Task[object] | None = None
+        # The loop's end cancelled the task: stop() lets that cancellation run its course.
+        self._cancelled_by_loop = False
 
     async def start(self) -> None:
         done = self._begin()
+        self._cancelled_by_loop = False
         task = asyncio.get_running_loop().create_task(
             self._guarded(), name=f"offloop-service-{self.name}"
         )
@@ -210,11 +213,15 @@ class TaskService(FunctionService):
                 f"coroutine to end the service, or call the supervisor's stop() to end them all."
             ) from e
 
+    def tasks_cancelled(self) -> None:
+        self._cancelled_by_loop = True
+
     async def stop(self) -> None:
         task = self._task
         if task is None or task.done() or self._mark_stopping() is None:
             return
-        task.cancel("offloop service stopping")
+        if not self._cancelled_by_loop:
+            task.cancel("offloop service stopping")
         await asyncio.wait({task})
 
     def kill(self) -> list[str]:

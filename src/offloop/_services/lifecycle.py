@@ -264,6 +264,15 @@ class LifecycleService(Service):
         at once, before the loop may stop running, and ``stop()`` follows.
         """
 
+    def tasks_cancelled(self) -> None:
+        """Note that the event loop's end has cancelled the task running the service's code.
+
+        ``stop()`` then waits for that task, within the supervisor's grace,
+        instead of cancelling it again: a second cancellation would cut short
+        the cleanup it runs (a ``finally`` that awaits). The default, for a
+        service whose code runs in no task of its own, does nothing.
+        """
+
     def _mark_stopping(self) -> asyncio.Future[None] | None:
         """Move to STOPPING; return the run's future, or ``None`` if no run is left to stop."""
         done = self._done

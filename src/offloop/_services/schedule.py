@@ -255,6 +255,8 @@ class ScheduledService(FunctionService):
         self._missed_exact = True
         self._last_duration: float | None = None
         self._last_error: BaseException | None = None
+        # The loop's end cancelled the runs' tasks: stop() lets that cancellation run its course.
+        self._cancelled_by_loop = False
 
     def __repr__(self) -> str:
         return (
@@ -283,6 +285,7 @@ class ScheduledService(FunctionService):
         self._begin()
         self._token = StopToken()
         self._ending, self._queued = None, False
+        self._cancelled_by_loop = False
         self._scheduler = asyncio.get_running_loop().create_task(
             self._schedule(), name=f"offloop-schedule-{self.name}"
         )
@@ -294,7 +297,9 @@ class ScheduledService(FunctionService):
         done = self._mark_stopping()
         if done is None:
             return
-        self._wind_down(None)
+        # Runs the loop's end cancelled already are waited for, not cancelled
+        # again in the middle of their cleanup.
+        self._wind_down(None, cancel_runs=not self._cancelled_by_loop)
         await asyncio.wait({done})
 
     def kill(self) -> list[str]:
@@ -321,6 +326,9 @@ class ScheduledService(FunctionService):
         if self._token is not None:
             self._token.set(reason)
 
+    def tasks_cancelled(self) -> None:
+        self._cancelled_by_loop = True
+
     def _drop(self, run: _Run, what: str) -> None:
         run.abandoned = what
         self._runs.discard(run)
@@ -332,7 +340,7 @@ class ScheduledService(FunctionService):
                 logger.warning("service %r abandoned %s", self.name, describe_task(run.task))
         self._finish_if_idle()
 
-    def _wind_down(self, error: BaseException | None) -> None:
+    def _wind_down(self, error: BaseException | None, *, cancel_runs: bool = True) -> None:
         """End the service's run: no new runs; stop those going on; finish once they ended."""
         if self._ending is None:
             self._ending = [error]
@@ -341,7 +349,7 @@ class ScheduledService(FunctionService):
         if scheduler is not None and not scheduler.done():
             scheduler.cancel("offloop service stopping")
         for run in list(self._runs):
-            if run.task is not None:
+            if run.task is not None and cancel_runs:
                 run.task.cancel("offloop service stopping")
         self._finish_if_idle()
 

@@ -14,13 +14,17 @@ asked for: it sets the stop token of every thread service at once (the loop
 may not run much longer), then runs the supervisor's usual shutdown and waits
 for it. ``asyncio.run`` waits for the tasks it cancelled, so the shutdown gets
 its grace period, and a thread that ignores its token is abandoned and
-reported as in any stop. anyio stops its process pool on the loop's end the
-same way: a task sleeping for ever whose cancellation kills the workers.
+reported as in any stop. A stop already under way (``stop()`` was called, or
+a service failed) when the loop ends is cancelled with the other tasks: the
+watch tells the threads at once and runs that stop to its end. anyio stops its
+process pool on the loop's end the same way: a task sleeping for ever whose
+cancellation kills the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Final, Protocol
 
@@ -46,6 +50,8 @@ class Watched(Protocol):
 
     async def _finish_shutdown(self, task: asyncio.Task[None]) -> None: ...
 
+    async def _shutdown(self) -> None: ...
+
 
 class LoopEndWatch:
     """Stops a ``start()``-ed supervisor whose loop cancels its tasks before ``aclose()``."""
@@ -68,10 +74,19 @@ class LoopEndWatch:
         try:
             # wait(), not await: cancelling this task must not cancel the future.
             await asyncio.wait({requested})
+            # Until the stop is over: the loop's end cancels a shutdown task
+            # under way too (stop() was called, or a service failed, and
+            # main() returned without aclose()), maybe before it reached the
+            # thread services.
+            task = sv._shutdown_task
+            if task is not None:
+                await asyncio.wait({task})
             return
         except asyncio.CancelledError:
+            task = sv._shutdown_task
+            if task is None or not task.done():
+                self._tell_services()
             if not sv._shutting_down():
-                self._tell_threads()
                 # A host task cancelled in the same round may call aclose()
                 # from its cleanup: that is the stop asked for, and it needs
                 # no warning. Its step comes before this task's next one.
@@ -83,17 +98,24 @@ class LoopEndWatch:
             # services have stopped or were abandoned.
             task = sv._shutdown_task
             if task is not None:
-                await sv._finish_shutdown(task)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sv._finish_shutdown(task)
+                if task.cancelled():
+                    # The loop's end cancelled the shutdown task too: this
+                    # task, cancelled once already, runs the stop to its end.
+                    await sv._shutdown()
             raise
 
-    def _tell_threads(self) -> None:
+    def _tell_services(self) -> None:
         # At once, before any await: if the loop is closed without running
         # again (a host that cancels its tasks but does not wait for them),
-        # the threads have been told.
+        # the threads have been told. The loop cancelled the services' tasks
+        # with this one: their stop() must not cancel them a second time.
         for entry in list(self.sv._entries.values()):
             service = entry.service
             if isinstance(service, LifecycleService):
                 service.signal_stop("the supervisor's event loop is shutting down")
+                service.tasks_cancelled()
 
     def _stop_unasked(self) -> None:
         sv = self.sv

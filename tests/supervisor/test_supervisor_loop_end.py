@@ -11,7 +11,9 @@ suite's loop runner) and wait for the thread with an event.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -266,3 +268,45 @@ def test_the_loop_end_cancels_async_services_once_so_their_cleanup_runs_to_its_e
     assert sorted(cleaned) == ["job", "tidy"]
     assert [t for t in threading.enumerate() if "loop-service-apart" in t.name] == []
     assert {s.state for s in sv.status().values()} == {offloop.ServiceState.STOPPED}
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Task.cancelling() tells who cancelled a run (3.11+)"
+)
+def test_a_scheduled_run_the_loop_end_cancels_first_is_no_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The run's task may get the loop's cancellation before the stop has
+    # begun: a cancel asked from outside is that stop, not the run's own
+    # CancelledError (a crash, whose error nobody would read).
+    caplog.set_level(logging.ERROR)
+    sv = offloop.Supervisor(name="sched", grace=WAIT)
+    began = asyncio.Event()
+    cancelled: list[str] = []
+
+    @sv.every(WAIT)
+    async def job() -> None:
+        began.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append("job")
+            raise
+
+    async def main() -> None:
+        await sv.start()
+        await asyncio.wait_for(began.wait(), QUICK_WAIT)
+
+    _run_cancelling_first(main(), "offloop-run-job")
+
+    assert cancelled == ["job"]
+    status = sv.status()["job"]
+    assert (sv.state, status.state, status.last_error) == (
+        offloop.SupervisorState.STOPPED,
+        offloop.ServiceState.STOPPED,
+        None,
+    )
+    # A crash's error left in a future nobody read is logged as it is collected.
+    del sv, job, main
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -78,13 +78,13 @@ def check_app_signature(app: Any, arguments: str, counts: tuple[int, ...], where
 
 #: The adapter for an app of a framework, by the top-level package of its
 #: class (or of a base class): the usual mix-up is an app handed to the
-#: adapter of another protocol.
+#: adapter of another protocol. Only frameworks whose apps speak one protocol:
+#: Django and Falcon make WSGI and ASGI apps alike, so their package says
+#: nothing about the adapter.
 _ADAPTERS: Final = {
     "aiohttp": "AiohttpService",
     "flask": "WSGIService",
-    "django": "WSGIService",
     "bottle": "WSGIService",
-    "falcon": "WSGIService",
     "pyramid": "WSGIService",
     "starlette": "ASGIService",
     "fastapi": "ASGIService",

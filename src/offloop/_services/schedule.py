@@ -461,7 +461,10 @@ class ScheduledService(FunctionService):
             await result
         except asyncio.CancelledError:
             run.cancelled = True
-            if self._ending is None:  # cancelled by the function itself: a crash
+            if self._ending is None and not _cancel_requested():
+                # Cancelled by the function itself: a crash. A cancel asked
+                # from outside before the stop began is the loop's end
+                # (asyncio.run cancels every task): the stop follows it.
                 error = OffloopError(f"A run of service {self.name!r} was cancelled.")
         except KeyboardInterrupt as e:
             error = ServiceInterrupted(
@@ -523,3 +526,10 @@ class ScheduledService(FunctionService):
             self._launch()
             return
         self._finish_if_idle()
+
+
+def _cancel_requested() -> bool:
+    """Whether someone asked to cancel the current task (Python 3.11+; else unknown: False)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and cancelling() > 0

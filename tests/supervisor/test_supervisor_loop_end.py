@@ -270,16 +270,8 @@ def test_the_loop_end_cancels_async_services_once_so_their_cleanup_runs_to_its_e
     assert {s.state for s in sv.status().values()} == {offloop.ServiceState.STOPPED}
 
 
-@pytest.mark.skipif(
-    sys.version_info < (3, 11), reason="Task.cancelling() tells who cancelled a run (3.11+)"
-)
-def test_a_scheduled_run_the_loop_end_cancels_first_is_no_crash(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # The run's task may get the loop's cancellation before the stop has
-    # begun: a cancel asked from outside is that stop, not the run's own
-    # CancelledError (a crash, whose error nobody would read).
-    caplog.set_level(logging.ERROR)
+def _scheduled_run_cancelled_first() -> tuple[list[str], tuple[object, ...]]:
+    """A supervisor whose loop's end cancels its running scheduled run first; what it says."""
     sv = offloop.Supervisor(name="sched", grace=WAIT)
     began = asyncio.Event()
     cancelled: list[str] = []
@@ -298,15 +290,24 @@ def test_a_scheduled_run_the_loop_end_cancels_first_is_no_crash(
         await asyncio.wait_for(began.wait(), QUICK_WAIT)
 
     _run_cancelling_first(main(), "offloop-run-job")
-
-    assert cancelled == ["job"]
     status = sv.status()["job"]
-    assert (sv.state, status.state, status.last_error) == (
-        offloop.SupervisorState.STOPPED,
-        offloop.ServiceState.STOPPED,
-        None,
-    )
-    # A crash's error left in a future nobody read is logged as it is collected.
-    del sv, job, main
+    return cancelled, (sv.state, status.state, status.last_error)
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Task.cancelling() tells who cancelled a run (3.11+)"
+)
+def test_a_scheduled_run_the_loop_end_cancels_first_is_no_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The run's task may get the loop's cancellation before the stop has
+    # begun: a cancel asked from outside is that stop, not the run's own
+    # CancelledError (a crash, whose error nobody would read).
+    caplog.set_level(logging.ERROR)
+    cancelled, states = _scheduled_run_cancelled_first()
+    assert cancelled == ["job"]
+    assert states == (offloop.SupervisorState.STOPPED, offloop.ServiceState.STOPPED, None)
+    # A crash's error left in a future nobody read is logged as it is
+    # collected: the supervisor is gone with the helper's frame.
     gc.collect()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

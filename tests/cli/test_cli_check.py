@@ -502,3 +502,36 @@ def test_a_script_that_starts_no_loop_is_told_why_nothing_was_watched() -> None:
         "'if __name__ == \"__main__\":'.\n"
     )
     assert "started no event loop" not in render_report([], 0.1, 1)
+
+
+@pytest.mark.parametrize("stdout", ["closed", "broken pipe"])
+def test_the_report_reaches_stderr_when_stdout_cannot_take_it(tmp_path: Path, stdout: str) -> None:
+    # `offloop check app.py >&-` (sys.stdout is None) or `| head -0` (the
+    # reader went away): the verdict still comes back as the exit code, and
+    # the report goes to stderr instead of ending in a traceback.
+    app = write(
+        tmp_path / "app.py",
+        """\
+        import asyncio
+        import time
+
+
+        async def main():
+            time.sleep(0.2)  # BLOCK
+
+
+        asyncio.run(main())
+        """,
+    )
+    command = f"{sys.executable} -m offloop check --threshold 0.05 {app.name}"
+    shell = (
+        f"exec {command} >&-"
+        if stdout == "closed"
+        else f"{command} | true; exit ${{PIPESTATUS[0]}}"
+    )
+    proc = subprocess.run(
+        ["bash", "-c", shell], capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path
+    )
+    assert proc.returncode == BLOCKED_EXIT_CODE, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"app.py:{line_of('BLOCK', app)}" in proc.stderr, proc.stderr

@@ -17,6 +17,7 @@ into an exception in the script, as Python does with SIGINT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -135,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
         except ScriptTerminated as exc:
             _say_terminated(exc)
             code = _exit_code(exc.code)
-    sys.stdout.flush()
+    _flush(sys.stdout)
     sites = [_trim(site, script) for site in watch.report()]
     exit_code = BLOCKED_EXIT_CODE if sites else code
     text = _report_text(args, watch.loops, sites, exit_code, code, cwd)
@@ -501,6 +502,22 @@ def _usage(message: str) -> int:
     return 2
 
 
-def _write(stream: TextIO, text: str) -> None:
-    stream.write(text)
-    stream.flush()
+def _flush(stream: TextIO | None) -> None:
+    if stream is not None:
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+
+
+def _write(stream: TextIO | None, text: str) -> None:
+    # A script run with its standard output closed (`>&-`: sys.stdout is
+    # None) or piped into a reader that went away still gets its exit code,
+    # and the report goes to stderr rather than nowhere.
+    for target in (stream, sys.stderr):
+        if target is None:
+            continue
+        try:
+            target.write(text)
+            target.flush()
+            return
+        except (OSError, ValueError):  # a broken pipe, a closed file
+            continue

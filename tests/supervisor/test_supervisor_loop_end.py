@@ -151,6 +151,8 @@ def _run_cancelling_first(coro: Coroutine[Any, Any, None], first: str) -> None:
     [
         ("aclose in its cleanup", "host"),
         ("aclose in its cleanup", "offloop-loop-end-held"),
+        ("aclose after other cleanup", "host"),
+        ("aclose after other cleanup", "offloop-loop-end-held"),
         ("async with", "host"),
     ],
 )
@@ -180,6 +182,8 @@ def test_a_host_task_that_stops_it_as_the_loop_ends_gets_no_warning(
             try:
                 await _forever()
             finally:
+                if host == "aclose after other cleanup":
+                    await asyncio.sleep(0.01)  # closing a connection of its own, say
                 await sv.aclose()
 
     async def main() -> None:

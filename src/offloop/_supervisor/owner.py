@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from .._services.lifecycle import LifecycleService
 from .supervised import Supervised
@@ -49,6 +49,9 @@ class Watched(Protocol):
     def _request_shutdown(self, reason: str) -> asyncio.Task[None]: ...
 
     async def _finish_shutdown(self, task: asyncio.Task[None]) -> None: ...
+
+    grace: float
+    _host_task: asyncio.Task[Any] | None
 
     async def _shutdown(self) -> None: ...
 
@@ -87,10 +90,19 @@ class LoopEndWatch:
             if task is None or not task.done():
                 self._tell_services()
             if not sv._shutting_down():
-                # A host task cancelled in the same round may call aclose()
-                # from its cleanup: that is the stop asked for, and it needs
-                # no warning. Its step comes before this task's next one.
-                await asyncio.sleep(0)
+                # The task that started the supervisor, cancelled in the same
+                # sweep, may call aclose() from its cleanup, after awaits of
+                # its own: that is the stop asked for, and it needs no
+                # warning. Its threads were told above; its end or its stop
+                # is waited for, within grace. Another task's cleanup gets
+                # one step (it comes before this task's next one).
+                host = sv._host_task
+                if host is not None and not host.done() and host is not self._task:
+                    await asyncio.wait(
+                        {host, requested}, timeout=sv.grace, return_when=asyncio.FIRST_COMPLETED
+                    )
+                else:
+                    await asyncio.sleep(0)
                 if not sv._shutting_down():
                     self._stop_unasked()
             # The stop is bounded by grace: waiting for it keeps the loop

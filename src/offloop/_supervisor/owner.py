@@ -70,6 +70,17 @@ class LoopEndWatch:
         if self._task is None:
             self._task = loop.create_task(self._watch(), name=f"offloop-loop-end-{self.sv.name}")
 
+    async def wait_done(self) -> None:
+        """Wait for the watch to end, once the supervisor's stop is over (from another task).
+
+        Its last step comes after the stop's: whoever waited for the stop
+        (``aclose()``, ``serve()``) waits for that step too, so that no task
+        of the supervisor's is left on the loop when they return.
+        """
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            await asyncio.wait({task})
+
     async def _watch(self) -> None:
         sv = self.sv
         requested = sv._shutdown_requested

@@ -559,6 +559,7 @@ class Supervisor(HostLifecycle, Registration):
         except asyncio.CancelledError:
             await asyncio.wait({task})
             raise
+        await self._loop_end.wait_done()
 
     async def _shutdown(self) -> None:
         loop = asyncio.get_running_loop()

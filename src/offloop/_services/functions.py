@@ -158,10 +158,22 @@ class FunctionService(LifecycleService):
     def __init__(self, fn: Callable[..., object], name: str) -> None:
         super().__init__(name)
         self.fn = fn
+        # The token the runs in threads watch (None for a service with none).
+        self._token: StopToken | None = None
+        # The loop's end cancelled the run's tasks: stop() lets that
+        # cancellation run its course instead of cancelling them again.
+        self._cancelled_by_loop = False
 
     def __repr__(self) -> str:
         kind = type(self).__name__
         return f"<{kind} {self.name!r} {self._state.value} fn={describe(self.fn)}>"
+
+    def signal_stop(self, reason: str) -> None:
+        if self._token is not None:
+            self._token.set(reason)
+
+    def tasks_cancelled(self) -> None:
+        self._cancelled_by_loop = True
 
 
 class TaskService(FunctionService):
@@ -171,8 +183,6 @@ class TaskService(FunctionService):
         super().__init__(fn, name)
         self._async_fn = fn
         self._task: asyncio.Task[object] | None = None
-        # The loop's end cancelled the task: stop() lets that cancellation run its course.
-        self._cancelled_by_loop = False
 
     async def start(self) -> None:
         done = self._begin()
@@ -213,9 +223,6 @@ class TaskService(FunctionService):
                 f"coroutine to end the service, or call the supervisor's stop() to end them all."
             ) from e
 
-    def tasks_cancelled(self) -> None:
-        self._cancelled_by_loop = True
-
     async def stop(self) -> None:
         task = self._task
         if task is None or task.done() or self._mark_stopping() is None:
@@ -252,7 +259,6 @@ class ThreadService(FunctionService):
     def __init__(self, fn: Callable[..., object], name: str, *, pass_token: bool) -> None:
         super().__init__(fn, name)
         self.pass_token = pass_token
-        self._token: StopToken | None = None
         self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
@@ -308,10 +314,6 @@ class ThreadService(FunctionService):
             return
         token.set("service stopping")
         await asyncio.wait({done})
-
-    def signal_stop(self, reason: str) -> None:
-        if self._token is not None:
-            self._token.set(reason)
 
     def kill(self) -> list[str]:
         self.signal_stop("service killed")

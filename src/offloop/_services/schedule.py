@@ -246,7 +246,6 @@ class ScheduledService(FunctionService):
         self._rng = random.Random()
         self._runs: set[_Run] = set()
         self._scheduler: asyncio.Task[None] | None = None
-        self._token: StopToken | None = None
         self._queued = False
         self._next: float | None = None
         # Why the current service run is ending: None while it goes on.
@@ -255,8 +254,6 @@ class ScheduledService(FunctionService):
         self._missed_exact = True
         self._last_duration: float | None = None
         self._last_error: BaseException | None = None
-        # The loop's end cancelled the runs' tasks: stop() lets that cancellation run its course.
-        self._cancelled_by_loop = False
 
     def __repr__(self) -> str:
         return (
@@ -320,14 +317,6 @@ class ScheduledService(FunctionService):
             asyncio.get_running_loop().call_soon(self._abandon_deaf_tasks)
         self._finish_if_idle()
         return abandoned
-
-    def signal_stop(self, reason: str) -> None:
-        # The runs in threads share the service's token; a task run is cancelled instead.
-        if self._token is not None:
-            self._token.set(reason)
-
-    def tasks_cancelled(self) -> None:
-        self._cancelled_by_loop = True
 
     def _drop(self, run: _Run, what: str) -> None:
         run.abandoned = what

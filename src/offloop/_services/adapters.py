@@ -20,11 +20,11 @@ from .lifecycle import LifecycleService, LifecycleState
 
 __all__ = [
     "NetworkAdapter",
-    "adapter_for",
     "check_app_signature",
     "check_host_port",
     "check_name",
     "listen_socket",
+    "other_adapter_hint",
 ]
 
 #: The listen backlog of every adapter's socket (werkzeug's and uvicorn's default).
@@ -63,12 +63,8 @@ def check_app_signature(app: Any, arguments: str, counts: tuple[int, ...], where
         except TypeError:
             continue
         return
-    adapter = adapter_for(app)
-    hint = (
-        f"It looks like an app for offloop.{adapter}: supervise it with "
-        f"offloop.{adapter}(app) instead."
-        if adapter is not None and adapter != where.rsplit(".", 1)[-1]
-        else f"If it is an app factory, pass the app it returns: {where}(create_app())."
+    hint = other_adapter_hint(app, where) or (
+        f"If it is an app factory, pass the app it returns: {where}(create_app())."
     )
     raise TypeError(
         f"{where}(app) needs an application called as app({arguments}), but "
@@ -93,13 +89,18 @@ _ADAPTERS: Final = {
 }
 
 
-def adapter_for(app: Any) -> str | None:
-    """The name of the offloop adapter for ``app``'s framework, or None if unknown."""
+def other_adapter_hint(app: Any, where: str) -> str:
+    """The sentence naming the adapter ``app``'s framework needs, if not ``where``; else ""."""
     for cls in type(app).__mro__:
         adapter = _ADAPTERS.get(cls.__module__.partition(".")[0])
         if adapter is not None:
-            return adapter
-    return None
+            if adapter == where:
+                return ""
+            return (
+                f"It looks like an app for offloop.{adapter}: supervise it with "
+                f"offloop.{adapter}(app) instead."
+            )
+    return ""
 
 
 def check_host_port(host: object, port: object, where: str) -> tuple[str, int]:

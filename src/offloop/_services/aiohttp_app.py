@@ -18,7 +18,7 @@ from typing import Any
 from .._core.extras import require
 from .._core.validate import describe
 from ._thirdparty import aiohttp_drop_connections
-from .adapters import NetworkAdapter, adapter_for, check_host_port, check_name
+from .adapters import NetworkAdapter, check_host_port, check_name, other_adapter_hint
 
 __all__ = ["AiohttpService"]
 
@@ -55,11 +55,10 @@ class AiohttpService(NetworkAdapter):
     ) -> None:
         web = require("aiohttp.web", "aiohttp", feature="AiohttpService")
         if not isinstance(app, web.Application):
-            adapter = adapter_for(app)
+            other = other_adapter_hint(app, "AiohttpService")
             hint = (
-                f" It looks like an app for offloop.{adapter}: supervise it with "
-                f"offloop.{adapter}(app) instead."
-                if adapter is not None and adapter != "AiohttpService"
+                f" {other}"
+                if other
                 else " Pass the application itself, not the function that builds it."
                 if callable(app)
                 else ""

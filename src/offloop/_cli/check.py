@@ -31,7 +31,7 @@ import traceback
 from types import FrameType
 from typing import Any, Final, TextIO
 
-from .._core.forcedexit import forced_exit_code, on_forced_exit, replace_forced_exit_code
+from .._core.forcedexit import on_forced_exit
 from .._detect.hook import LoopWatch
 from .._detect.report import BlockEvent, BlockSite, SiteTable
 from .._detect.thresholds import MAX_THRESHOLD, MIN_THRESHOLD, threshold_out_of_range
@@ -410,6 +410,8 @@ class _ReportOnForcedExit:
         self._args, self._watch, self._blocks = args, watch, blocks
         self._script, self._cwd, self._output = script, cwd, output
         self._active = False
+        # The code the process is to exit with, once the report knows it.
+        self._exit_code: int | None = None
 
     def __enter__(self) -> _ReportOnForcedExit:
         self._active = True
@@ -419,12 +421,9 @@ class _ReportOnForcedExit:
     def __exit__(self, *exc_info: object) -> None:
         self._active = False
 
-    def _on_forced_exit(self) -> None:
+    def _on_forced_exit(self, forced: int) -> int | None:
         if not self._active:
-            return
-        forced = forced_exit_code()
-        if forced is None:
-            return
+            return None
         # On a thread of its own: the hook may run in a signal handler on the
         # main thread, and writing may block; the forced exit waits a bounded time.
         writer = threading.Thread(
@@ -432,14 +431,14 @@ class _ReportOnForcedExit:
         )
         writer.start()
         writer.join(FORCED_REPORT_WAIT)
+        return self._exit_code  # known before the writing began, even if it blocks
 
     def _write(self, forced: int) -> None:
         sites = [
             _trim(site, self._script)
             for site in self._blocks.sites_with_those_under_way(self._watch)
         ]
-        exit_code = BLOCKED_EXIT_CODE if sites else forced
-        replace_forced_exit_code(exit_code)
+        exit_code = self._exit_code = BLOCKED_EXIT_CODE if sites else forced
         text = _report_text(self._args, self._watch.loops, sites, exit_code, forced, self._cwd)
         print(
             f"offloop check: the script's supervisor could not stop it gracefully and forced "

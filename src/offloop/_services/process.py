@@ -69,7 +69,11 @@ def kill_children() -> None:
                 process.kill()
 
 
-on_forced_exit(kill_children)
+def _kill_children_on_forced_exit(code: int) -> None:
+    kill_children()
+
+
+on_forced_exit(_kill_children_on_forced_exit)
 
 
 class ProcessService(FunctionService):

@@ -140,20 +140,28 @@ def main(args: argparse.Namespace) -> int:
     sites = [_trim(site, script) for site in watch.report()]
     exit_code = BLOCKED_EXIT_CODE if sites else code
     text = _report_text(args, watch.loops, sites, exit_code, code, cwd)
+    error = _save(text, output)
+    if error is not None:
+        return _usage(
+            f"cannot write the report to {args.output!r} ({error.strerror or error}); it was "
+            f"printed above instead."
+        )
+    return exit_code
+
+
+def _save(text: str, output: str | None) -> OSError | None:
+    """Write the report to ``output``, or print it; return why ``output`` could not be written."""
     if output is not None:
         try:
             with open(output, "w", encoding="utf-8") as out:
                 out.write(text)
+            return None
         except OSError as exc:
             # Checked up front, but the script ran since: keep the report anyway.
             _write(sys.stdout, text)
-            return _usage(
-                f"cannot write the report to {args.output!r} ({exc.strerror or exc}); it was "
-                f"printed above instead."
-            )
-    else:
-        _write(sys.stdout, text)
-    return exit_code
+            return exc
+    _write(sys.stdout, text)
+    return None
 
 
 def _report_text(
@@ -446,14 +454,7 @@ class _ReportOnForcedExit:
             file=sys.stderr,
             flush=True,
         )
-        if self._output is not None:
-            try:
-                with open(self._output, "w", encoding="utf-8") as out:
-                    out.write(text)
-                return
-            except OSError:
-                pass  # printed instead, as after a script that ended
-        _write(sys.stdout, text)
+        _save(text, self._output)  # printed if it cannot be written, as after a script that ended
 
 
 def _short(path: str, start: str | None) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from .._core.errors import ServiceFailed, StatusPortError
 from .._core.validate import describe
-from .._supervisor.importing import StartedOnImport, importing_target
+from .._supervisor.importing import StartedOnImport, guard_advice, importing_target
 from .._supervisor.logs import LogFormat, make_handler
 from .._supervisor.signals import run_with_signals
 from .._supervisor.status import ServiceState, SupervisorState
@@ -295,9 +295,7 @@ def _not_started(sv: Supervisor, module_name: str, target: str) -> Supervisor:
     raise TargetError(
         f"importing the module {module_name!r} already started {target!r} ({sv!r}), and a "
         f"Supervisor runs once: the module calls sv.run() (or serve()) when it is imported. "
-        f"Put that call under 'if __name__ == \"__main__\":' so that "
-        f"'python {module_name.replace('.', os.sep)}.py' still runs it and "
-        f"'offloop run {target}' can."
+        f"{guard_advice(target)}"
     )
 
 

@@ -11,12 +11,13 @@ the command turns into its usage error.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Final
 
 from .._core.errors import OffloopError
 
-__all__ = ["StartedOnImport", "check_not_importing", "importing_target"]
+__all__ = ["StartedOnImport", "check_not_importing", "guard_advice", "importing_target"]
 
 # The targets being imported (a stack: nothing stops an import from running
 # the command's loader again).
@@ -45,11 +46,18 @@ def check_not_importing(what: str) -> None:
     """
     if _targets:
         target = _targets[-1]
-        module = target.partition(":")[0]
         raise StartedOnImport(
             f"{what} was called while 'offloop run {target}' imported the module "
-            f"{module!r} to find its supervisor: the module starts it when it is imported "
-            f"(sv.run() or asyncio.run(...) at its top level). Put that call under "
-            f"'if __name__ == \"__main__\":' so that 'python {module.replace('.', '/')}.py' "
-            f"still runs it and 'offloop run {target}' can."
+            f"{target.partition(':')[0]!r} to find its supervisor: the module starts it when "
+            f"it is imported (sv.run() or asyncio.run(...) at its top level). "
+            f"{guard_advice(target)}"
         )
+
+
+def guard_advice(target: str) -> str:
+    """What to do about a module ``offloop run target`` found starting its supervisor."""
+    module = target.partition(":")[0]
+    return (
+        f"Put that call under 'if __name__ == \"__main__\":' so that "
+        f"'python {module.replace('.', os.sep)}.py' still runs it and 'offloop run {target}' can."
+    )

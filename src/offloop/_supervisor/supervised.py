@@ -359,17 +359,6 @@ class Supervised:
         finally:
             self.aborting = False
 
-    def _late_start_done(self, starter: asyncio.Task[None]) -> None:
-        # A cancelled start() that raised something else on its way out: the
-        # error belongs in the log (and must not be reported as never retrieved).
-        if not starter.cancelled() and (error := starter.exception()) is not None:
-            logger.error(
-                "%s: the cancelled start of service %r raised",
-                self.supervisor.name,
-                self.name,
-                exc_info=error,
-            )
-
     def _ran_for(self, now: float) -> float | None:
         """How long the first run ran, if it ended within its start-up window; else None."""
         until = self.startup_until
@@ -476,9 +465,9 @@ class Supervised:
             cutoff = max(deadline, loop.time() + LAST_CHANCE)
             await asyncio.wait({runner}, timeout=cutoff - loop.time())
             if not runner.done():
-                self._kill("did not stop within the grace period after its start timed out")
-                runner.cancel()
-                await asyncio.wait({runner}, timeout=LAST_CHANCE)
+                await self._kill_and_end(
+                    "did not stop within the grace period after its start timed out", runner
+                )
             self._stopped(hold)
             logger.info("%s: service %r stopped", sv, self.name)
             return
@@ -536,20 +525,27 @@ class Supervised:
             await asyncio.wait({task}, timeout=max(cutoff - loop.time(), 0))
             polite = task.done()
         if not polite:
-            self._kill(why)
-            task.cancel()
-            await asyncio.wait({task}, timeout=LAST_CHANCE)
+            await self._kill_and_end(why, task)
+
+    async def _kill_and_end(self, why: str, task: asyncio.Task[None]) -> None:
+        """Kill the service, cancel ``task`` (its runner or start) and give it LAST_CHANCE."""
+        self._kill(why)
+        task.cancel()
+        await asyncio.wait({task}, timeout=LAST_CHANCE)
 
     def _late_stop_done(self, stopper: asyncio.Task[None]) -> None:
-        # The stop() that outlived the grace period ended after all; its error
-        # still belongs in the log (and must not be reported as never retrieved).
-        if not stopper.cancelled() and (error := stopper.exception()) is not None:
-            logger.error(
-                "%s: stopping service %r raised after it was killed",
-                self.supervisor.name,
-                self.name,
-                exc_info=error,
-            )
+        # The stop() that outlived the grace period ended after all.
+        self._log_late_error(stopper, "stopping service %r raised after it was killed")
+
+    def _late_start_done(self, starter: asyncio.Task[None]) -> None:
+        # A cancelled start() that raised something else on its way out.
+        self._log_late_error(starter, "the cancelled start of service %r raised")
+
+    def _log_late_error(self, task: asyncio.Task[None], what: str) -> None:
+        # The error of a call nobody waits for any more still belongs in the
+        # log (and must not be reported as never retrieved).
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("%s: " + what, self.supervisor.name, self.name, exc_info=error)
 
     def _kill(self, why: str) -> None:
         if self.killed:

@@ -415,45 +415,66 @@ async def test_an_object_with_an_async_call_is_refused_when_sent_not_when_awaite
 
 
 @pytest.mark.loops("asyncio")
-async def test_a_call_dispatched_while_another_thread_closes_the_pool_is_never_stranded() -> None:
-    # The call is put on the queue under the pool's lock: a close() from
-    # another thread waits for the put, so the workers' exit signals queue
-    # behind the call, never before it. The wrapper widens the window a close
-    # used to slip into between the count and the put.
+@pytest.mark.parametrize("to", ["an idle thread", "a new thread"])
+async def test_a_call_dispatched_while_another_thread_closes_the_pool_is_never_stranded(
+    to: str,
+) -> None:
+    # A call is handed to an idle thread, or put on the queue for a new one,
+    # under the pool's lock: a close() from another thread waits for it, so
+    # it either knows of the call or the call sees the pool closing, never
+    # neither. The wrappers widen the window a close could slip into between
+    # the count and the hand-over.
     pool = offloop.ThreadPool(2, name="close-race")
-    await pool.run(int)  # one warm worker, idle
-    real = pool._queue
     closer_started = threading.Event()
     closed = threading.Event()
-
-    class Widened:
-        armed = True
-
-        def put(self, item: Any) -> None:
-            if self.armed and item is not None:
-                self.armed = False
-                threading.Thread(target=close_it, daemon=True).start()
-                closer_started.wait(WAIT)
-                time.sleep(0.05)  # not a bound: gives the closer time to try its close
-            real.put(item)
-
-        def get(self, *args: Any, **kwargs: Any) -> Any:
-            return real.get(*args, **kwargs)
-
-        def get_nowait(self) -> Any:
-            return real.get_nowait()
 
     def close_it() -> None:
         closer_started.set()
         pool.close(timeout=WAIT)
         closed.set()
 
-    pool._queue = Widened()  # type: ignore[assignment]
+    def widen() -> None:
+        threading.Thread(target=close_it, daemon=True).start()
+        closer_started.wait(WAIT)
+        time.sleep(0.05)  # not a bound: gives the closer time to try its close
+
+    if to == "an idle thread":
+        await pool.run(int)  # one warm worker, idle
+        (worker,) = pool._idle
+        real_wake = worker.wake
+
+        class WidenedWake:
+            def acquire(self, *args: Any) -> bool:
+                return real_wake.acquire(*args)
+
+            def release(self) -> None:
+                if worker.hand is not None:  # the call, not the close's None
+                    widen()
+                real_wake.release()
+
+        worker.wake = WidenedWake()  # type: ignore[assignment]
+    else:
+        real_queue = pool._queue
+
+        class WidenedQueue:
+            def put(self, item: Any) -> None:
+                if item is not None:
+                    widen()
+                real_queue.put(item)
+
+            def get(self, *args: Any, **kwargs: Any) -> Any:
+                return real_queue.get(*args, **kwargs)
+
+            def get_nowait(self) -> Any:
+                return real_queue.get_nowait()
+
+        pool._queue = WidenedQueue()  # type: ignore[assignment]
     call = pool.run(int, 7)
     # Either it ran before the close, or the close failed it: never a hang.
     with contextlib.suppress(offloop.PoolClosedError):
         assert await asyncio.wait_for(asyncio.shield(call), WAIT) == 7
     assert await asyncio.to_thread(closed.wait, WAIT)
+    assert closer_started.is_set()  # the window was really widened
 
 
 @pytest.mark.allow_leaks  # the stuck thread is abandoned on purpose, then released

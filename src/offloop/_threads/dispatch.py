@@ -5,8 +5,8 @@ it; ``pool.py`` states the counters and their invariants, and holds ``run()``
 and the worker thread's body. Everything here runs on the thread of
 the event loop that made the call:
 
-- ``_submit`` places a call made when the pool can take it: on the queue
-  with a thread claimed for it, or in ``_pending``.
+- ``_submit`` places a call made when the pool can take it: handed to the
+  thread that went idle last, on the queue for a new thread, or in ``_pending``.
 - A call that had to wait in ``_pending`` opens a *batch* on its loop's
   :class:`~offloop._core.offload.Channel`: the further calls this loop makes
   for this pool in the same iteration wait there (phase BATCHED, not yet
@@ -54,7 +54,7 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
             if (
                 not self._pending
                 and self._ready + self._running - self._waiting < self._cpu_slots
-                and (self._idle > 0 or not self._workers)
+                and (self._idle or not self._workers)
                 and not (self._gil_calls and self._gil_fns.holds(call.fn))
             ):
                 # A free CPU slot and a thread for it: dispatch now. A new
@@ -65,7 +65,7 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
             elif (
                 self._waits  # a dict: a C-level test, see WaitMemory
                 and self._waits.waits(call.fn)
-                and (self._idle > 0 or len(self._workers) < self._max_workers)
+                and (self._idle or len(self._workers) < self._max_workers)
             ):
                 # Its function's last call was found waiting: like that one,
                 # it will hold no CPU slot, so it takes a thread at once (one
@@ -75,19 +75,22 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                 self._ready += 1
                 if self._gil_fns and self._gil_fns.holds(call.fn):
                     self._gil_calls.add(call)  # see gil.py
-                if self._idle > 0:
-                    self._idle -= 1
+                # Handed or put while still holding the lock: a close() from
+                # another thread in between would not know of the call, and
+                # nobody would ever take it. Last in the block: a polling
+                # worker takes the call at once and then needs the lock to
+                # start it.
+                if self._idle:
+                    # The thread that went idle last (Worker.give, inlined):
+                    # it may still be polling, and is warm in any case.
+                    worker = self._idle.pop()
+                    worker.hand = call
+                    worker.wake.release()
                 else:
                     worker = Worker()
                     self._workers.append(worker)
                     starter = self._want_started([worker], now=monotonic())
-                # Put while still holding the lock: a close() from another
-                # thread between the count and the put would drain the queue
-                # without it and queue the workers' exit signals before it,
-                # and nobody would ever take it. SimpleQueue.put never blocks.
-                # Last in the block: a polling worker takes the call at once
-                # and then needs the lock to start it.
-                self._queue.put(call)
+                    self._queue.put(call)  # the new thread's first call
             if not dispatch or (self._unstarted and not self._starting):
                 channel = call._channel
                 if not dispatch:
@@ -153,7 +156,7 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                     if (
                         waits  # as in _submit
                         and waits.waits(call.fn)
-                        and (self._idle > 0 or len(self._workers) < self._max_workers)
+                        and (self._idle or len(self._workers) < self._max_workers)
                     ):
                         self._dispatch(call, to_start)
                     else:
@@ -162,7 +165,7 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                 # and _rebalance (armed below) see to the rest.
                 while (
                     pending
-                    and self._idle > 0
+                    and self._idle
                     and self._ready + self._running - self._waiting < self._cpu_slots
                 ):
                     if self._gil_calls:

@@ -5,8 +5,8 @@ While calls wait in a pool's ``_pending``, each loop that submitted them runs
 :data:`FULL_PERIOD` while every thread is busy and none can start): it finds the
 running calls that wait (I/O, sleeps, locks; see ``workers.py``), and
 dispatches pending calls into the CPU slots they leave, starting threads up to
-``max_workers``. ``_dispatch`` (a call onto the queue with a thread claimed
-for it) and ``_start_or_give_up`` (the loop starting a wanted thread) serve it
+``max_workers``. ``_dispatch`` (a call to an idle thread, or onto the queue
+for a new one) and ``_start_or_give_up`` (the loop starting a wanted thread) serve it
 and the batches of ``dispatch.py``. ``pool.py`` describes the counters it
 reads and what stays true between critical sections;
 :class:`~offloop.ThreadPool` inherits it.
@@ -73,7 +73,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
             # A call that ended within a period since the last look means a
             # thread cycles through short calls: it takes the pending ones
             # itself, faster than new threads would, so none is started.
-            room = self._idle + (
+            room = len(self._idle) + (
                 0 if self._short else max(0, self._max_workers - len(self._workers))
             )
             self._short = False
@@ -84,7 +84,7 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
             # back), but less often: each look wakes the loop, and reads the
             # kernel with the GIL handed away.
             full = (
-                self._idle == 0 and len(self._workers) >= self._max_workers and not self._unstarted
+                not self._idle and len(self._workers) >= self._max_workers and not self._unstarted
             )
             for w in self._workers:
                 if w.call is None:
@@ -149,19 +149,20 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
         loop.call_at(due, self._rebalance, channel, loop, due, clocks)
 
     def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:
-        # Under _lock: put the call on the queue with a thread claimed for it,
-        # an idle one or a new one (added to to_start). _submit does the same
-        # inline: it runs once per call, and would pay for the list here.
+        # Under _lock: hand the call to the thread that went idle last, or
+        # put it on the queue for a new one (added to to_start). _submit
+        # does the same inline: it runs once per call, and would pay for
+        # the list here.
         self._ready += 1
         if self._gil_fns and self._gil_fns.holds(call.fn):
             self._gil_calls.add(call)
-        if self._idle > 0:
-            self._idle -= 1
+        if self._idle:
+            self._idle.pop().give(call)
         else:
             worker = Worker()
             self._workers.append(worker)
             to_start.append(worker)
-        self._queue.put(call)  # under the lock, as in _submit
+            self._queue.put(call)  # under the lock, as in _submit
 
     def _take_pending(self) -> OffloadFuture[Any] | None:
         # Under _lock: the first pending call that may run now, taken out of

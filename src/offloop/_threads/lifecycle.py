@@ -31,7 +31,7 @@ from .._core.poolbase import PoolState, complete_waiter, refuse_blocking_close
 from .._core.poolexecutor import shut_views_of
 from .._core.validate import check_close_timeout, describe
 from .view import ThreadPoolView
-from .workers import Worker
+from .workers import TAKE_QUEUED, Worker
 
 __all__ = ["ThreadPoolLifecycle"]
 
@@ -160,7 +160,17 @@ class ThreadPoolLifecycle(ThreadPoolView):
             self._backlog += 1
         self._unstarted.clear()
         self._starting = False
+        self._serve_backlog()
         return self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
+
+    def _serve_backlog(self) -> None:
+        # Under _lock, when calls lost the thread they claimed: idle threads
+        # wait on their own locks, not on the queue where those calls are,
+        # so each of those calls gets one of them sent to the queue. With
+        # none idle, the next thread whose call ends takes it (_free_slot).
+        while self._backlog > 0 and self._idle:
+            self._backlog -= 1
+            self._idle.pop().give(TAKE_QUEUED)
 
     def _start_thread(self, worker: Worker, *, starts_others: bool = False) -> None:
         thread = threading.Thread(
@@ -176,6 +186,7 @@ class ThreadPoolLifecycle(ThreadPoolView):
             with self._lock:
                 self._workers.remove(worker)
                 self._backlog += 1  # its claimed call waits for the next free thread
+                self._serve_backlog()
                 # A close may now wait for no thread at all.
                 waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
             for waiter in waiters:
@@ -312,14 +323,20 @@ class ThreadPoolLifecycle(ThreadPoolView):
                 for worker in self._unstarted:
                     self._workers.remove(worker)
                 self._unstarted.clear()
+                # An idle thread is told to exit directly; the others find
+                # their None on the queue once their call ends.
+                idle = self._idle
                 for worker in self._workers:
                     if worker.call is not None:
                         running.append(worker.call)
-                    self._queue.put(None)
+                    if worker in idle:
+                        worker.give(None)
+                    else:
+                        self._queue.put(None)
+                idle.clear()
             closed = not self._workers
             if closed:
                 self._state = PoolState.CLOSED
-                self._idle = 0
             else:
                 self._closed_waiters.append(waiter)
         for call in skipped:
@@ -332,8 +349,8 @@ class ThreadPoolLifecycle(ThreadPoolView):
             complete_waiter(waiter)
 
     def _thread_exited(self, worker: Worker) -> None:
-        # The worker took a None off the queue: from close(), or one put for
-        # a thread above a lowered max_workers (_retiring).
+        # The worker was handed a None, or took one off the queue: from
+        # close(), or for a thread above a lowered max_workers (_retiring).
         with self._lock:
             if self._retiring > 0:
                 self._retiring -= 1
@@ -350,7 +367,6 @@ class ThreadPoolLifecycle(ThreadPoolView):
         if self._workers:
             return []
         self._state = PoolState.CLOSED
-        self._idle = 0
         waiters, self._closed_waiters = self._closed_waiters, []
         return waiters
 
@@ -374,7 +390,8 @@ class ThreadPoolLifecycle(ThreadPoolView):
             worker.close()  # the parent's threads' files, inherited
         self._workers = []
         self._leaving = []
-        self._idle = self._backlog = self._running = self._abandoned = self._queued = 0
+        self._idle = []
+        self._backlog = self._running = self._abandoned = self._queued = 0
         self._retiring = 0
         self._ready = self._waiting = 0
         self._pending = deque()

@@ -39,8 +39,9 @@ critical sections:
 - ``_queued`` calls are in phase QUEUED, on the queue or in ``_pending``.
   Calls in a loop's batch (phase BATCHED) are not counted anywhere until
   ``_flush`` takes them in; a call cancelled there only counts as cancelled.
-  ``_ready`` calls are on the queue, each with a thread claimed for it; a
-  call cancelled there stays counted until a worker pops and drops it.
+  ``_ready`` calls are dispatched, each with a thread claimed for it:
+  handed to an idle thread (its ``Worker.hand``) or on the queue; a call
+  cancelled there stays counted until its worker takes and drops it.
   ``_running`` calls are in a worker, in phase RUNNING, ABANDONED or
   CANCELLING; ``_abandoned`` of them ABANDONED;
   ``_waiting`` of them marked as waiting (their worker's ``waiting``).
@@ -51,12 +52,15 @@ critical sections:
   after ``cpu_slots`` or ``max_workers`` was lowered, or for a moment, when
   a call of a function known to wait (``_waits``) is dispatched and not yet
   taken.
-- ``_idle`` threads wait for a call and are claimed by none; a dispatched
-  call claims an idle thread or a new one. ``_backlog`` dispatched calls lost
-  the thread they claimed (it failed to start): the next thread that comes
-  free takes them off the queue instead of becoming idle. ``_retiring``
-  threads were idle above a lowered ``max_workers`` and have a None on the
-  queue to end them; they count neither as idle nor as claimed.
+- The threads on the ``_idle`` stack wait for a call, each on its own
+  ``Worker.wake``, and are claimed by none; a dispatched call claims the
+  one on top (handed to it) or a new thread (on the queue, which only
+  threads that are not idle read). ``_backlog`` dispatched calls lost the
+  thread they claimed (it failed to start): an idle thread is sent to the
+  queue for each, or else the next thread that comes free takes them
+  instead of becoming idle. ``_retiring`` threads were above a lowered
+  ``max_workers`` and were handed a None, or have one on the queue, to end
+  them; they count neither as idle nor as claimed.
 - A call cancelled in ``_pending`` leaves it at once; one cancelled on the
   queue stays there, SKIPPED, until the worker that pops it drops it.
 - Every call in ``_gil_calls`` (gil.py) is of a function ``_gil_fns`` knows
@@ -75,7 +79,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from time import monotonic
 from types import CoroutineType, FunctionType
-from typing import Any, Final, Literal, ParamSpec, TypeVar, final
+from typing import Any, Final, Literal, ParamSpec, TypeVar, cast, final
 
 from .._core.latency import CALL_BUCKETS, new_counts
 from .._core.offload import (
@@ -110,7 +114,8 @@ from .batch import MapResults
 from .dispatch import ThreadPoolDispatch
 from .gil import GilMemory, learn_gil
 from .growth import GROWTH_PERIOD
-from .workers import DEFAULT_CPU_SLOTS, WaitMemory, Worker
+from .spintune import SpinTuner
+from .workers import DEFAULT_CPU_SLOTS, TAKE_QUEUED, WaitMemory, Worker
 
 __all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool"]
 
@@ -131,14 +136,6 @@ _OPEN: Final = PoolState.OPEN
 
 #: Seconds an idle worker waits for work before its thread exits.
 IDLE_TIMEOUT: Final = 30.0
-
-#: Seconds a worker keeps polling for its next call before it sleeps on the
-#: queue. Waking a sleeping thread costs a futex wake and a trip through the
-#: scheduler, several times the cost of the rest of a round trip; a worker
-#: still polling when the next call of a sequential ``await`` loop arrives
-#: takes it at once. Each turn yields the CPU and the GIL, and the window is
-#: short enough that an idle pool costs nothing measurable.
-SPIN_WINDOW: Final = 50e-6
 
 OnCancel = Literal["abandon", "wait"]
 
@@ -218,7 +215,9 @@ class ThreadPool(ThreadPoolDispatch):
         self._thread_numbers = iter(range(1, 1 << 62))
         # The counters, guarded by _lock: the module docstring states what
         # each one counts and what stays true between critical sections.
-        self._idle = 0
+        self._idle: list[Worker] = []
+        # Whether idle threads poll before they sleep (spintune.py).
+        self._spin = SpinTuner()
         self._backlog = 0
         self._retiring = 0
         self._queued = 0
@@ -362,46 +361,50 @@ class ThreadPool(ThreadPoolDispatch):
         if starts_others:
             self._start_others()
         get = self._queue.get
-        get_nowait = self._queue.get_nowait
+        poll = worker.wake.acquire
+        spin = self._spin
         lock = self._lock
         local = thread_state
         worker.tid = threading.get_native_id()
         # The next call to run, taken from _pending when the last one ended;
-        # None: take one off the queue.
+        # None: wait for one.
         call: OffloadFuture[Any] | None = None
+        # Whether this thread is on the _idle stack, waiting to be handed its
+        # next call; if not, that call (or the None that ends the thread) is
+        # on the queue already, or about to be (see _free_slot).
+        idle = False
+        # When this thread last went idle (monotonic), and the poll window it
+        # used; 0: its call came off the queue.
+        parked = window = 0.0
         while True:
             if call is None:
-                # Poll first (see SPIN_WINDOW), then sleep on the queue.
-                deadline = monotonic() + SPIN_WINDOW
-                polled = False
-                while True:
-                    try:
-                        call = get_nowait()
-                        polled = True
-                        break
-                    except queue.Empty:
+                if idle:
+                    # Poll first if that pays (spintune.py), then sleep on the lock.
+                    window = spin.window
+                    parked = monotonic()
+                    deadline = parked + window
+                    while not poll(False):
                         if monotonic() > deadline:
+                            while not poll(True, IDLE_TIMEOUT):
+                                if self._idle_exit(worker):
+                                    return
+                                # Handed something as the wait timed out:
+                                # the lock is released already.
                             break
                         yield_cpu()
-                if not polled:
-                    try:
-                        call = get(timeout=IDLE_TIMEOUT)
-                    except queue.Empty:
-                        with lock:
-                            # Exit only if this thread is unclaimed: a claimed
-                            # one has a call on its way.
-                            if self._idle > 0 and self._state is PoolState.OPEN:
-                                self._idle -= 1
-                                self._workers.remove(worker)
-                                worker.close()
-                                # Forget threads that are gone, so a long-lived
-                                # pool does not collect them forever.
-                                self._leaving = [t for t in self._leaving if t.is_alive()]
-                                self._leaving.append(threading.current_thread())
-                                return
-                        continue
-                if call is None:  # close() puts one per worker; see also _retiring
+                    hand = worker.hand
+                    worker.hand = None
+                    idle = False
+                    if hand is TAKE_QUEUED:
+                        hand = get()
+                        parked = 0.0
+                else:
+                    hand = get()
+                    parked = 0.0
+                if hand is None:  # close() or a lowered max_workers; see _retiring
                     break
+                call = cast("OffloadFuture[Any]", hand)
+                hand = None  # as with result below: an idle worker keeps nothing
                 # The phase is read under the lock: cancel() and close() change
                 # it under the same lock, so a call is either taken here or
                 # skipped there, never both.
@@ -411,7 +414,7 @@ class ThreadPool(ThreadPoolDispatch):
                         self._skip_closed(call)
                     if call._phase is SKIPPED:
                         self._gil_calls.discard(call)
-                        self._free_slot()
+                        idle = self._free_slot(worker)
                         skipped = True
                     else:
                         skipped = False
@@ -420,6 +423,8 @@ class ThreadPool(ThreadPoolDispatch):
                         self._running += 1
                         worker.call = call
                         worker.started = monotonic()
+                        if parked:
+                            spin.record(worker.started - parked, window)
                         if self._waits and self._waits.waits(call.fn):
                             # Its function's last call waited: it holds no
                             # slot until the check finds otherwise.
@@ -497,7 +502,7 @@ class ThreadPool(ThreadPoolDispatch):
                 # sequential caller.
                 nxt = self._next_pending(worker, ended) if self._pending else None
                 if nxt is None:
-                    self._free_slot()
+                    idle = self._free_slot(worker)
                 starts = self._unstarted and self._starter_wanted()
             call._channel.post(call)
             if starts:
@@ -544,14 +549,40 @@ class ThreadPool(ThreadPoolDispatch):
             self._waiting += 1
         return call
 
-    def _free_slot(self) -> None:
-        # Called under _lock by a thread that is about to take the next call.
+    def _free_slot(self, worker: Worker) -> bool:
+        # Under _lock, by a worker with no call to run next: returns whether
+        # it went idle (onto the _idle stack, to be handed its next call);
+        # if not, what it runs next is on the queue, or about to be.
         if self._backlog > 0:
-            self._backlog -= 1
-        elif len(self._workers) - self._retiring > self._max_workers and self._state is _OPEN:
-            # Above a lowered max_workers: a thread ends instead of waiting
-            # for calls (this one, or an idle one that takes the None first).
+            self._backlog -= 1  # a call that lost its thread: this one takes it
+            return False
+        if self._state is not _OPEN:
+            return False  # close() put this thread's None on the queue
+        if len(self._workers) - self._retiring > self._max_workers:
+            # Above a lowered max_workers: this thread ends instead of
+            # waiting for calls.
             self._retiring += 1
             self._queue.put(None)
-        else:
-            self._idle += 1
+            return False
+        # On top of the stack: the next call goes to the thread that went
+        # idle last, which may still be polling and has its stack and
+        # caches warm, not to one that has slept longest. The bottom of the
+        # stack, which a steady trickle of calls never reaches, ages out
+        # (IDLE_TIMEOUT).
+        self._idle.append(worker)
+        return True
+
+    def _idle_exit(self, worker: Worker) -> bool:
+        # By an idle worker whose wait for a call timed out: whether it left
+        # the pool. If it was handed something meanwhile, it takes that.
+        with self._lock:
+            if worker not in self._idle:
+                return False
+            self._idle.remove(worker)
+            self._workers.remove(worker)
+            worker.close()
+            # Forget threads that are gone, so a long-lived pool does not
+            # collect them forever.
+            self._leaving = [t for t in self._leaving if t.is_alive()]
+            self._leaving.append(threading.current_thread())
+            return True

@@ -51,7 +51,7 @@ class ThreadPoolView(PoolContext):
     _call_seconds: float
     _wait_counts: list[int]
     _wait_seconds: float
-    _idle: int
+    _idle: list[Worker]
     _backlog: int
     _retiring: int
     _queued: int
@@ -103,12 +103,12 @@ class ThreadPoolView(PoolContext):
             if self._state is PoolState.OPEN:
                 # Idle threads above the new bound end now, or they would
                 # take new calls beyond it; busy ones end as their call does
-                # (pool.py, _work). A worker that takes a None exits.
+                # (pool.py, _work). A worker handed None exits. The bottom
+                # of the stack first: the threads idle longest.
                 surplus = len(self._workers) - self._retiring - value
-                for _ in range(min(surplus, self._idle)):
-                    self._idle -= 1
+                for _ in range(min(surplus, len(self._idle))):
                     self._retiring += 1
-                    self._queue.put(None)
+                    self._idle.pop(0).give(None)
 
     @property
     def cpu_slots(self) -> int:
@@ -156,7 +156,7 @@ class ThreadPoolView(PoolContext):
                 "state": self._state.value,
                 "max_workers": self._max_workers,
                 "threads": len(self._workers),
-                "idle": self._idle,
+                "idle": len(self._idle),
                 "running": self._running,
                 "waiting": self._waiting,
                 "cpu_slots": self._cpu_slots,

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CPU_SLOTS",
+    "TAKE_QUEUED",
     "WAITING_REREAD",
     "WINDOW",
     "RunMemory",
@@ -58,6 +59,11 @@ __all__ = [
 #: Many more would not finish the work sooner, only make the event loop's
 #: thread wait longer for a core and the GIL.
 DEFAULT_CPU_SLOTS: Final = available_cpus() + 1
+
+#: Handed to an idle worker (Worker.give) to have it take its next call off
+#: the pool's queue: a call dispatched to a thread that then failed to start
+#: waits there for whichever thread comes free first.
+TAKE_QUEUED: Final = object()
 
 #: Seconds of a call's recent past that decide whether it waits (see Worker.is_waiting).
 WINDOW: Final = 0.05
@@ -100,7 +106,8 @@ def waiting_share(running: int) -> float:
 class Worker:
     """A worker thread, the call it runs now, and what the pool measured of that call.
 
-    ``call``, ``started``, ``thread`` and ``tid`` are set by the worker, and
+    ``hand`` and ``wake`` carry a call to it while it is idle (see
+    :meth:`give`). ``call``, ``started``, ``thread`` and ``tid`` are set by the worker, and
     ``waiting`` and ``presumed`` too as a call of a function known to wait
     starts; the rest belongs to the pool's rebalancing check. All of it is read and
     written under the pool's lock.
@@ -114,6 +121,7 @@ class Worker:
         "fd",
         "gil_at",
         "gil_seen",
+        "hand",
         "in_io",
         "io_read",
         "judged",
@@ -130,11 +138,21 @@ class Worker:
         "thread",
         "tid",
         "waiting",
+        "wake",
         "wfd",
     )
 
     def __init__(self) -> None:
         self.call: OffloadFuture[Any] | None = None
+        #: What the pool hands this worker while it is idle (on the pool's
+        #: ``_idle`` stack): a call, None (exit) or TAKE_QUEUED. Written
+        #: under the pool's lock just before ``wake`` is released.
+        self.hand: OffloadFuture[Any] | object | None = None
+        #: Held while nothing is handed: the pool releases it with each
+        #: hand, the worker acquires it back as it takes the hand. A lock of
+        #: its own, so that a call wakes exactly this worker (see pool.py).
+        self.wake = threading.Lock()
+        self.wake.acquire()
         #: When the current call started (monotonic); it also tells calls apart.
         self.started = 0.0
         self.thread: threading.Thread | None = None
@@ -178,6 +196,11 @@ class Worker:
         #: The last answer of sleeps_outside_futex, and when it was read.
         self.in_io = False
         self.io_read = -1.0
+
+    def give(self, what: OffloadFuture[Any] | object | None) -> None:
+        """Hand ``what`` to this idle worker and wake it (under the pool's lock)."""
+        self.hand = what
+        self.wake.release()
 
     def busy(self) -> float | None:
         """Seconds the thread has run or waited for a core; None where unknown."""

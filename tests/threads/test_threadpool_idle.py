@@ -1,0 +1,128 @@
+"""A thread pool's idle threads: which one takes the next call, and when they exit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import offloop
+from offloop._threads import pool as pool_module
+from tests.helpers import WAIT, await_until, wait_until
+
+
+async def _grow(pool: offloop.ThreadPool, threads: int) -> None:
+    # Runs `threads` calls at once, each waiting for all of them to start,
+    # so each has a thread of its own; returns once they are all idle again.
+    barrier = threading.Barrier(threads)
+    await asyncio.wait_for(
+        asyncio.gather(*(pool.run(barrier.wait, WAIT) for _ in range(threads))), WAIT
+    )
+    await await_until(lambda: pool.statistics()["idle"] == threads, WAIT, "the threads to idle")
+
+
+@pytest.mark.loops("asyncio", "uvloop")
+async def test_a_sequential_caller_is_served_by_the_thread_that_went_idle_last() -> None:
+    # The thread that just finished a call is warm and may still be polling;
+    # the others have slept longest. Handing each call to a thread that had
+    # waited longest made sequential round trips measurably slower on a pool
+    # that had once grown (the thread wake-up is most of a round trip).
+    async with offloop.ThreadPool(4, name="lifo") as pool:
+        await _grow(pool, 3)
+        served = {await pool.run(threading.get_ident) for _ in range(50)}
+        assert len(served) == 1, f"50 sequential calls ran on {len(served)} threads"
+        assert pool.statistics()["threads"] == 3
+
+
+@pytest.mark.loops("asyncio")
+async def test_the_threads_a_sequential_caller_leaves_alone_age_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The bottom of the idle stack is what a steady trickle of calls never
+    # reaches: it exits after IDLE_TIMEOUT while the thread in use stays.
+    monkeypatch.setattr(pool_module, "IDLE_TIMEOUT", 0.05)
+    async with offloop.ThreadPool(4, name="ageout") as pool:
+        await _grow(pool, 3)
+        served: set[int] = set()
+
+        async def trickle() -> None:
+            while pool.statistics()["threads"] > 1:
+                served.add(await pool.run(threading.get_ident))
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(trickle(), WAIT)
+        assert len(served) == 1
+        assert pool.statistics()["threads"] == 1
+        assert await pool.run(threading.get_ident) in served  # the survivor is the one in use
+
+
+@pytest.mark.loops("asyncio")
+async def test_an_idle_pool_lets_its_threads_exit_and_starts_new_ones_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "IDLE_TIMEOUT", 0.05)
+    async with offloop.ThreadPool(4, name="idleexit") as pool:
+        await _grow(pool, 2)
+        await await_until(lambda: pool.statistics()["threads"] == 0, WAIT, "the threads to exit")
+        assert pool.statistics()["idle"] == 0
+        assert await asyncio.wait_for(pool.run(abs, -3), WAIT) == 3
+        assert pool.statistics()["threads"] == 1
+
+
+@pytest.mark.loops("asyncio")
+async def test_lowering_max_workers_ends_the_threads_idle_longest() -> None:
+    async with offloop.ThreadPool(4, name="lowered") as pool:
+        await _grow(pool, 3)
+        last = await pool.run(threading.get_ident)  # now on top of the idle stack
+        pool.max_workers = 1
+        await await_until(lambda: pool.statistics()["threads"] == 1, WAIT, "two threads to end")
+        assert await pool.run(threading.get_ident) == last
+        assert pool.statistics()["idle"] == 1
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_call_whose_thread_fails_to_start_is_taken_by_a_thread_that_went_idle(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The call was put on the queue for a new thread. By the time that
+    # thread fails to start, the busy one has finished and gone idle, where
+    # it waits to be handed a call, not on the queue: it must be sent there.
+    release = threading.Event()
+    pool = offloop.ThreadPool(2, name="lateidle")
+    real_start = threading.Thread.start
+
+    def start_after_the_first_goes_idle(thread: threading.Thread) -> None:
+        if thread.name != "offloop-lateidle-2":
+            real_start(thread)
+            return
+        release.set()
+        wait_until(lambda: pool.statistics()["idle"] == 1, WAIT, "the busy thread to go idle")
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", start_after_the_first_goes_idle)
+    busy = pool.run(release.wait, WAIT)
+    await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+    queued = pool.run(abs, -5)  # waits behind the busy thread: growth starts a second one
+    assert await asyncio.wait_for(queued, WAIT) == 5
+    assert await busy is True
+    assert "could not start a worker thread" in caplog.text
+    stats = pool.statistics()
+    assert (stats["threads"], stats["idle"], stats["queued"]) == (1, 1, 0)
+    await asyncio.wait_for(pool.aclose(), WAIT)
+
+
+@pytest.mark.loops("asyncio")
+async def test_closing_ends_idle_and_busy_threads_alike() -> None:
+    pool = offloop.ThreadPool(4, name="closeidle")
+    await _grow(pool, 3)
+    release = threading.Event()
+    busy = pool.run(release.wait, WAIT)  # on the top idle thread; two stay idle
+    await await_until(lambda: pool.statistics()["running"] == 1, WAIT)
+    closing = asyncio.ensure_future(pool.aclose())
+    await await_until(lambda: pool.statistics()["threads"] == 1, WAIT, "the idle threads to end")
+    release.set()
+    await asyncio.wait_for(closing, WAIT)
+    assert await busy is True
+    stats = pool.statistics()
+    assert (stats["state"], stats["threads"], stats["idle"]) == ("closed", 0, 0)

@@ -5,6 +5,8 @@ Cases, each measured in the same process with interleaved rounds:
 - the same round trip as a distribution over SEQ_RUNS runs, each its own
   interleaved measurement with its ratio to the floor (wake-ups dominate a
   round trip, and the floor itself moves a lot from one run to the next);
+- the sequential round trip of a pool that measures whether its idle threads
+  should poll for the next call, against pools pinned to either choice;
 - throughput of a 500-wide ``asyncio.gather``, beside the cost of gathering
   bare futures with no thread at all (the bound no offload can beat);
 - both again on uvloop;
@@ -36,6 +38,7 @@ import uvloop
 from asgiref.sync import sync_to_async
 
 import offloop
+from offloop._threads.spintune import SPIN_WINDOW, SpinTuner
 
 from ._common import ROUNDS, check, fmt_time, interleaved, ratio, table
 
@@ -287,6 +290,63 @@ def sequential_runs(
     return to_floor, to_run
 
 
+class _FixedPolling(SpinTuner):
+    """A pool's polling choice pinned to one mode (to measure what the tuner chooses between)."""
+
+    def __init__(self, window: float) -> None:
+        super().__init__()
+        self.window = window
+
+    def record(self, gap: float, window: float) -> None:
+        pass
+
+
+POLL_MEASURED = "ThreadPool.run, measured (default)"
+POLL_ALWAYS = "ThreadPool.run, idle threads always poll"
+POLL_NEVER = "ThreadPool.run, idle threads never poll"
+
+
+def idle_polling(loop_name: str, factory: Callable[[], Any], floor: Offload) -> bool:
+    """Sequential round trips with the pool's measured polling choice against both fixed modes.
+
+    Whether an idle thread should poll for its next call depends on the
+    machine (spintune.py); the measured choice should be as fast as the
+    better of the two fixed ones, whichever that is here.
+    """
+    pools = {
+        POLL_MEASURED: offloop.ThreadPool(name="bench-poll-measured"),
+        POLL_ALWAYS: offloop.ThreadPool(name="bench-poll-always"),
+        POLL_NEVER: offloop.ThreadPool(name="bench-poll-never"),
+    }
+    # Private on purpose: the benchmark pins the choice a pool would make itself.
+    pools[POLL_ALWAYS]._spin = _FixedPolling(SPIN_WINDOW)
+    pools[POLL_NEVER]._spin = _FixedPolling(0.0)
+    cases = {
+        name: sequential(functools.partial(functools.partial, pool.run, trivial), factory)
+        for name, pool in pools.items()
+    }
+    cases[FLOOR] = sequential(lambda: floor, factory)
+    try:
+        res = interleaved(cases)
+    finally:
+        for pool in pools.values():
+            pool.close()
+    table(
+        f"sequential round trip, idle threads polling or not, {loop_name}",
+        res,
+        reference=POLL_MEASURED,
+    )
+    chosen = "polls" if pools[POLL_MEASURED]._spin.window else "does not poll"
+    best = min(res[POLL_ALWAYS].median, res[POLL_NEVER].median)
+    m = res[POLL_MEASURED].median / best
+    return check(
+        f"[{loop_name}] the measured polling choice is as fast as the better fixed one (<= 1.05x)",
+        m <= 1.05,
+        f"{m:.2f}x (the pool {chosen}; always poll / never poll "
+        f"{ratio(res, POLL_ALWAYS, POLL_NEVER):.2f}x)",
+    )
+
+
 BATCH_ITEMS = int(os.environ.get("OFFLOOP_BENCH_BATCH", "20000"))
 
 
@@ -392,6 +452,7 @@ def main() -> None:
                     mr <= 1.05,
                     f"median {mr:.2f}x (runs {min(to_run):.2f}x-{max(to_run):.2f}x)",
                 )
+            ok &= idle_polling(loop_name, factory, offloads[FLOOR]())
             kinds = (
                 "offloop ThreadPool.map (adaptive chunks)",
                 "offloop ThreadPool.map(chunksize=256)",

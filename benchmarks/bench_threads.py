@@ -38,7 +38,8 @@ import uvloop
 from asgiref.sync import sync_to_async
 
 import offloop
-from offloop._threads.spintune import SPIN_WINDOW, SpinTuner
+from offloop._core.spin import SpinTuner
+from offloop._threads.pool import SPIN_WINDOW
 
 from ._common import ROUNDS, check, fmt_time, interleaved, ratio, table
 
@@ -294,8 +295,7 @@ class _FixedPolling(SpinTuner):
     """A pool's polling choice pinned to one mode (to measure what the tuner chooses between)."""
 
     def __init__(self, window: float) -> None:
-        super().__init__()
-        self.window = window
+        super().__init__(window)
 
     def record(self, gap: float, window: float) -> None:
         pass
@@ -310,7 +310,7 @@ def idle_polling(loop_name: str, factory: Callable[[], Any], floor: Offload) -> 
     """Sequential round trips with the pool's measured polling choice against both fixed modes.
 
     Whether an idle thread should poll for its next call depends on the
-    machine (spintune.py); the measured choice should be as fast as the
+    machine (_core/spin.py); the measured choice should be as fast as the
     better of the two fixed ones, whichever that is here.
     """
     pools = {

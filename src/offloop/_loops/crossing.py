@@ -21,7 +21,7 @@ from types import CoroutineType
 from typing import Any, Final, Protocol, TypeVar
 
 from .._core.errors import CallerGoneError, WouldDeadlockError
-from .._core.spin import yield_cpu
+from .._core.spin import SpinTuner, yield_cpu
 from .._core.token import StopToken
 from .._core.validate import describe
 
@@ -46,10 +46,16 @@ _current_task: Final = asyncio.current_task
 #: bounds how long the caller keeps waiting for it.
 POLL_INTERVAL: Final = 0.25
 
-#: Seconds a sync caller polls for the reply before it sleeps on its lock.
-#: A reply that lands while the caller still polls saves the caller's thread
-#: wake-up, about half of a sequential round trip (``benchmarks.bench_from_thread``).
+#: Seconds a sync caller polls for the reply before it sleeps on its lock,
+#: where that pays (:data:`REPLY_POLLING` measures it, see _core/spin.py). A
+#: reply that lands while the caller still polls saves the caller's thread
+#: wake-up, on some machines about half of a sequential round trip
+#: (``benchmarks.bench_from_thread``).
 SPIN_WINDOW: Final = 50e-6
+
+#: Whether sync callers poll for their reply: one choice for the process,
+#: measured on the replies of every caller (they share it without a lock).
+REPLY_POLLING: Final = SpinTuner(SPIN_WINDOW)
 
 
 # Why a sync caller stopped waiting before the coroutine's outcome arrived.
@@ -341,12 +347,11 @@ def _cancelled_on_loop(
     return error
 
 
-def _spin(lock: Any) -> bool:
+def _spin(lock: Any, deadline: float) -> bool:
     # Poll before sleeping on the lock: a caller still polling when the reply
     # lands takes it without a futex sleep and wake-up. sched_yield releases
     # the GIL so the loop thread can run; the window bounds the CPU spent.
     acquire = lock.acquire
-    deadline = monotonic() + SPIN_WINDOW
     while not acquire(False):
         if monotonic() > deadline:
             return False
@@ -374,8 +379,11 @@ def wait_reply(
     deadline = None if timeout is None else monotonic() + timeout
     if token is not None:
         token.add_callback(reply.on_token)
+    polling = REPLY_POLLING
+    window = polling.window
+    waited = monotonic()
     try:
-        if not _spin(lock):
+        if not _spin(lock, waited + window):
             while not lock.acquire(True, _slice(deadline)):
                 if deadline is not None and monotonic() >= deadline:
                     reply.gone(TIMED_OUT)
@@ -391,6 +399,7 @@ def wait_reply(
     finally:
         if token is not None:
             token.remove_callback(reply.on_token)
+    polling.record(monotonic() - waited, window)
     outcome = reply.outcome
     # Dropped: an exception's traceback would keep frames alive. The claim
     # stays taken, so a start still queued on the loop sees the caller gone.

@@ -19,11 +19,12 @@ import sys
 from time import monotonic
 from typing import Any, Final
 
-from .._core.spin import yield_cpu
+from .._core.spin import SpinTuner, yield_cpu
 
 __all__ = ["HOT_WINDOW", "new_loop"]
 
-#: Seconds the loop keeps polling after another thread woke it. The same
+#: Seconds the loop keeps polling after another thread woke it, where that
+#: pays (each loop's SpinTuner measures it, see _core/spin.py). The same
 #: window as the pool workers' and the sync callers' own polling; every turn
 #: yields the CPU and the GIL, so other threads run meanwhile.
 HOT_WINDOW: Final = 50e-6
@@ -37,21 +38,32 @@ class _HotSelector(selectors.DefaultSelector):
         #: The loop's self-pipe (what ``call_soon_threadsafe`` writes to).
         self.wake_fd = -1
         self._hot = False
+        #: Whether this loop polls after a wake-up: measured, see _core/spin.py.
+        self.polling = SpinTuner(HOT_WINDOW)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         select = super().select
         if self._hot and (timeout is None or timeout > 0):
+            # Woken by another thread last time, which may well do it again
+            # soon: the time to the next events is the gap the tuner compares.
+            polling = self.polling
+            window = polling.window
             start = monotonic()
-            window = HOT_WINDOW if timeout is None else min(HOT_WINDOW, timeout)
-            while True:
-                events = select(0)
-                if events:
-                    break
-                spent = monotonic() - start
-                if spent >= window:
-                    events = select(None if timeout is None else max(timeout - spent, 0.0))
-                    break
-                yield_cpu()
+            if window:
+                limit = window if timeout is None else min(window, timeout)
+                while True:
+                    events = select(0)
+                    if events:
+                        break
+                    spent = monotonic() - start
+                    if spent >= limit:
+                        events = select(None if timeout is None else max(timeout - spent, 0.0))
+                        break
+                    yield_cpu()
+            else:
+                events = select(timeout)
+            if events:  # else a timer is due: no other thread's doing
+                polling.record(monotonic() - start, window)
         else:
             events = select(timeout)
         wake = self.wake_fd

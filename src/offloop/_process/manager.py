@@ -32,7 +32,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final
 
-from .._core.spin import yield_cpu
+from .._core.spin import SpinTuner, yield_cpu
 from .records import ask_to_exit, close_lsock
 from .writer import PayloadWriter
 
@@ -49,7 +49,7 @@ STOP_GRACE: Final = 2.0
 #: chain of calls the manager reads (queued calls it hands out, replies a
 #: loop cannot read, see loopread.py) that is one wake-up of two. Long enough
 #: to span the caller's turn and the worker's; short enough to be nothing
-#: beside a call.
+#: beside a call. Used where that pays: each manager measures it (_core/spin.py).
 SPIN_WINDOW: Final = 100e-6
 #: Seconds to wait for a killed worker to be reaped, and for the finalizer's byte.
 _REAP_WAIT: Final = 5.0
@@ -86,9 +86,10 @@ def manage(
     selector.register(wake_fds[0], selectors.EVENT_READ, None)
     selector.register(drop_fds[0], selectors.EVENT_READ, None)
     pool: WorkerSet | None = None
+    polling = SpinTuner(SPIN_WINDOW)
     try:
         while True:
-            events = _poll_then_wait(selector)
+            events = _poll_then_wait(selector, polling)
             pool = pool_ref()
             if pool is None:
                 break
@@ -127,19 +128,24 @@ def manage(
 
 
 def _poll_then_wait(
-    selector: selectors.BaseSelector,
+    selector: selectors.BaseSelector, polling: SpinTuner
 ) -> list[tuple[selectors.SelectorKey, int]]:
-    """The next events: polled for :data:`SPIN_WINDOW`, then waited for."""
+    """The next events: polled for :data:`SPIN_WINDOW` where that pays, then waited for."""
     events = selector.select(0)
     if events:
         return events
-    deadline = time.monotonic() + SPIN_WINDOW
+    window = polling.window
+    start = time.monotonic()
+    deadline = start + window
     while time.monotonic() < deadline:
         yield_cpu()  # the loop's thread and the worker get the CPU and the GIL
         events = selector.select(0)
         if events:
-            return events
-    return selector.select()
+            break
+    else:
+        events = selector.select()
+    polling.record(time.monotonic() - start, window)
+    return events
 
 
 def _stop_workers(selector: selectors.BaseSelector) -> None:

@@ -100,7 +100,7 @@ from .._core.offload import (
 from .._core.poolbase import PoolState
 from .._core.poolexecutor import PoolExecutorView
 from .._core.registry import register
-from .._core.spin import yield_cpu
+from .._core.spin import SpinTuner, yield_cpu
 from .._core.token import thread_state
 from .._core.validate import (
     REFUSED_CODE_FLAGS,
@@ -114,7 +114,6 @@ from .batch import MapResults
 from .dispatch import ThreadPoolDispatch
 from .gil import GilMemory, learn_gil
 from .growth import GROWTH_PERIOD
-from .spintune import SpinTuner
 from .workers import DEFAULT_CPU_SLOTS, TAKE_QUEUED, WaitMemory, Worker
 
 __all__ = ["DEFAULT_MAX_WORKERS", "ThreadPool"]
@@ -136,6 +135,12 @@ _OPEN: Final = PoolState.OPEN
 
 #: Seconds an idle worker waits for work before its thread exits.
 IDLE_TIMEOUT: Final = 30.0
+
+#: Seconds an idle worker polls for its next call before it sleeps, where
+#: that pays (its pool's SpinTuner measures it: _core/spin.py). A call that
+#: arrives while it polls costs no wake-up of the worker, which on some
+#: machines is most of a sequential round trip.
+SPIN_WINDOW: Final = 50e-6
 
 OnCancel = Literal["abandon", "wait"]
 
@@ -216,8 +221,8 @@ class ThreadPool(ThreadPoolDispatch):
         # The counters, guarded by _lock: the module docstring states what
         # each one counts and what stays true between critical sections.
         self._idle: list[Worker] = []
-        # Whether idle threads poll before they sleep (spintune.py).
-        self._spin = SpinTuner()
+        # Whether idle threads poll before they sleep (_core/spin.py).
+        self._spin = SpinTuner(SPIN_WINDOW)
         self._backlog = 0
         self._retiring = 0
         self._queued = 0
@@ -379,7 +384,7 @@ class ThreadPool(ThreadPoolDispatch):
         while True:
             if call is None:
                 if idle:
-                    # Poll first if that pays (spintune.py), then sleep on the lock.
+                    # Poll first where that pays (_core/spin.py), then sleep on the lock.
                     window = spin.window
                     parked = monotonic()
                     deadline = parked + window

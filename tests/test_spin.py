@@ -1,21 +1,17 @@
-"""The measured choice of whether a pool's idle threads poll before they sleep."""
+"""The measured choice of whether a thread polls before it sleeps (_core/spin.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from typing import Any
 
 import pytest
 
 import offloop
-from offloop._threads.spintune import (
-    GAP_LIMIT,
-    SAMPLES,
-    SETTLE,
-    SPIN_WINDOW,
-    TURN,
-    SpinTuner,
-)
+from offloop._core.spin import GAP_LIMIT, SAMPLES, SETTLE, TURN, SpinTuner
+from offloop._threads.pool import SPIN_WINDOW
 from tests.helpers import WAIT, await_until
 
 
@@ -29,7 +25,7 @@ def _compare(tuner: SpinTuner, *, polling: float, not_polling: float) -> None:
 
 
 def test_it_starts_polling_and_alternates_turns_while_comparing() -> None:
-    tuner = SpinTuner()
+    tuner = SpinTuner(SPIN_WINDOW)
     assert tuner.window == SPIN_WINDOW
     seen = []
     for _ in range(4 * TURN):
@@ -49,7 +45,7 @@ def test_it_starts_polling_and_alternates_turns_while_comparing() -> None:
 def test_it_keeps_the_mode_with_the_shorter_gaps(
     polling: float, not_polling: float, chosen: float
 ) -> None:
-    tuner = SpinTuner()
+    tuner = SpinTuner(SPIN_WINDOW)
     _compare(tuner, polling=polling, not_polling=not_polling)
     assert tuner.window == chosen
     for _ in range(SETTLE - 1):  # settled: the other mode's gaps change nothing
@@ -58,7 +54,7 @@ def test_it_keeps_the_mode_with_the_shorter_gaps(
 
 
 def test_it_compares_again_after_settle_gaps_and_follows_a_change() -> None:
-    tuner = SpinTuner()
+    tuner = SpinTuner(SPIN_WINDOW)
     _compare(tuner, polling=50e-6, not_polling=30e-6)
     assert tuner.window == 0.0
     for _ in range(SETTLE):
@@ -69,7 +65,7 @@ def test_it_compares_again_after_settle_gaps_and_follows_a_change() -> None:
 
 
 def test_long_gaps_and_gaps_of_an_ended_mode_are_not_counted() -> None:
-    tuner = SpinTuner()
+    tuner = SpinTuner(SPIN_WINDOW)
     for _ in range(10 * SAMPLES):
         tuner.record(GAP_LIMIT * 2, tuner.window)  # a caller that does other work
         tuner.record(1e-6, 0.0 if tuner.window else SPIN_WINDOW)  # parked before a switch
@@ -91,3 +87,73 @@ async def test_a_sequential_caller_settles_its_pools_choice() -> None:
         await asyncio.wait_for(round_trips(), WAIT)
         assert tuner.window in (0.0, SPIN_WINDOW)
         await await_until(lambda: pool.statistics()["idle"] == 1, WAIT)
+
+
+def test_callers_on_many_threads_may_share_a_tuner_without_a_lock() -> None:
+    # Sync callers of every thread share one tuner (crossing.REPLY_POLLING):
+    # races may lose a gap or repeat a decision, but must never leave it
+    # stuck in one mode or with its counters out of range.
+    tuner = SpinTuner(SPIN_WINDOW)
+    start = threading.Barrier(4)
+
+    def feed() -> None:
+        start.wait(WAIT)
+        for _ in range(3 * (SETTLE + 2 * SAMPLES)):
+            window = tuner.window
+            tuner.record(20e-6 if window else 40e-6, window)
+
+    threads = [threading.Thread(target=feed) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert tuner.window == SPIN_WINDOW  # polling was faster throughout
+    assert 0 < tuner._left <= TURN
+    assert tuner._settled >= 0
+    assert all(len(gaps) <= 2 * SAMPLES for gaps in tuner._gaps)
+
+
+def test_a_loop_thread_and_its_sync_callers_settle_their_choices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from offloop._loops import crossing
+
+    replies = SpinTuner(crossing.SPIN_WINDOW)
+    monkeypatch.setattr(crossing, "REPLY_POLLING", replies)
+
+    async def one() -> int:
+        return 1
+
+    with offloop.LoopThread(name="tuned") as lt:
+        selector = lt.loop._selector  # type: ignore[union-attr]
+        deadline = time.monotonic() + WAIT
+        while "comparing" in repr(replies) or "comparing" in repr(selector.polling):
+            assert lt.call(one) == 1
+            assert time.monotonic() < deadline, f"never settled: {replies}, {selector.polling}"
+
+
+class _Selector:
+    """A selector whose polls find nothing and whose blocking wait finds an event."""
+
+    def __init__(self) -> None:
+        self.blocking_waits = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+        if timeout is None:
+            self.blocking_waits += 1
+            return [("event", 1)]
+        return []
+
+
+@pytest.mark.parametrize("polls", [True, False])
+def test_a_process_pool_manager_polls_only_while_its_tuner_says_so(polls: bool) -> None:
+    from offloop._process import manager
+
+    tuner = SpinTuner(manager.SPIN_WINDOW)
+    if not polls:
+        tuner.window = 0.0
+    selector = _Selector()
+    events: list[Any] = manager._poll_then_wait(selector, tuner)  # type: ignore[arg-type]
+    assert events == [("event", 1)]
+    assert selector.blocking_waits == 1
+    assert [len(gaps) for gaps in tuner._gaps] == ([0, 1] if polls else [1, 0])

@@ -12,13 +12,17 @@ scheduler, its virtualisation) and on the load, so the pool measures it.
 
 What it measures is the time from a worker going idle to it taking its next
 call: the loop's turnaround (slower while a poll takes the GIL) plus the
-wake-up (none when the poll catches the call). Only short gaps count: a
-caller that does other work between its calls is not a sequential round trip,
-and polling cannot catch its calls anyway. :class:`SpinTuner` alternates
-short turns with and without the poll until it has :data:`SAMPLES` gaps of
-each, keeps the mode with the lower median for the next :data:`SETTLE` gaps,
-then measures again. Turns are interleaved so that a machine that gets
-busier or quieter meanwhile affects both modes alike.
+wake-up (none when the poll catches the call). A gap longer than
+:data:`GAP_LIMIT` counts as that limit: a caller that does other work between
+its calls makes no sequential round trip, and its long gaps must not outweigh
+the short ones. They still count: where a wake-up alone takes longer than the
+limit, only the mode without the poll makes long gaps, which must weigh
+against it; and a caller whose gaps are all long ties both modes, so the pool
+stops polling, which could not catch its calls anyway. :class:`SpinTuner`
+alternates short turns with and without the poll until it has
+:data:`SAMPLES` gaps of each, keeps the mode with the lower median for the
+next :data:`SETTLE` gaps, then measures again. Turns are interleaved so that
+a machine that gets busier or quieter meanwhile affects both modes alike.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ __all__ = ["GAP_LIMIT", "SAMPLES", "SETTLE", "SPIN_WINDOW", "TURN", "SpinTuner"]
 #: and the window is short enough that an idle pool costs nothing measurable.
 SPIN_WINDOW: Final = 50e-6
 
-#: Gaps (seconds from going idle to the next call) longer than this are not
-#: counted: they are not sequential round trips.
+#: Gaps (seconds from going idle to the next call) longer than this count as
+#: this long: they are not sequential round trips (see the module docs).
 GAP_LIMIT: Final = 0.001
 
 #: Gaps in a row measured in one mode before switching to the other.
@@ -73,8 +77,9 @@ class SpinTuner:
 
     def record(self, gap: float, window: float) -> None:
         """Count one worker's gap between going idle and its next call."""
-        if gap > GAP_LIMIT or window != self.window:
-            return  # not a round trip, or measured in a mode that has ended
+        if window != self.window:
+            return  # measured in a mode that has ended
+        gap = min(gap, GAP_LIMIT)  # see the module docs
         if self._settled:
             self._settled -= 1
             if not self._settled:

@@ -126,3 +126,32 @@ async def test_closing_ends_idle_and_busy_threads_alike() -> None:
     assert await busy is True
     stats = pool.statistics()
     assert (stats["state"], stats["threads"], stats["idle"]) == ("closed", 0, 0)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_done_callback_that_waits_for_the_pool_gets_another_thread() -> None:
+    # concurrent.futures runs a future's done callbacks in the thread that
+    # completes it: for the executor view, the worker that ran the call.
+    # That worker must not be handed the next call while it still runs them,
+    # or a callback that waits for a call of the same pool waits for itself
+    # while another thread of the pool sits idle.
+    async with offloop.ThreadPool(2, name="callback") as pool:
+        await _grow(pool, 2)
+        view = pool.executor()
+        gate = threading.Event()
+        got: list[object] = []
+        called = threading.Event()
+
+        def wait_for_another_call(_: object) -> None:
+            try:
+                got.append(view.submit(abs, -4).result(timeout=WAIT))
+            except BaseException as exc:  # reported by the assert below
+                got.append(exc)
+            called.set()
+
+        outer = view.submit(gate.wait, WAIT)
+        outer.add_done_callback(wait_for_another_call)
+        gate.set()
+        assert await asyncio.to_thread(called.wait, 2 * WAIT), "the callback never ran"
+        assert got == [4]
+        view.shutdown()

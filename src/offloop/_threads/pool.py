@@ -501,10 +501,23 @@ class ThreadPool(ThreadPoolDispatch):
                 # find this thread free, not start another one for a
                 # sequential caller.
                 nxt = self._next_pending(worker, ended) if self._pending else None
-                if nxt is None:
+                # A sink (the executor view's) completes its future in this
+                # thread, which runs the future's done callbacks: user code,
+                # which may wait for another call of this pool. Were this
+                # thread idle meanwhile, that call would be handed to it, and
+                # wait for itself. So it goes idle after posting (below).
+                sink = call._sink
+                if nxt is None and sink is None:
                     idle = self._free_slot(worker)
                 starts = self._unstarted and self._starter_wanted()
             call._channel.post(call)
+            if nxt is None and sink is not None:
+                with lock:
+                    # A call made meanwhile found no thread idle: it waits
+                    # in _pending, and this thread takes it as it would have.
+                    nxt = self._next_pending(worker, monotonic()) if self._pending else None
+                    if nxt is None:
+                        idle = self._free_slot(worker)
             if starts:
                 self._start_others()
             # An idle worker must not keep its last call's result, arguments

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 
@@ -155,3 +156,34 @@ async def test_a_done_callback_that_waits_for_the_pool_gets_another_thread() -> 
         assert await asyncio.to_thread(called.wait, 2 * WAIT), "the callback never ran"
         assert got == [4]
         view.shutdown()
+
+
+@pytest.mark.loops("asyncio")
+async def test_the_last_thread_to_retire_leaves_the_pool_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A thread told to end by a lowered max_workers may be the last to leave
+    # when another ended its idle wait meanwhile. An open pool with no
+    # thread is not a closed one: it starts a thread for its next call.
+    pool = offloop.ThreadPool(2, name="lastretire")
+    await _grow(pool, 2)
+    real_exited = pool._thread_exited
+    exiting = threading.Event()
+    release = threading.Event()
+
+    def exit_last(worker: Any) -> None:
+        exiting.set()
+        assert release.wait(WAIT), "the test never let the retiring thread exit"
+        real_exited(worker)
+
+    monkeypatch.setattr(pool, "_thread_exited", exit_last)
+    pool.max_workers = 1  # the thread idle longest is told to end
+    assert await asyncio.to_thread(exiting.wait, WAIT), "no thread retired"
+    monkeypatch.setattr(pool_module, "IDLE_TIMEOUT", 0.05)
+    assert await asyncio.wait_for(pool.run(abs, -1), WAIT) == 1  # the other waits anew, briefly
+    await await_until(lambda: pool.statistics()["threads"] == 1, WAIT, "the other to time out")
+    release.set()
+    await await_until(lambda: pool.statistics()["threads"] == 0, WAIT, "the last thread to end")
+    assert pool.statistics()["state"] == "open"
+    assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2
+    await asyncio.wait_for(pool.aclose(), WAIT)

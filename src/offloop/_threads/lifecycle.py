@@ -357,7 +357,9 @@ class ThreadPoolLifecycle(ThreadPoolView):
             self._workers.remove(worker)
             worker.close()
             self._leaving.append(threading.current_thread())
-            waiters = self._closed_if_no_worker()
+            # The last thread to retire leaves an open pool open: it starts
+            # a thread for its next call.
+            waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
         for waiter in waiters:
             complete_waiter(waiter)
 

@@ -171,6 +171,25 @@ class ThreadPoolLifecycle(ThreadPoolView):
         while self._backlog > 0 and self._idle:
             self._backlog -= 1
             self._idle.pop().give(TAKE_QUEUED)
+        if self._backlog > 0 and not self._workers and self._state is PoolState.OPEN:
+            # No thread is left to come free, and counted as dispatched
+            # they would hold their CPU slots for good: they go back to
+            # _pending, first in line, for the next dispatch to start a
+            # thread for them. Nothing else is on the queue: every thread
+            # that read it has taken its item.
+            lost: list[OffloadFuture[Any]] = []
+            while True:
+                try:
+                    call = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if call is not None:
+                    self._ready -= 1
+                    self._gil_calls.discard(call)
+                    if call._phase is QUEUED:  # else its run() raised, or it was cancelled
+                        lost.append(call)
+            self._pending.extendleft(reversed(lost))
+            self._backlog = 0
 
     def _start_thread(self, worker: Worker, *, starts_others: bool = False) -> None:
         thread = threading.Thread(
@@ -357,6 +376,9 @@ class ThreadPoolLifecycle(ThreadPoolView):
             self._workers.remove(worker)
             worker.close()
             self._leaving.append(threading.current_thread())
+            # The last thread to retire may leave calls that lost their
+            # thread, with none left to take them.
+            self._serve_backlog()
             # The last thread to retire leaves an open pool open: it starts
             # a thread for its next call.
             waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []

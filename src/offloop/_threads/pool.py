@@ -58,7 +58,8 @@ critical sections:
   threads that are not idle read). ``_backlog`` dispatched calls lost the
   thread they claimed (it failed to start): an idle thread is sent to the
   queue for each, or else the next thread that comes free takes them
-  instead of becoming idle. ``_retiring`` threads were above a lowered
+  instead of becoming idle; with no thread left, they go back to
+  ``_pending``. ``_retiring`` threads were above a lowered
   ``max_workers`` and were handed a None, or have one on the queue, to end
   them; they count neither as idle nor as claimed.
 - A call cancelled in ``_pending`` leaves it at once; one cancelled on the

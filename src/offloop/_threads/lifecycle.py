@@ -72,7 +72,7 @@ class ThreadPoolLifecycle(ThreadPoolView):
                 self._queued -= 1
                 self._cancelled += 1
                 # Not kept until a slot frees: its arguments may be large.
-                with contextlib.suppress(ValueError):  # dispatched: in the queue
+                with contextlib.suppress(ValueError):  # dispatched: handed or on the queue
                     self._pending.remove(call)
                 return True
             if call._phase is CANCELLING:
@@ -152,7 +152,7 @@ class ThreadPoolLifecycle(ThreadPoolView):
 
     def _give_up_starting(self) -> list[asyncio.Future[None] | threading.Event]:
         # Under _lock, when a thread failed to start: so will the others, most
-        # likely; their calls wait for a busy thread to come free. Returns the
+        # likely; their calls wait for another thread (_serve_backlog). Returns the
         # close waiters to complete (outside the lock) if these were the last
         # workers of a closing pool.
         for worker in self._unstarted:

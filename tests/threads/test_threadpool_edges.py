@@ -180,6 +180,34 @@ async def test_a_thread_that_fails_to_start_leaves_its_call_unrun(
 
 
 @pytest.mark.loops("asyncio")
+async def test_calls_that_lost_their_thread_hold_no_slot_once_no_thread_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A call whose thread failed to start waits, dispatched, for the next
+    # thread that comes free. With no thread left none ever does: were it
+    # still counted as dispatched, it would hold its CPU slot for good, and
+    # the pool would not dispatch another call even once threads start again.
+    real_start = threading.Thread.start
+    failing = threading.Event()
+    failing.set()
+
+    def flaky_start(thread: threading.Thread) -> None:
+        if failing.is_set() and thread.name.startswith("offloop-noslot-"):
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", flaky_start)
+    pool = offloop.ThreadPool(2, name="noslot", cpu_slots=1)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pool.run(abs, -1)
+    failing.clear()
+    assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    stats = pool.statistics()
+    assert (stats["completed"], stats["queued"], stats["threads"]) == (1, 0, 0)
+
+
+@pytest.mark.loops("asyncio")
 async def test_an_awaiter_cancelled_while_the_pool_closes_counts_as_cancelled() -> None:
     pool = offloop.ThreadPool(1, name="cancelclosing")
     release = threading.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 
@@ -126,3 +127,63 @@ async def test_closing_ends_idle_and_busy_threads_alike() -> None:
     assert await busy is True
     stats = pool.statistics()
     assert (stats["state"], stats["threads"], stats["idle"]) == ("closed", 0, 0)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_done_callback_that_waits_for_the_pool_gets_another_thread() -> None:
+    # concurrent.futures runs a future's done callbacks in the thread that
+    # completes it: for the executor view, the worker that ran the call.
+    # That worker must not be handed the next call while it still runs them,
+    # or a callback that waits for a call of the same pool waits for itself
+    # while another thread of the pool sits idle.
+    async with offloop.ThreadPool(2, name="callback") as pool:
+        await _grow(pool, 2)
+        view = pool.executor()
+        gate = threading.Event()
+        got: list[object] = []
+        called = threading.Event()
+
+        def wait_for_another_call(_: object) -> None:
+            try:
+                got.append(view.submit(abs, -4).result(timeout=WAIT))
+            except BaseException as exc:  # reported by the assert below
+                got.append(exc)
+            called.set()
+
+        outer = view.submit(gate.wait, WAIT)
+        outer.add_done_callback(wait_for_another_call)
+        gate.set()
+        assert await asyncio.to_thread(called.wait, 2 * WAIT), "the callback never ran"
+        assert got == [4]
+        view.shutdown()
+
+
+@pytest.mark.loops("asyncio")
+async def test_the_last_thread_to_retire_leaves_the_pool_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A thread told to end by a lowered max_workers may be the last to leave
+    # when another ended its idle wait meanwhile. An open pool with no
+    # thread is not a closed one: it starts a thread for its next call.
+    pool = offloop.ThreadPool(2, name="lastretire")
+    await _grow(pool, 2)
+    real_exited = pool._thread_exited
+    exiting = threading.Event()
+    release = threading.Event()
+
+    def exit_last(worker: Any) -> None:
+        exiting.set()
+        assert release.wait(WAIT), "the test never let the retiring thread exit"
+        real_exited(worker)
+
+    monkeypatch.setattr(pool, "_thread_exited", exit_last)
+    pool.max_workers = 1  # the thread idle longest is told to end
+    assert await asyncio.to_thread(exiting.wait, WAIT), "no thread retired"
+    monkeypatch.setattr(pool_module, "IDLE_TIMEOUT", 0.05)
+    assert await asyncio.wait_for(pool.run(abs, -1), WAIT) == 1  # the other waits anew, briefly
+    await await_until(lambda: pool.statistics()["threads"] == 1, WAIT, "the other to time out")
+    release.set()
+    await await_until(lambda: pool.statistics()["threads"] == 0, WAIT, "the last thread to end")
+    assert pool.statistics()["state"] == "open"
+    assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2
+    await asyncio.wait_for(pool.aclose(), WAIT)

@@ -16,11 +16,17 @@ that polls measures it with a :class:`SpinTuner`.
 
 What a tuner measures is the *gap*: the time from starting to wait to having
 the answer, which is the other side's turnaround (slower while a poll takes
-the GIL) plus the wake-up (none when the poll catches the answer). Only short
-gaps count: a long one is not a round trip, and polling cannot catch it
-anyway. The tuner alternates short turns with and without the poll until it
-has :data:`SAMPLES` gaps of each, keeps the mode with the lower median for
-the next :data:`SETTLE` gaps, then measures again. Turns are interleaved so
+the GIL) plus the wake-up (none when the poll catches the answer). A gap
+longer than :data:`GAP_LIMIT` counts as that limit: a waiter whose answers
+come late (a caller that does other work between its calls, a loop that
+waits for the network) makes no round trip, and its long gaps must not
+outweigh the short ones. They still count: where a wake-up alone takes longer
+than the limit, only the mode without the poll makes long gaps, which must
+weigh against it; and a waiter whose gaps are all long ties both modes, so it
+stops polling, which could not catch its answers anyway. The tuner
+alternates short turns with and without the poll until it has
+:data:`SAMPLES` gaps of each, keeps the mode with the lower median for the
+next :data:`SETTLE` gaps, then measures again. Turns are interleaved so
 that a machine that gets busier or quieter meanwhile affects both modes alike.
 """
 
@@ -37,8 +43,8 @@ __all__ = ["GAP_LIMIT", "SAMPLES", "SETTLE", "TURN", "SpinTuner", "yield_cpu"]
 #: Give up the CPU (and with it the GIL) for one scheduling turn.
 yield_cpu: Final[Callable[[], object]] = getattr(os, "sched_yield", lambda: time.sleep(0))
 
-#: Gaps (seconds from starting to wait to the answer) longer than this are
-#: not counted: they are not round trips.
+#: Gaps (seconds from starting to wait to the answer) longer than this count
+#: as this long: they are not round trips (see the module docs).
 GAP_LIMIT: Final = 0.001
 
 #: Gaps in a row measured in one mode before switching to the other.
@@ -79,8 +85,9 @@ class SpinTuner:
 
     def record(self, gap: float, window: float) -> None:
         """Count one gap, measured with the poll window ``window``."""
-        if gap > GAP_LIMIT or window != self.window:
-            return  # not a round trip, or measured in a mode that has ended
+        if window != self.window:
+            return  # measured in a mode that has ended
+        gap = min(gap, GAP_LIMIT)  # see the module docs
         if self._settled > 0:
             self._settled -= 1
             if self._settled <= 0:

@@ -24,6 +24,7 @@ the event loop that made the call:
 
 from __future__ import annotations
 
+import contextlib
 from time import monotonic
 from typing import Any, Final
 
@@ -119,9 +120,13 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                     taken = call._phase is not QUEUED  # by a thread another call started
                     if not taken:
                         # run() raises, so the call must never run: a later
-                        # thread takes it off the queue and drops it.
+                        # thread takes it off the queue and drops it, or,
+                        # with no thread left, it went back to _pending
+                        # (_serve_backlog), where it must not stay.
                         call._phase = SKIPPED
                         self._queued -= 1
+                        with contextlib.suppress(ValueError):
+                            self._pending.remove(call)
                 for waiter in waiters:
                     complete_waiter(waiter)
                 if not taken:

@@ -197,8 +197,8 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
         try:
             self._start_thread(starter, starts_others=True)
         except BaseException as exc:
-            # Their calls wait in the queue for a busy thread to come
-            # free (_start_thread counted each in _backlog). No retry
+            # Their calls wait in the queue for an idle or busy thread
+            # (_start_thread counted each in _backlog). No retry
             # every period (and a log line each time): the next call that
             # waits arms the check again.
             with self._lock:

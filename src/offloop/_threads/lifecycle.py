@@ -72,7 +72,7 @@ class ThreadPoolLifecycle(ThreadPoolView):
                 self._queued -= 1
                 self._cancelled += 1
                 # Not kept until a slot frees: its arguments may be large.
-                with contextlib.suppress(ValueError):  # dispatched: in the queue
+                with contextlib.suppress(ValueError):  # dispatched: handed or on the queue
                     self._pending.remove(call)
                 return True
             if call._phase is CANCELLING:
@@ -152,7 +152,7 @@ class ThreadPoolLifecycle(ThreadPoolView):
 
     def _give_up_starting(self) -> list[asyncio.Future[None] | threading.Event]:
         # Under _lock, when a thread failed to start: so will the others, most
-        # likely; their calls wait for a busy thread to come free. Returns the
+        # likely; their calls wait for another thread (_serve_backlog). Returns the
         # close waiters to complete (outside the lock) if these were the last
         # workers of a closing pool.
         for worker in self._unstarted:
@@ -171,6 +171,25 @@ class ThreadPoolLifecycle(ThreadPoolView):
         while self._backlog > 0 and self._idle:
             self._backlog -= 1
             self._idle.pop().give(TAKE_QUEUED)
+        if self._backlog > 0 and not self._workers and self._state is PoolState.OPEN:
+            # No thread is left to come free, and counted as dispatched
+            # they would hold their CPU slots for good: they go back to
+            # _pending, first in line, for the next dispatch to start a
+            # thread for them. Nothing else is on the queue: every thread
+            # that read it has taken its item.
+            lost: list[OffloadFuture[Any]] = []
+            while True:
+                try:
+                    call = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if call is not None:
+                    self._ready -= 1
+                    self._gil_calls.discard(call)
+                    if call._phase is QUEUED:  # else its run() raised, or it was cancelled
+                        lost.append(call)
+            self._pending.extendleft(reversed(lost))
+            self._backlog = 0
 
     def _start_thread(self, worker: Worker, *, starts_others: bool = False) -> None:
         thread = threading.Thread(
@@ -357,7 +376,12 @@ class ThreadPoolLifecycle(ThreadPoolView):
             self._workers.remove(worker)
             worker.close()
             self._leaving.append(threading.current_thread())
-            waiters = self._closed_if_no_worker()
+            # The last thread to retire may leave calls that lost their
+            # thread, with none left to take them.
+            self._serve_backlog()
+            # The last thread to retire leaves an open pool open: it starts
+            # a thread for its next call.
+            waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
         for waiter in waiters:
             complete_waiter(waiter)
 

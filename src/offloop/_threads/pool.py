@@ -15,8 +15,9 @@ through that module's ``Channel``.
 One call, in order::
 
     run()           loop thread: a future in phase QUEUED; _submit() dispatches
-                    it (puts it on the queue, with a thread claimed for it) if
-                    a CPU slot is free, else it waits in _pending. While an
+                    it (hands it to the thread that went idle last, or puts
+                    it on the queue for a new thread) if a CPU slot is free,
+                    else it waits in _pending. While an
                     earlier call of this loop iteration waits in _pending, it
                     joins the loop's batch instead (phase BATCHED), which
                     _flush() hands to the pool at the next iteration
@@ -36,7 +37,8 @@ critical sections:
 - ``len(_workers)`` threads are started (or about to be: ``_unstarted``)
   and have not exited; never more than ``max_workers``, except after
   ``max_workers`` was lowered, until enough of them end.
-- ``_queued`` calls are in phase QUEUED, on the queue or in ``_pending``.
+- ``_queued`` calls are in phase QUEUED: dispatched (handed to a thread or
+  on the queue) or in ``_pending``.
   Calls in a loop's batch (phase BATCHED) are not counted anywhere until
   ``_flush`` takes them in; a call cancelled there only counts as cancelled.
   ``_ready`` calls are dispatched, each with a thread claimed for it:
@@ -53,18 +55,22 @@ critical sections:
   a call of a function known to wait (``_waits``) is dispatched and not yet
   taken.
 - The threads on the ``_idle`` stack wait for a call, each on its own
-  ``Worker.wake``, and are claimed by none; a dispatched call claims the
+  ``Worker.wake`` (or are about to: one that just went idle may still be
+  posting its last result, without a sink, or starting threads), and are
+  claimed by none; a dispatched call claims the
   one on top (handed to it) or a new thread (on the queue, which only
   threads that are not idle read). ``_backlog`` dispatched calls lost the
   thread they claimed (it failed to start): an idle thread is sent to the
   queue for each, or else the next thread that comes free takes them
-  instead of becoming idle. ``_retiring`` threads were above a lowered
+  instead of becoming idle; with no thread left, they go back to
+  ``_pending``. ``_retiring`` threads were above a lowered
   ``max_workers`` and were handed a None, or have one on the queue, to end
   them; they count neither as idle nor as claimed.
-- A call cancelled in ``_pending`` leaves it at once; one cancelled on the
-  queue stays there, SKIPPED, until the worker that pops it drops it.
+- A call cancelled in ``_pending`` leaves it at once; one cancelled once
+  dispatched stays there (handed or on the queue), SKIPPED, until the
+  worker that takes it drops it.
 - Every call in ``_gil_calls`` (gil.py) is of a function ``_gil_fns`` knows
-  (or knew when it went in), and on the queue or running; none is pending.
+  (or knew when it went in), and dispatched or running; none is pending.
 """
 
 from __future__ import annotations
@@ -209,8 +215,10 @@ class ThreadPool(ThreadPoolDispatch):
         self._on_cancel = on_cancel
         self._state = PoolState.OPEN
         self._lock = threading.Lock()
-        # Dispatched calls, each with a thread claimed for it, and the None
-        # that tells a worker to exit; calls wait in _pending until dispatched.
+        # Read only by threads that are not idle: the first call of a new
+        # thread, calls whose thread failed to start, and the None that
+        # tells a thread to exit. Idle threads are handed theirs (_idle);
+        # calls wait in _pending until dispatched.
         self._queue: queue.SimpleQueue[OffloadFuture[Any] | None] = queue.SimpleQueue()
         self._pending: deque[OffloadFuture[Any]] = deque()
         self._workers: list[Worker] = []
@@ -506,10 +514,23 @@ class ThreadPool(ThreadPoolDispatch):
                 # find this thread free, not start another one for a
                 # sequential caller.
                 nxt = self._next_pending(worker, ended) if self._pending else None
-                if nxt is None:
+                # A sink (the executor view's) completes its future in this
+                # thread, which runs the future's done callbacks: user code,
+                # which may wait for another call of this pool. Were this
+                # thread idle meanwhile, that call would be handed to it, and
+                # wait for itself. So it goes idle after posting (below).
+                sink = call._sink
+                if nxt is None and sink is None:
                     idle = self._free_slot(worker)
                 starts = self._unstarted and self._starter_wanted()
             call._channel.post(call)
+            if nxt is None and sink is not None:
+                with lock:
+                    # A call made meanwhile found no thread idle: it waits
+                    # in _pending, and this thread takes it as it would have.
+                    nxt = self._next_pending(worker, monotonic()) if self._pending else None
+                    if nxt is None:
+                        idle = self._free_slot(worker)
             if starts:
                 self._start_others()
             # An idle worker must not keep its last call's result, arguments

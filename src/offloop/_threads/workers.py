@@ -110,7 +110,8 @@ class Worker:
     :meth:`give`). ``call``, ``started``, ``thread`` and ``tid`` are set by the worker, and
     ``waiting`` and ``presumed`` too as a call of a function known to wait
     starts; the rest belongs to the pool's rebalancing check. All of it is read and
-    written under the pool's lock.
+    written under the pool's lock, but ``hand``, which the worker reads once
+    it has acquired ``wake``.
     """
 
     __slots__ = (

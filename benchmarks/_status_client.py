@@ -18,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -168,7 +167,7 @@ def client_main() -> None:
 
 
 class Client:
-    """The client process, driven from a worker thread so the loop never waits on its pipe."""
+    """The client process: its commands go out and its replies come back through the loop."""
 
     def __init__(self) -> None:
         self._proc = subprocess.Popen(
@@ -178,15 +177,46 @@ class Client:
             text=True,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
-        self._lock = threading.Lock()
+        self._asking = False
 
-    def ask(self, **cmd: Any) -> list[float]:
+    async def ask_on_loop(self, **cmd: Any) -> list[float]:
+        """Send one command to the client process; its reply is read by the running loop itself.
+
+        A thread waiting for the reply would need the GIL to take it, and
+        the busy scenario's loop, which drops the GIL for a moment in every
+        ``select(0)`` between its slices, can keep a waiting thread from
+        ever getting it (CPython hands the GIL over only after a switch
+        interval with no switch at all). The loop reads the pipe between
+        two slices instead.
+        """
         assert self._proc.stdin is not None
         assert self._proc.stdout is not None
-        with self._lock:
+        if self._asking:
+            raise RuntimeError("the status client serves one request at a time")
+        self._asking = True
+        loop = asyncio.get_running_loop()
+        fd = self._proc.stdout.fileno()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        try:
             self._proc.stdin.write(json.dumps(cmd) + "\n")
             self._proc.stdin.flush()
+            loop.add_reader(fd, ready)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+            # The client writes each answer in one flushed line.
             line = self._proc.stdout.readline()
+        finally:
+            self._asking = False
+        return self._answer(cmd, line)
+
+    def _answer(self, cmd: dict[str, Any], line: str) -> list[float]:
         if not line:
             raise RuntimeError("the client process died; see its traceback above")
         answer = json.loads(line)
@@ -205,7 +235,7 @@ CLIENT: Client | None = None
 
 async def ask(**cmd: Any) -> list[float]:
     assert CLIENT is not None
-    return await asyncio.to_thread(CLIENT.ask, **cmd)
+    return await CLIENT.ask_on_loop(**cmd)
 
 
 if __name__ == "__main__":

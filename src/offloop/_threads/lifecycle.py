@@ -177,19 +177,24 @@ class ThreadPoolLifecycle(ThreadPoolView):
             # _pending, first in line, for the next dispatch to start a
             # thread for them. Nothing else is on the queue: every thread
             # that read it has taken its item.
-            lost: list[OffloadFuture[Any]] = []
-            while True:
-                try:
-                    call = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if call is not None:
-                    self._ready -= 1
-                    self._gil_calls.discard(call)
-                    if call._phase is QUEUED:  # else its run() raised, or it was cancelled
-                        lost.append(call)
-            self._pending.extendleft(reversed(lost))
+            self._pending.extendleft(reversed(self._take_queue()))
             self._backlog = 0
+
+    def _take_queue(self) -> list[OffloadFuture[Any]]:
+        # Under _lock: empty the queue, counting its calls out of _ready
+        # (no thread will take them), and return those still QUEUED: the
+        # others were cancelled, or their run() raised.
+        queued: list[OffloadFuture[Any]] = []
+        while True:
+            try:
+                call = self._queue.get_nowait()
+            except queue.Empty:
+                return queued
+            if call is not None:
+                self._ready -= 1
+                self._gil_calls.discard(call)
+                if call._phase is QUEUED:
+                    queued.append(call)
 
     def _start_thread(self, worker: Worker, *, starts_others: bool = False) -> None:
         thread = threading.Thread(
@@ -321,17 +326,9 @@ class ThreadPoolLifecycle(ThreadPoolView):
                 self._state = PoolState.CLOSING
                 # Fail queued calls now: with every thread busy or stuck, no
                 # worker might ever dequeue them, and their awaiters would hang.
-                while True:
-                    try:
-                        call = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if call is not None:
-                        self._ready -= 1
-                        self._gil_calls.discard(call)
-                        if call._phase is QUEUED:
-                            self._skip_closed(call)
-                            skipped.append(call)
+                for call in self._take_queue():
+                    self._skip_closed(call)
+                    skipped.append(call)
                 for call in self._pending:
                     if call._phase is QUEUED:
                         self._skip_closed(call)

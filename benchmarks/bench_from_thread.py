@@ -27,10 +27,14 @@ which both step each item in a new
 task (so a context variable or ``asyncio.timeout`` the generator holds across
 a ``yield`` is lost).
 
-Last, ``loop.run_in_executor`` through ``ThreadPool.executor()`` (the
+Then ``loop.run_in_executor`` through ``ThreadPool.executor()`` (the
 Executor view a loop can take as its default executor) against asyncio's
 default ``ThreadPoolExecutor``, sequential calls and bursts of 100, with the
 loop's lag while the burst runs.
+
+Last, ``LoopThread.call`` with the measured choices of whether the caller and
+the loop thread poll before they sleep, against both sides pinned to polling
+and to not polling.
 
 Run: ``make bench`` or ``.venv/bin/python -m benchmarks.bench_from_thread``.
 """
@@ -51,6 +55,8 @@ import anyio.to_thread
 from asgiref.sync import async_to_sync
 
 import offloop
+from offloop._core.spin import SpinTuner
+from offloop._loops import crossing, hotloop
 
 from ._common import check, fmt_time, interleaved, percentiles, ratio, round_ratios, table
 
@@ -559,8 +565,75 @@ def executor_view() -> None:
     )
 
 
+class _FixedPolling(SpinTuner):
+    """A polling choice pinned to one mode (to measure what the tuners choose between)."""
+
+    def record(self, gap: float, window: float) -> None:
+        pass
+
+
+def polling_choice() -> bool:
+    """``LoopThread.call`` from a plain thread with the measured polling choices, against both
+    pinned.
+
+    The caller may poll for its reply, and the loop thread for its next call
+    (_core/spin.py); whether that pays depends on the machine. Each case has a
+    loop thread of its own and sets the callers' tuner (``crossing.REPLY_POLLING``,
+    one for the process) to its own before it runs.
+    """
+    measured, never, always = (
+        "LoopThread.call, polling measured (default)",
+        "LoopThread.call, neither side polls",
+        "LoopThread.call, both sides poll",
+    )
+    tuners = {
+        measured: (SpinTuner(crossing.SPIN_WINDOW), None),
+        never: (_FixedPolling(0.0), _FixedPolling(0.0)),
+        always: (_FixedPolling(crossing.SPIN_WINDOW), _FixedPolling(hotloop.HOT_WINDOW)),
+    }
+    threads = {name: offloop.LoopThread(name="bench-polling").start() for name in tuners}
+    saved = crossing.REPLY_POLLING
+
+    def case(name: str) -> Callable[[], float]:
+        lt = threads[name]
+        replies, loop_side = tuners[name]
+        if loop_side is not None:
+            # Private on purpose: the benchmark pins the choice the loop makes itself.
+            lt.loop._selector.polling = loop_side  # type: ignore[union-attr]
+
+        def calls() -> None:
+            for _ in range(CALLS):
+                lt.call(trivial)
+
+        def run() -> float:
+            crossing.REPLY_POLLING = replies  # type: ignore[misc]
+            return timed(calls, CALLS)
+
+        return run
+
+    try:
+        results = interleaved({name: case(name) for name in tuners}, ROUNDS)
+    finally:
+        crossing.REPLY_POLLING = saved  # type: ignore[misc]
+        for lt in threads.values():
+            lt.close()
+    table(
+        f"LoopThread.call from a plain thread, polling or not ({CALLS} calls)",
+        results,
+        reference=measured,
+    )
+    best = min(results[never].median, results[always].median)
+    m = results[measured].median / best
+    return check(
+        "the measured polling choices are as fast as the better pinned pair (<= 1.05x)",
+        m <= 1.05,
+        f"{m:.2f}x (both sides polling / neither {ratio(results, always, never):.2f}x)",
+    )
+
+
 if __name__ == "__main__":
     main()
     sync_crossing()
     async_iterator()
     executor_view()
+    polling_choice()

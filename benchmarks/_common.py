@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from offloop._core.spin import SpinTuner
+
 ROUNDS = int(os.environ.get("OFFLOOP_BENCH_ROUNDS", "5"))
 
 
@@ -109,3 +111,22 @@ def percentiles(values: Sequence[float], ps: Sequence[float] = (50, 99)) -> list
         k = min(len(data) - 1, max(0, round(p / 100 * (len(data) - 1))))
         out.append(data[k])
     return out
+
+
+class FixedPolling(SpinTuner):
+    """A polling choice pinned to one mode, to measure what a SpinTuner chooses between."""
+
+    def record(self, gap: float, window: float) -> None:
+        pass
+
+
+def check_polling_choice(
+    label: str, results: dict[str, Result], *, measured: str, always: str, never: str, chosen: str
+) -> bool:
+    """The target that a measured polling choice is as fast as the better pinned one (1.05x)."""
+    m = results[measured].median / min(results[always].median, results[never].median)
+    return check(
+        f"{label} as fast as the better pinned one (<= 1.05x)",
+        m <= 1.05,
+        f"{m:.2f}x ({chosen}; always polling / never {ratio(results, always, never):.2f}x)",
+    )

@@ -58,7 +58,17 @@ import offloop
 from offloop._core.spin import SpinTuner
 from offloop._loops import crossing, hotloop
 
-from ._common import check, fmt_time, interleaved, percentiles, ratio, round_ratios, table
+from ._common import (
+    FixedPolling,
+    check,
+    check_polling_choice,
+    fmt_time,
+    interleaved,
+    percentiles,
+    ratio,
+    round_ratios,
+    table,
+)
 
 CALLS = int(os.environ.get("OFFLOOP_BENCH_FROM_THREAD_CALLS", "2000"))
 # More rounds than the other benchmarks: a round trip is a few thread wake-ups,
@@ -565,13 +575,6 @@ def executor_view() -> None:
     )
 
 
-class _FixedPolling(SpinTuner):
-    """A polling choice pinned to one mode (to measure what the tuners choose between)."""
-
-    def record(self, gap: float, window: float) -> None:
-        pass
-
-
 def polling_choice() -> bool:
     """``LoopThread.call`` from a plain thread with the measured polling choices, against both
     pinned.
@@ -588,8 +591,8 @@ def polling_choice() -> bool:
     )
     tuners = {
         measured: (SpinTuner(crossing.SPIN_WINDOW), None),
-        never: (_FixedPolling(0.0), _FixedPolling(0.0)),
-        always: (_FixedPolling(crossing.SPIN_WINDOW), _FixedPolling(hotloop.HOT_WINDOW)),
+        never: (FixedPolling(0.0), FixedPolling(0.0)),
+        always: (FixedPolling(crossing.SPIN_WINDOW), FixedPolling(hotloop.HOT_WINDOW)),
     }
     threads = {name: offloop.LoopThread(name="bench-polling").start() for name in tuners}
     saved = crossing.REPLY_POLLING
@@ -611,6 +614,8 @@ def polling_choice() -> bool:
 
         return run
 
+    # The measured loop's own tuner, read after the loop (and its selector) closed.
+    loop_side = threads[measured].loop._selector.polling  # type: ignore[union-attr]
     try:
         results = interleaved({name: case(name) for name in tuners}, ROUNDS)
     finally:
@@ -622,12 +627,15 @@ def polling_choice() -> bool:
         results,
         reference=measured,
     )
-    best = min(results[never].median, results[always].median)
-    m = results[measured].median / best
-    return check(
-        "the measured polling choices are as fast as the better pinned pair (<= 1.05x)",
-        m <= 1.05,
-        f"{m:.2f}x (both sides polling / neither {ratio(results, always, never):.2f}x)",
+    replies = tuners[measured][0]
+    return check_polling_choice(
+        "the measured polling choices are",
+        results,
+        measured=measured,
+        always=always,
+        never=never,
+        chosen=f"callers {'poll' if replies.window else 'do not poll'}, the loop "
+        f"{'polls' if loop_side.window else 'does not poll'}",
     )
 
 

@@ -38,10 +38,18 @@ import uvloop
 from asgiref.sync import sync_to_async
 
 import offloop
-from offloop._core.spin import SpinTuner
 from offloop._threads.pool import SPIN_WINDOW
 
-from ._common import ROUNDS, check, fmt_time, interleaved, ratio, table
+from ._common import (
+    ROUNDS,
+    FixedPolling,
+    check,
+    check_polling_choice,
+    fmt_time,
+    interleaved,
+    ratio,
+    table,
+)
 
 SEQ_CALLS = int(os.environ.get("OFFLOOP_BENCH_SEQ", "3000"))
 GATHER_WIDTH = 500
@@ -291,16 +299,6 @@ def sequential_runs(
     return to_floor, to_run
 
 
-class _FixedPolling(SpinTuner):
-    """A pool's polling choice pinned to one mode (to measure what the tuner chooses between)."""
-
-    def __init__(self, window: float) -> None:
-        super().__init__(window)
-
-    def record(self, gap: float, window: float) -> None:
-        pass
-
-
 POLL_MEASURED = "ThreadPool.run, measured (default)"
 POLL_ALWAYS = "ThreadPool.run, idle threads always poll"
 POLL_NEVER = "ThreadPool.run, idle threads never poll"
@@ -319,8 +317,8 @@ def idle_polling(loop_name: str, factory: Callable[[], Any], floor: Offload) -> 
         POLL_NEVER: offloop.ThreadPool(name="bench-poll-never"),
     }
     # Private on purpose: the benchmark pins the choice a pool would make itself.
-    pools[POLL_ALWAYS]._spin = _FixedPolling(SPIN_WINDOW)
-    pools[POLL_NEVER]._spin = _FixedPolling(0.0)
+    pools[POLL_ALWAYS]._spin = FixedPolling(SPIN_WINDOW)
+    pools[POLL_NEVER]._spin = FixedPolling(0.0)
     cases = {
         name: sequential(functools.partial(functools.partial, pool.run, trivial), factory)
         for name, pool in pools.items()
@@ -336,14 +334,14 @@ def idle_polling(loop_name: str, factory: Callable[[], Any], floor: Offload) -> 
         res,
         reference=POLL_MEASURED,
     )
-    chosen = "polls" if pools[POLL_MEASURED]._spin.window else "does not poll"
-    best = min(res[POLL_ALWAYS].median, res[POLL_NEVER].median)
-    m = res[POLL_MEASURED].median / best
-    return check(
-        f"[{loop_name}] the measured polling choice is as fast as the better fixed one (<= 1.05x)",
-        m <= 1.05,
-        f"{m:.2f}x (the pool {chosen}; always poll / never poll "
-        f"{ratio(res, POLL_ALWAYS, POLL_NEVER):.2f}x)",
+    chosen = "the pool polls" if pools[POLL_MEASURED]._spin.window else "the pool does not poll"
+    return check_polling_choice(
+        f"[{loop_name}] the measured polling choice is",
+        res,
+        measured=POLL_MEASURED,
+        always=POLL_ALWAYS,
+        never=POLL_NEVER,
+        chosen=chosen,
     )
 
 

@@ -38,10 +38,28 @@ from collections.abc import Callable
 from statistics import median
 from typing import Final
 
-__all__ = ["GAP_LIMIT", "SAMPLES", "SETTLE", "TURN", "SpinTuner", "yield_cpu"]
+__all__ = ["GAP_LIMIT", "SAMPLES", "SETTLE", "TURN", "SpinTuner", "poll_lock", "yield_cpu"]
 
 #: Give up the CPU (and with it the GIL) for one scheduling turn.
 yield_cpu: Final[Callable[[], object]] = getattr(os, "sched_yield", lambda: time.sleep(0))
+
+_monotonic: Final = time.monotonic
+
+
+def poll_lock(acquire: Callable[[bool], bool], deadline: float) -> bool:
+    """Poll a lock (its ``acquire``) until ``deadline`` (monotonic); whether it was taken.
+
+    A thread still polling when the other side releases the lock takes it
+    without a futex sleep and wake-up; each turn yields the CPU and the GIL,
+    and the deadline bounds the CPU spent. Once it passes, the lock has been
+    tried once more at least: a deadline already past is a single try.
+    """
+    while not acquire(False):
+        if _monotonic() > deadline:
+            return False
+        yield_cpu()
+    return True
+
 
 #: Gaps (seconds from starting to wait to the answer) longer than this count
 #: as this long: they are not round trips (see the module docs).

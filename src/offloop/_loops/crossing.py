@@ -21,7 +21,7 @@ from types import CoroutineType
 from typing import Any, Final, Protocol, TypeVar
 
 from .._core.errors import CallerGoneError, WouldDeadlockError
-from .._core.spin import SpinTuner, yield_cpu
+from .._core.spin import SpinTuner, poll_lock
 from .._core.token import StopToken
 from .._core.validate import describe
 
@@ -347,18 +347,6 @@ def _cancelled_on_loop(
     return error
 
 
-def _spin(lock: Any, deadline: float) -> bool:
-    # Poll before sleeping on the lock: a caller still polling when the reply
-    # lands takes it without a futex sleep and wake-up. sched_yield releases
-    # the GIL so the loop thread can run; the window bounds the CPU spent.
-    acquire = lock.acquire
-    while not acquire(False):
-        if monotonic() > deadline:
-            return False
-        yield_cpu()
-    return True
-
-
 def wait_reply(
     reply: Reply,
     token: StopToken | None,
@@ -383,7 +371,7 @@ def wait_reply(
     window = polling.window
     waited = monotonic()
     try:
-        if not _spin(lock, waited + window):
+        if not poll_lock(lock.acquire, waited + window):
             while not lock.acquire(True, _slice(deadline)):
                 if deadline is not None and monotonic() >= deadline:
                     reply.gone(TIMED_OUT)

@@ -106,7 +106,7 @@ from .._core.offload import (
 from .._core.poolbase import PoolState
 from .._core.poolexecutor import PoolExecutorView
 from .._core.registry import register
-from .._core.spin import SpinTuner, yield_cpu
+from .._core.spin import SpinTuner, poll_lock
 from .._core.token import thread_state
 from .._core.validate import (
     REFUSED_CODE_FLAGS,
@@ -395,16 +395,12 @@ class ThreadPool(ThreadPoolDispatch):
                     # Poll first where that pays (_core/spin.py), then sleep on the lock.
                     window = spin.window
                     parked = monotonic()
-                    deadline = parked + window
-                    while not poll(False):
-                        if monotonic() > deadline:
-                            while not poll(True, IDLE_TIMEOUT):
-                                if self._idle_exit(worker):
-                                    return
-                                # Handed something as the wait timed out:
-                                # the lock is released already.
-                            break
-                        yield_cpu()
+                    if not poll_lock(poll, parked + window):
+                        while not poll(True, IDLE_TIMEOUT):
+                            if self._idle_exit(worker):
+                                return
+                            # Handed something as the wait timed out: the
+                            # lock is released already.
                     hand = worker.hand
                     worker.hand = None
                     idle = False

@@ -87,7 +87,9 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         self._close_timeout = close_timeout
         self._lock = threading.Lock()
         self._shut = False
-        self._outstanding: set[cf.Future[Any]] = set()
+        # The view's calls not settled yet, in the order they were submitted
+        # (a dict as an ordered set: shutdown() cancels the newest first).
+        self._outstanding: dict[cf.Future[Any], None] = {}
         self._driver: _Driver | None = None
         with _views_lock:
             _views.setdefault(pool, weakref.WeakSet()).add(self)
@@ -146,7 +148,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         with self._lock:
             shut = self._shut
             if not shut:
-                self._outstanding.add(future)
+                self._outstanding[future] = None
         if shut:
             raise RuntimeError(
                 f"{self!r} is shut down and takes no new calls (cannot schedule new futures "
@@ -189,7 +191,12 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
             self._shut = True
             outstanding = list(self._outstanding)
         if cancel_futures:
-            for future in outstanding:
+            # Newest first: the pool starts calls in the order they came, so
+            # the queued ones are cancelled before any running one is told to
+            # stop. The other way round, a running call that stops at once
+            # frees its thread for the next queued call, which could start
+            # (and finish) before its own cancel came.
+            for future in reversed(outstanding):
                 future.cancel()
         if wait and outstanding:
             cf.wait(outstanding, timeout=self._close_timeout)
@@ -282,7 +289,7 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
 
     def _forget(self, future: cf.Future[Any]) -> None:
         with self._lock:
-            self._outstanding.discard(future)
+            self._outstanding.pop(future, None)
             idle = self._shut and not self._outstanding
         if idle:
             self._stop_driver_if_idle()

@@ -163,6 +163,46 @@ def test_shutdown_cancel_futures_stops_calls_in_flight() -> None:
         pool.close()
 
 
+def test_a_queued_call_cancelled_from_another_thread_never_runs_while_its_loop_is_busy() -> None:
+    # The calls are made on a loop that is busy when another thread cancels
+    # the second one: the cancel must hold at once, not once that loop gets
+    # round to it, by which time a freed thread may have started the call.
+    pool = offloop.ThreadPool(1, name="view-busy-loop")
+    executor = pool.executor()
+    release_first = threading.Event()
+    release_loop = threading.Event()
+    loop_busy = threading.Event()
+    ran: list[int] = []
+    futures: list[cf.Future[Any]] = []
+
+    async def submit_then_block() -> None:
+        futures.append(executor.submit(release_first.wait, WAIT))
+        futures.append(executor.submit(ran.append, 1))  # queued behind the first
+        loop_busy.set()
+        release_loop.wait(WAIT)  # blocks the loop, as a long callback would
+        await asyncio.sleep(0)
+
+    thread = threading.Thread(target=asyncio.run, args=(submit_then_block(),))
+    thread.start()
+    try:
+        assert loop_busy.wait(WAIT)
+        first, queued = futures
+        assert queued.cancel()
+        release_first.set()
+        assert first.result(WAIT) is True
+        # The thread that ran the first call chose its next one before it
+        # completed that call's future: it is idle now unless it took the
+        # cancelled call, which it would then run before going idle.
+        wait_until(lambda: pool.statistics()["idle"] == 1, what="the thread to go idle")
+        assert ran == []
+        assert pool.statistics()["cancelled"] == 1
+    finally:
+        release_first.set()
+        release_loop.set()
+        thread.join(WAIT)
+        pool.close()
+
+
 def test_code_that_sizes_its_work_by_the_executor_sees_the_pools_size_now() -> None:
     # dask.compute(scheduler=executor) keeps executor._max_workers tasks in
     # flight: after pool.max_workers is raised it must run that many at once,

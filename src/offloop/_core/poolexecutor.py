@@ -255,6 +255,11 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
                 if _get_running_loop() is loop:  # asyncio cancelled its awaiter: no hop
                     call.cancel()
                 else:
+                    # The pool's cancel policy holds at once (it is applied
+                    # under the pool's lock, from any thread): left to the
+                    # loop's call.cancel() below, a queued call could start
+                    # meanwhile, on a thread freed while the loop is busy.
+                    call._owner._cancel(call)
                     with contextlib.suppress(RuntimeError):  # a closed loop cancelled it already
                         loop.call_soon_threadsafe(call.cancel)
                 # Settled: a queued call is never delivered, and a running one

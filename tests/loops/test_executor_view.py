@@ -203,6 +203,44 @@ def test_a_queued_call_cancelled_from_another_thread_never_runs_while_its_loop_i
         pool.close()
 
 
+class _Interrupt(BaseException):
+    """Not an Exception: what concurrent.futures lets out of a done callback."""
+
+
+def test_a_done_callback_raising_a_base_exception_leaves_the_pools_thread_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The worker that ends a call completes the view's future, and so runs
+    # its done callbacks: one that re-raises the call's outcome through
+    # result() must not end the thread, which its pool would keep counting.
+    pool = offloop.ThreadPool(1, name="view-callback")
+    executor = pool.executor()
+    release = threading.Event()
+    callback_threads: list[str] = []
+
+    def interrupted() -> None:
+        release.wait(WAIT)
+        raise _Interrupt
+
+    def reraise(future: cf.Future[Any]) -> None:
+        callback_threads.append(threading.current_thread().name)
+        future.result()
+
+    try:
+        future = executor.submit(interrupted)
+        future.add_done_callback(reraise)  # before the call ends: the worker runs it
+        release.set()
+        with pytest.raises(_Interrupt):
+            future.result(WAIT)
+        assert executor.submit(abs, -4).result(WAIT) == 4  # the pool's one thread serves on
+        assert callback_threads == ["offloop-view-callback-1"]
+        assert "done callback" in caplog.text
+    finally:
+        release.set()
+        pool.close(timeout=WAIT)
+    assert pool.statistics()["threads"] == 0
+
+
 def test_code_that_sizes_its_work_by_the_executor_sees_the_pools_size_now() -> None:
     # dask.compute(scheduler=executor) keeps executor._max_workers tasks in
     # flight: after pool.max_workers is raised it must run that many at once,

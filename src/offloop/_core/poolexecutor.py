@@ -25,6 +25,7 @@ import concurrent.futures as cf
 import contextlib
 import contextvars
 import functools
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from .validate import check_sync_callable
 __all__ = ["ExecutorPool", "PoolExecutorView", "shut_views_of"]
 
 _get_running_loop: Final = asyncio._get_running_loop
+
+logger: Final = logging.getLogger("offloop")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -278,13 +281,23 @@ class PoolExecutorView(cf.ThreadPoolExecutor):
         # InvalidStateError.
         self._forget(future)
         error = call._error
-        with contextlib.suppress(cf.InvalidStateError):
-            if error is None:
-                future.set_result(call._value)
-            elif type(error) is DeferredCancel:
-                future.cancel()  # cancelled already: only the view cancels the call
-            else:
-                future.set_exception(deliverable(call, error))
+        try:
+            with contextlib.suppress(cf.InvalidStateError):
+                if error is None:
+                    future.set_result(call._value)
+                elif type(error) is DeferredCancel:
+                    future.cancel()  # cancelled already: only the view cancels the call
+                else:
+                    future.set_exception(deliverable(call, error))
+        except BaseException:
+            # set_*() runs the future's done callbacks here, and logs only an
+            # Exception they raise. Anything else (a callback that re-raises
+            # a call's KeyboardInterrupt through result()) would end the
+            # pool's thread, which the pool would still count as running.
+            logger.exception(
+                "offloop: a done callback of a %r executor future raised; it was ignored",
+                self._pool.name,
+            )
 
     def _own_call(self) -> bool:
         # Whether this thread runs one of this view's calls (a pool worker's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 from typing import Any
@@ -109,6 +110,55 @@ def test_callers_on_many_threads_may_share_a_tuner_without_a_lock() -> None:
     assert 0 < tuner._left <= TURN
     assert tuner._settled >= 0
     assert all(len(gaps) <= 2 * SAMPLES for gaps in tuner._gaps)
+
+
+def test_a_caller_still_deciding_when_another_decides_too_does_not_fail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two callers may both count the last gap of a comparison (each before
+    # the other starts the next turn) and both decide: the one still taking
+    # its medians when the other has decided must find its gaps there.
+    from offloop._core import spin
+
+    tuner = SpinTuner(SPIN_WINDOW)
+
+    def record_one() -> None:
+        window = tuner.window
+        tuner.record(20e-6 if window else 40e-6, window)
+
+    for _ in range(2 * SAMPLES - 1):  # one gap short of a decision
+        record_one()
+    assert "comparing" in repr(tuner)
+    in_median = threading.Event()
+    resume = threading.Event()
+
+    def paused_median(data: list[float]) -> float:
+        if threading.current_thread().name == "first" and not in_median.is_set():
+            in_median.set()
+            resume.wait(WAIT)
+        return statistics.median(data)
+
+    monkeypatch.setattr(spin, "median", paused_median)
+    errors: list[BaseException] = []
+
+    def first_decides() -> None:
+        try:
+            record_one()
+        except BaseException as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=first_decides, name="first")
+    first.start()
+    try:
+        assert in_median.wait(WAIT)
+        for _ in range(TURN):  # another caller meanwhile: a whole turn, and its decision
+            record_one()
+    finally:
+        resume.set()
+        first.join(WAIT)
+    assert errors == []
+    assert tuner.window == SPIN_WINDOW  # polling was faster
+    assert repr(tuner).endswith(f"for {SETTLE} more gaps>")
 
 
 def test_a_loop_thread_and_its_sync_callers_settle_their_choices(

@@ -118,9 +118,10 @@ class SpinTuner:
         self._left = TURN
         off, on = self._gaps
         if len(off) >= SAMPLES and len(on) >= SAMPLES:
+            # New lists, not these cleared: another caller that counted the
+            # last gap too may be taking their medians (see the class docs).
+            self._gaps = ([], [])
             self.window = self._poll if median(on) < MARGIN * median(off) else 0.0
-            off.clear()
-            on.clear()
             self._settled = SETTLE
             return
         self.window = 0.0 if window else self._poll

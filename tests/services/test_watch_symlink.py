@@ -98,7 +98,9 @@ async def test_the_new_version_is_watched_after_an_update(tmp_path: Path) -> Non
         follow = run.follow
         assert follow is not None
         await await_until(
-            lambda: follow.target_dir == str(current.parent), WAIT, "the watch to move"
+            lambda: follow.target_dir == str(current.parent) and not follow.moving,
+            WAIT,
+            "the watch to move",
         )
         with current.open("a") as f:
             f.write("b: 2\n")

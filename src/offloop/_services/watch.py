@@ -327,7 +327,7 @@ class WatchService(LifecycleService):
             follow.moving = True
             task = asyncio.ensure_future(service_pool().run(_move_target_watch, run))
             run.tasks.add(task)
-            task.add_done_callback(lambda t: self._task_done(run, t))
+            task.add_done_callback(lambda t: self._moved(run, t))
         before, now = follow.state, _file_state(follow.path)
         follow.state = now
         if now != before and self.matches(str(self.path)):
@@ -339,6 +339,11 @@ class WatchService(LifecycleService):
             else:
                 event = events.FileModifiedEvent(str(self.path))
             self._deliver(run, event)
+
+    def _moved(self, run: _WatchRun, task: asyncio.Future[Any]) -> None:
+        self._task_done(run, task)
+        # The file may have changed while no watch was on its new folder.
+        self._look_again(run)
 
     def _deliver(self, run: _WatchRun, event: Any) -> None:
         if run.done.done() or run.crashed:
@@ -520,22 +525,22 @@ def _move_target_watch(run: _WatchRun) -> None:
             if folder == follow.target_dir:
                 return
             if follow.target_watch is not None:
-                # Its folder may be gone (a ConfigMap's old version), and its
-                # emitter with it: unschedule copes with either.
-                with contextlib.suppress(KeyError):
+                # The old folder may be gone (a ConfigMap's previous version)
+                # and its emitter stopped with it: unschedule still joins it.
+                with contextlib.suppress(KeyError):  # forgotten already
                     observer.unschedule(follow.target_watch)
                 follow.target_watch = None
-            follow.target_dir = folder
             if folder is not None and folder != follow.link_dir:
                 try:
                     follow.target_watch = observer.schedule(
                         follow.handler, os.path.join(folder, ""), recursive=False
                     )
                 except OSError:
-                    # Gone again already (updates in quick succession): the
-                    # next look sees the link lead elsewhere and tries again.
-                    follow.target_dir = None
+                    folder = None  # gone again already: the next look tries again
                 _name_emitters(observer)
+            # Set once the watch is in place; the look that follows the move
+            # (see _look_again) catches a change made before it was.
+            follow.target_dir = folder
         finally:
             follow.moving = False
 

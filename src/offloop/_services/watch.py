@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import stat
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path, PurePath
@@ -56,12 +57,40 @@ class _WatchRun:
         self.root: tuple[int, int] | None = None
         self.path: Path | None = None
         self.check: asyncio.TimerHandle | None = None
+        # Set when the path is a symlink to a file: see _Followed.
+        self.follow: _Followed | None = None
 
     def threads(self) -> list[threading.Thread]:
         observer = self.observer
         if observer is None:
             return []
         return [t for t in [observer, *observer.emitters] if t.is_alive()]
+
+
+class _Followed:
+    """A watched file that is a symlink, and what it led to when last looked at.
+
+    watchdog watches the link itself, or the file it led to when the watch
+    began; neither sees a Kubernetes ConfigMap update, which swaps a symlink
+    (``..data``) further along the chain and deletes the old file's folder.
+    So the link's folder and the current target's folder are watched, any
+    event there (and the periodic root check) looks again, and a change of
+    what the path leads to is reported as one event on the path itself.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.state = _file_state(path)
+        self.link_dir = str(path.parent)
+        self.target_dir = _target_dir(path)
+        # The watch on target_dir, when that is not link_dir.
+        self.target_watch: Any = None
+        # A look is scheduled on the loop: events in between need no other.
+        self.pending = False
+        # A worker moves the target watch; the next look starts another move if needed.
+        self.moving = False
+        # The observer's handler, built with the observer (watchdog is imported lazily).
+        self.handler: Any = None
 
 
 class WatchService(LifecycleService):
@@ -79,6 +108,10 @@ class WatchService(LifecycleService):
 
     Args:
         path: the folder (or file) to watch; it must exist when the service starts.
+            A file that is a symlink (a Kubernetes ConfigMap's) is followed: a
+            change of the file it leads to is one ``modified`` event on
+            ``path`` (``deleted``/``created`` when it stops or starts leading
+            to a file).
         handler: called with each event, see above.
         recursive: watch sub-folders too.
         patterns: glob patterns such as ``["*.txt"]``; an event is delivered
@@ -178,6 +211,9 @@ class WatchService(LifecycleService):
         if how is not None:
             self._lost_root(run, how)
             return
+        if run.follow is not None:
+            # Catches changes along a chain of links that no watched folder sees.
+            self._look_again(run)
         run.check = asyncio.get_running_loop().call_later(
             ROOT_CHECK_INTERVAL, self._check_root, run
         )
@@ -189,6 +225,8 @@ class WatchService(LifecycleService):
             # editor saving a watched file replaces it (a new inode) every time.
             run.path = Path(os.path.abspath(self.path))
             run.root = _identity(run.path) if run.path.is_dir() else None
+            if run.path.is_symlink() and not run.path.is_dir():
+                run.follow = _Followed(run.path)
             run.observer = self._observer(run, loop)
             run.observer.start()
             if current_token():  # the awaiting start() was cancelled: nobody else will stop it
@@ -200,6 +238,9 @@ class WatchService(LifecycleService):
         version = require("watchdog.version", "watch", feature="WatchService")
         service = self
         watched, only = str(self.path), None
+        follow = run.follow
+        if follow is not None:
+            return self._follow_observer(run, loop, follow)
         if version.VERSION_MAJOR < 7 and run.path is not None and not run.path.is_dir():
             # watchdog < 7 (the newest for Python 3.10) watches a file's inode:
             # an editor's save, a new file renamed over it, ends the watch with
@@ -239,11 +280,70 @@ class WatchService(LifecycleService):
         observer = observers.Observer()
         observer.name = f"offloop-watch-{self.name}"
         observer.schedule(Forward(), watched, recursive=self.recursive and only is None)
-        for n, emitter in enumerate(observer.emitters, 1):
-            emitter.name = f"offloop-watch-{self.name}-emitter-{n}"
+        _name_emitters(observer)
+        return observer
+
+    def _follow_observer(
+        self, run: _WatchRun, loop: asyncio.AbstractEventLoop, follow: _Followed
+    ) -> Any:
+        """An observer for a symlinked file: its events only make the loop look again."""
+        observers = require("watchdog.observers", "watch", feature="WatchService")
+        events = require("watchdog.events", "watch", feature="WatchService")
+        service = self
+
+        class Nudge(events.FileSystemEventHandler):  # type: ignore[misc,name-defined]  # lazy
+            def dispatch(self, event: Any) -> None:
+                # Runs in the observer thread. A racing flag costs at most one
+                # look too many, never one too few: the look clears it first.
+                if not follow.pending:
+                    follow.pending = True
+                    with contextlib.suppress(RuntimeError):  # the loop is closed
+                        loop.call_soon_threadsafe(service._look_again, run)
+
+        observer = observers.Observer()
+        observer.name = f"offloop-watch-{self.name}"
+        follow.handler = Nudge()
+        # Folders, not the file: watchdog would watch the link, or the file it
+        # leads to now. A trailing separator makes the kernel resolve a
+        # symlinked folder rather than watch the link (see _observer).
+        observer.schedule(follow.handler, os.path.join(follow.link_dir, ""), recursive=False)
+        if follow.target_dir is not None and follow.target_dir != follow.link_dir:
+            follow.target_watch = observer.schedule(
+                follow.handler, os.path.join(follow.target_dir, ""), recursive=False
+            )
+        _name_emitters(observer)
         return observer
 
     # -- on the loop ---------------------------------------------------------------------
+
+    def _look_again(self, run: _WatchRun) -> None:
+        """Report a change of the file a watched symlink leads to, as an event on the link."""
+        follow = run.follow
+        if follow is None or run.done.done() or run.crashed or run.ending is not None:
+            return
+        follow.pending = False
+        if not follow.moving and _target_dir(follow.path) != follow.target_dir:
+            # Watch the folder of what the link leads to now, off the loop.
+            follow.moving = True
+            task = asyncio.ensure_future(service_pool().run(_move_target_watch, run))
+            run.tasks.add(task)
+            task.add_done_callback(lambda t: self._moved(run, t))
+        before, now = follow.state, _file_state(follow.path)
+        follow.state = now
+        if now != before and self.matches(str(self.path)):
+            events = require("watchdog.events", "watch", feature="WatchService")
+            if before is None:
+                event = events.FileCreatedEvent(str(self.path))
+            elif now is None:
+                event = events.FileDeletedEvent(str(self.path))
+            else:
+                event = events.FileModifiedEvent(str(self.path))
+            self._deliver(run, event)
+
+    def _moved(self, run: _WatchRun, task: asyncio.Future[Any]) -> None:
+        self._task_done(run, task)
+        # The file may have changed while no watch was on its new folder.
+        self._look_again(run)
 
     def _deliver(self, run: _WatchRun, event: Any) -> None:
         if run.done.done() or run.crashed:
@@ -392,3 +492,61 @@ def _root_change(run: _WatchRun) -> str | None:
 def _same_path(reported: str | bytes, watched: Path) -> bool:
     path = os.fsdecode(reported)
     return os.path.normpath(path) == os.path.normpath(str(watched))
+
+
+def _file_state(path: Path) -> tuple[int, int, int, int] | None:
+    """What the file at ``path`` (links followed) is now; None if it leads to no file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _target_dir(path: Path) -> str | None:
+    """The folder of the file ``path`` leads to now, if it leads to one."""
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    return folder if os.path.isdir(folder) else None
+
+
+def _move_target_watch(run: _WatchRun) -> None:
+    """Watch the folder the followed link leads to now instead of the old one (off the loop)."""
+    follow = run.follow
+    assert follow is not None
+    with run.lock:  # not while start() or stop() is on the observer
+        try:
+            observer = run.observer
+            if run.closed or observer is None:
+                return
+            folder = _target_dir(follow.path)
+            if folder == follow.target_dir:
+                return
+            if follow.target_watch is not None:
+                # The old folder may be gone (a ConfigMap's previous version)
+                # and its emitter stopped with it: unschedule still joins it.
+                with contextlib.suppress(KeyError):  # forgotten already
+                    observer.unschedule(follow.target_watch)
+                follow.target_watch = None
+            if folder is not None and folder != follow.link_dir:
+                try:
+                    follow.target_watch = observer.schedule(
+                        follow.handler, os.path.join(folder, ""), recursive=False
+                    )
+                except OSError:
+                    folder = None  # gone again already: the next look tries again
+                _name_emitters(observer)
+            # Set once the watch is in place; the look that follows the move
+            # (see _look_again) catches a change made before it was.
+            follow.target_dir = folder
+        finally:
+            follow.moving = False
+
+
+def _name_emitters(observer: Any) -> None:
+    # Named after the observer ("offloop-watch-<service>"), so a leak check
+    # and a stack dump tell whose threads they are.
+    for n, emitter in enumerate(observer.emitters, 1):
+        emitter.name = f"{observer.name}-emitter-{n}"

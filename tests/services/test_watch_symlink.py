@@ -1,0 +1,200 @@
+"""WatchService on a file that is a symlink: a Kubernetes ConfigMap, a dotfile.
+
+Real links and files in a temporary folder. The periodic root check is set an
+hour apart where a test shows that an event comes from a watched folder, so
+only the folder watches can deliver it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from offloop import WatchService
+from offloop._services import watch as watch_module
+from tests.helpers import QUICK_WAIT as WAIT
+from tests.helpers import await_until, bounded
+
+
+def watch_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("offloop-watch-")]
+
+
+def publish(root: Path, version: int, text: str) -> Path:
+    """Write a ConfigMap's ``app.yaml`` as the kubelet does; return the new version's file.
+
+    Each version is a folder of its own; ``..data`` points at the current one and
+    is replaced by a rename; ``app.yaml`` is ``..data/app.yaml`` and never changes
+    itself. The previous version's folder is deleted.
+    """
+    folder = root / f"..v{version}"
+    folder.mkdir()
+    (folder / "app.yaml").write_text(text)
+    (root / "..data_tmp").symlink_to(folder.name)
+    os.replace(root / "..data_tmp", root / "..data")
+    if version > 1:
+        shutil.rmtree(root / f"..v{version - 1}")
+    link = root / "app.yaml"
+    if not link.is_symlink():
+        link.symlink_to(Path("..data") / "app.yaml")
+    return folder / "app.yaml"
+
+
+async def next_event(queue: asyncio.Queue[Any]) -> Any:
+    return await asyncio.wait_for(queue.get(), WAIT)
+
+
+@pytest.fixture
+def no_periodic_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch_module, "ROOT_CHECK_INTERVAL", 3600.0)
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_a_configmap_update_is_one_modified_event_on_the_file(tmp_path: Path) -> None:
+    publish(tmp_path, 1, "a: 1\n")
+    path = tmp_path / "app.yaml"
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(path, queue.put_nowait, name="config")
+    await svc.start()
+    try:
+        for version in (2, 3):
+            publish(tmp_path, version, f"a: {version}\n")
+            event = await next_event(queue)
+            assert (event.event_type, event.src_path, event.is_directory) == (
+                "modified",
+                str(path),
+                False,
+            )
+            assert path.read_text() == f"a: {version}\n"
+            assert queue.empty()  # one event per update, not the folder's raw events
+        assert svc.state.value == "running"
+    finally:
+        await svc.stop()
+    assert watch_threads() == []  # the emitters of moved watches joined too
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_the_new_version_is_watched_after_an_update(tmp_path: Path) -> None:
+    # The old version's folder is deleted by the update, and the file the link
+    # leads to is in the new one: an edit in place there must be seen too.
+    publish(tmp_path, 1, "a: 1\n")
+    path = tmp_path / "app.yaml"
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(path, queue.put_nowait, name="config")
+    await svc.start()
+    try:
+        current = publish(tmp_path, 2, "a: 2\n")
+        assert (await next_event(queue)).event_type == "modified"
+        run = svc._run
+        assert run is not None
+        follow = run.follow
+        assert follow is not None
+        await await_until(
+            lambda: follow.target_dir == str(current.parent) and not follow.moving,
+            WAIT,
+            "the watch to move",
+        )
+        with current.open("a") as f:
+            f.write("b: 2\n")
+        event = await next_event(queue)
+        assert (event.event_type, event.src_path) == ("modified", str(path))
+    finally:
+        await svc.stop()
+    assert watch_threads() == []
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_a_link_to_a_file_in_another_folder_sees_edits_there(tmp_path: Path) -> None:
+    # A dotfile linked from a repository: the file is edited where it is.
+    (tmp_path / "dotfiles").mkdir()
+    (tmp_path / "home").mkdir()
+    real = tmp_path / "dotfiles" / "bot.toml"
+    real.write_text("token = 1\n")
+    path = tmp_path / "home" / "bot.toml"
+    path.symlink_to(real)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(path, queue.put_nowait, name="dotfile", patterns=["*.toml"])
+    await svc.start()
+    try:
+        real.write_text("token = 2\n")
+        event = await next_event(queue)
+        assert (event.event_type, event.src_path) == ("modified", str(path))
+    finally:
+        await svc.stop()
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_a_link_that_stops_and_starts_leading_to_a_file(tmp_path: Path) -> None:
+    first = tmp_path / "first.txt"
+    first.write_text("1")
+    path = tmp_path / "current.txt"
+    path.symlink_to(first.name)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(path, queue.put_nowait, name="current")
+    await svc.start()
+    try:
+        first.unlink()  # the link dangles
+        assert (await next_event(queue)).event_type == "deleted"
+        second = tmp_path / "second.txt"
+        second.write_text("2")
+        (tmp_path / "tmp-link").symlink_to(second.name)
+        os.replace(tmp_path / "tmp-link", path)
+        event = await next_event(queue)
+        assert (event.event_type, event.src_path) == ("created", str(path))
+        assert svc.state.value == "running"
+    finally:
+        await svc.stop()
+
+
+@bounded(20)
+async def test_a_change_along_the_chain_in_an_unwatched_folder_is_found_by_the_check(
+    tmp_path: Path,
+) -> None:
+    # path -> links/cfg -> v1/cfg.txt; "links" is neither the path's folder nor
+    # the target's, so only the periodic check sees links/cfg retargeted.
+    for name in ("app", "links", "v1", "v2"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "v1" / "cfg.txt").write_text("1")
+    (tmp_path / "v2" / "cfg.txt").write_text("2")
+    (tmp_path / "links" / "cfg").symlink_to(tmp_path / "v1" / "cfg.txt")
+    path = tmp_path / "app" / "cfg.txt"
+    path.symlink_to(tmp_path / "links" / "cfg")
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(path, queue.put_nowait, name="chain")
+    await svc.start()
+    try:
+        (tmp_path / "links" / "tmp").symlink_to(tmp_path / "v2" / "cfg.txt")
+        os.replace(tmp_path / "links" / "tmp", tmp_path / "links" / "cfg")
+        svc._check_root(svc._run)  # type: ignore[arg-type]  # the periodic check, now
+        event = await next_event(queue)
+        assert (event.event_type, event.src_path) == ("modified", str(path))
+        assert path.read_text() == "2"
+    finally:
+        await svc.stop()
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_a_raising_handler_on_a_followed_file_crashes_the_service(tmp_path: Path) -> None:
+    publish(tmp_path, 1, "a: 1\n")
+
+    def handler(event: Any) -> None:
+        raise ValueError(f"cannot parse {event.src_path}")
+
+    svc = WatchService(tmp_path / "app.yaml", handler, name="config")
+    await svc.start()
+    publish(tmp_path, 2, "a: [\n")
+    with pytest.raises(ValueError, match=r"cannot parse .*app\.yaml"):
+        await asyncio.wait_for(svc.wait(), WAIT)
+    assert svc.state.value == "crashed"
+    assert watch_threads() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 import offloop
 from tests.conftest import run_on
-from tests.helpers import QUICK_WAIT, await_until, wait_until
+from tests.helpers import QUICK_WAIT, WAIT, await_until, wait_until
 
 
 class _Endless:
@@ -93,4 +94,125 @@ def test_iterators_kept_after_their_loop_ended_close_their_sources_and_free_thei
         with pytest.raises(RuntimeError, match="closed when the event loop it ran on ended"):
             asyncio.run(take_again())
     finally:
+        pool.close()
+
+
+class _WaitsForRequests:
+    """A generator source that yields once, then waits for a request that never comes.
+
+    It polls its stop token while it waits, as the docs advise, so its producer
+    sits in ``next()``, not on a full buffer: only a stop can end it. Its own
+    bound (WAIT) keeps a failing test from leaving it behind for good.
+    """
+
+    def __init__(self) -> None:
+        self.waiting = threading.Event()
+        self.closed = threading.Event()
+        self.closed_in: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield "first"
+            self.waiting.set()
+            offloop.current_token().wait(WAIT)
+            yield "never taken"
+        finally:
+            self.closed_in.append(threading.current_thread().name)
+            self.closed.set()
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def _check_stopped_by_the_close(
+    loop: asyncio.AbstractEventLoop,
+    source: _WaitsForRequests,
+    kept: offloop.ThreadedIterator[str],
+    pool: offloop.ThreadPool,
+    name: str,
+) -> None:
+    # The close stops the producer itself: nothing else would (no shutdown of
+    # the loop's async generators is left to do it, and a producer waiting in
+    # next() never looks whether its loop was closed).
+    loop.close()
+    assert source.closed.wait(QUICK_WAIT), "the producer was not stopped by the loop's close"
+    assert len(source.closed_in) == 1
+    assert source.closed_in[0].startswith(f"offloop-{name}-")  # the finally ran in the worker
+    wait_until(lambda: pool.statistics()["running"] == 0, QUICK_WAIT, "the thread given back")
+    assert "finished" in repr(kept)
+    pool.close()
+    prefix = f"offloop-{name}-"
+    wait_until(
+        lambda: not any(t.name.startswith(prefix) for t in threading.enumerate()),
+        QUICK_WAIT,
+        "the pool's thread to end",
+    )
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_a_kept_iterator_waiting_in_its_source_is_stopped_by_a_close_without_shutdown(
+    kind: str,
+) -> None:
+    # run_until_complete() then close(): no shutdown_asyncgens(), and the
+    # producer waits in the source's next() rather than for room in the buffer.
+    source = _WaitsForRequests()
+    kept: list[offloop.ThreadedIterator[str]] = []
+    name = f"close-{kind}"
+    pool = offloop.ThreadPool(1, name=name)
+    loop = _new_loop(kind)
+    try:
+
+        async def main() -> None:
+            it = offloop.iterate(source, pool=pool)
+            kept.append(it)
+            assert await it.__anext__() == "first"
+            await await_until(source.waiting.is_set, WAIT, "the source waiting for a request")
+
+        loop.run_until_complete(main())
+        _check_stopped_by_the_close(loop, source, kept[0], pool, name)
+    finally:
+        loop.close()
+        pool.close()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_an_iterator_on_a_loop_run_again_after_shutdown_asyncgens_is_stopped_by_its_close(
+    kind: str,
+) -> None:
+    # The loop's shutdown_asyncgens() closed its iterate watch; the loop then
+    # runs again and keeps a new iterator, which the second shutdown_asyncgens()
+    # leaves running: the close must stop it. Without asyncio's ResourceWarning
+    # for an async generator first iterated after shutdown_asyncgens().
+    source = _WaitsForRequests()
+    kept: list[offloop.ThreadedIterator[str]] = []
+    name = f"rerun-{kind}"
+    pool = offloop.ThreadPool(1, name=name)
+    loop = _new_loop(kind)
+
+    async def before() -> None:
+        async with offloop.iterate(range(3), pool=pool) as it:
+            assert await it.__anext__() == 0
+
+    async def after() -> None:
+        it = offloop.iterate(source, pool=pool)
+        kept.append(it)
+        assert await it.__anext__() == "first"
+        await await_until(source.waiting.is_set, WAIT, "the source waiting for a request")
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.run_until_complete(before())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(after())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            _check_stopped_by_the_close(loop, source, kept[0], pool, name)
+        assert [str(w.message) for w in caught if "shutdown_asyncgens" in str(w.message)] == []
+    finally:
+        loop.close()
         pool.close()

@@ -41,10 +41,14 @@ T = TypeVar("T")
 DEFAULT_BUFFER: Final = 16
 
 #: How often (seconds) a producer waiting for room in a full buffer checks
-#: whether its loop was closed without the shutdown that stops it (see
-#: _LoopWatch). Only a waiting producer checks: an item that finds
-#: room never waits for it.
+#: whether its loop was closed without telling it: a fallback for a loop whose
+#: close() keeps its pending callbacks (asyncio's and uvloop's discard them,
+#: which stops the producer at once: _AtLoopClose). Only a waiting producer
+#: checks: an item that finds room never waits for it.
 LOOP_CHECK: Final = 0.5
+
+#: A delay no timer reaches (ten years): _AtLoopClose is scheduled for then.
+_NEVER: Final = 10 * 365 * 86400.0
 
 #: Seconds the loop's shutdown waits for the producers it stopped to close
 #: their sources (a generator's ``finally``) and give their threads back.
@@ -203,8 +207,8 @@ class _Shared(Generic[T]):
                 while not space.acquire(timeout=LOOP_CHECK):
                     if loop.is_closed():
                         # Its loop was closed with the iterator still referenced
-                        # (and not by asyncio.run, whose shutdown of async
-                        # generators stops it sooner): nobody can take an item.
+                        # and nothing told this producer (see LOOP_CHECK):
+                        # nobody can take an item.
                         self.end_with_loop()
                         break
                 if self.stop:
@@ -272,28 +276,39 @@ class _Shared(Generic[T]):
 
 
 class _LoopWatch:
-    """The iterators producing for one loop, stopped by that loop's shutdown.
+    """The iterators producing for one loop, stopped by that loop's end.
 
     Its async generator never resumes: started once on the loop, the loop
     knows it (PEP 525's first-iteration hook), and the loop's shutdown of its
     async generators (``loop.shutdown_asyncgens()``, which ``asyncio.run``,
     ``asyncio.Runner`` and uvloop's run before closing the loop) closes it.
-    Its ``finally`` then stops every producer still running for the loop: an
-    iterator kept referenced (a global) after its loop ended would otherwise
-    hold its producer, blocked on a full buffer, and its thread, until it is
+    Its ``finally`` then stops every producer still running for the loop, and
+    waits a little for them: an iterator kept referenced (a global) after its
+    loop ended would otherwise hold its producer, and its thread, until it is
     collected. One per loop, not per iterator: an async generator of its own
     would cost each iterator several microseconds on the loop.
+
+    Not every loop ends with that shutdown: ``run_until_complete()`` then
+    ``close()`` skips it, and a loop that ran it may run on and get more
+    iterators (a closed watch does nothing for them, and a new async
+    generator would get asyncio's ResourceWarning). So the watch also
+    schedules an :class:`_AtLoopClose` for never, which the loop's
+    ``close()`` discards: that stops the producers the shutdown did not,
+    whatever they wait for.
 
     Each iterator's shared state holds its watch strongly and the watch holds
     them weakly: the watch lives as long as one of its iterators does.
     """
 
-    __slots__ = ("gen", "live", "loop_ref")
+    __slots__ = ("at_close", "gen", "live", "loop_ref")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         # Weak: the per-thread cache keeps the last watch after the loop closed.
         self.loop_ref = weakref.ref(loop)
         self.live: weakref.WeakSet[_Shared[Any]] = weakref.WeakSet()
+        # Weak, as the loop's close() must drop the last reference to the
+        # callback; held only to cancel it if this watch goes first.
+        self.at_close = weakref.ref(loop.call_later(_NEVER, _AtLoopClose(self.live)))
         self.gen = _stop_at_shutdown(self.live)
         # Up to its yield, here on the loop's thread, so that the loop's
         # first-iteration hook records it for shutdown_asyncgens(). Without
@@ -319,6 +334,43 @@ class _LoopWatch:
             self.gen.aclose().send(None)
         except (StopIteration, RuntimeError):
             pass
+        # The loop runs on (this thread moved to another loop): its close
+        # callback would stay scheduled, one per watch. This may run in any
+        # thread, so the loop cancels it; a closed loop has dropped it.
+        handle, loop = self.at_close(), self.loop_ref()
+        if handle is not None and loop is not None:
+            try:  # noqa: SIM105
+                loop.call_soon_threadsafe(handle.cancel)
+            except RuntimeError:
+                pass
+
+
+@final
+class _AtLoopClose:
+    """Scheduled on a loop for never: its release stops the loop's producers.
+
+    ``loop.close()`` discards the callbacks still pending (asyncio's drops
+    them, uvloop's cancels them), which drops the only reference to this
+    one; ``__del__`` then stops the producers still running for the loop, as
+    the shutdown of its async generators would have, without waiting for
+    them (``close()`` cannot). Cancelled when its watch goes first, it finds
+    none left (each holds the watch).
+    """
+
+    __slots__ = ("live",)
+
+    def __init__(self, live: weakref.WeakSet[_Shared[Any]]) -> None:
+        self.live = live
+
+    def __call__(self) -> None:
+        # Ten years on, the loop still open: again, as the handle that ran
+        # this drops it now, and __del__ would stop producers of a live loop.
+        asyncio.get_running_loop().call_later(_NEVER, self)
+
+    def __del__(self) -> None:
+        for shared in list(self.live):
+            if not shared.finished:  # closed by its consumer or the shutdown already
+                shared.end_with_loop()
 
 
 async def _stop_at_shutdown(live: weakref.WeakSet[_Shared[Any]]) -> AsyncGenerator[None, None]:
@@ -494,9 +546,9 @@ def iterate(
     when its event loop ends is closed the same way: by the loop's shutdown
     of its async generators (``asyncio.run``, ``asyncio.Runner``, uvloop),
     which waits up to a second for the source's ``finally``; or, for a loop
-    closed without it, by a producer waiting for room in a full buffer,
-    which looks every half second. Taking an item from it after that raises
-    ``RuntimeError``.
+    closed without that shutdown (or run again after it), by the loop's
+    ``close()``, which does not wait. Taking an item from it after that
+    raises ``RuntimeError``.
 
     Raises:
         TypeError: ``iterable`` is not iterable, or ``buffer`` is not an int.

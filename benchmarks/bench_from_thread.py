@@ -27,11 +27,6 @@ which both step each item in a new
 task (so a context variable or ``asyncio.timeout`` the generator holds across
 a ``yield`` is lost).
 
-Then ``loop.run_in_executor`` through ``ThreadPool.executor()`` (the
-Executor view a loop can take as its default executor) against asyncio's
-default ``ThreadPoolExecutor``, sequential calls and bursts of 100, with the
-loop's lag while the burst runs.
-
 Last, ``LoopThread.call`` with the measured choices of whether the caller and
 the loop thread poll before they sleep, against both sides pinned to polling
 and to not polling.
@@ -62,9 +57,7 @@ from ._common import (
     FixedPolling,
     check,
     check_polling_choice,
-    fmt_time,
     interleaved,
-    percentiles,
     ratio,
     round_ratios,
     table,
@@ -452,129 +445,6 @@ def async_iterator() -> None:
     )
 
 
-EXECUTOR_CALLS = max(CALLS // 4, 50)
-BURST = 100
-
-
-async def _lag_during(work: Coroutine[Any, Any, Any]) -> tuple[float, list[float]]:
-    """Run ``work`` while sampling the loop's lag (how late a 1 ms sleep wakes up)."""
-    lags: list[float] = []
-    stop = False
-
-    async def probe() -> None:
-        while not stop:
-            start = time.perf_counter()
-            await asyncio.sleep(0.001)
-            lags.append(time.perf_counter() - start - 0.001)
-
-    prober = asyncio.ensure_future(probe())
-    start = time.perf_counter()
-    await work
-    elapsed = time.perf_counter() - start
-    stop = True
-    await prober
-    return elapsed, lags
-
-
-def executor_view() -> None:
-    import concurrent.futures
-
-    # One loop for every case, as a program has: a fresh loop per round
-    # would time each pool's start-up on it, not the calls.
-    bg = BackgroundLoop()
-    pool = offloop.ThreadPool(name="bench-executor")
-    view = pool.executor()
-    default = concurrent.futures.ThreadPoolExecutor()  # what asyncio makes by default
-    lags: dict[str, list[float]] = {}
-
-    def sequential(executor: concurrent.futures.Executor) -> Callable[[], float]:
-        async def body() -> float:
-            loop = asyncio.get_running_loop()
-            start = time.perf_counter()
-            for _ in range(EXECUTOR_CALLS):
-                await loop.run_in_executor(executor, noop)
-            return (time.perf_counter() - start) / EXECUTOR_CALLS
-
-        return lambda: float(bg.submit(body()))
-
-    def burst(name: str, executor: concurrent.futures.Executor) -> Callable[[], float]:
-        async def body() -> float:
-            loop = asyncio.get_running_loop()
-
-            async def all_of() -> None:
-                await asyncio.gather(
-                    *(loop.run_in_executor(executor, time.sleep, 0.001) for _ in range(BURST))
-                )
-
-            elapsed, lag = await _lag_during(all_of())
-            lags.setdefault(name, []).extend(lag)
-            return elapsed / BURST
-
-        return lambda: float(bg.submit(body()))
-
-    def pool_sequential() -> float:
-        async def body() -> float:
-            start = time.perf_counter()
-            for _ in range(EXECUTOR_CALLS):
-                await pool.run(noop)
-            return (time.perf_counter() - start) / EXECUTOR_CALLS
-
-        return float(bg.submit(body()))
-
-    def pool_burst() -> float:
-        # The same burst through pool.run itself: the view's own share of the cost.
-        async def body() -> float:
-            start = time.perf_counter()
-            await asyncio.gather(*(pool.run(time.sleep, 0.001) for _ in range(BURST)))
-            return (time.perf_counter() - start) / BURST
-
-        return float(bg.submit(body()))
-
-    ours = "run_in_executor(pool.executor(), fn)"
-    theirs = "run_in_executor(default ThreadPoolExecutor, fn)"
-    ours_burst = f"pool.executor(): {BURST} x sleep(1 ms) gathered"
-    theirs_burst = f"default ThreadPoolExecutor: {BURST} x sleep(1 ms) gathered"
-    cases: dict[str, Callable[[], float]] = {
-        ours: sequential(view),
-        theirs: sequential(default),
-        ours_burst: burst(ours_burst, view),
-        theirs_burst: burst(theirs_burst, default),
-        f"pool.run itself: {BURST} x sleep(1 ms) gathered": pool_burst,
-        "pool.run itself, sequential": pool_sequential,
-    }
-    try:
-        results = interleaved(cases, ROUNDS)
-    finally:
-        view.shutdown()
-        pool.close()
-        default.shutdown()
-        bg.close()
-    table(
-        f"run_in_executor of a trivial function ({EXECUTOR_CALLS} sequential calls) and of "
-        f"bursts of {BURST} 1 ms sleeps, per call",
-        results,
-        reference=ours,
-    )
-    for name in (ours_burst, theirs_burst):
-        p50, p99 = percentiles(lags[name])
-        print(
-            f"loop lag during {name}: p50 {fmt_time(p50)}, p99 {fmt_time(p99)}, max "
-            f"{fmt_time(max(lags[name]))}"
-        )
-    seq_ratio = ratio(results, ours, theirs)
-    check(
-        "sequential run_in_executor through the view within 1.3x of the default executor",
-        seq_ratio <= 1.3,
-        f"{seq_ratio:.2f}x ({round_ratios(results, ours, theirs)})",
-    )
-    burst_ratio = ratio(results, ours_burst, theirs_burst)
-    check(
-        "a burst through the view within 1.3x of the default executor",
-        burst_ratio <= 1.3,
-        f"{burst_ratio:.2f}x ({round_ratios(results, ours_burst, theirs_burst)})",
-    )
-
-
 def polling_choice() -> bool:
     """``LoopThread.call`` from a plain thread with the measured polling choices, against both
     pinned.
@@ -643,5 +513,4 @@ if __name__ == "__main__":
     main()
     sync_crossing()
     async_iterator()
-    executor_view()
     polling_choice()

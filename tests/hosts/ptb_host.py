@@ -1,7 +1,9 @@
 """The python-telegram-bot recipe, polling the fake Telegram API.
 
-Run as ``python -m tests.hosts.ptb_host URL TOKEN [stall]``; with ``stall``,
-a last service never finishes starting.
+Run as ``python -m tests.hosts.ptb_host URL TOKEN [stall] [noshutdown]``; with
+``stall``, a last service never finishes starting; with ``noshutdown``, the
+program forgets ``post_shutdown``, and a thread service says when it is told
+to stop.
 
 ``/ask`` replies with every service's answer; ``/crash KIND`` crashes one.
 """
@@ -44,14 +46,17 @@ if __name__ == "__main__":
     url, token, *options = sys.argv[1:]
     if "stall" in options:
         sv.add(Stalled())
-    application = (
-        Application.builder()
-        .token(token)
-        .base_url(f"{url}/bot")
-        .post_init(start_services)
-        .post_shutdown(stop_services)
-        .build()
-    )
+    builder = Application.builder().token(token).base_url(f"{url}/bot").post_init(start_services)
+    if "noshutdown" in options:
+
+        @sv.service(restart="no", name="told")
+        def told(token: offloop.StopToken) -> None:
+            token.wait()
+            print(f"THREAD SERVICE TOLD TO STOP: {token.reason}", file=sys.stderr, flush=True)
+
+    else:
+        builder = builder.post_shutdown(stop_services)
+    application = builder.build()
     application.add_handler(CommandHandler("ask", ask))
     application.add_handler(CommandHandler("crash", crash))
     application.run_polling()

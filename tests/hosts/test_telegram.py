@@ -45,3 +45,22 @@ def test_ctrl_c_while_ptb_runs_post_init_stops_the_services_quietly(
     assert "service 'thread' stopped" in proc.output
     assert "side: stopped" in proc.output
     assert "never retrieved" not in proc.output, proc.output
+
+
+def test_ptb_without_post_shutdown_still_tells_the_thread_services_to_stop(
+    fake_api: FakeAPI, token: str
+) -> None:
+    # run_polling closes its loop without cancelling the tasks left on it, so
+    # a program that forgets post_shutdown never stops the supervisor. The
+    # loop's close() still sets the thread services' stop tokens, and the log
+    # says what to add.
+    with HostProc("ptb_host", fake_api.url, token, "noshutdown") as proc:
+        proc.wait_for(r"all 4 service\(s\) ready")
+        proc.send(signal.SIGINT)
+        code = proc.exit_code()
+    assert code == 0, proc.output
+    assert (
+        "THREAD SERVICE TOLD TO STOP: the supervisor's event loop is shutting down" in proc.output
+    )
+    assert "its event loop was closed while it ran" in proc.output
+    assert "(post_shutdown)" in proc.output

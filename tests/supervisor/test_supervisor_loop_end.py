@@ -315,3 +315,72 @@ def test_a_scheduled_run_the_loop_end_cancels_first_is_no_crash(
     # collected: the supervisor is gone with the helper's frame.
     gc.collect()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def _uvloop() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": _uvloop,
+}
+
+CLOSED = "its event loop was closed while it ran"
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_loop_closed_without_cancelling_its_tasks_still_tells_the_thread_services(
+    loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # python-telegram-bot's run_polling closes its loop without cancelling
+    # the tasks left on it: a program without post_shutdown never stops the
+    # supervisor, and no stop can run on the closed loop. The threads can
+    # still be told, by the loop's close().
+    caplog.set_level(logging.WARNING, logger="offloop.supervisor")
+    sv = offloop.Supervisor(name="closed", grace=WAIT)
+    reasons: list[str | None] = []
+    ended = threading.Event()
+
+    @sv.service
+    def worker() -> None:
+        token = offloop.current_token()
+        token.wait()
+        reasons.append(token.reason)
+        ended.set()
+
+    loop = LOOPS[loop_kind]()
+    try:
+        loop.run_until_complete(sv.start())
+    finally:
+        loop.close()  # with the supervisor's tasks still pending
+    assert ended.wait(QUICK_WAIT), "the thread service was never told to stop"
+    assert reasons == ["the supervisor's event loop is shutting down"]
+    closed = [r.getMessage() for r in caplog.records if CLOSED in r.getMessage()]
+    assert len(closed) == 1, caplog.text
+    assert "await sv.aclose()" in closed[0]
+    del loop
+    gc.collect()  # the pending tasks' "destroyed but pending" errors, here not later
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_loop_closed_after_aclose_says_nothing_more(
+    loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="offloop.supervisor")
+    sv = offloop.Supervisor(name="tidy", grace=WAIT)
+
+    @sv.service
+    def worker() -> None:
+        offloop.current_token().wait()
+
+    loop = LOOPS[loop_kind]()
+    try:
+        loop.run_until_complete(sv.start())
+        loop.run_until_complete(sv.aclose())
+    finally:
+        loop.close()
+    assert sv.state.value == "stopped"
+    assert not [r for r in caplog.records if CLOSED in r.getMessage()], caplog.text

@@ -19,6 +19,12 @@ a service failed) when the loop ends is cancelled with the other tasks: the
 watch tells the threads at once and runs that stop to its end. anyio stops its
 process pool on the loop's end the same way: a task sleeping for ever whose
 cancellation kills the workers.
+
+A host may also close the loop without cancelling its tasks (python-telegram-bot's
+``run_polling`` does): the watch is never cancelled then, and no stop can run
+on a closed loop. A :class:`~offloop._core.loopclose.LoopCloseHook` still sets
+the thread services' stop tokens from the loop's ``close()``, and logs what
+the program should do instead.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import logging
 from typing import Any, Final, Protocol
 
+from .._core.loopclose import LoopCloseHook
 from .._services.lifecycle import LifecycleService
 from .supervised import Supervised
 
@@ -64,11 +71,13 @@ class LoopEndWatch:
         #: The loop's shutdown stopped the supervisor (no aclose() had begun a stop).
         self.ended = False
         self._task: asyncio.Task[None] | None = None
+        self._close_hook: LoopCloseHook | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Watch from now on (once ``start()`` has the supervisor running)."""
         if self._task is None:
             self._task = loop.create_task(self._watch(), name=f"offloop-loop-end-{self.sv.name}")
+            self._close_hook = LoopCloseHook(loop, self._loop_closed)
 
     async def wait_done(self) -> None:
         """Wait for the watch to end, once the supervisor's stop is over (from another task).
@@ -82,6 +91,15 @@ class LoopEndWatch:
             await asyncio.wait({task})
 
     async def _watch(self) -> None:
+        try:
+            await self._watch_stop()
+        finally:
+            # The stop ran (or the loop goes on without this task): nothing
+            # is left for the loop's close() to tell.
+            if self._close_hook is not None:
+                self._close_hook.cancel()
+
+    async def _watch_stop(self) -> None:
         sv = self.sv
         requested = sv._shutdown_requested
         assert requested is not None
@@ -128,6 +146,25 @@ class LoopEndWatch:
                     # task, cancelled once already, runs the stop to its end.
                     await sv._shutdown()
             raise
+
+    def _loop_closed(self) -> None:
+        # From the loop's close(), in the thread that closed it, with this
+        # watch still waiting: the loop was closed without cancelling its
+        # tasks and without aclose(). Nothing can run on it any more, but
+        # the threads of the thread services can still be told to stop.
+        task = self._task
+        if task is None or task.done():
+            return
+        self.ended = True
+        self._tell_services()
+        logger.warning(
+            "%s: its event loop was closed while it ran, without aclose() and without "
+            "cancelling its tasks (python-telegram-bot's run_polling closes its loop that "
+            "way): the stop tokens of its thread services are set, but no service could be "
+            "stopped gracefully. Call 'await sv.aclose()' in the host's shutdown hook "
+            "(post_shutdown), or run the supervisor with 'async with sv:'.",
+            self.sv.name,
+        )
 
     def _tell_services(self) -> None:
         # At once, before any await: if the loop is closed without running

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Final, Generic, ParamSpec, TypeVar, final, overload
 
 from .._core.errors import PoolClosedError
+from .._core.loopclose import LoopCloseHook
 from .._core.offload import OffloadFuture
 from .._core.token import StopToken, current_token, thread_state
 from .._core.validate import (
@@ -43,12 +44,9 @@ DEFAULT_BUFFER: Final = 16
 #: How often (seconds) a producer waiting for room in a full buffer checks
 #: whether its loop was closed without telling it: a fallback for a loop whose
 #: close() keeps its pending callbacks (asyncio's and uvloop's discard them,
-#: which stops the producer at once: _AtLoopClose). Only a waiting producer
+#: which stops the producer at once: _LoopWatch). Only a waiting producer
 #: checks: an item that finds room never waits for it.
 LOOP_CHECK: Final = 0.5
-
-#: A delay no timer reaches (ten years): _AtLoopClose is scheduled for then.
-_NEVER: Final = 10 * 365 * 86400.0
 
 #: Seconds the loop's shutdown waits for the producers it stopped to close
 #: their sources (a generator's ``finally``) and give their threads back.
@@ -291,10 +289,9 @@ class _LoopWatch:
     Not every loop ends with that shutdown: ``run_until_complete()`` then
     ``close()`` skips it, and a loop that ran it may run on and get more
     iterators (a closed watch does nothing for them, and a new async
-    generator would get asyncio's ResourceWarning). So the watch also
-    schedules an :class:`_AtLoopClose` for never, which the loop's
-    ``close()`` discards: that stops the producers the shutdown did not,
-    whatever they wait for.
+    generator would get asyncio's ResourceWarning). So the watch also has a
+    :class:`~offloop._core.loopclose.LoopCloseHook`: the loop's ``close()``
+    stops the producers the shutdown did not, whatever they wait for.
 
     Each iterator's shared state holds its watch strongly and the watch holds
     them weakly: the watch lives as long as one of its iterators does.
@@ -308,7 +305,7 @@ class _LoopWatch:
         self.live: weakref.WeakSet[_Shared[Any]] = weakref.WeakSet()
         # Weak, as the loop's close() must drop the last reference to the
         # callback; held only to cancel it if this watch goes first.
-        self.at_close = weakref.ref(loop.call_later(_NEVER, _AtLoopClose(self.live)))
+        self.at_close = LoopCloseHook(loop, functools.partial(_end_with_loop, self.live))
         self.gen = _stop_at_shutdown(self.live)
         # Up to its yield, here on the loop's thread, so that the loop's
         # first-iteration hook records it for shutdown_asyncgens(). Without
@@ -334,43 +331,18 @@ class _LoopWatch:
             self.gen.aclose().send(None)
         except (StopIteration, RuntimeError):
             pass
-        # The loop runs on (this thread moved to another loop): its close
-        # callback would stay scheduled, one per watch. This may run in any
-        # thread, so the loop cancels it; a closed loop has dropped it.
-        handle, loop = self.at_close(), self.loop_ref()
-        if handle is not None and loop is not None:
-            try:  # noqa: SIM105
-                loop.call_soon_threadsafe(handle.cancel)
-            except RuntimeError:
-                pass
+        # The loop may run on (this thread moved to another loop): no
+        # producer is left for its close to stop.
+        self.at_close.cancel()
 
 
-@final
-class _AtLoopClose:
-    """Scheduled on a loop for never: its release stops the loop's producers.
-
-    ``loop.close()`` discards the callbacks still pending (asyncio's drops
-    them, uvloop's cancels them), which drops the only reference to this
-    one; ``__del__`` then stops the producers still running for the loop, as
-    the shutdown of its async generators would have, without waiting for
-    them (``close()`` cannot). Cancelled when its watch goes first, it finds
-    none left (each holds the watch).
-    """
-
-    __slots__ = ("live",)
-
-    def __init__(self, live: weakref.WeakSet[_Shared[Any]]) -> None:
-        self.live = live
-
-    def __call__(self) -> None:
-        # Ten years on, the loop still open: again, as the handle that ran
-        # this drops it now, and __del__ would stop producers of a live loop.
-        asyncio.get_running_loop().call_later(_NEVER, self)
-
-    def __del__(self) -> None:
-        for shared in list(self.live):
-            if not shared.finished:  # closed by its consumer or the shutdown already
-                shared.end_with_loop()
+def _end_with_loop(live: weakref.WeakSet[_Shared[Any]]) -> None:
+    # The loop's close() ran (_core/loopclose.py): stop the producers still
+    # running for it, as the shutdown of its async generators would have,
+    # without waiting for them (close() cannot).
+    for shared in list(live):
+        if not shared.finished:  # closed by its consumer or the shutdown already
+            shared.end_with_loop()
 
 
 async def _stop_at_shutdown(live: weakref.WeakSet[_Shared[Any]]) -> AsyncGenerator[None, None]:

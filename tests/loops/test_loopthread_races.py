@@ -436,3 +436,51 @@ async def test_a_coroutine_started_while_the_close_waits_for_the_executor_is_can
     assert late.cancelled()
     with pytest.raises(PoolClosedError):
         await asyncio.wait_for(lingering, WAIT)
+
+
+@pytest.mark.loops("asyncio")
+@LOOPS
+async def test_a_close_racing_a_system_exit_still_answers_the_calls_left(
+    loop_factory: LoopFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coroutine's SystemExit stops the loop, and a close() that comes before
+    # the loop thread has noticed (the exiting call's caller leaving its
+    # 'with lt:' block, say) asks the stopped loop to stop once more. That
+    # stop must not end the shutdown's run of the loop early: the call still
+    # there would never get its answer.
+    noticed, release = threading.Event(), threading.Event()
+    loop_stopped = LoopThread._loop_stopped
+
+    def late_loop_stopped(self: LoopThread, exited: bool) -> None:
+        noticed.set()
+        release.wait(WAIT)
+        loop_stopped(self, exited)
+
+    monkeypatch.setattr(LoopThread, "_loop_stopped", late_loop_stopped)
+    lt = LoopThread(name="exit-close", loop_factory=loop_factory).start()
+
+    async def linger() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0)  # a cleanup that takes another turn of the loop
+
+    other = asyncio.ensure_future(lt.run(linger))
+    await await_until(lambda: " 1 task" in repr(lt), WAIT, "the other call to run")
+
+    async def leave() -> None:
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit):
+        await asyncio.to_thread(lt.call, leave)
+    try:
+        assert await asyncio.to_thread(noticed.wait, WAIT), "the loop never stopped"
+        closing = asyncio.ensure_future(asyncio.to_thread(lt.close))
+        await await_until(lambda: lt.state is LoopThreadState.CLOSING, WAIT, "the close")
+    finally:
+        release.set()
+    with pytest.raises(PoolClosedError, match=r"was closed while coroutine .*linger"):
+        await asyncio.wait_for(other, WAIT)
+    await asyncio.wait_for(closing, WAIT)
+    assert lt.state is LoopThreadState.CLOSED
+    assert " 0 tasks" in repr(lt)

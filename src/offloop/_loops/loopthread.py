@@ -50,7 +50,7 @@ from .crossing import (
     wait_reply,
 )
 from .hotloop import new_loop
-from .serve import Serving, dropped, serve
+from .serve import Serving, dropped, serve, stop_serving
 
 __all__ = ["LoopThread", "LoopThreadState"]
 
@@ -140,6 +140,8 @@ class LoopThread:
         self._exit_task: asyncio.Task[Any] | None = None
         # Stops the loop if this is collected while it runs (see serve.dropped).
         self._finalizer: weakref.finalize[..., LoopThread] | None = None
+        # Whether the thread still runs the loop's run_forever() (see serve.stop_serving).
+        self._serving = Serving()
 
     # -- public API ---------------------------------------------------------
 
@@ -203,7 +205,7 @@ class LoopThread:
             )
             loop.set_default_executor(executor)
             # The thread gets no strong reference to self: see the module docstring.
-            serving = Serving()
+            serving = self._serving
             thread = threading.Thread(
                 target=serve,
                 args=(weakref.ref(self), loop, executor, serving),
@@ -467,7 +469,10 @@ class LoopThread:
             if state is _RUNNING:
                 self._state = _CLOSING
                 self._detach()
-                self._loop.call_soon_threadsafe(self._loop.stop)  # type: ignore[union-attr]
+                loop = self._loop
+                assert loop is not None
+                # Not loop.stop(): see serve.stop_serving.
+                loop.call_soon_threadsafe(stop_serving, loop, self._serving)
         current = threading.current_thread()
         if thread is current:
             raise WouldDeadlockError(

@@ -16,7 +16,7 @@ from typing import Any, Final, Protocol
 
 from .shutdown import shut_down
 
-__all__ = ["LoopOwner", "Serving", "dropped", "serve"]
+__all__ = ["LoopOwner", "Serving", "dropped", "serve", "stop_serving"]
 
 
 class Serving:
@@ -81,7 +81,7 @@ def dropped(
     if os.getpid() != pid:
         return  # a forked child's copy: the loop thread is the parent's
     try:
-        loop.call_soon_threadsafe(_stop_serving, loop, serving)
+        loop.call_soon_threadsafe(stop_serving, loop, serving)
     except RuntimeError:  # the loop is closed: its thread has ended
         return
     warnings.warn(
@@ -96,8 +96,14 @@ def dropped(
     )
 
 
-def _stop_serving(loop: asyncio.AbstractEventLoop, serving: Serving) -> None:
-    # On the loop thread: stop run_forever(), not the shutdown's run_until_complete().
+def stop_serving(loop: asyncio.AbstractEventLoop, serving: Serving) -> None:
+    """On the loop thread: stop ``run_forever()``, not the shutdown's ``run_until_complete()``.
+
+    A stop asked for from another thread may arrive after the loop stopped for
+    a reason of its own (a coroutine's SystemExit): a plain ``loop.stop()``
+    would then end the shutdown's first run early, its tasks never cancelled
+    and their callers never answered.
+    """
     if serving.on:
         loop.stop()
 

@@ -8,6 +8,7 @@ next iteration, so the races run on both.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import gc
 import threading
@@ -17,7 +18,7 @@ import pytest
 import uvloop
 
 import offloop
-from offloop import LoopThread, LoopThreadState, PoolClosedError
+from offloop import LoopThread, LoopThreadState, PoolClosedError, Portal
 from tests.helpers import WAIT, await_until, wait_until
 
 
@@ -484,3 +485,74 @@ async def test_a_close_racing_a_system_exit_still_answers_the_calls_left(
     await asyncio.wait_for(closing, WAIT)
     assert lt.state is LoopThreadState.CLOSED
     assert " 0 tasks" in repr(lt)
+
+
+#: The loops where a task made in one turn of the loop takes its first step
+#: in the next (uvloop takes it in the same turn, before a stop ends it).
+NEXT_TURN_LOOPS = pytest.mark.parametrize(
+    "loop_factory", [None, deferred_step_loop], ids=["asyncio", "deferred-step"]
+)
+
+
+def _stop_just_after_a_start(loop: asyncio.AbstractEventLoop, stop: Any, start: Any) -> None:
+    # Queues start() then stop() while the loop is held in a callback, so one
+    # turn of the loop runs both: the task start() makes is cancelled by the
+    # shutdown before its first step.
+    holding, release = threading.Event(), threading.Event()
+
+    def held() -> None:
+        holding.set()
+        release.wait(WAIT)
+
+    loop.call_soon_threadsafe(held)
+    try:
+        assert holding.wait(WAIT), "the loop never ran the holder"
+        start()
+        loop.call_soon_threadsafe(stop)
+    finally:
+        release.set()
+
+
+@NEXT_TURN_LOOPS
+def test_a_submitted_task_its_loop_thread_stops_before_its_first_step_settles(
+    loop_factory: LoopFactory,
+) -> None:
+    lt = LoopThread(name="submit-exit", loop_factory=loop_factory).start()
+    assert lt.loop is not None
+    submitted: list[concurrent.futures.Future[str]] = []
+
+    def exit_loop() -> None:
+        raise SystemExit(3)  # stops the loop, as a coroutine's SystemExit does
+
+    _stop_just_after_a_start(lt.loop, exit_loop, lambda: submitted.append(Portal(lt).submit(quick)))
+    # It used to stay pending for good, and the task counted as running.
+    with pytest.raises(PoolClosedError, match="was closed while coroutine 'quick'"):
+        submitted[0].result(timeout=WAIT)
+    lt.close(timeout=WAIT)
+    assert lt.state is LoopThreadState.CLOSED
+    assert " 0 tasks" in repr(lt)
+
+
+@NEXT_TURN_LOOPS
+def test_a_submitted_task_a_bare_loop_stops_before_its_first_step_settles(
+    loop_factory: LoopFactory,
+) -> None:
+    loop = (loop_factory or asyncio.new_event_loop)()
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+    submitted: list[concurrent.futures.Future[str]] = []
+    try:
+        _stop_just_after_a_start(
+            loop, loop.stop, lambda: submitted.append(Portal(loop).submit(quick))
+        )
+        runner.join(WAIT)
+        assert not runner.is_alive()
+        # What asyncio.run() does once its main coroutine has returned.
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    finally:
+        loop.close()
+    with pytest.raises(concurrent.futures.CancelledError):
+        submitted[0].result(timeout=WAIT)

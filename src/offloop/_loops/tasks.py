@@ -90,7 +90,7 @@ class TaskHandle(Generic[R]):
     cancelled, its pool or service is stopping), the task is cancelled.
     """
 
-    __slots__ = ("_fn", "_future", "_host", "_loop", "_ready", "_task", "_token")
+    __slots__ = ("_fn", "_future", "_host", "_loop", "_ready", "_started", "_task", "_token")
 
     def __init__(
         self,
@@ -106,6 +106,7 @@ class TaskHandle(Generic[R]):
         self._future: cf.Future[R] = cf.Future()
         self._ready: cf.Future[Any] = cf.Future()
         self._task: asyncio.Task[None] | None = None
+        self._started = False
         self._future.add_done_callback(self._on_done)
         if token is not None:
             token.add_callback(self._on_token)
@@ -255,9 +256,22 @@ class TaskHandle(Generic[R]):
             self._finish(False, exc)
             return
         _live.add(task)
-        task.add_done_callback(_live.discard)
+        task.add_done_callback(lambda t: self._task_done(t, coro))
+
+    def _task_done(self, task: asyncio.Task[None], coro: Coroutine[Any, Any, R]) -> None:
+        _live.discard(task)
+        # A task cancelled before its first step (its loop stopping in the turn
+        # that made it, then shut down) never runs _run's body, the one place
+        # that settles the outcome and the host's count: do both here, or the
+        # future stays pending for good.
+        if self._started or not task.cancelled():
+            return
+        coro.close()  # never awaited: no warning about it
+        closing = self._host._cancel_error(coro) if self._host is not None else None
+        self._finish(False, closing or asyncio.CancelledError())
 
     async def _run(self, coro: Coroutine[Any, Any, R]) -> None:
+        self._started = True
         _current.set(self)
         try:
             value = await coro

@@ -355,3 +355,29 @@ def test_iterate_a_generators_system_exit_reaches_the_caller_and_stops_its_loop(
         lt.close()
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_a_refused_start_leaves_nothing_on_the_workers_stop_token() -> None:
+    # A worker's token (a thread service's lives as long as the service) must
+    # not keep a handle, and its arguments, for every start that was refused.
+    lt = offloop.LoopThread(name="refusing").start()
+    lt.close()
+    loop = asyncio.new_event_loop()
+    loop.close()
+    token = StopToken()
+
+    async def noop() -> None:
+        pass
+
+    def body() -> None:
+        thread_state.call = WorkerCall(body, None, token)
+        try:
+            for portal in (Portal(lt), Portal(loop)):
+                for start in (portal.submit, portal.start_task):
+                    with pytest.raises(offloop.PoolClosedError):
+                        start(noop)
+        finally:
+            thread_state.call = None
+
+    in_plain_thread(body)
+    assert not token._callbacks

@@ -202,10 +202,17 @@ class Portal:
         refuse_when_stopped(token, where, async_fn)
         ctx = contextvars.copy_context()
         handle = TaskHandle(loop, host, async_fn, token)
-        if host is not None:
-            host._submit(handle._start, args, kwargs, ctx)
-        else:
-            schedule(loop, handle._start, args, kwargs, ctx=ctx)
+        try:
+            if host is not None:
+                host._submit(handle._start, args, kwargs, ctx)
+            else:
+                schedule(loop, handle._start, args, kwargs, ctx=ctx)
+        except BaseException:
+            # Refused (the target closed): nothing will settle the handle, so
+            # the worker's token must not keep it until the token is set.
+            if token is not None:
+                token.remove_callback(handle._on_token)
+            raise
         return handle
 
     def submit(

@@ -368,7 +368,7 @@ async def test_a_call_queued_behind_a_system_exit_is_refused_not_left_waiting(
 
 @pytest.mark.loops("asyncio")
 @LOOPS
-@pytest.mark.parametrize("crossing", ["call", "run"])
+@pytest.mark.parametrize("crossing", ["call", "run", "submit"])
 @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
 async def test_an_exit_exception_reaches_its_caller_and_leaves_no_unretrieved_task(
     loop_factory: LoopFactory,
@@ -391,6 +391,9 @@ async def test_an_exit_exception_reaches_its_caller_and_leaves_no_unretrieved_ta
     if crossing == "call":
         with pytest.raises(exc_type):
             await asyncio.to_thread(lt.call, leave)
+    elif crossing == "submit":
+        with pytest.raises(exc_type):
+            await asyncio.to_thread(Portal(lt).submit(leave).result, WAIT)
     else:
         assert isinstance(await asyncio.wait_for(run_leaving(), WAIT), exc_type)
     # It still ends the loop thread, as it ends asyncio.run()...

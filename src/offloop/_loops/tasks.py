@@ -281,6 +281,11 @@ class TaskHandle(Generic[R]):
         except BaseException as exc:
             self._finish(False, exc)
             if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                # It stops the loop, as from any crossing; its caller has it
+                # (the future), so the host marks the task's exception
+                # retrieved: no "Task exception was never retrieved" log.
+                if self._host is not None:
+                    self._host._exiting(asyncio.current_task())
                 raise
         else:
             self._finish(True, value)

@@ -175,3 +175,39 @@ FORK_BESIDE_A_GIL_HOLDER = WAITED_FOR + textwrap.dedent(
 def test_a_child_forked_beside_a_gil_holding_call_is_not_held_back_by_it(tmp_path: Path) -> None:
     lines, output = printed(tmp_path, "fork_gil.py", FORK_BESIDE_A_GIL_HOLDER)
     assert lines == ["parent holders 1", "child holders 0", "child ok", "parent ok"], output
+
+
+FORK_BESIDE_A_LOOP_THREAD = WAITED_FOR + textwrap.dedent(
+    """
+    import os, warnings
+    import offloop
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, Python 3.12+
+
+    async def ping():
+        return os.getpid()
+
+    # Started before the fork, as by an app that gunicorn --preload imports.
+    lt = offloop.LoopThread(name="preloaded").start()
+    assert lt.call(ping) == os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        # Its thread is the parent's: a call would wait for it forever.
+        try:
+            lt.call(ping)
+            print("child ran it", flush=True)
+        except offloop.PoolClosedError:
+            print("child refused", lt.state.value, flush=True)
+        finally:
+            lt.close()
+            os._exit(0)
+    print(waited_for(pid), flush=True)
+    print("parent", "ok" if lt.call(ping) == os.getpid() else "wrong loop", flush=True)
+    lt.close()
+    """
+)
+
+
+def test_a_loop_thread_started_before_a_fork_refuses_calls_in_the_child(tmp_path: Path) -> None:
+    lines, output = printed(tmp_path, "fork_loop_thread.py", FORK_BESIDE_A_LOOP_THREAD)
+    assert lines == ["child refused closed", "parent ok", "parent ok"], output

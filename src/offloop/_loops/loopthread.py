@@ -221,6 +221,7 @@ class LoopThread:
                 self._state = _CLOSED
                 loop.close()
                 raise
+            _started.add(self)
             finalizer = weakref.finalize(
                 self, dropped, loop, serving, self._name, self._thread_name, os.getpid()
             )
@@ -536,3 +537,22 @@ class LoopThread:
             timeout,
             self._thread_name,
         )
+
+
+# Started LoopThreads, closed in a child made by os.fork() (see _closed_in_child).
+_started: Final[weakref.WeakSet[LoopThread]] = weakref.WeakSet()
+
+
+def _closed_in_child() -> None:
+    # Only the forking thread is copied into the child: a call sent to a copy
+    # of a started LoopThread would wait forever for a loop nobody runs (and
+    # wake the parent's loop through the self-pipe they share). Closed here,
+    # the copies refuse calls with PoolClosedError instead.
+    for lt in list(_started):
+        lt._lock = threading.Lock()  # a parent's thread may have held it at the fork
+        lt._state = _CLOSED
+        lt._closed_waiters = []
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_closed_in_child)

@@ -38,6 +38,17 @@ def fail(kind: str) -> None:
     raise HoldsALock("query failed") if kind == "lock" else NeedsTwoArgs("x", "y")
 
 
+class NoStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def init_fails_oddly(kind: str) -> None:
+    if kind == "str":
+        raise NoStr
+    fail(kind)
+
+
 async def async_gen_init() -> AsyncIterator[None]:
     yield None
 
@@ -87,6 +98,32 @@ async def test_an_exception_that_cannot_cross_is_reported_with_the_real_reason(
     assert "NeedsTwoArgs: x/y" in text
     assert "could not be rebuilt from its pickle (TypeError: " in text
     assert "an __init__ that accepts its .args" in text
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("kind", ["lock", "args", "str"])
+async def test_an_initializer_exception_that_cannot_cross_still_fails_only_its_call(
+    kind: str,
+) -> None:
+    # The worker exits after its initializer failed, whatever that exception
+    # is: the call it was started for fails naming the initializer, and the
+    # next call starts a worker of its own instead of being handed to the
+    # one that is exiting (which failed it as "died while starting").
+    async with ProcessPool(
+        1, name="oddinit", initializer=init_fails_oddly, initargs=(kind,)
+    ) as pool:
+        for _ in range(2):
+            with pytest.raises(offloop.WorkerCrashed) as info:
+                await asyncio.wait_for(pool.run(int), WAIT)
+            text = str(info.value)
+            assert "could not start: its initializer function 'init_fails_oddly' raised" in text
+            said = {"lock": "HoldsALock: query failed", "args": "NeedsTwoArgs: x/y", "str": "NoStr"}
+            assert said[kind] in text
+        results = await asyncio.wait_for(
+            asyncio.gather(pool.run(int), pool.run(int), return_exceptions=True), WAIT
+        )
+        assert all("its initializer function" in str(error) for error in results), results
+        assert pool.statistics()["crashed"] == 0
 
 
 def test_a_class_of_the_main_script_is_named_as_in_the_script() -> None:

@@ -40,7 +40,7 @@ from typing import Any, Final
 from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
 from .message import HEAD, MARK, attach, read_count
-from .pickling import INIT_FAILED, LOAD_FAILED, encode_error, encode_result
+from .pickling import LOAD_FAILED, encode_error, encode_init_failure, encode_result
 from .writer import write_small
 
 __all__ = ["worker_main"]
@@ -213,12 +213,9 @@ def _initialize(conn: Connection, init: bytes) -> bool:
         fn, args, kwargs = pickle.loads(init)
         fn(*args, **kwargs)
     except BaseException as exc:
-        summary = f"{describe(fn) if fn else 'the initializer'} raised {type(exc).__name__}: {exc}"
-        tb = traceback.format_exc()
-        try:
-            data = pickle.dumps((INIT_FAILED, exc, summary, tb), pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            data = pickle.dumps((INIT_FAILED, None, summary, tb), pickle.HIGHEST_PROTOCOL)
+        data = encode_init_failure(
+            exc, describe(fn) if fn else "the initializer", traceback.format_exc()
+        )
         with contextlib.suppress(OSError):
             # Instead of "ready": the parent fails the call it started this worker for.
             conn.send_bytes(data)

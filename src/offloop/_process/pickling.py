@@ -42,7 +42,8 @@ RAISED: Final = 1  # (RAISED, exception, traceback text)
 RAISED_TEXT: Final = 2
 RESULT_UNPICKLABLE: Final = 3  # (RESULT_UNPICKLABLE, result description, error text)
 LOAD_FAILED: Final = 4  # (LOAD_FAILED, error text, traceback text): call won't unpickle there
-INIT_FAILED: Final = 5  # (INIT_FAILED, exception or None, summary, traceback text)
+# (INIT_FAILED, pickled exception or None, summary, traceback text)
+INIT_FAILED: Final = 5
 
 _MISSING: Final = object()
 _cloudpickle: ModuleType | object | None = _MISSING
@@ -195,6 +196,23 @@ def _safe_str(exc: BaseException) -> str:
         return f"<{type(exc).__name__} whose str() raised>"
 
 
+def encode_init_failure(exc: BaseException, initializer: str, tb: str) -> bytes:
+    """A worker's first message when its initializer raised ``exc``, instead of "ready".
+
+    The exception is pickled apart from the rest: one that will not pickle, or
+    will not unpickle in the pool's process (an ``__init__`` that needs other
+    arguments than its ``.args``, a module the pool cannot import), must not
+    make the whole message unreadable. The pool then still knows that the
+    worker failed to start, and why, from the summary and the traceback text.
+    """
+    summary = f"{initializer} raised {type(exc).__name__}: {_safe_str(exc)}"
+    try:
+        pickled: bytes | None = dumps(exc)
+    except BaseException:  # a __reduce__ may raise anything; the worker must answer
+        pickled = None
+    return pickle.dumps((INIT_FAILED, pickled, summary, tb), PROTOCOL)
+
+
 def encode_result(value: object, fn: Callable[..., Any]) -> bytes:
     """A worker's reply carrying the function's return value."""
     try:
@@ -259,8 +277,20 @@ def decode_reply(data: bytes, fn: Callable[..., Any], where: str) -> tuple[bool,
         error.__cause__ = RemoteTraceback(reply[2], "the worker process")
         return False, error
     if kind == INIT_FAILED:
-        return False, InitFailure(reply[1], reply[2], reply[3])
+        return False, InitFailure(_load_exception(reply[1]), reply[2], reply[3])
     raise AssertionError(f"unknown worker reply kind {kind!r}")
+
+
+def _load_exception(data: bytes | None) -> BaseException | None:
+    # An initializer's exception, or None if it cannot be rebuilt here: the
+    # failure's summary and traceback text say what it was.
+    if data is None:
+        return None
+    try:
+        exc = pickle.loads(data)
+    except BaseException:  # a __reduce__ may raise anything
+        return None
+    return exc if isinstance(exc, BaseException) else None
 
 
 class InitFailure:

@@ -38,6 +38,24 @@ def fail(kind: str) -> None:
     raise HoldsALock("query failed") if kind == "lock" else NeedsTwoArgs("x", "y")
 
 
+class NoRepr:
+    """Cannot be pickled (it holds a lock), and its repr() raises."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def make_no_repr() -> NoRepr:
+    return NoRepr()
+
+
+def ignore(value: object) -> None:
+    pass
+
+
 class NoStr(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no text")
@@ -124,6 +142,18 @@ async def test_an_initializer_exception_that_cannot_cross_still_fails_only_its_c
         )
         assert all("its initializer function" in str(error) for error in results), results
         assert pool.statistics()["crashed"] == 0
+
+
+@pytest.mark.loops("asyncio")
+async def test_an_unpicklable_object_whose_repr_raises_is_still_named(pool: ProcessPool) -> None:
+    # The message names the object by its type instead; the repr's own error
+    # must neither replace the NotPicklableError nor kill the worker.
+    with pytest.raises(offloop.NotPicklableError, match=r"argument 0 \(NoRepr <.*repr"):
+        pool.run(ignore, NoRepr())
+    with pytest.raises(offloop.NotPicklableError, match=r"its result \(NoRepr <.*repr"):
+        await asyncio.wait_for(pool.run(make_no_repr), WAIT)
+    assert pool.statistics()["crashed"] == 0
+    assert await asyncio.wait_for(pool.run(int, "7"), WAIT) == 7
 
 
 def test_a_class_of_the_main_script_is_named_as_in_the_script() -> None:

@@ -71,10 +71,15 @@ else:
 
 def describe(obj: object) -> str:
     """A short description of ``obj`` for error messages."""
-    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
-    if name:
-        return f"{type(obj).__name__} {name!r}"
-    text = repr(obj)
+    try:
+        name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+        if name:
+            return f"{type(obj).__name__} {name!r}"
+        text = repr(obj)
+    except Exception:
+        # Messages describe what failed, often an odd object: its own broken
+        # __repr__ (or __getattr__) must not replace the error being reported.
+        return f"{type(obj).__name__} <whose repr() raised>"
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{type(obj).__name__} {text}"

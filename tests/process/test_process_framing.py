@@ -143,3 +143,42 @@ async def test_a_reply_over_16_kib_is_read_by_the_loop_in_one_piece(
             assert await asyncio.wait_for(pool.run(sized, 20_000), WAIT) == bytes(20_000)
         assert batches[0] == 0
         assert pool.statistics()["completed"] == 11
+
+
+def reply_in_pieces(size: int) -> bytes:
+    # In the worker: from now on its replies over 64 KiB are written in
+    # pieces with a pause between them, so whoever reads one finds the pipe
+    # empty before the reply's end.
+    import time
+    from multiprocessing.connection import Connection
+
+    send = Connection._send  # type: ignore[attr-defined]
+
+    def in_pieces(self: Connection, buf: bytes) -> None:
+        view = memoryview(buf)
+        for start in range(0, len(view), 16384):
+            send(self, view[start : start + 16384])
+            time.sleep(0.002)
+
+    Connection._send = in_pieces  # type: ignore[attr-defined]
+    return bytes(size)
+
+
+async def test_a_reply_that_comes_in_pieces_is_read_whole_under_a_default_socket_timeout() -> None:
+    # socket.setdefaulttimeout() makes every socket object created later
+    # non-blocking, its descriptor too: the pool's second descriptor of a
+    # worker's pipe must not turn the manager's blocking reads of that pipe
+    # (a first call's reply, and every large one) into reads that fail
+    # half-way, which dropped the pipe of a live worker: the call never ended.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60.0)  # in force while the pool starts its worker
+    pool = ProcessPool(1, name="default-timeout")
+    size = 1 << 20
+    try:
+        # A new worker's first reply is the manager thread's to read.
+        assert await asyncio.wait_for(pool.run(reply_in_pieces, size), WAIT) == bytes(size)
+        assert await asyncio.wait_for(pool.run(sized, size), WAIT) == bytes(size)
+        assert pool.statistics()["crashed"] == 0
+    finally:
+        socket.setdefaulttimeout(previous)
+        await asyncio.wait_for(pool.aclose(timeout=WAIT), 2 * WAIT)

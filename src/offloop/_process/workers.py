@@ -315,6 +315,11 @@ class WorkerSet(LoopReplies, WorkerExits):
         # shows as end-of-file on ours.
         child_conn.close()
         lsock = socket.socket(fileno=os.dup(parent_conn.fileno()))
+        # Made while socket.setdefaulttimeout() is in force, it would have a
+        # timeout, and so make the pipe non-blocking, for conn too: the
+        # manager's reads of a reply would fail half-way. Loops read it
+        # without blocking either way (MSG_DONTWAIT).
+        lsock.setblocking(True)
         with self._lock:
             worker.process = process
             worker.conn = parent_conn

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import offloop
+from offloop._process.daskargs import SCATTER_BYTES
 from tests.helpers import SPAWN_WAIT as WAIT
 from tests.helpers import await_until
 
@@ -118,3 +120,45 @@ async def test_a_worker_killed_under_load_fails_only_its_calls(
         # Nothing of the pool's own is left: its client and its thread.
         assert client.status == "closed"
         assert not [t for t in threading.enumerate() if t.name.startswith("offloop-dask-")]
+
+
+async def test_scattering_while_the_client_reconnects_is_a_lost_connection(
+    offload_thread: None,
+) -> None:
+    # A big bytes argument is scattered before its call is submitted, and
+    # pool.scatter() scatters: while the pool's client tries to reconnect to a
+    # scheduler that went away, both fail with the comm's error (a connect
+    # timeout, CommClosedError), which must reach the caller as the
+    # PoolConnectionError the other calls get, not as a bare OSError.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pool = offloop.DaskPool(f"tcp://127.0.0.1:{port}", connect_timeout=3.0)
+    try:
+        async with distributed.LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            host="127.0.0.1",
+            scheduler_port=port,
+            dashboard_address=None,
+            asynchronous=True,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        ):
+            assert await asyncio.wait_for(pool.run(add, 1, 2), WAIT) == 3
+        client = pool.client
+        await await_until(lambda: client.status != "running", WAIT, "the client to see it gone")
+        big = os.urandom(SCATTER_BYTES)
+        with pytest.raises(
+            offloop.PoolConnectionError, match="connection to the Dask scheduler was lost"
+        ) as info:
+            await asyncio.wait_for(pool.run(len, big), WAIT)
+        assert isinstance(info.value.__cause__, OSError)
+        with pytest.raises(
+            offloop.PoolConnectionError, match=r"\.scatter\(\).*connection .* was lost"
+        ) as info:
+            await asyncio.wait_for(pool.scatter(big), WAIT)
+        assert isinstance(info.value.__cause__, OSError)
+        assert pool.statistics()["failed"] == 1
+    finally:
+        await asyncio.wait_for(pool.aclose(), WAIT)

@@ -52,7 +52,7 @@ from .._core.validate import check_seconds, check_sync_callable, check_thread_na
 from .clientloop import ClientLoop
 from .daskargs import PickledOnce, ScatterCache, make_runner, split_arguments
 from .daskcounts import DaskCounters
-from .daskerrors import client_closed, last_line, load_failed, translate
+from .daskerrors import client_closed, connection_lost, last_line, load_failed, translate
 from .dasksubmit import Submitter
 from .pickling import OK, encode_call
 
@@ -539,6 +539,13 @@ class DaskPool(DaskCounters, PoolContext):
                 raise NotPicklableError(
                     f"{self._named()}.scatter() cannot send {describe(obj)}: it cannot be "
                     f"pickled ({last_line(exc)})."
+                ) from exc
+            if isinstance(exc, OSError) and self._owns_client and client.status != "running":
+                # The comm's error (a connect timeout, CommClosedError) while the
+                # pool's client reconnects: what the calls get then, too.
+                raise connection_lost(
+                    f"{self._named()}.scatter(): the connection to the Dask scheduler was "
+                    f"lost, so {describe(obj)} was not sent."
                 ) from exc
             raise
         return reference

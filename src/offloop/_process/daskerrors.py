@@ -23,7 +23,7 @@ from .._core.errors import (
 from .._core.validate import describe
 from .pickling import RemoteTraceback
 
-__all__ = ["client_closed", "last_line", "load_failed", "translate"]
+__all__ = ["client_closed", "connection_lost", "last_line", "load_failed", "translate"]
 
 
 def translate(
@@ -44,12 +44,18 @@ def translate(
     """
     original = exc  # isinstance() against distributed's classes (Any) would untype exc
     gone = (distributed.client.ClosedClientError, distributed.client.FutureCancelledError)
-    if own_client and isinstance(exc, gone) and client is not None and client.status != "running":
-        error: BaseException = PoolConnectionError(
+    if (
+        own_client
+        and client is not None
+        and client.status != "running"
+        # Before its task existed, the call waited for its big arguments to be
+        # scattered: without a scheduler that fails with the comm's error (a
+        # connect timeout, CommClosedError), both OSErrors.
+        and (isinstance(exc, gone) or (future is None and isinstance(exc, OSError)))
+    ):
+        error: BaseException = connection_lost(
             f"{named}: the connection to the Dask scheduler was lost while {describe(fn)} "
-            f"ran or waited there, so its outcome is lost. The pool's client tries to "
-            f"reconnect for connect_timeout seconds; a later call uses it again, or connects "
-            f"anew (a PoolConnectionError names the address if no scheduler answers)."
+            f"ran or waited there, so its outcome is lost."
         )
     elif isinstance(exc, TypeError) and future is not None and future.status == "finished":
         # A task that finished but whose result would not come back: it
@@ -75,6 +81,15 @@ def translate(
         return original
     error.__cause__ = exc
     return error
+
+
+def connection_lost(what: str) -> PoolConnectionError:
+    """The error for a call or a scatter failed by the pool's client losing its scheduler."""
+    return PoolConnectionError(
+        f"{what} The pool's client tries to reconnect for connect_timeout seconds; a later "
+        f"call uses it again, or connects anew (a PoolConnectionError names the address if "
+        f"no scheduler answers)."
+    )
 
 
 def client_closed(named: str, fn: Callable[..., Any] | None) -> PoolClosedError:

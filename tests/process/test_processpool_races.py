@@ -225,3 +225,53 @@ async def test_a_cancelled_first_call_whose_worker_fails_to_start_counts_as_canc
         await await_until(lambda: pool.statistics()["processes"] == 0, WAIT, "the worker to exit")
         stats = pool.statistics()
         assert (stats["cancelled"], stats["failed"], stats["completed"]) == (1, 0, 0)
+
+
+async def test_a_worker_that_died_unnoticed_is_not_written_to_with_a_sigpipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A program that restored SIGPIPE's default action (command-line tools do,
+    # for `| head`) dies of a write to a pipe whose reader is gone. The pool
+    # writes to idle workers that may have died unnoticed: run() handing one
+    # a call, aclose() asking it to exit. Those writes must fail with EPIPE
+    # instead. SIGPIPE is caught here, to see it without dying of it.
+    raised: list[int] = []
+    previous = signal.signal(signal.SIGPIPE, lambda signum, frame: raised.append(signum))
+    try:
+        pool = ProcessPool(1, name="sigpipe")
+        try:
+            handle_exit = pool._on_exit
+            for step in ("run", "aclose"):
+                pid = await asyncio.wait_for(pool.run(os.getpid), WAIT)
+                gate = threading.Event()
+
+                def held(
+                    worker: ProcessWorker,
+                    selector: selectors.BaseSelector,
+                    gate: threading.Event = gate,
+                ) -> None:
+                    gate.wait(WAIT)
+                    handle_exit(worker, selector)
+
+                monkeypatch.setattr(pool, "_on_exit", held)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    wait_until(functools.partial(exited, pid), WAIT, "the killed worker to exit")
+                    if step == "run":
+                        call = pool.run(os.getpid)
+                    else:
+                        closing = asyncio.ensure_future(pool.aclose(timeout=WAIT))
+                        await asyncio.sleep(0)  # aclose() has asked its idle worker to exit
+                    assert raised == []
+                finally:
+                    monkeypatch.undo()
+                    gate.set()
+                if step == "run":
+                    assert await asyncio.wait_for(call, WAIT) != pid
+                else:
+                    await asyncio.wait_for(closing, 2 * WAIT)
+            assert pool.statistics()["crashed"] == 0
+        finally:
+            await asyncio.wait_for(pool.aclose(timeout=WAIT), 2 * WAIT)
+    finally:
+        signal.signal(signal.SIGPIPE, previous)

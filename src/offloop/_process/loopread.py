@@ -200,8 +200,8 @@ class LoopReplies:
                     self._unwatch(worker, loop)
             if following is not None:
                 self._send(worker, following)
-        if stop:
-            ask_to_exit(worker)
+            elif stop:
+                ask_to_exit(worker)
         if wake:
             self._wake()
         _deliver(call)

@@ -33,7 +33,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final
 
 from .._core.spin import SpinTuner, yield_cpu
-from .records import ask_to_exit, close_lsock
+from .records import close_lsock
 from .writer import PayloadWriter
 
 if TYPE_CHECKING:
@@ -160,7 +160,10 @@ def _stop_workers(selector: selectors.BaseSelector) -> None:
             if worker.process is not None:
                 stopping[id(worker)] = worker, worker.process
     for worker, _ in stopping.values():
-        ask_to_exit(worker)
+        # Through conn, which only this thread closes: a loop that watches
+        # the worker may close lsock (see loopread._readable).
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            worker.conn.send_bytes(b"")  # type: ignore[union-attr]
     running = {process.sentinel: process for _, process in stopping.values()}
     deadline = time.monotonic() + STOP_GRACE
     while running and (left := deadline - time.monotonic()) > 0:

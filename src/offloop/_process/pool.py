@@ -59,7 +59,7 @@ from .manager import manage, pool_dropped
 from .message import OutOfBandCall, detach
 from .options import check_initializer
 from .pickling import encode_call, main_reaches_children
-from .records import ProcessCall, ProcessPoolStatistics, ProcessWorker, ask_to_exit
+from .records import ProcessCall, ProcessPoolStatistics, ask_to_exit
 from .workers import WorkerSet
 from .writer import LARGE_PAYLOAD, Payload
 
@@ -222,17 +222,14 @@ class ProcessPool(WorkerSet, PoolContext):
     @max_workers.setter
     def max_workers(self, value: int) -> None:
         check_positive_int(value, "ProcessPool.max_workers = ...", allow_none=False)
-        stopping: list[ProcessWorker] = []
         with self._lock:
             self._max_workers = value
             surplus = self._live_workers() - value
             while surplus > 0 and self._idle:
                 worker = self._idle.pop()
                 worker.doomed = True
-                stopping.append(worker)
+                ask_to_exit(worker)  # under the lock: see send_to
                 surplus -= 1
-        for worker in stopping:
-            ask_to_exit(worker)
         self._wake()  # the manager starts processes for queued calls (_maintain)
 
     def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> OffloadFuture[R]:
@@ -475,7 +472,6 @@ class ProcessPool(WorkerSet, PoolContext):
 
     def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
         shut_views_of(self)  # their loop threads end with the pool
-        stopping: list[ProcessWorker] = []
         skipped: list[ProcessCall] = []
         running: list[ProcessCall] = []
         with self._lock:
@@ -493,6 +489,7 @@ class ProcessPool(WorkerSet, PoolContext):
                 stopping, self._idle = self._idle, []
                 for worker in stopping:
                     worker.doomed = True
+                    ask_to_exit(worker)  # under the lock: see send_to
                 running = [w.call for w in self._workers if w.call is not None]
             if self._state is PoolState.CLOSED or self._manager is None:
                 self._state = PoolState.CLOSED
@@ -504,8 +501,6 @@ class ProcessPool(WorkerSet, PoolContext):
         # Outside the lock: token callbacks are user code that may look at the pool.
         for call in running:
             call.token.set("pool closing")
-        for worker in stopping:
-            ask_to_exit(worker)
         self._wake()
 
     def _kill_all(self) -> None:

@@ -8,7 +8,6 @@ pool's lock unless its comment says otherwise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -16,9 +15,16 @@ from typing import Any, Final
 
 from .._core.offload import OffloadFuture
 from .._core.poolbase import CallCounters
-from .writer import Payload
+from .writer import Payload, send_small
 
-__all__ = ["MANAGER", "ProcessCall", "ProcessPoolStatistics", "ProcessWorker", "ask_to_exit"]
+__all__ = [
+    "MANAGER",
+    "ProcessCall",
+    "ProcessPoolStatistics",
+    "ProcessWorker",
+    "ask_to_exit",
+    "send_to",
+]
 
 
 class _Manager:
@@ -110,10 +116,31 @@ class ProcessWorker:
         self.prefix: bytes | None = None
 
 
+def send_to(worker: ProcessWorker, message: bytes) -> None:
+    """Write a small message to a worker; nothing if it died (the manager sees to that).
+
+    Under the pool's lock, which ``lsock`` is closed under while the pool
+    lives: the write cannot land on a closed descriptor that was reused.
+    Through ``lsock`` (see :func:`~offloop._process.writer.send_small`): to a
+    worker that died unnoticed, the write fails with EPIPE instead of raising
+    SIGPIPE. A small message to a worker that waits for one (idle, or done
+    with its call) never blocks.
+    """
+    sock = worker.lsock
+    if sock is None:
+        return  # its process exited
+    try:  # noqa: SIM105 - hot path: try/except costs less than contextlib.suppress
+        send_small(sock, message)
+    except OSError:
+        pass
+
+
 def ask_to_exit(worker: ProcessWorker) -> None:
-    """Ask an idle worker to exit: an empty message (its pipe closing does too)."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        worker.conn.send_bytes(b"")  # type: ignore[union-attr]
+    """Ask an idle worker to exit: an empty message (its pipe closing does too).
+
+    Under the pool's lock: see :func:`send_to`.
+    """
+    send_to(worker, b"")
 
 
 def close_lsock(worker: ProcessWorker) -> None:

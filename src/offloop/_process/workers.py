@@ -36,8 +36,8 @@ from .child import worker_main
 from .exits import WorkerExits
 from .loopread import READ_MAX, LoopReplies, read_rest
 from .pickling import InitFailure, RemoteTraceback, decode_reply
-from .records import MANAGER, ProcessCall, ProcessWorker, ask_to_exit
-from .writer import Payload, PayloadWriter, is_small, write_small
+from .records import MANAGER, ProcessCall, ProcessWorker, ask_to_exit, send_to
+from .writer import Payload, PayloadWriter, is_small
 
 __all__ = ["WorkerSet"]
 
@@ -174,7 +174,7 @@ class WorkerSet(LoopReplies, WorkerExits):
         return None
 
     def _send(self, worker: ProcessWorker, call: ProcessCall) -> None:
-        # On the manager thread, or from run() under _lock for a small call.
+        # Under _lock (see send_to).
         payload = call._payload
         assert payload is not None
         if not is_small(payload):
@@ -185,13 +185,9 @@ class WorkerSet(LoopReplies, WorkerExits):
                 call._payload = None
             self._send_later(fd, payload)
             return
-        # If the worker just died (the manager may already have dropped its
-        # pipe: conn is None, AttributeError), the manager sees the death and
-        # queues the call again.
-        try:  # noqa: SIM105 - hot path: try/except costs less than contextlib.suppress
-            write_small(worker.conn, payload)  # type: ignore[arg-type]
-        except (OSError, ValueError, AttributeError):
-            pass
+        # If the worker just died, the manager sees the death and queues the
+        # call again.
+        send_to(worker, payload)
 
     def _dup_pipe(self, worker: ProcessWorker) -> int | None:
         # On the manager thread, which alone closes pipes, or under _lock,
@@ -410,10 +406,10 @@ class WorkerSet(LoopReplies, WorkerExits):
                 # Idle (or exiting): a loop may take it and read its replies.
                 worker.reader = None
                 self._unwatch_pipe(worker, selector)
-        if following is not None:
-            self._send(worker, following)
-        elif stop:
-            ask_to_exit(worker)
+            if following is not None:
+                self._send(worker, following)
+            elif stop:
+                ask_to_exit(worker)
         if ok:
             call._value = outcome
         else:
@@ -462,10 +458,10 @@ class WorkerSet(LoopReplies, WorkerExits):
                 if following is None:
                     worker.reader = None
                     self._unwatch_pipe(worker, selector)
-        if following is not None:
-            self._send(worker, following)
-        elif stop:
-            ask_to_exit(worker)
+            if following is not None:
+                self._send(worker, following)
+            elif stop:
+                ask_to_exit(worker)
 
     def _init_failure(
         self, worker: ProcessWorker, call: ProcessCall, failure: InitFailure

@@ -37,7 +37,7 @@ from typing import Final, TypeAlias, TypeGuard
 
 from .message import OutOfBandCall
 
-__all__ = ["LARGE_PAYLOAD", "Payload", "PayloadWriter", "is_small", "write_small"]
+__all__ = ["LARGE_PAYLOAD", "Payload", "PayloadWriter", "is_small", "send_small", "write_small"]
 
 #: A call as written to a worker: one pickled message, or one with buffers after it.
 Payload: TypeAlias = bytes | OutOfBandCall
@@ -71,14 +71,15 @@ _MAX_SHORT: Final = 0x7FFFFFFF
 
 
 def write_small(conn: Connection, message: bytes) -> None:
-    """Write a small message (at most :data:`LARGE_PAYLOAD` bytes) to a worker, blocking.
+    """Write a small message (at most :data:`LARGE_PAYLOAD` bytes) to ``conn``, blocking.
 
     What ``conn.send_bytes(message)`` does, framed the same way, with one
     write of header and message together (``send_bytes`` makes two above
-    16 KiB, and costs several Python calls more on the loop's thread).
+    16 KiB, and costs several Python calls more). A worker writes its small
+    replies so; the pool writes to its workers with :func:`send_small`.
 
     Raises:
-        OSError: the pipe is closed, or the worker is gone (``EPIPE``).
+        OSError: the pipe is closed, or its other end is gone (``EPIPE``).
     """
     if _NOT_SOCKET:
         conn.send_bytes(message)
@@ -89,6 +90,23 @@ def write_small(conn: Connection, message: bytes) -> None:
     while written < len(data):  # a signal cut the write short: write the rest
         written += os.write(fd, memoryview(data)[written:])
 
+
+def send_small(sock: socket.socket, message: bytes) -> None:
+    """Write a small message (at most :data:`LARGE_PAYLOAD` bytes) to a worker, blocking.
+
+    The parent's :func:`write_small`, through a socket of the worker's pipe
+    with ``MSG_NOSIGNAL``: to a worker that died unnoticed it fails with
+    ``EPIPE`` rather than raising SIGPIPE, which kills a program that
+    restored that signal's default action (command-line tools do, for
+    ``| head``).
+
+    Raises:
+        OSError: the socket is closed, or the worker is gone (``EPIPE``).
+    """
+    sock.sendall(_SHORT.pack(len(message)) + message, _NO_SIGNAL)
+
+
+_NO_SIGNAL: Final = getattr(socket, "MSG_NOSIGNAL", 0)
 
 #: Windows pipes are not file descriptors: their Connection writes them.
 _NOT_SOCKET: Final = os.name != "posix"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -59,6 +60,17 @@ def ignore(value: object) -> None:
 class NoStr(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no text")
+
+
+def load_in_worker() -> None:
+    # Unpickling the argument runs this; in a worker process, it fails oddly.
+    if multiprocessing.parent_process() is not None:
+        raise NoStr
+
+
+class FailsToLoadOddly:
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return load_in_worker, ()
 
 
 def init_fails_oddly(kind: str) -> None:
@@ -154,6 +166,15 @@ async def test_an_unpicklable_object_whose_repr_raises_is_still_named(pool: Proc
         await asyncio.wait_for(pool.run(make_no_repr), WAIT)
     assert pool.statistics()["crashed"] == 0
     assert await asyncio.wait_for(pool.run(int, "7"), WAIT) == 7
+
+
+@pytest.mark.loops("asyncio")
+async def test_an_argument_that_fails_to_load_with_an_unprintable_error_is_named(
+    pool: ProcessPool,
+) -> None:
+    with pytest.raises(offloop.NotPicklableError, match=r"could not unpickle the call .*NoStr"):
+        await asyncio.wait_for(pool.run(ignore, FailsToLoadOddly()), WAIT)
+    assert pool.statistics()["crashed"] == 0  # reported, not a dead worker
 
 
 def test_a_class_of_the_main_script_is_named_as_in_the_script() -> None:

@@ -40,7 +40,7 @@ from typing import Any, Final
 from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
 from .message import HEAD, MARK, attach, read_count
-from .pickling import LOAD_FAILED, encode_error, encode_init_failure, encode_result
+from .pickling import encode_error, encode_init_failure, encode_load_failure, encode_result
 from .writer import write_small
 
 __all__ = ["worker_main"]
@@ -183,10 +183,7 @@ def _serve(data: bytes, buffers: list[bytes] | None) -> bytes:
             fn, args, kwargs = pickle.loads(memoryview(data)[HEAD:])
             args, kwargs = attach(args, kwargs, buffers)
     except BaseException as exc:
-        return pickle.dumps(
-            (LOAD_FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc()),
-            pickle.HIGHEST_PROTOCOL,
-        )
+        return encode_load_failure(exc, traceback.format_exc())
     # current_token() works in the worker too; nothing sets this token yet,
     # since cancellation either abandons the call or kills the process.
     thread_state.call = WorkerCall(fn, None, StopToken())

@@ -196,6 +196,11 @@ def _safe_str(exc: BaseException) -> str:
         return f"<{type(exc).__name__} whose str() raised>"
 
 
+def encode_load_failure(exc: BaseException, tb: str) -> bytes:
+    """A worker's reply for a call that would not unpickle there (``exc``, raised doing so)."""
+    return pickle.dumps((LOAD_FAILED, f"{type(exc).__name__}: {_safe_str(exc)}", tb), PROTOCOL)
+
+
 def encode_init_failure(exc: BaseException, initializer: str, tb: str) -> bytes:
     """A worker's first message when its initializer raised ``exc``, instead of "ready".
 

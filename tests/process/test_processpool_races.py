@@ -275,3 +275,34 @@ async def test_a_worker_that_died_unnoticed_is_not_written_to_with_a_sigpipe(
             await asyncio.wait_for(pool.aclose(timeout=WAIT), 2 * WAIT)
     finally:
         signal.signal(signal.SIGPIPE, previous)
+
+
+@pytest.mark.parametrize("ending", ["returns", "dies"])
+async def test_a_call_cancelled_while_the_pool_closes_is_counted_as_cancelled(
+    ending: str, tmp_path: Path
+) -> None:
+    # The close sets the stop token of every running call; a cancel of its
+    # awaiter after that is still a cancel to count, once, whether the call
+    # then returns or its worker dies.
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    pool = ProcessPool(1, name="close-cancel")
+    call = pool.run(wait_for_file, str(gate), str(started))
+    try:
+        await await_until(started.exists, WAIT, "the call to start")
+        pid = pool._workers[0].pid
+        assert pid is not None
+        closing = asyncio.ensure_future(pool.aclose(timeout=WAIT))
+        await await_until(lambda: pool.statistics()["state"] != "open", WAIT, "the close")
+        call.cancel()
+        if ending == "returns":
+            gate.touch()
+        else:
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(closing, 2 * WAIT)
+    finally:
+        gate.touch()
+        await asyncio.wait_for(pool.aclose(timeout=WAIT), 2 * WAIT)
+    stats = pool.statistics()
+    assert stats["cancelled"] == 1, stats
+    assert (stats["completed"], stats["failed"]) == ((1, 0) if ending == "returns" else (0, 0))
+    assert stats["crashed"] == 0  # it died after its awaiter left

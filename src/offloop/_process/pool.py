@@ -398,7 +398,6 @@ class ProcessPool(WorkerSet, PoolContext):
 
     def _cancel(self, call: OffloadFuture[Any]) -> bool:
         """Apply the cancel policy when a call's future is cancelled."""
-        first = not call.token.is_set()
         call.token.set("cancelled")
         victim = None
         with self._lock:
@@ -411,7 +410,9 @@ class ProcessPool(WorkerSet, PoolContext):
                 return True
             if call._phase is not RUNNING:
                 return True
-            self._cancelled += first
+            # Once: the phase is no longer RUNNING after this. Not by whether
+            # the token was set already: the close sets it too.
+            self._cancelled += 1
             call._phase = ABANDONED
             self._abandoned += 1
             worker = call._worker  # type: ignore[attr-defined]

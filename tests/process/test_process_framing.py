@@ -1,8 +1,8 @@
 """The framing of a ProcessPool's pipes, without multiprocessing's Connection on the hot path.
 
-The pool writes a small call in one write (``writer.write_small``); a worker
+The pool writes a small call in one write (``writer.send_small``); a worker
 reads its messages with few reads (``child._Reader``) and writes a reply up
-to 64 KiB in one write. Each must frame messages exactly as
+to 64 KiB in one write (``writer.write_small``). Each must frame messages exactly as
 ``Connection.send_bytes`` and ``recv_bytes`` do, on real socket pairs.
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 from offloop._process.child import _framing, _Reader
 from offloop._process.pool import ProcessPool
-from offloop._process.writer import write_small
+from offloop._process.writer import send_small, write_small
 from tests.helpers import WAIT
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="descriptor framing is POSIX's")
@@ -106,7 +106,8 @@ def test_what_the_worker_and_the_pool_write_reads_back_with_recv_bytes(
     assert ours.recv_bytes() == message
     writer.join(WAIT)
     if size <= 64 * 1024:  # the pool's small calls
-        write_small(ours, message)
+        with socket.socket(fileno=os.dup(ours.fileno())) as sock:
+            send_small(sock, message)
         assert theirs.recv_bytes() == message
 
 

@@ -361,6 +361,40 @@ def test_the_decorators_return_the_function_and_name_the_service() -> None:
         sv.every(5, name="poller")(job)
 
 
+class AsyncJob:
+    """An object whose __call__ is an 'async def': iscoroutinefunction() says False of it."""
+
+    def __init__(self) -> None:
+        self.loops: list[asyncio.AbstractEventLoop] = []
+
+    async def __call__(self) -> None:
+        self.loops.append(asyncio.get_running_loop())
+
+
+class AsyncJobWithArgument:
+    async def __call__(self, when: float) -> None: ...
+
+
+@bounded(10)
+async def test_an_object_with_an_async_call_runs_on_the_loop_as_under_service() -> None:
+    sv = Supervisor(name="callable", grace=1)
+    poll, digest = AsyncJob(), AsyncJob()
+    sv.every(0.01, name="poll")(poll)
+    sv.cron("30 18 * * *", tz="UTC", name="digest")(digest)
+    for svc in sv.services.values():
+        # It used to run in a thread, where calling it only made a coroutine:
+        # its first run failed the supervisor ("returned a coroutine").
+        assert isinstance(svc, ScheduledService)
+        assert svc.is_async
+    async with sv:
+        await await_until(lambda: len(poll.loops) >= 2, QUICK_WAIT, "two runs on the loop")
+        assert sv.status()["poll"].state == "running"
+    assert set(poll.loops) == {asyncio.get_running_loop()}
+    # And one that needs an argument is refused at the decorator, as an 'async def' is.
+    with pytest.raises(TypeError, match="which needs arguments"):
+        sv.every(1)(AsyncJobWithArgument())
+
+
 @bounded(10)
 async def test_status_from_another_thread_shows_the_next_run_as_wall_clock_time() -> None:
     sv = Supervisor(name="wall")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import os
 import sys
@@ -43,6 +44,7 @@ __all__ = [
     "check_service_function",
     "describe_task",
     "describe_thread",
+    "is_async_function",
     "takes_token",
 ]
 
@@ -79,6 +81,20 @@ def check_service_function(fn: object, where: str) -> None:
         raise TypeError(
             f"{where} needs an 'async def' or plain 'def' function, got {describe(fn)}."
         )
+
+
+def is_async_function(fn: object) -> bool:
+    """Whether a service function runs on an event loop: an ``async def``, or an object whose
+    ``__call__`` is one.
+
+    ``inspect.iscoroutinefunction()`` looks at the object, not at its ``__call__``: such an
+    object would otherwise be run in a thread, where calling it only makes a coroutine.
+    """
+    return inspect.iscoroutinefunction(fn) or (
+        not inspect.isroutine(fn)
+        and not isinstance(fn, (type, functools.partial))
+        and inspect.iscoroutinefunction(type(fn).__call__)
+    )
 
 
 def takes_token(fn: Callable[..., object], where: str) -> bool:

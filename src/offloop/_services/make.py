@@ -8,7 +8,14 @@ from typing import Any, Literal
 
 from .._core.validate import describe
 from .base import Service
-from .functions import LoopService, TaskService, ThreadService, check_service_function, takes_token
+from .functions import (
+    LoopService,
+    TaskService,
+    ThreadService,
+    check_service_function,
+    is_async_function,
+    takes_token,
+)
 
 __all__ = ["Isolate", "make_fn_service"]
 
@@ -30,13 +37,7 @@ def make_fn_service(fn: Any, isolate: Isolate | None, name: str | None) -> Servi
     # functools.partial has no __name__: name it after the function it wraps.
     named = fn.func if isinstance(fn, functools.partial) else fn
     svc_name = name or str(getattr(named, "__name__", None) or type(named).__name__)
-    # An object whose __call__ is an 'async def' is a coroutine function in all
-    # but name: iscoroutinefunction() looks at the object, not its __call__.
-    is_async = inspect.iscoroutinefunction(fn) or (
-        not inspect.isroutine(fn)
-        and not isinstance(fn, (type, functools.partial))
-        and inspect.iscoroutinefunction(type(fn).__call__)
-    )
+    is_async = is_async_function(fn)
     pass_token = False
     if is_async:
         if isolate == "thread":

@@ -15,7 +15,7 @@ import math
 from typing import Any, Final
 
 from .._core.validate import check_seconds, describe
-from .functions import check_service_function, takes_token
+from .functions import check_service_function, is_async_function, takes_token
 from .schedule import MISSED_AFTER, Clock, Missed, Overlap, Plan, ScheduledService
 
 __all__ = ["EveryPlan", "check_policies", "make_every", "make_scheduled"]
@@ -101,7 +101,8 @@ def make_scheduled(
         raise TypeError(f"{where} needs name to be a non-empty str, got {describe(name)}.")
     named = fn.func if isinstance(fn, functools.partial) else fn
     svc_name = name or str(getattr(named, "__name__", None) or type(named).__name__)
-    is_async = inspect.iscoroutinefunction(fn)
+    # An object whose __call__ is an 'async def' runs on the loop too, as under @sv.service.
+    is_async = is_async_function(fn)
     pass_token = False
     if is_async:
         if any(p.default is p.empty for p in inspect.signature(fn).parameters.values()):

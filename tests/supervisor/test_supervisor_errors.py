@@ -334,6 +334,39 @@ async def test_a_detector_that_cannot_start_leaves_the_supervisor_enterable(
     assert sv.state.value == "stopped"  # (mypy narrowed the state to NEW above)
 
 
+@bounded()
+async def test_a_stop_after_a_start_the_detector_refused_is_kept_for_the_next_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from offloop._detect.detector import BlockingDetector
+
+    real_start = BlockingDetector.start
+
+    def refuse(self: BlockingDetector) -> BlockingDetector:
+        raise RuntimeError("detector refused")
+
+    sv = Supervisor(name="det", detect_blocking=0.5, grace=1)
+    started: list[str] = []
+
+    @sv.service
+    async def job() -> None:
+        started.append("job")
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(BlockingDetector, "start", refuse)
+    with pytest.raises(RuntimeError, match="detector refused"):
+        async with sv:
+            pass
+    # It used to fail an assertion here: the supervisor, left new, kept the loop
+    # of the start that failed, so stop() asked it for a shutdown it never set up.
+    sv.stop()
+    monkeypatch.setattr(BlockingDetector, "start", real_start)
+    async with sv:  # kept, as a stop before any start is: it stops at once
+        pass
+    assert started == []
+    assert sv.state.value == "stopped"
+
+
 def supervisor_with_an_interrupting_service() -> Supervisor:
     """A supervisor whose one service, 'interrupted', raises KeyboardInterrupt at once."""
     sv = Supervisor(name="sv", grace=5)

@@ -256,8 +256,6 @@ class Supervisor(HostLifecycle, Registration):
             await self._probes.close()
             raise RuntimeError(self._illegal_start("enter"))
         loop = asyncio.get_running_loop()
-        self._loop, self._loop_thread = loop, threading.get_ident()
-        self._host_task = asyncio.current_task()
         if self._block_threshold is not None:
             from .._detect.detector import BlockingDetector
 
@@ -271,6 +269,12 @@ class Supervisor(HostLifecycle, Registration):
                 await self._probes.close()
                 raise
         self._health.start(loop)
+        # Only now, with no await before the shutdown future exists: a stop()
+        # that sees the loop asks it for a shutdown, so the loop must not be
+        # set on a supervisor left new (a detector that could not start). A
+        # stop() before this line is kept by _stop_early, checked below.
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        self._host_task = asyncio.current_task()
         self._shutdown_requested = loop.create_future()
         try:
             self._state = _SV.STARTING

@@ -339,3 +339,38 @@ async def test_a_delay_that_overflows_to_infinity_names_max_backoff() -> None:
         "start and is not started again, because its backoff/max_backoff make its restart "
         "delay infinite. Give it a finite max_backoff so that it restarts."
     )
+
+
+class StartFailsAgain(Recorder):
+    """A Recorder whose every start after the first fails."""
+
+    def __init__(self, name: str, journal: list[str]) -> None:
+        super().__init__(name, journal)
+        self.starts = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        if self.starts > 1:
+            self.start_failures = 1
+        await super().start()
+
+
+@bounded(10)
+async def test_a_dependent_that_ends_while_restarting_with_its_dependency_names_it_no_more() -> (
+    None
+):
+    journal: list[str] = []
+    sv = Supervisor(name="ended", grace=1)
+    db = sv.add(Crashable("db", journal), backoff=0, max_backoff=0)
+    sv.add(StartFailsAgain("api", journal), restart="no", depends_on=["db"])
+    with pytest.raises(ServiceFailed, match="'api'"):  # noqa: PT012
+        async with sv:
+            db.crash()  # api stops, and its start once db is ready again fails
+            await asyncio.Event().wait()  # until the failure cuts the body short
+    api = sv.status()["api"]
+    assert api.state == "failed"
+    assert isinstance(api.last_error, ConnectionRefusedError)
+    # It ended for good: it used to go on naming db, as "failed (with db)".
+    assert api.restarting_with is None
+    assert status_json(sv)["services"]["api"]["restarting_with"] is None
+    assert "with db" not in table(sv)

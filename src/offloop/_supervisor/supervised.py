@@ -146,6 +146,9 @@ class Supervised:
     def end(self, state: ServiceState) -> None:
         """Enter a final state; whoever waits for readiness stops waiting."""
         self.state = state
+        # Ended for good (a start after a dependency's restart may have failed):
+        # no restart with that dependency is under way any more.
+        self.restarting_with = None
         if self.ready is not None and not self.ready.done():
             self.ready.set_result(None)
 

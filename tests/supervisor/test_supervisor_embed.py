@@ -167,6 +167,14 @@ async def test_each_illegal_transition_has_its_own_message() -> None:
         await closed.start()
     with pytest.raises(RuntimeError, match=r"closed with aclose\(\) before it started"):
         await closed.wait_ready()
+    # The others said "it has already run and stopped" (or "already started") of it.
+    never = r"aclose\(\) was called before it started, so it never runs"
+    with pytest.raises(RuntimeError, match=r"Cannot enter <Supervisor 'closed' stopped.*" + never):
+        await closed.__aenter__()
+    with pytest.raises(RuntimeError, match=r"Cannot serve <Supervisor 'closed' stopped.*" + never):
+        await closed.serve()
+    with pytest.raises(RuntimeError, match=r"Cannot add the service 'db' to .*" + never):
+        closed.add(Recorder("db", journal))
 
     entered = Supervisor(name="entered")
     entered.add(Recorder("db", journal))

@@ -244,6 +244,10 @@ class Embedding:
                 "its event loop shut down while it ran, before aclose() was called, which "
                 "stopped it"
             )
+        if self.closed and self.sv._loop is None:
+            # Its loop is set once it starts: aclose() came first (a host whose
+            # startup failed before it got to start()), so it never ran.
+            return "aclose() was called before it started, so it never runs"
         return "it has already run and stopped"
 
     # -- failure --------------------------------------------------------------------------

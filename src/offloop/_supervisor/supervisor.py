@@ -164,10 +164,13 @@ class Supervisor(HostLifecycle, Registration):
     ) -> None:
         name = getattr(service, "name", None)
         if self._state is not _SV.NEW:
-            raise RuntimeError(
-                f"Cannot add the service {name!r} to {self!r}: it has already started. "
-                f"Add every service before entering it (or calling serve() or run())."
-            )
+            if self._state in (_SV.STOPPED, _SV.FAILED):
+                why = self._embed.stopped_how()
+                hint = "A supervisor runs once; create a new Supervisor to run the services."
+            else:
+                why = "it has already started"
+                hint = "Add every service before entering it (or calling serve() or run())."
+            raise RuntimeError(f"Cannot add the service {name!r} to {self!r}: {why}. {hint}")
         if not isinstance(name, str) or not name:
             raise TypeError(
                 f"{service!r} has no usable name (got {describe(name)}); a service needs a "
@@ -269,10 +272,9 @@ class Supervisor(HostLifecycle, Registration):
                 await self._probes.close()
                 raise
         self._health.start(loop)
-        # Only now, with no await before the shutdown future exists: a stop()
-        # that sees the loop asks it for a shutdown, so the loop must not be
-        # set on a supervisor left new (a detector that could not start). A
-        # stop() before this line is kept by _stop_early, checked below.
+        # Only now, with no await until the shutdown future exists: a stop() that
+        # sees the loop asks it for a shutdown, which a supervisor left new (its
+        # detector failed) has not set up; an earlier stop() sets _stop_early.
         self._loop, self._loop_thread = loop, threading.get_ident()
         self._host_task = asyncio.current_task()
         self._shutdown_requested = loop.create_future()

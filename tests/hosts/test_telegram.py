@@ -56,6 +56,9 @@ def test_ptb_without_post_shutdown_still_tells_the_thread_services_to_stop(
     # says what to add.
     with HostProc("ptb_host", fake_api.url, token, "noshutdown") as proc:
         proc.wait_for(r"all 4 service\(s\) ready")
+        # Polling, not still bootstrapping (a Ctrl-C there is an error of the bot's).
+        fake_api.push(token, "/ask")
+        assert fake_api.next_sent(token) == "flask hi | thread hi | async hi"
         proc.send(signal.SIGINT)
         code = proc.exit_code()
     assert code == 0, proc.output

@@ -32,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import time
 from typing import Any, Final, Protocol
 
 from .._core.loopclose import LoopCloseHook
@@ -157,13 +159,19 @@ class LoopEndWatch:
             return
         self.ended = True
         self._tell_services()
+        # The program usually ends right after (run_polling returns): its
+        # threads are daemons, cut off at the interpreter's exit, so they get
+        # the stop's grace here to end, as the stop would have given them.
+        left = _join_service_threads(self.sv, self.sv.grace)
         logger.warning(
             "%s: its event loop was closed while it ran, without aclose() and without "
             "cancelling its tasks (python-telegram-bot's run_polling closes its loop that "
-            "way): the stop tokens of its thread services are set, but no service could be "
-            "stopped gracefully. Call 'await sv.aclose()' in the host's shutdown hook "
-            "(post_shutdown), or run the supervisor with 'async with sv:'.",
+            "way): the stop tokens of its thread services were set and their threads "
+            "waited for%s, but no service could be stopped gracefully. Call "
+            "'await sv.aclose()' in the host's shutdown hook (post_shutdown), or run the "
+            "supervisor with 'async with sv:'.",
             self.sv.name,
+            f" (still running after {self.sv.grace:g}s: {', '.join(left)})" if left else "",
         )
 
     def _tell_services(self) -> None:
@@ -188,3 +196,18 @@ class LoopEndWatch:
             sv.name,
         )
         sv._request_shutdown("its event loop is shutting down without aclose()")
+
+
+def _join_service_threads(sv: Watched, grace: float) -> list[str]:
+    """Wait up to ``grace`` seconds for the threads of ``sv``'s services; name those left."""
+    # Service code runs in threads named after its service (ThreadService and
+    # the runs of a scheduled service).
+    names = {f"offloop-service-{name}" for name in sv._entries}
+    deadline = time.monotonic() + grace
+    left: list[str] = []
+    for thread in threading.enumerate():
+        if thread.name in names and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                left.append(repr(thread.name))
+    return left

@@ -14,7 +14,7 @@ import pytest
 import offloop
 from offloop import OffloopError, ServiceFailed, StopToken, Supervisor
 from tests.helpers import QUICK_WAIT as WAIT
-from tests.helpers import bounded
+from tests.helpers import await_until, bounded
 from tests.supervisor.test_supervisor import Recorder
 
 
@@ -529,7 +529,12 @@ async def test_a_method_that_returns_no_awaitable_is_named_and_the_others_still_
             await asyncio.wait_for(serving, WAIT)
         assert info.value.service == "handmade"
     assert sv.status()["worker"].state == "stopped"
-    assert not [t for t in threading.enumerate() if t.name == "offloop-service-worker"]
+    # Its thread has handed its end to the loop; it may still be returning.
+    await await_until(
+        lambda: not [t for t in threading.enumerate() if t.name == "offloop-service-worker"],
+        WAIT,
+        "the worker's thread to end",
+    )
     error = sv.status()["handmade"].last_error
     assert isinstance(error, TypeError)
     assert str(error) == (

@@ -198,3 +198,33 @@ async def test_a_raising_handler_on_a_followed_file_crashes_the_service(tmp_path
         await asyncio.wait_for(svc.wait(), WAIT)
     assert svc.state.value == "crashed"
     assert watch_threads() == []
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_an_update_during_start_is_one_event_not_a_failed_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kubelet swaps the version, deleting the old folder, after the start
+    # looked at the link but before its watches are in place: the start must
+    # not fail on the vanished folder, and the change is reported.
+    publish(tmp_path, 1, "a: 1\n")
+    path = tmp_path / "app.yaml"
+    real = watch_module._Followed
+
+    class UpdatedMeanwhile(real):  # type: ignore[misc,valid-type]
+        def __init__(self, followed: Path) -> None:
+            super().__init__(followed)
+            publish(tmp_path, 2, "a: 2\n")
+
+    monkeypatch.setattr(watch_module, "_Followed", UpdatedMeanwhile)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(path, queue.put_nowait, name="config")
+    await svc.start()
+    try:
+        event = await next_event(queue)
+        assert (event.event_type, event.src_path) == ("modified", str(path))
+        assert svc.state.value == "running"
+    finally:
+        await svc.stop()
+    assert watch_threads() == []

@@ -411,3 +411,50 @@ def test_a_thread_that_ignores_its_token_at_a_loop_close_is_named(
         release.set()
     del loop
     gc.collect()
+
+
+def test_a_loop_close_waits_only_for_its_own_supervisors_threads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Another supervisor, on a loop of its own, has a service of the same
+    # name, so a thread of the same name: it was not told to stop, and the
+    # close must neither wait for it nor name it.
+    caplog.set_level(logging.WARNING, logger="offloop.supervisor")
+    other = offloop.Supervisor(name="other", grace=WAIT)
+    other_up, release = threading.Event(), threading.Event()
+
+    @other.service
+    def worker() -> None:
+        other_up.set()
+        offloop.current_token().wait()
+
+    async def run_other() -> None:
+        async with other:
+            await offloop.to_thread(release.wait, WAIT)
+
+    runner = threading.Thread(target=asyncio.run, args=(run_other(),))
+    runner.start()
+    try:
+        assert other_up.wait(WAIT)
+        sv = offloop.Supervisor(name="mine", grace=WAIT)
+        ended = threading.Event()
+
+        @sv.service(name="worker")
+        def mine() -> None:
+            offloop.current_token().wait()
+            ended.set()
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(sv.start())
+        finally:
+            loop.close()
+        assert ended.is_set()
+        closed = [r.getMessage() for r in caplog.records if CLOSED in r.getMessage()]
+        assert len(closed) == 1, caplog.text
+        assert "still running" not in closed[0]
+        del loop
+        gc.collect()
+    finally:
+        release.set()
+        runner.join(WAIT)

@@ -65,8 +65,10 @@ class LoopCloseHook:
     """Runs ``callback()`` once, when ``loop.close()`` runs, unless cancelled before.
 
     The callback runs in the thread that closes the loop, inside ``close()``;
-    it must be quick and must not need the loop. It also runs if the loop is
-    garbage-collected unclosed (nobody can run it any more either).
+    it must be quick and must not need the loop. It also runs if an asyncio
+    loop is garbage-collected unclosed (its ``__del__`` closes it, in whichever
+    thread the collection runs); an unclosed uvloop loop is never freed, and
+    the callback then never runs.
     """
 
     __slots__ = ("_handle", "_loop", "_target")

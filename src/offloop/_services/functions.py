@@ -331,6 +331,10 @@ class ThreadService(FunctionService):
         token.set("service stopping")
         await asyncio.wait({done})
 
+    def live_threads(self) -> list[threading.Thread]:
+        thread = self._thread
+        return [thread] if thread is not None and thread.is_alive() else []
+
     def kill(self) -> list[str]:
         self.signal_stop("service killed")
         thread, done = self._thread, self._done

@@ -264,6 +264,15 @@ class LifecycleService(Service):
         at once, before the loop may stop running, and ``stop()`` follows.
         """
 
+    def live_threads(self) -> list[threading.Thread]:
+        """The threads running the service's code now, which :meth:`signal_stop` tells.
+
+        For the supervisor whose loop is closed under it, which joins them
+        (within grace). The default, for a service whose code runs in no
+        thread of its own, is none.
+        """
+        return []
+
     def tasks_cancelled(self) -> None:
         """Note that the event loop's end has cancelled the task running the service's code.
 

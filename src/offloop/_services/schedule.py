@@ -299,6 +299,13 @@ class ScheduledService(FunctionService):
         self._wind_down(None, cancel_runs=not self._cancelled_by_loop)
         await asyncio.wait({done})
 
+    def live_threads(self) -> list[threading.Thread]:
+        return [
+            run.thread
+            for run in list(self._runs)
+            if run.thread is not None and run.thread.is_alive()
+        ]
+
     def kill(self) -> list[str]:
         self._wind_down(None)
         # What is still going on is abandoned: the service's run ends without it

@@ -82,7 +82,9 @@ class _Followed:
         self.path = path
         self.state = _file_state(path)
         self.link_dir = str(path.parent)
-        self.target_dir = _target_dir(path)
+        # The folder whose watch is in place: set by _move_target_watch_locked,
+        # first once the observer runs (the folder may be gone by then).
+        self.target_dir: str | None = None
         # The watch on target_dir, when that is not link_dir.
         self.target_watch: Any = None
         # A look is scheduled on the loop: events in between need no other.
@@ -229,6 +231,13 @@ class WatchService(LifecycleService):
                 run.follow = _Followed(run.path)
             run.observer = self._observer(run, loop)
             run.observer.start()
+            if run.follow is not None:
+                # Not scheduled with the observer: a ConfigMap update may have
+                # deleted the target's folder since the link was read, and
+                # its emitter would fail the observer's start. Here a folder
+                # gone is left unwatched; the first look (start() makes one
+                # at once) moves the watch and reports the change.
+                _move_target_watch_locked(run, run.follow)
             if current_token():  # the awaiting start() was cancelled: nobody else will stop it
                 _close_locked(run)
 
@@ -307,10 +316,6 @@ class WatchService(LifecycleService):
         # leads to now. A trailing separator makes the kernel resolve a
         # symlinked folder rather than watch the link (see _observer).
         observer.schedule(follow.handler, os.path.join(follow.link_dir, ""), recursive=False)
-        if follow.target_dir is not None and follow.target_dir != follow.link_dir:
-            follow.target_watch = observer.schedule(
-                follow.handler, os.path.join(follow.target_dir, ""), recursive=False
-            )
         _name_emitters(observer)
         return observer
 
@@ -518,31 +523,35 @@ def _move_target_watch(run: _WatchRun) -> None:
     assert follow is not None
     with run.lock:  # not while start() or stop() is on the observer
         try:
-            observer = run.observer
-            if run.closed or observer is None:
-                return
-            folder = _target_dir(follow.path)
-            if folder == follow.target_dir:
-                return
-            if follow.target_watch is not None:
-                # The old folder may be gone (a ConfigMap's previous version)
-                # and its emitter stopped with it: unschedule still joins it.
-                with contextlib.suppress(KeyError):  # forgotten already
-                    observer.unschedule(follow.target_watch)
-                follow.target_watch = None
-            if folder is not None and folder != follow.link_dir:
-                try:
-                    follow.target_watch = observer.schedule(
-                        follow.handler, os.path.join(folder, ""), recursive=False
-                    )
-                except OSError:
-                    folder = None  # gone again already: the next look tries again
-                _name_emitters(observer)
-            # Set once the watch is in place; the look that follows the move
-            # (see _look_again) catches a change made before it was.
-            follow.target_dir = folder
+            _move_target_watch_locked(run, follow)
         finally:
             follow.moving = False
+
+
+def _move_target_watch_locked(run: _WatchRun, follow: _Followed) -> None:
+    observer = run.observer
+    if run.closed or observer is None:
+        return
+    folder = _target_dir(follow.path)
+    if folder == follow.target_dir:
+        return
+    if follow.target_watch is not None:
+        # The old folder may be gone (a ConfigMap's previous version)
+        # and its emitter stopped with it: unschedule still joins it.
+        with contextlib.suppress(KeyError):  # forgotten already
+            observer.unschedule(follow.target_watch)
+        follow.target_watch = None
+    if folder is not None and folder != follow.link_dir:
+        try:
+            follow.target_watch = observer.schedule(
+                follow.handler, os.path.join(folder, ""), recursive=False
+            )
+        except OSError:
+            folder = None  # gone again already: the next look tries again
+        _name_emitters(observer)
+    # Set once the watch is in place; the look that follows the move
+    # (see _look_again) catches a change made before it was.
+    follow.target_dir = folder
 
 
 def _name_emitters(observer: Any) -> None:

@@ -200,14 +200,20 @@ class LoopEndWatch:
 
 def _join_service_threads(sv: Watched, grace: float) -> list[str]:
     """Wait up to ``grace`` seconds for the threads of ``sv``'s services; name those left."""
-    # Service code runs in threads named after its service (ThreadService and
-    # the runs of a scheduled service).
-    names = {f"offloop-service-{name}" for name in sv._entries}
+    # The threads the services hold, not every thread named
+    # offloop-service-<name>: another supervisor (nested in a thread service,
+    # or on another loop) may have a service of the same name, whose thread
+    # was not told to stop and would hold this close() for the whole grace.
     deadline = time.monotonic() + grace
     left: list[str] = []
-    for thread in threading.enumerate():
-        if thread.name in names and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                left.append(repr(thread.name))
+    current = threading.current_thread()
+    for entry in list(sv._entries.values()):
+        service = entry.service
+        if not isinstance(service, LifecycleService):
+            continue
+        for thread in service.live_threads():
+            if thread is not current:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    left.append(repr(thread.name))
     return left

@@ -38,6 +38,19 @@ def polite_child(path: str, token: StopToken) -> None:
     _mark(path, f"stopped because {token.reason}")
 
 
+def holds_the_tokens_lock_until_told(path: str, token: StopToken) -> None:
+    # As token.wait() does for a moment, making its event: SIGTERM comes while
+    # this thread holds the lock that setting the token takes.
+    from offloop._core import token as tokens
+
+    with tokens._EVENT_LOCK:
+        _mark(path, "holding")
+        deadline = time.monotonic() + SPAWN_WAIT
+        while not token.is_set() and time.monotonic() < deadline:
+            time.sleep(0.001)
+    _mark(path, f"stopped because {token.reason}")
+
+
 async def async_child(path: str) -> None:
     _mark(path, f"running {os.getpid()}")
     try:
@@ -485,3 +498,23 @@ async def test_a_child_that_returns_while_a_helper_it_forked_lives_ends_its_run(
     finally:
         await await_until(marker.exists, SPAWN_WAIT, "the child to fork its helper")
         os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_sigterm_while_the_child_holds_the_tokens_lock_still_stops_it(
+    tmp_path: Path,
+) -> None:
+    # The child's SIGTERM handler once set the token itself, in the main
+    # thread, between two of its bytecodes: inside token.wait() (or anything
+    # holding the token's lock) it waited for itself for good, and the
+    # service never stopped.
+    marker = tmp_path / "child"
+    sv = Supervisor(name="locked", grace=WAIT)
+    sv.service(isolate="process", name="locked")(
+        functools.partial(holds_the_tokens_lock_until_told, str(marker))
+    )
+    async with sv:
+        await await_until(marker.exists, SPAWN_WAIT, "the child to hold the lock")
+    assert marker.read_text() == "stopped because terminated"
+    assert sv.status()["locked"].state == "stopped"

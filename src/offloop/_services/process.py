@@ -21,8 +21,10 @@ import functools
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 import types
@@ -389,7 +391,7 @@ def _child_main(
             asyncio.run(_child_async(fn, conn))
         else:
             if pass_token:
-                signal.signal(signal.SIGTERM, lambda *_: token.set("terminated"))
+                _set_on_sigterm(token)
             conn.send(("ready", None))
             if pass_token:
                 fn(token)
@@ -402,6 +404,24 @@ def _child_main(
         sys.exit(1)
     conn.send(("ok", None))
     conn.close()
+
+
+def _set_on_sigterm(token: StopToken) -> None:
+    """In the child: SIGTERM sets ``token``, from a thread of its own.
+
+    Not ``token.set()`` in the handler: a handler runs between two bytecodes
+    of the main thread, which may be holding the lock ``set()`` takes (inside
+    ``token.wait()``, making its event), and would then wait for itself for
+    good: the child would never stop. ``SimpleQueue.put`` is safe in a handler.
+    """
+    requests: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def relay() -> None:
+        requests.get()
+        token.set("terminated")
+
+    threading.Thread(target=relay, name="offloop-service-sigterm", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: requests.put(None))
 
 
 async def _child_async(fn: Callable[[], Any], conn: Connection) -> None:

@@ -8,6 +8,8 @@ only the folder watches can deliver it.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import shutil
 import threading
@@ -228,3 +230,42 @@ async def test_an_update_during_start_is_one_event_not_a_failed_start(
     finally:
         await svc.stop()
     assert watch_threads() == []
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_a_stop_during_a_move_of_the_target_watch_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The move runs in a worker; the stop must wait for it like for any of
+    # the run's tasks (it once failed to: asyncio.wait() refused the pool's
+    # future, and the error was logged as never retrieved).
+    caplog.set_level(logging.ERROR)
+    real_move = watch_module._move_target_watch
+    gate = threading.Event()
+    moved: list[str] = []
+
+    def held_move(run: Any) -> None:
+        assert gate.wait(WAIT), "the move was never let through"
+        real_move(run)
+        moved.append("moved")
+
+    monkeypatch.setattr(watch_module, "_move_target_watch", held_move)
+    publish(tmp_path, 1, "a: 1\n")
+    svc = WatchService(tmp_path / "app.yaml", lambda event: None, name="config")
+    await svc.start()
+    run = svc._run
+    assert run is not None
+    follow = run.follow
+    assert follow is not None
+    publish(tmp_path, 2, "a: 2\n")
+    await await_until(lambda: follow.moving, WAIT, "a move of the target watch")
+    stopping = asyncio.ensure_future(svc.stop())
+    await await_until(lambda: run.closed, WAIT, "the stop to close the observer")
+    gate.set()
+    await asyncio.wait_for(stopping, WAIT)
+    assert moved == ["moved"]  # waited for, not left running
+    assert svc.state.value == "stopped"
+    del stopping
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text

@@ -330,7 +330,9 @@ class WatchService(LifecycleService):
         if not follow.moving and _target_dir(follow.path) != follow.target_dir:
             # Watch the folder of what the link leads to now, off the loop.
             follow.moving = True
-            task = asyncio.ensure_future(service_pool().run(_move_target_watch, run))
+            # A task, not the pool's future: _end() waits for run.tasks with
+            # asyncio.wait(), which refuses the coroutine-like OffloadFuture.
+            task = asyncio.create_task(service_pool().run(_move_target_watch, run))
             run.tasks.add(task)
             task.add_done_callback(lambda t: self._moved(run, t))
         before, now = follow.state, _file_state(follow.path)

@@ -52,7 +52,13 @@ class StopToken:
         self._callbacks: list[Callable[[StopToken], object]] | None = None
 
     def set(self, reason: str | None = None) -> None:
-        """Ask the holder to stop. Thread-safe; setting twice keeps the first reason."""
+        """Ask the holder to stop. Thread-safe; setting twice keeps the first reason.
+
+        Not from a ``signal.signal`` handler: it runs in the main thread, which
+        may hold the lock this takes. Hand the request to another thread there
+        (``queue.SimpleQueue.put`` is safe in a handler), or use
+        ``loop.add_signal_handler``.
+        """
         if not self._flag:
             self._reason = reason
         # The flag is written before the event is read, and wait() creates the

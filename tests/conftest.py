@@ -34,6 +34,17 @@ LONG_LIVED_THREAD_PREFIXES = (
 LEAK_WAIT = 10.0
 
 
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A fresh event loop of the given kind ("asyncio", "debug" or "uvloop"), not set or run."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    loop = asyncio.new_event_loop()
+    loop.set_debug(kind == "debug")
+    return loop
+
+
 def run_on(kind: str, coro: Coroutine[Any, Any, Any], leftovers: list[str] | None = None) -> Any:
     """Run ``coro`` to completion on a fresh loop of the given kind.
 
@@ -42,14 +53,7 @@ def run_on(kind: str, coro: Coroutine[Any, Any, Any], leftovers: list[str] | Non
     loop. The names of tasks still pending when ``coro`` returned are
     appended to ``leftovers``.
     """
-    loop: asyncio.AbstractEventLoop
-    if kind == "uvloop":
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-        loop.set_debug(kind == "debug")
+    loop = new_loop(kind)
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(coro)

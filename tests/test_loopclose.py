@@ -7,23 +7,13 @@ import gc
 import logging
 import threading
 import weakref
-from collections.abc import Callable
 
 import pytest
 
 from offloop._core.loopclose import LoopCloseHook
+from tests.conftest import new_loop
 
-
-def _uvloop() -> asyncio.AbstractEventLoop:
-    import uvloop
-
-    return uvloop.new_event_loop()
-
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": _uvloop,
-}
+LOOPS = ("asyncio", "uvloop")
 
 
 async def _turn() -> None:
@@ -32,7 +22,7 @@ async def _turn() -> None:
 
 @pytest.mark.parametrize("kind", LOOPS)
 def test_the_callback_runs_in_close_in_the_closing_thread(kind: str) -> None:
-    loop = LOOPS[kind]()
+    loop = new_loop(kind)
     ran: list[int] = []
     LoopCloseHook(loop, lambda: ran.append(threading.get_ident()))
     loop.run_until_complete(_turn())
@@ -43,7 +33,7 @@ def test_the_callback_runs_in_close_in_the_closing_thread(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", LOOPS)
 def test_a_cancelled_hook_never_runs_and_leaves_no_timer(kind: str) -> None:
-    loop = LOOPS[kind]()
+    loop = new_loop(kind)
     ran: list[str] = []
     hook = LoopCloseHook(loop, lambda: ran.append("ran"))
     target = hook._target()
@@ -61,7 +51,7 @@ def test_a_cancelled_hook_never_runs_and_leaves_no_timer(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", LOOPS)
 def test_a_cancel_from_another_thread_is_applied_by_the_loop(kind: str) -> None:
-    loop = LOOPS[kind]()
+    loop = new_loop(kind)
     ran: list[str] = []
     hook = LoopCloseHook(loop, lambda: ran.append("ran"))
     canceller = threading.Thread(target=hook.cancel)

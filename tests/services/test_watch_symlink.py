@@ -48,6 +48,14 @@ def publish(root: Path, version: int, text: str) -> Path:
     return folder / "app.yaml"
 
 
+async def watching(path: Path, **options: Any) -> tuple[WatchService, asyncio.Queue[Any]]:
+    """A started WatchService on ``path`` whose events go to the queue returned with it."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    svc = WatchService(path, queue.put_nowait, **options)
+    await svc.start()
+    return svc, queue
+
+
 async def next_event(queue: asyncio.Queue[Any]) -> Any:
     return await asyncio.wait_for(queue.get(), WAIT)
 
@@ -62,9 +70,7 @@ def no_periodic_check(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_a_configmap_update_is_one_modified_event_on_the_file(tmp_path: Path) -> None:
     publish(tmp_path, 1, "a: 1\n")
     path = tmp_path / "app.yaml"
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    svc = WatchService(path, queue.put_nowait, name="config")
-    await svc.start()
+    svc, queue = await watching(path, name="config")
     try:
         for version in (2, 3):
             publish(tmp_path, version, f"a: {version}\n")
@@ -89,9 +95,7 @@ async def test_the_new_version_is_watched_after_an_update(tmp_path: Path) -> Non
     # leads to is in the new one: an edit in place there must be seen too.
     publish(tmp_path, 1, "a: 1\n")
     path = tmp_path / "app.yaml"
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    svc = WatchService(path, queue.put_nowait, name="config")
-    await svc.start()
+    svc, queue = await watching(path, name="config")
     try:
         current = publish(tmp_path, 2, "a: 2\n")
         assert (await next_event(queue)).event_type == "modified"
@@ -123,9 +127,7 @@ async def test_a_link_to_a_file_in_another_folder_sees_edits_there(tmp_path: Pat
     real.write_text("token = 1\n")
     path = tmp_path / "home" / "bot.toml"
     path.symlink_to(real)
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    svc = WatchService(path, queue.put_nowait, name="dotfile", patterns=["*.toml"])
-    await svc.start()
+    svc, queue = await watching(path, name="dotfile", patterns=["*.toml"])
     try:
         real.write_text("token = 2\n")
         event = await next_event(queue)
@@ -141,9 +143,7 @@ async def test_a_link_that_stops_and_starts_leading_to_a_file(tmp_path: Path) ->
     first.write_text("1")
     path = tmp_path / "current.txt"
     path.symlink_to(first.name)
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    svc = WatchService(path, queue.put_nowait, name="current")
-    await svc.start()
+    svc, queue = await watching(path, name="current")
     try:
         first.unlink()  # the link dangles
         assert (await next_event(queue)).event_type == "deleted"
@@ -171,9 +171,7 @@ async def test_a_change_along_the_chain_in_an_unwatched_folder_is_found_by_the_c
     (tmp_path / "links" / "cfg").symlink_to(tmp_path / "v1" / "cfg.txt")
     path = tmp_path / "app" / "cfg.txt"
     path.symlink_to(tmp_path / "links" / "cfg")
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    svc = WatchService(path, queue.put_nowait, name="chain")
-    await svc.start()
+    svc, queue = await watching(path, name="chain")
     try:
         (tmp_path / "links" / "tmp").symlink_to(tmp_path / "v2" / "cfg.txt")
         os.replace(tmp_path / "links" / "tmp", tmp_path / "links" / "cfg")
@@ -220,9 +218,7 @@ async def test_an_update_during_start_is_one_event_not_a_failed_start(
             publish(tmp_path, 2, "a: 2\n")
 
     monkeypatch.setattr(watch_module, "_Followed", UpdatedMeanwhile)
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    svc = WatchService(path, queue.put_nowait, name="config")
-    await svc.start()
+    svc, queue = await watching(path, name="config")
     try:
         event = await next_event(queue)
         assert (event.event_type, event.src_path) == ("modified", str(path))

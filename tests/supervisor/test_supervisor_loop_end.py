@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import offloop
-from tests.conftest import run_on
+from tests.conftest import new_loop, run_on
 from tests.helpers import QUICK_WAIT, WAIT
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
@@ -42,15 +42,10 @@ def warnings_about_aclose(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("runner", RUNNERS)
-def test_a_loop_that_ends_without_aclose_stops_the_thread_services(
-    runner: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="offloop.supervisor")
-    sv = offloop.Supervisor(name="orphan", grace=WAIT)
-    ended = threading.Event()
+def told_worker(sv: offloop.Supervisor) -> tuple[list[str | None], threading.Event]:
+    """Add a thread service that waits for its token; the reasons it got, and its end."""
     reasons: list[str | None] = []
-    cleaned: list[str] = []
+    ended = threading.Event()
 
     @sv.service
     def worker() -> None:
@@ -58,6 +53,18 @@ def test_a_loop_that_ends_without_aclose_stops_the_thread_services(
         token.wait()
         reasons.append(token.reason)
         ended.set()
+
+    return reasons, ended
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_loop_that_ends_without_aclose_stops_the_thread_services(
+    runner: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="offloop.supervisor")
+    sv = offloop.Supervisor(name="orphan", grace=WAIT)
+    reasons, ended = told_worker(sv)
+    cleaned: list[str] = []
 
     @sv.service
     async def beside() -> None:
@@ -317,16 +324,7 @@ def test_a_scheduled_run_the_loop_end_cancels_first_is_no_crash(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-def _uvloop() -> asyncio.AbstractEventLoop:
-    import uvloop
-
-    return uvloop.new_event_loop()
-
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": _uvloop,
-}
+LOOPS = ("asyncio", "uvloop")
 
 CLOSED = "its event loop was closed while it ran"
 
@@ -341,17 +339,9 @@ def test_a_loop_closed_without_cancelling_its_tasks_still_tells_the_thread_servi
     # still be told, by the loop's close().
     caplog.set_level(logging.WARNING, logger="offloop.supervisor")
     sv = offloop.Supervisor(name="closed", grace=WAIT)
-    reasons: list[str | None] = []
-    ended = threading.Event()
+    reasons, ended = told_worker(sv)
 
-    @sv.service
-    def worker() -> None:
-        token = offloop.current_token()
-        token.wait()
-        reasons.append(token.reason)
-        ended.set()
-
-    loop = LOOPS[loop_kind]()
+    loop = new_loop(loop_kind)
     try:
         loop.run_until_complete(sv.start())
     finally:
@@ -377,7 +367,7 @@ def test_a_loop_closed_after_aclose_says_nothing_more(
     def worker() -> None:
         offloop.current_token().wait()
 
-    loop = LOOPS[loop_kind]()
+    loop = new_loop(loop_kind)
     try:
         loop.run_until_complete(sv.start())
         loop.run_until_complete(sv.aclose())

@@ -242,7 +242,6 @@ class WatchService(LifecycleService):
                 _close_locked(run)
 
     def _observer(self, run: _WatchRun, loop: asyncio.AbstractEventLoop) -> Any:
-        observers = require("watchdog.observers", "watch", feature="WatchService")
         events = require("watchdog.events", "watch", feature="WatchService")
         version = require("watchdog.version", "watch", feature="WatchService")
         service = self
@@ -286,9 +285,14 @@ class WatchService(LifecycleService):
                     with contextlib.suppress(RuntimeError):
                         loop.call_soon_threadsafe(service._deliver, run, event)
 
+        return self._new_observer(Forward(), watched, recursive=self.recursive and only is None)
+
+    def _new_observer(self, handler: Any, folder: str, *, recursive: bool) -> Any:
+        """A watchdog observer named after the service, watching ``folder`` for ``handler``."""
+        observers = require("watchdog.observers", "watch", feature="WatchService")
         observer = observers.Observer()
         observer.name = f"offloop-watch-{self.name}"
-        observer.schedule(Forward(), watched, recursive=self.recursive and only is None)
+        observer.schedule(handler, folder, recursive=recursive)
         _name_emitters(observer)
         return observer
 
@@ -296,7 +300,6 @@ class WatchService(LifecycleService):
         self, run: _WatchRun, loop: asyncio.AbstractEventLoop, follow: _Followed
     ) -> Any:
         """An observer for a symlinked file: its events only make the loop look again."""
-        observers = require("watchdog.observers", "watch", feature="WatchService")
         events = require("watchdog.events", "watch", feature="WatchService")
         service = self
 
@@ -309,15 +312,13 @@ class WatchService(LifecycleService):
                     with contextlib.suppress(RuntimeError):  # the loop is closed
                         loop.call_soon_threadsafe(service._look_again, run)
 
-        observer = observers.Observer()
-        observer.name = f"offloop-watch-{self.name}"
         follow.handler = Nudge()
         # Folders, not the file: watchdog would watch the link, or the file it
         # leads to now. A trailing separator makes the kernel resolve a
         # symlinked folder rather than watch the link (see _observer).
-        observer.schedule(follow.handler, os.path.join(follow.link_dir, ""), recursive=False)
-        _name_emitters(observer)
-        return observer
+        return self._new_observer(
+            follow.handler, os.path.join(follow.link_dir, ""), recursive=False
+        )
 
     # -- on the loop ---------------------------------------------------------------------
 

@@ -376,8 +376,9 @@ class LoopService(TaskService):
         task, lt = self._task, self._loop_thread
         if task is not None:
             task.cancel("offloop service killed")
-        name = f"offloop-loop-service-{self.name}"
-        stuck = [t for t in threading.enumerate() if t.name == name and t.is_alive()]
-        if lt is None or not stuck:
+        # This run's thread itself, not every thread of its name: a thread of the
+        # program's, or a previous run's abandoned loop thread, may be named so too.
+        thread = None if lt is None else lt._thread
+        if thread is None or not thread.is_alive():
             return []
-        return [describe_thread(thread) for thread in stuck]
+        return [describe_thread(thread)]

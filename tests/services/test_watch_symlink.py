@@ -20,6 +20,7 @@ import pytest
 
 from offloop import WatchService
 from offloop._services import watch as watch_module
+from offloop._services import watch_follow
 from tests.helpers import QUICK_WAIT as WAIT
 from tests.helpers import await_until, bounded
 
@@ -210,14 +211,14 @@ async def test_an_update_during_start_is_one_event_not_a_failed_start(
     # not fail on the vanished folder, and the change is reported.
     publish(tmp_path, 1, "a: 1\n")
     path = tmp_path / "app.yaml"
-    real = watch_module._Followed
+    real = watch_follow.Followed
 
     class UpdatedMeanwhile(real):  # type: ignore[misc,valid-type]
         def __init__(self, followed: Path) -> None:
             super().__init__(followed)
             publish(tmp_path, 2, "a: 2\n")
 
-    monkeypatch.setattr(watch_module, "_Followed", UpdatedMeanwhile)
+    monkeypatch.setattr(watch_module, "Followed", UpdatedMeanwhile)
     svc, queue = await watching(path, name="config")
     try:
         event = await next_event(queue)
@@ -237,7 +238,7 @@ async def test_a_stop_during_a_move_of_the_target_watch_waits_for_it(
     # the run's tasks (it once failed to: asyncio.wait() refused the pool's
     # future, and the error was logged as never retrieved).
     caplog.set_level(logging.ERROR)
-    real_move = watch_module._move_target_watch
+    real_move = watch_follow.move_target_watch
     gate = threading.Event()
     moved: list[str] = []
 
@@ -246,7 +247,7 @@ async def test_a_stop_during_a_move_of_the_target_watch_waits_for_it(
         real_move(run)
         moved.append("moved")
 
-    monkeypatch.setattr(watch_module, "_move_target_watch", held_move)
+    monkeypatch.setattr(watch_module, "move_target_watch", held_move)
     publish(tmp_path, 1, "a: 1\n")
     svc = WatchService(tmp_path / "app.yaml", lambda event: None, name="config")
     await svc.start()

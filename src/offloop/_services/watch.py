@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import inspect
 import os
-import stat
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path, PurePath
@@ -29,6 +28,14 @@ from .adapters import check_name
 from .base import ServiceInterrupted
 from .functions import describe_thread
 from .lifecycle import LifecycleService
+from .watch_follow import (
+    Followed,
+    file_state,
+    move_target_watch,
+    move_target_watch_locked,
+    name_emitters,
+    target_dir,
+)
 
 __all__ = ["WatchService"]
 
@@ -57,42 +64,14 @@ class _WatchRun:
         self.root: tuple[int, int] | None = None
         self.path: Path | None = None
         self.check: asyncio.TimerHandle | None = None
-        # Set when the path is a symlink to a file: see _Followed.
-        self.follow: _Followed | None = None
+        # Set when the path is a symlink to a file: see Followed.
+        self.follow: Followed | None = None
 
     def threads(self) -> list[threading.Thread]:
         observer = self.observer
         if observer is None:
             return []
         return [t for t in [observer, *observer.emitters] if t.is_alive()]
-
-
-class _Followed:
-    """A watched file that is a symlink, and what it led to when last looked at.
-
-    watchdog watches the link itself, or the file it led to when the watch
-    began; neither sees a Kubernetes ConfigMap update, which swaps a symlink
-    (``..data``) further along the chain and deletes the old file's folder.
-    So the link's folder and the current target's folder are watched, any
-    event there (and the periodic root check) looks again, and a change of
-    what the path leads to is reported as one event on the path itself.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.state = _file_state(path)
-        self.link_dir = str(path.parent)
-        # The folder whose watch is in place: set by _move_target_watch_locked,
-        # first once the observer runs (the folder may be gone by then).
-        self.target_dir: str | None = None
-        # The watch on target_dir, when that is not link_dir.
-        self.target_watch: Any = None
-        # A look is scheduled on the loop: events in between need no other.
-        self.pending = False
-        # A worker moves the target watch; the next look starts another move if needed.
-        self.moving = False
-        # The observer's handler, built with the observer (watchdog is imported lazily).
-        self.handler: Any = None
 
 
 class WatchService(LifecycleService):
@@ -228,7 +207,7 @@ class WatchService(LifecycleService):
             run.path = Path(os.path.abspath(self.path))
             run.root = _identity(run.path) if run.path.is_dir() else None
             if run.path.is_symlink() and not run.path.is_dir():
-                run.follow = _Followed(run.path)
+                run.follow = Followed(run.path)
             run.observer = self._observer(run, loop)
             run.observer.start()
             if run.follow is not None:
@@ -237,7 +216,7 @@ class WatchService(LifecycleService):
                 # its emitter would fail the observer's start. Here a folder
                 # gone is left unwatched; the first look (start() makes one
                 # at once) moves the watch and reports the change.
-                _move_target_watch_locked(run, run.follow)
+                move_target_watch_locked(run, run.follow)
             if current_token():  # the awaiting start() was cancelled: nobody else will stop it
                 _close_locked(run)
 
@@ -293,11 +272,11 @@ class WatchService(LifecycleService):
         observer = observers.Observer()
         observer.name = f"offloop-watch-{self.name}"
         observer.schedule(handler, folder, recursive=recursive)
-        _name_emitters(observer)
+        name_emitters(observer)
         return observer
 
     def _follow_observer(
-        self, run: _WatchRun, loop: asyncio.AbstractEventLoop, follow: _Followed
+        self, run: _WatchRun, loop: asyncio.AbstractEventLoop, follow: Followed
     ) -> Any:
         """An observer for a symlinked file: its events only make the loop look again."""
         events = require("watchdog.events", "watch", feature="WatchService")
@@ -328,15 +307,15 @@ class WatchService(LifecycleService):
         if follow is None or run.done.done() or run.crashed or run.ending is not None:
             return
         follow.pending = False
-        if not follow.moving and _target_dir(follow.path) != follow.target_dir:
+        if not follow.moving and target_dir(follow.path) != follow.target_dir:
             # Watch the folder of what the link leads to now, off the loop.
             follow.moving = True
             # A task, not the pool's future: _end() waits for run.tasks with
             # asyncio.wait(), which refuses the coroutine-like OffloadFuture.
-            task = asyncio.create_task(service_pool().run(_move_target_watch, run))
+            task = asyncio.create_task(service_pool().run(move_target_watch, run))
             run.tasks.add(task)
             task.add_done_callback(lambda t: self._moved(run, t))
-        before, now = follow.state, _file_state(follow.path)
+        before, now = follow.state, file_state(follow.path)
         follow.state = now
         if now != before and self.matches(str(self.path)):
             events = require("watchdog.events", "watch", feature="WatchService")
@@ -500,65 +479,3 @@ def _root_change(run: _WatchRun) -> str | None:
 def _same_path(reported: str | bytes, watched: Path) -> bool:
     path = os.fsdecode(reported)
     return os.path.normpath(path) == os.path.normpath(str(watched))
-
-
-def _file_state(path: Path) -> tuple[int, int, int, int] | None:
-    """What the file at ``path`` (links followed) is now; None if it leads to no file."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _target_dir(path: Path) -> str | None:
-    """The folder of the file ``path`` leads to now, if it leads to one."""
-    target = os.path.realpath(path)
-    folder = os.path.dirname(target)
-    return folder if os.path.isdir(folder) else None
-
-
-def _move_target_watch(run: _WatchRun) -> None:
-    """Watch the folder the followed link leads to now instead of the old one (off the loop)."""
-    follow = run.follow
-    assert follow is not None
-    with run.lock:  # not while start() or stop() is on the observer
-        try:
-            _move_target_watch_locked(run, follow)
-        finally:
-            follow.moving = False
-
-
-def _move_target_watch_locked(run: _WatchRun, follow: _Followed) -> None:
-    observer = run.observer
-    if run.closed or observer is None:
-        return
-    folder = _target_dir(follow.path)
-    if folder == follow.target_dir:
-        return
-    if follow.target_watch is not None:
-        # The old folder may be gone (a ConfigMap's previous version)
-        # and its emitter stopped with it: unschedule still joins it.
-        with contextlib.suppress(KeyError):  # forgotten already
-            observer.unschedule(follow.target_watch)
-        follow.target_watch = None
-    if folder is not None and folder != follow.link_dir:
-        try:
-            follow.target_watch = observer.schedule(
-                follow.handler, os.path.join(folder, ""), recursive=False
-            )
-        except OSError:
-            folder = None  # gone again already: the next look tries again
-        _name_emitters(observer)
-    # Set once the watch is in place; the look that follows the move
-    # (see _look_again) catches a change made before it was.
-    follow.target_dir = folder
-
-
-def _name_emitters(observer: Any) -> None:
-    # Named after the observer ("offloop-watch-<service>"), so a leak check
-    # and a stack dump tell whose threads they are.
-    for n, emitter in enumerate(observer.emitters, 1):
-        emitter.name = f"{observer.name}-emitter-{n}"

@@ -1,0 +1,115 @@
+"""``WatchService``'s follow mode: a watched file that is a symlink (a Kubernetes ConfigMap's).
+
+watchdog watches the link itself, or the file it led to when the watch
+began; neither sees a ConfigMap update, which swaps a symlink (``..data``)
+further along the chain and deletes the old file's folder. So the link's
+folder and the current target's folder are watched, any event there (and
+the periodic root check) looks again, and a change of what the path leads to
+is reported as one event on the path itself (see ``WatchService._look_again``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["FileState", "Followed", "move_target_watch", "name_emitters"]
+
+#: What a followed path leads to: (device, inode, size, mtime_ns), or None for no file.
+FileState = tuple[int, int, int, int] | None
+
+
+class FollowedRun(Protocol):
+    """What the target watch's move needs of a WatchService's run."""
+
+    # Held while the observer is built and started, or stopped.
+    lock: threading.Lock
+    closed: bool
+    observer: Any
+    follow: Followed | None
+
+
+class Followed:
+    """A watched file that is a symlink, and what it led to when last looked at."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.state = file_state(path)
+        self.link_dir = str(path.parent)
+        # The folder whose watch is in place: set by move_target_watch_locked,
+        # first once the observer runs (the folder may be gone by then).
+        self.target_dir: str | None = None
+        # The watch on target_dir, when that is not link_dir.
+        self.target_watch: Any = None
+        # A look is scheduled on the loop: events in between need no other.
+        self.pending = False
+        # A worker moves the target watch; the next look starts another move if needed.
+        self.moving = False
+        # The observer's handler, built with the observer (watchdog is imported lazily).
+        self.handler: Any = None
+
+
+def file_state(path: Path) -> FileState:
+    """What the file at ``path`` (links followed) is now; None if it leads to no file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def target_dir(path: Path) -> str | None:
+    """The folder of the file ``path`` leads to now, if it leads to one."""
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    return folder if os.path.isdir(folder) else None
+
+
+def move_target_watch(run: FollowedRun) -> None:
+    """Watch the folder the followed link leads to now instead of the old one (off the loop)."""
+    follow = run.follow
+    assert follow is not None
+    with run.lock:  # not while start() or stop() is on the observer
+        try:
+            move_target_watch_locked(run, follow)
+        finally:
+            follow.moving = False
+
+
+def move_target_watch_locked(run: FollowedRun, follow: Followed) -> None:
+    observer = run.observer
+    if run.closed or observer is None:
+        return
+    folder = target_dir(follow.path)
+    if folder == follow.target_dir:
+        return
+    if follow.target_watch is not None:
+        # The old folder may be gone (a ConfigMap's previous version)
+        # and its emitter stopped with it: unschedule still joins it.
+        with contextlib.suppress(KeyError):  # forgotten already
+            observer.unschedule(follow.target_watch)
+        follow.target_watch = None
+    if folder is not None and folder != follow.link_dir:
+        try:
+            follow.target_watch = observer.schedule(
+                follow.handler, os.path.join(folder, ""), recursive=False
+            )
+        except OSError:
+            folder = None  # gone again already: the next look tries again
+        name_emitters(observer)
+    # Set once the watch is in place; the look that follows the move
+    # (see WatchService._look_again) catches a change made before it was.
+    follow.target_dir = folder
+
+
+def name_emitters(observer: Any) -> None:
+    # Named after the observer ("offloop-watch-<service>"), so a leak check
+    # and a stack dump tell whose threads they are.
+    for n, emitter in enumerate(observer.emitters, 1):
+        emitter.name = f"{observer.name}-emitter-{n}"

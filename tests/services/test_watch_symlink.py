@@ -105,7 +105,7 @@ async def test_the_new_version_is_watched_after_an_update(tmp_path: Path) -> Non
         follow = run.follow
         assert follow is not None
         await await_until(
-            lambda: follow.target_dir == str(current.parent) and not follow.moving,
+            lambda: follow.target_dir == str(current.parent) and not follow.looking,
             WAIT,
             "the watch to move",
         )
@@ -239,15 +239,16 @@ async def test_a_stop_during_a_move_of_the_target_watch_waits_for_it(
     # future, and the error was logged as never retrieved).
     caplog.set_level(logging.ERROR)
     real_move = watch_follow.move_target_watch
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
     moved: list[str] = []
 
     def held_move(run: Any) -> None:
+        entered.set()
         assert gate.wait(WAIT), "the move was never let through"
         real_move(run)
         moved.append("moved")
 
-    monkeypatch.setattr(watch_module, "move_target_watch", held_move)
+    monkeypatch.setattr(watch_follow, "move_target_watch", held_move)
     publish(tmp_path, 1, "a: 1\n")
     svc = WatchService(tmp_path / "app.yaml", lambda event: None, name="config")
     await svc.start()
@@ -256,7 +257,7 @@ async def test_a_stop_during_a_move_of_the_target_watch_waits_for_it(
     follow = run.follow
     assert follow is not None
     publish(tmp_path, 2, "a: 2\n")
-    await await_until(lambda: follow.moving, WAIT, "a move of the target watch")
+    await await_until(entered.is_set, WAIT, "a move of the target watch")
     stopping = asyncio.ensure_future(svc.stop())
     await await_until(lambda: run.closed, WAIT, "the stop to close the observer")
     gate.set()
@@ -266,3 +267,80 @@ async def test_a_stop_during_a_move_of_the_target_watch_waits_for_it(
     del stopping
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_the_followed_file_is_looked_at_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stat on a stuck network mount blocks whichever thread makes it: never the loop's.
+    publish(tmp_path, 1, "a: 1\n")
+    path = tmp_path / "app.yaml"
+    lookers: set[int] = set()
+    real_stat, real_realpath = os.stat, os.path.realpath
+
+    def recording_stat(target: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        # Not publish()'s own lstat of the link (follow_symlinks=False).
+        if os.fspath(target) == str(path) and kwargs.get("follow_symlinks", True):
+            lookers.add(threading.get_ident())
+        return real_stat(target, *args, **kwargs)
+
+    def recording_realpath(target: Any, *args: Any, **kwargs: Any) -> str:
+        if os.fspath(target) == str(path):
+            lookers.add(threading.get_ident())
+        return str(real_realpath(target, *args, **kwargs))
+
+    monkeypatch.setattr(os, "stat", recording_stat)
+    monkeypatch.setattr(os.path, "realpath", recording_realpath)
+    svc, queue = await watching(path, name="config")
+    try:
+        publish(tmp_path, 2, "a: 2\n")
+        event = await next_event(queue)
+        assert (event.event_type, event.src_path) == ("modified", str(path))
+    finally:
+        await svc.stop()
+    assert lookers  # the path was looked at
+    assert threading.get_ident() not in lookers  # but not by the loop's thread
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_changes_during_a_slow_look_make_one_more_look_not_one_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One look at a time, so events come in order; the changes made while it
+    # is held (a slow mount) are looked at once, after it.
+    publish(tmp_path, 1, "a: 1\n")
+    path = tmp_path / "app.yaml"
+    svc, queue = await watching(path, name="config")
+    run = svc._run
+    assert run is not None
+    follow = run.follow
+    assert follow is not None
+    await await_until(lambda: not follow.looking, WAIT, "the start's look to end")
+    real_state = watch_follow.file_state
+    entered, gate = threading.Event(), threading.Event()
+    looks: list[int] = []
+
+    def slow_state(followed: Path) -> Any:
+        looks.append(threading.get_ident())
+        entered.set()
+        assert gate.wait(WAIT), "the look was never let through"
+        return real_state(followed)
+
+    monkeypatch.setattr(watch_follow, "file_state", slow_state)
+    try:
+        publish(tmp_path, 2, "a: 2\n")
+        await await_until(entered.is_set, WAIT, "a look at version 2")
+        publish(tmp_path, 3, "a: 3\n")
+        await await_until(lambda: follow.again, WAIT, "the changes during the look to be noted")
+        gate.set()
+        event = await next_event(queue)
+        assert (event.event_type, event.src_path) == ("modified", str(path))
+        await await_until(lambda: not follow.looking and not follow.again, WAIT, "the looks to end")
+        assert len(looks) >= 2  # the held one, and one after it
+        assert queue.empty()  # version 3 was seen by the held look: nothing new after it
+    finally:
+        gate.set()
+        await svc.stop()

@@ -28,14 +28,7 @@ from .adapters import check_name
 from .base import ServiceInterrupted
 from .functions import describe_thread
 from .lifecycle import LifecycleService
-from .watch_follow import (
-    Followed,
-    file_state,
-    move_target_watch,
-    move_target_watch_locked,
-    name_emitters,
-    target_dir,
-)
+from .watch_follow import FileState, Followed, look, move_target_watch_locked, name_emitters
 
 __all__ = ["WatchService"]
 
@@ -167,14 +160,10 @@ class WatchService(LifecycleService):
         done = self._begin()
         run = _WatchRun(done)
         try:
-            if not self.path.exists():
-                raise FileNotFoundError(
-                    f"{self!r} cannot watch {str(self.path)!r}: it does not exist. Create it "
-                    f"before the service starts."
-                )
             require("watchdog.observers", "watch", feature="WatchService")
             # Building the observer starts its inotify thread, and starting it adds a
-            # watch per sub-folder (blocking on a big tree): both happen off the loop.
+            # watch per sub-folder (blocking on a big tree): both happen off the loop,
+            # as does every look at the path (a stuck network mount blocks a stat).
             await service_pool().run(self._open, run, asyncio.get_running_loop())
         except BaseException:
             self._start_failed()
@@ -202,6 +191,11 @@ class WatchService(LifecycleService):
     def _open(self, run: _WatchRun, loop: asyncio.AbstractEventLoop) -> None:
         """Build and start the run's observer (in a worker thread); undo it if start() gave up."""
         with run.lock:
+            if not self.path.exists():
+                raise FileNotFoundError(
+                    f"{self!r} cannot watch {str(self.path)!r}: it does not exist. Create it "
+                    f"before the service starts."
+                )
             # Absolute: the program may change directory. Folders only: an
             # editor saving a watched file replaces it (a new inode) every time.
             run.path = Path(os.path.abspath(self.path))
@@ -302,20 +296,30 @@ class WatchService(LifecycleService):
     # -- on the loop ---------------------------------------------------------------------
 
     def _look_again(self, run: _WatchRun) -> None:
-        """Report a change of the file a watched symlink leads to, as an event on the link."""
+        """Look at what a followed symlink leads to now, in a worker; see :meth:`_looked`."""
         follow = run.follow
         if follow is None or run.done.done() or run.crashed or run.ending is not None:
             return
         follow.pending = False
-        if not follow.moving and target_dir(follow.path) != follow.target_dir:
-            # Watch the folder of what the link leads to now, off the loop.
-            follow.moving = True
-            # A task, not the pool's future: _end() waits for run.tasks with
-            # asyncio.wait(), which refuses the coroutine-like OffloadFuture.
-            task = asyncio.create_task(service_pool().run(move_target_watch, run))
-            run.tasks.add(task)
-            task.add_done_callback(lambda t: self._moved(run, t))
-        before, now = follow.state, file_state(follow.path)
+        if follow.looking:
+            # That look may have made its stat before this change: one more after it.
+            follow.again = True
+            return
+        follow.looking = True
+        # Off the loop: a stat on a stuck network mount would block it. A task,
+        # not the pool's future: _end() waits for run.tasks with asyncio.wait(),
+        # which refuses the coroutine-like OffloadFuture.
+        task = asyncio.create_task(service_pool().run(look, run))
+        run.tasks.add(task)
+        task.add_done_callback(lambda t: self._looked(run, follow, t))
+
+    def _looked(self, run: _WatchRun, follow: Followed, task: asyncio.Future[FileState]) -> None:
+        """Report a change of the file a watched symlink leads to, as an event on the link."""
+        follow.looking = False
+        self._task_done(run, task)  # a look that raised crashes the service
+        if task.cancelled() or task.exception() is not None:
+            return
+        before, now = follow.state, task.result()
         follow.state = now
         if now != before and self.matches(str(self.path)):
             events = require("watchdog.events", "watch", feature="WatchService")
@@ -326,11 +330,9 @@ class WatchService(LifecycleService):
             else:
                 event = events.FileModifiedEvent(str(self.path))
             self._deliver(run, event)
-
-    def _moved(self, run: _WatchRun, task: asyncio.Future[Any]) -> None:
-        self._task_done(run, task)
-        # The file may have changed while no watch was on its new folder.
-        self._look_again(run)
+        if follow.again:
+            follow.again = False
+            self._look_again(run)
 
     def _deliver(self, run: _WatchRun, event: Any) -> None:
         if run.done.done() or run.crashed:

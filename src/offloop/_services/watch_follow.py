@@ -5,7 +5,7 @@ began; neither sees a ConfigMap update, which swaps a symlink (``..data``)
 further along the chain and deletes the old file's folder. So the link's
 folder and the current target's folder are watched, any event there (and
 the periodic root check) looks again, and a change of what the path leads to
-is reported as one event on the path itself (see ``WatchService._look_again``).
+is reported as one event on the path itself (see ``WatchService._looked``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["FileState", "Followed", "move_target_watch", "name_emitters"]
+__all__ = ["FileState", "Followed", "look", "move_target_watch", "name_emitters"]
 
 #: What a followed path leads to: (device, inode, size, mtime_ns), or None for no file.
 FileState = tuple[int, int, int, int] | None
@@ -47,8 +47,10 @@ class Followed:
         self.target_watch: Any = None
         # A look is scheduled on the loop: events in between need no other.
         self.pending = False
-        # A worker moves the target watch; the next look starts another move if needed.
-        self.moving = False
+        # A worker looks (see look()): one at a time, so their results come in order.
+        self.looking = False
+        # Something changed during that look, maybe after its stat: look once more after it.
+        self.again = False
         # The observer's handler, built with the observer (watchdog is imported lazily).
         self.handler: Any = None
 
@@ -71,15 +73,26 @@ def target_dir(path: Path) -> str | None:
     return folder if os.path.isdir(folder) else None
 
 
+def look(run: FollowedRun) -> FileState:
+    """What the followed link leads to now, its target's folder watched (in a worker).
+
+    Off the loop: on a stuck network mount a stat blocks until the mount
+    answers. The watch moves before the stat, so a change the stat misses
+    is one the new watch reports.
+    """
+    follow = run.follow
+    assert follow is not None
+    if target_dir(follow.path) != follow.target_dir:
+        move_target_watch(run)
+    return file_state(follow.path)
+
+
 def move_target_watch(run: FollowedRun) -> None:
     """Watch the folder the followed link leads to now instead of the old one (off the loop)."""
     follow = run.follow
     assert follow is not None
     with run.lock:  # not while start() or stop() is on the observer
-        try:
-            move_target_watch_locked(run, follow)
-        finally:
-            follow.moving = False
+        move_target_watch_locked(run, follow)
 
 
 def move_target_watch_locked(run: FollowedRun, follow: Followed) -> None:
@@ -103,8 +116,8 @@ def move_target_watch_locked(run: FollowedRun, follow: Followed) -> None:
         except OSError:
             folder = None  # gone again already: the next look tries again
         name_emitters(observer)
-    # Set once the watch is in place; the look that follows the move
-    # (see WatchService._look_again) catches a change made before it was.
+    # Set once the watch is in place; the stat that follows the move (see
+    # look()) catches a change made before it was.
     follow.target_dir = folder
 
 

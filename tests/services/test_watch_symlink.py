@@ -8,6 +8,7 @@ only the folder watches can deliver it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -344,3 +345,70 @@ async def test_changes_during_a_slow_look_make_one_more_look_not_one_each(
     finally:
         gate.set()
         await svc.stop()
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_a_target_folder_that_cannot_be_watched_is_warned_about_once_per_streak(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As when the inotify watch limit is reached: watchdog's schedule() raises.
+    caplog.set_level(logging.INFO, logger="offloop")
+    observers_api = pytest.importorskip("watchdog.observers.api")
+    real_schedule = observers_api.BaseObserver.schedule
+    refused: set[str] = set()
+    attempts: list[str] = []
+
+    def schedule(observer: Any, handler: Any, folder: str, **options: Any) -> Any:
+        if os.path.normpath(folder) in refused:
+            attempts.append(folder)
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+        return real_schedule(observer, handler, folder, **options)
+
+    monkeypatch.setattr(observers_api.BaseObserver, "schedule", schedule)
+    publish(tmp_path, 1, "a: 1\n")
+    path = tmp_path / "app.yaml"
+    svc, queue = await watching(path, name="config")
+    run = svc._run
+    assert run is not None
+    follow = run.follow
+    assert follow is not None
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    try:
+        folder = str(tmp_path / "..v2")  # tmp_path is resolved already
+        refused.add(folder)
+        current = publish(tmp_path, 2, "a: 2\n")
+        event = await next_event(queue)  # the change itself is still seen
+        assert (event.event_type, event.src_path) == ("modified", str(path))
+        await await_until(lambda: attempts != [], WAIT, "a first attempt to watch")
+        await await_until(lambda: not follow.looking, WAIT, "the look to end")
+        tried = len(attempts)
+        svc._look_again(run)  # as the periodic check does, once a second
+        await await_until(lambda: len(attempts) > tried, WAIT, "the watch to be tried again")
+        await await_until(lambda: not follow.looking, WAIT, "the look to end")
+        assert warnings() == [
+            f"WatchService 'config' cannot watch {folder!r}, the folder of the file its "
+            f"followed link {str(path)!r} leads to: [Errno {errno.ENOSPC}] inotify watch limit "
+            f"reached. Until it can, a change made to that file in place is only seen by the "
+            f"check once a second, which also tries the watch again; to fix it, raise the "
+            f"limit of inotify watches (sysctl fs.inotify.max_user_watches)."
+        ]
+        refused.clear()  # the limit was raised
+        svc._look_again(run)
+        await await_until(lambda: follow.target_dir == folder, WAIT, "the watch to be in place")
+        recovered = [r.getMessage() for r in caplog.records if "now watches" in r.getMessage()]
+        assert recovered == [
+            f"WatchService 'config' now watches {folder!r}, the folder of the file its followed "
+            f"link {str(path)!r} leads to, which it could not watch before."
+        ]
+        with current.open("a") as f:  # seen by the watch, with no periodic check
+            f.write("b: 2\n")
+        event = await next_event(queue)
+        assert (event.event_type, event.src_path) == ("modified", str(path))
+        assert len(warnings()) == 1
+    finally:
+        await svc.stop()
+    assert watch_threads() == []

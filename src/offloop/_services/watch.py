@@ -202,6 +202,7 @@ class WatchService(LifecycleService):
             run.root = _identity(run.path) if run.path.is_dir() else None
             if run.path.is_symlink() and not run.path.is_dir():
                 run.follow = Followed(run.path)
+                run.follow.owner = self.name
             run.observer = self._observer(run, loop)
             run.observer.start()
             if run.follow is not None:

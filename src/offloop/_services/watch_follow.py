@@ -11,11 +11,14 @@ is reported as one event on the path itself (see ``WatchService._looked``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
 from pathlib import Path
 from typing import Any, Protocol
+
+from .lifecycle import logger
 
 __all__ = ["FileState", "Followed", "look", "move_target_watch", "name_emitters"]
 
@@ -53,6 +56,11 @@ class Followed:
         self.again = False
         # The observer's handler, built with the observer (watchdog is imported lazily).
         self.handler: Any = None
+        # The service's name, for the log: set by its start.
+        self.owner = ""
+        # The target's folder that could not be watched, until one is: the
+        # warning is logged once per streak of failures, not once a second.
+        self.unwatched: str | None = None
 
 
 def file_state(path: Path) -> FileState:
@@ -113,12 +121,49 @@ def move_target_watch_locked(run: FollowedRun, follow: Followed) -> None:
             follow.target_watch = observer.schedule(
                 follow.handler, os.path.join(folder, ""), recursive=False
             )
-        except OSError:
-            folder = None  # gone again already: the next look tries again
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                _unwatchable(follow, folder, exc)
+            folder = None  # the next look (once a second at least) tries again
         name_emitters(observer)
+    if folder is not None and follow.unwatched is not None:
+        logger.info(
+            "WatchService %r now watches %r, the folder of the file its followed link %r "
+            "leads to, which it could not watch before.",
+            follow.owner,
+            folder,
+            str(follow.path),
+        )
+        follow.unwatched = None
     # Set once the watch is in place; the stat that follows the move (see
     # look()) catches a change made before it was.
     follow.target_dir = folder
+
+
+def _unwatchable(follow: Followed, folder: str, exc: OSError) -> None:
+    # Not a folder gone meanwhile (a ConfigMap's next update): one that is
+    # there and cannot be watched, and will not be until someone acts.
+    if follow.unwatched is not None:
+        return  # warned already: the retries, once a second, stay quiet
+    follow.unwatched = folder
+    if exc.errno == errno.ENOSPC:
+        fix = "raise the limit of inotify watches (sysctl fs.inotify.max_user_watches)"
+    elif exc.errno == errno.EMFILE:
+        fix = "raise the limit of inotify instances (sysctl fs.inotify.max_user_instances)"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = "let the program's user read that folder"
+    else:
+        fix = "check that folder"
+    logger.warning(
+        "WatchService %r cannot watch %r, the folder of the file its followed link %r leads "
+        "to: %s. Until it can, a change made to that file in place is only seen by the check "
+        "once a second, which also tries the watch again; to fix it, %s.",
+        follow.owner,
+        folder,
+        str(follow.path),
+        exc,
+        fix,
+    )
 
 
 def name_emitters(observer: Any) -> None:

@@ -412,3 +412,44 @@ async def test_a_target_folder_that_cannot_be_watched_is_warned_about_once_per_s
     finally:
         await svc.stop()
     assert watch_threads() == []
+
+
+@pytest.mark.usefixtures("no_periodic_check")
+@bounded(20)
+async def test_patterns_match_the_given_path_not_the_file_the_link_leads_to(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The events name the given path, so the patterns filter on it too: a
+    # link app.yaml -> v1/app.conf is a "*.yaml" file, not a "*.conf" one.
+    caplog.set_level(logging.WARNING, logger="offloop")
+    (tmp_path / "v1").mkdir()
+    real = tmp_path / "v1" / "app.conf"
+    real.write_text("a: 1\n")
+    path = tmp_path / "app.yaml"
+    path.symlink_to(real)
+    yaml_svc, yaml_events = await watching(path, name="yaml", patterns=["*.yaml"])
+    conf_svc, conf_events = await watching(path, name="conf", patterns=["*.conf"])
+    try:
+        # Said at the start, where the mistake can be fixed: nothing will come.
+        assert [r.getMessage() for r in caplog.records] == [
+            f"WatchService 'conf' follows the symlink {str(path)!r}, but none of its "
+            f"patterns ['*.conf'] matches that path, so it will deliver no event: patterns "
+            f"are matched against the path it was given, not the file the link leads to. "
+            f"Add a pattern that matches {path.name!r}, or pass patterns=None."
+        ]
+        run = conf_svc._run
+        assert run is not None
+        follow = run.follow
+        assert follow is not None
+        before = follow.state
+        real.write_text("a: 2\n")
+        event = await next_event(yaml_events)
+        assert (event.event_type, event.src_path) == ("modified", str(path))
+        # The conf service saw the change too, and delivered nothing for it.
+        await await_until(
+            lambda: follow.state != before and not follow.looking, WAIT, "the conf look"
+        )
+        assert conf_events.empty()
+    finally:
+        await conf_svc.stop()
+        await yaml_svc.stop()

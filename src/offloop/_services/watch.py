@@ -27,7 +27,7 @@ from .._threads.tothread import service_pool
 from .adapters import check_name
 from .base import ServiceInterrupted
 from .functions import describe_thread
-from .lifecycle import LifecycleService
+from .lifecycle import LifecycleService, logger
 from .watch_follow import FileState, Followed, look, move_target_watch_locked, name_emitters
 
 __all__ = ["WatchService"]
@@ -85,7 +85,8 @@ class WatchService(LifecycleService):
             A file that is a symlink (a Kubernetes ConfigMap's) is followed: a
             change of the file it leads to is one ``modified`` event on
             ``path`` (``deleted``/``created`` when it stops or starts leading
-            to a file).
+            to a file), which ``patterns`` filter by ``path``, not by the
+            file the link leads to.
         handler: called with each event, see above.
         recursive: watch sub-folders too.
         patterns: glob patterns such as ``["*.txt"]``; an event is delivered
@@ -203,6 +204,18 @@ class WatchService(LifecycleService):
             if run.path.is_symlink() and not run.path.is_dir():
                 run.follow = Followed(run.path)
                 run.follow.owner = self.name
+                if not self.matches(str(self.path)):
+                    # Its only events are on the path: say so now, not never.
+                    logger.warning(
+                        "WatchService %r follows the symlink %r, but none of its patterns %s "
+                        "matches that path, so it will deliver no event: patterns are matched "
+                        "against the path it was given, not the file the link leads to. Add a "
+                        "pattern that matches %r, or pass patterns=None.",
+                        self.name,
+                        str(self.path),
+                        list(self.patterns or ()),
+                        self.path.name,
+                    )
             run.observer = self._observer(run, loop)
             run.observer.start()
             if run.follow is not None:

@@ -187,3 +187,56 @@ async def test_the_last_thread_to_retire_leaves_the_pool_open(
     assert pool.statistics()["state"] == "open"
     assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2
     await asyncio.wait_for(pool.aclose(), WAIT)
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("fails", ["before it exits", "once it exited"])
+async def test_a_call_whose_thread_failed_to_start_runs_once_the_last_thread_retires(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fails: str
+) -> None:
+    # A lowered max_workers ends a thread while a call is pending. Either a
+    # raised max_workers lets the check start a thread for the call before
+    # the retiring one exits, and that start fails: the call waits for the
+    # retiring thread, which exits instead, so the call goes back to _pending
+    # after the check gave up. Or the check starts one once the last thread
+    # has exited, and that start fails. Either way no thread is left to come
+    # free: the start must be tried again without waiting for another call.
+    pool = offloop.ThreadPool(2, name="stranded")
+    await _grow(pool, 2)
+    real_exited = pool._thread_exited
+    exiting = threading.Event()
+    release = threading.Event()
+
+    def exit_last(worker: Any) -> None:
+        exiting.set()
+        assert release.wait(WAIT), "the test never let the retiring thread exit"
+        real_exited(worker)
+
+    monkeypatch.setattr(pool, "_thread_exited", exit_last)
+    pool.max_workers = 1  # the thread idle longest is told to end
+    assert await asyncio.to_thread(exiting.wait, WAIT), "no thread retired"
+    monkeypatch.setattr(pool_module, "IDLE_TIMEOUT", 0.05)
+    assert await asyncio.wait_for(pool.run(abs, -1), WAIT) == 1  # the other waits anew, briefly
+    await await_until(lambda: pool.statistics()["threads"] == 1, WAIT, "the other to time out")
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def fail_once(thread: threading.Thread) -> None:
+        if thread.name.startswith("offloop-stranded-") and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", fail_once)
+    call = pool.run(abs, -2)  # pending: the retiring thread still counts
+    if fails == "before it exits":
+        pool.max_workers = 2  # room for one more: the check starts it, and fails
+        await await_until(
+            lambda: "could not start a worker thread" in caplog.text, WAIT, "the start to fail"
+        )
+    release.set()  # the last thread exits
+    await await_until(lambda: bool(refused), WAIT, "the check to start a thread")
+    assert await asyncio.wait_for(call, WAIT) == 2
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    stats = pool.statistics()
+    assert (stats["completed"], stats["queued"], stats["threads"]) == (4, 0, 0)

@@ -194,4 +194,4 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
         for call in closed:
             call._channel.post(call)
         if starter is not None:
-            self._start_or_give_up(starter, channel)
+            self._start_or_give_up(starter)

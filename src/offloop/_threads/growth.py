@@ -221,10 +221,13 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
             return call
         return None
 
-    def _start_or_give_up(self, starter: Worker, channel: Channel | None = None) -> bool:
+    def _start_or_give_up(self, starter: Worker) -> bool:
         # On the loop: start the thread of a wanted worker (which starts the
         # others); returns False if it could not. Whether the loop's check
-        # goes on is _rebalance's to decide.
+        # goes on is for the check itself to decide (_rebalance): a check
+        # armed for the loop of a batch that starts a thread (_flush) is
+        # scheduled whatever the start does, and stays in _armed until it
+        # ends, or the loop's next waiting call would arm another.
         try:
             self._start_thread(starter, starts_others=True)
         except BaseException as exc:
@@ -233,8 +236,6 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
             # in _pending for a check (_serve_backlog).
             with self._lock:
                 waiters = self._give_up_starting()
-                if channel is not None:
-                    self._armed.discard(channel)
             for waiter in waiters:
                 complete_waiter(waiter)
             if not isinstance(exc, Exception):

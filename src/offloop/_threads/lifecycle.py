@@ -105,8 +105,11 @@ class ThreadPoolLifecycle(ThreadPoolView):
         if self._starting:
             return None
         if len(self._unstarted) == len(self._workers):  # no thread to do it
+            worker = self._unstarted.pop(0)
+            # Set after the pop, with no call until the caller holds the
+            # worker: see _submit and _unsubmit.
             self._starting = True
-            return self._unstarted.pop(0)
+            return worker
         if self._start_wanted < 0:
             self._start_wanted = now
         return None

@@ -10,6 +10,7 @@ import pytest
 
 import offloop
 from offloop._threads import pool as pool_module
+from offloop._threads import workers as workers_module
 from tests.helpers import WAIT, await_until, wait_until
 
 
@@ -186,4 +187,110 @@ async def test_the_last_thread_to_retire_leaves_the_pool_open(
     await await_until(lambda: pool.statistics()["threads"] == 0, WAIT, "the last thread to end")
     assert pool.statistics()["state"] == "open"
     assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2
+    await asyncio.wait_for(pool.aclose(), WAIT)
+
+
+async def _last_thread_retiring(
+    pool: offloop.ThreadPool, monkeypatch: pytest.MonkeyPatch
+) -> threading.Event:
+    # Leaves the pool (of max_workers 2) with max_workers 1 and one thread,
+    # told to end by the lowered max_workers and held just before it leaves
+    # the pool (as if preempted there), until the returned event is set. The
+    # other thread ended its idle wait; later ones end theirs in 0.05 s.
+    await _grow(pool, 2)
+    real_exited = pool._thread_exited
+    exiting = threading.Event()
+    release = threading.Event()
+
+    def exit_last(worker: Any) -> None:
+        exiting.set()
+        assert release.wait(WAIT), "the test never let the retiring thread exit"
+        real_exited(worker)
+
+    monkeypatch.setattr(pool, "_thread_exited", exit_last)
+    pool.max_workers = 1  # the thread idle longest is told to end
+    assert await asyncio.to_thread(exiting.wait, WAIT), "no thread retired"
+    monkeypatch.setattr(pool_module, "IDLE_TIMEOUT", 0.05)
+    assert await asyncio.wait_for(pool.run(abs, -1), WAIT) == 1  # the other waits anew, briefly
+    await await_until(lambda: pool.statistics()["threads"] == 1, WAIT, "the other to time out")
+    return release
+
+
+def _fail_one_start(pool: offloop.ThreadPool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    # The pool's next thread fails to start, as at a thread limit; the ones
+    # after it start. Returns the names of the threads refused.
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def fail_once(thread: threading.Thread) -> None:
+        if thread.name.startswith(f"offloop-{pool.name}-") and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", fail_once)
+    return refused
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("fails", ["before it exits", "once it exited"])
+async def test_a_call_whose_thread_failed_to_start_runs_once_the_last_thread_retires(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fails: str
+) -> None:
+    # A lowered max_workers ends a thread while a call is pending. Either a
+    # raised max_workers lets the check start a thread for the call before
+    # the retiring one exits, and that start fails: the call waits for the
+    # retiring thread, which exits instead, so the call goes back to _pending
+    # after the check gave up. Or the check starts one once the last thread
+    # has exited, and that start fails. Either way no thread is left to come
+    # free: the start must be tried again without waiting for another call.
+    pool = offloop.ThreadPool(2, name="stranded")
+    release = await _last_thread_retiring(pool, monkeypatch)
+    refused = _fail_one_start(pool, monkeypatch)
+    call = pool.run(abs, -2)  # pending: the retiring thread still counts
+    if fails == "before it exits":
+        pool.max_workers = 2  # room for one more: the check starts it, and fails
+        await await_until(
+            lambda: "could not start a worker thread" in caplog.text, WAIT, "the start to fail"
+        )
+    release.set()  # the last thread exits
+    await await_until(lambda: bool(refused), WAIT, "the check to start a thread")
+    assert await asyncio.wait_for(call, WAIT) == 2
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    stats = pool.statistics()
+    assert (stats["completed"], stats["queued"], stats["threads"]) == (4, 0, 0)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_failed_start_at_a_batch_leaves_the_scheduled_check_armed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A batch (dispatch.py) that starts the pool's only thread, which fails,
+    # while the check its loop armed for the pending calls is scheduled:
+    # that check goes on, and must stay on record as armed, or the next call
+    # that waits arms a second one beside it for as long as calls wait.
+    pool = offloop.ThreadPool(2, name="flushfail")
+    release = await _last_thread_retiring(pool, monkeypatch)
+    gate = threading.Event()
+
+    def blocked() -> bool:
+        return gate.wait(WAIT)
+
+    # As if the pool had learnt that it waits: a batch gives it a thread at once.
+    pool._waits[blocked.__code__] = workers_module.WAITS_AFTER
+    refused = _fail_one_start(pool, monkeypatch)
+    pending = pool.run(abs, -2)  # pending (the retiring thread counts): arms the check
+    channel = pending._channel
+    assert channel in pool._armed
+    batched = pool.run(blocked)  # in the loop's batch, taken in at the next iteration
+    release.set()
+    wait_until(lambda: pool.statistics()["threads"] == 0, WAIT, "the last thread to exit")
+    try:
+        await await_until(lambda: bool(refused), WAIT, "the batch to start a thread")
+        assert "could not start a worker thread" in caplog.text
+        assert channel in pool._armed, "a check is scheduled but no longer on record as armed"
+    finally:
+        gate.set()
+    assert await asyncio.wait_for(batched, WAIT) is True
+    assert await asyncio.wait_for(pending, WAIT) == 2
     await asyncio.wait_for(pool.aclose(), WAIT)

@@ -45,92 +45,149 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
     def _submit(self, call: OffloadFuture[Any]) -> None:
         dispatch = False
         starter: Worker | None = None
-        with self._lock:
-            if self._state is not PoolState.OPEN:
-                raise PoolClosedError(
-                    f"{self._describe()} is {self._state.value} and takes no new calls; "
-                    f"create a new ThreadPool or use offloop.to_thread()."
-                )
-            self._queued += 1
-            if (
-                not self._pending
-                and self._ready + self._running - self._waiting < self._cpu_slots
-                and (self._idle or not self._workers)
-                and not (self._gil_calls and self._gil_fns.holds(call.fn))
-            ):
-                # A free CPU slot and a thread for it: dispatch now. A new
-                # thread only for the first call; later ones come from
-                # _rebalance, once the running calls have shown that they
-                # are long (for short calls one warm thread is fastest).
-                dispatch = True
-            elif (
-                self._waits  # a dict: a C-level test, see WaitMemory
-                and self._waits.waits(call.fn)
-                and (self._idle or len(self._workers) < self._max_workers)
-            ):
-                # Its function's last call was found waiting: like that one,
-                # it will hold no CPU slot, so it takes a thread at once (one
-                # of its own if need be), as a pool without slots would.
-                dispatch = True
-            if dispatch:
-                self._ready += 1
-                if self._gil_fns and self._gil_fns.holds(call.fn):
-                    self._gil_calls.add(call)  # see gil.py
-                # Handed or put while still holding the lock: a close() from
-                # another thread in between would not know of the call, and
-                # nobody would ever take it. Last in the block: a polling
-                # worker takes the call at once and then needs the lock to
-                # start it.
-                if self._idle:
-                    # The thread that went idle last (Worker.give, inlined):
-                    # it may still be polling, and is warm in any case.
-                    worker = self._idle.pop()
-                    worker.hand = call
-                    worker.wake.release()
-                else:
-                    worker = Worker()
-                    self._workers.append(worker)
-                    starter = self._want_started([worker], now=monotonic())
-                    self._queue.put(call)  # the new thread's first call
-            if not dispatch or (self._unstarted and not self._starting):
-                channel = call._channel
-                if not dispatch:
-                    self._pending.append(call)
-                    if channel.batch is None:
-                        # The pool is busy: the calls this loop makes in the
-                        # rest of this iteration wait in the channel's batch,
-                        # and go to the pool in one go at the next one.
-                        channel.batch = []
-                        channel.batch_owner = self
-                        call.loop.call_soon(self._flush, channel)
-                # The check also starts threads no worker came by to start.
-                if channel not in self._armed:
-                    self._armed.add(channel)
-                    loop = call.loop
-                    due = loop.time() + GROWTH_PERIOD
-                    loop.call_at(due, self._rebalance, channel, loop, due)
-        if not dispatch:
-            return
-        if starter is not None:
-            try:
-                self._start_thread(starter, starts_others=True)
-            except BaseException:
-                with self._lock:
-                    waiters = self._give_up_starting()
-                    taken = call._phase is not QUEUED  # by a thread another call started
-                    if not taken:
-                        # run() raises, so the call must never run: a later
-                        # thread takes it off the queue and drops it, or,
-                        # with no thread left, it went back to _pending
-                        # (_serve_backlog), where it must not stay.
-                        call._phase = SKIPPED
-                        self._queued -= 1
-                        with contextlib.suppress(ValueError):
-                            self._pending.remove(call)
-                for waiter in waiters:
-                    complete_waiter(waiter)
-                if not taken:
+        new: Worker | None = None  # the thread wanted for the call, if one is
+        placed = False  # whether the locked section ran to its end
+        try:
+            with self._lock:
+                if self._state is not PoolState.OPEN:
+                    raise PoolClosedError(
+                        f"{self._describe()} is {self._state.value} and takes no new calls; "
+                        f"create a new ThreadPool or use offloop.to_thread()."
+                    )
+                self._queued += 1
+                try:
+                    if (
+                        not self._pending
+                        and self._ready + self._running - self._waiting < self._cpu_slots
+                        and (self._idle or not self._workers)
+                        and not (self._gil_calls and self._gil_fns.holds(call.fn))
+                    ):
+                        # A free CPU slot and a thread for it: dispatch now. A
+                        # new thread only for the first call; later ones come
+                        # from _rebalance, once the running calls have shown
+                        # that they are long (for short calls one warm thread
+                        # is fastest).
+                        dispatch = True
+                    elif (
+                        self._waits  # a dict: a C-level test, see WaitMemory
+                        and self._waits.waits(call.fn)
+                        and (self._idle or len(self._workers) < self._max_workers)
+                    ):
+                        # Its function's last call was found waiting: like that
+                        # one, it will hold no CPU slot, so it takes a thread at
+                        # once (one of its own if need be), as a pool without
+                        # slots would.
+                        dispatch = True
+                    # The steps below are ordered for the except clause: an
+                    # exception from a signal handler (Ctrl-C's
+                    # KeyboardInterrupt) comes only at a call or at a
+                    # function's start, and after each of those the clause
+                    # must be able to tell what was done.
+                    if dispatch:
+                        if self._gil_fns and self._gil_fns.holds(call.fn):
+                            self._gil_calls.add(call)  # see gil.py
+                        # Handed or put while still holding the lock: a close()
+                        # from another thread in between would not know of the
+                        # call, and nobody would ever take it. Last in the
+                        # block: a polling worker takes the call at once and
+                        # then needs the lock to start it.
+                        idle = self._idle
+                        if idle:
+                            # The thread that went idle last (Worker.give,
+                            # inlined): it may still be polling, and is warm in
+                            # any case. No call from taking it off the stack to
+                            # waking it: a thread taken off and never woken
+                            # would be lost for good.
+                            worker = idle[-1]
+                            del idle[-1]
+                            self._ready += 1
+                            worker.hand = call
+                            worker.wake.release()
+                        else:
+                            new = Worker()
+                            self._ready += 1
+                            self._queue.put(call)  # the new thread's first call
+                            self._workers.append(new)
+                            starter = self._want_started([new], now=monotonic())
+                    if not dispatch or (self._unstarted and not self._starting):
+                        channel = call._channel
+                        if not dispatch:
+                            self._pending.append(call)
+                            if channel.batch is None:
+                                # The pool is busy: the calls this loop makes in
+                                # the rest of this iteration wait in the
+                                # channel's batch, and go to the pool in one go
+                                # at the next one. The flush is scheduled first:
+                                # a flush finds no batch harmless, while a batch
+                                # never flushed would hold this loop's calls.
+                                call.loop.call_soon(self._flush, channel)
+                                channel.batch = []
+                                channel.batch_owner = self
+                        # The check also starts threads no worker came by to
+                        # start. Recorded once scheduled, as with the flush.
+                        if channel not in self._armed:
+                            loop = call.loop
+                            due = loop.time() + GROWTH_PERIOD
+                            loop.call_at(due, self._rebalance, channel, loop, due)
+                            self._armed.add(channel)
+                except BaseException:
+                    # Undone under the same hold of the lock: once it is
+                    # released, another thread could take the new worker.
+                    if starter is not None:
+                        self._lose_thread(starter)  # taken to start: not started
+                        self._give_up_starting()  # the pool is open: no waiters
+                    elif new is not None:
+                        self._lose_thread(new)
+                    self._drop_call(call)
                     raise
+                placed = True
+            if starter is not None:
+                self._start_thread(starter, starts_others=True)
+        except BaseException as exc:
+            if not placed:
+                raise  # refused (closed), or undone above
+            # The new thread failed to start, or an exception from a signal
+            # handler came as the lock was released or as it started.
+            with self._lock:
+                waiters = []
+                if starter is not None:
+                    if starter.thread is None:  # never got as far as its start
+                        self._lose_thread(starter)
+                    waiters = self._give_up_starting()
+                # Taken by a thread another call started: it runs, and with
+                # the start's failure (an Exception) run() returns it.
+                taken = self._drop_call(call)
+            for waiter in waiters:
+                complete_waiter(waiter)
+            if not taken or not isinstance(exc, Exception):
+                raise
+
+    def _lose_thread(self, worker: Worker) -> None:
+        # Under _lock, from _submit: the thread of this worker will not be
+        # started, as if its start had failed (see _start_thread): the call
+        # it claimed on the queue waits for another thread.
+        with contextlib.suppress(ValueError):
+            self._workers.remove(worker)
+        with contextlib.suppress(ValueError):
+            self._unstarted.remove(worker)
+        self._backlog += 1
+        self._serve_backlog()
+
+    def _drop_call(self, call: OffloadFuture[Any]) -> bool:
+        # Under _lock, when _submit raises after counting the call: run()
+        # raises, so the call must never run (nobody would get its result).
+        # Returns whether a thread took it already (then it runs).
+        if call._phase is not QUEUED:
+            return True
+        # A thread that takes it off the queue, or was handed it, drops it;
+        # with no thread left, it went back to _pending (_serve_backlog),
+        # where it must not stay.
+        call._phase = SKIPPED
+        self._queued -= 1
+        self._gil_calls.discard(call)
+        with contextlib.suppress(ValueError):
+            self._pending.remove(call)
+        return False
 
     def _flush(self, channel: Channel) -> None:
         # On the channel's loop, one iteration after a call found the pool
@@ -194,4 +251,4 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
         for call in closed:
             call._channel.post(call)
         if starter is not None:
-            self._start_or_give_up(starter, channel)
+            self._start_or_give_up(starter)

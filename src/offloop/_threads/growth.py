@@ -25,7 +25,7 @@ from .gil import GIL_ENABLED, GIL_SCAN, GilClocks, judge_gil, may_probe
 from .lifecycle import ThreadPoolLifecycle
 from .workers import WaitMemory, Worker, waiting_share
 
-__all__ = ["FULL_PERIOD", "GROWTH_PERIOD", "LAG_LIMIT", "ThreadPoolGrowth"]
+__all__ = ["FULL_PERIOD", "GROWTH_PERIOD", "LAG_LIMIT", "START_RETRY", "ThreadPoolGrowth"]
 
 logger: Final = logging.getLogger("offloop")
 
@@ -39,6 +39,12 @@ GROWTH_PERIOD: Final = 0.001
 #: thread to start (see _rebalance): no call can be dispatched then, but a
 #: call presumed to wait that computes must still be found.
 FULL_PERIOD: Final = 0.005
+
+#: Seconds after a failed thread start before a check tries again, when no
+#: thread is left to take the calls that were to run in it (see
+#: _check_later): long enough that a start that keeps failing logs a few
+#: lines a second, not one per check; short next to a call's usual wait.
+START_RETRY: Final = 0.25
 
 #: Seconds late past which a pool's check takes its loop to be starved (see
 #: _rebalance): well under the lag a user notices, well over a timer's jitter.
@@ -143,10 +149,34 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
             starter = self._want_started(to_start, now=now) if to_start else None
             if starter is None:
                 starter = self._late_start(now)
-        if starter is not None and not self._start_or_give_up(starter, channel):
-            return
-        due = loop.time() + (FULL_PERIOD if full else GROWTH_PERIOD)
+        period = FULL_PERIOD if full else GROWTH_PERIOD
+        try:
+            started = starter is None or self._start_or_give_up(starter)
+        except BaseException:  # a KeyboardInterrupt, say: this check ends
+            with self._lock:
+                self._armed.discard(channel)
+            raise
+        if not started:
+            with self._lock:
+                if self._workers or not self._pending or self._state is not PoolState.OPEN:
+                    # The calls that were to run in the new threads wait
+                    # for a busy one (_serve_backlog). No retry every
+                    # period (and a log line each time): the next call
+                    # that waits arms the check again.
+                    self._armed.discard(channel)
+                    return
+            # No thread is left to come free: only a check starts one for
+            # the calls, so this one goes on, a little later.
+            period = START_RETRY
+        due = loop.time() + period
         loop.call_at(due, self._rebalance, channel, loop, due, clocks)
+
+    def _check_later(self, channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
+        # On the loop, armed by _serve_backlog: calls went back to _pending
+        # with no thread left after a start failed; check them START_RETRY
+        # from now.
+        due = loop.time() + START_RETRY
+        loop.call_at(due, self._rebalance, channel, loop, due)
 
     def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:
         # Under _lock: hand the call to the thread that went idle last, or
@@ -191,19 +221,21 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
             return call
         return None
 
-    def _start_or_give_up(self, starter: Worker, channel: Channel) -> bool:
+    def _start_or_give_up(self, starter: Worker) -> bool:
         # On the loop: start the thread of a wanted worker (which starts the
-        # others); returns False if it could not.
+        # others); returns False if it could not. Whether the loop's check
+        # goes on is for the check itself to decide (_rebalance): a check
+        # armed for the loop of a batch that starts a thread (_flush) is
+        # scheduled whatever the start does, and stays in _armed until it
+        # ends, or the loop's next waiting call would arm another.
         try:
             self._start_thread(starter, starts_others=True)
         except BaseException as exc:
             # Their calls wait in the queue for an idle or busy thread
-            # (_start_thread counted each in _backlog). No retry
-            # every period (and a log line each time): the next call that
-            # waits arms the check again.
+            # (_start_thread counted each in _backlog), or, with none left,
+            # in _pending for a check (_serve_backlog).
             with self._lock:
                 waiters = self._give_up_starting()
-                self._armed.discard(channel)
             for waiter in waiters:
                 complete_waiter(waiter)
             if not isinstance(exc, Exception):

@@ -25,6 +25,7 @@ from .._core.offload import (
     QUEUED,
     RUNNING,
     SKIPPED,
+    Channel,
     OffloadFuture,
 )
 from .._core.poolbase import PoolState, complete_waiter, refuse_blocking_close
@@ -47,6 +48,9 @@ class ThreadPoolLifecycle(ThreadPoolView):
 
     def _work(self, worker: Worker, starts_others: bool = False) -> None:
         raise NotImplementedError  # pool.py's: the worker thread's body
+
+    def _check_later(self, channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
+        raise NotImplementedError  # growth.py's: arms a delayed check on the loop
 
     def _skip_closed(self, call: OffloadFuture[Any]) -> None:
         # Under _lock: a queued call the closing pool will not start.
@@ -101,8 +105,11 @@ class ThreadPoolLifecycle(ThreadPoolView):
         if self._starting:
             return None
         if len(self._unstarted) == len(self._workers):  # no thread to do it
+            worker = self._unstarted.pop(0)
+            # Set after the pop, with no call until the caller holds the
+            # worker: see _submit and _unsubmit.
             self._starting = True
-            return self._unstarted.pop(0)
+            return worker
         if self._start_wanted < 0:
             self._start_wanted = now
         return None
@@ -174,11 +181,26 @@ class ThreadPoolLifecycle(ThreadPoolView):
         if self._backlog > 0 and not self._workers and self._state is PoolState.OPEN:
             # No thread is left to come free, and counted as dispatched
             # they would hold their CPU slots for good: they go back to
-            # _pending, first in line, for the next dispatch to start a
-            # thread for them. Nothing else is on the queue: every thread
-            # that read it has taken its item.
-            self._pending.extendleft(reversed(self._take_queue()))
+            # _pending, first in line, for a check to start a thread for
+            # them. Nothing else is on the queue: every thread that read it
+            # has taken its item.
+            calls = self._take_queue()
+            self._pending.extendleft(reversed(calls))
             self._backlog = 0
+            # Their loops' checks gave up on the start, or never ran: with
+            # no thread left, no call ending will dispatch them either, so
+            # each of their loops gets a check, a little later (the start
+            # just failed, and a retry at once would most likely fail too).
+            for call in calls:
+                channel = call._channel
+                if channel in self._armed:
+                    continue  # a check of that loop runs, and dispatches them
+                self._armed.add(channel)
+                try:
+                    # From any thread, the loop's own included: call_at is not thread-safe.
+                    call.loop.call_soon_threadsafe(self._check_later, channel, call.loop)
+                except RuntimeError:  # its loop is closed: nobody awaits the call
+                    self._armed.discard(channel)
 
     def _take_queue(self) -> list[OffloadFuture[Any]]:
         # Under _lock: empty the queue, counting its calls out of _ready

@@ -1,0 +1,124 @@
+"""A KeyboardInterrupt (or any signal handler's exception) in the middle of a thread pool's run().
+
+A signal handler runs in the main thread between two bytecodes, and since
+Python 3.10 only at a call (once it returns, for a C function) or at a
+function's start. A profile hook raises at exactly those points, so these
+tests interrupt ``run()`` at each of them in turn, and check that the pool
+is whole afterwards: no thread lost, no count left over, its next call runs,
+and it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from types import CodeType, FrameType
+from typing import Any
+
+import pytest
+
+import offloop
+from offloop._threads import dispatch, lifecycle
+from tests.helpers import WAIT, await_until
+
+SUBMIT: CodeType = dispatch.ThreadPoolDispatch._submit.__code__
+START_THREAD: CodeType = lifecycle.ThreadPoolLifecycle._start_thread.__code__
+
+
+def _in_submit(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code is SUBMIT:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def interrupted_at(n: int) -> Iterator[list[str]]:
+    """Raise KeyboardInterrupt at the ``n``-th point of _submit where a signal handler may run.
+
+    The points are counted up to the start of the new thread, if any (its
+    own handling of a failed start has tests of its own). Yields a list
+    that names the point once it is reached.
+    """
+    seen = 0
+    where: list[str] = []
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        nonlocal seen
+        if where or event not in ("call", "c_return") or not _in_submit(frame):
+            return
+        if seen == n:
+            where.append(f"{event} {getattr(arg, '__qualname__', frame.f_code.co_name)}")
+            raise KeyboardInterrupt(f"injected at {where[0]}")
+        seen += 1
+        if event == "call" and frame.f_code is START_THREAD:
+            where.append("")  # past the last point: stop counting
+
+    sys.setprofile(hook)
+    try:
+        yield where
+    finally:
+        sys.setprofile(None)
+
+
+async def _interrupt(situation: str, n: int) -> bool:
+    """Interrupt a call's run() at the ``n``-th point; False once it had fewer points."""
+    pool = offloop.ThreadPool(2, name=f"interrupt-{situation}")
+    gate = threading.Event()
+    busy: list[offloop.OffloadFuture[Any]] = []
+    fn: Any = list.append
+    if situation == "idle thread":
+        await asyncio.wait_for(pool.run(abs, -1), WAIT)
+    elif situation in ("busy pool", "waits beside a busy thread"):
+        if situation == "busy pool":
+            pool.max_workers = 1
+        busy.append(pool.run(gate.wait, WAIT))
+        await await_until(lambda: pool.statistics()["running"] == 1, WAIT, "the busy call")
+    if situation == "waits beside a busy thread":
+
+        def waits(ran: list[str], what: str) -> None:
+            ran.append(what)
+
+        # As if the pool had learnt that it waits: it takes a thread of its own at once.
+        pool._waits[waits.__code__] = 2
+        fn = waits
+    ran: list[str] = []
+    try:
+        with interrupted_at(n) as where:
+            pool.run(fn, ran, "interrupted")
+    except KeyboardInterrupt:
+        pass
+    reached = bool(where and where[0])
+    try:
+        await asyncio.sleep(0)  # a batch the call opened is flushed
+        gate.set()
+        for call in busy:
+            assert await asyncio.wait_for(call, WAIT) is True
+        assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2, where
+        await await_until(lambda: pool.statistics()["running"] == 0, WAIT, "the calls to end")
+        if reached and where[0] != "c_return lock.__exit__":
+            assert ran == [], f"the interrupted call ran ({where[0]})"
+        stats = pool.statistics()
+        assert (stats["queued"], pool._ready, pool._backlog) == (0, 0, 0), where
+        assert pool._gil_calls == set(), where
+    finally:
+        gate.set()
+        await asyncio.wait_for(pool.aclose(), WAIT)
+    assert pool.statistics()["threads"] == 0
+    return reached
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize(
+    "situation", ["idle thread", "no thread yet", "busy pool", "waits beside a busy thread"]
+)
+async def test_a_run_interrupted_anywhere_leaves_the_pool_whole(situation: str) -> None:
+    points = 0
+    while await _interrupt(situation, points):
+        points += 1
+        assert points < 200, "run() never got through"
+    assert points > 0

@@ -22,7 +22,7 @@ import pytest
 
 import offloop
 from tests.conftest import new_loop, run_on
-from tests.helpers import QUICK_WAIT, WAIT
+from tests.helpers import QUICK_WAIT, WAIT, await_until
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
 
@@ -448,3 +448,40 @@ def test_a_loop_close_waits_only_for_its_own_supervisors_threads(
     finally:
         release.set()
         runner.join(WAIT)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_loop_closed_without_cancelling_its_tasks_stops_a_loop_services_thread(
+    loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A service on a loop thread of its own (isolate="loop") runs on there
+    # after the supervisor's loop is closed: nobody is left to close it. The
+    # loop's close() closes it, as it tells the thread services, and waits
+    # for its thread within grace.
+    caplog.set_level(logging.WARNING, logger="offloop.supervisor")
+    sv = offloop.Supervisor(name="closed", grace=WAIT)
+    _, ended = told_worker(sv)
+    running, cleaned = threading.Event(), threading.Event()
+
+    @sv.service(isolate="loop")
+    async def apart() -> None:
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()
+
+    loop = new_loop(loop_kind)
+    try:
+        loop.run_until_complete(sv.start())
+        loop.run_until_complete(await_until(running.is_set, QUICK_WAIT, "the loop service"))
+    finally:
+        loop.close()  # with the supervisor's tasks still pending
+    assert [t.name for t in threading.enumerate() if "loop-service-apart" in t.name] == []
+    assert cleaned.is_set(), "the loop service's coroutine was not cancelled"
+    assert ended.is_set(), "the thread service was not told to stop, or not waited for"
+    closed = [r.getMessage() for r in caplog.records if CLOSED in r.getMessage()]
+    assert len(closed) == 1, caplog.text
+    assert "still running" not in closed[0]
+    del loop
+    gc.collect()

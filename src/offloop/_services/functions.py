@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from .._core.errors import OffloopError
+from .._core.errors import OffloopError, WouldDeadlockError
 from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
 from .._loops.loopthread import LoopThread
@@ -365,20 +365,53 @@ class LoopService(TaskService):
 
     async def _run_there(self, lt: LoopThread) -> object:
         try:
-            return await lt.run(self._async_fn)
-        finally:
-            # Cancelled or not, the remote task is finished or cancelled: join
-            # the thread. A coroutine blocked in sync code holds this up until
-            # the supervisor's grace runs out and kill() abandons it.
-            await lt.aclose()
+            result = await lt.run(self._async_fn)
+        except GeneratorExit:
+            # Garbage-collected while pending: the supervisor's loop was closed
+            # under it, and nothing can be awaited any more. Close the loop
+            # thread without waiting (loop_closed() has, if the loop's close()
+            # was watched), and no "no running event loop" from aclose().
+            self._close_loop_thread(lt)
+            raise
+        except BaseException:
+            await self._join_loop_thread(lt)
+            raise
+        await self._join_loop_thread(lt)
+        return result
 
-    def kill(self) -> list[str]:
-        task, lt = self._task, self._loop_thread
-        if task is not None:
-            task.cancel("offloop service killed")
+    async def _join_loop_thread(self, lt: LoopThread) -> None:
+        # Cancelled or not, the remote task is finished or cancelled: join
+        # the thread. A coroutine blocked in sync code holds this up until
+        # the supervisor's grace runs out and kill() abandons it.
+        await lt.aclose()
+
+    def _close_loop_thread(self, lt: LoopThread) -> None:
+        # Without a join (live_threads() is joined within grace by whoever
+        # can wait); it raises only when called from that loop thread itself,
+        # which is closing then anyway.
+        with contextlib.suppress(WouldDeadlockError):
+            lt._begin_close()
+
+    def loop_closed(self) -> None:
+        # The task that would close the loop thread (see _run_there) is left
+        # pending on the closed loop: close it from here, or its thread and
+        # the coroutine run on for as long as the program does. Not in
+        # signal_stop(): while the supervisor's loop still runs, its stop
+        # cancels the coroutine once, and a close now would cancel it a
+        # second time, in the middle of its cleanup.
+        lt = self._loop_thread
+        if lt is not None:
+            self._close_loop_thread(lt)
+
+    def live_threads(self) -> list[threading.Thread]:
         # This run's thread itself, not every thread of its name: a thread of the
         # program's, or a previous run's abandoned loop thread, may be named so too.
+        lt = self._loop_thread
         thread = None if lt is None else lt._thread
-        if thread is None or not thread.is_alive():
-            return []
-        return [describe_thread(thread)]
+        return [thread] if thread is not None and thread.is_alive() else []
+
+    def kill(self) -> list[str]:
+        task = self._task
+        if task is not None:
+            task.cancel("offloop service killed")
+        return [describe_thread(thread) for thread in self.live_threads()]

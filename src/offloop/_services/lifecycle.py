@@ -264,6 +264,16 @@ class LifecycleService(Service):
         at once, before the loop may stop running, and ``stop()`` follows.
         """
 
+    def loop_closed(self) -> None:
+        """End what runs the service's code away from its event loop, which was closed under it.
+
+        From the loop's ``close()``, in the thread that closed it, after
+        :meth:`signal_stop`: no ``stop()`` can run on the closed loop, so a
+        thread that only that ``stop()`` would end (a loop thread of the
+        service's own) is told here, without waiting. The default, for a
+        service that needs nothing more than :meth:`signal_stop`, does nothing.
+        """
+
     def live_threads(self) -> list[threading.Thread]:
         """The threads running the service's code now, which :meth:`signal_stop` tells.
 

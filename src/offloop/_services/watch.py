@@ -57,6 +57,10 @@ class _WatchRun:
         self.root: tuple[int, int] | None = None
         self.path: Path | None = None
         self.check: asyncio.TimerHandle | None = None
+        # The root check running in a worker (see WatchService._check_root):
+        # one at a time, so a stat stuck on a network mount is not joined by
+        # another every second, and the next one is timed from its end.
+        self.checking: asyncio.Task[str | None] | None = None
         # Set when the path is a symlink to a file: see Followed.
         self.follow: Followed | None = None
 
@@ -172,19 +176,44 @@ class WatchService(LifecycleService):
             raise
         self._run = run
         self._ready()
-        self._check_root(run)
+        # The root's identity was taken just now: the first check comes a
+        # period later. A followed link is looked at once (see _open).
+        self._root_checked(run, None)
 
     def _check_root(self, run: _WatchRun) -> None:
         # A root renamed away or replaced may send no event at all any more.
         if run.done.done() or run.crashed or run.ending is not None:
             return
-        how = _root_change(run)
+        if run.root is None:  # a file: nothing to stat, only the follow mode's look
+            self._root_checked(run, None)
+            return
+        if run.checking is not None:
+            return  # that check schedules the next one when it ends
+        # Off the loop: a stat on a stuck network mount would block it until
+        # the mount answers. A task, for _end() and kill() (see _look_again).
+        task = asyncio.create_task(service_pool().run(_root_change, run))
+        run.checking = task
+        run.tasks.add(task)
+        task.add_done_callback(lambda t: self._root_check_done(run, t))
+
+    def _root_check_done(self, run: _WatchRun, task: asyncio.Task[str | None]) -> None:
+        run.checking = None
+        self._task_done(run, task)  # a check that raised crashes the service
+        if not task.cancelled() and task.exception() is None:
+            self._root_checked(run, task.result())
+
+    def _root_checked(self, run: _WatchRun, how: str | None) -> None:
+        """Act on a root check's finding, then time the next check from now."""
+        if run.done.done() or run.crashed or run.ending is not None:
+            return  # stopping, or crashed meanwhile: no next check
         if how is not None:
             self._lost_root(run, how)
             return
         if run.follow is not None:
             # Catches changes along a chain of links that no watched folder sees.
             self._look_again(run)
+        if run.check is not None:
+            run.check.cancel()  # a check made out of turn: keep a single timer
         run.check = asyncio.get_running_loop().call_later(
             ROOT_CHECK_INTERVAL, self._check_root, run
         )
@@ -421,6 +450,11 @@ class WatchService(LifecycleService):
         """Stop the observer, settle the handler tasks, end the run (with ``exc`` if it crashed)."""
         if run.check is not None:
             run.check.cancel()
+        if run.checking is not None:
+            # Its finding no longer matters, and a stat stuck on a network
+            # mount would hold the stop until the supervisor's grace ran out.
+            # The worker returns to the pool whenever the stat does.
+            run.checking.cancel()
         try:
             await service_pool().run(_close, run)
             if exc is not None:  # a crash: the other handlers are not waited for

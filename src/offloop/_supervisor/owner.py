@@ -23,8 +23,9 @@ cancellation kills the workers.
 A host may also close the loop without cancelling its tasks (python-telegram-bot's
 ``run_polling`` does): the watch is never cancelled then, and no stop can run
 on a closed loop. A :class:`~offloop._core.loopclose.LoopCloseHook` still sets
-the thread services' stop tokens from the loop's ``close()``, and logs what
-the program should do instead.
+the thread services' stop tokens from the loop's ``close()``, closes the loop
+threads of the services that have one (``isolate="loop"``), waits for those
+threads within grace, and logs what the program should do instead.
 """
 
 from __future__ import annotations
@@ -159,6 +160,9 @@ class LoopEndWatch:
             return
         self.ended = True
         self._tell_services()
+        for entry in list(self.sv._entries.values()):
+            if isinstance(entry.service, LifecycleService):
+                entry.service.loop_closed()
         # The program usually ends right after (run_polling returns): its
         # threads are daemons, cut off at the interpreter's exit, so they get
         # the stop's grace here to end, as the stop would have given them.
@@ -166,8 +170,9 @@ class LoopEndWatch:
         logger.warning(
             "%s: its event loop was closed while it ran, without aclose() and without "
             "cancelling its tasks (python-telegram-bot's run_polling closes its loop that "
-            "way): the stop tokens of its thread services were set and their threads "
-            "waited for%s, but no service could be stopped gracefully. Call "
+            "way): the stop tokens of its thread services were set, the loop threads of "
+            "its isolate='loop' services closed, and their threads waited for%s, but no "
+            "service could be stopped gracefully. Call "
             "'await sv.aclose()' in the host's shutdown hook (post_shutdown), or run the "
             "supervisor with 'async with sv:'.",
             self.sv.name,

@@ -430,13 +430,31 @@ class LoopThread:
         with self._lock:
             state = self._state
             if state is _RUNNING:
+                # A KeyboardInterrupt before or after the loop has the start:
+                # the caller has it, so the call is withdrawn and uncounted, and
+                # _begin (under this lock, so it sees that) never starts it.
+                withdrawn = [False]
                 self._active += 1
-                self._loop.call_soon_threadsafe(start, *args[:-1], context=args[-1])  # type: ignore[union-attr]
+                try:
+                    self._loop.call_soon_threadsafe(  # type: ignore[union-attr]
+                        self._begin, withdrawn, start, args[:-1], context=args[-1]
+                    )
+                except BaseException:
+                    withdrawn[0] = True
+                    self._active -= 1
+                    raise
                 return
         raise PoolClosedError(
             f"{self._describe()} is {state.value} and takes no new calls; create a new "
             f"LoopThread (or use offloop.to_loop())."
         )
+
+    def _begin(self, withdrawn: list[bool], start: Callable[..., None], args: Any) -> None:
+        # On the loop thread: start a submitted call, unless _submit withdrew it.
+        with self._lock:
+            if withdrawn[0]:
+                return
+        start(*args)
 
     def _send_sync(
         self,

@@ -42,6 +42,7 @@ from ._detect.detector import (
 from ._loops.context import BoundContext, BoundContextState
 from ._loops.fromthread import from_thread
 from ._loops.loopthread import LoopThread, LoopThreadState
+from ._loops.loopthread import use_default_executor as _use_default_executor
 from ._loops.portal import Portal, from_thread_sync
 from ._loops.shared import to_loop
 from ._loops.target import set_from_thread_loop
@@ -59,9 +60,15 @@ from ._supervisor.lifespan import lifespan
 from ._supervisor.pools import pools
 from ._supervisor.status import ServiceState, ServiceStatus, SupervisorState
 from ._supervisor.supervisor import Supervisor
+from ._threads.executor import loop_thread_executor as _loop_thread_executor
 from ._threads.iterate import ThreadedIterator, iterate, threaded
 from ._threads.pool import ThreadPool
 from ._threads.tothread import default_thread_pool, to_thread
+
+# A loop thread's default executor is an offloop thread pool's (daemon
+# threads, which interpreter exit does not wait for). _loops may not import
+# _threads, so the one module that sees both wires them.
+_use_default_executor(_loop_thread_executor)
 
 __version__ = "0.1.0"
 

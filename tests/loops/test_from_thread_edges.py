@@ -302,3 +302,79 @@ def test_a_token_set_while_the_loop_does_not_run_ends_the_wait() -> None:
     finally:
         stopper.join(WAIT)
         loop.close()
+
+
+# -- the calling thread's own event loop, not running ---------------------------
+
+
+def test_a_blocking_crossing_into_this_threads_idle_loop_is_refused_at_once() -> None:
+    # Only this thread would run its own loop, and it would block waiting for
+    # that loop to run the call: refused before anything is sent.
+    ran: list[str] = []
+
+    async def coro() -> str:
+        ran.append("coro")
+        return "ran"
+
+    def fn() -> str:
+        ran.append("fn")
+        return "ran"
+
+    def in_thread() -> list[str]:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        refused: list[str] = []
+        try:
+            portal = offloop.Portal(loop)
+            offloop.set_from_thread_loop(loop)
+            try:
+                crossings: list[tuple[str, Callable[[], str]]] = [
+                    ("from_thread", lambda: from_thread(coro)),
+                    ("Portal.call", lambda: portal.call(coro)),
+                    ("Portal.call_sync", lambda: portal.call_sync(fn)),
+                ]
+                for where, cross in crossings:
+                    with pytest.raises(offloop.WouldDeadlockError) as caught:
+                        cross()
+                    refused.append(where)
+                    assert "this thread's event loop" in str(caught.value)
+                    assert "not running" in str(caught.value)
+            finally:
+                offloop.set_from_thread_loop(None)
+            # Nothing was left queued there for a later run.
+            loop.run_until_complete(asyncio.sleep(0))
+            assert ran == []
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+        return refused
+
+    assert in_plain_thread(in_thread) == ["from_thread", "Portal.call", "Portal.call_sync"]
+
+
+def test_a_loop_another_thread_runs_later_is_still_waited_for() -> None:
+    # Not running yet, but not the calling thread's: another thread may start it.
+    loop = asyncio.new_event_loop()
+    sent = threading.Event()
+
+    async def coro() -> str:
+        return "ran"
+
+    def call() -> str:
+        sent.set()
+        return offloop.Portal(loop).call(coro)
+
+    caller = threading.Thread(target=lambda: results.put(call()), name="idle-loop-caller")
+    results: queue.SimpleQueue[str] = queue.SimpleQueue()
+    caller.start()
+    try:
+        assert sent.wait(WAIT)
+
+        async def until_answered() -> str:
+            return await asyncio.to_thread(results.get, True, WAIT)
+
+        assert loop.run_until_complete(until_answered()) == "ran"
+    finally:
+        caller.join(WAIT)
+        loop.close()
+    assert not caller.is_alive()

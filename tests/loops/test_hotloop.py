@@ -117,3 +117,27 @@ def test_loop_threads_use_it_unless_a_policy_or_a_factory_says_otherwise() -> No
             assert isinstance(lt.loop, uvloop.Loop)  # the installed policy's loop, as before
     finally:
         asyncio.set_event_loop_policy(old_policy)
+
+
+def test_it_stays_hot_while_the_wake_up_takes_more_iterations(
+    hot_loop: asyncio.AbstractEventLoop,
+) -> None:
+    # The woken call schedules more work, so the loop's next selects only
+    # look (timeout 0) and find nothing: that says nothing of who woke it,
+    # and it must still poll once it would sleep again.
+    selector = selector_of(hot_loop)
+    woken = asyncio.Event()
+    # Sent, self-pipe byte included, before the loop runs: a sender still
+    # writing that byte while the loop already ran its call would not wake it.
+    sender = threading.Thread(
+        target=hot_loop.call_soon_threadsafe, args=(hot_loop.call_soon, woken.set)
+    )
+    sender.start()
+    sender.join(WAIT)
+    assert not sender.is_alive()
+
+    async def main() -> bool:
+        await asyncio.wait_for(woken.wait(), WAIT)
+        return is_hot(selector)
+
+    assert hot_loop.run_until_complete(main())

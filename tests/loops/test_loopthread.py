@@ -397,7 +397,7 @@ def test_close_waits_for_default_executor_jobs_and_leaves_no_executor_thread(bas
         lt.call(start_job)
         assert job_started.wait(10)
         (executor_thread,) = [
-            t for t in threading.enumerate() if t.name.startswith("offloop-loop-executor-executor_")
+            t for t in threading.enumerate() if t.name.startswith("offloop-loop-executor-executor-")
         ]
         lt.close()
         assert job_done.is_set()
@@ -438,7 +438,7 @@ def test_close_waits_for_the_executor_where_no_thread_may_start(
         lt.call(start_job)
         assert job_started.wait(10)
         (executor_thread,) = [
-            t for t in threading.enumerate() if t.name.startswith("offloop-loop-nothread-executor_")
+            t for t in threading.enumerate() if t.name.startswith("offloop-loop-nothread-executor-")
         ]
         lt.close(timeout=10)
         assert not executor_thread.is_alive()  # waited for, on the loop's own thread

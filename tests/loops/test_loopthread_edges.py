@@ -125,3 +125,37 @@ async def test_a_bad_close_timeout_is_refused_before_the_loop_thread_closes() ->
         assert state(lt) == "closed"
     finally:
         await lt.aclose()
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["before-queued", "after-queued"])
+def test_ctrl_c_while_a_call_is_sent_leaves_the_count_right_and_the_call_unrun(
+    monkeypatch: pytest.MonkeyPatch, queued: bool
+) -> None:
+    # KeyboardInterrupt strikes while the call is handed to the loop: before
+    # the loop has it, or once it has it but before the sender returns. The
+    # caller gets the interrupt, so the call must neither run nor stay counted
+    # (a count left over keeps a shared loop thread from ever retiring).
+    ran: list[str] = []
+
+    async def record() -> None:
+        ran.append("ran")
+
+    with LoopThread(name="interrupted-send") as lt:
+        lt.call(where_am_i)  # started; its own call is counted done
+        loop = lt.loop
+        assert loop is not None
+        real = loop.call_soon_threadsafe
+
+        def interrupted(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.undo()  # only this one call is interrupted
+            if queued:
+                real(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            lt.call(record)
+        # Queued after it, so the interrupted call's start (if queued) went first.
+        assert lt.call(where_am_i)[0] == "offloop-loop-interrupted-send"
+        assert lt._active == 0, repr(lt)
+        assert ran == []

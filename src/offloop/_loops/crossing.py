@@ -30,6 +30,7 @@ __all__ = [
     "Remote",
     "Reply",
     "refuse_on_running_loop",
+    "refuse_own_idle_loop",
     "refuse_when_stopped",
     "start_async",
     "start_sync",
@@ -102,6 +103,25 @@ def refuse_on_running_loop(where: str, instead: str, *, why: str = _BLOCKS) -> N
         raise WouldDeadlockError(
             f"{where} was called on the thread of a running event loop ({loop!r}). {why} {instead}"
         )
+
+
+def refuse_own_idle_loop(loop: asyncio.AbstractEventLoop, where: str) -> None:
+    """Raise :class:`WouldDeadlockError` if ``loop`` is this thread's loop and not running.
+
+    Only this thread would run it, and a blocking crossing blocks this thread
+    until it has. (Not ``asyncio.get_event_loop()``: it may create a loop or warn.)
+    """
+    if loop.is_running():
+        return
+    policy = getattr(asyncio.events, "_event_loop_policy", None)
+    if getattr(getattr(policy, "_local", None), "_loop", None) is not loop:
+        return
+    raise WouldDeadlockError(
+        f"{where} was called for {loop!r}, this thread's event loop, which is not running: "
+        f"only this thread could run it, and it would block waiting for it forever. Run the "
+        f"coroutine on it here ('loop.run_until_complete(...)'), or send it to a loop running "
+        f"in another thread (a LoopThread, or offloop.set_from_thread_loop(None))."
+    )
 
 
 def _coroutine(

@@ -60,7 +60,9 @@ def from_thread(async_fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs:
 
     Raises:
         WouldDeadlockError: called on a thread whose event loop is running
-            (from inside async code): blocking there would deadlock the loop.
+            (from inside async code): blocking there would deadlock the loop;
+            or the chosen loop is this thread's own and not running, so only
+            this thread, blocked here, could run it.
         CallerGoneError: the worker's stop token was set (its awaiting task was
             cancelled, or its pool is closing), or its loop closed; or the
             coroutine was cancelled on its loop, not by this caller.

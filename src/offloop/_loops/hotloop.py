@@ -66,6 +66,11 @@ class _HotSelector(selectors.DefaultSelector):
                 polling.record(monotonic() - start, window)
         else:
             events = select(timeout)
+            if not events and timeout == 0:
+                # A look between two busy iterations (asyncio's selector
+                # call while callbacks are ready) found nothing: who woke the
+                # loop last is unchanged, and so is whether it polls next.
+                return events
         wake = self.wake_fd
         self._hot = False
         for key, _ in events:

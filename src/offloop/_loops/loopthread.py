@@ -14,12 +14,18 @@ that takes no lock, asks the loop to stop and warns (``ResourceWarning``);
 the thread then shuts the loop down as ``close()`` does. Every other way the
 loop stops (closing, retiring, a coroutine's SystemExit) detaches the
 finalizer first, while the LoopThread is certainly alive.
+
+The loop's default executor (``asyncio.to_thread``, ``run_in_executor(None,
+...)``) is an offloop thread pool's Executor view, not a
+``ThreadPoolExecutor``: interpreter exit joins the threads of every
+``ThreadPoolExecutor``, so one stuck job there would keep the process alive,
+while the pool's threads are daemons. This layer may not import the thread
+pools, so offloop's package hands the maker in (:func:`use_default_executor`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import enum
 import logging
@@ -33,6 +39,7 @@ from typing import Any, Final, ParamSpec, TypeVar, final
 
 from .._core.errors import PoolClosedError, WouldDeadlockError
 from .._core.poolbase import complete_waiter
+from .._core.poolexecutor import PoolExecutorView
 from .._core.token import thread_state
 from .._core.validate import (
     check_async_callable,
@@ -52,7 +59,7 @@ from .crossing import (
 from .hotloop import new_loop
 from .serve import Serving, dropped, serve, stop_serving
 
-__all__ = ["LoopThread", "LoopThreadState"]
+__all__ = ["LoopThread", "LoopThreadState", "use_default_executor"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -60,6 +67,19 @@ R = TypeVar("R")
 logger: Final = logging.getLogger("offloop")
 
 _numbers: Final = iter(range(1, 1 << 62))
+
+#: Makes a loop's default executor, given the name of the pool it runs in.
+_executor_factory: Callable[[str], PoolExecutorView] | None = None
+
+
+def use_default_executor(factory: Callable[[str], PoolExecutorView]) -> None:
+    """Have loop threads started from now on use ``factory(pool_name)`` as their default executor.
+
+    Called once by offloop's package as it is imported, before any loop thread
+    can start (see the module docstring).
+    """
+    global _executor_factory
+    _executor_factory = factory
 
 
 class LoopThreadState(enum.Enum):
@@ -129,6 +149,7 @@ class LoopThread:
         self._state = _CREATED
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: PoolExecutorView | None = None
         self._thread: threading.Thread | None = None
         self._active = 0  # calls submitted and not finished; guarded by _lock
         self._last_used = monotonic()
@@ -198,11 +219,12 @@ class LoopThread:
                     f"{'is running' if loop.is_running() else 'is closed'}. Pass a function "
                     f"that makes one, e.g. asyncio.new_event_loop or uvloop.new_event_loop."
                 )
-            # Its own named default executor: close() recognises its threads
-            # (closing from one would wait for itself) and leak reports name them.
-            executor = concurrent.futures.ThreadPoolExecutor(
-                thread_name_prefix=f"{self._thread_name}-executor"
-            )
+            # Its own default executor (see the module docstring), its pool
+            # named after the thread, so that its threads are named
+            # offloop-loop-<name>-executor-<n> and leak reports can tell whose they are.
+            make_executor = _executor_factory
+            assert make_executor is not None, "offloop's package sets it as it is imported"
+            executor = make_executor(f"{self._thread_name.removeprefix('offloop-')}-executor")
             loop.set_default_executor(executor)
             # The thread gets no strong reference to self: see the module docstring.
             serving = self._serving
@@ -213,6 +235,7 @@ class LoopThread:
                 daemon=True,
             )
             self._loop = loop
+            self._executor = executor
             self._thread = thread
             self._state = _RUNNING
             try:
@@ -220,6 +243,7 @@ class LoopThread:
             except BaseException:
                 self._state = _CLOSED
                 loop.close()
+                executor.shutdown(wait=False)
                 raise
             _started.add(self)
             finalizer = weakref.finalize(
@@ -406,13 +430,31 @@ class LoopThread:
         with self._lock:
             state = self._state
             if state is _RUNNING:
+                # A KeyboardInterrupt before or after the loop has the start:
+                # the caller has it, so the call is withdrawn and uncounted, and
+                # _begin (under this lock, so it sees that) never starts it.
+                withdrawn = [False]
                 self._active += 1
-                self._loop.call_soon_threadsafe(start, *args[:-1], context=args[-1])  # type: ignore[union-attr]
+                try:
+                    self._loop.call_soon_threadsafe(  # type: ignore[union-attr]
+                        self._begin, withdrawn, start, args[:-1], context=args[-1]
+                    )
+                except BaseException:
+                    withdrawn[0] = True
+                    self._active -= 1
+                    raise
                 return
         raise PoolClosedError(
             f"{self._describe()} is {state.value} and takes no new calls; create a new "
             f"LoopThread (or use offloop.to_loop())."
         )
+
+    def _begin(self, withdrawn: list[bool], start: Callable[..., None], args: Any) -> None:
+        # On the loop thread: start a submitted call, unless _submit withdrew it.
+        with self._lock:
+            if withdrawn[0]:
+                return
+        start(*args)
 
     def _send_sync(
         self,
@@ -480,8 +522,9 @@ class LoopThread:
                 f"{self._describe()} was closed from its own thread, which cannot wait for "
                 f"itself to stop. Close it from another thread."
             )
-        # Closing shuts the loop's default executor down, which waits for this thread.
-        if current.name.startswith(f"{self._thread_name}-executor_"):
+        # Closing shuts the loop's default executor down, which waits for this call.
+        executor = self._executor
+        if executor is not None and executor._own_call():
             raise WouldDeadlockError(
                 f"{self._describe()} was closed from a thread of its own loop's default "
                 f"executor (run_in_executor(None, ...)), which the close waits for. It is "
@@ -532,7 +575,9 @@ class LoopThread:
     def _report_stuck(self, timeout: float | None) -> None:
         logger.warning(
             "offloop: %r did not stop within %s s: a coroutine there is blocked in sync code "
-            "and cannot be cancelled until it awaits. Its daemon thread %s was abandoned.",
+            "and cannot be cancelled until it awaits, or a job of its default executor "
+            "(asyncio.to_thread, run_in_executor) has not returned. Its daemon thread %s was "
+            "abandoned.",
             self,
             timeout,
             self._thread_name,

@@ -30,6 +30,7 @@ from .crossing import (
     CallHost,
     Reply,
     refuse_on_running_loop,
+    refuse_own_idle_loop,
     refuse_when_stopped,
     start_sync,
     wait_reply,
@@ -117,7 +118,8 @@ class Portal:
 
         Raises:
             TimeoutError: it took longer than the portal's timeout (it was cancelled).
-            WouldDeadlockError: called on a thread whose event loop is running.
+            WouldDeadlockError: called on a thread whose event loop is running,
+                or for this thread's own loop while it is not running.
             CallerGoneError: this worker's stop token was set, or the coroutine
                 was cancelled on its loop by something else.
             PoolClosedError: the target is closed.
@@ -144,6 +146,7 @@ class Portal:
         if host is not None:
             reply = host._send_sync(async_fn, args, kwargs, ctx)
         else:
+            refuse_own_idle_loop(loop, where)
             call = thread_state.call
             reply = Reply(loop, None, worker=call is not None and call.loop is loop)
             schedule(loop, start_sync, reply, async_fn, args, kwargs, ctx=ctx)
@@ -160,7 +163,8 @@ class Portal:
         Raises:
             TimeoutError: the loop did not get to it within the portal's
                 timeout; it will not run.
-            WouldDeadlockError: called on a thread whose event loop is running.
+            WouldDeadlockError: called on a thread whose event loop is running,
+                or for this thread's own loop while it is not running.
             CallerGoneError: this worker's stop token was set before ``fn`` ran.
             PoolClosedError: the target is closed.
             TypeError: ``fn`` is a coroutine function or not callable.
@@ -398,6 +402,7 @@ def _call_sync(
     if host is not None:
         host._submit(_start_call, reply, fn, args, kwargs, ctx)
     else:
+        refuse_own_idle_loop(loop, where)
         schedule(loop, _start_call, reply, fn, args, kwargs, ctx=ctx)
     return wait_reply(reply, token, where, fn, timeout)  # type: ignore[no-any-return]
 

@@ -18,7 +18,7 @@ from typing import Any, Final, ParamSpec, TypeVar, final
 from .._core.errors import CallerGoneError, PoolClosedError
 from .._core.token import StopToken, thread_state
 from .._core.validate import check_async_callable, describe
-from .crossing import Reply, refuse_when_stopped, start_sync, wait_reply
+from .crossing import Reply, refuse_own_idle_loop, refuse_when_stopped, start_sync, wait_reply
 from .loopthread import _RUNNING, LoopThread
 
 __all__ = ["EXIT_TIMEOUT", "SHARED_IDLE_TIMEOUT", "SharedLoopThread", "block_on", "to_loop"]
@@ -44,6 +44,7 @@ def block_on(
     refuse_when_stopped(token, where, async_fn)
     ctx = contextvars.copy_context()
     if isinstance(target, asyncio.AbstractEventLoop):
+        refuse_own_idle_loop(target, where)
         call = thread_state.call
         reply = Reply(target, None, worker=call is not None and call.loop is target)
         try:

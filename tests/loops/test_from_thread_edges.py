@@ -14,7 +14,6 @@ import pytest
 
 import offloop
 from offloop import CallerGoneError, from_thread
-from offloop._core import token as token_module
 from offloop._core.token import StopToken, WorkerCall, thread_state
 from offloop._loops.target import shared as shared_loop_thread
 from tests.helpers import in_plain_thread, where_am_i
@@ -184,7 +183,9 @@ def as_worker(
 
 
 @pytest.mark.parametrize("via", CALLS)
-def test_a_token_set_before_the_call_refuses_it_on_every_interleaving(via: str) -> None:
+def test_a_token_set_before_the_call_refuses_it_on_every_interleaving(
+    via: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ran = threading.Event()
     either = threading.Event()  # the coroutine ran, or the caller got its outcome
 
@@ -207,12 +208,23 @@ def test_a_token_set_before_the_call_refuses_it_on_every_interleaving(via: str) 
             either.set()
 
         # A caller that sent the call first and only then looked at its token
-        # stalls on the token's lock here while the loop starts the coroutine;
+        # stalls in add_callback() here while the loop starts the coroutine;
         # refused up front, it never gets that far.
-        with token_module._EVENT_LOCK:
-            thread = threading.Thread(target=caller, daemon=True)
-            thread.start()
+        released = threading.Event()
+        add_callback = StopToken.add_callback
+
+        def stalled(self: StopToken, callback: Callable[[StopToken], object]) -> None:
+            assert released.wait(WAIT)
+            add_callback(self, callback)
+
+        monkeypatch.setattr(StopToken, "add_callback", stalled)
+        thread = threading.Thread(target=caller, daemon=True)
+        thread.start()
+        try:
             assert either.wait(WAIT)
+        finally:
+            released.set()
+            monkeypatch.undo()
         first = outcome.get(timeout=WAIT)
         thread.join(WAIT)
         assert lt.call(asyncio.sleep, 0, "idle") == "idle"  # whatever was sent has run

@@ -447,3 +447,48 @@ def test_cron_in_local_time_keeps_the_days_the_clocks_change_as_in_its_named_zon
         assert due_times(expr, None, night, 8) == named, [
             dt.datetime.fromtimestamp(t, ny).strftime("%m-%d %H:%M %Z") for t in named
         ]
+
+
+@bounded(10)
+async def test_a_crash_beside_a_running_run_is_logged_when_it_happens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # overlap="allow": the service's run, and the supervisor's "crashed" line,
+    # end only with the run still going, here one that does not honour its token.
+    clock = HandClock(0.0)
+    release = threading.Event()
+    runs: list[int] = []
+
+    def job() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            assert release.wait(QUICK_WAIT)
+        else:
+            raise ConnectionError("the API is down")
+
+    sv = Supervisor(name="allow", grace=QUICK_WAIT)
+    sv.add(every(job, 1, clock, overlap="allow"), restart="no")
+    serving = asyncio.get_running_loop().create_task(sv.serve())
+    try:
+        await clock.wake_at()
+        await await_until(lambda: len(runs) == 1, QUICK_WAIT, "the first run")
+        await clock.wake_at()  # the second run, beside the first, crashes
+        await await_until(
+            lambda: any("a run crashed" in r.getMessage() for r in caplog.records),
+            QUICK_WAIT,
+            "the crash to be logged while the first run goes on",
+        )
+        assert not release.is_set()
+        assert not serving.done()
+        (record,) = [r for r in caplog.records if "a run crashed" in r.getMessage()]
+        assert record.levelname == "ERROR"
+        assert record.getMessage() == (
+            "service 'job': a run crashed with ConnectionError('the API is down'); "
+            "the service stops once its 1 other run(s) end"
+        )
+        assert record.exc_info is not None
+    finally:
+        release.set()
+    with pytest.raises(ServiceFailed) as info:
+        await serving
+    assert isinstance(info.value.__cause__, ConnectionError)

@@ -12,6 +12,7 @@ import pytest
 import offloop
 from offloop import ServiceFailed, Supervisor, SupervisorState
 from tests.helpers import QUICK_WAIT, await_until, bounded
+from tests.supervisor.test_probes import SlowToStart
 from tests.supervisor.test_supervisor import Recorder
 
 
@@ -411,3 +412,36 @@ async def test_serve_on_another_loop_is_refused_before_it_waits() -> None:
 
 async def _serve(sv: Supervisor) -> None:
     await asyncio.wait_for(sv.serve(), QUICK_WAIT)
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+@pytest.mark.parametrize("how", ["start()", "async with"])
+async def test_serve_while_another_task_starts_it_says_what_to_await(how: str) -> None:
+    journal: list[str] = []
+    sv = Supervisor(name="half")
+    slow = sv.add(SlowToStart("slow", journal))
+    left = asyncio.Event()
+
+    async def enter() -> None:
+        async with sv:
+            await left.wait()
+
+    starting = asyncio.ensure_future(sv.start() if how == "start()" else enter())
+    await await_until(lambda: journal == ["start slow"], QUICK_WAIT, "the start to begin")
+    with pytest.raises(RuntimeError) as info:
+        await sv.serve()
+    assert str(info.value) == (
+        f"Cannot serve() {sv!r} while another task starts it ('async with' or start() has not "
+        f"returned yet): await sv.wait_ready(), then serve()."
+    )
+    slow.go.set()
+    await asyncio.wait_for(sv.wait_ready(), QUICK_WAIT)
+    serving = asyncio.ensure_future(sv.serve())  # as the message says: it now waits
+    await asyncio.sleep(0)  # one step: serve() runs up to its wait, with nothing to await before
+    assert not serving.done()
+    sv.stop()
+    await asyncio.wait_for(serving, QUICK_WAIT)
+    left.set()
+    await asyncio.wait_for(starting, QUICK_WAIT)
+    await sv.aclose()

@@ -1,14 +1,20 @@
 """Cooperative stop tokens and the per-thread record of the call a worker runs.
 
 A :class:`StopToken` is created for every offloaded call, so it must be cheap:
-it is a flag, and the ``threading.Event`` behind :meth:`StopToken.wait` is only
-built the first time somebody waits.
+a flag and one list, with no lock and no ``threading.Event``.
+
+No lock, because ``set()`` must be safe in a ``signal.signal`` handler: the
+handler runs in the main thread between two of its bytecodes, maybe inside
+another method of this token (or of any token), and waiting there for a lock
+the main thread holds would wait for good. Every method is instead built from
+steps the interpreter does in one go (``list.append``, ``list.pop``,
+``list.remove``, one attribute store), and stays right when ``set()`` runs
+between any two of them, in this thread or in another.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import threading
@@ -18,10 +24,6 @@ from typing import Any, Final, Protocol, final
 logger: Final = logging.getLogger("offloop")
 
 __all__ = ["StopToken", "current_token"]
-
-# One lock for the lazy creation of every token's Event: creation is rare
-# (only waiters need it), so contention is not a concern.
-_EVENT_LOCK: Final = threading.Lock()
 
 
 @final
@@ -40,54 +42,68 @@ class StopToken:
                     return None    # stop early, cooperatively
                 work(item)
 
-    Tokens can also be created and set by hand, e.g. to stop a thread service.
+    Tokens can also be created and set by hand, e.g. to stop a thread service,
+    from any thread or from a ``signal.signal`` handler.
     """
 
-    __slots__ = ("__weakref__", "_callbacks", "_event", "_flag", "_reason")
+    __slots__ = ("__weakref__", "_callbacks", "_flag", "_reason")
 
     def __init__(self) -> None:
         self._flag = False
-        self._event: threading.Event | None = None
         self._reason: str | None = None
-        self._callbacks: list[Callable[[StopToken], object]] | None = None
+        # Callbacks not run yet, in the order they were added; waiters of
+        # wait() are here too, as the release of a lock they block on.
+        # Whoever takes one out of the list (set() by pop, add_callback() or
+        # remove_callback() by remove) owns it: it runs once, or never.
+        self._callbacks: list[Callable[[StopToken], object]] = []
 
     def set(self, reason: str | None = None) -> None:
         """Ask the holder to stop. Thread-safe; setting twice keeps the first reason.
 
-        Not from a ``signal.signal`` handler: it runs in the main thread, which
-        may hold the lock this takes. Hand the request to another thread there
-        (``queue.SimpleQueue.put`` is safe in a handler), or use
-        ``loop.add_signal_handler``.
+        Safe in a ``signal.signal`` handler too: it takes no lock, so it never
+        waits for the thread it interrupted.
         """
         if not self._flag:
             self._reason = reason
-        # The flag is written before the event is read, and wait() creates the
-        # event before reading the flag, so one of the two always sees the other.
+        # The flag is written before the list is emptied, and add_callback()
+        # appends before it reads the flag, so a callback is either popped
+        # here or taken back and run there.
         self._flag = True
-        event = self._event
-        if event is not None:
-            event.set()
-        # Taken after the flag is written: add_callback() checks the flag under
-        # this lock, so a callback is either swapped out here or run at once there.
-        with _EVENT_LOCK:
-            callbacks, self._callbacks = self._callbacks, None
-        for callback in callbacks or ():
+        callbacks = self._callbacks
+        while True:
+            # One pop per callback: a set() that interrupts this one (a signal
+            # handler) or runs beside it (another thread) takes the rest, and
+            # no callback is run twice.
+            try:
+                callback = callbacks.pop(0)
+            except IndexError:
+                return
             self._run_callback(callback)
 
     def add_callback(self, callback: Callable[[StopToken], object]) -> None:
         """Call ``callback(token)`` once when the token is set (at once if it already is).
 
-        The callback runs in the thread that sets the token, so it must be
-        quick and thread-safe, e.g. ``loop.call_soon_threadsafe(...)``. An
-        exception it raises is logged (``offloop`` logger) and ignored.
+        The callback runs in the thread that sets the token (in a signal
+        handler if one sets it), so it must be quick and thread-safe, e.g.
+        ``loop.call_soon_threadsafe(...)``. An exception it raises is logged
+        (``offloop`` logger) and ignored.
         """
-        with _EVENT_LOCK:
-            if not self._flag:
-                if self._callbacks is None:
-                    self._callbacks = []
-                self._callbacks.append(callback)
-                return
-        self._run_callback(callback)
+        if self._flag:
+            self._run_callback(callback)
+            return
+        self._callbacks.append(callback)
+        if self.is_set() and self._take_back(callback):
+            # set() ran after the check above and may have emptied the list
+            # before the append: nobody else will run it.
+            self._run_callback(callback)
+
+    def _take_back(self, callback: Callable[[StopToken], object]) -> bool:
+        """Remove one entry of ``callback``; ``False`` if set() took it first."""
+        try:
+            self._callbacks.remove(callback)
+        except ValueError:
+            return False
+        return True
 
     def _run_callback(self, callback: Callable[[StopToken], object]) -> None:
         # Whoever sets the token (a cancellation, a pool closing) must not get
@@ -100,10 +116,7 @@ class StopToken:
 
     def remove_callback(self, callback: Callable[[StopToken], object]) -> None:
         """Forget a callback added with :meth:`add_callback`; unknown callbacks are ignored."""
-        with _EVENT_LOCK:
-            if self._callbacks is not None:
-                with contextlib.suppress(ValueError):
-                    self._callbacks.remove(callback)
+        self._take_back(callback)
 
     def is_set(self) -> bool:
         """Return ``True`` once the holder has been asked to stop."""
@@ -125,21 +138,49 @@ class StopToken:
         """
         if self._flag:
             return True
-        event = self._event
-        if event is None:
-            with _EVENT_LOCK:
-                event = self._event
-                if event is None:
-                    event = self._event = threading.Event()
-                    # set() may have run since the check above.
-                    if self.is_set():
-                        event.set()
-        return event.wait(timeout)
+        # Not a threading.Event: setting one takes its lock, which the main
+        # thread holds inside Event.wait(), so set() could not be called from
+        # a signal handler. A lock of our own, taken here and released by
+        # set(), only ever blocks its waiter.
+        waiter = threading.Lock()
+        waiter.acquire()
+        wake = _Wake(waiter)
+        self.add_callback(wake)
+        woken = False
+        try:
+            if timeout is None:
+                woken = waiter.acquire()
+            elif timeout > 0:
+                woken = waiter.acquire(timeout=timeout)
+            else:
+                woken = waiter.acquire(blocking=False)
+        finally:
+            # Also on KeyboardInterrupt: the list keeps live waiters only, so
+            # a token waited on in a loop does not grow it without bound.
+            if not woken:
+                self._take_back(wake)
+        return self._flag
 
     def __repr__(self) -> str:
         if self._flag:
             return f"<StopToken set reason={self._reason!r}>"
         return "<StopToken not set>"
+
+
+@final
+class _Wake:
+    """The callback of one ``wait()``: releases the lock its waiter blocks on.
+
+    Compared by identity, so ``remove`` takes back this waiter's entry only.
+    """
+
+    __slots__ = ("_waiter",)
+
+    def __init__(self, waiter: threading.Lock) -> None:
+        self._waiter = waiter
+
+    def __call__(self, token: StopToken) -> None:
+        self._waiter.release()
 
 
 class CallInfo(Protocol):

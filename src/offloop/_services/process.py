@@ -21,10 +21,8 @@ import functools
 import multiprocessing
 import os
 import pickle
-import queue
 import signal
 import sys
-import threading
 import time
 import traceback
 import types
@@ -407,21 +405,13 @@ def _child_main(
 
 
 def _set_on_sigterm(token: StopToken) -> None:
-    """In the child: SIGTERM sets ``token``, from a thread of its own.
+    """In the child: SIGTERM sets ``token``.
 
-    Not ``token.set()`` in the handler: a handler runs between two bytecodes
-    of the main thread, which may be holding the lock ``set()`` takes (inside
-    ``token.wait()``, making its event), and would then wait for itself for
-    good: the child would never stop. ``SimpleQueue.put`` is safe in a handler.
+    In the handler itself: ``StopToken.set()`` takes no lock, so it is safe
+    there even when the signal interrupts the main thread inside a method of
+    that token (``token.wait()``, most of the time).
     """
-    requests: queue.SimpleQueue[None] = queue.SimpleQueue()
-
-    def relay() -> None:
-        requests.get()
-        token.set("terminated")
-
-    threading.Thread(target=relay, name="offloop-service-sigterm", daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: requests.put(None))
+    signal.signal(signal.SIGTERM, lambda *_: token.set("terminated"))
 
 
 async def _child_async(fn: Callable[[], Any], conn: Connection) -> None:

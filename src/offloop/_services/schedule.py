@@ -515,6 +515,18 @@ class ScheduledService(FunctionService):
         self._count += 1
         self._last_duration, self._last_error = took, error
         if error is not None and self._ending is None:
+            if self._runs:
+                # overlap="allow": the supervisor hears of the crash once the
+                # service's run ends, after these runs, which a thread deaf to
+                # its token may put off for long. Said now, when it happened.
+                logger.error(
+                    "service %r: a run crashed with %r; the service stops once its %d other "
+                    "run(s) end",
+                    self.name,
+                    error,
+                    len(self._runs),
+                    exc_info=error,
+                )
             self._wind_down(error)
             return
         if self._queued and self._ending is None:

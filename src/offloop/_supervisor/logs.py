@@ -57,6 +57,11 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         {"state": "stopped"},
     ),
     "%s: service %r crashed: %r": ("crash", ("supervisor", "service", "error"), {}),
+    "service %r: a run crashed with %r; the service stops once its %d other run(s) end": (
+        "run_crash",
+        ("service", "error", "running"),
+        {},
+    ),
     "%s: service %r failed to start: %r": (
         "crash",
         ("supervisor", "service", "error"),

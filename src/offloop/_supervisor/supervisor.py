@@ -452,7 +452,10 @@ class Supervisor(HostLifecycle, Registration):
                     f"Cannot enter {self!r} again: it is already running. A supervisor is "
                     f"entered once; use a second Supervisor for a second set of services."
                 )
-            return f"Cannot serve() {self!r} while it is still starting; await __aenter__ first."
+            return (
+                f"Cannot serve() {self!r} while another task starts it ('async with' or start() "
+                f"has not returned yet): await sv.wait_ready(), then serve()."
+            )
         if self._state is _SV.STOPPING:
             return f"Cannot {action} {self!r}: it is stopping."
         return (

@@ -1,0 +1,261 @@
+"""StopToken.set() from a signal handler, which may interrupt the main thread anywhere.
+
+A ``signal.signal`` handler runs in the main thread between two of its
+bytecodes, maybe in the middle of a method of the very token it sets. The
+deterministic tests play that: they run a token method with a trace on every
+bytecode of offloop's token module, and call ``set()`` at the k-th one, for
+every k. The last test sends real signals to a real child.
+"""
+
+from __future__ import annotations
+
+import dis
+import functools
+import inspect
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import offloop
+from offloop._core import token as token_module
+from tests.helpers import SPAWN_WAIT, WAIT, in_plain_thread
+
+TOKEN_FILE = token_module.__file__
+
+
+def interrupted(
+    k: int, action: Callable[[], object], handler: Callable[[], object], stop_line: int = -1
+) -> bool:
+    """Run ``action()``, calling ``handler()`` before the k-th bytecode of the token module.
+
+    Returns whether the handler ran (``False`` once k is past the last
+    bytecode). Counting ends at the call on ``stop_line``, a call that blocks
+    until someone sets the token. Runs in a thread of its own, so a deadlock
+    fails the test instead of hanging it.
+    """
+    seen = 0
+    fired = False
+    counting = True
+
+    def local(frame: types.FrameType, event: str, arg: Any) -> Any:
+        nonlocal seen, fired, counting
+        frame.f_trace_opcodes = True
+        if event != "opcode" or not counting:
+            return local
+        if seen == k:
+            fired = True
+            # Tracing is off inside a trace function, as it is not inside a
+            # real handler; the handler's own bytecodes are not counted either.
+            handler()
+        seen += 1
+        opname = dis.opname[frame.f_code.co_code[frame.f_lasti]]
+        if frame.f_lineno == stop_line and opname.startswith("CALL"):
+            counting = False
+            if not fired:
+                handler()  # the call would block for good: a signal now ends it
+        return local
+
+    def calls(frame: types.FrameType, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename == TOKEN_FILE else None
+
+    def traced() -> None:
+        sys.settrace(calls)
+        try:
+            action()
+        finally:
+            sys.settrace(None)
+
+    in_plain_thread(traced)
+    return fired
+
+
+def every_interruption(
+    setup: Callable[[], tuple[offloop.StopToken, Callable[[], object], Counter[str]]],
+    check: Callable[[Counter[str]], None],
+    stop_line: int = -1,
+) -> int:
+    """Run ``setup``'s action with ``token.set()`` at each bytecode in turn; ``check`` each run."""
+    k = 0
+    while True:
+        token, action, ran = setup()
+        try:
+            fired = interrupted(k, action, functools.partial(token.set, "signal"), stop_line)
+        except AssertionError as exc:
+            raise AssertionError(f"set() at bytecode {k}: {exc}") from None
+        if not fired:
+            return k
+        assert token.is_set()
+        try:
+            check(ran)
+        except AssertionError as exc:
+            raise AssertionError(f"set() at bytecode {k}: {exc}") from None
+        k += 1
+
+
+def counting(ran: Counter[str], name: str) -> Callable[[offloop.StopToken], None]:
+    def callback(token: offloop.StopToken) -> None:
+        ran[name] += 1
+
+    return callback
+
+
+def test_set_in_the_middle_of_add_callback_runs_every_callback_once() -> None:
+    def setup() -> tuple[offloop.StopToken, Callable[[], object], Counter[str]]:
+        token = offloop.StopToken()
+        ran: Counter[str] = Counter()
+        token.add_callback(counting(ran, "earlier"))
+        return token, lambda: token.add_callback(counting(ran, "added")), ran
+
+    def check(ran: Counter[str]) -> None:
+        assert ran == {"earlier": 1, "added": 1}, ran
+
+    assert every_interruption(setup, check) > 5
+
+
+def test_set_in_the_middle_of_remove_callback_runs_each_other_callback_once() -> None:
+    def setup() -> tuple[offloop.StopToken, Callable[[], object], Counter[str]]:
+        token = offloop.StopToken()
+        ran: Counter[str] = Counter()
+        removed = counting(ran, "removed")
+        token.add_callback(counting(ran, "kept"))
+        token.add_callback(removed)
+        return token, lambda: token.remove_callback(removed), ran
+
+    def check(ran: Counter[str]) -> None:
+        assert ran["kept"] == 1, ran
+        assert ran["removed"] in (0, 1), ran  # set() may come before the removal
+
+    assert every_interruption(setup, check) > 1
+
+
+def test_set_in_the_middle_of_set_runs_every_callback_once() -> None:
+    def setup() -> tuple[offloop.StopToken, Callable[[], object], Counter[str]]:
+        token = offloop.StopToken()
+        ran: Counter[str] = Counter()
+        for name in ("a", "b", "c"):
+            token.add_callback(counting(ran, name))
+        return token, lambda: token.set("first"), ran
+
+    def check(ran: Counter[str]) -> None:
+        assert ran == {"a": 1, "b": 1, "c": 1}, ran
+
+    assert every_interruption(setup, check) > 5
+
+
+def test_set_in_the_middle_of_wait_wakes_it() -> None:
+    source, first = inspect.getsourcelines(offloop.StopToken.wait)
+    blocking = [i for i, text in enumerate(source) if "waiter.acquire()" in text and "=" in text]
+    assert len(blocking) == 1, "wait() blocks on `woken = waiter.acquire()`; update this test"
+    results: list[bool] = []
+
+    def setup() -> tuple[offloop.StopToken, Callable[[], object], Counter[str]]:
+        token = offloop.StopToken()
+        ran: Counter[str] = Counter()
+        results.clear()
+
+        def action() -> None:
+            results.append(token.wait())
+            ran["left over"] = len(token._callbacks)
+
+        return token, action, ran
+
+    def check(ran: Counter[str]) -> None:
+        assert results == [True]
+        assert ran["left over"] == 0, "a waiter was left among the callbacks"
+
+    assert every_interruption(setup, check, stop_line=first + blocking[0]) > 5
+
+
+CHILD = """
+import os, signal, sys
+from offloop import StopToken
+
+SIGNALS = int(sys.argv[1])
+current = [StopToken()]
+handled = [0]
+
+def on_signal(signum, frame):
+    current[0].set("signal")
+    handled[0] += 1
+    os.write(1, b".")  # safe in a handler: the parent sends the next signal
+
+signal.signal(signal.SIGUSR1, on_signal)
+ran = [0]
+
+def callback(token):
+    ran[0] += 1
+
+os.write(1, b"R")
+tokens = 0
+while handled[0] < SIGNALS:
+    # The main thread is always inside a token method when a signal comes.
+    token = current[0] = StopToken()
+    token.add_callback(callback)
+    token.add_callback(str)
+    token.remove_callback(str)
+    token.wait(0.0001)
+    tokens += 1
+    if token:
+        assert token.reason == "signal", token.reason
+        token.add_callback(callback)
+        assert ran[0] == 2, ran[0]
+    ran[0] = 0
+print(" ok", tokens)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_signal_handler_setting_tokens_never_deadlocks_the_main_thread(tmp_path: Path) -> None:
+    signals = 200
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(signals)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert child.stdout is not None
+    try:
+        # One signal at a time, each once the previous one was handled: two
+        # pending signals would merge into one handler call.
+        for sent in range(signals + 1):
+            ready, _, _ = select.select([child.stdout], [], [], SPAWN_WAIT)
+            assert ready, f"the child answered {sent} of {signals + 1} times, then hung"
+            assert os.read(child.stdout.fileno(), 1) in (b"R", b".")
+            if sent < signals:
+                os.kill(child.pid, signal.SIGUSR1)
+        out, err = child.communicate(timeout=SPAWN_WAIT)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate(timeout=WAIT)
+    assert child.returncode == 0, err.decode()
+    assert out.startswith(b" ok"), out
+
+
+def test_a_waiter_interrupted_by_a_thread_setting_the_token_wakes() -> None:
+    token = offloop.StopToken()
+    woke = threading.Event()
+
+    def wait() -> None:
+        assert token.wait()
+        woke.set()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    token.set("other thread")
+    waiter.join(WAIT)
+    assert woke.is_set()
+    assert not token._callbacks

@@ -319,6 +319,24 @@ def test_a_token_set_while_the_loop_does_not_run_ends_the_wait() -> None:
 # -- the calling thread's own event loop, not running ---------------------------
 
 
+def test_asyncio_keeps_this_threads_loop_where_the_idle_loop_check_reads_it() -> None:
+    # refuse_own_idle_loop() reads the default policy's per-thread loop, a
+    # private attribute: the public getter may create a loop or warn. If a
+    # Python release moves it, this names what moved (the check would then
+    # refuse nothing, and the crossing would hang as it did before it).
+    def in_thread() -> bool:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            policy = asyncio.events._event_loop_policy  # type: ignore[attr-defined]
+            return policy._local._loop is loop
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    assert in_plain_thread(in_thread), "asyncio.events._event_loop_policy._local._loop moved"
+
+
 def test_a_blocking_crossing_into_this_threads_idle_loop_is_refused_at_once() -> None:
     # Only this thread would run its own loop, and it would block waiting for
     # that loop to run the call: refused before anything is sent.

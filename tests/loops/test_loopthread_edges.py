@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from typing import Any
 
 import pytest
 
 import offloop
 from offloop import LoopThread
-from tests.helpers import state, where_am_i
+from tests.helpers import QUICK_WAIT, state, wait_until, where_am_i
 
 
 class Fatal(BaseException):
@@ -159,3 +160,61 @@ def test_ctrl_c_while_a_call_is_sent_leaves_the_count_right_and_the_call_unrun(
         assert lt.call(where_am_i)[0] == "offloop-loop-interrupted-send"
         assert lt._active == 0, repr(lt)
         assert ran == []
+
+
+async def fails_at_once() -> None:
+    raise ValueError("nobody hears this")
+
+
+@pytest.mark.parametrize("how", ["closed", "interrupted", "closed-after-it-failed"])
+async def test_a_caller_gone_while_its_coroutine_runs_there_cancels_it_and_nothing_is_logged(
+    how: str,
+) -> None:
+    # The caller's coroutine is closed while it waits (a task collected pending,
+    # say) or gets an exception thrown in: nobody will await the outcome, so the
+    # coroutine on the loop thread is cancelled, and its end (or an error it
+    # had sent back already) reaches nobody without an error on either loop.
+    reported: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+    lt = LoopThread(name="caller-gone").start()
+    try:
+        assert lt.loop is not None
+        lt.loop.set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        if how == "closed-after-it-failed":
+            caller = lt.run(fails_at_once)
+            caller.send(None)
+            # Not awaited here: the error's delivery waits for this loop.
+            wait_until(lambda: lt._active == 0, QUICK_WAIT, "the coroutine's end there")
+            caller.close()
+        else:
+            started = threading.Event()
+            ended: list[str] = []
+
+            async def long() -> None:
+                started.set()
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    ended.append("cancelled")
+                    raise
+
+            caller = lt.run(long)
+            caller.send(None)  # up to its wait for the outcome
+            assert await asyncio.to_thread(started.wait, QUICK_WAIT), "it never started there"
+            if how == "closed":
+                caller.close()
+            else:
+                with pytest.raises(Fatal):
+                    caller.throw(Fatal("the caller is gone"))
+        # A round trip through the loop thread, then through this loop: the
+        # cancel sent there has run, and so has the delivery sent back here.
+        await lt.run(asyncio.sleep, 0)
+        await asyncio.sleep(0)
+        if how != "closed-after-it-failed":
+            assert ended == ["cancelled"]
+        assert lt._active == 0, repr(lt)
+        del caller
+    finally:
+        await lt.aclose()
+    gc.collect()
+    assert reported == []

@@ -1,7 +1,7 @@
 """Event loops in threads of their own: ``LoopThread``.
 
 The crossings into them (how a coroutine is sent there and its outcome
-brought back) live in ``crossing.py``; the shared loop threads behind
+brought back) live in ``crossing.py`` and ``remote.py``; the shared loop threads behind
 ``from_thread`` and ``to_loop`` in ``shared.py``.
 
 The loop thread must not keep its LoopThread alive, or one dropped unclosed
@@ -48,15 +48,14 @@ from .._core.validate import (
     describe,
 )
 from .crossing import (
-    Remote,
     Reply,
     refuse_on_running_loop,
     refuse_when_stopped,
-    start_async,
     start_sync,
     wait_reply,
 )
 from .hotloop import new_loop
+from .remote import Remote, start_async
 from .serve import Serving, dropped, serve, stop_serving
 
 __all__ = ["LoopThread", "LoopThreadState", "use_default_executor"]

@@ -56,8 +56,8 @@ class Remote:
                     self.loop.call_soon_threadsafe(self.cancel_remote)
             raise
         except BaseException:
-            future = self.future
-            if future.done():
+            # Not bound to a local: this frame would hold the error then.
+            if self.future.done():
                 # The error's traceback holds this frame, which holds self: were
                 # self to keep the future holding the error, that would be a
                 # cycle (and the host it reaches freed only by the collector).
@@ -69,7 +69,7 @@ class Remote:
                 # so a coroutine still running there is cancelled, as for a
                 # cancellation, and an error delivered later is not reported
                 # as never retrieved: the caller left before it came.
-                future.add_done_callback(_retrieved)
+                self.future.add_done_callback(_retrieved)
                 if not self.finished:
                     with contextlib.suppress(RuntimeError):
                         self.loop.call_soon_threadsafe(self.cancel_remote)

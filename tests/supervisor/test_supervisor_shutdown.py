@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+import offloop
 from offloop import Service, StopToken, Supervisor
 from offloop._supervisor import signals
 from tests.helpers import QUICK_WAIT as WAIT
@@ -431,3 +432,49 @@ def test_run_logs_leftover_tasks_that_raise_or_ignore_their_cancellation(
     assert not keep[1].done()
     # Abandoned by design, on a loop now closed: no "destroyed but pending" at exit.
     keep[1]._log_destroy_pending = False  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("where", ["service", "task of the service", "thread service"])
+@bounded(10)
+async def test_a_service_that_closes_its_own_supervisor_is_stopped_with_the_others(
+    where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aclose() waits for the stop, which stops the service that awaits it: that
+    # service must end as its turn comes (its await raises CancelledError), not
+    # wait for itself until grace runs out and be killed (which the log would say).
+    sv = Supervisor(grace=3)
+    after: list[str] = []
+
+    async def close_it() -> None:
+        await sv.aclose()
+        after.append("aclose() returned")  # never: the service is stopped
+
+    def in_a_thread(token: StopToken) -> None:
+        with contextlib.suppress(offloop.CallerGoneError):
+            offloop.from_thread(close_it)
+
+    async def in_a_task() -> None:
+        task = asyncio.create_task(close_it())
+        try:
+            await task
+        finally:
+            task.cancel()  # the service's own task, which it ends as it stops
+
+    if where == "thread service":
+        sv.service(name="boss")(in_a_thread)
+    else:
+        sv.service(name="boss")(in_a_task if where == "task of the service" else close_it)
+
+    @sv.service
+    async def other() -> None:
+        await asyncio.Event().wait()
+
+    with caplog.at_level(logging.INFO, logger="offloop.supervisor"):
+        await sv.serve()
+    assert {name: st.state for name, st in sv.status().items()} == {
+        "boss": "stopped",
+        "other": "stopped",
+    }
+    assert after == []
+    assert "killed" not in caplog.text
+    assert "did not stop within the grace period" not in caplog.text

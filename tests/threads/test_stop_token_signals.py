@@ -47,10 +47,12 @@ def interrupted(
     seen = 0
     fired = False
     counting = True
+    lines = 0
 
     def local(frame: types.FrameType, event: str, arg: Any) -> Any:
-        nonlocal seen, fired, counting
+        nonlocal seen, fired, counting, lines
         frame.f_trace_opcodes = True
+        lines += event == "line"
         if event != "opcode" or not counting:
             return local
         if seen == k:
@@ -77,6 +79,10 @@ def interrupted(
             sys.settrace(None)
 
     in_plain_thread(traced)
+    if lines and not seen:
+        # CPython 3.12.1 sends no opcode events for a code object that ran
+        # untraced before (its line events still come): nothing to interrupt.
+        pytest.skip(f"Python {sys.version.split()[0]} sends no opcode trace events here")
     return fired
 
 

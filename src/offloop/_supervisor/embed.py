@@ -362,7 +362,10 @@ class HostLifecycle:
 
         Waits for the stop, whoever began it. Calling it again, from any task
         on the supervisor's loop, waits for the same stop. On a supervisor
-        that never started, it only makes sure it never will.
+        that never started, it only makes sure it never will. Awaited in one
+        of its own services (or a task one started), the wait ends as the
+        stop reaches that service: its task is cancelled then, like every
+        service's, so the ``await`` raises ``CancelledError``.
 
         Raises:
             ServiceFailed: a service failed beyond its restart policy (on every

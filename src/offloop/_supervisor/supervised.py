@@ -8,6 +8,7 @@ per-service policy lives here and the supervisor's own lifecycle there.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ from .calls import call_service
 from .order import DependencyRestart
 from .status import ServiceState, ServiceStatus
 
-__all__ = ["LAST_CHANCE", "SHUTDOWN_OVERRUN", "RecordKeeper", "Supervised"]
+__all__ = ["LAST_CHANCE", "SERVICE_OF", "SHUTDOWN_OVERRUN", "RecordKeeper", "Supervised"]
 
 logger: Final = logging.getLogger("offloop.supervisor")
 
@@ -34,6 +35,14 @@ LAST_CHANCE: Final = 0.1
 #: the one being stopped when the time ran out gets its last chance and a
 #: moment to end once killed, then all the others together get the same.
 SHUTDOWN_OVERRUN: Final = 4 * LAST_CHANCE
+
+#: The service whose code runs in this context: set by each service's runner
+#: task, so every task the service starts (and every call it sends to a worker
+#: thread or a loop thread, which copy the context) inherits it. The shutdown
+#: must not wait for itself in one of them (see Supervisor._finish_shutdown).
+SERVICE_OF: Final[contextvars.ContextVar[Supervised | None]] = contextvars.ContextVar(
+    "offloop_service_of", default=None
+)
 
 _ST = ServiceState
 
@@ -161,6 +170,7 @@ class Supervised:
         """Run the service until it ends for good: start, wait, apply the restart policy."""
         loop = asyncio.get_running_loop()
         sv, svc = self.supervisor.name, self.service
+        SERVICE_OF.set(self)  # this task's own context: see SERVICE_OF
         # Only the first run has a window. A run that ended with its task
         # cancelled (killed in a cascade) never reached the line below that
         # closes it: a new task is a new run, whose start() or crash must not be

@@ -30,8 +30,9 @@ from .order import check_depends_on, check_on_dependency_restart, check_oneshot,
 from .owner import LoopEndWatch
 from .probes import DEFAULT_HOST, Probes
 from .register import Registration
+from .shutdown import Shutdown
 from .status import ServiceState, ServiceStatus, SupervisorState
-from .supervised import SHUTDOWN_OVERRUN, Supervised
+from .supervised import Supervised
 
 if TYPE_CHECKING:
     from .._detect.detector import BlockingDetector
@@ -51,7 +52,7 @@ _ST = ServiceState
 _SV = SupervisorState
 
 
-class Supervisor(HostLifecycle, Registration):
+class Supervisor(HostLifecycle, Registration, Shutdown):
     """Runs services side by side: restarts them when they crash, stops them in bounded time.
 
     Register ``async def`` / ``def`` functions with :meth:`service` (scheduled
@@ -544,55 +545,6 @@ class Supervisor(HostLifecycle, Registration):
             self._request_shutdown("every service has ended")
 
     # -- shutdown ------------------------------------------------------------------------
-
-    def _request_shutdown(self, reason: str) -> asyncio.Task[None]:
-        if self._shutdown_task is None:
-            loop = self._loop
-            assert loop is not None
-            assert self._shutdown_requested is not None
-            if self._state is not _SV.STOPPED:
-                self._state = _SV.STOPPING
-                self._embed.changed()
-            logger.info("%s: stopping (%s), grace %gs", self.name, reason, self.grace)
-            self._shutdown_task = loop.create_task(
-                self._shutdown(), name=f"offloop-shutdown-{self.name}"
-            )
-            self._shutdown_requested.set_result(None)
-        return self._shutdown_task
-
-    async def _finish_shutdown(self, task: asyncio.Task[None]) -> None:
-        # The shutdown is bounded by grace, so waiting it out even when we are
-        # cancelled keeps "no service outlives the supervisor" true.
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await asyncio.wait({task})
-            raise
-        await self._loop_end.wait_done()
-
-    async def _shutdown(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.grace
-        self._stop_deadline = deadline + SHUTDOWN_OVERRUN
-        self._cascade.cancel_starts()
-        left = list(reversed(self._entries.values()))
-        while left and loop.time() < deadline:
-            await left.pop(0).stop(deadline)
-        if left:
-            # The grace period is used up: the rest get their last chance side by
-            # side, so the overrun is one LAST_CHANCE, not one per service.
-            now = loop.time()
-            await asyncio.gather(*(e.stop(now) for e in left))
-        await self._cascade.close()
-        if self._detector is not None:
-            # Joins the monitor thread, which only sleeps between heartbeats:
-            # it wakes on the stop request, so the loop waits a moment at most.
-            self._detector.stop()
-        self._health.stop()
-        await self._probes.close()
-        self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
-        self._embed.changed()
-        logger.info("%s: stopped", self.name)
 
 
 def _loop_running() -> bool:

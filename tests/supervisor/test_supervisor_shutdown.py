@@ -90,6 +90,16 @@ async def test_shutdown_is_bounded_and_reports_an_abandoned_thread(
         report = next(w for w in warnings if "abandoned" in w)
         assert report.startswith("sv: service 'deaf' abandoned thread 'offloop-service-deaf'")
         assert "in deaf\n    release.wait(WAIT)" in report  # its current stack
+        # Stopped, but not cleanly: the status and one summary line say so.
+        status = sv.status()
+        assert (status["deaf"].state, status["deaf"].killed) == ("stopped", True)
+        assert (status["polite"].state, status["polite"].killed) == ("stopped", False)
+        assert status["deaf"].to_dict()["killed"] is True
+        assert "killed" in repr(status["deaf"])
+        assert warnings[-1].startswith(
+            "sv: stopped, but 1 service(s) did not stop politely and were killed: 'deaf'."
+        )
+        assert not any(r.getMessage() == "sv: stopped" for r in caplog.records)
     finally:
         release.set()
     abandoned[0].join(WAIT)
@@ -477,4 +487,6 @@ async def test_a_service_that_closes_its_own_supervisor_is_stopped_with_the_othe
     }
     assert after == []
     assert "killed" not in caplog.text
+    assert caplog.records[-1].getMessage() == f"{sv.name}: stopped"
+    assert not any(st.killed for st in sv.status().values())
     assert "did not stop within the grace period" not in caplog.text

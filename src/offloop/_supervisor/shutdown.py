@@ -85,6 +85,7 @@ class Shutdown:
         self._stop_deadline = deadline + SHUTDOWN_OVERRUN
         self._cascade.cancel_starts()
         left = list(reversed(self._entries.values()))
+        kills = {e.name: e.kills for e in left}
         while left and loop.time() < deadline:
             await left.pop(0).stop(deadline)
         if left:
@@ -101,4 +102,17 @@ class Shutdown:
         await self._probes.close()
         self._state = _SV.FAILED if self._failure is not None else _SV.STOPPED
         self._embed.changed()
-        logger.info("%s: stopped", self.name)
+        killed = [e.name for e in self._entries.values() if e.kills > kills.get(e.name, 0)]
+        if killed:
+            # One line an operator can find: the stop was not clean, though
+            # every service is stopped now (their lines above say how).
+            logger.warning(
+                "%s: stopped, but %d service(s) did not stop politely and were killed: %s. "
+                "See the lines above for what each was doing; make them stop on their "
+                "stop token or cancellation, or raise grace.",
+                self.name,
+                len(killed),
+                ", ".join(repr(name) for name in killed),
+            )
+        else:
+            logger.info("%s: stopped", self.name)

@@ -82,6 +82,10 @@ class ServiceStatus:
             now, to be ready (again) before it starts: before its first start
             (its state is then ``stopped``), or before it starts again after
             such a restart (``restarting``); else ``()``.
+        killed: whether its last stop had to kill it: it did not stop within
+            the grace period (or its ``stop()`` raised), so its task was
+            cancelled again, its process got SIGKILL or its thread was
+            abandoned (the log says which, with the thread's stack).
     """
 
     name: str
@@ -94,6 +98,7 @@ class ServiceStatus:
     dependency_restarts: int = 0
     restarting_with: str | None = None
     waiting_for: tuple[str, ...] = ()
+    killed: bool = False
 
     @property
     def uptime(self) -> float | None:
@@ -123,6 +128,7 @@ class ServiceStatus:
             "dependency_restarts": self.dependency_restarts,
             "restarting_with": self.restarting_with,
             "waiting_for": list(self.waiting_for),
+            "killed": self.killed,
         }
         if self.schedule is not None:  # only scheduled services have one
             out["schedule"] = self.schedule.to_dict()
@@ -134,6 +140,8 @@ class ServiceStatus:
             parts.append(f"restarting_with={self.restarting_with!r}")
         if self.waiting_for:
             parts.append(f"waiting_for={self.waiting_for!r}")
+        if self.killed:
+            parts.append("killed")
         if self.last_error is not None:
             parts.append(f"last_error={self.last_error!r}")
         return f"<ServiceStatus {' '.join(parts)}>"

@@ -124,6 +124,8 @@ class Supervised:
         self.aborting = False
         # Whether the stop under way has killed the service: kill() is called once.
         self.killed = False
+        # Kills in all: the shutdown names those it had to kill (see Shutdown).
+        self.kills = 0
         # Whether start() has returned once: an error before that is a
         # start-up error, not a crash (see RestartPolicy.retry_startup).
         self.been_ready = False
@@ -150,6 +152,7 @@ class Supervised:
             self.dependency_restarts,
             self.restarting_with,
             self.waiting_for,
+            self.killed,
         )
 
     def end(self, state: ServiceState) -> None:
@@ -564,6 +567,7 @@ class Supervised:
         if self.killed:
             return  # by the timed-out start's own stop, which the shutdown cut short
         self.killed = True
+        self.kills += 1
         sv = self.supervisor.name
         logger.warning("%s: service %r %s; killed it", sv, self.name, why)
         try:

@@ -391,6 +391,7 @@ def test_live_table_renders_every_service() -> None:
                 "dependency_restarts": 0,
                 "restarting_with": None,
                 "waiting_for": [],
+                "killed": False,
             }
             for name in ("worker", "bot")
         },

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
+import signal
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -220,6 +222,31 @@ def test_a_stop_racing_run_in_another_thread_is_never_lost() -> None:
         thread.join(WAIT)
         assert not thread.is_alive(), f"run() ignored a stop() sent while it started (round {n})"
         assert outcome == [0]
+
+
+def test_run_in_another_thread_says_it_handles_no_signal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A Ctrl-C reaches the main thread only: without a word, a program that
+    # runs sv.run() in a thread learns it when Ctrl-C skips the graceful stop.
+    caplog.set_level(logging.INFO, logger="offloop.supervisor")
+    handler = signal.getsignal(signal.SIGINT)
+    sv = Supervisor(name="threaded")
+    sv.add(Recorder("api", []))
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(sv.run()), name="runner")
+    thread.start()
+    sv.stop()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert outcome == [0]
+    said = [r.getMessage() for r in caplog.records if "not the main thread" in r.getMessage()]
+    assert said == [
+        "threaded: run() in thread 'runner', not the main thread: it does not handle SIGINT "
+        "or SIGTERM (only the main thread can). Call sv.stop() where the program gets them "
+        "(on KeyboardInterrupt in the main thread, say) for a graceful stop."
+    ]
+    assert signal.getsignal(signal.SIGINT) is handler  # untouched
 
 
 def add_polite_neighbour(sv: Supervisor) -> threading.Event:

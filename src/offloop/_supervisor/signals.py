@@ -180,6 +180,18 @@ def run_with_signals(
                 previous[sig] = signal.signal(sig, on_signal)
         _say_which_signals_are_ignored(sv.name, [s for s in SIGNALS if s not in previous])
         wakeup = _Wakeup(loop)
+    else:
+        # Only the main thread can handle a signal: a Ctrl-C then raises
+        # KeyboardInterrupt there, and ends the program without this stop
+        # unless the program calls stop() itself. Said once, at INFO: running
+        # in a thread, with the program stopping it, is a documented use.
+        logger.info(
+            "%s: run() in thread %r, not the main thread: it does not handle SIGINT or "
+            "SIGTERM (only the main thread can). Call sv.stop() where the program gets "
+            "them (on KeyboardInterrupt in the main thread, say) for a graceful stop.",
+            sv.name,
+            threading.current_thread().name,
+        )
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main())

@@ -235,6 +235,13 @@ def test_bad_arguments_are_named() -> None:
         WSGIService(app, port="8000")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threads"):
         WSGIService(app, threads=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^WSGIService\(threads=16\) sets waitress's pool of worker threads, but "
+        r"server='werkzeug' starts a thread per connection .* Drop threads=, or pass "
+        r"server='waitress' for a fixed pool of 16\.$",
+    ):
+        WSGIService(app, threads=16)
     with pytest.raises(TypeError, match=r"name=\.\.\.\) must be a non-empty str"):
         WSGIService(app, name="")
 

@@ -56,6 +56,9 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 #: stopping waitress server is checked for channels still busy: the stop latency.
 POLL_INTERVAL: Final = 0.05
 
+#: waitress's worker threads when ``threads`` is not given: waitress's own default.
+WAITRESS_THREADS: Final = 4
+
 
 class _Server(Protocol):
     """What the service needs of a server, werkzeug's or waitress's.
@@ -113,7 +116,9 @@ class WSGIService(NetworkAdapter):
         server: ``"werkzeug"`` (the ``[flask]`` extra; a thread per
             connection) or ``"waitress"`` (the ``[waitress]`` extra; a fixed
             pool of ``threads`` worker threads).
-        threads: waitress's worker threads (ignored by werkzeug).
+        threads: waitress's worker threads (default 4). werkzeug starts a
+            thread per connection and takes no such bound: passing it with
+            ``server="werkzeug"`` is refused.
         access_log: log one line per request (werkzeug's request log).
         name: the service's name (default ``"wsgi"``).
 
@@ -129,7 +134,7 @@ class WSGIService(NetworkAdapter):
         host: str = "127.0.0.1",
         port: int = 8000,
         server: WSGIServer = "werkzeug",
-        threads: int = 4,
+        threads: int | None = None,
         access_log: bool = True,
         name: str | None = None,
     ) -> None:
@@ -145,6 +150,12 @@ class WSGIService(NetworkAdapter):
                 f"WSGIService(server=...) must be 'werkzeug' or 'waitress', got {server!r}."
             )
         check_positive_int(threads, "WSGIService(threads=...)")
+        if threads is not None and server == "werkzeug":
+            raise ValueError(
+                f"WSGIService(threads={threads}) sets waitress's pool of worker threads, but "
+                f"server='werkzeug' starts a thread per connection and has no such bound. "
+                f"Drop threads=, or pass server='waitress' for a fixed pool of {threads}."
+            )
         # Fail here, where the service is written, not when the supervisor starts it.
         if server == "werkzeug":
             require("werkzeug.serving", "flask", feature="WSGIService(server='werkzeug')")
@@ -153,7 +164,8 @@ class WSGIService(NetworkAdapter):
         super().__init__(check_name(name, "wsgi", "WSGIService"), host, port)
         self.app = app
         self.server = server
-        self.threads = threads
+        #: waitress's worker threads; werkzeug has none of its own.
+        self.threads = WAITRESS_THREADS if threads is None else threads
         self.access_log = bool(access_log)
         self._run: _ServerRun | None = None
 

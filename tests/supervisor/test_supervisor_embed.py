@@ -445,3 +445,62 @@ async def test_serve_while_another_task_starts_it_says_what_to_await(how: str) -
     left.set()
     await asyncio.wait_for(starting, QUICK_WAIT)
     await sv.aclose()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(20)
+async def test_an_app_it_serves_with_its_own_lifespan_is_refused_by_name() -> None:
+    # The supervisor's start waits for the ASGIService, whose app's lifespan
+    # would wait for the supervisor's start: say so, not "use wait_ready()".
+    fastapi = pytest.importorskip("fastapi")
+    sv = Supervisor(name="circular", grace=1)
+    app = fastapi.FastAPI(lifespan=offloop.lifespan(sv))
+    sv.add(offloop.ASGIService(app, port=0, access_log=False, name="api"))
+    with pytest.raises(ServiceFailed) as caught:
+        async with sv:
+            pass
+    message = str(caught.value)
+    assert "start() of <Supervisor 'circular'" in message
+    assert "was called in the start of its own service 'api'" in message
+    assert "drop the lifespan from that app" in message
+    assert "wait_ready" not in message
+
+
+class WaitsForAll(offloop.Service):
+    """A service whose start() waits for every service of its supervisor to be ready."""
+
+    def __init__(self, sv: Supervisor) -> None:
+        self.name = "impatient"
+        self.sv = sv
+
+    async def start(self) -> None:
+        await self.sv.wait_ready()
+
+    async def wait(self) -> None:
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        pass
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_wait_ready_in_the_start_of_its_own_service_is_refused_but_after_it_waits() -> None:
+    sv = Supervisor(name="own")
+    sv.add(WaitsForAll(sv))
+    with pytest.raises(ServiceFailed, match=r"wait_ready\(\) of .* its own service 'impatient'"):
+        async with sv:
+            pass
+    # Once ready, a service may wait for the others: the bot that waits for its web app.
+    sv = Supervisor(name="after")
+    seen: list[str] = []
+
+    @sv.service
+    async def bot() -> None:
+        await sv.wait_ready()
+        seen.append(str(sv.state))
+        await asyncio.Event().wait()
+
+    sv.add(Recorder("api", []))
+    async with sv:
+        await await_until(lambda: seen == ["running"], QUICK_WAIT, "the bot past wait_ready()")

@@ -73,6 +73,8 @@ class Embeddable(Protocol):
 
     async def _finish_shutdown(self, task: asyncio.Task[None]) -> None: ...
 
+    def _own_service(self, *, starting: bool = False) -> str | None: ...
+
 
 class Embedding:
     """The embedding half of a Supervisor: who started it, who waits, where failure goes."""
@@ -101,6 +103,7 @@ class Embedding:
 
     async def start(self) -> None:
         sv = self.sv
+        self._refuse_own_start("start()")
         if sv._state is _SV.NEW and not self.closed:
             self.started = True
             self.caller = asyncio.current_task()
@@ -160,6 +163,8 @@ class Embedding:
 
     async def wait_ready(self) -> None:
         sv = self.sv
+        if sv._state is _SV.STARTING:
+            self._refuse_own_start("wait_ready()")
         while sv._state is not _SV.RUNNING:
             if sv._state is not _SV.NEW and sv._state is not _SV.STARTING:
                 if sv._failure is not None:
@@ -176,6 +181,19 @@ class Embedding:
                     await waiter
             finally:
                 self.waiters.remove(waiter)
+
+    def _refuse_own_start(self, call: str) -> None:
+        # In the start of one of its own services, which the supervisor's start
+        # waits for: the two would wait for each other until start_timeout.
+        own = self.sv._own_service(starting=True)
+        if own is not None:
+            raise RuntimeError(
+                f"{call} of {self.sv!r} was called in the start of its own service {own!r}, "
+                f"which its start waits for: each would wait for the other. This is what "
+                f"lifespan=offloop.lifespan(sv) does on an app that the same supervisor serves "
+                f"(ASGIService): drop the lifespan from that app, or serve the app outside the "
+                f"supervisor (uvicorn with the lifespan, no ASGIService)."
+            )
 
     def changed(self) -> None:
         """The supervisor's state changed: wake the wait_ready() callers, on their own loops."""

@@ -18,7 +18,7 @@ from .embed import Embedding
 from .health import LoopHealth
 from .owner import LoopEndWatch
 from .probes import Probes
-from .status import SupervisorState
+from .status import ServiceState, SupervisorState
 from .supervised import SERVICE_OF, SHUTDOWN_OVERRUN, Supervised
 
 if TYPE_CHECKING:
@@ -73,8 +73,7 @@ class Shutdown:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            caller = SERVICE_OF.get()
-            if caller is None or self._entries.get(caller.name) is not caller:
+            if self._own_service() is None:
                 await asyncio.wait({task})
             raise
         await self._loop_end.wait_done()
@@ -116,3 +115,16 @@ class Shutdown:
             )
         else:
             logger.info("%s: stopped", self.name)
+
+    def _own_service(self, *, starting: bool = False) -> str | None:
+        """The name of this supervisor's service whose code calls (see SERVICE_OF), if any.
+
+        With ``starting``, only one that is still starting (not ready yet):
+        one the supervisor's start waits for.
+        """
+        entry = SERVICE_OF.get()
+        if entry is None or self._entries.get(entry.name) is not entry:
+            return None
+        if starting and entry.state is not ServiceState.STARTING:
+            return None
+        return entry.name

@@ -221,10 +221,19 @@ async def http_get(url: str) -> tuple[int, str]:
 class Proc:
     """A real child process whose merged output is read line by line as it comes."""
 
-    def __init__(self, args: Sequence[str], cwd: Path, *, ignore_sigint: bool = False) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        *,
+        ignore_sigint: bool = False,
+        new_session: bool = False,
+    ) -> None:
         self.popen = subprocess.Popen(
             [sys.executable, *args],
             cwd=cwd,
+            # A process group of its own, which os.killpg(popen.pid, ...) signals whole.
+            start_new_session=new_session,
             # As nohup or a non-interactive shell's background job would start it.
             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
             if ignore_sigint
@@ -234,6 +243,7 @@ class Proc:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        self._new_session = new_session
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="test-proc-reader")
@@ -290,7 +300,12 @@ class Proc:
         tb: TracebackType | None,
     ) -> None:
         if self.popen.poll() is None:
-            self.popen.kill()
+            if self._new_session:
+                # The whole group: a failed test leaves none of its processes behind.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+            else:
+                self.popen.kill()
         self.popen.wait(SPAWN_WAIT)
         self._reader.join(SPAWN_WAIT)
         assert self.popen.stdout is not None

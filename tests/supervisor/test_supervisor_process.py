@@ -381,6 +381,40 @@ def test_a_child_that_dies_while_starting_fails_the_start_and_nothing_else(
     assert "never retrieved" not in done.stderr, done.stderr
 
 
+_UNGUARDED = """\
+import offloop
+
+sv = offloop.Supervisor(name="app")
+
+
+@sv.service(isolate="process")
+def child(token):
+    token.wait()
+
+
+sv.run()  # unguarded: the spawned child runs the program again while importing this
+"""
+
+
+def test_a_child_of_an_unguarded_script_fails_with_the_guard_as_the_fix(tmp_path: Path) -> None:
+    # The child's own supervisor dies of multiprocessing's "bootstrapping
+    # phase" error, on the child's stderr; the parent only sees exit code 1.
+    done = run_script(tmp_path, "app.py", _UNGUARDED, timeout=SPAWN_WAIT)
+    assert done.returncode == 1, done.stderr
+    errors = [
+        line
+        for line in done.stderr.splitlines()
+        if line.startswith("offloop.WorkerCrashed: The process of service 'child'")
+    ]
+    assert errors, done.stderr
+    assert re.search(
+        r"\(pid \d+\) died with exit code 1 while starting, before it ran function 'child': "
+        r"it failed to import the program again",
+        errors[0],
+    ), errors[0]
+    assert "Guard the script's entry point with 'if __name__ == \"__main__\":'" in errors[0]
+
+
 @pytest.mark.loops("asyncio")
 @bounded(30)
 async def test_wait_after_a_start_whose_child_died_is_refused_as_after_any_failed_start(

@@ -18,6 +18,9 @@ With the "forkserver" start method the worker's parent is the fork server, not
 the pool's process, and the server can outlive it (any process that inherited
 its "alive" pipe keeps it running). Such a worker watches the pool's process
 itself: a pidfd that becomes readable when it exits, or else polling its pid.
+
+SIGINT and SIGTERM sent to the whole process group (Ctrl-C, systemd, an init
+in a container) pass a worker by: its parent decides its end.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def worker_main(
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # what happens to its workers, so a worker does not print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _outlive_group_sigterm()
     if init is not None and not _initialize(conn, init):
         return
     try:
@@ -202,6 +206,34 @@ def _serve(data: bytes, buffers: list[bytes] | None) -> bytes:
     finally:
         thread_state.call = None
     return encode_result(result, fn)
+
+
+def _outlive_group_sigterm() -> None:
+    """Let a SIGTERM sent to the whole process group pass the worker by.
+
+    systemd (``KillMode=control-group``), an init in a container forwarding
+    signals and ``kill -TERM -- -PGID`` signal every process of the group at
+    once. Dying then would fail the running call with ``WorkerCrashed`` while
+    the parent is still stopping gracefully (cancelling or finishing its
+    calls). The parent decides a worker's end: ``close()`` asks it to exit or
+    kills it (SIGKILL, never SIGTERM), and the parent's death kills it
+    (``_die_with_parent``).
+
+    A handler that does nothing rather than ``SIG_IGN``: an ignored signal
+    stays ignored across ``exec``, so a program the user's function starts
+    would ignore SIGTERM too (its ``terminate()`` would do nothing), while a
+    handler is reset to the default there. ``siginterrupt(False)`` restarts
+    the system calls the signal interrupts, so C code that does not retry
+    after ``EINTR`` sees no difference either.
+    """
+    if os.name != "posix":
+        return  # Windows' SIGTERM is TerminateProcess: no group, no handler
+    signal.signal(signal.SIGTERM, _ignore_signal)
+    signal.siginterrupt(signal.SIGTERM, False)
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    pass
 
 
 def _initialize(conn: Connection, init: bytes) -> bool:

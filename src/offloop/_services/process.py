@@ -245,6 +245,8 @@ class ProcessService(FunctionService):
                 if kill
                 else f"died with exit code {exitcode}"
             )
+            if not ready.done() and not kill and exitcode is not None and exitcode > 0:
+                how += self._start_hint()
             exc = WorkerCrashed(
                 f"The process of service {self.name!r} (pid {self.pid}) {how}.",
                 exitcode=exitcode,
@@ -254,6 +256,30 @@ class ProcessService(FunctionService):
             ready.set_exception(exc or OffloopError(f"service {self.name!r} ended while starting"))
             ready.exception()  # start() may be gone (cancelled); nothing else retrieves it
         self._finish(done, exc)
+
+    def _start_hint(self) -> str:
+        """Why a child that exited with an error code before it was ready died, and what to do.
+
+        Such a child said nothing: it failed before ``_child_main`` ran, while
+        the spawn method imported the program anew (the main module, then the
+        function's). A script that starts its supervisor at its top level
+        runs it again there, and the child's supervisor then dies of
+        multiprocessing's "bootstrapping phase" error, printed on the child's
+        stderr only.
+        """
+        guard = (
+            "Guard the script's entry point with 'if __name__ == \"__main__\":' so that the "
+            "new process does not run the program again, and check that these modules "
+            "import without errors"
+            if main_reaches_children("spawn")
+            else "Check that the function's module imports without errors in a new process"
+        )
+        return (
+            f" while starting, before it ran {describe(self.fn)}: it failed to import the "
+            f"program again (isolate='process' starts the child with the 'spawn' method, which "
+            f"imports the main module and the function's module anew). {guard}; the child's "
+            f"traceback is on its standard error"
+        )
 
     def _reap(self, *, kill: bool) -> int | None:
         process, conn = self._process, self._conn

@@ -101,18 +101,19 @@ def test_group_sigterm_stops_a_supervisor_whose_service_awaits_a_call(tmp_path: 
     assert out.endswith("run() returned 0")
 
 
-def _child_sigterm() -> str:
-    # A program the worker starts: SIGTERM must stop it as usual.
+def _child_signals() -> str:
+    # A program the worker starts: SIGTERM and Ctrl-C must stop it as usual.
+    # (Python installs its KeyboardInterrupt handler unless SIGINT came ignored.)
+    code = (
+        "import signal; h = signal.getsignal; "
+        "print(h(signal.SIGTERM).name, getattr(h(signal.SIGINT), '__name__', h(signal.SIGINT)))"
+    )
     done = subprocess.run(
-        [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGTERM).name)"],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=True,
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT, check=True
     )
     return done.stdout.strip()
 
 
-async def test_programs_a_worker_starts_keep_the_default_sigterm() -> None:
+async def test_programs_a_worker_starts_keep_the_default_signal_handling() -> None:
     async with offloop.ProcessPool(1) as pool:
-        assert await pool.run(_child_sigterm) == "SIG_DFL"
+        assert await pool.run(_child_signals) == "SIG_DFL default_int_handler"

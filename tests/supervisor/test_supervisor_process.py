@@ -113,6 +113,28 @@ async def test_sync_and_async_functions_run_in_child_processes(tmp_path: Path) -
     assert {st.state for st in sv.status().values()} == {"stopped"}
 
 
+def signals_of_a_program_it_starts(path: str, token: StopToken) -> None:
+    # Ctrl-C reaches the child's whole group and passes it by (the parent's
+    # stop is its SIGTERM), but a program it starts must get it as usual.
+    code = "import signal; print(getattr(signal.getsignal(signal.SIGINT), '__name__', 'ignored'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    _mark(path, done.stdout.strip())
+    token.wait()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(30)
+async def test_a_program_a_process_service_starts_keeps_ctrl_c(tmp_path: Path) -> None:
+    sv = Supervisor(name="procs")
+    seen = tmp_path / "seen"
+    sv.service(isolate="process", name="starter")(
+        functools.partial(signals_of_a_program_it_starts, str(seen))
+    )
+    async with sv:
+        await await_until(seen.exists, WAIT, "the child's program to say")
+    assert seen.read_text() == "default_int_handler"
+
+
 @pytest.mark.loops("asyncio")
 @bounded(30)
 async def test_child_exception_crosses_back_with_its_traceback() -> None:

@@ -20,7 +20,8 @@ its "alive" pipe keeps it running). Such a worker watches the pool's process
 itself: a pidfd that becomes readable when it exits, or else polling its pid.
 
 SIGINT and SIGTERM sent to the whole process group (Ctrl-C, systemd, an init
-in a container) pass a worker by: its parent decides its end.
+in a container) pass a worker by: its parent decides its end (see
+:func:`outlive_group_signals`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from .message import HEAD, MARK, attach, read_count
 from .pickling import encode_error, encode_init_failure, encode_load_failure, encode_result
 from .writer import write_small
 
-__all__ = ["worker_main"]
+__all__ = ["outlive_group_signals", "worker_main"]
 
 _PR_SET_PDEATHSIG: Final = 1
 #: Seconds between two checks of the parent pid by the fallback watcher.
@@ -67,10 +68,7 @@ def worker_main(
     if this process dies, the pool sends again a call it never took.
     """
     _die_with_parent(parent_pid, pdeathsig)
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides
-    # what happens to its workers, so a worker does not print a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _outlive_group_sigterm()
+    _outlive_group_signals()
     if init is not None and not _initialize(conn, init):
         return
     try:
@@ -208,28 +206,33 @@ def _serve(data: bytes, buffers: list[bytes] | None) -> bytes:
     return encode_result(result, fn)
 
 
-def _outlive_group_sigterm() -> None:
-    """Let a SIGTERM sent to the whole process group pass the worker by.
+def outlive_group_signals(*signums: signal.Signals) -> None:
+    """Let ``signums`` sent to the whole process group pass this process by.
 
-    systemd (``KillMode=control-group``), an init in a container forwarding
-    signals and ``kill -TERM -- -PGID`` signal every process of the group at
-    once. Dying then would fail the running call with ``WorkerCrashed`` while
-    the parent is still stopping gracefully (cancelling or finishing its
-    calls). The parent decides a worker's end: ``close()`` asks it to exit or
-    kills it (SIGKILL, never SIGTERM), and the parent's death kills it
-    (``_die_with_parent``).
+    Ctrl-C in a terminal, systemd (``KillMode=control-group``), an init in a
+    container forwarding signals and ``kill -TERM -- -PGID`` signal every
+    process of the group at once. A worker dying then would fail its running
+    call with ``WorkerCrashed`` (and print a traceback) while the parent is
+    still stopping gracefully, cancelling or finishing its calls. The parent
+    decides a worker's end: ``close()`` asks it to exit or kills it (SIGKILL,
+    never SIGTERM), and the parent's death kills it (``_die_with_parent``).
 
     A handler that does nothing rather than ``SIG_IGN``: an ignored signal
     stays ignored across ``exec``, so a program the user's function starts
-    would ignore SIGTERM too (its ``terminate()`` would do nothing), while a
-    handler is reset to the default there. ``siginterrupt(False)`` restarts
-    the system calls the signal interrupts, so C code that does not retry
-    after ``EINTR`` sees no difference either.
+    would ignore Ctrl-C and SIGTERM too (its ``terminate()`` would do
+    nothing), while a handler is reset to the default there.
+    ``siginterrupt(False)`` restarts the system calls the signal interrupts,
+    so C code that does not retry after ``EINTR`` sees no difference either.
     """
     if os.name != "posix":
-        return  # Windows' SIGTERM is TerminateProcess: no group, no handler
-    signal.signal(signal.SIGTERM, _ignore_signal)
-    signal.siginterrupt(signal.SIGTERM, False)
+        return  # Windows: no process group signals, and SIGTERM is TerminateProcess
+    for signum in signums:
+        signal.signal(signum, _ignore_signal)
+        signal.siginterrupt(signum, False)
+
+
+def _outlive_group_signals() -> None:
+    outlive_group_signals(signal.SIGINT, signal.SIGTERM)
 
 
 def _ignore_signal(signum: int, frame: object) -> None:

@@ -405,10 +405,11 @@ def _child_main(
     fn: Callable[..., Any], is_async: bool, pass_token: bool, conn: Connection, parent_pid: int
 ) -> None:
     # Imported here: the parent has no use for the worker module.
-    from .._process.child import _die_with_parent
+    from .._process.child import _die_with_parent, outlive_group_signals
 
     _die_with_parent(parent_pid, pdeathsig=True)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches the whole group: the parent's stop is this child's SIGTERM.
+    outlive_group_signals(signal.SIGINT)
     token = StopToken()
     try:
         if is_async:

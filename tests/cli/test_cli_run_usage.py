@@ -246,3 +246,52 @@ def test_a_supervisor_made_under_the_main_guard_is_explained(
     with pytest.raises(TargetError) as info:
         load_supervisor("guarded_app:other")
     assert str(info.value) == "the module 'guarded_app' has no attribute 'other'."
+
+
+WATCHED = """
+import offloop
+
+sv = offloop.Supervisor(grace=1, name="app")
+
+
+@sv.service
+async def bot():
+    print(f"detector threshold {sv.detector and sv.detector.threshold}", flush=True)
+    sv.stop()
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "threshold"),
+    [
+        (["--detect-blocking", "watched_app:sv"], "0.1"),
+        (["--detect", "watched_app:sv", "--plain"], "0.1"),  # argparse's abbreviation
+        (["--detect-blocking", "0.05", "watched_app:sv"], "0.05"),
+        (["--detect-blocking=0.05", "watched_app:sv"], "0.05"),
+        (["watched_app:sv", "--detect-blocking"], "0.1"),
+        (["watched_app:sv", "--detect-blocking", "0.05"], "0.05"),
+    ],
+)
+def test_detect_blocking_takes_its_default_when_the_target_follows_it(
+    tmp_path: Path, argv: list[str], threshold: str
+) -> None:
+    (tmp_path / "watched_app.py").write_text(textwrap.dedent(WATCHED))
+    with Proc(["-m", "offloop", "run", *argv], tmp_path) as proc:
+        assert proc.exit_code() == 0, proc.output
+    assert f"detector threshold {threshold}\n" in proc.output + "\n"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--detect-blocking", "fast", "watched_app:sv"], ["--detect-blocking", "fast"]]
+)
+def test_a_detect_blocking_value_that_is_neither_seconds_nor_a_target_is_refused(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    (tmp_path / "watched_app.py").write_text(textwrap.dedent(WATCHED))
+    with Proc(["-m", "offloop", "run", *argv], tmp_path) as proc:
+        assert proc.exit_code() == 2
+    assert (
+        "offloop run: error: argument --detect-blocking: expected a number of seconds "
+        "such as 0.1, got 'fast'" in proc.output
+    )
+    assert "detector threshold" not in proc.output

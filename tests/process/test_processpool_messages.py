@@ -177,6 +177,21 @@ async def test_an_argument_that_fails_to_load_with_an_unprintable_error_is_named
     assert pool.statistics()["crashed"] == 0  # reported, not a dead worker
 
 
+@pytest.mark.loops("asyncio")
+async def test_an_unpicklable_function_is_named_once(
+    pool: ProcessPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_pickling, "_cloudpickle", None)  # a lambda then cannot be pickled
+    with pytest.raises(offloop.NotPicklableError) as info:
+        pool.run(lambda: 1)
+    message = str(info.value)
+    assert message.startswith(f"ProcessPool {pool.name!r}.run() cannot send the call"), message
+    assert (
+        " to a worker process: its function (function "
+        "'test_an_unpicklable_function_is_named_once.<locals>.<lambda>') cannot be pickled ("
+    ) in message
+
+
 def test_a_class_of_the_main_script_is_named_as_in_the_script() -> None:
     # A spawned worker imports the main script as __mp_main__.
     cls = type("DbError", (Exception,), {"__module__": "__mp_main__"})

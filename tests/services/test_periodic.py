@@ -483,7 +483,7 @@ async def test_a_crash_beside_a_running_run_is_logged_when_it_happens(
         (record,) = [r for r in caplog.records if "a run crashed" in r.getMessage()]
         assert record.levelname == "ERROR"
         assert record.getMessage() == (
-            "service 'job': a run crashed with ConnectionError('the API is down'); "
+            "allow: service 'job': a run crashed with ConnectionError('the API is down'); "
             "the service stops once its 1 other run(s) end"
         )
         assert record.exc_info is not None

@@ -99,7 +99,7 @@ async def test_the_end_of_an_abandoned_run_is_logged(
     await await_until(lambda: bool(late_ends(caplog)), QUICK_WAIT, "the late end in the log")
     [record] = late_ends(caplog)
     message = record.getMessage()
-    assert message.startswith(f"service 'job': its abandoned {what} ended later"), message
+    assert message.startswith(f"sv: service 'job': its abandoned {what} ended later"), message
     if crash:
         assert record.levelno == logging.ERROR
         assert "ValueError('late crash of the abandoned run')" in message
@@ -171,7 +171,7 @@ async def test_a_task_that_ignores_the_kill_too_is_reported_abandoned_with_its_s
         # Judged once the task had the step in which it could honour kill()'s cancel.
         [report] = [m for m in caplog.messages if "abandoned" in m]
         assert report.startswith(
-            "service 'job' abandoned task 'offloop-service-job', which ignores its cancellation"
+            "sv: service 'job' abandoned task 'offloop-service-job', which ignores its cancellation"
         ), report
         assert "in async_job" in report  # where it is stuck
     finally:

@@ -98,6 +98,25 @@ def test_bad_registrations_are_explained(
     assert list(sv.services) == ["_never"]
 
 
+def test_a_function_with_the_wrong_isolate_is_named_once() -> None:
+    sv = Supervisor()
+    with pytest.raises(TypeError) as info:
+        sv.service(isolate="thread")(_never)
+    assert str(info.value) == (
+        "@Supervisor.service got function '_never', a coroutine function, with "
+        "isolate='thread'. A coroutine runs on an event loop: use isolate='loop' to give it "
+        "its own loop in its own thread."
+    )
+    with pytest.raises(TypeError) as info:
+        sv.service(isolate="loop")(lambda: None)
+    assert str(info.value) == (
+        "@Supervisor.service got function 'test_a_function_with_the_wrong_isolate_is_named_once"
+        ".<locals>.<lambda>', a plain function, with isolate='loop', which is for coroutine "
+        "functions. A plain 'def' already runs in its own thread; use "
+        "isolate=None (or 'thread')."
+    )
+
+
 def test_coroutine_object_is_rejected_without_a_warning() -> None:
     sv = Supervisor()
     with pytest.raises(TypeError, match="Decorate the 'async def' function itself"):

@@ -433,11 +433,12 @@ def test_run_logs_leftover_tasks_that_raise_or_ignore_their_cancellation(
 
     with caplog.at_level(logging.WARNING, logger="offloop.supervisor"):
         assert sv.run() == 0
-    raised = [r for r in caplog.records if r.getMessage() == "task raiser raised while stopping"]
+    said = "leftovers: task raiser raised while stopping"
+    raised = [r for r in caplog.records if r.getMessage() == said]
     assert len(raised) == 1
     assert raised[0].exc_info is not None
     assert isinstance(raised[0].exc_info[1], ValueError)
-    assert "abandoned task stubborn, which ignores cancellation" in caplog.messages
+    assert "leftovers: abandoned task stubborn, which ignores cancellation" in caplog.messages
     assert keep[0].done()
     assert not keep[1].done()
     # Abandoned by design, on a loop now closed: no "destroyed but pending" at exit.

@@ -428,4 +428,4 @@ def test_run_returns_within_grace_plus_the_overrun_with_a_task_that_ignores_canc
         out = proc.output
     # Measured in the child from the first cancellation; 0.3 s of slack for a loaded machine.
     assert took < grace + SHUTDOWN_OVERRUN + 0.3, out
-    assert "service 'stubborn' abandoned task 'offloop-service-stubborn'" in out
+    assert "stubborn: service 'stubborn' abandoned task 'offloop-service-stubborn'" in out

@@ -15,7 +15,10 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    from .parsing import Parser
+
+    # Subcommand parsers are made of the same class (argparse's default).
+    parser = Parser(
         prog="offloop",
         description="Run blocking code beside an asyncio event loop, and supervise it.",
     )

@@ -29,6 +29,7 @@ from .._supervisor.logs import LogFormat, make_handler
 from .._supervisor.signals import run_with_signals
 from .._supervisor.status import ServiceState, SupervisorState
 from .._supervisor.supervisor import Supervisor
+from .parsing import Parser
 
 __all__ = ["load_supervisor", "register", "render_table"]
 
@@ -48,7 +49,7 @@ class TargetError(UsageError):
 
 def register(subparsers: Any) -> None:
     """Add the ``run`` subcommand."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser: Parser = subparsers.add_parser(
         "run",
         help="run the Supervisor found at MODULE:ATTR",
         description=(
@@ -67,13 +68,15 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--detect-blocking",
-        type=float,
+        type=_seconds,
         nargs="?",
         const=0.1,
         default=None,
         metavar="SECONDS",
         help="log every block of the event loop longer than SECONDS (default 0.1) with the "
         "line that blocked it",
+        # 'run --detect-blocking app:sv': the target is not the threshold.
+        yields_to=_is_target,
     )
     parser.add_argument(
         "--plain",
@@ -106,6 +109,20 @@ def register(subparsers: Any) -> None:
         help="with --reload: watch DIR (repeatable; default: the current directory)",
     )
     parser.set_defaults(handler=main)
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds such as 0.1, got {text!r}"
+        ) from None
+
+
+def _is_target(word: str) -> bool:
+    """True for a MODULE:ATTR word, which no number of seconds looks like."""
+    return ":" in word
 
 
 def main(args: argparse.Namespace) -> int:

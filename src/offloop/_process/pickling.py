@@ -134,7 +134,7 @@ def _diagnose(
     exc: Exception,
 ) -> NotPicklableError:
     hint = "" if cloudpickle() is not None else " " + _HINT_NO_CLOUDPICKLE
-    culprits: list[tuple[str, object]] = [(f"its function {describe(fn)}", fn)]
+    culprits: list[tuple[str, object]] = [(f"its function ({describe(fn)})", fn)]
     culprits += [(f"argument {i} ({describe(arg)})", arg) for i, arg in enumerate(args)]
     culprits += [(f"keyword argument {k!r} ({describe(v)})", v) for k, v in kwargs.items()]
     for label, obj in culprits:

@@ -23,6 +23,8 @@ How the Supervisor calls the methods, which services can rely on:
 from __future__ import annotations
 
 import abc
+import weakref
+from typing import Any
 
 from .._core.errors import OffloopError
 
@@ -41,6 +43,12 @@ class Service(abc.ABC):
 
     #: The name used in logs, :meth:`Supervisor.status` and errors.
     name: str
+
+    # The supervisor it was added to (set by that supervisor): the lines the
+    # service logs by itself (a missed run, a task abandoned after kill())
+    # start with its name, as the supervisor's own lines do. Weak: the
+    # supervisor holds its services, not the other way round.
+    _supervisor: weakref.ref[Any] | None = None
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -74,6 +82,13 @@ class Service(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {getattr(self, 'name', '?')!r}>"
+
+
+def supervisor_name(service: Service) -> str:
+    """The name of the supervisor ``service`` was added to, for its log lines."""
+    sv = None if service._supervisor is None else service._supervisor()
+    # Outside a supervisor (a service driven by hand) the lines still read alike.
+    return "offloop" if sv is None else str(sv.name)
 
 
 class ServiceInterrupted(OffloopError):

@@ -33,7 +33,7 @@ from .._core.errors import OffloopError, WouldDeadlockError
 from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
 from .._loops.loopthread import LoopThread
-from .base import ServiceInterrupted
+from .base import ServiceInterrupted, supervisor_name
 from .lifecycle import LifecycleService, LifecycleState, logger
 
 __all__ = [
@@ -262,7 +262,9 @@ class TaskService(FunctionService):
         if task.done():
             return  # it honoured the kill: its end, on its way, ends the run
         self._abandon(done, f"task {task.get_name()!r}")
-        logger.warning("service %r abandoned %s", self.name, describe_task(task))
+        logger.warning(
+            "%s: service %r abandoned %s", supervisor_name(self), self.name, describe_task(task)
+        )
 
 
 class ThreadService(FunctionService):

@@ -26,7 +26,7 @@ import logging
 import threading
 from typing import ClassVar, Final, Literal
 
-from .base import Service
+from .base import Service, supervisor_name
 
 __all__ = ["JOIN_BOUND", "LifecycleService", "LifecycleState", "log_abandoned_end"]
 
@@ -40,7 +40,7 @@ Action = Literal["start", "wait"]
 
 
 def log_abandoned_end(
-    service: str, what: str, exc: BaseException | None, *, cancelled: bool = False
+    service: Service, what: str, exc: BaseException | None, *, cancelled: bool = False
 ) -> None:
     """Log how a run ``kill()`` abandoned ended: a crash at ERROR, with its traceback.
 
@@ -51,11 +51,22 @@ def log_abandoned_end(
     """
     if exc is not None:
         logger.error(
-            "service %r: its abandoned %s ended later with %r", service, what, exc, exc_info=exc
+            "%s: service %r: its abandoned %s ended later with %r",
+            supervisor_name(service),
+            service.name,
+            what,
+            exc,
+            exc_info=exc,
         )
         return
     how = "it was cancelled" if cancelled else "it returned"
-    logger.warning("service %r: its abandoned %s ended later: %s", service, what, how)
+    logger.warning(
+        "%s: service %r: its abandoned %s ended later: %s",
+        supervisor_name(service),
+        service.name,
+        what,
+        how,
+    )
 
 
 class LifecycleState(enum.Enum):
@@ -200,7 +211,7 @@ class LifecycleService(Service):
         if done.done():
             what = self._abandoned.pop(done, None)
             if what is not None:
-                log_abandoned_end(self.name, what, exc, cancelled=cancelled)
+                log_abandoned_end(self, what, exc, cancelled=cancelled)
             return
         if done is self._done:
             self._state = self._CLEAN_END if exc is None else LifecycleState.CRASHED

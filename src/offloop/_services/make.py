@@ -42,7 +42,7 @@ def make_fn_service(fn: Any, isolate: Isolate | None, name: str | None) -> Servi
     if is_async:
         if isolate == "thread":
             raise TypeError(
-                f"{where} got the coroutine function {describe(fn)} with "
+                f"{where} got {describe(fn)}, a coroutine function, with "
                 f"isolate='thread'. A coroutine runs on an event loop: use isolate='loop' "
                 f"to give it its own loop in its own thread."
             )
@@ -57,7 +57,7 @@ def make_fn_service(fn: Any, isolate: Isolate | None, name: str | None) -> Servi
     else:
         if isolate == "loop":
             raise TypeError(
-                f"{where} got the plain function {describe(fn)} with isolate='loop', "
+                f"{where} got {describe(fn)}, a plain function, with isolate='loop', "
                 f"which is for coroutine functions. A plain 'def' already runs in its "
                 f"own thread; use isolate=None (or 'thread')."
             )

@@ -36,7 +36,7 @@ from typing import Any, Final, Literal, Protocol
 from .._core.errors import OffloopError
 from .._core.token import StopToken, WorkerCall, thread_state
 from .._core.validate import describe
-from .base import ServiceInterrupted
+from .base import ServiceInterrupted, supervisor_name
 from .functions import FunctionService, describe_task, describe_thread
 from .lifecycle import LifecycleState, log_abandoned_end
 
@@ -333,7 +333,12 @@ class ScheduledService(FunctionService):
         for run in list(self._runs):
             if run.task is not None and not run.task.done():
                 self._drop(run, f"task {run.task.get_name()!r}")
-                logger.warning("service %r abandoned %s", self.name, describe_task(run.task))
+                logger.warning(
+                    "%s: service %r abandoned %s",
+                    supervisor_name(self),
+                    self.name,
+                    describe_task(run.task),
+                )
         self._finish_if_idle()
 
     def _wind_down(self, error: BaseException | None, *, cancel_runs: bool = True) -> None:
@@ -405,7 +410,8 @@ class ScheduledService(FunctionService):
         )
         if exact:
             logger.warning(
-                "service %r missed %d run(s) of %s (the program was blocked or asleep)%s",
+                "%s: service %r missed %d run(s) of %s (the program was blocked or asleep)%s",
+                supervisor_name(self),
                 self.name,
                 missed,
                 self.plan.describe(),
@@ -414,8 +420,9 @@ class ScheduledService(FunctionService):
             return
         self._missed_exact = False
         logger.warning(
-            "service %r missed at least %d run(s) of %s (the program was blocked or asleep; "
-            "the count stops there)%s",
+            "%s: service %r missed at least %d run(s) of %s (the program was blocked or "
+            "asleep; the count stops there)%s",
+            supervisor_name(self),
             self.name,
             missed,
             self.plan.describe(),
@@ -509,7 +516,7 @@ class ScheduledService(FunctionService):
         if run not in self._runs:
             # Abandoned by kill(): the service's run it belonged to has ended.
             if run.abandoned is not None:
-                log_abandoned_end(self.name, run.abandoned, error, cancelled=run.cancelled)
+                log_abandoned_end(self, run.abandoned, error, cancelled=run.cancelled)
             return
         self._runs.discard(run)
         self._count += 1
@@ -520,8 +527,9 @@ class ScheduledService(FunctionService):
                 # service's run ends, after these runs, which a thread deaf to
                 # its token may put off for long. Said now, when it happened.
                 logger.error(
-                    "service %r: a run crashed with %r; the service stops once its %d other "
-                    "run(s) end",
+                    "%s: service %r: a run crashed with %r; the service stops once its %d "
+                    "other run(s) end",
+                    supervisor_name(self),
                     self.name,
                     error,
                     len(self._runs),

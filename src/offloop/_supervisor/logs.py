@@ -57,9 +57,9 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         {"state": "stopped"},
     ),
     "%s: service %r crashed: %r": ("crash", ("supervisor", "service", "error"), {}),
-    "service %r: a run crashed with %r; the service stops once its %d other run(s) end": (
+    "%s: service %r: a run crashed with %r; the service stops once its %d other run(s) end": (
         "run_crash",
-        ("service", "error", "running"),
+        ("supervisor", "service", "error", "running"),
         {},
     ),
     "%s: service %r failed to start: %r": (
@@ -88,16 +88,19 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         {"state": "waiting"},
     ),
     "%s: service %r abandoned %s": ("abandoned", ("supervisor", "service", "what"), {}),
-    "abandoned task %s, which ignores cancellation": ("abandoned", ("task",), {}),
-    "service %r abandoned %s": ("abandoned", ("service", "what"), {}),
-    "service %r: its abandoned %s ended later with %r": (
+    "%s: abandoned task %s, which ignores cancellation": (
         "abandoned",
-        ("service", "what", "error"),
+        ("supervisor", "task"),
+        {},
+    ),
+    "%s: service %r: its abandoned %s ended later with %r": (
+        "abandoned",
+        ("supervisor", "service", "what", "error"),
         {"state": "ended"},
     ),
-    "service %r: its abandoned %s ended later: %s": (
+    "%s: service %r: its abandoned %s ended later: %s": (
         "abandoned",
-        ("service", "what", "outcome"),
+        ("supervisor", "service", "what", "outcome"),
         {"state": "ended"},
     ),
     "offloop: %s in thread %s of pool %r is still running %s and was abandoned; "
@@ -107,15 +110,15 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         ("call", "thread", "pool", "when"),
         {},
     ),
-    "service %r missed %d run(s) of %s (the program was blocked or asleep)%s": (
+    "%s: service %r missed %d run(s) of %s (the program was blocked or asleep)%s": (
         "missed",
-        ("service", "missed", "schedule", "note"),
+        ("supervisor", "service", "missed", "schedule", "note"),
         {},
     ),
-    "service %r missed at least %d run(s) of %s (the program was blocked or asleep; "
-    "the count stops there)%s": (
+    "%s: service %r missed at least %d run(s) of %s (the program was blocked or "
+    "asleep; the count stops there)%s": (
         "missed",
-        ("service", "missed", "schedule", "note"),
+        ("supervisor", "service", "missed", "schedule", "note"),
         {"count": "at least"},
     ),
 }

@@ -78,7 +78,8 @@ class Registration(JobDecorators):
         :class:`~offloop.LoopThread` (for coroutines that block their loop). A plain
         ``def`` runs in its own thread named ``offloop-service-<name>``; if it
         takes a parameter, it receives an :class:`~offloop.StopToken` that is
-        set when it must stop. ``isolate="process"`` runs either kind in a
+        set when it must stop (``isolate="thread"`` says so explicitly; it is
+        refused for an ``async def``). ``isolate="process"`` runs either kind in a
         child process (the function must be defined at a module's top level).
 
         Args:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -205,9 +206,9 @@ def run_with_signals(
             shut_down(
                 loop,
                 sweeps=1,
-                on_raised=_log_raised,
+                on_raised=functools.partial(_log_raised, sv.name),
                 wait=_leftover_wait(loop, sv._stop_deadline),
-                on_ignored=_log_abandoned,
+                on_ignored=functools.partial(_log_abandoned, sv.name),
             )
         finally:
             finished.set()
@@ -287,12 +288,14 @@ class _Wakeup:
         self.writer.close()
 
 
-def _log_raised(task: asyncio.Task[Any]) -> None:
-    logger.error("task %s raised while stopping", task.get_name(), exc_info=task.exception())
+def _log_raised(name: str, task: asyncio.Task[Any]) -> None:
+    logger.error(
+        "%s: task %s raised while stopping", name, task.get_name(), exc_info=task.exception()
+    )
 
 
-def _log_abandoned(task: asyncio.Task[Any]) -> None:
-    logger.warning("abandoned task %s, which ignores cancellation", task.get_name())
+def _log_abandoned(name: str, task: asyncio.Task[Any]) -> None:
+    logger.warning("%s: abandoned task %s, which ignores cancellation", name, task.get_name())
 
 
 def _leftover_wait(loop: asyncio.AbstractEventLoop, deadline: float | None) -> float:

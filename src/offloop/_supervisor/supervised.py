@@ -12,6 +12,7 @@ import contextvars
 import logging
 import math
 import time
+import weakref
 from typing import Final, Protocol
 
 from .._core.errors import StartTimeout
@@ -112,6 +113,8 @@ class Supervised:
         self.name: str = service.name
         self.policy = policy
         self.supervisor = supervisor
+        # Its own log lines name the supervisor too (base.supervisor_name).
+        service._supervisor = weakref.ref(supervisor)
         self.tracker = RestartTracker(policy)
         self.state = _ST.STOPPED  # not started yet
         self.restarts = 0

@@ -456,6 +456,15 @@ class ThreadPoolLifecycle(ThreadPoolView):
                 if w.call is not None
             ]
 
+    def _told_to_stop(self) -> bool:
+        """True while a running call has its StopToken set: it may be about to return."""
+        with self._lock:
+            for w in self._workers:
+                token = None if w.call is None else w.call._token
+                if token is not None and token.is_set():
+                    return True
+        return False
+
     def _report_stuck(self, when: str) -> None:
         for thread_name, fn in self._stuck_calls():
             logger.warning(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from collections.abc import Callable
 from typing import Final, ParamSpec, TypeVar
 
@@ -28,6 +29,12 @@ def _make_default() -> ThreadPool:
     pool._run_name = "offloop.to_thread()"
     return pool
 
+
+#: How long interpreter exit waits, in all, for calls whose StopToken is set to
+#: return before naming them as abandoned.
+EXIT_GRACE: Final = 0.1
+#: How often it looks: a call ends with no signal the exit hook could wait on.
+_EXIT_POLL: Final = 0.002
 
 _default: Final = DefaultPool(_make_default)
 _OPEN: Final = PoolState.OPEN
@@ -98,5 +105,13 @@ if hasattr(os, "register_at_fork"):  # POSIX
 def _warn_stuck_at_exit() -> None:
     # Worker threads are daemons, so a stuck call cannot hang interpreter exit
     # (asyncio.to_thread's executor can); say what was left behind instead.
-    for pool in pools_of(ThreadPool):
+    pools = pools_of(ThreadPool)
+    # A call told to stop just before exit (a timeout, the loop's last
+    # cancellation) is usually returning as exit begins: a short moment spares
+    # a false warning. Calls not told to stop cannot end because of exit, and
+    # none running costs nothing.
+    deadline = time.monotonic() + EXIT_GRACE
+    while any(pool._told_to_stop() for pool in pools) and time.monotonic() < deadline:
+        time.sleep(_EXIT_POLL)
+    for pool in pools:
         pool._report_stuck("at interpreter exit")

@@ -103,7 +103,11 @@ def with_service(server: WSGIServer, case: str) -> Callable[[], float]:
             sv = offloop.Supervisor(name="bench", grace=5.0)
             web = sv.add(
                 offloop.WSGIService(
-                    make_app(), port=0, server=server, threads=CLIENTS, access_log=False
+                    make_app(),
+                    port=0,
+                    server=server,
+                    threads=CLIENTS if server == "waitress" else None,  # werkzeug: a thread each
+                    access_log=False,
                 )
             )
             async with sv:

@@ -162,17 +162,6 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
             if not taken or not isinstance(exc, Exception):
                 raise
 
-    def _lose_thread(self, worker: Worker) -> None:
-        # Under _lock, from _submit: the thread of this worker will not be
-        # started, as if its start had failed (see _start_thread): the call
-        # it claimed on the queue waits for another thread.
-        with contextlib.suppress(ValueError):
-            self._workers.remove(worker)
-        with contextlib.suppress(ValueError):
-            self._unstarted.remove(worker)
-        self._backlog += 1
-        self._serve_backlog()
-
     def _drop_call(self, call: OffloadFuture[Any]) -> bool:
         # Under _lock, when _submit raises after counting the call: run()
         # raises, so the call must never run (nobody would get its result).

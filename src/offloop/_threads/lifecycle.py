@@ -107,7 +107,7 @@ class ThreadPoolLifecycle(ThreadPoolView):
         if len(self._unstarted) == len(self._workers):  # no thread to do it
             worker = self._unstarted.pop(0)
             # Set after the pop, with no call until the caller holds the
-            # worker: see _submit and _unsubmit.
+            # worker: see _submit.
             self._starting = True
             return worker
         if self._start_wanted < 0:
@@ -202,6 +202,17 @@ class ThreadPoolLifecycle(ThreadPoolView):
                 except RuntimeError:  # its loop is closed: nobody awaits the call
                     self._armed.discard(channel)
 
+    def _lose_thread(self, worker: Worker) -> None:
+        # Under _lock: the thread of this worker failed to start, or will not
+        # be started (_submit, interrupted): the call it claimed on the queue
+        # waits for the next free thread.
+        with contextlib.suppress(ValueError):
+            self._workers.remove(worker)
+        with contextlib.suppress(ValueError):
+            self._unstarted.remove(worker)
+        self._backlog += 1
+        self._serve_backlog()
+
     def _take_queue(self) -> list[OffloadFuture[Any]]:
         # Under _lock: empty the queue, counting its calls out of _ready
         # (no thread will take them), and return those still QUEUED: the
@@ -230,9 +241,7 @@ class ThreadPoolLifecycle(ThreadPoolView):
             thread.start()
         except BaseException:
             with self._lock:
-                self._workers.remove(worker)
-                self._backlog += 1  # its claimed call waits for the next free thread
-                self._serve_backlog()
+                self._lose_thread(worker)
                 # A close may now wait for no thread at all.
                 waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
             for waiter in waiters:

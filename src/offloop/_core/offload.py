@@ -31,6 +31,7 @@ __all__ = [
     "channel_for",
     "deliverable",
     "loop_local",
+    "mark_retrieved",
     "new_call",
     "release",
     "running_loop",
@@ -189,6 +190,17 @@ def release(call: OffloadFuture[Any]) -> None:
     call._error = call._value = call._ctx = None
     call._args = ()
     call._kwargs = _NO_KWARGS
+
+
+def mark_retrieved(future: asyncio.Future[Any]) -> None:
+    """A done callback for a future nobody will await: read its outcome.
+
+    asyncio logs an exception left unread in a collected future as "never
+    retrieved"; a future whose awaiter left (or never came) has nobody to
+    read it, and is not worth that line.
+    """
+    if not future.cancelled():
+        future.exception()
 
 
 #: What a finished call's keyword arguments become (never mutated).

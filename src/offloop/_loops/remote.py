@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from .._core.offload import mark_retrieved
 from .crossing import CallHost, _coroutine, _create_task, _step_now
 
 __all__ = ["Remote", "start_async"]
@@ -69,7 +70,7 @@ class Remote:
                 # so a coroutine still running there is cancelled, as for a
                 # cancellation, and an error delivered later is not reported
                 # as never retrieved: the caller left before it came.
-                self.future.add_done_callback(_retrieved)
+                self.future.add_done_callback(mark_retrieved)
                 if not self.finished:
                     with contextlib.suppress(RuntimeError):
                         self.loop.call_soon_threadsafe(self.cancel_remote)
@@ -166,10 +167,3 @@ def _deliver(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
         future.cancel()  # the remote task's own cancellation reaches the awaiter
     else:
         future.set_exception(value)
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    # The outcome of a crossing whose caller left: read, so that asyncio does
-    # not report an error in it as never retrieved.
-    if not future.cancelled():
-        future.exception()

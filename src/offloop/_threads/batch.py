@@ -26,6 +26,7 @@ from types import CoroutineType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from .._core.errors import CallerGoneError, PoolClosedError
+from .._core.offload import mark_retrieved
 from .._core.token import thread_state
 from .._core.validate import describe
 
@@ -107,11 +108,6 @@ def crossable(error: BaseException, who: str) -> BaseException:
     )
     wrapped.__cause__ = error
     return wrapped
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 class MapResults(AsyncIterator[R], Generic[R]):
@@ -264,7 +260,7 @@ class MapResults(AsyncIterator[R], Generic[R]):
             future.cancel()  # sets its token: the chunk stops between items
             # A chunk that ends with an error anyway (the pool closing) has
             # nobody to read it: retrieve it, so it is not logged as lost.
-            future.add_done_callback(_retrieve)
+            future.add_done_callback(mark_retrieved)
         self._inflight.clear()
 
     async def aclose(self) -> None:

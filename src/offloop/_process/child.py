@@ -68,7 +68,7 @@ def worker_main(
     if this process dies, the pool sends again a call it never took.
     """
     _die_with_parent(parent_pid, pdeathsig)
-    _outlive_group_signals()
+    outlive_group_signals(signal.SIGINT, signal.SIGTERM)
     if init is not None and not _initialize(conn, init):
         return
     try:
@@ -229,10 +229,6 @@ def outlive_group_signals(*signums: signal.Signals) -> None:
     for signum in signums:
         signal.signal(signum, _ignore_signal)
         signal.siginterrupt(signum, False)
-
-
-def _outlive_group_signals() -> None:
-    outlive_group_signals(signal.SIGINT, signal.SIGTERM)
 
 
 def _ignore_signal(signum: int, frame: object) -> None:

@@ -39,8 +39,9 @@ SHUTDOWN_OVERRUN: Final = 4 * LAST_CHANCE
 
 #: The service whose code runs in this context: set by each service's runner
 #: task, so every task the service starts (and every call it sends to a worker
-#: thread or a loop thread, which copy the context) inherits it. The shutdown
-#: must not wait for itself in one of them (see Supervisor._finish_shutdown).
+#: thread or a loop thread, which copy the context) inherits it. Neither the
+#: shutdown nor a start may wait for itself in one of them (see
+#: Shutdown._own_service, its one reader).
 SERVICE_OF: Final[contextvars.ContextVar[Supervised | None]] = contextvars.ContextVar(
     "offloop_service_of", default=None
 )

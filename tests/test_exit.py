@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+from tests.helpers import run_script
 
 STUCK_PROGRAM = """
 import asyncio, time, offloop
@@ -22,11 +22,9 @@ print("loop finished", flush=True)
 
 
 def test_stuck_worker_does_not_hang_interpreter_exit(tmp_path: Path) -> None:
-    script = tmp_path / "stuck.py"
-    script.write_text(textwrap.dedent(STUCK_PROGRAM))
     # asyncio.to_thread would keep this process alive for the full 60 s
     # (asyncio.run joins the default executor); the bound below is far shorter.
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    proc = run_script(tmp_path, "stuck.py", textwrap.dedent(STUCK_PROGRAM), timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["gave up waiting", "loop finished"]
     assert "builtin_function_or_method 'sleep'" in proc.stderr
@@ -70,17 +68,16 @@ asyncio.run(main())
 
 
 def test_a_call_told_to_stop_that_returns_as_exit_begins_is_not_reported(tmp_path: Path) -> None:
-    script = tmp_path / "told.py"
-    script.write_text(textwrap.dedent(TOLD_PROGRAM))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    proc = run_script(tmp_path, "told.py", textwrap.dedent(TOLD_PROGRAM))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["gave up waiting", "returned during the exit hook"]
     assert "abandoned" not in proc.stderr, proc.stderr
 
 
 def test_a_call_told_to_stop_that_ignores_its_token_is_still_reported(tmp_path: Path) -> None:
-    script = tmp_path / "deaf.py"
-    script.write_text(
+    proc = run_script(
+        tmp_path,
+        "deaf.py",
         textwrap.dedent(
             """
             import asyncio, threading
@@ -97,9 +94,8 @@ def test_a_call_told_to_stop_that_ignores_its_token_is_still_reported(tmp_path: 
 
             asyncio.run(main())
             """
-        )
+        ),
     )
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["gave up waiting"]
     assert (

@@ -167,22 +167,7 @@ async def test_the_last_thread_to_retire_leaves_the_pool_open(
     # when another ended its idle wait meanwhile. An open pool with no
     # thread is not a closed one: it starts a thread for its next call.
     pool = offloop.ThreadPool(2, name="lastretire")
-    await _grow(pool, 2)
-    real_exited = pool._thread_exited
-    exiting = threading.Event()
-    release = threading.Event()
-
-    def exit_last(worker: Any) -> None:
-        exiting.set()
-        assert release.wait(WAIT), "the test never let the retiring thread exit"
-        real_exited(worker)
-
-    monkeypatch.setattr(pool, "_thread_exited", exit_last)
-    pool.max_workers = 1  # the thread idle longest is told to end
-    assert await asyncio.to_thread(exiting.wait, WAIT), "no thread retired"
-    monkeypatch.setattr(pool_module, "IDLE_TIMEOUT", 0.05)
-    assert await asyncio.wait_for(pool.run(abs, -1), WAIT) == 1  # the other waits anew, briefly
-    await await_until(lambda: pool.statistics()["threads"] == 1, WAIT, "the other to time out")
+    release = await _last_thread_retiring(pool, monkeypatch)
     release.set()
     await await_until(lambda: pool.statistics()["threads"] == 0, WAIT, "the last thread to end")
     assert pool.statistics()["state"] == "open"

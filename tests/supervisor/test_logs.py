@@ -196,33 +196,24 @@ async def test_json_lines_name_an_abandoned_thread() -> None:
 
 
 @bounded(10)
-async def test_a_missed_run_is_logged_with_the_supervisor_whose_job_it_was() -> None:
+async def test_a_missed_run_is_logged_with_the_supervisor_whose_job_it_was(
+    log_lines: io.StringIO,
+) -> None:
     from tests.services.test_periodic import HandClock, every
-
-    out = io.StringIO()
-    handler = make_handler("json", out)
-    logger = logging.getLogger("offloop")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
 
     def report() -> None:
         pass
 
     # Two supervisors with a job of the same name: only the name tells them apart.
     clocks = {"north": HandClock(0.0), "south": HandClock(0.0)}
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            for name, clock in clocks.items():
-                sv = Supervisor(name=name)
-                sv.add(every(report, 100, clock, first=100))
-                await stack.enter_async_context(sv)
-            await clocks["north"].wake_at(395)  # asleep through 100, 200 and 300
-            await clocks["north"].asleep(2)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    async with contextlib.AsyncExitStack() as stack:
+        for name, clock in clocks.items():
+            sv = Supervisor(name=name)
+            sv.add(every(report, 100, clock, first=100))
+            await stack.enter_async_context(sv)
+        await clocks["north"].wake_at(395)  # asleep through 100, 200 and 300
+        await clocks["north"].asleep(2)
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
     (missed,) = [o for o in lines if o.get("event") == "missed"]
     assert missed["message"] == (
         "north: service 'report' missed 3 run(s) of every 100s (the program was blocked or asleep)"

@@ -2,10 +2,11 @@
 
 A signal handler runs in the main thread between two bytecodes, and since
 Python 3.10 only at a call (once it returns, for a C function) or at a
-function's start. A profile hook raises at exactly those points, so these
-tests interrupt ``run()`` at each of them in turn, and check that the pool
-is whole afterwards: no thread lost, no count left over, its next call runs,
-and it closes.
+function's start; on 3.10 also as a Python function returns to its caller.
+A profile hook raises at exactly those points (at all of them on every
+version), so these tests interrupt ``run()`` at each of them in turn, and
+check that the pool is whole afterwards: no thread lost, no count left
+over, its next call runs, and it closes.
 """
 
 from __future__ import annotations
@@ -49,7 +50,16 @@ def interrupted_at(n: int) -> Iterator[list[str]]:
 
     def hook(frame: FrameType, event: str, arg: Any) -> None:
         nonlocal seen
-        if where or event not in ("call", "c_return") or not _in_submit(frame):
+        if where or event not in ("call", "c_return", "return"):
+            return
+        if event == "return":
+            # Raised from the hook, the exception replaces the return value:
+            # the caller sees it right after the call, as on 3.10. Not for
+            # _submit's own return: run() is then interrupted with the call
+            # placed, as after any function that hands out a resource.
+            if frame.f_code is SUBMIT or not _in_submit(frame.f_back):
+                return
+        elif not _in_submit(frame):
             return
         if seen == n:
             where.append(f"{event} {getattr(arg, '__qualname__', frame.f_code.co_name)}")
@@ -122,3 +132,86 @@ async def test_a_run_interrupted_anywhere_leaves_the_pool_whole(situation: str) 
         points += 1
         assert points < 200, "run() never got through"
     assert points > 0
+
+
+THREAD_START: CodeType = threading.Thread.start.__code__
+
+
+@contextlib.contextmanager
+def interrupted_in_thread_start(n: int) -> Iterator[list[str]]:
+    """Raise KeyboardInterrupt at the ``n``-th point of ``Thread.start()`` where a handler may run.
+
+    Its own start, each call it makes (at the callee's start and return),
+    and each C call's return: before and after the new thread is launched,
+    and while start() waits for it to run. Yields a list that names the
+    point once it is reached.
+    """
+    seen = 0
+    where: list[str] = []
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        nonlocal seen
+        if where:
+            return
+        if event in ("call", "return"):
+            own_start = event == "call" and frame.f_code is THREAD_START
+            if not own_start and (frame.f_back is None or frame.f_back.f_code is not THREAD_START):
+                return
+        elif event != "c_return" or frame.f_code is not THREAD_START:
+            return
+        name = getattr(arg, "__qualname__", frame.f_code.co_name)
+        if seen == n:
+            launched = event == "c_return" and "start" in name and "thread" in name
+            where.append(f"{event} {name}{' (launched)' if launched or launched_at else ''}")
+            raise KeyboardInterrupt(f"injected at {where[0]}")
+        seen += 1
+        if event == "c_return" and "start" in name and "thread" in name:
+            launched_at.append(seen)
+
+    launched_at: list[int] = []
+    sys.setprofile(hook)
+    try:
+        yield where
+    finally:
+        sys.setprofile(None)
+
+
+async def _interrupt_start(n: int) -> bool:
+    """Interrupt the start of a pool's first thread at the ``n``-th point; False past the last."""
+    pool = offloop.ThreadPool(2, name=f"interrupt-start-{n}")
+    ran: list[str] = []
+    try:
+        try:
+            with interrupted_in_thread_start(n) as where:
+                pool.run(ran.append, "interrupted")
+        except KeyboardInterrupt:
+            pass
+        assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2, where
+        await await_until(lambda: pool.statistics()["running"] == 0, WAIT, "the calls to end")
+        if not where:
+            assert ran == ["interrupted"], "the call was not interrupted, and did not run"
+        elif not where[0].endswith("(launched)"):
+            # Once launched, the thread may take the call before the interrupt.
+            assert ran == [], f"the interrupted call ran ({where})"
+        assert (pool.statistics()["queued"], pool._ready, pool._backlog) == (0, 0, 0), where
+        assert not pool._starting, where
+        assert not pool._unstarted, where
+    finally:
+        await asyncio.wait_for(pool.aclose(), WAIT)
+    # A thread launched as start() was interrupted serves the pool, and
+    # leaves with it; one launched after its start was given up leaves at once.
+    await await_until(
+        lambda: not [t for t in threading.enumerate() if t.is_alive() and pool.name in t.name],
+        WAIT,
+        f"the pool's threads to end ({where})",
+    )
+    return bool(where)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_thread_start_interrupted_anywhere_leaves_the_pool_whole() -> None:
+    points = 0
+    while await _interrupt_start(points):
+        points += 1
+        assert points < 50, "Thread.start() never got through"
+    assert points >= 3  # before the launch, at it, and in the wait

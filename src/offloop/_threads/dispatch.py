@@ -49,6 +49,12 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
         placed = False  # whether the locked section ran to its end
         try:
             with self._lock:
+                # Whether a thread is being started already: if not, and the
+                # call below that claims the start for ``new`` is interrupted
+                # after claiming it (on Python 3.10 a signal handler also runs
+                # as a Python function returns), the except clause must hand
+                # the claim back, or the pool would never start a thread again.
+                was_starting = self._starting
                 if self._state is not PoolState.OPEN:
                     raise PoolClosedError(
                         f"{self._describe()} is {self._state.value} and takes no new calls; "
@@ -138,6 +144,8 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                         self._give_up_starting()  # the pool is open: no waiters
                     elif new is not None:
                         self._lose_thread(new)
+                        if self._starting and not was_starting:
+                            self._give_up_starting()  # claimed for new, as above
                     self._drop_call(call)
                     raise
                 placed = True
@@ -150,8 +158,11 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
             # handler came as the lock was released or as it started.
             with self._lock:
                 waiters = []
-                if starter is not None:
-                    if starter.thread is None:  # never got as far as its start
+                # A starter whose thread runs (interrupted as start() waited
+                # for it) starts the others itself.
+                if starter is not None and starter.launch <= 0:
+                    if starter.launch == 0:  # never got as far as its start
+                        starter.launch = -1
                         self._lose_thread(starter)
                     waiters = self._give_up_starting()
                 # Taken by a thread another call started: it runs, and with

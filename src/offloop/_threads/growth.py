@@ -233,9 +233,13 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
         except BaseException as exc:
             # Their calls wait in the queue for an idle or busy thread
             # (_start_thread counted each in _backlog), or, with none left,
-            # in _pending for a check (_serve_backlog).
+            # in _pending for a check (_serve_backlog). Unless the thread
+            # runs (interrupted as start() waited for it): it starts them.
             with self._lock:
-                waiters = self._give_up_starting()
+                if starter.launch == 0:  # interrupted before its start
+                    starter.launch = -1
+                    self._lose_thread(starter)
+                waiters = self._give_up_starting() if starter.launch < 0 else []
             for waiter in waiters:
                 complete_waiter(waiter)
             if not isinstance(exc, Exception):

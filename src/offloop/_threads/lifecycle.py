@@ -240,7 +240,17 @@ class ThreadPoolLifecycle(ThreadPoolView):
         try:
             thread.start()
         except BaseException:
+            # Failed (no thread), or interrupted by an exception from a signal
+            # handler (Ctrl-C's KeyboardInterrupt) before or after the thread
+            # was launched: start() waits for the new thread to run, and
+            # nothing public tells whether it launched one. The thread itself
+            # settles it, under the lock (_work): if it runs already, it
+            # serves like any other; if not, it is given up here, and leaves
+            # at once should it run after all.
             with self._lock:
+                if worker.launch > 0:
+                    raise
+                worker.launch = -1
                 self._lose_thread(worker)
                 # A close may now wait for no thread at all.
                 waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
@@ -412,6 +422,30 @@ class ThreadPoolLifecycle(ThreadPoolView):
             waiters = self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
         for waiter in waiters:
             complete_waiter(waiter)
+
+    def _launched(self, worker: Worker) -> bool:
+        # By a new worker thread, before anything else: whether it serves the
+        # pool, or was given up as its start was interrupted (_start_thread).
+        with self._lock:
+            if worker.launch < 0:
+                return False
+            worker.launch = 1
+            return True
+
+    def _idle_exit(self, worker: Worker) -> bool:
+        # By an idle worker whose wait for a call timed out: whether it left
+        # the pool. If it was handed something meanwhile, it takes that.
+        with self._lock:
+            if worker not in self._idle:
+                return False
+            self._idle.remove(worker)
+            self._workers.remove(worker)
+            worker.close()
+            # Forget threads that are gone, so a long-lived pool does not
+            # collect them forever.
+            self._leaving = [t for t in self._leaving if t.is_alive()]
+            self._leaving.append(threading.current_thread())
+            return True
 
     def _closed_if_no_worker(self) -> list[asyncio.Future[None] | threading.Event]:
         # Under _lock, while closing: once no worker is left the pool is closed;

@@ -371,6 +371,8 @@ class ThreadPool(ThreadPoolDispatch):
 
     def _work(self, worker: Worker, starts_others: bool = False) -> None:
         """The body of a worker thread: take calls and run them."""
+        if not self._launched(worker):
+            return  # its start was given up, interrupted (see _start_thread)
         if starts_others:
             self._start_others()
         get = self._queue.get
@@ -593,18 +595,3 @@ class ThreadPool(ThreadPoolDispatch):
         # (IDLE_TIMEOUT).
         self._idle.append(worker)
         return True
-
-    def _idle_exit(self, worker: Worker) -> bool:
-        # By an idle worker whose wait for a call timed out: whether it left
-        # the pool. If it was handed something meanwhile, it takes that.
-        with self._lock:
-            if worker not in self._idle:
-                return False
-            self._idle.remove(worker)
-            self._workers.remove(worker)
-            worker.close()
-            # Forget threads that are gone, so a long-lived pool does not
-            # collect them forever.
-            self._leaving = [t for t in self._leaving if t.is_alive()]
-            self._leaving.append(threading.current_thread())
-            return True

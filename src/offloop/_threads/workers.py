@@ -127,6 +127,7 @@ class Worker:
         "io_read",
         "judged",
         "last",
+        "launch",
         "pair_at",
         "pair_cpu",
         "presumed",
@@ -157,6 +158,11 @@ class Worker:
         #: When the current call started (monotonic); it also tells calls apart.
         self.started = 0.0
         self.thread: threading.Thread | None = None
+        #: Whether its thread runs: 0 not known yet, 1 it does (set by the
+        #: thread as it starts), -1 the pool gave it up (its start failed or
+        #: was interrupted first; a thread that runs after all leaves at once).
+        #: Under the pool's lock: see ThreadPoolLifecycle._start_thread.
+        self.launch = 0
         #: The thread's id in the kernel, set by the thread itself.
         self.tid = 0
         #: The thread's schedstat file, opened on the first look, closed at exit.

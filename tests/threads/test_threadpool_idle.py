@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 import offloop
+from offloop._threads import growth
 from offloop._threads import pool as pool_module
 from offloop._threads import workers as workers_module
 from tests.helpers import WAIT, await_until, wait_until
@@ -201,14 +202,16 @@ async def _last_thread_retiring(
     return release
 
 
-def _fail_one_start(pool: offloop.ThreadPool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    # The pool's next thread fails to start, as at a thread limit; the ones
-    # after it start. Returns the names of the threads refused.
+def _fail_one_start(
+    pool: offloop.ThreadPool, monkeypatch: pytest.MonkeyPatch, *, times: int = 1
+) -> list[str]:
+    # The pool's next thread (next ``times`` threads) fails to start, as at a
+    # thread limit; the ones after start. Returns the names of the threads refused.
     real_start = threading.Thread.start
     refused: list[str] = []
 
     def fail_once(thread: threading.Thread) -> None:
-        if thread.name.startswith(f"offloop-{pool.name}-") and not refused:
+        if thread.name.startswith(f"offloop-{pool.name}-") and len(refused) < times:
             refused.append(thread.name)
             raise RuntimeError("can't start new thread")
         real_start(thread)
@@ -278,4 +281,32 @@ async def test_a_failed_start_at_a_batch_leaves_the_scheduled_check_armed(
         gate.set()
     assert await asyncio.wait_for(batched, WAIT) is True
     assert await asyncio.wait_for(pending, WAIT) == 2
+    await asyncio.wait_for(pool.aclose(), WAIT)
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_start_that_keeps_failing_is_logged_once_per_streak(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With no thread left, the check tries the start again every START_RETRY
+    # while the call waits: at a thread limit that could last for hours, and
+    # a traceback per try would flood the log.
+    pool = offloop.ThreadPool(2, name="startstreak")
+    release = await _last_thread_retiring(pool, monkeypatch)
+    monkeypatch.setattr(growth, "START_RETRY", 0.01)
+    refused = _fail_one_start(pool, monkeypatch, times=4)
+    caplog.set_level("DEBUG", logger="offloop")
+    call = pool.run(abs, -2)  # pending: the retiring thread still counts
+    release.set()  # the last thread exits; the check starts one, which fails 4 times
+    assert await asyncio.wait_for(call, WAIT) == 2
+    assert len(refused) == 4
+    failed = [r for r in caplog.records if "could not start a worker thread" in r.getMessage()]
+    assert [(r.levelname, r.exc_info is not None) for r in failed] == [("ERROR", True)] + [
+        ("DEBUG", False)
+    ] * 3
+    assert "calls that need one wait" in failed[0].getMessage()
+    again = [r for r in caplog.records if "started a worker thread again" in r.getMessage()]
+    assert [r.getMessage() for r in again] == [
+        "offloop: pool 'startstreak' started a worker thread again, after 4 failed starts."
+    ]
     await asyncio.wait_for(pool.aclose(), WAIT)

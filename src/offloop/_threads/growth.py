@@ -15,7 +15,6 @@ reads and what stays true between critical sections;
 from __future__ import annotations
 
 import asyncio
-import logging
 from time import monotonic, process_time, thread_time
 from typing import Any, Final
 
@@ -27,7 +26,6 @@ from .workers import WaitMemory, Worker, waiting_share
 
 __all__ = ["FULL_PERIOD", "GROWTH_PERIOD", "LAG_LIMIT", "START_RETRY", "ThreadPoolGrowth"]
 
-logger: Final = logging.getLogger("offloop")
 
 #: How often (seconds) a pool with pending calls looks at its running ones
 #: (``_rebalance``). A call that has run longer than this and waits gives its
@@ -244,6 +242,6 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
                 complete_waiter(waiter)
             if not isinstance(exc, Exception):
                 raise
-            logger.exception("offloop: pool %r could not start a worker thread", self._name)
+            self._start_failed()
             return False
         return True

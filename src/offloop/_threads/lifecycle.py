@@ -46,6 +46,9 @@ START_GRACE: Final = 0.005
 class ThreadPoolLifecycle(ThreadPoolView):
     """The pool's threads: their start and end, cancels, closing, fork, stuck calls."""
 
+    #: Thread starts that failed in a row (see _start_failed).
+    _failed_starts = 0
+
     def _work(self, worker: Worker, starts_others: bool = False) -> None:
         raise NotImplementedError  # pool.py's: the worker thread's body
 
@@ -150,12 +153,29 @@ class ThreadPoolLifecycle(ThreadPoolView):
             try:
                 self._start_thread(worker)
             except Exception:
-                logger.exception("offloop: pool %r could not start a worker thread", self._name)
+                self._start_failed()
                 with self._lock:
                     waiters = self._give_up_starting()
                 for waiter in waiters:
                     complete_waiter(waiter)
                 return
+
+    def _start_failed(self) -> None:
+        # In the except clause of a failed thread start. A start that keeps
+        # failing (at a thread limit) is tried again every START_RETRY while
+        # calls wait for a thread: one traceback per streak of failures, not
+        # one per try. Counted without the lock: a race loses a count, no more.
+        self._failed_starts += 1
+        if self._failed_starts == 1:
+            logger.exception(
+                "offloop: pool %r could not start a worker thread; calls that need one wait, "
+                "and the start is tried again. Further failures are not logged until a start "
+                "succeeds. A limit on threads or processes (ulimit -u, a container's pids "
+                "limit) or a lack of memory is the usual cause.",
+                self._name,
+            )
+        else:
+            logger.debug("offloop: pool %r could not start a worker thread, again", self._name)
 
     def _give_up_starting(self) -> list[asyncio.Future[None] | threading.Event]:
         # Under _lock, when a thread failed to start: so will the others, most
@@ -257,6 +277,13 @@ class ThreadPoolLifecycle(ThreadPoolView):
             for waiter in waiters:
                 complete_waiter(waiter)
             raise
+        if self._failed_starts:
+            failed, self._failed_starts = self._failed_starts, 0
+            logger.info(
+                "offloop: pool %r started a worker thread again, after %d failed starts.",
+                self._name,
+                failed,
+            )
 
     async def aclose(self, *, timeout: float | None = None) -> None:
         """Close the pool and wait for its threads to exit.

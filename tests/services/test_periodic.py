@@ -38,10 +38,11 @@ class HandClock:
     def now(self) -> float:
         return self.t
 
-    async def sleep_until(self, when: float) -> None:
+    async def sleep_until(self, when: float) -> float:
         self.targets.append(when)
         self._wake = asyncio.Event()
         await self._wake.wait()
+        return when
 
     def to_wall(self, when: float) -> float:
         return when

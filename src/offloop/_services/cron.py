@@ -4,21 +4,23 @@ cronsim (the ``[cron]`` extra) parses the expression and walks its due times;
 it is the parser behind healthchecks.io, has no dependencies and follows
 time-zone rules (a run at 02:30 on the night the clocks skip 02:00-03:00 is
 run once, as cron does). The plan works in wall-clock seconds
-(``time.time()``), the time line of :class:`~offloop._services.schedule.WallClock`.
+(``time.time()``), the time line of :class:`WallClock`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from .._core.extras import require
 from .._core.validate import describe
 from .periodic import check_policies, make_scheduled
-from .schedule import MISSED_AFTER, Clock, ScheduledService, WallClock
+from .schedule import MISSED_AFTER, Clock, ScheduledService
 
-__all__ = ["CronPlan", "make_cron"]
+__all__ = ["CronPlan", "WallClock", "make_cron"]
 
 #: How many missed due times ``count`` walks after a long sleep before it stops
 #: counting and reports "at least" that many: a per-minute schedule asleep for a
@@ -35,6 +37,58 @@ COUNT_SLICE: Final = 250
 
 
 _EPOCH: Final = dt.datetime(1970, 1, 1)
+
+#: The longest single sleep on the wall clock: it is read again after that,
+#: since it can jump (NTP, a suspended machine) and a sleep on the loop's
+#: monotonic clock does not see it.
+WALL_NAP = 30.0
+
+#: How far the wall clock must go back, against the monotonic clock, to count
+#: as set back. NTP slews both clocks alike and steps only past 0.128 s; the
+#: two readings themselves are microseconds apart.
+SET_BACK: Final = 1.0
+
+
+class WallClock:
+    """``time.time()``, for cron: the schedule is in wall-clock terms.
+
+    It tells a clock that was set back from one that runs on by comparing it
+    with the monotonic clock, which nobody sets: their difference moves only
+    when the wall clock is set (or, forward, while the machine is suspended).
+    The clocks it reads can be passed in, for tests.
+    """
+
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._wall, self._monotonic = wall, monotonic
+        # wall - monotonic at the last now(): the due time slept for was
+        # computed from that reading.
+        self._offset: float | None = None
+
+    def _read(self) -> tuple[float, float]:
+        wall = self._wall()
+        return wall, wall - self._monotonic()
+
+    def now(self) -> float:
+        wall, self._offset = self._read()
+        return wall
+
+    async def sleep_until(self, when: float) -> float:
+        wall, offset = self._read()
+        since = offset if self._offset is None else self._offset
+        while True:
+            if offset - since < -SET_BACK:
+                return when + (offset - since)
+            if wall >= when:
+                return when
+            await asyncio.sleep(min(when - wall, WALL_NAP))
+            wall, offset = self._read()
+
+    def to_wall(self, when: float) -> float:
+        return when
 
 
 class _LocalTime(dt.tzinfo):

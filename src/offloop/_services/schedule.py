@@ -49,7 +49,6 @@ __all__ = [
     "Plan",
     "ScheduleStatus",
     "ScheduledService",
-    "WallClock",
 ]
 
 logger: Final = logging.getLogger("offloop.supervisor")
@@ -62,11 +61,6 @@ Missed = Literal["skip", "run_once"]
 #: second late, and ``missed=`` is where the user makes it.
 MISSED_AFTER: Final = 60.0
 
-#: The longest single sleep on the wall clock: it is checked again after that,
-#: since the wall clock can jump (NTP, a suspended machine) and a sleep on the
-#: loop's monotonic clock does not see it.
-WALL_NAP: Final = 30.0
-
 
 class Clock(Protocol):
     """The time line a schedule runs on (seconds); tests inject their own."""
@@ -75,8 +69,13 @@ class Clock(Protocol):
         """The current time on this clock."""
         ...
 
-    async def sleep_until(self, when: float) -> None:
-        """Return once ``now() >= when`` (or a little later)."""
+    async def sleep_until(self, when: float) -> float:
+        """Return ``when`` once ``now() >= when`` (or a little later).
+
+        A clock that can be set back (the wall clock) returns sooner when it
+        was: with ``when`` as the clock reads that instant now, that much
+        earlier.
+        """
         ...
 
     def to_wall(self, when: float) -> float:
@@ -90,7 +89,7 @@ class LoopClock:
     def now(self) -> float:
         return asyncio.get_running_loop().time()
 
-    async def sleep_until(self, when: float) -> None:
+    async def sleep_until(self, when: float) -> float:
         loop = asyncio.get_running_loop()
         # call_at with the absolute time: no delay recomputed from a stale 'now'.
         wake = loop.create_future()
@@ -99,23 +98,10 @@ class LoopClock:
             await wake
         finally:
             handle.cancel()
+        return when
 
     def to_wall(self, when: float) -> float:
         return time.time() + (when - asyncio.get_running_loop().time())
-
-
-class WallClock:
-    """``time.time()``, for cron: the schedule is in wall-clock terms."""
-
-    def now(self) -> float:
-        return time.time()
-
-    async def sleep_until(self, when: float) -> None:
-        while (left := when - time.time()) > 0:
-            await asyncio.sleep(min(left, WALL_NAP))
-
-    def to_wall(self, when: float) -> float:
-        return when
 
 
 def _settle(fut: asyncio.Future[None]) -> None:
@@ -377,7 +363,10 @@ class ScheduledService(FunctionService):
                 # asked from any thread, and the loop's clock needs its loop.
                 self._next = clock.to_wall(due)
                 delay = self._rng.uniform(0, self.jitter) if self.jitter else 0.0
-                await clock.sleep_until(due + delay)
+                woke = await clock.sleep_until(due + delay)
+                if woke < due + delay:
+                    due = self._after_set_back(due, woke - delay)
+                    continue
                 now = max(clock.now(), due)
                 nxt = plan.after(now)
                 self._next = clock.to_wall(nxt)
@@ -400,6 +389,32 @@ class ScheduledService(FunctionService):
             self._next = None
             if self._ending is None:
                 self._ending = [None]
+
+    def _after_set_back(self, due: float, same: float) -> float:
+        """The next due time once the clock was set back: ``due`` reads ``same`` on it now.
+
+        The run comes at the first due time from that instant on, as the
+        clock now reads it: not sooner than it would have come, so a clock set
+        back a little after a run does not repeat the run, and not later, so
+        a clock that was set ahead (a machine that booted with its clock in
+        the future, then NTP set it right) does not hold the runs back for as
+        long as it was ahead: as systemd's calendar timers go on from the
+        time the clock reads (systemd issue #6036).
+        """
+        now = self.clock.now()
+        # Due times are whole seconds: one just before `same` is that instant,
+        # give or take how precisely the set-back was measured.
+        nxt = self.plan.after(max(same - 1.0, now))
+        logger.warning(
+            "%s: service %r: the clock was set back by %.0fs; the next run of %s comes "
+            "in %.0fs, at its due time by the clock as it reads now",
+            supervisor_name(self),
+            self.name,
+            due - same,
+            self.plan.describe(),
+            nxt - now,
+        )
+        return nxt
 
     def _note_missed(self, missed: int, exact: bool, on_time: bool) -> None:
         if not missed:

@@ -121,6 +121,12 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         ("supervisor", "service", "missed", "schedule", "note"),
         {"count": "at least"},
     ),
+    "%s: service %r: the clock was set back by %.0fs; the next run of %s comes "
+    "in %.0fs, at its due time by the clock as it reads now": (
+        "clock_set_back",
+        ("supervisor", "service", "seconds", "schedule", "next_in"),
+        {},
+    ),
 }
 
 #: The attribute a record carries its structured fields in (``extra={...}``).

@@ -493,3 +493,35 @@ async def test_a_crash_beside_a_running_run_is_logged_when_it_happens(
     with pytest.raises(ServiceFailed) as info:
         await serving
     assert isinstance(info.value.__cause__, ConnectionError)
+
+
+@bounded(10)
+@pytest.mark.parametrize("worked", [True, False])
+async def test_a_schedule_that_worked_goes_on_with_its_grid_after_a_crash(worked: bool) -> None:
+    # An hourly job whose API is down for a minute must not be retried at the
+    # restart's pace (which would use up the restart budget in seconds and
+    # fail the program): restarted, it runs at its next due time. A job that
+    # never worked starts afresh, and fails fast.
+    clock, runs = HandClock(100.0), []
+
+    async def job() -> None:
+        runs.append(clock.now())
+        if len(runs) == (2 if worked else 1):
+            raise ConnectionError("the API is down")
+
+    sv = Supervisor(name="resume")
+    sv.add(every(job, 10, clock, first=5), backoff=0, max_backoff=0, retry_startup=True)
+    async with sv:
+        await clock.asleep(1)
+        assert clock.targets == [105.0]
+        if worked:
+            await clock.wake_at()  # runs, and works
+            await clock.asleep(2)
+            assert clock.targets[1] == 115.0
+        await clock.wake_at(clock.targets[-1] + 1)  # this run raises
+        await await_until(lambda: sv.status()["job"].restarts == 1, QUICK_WAIT, "the restart")
+        await clock.asleep(3 if worked else 2)
+        # Worked: the next grid point after the crash (116 -> 125); never
+        # worked: a fresh schedule, first=5 after the restart (106 -> 111).
+        assert clock.targets[-1] == (125.0 if worked else 111.0)
+        assert sv.status()["job"].schedule.next_run == clock.targets[-1]

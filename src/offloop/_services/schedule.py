@@ -11,7 +11,9 @@ Each run is one call of the function: an ``async def`` as a task on the
 supervisor's loop, a plain ``def`` in a thread of its own (named
 ``offloop-service-<name>``) with the service's :class:`~offloop.StopToken`.
 A run that raises ends the service's run as a crash, so the supervisor's
-restart policy applies; a restart begins a fresh schedule.
+restart policy applies. A restart goes on with the schedule's grid if a run
+had worked before (the next run comes when due), and begins a fresh schedule
+otherwise.
 
 Missed runs: a due time reached more than ``plan.window(due)`` late (the
 program was blocked, or the machine asleep) is *missed*. ``missed="skip"``
@@ -240,6 +242,9 @@ class ScheduledService(FunctionService):
         self._missed_exact = True
         self._last_duration: float | None = None
         self._last_error: BaseException | None = None
+        # Whether a run has ended without an error, and whether the next start
+        # goes on with the schedule's grid (set as such a schedule crashes).
+        self._succeeded = self._resume = False
 
     def __repr__(self) -> str:
         return (
@@ -277,6 +282,7 @@ class ScheduledService(FunctionService):
         self._ready()
 
     async def stop(self) -> None:
+        self._resume = False  # stopped, not crashed: the next start is a fresh one
         done = self._mark_stopping()
         if done is None:
             return
@@ -357,7 +363,14 @@ class ScheduledService(FunctionService):
     async def _schedule(self) -> None:
         clock, plan = self.clock, self.plan
         try:
-            due = plan.first(clock.now())
+            # Restarted after a crash of a schedule that had worked: a failure
+            # of the outside world (an API that is down), most likely. Its next
+            # run comes when due, as with the peers' schedulers, not at once:
+            # run at the restart's pace, it would use up the restart budget in
+            # seconds and fail the program for a short outage. A schedule that
+            # never worked starts afresh, so a broken job fails fast.
+            resume, self._resume = self._resume, False
+            due = plan.after(clock.now()) if resume else plan.first(clock.now())
             while True:
                 # As wall-clock time, computed here on the loop: status() may be
                 # asked from any thread, and the loop's clock needs its loop.
@@ -536,7 +549,10 @@ class ScheduledService(FunctionService):
         self._runs.discard(run)
         self._count += 1
         self._last_duration, self._last_error = took, error
+        if error is None:
+            self._succeeded = True
         if error is not None and self._ending is None:
+            self._resume = self._succeeded
             if self._runs:
                 # overlap="allow": the supervisor hears of the crash once the
                 # service's run ends, after these runs, which a thread deaf to

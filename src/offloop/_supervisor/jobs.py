@@ -63,8 +63,12 @@ class JobDecorators:
         :class:`~offloop.StopToken` if it takes a parameter.
 
         A run that raises is a crash of the service: the restart policy
-        (``restart``, ``backoff``, ... as for :meth:`service`) restarts it,
-        with a fresh schedule whose first run comes ``first`` seconds later.
+        (``restart``, ``backoff``, ... as for :meth:`service`) restarts it.
+        If a run had worked before (the failure is most likely outside: an
+        API that is down), the restarted schedule goes on with its grid: the
+        next run comes at its next due time, so a short outage costs a run
+        or two, not the restart budget. Otherwise the restart begins a fresh
+        schedule whose first run comes ``first`` seconds later.
         A run that raises within ``startup_window`` seconds of the schedule's
         first start (with ``first=0``, the first run's bad token or missing
         folder) is a failure to start, as for :meth:`service`: not retried

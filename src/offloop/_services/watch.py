@@ -63,6 +63,9 @@ class _WatchRun:
         self.checking: asyncio.Task[str | None] | None = None
         # Set when the path is a symlink to a file: see Followed.
         self.follow: Followed | None = None
+        # Stops the observer when the loop was closed under the run (see
+        # WatchService.loop_closed), where no _end() can run.
+        self.closer: threading.Thread | None = None
 
     def threads(self) -> list[threading.Thread]:
         observer = self.observer
@@ -137,6 +140,8 @@ class WatchService(LifecycleService):
         self.recursive = bool(recursive)
         self.patterns = None if patterns is None else tuple(patterns)
         self._run: _WatchRun | None = None
+        # The run whose start() is under way, until it returns or raises.
+        self._opening: _WatchRun | None = None
 
     def __repr__(self) -> str:
         patterns = f" patterns={list(self.patterns)}" if self.patterns else ""
@@ -163,17 +168,26 @@ class WatchService(LifecycleService):
             RuntimeError: the service is already running or still stopping.
         """
         done = self._begin()
-        run = _WatchRun(done)
+        run = self._opening = _WatchRun(done)
         try:
             require("watchdog.observers", "watch", feature="WatchService")
             # Building the observer starts its inotify thread, and starting it adds a
             # watch per sub-folder (blocking on a big tree): both happen off the loop,
             # as does every look at the path (a stuck network mount blocks a stat).
             await service_pool().run(self._open, run, asyncio.get_running_loop())
+        except GeneratorExit:
+            # Garbage-collected while pending: the loop was closed under this
+            # start, and nothing can be awaited any more. Stop the observer
+            # the worker opens without waiting (loop_closed() has, if a
+            # supervisor watched the loop's close()).
+            self.loop_closed()
+            raise
         except BaseException:
             self._start_failed()
             await service_pool().run(_close, run)  # whatever the worker opened (it may still run)
             raise
+        finally:
+            self._opening = None
         self._run = run
         self._ready()
         # The root's identity was taken just now: the first check comes a
@@ -221,6 +235,8 @@ class WatchService(LifecycleService):
     def _open(self, run: _WatchRun, loop: asyncio.AbstractEventLoop) -> None:
         """Build and start the run's observer (in a worker thread); undo it if start() gave up."""
         with run.lock:
+            if run.closed:  # closed before this worker began (see loop_closed): open nothing
+                return
             if not self.path.exists():
                 raise FileNotFoundError(
                     f"{self!r} cannot watch {str(self.path)!r}: it does not exist. Create it "
@@ -478,6 +494,30 @@ class WatchService(LifecycleService):
             )
         await asyncio.wait({run.ending})
 
+    def loop_closed(self) -> None:
+        # No stop() can run on the closed loop: the observer would watch on,
+        # handing events to a loop that is gone, until the program exits.
+        # Stopped in a thread of its own, as _end() does in a worker: the stop
+        # joins the observer's threads, and first waits for a look or a start
+        # that holds run.lock. The supervisor joins it within its grace (see
+        # live_threads) and names it if it is still running then.
+        for run in (self._opening, self._run):
+            if run is None or run.closer is not None:
+                continue
+            run.closer = threading.Thread(
+                target=_close, args=(run,), name=f"offloop-watch-{self.name}-close", daemon=True
+            )
+            run.closer.start()
+
+    def live_threads(self) -> list[threading.Thread]:
+        threads = []
+        for run in (self._opening, self._run):
+            if run is not None:
+                if run.closer is not None and run.closer.is_alive():
+                    threads.append(run.closer)
+                threads.extend(run.threads())
+        return threads
+
     def kill(self) -> list[str]:
         """Cancel the handler tasks; report the observer threads that have not stopped yet."""
         run = self._run
@@ -500,9 +540,11 @@ def _close(run: _WatchRun) -> None:
 
 def _close_locked(run: _WatchRun) -> None:
     observer = run.observer
-    if observer is None or run.closed:
+    if run.closed:
         return
-    run.closed = True
+    run.closed = True  # also for an _open() yet to begin, which then opens nothing
+    if observer is None:
+        return
     observer.stop()  # also stops and joins the emitters and the inotify thread
     if observer.ident is not None:  # it was started
         observer.join()

@@ -28,7 +28,14 @@ from .adapters import check_name
 from .base import ServiceInterrupted
 from .functions import describe_thread
 from .lifecycle import LifecycleService, logger
-from .watch_follow import FileState, Followed, look, move_target_watch_locked, name_emitters
+from .watch_follow import (
+    FileState,
+    Followed,
+    look,
+    move_target_watch_locked,
+    name_emitters,
+    target_dir,
+)
 
 __all__ = ["WatchService"]
 
@@ -63,6 +70,8 @@ class _WatchRun:
         self.checking: asyncio.Task[str | None] | None = None
         # Set when the path is a symlink to a file: see Followed.
         self.follow: Followed | None = None
+        # That link's look running in a worker (see WatchService._look_again).
+        self.looking: asyncio.Task[FileState] | None = None
         # Stops the observer when the loop was closed under the run (see
         # WatchService.loop_closed), where no _end() can run.
         self.closer: threading.Thread | None = None
@@ -269,7 +278,7 @@ class WatchService(LifecycleService):
                 # its emitter would fail the observer's start. Here a folder
                 # gone is left unwatched; the first look (start() makes one
                 # at once) moves the watch and reports the change.
-                move_target_watch_locked(run, run.follow)
+                move_target_watch_locked(run, run.follow, target_dir(run.follow.path))
             if current_token():  # the awaiting start() was cancelled: nobody else will stop it
                 _close_locked(run)
 
@@ -369,12 +378,14 @@ class WatchService(LifecycleService):
         # not the pool's future: _end() waits for run.tasks with asyncio.wait(),
         # which refuses the coroutine-like OffloadFuture.
         task = asyncio.create_task(service_pool().run(look, run))
+        run.looking = task
         run.tasks.add(task)
         task.add_done_callback(lambda t: self._looked(run, follow, t))
 
     def _looked(self, run: _WatchRun, follow: Followed, task: asyncio.Future[FileState]) -> None:
         """Report a change of the file a watched symlink leads to, as an event on the link."""
         follow.looking = False
+        run.looking = None
         self._task_done(run, task)  # a look that raised crashes the service
         if task.cancelled() or task.exception() is not None:
             return
@@ -466,11 +477,14 @@ class WatchService(LifecycleService):
         """Stop the observer, settle the handler tasks, end the run (with ``exc`` if it crashed)."""
         if run.check is not None:
             run.check.cancel()
-        if run.checking is not None:
-            # Its finding no longer matters, and a stat stuck on a network
-            # mount would hold the stop until the supervisor's grace ran out.
-            # The worker returns to the pool whenever the stat does.
-            run.checking.cancel()
+        for looking in (run.checking, run.looking):
+            if looking is not None:
+                # Its finding no longer matters, and a stat stuck on a network
+                # mount would hold the stop until the supervisor's grace ran
+                # out. The worker returns to the pool whenever the stat does;
+                # a look that then moves the target's watch finds the run
+                # closed and leaves the observer alone.
+                looking.cancel()
         try:
             await service_pool().run(_close, run)
             if exc is not None:  # a crash: the other handlers are not waited for

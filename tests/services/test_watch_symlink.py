@@ -235,36 +235,40 @@ async def test_an_update_during_start_is_one_event_not_a_failed_start(
 async def test_a_stop_during_a_move_of_the_target_watch_waits_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The move runs in a worker; the stop must wait for it like for any of
-    # the run's tasks (it once failed to: asyncio.wait() refused the pool's
-    # future, and the error was logged as never retrieved).
+    # The move adds a watch, and its emitter thread, under the run's lock;
+    # the stop takes that lock to stop the observer, so it waits for the
+    # move, and the watch it added goes with the observer. (The stop once
+    # failed to wait for the look: asyncio.wait() refused the pool's future,
+    # and the error was logged as never retrieved.)
     caplog.set_level(logging.ERROR)
-    real_move = watch_follow.move_target_watch
+    real_move = watch_follow.move_target_watch_locked
     entered, gate = threading.Event(), threading.Event()
     moved: list[str] = []
 
-    def held_move(run: Any) -> None:
+    def held_move(run: Any, follow: Any, folder: str | None) -> None:
         entered.set()
         assert gate.wait(WAIT), "the move was never let through"
-        real_move(run)
+        real_move(run, follow, folder)
         moved.append("moved")
 
-    monkeypatch.setattr(watch_follow, "move_target_watch", held_move)
     publish(tmp_path, 1, "a: 1\n")
     svc = WatchService(tmp_path / "app.yaml", lambda event: None, name="config")
     await svc.start()
     run = svc._run
     assert run is not None
-    follow = run.follow
-    assert follow is not None
+    monkeypatch.setattr(watch_follow, "move_target_watch_locked", held_move)
     publish(tmp_path, 2, "a: 2\n")
     await await_until(entered.is_set, WAIT, "a move of the target watch")
     stopping = asyncio.ensure_future(svc.stop())
-    await await_until(lambda: run.closed, WAIT, "the stop to close the observer")
+    for _ in range(10):  # turns in which a stop that did not wait would end
+        await asyncio.sleep(0)
+    assert not stopping.done()
+    assert not run.closed
     gate.set()
     await asyncio.wait_for(stopping, WAIT)
-    assert moved == ["moved"]  # waited for, not left running
+    assert moved == ["moved"]
     assert svc.state.value == "stopped"
+    assert watch_threads() == []
     del stopping
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text

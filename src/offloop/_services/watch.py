@@ -28,7 +28,14 @@ from .adapters import check_name
 from .base import ServiceInterrupted
 from .functions import describe_thread
 from .lifecycle import LifecycleService, logger
-from .watch_follow import FileState, Followed, look, move_target_watch_locked, name_emitters
+from .watch_follow import (
+    FileState,
+    Followed,
+    look,
+    move_target_watch_locked,
+    name_emitters,
+    target_dir,
+)
 
 __all__ = ["WatchService"]
 
@@ -63,6 +70,11 @@ class _WatchRun:
         self.checking: asyncio.Task[str | None] | None = None
         # Set when the path is a symlink to a file: see Followed.
         self.follow: Followed | None = None
+        # That link's look running in a worker (see WatchService._look_again).
+        self.looking: asyncio.Task[FileState] | None = None
+        # Stops the observer when the loop was closed under the run (see
+        # WatchService.loop_closed), where no _end() can run.
+        self.closer: threading.Thread | None = None
 
     def threads(self) -> list[threading.Thread]:
         observer = self.observer
@@ -137,6 +149,8 @@ class WatchService(LifecycleService):
         self.recursive = bool(recursive)
         self.patterns = None if patterns is None else tuple(patterns)
         self._run: _WatchRun | None = None
+        # The run whose start() is under way, until it returns or raises.
+        self._opening: _WatchRun | None = None
 
     def __repr__(self) -> str:
         patterns = f" patterns={list(self.patterns)}" if self.patterns else ""
@@ -163,17 +177,26 @@ class WatchService(LifecycleService):
             RuntimeError: the service is already running or still stopping.
         """
         done = self._begin()
-        run = _WatchRun(done)
+        run = self._opening = _WatchRun(done)
         try:
             require("watchdog.observers", "watch", feature="WatchService")
             # Building the observer starts its inotify thread, and starting it adds a
             # watch per sub-folder (blocking on a big tree): both happen off the loop,
             # as does every look at the path (a stuck network mount blocks a stat).
             await service_pool().run(self._open, run, asyncio.get_running_loop())
+        except GeneratorExit:
+            # Garbage-collected while pending: the loop was closed under this
+            # start, and nothing can be awaited any more. Stop the observer
+            # the worker opens without waiting (loop_closed() has, if a
+            # supervisor watched the loop's close()).
+            self.loop_closed()
+            raise
         except BaseException:
             self._start_failed()
             await service_pool().run(_close, run)  # whatever the worker opened (it may still run)
             raise
+        finally:
+            self._opening = None
         self._run = run
         self._ready()
         # The root's identity was taken just now: the first check comes a
@@ -221,6 +244,8 @@ class WatchService(LifecycleService):
     def _open(self, run: _WatchRun, loop: asyncio.AbstractEventLoop) -> None:
         """Build and start the run's observer (in a worker thread); undo it if start() gave up."""
         with run.lock:
+            if run.closed:  # closed before this worker began (see loop_closed): open nothing
+                return
             if not self.path.exists():
                 raise FileNotFoundError(
                     f"{self!r} cannot watch {str(self.path)!r}: it does not exist. Create it "
@@ -253,7 +278,7 @@ class WatchService(LifecycleService):
                 # its emitter would fail the observer's start. Here a folder
                 # gone is left unwatched; the first look (start() makes one
                 # at once) moves the watch and reports the change.
-                move_target_watch_locked(run, run.follow)
+                move_target_watch_locked(run, run.follow, target_dir(run.follow.path))
             if current_token():  # the awaiting start() was cancelled: nobody else will stop it
                 _close_locked(run)
 
@@ -353,12 +378,14 @@ class WatchService(LifecycleService):
         # not the pool's future: _end() waits for run.tasks with asyncio.wait(),
         # which refuses the coroutine-like OffloadFuture.
         task = asyncio.create_task(service_pool().run(look, run))
+        run.looking = task
         run.tasks.add(task)
         task.add_done_callback(lambda t: self._looked(run, follow, t))
 
     def _looked(self, run: _WatchRun, follow: Followed, task: asyncio.Future[FileState]) -> None:
         """Report a change of the file a watched symlink leads to, as an event on the link."""
         follow.looking = False
+        run.looking = None
         self._task_done(run, task)  # a look that raised crashes the service
         if task.cancelled() or task.exception() is not None:
             return
@@ -450,11 +477,14 @@ class WatchService(LifecycleService):
         """Stop the observer, settle the handler tasks, end the run (with ``exc`` if it crashed)."""
         if run.check is not None:
             run.check.cancel()
-        if run.checking is not None:
-            # Its finding no longer matters, and a stat stuck on a network
-            # mount would hold the stop until the supervisor's grace ran out.
-            # The worker returns to the pool whenever the stat does.
-            run.checking.cancel()
+        for looking in (run.checking, run.looking):
+            if looking is not None:
+                # Its finding no longer matters, and a stat stuck on a network
+                # mount would hold the stop until the supervisor's grace ran
+                # out. The worker returns to the pool whenever the stat does;
+                # a look that then moves the target's watch finds the run
+                # closed and leaves the observer alone.
+                looking.cancel()
         try:
             await service_pool().run(_close, run)
             if exc is not None:  # a crash: the other handlers are not waited for
@@ -478,6 +508,30 @@ class WatchService(LifecycleService):
             )
         await asyncio.wait({run.ending})
 
+    def loop_closed(self) -> None:
+        # No stop() can run on the closed loop: the observer would watch on,
+        # handing events to a loop that is gone, until the program exits.
+        # Stopped in a thread of its own, as _end() does in a worker: the stop
+        # joins the observer's threads, and first waits for a look or a start
+        # that holds run.lock. The supervisor joins it within its grace (see
+        # live_threads) and names it if it is still running then.
+        for run in (self._opening, self._run):
+            if run is None or run.closer is not None:
+                continue
+            run.closer = threading.Thread(
+                target=_close, args=(run,), name=f"offloop-watch-{self.name}-close", daemon=True
+            )
+            run.closer.start()
+
+    def live_threads(self) -> list[threading.Thread]:
+        threads = []
+        for run in (self._opening, self._run):
+            if run is not None:
+                if run.closer is not None and run.closer.is_alive():
+                    threads.append(run.closer)
+                threads.extend(run.threads())
+        return threads
+
     def kill(self) -> list[str]:
         """Cancel the handler tasks; report the observer threads that have not stopped yet."""
         run = self._run
@@ -500,9 +554,11 @@ def _close(run: _WatchRun) -> None:
 
 def _close_locked(run: _WatchRun) -> None:
     observer = run.observer
-    if observer is None or run.closed:
+    if run.closed:
         return
-    run.closed = True
+    run.closed = True  # also for an _open() yet to begin, which then opens nothing
+    if observer is None:
+        return
     observer.stop()  # also stops and joins the emitters and the inotify thread
     if observer.ident is not None:  # it was started
         observer.join()

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from .lifecycle import logger
 
-__all__ = ["FileState", "Followed", "look", "move_target_watch", "name_emitters"]
+__all__ = ["FileState", "Followed", "look", "move_target_watch", "name_emitters", "target_dir"]
 
 #: What a followed path leads to: (device, inode, size, mtime_ns), or None for no file.
 FileState = tuple[int, int, int, int] | None
@@ -90,24 +90,31 @@ def look(run: FollowedRun) -> FileState:
     """
     follow = run.follow
     assert follow is not None
-    if target_dir(follow.path) != follow.target_dir:
-        move_target_watch(run)
+    # Resolved before the move takes run.lock: the stop takes it to stop the
+    # observer, and must not wait for a mount that does not answer.
+    folder = target_dir(follow.path)
+    if folder != follow.target_dir:
+        move_target_watch(run, folder)
     return file_state(follow.path)
 
 
-def move_target_watch(run: FollowedRun) -> None:
-    """Watch the folder the followed link leads to now instead of the old one (off the loop)."""
+def move_target_watch(run: FollowedRun, folder: str | None) -> None:
+    """Watch ``folder``, that of the file the followed link leads to, instead of the old one.
+
+    Off the loop. ``folder`` may be out of date by the time the lock is
+    taken: the link's folder is always watched, so a change made since is an
+    event there, and another look follows.
+    """
     follow = run.follow
     assert follow is not None
     with run.lock:  # not while start() or stop() is on the observer
-        move_target_watch_locked(run, follow)
+        move_target_watch_locked(run, follow, folder)
 
 
-def move_target_watch_locked(run: FollowedRun, follow: Followed) -> None:
+def move_target_watch_locked(run: FollowedRun, follow: Followed, folder: str | None) -> None:
     observer = run.observer
     if run.closed or observer is None:
         return
-    folder = target_dir(follow.path)
     if folder == follow.target_dir:
         return
     if follow.target_watch is not None:

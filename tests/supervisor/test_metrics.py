@@ -222,3 +222,52 @@ async def test_pools_sharing_a_name_get_distinct_series_that_keep_their_label() 
         for pool in (first, second, mine, third, other_kind, fourth):
             if pool is not None:
                 await pool.aclose()
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_scheduled_services_have_run_failure_and_last_success_series() -> None:
+    # A job that must keep working is watched by its last success: the series
+    # to alert on when it stops working, whatever the restarts do.
+    sv = Supervisor(name="jobs-m")
+    runs: list[float] = []
+
+    # retry_startup: the crash comes within the start-up window.
+    @sv.every(0.01, backoff=0, max_backoff=0, retry_startup=True)
+    async def poll() -> None:
+        runs.append(time.time())
+        if len(runs) == 2:
+            raise ConnectionError("the API is down")
+
+    @sv.cron("0 0 1 1 *")  # once a year: no run during the test
+    async def yearly() -> None:
+        pass
+
+    async with sv:
+        await await_until(lambda: len(runs) >= 4, QUICK_WAIT, "runs after the restart")
+        status = sv.status()
+        fams = _parse(metrics_text(sv))
+    poll_status, yearly_status = status["poll"].schedule, status["yearly"].schedule
+    assert poll_status is not None
+    assert yearly_status is not None
+    assert poll_status.failures == 1
+    # The status was read just before the metrics: a run may have ended between.
+    assert _value(fams["offloop_schedule_runs"], service="poll") >= poll_status.runs >= 3
+    assert _value(fams["offloop_schedule_failures"], service="poll") == 1
+    assert _value(fams["offloop_schedule_failures"], service="yearly") == 0
+    assert _value(fams["offloop_schedule_missed"], service="poll") == poll_status.missed
+    assert _value(fams["offloop_schedule_overlapped"], service="poll") == poll_status.overlapped
+    success = _value(fams["offloop_schedule_last_success_timestamp_seconds"], service="poll")
+    assert runs[2] <= success <= time.time()
+    assert success >= (poll_status.last_success or 0.0)
+    # No run of the yearly job yet: no last success, no duration; its next run is known.
+    assert [
+        s.labels["service"] for s in fams["offloop_schedule_last_success_timestamp_seconds"]
+    ] == ["poll"]
+    assert [s.labels["service"] for s in fams["offloop_schedule_last_duration_seconds"]] == ["poll"]
+    assert (
+        _value(fams["offloop_schedule_next_run_timestamp_seconds"], service="yearly")
+        == yearly_status.next_run
+    )
+    # Families are always listed; a supervisor without a schedule has no series in them.
+    assert _parse(metrics_text(Supervisor(name="no-jobs")))["offloop_schedule_runs"] == []

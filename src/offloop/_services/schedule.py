@@ -165,6 +165,10 @@ class ScheduleStatus:
         missed_exact: ``False`` once a count of missed runs was cut short: after
             the machine slept (or its clock jumped) past a million due times of
             a cron schedule, they are counted up to that bound only.
+        failures: runs that raised, since the service was added (counted in ``runs`` too).
+        last_success: the wall-clock time (``time.time()``) the last run that
+            returned ended, or ``None`` if none has: the figure to alert on for
+            a job that must keep working (see ``offloop_schedule_last_success_timestamp_seconds``).
     """
 
     schedule: str
@@ -175,6 +179,8 @@ class ScheduleStatus:
     last_duration: float | None
     last_error: BaseException | None
     missed_exact: bool = True
+    failures: int = 0
+    last_success: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the error becomes its ``repr``)."""
@@ -188,6 +194,8 @@ class ScheduleStatus:
             "last_duration": self.last_duration,
             "last_error": error,
             "missed_exact": self.missed_exact,
+            "failures": self.failures,
+            "last_success": self.last_success,
         }
 
 
@@ -245,6 +253,8 @@ class ScheduledService(FunctionService):
         # Whether a run has ended without an error, and whether the next start
         # goes on with the schedule's grid (set as such a schedule crashes).
         self._succeeded = self._resume = False
+        self._failures = 0
+        self._last_success: float | None = None
 
     def __repr__(self) -> str:
         return (
@@ -265,6 +275,8 @@ class ScheduledService(FunctionService):
             self._last_duration,
             self._last_error,
             missed_exact=self._missed_exact,
+            failures=self._failures,
+            last_success=self._last_success,
         )
 
     # -- the service's run -----------------------------------------------------------------
@@ -549,8 +561,11 @@ class ScheduledService(FunctionService):
         self._runs.discard(run)
         self._count += 1
         self._last_duration, self._last_error = took, error
-        if error is None:
+        if error is not None:
+            self._failures += 1
+        elif not run.cancelled:  # not cut short by the stop: it did its work
             self._succeeded = True
+            self._last_success = time.time()
         if error is not None and self._ending is None:
             self._resume = self._succeeded
             if self._runs:

@@ -31,6 +31,10 @@ Families:
   Both histograms count the same calls, so a call's submit-to-done time is
   the sum of the two: ``rate(..._call_seconds_sum) +
   rate(..._queue_wait_seconds_sum)`` over the calls' rate is its mean;
+- ``offloop_schedule_*{supervisor,service}`` for ``@sv.every`` and ``@sv.cron``
+  services (from ``ServiceStatus.schedule``): counters of runs, failures,
+  missed and overlapped due times, and gauges of the last success, the next
+  run and the last run's duration (no sample until there is a value);
 - ``offloop_loop_lag_seconds``: a histogram of how late the supervisor's loop
   ran its timer (see :mod:`.health`);
 - ``offloop_detector_blocks_total`` and ``offloop_detector_blocked_seconds_total``
@@ -40,7 +44,7 @@ Families:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from .._core.registry import MeteredPool, label_of, live_pools
@@ -48,6 +52,8 @@ from .health import LAG_BUCKETS
 from .status import ServiceState, SupervisorState
 
 if TYPE_CHECKING:
+    from .._services.schedule import ScheduleStatus
+    from .status import ServiceStatus
     from .view import SupervisorView
 
 __all__ = ["CONTENT_TYPE", "metrics_text"]
@@ -105,6 +111,72 @@ def _histogram(
         yield _sample(f"{name}_count", labels, hist["count"])
 
 
+def _schedule_families(sup: str, statuses: dict[str, ServiceStatus]) -> Iterator[str]:
+    """The scheduled services' families (``@sv.every``, ``@sv.cron``): one series each."""
+    scheduled = [(n, s.schedule) for n, s in statuses.items() if s.schedule is not None]
+    for name, kind, help_, read in _SCHEDULE_FAMILIES:
+        yield from _family(
+            name,
+            kind,
+            help_,
+            (
+                _sample(name, {"supervisor": sup, "service": n}, value)
+                for n, sched in scheduled
+                # A gauge with nothing to say yet (no run has worked, the service
+                # is not running) has no sample, rather than a made-up 0.
+                if (value := read(sched)) is not None
+            ),
+        )
+
+
+_SCHEDULE_FAMILIES: Final[
+    tuple[tuple[str, str, str, Callable[[ScheduleStatus], float | None]], ...]
+] = (
+    (
+        "offloop_schedule_runs_total",
+        "counter",
+        "Runs of each scheduled service that ended (failed ones included).",
+        lambda s: s.runs,
+    ),
+    (
+        "offloop_schedule_failures_total",
+        "counter",
+        "Runs of each scheduled service that raised.",
+        lambda s: s.failures,
+    ),
+    (
+        "offloop_schedule_missed_total",
+        "counter",
+        "Due times of each scheduled service that passed without their run on time.",
+        lambda s: s.missed,
+    ),
+    (
+        "offloop_schedule_overlapped_total",
+        "counter",
+        "Due times of each scheduled service that found the previous run still going.",
+        lambda s: s.overlapped,
+    ),
+    (
+        "offloop_schedule_last_success_timestamp_seconds",
+        "gauge",
+        "When the last run of each scheduled service that returned ended (Unix time).",
+        lambda s: s.last_success,
+    ),
+    (
+        "offloop_schedule_next_run_timestamp_seconds",
+        "gauge",
+        "When the next run of each running scheduled service is due (Unix time).",
+        lambda s: s.next_run,
+    ),
+    (
+        "offloop_schedule_last_duration_seconds",
+        "gauge",
+        "How long the last run of each scheduled service took.",
+        lambda s: s.last_duration,
+    ),
+)
+
+
 def metrics_text(sv: SupervisorView) -> str:
     """The metrics of ``sv``, its loop and this process's pools, in the text format."""
     sup = sv.name
@@ -157,6 +229,7 @@ def metrics_text(sv: SupervisorView) -> str:
             for n, s in statuses.items()
         ),
     )
+    lines += _schedule_families(sup, statuses)
     pools = _pools()
     for metric, key, help_ in (
         ("offloop_pool_workers", "max_workers", "The most calls each pool runs at once."),

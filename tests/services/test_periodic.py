@@ -525,3 +525,26 @@ async def test_a_schedule_that_worked_goes_on_with_its_grid_after_a_crash(worked
         # worked: a fresh schedule, first=5 after the restart (106 -> 111).
         assert clock.targets[-1] == (125.0 if worked else 111.0)
         assert sv.status()["job"].schedule.next_run == clock.targets[-1]
+
+
+@bounded(10)
+async def test_a_crash_after_a_run_that_worked_is_restarted_even_within_the_startup_window() -> None:
+    # A job every 10 ms whose second run meets an outage: the first run showed
+    # that its configuration works, so the crash, within the start-up window
+    # as it is, is restarted instead of failing the program as a bad start.
+    calls: list[int] = []
+    sv = Supervisor(name="worked")
+
+    @sv.every(0.01, backoff=0, max_backoff=0)
+    async def poll() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ConnectionError("the API is down")
+
+    async with sv:
+        await await_until(lambda: len(calls) >= 3, QUICK_WAIT, "a run after the restart")
+        st = sv.status()["poll"]
+        assert st.restarts == 1
+        assert st.state == "running"
+        assert st.schedule is not None
+        assert st.schedule.failures == 1

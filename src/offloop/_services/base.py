@@ -71,6 +71,17 @@ class Service(abc.ABC):
         :meth:`kill` when it runs out.
         """
 
+    def has_worked(self) -> bool:
+        """Whether the service has shown since it was added that it works.
+
+        The supervisor asks when the service crashes within its
+        ``startup_window``: such a crash is a failure to start (a bad token, a
+        missing folder), not retried unless ``retry_startup``, unless the
+        service has worked, as a scheduled job whose earlier runs returned
+        has. The default, for a service that cannot tell, is False.
+        """
+        return False
+
     def kill(self) -> list[str]:
         """Force the service down now, without waiting.
 

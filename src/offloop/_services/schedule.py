@@ -303,6 +303,12 @@ class ScheduledService(FunctionService):
         self._wind_down(None, cancel_runs=not self._cancelled_by_loop)
         await asyncio.wait({done})
 
+    def has_worked(self) -> bool:
+        # A run that returned: a crash of a later one, however soon, is no
+        # failure to start (a job every 0.5 s would otherwise fail the program
+        # when its second run met an outage).
+        return self._succeeded
+
     def live_threads(self) -> list[threading.Thread]:
         return [
             run.thread

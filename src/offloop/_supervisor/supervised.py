@@ -219,6 +219,8 @@ class Supervised:
                     crash = exc
             # Only the first run has a window: once it ended, the service ran.
             early, self.startup_until = self._ran_for(loop.time()), None
+            if early is not None and svc.has_worked():
+                early = None  # it worked (a scheduled job's run returned): a crash, not a start
             if self.stopping:
                 # The shutdown owns the state from here, but an error on the way
                 # out (a cleanup that failed) is still worth knowing about.

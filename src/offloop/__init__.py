@@ -53,7 +53,7 @@ from ._process.toprocess import default_process_pool, to_process
 from ._services.aiohttp_app import AiohttpService
 from ._services.asgi import ASGIService
 from ._services.base import Service
-from ._services.schedule import ScheduleStatus
+from ._services.plan import ScheduleStatus
 from ._services.watch import WatchService
 from ._services.wsgi import WSGIService
 from ._supervisor.lifespan import lifespan

@@ -20,6 +20,7 @@ import offloop
 from offloop import ServiceFailed, StopToken, Supervisor
 from offloop._services.cron import make_cron
 from offloop._services.periodic import EveryPlan, make_scheduled
+from offloop._services.plan import ScheduleStatus
 from offloop._services.schedule import Missed, Overlap, ScheduledService
 from tests.helpers import QUICK_WAIT, await_until, bounded
 
@@ -524,11 +525,15 @@ async def test_a_schedule_that_worked_goes_on_with_its_grid_after_a_crash(worked
         # Worked: the next grid point after the crash (116 -> 125); never
         # worked: a fresh schedule, first=5 after the restart (106 -> 111).
         assert clock.targets[-1] == (125.0 if worked else 111.0)
-        assert sv.status()["job"].schedule.next_run == clock.targets[-1]
+        schedule = sv.status()["job"].schedule
+        assert schedule is not None
+        assert schedule.next_run == clock.targets[-1]
 
 
 @bounded(10)
-async def test_a_crash_after_a_run_that_worked_is_restarted_even_within_the_startup_window() -> None:
+async def test_a_crash_after_a_run_that_worked_is_restarted_even_within_the_startup_window() -> (
+    None
+):
     # A job every 10 ms whose second run meets an outage: the first run showed
     # that its configuration works, so the crash, within the start-up window
     # as it is, is restarted instead of failing the program as a bad start.
@@ -548,3 +553,50 @@ async def test_a_crash_after_a_run_that_worked_is_restarted_even_within_the_star
         assert st.state == "running"
         assert st.schedule is not None
         assert st.schedule.failures == 1
+
+
+@bounded(10)
+async def test_a_job_slower_than_its_schedule_is_logged_once_per_streak(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # overlap="skip" drops the runs due while one is going: a job always
+    # slower than its schedule runs at half the rate or less, which the
+    # status alone would keep quiet about. One WARNING per streak of them.
+    clock = HandClock(100.0)
+    gates: list[threading.Event] = []
+
+    def job(token: StopToken) -> None:
+        gate = threading.Event()
+        gates.append(gate)
+        gate.wait(QUICK_WAIT)
+
+    sv = Supervisor(name="slow")
+    sv.add(every(job, 10, clock))
+    caplog.set_level("WARNING", logger="offloop.supervisor")
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "came due while" in r.getMessage()]
+
+    def schedule() -> ScheduleStatus:
+        status = sv.status()["job"].schedule
+        assert status is not None
+        return status
+
+    async with sv:
+        await clock.wake_at()  # 100: the first run starts, and holds
+        await await_until(lambda: len(gates) == 1, QUICK_WAIT, "the first run")
+        await clock.wake_at()  # 110: skipped
+        await clock.wake_at()  # 120: skipped, not said again
+        await clock.asleep(4)
+        assert schedule().overlapped == 2
+        (message,) = warned()
+        assert "slow: service 'job': a run of every 10s came due while the last one" in message
+        assert "it was skipped (overlap='skip')" in message
+        gates[0].set()
+        await await_until(lambda: schedule().runs == 1, QUICK_WAIT, "the first run to end")
+        await clock.wake_at()  # 130: on time, the streak ends
+        await await_until(lambda: len(gates) == 2, QUICK_WAIT, "the second run")
+        await clock.wake_at()  # 140: skipped: a new streak, said again
+        await clock.asleep(6)
+        assert len(warned()) == 2
+        gates[1].set()

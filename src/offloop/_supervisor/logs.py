@@ -121,6 +121,13 @@ EVENTS: Final[dict[str, tuple[str, tuple[str, ...], dict[str, str]]]] = {
         ("supervisor", "service", "missed", "schedule", "note"),
         {"count": "at least"},
     ),
+    "%s: service %r: a run of %s came due while the last one was still running "
+    "(for %.1fs); %s. The job is slower than its schedule: this is said again only "
+    "after a run starts on time (the count is in the status: schedule.overlapped)": (
+        "overlap",
+        ("supervisor", "service", "schedule", "running", "outcome"),
+        {},
+    ),
     "%s: service %r: the clock was set back by %.0fs; the next run of %s comes "
     "in %.0fs, at its due time by the clock as it reads now": (
         "clock_set_back",

@@ -1,17 +1,19 @@
 """The python-telegram-bot recipe, polling the fake Telegram API.
 
-Run as ``python -m tests.hosts.ptb_host URL TOKEN [stall] [noshutdown] [early]``;
+Run as ``python -m tests.hosts.ptb_host URL TOKEN [stall] [noshutdown] [early] [slowstop]``;
 with ``stall``, a last service never finishes starting; with ``noshutdown``, the
 program forgets ``post_shutdown``, and a thread service says when it is told
 to stop; with ``early``, a service crashes as soon as it has started (while
 ``run_polling`` still sets up its polling), and the supervisor's stop ends only
-once the bot has answered an ``/ask`` (``run_polling`` is in ``run_forever``).
+once the bot has answered an ``/ask`` (``run_polling`` is in ``run_forever``);
+with ``slowstop``, a last service takes its whole grace to stop.
 
 ``/ask`` replies with every service's answer; ``/crash KIND`` crashes one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -52,6 +54,16 @@ if __name__ == "__main__":
     url, token, *options = sys.argv[1:]
     if "stall" in options:
         sv.add(Stalled())
+    if "slowstop" in options:
+
+        @sv.service(restart="no", name="slow")
+        async def slow() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                print("SLOW SERVICE STOPPING", file=sys.stderr, flush=True)
+                await asyncio.Event().wait()  # until the stop's grace is over
+
     if "early" in options:
 
         @sv.service(restart="no", name="lingering")

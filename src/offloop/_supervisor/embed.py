@@ -98,6 +98,8 @@ class Embedding:
         #: Replaces the default failure action (offloop.lifespan's SIGTERM).
         self.host_stop: Callable[[ServiceFailed], None] | None = None
         self.waiters: list[asyncio.Future[None]] = []
+        #: The tasks awaiting aclose(), which raises the failure to them itself.
+        self.closing: set[asyncio.Task[object]] = set()
         self.callbacks: set[asyncio.Task[object]] = set()
 
     # -- start, close, ready --------------------------------------------------------------
@@ -153,7 +155,13 @@ class Embedding:
             return
         self._check_loop("aclose")  # refused: nothing changed
         self.closed = True
-        await sv._finish_shutdown(sv._request_shutdown("aclose() was called"))
+        task = asyncio.current_task()
+        closing = {task} if task is not None else set()
+        self.closing |= closing
+        try:
+            await sv._finish_shutdown(sv._request_shutdown("aclose() was called"))
+        finally:
+            self.closing -= closing
         if sv._failure is not None:
             if self.cancelled_caller and asyncio.current_task() is self.caller:
                 # The failure replaces the cancellation it caused (Python >= 3.11 counts them).
@@ -336,7 +344,11 @@ class Embedding:
         self, main: asyncio.Task[object], failure: ServiceFailed, shutdown: asyncio.Task[None]
     ) -> None:
         # The services have stopped: now end the task the loop was running to
-        # completion when the failure came.
+        # completion when the failure came, unless it awaits aclose() by now,
+        # which raises the failure to it (a cancellation would come first).
+        if main in self.closing:
+            self.cancelled_caller = False
+            return
         if not main.done():
             main.cancel(self._why(failure))
             return

@@ -8,7 +8,9 @@ websocket, is replaced by a poll of the fake API's ``/fake-gateway``, where
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
 
 import aiohttp
@@ -23,10 +25,14 @@ side = Side(sv)
 
 
 class Bot(discord.Client):
-    """The recipe: the services start in setup_hook and stop in close."""
+    """The recipe: the services start in setup_hook and stop in close, on SIGTERM too."""
 
     async def setup_hook(self) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.close_soon)
         await sv.start()
+
+    def close_soon(self) -> None:
+        self.closing = asyncio.ensure_future(self.close())  # a task needs a reference
 
     async def close(self) -> None:
         try:

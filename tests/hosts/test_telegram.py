@@ -67,3 +67,40 @@ def test_ptb_without_post_shutdown_still_tells_the_thread_services_to_stop(
     )
     assert "its event loop was closed while it ran" in proc.output
     assert "(post_shutdown)" in proc.output
+
+
+def test_a_crash_while_ptb_sets_up_polling_stops_the_bot_once_it_polls(
+    fake_api: FakeAPI, token: str
+) -> None:
+    # A service that crashes right after post_init's start() returned fails
+    # the supervisor while run_polling runs its next step to completion; by
+    # the time the services have stopped, that step has ended and the loop
+    # runs forever: the bot must still be stopped, not poll on without them.
+    with HostProc("ptb_host", fake_api.url, token, "early") as proc:
+        proc.wait_for(r"Service 'early' failed")
+        fake_api.push(token, "/ask")  # answered once polling: then the stop ends
+        assert fake_api.next_sent(token) == "flask hi | thread hi | async hi"
+        code = proc.exit_code()
+    assert code == 1, proc.output
+    assert re.search(r"in stop_services\n +await sv\.aclose\(\)", proc.output), proc.output
+    assert "offloop.ServiceFailed: Service 'early' failed" in proc.output
+
+
+def test_a_second_ctrl_c_during_ptb_post_shutdown_says_the_stop_was_cut_short(
+    fake_api: FakeAPI, token: str
+) -> None:
+    # A second Ctrl-C while post_shutdown's aclose() runs makes run_polling
+    # close its loop mid-stop: the thread services are still told, and the
+    # warning must not tell a program that calls aclose() to call it.
+    with HostProc("ptb_host", fake_api.url, token, "slowstop") as proc:
+        proc.wait_for(r"all 4 service\(s\) ready")
+        fake_api.push(token, "/ask")  # polling, not still bootstrapping
+        assert fake_api.next_sent(token) == "flask hi | thread hi | async hi"
+        proc.send(signal.SIGINT)
+        proc.wait_for("SLOW SERVICE STOPPING")
+        proc.send(signal.SIGINT)
+        code = proc.exit_code()
+    assert code == 0, proc.output  # python-telegram-bot's SystemExit()
+    closed = proc.wait_for(r"its event loop was closed while it ran.*").group(0)
+    assert "before its stop had finished" in closed, closed
+    assert "Call 'await sv.aclose()'" not in closed, closed

@@ -75,3 +75,46 @@ def test_the_failure_ends_asyncio_run_clearly_when_the_start_task_has_ended(
         assert "because the task that called start() had ended; await sv.aclose()" in out
     else:
         assert last.startswith("offloop.ServiceFailed: Service 'flaky' failed: it crashed"), out
+
+
+STOPPING = """
+import asyncio
+import threading
+
+import offloop
+
+sv = offloop.Supervisor(name="bg", grace=5)
+told, release = threading.Event(), threading.Event()
+
+
+@sv.service(restart="no")
+def slow(token):
+    token.wait()
+    told.set()
+    release.wait(5)  # until main() awaits aclose()
+
+
+@sv.service(restart="no", startup_window=0)
+async def flaky():
+    raise ConnectionResetError("the gateway closed the connection")
+
+
+async def main():
+    await asyncio.create_task(sv.start())  # the task that called start() ends
+    await asyncio.to_thread(told.wait, 5)  # the failure's stop is under way
+    asyncio.get_running_loop().call_soon(release.set)
+    await sv.aclose()
+
+
+asyncio.run(main())
+"""
+
+
+def test_main_awaiting_aclose_as_the_failure_stop_ends_gets_the_failure(tmp_path: Path) -> None:
+    # main() awaits aclose() while the failure's stop runs: the cancellation
+    # meant for a main task that would never hear of the failure must not
+    # land in that aclose(), which raises the failure itself.
+    done = run_script(tmp_path, "app.py", STOPPING, timeout=SPAWN_WAIT)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("offloop.ServiceFailed: Service 'flaky' failed"), done.stderr
+    assert done.returncode == 1, done.stderr

@@ -16,7 +16,8 @@ halves as calls, and decides where a failure goes once nobody awaits it:
   cancelled once the services have stopped, with the failure as the
   cancellation's message (stopping the loop would end ``asyncio.run`` with
   "Event loop stopped before Future completed", which says nothing of the
-  failure). Otherwise (python-telegram-bot runs ``post_init`` as a task of its
+  failure); if that task has ended by then, whatever the loop runs next is
+  ended instead. Otherwise (python-telegram-bot runs ``post_init`` as a task of its
   own, then ``loop.run_forever()``) the loop is stopped, as
   ``Application.stop_running()`` does. Either way the host's shutdown hooks
   run, and the process ends with the error, not half-dead.
@@ -97,6 +98,8 @@ class Embedding:
         #: Replaces the default failure action (offloop.lifespan's SIGTERM).
         self.host_stop: Callable[[ServiceFailed], None] | None = None
         self.waiters: list[asyncio.Future[None]] = []
+        #: The tasks awaiting aclose(), which raises the failure to them itself.
+        self.closing: set[asyncio.Task[object]] = set()
         self.callbacks: set[asyncio.Task[object]] = set()
 
     # -- start, close, ready --------------------------------------------------------------
@@ -152,7 +155,13 @@ class Embedding:
             return
         self._check_loop("aclose")  # refused: nothing changed
         self.closed = True
-        await sv._finish_shutdown(sv._request_shutdown("aclose() was called"))
+        task = asyncio.current_task()
+        closing = {task} if task is not None else set()
+        self.closing |= closing
+        try:
+            await sv._finish_shutdown(sv._request_shutdown("aclose() was called"))
+        finally:
+            self.closing -= closing
         if sv._failure is not None:
             if self.cancelled_caller and asyncio.current_task() is self.caller:
                 # The failure replaces the cancellation it caused (Python >= 3.11 counts them).
@@ -323,24 +332,61 @@ class Embedding:
             )
             # Its aclose(), if it awaits one, raises the failure in place of this cancellation.
             self.caller, self.cancelled_caller = main, True
-            why = (
-                f"offloop: {failure} The supervisor {name!r} cancelled this task, which the "
-                f"event loop runs to completion, because the task that called start() had "
-                f"ended; await sv.aclose() here to get the ServiceFailed, or pass "
-                f"on_failure=... to the Supervisor to handle it yourself."
-            )
             shutdown = self.sv._shutdown_task
             if shutdown is None or shutdown.done():
-                main.cancel(why)
+                main.cancel(self._why(failure))
             else:
-                shutdown.add_done_callback(lambda _: main.cancel(why))
+                shutdown.add_done_callback(functools.partial(self._stopped, main, failure))
         elif loop is not None and not loop.is_closed():
-            logger.error(
-                "%s: stopping the event loop (loop.stop()) so that the host stops: the task that "
-                "called start() has ended (pass on_failure=... to choose otherwise)",
-                name,
-            )
-            loop.stop()
+            self._stop_loop(loop)
+
+    def _stopped(
+        self, main: asyncio.Task[object], failure: ServiceFailed, shutdown: asyncio.Task[None]
+    ) -> None:
+        # The services have stopped: now end the task the loop was running to
+        # completion when the failure came, unless it awaits aclose() by now,
+        # which raises the failure to it (a cancellation would come first).
+        if main in self.closing:
+            self.cancelled_caller = False
+            return
+        if not main.done():
+            main.cancel(self._why(failure))
+            return
+        loop = main.get_loop()
+        if shutdown.cancelled() or loop.is_closed():
+            return  # the loop's own end cancelled the stop: it is ending anyway
+        # That task ended while the services stopped, and the loop went on to
+        # the host's next step: python-telegram-bot's run_polling sets up its
+        # polling one run_until_complete() at a time, then runs forever.
+        now = main_task(loop)
+        if now is None:
+            self._stop_loop(loop)
+            return
+        logger.error(
+            "%s: cancelling %s, the task the event loop runs to completion now, so that the "
+            "host stops: %s, which it ran when the service failed, has ended",
+            self.sv.name,
+            now.get_name(),
+            main.get_name(),
+        )
+        self.caller = now
+        now.cancel(self._why(failure))
+
+    def _why(self, failure: ServiceFailed) -> str:
+        return (
+            f"offloop: {failure} The supervisor {self.sv.name!r} cancelled this task, which the "
+            f"event loop runs to completion, because the task that called start() had "
+            f"ended; await sv.aclose() here to get the ServiceFailed, or pass "
+            f"on_failure=... to the Supervisor to handle it yourself."
+        )
+
+    def _stop_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        logger.error(
+            "%s: stopping the event loop (loop.stop()) so that the host stops: the task that "
+            "called start() has ended (pass on_failure=... to choose otherwise)",
+            self.sv.name,
+        )
+        loop.stop()
 
 
 class HostLifecycle:
@@ -362,7 +408,8 @@ class HostLifecycle:
         then raises the :class:`~offloop.ServiceFailed`); else the task the
         loop runs to completion (``asyncio.run``'s main task), if any, is
         cancelled once the services have stopped, with the failure as its
-        message; else the event loop is stopped (``loop.stop()``, which ends
+        message (or, if it has ended by then, the one the loop runs then, or
+        the loop); else the event loop is stopped (``loop.stop()``, which ends
         python-telegram-bot's ``run_polling``). See the Hosts guide for each
         framework.
 

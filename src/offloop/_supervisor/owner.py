@@ -167,16 +167,35 @@ class LoopEndWatch:
         # threads are daemons, cut off at the interpreter's exit, so they get
         # the stop's grace here to end, as the stop would have given them.
         left = _join_service_threads(self.sv, self.sv.grace)
+        waited = f" (still running after {self.sv.grace:g}s: {', '.join(left)})" if left else ""
+        told = (
+            "the stop tokens of its thread services were set, the loop threads of its "
+            f"isolate='loop' services closed, and their threads waited for{waited}"
+        )
+        if self.sv._shutdown_task is not None:
+            # aclose() (or a failure, or stop()) had begun the stop: the host
+            # cut it short, which is no program's missing aclose().
+            logger.warning(
+                "%s: its event loop was closed while it ran, before its stop had finished "
+                "(python-telegram-bot's run_polling does that on a second Ctrl-C or stop "
+                "signal during its shutdown): %s, but the services not stopped by then were "
+                "not stopped gracefully. To let the stop finish, signal once and wait up to "
+                "grace (%gs).",
+                self.sv.name,
+                told,
+                self.sv.grace,
+            )
+            return
         logger.warning(
             "%s: its event loop was closed while it ran, without aclose() and without "
             "cancelling its tasks (python-telegram-bot's run_polling closes its loop that "
-            "way): the stop tokens of its thread services were set, the loop threads of "
-            "its isolate='loop' services closed, and their threads waited for%s, but no "
-            "service could be stopped gracefully. Call "
-            "'await sv.aclose()' in the host's shutdown hook (post_shutdown), or run the "
-            "supervisor with 'async with sv:'.",
+            "way): %s, but no service could be stopped gracefully. Call 'await sv.aclose()' "
+            "in the host's shutdown hook (post_shutdown), or run the supervisor with "
+            "'async with sv:'. (A program that does has had its shutdown hook skipped: "
+            "python-telegram-bot skips post_shutdown on a second Ctrl-C or stop signal "
+            "while it stops.)",
             self.sv.name,
-            f" (still running after {self.sv.grace:g}s: {', '.join(left)})" if left else "",
+            told,
         )
 
     def _tell_services(self) -> None:

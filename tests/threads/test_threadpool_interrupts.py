@@ -1,12 +1,10 @@
 """A KeyboardInterrupt (or any signal handler's exception) in the middle of a thread pool's run().
 
-A signal handler runs in the main thread between two bytecodes, and since
-Python 3.10 only at a call (once it returns, for a C function) or at a
-function's start; on 3.10 also as a Python function returns to its caller.
-A profile hook raises at exactly those points (at all of them on every
-version), so these tests interrupt ``run()`` at each of them in turn, and
-check that the pool is whole afterwards: no thread lost, no count left
-over, its next call runs, and it closes.
+A signal handler runs in the main thread between two bytecodes, and only at
+some of them (tests/threads/interrupt_points.py says which, and raises
+there). These tests interrupt ``run()`` at each of them in turn, and check
+that the pool is whole afterwards: no thread lost, no count left over, its
+next call runs, and it closes.
 """
 
 from __future__ import annotations
@@ -24,55 +22,10 @@ import pytest
 import offloop
 from offloop._threads import dispatch, lifecycle
 from tests.helpers import WAIT, await_until
+from tests.threads.interrupt_points import interrupted_at
 
 SUBMIT: CodeType = dispatch.ThreadPoolDispatch._submit.__code__
 START_THREAD: CodeType = lifecycle.ThreadPoolLifecycle._start_thread.__code__
-
-
-def _in_submit(frame: FrameType | None) -> bool:
-    while frame is not None:
-        if frame.f_code is SUBMIT:
-            return True
-        frame = frame.f_back
-    return False
-
-
-@contextlib.contextmanager
-def interrupted_at(n: int) -> Iterator[list[str]]:
-    """Raise KeyboardInterrupt at the ``n``-th point of _submit where a signal handler may run.
-
-    The points are counted up to the start of the new thread, if any (its
-    own handling of a failed start has tests of its own). Yields a list
-    that names the point once it is reached.
-    """
-    seen = 0
-    where: list[str] = []
-
-    def hook(frame: FrameType, event: str, arg: Any) -> None:
-        nonlocal seen
-        if where or event not in ("call", "c_return", "return"):
-            return
-        if event == "return":
-            # Raised from the hook, the exception replaces the return value:
-            # the caller sees it right after the call, as on 3.10. Not for
-            # _submit's own return: run() is then interrupted with the call
-            # placed, as after any function that hands out a resource.
-            if frame.f_code is SUBMIT or not _in_submit(frame.f_back):
-                return
-        elif not _in_submit(frame):
-            return
-        if seen == n:
-            where.append(f"{event} {getattr(arg, '__qualname__', frame.f_code.co_name)}")
-            raise KeyboardInterrupt(f"injected at {where[0]}")
-        seen += 1
-        if event == "call" and frame.f_code is START_THREAD:
-            where.append("")  # past the last point: stop counting
-
-    sys.setprofile(hook)
-    try:
-        yield where
-    finally:
-        sys.setprofile(None)
 
 
 async def _interrupt(situation: str, n: int) -> bool:
@@ -98,7 +51,7 @@ async def _interrupt(situation: str, n: int) -> bool:
         fn = waits
     ran: list[str] = []
     try:
-        with interrupted_at(n) as where:
+        with interrupted_at(n, SUBMIT, stop_at=START_THREAD) as where:
             pool.run(fn, ran, "interrupted")
     except KeyboardInterrupt:
         pass
@@ -110,7 +63,7 @@ async def _interrupt(situation: str, n: int) -> bool:
             assert await asyncio.wait_for(call, WAIT) is True
         assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2, where
         await await_until(lambda: pool.statistics()["running"] == 0, WAIT, "the calls to end")
-        if reached and where[0] != "c_return lock.__exit__":
+        if reached and not where[0].startswith("c_return lock.__exit__"):
             assert ran == [], f"the interrupted call ran ({where[0]})"
         stats = pool.statistics()
         assert (stats["queued"], pool._ready, pool._backlog) == (0, 0, 0), where

@@ -31,6 +31,7 @@ from typing import Any, Final
 from .._core.errors import PoolClosedError
 from .._core.offload import BATCHED, QUEUED, SKIPPED, Channel, OffloadFuture
 from .._core.poolbase import PoolState, complete_waiter
+from .._core.validate import describe
 from .growth import GROWTH_PERIOD, ThreadPoolGrowth
 from .workers import Worker
 
@@ -86,9 +87,10 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                         dispatch = True
                     # The steps below are ordered for the except clause: an
                     # exception from a signal handler (Ctrl-C's
-                    # KeyboardInterrupt) comes only at a call or at a
-                    # function's start, and after each of those the clause
-                    # must be able to tell what was done.
+                    # KeyboardInterrupt) comes only at a call, a function's
+                    # start or a jump (on 3.10 any taken ``if``), and after
+                    # each of those the clause must be able to tell what was
+                    # done.
                     if dispatch:
                         if self._gil_fns and self._gil_fns.holds(call.fn):
                             self._gil_calls.add(call)  # see gil.py
@@ -114,7 +116,11 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                             self._ready += 1
                             self._queue.put(call)  # the new thread's first call
                             self._workers.append(new)
-                            starter = self._want_started([new], now=monotonic())
+                            if self._want_started([new], now=monotonic()):
+                                # Taken with no call in between: see the
+                                # except clause.
+                                starter = self._unstarted[0]
+                                del self._unstarted[0]
                     if not dispatch or (self._unstarted and not self._starting):
                         channel = call._channel
                         if not dispatch:
@@ -192,63 +198,109 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
     def _flush(self, channel: Channel) -> None:
         # On the channel's loop, one iteration after a call found the pool
         # busy: hand the calls batched since to the pool, under one lock.
+        # An exception from a signal handler (Ctrl-C's KeyboardInterrupt)
+        # may come at any call or jump: once the batch is taken off the
+        # channel, the except clauses hand over what is left of it, or its
+        # calls would wait in phase BATCHED for good. (One that comes as
+        # this function starts leaves the batch on the channel: the loop's
+        # check hands it over, see _rebalance.)
         batch = channel.batch
         channel.batch = None
         channel.batch_owner = None
-        if not batch:
-            return
-        closed: list[OffloadFuture[Any]] = []
         to_start: list[Worker] = []
         starter: Worker | None = None
-        with self._lock:
-            if self._state is not _OPEN:
-                for call in batch:
-                    if call._phase is BATCHED:
-                        self._queued += 1  # _skip_closed counts it out again
-                        self._skip_closed(call)
-                        closed.append(call)
-            else:
-                pending = self._pending
-                waits = self._waits
-                for call in batch:
-                    if call._phase is not BATCHED:
-                        continue  # cancelled meanwhile
-                    call._phase = QUEUED
-                    self._queued += 1
-                    if (
-                        waits  # as in _submit
-                        and waits.waits(call.fn)
-                        and (self._idle or len(self._workers) < self._max_workers)
-                    ):
-                        self._dispatch(call, to_start)
-                    else:
-                        pending.append(call)
-                # Idle threads take what free CPU slots allow; _next_pending
-                # and _rebalance (armed below) see to the rest.
-                while (
-                    pending
-                    and self._idle
-                    and self._ready + self._running - self._waiting < self._cpu_slots
-                ):
-                    if self._gil_calls:
-                        nxt = self._take_pending()
-                        if nxt is None:
-                            break  # they wait for the GIL-holding call (gil.py)
-                    else:
-                        nxt = pending.popleft()
-                        if nxt._phase is not QUEUED:
-                            continue  # cancelled meanwhile
-                    self._dispatch(nxt, to_start)
-                if to_start:
-                    starter = self._want_started(to_start, now=monotonic())
-                if (pending or (self._unstarted and not self._starting)) and (
-                    channel not in self._armed
-                ):
-                    self._armed.add(channel)
-                    loop = batch[0].loop
-                    due = loop.time() + GROWTH_PERIOD
-                    loop.call_at(due, self._rebalance, channel, loop, due)
-        for call in closed:
-            call._channel.post(call)
-        if starter is not None:
-            self._start_or_give_up(starter)
+        closed: list[OffloadFuture[Any]] = []
+        try:
+            if not batch:
+                return
+            with self._lock:
+                was_starting = self._starting
+                try:
+                    self._take_batch(batch, closed)
+                    if self._state is _OPEN:
+                        loop = batch[0].loop
+                        if self._send_batch(len(batch), to_start) and self._want_started(
+                            to_start, now=monotonic()
+                        ):
+                            # Taken with no call in between: see the except clause.
+                            starter = self._unstarted[0]
+                            del self._unstarted[0]
+                        if (self._pending or (self._unstarted and not self._starting)) and (
+                            channel not in self._armed
+                        ):
+                            # Scheduled first, as in _submit: a check that
+                            # was never scheduled must not count as armed.
+                            due = loop.time() + GROWTH_PERIOD
+                            loop.call_at(due, self._rebalance, channel, loop, due)
+                            self._armed.add(channel)
+                except BaseException:
+                    self._take_batch(batch, closed)
+                    self._undo_starts(to_start, starter, was_starting)
+                    raise
+            for call in closed:
+                call._channel.post(call)
+            if starter is not None:
+                self._start_or_give_up(starter)
+        except BaseException:
+            with self._lock:
+                if batch:
+                    self._take_batch(batch, closed)
+                waiters = self._settle_start(starter)
+            for waiter in waiters:
+                complete_waiter(waiter)
+            # A call's second post reaches its loop's drain, which skips a
+            # future already done.
+            for call in closed:
+                call._channel.post(call)
+            raise
+
+    def _take_batch(
+        self, batch: list[OffloadFuture[Any]], closed: list[OffloadFuture[Any]]
+    ) -> None:
+        # Under _lock: count the batch's calls still BATCHED in, as pending
+        # (the others were cancelled meanwhile), or refused if the pool is
+        # closed (added to ``closed`` for their awaiters). Each call moves
+        # in steps with no call or jump between them: an exception from a
+        # signal handler leaves it BATCHED, for the caller's except clause
+        # to call this again, or moved.
+        pending = self._pending
+        for call in batch:
+            if call._phase is BATCHED:
+                if self._state is not _OPEN:
+                    error = PoolClosedError(
+                        f"{self._describe()} closed before this call of "
+                        f"{describe(call.fn)} started."
+                    )
+                    closed += (call,)  # not append(): a call, see above
+                    call._error = error
+                    call._phase = SKIPPED
+                    self._cancelled += 1
+                    continue
+                call._phase = QUEUED
+                self._queued += 1
+                pending.append(call)
+
+    def _send_batch(self, size: int, to_start: list[Worker]) -> bool:
+        # Under _lock: dispatch the batch's calls (the last ``size`` pending
+        # ones at most) whose function is known to wait, then as many
+        # pending calls as idle threads and free CPU slots allow;
+        # _next_pending and _rebalance see to the rest. Returns whether new
+        # workers were added to to_start.
+        pending = self._pending
+        waits = self._waits
+        if waits:  # as in _submit
+            i = max(0, len(pending) - size)
+            while i < len(pending) and (self._idle or len(self._workers) < self._max_workers):
+                call = pending[i]
+                if call._phase is QUEUED and waits.waits(call.fn):
+                    self._dispatch(i, to_start)  # out of pending: i is the next one
+                else:
+                    i += 1
+        while (
+            pending and self._idle and self._ready + self._running - self._waiting < self._cpu_slots
+        ):
+            i = self._pending_index()
+            if i < 0:
+                break  # they wait for the GIL-holding call (gil.py)
+            self._dispatch(i, to_start)
+        return bool(to_start)

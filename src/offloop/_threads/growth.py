@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic, process_time, thread_time
-from typing import Any, Final
+from typing import Final
 
-from .._core.offload import QUEUED, Channel, OffloadFuture
+from .._core.offload import QUEUED, Channel
 from .._core.poolbase import PoolState, complete_waiter
 from .gil import GIL_ENABLED, GIL_SCAN, GilClocks, judge_gil, may_probe
 from .lifecycle import ThreadPoolLifecycle
@@ -55,6 +55,9 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
     # Set up by ThreadPool.__init__.
     _waits: WaitMemory
 
+    def _flush(self, channel: Channel) -> None:
+        raise NotImplementedError  # dispatch.py's: hands a loop's batch to the pool
+
     def _rebalance(
         self,
         channel: Channel,
@@ -69,105 +72,142 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
         # this loop read (gil.py), passed along from one check to the next.
         to_start: list[Worker] = []
         starter: Worker | None = None
-        with self._lock:
-            if self._state is not PoolState.OPEN or not (self._pending or self._unstarted):
-                self._armed.discard(channel)
-                return
-            now = monotonic()
-            # A call that ended within a period since the last look means a
-            # thread cycles through short calls: it takes the pending ones
-            # itself, faster than new threads would, so none is started.
-            room = len(self._idle) + (
-                0 if self._short else max(0, self._max_workers - len(self._workers))
-            )
-            self._short = False
-            # Every thread busy and none to start: nothing can be dispatched
-            # until a thread comes free, and one that ends a call takes the
-            # pending ones itself. The check still measures the running calls
-            # (a call presumed to wait may compute, and must get its slot
-            # back), but less often: each look wakes the loop, and reads the
-            # kernel with the GIL handed away.
-            full = (
-                not self._idle and len(self._workers) >= self._max_workers and not self._unstarted
-            )
-            for w in self._workers:
-                if w.call is None:
-                    continue  # idle: not waiting (cleared as its last call ended)
-                waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
-                if waiting is not w.waiting:
-                    w.waiting = waiting
-                    self._waiting += 1 if waiting else -1
-                    if not waiting:
-                        w.presumed = False
-                        self._waits.remember(w.call, False)
-                if waiting and self._gil_calls:
-                    # A GIL-holding call that waits (for a lock, an I/O, or a
-                    # nested call of its own function) holds no GIL: the next
-                    # such call may start, or a nested one would never run.
-                    self._gil_calls.discard(w.call)
-            late = loop.time() - due > LAG_LIMIT
-            if GIL_ENABLED:
-                # Read together, without giving the GIL away in between
-                # (``now`` is older: reading the workers above did).
-                read = GilClocks(monotonic(), thread_time(), process_time())
-                if clocks is not None and (self._gil_fns or self._running - self._waiting >= 2):
-                    judge_gil(
-                        self._workers,
-                        self._gil_calls,
-                        self._gil_fns,
-                        now,
-                        waiting_share(self._cpu_slots),
-                        clocks.since(read, late=late),
-                    )
-                clocks = read
-            free = self._cpu_slots - (self._ready + self._running - self._waiting)
-            if room > 0 and late:
-                # The loop itself runs late. Calls that look blocked may be
-                # waiting for the GIL that a computing call holds (C code
-                # such as zlib keeps it for its whole run): while the loop
-                # runs late, a waiting call's slot is given away only once it
-                # has waited over a whole window (a GIL wait is not that long),
-                # or sleeps in the kernel outside a futex (in I/O or a timer,
-                # where no GIL wait is). Not never: under steady CPU load the
-                # loop is always late, and blocked calls would hold their
-                # slots for nothing.
-                sure = sum(
-                    1
-                    for w in self._workers
-                    if w.waiting and (w.waited_a_window() or w.sleeps_outside_futex(now))
-                )
-                free = min(free, self._cpu_slots - (self._ready + self._running - sure))
-            while free > 0 and room > 0 and self._pending:
-                call = self._take_pending()
-                if call is None:
-                    break  # the rest must wait for the GIL-holding call to end
-                self._dispatch(call, to_start)
-                free -= 1
-                room -= 1
-            starter = self._want_started(to_start, now=now) if to_start else None
-            if starter is None:
-                starter = self._late_start(now)
-        period = FULL_PERIOD if full else GROWTH_PERIOD
+        period = GROWTH_PERIOD
         try:
-            started = starter is None or self._start_or_give_up(starter)
-        except BaseException:  # a KeyboardInterrupt, say: this check ends
+            if channel.batch is not None and channel.batch_owner is self:
+                # A batch whose flush was cut short as it began (an exception
+                # from a signal handler, such as Ctrl-C's KeyboardInterrupt,
+                # at the function's start) would hold this loop's calls for
+                # good; handed over early, it is only handed over sooner.
+                self._flush(channel)
             with self._lock:
-                self._armed.discard(channel)
-            raise
-        if not started:
-            with self._lock:
-                if self._workers or not self._pending or self._state is not PoolState.OPEN:
-                    # The calls that were to run in the new threads wait
-                    # for a busy one (_serve_backlog). No retry every
-                    # period (and a log line each time): the next call
-                    # that waits arms the check again.
+                if self._state is not PoolState.OPEN or not (self._pending or self._unstarted):
                     self._armed.discard(channel)
                     return
-            # No thread is left to come free: only a check starts one for
-            # the calls, so this one goes on, a little later.
-            period = START_RETRY
+                was_starting = self._starting
+                try:
+                    full, clocks = self._grow(loop, due, clocks, to_start)
+                    if (
+                        self._want_started(to_start, now=monotonic())
+                        if to_start
+                        else (self._late_start(monotonic()))
+                    ):
+                        # Taken with no call in between: see the except clause.
+                        starter = self._unstarted[0]
+                        del self._unstarted[0]
+                except BaseException:
+                    # An exception from a signal handler: every step above
+                    # leaves the calls either pending or dispatched; the new
+                    # threads and a start it claimed are given up.
+                    self._undo_starts(to_start, starter, was_starting)
+                    raise
+            period = FULL_PERIOD if full else GROWTH_PERIOD
+            if starter is not None and not self._start_or_give_up(starter):
+                with self._lock:
+                    if self._workers or not self._pending or self._state is not PoolState.OPEN:
+                        # The calls that were to run in the new threads wait
+                        # for a busy one (_serve_backlog). No retry every
+                        # period (and a log line each time): the next call
+                        # that waits arms the check again.
+                        self._armed.discard(channel)
+                        return
+                # No thread is left to come free: only a check starts one for
+                # the calls, so this one goes on, a little later.
+                period = START_RETRY
+        except BaseException:
+            # Cut short by an exception from a signal handler: the claimed
+            # start is settled, and the check goes on (still armed), or the
+            # calls it is there for could wait for good.
+            with self._lock:
+                waiters = self._settle_start(starter)
+            for waiter in waiters:
+                complete_waiter(waiter)
+            due = loop.time() + period
+            loop.call_at(due, self._rebalance, channel, loop, due, clocks)
+            raise
         due = loop.time() + period
         loop.call_at(due, self._rebalance, channel, loop, due, clocks)
+
+    def _grow(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        due: float,
+        clocks: GilClocks | None,
+        to_start: list[Worker],
+    ) -> tuple[bool, GilClocks | None]:
+        # Under _lock, the body of _rebalance: measure the running calls and
+        # dispatch pending ones into the slots they free (new workers go to
+        # to_start). Returns whether the pool is full, and the GIL clocks.
+        now = monotonic()
+        # A call that ended within a period since the last look means a
+        # thread cycles through short calls: it takes the pending ones
+        # itself, faster than new threads would, so none is started.
+        room = len(self._idle) + (
+            0 if self._short else max(0, self._max_workers - len(self._workers))
+        )
+        self._short = False
+        # Every thread busy and none to start: nothing can be dispatched
+        # until a thread comes free, and one that ends a call takes the
+        # pending ones itself. The check still measures the running calls
+        # (a call presumed to wait may compute, and must get its slot
+        # back), but less often: each look wakes the loop, and reads the
+        # kernel with the GIL handed away.
+        full = not self._idle and len(self._workers) >= self._max_workers and not self._unstarted
+        for w in self._workers:
+            if w.call is None:
+                continue  # idle: not waiting (cleared as its last call ended)
+            waiting = w.is_waiting(now, GROWTH_PERIOD, self._running)
+            if waiting is not w.waiting:
+                w.waiting = waiting
+                self._waiting += 1 if waiting else -1
+                if not waiting:
+                    w.presumed = False
+                    self._waits.remember(w.call, False)
+            if waiting and self._gil_calls:
+                # A GIL-holding call that waits (for a lock, an I/O, or a
+                # nested call of its own function) holds no GIL: the next
+                # such call may start, or a nested one would never run.
+                self._gil_calls.discard(w.call)
+        late = loop.time() - due > LAG_LIMIT
+        if GIL_ENABLED:
+            # Read together, without giving the GIL away in between
+            # (``now`` is older: reading the workers above did).
+            read = GilClocks(monotonic(), thread_time(), process_time())
+            if clocks is not None and (self._gil_fns or self._running - self._waiting >= 2):
+                judge_gil(
+                    self._workers,
+                    self._gil_calls,
+                    self._gil_fns,
+                    now,
+                    waiting_share(self._cpu_slots),
+                    clocks.since(read, late=late),
+                )
+            clocks = read
+        free = self._cpu_slots - (self._ready + self._running - self._waiting)
+        if room > 0 and late:
+            # The loop itself runs late. Calls that look blocked may be
+            # waiting for the GIL that a computing call holds (C code
+            # such as zlib keeps it for its whole run): while the loop
+            # runs late, a waiting call's slot is given away only once it
+            # has waited over a whole window (a GIL wait is not that long),
+            # or sleeps in the kernel outside a futex (in I/O or a timer,
+            # where no GIL wait is). Not never: under steady CPU load the
+            # loop is always late, and blocked calls would hold their
+            # slots for nothing.
+            sure = sum(
+                1
+                for w in self._workers
+                if w.waiting and (w.waited_a_window() or w.sleeps_outside_futex(now))
+            )
+            free = min(free, self._cpu_slots - (self._ready + self._running - sure))
+        while free > 0 and room > 0 and self._pending:
+            i = self._pending_index()
+            if i < 0:
+                break  # the rest must wait for the GIL-holding call to end
+            self._dispatch(i, to_start)
+            free -= 1
+            room -= 1
+        return full, clocks
 
     def _check_later(self, channel: Channel, loop: asyncio.AbstractEventLoop) -> None:
         # On the loop, armed by _serve_backlog: calls went back to _pending
@@ -176,48 +216,65 @@ class ThreadPoolGrowth(ThreadPoolLifecycle):
         due = loop.time() + START_RETRY
         loop.call_at(due, self._rebalance, channel, loop, due)
 
-    def _dispatch(self, call: OffloadFuture[Any], to_start: list[Worker]) -> None:
-        # Under _lock: hand the call to the thread that went idle last, or
-        # put it on the queue for a new one (added to to_start). _submit
-        # does the same inline: it runs once per call, and would pay for
-        # the list here.
-        self._ready += 1
-        if self._gil_fns and self._gil_fns.holds(call.fn):
-            self._gil_calls.add(call)
-        if self._idle:
-            self._idle.pop().give(call)
+    def _dispatch(self, i: int, to_start: list[Worker]) -> None:
+        # Under _lock: hand the pending call _pending[i] to the thread that
+        # went idle last, or put it on the queue for a new one (added to
+        # to_start). _submit does the same inline: it runs once per call.
+        # The steps that move the call, count it and take or register its
+        # thread make no call and take no jump, so that an exception from a
+        # signal handler (Ctrl-C's KeyboardInterrupt) comes before them all
+        # (the call is still pending) or after them all: a thread taken off
+        # the idle stack and never woken, or a call taken out of _pending
+        # and never dispatched, would be lost for good. ``+=`` registers the
+        # new worker, as ``append`` is a call.
+        pending = self._pending
+        call = pending[i]
+        holds = bool(self._gil_fns) and self._gil_fns.holds(call.fn)
+        idle = self._idle
+        if idle:
+            worker = idle[-1]
+            del idle[-1]
+            del pending[i]
+            self._ready += 1
+            worker.hand = call
+            worker.wake.release()
         else:
             worker = Worker()
-            self._workers.append(worker)
-            to_start.append(worker)
+            del pending[i]
+            self._workers += (worker,)
+            to_start += (worker,)
+            self._ready += 1
             self._queue.put(call)  # under the lock, as in _submit
+        if holds:
+            # After the hand-over: a call here must not be pending (gil.py);
+            # one missed only runs beside another call of its function.
+            self._gil_calls.add(call)
 
-    def _take_pending(self) -> OffloadFuture[Any] | None:
-        # Under _lock: the first pending call that may run now, taken out of
-        # _pending. While a call known to hold the GIL runs (or is on its way
-        # to a thread), a call of a function known to hold it must wait
-        # (gil.py): the first other one among the next GIL_SCAN goes instead.
+    def _pending_index(self) -> int:
+        # Under _lock: where in _pending the first call that may run now is
+        # (-1: none), once the calls cancelled at its front are dropped. It
+        # stays there until dispatched (_dispatch). While a call known to
+        # hold the GIL runs (or is on its way to a thread), a call of a
+        # function known to hold it must wait (gil.py): the first other one
+        # among the next GIL_SCAN goes instead.
         pending = self._pending
         while pending and pending[0]._phase is not QUEUED:
             pending.popleft()  # cancelled while pending
         if not pending:
-            return None
+            return -1
         if not (self._gil_calls and self._gil_fns):
-            return pending.popleft()
+            return 0
         memory = self._gil_fns
         holds = memory.holds
         for i in range(min(len(pending), GIL_SCAN)):
             call = pending[i]
             if call._phase is QUEUED and not holds(call.fn):
-                del pending[i]
-                return call
+                return i
         # Now and then one goes anyway, to see whether its function still
         # contends for the GIL beside the one that runs (gil.py: probes).
-        call = pending[0]
-        if may_probe(memory, self._gil_calls, self._workers, call.fn, monotonic()):
-            pending.popleft()
-            return call
-        return None
+        if may_probe(memory, self._gil_calls, self._workers, pending[0].fn, monotonic()):
+            return 0
+        return -1
 
     def _start_or_give_up(self, starter: Worker) -> bool:
         # On the loop: start the thread of a wanted worker (which starts the

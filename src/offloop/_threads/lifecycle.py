@@ -96,26 +96,26 @@ class ThreadPoolLifecycle(ThreadPoolView):
             self._abandoned += 1
             return True
 
-    def _want_started(self, workers: list[Worker], *, now: float) -> Worker | None:
+    def _want_started(self, workers: list[Worker], *, now: float) -> bool:
         # Under _lock, on the loop: threads for these new workers are wanted.
         # Thread.start() waits until the new thread has run, which under GIL
         # contention takes several switch intervals: the loop must not pay
         # it. So a worker that ends a call starts them (_starter_wanted); the
         # loop starts one itself only for a pool with no thread at all, or
         # when no worker came by for START_GRACE (all of them blocked, when
-        # a start is cheap; see _late_start). Returns the one to start now.
+        # a start is cheap; see _late_start). Returns whether the caller
+        # claimed the start: it then takes _unstarted[0] to start, and
+        # checks _starting against its value before the call, should an
+        # exception from a signal handler come as this returns (3.10).
         self._unstarted.extend(workers)
         if self._starting:
-            return None
+            return False
         if len(self._unstarted) == len(self._workers):  # no thread to do it
-            worker = self._unstarted.pop(0)
-            # Set after the pop, with no call until the caller holds the
-            # worker: see _submit.
             self._starting = True
-            return worker
+            return True
         if self._start_wanted < 0:
             self._start_wanted = now
-        return None
+        return False
 
     def _starter_wanted(self) -> bool:
         # Under _lock, by a worker whose call ended: whether it should start
@@ -126,10 +126,10 @@ class ThreadPoolLifecycle(ThreadPoolView):
             return True
         return False
 
-    def _late_start(self, now: float) -> Worker | None:
-        # Under _lock, on the loop (_rebalance): the worker the loop must
-        # start if threads have been wanted for START_GRACE and no worker
-        # came by to start them.
+    def _late_start(self, now: float) -> bool:
+        # Under _lock, on the loop (_rebalance): whether the loop must start
+        # a wanted thread (claimed as in _want_started), as threads have been
+        # wanted for START_GRACE and no worker came by to start them.
         if (
             self._unstarted
             and not self._starting
@@ -138,8 +138,8 @@ class ThreadPoolLifecycle(ThreadPoolView):
         ):
             self._starting = True
             self._start_wanted = -1.0
-            return self._unstarted.pop(0)
-        return None
+            return True
+        return False
 
     def _start_others(self) -> None:
         # In a thread started with starts_others: start the workers that
@@ -187,6 +187,9 @@ class ThreadPoolLifecycle(ThreadPoolView):
             self._backlog += 1
         self._unstarted.clear()
         self._starting = False
+        # Not wanted any more: a stale time would let the next wanted thread
+        # skip START_GRACE.
+        self._start_wanted = -1.0
         self._serve_backlog()
         return self._closed_if_no_worker() if self._state is not PoolState.OPEN else []
 
@@ -232,6 +235,32 @@ class ThreadPoolLifecycle(ThreadPoolView):
             self._unstarted.remove(worker)
         self._backlog += 1
         self._serve_backlog()
+
+    def _undo_starts(self, new: list[Worker], starter: Worker | None, was_starting: bool) -> None:
+        # Under _lock, in the except clause of a locked section on the loop
+        # (_rebalance, _flush) that an exception from a signal handler cut
+        # short: its new workers not yet wanted, and a start it claimed
+        # (``starter``, taken or not), are given up as after a failed start.
+        # Their calls wait for another thread (_serve_backlog).
+        for worker in new:
+            if worker is not starter and worker not in self._unstarted:
+                self._lose_thread(worker)
+        if starter is not None:
+            starter.launch = -1  # given up: the caller's own except leaves it
+            self._lose_thread(starter)
+        if self._starting and not was_starting:
+            self._give_up_starting()  # the pool is open: no close waiters
+
+    def _settle_start(self, starter: Worker | None) -> list[asyncio.Future[None] | threading.Event]:
+        # Under _lock, when an exception from a signal handler came after
+        # ``starter`` was claimed and taken but before its start began (or
+        # settled it: _start_or_give_up): it is given up, with the other
+        # wanted threads. Returns the close waiters to complete.
+        if starter is None or starter.launch != 0:
+            return []
+        starter.launch = -1
+        self._lose_thread(starter)
+        return self._give_up_starting()
 
     def _take_queue(self) -> list[OffloadFuture[Any]]:
         # Under _lock: empty the queue, counting its calls out of _ready

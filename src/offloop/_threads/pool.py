@@ -550,9 +550,11 @@ class ThreadPool(ThreadPoolDispatch):
         if now - worker.started < GROWTH_PERIOD:
             self._short = True
         if self._gil_calls:  # a GIL-holding call runs: its peers wait (gil.py)
-            call = self._take_pending()
-            if call is None:
+            i = self._pending_index()
+            if i < 0:
                 return None
+            call = self._pending[i]
+            del self._pending[i]
         else:
             pending = self._pending
             while pending:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import offloop
-from offloop._threads import dispatch, growth, lifecycle
+from offloop._threads import closing, dispatch, growth, lifecycle, view
 from tests.helpers import WAIT, await_until
 from tests.threads.interrupt_points import interrupted_at
 
@@ -154,4 +154,63 @@ async def test_a_check_or_flush_interrupted_anywhere_leaves_the_pool_whole(situa
     while await _interrupt(situation, points):
         points += 1
         assert points < 400, "it never got through"
+    assert points > 0
+
+
+_max_workers: Any = vars(view.ThreadPoolView)["max_workers"]  # the property itself
+MAX_WORKERS_SET: CodeType = _max_workers.fset.__code__
+BEGIN_CLOSE: CodeType = closing.ThreadPoolClosing._begin_close.__code__
+
+
+async def _three_idle(pool: offloop.ThreadPool) -> None:
+    gate = threading.Event()
+    calls = [pool.run(gate.wait, WAIT) for _ in range(3)]
+    await await_until(lambda: pool.statistics()["running"] == 3, WAIT, "three threads")
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [True] * 3
+    await await_until(lambda: pool.statistics()["idle"] == 3, WAIT, "three idle threads")
+
+
+async def _interrupt_idle_handover(what: str, n: int) -> bool:
+    """Interrupt a lowered max_workers, or a close, at point ``n``; False past the last."""
+    pool = offloop.ThreadPool(3, name=f"intr-{what}-{n}", cpu_slots=3)
+    try:
+        await _three_idle(pool)
+        code = MAX_WORKERS_SET if what == "max_workers" else BEGIN_CLOSE
+        waiter = threading.Event()
+        with interrupted_at(n, code) as where:
+            try:
+                if what == "max_workers":
+                    pool.max_workers = 1
+                else:
+                    pool._begin_close(waiter)
+            except KeyboardInterrupt:
+                pass
+        reached = bool(where and where[0])
+        if what == "max_workers":
+            # The threads told to go end; the pool still works.
+            await await_until(
+                lambda: pool.statistics()["threads"] <= 3 - pool._retiring, WAIT, f"{where}"
+            )
+            assert await asyncio.wait_for(pool.run(abs, -2), WAIT) == 2, where
+    finally:
+        # A close interrupted before it told a thread to go is finished by
+        # this one; either way no idle thread may be left untold.
+        await asyncio.wait_for(pool.aclose(), WAIT)
+    assert pool.statistics()["threads"] == 0
+    await await_until(
+        lambda: not [t for t in threading.enumerate() if t.is_alive() and pool.name in t.name],
+        WAIT,
+        f"the pool's threads to end ({where})",
+    )
+    return reached
+
+
+@pytest.mark.loops("asyncio")
+@pytest.mark.parametrize("what", ["max_workers", "close"])
+async def test_idle_threads_told_to_go_are_never_lost_to_an_interrupt(what: str) -> None:
+    points = 0
+    while await _interrupt_idle_handover(what, points):
+        points += 1
+        assert points < 200, "it never got through"
     assert points > 0

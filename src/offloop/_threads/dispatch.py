@@ -101,8 +101,8 @@ class ThreadPoolDispatch(ThreadPoolGrowth):
                         # then needs the lock to start it.
                         idle = self._idle
                         if idle:
-                            # The thread that went idle last (Worker.give,
-                            # inlined): it may still be polling, and is warm in
+                            # The thread that went idle last (see
+                            # Worker's docs): it may still be polling, and is warm in
                             # any case. No call from taking it off the stack to
                             # waking it: a thread taken off and never woken
                             # would be lost for good.

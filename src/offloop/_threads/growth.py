@@ -20,8 +20,8 @@ from typing import Final
 
 from .._core.offload import QUEUED, Channel
 from .._core.poolbase import PoolState, complete_waiter
+from .closing import ThreadPoolClosing
 from .gil import GIL_ENABLED, GIL_SCAN, GilClocks, judge_gil, may_probe
-from .lifecycle import ThreadPoolLifecycle
 from .workers import WaitMemory, Worker, waiting_share
 
 __all__ = ["FULL_PERIOD", "GROWTH_PERIOD", "LAG_LIMIT", "START_RETRY", "ThreadPoolGrowth"]
@@ -49,7 +49,7 @@ START_RETRY: Final = 0.25
 LAG_LIMIT: Final = 0.004
 
 
-class ThreadPoolGrowth(ThreadPoolLifecycle):
+class ThreadPoolGrowth(ThreadPoolClosing):
     """The pool's periodic check for pending calls (see the module docs)."""
 
     # Set up by ThreadPool.__init__.

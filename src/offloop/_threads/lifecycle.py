@@ -1,9 +1,9 @@
-"""A ThreadPool's threads: their start and end, cancels, closing, fork, stuck calls.
+"""A ThreadPool's threads: their start and end, cancels, fork.
 
 One of the layers of :class:`~offloop.ThreadPool`, which inherits it:
 ``view.py`` below it (the pool seen from outside, and the shared state it
-declares), ``growth.py``, ``dispatch.py`` and ``pool.py`` above it (how
-calls flow through the pool). All of them work on the same state under the
+declares), ``closing.py`` (its close), ``growth.py``, ``dispatch.py`` and
+``pool.py`` above it (how calls flow through the pool). All of them work on the same state under the
 same lock; ``pool.py`` describes the state and its invariants, and sets it
 up in ``ThreadPool.__init__``."""
 
@@ -15,9 +15,9 @@ import logging
 import queue
 import threading
 from collections import deque
-from typing import Any, Final, cast
+from typing import Any, Final
 
-from .._core.errors import PoolClosedError, WouldDeadlockError
+from .._core.errors import PoolClosedError
 from .._core.offload import (
     ABANDONED,
     BATCHED,
@@ -28,9 +28,8 @@ from .._core.offload import (
     Channel,
     OffloadFuture,
 )
-from .._core.poolbase import PoolState, complete_waiter, refuse_blocking_close
-from .._core.poolexecutor import shut_views_of
-from .._core.validate import check_close_timeout, describe
+from .._core.poolbase import PoolState, complete_waiter
+from .._core.validate import describe
 from .view import ThreadPoolView
 from .workers import TAKE_QUEUED, Worker
 
@@ -44,7 +43,7 @@ START_GRACE: Final = 0.005
 
 
 class ThreadPoolLifecycle(ThreadPoolView):
-    """The pool's threads: their start and end, cancels, closing, fork, stuck calls."""
+    """The pool's threads: their start and end, cancels, fork."""
 
     #: Thread starts that failed in a row (see _start_failed).
     _failed_starts = 0
@@ -198,9 +197,15 @@ class ThreadPoolLifecycle(ThreadPoolView):
         # wait on their own locks, not on the queue where those calls are,
         # so each of those calls gets one of them sent to the queue. With
         # none idle, the next thread whose call ends takes it (_free_slot).
-        while self._backlog > 0 and self._idle:
+        idle = self._idle
+        while self._backlog > 0 and idle:
+            # Handed with no call from taking the thread off the stack to
+            # waking it (see Worker's docs).
+            worker = idle[-1]
+            del idle[-1]
             self._backlog -= 1
-            self._idle.pop().give(TAKE_QUEUED)
+            worker.hand = TAKE_QUEUED
+            worker.wake.release()
         if self._backlog > 0 and not self._workers and self._state is PoolState.OPEN:
             # No thread is left to come free, and counted as dispatched
             # they would hold their CPU slots for good: they go back to
@@ -314,153 +319,6 @@ class ThreadPoolLifecycle(ThreadPoolView):
                 failed,
             )
 
-    async def aclose(self, *, timeout: float | None = None) -> None:
-        """Close the pool and wait for its threads to exit.
-
-        New calls are refused with :class:`PoolClosedError`. Calls still queued
-        are not started: their awaiters get ``PoolClosedError``. Running calls
-        get their :class:`StopToken` set and are waited for, up to ``timeout``
-        seconds (``None``: as long as they take). Threads still busy after the
-        timeout are abandoned (they are daemon threads, so they never keep the
-        process alive) and logged with the function they run; the awaiters of
-        their calls get :class:`PoolClosedError` at once, and what the
-        functions return later reaches nobody.
-
-        Closing twice is allowed; the second call waits like the first.
-
-        Raises:
-            TypeError, ValueError: ``timeout`` is not None or a number of
-                seconds at least 0 (checked before anything closes).
-        """
-        timeout = check_close_timeout(timeout, "ThreadPool.aclose")
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._begin_close(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except asyncio.TimeoutError:
-            self._report_stuck(f"after waiting {timeout} s in aclose()")
-            self._abandon_running(timeout)
-            return
-        self._join_threads()
-
-    def close(self, *, timeout: float | None = None) -> None:
-        """Close the pool from sync code (not from a running loop's thread).
-
-        Same semantics as :meth:`aclose`, blocking the calling thread.
-
-        Raises:
-            WouldDeadlockError: called on a running event loop's thread, or
-                from one of this pool's own worker threads (it would wait for
-                itself to exit).
-            TypeError, ValueError: ``timeout`` is not None or a number of
-                seconds at least 0 (checked before anything closes).
-        """
-        timeout = check_close_timeout(timeout, "ThreadPool.close")
-        refuse_blocking_close(self)
-        self._refuse_own_thread("close()")
-        done = threading.Event()
-        self._begin_close(done)
-        if not done.wait(timeout):
-            self._report_stuck(f"after waiting {timeout} s in close()")
-            self._abandon_running(timeout)
-            return
-        self._join_threads()
-
-    def _abandon_running(self, timeout: float | None) -> None:
-        """Mark the pool closed and fail the calls still running after a bounded close.
-
-        Their threads go on (nothing can stop them from outside), but whoever
-        awaits them must not wait for a pool that has given up on them: they
-        get :class:`PoolClosedError` now, and the result the function returns
-        later reaches nobody.
-        """
-        stuck: list[OffloadFuture[Any]] = []
-        with self._lock:
-            self._state = PoolState.CLOSED
-            for worker in self._workers:
-                call = worker.call
-                if call is not None and call._phase in (RUNNING, CANCELLING):
-                    call._phase = ABANDONED
-                    self._abandoned += 1
-                    stuck.append(call)
-        for call in stuck:
-            error = PoolClosedError(
-                f"{self._describe()} closed with this call of {describe(call.fn)} still "
-                f"running after the close's timeout of {timeout} s; the call was abandoned "
-                f"(its thread runs on, and its result will reach nobody). Give the close a "
-                f"longer timeout, or have the function poll offloop.current_token()."
-            )
-            sink = call._sink
-            if sink is not None:
-                # Its owner completes a future of its own (the Executor view's)
-                # from what the call holds; the worker still writes to the call,
-                # so the owner is given a record with the error instead.
-                sink(cast("OffloadFuture[Any]", _Abandoned(call.fn, error)))
-                continue
-            # A closed loop means nobody awaits the call any more.
-            with contextlib.suppress(RuntimeError):
-                call.loop.call_soon_threadsafe(_fail_if_pending, call, error)
-
-    def _refuse_own_thread(self, what: str) -> None:
-        current = threading.current_thread()
-        with self._lock:
-            own = any(w.thread is current for w in self._workers)
-        if own:
-            raise WouldDeadlockError(
-                f"{self!r}.{what} was called from one of the pool's own worker threads. It "
-                f"waits until every worker has exited, this one included, so it would wait "
-                f"forever. Close the pool from outside it ('await pool.aclose()' on the event "
-                f"loop), or return from this function and close it afterwards."
-            )
-
-    def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
-        shut_views_of(self)  # their loop threads end with the pool
-        running: list[OffloadFuture[Any]] = []
-        skipped: list[OffloadFuture[Any]] = []
-        with self._lock:
-            if self._state is PoolState.OPEN:
-                self._state = PoolState.CLOSING
-                # Fail queued calls now: with every thread busy or stuck, no
-                # worker might ever dequeue them, and their awaiters would hang.
-                for call in self._take_queue():
-                    self._skip_closed(call)
-                    skipped.append(call)
-                for call in self._pending:
-                    if call._phase is QUEUED:
-                        self._skip_closed(call)
-                        skipped.append(call)
-                self._pending.clear()
-                self._backlog = 0  # nothing is queued any more
-                # Threads wanted but not started yet have nothing to run now.
-                for worker in self._unstarted:
-                    self._workers.remove(worker)
-                self._unstarted.clear()
-                # An idle thread is told to exit directly; the others find
-                # their None on the queue once their call ends.
-                idle = self._idle
-                for worker in self._workers:
-                    if worker.call is not None:
-                        running.append(worker.call)
-                    if worker in idle:
-                        worker.give(None)
-                    else:
-                        self._queue.put(None)
-                idle.clear()
-            closed = not self._workers
-            if closed:
-                self._state = PoolState.CLOSED
-            else:
-                self._closed_waiters.append(waiter)
-        for call in skipped:
-            call._channel.post(call)
-        # Outside the lock: a token's callbacks are user code, which may well
-        # look at the pool (repr, statistics) and would deadlock under it.
-        for call in running:
-            call.token.set("pool closing")
-        if closed:
-            complete_waiter(waiter)
-
     def _thread_exited(self, worker: Worker) -> None:
         # The worker was handed a None, or took one off the queue: from
         # close(), or for a thread above a lowered max_workers (_retiring).
@@ -546,49 +404,3 @@ class ThreadPoolLifecycle(ThreadPoolView):
         self._gil_calls = set()
         if self._state is not PoolState.OPEN:
             self._state = PoolState.CLOSED
-
-    def _stuck_calls(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return [
-                (w.thread.name if w.thread else "?", describe(w.call.fn))
-                for w in self._workers
-                if w.call is not None
-            ]
-
-    def _told_to_stop(self) -> bool:
-        """True while a running call has its StopToken set: it may be about to return."""
-        with self._lock:
-            for w in self._workers:
-                token = None if w.call is None else w.call._token
-                if token is not None and token.is_set():
-                    return True
-        return False
-
-    def _report_stuck(self, when: str) -> None:
-        for thread_name, fn in self._stuck_calls():
-            logger.warning(
-                "offloop: %s in thread %s of pool %r is still running %s and was abandoned; "
-                "it cannot be stopped from outside. Poll offloop.current_token() in long "
-                "functions so they can stop when asked.",
-                fn,
-                thread_name,
-                self._name,
-                when,
-            )
-
-
-def _fail_if_pending(call: OffloadFuture[Any], error: BaseException) -> None:
-    # On the call's loop: the call may have ended (and been delivered) meanwhile.
-    if not call.done():
-        call.set_exception(error)
-
-
-class _Abandoned:
-    """What a call's sink reads of an abandoned call: its function and the error to deliver."""
-
-    __slots__ = ("_error", "_value", "fn")
-
-    def __init__(self, fn: Any, error: BaseException) -> None:
-        self.fn = fn
-        self._error: BaseException | None = error
-        self._value: Any = None

@@ -4,8 +4,9 @@ This is offloop's hot path: :class:`ThreadPool`, its ``run()`` and the loop
 its worker threads run (:meth:`ThreadPool._work`). Where a new call goes
 (``_submit``, the per-iteration batches) is in ``dispatch.py``; the periodic
 check that dispatches pending calls (``_rebalance``) in ``growth.py``; how
-threads start and how the pool closes in ``lifecycle.py``; its name, sizes,
-statistics and repr in ``view.py``. ``ThreadPool`` inherits all four; this
+threads start and end in ``lifecycle.py``; how the pool closes in
+``closing.py``; its name, sizes, statistics and repr in ``view.py``.
+``ThreadPool`` inherits all five; this
 docstring states the state they share. The call
 record is the :class:`~offloop.OffloadFuture` of ``_core/offload.py``, whose
 :class:`~offloop._core.offload.CallPhase` lists the states of a call and the

@@ -1,7 +1,7 @@
 """A ThreadPool seen from outside: its name, its size settings, statistics, histograms and repr.
 
-The base of :class:`~offloop.ThreadPool`'s halves (``lifecycle.py``, then
-``growth.py``, ``dispatch.py`` and ``pool.py`` on top). It declares the state
+The base of :class:`~offloop.ThreadPool`'s layers (``lifecycle.py``, then
+``closing.py``, ``growth.py``, ``dispatch.py`` and ``pool.py`` on top). It declares the state
 they all share, which ``pool.py`` describes and sets up in
 ``ThreadPool.__init__``, and reads it under the pool's lock.
 """
@@ -106,9 +106,16 @@ class ThreadPoolView(PoolContext):
                 # (pool.py, _work). A worker handed None exits. The bottom
                 # of the stack first: the threads idle longest.
                 surplus = len(self._workers) - self._retiring - value
-                for _ in range(min(surplus, len(self._idle))):
+                idle = self._idle
+                for _ in range(min(surplus, len(idle))):
+                    # Handed with no call from taking the thread off the
+                    # stack to waking it (see Worker's docs): a thread lost
+                    # so would keep a close waiting for ever.
+                    worker = idle[0]
+                    del idle[0]
                     self._retiring += 1
-                    self._idle.pop(0).give(None)
+                    worker.hand = None
+                    worker.wake.release()
 
     @property
     def cpu_slots(self) -> int:

@@ -60,7 +60,7 @@ __all__ = [
 #: thread wait longer for a core and the GIL.
 DEFAULT_CPU_SLOTS: Final = available_cpus() + 1
 
-#: Handed to an idle worker (Worker.give) to have it take its next call off
+#: Handed to an idle worker (``Worker.hand``) to have it take its next call off
 #: the pool's queue: a call dispatched to a thread that then failed to start
 #: waits there for whichever thread comes free first.
 TAKE_QUEUED: Final = object()
@@ -106,12 +106,16 @@ def waiting_share(running: int) -> float:
 class Worker:
     """A worker thread, the call it runs now, and what the pool measured of that call.
 
-    ``hand`` and ``wake`` carry a call to it while it is idle (see
-    :meth:`give`). ``call``, ``started``, ``thread`` and ``tid`` are set by the worker, and
-    ``waiting`` and ``presumed`` too as a call of a function known to wait
-    starts; the rest belongs to the pool's rebalancing check. All of it is read and
-    written under the pool's lock, but ``hand``, which the worker reads once
-    it has acquired ``wake``.
+    ``hand`` and ``wake`` carry a call to it while it is idle: the pool,
+    under its lock, takes the worker off its ``_idle`` stack, sets ``hand``
+    and releases ``wake``, inline and with no call from the first step to the
+    last (an exception from a signal handler in between, Ctrl-C's
+    KeyboardInterrupt, would lose the thread). ``call``, ``started``,
+    ``thread`` and ``tid`` are set by the worker, and ``waiting`` and
+    ``presumed`` too as a call of a function known to wait starts; the rest
+    belongs to the pool's rebalancing check. All of it is read and written
+    under the pool's lock, but ``hand``, which the worker reads once it has
+    acquired ``wake``.
     """
 
     __slots__ = (
@@ -203,11 +207,6 @@ class Worker:
         #: The last answer of sleeps_outside_futex, and when it was read.
         self.in_io = False
         self.io_read = -1.0
-
-    def give(self, what: OffloadFuture[Any] | object | None) -> None:
-        """Hand ``what`` to this idle worker and wake it (under the pool's lock)."""
-        self.hand = what
-        self.wake.release()
 
     def busy(self) -> float | None:
         """Seconds the thread has run or waited for a core; None where unknown."""

@@ -143,10 +143,13 @@ def interrupted_at(
             point(f"jump at {frame.f_lasti} in {frame.f_code.co_name}")
         return local
 
+    # Put back afterwards: coverage measures this thread with a trace
+    # function, which would otherwise stay off for the rest of the run.
+    saved_trace, saved_profile = sys.gettrace(), sys.getprofile()
     sys.setprofile(profile)
     sys.settrace(trace)
     try:
         yield where
     finally:
-        sys.settrace(None)
-        sys.setprofile(None)
+        sys.settrace(saved_trace)
+        sys.setprofile(saved_profile)

@@ -17,17 +17,21 @@ of every version at once, so that the code under test is safe on each.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dis
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from types import CodeType, FrameType
 from typing import Any
 
+from offloop import ThreadPool
 from offloop._threads import gil as _gil
 from offloop._threads import pool as _pool
 from offloop._threads import workers as _workers
+from tests.helpers import WAIT, await_until
 
 #: The code of these files is entered: each of its points counts.
 OWN_DIR = os.path.dirname(_pool.__file__)
@@ -153,3 +157,14 @@ def interrupted_at(
     finally:
         sys.settrace(saved_trace)
         sys.setprofile(saved_profile)
+
+
+async def closed_with_no_thread_left(pool: ThreadPool, where: list[str]) -> None:
+    """Close ``pool`` and wait (bounded) until none of its threads runs any more."""
+    await asyncio.wait_for(pool.aclose(), WAIT)
+    assert pool.statistics()["threads"] == 0, where
+    await await_until(
+        lambda: not [t for t in threading.enumerate() if t.is_alive() and pool.name in t.name],
+        WAIT,
+        f"the pool's threads to end ({where})",
+    )

@@ -22,7 +22,7 @@ import pytest
 import offloop
 from offloop._threads import dispatch, lifecycle
 from tests.helpers import WAIT, await_until
-from tests.threads.interrupt_points import interrupted_at
+from tests.threads.interrupt_points import closed_with_no_thread_left, interrupted_at
 
 SUBMIT: CodeType = dispatch.ThreadPoolDispatch._submit.__code__
 START_THREAD: CodeType = lifecycle.ThreadPoolLifecycle._start_thread.__code__
@@ -150,14 +150,9 @@ async def _interrupt_start(n: int) -> bool:
         assert not pool._starting, where
         assert not pool._unstarted, where
     finally:
-        await asyncio.wait_for(pool.aclose(), WAIT)
-    # A thread launched as start() was interrupted serves the pool, and
-    # leaves with it; one launched after its start was given up leaves at once.
-    await await_until(
-        lambda: not [t for t in threading.enumerate() if t.is_alive() and pool.name in t.name],
-        WAIT,
-        f"the pool's threads to end ({where})",
-    )
+        # A thread launched as start() was interrupted serves the pool, and
+        # leaves with it; one launched after its start was given up leaves at once.
+        await closed_with_no_thread_left(pool, where)
     return bool(where)
 
 

@@ -24,7 +24,7 @@ import pytest
 import offloop
 from offloop._threads import closing, dispatch, growth, lifecycle, view
 from tests.helpers import WAIT, await_until
-from tests.threads.interrupt_points import interrupted_at
+from tests.threads.interrupt_points import closed_with_no_thread_left, interrupted_at
 
 REBALANCE: CodeType = growth.ThreadPoolGrowth._rebalance.__code__
 FLUSH: CodeType = dispatch.ThreadPoolDispatch._flush.__code__
@@ -103,13 +103,7 @@ async def _interrupt(situation: str, n: int) -> bool:
         await _whole(pool, busy, calls, ran, channel, where)
     finally:
         gate.set()
-        await asyncio.wait_for(pool.aclose(), WAIT)
-    assert pool.statistics()["threads"] == 0
-    await await_until(
-        lambda: not [t for t in threading.enumerate() if t.is_alive() and pool.name in t.name],
-        WAIT,
-        f"the pool's threads to end ({where})",
-    )
+        await closed_with_no_thread_left(pool, where)
     return reached
 
 
@@ -196,13 +190,7 @@ async def _interrupt_idle_handover(what: str, n: int) -> bool:
     finally:
         # A close interrupted before it told a thread to go is finished by
         # this one; either way no idle thread may be left untold.
-        await asyncio.wait_for(pool.aclose(), WAIT)
-    assert pool.statistics()["threads"] == 0
-    await await_until(
-        lambda: not [t for t in threading.enumerate() if t.is_alive() and pool.name in t.name],
-        WAIT,
-        f"the pool's threads to end ({where})",
-    )
+        await closed_with_no_thread_left(pool, where)
     return reached
 
 

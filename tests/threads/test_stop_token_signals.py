@@ -159,6 +159,28 @@ def test_set_in_the_middle_of_set_runs_every_callback_once() -> None:
     assert every_interruption(setup, check) > 5
 
 
+def test_set_in_the_middle_of_set_keeps_the_reason_its_callbacks_saw() -> None:
+    # Whichever set() comes first names the reason, and it never changes
+    # after: a callback, run by either, sees the reason the token keeps.
+    tokens: list[offloop.StopToken] = []
+
+    def setup() -> tuple[offloop.StopToken, Callable[[], object], Counter[str]]:
+        token = offloop.StopToken()
+        tokens.append(token)
+        ran: Counter[str] = Counter()
+
+        def seen(token: offloop.StopToken) -> None:
+            ran[f"reason {token.reason}"] += 1
+
+        token.add_callback(seen)
+        return token, lambda: token.set("first"), ran
+
+    def check(ran: Counter[str]) -> None:
+        assert ran == {f"reason {tokens[-1].reason}": 1}, (ran, tokens[-1].reason)
+
+    assert every_interruption(setup, check) > 3
+
+
 def test_set_in_the_middle_of_wait_wakes_it() -> None:
     source, first = inspect.getsourcelines(offloop.StopToken.wait)
     blocking = [i for i, text in enumerate(source) if "waiter.acquire()" in text and "=" in text]

@@ -1,7 +1,7 @@
 """Cooperative stop tokens and the per-thread record of the call a worker runs.
 
 A :class:`StopToken` is created for every offloaded call, so it must be cheap:
-a flag and one list, with no lock and no ``threading.Event``.
+a flag and two lists, with no lock and no ``threading.Event``.
 
 No lock, because ``set()`` must be safe in a ``signal.signal`` handler: the
 handler runs in the main thread between two of its bytecodes, maybe inside
@@ -46,11 +46,16 @@ class StopToken:
     from any thread or from a ``signal.signal`` handler.
     """
 
-    __slots__ = ("__weakref__", "_callbacks", "_flag", "_reason")
+    __slots__ = ("__weakref__", "_callbacks", "_flag", "_reasons")
 
     def __init__(self) -> None:
         self._flag = False
-        self._reason: str | None = None
+        # The reasons of the set() calls that found the flag down: the first
+        # one is the token's. Appending is one step, so a set() that
+        # interrupts another one between its check and its write (a signal
+        # handler) or runs beside it agrees on which came first; a single
+        # attribute would take the last write, after callbacks saw another.
+        self._reasons: list[str | None] = []
         # Callbacks not run yet, in the order they were added; waiters of
         # wait() are here too, as the release of a lock they block on.
         # Whoever takes one out of the list (set() by pop, add_callback() or
@@ -64,7 +69,7 @@ class StopToken:
         waits for the thread it interrupted.
         """
         if not self._flag:
-            self._reason = reason
+            self._reasons.append(reason)
         # The flag is written before the list is emptied, and add_callback()
         # appends before it reads the flag, so a callback is either popped
         # here or taken back and run there.
@@ -128,7 +133,8 @@ class StopToken:
     @property
     def reason(self) -> str | None:
         """Why the token was set (e.g. ``"cancelled"``), or ``None``."""
-        return self._reason
+        reasons = self._reasons
+        return reasons[0] if reasons else None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the token is set or ``timeout`` seconds pass.
@@ -163,7 +169,7 @@ class StopToken:
 
     def __repr__(self) -> str:
         if self._flag:
-            return f"<StopToken set reason={self._reason!r}>"
+            return f"<StopToken set reason={self.reason!r}>"
         return "<StopToken not set>"
 
 

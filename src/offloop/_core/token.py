@@ -66,7 +66,13 @@ class StopToken:
         """Ask the holder to stop. Thread-safe; setting twice keeps the first reason.
 
         Safe in a ``signal.signal`` handler too: it takes no lock, so it never
-        waits for the thread it interrupted.
+        waits for the thread it interrupted. It runs the token's callbacks
+        there, though (see :meth:`add_callback`): offloop's own are safe in a
+        handler, except one of a ``TaskHandle`` (a task a worker started with
+        ``Portal.start_task()``), which cancels its ``concurrent.futures``
+        future and so runs that future's done callbacks and wakes its
+        ``concurrent.futures.wait()`` waiters, whose locks the main thread
+        may hold.
         """
         if not self._flag:
             self._reasons.append(reason)
@@ -88,10 +94,18 @@ class StopToken:
     def add_callback(self, callback: Callable[[StopToken], object]) -> None:
         """Call ``callback(token)`` once when the token is set (at once if it already is).
 
-        The callback runs in the thread that sets the token (in a signal
-        handler if one sets it), so it must be quick and thread-safe, e.g.
-        ``loop.call_soon_threadsafe(...)``. An exception it raises is logged
-        (``offloop`` logger) and ignored.
+        The callback runs in the thread that sets the token, so it must be
+        quick and thread-safe, e.g. ``loop.call_soon_threadsafe(...)``. An
+        exception it raises is logged (``offloop`` logger) and ignored.
+
+        If a ``signal.signal`` handler may set the token, the callback runs
+        in that handler, on the main thread, between two bytecodes of
+        whatever the main thread was doing: it must not take a lock the main
+        thread may hold, as that waits forever (``threading.Lock``,
+        ``Event.set()``, ``queue.Queue.put()``, ``Semaphore.release()``).
+        ``call_soon_threadsafe()`` (asyncio's and uvloop's) and releasing a
+        lock nobody else releases are safe. Nor should it raise: the log
+        record goes through the logging handlers' locks in the handler.
         """
         if self._flag:
             self._run_callback(callback)

@@ -159,6 +159,28 @@ def test_set_in_the_middle_of_set_runs_every_callback_once() -> None:
     assert every_interruption(setup, check) > 5
 
 
+def test_set_in_the_middle_of_set_keeps_the_reason_its_callbacks_saw() -> None:
+    # Whichever set() comes first names the reason, and it never changes
+    # after: a callback, run by either, sees the reason the token keeps.
+    tokens: list[offloop.StopToken] = []
+
+    def setup() -> tuple[offloop.StopToken, Callable[[], object], Counter[str]]:
+        token = offloop.StopToken()
+        tokens.append(token)
+        ran: Counter[str] = Counter()
+
+        def seen(token: offloop.StopToken) -> None:
+            ran[f"reason {token.reason}"] += 1
+
+        token.add_callback(seen)
+        return token, lambda: token.set("first"), ran
+
+    def check(ran: Counter[str]) -> None:
+        assert ran == {f"reason {tokens[-1].reason}": 1}, (ran, tokens[-1].reason)
+
+    assert every_interruption(setup, check) > 3
+
+
 def test_set_in_the_middle_of_wait_wakes_it() -> None:
     source, first = inspect.getsourcelines(offloop.StopToken.wait)
     blocking = [i for i, text in enumerate(source) if "waiter.acquire()" in text and "=" in text]
@@ -265,3 +287,85 @@ def test_a_waiter_interrupted_by_a_thread_setting_the_token_wakes() -> None:
     waiter.join(WAIT)
     assert woke.is_set()
     assert not token._callbacks
+
+
+ITERATING_CHILD = """
+import asyncio, os, random, signal, sys, threading
+import offloop
+
+BUFFER, ROUNDS = int(sys.argv[1]), int(sys.argv[2])
+current = [offloop.StopToken()]
+inside = [0]
+
+def on_alarm(signum, frame):
+    # Counts the signals that came inside a function the consumer's
+    # __anext__ called: giving room back to the producer, most of the time.
+    caller = frame.f_back
+    while caller is not None and caller.f_code.co_name != "__anext__":
+        caller = caller.f_back
+    inside[0] += caller is not None
+    current[0].set("signal")
+
+signal.signal(signal.SIGALRM, on_alarm)
+
+def source(full):
+    current[0] = offloop.current_token()
+    n = 0
+    while True:
+        n += 1
+        if n == BUFFER + 1:  # the buffer is full, and the producer waits for room
+            full.set()
+        yield n
+
+async def main():
+    for _ in range(ROUNDS):
+        full = threading.Event()
+        items = offloop.iterate(source(full), buffer=BUFFER)
+        await items.__anext__()
+        assert full.wait(10)
+        await asyncio.sleep(0)  # the loop takes in the buffered items
+        # The signal comes while the consumer takes them (about 1 us each),
+        # giving room back for each one, as fast as it can.
+        signal.setitimer(signal.ITIMER_REAL, random.uniform(0.00001, 0.0002))
+        try:
+            async for _ in items:
+                pass
+        except offloop.PoolClosedError as exc:
+            assert "'signal'" in str(exc), exc
+        else:
+            raise AssertionError("the endless source ended")
+    print("ok", inside[0])
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="POSIX interval timers")
+def test_a_signal_handler_stopping_an_iterate_producer_never_deadlocks_its_consumer(
+    tmp_path: Path,
+) -> None:
+    # The consumer of offloop.iterate() runs on the main thread and gives the
+    # producer room for every item it takes; the handler sets the producer's
+    # token there, whose callback gives room too, to wake the producer. A
+    # timer's signal, so that it comes at any bytecode: a signal sent when the
+    # child says it is ready would be handled as soon as that write returns.
+    rounds = 150
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(ITERATING_CHILD))
+    child = subprocess.Popen(
+        [sys.executable, str(script), "256", str(rounds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        out, err = child.communicate(timeout=SPAWN_WAIT)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate(timeout=WAIT)
+        pytest.fail("the child hung: a handler stopping the producer deadlocked its consumer")
+    assert child.returncode == 0, err.decode()
+    word, inside = out.split()
+    assert word == b"ok", out
+    # About one in ten comes there; none would mean this test tests nothing.
+    assert int(inside) > 0, f"none of {rounds} signals came inside the consumer's __anext__"

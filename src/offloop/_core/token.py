@@ -1,7 +1,7 @@
 """Cooperative stop tokens and the per-thread record of the call a worker runs.
 
 A :class:`StopToken` is created for every offloaded call, so it must be cheap:
-a flag and one list, with no lock and no ``threading.Event``.
+a flag and two lists, with no lock and no ``threading.Event``.
 
 No lock, because ``set()`` must be safe in a ``signal.signal`` handler: the
 handler runs in the main thread between two of its bytecodes, maybe inside
@@ -46,11 +46,16 @@ class StopToken:
     from any thread or from a ``signal.signal`` handler.
     """
 
-    __slots__ = ("__weakref__", "_callbacks", "_flag", "_reason")
+    __slots__ = ("__weakref__", "_callbacks", "_flag", "_reasons")
 
     def __init__(self) -> None:
         self._flag = False
-        self._reason: str | None = None
+        # The reasons of the set() calls that found the flag down: the first
+        # one is the token's. Appending is one step, so a set() that
+        # interrupts another one between its check and its write (a signal
+        # handler) or runs beside it agrees on which came first; a single
+        # attribute would take the last write, after callbacks saw another.
+        self._reasons: list[str | None] = []
         # Callbacks not run yet, in the order they were added; waiters of
         # wait() are here too, as the release of a lock they block on.
         # Whoever takes one out of the list (set() by pop, add_callback() or
@@ -61,10 +66,16 @@ class StopToken:
         """Ask the holder to stop. Thread-safe; setting twice keeps the first reason.
 
         Safe in a ``signal.signal`` handler too: it takes no lock, so it never
-        waits for the thread it interrupted.
+        waits for the thread it interrupted. It runs the token's callbacks
+        there, though (see :meth:`add_callback`): offloop's own are safe in a
+        handler, except one of a ``TaskHandle`` (a task a worker started with
+        ``Portal.start_task()``), which cancels its ``concurrent.futures``
+        future and so runs that future's done callbacks and wakes its
+        ``concurrent.futures.wait()`` waiters, whose locks the main thread
+        may hold.
         """
         if not self._flag:
-            self._reason = reason
+            self._reasons.append(reason)
         # The flag is written before the list is emptied, and add_callback()
         # appends before it reads the flag, so a callback is either popped
         # here or taken back and run there.
@@ -83,10 +94,18 @@ class StopToken:
     def add_callback(self, callback: Callable[[StopToken], object]) -> None:
         """Call ``callback(token)`` once when the token is set (at once if it already is).
 
-        The callback runs in the thread that sets the token (in a signal
-        handler if one sets it), so it must be quick and thread-safe, e.g.
-        ``loop.call_soon_threadsafe(...)``. An exception it raises is logged
-        (``offloop`` logger) and ignored.
+        The callback runs in the thread that sets the token, so it must be
+        quick and thread-safe, e.g. ``loop.call_soon_threadsafe(...)``. An
+        exception it raises is logged (``offloop`` logger) and ignored.
+
+        If a ``signal.signal`` handler may set the token, the callback runs
+        in that handler, on the main thread, between two bytecodes of
+        whatever the main thread was doing: it must not take a lock the main
+        thread may hold, as that waits forever (``threading.Lock``,
+        ``Event.set()``, ``queue.Queue.put()``, ``Semaphore.release()``).
+        ``call_soon_threadsafe()`` (asyncio's and uvloop's) and releasing a
+        lock nobody else releases are safe. Nor should it raise: the log
+        record goes through the logging handlers' locks in the handler.
         """
         if self._flag:
             self._run_callback(callback)
@@ -128,7 +147,8 @@ class StopToken:
     @property
     def reason(self) -> str | None:
         """Why the token was set (e.g. ``"cancelled"``), or ``None``."""
-        return self._reason
+        reasons = self._reasons
+        return reasons[0] if reasons else None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the token is set or ``timeout`` seconds pass.
@@ -163,7 +183,7 @@ class StopToken:
 
     def __repr__(self) -> str:
         if self._flag:
-            return f"<StopToken set reason={self._reason!r}>"
+            return f"<StopToken set reason={self.reason!r}>"
         return "<StopToken not set>"
 
 

@@ -26,6 +26,7 @@ from .._core.validate import (
 )
 from .batch import crossable
 from .pool import ThreadPool
+from .room import Room
 from .tothread import default_thread_pool
 
 __all__ = ["ThreadedIterator", "iterate", "threaded"]
@@ -148,7 +149,7 @@ class _Shared(Generic[T]):
 
     def __init__(self, iterable: Iterable[T], buffer: int) -> None:
         self.iterable = iterable
-        self.space = threading.Semaphore(buffer)
+        self.space = Room(buffer)
         self.stop = False
         self.items: deque[tuple[int, Any]] = deque()
         self.waiter: asyncio.Future[None] | None = None
@@ -169,7 +170,7 @@ class _Shared(Generic[T]):
     def request_stop(self) -> None:
         if not self.stop:
             self.stop = True
-            self.space.release()  # wake the producer if it waits for room
+            self.space.give()  # wake the producer if it waits for room
             token = self.token
             if token is not None:
                 token.set(_CLOSED)  # and a source that polls its token
@@ -202,7 +203,7 @@ class _Shared(Generic[T]):
         try:
             iterator = iter(self.iterable)
             while True:
-                while not space.acquire(timeout=LOOP_CHECK):
+                while not space.take(LOOP_CHECK):
                     if loop.is_closed():
                         # Its loop was closed with the iterator still referenced
                         # and nothing told this producer (see LOOP_CHECK):
@@ -441,7 +442,7 @@ class ThreadedIterator(AsyncIterator[T]):
                 shared.waiter = None
         kind, value = shared.items.popleft()
         if kind == _ITEM:
-            shared.space.release()
+            shared.space.give()
             return value  # type: ignore[no-any-return]
         self._shared.finished = True
         shared.request_stop()

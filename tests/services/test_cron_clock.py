@@ -108,3 +108,40 @@ async def test_a_clock_set_back_from_the_future_runs_the_job_when_due_by_the_clo
     assert f"set back by {years:.0f}s" in first, first
     assert "comes in 60s" in first, first
     assert "set back by 2s" in second, second
+
+
+@pytest.mark.loops("asyncio")
+@bounded(10)
+async def test_a_clock_set_back_noticed_after_the_due_instant_runs_the_job_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Set back during the last nap before the run (or while the loop was
+    # blocked): by the time it is noticed, the instant the run was due at has
+    # passed on the clock set right. The run is due now, not an hour later.
+    monkeypatch.setattr(cron, "WALL_NAP", 0.005)
+    clocks = SetClocks(stamp(2026, 1, 5, 10, 59) + 50)  # 10:59:50; due at 11:00
+    runs: list[float] = []
+
+    async def hourly() -> None:
+        runs.append(clocks.wall)
+
+    svc = make_cron(hourly, "0 * * * *", tz="UTC", overlap="skip", missed="skip", name="hourly")
+    svc.clock = WallClock(lambda: clocks.wall, lambda: clocks.mono)
+    sv = Supervisor(name="late-notice")
+    sv.add(svc)
+
+    def next_run() -> float | None:
+        schedule = sv.status()["hourly"].schedule
+        return None if schedule is None else schedule.next_run
+
+    async with sv:
+        await await_until(lambda: next_run() == stamp(2026, 1, 5, 11, 0), QUICK_WAIT, "asleep")
+        # 10 s pass, and the clock is set back an hour: the due instant reads
+        # 10:00:00 on it, and it reads 10:00:00.01 now.
+        clocks.mono += 10.01
+        clocks.wall = stamp(2026, 1, 5, 10, 0) + 0.01
+        await await_until(lambda: len(runs) == 1, QUICK_WAIT, "the run due at the set-back")
+        await await_until(
+            lambda: next_run() == stamp(2026, 1, 5, 11, 0), QUICK_WAIT, "the next hour"
+        )
+    assert runs == [stamp(2026, 1, 5, 10, 0) + 0.01]

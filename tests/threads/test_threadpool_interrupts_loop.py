@@ -14,6 +14,7 @@ thread or check is lost, the next call runs, and it closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from time import monotonic
 from types import CodeType
@@ -201,4 +202,41 @@ async def test_idle_threads_told_to_go_are_never_lost_to_an_interrupt(what: str)
     while await _interrupt_idle_handover(what, points):
         points += 1
         assert points < 200, "it never got through"
+    assert points > 0
+
+
+async def _interrupt_close_with_calls(n: int) -> bool:
+    """Interrupt the close of a busy pool with calls pending at point ``n``; False past the last."""
+    pool = offloop.ThreadPool(1, name=f"intr-closecalls-{n}", cpu_slots=1)
+    gate = threading.Event()
+    where: list[str] = []
+    try:
+        busy = pool.run(gate.wait, WAIT)
+        await await_until(lambda: pool.statistics()["running"] == 1, WAIT, "the busy call")
+        calls = [pool.run(abs, -i) for i in range(4)]
+        pool._flush(calls[0]._channel)  # all four pending, none batched
+        assert pool.statistics()["queued"] == 4
+        with interrupted_at(n, BEGIN_CLOSE) as where, contextlib.suppress(KeyboardInterrupt):
+            pool._begin_close(threading.Event())
+        gate.set()
+        # The next close finishes what the interrupted one began: each
+        # refused call's awaiter is told, once.
+        await asyncio.wait_for(pool.aclose(), WAIT)
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), WAIT)
+        assert all(isinstance(o, offloop.PoolClosedError) for o in outcomes), (where, outcomes)
+        assert await asyncio.wait_for(busy, WAIT) is True, where
+        assert pool.statistics()["queued"] == 0, where
+        assert pool._unposted == [], where
+    finally:
+        gate.set()
+        await closed_with_no_thread_left(pool, where)
+    return bool(where and where[0])
+
+
+@pytest.mark.loops("asyncio")
+async def test_a_close_interrupted_anywhere_still_answers_every_refused_call() -> None:
+    points = 0
+    while await _interrupt_close_with_calls(points):
+        points += 1
+        assert points < 300, "it never got through"
     assert points > 0

@@ -269,7 +269,7 @@ class ScheduledService(FunctionService):
                 latest = plan.latest(due, now)
                 on_time = now - latest <= plan.window(latest) + delay
                 if on_time or self.missed == "run_once":
-                    self._launch()
+                    self._launch(on_time=on_time)
                 # Counted once the run is launched: after a long sleep the count
                 # takes a while (it gives the loop back as it goes), and the run
                 # due now does not wait for it.
@@ -298,8 +298,11 @@ class ScheduledService(FunctionService):
         """
         now = self.clock.now()
         # Due times are whole seconds: one just before `same` is that instant,
-        # give or take how precisely the set-back was measured.
-        nxt = self.plan.after(max(same - 1.0, now))
+        # give or take how precisely the set-back was measured. Noticed after
+        # that instant (the set-back came in the last nap before the due
+        # time, or the loop was blocked), a due time since then is due now:
+        # after(now) would skip it and push the run back a whole period.
+        nxt = self.plan.after(max(same, now) - 1.0)
         logger.warning(
             "%s: service %r: the clock was set back by %.0fs; the next run of %s comes "
             "in %.0fs, at its due time by the clock as it reads now",
@@ -359,8 +362,9 @@ class ScheduledService(FunctionService):
 
     # -- one run ---------------------------------------------------------------------------
 
-    def _launch(self, *, due: bool = True) -> None:
-        # ``due``: at its due time (not a queued run, started as the last ended).
+    def _launch(self, *, on_time: bool) -> None:
+        # ``on_time``: at its due time (not late, not a queued run started as
+        # the last one ended): only such a run ends a streak of overlaps.
         if self._runs and self.overlap != "allow":
             self._overlapped += 1
             if self.overlap == "queue":
@@ -369,7 +373,7 @@ class ScheduledService(FunctionService):
                 self._overlapping = True
                 self._overlapped_run()
             return
-        if due:
+        if on_time:
             self._overlapping = False
         run = _Run()
         self._runs.add(run)
@@ -457,7 +461,9 @@ class ScheduledService(FunctionService):
         self._last_duration, self._last_error = took, error
         if error is not None:
             self._failures += 1
-        elif not run.cancelled:  # not cut short by the stop: it did its work
+        elif not run.cancelled and (run.thread is None or self._ending is None):
+            # Not cut short by the stop (a task cancelled, a thread told by
+            # its token as the service's run ended): it did its work.
             self._succeeded = True
             self._last_success = time.time()
         if error is not None and self._ending is None:
@@ -479,7 +485,7 @@ class ScheduledService(FunctionService):
             return
         if self._queued and self._ending is None:
             self._queued = False
-            self._launch(due=False)
+            self._launch(on_time=False)
             return
         self._finish_if_idle()
 

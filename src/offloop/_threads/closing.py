@@ -128,10 +128,25 @@ class ThreadPoolClosing(ThreadPoolLifecycle):
                 f"loop), or return from this function and close it afterwards."
             )
 
+    def _post_skipped(self) -> None:
+        # Outside the lock (a sink completes a concurrent.futures future,
+        # whose done callbacks are user code): tell the awaiters of the calls
+        # the close refused. Each stays on record until it has been posted,
+        # so a close cut short by an exception from a signal handler leaves
+        # it to the next one (a call posted twice is answered once).
+        while True:
+            with self._lock:
+                unposted = self._unposted
+                if not unposted:
+                    return
+                call = unposted[-1]
+            call._channel.post(call)
+            with self._lock, contextlib.suppress(ValueError):  # another closer took it
+                unposted.remove(call)
+
     def _begin_close(self, waiter: asyncio.Future[None] | threading.Event) -> None:
         shut_views_of(self)  # their loop threads end with the pool
         running: list[OffloadFuture[Any]] = []
-        skipped: list[OffloadFuture[Any]] = []
         with self._lock:
             if self._state is PoolState.OPEN:
                 self._state = PoolState.CLOSING
@@ -144,14 +159,17 @@ class ThreadPoolClosing(ThreadPoolLifecycle):
                 # queue is never read.
                 # Fail queued calls now: with every thread busy or stuck, no
                 # worker might ever dequeue them, and their awaiters would hang.
-                for call in self._take_queue():
-                    self._skip_closed(call)
-                    skipped.append(call)
+                # Each is on record (_unposted) before it is changed, and
+                # stays there until its awaiter has been told.
+                unposted = self._unposted
+                self._take_queue(into=unposted)
                 for call in self._pending:
                     if call._phase is QUEUED:
-                        self._skip_closed(call)
-                        skipped.append(call)
+                        unposted.append(call)  # twice after a pass cut short: told twice
                 self._pending.clear()
+                for call in unposted:
+                    if call._phase is QUEUED:
+                        self._skip_closed(call)
                 self._backlog = 0  # nothing is queued any more
                 # Threads wanted but not started yet have nothing to run now.
                 unstarted = self._unstarted
@@ -180,8 +198,7 @@ class ThreadPoolClosing(ThreadPoolLifecycle):
                 self._state = PoolState.CLOSED
             else:
                 self._closed_waiters.append(waiter)
-        for call in skipped:
-            call._channel.post(call)
+        self._post_skipped()
         # Outside the lock: a token's callbacks are user code, which may well
         # look at the pool (repr, statistics) and would deadlock under it.
         for call in running:

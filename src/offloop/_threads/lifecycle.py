@@ -55,13 +55,16 @@ class ThreadPoolLifecycle(ThreadPoolView):
         raise NotImplementedError  # growth.py's: arms a delayed check on the loop
 
     def _skip_closed(self, call: OffloadFuture[Any]) -> None:
-        # Under _lock: a queued call the closing pool will not start.
+        # Under _lock: a queued call the closing pool will not start. The
+        # error is made first, and the call changed with no call in between:
+        # see ThreadPoolClosing._begin_close.
+        error = PoolClosedError(
+            f"{self._describe()} closed before this call of {describe(call.fn)} started."
+        )
+        call._error = error
         call._phase = SKIPPED
         self._queued -= 1
         self._cancelled += 1
-        call._error = PoolClosedError(
-            f"{self._describe()} closed before this call of {describe(call.fn)} started."
-        )
 
     def _cancel(self, call: OffloadFuture[Any]) -> bool:
         """Handle ``cancel()`` of a call's future; returns whether to cancel it now."""
@@ -267,21 +270,24 @@ class ThreadPoolLifecycle(ThreadPoolView):
         self._lose_thread(starter)
         return self._give_up_starting()
 
-    def _take_queue(self) -> list[OffloadFuture[Any]]:
+    def _take_queue(self, into: list[OffloadFuture[Any]] | None = None) -> list[OffloadFuture[Any]]:
         # Under _lock: empty the queue, counting its calls out of _ready
-        # (no thread will take them), and return those still QUEUED: the
-        # others were cancelled, or their run() raised.
-        queued: list[OffloadFuture[Any]] = []
+        # (no thread will take them), and return those still QUEUED (added
+        # to ``into`` if given): the others were cancelled, or their run()
+        # raised. Each call is in the list before it is counted out: an
+        # exception from a signal handler (Ctrl-C) between the two leaves a
+        # count too high, not a call nobody will ever answer.
+        queued: list[OffloadFuture[Any]] = [] if into is None else into
         while True:
             try:
                 call = self._queue.get_nowait()
             except queue.Empty:
                 return queued
             if call is not None:
-                self._ready -= 1
-                self._gil_calls.discard(call)
                 if call._phase is QUEUED:
                     queued.append(call)
+                self._ready -= 1
+                self._gil_calls.discard(call)
 
     def _start_thread(self, worker: Worker, *, starts_others: bool = False) -> None:
         thread = threading.Thread(
@@ -401,6 +407,8 @@ class ThreadPoolLifecycle(ThreadPoolView):
         self._start_wanted = -1.0
         self._armed = set()
         self._closed_waiters = []
+        self._unposted = []
         self._gil_calls = set()
+        self._failed_starts = 0
         if self._state is not PoolState.OPEN:
             self._state = PoolState.CLOSED

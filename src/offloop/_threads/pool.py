@@ -274,6 +274,7 @@ class ThreadPool(ThreadPoolDispatch):
         # WeakSet's test is Python code).
         self._armed: set[Channel] = set()
         self._closed_waiters: list[asyncio.Future[None] | threading.Event] = []
+        self._unposted: list[OffloadFuture[Any]] = []  # refused at close, not yet told
         register(self)
 
     # -- public API ---------------------------------------------------------

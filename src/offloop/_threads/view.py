@@ -46,6 +46,7 @@ class ThreadPoolView(PoolContext):
     _workers: list[Worker]
     _leaving: list[threading.Thread]
     _closed_waiters: list[asyncio.Future[None] | threading.Event]
+    _unposted: list[OffloadFuture[Any]]
     _armed: set[Channel]
     _call_counts: list[int]
     _call_seconds: float

@@ -223,7 +223,11 @@ async def _interrupt_close_with_calls(n: int) -> bool:
         # refused call's awaiter is told, once.
         await asyncio.wait_for(pool.aclose(), WAIT)
         outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), WAIT)
-        assert all(isinstance(o, offloop.PoolClosedError) for o in outcomes), (where, outcomes)
+        # Refused, or (interrupted before it refused them) run by the thread
+        # that came free meanwhile: either way answered.
+        assert all(
+            isinstance(o, offloop.PoolClosedError) or o == i for i, o in enumerate(outcomes)
+        ), (where, outcomes)
         assert await asyncio.wait_for(busy, WAIT) is True, where
         assert pool.statistics()["queued"] == 0, where
         assert pool._unposted == [], where

@@ -42,22 +42,30 @@ _BACKWARD = ("JUMP_ABSOLUTE", "JUMP_BACKWARD")
 
 
 def _jumps(code: CodeType, cache: dict[CodeType, frozenset[int]]) -> frozenset[int]:
-    # The offsets of the code's jumps that are interrupt points when taken.
+    # The offsets where the code's jumps are interrupt points when taken: the
+    # jump's own, but for a backward jump outside the exception table (3.12
+    # leaves them out), that of the instruction before it. CPython 3.11 and
+    # 3.12 take the signal after the jump has moved on, and look the handler
+    # up for the instruction before the jump (CPython #108214): an exception
+    # raised at the jump itself would skip the handler, and leave a ``with``
+    # block's lock held, which no real signal does.
     found = cache.get(code)
     if found is None:
-        found = frozenset(
-            ins.offset
-            for ins in dis.get_instructions(code)
-            if "NO_INTERRUPT" not in ins.opname
-            and (
-                ins.opname.startswith(_CONDITIONAL)
-                or (
-                    ins.opname in _BACKWARD
-                    and isinstance(ins.argval, int)
-                    and ins.argval < ins.offset
-                )
+        bytecode = dis.Bytecode(code)
+        covered = [(e.start, e.end) for e in getattr(bytecode, "exception_entries", ())]
+        offsets = set()
+        previous = -1
+        for ins in bytecode:
+            backward = (
+                ins.opname in _BACKWARD and isinstance(ins.argval, int) and ins.argval < ins.offset
             )
-        )
+            if "NO_INTERRUPT" not in ins.opname and (
+                ins.opname.startswith(_CONDITIONAL) or backward
+            ):
+                outside = covered and not any(a <= ins.offset < b for a, b in covered)
+                offsets.add(previous if backward and outside and previous >= 0 else ins.offset)
+            previous = ins.offset
+        found = frozenset(offsets)
         cache[code] = found
     return found
 

@@ -256,6 +256,20 @@ async def test_repr_and_statistics_show_running_queued_and_abandoned() -> None:
     assert repr(pool) == "<ThreadPool 'repr' closed: 0 running, 0 queued, 0/1 threads>"
 
 
+def test_repr_does_not_wait_for_the_pools_lock() -> None:
+    # Asked for where waiting would deadlock: a signal handler's log line, a
+    # debugger, or a failure report, in the thread that holds the lock.
+    pool = offloop.ThreadPool(1, name="held")
+    seen: list[str] = []
+    asker = threading.Thread(target=lambda: seen.append(repr(pool)))
+    with pool._lock:
+        asker.start()
+        asker.join(WAIT)
+        assert seen == ["<ThreadPool 'held' open: 0 running, 0 queued, 0/1 threads>"]
+    asker.join(WAIT)
+    pool.close()
+
+
 async def test_cancel_abandons_at_once_and_sets_the_token() -> None:
     entered = threading.Event()
     token_seen = threading.Event()

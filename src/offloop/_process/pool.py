@@ -393,8 +393,8 @@ class ProcessPool(WorkerSet, PoolContext):
         self._join_manager()
 
     def __repr__(self) -> str:
-        with self._lock:
-            return self._describe()
+        # Without the lock, as ThreadPool's: see there.
+        return self._describe()
 
     def _cancel(self, call: OffloadFuture[Any]) -> bool:
         """Apply the cancel policy when a call's future is cancelled."""

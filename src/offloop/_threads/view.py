@@ -206,8 +206,11 @@ class ThreadPoolView(PoolContext):
         return histogram_snapshot(counts, total)
 
     def __repr__(self) -> str:
-        with self._lock:
-            return self._describe()
+        # Without the lock: a repr is asked for where waiting could deadlock
+        # (a signal handler's log line that interrupted the lock's holder, a
+        # debugger, a failure report of a thread that holds it), and a
+        # snapshot of counters that move anyway needs no lock.
+        return self._describe()
 
     def _describe(self) -> str:
         # The repr without taking _lock, for messages built while holding it.

@@ -97,13 +97,14 @@ async def heartbeats_all_ran(det: BlockingDetector, heartbeats: Heartbeats) -> N
 
 
 async def one_block_between_heartbeats(
-    heartbeats: Heartbeats,
+    heartbeats: Heartbeats, *, alone: bool = False
 ) -> tuple[list[BlockEvent], BlockingDetector]:
     """Watch the loop through one GIL-holding block begun with no heartbeat outstanding.
 
     The monitor can then only see the block afterwards, as a wake late by
     it. A start where one was outstanding after all is tried again, up to
-    CLEAN_STARTS times. Returns what the detector reported, and the detector.
+    CLEAN_STARTS times; with ``alone``, so is one that reported more than
+    one event. Returns what the detector reported, and the detector.
     """
     for _ in range(CLEAN_STARTS):
         events: list[BlockEvent] = []
@@ -112,16 +113,23 @@ async def one_block_between_heartbeats(
             await heartbeats_all_ran(det, heartbeats)
             clean = hold_the_gil_between_heartbeats(det, heartbeats)  # CALL:between
             await asyncio.sleep(0)
-        if clean:
+        # A stall of the machine's own beside the block (the loop's thread
+        # kept off a busy CPU) is a second event: the run says nothing about
+        # the block alone, and is tried again too. A detector that reports
+        # the block twice still fails, at every try.
+        if clean and (not alone or len(events) == 1):
             return events, det
-    pytest.fail(f"a heartbeat was outstanding as each of {CLEAN_STARTS} blocks began")
+    pytest.fail(
+        f"a heartbeat was outstanding as each of {CLEAN_STARTS} blocks began, or another "
+        f"event came beside the block"
+    )
 
 
 @bounded(20)
 async def test_a_block_that_holds_the_gil_is_reported_with_its_duration(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    events, det = await one_block_between_heartbeats(Heartbeats(monkeypatch))
+    events, det = await one_block_between_heartbeats(Heartbeats(monkeypatch), alone=True)
     assert [e.ongoing for e in events] == [False], events
     (event,) = events
     # Measured from when the monitor was due, so short by at most an interval

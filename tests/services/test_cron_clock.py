@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -39,6 +39,28 @@ class SetClocks:
         self.wall = wall
 
 
+def hourly_job(
+    clocks: SetClocks, name: str
+) -> tuple[Supervisor, list[float], Callable[[], float | None]]:
+    """A supervisor ``name`` with an hourly cron job on ``clocks``: it, the job's runs
+    (the wall time of each), and a reader of its next run."""
+    runs: list[float] = []
+
+    async def hourly() -> None:
+        runs.append(clocks.wall)
+
+    svc = make_cron(hourly, "0 * * * *", tz="UTC", overlap="skip", missed="skip", name="hourly")
+    svc.clock = WallClock(lambda: clocks.wall, lambda: clocks.mono)
+    sv = Supervisor(name=name)
+    sv.add(svc)
+
+    def next_run() -> float | None:
+        schedule = sv.status()["hourly"].schedule
+        return None if schedule is None else schedule.next_run
+
+    return sv, runs, next_run
+
+
 class SetBackLog(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -66,19 +88,7 @@ async def test_a_clock_set_back_from_the_future_runs_the_job_when_due_by_the_clo
     monkeypatch.setattr(cron, "WALL_NAP", 0.005)
     # The machine booted with its clock in 2098; the hourly job is due at 11:00.
     clocks = SetClocks(stamp(2098, 1, 1, 10, 59))
-    runs: list[float] = []
-
-    async def hourly() -> None:
-        runs.append(clocks.wall)
-
-    svc = make_cron(hourly, "0 * * * *", tz="UTC", overlap="skip", missed="skip", name="hourly")
-    svc.clock = WallClock(lambda: clocks.wall, lambda: clocks.mono)
-    sv = Supervisor(name="rtc")
-    sv.add(svc)
-
-    def next_run() -> float | None:
-        schedule = sv.status()["hourly"].schedule
-        return None if schedule is None else schedule.next_run
+    sv, runs, next_run = hourly_job(clocks, "rtc")
 
     async with sv:
         await await_until(lambda: next_run() == stamp(2098, 1, 1, 11, 0), QUICK_WAIT, "asleep")
@@ -120,19 +130,7 @@ async def test_a_clock_set_back_noticed_after_the_due_instant_runs_the_job_at_on
     # passed on the clock set right. The run is due now, not an hour later.
     monkeypatch.setattr(cron, "WALL_NAP", 0.005)
     clocks = SetClocks(stamp(2026, 1, 5, 10, 59) + 50)  # 10:59:50; due at 11:00
-    runs: list[float] = []
-
-    async def hourly() -> None:
-        runs.append(clocks.wall)
-
-    svc = make_cron(hourly, "0 * * * *", tz="UTC", overlap="skip", missed="skip", name="hourly")
-    svc.clock = WallClock(lambda: clocks.wall, lambda: clocks.mono)
-    sv = Supervisor(name="late-notice")
-    sv.add(svc)
-
-    def next_run() -> float | None:
-        schedule = sv.status()["hourly"].schedule
-        return None if schedule is None else schedule.next_run
+    sv, runs, next_run = hourly_job(clocks, "late-notice")
 
     async with sv:
         await await_until(lambda: next_run() == stamp(2026, 1, 5, 11, 0), QUICK_WAIT, "asleep")

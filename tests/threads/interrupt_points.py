@@ -23,7 +23,7 @@ import dis
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import CodeType, FrameType
 from typing import Any
 
@@ -178,3 +178,19 @@ async def closed_with_no_thread_left(pool: ThreadPool, where: list[str]) -> None
         WAIT,
         f"the pool's threads to end ({where})",
     )
+
+
+async def count_points(
+    interrupt: Callable[[int], Awaitable[bool]], *, limit: int, what: str = "it"
+) -> int:
+    """Run ``interrupt(n)`` for n = 0, 1, ... until it says n was past the last point.
+
+    ``interrupt(n)`` interrupts its code at point ``n`` and checks the pool
+    afterwards; it returns whether point ``n`` was reached. Returns how many
+    points there were; fails past ``limit``.
+    """
+    points = 0
+    while await interrupt(points):
+        points += 1
+        assert points < limit, f"{what} never got through"
+    return points

@@ -22,7 +22,11 @@ import pytest
 import offloop
 from offloop._threads import dispatch, lifecycle
 from tests.helpers import WAIT, await_until
-from tests.threads.interrupt_points import closed_with_no_thread_left, interrupted_at
+from tests.threads.interrupt_points import (
+    closed_with_no_thread_left,
+    count_points,
+    interrupted_at,
+)
 
 SUBMIT: CodeType = dispatch.ThreadPoolDispatch._submit.__code__
 START_THREAD: CodeType = lifecycle.ThreadPoolLifecycle._start_thread.__code__
@@ -80,10 +84,7 @@ async def _interrupt(situation: str, n: int) -> bool:
     "situation", ["idle thread", "no thread yet", "busy pool", "waits beside a busy thread"]
 )
 async def test_a_run_interrupted_anywhere_leaves_the_pool_whole(situation: str) -> None:
-    points = 0
-    while await _interrupt(situation, points):
-        points += 1
-        assert points < 200, "run() never got through"
+    points = await count_points(lambda n: _interrupt(situation, n), limit=200, what="run()")
     assert points > 0
 
 
@@ -158,8 +159,5 @@ async def _interrupt_start(n: int) -> bool:
 
 @pytest.mark.loops("asyncio")
 async def test_a_thread_start_interrupted_anywhere_leaves_the_pool_whole() -> None:
-    points = 0
-    while await _interrupt_start(points):
-        points += 1
-        assert points < 50, "Thread.start() never got through"
+    points = await count_points(_interrupt_start, limit=50, what="Thread.start()")
     assert points >= 3  # before the launch, at it, and in the wait

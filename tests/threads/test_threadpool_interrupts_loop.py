@@ -25,7 +25,11 @@ import pytest
 import offloop
 from offloop._threads import closing, dispatch, growth, lifecycle, view
 from tests.helpers import WAIT, await_until
-from tests.threads.interrupt_points import closed_with_no_thread_left, interrupted_at
+from tests.threads.interrupt_points import (
+    closed_with_no_thread_left,
+    count_points,
+    interrupted_at,
+)
 
 REBALANCE: CodeType = growth.ThreadPoolGrowth._rebalance.__code__
 FLUSH: CodeType = dispatch.ThreadPoolDispatch._flush.__code__
@@ -145,11 +149,7 @@ async def _whole(
     ],
 )
 async def test_a_check_or_flush_interrupted_anywhere_leaves_the_pool_whole(situation: str) -> None:
-    points = 0
-    while await _interrupt(situation, points):
-        points += 1
-        assert points < 400, "it never got through"
-    assert points > 0
+    assert await count_points(lambda n: _interrupt(situation, n), limit=400) > 0
 
 
 _max_workers: Any = vars(view.ThreadPoolView)["max_workers"]  # the property itself
@@ -198,11 +198,7 @@ async def _interrupt_idle_handover(what: str, n: int) -> bool:
 @pytest.mark.loops("asyncio")
 @pytest.mark.parametrize("what", ["max_workers", "close"])
 async def test_idle_threads_told_to_go_are_never_lost_to_an_interrupt(what: str) -> None:
-    points = 0
-    while await _interrupt_idle_handover(what, points):
-        points += 1
-        assert points < 200, "it never got through"
-    assert points > 0
+    assert await count_points(lambda n: _interrupt_idle_handover(what, n), limit=200) > 0
 
 
 async def _interrupt_close_with_calls(n: int) -> bool:
@@ -239,8 +235,4 @@ async def _interrupt_close_with_calls(n: int) -> bool:
 
 @pytest.mark.loops("asyncio")
 async def test_a_close_interrupted_anywhere_still_answers_every_refused_call() -> None:
-    points = 0
-    while await _interrupt_close_with_calls(points):
-        points += 1
-        assert points < 300, "it never got through"
-    assert points > 0
+    assert await count_points(_interrupt_close_with_calls, limit=300) > 0
